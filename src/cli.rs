@@ -1,0 +1,306 @@
+//! Command line: `pairdb --role=...` with every role's flags, and the subcommands.
+//!
+//! Flags are all optional here: a flag that is not given leaves the value to the env var, the
+//! config file or the default (see `config.rs`), so [`ServerArgs::overrides`] only carries what
+//! was typed.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::config::{AuthMode, ConfigError, LogFormat, NodeAddress, SyncMode};
+
+const AFTER_HELP: &str = "\
+Every option is also a config-file key and an env var PAIRDB_<SECTION>_<KEY>, with the
+precedence flag > env > file > default. Sections: [node] (roles, id, log_format, log_level),
+[storage], [coordinator], [gateway], [gateway.auth]. Examples:
+  PAIRDB_NODE_ROLES=storage PAIRDB_NODE_ID=s1 PAIRDB_STORAGE_DATA_DIR=/var/lib/pairdb/s1
+  PAIRDB_GATEWAY_AUTH_SECRET=... PAIRDB_COORDINATOR_METADATA_URL=postgres://...
+Example configs: config/*.toml.
+
+Examples:
+  pairdb --role=storage --node-id=s1 --listen=127.0.0.1:7101 --data-dir=/var/lib/pairdb/s1
+  pairdb --role=coordinator --node-id=c1 --listen=127.0.0.1:7201 --metadata-url=sqlite://meta.db \\
+         --storage-nodes=s1@127.0.0.1:7101,s2@127.0.0.1:7102,s3@127.0.0.1:7103
+  pairdb --role=gateway --listen=127.0.0.1:8080 --coordinators=127.0.0.1:7201 --auth=none
+  pairdb dev";
+
+/// pairdb: a distributed, multi-tenant key-value store.
+#[derive(Debug, Parser)]
+#[command(name = "pairdb", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a whole local cluster in one process: 3 storage nodes, a coordinator and a gateway,
+    /// embedded metadata and idempotency stores, auth none.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the cluster keeps its data (kept across restarts).
+    #[arg(long, default_value = ".pairdb-dev")]
+    pub data_dir: PathBuf,
+    /// The gateway's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// Number of storage nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub storage_nodes: u32,
+}
+
+/// A role one process can run.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Public HTTP/JSON API: auth, rate limits, forwards to coordinators.
+    Gateway,
+    /// Stateless request brain: placement, quorums, versions, repair, hints.
+    Coordinator,
+    /// LSM storage engine served over gRPC.
+    Storage,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Coordinator => "coordinator",
+            Role::Storage => "storage",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <Role as ValueEnum>::from_str(s.trim(), false)
+            .map_err(|_| format!("unknown role {s:?}: expected gateway, coordinator or storage"))
+    }
+}
+
+/// Flags of the server roles.
+#[derive(Debug, Args, Default)]
+pub struct ServerArgs {
+    /// Roles to run: gateway, coordinator, storage, or a comma list.
+    #[arg(long, value_delimiter = ',', help_heading = "Process")]
+    pub role: Vec<Role>,
+    /// TOML config file (see config/).
+    #[arg(long, help_heading = "Process")]
+    pub config: Option<PathBuf>,
+    /// Node id (storage node id; coordinator vector-clock id). Required for storage and coordinator.
+    #[arg(long, help_heading = "Process")]
+    pub node_id: Option<String>,
+    /// Main listener of the one role given (gRPC for storage/coordinator, HTTP for gateway).
+    /// With several roles use --storage-listen / --coordinator-listen / --gateway-listen.
+    #[arg(long, help_heading = "Process")]
+    pub listen: Option<SocketAddr>,
+    /// Health and metrics HTTP listener of the one storage or coordinator role given
+    /// [default: host of --listen, port + 1000].
+    #[arg(long, help_heading = "Process")]
+    pub http_listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, value_enum, help_heading = "Process")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (tracing env-filter syntax) [default: info].
+    #[arg(long, help_heading = "Process")]
+    pub log_level: Option<String>,
+
+    /// Storage: gRPC listener [default: 127.0.0.1:7101].
+    #[arg(long, help_heading = "Storage role")]
+    pub storage_listen: Option<SocketAddr>,
+    /// Storage: data directory (locked by one process) [default: data/storage].
+    #[arg(long, help_heading = "Storage role")]
+    pub data_dir: Option<PathBuf>,
+    /// Storage: gossip listener (UDP) for node health.
+    #[arg(long, help_heading = "Storage role")]
+    pub gossip: Option<SocketAddr>,
+    /// Storage and coordinator: gossip addresses of storage nodes (comma list).
+    #[arg(long, value_delimiter = ',', help_heading = "Storage role")]
+    pub seeds: Vec<String>,
+    /// Storage: commit-log sync: always (group commit), batch_ms=N, never [default: always].
+    #[arg(long, help_heading = "Storage role")]
+    pub sync: Option<SyncMode>,
+
+    /// Coordinator: gRPC listener [default: 127.0.0.1:7201].
+    #[arg(long, help_heading = "Coordinator role")]
+    pub coordinator_listen: Option<SocketAddr>,
+    /// Coordinator: metadata store, postgres://... or sqlite://path
+    /// [default: sqlite://pairdb-metadata.db].
+    #[arg(long, help_heading = "Coordinator role")]
+    pub metadata_url: Option<String>,
+    /// Coordinator: idempotency store, redis://... or memory:// [default: memory://].
+    #[arg(long, help_heading = "Coordinator role")]
+    pub idempotency_url: Option<String>,
+    /// Coordinator: storage nodes seeding an empty registry, id@host:port (comma list).
+    #[arg(long, value_delimiter = ',', help_heading = "Coordinator role")]
+    pub storage_nodes: Vec<NodeAddress>,
+
+    /// Gateway: HTTP listener [default: 127.0.0.1:8080].
+    #[arg(long, help_heading = "Gateway role")]
+    pub gateway_listen: Option<SocketAddr>,
+    /// Gateway: coordinators' gRPC addresses, host:port (comma list) [default: 127.0.0.1:7201].
+    #[arg(long, value_delimiter = ',', help_heading = "Gateway role")]
+    pub coordinators: Vec<String>,
+    /// Gateway: authentication mode [default: token].
+    #[arg(long, value_enum, help_heading = "Gateway role")]
+    pub auth: Option<AuthMode>,
+    /// Gateway: HS256 secret file for --auth=token (or [gateway.auth] secret / env).
+    #[arg(long, help_heading = "Gateway role")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// Gateway: writes per tenant per minute [default: 1000].
+    #[arg(long, help_heading = "Gateway role")]
+    pub write_rate_limit: Option<u32>,
+    /// Gateway: reads per tenant per minute [default: 10000].
+    #[arg(long, help_heading = "Gateway role")]
+    pub read_rate_limit: Option<u32>,
+}
+
+/// The flag overrides, collected per config section.
+#[derive(Default)]
+struct Sections {
+    node: Map<String, Value>,
+    storage: Map<String, Value>,
+    coordinator: Map<String, Value>,
+    gateway: Map<String, Value>,
+    auth: Map<String, Value>,
+}
+
+impl Sections {
+    fn section(&mut self, role: Role) -> &mut Map<String, Value> {
+        match role {
+            Role::Storage => &mut self.storage,
+            Role::Coordinator => &mut self.coordinator,
+            Role::Gateway => &mut self.gateway,
+        }
+    }
+
+    fn into_value(self) -> Value {
+        let mut gateway = self.gateway;
+        if !self.auth.is_empty() {
+            gateway.insert("auth".to_owned(), Value::Object(self.auth));
+        }
+        json!({
+            "node": self.node,
+            "storage": self.storage,
+            "coordinator": self.coordinator,
+            "gateway": gateway,
+        })
+    }
+}
+
+impl ServerArgs {
+    /// The flags that were given, shaped like the config file.
+    pub fn overrides(&self) -> Result<Value, ConfigError> {
+        let mut m = Sections::default();
+        if !self.role.is_empty() {
+            m.node.insert("roles".to_owned(), json!(self.role));
+        }
+        if let Some(id) = &self.node_id {
+            m.node.insert("id".to_owned(), json!(id));
+        }
+        if let Some(f) = self.log_format {
+            m.node.insert("log_format".to_owned(), json!(f));
+        }
+        if let Some(l) = &self.log_level {
+            m.node.insert("log_level".to_owned(), json!(l));
+        }
+        if self.listen.is_some() || self.http_listen.is_some() {
+            let role = match self.role.as_slice() {
+                [one] => *one,
+                [] => {
+                    return Err(ConfigError::Invalid(
+                        "--listen and --http-listen need --role".to_owned(),
+                    ));
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "--listen is ambiguous with several roles: use --storage-listen, --coordinator-listen or --gateway-listen".to_owned(),
+                    ));
+                }
+            };
+            if let Some(l) = self.listen {
+                m.section(role).insert("listen".to_owned(), json!(l));
+            }
+            if let Some(h) = self.http_listen {
+                if role == Role::Gateway {
+                    return Err(ConfigError::Invalid(
+                        "--http-listen is for storage and coordinator: the gateway serves health and metrics on --listen".to_owned(),
+                    ));
+                }
+                m.section(role).insert("http_listen".to_owned(), json!(h));
+            }
+        }
+        let strings = |v: &[String]| json!(v);
+        if let Some(l) = self.storage_listen {
+            m.storage.insert("listen".to_owned(), json!(l));
+        }
+        if let Some(d) = &self.data_dir {
+            m.storage.insert("data_dir".to_owned(), json!(d));
+        }
+        if let Some(g) = self.gossip {
+            m.storage.insert("gossip".to_owned(), json!(g));
+        }
+        if !self.seeds.is_empty() {
+            m.storage.insert("seeds".to_owned(), strings(&self.seeds));
+            m.coordinator
+                .insert("seeds".to_owned(), strings(&self.seeds));
+        }
+        if let Some(s) = self.sync {
+            m.storage.insert("sync".to_owned(), json!(s.to_string()));
+        }
+        if let Some(l) = self.coordinator_listen {
+            m.coordinator.insert("listen".to_owned(), json!(l));
+        }
+        if let Some(u) = &self.metadata_url {
+            m.coordinator.insert("metadata_url".to_owned(), json!(u));
+        }
+        if let Some(u) = &self.idempotency_url {
+            m.coordinator.insert("idempotency_url".to_owned(), json!(u));
+        }
+        if !self.storage_nodes.is_empty() {
+            let nodes: Vec<String> = self.storage_nodes.iter().map(|n| n.to_string()).collect();
+            m.coordinator
+                .insert("storage_nodes".to_owned(), json!(nodes));
+        }
+        if let Some(l) = self.gateway_listen {
+            m.gateway.insert("listen".to_owned(), json!(l));
+        }
+        if !self.coordinators.is_empty() {
+            m.gateway
+                .insert("coordinators".to_owned(), strings(&self.coordinators));
+        }
+        if let Some(a) = self.auth {
+            m.auth.insert("mode".to_owned(), json!(a));
+        }
+        if let Some(f) = &self.auth_secret_file {
+            m.auth.insert("secret_file".to_owned(), json!(f));
+        }
+        if let Some(r) = self.write_rate_limit {
+            m.gateway.insert("write_rate_limit".to_owned(), json!(r));
+        }
+        if let Some(r) = self.read_rate_limit {
+            m.gateway.insert("read_rate_limit".to_owned(), json!(r));
+        }
+        Ok(m.into_value())
+    }
+}

@@ -1,0 +1,561 @@
+//! Typed configuration of every role, layered flag > env > file > default (OPERATIONS.md).
+//!
+//! - Defaults: [`Config::default`].
+//! - File: `--config=PATH`, TOML with the sections `[node]`, `[storage]`, `[coordinator]`,
+//!   `[gateway]`, `[gateway.auth]` (examples in `config/`). Unknown keys are errors, so typos
+//!   don't silently fall back to defaults.
+//! - Env: `PAIRDB_<SECTION>_<KEY>`, e.g. `PAIRDB_STORAGE_DATA_DIR`, `PAIRDB_GATEWAY_AUTH_MODE`.
+//!   Variables that name no section (like `PAIRDB_TOKEN` of the bench scripts) are ignored.
+//!   Lists are comma-separated.
+//! - Flags: only the flags given on the command line (see `cli.rs`).
+//!
+//! [`Config::validate`] checks the sections of the selected roles and reports the first problem
+//! as one line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::cli::{Role, ServerArgs};
+
+/// Configuration error: one line for the operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub storage: StorageConfig,
+    pub coordinator: CoordinatorConfig,
+    pub gateway: GatewayConfig,
+}
+
+/// Settings of the process, whatever its roles.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Roles to run in this process.
+    #[serde(deserialize_with = "list")]
+    pub roles: Vec<Role>,
+    /// Node id: the storage node's id and the coordinator's vector-clock id.
+    pub id: Option<String>,
+    pub log_format: LogFormat,
+    /// tracing filter, e.g. `info` or `pairdb=debug,info`.
+    pub log_level: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            roles: Vec::new(),
+            id: None,
+            log_format: LogFormat::Human,
+            log_level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// `--role=storage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// gRPC listener.
+    pub listen: SocketAddr,
+    /// `/healthz`, `/readyz`, `/metrics`; default: host of `listen`, port + 1000.
+    pub http_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    /// Gossip listener (UDP); gossip is off when unset.
+    pub gossip: Option<SocketAddr>,
+    /// Gossip addresses of other storage nodes.
+    #[serde(deserialize_with = "list")]
+    pub seeds: Vec<String>,
+    /// Commit-log durability: `always` (group commit), `batch_ms=N` or `never`.
+    pub sync: SyncMode,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7101)),
+            http_listen: None,
+            data_dir: PathBuf::from("data/storage"),
+            gossip: None,
+            seeds: Vec::new(),
+            sync: SyncMode::Always,
+        }
+    }
+}
+
+/// `--role=coordinator`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    /// `postgres://...` or `sqlite://path` (the embedded default).
+    pub metadata_url: String,
+    /// `redis://...` or `memory://` (the embedded default).
+    pub idempotency_url: String,
+    /// Seeds an empty node registry: `id@host:port`.
+    #[serde(deserialize_with = "list")]
+    pub storage_nodes: Vec<NodeAddress>,
+    /// Gossip addresses of storage nodes, to follow membership.
+    #[serde(deserialize_with = "list")]
+    pub seeds: Vec<String>,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7201)),
+            http_listen: None,
+            metadata_url: "sqlite://pairdb-metadata.db".to_owned(),
+            idempotency_url: "memory://".to_owned(),
+            storage_nodes: Vec::new(),
+            seeds: Vec::new(),
+        }
+    }
+}
+
+/// `--role=gateway`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// HTTP listener of the public API.
+    pub listen: SocketAddr,
+    /// Coordinators' gRPC addresses (`host:port`), load-balanced with failover.
+    #[serde(deserialize_with = "list")]
+    pub coordinators: Vec<String>,
+    /// Per tenant, per minute.
+    pub write_rate_limit: u32,
+    pub read_rate_limit: u32,
+    pub auth: AuthConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            coordinators: vec!["127.0.0.1:7201".to_owned()],
+            write_rate_limit: 1000,
+            read_rate_limit: 10000,
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+/// `[gateway.auth]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// HS256 secret (or `secret_file`).
+    pub secret: Option<String>,
+    pub secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// HS256 JWT bearer tokens (the production default).
+    #[default]
+    Token,
+    /// No token: the tenant comes from the request (development only).
+    None,
+}
+
+/// Commit-log sync policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// fsync before acknowledging, concurrent writers share one fsync (group commit).
+    #[default]
+    Always,
+    /// fsync at most every N ms; a crash may lose the last N ms of acknowledged writes.
+    BatchMs(u64),
+    /// Never fsync explicitly (tests and benchmarks only).
+    Never,
+}
+
+impl FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            other => match other.strip_prefix("batch_ms=").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(Self::BatchMs(ms)),
+                _ => Err(format!(
+                    "sync must be always, batch_ms=N (N > 0) or never, not {other:?}"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Always => f.write_str("always"),
+            Self::BatchMs(ms) => write!(f, "batch_ms={ms}"),
+            Self::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// A storage node's address as given to coordinators: `id@host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddress {
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for NodeAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || format!("storage node must look like id@host:port, not {s:?}");
+        let (id, addr) = s.split_once('@').ok_or_else(err)?;
+        let (host, port) = split_host_port(addr).map_err(|_| err())?;
+        if id.is_empty() {
+            return Err(err());
+        }
+        Ok(Self {
+            id: id.to_owned(),
+            host,
+            port,
+        })
+    }
+}
+
+impl fmt::Display for NodeAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}:{}", self.id, self.host, self.port)
+    }
+}
+
+/// Splits `host:port` (host may be a name, an IPv4 address or a bracketed IPv6 address).
+pub fn split_host_port(addr: &str) -> Result<(String, u16), String> {
+    let err = || format!("address must look like host:port, not {addr:?}");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(err)?;
+    let port: u16 = port.parse().map_err(|_| err())?;
+    if host.is_empty() || port == 0 {
+        return Err(err());
+    }
+    Ok((host.to_owned(), port))
+}
+
+macro_rules! serde_via_str {
+    ($ty:ty) => {
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let raw = String::deserialize(d)?;
+                raw.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+serde_via_str!(SyncMode);
+serde_via_str!(NodeAddress);
+
+/// Accepts a list either as a sequence or as one comma-separated string (env vars).
+fn list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Raw::deserialize(d)? {
+        Raw::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Raw::Many(v) => v,
+    };
+    items
+        .iter()
+        .map(|s| s.parse::<T>().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// Sections an env var may name, longest first so `GATEWAY_AUTH_` wins over `GATEWAY_`.
+const ENV_SECTIONS: [(&str, &str); 5] = [
+    ("gateway_auth_", "gateway.auth."),
+    ("gateway_", "gateway."),
+    ("coordinator_", "coordinator."),
+    ("storage_", "storage."),
+    ("node_", "node."),
+];
+
+/// `PAIRDB_STORAGE_DATA_DIR` -> `storage.data_dir`; `None` for variables of no section.
+pub fn env_key(name_without_prefix: &str) -> Option<String> {
+    let lower = name_without_prefix.to_ascii_lowercase();
+    ENV_SECTIONS.iter().find_map(|(prefix, section)| {
+        lower
+            .strip_prefix(prefix)
+            .filter(|key| !key.is_empty())
+            .map(|key| format!("{section}{key}"))
+    })
+}
+
+impl Config {
+    /// Layers defaults, the TOML file, `PAIRDB_*` env vars and the given flags.
+    pub fn load(args: &ServerArgs) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &args.config {
+            if !path.is_file() {
+                return Err(ConfigError::File {
+                    path: path.display().to_string(),
+                    reason: "no such file".to_owned(),
+                });
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment
+            .merge(Env::prefixed("PAIRDB_").filter_map(|k| env_key(k.as_str()).map(Into::into)));
+        figment = figment.merge(Serialized::defaults(args.overrides()?));
+        figment.extract().map_err(|e| {
+            let reason = e.to_string().replace('\n', " ");
+            match &args.config {
+                Some(path) => ConfigError::File {
+                    path: path.display().to_string(),
+                    reason,
+                },
+                None => invalid(reason),
+            }
+        })
+    }
+
+    /// Checks what the selected roles need.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.roles.is_empty() {
+            return Err(invalid(
+                "no role given: use --role=gateway|coordinator|storage (or a comma list), or `pairdb dev`",
+            ));
+        }
+        let needs_id = self
+            .node
+            .roles
+            .iter()
+            .any(|r| matches!(r, Role::Storage | Role::Coordinator));
+        if needs_id {
+            match self.node.id.as_deref() {
+                None | Some("") => {
+                    return Err(invalid(
+                        "--node-id is required for the storage and coordinator roles",
+                    ));
+                }
+                Some(id) if !valid_node_id(id) => {
+                    return Err(invalid(format!(
+                        "node id {id:?} must be 1..=128 characters of letters, digits, '-', '_' or '.'"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        for role in &self.node.roles {
+            match role {
+                Role::Storage => self.storage.validate()?,
+                Role::Coordinator => self.coordinator.validate()?,
+                Role::Gateway => self.gateway.validate()?,
+            }
+        }
+        let listens: Vec<(Role, SocketAddr)> = self
+            .node
+            .roles
+            .iter()
+            .map(|r| (*r, self.listen_of(*r)))
+            .collect();
+        for (i, (a, addr_a)) in listens.iter().enumerate() {
+            for (b, addr_b) in &listens[i + 1..] {
+                if addr_a == addr_b && addr_a.port() != 0 {
+                    return Err(invalid(format!(
+                        "roles {a} and {b} both listen on {addr_a}; give each its own address"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The main listener of a role.
+    pub fn listen_of(&self, role: Role) -> SocketAddr {
+        match role {
+            Role::Storage => self.storage.listen,
+            Role::Coordinator => self.coordinator.listen,
+            Role::Gateway => self.gateway.listen,
+        }
+    }
+}
+
+/// The HTTP (health/metrics) listener next to a gRPC listener: same host, port + 1000.
+pub fn default_http_listen(listen: SocketAddr) -> SocketAddr {
+    let port = match listen.port() {
+        0 => 0,
+        p => p.saturating_add(1000),
+    };
+    SocketAddr::new(listen.ip(), port)
+}
+
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("--data-dir is required for the storage role"));
+        }
+        if self.gossip.is_none() && !self.seeds.is_empty() {
+            return Err(invalid(
+                "--seeds needs --gossip: a storage node gossips from its own gossip address",
+            ));
+        }
+        for seed in &self.seeds {
+            split_host_port(seed).map_err(|e| invalid(format!("--seeds: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl CoordinatorConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.metadata_url.as_str();
+        if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+        {
+            return Err(invalid(format!(
+                "--metadata-url must be postgres://... or sqlite://path, not {url:?}"
+            )));
+        }
+        let idem = self.idempotency_url.as_str();
+        if !(idem.starts_with("redis://") || idem.starts_with("rediss://") || idem == "memory://") {
+            return Err(invalid(format!(
+                "--idempotency-url must be redis://... or memory://, not {idem:?}"
+            )));
+        }
+        for seed in &self.seeds {
+            split_host_port(seed).map_err(|e| invalid(format!("--seeds: {e}")))?;
+        }
+        let mut ids: Vec<&str> = self.storage_nodes.iter().map(|n| n.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(format!(
+                "--storage-nodes names node {:?} twice",
+                w[0]
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl GatewayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.coordinators.is_empty() {
+            return Err(invalid("--coordinators needs at least one host:port"));
+        }
+        for c in &self.coordinators {
+            split_host_port(c).map_err(|e| invalid(format!("--coordinators: {e}")))?;
+        }
+        if self.write_rate_limit == 0 || self.read_rate_limit == 0 {
+            return Err(invalid("rate limits must be at least 1 request per minute"));
+        }
+        if self.auth.mode == AuthMode::Token
+            && self.auth.secret.as_deref().is_none_or(str::is_empty)
+            && self.auth.secret_file.is_none()
+        {
+            return Err(invalid(
+                "--auth=token needs a secret: set [gateway.auth] secret or secret_file, or PAIRDB_GATEWAY_AUTH_SECRET",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_mode_parses_and_prints() {
+        for s in ["always", "never", "batch_ms=5"] {
+            assert_eq!(s.parse::<SyncMode>().expect(s).to_string(), s);
+        }
+        assert!("batch_ms=0".parse::<SyncMode>().is_err());
+        assert!("sometimes".parse::<SyncMode>().is_err());
+    }
+
+    #[test]
+    fn env_names_map_to_sections() {
+        assert_eq!(
+            env_key("STORAGE_DATA_DIR").as_deref(),
+            Some("storage.data_dir")
+        );
+        assert_eq!(
+            env_key("GATEWAY_AUTH_MODE").as_deref(),
+            Some("gateway.auth.mode")
+        );
+        assert_eq!(env_key("GATEWAY_LISTEN").as_deref(), Some("gateway.listen"));
+        assert_eq!(env_key("TOKEN"), None);
+        assert_eq!(env_key("STORAGE_"), None);
+    }
+
+    #[test]
+    fn node_addresses_parse() {
+        let n: NodeAddress = "s1@127.0.0.1:7101".parse().expect("parse");
+        assert_eq!(
+            (n.id.as_str(), n.host.as_str(), n.port),
+            ("s1", "127.0.0.1", 7101)
+        );
+        assert!("127.0.0.1:7101".parse::<NodeAddress>().is_err());
+        assert!("s1@host".parse::<NodeAddress>().is_err());
+        assert!("@h:1".parse::<NodeAddress>().is_err());
+    }
+
+    #[test]
+    fn http_listen_defaults_to_port_plus_1000() {
+        let addr: SocketAddr = "127.0.0.1:7101".parse().expect("addr");
+        assert_eq!(default_http_listen(addr).port(), 8101);
+    }
+}

@@ -1,0 +1,13 @@
+//! pairdb: a distributed, multi-tenant key-value store in the Dynamo/Cassandra family.
+//!
+//! One binary runs as gateway, coordinator or storage node (see `roles`). The shared core
+//! ([`ring`], [`vclock`], [`quorum`]) is pure and property-tested; everything with I/O sits
+//! above it. The module map and the direction of dependencies are in `docs/architecture.md`.
+
+pub mod cli;
+pub mod config;
+pub mod quorum;
+pub mod ring;
+pub mod roles;
+pub mod rpc;
+pub mod vclock;

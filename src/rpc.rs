@@ -1,0 +1,161 @@
+//! Generated gRPC code (see `build.rs`) and the conversions between protobuf and domain types.
+//!
+//! Module nesting mirrors the protobuf packages (`pairdb.<name>.v1`) because the generated
+//! code refers to sibling packages by relative paths.
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    pub mod common {
+        pub mod v1 {
+            tonic::include_proto!("pairdb.common.v1");
+        }
+    }
+    pub mod storage {
+        pub mod v1 {
+            tonic::include_proto!("pairdb.storage.v1");
+        }
+    }
+    pub mod coordinator {
+        pub mod v1 {
+            tonic::include_proto!("pairdb.coordinator.v1");
+        }
+    }
+}
+
+pub use pb::common::v1 as common;
+pub use pb::coordinator::v1 as coordinator;
+pub use pb::storage::v1 as storage;
+
+use crate::quorum::Consistency;
+use crate::ring::{HashRange, NodeState};
+use crate::vclock::{VectorClock, Version};
+
+/// Clock entries on the wire, sorted by coordinator id.
+pub fn clock_to_proto(clock: &VectorClock) -> Vec<common::ClockEntry> {
+    clock
+        .iter()
+        .map(|(id, counter)| common::ClockEntry {
+            coordinator_id: id.to_owned(),
+            counter,
+        })
+        .collect()
+}
+
+/// Clock entries from the wire (duplicates keep the largest counter; callers validate limits).
+pub fn clock_from_proto(entries: &[common::ClockEntry]) -> VectorClock {
+    VectorClock::from_entries(
+        entries
+            .iter()
+            .map(|e| (e.coordinator_id.clone(), e.counter)),
+    )
+}
+
+impl From<&Version> for common::Version {
+    fn from(v: &Version) -> Self {
+        common::Version {
+            clock: clock_to_proto(&v.clock),
+            timestamp_ms: v.timestamp_ms(),
+        }
+    }
+}
+
+impl From<&common::Version> for Version {
+    /// The wire timestamp is informational: it is derived from the clock (see `vclock`).
+    fn from(v: &common::Version) -> Self {
+        Version::new(clock_from_proto(&v.clock))
+    }
+}
+
+impl From<HashRange> for common::HashRange {
+    fn from(r: HashRange) -> Self {
+        common::HashRange {
+            start: r.start,
+            end: r.end,
+        }
+    }
+}
+
+impl From<&common::HashRange> for HashRange {
+    fn from(r: &common::HashRange) -> Self {
+        HashRange::new(r.start, r.end)
+    }
+}
+
+impl From<Consistency> for common::Consistency {
+    fn from(c: Consistency) -> Self {
+        match c {
+            Consistency::One => common::Consistency::One,
+            Consistency::Quorum => common::Consistency::Quorum,
+            Consistency::All => common::Consistency::All,
+        }
+    }
+}
+
+impl From<common::Consistency> for Consistency {
+    /// Unspecified means the default, QUORUM.
+    fn from(c: common::Consistency) -> Self {
+        match c {
+            common::Consistency::One => Consistency::One,
+            common::Consistency::All => Consistency::All,
+            common::Consistency::Quorum | common::Consistency::Unspecified => Consistency::Quorum,
+        }
+    }
+}
+
+impl From<NodeState> for common::NodeState {
+    fn from(s: NodeState) -> Self {
+        match s {
+            NodeState::Active => common::NodeState::Active,
+            NodeState::Bootstrapping => common::NodeState::Bootstrapping,
+            NodeState::Draining => common::NodeState::Draining,
+            NodeState::Down => common::NodeState::Down,
+            NodeState::Failed => common::NodeState::Failed,
+        }
+    }
+}
+
+impl TryFrom<common::NodeState> for NodeState {
+    type Error = common::NodeState;
+    fn try_from(s: common::NodeState) -> Result<Self, Self::Error> {
+        match s {
+            common::NodeState::Active => Ok(NodeState::Active),
+            common::NodeState::Bootstrapping => Ok(NodeState::Bootstrapping),
+            common::NodeState::Draining => Ok(NodeState::Draining),
+            common::NodeState::Down => Ok(NodeState::Down),
+            common::NodeState::Failed => Ok(NodeState::Failed),
+            common::NodeState::Unspecified => Err(s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_round_trip_through_proto() {
+        let v = Version::new(VectorClock::from_entries([("c1", 5u64 << 12), ("c2", 3)]));
+        let wire = common::Version::from(&v);
+        assert_eq!(wire.timestamp_ms, v.timestamp_ms());
+        assert_eq!(wire.clock[0].coordinator_id, "c1");
+        assert_eq!(Version::from(&wire), v);
+    }
+
+    #[test]
+    fn enums_round_trip_through_proto() {
+        for c in [Consistency::One, Consistency::Quorum, Consistency::All] {
+            assert_eq!(Consistency::from(common::Consistency::from(c)), c);
+        }
+        for s in [
+            NodeState::Active,
+            NodeState::Bootstrapping,
+            NodeState::Draining,
+            NodeState::Down,
+            NodeState::Failed,
+        ] {
+            assert_eq!(NodeState::try_from(common::NodeState::from(s)), Ok(s));
+        }
+        let r = HashRange::new(7, 3);
+        assert_eq!(HashRange::from(&common::HashRange::from(r)), r);
+    }
+}
