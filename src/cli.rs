@@ -118,6 +118,12 @@ pub struct ServerArgs {
     /// [default: host of --listen, port + 1000].
     #[arg(long, help_heading = "Process")]
     pub http_listen: Option<SocketAddr>,
+    /// Print the effective configuration (all layers merged) as TOML and exit.
+    #[arg(long, help_heading = "Process")]
+    pub print_config: bool,
+    /// Validate the configuration of the given roles and exit (0 when valid).
+    #[arg(long, help_heading = "Process")]
+    pub check_config: bool,
     /// Log format.
     #[arg(long, value_enum, help_heading = "Process")]
     pub log_format: Option<LogFormat>,

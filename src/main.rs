@@ -42,6 +42,22 @@ fn main() -> ExitCode {
             }
         };
     }
+    if cli.server.print_config {
+        return match Config::load(&cli.server).map(|c| toml::to_string(&c)) {
+            Ok(Ok(text)) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Ok(Err(e)) => {
+                eprintln!("pairdb: cannot print the config: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+            Err(e) => {
+                eprintln!("pairdb: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
     let config = match Config::load(&cli.server).and_then(|c| c.validate().map(|()| c)) {
         Ok(config) => config,
         Err(e) => {
@@ -49,6 +65,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if cli.server.check_config {
+        println!("configuration ok: roles {:?}", config.node.roles);
+        return ExitCode::SUCCESS;
+    }
     init_tracing(config.node.log_format, &config.node.log_level);
     match runtime.block_on(pairdb::roles::run(config)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,261 @@
+//! The `pairdb` binary's command line and configuration, tested by running it.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn pairdb(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pairdb"));
+    cmd.args(args);
+    // Only the variables a test sets: the machine's own PAIRDB_* must not leak in.
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PAIRDB_")) {
+        cmd.env_remove(key);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run pairdb")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The effective value of `key` in section `section` as printed by --print-config.
+fn effective(args: &[&str], env: &[(&str, &str)], section: &str, key: &str) -> String {
+    let out = pairdb(&[args, &["--print-config"]].concat(), env);
+    assert!(
+        out.status.success(),
+        "print-config failed: {}",
+        stderr(&out)
+    );
+    let doc: toml::Table = stdout(&out).parse().expect("printed config is TOML");
+    doc[section][key].to_string()
+}
+
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    f.write_all(text.as_bytes()).expect("write config");
+    f
+}
+
+#[test]
+fn help_documents_roles_and_options() {
+    let out = pairdb(&["--help"], &[]);
+    assert!(out.status.success());
+    let help = stdout(&out);
+    for needle in [
+        "--role",
+        "gateway",
+        "coordinator",
+        "storage",
+        "--node-id",
+        "--listen",
+        "--data-dir",
+        "--metadata-url",
+        "--idempotency-url",
+        "--storage-nodes",
+        "--coordinators",
+        "--auth",
+        "--write-rate-limit",
+        "--read-rate-limit",
+        "--seeds",
+        "--sync",
+        "--config",
+        "PAIRDB_",
+        "flag > env > file > default",
+        "dev",
+    ] {
+        assert!(help.contains(needle), "--help does not mention {needle}");
+    }
+}
+
+#[test]
+fn precedence_is_flag_then_env_then_file_then_default() {
+    let file = config_file("[storage]\ndata_dir = \"/from-file\"\n");
+    let path = file.path().to_str().expect("utf-8 path");
+    let base = ["--role=storage", "--node-id=s1"];
+    assert_eq!(
+        effective(&base, &[], "storage", "data_dir"),
+        "\"data/storage\""
+    );
+    let with_file = [&base[..], &["--config", path]].concat();
+    assert_eq!(
+        effective(&with_file, &[], "storage", "data_dir"),
+        "\"/from-file\""
+    );
+    let env = [("PAIRDB_STORAGE_DATA_DIR", "/from-env")];
+    assert_eq!(
+        effective(&with_file, &env, "storage", "data_dir"),
+        "\"/from-env\""
+    );
+    let with_flag = [&with_file[..], &["--data-dir=/from-flag"]].concat();
+    assert_eq!(
+        effective(&with_flag, &env, "storage", "data_dir"),
+        "\"/from-flag\""
+    );
+}
+
+#[test]
+fn env_vars_set_nested_sections_and_lists() {
+    let env = [
+        ("PAIRDB_NODE_ROLES", "coordinator,gateway"),
+        ("PAIRDB_GATEWAY_AUTH_MODE", "none"),
+        (
+            "PAIRDB_GATEWAY_COORDINATORS",
+            "127.0.0.1:7201,127.0.0.1:7202",
+        ),
+        ("PAIRDB_TOKEN", "ignored: not a config section"),
+    ];
+    assert_eq!(
+        effective(&[], &env, "node", "roles"),
+        "[\"coordinator\", \"gateway\"]"
+    );
+    assert_eq!(
+        effective(&[], &env, "gateway", "coordinators"),
+        "[\"127.0.0.1:7201\", \"127.0.0.1:7202\"]"
+    );
+    let out = pairdb(&["--print-config"], &env);
+    let doc: toml::Table = stdout(&out).parse().expect("toml");
+    assert_eq!(doc["gateway"]["auth"]["mode"].as_str(), Some("none"));
+}
+
+#[test]
+fn listen_goes_to_the_single_role() {
+    let args = [
+        "--role=coordinator",
+        "--node-id=c1",
+        "--listen=127.0.0.1:9999",
+    ];
+    assert_eq!(
+        effective(&args, &[], "coordinator", "listen"),
+        "\"127.0.0.1:9999\""
+    );
+    assert_eq!(
+        effective(&args, &[], "storage", "listen"),
+        "\"127.0.0.1:7101\""
+    );
+}
+
+/// Arguments, env vars, and the text the one-line error must contain.
+type BadCase<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+
+#[test]
+fn bad_configuration_is_one_line_and_exit_2() {
+    let unknown_key = config_file("[storage]\ndata_dri = \"/x\"\n");
+    let bad_sync = config_file("[storage]\nsync = \"sometimes\"\n");
+    let cases: Vec<BadCase> = vec![
+        (vec![], vec![], "no role given"),
+        (vec!["--role=storage"], vec![], "--node-id is required"),
+        (
+            vec!["--role=storage", "--node-id=bad id!"],
+            vec![],
+            "node id",
+        ),
+        (vec!["--role=gateway"], vec![], "needs a secret"),
+        (
+            vec![
+                "--role=coordinator",
+                "--node-id=c1",
+                "--metadata-url=mysql://x",
+            ],
+            vec![],
+            "--metadata-url",
+        ),
+        (
+            vec![
+                "--role=coordinator,gateway",
+                "--node-id=c1",
+                "--listen=127.0.0.1:1",
+            ],
+            vec![],
+            "ambiguous",
+        ),
+        (
+            vec![
+                "--role=storage",
+                "--node-id=s1",
+                "--config",
+                unknown_key.path().to_str().expect("path"),
+            ],
+            vec![],
+            "data_dri",
+        ),
+        (
+            vec![
+                "--role=storage",
+                "--node-id=s1",
+                "--config",
+                bad_sync.path().to_str().expect("path"),
+            ],
+            vec![],
+            "sync must be",
+        ),
+        (
+            vec!["--role=storage", "--node-id=s1"],
+            vec![("PAIRDB_STORAGE_SYNC", "sometimes")],
+            "sync must be",
+        ),
+        (
+            vec![
+                "--role=storage",
+                "--node-id=s1",
+                "--config",
+                "/nonexistent/pairdb.toml",
+            ],
+            vec![],
+            "no such file",
+        ),
+    ];
+    for (args, env, expected) in cases {
+        let out = pairdb(&args, &env);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected {expected:?} in {err:?}"
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: not one line: {err:?}"
+        );
+    }
+    let out = pairdb(&["--role=nonsense"], &[]);
+    assert_ne!(out.status.code(), Some(0));
+}
+
+#[test]
+fn example_configs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).expect("config/ exists") {
+        let path = entry.expect("entry").path();
+        let out = pairdb(
+            &["--config", path.to_str().expect("utf-8"), "--check-config"],
+            &[("PAIRDB_GATEWAY_AUTH_SECRET", "example-secret")],
+        );
+        assert!(out.status.success(), "{}: {}", path.display(), stderr(&out));
+        seen += 1;
+    }
+    assert!(seen >= 3);
+}
+
+#[test]
+fn roles_not_built_yet_are_refused() {
+    let out = pairdb(
+        &["--role=storage", "--node-id=s1", "--data-dir=/tmp/none"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("role storage is not built yet"));
+    let out = pairdb(&["dev", "--data-dir=/tmp/none"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("role dev is not built yet"));
+}
