@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod quorum;
 pub mod ring;
 pub mod roles;

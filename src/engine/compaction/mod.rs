@@ -1,0 +1,4 @@
+//! Leveled compaction: [`policy`] decides (pure), [`worker`] executes.
+
+pub mod policy;
+mod worker;

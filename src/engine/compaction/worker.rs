@@ -1,0 +1,151 @@
+//! Executes compaction tasks: merges the input tables, keeps each key's winner, drops
+//! tombstones older than gc_grace when the output is bottommost, writes size-bounded output
+//! tables at a throttled rate, then installs the result atomically (manifest first, then the
+//! in-memory state) and deletes the inputs. Reads and writes never wait for it: readers hold
+//! their own snapshot, and the state swap is one pointer store.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::engine::error::Result;
+use crate::engine::iterators::{MergeIter, Source};
+use crate::engine::sstable::{SsTable, TableBuilder, TableIter, TableMeta, table_file_name};
+use crate::engine::{Core, State, io_err};
+
+use super::policy::{self, CompactionTask};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Sleeps as needed to keep `written` bytes since `start` under `rate` bytes/s.
+fn throttle(start: Instant, written: u64, rate: Option<u64>) {
+    let Some(rate) = rate.filter(|r| *r > 0) else {
+        return;
+    };
+    let due = Duration::from_secs_f64(written as f64 / rate as f64);
+    let elapsed = start.elapsed();
+    if due > elapsed {
+        std::thread::sleep(due - elapsed);
+    }
+}
+
+impl Core {
+    /// Runs one compaction (the policy's pick, or a major one with `full`). Returns whether
+    /// there was anything to do.
+    pub(crate) fn compact_once(&self, full: bool) -> Result<bool> {
+        let _compacting = self.compaction_lock.lock();
+        let levels: Vec<Vec<TableMeta>> = self.manifest.lock().levels.clone();
+        let task = if full {
+            policy::full(&levels)
+        } else {
+            policy::pick(&levels, &self.options.levels)
+        };
+        let Some(task) = task else {
+            return Ok(false);
+        };
+        self.run_task(&task)?;
+        Ok(true)
+    }
+
+    fn run_task(&self, task: &CompactionTask) -> Result<()> {
+        let state = self.snapshot();
+        let chosen: Vec<Arc<SsTable>> = state
+            .levels
+            .iter()
+            .flatten()
+            .filter(|t| task.inputs.contains(&t.meta.id) || task.overlapping.contains(&t.meta.id))
+            .cloned()
+            .collect();
+        if chosen.is_empty() {
+            return Ok(());
+        }
+        let sources: Vec<Source> = chosen
+            .iter()
+            .map(|t| Box::new(TableIter::new(t.clone(), &[])) as Source)
+            .collect();
+        let gc_before = now_ms().saturating_sub(self.options.gc_grace.as_millis() as u64);
+        let start = Instant::now();
+        let mut written = 0u64;
+        let mut outputs: Vec<TableMeta> = Vec::new();
+        let mut builder: Option<TableBuilder> = None;
+        for item in MergeIter::new(sources) {
+            let (ikey, record) = item?;
+            if task.bottommost && record.is_tombstone() && record.version.timestamp_ms() < gc_before {
+                self.metrics.tombstones_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if builder.is_none() {
+                let id = self.allocate_table_id();
+                let path = self.sst_dir.join(table_file_name(id));
+                builder = Some(TableBuilder::create(&path, id, self.options.block_bytes)?);
+            }
+            if let Some(b) = builder.as_mut() {
+                b.add(&ikey, &record)?;
+                if b.estimated_size() >= self.options.table_bytes {
+                    if let Some(done) = builder.take() {
+                        let meta = done.finish()?;
+                        written += meta.file_bytes;
+                        outputs.push(meta);
+                        throttle(start, written, self.options.compaction_bytes_per_sec);
+                    }
+                }
+            }
+        }
+        if let Some(done) = builder.take() {
+            let meta = done.finish()?;
+            written += meta.file_bytes;
+            outputs.push(meta);
+        }
+        std::fs::File::open(&self.sst_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err("fsync", &self.sst_dir, e))?;
+        let mut opened = Vec::with_capacity(outputs.len());
+        for meta in &outputs {
+            opened.push(SsTable::open(&self.sst_dir.join(table_file_name(meta.id)), meta.id)?);
+        }
+        self.install(task, &outputs, opened)?;
+        for t in &chosen {
+            let path = t.path().to_path_buf();
+            std::fs::remove_file(&path).map_err(|e| io_err("remove compacted", &path, e))?;
+        }
+        self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .compaction_bytes_written
+            .fetch_add(written, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn install(&self, task: &CompactionTask, outputs: &[TableMeta], opened: Vec<Arc<SsTable>>) -> Result<()> {
+        let gone = |id: u64| task.inputs.contains(&id) || task.overlapping.contains(&id);
+        let mut manifest = self.manifest.lock();
+        let mut next = manifest.clone();
+        for level in &mut next.levels {
+            level.retain(|t| !gone(t.id));
+        }
+        while next.levels.len() <= task.output_level {
+            next.levels.push(Vec::new());
+        }
+        next.levels[task.output_level].extend(outputs.iter().cloned());
+        next.levels[task.output_level].sort_by(|a, b| a.min_key.cmp(&b.min_key));
+        next.store(&self.dir)?;
+        {
+            let mut state = self.state.write();
+            let mut s: State = (**state).clone();
+            for level in &mut s.levels {
+                level.retain(|t| !gone(t.meta.id));
+            }
+            while s.levels.len() <= task.output_level {
+                s.levels.push(Vec::new());
+            }
+            s.levels[task.output_level].extend(opened);
+            s.levels[task.output_level].sort_by(|a, b| a.meta.min_key.cmp(&b.meta.min_key));
+            *state = Arc::new(s);
+        }
+        *manifest = next;
+        Ok(())
+    }
+}

@@ -1,0 +1,715 @@
+//! The LSM storage engine of a storage node (STORAGE.md, "Engine"). Imports nothing above
+//! `ring`/`vclock`: no RPC, no roles.
+//!
+//! # API
+//! - [`Engine::open`]`(dir, options)`: replays the commit log, starts the flush and compaction
+//!   workers.
+//! - [`Engine::apply`]`(record)`: puts, tombstones, repairs, hints and streamed copies alike. The
+//!   record is compared with the stored version first; a record that does not take precedence
+//!   (`Version::supersedes`) is [`ApplyOutcome::Ignored`]. Returns once the record is durable as
+//!   the sync mode promises (`always`: fsynced, shared by group commit).
+//! - [`Engine::get`]`(tenant, key)`: the stored version, tombstones included.
+//! - [`Engine::scan_tenant`]: one tenant's records in key order. [`Engine::scan_hash_range`]:
+//!   every record whose ring hash is in `[start, end)`. Both stream (one block per table in
+//!   memory) and include tombstones.
+//! - [`Engine::flush`], [`Engine::compact`] (major compaction into the deepest level),
+//!   [`Engine::stats`], [`Engine::close`].
+//! All methods take `&self` and are safe from many threads at once. They block (fsync, file
+//! reads): async callers run them on `spawn_blocking`.
+//!
+//! # Invariants
+//! - One record per key per memtable/table, and the newest record of a key (memtable first,
+//!   then L0 newest first, then deeper levels) is always its winner: `apply` compares against
+//!   the stored version under the key's stripe lock and only writes winners, and merges keep the
+//!   winner by the version rules. So reads stop at the first record found.
+//! - A record is appended to the log and inserted into the active memtable under the state
+//!   read lock; freezing the memtable takes the write lock. So a frozen memtable holds exactly
+//!   the log records up to its `max_seq`, and once it is in an SSTable (manifest `flushed_seq`)
+//!   the log segments up to there can go.
+//! - Visibility precedes durability by the fsync: a concurrent reader may see a record before
+//!   its writer is acknowledged; an acknowledged record is always durable.
+//! - After an fsync error the log refuses further writes (COMMIT_LOG_FAILED); reads continue.
+
+mod cache;
+mod codec;
+pub mod compaction;
+mod disk;
+mod error;
+mod iterators;
+mod manifest;
+mod memtable;
+pub mod sstable;
+mod types;
+mod wal;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use crate::config::SyncMode;
+use crate::ring::HashRange;
+
+use cache::RowCache;
+use compaction::policy::LevelPolicy;
+use disk::DiskGuard;
+use iterators::{MemtableCursor, MergeIter, Source};
+use manifest::Manifest;
+use memtable::Memtable;
+use sstable::{SsTable, TableIter, key_hash, table_file_name};
+use wal::CommitLog;
+
+pub use disk::{FULL_PERCENT, LARGE_WRITE_BYTES, THROTTLE_PERCENT, WARN_PERCENT, decide as disk_decide};
+pub use error::{EngineError, Result};
+pub use types::{
+    ApplyOutcome, MAX_KEY_BYTES, MAX_TENANT_BYTES, MAX_VALUE_BYTES, Record, internal_key,
+    validate_key, validate_tenant,
+};
+pub use wal::ReplayStats;
+
+const STRIPES: usize = 4096;
+
+/// Tuning of one engine. `Default` is the production configuration.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub sync: SyncMode,
+    /// Commit-log segment size before rotation.
+    pub segment_bytes: u64,
+    /// Memtable size that triggers a flush.
+    pub memtable_bytes: usize,
+    /// Frozen memtables allowed to wait for flushing before writers stall.
+    pub max_immutable_memtables: usize,
+    /// Target size of a data block.
+    pub block_bytes: usize,
+    /// Target size of a compaction output table.
+    pub table_bytes: u64,
+    pub levels: LevelPolicy,
+    /// Row cache capacity in bytes (0 disables it).
+    pub cache_bytes: u64,
+    /// Tombstones younger than this survive compaction.
+    pub gc_grace: Duration,
+    /// Compaction write rate limit (bytes/s); `None` = unthrottled.
+    pub compaction_bytes_per_sec: Option<u64>,
+    /// Open even if a commit-log segment is corrupt in the middle, dropping the rest of it.
+    pub skip_corrupt_log: bool,
+    /// Run the flush and compaction workers (tests may drive them by hand).
+    pub background: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            sync: SyncMode::Always,
+            segment_bytes: 128 << 20,
+            memtable_bytes: 64 << 20,
+            max_immutable_memtables: 4,
+            block_bytes: 4096,
+            table_bytes: 64 << 20,
+            levels: LevelPolicy::default(),
+            cache_bytes: 64 << 20,
+            gc_grace: Duration::from_secs(10 * 24 * 3600),
+            compaction_bytes_per_sec: Some(64 << 20),
+            skip_corrupt_log: false,
+            background: true,
+        }
+    }
+}
+
+/// Sizes and counters, for `HealthCheck` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub memtables: usize,
+    pub memtable_bytes: u64,
+    /// Per level: (tables, bytes, entries).
+    pub levels: Vec<(usize, u64, u64)>,
+    pub sstables: usize,
+    pub sstable_bytes: u64,
+    /// Records in memtables and tables (overcounts keys present in several places).
+    pub key_estimate: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_bytes: u64,
+    pub disk_usage_percent: f64,
+    pub wal_segments: usize,
+    pub wal_syncs: u64,
+    pub writes_applied: u64,
+    pub writes_ignored: u64,
+    pub reads: u64,
+    pub flushes: u64,
+    pub compactions: u64,
+    pub compaction_bytes_written: u64,
+    pub tombstones_dropped: u64,
+    pub replay: ReplayStats,
+}
+
+/// Counters updated on the hot paths (the storage role exports them).
+#[derive(Debug, Default)]
+pub struct EngineMetrics {
+    pub writes_applied: AtomicU64,
+    pub writes_ignored: AtomicU64,
+    pub reads: AtomicU64,
+    pub flushes: AtomicU64,
+    pub compactions: AtomicU64,
+    pub compaction_bytes_written: AtomicU64,
+    pub tombstones_dropped: AtomicU64,
+}
+
+struct Stripe {
+    lock: Mutex<()>,
+    generation: AtomicU64,
+}
+
+/// Immutable snapshot of what is readable. Readers clone the `Arc`.
+#[derive(Clone)]
+struct State {
+    active: Arc<Memtable>,
+    /// Frozen memtables, newest first.
+    immutables: Vec<Arc<Memtable>>,
+    /// L0 newest first; L1.. sorted by key, disjoint.
+    levels: Vec<Vec<Arc<SsTable>>>,
+}
+
+pub(crate) struct Core {
+    dir: PathBuf,
+    sst_dir: PathBuf,
+    options: EngineOptions,
+    wal: CommitLog,
+    state: RwLock<Arc<State>>,
+    /// The durable manifest; its lock serializes every change of the table set.
+    manifest: Mutex<Manifest>,
+    stripes: Box<[Stripe]>,
+    cache: RowCache,
+    disk: DiskGuard,
+    metrics: EngineMetrics,
+    flush_lock: Mutex<()>,
+    compaction_lock: Mutex<()>,
+    stall: Condvar,
+    stall_lock: Mutex<()>,
+    flush_signal: Mutex<Option<mpsc::Sender<()>>>,
+    compaction_signal: Mutex<Option<mpsc::Sender<()>>>,
+    closed: AtomicBool,
+    replay: ReplayStats,
+}
+
+/// The storage engine. Cheap to share behind an `Arc`.
+pub struct Engine {
+    core: Arc<Core>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> EngineError {
+    EngineError::io(format!("{what} {}", path.display()), e)
+}
+
+impl Engine {
+    /// Opens (or creates) the engine in `dir`.
+    pub fn open(dir: impl AsRef<Path>, options: EngineOptions) -> Result<Engine> {
+        let dir = dir.as_ref().to_path_buf();
+        let sst_dir = dir.join("sst");
+        let wal_dir = dir.join("wal");
+        fs::create_dir_all(&sst_dir).map_err(|e| io_err("create", &sst_dir, e))?;
+        let manifest = Manifest::load(&dir)?.unwrap_or_else(|| Manifest {
+            flushed_seq: 0,
+            next_table_id: 1,
+            levels: vec![Vec::new()],
+        });
+        let mut levels: Vec<Vec<Arc<SsTable>>> = Vec::new();
+        for level in &manifest.levels {
+            let mut tables = Vec::with_capacity(level.len());
+            for meta in level {
+                tables.push(SsTable::open(&sst_dir.join(table_file_name(meta.id)), meta.id)?);
+            }
+            levels.push(tables);
+        }
+        if levels.is_empty() {
+            levels.push(Vec::new());
+        }
+        remove_orphans(&dir, &sst_dir, &manifest)?;
+
+        let active = Arc::new(Memtable::new());
+        let (wal, replay) = CommitLog::open(
+            &wal_dir,
+            options.sync,
+            options.segment_bytes,
+            manifest.flushed_seq,
+            options.skip_corrupt_log,
+            &mut |seq, record| {
+                active.insert(record.internal_key(), Arc::new(record), seq);
+            },
+        )?;
+        if replay.records > 0 {
+            tracing::info!(records = replay.records, bytes = replay.bytes, torn = replay.torn_tails, "commit log replayed");
+        }
+        let stripes = (0..STRIPES)
+            .map(|_| Stripe {
+                lock: Mutex::new(()),
+                generation: AtomicU64::new(0),
+            })
+            .collect();
+        let core = Arc::new(Core {
+            disk: DiskGuard::new(&dir),
+            dir,
+            sst_dir,
+            cache: RowCache::new(options.cache_bytes),
+            wal,
+            state: RwLock::new(Arc::new(State {
+                active,
+                immutables: Vec::new(),
+                levels,
+            })),
+            manifest: Mutex::new(manifest),
+            stripes,
+            metrics: EngineMetrics::default(),
+            flush_lock: Mutex::new(()),
+            compaction_lock: Mutex::new(()),
+            stall: Condvar::new(),
+            stall_lock: Mutex::new(()),
+            flush_signal: Mutex::new(None),
+            compaction_signal: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            replay,
+            options,
+        });
+        let engine = Engine {
+            core,
+            workers: Mutex::new(Vec::new()),
+        };
+        if engine.core.options.background {
+            engine.start_workers()?;
+        }
+        Ok(engine)
+    }
+
+    fn start_workers(&self) -> Result<()> {
+        let mut workers = self.workers.lock();
+        for (name, is_flush) in [("pairdb-flush", true), ("pairdb-compaction", false)] {
+            let (tx, rx) = mpsc::channel::<()>();
+            let slot = if is_flush {
+                &self.core.flush_signal
+            } else {
+                &self.core.compaction_signal
+            };
+            *slot.lock() = Some(tx);
+            let core = self.core.clone();
+            let handle = std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(move || core.worker_loop(rx, is_flush))
+                .map_err(|e| EngineError::io("spawn engine worker", e))?;
+            workers.push(handle);
+        }
+        Ok(())
+    }
+
+    /// Applies a put or tombstone if it takes precedence over the stored version.
+    pub fn apply(&self, record: Record) -> Result<ApplyOutcome> {
+        self.core.apply(record)
+    }
+
+    /// The stored version of a key (value or tombstone), if any.
+    pub fn get(&self, tenant: &str, key: &[u8]) -> Result<Option<Arc<Record>>> {
+        self.core.get(tenant, key)
+    }
+
+    /// One tenant's records (tombstones included) in key order.
+    pub fn scan_tenant(&self, tenant: &str) -> Result<impl Iterator<Item = Result<Arc<Record>>> + Send + use<>> {
+        validate_tenant(tenant)?;
+        let from = internal_key(tenant, b"");
+        let mut end = tenant.as_bytes().to_vec();
+        end.push(1);
+        let merged = self.core.merge_from(&from, |meta| meta.overlaps(&from, &end));
+        Ok(merged
+            .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.as_slice() < end.as_slice()))
+            .map(|item| item.map(|(_, r)| r)))
+    }
+
+    /// Every record (tombstones included) whose ring hash lies in `range`, in key order.
+    pub fn scan_hash_range(&self, range: HashRange) -> impl Iterator<Item = Result<Arc<Record>>> + Send + use<> {
+        let pieces = range.pieces();
+        self.core
+            .merge_from(&[], move |meta| meta.may_hold_hashes(&pieces))
+            .filter_map(move |item| match item {
+                Ok((_, r)) if range.contains(r.ring_hash) => Some(Ok(r)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+    }
+
+    /// Freezes the active memtable and writes every frozen memtable to L0.
+    pub fn flush(&self) -> Result<()> {
+        self.core.freeze(true);
+        self.core.flush_pending()
+    }
+
+    /// Runs leveled compaction until no level needs it.
+    pub fn compact_levels(&self) -> Result<()> {
+        while self.core.compact_once(false)? {}
+        Ok(())
+    }
+
+    /// Major compaction: merges every table into the deepest level (dropping tombstones older
+    /// than gc_grace).
+    pub fn compact(&self) -> Result<()> {
+        self.core.compact_once(true).map(|_| ())
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.core.stats()
+    }
+
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.core.metrics
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.core.dir
+    }
+
+    /// Commit-log segment files, oldest first (for tests and tools).
+    pub fn wal_segments(&self) -> Vec<PathBuf> {
+        self.core.wal.segment_paths()
+    }
+
+    /// Stops the workers and syncs the commit log. Later calls fail with `Closed`.
+    pub fn close(&self) -> Result<()> {
+        if self.core.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.core.flush_signal.lock().take();
+        self.core.compaction_signal.lock().take();
+        for handle in self.workers.lock().drain(..) {
+            if handle.join().is_err() {
+                tracing::error!("an engine worker panicked");
+            }
+        }
+        self.core.wal.sync_now()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "closing the engine failed");
+        }
+    }
+}
+
+/// Deletes table files the manifest does not list (a crash between writing a table and
+/// installing it) and a leftover `MANIFEST.tmp`.
+fn remove_orphans(dir: &Path, sst_dir: &Path, manifest: &Manifest) -> Result<()> {
+    let live: std::collections::HashSet<u64> = manifest.live_ids().collect();
+    let entries = fs::read_dir(sst_dir).map_err(|e| io_err("list", sst_dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err("list", sst_dir, e))?;
+        let name = entry.file_name();
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".sst"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if id.is_none_or(|id| !live.contains(&id)) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|e| io_err("remove orphan", &path, e))?;
+        }
+    }
+    let tmp = dir.join("MANIFEST.tmp");
+    if tmp.exists() {
+        fs::remove_file(&tmp).map_err(|e| io_err("remove", &tmp, e))?;
+    }
+    Ok(())
+}
+
+impl Core {
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EngineError::Closed);
+        }
+        Ok(())
+    }
+
+    fn stripe(&self, ikey: &[u8]) -> &Stripe {
+        &self.stripes[(key_hash(ikey) as usize) % STRIPES]
+    }
+
+    fn snapshot(&self) -> Arc<State> {
+        self.state.read().clone()
+    }
+
+    /// Memtables then tables, newest first; the first record found is the winner.
+    fn lookup(&self, ikey: &[u8]) -> Result<Option<Arc<Record>>> {
+        let state = self.snapshot();
+        if let Some(r) = state.active.get(ikey) {
+            return Ok(Some(r));
+        }
+        for m in &state.immutables {
+            if let Some(r) = m.get(ikey) {
+                return Ok(Some(r));
+            }
+        }
+        let hash = key_hash(ikey);
+        for (level, tables) in state.levels.iter().enumerate() {
+            let candidates: &[Arc<SsTable>] = if level == 0 {
+                tables
+            } else {
+                let i = tables.partition_point(|t| t.meta.max_key.as_slice() < ikey);
+                tables.get(i..i + 1).unwrap_or(&[])
+            };
+            for table in candidates {
+                if table.may_contain(ikey, hash) {
+                    if let Some(r) = table.get(ikey)? {
+                        return Ok(Some(Arc::new(r)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn get(&self, tenant: &str, key: &[u8]) -> Result<Option<Arc<Record>>> {
+        self.check_open()?;
+        validate_tenant(tenant)?;
+        validate_key(key)?;
+        self.metrics.reads.fetch_add(1, Ordering::Relaxed);
+        let ikey = internal_key(tenant, key);
+        if let Some(r) = self.cache.get(&ikey) {
+            return Ok(Some(r));
+        }
+        let stripe = self.stripe(&ikey);
+        let generation = stripe.generation.load(Ordering::Acquire);
+        let found = self.lookup(&ikey)?;
+        if let Some(r) = &found {
+            let _guard = stripe.lock.lock();
+            if stripe.generation.load(Ordering::Acquire) == generation {
+                self.cache.insert(ikey, r.clone());
+            }
+        }
+        Ok(found)
+    }
+
+    fn wait_for_flush_room(&self) {
+        let mut guard = self.stall_lock.lock();
+        while self.snapshot().immutables.len() >= self.options.max_immutable_memtables
+            && !self.closed.load(Ordering::Acquire)
+        {
+            self.signal(&self.flush_signal);
+            self.stall.wait_for(&mut guard, Duration::from_millis(50));
+        }
+    }
+
+    fn apply(&self, record: Record) -> Result<ApplyOutcome> {
+        self.check_open()?;
+        record.validate()?;
+        self.disk.check(record.size_estimate())?;
+        if self.options.background {
+            self.wait_for_flush_room();
+        }
+        let ikey = record.internal_key();
+        let stripe = self.stripe(&ikey);
+        let (seq, memtable_bytes) = {
+            let _guard = stripe.lock.lock();
+            let current = match self.cache.peek(&ikey) {
+                Some(r) => Some(r),
+                None => self.lookup(&ikey)?,
+            };
+            if current.is_some_and(|c| !record.version.supersedes(&c.version)) {
+                self.metrics.writes_ignored.fetch_add(1, Ordering::Relaxed);
+                return Ok(ApplyOutcome::Ignored);
+            }
+            let record = Arc::new(record);
+            let (seq, bytes) = {
+                let state = self.state.read();
+                let seq = self.wal.append(&record)?;
+                state.active.insert(ikey.clone(), record.clone(), seq);
+                (seq, state.active.size_bytes())
+            };
+            self.cache.insert(ikey, record);
+            stripe.generation.fetch_add(1, Ordering::AcqRel);
+            (seq, bytes)
+        };
+        self.wal.wait_durable(seq)?;
+        self.metrics.writes_applied.fetch_add(1, Ordering::Relaxed);
+        if memtable_bytes >= self.options.memtable_bytes {
+            self.freeze(false);
+        }
+        Ok(ApplyOutcome::Applied)
+    }
+
+    fn signal(&self, slot: &Mutex<Option<mpsc::Sender<()>>>) {
+        if let Some(tx) = slot.lock().as_ref() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Swaps in a fresh active memtable. Unless `force`, only when the active one is still
+    /// over the limit (several writers may race to freeze).
+    fn freeze(&self, force: bool) {
+        {
+            let mut state = self.state.write();
+            let full = state.active.size_bytes() >= self.options.memtable_bytes;
+            if state.active.is_empty() || !(force || full) {
+                return;
+            }
+            let mut next = (**state).clone();
+            next.immutables.insert(0, next.active.clone());
+            next.active = Arc::new(Memtable::new());
+            *state = Arc::new(next);
+        }
+        self.signal(&self.flush_signal);
+    }
+
+    /// Writes every frozen memtable to L0, oldest first.
+    fn flush_pending(&self) -> Result<()> {
+        let _flushing = self.flush_lock.lock();
+        loop {
+            let Some(oldest) = self.snapshot().immutables.last().cloned() else {
+                return Ok(());
+            };
+            self.flush_memtable(&oldest)?;
+            self.stall.notify_all();
+        }
+    }
+
+    fn allocate_table_id(&self) -> u64 {
+        let mut m = self.manifest.lock();
+        let id = m.next_table_id;
+        m.next_table_id += 1;
+        id
+    }
+
+    fn flush_memtable(&self, memtable: &Arc<Memtable>) -> Result<()> {
+        let id = self.allocate_table_id();
+        let path = self.sst_dir.join(table_file_name(id));
+        let mut builder = sstable::TableBuilder::create(&path, id, self.options.block_bytes)?;
+        for (ikey, record) in memtable.iter() {
+            builder.add(&ikey, &record)?;
+        }
+        let table = if builder.is_empty() {
+            drop(builder);
+            fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
+            None
+        } else {
+            let meta = builder.finish()?;
+            fs::File::open(&self.sst_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_err("fsync", &self.sst_dir, e))?;
+            Some((meta.clone(), SsTable::open(&path, id)?))
+        };
+        let flushed_seq = {
+            let mut manifest = self.manifest.lock();
+            let mut next = manifest.clone();
+            next.flushed_seq = next.flushed_seq.max(memtable.max_seq());
+            if let Some((meta, _)) = &table {
+                next.levels[0].insert(0, meta.clone());
+            }
+            next.store(&self.dir)?;
+            {
+                let mut state = self.state.write();
+                let mut s = (**state).clone();
+                s.immutables.retain(|m| !Arc::ptr_eq(m, memtable));
+                if let Some((_, t)) = &table {
+                    s.levels[0].insert(0, t.clone());
+                }
+                *state = Arc::new(s);
+            }
+            let seq = next.flushed_seq;
+            *manifest = next;
+            seq
+        };
+        self.wal.release_up_to(flushed_seq)?;
+        self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
+        self.signal(&self.compaction_signal);
+        Ok(())
+    }
+
+    /// A merged stream from `from` over every memtable and the tables `keep` admits.
+    fn merge_from(&self, from: &[u8], keep: impl Fn(&sstable::TableMeta) -> bool) -> MergeIter {
+        let state = self.snapshot();
+        let mut sources: Vec<Source> = Vec::new();
+        sources.push(Box::new(MemtableCursor::new(state.active.clone(), from)));
+        for m in &state.immutables {
+            sources.push(Box::new(MemtableCursor::new(m.clone(), from)));
+        }
+        for (level, tables) in state.levels.iter().enumerate() {
+            let admitted: Vec<Arc<SsTable>> = tables.iter().filter(|t| keep(&t.meta)).cloned().collect();
+            if level == 0 {
+                for t in admitted {
+                    sources.push(Box::new(TableIter::new(t, from)));
+                }
+            } else if !admitted.is_empty() {
+                // Disjoint and sorted: one source per level.
+                let from = from.to_vec();
+                sources.push(Box::new(admitted.into_iter().flat_map(move |t| TableIter::new(t, &from))));
+            }
+        }
+        MergeIter::new(sources)
+    }
+
+    fn worker_loop(self: Arc<Self>, rx: mpsc::Receiver<()>, is_flush: bool) {
+        loop {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let result = if is_flush {
+                self.flush_pending()
+            } else {
+                loop {
+                    match self.compact_once(false) {
+                        Ok(true) if !self.closed.load(Ordering::Acquire) => continue,
+                        Ok(_) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, worker = if is_flush { "flush" } else { "compaction" }, "engine background work failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+
+    fn stats(&self) -> EngineStats {
+        let state = self.snapshot();
+        let memtables: Vec<&Arc<Memtable>> = std::iter::once(&state.active).chain(state.immutables.iter()).collect();
+        let levels: Vec<(usize, u64, u64)> = state
+            .levels
+            .iter()
+            .map(|l| {
+                (
+                    l.len(),
+                    l.iter().map(|t| t.meta.file_bytes).sum(),
+                    l.iter().map(|t| t.meta.entries).sum(),
+                )
+            })
+            .collect();
+        let m = &self.metrics;
+        EngineStats {
+            memtables: memtables.len(),
+            memtable_bytes: memtables.iter().map(|t| t.size_bytes() as u64).sum(),
+            sstables: levels.iter().map(|l| l.0).sum(),
+            sstable_bytes: levels.iter().map(|l| l.1).sum(),
+            key_estimate: memtables.iter().map(|t| t.len() as u64).sum::<u64>() + levels.iter().map(|l| l.2).sum::<u64>(),
+            levels,
+            cache_hits: self.cache.hits(),
+            cache_misses: self.cache.misses(),
+            cache_bytes: self.cache.bytes(),
+            disk_usage_percent: self.disk.percent(),
+            wal_segments: self.wal.segment_paths().len(),
+            wal_syncs: self.wal.sync_count(),
+            writes_applied: m.writes_applied.load(Ordering::Relaxed),
+            writes_ignored: m.writes_ignored.load(Ordering::Relaxed),
+            reads: m.reads.load(Ordering::Relaxed),
+            flushes: m.flushes.load(Ordering::Relaxed),
+            compactions: m.compactions.load(Ordering::Relaxed),
+            compaction_bytes_written: m.compaction_bytes_written.load(Ordering::Relaxed),
+            tombstones_dropped: m.tombstones_dropped.load(Ordering::Relaxed),
+            replay: self.replay.clone(),
+        }
+    }
+}

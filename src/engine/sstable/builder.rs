@@ -1,0 +1,147 @@
+//! Writes one SSTable from records in ascending internal-key order (format in
+//! `docs/sstable-format.md`). The file is fsynced before `finish` returns; it becomes visible
+//! to readers only when the manifest lists it.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::engine::codec::encode_table_entry;
+use crate::engine::error::{EngineError, Result};
+use crate::engine::types::Record;
+
+use super::bloom::{Bloom, key_hash};
+use super::{FOOTER_LEN, FORMAT_VERSION, MAGIC, TableMeta};
+
+pub struct TableBuilder {
+    path: PathBuf,
+    out: BufWriter<File>,
+    offset: u64,
+    block_bytes: usize,
+    block: Vec<u8>,
+    block_last_key: Vec<u8>,
+    index: Vec<(Vec<u8>, u64, u32)>,
+    hashes: Vec<u64>,
+    meta: TableMeta,
+}
+
+fn io(path: &Path, e: std::io::Error) -> EngineError {
+    EngineError::io(format!("write SSTable {}", path.display()), e)
+}
+
+impl TableBuilder {
+    pub fn create(path: &Path, id: u64, block_bytes: usize) -> Result<Self> {
+        let file = File::create(path).map_err(|e| io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::with_capacity(256 * 1024, file),
+            offset: 0,
+            block_bytes,
+            block: Vec::with_capacity(block_bytes * 2),
+            block_last_key: Vec::new(),
+            index: Vec::new(),
+            hashes: Vec::new(),
+            meta: TableMeta::empty(id),
+        })
+    }
+
+    /// Adds a record; keys must be strictly ascending.
+    pub fn add(&mut self, ikey: &[u8], record: &Record) -> Result<()> {
+        if self.meta.entries == 0 {
+            self.meta.min_key = ikey.to_vec();
+        }
+        self.meta.max_key = ikey.to_vec();
+        self.meta.entries += 1;
+        self.meta.tombstones += u64::from(record.is_tombstone());
+        self.meta.min_hash = self.meta.min_hash.min(record.ring_hash);
+        self.meta.max_hash = self.meta.max_hash.max(record.ring_hash);
+        self.hashes.push(key_hash(ikey));
+        encode_table_entry(record, &mut self.block);
+        self.block_last_key.clear();
+        self.block_last_key.extend_from_slice(ikey);
+        if self.block.len() >= self.block_bytes {
+            self.finish_block()?;
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far (for splitting outputs by size).
+    pub fn estimated_size(&self) -> u64 {
+        self.offset + self.block.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.entries == 0
+    }
+
+    fn write_block(&mut self, payload: &[u8]) -> Result<(u64, u32)> {
+        let crc = crc32c::crc32c(payload);
+        let start = self.offset;
+        self.out
+            .write_all(payload)
+            .and_then(|()| self.out.write_all(&crc.to_le_bytes()))
+            .map_err(|e| io(&self.path, e))?;
+        let len = payload.len() as u64 + 4;
+        self.offset += len;
+        Ok((start, len as u32))
+    }
+
+    fn finish_block(&mut self) -> Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        let block = std::mem::take(&mut self.block);
+        let (offset, len) = self.write_block(&block)?;
+        self.block = block;
+        self.block.clear();
+        self.index
+            .push((std::mem::take(&mut self.block_last_key), offset, len));
+        Ok(())
+    }
+
+    /// Writes bloom, index, meta and footer, fsyncs, and returns the table's metadata.
+    pub fn finish(mut self) -> Result<TableMeta> {
+        self.finish_block()?;
+        let mut buf = Vec::new();
+        Bloom::build(&self.hashes).encode(&mut buf);
+        let (bloom_off, bloom_len) = self.write_block(&buf)?;
+
+        buf.clear();
+        buf.extend_from_slice(&(self.index.len() as u32).to_le_bytes());
+        for (key, off, len) in &self.index {
+            buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            buf.extend_from_slice(key);
+            buf.extend_from_slice(&off.to_le_bytes());
+            buf.extend_from_slice(&len.to_le_bytes());
+        }
+        let (index_off, index_len) = self.write_block(&buf)?;
+
+        buf.clear();
+        self.meta.encode(&mut buf);
+        let (meta_off, meta_len) = self.write_block(&buf)?;
+
+        let mut footer = Vec::with_capacity(FOOTER_LEN);
+        for (off, len) in [
+            (index_off, index_len),
+            (bloom_off, bloom_len),
+            (meta_off, meta_len),
+        ] {
+            footer.extend_from_slice(&off.to_le_bytes());
+            footer.extend_from_slice(&len.to_le_bytes());
+        }
+        footer.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let crc = crc32c::crc32c(&footer);
+        footer.extend_from_slice(&crc.to_le_bytes());
+        footer.extend_from_slice(&MAGIC.to_le_bytes());
+        debug_assert_eq!(footer.len(), FOOTER_LEN);
+        self.out.write_all(&footer).map_err(|e| io(&self.path, e))?;
+        self.offset += footer.len() as u64;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| io(&self.path, e.into_error()))?;
+        file.sync_all().map_err(|e| io(&self.path, e))?;
+        self.meta.file_bytes = self.offset;
+        Ok(self.meta)
+    }
+}

@@ -1,0 +1,183 @@
+//! Records, internal keys and the input limits of STORAGE.md.
+//!
+//! Internal key = tenant id bytes, 0x00, user key bytes. Tenant ids never contain NUL, so
+//! byte order of internal keys is order by (tenant, key): one tenant's keys are contiguous and
+//! sorted, which is what tenant scans rely on.
+
+use bytes::Bytes;
+
+use crate::ring::key_position;
+use crate::vclock::{MAX_WIRE_ENTRIES, Version};
+
+use super::error::EngineError;
+
+/// Longest user key.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest value.
+pub const MAX_VALUE_BYTES: usize = 10 * 1024 * 1024;
+/// Longest tenant id.
+pub const MAX_TENANT_BYTES: usize = 256;
+
+/// One stored version of one key: a value, or a tombstone (`value == None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub tenant: String,
+    pub key: Bytes,
+    pub version: Version,
+    /// `None` is a tombstone.
+    pub value: Option<Bytes>,
+    /// Ring position of (tenant, key); always [`key_position`] of them.
+    pub ring_hash: u64,
+}
+
+impl Record {
+    pub fn put(tenant: impl Into<String>, key: impl Into<Bytes>, version: Version, value: impl Into<Bytes>) -> Self {
+        Self::new(tenant.into(), key.into(), version, Some(value.into()))
+    }
+
+    pub fn tombstone(tenant: impl Into<String>, key: impl Into<Bytes>, version: Version) -> Self {
+        Self::new(tenant.into(), key.into(), version, None)
+    }
+
+    fn new(tenant: String, key: Bytes, version: Version, value: Option<Bytes>) -> Self {
+        let ring_hash = key_position(&tenant, &key);
+        Self {
+            tenant,
+            key,
+            version,
+            value,
+            ring_hash,
+        }
+    }
+
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+
+    /// The internal key of this record.
+    pub fn internal_key(&self) -> Vec<u8> {
+        internal_key(&self.tenant, &self.key)
+    }
+
+    /// Approximate bytes this record occupies in memory and on disk.
+    pub fn size_estimate(&self) -> usize {
+        let clock: usize = self.version.clock.iter().map(|(id, _)| id.len() + 9).sum();
+        self.tenant.len() + self.key.len() + self.value.as_ref().map_or(0, Bytes::len) + clock + 24
+    }
+
+    /// Checks the limits of STORAGE.md; called before anything touches the log.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        validate_tenant(&self.tenant)?;
+        validate_key(&self.key)?;
+        if let Some(v) = &self.value {
+            if v.len() > MAX_VALUE_BYTES {
+                return Err(EngineError::ValueTooLarge {
+                    len: v.len(),
+                    max: MAX_VALUE_BYTES,
+                });
+            }
+        }
+        self.version
+            .clock
+            .validate(MAX_WIRE_ENTRIES)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        if self.version.clock.is_empty() {
+            return Err(EngineError::InvalidArgument(
+                "a record needs a non-empty vector clock".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `tenant ++ 0x00 ++ key`.
+pub fn internal_key(tenant: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 1 + key.len());
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+/// Splits an internal key back into (tenant, key).
+pub fn split_internal_key(ikey: &[u8]) -> Option<(&str, &[u8])> {
+    let nul = ikey.iter().position(|b| *b == 0)?;
+    let tenant = std::str::from_utf8(&ikey[..nul]).ok()?;
+    Some((tenant, &ikey[nul + 1..]))
+}
+
+/// Tenant id: 1..=256 bytes, no ':', NUL or control characters.
+pub fn validate_tenant(tenant: &str) -> Result<(), EngineError> {
+    if tenant.is_empty()
+        || tenant.len() > MAX_TENANT_BYTES
+        || tenant.chars().any(|c| c == ':' || c.is_control())
+    {
+        return Err(EngineError::InvalidTenantId(format!(
+            "tenant id must be 1..={MAX_TENANT_BYTES} bytes without ':', NUL or control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Key: 1..=1024 bytes.
+pub fn validate_key(key: &[u8]) -> Result<(), EngineError> {
+    if key.is_empty() {
+        return Err(EngineError::InvalidKey("key must not be empty".to_owned()));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(EngineError::KeyTooLarge {
+            len: key.len(),
+            max: MAX_KEY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// What `apply` did with a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// The record is now the stored version.
+    Applied,
+    /// The stored version dominates or equals it (or wins last-write-wins); nothing changed.
+    Ignored,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vclock::VectorClock;
+
+    fn version() -> Version {
+        Version::new(VectorClock::from_entries([("c1", 1u64)]))
+    }
+
+    #[test]
+    fn internal_keys_sort_by_tenant_then_key() {
+        let a = internal_key("a", b"zzz");
+        let ab = internal_key("ab", b"");
+        let b = internal_key("b", b"a");
+        assert!(a < ab && ab < b);
+        assert_eq!(split_internal_key(&a), Some(("a", &b"zzz"[..])));
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        assert!(Record::put("t", "k", version(), "v").validate().is_ok());
+        let cases = [
+            Record::put("", "k", version(), "v"),
+            Record::put("a:b", "k", version(), "v"),
+            Record::put("a\0b", "k", version(), "v"),
+            Record::put("t", "", version(), "v"),
+            Record::put("t", vec![b'k'; MAX_KEY_BYTES + 1], version(), "v"),
+            Record::put("t", "k", version(), vec![0u8; MAX_VALUE_BYTES + 1]),
+            Record::put("t", "k", Version::default(), "v"),
+        ];
+        for r in cases {
+            assert!(r.validate().is_err(), "{:?} should be rejected", r.tenant);
+        }
+        assert!(matches!(
+            Record::put("t", vec![b'k'; 2000], version(), "v").validate(),
+            Err(EngineError::KeyTooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,148 @@
+//! Model-based property test of the engine: random puts, deletes, stale writes, reads, scans,
+//! flushes, compactions and reopens against a BTreeMap holding each key's winning version.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use pairdb::config::SyncMode;
+use pairdb::engine::{ApplyOutcome, Engine, EngineOptions, Record};
+use pairdb::engine::compaction::policy::LevelPolicy;
+use pairdb::ring::HashRange;
+use pairdb::vclock::{VectorClock, Version, physical_counter};
+use proptest::prelude::*;
+
+const TENANTS: [&str; 3] = ["acme", "globex", "acme2"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put { tenant: usize, key: u8, coord: u8, counter: u64, len: usize },
+    Delete { tenant: usize, key: u8, coord: u8, counter: u64 },
+    Get { tenant: usize, key: u8 },
+    ScanTenant { tenant: usize },
+    ScanRange { start: u64, end: u64 },
+    Flush,
+    CompactLevels,
+    Compact,
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0..3usize, any::<u8>(), 0..3u8, 1..40u64, 0..300usize)
+            .prop_map(|(tenant, key, coord, counter, len)| Op::Put { tenant, key, coord, counter, len }),
+        3 => (0..3usize, any::<u8>(), 0..3u8, 1..40u64)
+            .prop_map(|(tenant, key, coord, counter)| Op::Delete { tenant, key, coord, counter }),
+        4 => (0..3usize, any::<u8>()).prop_map(|(tenant, key)| Op::Get { tenant, key }),
+        1 => (0..3usize).prop_map(|tenant| Op::ScanTenant { tenant }),
+        1 => (any::<u64>(), any::<u64>()).prop_map(|(start, end)| Op::ScanRange { start, end }),
+        1 => Just(Op::Flush),
+        1 => Just(Op::CompactLevels),
+        1 => Just(Op::Compact),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn options() -> EngineOptions {
+    EngineOptions {
+        sync: SyncMode::Never,
+        memtable_bytes: 4 * 1024,
+        block_bytes: 512,
+        table_bytes: 8 * 1024,
+        levels: LevelPolicy { l0_trigger: 2, level1_bytes: 16 * 1024, multiplier: 4, max_levels: 4 },
+        cache_bytes: 16 * 1024,
+        compaction_bytes_per_sec: None,
+        background: false,
+        ..EngineOptions::default()
+    }
+}
+
+fn key_bytes(key: u8) -> Vec<u8> {
+    format!("key-{key:03}").into_bytes()
+}
+
+/// Counters are hybrid-logical: recent wall-clock time plus a small step, so tombstones are
+/// younger than gc_grace and must survive compaction.
+fn version(coord: u8, counter: u64) -> Version {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    let base = physical_counter(now - now % 3_600_000);
+    Version::new(VectorClock::from_entries([(format!("c{coord}"), base + counter)]))
+}
+
+type Model = BTreeMap<(String, Vec<u8>), Record>;
+
+fn apply(engine: &Engine, model: &mut Model, record: Record) -> Result<(), TestCaseError> {
+    let slot = (record.tenant.clone(), record.key.to_vec());
+    let expected = match model.get(&slot) {
+        Some(current) if !record.version.supersedes(&current.version) => ApplyOutcome::Ignored,
+        _ => ApplyOutcome::Applied,
+    };
+    let outcome = engine.apply(record.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(outcome, expected);
+    if expected == ApplyOutcome::Applied {
+        model.insert(slot, record);
+    }
+    Ok(())
+}
+
+fn open(dir: &Path) -> Engine {
+    Engine::open(dir, options()).expect("open engine")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn engine_matches_the_model(ops in prop::collection::vec(op(), 1..300)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut engine = open(dir.path());
+        let mut model: Model = BTreeMap::new();
+        for op in ops {
+            match op {
+                Op::Put { tenant, key, coord, counter, len } => {
+                    let value = vec![b'a' + (counter % 26) as u8; len];
+                    apply(&engine, &mut model, Record::put(TENANTS[tenant], key_bytes(key), version(coord, counter), value))?;
+                }
+                Op::Delete { tenant, key, coord, counter } => {
+                    apply(&engine, &mut model, Record::tombstone(TENANTS[tenant], key_bytes(key), version(coord, counter)))?;
+                }
+                Op::Get { tenant, key } => {
+                    let got = engine.get(TENANTS[tenant], &key_bytes(key)).expect("get");
+                    let want = model.get(&(TENANTS[tenant].to_owned(), key_bytes(key)));
+                    prop_assert_eq!(got.as_deref(), want);
+                }
+                Op::ScanTenant { tenant } => {
+                    let got: Vec<Record> = engine.scan_tenant(TENANTS[tenant]).expect("scan")
+                        .map(|r| r.map(|r| (*r).clone())).collect::<Result<_, _>>().expect("scan item");
+                    let want: Vec<Record> = model.iter().filter(|((t, _), _)| t == TENANTS[tenant]).map(|(_, r)| r.clone()).collect();
+                    prop_assert_eq!(got, want);
+                }
+                Op::ScanRange { start, end } => {
+                    let range = HashRange::new(start, end);
+                    let mut got: Vec<Record> = engine.scan_hash_range(range)
+                        .map(|r| r.map(|r| (*r).clone())).collect::<Result<_, _>>().expect("scan item");
+                    got.sort_by(|a, b| (&a.tenant, &a.key).cmp(&(&b.tenant, &b.key)));
+                    let want: Vec<Record> = model.values().filter(|r| range.contains(r.ring_hash)).cloned().collect();
+                    prop_assert_eq!(got, want);
+                }
+                Op::Flush => engine.flush().expect("flush"),
+                Op::CompactLevels => engine.compact_levels().expect("compact levels"),
+                Op::Compact => engine.compact().expect("compact"),
+                Op::Reopen => {
+                    engine.close().expect("close");
+                    drop(engine);
+                    engine = open(dir.path());
+                }
+            }
+        }
+        // Everything survives a final reopen too.
+        drop(engine);
+        let engine = open(dir.path());
+        for ((tenant, key), record) in &model {
+            let got = engine.get(tenant, key).expect("get");
+            prop_assert_eq!(got.as_deref(), Some(record));
+        }
+    }
+}
