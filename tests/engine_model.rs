@@ -42,14 +42,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn options() -> EngineOptions {
+fn options(cache: bool) -> EngineOptions {
     EngineOptions {
         sync: SyncMode::Never,
         memtable_bytes: 4 * 1024,
         block_bytes: 512,
         table_bytes: 8 * 1024,
         levels: LevelPolicy { l0_trigger: 2, level1_bytes: 16 * 1024, multiplier: 4, max_levels: 4 },
-        cache_bytes: 16 * 1024,
+        cache_bytes: if cache { 16 * 1024 } else { 0 },
         compaction_bytes_per_sec: None,
         background: false,
         ..EngineOptions::default()
@@ -87,17 +87,17 @@ fn apply(engine: &Engine, model: &mut Model, record: Record) -> Result<(), TestC
     Ok(())
 }
 
-fn open(dir: &Path) -> Engine {
-    Engine::open(dir, options()).expect("open engine")
+fn open(dir: &Path, cache: bool) -> Engine {
+    Engine::open(dir, options(cache)).expect("open engine")
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    fn engine_matches_the_model(ops in prop::collection::vec(op(), 1..300)) {
+    fn engine_matches_the_model(ops in prop::collection::vec(op(), 1..300), cache in any::<bool>()) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut engine = open(dir.path());
+        let mut engine = open(dir.path(), cache);
         let mut model: Model = BTreeMap::new();
         for op in ops {
             match op {
@@ -133,13 +133,13 @@ proptest! {
                 Op::Reopen => {
                     engine.close().expect("close");
                     drop(engine);
-                    engine = open(dir.path());
+                    engine = open(dir.path(), cache);
                 }
             }
         }
         // Everything survives a final reopen too.
         drop(engine);
-        let engine = open(dir.path());
+        let engine = open(dir.path(), cache);
         for ((tenant, key), record) in &model {
             let got = engine.get(tenant, key).expect("get");
             prop_assert_eq!(got.as_deref(), Some(record));
