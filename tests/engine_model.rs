@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use pairdb::config::SyncMode;
-use pairdb::engine::{ApplyOutcome, Engine, EngineOptions, Record};
 use pairdb::engine::compaction::policy::LevelPolicy;
+use pairdb::engine::{ApplyOutcome, Engine, EngineOptions, Record};
 use pairdb::ring::HashRange;
 use pairdb::vclock::{VectorClock, Version, physical_counter};
 use proptest::prelude::*;
@@ -15,11 +15,30 @@ const TENANTS: [&str; 3] = ["acme", "globex", "acme2"];
 
 #[derive(Debug, Clone)]
 enum Op {
-    Put { tenant: usize, key: u8, coord: u8, counter: u64, len: usize },
-    Delete { tenant: usize, key: u8, coord: u8, counter: u64 },
-    Get { tenant: usize, key: u8 },
-    ScanTenant { tenant: usize },
-    ScanRange { start: u64, end: u64 },
+    Put {
+        tenant: usize,
+        key: u8,
+        coord: u8,
+        counter: u64,
+        len: usize,
+    },
+    Delete {
+        tenant: usize,
+        key: u8,
+        coord: u8,
+        counter: u64,
+    },
+    Get {
+        tenant: usize,
+        key: u8,
+    },
+    ScanTenant {
+        tenant: usize,
+    },
+    ScanRange {
+        start: u64,
+        end: u64,
+    },
     Flush,
     CompactLevels,
     Compact,
@@ -48,7 +67,12 @@ fn options(cache: bool) -> EngineOptions {
         memtable_bytes: 4 * 1024,
         block_bytes: 512,
         table_bytes: 8 * 1024,
-        levels: LevelPolicy { l0_trigger: 2, level1_bytes: 16 * 1024, multiplier: 4, max_levels: 4 },
+        levels: LevelPolicy {
+            l0_trigger: 2,
+            level1_bytes: 16 * 1024,
+            multiplier: 4,
+            max_levels: 4,
+        },
         cache_bytes: if cache { 16 * 1024 } else { 0 },
         compaction_bytes_per_sec: None,
         background: false,
@@ -68,7 +92,10 @@ fn version(coord: u8, counter: u64) -> Version {
         .expect("clock after 1970")
         .as_millis() as u64;
     let base = physical_counter(now - now % 3_600_000);
-    Version::new(VectorClock::from_entries([(format!("c{coord}"), base + counter)]))
+    Version::new(VectorClock::from_entries([(
+        format!("c{coord}"),
+        base + counter,
+    )]))
 }
 
 type Model = BTreeMap<(String, Vec<u8>), Record>;
@@ -79,7 +106,9 @@ fn apply(engine: &Engine, model: &mut Model, record: Record) -> Result<(), TestC
         Some(current) if !record.version.supersedes(&current.version) => ApplyOutcome::Ignored,
         _ => ApplyOutcome::Applied,
     };
-    let outcome = engine.apply(record.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let outcome = engine
+        .apply(record.clone())
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(outcome, expected);
     if expected == ApplyOutcome::Applied {
         model.insert(slot, record);

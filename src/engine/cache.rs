@@ -44,7 +44,11 @@ impl RowCache {
     pub fn get(&self, ikey: &[u8]) -> Option<Arc<Record>> {
         let cache = self.cache.as_ref()?;
         let found = cache.get(ikey);
-        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         found
     }

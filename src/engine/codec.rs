@@ -90,7 +90,11 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
 /// Lengths are validated before encoding (key <= 1 KiB, value <= 10 MiB, clock <= 1000
 /// entries, ids <= 128 bytes), so the narrowing casts below cannot truncate.
 fn encode_body(record: &Record, out: &mut Vec<u8>) {
-    out.push(if record.value.is_some() { KIND_PUT } else { KIND_TOMBSTONE });
+    out.push(if record.value.is_some() {
+        KIND_PUT
+    } else {
+        KIND_TOMBSTONE
+    });
     put_u64(out, record.ring_hash);
     put_u16(out, record.version.clock.len() as u16);
     for (id, counter) in record.version.clock.iter() {

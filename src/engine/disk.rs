@@ -91,7 +91,10 @@ mod tests {
         assert!(decide(50.0, 10 << 20).is_ok());
         assert!(decide(85.0, 10 << 20).is_ok());
         assert!(decide(91.0, 100).is_ok());
-        assert!(matches!(decide(91.0, 100_000), Err(EngineError::DiskThrottled { .. })));
+        assert!(matches!(
+            decide(91.0, 100_000),
+            Err(EngineError::DiskThrottled { .. })
+        ));
         assert!(matches!(decide(95.0, 1), Err(EngineError::DiskFull { .. })));
         assert_eq!(decide(96.0, 1).map_err(|e| e.code()), Err("DISK_FULL"));
     }

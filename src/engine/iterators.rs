@@ -90,11 +90,8 @@ impl MergeIter {
                 source,
                 record,
             }),
-            Some(Err(e)) => {
-                if self.pending_error.is_none() {
-                    self.pending_error = Some(e);
-                }
-            }
+            Some(Err(e)) if self.pending_error.is_none() => self.pending_error = Some(e),
+            Some(Err(_)) => {}
             None => {}
         }
     }

@@ -124,11 +124,17 @@ mod tests {
             let mut b = original.clone();
             b[i] ^= 0x01;
             fs::write(&path, &b).expect("write");
-            assert!(Manifest::load(dir.path()).is_err(), "flip at {i} not detected");
+            assert!(
+                Manifest::load(dir.path()).is_err(),
+                "flip at {i} not detected"
+            );
         }
         for cut in 0..original.len() {
             fs::write(&path, &original[..cut]).expect("write");
-            assert!(Manifest::load(dir.path()).is_err(), "cut at {cut} not detected");
+            assert!(
+                Manifest::load(dir.path()).is_err(),
+                "cut at {cut} not detected"
+            );
         }
     }
 }

@@ -64,6 +64,8 @@ impl Memtable {
 
     /// Every record in key order.
     pub fn iter(&self) -> impl Iterator<Item = (Vec<u8>, Arc<Record>)> + '_ {
-        self.map.iter().map(|e| (e.key().clone(), e.value().clone()))
+        self.map
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
     }
 }

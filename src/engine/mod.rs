@@ -14,6 +14,7 @@
 //!   memory) and include tombstones.
 //! - [`Engine::flush`], [`Engine::compact`] (major compaction into the deepest level),
 //!   [`Engine::stats`], [`Engine::close`].
+//!
 //! All methods take `&self` and are safe from many threads at once. They block (fsync, file
 //! reads): async callers run them on `spawn_blocking`.
 //!
@@ -64,7 +65,9 @@ use memtable::Memtable;
 use sstable::{SsTable, TableIter, key_hash, table_file_name};
 use wal::CommitLog;
 
-pub use disk::{FULL_PERCENT, LARGE_WRITE_BYTES, THROTTLE_PERCENT, WARN_PERCENT, decide as disk_decide};
+pub use disk::{
+    FULL_PERCENT, LARGE_WRITE_BYTES, THROTTLE_PERCENT, WARN_PERCENT, decide as disk_decide,
+};
 pub use error::{EngineError, Result};
 pub use types::{
     ApplyOutcome, MAX_KEY_BYTES, MAX_TENANT_BYTES, MAX_VALUE_BYTES, Record, internal_key,
@@ -222,7 +225,10 @@ impl Engine {
         for level in &manifest.levels {
             let mut tables = Vec::with_capacity(level.len());
             for meta in level {
-                tables.push(SsTable::open(&sst_dir.join(table_file_name(meta.id)), meta.id)?);
+                tables.push(SsTable::open(
+                    &sst_dir.join(table_file_name(meta.id)),
+                    meta.id,
+                )?);
             }
             levels.push(tables);
         }
@@ -243,7 +249,12 @@ impl Engine {
             },
         )?;
         if replay.records > 0 {
-            tracing::info!(records = replay.records, bytes = replay.bytes, torn = replay.torn_tails, "commit log replayed");
+            tracing::info!(
+                records = replay.records,
+                bytes = replay.bytes,
+                torn = replay.torn_tails,
+                "commit log replayed"
+            );
         }
         let stripes = (0..STRIPES)
             .map(|_| Stripe {
@@ -316,19 +327,30 @@ impl Engine {
     }
 
     /// One tenant's records (tombstones included) in key order.
-    pub fn scan_tenant(&self, tenant: &str) -> Result<impl Iterator<Item = Result<Arc<Record>>> + Send + use<>> {
+    pub fn scan_tenant(
+        &self,
+        tenant: &str,
+    ) -> Result<impl Iterator<Item = Result<Arc<Record>>> + Send + use<>> {
         validate_tenant(tenant)?;
         let from = internal_key(tenant, b"");
         let mut end = tenant.as_bytes().to_vec();
         end.push(1);
-        let merged = self.core.merge_from(&from, |meta| meta.overlaps(&from, &end));
+        let merged = self
+            .core
+            .merge_from(&from, |meta| meta.overlaps(&from, &end));
         Ok(merged
-            .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.as_slice() < end.as_slice()))
+            .take_while(move |item| {
+                item.as_ref()
+                    .map_or(true, |(k, _)| k.as_slice() < end.as_slice())
+            })
             .map(|item| item.map(|(_, r)| r)))
     }
 
     /// Every record (tombstones included) whose ring hash lies in `range`, in key order.
-    pub fn scan_hash_range(&self, range: HashRange) -> impl Iterator<Item = Result<Arc<Record>>> + Send + use<> {
+    pub fn scan_hash_range(
+        &self,
+        range: HashRange,
+    ) -> impl Iterator<Item = Result<Arc<Record>>> + Send + use<> {
         let pieces = range.pieces();
         self.core
             .merge_from(&[], move |meta| meta.may_hold_hashes(&pieces))
@@ -633,7 +655,8 @@ impl Core {
             sources.push(Box::new(MemtableCursor::new(m.clone(), from)));
         }
         for (level, tables) in state.levels.iter().enumerate() {
-            let admitted: Vec<Arc<SsTable>> = tables.iter().filter(|t| keep(&t.meta)).cloned().collect();
+            let admitted: Vec<Arc<SsTable>> =
+                tables.iter().filter(|t| keep(&t.meta)).cloned().collect();
             if level == 0 {
                 for t in admitted {
                     sources.push(Box::new(TableIter::new(t, from)));
@@ -641,7 +664,11 @@ impl Core {
             } else if !admitted.is_empty() {
                 // Disjoint and sorted: one source per level.
                 let from = from.to_vec();
-                sources.push(Box::new(admitted.into_iter().flat_map(move |t| TableIter::new(t, &from))));
+                sources.push(Box::new(
+                    admitted
+                        .into_iter()
+                        .flat_map(move |t| TableIter::new(t, &from)),
+                ));
             }
         }
         MergeIter::new(sources)
@@ -676,7 +703,9 @@ impl Core {
 
     fn stats(&self) -> EngineStats {
         let state = self.snapshot();
-        let memtables: Vec<&Arc<Memtable>> = std::iter::once(&state.active).chain(state.immutables.iter()).collect();
+        let memtables: Vec<&Arc<Memtable>> = std::iter::once(&state.active)
+            .chain(state.immutables.iter())
+            .collect();
         let levels: Vec<(usize, u64, u64)> = state
             .levels
             .iter()
@@ -694,7 +723,8 @@ impl Core {
             memtable_bytes: memtables.iter().map(|t| t.size_bytes() as u64).sum(),
             sstables: levels.iter().map(|l| l.0).sum(),
             sstable_bytes: levels.iter().map(|l| l.1).sum(),
-            key_estimate: memtables.iter().map(|t| t.len() as u64).sum::<u64>() + levels.iter().map(|l| l.2).sum::<u64>(),
+            key_estimate: memtables.iter().map(|t| t.len() as u64).sum::<u64>()
+                + levels.iter().map(|l| l.2).sum::<u64>(),
             levels,
             cache_hits: self.cache.hits(),
             cache_misses: self.cache.misses(),

@@ -31,7 +31,12 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn put(tenant: impl Into<String>, key: impl Into<Bytes>, version: Version, value: impl Into<Bytes>) -> Self {
+    pub fn put(
+        tenant: impl Into<String>,
+        key: impl Into<Bytes>,
+        version: Version,
+        value: impl Into<Bytes>,
+    ) -> Self {
         Self::new(tenant.into(), key.into(), version, Some(value.into()))
     }
 

@@ -114,9 +114,15 @@ fn create_segment(dir: &Path, number: u64) -> Result<(Arc<File>, PathBuf)> {
 enum ScanEnd {
     Clean,
     /// Bad frame at `offset` that nothing valid follows.
-    Torn { offset: u64, reason: String },
+    Torn {
+        offset: u64,
+        reason: String,
+    },
     /// Bad frame at `offset` followed by a valid frame.
-    Corrupt { offset: u64, reason: String },
+    Corrupt {
+        offset: u64,
+        reason: String,
+    },
 }
 
 /// Parses the frame at `pos`; `Err` says why it is bad.
@@ -322,7 +328,9 @@ impl CommitLog {
         if self.failed.load(Ordering::Acquire) {
             return Err(EngineError::CommitLog {
                 path: self.dir.clone(),
-                source: std::io::Error::other("an earlier fsync failed; the log takes no more writes"),
+                source: std::io::Error::other(
+                    "an earlier fsync failed; the log takes no more writes",
+                ),
             });
         }
         Ok(())
@@ -472,7 +480,10 @@ mod tests {
 
     fn replay(dir: &Path, after: u64) -> Result<(Vec<(u64, Record)>, ReplayStats)> {
         let mut seen = Vec::new();
-        let (_log, stats) = CommitLog::open(dir, SyncMode::Always, 1 << 20, after, false, &mut |s, r| seen.push((s, r)))?;
+        let (_log, stats) =
+            CommitLog::open(dir, SyncMode::Always, 1 << 20, after, false, &mut |s, r| {
+                seen.push((s, r))
+            })?;
         Ok((seen, stats))
     }
 
@@ -480,7 +491,15 @@ mod tests {
     fn appended_records_replay_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let (log, _) = CommitLog::open(dir.path(), SyncMode::Always, 1 << 20, 0, false, &mut |_, _| {}).expect("open");
+            let (log, _) = CommitLog::open(
+                dir.path(),
+                SyncMode::Always,
+                1 << 20,
+                0,
+                false,
+                &mut |_, _| {},
+            )
+            .expect("open");
             for i in 0..10 {
                 let seq = log.append(&rec(i)).expect("append");
                 log.wait_durable(seq).expect("sync");
@@ -501,7 +520,8 @@ mod tests {
     #[test]
     fn rotation_and_release_delete_flushed_segments() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (log, _) = CommitLog::open(dir.path(), SyncMode::Always, 256, 0, false, &mut |_, _| {}).expect("open");
+        let (log, _) = CommitLog::open(dir.path(), SyncMode::Always, 256, 0, false, &mut |_, _| {})
+            .expect("open");
         for i in 0..20 {
             let seq = log.append(&rec(i)).expect("append");
             log.wait_durable(seq).expect("sync");

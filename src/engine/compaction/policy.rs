@@ -126,10 +126,7 @@ pub fn pick(levels: &[Vec<TableMeta>], policy: &LevelPolicy) -> Option<Compactio
 
 /// A task merging every table into the deepest level in use (at least L1): a major compaction.
 pub fn full(levels: &[Vec<TableMeta>]) -> Option<CompactionTask> {
-    let deepest = levels
-        .iter()
-        .rposition(|l| !l.is_empty())?
-        .max(1);
+    let deepest = levels.iter().rposition(|l| !l.is_empty())?.max(1);
     let inputs: Vec<u64> = levels
         .iter()
         .take(deepest)
@@ -167,7 +164,12 @@ mod tests {
 
     /// Applies a task the way the worker does: inputs + overlapping replaced by outputs that
     /// split the merged key span into pieces of at most `file_bytes`.
-    fn apply(levels: &mut Vec<Vec<TableMeta>>, t: &CompactionTask, next_id: &mut u64, file_bytes: u64) {
+    fn apply(
+        levels: &mut Vec<Vec<TableMeta>>,
+        t: &CompactionTask,
+        next_id: &mut u64,
+        file_bytes: u64,
+    ) {
         let mut merged: Vec<TableMeta> = Vec::new();
         for level in levels.iter_mut() {
             level.retain(|x| {
@@ -178,8 +180,16 @@ mod tests {
                 !taken
             });
         }
-        let lo = merged.iter().map(|m| u32::from_be_bytes(m.min_key[..4].try_into().expect("4 bytes"))).min().expect("inputs");
-        let hi = merged.iter().map(|m| u32::from_be_bytes(m.max_key[..4].try_into().expect("4 bytes"))).max().expect("inputs");
+        let lo = merged
+            .iter()
+            .map(|m| u32::from_be_bytes(m.min_key[..4].try_into().expect("4 bytes")))
+            .min()
+            .expect("inputs");
+        let hi = merged
+            .iter()
+            .map(|m| u32::from_be_bytes(m.max_key[..4].try_into().expect("4 bytes")))
+            .max()
+            .expect("inputs");
         let total: u64 = merged.iter().map(|m| m.file_bytes).sum();
         let pieces = total.div_ceil(file_bytes).max(1) as u32;
         let width = ((hi - lo) / pieces).max(1);
@@ -189,10 +199,16 @@ mod tests {
         let out = &mut levels[t.output_level];
         let mut start = lo;
         for p in 0..pieces {
-            let end = if p + 1 == pieces { hi } else { (start + width - 1).min(hi) };
+            let end = if p + 1 == pieces {
+                hi
+            } else {
+                (start + width - 1).min(hi)
+            };
             *next_id += 1;
             out.push(table(*next_id, start, end, total / u64::from(pieces)));
-            if end == hi { break; }
+            if end == hi {
+                break;
+            }
             start = end + 1;
         }
         out.sort_by(|a, b| a.min_key.cmp(&b.min_key));
@@ -200,7 +216,12 @@ mod tests {
 
     #[test]
     fn simulation_keeps_levels_disjoint_and_bounded() {
-        let policy = LevelPolicy { l0_trigger: 4, level1_bytes: 40, multiplier: 10, max_levels: 5 };
+        let policy = LevelPolicy {
+            l0_trigger: 4,
+            level1_bytes: 40,
+            multiplier: 10,
+            max_levels: 5,
+        };
         let mut levels: Vec<Vec<TableMeta>> = vec![Vec::new()];
         let mut next_id = 0u64;
         let mut seed = 12345u32;
@@ -232,7 +253,12 @@ mod tests {
     #[test]
     fn bottommost_only_without_deeper_overlap() {
         let levels = vec![
-            vec![table(5, 0, 10, 1), table(6, 5, 20, 1), table(7, 0, 3, 1), table(8, 1, 2, 1)],
+            vec![
+                table(5, 0, 10, 1),
+                table(6, 5, 20, 1),
+                table(7, 0, 3, 1),
+                table(8, 1, 2, 1),
+            ],
             vec![table(3, 0, 8, 1)],
             vec![table(1, 100, 200, 1)],
         ];
@@ -241,7 +267,11 @@ mod tests {
         assert_eq!(t.output_level, 1);
         assert_eq!(t.overlapping, vec![3]);
         assert!(t.bottommost);
-        let levels = vec![levels[0].clone(), vec![table(3, 0, 8, 1)], vec![table(1, 15, 200, 1)]];
+        let levels = vec![
+            levels[0].clone(),
+            vec![table(3, 0, 8, 1)],
+            vec![table(1, 15, 200, 1)],
+        ];
         assert!(!pick(&levels, &policy).expect("task").bottommost);
         let f = full(&levels).expect("full");
         assert_eq!(f.output_level, 2);

@@ -74,8 +74,11 @@ impl Core {
         let mut builder: Option<TableBuilder> = None;
         for item in MergeIter::new(sources) {
             let (ikey, record) = item?;
-            if task.bottommost && record.is_tombstone() && record.version.timestamp_ms() < gc_before {
-                self.metrics.tombstones_dropped.fetch_add(1, Ordering::Relaxed);
+            if task.bottommost && record.is_tombstone() && record.version.timestamp_ms() < gc_before
+            {
+                self.metrics
+                    .tombstones_dropped
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if builder.is_none() {
@@ -105,7 +108,10 @@ impl Core {
             .map_err(|e| io_err("fsync", &self.sst_dir, e))?;
         let mut opened = Vec::with_capacity(outputs.len());
         for meta in &outputs {
-            opened.push(SsTable::open(&self.sst_dir.join(table_file_name(meta.id)), meta.id)?);
+            opened.push(SsTable::open(
+                &self.sst_dir.join(table_file_name(meta.id)),
+                meta.id,
+            )?);
         }
         self.install(task, &outputs, opened)?;
         for t in &chosen {
@@ -119,7 +125,12 @@ impl Core {
         Ok(())
     }
 
-    fn install(&self, task: &CompactionTask, outputs: &[TableMeta], opened: Vec<Arc<SsTable>>) -> Result<()> {
+    fn install(
+        &self,
+        task: &CompactionTask,
+        outputs: &[TableMeta],
+        opened: Vec<Arc<SsTable>>,
+    ) -> Result<()> {
         let gone = |id: u64| task.inputs.contains(&id) || task.overlapping.contains(&id);
         let mut manifest = self.manifest.lock();
         let mut next = manifest.clone();

@@ -65,7 +65,11 @@ impl TableMeta {
         }
     }
 
-    fn decode(id: u64, file_bytes: u64, payload: &[u8]) -> std::result::Result<Self, super::codec::CodecError> {
+    fn decode(
+        id: u64,
+        file_bytes: u64,
+        payload: &[u8],
+    ) -> std::result::Result<Self, super::codec::CodecError> {
         let mut r = Reader::new(payload);
         Ok(Self {
             id,
@@ -114,7 +118,10 @@ pub struct SsTable {
 
 impl std::fmt::Debug for SsTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SsTable").field("path", &self.path).field("meta", &self.meta).finish()
+        f.debug_struct("SsTable")
+            .field("path", &self.path)
+            .field("meta", &self.meta)
+            .finish()
     }
 }
 
@@ -164,7 +171,10 @@ impl SsTable {
         }
         let version = le_u32(&footer[36..40]);
         if version != FORMAT_VERSION {
-            return Err(corrupt(footer_at, &format!("unsupported format version {version}")));
+            return Err(corrupt(
+                footer_at,
+                &format!("unsupported format version {version}"),
+            ));
         }
         let mut table = SsTable {
             path: path.to_path_buf(),
@@ -173,24 +183,34 @@ impl SsTable {
             bloom: Bloom::build(&[]),
             meta: TableMeta::empty(id),
         };
-        let handle = |i: usize| (le_u64(&footer[i * 12..i * 12 + 8]), le_u32(&footer[i * 12 + 8..i * 12 + 12]));
+        let handle = |i: usize| {
+            (
+                le_u64(&footer[i * 12..i * 12 + 8]),
+                le_u32(&footer[i * 12 + 8..i * 12 + 12]),
+            )
+        };
         let (index_off, index_len) = handle(0);
         let (bloom_off, bloom_len) = handle(1);
         let (meta_off, meta_len) = handle(2);
 
         let index_payload = table.block(index_off, index_len)?;
         let mut r = Reader::new(index_payload);
-        let parse_index = |r: &mut Reader<'_>| -> std::result::Result<Vec<IndexEntry>, super::codec::CodecError> {
-            let n = r.u32()?;
-            let mut entries = Vec::with_capacity((n as usize).min(1 << 20));
-            for _ in 0..n {
-                let last_key = r.len_prefixed()?.to_vec();
-                let offset = r.u64()?;
-                let len = r.u32()?;
-                entries.push(IndexEntry { last_key, offset, len });
-            }
-            Ok(entries)
-        };
+        let parse_index =
+            |r: &mut Reader<'_>| -> std::result::Result<Vec<IndexEntry>, super::codec::CodecError> {
+                let n = r.u32()?;
+                let mut entries = Vec::with_capacity((n as usize).min(1 << 20));
+                for _ in 0..n {
+                    let last_key = r.len_prefixed()?.to_vec();
+                    let offset = r.u64()?;
+                    let len = r.u32()?;
+                    entries.push(IndexEntry {
+                        last_key,
+                        offset,
+                        len,
+                    });
+                }
+                Ok(entries)
+            };
         let index = parse_index(&mut r).map_err(|e| corrupt(index_off, &format!("index: {e}")))?;
         let bloom = Bloom::decode(table.block(bloom_off, bloom_len)?)
             .map_err(|e| corrupt(bloom_off, &format!("bloom filter: {e}")))?;
@@ -280,7 +300,9 @@ impl SsTable {
             if raw.ikey < from {
                 continue;
             }
-            let record = raw.decode().map_err(|e| self.corrupt_block(idx, e.to_string()))?;
+            let record = raw
+                .decode()
+                .map_err(|e| self.corrupt_block(idx, e.to_string()))?;
             out.push_back((raw.ikey.to_vec(), Arc::new(record)));
         }
         Ok(out)
@@ -302,7 +324,9 @@ pub struct TableIter {
 
 impl TableIter {
     pub fn new(table: Arc<SsTable>, from: &[u8]) -> Self {
-        let next_block = table.index.partition_point(|e| e.last_key.as_slice() < from);
+        let next_block = table
+            .index
+            .partition_point(|e| e.last_key.as_slice() < from);
         Self {
             table,
             next_block,
@@ -376,10 +400,15 @@ mod tests {
         }
         assert_eq!(table.get(&rec(5000).internal_key()).expect("get"), None);
         let from = rec(500).internal_key();
-        let rest: Vec<_> = TableIter::new(table.clone(), &from).map(|r| r.expect("iter")).collect();
+        let rest: Vec<_> = TableIter::new(table.clone(), &from)
+            .map(|r| r.expect("iter"))
+            .collect();
         assert_eq!(rest.len(), 500);
         assert_eq!(*rest[0].1, rec(500));
-        assert_eq!(table.meta.tombstones, (0..1000).filter(|i| i % 7 == 0).count() as u64);
+        assert_eq!(
+            table.meta.tombstones,
+            (0..1000).filter(|i| i % 7 == 0).count() as u64
+        );
     }
 
     #[test]
@@ -393,12 +422,13 @@ mod tests {
             let mut bytes = original.clone();
             bytes[pos] ^= 0x5a;
             std::fs::write(&path, &bytes).expect("write");
-            let Ok(table) = SsTable::open(&path, 1) else { continue };
+            let Ok(table) = SsTable::open(&path, 1) else {
+                continue;
+            };
             for i in 0..200 {
                 let r = rec(i);
-                match table.get(&r.internal_key()) {
-                    Ok(Some(found)) => assert_eq!(found, r, "byte {pos} flipped gave a wrong value"),
-                    Ok(None) | Err(_) => {}
+                if let Ok(Some(found)) = table.get(&r.internal_key()) {
+                    assert_eq!(found, r, "byte {pos} flipped gave a wrong value");
                 }
             }
         }
