@@ -278,3 +278,38 @@ fn concurrent_durable_writers_share_fsyncs_and_all_land() {
     let scanned = engine.scan_tenant("t").expect("scan").count() as u64;
     assert_eq!(scanned, writers * per_writer);
 }
+
+#[test]
+fn batch_sync_mode_syncs_in_the_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(
+        dir.path(),
+        EngineOptions {
+            sync: SyncMode::BatchMs(5),
+            ..EngineOptions::default()
+        },
+    )
+    .expect("open");
+    for i in 0..100 {
+        engine
+            .apply(Record::put(
+                "t",
+                format!("k{i}"),
+                v(&[("c1", physical_counter(now_ms()) + i)]),
+                "x",
+            ))
+            .expect("apply");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.stats().wal_syncs == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background sync within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        engine.stats().wal_syncs < 100,
+        "writers must not sync one by one"
+    );
+}

@@ -293,6 +293,9 @@ impl Engine {
         if engine.core.options.background {
             engine.start_workers()?;
         }
+        if let SyncMode::BatchMs(ms) = engine.core.options.sync {
+            engine.start_batch_syncer(ms)?;
+        }
         Ok(engine)
     }
 
@@ -313,6 +316,25 @@ impl Engine {
                 .map_err(|e| EngineError::io("spawn engine worker", e))?;
             workers.push(handle);
         }
+        Ok(())
+    }
+
+    /// `sync = batch_ms=N`: fsync the log every N ms (writers do not wait for it).
+    fn start_batch_syncer(&self, ms: u64) -> Result<()> {
+        let core = self.core.clone();
+        let handle = std::thread::Builder::new()
+            .name("pairdb-log-sync".to_owned())
+            .spawn(move || {
+                while !core.closed.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    if let Err(e) = core.wal.sync_now() {
+                        tracing::error!(error = %e, "periodic commit-log sync failed");
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| EngineError::io("spawn log syncer", e))?;
+        self.workers.lock().push(handle);
         Ok(())
     }
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Engine benchmark: pairdb's engine vs RocksDB and fjall, side by side in one run
+# (../shared/BENCHMARKS.md section 2). Builds RocksDB from source the first time (needs Debian's
+# clang and libclang-dev; several minutes on 2 cores). Output: a markdown report on stdout.
+# Extra arguments go to the harness: --seconds N --keys N --replay-mib N --only writes|reads|scan|replay
+set -euo pipefail
+cd "$(dirname "$0")/../benchmarks/engine"
+if ! command -v clang >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1; then
+  echo "installing clang + libclang-dev (needed to build RocksDB)" >&2
+  apt-get update -q && apt-get install -y -q clang libclang-dev >&2
+fi
+cargo build --release --locked 2>&1 | tail -1 >&2 || cargo build --release >&2
+exec ./target/release/pairdb-engine-bench "$@"
