@@ -131,3 +131,74 @@ impl Iterator for MergeIter {
         Some(Ok((first.key, winner)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vclock::{VectorClock, Version};
+
+    fn entry(key: &str, coord: &str, counter: u64) -> Result<Entry> {
+        let r = Record::put(
+            "t",
+            key.to_owned(),
+            Version::new(VectorClock::from_entries([(coord, counter)])),
+            coord.to_owned(),
+        );
+        Ok((r.internal_key(), Arc::new(r)))
+    }
+
+    fn source(entries: Vec<Result<Entry>>) -> Source {
+        Box::new(entries.into_iter())
+    }
+
+    #[test]
+    fn merge_keeps_the_winner_whichever_source_holds_it() {
+        for flip in [false, true] {
+            let newer = vec![entry("a", "c2", 20), entry("b", "c1", 5)];
+            let older = vec![
+                entry("a", "c1", 10),
+                entry("b", "c9", 50),
+                entry("c", "c1", 1),
+            ];
+            let sources = if flip {
+                vec![source(older), source(newer)]
+            } else {
+                vec![source(newer), source(older)]
+            };
+            let merged: Vec<(String, String)> = MergeIter::new(sources)
+                .map(|e| e.expect("entry"))
+                .map(|(_, r)| {
+                    (
+                        String::from_utf8_lossy(&r.key).into_owned(),
+                        r.writer_for_test(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                merged,
+                vec![
+                    ("a".into(), "c2".into()),
+                    ("b".into(), "c9".into()),
+                    ("c".into(), "c1".into())
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn merge_stops_at_the_first_error() {
+        let failing: Source = Box::new(
+            vec![entry("a", "c1", 1), Err(crate::engine::EngineError::Closed)].into_iter(),
+        );
+        let items: Vec<_> =
+            MergeIter::new(vec![failing, source(vec![entry("b", "c1", 1)])]).collect();
+        assert!(items.iter().any(|i| i.is_err()));
+        assert!(items.last().is_some_and(|i| i.is_err()));
+    }
+
+    impl Record {
+        fn writer_for_test(&self) -> String {
+            self.version.writer().unwrap_or_default().to_owned()
+        }
+    }
+}
