@@ -7,8 +7,9 @@
 //! Invariants:
 //! - Sequence numbers are assigned in append order, strictly increasing across segments.
 //! - A record is acknowledged only when `synced_seq >= seq` (sync = always): group commit makes
-//!   one writer the leader, which flushes everything appended so far and fsyncs once for all of
-//!   them; appends continue while it syncs.
+//!   one waiting writer the leader, which writes everything appended so far and fsyncs once for
+//!   all of them, then wakes every waiter at once; appends continue while it syncs, and the
+//!   writers that arrived meanwhile form the next batch.
 //! - Rotation syncs the old segment completely before the new one takes writes, so an old
 //!   segment is never torn; only the newest segment can end in a torn frame.
 //! - After an fsync error the log refuses every further append (the kernel may have dropped the
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::config::SyncMode;
 
@@ -74,7 +75,9 @@ pub struct CommitLog {
     sync: SyncMode,
     segment_bytes: u64,
     writer: Mutex<Writer>,
-    sync_leader: Mutex<()>,
+    /// Group commit: whether a leader is syncing now; waiters sleep on `synced`.
+    syncing: Mutex<bool>,
+    synced: Condvar,
     synced_seq: AtomicU64,
     failed: AtomicBool,
     syncs: AtomicU64,
@@ -316,7 +319,8 @@ impl CommitLog {
                 next_seq,
                 sealed,
             }),
-            sync_leader: Mutex::new(()),
+            syncing: Mutex::new(false),
+            synced: Condvar::new(),
             synced_seq: AtomicU64::new(last_seq),
             failed: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
@@ -418,16 +422,23 @@ impl CommitLog {
         if self.sync != SyncMode::Always {
             return self.check_healthy();
         }
+        let mut syncing = self.syncing.lock();
         loop {
             if self.synced_seq.load(Ordering::Acquire) >= seq {
                 return Ok(());
             }
             self.check_healthy()?;
-            let _leader = self.sync_leader.lock();
-            if self.synced_seq.load(Ordering::Acquire) >= seq {
-                return Ok(());
+            if *syncing {
+                // A leader is syncing; it wakes everyone when done.
+                self.synced.wait(&mut syncing);
+                continue;
             }
-            self.sync_now()?;
+            // Become the leader: one fsync for everything appended so far, by anyone.
+            *syncing = true;
+            let result = parking_lot::MutexGuard::unlocked(&mut syncing, || self.sync_now());
+            *syncing = false;
+            self.synced.notify_all();
+            result?;
         }
     }
 

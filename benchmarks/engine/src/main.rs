@@ -25,7 +25,9 @@ fn key(n: u64) -> Vec<u8> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// xorshift64*: cheap, per-thread random keys.
@@ -75,7 +77,8 @@ impl Store for Pairdb {
     fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
         let c = self.counter.fetch_add(1, Ordering::Relaxed);
         let version = Version::new(VectorClock::from_entries([("c1", c)]));
-        self.engine.apply(Record::put(TENANT, key.to_vec(), version, value.to_vec()))?;
+        self.engine
+            .apply(Record::put(TENANT, key.to_vec(), version, value.to_vec()))?;
         Ok(())
     }
     fn get(&self, key: &[u8]) -> Result<bool> {
@@ -102,10 +105,14 @@ struct Rocks {
 }
 
 impl Rocks {
-    fn open(dir: &Path, sync: bool, cache_bytes: usize, write_buffer: Option<usize>) -> Result<Self> {
+    fn open(
+        dir: &Path,
+        sync: bool,
+        cache_bytes: usize,
+        write_buffer: Option<usize>,
+    ) -> Result<Self> {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
-        opts.set_avoid_flush_during_shutdown(true);
         if let Some(b) = write_buffer {
             opts.set_write_buffer_size(b);
         }
@@ -115,7 +122,10 @@ impl Rocks {
         opts.set_block_based_table_factory(&table);
         let mut write = rocksdb::WriteOptions::default();
         write.set_sync(sync);
-        Ok(Self { db: rocksdb::DB::open(&opts, dir)?, write })
+        Ok(Self {
+            db: rocksdb::DB::open(&opts, dir)?,
+            write,
+        })
     }
 }
 
@@ -152,7 +162,11 @@ impl Fjall {
     fn open(dir: &Path, durable: bool, cache_bytes: u64) -> Result<Self> {
         let keyspace = fjall::Config::new(dir).cache_size(cache_bytes).open()?;
         let items = keyspace.open_partition("items", fjall::PartitionCreateOptions::default())?;
-        Ok(Self { keyspace, items, durable })
+        Ok(Self {
+            keyspace,
+            items,
+            durable,
+        })
     }
 }
 
@@ -189,7 +203,11 @@ struct Outcome {
 }
 
 /// Runs `op` on `threads` threads for `seconds`, counting operations and latencies.
-fn drive(threads: usize, seconds: f64, op: impl Fn(&mut Rng) -> Result<()> + Send + Sync) -> Result<Outcome> {
+fn drive(
+    threads: usize,
+    seconds: f64,
+    op: impl Fn(&mut Rng) -> Result<()> + Send + Sync,
+) -> Result<Outcome> {
     let op = &op;
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let start = Instant::now();
@@ -208,7 +226,13 @@ fn drive(threads: usize, seconds: f64, op: impl Fn(&mut Rng) -> Result<()> + Sen
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
+            })
+            .collect()
     });
     let elapsed = start.elapsed().as_secs_f64();
     let mut total = Histogram::<u64>::new(3)?;
@@ -225,22 +249,45 @@ fn drive(threads: usize, seconds: f64, op: impl Fn(&mut Rng) -> Result<()> + Sen
 fn row(label: &str, p: &Outcome, r: &Outcome, f: &Outcome) {
     println!(
         "| {label} | {:.0} (p50 {:.0} / p99 {:.0} us) | {:.0} (p50 {:.0} / p99 {:.0} us) | {:.0} | {:.2}x | {:.2}x |",
-        p.ops_per_sec, p.p50_us, p.p99_us, r.ops_per_sec, r.p50_us, r.p99_us, f.ops_per_sec,
-        p.ops_per_sec / r.ops_per_sec, p.ops_per_sec / f.ops_per_sec
+        p.ops_per_sec,
+        p.p50_us,
+        p.p99_us,
+        r.ops_per_sec,
+        r.p50_us,
+        r.p99_us,
+        f.ops_per_sec,
+        p.ops_per_sec / r.ops_per_sec,
+        p.ops_per_sec / f.ops_per_sec
     );
 }
 
 fn durable_writes(seconds: f64) -> Result<()> {
     println!("\n### Durable writes (100 B values, WAL synced before each write returns)\n");
-    println!("| writers | pairdb ops/s | RocksDB ops/s | fjall ops/s | pairdb/RocksDB | pairdb/fjall |");
+    println!(
+        "| writers | pairdb ops/s | RocksDB ops/s | fjall ops/s | pairdb/RocksDB | pairdb/fjall |"
+    );
     println!("|---|---|---|---|---|---|");
     for writers in [1usize, 16, 64] {
-        let (pd, rd, fd) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+        let (pd, rd, fd) = (
+            tempfile::tempdir()?,
+            tempfile::tempdir()?,
+            tempfile::tempdir()?,
+        );
         let seq = AtomicU64::new(0);
         let put_all = |store: &dyn Store| {
-            drive(writers, seconds, |_| store.put(&key(seq.fetch_add(1, Ordering::Relaxed)), &VALUE))
+            drive(writers, seconds, |_| {
+                store.put(&key(seq.fetch_add(1, Ordering::Relaxed)), &VALUE)
+            })
         };
-        let p = put_all(&Pairdb::open(pd.path(), SyncMode::Always, 64 << 20, 64 << 20)?)?;
+        let pairdb = Pairdb::open(pd.path(), SyncMode::Always, 64 << 20, 64 << 20)?;
+        let p = put_all(&pairdb)?;
+        let st = pairdb.engine.stats();
+        eprintln!(
+            "pairdb: {} writes, {} fsyncs ({:.1} writes per fsync)",
+            st.writes_applied,
+            st.wal_syncs,
+            st.writes_applied as f64 / st.wal_syncs.max(1) as f64
+        );
         let r = put_all(&Rocks::open(rd.path(), true, 64 << 20, None)?)?;
         let f = put_all(&Fjall::open(fd.path(), true, 64 << 20)?)?;
         row(&writers.to_string(), &p, &r, &f);
@@ -274,11 +321,20 @@ fn load(store: &dyn Store, keys: u64) -> Result<()> {
 
 fn point_reads(seconds: f64, keys: u64) -> Result<()> {
     println!("\n### Random point reads over {keys} keys (loaded, flushed and compacted first)\n");
-    println!("| cache, threads | pairdb ops/s | RocksDB ops/s | fjall ops/s | pairdb/RocksDB | pairdb/fjall |");
+    println!(
+        "| cache, threads | pairdb ops/s | RocksDB ops/s | fjall ops/s | pairdb/RocksDB | pairdb/fjall |"
+    );
     println!("|---|---|---|---|---|---|");
     let data_bytes = keys * 130;
-    for (label, cache) in [("hot", data_bytes * 2), ("cold (cache = 1/4 of data)", data_bytes / 4)] {
-        let (pd, rd, fd) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+    for (label, cache) in [
+        ("hot", data_bytes * 2),
+        ("cold (cache = 1/4 of data)", data_bytes / 4),
+    ] {
+        let (pd, rd, fd) = (
+            tempfile::tempdir()?,
+            tempfile::tempdir()?,
+            tempfile::tempdir()?,
+        );
         let p = Pairdb::open(pd.path(), SyncMode::Never, cache, 64 << 20)?;
         let r = Rocks::open(rd.path(), false, cache as usize, None)?;
         let f = Fjall::open(fd.path(), false, cache)?;
@@ -290,7 +346,9 @@ fn point_reads(seconds: f64, keys: u64) -> Result<()> {
             let mut outcomes = Vec::new();
             for s in stores {
                 // Warm up the caches with the same access pattern, then measure.
-                drive(threads, seconds / 2.0, |rng| s.get(&key(rng.next() % keys)).map(|_| ()))?;
+                drive(threads, seconds / 2.0, |rng| {
+                    s.get(&key(rng.next() % keys)).map(|_| ())
+                })?;
                 let found = AtomicU64::new(0);
                 let o = drive(threads, seconds, |rng| {
                     if s.get(&key(rng.next() % keys))? {
@@ -301,11 +359,19 @@ fn point_reads(seconds: f64, keys: u64) -> Result<()> {
                 anyhow::ensure!(found.load(Ordering::Relaxed) > 0, "reads found nothing");
                 outcomes.push(o);
             }
-            row(&format!("{label}, {threads}"), &outcomes[0], &outcomes[1], &outcomes[2]);
+            row(
+                &format!("{label}, {threads}"),
+                &outcomes[0],
+                &outcomes[1],
+                &outcomes[2],
+            );
         }
         let stats = p.engine.stats();
         let total = (stats.cache_hits + stats.cache_misses).max(1);
-        println!("\npairdb row-cache hit rate ({label}): {:.1}%\n", stats.cache_hits as f64 * 100.0 / total as f64);
+        println!(
+            "\npairdb row-cache hit rate ({label}): {:.1}%\n",
+            stats.cache_hits as f64 * 100.0 / total as f64
+        );
     }
     Ok(())
 }
@@ -314,13 +380,21 @@ fn hash_scan(keys: u64) -> Result<()> {
     println!("\n### Hash-range scan: a quarter of the ring over {keys} keys\n");
     println!("| store | records in range | seconds | records/s | pairdb/peer |");
     println!("|---|---|---|---|---|");
-    let (pd, rd, fd) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+    let (pd, rd, fd) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
     let p = Pairdb::open(pd.path(), SyncMode::Never, 64 << 20, 64 << 20)?;
     let r = Rocks::open(rd.path(), false, 64 << 20, None)?;
     let f = Fjall::open(fd.path(), false, 64 << 20)?;
     let range = HashRange::new(1 << 62, 1 << 63);
     let mut rates = Vec::new();
-    for (name, s) in [("pairdb", &p as &dyn Store), ("RocksDB (full scan + hash)", &r), ("fjall (full scan + hash)", &f)] {
+    for (name, s) in [
+        ("pairdb", &p as &dyn Store),
+        ("RocksDB (full scan + hash)", &r),
+        ("fjall (full scan + hash)", &f),
+    ] {
         load(s, keys)?;
         let t0 = Instant::now();
         let n = s.scan_hash_range(range)?;
@@ -329,7 +403,10 @@ fn hash_scan(keys: u64) -> Result<()> {
     }
     let ours = rates[0].3;
     for (name, n, secs, rate) in rates {
-        println!("| {name} | {n} | {secs:.2} | {rate:.0} | {:.2}x |", ours / rate);
+        println!(
+            "| {name} | {n} | {secs:.2} | {rate:.0} | {:.2}x |",
+            ours / rate
+        );
     }
     Ok(())
 }
@@ -350,7 +427,9 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 fn replay(mib: u64) -> Result<()> {
-    println!("\n### Commit-log replay: {mib} MiB of log, 1000-byte values, opened cold after close\n");
+    println!(
+        "\n### Commit-log replay: {mib} MiB of log, 1000-byte values, opened cold after close\n"
+    );
     println!("| store | log bytes | open seconds | MB/s | pairdb/peer |");
     println!("|---|---|---|---|---|");
     let value = [b'r'; 1000];
@@ -369,18 +448,31 @@ fn replay(mib: u64) -> Result<()> {
         let t0 = Instant::now();
         let p = Pairdb::open(dir.path(), SyncMode::Never, 0, 8 << 30)?;
         let secs = t0.elapsed().as_secs_f64();
-        anyhow::ensure!(p.engine.stats().replay.records == records, "replayed {} of {records}", p.engine.stats().replay.records);
+        anyhow::ensure!(
+            p.engine.stats().replay.records == records,
+            "replayed {} of {records}",
+            p.engine.stats().replay.records
+        );
         rows.push(("pairdb", bytes, secs));
     }
     {
+        // RocksDB flushes its memtable on a clean close, so the writer runs in a child process
+        // that syncs the WAL and is then killed: the next open must replay the log.
         let dir = tempfile::tempdir()?;
-        {
-            let r = Rocks::open(dir.path(), false, 8 << 20, Some(8 << 30))?;
-            for n in 0..records {
-                r.put(&key(n), &value)?;
-            }
-            r.db.flush_wal(true)?;
-        }
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "--rocks-replay-writer",
+                &dir.path().display().to_string(),
+                &records.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("child stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        anyhow::ensure!(line.trim() == "READY", "RocksDB writer failed: {line:?}");
+        child.kill()?;
+        child.wait()?;
         let bytes = dir_bytes(dir.path());
         let t0 = Instant::now();
         let r = Rocks::open(dir.path(), false, 8 << 20, Some(8 << 30))?;
@@ -391,20 +483,63 @@ fn replay(mib: u64) -> Result<()> {
     let ours = rows[0].1 as f64 / rows[0].2;
     for (name, bytes, secs) in rows {
         let rate = bytes as f64 / secs;
-        println!("| {name} | {bytes} | {secs:.2} | {:.0} | {:.2}x |", rate / 1e6, ours / rate);
+        println!(
+            "| {name} | {bytes} | {secs:.2} | {:.0} | {:.2}x |",
+            rate / 1e6,
+            ours / rate
+        );
     }
+    Ok(())
+}
+
+/// Child process of the replay benchmark: fills RocksDB's WAL, syncs it, and waits to be killed.
+fn rocks_replay_writer(dir: &str, records: u64) -> Result<()> {
+    let r = Rocks::open(Path::new(dir), false, 8 << 20, Some(8 << 30))?;
+    let value = [b'r'; 1000];
+    for n in 0..records {
+        r.put(&key(n), &value)?;
+    }
+    r.db.flush_wal(true)?;
+    println!("READY");
+    std::thread::sleep(Duration::from_secs(3600));
     Ok(())
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let seconds: f64 = flag("--seconds").map(|s| s.parse()).transpose().context("--seconds")?.unwrap_or(3.0);
-    let keys: u64 = flag("--keys").map(|s| s.parse()).transpose().context("--keys")?.unwrap_or(1_000_000);
-    let replay_mib: u64 = flag("--replay-mib").map(|s| s.parse()).transpose().context("--replay-mib")?.unwrap_or(1024);
+    if args.get(1).map(String::as_str) == Some("--rocks-replay-writer") {
+        let dir = args.get(2).context("dir")?;
+        let records: u64 = args.get(3).context("records")?.parse()?;
+        return rocks_replay_writer(dir, records);
+    }
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let seconds: f64 = flag("--seconds")
+        .map(|s| s.parse())
+        .transpose()
+        .context("--seconds")?
+        .unwrap_or(3.0);
+    let keys: u64 = flag("--keys")
+        .map(|s| s.parse())
+        .transpose()
+        .context("--keys")?
+        .unwrap_or(1_000_000);
+    let replay_mib: u64 = flag("--replay-mib")
+        .map(|s| s.parse())
+        .transpose()
+        .context("--replay-mib")?
+        .unwrap_or(1024);
     let only = flag("--only");
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
-    println!("## Engine benchmark: pairdb vs RocksDB {} vs fjall 2 ({} cores)", "(rocksdb crate 0.24)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "## Engine benchmark: pairdb vs RocksDB {} vs fjall 2 ({} cores)",
+        "(rocksdb crate 0.24)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     if run("writes") {
         durable_writes(seconds)?;
     }
