@@ -7,8 +7,11 @@
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod quorum;
 pub mod ring;
 pub mod roles;
 pub mod rpc;
+pub mod shutdown;
+pub mod storage;
 pub mod vclock;

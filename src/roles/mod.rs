@@ -1,5 +1,7 @@
-//! The roles one `pairdb` process can run. Each role lands as `roles/<role>.rs` with
-//! `run(config, shutdown) -> Result<()>`; a role that has not landed is refused, never faked.
+//! The roles one `pairdb` process can run. Each role is `roles/<role>.rs` with
+//! `run(config, shutdown)`; a role that has not landed is refused, never faked.
+
+pub mod storage;
 
 use crate::cli::{DevArgs, Role};
 use crate::config::Config;
@@ -10,26 +12,48 @@ use crate::config::Config;
 pub enum RoleError {
     #[error("role {0} is not built yet")]
     NotBuilt(&'static str),
-}
-
-/// Runs every role of `config.node.roles` until shutdown.
-pub async fn run(config: Config) -> Result<(), RoleError> {
-    let first = config.node.roles.first().copied().unwrap_or(Role::Gateway);
-    let missing = config
-        .node
-        .roles
-        .iter()
-        .copied()
-        .find(|role| !is_built(*role))
-        .unwrap_or(first);
-    Err(RoleError::NotBuilt(missing.as_str()))
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
 }
 
 /// Roles whose implementation has landed.
 pub fn is_built(role: Role) -> bool {
     match role {
-        Role::Gateway | Role::Coordinator | Role::Storage => false,
+        Role::Storage => true,
+        Role::Gateway | Role::Coordinator => false,
     }
+}
+
+/// Runs every role of `config.node.roles` until SIGTERM/SIGINT (or until one fails).
+pub async fn run(config: Config) -> Result<(), RoleError> {
+    if let Some(missing) = config.node.roles.iter().copied().find(|r| !is_built(*r)) {
+        return Err(RoleError::NotBuilt(missing.as_str()));
+    }
+    let shutdown = crate::shutdown::on_signal().map_err(|e| RoleError::Failed(e.into()))?;
+    let mut tasks = Vec::new();
+    for role in config.node.roles.clone() {
+        let config = config.clone();
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = match role {
+                Role::Storage => storage::run(&config, shutdown.clone()).await,
+                Role::Gateway | Role::Coordinator => {
+                    Err(anyhow::anyhow!("role {role} is not built yet"))
+                }
+            };
+            // One role failing stops the others.
+            shutdown.cancel();
+            result
+        }));
+    }
+    let mut first_error = None;
+    for task in tasks {
+        let result = task.await.map_err(anyhow::Error::from).and_then(|r| r);
+        if let (Err(e), None) = (result, &first_error) {
+            first_error = Some(e);
+        }
+    }
+    first_error.map_or(Ok(()), |e| Err(RoleError::Failed(e)))
 }
 
 /// `pairdb dev`: the whole cluster in one process.

@@ -1,0 +1,114 @@
+//! `pairdb --role=storage`: lock the data dir, open the engine, join the gossip, serve gRPC and
+//! HTTP until SIGTERM/SIGINT, then finish in-flight requests, sync the log and return.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, default_http_listen};
+use crate::engine::{Engine, EngineOptions};
+use crate::rpc::storage::storage_node_server::StorageNodeServer;
+use crate::storage::datadir;
+use crate::storage::gossip::Gossip;
+use crate::storage::http;
+use crate::storage::service::StorageService;
+
+/// Largest gRPC message: a 10 MiB value plus its record.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let node_id = config.node.id.clone().context("storage needs a node id")?;
+    let cfg = &config.storage;
+    let _lock = datadir::lock(&cfg.data_dir)?;
+    let options = EngineOptions {
+        sync: cfg.sync,
+        ..EngineOptions::default()
+    };
+    let dir = cfg.data_dir.clone();
+    let engine = Arc::new(
+        tokio::task::spawn_blocking(move || Engine::open(dir, options))
+            .await?
+            .with_context(|| format!("cannot open the engine in {}", cfg.data_dir.display()))?,
+    );
+
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr: SocketAddr = cfg
+        .http_listen
+        .unwrap_or_else(|| default_http_listen(cfg.listen));
+    let http_listener = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {http_addr}"))?;
+
+    let gossip = match cfg.gossip {
+        Some(addr) => Some(Arc::new(
+            Gossip::start(&node_id, addr, cfg.seeds.clone(), &grpc_addr.to_string())
+                .await
+                .with_context(|| format!("cannot start gossip on {addr}"))?,
+        )),
+        None => None,
+    };
+    crate::metrics::handle();
+    let service = Arc::new(StorageService::new(
+        node_id.clone(),
+        engine.clone(),
+        gossip.clone(),
+    ));
+    tracing::info!(node = %node_id, grpc = %grpc_addr, http = %http_listener.local_addr()?, "storage node serving");
+
+    let publisher = gossip.clone().map(|g| {
+        let service = service.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            while !stop.is_cancelled() {
+                tokio::select! {
+                    _ = tick.tick() => g.publish(service.health()).await,
+                    () = stop.cancelled() => break,
+                }
+            }
+        })
+    });
+
+    let http_stop = shutdown.clone();
+    let router = http::router(node_id, engine.clone(), gossip.clone());
+    let http_server = tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+
+    let grpc_stop = shutdown.clone();
+    let grpc = StorageNodeServer::from_arc(service.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let served = tonic::transport::Server::builder()
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            async move { grpc_stop.cancelled().await },
+        )
+        .await;
+    shutdown.cancel();
+    if let Some(p) = publisher {
+        let _ = p.await;
+    }
+    let _ = http_server.await;
+    if let Some(g) = gossip {
+        if let Ok(g) = Arc::try_unwrap(g) {
+            g.shutdown().await;
+        }
+    }
+    drop(service);
+    tokio::task::spawn_blocking(move || engine.close())
+        .await?
+        .context("closing the engine")?;
+    served.context("gRPC server failed")?;
+    tracing::info!("storage node stopped cleanly");
+    Ok(())
+}

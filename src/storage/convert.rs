@@ -1,0 +1,44 @@
+//! Engine records to and from their protobuf form. The ring hash is always recomputed from
+//! (tenant, key), never trusted from the wire.
+
+use bytes::Bytes;
+use tonic::Status;
+
+use crate::engine::Record;
+use crate::rpc::storage as pb;
+use crate::vclock::Version;
+
+use super::errors::invalid;
+
+pub fn record_from_proto(r: pb::Record) -> Result<Record, Status> {
+    let version = r
+        .version
+        .as_ref()
+        .map(Version::from)
+        .ok_or_else(|| invalid("record without a version"))?;
+    match r.payload {
+        Some(pb::record::Payload::Value(v)) => Ok(Record::put(r.tenant_id, r.key, version, v)),
+        Some(pb::record::Payload::Tombstone(_)) => {
+            Ok(Record::tombstone(r.tenant_id, r.key, version))
+        }
+        None => Err(invalid("record without a value or tombstone")),
+    }
+}
+
+pub fn record_to_proto(r: &Record) -> pb::Record {
+    pb::Record {
+        tenant_id: r.tenant.clone(),
+        key: r.key.to_vec(),
+        version: Some((&r.version).into()),
+        payload: Some(match &r.value {
+            Some(v) => pb::record::Payload::Value(v.to_vec()),
+            None => pb::record::Payload::Tombstone(pb::Tombstone {}),
+        }),
+        ring_hash: r.ring_hash,
+    }
+}
+
+/// Bytes a record adds to a stream (for progress reports).
+pub fn wire_size(r: &Record) -> u64 {
+    (r.tenant.len() + r.key.len() + r.value.as_ref().map_or(0, Bytes::len) + 32) as u64
+}

@@ -1,0 +1,11 @@
+//! The storage node: the engine served over gRPC (`service`), range streaming to other nodes
+//! (`streaming`), gossip of node health (`gossip`), health and metrics over HTTP (`http`), and
+//! the data-directory lock (`datadir`). Wired together by `roles::storage`.
+
+pub mod convert;
+pub mod datadir;
+pub mod errors;
+pub mod gossip;
+pub mod http;
+pub mod service;
+pub mod streaming;

@@ -1,0 +1,383 @@
+//! The `StorageNode` gRPC service over the engine. Engine calls block (fsync, file reads), so
+//! each runs on `spawn_blocking`; validation and the disk guard happen inside `Engine::apply`
+//! before anything touches the log.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{ApplyOutcome, Engine, EngineError, Record};
+use crate::ring::HashRange;
+use crate::rpc::storage as pb;
+use crate::rpc::storage::storage_node_server::StorageNode;
+use crate::vclock::Version;
+
+use super::convert::{record_from_proto, record_to_proto};
+use super::errors::{from_engine, internal, invalid};
+use super::gossip::{Gossip, Health};
+use super::streaming::StreamManager;
+
+/// Largest batch a `ScanRange` stream sends at once.
+const MAX_SCAN_BATCH: usize = 1000;
+
+pub struct StorageService {
+    node_id: String,
+    engine: Arc<Engine>,
+    streams: StreamManager,
+    gossip: Option<Arc<Gossip>>,
+}
+
+/// Health from disk usage: degraded from 80%, unhealthy from 95% (writes refused).
+pub fn health_status(disk_percent: f64) -> pb::HealthStatus {
+    if disk_percent >= crate::engine::FULL_PERCENT {
+        pb::HealthStatus::Unhealthy
+    } else if disk_percent >= crate::engine::WARN_PERCENT {
+        pb::HealthStatus::Degraded
+    } else {
+        pb::HealthStatus::Healthy
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(format!("engine task failed: {e}")))?
+        .map_err(|e| from_engine(&e))
+}
+
+fn observe<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
+    let code = match result {
+        Ok(_) => "ok".to_owned(),
+        Err(s) => format!("{:?}", super::errors::code_in(s)),
+    };
+    metrics::counter!("pairdb_storage_requests_total", "rpc" => rpc, "code" => code).increment(1);
+    metrics::histogram!("pairdb_storage_request_seconds", "rpc" => rpc)
+        .record(started.elapsed().as_secs_f64());
+}
+
+impl StorageService {
+    pub fn new(node_id: String, engine: Arc<Engine>, gossip: Option<Arc<Gossip>>) -> Self {
+        Self {
+            node_id,
+            streams: StreamManager::new(engine.clone()),
+            engine,
+            gossip,
+        }
+    }
+
+    async fn apply(&self, record: Record) -> Result<pb::ApplyResponse, Status> {
+        let engine = self.engine.clone();
+        let candidate = record.clone();
+        let outcome = blocking(move || engine.apply(candidate)).await?;
+        let stored_version = match outcome {
+            ApplyOutcome::Applied => {
+                self.streams.forward(&record);
+                Some((&record.version).into())
+            }
+            ApplyOutcome::Ignored => {
+                let engine = self.engine.clone();
+                let (tenant, key) = (record.tenant.clone(), record.key.clone());
+                blocking(move || engine.get(&tenant, &key))
+                    .await?
+                    .map(|r| (&r.version).into())
+            }
+        };
+        Ok(pb::ApplyResponse {
+            outcome: match outcome {
+                ApplyOutcome::Applied => pb::ApplyOutcome::Applied,
+                ApplyOutcome::Ignored => pb::ApplyOutcome::IgnoredDominated,
+            } as i32,
+            stored_version,
+        })
+    }
+
+    async fn apply_proto(
+        &self,
+        record: Option<pb::Record>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let record = record_from_proto(record.ok_or_else(|| invalid("missing record"))?)?;
+        self.apply(record).await.map(Response::new)
+    }
+
+    pub fn health(&self) -> Health {
+        let disk_percent = self.engine.stats().disk_usage_percent;
+        Health {
+            status: health_status(disk_percent),
+            disk_percent,
+            load: 0.0,
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl StorageNode for StorageService {
+    async fn write(
+        &self,
+        req: Request<pb::WriteRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let started = Instant::now();
+        let result = self.apply_proto(req.into_inner().record).await;
+        observe("write", started, &result);
+        result
+    }
+
+    async fn read(
+        &self,
+        req: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResponse>, Status> {
+        let started = Instant::now();
+        let pb::ReadRequest { tenant_id, key } = req.into_inner();
+        let engine = self.engine.clone();
+        let result = blocking(move || engine.get(&tenant_id, &key))
+            .await
+            .map(|found| {
+                Response::new(pb::ReadResponse {
+                    record: found.map(|r| record_to_proto(&r)),
+                })
+            });
+        observe("read", started, &result);
+        result
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let started = Instant::now();
+        let pb::DeleteRequest {
+            tenant_id,
+            key,
+            version,
+        } = req.into_inner();
+        let result = match version {
+            None => Err(invalid("delete without a version")),
+            Some(v) => self
+                .apply(Record::tombstone(tenant_id, key, Version::from(&v)))
+                .await
+                .map(Response::new),
+        };
+        observe("delete", started, &result);
+        result
+    }
+
+    async fn repair(
+        &self,
+        req: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let started = Instant::now();
+        let result = self.apply_proto(req.into_inner().record).await;
+        observe("repair", started, &result);
+        result
+    }
+
+    async fn write_batch(
+        &self,
+        req: Request<pb::WriteBatchRequest>,
+    ) -> Result<Response<pb::WriteBatchResponse>, Status> {
+        let started = Instant::now();
+        let records: Result<Vec<Record>, Status> = req
+            .into_inner()
+            .records
+            .into_iter()
+            .map(record_from_proto)
+            .collect();
+        let result = match records {
+            Err(e) => Err(e),
+            Ok(records) => {
+                // Validate everything first: a bad record rejects the batch before any write.
+                match records.iter().try_for_each(Record::validate) {
+                    Err(e) => Err(from_engine(&e)),
+                    Ok(()) => {
+                        let engine = self.engine.clone();
+                        let applied = records.clone();
+                        let outcomes = blocking(move || {
+                            applied
+                                .into_iter()
+                                .map(|r| engine.apply(r))
+                                .collect::<Result<Vec<_>, _>>()
+                        })
+                        .await;
+                        outcomes.map(|outcomes| {
+                            for (r, o) in records.iter().zip(&outcomes) {
+                                if *o == ApplyOutcome::Applied {
+                                    self.streams.forward(r);
+                                }
+                            }
+                            Response::new(pb::WriteBatchResponse {
+                                outcomes: outcomes
+                                    .iter()
+                                    .map(|o| match o {
+                                        ApplyOutcome::Applied => pb::ApplyOutcome::Applied as i32,
+                                        ApplyOutcome::Ignored => {
+                                            pb::ApplyOutcome::IgnoredDominated as i32
+                                        }
+                                    })
+                                    .collect(),
+                            })
+                        })
+                    }
+                }
+            }
+        };
+        observe("write_batch", started, &result);
+        result
+    }
+
+    type ScanRangeStream = BoxStream<pb::ScanRangeBatch>;
+
+    async fn scan_range(
+        &self,
+        req: Request<pb::ScanRangeRequest>,
+    ) -> Result<Response<Self::ScanRangeStream>, Status> {
+        let req = req.into_inner();
+        let range = req
+            .range
+            .as_ref()
+            .map(HashRange::from)
+            .ok_or_else(|| invalid("missing range"))?;
+        let batch_size = (req.batch_size as usize).clamp(1, MAX_SCAN_BATCH);
+        let (tx, rx) = mpsc::channel(4);
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut batch = Vec::with_capacity(batch_size);
+            for item in engine.scan_hash_range(range) {
+                match item {
+                    Ok(r) => batch.push(record_to_proto(&r)),
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(from_engine(&e)));
+                        return;
+                    }
+                }
+                if batch.len() == batch_size {
+                    let records = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
+                    if tx
+                        .blocking_send(Ok(pb::ScanRangeBatch { records }))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let _ = tx.blocking_send(Ok(pb::ScanRangeBatch { records: batch }));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn start_streaming(
+        &self,
+        req: Request<pb::StartStreamingRequest>,
+    ) -> Result<Response<pb::StreamStatus>, Status> {
+        self.streams
+            .start(req.into_inner())
+            .map(Response::new)
+            .map_err(invalid)
+    }
+
+    async fn get_stream_status(
+        &self,
+        req: Request<pb::StreamStatusRequest>,
+    ) -> Result<Response<pb::StreamStatus>, Status> {
+        let id = req.into_inner().stream_id;
+        self.streams
+            .status(&id)
+            .map(Response::new)
+            .ok_or_else(|| invalid(format!("unknown stream {id:?}")))
+    }
+
+    async fn stop_streaming(
+        &self,
+        req: Request<pb::StreamStatusRequest>,
+    ) -> Result<Response<pb::StreamStatus>, Status> {
+        let id = req.into_inner().stream_id;
+        self.streams
+            .stop(&id)
+            .map(Response::new)
+            .ok_or_else(|| invalid(format!("unknown stream {id:?}")))
+    }
+
+    async fn drain(
+        &self,
+        _req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let engine = self.engine.clone();
+        blocking(move || engine.flush()).await?;
+        Ok(Response::new(pb::DrainResponse { drained: true }))
+    }
+
+    async fn health_check(
+        &self,
+        _req: Request<pb::HealthCheckRequest>,
+    ) -> Result<Response<pb::HealthCheckResponse>, Status> {
+        let stats = self.engine.stats();
+        Ok(Response::new(pb::HealthCheckResponse {
+            node_id: self.node_id.clone(),
+            status: health_status(stats.disk_usage_percent) as i32,
+            disk_usage_percent: stats.disk_usage_percent,
+            memtable_count: stats.memtables as u32,
+            sstable_count: stats.sstables as u32,
+            key_estimate: stats.key_estimate,
+        }))
+    }
+
+    type WatchHealthStream = BoxStream<pb::MembershipUpdate>;
+
+    async fn watch_health(
+        &self,
+        _req: Request<pb::WatchHealthRequest>,
+    ) -> Result<Response<Self::WatchHealthStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        let gossip = self.gossip.clone();
+        let node_id = self.node_id.clone();
+        let health = self.health();
+        tokio::spawn(async move {
+            let mut last: Option<Vec<pb::MemberHealth>> = None;
+            loop {
+                let members = match &gossip {
+                    Some(g) => g.members().await,
+                    None => vec![pb::MemberHealth {
+                        node_id: node_id.clone(),
+                        address: String::new(),
+                        up: true,
+                        status: health.status as i32,
+                        disk_usage_percent: health.disk_percent,
+                        load: health.load,
+                    }],
+                };
+                let changed = last.as_ref().is_none_or(|l| {
+                    l.len() != members.len()
+                        || l.iter().zip(&members).any(|(a, b)| {
+                            a.node_id != b.node_id || a.up != b.up || a.status != b.status
+                        })
+                });
+                if changed {
+                    if tx
+                        .send(Ok(pb::MembershipUpdate {
+                            members: members.clone(),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    last = Some(members);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,279 @@
+//! Range streaming: this node pushes every record of some hash ranges to a target node.
+//!
+//! Phases (the `StreamState` a caller sees):
+//! - `copying`: a blocking scan of the engine (`scan_hash_range`, bounded memory) feeds batches
+//!   that are sent with `WriteBatch(source = STREAM)`;
+//! - `streaming`: the bulk copy is done; live writes for the ranges that arrived meanwhile are
+//!   sent (they are forwarded from the first moment of the stream, so nothing written during the
+//!   copy is missed);
+//! - `syncing`: the target is asked to flush (`Drain`), so the copy is in its SSTables;
+//! - `completed`, or `failed` (with the error), or `stopped` by `StopStreaming`.
+//!
+//! Sending is idempotent (the target applies a record only if it wins by the version rules), so
+//! a batch that failed because the target was briefly unreachable is simply sent again, with
+//! backoff, from where it stopped; a stream gives up only after `RETRY_WINDOW` without progress.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::engine::{Engine, Record};
+use crate::ring::HashRange;
+use crate::rpc::storage as pb;
+use crate::rpc::storage::storage_node_client::StorageNodeClient;
+
+use super::convert::{record_to_proto, wire_size};
+
+/// Records per `WriteBatch`.
+const BATCH: usize = 500;
+/// A stream fails after this long without a successful send.
+const RETRY_WINDOW: Duration = Duration::from_secs(300);
+
+struct Stream {
+    id: String,
+    ranges: Vec<HashRange>,
+    state: Mutex<(pb::StreamState, String)>,
+    keys: AtomicU64,
+    bytes: AtomicU64,
+    forwarded: AtomicU64,
+    live: mpsc::UnboundedSender<Record>,
+    cancel: CancellationToken,
+}
+
+impl Stream {
+    fn status(&self) -> pb::StreamStatus {
+        let (state, error) = self.state.lock().clone();
+        pb::StreamStatus {
+            stream_id: self.id.clone(),
+            state: state as i32,
+            keys_copied: self.keys.load(Ordering::Relaxed),
+            bytes_copied: self.bytes.load(Ordering::Relaxed),
+            writes_forwarded: self.forwarded.load(Ordering::Relaxed),
+            error,
+        }
+    }
+
+    fn set(&self, state: pb::StreamState, error: impl Into<String>) {
+        *self.state.lock() = (state, error.into());
+    }
+
+    /// Queues a live write while the stream forwards. The check and the send happen under the
+    /// state lock, so once the state leaves `streaming` no write can slip into the queue unseen.
+    fn forward(&self, record: &Record) {
+        let state = self.state.lock();
+        if matches!(
+            state.0,
+            pb::StreamState::Copying | pb::StreamState::Streaming
+        ) && self.ranges.iter().any(|r| r.contains(record.ring_hash))
+        {
+            let _ = self.live.send(record.clone());
+        }
+    }
+}
+
+/// Every stream this node runs.
+#[derive(Clone)]
+pub struct StreamManager {
+    engine: Arc<Engine>,
+    streams: Arc<Mutex<HashMap<String, Arc<Stream>>>>,
+}
+
+impl StreamManager {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self {
+            engine,
+            streams: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Starts a stream (idempotent: a known id returns its status).
+    pub fn start(&self, req: pb::StartStreamingRequest) -> Result<pb::StreamStatus, String> {
+        if req.stream_id.is_empty() || req.target_address.is_empty() || req.ranges.is_empty() {
+            return Err("stream_id, target_address and at least one range are required".to_owned());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{}", req.target_address))
+            .map_err(|e| format!("bad target address {:?}: {e}", req.target_address))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30));
+        let mut streams = self.streams.lock();
+        if let Some(s) = streams.get(&req.stream_id) {
+            return Ok(s.status());
+        }
+        let (live, live_rx) = mpsc::unbounded_channel();
+        let stream = Arc::new(Stream {
+            id: req.stream_id.clone(),
+            ranges: req.ranges.iter().map(HashRange::from).collect(),
+            state: Mutex::new((pb::StreamState::Copying, String::new())),
+            keys: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            live,
+            cancel: CancellationToken::new(),
+        });
+        streams.insert(req.stream_id.clone(), stream.clone());
+        let client = StorageNodeClient::new(endpoint.connect_lazy());
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                r = run(engine, stream.clone(), client, live_rx) => r,
+                () = stream.cancel.cancelled() => Err("stopped".to_owned()),
+            };
+            match result {
+                Ok(()) => stream.set(pb::StreamState::Completed, ""),
+                Err(e) if stream.cancel.is_cancelled() => stream.set(pb::StreamState::Stopped, e),
+                Err(e) => {
+                    tracing::error!(stream = %stream.id, error = %e, "stream failed");
+                    stream.set(pb::StreamState::Failed, e);
+                }
+            }
+        });
+        Ok(self
+            .streams
+            .lock()
+            .get(&req.stream_id)
+            .map(|s| s.status())
+            .unwrap_or_default())
+    }
+
+    pub fn status(&self, id: &str) -> Option<pb::StreamStatus> {
+        self.streams.lock().get(id).map(|s| s.status())
+    }
+
+    pub fn stop(&self, id: &str) -> Option<pb::StreamStatus> {
+        let stream = self.streams.lock().get(id).cloned()?;
+        stream.cancel.cancel();
+        {
+            let mut state = stream.state.lock();
+            if !matches!(
+                state.0,
+                pb::StreamState::Completed | pb::StreamState::Failed
+            ) {
+                *state = (pb::StreamState::Stopped, "stopped".to_owned());
+            }
+        }
+        Some(stream.status())
+    }
+
+    /// Called after a record was applied locally: streams whose ranges hold it send it on.
+    pub fn forward(&self, record: &Record) {
+        for stream in self.streams.lock().values() {
+            stream.forward(record);
+        }
+    }
+}
+
+/// Sends one batch, retrying with backoff while the target is unreachable.
+async fn send(client: &mut StorageNodeClient<Channel>, records: &[Record]) -> Result<(), String> {
+    let request = pb::WriteBatchRequest {
+        records: records.iter().map(record_to_proto).collect(),
+        source: pb::BatchSource::Stream as i32,
+    };
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match client.write_batch(request.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                return Err(format!("target rejected a batch: {}", status.message()));
+            }
+            Err(status) => {
+                if started.elapsed() > RETRY_WINDOW {
+                    return Err(format!(
+                        "target unreachable for {RETRY_WINDOW:?}: {}",
+                        status.message()
+                    ));
+                }
+                tracing::warn!(error = %status.message(), "stream target unavailable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn send_live(
+    client: &mut StorageNodeClient<Channel>,
+    stream: &Stream,
+    live: &mut mpsc::UnboundedReceiver<Record>,
+) -> Result<(), String> {
+    let mut pending = Vec::new();
+    while let Ok(r) = live.try_recv() {
+        pending.push(r);
+        if pending.len() == BATCH {
+            send(client, &pending).await?;
+            stream
+                .forwarded
+                .fetch_add(pending.len() as u64, Ordering::Relaxed);
+            pending.clear();
+        }
+    }
+    if !pending.is_empty() {
+        send(client, &pending).await?;
+        stream
+            .forwarded
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+async fn run(
+    engine: Arc<Engine>,
+    stream: Arc<Stream>,
+    mut client: StorageNodeClient<Channel>,
+    mut live: mpsc::UnboundedReceiver<Record>,
+) -> Result<(), String> {
+    let (batches_tx, mut batches) = mpsc::channel::<Result<Vec<Record>, String>>(4);
+    let ranges = stream.ranges.clone();
+    let scan_engine = engine.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut batch = Vec::with_capacity(BATCH);
+        for range in ranges {
+            for item in scan_engine.scan_hash_range(range) {
+                match item {
+                    Ok(r) => batch.push((*r).clone()),
+                    Err(e) => {
+                        let _ = batches_tx.blocking_send(Err(e.to_string()));
+                        return;
+                    }
+                }
+                if batch.len() == BATCH {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                    if batches_tx.blocking_send(Ok(full)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = batches_tx.blocking_send(Ok(batch));
+        }
+    });
+    while let Some(batch) = batches.recv().await {
+        let batch = batch?;
+        send(&mut client, &batch).await?;
+        stream.keys.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stream
+            .bytes
+            .fetch_add(batch.iter().map(wire_size).sum(), Ordering::Relaxed);
+        send_live(&mut client, &stream, &mut live).await?;
+    }
+    producer
+        .await
+        .map_err(|e| format!("scan task failed: {e}"))?;
+    stream.set(pb::StreamState::Streaming, "");
+    send_live(&mut client, &stream, &mut live).await?;
+    stream.set(pb::StreamState::Syncing, "");
+    // Writes queued before the state change are still in the queue: send them too.
+    send_live(&mut client, &stream, &mut live).await?;
+    client
+        .drain(pb::DrainRequest {})
+        .await
+        .map_err(|e| format!("target could not flush: {}", e.message()))?;
+    Ok(())
+}
