@@ -249,12 +249,15 @@ fn example_configs_are_valid() {
 
 #[test]
 fn roles_not_built_yet_are_refused() {
+    let out = pairdb(&["--role=coordinator", "--node-id=c1"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("role coordinator is not built yet"));
     let out = pairdb(
-        &["--role=storage", "--node-id=s1", "--data-dir=/tmp/none"],
+        &["--role=storage,gateway", "--node-id=s1", "--auth=none"],
         &[],
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("role storage is not built yet"));
+    assert!(stderr(&out).contains("role gateway is not built yet"));
     let out = pairdb(&["dev", "--data-dir=/tmp/none"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("role dev is not built yet"));
