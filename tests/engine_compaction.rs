@@ -313,3 +313,38 @@ fn batch_sync_mode_syncs_in_the_background() {
         "writers must not sync one by one"
     );
 }
+
+#[test]
+fn a_batch_is_validated_whole_and_synced_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(dir.path(), EngineOptions::default()).expect("open");
+    let at = physical_counter(now_ms());
+    let bad = vec![
+        Record::put("t", "ok", v(&[("c1", at)]), "1"),
+        Record::put("t", vec![b'k'; 5000], v(&[("c1", at)]), "1"),
+    ];
+    assert_eq!(
+        engine.apply_batch(bad).map_err(|e| e.code()),
+        Err("KEY_TOO_LARGE")
+    );
+    assert_eq!(
+        engine.get("t", b"ok").expect("get"),
+        None,
+        "nothing of a rejected batch lands"
+    );
+    let syncs_before = engine.stats().wal_syncs;
+    let good: Vec<Record> = (0..500)
+        .map(|i| Record::put("t", format!("k{i}"), v(&[("c1", at + i)]), "x"))
+        .collect();
+    let outcomes = engine.apply_batch(good).expect("batch");
+    assert!(outcomes.iter().all(|o| *o == ApplyOutcome::Applied));
+    assert_eq!(
+        engine.stats().wal_syncs - syncs_before,
+        1,
+        "one fsync for the batch"
+    );
+    let again = engine
+        .apply_batch(vec![Record::put("t", "k3", v(&[("c1", at)]), "old")])
+        .expect("batch");
+    assert_eq!(again, vec![ApplyOutcome::Ignored]);
+}

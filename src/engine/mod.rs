@@ -343,6 +343,12 @@ impl Engine {
         self.core.apply(record)
     }
 
+    /// Applies many records with one wait for durability (hints, repair, streaming). All are
+    /// validated first: one bad record rejects the batch and changes nothing.
+    pub fn apply_batch(&self, records: Vec<Record>) -> Result<Vec<ApplyOutcome>> {
+        self.core.apply_batch(records)
+    }
+
     /// The stored version of a key (value or tombstone), if any.
     pub fn get(&self, tenant: &str, key: &[u8]) -> Result<Option<Arc<Record>>> {
         self.core.get(tenant, key)
@@ -544,6 +550,33 @@ impl Core {
     }
 
     fn apply(&self, record: Record) -> Result<ApplyOutcome> {
+        let (outcome, seq) = self.apply_unsynced(record)?;
+        if let Some(seq) = seq {
+            self.wal.wait_durable(seq)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Applies every record, then waits once for the log to be durable up to the last one.
+    /// Records are validated before any is written, so a bad record rejects the whole batch.
+    fn apply_batch(&self, records: Vec<Record>) -> Result<Vec<ApplyOutcome>> {
+        records.iter().try_for_each(Record::validate)?;
+        let mut outcomes = Vec::with_capacity(records.len());
+        let mut last = None;
+        for record in records {
+            let (outcome, seq) = self.apply_unsynced(record)?;
+            outcomes.push(outcome);
+            last = seq.or(last);
+        }
+        if let Some(seq) = last {
+            self.wal.wait_durable(seq)?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Compares, logs and inserts a record; returns its log sequence when it was written (the
+    /// caller waits for durability before acknowledging).
+    fn apply_unsynced(&self, record: Record) -> Result<(ApplyOutcome, Option<u64>)> {
         self.check_open()?;
         record.validate()?;
         self.disk.check(record.size_estimate())?;
@@ -560,7 +593,7 @@ impl Core {
             };
             if current.is_some_and(|c| !record.version.supersedes(&c.version)) {
                 self.metrics.writes_ignored.fetch_add(1, Ordering::Relaxed);
-                return Ok(ApplyOutcome::Ignored);
+                return Ok((ApplyOutcome::Ignored, None));
             }
             let record = Arc::new(record);
             let (seq, bytes) = {
@@ -573,12 +606,11 @@ impl Core {
             stripe.generation.fetch_add(1, Ordering::AcqRel);
             (seq, bytes)
         };
-        self.wal.wait_durable(seq)?;
         self.metrics.writes_applied.fetch_add(1, Ordering::Relaxed);
         if memtable_bytes >= self.options.memtable_bytes {
             self.freeze(false);
         }
-        Ok(ApplyOutcome::Applied)
+        Ok((ApplyOutcome::Applied, Some(seq)))
     }
 
     fn signal(&self, slot: &Mutex<Option<mpsc::Sender<()>>>) {

@@ -193,39 +193,28 @@ impl StorageNode for StorageService {
         let result = match records {
             Err(e) => Err(e),
             Ok(records) => {
-                // Validate everything first: a bad record rejects the batch before any write.
-                match records.iter().try_for_each(Record::validate) {
-                    Err(e) => Err(from_engine(&e)),
-                    Ok(()) => {
-                        let engine = self.engine.clone();
-                        let applied = records.clone();
-                        let outcomes = blocking(move || {
-                            applied
-                                .into_iter()
-                                .map(|r| engine.apply(r))
-                                .collect::<Result<Vec<_>, _>>()
-                        })
-                        .await;
-                        outcomes.map(|outcomes| {
-                            for (r, o) in records.iter().zip(&outcomes) {
-                                if *o == ApplyOutcome::Applied {
-                                    self.streams.forward(r);
-                                }
+                let engine = self.engine.clone();
+                let applied = records.clone();
+                blocking(move || engine.apply_batch(applied))
+                    .await
+                    .map(|outcomes| {
+                        for (r, o) in records.iter().zip(&outcomes) {
+                            if *o == ApplyOutcome::Applied {
+                                self.streams.forward(r);
                             }
-                            Response::new(pb::WriteBatchResponse {
-                                outcomes: outcomes
-                                    .iter()
-                                    .map(|o| match o {
-                                        ApplyOutcome::Applied => pb::ApplyOutcome::Applied as i32,
-                                        ApplyOutcome::Ignored => {
-                                            pb::ApplyOutcome::IgnoredDominated as i32
-                                        }
-                                    })
-                                    .collect(),
-                            })
+                        }
+                        Response::new(pb::WriteBatchResponse {
+                            outcomes: outcomes
+                                .iter()
+                                .map(|o| match o {
+                                    ApplyOutcome::Applied => pb::ApplyOutcome::Applied as i32,
+                                    ApplyOutcome::Ignored => {
+                                        pb::ApplyOutcome::IgnoredDominated as i32
+                                    }
+                                })
+                                .collect(),
                         })
-                    }
-                }
+                    })
             }
         };
         observe("write_batch", started, &result);

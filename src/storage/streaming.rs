@@ -117,6 +117,8 @@ impl StreamManager {
             cancel: CancellationToken::new(),
         });
         streams.insert(req.stream_id.clone(), stream.clone());
+        drop(streams);
+        let status = stream.status();
         let client = StorageNodeClient::new(endpoint.connect_lazy());
         let engine = self.engine.clone();
         tokio::spawn(async move {
@@ -133,12 +135,7 @@ impl StreamManager {
                 }
             }
         });
-        Ok(self
-            .streams
-            .lock()
-            .get(&req.stream_id)
-            .map(|s| s.status())
-            .unwrap_or_default())
+        Ok(status)
     }
 
     pub fn status(&self, id: &str) -> Option<pb::StreamStatus> {

@@ -1,0 +1,481 @@
+//! The storage role as a real process: gRPC round trips and error codes, durability under
+//! `kill -9`, range streaming between two nodes, gossip of node health, the data-dir lock and
+//! graceful shutdown.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{StorageNode, free_udp_port};
+use pairdb::rpc::common as cpb;
+use pairdb::rpc::storage as pb;
+use pairdb::rpc::storage::storage_node_client::StorageNodeClient;
+use pairdb::storage::errors::code_in;
+use pairdb::vclock::physical_counter;
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn version(counter: u64) -> cpb::Version {
+    cpb::Version {
+        clock: vec![cpb::ClockEntry {
+            coordinator_id: "c1".into(),
+            counter,
+        }],
+        timestamp_ms: 0,
+    }
+}
+
+fn put(tenant: &str, key: &[u8], counter: u64, value: &[u8]) -> pb::Record {
+    pb::Record {
+        tenant_id: tenant.into(),
+        key: key.to_vec(),
+        version: Some(version(counter)),
+        payload: Some(pb::record::Payload::Value(value.to_vec())),
+        ring_hash: 0,
+    }
+}
+
+async fn read(
+    client: &mut StorageNodeClient<Channel>,
+    tenant: &str,
+    key: &[u8],
+) -> Option<pb::Record> {
+    client
+        .read(pb::ReadRequest {
+            tenant_id: tenant.into(),
+            key: key.to_vec(),
+        })
+        .await
+        .expect("read")
+        .into_inner()
+        .record
+}
+
+async fn scan(
+    client: &mut StorageNodeClient<Channel>,
+    start: u64,
+    end: u64,
+) -> BTreeMap<(String, Vec<u8>), pb::Record> {
+    let mut stream = client
+        .scan_range(pb::ScanRangeRequest {
+            range: Some(cpb::HashRange { start, end }),
+            batch_size: 1000,
+        })
+        .await
+        .expect("scan")
+        .into_inner();
+    let mut out = BTreeMap::new();
+    while let Some(batch) = stream.message().await.expect("scan batch") {
+        for r in batch.records {
+            out.insert((r.tenant_id.clone(), r.key.clone()), r);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_and_bad_inputs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = StorageNode::start("s1", dir.path(), None);
+    let mut c = node.client().await;
+    let base = physical_counter(now_ms());
+
+    let r = c
+        .write(pb::WriteRequest {
+            record: Some(put("acme", b"user:1", base + 2, b"\"v2\"")),
+        })
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!(r.outcome, pb::ApplyOutcome::Applied as i32);
+    let got = read(&mut c, "acme", b"user:1")
+        .await
+        .expect("written value reads back");
+    assert_eq!(
+        got.payload,
+        Some(pb::record::Payload::Value(b"\"v2\"".to_vec()))
+    );
+    assert_eq!(got.version.expect("version").clock[0].counter, base + 2);
+    assert_eq!(
+        read(&mut c, "other", b"user:1").await,
+        None,
+        "tenants are separate"
+    );
+
+    // An older version is ignored and the stored one reported.
+    let r = c
+        .write(pb::WriteRequest {
+            record: Some(put("acme", b"user:1", base + 1, b"\"v1\"")),
+        })
+        .await
+        .expect("write")
+        .into_inner();
+    assert_eq!(r.outcome, pb::ApplyOutcome::IgnoredDominated as i32);
+    assert_eq!(r.stored_version.expect("stored").clock[0].counter, base + 2);
+
+    // Delete writes a tombstone that reads back as such.
+    let r = c
+        .delete(pb::DeleteRequest {
+            tenant_id: "acme".into(),
+            key: b"user:1".to_vec(),
+            version: Some(version(base + 3)),
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(r.outcome, pb::ApplyOutcome::Applied as i32);
+    let got = read(&mut c, "acme", b"user:1").await.expect("tombstone");
+    assert!(matches!(
+        got.payload,
+        Some(pb::record::Payload::Tombstone(_))
+    ));
+
+    // Bad inputs: documented codes, nothing written.
+    let cases: Vec<(pb::Record, pb::ErrorCode)> = vec![
+        (
+            put("acme", &[b'k'; 1025], base, b"1"),
+            pb::ErrorCode::KeyTooLarge,
+        ),
+        (
+            put("acme", b"big", base, &vec![b'x'; 10 * 1024 * 1024 + 1]),
+            pb::ErrorCode::ValueTooLarge,
+        ),
+        (
+            put("ac:me", b"k", base, b"1"),
+            pb::ErrorCode::InvalidTenantId,
+        ),
+        (put("", b"k", base, b"1"), pb::ErrorCode::InvalidTenantId),
+        (put("acme", b"", base, b"1"), pb::ErrorCode::InvalidKey),
+        (
+            pb::Record {
+                version: None,
+                ..put("acme", b"nover", base, b"1")
+            },
+            pb::ErrorCode::InvalidArgument,
+        ),
+        (
+            pb::Record {
+                payload: None,
+                ..put("acme", b"nopayload", base, b"1")
+            },
+            pb::ErrorCode::InvalidArgument,
+        ),
+        (
+            pb::Record {
+                version: Some(cpb::Version {
+                    clock: vec![],
+                    timestamp_ms: 0,
+                }),
+                ..put("acme", b"emptyclock", base, b"1")
+            },
+            pb::ErrorCode::InvalidArgument,
+        ),
+    ];
+    for (record, code) in cases {
+        let key = record.key.clone();
+        let err = c
+            .write(pb::WriteRequest {
+                record: Some(record),
+            })
+            .await
+            .expect_err("must be rejected");
+        assert_eq!(code_in(&err), code, "{}", err.message());
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        if !key.is_empty() && key.len() <= 1024 {
+            assert_eq!(
+                read(&mut c, "acme", &key).await,
+                None,
+                "a rejected write changed something"
+            );
+        }
+    }
+    // A batch with one bad record is rejected whole.
+    let batch = vec![
+        put("acme", b"ok-1", base, b"1"),
+        put("acme", &[b'k'; 2000], base, b"1"),
+    ];
+    let err = c
+        .write_batch(pb::WriteBatchRequest {
+            records: batch,
+            source: pb::BatchSource::Hint as i32,
+        })
+        .await
+        .expect_err("bad batch");
+    assert_eq!(code_in(&err), pb::ErrorCode::KeyTooLarge);
+    assert_eq!(read(&mut c, "acme", b"ok-1").await, None);
+
+    let health = c
+        .health_check(pb::HealthCheckRequest {})
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(health.node_id, "s1");
+    assert_eq!(health.status, pb::HealthStatus::Healthy as i32);
+    assert!(health.key_estimate >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = StorageNode::start("s1", dir.path(), None);
+    let acked = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = physical_counter(now_ms());
+    let mut writers = Vec::new();
+    for w in 0..32u64 {
+        let mut c = node.client().await;
+        let acked = acked.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let key = format!("w{w}-{i}").into_bytes();
+                let rec = put("durable", &key, base + i, &key);
+                match c.write(pb::WriteRequest { record: Some(rec) }).await {
+                    Ok(_) => acked.lock().await.push(key),
+                    Err(_) => return, // the node died under us: this write was never acknowledged
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    node.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().await.clone();
+    assert!(acked.len() > 200, "too few writes: {}", acked.len());
+    node.restart();
+    let mut c = node.client().await;
+    for key in &acked {
+        let got = read(&mut c, "durable", key)
+            .await
+            .unwrap_or_else(|| panic!("acknowledged {} lost", String::from_utf8_lossy(key)));
+        assert_eq!(got.payload, Some(pb::record::Payload::Value(key.clone())));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_copies_a_range_with_live_writes() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let a = StorageNode::start("a", da.path(), None);
+    let b = StorageNode::start("b", db.path(), None);
+    let mut ca = a.client().await;
+    let base = physical_counter(now_ms());
+    for chunk in 0..100u64 {
+        let records = (0..1000u64)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                put(
+                    "t",
+                    format!("key-{n:06}").as_bytes(),
+                    base + n,
+                    format!("value-{n}").as_bytes(),
+                )
+            })
+            .collect();
+        ca.write_batch(pb::WriteBatchRequest {
+            records,
+            source: pb::BatchSource::Stream as i32,
+        })
+        .await
+        .expect("load");
+    }
+    let (start, end) = (0u64, 1u64 << 63);
+    let status = ca
+        .start_streaming(pb::StartStreamingRequest {
+            stream_id: "m1".into(),
+            ranges: vec![cpb::HashRange { start, end }],
+            target_node_id: "b".into(),
+            target_address: b.grpc.to_string(),
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    assert_eq!(status.state, pb::StreamState::Copying as i32);
+
+    // A keeps serving during the copy, and writes made meanwhile reach B too.
+    for n in 0..2000u64 {
+        let key = format!("live-{n:05}");
+        ca.write(pb::WriteRequest {
+            record: Some(put("t", key.as_bytes(), base + 1_000_000 + n, b"live")),
+        })
+        .await
+        .expect("live write");
+        if n % 200 == 0 {
+            assert!(read(&mut ca, "t", b"key-000007").await.is_some());
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let s = ca
+            .get_stream_status(pb::StreamStatusRequest {
+                stream_id: "m1".into(),
+            })
+            .await
+            .expect("status")
+            .into_inner();
+        if s.state == pb::StreamState::Completed as i32 {
+            break s;
+        }
+        assert_ne!(
+            s.state,
+            pb::StreamState::Failed as i32,
+            "stream failed: {}",
+            s.error
+        );
+        assert!(Instant::now() < deadline, "stream did not complete: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let expected = scan(&mut ca, start, end).await;
+    let mut cb = b.client().await;
+    let copied = scan(&mut cb, 0, 0).await;
+    assert!(expected.len() > 40_000, "half the keys: {}", expected.len());
+    assert_eq!(
+        copied.len(),
+        expected.len(),
+        "B holds exactly the streamed range"
+    );
+    for (k, r) in &expected {
+        let c = copied
+            .get(k)
+            .unwrap_or_else(|| panic!("{k:?} missing on B"));
+        assert_eq!((&c.version, &c.payload), (&r.version, &r.payload));
+    }
+    assert!(
+        expected.keys().any(|(_, k)| k.starts_with(b"live-")),
+        "live writes in the range"
+    );
+    assert!(done.keys_copied >= 40_000 && done.bytes_copied > 0);
+}
+
+async fn members(node: &StorageNode) -> Vec<pb::MemberHealth> {
+    let mut c = node.client().await;
+    let mut stream = c
+        .watch_health(pb::WatchHealthRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    stream
+        .message()
+        .await
+        .expect("update")
+        .expect("first update")
+        .members
+}
+
+async fn wait_for(node: &StorageNode, what: &str, pred: impl Fn(&[pb::MemberHealth]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = members(node).await;
+        if pred(&m) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {m:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn is_up(m: &[pb::MemberHealth], id: &str) -> Option<bool> {
+    m.iter().find(|x| x.node_id == id).map(|x| x.up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_sees_nodes_leave_and_return() {
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let addrs: Vec<std::net::SocketAddr> = (0..3)
+        .map(|_| std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
+        .collect();
+    let mut nodes: Vec<StorageNode> = (0..3)
+        .map(|i| {
+            let seeds = addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, a)| *a)
+                .collect();
+            StorageNode::start(&format!("g{i}"), dirs[i].path(), Some((addrs[i], seeds)))
+        })
+        .collect();
+    wait_for(&nodes[0], "all three up", |m| {
+        ["g0", "g1", "g2"]
+            .iter()
+            .all(|id| is_up(m, id) == Some(true))
+    })
+    .await;
+    let started = Instant::now();
+    nodes[2].kill9();
+    wait_for(&nodes[0], "g2 down", |m| is_up(m, "g2") == Some(false)).await;
+    wait_for(&nodes[1], "g2 down", |m| is_up(m, "g2") == Some(false)).await;
+    eprintln!("g2 seen down after {:?}", started.elapsed());
+    nodes[2].restart();
+    wait_for(&nodes[0], "g2 up again", |m| is_up(m, "g2") == Some(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_lock_metrics_and_graceful_shutdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = StorageNode::start("s1", dir.path(), None);
+    let mut c = node.client().await;
+    c.write(pb::WriteRequest {
+        record: Some(put("t", b"k", physical_counter(now_ms()), b"v")),
+    })
+    .await
+    .expect("write");
+
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))
+        .args([
+            "--role=storage",
+            "--node-id=s2",
+            "--listen=127.0.0.1:0",
+            "--http-listen=127.0.0.1:0",
+        ])
+        .arg(format!("--data-dir={}", dir.path().display()))
+        .output()
+        .expect("run second node");
+    assert_eq!(second.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("locked by another pairdb process"));
+
+    let body = reqwest_get(node.http, "/metrics").await;
+    assert!(body.contains("pairdb_storage_requests_total"), "{body}");
+    assert!(body.contains("pairdb_engine_disk_usage_percent"));
+    assert!(reqwest_get(node.http, "/healthz").await.contains("ok"));
+    assert!(reqwest_get(node.http, "/readyz").await.contains("ready"));
+
+    let status = node.terminate();
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+    node.restart();
+    let mut c = node.client().await;
+    assert!(read(&mut c, "t", b"k").await.is_some());
+}
+
+/// A plain HTTP/1.1 GET over a TCP stream (no HTTP client crate needed for three probes).
+async fn reqwest_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    String::from_utf8_lossy(&buf).into_owned()
+}
