@@ -479,3 +479,78 @@ async fn reqwest_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_end(&mut buf).await.expect("read");
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_survives_a_target_outage() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let a = StorageNode::start("a", da.path(), None);
+    let mut b = StorageNode::start("b", db.path(), None);
+    let mut ca = a.client().await;
+    let base = physical_counter(now_ms());
+    for chunk in 0..10u64 {
+        let records = (0..1000u64)
+            .map(|i| {
+                put(
+                    "t",
+                    format!("key-{:05}", chunk * 1000 + i).as_bytes(),
+                    base + i,
+                    b"v",
+                )
+            })
+            .collect();
+        ca.write_batch(pb::WriteBatchRequest {
+            records,
+            source: pb::BatchSource::Stream as i32,
+        })
+        .await
+        .expect("load");
+    }
+    // The target is down when the stream starts, and comes back two seconds later.
+    b.kill9();
+    ca.start_streaming(pb::StartStreamingRequest {
+        stream_id: "outage".into(),
+        ranges: vec![cpb::HashRange { start: 0, end: 0 }],
+        target_node_id: "b".into(),
+        target_address: b.grpc.to_string(),
+    })
+    .await
+    .expect("start");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = ca
+        .get_stream_status(pb::StreamStatusRequest {
+            stream_id: "outage".into(),
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(
+        s.state,
+        pb::StreamState::Copying as i32,
+        "waiting for the target, not failed: {s:?}"
+    );
+    b.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = ca
+            .get_stream_status(pb::StreamStatusRequest {
+                stream_id: "outage".into(),
+            })
+            .await
+            .expect("status")
+            .into_inner();
+        if s.state == pb::StreamState::Completed as i32 {
+            break;
+        }
+        assert_ne!(s.state, pb::StreamState::Failed as i32, "{}", s.error);
+        assert!(
+            Instant::now() < deadline,
+            "no completion after the target came back: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut cb = b.client().await;
+    assert_eq!(scan(&mut cb, 0, 0).await.len(), 10_000);
+}

@@ -192,6 +192,13 @@ impl RawEntry<'_> {
         Ok(RawEntry { ikey, body })
     }
 
+    /// The ring hash alone, without decoding the rest (hash-range scans skip most entries).
+    pub fn ring_hash(&self) -> Result<u64, CodecError> {
+        let mut r = Reader::new(self.body);
+        r.u8()?;
+        r.u64()
+    }
+
     pub fn decode(&self) -> Result<Record, CodecError> {
         let (tenant, key) =
             split_internal_key(self.ikey).ok_or(CodecError::Invalid("bad internal key"))?;

@@ -365,7 +365,7 @@ impl Engine {
         end.push(1);
         let merged = self
             .core
-            .merge_from(&from, |meta| meta.overlaps(&from, &end));
+            .merge_from(&from, None, |meta| meta.overlaps(&from, &end));
         Ok(merged
             .take_while(move |item| {
                 item.as_ref()
@@ -381,7 +381,7 @@ impl Engine {
     ) -> impl Iterator<Item = Result<Arc<Record>>> + Send + use<> {
         let pieces = range.pieces();
         self.core
-            .merge_from(&[], move |meta| meta.may_hold_hashes(&pieces))
+            .merge_from(&[], Some(range), move |meta| meta.may_hold_hashes(&pieces))
             .filter_map(move |item| match item {
                 Ok((_, r)) if range.contains(r.ring_hash) => Some(Ok(r)),
                 Ok(_) => None,
@@ -700,8 +700,15 @@ impl Core {
         Ok(())
     }
 
-    /// A merged stream from `from` over every memtable and the tables `keep` admits.
-    fn merge_from(&self, from: &[u8], keep: impl Fn(&sstable::TableMeta) -> bool) -> MergeIter {
+    /// A merged stream from `from` over every memtable and the tables `keep` admits; table
+    /// entries outside `range` are skipped undecoded (a key's hash is the same in every source,
+    /// so filtering before the merge cannot change which version wins).
+    fn merge_from(
+        &self,
+        from: &[u8],
+        range: Option<HashRange>,
+        keep: impl Fn(&sstable::TableMeta) -> bool,
+    ) -> MergeIter {
         let state = self.snapshot();
         let mut sources: Vec<Source> = Vec::new();
         sources.push(Box::new(MemtableCursor::new(state.active.clone(), from)));
@@ -713,7 +720,7 @@ impl Core {
                 tables.iter().filter(|t| keep(&t.meta)).cloned().collect();
             if level == 0 {
                 for t in admitted {
-                    sources.push(Box::new(TableIter::new(t, from)));
+                    sources.push(Box::new(TableIter::new(t, from).in_hash_range(range)));
                 }
             } else if !admitted.is_empty() {
                 // Disjoint and sorted: one source per level.
@@ -721,7 +728,7 @@ impl Core {
                 sources.push(Box::new(
                     admitted
                         .into_iter()
-                        .flat_map(move |t| TableIter::new(t, &from)),
+                        .flat_map(move |t| TableIter::new(t, &from).in_hash_range(range)),
                 ));
             }
         }

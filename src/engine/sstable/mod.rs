@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::codec::{RawEntry, Reader};
 use super::error::{EngineError, Result};
 use super::types::Record;
+use crate::ring::HashRange;
 
 pub use bloom::{Bloom, key_hash};
 pub use builder::TableBuilder;
@@ -287,8 +288,13 @@ impl SsTable {
         Ok(None)
     }
 
-    /// Decodes every entry of block `idx` with key >= `from`.
-    fn decode_block(&self, idx: usize, from: &[u8]) -> Result<VecDeque<(Vec<u8>, Arc<Record>)>> {
+    /// Decodes every entry of block `idx` with key >= `from` (and ring hash in `range`).
+    fn decode_block(
+        &self,
+        idx: usize,
+        from: &[u8],
+        range: Option<HashRange>,
+    ) -> Result<VecDeque<(Vec<u8>, Arc<Record>)>> {
         let Some(entry) = self.index.get(idx) else {
             return Ok(VecDeque::new());
         };
@@ -299,6 +305,14 @@ impl SsTable {
             let raw = RawEntry::read(&mut r).map_err(|e| self.corrupt_block(idx, e.to_string()))?;
             if raw.ikey < from {
                 continue;
+            }
+            if let Some(range) = range {
+                let hash = raw
+                    .ring_hash()
+                    .map_err(|e| self.corrupt_block(idx, e.to_string()))?;
+                if !range.contains(hash) {
+                    continue;
+                }
             }
             let record = raw
                 .decode()
@@ -318,6 +332,7 @@ pub struct TableIter {
     table: Arc<SsTable>,
     next_block: usize,
     from: Vec<u8>,
+    range: Option<HashRange>,
     buffered: VecDeque<(Vec<u8>, Arc<Record>)>,
     failed: bool,
 }
@@ -331,9 +346,16 @@ impl TableIter {
             table,
             next_block,
             from: from.to_vec(),
+            range: None,
             buffered: VecDeque::new(),
             failed: false,
         }
+    }
+
+    /// Only records whose ring hash lies in `range` (the others are skipped undecoded).
+    pub fn in_hash_range(mut self, range: Option<HashRange>) -> Self {
+        self.range = range;
+        self
     }
 }
 
@@ -348,7 +370,10 @@ impl Iterator for TableIter {
             if self.failed || self.next_block >= self.table.block_count() {
                 return None;
             }
-            match self.table.decode_block(self.next_block, &self.from) {
+            match self
+                .table
+                .decode_block(self.next_block, &self.from, self.range)
+            {
                 Ok(entries) => {
                     self.buffered = entries;
                     self.next_block += 1;
