@@ -146,6 +146,10 @@ pub struct ServerArgs {
     /// Storage: commit-log sync: always (group commit), batch_ms=N, never [default: always].
     #[arg(long, help_heading = "Storage role")]
     pub sync: Option<SyncMode>,
+    /// Storage: open even if a commit-log segment is corrupt in the middle, dropping the rest
+    /// of that segment (the error names the file and offset; use only after reading it).
+    #[arg(long, help_heading = "Storage role")]
+    pub skip_corrupt_log: bool,
 
     /// Coordinator: gRPC listener [default: 127.0.0.1:7201].
     #[arg(long, help_heading = "Coordinator role")]
@@ -270,6 +274,9 @@ impl ServerArgs {
             m.storage.insert("seeds".to_owned(), strings(&self.seeds));
             m.coordinator
                 .insert("seeds".to_owned(), strings(&self.seeds));
+        }
+        if self.skip_corrupt_log {
+            m.storage.insert("skip_corrupt_log".to_owned(), json!(true));
         }
         if let Some(s) = self.sync {
             m.storage.insert("sync".to_owned(), json!(s.to_string()));

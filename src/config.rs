@@ -95,6 +95,9 @@ pub struct StorageConfig {
     pub seeds: Vec<String>,
     /// Commit-log durability: `always` (group commit), `batch_ms=N` or `never`.
     pub sync: SyncMode,
+    /// Open even when a commit-log segment is corrupt in the middle, dropping the rest of that
+    /// segment (an operator's decision after reading the error; off by default).
+    pub skip_corrupt_log: bool,
 }
 
 impl Default for StorageConfig {
@@ -106,6 +109,7 @@ impl Default for StorageConfig {
             gossip: None,
             seeds: Vec::new(),
             sync: SyncMode::Always,
+            skip_corrupt_log: false,
         }
     }
 }

@@ -554,3 +554,87 @@ async fn streaming_survives_a_target_outage() {
     let mut cb = b.client().await;
     assert_eq!(scan(&mut cb, 0, 0).await.len(), 10_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_commit_log_stops_the_node_unless_the_operator_skips_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = StorageNode::start("s1", dir.path(), None);
+    let mut c = node.client().await;
+    let base = physical_counter(now_ms());
+    for i in 0..20u64 {
+        c.write(pb::WriteRequest {
+            record: Some(put("t", format!("k{i}").as_bytes(), base + i, b"v")),
+        })
+        .await
+        .expect("write");
+    }
+    assert_eq!(node.terminate().code(), Some(0));
+    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("wal"))
+        .expect("wal")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| std::fs::metadata(p).map(|m| m.len() > 8).unwrap_or(false))
+        .collect();
+    segments.sort();
+    let segment = segments.pop().expect("a segment with records");
+    let mut bytes = std::fs::read(&segment).expect("read");
+    bytes[8 + 16 + 2] ^= 0xff; // inside the first record, with good records after it
+    std::fs::write(&segment, &bytes).expect("corrupt");
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))
+        .args([
+            "--role=storage",
+            "--node-id=s1",
+            "--listen=127.0.0.1:0",
+            "--http-listen=127.0.0.1:0",
+        ])
+        .arg(format!("--data-dir={}", dir.path().display()))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&segment.display().to_string()) && err.contains("offset 8"),
+        "{err}"
+    );
+
+    let skipped = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))
+        .args([
+            "--role=storage",
+            "--node-id=s1",
+            "--listen=127.0.0.1:0",
+            "--http-listen=127.0.0.1:0",
+            "--skip-corrupt-log",
+            "--check-config",
+        ])
+        .arg(format!("--data-dir={}", dir.path().display()))
+        .output()
+        .expect("run");
+    assert!(skipped.status.success());
+    // With the flag the node starts (the damaged segment's records are dropped).
+    let mut restarted = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))
+        .args([
+            "--role=storage",
+            "--node-id=s1",
+            "--skip-corrupt-log",
+            "--log-level=warn",
+        ])
+        .arg(format!("--listen={}", node.grpc))
+        .arg(format!("--http-listen={}", node.http))
+        .arg(format!("--data-dir={}", dir.path().display()))
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(node.grpc).is_err() {
+        assert!(
+            restarted.try_wait().expect("wait").is_none(),
+            "node with --skip-corrupt-log exited"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "node with --skip-corrupt-log did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    restarted.kill().expect("kill");
+    restarted.wait().expect("reap");
+}

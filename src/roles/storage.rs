@@ -25,6 +25,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let _lock = datadir::lock(&cfg.data_dir)?;
     let options = EngineOptions {
         sync: cfg.sync,
+        skip_corrupt_log: cfg.skip_corrupt_log,
         ..EngineOptions::default()
     };
     let dir = cfg.data_dir.clone();
