@@ -420,6 +420,19 @@ async fn gossip_sees_nodes_leave_and_return() {
             .all(|id| is_up(m, id) == Some(true))
     })
     .await;
+    // Load is requests per second, published every second.
+    let mut c = nodes[0].client().await;
+    let busy = tokio::spawn(async move {
+        loop {
+            let _ = c.health_check(pb::HealthCheckRequest {}).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    wait_for(&nodes[1], "g0's load seen by g1", |m| {
+        m.iter().any(|x| x.node_id == "g0" && x.load > 0.0)
+    })
+    .await;
+    busy.abort();
     let started = Instant::now();
     nodes[2].kill9();
     wait_for(&nodes[0], "g2 down", |m| is_up(m, "g2") == Some(false)).await;

@@ -67,9 +67,16 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut last = (std::time::Instant::now(), service.requests_served());
             while !stop.is_cancelled() {
                 tokio::select! {
-                    _ = tick.tick() => g.publish(service.health()).await,
+                    _ = tick.tick() => {
+                        let now = (std::time::Instant::now(), service.requests_served());
+                        let secs = now.0.duration_since(last.0).as_secs_f64().max(0.001);
+                        let load = (now.1 - last.1) as f64 / secs;
+                        last = now;
+                        g.publish(service.health(load)).await;
+                    }
                     () = stop.cancelled() => break,
                 }
             }

@@ -4,6 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -27,6 +28,8 @@ const MAX_SCAN_BATCH: usize = 1000;
 
 pub struct StorageService {
     node_id: String,
+    /// Requests served, for the load this node gossips.
+    requests: AtomicU64,
     engine: Arc<Engine>,
     streams: StreamManager,
     gossip: Option<Arc<Gossip>>,
@@ -52,7 +55,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| from_engine(&e))
 }
 
-fn observe<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
+fn observe<T>(
+    service: &StorageService,
+    rpc: &'static str,
+    started: Instant,
+    result: &Result<T, Status>,
+) {
+    service.requests.fetch_add(1, Ordering::Relaxed);
     let code = match result {
         Ok(_) => "ok".to_owned(),
         Err(s) => format!("{:?}", super::errors::code_in(s)),
@@ -66,6 +75,7 @@ impl StorageService {
     pub fn new(node_id: String, engine: Arc<Engine>, gossip: Option<Arc<Gossip>>) -> Self {
         Self {
             node_id,
+            requests: AtomicU64::new(0),
             streams: StreamManager::new(engine.clone()),
             engine,
             gossip,
@@ -106,12 +116,18 @@ impl StorageService {
         self.apply(record).await.map(Response::new)
     }
 
-    pub fn health(&self) -> Health {
+    /// Requests served so far (the gossip publisher turns it into requests per second).
+    pub fn requests_served(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Disk-based health with the given load (requests per second).
+    pub fn health(&self, load: f64) -> Health {
         let disk_percent = self.engine.stats().disk_usage_percent;
         Health {
             status: health_status(disk_percent),
             disk_percent,
-            load: 0.0,
+            load,
         }
     }
 }
@@ -126,7 +142,7 @@ impl StorageNode for StorageService {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let started = Instant::now();
         let result = self.apply_proto(req.into_inner().record).await;
-        observe("write", started, &result);
+        observe(self, "write", started, &result);
         result
     }
 
@@ -144,7 +160,7 @@ impl StorageNode for StorageService {
                     record: found.map(|r| record_to_proto(&r)),
                 })
             });
-        observe("read", started, &result);
+        observe(self, "read", started, &result);
         result
     }
 
@@ -165,7 +181,7 @@ impl StorageNode for StorageService {
                 .await
                 .map(Response::new),
         };
-        observe("delete", started, &result);
+        observe(self, "delete", started, &result);
         result
     }
 
@@ -175,7 +191,7 @@ impl StorageNode for StorageService {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let started = Instant::now();
         let result = self.apply_proto(req.into_inner().record).await;
-        observe("repair", started, &result);
+        observe(self, "repair", started, &result);
         result
     }
 
@@ -217,7 +233,7 @@ impl StorageNode for StorageService {
                     })
             }
         };
-        observe("write_batch", started, &result);
+        observe(self, "write_batch", started, &result);
         result
     }
 
@@ -308,6 +324,7 @@ impl StorageNode for StorageService {
         &self,
         _req: Request<pb::HealthCheckRequest>,
     ) -> Result<Response<pb::HealthCheckResponse>, Status> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let stats = self.engine.stats();
         Ok(Response::new(pb::HealthCheckResponse {
             node_id: self.node_id.clone(),
@@ -328,7 +345,7 @@ impl StorageNode for StorageService {
         let (tx, rx) = mpsc::channel(4);
         let gossip = self.gossip.clone();
         let node_id = self.node_id.clone();
-        let health = self.health();
+        let health = self.health(0.0);
         tokio::spawn(async move {
             let mut last: Option<Vec<pb::MemberHealth>> = None;
             loop {
