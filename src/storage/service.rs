@@ -55,6 +55,18 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| from_engine(&e))
 }
 
+/// Runs one RPC body, counting it and recording its latency and outcome code.
+async fn timed<T>(
+    service: &StorageService,
+    rpc: &'static str,
+    body: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let started = Instant::now();
+    let result = body.await;
+    observe(service, rpc, started, &result);
+    result
+}
+
 fn observe<T>(
     service: &StorageService,
     rpc: &'static str,
@@ -100,10 +112,7 @@ impl StorageService {
             }
         };
         Ok(pb::ApplyResponse {
-            outcome: match outcome {
-                ApplyOutcome::Applied => pb::ApplyOutcome::Applied,
-                ApplyOutcome::Ignored => pb::ApplyOutcome::IgnoredDominated,
-            } as i32,
+            outcome: outcome_to_proto(outcome) as i32,
             stored_version,
         })
     }
@@ -132,6 +141,13 @@ impl StorageService {
     }
 }
 
+fn outcome_to_proto(o: ApplyOutcome) -> pb::ApplyOutcome {
+    match o {
+        ApplyOutcome::Applied => pb::ApplyOutcome::Applied,
+        ApplyOutcome::Ignored => pb::ApplyOutcome::IgnoredDominated,
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -140,10 +156,7 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let started = Instant::now();
-        let result = self.apply_proto(req.into_inner().record).await;
-        observe(self, "write", started, &result);
-        result
+        timed(self, "write", self.apply_proto(req.into_inner().record)).await
     }
 
     async fn read(
@@ -189,10 +202,7 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let started = Instant::now();
-        let result = self.apply_proto(req.into_inner().record).await;
-        observe(self, "repair", started, &result);
-        result
+        timed(self, "repair", self.apply_proto(req.into_inner().record)).await
     }
 
     async fn write_batch(
@@ -222,12 +232,7 @@ impl StorageNode for StorageService {
                         Response::new(pb::WriteBatchResponse {
                             outcomes: outcomes
                                 .iter()
-                                .map(|o| match o {
-                                    ApplyOutcome::Applied => pb::ApplyOutcome::Applied as i32,
-                                    ApplyOutcome::Ignored => {
-                                        pb::ApplyOutcome::IgnoredDominated as i32
-                                    }
-                                })
+                                .map(|o| outcome_to_proto(*o) as i32)
                                 .collect(),
                         })
                     })
