@@ -651,3 +651,90 @@ async fn a_corrupt_commit_log_stops_the_node_unless_the_operator_skips_it() {
     restarted.kill().expect("kill");
     restarted.wait().expect("reap");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = StorageNode::start("s1", dir.path(), None);
+    let mut c = node.client().await;
+    let base = physical_counter(now_ms());
+    c.write(pb::WriteRequest {
+        record: Some(put("t", b"k", base + 5, b"current")),
+    })
+    .await
+    .expect("write");
+    let stale = c
+        .repair(pb::RepairRequest {
+            record: Some(put("t", b"k", base + 1, b"stale")),
+        })
+        .await
+        .expect("repair")
+        .into_inner();
+    assert_eq!(stale.outcome, pb::ApplyOutcome::IgnoredDominated as i32);
+    let newer = c
+        .repair(pb::RepairRequest {
+            record: Some(put("t", b"k", base + 9, b"repaired")),
+        })
+        .await
+        .expect("repair")
+        .into_inner();
+    assert_eq!(newer.outcome, pb::ApplyOutcome::Applied as i32);
+    let got = read(&mut c, "t", b"k").await.expect("k");
+    assert_eq!(
+        got.payload,
+        Some(pb::record::Payload::Value(b"repaired".to_vec()))
+    );
+
+    // A stream to a target that never answers keeps retrying until it is stopped.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    c.start_streaming(pb::StartStreamingRequest {
+        stream_id: "s".into(),
+        ranges: vec![cpb::HashRange { start: 0, end: 0 }],
+        target_node_id: "nobody".into(),
+        target_address: nowhere.to_string(),
+    })
+    .await
+    .expect("start");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = c
+        .stop_streaming(pb::StreamStatusRequest {
+            stream_id: "s".into(),
+        })
+        .await
+        .expect("stop")
+        .into_inner();
+    assert_eq!(stopped.state, pb::StreamState::Stopped as i32);
+    let later = c
+        .get_stream_status(pb::StreamStatusRequest {
+            stream_id: "s".into(),
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(later.state, pb::StreamState::Stopped as i32);
+    let unknown = c
+        .get_stream_status(pb::StreamStatusRequest {
+            stream_id: "nope".into(),
+        })
+        .await
+        .expect_err("unknown stream");
+    assert_eq!(unknown.code(), tonic::Code::InvalidArgument);
+    assert!(
+        c.drain(pb::DrainRequest {})
+            .await
+            .expect("drain")
+            .into_inner()
+            .drained
+    );
+    let health = c
+        .health_check(pb::HealthCheckRequest {})
+        .await
+        .expect("health")
+        .into_inner();
+    assert!(
+        health.sstable_count >= 1,
+        "drain flushed the memtable into a table"
+    );
+}
