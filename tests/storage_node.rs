@@ -82,6 +82,53 @@ async fn scan(
     out
 }
 
+async fn write(
+    client: &mut StorageNodeClient<Channel>,
+    record: pb::Record,
+) -> Result<pb::ApplyResponse, tonic::Status> {
+    client
+        .write(pb::WriteRequest {
+            record: Some(record),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn stream_status(
+    client: &mut StorageNodeClient<Channel>,
+    id: &str,
+) -> Result<pb::StreamStatus, tonic::Status> {
+    client
+        .get_stream_status(pb::StreamStatusRequest {
+            stream_id: id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Polls a stream until it completes; fails on `failed` or after `secs`.
+async fn wait_completed(
+    client: &mut StorageNodeClient<Channel>,
+    id: &str,
+    secs: u64,
+) -> pb::StreamStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = stream_status(client, id).await.expect("status");
+        if s.state == pb::StreamState::Completed as i32 {
+            return s;
+        }
+        assert_ne!(
+            s.state,
+            pb::StreamState::Failed as i32,
+            "stream failed: {}",
+            s.error
+        );
+        assert!(Instant::now() < deadline, "stream did not complete: {s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trips_and_bad_inputs() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -89,13 +136,9 @@ async fn round_trips_and_bad_inputs() {
     let mut c = node.client().await;
     let base = physical_counter(now_ms());
 
-    let r = c
-        .write(pb::WriteRequest {
-            record: Some(put("acme", b"user:1", base + 2, b"\"v2\"")),
-        })
+    let r = write(&mut c, put("acme", b"user:1", base + 2, b"\"v2\""))
         .await
-        .expect("write")
-        .into_inner();
+        .expect("write");
     assert_eq!(r.outcome, pb::ApplyOutcome::Applied as i32);
     let got = read(&mut c, "acme", b"user:1")
         .await
@@ -112,13 +155,9 @@ async fn round_trips_and_bad_inputs() {
     );
 
     // An older version is ignored and the stored one reported.
-    let r = c
-        .write(pb::WriteRequest {
-            record: Some(put("acme", b"user:1", base + 1, b"\"v1\"")),
-        })
+    let r = write(&mut c, put("acme", b"user:1", base + 1, b"\"v1\""))
         .await
-        .expect("write")
-        .into_inner();
+        .expect("write");
     assert_eq!(r.outcome, pb::ApplyOutcome::IgnoredDominated as i32);
     assert_eq!(r.stored_version.expect("stored").clock[0].counter, base + 2);
 
@@ -312,36 +351,17 @@ async fn streaming_copies_a_range_with_live_writes() {
     // A keeps serving during the copy, and writes made meanwhile reach B too.
     for n in 0..2000u64 {
         let key = format!("live-{n:05}");
-        ca.write(pb::WriteRequest {
-            record: Some(put("t", key.as_bytes(), base + 1_000_000 + n, b"live")),
-        })
+        write(
+            &mut ca,
+            put("t", key.as_bytes(), base + 1_000_000 + n, b"live"),
+        )
         .await
         .expect("live write");
         if n % 200 == 0 {
             assert!(read(&mut ca, "t", b"key-000007").await.is_some());
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let done = loop {
-        let s = ca
-            .get_stream_status(pb::StreamStatusRequest {
-                stream_id: "m1".into(),
-            })
-            .await
-            .expect("status")
-            .into_inner();
-        if s.state == pb::StreamState::Completed as i32 {
-            break s;
-        }
-        assert_ne!(
-            s.state,
-            pb::StreamState::Failed as i32,
-            "stream failed: {}",
-            s.error
-        );
-        assert!(Instant::now() < deadline, "stream did not complete: {s:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let done = wait_completed(&mut ca, "m1", 120).await;
     let expected = scan(&mut ca, start, end).await;
     let mut cb = b.client().await;
     let copied = scan(&mut cb, 0, 0).await;
@@ -447,11 +467,9 @@ async fn data_dir_lock_metrics_and_graceful_shutdown() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut node = StorageNode::start("s1", dir.path(), None);
     let mut c = node.client().await;
-    c.write(pb::WriteRequest {
-        record: Some(put("t", b"k", physical_counter(now_ms()), b"v")),
-    })
-    .await
-    .expect("write");
+    write(&mut c, put("t", b"k", physical_counter(now_ms()), b"v"))
+        .await
+        .expect("write");
 
     let second = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))
         .args([
@@ -532,38 +550,14 @@ async fn streaming_survives_a_target_outage() {
     .await
     .expect("start");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let s = ca
-        .get_stream_status(pb::StreamStatusRequest {
-            stream_id: "outage".into(),
-        })
-        .await
-        .expect("status")
-        .into_inner();
+    let s = stream_status(&mut ca, "outage").await.expect("status");
     assert_eq!(
         s.state,
         pb::StreamState::Copying as i32,
         "waiting for the target, not failed: {s:?}"
     );
     b.restart();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = ca
-            .get_stream_status(pb::StreamStatusRequest {
-                stream_id: "outage".into(),
-            })
-            .await
-            .expect("status")
-            .into_inner();
-        if s.state == pb::StreamState::Completed as i32 {
-            break;
-        }
-        assert_ne!(s.state, pb::StreamState::Failed as i32, "{}", s.error);
-        assert!(
-            Instant::now() < deadline,
-            "no completion after the target came back: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_completed(&mut ca, "outage", 60).await;
     let mut cb = b.client().await;
     assert_eq!(scan(&mut cb, 0, 0).await.len(), 10_000);
 }
@@ -575,11 +569,9 @@ async fn a_corrupt_commit_log_stops_the_node_unless_the_operator_skips_it() {
     let mut c = node.client().await;
     let base = physical_counter(now_ms());
     for i in 0..20u64 {
-        c.write(pb::WriteRequest {
-            record: Some(put("t", format!("k{i}").as_bytes(), base + i, b"v")),
-        })
-        .await
-        .expect("write");
+        write(&mut c, put("t", format!("k{i}").as_bytes(), base + i, b"v"))
+            .await
+            .expect("write");
     }
     assert_eq!(node.terminate().code(), Some(0));
     let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("wal"))
@@ -658,11 +650,9 @@ async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
     let node = StorageNode::start("s1", dir.path(), None);
     let mut c = node.client().await;
     let base = physical_counter(now_ms());
-    c.write(pb::WriteRequest {
-        record: Some(put("t", b"k", base + 5, b"current")),
-    })
-    .await
-    .expect("write");
+    write(&mut c, put("t", b"k", base + 5, b"current"))
+        .await
+        .expect("write");
     let stale = c
         .repair(pb::RepairRequest {
             record: Some(put("t", b"k", base + 1, b"stale")),
@@ -706,18 +696,9 @@ async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
         .expect("stop")
         .into_inner();
     assert_eq!(stopped.state, pb::StreamState::Stopped as i32);
-    let later = c
-        .get_stream_status(pb::StreamStatusRequest {
-            stream_id: "s".into(),
-        })
-        .await
-        .expect("status")
-        .into_inner();
+    let later = stream_status(&mut c, "s").await.expect("status");
     assert_eq!(later.state, pb::StreamState::Stopped as i32);
-    let unknown = c
-        .get_stream_status(pb::StreamStatusRequest {
-            stream_id: "nope".into(),
-        })
+    let unknown = stream_status(&mut c, "nope")
         .await
         .expect_err("unknown stream");
     assert_eq!(unknown.code(), tonic::Code::InvalidArgument);
