@@ -1,0 +1,24 @@
+-- pairdb metadata (PostgreSQL). Applied at coordinator start; idempotent.
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant_id TEXT PRIMARY KEY,
+    replication_factor BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS storage_nodes (
+    node_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    port BIGINT NOT NULL,
+    virtual_nodes BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS hints (
+    id BIGSERIAL PRIMARY KEY,
+    target_node TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    record BYTEA NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS hints_by_target ON hints (target_node, id);

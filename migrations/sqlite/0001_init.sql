@@ -1,0 +1,24 @@
+-- pairdb metadata (SQLite, the embedded default). Applied at coordinator start; idempotent.
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant_id TEXT PRIMARY KEY,
+    replication_factor INTEGER NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS storage_nodes (
+    node_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    virtual_nodes INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS hints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    target_node TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    record BLOB NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS hints_by_target ON hints (target_node, id);

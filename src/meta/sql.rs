@@ -1,0 +1,339 @@
+//! [`MetadataStore`] on SQL through sqlx's `Any` driver: the same queries for PostgreSQL and
+//! SQLite (integers are BIGINT, times are epoch milliseconds, placeholders `$n` in order). The
+//! schema (`migrations/<backend>/`) is applied at connect; it is idempotent.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::ring::NodeState;
+
+use super::{Hint, MetaError, MetadataStore, NodeRecord, Tenant};
+
+const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
+const SQLITE_SCHEMA: &str = include_str!("../../migrations/sqlite/0001_init.sql");
+
+pub struct SqlMetadataStore {
+    pool: AnyPool,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn unavailable(e: sqlx::Error) -> MetaError {
+    MetaError::Unavailable(e.to_string())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}
+
+fn state_name(s: NodeState) -> &'static str {
+    s.as_str()
+}
+
+fn parse_state(s: &str) -> Result<NodeState, MetaError> {
+    match s {
+        "active" => Ok(NodeState::Active),
+        "bootstrapping" => Ok(NodeState::Bootstrapping),
+        "draining" => Ok(NodeState::Draining),
+        "down" => Ok(NodeState::Down),
+        "failed" => Ok(NodeState::Failed),
+        other => Err(MetaError::Corrupt(format!("unknown node state {other:?}"))),
+    }
+}
+
+fn int<T: TryFrom<i64>>(row: &AnyRow, col: &str) -> Result<T, MetaError> {
+    let v: i64 = row
+        .try_get(col)
+        .map_err(|e| MetaError::Corrupt(e.to_string()))?;
+    T::try_from(v).map_err(|_| MetaError::Corrupt(format!("{col} = {v} out of range")))
+}
+
+fn text(row: &AnyRow, col: &str) -> Result<String, MetaError> {
+    row.try_get(col)
+        .map_err(|e| MetaError::Corrupt(e.to_string()))
+}
+
+fn tenant(row: &AnyRow) -> Result<Tenant, MetaError> {
+    Ok(Tenant {
+        tenant_id: text(row, "tenant_id")?,
+        replication_factor: int(row, "replication_factor")?,
+        created_at_ms: int(row, "created_at_ms")?,
+        updated_at_ms: int(row, "updated_at_ms")?,
+    })
+}
+
+impl SqlMetadataStore {
+    /// Connects to `postgres://...` or `sqlite://path` and applies the schema. A SQLite file is
+    /// created if missing.
+    pub async fn connect(url: &str) -> Result<SqlMetadataStore, MetaError> {
+        sqlx::any::install_default_drivers();
+        let (url, schema, max) = if url.starts_with("sqlite:") {
+            let url = if url.contains('?') {
+                url.to_owned()
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            (url, SQLITE_SCHEMA, 1)
+        } else {
+            (url.to_owned(), POSTGRES_SCHEMA, 8)
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect(&url)
+            .await
+            .map_err(unavailable)?;
+        sqlx::raw_sql(schema)
+            .execute(&pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(SqlMetadataStore { pool })
+    }
+}
+
+#[tonic::async_trait]
+impl MetadataStore for SqlMetadataStore {
+    async fn ping(&self) -> Result<(), MetaError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn create_tenant(
+        &self,
+        tenant_id: &str,
+        replication_factor: u32,
+    ) -> Result<Tenant, MetaError> {
+        let now = now_ms();
+        let result = sqlx::query(
+            "INSERT INTO tenants (tenant_id, replication_factor, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(tenant_id)
+        .bind(i64::from(replication_factor))
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(Tenant {
+                tenant_id: tenant_id.to_owned(),
+                replication_factor,
+                created_at_ms: now,
+                updated_at_ms: now,
+            }),
+            Err(e) if is_unique_violation(&e) => Err(MetaError::Exists {
+                what: "tenant",
+                id: tenant_id.to_owned(),
+            }),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn get_tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, MetaError> {
+        let row = sqlx::query(
+            "SELECT tenant_id, replication_factor, created_at_ms, updated_at_ms FROM tenants WHERE tenant_id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(tenant).transpose()
+    }
+
+    async fn update_replication_factor(
+        &self,
+        tenant_id: &str,
+        replication_factor: u32,
+    ) -> Result<Tenant, MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let row = sqlx::query(
+            "SELECT tenant_id, replication_factor, created_at_ms, updated_at_ms FROM tenants WHERE tenant_id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let before = match row {
+            Some(row) => tenant(&row)?,
+            None => {
+                return Err(MetaError::NotFound {
+                    what: "tenant",
+                    id: tenant_id.to_owned(),
+                });
+            }
+        };
+        sqlx::query(
+            "UPDATE tenants SET replication_factor = $1, updated_at_ms = $2 WHERE tenant_id = $3",
+        )
+        .bind(i64::from(replication_factor))
+        .bind(now_ms())
+        .bind(tenant_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(before)
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT node_id, host, port, virtual_nodes, state FROM storage_nodes ORDER BY node_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok(NodeRecord {
+                    node_id: text(row, "node_id")?,
+                    host: text(row, "host")?,
+                    port: int(row, "port")?,
+                    virtual_nodes: int(row, "virtual_nodes")?,
+                    state: parse_state(&text(row, "state")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn add_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
+        let result = sqlx::query(
+            "INSERT INTO storage_nodes (node_id, host, port, virtual_nodes, state, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&node.node_id)
+        .bind(&node.host)
+        .bind(i64::from(node.port))
+        .bind(i64::from(node.virtual_nodes))
+        .bind(state_name(node.state))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(MetaError::Exists {
+                what: "storage node",
+                id: node.node_id.clone(),
+            }),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn set_node_state(&self, node_id: &str, state: NodeState) -> Result<(), MetaError> {
+        let done = sqlx::query(
+            "UPDATE storage_nodes SET state = $1, updated_at_ms = $2 WHERE node_id = $3",
+        )
+        .bind(state_name(state))
+        .bind(now_ms())
+        .bind(node_id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(MetaError::NotFound {
+                what: "storage node",
+                id: node_id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn remove_node(&self, node_id: &str) -> Result<(), MetaError> {
+        let done = sqlx::query("DELETE FROM storage_nodes WHERE node_id = $1")
+            .bind(node_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(MetaError::NotFound {
+                what: "storage node",
+                id: node_id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn store_hints(&self, hints: &[Hint]) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for h in hints {
+            sqlx::query(
+                "INSERT INTO hints (target_node, tenant_id, record, created_at_ms, attempts) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&h.target_node)
+            .bind(&h.tenant_id)
+            .bind(h.record.clone())
+            .bind(h.created_at_ms)
+            .bind(i64::from(h.attempts))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn hints_for(&self, target_node: &str, limit: u32) -> Result<Vec<Hint>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT id, target_node, tenant_id, record, created_at_ms, attempts FROM hints WHERE target_node = $1 ORDER BY id LIMIT $2",
+        )
+        .bind(target_node)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Hint {
+                    id: int(row, "id")?,
+                    target_node: text(row, "target_node")?,
+                    tenant_id: text(row, "tenant_id")?,
+                    record: row
+                        .try_get("record")
+                        .map_err(|e| MetaError::Corrupt(e.to_string()))?,
+                    created_at_ms: int(row, "created_at_ms")?,
+                    attempts: int(row, "attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_hints(&self, ids: &[i64]) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for id in ids {
+            sqlx::query("DELETE FROM hints WHERE id = $1")
+                .bind(*id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn record_hint_attempt(&self, ids: &[i64]) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for id in ids {
+            sqlx::query("UPDATE hints SET attempts = attempts + 1 WHERE id = $1")
+                .bind(*id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn hint_counts(&self) -> Result<Vec<(String, u64)>, MetaError> {
+        let rows = sqlx::query("SELECT target_node, COUNT(*) AS n FROM hints GROUP BY target_node ORDER BY target_node")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| Ok((text(row, "target_node")?, int(row, "n")?)))
+            .collect()
+    }
+}

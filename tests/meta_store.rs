@@ -1,0 +1,309 @@
+//! One test suite for both metadata store backends: SQLite (embedded) and PostgreSQL (a
+//! throwaway server started from the machine's binaries; skipped with a message when they are
+//! missing, a failure under CI=true).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use pairdb::meta::{Hint, MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
+use pairdb::ring::NodeState;
+
+fn node(id: &str, state: NodeState) -> NodeRecord {
+    NodeRecord {
+        node_id: id.into(),
+        host: "127.0.0.1".into(),
+        port: 7101,
+        virtual_nodes: 150,
+        state,
+    }
+}
+
+fn hint(target: &str, n: u8) -> Hint {
+    Hint {
+        id: 0,
+        target_node: target.into(),
+        tenant_id: "acme".into(),
+        record: vec![n, 0, 255, n],
+        created_at_ms: 1_700_000_000_000 + i64::from(n),
+        attempts: 0,
+    }
+}
+
+/// The behaviour both backends must share. `a` and `b` are two connections to one store, as
+/// two coordinators would have.
+async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
+    a.ping().await.expect("ping");
+
+    let t = a.create_tenant("acme", 3).await.expect("create");
+    assert_eq!((t.tenant_id.as_str(), t.replication_factor), ("acme", 3));
+    assert!(matches!(
+        a.create_tenant("acme", 1).await,
+        Err(MetaError::Exists { .. })
+    ));
+    let seen = b
+        .get_tenant("acme")
+        .await
+        .expect("get")
+        .expect("visible to the other coordinator");
+    assert_eq!(seen, t);
+    assert_eq!(a.get_tenant("nobody").await.expect("get"), None);
+    let before = a
+        .update_replication_factor("acme", 5)
+        .await
+        .expect("update");
+    assert_eq!(before.replication_factor, 3);
+    let after = b.get_tenant("acme").await.expect("get").expect("tenant");
+    assert_eq!(after.replication_factor, 5);
+    assert!(after.updated_at_ms >= after.created_at_ms);
+    assert!(matches!(
+        a.update_replication_factor("nobody", 2).await,
+        Err(MetaError::NotFound { .. })
+    ));
+
+    a.add_node(&node("s2", NodeState::Active))
+        .await
+        .expect("add");
+    a.add_node(&node("s1", NodeState::Bootstrapping))
+        .await
+        .expect("add");
+    assert!(matches!(
+        b.add_node(&node("s1", NodeState::Active)).await,
+        Err(MetaError::Exists { .. })
+    ));
+    let nodes = b.list_nodes().await.expect("list");
+    assert_eq!(
+        nodes,
+        vec![
+            node("s1", NodeState::Bootstrapping),
+            node("s2", NodeState::Active)
+        ]
+    );
+    b.set_node_state("s1", NodeState::Active)
+        .await
+        .expect("state");
+    a.set_node_state("s2", NodeState::Down)
+        .await
+        .expect("state");
+    assert_eq!(
+        a.list_nodes().await.expect("list"),
+        vec![node("s1", NodeState::Active), node("s2", NodeState::Down)]
+    );
+    assert!(matches!(
+        a.set_node_state("s9", NodeState::Active).await,
+        Err(MetaError::NotFound { .. })
+    ));
+    a.remove_node("s1").await.expect("remove");
+    assert_eq!(b.list_nodes().await.expect("list").len(), 1);
+    assert!(matches!(
+        a.remove_node("s1").await,
+        Err(MetaError::NotFound { .. })
+    ));
+
+    a.store_hints(&[hint("s2", 1), hint("s2", 2), hint("s3", 9), hint("s2", 3)])
+        .await
+        .expect("hints");
+    let first = b.hints_for("s2", 2).await.expect("hints");
+    assert_eq!(
+        first.iter().map(|h| h.record[0]).collect::<Vec<_>>(),
+        vec![1, 2],
+        "oldest first"
+    );
+    assert_eq!(first[0].record, vec![1, 0, 255, 1], "bytes intact");
+    assert_eq!(first[0].created_at_ms, 1_700_000_000_001);
+    assert_eq!(
+        a.hint_counts().await.expect("counts"),
+        vec![("s2".to_owned(), 3), ("s3".to_owned(), 1)]
+    );
+    let ids: Vec<i64> = first.iter().map(|h| h.id).collect();
+    a.record_hint_attempt(&ids).await.expect("attempt");
+    assert!(
+        a.hints_for("s2", 2)
+            .await
+            .expect("hints")
+            .iter()
+            .all(|h| h.attempts == 1)
+    );
+    b.delete_hints(&ids).await.expect("delete");
+    let left = a.hints_for("s2", 10).await.expect("hints");
+    assert_eq!(
+        left.iter().map(|h| h.record[0]).collect::<Vec<_>>(),
+        vec![3]
+    );
+    assert_eq!(a.hints_for("nobody", 10).await.expect("hints"), vec![]);
+}
+
+#[tokio::test]
+async fn sqlite_store_passes_the_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let a = SqlMetadataStore::connect(&url).await.expect("connect a");
+    let b = SqlMetadataStore::connect(&url).await.expect("connect b");
+    suite(&a, &b).await;
+    // The schema is applied again on every start without harm, and the data is kept.
+    drop((a, b));
+    let again = SqlMetadataStore::connect(&url).await.expect("reconnect");
+    assert_eq!(
+        again
+            .get_tenant("acme")
+            .await
+            .expect("get")
+            .map(|t| t.replication_factor),
+        Some(5)
+    );
+}
+
+/// A throwaway PostgreSQL server on a free port, stopped on drop.
+struct Postgres {
+    bin: PathBuf,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+    port: u16,
+}
+
+fn postgres_bin() -> Option<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+fn as_postgres_user(bin: &std::path::Path, tool: &str, args: &[&str]) -> std::process::Output {
+    let is_root = nix::unistd::Uid::effective().is_root();
+    let mut cmd = if is_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+        c
+    } else {
+        Command::new(bin.join(tool))
+    };
+    cmd.args(args).output().expect("run a PostgreSQL tool")
+}
+
+impl Postgres {
+    fn start() -> Option<Postgres> {
+        let bin = postgres_bin()?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir");
+        if nix::unistd::Uid::effective().is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&data)
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown the data dir to postgres");
+        }
+        let data_s = data.to_str().expect("utf-8 path");
+        let out = as_postgres_user(
+            &bin,
+            "initdb",
+            &["-D", data_s, "-A", "trust", "-U", "postgres", "-N"],
+        );
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let opts = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories= -c fsync=off"
+        );
+        let log = data.join("postgres.log");
+        let out = as_postgres_user(
+            &bin,
+            "pg_ctl",
+            &[
+                "-D",
+                data_s,
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().expect("utf-8"),
+                "-w",
+                "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {} {}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Some(Postgres {
+            bin,
+            data,
+            _dir: dir,
+            port,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.data.to_str().unwrap_or_default().to_owned();
+        let _ = as_postgres_user(
+            &self.bin,
+            "pg_ctl",
+            &["-D", &data, "-m", "immediate", "stop"],
+        );
+    }
+}
+
+#[tokio::test]
+async fn postgres_store_passes_the_suite() {
+    let Some(pg) = Postgres::start() else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but no PostgreSQL binaries in /usr/lib/postgresql"
+        );
+        eprintln!(
+            "SKIPPED postgres_store_passes_the_suite: no PostgreSQL binaries (apt-get install postgresql)"
+        );
+        return;
+    };
+    let a = SqlMetadataStore::connect(&pg.url())
+        .await
+        .expect("connect a");
+    let b = SqlMetadataStore::connect(&pg.url())
+        .await
+        .expect("connect b");
+    suite(&a, &b).await;
+    drop((a, b));
+    let again = SqlMetadataStore::connect(&pg.url())
+        .await
+        .expect("reconnect applies the schema again");
+    assert_eq!(
+        again
+            .get_tenant("acme")
+            .await
+            .expect("get")
+            .map(|t| t.replication_factor),
+        Some(5)
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let err = SqlMetadataStore::connect(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+        .await
+        .err()
+        .expect("nothing listens there");
+    assert!(matches!(err, MetaError::Unavailable(_)), "{err}");
+}
