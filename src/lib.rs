@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod idempotency;
 pub mod meta;
 pub mod metrics;
 pub mod quorum;

@@ -1,0 +1,93 @@
+//! The idempotency store (SEMANTICS.md, "Idempotency"): per `idem:{tenant}:{key}:{idempotency
+//! key}`, a lock taken by the first request (SET NX PX, 30 s) and, once its write reached its
+//! required acks, the fingerprint of the request and its response (TTL 24 h). Two
+//! implementations with the same semantics and one test suite (`tests/idempotency_store.rs`):
+//! Redis through fred ([`RedisIdempotencyStore`]) and in-process ([`MemoryIdempotencyStore`]).
+
+mod memory;
+mod redis;
+
+use std::time::Duration;
+
+pub use memory::MemoryIdempotencyStore;
+pub use redis::RedisIdempotencyStore;
+
+/// How long a request holds the lock before others may take over.
+pub const LOCK_TTL: Duration = Duration::from_secs(30);
+/// How long a stored response is replayed.
+pub const RESPONSE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdemError {
+    #[error("idempotency store unavailable: {0}")]
+    Unavailable(String),
+    #[error("idempotency store holds a malformed entry for {0}")]
+    Corrupt(String),
+}
+
+/// The first response stored under a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// Fingerprint of the request that produced it (a different one is a conflict).
+    pub fingerprint: String,
+    pub response: Vec<u8>,
+}
+
+/// What a request finds when it claims its idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This request holds the lock: perform the write, then `complete` (or `release`).
+    Acquired,
+    /// A first request finished: replay its response (or report a conflict).
+    Done(StoredResponse),
+    /// Another request holds the lock: wait and claim again.
+    Busy,
+}
+
+/// The store key of an idempotency key.
+pub fn store_key(tenant: &str, key: &[u8], idempotency_key: &str) -> String {
+    format!("idem:{tenant}:{}:{idempotency_key}", hex(key))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    async fn ping(&self) -> Result<(), IdemError>;
+    async fn claim(&self, key: &str, lock_ttl: Duration) -> Result<Claim, IdemError>;
+    /// Stores the response and drops the lock.
+    async fn complete(
+        &self,
+        key: &str,
+        stored: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), IdemError>;
+    /// Drops the lock without a response (the write failed; a retry may try again).
+    async fn release(&self, key: &str) -> Result<(), IdemError>;
+}
+
+/// `fp_len:u32 fp response` — one value per key in both implementations.
+fn encode(stored: &StoredResponse) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + stored.fingerprint.len() + stored.response.len());
+    out.extend_from_slice(&(stored.fingerprint.len() as u32).to_le_bytes());
+    out.extend_from_slice(stored.fingerprint.as_bytes());
+    out.extend_from_slice(&stored.response);
+    out
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<StoredResponse, IdemError> {
+    let corrupt = || IdemError::Corrupt(key.to_owned());
+    let len_bytes: [u8; 4] = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(corrupt)?;
+    let len = u32::from_le_bytes(len_bytes) as usize;
+    let fp = bytes.get(4..4 + len).ok_or_else(corrupt)?;
+    Ok(StoredResponse {
+        fingerprint: String::from_utf8(fp.to_vec()).map_err(|_| corrupt())?,
+        response: bytes.get(4 + len..).ok_or_else(corrupt)?.to_vec(),
+    })
+}
