@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod coordinator;
 pub mod engine;
 pub mod idempotency;
 pub mod meta;

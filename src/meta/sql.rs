@@ -96,6 +96,11 @@ impl SqlMetadataStore {
             .map_err(unavailable)?;
         Ok(SqlMetadataStore { pool })
     }
+
+    /// Closes every connection; later calls fail with `Unavailable`.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
 }
 
 #[tonic::async_trait]
