@@ -130,6 +130,16 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         vec![3]
     );
     assert_eq!(a.hints_for("nobody", 10).await.expect("hints"), vec![]);
+
+    assert_eq!(a.load_clock("c1").await.expect("clock"), 0);
+    a.store_clock("c1", 500).await.expect("clock");
+    b.store_clock("c1", 400)
+        .await
+        .expect("a lower mark is ignored");
+    assert_eq!(b.load_clock("c1").await.expect("clock"), 500);
+    b.store_clock("c1", 900).await.expect("clock");
+    assert_eq!(a.load_clock("c1").await.expect("clock"), 900);
+    assert_eq!(a.load_clock("c2").await.expect("clock"), 0);
 }
 
 #[tokio::test]

@@ -22,3 +22,8 @@ CREATE TABLE IF NOT EXISTS hints (
     attempts BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS hints_by_target ON hints (target_node, id);
+-- Durable high-water mark of each coordinator's hybrid logical clock (vclock::HybridClock).
+CREATE TABLE IF NOT EXISTS coordinator_clocks (
+    coordinator_id TEXT PRIMARY KEY,
+    high_water BIGINT NOT NULL
+);

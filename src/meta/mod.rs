@@ -84,4 +84,8 @@ pub trait MetadataStore: Send + Sync {
     async fn record_hint_attempt(&self, ids: &[i64]) -> Result<(), MetaError>;
     /// Number of hints kept per target node.
     async fn hint_counts(&self) -> Result<Vec<(String, u64)>, MetaError>;
+    /// The durable high-water mark of a coordinator's clock (0 for a new coordinator).
+    async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError>;
+    /// Raises the durable high-water mark (never lowers it).
+    async fn store_clock(&self, coordinator_id: &str, high_water: u64) -> Result<(), MetaError>;
 }

@@ -341,4 +341,31 @@ impl MetadataStore for SqlMetadataStore {
             .map(|row| Ok((text(row, "target_node")?, int(row, "n")?)))
             .collect()
     }
+
+    async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError> {
+        let row =
+            sqlx::query("SELECT high_water FROM coordinator_clocks WHERE coordinator_id = $1")
+                .bind(coordinator_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        row.as_ref().map_or(Ok(0), |r| int(r, "high_water"))
+    }
+
+    async fn store_clock(&self, coordinator_id: &str, high_water: u64) -> Result<(), MetaError> {
+        let value = i64::try_from(high_water).map_err(|_| {
+            MetaError::Corrupt(format!("clock high-water {high_water} out of range"))
+        })?;
+        sqlx::query(
+            "INSERT INTO coordinator_clocks (coordinator_id, high_water) VALUES ($1, $2) \
+             ON CONFLICT (coordinator_id) DO UPDATE SET high_water = excluded.high_water \
+             WHERE coordinator_clocks.high_water < excluded.high_water",
+        )
+        .bind(coordinator_id)
+        .bind(value)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
 }
