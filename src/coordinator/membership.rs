@@ -1,0 +1,82 @@
+//! Membership as the storage nodes' gossip sees it. The coordinator follows one node's
+//! `WatchHealth` stream (any registered node will do; on error it moves to the next) and keeps
+//! the set of nodes reported down: reads skip them, writes to them become hints.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use crate::rpc::storage as pb;
+
+use super::storage_pool::StoragePool;
+
+#[derive(Default)]
+pub struct Membership {
+    members: RwLock<Vec<pb::MemberHealth>>,
+    down: RwLock<HashSet<String>>,
+}
+
+impl Membership {
+    pub fn is_down(&self, node_id: &str) -> bool {
+        self.down.read().contains(node_id)
+    }
+
+    pub fn members(&self) -> Vec<pb::MemberHealth> {
+        self.members.read().clone()
+    }
+
+    fn update(&self, members: Vec<pb::MemberHealth>) {
+        let down: HashSet<String> = members
+            .iter()
+            .filter(|m| !m.up)
+            .map(|m| m.node_id.clone())
+            .collect();
+        *self.down.write() = down;
+        *self.members.write() = members;
+    }
+
+    /// Follows `WatchHealth` from the given storage nodes (`(node_id, grpc address)`), trying
+    /// them in turn, until `stop` is cancelled.
+    pub fn follow(
+        nodes: Vec<(String, String)>,
+        pool: Arc<StoragePool>,
+        stop: CancellationToken,
+    ) -> Arc<Membership> {
+        let membership = Arc::new(Membership::default());
+        let me = membership.clone();
+        tokio::spawn(async move {
+            let mut next = 0usize;
+            while !stop.is_cancelled() && !nodes.is_empty() {
+                let (id, address) = &nodes[next % nodes.len()];
+                next += 1;
+                let watched = async {
+                    let mut client = pool.client(id, address)?;
+                    let mut stream = client
+                        .watch_health(pb::WatchHealthRequest {})
+                        .await
+                        .map_err(|e| e.message().to_owned())?
+                        .into_inner();
+                    while let Some(update) =
+                        stream.message().await.map_err(|e| e.message().to_owned())?
+                    {
+                        me.update(update.members);
+                    }
+                    Ok::<(), String>(())
+                };
+                tokio::select! {
+                    result = watched => {
+                        if let Err(e) = result {
+                            tracing::debug!(node = %id, error = %e, "membership watch ended; trying the next node");
+                        }
+                    }
+                    () = stop.cancelled() => return,
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        membership
+    }
+}
