@@ -33,6 +33,17 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
 }
 
+/// `NotFound` when a statement about one node touched no row.
+fn node_found(rows: u64, node_id: &str) -> Result<(), MetaError> {
+    if rows == 0 {
+        return Err(MetaError::NotFound {
+            what: "storage node",
+            id: node_id.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 fn state_name(s: NodeState) -> &'static str {
     s.as_str()
 }
@@ -95,6 +106,19 @@ impl SqlMetadataStore {
             .await
             .map_err(unavailable)?;
         Ok(SqlMetadataStore { pool })
+    }
+
+    /// Runs `sql` (with `$1` = id) for every id, in one transaction.
+    async fn for_each_id(&self, sql: &str, ids: &[i64]) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for id in ids {
+            sqlx::query(sql)
+                .bind(*id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
     }
 
     /// Closes every connection; later calls fail with `Unavailable`.
@@ -241,13 +265,7 @@ impl MetadataStore for SqlMetadataStore {
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
-        if done.rows_affected() == 0 {
-            return Err(MetaError::NotFound {
-                what: "storage node",
-                id: node_id.to_owned(),
-            });
-        }
-        Ok(())
+        node_found(done.rows_affected(), node_id)
     }
 
     async fn remove_node(&self, node_id: &str) -> Result<(), MetaError> {
@@ -256,13 +274,7 @@ impl MetadataStore for SqlMetadataStore {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
-        if done.rows_affected() == 0 {
-            return Err(MetaError::NotFound {
-                what: "storage node",
-                id: node_id.to_owned(),
-            });
-        }
-        Ok(())
+        node_found(done.rows_affected(), node_id)
     }
 
     async fn store_hints(&self, hints: &[Hint]) -> Result<(), MetaError> {
@@ -309,27 +321,16 @@ impl MetadataStore for SqlMetadataStore {
     }
 
     async fn delete_hints(&self, ids: &[i64]) -> Result<(), MetaError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        for id in ids {
-            sqlx::query("DELETE FROM hints WHERE id = $1")
-                .bind(*id)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)
+        self.for_each_id("DELETE FROM hints WHERE id = $1", ids)
+            .await
     }
 
     async fn record_hint_attempt(&self, ids: &[i64]) -> Result<(), MetaError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        for id in ids {
-            sqlx::query("UPDATE hints SET attempts = attempts + 1 WHERE id = $1")
-                .bind(*id)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)
+        self.for_each_id(
+            "UPDATE hints SET attempts = attempts + 1 WHERE id = $1",
+            ids,
+        )
+        .await
     }
 
     async fn hint_counts(&self) -> Result<Vec<(String, u64)>, MetaError> {
