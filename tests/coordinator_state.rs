@@ -7,6 +7,15 @@ use std::time::Duration;
 use pairdb::coordinator::tenant_cache::TenantCache;
 use pairdb::meta::{MetaError, MetadataStore, SqlMetadataStore};
 
+/// The replication factor the cache answers for a tenant.
+async fn rf(cache: &TenantCache, tenant: &str) -> Option<u32> {
+    cache
+        .get(tenant)
+        .await
+        .expect("get")
+        .map(|t| t.replication_factor)
+}
+
 #[tokio::test]
 async fn cache_serves_fresh_then_refreshes_and_survives_an_outage() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -16,14 +25,7 @@ async fn cache_serves_fresh_then_refreshes_and_survives_an_outage() {
     store.create_tenant("acme", 3).await.expect("create");
     let cache = TenantCache::new(store.clone(), Duration::from_millis(300));
 
-    assert_eq!(
-        cache
-            .get("acme")
-            .await
-            .expect("get")
-            .map(|t| t.replication_factor),
-        Some(3)
-    );
+    assert_eq!(rf(&cache, "acme").await, Some(3));
     assert_eq!(cache.get("nobody").await.expect("get"), None);
 
     // Another coordinator changes the RF: this one sees it once the entry is older than the TTL.
@@ -31,23 +33,9 @@ async fn cache_serves_fresh_then_refreshes_and_survives_an_outage() {
         .update_replication_factor("acme", 5)
         .await
         .expect("update");
-    assert_eq!(
-        cache
-            .get("acme")
-            .await
-            .expect("get")
-            .map(|t| t.replication_factor),
-        Some(3)
-    );
+    assert_eq!(rf(&cache, "acme").await, Some(3));
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        cache
-            .get("acme")
-            .await
-            .expect("get")
-            .map(|t| t.replication_factor),
-        Some(5)
-    );
+    assert_eq!(rf(&cache, "acme").await, Some(5));
 
     // A local change replaces the entry at once.
     let before = store
@@ -57,26 +45,12 @@ async fn cache_serves_fresh_then_refreshes_and_survives_an_outage() {
     let mut changed = before.clone();
     changed.replication_factor = 2;
     cache.put(changed);
-    assert_eq!(
-        cache
-            .get("acme")
-            .await
-            .expect("get")
-            .map(|t| t.replication_factor),
-        Some(2)
-    );
+    assert_eq!(rf(&cache, "acme").await, Some(2));
 
     // The store goes down: the known tenant keeps working past its TTL, an unknown one fails.
     store.close().await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        cache
-            .get("acme")
-            .await
-            .expect("stale but served")
-            .map(|t| t.replication_factor),
-        Some(2)
-    );
+    assert_eq!(rf(&cache, "acme").await, Some(2));
     assert!(matches!(
         cache.get("globex").await,
         Err(MetaError::Unavailable(_))
