@@ -142,24 +142,25 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     assert_eq!(a.load_clock("c2").await.expect("clock"), 0);
 }
 
+/// Runs the suite over two connections to `url`, then checks that reconnecting (which applies
+/// the schema again) keeps the data.
+async fn suite_then_reconnect(url: &str) {
+    let a = SqlMetadataStore::connect(url).await.expect("connect a");
+    let b = SqlMetadataStore::connect(url).await.expect("connect b");
+    suite(&a, &b).await;
+    drop((a, b));
+    let again = SqlMetadataStore::connect(url)
+        .await
+        .expect("reconnect applies the schema again");
+    let tenant = again.get_tenant("acme").await.expect("get");
+    assert_eq!(tenant.map(|t| t.replication_factor), Some(5));
+}
+
 #[tokio::test]
 async fn sqlite_store_passes_the_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("meta.db").display());
-    let a = SqlMetadataStore::connect(&url).await.expect("connect a");
-    let b = SqlMetadataStore::connect(&url).await.expect("connect b");
-    suite(&a, &b).await;
-    // The schema is applied again on every start without harm, and the data is kept.
-    drop((a, b));
-    let again = SqlMetadataStore::connect(&url).await.expect("reconnect");
-    assert_eq!(
-        again
-            .get_tenant("acme")
-            .await
-            .expect("get")
-            .map(|t| t.replication_factor),
-        Some(5)
-    );
+    suite_then_reconnect(&url).await;
 }
 
 /// A throwaway PostgreSQL server on a free port, stopped on drop.
@@ -284,25 +285,7 @@ async fn postgres_store_passes_the_suite() {
         );
         return;
     };
-    let a = SqlMetadataStore::connect(&pg.url())
-        .await
-        .expect("connect a");
-    let b = SqlMetadataStore::connect(&pg.url())
-        .await
-        .expect("connect b");
-    suite(&a, &b).await;
-    drop((a, b));
-    let again = SqlMetadataStore::connect(&pg.url())
-        .await
-        .expect("reconnect applies the schema again");
-    assert_eq!(
-        again
-            .get_tenant("acme")
-            .await
-            .expect("get")
-            .map(|t| t.replication_factor),
-        Some(5)
-    );
+    suite_then_reconnect(&pg.url()).await;
 }
 
 #[tokio::test]

@@ -94,6 +94,16 @@ async fn write(
         .map(tonic::Response::into_inner)
 }
 
+async fn repair(client: &mut StorageNodeClient<Channel>, record: pb::Record) -> pb::ApplyResponse {
+    client
+        .repair(pb::RepairRequest {
+            record: Some(record),
+        })
+        .await
+        .expect("repair")
+        .into_inner()
+}
+
 async fn stream_status(
     client: &mut StorageNodeClient<Channel>,
     id: &str,
@@ -653,21 +663,9 @@ async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
     write(&mut c, put("t", b"k", base + 5, b"current"))
         .await
         .expect("write");
-    let stale = c
-        .repair(pb::RepairRequest {
-            record: Some(put("t", b"k", base + 1, b"stale")),
-        })
-        .await
-        .expect("repair")
-        .into_inner();
+    let stale = repair(&mut c, put("t", b"k", base + 1, b"stale")).await;
     assert_eq!(stale.outcome, pb::ApplyOutcome::IgnoredDominated as i32);
-    let newer = c
-        .repair(pb::RepairRequest {
-            record: Some(put("t", b"k", base + 9, b"repaired")),
-        })
-        .await
-        .expect("repair")
-        .into_inner();
+    let newer = repair(&mut c, put("t", b"k", base + 9, b"repaired")).await;
     assert_eq!(newer.outcome, pb::ApplyOutcome::Applied as i32);
     let got = read(&mut c, "t", b"k").await.expect("k");
     assert_eq!(

@@ -540,6 +540,10 @@ impl Core {
     }
 
     fn wait_for_flush_room(&self) {
+        // The common case takes no lock: only stalled writers queue on `stall_lock`.
+        if self.state.read().immutables.len() < self.options.max_immutable_memtables {
+            return;
+        }
         let mut guard = self.stall_lock.lock();
         while self.snapshot().immutables.len() >= self.options.max_immutable_memtables
             && !self.closed.load(Ordering::Acquire)
