@@ -130,6 +130,24 @@ pub struct CoordinatorConfig {
     /// Gossip addresses of storage nodes, to follow membership.
     #[serde(deserialize_with = "list")]
     pub seeds: Vec<String>,
+    /// Deadline of one client request (all replica calls of it), in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Keep hints for replicas that missed writes (Cassandra's `hinted_handoff_enabled`).
+    pub hints_enabled: bool,
+    /// Hints older than this many seconds are dropped (they need repair instead).
+    pub max_hint_window_s: u64,
+    /// Delivery attempts of one hint before it is dropped.
+    pub max_hint_attempts: u32,
+    /// How often the hint replay loop looks for hints to deliver, in milliseconds.
+    pub hint_replay_interval_ms: u64,
+    /// How often the node registry is re-read from the metadata store, in milliseconds.
+    pub ring_refresh_ms: u64,
+    /// Tenant cache entries are fresh for this many seconds.
+    pub tenant_cache_ttl_s: u64,
+    /// Entries a vector clock keeps before the oldest counters are pruned.
+    pub max_clock_entries: usize,
+    /// Read repairs waiting to be sent; more are dropped (and counted).
+    pub read_repair_queue: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -141,6 +159,15 @@ impl Default for CoordinatorConfig {
             idempotency_url: "memory://".to_owned(),
             storage_nodes: Vec::new(),
             seeds: Vec::new(),
+            request_timeout_ms: 2_000,
+            hints_enabled: true,
+            max_hint_window_s: 3 * 3600,
+            max_hint_attempts: 100,
+            hint_replay_interval_ms: 1_000,
+            ring_refresh_ms: 2_000,
+            tenant_cache_ttl_s: 300,
+            max_clock_entries: 10,
+            read_repair_queue: 10_000,
         }
     }
 }
@@ -481,6 +508,17 @@ impl CoordinatorConfig {
         }
         for seed in &self.seeds {
             split_host_port(seed).map_err(|e| invalid(format!("--seeds: {e}")))?;
+        }
+        if self.request_timeout_ms == 0
+            || self.hint_replay_interval_ms == 0
+            || self.ring_refresh_ms == 0
+        {
+            return Err(invalid(
+                "coordinator request_timeout_ms, hint_replay_interval_ms and ring_refresh_ms must be > 0",
+            ));
+        }
+        if !(1..=1000).contains(&self.max_clock_entries) {
+            return Err(invalid("coordinator max_clock_entries must be 1..=1000"));
         }
         let mut ids: Vec<&str> = self.storage_nodes.iter().map(|n| n.id.as_str()).collect();
         ids.sort_unstable();

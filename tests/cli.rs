@@ -248,10 +248,25 @@ fn example_configs_are_valid() {
 }
 
 #[test]
-fn roles_not_built_yet_are_refused() {
-    let out = pairdb(&["--role=coordinator", "--node-id=c1"], &[]);
+fn coordinator_refuses_to_start_without_its_metadata_store() {
+    let out = pairdb(
+        &[
+            "--role=coordinator",
+            "--node-id=c1",
+            "--listen=127.0.0.1:0",
+            "--metadata-url=postgres://pairdb:secret@127.0.0.1:1/pairdb",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("role coordinator is not built yet"));
+    let err = stderr(&out);
+    assert!(err.contains("metadata store"), "{err}");
+    assert!(!err.contains("secret"), "password leaked: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn roles_not_built_yet_are_refused() {
     let out = pairdb(
         &["--role=storage,gateway", "--node-id=s1", "--auth=none"],
         &[],

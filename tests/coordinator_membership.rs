@@ -43,7 +43,8 @@ async fn membership_follows_gossip_and_fails_over() {
         .iter()
         .map(|n| (n.id.clone(), n.grpc.to_string()))
         .collect();
-    let membership = Membership::follow(registry, pool.clone(), stop.clone());
+    let membership = Arc::new(Membership::default());
+    membership.follow(move || registry.clone(), pool.clone(), stop.clone());
 
     wait_until("both nodes up", || {
         membership.members().iter().filter(|m| m.up).count() == 2

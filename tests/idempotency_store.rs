@@ -1,9 +1,11 @@
 //! One test suite for both idempotency stores: in-process and Redis (a throwaway redis-server
 //! on a free port; skipped with a message when the binary is missing, a failure under CI=true).
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::backends::{Redis, skip_or_fail};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pairdb::idempotency::{
     Claim, IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore, StoredResponse,
@@ -125,59 +127,12 @@ async fn memory_store_passes_the_suite() {
     suite(Arc::new(MemoryIdempotencyStore::new())).await;
 }
 
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Option<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("port")
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Redis { child, port })
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_passes_the_suite() {
     let Some(redis) = Redis::start() else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but no redis-server binary"
-        );
-        eprintln!(
-            "SKIPPED redis_store_passes_the_suite: no redis-server (apt-get install redis-server)"
+        skip_or_fail(
+            "redis_store_passes_the_suite",
+            "redis-server (apt-get install redis-server)",
         );
         return;
     };

@@ -494,11 +494,15 @@ async fn data_dir_lock_metrics_and_graceful_shutdown() {
     assert_eq!(second.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&second.stderr).contains("locked by another pairdb process"));
 
-    let body = reqwest_get(node.http, "/metrics").await;
+    let body = common::http_get(node.http, "/metrics").await;
     assert!(body.contains("pairdb_storage_requests_total"), "{body}");
     assert!(body.contains("pairdb_engine_disk_usage_percent"));
-    assert!(reqwest_get(node.http, "/healthz").await.contains("ok"));
-    assert!(reqwest_get(node.http, "/readyz").await.contains("ready"));
+    assert!(common::http_get(node.http, "/healthz").await.contains("ok"));
+    assert!(
+        common::http_get(node.http, "/readyz")
+            .await
+            .contains("ready")
+    );
 
     let status = node.terminate();
     assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
@@ -508,19 +512,6 @@ async fn data_dir_lock_metrics_and_graceful_shutdown() {
 }
 
 /// A plain HTTP/1.1 GET over a TCP stream (no HTTP client crate needed for three probes).
-async fn reqwest_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect http");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("send");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_survives_a_target_outage() {
     let (da, db) = (

@@ -34,22 +34,37 @@ impl Membership {
             .filter(|m| !m.up)
             .map(|m| m.node_id.clone())
             .collect();
+        {
+            let before = self.down.read();
+            for id in down.difference(&before) {
+                tracing::warn!(node = %id, "gossip reports storage node down");
+            }
+            for id in before.difference(&down) {
+                tracing::info!(node = %id, "gossip reports storage node up");
+            }
+        }
         *self.down.write() = down;
         *self.members.write() = members;
     }
 
-    /// Follows `WatchHealth` from the given storage nodes (`(node_id, grpc address)`), trying
-    /// them in turn, until `stop` is cancelled.
+    /// Follows `WatchHealth` from the storage nodes `nodes()` lists (`(node_id, grpc address)`,
+    /// asked again before each attempt so registry changes are picked up), trying them in
+    /// turn, until `stop` is cancelled.
     pub fn follow(
-        nodes: Vec<(String, String)>,
+        self: &Arc<Self>,
+        nodes: impl Fn() -> Vec<(String, String)> + Send + 'static,
         pool: Arc<StoragePool>,
         stop: CancellationToken,
-    ) -> Arc<Membership> {
-        let membership = Arc::new(Membership::default());
-        let me = membership.clone();
+    ) {
+        let me = self.clone();
         tokio::spawn(async move {
             let mut next = 0usize;
-            while !stop.is_cancelled() && !nodes.is_empty() {
+            while !stop.is_cancelled() {
+                let nodes = nodes();
+                if nodes.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
                 let (id, address) = &nodes[next % nodes.len()];
                 next += 1;
                 let watched = async {
@@ -77,6 +92,5 @@ impl Membership {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
-        membership
     }
 }

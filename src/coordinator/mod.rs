@@ -1,9 +1,80 @@
-//! The coordinator's building blocks. Landed so far: the tenant cache, the durable clock, the
-//! storage client pool and membership from the storage nodes' gossip.
-//! The request paths, the gRPC service and the role itself come with the rest of the
-//! coordinator issue.
+//! The coordinator: the stateless brain of every request (SEMANTICS.md). It holds no data of its
+//! own; tenants, the node registry, hints and its clock's high-water mark live in the metadata
+//! store, idempotency keys in the idempotency store.
+//!
+//! Modules, one job each:
+//! - [`ring_view`]: the ring from the registry, refreshed, with gossip's down marks;
+//!   [`membership`]: gossip's view through `WatchHealth`; [`storage_pool`]: one channel per node.
+//! - [`replicas`]: one storage RPC per replica, as futures for [`crate::quorum::run`].
+//! - [`write`] (put and tombstone fan-out, hints for misses), [`read`] (quorum read, winner,
+//!   read repair), [`idempotent`] (the idempotency wrapper of writes).
+//! - [`hints`]: durable hint writer and the replay loop; [`repair`]: the bounded repair queue.
+//! - [`tenant_cache`], [`clock`] (HLC with a durable high-water mark), [`admin`] (tenants and
+//!   the node list), [`service`] (the gRPC service), [`http`] (health and metrics).
+//!
+//! Invariants: a write is acknowledged only after `required` authoritative replicas applied it;
+//! every replica that missed it gets a hint (when hints are on); a version issued by this
+//! coordinator is above every counter it issued before, across restarts; reads never wait for
+//! repair.
 
+pub mod admin;
 pub mod clock;
+pub mod errors;
+pub mod hints;
+pub mod http;
+pub mod idempotent;
 pub mod membership;
+pub mod read;
+pub mod repair;
+pub mod replicas;
+pub mod ring_view;
+pub mod service;
 pub mod storage_pool;
 pub mod tenant_cache;
+pub mod write;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::idempotency::IdempotencyStore;
+use crate::meta::{MetadataStore, Tenant};
+
+use clock::CoordinatorClock;
+use errors::CoordError;
+use hints::HintWriter;
+use repair::RepairQueue;
+use ring_view::RingView;
+use storage_pool::StoragePool;
+use tenant_cache::TenantCache;
+
+/// Tunables of the request paths (from `[coordinator]` in the config).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub request_timeout: Duration,
+    pub hints_enabled: bool,
+    pub max_clock_entries: usize,
+}
+
+/// Everything a request needs, shared by the gRPC service and the background loops.
+pub struct Coordinator {
+    pub id: String,
+    pub options: Options,
+    pub meta: Arc<dyn MetadataStore>,
+    pub idempotency: Arc<dyn IdempotencyStore>,
+    pub tenants: TenantCache,
+    pub clock: CoordinatorClock,
+    pub pool: Arc<StoragePool>,
+    pub ring: Arc<RingView>,
+    pub hints: HintWriter,
+    pub repairs: RepairQueue,
+}
+
+impl Coordinator {
+    /// The tenant, or TENANT_NOT_FOUND; UNAVAILABLE when the store is down and it is not cached.
+    pub async fn tenant(&self, tenant_id: &str) -> Result<Tenant, CoordError> {
+        self.tenants
+            .get(tenant_id)
+            .await?
+            .ok_or_else(|| CoordError::TenantNotFound(tenant_id.to_owned()))
+    }
+}

@@ -12,6 +12,8 @@ use crate::ring::NodeState;
 use super::{Hint, MetaError, MetadataStore, NodeRecord, Tenant};
 
 const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
+/// Advisory lock key held while the PostgreSQL schema is applied ("pairdb" in ASCII).
+const SCHEMA_LOCK: i64 = 0x7061_6972_6462;
 const SQLITE_SCHEMA: &str = include_str!("../../migrations/sqlite/0001_init.sql");
 
 pub struct SqlMetadataStore {
@@ -101,10 +103,21 @@ impl SqlMetadataStore {
             .connect(&url)
             .await
             .map_err(unavailable)?;
-        sqlx::raw_sql(schema)
-            .execute(&pool)
-            .await
-            .map_err(unavailable)?;
+        if schema == POSTGRES_SCHEMA {
+            // Coordinators starting together apply the schema one at a time: concurrent
+            // `CREATE TABLE IF NOT EXISTS` race in PostgreSQL's catalog.
+            let serialized =
+                format!("BEGIN; SELECT pg_advisory_xact_lock({SCHEMA_LOCK}); {schema}\nCOMMIT;");
+            sqlx::raw_sql(&serialized)
+                .execute(&pool)
+                .await
+                .map_err(unavailable)?;
+        } else {
+            sqlx::raw_sql(schema)
+                .execute(&pool)
+                .await
+                .map_err(unavailable)?;
+        }
         Ok(SqlMetadataStore { pool })
     }
 

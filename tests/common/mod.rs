@@ -1,6 +1,9 @@
 //! Helpers for tests that start real `pairdb` processes on 127.0.0.1 with free ports.
 #![allow(dead_code)]
 
+pub mod backends;
+pub mod cluster;
+
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -139,4 +142,18 @@ impl Drop for StorageNode {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A raw HTTP/1.1 GET; the whole response (status line, headers, body) as text.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect http");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    String::from_utf8_lossy(&buf).into_owned()
 }

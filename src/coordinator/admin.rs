@@ -1,0 +1,149 @@
+//! Tenant administration and the storage-node list (API.md, "Tenants" and "Storage nodes").
+//!
+//! Decisions: RF 0 in a request means the default (3); valid RFs are 1..=10. A replication
+//! factor change updates the tenant at once; new replicas fill through read repair and hints
+//! until range streaming for RF changes lands (documented in docs/coordinator.md). Node list
+//! entries combine the registry (state, address, vnodes) with gossip (down) and each node's
+//! HealthCheck (key estimate, disk %), asked in parallel with a short timeout.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::engine::validate_tenant;
+use crate::meta::{MetaError, Tenant};
+use crate::ring::NodeState;
+use crate::rpc::coordinator as pb;
+use crate::rpc::storage as spb;
+
+use super::Coordinator;
+use super::errors::CoordError;
+
+pub const DEFAULT_RF: u32 = 3;
+pub const MAX_RF: u32 = 10;
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// RFC 3339 UTC with milliseconds.
+pub fn rfc3339(ms: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+pub fn check_tenant_id(tenant_id: &str) -> Result<(), CoordError> {
+    validate_tenant(tenant_id).map_err(|e| CoordError::InvalidRequest(e.to_string()))
+}
+
+fn check_rf(rf: u32) -> Result<u32, CoordError> {
+    match rf {
+        0 => Ok(DEFAULT_RF),
+        1..=MAX_RF => Ok(rf),
+        other => Err(CoordError::InvalidReplicationFactor(other)),
+    }
+}
+
+fn tenant_to_proto(t: &Tenant) -> pb::Tenant {
+    pb::Tenant {
+        tenant_id: t.tenant_id.clone(),
+        replication_factor: t.replication_factor,
+        created_at: rfc3339(t.created_at_ms),
+        updated_at: rfc3339(t.updated_at_ms),
+    }
+}
+
+impl Coordinator {
+    pub async fn create_tenant(&self, tenant_id: &str, rf: u32) -> Result<pb::Tenant, CoordError> {
+        check_tenant_id(tenant_id)?;
+        let rf = check_rf(rf)?;
+        let tenant = self
+            .meta
+            .create_tenant(tenant_id, rf)
+            .await
+            .map_err(|e| match e {
+                MetaError::Exists { .. } => CoordError::TenantExists(tenant_id.to_owned()),
+                other => other.into(),
+            })?;
+        self.tenants.put(tenant.clone());
+        Ok(tenant_to_proto(&tenant))
+    }
+
+    pub async fn get_tenant(&self, tenant_id: &str) -> Result<pb::Tenant, CoordError> {
+        check_tenant_id(tenant_id)?;
+        Ok(tenant_to_proto(&self.tenant(tenant_id).await?))
+    }
+
+    pub async fn update_replication_factor(
+        &self,
+        tenant_id: &str,
+        rf: u32,
+    ) -> Result<pb::UpdateReplicationFactorResponse, CoordError> {
+        check_tenant_id(tenant_id)?;
+        if !(1..=MAX_RF).contains(&rf) {
+            return Err(CoordError::InvalidReplicationFactor(rf));
+        }
+        let before = self
+            .meta
+            .update_replication_factor(tenant_id, rf)
+            .await
+            .map_err(|e| match e {
+                MetaError::NotFound { .. } => CoordError::TenantNotFound(tenant_id.to_owned()),
+                other => other.into(),
+            })?;
+        self.tenants.invalidate(tenant_id);
+        let updated_at = match self.meta.get_tenant(tenant_id).await {
+            Ok(Some(t)) => {
+                let updated = t.updated_at_ms;
+                self.tenants.put(t);
+                updated
+            }
+            _ => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        };
+        Ok(pb::UpdateReplicationFactorResponse {
+            tenant_id: tenant_id.to_owned(),
+            old_replication_factor: before.replication_factor,
+            new_replication_factor: rf,
+            updated_at: rfc3339(updated_at),
+            migration_id: String::new(),
+        })
+    }
+
+    /// Every node of this coordinator's ring (the registry as last read) with its state, key
+    /// estimate and disk use.
+    pub async fn list_nodes(&self) -> Result<pb::ListStorageNodesResponse, CoordError> {
+        let nodes = self.ring.snapshot().nodes.clone();
+        let checks = nodes.iter().map(|n| {
+            let address = format!("{}:{}", n.host, n.port);
+            let client = self.pool.client(&n.node_id, &address);
+            async move {
+                let mut client = client.ok()?;
+                let call = client.health_check(spb::HealthCheckRequest {});
+                match tokio::time::timeout(HEALTH_TIMEOUT, call).await {
+                    Ok(Ok(r)) => Some(r.into_inner()),
+                    _ => None,
+                }
+            }
+        });
+        let health = futures::future::join_all(checks).await;
+        let nodes = nodes
+            .into_iter()
+            .zip(health)
+            .map(|(n, health)| {
+                let unreachable = health.is_none() || self.ring.is_down(&n.node_id);
+                let state = match n.state {
+                    NodeState::Active if unreachable => NodeState::Down,
+                    s => s,
+                };
+                let health = health.unwrap_or_default();
+                pb::StorageNodeInfo {
+                    node_id: n.node_id,
+                    host: n.host,
+                    port: u32::from(n.port),
+                    state: crate::rpc::common::NodeState::from(state) as i32,
+                    virtual_nodes: n.virtual_nodes,
+                    keys_count: health.key_estimate,
+                    disk_usage_percent: health.disk_usage_percent,
+                }
+            })
+            .collect();
+        Ok(pb::ListStorageNodesResponse { nodes })
+    }
+}

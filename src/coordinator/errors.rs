@@ -1,0 +1,149 @@
+//! The coordinator's errors and how they travel to the gateway: a gRPC status whose details hold
+//! an `ErrorDetail` with the API.md code (and, for QUORUM_NOT_REACHED, the acks needed and
+//! received), so the gateway maps codes to HTTP without parsing messages.
+
+use prost::Message;
+use tonic::{Code, Status};
+
+use crate::idempotency::IdemError;
+use crate::meta::MetaError;
+use crate::rpc::coordinator::{ErrorCode, ErrorDetail};
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoordError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("replication factor {0} is outside 1..=10")]
+    InvalidReplicationFactor(u32),
+    #[error("idempotency key {0:?} was used for a different request")]
+    IdempotencyConflict(String),
+    #[error("key is {len} bytes; the limit is {max}")]
+    KeyTooLarge { len: usize, max: usize },
+    #[error("value is {len} bytes; the limit is {max}")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("tenant {0:?} not found")]
+    TenantNotFound(String),
+    #[error("tenant {0:?} already exists")]
+    TenantExists(String),
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("storage node {0:?} not found")]
+    NodeNotFound(String),
+    #[error("quorum not reached: {received} of {required} required replicas answered ({detail})")]
+    QuorumNotReached {
+        required: usize,
+        received: usize,
+        detail: String,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    NotImplemented(&'static str),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CoordError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CoordError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            CoordError::InvalidReplicationFactor(_) => ErrorCode::InvalidReplicationFactor,
+            CoordError::IdempotencyConflict(_) => ErrorCode::IdempotencyKeyConflict,
+            CoordError::KeyTooLarge { .. } => ErrorCode::KeyTooLarge,
+            CoordError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
+            CoordError::TenantNotFound(_) => ErrorCode::TenantNotFound,
+            CoordError::TenantExists(_) => ErrorCode::TenantExists,
+            CoordError::KeyNotFound => ErrorCode::KeyNotFound,
+            CoordError::NodeNotFound(_) => ErrorCode::NodeNotFound,
+            CoordError::QuorumNotReached { .. } => ErrorCode::QuorumNotReached,
+            CoordError::Unavailable(_) => ErrorCode::Unavailable,
+            CoordError::NotImplemented(_) | CoordError::Internal(_) => ErrorCode::InternalError,
+        }
+    }
+
+    /// The code's name as in API.md (also the metrics label).
+    pub fn code_name(&self) -> &'static str {
+        self.code().as_str_name()
+    }
+
+    fn grpc_code(&self) -> Code {
+        match self {
+            CoordError::InvalidRequest(_)
+            | CoordError::InvalidReplicationFactor(_)
+            | CoordError::IdempotencyConflict(_)
+            | CoordError::KeyTooLarge { .. }
+            | CoordError::ValueTooLarge { .. } => Code::InvalidArgument,
+            CoordError::TenantNotFound(_)
+            | CoordError::KeyNotFound
+            | CoordError::NodeNotFound(_) => Code::NotFound,
+            CoordError::TenantExists(_) => Code::AlreadyExists,
+            CoordError::QuorumNotReached { .. } | CoordError::Unavailable(_) => Code::Unavailable,
+            CoordError::NotImplemented(_) => Code::Unimplemented,
+            CoordError::Internal(_) => Code::Internal,
+        }
+    }
+
+    pub fn into_status(self) -> Status {
+        let (required, received) = match &self {
+            CoordError::QuorumNotReached {
+                required, received, ..
+            } => (*required as u32, *received as u32),
+            _ => (0, 0),
+        };
+        let message = self.to_string();
+        let detail = ErrorDetail {
+            code: self.code() as i32,
+            message: message.clone(),
+            required,
+            received,
+        };
+        Status::with_details(self.grpc_code(), message, detail.encode_to_vec().into())
+    }
+}
+
+impl From<CoordError> for Status {
+    fn from(e: CoordError) -> Self {
+        e.into_status()
+    }
+}
+
+impl From<MetaError> for CoordError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::Unavailable(m) => CoordError::Unavailable(format!("metadata store: {m}")),
+            other => CoordError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<IdemError> for CoordError {
+    fn from(e: IdemError) -> Self {
+        CoordError::Unavailable(e.to_string())
+    }
+}
+
+/// The `ErrorDetail` a coordinator put in a status (`None` for statuses from elsewhere).
+pub fn detail_in(status: &Status) -> Option<ErrorDetail> {
+    ErrorDetail::decode(status.details()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_errors_carry_their_counts() {
+        let status = CoordError::QuorumNotReached {
+            required: 3,
+            received: 2,
+            detail: "s3: unavailable".into(),
+        }
+        .into_status();
+        assert_eq!(status.code(), Code::Unavailable);
+        let detail = detail_in(&status).expect("detail");
+        assert_eq!(detail.code(), ErrorCode::QuorumNotReached);
+        assert_eq!((detail.required, detail.received), (3, 2));
+        assert_eq!(CoordError::KeyNotFound.code_name(), "KEY_NOT_FOUND");
+    }
+}

@@ -1,0 +1,227 @@
+//! Hinted handoff (SEMANTICS.md, "Hinted handoff").
+//!
+//! - [`HintWriter`]: the write path hands it one hint per replica that missed a write; a task
+//!   stores them in the metadata store in batches (whatever queued up while the last batch was
+//!   being written, up to [`BATCH`]).
+//! - [`spawn_replay`]: every interval, for each target with hints: hints past the max window or
+//!   the max attempts are dropped (counted: those keys need repair); the rest are delivered in
+//!   batches (`WriteBatch` with source HINT) to targets the ring knows and gossip does not
+//!   report down, and each batch is deleted only after the target acknowledged it. A failed
+//!   delivery counts one attempt per hint and waits for the next round.
+//!
+//! Replaying is idempotent on the storage side (a record never replaces a version that
+//! dominates it), so two coordinators replaying the same hint, or a replay racing a newer
+//! write, never rolls a key back.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::meta::{Hint, MetaError, MetadataStore};
+use crate::rpc::storage as pb;
+
+use super::ring_view::RingView;
+use super::storage_pool::StoragePool;
+
+/// Hints stored or delivered per round trip.
+pub const BATCH: usize = 256;
+/// Hints waiting to be stored; beyond this the write path drops them (and counts them).
+const QUEUE: usize = 100_000;
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Queues hints for durable storage.
+#[derive(Clone)]
+pub struct HintWriter {
+    sender: Option<mpsc::Sender<Hint>>,
+}
+
+impl HintWriter {
+    /// A writer that drops nothing it is given: hints go to `store` in batches. `None` when
+    /// hints are disabled: [`HintWriter::hint`] then only counts the missed write.
+    pub fn start(store: Option<Arc<dyn MetadataStore>>) -> HintWriter {
+        let Some(store) = store else {
+            return HintWriter { sender: None };
+        };
+        let (sender, mut receiver) = mpsc::channel::<Hint>(QUEUE);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(BATCH);
+            while receiver.recv_many(&mut batch, BATCH).await > 0 {
+                match store.store_hints(&batch).await {
+                    Ok(()) => {
+                        metrics::counter!("pairdb_hints_stored_total").increment(batch.len() as u64)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, hints = batch.len(), "cannot store hints; those replicas need repair");
+                        metrics::counter!("pairdb_hints_dropped_total", "reason" => "store_failed")
+                            .increment(batch.len() as u64);
+                    }
+                }
+                batch.clear();
+            }
+        });
+        HintWriter {
+            sender: Some(sender),
+        }
+    }
+
+    /// Records that `target` missed `record`.
+    pub fn hint(&self, target: &str, record: &pb::Record) {
+        metrics::counter!("pairdb_replica_misses_total").increment(1);
+        let Some(sender) = &self.sender else {
+            return;
+        };
+        let hint = Hint {
+            id: 0,
+            target_node: target.to_owned(),
+            tenant_id: record.tenant_id.clone(),
+            record: record.encode_to_vec(),
+            created_at_ms: now_ms(),
+            attempts: 0,
+        };
+        if sender.try_send(hint).is_err() {
+            tracing::warn!(target, "hint queue full; dropping a hint");
+            metrics::counter!("pairdb_hints_dropped_total", "reason" => "queue_full").increment(1);
+        }
+    }
+}
+
+/// Limits of the replay loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayLimits {
+    pub interval: Duration,
+    pub max_window: Duration,
+    pub max_attempts: u32,
+    pub timeout: Duration,
+}
+
+/// Runs the replay loop until `stop`.
+pub fn spawn_replay(
+    store: Arc<dyn MetadataStore>,
+    ring: Arc<RingView>,
+    pool: Arc<StoragePool>,
+    limits: ReplayLimits,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(limits.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            if let Err(e) = replay_round(&*store, &ring, &pool, limits).await {
+                tracing::warn!(error = %e, "hint replay round failed");
+            }
+        }
+    });
+}
+
+/// One pass over every target with hints.
+pub async fn replay_round(
+    store: &dyn MetadataStore,
+    ring: &RingView,
+    pool: &StoragePool,
+    limits: ReplayLimits,
+) -> Result<(), MetaError> {
+    let counts = store.hint_counts().await?;
+    let mut pending = 0;
+    for (target, count) in &counts {
+        metrics::gauge!("pairdb_hints_pending", "target" => target.clone()).set(*count as f64);
+        pending += count;
+    }
+    metrics::gauge!("pairdb_hints_pending_total").set(pending as f64);
+    for (target, _) in counts {
+        replay_target(store, ring, pool, &target, limits).await?;
+    }
+    Ok(())
+}
+
+async fn replay_target(
+    store: &dyn MetadataStore,
+    ring: &RingView,
+    pool: &StoragePool,
+    target: &str,
+    limits: ReplayLimits,
+) -> Result<(), MetaError> {
+    let oldest_kept = now_ms() - limits.max_window.as_millis() as i64;
+    loop {
+        let hints = store.hints_for(target, BATCH as u32).await?;
+        let fetched = hints.len();
+        let (expired, live): (Vec<Hint>, Vec<Hint>) = hints
+            .into_iter()
+            .partition(|h| h.created_at_ms < oldest_kept || h.attempts >= limits.max_attempts);
+        if !expired.is_empty() {
+            let ids: Vec<i64> = expired.iter().map(|h| h.id).collect();
+            store.delete_hints(&ids).await?;
+            tracing::warn!(
+                target,
+                dropped = ids.len(),
+                "hints past the max window or attempts dropped; those keys need repair"
+            );
+            metrics::counter!("pairdb_hints_dropped_total", "reason" => "expired")
+                .increment(ids.len() as u64);
+        }
+        if live.is_empty() {
+            if fetched < BATCH {
+                return Ok(());
+            }
+            continue;
+        }
+        let snapshot = ring.snapshot();
+        let Some(address) = snapshot.address(target) else {
+            return Ok(());
+        };
+        if ring.is_down(target) {
+            return Ok(());
+        }
+        let ids: Vec<i64> = live.iter().map(|h| h.id).collect();
+        let mut records = Vec::with_capacity(live.len());
+        for hint in &live {
+            match pb::Record::decode(hint.record.as_slice()) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    tracing::error!(hint = hint.id, error = %e, "undecodable hint dropped");
+                    store.delete_hints(&[hint.id]).await?;
+                }
+            }
+        }
+        let delivered = match pool.client(target, address) {
+            Ok(mut client) => {
+                let call = client.write_batch(pb::WriteBatchRequest {
+                    records,
+                    source: pb::BatchSource::Hint as i32,
+                });
+                match tokio::time::timeout(limits.timeout, call).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(status.message().to_owned()),
+                    Err(_) => Err("timed out".to_owned()),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match delivered {
+            Ok(()) => {
+                store.delete_hints(&ids).await?;
+                metrics::counter!("pairdb_hints_replayed_total").increment(ids.len() as u64);
+                tracing::debug!(target, hints = ids.len(), "hints replayed");
+            }
+            Err(e) => {
+                store.record_hint_attempt(&ids).await?;
+                tracing::debug!(target, error = %e, "hint delivery failed; will retry");
+                return Ok(());
+            }
+        }
+        if fetched < BATCH {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The coordinator's HTTP side: `/healthz` and `/health` (the process is up), `/readyz` (the
+//! metadata store and the idempotency store answer, and at least one storage node of the ring
+//! answers a health check), `/metrics` (Prometheus).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+
+use crate::rpc::storage as spb;
+
+use super::Coordinator;
+
+const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub fn router(core: Arc<Coordinator>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .with_state(core)
+}
+
+async fn ready(State(core): State<Arc<Coordinator>>) -> (StatusCode, String) {
+    let mut problems = Vec::new();
+    match tokio::time::timeout(CHECK_TIMEOUT, core.meta.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(e.to_string()),
+        Err(_) => problems.push("metadata store: no answer".to_owned()),
+    }
+    match tokio::time::timeout(CHECK_TIMEOUT, core.idempotency.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => problems.push(e.to_string()),
+        Err(_) => problems.push("idempotency store: no answer".to_owned()),
+    }
+    if !storage_reachable(&core).await {
+        problems.push("no storage node of the ring answers".to_owned());
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", problems.join("; ")),
+        )
+    }
+}
+
+async fn storage_reachable(core: &Coordinator) -> bool {
+    let snapshot = core.ring.snapshot();
+    let checks = snapshot.nodes.iter().filter_map(|n| {
+        let mut client = core
+            .pool
+            .client(&n.node_id, snapshot.address(&n.node_id)?)
+            .ok()?;
+        Some(async move {
+            let call = client.health_check(spb::HealthCheckRequest {});
+            matches!(tokio::time::timeout(CHECK_TIMEOUT, call).await, Ok(Ok(_)))
+        })
+    });
+    futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .any(|ok| ok)
+}

@@ -1,0 +1,97 @@
+//! Idempotent writes (SEMANTICS.md, "Idempotency"). A write carrying an idempotency key claims
+//! `idem:{tenant}:{key}:{idempotency key}`:
+//! - `Acquired`: this request performs the write; only when it reached its required acks is the
+//!   response stored (24 h) with the request's fingerprint; on failure the lock is released so
+//!   a retry may try again.
+//! - `Done`: the first response is replayed with `is_duplicate = true`, or, when the stored
+//!   fingerprint differs (another value), IDEMPOTENCY_KEY_CONFLICT. Nothing is written.
+//! - `Busy`: another request with the same key is running; wait for its result (poll), bounded
+//!   by the lock TTL after which the lock expires and this request may take over.
+//!
+//! When the idempotency store is down, writes keep being served without it (logged, counted).
+
+use std::future::Future;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::time::Instant;
+
+use crate::idempotency::{Claim, LOCK_TTL, RESPONSE_TTL, StoredResponse, store_key};
+use crate::rpc::coordinator::WriteKeyValueResponse;
+
+use super::Coordinator;
+use super::errors::CoordError;
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// The fingerprint of a write request: what must match for a retry to be "the same request".
+pub fn fingerprint(value: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(value))
+}
+
+impl Coordinator {
+    /// Runs `write` at most once per (tenant, key, idempotency key) within 24 h.
+    pub async fn idempotent<F, Fut>(
+        &self,
+        tenant: &str,
+        key: &[u8],
+        idempotency_key: &str,
+        fingerprint: String,
+        write: F,
+    ) -> Result<WriteKeyValueResponse, CoordError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<WriteKeyValueResponse, CoordError>>,
+    {
+        let store_key = store_key(tenant, key, idempotency_key);
+        let give_up = Instant::now() + LOCK_TTL + Duration::from_secs(5);
+        loop {
+            match self.idempotency.claim(&store_key, LOCK_TTL).await {
+                Ok(Claim::Acquired) => break,
+                Ok(Claim::Done(stored)) => {
+                    if stored.fingerprint != fingerprint {
+                        return Err(CoordError::IdempotencyConflict(idempotency_key.to_owned()));
+                    }
+                    let mut response = WriteKeyValueResponse::decode(stored.response.as_slice())
+                        .map_err(|e| {
+                            CoordError::Internal(format!("stored idempotent response: {e}"))
+                        })?;
+                    response.is_duplicate = true;
+                    metrics::counter!("pairdb_idempotent_replays_total").increment(1);
+                    return Ok(response);
+                }
+                Ok(Claim::Busy) => {
+                    if Instant::now() >= give_up {
+                        return Err(CoordError::Unavailable(format!(
+                            "idempotency key {idempotency_key:?} is held by a request that did not finish"
+                        )));
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "idempotency store unavailable; writing without it");
+                    metrics::counter!("pairdb_idempotency_store_errors_total").increment(1);
+                    return write().await;
+                }
+            }
+        }
+        let result = write().await;
+        let outcome = match &result {
+            Ok(response) => {
+                let stored = StoredResponse {
+                    fingerprint,
+                    response: response.encode_to_vec(),
+                };
+                self.idempotency
+                    .complete(&store_key, &stored, RESPONSE_TTL)
+                    .await
+            }
+            Err(_) => self.idempotency.release(&store_key).await,
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(error = %e, "idempotency store unavailable after the write");
+            metrics::counter!("pairdb_idempotency_store_errors_total").increment(1);
+        }
+        result
+    }
+}

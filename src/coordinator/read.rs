@@ -1,0 +1,170 @@
+//! The read path (SEMANTICS.md, "Read"). The read replicas are the natural owners plus
+//! bootstrapping pending owners, minus nodes gossip reports down.
+//!
+//! - ONE asks the least-loaded authoritative replica first and the others only if it fails.
+//! - QUORUM and ALL ask every read replica at once (Riak's way: the extra answers cost one
+//!   cheap read and let read repair see every replica) and reply at `required` authoritative
+//!   answers.
+//!
+//! The winner is the highest version by [`Version::precedence`] among the answers (a tombstone
+//! is a version like any other; the caller maps a tombstone winner to KEY_NOT_FOUND). After the
+//! reply, once every asked replica answered, replicas holding an older version or nothing are
+//! sent the overall winner through the repair queue.
+
+use std::cmp::Ordering;
+
+use tokio::time::Instant;
+
+use crate::quorum::{self, Consistency, ReplicaCall, ReplicaResult};
+use crate::ring::NodeId;
+use crate::rpc::storage as pb;
+use crate::vclock::Version;
+
+use super::Coordinator;
+use super::errors::CoordError;
+use super::replicas::{self, ReplicaError};
+use super::write::failures;
+
+type ReadResult = ReplicaResult<NodeId, Option<pb::Record>, ReplicaError>;
+
+impl Coordinator {
+    /// The winning stored record of a key (tombstones included), or `None` if no replica that
+    /// answered holds one.
+    pub async fn read_winner(
+        &self,
+        tenant: &str,
+        rf: u32,
+        key: &[u8],
+        consistency: Consistency,
+    ) -> Result<Option<pb::Record>, CoordError> {
+        let snapshot = self.ring.snapshot();
+        let plan = self.ring.plan(&snapshot, tenant, key, rf as usize);
+        if plan.natural.is_empty() {
+            return Err(CoordError::Unavailable(
+                "no storage nodes in the ring".to_owned(),
+            ));
+        }
+        let required = plan.required(consistency);
+        let mut replicas: Vec<(NodeId, bool)> = plan
+            .read_replicas()
+            .into_iter()
+            .map(|id| {
+                let authoritative = plan.is_authoritative(&id);
+                (id, authoritative)
+            })
+            .collect();
+        let deadline = Instant::now() + self.options.request_timeout;
+        let call = |(id, authoritative): (NodeId, bool)| ReplicaCall {
+            call: replicas::read(
+                &self.pool,
+                id.as_str(),
+                snapshot.address(id.as_str()),
+                tenant.to_owned(),
+                key.to_vec(),
+            ),
+            replica: id,
+            authoritative,
+        };
+
+        let mut results: Vec<ReadResult> = Vec::new();
+        let mut acks = 0;
+        let mut stragglers = Vec::new();
+        if consistency == Consistency::One && replicas.len() > 1 {
+            self.order_by_load(&mut replicas);
+            let first = replicas.remove(0);
+            let run = quorum::run(vec![call(first)], required, deadline).await;
+            let reached = run.reached();
+            acks += run.acks;
+            results.extend(run.results);
+            if !reached {
+                let rest = replicas.into_iter().map(call).collect();
+                let run = quorum::run(rest, required, deadline).await;
+                acks += run.acks;
+                results.extend(run.results);
+                stragglers.push(run.stragglers);
+            }
+        } else {
+            let run =
+                quorum::run(replicas.into_iter().map(call).collect(), required, deadline).await;
+            acks = run.acks;
+            results = run.results;
+            stragglers.push(run.stragglers);
+        }
+        metrics::histogram!("pairdb_replica_acks", "op" => "read").record(acks as f64);
+
+        if acks < required || required == 0 {
+            let mut all = results;
+            for s in stragglers {
+                all.extend(s.finish().await);
+            }
+            let received = all
+                .iter()
+                .filter(|r| r.authoritative && r.outcome.is_ok())
+                .count();
+            return Err(CoordError::QuorumNotReached {
+                required,
+                received,
+                detail: failures(&all.iter().collect::<Vec<_>>()),
+            });
+        }
+        let winner = winner_of(&results);
+        let repairs = self.repairs.clone();
+        tokio::spawn(async move {
+            let mut all = results;
+            for s in stragglers {
+                all.extend(s.finish().await);
+            }
+            let Some(winner) = winner_of(&all) else {
+                return;
+            };
+            let winning = version_of(&winner);
+            for result in &all {
+                let quorum::ReplicaOutcome::Ok(held) = &result.outcome else {
+                    continue;
+                };
+                let stale = match held {
+                    None => true,
+                    Some(r) => version_of(r).precedence(&winning) == Ordering::Less,
+                };
+                if stale {
+                    repairs.push(result.replica.as_str().to_owned(), winner.clone());
+                }
+            }
+        });
+        Ok(winner)
+    }
+
+    /// Least-loaded first (gossip's requests per second), authoritative before the others.
+    fn order_by_load(&self, replicas: &mut [(NodeId, bool)]) {
+        let members = self.ring.membership().members();
+        let load = |id: &NodeId| {
+            members
+                .iter()
+                .find(|m| m.node_id == id.as_str())
+                .map_or(0.0, |m| m.load)
+        };
+        replicas.sort_by(|(a, a_auth), (b, b_auth)| {
+            b_auth.cmp(a_auth).then_with(|| load(a).total_cmp(&load(b)))
+        });
+    }
+}
+
+fn version_of(record: &pb::Record) -> Version {
+    record
+        .version
+        .as_ref()
+        .map(Version::from)
+        .unwrap_or_default()
+}
+
+/// The highest record among the successful answers.
+fn winner_of(results: &[ReadResult]) -> Option<pb::Record> {
+    results
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            quorum::ReplicaOutcome::Ok(Some(record)) => Some(record),
+            _ => None,
+        })
+        .max_by(|a, b| version_of(a).precedence(&version_of(b)))
+        .cloned()
+}

@@ -1,0 +1,96 @@
+//! One storage RPC against one replica, shaped for [`crate::quorum::run`]: each call is a
+//! `'static` future resolving to the replica's answer or a [`ReplicaError`] that says whether
+//! the replica refused the request itself (no point in a hint) or could not serve it.
+
+use std::future::Future;
+
+use crate::rpc::storage as pb;
+use crate::storage::errors::code_in;
+
+use super::storage_pool::StoragePool;
+
+/// Why one replica did not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{node}: {message}")]
+pub struct ReplicaError {
+    pub node: String,
+    pub message: String,
+    /// The replica rejected the request as invalid (a 1xxx code): retrying it cannot succeed.
+    pub rejected: bool,
+}
+
+impl ReplicaError {
+    fn new(node: &str, message: impl Into<String>) -> Self {
+        Self {
+            node: node.to_owned(),
+            message: message.into(),
+            rejected: false,
+        }
+    }
+
+    fn from_status(node: &str, status: &tonic::Status) -> Self {
+        let code = code_in(status) as i32;
+        Self {
+            node: node.to_owned(),
+            message: format!("{:?}: {}", status.code(), status.message()),
+            rejected: (1000..2000).contains(&code),
+        }
+    }
+}
+
+/// Writes (or tombstones) a record on one replica.
+pub fn write(
+    pool: &StoragePool,
+    node: &str,
+    address: Option<&str>,
+    record: pb::Record,
+) -> impl Future<Output = Result<(), ReplicaError>> + Send + 'static + use<> {
+    let client = client(pool, node, address);
+    let node = node.to_owned();
+    async move {
+        let mut client = client?;
+        client
+            .write(pb::WriteRequest {
+                record: Some(record),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| ReplicaError::from_status(&node, &s))
+    }
+}
+
+/// Reads a key's stored version (tombstones included) from one replica.
+pub fn read(
+    pool: &StoragePool,
+    node: &str,
+    address: Option<&str>,
+    tenant: String,
+    key: Vec<u8>,
+) -> impl Future<Output = Result<Option<pb::Record>, ReplicaError>> + Send + 'static + use<> {
+    let client = client(pool, node, address);
+    let node = node.to_owned();
+    async move {
+        let mut client = client?;
+        client
+            .read(pb::ReadRequest {
+                tenant_id: tenant,
+                key,
+            })
+            .await
+            .map(|r| r.into_inner().record)
+            .map_err(|s| ReplicaError::from_status(&node, &s))
+    }
+}
+
+fn client(
+    pool: &StoragePool,
+    node: &str,
+    address: Option<&str>,
+) -> Result<
+    crate::rpc::storage::storage_node_client::StorageNodeClient<tonic::transport::Channel>,
+    ReplicaError,
+> {
+    let address = address.ok_or_else(|| ReplicaError::new(node, "not in the node registry"))?;
+    pool.client(node, address)
+        .map_err(|e| ReplicaError::new(node, e))
+}

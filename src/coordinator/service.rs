@@ -1,0 +1,352 @@
+//! The coordinator's gRPC service (proto/coordinator.proto), called by gateways: input checks,
+//! then the request paths of [`Coordinator`], with one metrics/log wrapper per call.
+//!
+//! Input rules (API.md): tenant ids as the engine's; keys 1..=1024 bytes without NUL; encoded
+//! values at most 10 MiB; a client `context` of at most 1000 clock entries. Checks run before
+//! anything is read or written.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use crate::engine::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::quorum::Consistency;
+use crate::rpc::coordinator as pb;
+use crate::rpc::coordinator::coordinator_server::Coordinator as CoordinatorRpc;
+use crate::rpc::{clock_from_proto, clock_to_proto, common};
+use crate::vclock::{VectorClock, Version};
+
+use super::Coordinator;
+use super::admin::check_tenant_id;
+use super::errors::CoordError;
+use super::idempotent::fingerprint;
+
+/// Largest causal context a client may send.
+const MAX_CONTEXT_ENTRIES: usize = 1000;
+
+pub struct CoordinatorService {
+    core: Arc<Coordinator>,
+}
+
+impl CoordinatorService {
+    pub fn new(core: Arc<Coordinator>) -> Self {
+        Self { core }
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), CoordError> {
+    if key.is_empty() {
+        return Err(CoordError::InvalidRequest(
+            "key must not be empty".to_owned(),
+        ));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(CoordError::KeyTooLarge {
+            len: key.len(),
+            max: MAX_KEY_BYTES,
+        });
+    }
+    if key.contains(&0) {
+        return Err(CoordError::InvalidRequest(
+            "key must not contain NUL bytes".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn consistency(raw: i32) -> Result<Consistency, CoordError> {
+    common::Consistency::try_from(raw)
+        .map(Consistency::from)
+        .map_err(|_| CoordError::InvalidRequest(format!("unknown consistency {raw}")))
+}
+
+/// Records the call's latency and outcome; logs failures with tenant, key hash and code.
+fn observe<T>(
+    op: &'static str,
+    level: Option<Consistency>,
+    tenant: &str,
+    key: &[u8],
+    started: Instant,
+    result: Result<T, CoordError>,
+) -> Result<Response<T>, Status> {
+    let level = level.map_or("none", Consistency::as_str);
+    metrics::histogram!("pairdb_coordinator_request_seconds", "op" => op, "consistency" => level)
+        .record(started.elapsed().as_secs_f64());
+    let code = match &result {
+        Ok(_) => "OK",
+        Err(e) => e.code_name(),
+    };
+    metrics::counter!("pairdb_coordinator_requests_total", "op" => op, "consistency" => level, "code" => code)
+        .increment(1);
+    match result {
+        Ok(v) => Ok(Response::new(v)),
+        Err(e) => {
+            if !matches!(e, CoordError::KeyNotFound | CoordError::TenantNotFound(_)) {
+                let key_hash = xxhash_rust::xxh3::xxh3_64(key);
+                tracing::info!(op, tenant, key_hash = format_args!("{key_hash:016x}"), code, error = %e, "request failed");
+            }
+            Err(e.into_status())
+        }
+    }
+}
+
+impl Coordinator {
+    async fn write_key_value(
+        &self,
+        req: pb::WriteKeyValueRequest,
+        level: Consistency,
+    ) -> Result<pb::WriteKeyValueResponse, CoordError> {
+        check_tenant_id(&req.tenant_id)?;
+        check_key(&req.key)?;
+        if req.value.len() > MAX_VALUE_BYTES {
+            return Err(CoordError::ValueTooLarge {
+                len: req.value.len(),
+                max: MAX_VALUE_BYTES,
+            });
+        }
+        let context = if req.has_context {
+            let clock = clock_from_proto(&req.context);
+            clock
+                .validate(MAX_CONTEXT_ENTRIES)
+                .map_err(|e| CoordError::InvalidRequest(format!("context: {e}")))?;
+            clock
+        } else {
+            VectorClock::new()
+        };
+        let tenant = self.tenant(&req.tenant_id).await?;
+        let (key, value) = (&req.key, &req.value);
+        let write = |idempotency_key: String| async move {
+            let version = self.new_version(&context).await?;
+            let written = self
+                .replicate(
+                    &tenant.tenant_id,
+                    tenant.replication_factor,
+                    key,
+                    Some(value.clone()),
+                    version,
+                    level,
+                )
+                .await?;
+            Ok(pb::WriteKeyValueResponse {
+                key: key.clone(),
+                idempotency_key,
+                version: Some((&written.version).into()),
+                replica_count: written.acks as u32,
+                consistency: common::Consistency::from(level) as i32,
+                is_duplicate: false,
+                replication_capped: written.rf_capped,
+            })
+        };
+        if req.idempotency_key.is_empty() {
+            return write(uuid::Uuid::new_v4().to_string()).await;
+        }
+        if req.idempotency_key.len() > 256 {
+            return Err(CoordError::InvalidRequest(
+                "idempotency key is longer than 256 bytes".to_owned(),
+            ));
+        }
+        self.idempotent(
+            &req.tenant_id,
+            &req.key,
+            &req.idempotency_key,
+            fingerprint(&req.value),
+            || write(req.idempotency_key.clone()),
+        )
+        .await
+    }
+
+    async fn read_key_value(
+        &self,
+        req: &pb::ReadKeyValueRequest,
+        level: Consistency,
+    ) -> Result<pb::ReadKeyValueResponse, CoordError> {
+        check_tenant_id(&req.tenant_id)?;
+        check_key(&req.key)?;
+        let tenant = self.tenant(&req.tenant_id).await?;
+        let winner = self
+            .read_winner(
+                &tenant.tenant_id,
+                tenant.replication_factor,
+                &req.key,
+                level,
+            )
+            .await?;
+        match winner {
+            Some(crate::rpc::storage::Record {
+                payload: Some(crate::rpc::storage::record::Payload::Value(value)),
+                version,
+                ..
+            }) => Ok(pb::ReadKeyValueResponse {
+                key: req.key.clone(),
+                value,
+                version,
+            }),
+            _ => Err(CoordError::KeyNotFound),
+        }
+    }
+
+    async fn delete_key_value(
+        &self,
+        req: &pb::DeleteKeyValueRequest,
+        level: Consistency,
+    ) -> Result<pb::DeleteKeyValueResponse, CoordError> {
+        check_tenant_id(&req.tenant_id)?;
+        check_key(&req.key)?;
+        let tenant = self.tenant(&req.tenant_id).await?;
+        let current = self
+            .read_winner(
+                &tenant.tenant_id,
+                tenant.replication_factor,
+                &req.key,
+                level,
+            )
+            .await?;
+        let context = match current {
+            Some(crate::rpc::storage::Record {
+                payload: Some(crate::rpc::storage::record::Payload::Value(_)),
+                version: Some(version),
+                ..
+            }) => Version::from(&version).clock,
+            _ => return Err(CoordError::KeyNotFound),
+        };
+        let version = self.new_version(&context).await?;
+        let written = self
+            .replicate(
+                &tenant.tenant_id,
+                tenant.replication_factor,
+                &req.key,
+                None,
+                version,
+                level,
+            )
+            .await?;
+        Ok(pb::DeleteKeyValueResponse {
+            key: req.key.clone(),
+            version: Some(common::Version {
+                clock: clock_to_proto(&written.version.clock),
+                timestamp_ms: written.version.timestamp_ms(),
+            }),
+            replica_count: written.acks as u32,
+            consistency: common::Consistency::from(level) as i32,
+        })
+    }
+}
+
+const TOPOLOGY_LATER: &str = "adding and removing storage nodes at runtime is not implemented yet: \
+     register nodes with --storage-nodes when the registry is empty";
+
+#[tonic::async_trait]
+impl CoordinatorRpc for CoordinatorService {
+    async fn write_key_value(
+        &self,
+        request: Request<pb::WriteKeyValueRequest>,
+    ) -> Result<Response<pb::WriteKeyValueResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let (tenant, key) = (req.tenant_id.clone(), req.key.clone());
+        let level = consistency(req.consistency);
+        let known = level.as_ref().ok().copied();
+        let result = match level {
+            Ok(level) => self.core.write_key_value(req, level).await,
+            Err(e) => Err(e),
+        };
+        observe("write", known, &tenant, &key, started, result)
+    }
+
+    async fn read_key_value(
+        &self,
+        request: Request<pb::ReadKeyValueRequest>,
+    ) -> Result<Response<pb::ReadKeyValueResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let level = consistency(req.consistency);
+        let known = level.as_ref().ok().copied();
+        let result = match level {
+            Ok(level) => self.core.read_key_value(&req, level).await,
+            Err(e) => Err(e),
+        };
+        observe("read", known, &req.tenant_id, &req.key, started, result)
+    }
+
+    async fn delete_key_value(
+        &self,
+        request: Request<pb::DeleteKeyValueRequest>,
+    ) -> Result<Response<pb::DeleteKeyValueResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let level = consistency(req.consistency);
+        let known = level.as_ref().ok().copied();
+        let result = match level {
+            Ok(level) => self.core.delete_key_value(&req, level).await,
+            Err(e) => Err(e),
+        };
+        observe("delete", known, &req.tenant_id, &req.key, started, result)
+    }
+
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let result = self
+            .core
+            .create_tenant(&req.tenant_id, req.replication_factor)
+            .await;
+        observe("create_tenant", None, &req.tenant_id, b"", started, result)
+    }
+
+    async fn update_replication_factor(
+        &self,
+        request: Request<pb::UpdateReplicationFactorRequest>,
+    ) -> Result<Response<pb::UpdateReplicationFactorResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let result = self
+            .core
+            .update_replication_factor(&req.tenant_id, req.replication_factor)
+            .await;
+        observe("update_rf", None, &req.tenant_id, b"", started, result)
+    }
+
+    async fn get_tenant(
+        &self,
+        request: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let result = self.core.get_tenant(&req.tenant_id).await;
+        observe("get_tenant", None, &req.tenant_id, b"", started, result)
+    }
+
+    async fn add_storage_node(
+        &self,
+        _request: Request<pb::AddStorageNodeRequest>,
+    ) -> Result<Response<pb::MigrationAccepted>, Status> {
+        Err(CoordError::NotImplemented(TOPOLOGY_LATER).into_status())
+    }
+
+    async fn remove_storage_node(
+        &self,
+        _request: Request<pb::RemoveStorageNodeRequest>,
+    ) -> Result<Response<pb::MigrationAccepted>, Status> {
+        Err(CoordError::NotImplemented(TOPOLOGY_LATER).into_status())
+    }
+
+    async fn get_migration_status(
+        &self,
+        _request: Request<pb::GetMigrationStatusRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        Err(CoordError::NotImplemented(TOPOLOGY_LATER).into_status())
+    }
+
+    async fn list_storage_nodes(
+        &self,
+        _request: Request<pb::ListStorageNodesRequest>,
+    ) -> Result<Response<pb::ListStorageNodesResponse>, Status> {
+        let started = Instant::now();
+        let result = self.core.list_nodes().await;
+        observe("list_nodes", None, "", b"", started, result)
+    }
+}

@@ -1,0 +1,191 @@
+//! `pairdb --role=coordinator`: connect the metadata and idempotency stores (refusing to start
+//! when either is unreachable), seed an empty node registry from `--storage-nodes`, follow the
+//! registry and gossip, start the hint writer, hint replay and read repair, and serve the
+//! Coordinator gRPC service plus `/healthz`, `/readyz`, `/metrics` until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, CoordinatorConfig, default_http_listen};
+use crate::coordinator::clock::CoordinatorClock;
+use crate::coordinator::hints::{self, HintWriter, ReplayLimits};
+use crate::coordinator::membership::Membership;
+use crate::coordinator::repair::RepairQueue;
+use crate::coordinator::ring_view::RingView;
+use crate::coordinator::service::CoordinatorService;
+use crate::coordinator::storage_pool::StoragePool;
+use crate::coordinator::tenant_cache::TenantCache;
+use crate::coordinator::{Coordinator, Options, http};
+use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
+use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
+use crate::ring::NodeState;
+use crate::rpc::coordinator::coordinator_server::CoordinatorServer;
+
+/// Largest gRPC message: a 10 MiB value plus its request.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Virtual nodes of nodes seeded from `--storage-nodes`.
+pub const DEFAULT_VNODES: u32 = 150;
+
+pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let id = config
+        .node
+        .id
+        .clone()
+        .context("coordinator needs a node id")?;
+    let cfg = &config.coordinator;
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let http_addr: SocketAddr = cfg
+        .http_listen
+        .unwrap_or_else(|| default_http_listen(cfg.listen));
+    let http_listener = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {http_addr}"))?;
+    let core = start(&id, cfg, shutdown.clone()).await?;
+    crate::metrics::handle();
+    tracing::info!(coordinator = %id, grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, "coordinator serving");
+
+    let http_stop = shutdown.clone();
+    let router = http::router(core.clone());
+    let http_server = tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+    let grpc_stop = shutdown.clone();
+    let grpc = CoordinatorServer::new(CoordinatorService::new(core))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let served = tonic::transport::Server::builder()
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            async move { grpc_stop.cancelled().await },
+        )
+        .await;
+    shutdown.cancel();
+    let _ = http_server.await;
+    served.context("gRPC server failed")?;
+    tracing::info!("coordinator stopped cleanly");
+    Ok(())
+}
+
+/// Builds a coordinator and starts its background loops (stopped by `stop`).
+pub async fn start(
+    id: &str,
+    cfg: &CoordinatorConfig,
+    stop: CancellationToken,
+) -> anyhow::Result<Arc<Coordinator>> {
+    let meta: Arc<dyn MetadataStore> = Arc::new(
+        SqlMetadataStore::connect(&cfg.metadata_url)
+            .await
+            .with_context(|| format!("metadata store {}", redact(&cfg.metadata_url)))?,
+    );
+    let idempotency: Arc<dyn IdempotencyStore> = if cfg.idempotency_url == "memory://" {
+        Arc::new(MemoryIdempotencyStore::new())
+    } else {
+        Arc::new(
+            RedisIdempotencyStore::connect(&cfg.idempotency_url)
+                .await
+                .with_context(|| format!("idempotency store {}", redact(&cfg.idempotency_url)))?,
+        )
+    };
+    seed_registry(&*meta, cfg)
+        .await
+        .context("seeding the node registry")?;
+
+    let pool = Arc::new(StoragePool::new());
+    let membership = Arc::new(Membership::default());
+    let ring = RingView::load(meta.clone(), membership.clone())
+        .await
+        .context("reading the node registry")?;
+    ring.spawn_refresh(Duration::from_millis(cfg.ring_refresh_ms), stop.clone());
+    let watched = ring.clone();
+    membership.follow(
+        move || {
+            let snapshot = watched.snapshot();
+            snapshot
+                .nodes
+                .iter()
+                .filter_map(|n| Some((n.node_id.clone(), snapshot.address(&n.node_id)?.to_owned())))
+                .collect()
+        },
+        pool.clone(),
+        stop.clone(),
+    );
+    let timeout = Duration::from_millis(cfg.request_timeout_ms);
+    hints::spawn_replay(
+        meta.clone(),
+        ring.clone(),
+        pool.clone(),
+        ReplayLimits {
+            interval: Duration::from_millis(cfg.hint_replay_interval_ms),
+            max_window: Duration::from_secs(cfg.max_hint_window_s),
+            max_attempts: cfg.max_hint_attempts,
+            timeout: timeout.max(Duration::from_secs(5)),
+        },
+        stop.clone(),
+    );
+    let clock = CoordinatorClock::resume(id, meta.clone())
+        .await
+        .context("loading the coordinator clock")?;
+    Ok(Arc::new(Coordinator {
+        id: id.to_owned(),
+        options: Options {
+            request_timeout: timeout,
+            hints_enabled: cfg.hints_enabled,
+            max_clock_entries: cfg.max_clock_entries,
+        },
+        hints: HintWriter::start(cfg.hints_enabled.then(|| meta.clone())),
+        repairs: RepairQueue::start(cfg.read_repair_queue, ring.clone(), pool.clone(), timeout),
+        tenants: TenantCache::new(meta.clone(), Duration::from_secs(cfg.tenant_cache_ttl_s)),
+        meta,
+        idempotency,
+        clock,
+        pool,
+        ring,
+    }))
+}
+
+/// Registers `--storage-nodes` as active nodes when the registry is empty. Several coordinators
+/// starting at once on one store may race: a node another one registered first is fine.
+async fn seed_registry(meta: &dyn MetadataStore, cfg: &CoordinatorConfig) -> Result<(), MetaError> {
+    if cfg.storage_nodes.is_empty() || !meta.list_nodes().await?.is_empty() {
+        return Ok(());
+    }
+    for node in &cfg.storage_nodes {
+        let record = NodeRecord {
+            node_id: node.id.clone(),
+            host: node.host.clone(),
+            port: node.port,
+            virtual_nodes: DEFAULT_VNODES,
+            state: NodeState::Active,
+        };
+        match meta.add_node(&record).await {
+            Ok(()) | Err(MetaError::Exists { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::info!(
+        nodes = cfg.storage_nodes.len(),
+        "node registry seeded from --storage-nodes"
+    );
+    Ok(())
+}
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{user}:***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,162 @@
+//! Real multi-process clusters for coordinator tests: storage nodes gossiping on loopback and
+//! `pairdb --role=coordinator` processes sharing one metadata store.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pairdb::rpc::coordinator::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+use super::{StorageNode, free_tcp_port, free_udp_port};
+
+/// `n` storage nodes `s1..sn` gossiping with each other, data under `dir`.
+pub fn start_storage(n: usize, dir: &Path) -> Vec<StorageNode> {
+    let gossip: Vec<SocketAddr> = (0..n)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
+        .collect();
+    (0..n)
+        .map(|i| {
+            let seeds = gossip
+                .iter()
+                .filter(|a| **a != gossip[i])
+                .copied()
+                .collect();
+            let data = dir.join(format!("s{}", i + 1));
+            std::fs::create_dir_all(&data).expect("mkdir");
+            StorageNode::start(&format!("s{}", i + 1), &data, Some((gossip[i], seeds)))
+        })
+        .collect()
+}
+
+/// `id@host:port` of each storage node, comma-separated.
+pub fn storage_list(nodes: &[StorageNode]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("{}@{}", n.id, n.grpc))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub struct CoordinatorProcess {
+    pub id: String,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl CoordinatorProcess {
+    /// Starts a coordinator and waits until its gRPC port answers. `env` adds
+    /// `PAIRDB_COORDINATOR_*` settings.
+    pub fn start(
+        id: &str,
+        metadata_url: &str,
+        idempotency_url: &str,
+        storage: &[StorageNode],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> CoordinatorProcess {
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let args = vec![
+            "--role=coordinator".to_owned(),
+            format!("--node-id={id}"),
+            format!("--listen={grpc}"),
+            format!("--http-listen={http}"),
+            format!("--metadata-url={metadata_url}"),
+            format!("--idempotency-url={idempotency_url}"),
+            format!("--storage-nodes={}", storage_list(storage)),
+            "--log-level=info".to_owned(),
+        ];
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        env.push(("PAIRDB_COORDINATOR_RING_REFRESH_MS".into(), "500".into()));
+        let mut c = CoordinatorProcess {
+            id: id.to_owned(),
+            grpc,
+            http,
+            args,
+            env,
+            child: None,
+            log: log_dir.join(format!("{id}.log")),
+        };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pairdb"))
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn pairdb");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(self.grpc).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "coordinator {} exited at start: {status}\n{}",
+                    self.id,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coordinator {} did not start",
+                self.id
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill -9");
+            c.wait().expect("reap");
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> CoordinatorClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.grpc))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        CoordinatorClient::new(channel)
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of coordinator {} ---\n{}",
+                self.id,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}

@@ -1,0 +1,777 @@
+//! Coordinator role against real processes: gossiping storage nodes and `pairdb
+//! --role=coordinator` over gRPC, sharing a metadata store (PostgreSQL when the machine has it,
+//! else SQLite; PostgreSQL and Redis are required under CI=true).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::StorageNode;
+use common::backends::{Postgres, Redis, skip_or_fail};
+use common::cluster::{CoordinatorProcess, start_storage};
+use pairdb::coordinator::errors::detail_in;
+use pairdb::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
+use pairdb::ring::NodeState;
+use pairdb::rpc::common::{Consistency, NodeState as WireState};
+use pairdb::rpc::coordinator::coordinator_client::CoordinatorClient;
+use pairdb::rpc::coordinator::{self as pb, ErrorCode};
+use pairdb::rpc::storage as spb;
+use pairdb::vclock::Version;
+use tonic::transport::Channel;
+
+type Client = CoordinatorClient<Channel>;
+
+/// The tests of this file run one at a time: each starts 3-5 storage nodes and coordinators,
+/// and running them all at once on a 2-core machine starves gossip heartbeats.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const LEVELS: [Consistency; 3] = [Consistency::One, Consistency::Quorum, Consistency::All];
+
+async fn put(
+    c: &mut Client,
+    tenant: &str,
+    key: &str,
+    value: &str,
+    level: Consistency,
+) -> Result<pb::WriteKeyValueResponse, tonic::Status> {
+    put_idem(c, tenant, key, value, level, "").await
+}
+
+async fn put_idem(
+    c: &mut Client,
+    tenant: &str,
+    key: &str,
+    value: &str,
+    level: Consistency,
+    idempotency_key: &str,
+) -> Result<pb::WriteKeyValueResponse, tonic::Status> {
+    c.write_key_value(pb::WriteKeyValueRequest {
+        tenant_id: tenant.to_owned(),
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+        consistency: level as i32,
+        idempotency_key: idempotency_key.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn get(
+    c: &mut Client,
+    tenant: &str,
+    key: &str,
+    level: Consistency,
+) -> Result<String, tonic::Status> {
+    c.read_key_value(pb::ReadKeyValueRequest {
+        tenant_id: tenant.to_owned(),
+        key: key.as_bytes().to_vec(),
+        consistency: level as i32,
+    })
+    .await
+    .map(|r| String::from_utf8(r.into_inner().value).expect("utf-8 value"))
+}
+
+fn code(status: &tonic::Status) -> ErrorCode {
+    detail_in(status).map_or(ErrorCode::Unspecified, |d| d.code())
+}
+
+async fn create_tenant(c: &mut Client, tenant: &str, rf: u32) {
+    c.create_tenant(pb::CreateTenantRequest {
+        tenant_id: tenant.to_owned(),
+        replication_factor: rf,
+    })
+    .await
+    .expect("create tenant");
+}
+
+/// The value a storage node holds for a key (`None`: nothing; tombstones read as `None` too).
+async fn stored(node: &StorageNode, tenant: &str, key: &str) -> Option<(String, Version)> {
+    let record = node
+        .client()
+        .await
+        .read(spb::ReadRequest {
+            tenant_id: tenant.to_owned(),
+            key: key.as_bytes().to_vec(),
+        })
+        .await
+        .expect("storage read")
+        .into_inner()
+        .record?;
+    let version = Version::from(record.version.as_ref().expect("version"));
+    match record.payload? {
+        spb::record::Payload::Value(v) => Some((String::from_utf8(v).expect("utf-8"), version)),
+        spb::record::Payload::Tombstone(_) => None,
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn node_state(c: &mut Client, node: &str) -> Option<WireState> {
+    c.list_storage_nodes(pb::ListStorageNodesRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .nodes
+        .into_iter()
+        .find(|n| n.node_id == node)
+        .map(|n| n.state())
+}
+
+/// Waits until the coordinator sees all `n` storage nodes up (gossip converged).
+async fn wait_all_active(c: &Client, n: usize) {
+    eventually("every storage node active", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            c.list_storage_nodes(pb::ListStorageNodesRequest {})
+                .await
+                .map(|r| r.into_inner().nodes)
+                .is_ok_and(|nodes| {
+                    nodes.len() == n && nodes.iter().all(|x| x.state() == WireState::Active)
+                })
+        }
+    })
+    .await;
+}
+
+fn sqlite_url(dir: &std::path::Path) -> String {
+    format!("sqlite://{}", dir.join("meta.db").display())
+}
+
+/// Placement, quorum reads and writes at every level from two coordinators, tenant isolation,
+/// input errors, delete, and ring changes seen by both coordinators through the shared store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start();
+    if pg.is_none() {
+        skip_or_fail("the PostgreSQL half of this test", "PostgreSQL");
+    }
+    for n in [3usize, 5] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = start_storage(n, dir.path());
+        let meta_url = match &pg {
+            // One database per cluster.
+            Some(pg) => {
+                let db = format!("cluster{n}");
+                let admin = sqlx::PgPool::connect(&pg.url()).await.expect("pg");
+                sqlx::query(&format!("CREATE DATABASE {db}"))
+                    .execute(&admin)
+                    .await
+                    .expect("create db");
+                admin.close().await;
+                format!("postgres://postgres@127.0.0.1:{}/{db}", pg.port)
+            }
+            None => sqlite_url(dir.path()),
+        };
+        let c1 = CoordinatorProcess::start("c1", &meta_url, "memory://", &storage, &[], dir.path());
+        let c2 = CoordinatorProcess::start("c2", &meta_url, "memory://", &storage, &[], dir.path());
+        let (mut a, mut b) = (c1.client().await, c2.client().await);
+        wait_all_active(&a, n).await;
+        wait_all_active(&b, n).await;
+        create_tenant(&mut a, "acme", 3).await;
+        create_tenant(&mut a, "globex", 3).await;
+
+        for i in 0..20 {
+            let key = format!("user:{i}");
+            let via = if i % 2 == 0 { &mut a } else { &mut b };
+            let w = put(
+                via,
+                "acme",
+                &key,
+                &format!("\"acme-{i}\""),
+                Consistency::Quorum,
+            )
+            .await
+            .expect("quorum write");
+            assert!(
+                w.replica_count >= 2,
+                "quorum write acked by {}",
+                w.replica_count
+            );
+            put(
+                via,
+                "globex",
+                &key,
+                &format!("{{\"g\":{i}}}"),
+                Consistency::Quorum,
+            )
+            .await
+            .expect("quorum write");
+        }
+        for i in 0..20 {
+            let key = format!("user:{i}");
+            for level in LEVELS {
+                for c in [&mut a, &mut b] {
+                    assert_eq!(
+                        get(c, "acme", &key, level).await.expect("read"),
+                        format!("\"acme-{i}\"")
+                    );
+                    assert_eq!(
+                        get(c, "globex", &key, level).await.expect("read"),
+                        format!("{{\"g\":{i}}}")
+                    );
+                }
+            }
+            // RF 3: exactly three nodes hold each key, whatever the node count.
+            let mut holders = 0;
+            for node in &storage {
+                if stored(node, "acme", &key).await.is_some() {
+                    holders += 1;
+                }
+            }
+            assert!(holders >= 2, "{key} on {holders} nodes");
+            assert!(holders <= 3, "{key} on {holders} nodes");
+        }
+        eventually(
+            "every write reaches all three replicas",
+            Duration::from_secs(10),
+            || {
+                let storage = &storage;
+                async move {
+                    let mut total = 0;
+                    for node in storage {
+                        for i in 0..20 {
+                            total += usize::from(
+                                stored(node, "acme", &format!("user:{i}")).await.is_some(),
+                            );
+                        }
+                    }
+                    total == 60
+                }
+            },
+        )
+        .await;
+
+        // Errors, and nothing written by them.
+        let e = get(&mut a, "nobody", "user:1", Consistency::Quorum)
+            .await
+            .expect_err("unknown tenant");
+        assert_eq!(code(&e), ErrorCode::TenantNotFound);
+        let e = put(&mut a, "acme", &"k".repeat(1025), "1", Consistency::Quorum)
+            .await
+            .expect_err("long key");
+        assert_eq!(code(&e), ErrorCode::KeyTooLarge);
+        let e = put(&mut a, "acme", "", "1", Consistency::Quorum)
+            .await
+            .expect_err("empty key");
+        assert_eq!(code(&e), ErrorCode::InvalidRequest);
+        let e = put(&mut a, "bad:tenant", "k", "1", Consistency::Quorum)
+            .await
+            .expect_err("bad tenant");
+        assert_eq!(code(&e), ErrorCode::InvalidRequest);
+        let e = a
+            .create_tenant(pb::CreateTenantRequest {
+                tenant_id: "acme".into(),
+                replication_factor: 3,
+            })
+            .await
+            .expect_err("twice");
+        assert_eq!(code(&e), ErrorCode::TenantExists);
+        let e = a
+            .create_tenant(pb::CreateTenantRequest {
+                tenant_id: "big".into(),
+                replication_factor: 11,
+            })
+            .await
+            .expect_err("rf 11");
+        assert_eq!(code(&e), ErrorCode::InvalidReplicationFactor);
+        let e = b
+            .get_tenant(pb::GetTenantRequest {
+                tenant_id: "big".into(),
+            })
+            .await
+            .expect_err("not created");
+        assert_eq!(code(&e), ErrorCode::TenantNotFound);
+        let t = b
+            .get_tenant(pb::GetTenantRequest {
+                tenant_id: "globex".into(),
+            })
+            .await
+            .expect("tenant")
+            .into_inner();
+        assert_eq!(t.replication_factor, 3);
+        assert!(
+            t.created_at.ends_with('Z'),
+            "RFC 3339 UTC: {}",
+            t.created_at
+        );
+        let e = get(&mut a, "acme", "never", Consistency::Quorum)
+            .await
+            .expect_err("missing");
+        assert_eq!(code(&e), ErrorCode::KeyNotFound);
+
+        // Delete from one coordinator, gone for the other; the other tenant keeps its key.
+        let d = a
+            .delete_key_value(pb::DeleteKeyValueRequest {
+                tenant_id: "acme".into(),
+                key: b"user:0".to_vec(),
+                consistency: Consistency::Quorum as i32,
+            })
+            .await
+            .expect("delete")
+            .into_inner();
+        assert!(d.replica_count >= 2);
+        let e = get(&mut b, "acme", "user:0", Consistency::Quorum)
+            .await
+            .expect_err("deleted");
+        assert_eq!(code(&e), ErrorCode::KeyNotFound);
+        assert_eq!(
+            get(&mut b, "globex", "user:0", Consistency::All)
+                .await
+                .expect("other tenant"),
+            "{\"g\":0}"
+        );
+        let e = b
+            .delete_key_value(pb::DeleteKeyValueRequest {
+                tenant_id: "acme".into(),
+                key: b"user:0".to_vec(),
+                consistency: Consistency::Quorum as i32,
+            })
+            .await
+            .expect_err("already deleted");
+        assert_eq!(code(&e), ErrorCode::KeyNotFound);
+        put(&mut b, "acme", "user:0", "\"again\"", Consistency::Quorum)
+            .await
+            .expect("rewrite after delete");
+        assert_eq!(
+            get(&mut a, "acme", "user:0", Consistency::All)
+                .await
+                .expect("read"),
+            "\"again\""
+        );
+
+        // Both coordinators list every node as active.
+        for c in [&mut a, &mut b] {
+            let nodes = c
+                .list_storage_nodes(pb::ListStorageNodesRequest {})
+                .await
+                .expect("list")
+                .into_inner()
+                .nodes;
+            assert_eq!(nodes.len(), n);
+            assert!(
+                nodes
+                    .iter()
+                    .all(|x| x.state() == WireState::Active && x.virtual_nodes == 150)
+            );
+        }
+        // A registry change made through the shared store reaches both coordinators' rings.
+        let store = SqlMetadataStore::connect(&meta_url).await.expect("store");
+        store
+            .add_node(&NodeRecord {
+                node_id: "s99".into(),
+                host: "127.0.0.1".into(),
+                port: 1,
+                virtual_nodes: 8,
+                state: NodeState::Failed,
+            })
+            .await
+            .expect("add");
+        for c in [&mut a, &mut b] {
+            eventually("the new registry entry", Duration::from_secs(5), || {
+                let mut c = c.clone();
+                async move { node_state(&mut c, "s99").await == Some(WireState::Failed) }
+            })
+            .await;
+        }
+        store.close().await;
+    }
+}
+
+/// A dead replica: quorum keeps working, ALL fails with the counts, hints pile up, and are
+/// replayed when the node is back, so that node alone serves the latest values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_replica_gets_hints_replayed_when_back() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(3, dir.path());
+    let meta_url = sqlite_url(dir.path());
+    let c1 = CoordinatorProcess::start(
+        "c1",
+        &meta_url,
+        "memory://",
+        &storage,
+        &[("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL_MS", "300")],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    for i in 0..10 {
+        put(
+            &mut c,
+            "acme",
+            &format!("k{i}"),
+            "\"old\"",
+            Consistency::All,
+        )
+        .await
+        .expect("write");
+    }
+    storage[2].kill9();
+    for i in 0..10 {
+        let w = put(
+            &mut c,
+            "acme",
+            &format!("k{i}"),
+            "\"new\"",
+            Consistency::Quorum,
+        )
+        .await
+        .expect("quorum write with a dead replica");
+        assert_eq!(w.replica_count, 2);
+        assert_eq!(
+            get(&mut c, "acme", &format!("k{i}"), Consistency::Quorum)
+                .await
+                .expect("read"),
+            "\"new\""
+        );
+    }
+    let e = put(&mut c, "acme", "k0", "\"all\"", Consistency::All)
+        .await
+        .expect_err("ALL");
+    assert_eq!(code(&e), ErrorCode::QuorumNotReached);
+    let detail = detail_in(&e).expect("detail");
+    assert_eq!(
+        (detail.required, detail.received),
+        (3, 2),
+        "{}",
+        e.message()
+    );
+    let e = get(&mut c, "acme", "k1", Consistency::All)
+        .await
+        .expect_err("ALL read");
+    assert_eq!(code(&e), ErrorCode::QuorumNotReached);
+
+    let store = SqlMetadataStore::connect(&meta_url).await.expect("store");
+    let hints_for_s3 = |counts: Vec<(String, u64)>| {
+        counts
+            .into_iter()
+            .find(|(n, _)| n == "s3")
+            .map_or(0, |(_, c)| c)
+    };
+    eventually("hints for s3", Duration::from_secs(5), || {
+        let store = &store;
+        async move { hints_for_s3(store.hint_counts().await.expect("counts")) >= 11 }
+    })
+    .await;
+
+    storage[2].restart();
+    eventually("hints replayed to s3", Duration::from_secs(30), || {
+        let store = &store;
+        async move { hints_for_s3(store.hint_counts().await.expect("counts")) == 0 }
+    })
+    .await;
+    // k0 was written at ALL after the QUORUM writes: the ALL attempt landed on two replicas
+    // and was hinted for s3, so "all" is k0's latest value everywhere.
+    for i in 0..10 {
+        let want = if i == 0 { "\"all\"" } else { "\"new\"" };
+        let held = stored(&storage[2], "acme", &format!("k{i}"))
+            .await
+            .expect("replayed");
+        assert_eq!(held.0, want, "k{i} on s3");
+    }
+    storage[0].kill9();
+    storage[1].kill9();
+    for i in 1..10 {
+        assert_eq!(
+            get(&mut c, "acme", &format!("k{i}"), Consistency::One)
+                .await
+                .expect("ONE from s3"),
+            "\"new\""
+        );
+    }
+    store.close().await;
+}
+
+/// With hints off, a replica that missed a write is stale until a quorum read repairs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_read_repairs_a_stale_replica() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(3, dir.path());
+    let c1 = CoordinatorProcess::start(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[("PAIRDB_COORDINATOR_HINTS_ENABLED", "false")],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    put(&mut c, "acme", "k", "\"v1\"", Consistency::All)
+        .await
+        .expect("write");
+    storage[2].kill9();
+    put(&mut c, "acme", "k", "\"v2\"", Consistency::Quorum)
+        .await
+        .expect("write");
+    put(&mut c, "acme", "fresh", "\"only-two\"", Consistency::Quorum)
+        .await
+        .expect("write");
+    storage[2].restart();
+    eventually(
+        "s3 back in the coordinator's view",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
+        },
+    )
+    .await;
+    assert_eq!(
+        stored(&storage[2], "acme", "k").await.expect("old").0,
+        "\"v1\"",
+        "s3 is stale"
+    );
+    assert!(
+        stored(&storage[2], "acme", "fresh").await.is_none(),
+        "s3 misses the key"
+    );
+
+    assert_eq!(
+        get(&mut c, "acme", "k", Consistency::Quorum)
+            .await
+            .expect("read"),
+        "\"v2\""
+    );
+    assert_eq!(
+        get(&mut c, "acme", "fresh", Consistency::Quorum)
+            .await
+            .expect("read"),
+        "\"only-two\""
+    );
+    eventually("read repair of s3", Duration::from_secs(10), || {
+        let s3 = &storage[2];
+        async move {
+            stored(s3, "acme", "k").await.map(|v| v.0).as_deref() == Some("\"v2\"")
+                && stored(s3, "acme", "fresh").await.is_some()
+        }
+    })
+    .await;
+}
+
+/// Writers racing on one key through two coordinators, one of them restarted mid-way: every
+/// replica ends with the same winner, and writes after the restart are not shadowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_converge_and_a_restarted_coordinator_never_shadows() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let meta_url = sqlite_url(dir.path());
+    let mut c1 = CoordinatorProcess::start("c1", &meta_url, "memory://", &storage, &[], dir.path());
+    let c2 = CoordinatorProcess::start("c2", &meta_url, "memory://", &storage, &[], dir.path());
+    let (mut a, mut b) = (c1.client().await, c2.client().await);
+    wait_all_active(&a, 3).await;
+    wait_all_active(&b, 3).await;
+    create_tenant(&mut a, "acme", 3).await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let mut client = if w % 2 == 0 { a.clone() } else { b.clone() };
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acked = 0;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                if put(
+                    &mut client,
+                    "acme",
+                    "hot",
+                    &format!("\"w{w}-{n}\""),
+                    Consistency::Quorum,
+                )
+                .await
+                .is_ok()
+                {
+                    acked += 1;
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c1.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c1.restart();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = 0;
+    for w in writers {
+        acked += w.await.expect("writer");
+    }
+    assert!(acked > 20, "only {acked} writes acknowledged");
+
+    eventually(
+        "all replicas agree on one winner",
+        Duration::from_secs(15),
+        || {
+            let storage = &storage;
+            async move {
+                let mut held = Vec::new();
+                for node in storage {
+                    held.push(stored(node, "acme", "hot").await);
+                }
+                held[0].is_some() && held.iter().all(|h| *h == held[0])
+            }
+        },
+    )
+    .await;
+    let winner = stored(&storage[0], "acme", "hot").await.expect("winner").0;
+    assert_eq!(
+        get(&mut b, "acme", "hot", Consistency::All)
+            .await
+            .expect("read"),
+        winner
+    );
+
+    // Sequential writes after the restart win, whichever coordinator takes them.
+    let mut a = c1.client().await;
+    put(
+        &mut a,
+        "acme",
+        "hot",
+        "\"after-restart\"",
+        Consistency::Quorum,
+    )
+    .await
+    .expect("write");
+    assert_eq!(
+        get(&mut b, "acme", "hot", Consistency::Quorum)
+            .await
+            .expect("read"),
+        "\"after-restart\""
+    );
+    put(&mut b, "acme", "hot", "\"from-c2\"", Consistency::Quorum)
+        .await
+        .expect("write");
+    put(&mut a, "acme", "hot", "\"from-c1\"", Consistency::Quorum)
+        .await
+        .expect("write");
+    assert_eq!(
+        get(&mut b, "acme", "hot", Consistency::Quorum)
+            .await
+            .expect("read"),
+        "\"from-c1\""
+    );
+}
+
+/// Twenty concurrent retries with one idempotency key write once; another value is a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_retries_write_once() {
+    let _serial = SERIAL.lock().await;
+    let redis = Redis::start();
+    let idem_url = match &redis {
+        Some(r) => format!("redis://127.0.0.1:{}", r.port),
+        None => {
+            skip_or_fail(
+                "the Redis half of idempotent_retries_write_once",
+                "redis-server",
+            );
+            "memory://".to_owned()
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let meta_url = sqlite_url(dir.path());
+    let c1 = CoordinatorProcess::start("c1", &meta_url, &idem_url, &storage, &[], dir.path());
+    // Two coordinators share the idempotency store only through Redis.
+    let c2 = redis
+        .as_ref()
+        .map(|_| CoordinatorProcess::start("c2", &meta_url, &idem_url, &storage, &[], dir.path()));
+    let mut a = c1.client().await;
+    wait_all_active(&a, 3).await;
+    create_tenant(&mut a, "acme", 3).await;
+    let mut clients = vec![a.clone()];
+    if let Some(c2) = &c2 {
+        let b = c2.client().await;
+        wait_all_active(&b, 3).await;
+        clients.push(b);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut client = clients[i % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            put_idem(
+                &mut client,
+                "acme",
+                "order:1",
+                "{\"total\":5}",
+                Consistency::Quorum,
+                "retry-1",
+            )
+            .await
+        }));
+    }
+    let mut responses = Vec::new();
+    for t in tasks {
+        responses.push(t.await.expect("task").expect("write"));
+    }
+    let firsts = responses.iter().filter(|r| !r.is_duplicate).count();
+    assert_eq!(firsts, 1, "exactly one request wrote");
+    assert!(
+        responses
+            .iter()
+            .all(|r| r.version == responses[0].version && r.idempotency_key == "retry-1")
+    );
+    let written = Version::from(responses[0].version.as_ref().expect("version"));
+    for node in &storage {
+        let held = stored(node, "acme", "order:1").await.expect("held");
+        assert_eq!(held.1, written, "one version on {}", node.id);
+    }
+
+    let e = put_idem(
+        &mut a,
+        "acme",
+        "order:1",
+        "{\"total\":6}",
+        Consistency::Quorum,
+        "retry-1",
+    )
+    .await
+    .expect_err("different value");
+    assert_eq!(code(&e), ErrorCode::IdempotencyKeyConflict);
+    assert_eq!(
+        get(&mut a, "acme", "order:1", Consistency::All)
+            .await
+            .expect("read"),
+        "{\"total\":5}"
+    );
+    // A new key writes again; no key gets a generated one.
+    let again = put_idem(
+        &mut a,
+        "acme",
+        "order:1",
+        "{\"total\":6}",
+        Consistency::Quorum,
+        "retry-2",
+    )
+    .await
+    .expect("new key");
+    assert!(!again.is_duplicate);
+    let generated = put(&mut a, "acme", "order:2", "1", Consistency::Quorum)
+        .await
+        .expect("write");
+    assert_eq!(
+        generated.idempotency_key.len(),
+        36,
+        "a UUID: {}",
+        generated.idempotency_key
+    );
+}
