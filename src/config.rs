@@ -166,7 +166,7 @@ impl Default for CoordinatorConfig {
             hint_replay_interval_ms: 1_000,
             ring_refresh_ms: 2_000,
             tenant_cache_ttl_s: 300,
-            max_clock_entries: 10,
+            max_clock_entries: 64,
             read_repair_queue: 10_000,
         }
     }

@@ -51,7 +51,6 @@ use tenant_cache::TenantCache;
 #[derive(Debug, Clone)]
 pub struct Options {
     pub request_timeout: Duration,
-    pub hints_enabled: bool,
     pub max_clock_entries: usize,
 }
 

@@ -46,6 +46,11 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let http_listener = tokio::net::TcpListener::bind(http_addr)
         .await
         .with_context(|| format!("cannot listen on {http_addr}"))?;
+    if !cfg.seeds.is_empty() {
+        tracing::info!(
+            "coordinators follow gossip through the storage nodes' WatchHealth; --seeds is not needed"
+        );
+    }
     let core = start(&id, cfg, shutdown.clone()).await?;
     crate::metrics::handle();
     tracing::info!(coordinator = %id, grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, "coordinator serving");
@@ -138,7 +143,6 @@ pub async fn start(
         id: id.to_owned(),
         options: Options {
             request_timeout: timeout,
-            hints_enabled: cfg.hints_enabled,
             max_clock_entries: cfg.max_clock_entries,
         },
         hints: HintWriter::start(cfg.hints_enabled.then(|| meta.clone())),
