@@ -45,6 +45,31 @@ pub enum Command {
     /// Run a whole local cluster in one process: 3 storage nodes, a coordinator and a gateway,
     /// embedded metadata and idempotency stores, auth none.
     Dev(DevArgs),
+    /// Mint JWTs for `--auth=token` gateways, with the secret of the config
+    /// ([gateway.auth] secret or secret_file, or PAIRDB_GATEWAY_AUTH_SECRET).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Print a new HS256 token for a tenant.
+    Issue(TokenIssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenIssueArgs {
+    /// The tenant (the token's `sub`).
+    #[arg(long)]
+    pub tenant: String,
+    /// An admin token (tenant and node administration).
+    #[arg(long)]
+    pub admin: bool,
+    /// Lifetime, e.g. 30d, 12h, 90m.
+    #[arg(long, default_value = "30d")]
+    pub ttl: String,
 }
 
 #[derive(Debug, Args)]

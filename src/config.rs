@@ -184,7 +184,21 @@ pub struct GatewayConfig {
     /// Per tenant, per minute.
     pub write_rate_limit: u32,
     pub read_rate_limit: u32,
+    /// Per-tenant overrides: `[gateway.tenant_limits.acme] write = 5000, read = 50000`.
+    pub tenant_limits: std::collections::BTreeMap<String, TenantLimits>,
+    /// Largest request body accepted (a 10 MiB value plus its JSON), in bytes.
+    pub max_body_bytes: usize,
+    /// Deadline of one call to a coordinator, in milliseconds.
+    pub request_timeout_ms: u64,
     pub auth: AuthConfig,
+}
+
+/// Requests per minute for one tenant; unset = the gateway's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimits {
+    pub write: Option<u32>,
+    pub read: Option<u32>,
 }
 
 impl Default for GatewayConfig {
@@ -194,6 +208,9 @@ impl Default for GatewayConfig {
             coordinators: vec!["127.0.0.1:7201".to_owned()],
             write_rate_limit: 1000,
             read_rate_limit: 10000,
+            tenant_limits: std::collections::BTreeMap::new(),
+            max_body_bytes: 11 * 1024 * 1024,
+            request_timeout_ms: 5_000,
             auth: AuthConfig::default(),
         }
     }
@@ -540,8 +557,17 @@ impl GatewayConfig {
         for c in &self.coordinators {
             split_host_port(c).map_err(|e| invalid(format!("--coordinators: {e}")))?;
         }
-        if self.write_rate_limit == 0 || self.read_rate_limit == 0 {
+        let tenant_zero = self
+            .tenant_limits
+            .values()
+            .any(|l| l.write == Some(0) || l.read == Some(0));
+        if self.write_rate_limit == 0 || self.read_rate_limit == 0 || tenant_zero {
             return Err(invalid("rate limits must be at least 1 request per minute"));
+        }
+        if self.max_body_bytes < 1024 || self.request_timeout_ms == 0 {
+            return Err(invalid(
+                "gateway max_body_bytes must be >= 1024 and request_timeout_ms > 0",
+            ));
         }
         if self.auth.mode == AuthMode::Token
             && self.auth.secret.as_deref().is_none_or(str::is_empty)

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod coordinator;
 pub mod engine;
+pub mod gateway;
 pub mod idempotency;
 pub mod meta;
 pub mod metrics;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pairdb::cli::{Cli, Command};
+use pairdb::cli::{Cli, Command, TokenAction, TokenIssueArgs};
 use pairdb::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -32,6 +32,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    if let Some(Command::Token {
+        action: TokenAction::Issue(args),
+    }) = &cli.command
+    {
+        return issue_token(&cli, args);
+    }
     if let Some(Command::Dev(args)) = cli.command {
         init_tracing(LogFormat::Human, "info");
         return match runtime.block_on(pairdb::roles::run_dev(args)) {
@@ -75,6 +81,47 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("pairdb: {e}");
             ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `pairdb token issue`: prints one token on stdout.
+fn issue_token(cli: &Cli, args: &TokenIssueArgs) -> ExitCode {
+    use pairdb::gateway::auth::{TokenRole, issue, secret};
+    let config = match Config::load(&cli.server) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pairdb: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let ttl = match humantime::parse_duration(&args.ttl) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("pairdb: --ttl {:?}: {e}", args.ttl);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = pairdb::gateway::auth::check_tenant(&args.tenant) {
+        eprintln!("pairdb: --tenant: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let role = if args.admin {
+        TokenRole::Admin
+    } else {
+        TokenRole::Tenant
+    };
+    match secret(&config.gateway.auth)
+        .map_err(anyhow::Error::from)
+        .and_then(|s| issue(&s, &args.tenant, role, ttl))
+    {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pairdb: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

@@ -125,6 +125,9 @@ impl From<IdemError> for CoordError {
 
 /// The `ErrorDetail` a coordinator put in a status (`None` for statuses from elsewhere).
 pub fn detail_in(status: &Status) -> Option<ErrorDetail> {
+    if status.details().is_empty() {
+        return None;
+    }
     ErrorDetail::decode(status.details()).ok()
 }
 

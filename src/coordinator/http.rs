@@ -26,6 +26,14 @@ pub fn router(core: Arc<Coordinator>) -> Router {
 }
 
 async fn ready(State(core): State<Arc<Coordinator>>) -> (StatusCode, String) {
+    match readiness(&core).await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(problems) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problems}\n")),
+    }
+}
+
+/// `Ok` when the coordinator can serve requests, else what is missing, in one line.
+pub async fn readiness(core: &Coordinator) -> Result<(), String> {
     let mut problems = Vec::new();
     match tokio::time::timeout(CHECK_TIMEOUT, core.meta.ping()).await {
         Ok(Ok(())) => {}
@@ -37,16 +45,13 @@ async fn ready(State(core): State<Arc<Coordinator>>) -> (StatusCode, String) {
         Ok(Err(e)) => problems.push(e.to_string()),
         Err(_) => problems.push("idempotency store: no answer".to_owned()),
     }
-    if !storage_reachable(&core).await {
+    if !storage_reachable(core).await {
         problems.push("no storage node of the ring answers".to_owned());
     }
     if problems.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
+        Ok(())
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{}\n", problems.join("; ")),
-        )
+        Err(problems.join("; "))
     }
 }
 

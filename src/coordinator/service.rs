@@ -341,6 +341,17 @@ impl CoordinatorRpc for CoordinatorService {
         Err(CoordError::NotImplemented(TOPOLOGY_LATER).into_status())
     }
 
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let problems = super::http::readiness(&self.core).await.err();
+        Ok(Response::new(pb::HealthResponse {
+            ready: problems.is_none(),
+            problems: problems.unwrap_or_default(),
+        }))
+    }
+
     async fn list_storage_nodes(
         &self,
         _request: Request<pb::ListStorageNodesRequest>,

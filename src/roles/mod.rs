@@ -2,6 +2,8 @@
 //! `run(config, shutdown)`; a role that has not landed is refused, never faked.
 
 pub mod coordinator;
+pub mod dev;
+pub mod gateway;
 pub mod storage;
 
 use crate::cli::{DevArgs, Role};
@@ -20,8 +22,7 @@ pub enum RoleError {
 /// Roles whose implementation has landed.
 pub fn is_built(role: Role) -> bool {
     match role {
-        Role::Storage | Role::Coordinator => true,
-        Role::Gateway => false,
+        Role::Storage | Role::Coordinator | Role::Gateway => true,
     }
 }
 
@@ -39,7 +40,7 @@ pub async fn run(config: Config) -> Result<(), RoleError> {
             let result = match role {
                 Role::Storage => storage::run(&config, shutdown.clone()).await,
                 Role::Coordinator => coordinator::run(&config, shutdown.clone()).await,
-                Role::Gateway => Err(anyhow::anyhow!("role {role} is not built yet")),
+                Role::Gateway => gateway::run(&config, shutdown.clone()).await,
             };
             // One role failing stops the others.
             shutdown.cancel();
@@ -57,6 +58,6 @@ pub async fn run(config: Config) -> Result<(), RoleError> {
 }
 
 /// `pairdb dev`: the whole cluster in one process.
-pub async fn run_dev(_args: DevArgs) -> Result<(), RoleError> {
-    Err(RoleError::NotBuilt("dev"))
+pub async fn run_dev(args: DevArgs) -> Result<(), RoleError> {
+    dev::run(args).await.map_err(RoleError::Failed)
 }

@@ -1,0 +1,241 @@
+//! Storage-node and migration administration (API.md, "Storage nodes and migrations"). Admin
+//! token required in `token` mode. The node list works; adding and removing nodes and
+//! migration status are answered by the coordinators, which report 501 NOT_IMPLEMENTED until
+//! runtime topology changes are built. Input is still checked here first
+//! (INVALID_NODE_CONFIG), so a bad request never reaches a coordinator.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::rpc::common::NodeState;
+use crate::rpc::coordinator as pb;
+
+use super::Gateway;
+use super::body;
+use super::errors::ApiError;
+
+#[derive(Deserialize)]
+struct AddNodeBody {
+    node_id: String,
+    host: String,
+    port: u32,
+    #[serde(default)]
+    virtual_nodes: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+fn admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
+    let caller = gw.auth.caller(headers)?;
+    gw.auth.require_admin(&caller)
+}
+
+fn invalid_node(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "INVALID_NODE_CONFIG", message)
+}
+
+fn state_name(state: NodeState) -> &'static str {
+    match state {
+        NodeState::Active | NodeState::Unspecified => "active",
+        NodeState::Bootstrapping => "bootstrapping",
+        NodeState::Draining => "draining",
+        NodeState::Down => "down",
+        NodeState::Failed => "failed",
+    }
+}
+
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+pub async fn list_nodes(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let result = async {
+        admin(&gw, &headers)?;
+        let list = gw
+            .coordinators
+            .call(|mut c| async move { c.list_storage_nodes(pb::ListStorageNodesRequest {}).await })
+            .await
+            .map_err(|s| ApiError::from_status(&s))?;
+        let nodes: Vec<_> = list
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "node_id": n.node_id,
+                    "host": n.host,
+                    "port": n.port,
+                    "status": state_name(n.state()),
+                    "virtual_nodes": n.virtual_nodes,
+                    "keys_count": n.keys_count,
+                    "disk_usage_percent": n.disk_usage_percent,
+                })
+            })
+            .collect();
+        Ok::<_, ApiError>(Json(json!({"status": "success", "nodes": nodes})))
+    }
+    .await;
+    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+}
+
+pub async fn add_node(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        admin(&gw, &headers)?;
+        let bytes = body::bytes(raw)?;
+        let b: AddNodeBody = serde_json::from_slice(&bytes)
+            .map_err(|e| invalid_node(format!("node config: {e}")))?;
+        if !valid_node_id(&b.node_id) {
+            return Err(invalid_node(
+                "node_id must be 1..=128 letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if b.host.is_empty() || b.host.len() > 253 || b.host.contains(['/', ' ', '@']) {
+            return Err(invalid_node("host must be a host name or IP address"));
+        }
+        if !(1..=65535).contains(&b.port) {
+            return Err(invalid_node("port must be 1..=65535"));
+        }
+        let vnodes = b.virtual_nodes.unwrap_or(150);
+        if !(1..=4096).contains(&vnodes) {
+            return Err(invalid_node("virtual_nodes must be 1..=4096"));
+        }
+        let accepted = gw
+            .coordinators
+            .call(|mut c| {
+                let request = pb::AddStorageNodeRequest {
+                    node_id: b.node_id.clone(),
+                    host: b.host.clone(),
+                    port: b.port,
+                    virtual_nodes: vnodes,
+                };
+                async move { c.add_storage_node(request).await }
+            })
+            .await
+            .map_err(|s| ApiError::from_status(&s))?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "status": "accepted",
+                "node_id": accepted.node_id,
+                "migration_id": accepted.migration_id,
+                "message": accepted.message,
+                "estimated_completion": accepted.estimated_completion,
+            })),
+        ))
+    }
+    .await;
+    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+}
+
+pub async fn remove_node(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(node_id): Path<String>,
+    query: Result<Query<RemoveQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let result = async {
+        admin(&gw, &headers)?;
+        let force = query
+            .map(|q| q.0.force)
+            .map_err(|e| ApiError::invalid(format!("force must be true or false: {e}")))?;
+        if !valid_node_id(&node_id) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NODE_NOT_FOUND",
+                format!("no storage node {node_id:?}"),
+            ));
+        }
+        let accepted = gw
+            .coordinators
+            .call(|mut c| {
+                let request = pb::RemoveStorageNodeRequest {
+                    node_id: node_id.clone(),
+                    force,
+                };
+                async move { c.remove_storage_node(request).await }
+            })
+            .await
+            .map_err(|s| ApiError::from_status(&s))?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "status": "accepted",
+                "node_id": accepted.node_id,
+                "migration_id": accepted.migration_id,
+                "message": accepted.message,
+                "estimated_completion": accepted.estimated_completion,
+            })),
+        ))
+    }
+    .await;
+    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+}
+
+pub async fn migration(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(migration_id): Path<String>,
+) -> Response {
+    let result = async {
+        admin(&gw, &headers)?;
+        let m = gw
+            .coordinators
+            .call(|mut c| {
+                let request = pb::GetMigrationStatusRequest {
+                    migration_id: migration_id.clone(),
+                };
+                async move { c.get_migration_status(request).await }
+            })
+            .await
+            .map_err(|s| ApiError::from_status(&s))?;
+        let kind = match m.r#type() {
+            pb::MigrationType::NodeRemoval => "node_removal",
+            pb::MigrationType::ReplicationFactorChange => "replication_factor_change",
+            _ => "node_addition",
+        };
+        let state = match m.state() {
+            pb::MigrationState::InProgress => "in_progress",
+            pb::MigrationState::Completed => "completed",
+            pb::MigrationState::Failed => "failed",
+            pb::MigrationState::Cancelled => "cancelled",
+            _ => "pending",
+        };
+        let percentage = if m.total_keys == 0 {
+            0.0
+        } else {
+            100.0 * m.keys_migrated as f64 / m.total_keys as f64
+        };
+        Ok::<_, ApiError>(Json(json!({
+            "status": "success",
+            "migration_id": m.migration_id,
+            "type": kind,
+            "node_id": m.node_id,
+            "state": state,
+            "migration_status": state,
+            "progress": {"keys_migrated": m.keys_migrated, "total_keys": m.total_keys, "percentage": percentage},
+            "started_at": m.started_at,
+            "estimated_completion": m.estimated_completion,
+        })))
+    }
+    .await;
+    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+}

@@ -1,0 +1,162 @@
+//! Errors of the public API (API.md, "Error codes"): every error body is
+//! `{"status":"error","error_code","message"[,"details"]}` with the documented HTTP status.
+//! Coordinator errors arrive as gRPC statuses carrying an `ErrorDetail`; [`ApiError::from_status`]
+//! maps its code, so the gateway never guesses from messages.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::coordinator::errors::detail_in;
+use crate::rpc::coordinator::ErrorCode;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Option<Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "FORBIDDEN", message)
+    }
+
+    pub fn value_too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "VALUE_TOO_LARGE", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", message)
+    }
+
+    /// The API error for a coordinator's answer.
+    pub fn from_status(status: &tonic::Status) -> Self {
+        let Some(detail) = detail_in(status) else {
+            return match status.code() {
+                tonic::Code::Unimplemented => Self::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "NOT_IMPLEMENTED",
+                    status.message(),
+                ),
+                tonic::Code::DeadlineExceeded => {
+                    Self::unavailable("the coordinator did not answer in time")
+                }
+                _ => Self::unavailable(format!("no coordinator answered: {}", status.message())),
+            };
+        };
+        let code = detail.code();
+        if code == ErrorCode::InternalError && status.code() == tonic::Code::Unimplemented {
+            return Self::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "NOT_IMPLEMENTED",
+                detail.message,
+            );
+        }
+        let http = http_status(code);
+        let mut error = Self::new(http, api_code(code), detail.message);
+        if code == ErrorCode::QuorumNotReached {
+            error.details = Some(json!({"required": detail.required, "received": detail.received}));
+        }
+        error
+    }
+}
+
+/// HTTP status of each API code. KEY_TOO_LARGE is 400 (the request is malformed), VALUE_TOO_LARGE
+/// is 413 (the body is too large), as docs/api.md says.
+pub fn http_status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidRequest
+        | ErrorCode::InvalidReplicationFactor
+        | ErrorCode::IdempotencyKeyConflict
+        | ErrorCode::InvalidNodeConfig
+        | ErrorCode::NodeInUse
+        | ErrorCode::KeyTooLarge => StatusCode::BAD_REQUEST,
+        ErrorCode::ValueTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::TenantNotFound
+        | ErrorCode::KeyNotFound
+        | ErrorCode::NodeNotFound
+        | ErrorCode::MigrationNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::TenantExists | ErrorCode::NodeExists => StatusCode::CONFLICT,
+        ErrorCode::RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::QuorumNotReached | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::InternalError | ErrorCode::Unspecified => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn api_code(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Unspecified => "INTERNAL_ERROR",
+        other => other.as_str_name(),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "status": "error",
+            "error_code": self.code,
+            "message": self.message,
+        });
+        if let (Some(details), Some(map)) = (self.details, body.as_object_mut()) {
+            map.insert("details".to_owned(), details);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::errors::CoordError;
+
+    #[test]
+    fn coordinator_codes_map_to_documented_statuses() {
+        let quorum = CoordError::QuorumNotReached {
+            required: 3,
+            received: 1,
+            detail: String::new(),
+        }
+        .into_status();
+        let e = ApiError::from_status(&quorum);
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "QUORUM_NOT_REACHED")
+        );
+        assert_eq!(e.details, Some(json!({"required": 3, "received": 1})));
+        let e = ApiError::from_status(&CoordError::TenantExists("a".into()).into_status());
+        assert_eq!((e.status, e.code), (StatusCode::CONFLICT, "TENANT_EXISTS"));
+        let e = ApiError::from_status(&CoordError::NotImplemented("later").into_status());
+        assert_eq!(e.status, StatusCode::NOT_IMPLEMENTED);
+        let e = ApiError::from_status(&tonic::Status::unavailable("connection refused"));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+        );
+    }
+}

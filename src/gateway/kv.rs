@@ -1,0 +1,391 @@
+//! `POST/GET/DELETE /v1/key-value` (API.md, "Key-value").
+//!
+//! Order of a request: authenticate, read the body, resolve the tenant (token `sub`; with auth
+//! `none`: body `tenant_id`, query `tenant_id`, `X-Tenant-ID`), take one request from the
+//! tenant's rate budget (so every response from here on carries `X-RateLimit-*`), check the
+//! input, forward. `value` is kept as the exact JSON text the client sent (`serde_json`'s
+//! `RawValue`), so every JSON type round-trips unchanged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::engine::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::quorum::Consistency;
+use crate::rpc::common;
+use crate::rpc::coordinator as pb;
+
+use super::Gateway;
+use super::body;
+use super::errors::ApiError;
+use super::rate_limit::{Decision, Kind};
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+#[derive(Deserialize)]
+struct PutBody {
+    key: String,
+    value: Box<RawValue>,
+    #[serde(default)]
+    consistency: Option<String>,
+    #[serde(default)]
+    tenant_id: Option<String>,
+    #[serde(default)]
+    context: Option<BTreeMap<String, u64>>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct KeyQuery {
+    key: Option<String>,
+    consistency: Option<String>,
+    tenant_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct DeleteBody {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    consistency: Option<String>,
+    #[serde(default)]
+    tenant_id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PutResponse {
+    status: &'static str,
+    key: String,
+    idempotency_key: String,
+    vector_clock: BTreeMap<String, u64>,
+    replica_count: u32,
+    consistency: &'static str,
+    is_duplicate: bool,
+}
+
+#[derive(Serialize)]
+struct GetResponse {
+    status: &'static str,
+    key: String,
+    value: Box<RawValue>,
+    vector_clock: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize)]
+struct DeleteResponse {
+    status: &'static str,
+    key: String,
+    vector_clock: BTreeMap<String, u64>,
+    replica_count: u32,
+    consistency: &'static str,
+}
+
+/// The `vector_clock` JSON object of a version.
+pub fn clock_json(version: Option<&common::Version>) -> BTreeMap<String, u64> {
+    version
+        .map(|v| {
+            v.clock
+                .iter()
+                .map(|e| (e.coordinator_id.clone(), e.counter))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn consistency(raw: Option<&str>) -> Result<Consistency, ApiError> {
+    match raw {
+        None => Ok(Consistency::Quorum),
+        Some(s) => s.parse().map_err(ApiError::invalid),
+    }
+}
+
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::invalid("key must not be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "KEY_TOO_LARGE",
+            format!("key is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()),
+        ));
+    }
+    if key.contains('\0') {
+        return Err(ApiError::invalid("key must not contain NUL"));
+    }
+    Ok(())
+}
+
+fn header_tenant(headers: &HeaderMap) -> Option<&str> {
+    headers.get("x-tenant-id").and_then(|v| v.to_str().ok())
+}
+
+/// Rate-limit headers for one decision.
+fn limit_headers(d: &Decision) -> Vec<(HeaderName, HeaderValue)> {
+    let mut h = vec![
+        (
+            HeaderName::from_static("x-ratelimit-limit"),
+            HeaderValue::from(d.limit),
+        ),
+        (
+            HeaderName::from_static("x-ratelimit-remaining"),
+            HeaderValue::from(d.remaining),
+        ),
+        (
+            HeaderName::from_static("x-ratelimit-reset"),
+            HeaderValue::from(d.reset_unix),
+        ),
+    ];
+    if !d.allowed {
+        let secs = d.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        h.push((axum::http::header::RETRY_AFTER, HeaderValue::from(secs)));
+    }
+    h
+}
+
+/// Adds the rate-limit headers to whatever the handler answered.
+fn with_limits(decision: &Decision, result: Result<Response, ApiError>) -> Response {
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    for (name, value) in limit_headers(decision) {
+        response.headers_mut().insert(name, value);
+    }
+    response
+}
+
+/// Authenticates, resolves the tenant and takes one request of `kind` from its budget. An
+/// authentication failure wins over `input` (the request's own error); a missing tenant loses
+/// to it (a body that did not parse cannot name its tenant).
+fn admit(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    named: Option<&str>,
+    kind: Kind,
+    input: Option<&ApiError>,
+) -> Result<(String, Decision), ApiError> {
+    let caller = gw.auth.caller(headers)?;
+    let tenant = gw.auth.tenant(&caller, named).map_err(|e| match input {
+        Some(input) if e.status == StatusCode::BAD_REQUEST => input.clone(),
+        _ => e,
+    })?;
+    let decision = gw.limits.check(&tenant, kind);
+    Ok((tenant, decision))
+}
+
+fn refused(decision: &Decision) -> Option<Response> {
+    if decision.allowed {
+        return None;
+    }
+    metrics::counter!("pairdb_gateway_rate_limited_total").increment(1);
+    let error = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "RATE_LIMIT_EXCEEDED",
+        format!("more than {} requests per minute", decision.limit),
+    );
+    Some(with_limits(decision, Err(error)))
+}
+
+pub async fn put(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    let parsed: Result<PutBody, ApiError> = body::json(raw);
+    // In auth `none` the tenant may be in the body, so a body that does not parse still needs
+    // a tenant from the header before the limit applies.
+    let named = match &parsed {
+        Ok(b) => b.tenant_id.as_deref().or_else(|| header_tenant(&headers)),
+        Err(_) => header_tenant(&headers),
+    };
+    let (tenant, decision) = match admit(&gw, &headers, named, Kind::Write, parsed.as_ref().err()) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(r) = refused(&decision) {
+        return r;
+    }
+    let result = async {
+        let body = parsed?;
+        check_key(&body.key)?;
+        let level = consistency(body.consistency.as_deref())?;
+        let value = body.value.get();
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(ApiError::value_too_large(format!(
+                "value is {} bytes of JSON; the limit is {MAX_VALUE_BYTES}",
+                value.len()
+            )));
+        }
+        let idempotency_key = match headers.get("idempotency-key") {
+            None => String::new(),
+            Some(v) => {
+                let k = v
+                    .to_str()
+                    .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII"))?;
+                if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
+                    return Err(ApiError::invalid(format!(
+                        "Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY} characters"
+                    )));
+                }
+                k.to_owned()
+            }
+        };
+        let (has_context, context) = match &body.context {
+            Some(c) => (
+                true,
+                c.iter()
+                    .map(|(id, counter)| common::ClockEntry {
+                        coordinator_id: id.clone(),
+                        counter: *counter,
+                    })
+                    .collect(),
+            ),
+            None => (false, Vec::new()),
+        };
+        let request = pb::WriteKeyValueRequest {
+            tenant_id: tenant,
+            key: body.key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            consistency: common::Consistency::from(level) as i32,
+            idempotency_key,
+            context,
+            has_context,
+        };
+        let answer = gw
+            .coordinators
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.write_key_value(request).await }
+            })
+            .await
+            .map_err(|s| ApiError::from_status(&s))?;
+        Ok(Json(PutResponse {
+            status: "success",
+            key: body.key,
+            idempotency_key: answer.idempotency_key,
+            vector_clock: clock_json(answer.version.as_ref()),
+            replica_count: answer.replica_count,
+            consistency: level.as_str(),
+            is_duplicate: answer.is_duplicate,
+        })
+        .into_response())
+    }
+    .await;
+    with_limits(&decision, result)
+}
+
+pub async fn get(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    query: Result<Query<KeyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let query = query
+        .map(|q| q.0)
+        .map_err(|e| ApiError::invalid(e.to_string()));
+    let named = match &query {
+        Ok(q) => q.tenant_id.as_deref().or_else(|| header_tenant(&headers)),
+        Err(_) => header_tenant(&headers),
+    };
+    let (tenant, decision) = match admit(&gw, &headers, named, Kind::Read, query.as_ref().err()) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(r) = refused(&decision) {
+        return r;
+    }
+    let result = async {
+        let query = query?;
+        let key = query
+            .key
+            .ok_or_else(|| ApiError::invalid("missing query parameter key"))?;
+        check_key(&key)?;
+        let level = consistency(query.consistency.as_deref())?;
+        let request = pb::ReadKeyValueRequest {
+            tenant_id: tenant,
+            key: key.as_bytes().to_vec(),
+            consistency: common::Consistency::from(level) as i32,
+        };
+        let answer = gw
+            .coordinators
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.read_key_value(request).await }
+            })
+            .await
+            .map_err(|s| ApiError::from_status(&s))?;
+        let text = String::from_utf8(answer.value)
+            .map_err(|_| ApiError::internal("stored value is not UTF-8 JSON"))?;
+        let value = RawValue::from_string(text)
+            .map_err(|_| ApiError::internal("stored value is not JSON"))?;
+        Ok(Json(GetResponse {
+            status: "success",
+            key,
+            value,
+            vector_clock: clock_json(answer.version.as_ref()),
+        })
+        .into_response())
+    }
+    .await;
+    with_limits(&decision, result)
+}
+
+pub async fn delete(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    query: Result<Query<KeyQuery>, axum::extract::rejection::QueryRejection>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Response {
+    let query = query.map(|q| q.0).unwrap_or_default();
+    let parsed: Result<DeleteBody, ApiError> = body::json_or_default(raw);
+    let named = match &parsed {
+        Ok(b) => b.tenant_id.as_deref(),
+        Err(_) => None,
+    }
+    .or(query.tenant_id.as_deref())
+    .or_else(|| header_tenant(&headers));
+    let (tenant, decision) = match admit(&gw, &headers, named, Kind::Write, parsed.as_ref().err()) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(r) = refused(&decision) {
+        return r;
+    }
+    let result = async {
+        let body = parsed?;
+        let key = body
+            .key
+            .or(query.key)
+            .ok_or_else(|| ApiError::invalid("missing key (in the body or ?key=)"))?;
+        check_key(&key)?;
+        let level = consistency(body.consistency.as_deref().or(query.consistency.as_deref()))?;
+        let request = pb::DeleteKeyValueRequest {
+            tenant_id: tenant,
+            key: key.as_bytes().to_vec(),
+            consistency: common::Consistency::from(level) as i32,
+        };
+        let answer = gw
+            .coordinators
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.delete_key_value(request).await }
+            })
+            .await
+            .map_err(|s| ApiError::from_status(&s))?;
+        Ok(Json(DeleteResponse {
+            status: "success",
+            key,
+            vector_clock: clock_json(answer.version.as_ref()),
+            replica_count: answer.replica_count,
+            consistency: level.as_str(),
+        })
+        .into_response())
+    }
+    .await;
+    with_limits(&decision, result)
+}

@@ -1,0 +1,154 @@
+//! Per-tenant rate limits (API.md, "Rate limits"): one GCRA limiter (governor) per tenant and
+//! kind (write or read), allowing `limit` requests per minute with bursts up to `limit`.
+//! Defaults come from `[gateway] write_rate_limit` / `read_rate_limit`, overrides per tenant
+//! from `[gateway.tenant_limits.<tenant>]`. Limits are per gateway process.
+//!
+//! Every decision reports what the `X-RateLimit-*` headers need: the limit, the requests left
+//! now, and when the bucket is full again (unix seconds); a refusal adds how long to wait.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use parking_lot::RwLock;
+
+use crate::config::TenantLimits;
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+/// A tenant's limit per minute and its limiter.
+type Budget = (u32, Arc<Limiter>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Write,
+    Read,
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision {
+    pub allowed: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Unix seconds when the tenant's bucket is full again.
+    pub reset_unix: u64,
+    /// For a refusal: how long until one request is allowed.
+    pub retry_after: Duration,
+}
+
+pub struct RateLimits {
+    default_write: u32,
+    default_read: u32,
+    per_tenant: BTreeMap<String, TenantLimits>,
+    limiters: RwLock<HashMap<(String, Kind), Budget>>,
+    clock: DefaultClock,
+}
+
+impl RateLimits {
+    pub fn new(write: u32, read: u32, per_tenant: BTreeMap<String, TenantLimits>) -> Self {
+        Self {
+            default_write: write,
+            default_read: read,
+            per_tenant,
+            limiters: RwLock::new(HashMap::new()),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    fn limit_of(&self, tenant: &str, kind: Kind) -> u32 {
+        let custom = self.per_tenant.get(tenant).and_then(|l| match kind {
+            Kind::Write => l.write,
+            Kind::Read => l.read,
+        });
+        custom.unwrap_or(match kind {
+            Kind::Write => self.default_write,
+            Kind::Read => self.default_read,
+        })
+    }
+
+    fn limiter(&self, tenant: &str, kind: Kind) -> Budget {
+        let key = (tenant.to_owned(), kind);
+        if let Some(found) = self.limiters.read().get(&key) {
+            return found.clone();
+        }
+        let limit = self.limit_of(tenant, kind).max(1);
+        let per_minute = NonZeroU32::new(limit).unwrap_or(NonZeroU32::MIN);
+        let limiter = Arc::new(
+            RateLimiter::direct(Quota::per_minute(per_minute))
+                .with_middleware::<StateInformationMiddleware>(),
+        );
+        self.limiters
+            .write()
+            .entry(key)
+            .or_insert((limit, limiter))
+            .clone()
+    }
+
+    /// Takes one request of `kind` from `tenant`'s budget, if there is one.
+    pub fn check(&self, tenant: &str, kind: Kind) -> Decision {
+        let (limit, limiter) = self.limiter(tenant, kind);
+        let per_request = Duration::from_secs(60) / limit;
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match limiter.check() {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                let refill = per_request * (limit - remaining.min(limit));
+                Decision {
+                    allowed: true,
+                    limit,
+                    remaining,
+                    reset_unix: now_unix + refill.as_secs_f64().ceil() as u64,
+                    retry_after: Duration::ZERO,
+                }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                Decision {
+                    allowed: false,
+                    limit,
+                    remaining: 0,
+                    reset_unix: now_unix + (per_request * limit).as_secs(),
+                    retry_after: wait,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_runs_out_and_reports_it() {
+        let mut per_tenant = BTreeMap::new();
+        per_tenant.insert(
+            "big".to_owned(),
+            TenantLimits {
+                write: Some(100),
+                read: None,
+            },
+        );
+        let limits = RateLimits::new(3, 10, per_tenant);
+        let first = limits.check("acme", Kind::Write);
+        assert!(first.allowed);
+        assert_eq!((first.limit, first.remaining), (3, 2));
+        assert!(limits.check("acme", Kind::Write).allowed);
+        assert!(limits.check("acme", Kind::Write).allowed);
+        let refused = limits.check("acme", Kind::Write);
+        assert!(!refused.allowed);
+        assert!(refused.retry_after > Duration::from_secs(1));
+        assert!(refused.retry_after <= Duration::from_secs(20));
+        // Other tenants and the other kind have their own budgets.
+        assert!(limits.check("other", Kind::Write).allowed);
+        assert_eq!(limits.check("acme", Kind::Read).limit, 10);
+        assert_eq!(limits.check("big", Kind::Write).limit, 100);
+    }
+}

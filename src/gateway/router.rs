@@ -1,0 +1,98 @@
+//! The gateway's routes, its health endpoints, metrics and access log.
+//!
+//! `/healthz` and `/health`: the process is up. `/readyz`: at least one coordinator answers its
+//! `Health` RPC as ready. `/metrics`: Prometheus. Every request is counted by route and status
+//! (`pairdb_gateway_requests_total`, `pairdb_gateway_request_seconds`) and logged as one line
+//! at debug level. Unknown routes get the JSON error body (404 INVALID_REQUEST).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+
+use crate::rpc::coordinator as pb;
+
+use super::errors::ApiError;
+use super::{Gateway, admin, kv, tenants};
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let limit = gateway.max_body_bytes;
+    Router::new()
+        .route(
+            "/v1/key-value",
+            post(kv::put).get(kv::get).delete(kv::delete),
+        )
+        .route("/v1/tenants", post(tenants::create))
+        .route("/v1/tenants/{tenant_id}", get(tenants::get))
+        .route(
+            "/v1/tenants/{tenant_id}/replication-factor",
+            put(tenants::update_replication_factor),
+        )
+        .route(
+            "/v1/admin/storage-nodes",
+            get(admin::list_nodes).post(admin::add_node),
+        )
+        .route(
+            "/v1/admin/storage-nodes/{node_id}",
+            axum::routing::delete(admin::remove_node),
+        )
+        .route("/v1/admin/migrations/{migration_id}", get(admin::migration))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "INVALID_REQUEST", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "INVALID_REQUEST",
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(observe))
+        .with_state(gateway)
+}
+
+async fn ready(State(gw): State<Arc<Gateway>>) -> (StatusCode, String) {
+    match gw
+        .coordinators
+        .call(|mut c| async move { c.health(pb::HealthRequest {}).await })
+        .await
+    {
+        Ok(h) if h.ready => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(h) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("coordinator not ready: {}\n", h.problems),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no coordinator reachable: {}\n", e.message()),
+        ),
+    }
+}
+
+/// Metrics and the access log line of every request.
+async fn observe(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    let response = next.run(request).await.into_response();
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    metrics::counter!("pairdb_gateway_requests_total", "route" => route.clone(), "method" => method.to_string(), "status" => status.to_string()).increment(1);
+    metrics::histogram!("pairdb_gateway_request_seconds", "route" => route.clone(), "method" => method.to_string())
+        .record(elapsed.as_secs_f64());
+    tracing::debug!(%method, route, status, ms = elapsed.as_secs_f64() * 1e3, "request");
+    response
+}

@@ -1,0 +1,157 @@
+//! `pairdb dev`: a whole cluster in one process for development: `--storage-nodes` storage
+//! nodes, one coordinator and one gateway, embedded metadata (SQLite under `--data-dir`) and
+//! in-process idempotency, auth `none`, every commit log fsync'd as in production.
+//!
+//! Ports: the gateway on `--http` (P); storage node i on P+i (i = 1..=n); the coordinator on
+//! P+n+1; their health/metrics HTTP listeners on free ports. Data lives in `--data-dir`
+//! (`s1/`.. `sN/`, `metadata.db`) and survives restarts. Each start rewrites the dev registry's
+//! addresses to the current ports; a data dir created with another node count is refused
+//! (its keys are placed on that many nodes).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{DevArgs, Role};
+use crate::config::{AuthMode, Config, NodeAddress, SyncMode};
+use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
+use crate::ring::NodeState;
+
+use super::{coordinator, gateway, storage};
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let shutdown = crate::shutdown::on_signal()?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", args.data_dir.display()))?;
+    let n = args.storage_nodes as u16;
+    let base = args.http.port();
+    if base == 0 || u32::from(base) + u32::from(n) + 1 > 65535 {
+        anyhow::bail!(
+            "--http needs a fixed port with {} free ports above it",
+            n + 1
+        );
+    }
+    let host = args.http.ip();
+    let at = |offset: u16| SocketAddr::new(host, base + offset);
+    let any_port = SocketAddr::new(host, 0);
+    // Bind the gateway first: a busy port fails before anything else starts.
+    let http = tokio::net::TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http))?;
+
+    let nodes: Vec<NodeAddress> = (1..=n)
+        .map(|i| NodeAddress {
+            id: format!("s{i}"),
+            host: host.to_string(),
+            port: base + i,
+        })
+        .collect();
+    let metadata_url = format!("sqlite://{}", data_dir.join("metadata.db").display());
+    point_registry_at(&metadata_url, &nodes).await?;
+
+    let mut config = Config::default();
+    config.storage.sync = SyncMode::Always;
+    config.storage.http_listen = Some(any_port);
+    config.coordinator.listen = at(n + 1);
+    config.coordinator.http_listen = Some(any_port);
+    config.coordinator.metadata_url = metadata_url;
+    config.coordinator.idempotency_url = "memory://".to_owned();
+    config.coordinator.storage_nodes = nodes.clone();
+    config.gateway.coordinators = vec![at(n + 1).to_string()];
+    config.gateway.auth.mode = AuthMode::None;
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut cfg = config.clone();
+        cfg.node.roles = vec![Role::Storage];
+        cfg.node.id = Some(node.id.clone());
+        cfg.storage.listen = at(i as u16 + 1);
+        cfg.storage.data_dir = data_dir.join(&node.id);
+        let stop = shutdown.clone();
+        tasks.spawn(async move { storage::run(&cfg, stop).await });
+    }
+    let mut cfg = config.clone();
+    cfg.node.roles = vec![Role::Coordinator];
+    cfg.node.id = Some("c1".to_owned());
+    let stop = shutdown.clone();
+    tasks.spawn(async move { coordinator::run(&cfg, stop).await });
+    let gateway_cfg = config.gateway.clone();
+    let stop = shutdown.clone();
+    tasks.spawn(async move { gateway::serve(&gateway_cfg, http, stop).await });
+
+    let banner_stop = shutdown.clone();
+    let url = format!("http://{}", args.http);
+    let coordinator_addr = at(n + 1);
+    tasks.spawn(async move {
+        wait_for(coordinator_addr, &banner_stop).await;
+        if !banner_stop.is_cancelled() {
+            print_banner(&url, &data_dir, n);
+        }
+        Ok(())
+    });
+
+    let mut first_error = None;
+    while let Some(done) = tasks.join_next().await {
+        let result = done.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = result {
+            shutdown.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Registers the dev nodes at their current addresses (the dev cluster owns its registry).
+async fn point_registry_at(url: &str, nodes: &[NodeAddress]) -> anyhow::Result<()> {
+    let store = SqlMetadataStore::connect(url)
+        .await
+        .context("opening the dev metadata store")?;
+    let existing = store.list_nodes().await?;
+    if !existing.is_empty() && existing.len() != nodes.len() {
+        anyhow::bail!(
+            "this data dir was created with {} storage nodes: use --storage-nodes={} or another --data-dir",
+            existing.len(),
+            existing.len()
+        );
+    }
+    for node in nodes {
+        match store.remove_node(&node.id).await {
+            Ok(()) | Err(MetaError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        store
+            .add_node(&NodeRecord {
+                node_id: node.id.clone(),
+                host: node.host.clone(),
+                port: node.port,
+                virtual_nodes: coordinator::DEFAULT_VNODES,
+                state: NodeState::Active,
+            })
+            .await?;
+    }
+    store.close().await;
+    Ok(())
+}
+
+async fn wait_for(addr: SocketAddr, stop: &CancellationToken) {
+    while !stop.is_cancelled() && tokio::net::TcpStream::connect(addr).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn print_banner(url: &str, data_dir: &std::path::Path, n: u16) {
+    println!(
+        "\npairdb dev is running: {url}  ({n} storage nodes, 1 coordinator, 1 gateway; data in {})\n\
+         \n  curl -s -X POST {url}/v1/tenants -H 'Content-Type: application/json' -d '{{\"tenant_id\":\"demo\",\"replication_factor\":3}}'\
+         \n  curl -s -X POST {url}/v1/key-value -H 'Content-Type: application/json' -H 'X-Tenant-ID: demo' -d '{{\"key\":\"hello\",\"value\":{{\"to\":\"world\"}}}}'\
+         \n  curl -s '{url}/v1/key-value?key=hello' -H 'X-Tenant-ID: demo'\n\
+         \nStop with Ctrl-C.",
+        data_dir.display()
+    );
+}

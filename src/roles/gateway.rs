@@ -1,0 +1,54 @@
+//! `pairdb --role=gateway`: the public HTTP API on `--listen`, forwarding to `--coordinators`,
+//! until SIGTERM/SIGINT (in-flight requests finish first).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, GatewayConfig};
+use crate::gateway::auth::Auth;
+use crate::gateway::coordinators::Coordinators;
+use crate::gateway::rate_limit::RateLimits;
+use crate::gateway::{Gateway, router};
+
+pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = &config.gateway;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    serve(cfg, listener, shutdown).await
+}
+
+/// Serves the gateway on a bound listener (`pairdb dev` binds its own).
+pub async fn serve(
+    cfg: &GatewayConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let gateway = Arc::new(Gateway {
+        auth: Auth::new(&cfg.auth)?,
+        limits: RateLimits::new(
+            cfg.write_rate_limit,
+            cfg.read_rate_limit,
+            cfg.tenant_limits.clone(),
+        ),
+        coordinators: Coordinators::new(
+            &cfg.coordinators,
+            Duration::from_millis(cfg.request_timeout_ms),
+        )
+        .map_err(anyhow::Error::msg)?,
+        max_body_bytes: cfg.max_body_bytes,
+    });
+    crate::metrics::handle();
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(http = %addr, auth = ?cfg.auth.mode, coordinators = ?cfg.coordinators, "gateway serving");
+    axum::serve(listener, router::router(gateway))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .context("HTTP server failed")?;
+    tracing::info!("gateway stopped cleanly");
+    Ok(())
+}
