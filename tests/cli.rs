@@ -266,14 +266,27 @@ fn coordinator_refuses_to_start_without_its_metadata_store() {
 }
 
 #[test]
-fn roles_not_built_yet_are_refused() {
+fn token_issue_mints_a_token_for_the_configured_secret() {
     let out = pairdb(
-        &["--role=storage,gateway", "--node-id=s1", "--auth=none"],
-        &[],
+        &["token", "issue", "--tenant=acme", "--admin", "--ttl=2h"],
+        &[("PAIRDB_GATEWAY_AUTH_SECRET", "s3cret")],
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("role gateway is not built yet"));
-    let out = pairdb(&["dev", "--data-dir=/tmp/none"], &[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("role dev is not built yet"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let token = String::from_utf8(out.stdout).expect("utf-8");
+    let token = token.trim();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(b"s3cret"),
+        &validation,
+    )
+    .expect("valid with the configured secret")
+    .claims;
+    assert_eq!(claims["sub"], "acme");
+    assert_eq!(claims["role"], "admin");
+    let out = pairdb(&["token", "issue", "--tenant=acme"], &[]);
+    assert_eq!(out.status.code(), Some(2), "no secret configured");
+    assert!(stderr(&out).contains("secret"));
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::StorageNode;
 use common::backends::{Postgres, Redis, skip_or_fail};
-use common::cluster::{CoordinatorProcess, start_storage};
+use common::cluster::{RoleProcess, start_storage};
 use pairdb::coordinator::errors::detail_in;
 use pairdb::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use pairdb::ring::NodeState;
@@ -175,8 +175,8 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
             }
             None => sqlite_url(dir.path()),
         };
-        let c1 = CoordinatorProcess::start("c1", &meta_url, "memory://", &storage, &[], dir.path());
-        let c2 = CoordinatorProcess::start("c2", &meta_url, "memory://", &storage, &[], dir.path());
+        let c1 = RoleProcess::coordinator("c1", &meta_url, "memory://", &storage, &[], dir.path());
+        let c2 = RoleProcess::coordinator("c2", &meta_url, "memory://", &storage, &[], dir.path());
         let (mut a, mut b) = (c1.client().await, c2.client().await);
         wait_all_active(&a, n).await;
         wait_all_active(&b, n).await;
@@ -398,7 +398,7 @@ async fn dead_replica_gets_hints_replayed_when_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut storage = start_storage(3, dir.path());
     let meta_url = sqlite_url(dir.path());
-    let c1 = CoordinatorProcess::start(
+    let c1 = RoleProcess::coordinator(
         "c1",
         &meta_url,
         "memory://",
@@ -502,7 +502,7 @@ async fn quorum_read_repairs_a_stale_replica() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut storage = start_storage(3, dir.path());
-    let c1 = CoordinatorProcess::start(
+    let c1 = RoleProcess::coordinator(
         "c1",
         &sqlite_url(dir.path()),
         "memory://",
@@ -573,8 +573,8 @@ async fn concurrent_writers_converge_and_a_restarted_coordinator_never_shadows()
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(3, dir.path());
     let meta_url = sqlite_url(dir.path());
-    let mut c1 = CoordinatorProcess::start("c1", &meta_url, "memory://", &storage, &[], dir.path());
-    let c2 = CoordinatorProcess::start("c2", &meta_url, "memory://", &storage, &[], dir.path());
+    let mut c1 = RoleProcess::coordinator("c1", &meta_url, "memory://", &storage, &[], dir.path());
+    let c2 = RoleProcess::coordinator("c2", &meta_url, "memory://", &storage, &[], dir.path());
     let (mut a, mut b) = (c1.client().await, c2.client().await);
     wait_all_active(&a, 3).await;
     wait_all_active(&b, 3).await;
@@ -690,11 +690,11 @@ async fn idempotent_retries_write_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(3, dir.path());
     let meta_url = sqlite_url(dir.path());
-    let c1 = CoordinatorProcess::start("c1", &meta_url, &idem_url, &storage, &[], dir.path());
+    let c1 = RoleProcess::coordinator("c1", &meta_url, &idem_url, &storage, &[], dir.path());
     // Two coordinators share the idempotency store only through Redis.
     let c2 = redis
         .as_ref()
-        .map(|_| CoordinatorProcess::start("c2", &meta_url, &idem_url, &storage, &[], dir.path()));
+        .map(|_| RoleProcess::coordinator("c2", &meta_url, &idem_url, &storage, &[], dir.path()));
     let mut a = c1.client().await;
     wait_all_active(&a, 3).await;
     create_tenant(&mut a, "acme", 3).await;

@@ -39,7 +39,9 @@ pub fn storage_list(nodes: &[StorageNode]) -> String {
         .join(",")
 }
 
-pub struct CoordinatorProcess {
+/// A `pairdb --role=coordinator|gateway` process: `grpc` is its main listener (gRPC for a
+/// coordinator, the HTTP API for a gateway).
+pub struct RoleProcess {
     pub id: String,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
@@ -49,17 +51,17 @@ pub struct CoordinatorProcess {
     pub log: PathBuf,
 }
 
-impl CoordinatorProcess {
+impl RoleProcess {
     /// Starts a coordinator and waits until its gRPC port answers. `env` adds
     /// `PAIRDB_COORDINATOR_*` settings.
-    pub fn start(
+    pub fn coordinator(
         id: &str,
         metadata_url: &str,
         idempotency_url: &str,
         storage: &[StorageNode],
         env: &[(&str, &str)],
         log_dir: &Path,
-    ) -> CoordinatorProcess {
+    ) -> RoleProcess {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
         let args = vec![
@@ -77,7 +79,7 @@ impl CoordinatorProcess {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         env.push(("PAIRDB_COORDINATOR_RING_REFRESH_MS".into(), "500".into()));
-        let mut c = CoordinatorProcess {
+        let mut c = RoleProcess {
             id: id.to_owned(),
             grpc,
             http,
@@ -88,6 +90,44 @@ impl CoordinatorProcess {
         };
         c.spawn();
         c
+    }
+
+    /// Starts a gateway on a free port in front of `coordinators`, with extra flags and env.
+    pub fn gateway(
+        id: &str,
+        coordinators: &[&RoleProcess],
+        flags: &[&str],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> RoleProcess {
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let list: Vec<String> = coordinators.iter().map(|c| c.grpc.to_string()).collect();
+        let mut args = vec![
+            "--role=gateway".to_owned(),
+            format!("--listen={listen}"),
+            format!("--coordinators={}", list.join(",")),
+            "--log-level=info".to_owned(),
+        ];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        let mut g = RoleProcess {
+            id: id.to_owned(),
+            grpc: listen,
+            http: listen,
+            args,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            child: None,
+            log: log_dir.join(format!("{id}.log")),
+        };
+        g.spawn();
+        g
+    }
+
+    /// Base URL of a gateway.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
     }
 
     fn spawn(&mut self) {
@@ -112,7 +152,7 @@ impl CoordinatorProcess {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 panic!(
-                    "coordinator {} exited at start: {status}\n{}",
+                    "{} exited at start: {status}\n{}",
                     self.id,
                     std::fs::read_to_string(&self.log).unwrap_or_default()
                 );
@@ -148,12 +188,12 @@ impl CoordinatorProcess {
     }
 }
 
-impl Drop for CoordinatorProcess {
+impl Drop for RoleProcess {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
             eprintln!(
-                "--- log of coordinator {} ---\n{}",
+                "--- log of {} ---\n{}",
                 self.id,
                 std::fs::read_to_string(&self.log).unwrap_or_default()
             );

@@ -1,0 +1,850 @@
+//! The public HTTP API end to end: real `pairdb` processes (3 gossiping storage nodes,
+//! coordinators, gateways) driven over HTTP with reqwest. Every API.md endpoint and error code,
+//! both auth modes, tenant isolation, rate limits, idempotent retries, bad input, and a storage
+//! node and a coordinator dying under the gateway.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::StorageNode;
+use common::cluster::{RoleProcess, start_storage};
+use pairdb::gateway::auth::{TokenRole, issue};
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+
+/// One cluster per test, one test at a time (a 2-core machine).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const SECRET: &str = "gateway-test-secret";
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    storage: Vec<StorageNode>,
+    coordinators: Vec<RoleProcess>,
+}
+
+fn cluster(coordinators: usize) -> Cluster {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let meta = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let coordinators = (1..=coordinators)
+        .map(|i| {
+            RoleProcess::coordinator(
+                &format!("c{i}"),
+                &meta,
+                "memory://",
+                &storage,
+                &[],
+                dir.path(),
+            )
+        })
+        .collect();
+    Cluster {
+        _dir: dir,
+        storage,
+        coordinators,
+    }
+}
+
+impl Cluster {
+    fn gateway(&self, id: &str, flags: &[&str], env: &[(&str, &str)]) -> RoleProcess {
+        let coordinators: Vec<&RoleProcess> = self.coordinators.iter().collect();
+        RoleProcess::gateway(id, &coordinators, flags, env, self._dir.path())
+    }
+}
+
+/// An HTTP call; returns status, headers and the JSON body (Null when not JSON).
+async fn call(
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let client = Client::new();
+    let mut request = client.request(method, url).timeout(Duration::from_secs(30));
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    if let Some(b) = body {
+        request = request.header("content-type", "application/json").body(b);
+    }
+    let response = request.send().await.expect("HTTP request");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.expect("body");
+    (
+        status,
+        headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn post(url: &str, token: Option<&str>, body: &Value) -> (StatusCode, Value) {
+    let (s, _, b) = call(
+        Method::POST,
+        url,
+        token,
+        &[],
+        Some(body.to_string().into_bytes()),
+    )
+    .await;
+    (s, b)
+}
+
+async fn get(url: &str, token: Option<&str>) -> (StatusCode, Value) {
+    let (s, _, b) = call(Method::GET, url, token, &[], None).await;
+    (s, b)
+}
+
+fn assert_error(status: StatusCode, body: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status.as_u16(), want_status, "{body}");
+    assert_eq!(body["status"], "error", "{body}");
+    assert_eq!(body["error_code"], want_code, "{body}");
+    assert!(body["message"].is_string(), "{body}");
+}
+
+fn token(tenant: &str, role: TokenRole) -> String {
+    issue(SECRET.as_bytes(), tenant, role, Duration::from_secs(3600)).expect("token")
+}
+
+/// Waits until the coordinators behind the gateway see all three storage nodes up (gossip
+/// converged), asking several times so each coordinator answers.
+async fn wait_all_active(gateway: &RoleProcess, token: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut in_a_row = 0;
+    while in_a_row < 4 {
+        let (s, b) = get(&format!("{}/v1/admin/storage-nodes", gateway.url()), token).await;
+        let all = s == StatusCode::OK
+            && b["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 3 && n.iter().all(|x| x["status"] == "active"));
+        in_a_row = if all { in_a_row + 1 } else { 0 };
+        assert!(
+            Instant::now() < deadline,
+            "storage nodes never all active: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_ready(gateway: &RoleProcess) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, _, _) = call(
+            Method::GET,
+            &format!("{}/readyz", gateway.url()),
+            None,
+            &[],
+            None,
+        )
+        .await;
+        if s == StatusCode::OK {
+            return;
+        }
+        assert!(Instant::now() < deadline, "gateway never ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster(1);
+    let gw = c.gateway(
+        "gw-token",
+        &["--auth=token"],
+        &[("PAIRDB_GATEWAY_AUTH_SECRET", SECRET)],
+    );
+    wait_ready(&gw).await;
+    let url = gw.url();
+    let admin = token("ops", TokenRole::Admin);
+    wait_all_active(&gw, Some(&admin)).await;
+    let acme = token("acme", TokenRole::Tenant);
+    let globex = token("globex", TokenRole::Tenant);
+    let ghost = token("ghost", TokenRole::Tenant);
+    let kv = format!("{url}/v1/key-value");
+
+    // Authentication and authorization.
+    let (s, b) = get(&format!("{kv}?key=a"), None).await;
+    assert_error(s, &b, 401, "UNAUTHORIZED");
+    let (s, b) = get(&format!("{kv}?key=a"), Some("not.a.token")).await;
+    assert_error(s, &b, 401, "UNAUTHORIZED");
+    let forged = issue(
+        b"another-secret",
+        "acme",
+        TokenRole::Admin,
+        Duration::from_secs(60),
+    )
+    .expect("t");
+    let (s, b) = get(&format!("{kv}?key=a"), Some(&forged)).await;
+    assert_error(s, &b, 401, "UNAUTHORIZED");
+    let expired = issue(SECRET.as_bytes(), "acme", TokenRole::Tenant, Duration::ZERO).expect("t");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, b) = get(&format!("{kv}?key=a"), Some(&expired)).await;
+    assert_error(s, &b, 401, "UNAUTHORIZED");
+    let (s, b) = post(
+        &format!("{url}/v1/tenants"),
+        Some(&acme),
+        &json!({"tenant_id": "acme"}),
+    )
+    .await;
+    assert_error(s, &b, 403, "FORBIDDEN");
+    let (s, b) = get(&format!("{url}/v1/admin/storage-nodes"), Some(&acme)).await;
+    assert_error(s, &b, 403, "FORBIDDEN");
+
+    // Tenants.
+    let (s, b) = post(
+        &format!("{url}/v1/tenants"),
+        Some(&admin),
+        &json!({"tenant_id": "acme", "replication_factor": 3}),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        (
+            b["status"].as_str(),
+            b["tenant_id"].as_str(),
+            b["replication_factor"].as_u64()
+        ),
+        (Some("success"), Some("acme"), Some(3))
+    );
+    assert!(
+        b["created_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{b}"
+    );
+    let (s, b) = post(
+        &format!("{url}/v1/tenants"),
+        Some(&admin),
+        &json!({"tenant_id": "acme"}),
+    )
+    .await;
+    assert_error(s, &b, 409, "TENANT_EXISTS");
+    let (s, b) = post(
+        &format!("{url}/v1/tenants"),
+        Some(&admin),
+        &json!({"tenant_id": "big", "replication_factor": 11}),
+    )
+    .await;
+    assert_error(s, &b, 400, "INVALID_REPLICATION_FACTOR");
+    let (s, b) = post(
+        &format!("{url}/v1/tenants"),
+        Some(&admin),
+        &json!({"tenant_id": "a:b"}),
+    )
+    .await;
+    assert_error(s, &b, 400, "INVALID_REQUEST");
+    let (s, _) = post(
+        &format!("{url}/v1/tenants"),
+        Some(&admin),
+        &json!({"tenant_id": "globex", "replication_factor": 2}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _, b) = call(
+        Method::PUT,
+        &format!("{url}/v1/tenants/globex/replication-factor"),
+        Some(&admin),
+        &[],
+        Some(br#"{"replication_factor": 3}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        (
+            b["old_replication_factor"].as_u64(),
+            b["new_replication_factor"].as_u64()
+        ),
+        (Some(2), Some(3))
+    );
+    assert!(b["updated_at"].is_string());
+    let (s, _, b) = call(
+        Method::PUT,
+        &format!("{url}/v1/tenants/globex/replication-factor"),
+        Some(&admin),
+        &[],
+        Some(br#"{"replication_factor": 0}"#.to_vec()),
+    )
+    .await;
+    assert_error(s, &b, 400, "INVALID_REPLICATION_FACTOR");
+    let (s, _, b) = call(
+        Method::PUT,
+        &format!("{url}/v1/tenants/nope/replication-factor"),
+        Some(&admin),
+        &[],
+        Some(br#"{"replication_factor": 3}"#.to_vec()),
+    )
+    .await;
+    assert_error(s, &b, 404, "TENANT_NOT_FOUND");
+    let (s, b) = get(&format!("{url}/v1/tenants/acme"), Some(&admin)).await;
+    assert_eq!(s, 200);
+    for field in [
+        "status",
+        "tenant_id",
+        "replication_factor",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(!b[field].is_null(), "{field} missing: {b}");
+    }
+    let (s, b) = get(&format!("{url}/v1/tenants/nope"), Some(&admin)).await;
+    assert_error(s, &b, 404, "TENANT_NOT_FOUND");
+    let (s, b) = get(
+        &format!("{url}/v1/tenants/..%2F..%2Fetc%2Fpasswd"),
+        Some(&admin),
+    )
+    .await;
+    assert_error(s, &b, 404, "TENANT_NOT_FOUND");
+
+    // Values of every JSON type round-trip unchanged.
+    let values = [
+        r#""a string""#,
+        "1.50",
+        "12345678901234567890",
+        "-0.000001",
+        r#"{"nested":{"list":[1,"two",null,true]},"n":2}"#,
+        "[1,2,3]",
+        "true",
+        "null",
+    ];
+    for (i, v) in values.iter().enumerate() {
+        let body = format!(r#"{{"key":"v{i}","value":{v},"consistency":"quorum"}}"#);
+        let (s, _, b) = call(Method::POST, &kv, Some(&acme), &[], Some(body.into_bytes())).await;
+        assert_eq!(s, 200, "{b}");
+        for field in [
+            "key",
+            "idempotency_key",
+            "vector_clock",
+            "replica_count",
+            "consistency",
+            "is_duplicate",
+        ] {
+            assert!(!b[field].is_null(), "{field} missing: {b}");
+        }
+        assert!(b["vector_clock"].is_object());
+        let response = Client::new()
+            .get(format!("{kv}?key=v{i}"))
+            .bearer_auth(&acme)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.expect("text");
+        assert!(
+            text.contains(&format!(r#""value":{v}"#)),
+            "exact JSON text of {v}: {text}"
+        );
+    }
+
+    // Isolation: the same key in two tenants.
+    let (s, _) = post(
+        &kv,
+        Some(&acme),
+        &json!({"key": "shared", "value": "acme's"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, b) = get(&format!("{kv}?key=shared"), Some(&globex)).await;
+    assert_error(s, &b, 404, "KEY_NOT_FOUND");
+    let (s, _) = post(
+        &kv,
+        Some(&globex),
+        &json!({"key": "shared", "value": "globex's"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        get(&format!("{kv}?key=shared"), Some(&acme)).await.1["value"],
+        "acme's"
+    );
+    assert_eq!(
+        get(&format!("{kv}?key=shared&consistency=all"), Some(&globex))
+            .await
+            .1["value"],
+        "globex's"
+    );
+    let (s, b) = post(
+        &kv,
+        Some(&acme),
+        &json!({"key": "shared", "value": 1, "tenant_id": "globex"}),
+    )
+    .await;
+    assert_error(s, &b, 403, "FORBIDDEN");
+    let (s, b) = get(&format!("{kv}?key=shared&tenant_id=globex"), Some(&acme)).await;
+    assert_error(s, &b, 403, "FORBIDDEN");
+    assert_eq!(
+        get(&format!("{kv}?key=shared"), Some(&globex)).await.1["value"],
+        "globex's"
+    );
+    let (s, b) = get(&format!("{kv}?key=shared"), Some(&ghost)).await;
+    assert_error(s, &b, 404, "TENANT_NOT_FOUND");
+
+    // Consistency levels and the causal context.
+    for level in ["one", "quorum", "all"] {
+        let (s, b) = post(
+            &kv,
+            Some(&acme),
+            &json!({"key": "lvl", "value": level, "consistency": level}),
+        )
+        .await;
+        assert_eq!(
+            (s.as_u16(), b["consistency"].as_str()),
+            (200, Some(level)),
+            "{b}"
+        );
+        assert_eq!(
+            get(&format!("{kv}?key=lvl&consistency={level}"), Some(&acme))
+                .await
+                .1["value"],
+            level
+        );
+    }
+    let (s, b) = post(
+        &kv,
+        Some(&acme),
+        &json!({"key": "lvl", "value": 1, "consistency": "strong"}),
+    )
+    .await;
+    assert_error(s, &b, 400, "INVALID_REQUEST");
+    let (s, b) = get(&format!("{kv}?key=lvl&consistency=ALL"), Some(&acme)).await;
+    assert_error(s, &b, 400, "INVALID_REQUEST");
+    let first = get(&format!("{kv}?key=lvl"), Some(&acme)).await.1["vector_clock"].clone();
+    let (_, next) = post(
+        &kv,
+        Some(&acme),
+        &json!({"key": "lvl", "value": "next", "context": first}),
+    )
+    .await;
+    for (id, counter) in first.as_object().expect("clock") {
+        assert!(
+            next["vector_clock"][id].as_u64() > counter.as_u64(),
+            "{next} follows {first}"
+        );
+    }
+
+    // Delete: body form and query form; deleting again is 404.
+    let (s, _, b) = call(
+        Method::DELETE,
+        &kv,
+        Some(&acme),
+        &[],
+        Some(br#"{"key":"v0","consistency":"quorum"}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    for field in [
+        "status",
+        "key",
+        "vector_clock",
+        "replica_count",
+        "consistency",
+    ] {
+        assert!(!b[field].is_null(), "{field} missing: {b}");
+    }
+    let (s, b) = get(&format!("{kv}?key=v0"), Some(&acme)).await;
+    assert_error(s, &b, 404, "KEY_NOT_FOUND");
+    let (s, _, _) = call(
+        Method::DELETE,
+        &format!("{kv}?key=v1"),
+        Some(&acme),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _, b) = call(
+        Method::DELETE,
+        &format!("{kv}?key=v1"),
+        Some(&acme),
+        &[],
+        None,
+    )
+    .await;
+    assert_error(s, &b, 404, "KEY_NOT_FOUND");
+
+    // Bad input: the documented 4xx, and nothing written.
+    let bad: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{not json".to_vec(), 400, "INVALID_REQUEST"),
+        (br#"{"key":"nv1"}"#.to_vec(), 400, "INVALID_REQUEST"),
+        (br#"{"key":5,"value":1}"#.to_vec(), 400, "INVALID_REQUEST"),
+        (br#"{"key":"","value":1}"#.to_vec(), 400, "INVALID_REQUEST"),
+        (
+            format!(r#"{{"key":"{}","value":1}}"#, "k".repeat(1025)).into_bytes(),
+            400,
+            "KEY_TOO_LARGE",
+        ),
+        (
+            format!(
+                r#"{{"key":"nv2","value":"{}"}}"#,
+                "x".repeat(10 * 1024 * 1024)
+            )
+            .into_bytes(),
+            413,
+            "VALUE_TOO_LARGE",
+        ),
+        (
+            format!(
+                r#"{{"key":"nv3","value":"{}"}}"#,
+                "x".repeat(12 * 1024 * 1024)
+            )
+            .into_bytes(),
+            413,
+            "VALUE_TOO_LARGE",
+        ),
+        (
+            br#"{"key":"nv4","value":1,"consistency":7}"#.to_vec(),
+            400,
+            "INVALID_REQUEST",
+        ),
+    ];
+    for (body, status, code) in bad {
+        let (s, _, b) = call(Method::POST, &kv, Some(&acme), &[], Some(body)).await;
+        assert_error(s, &b, status, code);
+    }
+    for key in ["nv1", "nv2", "nv3", "nv4"] {
+        let (s, b) = get(&format!("{kv}?key={key}"), Some(&acme)).await;
+        assert_error(s, &b, 404, "KEY_NOT_FOUND");
+    }
+    let (s, b) = get(&kv, Some(&acme)).await;
+    assert_error(s, &b, 400, "INVALID_REQUEST");
+
+    // Storage nodes and migrations.
+    let (s, b) = get(&format!("{url}/v1/admin/storage-nodes"), Some(&admin)).await;
+    assert_eq!(s, 200, "{b}");
+    let nodes = b["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3);
+    for n in nodes {
+        for field in [
+            "node_id",
+            "host",
+            "port",
+            "status",
+            "virtual_nodes",
+            "keys_count",
+            "disk_usage_percent",
+        ] {
+            assert!(!n[field].is_null(), "{field} missing: {n}");
+        }
+    }
+    for body in [
+        json!({"node_id": "s4", "host": "127.0.0.1", "port": 0}),
+        json!({"node_id": "bad id", "host": "h", "port": 1}),
+        json!({"host": "h"}),
+    ] {
+        let (s, b) = post(
+            &format!("{url}/v1/admin/storage-nodes"),
+            Some(&admin),
+            &body,
+        )
+        .await;
+        assert_error(s, &b, 400, "INVALID_NODE_CONFIG");
+    }
+    let (s, b) = post(
+        &format!("{url}/v1/admin/storage-nodes"),
+        Some(&admin),
+        &json!({"node_id": "s4", "host": "127.0.0.1", "port": 7104}),
+    )
+    .await;
+    assert_error(s, &b, 501, "NOT_IMPLEMENTED");
+    let (s, _, b) = call(
+        Method::DELETE,
+        &format!("{url}/v1/admin/storage-nodes/s1?force=false"),
+        Some(&admin),
+        &[],
+        None,
+    )
+    .await;
+    assert_error(s, &b, 501, "NOT_IMPLEMENTED");
+    let (s, b) = get(&format!("{url}/v1/admin/migrations/m-1"), Some(&admin)).await;
+    assert_error(s, &b, 501, "NOT_IMPLEMENTED");
+
+    // Health, metrics, unknown routes.
+    for path in ["/healthz", "/health", "/readyz"] {
+        let (s, _, _) = call(Method::GET, &format!("{url}{path}"), None, &[], None).await;
+        assert_eq!(s, 200, "{path}");
+    }
+    let metrics = Client::new()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("pairdb_gateway_requests_total"),
+        "{metrics}"
+    );
+    let (s, b) = get(&format!("{url}/v1/nothing-here"), Some(&admin)).await;
+    assert_error(s, &b, 404, "INVALID_REQUEST");
+    drop(c.storage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn none_mode_rate_limits_and_idempotent_retries() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster(1);
+    let gw = c.gateway("gw-none", &["--auth=none"], &[]);
+    let limited = c.gateway("gw-limited", &["--auth=none", "--write-rate-limit=3"], &[]);
+    wait_ready(&gw).await;
+    wait_all_active(&gw, None).await;
+    let (url, kv) = (gw.url(), format!("{}/v1/key-value", gw.url()));
+
+    // The tenant comes from the body, the query, or X-Tenant-ID; none at all is 400.
+    for t in ["acme", "globex"] {
+        let (s, b) = post(&format!("{url}/v1/tenants"), None, &json!({"tenant_id": t})).await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["replication_factor"], 3);
+    }
+    let (s, _) = post(
+        &kv,
+        None,
+        &json!({"tenant_id": "acme", "key": "k", "value": "from-body"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        get(&format!("{kv}?key=k&tenant_id=acme"), None).await.1["value"],
+        "from-body"
+    );
+    let (s, _, b) = call(
+        Method::GET,
+        &format!("{kv}?key=k"),
+        None,
+        &[("X-Tenant-ID", "acme")],
+        None,
+    )
+    .await;
+    assert_eq!((s.as_u16(), b["value"].as_str()), (200, Some("from-body")));
+    let (s, _, b) = call(
+        Method::GET,
+        &format!("{kv}?key=k"),
+        None,
+        &[("X-Tenant-ID", "globex")],
+        None,
+    )
+    .await;
+    assert_error(s, &b, 404, "KEY_NOT_FOUND");
+    let (s, b) = post(&kv, None, &json!({"key": "k", "value": 1})).await;
+    assert_error(s, &b, 400, "INVALID_REQUEST");
+    let (s, _, b) = call(
+        Method::DELETE,
+        &kv,
+        None,
+        &[],
+        Some(br#"{"tenant_id":"acme","key":"k"}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+
+    // Rate limits: headers on every key-value response, 429 with Retry-After past the limit.
+    let lkv = format!("{}/v1/key-value", limited.url());
+    for remaining in [2u32, 1, 0] {
+        let (s, h, b) = call(
+            Method::POST,
+            &lkv,
+            None,
+            &[("X-Tenant-ID", "acme")],
+            Some(br#"{"key":"r","value":1}"#.to_vec()),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(h["x-ratelimit-limit"], "3");
+        assert_eq!(h["x-ratelimit-remaining"], remaining.to_string().as_str());
+        let reset: u64 = h["x-ratelimit-reset"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("unix seconds");
+        assert!(reset >= pairdb::gateway::unix_now());
+    }
+    let (s, h, b) = call(
+        Method::POST,
+        &lkv,
+        None,
+        &[("X-Tenant-ID", "acme")],
+        Some(br#"{"key":"r","value":2}"#.to_vec()),
+    )
+    .await;
+    assert_error(s, &b, 429, "RATE_LIMIT_EXCEEDED");
+    let retry: u64 = h["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=20).contains(&retry), "Retry-After {retry}");
+    assert_eq!(h["x-ratelimit-remaining"], "0");
+    let (s, h, b) = call(
+        Method::GET,
+        &format!("{lkv}?key=r"),
+        None,
+        &[("X-Tenant-ID", "acme")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), b["value"].as_u64()),
+        (200, Some(1)),
+        "reads have their own budget; the refused write changed nothing"
+    );
+    assert_eq!(h["x-ratelimit-limit"], "10000");
+    let (s, _, _) = call(
+        Method::POST,
+        &lkv,
+        None,
+        &[("X-Tenant-ID", "globex")],
+        Some(br#"{"key":"r","value":1}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(s, 200, "another tenant has its own budget");
+
+    // Idempotency: concurrent retries write once; a different value is a conflict.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let kv = kv.clone();
+        tasks.push(tokio::spawn(async move {
+            call(
+                Method::POST,
+                &kv,
+                None,
+                &[("X-Tenant-ID", "acme"), ("Idempotency-Key", "order-7")],
+                Some(br#"{"key":"order","value":{"total":7}}"#.to_vec()),
+            )
+            .await
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        let (s, _, b) = t.await.expect("task");
+        assert_eq!(s, 200, "{b}");
+        answers.push(b);
+    }
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|b| b["is_duplicate"] == false)
+            .count(),
+        1,
+        "{answers:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|b| b["vector_clock"] == answers[0]["vector_clock"]
+                && b["idempotency_key"] == "order-7")
+    );
+    let (s, _, b) = call(
+        Method::GET,
+        &format!("{kv}?key=order"),
+        None,
+        &[("X-Tenant-ID", "acme")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), &b["vector_clock"]),
+        (200, &answers[0]["vector_clock"]),
+        "one version written"
+    );
+    let (s, _, b) = call(
+        Method::POST,
+        &kv,
+        None,
+        &[("X-Tenant-ID", "acme"), ("Idempotency-Key", "order-7")],
+        Some(br#"{"key":"order","value":{"total":8}}"#.to_vec()),
+    )
+    .await;
+    assert_error(s, &b, 400, "IDEMPOTENCY_KEY_CONFLICT");
+    let (_, b) = post(
+        &kv,
+        None,
+        &json!({"tenant_id": "acme", "key": "fresh", "value": 1}),
+    )
+    .await;
+    assert_eq!(
+        b["idempotency_key"].as_str().map(str::len),
+        Some(36),
+        "generated UUID: {b}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_survives_a_dead_storage_node_and_a_dead_coordinator() {
+    let _serial = SERIAL.lock().await;
+    let mut c = cluster(2);
+    let gw = c.gateway("gw", &["--auth=none"], &[]);
+    wait_ready(&gw).await;
+    wait_all_active(&gw, None).await;
+    let kv = format!("{}/v1/key-value", gw.url());
+    let (s, _) = post(
+        &format!("{}/v1/tenants", gw.url()),
+        None,
+        &json!({"tenant_id": "acme"}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let put = |key: String, consistency: &'static str| {
+        let kv = kv.clone();
+        async move {
+            post(
+                &kv,
+                None,
+                &json!({"tenant_id": "acme", "key": key, "value": "v", "consistency": consistency}),
+            )
+            .await
+        }
+    };
+    for i in 0..10 {
+        assert_eq!(put(format!("k{i}"), "all").await.0, 200);
+    }
+    c.storage[2].kill9();
+    for i in 0..10 {
+        let (s, b) = put(format!("k{i}"), "quorum").await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(
+            get(
+                &format!("{kv}?key=k{i}&tenant_id=acme&consistency=quorum"),
+                None
+            )
+            .await
+            .0,
+            200
+        );
+    }
+    let (s, b) = put("k0".into(), "all").await;
+    assert_error(s, &b, 503, "QUORUM_NOT_REACHED");
+    assert_eq!(
+        (
+            b["details"]["required"].as_u64(),
+            b["details"]["received"].as_u64()
+        ),
+        (Some(3), Some(2)),
+        "{b}"
+    );
+
+    // One coordinator dies: the gateway fails over, nothing is refused.
+    c.coordinators[0].kill9();
+    for i in 0..20 {
+        let (s, b) = put(format!("after-{i}"), "quorum").await;
+        assert_eq!(s, 200, "request {i} after the coordinator died: {b}");
+        let (s, b) = get(&format!("{kv}?key=after-{i}&tenant_id=acme"), None).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    // Both dead: 503 UNAVAILABLE, and /readyz says so.
+    c.coordinators[1].kill9();
+    let (s, b) = put("none-left".into(), "quorum").await;
+    assert_error(s, &b, 503, "UNAVAILABLE");
+    let (s, _, _) = call(
+        Method::GET,
+        &format!("{}/readyz", gw.url()),
+        None,
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(s, 503);
+}
