@@ -1,0 +1,281 @@
+//! `docs/openapi.yaml` against the running gateway: every documented operation is probed (and
+//! every probe names a documented operation, so the document and the routes cannot drift), each
+//! answer's status is one the document lists for that operation, and its JSON body matches the
+//! documented schema (types, required fields, enums) for that status.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::cluster::{RoleProcess, start_storage};
+use reqwest::{Client, Method};
+use serde_json::Value;
+
+struct Probe {
+    method: Method,
+    template: &'static str,
+    path: String,
+    body: Option<&'static str>,
+}
+
+fn probe(method: Method, template: &'static str, path: &str, body: Option<&'static str>) -> Probe {
+    Probe {
+        method,
+        template,
+        path: path.to_owned(),
+        body,
+    }
+}
+
+fn probes() -> Vec<Probe> {
+    use Method as M;
+    let kv = "/v1/key-value";
+    vec![
+        probe(
+            M::POST,
+            "/v1/tenants",
+            "/v1/tenants",
+            Some(r#"{"tenant_id":"acme","replication_factor":3}"#),
+        ),
+        probe(
+            M::POST,
+            "/v1/tenants",
+            "/v1/tenants",
+            Some(r#"{"tenant_id":"acme"}"#),
+        ),
+        probe(
+            M::POST,
+            "/v1/tenants",
+            "/v1/tenants",
+            Some(r#"{"tenant_id":"x","replication_factor":0}"#),
+        ),
+        probe(M::GET, "/v1/tenants/{tenant_id}", "/v1/tenants/acme", None),
+        probe(
+            M::GET,
+            "/v1/tenants/{tenant_id}",
+            "/v1/tenants/missing",
+            None,
+        ),
+        probe(
+            M::PUT,
+            "/v1/tenants/{tenant_id}/replication-factor",
+            "/v1/tenants/acme/replication-factor",
+            Some(r#"{"replication_factor":2}"#),
+        ),
+        probe(
+            M::PUT,
+            "/v1/tenants/{tenant_id}/replication-factor",
+            "/v1/tenants/missing/replication-factor",
+            Some(r#"{"replication_factor":2}"#),
+        ),
+        probe(
+            M::POST,
+            kv,
+            kv,
+            Some(r#"{"key":"k","value":{"any":["json",1,null]},"consistency":"all"}"#),
+        ),
+        probe(M::POST, kv, kv, Some(r#"{"key":"n","value":null}"#)),
+        probe(
+            M::POST,
+            kv,
+            kv,
+            Some(r#"{"key":"k","value":1,"consistency":"most"}"#),
+        ),
+        probe(M::GET, kv, "/v1/key-value?key=k", None),
+        probe(M::GET, kv, "/v1/key-value?key=n&consistency=one", None),
+        probe(M::GET, kv, "/v1/key-value?key=absent", None),
+        probe(M::DELETE, kv, kv, Some(r#"{"key":"k"}"#)),
+        probe(M::DELETE, kv, "/v1/key-value?key=k", None),
+        probe(
+            M::GET,
+            "/v1/admin/storage-nodes",
+            "/v1/admin/storage-nodes",
+            None,
+        ),
+        probe(
+            M::POST,
+            "/v1/admin/storage-nodes",
+            "/v1/admin/storage-nodes",
+            Some(r#"{"node_id":"s9","host":"127.0.0.1","port":7109}"#),
+        ),
+        probe(
+            M::POST,
+            "/v1/admin/storage-nodes",
+            "/v1/admin/storage-nodes",
+            Some(r#"{"node_id":"s9","host":"127.0.0.1","port":0}"#),
+        ),
+        probe(
+            M::DELETE,
+            "/v1/admin/storage-nodes/{node_id}",
+            "/v1/admin/storage-nodes/s1?force=false",
+            None,
+        ),
+        probe(
+            M::GET,
+            "/v1/admin/migrations/{migration_id}",
+            "/v1/admin/migrations/m1",
+            None,
+        ),
+        probe(M::GET, "/healthz", "/healthz", None),
+        probe(M::GET, "/health", "/health", None),
+        probe(M::GET, "/readyz", "/readyz", None),
+        probe(M::GET, "/metrics", "/metrics", None),
+    ]
+}
+
+fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let pointer = r.trim_start_matches('#');
+            resolve(
+                doc,
+                doc.pointer(pointer)
+                    .unwrap_or_else(|| panic!("bad $ref {r}")),
+            )
+        }
+        None => v,
+    }
+}
+
+/// Checks `value` against an OpenAPI schema (the subset the document uses).
+fn check(doc: &Value, schema: &Value, value: &Value, at: &str) {
+    let schema = resolve(doc, schema);
+    if value.is_null() && schema["nullable"] == true {
+        return;
+    }
+    if let Some(options) = schema["enum"].as_array() {
+        assert!(options.contains(value), "{at}: {value} not in {options:?}");
+    }
+    match schema["type"].as_str() {
+        None => {}
+        Some("object") => {
+            let map = value
+                .as_object()
+                .unwrap_or_else(|| panic!("{at}: not an object: {value}"));
+            for field in schema["required"].as_array().into_iter().flatten() {
+                let field = field.as_str().expect("field name");
+                assert!(map.contains_key(field), "{at}: missing {field} in {value}");
+            }
+            for (name, v) in map {
+                if let Some(s) = schema["properties"].get(name) {
+                    check(doc, s, v, &format!("{at}.{name}"));
+                } else if let Some(s) = schema.get("additionalProperties").filter(|s| s.is_object())
+                {
+                    check(doc, s, v, &format!("{at}.{name}"));
+                }
+            }
+        }
+        Some("array") => {
+            let items = value
+                .as_array()
+                .unwrap_or_else(|| panic!("{at}: not an array: {value}"));
+            for (i, item) in items.iter().enumerate() {
+                check(doc, &schema["items"], item, &format!("{at}[{i}]"));
+            }
+        }
+        Some("string") => assert!(value.is_string(), "{at}: not a string: {value}"),
+        Some("integer") => assert!(
+            value.is_u64() || value.is_i64(),
+            "{at}: not an integer: {value}"
+        ),
+        Some("number") => assert!(value.is_number(), "{at}: not a number: {value}"),
+        Some("boolean") => assert!(value.is_boolean(), "{at}: not a boolean: {value}"),
+        Some(other) => panic!("{at}: schema type {other} not handled"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_gateway_matches_docs_openapi_yaml() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml"))
+        .expect("docs/openapi.yaml");
+    let doc: Value = serde_norway::from_str(&text).expect("valid YAML");
+    assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+
+    let documented: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .expect("operations")
+                .keys()
+                .filter(|m| !m.starts_with("x-") && *m != "parameters")
+                .map(move |m| (m.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let probed: BTreeSet<(String, String)> = probes()
+        .iter()
+        .map(|p| (p.method.to_string(), p.template.to_owned()))
+        .collect();
+    assert_eq!(
+        documented, probed,
+        "documented operations = probed operations"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let meta = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &[], dir.path());
+    let gw = RoleProcess::gateway("gw", &[&c1], &["--auth=none"], &[], dir.path());
+    let client = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes: Value = client
+            .get(format!("{}/v1/admin/storage-nodes", gw.url()))
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .unwrap_or(Value::Null);
+        let up = nodes["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 3 && n.iter().all(|x| x["status"] == "active"));
+        if up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cluster not up: {nodes}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    for p in probes() {
+        let name = format!("{} {}", p.method, p.path);
+        let mut request = client
+            .request(p.method.clone(), format!("{}{}", gw.url(), p.path))
+            .header("X-Tenant-ID", "acme");
+        if let Some(b) = p.body {
+            request = request.header("content-type", "application/json").body(b);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16().to_string();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = response.text().await.expect("body");
+        let op = &doc["paths"][p.template][p.method.as_str().to_lowercase()];
+        let documented = resolve(
+            &doc,
+            op["responses"]
+                .get(&status)
+                .unwrap_or_else(|| panic!("{name}: status {status} is not documented ({body})")),
+        );
+        if let Some(schema) = documented["content"]["application/json"].get("schema") {
+            assert!(
+                content_type.starts_with("application/json"),
+                "{name}: {content_type}"
+            );
+            let value: Value =
+                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{name}: {e}: {body}"));
+            check(&doc, schema, &value, &name);
+        } else {
+            assert!(
+                documented["content"].get("text/plain").is_some(),
+                "{name}: no documented content"
+            );
+        }
+    }
+}
