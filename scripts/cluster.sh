@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# A real multi-process pairdb cluster on loopback: 3 storage nodes (gossiping, fsync'd commit
+# logs), 1 coordinator, 1 gateway, each its own `pairdb` process.
+#
+#   scripts/cluster.sh start      # build (release) if needed, start, wait until ready
+#   scripts/cluster.sh status     # which processes run, /readyz of each
+#   scripts/cluster.sh stop       # SIGTERM every process (SIGKILL after 20 s)
+#
+# Env:
+#   CLUSTER_DIR (.pairdb-cluster)  data, logs and pid files
+#   PAIRDB_BIN (target/release/pairdb; built when missing)
+#   GATEWAY_ADDR (127.0.0.1:8080)  the public HTTP API
+#   BASE_PORT (7100)               storage gRPC BASE+1..3, coordinator BASE+101, gossip BASE+201..203
+#   AUTH (none)                    none | token (then set PAIRDB_GATEWAY_AUTH_SECRET)
+#   METADATA_URL (sqlite://$CLUSTER_DIR/metadata.db)  or postgres://...
+#   IDEMPOTENCY_URL (memory://)    or redis://...
+#   SYNC (always)                  storage commit-log sync policy
+#   WRITE_RATE_LIMIT (1000) READ_RATE_LIMIT (10000)   per tenant per minute
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR="${CLUSTER_DIR:-.pairdb-cluster}"
+BIN="${PAIRDB_BIN:-target/release/pairdb}"
+GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:8080}"
+BASE="${BASE_PORT:-7100}"
+AUTH="${AUTH:-none}"
+SYNC="${SYNC:-always}"
+IDEMPOTENCY_URL="${IDEMPOTENCY_URL:-memory://}"
+WRITE_RATE_LIMIT="${WRITE_RATE_LIMIT:-1000}"
+READ_RATE_LIMIT="${READ_RATE_LIMIT:-10000}"
+
+storage_port() { echo $((BASE + $1)); }
+gossip_port() { echo $((BASE + 200 + $1)); }
+coordinator_port() { echo $((BASE + 101)); }
+
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+launch() { # name, args...
+  local name="$1"; shift
+  if running "$DIR/pids/$name.pid"; then echo "$name already running (pid $(cat "$DIR/pids/$name.pid"))"; return; fi
+  "$BIN" "$@" >>"$DIR/logs/$name.log" 2>&1 &
+  echo $! >"$DIR/pids/$name.pid"
+  echo "started $name (pid $!)"
+}
+
+wait_http() { # url, what
+  for _ in $(seq 1 150); do
+    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    sleep 0.2
+  done
+  echo "$2 did not become ready ($1); see $DIR/logs/" >&2
+  return 1
+}
+
+start() {
+  if [ ! -x "$BIN" ]; then
+    echo "building $BIN"
+    cargo build --release --locked
+  fi
+  mkdir -p "$DIR/pids" "$DIR/logs"
+  local abs; abs="$(cd "$DIR" && pwd)"
+  local metadata="${METADATA_URL:-sqlite://$abs/metadata.db}"
+  local seeds=() nodes=()
+  for i in 1 2 3; do
+    seeds+=("127.0.0.1:$(gossip_port "$i")")
+    nodes+=("s$i@127.0.0.1:$(storage_port "$i")")
+  done
+  for i in 1 2 3; do
+    local others; others="$(printf '%s\n' "${seeds[@]}" | grep -v ":$(gossip_port "$i")\$" | paste -sd, -)"
+    launch "s$i" --role=storage --node-id="s$i" --listen="127.0.0.1:$(storage_port "$i")" \
+      --data-dir="$abs/s$i" --gossip="127.0.0.1:$(gossip_port "$i")" --seeds="$others" --sync="$SYNC"
+  done
+  for i in 1 2 3; do wait_http "http://127.0.0.1:$(( $(storage_port "$i") + 1000 ))/healthz" "s$i"; done
+  launch c1 --role=coordinator --node-id=c1 --listen="127.0.0.1:$(coordinator_port)" \
+    --metadata-url="$metadata" --idempotency-url="$IDEMPOTENCY_URL" \
+    --storage-nodes="$(IFS=,; echo "${nodes[*]}")"
+  wait_http "http://127.0.0.1:$(( $(coordinator_port) + 1000 ))/readyz" c1
+  launch gw --role=gateway --listen="$GATEWAY_ADDR" --coordinators="127.0.0.1:$(coordinator_port)" \
+    --auth="$AUTH" --write-rate-limit="$WRITE_RATE_LIMIT" --read-rate-limit="$READ_RATE_LIMIT"
+  wait_http "http://$GATEWAY_ADDR/readyz" gateway
+  echo "cluster ready: http://$GATEWAY_ADDR  (data and logs in $DIR)"
+}
+
+status() {
+  local any=0
+  for f in "$DIR"/pids/*.pid; do
+    [ -e "$f" ] || continue
+    any=1
+    local name; name="$(basename "$f" .pid)"
+    if running "$f"; then echo "$name: running (pid $(cat "$f"))"; else echo "$name: not running"; fi
+  done
+  [ "$any" = 1 ] || { echo "no cluster in $DIR"; return 1; }
+  if curl -fsS "http://$GATEWAY_ADDR/readyz" >/dev/null 2>&1; then echo "gateway http://$GATEWAY_ADDR: ready"; else echo "gateway http://$GATEWAY_ADDR: not ready"; fi
+}
+
+stop() {
+  local pids=()
+  for f in "$DIR"/pids/*.pid; do
+    [ -e "$f" ] || continue
+    if running "$f"; then pids+=("$(cat "$f")"); kill -TERM "$(cat "$f")" 2>/dev/null || true; fi
+    rm -f "$f"
+  done
+  for _ in $(seq 1 100); do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.2
+  done
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  echo "stopped ${#pids[@]} processes"
+}
+
+pids() { cat "$DIR"/pids/*.pid 2>/dev/null | paste -sd' ' -; }
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  pids) pids ;;
+  *) echo "usage: $0 start|stop|status|pids" >&2; exit 2 ;;
+esac
