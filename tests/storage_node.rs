@@ -358,7 +358,10 @@ async fn streaming_copies_a_range_with_live_writes() {
         .into_inner();
     assert_eq!(status.state, pb::StreamState::Copying as i32);
 
-    // A keeps serving during the copy, and writes made meanwhile reach B too.
+    // A keeps serving during the copy, and writes made meanwhile reach B too. B is paused while
+    // they are made, so the stream is certainly still copying (on a fast machine the copy could
+    // otherwise finish first, and writes after completion are not the stream's to forward).
+    b.pause();
     for n in 0..2000u64 {
         let key = format!("live-{n:05}");
         write(
@@ -371,6 +374,7 @@ async fn streaming_copies_a_range_with_live_writes() {
             assert!(read(&mut ca, "t", b"key-000007").await.is_some());
         }
     }
+    b.resume();
     let done = wait_completed(&mut ca, "m1", 120).await;
     let expected = scan(&mut ca, start, end).await;
     let mut cb = b.client().await;

@@ -1,6 +1,12 @@
 //! Membership as the storage nodes' gossip sees it. The coordinator follows one node's
 //! `WatchHealth` stream (any registered node will do; on error it moves to the next) and keeps
 //! the set of nodes reported down: reads skip them, writes to them become hints.
+//!
+//! A node counts as down only after gossip reported it up at least once and then not up. Gossip
+//! reports freshly discovered peers as not up until its failure detector has heard enough
+//! heartbeats, so trusting "not up" from the start would refuse writes for the first seconds of
+//! every cluster. A node that was dead before this coordinator started is therefore not marked
+//! down: calls to it fail fast (connection refused) and its writes become hints all the same.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,6 +23,7 @@ use super::storage_pool::StoragePool;
 pub struct Membership {
     members: RwLock<Vec<pb::MemberHealth>>,
     down: RwLock<HashSet<String>>,
+    seen_up: RwLock<HashSet<String>>,
 }
 
 impl Membership {
@@ -29,11 +36,17 @@ impl Membership {
     }
 
     fn update(&self, members: Vec<pb::MemberHealth>) {
+        {
+            let mut seen = self.seen_up.write();
+            seen.extend(members.iter().filter(|m| m.up).map(|m| m.node_id.clone()));
+        }
+        let seen = self.seen_up.read();
         let down: HashSet<String> = members
             .iter()
-            .filter(|m| !m.up)
+            .filter(|m| !m.up && seen.contains(&m.node_id))
             .map(|m| m.node_id.clone())
             .collect();
+        drop(seen);
         {
             let before = self.down.read();
             for id in down.difference(&before) {

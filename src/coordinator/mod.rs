@@ -5,7 +5,8 @@
 //! Modules, one job each:
 //! - [`ring_view`]: the ring from the registry, refreshed, with gossip's down marks;
 //!   [`membership`]: gossip's view through `WatchHealth`; [`storage_pool`]: one channel per node.
-//! - [`replicas`]: one storage RPC per replica, as futures for [`crate::quorum::run`].
+//! - [`replicas`]: one storage call per replica, as futures for [`crate::quorum::run`], through
+//!   [`batcher`], which coalesces concurrent calls to one node into `WriteBatch`/`ReadBatch`.
 //! - [`write`] (put and tombstone fan-out, hints for misses), [`read`] (quorum read, winner,
 //!   read repair), [`idempotent`] (the idempotency wrapper of writes).
 //! - [`hints`]: durable hint writer and the replay loop; [`repair`]: the bounded repair queue.
@@ -18,6 +19,7 @@
 //! repair.
 
 pub mod admin;
+pub mod batcher;
 pub mod clock;
 pub mod errors;
 pub mod hints;

@@ -1,12 +1,14 @@
-//! One storage RPC against one replica, shaped for [`crate::quorum::run`]: each call is a
+//! One storage call against one replica, shaped for [`crate::quorum::run`]: each call is a
 //! `'static` future resolving to the replica's answer or a [`ReplicaError`] that says whether
-//! the replica refused the request itself (no point in a hint) or could not serve it.
+//! the replica refused the request itself (no point in a hint) or could not serve it. Calls go
+//! through the node's [`super::batcher::NodeBatcher`], which coalesces concurrent ones.
 
 use std::future::Future;
 
 use crate::rpc::storage as pb;
 use crate::storage::errors::code_in;
 
+use super::batcher::NodeBatcher;
 use super::storage_pool::StoragePool;
 
 /// Why one replica did not answer.
@@ -20,6 +22,10 @@ pub struct ReplicaError {
 }
 
 impl ReplicaError {
+    pub fn unavailable(node: &str, message: impl Into<String>) -> Self {
+        Self::new(node, message)
+    }
+
     fn new(node: &str, message: impl Into<String>) -> Self {
         Self {
             node: node.to_owned(),
@@ -28,7 +34,7 @@ impl ReplicaError {
         }
     }
 
-    fn from_status(node: &str, status: &tonic::Status) -> Self {
+    pub fn from_status(node: &str, status: &tonic::Status) -> Self {
         let code = code_in(status) as i32;
         Self {
             node: node.to_owned(),
@@ -45,18 +51,9 @@ pub fn write(
     address: Option<&str>,
     record: pb::Record,
 ) -> impl Future<Output = Result<(), ReplicaError>> + Send + 'static + use<> {
-    let client = client(pool, node, address);
+    let batcher = batcher(pool, node, address);
     let node = node.to_owned();
-    async move {
-        let mut client = client?;
-        client
-            .write(pb::WriteRequest {
-                record: Some(record),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| ReplicaError::from_status(&node, &s))
-    }
+    async move { batcher?.write(&node, record).await }
 }
 
 /// Reads a key's stored version (tombstones included) from one replica.
@@ -67,30 +64,27 @@ pub fn read(
     tenant: String,
     key: Vec<u8>,
 ) -> impl Future<Output = Result<Option<pb::Record>, ReplicaError>> + Send + 'static + use<> {
-    let client = client(pool, node, address);
+    let batcher = batcher(pool, node, address);
     let node = node.to_owned();
     async move {
-        let mut client = client?;
-        client
-            .read(pb::ReadRequest {
-                tenant_id: tenant,
-                key,
-            })
+        batcher?
+            .read(
+                &node,
+                pb::ReadRequest {
+                    tenant_id: tenant,
+                    key,
+                },
+            )
             .await
-            .map(|r| r.into_inner().record)
-            .map_err(|s| ReplicaError::from_status(&node, &s))
     }
 }
 
-fn client(
+fn batcher(
     pool: &StoragePool,
     node: &str,
     address: Option<&str>,
-) -> Result<
-    crate::rpc::storage::storage_node_client::StorageNodeClient<tonic::transport::Channel>,
-    ReplicaError,
-> {
+) -> Result<std::sync::Arc<NodeBatcher>, ReplicaError> {
     let address = address.ok_or_else(|| ReplicaError::new(node, "not in the node registry"))?;
-    pool.client(node, address)
+    pool.batcher(node, address)
         .map_err(|e| ReplicaError::new(node, e))
 }

@@ -1,7 +1,9 @@
 //! One pooled gRPC channel per storage node (tonic channels multiplex requests over HTTP/2, so
-//! one per node is enough), created lazily and replaced when a node's address changes.
+//! one per node is enough), created lazily and replaced when a node's address changes, and the
+//! node's request batcher on top of it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
@@ -9,12 +11,17 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
 
+use super::batcher::NodeBatcher;
+
 /// Largest message to or from a storage node: a 10 MiB value plus its record.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+type Batchers = HashMap<String, (String, Arc<NodeBatcher>)>;
 
 #[derive(Default)]
 pub struct StoragePool {
     clients: RwLock<HashMap<String, (String, StorageNodeClient<Channel>)>>,
+    batchers: RwLock<Batchers>,
 }
 
 impl StoragePool {
@@ -45,5 +52,24 @@ impl StoragePool {
             .write()
             .insert(node_id.to_owned(), (address.to_owned(), client.clone()));
         Ok(client)
+    }
+
+    /// The batcher of `node_id` at `address` (`host:port`), started on first use.
+    pub fn batcher(&self, node_id: &str, address: &str) -> Result<Arc<NodeBatcher>, String> {
+        if let Some((addr, batcher)) = self.batchers.read().get(node_id) {
+            if addr == address {
+                return Ok(batcher.clone());
+            }
+        }
+        let client = self.client(node_id, address)?;
+        let mut batchers = self.batchers.write();
+        match batchers.get(node_id) {
+            Some((addr, batcher)) if addr == address => Ok(batcher.clone()),
+            _ => {
+                let batcher = NodeBatcher::start(node_id.to_owned(), client);
+                batchers.insert(node_id.to_owned(), (address.to_owned(), batcher.clone()));
+                Ok(batcher)
+            }
+        }
     }
 }

@@ -68,10 +68,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let served = tonic::transport::Server::builder()
         .add_service(grpc)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            async move { grpc_stop.cancelled().await },
-        )
+        .serve_with_incoming_shutdown(crate::net::incoming_nodelay(grpc_listener), async move {
+            grpc_stop.cancelled().await
+        })
         .await;
     shutdown.cancel();
     let _ = http_server.await;

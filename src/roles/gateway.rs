@@ -45,6 +45,12 @@ pub async fn serve(
     crate::metrics::handle();
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(http = %addr, auth = ?cfg.auth.mode, coordinators = ?cfg.coordinators, "gateway serving");
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router::router(gateway))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -177,6 +177,31 @@ impl StorageNode for StorageService {
         result
     }
 
+    async fn read_batch(
+        &self,
+        req: Request<pb::ReadBatchRequest>,
+    ) -> Result<Response<pb::ReadBatchResponse>, Status> {
+        let started = Instant::now();
+        let reads = req.into_inner().reads;
+        let engine = self.engine.clone();
+        let result = blocking(move || {
+            reads
+                .iter()
+                .map(|r| {
+                    engine
+                        .get(&r.tenant_id, &r.key)
+                        .map(|found| pb::ReadResponse {
+                            record: found.map(|rec| record_to_proto(&rec)),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map(|results| Response::new(pb::ReadBatchResponse { results }));
+        observe(self, "read_batch", started, &result);
+        result
+    }
+
     async fn delete(
         &self,
         req: Request<pb::DeleteRequest>,

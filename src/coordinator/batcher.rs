@@ -1,0 +1,183 @@
+//! Coalescing of concurrent replica calls to one storage node (like Cassandra's message
+//! coalescing): client writes bound for a node queue up and go out as one `WriteBatch` (one RPC,
+//! one engine batch, one fsync on the node), reads as one `ReadBatch`. Nothing waits on a timer:
+//! a batch holds whatever queued while the node's previous batches were in flight, so a lone
+//! request goes out at once and a busy node gets fewer, larger RPCs.
+//!
+//! Invariants: every queued call gets exactly one answer (its share of the batch's outcome, or
+//! the batch's error); at most [`IN_FLIGHT`] batches per node and kind are outstanding; a batch
+//! holds at most [`MAX_RECORDS`] calls and about [`MAX_BYTES`] of values.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tonic::transport::Channel;
+
+use crate::rpc::storage as pb;
+use crate::rpc::storage::storage_node_client::StorageNodeClient;
+
+use super::replicas::ReplicaError;
+
+/// Batches outstanding per node and kind.
+pub const IN_FLIGHT: usize = 2;
+/// Calls per batch.
+pub const MAX_RECORDS: usize = 256;
+/// Value bytes per write batch (a 10 MiB value goes alone).
+pub const MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Bound of one batch RPC (the callers' own deadlines are usually shorter).
+const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Reply<T> = oneshot::Sender<Result<T, ReplicaError>>;
+
+/// The queues of one storage node.
+pub struct NodeBatcher {
+    writes: mpsc::UnboundedSender<(pb::Record, Reply<()>)>,
+    reads: mpsc::UnboundedSender<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
+}
+
+impl NodeBatcher {
+    /// Starts the node's batching tasks; they end when the batcher is dropped.
+    pub fn start(node: String, client: StorageNodeClient<Channel>) -> Arc<Self> {
+        let (writes, write_queue) = mpsc::unbounded_channel();
+        let (reads, read_queue) = mpsc::unbounded_channel();
+        tokio::spawn(run_writes(node.clone(), client.clone(), write_queue));
+        tokio::spawn(run_reads(node, client, read_queue));
+        Arc::new(Self { writes, reads })
+    }
+
+    /// Applies `record` on the node, batched with concurrent writes.
+    pub async fn write(&self, node: &str, record: pb::Record) -> Result<(), ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send((record, reply))
+            .map_err(|_| ReplicaError::unavailable(node, "batcher stopped"))?;
+        answer
+            .await
+            .map_err(|_| ReplicaError::unavailable(node, "batch dropped"))?
+    }
+
+    /// Reads a key on the node, batched with concurrent reads.
+    pub async fn read(
+        &self,
+        node: &str,
+        request: pb::ReadRequest,
+    ) -> Result<Option<pb::Record>, ReplicaError> {
+        let (reply, answer) = oneshot::channel();
+        self.reads
+            .send((request, reply))
+            .map_err(|_| ReplicaError::unavailable(node, "batcher stopped"))?;
+        answer
+            .await
+            .map_err(|_| ReplicaError::unavailable(node, "batch dropped"))?
+    }
+}
+
+fn value_len(r: &pb::Record) -> usize {
+    match &r.payload {
+        Some(pb::record::Payload::Value(v)) => v.len(),
+        _ => 0,
+    }
+}
+
+async fn run_writes(
+    node: String,
+    client: StorageNodeClient<Channel>,
+    mut queue: mpsc::UnboundedReceiver<(pb::Record, Reply<()>)>,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut carry: Option<(pb::Record, Reply<()>)> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carry.take() {
+            Some(job) => job,
+            None => match queue.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut bytes = value_len(&first.0);
+        let mut batch = vec![first];
+        while batch.len() < MAX_RECORDS {
+            match queue.try_recv() {
+                Ok(job) => {
+                    bytes += value_len(&job.0);
+                    if bytes > MAX_BYTES {
+                        carry = Some(job);
+                        break;
+                    }
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut client = client.clone();
+        let node = node.clone();
+        tokio::spawn(async move {
+            let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "write")
+                .record(records.len() as f64);
+            let call = client.write_batch(pb::WriteBatchRequest {
+                records,
+                source: pb::BatchSource::Client as i32,
+            });
+            let result = match tokio::time::timeout(BATCH_TIMEOUT, call).await {
+                Ok(Ok(r)) => Ok(r.into_inner().outcomes.len()),
+                Ok(Err(status)) => Err(ReplicaError::from_status(&node, &status)),
+                Err(_) => Err(ReplicaError::unavailable(&node, "batch timed out")),
+            };
+            for reply in replies {
+                let _ = reply.send(result.clone().map(|_| ()));
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn run_reads(
+    node: String,
+    client: StorageNodeClient<Channel>,
+    mut queue: mpsc::UnboundedReceiver<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut batch = Vec::with_capacity(MAX_RECORDS);
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        if queue.recv_many(&mut batch, MAX_RECORDS).await == 0 {
+            return;
+        }
+        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(MAX_RECORDS));
+        let mut client = client.clone();
+        let node = node.clone();
+        tokio::spawn(async move {
+            let (reads, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
+            metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "read")
+                .record(reads.len() as f64);
+            let expected = reads.len();
+            let call = client.read_batch(pb::ReadBatchRequest { reads });
+            let result = match tokio::time::timeout(BATCH_TIMEOUT, call).await {
+                Ok(Ok(r)) if r.get_ref().results.len() == expected => Ok(r.into_inner().results),
+                Ok(Ok(_)) => Err(ReplicaError::unavailable(&node, "short read batch")),
+                Ok(Err(status)) => Err(ReplicaError::from_status(&node, &status)),
+                Err(_) => Err(ReplicaError::unavailable(&node, "batch timed out")),
+            };
+            match result {
+                Ok(results) => {
+                    for (reply, answer) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok(answer.record));
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+}
