@@ -148,6 +148,9 @@ pub struct CoordinatorConfig {
     pub max_clock_entries: usize,
     /// Read repairs waiting to be sent; more are dropped (and counted).
     pub read_repair_queue: usize,
+    /// Share of QUORUM reads that ask every replica instead of just a quorum, so read repair
+    /// reaches all of them (Cassandra's `read_repair_chance`), 0..=1.
+    pub read_repair_chance: f64,
 }
 
 impl Default for CoordinatorConfig {
@@ -168,6 +171,7 @@ impl Default for CoordinatorConfig {
             tenant_cache_ttl_s: 300,
             max_clock_entries: 64,
             read_repair_queue: 10_000,
+            read_repair_chance: 0.1,
         }
     }
 }
@@ -533,6 +537,9 @@ impl CoordinatorConfig {
             return Err(invalid(
                 "coordinator request_timeout_ms, hint_replay_interval_ms and ring_refresh_ms must be > 0",
             ));
+        }
+        if !(0.0..=1.0).contains(&self.read_repair_chance) {
+            return Err(invalid("coordinator read_repair_chance must be in 0..=1"));
         }
         if !(1..=1000).contains(&self.max_clock_entries) {
             return Err(invalid("coordinator max_clock_entries must be 1..=1000"));

@@ -507,7 +507,10 @@ async fn quorum_read_repairs_a_stale_replica() {
         &sqlite_url(dir.path()),
         "memory://",
         &storage,
-        &[("PAIRDB_COORDINATOR_HINTS_ENABLED", "false")],
+        &[
+            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "1"),
+        ],
         dir.path(),
     );
     let mut c = c1.client().await;

@@ -54,6 +54,8 @@ use tenant_cache::TenantCache;
 pub struct Options {
     pub request_timeout: Duration,
     pub max_clock_entries: usize,
+    /// Share of QUORUM reads that ask every read replica (for read repair), 0..=1.
+    pub read_repair_chance: f64,
 }
 
 /// Everything a request needs, shared by the gRPC service and the background loops.
@@ -68,6 +70,8 @@ pub struct Coordinator {
     pub ring: Arc<RingView>,
     pub hints: HintWriter,
     pub repairs: RepairQueue,
+    /// Reads served, for spreading `read_repair_chance` evenly.
+    pub reads_served: std::sync::atomic::AtomicU64,
 }
 
 impl Coordinator {

@@ -1,10 +1,11 @@
 //! The read path (SEMANTICS.md, "Read"). The read replicas are the natural owners plus
 //! bootstrapping pending owners, minus nodes gossip reports down.
 //!
-//! - ONE asks the least-loaded authoritative replica first and the others only if it fails.
-//! - QUORUM and ALL ask every read replica at once (Riak's way: the extra answers cost one
-//!   cheap read and let read repair see every replica) and reply at `required` authoritative
-//!   answers.
+//! - ONE and QUORUM ask the `required` least-loaded authoritative replicas first and, only if
+//!   those cannot answer, every read replica (Cassandra's way). A `read_repair_chance` share of QUORUM reads (10% by
+//!   default, spread evenly) asks every read replica at once, so read repair also reaches the
+//!   replicas a quorum did not need.
+//! - ALL (and QUORUM when `required` is every authoritative replica) asks every read replica.
 //!
 //! The winner is the highest version by [`Version::precedence`] among the answers (a tombstone
 //! is a version like any other; the caller maps a tombstone winner to KEY_NOT_FOUND). After the
@@ -66,30 +67,25 @@ impl Coordinator {
             authoritative,
         };
 
-        let mut results: Vec<ReadResult> = Vec::new();
-        let mut acks = 0;
-        let mut stragglers = Vec::new();
-        if consistency == Consistency::One && replicas.len() > 1 {
+        let authoritative = replicas.iter().filter(|(_, a)| *a).count();
+        let ask_all = consistency != Consistency::One
+            && (required >= authoritative || self.sample_read_repair());
+        let run = if !ask_all && replicas.len() > required {
+            // First the `required` best replicas; if they cannot make it (one is dead or
+            // slow), everyone at once: the retry may read a replica twice, which is cheaper
+            // than counting the first round's late answers and always correct.
             self.order_by_load(&mut replicas);
-            let first = replicas.remove(0);
-            let run = quorum::run(vec![call(first)], required, deadline).await;
-            let reached = run.reached();
-            acks += run.acks;
-            results.extend(run.results);
-            if !reached {
-                let rest = replicas.into_iter().map(call).collect();
-                let run = quorum::run(rest, required, deadline).await;
-                acks += run.acks;
-                results.extend(run.results);
-                stragglers.push(run.stragglers);
+            let first: Vec<_> = replicas[..required].to_vec();
+            let run = quorum::run(first.into_iter().map(call).collect(), required, deadline).await;
+            if run.reached() {
+                run
+            } else {
+                quorum::run(replicas.into_iter().map(call).collect(), required, deadline).await
             }
         } else {
-            let run =
-                quorum::run(replicas.into_iter().map(call).collect(), required, deadline).await;
-            acks = run.acks;
-            results = run.results;
-            stragglers.push(run.stragglers);
-        }
+            quorum::run(replicas.into_iter().map(call).collect(), required, deadline).await
+        };
+        let (acks, results, stragglers) = (run.acks, run.results, vec![run.stragglers]);
         metrics::histogram!("pairdb_replica_acks", "op" => "read").record(acks as f64);
 
         if acks < required || required == 0 {
@@ -132,6 +128,22 @@ impl Coordinator {
             }
         });
         Ok(winner)
+    }
+
+    /// Whether this QUORUM read asks every read replica (`read_repair_chance` of reads, spread
+    /// evenly by a counter), so read repair also reaches replicas the quorum did not need.
+    fn sample_read_repair(&self) -> bool {
+        let chance = self.options.read_repair_chance;
+        if chance >= 1.0 {
+            return true;
+        }
+        if chance <= 0.0 {
+            return false;
+        }
+        let n = self
+            .reads_served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64;
+        (n * chance).floor() != ((n + 1.0) * chance).floor()
     }
 
     /// Least-loaded first (gossip's requests per second), authoritative before the others.

@@ -143,7 +143,9 @@ pub async fn start(
         options: Options {
             request_timeout: timeout,
             max_clock_entries: cfg.max_clock_entries,
+            read_repair_chance: cfg.read_repair_chance,
         },
+        reads_served: std::sync::atomic::AtomicU64::new(0),
         hints: HintWriter::start(cfg.hints_enabled.then(|| meta.clone())),
         repairs: RepairQueue::start(cfg.read_repair_queue, ring.clone(), pool.clone(), timeout),
         tenants: TenantCache::new(meta.clone(), Duration::from_secs(cfg.tenant_cache_ttl_s)),
