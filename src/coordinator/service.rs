@@ -91,6 +91,27 @@ fn observe<T>(
     }
 }
 
+/// One key-value RPC: parses the consistency, runs `run`, records and logs the outcome.
+async fn key_value<T, Fut>(
+    op: &'static str,
+    raw_consistency: i32,
+    tenant: &str,
+    key: &[u8],
+    run: impl FnOnce(Consistency) -> Fut,
+) -> Result<Response<T>, Status>
+where
+    Fut: std::future::Future<Output = Result<T, CoordError>>,
+{
+    let started = Instant::now();
+    let level = consistency(raw_consistency);
+    let known = level.as_ref().ok().copied();
+    let result = match level {
+        Ok(level) => run(level).await,
+        Err(e) => Err(e),
+    };
+    observe(op, known, tenant, key, started, result)
+}
+
 impl Coordinator {
     async fn write_key_value(
         &self,
@@ -242,46 +263,38 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         request: Request<pb::WriteKeyValueRequest>,
     ) -> Result<Response<pb::WriteKeyValueResponse>, Status> {
-        let started = Instant::now();
         let req = request.into_inner();
         let (tenant, key) = (req.tenant_id.clone(), req.key.clone());
-        let level = consistency(req.consistency);
-        let known = level.as_ref().ok().copied();
-        let result = match level {
-            Ok(level) => self.core.write_key_value(req, level).await,
-            Err(e) => Err(e),
-        };
-        observe("write", known, &tenant, &key, started, result)
+        key_value("write", req.consistency, &tenant, &key, |level| {
+            self.core.write_key_value(req, level)
+        })
+        .await
     }
 
     async fn read_key_value(
         &self,
         request: Request<pb::ReadKeyValueRequest>,
     ) -> Result<Response<pb::ReadKeyValueResponse>, Status> {
-        let started = Instant::now();
         let req = request.into_inner();
-        let level = consistency(req.consistency);
-        let known = level.as_ref().ok().copied();
-        let result = match level {
-            Ok(level) => self.core.read_key_value(&req, level).await,
-            Err(e) => Err(e),
-        };
-        observe("read", known, &req.tenant_id, &req.key, started, result)
+        key_value("read", req.consistency, &req.tenant_id, &req.key, |level| {
+            self.core.read_key_value(&req, level)
+        })
+        .await
     }
 
     async fn delete_key_value(
         &self,
         request: Request<pb::DeleteKeyValueRequest>,
     ) -> Result<Response<pb::DeleteKeyValueResponse>, Status> {
-        let started = Instant::now();
         let req = request.into_inner();
-        let level = consistency(req.consistency);
-        let known = level.as_ref().ok().copied();
-        let result = match level {
-            Ok(level) => self.core.delete_key_value(&req, level).await,
-            Err(e) => Err(e),
-        };
-        observe("delete", known, &req.tenant_id, &req.key, started, result)
+        key_value(
+            "delete",
+            req.consistency,
+            &req.tenant_id,
+            &req.key,
+            |level| self.core.delete_key_value(&req, level),
+        )
+        .await
     }
 
     async fn create_tenant(

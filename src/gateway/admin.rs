@@ -37,11 +37,6 @@ pub struct RemoveQuery {
     force: bool,
 }
 
-fn admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
-    let caller = gw.auth.caller(headers)?;
-    gw.auth.require_admin(&caller)
-}
-
 fn invalid_node(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "INVALID_NODE_CONFIG", message)
 }
@@ -66,12 +61,12 @@ fn valid_node_id(id: &str) -> bool {
 
 pub async fn list_nodes(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     let result = async {
-        admin(&gw, &headers)?;
+        gw.require_admin(&headers)?;
         let list = gw
-            .coordinators
-            .call(|mut c| async move { c.list_storage_nodes(pb::ListStorageNodesRequest {}).await })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+            .forward(pb::ListStorageNodesRequest {}, |mut c, r| async move {
+                c.list_storage_nodes(r).await
+            })
+            .await?;
         let nodes: Vec<_> = list
             .nodes
             .iter()
@@ -99,7 +94,7 @@ pub async fn add_node(
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        admin(&gw, &headers)?;
+        gw.require_admin(&headers)?;
         let bytes = body::bytes(raw)?;
         let b: AddNodeBody = serde_json::from_slice(&bytes)
             .map_err(|e| invalid_node(format!("node config: {e}")))?;
@@ -119,18 +114,16 @@ pub async fn add_node(
             return Err(invalid_node("virtual_nodes must be 1..=4096"));
         }
         let accepted = gw
-            .coordinators
-            .call(|mut c| {
-                let request = pb::AddStorageNodeRequest {
+            .forward(
+                pb::AddStorageNodeRequest {
                     node_id: b.node_id.clone(),
                     host: b.host.clone(),
                     port: b.port,
                     virtual_nodes: vnodes,
-                };
-                async move { c.add_storage_node(request).await }
-            })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+                },
+                |mut c, r| async move { c.add_storage_node(r).await },
+            )
+            .await?;
         Ok((
             StatusCode::ACCEPTED,
             Json(json!({
@@ -153,7 +146,7 @@ pub async fn remove_node(
     query: Result<Query<RemoveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let result = async {
-        admin(&gw, &headers)?;
+        gw.require_admin(&headers)?;
         let force = query
             .map(|q| q.0.force)
             .map_err(|e| ApiError::invalid(format!("force must be true or false: {e}")))?;
@@ -165,16 +158,14 @@ pub async fn remove_node(
             ));
         }
         let accepted = gw
-            .coordinators
-            .call(|mut c| {
-                let request = pb::RemoveStorageNodeRequest {
+            .forward(
+                pb::RemoveStorageNodeRequest {
                     node_id: node_id.clone(),
                     force,
-                };
-                async move { c.remove_storage_node(request).await }
-            })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+                },
+                |mut c, r| async move { c.remove_storage_node(r).await },
+            )
+            .await?;
         Ok((
             StatusCode::ACCEPTED,
             Json(json!({
@@ -196,17 +187,10 @@ pub async fn migration(
     Path(migration_id): Path<String>,
 ) -> Response {
     let result = async {
-        admin(&gw, &headers)?;
-        let m = gw
-            .coordinators
-            .call(|mut c| {
-                let request = pb::GetMigrationStatusRequest {
+        gw.require_admin(&headers)?;
+        let m = gw.forward(pb::GetMigrationStatusRequest {
                     migration_id: migration_id.clone(),
-                };
-                async move { c.get_migration_status(request).await }
-            })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+                }, |mut c, r| async move { c.get_migration_status(r).await }).await?;
         let kind = match m.r#type() {
             pb::MigrationType::NodeRemoval => "node_removal",
             pb::MigrationType::ReplicationFactorChange => "replication_factor_change",

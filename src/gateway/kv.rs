@@ -258,13 +258,11 @@ pub async fn put(
             has_context,
         };
         let answer = gw
-            .coordinators
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.write_key_value(request).await }
-            })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+            .forward(
+                request,
+                |mut c, r| async move { c.write_key_value(r).await },
+            )
+            .await?;
         Ok(Json(PutResponse {
             status: "success",
             key: body.key,
@@ -312,13 +310,8 @@ pub async fn get(
             consistency: common::Consistency::from(level) as i32,
         };
         let answer = gw
-            .coordinators
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.read_key_value(request).await }
-            })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+            .forward(request, |mut c, r| async move { c.read_key_value(r).await })
+            .await?;
         let text = String::from_utf8(answer.value)
             .map_err(|_| ApiError::internal("stored value is not UTF-8 JSON"))?;
         let value = RawValue::from_string(text)
@@ -370,13 +363,11 @@ pub async fn delete(
             consistency: common::Consistency::from(level) as i32,
         };
         let answer = gw
-            .coordinators
-            .call(|mut c| {
-                let request = request.clone();
-                async move { c.delete_key_value(request).await }
-            })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+            .forward(
+                request,
+                |mut c, r| async move { c.delete_key_value(r).await },
+            )
+            .await?;
         Ok(Json(DeleteResponse {
             status: "success",
             key,

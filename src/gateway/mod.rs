@@ -21,10 +21,14 @@ pub mod rate_limit;
 pub mod router;
 pub mod tenants;
 
+use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::http::HeaderMap;
+
 use auth::Auth;
-use coordinators::Coordinators;
+use coordinators::{Client, Coordinators};
+use errors::ApiError;
 use rate_limit::RateLimits;
 
 /// Shared state of the HTTP handlers.
@@ -33,6 +37,27 @@ pub struct Gateway {
     pub limits: RateLimits,
     pub coordinators: Coordinators,
     pub max_body_bytes: usize,
+}
+
+impl Gateway {
+    /// Sends `request` to a coordinator (with failover) and maps its error to the API's.
+    pub async fn forward<Req, T, F, Fut>(&self, request: Req, call: F) -> Result<T, ApiError>
+    where
+        Req: Clone,
+        F: Fn(Client, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.coordinators
+            .call(|client| call(client, request.clone()))
+            .await
+            .map_err(|s| ApiError::from_status(&s))
+    }
+
+    /// Admin endpoints: an admin token (anybody with auth `none`).
+    pub fn require_admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let caller = self.auth.caller(headers)?;
+        self.auth.require_admin(&caller)
+    }
 }
 
 /// Current time as RFC 3339 UTC.

@@ -42,34 +42,27 @@ fn replication_factor(v: &Value) -> Result<u32, ApiError> {
     }
 }
 
-fn admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
-    let caller = gw.auth.caller(headers)?;
-    gw.auth.require_admin(&caller)
-}
-
 pub async fn create(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        admin(&gw, &headers)?;
+        gw.require_admin(&headers)?;
         let body: CreateBody = body::json(raw)?;
         let rf = match &body.replication_factor {
             None => 0,
             Some(v) => replication_factor(v)?,
         };
         let t = gw
-            .coordinators
-            .call(|mut c| {
-                let request = pb::CreateTenantRequest {
+            .forward(
+                pb::CreateTenantRequest {
                     tenant_id: body.tenant_id.clone(),
                     replication_factor: rf,
-                };
-                async move { c.create_tenant(request).await }
-            })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+                },
+                |mut c, r| async move { c.create_tenant(r).await },
+            )
+            .await?;
         Ok::<_, ApiError>(Json(json!({
             "status": "success",
             "tenant_id": t.tenant_id,
@@ -88,20 +81,18 @@ pub async fn update_replication_factor(
     raw: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        admin(&gw, &headers)?;
+        gw.require_admin(&headers)?;
         let body: UpdateBody = body::json(raw)?;
         let rf = replication_factor(&body.replication_factor)?;
         let r = gw
-            .coordinators
-            .call(|mut c| {
-                let request = pb::UpdateReplicationFactorRequest {
+            .forward(
+                pb::UpdateReplicationFactorRequest {
                     tenant_id: tenant_id.clone(),
                     replication_factor: rf,
-                };
-                async move { c.update_replication_factor(request).await }
-            })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+                },
+                |mut c, r| async move { c.update_replication_factor(r).await },
+            )
+            .await?;
         let mut out = json!({
             "status": "success",
             "tenant_id": r.tenant_id,
@@ -124,17 +115,15 @@ pub async fn get(
     Path(tenant_id): Path<String>,
 ) -> Response {
     let result = async {
-        admin(&gw, &headers)?;
+        gw.require_admin(&headers)?;
         let t = gw
-            .coordinators
-            .call(|mut c| {
-                let request = pb::GetTenantRequest {
+            .forward(
+                pb::GetTenantRequest {
                     tenant_id: tenant_id.clone(),
-                };
-                async move { c.get_tenant(request).await }
-            })
-            .await
-            .map_err(|s| ApiError::from_status(&s))?;
+                },
+                |mut c, r| async move { c.get_tenant(r).await },
+            )
+            .await?;
         Ok::<_, ApiError>(Json(json!({
             "status": "success",
             "tenant_id": t.tenant_id,
