@@ -151,6 +151,9 @@ pub struct CoordinatorConfig {
     /// Share of QUORUM reads that ask every replica instead of just a quorum, so read repair
     /// reaches all of them (Cassandra's `read_repair_chance`), 0..=1.
     pub read_repair_chance: f64,
+    /// Coalesced batches of replica calls outstanding per storage node and kind (reads,
+    /// writes); fewer means larger batches (fewer RPCs and fsyncs), more means less queueing.
+    pub batch_in_flight: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -172,6 +175,7 @@ impl Default for CoordinatorConfig {
             max_clock_entries: 64,
             read_repair_queue: 10_000,
             read_repair_chance: 0.1,
+            batch_in_flight: 2,
         }
     }
 }
@@ -537,6 +541,9 @@ impl CoordinatorConfig {
             return Err(invalid(
                 "coordinator request_timeout_ms, hint_replay_interval_ms and ring_refresh_ms must be > 0",
             ));
+        }
+        if !(1..=64).contains(&self.batch_in_flight) {
+            return Err(invalid("coordinator batch_in_flight must be 1..=64"));
         }
         if !(0.0..=1.0).contains(&self.read_repair_chance) {
             return Err(invalid("coordinator read_repair_chance must be in 0..=1"));

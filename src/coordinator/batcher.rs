@@ -5,7 +5,8 @@
 //! request goes out at once and a busy node gets fewer, larger RPCs.
 //!
 //! Invariants: every queued call gets exactly one answer (its share of the batch's outcome, or
-//! the batch's error); at most [`IN_FLIGHT`] batches per node and kind are outstanding; a batch
+//! the batch's error); at most `in_flight` ([`IN_FLIGHT`] by default) batches per node and kind
+//! are outstanding; a batch
 //! holds at most [`MAX_RECORDS`] calls and about [`MAX_BYTES`] of values.
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::rpc::storage::storage_node_client::StorageNodeClient;
 
 use super::replicas::ReplicaError;
 
-/// Batches outstanding per node and kind.
+/// Batches outstanding per node and kind, by default (`coordinator.batch_in_flight`).
 pub const IN_FLIGHT: usize = 2;
 /// Calls per batch.
 pub const MAX_RECORDS: usize = 256;
@@ -38,11 +39,17 @@ pub struct NodeBatcher {
 
 impl NodeBatcher {
     /// Starts the node's batching tasks; they end when the batcher is dropped.
-    pub fn start(node: String, client: StorageNodeClient<Channel>) -> Arc<Self> {
+    pub fn start(node: String, client: StorageNodeClient<Channel>, in_flight: usize) -> Arc<Self> {
         let (writes, write_queue) = mpsc::unbounded_channel();
         let (reads, read_queue) = mpsc::unbounded_channel();
-        tokio::spawn(run_writes(node.clone(), client.clone(), write_queue));
-        tokio::spawn(run_reads(node, client, read_queue));
+        let in_flight = in_flight.max(1);
+        tokio::spawn(run_writes(
+            node.clone(),
+            client.clone(),
+            write_queue,
+            in_flight,
+        ));
+        tokio::spawn(run_reads(node, client, read_queue, in_flight));
         Arc::new(Self { writes, reads })
     }
 
@@ -84,8 +91,9 @@ async fn run_writes(
     node: String,
     client: StorageNodeClient<Channel>,
     mut queue: mpsc::UnboundedReceiver<(pb::Record, Reply<()>)>,
+    in_flight: usize,
 ) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(in_flight));
     let mut carry: Option<(pb::Record, Reply<()>)> = None;
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -140,8 +148,9 @@ async fn run_reads(
     node: String,
     client: StorageNodeClient<Channel>,
     mut queue: mpsc::UnboundedReceiver<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
+    in_flight: usize,
 ) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(in_flight));
     let mut batch = Vec::with_capacity(MAX_RECORDS);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {

@@ -18,15 +18,30 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 type Batchers = HashMap<String, (String, Arc<NodeBatcher>)>;
 
-#[derive(Default)]
 pub struct StoragePool {
     clients: RwLock<HashMap<String, (String, StorageNodeClient<Channel>)>>,
     batchers: RwLock<Batchers>,
+    batch_in_flight: usize,
+}
+
+impl Default for StoragePool {
+    fn default() -> Self {
+        Self::with_batch_in_flight(super::batcher::IN_FLIGHT)
+    }
 }
 
 impl StoragePool {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A pool whose batchers keep at most `in_flight` batches outstanding per node and kind.
+    pub fn with_batch_in_flight(in_flight: usize) -> Self {
+        Self {
+            clients: RwLock::new(HashMap::new()),
+            batchers: RwLock::new(HashMap::new()),
+            batch_in_flight: in_flight,
+        }
     }
 
     /// A client for `node_id` at `address` (`host:port`).
@@ -66,7 +81,7 @@ impl StoragePool {
         match batchers.get(node_id) {
             Some((addr, batcher)) if addr == address => Ok(batcher.clone()),
             _ => {
-                let batcher = NodeBatcher::start(node_id.to_owned(), client);
+                let batcher = NodeBatcher::start(node_id.to_owned(), client, self.batch_in_flight);
                 batchers.insert(node_id.to_owned(), (address.to_owned(), batcher.clone()));
                 Ok(batcher)
             }

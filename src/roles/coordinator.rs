@@ -103,7 +103,7 @@ pub async fn start(
         .await
         .context("seeding the node registry")?;
 
-    let pool = Arc::new(StoragePool::new());
+    let pool = Arc::new(StoragePool::with_batch_in_flight(cfg.batch_in_flight));
     let membership = Arc::new(Membership::default());
     let ring = RingView::load(meta.clone(), membership.clone())
         .await
