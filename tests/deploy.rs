@@ -1,0 +1,169 @@
+//! The deployment files in `deploy/` are kept working: every Kubernetes container's arguments and
+//! environment (config map, secret, downward API values substituted as Kubernetes would), and
+//! every systemd unit's `ExecStart` (with the repo's example configs), pass `pairdb
+//! --check-config`; probes point at the role's health endpoints on a declared port.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+fn docs(file: &str) -> Vec<Value> {
+    let path = format!("{}/deploy/k8s/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .collect()
+}
+
+/// `$(VAR)` references replaced as Kubernetes does.
+fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = s.to_owned();
+    for (k, v) in env {
+        out = out.replace(&format!("$({k})"), v);
+    }
+    out
+}
+
+fn check_config(args: &[String], env: &BTreeMap<String, String>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pairdb"));
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PAIRDB_")) {
+        cmd.env_remove(key);
+    }
+    let out = cmd
+        .args(args)
+        .arg("--check-config")
+        .envs(env)
+        .output()
+        .expect("run pairdb");
+    assert!(
+        out.status.success(),
+        "{args:?} with {env:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kubernetes_containers_pass_check_config() {
+    let shared = docs("config.yaml");
+    let mut from_refs: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for d in &shared {
+        let name = d["metadata"]["name"].as_str().expect("name");
+        let data = d.get("data").or_else(|| d.get("stringData")).expect("data");
+        let kind = d["kind"].as_str().expect("kind").to_owned();
+        let map = data
+            .as_object()
+            .expect("map")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().expect("string").to_owned()))
+            .collect();
+        from_refs.insert(format!("{kind}/{name}"), map);
+    }
+    let mut checked = 0;
+    for file in ["storage.yaml", "coordinator.yaml", "gateway.yaml"] {
+        for d in docs(file) {
+            if !matches!(d["kind"].as_str(), Some("StatefulSet" | "Deployment")) {
+                continue;
+            }
+            for c in d["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .expect("containers")
+            {
+                let mut env = BTreeMap::new();
+                for source in c["envFrom"].as_array().into_iter().flatten() {
+                    let key = if let Some(r) = source.get("configMapRef") {
+                        format!("ConfigMap/{}", r["name"].as_str().expect("name"))
+                    } else {
+                        format!(
+                            "Secret/{}",
+                            source["secretRef"]["name"].as_str().expect("name")
+                        )
+                    };
+                    env.extend(
+                        from_refs
+                            .get(&key)
+                            .unwrap_or_else(|| panic!("{key} not defined"))
+                            .clone(),
+                    );
+                }
+                for e in c["env"].as_array().into_iter().flatten() {
+                    let name = e["name"].as_str().expect("name").to_owned();
+                    let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                        Some("metadata.name") => "pairdb-x-0".to_owned(),
+                        Some("status.podIP") => "10.0.0.7".to_owned(),
+                        Some(other) => panic!("unexpected fieldRef {other}"),
+                        None => e["value"].as_str().expect("value").to_owned(),
+                    };
+                    env.insert(name, value);
+                }
+                let args: Vec<String> = c["args"]
+                    .as_array()
+                    .expect("args")
+                    .iter()
+                    .map(|a| expand(a.as_str().expect("arg"), &env))
+                    .collect();
+                let env: BTreeMap<String, String> = env
+                    .into_iter()
+                    .filter(|(k, _)| k.starts_with("PAIRDB_"))
+                    .collect();
+                check_config(&args, &env);
+                let ports: Vec<&str> = c["ports"]
+                    .as_array()
+                    .expect("ports")
+                    .iter()
+                    .filter_map(|p| p["name"].as_str())
+                    .collect();
+                for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]
+                {
+                    assert_eq!(c[probe]["httpGet"]["path"], path, "{file} {probe}");
+                    let port = c[probe]["httpGet"]["port"].as_str().expect("named port");
+                    assert!(
+                        ports.contains(&port),
+                        "{file}: probe port {port} not declared"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 3, "storage, coordinator and gateway containers");
+}
+
+#[test]
+fn systemd_units_pass_check_config() {
+    let dir = format!("{}/deploy/systemd", env!("CARGO_MANIFEST_DIR"));
+    let configs = format!("{}/config", env!("CARGO_MANIFEST_DIR"));
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/systemd") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("unit");
+        let exec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .unwrap_or_else(|| panic!("{}: no ExecStart", path.display()));
+        let mut words = exec.split_whitespace();
+        assert_eq!(words.next(), Some("/usr/local/bin/pairdb"), "{exec}");
+        let args: Vec<String> = words
+            .map(|w| {
+                w.replace("%i", "x1")
+                    .replace(
+                        "/etc/pairdb/storage-x1.toml",
+                        &format!("{configs}/storage.toml"),
+                    )
+                    .replace(
+                        "/etc/pairdb/coordinator-x1.toml",
+                        &format!("{configs}/coordinator.toml"),
+                    )
+                    .replace(
+                        "/etc/pairdb/gateway.toml",
+                        &format!("{configs}/gateway.toml"),
+                    )
+            })
+            .collect();
+        let env = BTreeMap::from([("PAIRDB_GATEWAY_AUTH_SECRET".to_owned(), "x".to_owned())]);
+        check_config(&args, &env);
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "storage, coordinator and gateway units");
+}
