@@ -8,7 +8,9 @@
 //! - `Busy`: another request with the same key is running; wait for its result (poll), bounded
 //!   by the lock TTL after which the lock expires and this request may take over.
 //!
-//! When the idempotency store is down, writes keep being served without it (logged, counted).
+//! When the idempotency store is down, writes keep being served without it (logged, counted),
+//! and for [`BREAKER_OPEN`] after a failure the store is not asked at all, so an outage costs
+//! one command timeout, not one per write.
 
 use std::future::Future;
 use std::time::Duration;
@@ -23,6 +25,26 @@ use super::Coordinator;
 use super::errors::CoordError;
 
 const POLL: Duration = Duration::from_millis(20);
+/// How long writes skip the idempotency store after it failed.
+pub const BREAKER_OPEN: Duration = Duration::from_secs(5);
+
+/// Remembers a failed idempotency store for [`BREAKER_OPEN`].
+#[derive(Default)]
+pub struct Breaker {
+    open_until: parking_lot::Mutex<Option<Instant>>,
+}
+
+impl Breaker {
+    fn is_open(&self) -> bool {
+        self.open_until
+            .lock()
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn trip(&self) {
+        *self.open_until.lock() = Some(Instant::now() + BREAKER_OPEN);
+    }
+}
 
 /// The fingerprint of a write request: what must match for a retry to be "the same request".
 pub fn fingerprint(value: &[u8]) -> String {
@@ -43,6 +65,10 @@ impl Coordinator {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<WriteKeyValueResponse, CoordError>>,
     {
+        if self.idempotency_breaker.is_open() {
+            metrics::counter!("pairdb_idempotency_skipped_total").increment(1);
+            return write().await;
+        }
         let store_key = store_key(tenant, key, idempotency_key);
         let give_up = Instant::now() + LOCK_TTL + Duration::from_secs(5);
         loop {
@@ -71,6 +97,7 @@ impl Coordinator {
                 Err(e) => {
                     tracing::warn!(error = %e, "idempotency store unavailable; writing without it");
                     metrics::counter!("pairdb_idempotency_store_errors_total").increment(1);
+                    self.idempotency_breaker.trip();
                     return write().await;
                 }
             }
@@ -91,6 +118,7 @@ impl Coordinator {
         if let Err(e) = outcome {
             tracing::warn!(error = %e, "idempotency store unavailable after the write");
             metrics::counter!("pairdb_idempotency_store_errors_total").increment(1);
+            self.idempotency_breaker.trip();
         }
         result
     }

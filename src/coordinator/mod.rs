@@ -64,6 +64,7 @@ pub struct Coordinator {
     pub options: Options,
     pub meta: Arc<dyn MetadataStore>,
     pub idempotency: Arc<dyn IdempotencyStore>,
+    pub idempotency_breaker: idempotent::Breaker,
     pub tenants: TenantCache,
     pub clock: CoordinatorClock,
     pub pool: Arc<StoragePool>,

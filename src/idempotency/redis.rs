@@ -8,6 +8,9 @@ use fred::types::{Expiration, SetOptions};
 
 use super::{Claim, IdemError, IdempotencyStore, StoredResponse, decode, encode};
 
+/// Longest wait for one Redis command.
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+
 pub struct RedisIdempotencyStore {
     client: Client,
 }
@@ -28,8 +31,11 @@ impl RedisIdempotencyStore {
     /// Connects to `redis://...` (fails if Redis does not answer).
     pub async fn connect(url: &str) -> Result<RedisIdempotencyStore, IdemError> {
         let config = Config::from_url(url).map_err(unavailable)?;
+        // Every command gives up after COMMAND_TIMEOUT, so a dead Redis costs writes a second at
+        // most (they go on without idempotency) instead of hanging while fred reconnects.
         let client = Builder::from_config(config)
             .with_connection_config(|c| c.connection_timeout = Duration::from_secs(2))
+            .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
             .build()
             .map_err(unavailable)?;
         client.init().await.map_err(unavailable)?;

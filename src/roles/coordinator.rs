@@ -151,6 +151,7 @@ pub async fn start(
         tenants: TenantCache::new(meta.clone(), Duration::from_secs(cfg.tenant_cache_ttl_s)),
         meta,
         idempotency,
+        idempotency_breaker: Default::default(),
         clock,
         pool,
         ring,
