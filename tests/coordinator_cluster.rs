@@ -778,3 +778,42 @@ async fn idempotent_retries_write_once() {
         generated.idempotency_key
     );
 }
+
+/// A hung replica (SIGSTOP, not dead: connections open, no answers) neither fails nor stalls
+/// quorum reads and writes: reads retry on the other replicas, writes need only two acks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_replica_does_not_fail_quorum_requests() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    for i in 0..20 {
+        put(&mut c, "acme", &format!("k{i}"), "\"v\"", Consistency::All)
+            .await
+            .expect("write");
+    }
+    storage[2].pause();
+    for i in 0..20 {
+        let key = format!("k{i}");
+        assert_eq!(
+            get(&mut c, "acme", &key, Consistency::Quorum)
+                .await
+                .expect("quorum read with a hung replica"),
+            "\"v\""
+        );
+        put(&mut c, "acme", &key, "\"w\"", Consistency::Quorum)
+            .await
+            .expect("quorum write with a hung replica");
+    }
+    storage[2].resume();
+}

@@ -2,7 +2,7 @@
 //! bootstrapping pending owners, minus nodes gossip reports down.
 //!
 //! - ONE and QUORUM ask the `required` least-loaded authoritative replicas first and, only if
-//!   those cannot answer, every read replica (Cassandra's way). A `read_repair_chance` share of QUORUM reads (10% by
+//!   those cannot answer within 100 ms, every read replica (Cassandra's speculative retry). A `read_repair_chance` share of QUORUM reads (10% by
 //!   default, spread evenly) asks every read replica at once, so read repair also reaches the
 //!   replicas a quorum did not need.
 //! - ALL (and QUORUM when `required` is every authoritative replica) asks every read replica.
@@ -27,6 +27,10 @@ use super::replicas::{self, ReplicaError};
 use super::write::failures;
 
 type ReadResult = ReplicaResult<NodeId, Option<pb::Record>, ReplicaError>;
+
+/// When the first replicas asked have not answered by then, ask every read replica
+/// (Cassandra's speculative retry): a hung replica costs a read this much, not a failure.
+const SPECULATE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Coordinator {
     /// The winning stored record of a key (tombstones included), or `None` if no replica that
@@ -71,12 +75,19 @@ impl Coordinator {
         let ask_all = consistency != Consistency::One
             && (required >= authoritative || self.sample_read_repair());
         let run = if !ask_all && replicas.len() > required {
-            // First the `required` best replicas; if they cannot make it (one is dead or
-            // slow), everyone at once: the retry may read a replica twice, which is cheaper
-            // than counting the first round's late answers and always correct.
+            // First the `required` best replicas; if they cannot make it within
+            // SPECULATE_AFTER (one is dead, hung or slow), everyone at once until the request
+            // deadline: the retry may read a replica twice, which is cheaper than counting the
+            // first round's late answers and always correct.
             self.order_by_load(&mut replicas);
             let first: Vec<_> = replicas[..required].to_vec();
-            let run = quorum::run(first.into_iter().map(call).collect(), required, deadline).await;
+            let speculate_at = (Instant::now() + SPECULATE_AFTER).min(deadline);
+            let run = quorum::run(
+                first.into_iter().map(call).collect(),
+                required,
+                speculate_at,
+            )
+            .await;
             if run.reached() {
                 run
             } else {
