@@ -2,7 +2,8 @@
 //! requests spread round-robin, and failover: when a coordinator cannot be reached (a transport
 //! failure, which carries no pairdb `ErrorDetail`, so the request never ran there) the same
 //! request goes to the next one. A coordinator's own answers, errors included, are final.
-//! A coordinator that failed is skipped for a second before it is tried again.
+//! A coordinator that failed, or timed out (that request is answered 503, not retried: it may
+//! have run), is tried last for a second.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,7 +84,14 @@ impl Coordinators {
                     *member.failed_at.lock() = Some(Instant::now());
                     last = status;
                 }
-                Err(status) => return Err(status),
+                Err(status) => {
+                    if status.code() == tonic::Code::DeadlineExceeded {
+                        // A coordinator that hangs is tried last for a while, but this request
+                        // may have run there, so it is not sent again.
+                        *member.failed_at.lock() = Some(Instant::now());
+                    }
+                    return Err(status);
+                }
             }
         }
         Err(last)
