@@ -51,6 +51,129 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Read and write keys through a gateway's HTTP API.
+    Kv {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: KvCommand,
+    },
+    /// Tenants, storage nodes and migrations through a gateway's HTTP API.
+    Admin {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Load generator against a gateway: throughput and latency percentiles.
+    Bench(BenchArgs),
+}
+
+/// Where the tools send requests.
+#[derive(Debug, Args, Clone)]
+pub struct Connection {
+    /// Gateway base URL.
+    #[arg(
+        long,
+        env = "PAIRDB_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    /// Tenant, sent as X-Tenant-ID (gateways with auth none).
+    #[arg(long, env = "PAIRDB_TENANT", global = true)]
+    pub tenant: Option<String>,
+    /// Bearer token (gateways with auth token; mint one with `pairdb token issue`).
+    #[arg(long, env = "PAIRDB_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KvCommand {
+    /// Write a value (JSON if it parses as JSON, else a string).
+    Put {
+        key: String,
+        value: String,
+        #[arg(long)]
+        consistency: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Read a key.
+    Get {
+        key: String,
+        #[arg(long)]
+        consistency: Option<String>,
+    },
+    /// Delete a key.
+    Delete {
+        key: String,
+        #[arg(long)]
+        consistency: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Tenants: create, get, set-rf.
+    #[command(subcommand)]
+    Tenants(TenantCommand),
+    /// List the storage nodes.
+    Nodes,
+    /// A migration's status.
+    Migration { migration_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    Create {
+        tenant_id: String,
+        #[arg(long = "rf")]
+        replication_factor: Option<u32>,
+    },
+    Get {
+        tenant_id: String,
+    },
+    /// Change the replication factor.
+    SetRf {
+        tenant_id: String,
+        replication_factor: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    Writes,
+    Reads,
+    Mixed,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[arg(long, value_enum, default_value = "writes")]
+    pub workload: Workload,
+    /// Distinct keys (k0..k{N-1}).
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: u64,
+    /// Bytes of each value (a JSON string of that many characters).
+    #[arg(long, default_value_t = 100)]
+    pub value_size: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub concurrency: u32,
+    /// How long to run, e.g. 10s, 1m.
+    #[arg(long, default_value = "10s")]
+    pub duration: String,
+    #[arg(long, default_value = "quorum")]
+    pub consistency: String,
+    /// Do not write every key once before a reads or mixed run.
+    #[arg(long)]
+    pub no_preload: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

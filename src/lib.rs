@@ -19,4 +19,5 @@ pub mod roles;
 pub mod rpc;
 pub mod shutdown;
 pub mod storage;
+pub mod tools;
 pub mod vclock;

@@ -38,6 +38,11 @@ fn main() -> ExitCode {
     {
         return issue_token(&cli, args);
     }
+    if let Some(command @ (Command::Kv { .. } | Command::Admin { .. } | Command::Bench(_))) =
+        &cli.command
+    {
+        return runtime.block_on(run_tool(command));
+    }
     if let Some(Command::Dev(args)) = cli.command {
         init_tracing(LogFormat::Human, "info");
         return match runtime.block_on(pairdb::roles::run_dev(args)) {
@@ -122,6 +127,54 @@ fn issue_token(cli: &Cli, args: &TokenIssueArgs) -> ExitCode {
         Err(e) => {
             eprintln!("pairdb: {e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `pairdb kv|admin|bench`: exit 0 on success, 1 on an error answer or failure.
+async fn run_tool(command: &Command) -> ExitCode {
+    use pairdb::tools::{bench, client};
+    let answer = match command {
+        Command::Kv { conn, command } => client::kv(conn, command).await,
+        Command::Admin { conn, command } => client::admin(conn, command).await,
+        Command::Bench(args) => {
+            return match bench::run(args).await {
+                Ok(report) if args.json => match serde_json::to_string(&report) {
+                    Ok(json) => {
+                        println!("{json}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("pairdb: {e}");
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                },
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pairdb: bench: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+        _ => return ExitCode::from(EXIT_FAILURE),
+    };
+    match answer {
+        Ok(a) => {
+            let text = serde_json::to_string_pretty(&a.body).unwrap_or_default();
+            if a.ok {
+                println!("{text}");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{text}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => {
+            eprintln!("pairdb: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

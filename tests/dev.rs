@@ -4,25 +4,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-
-/// A port P with P+1..=P+4 free too (the dev cluster's storage nodes and coordinator).
-fn free_port_block() -> u16 {
-    for _ in 0..200 {
-        let p = common::free_tcp_port();
-        if p > 60000 {
-            continue;
-        }
-        if (0..=4).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            return p;
-        }
-    }
-    panic!("no block of 5 free ports");
-}
 
 /// Starts `pairdb dev` and returns it once it printed its banner (the URL).
 fn start(dir: &std::path::Path, port: u16) -> (Child, String) {
@@ -70,7 +55,7 @@ fn sigterm(child: &mut Child) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_cluster_serves_the_api_and_keeps_data_across_restarts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port_block();
+    let port = common::free_port_block();
     let url = format!("http://127.0.0.1:{port}");
     let (mut child, banner) = start(dir.path(), port);
     assert!(banner.contains(&url), "{banner}");

@@ -1,6 +1,7 @@
 //! `pairdb dev`: a whole cluster in one process for development: `--storage-nodes` storage
 //! nodes, one coordinator and one gateway, embedded metadata (SQLite under `--data-dir`) and
-//! in-process idempotency, auth `none`, every commit log fsync'd as in production.
+//! in-process idempotency, auth `none`, rate limits of a million requests per tenant per
+//! minute, every commit log fsync'd as in production.
 //!
 //! Ports: the gateway on `--http` (P); storage node i on P+i (i = 1..=n); the coordinator on
 //! P+n+1; their health/metrics HTTP listeners on free ports. Data lives in `--data-dir`
@@ -20,6 +21,9 @@ use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
 
 use super::{coordinator, gateway, storage};
+
+/// Requests per tenant per minute in `pairdb dev`.
+const DEV_RATE_LIMIT: u32 = 1_000_000;
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let shutdown = crate::shutdown::on_signal()?;
@@ -65,6 +69,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     config.coordinator.storage_nodes = nodes.clone();
     config.gateway.coordinators = vec![at(n + 1).to_string()];
     config.gateway.auth.mode = AuthMode::None;
+    // Development: rate limits out of the way (so `pairdb bench` measures the cluster).
+    config.gateway.write_rate_limit = DEV_RATE_LIMIT;
+    config.gateway.read_rate_limit = DEV_RATE_LIMIT;
 
     let mut tasks = tokio::task::JoinSet::new();
     for (i, node) in nodes.iter().enumerate() {

@@ -173,3 +173,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_end(&mut buf).await.expect("read");
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// A port P with P+1..=P+4 free too (the dev cluster's storage nodes and coordinator).
+pub fn free_port_block() -> u16 {
+    for _ in 0..200 {
+        let p = free_tcp_port();
+        if p > 60000 {
+            continue;
+        }
+        if (0..=4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    }
+    panic!("no block of 5 free ports");
+}

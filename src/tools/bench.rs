@@ -1,0 +1,268 @@
+//! `pairdb bench`: a load generator against a gateway URL. `--concurrency` workers each keep one
+//! request in flight for `--duration` (writes, reads or an even mix over `--keys` keys with
+//! `--value-size`-byte string values at `--consistency`); reads first write every key once
+//! (`--no-preload` skips that). Latencies go into HDR histograms (one per worker, merged), a
+//! progress bar shows the running rate, and the end prints throughput and p50/p90/p99/p99.9,
+//! or one JSON object with `--json`.
+//!
+//! The request shapes are those of `../shared/bench/wrk/pairdb_*.lua`, so its numbers can be
+//! compared with wrk's.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::cli::{BenchArgs, Connection, Workload};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub workload: String,
+    pub consistency: String,
+    pub concurrency: u32,
+    pub seconds: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub requests_per_second: f64,
+    pub latency_ms: BTreeMap<String, f64>,
+    /// Answers by HTTP status (0 = no answer).
+    pub statuses: BTreeMap<u16, u64>,
+}
+
+struct Worker {
+    histogram: Histogram<u64>,
+    statuses: BTreeMap<u16, u64>,
+}
+
+/// xorshift64*: cheap per-worker key choice; quality is irrelevant here.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+fn client(conn: &Connection, concurrency: u32) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = &conn.tenant {
+        headers.insert("X-Tenant-ID", t.parse().context("--tenant")?);
+    }
+    if let Some(t) = &conn.token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {t}").parse().context("--token")?,
+        );
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .pool_max_idle_per_host(concurrency as usize)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+/// One request; returns the HTTP status (0 when there was no answer).
+async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    write: bool,
+    key: u64,
+    value: &str,
+    consistency: &str,
+) -> u16 {
+    let request = if write {
+        client
+            .post(format!("{url}/v1/key-value"))
+            .header("Content-Type", "application/json")
+            .body(format!(
+                r#"{{"key":"k{key}","value":"{value}","consistency":"{consistency}"}}"#
+            ))
+    } else {
+        client.get(format!(
+            "{url}/v1/key-value?key=k{key}&consistency={consistency}"
+        ))
+    };
+    match request.send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            // Read the body so the connection goes back to the pool.
+            let _ = r.bytes().await;
+            status
+        }
+        Err(_) => 0,
+    }
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    let duration = humantime::parse_duration(&args.duration)
+        .with_context(|| format!("--duration {:?}", args.duration))?;
+    let url = args.conn.url.trim_end_matches('/').to_owned();
+    let client = client(&args.conn, args.concurrency)?;
+    let value: Arc<str> = "x".repeat(args.value_size).into();
+    let consistency: Arc<str> = args.consistency.clone().into();
+    let keys = args.keys.max(1);
+
+    let preload = !args.no_preload && args.workload != Workload::Writes;
+    if preload {
+        let next_key = Arc::new(AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..args.concurrency {
+            let (client, url, value, consistency, next_key) = (
+                client.clone(),
+                url.clone(),
+                value.clone(),
+                consistency.clone(),
+                next_key.clone(),
+            );
+            tasks.spawn(async move {
+                loop {
+                    let key = next_key.fetch_add(1, Ordering::Relaxed);
+                    if key >= keys {
+                        return Ok(());
+                    }
+                    let status = one(&client, &url, true, key, &value, &consistency).await;
+                    if status != 200 {
+                        anyhow::bail!("preload of k{key} answered {status}");
+                    }
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+    }
+
+    let done = Arc::new(AtomicU64::new(0));
+    let progress = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(duration.as_secs().max(1))
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..args.concurrency {
+        let (client, url, value, consistency, done) = (
+            client.clone(),
+            url.clone(),
+            value.clone(),
+            consistency.clone(),
+            done.clone(),
+        );
+        let workload = args.workload;
+        tasks.spawn(async move {
+            let mut w = Worker {
+                histogram: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                    .map_err(|e| anyhow::anyhow!("histogram: {e}"))?,
+                statuses: BTreeMap::new(),
+            };
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64
+                ^ (u64::from(worker) + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+            while Instant::now() < deadline {
+                let r = next(&mut rng);
+                let write = match workload {
+                    Workload::Writes => true,
+                    Workload::Reads => false,
+                    Workload::Mixed => r & 1 == 0,
+                };
+                let sent = Instant::now();
+                let status = one(&client, &url, write, (r >> 1) % keys, &value, &consistency).await;
+                let micros = sent.elapsed().as_micros().max(1) as u64;
+                w.histogram.saturating_record(micros);
+                *w.statuses.entry(status).or_insert(0) += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<Worker, anyhow::Error>(w)
+        });
+    }
+    let ticker = {
+        let (progress, done) = (progress.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                let n = done.load(Ordering::Relaxed);
+                progress.set_position(started.elapsed().as_secs());
+                progress.set_message(format!("{n} requests, {:.0}/s", n as f64 / secs));
+            }
+        })
+    };
+
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+    let mut statuses = BTreeMap::new();
+    while let Some(finished) = tasks.join_next().await {
+        let w = finished??;
+        histogram
+            .add(&w.histogram)
+            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+        for (s, n) in w.statuses {
+            *statuses.entry(s).or_insert(0) += n;
+        }
+    }
+    ticker.abort();
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let requests = histogram.len();
+    let errors = statuses
+        .iter()
+        .filter(|(s, _)| **s != 200)
+        .map(|(_, n)| n)
+        .sum();
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let latency_ms = BTreeMap::from([
+        ("p50".to_owned(), ms(0.5)),
+        ("p90".to_owned(), ms(0.9)),
+        ("p99".to_owned(), ms(0.99)),
+        ("p99.9".to_owned(), ms(0.999)),
+        ("max".to_owned(), histogram.max() as f64 / 1000.0),
+    ]);
+    Ok(Report {
+        workload: format!("{:?}", args.workload).to_lowercase(),
+        consistency: args.consistency.clone(),
+        concurrency: args.concurrency,
+        seconds,
+        requests,
+        errors,
+        requests_per_second: requests as f64 / seconds.max(0.001),
+        latency_ms,
+        statuses,
+    })
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} at {}, {} workers, {:.1} s: {} requests, {:.0}/s, {} errors",
+            self.workload,
+            self.consistency,
+            self.concurrency,
+            self.seconds,
+            self.requests,
+            self.requests_per_second,
+            self.errors
+        )?;
+        let l = &self.latency_ms;
+        let get = |k: &str| l.get(k).copied().unwrap_or(0.0);
+        writeln!(
+            f,
+            "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            get("p50"),
+            get("p90"),
+            get("p99"),
+            get("p99.9"),
+            get("max")
+        )?;
+        write!(f, "statuses: {:?}", self.statuses)
+    }
+}

@@ -1,0 +1,142 @@
+//! `pairdb kv put|get|delete` and `pairdb admin tenants|nodes|migrations`: one HTTP call each,
+//! the JSON answer printed on stdout (exit 0) or the error body on stderr (exit 1).
+//!
+//! Connection: `--url` (PAIRDB_URL, default http://127.0.0.1:8080), `--tenant` (PAIRDB_TENANT,
+//! sent as `X-Tenant-ID` for gateways with auth none), `--token` (PAIRDB_TOKEN, sent as a bearer
+//! token). A `kv put` value that parses as JSON is sent as that JSON; anything else is sent as a
+//! JSON string, so `pairdb kv put greeting hello` stores "hello".
+
+use anyhow::Context;
+use reqwest::{Method, RequestBuilder};
+use serde_json::{Value, json};
+
+use crate::cli::{AdminCommand, Connection, KvCommand, TenantCommand};
+
+/// What a command got back.
+pub struct Answer {
+    pub ok: bool,
+    pub body: Value,
+}
+
+fn request(conn: &Connection, method: Method, path: &str) -> RequestBuilder {
+    let url = format!("{}{path}", conn.url.trim_end_matches('/'));
+    let mut r = reqwest::Client::new().request(method, url);
+    if let Some(t) = &conn.tenant {
+        r = r.header("X-Tenant-ID", t);
+    }
+    if let Some(t) = &conn.token {
+        r = r.bearer_auth(t);
+    }
+    r
+}
+
+async fn send(r: RequestBuilder) -> anyhow::Result<Answer> {
+    let response = r.send().await.context("cannot reach the gateway")?;
+    let ok = response.status().is_success();
+    let status = response.status();
+    let text = response.text().await.context("reading the answer")?;
+    let body = serde_json::from_str(&text).unwrap_or_else(
+        |_| json!({"status": "error", "http_status": status.as_u16(), "body": text}),
+    );
+    Ok(Answer { ok, body })
+}
+
+/// A value from the command line: JSON if it parses, else a JSON string.
+pub fn parse_value(raw: &str) -> Value {
+    serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()))
+}
+
+fn query(key: &str) -> String {
+    url_encode(key)
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+pub async fn kv(conn: &Connection, command: &KvCommand) -> anyhow::Result<Answer> {
+    match command {
+        KvCommand::Put {
+            key,
+            value,
+            consistency,
+            idempotency_key,
+        } => {
+            let mut body = json!({"key": key, "value": parse_value(value)});
+            if let Some(c) = consistency {
+                body["consistency"] = json!(c);
+            }
+            let mut r = request(conn, Method::POST, "/v1/key-value").json(&body);
+            if let Some(k) = idempotency_key {
+                r = r.header("Idempotency-Key", k);
+            }
+            send(r).await
+        }
+        KvCommand::Get { key, consistency } => {
+            let mut path = format!("/v1/key-value?key={}", query(key));
+            if let Some(c) = consistency {
+                path.push_str(&format!("&consistency={}", query(c)));
+            }
+            send(request(conn, Method::GET, &path)).await
+        }
+        KvCommand::Delete { key, consistency } => {
+            let mut body = json!({"key": key});
+            if let Some(c) = consistency {
+                body["consistency"] = json!(c);
+            }
+            send(request(conn, Method::DELETE, "/v1/key-value").json(&body)).await
+        }
+    }
+}
+
+pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<Answer> {
+    match command {
+        AdminCommand::Nodes => send(request(conn, Method::GET, "/v1/admin/storage-nodes")).await,
+        AdminCommand::Migration { migration_id } => {
+            let path = format!("/v1/admin/migrations/{}", url_encode(migration_id));
+            send(request(conn, Method::GET, &path)).await
+        }
+        AdminCommand::Tenants(TenantCommand::Create {
+            tenant_id,
+            replication_factor,
+        }) => {
+            let mut body = json!({"tenant_id": tenant_id});
+            if let Some(rf) = replication_factor {
+                body["replication_factor"] = json!(rf);
+            }
+            send(request(conn, Method::POST, "/v1/tenants").json(&body)).await
+        }
+        AdminCommand::Tenants(TenantCommand::Get { tenant_id }) => {
+            let path = format!("/v1/tenants/{}", url_encode(tenant_id));
+            send(request(conn, Method::GET, &path)).await
+        }
+        AdminCommand::Tenants(TenantCommand::SetRf {
+            tenant_id,
+            replication_factor,
+        }) => {
+            let path = format!("/v1/tenants/{}/replication-factor", url_encode(tenant_id));
+            let body = json!({"replication_factor": replication_factor});
+            send(request(conn, Method::PUT, &path).json(&body)).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_json_when_they_parse() {
+        assert_eq!(parse_value("hello"), json!("hello"));
+        assert_eq!(parse_value("{\"a\":1}"), json!({"a": 1}));
+        assert_eq!(parse_value("12"), json!(12));
+        assert_eq!(url_encode("user:1 x/y"), "user%3A1%20x%2Fy");
+    }
+}

@@ -1,0 +1,6 @@
+//! Command-line tools for users of a running cluster (OPERATIONS.md, "Tools for users"): a
+//! small client of the HTTP API (`pairdb kv`, `pairdb admin`) and a load generator
+//! (`pairdb bench`). They talk to a gateway like any other client.
+
+pub mod bench;
+pub mod client;

@@ -1,0 +1,120 @@
+//! `pairdb kv`, `pairdb admin` and `pairdb bench` against a running `pairdb dev`.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+struct Dev(Child);
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pairdb(url: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pairdb"));
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PAIRDB_")) {
+        cmd.env_remove(key);
+    }
+    cmd.args(args)
+        .env("PAIRDB_URL", url)
+        .env("PAIRDB_TENANT", "demo")
+        .output()
+        .expect("run pairdb")
+}
+
+fn json_out(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+#[test]
+fn kv_admin_and_bench_work_against_a_dev_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = common::free_port_block();
+    let url = format!("http://127.0.0.1:{port}");
+    let _dev = Dev(Command::new(env!("CARGO_BIN_EXE_pairdb"))
+        .args([
+            "dev",
+            &format!("--data-dir={}", dir.path().display()),
+            &format!("--http=127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pairdb dev"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = pairdb(&url, &["admin", "tenants", "create", "demo", "--rf", "3"]);
+        if out.status.success() {
+            assert_eq!(json_out(&out)["replication_factor"], 3);
+            break;
+        }
+        assert!(Instant::now() < deadline, "dev cluster never answered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let put = json_out(&pairdb(&url, &["kv", "put", "greeting", "hello"]));
+    assert_eq!(put["status"], "success");
+    assert_eq!(
+        json_out(&pairdb(&url, &["kv", "get", "greeting"]))["value"],
+        "hello"
+    );
+    json_out(&pairdb(
+        &url,
+        &["kv", "put", "doc", r#"{"a":[1,2]}"#, "--consistency", "all"],
+    ));
+    assert_eq!(
+        json_out(&pairdb(&url, &["kv", "get", "doc"]))["value"],
+        json!({"a": [1, 2]})
+    );
+    json_out(&pairdb(&url, &["kv", "delete", "greeting"]));
+    let missing = pairdb(&url, &["kv", "get", "greeting"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("KEY_NOT_FOUND"));
+    let nodes = json_out(&pairdb(&url, &["admin", "nodes"]));
+    assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        json_out(&pairdb(&url, &["admin", "tenants", "get", "demo"]))["tenant_id"],
+        "demo"
+    );
+
+    let report = json_out(&pairdb(
+        &url,
+        &[
+            "bench",
+            "--workload",
+            "mixed",
+            "--keys",
+            "200",
+            "--concurrency",
+            "4",
+            "--duration",
+            "2s",
+            "--json",
+        ],
+    ));
+    assert!(
+        report["requests"].as_u64().is_some_and(|n| n > 0),
+        "{report}"
+    );
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(
+        report["latency_ms"]["p99"]
+            .as_f64()
+            .is_some_and(|p| p > 0.0),
+        "{report}"
+    );
+    let unreachable = pairdb("http://127.0.0.1:1", &["kv", "get", "x"]);
+    assert_eq!(unreachable.status.code(), Some(1));
+}
