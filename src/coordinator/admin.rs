@@ -1,8 +1,10 @@
 //! Tenant administration and the storage-node list (API.md, "Tenants" and "Storage nodes").
 //!
-//! Decisions: RF 0 in a request means the default (3); valid RFs are 1..=10. A replication
-//! factor change updates the tenant at once; new replicas fill through read repair and hints
-//! until range streaming for RF changes lands (documented in docs/coordinator.md). Node list
+//! Decisions: RF 0 in a request means the default (3); valid RFs are 1..=10. Lowering a
+//! replication factor takes effect at once (the remaining replicas are a prefix of the old
+//! ones, so they hold every key). Raising it is refused (UNIMPLEMENTED) until existing keys can
+//! be streamed to the new replicas: without that, a quorum of new, empty replicas would answer
+//! "not found" for keys that exist. Node list
 //! entries combine the registry (state, address, vnodes) with gossip (down) and each node's
 //! HealthCheck (key estimate, disk %), asked in parallel with a short timeout.
 
@@ -18,6 +20,9 @@ use super::Coordinator;
 use super::errors::CoordError;
 
 pub const DEFAULT_RF: u32 = 3;
+const RF_RAISE_LATER: &str = "raising a replication factor needs existing keys streamed to their \
+     new replicas, which is not built yet (reads would miss keys the new replicas lack); lowering \
+     it works";
 pub const MAX_RF: u32 = 10;
 const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -77,6 +82,14 @@ impl Coordinator {
         check_tenant_id(tenant_id)?;
         if !(1..=MAX_RF).contains(&rf) {
             return Err(CoordError::InvalidReplicationFactor(rf));
+        }
+        let current = self
+            .meta
+            .get_tenant(tenant_id)
+            .await?
+            .ok_or_else(|| CoordError::TenantNotFound(tenant_id.to_owned()))?;
+        if rf > current.replication_factor {
+            return Err(CoordError::NotImplemented(RF_RAISE_LATER));
         }
         let before = self
             .meta
