@@ -489,7 +489,8 @@ pub fn default_http_listen(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(listen.ip(), port)
 }
 
-fn valid_node_id(id: &str) -> bool {
+/// A node id: 1..=128 letters, digits, '-', '_' or '.'.
+pub fn valid_node_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id

@@ -21,3 +21,4 @@ pub mod shutdown;
 pub mod storage;
 pub mod tools;
 pub mod vclock;
+pub mod wallclock;

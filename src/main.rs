@@ -107,7 +107,7 @@ fn issue_token(cli: &Cli, args: &TokenIssueArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(e) = pairdb::gateway::auth::check_tenant(&args.tenant) {
+    if let Err(e) = pairdb::engine::validate_tenant(&args.tenant) {
         eprintln!("pairdb: --tenant: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }

@@ -22,6 +22,9 @@ pub mod pb {
     }
 }
 
+/// Largest gRPC message between pairdb processes: a 10 MiB value plus its record, or a batch.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
 pub use pb::common::v1 as common;
 pub use pb::coordinator::v1 as coordinator;
 pub use pb::storage::v1 as storage;

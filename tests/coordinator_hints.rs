@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{StorageNode, free_tcp_port};
-use pairdb::coordinator::hints::{ReplayLimits, now_ms, replay_round};
+use pairdb::coordinator::hints::{ReplayLimits, replay_round};
 use pairdb::coordinator::membership::Membership;
 use pairdb::coordinator::ring_view::RingView;
 use pairdb::coordinator::storage_pool::StoragePool;
@@ -17,12 +17,13 @@ use pairdb::meta::{Hint, MetadataStore, NodeRecord, SqlMetadataStore};
 use pairdb::ring::NodeState;
 use pairdb::rpc::storage as pb;
 use pairdb::vclock::{VectorClock, Version, physical_counter};
+use pairdb::wallclock::now_ms;
 use prost::Message;
 
 fn hint(target: &str, key: &str, created_at_ms: i64, attempts: u32) -> Hint {
     let version = Version::new(VectorClock::from_entries([(
         "c1",
-        physical_counter(now_ms() as u64),
+        physical_counter(now_ms()),
     )]));
     let record = pb::Record {
         tenant_id: "acme".into(),
@@ -68,7 +69,7 @@ async fn replay_delivers_live_hints_and_drops_expired_ones() {
         .await
         .expect("add");
 
-    let now = now_ms();
+    let now = now_ms() as i64;
     let hour = 3_600_000;
     store
         .store_hints(&[

@@ -8,10 +8,10 @@
 //! entries combine the registry (state, address, vnodes) with gossip (down) and each node's
 //! HealthCheck (key estimate, disk %), asked in parallel with a short timeout.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use crate::engine::validate_tenant;
-use crate::meta::{MetaError, Tenant};
+use crate::meta::{MetaError, NodeRecord, Tenant};
 use crate::ring::NodeState;
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
@@ -106,9 +106,7 @@ impl Coordinator {
                 self.tenants.put(t);
                 updated
             }
-            _ => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            _ => crate::wallclock::now_ms() as i64,
         };
         Ok(pb::UpdateReplicationFactorResponse {
             tenant_id: tenant_id.to_owned(),
@@ -119,9 +117,9 @@ impl Coordinator {
         })
     }
 
-    /// Every node of this coordinator's ring (the registry as last read) with its state, key
-    /// estimate and disk use.
-    pub async fn list_nodes(&self) -> Result<pb::ListStorageNodesResponse, CoordError> {
+    /// Every node of this coordinator's ring (the registry as last read) with its HealthCheck
+    /// answer, asked in parallel (`None`: no answer within the timeout).
+    pub async fn node_health(&self) -> Vec<(NodeRecord, Option<spb::HealthCheckResponse>)> {
         let nodes = self.ring.snapshot().nodes.clone();
         let checks = nodes.iter().map(|n| {
             let address = format!("{}:{}", n.host, n.port);
@@ -136,9 +134,15 @@ impl Coordinator {
             }
         });
         let health = futures::future::join_all(checks).await;
-        let nodes = nodes
+        nodes.into_iter().zip(health).collect()
+    }
+
+    /// Every node of this coordinator's ring with its state, key estimate and disk use.
+    pub async fn list_nodes(&self) -> Result<pb::ListStorageNodesResponse, CoordError> {
+        let nodes = self
+            .node_health()
+            .await
             .into_iter()
-            .zip(health)
             .map(|(n, health)| {
                 let unreachable = health.is_none() || self.ring.is_down(&n.node_id);
                 let state = match n.state {

@@ -3,7 +3,6 @@
 //! before. The mark is reserved a minute ahead, so the store is written about once a minute.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Mutex;
 
@@ -14,12 +13,6 @@ pub struct CoordinatorClock {
     id: String,
     store: Arc<dyn MetadataStore>,
     clock: Mutex<HybridClock>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl CoordinatorClock {
@@ -43,7 +36,7 @@ impl CoordinatorClock {
     /// The next counter, above `observed` (the causal context's highest counter). Fails rather
     /// than hand out a counter whose reservation could not be made durable.
     pub async fn next(&self, observed: u64) -> Result<u64, MetaError> {
-        self.next_at(now_ms(), observed).await
+        self.next_at(crate::wallclock::now_ms(), observed).await
     }
 
     /// [`CoordinatorClock::next`] at a given wall time (tests move it backwards).

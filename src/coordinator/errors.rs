@@ -5,7 +5,6 @@
 use prost::Message;
 use tonic::{Code, Status};
 
-use crate::idempotency::IdemError;
 use crate::meta::MetaError;
 use crate::rpc::coordinator::{ErrorCode, ErrorDetail};
 
@@ -114,12 +113,6 @@ impl From<MetaError> for CoordError {
             MetaError::Unavailable(m) => CoordError::Unavailable(format!("metadata store: {m}")),
             other => CoordError::Internal(other.to_string()),
         }
-    }
-}
-
-impl From<IdemError> for CoordError {
-    fn from(e: IdemError) -> Self {
-        CoordError::Unavailable(e.to_string())
     }
 }
 

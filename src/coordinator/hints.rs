@@ -14,7 +14,7 @@
 //! write, never rolls a key back.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::mpsc;
@@ -31,10 +31,8 @@ pub const BATCH: usize = 256;
 /// Hints waiting to be stored; beyond this the write path drops them (and counts them).
 const QUEUE: usize = 100_000;
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+fn now_ms() -> i64 {
+    crate::wallclock::now_ms() as i64
 }
 
 /// Queues hints for durable storage.

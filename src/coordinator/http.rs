@@ -3,18 +3,16 @@
 //! answers a health check), `/metrics` (Prometheus).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
-use crate::rpc::storage as spb;
-
 use super::Coordinator;
 
-const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest wait for the metadata and idempotency stores' answers.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub fn router(core: Arc<Coordinator>) -> Router {
     Router::new()
@@ -56,19 +54,8 @@ pub async fn readiness(core: &Coordinator) -> Result<(), String> {
 }
 
 async fn storage_reachable(core: &Coordinator) -> bool {
-    let snapshot = core.ring.snapshot();
-    let checks = snapshot.nodes.iter().filter_map(|n| {
-        let mut client = core
-            .pool
-            .client(&n.node_id, snapshot.address(&n.node_id)?)
-            .ok()?;
-        Some(async move {
-            let call = client.health_check(spb::HealthCheckRequest {});
-            matches!(tokio::time::timeout(CHECK_TIMEOUT, call).await, Ok(Ok(_)))
-        })
-    });
-    futures::future::join_all(checks)
+    core.node_health()
         .await
-        .into_iter()
-        .any(|ok| ok)
+        .iter()
+        .any(|(_, health)| health.is_some())
 }

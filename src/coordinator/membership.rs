@@ -31,6 +31,15 @@ impl Membership {
         self.down.read().contains(node_id)
     }
 
+    /// Requests per second gossip reports for a node (0 when unknown).
+    pub fn load(&self, node_id: &str) -> f64 {
+        self.members
+            .read()
+            .iter()
+            .find(|m| m.node_id == node_id)
+            .map_or(0.0, |m| m.load)
+    }
+
     pub fn members(&self) -> Vec<pb::MemberHealth> {
         self.members.read().clone()
     }

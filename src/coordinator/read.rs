@@ -43,12 +43,7 @@ impl Coordinator {
         consistency: Consistency,
     ) -> Result<Option<pb::Record>, CoordError> {
         let snapshot = self.ring.snapshot();
-        let plan = self.ring.plan(&snapshot, tenant, key, rf as usize);
-        if plan.natural.is_empty() {
-            return Err(CoordError::Unavailable(
-                "no storage nodes in the ring".to_owned(),
-            ));
-        }
+        let plan = self.ring.plan(&snapshot, tenant, key, rf as usize)?;
         let required = plan.required(consistency);
         let mut replicas: Vec<(NodeId, bool)> = plan
             .read_replicas()
@@ -96,14 +91,12 @@ impl Coordinator {
         } else {
             quorum::run(replicas.into_iter().map(call).collect(), required, deadline).await
         };
-        let (acks, results, stragglers) = (run.acks, run.results, vec![run.stragglers]);
+        let (acks, results, stragglers) = (run.acks, run.results, run.stragglers);
         metrics::histogram!("pairdb_replica_acks", "op" => "read").record(acks as f64);
 
         if acks < required || required == 0 {
             let mut all = results;
-            for s in stragglers {
-                all.extend(s.finish().await);
-            }
+            all.extend(stragglers.finish().await);
             let received = all
                 .iter()
                 .filter(|r| r.authoritative && r.outcome.is_ok())
@@ -118,9 +111,7 @@ impl Coordinator {
         let repairs = self.repairs.clone();
         tokio::spawn(async move {
             let mut all = results;
-            for s in stragglers {
-                all.extend(s.finish().await);
-            }
+            all.extend(stragglers.finish().await);
             let Some(winner) = winner_of(&all) else {
                 return;
             };
@@ -159,15 +150,13 @@ impl Coordinator {
 
     /// Least-loaded first (gossip's requests per second), authoritative before the others.
     fn order_by_load(&self, replicas: &mut [(NodeId, bool)]) {
-        let members = self.ring.membership().members();
-        let load = |id: &NodeId| {
-            members
-                .iter()
-                .find(|m| m.node_id == id.as_str())
-                .map_or(0.0, |m| m.load)
-        };
+        let membership = self.ring.membership();
         replicas.sort_by(|(a, a_auth), (b, b_auth)| {
-            b_auth.cmp(a_auth).then_with(|| load(a).total_cmp(&load(b)))
+            b_auth.cmp(a_auth).then_with(|| {
+                membership
+                    .load(a.as_str())
+                    .total_cmp(&membership.load(b.as_str()))
+            })
         });
     }
 }

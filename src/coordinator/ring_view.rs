@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::meta::{MetaError, MetadataStore, NodeRecord};
 use crate::ring::{NodeId, NodeState, ReplicaPlan, Ring, RingNode, key_position};
 
+use super::errors::CoordError;
 use super::membership::Membership;
 
 /// One registry snapshot: the ring and where each node listens.
@@ -108,15 +109,27 @@ impl RingView {
         });
     }
 
-    /// The replica plan of `(tenant, key)` at replication factor `rf`, with gossip's down marks.
-    pub fn plan(&self, snapshot: &Snapshot, tenant: &str, key: &[u8], rf: usize) -> ReplicaPlan {
+    /// The replica plan of `(tenant, key)` at replication factor `rf`, with gossip's down marks;
+    /// UNAVAILABLE when the ring has no member nodes.
+    pub fn plan(
+        &self,
+        snapshot: &Snapshot,
+        tenant: &str,
+        key: &[u8],
+        rf: usize,
+    ) -> Result<ReplicaPlan, CoordError> {
         let mut plan = snapshot.ring.plan(key_position(tenant, key), rf);
+        if plan.natural.is_empty() {
+            return Err(CoordError::Unavailable(
+                "no storage nodes in the ring".to_owned(),
+            ));
+        }
         for (id, state) in plan.natural.iter_mut().chain(plan.pending.iter_mut()) {
             if *state == NodeState::Active && self.membership.is_down(id.as_str()) {
                 *state = NodeState::Down;
             }
         }
-        plan
+        Ok(plan)
     }
 
     /// Whether gossip reports the node unreachable.

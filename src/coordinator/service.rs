@@ -112,6 +112,17 @@ where
     observe(op, known, tenant, key, started, result)
 }
 
+/// One administration RPC (no key, no consistency), recorded and logged like the others.
+async fn administration<T>(
+    op: &'static str,
+    tenant: &str,
+    call: impl std::future::Future<Output = Result<T, CoordError>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let result = call.await;
+    observe(op, None, tenant, b"", started, result)
+}
+
 impl Coordinator {
     async fn write_key_value(
         &self,
@@ -301,36 +312,35 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         request: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let started = Instant::now();
         let req = request.into_inner();
-        let result = self
+        let call = self
             .core
-            .create_tenant(&req.tenant_id, req.replication_factor)
-            .await;
-        observe("create_tenant", None, &req.tenant_id, b"", started, result)
+            .create_tenant(&req.tenant_id, req.replication_factor);
+        administration("create_tenant", &req.tenant_id, call).await
     }
 
     async fn update_replication_factor(
         &self,
         request: Request<pb::UpdateReplicationFactorRequest>,
     ) -> Result<Response<pb::UpdateReplicationFactorResponse>, Status> {
-        let started = Instant::now();
         let req = request.into_inner();
-        let result = self
+        let call = self
             .core
-            .update_replication_factor(&req.tenant_id, req.replication_factor)
-            .await;
-        observe("update_rf", None, &req.tenant_id, b"", started, result)
+            .update_replication_factor(&req.tenant_id, req.replication_factor);
+        administration("update_rf", &req.tenant_id, call).await
     }
 
     async fn get_tenant(
         &self,
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        let started = Instant::now();
         let req = request.into_inner();
-        let result = self.core.get_tenant(&req.tenant_id).await;
-        observe("get_tenant", None, &req.tenant_id, b"", started, result)
+        administration(
+            "get_tenant",
+            &req.tenant_id,
+            self.core.get_tenant(&req.tenant_id),
+        )
+        .await
     }
 
     async fn add_storage_node(
@@ -369,8 +379,6 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         _request: Request<pb::ListStorageNodesRequest>,
     ) -> Result<Response<pb::ListStorageNodesResponse>, Status> {
-        let started = Instant::now();
-        let result = self.core.list_nodes().await;
-        observe("list_nodes", None, "", b"", started, result)
+        administration("list_nodes", "", self.core.list_nodes()).await
     }
 }

@@ -13,9 +13,6 @@ use crate::rpc::storage::storage_node_client::StorageNodeClient;
 
 use super::batcher::NodeBatcher;
 
-/// Largest message to or from a storage node: a 10 MiB value plus its record.
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-
 type Batchers = HashMap<String, (String, Arc<NodeBatcher>)>;
 
 pub struct StoragePool {
@@ -61,8 +58,8 @@ impl StoragePool {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
         let client = StorageNodeClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
         self.clients
             .write()
             .insert(node_id.to_owned(), (address.to_owned(), client.clone()));

@@ -49,12 +49,7 @@ impl Coordinator {
         consistency: Consistency,
     ) -> Result<Written, CoordError> {
         let snapshot = self.ring.snapshot();
-        let plan = self.ring.plan(&snapshot, tenant, key, rf as usize);
-        if plan.natural.is_empty() {
-            return Err(CoordError::Unavailable(
-                "no storage nodes in the ring".to_owned(),
-            ));
-        }
+        let plan = self.ring.plan(&snapshot, tenant, key, rf as usize)?;
         let required = plan.required(consistency);
         let record = pb::Record {
             tenant_id: tenant.to_owned(),

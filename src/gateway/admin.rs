@@ -11,10 +11,11 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::config::valid_node_id;
 use crate::rpc::common::NodeState;
 use crate::rpc::coordinator as pb;
 
@@ -37,6 +38,20 @@ pub struct RemoveQuery {
     force: bool,
 }
 
+/// 202 with the migration that carries out an accepted node change.
+fn accepted_response(accepted: pb::MigrationAccepted) -> (StatusCode, Json<serde_json::Value>) {
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "status": "accepted",
+            "node_id": accepted.node_id,
+            "migration_id": accepted.migration_id,
+            "message": accepted.message,
+            "estimated_completion": accepted.estimated_completion,
+        })),
+    )
+}
+
 fn invalid_node(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "INVALID_NODE_CONFIG", message)
 }
@@ -51,92 +66,70 @@ fn state_name(state: NodeState) -> &'static str {
     }
 }
 
-fn valid_node_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-pub async fn list_nodes(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    let result = async {
-        gw.require_admin(&headers)?;
-        let list = gw
-            .forward(pb::ListStorageNodesRequest {}, |mut c, r| async move {
-                c.list_storage_nodes(r).await
+pub async fn list_nodes(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let list = gw
+        .forward(pb::ListStorageNodesRequest {}, |mut c, r| async move {
+            c.list_storage_nodes(r).await
+        })
+        .await?;
+    let nodes: Vec<_> = list
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "node_id": n.node_id,
+                "host": n.host,
+                "port": n.port,
+                "status": state_name(n.state()),
+                "virtual_nodes": n.virtual_nodes,
+                "keys_count": n.keys_count,
+                "disk_usage_percent": n.disk_usage_percent,
             })
-            .await?;
-        let nodes: Vec<_> = list
-            .nodes
-            .iter()
-            .map(|n| {
-                json!({
-                    "node_id": n.node_id,
-                    "host": n.host,
-                    "port": n.port,
-                    "status": state_name(n.state()),
-                    "virtual_nodes": n.virtual_nodes,
-                    "keys_count": n.keys_count,
-                    "disk_usage_percent": n.disk_usage_percent,
-                })
-            })
-            .collect();
-        Ok::<_, ApiError>(Json(json!({"status": "success", "nodes": nodes})))
-    }
-    .await;
-    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+        })
+        .collect();
+    Ok(Json(json!({"status": "success", "nodes": nodes})))
 }
 
 pub async fn add_node(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
-) -> Response {
-    let result = async {
-        gw.require_admin(&headers)?;
-        let bytes = body::bytes(raw)?;
-        let b: AddNodeBody = serde_json::from_slice(&bytes)
-            .map_err(|e| invalid_node(format!("node config: {e}")))?;
-        if !valid_node_id(&b.node_id) {
-            return Err(invalid_node(
-                "node_id must be 1..=128 letters, digits, '-', '_' or '.'",
-            ));
-        }
-        if b.host.is_empty() || b.host.len() > 253 || b.host.contains(['/', ' ', '@']) {
-            return Err(invalid_node("host must be a host name or IP address"));
-        }
-        if !(1..=65535).contains(&b.port) {
-            return Err(invalid_node("port must be 1..=65535"));
-        }
-        let vnodes = b.virtual_nodes.unwrap_or(150);
-        if !(1..=4096).contains(&vnodes) {
-            return Err(invalid_node("virtual_nodes must be 1..=4096"));
-        }
-        let accepted = gw
-            .forward(
-                pb::AddStorageNodeRequest {
-                    node_id: b.node_id.clone(),
-                    host: b.host.clone(),
-                    port: b.port,
-                    virtual_nodes: vnodes,
-                },
-                |mut c, r| async move { c.add_storage_node(r).await },
-            )
-            .await?;
-        Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({
-                "status": "accepted",
-                "node_id": accepted.node_id,
-                "migration_id": accepted.migration_id,
-                "message": accepted.message,
-                "estimated_completion": accepted.estimated_completion,
-            })),
-        ))
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let bytes = body::bytes(raw)?;
+    let b: AddNodeBody =
+        serde_json::from_slice(&bytes).map_err(|e| invalid_node(format!("node config: {e}")))?;
+    if !valid_node_id(&b.node_id) {
+        return Err(invalid_node(
+            "node_id must be 1..=128 letters, digits, '-', '_' or '.'",
+        ));
     }
-    .await;
-    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+    if b.host.is_empty() || b.host.len() > 253 || b.host.contains(['/', ' ', '@']) {
+        return Err(invalid_node("host must be a host name or IP address"));
+    }
+    if !(1..=65535).contains(&b.port) {
+        return Err(invalid_node("port must be 1..=65535"));
+    }
+    let vnodes = b.virtual_nodes.unwrap_or(150);
+    if !(1..=4096).contains(&vnodes) {
+        return Err(invalid_node("virtual_nodes must be 1..=4096"));
+    }
+    let accepted = gw
+        .forward(
+            pb::AddStorageNodeRequest {
+                node_id: b.node_id.clone(),
+                host: b.host.clone(),
+                port: b.port,
+                virtual_nodes: vnodes,
+            },
+            |mut c, r| async move { c.add_storage_node(r).await },
+        )
+        .await?;
+    Ok(accepted_response(accepted))
 }
 
 pub async fn remove_node(
@@ -144,82 +137,70 @@ pub async fn remove_node(
     headers: HeaderMap,
     Path(node_id): Path<String>,
     query: Result<Query<RemoveQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let result = async {
-        gw.require_admin(&headers)?;
-        let force = query
-            .map(|q| q.0.force)
-            .map_err(|e| ApiError::invalid(format!("force must be true or false: {e}")))?;
-        if !valid_node_id(&node_id) {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "NODE_NOT_FOUND",
-                format!("no storage node {node_id:?}"),
-            ));
-        }
-        let accepted = gw
-            .forward(
-                pb::RemoveStorageNodeRequest {
-                    node_id: node_id.clone(),
-                    force,
-                },
-                |mut c, r| async move { c.remove_storage_node(r).await },
-            )
-            .await?;
-        Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({
-                "status": "accepted",
-                "node_id": accepted.node_id,
-                "migration_id": accepted.migration_id,
-                "message": accepted.message,
-                "estimated_completion": accepted.estimated_completion,
-            })),
-        ))
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let force = query
+        .map(|q| q.0.force)
+        .map_err(|e| ApiError::invalid(format!("force must be true or false: {e}")))?;
+    if !valid_node_id(&node_id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NODE_NOT_FOUND",
+            format!("no storage node {node_id:?}"),
+        ));
     }
-    .await;
-    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+    let accepted = gw
+        .forward(
+            pb::RemoveStorageNodeRequest {
+                node_id: node_id.clone(),
+                force,
+            },
+            |mut c, r| async move { c.remove_storage_node(r).await },
+        )
+        .await?;
+    Ok(accepted_response(accepted))
 }
 
 pub async fn migration(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     Path(migration_id): Path<String>,
-) -> Response {
-    let result = async {
-        gw.require_admin(&headers)?;
-        let m = gw.forward(pb::GetMigrationStatusRequest {
-                    migration_id: migration_id.clone(),
-                }, |mut c, r| async move { c.get_migration_status(r).await }).await?;
-        let kind = match m.r#type() {
-            pb::MigrationType::NodeRemoval => "node_removal",
-            pb::MigrationType::ReplicationFactorChange => "replication_factor_change",
-            _ => "node_addition",
-        };
-        let state = match m.state() {
-            pb::MigrationState::InProgress => "in_progress",
-            pb::MigrationState::Completed => "completed",
-            pb::MigrationState::Failed => "failed",
-            pb::MigrationState::Cancelled => "cancelled",
-            _ => "pending",
-        };
-        let percentage = if m.total_keys == 0 {
-            0.0
-        } else {
-            100.0 * m.keys_migrated as f64 / m.total_keys as f64
-        };
-        Ok::<_, ApiError>(Json(json!({
-            "status": "success",
-            "migration_id": m.migration_id,
-            "type": kind,
-            "node_id": m.node_id,
-            "state": state,
-            "migration_status": state,
-            "progress": {"keys_migrated": m.keys_migrated, "total_keys": m.total_keys, "percentage": percentage},
-            "started_at": m.started_at,
-            "estimated_completion": m.estimated_completion,
-        })))
-    }
-    .await;
-    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let m = gw
+        .forward(
+            pb::GetMigrationStatusRequest {
+                migration_id: migration_id.clone(),
+            },
+            |mut c, r| async move { c.get_migration_status(r).await },
+        )
+        .await?;
+    let kind = match m.r#type() {
+        pb::MigrationType::NodeRemoval => "node_removal",
+        pb::MigrationType::ReplicationFactorChange => "replication_factor_change",
+        _ => "node_addition",
+    };
+    let state = match m.state() {
+        pb::MigrationState::InProgress => "in_progress",
+        pb::MigrationState::Completed => "completed",
+        pb::MigrationState::Failed => "failed",
+        pb::MigrationState::Cancelled => "cancelled",
+        _ => "pending",
+    };
+    let percentage = if m.total_keys == 0 {
+        0.0
+    } else {
+        100.0 * m.keys_migrated as f64 / m.total_keys as f64
+    };
+    Ok(Json(json!({
+        "status": "success",
+        "migration_id": m.migration_id,
+        "type": kind,
+        "node_id": m.node_id,
+        "state": state,
+        "migration_status": state,
+        "progress": {"keys_migrated": m.keys_migrated, "total_keys": m.total_keys, "percentage": percentage},
+        "started_at": m.started_at,
+        "estimated_completion": m.estimated_completion,
+    })))
 }

@@ -6,7 +6,7 @@
 //! - `none`: no token; the tenant comes from the body's `tenant_id`, the query's `tenant_id`, or
 //!   `X-Tenant-ID`, in that order; admin endpoints are open (development only).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -72,11 +72,6 @@ pub fn secret(config: &AuthConfig) -> Result<Vec<u8>, SecretError> {
     }
 }
 
-/// A tenant id a token may name (the engine's rules: 1..=256 bytes, no ':', NUL or controls).
-pub fn check_tenant(tenant: &str) -> Result<(), String> {
-    crate::engine::validate_tenant(tenant).map_err(|e| e.to_string())
-}
-
 /// Mints a token for `tenant`, valid for `ttl`.
 pub fn issue(
     secret: &[u8],
@@ -84,10 +79,7 @@ pub fn issue(
     role: TokenRole,
     ttl: Duration,
 ) -> anyhow::Result<String> {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)?
-        .as_secs()
-        .saturating_add(ttl.as_secs());
+    let exp = crate::wallclock::now_secs().saturating_add(ttl.as_secs());
     let claims = Claims {
         sub: tenant.to_owned(),
         role,

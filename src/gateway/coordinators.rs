@@ -16,7 +16,6 @@ use tonic::transport::{Channel, Endpoint};
 use crate::coordinator::errors::detail_in;
 use crate::rpc::coordinator::coordinator_client::CoordinatorClient;
 
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 const BACKOFF: Duration = Duration::from_secs(1);
 
 pub type Client = CoordinatorClient<Channel>;
@@ -47,8 +46,8 @@ impl Coordinators {
                 Ok(Member {
                     address: address.clone(),
                     client: CoordinatorClient::new(endpoint.connect_lazy())
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                        .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
                     failed_at: Mutex::new(None),
                 })
             })

@@ -160,7 +160,8 @@ fn with_limits(decision: &Decision, result: Result<Response, ApiError>) -> Respo
     response
 }
 
-/// Authenticates, resolves the tenant and takes one request of `kind` from its budget. An
+/// Authenticates, resolves the tenant and takes one request of `kind` from its budget; the
+/// error is the response to send (401/403/400, or 429 with the rate-limit headers). An
 /// authentication failure wins over `input` (the request's own error); a missing tenant loses
 /// to it (a body that did not parse cannot name its tenant).
 fn admit(
@@ -169,27 +170,30 @@ fn admit(
     named: Option<&str>,
     kind: Kind,
     input: Option<&ApiError>,
-) -> Result<(String, Decision), ApiError> {
-    let caller = gw.auth.caller(headers)?;
-    let tenant = gw.auth.tenant(&caller, named).map_err(|e| match input {
-        Some(input) if e.status == StatusCode::BAD_REQUEST => input.clone(),
-        _ => e,
-    })?;
+) -> Result<(String, Decision), Box<Response>> {
+    let caller = gw
+        .auth
+        .caller(headers)
+        .map_err(|e| Box::new(e.into_response()))?;
+    let tenant = gw
+        .auth
+        .tenant(&caller, named)
+        .map_err(|e| match input {
+            Some(input) if e.status == StatusCode::BAD_REQUEST => input.clone(),
+            _ => e,
+        })
+        .map_err(|e| Box::new(e.into_response()))?;
     let decision = gw.limits.check(&tenant, kind);
-    Ok((tenant, decision))
-}
-
-fn refused(decision: &Decision) -> Option<Response> {
-    if decision.allowed {
-        return None;
+    if !decision.allowed {
+        metrics::counter!("pairdb_gateway_rate_limited_total").increment(1);
+        let error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMIT_EXCEEDED",
+            format!("more than {} requests per minute", decision.limit),
+        );
+        return Err(Box::new(with_limits(&decision, Err(error))));
     }
-    metrics::counter!("pairdb_gateway_rate_limited_total").increment(1);
-    let error = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "RATE_LIMIT_EXCEEDED",
-        format!("more than {} requests per minute", decision.limit),
-    );
-    Some(with_limits(decision, Err(error)))
+    Ok((tenant, decision))
 }
 
 pub async fn put(
@@ -206,11 +210,8 @@ pub async fn put(
     };
     let (tenant, decision) = match admit(&gw, &headers, named, Kind::Write, parsed.as_ref().err()) {
         Ok(t) => t,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
-    if let Some(r) = refused(&decision) {
-        return r;
-    }
     let result = async {
         let body = parsed?;
         check_key(&body.key)?;
@@ -292,11 +293,8 @@ pub async fn get(
     };
     let (tenant, decision) = match admit(&gw, &headers, named, Kind::Read, query.as_ref().err()) {
         Ok(t) => t,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
-    if let Some(r) = refused(&decision) {
-        return r;
-    }
     let result = async {
         let query = query?;
         let key = query
@@ -344,11 +342,8 @@ pub async fn delete(
     .or_else(|| header_tenant(&headers));
     let (tenant, decision) = match admit(&gw, &headers, named, Kind::Write, parsed.as_ref().err()) {
         Ok(t) => t,
-        Err(e) => return e.into_response(),
+        Err(r) => return *r,
     };
-    if let Some(r) = refused(&decision) {
-        return r;
-    }
     let result = async {
         let body = parsed?;
         let key = body

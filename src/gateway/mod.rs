@@ -22,7 +22,6 @@ pub mod router;
 pub mod tenants;
 
 use std::future::Future;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::HeaderMap;
 
@@ -58,16 +57,4 @@ impl Gateway {
         let caller = self.auth.caller(headers)?;
         self.auth.require_admin(&caller)
     }
-}
-
-/// Current time as RFC 3339 UTC.
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
-
-/// Unix seconds.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -93,9 +93,7 @@ impl RateLimits {
     pub fn check(&self, tenant: &str, kind: Kind) -> Decision {
         let (limit, limiter) = self.limiter(tenant, kind);
         let per_request = Duration::from_secs(60) / limit;
-        let now_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now_unix = crate::wallclock::now_secs();
         match limiter.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();

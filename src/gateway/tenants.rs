@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -46,32 +46,28 @@ pub async fn create(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
-) -> Response {
-    let result = async {
-        gw.require_admin(&headers)?;
-        let body: CreateBody = body::json(raw)?;
-        let rf = match &body.replication_factor {
-            None => 0,
-            Some(v) => replication_factor(v)?,
-        };
-        let t = gw
-            .forward(
-                pb::CreateTenantRequest {
-                    tenant_id: body.tenant_id.clone(),
-                    replication_factor: rf,
-                },
-                |mut c, r| async move { c.create_tenant(r).await },
-            )
-            .await?;
-        Ok::<_, ApiError>(Json(json!({
-            "status": "success",
-            "tenant_id": t.tenant_id,
-            "replication_factor": t.replication_factor,
-            "created_at": t.created_at,
-        })))
-    }
-    .await;
-    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let body: CreateBody = body::json(raw)?;
+    let rf = match &body.replication_factor {
+        None => 0,
+        Some(v) => replication_factor(v)?,
+    };
+    let t = gw
+        .forward(
+            pb::CreateTenantRequest {
+                tenant_id: body.tenant_id.clone(),
+                replication_factor: rf,
+            },
+            |mut c, r| async move { c.create_tenant(r).await },
+        )
+        .await?;
+    Ok(Json(json!({
+        "status": "success",
+        "tenant_id": t.tenant_id,
+        "replication_factor": t.replication_factor,
+        "created_at": t.created_at,
+    })))
 }
 
 pub async fn update_replication_factor(
@@ -79,59 +75,51 @@ pub async fn update_replication_factor(
     headers: HeaderMap,
     Path(tenant_id): Path<String>,
     raw: Result<Bytes, BytesRejection>,
-) -> Response {
-    let result = async {
-        gw.require_admin(&headers)?;
-        let body: UpdateBody = body::json(raw)?;
-        let rf = replication_factor(&body.replication_factor)?;
-        let r = gw
-            .forward(
-                pb::UpdateReplicationFactorRequest {
-                    tenant_id: tenant_id.clone(),
-                    replication_factor: rf,
-                },
-                |mut c, r| async move { c.update_replication_factor(r).await },
-            )
-            .await?;
-        let mut out = json!({
-            "status": "success",
-            "tenant_id": r.tenant_id,
-            "old_replication_factor": r.old_replication_factor,
-            "new_replication_factor": r.new_replication_factor,
-            "updated_at": r.updated_at,
-        });
-        if let (false, Some(map)) = (r.migration_id.is_empty(), out.as_object_mut()) {
-            map.insert("migration_id".to_owned(), json!(r.migration_id));
-        }
-        Ok::<_, ApiError>(Json(out))
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let body: UpdateBody = body::json(raw)?;
+    let rf = replication_factor(&body.replication_factor)?;
+    let r = gw
+        .forward(
+            pb::UpdateReplicationFactorRequest {
+                tenant_id: tenant_id.clone(),
+                replication_factor: rf,
+            },
+            |mut c, r| async move { c.update_replication_factor(r).await },
+        )
+        .await?;
+    let mut out = json!({
+        "status": "success",
+        "tenant_id": r.tenant_id,
+        "old_replication_factor": r.old_replication_factor,
+        "new_replication_factor": r.new_replication_factor,
+        "updated_at": r.updated_at,
+    });
+    if let (false, Some(map)) = (r.migration_id.is_empty(), out.as_object_mut()) {
+        map.insert("migration_id".to_owned(), json!(r.migration_id));
     }
-    .await;
-    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+    Ok(Json(out))
 }
 
 pub async fn get(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     Path(tenant_id): Path<String>,
-) -> Response {
-    let result = async {
-        gw.require_admin(&headers)?;
-        let t = gw
-            .forward(
-                pb::GetTenantRequest {
-                    tenant_id: tenant_id.clone(),
-                },
-                |mut c, r| async move { c.get_tenant(r).await },
-            )
-            .await?;
-        Ok::<_, ApiError>(Json(json!({
-            "status": "success",
-            "tenant_id": t.tenant_id,
-            "replication_factor": t.replication_factor,
-            "created_at": t.created_at,
-            "updated_at": t.updated_at,
-        })))
-    }
-    .await;
-    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let t = gw
+        .forward(
+            pb::GetTenantRequest {
+                tenant_id: tenant_id.clone(),
+            },
+            |mut c, r| async move { c.get_tenant(r).await },
+        )
+        .await?;
+    Ok(Json(json!({
+        "status": "success",
+        "tenant_id": t.tenant_id,
+        "replication_factor": t.replication_factor,
+        "created_at": t.created_at,
+        "updated_at": t.updated_at,
+    })))
 }

@@ -43,6 +43,14 @@ impl RedisIdempotencyStore {
     }
 }
 
+impl RedisIdempotencyStore {
+    /// The response stored under `key`, if any.
+    async fn stored(&self, key: &str) -> Result<Option<StoredResponse>, IdemError> {
+        let bytes: Option<Vec<u8>> = self.client.get(key).await.map_err(unavailable)?;
+        bytes.map(|b| decode(key, &b)).transpose()
+    }
+}
+
 #[tonic::async_trait]
 impl IdempotencyStore for RedisIdempotencyStore {
     async fn ping(&self) -> Result<(), IdemError> {
@@ -50,13 +58,8 @@ impl IdempotencyStore for RedisIdempotencyStore {
     }
 
     async fn claim(&self, key: &str, lock_ttl: Duration) -> Result<Claim, IdemError> {
-        if let Some(bytes) = self
-            .client
-            .get::<Option<Vec<u8>>, _>(key)
-            .await
-            .map_err(unavailable)?
-        {
-            return decode(key, &bytes).map(Claim::Done);
+        if let Some(done) = self.stored(key).await? {
+            return Ok(Claim::Done(done));
         }
         let locked: Option<String> = self
             .client
@@ -73,14 +76,9 @@ impl IdempotencyStore for RedisIdempotencyStore {
             return Ok(Claim::Busy);
         }
         // The first request may have completed between our GET and SET: replay it.
-        if let Some(bytes) = self
-            .client
-            .get::<Option<Vec<u8>>, _>(key)
-            .await
-            .map_err(unavailable)?
-        {
+        if let Some(done) = self.stored(key).await? {
             self.release(key).await?;
-            return decode(key, &bytes).map(Claim::Done);
+            return Ok(Claim::Done(done));
         }
         Ok(Claim::Acquired)
     }

@@ -2,8 +2,6 @@
 //! SQLite (integers are BIGINT, times are epoch milliseconds, placeholders `$n` in order). The
 //! schema (`migrations/<backend>/`) is applied at connect; it is idempotent.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
@@ -21,9 +19,7 @@ pub struct SqlMetadataStore {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::wallclock::now_ms() as i64
 }
 
 fn unavailable(e: sqlx::Error) -> MetaError {

@@ -3,14 +3,13 @@
 //! registry and gossip, start the hint writer, hint replay and read repair, and serve the
 //! Coordinator gRPC service plus `/healthz`, `/readyz`, `/metrics` until SIGTERM/SIGINT.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, CoordinatorConfig, default_http_listen};
+use crate::config::{Config, CoordinatorConfig};
 use crate::coordinator::clock::CoordinatorClock;
 use crate::coordinator::hints::{self, HintWriter, ReplayLimits};
 use crate::coordinator::membership::Membership;
@@ -25,8 +24,6 @@ use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
 use crate::rpc::coordinator::coordinator_server::CoordinatorServer;
 
-/// Largest gRPC message: a 10 MiB value plus its request.
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Virtual nodes of nodes seeded from `--storage-nodes`.
 pub const DEFAULT_VNODES: u32 = 150;
 
@@ -37,15 +34,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         .clone()
         .context("coordinator needs a node id")?;
     let cfg = &config.coordinator;
-    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    let http_addr: SocketAddr = cfg
-        .http_listen
-        .unwrap_or_else(|| default_http_listen(cfg.listen));
-    let http_listener = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {http_addr}"))?;
+    let (grpc_listener, http_listener) =
+        super::bind_grpc_and_http(cfg.listen, cfg.http_listen).await?;
     if !cfg.seeds.is_empty() {
         tracing::info!(
             "coordinators follow gossip through the storage nodes' WatchHealth; --seeds is not needed"
@@ -55,26 +45,20 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     crate::metrics::handle();
     tracing::info!(coordinator = %id, grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, "coordinator serving");
 
-    let http_stop = shutdown.clone();
-    let router = http::router(core.clone());
-    let http_server = tokio::spawn(async move {
-        axum::serve(http_listener, router)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .await
-    });
-    let grpc_stop = shutdown.clone();
+    let http_server =
+        super::spawn_http(http_listener, http::router(core.clone()), shutdown.clone());
     let grpc = CoordinatorServer::new(CoordinatorService::new(core))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let served = tonic::transport::Server::builder()
-        .add_service(grpc)
-        .serve_with_incoming_shutdown(crate::net::incoming_nodelay(grpc_listener), async move {
-            grpc_stop.cancelled().await
-        })
-        .await;
+        .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
+    let served = super::serve_grpc(
+        tonic::service::Routes::new(grpc),
+        grpc_listener,
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     let _ = http_server.await;
-    served.context("gRPC server failed")?;
+    served?;
     tracing::info!("coordinator stopped cleanly");
     Ok(())
 }

@@ -45,9 +45,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let at = |offset: u16| SocketAddr::new(host, base + offset);
     let any_port = SocketAddr::new(host, 0);
     // Bind the gateway first: a busy port fails before anything else starts.
-    let http = tokio::net::TcpListener::bind(args.http)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.http))?;
+    let http = super::bind(args.http).await?;
 
     let nodes: Vec<NodeAddress> = (1..=n)
         .map(|i| NodeAddress {

@@ -16,9 +16,7 @@ use crate::gateway::{Gateway, router};
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = &config.gateway;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let listener = super::bind(cfg.listen).await?;
     serve(cfg, listener, shutdown).await
 }
 

@@ -6,8 +6,14 @@ pub mod dev;
 pub mod gateway;
 pub mod storage;
 
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
 use crate::cli::{DevArgs, Role};
-use crate::config::Config;
+use crate::config::{Config, default_http_listen};
 
 /// Why a role could not run.
 #[derive(Debug, thiserror::Error)]
@@ -60,4 +66,50 @@ pub async fn run(config: Config) -> Result<(), RoleError> {
 /// `pairdb dev`: the whole cluster in one process.
 pub async fn run_dev(args: DevArgs) -> Result<(), RoleError> {
     dev::run(args).await.map_err(RoleError::Failed)
+}
+
+/// Binds `addr`, naming it in the error.
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// Binds a gRPC role's listener and its health/metrics HTTP listener (`http_listen`, by default
+/// the host of `listen` with its port + 1000).
+async fn bind_grpc_and_http(
+    listen: SocketAddr,
+    http_listen: Option<SocketAddr>,
+) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let grpc = bind(listen).await?;
+    let http = bind(http_listen.unwrap_or_else(|| default_http_listen(listen))).await?;
+    Ok((grpc, http))
+}
+
+/// Serves `router` on `listener` until `shutdown`, letting requests in flight finish.
+fn spawn_http(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    })
+}
+
+/// Serves gRPC `routes` on `listener` (TCP_NODELAY on every connection) until `shutdown`.
+async fn serve_grpc(
+    routes: tonic::service::Routes,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(crate::net::incoming_nodelay(listener), async move {
+            shutdown.cancelled().await
+        })
+        .await
+        .context("gRPC server failed")
 }

@@ -1,23 +1,19 @@
 //! `pairdb --role=storage`: lock the data dir, open the engine, join the gossip, serve gRPC and
 //! HTTP until SIGTERM/SIGINT, then finish in-flight requests, sync the log and return.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, default_http_listen};
+use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::rpc::storage::storage_node_server::StorageNodeServer;
 use crate::storage::datadir;
 use crate::storage::gossip::Gossip;
 use crate::storage::http;
 use crate::storage::service::StorageService;
-
-/// Largest gRPC message: a 10 MiB value plus its record.
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let node_id = config.node.id.clone().context("storage needs a node id")?;
@@ -35,16 +31,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             .with_context(|| format!("cannot open the engine in {}", cfg.data_dir.display()))?,
     );
 
-    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let (grpc_listener, http_listener) =
+        super::bind_grpc_and_http(cfg.listen, cfg.http_listen).await?;
     let grpc_addr = grpc_listener.local_addr()?;
-    let http_addr: SocketAddr = cfg
-        .http_listen
-        .unwrap_or_else(|| default_http_listen(cfg.listen));
-    let http_listener = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {http_addr}"))?;
 
     let gossip = match cfg.gossip {
         Some(addr) => Some(Arc::new(
@@ -83,24 +72,17 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         })
     });
 
-    let http_stop = shutdown.clone();
     let router = http::router(node_id, engine.clone(), gossip.clone());
-    let http_server = tokio::spawn(async move {
-        axum::serve(http_listener, router)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .await
-    });
-
-    let grpc_stop = shutdown.clone();
+    let http_server = super::spawn_http(http_listener, router, shutdown.clone());
     let grpc = StorageNodeServer::from_arc(service.clone())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let served = tonic::transport::Server::builder()
-        .add_service(grpc)
-        .serve_with_incoming_shutdown(crate::net::incoming_nodelay(grpc_listener), async move {
-            grpc_stop.cancelled().await
-        })
-        .await;
+        .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
+    let served = super::serve_grpc(
+        tonic::service::Routes::new(grpc),
+        grpc_listener,
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     if let Some(p) = publisher {
         let _ = p.await;
@@ -115,7 +97,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     tokio::task::spawn_blocking(move || engine.close())
         .await?
         .context("closing the engine")?;
-    served.context("gRPC server failed")?;
+    served?;
     tracing::info!("storage node stopped cleanly");
     Ok(())
 }

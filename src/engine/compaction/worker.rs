@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::engine::error::Result;
 use crate::engine::iterators::{MergeIter, Source};
@@ -14,12 +14,6 @@ use crate::engine::sstable::{SsTable, TableBuilder, TableIter, TableMeta, table_
 use crate::engine::{Core, State, io_err};
 
 use super::policy::{self, CompactionTask};
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Sleeps as needed to keep `written` bytes since `start` under `rate` bytes/s.
 fn throttle(start: Instant, written: u64, rate: Option<u64>) {
@@ -67,7 +61,8 @@ impl Core {
             .iter()
             .map(|t| Box::new(TableIter::new(t.clone(), &[])) as Source)
             .collect();
-        let gc_before = now_ms().saturating_sub(self.options.gc_grace.as_millis() as u64);
+        let gc_before =
+            crate::wallclock::now_ms().saturating_sub(self.options.gc_grace.as_millis() as u64);
         let start = Instant::now();
         let mut written = 0u64;
         let mut outputs: Vec<TableMeta> = Vec::new();
