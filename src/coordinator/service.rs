@@ -11,10 +11,11 @@ use std::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::meta::Tenant;
 use crate::quorum::Consistency;
 use crate::rpc::coordinator as pb;
 use crate::rpc::coordinator::coordinator_server::Coordinator as CoordinatorRpc;
-use crate::rpc::{clock_from_proto, clock_to_proto, common};
+use crate::rpc::{clock_from_proto, common, storage};
 use crate::vclock::{VectorClock, Version};
 
 use super::Coordinator;
@@ -188,34 +189,42 @@ impl Coordinator {
         .await
     }
 
+    /// The tenant and the key's live value (not a tombstone) with its version, read at `level`.
+    async fn read_live(
+        &self,
+        tenant_id: &str,
+        key: &[u8],
+        level: Consistency,
+    ) -> Result<(Tenant, Option<(Vec<u8>, common::Version)>), CoordError> {
+        check_tenant_id(tenant_id)?;
+        check_key(key)?;
+        let tenant = self.tenant(tenant_id).await?;
+        let winner = self
+            .read_winner(&tenant.tenant_id, tenant.replication_factor, key, level)
+            .await?;
+        let live = match winner {
+            Some(storage::Record {
+                payload: Some(storage::record::Payload::Value(value)),
+                version: Some(version),
+                ..
+            }) => Some((value, version)),
+            _ => None,
+        };
+        Ok((tenant, live))
+    }
+
     async fn read_key_value(
         &self,
         req: &pb::ReadKeyValueRequest,
         level: Consistency,
     ) -> Result<pb::ReadKeyValueResponse, CoordError> {
-        check_tenant_id(&req.tenant_id)?;
-        check_key(&req.key)?;
-        let tenant = self.tenant(&req.tenant_id).await?;
-        let winner = self
-            .read_winner(
-                &tenant.tenant_id,
-                tenant.replication_factor,
-                &req.key,
-                level,
-            )
-            .await?;
-        match winner {
-            Some(crate::rpc::storage::Record {
-                payload: Some(crate::rpc::storage::record::Payload::Value(value)),
-                version,
-                ..
-            }) => Ok(pb::ReadKeyValueResponse {
-                key: req.key.clone(),
-                value,
-                version,
-            }),
-            _ => Err(CoordError::KeyNotFound),
-        }
+        let (_, live) = self.read_live(&req.tenant_id, &req.key, level).await?;
+        let (value, version) = live.ok_or(CoordError::KeyNotFound)?;
+        Ok(pb::ReadKeyValueResponse {
+            key: req.key.clone(),
+            value,
+            version: Some(version),
+        })
     }
 
     async fn delete_key_value(
@@ -223,25 +232,9 @@ impl Coordinator {
         req: &pb::DeleteKeyValueRequest,
         level: Consistency,
     ) -> Result<pb::DeleteKeyValueResponse, CoordError> {
-        check_tenant_id(&req.tenant_id)?;
-        check_key(&req.key)?;
-        let tenant = self.tenant(&req.tenant_id).await?;
-        let current = self
-            .read_winner(
-                &tenant.tenant_id,
-                tenant.replication_factor,
-                &req.key,
-                level,
-            )
-            .await?;
-        let context = match current {
-            Some(crate::rpc::storage::Record {
-                payload: Some(crate::rpc::storage::record::Payload::Value(_)),
-                version: Some(version),
-                ..
-            }) => Version::from(&version).clock,
-            _ => return Err(CoordError::KeyNotFound),
-        };
+        let (tenant, live) = self.read_live(&req.tenant_id, &req.key, level).await?;
+        let (_, current) = live.ok_or(CoordError::KeyNotFound)?;
+        let context = Version::from(&current).clock;
         let version = self.new_version(&context).await?;
         let written = self
             .replicate(
@@ -255,10 +248,7 @@ impl Coordinator {
             .await?;
         Ok(pb::DeleteKeyValueResponse {
             key: req.key.clone(),
-            version: Some(common::Version {
-                clock: clock_to_proto(&written.version.clock),
-                timestamp_ms: written.version.timestamp_ms(),
-            }),
+            version: Some((&written.version).into()),
             replica_count: written.acks as u32,
             consistency: common::Consistency::from(level) as i32,
         })
