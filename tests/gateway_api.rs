@@ -600,7 +600,11 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
 async fn none_mode_rate_limits_and_idempotent_retries() {
     let _serial = SERIAL.lock().await;
     let c = cluster(1);
-    let gw = c.gateway("gw-none", &["--auth=none"], &[]);
+    let gw = c.gateway(
+        "gw-none",
+        &["--auth=none", "--log-level=info,pairdb::gateway=debug"],
+        &[],
+    );
     let limited = c.gateway("gw-limited", &["--auth=none", "--write-rate-limit=3"], &[]);
     wait_ready(&gw).await;
     wait_all_active(&gw, None).await;
@@ -713,6 +717,15 @@ async fn none_mode_rate_limits_and_idempotent_retries() {
     )
     .await;
     assert_eq!(s, 200, "another tenant has its own budget");
+
+    // One access-log line per request at debug: method, route, status, latency.
+    let log = std::fs::read_to_string(&gw.log).expect("gateway log");
+    let line = log
+        .lines()
+        .find(|l| l.contains("request") && l.contains("/v1/key-value") && l.contains("status=200"))
+        .unwrap_or_else(|| panic!("no access-log line for a key-value request in:\n{log}"));
+    assert!(line.contains("POST") || line.contains("GET"), "{line}");
+    assert!(line.contains("ms="), "{line}");
 
     // Idempotency: concurrent retries write once; a different value is a conflict.
     let mut tasks = Vec::new();

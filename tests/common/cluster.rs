@@ -106,8 +106,10 @@ impl RoleProcess {
             "--role=gateway".to_owned(),
             format!("--listen={listen}"),
             format!("--coordinators={}", list.join(",")),
-            "--log-level=info".to_owned(),
         ];
+        if !flags.iter().any(|f| f.starts_with("--log-level")) {
+            args.push("--log-level=info".to_owned());
+        }
         args.extend(flags.iter().map(|f| (*f).to_owned()));
         let mut g = RoleProcess {
             id: id.to_owned(),
