@@ -1,0 +1,130 @@
+//! `scripts/cluster.sh start|status|stop` brings up a real multi-process cluster (3 storage
+//! nodes, a coordinator, a gateway) that serves the API, reports itself, and stops every process.
+
+mod common;
+
+use std::net::{TcpListener, UdpSocket};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+/// A base port B with every port the script derives from it free (TCP B+1..3, B+101,
+/// B+1001..1003, B+1101; UDP B+201..203).
+fn free_base() -> u16 {
+    for _ in 0..500 {
+        let base = common::free_tcp_port();
+        if base > 60000 {
+            continue;
+        }
+        let tcp = [1, 2, 3, 101, 1001, 1002, 1003, 1101];
+        let udp = [201, 202, 203];
+        if tcp
+            .iter()
+            .all(|o| TcpListener::bind(("127.0.0.1", base + o)).is_ok())
+            && udp
+                .iter()
+                .all(|o| UdpSocket::bind(("127.0.0.1", base + o)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no free port range");
+}
+
+fn script(dir: &std::path::Path, base: u16, gateway: &str, action: &str) -> Output {
+    let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh"));
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PAIRDB_")) {
+        cmd.env_remove(key);
+    }
+    cmd.arg(action)
+        .env("CLUSTER_DIR", dir)
+        .env("PAIRDB_BIN", env!("CARGO_BIN_EXE_pairdb"))
+        .env("BASE_PORT", base.to_string())
+        .env("GATEWAY_ADDR", gateway)
+        .output()
+        .expect("run scripts/cluster.sh")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_script_starts_serves_and_stops_a_cluster() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        common::backends::skip_or_fail("cluster_script_starts_serves_and_stops_a_cluster", "curl");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = free_base();
+    let gateway = format!("127.0.0.1:{}", common::free_tcp_port());
+    let started = script(dir.path(), base, &gateway, "start");
+    let stop = || script(dir.path(), base, &gateway, "stop");
+    if !started.status.success() {
+        stop();
+        panic!("start failed: {}", text(&started));
+    }
+    let status = script(dir.path(), base, &gateway, "status");
+    let report = text(&status);
+    for name in ["s1", "s2", "s3", "c1", "gw"] {
+        assert!(report.contains(&format!("{name}: running")), "{report}");
+    }
+    assert!(report.contains("ready"), "{report}");
+
+    let client = reqwest::Client::new();
+    let url = format!("http://{gateway}");
+    let created = client
+        .post(format!("{url}/v1/tenants"))
+        .json(&json!({"tenant_id": "demo"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), 200);
+    let written: Value = client
+        .post(format!("{url}/v1/key-value"))
+        .header("X-Tenant-ID", "demo")
+        .json(&json!({"key": "k", "value": [1, 2], "consistency": "all"}))
+        .send()
+        .await
+        .expect("put")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        written["replica_count"], 3,
+        "three storage processes: {written}"
+    );
+    let read: Value = client
+        .get(format!("{url}/v1/key-value?key=k"))
+        .header("X-Tenant-ID", "demo")
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(read["value"], json!([1, 2]));
+
+    let pids: Vec<i32> =
+        String::from_utf8_lossy(&script(dir.path(), base, &gateway, "pids").stdout)
+            .split_whitespace()
+            .map(|p| p.parse().expect("pid"))
+            .collect();
+    assert_eq!(pids.len(), 5);
+    let stopped = stop();
+    assert!(
+        text(&stopped).contains("stopped 5 processes"),
+        "{}",
+        text(&stopped)
+    );
+    for pid in pids {
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"));
+        assert!(gone, "process {pid} still running after stop");
+    }
+}
