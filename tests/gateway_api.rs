@@ -572,7 +572,16 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
     .await;
     assert_error(s, &b, 501, "NOT_IMPLEMENTED");
     let (s, b) = get(&format!("{url}/v1/admin/migrations/m-1"), Some(&admin)).await;
-    assert_error(s, &b, 501, "NOT_IMPLEMENTED");
+    assert_error(s, &b, 404, "MIGRATION_NOT_FOUND");
+    let (s, _, b) = call(
+        Method::DELETE,
+        &format!("{url}/v1/admin/storage-nodes/..%2Fetc"),
+        Some(&admin),
+        &[],
+        None,
+    )
+    .await;
+    assert_error(s, &b, 404, "NODE_NOT_FOUND");
 
     // Health, metrics, unknown routes.
     for path in ["/healthz", "/health", "/readyz"] {

@@ -6,7 +6,10 @@ mod common;
 
 use common::backends::{Postgres, skip_or_fail};
 
-use pairdb::meta::{Hint, MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
+use pairdb::meta::{
+    Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord,
+    SqlMetadataStore,
+};
 use pairdb::ring::NodeState;
 
 fn node(id: &str, state: NodeState) -> NodeRecord {
@@ -34,6 +37,48 @@ fn hint(target: &str, n: u8) -> Hint {
 /// two coordinators would have.
 async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     a.ping().await.expect("ping");
+
+    // Migrations: created by one coordinator, progress seen by the other.
+    let m = Migration {
+        migration_id: "m-1".into(),
+        kind: MigrationKind::ReplicationFactorChange,
+        subject: "acme".into(),
+        state: MigrationState::Pending,
+        keys_migrated: 0,
+        total_keys: 0,
+        started_at_ms: 1_700_000_000_000,
+        updated_at_ms: 1_700_000_000_000,
+    };
+    a.create_migration(&m).await.expect("create migration");
+    assert!(matches!(
+        a.create_migration(&m).await,
+        Err(MetaError::Exists { .. })
+    ));
+    assert_eq!(b.get_migration("m-1").await.expect("get"), Some(m.clone()));
+    b.update_migration("m-1", MigrationState::InProgress, 40, 100)
+        .await
+        .expect("progress");
+    let seen = a
+        .get_migration("m-1")
+        .await
+        .expect("get")
+        .expect("migration");
+    assert_eq!(
+        (seen.state, seen.keys_migrated, seen.total_keys, seen.kind),
+        (
+            MigrationState::InProgress,
+            40,
+            100,
+            MigrationKind::ReplicationFactorChange
+        )
+    );
+    assert!(seen.updated_at_ms > m.updated_at_ms);
+    assert_eq!(a.get_migration("m-2").await.expect("get"), None);
+    assert!(matches!(
+        a.update_migration("m-2", MigrationState::Failed, 0, 0)
+            .await,
+        Err(MetaError::NotFound { .. })
+    ));
 
     let t = a.create_tenant("acme", 3).await.expect("create");
     assert_eq!((t.tenant_id.as_str(), t.replication_factor), ("acme", 3));

@@ -27,3 +27,14 @@ CREATE TABLE IF NOT EXISTS coordinator_clocks (
     coordinator_id TEXT PRIMARY KEY,
     high_water BIGINT NOT NULL
 );
+-- Topology and replication-factor changes with their progress (API.md, migrations).
+CREATE TABLE IF NOT EXISTS migrations (
+    migration_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    state TEXT NOT NULL,
+    keys_migrated BIGINT NOT NULL,
+    total_keys BIGINT NOT NULL,
+    started_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);

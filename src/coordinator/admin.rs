@@ -11,7 +11,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::engine::validate_tenant;
-use crate::meta::{MetaError, NodeRecord, Tenant};
+use crate::meta::{MetaError, MigrationKind, MigrationState, NodeRecord, Tenant};
 use crate::ring::NodeState;
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
@@ -114,6 +114,37 @@ impl Coordinator {
             new_replication_factor: rf,
             updated_at: rfc3339(updated_at),
             migration_id: String::new(),
+        })
+    }
+
+    /// A migration's record and progress.
+    pub async fn get_migration(&self, migration_id: &str) -> Result<pb::Migration, CoordError> {
+        let m = self
+            .meta
+            .get_migration(migration_id)
+            .await?
+            .ok_or_else(|| CoordError::MigrationNotFound(migration_id.to_owned()))?;
+        let kind = match m.kind {
+            MigrationKind::NodeAddition => pb::MigrationType::NodeAddition,
+            MigrationKind::NodeRemoval => pb::MigrationType::NodeRemoval,
+            MigrationKind::ReplicationFactorChange => pb::MigrationType::ReplicationFactorChange,
+        };
+        let state = match m.state {
+            MigrationState::Pending => pb::MigrationState::Pending,
+            MigrationState::InProgress => pb::MigrationState::InProgress,
+            MigrationState::Completed => pb::MigrationState::Completed,
+            MigrationState::Failed => pb::MigrationState::Failed,
+            MigrationState::Cancelled => pb::MigrationState::Cancelled,
+        };
+        Ok(pb::Migration {
+            migration_id: m.migration_id,
+            r#type: kind as i32,
+            node_id: m.subject,
+            state: state as i32,
+            keys_migrated: m.keys_migrated,
+            total_keys: m.total_keys,
+            started_at: rfc3339(m.started_at_ms),
+            estimated_completion: String::new(),
         })
     }
 

@@ -29,6 +29,8 @@ pub enum CoordError {
     KeyNotFound,
     #[error("storage node {0:?} not found")]
     NodeNotFound(String),
+    #[error("migration {0:?} not found")]
+    MigrationNotFound(String),
     #[error("quorum not reached: {received} of {required} required replicas answered ({detail})")]
     QuorumNotReached {
         required: usize,
@@ -55,6 +57,7 @@ impl CoordError {
             CoordError::TenantExists(_) => ErrorCode::TenantExists,
             CoordError::KeyNotFound => ErrorCode::KeyNotFound,
             CoordError::NodeNotFound(_) => ErrorCode::NodeNotFound,
+            CoordError::MigrationNotFound(_) => ErrorCode::MigrationNotFound,
             CoordError::QuorumNotReached { .. } => ErrorCode::QuorumNotReached,
             CoordError::Unavailable(_) => ErrorCode::Unavailable,
             CoordError::NotImplemented(_) | CoordError::Internal(_) => ErrorCode::InternalError,
@@ -75,7 +78,8 @@ impl CoordError {
             | CoordError::ValueTooLarge { .. } => Code::InvalidArgument,
             CoordError::TenantNotFound(_)
             | CoordError::KeyNotFound
-            | CoordError::NodeNotFound(_) => Code::NotFound,
+            | CoordError::NodeNotFound(_)
+            | CoordError::MigrationNotFound(_) => Code::NotFound,
             CoordError::TenantExists(_) => Code::AlreadyExists,
             CoordError::QuorumNotReached { .. } | CoordError::Unavailable(_) => Code::Unavailable,
             CoordError::NotImplemented(_) => Code::Unimplemented,

@@ -349,9 +349,15 @@ impl CoordinatorRpc for CoordinatorService {
 
     async fn get_migration_status(
         &self,
-        _request: Request<pb::GetMigrationStatusRequest>,
+        request: Request<pb::GetMigrationStatusRequest>,
     ) -> Result<Response<pb::Migration>, Status> {
-        Err(CoordError::NotImplemented(TOPOLOGY_LATER).into_status())
+        let req = request.into_inner();
+        administration(
+            "get_migration",
+            "",
+            self.core.get_migration(&req.migration_id),
+        )
+        .await
     }
 
     async fn health(

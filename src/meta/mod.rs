@@ -2,7 +2,7 @@
 //! SQL implementation ([`SqlMetadataStore`]) for both PostgreSQL (production) and SQLite (the
 //! embedded default), which pass the same test suite (`tests/meta_store.rs`).
 //!
-//! Invariants: tenant ids and node ids are unique (creating one twice is `Exists`); hints come
+//! Invariants: tenant ids, node ids and migration ids are unique (creating one twice is `Exists`); hints come
 //! back per target node in insertion order, and a hint is gone only after `delete_hints`.
 
 mod sql;
@@ -55,6 +55,66 @@ pub struct Hint {
     pub attempts: u32,
 }
 
+/// What a migration does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationKind {
+    NodeAddition,
+    NodeRemoval,
+    ReplicationFactorChange,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationState {
+    Pending,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+macro_rules! names {
+    ($ty:ty { $($variant:ident = $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The name stored and shown in the API.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $name),+ }
+            }
+
+            pub fn parse(name: &str) -> Option<Self> {
+                match name { $($name => Some(Self::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+names!(MigrationKind {
+    NodeAddition = "node_addition",
+    NodeRemoval = "node_removal",
+    ReplicationFactorChange = "replication_factor_change",
+});
+names!(MigrationState {
+    Pending = "pending",
+    InProgress = "in_progress",
+    Completed = "completed",
+    Failed = "failed",
+    Cancelled = "cancelled",
+});
+
+/// A migration record: a node joining or leaving, or a tenant's RF change (`subject` is the
+/// node id or the tenant id), with its progress. Times are milliseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub migration_id: String,
+    pub kind: MigrationKind,
+    pub subject: String,
+    pub state: MigrationState,
+    pub keys_migrated: u64,
+    pub total_keys: u64,
+    pub started_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
 /// What the coordinator needs to keep about the cluster.
 #[tonic::async_trait]
 pub trait MetadataStore: Send + Sync {
@@ -84,6 +144,17 @@ pub trait MetadataStore: Send + Sync {
     async fn record_hint_attempt(&self, ids: &[i64]) -> Result<(), MetaError>;
     /// Number of hints kept per target node.
     async fn hint_counts(&self) -> Result<Vec<(String, u64)>, MetaError>;
+    /// Records a new migration (`Exists` if the id is taken).
+    async fn create_migration(&self, migration: &Migration) -> Result<(), MetaError>;
+    async fn get_migration(&self, migration_id: &str) -> Result<Option<Migration>, MetaError>;
+    /// Moves a migration to `state` with its progress (`NotFound` for an unknown id).
+    async fn update_migration(
+        &self,
+        migration_id: &str,
+        state: MigrationState,
+        keys_migrated: u64,
+        total_keys: u64,
+    ) -> Result<(), MetaError>;
     /// The durable high-water mark of a coordinator's clock (0 for a new coordinator).
     async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError>;
     /// Raises the durable high-water mark (never lowers it).

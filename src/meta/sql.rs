@@ -7,7 +7,9 @@ use sqlx::{AnyPool, Row};
 
 use crate::ring::NodeState;
 
-use super::{Hint, MetaError, MetadataStore, NodeRecord, Tenant};
+use super::{
+    Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord, Tenant,
+};
 
 const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
 /// Advisory lock key held while the PostgreSQL schema is applied ("pairdb" in ASCII).
@@ -67,6 +69,28 @@ fn int<T: TryFrom<i64>>(row: &AnyRow, col: &str) -> Result<T, MetaError> {
 fn text(row: &AnyRow, col: &str) -> Result<String, MetaError> {
     row.try_get(col)
         .map_err(|e| MetaError::Corrupt(e.to_string()))
+}
+
+/// A count as the database stores it.
+fn count(n: u64) -> Result<i64, MetaError> {
+    i64::try_from(n).map_err(|_| MetaError::Corrupt(format!("count {n} out of range")))
+}
+
+fn migration(row: &AnyRow) -> Result<Migration, MetaError> {
+    let kind = text(row, "kind")?;
+    let state = text(row, "state")?;
+    Ok(Migration {
+        migration_id: text(row, "migration_id")?,
+        kind: MigrationKind::parse(&kind)
+            .ok_or_else(|| MetaError::Corrupt(format!("migration kind {kind:?}")))?,
+        subject: text(row, "subject")?,
+        state: MigrationState::parse(&state)
+            .ok_or_else(|| MetaError::Corrupt(format!("migration state {state:?}")))?,
+        keys_migrated: int(row, "keys_migrated")?,
+        total_keys: int(row, "total_keys")?,
+        started_at_ms: int(row, "started_at_ms")?,
+        updated_at_ms: int(row, "updated_at_ms")?,
+    })
 }
 
 fn tenant(row: &AnyRow) -> Result<Tenant, MetaError> {
@@ -350,6 +374,70 @@ impl MetadataStore for SqlMetadataStore {
         rows.iter()
             .map(|row| Ok((text(row, "target_node")?, int(row, "n")?)))
             .collect()
+    }
+
+    async fn create_migration(&self, m: &Migration) -> Result<(), MetaError> {
+        let result = sqlx::query(
+            "INSERT INTO migrations (migration_id, kind, subject, state, keys_migrated, total_keys, started_at_ms, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&m.migration_id)
+        .bind(m.kind.as_str())
+        .bind(&m.subject)
+        .bind(m.state.as_str())
+        .bind(count(m.keys_migrated)?)
+        .bind(count(m.total_keys)?)
+        .bind(m.started_at_ms)
+        .bind(m.updated_at_ms)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(MetaError::Exists {
+                what: "migration",
+                id: m.migration_id.clone(),
+            }),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn get_migration(&self, migration_id: &str) -> Result<Option<Migration>, MetaError> {
+        let row = sqlx::query(
+            "SELECT migration_id, kind, subject, state, keys_migrated, total_keys, started_at_ms, updated_at_ms \
+             FROM migrations WHERE migration_id = $1",
+        )
+        .bind(migration_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(migration).transpose()
+    }
+
+    async fn update_migration(
+        &self,
+        migration_id: &str,
+        state: MigrationState,
+        keys_migrated: u64,
+        total_keys: u64,
+    ) -> Result<(), MetaError> {
+        let done = sqlx::query(
+            "UPDATE migrations SET state = $1, keys_migrated = $2, total_keys = $3, updated_at_ms = $4 WHERE migration_id = $5",
+        )
+        .bind(state.as_str())
+        .bind(count(keys_migrated)?)
+        .bind(count(total_keys)?)
+        .bind(now_ms())
+        .bind(migration_id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(MetaError::NotFound {
+                what: "migration",
+                id: migration_id.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError> {
