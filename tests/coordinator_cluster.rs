@@ -817,3 +817,126 @@ async fn a_hung_replica_does_not_fail_quorum_requests() {
     }
     storage[2].resume();
 }
+
+/// Raising a tenant's RF copies every existing key to its new replicas (while writes made
+/// meanwhile reach them too), then switches the tenant to the new RF on every coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_replication_factor_copies_existing_keys() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let meta_url = sqlite_url(dir.path());
+    let c1 = RoleProcess::coordinator("c1", &meta_url, "memory://", &storage, &[], dir.path());
+    let c2 = RoleProcess::coordinator("c2", &meta_url, "memory://", &storage, &[], dir.path());
+    let (mut a, mut b) = (c1.client().await, c2.client().await);
+    wait_all_active(&a, 3).await;
+    create_tenant(&mut a, "grow", 1).await;
+    for i in 0..100 {
+        put(
+            &mut a,
+            "grow",
+            &format!("k{i}"),
+            &format!("{i}"),
+            Consistency::All,
+        )
+        .await
+        .expect("write at RF 1");
+    }
+    let mut held = 0;
+    for node in &storage {
+        held += usize::from(stored(node, "grow", "k0").await.is_some());
+    }
+    assert_eq!(held, 1, "RF 1: one replica");
+
+    let raised = a
+        .update_replication_factor(pb::UpdateReplicationFactorRequest {
+            tenant_id: "grow".into(),
+            replication_factor: 3,
+        })
+        .await
+        .expect("raise")
+        .into_inner();
+    assert_eq!(
+        (raised.old_replication_factor, raised.new_replication_factor),
+        (1, 3)
+    );
+    assert!(!raised.migration_id.is_empty());
+    // Writes go to the union of old and new replicas from the moment the change is accepted.
+    let during = put(&mut a, "grow", "during", "\"d\"", Consistency::All)
+        .await
+        .expect("write during the change");
+    assert_eq!(during.replica_count, 3, "written to old and new replicas");
+    for i in 0..20 {
+        put(
+            &mut b,
+            "grow",
+            &format!("late{i}"),
+            "\"late\"",
+            Consistency::One,
+        )
+        .await
+        .expect("write during the change");
+    }
+    eventually("the migration completes", Duration::from_secs(60), || {
+        let mut a = a.clone();
+        let id = raised.migration_id.clone();
+        async move {
+            let m = a
+                .get_migration_status(pb::GetMigrationStatusRequest { migration_id: id })
+                .await
+                .expect("status")
+                .into_inner();
+            assert_ne!(m.state(), pb::MigrationState::Failed, "{m:?}");
+            m.state() == pb::MigrationState::Completed
+        }
+    })
+    .await;
+    let m = a
+        .get_migration_status(pb::GetMigrationStatusRequest {
+            migration_id: raised.migration_id.clone(),
+        })
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(m.r#type(), pb::MigrationType::ReplicationFactorChange);
+    assert!(m.keys_migrated >= 100, "{m:?}");
+
+    for node in &storage {
+        for i in 0..100 {
+            let (v, _) = stored(node, "grow", &format!("k{i}"))
+                .await
+                .unwrap_or_else(|| panic!("k{i} missing on {}", node.id));
+            assert_eq!(v, format!("{i}"));
+        }
+        for i in 0..20 {
+            assert!(
+                stored(node, "grow", &format!("late{i}")).await.is_some(),
+                "late{i} missing on {}",
+                node.id
+            );
+        }
+    }
+    eventually(
+        "the other coordinator sees RF 3",
+        Duration::from_secs(10),
+        || {
+            let mut b = b.clone();
+            async move {
+                b.get_tenant(pb::GetTenantRequest {
+                    tenant_id: "grow".into(),
+                })
+                .await
+                .is_ok_and(|t| t.into_inner().replication_factor == 3)
+            }
+        },
+    )
+    .await;
+    for i in 0..100 {
+        assert_eq!(
+            get(&mut b, "grow", &format!("k{i}"), Consistency::All)
+                .await
+                .expect("read at ALL after the change"),
+            format!("{i}")
+        );
+    }
+}

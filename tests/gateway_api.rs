@@ -262,7 +262,7 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
         (Some(3), Some(2))
     );
     assert!(b["updated_at"].is_string());
-    // Raising needs streaming of existing keys, which is not built: refused, nothing changed.
+    // Raising starts a migration that copies existing keys, visible through its id.
     let (s, _, b) = call(
         Method::PUT,
         &format!("{url}/v1/tenants/globex/replication-factor"),
@@ -271,9 +271,26 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
         Some(br#"{"replication_factor": 3}"#.to_vec()),
     )
     .await;
-    assert_error(s, &b, 501, "NOT_IMPLEMENTED");
-    let (_, b) = get(&format!("{url}/v1/tenants/globex"), Some(&admin)).await;
-    assert_eq!(b["replication_factor"], 2, "{b}");
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["new_replication_factor"], 3, "{b}");
+    let migration = b["migration_id"].as_str().expect("migration id").to_owned();
+    let (s, m) = get(
+        &format!("{url}/v1/admin/migrations/{migration}"),
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["type"], "replication_factor_change", "{m}");
+    for field in [
+        "migration_id",
+        "node_id",
+        "state",
+        "progress",
+        "started_at",
+        "estimated_completion",
+    ] {
+        assert!(!m[field].is_null(), "{field} missing: {m}");
+    }
     let (s, _, b) = call(
         Method::PUT,
         &format!("{url}/v1/tenants/globex/replication-factor"),

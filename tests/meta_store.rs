@@ -46,6 +46,7 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         state: MigrationState::Pending,
         keys_migrated: 0,
         total_keys: 0,
+        target_rf: 3,
         started_at_ms: 1_700_000_000_000,
         updated_at_ms: 1_700_000_000_000,
     };
@@ -74,6 +75,16 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     );
     assert!(seen.updated_at_ms > m.updated_at_ms);
     assert_eq!(a.get_migration("m-2").await.expect("get"), None);
+    let active = b.active_migrations().await.expect("active");
+    assert_eq!(active.len(), 1);
+    assert_eq!(
+        (active[0].migration_id.as_str(), active[0].target_rf),
+        ("m-1", 3)
+    );
+    a.update_migration("m-1", MigrationState::Completed, 100, 100)
+        .await
+        .expect("done");
+    assert!(b.active_migrations().await.expect("active").is_empty());
     assert!(matches!(
         a.update_migration("m-2", MigrationState::Failed, 0, 0)
             .await,
@@ -101,6 +112,21 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     let after = b.get_tenant("acme").await.expect("get").expect("tenant");
     assert_eq!(after.replication_factor, 5);
     assert!(after.updated_at_ms >= after.created_at_ms);
+    let changed = b
+        .tenants_updated_since(after.updated_at_ms)
+        .await
+        .expect("changed");
+    assert_eq!(
+        changed,
+        vec![after.clone()],
+        "the change is visible to other coordinators"
+    );
+    assert!(
+        b.tenants_updated_since(after.updated_at_ms + 1)
+            .await
+            .expect("changed")
+            .is_empty()
+    );
     assert!(matches!(
         a.update_replication_factor("nobody", 2).await,
         Err(MetaError::NotFound { .. })

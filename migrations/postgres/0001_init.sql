@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS migrations (
     state TEXT NOT NULL,
     keys_migrated BIGINT NOT NULL,
     total_keys BIGINT NOT NULL,
+    -- For replication_factor_change: the RF the tenant moves to (0 otherwise).
+    target_rf BIGINT NOT NULL,
     started_at_ms BIGINT NOT NULL,
     updated_at_ms BIGINT NOT NULL
 );

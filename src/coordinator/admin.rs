@@ -2,12 +2,13 @@
 //!
 //! Decisions: RF 0 in a request means the default (3); valid RFs are 1..=10. Lowering a
 //! replication factor takes effect at once (the remaining replicas are a prefix of the old
-//! ones, so they hold every key). Raising it is refused (UNIMPLEMENTED) until existing keys can
-//! be streamed to the new replicas: without that, a quorum of new, empty replicas would answer
-//! "not found" for keys that exist. Node list
+//! ones, so they hold every key). Raising it starts a migration ([`super::rf_change`]): the
+//! tenant keeps its RF for reads until existing keys are copied to the new replicas. One change
+//! per tenant at a time. Node list
 //! entries combine the registry (state, address, vnodes) with gossip (down) and each node's
 //! HealthCheck (key estimate, disk %), asked in parallel with a short timeout.
 
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::engine::validate_tenant;
@@ -20,9 +21,6 @@ use super::Coordinator;
 use super::errors::CoordError;
 
 pub const DEFAULT_RF: u32 = 3;
-const RF_RAISE_LATER: &str = "raising a replication factor needs existing keys streamed to their \
-     new replicas, which is not built yet (reads would miss keys the new replicas lack); lowering \
-     it works";
 pub const MAX_RF: u32 = 10;
 const HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -75,7 +73,7 @@ impl Coordinator {
     }
 
     pub async fn update_replication_factor(
-        &self,
+        self: &Arc<Self>,
         tenant_id: &str,
         rf: u32,
     ) -> Result<pb::UpdateReplicationFactorResponse, CoordError> {
@@ -88,8 +86,20 @@ impl Coordinator {
             .get_tenant(tenant_id)
             .await?
             .ok_or_else(|| CoordError::TenantNotFound(tenant_id.to_owned()))?;
+        if self.pending_rf.is_pending(tenant_id) {
+            return Err(CoordError::InvalidRequest(format!(
+                "a replication-factor change of tenant {tenant_id:?} is in progress"
+            )));
+        }
         if rf > current.replication_factor {
-            return Err(CoordError::NotImplemented(RF_RAISE_LATER));
+            let migration_id = self.raise_replication_factor(&current, rf).await?;
+            return Ok(pb::UpdateReplicationFactorResponse {
+                tenant_id: tenant_id.to_owned(),
+                old_replication_factor: current.replication_factor,
+                new_replication_factor: rf,
+                updated_at: rfc3339(crate::wallclock::now_ms() as i64),
+                migration_id,
+            });
         }
         let before = self
             .meta

@@ -9,7 +9,8 @@
 //!   [`batcher`], which coalesces concurrent calls to one node into `WriteBatch`/`ReadBatch`.
 //! - [`write`] (put and tombstone fan-out, hints for misses), [`read`] (quorum read, winner,
 //!   read repair), [`idempotent`] (the idempotency wrapper of writes).
-//! - [`hints`]: durable hint writer and the replay loop; [`repair`]: the bounded repair queue.
+//! - [`hints`]: durable hint writer and the replay loop; [`repair`]: the bounded repair queue;
+//!   [`rf_change`]: raising a tenant's replication factor (copy to new replicas, then switch).
 //! - [`tenant_cache`], [`clock`] (HLC with a durable high-water mark), [`admin`] (tenants and
 //!   the node list), [`service`] (the gRPC service), [`http`] (health and metrics).
 //!
@@ -29,6 +30,7 @@ pub mod membership;
 pub mod read;
 pub mod repair;
 pub mod replicas;
+pub mod rf_change;
 pub mod ring_view;
 pub mod service;
 pub mod storage_pool;
@@ -56,6 +58,8 @@ pub struct Options {
     pub max_clock_entries: usize,
     /// Share of QUORUM reads that ask every read replica (for read repair), 0..=1.
     pub read_repair_chance: f64,
+    /// How often tenants, migrations and the registry are re-read from the metadata store.
+    pub metadata_refresh: Duration,
 }
 
 /// Everything a request needs, shared by the gRPC service and the background loops.
@@ -71,6 +75,8 @@ pub struct Coordinator {
     pub ring: Arc<RingView>,
     pub hints: HintWriter,
     pub repairs: RepairQueue,
+    /// Tenants whose replication factor is being raised, and to what.
+    pub pending_rf: rf_change::PendingRf,
     /// Reads served, for spreading `read_repair_chance` evenly.
     pub reads_served: std::sync::atomic::AtomicU64,
 }

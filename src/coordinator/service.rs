@@ -152,14 +152,7 @@ impl Coordinator {
         let write = |idempotency_key: String| async move {
             let version = self.new_version(&context).await?;
             let written = self
-                .replicate(
-                    &tenant.tenant_id,
-                    tenant.replication_factor,
-                    key,
-                    Some(value.clone()),
-                    version,
-                    level,
-                )
+                .replicate(&tenant, key, Some(value.clone()), version, level)
                 .await?;
             Ok(pb::WriteKeyValueResponse {
                 key: key.clone(),
@@ -237,14 +230,7 @@ impl Coordinator {
         let context = Version::from(&current).clock;
         let version = self.new_version(&context).await?;
         let written = self
-            .replicate(
-                &tenant.tenant_id,
-                tenant.replication_factor,
-                &req.key,
-                None,
-                version,
-                level,
-            )
+            .replicate(&tenant, &req.key, None, version, level)
             .await?;
         Ok(pb::DeleteKeyValueResponse {
             key: req.key.clone(),

@@ -12,6 +12,8 @@ use crate::ring::NodeId;
 use crate::rpc::storage as pb;
 use crate::vclock::{VectorClock, Version, next_version};
 
+use crate::meta::Tenant;
+
 use super::Coordinator;
 use super::errors::CoordError;
 use super::replicas::{self, ReplicaError};
@@ -38,21 +40,24 @@ impl Coordinator {
         ))
     }
 
-    /// Writes `value` (or a tombstone for `None`) under `version` at `consistency`.
+    /// Writes `value` (or a tombstone for `None`) under `version` at `consistency`, to the
+    /// tenant's replicas (the union of old and new ones while its RF is being raised).
     pub async fn replicate(
         &self,
-        tenant: &str,
-        rf: u32,
+        tenant: &Tenant,
         key: &[u8],
         value: Option<Vec<u8>>,
         version: Version,
         consistency: Consistency,
     ) -> Result<Written, CoordError> {
         let snapshot = self.ring.snapshot();
-        let plan = self.ring.plan(&snapshot, tenant, key, rf as usize)?;
+        let rf = self.pending_rf.write_rf(tenant);
+        let plan = self
+            .ring
+            .plan(&snapshot, &tenant.tenant_id, key, rf as usize)?;
         let required = plan.required(consistency);
         let record = pb::Record {
-            tenant_id: tenant.to_owned(),
+            tenant_id: tenant.tenant_id.clone(),
             key: key.to_vec(),
             version: Some((&version).into()),
             payload: Some(match value {

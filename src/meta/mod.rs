@@ -111,6 +111,8 @@ pub struct Migration {
     pub state: MigrationState,
     pub keys_migrated: u64,
     pub total_keys: u64,
+    /// For a replication-factor change: the RF the tenant moves to (0 otherwise).
+    pub target_rf: u32,
     pub started_at_ms: i64,
     pub updated_at_ms: i64,
 }
@@ -126,6 +128,8 @@ pub trait MetadataStore: Send + Sync {
         replication_factor: u32,
     ) -> Result<Tenant, MetaError>;
     async fn get_tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, MetaError>;
+    /// Tenants created or changed at or after `since_ms` (for other coordinators' caches).
+    async fn tenants_updated_since(&self, since_ms: i64) -> Result<Vec<Tenant>, MetaError>;
     /// Sets the RF and returns the tenant as it was before.
     async fn update_replication_factor(
         &self,
@@ -147,6 +151,8 @@ pub trait MetadataStore: Send + Sync {
     /// Records a new migration (`Exists` if the id is taken).
     async fn create_migration(&self, migration: &Migration) -> Result<(), MetaError>;
     async fn get_migration(&self, migration_id: &str) -> Result<Option<Migration>, MetaError>;
+    /// Migrations that are pending or in progress.
+    async fn active_migrations(&self) -> Result<Vec<Migration>, MetaError>;
     /// Moves a migration to `state` with its progress (`NotFound` for an unknown id).
     async fn update_migration(
         &self,

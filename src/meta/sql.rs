@@ -88,6 +88,7 @@ fn migration(row: &AnyRow) -> Result<Migration, MetaError> {
             .ok_or_else(|| MetaError::Corrupt(format!("migration state {state:?}")))?,
         keys_migrated: int(row, "keys_migrated")?,
         total_keys: int(row, "total_keys")?,
+        target_rf: int(row, "target_rf")?,
         started_at_ms: int(row, "started_at_ms")?,
         updated_at_ms: int(row, "updated_at_ms")?,
     })
@@ -209,6 +210,17 @@ impl MetadataStore for SqlMetadataStore {
         .await
         .map_err(unavailable)?;
         row.as_ref().map(tenant).transpose()
+    }
+
+    async fn tenants_updated_since(&self, since_ms: i64) -> Result<Vec<Tenant>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, replication_factor, created_at_ms, updated_at_ms FROM tenants WHERE updated_at_ms >= $1",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(tenant).collect()
     }
 
     async fn update_replication_factor(
@@ -378,8 +390,8 @@ impl MetadataStore for SqlMetadataStore {
 
     async fn create_migration(&self, m: &Migration) -> Result<(), MetaError> {
         let result = sqlx::query(
-            "INSERT INTO migrations (migration_id, kind, subject, state, keys_migrated, total_keys, started_at_ms, updated_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO migrations (migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&m.migration_id)
         .bind(m.kind.as_str())
@@ -387,6 +399,7 @@ impl MetadataStore for SqlMetadataStore {
         .bind(m.state.as_str())
         .bind(count(m.keys_migrated)?)
         .bind(count(m.total_keys)?)
+        .bind(i64::from(m.target_rf))
         .bind(m.started_at_ms)
         .bind(m.updated_at_ms)
         .execute(&self.pool)
@@ -403,7 +416,7 @@ impl MetadataStore for SqlMetadataStore {
 
     async fn get_migration(&self, migration_id: &str) -> Result<Option<Migration>, MetaError> {
         let row = sqlx::query(
-            "SELECT migration_id, kind, subject, state, keys_migrated, total_keys, started_at_ms, updated_at_ms \
+            "SELECT migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms \
              FROM migrations WHERE migration_id = $1",
         )
         .bind(migration_id)
@@ -411,6 +424,17 @@ impl MetadataStore for SqlMetadataStore {
         .await
         .map_err(unavailable)?;
         row.as_ref().map(migration).transpose()
+    }
+
+    async fn active_migrations(&self) -> Result<Vec<Migration>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms \
+             FROM migrations WHERE state IN ('pending', 'in_progress') ORDER BY started_at_ms",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(migration).collect()
     }
 
     async fn update_migration(

@@ -18,7 +18,7 @@ use crate::coordinator::ring_view::RingView;
 use crate::coordinator::service::CoordinatorService;
 use crate::coordinator::storage_pool::StoragePool;
 use crate::coordinator::tenant_cache::TenantCache;
-use crate::coordinator::{Coordinator, Options, http};
+use crate::coordinator::{Coordinator, Options, http, rf_change};
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
 use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
@@ -122,13 +122,15 @@ pub async fn start(
     let clock = CoordinatorClock::resume(id, meta.clone())
         .await
         .context("loading the coordinator clock")?;
-    Ok(Arc::new(Coordinator {
+    let core = Arc::new(Coordinator {
         id: id.to_owned(),
         options: Options {
             request_timeout: timeout,
             max_clock_entries: cfg.max_clock_entries,
             read_repair_chance: cfg.read_repair_chance,
+            metadata_refresh: Duration::from_millis(cfg.ring_refresh_ms),
         },
+        pending_rf: Default::default(),
         reads_served: std::sync::atomic::AtomicU64::new(0),
         hints: HintWriter::start(cfg.hints_enabled.then(|| meta.clone())),
         repairs: RepairQueue::start(cfg.read_repair_queue, ring.clone(), pool.clone(), timeout),
@@ -139,7 +141,14 @@ pub async fn start(
         clock,
         pool,
         ring,
-    }))
+    });
+    rf_change::spawn_refresh(
+        core.clone(),
+        Duration::from_millis(cfg.ring_refresh_ms),
+        stop.clone(),
+    );
+    rf_change::resume(&core);
+    Ok(core)
 }
 
 /// Registers `--storage-nodes` as active nodes when the registry is empty. Several coordinators

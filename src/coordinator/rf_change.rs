@@ -1,0 +1,267 @@
+//! Raising a tenant's replication factor (SEMANTICS.md, "Replication-factor change"): new
+//! replicas receive a copy of every key; reads use the old replica set until the copy completed,
+//! writes go to the union meanwhile.
+//!
+//! How: the change is a migration record (`replication_factor_change`, target RF) in the
+//! metadata store. Every coordinator re-reads active migrations and changed tenants every
+//! `metadata_refresh` ([`spawn_refresh`]) and writes a tenant's keys at `max(RF, target)`; the
+//! walk that places replicas makes the old owners a prefix of the new ones, so that is the
+//! union. After waiting long enough for every coordinator to write to the union, the
+//! coordinator that accepted the change scans every storage node's records of the tenant and
+//! sends each to the owners it gains (`WriteBatch` REPAIR: never rolls a newer version back),
+//! then sets the tenant's RF and marks the migration completed. Reads switch to the new RF
+//! only then. A failed copy marks the migration failed and leaves the RF as it was; a copy cut
+//! short by a restart resumes when a coordinator starts ([`resume`]).
+//!
+//! Invariant: a read at the new RF never misses a key written before: every key either was on
+//! an old owner when the scan passed (and was copied) or was written after every coordinator
+//! wrote to the union.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use crate::meta::{Migration, MigrationKind, MigrationState, Tenant};
+use crate::ring::NodeId;
+use crate::rpc::common;
+use crate::rpc::storage as spb;
+
+use super::Coordinator;
+use super::errors::CoordError;
+
+/// Records per scan batch and per copy batch.
+const BATCH: u32 = 1000;
+
+/// Target RFs of the tenants whose replication factor is being raised.
+#[derive(Default)]
+pub struct PendingRf {
+    targets: RwLock<HashMap<String, u32>>,
+}
+
+impl PendingRf {
+    /// The RF writes for `tenant` use: the target while a raise is in progress.
+    pub fn write_rf(&self, tenant: &Tenant) -> u32 {
+        self.targets
+            .read()
+            .get(&tenant.tenant_id)
+            .map_or(tenant.replication_factor, |t| {
+                (*t).max(tenant.replication_factor)
+            })
+    }
+
+    pub fn is_pending(&self, tenant_id: &str) -> bool {
+        self.targets.read().contains_key(tenant_id)
+    }
+
+    fn set(&self, targets: HashMap<String, u32>) {
+        *self.targets.write() = targets;
+    }
+
+    fn insert(&self, tenant_id: &str, target: u32) {
+        self.targets.write().insert(tenant_id.to_owned(), target);
+    }
+}
+
+/// Keeps pending RF changes and changed tenants current, every `every`, until `stop`.
+pub fn spawn_refresh(core: Arc<Coordinator>, every: Duration, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            if let Err(e) = refresh(&core, every).await {
+                tracing::warn!(error = %e, "cannot re-read tenants and migrations");
+            }
+        }
+    });
+}
+
+/// Migrations first, then tenants: a raise finishes by setting the tenant's RF before marking
+/// the migration completed, so a change that has left the pending set is always seen with its
+/// new RF.
+async fn refresh(core: &Coordinator, every: Duration) -> Result<(), crate::meta::MetaError> {
+    let targets = core
+        .meta
+        .active_migrations()
+        .await?
+        .into_iter()
+        .filter(|m| m.kind == MigrationKind::ReplicationFactorChange)
+        .map(|m| (m.subject, m.target_rf))
+        .collect();
+    // A generous window: another coordinator's wall clock stamped the change.
+    let since = crate::wallclock::now_ms() as i64 - (every.as_millis() as i64) * 5 - 10_000;
+    let changed = core.meta.tenants_updated_since(since).await?;
+    core.pending_rf.set(targets);
+    for tenant in changed {
+        core.tenants.put(tenant);
+    }
+    Ok(())
+}
+
+/// Resumes raises left in progress by a coordinator that stopped.
+pub fn resume(core: &Arc<Coordinator>) {
+    let core = core.clone();
+    tokio::spawn(async move {
+        let active = match core.meta.active_migrations().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list migrations to resume");
+                return;
+            }
+        };
+        for m in active
+            .into_iter()
+            .filter(|m| m.kind == MigrationKind::ReplicationFactorChange)
+        {
+            core.pending_rf.insert(&m.subject, m.target_rf);
+            tracing::info!(migration = %m.migration_id, tenant = %m.subject, "resuming a replication-factor change");
+            core.clone().spawn_copy(m);
+        }
+    });
+}
+
+impl Coordinator {
+    /// Starts raising `tenant`'s RF to `target`; returns the migration's id.
+    pub async fn raise_replication_factor(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        target: u32,
+    ) -> Result<String, CoordError> {
+        let now = crate::wallclock::now_ms() as i64;
+        let migration = Migration {
+            migration_id: format!("rf-{}", uuid::Uuid::new_v4()),
+            kind: MigrationKind::ReplicationFactorChange,
+            subject: tenant.tenant_id.clone(),
+            state: MigrationState::InProgress,
+            keys_migrated: 0,
+            total_keys: 0,
+            target_rf: target,
+            started_at_ms: now,
+            updated_at_ms: now,
+        };
+        self.meta.create_migration(&migration).await?;
+        self.pending_rf.insert(&tenant.tenant_id, target);
+        let id = migration.migration_id.clone();
+        self.clone().spawn_copy(migration);
+        Ok(id)
+    }
+
+    fn spawn_copy(self: Arc<Self>, migration: Migration) {
+        tokio::spawn(async move {
+            // Every coordinator writes to the union before the scan starts.
+            tokio::time::sleep(self.options.metadata_refresh * 2 + Duration::from_secs(1)).await;
+            let id = migration.migration_id.clone();
+            let result = self.copy_to_new_replicas(&migration).await;
+            let finished = match result {
+                Ok((copied, scanned)) => self.finish_raise(&migration, copied, scanned).await,
+                Err(e) => {
+                    tracing::error!(migration = %id, error = %e, "replication-factor change failed; the RF stays as it was");
+                    self.meta
+                        .update_migration(&id, MigrationState::Failed, 0, 0)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            };
+            if let Err(e) = finished {
+                tracing::error!(migration = %id, error = %e, "cannot record the end of a replication-factor change");
+            }
+            self.pending_rf.targets.write().remove(&migration.subject);
+        });
+    }
+
+    /// Sets the new RF, then marks the migration completed (in that order; see [`refresh`]).
+    async fn finish_raise(&self, m: &Migration, copied: u64, scanned: u64) -> Result<(), String> {
+        self.meta
+            .update_replication_factor(&m.subject, m.target_rf)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.tenants.invalidate(&m.subject);
+        self.meta
+            .update_migration(&m.migration_id, MigrationState::Completed, copied, scanned)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(migration = %m.migration_id, tenant = %m.subject, rf = m.target_rf, copied, "replication factor raised");
+        Ok(())
+    }
+
+    /// Sends every record of the tenant to the owners the new RF adds. Returns (records copied,
+    /// records scanned).
+    async fn copy_to_new_replicas(&self, m: &Migration) -> Result<(u64, u64), String> {
+        let tenant = self
+            .meta
+            .get_tenant(&m.subject)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("tenant {:?} is gone", m.subject))?;
+        let old_rf = tenant.replication_factor as usize;
+        let snapshot = self.ring.snapshot();
+        let (mut copied, mut scanned) = (0u64, 0u64);
+        for node in &snapshot.nodes {
+            let Some(address) = snapshot.address(&node.node_id) else {
+                continue;
+            };
+            let mut client = self.pool.client(&node.node_id, address)?;
+            let mut stream = client
+                .scan_range(spb::ScanRangeRequest {
+                    range: Some(common::HashRange { start: 0, end: 0 }),
+                    batch_size: BATCH,
+                })
+                .await
+                .map_err(|s| format!("scan of {}: {}", node.node_id, s.message()))?
+                .into_inner();
+            while let Some(batch) = stream
+                .message()
+                .await
+                .map_err(|s| format!("scan of {}: {}", node.node_id, s.message()))?
+            {
+                let mut gained: HashMap<NodeId, Vec<spb::Record>> = HashMap::new();
+                for record in batch
+                    .records
+                    .into_iter()
+                    .filter(|r| r.tenant_id == m.subject)
+                {
+                    scanned += 1;
+                    let old = self
+                        .ring
+                        .plan(&snapshot, &m.subject, &record.key, old_rf)
+                        .map_err(|e| e.to_string())?
+                        .write_replicas();
+                    let new = self
+                        .ring
+                        .plan(&snapshot, &m.subject, &record.key, m.target_rf as usize)
+                        .map_err(|e| e.to_string())?
+                        .write_replicas();
+                    for target in new.into_iter().filter(|n| !old.contains(n)) {
+                        gained.entry(target).or_default().push(record.clone());
+                    }
+                }
+                for (target, records) in gained {
+                    let address = snapshot
+                        .address(target.as_str())
+                        .ok_or_else(|| format!("{} is not in the registry", target.as_str()))?;
+                    let n = records.len() as u64;
+                    self.pool
+                        .client(target.as_str(), address)?
+                        .write_batch(spb::WriteBatchRequest {
+                            records,
+                            source: spb::BatchSource::Repair as i32,
+                        })
+                        .await
+                        .map_err(|s| format!("copy to {}: {}", target.as_str(), s.message()))?;
+                    copied += n;
+                }
+                self.meta
+                    .update_migration(&m.migration_id, MigrationState::InProgress, copied, scanned)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok((copied, scanned))
+    }
+}
