@@ -619,6 +619,22 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
     );
     let (s, b) = get(&format!("{url}/v1/nothing-here"), Some(&admin)).await;
     assert_error(s, &b, 404, "INVALID_REQUEST");
+
+    // A stored value that is not JSON (written past the gateway, straight to a coordinator)
+    // cannot be served as JSON: 500 INTERNAL_ERROR with the error body, and the gateway lives on.
+    let mut coordinator = c.coordinators[0].client().await;
+    coordinator
+        .write_key_value(pairdb::rpc::coordinator::WriteKeyValueRequest {
+            tenant_id: "acme".into(),
+            key: b"raw".to_vec(),
+            value: b"not json".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("raw write");
+    let (s, b) = get(&format!("{kv}?key=raw"), Some(&acme)).await;
+    assert_error(s, &b, 500, "INTERNAL_ERROR");
+    assert_eq!(get(&format!("{kv}?key=shared"), Some(&acme)).await.0, 200);
     drop(c.storage);
 }
 
