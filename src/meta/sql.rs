@@ -71,6 +71,9 @@ fn text(row: &AnyRow, col: &str) -> Result<String, MetaError> {
         .map_err(|e| MetaError::Corrupt(e.to_string()))
 }
 
+/// The columns of `migrations`, in the order [`migration`] and inserts use.
+const MIGRATION_COLUMNS: &str = "migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms";
+
 /// A count as the database stores it.
 fn count(n: u64) -> Result<i64, MetaError> {
     i64::try_from(n).map_err(|_| MetaError::Corrupt(format!("count {n} out of range")))
@@ -390,8 +393,9 @@ impl MetadataStore for SqlMetadataStore {
 
     async fn create_migration(&self, m: &Migration) -> Result<(), MetaError> {
         let result = sqlx::query(
-            "INSERT INTO migrations (migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &format!(
+                "INSERT INTO migrations ({MIGRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ),
         )
         .bind(&m.migration_id)
         .bind(m.kind.as_str())
@@ -415,10 +419,9 @@ impl MetadataStore for SqlMetadataStore {
     }
 
     async fn get_migration(&self, migration_id: &str) -> Result<Option<Migration>, MetaError> {
-        let row = sqlx::query(
-            "SELECT migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms \
-             FROM migrations WHERE migration_id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {MIGRATION_COLUMNS} FROM migrations WHERE migration_id = $1"
+        ))
         .bind(migration_id)
         .fetch_optional(&self.pool)
         .await
@@ -427,10 +430,9 @@ impl MetadataStore for SqlMetadataStore {
     }
 
     async fn active_migrations(&self) -> Result<Vec<Migration>, MetaError> {
-        let rows = sqlx::query(
-            "SELECT migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms \
-             FROM migrations WHERE state IN ('pending', 'in_progress') ORDER BY started_at_ms",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {MIGRATION_COLUMNS} FROM migrations WHERE state IN ('pending', 'in_progress') ORDER BY started_at_ms"
+        ))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
