@@ -5,149 +5,26 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::StorageNode;
 use common::backends::{Postgres, Redis, skip_or_fail};
 use common::cluster::{RoleProcess, start_storage};
+use common::coord::{
+    code, create_tenant, eventually, get, node_state, put, put_idem, sqlite_url, stored,
+    wait_all_active,
+};
 use pairdb::coordinator::errors::detail_in;
 use pairdb::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use pairdb::ring::NodeState;
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
-use pairdb::rpc::coordinator::coordinator_client::CoordinatorClient;
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
-use pairdb::rpc::storage as spb;
 use pairdb::vclock::Version;
-use tonic::transport::Channel;
-
-type Client = CoordinatorClient<Channel>;
 
 /// The tests of this file run one at a time: each starts 3-5 storage nodes and coordinators,
 /// and running them all at once on a 2-core machine starves gossip heartbeats.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const LEVELS: [Consistency; 3] = [Consistency::One, Consistency::Quorum, Consistency::All];
-
-async fn put(
-    c: &mut Client,
-    tenant: &str,
-    key: &str,
-    value: &str,
-    level: Consistency,
-) -> Result<pb::WriteKeyValueResponse, tonic::Status> {
-    put_idem(c, tenant, key, value, level, "").await
-}
-
-async fn put_idem(
-    c: &mut Client,
-    tenant: &str,
-    key: &str,
-    value: &str,
-    level: Consistency,
-    idempotency_key: &str,
-) -> Result<pb::WriteKeyValueResponse, tonic::Status> {
-    c.write_key_value(pb::WriteKeyValueRequest {
-        tenant_id: tenant.to_owned(),
-        key: key.as_bytes().to_vec(),
-        value: value.as_bytes().to_vec(),
-        consistency: level as i32,
-        idempotency_key: idempotency_key.to_owned(),
-        ..Default::default()
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn get(
-    c: &mut Client,
-    tenant: &str,
-    key: &str,
-    level: Consistency,
-) -> Result<String, tonic::Status> {
-    c.read_key_value(pb::ReadKeyValueRequest {
-        tenant_id: tenant.to_owned(),
-        key: key.as_bytes().to_vec(),
-        consistency: level as i32,
-    })
-    .await
-    .map(|r| String::from_utf8(r.into_inner().value).expect("utf-8 value"))
-}
-
-fn code(status: &tonic::Status) -> ErrorCode {
-    detail_in(status).map_or(ErrorCode::Unspecified, |d| d.code())
-}
-
-async fn create_tenant(c: &mut Client, tenant: &str, rf: u32) {
-    c.create_tenant(pb::CreateTenantRequest {
-        tenant_id: tenant.to_owned(),
-        replication_factor: rf,
-    })
-    .await
-    .expect("create tenant");
-}
-
-/// The value a storage node holds for a key (`None`: nothing; tombstones read as `None` too).
-async fn stored(node: &StorageNode, tenant: &str, key: &str) -> Option<(String, Version)> {
-    let record = node
-        .client()
-        .await
-        .read(spb::ReadRequest {
-            tenant_id: tenant.to_owned(),
-            key: key.as_bytes().to_vec(),
-        })
-        .await
-        .expect("storage read")
-        .into_inner()
-        .record?;
-    let version = Version::from(record.version.as_ref().expect("version"));
-    match record.payload? {
-        spb::record::Payload::Value(v) => Some((String::from_utf8(v).expect("utf-8"), version)),
-        spb::record::Payload::Tombstone(_) => None,
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, within: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn node_state(c: &mut Client, node: &str) -> Option<WireState> {
-    c.list_storage_nodes(pb::ListStorageNodesRequest {})
-        .await
-        .ok()?
-        .into_inner()
-        .nodes
-        .into_iter()
-        .find(|n| n.node_id == node)
-        .map(|n| n.state())
-}
-
-/// Waits until the coordinator sees all `n` storage nodes up (gossip converged).
-async fn wait_all_active(c: &Client, n: usize) {
-    eventually("every storage node active", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move {
-            c.list_storage_nodes(pb::ListStorageNodesRequest {})
-                .await
-                .map(|r| r.into_inner().nodes)
-                .is_ok_and(|nodes| {
-                    nodes.len() == n && nodes.iter().all(|x| x.state() == WireState::Active)
-                })
-        }
-    })
-    .await;
-}
-
-fn sqlite_url(dir: &std::path::Path) -> String {
-    format!("sqlite://{}", dir.join("meta.db").display())
-}
 
 /// Placement, quorum reads and writes at every level from two coordinators, tenant isolation,
 /// input errors, delete, and ring changes seen by both coordinators through the shared store.

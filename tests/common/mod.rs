@@ -3,6 +3,7 @@
 
 pub mod backends;
 pub mod cluster;
+pub mod coord;
 
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};

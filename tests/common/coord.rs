@@ -1,0 +1,137 @@
+//! Clients of a coordinator for tests: key-value calls, tenants, node states, and what one
+//! storage node holds.
+
+use std::time::{Duration, Instant};
+
+use pairdb::coordinator::errors::detail_in;
+use pairdb::rpc::common::{Consistency, NodeState as WireState};
+use pairdb::rpc::coordinator::coordinator_client::CoordinatorClient;
+use pairdb::rpc::coordinator::{self as pb, ErrorCode};
+use pairdb::rpc::storage as spb;
+use pairdb::vclock::Version;
+use tonic::transport::Channel;
+
+use super::StorageNode;
+
+pub type Client = CoordinatorClient<Channel>;
+
+pub async fn put(
+    c: &mut Client,
+    tenant: &str,
+    key: &str,
+    value: &str,
+    level: Consistency,
+) -> Result<pb::WriteKeyValueResponse, tonic::Status> {
+    put_idem(c, tenant, key, value, level, "").await
+}
+
+pub async fn put_idem(
+    c: &mut Client,
+    tenant: &str,
+    key: &str,
+    value: &str,
+    level: Consistency,
+    idempotency_key: &str,
+) -> Result<pb::WriteKeyValueResponse, tonic::Status> {
+    c.write_key_value(pb::WriteKeyValueRequest {
+        tenant_id: tenant.to_owned(),
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+        consistency: level as i32,
+        idempotency_key: idempotency_key.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+pub async fn get(
+    c: &mut Client,
+    tenant: &str,
+    key: &str,
+    level: Consistency,
+) -> Result<String, tonic::Status> {
+    c.read_key_value(pb::ReadKeyValueRequest {
+        tenant_id: tenant.to_owned(),
+        key: key.as_bytes().to_vec(),
+        consistency: level as i32,
+    })
+    .await
+    .map(|r| String::from_utf8(r.into_inner().value).expect("utf-8 value"))
+}
+
+pub fn code(status: &tonic::Status) -> ErrorCode {
+    detail_in(status).map_or(ErrorCode::Unspecified, |d| d.code())
+}
+
+pub async fn create_tenant(c: &mut Client, tenant: &str, rf: u32) {
+    c.create_tenant(pb::CreateTenantRequest {
+        tenant_id: tenant.to_owned(),
+        replication_factor: rf,
+    })
+    .await
+    .expect("create tenant");
+}
+
+/// The value a storage node holds for a key (`None`: nothing; tombstones read as `None` too).
+pub async fn stored(node: &StorageNode, tenant: &str, key: &str) -> Option<(String, Version)> {
+    let record = node
+        .client()
+        .await
+        .read(spb::ReadRequest {
+            tenant_id: tenant.to_owned(),
+            key: key.as_bytes().to_vec(),
+        })
+        .await
+        .expect("storage read")
+        .into_inner()
+        .record?;
+    let version = Version::from(record.version.as_ref().expect("version"));
+    match record.payload? {
+        spb::record::Payload::Value(v) => Some((String::from_utf8(v).expect("utf-8"), version)),
+        spb::record::Payload::Tombstone(_) => None,
+    }
+}
+
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn node_state(c: &mut Client, node: &str) -> Option<WireState> {
+    c.list_storage_nodes(pb::ListStorageNodesRequest {})
+        .await
+        .ok()?
+        .into_inner()
+        .nodes
+        .into_iter()
+        .find(|n| n.node_id == node)
+        .map(|n| n.state())
+}
+
+/// Waits until the coordinator sees all `n` storage nodes up (gossip converged).
+pub async fn wait_all_active(c: &Client, n: usize) {
+    eventually("every storage node active", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            c.list_storage_nodes(pb::ListStorageNodesRequest {})
+                .await
+                .map(|r| r.into_inner().nodes)
+                .is_ok_and(|nodes| {
+                    nodes.len() == n && nodes.iter().all(|x| x.state() == WireState::Active)
+                })
+        }
+    })
+    .await;
+}
+
+pub fn sqlite_url(dir: &std::path::Path) -> String {
+    format!("sqlite://{}", dir.join("meta.db").display())
+}
