@@ -154,6 +154,12 @@ pub struct CoordinatorConfig {
     /// Coalesced batches of replica calls outstanding per storage node and kind (reads,
     /// writes); fewer means larger batches (fewer RPCs and fsyncs), more means less queueing.
     pub batch_in_flight: usize,
+    /// A node addition or removal whose streams make no progress for this many seconds is
+    /// rolled back.
+    pub topology_timeout_s: u64,
+    /// Removing a node that would leave fewer active nodes than this (or than the largest
+    /// tenant RF) needs `force`.
+    pub min_storage_nodes: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -176,6 +182,8 @@ impl Default for CoordinatorConfig {
             read_repair_queue: 10_000,
             read_repair_chance: 0.1,
             batch_in_flight: 2,
+            topology_timeout_s: 3600,
+            min_storage_nodes: 1,
         }
     }
 }

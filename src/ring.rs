@@ -130,6 +130,15 @@ impl HashRange {
         }
     }
 
+    /// Number of positions in the arc (2^64 for the whole ring).
+    pub fn width(&self) -> u128 {
+        if self.start < self.end {
+            u128::from(self.end - self.start)
+        } else {
+            (1u128 << 64) - u128::from(self.start) + u128::from(self.end)
+        }
+    }
+
     /// The same arc as at most two non-wrapping pieces `(start, end_inclusive)`, for scans over
     /// sorted hashes.
     pub fn pieces(&self) -> Vec<(u64, u64)> {
@@ -353,6 +362,18 @@ pub struct RangeMove {
 /// when fewer nodes lose it than gain it (the RF was capped before), the first remaining owner
 /// sends. Adjacent arcs with the same sender and receiver are merged.
 pub fn moved_ranges(before: &Ring, after: &Ring, rf: usize) -> Vec<RangeMove> {
+    moved_ranges_with(before, after, rf, |_| true)
+}
+
+/// [`moved_ranges`] where only nodes for which `can_send` holds may send (a dead node being
+/// removed cannot): an unusable sender is replaced by the first old owner of the arc that can
+/// send; an arc no old owner can send is left out (its data is gone with the dead nodes).
+pub fn moved_ranges_with(
+    before: &Ring,
+    after: &Ring,
+    rf: usize,
+    can_send: impl Fn(&NodeId) -> bool,
+) -> Vec<RangeMove> {
     let mut boundaries: Vec<u64> = before
         .members
         .tokens
@@ -373,7 +394,10 @@ pub fn moved_ranges(before: &Ring, after: &Ring, rf: usize) -> Vec<RangeMove> {
         let lost: Vec<&NodeId> = old.iter().filter(|n| !new.contains(n)).collect();
         let gained = new.iter().filter(|n| !old.contains(n));
         for (k, to) in gained.enumerate() {
-            let from = lost.get(k).copied().unwrap_or(&old[0]).clone();
+            let paired = lost.get(k).copied().filter(|n| can_send(n));
+            let Some(from) = paired.or_else(|| old.iter().find(|n| can_send(n))).cloned() else {
+                continue;
+            };
             let range = HashRange::new(start, end);
             match moves
                 .iter_mut()

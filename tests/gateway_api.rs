@@ -572,13 +572,36 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
         .await;
         assert_error(s, &b, 400, "INVALID_NODE_CONFIG");
     }
+    let s4_dir = c._dir.path().join("s4");
+    std::fs::create_dir_all(&s4_dir).expect("mkdir");
+    let s4 = StorageNode::start("s4", &s4_dir, None);
+    let s4_body = json!({"node_id": "s4", "host": "127.0.0.1", "port": s4.grpc.port()});
     let (s, b) = post(
         &format!("{url}/v1/admin/storage-nodes"),
         Some(&admin),
-        &json!({"node_id": "s4", "host": "127.0.0.1", "port": 7104}),
+        &s4_body,
     )
     .await;
-    assert_error(s, &b, 501, "NOT_IMPLEMENTED");
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(
+        (b["status"].as_str(), b["node_id"].as_str()),
+        (Some("accepted"), Some("s4"))
+    );
+    for field in ["migration_id", "message", "estimated_completion"] {
+        assert!(
+            b[field].as_str().is_some_and(|v| !v.is_empty()),
+            "{field}: {b}"
+        );
+    }
+    let added = b["migration_id"].as_str().unwrap_or_default().to_owned();
+    let (s, b) = post(
+        &format!("{url}/v1/admin/storage-nodes"),
+        Some(&admin),
+        &s4_body,
+    )
+    .await;
+    assert_error(s, &b, 409, "NODE_EXISTS");
+    // acme has RF 3 and only s1..s3 are active: none of them may leave without force.
     let (s, _, b) = call(
         Method::DELETE,
         &format!("{url}/v1/admin/storage-nodes/s1?force=false"),
@@ -587,7 +610,17 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
         None,
     )
     .await;
-    assert_error(s, &b, 501, "NOT_IMPLEMENTED");
+    assert_error(s, &b, 400, "NODE_IN_USE");
+    let (s, m) = get(&format!("{url}/v1/admin/migrations/{added}"), Some(&admin)).await;
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(
+        (m["type"].as_str(), m["node_id"].as_str()),
+        (Some("node_addition"), Some("s4"))
+    );
+    assert!(
+        ["in_progress", "completed"].contains(&m["state"].as_str().unwrap_or_default()),
+        "{m}"
+    );
     let (s, b) = get(&format!("{url}/v1/admin/migrations/m-1"), Some(&admin)).await;
     assert_error(s, &b, 404, "MIGRATION_NOT_FOUND");
     let (s, _, b) = call(

@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 
 use pairdb::ring::{
-    HashRange, NodeId, NodeState, Ring, RingNode, key_position, moved_ranges, token,
+    HashRange, NodeId, NodeState, Ring, RingNode, key_position, moved_ranges, moved_ranges_with,
+    token,
 };
 use proptest::prelude::*;
 
@@ -163,6 +164,38 @@ proptest! {
                 prop_assert!(old.contains(&m.from.0), "sender {} must hold the range before", m.from);
             }
         }
+    }
+
+    #[test]
+    fn a_dead_leaving_node_is_replaced_by_surviving_senders(nodes in node_set(6), seed in any::<u64>(), rf in 1usize..4) {
+        prop_assume!(nodes.len() > 1);
+        let dead = NodeId::new(nodes[0].0.clone());
+        let before = ring_of(&nodes);
+        let after = ring_of(&nodes[1..]);
+        let moves = moved_ranges_with(&before, &after, rf, |n| *n != dead);
+        for pos in sample_positions(seed, 400) {
+            let old: BTreeSet<_> = ids(before.natural_owners(pos, rf)).into_iter().collect();
+            let new: BTreeSet<_> = ids(after.natural_owners(pos, rf)).into_iter().collect();
+            let survivors: BTreeSet<_> = old.iter().filter(|n| **n != dead.0).cloned().collect();
+            let gained: BTreeSet<_> = new.difference(&old).cloned().collect();
+            let covering: Vec<_> = moves.iter().filter(|m| m.range.contains(pos)).collect();
+            let receivers: BTreeSet<_> = covering.iter().map(|m| m.to.0.clone()).collect();
+            if survivors.is_empty() {
+                prop_assert!(covering.is_empty(), "nobody holds position {} any more", pos);
+            } else {
+                prop_assert_eq!(&receivers, &gained, "position {}", pos);
+            }
+            for m in covering {
+                prop_assert!(survivors.contains(&m.from.0), "sender {} must be a surviving owner", m.from);
+            }
+        }
+    }
+
+    #[test]
+    fn hash_range_width_agrees_with_pieces(start in any::<u64>(), end in any::<u64>()) {
+        let range = HashRange::new(start, end);
+        let from_pieces: u128 = range.pieces().iter().map(|(lo, hi)| u128::from(hi - lo) + 1).sum();
+        prop_assert_eq!(range.width(), from_pieces);
     }
 
     #[test]

@@ -146,6 +146,18 @@ impl Coordinator {
             MigrationState::Failed => pb::MigrationState::Failed,
             MigrationState::Cancelled => pb::MigrationState::Cancelled,
         };
+        let estimated_completion = match m.state {
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled => {
+                rfc3339(m.updated_at_ms)
+            }
+            _ if m.keys_migrated > 0 && m.total_keys >= m.keys_migrated => {
+                // The rate so far, extrapolated to the estimated total.
+                let elapsed = (m.updated_at_ms - m.started_at_ms).max(0) as f64;
+                let share = m.keys_migrated as f64 / m.total_keys as f64;
+                rfc3339(m.started_at_ms + (elapsed / share) as i64)
+            }
+            _ => String::new(),
+        };
         Ok(pb::Migration {
             migration_id: m.migration_id,
             r#type: kind as i32,
@@ -154,7 +166,7 @@ impl Coordinator {
             keys_migrated: m.keys_migrated,
             total_keys: m.total_keys,
             started_at: rfc3339(m.started_at_ms),
-            estimated_completion: String::new(),
+            estimated_completion,
         })
     }
 

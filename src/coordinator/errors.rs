@@ -29,6 +29,12 @@ pub enum CoordError {
     KeyNotFound,
     #[error("storage node {0:?} not found")]
     NodeNotFound(String),
+    #[error("storage node {0:?} already exists")]
+    NodeExists(String),
+    #[error("{0}")]
+    NodeInUse(String),
+    #[error("{0}")]
+    InvalidNodeConfig(String),
     #[error("migration {0:?} not found")]
     MigrationNotFound(String),
     #[error("quorum not reached: {received} of {required} required replicas answered ({detail})")]
@@ -39,8 +45,6 @@ pub enum CoordError {
     },
     #[error("{0}")]
     Unavailable(String),
-    #[error("{0}")]
-    NotImplemented(&'static str),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -57,10 +61,13 @@ impl CoordError {
             CoordError::TenantExists(_) => ErrorCode::TenantExists,
             CoordError::KeyNotFound => ErrorCode::KeyNotFound,
             CoordError::NodeNotFound(_) => ErrorCode::NodeNotFound,
+            CoordError::NodeExists(_) => ErrorCode::NodeExists,
+            CoordError::NodeInUse(_) => ErrorCode::NodeInUse,
+            CoordError::InvalidNodeConfig(_) => ErrorCode::InvalidNodeConfig,
             CoordError::MigrationNotFound(_) => ErrorCode::MigrationNotFound,
             CoordError::QuorumNotReached { .. } => ErrorCode::QuorumNotReached,
             CoordError::Unavailable(_) => ErrorCode::Unavailable,
-            CoordError::NotImplemented(_) | CoordError::Internal(_) => ErrorCode::InternalError,
+            CoordError::Internal(_) => ErrorCode::InternalError,
         }
     }
 
@@ -75,14 +82,15 @@ impl CoordError {
             | CoordError::InvalidReplicationFactor(_)
             | CoordError::IdempotencyConflict(_)
             | CoordError::KeyTooLarge { .. }
-            | CoordError::ValueTooLarge { .. } => Code::InvalidArgument,
+            | CoordError::ValueTooLarge { .. }
+            | CoordError::NodeInUse(_)
+            | CoordError::InvalidNodeConfig(_) => Code::InvalidArgument,
             CoordError::TenantNotFound(_)
             | CoordError::KeyNotFound
             | CoordError::NodeNotFound(_)
             | CoordError::MigrationNotFound(_) => Code::NotFound,
-            CoordError::TenantExists(_) => Code::AlreadyExists,
+            CoordError::TenantExists(_) | CoordError::NodeExists(_) => Code::AlreadyExists,
             CoordError::QuorumNotReached { .. } | CoordError::Unavailable(_) => Code::Unavailable,
-            CoordError::NotImplemented(_) => Code::Unimplemented,
             CoordError::Internal(_) => Code::Internal,
         }
     }

@@ -143,7 +143,8 @@ pub async fn replay_round(
     Ok(())
 }
 
-async fn replay_target(
+/// Delivers the hints for one target (skipped while gossip reports it down).
+pub async fn replay_target(
     store: &dyn MetadataStore,
     ring: &RingView,
     pool: &StoragePool,

@@ -11,6 +11,7 @@
 //!   read repair), [`idempotent`] (the idempotency wrapper of writes).
 //! - [`hints`]: durable hint writer and the replay loop; [`repair`]: the bounded repair queue;
 //!   [`rf_change`]: raising a tenant's replication factor (copy to new replicas, then switch).
+//! - [`topology`]: adding and removing storage nodes (stream ranges, then switch the ring).
 //! - [`tenant_cache`], [`clock`] (HLC with a durable high-water mark), [`admin`] (tenants and
 //!   the node list), [`service`] (the gRPC service), [`http`] (health and metrics).
 //!
@@ -35,6 +36,7 @@ pub mod ring_view;
 pub mod service;
 pub mod storage_pool;
 pub mod tenant_cache;
+pub mod topology;
 pub mod write;
 
 use std::sync::Arc;
@@ -60,6 +62,12 @@ pub struct Options {
     pub read_repair_chance: f64,
     /// How often tenants, migrations and the registry are re-read from the metadata store.
     pub metadata_refresh: Duration,
+    /// Node additions and removals without streaming progress for this long are rolled back.
+    pub topology_timeout: Duration,
+    /// Fewest active nodes a removal may leave without `force` (the largest tenant RF counts too).
+    pub min_storage_nodes: usize,
+    /// How hints are delivered (the replay loop, and a joining node's hints before it activates).
+    pub hint_limits: hints::ReplayLimits,
 }
 
 /// Everything a request needs, shared by the gRPC service and the background loops.

@@ -22,6 +22,7 @@ use super::Coordinator;
 use super::admin::check_tenant_id;
 use super::errors::CoordError;
 use super::idempotent::fingerprint;
+use super::topology::NewNode;
 
 /// Largest causal context a client may send.
 const MAX_CONTEXT_ENTRIES: usize = 1000;
@@ -241,9 +242,6 @@ impl Coordinator {
     }
 }
 
-const TOPOLOGY_LATER: &str = "adding and removing storage nodes at runtime is not implemented yet: \
-     register nodes with --storage-nodes when the registry is empty";
-
 #[tonic::async_trait]
 impl CoordinatorRpc for CoordinatorService {
     async fn write_key_value(
@@ -321,16 +319,26 @@ impl CoordinatorRpc for CoordinatorService {
 
     async fn add_storage_node(
         &self,
-        _request: Request<pb::AddStorageNodeRequest>,
+        request: Request<pb::AddStorageNodeRequest>,
     ) -> Result<Response<pb::MigrationAccepted>, Status> {
-        Err(CoordError::NotImplemented(TOPOLOGY_LATER).into_status())
+        let req = request.into_inner();
+        let node = NewNode {
+            node_id: req.node_id,
+            host: req.host,
+            port: req.port,
+            virtual_nodes: req.virtual_nodes,
+        };
+        let id = node.node_id.clone();
+        administration("add_node", &id, self.core.add_storage_node(node)).await
     }
 
     async fn remove_storage_node(
         &self,
-        _request: Request<pb::RemoveStorageNodeRequest>,
+        request: Request<pb::RemoveStorageNodeRequest>,
     ) -> Result<Response<pb::MigrationAccepted>, Status> {
-        Err(CoordError::NotImplemented(TOPOLOGY_LATER).into_status())
+        let req = request.into_inner();
+        let call = self.core.remove_storage_node(&req.node_id, req.force);
+        administration("remove_node", &req.node_id, call).await
     }
 
     async fn get_migration_status(

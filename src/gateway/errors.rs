@@ -57,11 +57,6 @@ impl ApiError {
     pub fn from_status(status: &tonic::Status) -> Self {
         let Some(detail) = detail_in(status) else {
             return match status.code() {
-                tonic::Code::Unimplemented => Self::new(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "NOT_IMPLEMENTED",
-                    status.message(),
-                ),
                 tonic::Code::DeadlineExceeded => {
                     Self::unavailable("the coordinator did not answer in time")
                 }
@@ -69,13 +64,6 @@ impl ApiError {
             };
         };
         let code = detail.code();
-        if code == ErrorCode::InternalError && status.code() == tonic::Code::Unimplemented {
-            return Self::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "NOT_IMPLEMENTED",
-                detail.message,
-            );
-        }
         let http = http_status(code);
         let mut error = Self::new(http, api_code(code), detail.message);
         if code == ErrorCode::QuorumNotReached {
@@ -151,8 +139,10 @@ mod tests {
         assert_eq!(e.details, Some(json!({"required": 3, "received": 1})));
         let e = ApiError::from_status(&CoordError::TenantExists("a".into()).into_status());
         assert_eq!((e.status, e.code), (StatusCode::CONFLICT, "TENANT_EXISTS"));
-        let e = ApiError::from_status(&CoordError::NotImplemented("later").into_status());
-        assert_eq!(e.status, StatusCode::NOT_IMPLEMENTED);
+        let e = ApiError::from_status(&CoordError::NodeExists("s4".into()).into_status());
+        assert_eq!((e.status, e.code), (StatusCode::CONFLICT, "NODE_EXISTS"));
+        let e = ApiError::from_status(&CoordError::NodeInUse("rf".into()).into_status());
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, "NODE_IN_USE"));
         let e = ApiError::from_status(&tonic::Status::unavailable("connection refused"));
         assert_eq!(
             (e.status, e.code),

@@ -18,7 +18,7 @@ use crate::coordinator::ring_view::RingView;
 use crate::coordinator::service::CoordinatorService;
 use crate::coordinator::storage_pool::StoragePool;
 use crate::coordinator::tenant_cache::TenantCache;
-use crate::coordinator::{Coordinator, Options, http, rf_change};
+use crate::coordinator::{Coordinator, Options, http, rf_change, topology};
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
 use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
@@ -107,16 +107,17 @@ pub async fn start(
         stop.clone(),
     );
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
+    let hint_limits = ReplayLimits {
+        interval: Duration::from_millis(cfg.hint_replay_interval_ms),
+        max_window: Duration::from_secs(cfg.max_hint_window_s),
+        max_attempts: cfg.max_hint_attempts,
+        timeout: timeout.max(Duration::from_secs(5)),
+    };
     hints::spawn_replay(
         meta.clone(),
         ring.clone(),
         pool.clone(),
-        ReplayLimits {
-            interval: Duration::from_millis(cfg.hint_replay_interval_ms),
-            max_window: Duration::from_secs(cfg.max_hint_window_s),
-            max_attempts: cfg.max_hint_attempts,
-            timeout: timeout.max(Duration::from_secs(5)),
-        },
+        hint_limits,
         stop.clone(),
     );
     let clock = CoordinatorClock::resume(id, meta.clone())
@@ -129,6 +130,9 @@ pub async fn start(
             max_clock_entries: cfg.max_clock_entries,
             read_repair_chance: cfg.read_repair_chance,
             metadata_refresh: Duration::from_millis(cfg.ring_refresh_ms),
+            topology_timeout: Duration::from_secs(cfg.topology_timeout_s),
+            min_storage_nodes: cfg.min_storage_nodes,
+            hint_limits,
         },
         pending_rf: Default::default(),
         reads_served: std::sync::atomic::AtomicU64::new(0),
@@ -148,6 +152,7 @@ pub async fn start(
         stop.clone(),
     );
     rf_change::resume(&core);
+    topology::resume(&core);
     Ok(core)
 }
 

@@ -1,0 +1,600 @@
+//! Adding and removing storage nodes at runtime (SEMANTICS.md, "Topology changes"; Cassandra's
+//! bootstrap and decommission).
+//!
+//! Add: the node must answer a HealthCheck at the given address with the given id. It is
+//! registered `bootstrapping`, which makes it a pending owner in every coordinator's ring within
+//! `ring_refresh` (writes reach it; its answers never count). After two refresh intervals the
+//! ranges it takes over are computed for every replication factor in use and streamed from
+//! their old owners (`StartStreaming` on each sender, which also forwards live writes). When
+//! every stream completed, the node's hints are delivered and it is marked `active`.
+//!
+//! Remove: refused with NODE_IN_USE when fewer active nodes than the largest tenant RF (or
+//! `min_storage_nodes`) would remain, unless forced. The node is marked `draining`: still a
+//! natural owner, with its inheritors as pending owners, so writes reach both. Its ranges are
+//! streamed to the inheritors (by a surviving replica when it does not answer), then it leaves
+//! the registry and its hints are dropped.
+//!
+//! Progress is the migration record: keys copied over all streams, and an estimated total
+//! (senders' key counts times the share of the ring they send) until the end. A change whose
+//! streams make no progress for `topology_timeout` is rolled back: an added node leaves the
+//! ring (`failed`, kept for audit; adding the same id again replaces it), a leaving node goes
+//! back to `active`. A change cut short by a coordinator restart resumes when a coordinator
+//! starts (stream ids are derived from the migration, so resuming never copies twice at once).
+//!
+//! Invariants: a node becomes authoritative only after every range it gains was copied to it,
+//! and the copy starts only after every coordinator writes to it; a node leaves the ring only
+//! after every range it held reached its inheritors. Changes of one node are serialized by its
+//! registry state (a bootstrapping or draining node cannot be changed again); changes of
+//! different nodes may run together. Old owners keep their copies: cleanup is not built.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::valid_node_id;
+use crate::meta::{MetaError, Migration, MigrationKind, MigrationState, NodeRecord};
+use crate::ring::{HashRange, NodeId, NodeState, Ring, RingNode, moved_ranges_with};
+use crate::rpc::common;
+use crate::rpc::coordinator as pb;
+use crate::rpc::storage as spb;
+
+use super::Coordinator;
+use super::admin::rfc3339;
+use super::errors::CoordError;
+use super::hints;
+
+/// How often streams are polled and progress is recorded.
+const POLL: Duration = Duration::from_millis(500);
+/// How long a node to be added has to answer its HealthCheck.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Streaming rate assumed for the first completion estimate (keys per second).
+const ASSUMED_KEYS_PER_SECOND: u64 = 10_000;
+pub const MAX_VIRTUAL_NODES: u32 = 4096;
+
+/// A node to add, as the admin API gives it.
+#[derive(Debug, Clone)]
+pub struct NewNode {
+    pub node_id: String,
+    pub host: String,
+    pub port: u32,
+    /// 0 means the default (150).
+    pub virtual_nodes: u32,
+}
+
+/// One stream: the ranges one sender pushes to one receiver.
+#[derive(Debug, Clone)]
+struct Transfer {
+    stream_id: String,
+    from: String,
+    to: String,
+    ranges: Vec<HashRange>,
+    estimated_keys: u64,
+    keys_copied: u64,
+    done: bool,
+}
+
+impl Coordinator {
+    /// Registers `node` as bootstrapping and starts streaming its ranges to it.
+    pub async fn add_storage_node(
+        self: &Arc<Self>,
+        node: NewNode,
+    ) -> Result<pb::MigrationAccepted, CoordError> {
+        let record = check_new_node(&node)?;
+        let registered = self.meta.list_nodes().await?;
+        for n in registered.iter().filter(|n| n.state != NodeState::Failed) {
+            if n.node_id == record.node_id {
+                return Err(CoordError::NodeExists(record.node_id));
+            }
+            if (n.host.as_str(), n.port) == (record.host.as_str(), record.port) {
+                return Err(CoordError::InvalidNodeConfig(format!(
+                    "{}:{} is already registered as {}",
+                    n.host, n.port, n.node_id
+                )));
+            }
+        }
+        self.probe(&record).await?;
+        if registered
+            .iter()
+            .any(|n| n.node_id == record.node_id && n.state == NodeState::Failed)
+        {
+            self.meta.remove_node(&record.node_id).await?;
+        }
+        self.meta.add_node(&record).await.map_err(|e| match e {
+            MetaError::Exists { .. } => CoordError::NodeExists(record.node_id.clone()),
+            other => other.into(),
+        })?;
+        let message = format!(
+            "node {} is bootstrapping: its ranges are streamed from their current owners, then it becomes active",
+            record.node_id
+        );
+        self.start_change(MigrationKind::NodeAddition, &record.node_id, message)
+            .await
+    }
+
+    /// Marks `node_id` draining and starts streaming its ranges to the nodes that inherit them.
+    pub async fn remove_storage_node(
+        self: &Arc<Self>,
+        node_id: &str,
+        force: bool,
+    ) -> Result<pb::MigrationAccepted, CoordError> {
+        let registered = self.meta.list_nodes().await?;
+        let node = registered
+            .iter()
+            .find(|n| n.node_id == node_id)
+            .ok_or_else(|| CoordError::NodeNotFound(node_id.to_owned()))?;
+        match node.state {
+            NodeState::Active | NodeState::Down => {}
+            NodeState::Failed => return self.forget_failed(node_id).await,
+            busy => {
+                return Err(CoordError::NodeInUse(format!(
+                    "node {node_id} is {}: wait for its change to finish",
+                    busy.as_str()
+                )));
+            }
+        }
+        let remaining = registered
+            .iter()
+            .filter(|n| n.node_id != node_id && n.state == NodeState::Active)
+            .count();
+        let needed = self
+            .replication_factors()
+            .await?
+            .into_iter()
+            .max()
+            .unwrap_or(0)
+            .max(self.options.min_storage_nodes);
+        if remaining < needed && !force {
+            return Err(CoordError::NodeInUse(format!(
+                "removing {node_id} would leave {remaining} active nodes; tenants need {needed} \
+                 (largest replication factor or min_storage_nodes); use force=true to remove it anyway"
+            )));
+        }
+        self.meta
+            .set_node_state(node_id, NodeState::Draining)
+            .await?;
+        let message = format!(
+            "node {node_id} is draining: its ranges are streamed to the nodes that inherit them, then it leaves the ring"
+        );
+        self.start_change(MigrationKind::NodeRemoval, node_id, message)
+            .await
+    }
+
+    /// An aborted addition owns nothing: forgetting its record is the whole removal, recorded
+    /// as a migration that is already completed.
+    async fn forget_failed(&self, node_id: &str) -> Result<pb::MigrationAccepted, CoordError> {
+        self.meta.remove_node(node_id).await?;
+        self.ring.refresh().await?;
+        let now = crate::wallclock::now_ms() as i64;
+        let migration_id = format!("remove-{}", uuid::Uuid::new_v4());
+        self.meta
+            .create_migration(&Migration {
+                migration_id: migration_id.clone(),
+                kind: MigrationKind::NodeRemoval,
+                subject: node_id.to_owned(),
+                state: MigrationState::Completed,
+                keys_migrated: 0,
+                total_keys: 0,
+                target_rf: 0,
+                started_at_ms: now,
+                updated_at_ms: now,
+            })
+            .await?;
+        Ok(pb::MigrationAccepted {
+            node_id: node_id.to_owned(),
+            migration_id,
+            message: format!("node {node_id} was a failed addition and owned nothing: forgotten"),
+            estimated_completion: rfc3339(now),
+        })
+    }
+
+    /// Records the migration of a node whose registry state already says what changes, and
+    /// starts carrying it out.
+    async fn start_change(
+        self: &Arc<Self>,
+        kind: MigrationKind,
+        node_id: &str,
+        message: String,
+    ) -> Result<pb::MigrationAccepted, CoordError> {
+        self.ring.refresh().await?;
+        let now = crate::wallclock::now_ms() as i64;
+        let migration_id = match kind {
+            MigrationKind::NodeAddition => format!("add-{}", uuid::Uuid::new_v4()),
+            _ => format!("remove-{}", uuid::Uuid::new_v4()),
+        };
+        // A first estimate; the ranges are computed again once every coordinator sees the change.
+        let estimated = match self.plan_transfers(kind, node_id, &migration_id).await {
+            Ok(plan) => plan.iter().map(|t| t.estimated_keys).sum(),
+            Err(_) => 0,
+        };
+        let migration = Migration {
+            migration_id: migration_id.clone(),
+            kind,
+            subject: node_id.to_owned(),
+            state: MigrationState::InProgress,
+            keys_migrated: 0,
+            total_keys: estimated,
+            target_rf: 0,
+            started_at_ms: now,
+            updated_at_ms: now,
+        };
+        if let Err(e) = self.meta.create_migration(&migration).await {
+            self.undo_registration(kind, node_id).await;
+            return Err(e.into());
+        }
+        let eta_ms = self.settle_time().as_millis() as u64
+            + estimated * 1000 / ASSUMED_KEYS_PER_SECOND.max(1);
+        tracing::info!(migration = %migration_id, node = node_id, kind = kind.as_str(), estimated_keys = estimated, "topology change accepted");
+        self.clone().spawn_change(migration);
+        Ok(pb::MigrationAccepted {
+            node_id: node_id.to_owned(),
+            migration_id,
+            message,
+            estimated_completion: rfc3339(now + eta_ms as i64),
+        })
+    }
+
+    /// Puts the registry back as it was before the change was accepted.
+    async fn undo_registration(&self, kind: MigrationKind, node_id: &str) {
+        let undone = match kind {
+            MigrationKind::NodeAddition => self.meta.set_node_state(node_id, NodeState::Failed),
+            _ => self.meta.set_node_state(node_id, NodeState::Active),
+        }
+        .await;
+        if let Err(e) = undone {
+            tracing::error!(node = node_id, error = %e, "cannot roll the node registry back");
+        }
+        if let Err(e) = self.ring.refresh().await {
+            tracing::warn!(error = %e, "cannot re-read the node registry");
+        }
+    }
+
+    /// Long enough for every coordinator to have re-read the registry.
+    fn settle_time(&self) -> Duration {
+        self.options.metadata_refresh * 2 + Duration::from_secs(1)
+    }
+
+    fn spawn_change(self: Arc<Self>, migration: Migration) {
+        tokio::spawn(async move {
+            tokio::time::sleep(self.settle_time()).await;
+            let id = migration.migration_id.clone();
+            let node = migration.subject.clone();
+            match self.stream_change(&migration).await {
+                Ok(copied) => {
+                    if let Err(e) = self.finish_change(&migration, copied).await {
+                        tracing::error!(migration = %id, node = %node, error = %e, "cannot record the end of a topology change");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(migration = %id, node = %node, error = %e, "topology change failed; rolling back");
+                    self.undo_registration(migration.kind, &node).await;
+                    if let Err(e) = self
+                        .meta
+                        .update_migration(&id, MigrationState::Failed, 0, migration.total_keys)
+                        .await
+                    {
+                        tracing::error!(migration = %id, error = %e, "cannot record a failed topology change");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Switches the registry to the new topology and marks the migration completed.
+    async fn finish_change(&self, m: &Migration, copied: u64) -> Result<(), CoordError> {
+        let node = m.subject.as_str();
+        match m.kind {
+            MigrationKind::NodeAddition => {
+                self.ring.refresh().await?;
+                hints::replay_target(
+                    &*self.meta,
+                    &self.ring,
+                    &self.pool,
+                    node,
+                    self.options.hint_limits,
+                )
+                .await?;
+                self.meta.set_node_state(node, NodeState::Active).await?;
+            }
+            _ => {
+                match self.meta.remove_node(node).await {
+                    // Already gone: a resumed change whose end was not recorded.
+                    Ok(()) | Err(MetaError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.drop_hints_for(node).await?;
+            }
+        }
+        self.meta
+            .update_migration(&m.migration_id, MigrationState::Completed, copied, copied)
+            .await?;
+        self.ring.refresh().await?;
+        tracing::info!(migration = %m.migration_id, node, kind = m.kind.as_str(), copied, "topology change completed");
+        Ok(())
+    }
+
+    /// Hints for a node that left the ring can never be delivered; its inheritors got those
+    /// writes as pending owners.
+    async fn drop_hints_for(&self, node: &str) -> Result<(), CoordError> {
+        loop {
+            let hints = self.meta.hints_for(node, 1000).await?;
+            if hints.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<i64> = hints.iter().map(|h| h.id).collect();
+            self.meta.delete_hints(&ids).await?;
+        }
+    }
+
+    /// Streams every range that changes hands; returns the keys copied. Fails when a stream
+    /// fails or no stream makes progress for `topology_timeout` (the streams are stopped).
+    async fn stream_change(&self, m: &Migration) -> Result<u64, CoordError> {
+        self.ring.refresh().await?;
+        let mut transfers = self
+            .plan_transfers(m.kind, &m.subject, &m.migration_id)
+            .await?;
+        let total: u64 = transfers.iter().map(|t| t.estimated_keys).sum();
+        let mut last = (0u64, 0usize);
+        let mut last_progress = Instant::now();
+        loop {
+            for t in transfers.iter_mut().filter(|t| !t.done) {
+                match self.poll_transfer(t).await {
+                    Ok(()) => {}
+                    Err(PollError::Failed(e)) => {
+                        self.stop_transfers(&transfers).await;
+                        return Err(CoordError::Internal(e));
+                    }
+                    Err(PollError::Unreachable(e)) => {
+                        tracing::debug!(from = %t.from, error = %e, "stream status unavailable");
+                    }
+                }
+            }
+            let copied: u64 = transfers.iter().map(|t| t.keys_copied).sum();
+            let done = transfers.iter().filter(|t| t.done).count();
+            if done == transfers.len() {
+                return Ok(copied);
+            }
+            if (copied, done) != last {
+                last = (copied, done);
+                last_progress = Instant::now();
+                self.meta
+                    .update_migration(
+                        &m.migration_id,
+                        MigrationState::InProgress,
+                        copied,
+                        total.max(copied),
+                    )
+                    .await?;
+            } else if last_progress.elapsed() > self.options.topology_timeout {
+                self.stop_transfers(&transfers).await;
+                return Err(CoordError::Internal(format!(
+                    "no streaming progress for {:?}",
+                    self.options.topology_timeout
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Asks the sender where its stream is. `StartStreaming` is idempotent (a known id returns
+    /// its status), so polling with it also restarts a stream that a restarted sender forgot.
+    async fn poll_transfer(&self, t: &mut Transfer) -> Result<(), PollError> {
+        let snapshot = self.ring.snapshot();
+        let address = |node: &str| {
+            snapshot
+                .address(node)
+                .map(str::to_owned)
+                .ok_or_else(|| PollError::Failed(format!("{node} left the registry")))
+        };
+        let (from, to) = (address(&t.from)?, address(&t.to)?);
+        let mut client = self
+            .pool
+            .client(&t.from, &from)
+            .map_err(PollError::Unreachable)?;
+        let status = client
+            .start_streaming(spb::StartStreamingRequest {
+                stream_id: t.stream_id.clone(),
+                ranges: t
+                    .ranges
+                    .iter()
+                    .map(|r| common::HashRange {
+                        start: r.start,
+                        end: r.end,
+                    })
+                    .collect(),
+                target_node_id: t.to.clone(),
+                target_address: to,
+            })
+            .await
+            .map_err(|s| PollError::Unreachable(s.message().to_owned()))?
+            .into_inner();
+        t.keys_copied = status.keys_copied;
+        match status.state() {
+            spb::StreamState::Completed => t.done = true,
+            spb::StreamState::Failed | spb::StreamState::Stopped => {
+                return Err(PollError::Failed(format!(
+                    "stream {} from {} to {}: {}",
+                    t.stream_id, t.from, t.to, status.error
+                )));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn stop_transfers(&self, transfers: &[Transfer]) {
+        let snapshot = self.ring.snapshot();
+        for t in transfers.iter().filter(|t| !t.done) {
+            let Some(address) = snapshot.address(&t.from) else {
+                continue;
+            };
+            if let Ok(mut client) = self.pool.client(&t.from, address) {
+                let stop = client.stop_streaming(spb::StreamStatusRequest {
+                    stream_id: t.stream_id.clone(),
+                });
+                if let Err(e) = tokio::time::timeout(PROBE_TIMEOUT, stop).await {
+                    tracing::warn!(stream = %t.stream_id, error = %e, "cannot stop a stream");
+                }
+            }
+        }
+    }
+
+    /// The streams a change needs, from the ring as this coordinator sees it now: for every
+    /// replication factor in use, the ranges whose owners differ between the ring before and
+    /// after the change, grouped by sender and receiver.
+    async fn plan_transfers(
+        &self,
+        kind: MigrationKind,
+        node_id: &str,
+        migration_id: &str,
+    ) -> Result<Vec<Transfer>, CoordError> {
+        let before = self.ring.snapshot().ring.clone();
+        let node = NodeId::new(node_id);
+        let after = Ring::new(before.nodes().filter_map(|n| {
+            let state = if n.id != node {
+                n.state
+            } else if kind == MigrationKind::NodeAddition {
+                NodeState::Active
+            } else {
+                return None;
+            };
+            Some(RingNode { state, ..n.clone() })
+        }));
+        let health: HashMap<String, Option<u64>> = self
+            .node_health()
+            .await
+            .into_iter()
+            .map(|(n, h)| (n.node_id, h.map(|h| h.key_estimate)))
+            .collect();
+        let can_send = |n: &NodeId| {
+            !self.ring.is_down(n.as_str()) && matches!(health.get(n.as_str()), Some(Some(_)))
+        };
+        let rfs = self.replication_factors().await?;
+        let mut grouped: BTreeMap<(NodeId, NodeId), BTreeSet<HashRange>> = BTreeMap::new();
+        for rf in &rfs {
+            for mv in moved_ranges_with(&before, &after, *rf, can_send) {
+                grouped
+                    .entry((mv.from, mv.to))
+                    .or_default()
+                    .insert(mv.range);
+            }
+        }
+        // A sender holds about min(rf, n)/n of the ring; its keys spread evenly over it.
+        let members = before.member_count().max(1) as u128;
+        let share = rfs.iter().max().copied().unwrap_or(1).min(members as usize) as u128;
+        Ok(grouped
+            .into_iter()
+            .map(|((from, to), ranges)| {
+                let width: u128 = ranges.iter().map(HashRange::width).sum();
+                let keys = u128::from(health.get(from.as_str()).copied().flatten().unwrap_or(0));
+                let estimated_keys = ((keys * width * members / share.max(1)) >> 64) as u64;
+                Transfer {
+                    stream_id: format!("{migration_id}-{from}-{to}"),
+                    from: from.0,
+                    to: to.0,
+                    ranges: ranges.into_iter().collect(),
+                    estimated_keys,
+                    keys_copied: 0,
+                    done: false,
+                }
+            })
+            .collect())
+    }
+
+    /// Every replication factor tenants use or are moving to.
+    async fn replication_factors(&self) -> Result<BTreeSet<usize>, CoordError> {
+        // Every tenant was updated after the epoch.
+        let tenants = self.meta.tenants_updated_since(i64::MIN).await?;
+        let mut rfs: BTreeSet<usize> = tenants
+            .iter()
+            .map(|t| self.pending_rf.write_rf(t) as usize)
+            .collect();
+        rfs.extend(tenants.iter().map(|t| t.replication_factor as usize));
+        Ok(rfs)
+    }
+
+    /// The node must answer at its address, with its own id.
+    async fn probe(&self, record: &NodeRecord) -> Result<(), CoordError> {
+        let address = format!("{}:{}", record.host, record.port);
+        let unreachable = |why: String| {
+            CoordError::InvalidNodeConfig(format!("no storage node answers at {address}: {why}"))
+        };
+        let mut client = self
+            .pool
+            .client(&record.node_id, &address)
+            .map_err(unreachable)?;
+        let health = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            client.health_check(spb::HealthCheckRequest {}),
+        )
+        .await
+        .map_err(|_| unreachable("timed out".to_owned()))?
+        .map_err(|s| unreachable(s.message().to_owned()))?
+        .into_inner();
+        if health.node_id != record.node_id {
+            return Err(CoordError::InvalidNodeConfig(format!(
+                "the storage node at {address} is {:?}, not {:?}",
+                health.node_id, record.node_id
+            )));
+        }
+        Ok(())
+    }
+}
+
+enum PollError {
+    /// The stream cannot finish: the change fails.
+    Failed(String),
+    /// The sender did not answer this time; counts as no progress.
+    Unreachable(String),
+}
+
+/// Checks an added node's fields (INVALID_NODE_CONFIG) and makes its registry record.
+fn check_new_node(node: &NewNode) -> Result<NodeRecord, CoordError> {
+    let invalid = |m: &str| Err(CoordError::InvalidNodeConfig(m.to_owned()));
+    if !valid_node_id(&node.node_id) {
+        return invalid("node_id must be 1..=128 letters, digits, '-', '_' or '.'");
+    }
+    if node.host.is_empty() || node.host.len() > 253 || node.host.contains(['/', ' ', '@', ':']) {
+        return invalid("host must be a host name or IPv4 address");
+    }
+    let Ok(port) = u16::try_from(node.port) else {
+        return invalid("port must be 1..=65535");
+    };
+    if port == 0 {
+        return invalid("port must be 1..=65535");
+    }
+    let virtual_nodes = match node.virtual_nodes {
+        0 => crate::ring::DEFAULT_VIRTUAL_NODES,
+        v @ 1..=MAX_VIRTUAL_NODES => v,
+        _ => return invalid("virtual_nodes must be 1..=4096"),
+    };
+    Ok(NodeRecord {
+        node_id: node.node_id.clone(),
+        host: node.host.clone(),
+        port,
+        virtual_nodes,
+        state: NodeState::Bootstrapping,
+    })
+}
+
+/// Resumes node additions and removals left in progress by a coordinator that stopped.
+pub fn resume(core: &Arc<Coordinator>) {
+    let core = core.clone();
+    tokio::spawn(async move {
+        let active = match core.meta.active_migrations().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list migrations to resume");
+                return;
+            }
+        };
+        for m in active.into_iter().filter(|m| {
+            matches!(
+                m.kind,
+                MigrationKind::NodeAddition | MigrationKind::NodeRemoval
+            )
+        }) {
+            tracing::info!(migration = %m.migration_id, node = %m.subject, "resuming a topology change");
+            core.clone().spawn_change(m);
+        }
+    });
+}

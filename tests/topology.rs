@@ -1,0 +1,286 @@
+//! Adding and removing storage nodes at runtime, against real processes: gossiping storage
+//! nodes and a `pairdb --role=coordinator`. Each test writes keys of tenants with different
+//! replication factors, changes the topology while writing more, and checks that every key is
+//! on every node that owns it in the new ring (computed here independently) and reads at ALL.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::StorageNode;
+use common::cluster::{RoleProcess, start_storage};
+use common::coord::{
+    Client, code, create_tenant, eventually, get, node_state, put, sqlite_url, stored,
+    wait_all_active,
+};
+use common::free_udp_port;
+use pairdb::ring::{DEFAULT_VIRTUAL_NODES, NodeId, NodeState, Ring, RingNode, key_position};
+use pairdb::rpc::common::{Consistency, NodeState as WireState};
+use pairdb::rpc::coordinator::{self as pb, ErrorCode};
+
+/// One multi-process cluster at a time: gossip heartbeats starve on 2 cores otherwise.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Tenants and their replication factors.
+const TENANTS: [(&str, u32); 2] = [("wide", 3), ("narrow", 1)];
+
+/// A storage node that joins the others' gossip.
+fn join(id: &str, dir: &Path, peers: &[StorageNode]) -> StorageNode {
+    let gossip = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let seeds = peers
+        .iter()
+        .filter_map(|p| p.gossip.as_ref().map(|g| g.0))
+        .collect();
+    let data = dir.join(id);
+    std::fs::create_dir_all(&data).expect("mkdir");
+    StorageNode::start(id, &data, Some((gossip, seeds)))
+}
+
+fn coordinator(storage: &[StorageNode], dir: &Path, env: &[(&str, &str)]) -> RoleProcess {
+    RoleProcess::coordinator("c1", &sqlite_url(dir), "memory://", storage, env, dir)
+}
+
+/// Writes `prefix0..prefix{n-1}` for every tenant, the value being the key.
+async fn write_keys(c: &mut Client, prefix: &str, n: usize, level: Consistency) {
+    for (tenant, _) in TENANTS {
+        for i in 0..n {
+            let key = format!("{prefix}{i}");
+            put(c, tenant, &key, &format!("\"{key}\""), level)
+                .await
+                .unwrap_or_else(|e| panic!("write {tenant}/{key}: {e}"));
+        }
+    }
+}
+
+/// Every key is held by every node that owns it in a ring of `members` (all active), and
+/// reads back at ALL. Returns how many keys each member holds as an owner.
+async fn assert_placed(c: &mut Client, nodes: &[&StorageNode], keys: &[String]) -> Vec<usize> {
+    let ring = Ring::new(nodes.iter().map(|n| RingNode {
+        id: NodeId::new(n.id.clone()),
+        virtual_nodes: DEFAULT_VIRTUAL_NODES,
+        state: NodeState::Active,
+    }));
+    let mut held = vec![0; nodes.len()];
+    for (tenant, rf) in TENANTS {
+        for key in keys {
+            let want = format!("\"{key}\"");
+            for owner in ring.natural_owners(key_position(tenant, key.as_bytes()), rf as usize) {
+                let i = nodes
+                    .iter()
+                    .position(|n| n.id == owner.as_str())
+                    .expect("owner is a member");
+                let (value, _) = stored(nodes[i], tenant, key)
+                    .await
+                    .unwrap_or_else(|| panic!("{tenant}/{key} missing on its owner {owner}"));
+                assert_eq!(value, want, "{tenant}/{key} on {owner}");
+                held[i] += 1;
+            }
+            let read = get(c, tenant, key, Consistency::All)
+                .await
+                .unwrap_or_else(|e| panic!("read {tenant}/{key} at ALL: {e}"));
+            assert_eq!(read, want);
+        }
+    }
+    held
+}
+
+async fn migration(c: &mut Client, id: &str) -> pb::Migration {
+    c.get_migration_status(pb::GetMigrationStatusRequest {
+        migration_id: id.to_owned(),
+    })
+    .await
+    .expect("migration status")
+    .into_inner()
+}
+
+async fn wait_migration(c: &Client, id: &str, want: pb::MigrationState) -> pb::Migration {
+    eventually(
+        &format!("migration {id} {want:?}"),
+        Duration::from_secs(90),
+        || {
+            let mut c = c.clone();
+            async move {
+                let state = migration(&mut c, id).await.state();
+                if want == pb::MigrationState::Completed {
+                    assert_ne!(state, pb::MigrationState::Failed, "migration {id} failed");
+                }
+                state == want
+            }
+        },
+    )
+    .await;
+    migration(&mut c.clone(), id).await
+}
+
+async fn add(c: &mut Client, node: &StorageNode) -> Result<pb::MigrationAccepted, tonic::Status> {
+    add_as(c, &node.id, node.grpc).await
+}
+
+async fn add_as(
+    c: &mut Client,
+    id: &str,
+    address: SocketAddr,
+) -> Result<pb::MigrationAccepted, tonic::Status> {
+    c.add_storage_node(pb::AddStorageNodeRequest {
+        node_id: id.to_owned(),
+        host: address.ip().to_string(),
+        port: u32::from(address.port()),
+        virtual_nodes: 0,
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+async fn remove(
+    c: &mut Client,
+    id: &str,
+    force: bool,
+) -> Result<pb::MigrationAccepted, tonic::Status> {
+    c.remove_storage_node(pb::RemoveStorageNodeRequest {
+        node_id: id.to_owned(),
+        force,
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+fn keys(prefixes: &[(&str, usize)]) -> Vec<String> {
+    prefixes
+        .iter()
+        .flat_map(|(p, n)| (0..*n).map(move |i| format!("{p}{i}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_node_streams_its_ranges_then_activates_it() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join("s4", dir.path(), &storage);
+    let c1 = coordinator(&storage, dir.path(), &[]);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    for (tenant, rf) in TENANTS {
+        create_tenant(&mut c, tenant, rf).await;
+    }
+    write_keys(&mut c, "k", 150, Consistency::All).await;
+
+    // Bad additions change nothing.
+    let wrong_id = add_as(&mut c, "s9", s4.grpc).await.expect_err("wrong id");
+    assert_eq!(
+        code(&wrong_id),
+        ErrorCode::InvalidNodeConfig,
+        "{wrong_id:?}"
+    );
+    let dead = SocketAddr::from(([127, 0, 0, 1], common::free_tcp_port()));
+    let nobody = add_as(&mut c, "s9", dead).await.expect_err("nobody there");
+    assert_eq!(code(&nobody), ErrorCode::InvalidNodeConfig, "{nobody:?}");
+    let taken = add(&mut c, &storage[0]).await.expect_err("s1 exists");
+    assert_eq!(code(&taken), ErrorCode::NodeExists);
+    assert_eq!(node_state(&mut c, "s9").await, None);
+
+    let accepted = add(&mut c, &s4).await.expect("add s4");
+    assert_eq!(accepted.node_id, "s4");
+    assert!(!accepted.migration_id.is_empty());
+    assert!(!accepted.estimated_completion.is_empty());
+    assert_eq!(
+        node_state(&mut c, "s4").await,
+        Some(WireState::Bootstrapping)
+    );
+    let again = add(&mut c, &s4).await.expect_err("s4 exists");
+    assert_eq!(code(&again), ErrorCode::NodeExists);
+    let busy = remove(&mut c, "s4", true).await.expect_err("s4 is joining");
+    assert_eq!(code(&busy), ErrorCode::NodeInUse);
+    // Written while s4 joins: they reach it as a pending owner or through the streams.
+    write_keys(&mut c, "during", 40, Consistency::Quorum).await;
+
+    let done = wait_migration(&c, &accepted.migration_id, pb::MigrationState::Completed).await;
+    assert_eq!(done.r#type(), pb::MigrationType::NodeAddition);
+    assert_eq!(done.node_id, "s4");
+    assert!(done.keys_migrated > 0, "{done:?}");
+    assert_eq!(done.keys_migrated, done.total_keys);
+    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Active));
+
+    let nodes: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
+    let held = assert_placed(&mut c, &nodes, &keys(&[("k", 150), ("during", 40)])).await;
+    assert!(held[3] > 40, "s4 owns a share of the keys: {held:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_nodes_hands_their_ranges_to_the_inheritors() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(4, dir.path());
+    let c1 = coordinator(&storage, dir.path(), &[]);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 4).await;
+    for (tenant, rf) in TENANTS {
+        create_tenant(&mut c, tenant, rf).await;
+    }
+    write_keys(&mut c, "k", 150, Consistency::All).await;
+
+    let unknown = remove(&mut c, "s9", false).await.expect_err("no s9");
+    assert_eq!(code(&unknown), ErrorCode::NodeNotFound);
+    let accepted = remove(&mut c, "s4", false).await.expect("remove s4");
+    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Draining));
+    // s1..s3 would leave 2 active nodes for a tenant with RF 3.
+    let in_use = remove(&mut c, "s3", false)
+        .await
+        .expect_err("RF 3 needs s3");
+    assert_eq!(code(&in_use), ErrorCode::NodeInUse, "{in_use:?}");
+    assert_eq!(node_state(&mut c, "s3").await, Some(WireState::Active));
+    write_keys(&mut c, "during", 40, Consistency::Quorum).await;
+
+    let done = wait_migration(&c, &accepted.migration_id, pb::MigrationState::Completed).await;
+    assert_eq!(done.r#type(), pb::MigrationType::NodeRemoval);
+    assert!(done.keys_migrated > 0, "{done:?}");
+    assert_eq!(node_state(&mut c, "s4").await, None, "s4 left the registry");
+    let three: Vec<&StorageNode> = storage.iter().take(3).collect();
+    let all_keys = keys(&[("k", 150), ("during", 40)]);
+    assert_placed(&mut c, &three, &all_keys).await;
+
+    // Forced below the largest RF: the RF-3 tenant is served by the two nodes left.
+    let in_use = remove(&mut c, "s3", false).await.expect_err("still needed");
+    assert_eq!(code(&in_use), ErrorCode::NodeInUse);
+    let forced = remove(&mut c, "s3", true).await.expect("forced removal");
+    wait_migration(&c, &forced.migration_id, pb::MigrationState::Completed).await;
+    let two: Vec<&StorageNode> = storage.iter().take(2).collect();
+    assert_placed(&mut c, &two, &all_keys).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_addition_without_progress_is_rolled_back() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let mut s4 = join("s4", dir.path(), &storage);
+    let c1 = coordinator(
+        &storage,
+        dir.path(),
+        &[("PAIRDB_COORDINATOR_TOPOLOGY_TIMEOUT_S", "3")],
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    for (tenant, rf) in TENANTS {
+        create_tenant(&mut c, tenant, rf).await;
+    }
+    write_keys(&mut c, "k", 150, Consistency::All).await;
+
+    let accepted = add(&mut c, &s4).await.expect("add s4");
+    s4.kill9();
+    let failed = wait_migration(&c, &accepted.migration_id, pb::MigrationState::Failed).await;
+    assert_eq!(failed.node_id, "s4");
+    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Failed));
+    // Out of the ring: writes at ALL need only s1..s3 again.
+    write_keys(&mut c, "after", 20, Consistency::All).await;
+    let three: Vec<&StorageNode> = storage.iter().collect();
+    assert_placed(&mut c, &three, &keys(&[("k", 150), ("after", 20)])).await;
+
+    // A failed addition owns nothing; removing it just forgets it.
+    let forgotten = remove(&mut c, "s4", false).await.expect("forget s4");
+    let m = migration(&mut c, &forgotten.migration_id).await;
+    assert_eq!(m.state(), pb::MigrationState::Completed);
+    assert_eq!(node_state(&mut c, "s4").await, None);
+}
