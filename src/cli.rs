@@ -120,6 +120,21 @@ pub enum AdminCommand {
     Tenants(TenantCommand),
     /// List the storage nodes.
     Nodes,
+    /// Add a storage node (it must be running at ADDRESS); prints the migration.
+    AddNode {
+        node_id: String,
+        /// host:port of the node's gRPC listener.
+        address: String,
+        #[arg(long = "vnodes")]
+        virtual_nodes: Option<u32>,
+    },
+    /// Remove a storage node: its ranges are streamed to the nodes that inherit them.
+    RemoveNode {
+        node_id: String,
+        /// Remove even if fewer active nodes than the largest tenant RF remain.
+        #[arg(long)]
+        force: bool,
+    },
     /// A migration's status.
     Migration { migration_id: String },
 }

@@ -88,6 +88,27 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         json_out(&pairdb(&url, &["admin", "tenants", "get", "demo"]))["tenant_id"],
         "demo"
     );
+    for (args, code) in [
+        (&["admin", "remove-node", "s9"][..], "NODE_NOT_FOUND"),
+        // demo has RF 3 and the dev cluster 3 nodes.
+        (&["admin", "remove-node", "s1"][..], "NODE_IN_USE"),
+        (
+            &["admin", "add-node", "s4", "127.0.0.1:1", "--vnodes", "8"][..],
+            "INVALID_NODE_CONFIG",
+        ),
+    ] {
+        let out = pairdb(&url, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(code), "{args:?}: {stderr}");
+    }
+    assert_eq!(
+        json_out(&pairdb(&url, &["admin", "nodes"]))["nodes"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "nothing changed"
+    );
 
     let report = json_out(&pairdb(
         &url,

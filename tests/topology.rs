@@ -159,7 +159,7 @@ async fn adding_a_node_streams_its_ranges_then_activates_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(3, dir.path());
     let s4 = join("s4", dir.path(), &storage);
-    let c1 = coordinator(&storage, dir.path(), &[]);
+    let mut c1 = coordinator(&storage, dir.path(), &[]);
     let mut c = c1.client().await;
     wait_all_active(&c, 3).await;
     for (tenant, rf) in TENANTS {
@@ -185,6 +185,10 @@ async fn adding_a_node_streams_its_ranges_then_activates_it() {
     assert_eq!(accepted.node_id, "s4");
     assert!(!accepted.migration_id.is_empty());
     assert!(!accepted.estimated_completion.is_empty());
+    // The coordinator dies before streaming starts; the one restarted resumes the change.
+    c1.kill9();
+    c1.restart();
+    let mut c = c1.client().await;
     assert_eq!(
         node_state(&mut c, "s4").await,
         Some(WireState::Bootstrapping)

@@ -99,6 +99,28 @@ pub async fn kv(conn: &Connection, command: &KvCommand) -> anyhow::Result<Answer
 pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<Answer> {
     match command {
         AdminCommand::Nodes => send(request(conn, Method::GET, "/v1/admin/storage-nodes")).await,
+        AdminCommand::AddNode {
+            node_id,
+            address,
+            virtual_nodes,
+        } => {
+            let (host, port) = address
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("address must be host:port, not {address:?}"))?;
+            let mut body = json!({"node_id": node_id, "host": host, "port": port});
+            if let Some(v) = virtual_nodes {
+                body["virtual_nodes"] = json!(v);
+            }
+            send(request(conn, Method::POST, "/v1/admin/storage-nodes").json(&body)).await
+        }
+        AdminCommand::RemoveNode { node_id, force } => {
+            let path = format!(
+                "/v1/admin/storage-nodes/{}?force={force}",
+                url_encode(node_id)
+            );
+            send(request(conn, Method::DELETE, &path)).await
+        }
         AdminCommand::Migration { migration_id } => {
             let path = format!("/v1/admin/migrations/{}", url_encode(migration_id));
             send(request(conn, Method::GET, &path)).await
