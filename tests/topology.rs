@@ -24,7 +24,7 @@ use pairdb::rpc::coordinator::{self as pb, ErrorCode};
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Tenants and their replication factors.
-const TENANTS: [(&str, u32); 2] = [("wide", 3), ("narrow", 1)];
+const TENANTS: [(&str, u32); 3] = [("wide", 3), ("pair", 2), ("narrow", 1)];
 
 /// A storage node that joins the others' gossip.
 fn join(id: &str, dir: &Path, peers: &[StorageNode]) -> StorageNode {
@@ -54,16 +54,21 @@ async fn write_keys(c: &mut Client, prefix: &str, n: usize, level: Consistency) 
     }
 }
 
-/// Every key is held by every node that owns it in a ring of `members` (all active), and
-/// reads back at ALL. Returns how many keys each member holds as an owner.
-async fn assert_placed(c: &mut Client, nodes: &[&StorageNode], keys: &[String]) -> Vec<usize> {
+/// Every key of `tenants` is held by every node that owns it in a ring of `nodes` (all active),
+/// and reads back at ALL. Returns how many keys each node holds as an owner.
+async fn assert_placed(
+    c: &mut Client,
+    nodes: &[&StorageNode],
+    tenants: &[(&str, u32)],
+    keys: &[String],
+) -> Vec<usize> {
     let ring = Ring::new(nodes.iter().map(|n| RingNode {
         id: NodeId::new(n.id.clone()),
         virtual_nodes: DEFAULT_VIRTUAL_NODES,
         state: NodeState::Active,
     }));
     let mut held = vec![0; nodes.len()];
-    for (tenant, rf) in TENANTS {
+    for &(tenant, rf) in tenants {
         for key in keys {
             let want = format!("\"{key}\"");
             for owner in ring.natural_owners(key_position(tenant, key.as_bytes()), rf as usize) {
@@ -208,7 +213,13 @@ async fn adding_a_node_streams_its_ranges_then_activates_it() {
     assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Active));
 
     let nodes: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
-    let held = assert_placed(&mut c, &nodes, &keys(&[("k", 150), ("during", 40)])).await;
+    let held = assert_placed(
+        &mut c,
+        &nodes,
+        &TENANTS,
+        &keys(&[("k", 150), ("during", 40)]),
+    )
+    .await;
     assert!(held[3] > 40, "s4 owns a share of the keys: {held:?}");
 }
 
@@ -243,15 +254,19 @@ async fn removing_nodes_hands_their_ranges_to_the_inheritors() {
     assert_eq!(node_state(&mut c, "s4").await, None, "s4 left the registry");
     let three: Vec<&StorageNode> = storage.iter().take(3).collect();
     let all_keys = keys(&[("k", 150), ("during", 40)]);
-    assert_placed(&mut c, &three, &all_keys).await;
+    assert_placed(&mut c, &three, &TENANTS, &all_keys).await;
 
-    // Forced below the largest RF: the RF-3 tenant is served by the two nodes left.
+    // A dead node removed with force (below the largest RF): its ranges come from the
+    // surviving replicas. RF 1 keys that lived only on it are gone with it.
+    let mut storage = storage;
+    storage[2].kill9();
     let in_use = remove(&mut c, "s3", false).await.expect_err("still needed");
     assert_eq!(code(&in_use), ErrorCode::NodeInUse);
     let forced = remove(&mut c, "s3", true).await.expect("forced removal");
-    wait_migration(&c, &forced.migration_id, pb::MigrationState::Completed).await;
+    let done = wait_migration(&c, &forced.migration_id, pb::MigrationState::Completed).await;
+    assert!(done.keys_migrated > 0, "{done:?}");
     let two: Vec<&StorageNode> = storage.iter().take(2).collect();
-    assert_placed(&mut c, &two, &all_keys).await;
+    assert_placed(&mut c, &two, &TENANTS[..2], &all_keys).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +295,13 @@ async fn an_addition_without_progress_is_rolled_back() {
     // Out of the ring: writes at ALL need only s1..s3 again.
     write_keys(&mut c, "after", 20, Consistency::All).await;
     let three: Vec<&StorageNode> = storage.iter().collect();
-    assert_placed(&mut c, &three, &keys(&[("k", 150), ("after", 20)])).await;
+    assert_placed(
+        &mut c,
+        &three,
+        &TENANTS,
+        &keys(&[("k", 150), ("after", 20)]),
+    )
+    .await;
 
     // A failed addition owns nothing; removing it just forgets it.
     let forgotten = remove(&mut c, "s4", false).await.expect("forget s4");
