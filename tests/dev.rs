@@ -100,10 +100,11 @@ async fn dev_cluster_serves_the_api_and_keeps_data_across_restarts() {
 
     assert!(sigterm(&mut child).success(), "clean exit on SIGTERM");
     let (mut child, _) = start(dir.path(), port);
+    let again = read(client.clone(), url.clone()).await;
     assert_eq!(
-        read(client.clone(), url.clone()).await["value"],
+        again["value"],
         json!({"to": "world"}),
-        "data survives a restart"
+        "data survives a restart: {again}"
     );
     assert!(sigterm(&mut child).success());
 

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::{Request, Response, Status};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::engine::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::meta::Tenant;
@@ -20,20 +22,55 @@ use crate::vclock::{VectorClock, Version};
 
 use super::Coordinator;
 use super::admin::check_tenant_id;
-use super::errors::CoordError;
+use super::errors::{CoordError, detail_in};
 use super::idempotent::fingerprint;
 use super::topology::NewNode;
 
 /// Largest causal context a client may send.
 const MAX_CONTEXT_ENTRIES: usize = 1000;
 
+#[derive(Clone)]
 pub struct CoordinatorService {
     core: Arc<Coordinator>,
 }
 
+/// Results of one key-value stream waiting to be sent back.
+const STREAM_RESULTS_QUEUE: usize = 1024;
+
 impl CoordinatorService {
     pub fn new(core: Arc<Coordinator>) -> Self {
         Self { core }
+    }
+
+    /// One call of a key-value stream, through the same path as the unary RPCs.
+    async fn run_call(&self, call: pb::KeyValueCall) -> pb::KeyValueResult {
+        use pb::key_value_call::Call;
+        use pb::key_value_result::Result as Answer;
+        let answer = match call.call {
+            Some(Call::Write(req)) => CoordinatorRpc::write_key_value(self, Request::new(req))
+                .await
+                .map(|r| Answer::Write(r.into_inner())),
+            Some(Call::Read(req)) => CoordinatorRpc::read_key_value(self, Request::new(req))
+                .await
+                .map(|r| Answer::Read(r.into_inner())),
+            Some(Call::Delete(req)) => CoordinatorRpc::delete_key_value(self, Request::new(req))
+                .await
+                .map(|r| Answer::Delete(r.into_inner())),
+            None => {
+                Err(CoordError::InvalidRequest("empty key-value call".to_owned()).into_status())
+            }
+        };
+        let answer = answer.unwrap_or_else(|status| {
+            Answer::Error(detail_in(&status).unwrap_or_else(|| pb::ErrorDetail {
+                code: pb::ErrorCode::InternalError as i32,
+                message: status.message().to_owned(),
+                ..Default::default()
+            }))
+        });
+        pb::KeyValueResult {
+            id: call.id,
+            result: Some(answer),
+        }
     }
 }
 
@@ -352,6 +389,37 @@ impl CoordinatorRpc for CoordinatorService {
             self.core.get_migration(&req.migration_id),
         )
         .await
+    }
+
+    type KeyValueStreamStream = ReceiverStream<Result<pb::KeyValueResult, Status>>;
+
+    /// Runs every call of the stream as its own task; results go back as they complete.
+    async fn key_value_stream(
+        &self,
+        request: Request<Streaming<pb::KeyValueCall>>,
+    ) -> Result<Response<Self::KeyValueStreamStream>, Status> {
+        let mut calls = request.into_inner();
+        let (results, queue) = mpsc::channel(STREAM_RESULTS_QUEUE);
+        let service = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let call = match calls.message().await {
+                    Ok(Some(call)) => call,
+                    Ok(None) => return,
+                    Err(status) => {
+                        tracing::debug!(error = %status.message(), "key-value stream ended");
+                        return;
+                    }
+                };
+                let (service, results) = (service.clone(), results.clone());
+                tokio::spawn(async move {
+                    let result = service.run_call(call).await;
+                    // An error means the gateway hung up: nobody waits for the result.
+                    let _ = results.send(Ok(result)).await;
+                });
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(queue)))
     }
 
     async fn health(

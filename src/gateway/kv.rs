@@ -22,6 +22,8 @@ use crate::engine::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::quorum::Consistency;
 use crate::rpc::common;
 use crate::rpc::coordinator as pb;
+use crate::rpc::coordinator::key_value_call::Call;
+use crate::rpc::coordinator::key_value_result::Result as Answer;
 
 use super::Gateway;
 use super::body;
@@ -98,6 +100,11 @@ pub fn clock_json(version: Option<&common::Version>) -> BTreeMap<String, u64> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A coordinator answered a call with the result of another kind of call.
+fn mismatched_answer() -> ApiError {
+    ApiError::internal("the coordinator answered with a different kind of result")
 }
 
 fn consistency(raw: Option<&str>) -> Result<Consistency, ApiError> {
@@ -258,12 +265,9 @@ pub async fn put(
             context,
             has_context,
         };
-        let answer = gw
-            .forward(
-                request,
-                |mut c, r| async move { c.write_key_value(r).await },
-            )
-            .await?;
+        let Answer::Write(answer) = gw.key_value(Call::Write(request)).await? else {
+            return Err(mismatched_answer());
+        };
         Ok(Json(PutResponse {
             status: "success",
             key: body.key,
@@ -307,9 +311,9 @@ pub async fn get(
             key: key.as_bytes().to_vec(),
             consistency: common::Consistency::from(level) as i32,
         };
-        let answer = gw
-            .forward(request, |mut c, r| async move { c.read_key_value(r).await })
-            .await?;
+        let Answer::Read(answer) = gw.key_value(Call::Read(request)).await? else {
+            return Err(mismatched_answer());
+        };
         let text = String::from_utf8(answer.value)
             .map_err(|_| ApiError::internal("stored value is not UTF-8 JSON"))?;
         let value = RawValue::from_string(text)
@@ -357,12 +361,9 @@ pub async fn delete(
             key: key.as_bytes().to_vec(),
             consistency: common::Consistency::from(level) as i32,
         };
-        let answer = gw
-            .forward(
-                request,
-                |mut c, r| async move { c.delete_key_value(r).await },
-            )
-            .await?;
+        let Answer::Delete(answer) = gw.key_value(Call::Delete(request)).await? else {
+            return Err(mismatched_answer());
+        };
         Ok(Json(DeleteResponse {
             status: "success",
             key,

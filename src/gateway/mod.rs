@@ -25,6 +25,7 @@ use std::future::Future;
 
 use axum::http::HeaderMap;
 
+use crate::rpc::coordinator::{key_value_call, key_value_result};
 use auth::Auth;
 use coordinators::{Client, Coordinators};
 use errors::ApiError;
@@ -48,6 +49,18 @@ impl Gateway {
     {
         self.coordinators
             .call(|client| call(client, request.clone()))
+            .await
+            .map_err(|s| ApiError::from_status(&s))
+    }
+
+    /// Sends a key-value call to a coordinator's key-value stream (with failover) and maps its
+    /// error to the API's.
+    pub async fn key_value(
+        &self,
+        call: key_value_call::Call,
+    ) -> Result<key_value_result::Result, ApiError> {
+        self.coordinators
+            .key_value(call)
             .await
             .map_err(|s| ApiError::from_status(&s))
     }
