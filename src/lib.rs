@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod idempotency;
 pub mod meta;
 pub mod metrics;
+pub mod mux;
 pub mod net;
 pub mod quorum;
 pub mod ring;

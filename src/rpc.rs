@@ -29,9 +29,22 @@ pub use pb::common::v1 as common;
 pub use pb::coordinator::v1 as coordinator;
 pub use pb::storage::v1 as storage;
 
+use crate::mux::Tagged;
 use crate::quorum::Consistency;
 use crate::ring::{HashRange, NodeState};
 use crate::vclock::{VectorClock, Version};
+
+impl Tagged for coordinator::KeyValueResult {
+    fn tag(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Tagged for storage::BatchResult {
+    fn tag(&self) -> u64 {
+        self.id
+    }
+}
 
 /// Clock entries on the wire, sorted by coordinator id.
 pub fn clock_to_proto(clock: &VectorClock) -> Vec<common::ClockEntry> {

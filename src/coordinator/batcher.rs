@@ -1,13 +1,14 @@
 //! Coalescing of concurrent replica calls to one storage node (like Cassandra's message
-//! coalescing): client writes bound for a node queue up and go out as one `WriteBatch` (one RPC,
-//! one engine batch, one fsync on the node), reads as one `ReadBatch`. Nothing waits on a timer:
-//! a batch holds whatever queued while the node's previous batches were in flight, so a lone
-//! request goes out at once and a busy node gets fewer, larger RPCs.
+//! coalescing): client writes bound for a node queue up and go out as one `WriteBatch` (one
+//! call, one engine batch, one fsync on the node), reads as one `ReadBatch`. Nothing waits on a
+//! timer: a batch holds whatever queued while the node's previous batches were in flight, so a
+//! lone request goes out at once and a busy node gets fewer, larger calls. Batches travel on the
+//! node's `BatchStream` ([`crate::mux`]), not as an HTTP/2 stream each.
 //!
 //! Invariants: every queued call gets exactly one answer (its share of the batch's outcome, or
 //! the batch's error); at most `in_flight` ([`IN_FLIGHT`] by default) batches per node and kind
-//! are outstanding; a batch
-//! holds at most [`MAX_RECORDS`] calls and about [`MAX_BYTES`] of values.
+//! are outstanding; a batch holds at most [`MAX_RECORDS`] calls and about [`MAX_BYTES`] of
+//! values.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,10 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::transport::Channel;
 
+use crate::mux::MuxSlot;
 use crate::rpc::storage as pb;
+use crate::rpc::storage::batch_call;
+use crate::rpc::storage::batch_result::Result as Answer;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
 
 use super::replicas::ReplicaError;
@@ -31,6 +35,39 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Reply<T> = oneshot::Sender<Result<T, ReplicaError>>;
 
+/// A node's batch stream, and the client that opens it again after it broke.
+struct Link {
+    node: String,
+    client: StorageNodeClient<Channel>,
+    stream: MuxSlot<pb::BatchCall, pb::BatchResult>,
+}
+
+impl Link {
+    async fn call(&self, call: batch_call::Call) -> Result<Answer, ReplicaError> {
+        let client = self.client.clone();
+        let stream = self
+            .stream
+            .get(|calls| async move { client.clone().batch_stream(calls).await })
+            .await
+            .map_err(|s| ReplicaError::from_status(&self.node, &s))?;
+        let answer = stream
+            .call(
+                |id| pb::BatchCall {
+                    id,
+                    call: Some(call),
+                },
+                BATCH_TIMEOUT,
+            )
+            .await
+            .map_err(|e| ReplicaError::unavailable(&self.node, format!("batch: {e}")))?;
+        match answer.result {
+            Some(Answer::Error(detail)) => Err(ReplicaError::from_detail(&self.node, &detail)),
+            Some(answer) => Ok(answer),
+            None => Err(ReplicaError::unavailable(&self.node, "empty batch answer")),
+        }
+    }
+}
+
 /// The queues of one storage node.
 pub struct NodeBatcher {
     writes: mpsc::UnboundedSender<(pb::Record, Reply<()>)>,
@@ -43,13 +80,13 @@ impl NodeBatcher {
         let (writes, write_queue) = mpsc::unbounded_channel();
         let (reads, read_queue) = mpsc::unbounded_channel();
         let in_flight = in_flight.max(1);
-        tokio::spawn(run_writes(
-            node.clone(),
-            client.clone(),
-            write_queue,
-            in_flight,
-        ));
-        tokio::spawn(run_reads(node, client, read_queue, in_flight));
+        let link = Arc::new(Link {
+            node,
+            client,
+            stream: MuxSlot::default(),
+        });
+        tokio::spawn(run_writes(link.clone(), write_queue, in_flight));
+        tokio::spawn(run_reads(link, read_queue, in_flight));
         Arc::new(Self { writes, reads })
     }
 
@@ -88,8 +125,7 @@ fn value_len(r: &pb::Record) -> usize {
 }
 
 async fn run_writes(
-    node: String,
-    client: StorageNodeClient<Channel>,
+    link: Arc<Link>,
     mut queue: mpsc::UnboundedReceiver<(pb::Record, Reply<()>)>,
     in_flight: usize,
 ) {
@@ -121,23 +157,25 @@ async fn run_writes(
                 Err(_) => break,
             }
         }
-        let mut client = client.clone();
-        let node = node.clone();
+        let link = link.clone();
         tokio::spawn(async move {
             let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "write")
                 .record(records.len() as f64);
-            let call = client.write_batch(pb::WriteBatchRequest {
+            let call = batch_call::Call::Write(pb::WriteBatchRequest {
                 records,
                 source: pb::BatchSource::Client as i32,
             });
-            let result = match tokio::time::timeout(BATCH_TIMEOUT, call).await {
-                Ok(Ok(r)) => Ok(r.into_inner().outcomes.len()),
-                Ok(Err(status)) => Err(ReplicaError::from_status(&node, &status)),
-                Err(_) => Err(ReplicaError::unavailable(&node, "batch timed out")),
+            let result = match link.call(call).await {
+                Ok(Answer::Write(_)) => Ok(()),
+                Ok(_) => Err(ReplicaError::unavailable(
+                    &link.node,
+                    "mismatched batch answer",
+                )),
+                Err(e) => Err(e),
             };
             for reply in replies {
-                let _ = reply.send(result.clone().map(|_| ()));
+                let _ = reply.send(result.clone());
             }
             drop(slot);
         });
@@ -145,8 +183,7 @@ async fn run_writes(
 }
 
 async fn run_reads(
-    node: String,
-    client: StorageNodeClient<Channel>,
+    link: Arc<Link>,
     mut queue: mpsc::UnboundedReceiver<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
     in_flight: usize,
 ) {
@@ -160,19 +197,17 @@ async fn run_reads(
             return;
         }
         let jobs = std::mem::replace(&mut batch, Vec::with_capacity(MAX_RECORDS));
-        let mut client = client.clone();
-        let node = node.clone();
+        let link = link.clone();
         tokio::spawn(async move {
             let (reads, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
             metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "read")
                 .record(reads.len() as f64);
             let expected = reads.len();
-            let call = client.read_batch(pb::ReadBatchRequest { reads });
-            let result = match tokio::time::timeout(BATCH_TIMEOUT, call).await {
-                Ok(Ok(r)) if r.get_ref().results.len() == expected => Ok(r.into_inner().results),
-                Ok(Ok(_)) => Err(ReplicaError::unavailable(&node, "short read batch")),
-                Ok(Err(status)) => Err(ReplicaError::from_status(&node, &status)),
-                Err(_) => Err(ReplicaError::unavailable(&node, "batch timed out")),
+            let call = batch_call::Call::Read(pb::ReadBatchRequest { reads });
+            let result = match link.call(call).await {
+                Ok(Answer::Read(r)) if r.results.len() == expected => Ok(r.results),
+                Ok(_) => Err(ReplicaError::unavailable(&link.node, "short read batch")),
+                Err(e) => Err(e),
             };
             match result {
                 Ok(results) => {

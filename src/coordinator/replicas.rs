@@ -39,9 +39,23 @@ impl ReplicaError {
         Self {
             node: node.to_owned(),
             message: format!("{:?}: {}", status.code(), status.message()),
-            rejected: (1000..2000).contains(&code),
+            rejected: is_rejection(code),
         }
     }
+
+    /// The error a node answered on its batch stream.
+    pub fn from_detail(node: &str, detail: &pb::ErrorDetail) -> Self {
+        Self {
+            node: node.to_owned(),
+            message: format!("{:?}: {}", detail.code(), detail.message),
+            rejected: is_rejection(detail.code),
+        }
+    }
+}
+
+/// 1xxx codes: the request is wrong, retrying it cannot succeed.
+fn is_rejection(code: i32) -> bool {
+    (1000..2000).contains(&code)
 }
 
 /// Writes (or tombstones) a record on one replica.

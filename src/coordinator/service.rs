@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -398,28 +397,15 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         request: Request<Streaming<pb::KeyValueCall>>,
     ) -> Result<Response<Self::KeyValueStreamStream>, Status> {
-        let mut calls = request.into_inner();
-        let (results, queue) = mpsc::channel(STREAM_RESULTS_QUEUE);
         let service = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let call = match calls.message().await {
-                    Ok(Some(call)) => call,
-                    Ok(None) => return,
-                    Err(status) => {
-                        tracing::debug!(error = %status.message(), "key-value stream ended");
-                        return;
-                    }
-                };
-                let (service, results) = (service.clone(), results.clone());
-                tokio::spawn(async move {
-                    let result = service.run_call(call).await;
-                    // An error means the gateway hung up: nobody waits for the result.
-                    let _ = results.send(Ok(result)).await;
-                });
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(queue)))
+        Ok(Response::new(crate::mux::serve(
+            request.into_inner(),
+            STREAM_RESULTS_QUEUE,
+            move |call| {
+                let service = service.clone();
+                async move { service.run_call(call).await }
+            },
+        )))
     }
 
     async fn health(

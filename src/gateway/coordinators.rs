@@ -4,28 +4,25 @@
 //! coordinator's own answers, errors included, are final. A coordinator that failed, or timed
 //! out (that request is answered 503, not retried: it may have run), is tried last for a second.
 //!
-//! Key-value calls travel on one long-lived `KeyValueStream` per coordinator ([`KvStream`]),
+//! Key-value calls travel on one long-lived `KeyValueStream` per coordinator ([`crate::mux`]),
 //! matched to their results by id, instead of an HTTP/2 stream per request (that per-request
 //! cost was a large share of the gateway's and coordinator's CPU). When that stream breaks, the
 //! calls in flight on it fail as a transport failure and go to the next coordinator, as a unary
 //! call on a reset connection would (so a write may be applied twice, with the same value; an
 //! `Idempotency-Key` makes it exactly once); the next call opens a new stream.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::coordinator::errors::detail_in;
+use crate::mux::{MuxError, MuxSlot};
 use crate::rpc::coordinator::coordinator_client::CoordinatorClient;
 use crate::rpc::coordinator::{self as pb, key_value_call, key_value_result};
 
@@ -37,10 +34,8 @@ struct Member {
     address: String,
     client: Client,
     failed_at: Mutex<Option<Instant>>,
-    /// The open key-value stream, if any.
-    stream: ArcSwapOption<KvStream>,
-    /// Held while a new stream is opened, so concurrent calls open one.
-    opening: tokio::sync::Mutex<()>,
+    /// The key-value stream to this coordinator.
+    stream: MuxSlot<pb::KeyValueCall, pb::KeyValueResult>,
 }
 
 pub struct Coordinators {
@@ -67,8 +62,7 @@ impl Coordinators {
                         .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
                     failed_at: Mutex::new(None),
-                    stream: ArcSwapOption::empty(),
-                    opening: tokio::sync::Mutex::new(()),
+                    stream: MuxSlot::default(),
                 }))
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -100,7 +94,7 @@ impl Coordinators {
         self.with_failover(|member| {
             let call = call.clone();
             let timeout = self.timeout;
-            async move { member.stream().await?.call(call, timeout).await }
+            async move { member.key_value(call, timeout).await }
         })
         .await
     }
@@ -150,106 +144,41 @@ impl Member {
             .is_some_and(|at| at.elapsed() < BACKOFF)
     }
 
-    /// The open key-value stream, opening one if there is none or it broke.
-    async fn stream(&self) -> Result<Arc<KvStream>, tonic::Status> {
-        if let Some(open) = self.stream.load_full().filter(|s| s.is_open()) {
-            return Ok(open);
-        }
-        let _opening = self.opening.lock().await;
-        if let Some(open) = self.stream.load_full().filter(|s| s.is_open()) {
-            return Ok(open);
-        }
-        let opened = KvStream::open(self.client.clone()).await?;
-        self.stream.store(Some(opened.clone()));
-        Ok(opened)
-    }
-}
-
-/// Calls waiting for their results, by id.
-type Waiting = Mutex<HashMap<u64, oneshot::Sender<key_value_result::Result>>>;
-
-/// One coordinator's `KeyValueStream`: calls go out through `calls`; a reader task hands each
-/// result to the call waiting for its id. Invariant: once `closed` is set, every call is
-/// answered (by the reader's final drain, or by the caller's own check after registering).
-struct KvStream {
-    calls: mpsc::UnboundedSender<pb::KeyValueCall>,
-    waiting: Arc<Waiting>,
-    closed: Arc<AtomicBool>,
-    next_id: AtomicU64,
-}
-
-impl KvStream {
-    async fn open(mut client: Client) -> Result<Arc<KvStream>, tonic::Status> {
-        let (calls, outgoing) = mpsc::unbounded_channel();
-        let mut results = client
-            .key_value_stream(UnboundedReceiverStream::new(outgoing))
-            .await?
-            .into_inner();
-        let waiting: Arc<Waiting> = Arc::default();
-        let closed = Arc::new(AtomicBool::new(false));
-        let (reader_waiting, reader_closed) = (waiting.clone(), closed.clone());
-        tokio::spawn(async move {
-            let why = loop {
-                match results.message().await {
-                    Ok(Some(result)) => {
-                        let waiter = reader_waiting.lock().remove(&result.id);
-                        if let (Some(waiter), Some(answer)) = (waiter, result.result) {
-                            // A caller that timed out no longer listens.
-                            let _ = waiter.send(answer);
-                        }
-                    }
-                    Ok(None) => break "the coordinator ended the stream".to_owned(),
-                    Err(status) => break status.message().to_owned(),
-                }
-            };
-            tracing::debug!(reason = %why, "key-value stream closed");
-            reader_closed.store(true, Ordering::SeqCst);
-            // Dropping the senders answers every waiting call with "stream broke".
-            reader_waiting.lock().clear();
-        });
-        Ok(Arc::new(KvStream {
-            calls,
-            waiting,
-            closed,
-            next_id: AtomicU64::new(0),
-        }))
-    }
-
-    fn is_open(&self) -> bool {
-        !self.closed.load(Ordering::SeqCst)
-    }
-
-    async fn call(
+    /// Runs a key-value call on this coordinator's key-value stream (opened if needed).
+    async fn key_value(
         &self,
         call: key_value_call::Call,
         timeout: Duration,
     ) -> Result<key_value_result::Result, tonic::Status> {
-        let broke = || tonic::Status::unavailable("the stream to the coordinator broke");
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (answer, result) = oneshot::channel();
-        self.waiting.lock().insert(id, answer);
-        let sent = self.calls.send(pb::KeyValueCall {
-            id,
-            call: Some(call),
-        });
-        if sent.is_err() || !self.is_open() {
-            self.waiting.lock().remove(&id);
-            return Err(broke());
-        }
-        match tokio::time::timeout(timeout, result).await {
-            Ok(Ok(key_value_result::Result::Error(detail))) => Err(tonic::Status::with_details(
+        let client = self.client.clone();
+        let stream = self
+            .stream
+            .get(|calls| async move { client.clone().key_value_stream(calls).await })
+            .await?;
+        let answer = stream
+            .call(
+                |id| pb::KeyValueCall {
+                    id,
+                    call: Some(call),
+                },
+                timeout,
+            )
+            .await;
+        match answer.map(|a| a.result) {
+            Ok(Some(key_value_result::Result::Error(detail))) => Err(tonic::Status::with_details(
                 tonic::Code::Unknown,
                 detail.message.clone(),
                 detail.encode_to_vec().into(),
             )),
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(_)) => Err(broke()),
-            Err(_) => {
-                self.waiting.lock().remove(&id);
-                Err(tonic::Status::deadline_exceeded(
-                    "the coordinator did not answer in time",
-                ))
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => Err(tonic::Status::internal("empty answer from the coordinator")),
+            // Sent or not, the connection is gone: the next coordinator gets the call.
+            Err(e @ (MuxError::Closed | MuxError::Broken)) => {
+                Err(tonic::Status::unavailable(e.to_string()))
             }
+            Err(MuxError::TimedOut) => Err(tonic::Status::deadline_exceeded(
+                "the coordinator did not answer in time",
+            )),
         }
     }
 }

@@ -44,11 +44,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         None => None,
     };
     crate::metrics::handle();
-    let service = Arc::new(StorageService::new(
-        node_id.clone(),
-        engine.clone(),
-        gossip.clone(),
-    ));
+    let service = StorageService::new(node_id.clone(), engine.clone(), gossip.clone());
     tracing::info!(node = %node_id, grpc = %grpc_addr, http = %http_listener.local_addr()?, "storage node serving");
 
     let publisher = gossip.clone().map(|g| {

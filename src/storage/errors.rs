@@ -63,6 +63,17 @@ pub fn internal(message: impl Into<String>) -> Status {
     status(ErrorCode::Internal, message)
 }
 
+/// The `ErrorDetail` of a status made here (an internal error for any other status).
+pub fn detail_of(status: &Status) -> ErrorDetail {
+    match ErrorDetail::decode(status.details()) {
+        Ok(detail) if !status.details().is_empty() => detail,
+        _ => ErrorDetail {
+            code: ErrorCode::Internal as i32,
+            message: status.message().to_owned(),
+        },
+    }
+}
+
 /// The pairdb code carried by a status from a storage node (`Unspecified` if none).
 pub fn code_in(status: &Status) -> ErrorCode {
     ErrorDetail::decode(status.details())

@@ -3,8 +3,8 @@
 //! before anything touches the log.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -19,14 +19,18 @@ use crate::rpc::storage::storage_node_server::StorageNode;
 use crate::vclock::Version;
 
 use super::convert::{record_from_proto, record_to_proto};
-use super::errors::{from_engine, internal, invalid};
+use super::errors::{detail_of, from_engine, internal, invalid};
 use super::gossip::{Gossip, Health};
 use super::streaming::StreamManager;
 
 /// Largest batch a `ScanRange` stream sends at once.
 const MAX_SCAN_BATCH: usize = 1000;
+/// Results of one `BatchStream` waiting to be sent back.
+const BATCH_RESULTS_QUEUE: usize = 256;
 
 pub struct StorageService {
+    /// This service, for the tasks of a `BatchStream` (the server holds the only `Arc`).
+    me: Weak<StorageService>,
     node_id: String,
     /// Requests served, for the load this node gossips.
     requests: AtomicU64,
@@ -84,13 +88,33 @@ fn observe<T>(
 }
 
 impl StorageService {
-    pub fn new(node_id: String, engine: Arc<Engine>, gossip: Option<Arc<Gossip>>) -> Self {
-        Self {
+    pub fn new(node_id: String, engine: Arc<Engine>, gossip: Option<Arc<Gossip>>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             node_id,
             requests: AtomicU64::new(0),
             streams: StreamManager::new(engine.clone()),
             engine,
             gossip,
+        })
+    }
+
+    /// One call of a `BatchStream`, through the same path as the unary batch RPCs.
+    async fn run_batch_call(&self, call: pb::BatchCall) -> pb::BatchResult {
+        use pb::batch_call::Call;
+        use pb::batch_result::Result as Answer;
+        let answer = match call.call {
+            Some(Call::Write(req)) => StorageNode::write_batch(self, Request::new(req))
+                .await
+                .map(|r| Answer::Write(r.into_inner())),
+            Some(Call::Read(req)) => StorageNode::read_batch(self, Request::new(req))
+                .await
+                .map(|r| Answer::Read(r.into_inner())),
+            None => Err(invalid("empty batch call")),
+        };
+        pb::BatchResult {
+            id: call.id,
+            result: Some(answer.unwrap_or_else(|status| Answer::Error(detail_of(&status)))),
         }
     }
 
@@ -265,6 +289,27 @@ impl StorageNode for StorageService {
         };
         observe(self, "write_batch", started, &result);
         result
+    }
+
+    type BatchStreamStream = ReceiverStream<Result<pb::BatchResult, Status>>;
+
+    /// Runs every batch of the stream as its own task; results go back as they complete.
+    async fn batch_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::BatchCall>>,
+    ) -> Result<Response<Self::BatchStreamStream>, Status> {
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| internal("the service is shutting down"))?;
+        Ok(Response::new(crate::mux::serve(
+            req.into_inner(),
+            BATCH_RESULTS_QUEUE,
+            move |call| {
+                let me = me.clone();
+                async move { me.run_batch_call(call).await }
+            },
+        )))
     }
 
     type ScanRangeStream = BoxStream<pb::ScanRangeBatch>;
