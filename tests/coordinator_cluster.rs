@@ -817,3 +817,148 @@ async fn raising_the_replication_factor_copies_existing_keys() {
         );
     }
 }
+
+/// The key-value stream gateways use: answers find their calls by id under concurrency, errors
+/// carry their codes, and a call outlives neither its deadline nor the coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_value_stream_answers_each_call_by_id() {
+    use pairdb::mux::{MuxError, MuxStream};
+    use pb::key_value_call::Call;
+    use pb::key_value_result::Result as Answer;
+
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let mut c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    let client = c.clone();
+    let stream =
+        MuxStream::open(|calls| async move { client.clone().key_value_stream(calls).await })
+            .await
+            .expect("open the stream");
+    let timeout = Duration::from_secs(5);
+    let call = |call: Call| {
+        let stream = stream.clone();
+        async move {
+            stream
+                .call(
+                    |id| pb::KeyValueCall {
+                        id,
+                        call: Some(call),
+                    },
+                    timeout,
+                )
+                .await
+                .map(|r| r.result.expect("an answer"))
+        }
+    };
+    let writes = (0..50).map(|i| {
+        call(Call::Write(pb::WriteKeyValueRequest {
+            tenant_id: "acme".into(),
+            key: format!("k{i}").into_bytes(),
+            value: format!("{i}").into_bytes(),
+            consistency: Consistency::All as i32,
+            ..Default::default()
+        }))
+    });
+    for answer in futures::future::join_all(writes).await {
+        match answer.expect("write") {
+            Answer::Write(w) => assert_eq!(w.replica_count, 3),
+            other => panic!("not a write answer: {other:?}"),
+        }
+    }
+    let reads = (0..50).rev().map(|i| {
+        let read = call(Call::Read(pb::ReadKeyValueRequest {
+            tenant_id: "acme".into(),
+            key: format!("k{i}").into_bytes(),
+            consistency: Consistency::Quorum as i32,
+        }));
+        async move { (i, read.await) }
+    });
+    for (i, answer) in futures::future::join_all(reads).await {
+        match answer.expect("read") {
+            Answer::Read(r) => assert_eq!(r.value, format!("{i}").into_bytes(), "k{i}"),
+            other => panic!("not a read answer: {other:?}"),
+        }
+    }
+    let missing = call(Call::Read(pb::ReadKeyValueRequest {
+        tenant_id: "acme".into(),
+        key: b"absent".to_vec(),
+        consistency: Consistency::One as i32,
+    }))
+    .await;
+    assert!(
+        matches!(&missing, Ok(Answer::Error(d)) if d.code() == ErrorCode::KeyNotFound),
+        "{missing:?}"
+    );
+    let empty = stream
+        .call(|id| pb::KeyValueCall { id, call: None }, timeout)
+        .await
+        .expect("answered")
+        .result;
+    assert!(
+        matches!(&empty, Some(Answer::Error(d)) if d.code() == ErrorCode::InvalidRequest),
+        "{empty:?}"
+    );
+
+    // A hung coordinator: the deadline answers. Killed while a call waits: the call learns
+    // that the stream broke, and later calls that it is closed.
+    c1.pause();
+    let hung = stream
+        .call(
+            |id| pb::KeyValueCall {
+                id,
+                call: Some(Call::Read(pb::ReadKeyValueRequest {
+                    tenant_id: "acme".into(),
+                    key: b"k1".to_vec(),
+                    consistency: Consistency::One as i32,
+                })),
+            },
+            Duration::from_millis(300),
+        )
+        .await;
+    assert_eq!(hung.err(), Some(MuxError::TimedOut));
+    let waiting = {
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            stream
+                .call(
+                    |id| pb::KeyValueCall {
+                        id,
+                        call: Some(Call::Read(pb::ReadKeyValueRequest {
+                            tenant_id: "acme".into(),
+                            key: b"k2".to_vec(),
+                            consistency: Consistency::One as i32,
+                        })),
+                    },
+                    Duration::from_secs(30),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c1.kill9();
+    let broken = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("answered before its deadline")
+        .expect("task");
+    assert_eq!(broken.err(), Some(MuxError::Broken));
+    eventually("the stream is closed", Duration::from_secs(5), || {
+        let open = stream.is_open();
+        async move { !open }
+    })
+    .await;
+    let closed = stream
+        .call(|id| pb::KeyValueCall { id, call: None }, timeout)
+        .await;
+    assert_eq!(closed.err(), Some(MuxError::Closed));
+}

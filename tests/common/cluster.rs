@@ -175,6 +175,13 @@ impl RoleProcess {
         }
     }
 
+    /// SIGSTOP: the process hangs with its sockets open.
+    pub fn pause(&self) {
+        let child = self.child.as_ref().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
         self.spawn();
