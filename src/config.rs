@@ -181,7 +181,7 @@ impl Default for CoordinatorConfig {
             max_clock_entries: 64,
             read_repair_queue: 10_000,
             read_repair_chance: 0.1,
-            batch_in_flight: 2,
+            batch_in_flight: 1,
             topology_timeout_s: 3600,
             min_storage_nodes: 1,
         }

@@ -25,7 +25,7 @@ use crate::rpc::storage::storage_node_client::StorageNodeClient;
 use super::replicas::ReplicaError;
 
 /// Batches outstanding per node and kind, by default (`coordinator.batch_in_flight`).
-pub const IN_FLIGHT: usize = 2;
+pub const IN_FLIGHT: usize = 1;
 /// Calls per batch.
 pub const MAX_RECORDS: usize = 256;
 /// Value bytes per write batch (a 10 MiB value goes alone).
