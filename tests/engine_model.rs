@@ -138,9 +138,18 @@ proptest! {
                     apply(&engine, &mut model, Record::tombstone(TENANTS[tenant], key_bytes(key), version(coord, counter)))?;
                 }
                 Op::Get { tenant, key } => {
-                    let got = engine.get(TENANTS[tenant], &key_bytes(key)).expect("get");
+                    // The cache-only path never answers something the model does not hold.
+                    let cached = engine.get_cached(TENANTS[tenant], &key_bytes(key));
                     let want = model.get(&(TENANTS[tenant].to_owned(), key_bytes(key)));
+                    if cached.is_some() {
+                        prop_assert_eq!(cached.as_deref(), want);
+                    }
+                    let got = engine.get(TENANTS[tenant], &key_bytes(key)).expect("get");
                     prop_assert_eq!(got.as_deref(), want);
+                    if cache && got.is_some() {
+                        let again = engine.get_cached(TENANTS[tenant], &key_bytes(key));
+                        prop_assert_eq!(again.as_deref(), want, "a read fills the cache");
+                    }
                 }
                 Op::ScanTenant { tenant } => {
                     let got: Vec<Record> = engine.scan_tenant(TENANTS[tenant]).expect("scan")

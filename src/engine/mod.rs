@@ -354,6 +354,18 @@ impl Engine {
         self.core.get(tenant, key)
     }
 
+    /// The stored version of a key if the row cache holds it: never touches the disk, so async
+    /// callers may use it without a blocking thread. `None` says nothing (ask [`Engine::get`]).
+    pub fn get_cached(&self, tenant: &str, key: &[u8]) -> Option<Arc<Record>> {
+        if self.core.check_open().is_err() || validate_tenant(tenant).is_err() {
+            return None;
+        }
+        validate_key(key).ok()?;
+        let found = self.core.cache.get(&internal_key(tenant, key))?;
+        self.core.metrics.reads.fetch_add(1, Ordering::Relaxed);
+        Some(found)
+    }
+
     /// One tenant's records (tombstones included) in key order.
     pub fn scan_tenant(
         &self,
