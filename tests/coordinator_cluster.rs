@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::backends::{Postgres, Redis, skip_or_fail};
 use common::cluster::{RoleProcess, start_storage};
 use common::coord::{
-    code, create_tenant, eventually, get, node_state, put, put_idem, sqlite_url, stored,
+    Client, code, create_tenant, eventually, get, node_state, put, put_idem, sqlite_url, stored,
     wait_all_active,
 };
 use pairdb::coordinator::errors::detail_in;
@@ -25,6 +25,20 @@ use pairdb::vclock::Version;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const LEVELS: [Consistency; 3] = [Consistency::One, Consistency::Quorum, Consistency::All];
+
+/// Three storage nodes `s1..s3` and coordinator `c1` (SQLite metadata, `env` added) with
+/// gossip converged and tenant `acme` at RF 3.
+async fn one_coordinator(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Vec<common::StorageNode>, RoleProcess, Client) {
+    let storage = start_storage(3, dir);
+    let c1 = RoleProcess::coordinator("c1", &sqlite_url(dir), "memory://", &storage, env, dir);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    (storage, c1, c)
+}
 
 /// Placement, quorum reads and writes at every level from two coordinators, tenant isolation,
 /// input errors, delete, and ring changes seen by both coordinators through the shared store.
@@ -378,21 +392,14 @@ async fn dead_replica_gets_hints_replayed_when_back() {
 async fn quorum_read_repairs_a_stale_replica() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut storage = start_storage(3, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
+    let (mut storage, _c1, mut c) = one_coordinator(
+        dir.path(),
         &[
             ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
             ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "1"),
         ],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
+    )
+    .await;
     put(&mut c, "acme", "k", "\"v1\"", Consistency::All)
         .await
         .expect("write");
@@ -662,18 +669,7 @@ async fn idempotent_retries_write_once() {
 async fn a_hung_replica_does_not_fail_quorum_requests() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
-        &[],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
+    let (storage, _c1, mut c) = one_coordinator(dir.path(), &[]).await;
     for i in 0..20 {
         put(&mut c, "acme", &format!("k{i}"), "\"v\"", Consistency::All)
             .await
@@ -828,18 +824,7 @@ async fn key_value_stream_answers_each_call_by_id() {
 
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let mut c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
-        &[],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
+    let (_storage, mut c1, c) = one_coordinator(dir.path(), &[]).await;
     let client = c.clone();
     let stream =
         MuxStream::open(|calls| async move { client.clone().key_value_stream(calls).await })

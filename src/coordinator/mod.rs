@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::idempotency::IdempotencyStore;
-use crate::meta::{MetadataStore, Tenant};
+use crate::meta::{MetadataStore, MigrationKind, Tenant};
 
 use clock::CoordinatorClock;
 use errors::CoordError;
@@ -87,6 +87,27 @@ pub struct Coordinator {
     pub pending_rf: rf_change::PendingRf,
     /// Reads served, for spreading `read_repair_chance` evenly.
     pub reads_served: std::sync::atomic::AtomicU64,
+}
+
+/// Resumes the migrations (RF raises, node additions and removals) left in progress by a
+/// coordinator that stopped.
+pub fn resume_migrations(core: &Arc<Coordinator>) {
+    let core = core.clone();
+    tokio::spawn(async move {
+        let active = match core.meta.active_migrations().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list migrations to resume");
+                return;
+            }
+        };
+        for m in active {
+            match m.kind {
+                MigrationKind::ReplicationFactorChange => core.resume_raise(m),
+                MigrationKind::NodeAddition | MigrationKind::NodeRemoval => core.resume_change(m),
+            }
+        }
+    });
 }
 
 impl Coordinator {

@@ -11,7 +11,7 @@
 //! sends each to the owners it gains (`WriteBatch` REPAIR: never rolls a newer version back),
 //! then sets the tenant's RF and marks the migration completed. Reads switch to the new RF
 //! only then. A failed copy marks the migration failed and leaves the RF as it was; a copy cut
-//! short by a restart resumes when a coordinator starts ([`resume`]).
+//! short by a restart resumes when a coordinator starts ([`super::resume_migrations`]).
 //!
 //! Invariant: a read at the new RF never misses a key written before: every key either was on
 //! an old owner when the scan passed (and was copied) or was written after every coordinator
@@ -104,29 +104,14 @@ async fn refresh(core: &Coordinator, every: Duration) -> Result<(), crate::meta:
     Ok(())
 }
 
-/// Resumes raises left in progress by a coordinator that stopped.
-pub fn resume(core: &Arc<Coordinator>) {
-    let core = core.clone();
-    tokio::spawn(async move {
-        let active = match core.meta.active_migrations().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list migrations to resume");
-                return;
-            }
-        };
-        for m in active
-            .into_iter()
-            .filter(|m| m.kind == MigrationKind::ReplicationFactorChange)
-        {
-            core.pending_rf.insert(&m.subject, m.target_rf);
-            tracing::info!(migration = %m.migration_id, tenant = %m.subject, "resuming a replication-factor change");
-            core.clone().spawn_copy(m);
-        }
-    });
-}
-
 impl Coordinator {
+    /// Carries on a raise left in progress by a coordinator that stopped.
+    pub(super) fn resume_raise(self: &Arc<Self>, m: Migration) {
+        self.pending_rf.insert(&m.subject, m.target_rf);
+        tracing::info!(migration = %m.migration_id, tenant = %m.subject, "resuming a replication-factor change");
+        self.clone().spawn_copy(m);
+    }
+
     /// Starts raising `tenant`'s RF to `target`; returns the migration's id.
     pub async fn raise_replication_factor(
         self: &Arc<Self>,

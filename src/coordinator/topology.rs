@@ -253,6 +253,12 @@ impl Coordinator {
         self.options.metadata_refresh * 2 + Duration::from_secs(1)
     }
 
+    /// Carries on a node addition or removal left in progress by a coordinator that stopped.
+    pub(super) fn resume_change(self: &Arc<Self>, m: Migration) {
+        tracing::info!(migration = %m.migration_id, node = %m.subject, "resuming a topology change");
+        self.clone().spawn_change(m);
+    }
+
     fn spawn_change(self: Arc<Self>, migration: Migration) {
         tokio::spawn(async move {
             tokio::time::sleep(self.settle_time()).await;
@@ -574,27 +580,4 @@ fn check_new_node(node: &NewNode) -> Result<NodeRecord, CoordError> {
         virtual_nodes,
         state: NodeState::Bootstrapping,
     })
-}
-
-/// Resumes node additions and removals left in progress by a coordinator that stopped.
-pub fn resume(core: &Arc<Coordinator>) {
-    let core = core.clone();
-    tokio::spawn(async move {
-        let active = match core.meta.active_migrations().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list migrations to resume");
-                return;
-            }
-        };
-        for m in active.into_iter().filter(|m| {
-            matches!(
-                m.kind,
-                MigrationKind::NodeAddition | MigrationKind::NodeRemoval
-            )
-        }) {
-            tracing::info!(migration = %m.migration_id, node = %m.subject, "resuming a topology change");
-            core.clone().spawn_change(m);
-        }
-    });
 }

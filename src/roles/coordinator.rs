@@ -18,7 +18,7 @@ use crate::coordinator::ring_view::RingView;
 use crate::coordinator::service::CoordinatorService;
 use crate::coordinator::storage_pool::StoragePool;
 use crate::coordinator::tenant_cache::TenantCache;
-use crate::coordinator::{Coordinator, Options, http, rf_change, topology};
+use crate::coordinator::{self, Coordinator, Options, http, rf_change};
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
 use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
@@ -151,8 +151,7 @@ pub async fn start(
         Duration::from_millis(cfg.ring_refresh_ms),
         stop.clone(),
     );
-    rf_change::resume(&core);
-    topology::resume(&core);
+    coordinator::resume_migrations(&core);
     Ok(core)
 }
 
