@@ -897,38 +897,25 @@ async fn key_value_stream_answers_each_call_by_id() {
 
     // A hung coordinator: the deadline answers. Killed while a call waits: the call learns
     // that the stream broke, and later calls that it is closed.
+    let read_one = |key: &str| {
+        let call = Call::Read(pb::ReadKeyValueRequest {
+            tenant_id: "acme".into(),
+            key: key.as_bytes().to_vec(),
+            consistency: Consistency::One as i32,
+        });
+        move |id| pb::KeyValueCall {
+            id,
+            call: Some(call),
+        }
+    };
     c1.pause();
     let hung = stream
-        .call(
-            |id| pb::KeyValueCall {
-                id,
-                call: Some(Call::Read(pb::ReadKeyValueRequest {
-                    tenant_id: "acme".into(),
-                    key: b"k1".to_vec(),
-                    consistency: Consistency::One as i32,
-                })),
-            },
-            Duration::from_millis(300),
-        )
+        .call(read_one("k1"), Duration::from_millis(300))
         .await;
     assert_eq!(hung.err(), Some(MuxError::TimedOut));
     let waiting = {
-        let stream = stream.clone();
-        tokio::spawn(async move {
-            stream
-                .call(
-                    |id| pb::KeyValueCall {
-                        id,
-                        call: Some(Call::Read(pb::ReadKeyValueRequest {
-                            tenant_id: "acme".into(),
-                            key: b"k2".to_vec(),
-                            consistency: Consistency::One as i32,
-                        })),
-                    },
-                    Duration::from_secs(30),
-                )
-                .await
-        })
+        let (stream, call) = (stream.clone(), read_one("k2"));
+        tokio::spawn(async move { stream.call(call, Duration::from_secs(30)).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     c1.kill9();
