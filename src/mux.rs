@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
@@ -167,25 +168,30 @@ where
 }
 
 /// Serves one incoming stream: every call runs as its own task through `handle`; answers go
-/// back as they complete. At most `queue` answers wait for the peer to read them.
+/// back as they complete. At most `queue` calls run at once and at most `queue` answers wait to
+/// be read back; beyond that the stream is not read (HTTP/2 flow control holds the peer back).
 pub fn serve<Req, Resp, H, Fut>(
-    mut calls: Streaming<Req>,
+    mut calls: impl Stream<Item = Result<Req, tonic::Status>> + Send + Unpin + 'static,
     queue: usize,
     handle: H,
 ) -> ReceiverStream<Result<Resp, tonic::Status>>
 where
     Req: Send + 'static,
     Resp: Send + 'static,
-    H: Fn(Req) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Req) -> Fut + Send + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
     let (answers, outgoing) = mpsc::channel(queue);
+    let slots = Arc::new(tokio::sync::Semaphore::new(queue));
     tokio::spawn(async move {
         loop {
-            let call = match calls.message().await {
-                Ok(Some(call)) => call,
-                Ok(None) => return,
-                Err(status) => {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let call = match calls.next().await {
+                Some(Ok(call)) => call,
+                None => return,
+                Some(Err(status)) => {
                     tracing::debug!(error = %status.message(), "multiplexed stream ended");
                     return;
                 }
@@ -195,8 +201,45 @@ where
             tokio::spawn(async move {
                 // An error means the peer hung up: nobody waits for this answer.
                 let _ = answers.send(Ok(answer.await)).await;
+                drop(slot);
             });
         }
     });
     ReceiverStream::new(outgoing)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// No more than `queue` calls run at once; the rest wait unread, and every call is answered.
+    #[tokio::test]
+    async fn serve_bounds_the_calls_in_flight() {
+        let (calls, incoming) = mpsc::unbounded_channel::<Result<u64, tonic::Status>>();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (running_h, most_h) = (running.clone(), most.clone());
+        let mut answers = serve(UnboundedReceiverStream::new(incoming), 2, move |n: u64| {
+            let (running, most) = (running_h.clone(), most_h.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                n * 10
+            }
+        });
+        for n in 0..8 {
+            calls.send(Ok(n)).expect("send");
+        }
+        let mut got = Vec::new();
+        for _ in 0..8 {
+            got.push(answers.next().await.expect("an answer").expect("ok"));
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..8).map(|n| n * 10).collect::<Vec<_>>());
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+    }
 }

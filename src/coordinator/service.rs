@@ -33,7 +33,7 @@ pub struct CoordinatorService {
     core: Arc<Coordinator>,
 }
 
-/// Results of one key-value stream waiting to be sent back.
+/// Calls of one key-value stream running at once (and answers waiting to be sent back).
 const STREAM_RESULTS_QUEUE: usize = 1024;
 
 impl CoordinatorService {

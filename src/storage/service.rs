@@ -25,7 +25,7 @@ use super::streaming::StreamManager;
 
 /// Largest batch a `ScanRange` stream sends at once.
 const MAX_SCAN_BATCH: usize = 1000;
-/// Results of one `BatchStream` waiting to be sent back.
+/// Batches of one `BatchStream` running at once (and answers waiting to be sent back).
 const BATCH_RESULTS_QUEUE: usize = 256;
 
 pub struct StorageService {
