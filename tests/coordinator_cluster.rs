@@ -669,12 +669,17 @@ async fn idempotent_retries_write_once() {
 async fn a_hung_replica_does_not_fail_quorum_requests() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (storage, _c1, mut c) = one_coordinator(dir.path(), &[]).await;
+    let (storage, c1, mut c) = one_coordinator(dir.path(), &[]).await;
     for i in 0..20 {
         put(&mut c, "acme", &format!("k{i}"), "\"v\"", Consistency::All)
             .await
             .expect("write");
     }
+    let metrics = common::http_get(c1.http, "/metrics").await;
+    assert!(
+        metrics.contains("pairdb_coordinator_batch_seconds"),
+        "{metrics}"
+    );
     storage[2].pause();
     for i in 0..20 {
         let key = format!("k{i}");

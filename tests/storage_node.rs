@@ -501,6 +501,7 @@ async fn data_dir_lock_metrics_and_graceful_shutdown() {
     let body = common::http_get(node.http, "/metrics").await;
     assert!(body.contains("pairdb_storage_requests_total"), "{body}");
     assert!(body.contains("pairdb_engine_disk_usage_percent"));
+    assert!(body.contains("pairdb_engine_log_sync_seconds"), "{body}");
     assert!(common::http_get(node.http, "/healthz").await.contains("ok"));
     assert!(
         common::http_get(node.http, "/readyz")

@@ -44,6 +44,14 @@ struct Link {
 
 impl Link {
     async fn call(&self, call: batch_call::Call) -> Result<Answer, ReplicaError> {
+        let started = std::time::Instant::now();
+        let answer = self.call_untimed(call).await;
+        metrics::histogram!("pairdb_coordinator_batch_seconds", "node" => self.node.clone())
+            .record(started.elapsed().as_secs_f64());
+        answer
+    }
+
+    async fn call_untimed(&self, call: batch_call::Call) -> Result<Answer, ReplicaError> {
         let client = self.client.clone();
         let stream = self
             .stream

@@ -409,7 +409,10 @@ impl CommitLog {
             (w.file.clone(), w.path.clone(), w.next_seq - 1)
         };
         if self.sync != SyncMode::Never {
+            let started = std::time::Instant::now();
             file.sync_data().map_err(|e| self.fail(&path, e))?;
+            metrics::histogram!("pairdb_engine_log_sync_seconds")
+                .record(started.elapsed().as_secs_f64());
             self.syncs.fetch_add(1, Ordering::Relaxed);
         }
         self.synced_seq.fetch_max(upto, Ordering::AcqRel);
