@@ -52,10 +52,12 @@ impl Link {
     }
 
     async fn call_untimed(&self, call: batch_call::Call) -> Result<Answer, ReplicaError> {
-        let client = self.client.clone();
         let stream = self
             .stream
-            .get(|calls| async move { client.clone().batch_stream(calls).await })
+            .get(|calls| {
+                let mut client = self.client.clone();
+                async move { client.batch_stream(calls).await }
+            })
             .await
             .map_err(|s| ReplicaError::from_status(&self.node, &s))?;
         let answer = stream

@@ -79,7 +79,7 @@ impl Coordinators {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.with_failover(|member| {
+        self.with_failover(|member, _| {
             let answer = call(member.client.clone());
             async move { answer.await.map(tonic::Response::into_inner) }
         })
@@ -91,17 +91,26 @@ impl Coordinators {
         &self,
         call: key_value_call::Call,
     ) -> Result<key_value_result::Result, tonic::Status> {
-        self.with_failover(|member| {
-            let call = call.clone();
-            let timeout = self.timeout;
-            async move { member.key_value(call, timeout).await }
+        // Copied only for attempts that may be followed by another (the value can be 10 MiB).
+        let mut unsent = Some(call);
+        let timeout = self.timeout;
+        self.with_failover(|member, last| {
+            let call = if last { unsent.take() } else { unsent.clone() };
+            async move {
+                match call {
+                    Some(call) => member.key_value(call, timeout).await,
+                    None => Err(tonic::Status::internal("key-value call already sent")),
+                }
+            }
         })
         .await
     }
 
-    async fn with_failover<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    /// Runs `call(member, is_last_attempt)` on the members in order until one answers or
+    /// fails other than by transport.
+    async fn with_failover<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
     where
-        F: Fn(Arc<Member>) -> Fut,
+        F: FnMut(Arc<Member>, bool) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let n = self.members.len();
@@ -110,9 +119,9 @@ impl Coordinators {
         let mut order: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
         order.sort_by_key(|i| self.members[*i].recently_failed());
         let mut last = tonic::Status::unavailable("no coordinators configured");
-        for i in order {
+        for (attempt, i) in order.into_iter().enumerate() {
             let member = &self.members[i];
-            match call(member.clone()).await {
+            match call(member.clone(), attempt + 1 == n).await {
                 Ok(answer) => {
                     *member.failed_at.lock() = None;
                     return Ok(answer);
@@ -150,10 +159,12 @@ impl Member {
         call: key_value_call::Call,
         timeout: Duration,
     ) -> Result<key_value_result::Result, tonic::Status> {
-        let client = self.client.clone();
         let stream = self
             .stream
-            .get(|calls| async move { client.clone().key_value_stream(calls).await })
+            .get(|calls| {
+                let mut client = self.client.clone();
+                async move { client.key_value_stream(calls).await }
+            })
             .await?;
         let answer = stream
             .call(
