@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -37,19 +37,6 @@ fn start(dir: &std::path::Path, port: u16) -> (Child, String) {
         .recv_timeout(Duration::from_secs(60))
         .expect("pairdb dev printed its banner");
     (child, banner)
-}
-
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "pairdb dev did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +85,10 @@ async fn dev_cluster_serves_the_api_and_keeps_data_across_restarts() {
         json!({"to": "world"})
     );
 
-    assert!(sigterm(&mut child).success(), "clean exit on SIGTERM");
+    assert!(
+        common::terminate(&mut child).success(),
+        "clean exit on SIGTERM"
+    );
     let (mut child, _) = start(dir.path(), port);
     let again = read(client.clone(), url.clone()).await;
     assert_eq!(
@@ -106,7 +96,7 @@ async fn dev_cluster_serves_the_api_and_keeps_data_across_restarts() {
         json!({"to": "world"}),
         "data survives a restart: {again}"
     );
-    assert!(sigterm(&mut child).success());
+    assert!(common::terminate(&mut child).success());
 
     // A data dir made for 3 nodes is refused with another count.
     let out = Command::new(env!("CARGO_BIN_EXE_pairdb"))

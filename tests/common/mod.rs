@@ -13,6 +13,20 @@ use std::time::{Duration, Instant};
 use pairdb::rpc::storage::storage_node_client::StorageNodeClient;
 use tonic::transport::Channel;
 
+/// Sends SIGTERM to `child` and waits (up to 30 s) for its exit status.
+pub fn terminate(child: &mut Child) -> ExitStatus {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A TCP port free right now on 127.0.0.1.
 pub fn free_tcp_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -131,16 +145,7 @@ impl StorageNode {
     /// SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("running");
-        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = c.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit within 30 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate(&mut c)
     }
 
     pub async fn client(&self) -> StorageNodeClient<Channel> {
