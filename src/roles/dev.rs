@@ -92,9 +92,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let banner_stop = shutdown.clone();
     let url = format!("http://{}", args.http);
-    let coordinator_addr = at(n + 1);
+    // Ready means every listener a first request needs: the storage nodes replay their logs
+    // before they listen, so after a restart they may come up after the coordinator.
+    let listeners: Vec<_> = (1..=n + 1).map(at).collect();
     tasks.spawn(async move {
-        wait_for(coordinator_addr, &banner_stop).await;
+        for addr in listeners {
+            wait_for(addr, &banner_stop).await;
+        }
         if !banner_stop.is_cancelled() {
             print_banner(&url, &data_dir, n);
         }
