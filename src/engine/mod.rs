@@ -448,7 +448,7 @@ impl Engine {
                 tracing::error!("an engine worker panicked");
             }
         }
-        self.core.wal.sync_now()
+        self.core.wal.close()
     }
 }
 
