@@ -4,18 +4,22 @@
 //! needs floor(A/2)+1, ALL needs A. Only authoritative replicas' successes count (SEMANTICS.md);
 //! others (bootstrapping, pending owners) are still called and reported.
 //!
-//! Driver ([`run`]): every call runs as its own task, bounded by the request deadline. The
-//! driver returns as soon as `required` authoritative successes arrived ([`Decision::Reached`]),
-//! or as soon as they no longer can because too many authoritative calls failed
-//! ([`Decision::Unreachable`]), or at the deadline ([`Decision::TimedOut`]). Calls still running
-//! then keep running: [`Stragglers::finish`] collects their outcomes (the write path uses that
-//! to write hints for replicas that missed the write), and dropping it lets them finish unseen.
+//! Driver ([`run`]): the calls run concurrently inside the caller's task (no task, channel or
+//! timer per call: one deadline for all), bounded by the request deadline. The driver returns
+//! as soon as `required` authoritative successes arrived ([`Decision::Reached`]), or as soon as
+//! they no longer can because too many authoritative calls failed ([`Decision::Unreachable`]),
+//! or at the deadline ([`Decision::TimedOut`]). Calls still running then keep running:
+//! [`Stragglers::finish`] drives them and collects their outcomes (the write path uses that to
+//! write hints for replicas that missed the write), and dropping it hands them to a task of
+//! their own that lets them finish unseen (never cancelled before the deadline).
 //! Every outcome names its replica, so errors carry counts and each replica's error.
 
 use std::future::Future;
+use std::pin::Pin;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Consistency level of a request.
@@ -106,7 +110,7 @@ pub enum Decision {
 
 /// What the driver saw by the time it decided.
 #[derive(Debug)]
-pub struct QuorumRun<Id, T, E> {
+pub struct QuorumRun<Id, T: Send + 'static, E: Send + 'static> {
     pub decision: Decision,
     pub required: usize,
     /// Authoritative successes received.
@@ -117,49 +121,106 @@ pub struct QuorumRun<Id, T, E> {
     pub stragglers: Stragglers<Id, T, E>,
 }
 
-impl<Id, T, E> QuorumRun<Id, T, E> {
+impl<Id, T: Send + 'static, E: Send + 'static> QuorumRun<Id, T, E> {
     pub fn reached(&self) -> bool {
         self.decision == Decision::Reached
     }
 }
 
+/// A running call, tagged with its index in the replica list.
+type Running<T, E> = Pin<Box<dyn Future<Output = (usize, Result<T, E>)> + Send>>;
+
 /// Calls still running after the decision.
-#[derive(Debug)]
-pub struct Stragglers<Id, T, E> {
+pub struct Stragglers<Id, T: Send + 'static, E: Send + 'static> {
+    running: FuturesUnordered<Running<T, E>>,
+    /// Whether each call is still running.
     waiting: Vec<bool>,
-    receiver: mpsc::UnboundedReceiver<(usize, ReplicaOutcome<T, E>)>,
     replicas: Vec<(Id, bool)>,
+    /// The request deadline: one timer for every call.
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
-impl<Id: Clone, T, E> Stragglers<Id, T, E> {
+impl<Id, T: Send + 'static, E: Send + 'static> std::fmt::Debug for Stragglers<Id, T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stragglers")
+            .field("running", &self.running.len())
+            .finish()
+    }
+}
+
+impl<Id: Clone, T: Send + 'static, E: Send + 'static> Stragglers<Id, T, E> {
     /// How many calls are still running.
     pub fn len(&self) -> usize {
-        self.waiting.iter().filter(|w| **w).count()
+        self.running.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.running.is_empty()
+    }
+
+    fn result(&mut self, index: usize, outcome: ReplicaOutcome<T, E>) -> ReplicaResult<Id, T, E> {
+        self.waiting[index] = false;
+        let (replica, authoritative) = self.replicas[index].clone();
+        ReplicaResult {
+            replica,
+            authoritative,
+            outcome,
+        }
+    }
+
+    /// The next call to end, or `None` when none is left or the deadline passed.
+    async fn next(&mut self) -> Option<ReplicaResult<Id, T, E>> {
+        let ended = tokio::select! {
+            biased;
+            ended = self.running.next() => ended,
+            () = &mut self.deadline => None,
+        };
+        let (index, result) = ended?;
+        Some(self.result(index, result.into()))
     }
 
     /// Waits for every remaining call (each is bounded by the request deadline) and returns
-    /// their outcomes.
+    /// their outcomes; calls still running at the deadline are cancelled and reported as
+    /// timed out.
     pub async fn finish(mut self) -> Vec<ReplicaResult<Id, T, E>> {
         let mut results = Vec::with_capacity(self.len());
-        while !self.is_empty() {
-            let Some((index, outcome)) = self.receiver.recv().await else {
-                break;
-            };
-            if !std::mem::replace(&mut self.waiting[index], false) {
-                continue;
+        while let Some(result) = self.next().await {
+            results.push(result);
+        }
+        self.running.clear();
+        for index in 0..self.waiting.len() {
+            if self.waiting[index] {
+                results.push(self.result(index, ReplicaOutcome::TimedOut));
             }
-            let (replica, authoritative) = self.replicas[index].clone();
-            results.push(ReplicaResult {
-                replica,
-                authoritative,
-                outcome,
-            });
         }
         results
+    }
+}
+
+impl<Id, T: Send + 'static, E: Send + 'static> Drop for Stragglers<Id, T, E> {
+    /// Calls nobody waits for any more still run to their end (or the deadline).
+    fn drop(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let mut running = std::mem::take(&mut self.running);
+        let deadline = self.deadline.deadline();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let all = async { while running.next().await.is_some() {} };
+            let _ = tokio::time::timeout_at(deadline, all).await;
+        });
+    }
+}
+
+impl<T, E> From<Result<T, E>> for ReplicaOutcome<T, E> {
+    fn from(result: Result<T, E>) -> Self {
+        match result {
+            Ok(value) => ReplicaOutcome::Ok(value),
+            Err(err) => ReplicaOutcome::Err(err),
+        }
     }
 }
 
@@ -175,26 +236,20 @@ where
     E: Send + 'static,
     F: Future<Output = Result<T, E>> + Send + 'static,
 {
-    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let running = FuturesUnordered::new();
     let mut replicas = Vec::with_capacity(calls.len());
     for (index, call) in calls.into_iter().enumerate() {
         replicas.push((call.replica, call.authoritative));
-        let sender = sender.clone();
         let fut = call.call;
-        tokio::spawn(async move {
-            let outcome = match tokio::time::timeout_at(deadline, fut).await {
-                Ok(Ok(value)) => ReplicaOutcome::Ok(value),
-                Ok(Err(err)) => ReplicaOutcome::Err(err),
-                Err(_) => ReplicaOutcome::TimedOut,
-            };
-            // The receiver is gone only if nobody wants the outcome any more.
-            let _ = sender.send((index, outcome));
-        });
+        running.push(Box::pin(async move { (index, fut.await) }) as Running<T, E>);
     }
-    drop(sender);
-
-    let mut waiting: Vec<bool> = vec![true; replicas.len()];
     let mut authoritative_left = replicas.iter().filter(|(_, a)| *a).count();
+    let mut stragglers = Stragglers {
+        running,
+        waiting: vec![true; replicas.len()],
+        replicas,
+        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+    };
     let mut acks = 0;
     let mut results = Vec::new();
     let decision = loop {
@@ -204,34 +259,24 @@ where
         if required == 0 || acks + authoritative_left < required {
             break Decision::Unreachable;
         }
-        match tokio::time::timeout_at(deadline, receiver.recv()).await {
-            Err(_) => break Decision::TimedOut,
-            Ok(None) => break Decision::Unreachable,
-            Ok(Some((index, outcome))) => {
-                waiting[index] = false;
-                let (replica, authoritative) = replicas[index].clone();
-                if authoritative {
-                    authoritative_left -= 1;
-                    acks += usize::from(outcome.is_ok());
-                }
-                results.push(ReplicaResult {
-                    replica,
-                    authoritative,
-                    outcome,
-                });
-            }
+        if stragglers.is_empty() {
+            break Decision::Unreachable;
         }
+        let Some(result) = stragglers.next().await else {
+            break Decision::TimedOut;
+        };
+        if result.authoritative {
+            authoritative_left -= 1;
+            acks += usize::from(result.outcome.is_ok());
+        }
+        results.push(result);
     };
     QuorumRun {
         decision,
         required,
         acks,
         results,
-        stragglers: Stragglers {
-            waiting,
-            receiver,
-            replicas,
-        },
+        stragglers,
     }
 }
 
@@ -333,6 +378,25 @@ mod tests {
         assert_eq!(rest.len(), 2);
         assert!(rest.iter().all(|r| r.outcome == ReplicaOutcome::TimedOut));
         assert_eq!(start.elapsed(), Duration::from_millis(1_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropped_stragglers_still_run_to_their_end() {
+        let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+        let straggler = ReplicaCall {
+            replica: "c",
+            authoritative: true,
+            call: Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = done.send("c applied");
+                Ok::<u32, &'static str>(3)
+            }) as Call,
+        };
+        let calls = vec![call("a", 10, Ok(1)), call("b", 20, Ok(2)), straggler];
+        let run = run(calls, 2, deadline(10_000)).await;
+        assert_eq!(run.decision, Decision::Reached);
+        drop(run);
+        assert_eq!(finished.recv().await, Some("c applied"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,6 +23,7 @@ use crate::vclock::Version;
 
 use super::Coordinator;
 use super::errors::CoordError;
+use super::repair::RepairQueue;
 use super::replicas::{self, ReplicaError};
 use super::write::failures;
 
@@ -108,27 +109,16 @@ impl Coordinator {
             });
         }
         let winner = winner_of(&results);
-        let repairs = self.repairs.clone();
-        tokio::spawn(async move {
-            let mut all = results;
-            all.extend(stragglers.finish().await);
-            let Some(winner) = winner_of(&all) else {
-                return;
-            };
-            let winning = version_of(&winner);
-            for result in &all {
-                let quorum::ReplicaOutcome::Ok(held) = &result.outcome else {
-                    continue;
-                };
-                let stale = match held {
-                    None => true,
-                    Some(r) => version_of(r).precedence(&winning) == Ordering::Less,
-                };
-                if stale {
-                    repairs.push(result.replica.as_str().to_owned(), winner.clone());
-                }
-            }
-        });
+        if stragglers.is_empty() {
+            repair_stale(&self.repairs, &results, winner.as_ref());
+        } else {
+            let repairs = self.repairs.clone();
+            tokio::spawn(async move {
+                let mut all = results;
+                all.extend(stragglers.finish().await);
+                repair_stale(&repairs, &all, winner_of(&all).as_ref());
+            });
+        }
         Ok(winner)
     }
 
@@ -158,6 +148,26 @@ impl Coordinator {
                     .total_cmp(&membership.load(b.as_str()))
             })
         });
+    }
+}
+
+/// Queues `winner` for every replica that answered with an older version or nothing.
+fn repair_stale(repairs: &RepairQueue, answers: &[ReadResult], winner: Option<&pb::Record>) {
+    let Some(winner) = winner else {
+        return;
+    };
+    let winning = version_of(winner);
+    for result in answers {
+        let quorum::ReplicaOutcome::Ok(held) = &result.outcome else {
+            continue;
+        };
+        let stale = match held {
+            None => true,
+            Some(r) => version_of(r).precedence(&winning) == Ordering::Less,
+        };
+        if stale {
+            repairs.push(result.replica.as_str().to_owned(), winner.clone());
+        }
     }
 }
 
