@@ -1,23 +1,48 @@
 //! Prometheus metrics for every role: one process-wide recorder (the `metrics` facade with the
 //! Prometheus exporter), rendered by each role's `/metrics`.
+//!
+//! Invariant: histogram samples are folded into their summaries every `UPKEEP_EVERY` by a
+//! thread of their own, so memory stays bounded whether or not anything scrapes `/metrics`
+//! (the recorder alone keeps every sample until the next render).
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// How often pending histogram samples are folded into their summaries.
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// Installs the recorder on first use; `None` if another recorder was installed first.
 pub fn handle() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(h) => Some(h),
+            Ok(h) => {
+                start_upkeep(h.clone());
+                Some(h)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics recorder not installed");
                 None
             }
         })
         .as_ref()
+}
+
+fn start_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "metrics upkeep thread not started: histograms grow until scraped");
+    }
 }
 
 /// The Prometheus text exposition of everything recorded so far.
