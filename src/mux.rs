@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
@@ -167,8 +167,9 @@ where
     }
 }
 
-/// Serves one incoming stream: every call runs as its own task through `handle`; answers go
-/// back as they complete. At most `queue` calls run at once and at most `queue` answers wait to
+/// Serves one incoming stream: every call runs through `handle`, as its own task unless its
+/// answer is ready at the first poll (a read served from a cache); answers go back as they
+/// complete. At most `queue` calls run at once and at most `queue` answers wait to
 /// be read back; beyond that the stream is not read (HTTP/2 flow control holds the peer back).
 pub fn serve<Req, Resp, H, Fut>(
     mut calls: impl Stream<Item = Result<Req, tonic::Status>> + Send + Unpin + 'static,
@@ -196,8 +197,13 @@ where
                     return;
                 }
             };
+            let mut answer = Box::pin(handle(call));
+            if let Some(ready) = (&mut answer).now_or_never() {
+                // An error means the peer hung up: nobody waits for this answer.
+                let _ = answers.send(Ok(ready)).await;
+                continue;
+            }
             let answers = answers.clone();
-            let answer = handle(call);
             tokio::spawn(async move {
                 // An error means the peer hung up: nobody waits for this answer.
                 let _ = answers.send(Ok(answer.await)).await;
@@ -241,5 +247,31 @@ mod tests {
         got.sort_unstable();
         assert_eq!(got, (0..8).map(|n| n * 10).collect::<Vec<_>>());
         assert_eq!(most.load(Ordering::SeqCst), 2);
+    }
+
+    /// Answers ready at once and answers that wait both come back, each to its own call.
+    #[tokio::test]
+    async fn serve_answers_ready_and_waiting_calls() {
+        let (calls, incoming) = mpsc::unbounded_channel::<Result<u64, tonic::Status>>();
+        let mut answers = serve(
+            UnboundedReceiverStream::new(incoming),
+            4,
+            |n: u64| async move {
+                if n % 2 == 1 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                n * 10
+            },
+        );
+        for n in 0..20 {
+            calls.send(Ok(n)).expect("send");
+        }
+        drop(calls);
+        let mut got = Vec::new();
+        while let Some(answer) = answers.next().await {
+            got.push(answer.expect("ok"));
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..20).map(|n| n * 10).collect::<Vec<_>>());
     }
 }
