@@ -3,7 +3,8 @@
 //! call, one engine batch, one fsync on the node), reads as one `ReadBatch`. Nothing waits on a
 //! timer: a batch holds whatever queued while the node's previous batches were in flight, so a
 //! lone request goes out at once and a busy node gets fewer, larger calls. Batches travel on the
-//! node's `BatchStream` ([`crate::mux`]), not as an HTTP/2 stream each.
+//! node's `BatchStream` ([`crate::mux`]), not as an HTTP/2 stream each. One task per node and
+//! kind builds the batches and drives the ones in flight (no task per batch).
 //!
 //! Invariants: every queued call gets exactly one answer (its share of the batch's outcome, or
 //! the batch's error); at most `in_flight` ([`IN_FLIGHT`] by default) batches per node and kind
@@ -13,7 +14,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use crate::mux::MuxSlot;
@@ -134,104 +137,120 @@ fn value_len(r: &pb::Record) -> usize {
     }
 }
 
+/// The next write batch: the carried-over call or the first queued one, then whatever else is
+/// queued, up to the batch bounds. Cancel-safe: the only await is the queue's `recv`.
+async fn next_write_batch(
+    queue: &mut mpsc::UnboundedReceiver<(pb::Record, Reply<()>)>,
+    carry: &mut Option<(pb::Record, Reply<()>)>,
+) -> Option<Vec<(pb::Record, Reply<()>)>> {
+    let first = match carry.take() {
+        Some(job) => job,
+        None => queue.recv().await?,
+    };
+    let mut bytes = value_len(&first.0);
+    let mut batch = vec![first];
+    while batch.len() < MAX_RECORDS {
+        match queue.try_recv() {
+            Ok(job) => {
+                bytes += value_len(&job.0);
+                if bytes > MAX_BYTES {
+                    *carry = Some(job);
+                    break;
+                }
+                batch.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+async fn send_writes(link: &Link, batch: Vec<(pb::Record, Reply<()>)>) {
+    let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "write")
+        .record(records.len() as f64);
+    let call = batch_call::Call::Write(pb::WriteBatchRequest {
+        records,
+        source: pb::BatchSource::Client as i32,
+    });
+    let result = match link.call(call).await {
+        Ok(Answer::Write(_)) => Ok(()),
+        Ok(_) => Err(ReplicaError::unavailable(
+            &link.node,
+            "mismatched batch answer",
+        )),
+        Err(e) => Err(e),
+    };
+    for reply in replies {
+        let _ = reply.send(result.clone());
+    }
+}
+
+/// Sends the node's write batches, at most `in_flight` at once, from this one task.
 async fn run_writes(
     link: Arc<Link>,
     mut queue: mpsc::UnboundedReceiver<(pb::Record, Reply<()>)>,
     in_flight: usize,
 ) {
-    let slots = Arc::new(Semaphore::new(in_flight));
-    let mut carry: Option<(pb::Record, Reply<()>)> = None;
+    let mut carry = None;
+    let mut running = FuturesUnordered::new();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let first = match carry.take() {
-            Some(job) => job,
-            None => match queue.recv().await {
-                Some(job) => job,
-                None => return,
-            },
-        };
-        let mut bytes = value_len(&first.0);
-        let mut batch = vec![first];
-        while batch.len() < MAX_RECORDS {
-            match queue.try_recv() {
-                Ok(job) => {
-                    bytes += value_len(&job.0);
-                    if bytes > MAX_BYTES {
-                        carry = Some(job);
-                        break;
-                    }
-                    batch.push(job);
-                }
-                Err(_) => break,
+        tokio::select! {
+            Some(()) = running.next(), if !running.is_empty() => {}
+            batch = next_write_batch(&mut queue, &mut carry), if running.len() < in_flight => {
+                let Some(batch) = batch else { break };
+                running.push(send_writes(&link, batch));
             }
         }
-        let link = link.clone();
-        tokio::spawn(async move {
-            let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "write")
-                .record(records.len() as f64);
-            let call = batch_call::Call::Write(pb::WriteBatchRequest {
-                records,
-                source: pb::BatchSource::Client as i32,
-            });
-            let result = match link.call(call).await {
-                Ok(Answer::Write(_)) => Ok(()),
-                Ok(_) => Err(ReplicaError::unavailable(
-                    &link.node,
-                    "mismatched batch answer",
-                )),
-                Err(e) => Err(e),
-            };
-            for reply in replies {
-                let _ = reply.send(result.clone());
+    }
+    while running.next().await.is_some() {}
+}
+
+async fn send_reads(link: &Link, jobs: Vec<(pb::ReadRequest, Reply<Option<pb::Record>>)>) {
+    let (reads, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
+    metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "read")
+        .record(reads.len() as f64);
+    let expected = reads.len();
+    let call = batch_call::Call::Read(pb::ReadBatchRequest { reads });
+    let result = match link.call(call).await {
+        Ok(Answer::Read(r)) if r.results.len() == expected => Ok(r.results),
+        Ok(_) => Err(ReplicaError::unavailable(&link.node, "short read batch")),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(results) => {
+            for (reply, answer) in replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(answer.record));
             }
-            drop(slot);
-        });
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
     }
 }
 
+/// Sends the node's read batches, at most `in_flight` at once, from this one task.
 async fn run_reads(
     link: Arc<Link>,
     mut queue: mpsc::UnboundedReceiver<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
     in_flight: usize,
 ) {
-    let slots = Arc::new(Semaphore::new(in_flight));
+    let mut running = FuturesUnordered::new();
     let mut batch = Vec::with_capacity(MAX_RECORDS);
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        if queue.recv_many(&mut batch, MAX_RECORDS).await == 0 {
-            return;
-        }
-        let jobs = std::mem::replace(&mut batch, Vec::with_capacity(MAX_RECORDS));
-        let link = link.clone();
-        tokio::spawn(async move {
-            let (reads, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
-            metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "read")
-                .record(reads.len() as f64);
-            let expected = reads.len();
-            let call = batch_call::Call::Read(pb::ReadBatchRequest { reads });
-            let result = match link.call(call).await {
-                Ok(Answer::Read(r)) if r.results.len() == expected => Ok(r.results),
-                Ok(_) => Err(ReplicaError::unavailable(&link.node, "short read batch")),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(results) => {
-                    for (reply, answer) in replies.into_iter().zip(results) {
-                        let _ = reply.send(Ok(answer.record));
-                    }
+        tokio::select! {
+            Some(()) = running.next(), if !running.is_empty() => {}
+            // recv_many is cancel-safe: nothing is taken from the queue unless it returns.
+            n = queue.recv_many(&mut batch, MAX_RECORDS), if running.len() < in_flight => {
+                if n == 0 {
+                    break;
                 }
-                Err(e) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
+                let jobs = std::mem::replace(&mut batch, Vec::with_capacity(MAX_RECORDS));
+                running.push(send_reads(&link, jobs));
             }
-            drop(slot);
-        });
+        }
     }
+    while running.next().await.is_some() {}
 }
