@@ -565,21 +565,7 @@ mod tests {
     #[test]
     fn appended_records_replay_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let (log, _) = CommitLog::open(
-                dir.path(),
-                SyncMode::Always,
-                1 << 20,
-                0,
-                false,
-                &mut |_, _| {},
-            )
-            .expect("open");
-            for i in 0..10 {
-                let seq = log.append(&rec(i)).expect("append");
-                log.wait_durable(seq).expect("sync");
-            }
-        }
+        drop(durable_log(dir.path(), 1 << 20, 10));
         let (seen, stats) = replay(dir.path(), 0).expect("replay");
         assert_eq!(seen.len(), 10);
         assert_eq!(stats.torn_tails, 0);
@@ -592,14 +578,27 @@ mod tests {
         assert_eq!(seen.first().map(|(s, _)| *s), Some(5));
     }
 
-    /// Ten durable records in a log that is then dropped without `close` (a crash).
-    fn crashed_log(dir: &Path) -> PathBuf {
-        let (log, _) = CommitLog::open(dir, SyncMode::Always, 1 << 20, 0, false, &mut |_, _| {})
-            .expect("open");
-        for i in 0..10 {
+    /// A new log holding `records` durable records.
+    fn durable_log(dir: &Path, segment_bytes: u64, records: u64) -> CommitLog {
+        let (log, _) = CommitLog::open(
+            dir,
+            SyncMode::Always,
+            segment_bytes,
+            0,
+            false,
+            &mut |_, _| {},
+        )
+        .expect("open");
+        for i in 0..records {
             let seq = log.append(&rec(i)).expect("append");
             log.wait_durable(seq).expect("sync");
         }
+        log
+    }
+
+    /// Ten durable records in a log that is then dropped without `close` (a crash).
+    fn crashed_log(dir: &Path) -> PathBuf {
+        let log = durable_log(dir, 1 << 20, 10);
         log.segment_paths().pop().expect("active segment")
     }
 
@@ -632,12 +631,7 @@ mod tests {
     #[test]
     fn close_and_rotation_trim_the_zeros() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (log, _) = CommitLog::open(dir.path(), SyncMode::Always, 300, 0, false, &mut |_, _| {})
-            .expect("open");
-        for i in 0..20 {
-            let seq = log.append(&rec(i)).expect("append");
-            log.wait_durable(seq).expect("sync");
-        }
+        let log = durable_log(dir.path(), 300, 20);
         log.close().expect("close");
         let paths = log.segment_paths();
         assert!(paths.len() > 2, "rotated: {paths:?}");
@@ -657,12 +651,7 @@ mod tests {
     #[test]
     fn rotation_and_release_delete_flushed_segments() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (log, _) = CommitLog::open(dir.path(), SyncMode::Always, 256, 0, false, &mut |_, _| {})
-            .expect("open");
-        for i in 0..20 {
-            let seq = log.append(&rec(i)).expect("append");
-            log.wait_durable(seq).expect("sync");
-        }
+        let log = durable_log(dir.path(), 256, 20);
         let before = log.segment_paths().len();
         assert!(before > 3, "small segments must rotate, got {before}");
         log.release_up_to(10).expect("release");
