@@ -478,3 +478,17 @@ impl StorageNode for StorageService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_disk_use() {
+        assert_eq!(health_status(0.0), pb::HealthStatus::Healthy);
+        assert_eq!(health_status(79.9), pb::HealthStatus::Healthy);
+        assert_eq!(health_status(80.0), pb::HealthStatus::Degraded);
+        assert_eq!(health_status(94.9), pb::HealthStatus::Degraded);
+        assert_eq!(health_status(95.0), pb::HealthStatus::Unhealthy);
+    }
+}
