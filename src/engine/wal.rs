@@ -384,7 +384,7 @@ impl CommitLog {
         if w.file_len + w.buf.len() as u64 >= self.segment_bytes {
             self.rotate(&mut w)?;
         } else if w.buf.len() >= BUFFER_FLUSH_BYTES {
-            self.write_buffer(&mut w)?;
+            self.write_buffer_and_zero_ahead(&mut w)?;
         }
         Ok(seq)
     }
@@ -399,6 +399,12 @@ impl CommitLog {
             .map_err(|e| self.fail(&path, e))?;
         w.file_len += w.buf.len() as u64;
         w.buf.clear();
+        Ok(())
+    }
+
+    /// Writes the buffer for the file to keep (not to seal): tops the zeros up when low.
+    fn write_buffer_and_zero_ahead(&self, w: &mut Writer) -> Result<()> {
+        self.write_buffer(w)?;
         if w.zeroed_to < w.file_len + ZERO_AHEAD_LOW {
             self.zero_ahead(w);
         }
@@ -466,7 +472,7 @@ impl CommitLog {
     pub fn sync_now(&self) -> Result<()> {
         let (file, path, upto) = {
             let mut w = self.writer.lock();
-            self.write_buffer(&mut w)?;
+            self.write_buffer_and_zero_ahead(&mut w)?;
             (w.file.clone(), w.path.clone(), w.next_seq - 1)
         };
         if self.sync != SyncMode::Never {
