@@ -43,8 +43,15 @@ launch() { # name, args...
   echo "started $name (pid $!)"
 }
 
-wait_http() { # url, what
+listening() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; } # host:port
+
+wait_http() { # url, name of the process that must answer it
   for _ in $(seq 1 150); do
+    if ! running "$DIR/pids/$2.pid"; then
+      echo "$2 exited while starting; last lines of $DIR/logs/$2.log:" >&2
+      tail -n 5 "$DIR/logs/$2.log" >&2
+      return 1
+    fi
     if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
     sleep 0.2
   done
@@ -57,6 +64,17 @@ start() {
     echo "building $BIN"
     cargo build --release --locked
   fi
+  # Another cluster on these ports would answer the readiness checks in place of ours.
+  local port
+  for port in "127.0.0.1:$(storage_port 1)" "127.0.0.1:$(storage_port 2)" "127.0.0.1:$(storage_port 3)" \
+    "127.0.0.1:$(( $(storage_port 1) + 1000 ))" "127.0.0.1:$(( $(storage_port 2) + 1000 ))" \
+    "127.0.0.1:$(( $(storage_port 3) + 1000 ))" "127.0.0.1:$(coordinator_port)" \
+    "127.0.0.1:$(( $(coordinator_port) + 1000 ))" "$GATEWAY_ADDR"; do
+    if listening "$port"; then
+      echo "$port is already in use (a cluster left running? scripts/cluster.sh stop, or set BASE_PORT)" >&2
+      return 1
+    fi
+  done
   mkdir -p "$DIR/pids" "$DIR/logs"
   local abs; abs="$(cd "$DIR" && pwd)"
   local metadata="${METADATA_URL:-sqlite://$abs/metadata.db}"
@@ -77,7 +95,7 @@ start() {
   wait_http "http://127.0.0.1:$(( $(coordinator_port) + 1000 ))/readyz" c1
   launch gw --role=gateway --listen="$GATEWAY_ADDR" --coordinators="127.0.0.1:$(coordinator_port)" \
     --auth="$AUTH" --write-rate-limit="$WRITE_RATE_LIMIT" --read-rate-limit="$READ_RATE_LIMIT"
-  wait_http "http://$GATEWAY_ADDR/readyz" gateway
+  wait_http "http://$GATEWAY_ADDR/readyz" gw
   echo "cluster ready: http://$GATEWAY_ADDR  (data and logs in $DIR)"
 }
 

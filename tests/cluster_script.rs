@@ -109,6 +109,13 @@ async fn cluster_script_starts_serves_and_stops_a_cluster() {
         .expect("json");
     assert_eq!(read["value"], json!([1, 2]));
 
+    // A second cluster on the same ports must fail to start, not pass the readiness checks
+    // on the first one's answers.
+    let other = tempfile::tempdir().expect("tempdir");
+    let second = script(other.path(), base, &gateway, "start");
+    assert!(!second.status.success(), "{}", text(&second));
+    assert!(text(&second).contains("already in use"), "{}", text(&second));
+
     let pids: Vec<i32> =
         String::from_utf8_lossy(&script(dir.path(), base, &gateway, "pids").stdout)
             .split_whitespace()
