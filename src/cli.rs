@@ -293,6 +293,9 @@ pub struct ServerArgs {
     /// Log filter (tracing env-filter syntax) [default: info].
     #[arg(long, help_heading = "Process")]
     pub log_level: Option<String>,
+    /// Async runtime worker threads [default: 1 for a storage-only process, else one per core].
+    #[arg(long, help_heading = "Process")]
+    pub worker_threads: Option<usize>,
 
     /// Storage: gRPC listener [default: 127.0.0.1:7101].
     #[arg(long, help_heading = "Storage role")]
@@ -396,6 +399,9 @@ impl ServerArgs {
         }
         if let Some(l) = &self.log_level {
             m.node.insert("log_level".to_owned(), json!(l));
+        }
+        if let Some(n) = self.worker_threads {
+            m.node.insert("worker_threads".to_owned(), json!(n));
         }
         if self.listen.is_some() || self.http_listen.is_some() {
             let role = match self.role.as_slice() {

@@ -59,6 +59,9 @@ pub struct NodeConfig {
     pub log_format: LogFormat,
     /// tracing filter, e.g. `info` or `pairdb=debug,info`.
     pub log_level: String,
+    /// Async runtime worker threads; unset: 1 for a storage-only process (its one event loop
+    /// applies writes itself, see `storage::service::WritePath`), one per core otherwise.
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for NodeConfig {
@@ -68,6 +71,18 @@ impl Default for NodeConfig {
             id: None,
             log_format: LogFormat::Human,
             log_level: "info".to_owned(),
+            worker_threads: None,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Worker threads for this process's runtime (see `worker_threads`).
+    pub fn runtime_workers(&self) -> usize {
+        match self.worker_threads {
+            Some(n) => n,
+            None if self.roles == [Role::Storage] => 1,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -433,6 +448,9 @@ impl Config {
                 "no role given: use --role=gateway|coordinator|storage (or a comma list), or `pairdb dev`",
             ));
         }
+        if self.node.worker_threads == Some(0) {
+            return Err(invalid("node.worker_threads must be at least 1"));
+        }
         let needs_id = self
             .node
             .roles
@@ -615,6 +633,34 @@ mod tests {
         }
         assert!("batch_ms=0".parse::<SyncMode>().is_err());
         assert!("sometimes".parse::<SyncMode>().is_err());
+    }
+
+    #[test]
+    fn storage_only_processes_run_one_worker_unless_told() {
+        let node = |roles: Vec<Role>, worker_threads| NodeConfig {
+            roles,
+            worker_threads,
+            ..NodeConfig::default()
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(node(vec![Role::Storage], None).runtime_workers(), 1);
+        assert_eq!(node(vec![Role::Coordinator], None).runtime_workers(), cores);
+        assert_eq!(
+            node(vec![Role::Storage, Role::Gateway], None).runtime_workers(),
+            cores
+        );
+        assert_eq!(node(vec![Role::Storage], Some(4)).runtime_workers(), 4);
+        let storage = |worker_threads| Config {
+            node: NodeConfig {
+                id: Some("s1".to_owned()),
+                ..node(vec![Role::Storage], worker_threads)
+            },
+            ..Config::default()
+        };
+        let zero = storage(Some(0));
+        assert!(zero.validate().is_err());
+        let one = storage(Some(1));
+        assert!(one.validate().is_ok(), "{:?}", one.validate());
     }
 
     #[test]

@@ -30,15 +30,20 @@ fn init_tracing(format: LogFormat, level: &str) {
     }
 }
 
+/// A multi-thread runtime with `workers` worker threads (one per core when `None`).
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("pairdb: cannot start the async runtime: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pairdb: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
     if let Some(Command::Token {
         action: TokenAction::Issue(args),
     }) = &cli.command
@@ -48,11 +53,18 @@ fn main() -> ExitCode {
     if let Some(command @ (Command::Kv { .. } | Command::Admin { .. } | Command::Bench(_))) =
         &cli.command
     {
-        return runtime.block_on(run_tool(command));
+        return match runtime(None) {
+            Ok(rt) => rt.block_on(run_tool(command)),
+            Err(code) => code,
+        };
     }
     if let Some(Command::Dev(args)) = cli.command {
         init_tracing(LogFormat::Human, "info");
-        return match runtime.block_on(pairdb::roles::run_dev(args)) {
+        let rt = match runtime(None) {
+            Ok(rt) => rt,
+            Err(code) => return code,
+        };
+        return match rt.block_on(pairdb::roles::run_dev(args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("pairdb: {e}");
@@ -88,7 +100,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(config.node.log_format, &config.node.log_level);
-    match runtime.block_on(pairdb::roles::run(config)) {
+    let rt = match runtime(Some(config.node.runtime_workers())) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(pairdb::roles::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pairdb: {e}");

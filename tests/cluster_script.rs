@@ -114,7 +114,11 @@ async fn cluster_script_starts_serves_and_stops_a_cluster() {
     let other = tempfile::tempdir().expect("tempdir");
     let second = script(other.path(), base, &gateway, "start");
     assert!(!second.status.success(), "{}", text(&second));
-    assert!(text(&second).contains("already in use"), "{}", text(&second));
+    assert!(
+        text(&second).contains("already in use"),
+        "{}",
+        text(&second)
+    );
 
     let pids: Vec<i32> =
         String::from_utf8_lossy(&script(dir.path(), base, &gateway, "pids").stdout)

@@ -296,10 +296,32 @@ async fn acknowledged_writes_survive_kill_9() {
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let key = format!("w{w}-{i}").into_bytes();
-                let rec = put("durable", &key, base + i, &key);
-                match c.write(pb::WriteRequest { record: Some(rec) }).await {
-                    Ok(_) => acked.lock().await.push(key),
+                // Half the writers send single records, half batches of three (the path the
+                // coordinator uses): both are acknowledged only once durable.
+                let keys: Vec<Vec<u8>> = if w % 2 == 0 {
+                    vec![format!("w{w}-{i}").into_bytes()]
+                } else {
+                    (0..3)
+                        .map(|j| format!("w{w}-{i}-{j}").into_bytes())
+                        .collect()
+                };
+                let mut records: Vec<pb::Record> = keys
+                    .iter()
+                    .map(|key| put("durable", key, base + i, key))
+                    .collect();
+                let sent = if w % 2 == 0 {
+                    let record = records.pop();
+                    c.write(pb::WriteRequest { record }).await.map(drop)
+                } else {
+                    c.write_batch(pb::WriteBatchRequest {
+                        records,
+                        source: pb::BatchSource::Client as i32,
+                    })
+                    .await
+                    .map(drop)
+                };
+                match sent {
+                    Ok(()) => acked.lock().await.extend(keys),
                     Err(_) => return, // the node died under us: this write was never acknowledged
                 }
             }

@@ -45,7 +45,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     };
     crate::metrics::handle();
     let service = StorageService::new(node_id.clone(), engine.clone(), gossip.clone());
-    tracing::info!(node = %node_id, grpc = %grpc_addr, http = %http_listener.local_addr()?, "storage node serving");
+    tracing::info!(node = %node_id, grpc = %grpc_addr, http = %http_listener.local_addr()?, writes = ?service.write_path(), "storage node serving");
 
     let publisher = gossip.clone().map(|g| {
         let service = service.clone();

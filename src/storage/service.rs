@@ -1,6 +1,11 @@
-//! The `StorageNode` gRPC service over the engine. Engine calls block (fsync, file reads), so
-//! each runs on `spawn_blocking`; validation and the disk guard happen inside `Engine::apply`
-//! before anything touches the log.
+//! The `StorageNode` gRPC service over the engine. Engine calls block (fsync, file reads).
+//! Reads that miss the row cache run on `spawn_blocking`. Writes run where [`WritePath`] says:
+//! on a runtime with one worker (a storage-only process, the default) the worker applies them
+//! itself, so the node is one event loop whose group commit takes the batches that arrived
+//! during the previous sync; on a runtime with several workers (`pairdb dev`, several roles in
+//! one process) they run on `spawn_blocking`, so no worker that other roles need waits on a
+//! sync. Either way a write is acknowledged only after its log sync (`Engine::apply`), and
+//! validation and the disk guard happen before anything touches the log.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +42,39 @@ pub struct StorageService {
     engine: Arc<Engine>,
     streams: StreamManager,
     gossip: Option<Arc<Gossip>>,
+    writes: WritePath,
+}
+
+/// Where writes (single records and batches) are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritePath {
+    /// On the runtime worker that received the call. Only for a runtime with one worker: it
+    /// waits for the log sync, and nothing else of this process runs meanwhile (a hand-off to
+    /// a blocking thread and back costs two thread wake-ups per batch, which on the benchmark
+    /// machine was ~15% of cluster PUT throughput; docs/benchmarks.md).
+    Inline,
+    /// On a blocking-pool thread, leaving the workers free.
+    Blocking,
+}
+
+impl WritePath {
+    /// `Inline` on a one-worker runtime, `Blocking` on any other (or outside a runtime).
+    pub fn for_current_runtime() -> Self {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.metrics().num_workers() == 1 => Self::Inline,
+            _ => Self::Blocking,
+        }
+    }
+
+    async fn run<T: Send + 'static>(
+        self,
+        f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, Status> {
+        match self {
+            Self::Inline => f().map_err(|e| from_engine(&e)),
+            Self::Blocking => blocking(f).await,
+        }
+    }
 }
 
 /// Health from disk usage: degraded from 80%, unhealthy from 95% (writes refused).
@@ -96,7 +134,13 @@ impl StorageService {
             streams: StreamManager::new(engine.clone()),
             engine,
             gossip,
+            writes: WritePath::for_current_runtime(),
         })
+    }
+
+    /// Where this service applies writes.
+    pub fn write_path(&self) -> WritePath {
+        self.writes
     }
 
     /// One call of a `BatchStream`, through the same path as the unary batch RPCs.
@@ -121,7 +165,7 @@ impl StorageService {
     async fn apply(&self, record: Record) -> Result<pb::ApplyResponse, Status> {
         let engine = self.engine.clone();
         let candidate = record.clone();
-        let outcome = blocking(move || engine.apply(candidate)).await?;
+        let outcome = self.writes.run(move || engine.apply(candidate)).await?;
         let stored_version = match outcome {
             ApplyOutcome::Applied => {
                 self.streams.forward(&record);
@@ -286,7 +330,8 @@ impl StorageNode for StorageService {
             Ok(records) => {
                 let engine = self.engine.clone();
                 let applied = records.clone();
-                blocking(move || engine.apply_batch(applied))
+                self.writes
+                    .run(move || engine.apply_batch(applied))
                     .await
                     .map(|outcomes| {
                         for (r, o) in records.iter().zip(&outcomes) {
@@ -490,5 +535,24 @@ mod tests {
         assert_eq!(health_status(80.0), pb::HealthStatus::Degraded);
         assert_eq!(health_status(94.9), pb::HealthStatus::Degraded);
         assert_eq!(health_status(95.0), pb::HealthStatus::Unhealthy);
+    }
+
+    #[test]
+    fn writes_run_inline_only_on_a_one_worker_runtime() {
+        let path_on = |workers: usize| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .build()
+                .expect("runtime")
+                .block_on(async { WritePath::for_current_runtime() })
+        };
+        assert_eq!(path_on(1), WritePath::Inline);
+        assert_eq!(path_on(2), WritePath::Blocking);
+        let current_thread = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(async { WritePath::for_current_runtime() });
+        assert_eq!(current_thread, WritePath::Inline);
+        assert_eq!(WritePath::for_current_runtime(), WritePath::Blocking);
     }
 }
