@@ -45,6 +45,14 @@ fn script(dir: &std::path::Path, base: u16, gateway: &str, action: &str) -> Outp
         .expect("run scripts/cluster.sh")
 }
 
+struct StopOnDrop<'a>(&'a dyn Fn() -> Output);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -64,8 +72,9 @@ async fn cluster_script_starts_serves_and_stops_a_cluster() {
     let gateway = format!("127.0.0.1:{}", common::free_tcp_port());
     let started = script(dir.path(), base, &gateway, "start");
     let stop = || script(dir.path(), base, &gateway, "stop");
+    // Stops the cluster however the test ends: a panic must not leave five processes behind.
+    let _stopper = StopOnDrop(&stop);
     if !started.status.success() {
-        stop();
         panic!("start failed: {}", text(&started));
     }
     let status = script(dir.path(), base, &gateway, "status");
