@@ -286,6 +286,34 @@ fn token_issue_mints_a_token_for_the_configured_secret() {
     .claims;
     assert_eq!(claims["sub"], "acme");
     assert_eq!(claims["role"], "admin");
+
+    // The secret may also live in a file the config names (a mounted Kubernetes Secret).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_path = dir.path().join("jwt-secret");
+    std::fs::write(&secret_path, "from-a-file\n").expect("write secret");
+    let config = config_file(&format!(
+        "[gateway.auth]\nmode = \"token\"\nsecret_file = {:?}\n",
+        secret_path.display().to_string()
+    ));
+    let path = config.path().display().to_string();
+    let out = pairdb(
+        &[
+            &format!("--config={path}"),
+            "token",
+            "issue",
+            "--tenant=acme",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let token = String::from_utf8(out.stdout).expect("utf-8");
+    jsonwebtoken::decode::<serde_json::Value>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(b"from-a-file"),
+        &validation,
+    )
+    .expect("valid with the file's secret");
+
     let out = pairdb(&["token", "issue", "--tenant=acme"], &[]);
     assert_eq!(out.status.code(), Some(2), "no secret configured");
     assert!(stderr(&out).contains("secret"));

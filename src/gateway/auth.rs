@@ -212,6 +212,38 @@ mod tests {
     }
 
     #[test]
+    fn the_secret_comes_from_config_else_from_its_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "  from-file\n").expect("write");
+        let config = |secret: Option<&str>, secret_file: Option<std::path::PathBuf>| AuthConfig {
+            mode: AuthMode::Token,
+            secret: secret.map(Into::into),
+            secret_file,
+        };
+        assert_eq!(
+            secret(&config(Some("inline"), Some(file.clone()))).expect("inline"),
+            b"inline"
+        );
+        assert_eq!(
+            secret(&config(None, Some(file.clone()))).expect("file"),
+            b"from-file"
+        );
+        assert_eq!(
+            secret(&config(Some(""), Some(file))).expect("empty falls back"),
+            b"from-file"
+        );
+        assert!(matches!(
+            secret(&config(None, Some(dir.path().join("missing")))),
+            Err(SecretError::File { .. })
+        ));
+        assert!(matches!(
+            secret(&config(None, None)),
+            Err(SecretError::Missing)
+        ));
+    }
+
+    #[test]
     fn bad_tokens_are_unauthorized() {
         let auth = token_auth();
         let wrong = issue(b"other", "acme", TokenRole::Admin, Duration::from_secs(60)).expect("t");
