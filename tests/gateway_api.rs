@@ -680,7 +680,17 @@ async fn none_mode_rate_limits_and_idempotent_retries() {
         &["--auth=none", "--log-level=info,pairdb::gateway=debug"],
         &[],
     );
-    let limited = c.gateway("gw-limited", &["--auth=none", "--write-rate-limit=3"], &[]);
+    // Per-tenant limits come from the config file: globex may write 5 per minute.
+    let limits_dir = tempfile::tempdir().expect("tempdir");
+    let limits_file = limits_dir.path().join("limits.toml");
+    std::fs::write(&limits_file, "[gateway.tenant_limits.globex]\nwrite = 5\n")
+        .expect("write config");
+    let limits_arg = format!("--config={}", limits_file.display());
+    let limited = c.gateway(
+        "gw-limited",
+        &["--auth=none", "--write-rate-limit=3", &limits_arg],
+        &[],
+    );
     wait_ready(&gw).await;
     wait_all_active(&gw, None).await;
     let (url, kv) = (gw.url(), format!("{}/v1/key-value", gw.url()));
@@ -783,7 +793,7 @@ async fn none_mode_rate_limits_and_idempotent_retries() {
         "reads have their own budget; the refused write changed nothing"
     );
     assert_eq!(h["x-ratelimit-limit"], "10000");
-    let (s, _, _) = call(
+    let (s, h, _) = call(
         Method::POST,
         &lkv,
         None,
@@ -792,6 +802,11 @@ async fn none_mode_rate_limits_and_idempotent_retries() {
     )
     .await;
     assert_eq!(s, 200, "another tenant has its own budget");
+    assert_eq!(
+        h["x-ratelimit-limit"], "5",
+        "globex's own limit from the config"
+    );
+    assert_eq!(h["x-ratelimit-remaining"], "4");
 
     // One access-log line per request at debug: method, route, status, latency.
     let log = std::fs::read_to_string(&gw.log).expect("gateway log");
