@@ -65,11 +65,11 @@ start() {
     cargo build --release --locked
   fi
   # Another cluster on these ports would answer the readiness checks in place of ours.
-  local port
-  for port in "127.0.0.1:$(storage_port 1)" "127.0.0.1:$(storage_port 2)" "127.0.0.1:$(storage_port 3)" \
-    "127.0.0.1:$(( $(storage_port 1) + 1000 ))" "127.0.0.1:$(( $(storage_port 2) + 1000 ))" \
-    "127.0.0.1:$(( $(storage_port 3) + 1000 ))" "127.0.0.1:$(coordinator_port)" \
-    "127.0.0.1:$(( $(coordinator_port) + 1000 ))" "$GATEWAY_ADDR"; do
+  local port addrs=("$GATEWAY_ADDR")
+  for port in "$(storage_port 1)" "$(storage_port 2)" "$(storage_port 3)" "$(coordinator_port)"; do
+    addrs+=("127.0.0.1:$port" "127.0.0.1:$((port + 1000))") # gRPC and its HTTP
+  done
+  for port in "${addrs[@]}"; do
     if listening "$port"; then
       echo "$port is already in use (a cluster left running? scripts/cluster.sh stop, or set BASE_PORT)" >&2
       return 1

@@ -45,6 +45,9 @@ struct Link {
     stream: MuxSlot<pb::BatchCall, pb::BatchResult>,
     /// `pairdb_coordinator_batch_seconds{node}`, looked up once rather than per batch.
     batch_seconds: metrics::Histogram,
+    /// `pairdb_coordinator_batch_size{kind="write"}` and `{kind="read"}`, likewise.
+    write_batch_size: metrics::Histogram,
+    read_batch_size: metrics::Histogram,
 }
 
 impl Link {
@@ -96,6 +99,8 @@ impl NodeBatcher {
         let in_flight = in_flight.max(1);
         let link = Arc::new(Link {
             batch_seconds: metrics::histogram!("pairdb_coordinator_batch_seconds", "node" => node.clone()),
+            write_batch_size: metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "write"),
+            read_batch_size: metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "read"),
             node,
             client,
             stream: MuxSlot::default(),
@@ -169,8 +174,7 @@ async fn next_write_batch(
 
 async fn send_writes(link: &Link, batch: Vec<(pb::Record, Reply<()>)>) {
     let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "write")
-        .record(records.len() as f64);
+    link.write_batch_size.record(records.len() as f64);
     let call = batch_call::Call::Write(pb::WriteBatchRequest {
         records,
         source: pb::BatchSource::Client as i32,
@@ -210,8 +214,7 @@ async fn run_writes(
 
 async fn send_reads(link: &Link, jobs: Vec<(pb::ReadRequest, Reply<Option<pb::Record>>)>) {
     let (reads, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
-    metrics::histogram!("pairdb_coordinator_batch_size", "kind" => "read")
-        .record(reads.len() as f64);
+    link.read_batch_size.record(reads.len() as f64);
     let expected = reads.len();
     let call = batch_call::Call::Read(pb::ReadBatchRequest { reads });
     let result = match link.call(call).await {
