@@ -175,6 +175,13 @@ pub struct CoordinatorConfig {
     /// Removing a node that would leave fewer active nodes than this (or than the largest
     /// tenant RF) needs `force`.
     pub min_storage_nodes: usize,
+    /// How far ahead of this coordinator's clock a counter from outside (a client's context, a
+    /// replica's version) may lie, in milliseconds; a client context beyond it is refused and a
+    /// replica's version beyond it never moves the clock.
+    pub max_clock_skew_ms: u64,
+    /// On SIGTERM, the longest wait for queued hints to reach the metadata store, in
+    /// milliseconds.
+    pub shutdown_drain_timeout_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -199,6 +206,8 @@ impl Default for CoordinatorConfig {
             batch_in_flight: 1,
             topology_timeout_s: 3600,
             min_storage_nodes: 1,
+            max_clock_skew_ms: 60_000,
+            shutdown_drain_timeout_ms: 20_000,
         }
     }
 }
@@ -574,6 +583,11 @@ impl CoordinatorConfig {
         }
         if !(0.0..=1.0).contains(&self.read_repair_chance) {
             return Err(invalid("coordinator read_repair_chance must be in 0..=1"));
+        }
+        if !(1..=24 * 3600 * 1000).contains(&self.max_clock_skew_ms) {
+            return Err(invalid(
+                "coordinator max_clock_skew_ms must be 1..=86400000",
+            ));
         }
         if !(1..=1000).contains(&self.max_clock_entries) {
             return Err(invalid("coordinator max_clock_entries must be 1..=1000"));

@@ -326,8 +326,8 @@ pub fn physical_counter(now_ms: u64) -> u64 {
     now_ms.saturating_sub(CLOCK_EPOCH_MS) << LOGICAL_BITS
 }
 
-/// One issued counter and, when the durable high-water mark must move before the counter may
-/// be used, the mark to persist.
+/// A counter the clock would issue and, when the durable high-water mark must move before the
+/// counter may be used, the mark to persist first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tick {
     pub counter: u64,
@@ -340,7 +340,11 @@ pub struct Tick {
 /// observed. Across restarts: a counter is only used after a high-water mark >= it is durable
 /// (`Tick::persist_high_water`, then [`HybridClock::persisted`]); a restarted clock resumes from
 /// that mark, so it can never issue a counter <= one issued before the restart, even if the wall
-/// clock went backwards.
+/// clock went backwards. A tick that needs a new mark moves nothing until the mark is stored:
+/// a failed reservation leaves the clock where it was.
+///
+/// The clock trusts what it is given: callers bound `observed` (see
+/// [`counter_bound`]) so that no client or replica can push it ahead of the wall clock.
 #[derive(Debug, Clone)]
 pub struct HybridClock {
     last: u64,
@@ -358,31 +362,51 @@ impl HybridClock {
         }
     }
 
-    /// Issues the next counter at wall time `now_ms`, above `observed` (the highest counter of
-    /// the causal context). If `persist_high_water` is set, the caller must durably store it and
-    /// call [`HybridClock::persisted`] before using the counter.
+    /// The next counter at wall time `now_ms`, above `observed` (the highest trusted counter of
+    /// the causal context and of the versions seen). Without `persist_high_water` the counter is
+    /// issued at once; with it nothing changed yet: the caller stores the mark durably and then
+    /// calls [`HybridClock::persisted`] before using the counter.
     pub fn tick(&mut self, now_ms: u64, observed: u64) -> Tick {
         let counter = physical_counter(now_ms)
             .max(self.last.saturating_add(1))
             .max(observed.saturating_add(1));
-        self.last = counter;
-        let persist_high_water =
-            (counter > self.durable).then(|| counter.saturating_add(self.reserve));
+        if counter <= self.durable {
+            self.last = counter;
+            return Tick {
+                counter,
+                persist_high_water: None,
+            };
+        }
         Tick {
             counter,
-            persist_high_water,
+            persist_high_water: Some(counter.saturating_add(self.reserve)),
         }
     }
 
-    /// Records that `high_water` is durable.
-    pub fn persisted(&mut self, high_water: u64) {
-        self.durable = self.durable.max(high_water);
+    /// Records that `tick`'s high-water mark is durable: its counter is now issued.
+    pub fn persisted(&mut self, tick: Tick) {
+        if let Some(high_water) = tick.persist_high_water {
+            self.durable = self.durable.max(high_water);
+        }
+        self.last = self.last.max(tick.counter);
     }
 
     /// The last counter issued or resumed from.
     pub fn last(&self) -> u64 {
         self.last
     }
+
+    /// The durable high-water mark.
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+}
+
+/// The highest counter a coordinator accepts from outside (a client's context, a replica's
+/// version) at wall time `now_ms` with `max_skew_ms` of allowed clock skew: anything above lies
+/// further in the future than any honest clock can be.
+pub fn counter_bound(now_ms: u64, max_skew_ms: u64) -> u64 {
+    physical_counter(now_ms.saturating_add(max_skew_ms)) | ((1 << LOGICAL_BITS) - 1)
 }
 
 /// The clock of a new write by `coordinator_id`: the causal context merged, the coordinator's
@@ -454,7 +478,7 @@ mod tests {
         let t = clock.tick(CLOCK_EPOCH_MS + 10, 0);
         let hw = t.persist_high_water.expect("first tick must persist");
         assert!(hw > t.counter);
-        clock.persisted(hw);
+        clock.persisted(t);
         let t2 = clock.tick(CLOCK_EPOCH_MS + 11, 0);
         assert!(t2.counter > t.counter);
         assert_eq!(t2.persist_high_water, None);
@@ -462,6 +486,33 @@ mod tests {
         let mut restarted = HybridClock::resume(hw);
         let t3 = restarted.tick(CLOCK_EPOCH_MS, 0);
         assert!(t3.counter > t2.counter);
+    }
+
+    #[test]
+    fn a_reservation_that_was_not_stored_moves_nothing() {
+        let mut clock = HybridClock::resume(0);
+        let now = CLOCK_EPOCH_MS + 10_000;
+        let first = clock.tick(now, 0);
+        clock.persisted(first);
+        // A huge observed counter asks for a mark that cannot be stored: the caller drops it.
+        let poisoned = clock.tick(now, u64::MAX >> 1);
+        assert!(poisoned.persist_high_water.is_some());
+        assert_eq!(
+            clock.last(),
+            first.counter,
+            "the clock moved before its mark was stored"
+        );
+        let next = clock.tick(now, 0);
+        assert_eq!(next.counter, first.counter + 1);
+        assert_eq!(next.persist_high_water, None);
+    }
+
+    #[test]
+    fn the_bound_allows_the_skew_and_nothing_beyond() {
+        let now = CLOCK_EPOCH_MS + 1_000_000;
+        let bound = counter_bound(now, 60_000);
+        assert!(physical_counter(now + 60_000) <= bound);
+        assert!(physical_counter(now + 60_001) > bound);
     }
 
     #[test]

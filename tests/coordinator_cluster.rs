@@ -209,6 +209,7 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
                 tenant_id: "acme".into(),
                 key: b"user:0".to_vec(),
                 consistency: Consistency::Quorum as i32,
+                idempotency_key: String::new(),
             })
             .await
             .expect("delete")
@@ -229,6 +230,7 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
                 tenant_id: "acme".into(),
                 key: b"user:0".to_vec(),
                 consistency: Consistency::Quorum as i32,
+                idempotency_key: String::new(),
             })
             .await
             .expect_err("already deleted");

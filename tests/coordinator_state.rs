@@ -66,7 +66,7 @@ async fn a_restarted_coordinator_never_reissues_a_counter() {
     let store: Arc<dyn MetadataStore> =
         Arc::new(SqlMetadataStore::connect(&url).await.expect("connect"));
     let now = CLOCK_EPOCH_MS + 200_000_000;
-    let clock = CoordinatorClock::resume("c1", store.clone())
+    let clock = CoordinatorClock::resume("c1", store.clone(), 60_000)
         .await
         .expect("resume");
     let mut last = 0;
@@ -77,12 +77,28 @@ async fn a_restarted_coordinator_never_reissues_a_counter() {
     }
     drop(clock);
     // Restart with the wall clock an hour behind: still above everything issued.
-    let restarted = CoordinatorClock::resume("c1", store.clone())
+    let restarted = CoordinatorClock::resume("c1", store.clone(), 60_000)
         .await
         .expect("resume");
     let after = restarted.next_at(now - 3_600_000, 0).await.expect("next");
     assert!(after > last, "{after} <= {last}");
     // Another coordinator's clock is independent, and a counter is always above what it observed.
-    let other = CoordinatorClock::resume("c2", store).await.expect("resume");
+    let other = CoordinatorClock::resume("c2", store.clone(), 60_000)
+        .await
+        .expect("resume");
     assert!(other.next_at(now, after + 10).await.expect("next") > after + 10);
+    // A counter whose reservation the store cannot hold (beyond i64) fails that one request and
+    // leaves the clock where it was: the next counter is the ordinary next one.
+    let before = other.last().await;
+    assert!(other.next_at(now, i64::MAX as u64).await.is_err());
+    let next = other
+        .next_at(now, 0)
+        .await
+        .expect("next after a failed reservation");
+    assert_eq!(
+        next,
+        before + 1,
+        "the clock moved although its mark was not stored"
+    );
+    assert!(store.load_clock("c2").await.expect("load") < i64::MAX as u64);
 }

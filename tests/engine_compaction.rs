@@ -60,17 +60,17 @@ fn compaction_keeps_the_winner_of_concurrent_versions() {
                 format!("{key}-second"),
             ))
             .expect("apply");
-        assert_eq!(outcome == ApplyOutcome::Applied, second == &newer);
+        assert_eq!(outcome.is_applied(), second == &newer);
         engine.flush().expect("flush");
     }
     // A dominated write is ignored and a dominating one applied.
     let merged = v(&[("c1", base + 10), ("c2", base + 20), ("c3", base + 1)]);
-    assert_eq!(
+    assert!(matches!(
         engine
             .apply(Record::put("t", "a", older.clone(), "stale"))
             .expect("apply"),
-        ApplyOutcome::Ignored
-    );
+        ApplyOutcome::Ignored { .. }
+    ));
     engine.compact_levels().expect("compact levels");
     engine.compact().expect("major compaction");
     let a = engine.get("t", b"a").expect("get").expect("a");
@@ -337,7 +337,7 @@ fn a_batch_is_validated_whole_and_synced_once() {
         .map(|i| Record::put("t", format!("k{i}"), v(&[("c1", at + i)]), "x"))
         .collect();
     let outcomes = engine.apply_batch(good).expect("batch");
-    assert!(outcomes.iter().all(|o| *o == ApplyOutcome::Applied));
+    assert!(outcomes.iter().all(ApplyOutcome::is_applied));
     assert_eq!(
         engine.stats().wal_syncs - syncs_before,
         1,
@@ -346,5 +346,11 @@ fn a_batch_is_validated_whole_and_synced_once() {
     let again = engine
         .apply_batch(vec![Record::put("t", "k3", v(&[("c1", at)]), "old")])
         .expect("batch");
-    assert_eq!(again, vec![ApplyOutcome::Ignored]);
+    assert_eq!(
+        again,
+        vec![ApplyOutcome::Ignored {
+            stored: v(&[("c1", at + 3)])
+        }],
+        "an ignored record reports the version that beat it"
+    );
 }

@@ -103,14 +103,16 @@ type Model = BTreeMap<(String, Vec<u8>), Record>;
 fn apply(engine: &Engine, model: &mut Model, record: Record) -> Result<(), TestCaseError> {
     let slot = (record.tenant.clone(), record.key.to_vec());
     let expected = match model.get(&slot) {
-        Some(current) if !record.version.supersedes(&current.version) => ApplyOutcome::Ignored,
+        Some(current) if !record.version.supersedes(&current.version) => ApplyOutcome::Ignored {
+            stored: current.version.clone(),
+        },
         _ => ApplyOutcome::Applied,
     };
     let outcome = engine
         .apply(record.clone())
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert_eq!(outcome, expected);
-    if expected == ApplyOutcome::Applied {
+    prop_assert_eq!(&outcome, &expected);
+    if expected.is_applied() {
         model.insert(slot, record);
     }
     Ok(())

@@ -8,9 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pairdb::idempotency::{
-    Claim, IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore, StoredResponse,
-    store_key,
+    Claim, IdempotencyStore, LockToken, MemoryIdempotencyStore, RedisIdempotencyStore,
+    StoredResponse, store_key,
 };
+
+/// The token of a claim that must have acquired the lock.
+fn acquired(claim: Claim) -> LockToken {
+    match claim {
+        Claim::Acquired(token) => token,
+        other => panic!("expected the lock, got {other:?}"),
+    }
+}
 
 fn response(fp: &str, body: &[u8]) -> StoredResponse {
     StoredResponse {
@@ -25,13 +33,10 @@ async fn suite(store: Arc<dyn IdempotencyStore>) {
 
     // The first request takes the lock; a duplicate waits; after completion it replays.
     let k1 = store_key("acme", b"user:1", "req-1");
-    assert_eq!(
-        store.claim(&k1, long).await.expect("claim"),
-        Claim::Acquired
-    );
+    let lock1 = acquired(store.claim(&k1, long).await.expect("claim"));
     assert_eq!(store.claim(&k1, long).await.expect("claim"), Claim::Busy);
     store
-        .complete(&k1, &response("fp-a", b"{\"ok\":1}\x00\xff"), long)
+        .complete(&k1, &lock1, &response("fp-a", b"{\"ok\":1}\x00\xff"), long)
         .await
         .expect("complete");
     assert_eq!(
@@ -45,48 +50,56 @@ async fn suite(store: Arc<dyn IdempotencyStore>) {
         store_key("acme", b"user:2", "req-1"),
         store_key("acme", b"user:1", "req-2"),
     ] {
-        assert_eq!(
-            store.claim(&other, long).await.expect("claim"),
-            Claim::Acquired
-        );
+        acquired(store.claim(&other, long).await.expect("claim"));
     }
 
     // A failed write releases the lock: a retry may try again.
     let k2 = store_key("acme", b"k2", "r");
-    assert_eq!(
-        store.claim(&k2, long).await.expect("claim"),
-        Claim::Acquired
-    );
-    store.release(&k2).await.expect("release");
-    assert_eq!(
-        store.claim(&k2, long).await.expect("claim"),
-        Claim::Acquired
-    );
+    let lock2 = acquired(store.claim(&k2, long).await.expect("claim"));
+    store.release(&k2, &lock2).await.expect("release");
+    acquired(store.claim(&k2, long).await.expect("claim"));
 
     // A lock expires (a crashed coordinator does not block the key forever)...
     let k3 = store_key("acme", b"k3", "r");
-    assert_eq!(
+    let outlived = acquired(
         store
             .claim(&k3, Duration::from_millis(200))
             .await
             .expect("claim"),
-        Claim::Acquired
     );
     assert_eq!(store.claim(&k3, long).await.expect("claim"), Claim::Busy);
     tokio::time::sleep(Duration::from_millis(400)).await;
+    let successor = acquired(store.claim(&k3, long).await.expect("claim"));
+    assert_ne!(outlived, successor, "every lock gets its own token");
+    // ... and a holder that outlived its lock does not release its successor's lock.
+    store.release(&k3, &outlived).await.expect("release");
     assert_eq!(
         store.claim(&k3, long).await.expect("claim"),
-        Claim::Acquired
+        Claim::Busy,
+        "a stale owner released its successor's lock"
     );
+    // Its late response is still kept (the write happened), but the lock stays the
+    // successor's until the successor completes.
+    store
+        .complete(&k3, &outlived, &response("fp", b"late"), long)
+        .await
+        .expect("complete");
+    assert_eq!(
+        store.claim(&k3, long).await.expect("claim"),
+        Claim::Done(response("fp", b"late"))
+    );
+    store.release(&k3, &successor).await.expect("release");
 
     // ... and so does a stored response, after its TTL.
     let k4 = store_key("acme", b"k4", "r");
-    assert_eq!(
-        store.claim(&k4, long).await.expect("claim"),
-        Claim::Acquired
-    );
+    let lock4 = acquired(store.claim(&k4, long).await.expect("claim"));
     store
-        .complete(&k4, &response("fp", b"r"), Duration::from_millis(300))
+        .complete(
+            &k4,
+            &lock4,
+            &response("fp", b"r"),
+            Duration::from_millis(300),
+        )
         .await
         .expect("complete");
     assert!(matches!(
@@ -94,10 +107,7 @@ async fn suite(store: Arc<dyn IdempotencyStore>) {
         Claim::Done(_)
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        store.claim(&k4, long).await.expect("claim"),
-        Claim::Acquired
-    );
+    acquired(store.claim(&k4, long).await.expect("claim"));
 
     // Twenty concurrent duplicates: exactly one may write.
     let k5 = store_key("acme", b"k5", "r");
@@ -113,13 +123,33 @@ async fn suite(store: Arc<dyn IdempotencyStore>) {
             })
         })
         .collect();
-    let mut acquired = 0;
+    let mut winners = 0;
     for t in tasks {
-        if t.await.expect("task") == Claim::Acquired {
-            acquired += 1;
+        if matches!(t.await.expect("task"), Claim::Acquired(_)) {
+            winners += 1;
         }
     }
-    assert_eq!(acquired, 1);
+    assert_eq!(winners, 1);
+}
+
+#[tokio::test]
+async fn the_memory_store_drops_expired_entries() {
+    let store = MemoryIdempotencyStore::new();
+    let short = Duration::from_millis(100);
+    for i in 0..1000 {
+        let key = store_key("acme", format!("k{i}").as_bytes(), "r");
+        let lock = acquired(store.claim(&key, short).await.expect("claim"));
+        if i % 2 == 0 {
+            store
+                .complete(&key, &lock, &response("fp", b"r"), short)
+                .await
+                .expect("complete");
+        }
+    }
+    assert_eq!(store.len(), 1000);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    acquired(store.claim("another", short).await.expect("claim"));
+    assert_eq!(store.len(), 1, "expired locks and responses must go");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

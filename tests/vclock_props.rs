@@ -89,15 +89,15 @@ proptest! {
 
     #[test]
     fn restarted_clock_never_reissues_a_counter(
-        steps in prop::collection::vec((0u64..5_000, any::<bool>(), any::<bool>(), 0u64..1_000_000), 1..200)
+        steps in prop::collection::vec((0u64..5_000, any::<bool>(), any::<bool>(), 0u64..1_000_000, any::<bool>()), 1..200)
     ) {
         // Wall time wanders (including backwards); restarts happen at random; a restart resumes
-        // from the last durable high-water mark only.
+        // from the last durable high-water mark only; storing a mark fails at random.
         let mut durable = 0u64;
         let mut clock = HybridClock::resume(durable);
         let mut issued_max = 0u64;
         let mut now = CLOCK_EPOCH_MS + 1_000_000;
-        for (delta, backwards, restart, observed) in steps {
+        for (delta, backwards, restart, observed, fail_store) in steps {
             if restart {
                 clock = HybridClock::resume(durable);
             }
@@ -105,9 +105,14 @@ proptest! {
             let tick = clock.tick(now, observed);
             if let Some(hw) = tick.persist_high_water {
                 prop_assert!(hw >= tick.counter);
+                if fail_store {
+                    // The mark could not be stored: the counter is not used, nothing moved.
+                    prop_assert!(clock.last() < tick.counter);
+                    continue;
+                }
                 durable = hw;
-                clock.persisted(hw);
             }
+            clock.persisted(tick);
             prop_assert!(tick.counter > issued_max, "counter {} after {}", tick.counter, issued_max);
             prop_assert!(tick.counter > observed);
             prop_assert!(tick.counter <= durable, "used a counter above the durable mark");

@@ -20,10 +20,13 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
 use crate::mux::MuxSlot;
+use crate::rpc::common;
 use crate::rpc::storage as pb;
 use crate::rpc::storage::batch_call;
 use crate::rpc::storage::batch_result::Result as Answer;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
+
+use crate::vclock::Version;
 
 use super::replicas::ReplicaError;
 
@@ -37,6 +40,27 @@ pub const MAX_BYTES: usize = 4 * 1024 * 1024;
 const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Reply<T> = oneshot::Sender<Result<T, ReplicaError>>;
+
+/// What a replica did with one write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteAck {
+    /// The write is now the replica's version.
+    Applied,
+    /// The replica holds `stored`, which takes precedence over the write (durable there).
+    Ignored { stored: Version },
+}
+
+impl WriteAck {
+    fn from_answer(outcome: Option<&i32>, stored: Option<&common::Version>) -> WriteAck {
+        if outcome.copied() == Some(pb::ApplyOutcome::IgnoredDominated as i32) {
+            WriteAck::Ignored {
+                stored: stored.map(Version::from).unwrap_or_default(),
+            }
+        } else {
+            WriteAck::Applied
+        }
+    }
+}
 
 /// A node's batch stream, and the client that opens it again after it broke.
 struct Link {
@@ -87,7 +111,7 @@ impl Link {
 
 /// The queues of one storage node.
 pub struct NodeBatcher {
-    writes: mpsc::UnboundedSender<(pb::Record, Reply<()>)>,
+    writes: mpsc::UnboundedSender<(pb::Record, Reply<WriteAck>)>,
     reads: mpsc::UnboundedSender<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
 }
 
@@ -111,7 +135,7 @@ impl NodeBatcher {
     }
 
     /// Applies `record` on the node, batched with concurrent writes.
-    pub async fn write(&self, node: &str, record: pb::Record) -> Result<(), ReplicaError> {
+    pub async fn write(&self, node: &str, record: pb::Record) -> Result<WriteAck, ReplicaError> {
         let (reply, answer) = oneshot::channel();
         self.writes
             .send((record, reply))
@@ -147,9 +171,9 @@ fn value_len(r: &pb::Record) -> usize {
 /// The next write batch: the carried-over call or the first queued one, then whatever else is
 /// queued, up to the batch bounds. Cancel-safe: the only await is the queue's `recv`.
 async fn next_write_batch(
-    queue: &mut mpsc::UnboundedReceiver<(pb::Record, Reply<()>)>,
-    carry: &mut Option<(pb::Record, Reply<()>)>,
-) -> Option<Vec<(pb::Record, Reply<()>)>> {
+    queue: &mut mpsc::UnboundedReceiver<(pb::Record, Reply<WriteAck>)>,
+    carry: &mut Option<(pb::Record, Reply<WriteAck>)>,
+) -> Option<Vec<(pb::Record, Reply<WriteAck>)>> {
     let first = match carry.take() {
         Some(job) => job,
         None => queue.recv().await?,
@@ -172,30 +196,36 @@ async fn next_write_batch(
     Some(batch)
 }
 
-async fn send_writes(link: &Link, batch: Vec<(pb::Record, Reply<()>)>) {
+async fn send_writes(link: &Link, batch: Vec<(pb::Record, Reply<WriteAck>)>) {
     let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     link.write_batch_size.record(records.len() as f64);
     let call = batch_call::Call::Write(pb::WriteBatchRequest {
         records,
         source: pb::BatchSource::Client as i32,
     });
-    let result = match link.call(call).await {
-        Ok(Answer::Write(_)) => Ok(()),
-        Ok(_) => Err(ReplicaError::unavailable(
-            &link.node,
-            "mismatched batch answer",
-        )),
-        Err(e) => Err(e),
-    };
-    for reply in replies {
-        let _ = reply.send(result.clone());
+    match link.call(call).await {
+        Ok(Answer::Write(answer)) => {
+            for (i, reply) in replies.into_iter().enumerate() {
+                let ack = WriteAck::from_answer(answer.outcomes.get(i), answer.stored.get(i));
+                let _ = reply.send(Ok(ack));
+            }
+        }
+        other => {
+            let error = match other {
+                Err(e) => e,
+                Ok(_) => ReplicaError::unavailable(&link.node, "mismatched batch answer"),
+            };
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
     }
 }
 
 /// Sends the node's write batches, at most `in_flight` at once, from this one task.
 async fn run_writes(
     link: Arc<Link>,
-    mut queue: mpsc::UnboundedReceiver<(pb::Record, Reply<()>)>,
+    mut queue: mpsc::UnboundedReceiver<(pb::Record, Reply<WriteAck>)>,
     in_flight: usize,
 ) {
     let mut carry = None;

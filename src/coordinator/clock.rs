@@ -1,18 +1,50 @@
 //! A coordinator's clock: [`HybridClock`] whose high-water mark lives in the metadata store, so
 //! a restarted coordinator (even with its wall clock behind) never issues a counter it issued
 //! before. The mark is reserved a minute ahead, so the store is written about once a minute.
+//!
+//! Invariants:
+//! - The clock moves only after its high-water mark was stored: a failed reservation (store
+//!   down, a mark out of the store's range) fails that one request and leaves the clock as it
+//!   was, so later requests and other tenants are not affected.
+//! - Nothing from outside moves it further than `max_clock_skew` ahead of the wall clock: a
+//!   counter above [`CoordinatorClock::bound`] (a client's context, a replica's version) is
+//!   never observed; it is logged and counted in `pairdb_clock_far_ahead_total{source}`.
+//! - Every trusted version the coordinator sees (read answers, versions replicas kept instead
+//!   of a write) is observed (the HLC receive rule), so the next counter is above it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::Mutex;
 
 use crate::meta::{MetaError, MetadataStore};
-use crate::vclock::HybridClock;
+use crate::vclock::{CLOCK_EPOCH_MS, HybridClock, LOGICAL_BITS, VectorClock, counter_bound};
 
 pub struct CoordinatorClock {
     id: String,
     store: Arc<dyn MetadataStore>,
     clock: Mutex<HybridClock>,
+    /// The highest trusted counter seen outside a write's own context (HLC receive rule).
+    observed: AtomicU64,
+    max_skew_ms: u64,
+}
+
+/// Where a counter the clock looked at came from (the label of the far-ahead metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A client's causal context.
+    Context,
+    /// A version a replica answered with (a read, or a write it ignored).
+    Replica,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::Context => "context",
+            Source::Replica => "replica",
+        }
+    }
 }
 
 impl CoordinatorClock {
@@ -20,33 +52,102 @@ impl CoordinatorClock {
     pub async fn resume(
         coordinator_id: &str,
         store: Arc<dyn MetadataStore>,
+        max_skew_ms: u64,
     ) -> Result<Self, MetaError> {
         let high_water = store.load_clock(coordinator_id).await?;
-        Ok(Self {
+        let clock = Self {
             id: coordinator_id.to_owned(),
             store,
             clock: Mutex::new(HybridClock::resume(high_water)),
-        })
+            observed: AtomicU64::new(0),
+            max_skew_ms,
+        };
+        if high_water > counter_bound(crate::wallclock::now_ms(), 2 * max_skew_ms.max(60_000)) {
+            tracing::warn!(
+                coordinator = coordinator_id,
+                high_water,
+                ahead_ms = millis_ahead(high_water),
+                "the clock's high-water mark lies far ahead of the wall clock (moved by a bad \
+                 counter before max_clock_skew was enforced); counters stay above it"
+            );
+        }
+        Ok(clock)
     }
 
     pub fn id(&self) -> &str {
         &self.id
     }
 
-    /// The next counter, above `observed` (the causal context's highest counter). Fails rather
-    /// than hand out a counter whose reservation could not be made durable.
+    /// The highest counter accepted from outside now.
+    pub fn bound(&self) -> u64 {
+        counter_bound(crate::wallclock::now_ms(), self.max_skew_ms)
+    }
+
+    /// Whether `counter` lies within the allowed skew; a counter beyond it is logged and
+    /// counted (never adopted).
+    pub fn trusts(&self, counter: u64, source: Source) -> bool {
+        if counter <= self.bound() {
+            return true;
+        }
+        metrics::counter!("pairdb_clock_far_ahead_total", "source" => source.as_str()).increment(1);
+        tracing::warn!(
+            counter,
+            ahead_ms = millis_ahead(counter),
+            source = source.as_str(),
+            "a counter lies further ahead than max_clock_skew; not adopted"
+        );
+        false
+    }
+
+    /// The HLC receive rule: the next counter issued will be above `counter` (the highest
+    /// counter of a version seen), unless it lies beyond the allowed skew.
+    pub fn observe(&self, counter: u64, source: Source) {
+        if counter > self.observed.load(Ordering::Relaxed) && self.trusts(counter, source) {
+            self.observed.fetch_max(counter, Ordering::Relaxed);
+        }
+    }
+
+    /// The highest counter of `clock` within the allowed skew (0 if none); counters beyond it
+    /// are counted as far ahead.
+    pub fn trusted_max(&self, clock: &VectorClock, source: Source) -> u64 {
+        let bound = self.bound();
+        let mut highest = 0;
+        for (_, counter) in clock.iter() {
+            if counter <= bound {
+                highest = highest.max(counter);
+            } else {
+                self.trusts(counter, source);
+            }
+        }
+        highest
+    }
+
+    /// The next counter, above `observed` (the causal context's highest trusted counter) and
+    /// above every version observed so far. Fails rather than hand out a counter whose
+    /// reservation could not be made durable; the clock then stays where it was.
     pub async fn next(&self, observed: u64) -> Result<u64, MetaError> {
         self.next_at(crate::wallclock::now_ms(), observed).await
     }
 
     /// [`CoordinatorClock::next`] at a given wall time (tests move it backwards).
     pub async fn next_at(&self, now_ms: u64, observed: u64) -> Result<u64, MetaError> {
+        let observed = observed.max(self.observed.load(Ordering::Relaxed));
         let mut clock = self.clock.lock().await;
         let tick = clock.tick(now_ms, observed);
         if let Some(high_water) = tick.persist_high_water {
             self.store.store_clock(&self.id, high_water).await?;
-            clock.persisted(high_water);
         }
+        clock.persisted(tick);
         Ok(tick.counter)
     }
+
+    /// The last counter issued (or resumed from).
+    pub async fn last(&self) -> u64 {
+        self.clock.lock().await.last()
+    }
+}
+
+/// How far a counter's physical part lies ahead of the wall clock, in milliseconds.
+fn millis_ahead(counter: u64) -> u64 {
+    ((counter >> LOGICAL_BITS) + CLOCK_EPOCH_MS).saturating_sub(crate::wallclock::now_ms())
 }

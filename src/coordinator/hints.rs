@@ -2,7 +2,12 @@
 //!
 //! - [`HintWriter`]: the write path hands it one hint per replica that missed a write; a task
 //!   stores them in the metadata store in batches (whatever queued up while the last batch was
-//!   being written, up to [`BATCH`]).
+//!   being written, up to [`BATCH`]); a batch the store refused is tried again (backing off)
+//!   until it is stored or the writer is drained past its deadline.
+//! - [`HintWriter::drain`] (SIGTERM): waits for the write path's stragglers (replica calls still
+//!   running after a reply, which may still produce hints) and for every queued hint to be
+//!   stored, up to a deadline; what could not be stored by then is counted
+//!   (`pairdb_hints_dropped_total{reason="shutdown"}`) and logged.
 //! - [`spawn_replay`]: every interval, for each target with hints: hints past the max window or
 //!   the max attempts are dropped (counted: those keys need repair); the rest are delivered in
 //!   batches (`WriteBatch` with source HINT) to targets the ring knows and gossip does not
@@ -13,12 +18,15 @@
 //! dominates it), so two coordinators replaying the same hint, or a replay racing a newer
 //! write, never rolls a key back.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::meta::{Hint, MetaError, MetadataStore};
 use crate::rpc::storage as pb;
@@ -35,38 +43,73 @@ fn now_ms() -> i64 {
     crate::wallclock::now_ms() as i64
 }
 
+/// What the writer task takes: a hint, or a barrier answered once every hint queued before
+/// it was stored (or given up).
+enum Queued {
+    Hint(Hint),
+    Barrier(oneshot::Sender<()>),
+}
+
+/// First wait before storing a refused batch again; doubled up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Attempts to store one batch while the writer is not draining.
+const STORE_ATTEMPTS: u32 = 5;
+
 /// Queues hints for durable storage.
 #[derive(Clone)]
 pub struct HintWriter {
-    sender: Option<mpsc::Sender<Hint>>,
+    sender: Option<mpsc::Sender<Queued>>,
+    /// Background work of the write path that may still produce hints.
+    stragglers: TaskTracker,
+    /// Set by [`HintWriter::drain`]: refused batches are retried until this deadline.
+    drain_deadline: Arc<parking_lot::Mutex<Option<Instant>>>,
+}
+
+/// What a drain achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Hints still queued when the deadline passed (counted as dropped).
+    pub lost: usize,
 }
 
 impl HintWriter {
     /// A writer that drops nothing it is given: hints go to `store` in batches. `None` when
     /// hints are disabled: [`HintWriter::hint`] then only counts the missed write.
     pub fn start(store: Option<Arc<dyn MetadataStore>>) -> HintWriter {
+        let drain_deadline: Arc<parking_lot::Mutex<Option<Instant>>> = Arc::default();
         let Some(store) = store else {
-            return HintWriter { sender: None };
+            return HintWriter {
+                sender: None,
+                stragglers: TaskTracker::new(),
+                drain_deadline,
+            };
         };
-        let (sender, mut receiver) = mpsc::channel::<Hint>(QUEUE);
+        let (sender, mut receiver) = mpsc::channel::<Queued>(QUEUE);
+        let deadline = drain_deadline.clone();
         tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(BATCH);
-            while receiver.recv_many(&mut batch, BATCH).await > 0 {
-                match store.store_hints(&batch).await {
-                    Ok(()) => {
-                        metrics::counter!("pairdb_hints_stored_total").increment(batch.len() as u64)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, hints = batch.len(), "cannot store hints; those replicas need repair");
-                        metrics::counter!("pairdb_hints_dropped_total", "reason" => "store_failed")
-                            .increment(batch.len() as u64);
+            let mut queued = Vec::with_capacity(BATCH);
+            while receiver.recv_many(&mut queued, BATCH).await > 0 {
+                let mut batch = Vec::with_capacity(queued.len());
+                let mut barriers = Vec::new();
+                for item in queued.drain(..) {
+                    match item {
+                        Queued::Hint(hint) => batch.push(hint),
+                        Queued::Barrier(done) => barriers.push(done),
                     }
                 }
-                batch.clear();
+                if !batch.is_empty() {
+                    store_batch(&*store, &batch, &deadline).await;
+                }
+                for done in barriers {
+                    let _ = done.send(());
+                }
             }
         });
         HintWriter {
             sender: Some(sender),
+            stragglers: TaskTracker::new(),
+            drain_deadline,
         }
     }
 
@@ -84,9 +127,96 @@ impl HintWriter {
             created_at_ms: now_ms(),
             attempts: 0,
         };
-        if sender.try_send(hint).is_err() {
-            tracing::warn!(target, "hint queue full; dropping a hint");
+        if sender.try_send(Queued::Hint(hint)).is_err() {
+            tracing::error!(target, tenant = %record.tenant_id, "hint queue full; dropping a hint: the key needs repair");
             metrics::counter!("pairdb_hints_dropped_total", "reason" => "queue_full").increment(1);
+        }
+    }
+
+    /// Runs write-path work that may still produce hints (replica calls finishing after the
+    /// reply); [`HintWriter::drain`] waits for it.
+    pub fn spawn_straggler<F>(&self, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.stragglers.spawn(work);
+    }
+
+    /// Hints queued and not yet stored.
+    pub fn queued(&self) -> usize {
+        self.sender
+            .as_ref()
+            .map_or(0, |s| s.max_capacity() - s.capacity())
+    }
+
+    /// Stores every hint queued or still to come from running stragglers, waiting at most
+    /// `timeout`. Call once the server stopped taking requests.
+    pub async fn drain(&self, timeout: Duration) -> Drained {
+        let deadline = Instant::now() + timeout;
+        *self.drain_deadline.lock() = Some(deadline);
+        self.stragglers.close();
+        let _ = tokio::time::timeout_at(deadline, self.stragglers.wait()).await;
+        let Some(sender) = &self.sender else {
+            return Drained { lost: 0 };
+        };
+        loop {
+            let (done, stored) = oneshot::channel();
+            let barrier = async {
+                sender.send(Queued::Barrier(done)).await.ok()?;
+                stored.await.ok()
+            };
+            let passed = tokio::time::timeout_at(deadline, barrier).await;
+            let lost = self.queued();
+            if !matches!(passed, Ok(Some(()))) || Instant::now() >= deadline {
+                if lost > 0 {
+                    tracing::error!(
+                        lost,
+                        "shutdown: hints not stored before the drain deadline; those keys need repair"
+                    );
+                    metrics::counter!("pairdb_hints_dropped_total", "reason" => "shutdown")
+                        .increment(lost as u64);
+                }
+                return Drained { lost };
+            }
+            if lost == 0 {
+                return Drained { lost: 0 };
+            }
+        }
+    }
+}
+
+/// Stores one batch, trying again with backoff while the store refuses it: up to
+/// [`STORE_ATTEMPTS`] times, or until the drain deadline once draining.
+async fn store_batch(
+    store: &dyn MetadataStore,
+    batch: &[Hint],
+    drain_deadline: &parking_lot::Mutex<Option<Instant>>,
+) {
+    let mut wait = RETRY_FIRST;
+    let mut attempt = 1;
+    loop {
+        match store.store_hints(batch).await {
+            Ok(()) => {
+                metrics::counter!("pairdb_hints_stored_total").increment(batch.len() as u64);
+                return;
+            }
+            Err(e) => {
+                let draining = *drain_deadline.lock();
+                let give_up = match draining {
+                    Some(deadline) => Instant::now() + wait >= deadline,
+                    None => attempt >= STORE_ATTEMPTS,
+                };
+                if give_up {
+                    tracing::error!(error = %e, hints = batch.len(), "cannot store hints; those replicas need repair");
+                    metrics::counter!("pairdb_hints_dropped_total", "reason" => "store_failed")
+                        .increment(batch.len() as u64);
+                    return;
+                }
+                tracing::warn!(error = %e, hints = batch.len(), attempt, "storing hints failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_MAX);
+                attempt += 1;
+            }
         }
     }
 }

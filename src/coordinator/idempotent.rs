@@ -19,7 +19,8 @@ use prost::Message;
 use tokio::time::Instant;
 
 use crate::idempotency::{Claim, LOCK_TTL, RESPONSE_TTL, StoredResponse, store_key};
-use crate::rpc::coordinator::WriteKeyValueResponse;
+use crate::rpc::coordinator::{DeleteKeyValueResponse, WriteKeyValueResponse};
+use crate::vclock::VectorClock;
 
 use super::Coordinator;
 use super::errors::CoordError;
@@ -46,24 +47,79 @@ impl Breaker {
     }
 }
 
-/// The fingerprint of a write request: what must match for a retry to be "the same request".
-pub fn fingerprint(value: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(value))
+/// A response an idempotent call stores and replays.
+pub trait Replayable: Message + Default {
+    /// Marks a replayed response as a duplicate.
+    fn mark_duplicate(&mut self);
+}
+
+impl Replayable for WriteKeyValueResponse {
+    fn mark_duplicate(&mut self) {
+        self.is_duplicate = true;
+    }
+}
+
+impl Replayable for DeleteKeyValueResponse {
+    fn mark_duplicate(&mut self) {
+        self.is_duplicate = true;
+    }
+}
+
+/// What an idempotent request does, for its fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Put,
+    Delete,
+}
+
+/// The fingerprint of a request: what must match for a retry to be "the same request". It
+/// covers the operation, the key, the value and the causal context (absent and empty differ),
+/// not the consistency level. Every part is length-prefixed, so no two requests share an
+/// encoding.
+pub fn fingerprint(
+    operation: Operation,
+    key: &[u8],
+    value: &[u8],
+    context: Option<&VectorClock>,
+) -> String {
+    let mut bytes = Vec::with_capacity(32 + key.len() + value.len());
+    bytes.push(match operation {
+        Operation::Put => b'P',
+        Operation::Delete => b'D',
+    });
+    let mut part = |b: &[u8]| {
+        bytes.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(b);
+    };
+    part(key);
+    part(value);
+    match context {
+        None => part(b"-"),
+        Some(clock) => {
+            part(b"+");
+            for (id, counter) in clock.iter() {
+                part(id.as_bytes());
+                part(&counter.to_le_bytes());
+            }
+        }
+    }
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
 }
 
 impl Coordinator {
     /// Runs `write` at most once per (tenant, key, idempotency key) within 24 h.
-    pub async fn idempotent<F, Fut>(
+    pub async fn idempotent<R, F, Fut>(
         &self,
         tenant: &str,
         key: &[u8],
         idempotency_key: &str,
         fingerprint: String,
         write: F,
-    ) -> Result<WriteKeyValueResponse, CoordError>
+    ) -> Result<R, CoordError>
     where
+        R: Replayable,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<WriteKeyValueResponse, CoordError>>,
+        Fut: Future<Output = Result<R, CoordError>>,
     {
         if self.idempotency_breaker.is_open() {
             metrics::counter!("pairdb_idempotency_skipped_total").increment(1);
@@ -71,18 +127,17 @@ impl Coordinator {
         }
         let store_key = store_key(tenant, key, idempotency_key);
         let give_up = Instant::now() + LOCK_TTL + Duration::from_secs(5);
-        loop {
+        let lock = loop {
             match self.idempotency.claim(&store_key, LOCK_TTL).await {
-                Ok(Claim::Acquired) => break,
+                Ok(Claim::Acquired(lock)) => break lock,
                 Ok(Claim::Done(stored)) => {
                     if stored.fingerprint != fingerprint {
                         return Err(CoordError::IdempotencyConflict(idempotency_key.to_owned()));
                     }
-                    let mut response = WriteKeyValueResponse::decode(stored.response.as_slice())
-                        .map_err(|e| {
-                            CoordError::Internal(format!("stored idempotent response: {e}"))
-                        })?;
-                    response.is_duplicate = true;
+                    let mut response = R::decode(stored.response.as_slice()).map_err(|e| {
+                        CoordError::Internal(format!("stored idempotent response: {e}"))
+                    })?;
+                    response.mark_duplicate();
                     metrics::counter!("pairdb_idempotent_replays_total").increment(1);
                     return Ok(response);
                 }
@@ -101,7 +156,7 @@ impl Coordinator {
                     return write().await;
                 }
             }
-        }
+        };
         let result = write().await;
         let outcome = match &result {
             Ok(response) => {
@@ -110,10 +165,10 @@ impl Coordinator {
                     response: response.encode_to_vec(),
                 };
                 self.idempotency
-                    .complete(&store_key, &stored, RESPONSE_TTL)
+                    .complete(&store_key, &lock, &stored, RESPONSE_TTL)
                     .await
             }
-            Err(_) => self.idempotency.release(&store_key).await,
+            Err(_) => self.idempotency.release(&store_key, &lock).await,
         };
         if let Err(e) = outcome {
             tracing::warn!(error = %e, "idempotency store unavailable after the write");

@@ -68,6 +68,8 @@ pub struct Options {
     pub min_storage_nodes: usize,
     /// How hints are delivered (the replay loop, and a joining node's hints before it activates).
     pub hint_limits: hints::ReplayLimits,
+    /// How far ahead of the clock a counter from outside may lie (see `clock`).
+    pub max_clock_skew: Duration,
 }
 
 /// Everything a request needs, shared by the gRPC service and the background loops.

@@ -22,6 +22,7 @@ use crate::rpc::storage as pb;
 use crate::vclock::Version;
 
 use super::Coordinator;
+use super::clock::Source;
 use super::errors::CoordError;
 use super::repair::RepairQueue;
 use super::replicas::{self, ReplicaError};
@@ -109,6 +110,11 @@ impl Coordinator {
             });
         }
         let winner = winner_of(&results);
+        if let Some(version) = winner.as_ref().and_then(|w| w.version.as_ref()) {
+            // The HLC receive rule: the next write of this coordinator is minted above it.
+            let highest = version.clock.iter().map(|e| e.counter).max().unwrap_or(0);
+            self.clock.observe(highest, Source::Replica);
+        }
         if stragglers.is_empty() {
             repair_stale(&self.repairs, &results, winner.as_ref());
         } else {

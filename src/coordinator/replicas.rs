@@ -9,6 +9,7 @@ use crate::rpc::storage as pb;
 use crate::storage::errors::code_in;
 
 use super::batcher::NodeBatcher;
+pub use super::batcher::WriteAck;
 use super::storage_pool::StoragePool;
 
 /// Why one replica did not answer.
@@ -64,7 +65,7 @@ pub fn write(
     node: &str,
     address: Option<&str>,
     record: pb::Record,
-) -> impl Future<Output = Result<(), ReplicaError>> + Send + 'static + use<> {
+) -> impl Future<Output = Result<WriteAck, ReplicaError>> + Send + 'static + use<> {
     let batcher = batcher(pool, node, address);
     let node = node.to_owned();
     async move { batcher?.write(&node, record).await }

@@ -17,12 +17,13 @@ use crate::quorum::Consistency;
 use crate::rpc::coordinator as pb;
 use crate::rpc::coordinator::coordinator_server::Coordinator as CoordinatorRpc;
 use crate::rpc::{clock_from_proto, common, storage};
-use crate::vclock::{VectorClock, Version};
+use crate::vclock::{Causality, VectorClock, Version};
 
 use super::Coordinator;
 use super::admin::check_tenant_id;
+use super::clock::Source;
 use super::errors::{CoordError, detail_in};
-use super::idempotent::fingerprint;
+use super::idempotent::{Operation, fingerprint};
 use super::topology::NewNode;
 
 /// Largest causal context a client may send.
@@ -175,21 +176,25 @@ impl Coordinator {
                 max: MAX_VALUE_BYTES,
             });
         }
+        check_idempotency_key(&req.idempotency_key)?;
         let context = if req.has_context {
             let clock = clock_from_proto(&req.context);
             clock
                 .validate(MAX_CONTEXT_ENTRIES)
                 .map_err(|e| CoordError::InvalidRequest(format!("context: {e}")))?;
-            clock
+            Some(clock)
         } else {
-            VectorClock::new()
+            None
         };
         let tenant = self.tenant(&req.tenant_id).await?;
+        if let Some(context) = &context {
+            self.check_context(&tenant, &req.key, context, level)
+                .await?;
+        }
         let (key, value) = (&req.key, &req.value);
-        let write = |idempotency_key: String| async move {
-            let version = self.new_version(&context).await?;
+        let write = |idempotency_key: String| async {
             let written = self
-                .replicate(&tenant, key, Some(value.clone()), version, level)
+                .write(&tenant, key, Some(value), context.as_ref(), level)
                 .await?;
             Ok(pb::WriteKeyValueResponse {
                 key: key.clone(),
@@ -204,19 +209,52 @@ impl Coordinator {
         if req.idempotency_key.is_empty() {
             return write(uuid::Uuid::new_v4().to_string()).await;
         }
-        if req.idempotency_key.len() > 256 {
-            return Err(CoordError::InvalidRequest(
-                "idempotency key is longer than 256 bytes".to_owned(),
-            ));
-        }
+        let fingerprint = fingerprint(Operation::Put, key, value, context.as_ref());
         self.idempotent(
             &req.tenant_id,
-            &req.key,
+            key,
             &req.idempotency_key,
-            fingerprint(&req.value),
+            fingerprint,
             || write(req.idempotency_key.clone()),
         )
         .await
+    }
+
+    /// A client context whose counters lie further ahead than `max_clock_skew` is refused,
+    /// unless the replicas hold that very version (or one that dominates it): the client read
+    /// it, e.g. from a key written before the bound was enforced, and must be able to write
+    /// after it. Such counters never move this coordinator's clock (see `new_version`).
+    async fn check_context(
+        &self,
+        tenant: &Tenant,
+        key: &[u8],
+        context: &VectorClock,
+        level: Consistency,
+    ) -> Result<(), CoordError> {
+        let bound = self.clock.bound();
+        let Some((id, counter)) = context.iter().find(|(_, c)| *c > bound) else {
+            return Ok(());
+        };
+        let held = self
+            .read_winner(&tenant.tenant_id, tenant.replication_factor, key, level)
+            .await?
+            .and_then(|r| r.version)
+            .map(|v| Version::from(&v));
+        if held.is_some_and(|v| {
+            matches!(
+                v.clock.compare(context),
+                Causality::Equal | Causality::After
+            )
+        }) {
+            return Ok(());
+        }
+        self.clock.trusts(counter, Source::Context);
+        Err(CoordError::InvalidRequest(format!(
+            "context: the counter of {id:?} ({counter}) lies further ahead of this \
+             coordinator's clock than max_clock_skew ({} ms) allows, and no replica holds \
+             that version",
+            self.options.max_clock_skew.as_millis()
+        )))
     }
 
     /// The tenant and the key's live value (not a tombstone) with its version, read at `level`.
@@ -262,20 +300,46 @@ impl Coordinator {
         req: &pb::DeleteKeyValueRequest,
         level: Consistency,
     ) -> Result<pb::DeleteKeyValueResponse, CoordError> {
-        let (tenant, live) = self.read_live(&req.tenant_id, &req.key, level).await?;
-        let (_, current) = live.ok_or(CoordError::KeyNotFound)?;
-        let context = Version::from(&current).clock;
-        let version = self.new_version(&context).await?;
-        let written = self
-            .replicate(&tenant, &req.key, None, version, level)
-            .await?;
-        Ok(pb::DeleteKeyValueResponse {
-            key: req.key.clone(),
-            version: Some((&written.version).into()),
-            replica_count: written.acks as u32,
-            consistency: common::Consistency::from(level) as i32,
-        })
+        check_idempotency_key(&req.idempotency_key)?;
+        let delete = || async {
+            let (tenant, live) = self.read_live(&req.tenant_id, &req.key, level).await?;
+            let (_, current) = live.ok_or(CoordError::KeyNotFound)?;
+            let context = Version::from(&current).clock;
+            let written = self
+                .write(&tenant, &req.key, None, Some(&context), level)
+                .await?;
+            Ok(pb::DeleteKeyValueResponse {
+                key: req.key.clone(),
+                version: Some((&written.version).into()),
+                replica_count: written.acks as u32,
+                consistency: common::Consistency::from(level) as i32,
+                is_duplicate: false,
+            })
+        };
+        if req.idempotency_key.is_empty() {
+            return delete().await;
+        }
+        check_tenant_id(&req.tenant_id)?;
+        check_key(&req.key)?;
+        let fingerprint = fingerprint(Operation::Delete, &req.key, b"", None);
+        self.idempotent(
+            &req.tenant_id,
+            &req.key,
+            &req.idempotency_key,
+            fingerprint,
+            delete,
+        )
+        .await
     }
+}
+
+fn check_idempotency_key(key: &str) -> Result<(), CoordError> {
+    if key.len() > 256 {
+        return Err(CoordError::InvalidRequest(
+            "idempotency key is longer than 256 bytes".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -413,9 +477,14 @@ impl CoordinatorRpc for CoordinatorService {
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
         let problems = super::http::readiness(&self.core).await.err();
+        let idempotency_store = match self.core.idempotency.shared_id() {
+            Some(id) => format!("shared:{id}"),
+            None => format!("local:{}", self.core.id),
+        };
         Ok(Response::new(pb::HealthResponse {
             ready: problems.is_none(),
             problems: problems.unwrap_or_default(),
+            idempotency_store,
         }))
     }
 

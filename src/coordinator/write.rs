@@ -5,6 +5,8 @@
 //! required acks cannot be had, the answer is QUORUM_NOT_REACHED with the counts, after every
 //! call ended (so the count is what really landed); writes that landed stay.
 
+use std::cmp::Ordering;
+
 use tokio::time::Instant;
 
 use crate::quorum::{self, Consistency, ReplicaCall, ReplicaOutcome, ReplicaResult};
@@ -15,12 +17,21 @@ use crate::vclock::{VectorClock, Version, next_version};
 use crate::meta::Tenant;
 
 use super::Coordinator;
+use super::clock::Source;
 use super::errors::CoordError;
-use super::replicas::{self, ReplicaError};
+use super::replicas::{self, ReplicaError, WriteAck};
+
+type WriteResult = ReplicaResult<NodeId, WriteAck, ReplicaError>;
+
+/// How many times a blind write that a concurrent version with a later timestamp beat is
+/// minted again above it and resent.
+pub const MAX_REMINTS: usize = 3;
 
 /// What a write reached.
 #[derive(Debug, Clone)]
 pub struct Written {
+    /// The version the replicas hold: the write's own, or the concurrent version that beat it
+    /// on the replicas that answered (last-write-wins).
     pub version: Version,
     /// Replicas that applied it by the time of the reply.
     pub acks: usize,
@@ -28,10 +39,19 @@ pub struct Written {
     pub rf_capped: bool,
 }
 
+/// One round of a write: what it reached, and the version that beat it, if one did.
+struct Round {
+    written: Written,
+    beaten_by: Option<Version>,
+}
+
 impl Coordinator {
-    /// A version that causally follows `context`, from this coordinator's durable clock.
+    /// A version that causally follows `context`, from this coordinator's durable clock. Only
+    /// the context's counters within `max_clock_skew` move the clock; the version still
+    /// dominates the whole context.
     pub async fn new_version(&self, context: &VectorClock) -> Result<Version, CoordError> {
-        let counter = self.clock.next(context.max_counter()).await?;
+        let observed = self.clock.trusted_max(context, Source::Context);
+        let counter = self.clock.next(observed).await?;
         Ok(next_version(
             context,
             &self.id,
@@ -40,16 +60,55 @@ impl Coordinator {
         ))
     }
 
-    /// Writes `value` (or a tombstone for `None`) under `version` at `consistency`, to the
-    /// tenant's replicas (the union of old and new ones while its RF is being raised).
-    pub async fn replicate(
+    /// Writes `value` (or a tombstone for `None`) at `consistency` under a new version that
+    /// follows `context`. A blind write (`context` is `None`) that the replicas ignored because
+    /// they hold a concurrent version with a later timestamp (this coordinator's clock is
+    /// behind the one that wrote it) is minted again above that version and resent, at most
+    /// [`MAX_REMINTS`] times: of two blind writes, the one the cluster accepted later wins.
+    pub async fn write(
         &self,
         tenant: &Tenant,
         key: &[u8],
-        value: Option<Vec<u8>>,
-        version: Version,
+        value: Option<&[u8]>,
+        context: Option<&VectorClock>,
         consistency: Consistency,
     ) -> Result<Written, CoordError> {
+        let blind = context.is_none();
+        let context = context.cloned().unwrap_or_default();
+        let mut version = self.new_version(&context).await?;
+        let mut remints = 0;
+        loop {
+            let round = self
+                .replicate(tenant, key, value, version, consistency)
+                .await?;
+            match round.beaten_by {
+                Some(winner)
+                    if blind
+                        && remints < MAX_REMINTS
+                        && self
+                            .clock
+                            .trusts(winner.clock.max_counter(), Source::Replica) =>
+                {
+                    remints += 1;
+                    metrics::counter!("pairdb_writes_reminted_total").increment(1);
+                    // `replicate` observed the winner, so the new counter lies above it.
+                    version = self.new_version(&context).await?;
+                }
+                _ => return Ok(round.written),
+            }
+        }
+    }
+
+    /// Writes `value` (or a tombstone) under `version` at `consistency`, to the tenant's
+    /// replicas (the union of old and new ones while its RF is being raised).
+    async fn replicate(
+        &self,
+        tenant: &Tenant,
+        key: &[u8],
+        value: Option<&[u8]>,
+        version: Version,
+        consistency: Consistency,
+    ) -> Result<Round, CoordError> {
         let snapshot = self.ring.snapshot();
         let rf = self.pending_rf.write_rf(tenant);
         let plan = self
@@ -61,7 +120,7 @@ impl Coordinator {
             key: key.to_vec(),
             version: Some((&version).into()),
             payload: Some(match value {
-                Some(v) => pb::record::Payload::Value(v),
+                Some(v) => pb::record::Payload::Value(v.to_vec()),
                 None => pb::record::Payload::Tombstone(pb::Tombstone {}),
             }),
             ring_hash: 0,
@@ -88,20 +147,24 @@ impl Coordinator {
         metrics::histogram!("pairdb_replica_acks", "op" => "write").record(run.acks as f64);
         self.hint_misses(&record, &run.results);
         if run.reached() {
+            let beaten_by = self.winner_over(&version, &run.results);
             let acks = run.acks;
             let hints = self.hints.clone();
             let stragglers = run.stragglers;
             if !stragglers.is_empty() {
-                tokio::spawn(async move {
+                self.hints.spawn_straggler(async move {
                     for miss in missed(&stragglers.finish().await) {
                         hints.hint(miss.as_str(), &record);
                     }
                 });
             }
-            return Ok(Written {
-                version,
-                acks,
-                rf_capped: plan.rf_capped(),
+            return Ok(Round {
+                written: Written {
+                    version: beaten_by.clone().unwrap_or(version),
+                    acks,
+                    rf_capped: plan.rf_capped(),
+                },
+                beaten_by,
             });
         }
         let late = run.stragglers.finish().await;
@@ -118,11 +181,25 @@ impl Coordinator {
         })
     }
 
-    fn hint_misses(
-        &self,
-        record: &pb::Record,
-        results: &[ReplicaResult<NodeId, (), ReplicaError>],
-    ) {
+    /// The version that replicas kept instead of `written` (the highest among those that
+    /// ignored the write), if any. Every such version moves the clock (the HLC receive rule).
+    fn winner_over(&self, written: &Version, results: &[WriteResult]) -> Option<Version> {
+        let mut winner: Option<&Version> = None;
+        for result in results {
+            if let ReplicaOutcome::Ok(WriteAck::Ignored { stored }) = &result.outcome {
+                self.clock
+                    .observe(stored.clock.max_counter(), Source::Replica);
+                if stored.precedence(written) == Ordering::Greater
+                    && winner.is_none_or(|w| stored.precedence(w) == Ordering::Greater)
+                {
+                    winner = Some(stored);
+                }
+            }
+        }
+        winner.cloned()
+    }
+
+    fn hint_misses(&self, record: &pb::Record, results: &[WriteResult]) {
         for miss in missed(results) {
             self.hints.hint(miss.as_str(), record);
         }
@@ -130,11 +207,11 @@ impl Coordinator {
 }
 
 /// Replicas that did not apply the write and could later (not those that refused it as invalid).
-fn missed(results: &[ReplicaResult<NodeId, (), ReplicaError>]) -> Vec<NodeId> {
+fn missed(results: &[WriteResult]) -> Vec<NodeId> {
     results
         .iter()
         .filter(|r| match &r.outcome {
-            ReplicaOutcome::Ok(()) => false,
+            ReplicaOutcome::Ok(_) => false,
             ReplicaOutcome::Err(e) => !e.rejected,
             ReplicaOutcome::TimedOut => true,
         })

@@ -139,12 +139,20 @@ pub fn validate_key(key: &[u8]) -> Result<(), EngineError> {
 }
 
 /// What `apply` did with a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyOutcome {
     /// The record is now the stored version.
     Applied,
     /// The stored version dominates or equals it (or wins last-write-wins); nothing changed.
-    Ignored,
+    /// `stored` is that version (durable by the time the outcome is returned), so a coordinator
+    /// can tell a concurrent version that beat its write from one that dominates it.
+    Ignored { stored: Version },
+}
+
+impl ApplyOutcome {
+    pub fn is_applied(&self) -> bool {
+        matches!(self, ApplyOutcome::Applied)
+    }
 }
 
 #[cfg(test)]

@@ -94,6 +94,8 @@ pub struct CommitLog {
     syncing: Mutex<bool>,
     synced: Condvar,
     synced_seq: AtomicU64,
+    /// The sequence of the last record appended (durable or not).
+    appended_seq: AtomicU64,
     failed: AtomicBool,
     syncs: AtomicU64,
 }
@@ -342,6 +344,7 @@ impl CommitLog {
             syncing: Mutex::new(false),
             synced: Condvar::new(),
             synced_seq: AtomicU64::new(last_seq),
+            appended_seq: AtomicU64::new(last_seq),
             failed: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
         };
@@ -365,6 +368,12 @@ impl CommitLog {
         log_err(path, e)
     }
 
+    /// Marks the log failed, as a failed fsync does.
+    #[cfg(test)]
+    pub fn mark_failed_for_tests(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
     /// Appends a record (buffered) and returns its sequence number. Durable only after
     /// [`CommitLog::wait_durable`].
     pub fn append(&self, record: &Record) -> Result<u64> {
@@ -381,6 +390,7 @@ impl CommitLog {
         w.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         w.buf[start + 8..start + 16].copy_from_slice(&seq_bytes);
         w.next_seq += 1;
+        self.appended_seq.store(seq, Ordering::Release);
         if w.file_len + w.buf.len() as u64 >= self.segment_bytes {
             self.rotate(&mut w)?;
         } else if w.buf.len() >= BUFFER_FLUSH_BYTES {
@@ -486,11 +496,20 @@ impl CommitLog {
         Ok(())
     }
 
+    /// The sequence of the last record appended so far, durable or not. Everything a reader
+    /// can see in a memtable was appended at or below it.
+    pub fn appended_seq(&self) -> u64 {
+        self.appended_seq.load(Ordering::Acquire)
+    }
+
     /// Waits until `seq` is durable as the sync mode promises: with `always`, by group commit;
     /// with `batch_ms`/`never`, returns at once (the batch syncer or nobody makes it durable).
+    /// Fails once an fsync has failed, even for a `seq` synced before: nothing is acknowledged
+    /// by a log that may have lost writes.
     pub fn wait_durable(&self, seq: u64) -> Result<()> {
+        self.check_healthy()?;
         if self.sync != SyncMode::Always {
-            return self.check_healthy();
+            return Ok(());
         }
         let mut syncing = self.syncing.lock();
         loop {

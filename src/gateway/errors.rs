@@ -92,7 +92,9 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::MigrationNotFound => StatusCode::NOT_FOUND,
         ErrorCode::TenantExists | ErrorCode::NodeExists => StatusCode::CONFLICT,
         ErrorCode::RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::QuorumNotReached | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::QuorumNotReached | ErrorCode::Unavailable | ErrorCode::OutcomeUnknown => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ErrorCode::InternalError | ErrorCode::Unspecified => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

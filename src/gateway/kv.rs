@@ -88,6 +88,7 @@ struct DeleteResponse {
     vector_clock: BTreeMap<String, u64>,
     replica_count: u32,
     consistency: &'static str,
+    is_duplicate: bool,
 }
 
 /// The `vector_clock` JSON object of a version.
@@ -129,6 +130,22 @@ fn check_key(key: &str) -> Result<(), ApiError> {
         return Err(ApiError::invalid("key must not contain NUL"));
     }
     Ok(())
+}
+
+/// The `Idempotency-Key` header (empty when absent).
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(String::new());
+    };
+    let k = v
+        .to_str()
+        .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII"))?;
+    if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::invalid(format!(
+            "Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY} characters"
+        )));
+    }
+    Ok(k.to_owned())
 }
 
 fn header_tenant(headers: &HeaderMap) -> Option<&str> {
@@ -230,20 +247,7 @@ pub async fn put(
                 value.len()
             )));
         }
-        let idempotency_key = match headers.get("idempotency-key") {
-            None => String::new(),
-            Some(v) => {
-                let k = v
-                    .to_str()
-                    .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII"))?;
-                if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
-                    return Err(ApiError::invalid(format!(
-                        "Idempotency-Key must be 1..={MAX_IDEMPOTENCY_KEY} characters"
-                    )));
-                }
-                k.to_owned()
-            }
-        };
+        let idempotency_key = idempotency_key(&headers)?;
         let (has_context, context) = match &body.context {
             Some(c) => (
                 true,
@@ -360,6 +364,7 @@ pub async fn delete(
             tenant_id: tenant,
             key: key.as_bytes().to_vec(),
             consistency: common::Consistency::from(level) as i32,
+            idempotency_key: idempotency_key(&headers)?,
         };
         let Answer::Delete(answer) = gw.key_value(Call::Delete(request)).await? else {
             return Err(mismatched_answer());
@@ -370,6 +375,7 @@ pub async fn delete(
             vector_clock: clock_json(answer.version.as_ref()),
             replica_count: answer.replica_count,
             consistency: level.as_str(),
+            is_duplicate: answer.is_duplicate,
         })
         .into_response())
     }

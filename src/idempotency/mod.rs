@@ -3,6 +3,11 @@
 //! required acks, the fingerprint of the request and its response (TTL 24 h). Two
 //! implementations with the same semantics and one test suite (`tests/idempotency_store.rs`):
 //! Redis through fred ([`RedisIdempotencyStore`]) and in-process ([`MemoryIdempotencyStore`]).
+//!
+//! Invariant: a lock is released only by its owner. Each claim that acquires the lock gets a
+//! fresh [`LockToken`] stored as the lock's value; `complete` and `release` drop the lock only
+//! while it still holds that token (compare-and-delete), so a request that outlived its lock
+//! never releases the lock of the request that took over.
 
 mod memory;
 mod redis;
@@ -34,11 +39,22 @@ pub struct StoredResponse {
     pub response: Vec<u8>,
 }
 
+/// Proof of holding an idempotency key's lock: the value stored in the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockToken(pub String);
+
+impl LockToken {
+    fn new() -> Self {
+        LockToken(uuid::Uuid::new_v4().to_string())
+    }
+}
+
 /// What a request finds when it claims its idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// This request holds the lock: perform the write, then `complete` (or `release`).
-    Acquired,
+    /// This request holds the lock: perform the write, then `complete` (or `release`) with the
+    /// token.
+    Acquired(LockToken),
     /// A first request finished: replay its response (or report a conflict).
     Done(StoredResponse),
     /// Another request holds the lock: wait and claim again.
@@ -57,16 +73,21 @@ fn hex(bytes: &[u8]) -> String {
 #[tonic::async_trait]
 pub trait IdempotencyStore: Send + Sync {
     async fn ping(&self) -> Result<(), IdemError>;
+    /// An id of the store that every coordinator using the same store computes alike, `None`
+    /// for a store only this process sees (the in-process one).
+    fn shared_id(&self) -> Option<String>;
     async fn claim(&self, key: &str, lock_ttl: Duration) -> Result<Claim, IdemError>;
-    /// Stores the response and drops the lock.
+    /// Stores the response and drops the lock if `lock` still holds it.
     async fn complete(
         &self,
         key: &str,
+        lock: &LockToken,
         stored: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), IdemError>;
-    /// Drops the lock without a response (the write failed; a retry may try again).
-    async fn release(&self, key: &str) -> Result<(), IdemError>;
+    /// Drops the lock without a response (the write failed; a retry may try again), only if
+    /// `lock` still holds it.
+    async fn release(&self, key: &str, lock: &LockToken) -> Result<(), IdemError>;
 }
 
 /// `fp_len:u32 fp response` — one value per key in both implementations.

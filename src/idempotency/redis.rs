@@ -1,18 +1,25 @@
 //! Redis idempotency store (fred): the response under the key (`SET ... PX 24h`), the lock
-//! under `lock:<key>` (`SET NX PX 30s`).
+//! under `lock:<key>` (`SET NX PX 30s` with the owner's token as value), released by a Lua
+//! compare-and-delete so only its owner drops it.
 
 use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 
-use super::{Claim, IdemError, IdempotencyStore, StoredResponse, decode, encode};
+use super::{Claim, IdemError, IdempotencyStore, LockToken, StoredResponse, decode, encode};
+
+/// Deletes `KEYS[1]` only while it holds `ARGV[1]` (the lock owner's token).
+const COMPARE_AND_DELETE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+     return redis.call('DEL', KEYS[1]) else return 0 end";
 
 /// Longest wait for one Redis command.
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub struct RedisIdempotencyStore {
     client: Client,
+    /// xxh3 of the server's address and database (no credentials).
+    shared_id: String,
 }
 
 fn unavailable(e: fred::error::Error) -> IdemError {
@@ -39,7 +46,15 @@ impl RedisIdempotencyStore {
             .build()
             .map_err(unavailable)?;
         client.init().await.map_err(unavailable)?;
-        Ok(RedisIdempotencyStore { client })
+        let server = url.rsplit('@').next().unwrap_or(url);
+        let server = server
+            .trim_start_matches("redis://")
+            .trim_start_matches("rediss://");
+        let shared_id = format!(
+            "redis-{:016x}",
+            xxhash_rust::xxh3::xxh3_64(server.as_bytes())
+        );
+        Ok(RedisIdempotencyStore { client, shared_id })
     }
 }
 
@@ -57,15 +72,20 @@ impl IdempotencyStore for RedisIdempotencyStore {
         self.client.ping::<()>(None).await.map_err(unavailable)
     }
 
+    fn shared_id(&self) -> Option<String> {
+        Some(self.shared_id.clone())
+    }
+
     async fn claim(&self, key: &str, lock_ttl: Duration) -> Result<Claim, IdemError> {
         if let Some(done) = self.stored(key).await? {
             return Ok(Claim::Done(done));
         }
+        let token = LockToken::new();
         let locked: Option<String> = self
             .client
             .set(
                 lock_key(key),
-                "1",
+                token.0.as_str(),
                 Some(Expiration::PX(millis(lock_ttl))),
                 Some(SetOptions::NX),
                 false,
@@ -77,15 +97,16 @@ impl IdempotencyStore for RedisIdempotencyStore {
         }
         // The first request may have completed between our GET and SET: replay it.
         if let Some(done) = self.stored(key).await? {
-            self.release(key).await?;
+            self.release(key, &token).await?;
             return Ok(Claim::Done(done));
         }
-        Ok(Claim::Acquired)
+        Ok(Claim::Acquired(token))
     }
 
     async fn complete(
         &self,
         key: &str,
+        lock: &LockToken,
         stored: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), IdemError> {
@@ -99,12 +120,16 @@ impl IdempotencyStore for RedisIdempotencyStore {
             )
             .await
             .map_err(unavailable)?;
-        self.release(key).await
+        self.release(key, lock).await
     }
 
-    async fn release(&self, key: &str) -> Result<(), IdemError> {
+    async fn release(&self, key: &str, lock: &LockToken) -> Result<(), IdemError> {
         self.client
-            .del::<i64, _>(lock_key(key))
+            .eval::<i64, _, _, _>(
+                COMPARE_AND_DELETE,
+                vec![lock_key(key)],
+                vec![lock.0.clone()],
+            )
             .await
             .map_err(unavailable)?;
         Ok(())

@@ -42,6 +42,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         );
     }
     let core = start(&id, cfg, shutdown.clone()).await?;
+    let hints = core.hints.clone();
     crate::metrics::handle();
     tracing::info!(coordinator = %id, grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, "coordinator serving");
 
@@ -58,6 +59,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     .await;
     shutdown.cancel();
     let _ = http_server.await;
+    // No request runs any more: store every hint still queued (or still to come from replica
+    // calls that outlived their requests) before the process ends.
+    let queued = hints.queued();
+    let drained = hints
+        .drain(Duration::from_millis(cfg.shutdown_drain_timeout_ms))
+        .await;
+    tracing::info!(queued, lost = drained.lost, "hint queue drained");
     served?;
     tracing::info!("coordinator stopped cleanly");
     Ok(())
@@ -120,7 +128,7 @@ pub async fn start(
         hint_limits,
         stop.clone(),
     );
-    let clock = CoordinatorClock::resume(id, meta.clone())
+    let clock = CoordinatorClock::resume(id, meta.clone(), cfg.max_clock_skew_ms)
         .await
         .context("loading the coordinator clock")?;
     let core = Arc::new(Coordinator {
@@ -133,6 +141,7 @@ pub async fn start(
             topology_timeout: Duration::from_secs(cfg.topology_timeout_s),
             min_storage_nodes: cfg.min_storage_nodes,
             hint_limits,
+            max_clock_skew: Duration::from_millis(cfg.max_clock_skew_ms),
         },
         pending_rf: Default::default(),
         reads_served: std::sync::atomic::AtomicU64::new(0),

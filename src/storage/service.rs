@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{ApplyOutcome, Engine, EngineError, Record};
 use crate::ring::HashRange;
+use crate::rpc::common;
 use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_server::StorageNode;
 use crate::vclock::Version;
@@ -166,22 +167,16 @@ impl StorageService {
         let engine = self.engine.clone();
         let candidate = record.clone();
         let outcome = self.writes.run(move || engine.apply(candidate)).await?;
-        let stored_version = match outcome {
+        let stored_version = match &outcome {
             ApplyOutcome::Applied => {
                 self.streams.forward(&record);
-                Some((&record.version).into())
+                (&record.version).into()
             }
-            ApplyOutcome::Ignored => {
-                let engine = self.engine.clone();
-                let (tenant, key) = (record.tenant.clone(), record.key.clone());
-                blocking(move || engine.get(&tenant, &key))
-                    .await?
-                    .map(|r| (&r.version).into())
-            }
+            ApplyOutcome::Ignored { stored } => stored.into(),
         };
         Ok(pb::ApplyResponse {
-            outcome: outcome_to_proto(outcome) as i32,
-            stored_version,
+            outcome: outcome_to_proto(&outcome) as i32,
+            stored_version: Some(stored_version),
         })
     }
 
@@ -209,10 +204,18 @@ impl StorageService {
     }
 }
 
-fn outcome_to_proto(o: ApplyOutcome) -> pb::ApplyOutcome {
+fn outcome_to_proto(o: &ApplyOutcome) -> pb::ApplyOutcome {
     match o {
         ApplyOutcome::Applied => pb::ApplyOutcome::Applied,
-        ApplyOutcome::Ignored => pb::ApplyOutcome::IgnoredDominated,
+        ApplyOutcome::Ignored { .. } => pb::ApplyOutcome::IgnoredDominated,
+    }
+}
+
+/// The `stored` entry of a batch answer: the version that beat an ignored record.
+fn stored_to_proto(o: &ApplyOutcome) -> common::Version {
+    match o {
+        ApplyOutcome::Applied => common::Version::default(),
+        ApplyOutcome::Ignored { stored } => stored.into(),
     }
 }
 
@@ -335,15 +338,16 @@ impl StorageNode for StorageService {
                     .await
                     .map(|outcomes| {
                         for (r, o) in records.iter().zip(&outcomes) {
-                            if *o == ApplyOutcome::Applied {
+                            if o.is_applied() {
                                 self.streams.forward(r);
                             }
                         }
                         Response::new(pb::WriteBatchResponse {
                             outcomes: outcomes
                                 .iter()
-                                .map(|o| outcome_to_proto(*o) as i32)
+                                .map(|o| outcome_to_proto(o) as i32)
                                 .collect(),
+                            stored: outcomes.iter().map(stored_to_proto).collect(),
                         })
                     })
             }

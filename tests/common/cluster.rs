@@ -182,6 +182,19 @@ impl RoleProcess {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
     }
 
+    /// SIGCONT after [`RoleProcess::pause`].
+    pub fn resume(&self) {
+        let child = self.child.as_ref().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    }
+
+    /// SIGTERM and the exit status (an orderly stop).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        super::terminate(&mut child)
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
         self.spawn();

@@ -1,0 +1,577 @@
+//! Writes that no client, clock skew or retry can corrupt, over real processes (storage nodes,
+//! coordinators and gateways started from the `pairdb` binary; SQLite metadata, Redis where
+//! coordinators must share idempotency keys, libfaketime for a skewed clock):
+//!
+//! - a client context with a huge counter is refused (400) and harms no later request, while a
+//!   key poisoned before the bound existed stays writable;
+//! - blind writes through a coordinator whose clock is seconds behind still win when they come
+//!   later;
+//! - a call lost after it was sent is OUTCOME_UNKNOWN (never sent twice), and with an
+//!   Idempotency-Key it is resent and written once;
+//! - identical idempotent requests racing on two coordinators with a shared Redis write once;
+//! - SIGTERM stores every queued hint before the coordinator exits.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::backends::{Redis, skip_or_fail};
+use common::cluster::{RoleProcess, start_storage};
+use common::coord::{Client, create_tenant, put, put_idem, sqlite_url, wait_all_active};
+use pairdb::meta::{MetadataStore, SqlMetadataStore};
+use pairdb::rpc::common::Consistency;
+use pairdb::rpc::coordinator as pb;
+use pairdb::rpc::storage as spb;
+use pairdb::vclock::{VectorClock, Version, counter_bound, physical_counter};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// One test at a time: each starts several processes on a 2-core machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn http(
+    method: reqwest::Method,
+    url: &str,
+    tenant: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> (StatusCode, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, url)
+        .timeout(Duration::from_secs(30))
+        .header("x-tenant-id", tenant);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    if let Some(b) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let response = request.send().await.expect("HTTP request");
+    let status = response.status();
+    let bytes = response.bytes().await.expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn put_http(
+    gw: &RoleProcess,
+    tenant: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value) {
+    let url = format!("{}/v1/key-value", gw.url());
+    http(reqwest::Method::POST, &url, tenant, headers, Some(&body)).await
+}
+
+async fn get_http(gw: &RoleProcess, tenant: &str, key: &str) -> (StatusCode, Value) {
+    let url = format!("{}/v1/key-value?key={key}&consistency=all", gw.url());
+    http(reqwest::Method::GET, &url, tenant, &[], None).await
+}
+
+fn now_ms() -> u64 {
+    pairdb::wallclock::now_ms()
+}
+
+/// The counter of `id` in a JSON vector clock.
+fn counter(clock: &Value, id: &str) -> u64 {
+    clock[id].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_context_is_refused_and_harms_no_one() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    create_tenant(&mut c, "globex", 3).await;
+    let gw = RoleProcess::gateway("gw", &[&c1], &["--auth=none"], &[], dir.path());
+
+    // A key poisoned before the bound existed: every replica holds a version whose counter lies
+    // decades ahead (written straight to the storage nodes, as an old coordinator would have).
+    let poison = 1u64 << 62;
+    let record = spb::Record {
+        tenant_id: "acme".into(),
+        key: b"poisoned".to_vec(),
+        version: Some((&Version::new(VectorClock::from_entries([("z", poison)]))).into()),
+        payload: Some(spb::record::Payload::Value(b"\"old\"".to_vec())),
+        ring_hash: 0,
+    };
+    for node in &storage {
+        node.client()
+            .await
+            .write_batch(spb::WriteBatchRequest {
+                records: vec![record.clone()],
+                source: spb::BatchSource::Repair as i32,
+            })
+            .await
+            .expect("poison a replica");
+    }
+
+    // The request that used to break the coordinator for everyone: 400 naming the field...
+    for huge in [i64::MAX as u64, poison] {
+        let (s, b) = put_http(
+            &gw,
+            "acme",
+            json!({"key": "k", "value": 1, "context": {"z": huge}}),
+            &[],
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+        assert_eq!(b["error_code"], "INVALID_REQUEST", "{b}");
+        assert!(
+            b["message"].as_str().is_some_and(|m| m.contains("context")),
+            "{b}"
+        );
+        // ... nothing written ...
+        let (s, _) = get_http(&gw, "acme", "k").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        // ... and another tenant's write right after it is served, with a sane clock.
+        let (s, b) = put_http(&gw, "globex", json!({"key": "g", "value": 2}), &[]).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let own = counter(&b["vector_clock"], "c1");
+        assert!(
+            own <= counter_bound(now_ms(), 60_000),
+            "the clock was pushed ahead: {b}"
+        );
+        assert!(own >= physical_counter(now_ms() - 60_000), "{b}");
+    }
+
+    // A context the replicas hold is the client's read: the poisoned key stays writable. The
+    // new version dominates the old one; the coordinator's own entry stays at its clock.
+    let (s, read) = get_http(&gw, "acme", "poisoned").await;
+    assert_eq!(s, StatusCode::OK, "{read}");
+    assert_eq!(counter(&read["vector_clock"], "z"), poison);
+    let (s, b) = put_http(
+        &gw,
+        "acme",
+        json!({"key": "poisoned", "value": "new", "context": read["vector_clock"]}),
+        &[],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(counter(&b["vector_clock"], "z"), poison);
+    assert!(
+        counter(&b["vector_clock"], "c1") <= counter_bound(now_ms(), 60_000),
+        "{b}"
+    );
+    let (s, now) = get_http(&gw, "acme", "poisoned").await;
+    assert_eq!(
+        (s, now["value"].clone()),
+        (StatusCode::OK, json!("new")),
+        "{now}"
+    );
+    // Later blind writes are not dragged ahead either.
+    let (s, b) = put_http(&gw, "acme", json!({"key": "after", "value": 3}), &[]).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert!(
+        counter(&b["vector_clock"], "c1") <= counter_bound(now_ms(), 60_000),
+        "{b}"
+    );
+}
+
+/// The libfaketime preload library, if installed (Debian's `faketime`).
+fn libfaketime() -> Option<&'static str> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blind_writes_through_a_skewed_coordinator_still_win_when_later() {
+    let _serial = SERIAL.lock().await;
+    let Some(faketime) = libfaketime() else {
+        skip_or_fail(
+            "blind_writes_through_a_skewed_coordinator_still_win_when_later",
+            "libfaketime (apt-get install faketime)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let meta = sqlite_url(dir.path());
+    let c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &[], dir.path());
+    // c2's wall clock runs 5 s behind (monotonic time untouched, so timers work).
+    let slow = RoleProcess::coordinator(
+        "c2",
+        &meta,
+        "memory://",
+        &storage,
+        &[
+            ("LD_PRELOAD", faketime),
+            ("FAKETIME", "-5s"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("FAKETIME_DONT_RESET", "1"),
+        ],
+        dir.path(),
+    );
+    let mut a = c1.client().await;
+    let mut b = slow.client().await;
+    wait_all_active(&a, 3).await;
+    wait_all_active(&b, 3).await;
+    create_tenant(&mut a, "acme", 3).await;
+    // The skew is real: c2's first counter lies seconds behind c1's.
+    let first_a = put(&mut a, "acme", "probe-a", "1", Consistency::Quorum)
+        .await
+        .expect("put");
+    let first_b = put(&mut b, "acme", "probe-b", "1", Consistency::Quorum)
+        .await
+        .expect("put");
+    let ts = |r: &pb::WriteKeyValueResponse| {
+        Version::from(r.version.as_ref().expect("version")).timestamp_ms()
+    };
+    assert!(
+        ts(&first_a) > ts(&first_b) + 3_000,
+        "c2 is not behind: {} vs {}",
+        ts(&first_a),
+        ts(&first_b)
+    );
+
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..100 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let key = format!("k{i}");
+        let (first, second) = if seed & 1 == 0 {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        put(first, "acme", &key, "\"A\"", Consistency::Quorum)
+            .await
+            .expect("write A");
+        let written = put(second, "acme", &key, "\"B\"", Consistency::Quorum)
+            .await
+            .expect("write B");
+        let read = a
+            .read_key_value(pb::ReadKeyValueRequest {
+                tenant_id: "acme".into(),
+                key: key.as_bytes().to_vec(),
+                consistency: Consistency::All as i32,
+            })
+            .await
+            .expect("read at ALL")
+            .into_inner();
+        assert_eq!(
+            read.value,
+            b"\"B\"",
+            "round {i}: the later write B lost (second writer c{})",
+            if seed & 1 == 0 { 2 } else { 1 }
+        );
+        assert_eq!(
+            read.version, written.version,
+            "round {i}: the response must carry the stored version"
+        );
+    }
+}
+
+/// Two coordinators sharing SQLite and one Redis, and a gateway in front of both.
+struct Shared {
+    _redis: Redis,
+    dir: tempfile::TempDir,
+    _storage: Vec<common::StorageNode>,
+    coordinators: Vec<RoleProcess>,
+}
+
+fn shared_cluster(test: &str) -> Option<Shared> {
+    let Some(redis) = Redis::start() else {
+        skip_or_fail(test, "redis-server (apt-get install redis-server)");
+        return None;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let meta = sqlite_url(dir.path());
+    let idem = format!("redis://127.0.0.1:{}", redis.port);
+    let coordinators = ["c1", "c2"]
+        .iter()
+        .map(|id| RoleProcess::coordinator(id, &meta, &idem, &storage, &[], dir.path()))
+        .collect();
+    Some(Shared {
+        _redis: redis,
+        dir,
+        _storage: storage,
+        coordinators,
+    })
+}
+
+/// Sends `n` writes at once through the gateway while `c1` hangs, then kills `c1`: the calls
+/// that went to it are lost after they were sent. Returns each key with its answer.
+async fn writes_lost_on_c1(
+    cluster: &mut Shared,
+    gw: &RoleProcess,
+    prefix: &str,
+    idempotent: bool,
+) -> Vec<(String, StatusCode, Value)> {
+    cluster.coordinators[0].pause();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let key = format!("{prefix}{i}");
+            let url = gw.url();
+            tokio::spawn(async move {
+                let idem = format!("idem-{key}");
+                let headers: Vec<(&str, &str)> = if idempotent {
+                    vec![("idempotency-key", idem.as_str())]
+                } else {
+                    vec![]
+                };
+                let (s, b) = http(
+                    reqwest::Method::POST,
+                    &format!("{url}/v1/key-value"),
+                    "acme",
+                    &headers,
+                    Some(&json!({"key": key, "value": i})),
+                )
+                .await;
+                (key, s, b)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cluster.coordinators[0].kill9();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_lost_after_it_was_sent_is_never_sent_twice() {
+    let _serial = SERIAL.lock().await;
+    let Some(mut cluster) = shared_cluster("a_call_lost_after_it_was_sent_is_never_sent_twice")
+    else {
+        return;
+    };
+    let mut c = cluster.coordinators[1].client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    let refs: Vec<&RoleProcess> = cluster.coordinators.iter().collect();
+    let gw = RoleProcess::gateway("gw", &refs, &["--auth=none"], &[], cluster.dir.path());
+    // Open the gateway's streams to both coordinators.
+    for i in 0..6 {
+        let (s, b) = put_http(
+            &gw,
+            "acme",
+            json!({"key": format!("warm{i}"), "value": i}),
+            &[],
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+
+    // Without an Idempotency-Key: OUTCOME_UNKNOWN, and the write is not sent elsewhere (c1 hung
+    // before it could run it, so nothing may be stored).
+    let answers = writes_lost_on_c1(&mut cluster, &gw, "plain", false).await;
+    let unknown: Vec<&String> = answers
+        .iter()
+        .filter(|(_, s, b)| {
+            *s == StatusCode::SERVICE_UNAVAILABLE && b["error_code"] == "OUTCOME_UNKNOWN"
+        })
+        .map(|(k, _, _)| k)
+        .collect();
+    for (key, s, b) in &answers {
+        assert!(
+            *s == StatusCode::OK || unknown.contains(&key),
+            "{key}: {s} {b}"
+        );
+    }
+    assert!(
+        !unknown.is_empty(),
+        "no call went to the hung coordinator: {answers:?}"
+    );
+    for key in &unknown {
+        let (s, b) = get_http(&gw, "acme", key).await;
+        assert_eq!(
+            s,
+            StatusCode::NOT_FOUND,
+            "{key} was sent a second time: {b}"
+        );
+    }
+
+    // With an Idempotency-Key the lost calls go to c2 (same Redis) and are written once.
+    cluster.coordinators[0].restart();
+    for i in 0..6 {
+        let (s, b) = put_http(
+            &gw,
+            "acme",
+            json!({"key": format!("rewarm{i}"), "value": i}),
+            &[],
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answers = writes_lost_on_c1(&mut cluster, &gw, "idem", true).await;
+    for (key, s, b) in &answers {
+        assert_eq!(*s, StatusCode::OK, "{key}: {b}");
+        assert_eq!(b["is_duplicate"], false, "{key}: {b}");
+        let idem = format!("idem-{key}");
+        let value: u64 = key.trim_start_matches("idem").parse().expect("index");
+        let (s, again) = put_http(
+            &gw,
+            "acme",
+            json!({"key": key, "value": value}),
+            &[("idempotency-key", idem.as_str())],
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{again}");
+        assert_eq!(
+            again["is_duplicate"], true,
+            "{key} was written twice: {again}"
+        );
+        assert_eq!(again["vector_clock"], b["vector_clock"], "{key}");
+        let (s, read) = get_http(&gw, "acme", key).await;
+        assert_eq!(
+            (s, &read["vector_clock"]),
+            (StatusCode::OK, &b["vector_clock"]),
+            "{key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_idempotent_requests_racing_on_two_coordinators_write_once() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) =
+        shared_cluster("identical_idempotent_requests_racing_on_two_coordinators_write_once")
+    else {
+        return;
+    };
+    let mut a = cluster.coordinators[0].client().await;
+    let b = cluster.coordinators[1].client().await;
+    wait_all_active(&a, 3).await;
+    create_tenant(&mut a, "acme", 3).await;
+    for i in 0..20 {
+        let key = format!("race{i}");
+        let idem = format!("req-{i}");
+        let (mut x, mut y) = (a.clone(), b.clone());
+        let (k1, k2, i1, i2) = (key.clone(), key.clone(), idem.clone(), idem.clone());
+        let first = tokio::spawn(async move {
+            put_idem(&mut x, "acme", &k1, "1", Consistency::Quorum, &i1).await
+        });
+        let second = tokio::spawn(async move {
+            put_idem(&mut y, "acme", &k2, "1", Consistency::Quorum, &i2).await
+        });
+        let first = first.await.expect("task").expect("write");
+        let second = second.await.expect("task").expect("write");
+        assert_eq!(
+            [first.is_duplicate, second.is_duplicate]
+                .iter()
+                .filter(|d| !**d)
+                .count(),
+            1,
+            "{key}: exactly one of the two may write ({first:?} / {second:?})"
+        );
+        assert_eq!(first.version, second.version, "{key}");
+        // The same idempotency key with another value (or a context) is a conflict.
+        let mut other = a.clone();
+        let conflict = put_idem(&mut other, "acme", &key, "2", Consistency::Quorum, &idem).await;
+        assert!(
+            conflict.is_err(),
+            "{key}: another value under the same key must conflict"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stores_every_queued_hint() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(3, dir.path());
+    let meta = sqlite_url(dir.path());
+    let mut c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &[], dir.path());
+    let mut c: Client = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    // The clock reserves its high-water mark now, before the store is locked.
+    put(&mut c, "acme", "first", "0", Consistency::Quorum)
+        .await
+        .expect("put");
+    storage[2].kill9();
+
+    // Lock the metadata store: hints cannot be stored and queue up in the coordinator.
+    let db = dir.path().join("meta.db");
+    let mut lock = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        db.display()
+    ))
+    .await
+    .expect("open the metadata store");
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .expect("lock");
+
+    const WRITES: usize = 10_000;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let mut client = c.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (w..WRITES).step_by(32) {
+                put(
+                    &mut client,
+                    "acme",
+                    &format!("k{i}"),
+                    "1",
+                    Consistency::Quorum,
+                )
+                .await
+                .expect("write");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    drop(c);
+    eprintln!("{WRITES} writes with s3 dead in {:?}", started.elapsed());
+
+    // SIGTERM while the hints are queued; the store comes back a second later.
+    let stopping = tokio::task::spawn_blocking(move || {
+        let status = c1.terminate();
+        (c1, status)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::query("COMMIT")
+        .execute(&mut lock)
+        .await
+        .expect("unlock");
+    drop(lock);
+    let (c1, status) = stopping.await.expect("stop");
+    assert!(status.success(), "coordinator exit: {status}");
+    let log = std::fs::read_to_string(&c1.log).unwrap_or_default();
+    assert!(log.contains("hint queue drained"), "{log}");
+
+    let store = SqlMetadataStore::connect(&meta)
+        .await
+        .expect("metadata store");
+    let held: u64 = store
+        .hint_counts()
+        .await
+        .expect("hint counts")
+        .into_iter()
+        .filter(|(target, _)| target == "s3")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(held as usize, WRITES, "hints lost by the orderly stop");
+}
