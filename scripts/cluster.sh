@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real multi-process pairdb cluster on loopback: 3 storage nodes (gossiping, fsync'd commit
-# logs), 1 coordinator, 1 gateway, each its own `pairdb` process.
+# logs), COORDINATORS coordinators (1), 1 gateway in front of them, each its own `pairdb`
+# process.
 #
 #   scripts/cluster.sh start      # build (release) if needed, start, wait until ready
 #   scripts/cluster.sh status     # which processes run, /readyz of each
@@ -10,7 +11,10 @@
 #   CLUSTER_DIR (.pairdb-cluster)  data, logs and pid files
 #   PAIRDB_BIN (target/release/pairdb; built when missing)
 #   GATEWAY_ADDR (127.0.0.1:8080)  the public HTTP API
-#   BASE_PORT (7100)               storage gRPC BASE+1..3, coordinator BASE+101, gossip BASE+201..203
+#   BASE_PORT (7100)               storage gRPC BASE+1..3, coordinators BASE+101.., gossip BASE+201..203
+#   COORDINATORS (1)               coordinators c1..cN (1..=9), sharing METADATA_URL and
+#                                  IDEMPOTENCY_URL; give IDEMPOTENCY_URL=redis://... so a retry
+#                                  through another coordinator finds the first one's key
 #   AUTH (none)                    none | token (then set PAIRDB_GATEWAY_AUTH_SECRET)
 #   METADATA_URL (sqlite://$CLUSTER_DIR/metadata.db)  or postgres://...
 #   IDEMPOTENCY_URL (memory://)    or redis://...
@@ -31,7 +35,9 @@ READ_RATE_LIMIT="${READ_RATE_LIMIT:-10000}"
 
 storage_port() { echo $((BASE + $1)); }
 gossip_port() { echo $((BASE + 200 + $1)); }
-coordinator_port() { echo $((BASE + 101)); }
+COORDINATORS="${COORDINATORS:-1}"
+case "$COORDINATORS" in [1-9]) ;; *) echo "COORDINATORS must be 1..9" >&2; exit 2 ;; esac
+coordinator_port() { echo $((BASE + 100 + ${1:-1})); }
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -66,7 +72,9 @@ start() {
   fi
   # Another cluster on these ports would answer the readiness checks in place of ours.
   local port addrs=("$GATEWAY_ADDR")
-  for port in "$(storage_port 1)" "$(storage_port 2)" "$(storage_port 3)" "$(coordinator_port)"; do
+  local coordinator_ports=() c
+  for c in $(seq 1 "$COORDINATORS"); do coordinator_ports+=("$(coordinator_port "$c")"); done
+  for port in "$(storage_port 1)" "$(storage_port 2)" "$(storage_port 3)" "${coordinator_ports[@]}"; do
     addrs+=("127.0.0.1:$port" "127.0.0.1:$((port + 1000))") # gRPC and its HTTP
   done
   for port in "${addrs[@]}"; do
@@ -89,11 +97,15 @@ start() {
       --data-dir="$abs/s$i" --gossip="127.0.0.1:$(gossip_port "$i")" --seeds="$others" --sync="$SYNC"
   done
   for i in 1 2 3; do wait_http "http://127.0.0.1:$(( $(storage_port "$i") + 1000 ))/healthz" "s$i"; done
-  launch c1 --role=coordinator --node-id=c1 --listen="127.0.0.1:$(coordinator_port)" \
-    --metadata-url="$metadata" --idempotency-url="$IDEMPOTENCY_URL" \
-    --storage-nodes="$(IFS=,; echo "${nodes[*]}")"
-  wait_http "http://127.0.0.1:$(( $(coordinator_port) + 1000 ))/readyz" c1
-  launch gw --role=gateway --listen="$GATEWAY_ADDR" --coordinators="127.0.0.1:$(coordinator_port)" \
+  local coordinators=()
+  for c in $(seq 1 "$COORDINATORS"); do
+    launch "c$c" --role=coordinator --node-id="c$c" --listen="127.0.0.1:$(coordinator_port "$c")" \
+      --metadata-url="$metadata" --idempotency-url="$IDEMPOTENCY_URL" \
+      --storage-nodes="$(IFS=,; echo "${nodes[*]}")"
+    wait_http "http://127.0.0.1:$(( $(coordinator_port "$c") + 1000 ))/readyz" "c$c"
+    coordinators+=("127.0.0.1:$(coordinator_port "$c")")
+  done
+  launch gw --role=gateway --listen="$GATEWAY_ADDR" --coordinators="$(IFS=,; echo "${coordinators[*]}")" \
     --auth="$AUTH" --write-rate-limit="$WRITE_RATE_LIMIT" --read-rate-limit="$READ_RATE_LIMIT"
   wait_http "http://$GATEWAY_ADDR/readyz" gw
   echo "cluster ready: http://$GATEWAY_ADDR  (data and logs in $DIR)"

@@ -1,5 +1,6 @@
 //! `scripts/cluster.sh start|status|stop` brings up a real multi-process cluster (3 storage
-//! nodes, a coordinator, a gateway) that serves the API, reports itself, and stops every process.
+//! nodes, two coordinators with `COORDINATORS=2`, a gateway in front of both) that serves the
+//! API, reports itself, and stops every process.
 
 mod common;
 
@@ -8,15 +9,15 @@ use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
-/// A base port B with every port the script derives from it free (TCP B+1..3, B+101,
-/// B+1001..1003, B+1101; UDP B+201..203).
+/// A base port B with every port the script derives from it free (TCP B+1..3, B+101..102,
+/// B+1001..1003, B+1101..1102; UDP B+201..203).
 fn free_base() -> u16 {
     for _ in 0..500 {
         let base = common::free_tcp_port();
         if base > 60000 {
             continue;
         }
-        let tcp = [1, 2, 3, 101, 1001, 1002, 1003, 1101];
+        let tcp = [1, 2, 3, 101, 102, 1001, 1002, 1003, 1101, 1102];
         let udp = [201, 202, 203];
         if tcp
             .iter()
@@ -41,6 +42,7 @@ fn script(dir: &std::path::Path, base: u16, gateway: &str, action: &str) -> Outp
         .env("PAIRDB_BIN", env!("CARGO_BIN_EXE_pairdb"))
         .env("BASE_PORT", base.to_string())
         .env("GATEWAY_ADDR", gateway)
+        .env("COORDINATORS", "2")
         .output()
         .expect("run scripts/cluster.sh")
 }
@@ -79,7 +81,7 @@ async fn cluster_script_starts_serves_and_stops_a_cluster() {
     }
     let status = script(dir.path(), base, &gateway, "status");
     let report = text(&status);
-    for name in ["s1", "s2", "s3", "c1", "gw"] {
+    for name in ["s1", "s2", "s3", "c1", "c2", "gw"] {
         assert!(report.contains(&format!("{name}: running")), "{report}");
     }
     assert!(report.contains("ready"), "{report}");
@@ -117,6 +119,33 @@ async fn cluster_script_starts_serves_and_stops_a_cluster() {
         .await
         .expect("json");
     assert_eq!(read["value"], json!([1, 2]));
+    // Both coordinators serve: the gateway spreads calls over them, and each one's own
+    // metrics count the writes it coordinated.
+    for i in 0..6 {
+        let answer = client
+            .post(format!("{url}/v1/key-value"))
+            .header("X-Tenant-ID", "demo")
+            .json(&json!({"key": format!("spread{i}"), "value": i}))
+            .send()
+            .await
+            .expect("put");
+        assert_eq!(answer.status(), 200);
+    }
+    for c in 1..=2u16 {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", base + 1100 + c))
+            .await
+            .expect("coordinator metrics")
+            .text()
+            .await
+            .expect("text");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("pairdb_coordinator_requests_total")
+                    && l.contains("op=\"write\"")),
+            "coordinator c{c} served no write"
+        );
+    }
 
     // A second cluster on the same ports must fail to start, not pass the readiness checks
     // on the first one's answers.
@@ -134,10 +163,10 @@ async fn cluster_script_starts_serves_and_stops_a_cluster() {
             .split_whitespace()
             .map(|p| p.parse().expect("pid"))
             .collect();
-    assert_eq!(pids.len(), 5);
+    assert_eq!(pids.len(), 6);
     let stopped = stop();
     assert!(
-        text(&stopped).contains("stopped 5 processes"),
+        text(&stopped).contains("stopped 6 processes"),
         "{}",
         text(&stopped)
     );

@@ -122,6 +122,16 @@ async fn a_huge_context_is_refused_and_harms_no_one() {
             .expect("poison a replica");
     }
 
+    // Storage nodes store such a version but log and count it.
+    let metrics = common::http_get(storage[0].http, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pairdb_storage_versions_far_ahead_total")
+                && l.contains("BATCH_SOURCE_REPAIR")),
+        "{metrics}"
+    );
+
     // The request that used to break the coordinator for everyone: 400 naming the field...
     for huge in [i64::MAX as u64, poison] {
         let (s, b) = put_http(
@@ -156,6 +166,14 @@ async fn a_huge_context_is_refused_and_harms_no_one() {
     let (s, read) = get_http(&gw, "acme", "poisoned").await;
     assert_eq!(s, StatusCode::OK, "{read}");
     assert_eq!(counter(&read["vector_clock"], "z"), poison);
+    // The coordinator saw the far-ahead version in the read answers and did not adopt it.
+    let metrics = common::http_get(c1.http, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pairdb_clock_far_ahead_total") && l.contains("replica")),
+        "{metrics}"
+    );
     let (s, b) = put_http(
         &gw,
         "acme",
@@ -574,4 +592,82 @@ async fn sigterm_stores_every_queued_hint() {
         .map(|(_, n)| n)
         .sum();
     assert_eq!(held as usize, WRITES, "hints lost by the orderly stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_that_cannot_be_stored_become_repair_markers_on_the_other_replicas() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(3, dir.path());
+    let meta = sqlite_url(dir.path());
+    let mut c1 = RoleProcess::coordinator(
+        "c1",
+        &meta,
+        "memory://",
+        &storage,
+        &[("PAIRDB_COORDINATOR_SHUTDOWN_DRAIN_TIMEOUT_MS", "4000")],
+        dir.path(),
+    );
+    let mut c: Client = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    put(&mut c, "acme", "first", "0", Consistency::Quorum)
+        .await
+        .expect("put");
+    storage[2].kill9();
+
+    // The metadata store stays locked through the whole stop: no hint can be stored.
+    let db = dir.path().join("meta.db");
+    let mut lock = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        db.display()
+    ))
+    .await
+    .expect("open the metadata store");
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .expect("lock");
+    const WRITES: usize = 1_000;
+    for i in 0..WRITES {
+        put(&mut c, "acme", &format!("m{i}"), "1", Consistency::Quorum)
+            .await
+            .expect("write");
+    }
+    drop(c);
+    let status = tokio::task::spawn_blocking(move || c1.terminate())
+        .await
+        .expect("stop");
+    assert!(status.success(), "coordinator exit: {status}");
+
+    // Every missed write is marked, durably, on both replicas that hold it.
+    for node in &storage[..2] {
+        let metrics = common::http_get(node.http, "/metrics").await;
+        let pending = metrics
+            .lines()
+            .find(|l| l.starts_with("pairdb_repair_markers_pending "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok());
+        assert_eq!(pending, Some(WRITES as f64), "{}: {metrics}", node.id);
+    }
+    drop(lock);
+    // The markers survive a restart of the node, and name what was missed.
+    storage[0].kill9();
+    storage[0].restart();
+    let metrics = common::http_get(storage[0].http, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("pairdb_repair_markers_pending {WRITES}")),
+        "{metrics}"
+    );
+    let log = pairdb::storage::repair_markers::RepairMarkerLog::open(&storage[1].dir)
+        .expect("open markers");
+    let markers = log.read_all().expect("read markers");
+    assert_eq!(markers.len(), WRITES);
+    assert!(
+        markers
+            .iter()
+            .all(|m| m.missed_node == "s3" && m.tenant_id == "acme" && m.version.is_some())
+    );
 }

@@ -6,8 +6,14 @@
 //!   until it is stored or the writer is drained past its deadline.
 //! - [`HintWriter::drain`] (SIGTERM): waits for the write path's stragglers (replica calls still
 //!   running after a reply, which may still produce hints) and for every queued hint to be
-//!   stored, up to a deadline; what could not be stored by then is counted
-//!   (`pairdb_hints_dropped_total{reason="shutdown"}`) and logged.
+//!   stored, up to a deadline.
+//! - A hint that cannot be kept (the queue is full, the store refused its batch to the end, or
+//!   the drain ran out of time to store it) becomes a repair marker on the key's other replicas
+//!   (`RecordRepairMarkers`, fsynced there), which survive this coordinator; anti-entropy
+//!   repairs those keys first. Counted: `pairdb_hints_dropped_total{reason}` for hints not
+//!   stored, `pairdb_repair_markers_recorded_total` for markers recorded, and
+//!   `pairdb_hints_lost_total` for misses neither stored nor marked (no other replica took the
+//!   marker), which only a full anti-entropy pass finds.
 //! - [`spawn_replay`]: every interval, for each target with hints: hints past the max window or
 //!   the max attempts are dropped (counted: those keys need repair); the rest are delivered in
 //!   batches (`WriteBatch` with source HINT) to targets the ring knows and gossip does not
@@ -31,6 +37,8 @@ use tokio_util::task::TaskTracker;
 use crate::meta::{Hint, MetaError, MetadataStore};
 use crate::rpc::storage as pb;
 
+use crate::ring::NodeId;
+
 use super::ring_view::RingView;
 use super::storage_pool::StoragePool;
 
@@ -46,9 +54,22 @@ fn now_ms() -> i64 {
 /// What the writer task takes: a hint, or a barrier answered once every hint queued before
 /// it was stored (or given up).
 enum Queued {
-    Hint(Hint),
+    /// A hint and the other replicas of its key (where a marker goes if it cannot be stored).
+    Hint(Hint, Vec<String>),
     Barrier(oneshot::Sender<()>),
 }
+
+/// Where repair markers for hints that cannot be kept are recorded.
+#[derive(Clone)]
+pub struct MarkerSink {
+    pub pool: Arc<StoragePool>,
+    pub ring: Arc<RingView>,
+    /// Bound of one `RecordRepairMarkers` call.
+    pub timeout: Duration,
+}
+
+/// Share of the drain timeout kept for recording markers after storing gave up.
+const MARKER_SHARE: u32 = 4;
 
 /// First wait before storing a refused batch again; doubled up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -60,6 +81,7 @@ const STORE_ATTEMPTS: u32 = 5;
 #[derive(Clone)]
 pub struct HintWriter {
     sender: Option<mpsc::Sender<Queued>>,
+    markers: Option<MarkerSink>,
     /// Background work of the write path that may still produce hints.
     stragglers: TaskTracker,
     /// Set by [`HintWriter::drain`]: refused batches are retried until this deadline.
@@ -76,30 +98,39 @@ pub struct Drained {
 impl HintWriter {
     /// A writer that drops nothing it is given: hints go to `store` in batches. `None` when
     /// hints are disabled: [`HintWriter::hint`] then only counts the missed write.
-    pub fn start(store: Option<Arc<dyn MetadataStore>>) -> HintWriter {
+    /// `markers`: where hints that cannot be kept are recorded instead (`None`: they are only
+    /// counted).
+    pub fn start(store: Option<Arc<dyn MetadataStore>>, markers: Option<MarkerSink>) -> HintWriter {
         let drain_deadline: Arc<parking_lot::Mutex<Option<Instant>>> = Arc::default();
         let Some(store) = store else {
             return HintWriter {
                 sender: None,
+                markers: None,
                 stragglers: TaskTracker::new(),
                 drain_deadline,
             };
         };
         let (sender, mut receiver) = mpsc::channel::<Queued>(QUEUE);
         let deadline = drain_deadline.clone();
+        let sink = markers.clone();
         tokio::spawn(async move {
             let mut queued = Vec::with_capacity(BATCH);
             while receiver.recv_many(&mut queued, BATCH).await > 0 {
                 let mut batch = Vec::with_capacity(queued.len());
+                let mut holders = Vec::with_capacity(queued.len());
                 let mut barriers = Vec::new();
                 for item in queued.drain(..) {
                     match item {
-                        Queued::Hint(hint) => batch.push(hint),
+                        Queued::Hint(hint, others) => {
+                            batch.push(hint);
+                            holders.push(others);
+                        }
                         Queued::Barrier(done) => barriers.push(done),
                     }
                 }
-                if !batch.is_empty() {
-                    store_batch(&*store, &batch, &deadline).await;
+                if !batch.is_empty() && !store_batch(&*store, &batch, &deadline).await {
+                    let unkept: Vec<_> = batch.into_iter().zip(holders).collect();
+                    record_markers(sink.as_ref(), &unkept).await;
                 }
                 for done in barriers {
                     let _ = done.send(());
@@ -108,17 +139,24 @@ impl HintWriter {
         });
         HintWriter {
             sender: Some(sender),
+            markers,
             stragglers: TaskTracker::new(),
             drain_deadline,
         }
     }
 
-    /// Records that `target` missed `record`.
-    pub fn hint(&self, target: &str, record: &pb::Record) {
+    /// Records that `target` missed `record`; `replicas` are the key's write replicas (the
+    /// others get a repair marker if the hint cannot be kept).
+    pub fn hint(&self, target: &str, record: &pb::Record, replicas: &[NodeId]) {
         metrics::counter!("pairdb_replica_misses_total").increment(1);
         let Some(sender) = &self.sender else {
             return;
         };
+        let others: Vec<String> = replicas
+            .iter()
+            .filter(|r| r.as_str() != target)
+            .map(|r| r.as_str().to_owned())
+            .collect();
         let hint = Hint {
             id: 0,
             target_node: target.to_owned(),
@@ -127,9 +165,15 @@ impl HintWriter {
             created_at_ms: now_ms(),
             attempts: 0,
         };
-        if sender.try_send(Queued::Hint(hint)).is_err() {
-            tracing::error!(target, tenant = %record.tenant_id, "hint queue full; dropping a hint: the key needs repair");
+        if let Err(full) = sender.try_send(Queued::Hint(hint, others)) {
+            tracing::warn!(target, tenant = %record.tenant_id, "hint queue full; recording a repair marker instead");
             metrics::counter!("pairdb_hints_dropped_total", "reason" => "queue_full").increment(1);
+            if let Queued::Hint(hint, others) = full.into_inner() {
+                let sink = self.markers.clone();
+                self.stragglers.spawn(async move {
+                    record_markers(sink.as_ref(), &[(hint, others)]).await;
+                });
+            }
         }
     }
 
@@ -153,7 +197,8 @@ impl HintWriter {
     /// `timeout`. Call once the server stopped taking requests.
     pub async fn drain(&self, timeout: Duration) -> Drained {
         let deadline = Instant::now() + timeout;
-        *self.drain_deadline.lock() = Some(deadline);
+        // Storing gives up early enough to leave time for markers of what it could not store.
+        *self.drain_deadline.lock() = Some(deadline - timeout / MARKER_SHARE);
         self.stragglers.close();
         let _ = tokio::time::timeout_at(deadline, self.stragglers.wait()).await;
         let Some(sender) = &self.sender else {
@@ -186,19 +231,40 @@ impl HintWriter {
 }
 
 /// Stores one batch, trying again with backoff while the store refuses it: up to
-/// [`STORE_ATTEMPTS`] times, or until the drain deadline once draining.
+/// [`STORE_ATTEMPTS`] times, or until the drain deadline once draining (an attempt still
+/// running then is abandoned; one that lands anyway only duplicates hints, which replay
+/// tolerates). False when it gave up.
 async fn store_batch(
     store: &dyn MetadataStore,
     batch: &[Hint],
     drain_deadline: &parking_lot::Mutex<Option<Instant>>,
-) {
+) -> bool {
+    let past_deadline = || drain_deadline.lock().is_some_and(|d| Instant::now() >= d);
     let mut wait = RETRY_FIRST;
     let mut attempt = 1;
     loop {
-        match store.store_hints(batch).await {
+        let result = if past_deadline() {
+            Err(MetaError::Unavailable(
+                "the drain deadline passed".to_owned(),
+            ))
+        } else {
+            let mut call = std::pin::pin!(store.store_hints(batch));
+            loop {
+                match tokio::time::timeout(DEADLINE_CHECK, &mut call).await {
+                    Ok(result) => break result,
+                    Err(_) if past_deadline() => {
+                        break Err(MetaError::Unavailable(
+                            "the drain deadline passed while storing".to_owned(),
+                        ));
+                    }
+                    Err(_) => {}
+                }
+            }
+        };
+        match result {
             Ok(()) => {
                 metrics::counter!("pairdb_hints_stored_total").increment(batch.len() as u64);
-                return;
+                return true;
             }
             Err(e) => {
                 let draining = *drain_deadline.lock();
@@ -207,10 +273,10 @@ async fn store_batch(
                     None => attempt >= STORE_ATTEMPTS,
                 };
                 if give_up {
-                    tracing::error!(error = %e, hints = batch.len(), "cannot store hints; those replicas need repair");
+                    tracing::error!(error = %e, hints = batch.len(), "cannot store hints; recording repair markers instead");
                     metrics::counter!("pairdb_hints_dropped_total", "reason" => "store_failed")
                         .increment(batch.len() as u64);
-                    return;
+                    return false;
                 }
                 tracing::warn!(error = %e, hints = batch.len(), attempt, "storing hints failed; trying again");
                 tokio::time::sleep(wait).await;
@@ -218,6 +284,78 @@ async fn store_batch(
                 attempt += 1;
             }
         }
+    }
+}
+
+/// How often a store call that has not finished checks the drain deadline.
+const DEADLINE_CHECK: Duration = Duration::from_millis(100);
+
+/// Records a repair marker for each hint on the other replicas of its key (grouped per node,
+/// one call each). A hint no other replica took a marker for is counted as lost.
+async fn record_markers(sink: Option<&MarkerSink>, unkept: &[(Hint, Vec<String>)]) {
+    let mut per_node: std::collections::BTreeMap<&str, Vec<pb::RepairMarker>> = Default::default();
+    for (hint, others) in unkept {
+        let Ok(record) = pb::Record::decode(hint.record.as_slice()) else {
+            continue;
+        };
+        let marker = pb::RepairMarker {
+            tenant_id: record.tenant_id,
+            key: record.key,
+            missed_node: hint.target_node.clone(),
+            version: record.version,
+        };
+        for node in others {
+            per_node
+                .entry(node.as_str())
+                .or_default()
+                .push(marker.clone());
+        }
+    }
+    let mut marked: std::collections::HashSet<(String, Vec<u8>, String)> = Default::default();
+    if let Some(sink) = sink {
+        let snapshot = sink.ring.snapshot();
+        for (node, markers) in per_node {
+            let Some(address) = snapshot.address(node) else {
+                continue;
+            };
+            let Ok(mut client) = sink.pool.client(node, address) else {
+                continue;
+            };
+            let call = client.record_repair_markers(pb::RepairMarkersRequest {
+                markers: markers.clone(),
+            });
+            match tokio::time::timeout(sink.timeout, call).await {
+                Ok(Ok(_)) => {
+                    metrics::counter!("pairdb_repair_markers_recorded_total")
+                        .increment(markers.len() as u64);
+                    marked.extend(
+                        markers
+                            .into_iter()
+                            .map(|m| (m.tenant_id, m.key, m.missed_node)),
+                    );
+                }
+                Ok(Err(status)) => {
+                    tracing::warn!(node, error = %status.message(), "repair markers refused")
+                }
+                Err(_) => tracing::warn!(node, "repair markers timed out"),
+            }
+        }
+    }
+    let lost = unkept
+        .iter()
+        .filter(|(hint, _)| {
+            let key = pb::Record::decode(hint.record.as_slice())
+                .map(|r| r.key)
+                .unwrap_or_default();
+            !marked.contains(&(hint.tenant_id.clone(), key, hint.target_node.clone()))
+        })
+        .count();
+    if lost > 0 {
+        tracing::error!(
+            lost,
+            "missed writes neither hinted nor marked; only a full repair finds them"
+        );
+        metrics::counter!("pairdb_hints_lost_total").increment(lost as u64);
     }
 }
 

@@ -126,9 +126,10 @@ impl Coordinator {
             ring_hash: 0,
         };
         let mut calls = Vec::new();
-        for node in plan.write_replicas() {
+        let replicas = plan.write_replicas();
+        for node in replicas.iter().cloned() {
             if self.ring.is_down(node.as_str()) {
-                self.hints.hint(node.as_str(), &record);
+                self.hints.hint(node.as_str(), &record, &replicas);
                 continue;
             }
             calls.push(ReplicaCall {
@@ -145,7 +146,7 @@ impl Coordinator {
         let deadline = Instant::now() + self.options.request_timeout;
         let run = quorum::run(calls, required, deadline).await;
         metrics::histogram!("pairdb_replica_acks", "op" => "write").record(run.acks as f64);
-        self.hint_misses(&record, &run.results);
+        self.hint_misses(&record, &run.results, &replicas);
         if run.reached() {
             let beaten_by = self.winner_over(&version, &run.results);
             let acks = run.acks;
@@ -154,7 +155,7 @@ impl Coordinator {
             if !stragglers.is_empty() {
                 self.hints.spawn_straggler(async move {
                     for miss in missed(&stragglers.finish().await) {
-                        hints.hint(miss.as_str(), &record);
+                        hints.hint(miss.as_str(), &record, &replicas);
                     }
                 });
             }
@@ -168,7 +169,7 @@ impl Coordinator {
             });
         }
         let late = run.stragglers.finish().await;
-        self.hint_misses(&record, &late);
+        self.hint_misses(&record, &late, &replicas);
         let results: Vec<_> = run.results.iter().chain(late.iter()).collect();
         let received = results
             .iter()
@@ -199,9 +200,9 @@ impl Coordinator {
         winner.cloned()
     }
 
-    fn hint_misses(&self, record: &pb::Record, results: &[WriteResult]) {
+    fn hint_misses(&self, record: &pb::Record, results: &[WriteResult], replicas: &[NodeId]) {
         for miss in missed(results) {
-            self.hints.hint(miss.as_str(), record);
+            self.hints.hint(miss.as_str(), record, replicas);
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, CoordinatorConfig};
 use crate::coordinator::clock::CoordinatorClock;
-use crate::coordinator::hints::{self, HintWriter, ReplayLimits};
+use crate::coordinator::hints::{self, HintWriter, MarkerSink, ReplayLimits};
 use crate::coordinator::membership::Membership;
 use crate::coordinator::repair::RepairQueue;
 use crate::coordinator::ring_view::RingView;
@@ -145,7 +145,14 @@ pub async fn start(
         },
         pending_rf: Default::default(),
         reads_served: std::sync::atomic::AtomicU64::new(0),
-        hints: HintWriter::start(cfg.hints_enabled.then(|| meta.clone())),
+        hints: HintWriter::start(
+            cfg.hints_enabled.then(|| meta.clone()),
+            Some(MarkerSink {
+                pool: pool.clone(),
+                ring: ring.clone(),
+                timeout,
+            }),
+        ),
         repairs: RepairQueue::start(cfg.read_repair_queue, ring.clone(), pool.clone(), timeout),
         tenants: TenantCache::new(meta.clone(), Duration::from_secs(cfg.tenant_cache_ttl_s)),
         meta,

@@ -13,6 +13,7 @@ use crate::rpc::storage::storage_node_server::StorageNodeServer;
 use crate::storage::datadir;
 use crate::storage::gossip::Gossip;
 use crate::storage::http;
+use crate::storage::repair_markers::RepairMarkerLog;
 use crate::storage::service::StorageService;
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -44,7 +45,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         None => None,
     };
     crate::metrics::handle();
-    let service = StorageService::new(node_id.clone(), engine.clone(), gossip.clone());
+    let markers = Arc::new(RepairMarkerLog::open(&cfg.data_dir).with_context(|| {
+        format!(
+            "cannot open the repair markers in {}",
+            cfg.data_dir.display()
+        )
+    })?);
+    let service = StorageService::new(node_id.clone(), engine.clone(), gossip.clone(), markers);
     tracing::info!(node = %node_id, grpc = %grpc_addr, http = %http_listener.local_addr()?, writes = ?service.write_path(), "storage node serving");
 
     let publisher = gossip.clone().map(|g| {

@@ -7,5 +7,6 @@ pub mod datadir;
 pub mod errors;
 pub mod gossip;
 pub mod http;
+pub mod repair_markers;
 pub mod service;
 pub mod streaming;

@@ -27,6 +27,7 @@ use crate::vclock::Version;
 use super::convert::{record_from_proto, record_to_proto};
 use super::errors::{detail_of, from_engine, internal, invalid};
 use super::gossip::{Gossip, Health};
+use super::repair_markers::RepairMarkerLog;
 use super::streaming::StreamManager;
 
 /// Largest batch a `ScanRange` stream sends at once.
@@ -44,6 +45,8 @@ pub struct StorageService {
     streams: StreamManager,
     gossip: Option<Arc<Gossip>>,
     writes: WritePath,
+    /// Keys other replicas missed without a hint (see `repair_markers`).
+    markers: Arc<RepairMarkerLog>,
 }
 
 /// Where writes (single records and batches) are applied.
@@ -127,7 +130,13 @@ fn observe<T>(
 }
 
 impl StorageService {
-    pub fn new(node_id: String, engine: Arc<Engine>, gossip: Option<Arc<Gossip>>) -> Arc<Self> {
+    pub fn new(
+        node_id: String,
+        engine: Arc<Engine>,
+        gossip: Option<Arc<Gossip>>,
+        markers: Arc<RepairMarkerLog>,
+    ) -> Arc<Self> {
+        metrics::gauge!("pairdb_repair_markers_pending").set(markers.pending() as f64);
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             node_id,
@@ -136,6 +145,7 @@ impl StorageService {
             engine,
             gossip,
             writes: WritePath::for_current_runtime(),
+            markers,
         })
     }
 
@@ -203,6 +213,32 @@ impl StorageService {
         }
     }
 }
+
+/// Versions whose timestamp lies further ahead of this node's clock than any honest
+/// coordinator's can (the coordinators' default `max_clock_skew`) are logged and counted
+/// (`pairdb_storage_versions_far_ahead_total{source}`). They are still stored: a storage node
+/// never refuses a version it may be the only holder of, and it has no clock to protect; the
+/// coordinators refuse to adopt such counters.
+fn count_far_ahead(source: pb::BatchSource, records: &[Record]) {
+    let limit = crate::wallclock::now_ms().saturating_add(FAR_AHEAD_MS);
+    let far = records
+        .iter()
+        .filter(|r| r.version.timestamp_ms() > limit)
+        .count();
+    if far > 0 {
+        let source = source.as_str_name();
+        metrics::counter!("pairdb_storage_versions_far_ahead_total", "source" => source)
+            .increment(far as u64);
+        tracing::warn!(
+            source,
+            records = far,
+            "versions far ahead of this node's clock arrived"
+        );
+    }
+}
+
+/// See [`count_far_ahead`]: the coordinators' default `max_clock_skew`.
+const FAR_AHEAD_MS: u64 = 60_000;
 
 fn outcome_to_proto(o: &ApplyOutcome) -> pb::ApplyOutcome {
     match o {
@@ -322,12 +358,13 @@ impl StorageNode for StorageService {
         req: Request<pb::WriteBatchRequest>,
     ) -> Result<Response<pb::WriteBatchResponse>, Status> {
         let started = Instant::now();
-        let records: Result<Vec<Record>, Status> = req
-            .into_inner()
-            .records
-            .into_iter()
-            .map(record_from_proto)
-            .collect();
+        let req = req.into_inner();
+        let source = req.source();
+        let records: Result<Vec<Record>, Status> =
+            req.records.into_iter().map(record_from_proto).collect();
+        if let Ok(records) = &records {
+            count_far_ahead(source, records);
+        }
         let result = match records {
             Err(e) => Err(e),
             Ok(records) => {
@@ -458,6 +495,30 @@ impl StorageNode for StorageService {
         let engine = self.engine.clone();
         blocking(move || engine.flush()).await?;
         Ok(Response::new(pb::DrainResponse { drained: true }))
+    }
+
+    async fn record_repair_markers(
+        &self,
+        req: Request<pb::RepairMarkersRequest>,
+    ) -> Result<Response<pb::RepairMarkersResponse>, Status> {
+        let started = Instant::now();
+        let markers = req.into_inner().markers;
+        if markers.iter().any(|m| {
+            crate::engine::validate_tenant(&m.tenant_id).is_err()
+                || crate::engine::validate_key(&m.key).is_err()
+                || m.missed_node.is_empty()
+        }) {
+            return Err(invalid("repair marker with a bad tenant, key or node"));
+        }
+        let log = self.markers.clone();
+        let result = blocking(move || {
+            log.append(&markers)
+                .map_err(|e| EngineError::io("append repair markers", e))
+        })
+        .await
+        .map(|pending| Response::new(pb::RepairMarkersResponse { pending }));
+        observe(self, "record_repair_markers", started, &result);
+        result
     }
 
     async fn health_check(
