@@ -82,14 +82,14 @@ pub fn fingerprint(
     value: &[u8],
     context: Option<&VectorClock>,
 ) -> String {
-    let mut bytes = Vec::with_capacity(32 + key.len() + value.len());
-    bytes.push(match operation {
-        Operation::Put => b'P',
-        Operation::Delete => b'D',
+    let mut hash = xxhash_rust::xxh3::Xxh3::new();
+    hash.update(match operation {
+        Operation::Put => b"P",
+        Operation::Delete => b"D",
     });
     let mut part = |b: &[u8]| {
-        bytes.extend_from_slice(&(b.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(b);
+        hash.update(&(b.len() as u64).to_le_bytes());
+        hash.update(b);
     };
     part(key);
     part(value);
@@ -103,7 +103,7 @@ pub fn fingerprint(
             }
         }
     }
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+    format!("{:032x}", hash.digest128())
 }
 
 impl Coordinator {
@@ -176,5 +176,37 @@ impl Coordinator {
             self.idempotency_breaker.trip();
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_covers_the_whole_request() {
+        let ctx = VectorClock::from_entries([("c1", 5)]);
+        let base = fingerprint(Operation::Put, b"k", b"1", None);
+        assert_eq!(base, fingerprint(Operation::Put, b"k", b"1", None));
+        for other in [
+            fingerprint(Operation::Delete, b"k", b"1", None),
+            fingerprint(Operation::Put, b"k2", b"1", None),
+            fingerprint(Operation::Put, b"k", b"2", None),
+            fingerprint(Operation::Put, b"k", b"1", Some(&ctx)),
+            fingerprint(Operation::Put, b"k", b"1", Some(&VectorClock::new())),
+            // Length prefixes: moving a byte from the key to the value is another request.
+            fingerprint(Operation::Put, b"k1", b"", None),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert_ne!(
+            fingerprint(Operation::Put, b"k", b"1", Some(&ctx)),
+            fingerprint(
+                Operation::Put,
+                b"k",
+                b"1",
+                Some(&VectorClock::from_entries([("c1", 6)]))
+            )
+        );
     }
 }

@@ -33,11 +33,11 @@ impl RepairMarkerLog {
     /// Opens (or creates) the log in `dir`, cutting a torn tail.
     pub fn open(dir: &Path) -> std::io::Result<RepairMarkerLog> {
         let path = dir.join(FILE_NAME);
+        // Append mode: every write lands at the end, also after a torn tail was cut.
         let mut file = OpenOptions::new()
             .create(true)
-            .truncate(false)
             .read(true)
-            .write(true)
+            .append(true)
             .open(&path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;

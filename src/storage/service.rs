@@ -362,7 +362,8 @@ impl StorageNode for StorageService {
         let source = req.source();
         let records: Result<Vec<Record>, Status> =
             req.records.into_iter().map(record_from_proto).collect();
-        if let Ok(records) = &records {
+        if let (Ok(records), false) = (&records, source == pb::BatchSource::Client) {
+            // Client batches carry versions coordinators minted within their skew bound.
             count_far_ahead(source, records);
         }
         let result = match records {
@@ -384,7 +385,12 @@ impl StorageNode for StorageService {
                                 .iter()
                                 .map(|o| outcome_to_proto(o) as i32)
                                 .collect(),
-                            stored: outcomes.iter().map(stored_to_proto).collect(),
+                            // Empty when every record was applied (the common case).
+                            stored: if outcomes.iter().all(ApplyOutcome::is_applied) {
+                                Vec::new()
+                            } else {
+                                outcomes.iter().map(stored_to_proto).collect()
+                            },
                         })
                     })
             }
