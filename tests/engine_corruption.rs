@@ -149,8 +149,9 @@ fn corrupt_middle_of_the_log_refuses_to_open_unless_told_to_skip() {
     write_records(base.path());
     let segment = newest_segment(base.path());
     let mut bytes = fs::read(&segment).expect("read");
-    // Inside the first record's payload (magic 8 + header 16).
-    bytes[8 + 16 + 3] ^= 0xff;
+    // Inside the first record's payload (magic 8 + frame header 24); the records after it,
+    // each appended after the one before was synced, show it had been acknowledged.
+    bytes[8 + 24 + 3] ^= 0xff;
     fs::write(&segment, &bytes).expect("write");
     match Engine::open(base.path(), options(false)) {
         Err(EngineError::Corrupted { path, offset, .. }) => {

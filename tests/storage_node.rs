@@ -597,6 +597,50 @@ async fn streaming_survives_a_target_outage() {
     assert_eq!(scan(&mut cb, 0, 0).await.len(), 10_000);
 }
 
+/// The operator's bad day of the crash-consistency issue: a crash right after a new commit-log
+/// segment was created (the file exists, 0 bytes), a restart, and a `kill -9` before anything
+/// was flushed. The node must start again by itself, with every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starts_after_crashing_right_after_creating_a_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = StorageNode::start("s1", dir.path(), None);
+    let base = physical_counter(now_ms());
+    let mut c = node.client().await;
+    for i in 0..10u64 {
+        write(&mut c, put("t", format!("a{i}").as_bytes(), base + i, b"v"))
+            .await
+            .expect("write");
+    }
+    assert_eq!(node.terminate().code(), Some(0));
+    let wal = dir.path().join("wal");
+    let next = std::fs::read_dir(&wal)
+        .expect("wal")
+        .filter_map(|e| {
+            let name = e.expect("entry").file_name();
+            name.to_str()?.strip_suffix(".log")?.parse::<u64>().ok()
+        })
+        .max()
+        .expect("a segment")
+        + 1;
+    std::fs::write(wal.join(format!("{next:020}.log")), b"").expect("an empty segment");
+    node.restart();
+    let mut c = node.client().await;
+    for i in 0..10u64 {
+        write(&mut c, put("t", format!("b{i}").as_bytes(), base + i, b"v"))
+            .await
+            .expect("write");
+    }
+    node.kill9();
+    node.restart();
+    let mut c = node.client().await;
+    for key in (0..10).flat_map(|i| [format!("a{i}"), format!("b{i}")]) {
+        assert!(
+            read(&mut c, "t", key.as_bytes()).await.is_some(),
+            "acknowledged {key} lost"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_commit_log_stops_the_node_unless_the_operator_skips_it() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -617,7 +661,7 @@ async fn a_corrupt_commit_log_stops_the_node_unless_the_operator_skips_it() {
     segments.sort();
     let segment = segments.pop().expect("a segment with records");
     let mut bytes = std::fs::read(&segment).expect("read");
-    bytes[8 + 16 + 2] ^= 0xff; // inside the first record, with good records after it
+    bytes[8 + 24 + 2] ^= 0xff; // inside the first record, with good records after it
     std::fs::write(&segment, &bytes).expect("corrupt");
 
     let refused = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))

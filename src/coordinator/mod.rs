@@ -15,10 +15,12 @@
 //! - [`tenant_cache`], [`clock`] (HLC with a durable high-water mark), [`admin`] (tenants and
 //!   the node list), [`service`] (the gRPC service), [`http`] (health and metrics).
 //!
-//! Invariants: a write is acknowledged only after `required` authoritative replicas applied it;
-//! every replica that missed it gets a hint (when hints are on); a version issued by this
-//! coordinator is above every counter it issued before, across restarts; reads never wait for
-//! repair.
+//! Invariants: a write is acknowledged only after `required` authoritative replicas applied it
+//! (or durably hold a version that beats it); every replica that missed it gets a hint (when
+//! hints are on), or a repair marker on the key's other replicas when the hint cannot be kept;
+//! a version issued by this coordinator is above every counter it issued before, across
+//! restarts, and no counter from outside moves its clock more than `max_clock_skew` ahead;
+//! reads never wait for repair.
 
 pub mod admin;
 pub mod batcher;

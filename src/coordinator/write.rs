@@ -4,6 +4,10 @@
 //! Every replica that failed, timed out or that gossip reports down gets a hint. When the
 //! required acks cannot be had, the answer is QUORUM_NOT_REACHED with the counts, after every
 //! call ended (so the count is what really landed); writes that landed stay.
+//!
+//! Replicas that ignore a write answer with the version they hold; the clock observes it (HLC
+//! receive rule), the response carries the winner, and a blind write beaten by a concurrent
+//! version with a later timestamp is minted again above it ([`MAX_REMINTS`] times at most).
 
 use std::cmp::Ordering;
 

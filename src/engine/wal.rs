@@ -1,9 +1,12 @@
 //! The commit log: append-only segments of CRC32C-framed records, with group commit.
 //!
 //! ```text
-//! segment := magic "PDBWAL01" frame*          file name: {segment_number:020}.log
-//! frame   := payload_len:u32 crc:u32 seq:u64 payload      crc = crc32c(seq_le ++ payload)
+//! segment := magic "PDBWAL02" frame*          file name: {segment_number:020}.log
+//! frame   := payload_len:u32 crc:u32 seq:u64 durable:u64 payload
+//!            crc = crc32c(seq_le ++ durable_le ++ payload)
 //! ```
+//! `durable` is the highest sequence that was synced when the frame was appended. Segments of
+//! the first format (`PDBWAL01`, frames without `durable`) are still read.
 //! Invariants:
 //! - Sequence numbers are assigned in append order, strictly increasing across segments.
 //! - A record is acknowledged only when `synced_seq >= seq` (sync = always): group commit makes
@@ -21,9 +24,23 @@
 //!   sequences start at 1); a sealed or cleanly closed segment is trimmed to its frames.
 //! - After an fsync error the log refuses every further append (the kernel may have dropped the
 //!   dirty pages: retrying fsync would lie).
-//! - Recovery: a bad frame at the end of the newest segment is a torn tail: cut and go on. A bad
-//!   frame followed by a good one, or in an older segment, is corruption: opening fails naming
-//!   the file and offset, unless `skip_corrupt` drops the rest of that segment.
+//! - Recovery follows one rule: what was synced before the last acknowledgement is never lost
+//!   and never skipped; anything after the last sync may be cut. So it accepts every state a
+//!   crash or power loss can leave, and only those:
+//!   - a segment shorter than its magic (a crash while creating it, in any segment, not only
+//!     the newest) holds no record: it is read as empty;
+//!   - zeros from a frame boundary to the end are the unused end of the segment;
+//!   - a bad frame in the newest segment (cut short, zeroed, torn, checksum) is cut together
+//!     with everything after it, as long as no later valid frame claims (by its `durable`)
+//!     that a record at or after the damage had been synced: then the damage lost
+//!     acknowledged records, and opening fails naming the file and offset, unless
+//!     `skip_corrupt` drops the rest of that segment. Unsynced frames may reach the disk in any
+//!     order over the zeroed end (zeros, then later frames): those never claim more than what
+//!     was synced, so they are cut. Limitation: damage to the very last synced frames that no
+//!     later frame vouches for reads like a torn tail.
+//!   - any bad frame in an older segment is corruption (rotation syncs a segment in full
+//!     before the next one takes writes). `PDBWAL01` segments, which carry no `durable`, treat
+//!     any valid frame after the damage as proof of corruption, as before.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -40,8 +57,11 @@ use super::codec::{decode_log_record, encode_log_record};
 use super::error::{EngineError, Result};
 use super::types::Record;
 
-const MAGIC: &[u8; 8] = b"PDBWAL01";
-const FRAME_HEADER: usize = 16;
+const MAGIC: &[u8; 8] = b"PDBWAL02";
+/// The first format: frames without the `durable` field.
+const MAGIC_V1: &[u8; 8] = b"PDBWAL01";
+const FRAME_HEADER: usize = 24;
+const FRAME_HEADER_V1: usize = 16;
 /// Largest payload a frame may claim (a 10 MiB value plus key and clock, with room).
 const MAX_PAYLOAD: usize = 11 * 1024 * 1024;
 /// Buffered bytes past which an append writes them to the file even without a sync.
@@ -145,26 +165,61 @@ enum ScanEnd {
     },
 }
 
+/// A segment's frame format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// `PDBWAL01`: no `durable` field.
+    V1,
+    V2,
+}
+
+impl Format {
+    fn header(self) -> usize {
+        match self {
+            Format::V1 => FRAME_HEADER_V1,
+            Format::V2 => FRAME_HEADER,
+        }
+    }
+}
+
+/// One valid frame.
+struct Frame<'a> {
+    seq: u64,
+    /// What was synced when it was appended (`None` in the first format).
+    durable: Option<u64>,
+    payload: &'a [u8],
+    /// Offset of the next frame.
+    next: usize,
+}
+
+fn le_u64(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(b)
+}
+
+fn le_u32(bytes: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[..4]);
+    u32::from_le_bytes(b)
+}
+
 /// Parses the frame at `pos`; `Err` says why it is bad.
 /// With `min_seq`, frames whose sequence is below it are rejected before the checksum is
 /// computed (a cheap filter when probing arbitrary offsets).
 fn parse_frame(
     data: &[u8],
     pos: usize,
+    format: Format,
     min_seq: Option<u64>,
-) -> std::result::Result<(u64, &[u8], usize), String> {
+) -> std::result::Result<Frame<'_>, String> {
+    let header_len = format.header();
     let header = data
-        .get(pos..pos + FRAME_HEADER)
+        .get(pos..pos + header_len)
         .ok_or_else(|| "frame header cut short".to_owned())?;
-    let mut len_bytes = [0u8; 4];
-    len_bytes.copy_from_slice(&header[0..4]);
-    let len = u32::from_le_bytes(len_bytes) as usize;
-    let mut crc_bytes = [0u8; 4];
-    crc_bytes.copy_from_slice(&header[4..8]);
-    let crc = u32::from_le_bytes(crc_bytes);
-    let mut seq_bytes = [0u8; 8];
-    seq_bytes.copy_from_slice(&header[8..16]);
-    let seq = u64::from_le_bytes(seq_bytes);
+    let len = le_u32(&header[0..4]) as usize;
+    let crc = le_u32(&header[4..8]);
+    let seq = le_u64(&header[8..16]);
     if len > MAX_PAYLOAD {
         return Err(format!("frame claims {len} bytes"));
     }
@@ -175,13 +230,19 @@ fn parse_frame(
         }
     }
     let payload = data
-        .get(pos + FRAME_HEADER..pos + FRAME_HEADER + len)
+        .get(pos + header_len..pos + header_len + len)
         .ok_or_else(|| "frame payload cut short".to_owned())?;
-    let actual = crc32c::crc32c_append(crc32c::crc32c(&seq_bytes), payload);
+    // The checksum covers everything in the header after itself, then the payload.
+    let actual = crc32c::crc32c_append(crc32c::crc32c(&header[8..header_len]), payload);
     if actual != crc {
         return Err("checksum mismatch".to_owned());
     }
-    Ok((seq, payload, pos + FRAME_HEADER + len))
+    Ok(Frame {
+        seq,
+        durable: (format == Format::V2).then(|| le_u64(&header[16..24])),
+        payload,
+        next: pos + header_len + len,
+    })
 }
 
 /// Scans one segment's frames, calling `apply` for each valid record after `after_seq`.
@@ -194,32 +255,41 @@ fn scan_segment(
     apply: &mut dyn FnMut(u64, Record),
 ) -> Result<ScanEnd> {
     if data.len() < MAGIC.len() {
-        // A crash while creating the segment: nothing in it was ever acknowledged.
-        return Ok(ScanEnd::Torn {
-            offset: 0,
-            reason: "segment header cut short".to_owned(),
-        });
-    }
-    if &data[..MAGIC.len()] != MAGIC {
+        // A crash while creating the segment (before its magic was synced): nothing in it was
+        // ever written, let alone acknowledged.
+        if MAGIC.starts_with(data) || MAGIC_V1.starts_with(data) || data.iter().all(|&b| b == 0) {
+            return Ok(ScanEnd::Clean);
+        }
         return Err(EngineError::Corrupted {
             path: path.to_path_buf(),
             offset: 0,
             reason: "not a pairdb commit-log segment (bad magic)".to_owned(),
         });
     }
+    let format = match &data[..MAGIC.len()] {
+        m if m == MAGIC => Format::V2,
+        m if m == MAGIC_V1 => Format::V1,
+        _ => {
+            return Err(EngineError::Corrupted {
+                path: path.to_path_buf(),
+                offset: 0,
+                reason: "not a pairdb commit-log segment (bad magic)".to_owned(),
+            });
+        }
+    };
     let mut pos = MAGIC.len();
     while pos < data.len() {
-        let reason = match parse_frame(data, pos, None) {
-            Ok((seq, _, _)) if seq <= *last_seq => format!("sequence {seq} after {last_seq}"),
-            Ok((seq, payload, next)) => match decode_log_record(payload) {
+        let reason = match parse_frame(data, pos, format, None) {
+            Ok(f) if f.seq <= *last_seq => format!("sequence {} after {last_seq}", f.seq),
+            Ok(f) => match decode_log_record(f.payload) {
                 Ok(record) => {
-                    *last_seq = seq;
-                    if seq > after_seq {
+                    *last_seq = f.seq;
+                    if f.seq > after_seq {
                         stats.records += 1;
-                        stats.bytes += (next - pos) as u64;
-                        apply(seq, record);
+                        stats.bytes += (f.next - pos) as u64;
+                        apply(f.seq, record);
                     }
-                    pos = next;
+                    pos = f.next;
                     continue;
                 }
                 Err(e) => format!("undecodable record: {e}"),
@@ -230,13 +300,18 @@ fn scan_segment(
             // The zeroed, never written end of the segment.
             return Ok(ScanEnd::Clean);
         }
-        // Torn or corrupt? Corrupt when any later offset holds a valid frame with a newer
-        // sequence: then acknowledged records exist after the damage.
-        let followed = (pos + 1..data.len()).any(|p| {
-            matches!(parse_frame(data, p, Some(*last_seq + 1)), Ok((_, payload, _)) if decode_log_record(payload).is_ok())
+        // Torn or corrupt? Corrupt when a later valid frame shows that a record at or after
+        // the damage had been synced (first format: any later valid frame).
+        let lost_synced = (pos + 1..data.len()).any(|p| {
+            match parse_frame(data, p, format, Some(*last_seq + 1)) {
+                Ok(f) if decode_log_record(f.payload).is_ok() => {
+                    f.durable.is_none_or(|durable| durable > *last_seq)
+                }
+                _ => false,
+            }
         });
         let offset = pos as u64;
-        return Ok(if followed {
+        return Ok(if lost_synced {
             ScanEnd::Corrupt { offset, reason }
         } else {
             ScanEnd::Torn { offset, reason }
@@ -384,11 +459,15 @@ impl CommitLog {
         w.buf.extend_from_slice(&[0u8; FRAME_HEADER]);
         encode_log_record(record, &mut w.buf);
         let payload_len = w.buf.len() - start - FRAME_HEADER;
-        let seq_bytes = seq.to_le_bytes();
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&seq_bytes), &w.buf[start + FRAME_HEADER..]);
+        w.buf[start + 8..start + 16].copy_from_slice(&seq.to_le_bytes());
+        let durable = self.synced_seq.load(Ordering::Acquire);
+        w.buf[start + 16..start + 24].copy_from_slice(&durable.to_le_bytes());
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&w.buf[start + 8..start + FRAME_HEADER]),
+            &w.buf[start + FRAME_HEADER..],
+        );
         w.buf[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
         w.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-        w.buf[start + 8..start + 16].copy_from_slice(&seq_bytes);
         w.next_seq += 1;
         self.appended_seq.store(seq, Ordering::Release);
         if w.file_len + w.buf.len() as u64 >= self.segment_bytes {
@@ -686,5 +765,97 @@ mod tests {
         let (seen, _) = replay(dir.path(), 10).expect("replay");
         let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, (11..=20).collect::<Vec<_>>());
+    }
+
+    /// Offsets of the frames of a segment (after its magic).
+    fn frame_offsets(bytes: &[u8]) -> Vec<usize> {
+        let mut offsets = Vec::new();
+        let mut pos = MAGIC.len();
+        while let Ok(f) = parse_frame(bytes, pos, Format::V2, None) {
+            offsets.push(pos);
+            pos = f.next;
+        }
+        offsets
+    }
+
+    #[test]
+    fn a_segment_shorter_than_its_magic_is_empty_wherever_it_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = durable_log(dir.path(), 1 << 20, 10);
+        let number = log.writer.lock().number;
+        drop(log);
+        // A crash right after creating the next segment (0 bytes), then one more right after
+        // creating another (part of its magic): both are older segments at the next open.
+        fs::write(dir.path().join(segment_name(number + 1)), b"").expect("empty segment");
+        fs::write(dir.path().join(segment_name(number + 2)), b"PDB").expect("short segment");
+        let (seen, stats) = replay(dir.path(), 0).expect("a crash while creating a segment");
+        assert_eq!(seen.len(), 10);
+        assert_eq!(stats.torn_tails, 0);
+        let (seen, _) = replay(dir.path(), 0).expect("and again after the restart");
+        assert_eq!(seen.len(), 10);
+        // Bytes that are not a prefix of the magic are not a crash's doing.
+        fs::write(dir.path().join(segment_name(number + 9)), b"junk").expect("junk");
+        assert!(matches!(
+            replay(dir.path(), 0),
+            Err(EngineError::Corrupted { .. })
+        ));
+    }
+
+    #[test]
+    fn unsynced_frames_that_landed_after_a_hole_are_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = durable_log(dir.path(), 1 << 20, 10);
+        // Five more appended while nothing after record 10 was synced; the power fails while
+        // their pages reach the disk in another order: the first never lands (zeros).
+        for i in 10..15 {
+            log.append(&rec(i)).expect("append");
+        }
+        log.sync_now().expect("write them out");
+        let segment = log.segment_paths().pop().expect("segment");
+        drop(log);
+        let mut bytes = fs::read(&segment).expect("read");
+        let frames = frame_offsets(&bytes);
+        assert_eq!(frames.len(), 15);
+        bytes[frames[10]..frames[11]].fill(0);
+        fs::write(&segment, &bytes).expect("write");
+        let (seen, stats) = replay(dir.path(), 0).expect("a power loss leaves this state");
+        assert_eq!(seen.len(), 10, "what was synced stays, the rest is cut");
+        assert_eq!(stats.torn_tails, 1);
+    }
+
+    #[test]
+    fn a_lost_frame_that_later_frames_vouch_for_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = durable_log(dir.path(), 1 << 20, 10);
+        let segment = log.segment_paths().pop().expect("segment");
+        drop(log);
+        let mut bytes = fs::read(&segment).expect("read");
+        let frames = frame_offsets(&bytes);
+        // Record 5 was synced (record 6 was appended after that): losing it is corruption.
+        bytes[frames[4]..frames[5]].fill(0);
+        fs::write(&segment, &bytes).expect("write");
+        match replay(dir.path(), 0) {
+            Err(EngineError::Corrupted { offset, .. }) => assert_eq!(offset, frames[4] as u64),
+            other => panic!("expected corruption, got {:?}", other.map(|(s, _)| s.len())),
+        }
+    }
+
+    #[test]
+    fn segments_of_the_first_format_still_replay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = MAGIC_V1.to_vec();
+        for i in 0..3u64 {
+            let seq = i + 1;
+            let mut payload = Vec::new();
+            encode_log_record(&rec(i), &mut payload);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&seq.to_le_bytes()), &payload);
+            bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&crc.to_le_bytes());
+            bytes.extend_from_slice(&seq.to_le_bytes());
+            bytes.extend_from_slice(&payload);
+        }
+        fs::write(dir.path().join(segment_name(1)), &bytes).expect("write");
+        let (seen, _) = replay(dir.path(), 0).expect("replay");
+        assert_eq!(seen, (0..3).map(|i| (i + 1, rec(i))).collect::<Vec<_>>());
     }
 }
