@@ -4,11 +4,13 @@
 //! is freed.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use super::error::EngineError;
+use super::vfs::Vfs;
 
 pub const WARN_PERCENT: f64 = 80.0;
 pub const THROTTLE_PERCENT: f64 = 90.0;
@@ -31,30 +33,17 @@ pub fn decide(percent: f64, bytes: usize) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Used space of the filesystem holding `path`, in percent (as `df` counts it: blocks
-/// reserved for root count as unavailable).
-pub fn usage_percent(path: &Path) -> std::io::Result<f64> {
-    let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
-    let total = st.blocks() as f64;
-    let free_for_users = st.blocks_available() as f64;
-    let free_total = st.blocks_free() as f64;
-    let used = total - free_total;
-    let denominator = used + free_for_users;
-    if denominator <= 0.0 {
-        return Ok(0.0);
-    }
-    Ok(used / denominator * 100.0)
-}
-
 pub struct DiskGuard {
+    vfs: Arc<dyn Vfs>,
     dir: PathBuf,
     last: Mutex<(Instant, f64)>,
 }
 
 impl DiskGuard {
-    pub fn new(dir: &Path) -> Self {
-        let percent = usage_percent(dir).unwrap_or(0.0);
+    pub fn new(vfs: Arc<dyn Vfs>, dir: &Path) -> Self {
+        let percent = vfs.usage_percent(dir).unwrap_or(0.0);
         Self {
+            vfs,
             dir: dir.to_path_buf(),
             last: Mutex::new((Instant::now(), percent)),
         }
@@ -64,7 +53,7 @@ impl DiskGuard {
     pub fn percent(&self) -> f64 {
         let mut last = self.last.lock();
         if last.0.elapsed() >= REFRESH {
-            match usage_percent(&self.dir) {
+            match self.vfs.usage_percent(&self.dir) {
                 Ok(p) => {
                     if p >= WARN_PERCENT && last.1 < WARN_PERCENT {
                         tracing::warn!(dir = %self.dir.display(), percent = p, "disk usage above 80%");
@@ -101,7 +90,8 @@ mod tests {
 
     #[test]
     fn reads_real_usage() {
-        let p = usage_percent(Path::new("/")).expect("statvfs /");
+        use crate::engine::vfs::{RealVfs, Vfs};
+        let p = RealVfs.usage_percent(Path::new("/")).expect("statvfs /");
         assert!((0.0..=100.0).contains(&p));
     }
 }

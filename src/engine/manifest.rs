@@ -7,14 +7,13 @@
 //! Replaced atomically: write `MANIFEST.tmp`, fsync it, rename over `MANIFEST`, fsync the
 //! directory. A crash at any point leaves either the old or the new manifest, never a mix.
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::error::{EngineError, Result};
 use super::sstable::TableMeta;
+use super::vfs::Vfs;
 
 const MAGIC: &[u8; 8] = b"PDBMAN01";
 const VERSION: u32 = 1;
@@ -37,9 +36,9 @@ impl Manifest {
     }
 
     /// Reads the manifest; `Ok(None)` when there is none yet (a new engine).
-    pub fn load(dir: &Path) -> Result<Option<Manifest>> {
+    pub fn load(vfs: &dyn Vfs, dir: &Path) -> Result<Option<Manifest>> {
         let path = Self::path(dir);
-        let bytes = match fs::read(&path) {
+        let bytes = match vfs.read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(EngineError::io(format!("read {}", path.display()), e)),
@@ -77,7 +76,7 @@ impl Manifest {
     }
 
     /// Atomically replaces the manifest in `dir`.
-    pub fn store(&self, dir: &Path) -> Result<()> {
+    pub fn store(&self, vfs: &dyn Vfs, dir: &Path) -> Result<()> {
         let body = serde_json::to_vec(self)
             .map_err(|e| EngineError::io("encode manifest", std::io::Error::other(e)))?;
         let mut bytes = Vec::with_capacity(HEADER + body.len());
@@ -88,12 +87,12 @@ impl Manifest {
         bytes.extend_from_slice(&body);
         let tmp = dir.join("MANIFEST.tmp");
         let io = |what: &str, e| EngineError::io(format!("{what} {}", tmp.display()), e);
-        let mut file = File::create(&tmp).map_err(|e| io("create", e))?;
-        file.write_all(&bytes).map_err(|e| io("write", e))?;
+        let file = vfs.create(&tmp, false).map_err(|e| io("create", e))?;
+        file.write_at(&bytes, 0).map_err(|e| io("write", e))?;
         file.sync_all().map_err(|e| io("fsync", e))?;
-        fs::rename(&tmp, Self::path(dir)).map_err(|e| io("rename", e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
+        vfs.rename(&tmp, &Self::path(dir))
+            .map_err(|e| io("rename", e))?;
+        vfs.sync_dir(dir)
             .map_err(|e| EngineError::io(format!("fsync directory {}", dir.display()), e))
     }
 
@@ -106,18 +105,20 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::vfs::RealVfs;
+    use std::fs;
 
     #[test]
     fn round_trips_and_detects_damage() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(Manifest::load(dir.path()).expect("load"), None);
+        assert_eq!(Manifest::load(&RealVfs, dir.path()).expect("load"), None);
         let m = Manifest {
             flushed_seq: 42,
             next_table_id: 7,
             levels: vec![vec![TableMeta::empty(3)], vec![]],
         };
-        m.store(dir.path()).expect("store");
-        assert_eq!(Manifest::load(dir.path()).expect("load"), Some(m));
+        m.store(&RealVfs, dir.path()).expect("store");
+        assert_eq!(Manifest::load(&RealVfs, dir.path()).expect("load"), Some(m));
         let path = Manifest::path(dir.path());
         let original = fs::read(&path).expect("read");
         for i in 0..original.len() {
@@ -125,14 +126,14 @@ mod tests {
             b[i] ^= 0x01;
             fs::write(&path, &b).expect("write");
             assert!(
-                Manifest::load(dir.path()).is_err(),
+                Manifest::load(&RealVfs, dir.path()).is_err(),
                 "flip at {i} not detected"
             );
         }
         for cut in 0..original.len() {
             fs::write(&path, &original[..cut]).expect("write");
             assert!(
-                Manifest::load(dir.path()).is_err(),
+                Manifest::load(&RealVfs, dir.path()).is_err(),
                 "cut at {cut} not detected"
             );
         }

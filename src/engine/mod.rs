@@ -42,9 +42,9 @@ mod manifest;
 mod memtable;
 pub mod sstable;
 mod types;
+pub mod vfs;
 mod wal;
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,6 +64,7 @@ use iterators::{MemtableCursor, MergeIter, Source};
 use manifest::Manifest;
 use memtable::Memtable;
 use sstable::{SsTable, TableIter, key_hash, table_file_name};
+use vfs::Vfs;
 use wal::CommitLog;
 
 pub use disk::{
@@ -103,6 +104,8 @@ pub struct EngineOptions {
     pub skip_corrupt_log: bool,
     /// Run the flush and compaction workers (tests may drive them by hand).
     pub background: bool,
+    /// Where files live: the real file system, or a simulated disk in crash tests.
+    pub vfs: Arc<dyn Vfs>,
 }
 
 impl Default for EngineOptions {
@@ -120,6 +123,7 @@ impl Default for EngineOptions {
             compaction_bytes_per_sec: Some(64 << 20),
             skip_corrupt_log: false,
             background: true,
+            vfs: vfs::real(),
         }
     }
 }
@@ -216,8 +220,10 @@ impl Engine {
         let dir = dir.as_ref().to_path_buf();
         let sst_dir = dir.join("sst");
         let wal_dir = dir.join("wal");
-        fs::create_dir_all(&sst_dir).map_err(|e| io_err("create", &sst_dir, e))?;
-        let manifest = Manifest::load(&dir)?.unwrap_or_else(|| Manifest {
+        let vfs = options.vfs.clone();
+        vfs.create_dir_all(&sst_dir)
+            .map_err(|e| io_err("create", &sst_dir, e))?;
+        let manifest = Manifest::load(&*vfs, &dir)?.unwrap_or_else(|| Manifest {
             flushed_seq: 0,
             next_table_id: 1,
             levels: vec![Vec::new()],
@@ -227,6 +233,7 @@ impl Engine {
             let mut tables = Vec::with_capacity(level.len());
             for meta in level {
                 tables.push(SsTable::open(
+                    &*vfs,
                     &sst_dir.join(table_file_name(meta.id)),
                     meta.id,
                 )?);
@@ -236,10 +243,11 @@ impl Engine {
         if levels.is_empty() {
             levels.push(Vec::new());
         }
-        remove_orphans(&dir, &sst_dir, &manifest)?;
+        remove_orphans(&*vfs, &dir, &sst_dir, &manifest)?;
 
         let active = Arc::new(Memtable::new());
         let (wal, replay) = CommitLog::open(
+            vfs.clone(),
             &wal_dir,
             options.sync,
             options.segment_bytes,
@@ -264,7 +272,7 @@ impl Engine {
             })
             .collect();
         let core = Arc::new(Core {
-            disk: DiskGuard::new(&dir),
+            disk: DiskGuard::new(vfs.clone(), &dir),
             dir,
             sst_dir,
             cache: RowCache::new(options.cache_bytes),
@@ -463,24 +471,23 @@ impl Drop for Engine {
 
 /// Deletes table files the manifest does not list (a crash between writing a table and
 /// installing it) and a leftover `MANIFEST.tmp`.
-fn remove_orphans(dir: &Path, sst_dir: &Path, manifest: &Manifest) -> Result<()> {
+fn remove_orphans(vfs: &dyn Vfs, dir: &Path, sst_dir: &Path, manifest: &Manifest) -> Result<()> {
     let live: std::collections::HashSet<u64> = manifest.live_ids().collect();
-    let entries = fs::read_dir(sst_dir).map_err(|e| io_err("list", sst_dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| io_err("list", sst_dir, e))?;
-        let name = entry.file_name();
-        let id = name
-            .to_str()
+    let entries = vfs.list(sst_dir).map_err(|e| io_err("list", sst_dir, e))?;
+    for path in entries {
+        let id = path
+            .file_name()
+            .and_then(|n| n.to_str())
             .and_then(|n| n.strip_suffix(".sst"))
             .and_then(|n| n.parse::<u64>().ok());
         if id.is_none_or(|id| !live.contains(&id)) {
-            let path = entry.path();
-            fs::remove_file(&path).map_err(|e| io_err("remove orphan", &path, e))?;
+            vfs.remove(&path)
+                .map_err(|e| io_err("remove orphan", &path, e))?;
         }
     }
     let tmp = dir.join("MANIFEST.tmp");
-    if tmp.exists() {
-        fs::remove_file(&tmp).map_err(|e| io_err("remove", &tmp, e))?;
+    if vfs.exists(&tmp) {
+        vfs.remove(&tmp).map_err(|e| io_err("remove", &tmp, e))?;
     }
     Ok(())
 }
@@ -677,20 +684,20 @@ impl Core {
     fn flush_memtable(&self, memtable: &Arc<Memtable>) -> Result<()> {
         let id = self.allocate_table_id();
         let path = self.sst_dir.join(table_file_name(id));
-        let mut builder = sstable::TableBuilder::create(&path, id, self.options.block_bytes)?;
+        let vfs = &*self.options.vfs;
+        let mut builder = sstable::TableBuilder::create(vfs, &path, id, self.options.block_bytes)?;
         for (ikey, record) in memtable.iter() {
             builder.add(&ikey, &record)?;
         }
         let table = if builder.is_empty() {
             drop(builder);
-            fs::remove_file(&path).map_err(|e| io_err("remove", &path, e))?;
+            vfs.remove(&path).map_err(|e| io_err("remove", &path, e))?;
             None
         } else {
             let meta = builder.finish()?;
-            fs::File::open(&self.sst_dir)
-                .and_then(|d| d.sync_all())
+            vfs.sync_dir(&self.sst_dir)
                 .map_err(|e| io_err("fsync", &self.sst_dir, e))?;
-            Some((meta.clone(), SsTable::open(&path, id)?))
+            Some((meta.clone(), SsTable::open(vfs, &path, id)?))
         };
         let flushed_seq = {
             let mut manifest = self.manifest.lock();
@@ -699,7 +706,7 @@ impl Core {
             if let Some((meta, _)) = &table {
                 next.levels[0].insert(0, meta.clone());
             }
-            next.store(&self.dir)?;
+            next.store(&*self.options.vfs, &self.dir)?;
             {
                 let mut state = self.state.write();
                 let mut s = (**state).clone();

@@ -42,9 +42,6 @@
 //!     before the next one takes writes). `PDBWAL01` segments, which carry no `durable`, treat
 //!     any valid frame after the damage as proof of corruption, as before.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,6 +53,7 @@ use crate::config::SyncMode;
 use super::codec::{decode_log_record, encode_log_record};
 use super::error::{EngineError, Result};
 use super::types::Record;
+use super::vfs::{VFile, Vfs};
 
 const MAGIC: &[u8; 8] = b"PDBWAL02";
 /// The first format: frames without the `durable` field.
@@ -78,7 +76,7 @@ struct Segment {
 }
 
 struct Writer {
-    file: Arc<File>,
+    file: Arc<dyn VFile>,
     path: PathBuf,
     /// Number of the current segment (file names count up from 1).
     number: u64,
@@ -106,6 +104,7 @@ pub struct ReplayStats {
 
 /// The commit log of one engine.
 pub struct CommitLog {
+    vfs: Arc<dyn Vfs>,
     dir: PathBuf,
     sync: SyncMode,
     segment_bytes: u64,
@@ -124,9 +123,8 @@ fn segment_name(number: u64) -> String {
     format!("{number:020}.log")
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+fn sync_dir(vfs: &dyn Vfs, dir: &Path) -> Result<()> {
+    vfs.sync_dir(dir)
         .map_err(|e| EngineError::io(format!("fsync directory {}", dir.display()), e))
 }
 
@@ -137,17 +135,13 @@ fn log_err(path: &Path, source: std::io::Error) -> EngineError {
     }
 }
 
-fn create_segment(dir: &Path, number: u64) -> Result<(Arc<File>, PathBuf)> {
+fn create_segment(vfs: &dyn Vfs, dir: &Path, number: u64) -> Result<(Arc<dyn VFile>, PathBuf)> {
     let path = dir.join(segment_name(number));
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| log_err(&path, e))?;
-    file.write_all(MAGIC).map_err(|e| log_err(&path, e))?;
+    let file = vfs.create(&path, true).map_err(|e| log_err(&path, e))?;
+    file.write_at(MAGIC, 0).map_err(|e| log_err(&path, e))?;
     file.sync_all().map_err(|e| log_err(&path, e))?;
-    sync_dir(dir)?;
-    Ok((Arc::new(file), path))
+    sync_dir(vfs, dir)?;
+    Ok((file, path))
 }
 
 /// How one segment's scan ended.
@@ -320,18 +314,21 @@ fn scan_segment(
     Ok(ScanEnd::Clean)
 }
 
-fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+fn list_segments(vfs: &dyn Vfs, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut segments = Vec::new();
-    let entries =
-        fs::read_dir(dir).map_err(|e| EngineError::io(format!("list {}", dir.display()), e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| EngineError::io(format!("list {}", dir.display()), e))?;
-        let name = entry.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+    let entries = vfs
+        .list(dir)
+        .map_err(|e| EngineError::io(format!("list {}", dir.display()), e))?;
+    for path in entries {
+        let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".log"))
+        else {
             continue;
         };
         if let Ok(first) = stem.parse::<u64>() {
-            segments.push((first, entry.path()));
+            segments.push((first, path));
         }
     }
     segments.sort();
@@ -342,6 +339,7 @@ impl CommitLog {
     /// Opens the log in `dir`, replaying every record with a sequence above `after_seq` into
     /// `apply`, then starts a fresh segment for new appends.
     pub fn open(
+        vfs: Arc<dyn Vfs>,
         dir: &Path,
         sync: SyncMode,
         segment_bytes: u64,
@@ -349,9 +347,9 @@ impl CommitLog {
         skip_corrupt: bool,
         apply: &mut dyn FnMut(u64, Record),
     ) -> Result<(CommitLog, ReplayStats)> {
-        fs::create_dir_all(dir)
+        vfs.create_dir_all(dir)
             .map_err(|e| EngineError::io(format!("create {}", dir.display()), e))?;
-        let segments = list_segments(dir)?;
+        let segments = list_segments(&*vfs, dir)?;
         let mut stats = ReplayStats::default();
         // Last sequence seen in the log; segments not yet deleted may hold flushed records.
         let mut last_seq = 0;
@@ -360,10 +358,7 @@ impl CommitLog {
         let number = segments.last().map_or(1, |(n, _)| n + 1);
         for (i, (_, path)) in segments.into_iter().enumerate() {
             let newest = i + 1 == count;
-            let mut data = Vec::new();
-            File::open(&path)
-                .and_then(|mut f| f.read_to_end(&mut data))
-                .map_err(|e| log_err(&path, e))?;
+            let data = vfs.read(&path).map_err(|e| log_err(&path, e))?;
             stats.segments += 1;
             let end = scan_segment(&path, &data, after_seq, &mut last_seq, &mut stats, apply)?;
             let cut = match end {
@@ -389,10 +384,7 @@ impl CommitLog {
                 }
             };
             if let Some(offset) = cut {
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| log_err(&path, e))?;
+                let file = vfs.open_write(&path).map_err(|e| log_err(&path, e))?;
                 file.set_len(offset.max(MAGIC.len() as u64).min(data.len() as u64))
                     .and_then(|()| file.sync_all())
                     .map_err(|e| log_err(&path, e))?;
@@ -401,8 +393,9 @@ impl CommitLog {
         }
         let last_seq = last_seq.max(after_seq);
         let next_seq = last_seq + 1;
-        let (file, path) = create_segment(dir, number)?;
+        let (file, path) = create_segment(&*vfs, dir, number)?;
         let log = CommitLog {
+            vfs,
             dir: dir.to_path_buf(),
             sync,
             segment_bytes,
@@ -484,7 +477,7 @@ impl CommitLog {
         }
         let path = w.path.clone();
         w.file
-            .write_all_at(&w.buf, w.file_len)
+            .write_at(&w.buf, w.file_len)
             .map_err(|e| self.fail(&path, e))?;
         w.file_len += w.buf.len() as u64;
         w.buf.clear();
@@ -509,7 +502,7 @@ impl CommitLog {
         let mut at = from;
         while at < to {
             let n = ZEROS.len().min((to - at) as usize);
-            if let Err(e) = w.file.write_all_at(&ZEROS[..n], at) {
+            if let Err(e) = w.file.write_at(&ZEROS[..n], at) {
                 tracing::warn!(file = %w.path.display(), error = %e, "commit log: zeroing ahead failed");
                 return;
             }
@@ -544,7 +537,7 @@ impl CommitLog {
     fn rotate(&self, w: &mut Writer) -> Result<()> {
         self.seal(w)?;
         let last = w.next_seq - 1;
-        let (file, new_path) = create_segment(&self.dir, w.number + 1)?;
+        let (file, new_path) = create_segment(&*self.vfs, &self.dir, w.number + 1)?;
         w.number += 1;
         let old_path = std::mem::replace(&mut w.path, new_path);
         w.file = file;
@@ -621,10 +614,10 @@ impl CommitLog {
             gone.into_iter().map(|s| s.path).collect()
         };
         for path in &doomed {
-            fs::remove_file(path).map_err(|e| log_err(path, e))?;
+            self.vfs.remove(path).map_err(|e| log_err(path, e))?;
         }
         if !doomed.is_empty() {
-            sync_dir(&self.dir)?;
+            sync_dir(&*self.vfs, &self.dir)?;
         }
         Ok(doomed.len())
     }
@@ -646,7 +639,9 @@ impl CommitLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::vfs;
     use crate::vclock::{VectorClock, Version};
+    use std::fs;
 
     fn rec(i: u64) -> Record {
         Record::put(
@@ -659,10 +654,15 @@ mod tests {
 
     fn replay(dir: &Path, after: u64) -> Result<(Vec<(u64, Record)>, ReplayStats)> {
         let mut seen = Vec::new();
-        let (_log, stats) =
-            CommitLog::open(dir, SyncMode::Always, 1 << 20, after, false, &mut |s, r| {
-                seen.push((s, r))
-            })?;
+        let (_log, stats) = CommitLog::open(
+            vfs::real(),
+            dir,
+            SyncMode::Always,
+            1 << 20,
+            after,
+            false,
+            &mut |s, r| seen.push((s, r)),
+        )?;
         Ok((seen, stats))
     }
 
@@ -685,6 +685,7 @@ mod tests {
     /// A new log holding `records` durable records.
     fn durable_log(dir: &Path, segment_bytes: u64, records: u64) -> CommitLog {
         let (log, _) = CommitLog::open(
+            vfs::real(),
             dir,
             SyncMode::Always,
             segment_bytes,

@@ -79,7 +79,12 @@ impl Core {
             if builder.is_none() {
                 let id = self.allocate_table_id();
                 let path = self.sst_dir.join(table_file_name(id));
-                builder = Some(TableBuilder::create(&path, id, self.options.block_bytes)?);
+                builder = Some(TableBuilder::create(
+                    &*self.options.vfs,
+                    &path,
+                    id,
+                    self.options.block_bytes,
+                )?);
             }
             if let Some(b) = builder.as_mut() {
                 b.add(&ikey, &record)?;
@@ -98,12 +103,13 @@ impl Core {
             written += meta.file_bytes;
             outputs.push(meta);
         }
-        std::fs::File::open(&self.sst_dir)
-            .and_then(|d| d.sync_all())
+        let vfs = &*self.options.vfs;
+        vfs.sync_dir(&self.sst_dir)
             .map_err(|e| io_err("fsync", &self.sst_dir, e))?;
         let mut opened = Vec::with_capacity(outputs.len());
         for meta in &outputs {
             opened.push(SsTable::open(
+                vfs,
                 &self.sst_dir.join(table_file_name(meta.id)),
                 meta.id,
             )?);
@@ -111,7 +117,8 @@ impl Core {
         self.install(task, &outputs, opened)?;
         for t in &chosen {
             let path = t.path().to_path_buf();
-            std::fs::remove_file(&path).map_err(|e| io_err("remove compacted", &path, e))?;
+            vfs.remove(&path)
+                .map_err(|e| io_err("remove compacted", &path, e))?;
         }
         self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
         self.metrics
@@ -137,7 +144,7 @@ impl Core {
         }
         next.levels[task.output_level].extend(outputs.iter().cloned());
         next.levels[task.output_level].sort_by(|a, b| a.min_key.cmp(&b.min_key));
-        next.store(&self.dir)?;
+        next.store(&*self.options.vfs, &self.dir)?;
         {
             let mut state = self.state.write();
             let mut s: State = (**state).clone();

@@ -2,20 +2,19 @@
 //! `docs/sstable-format.md`). The file is fsynced before `finish` returns; it becomes visible
 //! to readers only when the manifest lists it.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::engine::codec::encode_table_entry;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::types::Record;
+use crate::engine::vfs::{BufferedWriter, Vfs};
 
 use super::bloom::{Bloom, key_hash};
 use super::{FOOTER_LEN, FORMAT_VERSION, MAGIC, TableMeta};
 
 pub struct TableBuilder {
     path: PathBuf,
-    out: BufWriter<File>,
+    out: BufferedWriter,
     offset: u64,
     block_bytes: usize,
     block: Vec<u8>,
@@ -30,11 +29,11 @@ fn io(path: &Path, e: std::io::Error) -> EngineError {
 }
 
 impl TableBuilder {
-    pub fn create(path: &Path, id: u64, block_bytes: usize) -> Result<Self> {
-        let file = File::create(path).map_err(|e| io(path, e))?;
+    pub fn create(vfs: &dyn Vfs, path: &Path, id: u64, block_bytes: usize) -> Result<Self> {
+        let file = vfs.create(path, false).map_err(|e| io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
-            out: BufWriter::with_capacity(256 * 1024, file),
+            out: BufferedWriter::new(file, 256 * 1024),
             offset: 0,
             block_bytes,
             block: Vec::with_capacity(block_bytes * 2),
@@ -136,10 +135,7 @@ impl TableBuilder {
         debug_assert_eq!(footer.len(), FOOTER_LEN);
         self.out.write_all(&footer).map_err(|e| io(&self.path, e))?;
         self.offset += footer.len() as u64;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| io(&self.path, e.into_error()))?;
+        let file = self.out.into_file().map_err(|e| io(&self.path, e))?;
         file.sync_all().map_err(|e| io(&self.path, e))?;
         self.meta.file_bytes = self.offset;
         Ok(self.meta)

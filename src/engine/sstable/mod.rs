@@ -8,16 +8,15 @@ mod bloom;
 mod builder;
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{RawEntry, Reader};
 use super::error::{EngineError, Result};
 use super::types::Record;
+use super::vfs::{Mapped, Vfs};
 use crate::ring::HashRange;
 
 pub use bloom::{Bloom, key_hash};
@@ -111,7 +110,7 @@ struct IndexEntry {
 /// An open SSTable.
 pub struct SsTable {
     path: PathBuf,
-    map: Mmap,
+    map: Mapped,
     index: Vec<IndexEntry>,
     bloom: Bloom,
     pub meta: TableMeta,
@@ -140,15 +139,11 @@ fn le_u64(b: &[u8]) -> u64 {
 
 impl SsTable {
     /// Opens and verifies footer, index, bloom filter and meta block.
-    pub fn open(path: &Path, id: u64) -> Result<Arc<SsTable>> {
-        let file = File::open(path)
-            .map_err(|e| EngineError::io(format!("open SSTable {}", path.display()), e))?;
-        // SAFETY: tables are immutable once written: a table file is only mapped after it was
-        // completely written and fsynced, pairdb never writes to or truncates it afterwards,
-        // and deleting it (after compaction) keeps the mapping valid on Unix. Every read of the
-        // mapping is bounds-checked and checksummed. Exercised by the sstable tests and the
-        // corruption sweeps in tests/engine_corruption.rs.
-        let map = unsafe { Mmap::map(&file) }
+    pub fn open(vfs: &dyn Vfs, path: &Path, id: u64) -> Result<Arc<SsTable>> {
+        // Tables are immutable once written: mapped only after being written in full and
+        // fsynced, never changed afterwards (see `RealVfs::map`).
+        let map = vfs
+            .map(path)
             .map_err(|e| EngineError::io(format!("map SSTable {}", path.display()), e))?;
         let corrupt = |offset: u64, reason: &str| EngineError::Corrupted {
             path: path.to_path_buf(),
@@ -390,6 +385,7 @@ impl Iterator for TableIter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::vfs::RealVfs;
     use crate::vclock::{VectorClock, Version};
 
     fn rec(i: u32) -> Record {
@@ -403,14 +399,14 @@ mod tests {
 
     fn build(dir: &Path, n: u32) -> Arc<SsTable> {
         let path = dir.join(table_file_name(1));
-        let mut b = TableBuilder::create(&path, 1, 512).expect("create");
+        let mut b = TableBuilder::create(&RealVfs, &path, 1, 512).expect("create");
         for i in 0..n {
             let r = rec(i);
             b.add(&r.internal_key(), &r).expect("add");
         }
         let meta = b.finish().expect("finish");
         assert_eq!(meta.entries, u64::from(n));
-        SsTable::open(&path, 1).expect("open")
+        SsTable::open(&RealVfs, &path, 1).expect("open")
     }
 
     #[test]
@@ -447,7 +443,7 @@ mod tests {
             let mut bytes = original.clone();
             bytes[pos] ^= 0x5a;
             std::fs::write(&path, &bytes).expect("write");
-            let Ok(table) = SsTable::open(&path, 1) else {
+            let Ok(table) = SsTable::open(&RealVfs, &path, 1) else {
                 continue;
             };
             for i in 0..200 {
