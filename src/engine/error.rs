@@ -63,6 +63,11 @@ impl EngineError {
         }
     }
 
+    /// True for damage found in stored data (a checksum or a structure that does not hold).
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Self::Corrupted { .. } | Self::ChecksumFailed { .. })
+    }
+
     /// True for errors caused by the request itself (1xxx codes).
     pub fn is_client_error(&self) -> bool {
         matches!(

@@ -28,6 +28,29 @@ pub struct Manifest {
     pub next_table_id: u64,
     /// Tables per level. L0: newest first (ranges may overlap). L1+: sorted by key, disjoint.
     pub levels: Vec<Vec<TableMeta>>,
+    /// Tables taken out after corruption was found in them: their key ranges are refused
+    /// (reads and writes) until a repair rebuilds them from other replicas.
+    #[serde(default)]
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// A table taken out of service after corruption was found in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub table_id: u64,
+    /// Internal keys `min_key..=max_key` of the table: answers for them may be missing.
+    pub min_key: Vec<u8>,
+    pub max_key: Vec<u8>,
+    /// Ring hashes `min_hash..=max_hash` of its records (for the repair of the range).
+    pub min_hash: u64,
+    pub max_hash: u64,
+    pub reason: String,
+}
+
+impl Quarantined {
+    pub fn covers(&self, ikey: &[u8]) -> bool {
+        self.min_key.as_slice() <= ikey && ikey <= self.max_key.as_slice()
+    }
 }
 
 impl Manifest {
@@ -116,6 +139,14 @@ mod tests {
             flushed_seq: 42,
             next_table_id: 7,
             levels: vec![vec![TableMeta::empty(3)], vec![]],
+            quarantined: vec![Quarantined {
+                table_id: 2,
+                min_key: b"a".to_vec(),
+                max_key: b"k".to_vec(),
+                min_hash: 5,
+                max_hash: 9,
+                reason: "checksum".into(),
+            }],
         };
         m.store(&RealVfs, dir.path()).expect("store");
         assert_eq!(Manifest::load(&RealVfs, dir.path()).expect("load"), Some(m));

@@ -62,6 +62,7 @@ use compaction::policy::LevelPolicy;
 use disk::DiskGuard;
 use iterators::{MemtableCursor, MergeIter, Source};
 use manifest::Manifest;
+pub use manifest::Quarantined;
 use memtable::Memtable;
 use sstable::{SsTable, TableIter, key_hash, table_file_name};
 use vfs::Vfs;
@@ -153,6 +154,30 @@ pub struct EngineStats {
     pub compaction_bytes_written: u64,
     pub tombstones_dropped: u64,
     pub replay: ReplayStats,
+    /// Tables taken out of service after corruption was found in them.
+    pub quarantined_tables: usize,
+}
+
+/// Something wrong with the engine that the node's health must report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// An fsync of the commit log failed: every write is refused from then on.
+    CommitLogFailed(String),
+    /// A table was quarantined after corruption: its key range is refused until repaired.
+    Quarantined(Quarantined),
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::CommitLogFailed(why) => write!(f, "commit log failed, writes refused: {why}"),
+            Problem::Quarantined(q) => write!(
+                f,
+                "table {} quarantined ({}); ring hashes {:#x}..={:#x} refused until repaired",
+                q.table_id, q.reason, q.min_hash, q.max_hash
+            ),
+        }
+    }
 }
 
 /// Counters updated on the hot paths (the storage role exports them).
@@ -202,6 +227,10 @@ pub(crate) struct Core {
     compaction_signal: Mutex<Option<mpsc::Sender<()>>>,
     closed: AtomicBool,
     replay: ReplayStats,
+    /// Key ranges of quarantined tables (a copy of the manifest's, read on lookups that reach
+    /// the tables; `has_quarantine` spares the lock when there are none).
+    quarantine: RwLock<Vec<Quarantined>>,
+    has_quarantine: AtomicBool,
 }
 
 /// The storage engine. Cheap to share behind an `Arc`.
@@ -227,6 +256,7 @@ impl Engine {
             flushed_seq: 0,
             next_table_id: 1,
             levels: vec![Vec::new()],
+            quarantined: Vec::new(),
         });
         let mut levels: Vec<Vec<Arc<SsTable>>> = Vec::new();
         for level in &manifest.levels {
@@ -244,6 +274,13 @@ impl Engine {
             levels.push(Vec::new());
         }
         remove_orphans(&*vfs, &dir, &sst_dir, &manifest)?;
+        let manifest_quarantine = manifest.quarantined.clone();
+        if !manifest_quarantine.is_empty() {
+            tracing::error!(
+                tables = manifest_quarantine.len(),
+                "quarantined tables: their key ranges are refused until repaired"
+            );
+        }
 
         let active = Arc::new(Memtable::new());
         let (wal, replay) = CommitLog::open(
@@ -293,6 +330,8 @@ impl Engine {
             compaction_signal: Mutex::new(None),
             closed: AtomicBool::new(false),
             replay,
+            has_quarantine: AtomicBool::new(!manifest_quarantine.is_empty()),
+            quarantine: RwLock::new(manifest_quarantine),
             options,
         });
         let engine = Engine {
@@ -432,6 +471,23 @@ impl Engine {
         self.core.stats()
     }
 
+    /// What is wrong with the engine now (empty when nothing is).
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.core.wal.check_healthy() {
+            problems.push(Problem::CommitLogFailed(e.to_string()));
+        }
+        problems.extend(
+            self.core
+                .quarantine
+                .read()
+                .iter()
+                .cloned()
+                .map(Problem::Quarantined),
+        );
+        problems
+    }
+
     pub fn metrics(&self) -> &EngineMetrics {
         &self.core.metrics
     }
@@ -519,6 +575,18 @@ impl Core {
                 return Ok(Some(r));
             }
         }
+        if self.has_quarantine.load(Ordering::Acquire) {
+            if let Some(q) = self.quarantine.read().iter().find(|q| q.covers(ikey)) {
+                return Err(EngineError::Corrupted {
+                    path: self.sst_dir.join(table_file_name(q.table_id)),
+                    offset: 0,
+                    reason: format!(
+                        "key in the range of quarantined table {} ({}); refused until repaired",
+                        q.table_id, q.reason
+                    ),
+                });
+            }
+        }
         let hash = key_hash(ikey);
         for (level, tables) in state.levels.iter().enumerate() {
             let candidates: &[Arc<SsTable>] = if level == 0 {
@@ -529,13 +597,72 @@ impl Core {
             };
             for table in candidates {
                 if table.may_contain(ikey, hash) {
-                    if let Some(r) = table.get(ikey)? {
-                        return Ok(Some(Arc::new(r)));
+                    match table.get(ikey) {
+                        Ok(Some(r)) => return Ok(Some(Arc::new(r))),
+                        Ok(None) => {}
+                        Err(e) if e.is_corruption() => {
+                            self.quarantine_table(table, &e);
+                            return Err(e);
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
             }
         }
         Ok(None)
+    }
+
+    /// Takes a table in which corruption was found out of service: out of the manifest (durably
+    /// first) and the read path, its file moved to `quarantine/`, its key range refused from
+    /// now on (also after a restart) until a repair rebuilds it from other replicas. Best
+    /// effort: if the manifest cannot be written the table stays and the next read that finds
+    /// the damage tries again.
+    fn quarantine_table(&self, table: &Arc<SsTable>, why: &EngineError) {
+        let id = table.meta.id;
+        let entry = Quarantined {
+            table_id: id,
+            min_key: table.meta.min_key.clone(),
+            max_key: table.meta.max_key.clone(),
+            min_hash: table.meta.min_hash,
+            max_hash: table.meta.max_hash,
+            reason: why.to_string(),
+        };
+        {
+            let mut manifest = self.manifest.lock();
+            if !manifest.live_ids().any(|live| live == id) {
+                return;
+            }
+            let mut next = manifest.clone();
+            for level in &mut next.levels {
+                level.retain(|t| t.id != id);
+            }
+            next.quarantined.push(entry.clone());
+            if let Err(e) = next.store(&*self.options.vfs, &self.dir) {
+                tracing::error!(table = id, error = %e, "cannot record the quarantine of a corrupt table");
+                return;
+            }
+            {
+                let mut state = self.state.write();
+                let mut s: State = (**state).clone();
+                for level in &mut s.levels {
+                    level.retain(|t| t.meta.id != id);
+                }
+                *state = Arc::new(s);
+            }
+            *manifest = next;
+            self.quarantine.write().push(entry);
+            self.has_quarantine.store(true, Ordering::Release);
+        }
+        metrics::counter!("pairdb_engine_tables_quarantined_total").increment(1);
+        tracing::error!(table = id, error = %why, "corrupt SSTable quarantined; its key range is refused until repaired");
+        let vfs = &*self.options.vfs;
+        let dir = self.dir.join("quarantine");
+        let moved = vfs
+            .create_dir_all(&dir)
+            .and_then(|()| vfs.rename(table.path(), &dir.join(table_file_name(id))));
+        if let Err(e) = moved {
+            tracing::warn!(table = id, error = %e, "corrupt SSTable left in place (out of the manifest)");
+        }
     }
 
     fn get(&self, tenant: &str, key: &[u8]) -> Result<Option<Arc<Record>>> {
@@ -827,6 +954,7 @@ impl Core {
             compaction_bytes_written: m.compaction_bytes_written.load(Ordering::Relaxed),
             tombstones_dropped: m.tombstones_dropped.load(Ordering::Relaxed),
             replay: self.replay.clone(),
+            quarantined_tables: self.quarantine.read().len(),
         }
     }
 }
@@ -906,7 +1034,12 @@ mod tests {
         engine
             .apply(Record::put("t", "k", version(20), "newer"))
             .expect("apply");
+        assert_eq!(engine.problems(), Vec::new());
         engine.core.wal.mark_failed_for_tests();
+        assert!(
+            matches!(engine.problems().as_slice(), [Problem::CommitLogFailed(_)]),
+            "the node's health must say why writes fail"
+        );
         let older = engine.apply(Record::put("t", "k", version(10), "older"));
         assert!(
             matches!(older, Err(EngineError::CommitLog { .. })),

@@ -419,7 +419,7 @@ impl CommitLog {
         Ok((log, stats))
     }
 
-    fn check_healthy(&self) -> Result<()> {
+    pub fn check_healthy(&self) -> Result<()> {
         if self.failed.load(Ordering::Acquire) {
             return Err(EngineError::CommitLog {
                 path: self.dir.clone(),

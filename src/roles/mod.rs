@@ -99,17 +99,33 @@ fn spawn_http(
     })
 }
 
-/// Serves gRPC `routes` on `listener` (TCP_NODELAY on every connection) until `shutdown`.
+/// How long a stopping gRPC server waits for open calls to end. Peers keep long-lived streams
+/// open (a gateway's key-value stream, a coordinator's batch stream and gossip watch), which a
+/// graceful shutdown alone would wait for forever.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves gRPC `routes` on `listener` (TCP_NODELAY on every connection) until `shutdown`, then
+/// lets calls in flight finish for at most [`SHUTDOWN_GRACE`] before closing the connections.
 async fn serve_grpc(
     routes: tonic::service::Routes,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    tonic::transport::Server::builder()
+    let stop = shutdown.clone();
+    let server = tonic::transport::Server::builder()
         .add_routes(routes)
         .serve_with_incoming_shutdown(crate::net::incoming_nodelay(listener), async move {
-            shutdown.cancelled().await
-        })
-        .await
-        .context("gRPC server failed")
+            stop.cancelled().await
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => served.context("gRPC server failed"),
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "closing the connections still open after the shutdown grace");
+            Ok(())
+        }
+    }
 }

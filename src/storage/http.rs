@@ -61,6 +61,10 @@ async fn metrics(State(node): State<Node>) -> String {
     gauge("pairdb_engine_flushes", s.flushes as f64);
     gauge("pairdb_engine_compactions", s.compactions as f64);
     gauge(
+        "pairdb_engine_tables_quarantined",
+        s.quarantined_tables as f64,
+    );
+    gauge(
         "pairdb_engine_compaction_bytes_written",
         s.compaction_bytes_written as f64,
     );

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{ApplyOutcome, Engine, EngineError, Record};
+use crate::engine::{ApplyOutcome, Engine, EngineError, Problem, Record};
 use crate::ring::HashRange;
 use crate::rpc::common;
 use crate::rpc::storage as pb;
@@ -79,6 +79,24 @@ impl WritePath {
             Self::Blocking => blocking(f).await,
         }
     }
+}
+
+/// Health from disk usage and the engine's problems: a failed commit log (writes refused) is
+/// unhealthy, a quarantined table (a key range refused until repaired) degraded.
+pub fn node_status(disk_percent: f64, problems: &[Problem]) -> pb::HealthStatus {
+    let worst = problems
+        .iter()
+        .map(|p| match p {
+            Problem::CommitLogFailed(_) => pb::HealthStatus::Unhealthy,
+            Problem::Quarantined(_) => pb::HealthStatus::Degraded,
+        })
+        .chain([health_status(disk_percent)])
+        .max_by_key(|s| match s {
+            pb::HealthStatus::Unhealthy => 2,
+            pb::HealthStatus::Degraded => 1,
+            _ => 0,
+        });
+    worst.unwrap_or(pb::HealthStatus::Healthy)
 }
 
 /// Health from disk usage: degraded from 80%, unhealthy from 95% (writes refused).
@@ -207,7 +225,7 @@ impl StorageService {
     pub fn health(&self, load: f64) -> Health {
         let disk_percent = self.engine.stats().disk_usage_percent;
         Health {
-            status: health_status(disk_percent),
+            status: node_status(disk_percent, &self.engine.problems()),
             disk_percent,
             load,
         }
@@ -533,9 +551,11 @@ impl StorageNode for StorageService {
     ) -> Result<Response<pb::HealthCheckResponse>, Status> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let stats = self.engine.stats();
+        let problems = self.engine.problems();
         Ok(Response::new(pb::HealthCheckResponse {
             node_id: self.node_id.clone(),
-            status: health_status(stats.disk_usage_percent) as i32,
+            status: node_status(stats.disk_usage_percent, &problems) as i32,
+            problems: problems.iter().map(ToString::to_string).collect(),
             disk_usage_percent: stats.disk_usage_percent,
             memtable_count: stats.memtables as u32,
             sstable_count: stats.sstables as u32,
@@ -606,6 +626,32 @@ mod tests {
         assert_eq!(health_status(80.0), pb::HealthStatus::Degraded);
         assert_eq!(health_status(94.9), pb::HealthStatus::Degraded);
         assert_eq!(health_status(95.0), pb::HealthStatus::Unhealthy);
+    }
+
+    #[test]
+    fn engine_problems_make_the_node_degraded_or_unhealthy() {
+        let quarantined = Problem::Quarantined(crate::engine::Quarantined {
+            table_id: 7,
+            min_key: b"a".to_vec(),
+            max_key: b"b".to_vec(),
+            min_hash: 1,
+            max_hash: 2,
+            reason: "checksum".into(),
+        });
+        let failed = Problem::CommitLogFailed("fsync: EIO".into());
+        assert_eq!(node_status(10.0, &[]), pb::HealthStatus::Healthy);
+        assert_eq!(
+            node_status(10.0, std::slice::from_ref(&quarantined)),
+            pb::HealthStatus::Degraded
+        );
+        assert_eq!(
+            node_status(10.0, &[quarantined.clone(), failed]),
+            pb::HealthStatus::Unhealthy
+        );
+        assert_eq!(
+            node_status(96.0, &[quarantined]),
+            pb::HealthStatus::Unhealthy
+        );
     }
 
     #[test]

@@ -1,0 +1,107 @@
+//! Storage faults beyond crashes, over real processes: a storage node whose SSTable holds a
+//! flipped bit detects it by checksum, quarantines the table, reports itself degraded (health
+//! and metrics) and refuses the key range; the coordinator serves every key from the other
+//! replicas. Nothing wrong is served.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{RoleProcess, start_storage};
+use common::coord::{create_tenant, eventually, get, put, sqlite_url, wait_all_active};
+use pairdb::rpc::common::Consistency;
+use pairdb::rpc::storage as spb;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_table_is_quarantined_and_its_keys_served_by_other_replicas() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(3, dir.path());
+    // Every QUORUM read asks every replica, so the damaged one is always among them.
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "1")],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    const KEYS: usize = 60;
+    let value = |i: usize| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(40));
+    for i in 0..KEYS {
+        put(
+            &mut c,
+            "acme",
+            &format!("k{i}"),
+            &value(i),
+            Consistency::All,
+        )
+        .await
+        .expect("write at ALL");
+    }
+
+    // s1 flushes everything into a table, stops, and a bit of that table's first data block
+    // flips on disk.
+    let mut client = storage[0].client().await;
+    client.drain(spb::DrainRequest {}).await.expect("flush s1");
+    assert_eq!(storage[0].terminate().code(), Some(0));
+    let sst = dir.path().join("s1").join("sst");
+    let table = std::fs::read_dir(&sst)
+        .expect("sst dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "sst"))
+        .expect("a table");
+    let mut bytes = std::fs::read(&table).expect("read table");
+    bytes[40] ^= 0x10;
+    std::fs::write(&table, &bytes).expect("flip a bit");
+    storage[0].restart();
+    wait_all_active(&c, 3).await;
+
+    // Every read gives the right value, at QUORUM (every replica asked) and at ONE.
+    for level in [Consistency::Quorum, Consistency::One] {
+        for i in 0..KEYS {
+            let got = get(&mut c, "acme", &format!("k{i}"), level)
+                .await
+                .unwrap_or_else(|e| panic!("k{i} at {level:?}: {e}"));
+            assert_eq!(got, value(i), "k{i} at {level:?}");
+        }
+    }
+
+    // s1 found the damage, took the table out and says so.
+    let mut s1 = storage[0].client().await;
+    eventually("s1 reports the quarantine", Duration::from_secs(10), || {
+        let mut s1 = s1.clone();
+        async move {
+            s1.health_check(spb::HealthCheckRequest {})
+                .await
+                .map(|h| h.into_inner())
+                .is_ok_and(|h| {
+                    h.status == spb::HealthStatus::Degraded as i32
+                        && h.problems.iter().any(|p| p.contains("quarantined"))
+                })
+        }
+    })
+    .await;
+    let metrics = common::http_get(storage[0].http, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pairdb_engine_tables_quarantined{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // Its own answer for a key of that table is an error, not an older or missing value.
+    let direct = s1
+        .read(spb::ReadRequest {
+            tenant_id: "acme".into(),
+            key: b"k0".to_vec(),
+        })
+        .await;
+    assert!(
+        direct.is_err(),
+        "s1 served a key of a quarantined table: {direct:?}"
+    );
+    drop(c1);
+    storage.clear();
+}
