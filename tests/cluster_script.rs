@@ -9,15 +9,18 @@ use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
-/// A base port B with every port the script derives from it free (TCP B+1..3, B+101..102,
-/// B+1001..1003, B+1101..1102; UDP B+201..203).
+/// A base port B with every port the script derives from it free (TCP B+1..3, B+50 for the
+/// gateway, B+101..102, B+1001..1003, B+1101..1102; UDP B+201..203). Bases lie below the
+/// kernel's ephemeral range (32768..), so no process's outgoing connection can take one of
+/// these ports between this check and the script's start.
 fn free_base() -> u16 {
-    for _ in 0..500 {
-        let base = common::free_tcp_port();
-        if base > 60000 {
-            continue;
-        }
-        let tcp = [1, 2, 3, 101, 102, 1001, 1002, 1003, 1101, 1102];
+    let seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    for attempt in 0..500u64 {
+        let base = 20_000 + ((seed.wrapping_add(attempt * 7_919)) % 10_000) as u16;
+        let tcp = [1, 2, 3, 50, 101, 102, 1001, 1002, 1003, 1101, 1102];
         let udp = [201, 202, 203];
         if tcp
             .iter()
@@ -71,7 +74,7 @@ async fn cluster_script_starts_serves_and_stops_a_cluster() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let base = free_base();
-    let gateway = format!("127.0.0.1:{}", common::free_tcp_port());
+    let gateway = format!("127.0.0.1:{}", base + 50);
     let started = script(dir.path(), base, &gateway, "start");
     let stop = || script(dir.path(), base, &gateway, "stop");
     // Stops the cluster however the test ends: a panic must not leave five processes behind.

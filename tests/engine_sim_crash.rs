@@ -208,6 +208,16 @@ fn sweep(steps: &[Step], segment_bytes: u64, images: u64) -> (u64, Vec<String>) 
     (ops, failures)
 }
 
+fn assert_no_failures(ops: u64, failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{} of {} crash points fail; first: {}",
+        failures.len(),
+        ops + 1,
+        failures[0]
+    );
+}
+
 fn scripted() -> Vec<Step> {
     let mut steps = Vec::new();
     for round in 0..3u8 {
@@ -236,13 +246,7 @@ fn scripted() -> Vec<Step> {
 fn a_crash_at_every_operation_of_a_scripted_workload() {
     let (ops, failures) = sweep(&scripted(), 2 * 1024, 3);
     assert!(ops > 100, "the workload does many file operations: {ops}");
-    assert!(
-        failures.is_empty(),
-        "{} of {} crash points fail; first: {}",
-        failures.len(),
-        ops + 1,
-        failures[0]
-    );
+    assert_no_failures(ops, &failures);
 }
 
 /// A batch larger than the log's buffer reaches the file in several writes before its one
@@ -261,13 +265,7 @@ fn unsynced_writes_of_a_large_batch_landing_out_of_order_are_cut() {
         Step::Put { key: 3, len: 100 },
     ];
     let (ops, failures) = sweep(&steps, 64 << 20, 8);
-    assert!(
-        failures.is_empty(),
-        "{} of {} crash points fail; first: {}",
-        failures.len(),
-        ops + 1,
-        failures[0]
-    );
+    assert_no_failures(ops, &failures);
 }
 
 fn step() -> impl Strategy<Value = Step> {

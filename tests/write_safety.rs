@@ -510,13 +510,20 @@ async fn identical_idempotent_requests_racing_on_two_coordinators_write_once() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stores_every_queued_hint() {
-    let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut storage = start_storage(3, dir.path());
-    let meta = sqlite_url(dir.path());
-    let mut c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &[], dir.path());
+/// Three storage nodes and coordinator `c1` (SQLite, `env` added) with tenant `acme` at RF 3;
+/// then `s3` is killed (every write misses it) and the metadata store is locked (by the
+/// returned connection, in an open `BEGIN EXCLUSIVE`), so hints cannot be stored.
+async fn missed_writes_with_a_locked_store(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (
+    Vec<common::StorageNode>,
+    RoleProcess,
+    Client,
+    sqlx::SqliteConnection,
+) {
+    let mut storage = start_storage(3, dir);
+    let c1 = RoleProcess::coordinator("c1", &sqlite_url(dir), "memory://", &storage, env, dir);
     let mut c: Client = c1.client().await;
     wait_all_active(&c, 3).await;
     create_tenant(&mut c, "acme", 3).await;
@@ -525,9 +532,7 @@ async fn sigterm_stores_every_queued_hint() {
         .await
         .expect("put");
     storage[2].kill9();
-
-    // Lock the metadata store: hints cannot be stored and queue up in the coordinator.
-    let db = dir.path().join("meta.db");
+    let db = dir.join("meta.db");
     let mut lock = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
         "sqlite://{}",
         db.display()
@@ -538,6 +543,16 @@ async fn sigterm_stores_every_queued_hint() {
         .execute(&mut lock)
         .await
         .expect("lock");
+    (storage, c1, c, lock)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stores_every_queued_hint() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let meta = sqlite_url(dir.path());
+    // Hints cannot be stored and queue up in the coordinator.
+    let (_storage, mut c1, c, mut lock) = missed_writes_with_a_locked_store(dir.path(), &[]).await;
 
     const WRITES: usize = 10_000;
     let started = Instant::now();
@@ -598,36 +613,10 @@ async fn sigterm_stores_every_queued_hint() {
 async fn hints_that_cannot_be_stored_become_repair_markers_on_the_other_replicas() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut storage = start_storage(3, dir.path());
-    let meta = sqlite_url(dir.path());
-    let mut c1 = RoleProcess::coordinator(
-        "c1",
-        &meta,
-        "memory://",
-        &storage,
-        &[("PAIRDB_COORDINATOR_SHUTDOWN_DRAIN_TIMEOUT_MS", "4000")],
-        dir.path(),
-    );
-    let mut c: Client = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
-    put(&mut c, "acme", "first", "0", Consistency::Quorum)
-        .await
-        .expect("put");
-    storage[2].kill9();
-
     // The metadata store stays locked through the whole stop: no hint can be stored.
-    let db = dir.path().join("meta.db");
-    let mut lock = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
-        "sqlite://{}",
-        db.display()
-    ))
-    .await
-    .expect("open the metadata store");
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut lock)
-        .await
-        .expect("lock");
+    let drain = [("PAIRDB_COORDINATOR_SHUTDOWN_DRAIN_TIMEOUT_MS", "4000")];
+    let (mut storage, mut c1, mut c, lock) =
+        missed_writes_with_a_locked_store(dir.path(), &drain).await;
     const WRITES: usize = 1_000;
     for i in 0..WRITES {
         put(&mut c, "acme", &format!("m{i}"), "1", Consistency::Quorum)
