@@ -289,3 +289,59 @@ fn flipped_manifest_bytes_refuse_to_open() {
     let engine = Engine::open(base.path(), options(false)).expect("open restored");
     assert_eq!(readable_prefix(&engine), N);
 }
+
+/// A compaction that reads a damaged block fails, and the damaged input is quarantined (the
+/// node reports it) instead of failing every later compaction silently.
+#[test]
+fn a_compaction_over_a_damaged_table_quarantines_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_records(dir.path());
+    {
+        let engine = Engine::open(dir.path(), options(false)).expect("open");
+        engine.flush().expect("flush");
+        // A second table, so there is something to merge.
+        let v = Version::new(VectorClock::from_entries([(
+            "c1",
+            physical_counter(1_700_000_000_000) + 1_000,
+        )]));
+        engine
+            .apply(Record::put("t", "zz-other", v, "other"))
+            .expect("apply");
+        engine.flush().expect("flush");
+    }
+    let mut tables: Vec<PathBuf> = fs::read_dir(dir.path().join("sst"))
+        .expect("sst")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    tables.sort();
+    let damaged = tables.first().expect("the first table").clone();
+    let mut bytes = fs::read(&damaged).expect("read");
+    bytes[20] ^= 0x40; // inside its first data block, which open does not read
+    fs::write(&damaged, &bytes).expect("flip");
+
+    let engine = Engine::open(dir.path(), options(false)).expect("open");
+    let compacted = engine.compact();
+    assert!(
+        compacted.as_ref().is_err_and(EngineError::is_corruption),
+        "{compacted:?}"
+    );
+    assert!(
+        matches!(engine.problems().as_slice(), [Problem::Quarantined(_)]),
+        "{:?}",
+        engine.problems()
+    );
+    assert!(
+        engine.get("t", key(0).as_bytes()).is_err(),
+        "a key of the damaged table is refused"
+    );
+    let other = engine
+        .get("t", b"zz-other")
+        .expect("the healthy table still serves");
+    assert_eq!(
+        other.and_then(|r| r.value.clone()).as_deref(),
+        Some(&b"other"[..])
+    );
+    engine
+        .compact()
+        .expect("compaction works again without the damaged table");
+}

@@ -41,8 +41,30 @@ impl Core {
         let Some(task) = task else {
             return Ok(false);
         };
-        self.run_task(&task)?;
-        Ok(true)
+        match self.run_task(&task) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_corruption() => {
+                self.quarantine_damaged_inputs(&task);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After a compaction failed on damaged data: reads each input table in full and
+    /// quarantines the ones that fail (the merge does not say which input it was reading).
+    fn quarantine_damaged_inputs(&self, task: &CompactionTask) {
+        let state = self.snapshot();
+        for table in state.levels.iter().flatten() {
+            let id = table.meta.id;
+            if !(task.inputs.contains(&id) || task.overlapping.contains(&id)) {
+                continue;
+            }
+            let damage = TableIter::new(table.clone(), &[]).find_map(Result::err);
+            if let Some(e) = damage.filter(|e| e.is_corruption()) {
+                self.quarantine_table(table, &e);
+            }
+        }
     }
 
     fn run_task(&self, task: &CompactionTask) -> Result<()> {
