@@ -290,16 +290,14 @@ fn flipped_manifest_bytes_refuse_to_open() {
     assert_eq!(readable_prefix(&engine), N);
 }
 
-/// A compaction that reads a damaged block fails, and the damaged input is quarantined (the
-/// node reports it) instead of failing every later compaction silently.
-#[test]
-fn a_compaction_over_a_damaged_table_quarantines_it() {
+/// An engine dir with two tables, the first (the 40 records) damaged inside its first data
+/// block, which opening does not read.
+fn two_tables_one_damaged() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     write_records(dir.path());
     {
         let engine = Engine::open(dir.path(), options(false)).expect("open");
         engine.flush().expect("flush");
-        // A second table, so there is something to merge.
         let v = Version::new(VectorClock::from_entries([(
             "c1",
             physical_counter(1_700_000_000_000) + 1_000,
@@ -316,15 +314,13 @@ fn a_compaction_over_a_damaged_table_quarantines_it() {
     tables.sort();
     let damaged = tables.first().expect("the first table").clone();
     let mut bytes = fs::read(&damaged).expect("read");
-    bytes[20] ^= 0x40; // inside its first data block, which open does not read
+    bytes[20] ^= 0x40;
     fs::write(&damaged, &bytes).expect("flip");
+    dir
+}
 
-    let engine = Engine::open(dir.path(), options(false)).expect("open");
-    let compacted = engine.compact();
-    assert!(
-        compacted.as_ref().is_err_and(EngineError::is_corruption),
-        "{compacted:?}"
-    );
+/// The damaged table is out of service, its keys refused, the other table serving.
+fn assert_quarantined(engine: &Engine) {
     assert!(
         matches!(engine.problems().as_slice(), [Problem::Quarantined(_)]),
         "{:?}",
@@ -341,7 +337,37 @@ fn a_compaction_over_a_damaged_table_quarantines_it() {
         other.and_then(|r| r.value.clone()).as_deref(),
         Some(&b"other"[..])
     );
+}
+
+/// A compaction that reads a damaged block fails, and the damaged input is quarantined (the
+/// node reports it) instead of failing every later compaction silently.
+#[test]
+fn a_compaction_over_a_damaged_table_quarantines_it() {
+    let dir = two_tables_one_damaged();
+    let engine = Engine::open(dir.path(), options(false)).expect("open");
+    let compacted = engine.compact();
+    assert!(
+        compacted.as_ref().is_err_and(EngineError::is_corruption),
+        "{compacted:?}"
+    );
+    assert_quarantined(&engine);
     engine
         .compact()
         .expect("compaction works again without the damaged table");
+}
+
+/// A scan (range streaming, tenant scans) that reads a damaged block fails, and the damaged
+/// table is quarantined.
+#[test]
+fn a_scan_over_a_damaged_table_quarantines_it() {
+    let dir = two_tables_one_damaged();
+    let engine = Engine::open(dir.path(), options(false)).expect("open");
+    let scanned: Vec<_> = engine.scan_tenant("t").expect("scan").collect();
+    assert!(
+        scanned
+            .iter()
+            .any(|r| r.as_ref().is_err_and(EngineError::is_corruption)),
+        "the scan must report the damage"
+    );
+    assert_quarantined(&engine);
 }

@@ -425,7 +425,7 @@ impl Engine {
         end.push(1);
         let merged = self
             .core
-            .merge_from(&from, None, |meta| meta.overlaps(&from, &end));
+            .merge_from(&from, None, &|meta| meta.overlaps(&from, &end));
         Ok(merged
             .take_while(move |item| {
                 item.as_ref()
@@ -441,7 +441,7 @@ impl Engine {
     ) -> impl Iterator<Item = Result<Arc<Record>>> + Send + use<> {
         let pieces = range.pieces();
         self.core
-            .merge_from(&[], Some(range), move |meta| meta.may_hold_hashes(&pieces))
+            .merge_from(&[], Some(range), &|meta| meta.may_hold_hashes(&pieces))
             .filter_map(move |item| match item {
                 Ok((_, r)) if range.contains(r.ring_hash) => Some(Ok(r)),
                 Ok(_) => None,
@@ -610,6 +610,17 @@ impl Core {
             }
         }
         Ok(None)
+    }
+
+    /// After a read over several tables found damage (a merge does not say which table it
+    /// was reading): reads each of `tables` in full and quarantines the damaged ones.
+    fn quarantine_damaged(&self, tables: &[Arc<SsTable>]) {
+        for table in tables {
+            let damage = TableIter::new(table.clone(), &[]).find_map(Result::err);
+            if let Some(e) = damage.filter(EngineError::is_corruption) {
+                self.quarantine_table(table, &e);
+            }
+        }
     }
 
     /// Takes a table in which corruption was found out of service: out of the manifest (durably
@@ -856,13 +867,40 @@ impl Core {
     /// A merged stream from `from` over every memtable and the tables `keep` admits; table
     /// entries outside `range` are skipped undecoded (a key's hash is the same in every source,
     /// so filtering before the merge cannot change which version wins).
+    /// A merged scan of the memtables and the tables `keep` admits. Damage found on the way
+    /// quarantines the damaged tables among those (see [`Core::quarantine_damaged`]).
     fn merge_from(
-        &self,
+        self: &Arc<Self>,
         from: &[u8],
         range: Option<HashRange>,
-        keep: impl Fn(&sstable::TableMeta) -> bool,
-    ) -> MergeIter {
+        keep: &dyn Fn(&sstable::TableMeta) -> bool,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Arc<Record>)>> + Send + use<> {
         let state = self.snapshot();
+        let scanned: Vec<Arc<SsTable>> = state
+            .levels
+            .iter()
+            .flatten()
+            .filter(|t| keep(&t.meta))
+            .cloned()
+            .collect();
+        let core = self.clone();
+        self.merge_sources(&state, from, range, keep)
+            .inspect(move |item| {
+                if let Err(e) = item {
+                    if e.is_corruption() {
+                        core.quarantine_damaged(&scanned);
+                    }
+                }
+            })
+    }
+
+    fn merge_sources(
+        &self,
+        state: &State,
+        from: &[u8],
+        range: Option<HashRange>,
+        keep: &dyn Fn(&sstable::TableMeta) -> bool,
+    ) -> MergeIter {
         let mut sources: Vec<Source> = Vec::new();
         sources.push(Box::new(MemtableCursor::new(state.active.clone(), from)));
         for m in &state.immutables {

@@ -27,20 +27,50 @@ pub fn terminate(child: &mut Child) -> ExitStatus {
     }
 }
 
+/// Ports handed out by this test process (tests of one binary run in parallel).
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// A port from 20000..32000 for which `free` holds, never handed out before by this process.
+/// The range lies below the kernel's ephemeral ports (32768..), so no outgoing connection or
+/// unbound socket elsewhere can take the port between this check and the server's bind (with
+/// port 0 that race made a restarted node fail to start now and then).
+fn pick_port(block: u16, free: impl Fn(u16) -> bool) -> u16 {
+    let mut seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let port = 20_000 + ((seed >> 33) % u64::from(12_000 - block)) as u16;
+        let ports = port..port + block;
+        if ports.clone().any(|p| handed.contains(&p)) || !ports.clone().all(&free) {
+            continue;
+        }
+        handed.extend(ports);
+        return port;
+    }
+    panic!("no free port below the ephemeral range");
+}
+
+fn tcp_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn udp_free(port: u16) -> bool {
+    UdpSocket::bind(("127.0.0.1", port)).is_ok()
+}
+
 /// A TCP port free right now on 127.0.0.1.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free tcp port")
+    pick_port(1, tcp_free)
 }
 
 /// A UDP port free right now on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+    pick_port(1, udp_free)
 }
 
 pub struct StorageNode {
@@ -182,14 +212,5 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 /// A port P with P+1..=P+4 free too (the dev cluster's storage nodes and coordinator).
 pub fn free_port_block() -> u16 {
-    for _ in 0..200 {
-        let p = free_tcp_port();
-        if p > 60000 {
-            continue;
-        }
-        if (0..=4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            return p;
-        }
-    }
-    panic!("no block of 5 free ports");
+    pick_port(5, tcp_free)
 }

@@ -44,26 +44,20 @@ impl Core {
         match self.run_task(&task) {
             Ok(()) => Ok(true),
             Err(e) if e.is_corruption() => {
-                self.quarantine_damaged_inputs(&task);
+                let state = self.snapshot();
+                let inputs: Vec<Arc<SsTable>> = state
+                    .levels
+                    .iter()
+                    .flatten()
+                    .filter(|t| {
+                        task.inputs.contains(&t.meta.id) || task.overlapping.contains(&t.meta.id)
+                    })
+                    .cloned()
+                    .collect();
+                self.quarantine_damaged(&inputs);
                 Err(e)
             }
             Err(e) => Err(e),
-        }
-    }
-
-    /// After a compaction failed on damaged data: reads each input table in full and
-    /// quarantines the ones that fail (the merge does not say which input it was reading).
-    fn quarantine_damaged_inputs(&self, task: &CompactionTask) {
-        let state = self.snapshot();
-        for table in state.levels.iter().flatten() {
-            let id = table.meta.id;
-            if !(task.inputs.contains(&id) || task.overlapping.contains(&id)) {
-                continue;
-            }
-            let damage = TableIter::new(table.clone(), &[]).find_map(Result::err);
-            if let Some(e) = damage.filter(|e| e.is_corruption()) {
-                self.quarantine_table(table, &e);
-            }
         }
     }
 
