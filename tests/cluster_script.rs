@@ -4,35 +4,20 @@
 
 mod common;
 
-use std::net::{TcpListener, UdpSocket};
 use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
 /// A base port B with every port the script derives from it free (TCP B+1..3, B+50 for the
-/// gateway, B+101..102, B+1001..1003, B+1101..1102; UDP B+201..203). Bases lie below the
-/// kernel's ephemeral range (32768..), so no process's outgoing connection can take one of
-/// these ports between this check and the script's start.
+/// gateway, B+101..102, B+1001..1003, B+1101..1102; UDP B+201..203), below the kernel's
+/// ephemeral range (see `common::pick_port`).
 fn free_base() -> u16 {
-    let seed = u64::from(std::process::id())
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-    for attempt in 0..500u64 {
-        let base = 20_000 + ((seed.wrapping_add(attempt * 7_919)) % 10_000) as u16;
-        let tcp = [1, 2, 3, 50, 101, 102, 1001, 1002, 1003, 1101, 1102];
-        let udp = [201, 202, 203];
-        if tcp
-            .iter()
-            .all(|o| TcpListener::bind(("127.0.0.1", base + o)).is_ok())
-            && udp
-                .iter()
-                .all(|o| UdpSocket::bind(("127.0.0.1", base + o)).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no free port range");
+    let tcp = [1, 2, 3, 50, 101, 102, 1001, 1002, 1003, 1101, 1102];
+    let udp = [201, 202, 203];
+    common::pick_port(1103, |base| {
+        tcp.iter().all(|o| common::tcp_free(base + o))
+            && udp.iter().all(|o| common::udp_free(base + o))
+    })
 }
 
 fn script(dir: &std::path::Path, base: u16, gateway: &str, action: &str) -> Output {

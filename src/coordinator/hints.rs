@@ -293,28 +293,31 @@ const DEADLINE_CHECK: Duration = Duration::from_millis(100);
 /// Records a repair marker for each hint on the other replicas of its key (grouped per node,
 /// one call each). A hint no other replica took a marker for is counted as lost.
 async fn record_markers(sink: Option<&MarkerSink>, unkept: &[(Hint, Vec<String>)]) {
-    let mut per_node: std::collections::BTreeMap<&str, Vec<pb::RepairMarker>> = Default::default();
-    for (hint, others) in unkept {
-        let Ok(record) = pb::Record::decode(hint.record.as_slice()) else {
-            continue;
-        };
-        let marker = pb::RepairMarker {
-            tenant_id: record.tenant_id,
-            key: record.key,
-            missed_node: hint.target_node.clone(),
-            version: record.version,
-        };
-        for node in others {
-            per_node
-                .entry(node.as_str())
-                .or_default()
-                .push(marker.clone());
+    // One marker per hint (an undecodable hint has none), and which hints each node gets.
+    let markers: Vec<Option<pb::RepairMarker>> = unkept
+        .iter()
+        .map(|(hint, _)| {
+            let record = pb::Record::decode(hint.record.as_slice()).ok()?;
+            Some(pb::RepairMarker {
+                tenant_id: record.tenant_id,
+                key: record.key,
+                missed_node: hint.target_node.clone(),
+                version: record.version,
+            })
+        })
+        .collect();
+    let mut per_node: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+    for (i, (_, others)) in unkept.iter().enumerate() {
+        if markers[i].is_some() {
+            for node in others {
+                per_node.entry(node.as_str()).or_default().push(i);
+            }
         }
     }
-    let mut marked: std::collections::HashSet<(String, Vec<u8>, String)> = Default::default();
+    let mut marked = vec![false; unkept.len()];
     if let Some(sink) = sink {
         let snapshot = sink.ring.snapshot();
-        for (node, markers) in per_node {
+        for (node, hints) in per_node {
             let Some(address) = snapshot.address(node) else {
                 continue;
             };
@@ -322,17 +325,15 @@ async fn record_markers(sink: Option<&MarkerSink>, unkept: &[(Hint, Vec<String>)
                 continue;
             };
             let call = client.record_repair_markers(pb::RepairMarkersRequest {
-                markers: markers.clone(),
+                markers: hints.iter().filter_map(|i| markers[*i].clone()).collect(),
             });
             match tokio::time::timeout(sink.timeout, call).await {
                 Ok(Ok(_)) => {
                     metrics::counter!("pairdb_repair_markers_recorded_total")
-                        .increment(markers.len() as u64);
-                    marked.extend(
-                        markers
-                            .into_iter()
-                            .map(|m| (m.tenant_id, m.key, m.missed_node)),
-                    );
+                        .increment(hints.len() as u64);
+                    for i in hints {
+                        marked[i] = true;
+                    }
                 }
                 Ok(Err(status)) => {
                     tracing::warn!(node, error = %status.message(), "repair markers refused")
@@ -341,15 +342,7 @@ async fn record_markers(sink: Option<&MarkerSink>, unkept: &[(Hint, Vec<String>)
             }
         }
     }
-    let lost = unkept
-        .iter()
-        .filter(|(hint, _)| {
-            let key = pb::Record::decode(hint.record.as_slice())
-                .map(|r| r.key)
-                .unwrap_or_default();
-            !marked.contains(&(hint.tenant_id.clone(), key, hint.target_node.clone()))
-        })
-        .count();
+    let lost = marked.iter().filter(|m| !**m).count();
     if lost > 0 {
         tracing::error!(
             lost,

@@ -33,7 +33,7 @@
 //! - After an fsync error the log refuses further writes (COMMIT_LOG_FAILED); reads continue.
 
 mod cache;
-mod codec;
+pub(crate) mod codec;
 pub mod compaction;
 mod disk;
 mod error;

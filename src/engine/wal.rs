@@ -50,7 +50,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::config::SyncMode;
 
-use super::codec::{decode_log_record, encode_log_record};
+use super::codec::{decode_log_record, encode_log_record, le_u32, le_u64};
 use super::error::{EngineError, Result};
 use super::types::Record;
 use super::vfs::{VFile, Vfs};
@@ -184,18 +184,6 @@ struct Frame<'a> {
     payload: &'a [u8],
     /// Offset of the next frame.
     next: usize,
-}
-
-fn le_u64(bytes: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[..8]);
-    u64::from_le_bytes(b)
-}
-
-fn le_u32(bytes: &[u8]) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&bytes[..4]);
-    u32::from_le_bytes(b)
 }
 
 /// Parses the frame at `pos`; `Err` says why it is bad.

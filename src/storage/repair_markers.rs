@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use prost::Message;
 
+use crate::engine::codec::le_u32;
 use crate::rpc::storage::RepairMarker;
 
 pub const FILE_NAME: &str = "repair-markers.log";
@@ -88,8 +89,8 @@ fn parse(bytes: &[u8]) -> (Vec<RepairMarker>, usize) {
     let mut markers = Vec::new();
     let mut at = 0;
     while let Some(header) = bytes.get(at..at + 8) {
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let len = le_u32(&header[0..4]) as usize;
+        let crc = le_u32(&header[4..8]);
         let Some(payload) = bytes.get(at + 8..at + 8 + len) else {
             break;
         };

@@ -30,11 +30,12 @@ pub fn terminate(child: &mut Child) -> ExitStatus {
 /// Ports handed out by this test process (tests of one binary run in parallel).
 static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
 
-/// A port from 20000..32000 for which `free` holds, never handed out before by this process.
+/// A port P from 20000..32000 with `free(P)`, none of P..P+span handed out before by this
+/// process.
 /// The range lies below the kernel's ephemeral ports (32768..), so no outgoing connection or
 /// unbound socket elsewhere can take the port between this check and the server's bind (with
 /// port 0 that race made a restarted node fail to start now and then).
-fn pick_port(block: u16, free: impl Fn(u16) -> bool) -> u16 {
+pub fn pick_port(span: u16, free: impl Fn(u16) -> bool) -> u16 {
     let mut seed = u64::from(std::process::id())
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -44,9 +45,9 @@ fn pick_port(block: u16, free: impl Fn(u16) -> bool) -> u16 {
         seed = seed
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        let port = 20_000 + ((seed >> 33) % u64::from(12_000 - block)) as u16;
-        let ports = port..port + block;
-        if ports.clone().any(|p| handed.contains(&p)) || !ports.clone().all(&free) {
+        let port = 20_000 + ((seed >> 33) % u64::from(12_000 - span)) as u16;
+        let ports = port..port + span;
+        if ports.clone().any(|p| handed.contains(&p)) || !free(port) {
             continue;
         }
         handed.extend(ports);
@@ -55,11 +56,11 @@ fn pick_port(block: u16, free: impl Fn(u16) -> bool) -> u16 {
     panic!("no free port below the ephemeral range");
 }
 
-fn tcp_free(port: u16) -> bool {
+pub fn tcp_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-fn udp_free(port: u16) -> bool {
+pub fn udp_free(port: u16) -> bool {
     UdpSocket::bind(("127.0.0.1", port)).is_ok()
 }
 
@@ -212,5 +213,5 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 /// A port P with P+1..=P+4 free too (the dev cluster's storage nodes and coordinator).
 pub fn free_port_block() -> u16 {
-    pick_port(5, tcp_free)
+    pick_port(5, |p| (p..p + 5).all(tcp_free))
 }

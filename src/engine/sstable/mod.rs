@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::{RawEntry, Reader};
+use super::codec::{RawEntry, Reader, le_u32, le_u64};
 use super::error::{EngineError, Result};
 use super::types::Record;
 use super::vfs::{Mapped, Vfs};
@@ -123,18 +123,6 @@ impl std::fmt::Debug for SsTable {
             .field("meta", &self.meta)
             .finish()
     }
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(b);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(b);
-    u64::from_le_bytes(a)
 }
 
 impl SsTable {
