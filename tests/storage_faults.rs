@@ -1,7 +1,8 @@
 //! Storage faults beyond crashes, over real processes: a storage node whose SSTable holds a
 //! flipped bit detects it by checksum, quarantines the table, reports itself degraded (health
 //! and metrics) and refuses the key range; the coordinator serves every key from the other
-//! replicas. Nothing wrong is served.
+//! replicas. Nothing wrong is served. A flipped bit in its manifest costs nothing but a report:
+//! the node opens from the manifest's mirror copy and serves every key itself.
 
 mod common;
 
@@ -102,6 +103,84 @@ async fn a_corrupt_table_is_quarantined_and_its_keys_served_by_other_replicas() 
         direct.is_err(),
         "s1 served a key of a quarantined table: {direct:?}"
     );
+    drop(c1);
+    storage.clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_manifest_bit_is_reported_and_the_node_serves_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(1, dir.path());
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 1).await;
+    create_tenant(&mut c, "acme", 1).await;
+    const KEYS: usize = 30;
+    for i in 0..KEYS {
+        put(
+            &mut c,
+            "acme",
+            &format!("k{i}"),
+            &format!("\"v{i}\""),
+            Consistency::All,
+        )
+        .await
+        .expect("write");
+    }
+    let mut client = storage[0].client().await;
+    client.drain(spb::DrainRequest {}).await.expect("flush s1");
+    assert_eq!(storage[0].terminate().code(), Some(0));
+    let manifest = dir.path().join("s1").join("MANIFEST");
+    let original = std::fs::read(&manifest).expect("read manifest");
+    for pos in [0, 13, 17, original.len() / 2] {
+        let mut bytes = original.clone();
+        bytes[pos] ^= 0x04;
+        std::fs::write(&manifest, &bytes).expect("flip a bit");
+        storage[0].restart();
+        wait_all_active(&c, 1).await;
+        let mut s1 = storage[0].client().await;
+        let health = s1
+            .health_check(spb::HealthCheckRequest {})
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(
+            health.status,
+            spb::HealthStatus::Degraded as i32,
+            "flip at {pos}"
+        );
+        assert!(
+            health.problems.iter().any(|p| p.contains("manifest")),
+            "flip at {pos}: {:?}",
+            health.problems
+        );
+        let metrics = common::http_get(storage[0].http, "/metrics").await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("pairdb_engine_manifest_damaged{") && l.ends_with(" 1")),
+            "flip at {pos}: {metrics}"
+        );
+        for i in 0..KEYS {
+            let got = get(&mut c, "acme", &format!("k{i}"), Consistency::One)
+                .await
+                .unwrap_or_else(|e| panic!("flip at {pos}: k{i}: {e}"));
+            assert_eq!(got, format!("\"v{i}\""), "flip at {pos}");
+        }
+        assert_eq!(storage[0].terminate().code(), Some(0));
+        assert_eq!(
+            std::fs::read(&manifest).expect("read"),
+            original,
+            "flip at {pos}: MANIFEST rewritten from the mirror"
+        );
+    }
     drop(c1);
     storage.clear();
 }

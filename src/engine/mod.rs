@@ -156,6 +156,8 @@ pub struct EngineStats {
     pub replay: ReplayStats,
     /// Tables taken out of service after corruption was found in them.
     pub quarantined_tables: usize,
+    /// A copy of the manifest was found damaged at open (and rewritten from the other).
+    pub manifest_damaged: bool,
 }
 
 /// Something wrong with the engine that the node's health must report.
@@ -165,6 +167,9 @@ pub enum Problem {
     CommitLogFailed(String),
     /// A table was quarantined after corruption: its key range is refused until repaired.
     Quarantined(Quarantined),
+    /// One copy of the manifest was damaged at open and rewritten from the other: nothing
+    /// was lost, but the disk returned bad bytes (reported until the next restart).
+    ManifestDamaged(String),
 }
 
 impl std::fmt::Display for Problem {
@@ -176,6 +181,7 @@ impl std::fmt::Display for Problem {
                 "table {} quarantined ({}); ring hashes {:#x}..={:#x} refused until repaired",
                 q.table_id, q.reason, q.min_hash, q.max_hash
             ),
+            Problem::ManifestDamaged(what) => write!(f, "manifest copy damaged: {what}"),
         }
     }
 }
@@ -227,6 +233,8 @@ pub(crate) struct Core {
     compaction_signal: Mutex<Option<mpsc::Sender<()>>>,
     closed: AtomicBool,
     replay: ReplayStats,
+    /// A copy of the manifest found damaged at open (and rewritten from the other).
+    manifest_damage: Option<String>,
     /// Key ranges of quarantined tables (a copy of the manifest's, read on lookups that reach
     /// the tables; `has_quarantine` spares the lock when there are none).
     quarantine: RwLock<Vec<Quarantined>>,
@@ -252,7 +260,23 @@ impl Engine {
         let vfs = options.vfs.clone();
         vfs.create_dir_all(&sst_dir)
             .map_err(|e| io_err("create", &sst_dir, e))?;
-        let manifest = Manifest::load(&*vfs, &dir)?.unwrap_or_else(|| Manifest {
+        let loaded = Manifest::load(&*vfs, &dir)?;
+        let manifest_damage = loaded
+            .restored_from_mirror
+            .map(|why| {
+                format!(
+                    "{} damaged ({why}), restored from {}",
+                    manifest::FILE_NAME,
+                    manifest::MIRROR_NAME
+                )
+            })
+            .or(loaded
+                .mirror_damaged
+                .map(|why| format!("{} damaged ({why}), rewritten", manifest::MIRROR_NAME)));
+        if let Some(damage) = &manifest_damage {
+            tracing::error!(%damage, "a copy of the manifest was damaged; the disk is suspect");
+        }
+        let manifest = loaded.manifest.unwrap_or_else(|| Manifest {
             flushed_seq: 0,
             next_table_id: 1,
             levels: vec![Vec::new()],
@@ -330,6 +354,7 @@ impl Engine {
             compaction_signal: Mutex::new(None),
             closed: AtomicBool::new(false),
             replay,
+            manifest_damage,
             has_quarantine: AtomicBool::new(!manifest_quarantine.is_empty()),
             quarantine: RwLock::new(manifest_quarantine),
             options,
@@ -479,6 +504,12 @@ impl Engine {
         }
         problems.extend(
             self.core
+                .manifest_damage
+                .clone()
+                .map(Problem::ManifestDamaged),
+        );
+        problems.extend(
+            self.core
                 .quarantine
                 .read()
                 .iter()
@@ -526,7 +557,7 @@ impl Drop for Engine {
 }
 
 /// Deletes table files the manifest does not list (a crash between writing a table and
-/// installing it) and a leftover `MANIFEST.tmp`.
+/// installing it) and leftover manifest temp files.
 fn remove_orphans(vfs: &dyn Vfs, dir: &Path, sst_dir: &Path, manifest: &Manifest) -> Result<()> {
     let live: std::collections::HashSet<u64> = manifest.live_ids().collect();
     let entries = vfs.list(sst_dir).map_err(|e| io_err("list", sst_dir, e))?;
@@ -541,9 +572,11 @@ fn remove_orphans(vfs: &dyn Vfs, dir: &Path, sst_dir: &Path, manifest: &Manifest
                 .map_err(|e| io_err("remove orphan", &path, e))?;
         }
     }
-    let tmp = dir.join("MANIFEST.tmp");
-    if vfs.exists(&tmp) {
-        vfs.remove(&tmp).map_err(|e| io_err("remove", &tmp, e))?;
+    for name in [manifest::FILE_NAME, manifest::MIRROR_NAME] {
+        let tmp = dir.join(format!("{name}.tmp"));
+        if vfs.exists(&tmp) {
+            vfs.remove(&tmp).map_err(|e| io_err("remove", &tmp, e))?;
+        }
     }
     Ok(())
 }
@@ -993,6 +1026,7 @@ impl Core {
             tombstones_dropped: m.tombstones_dropped.load(Ordering::Relaxed),
             replay: self.replay.clone(),
             quarantined_tables: self.quarantine.read().len(),
+            manifest_damaged: self.manifest_damage.is_some(),
         }
     }
 }

@@ -65,6 +65,10 @@ async fn metrics(State(node): State<Node>) -> String {
         s.quarantined_tables as f64,
     );
     gauge(
+        "pairdb_engine_manifest_damaged",
+        f64::from(u8::from(s.manifest_damaged)),
+    );
+    gauge(
         "pairdb_engine_compaction_bytes_written",
         s.compaction_bytes_written as f64,
     );

@@ -88,7 +88,7 @@ pub fn node_status(disk_percent: f64, problems: &[Problem]) -> pb::HealthStatus 
         .iter()
         .map(|p| match p {
             Problem::CommitLogFailed(_) => pb::HealthStatus::Unhealthy,
-            Problem::Quarantined(_) => pb::HealthStatus::Degraded,
+            Problem::Quarantined(_) | Problem::ManifestDamaged(_) => pb::HealthStatus::Degraded,
         })
         .chain([health_status(disk_percent)])
         .max_by_key(|s| match s {
