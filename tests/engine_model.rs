@@ -1,5 +1,6 @@
 //! Model-based property test of the engine: random puts, deletes, stale writes, reads, scans,
-//! flushes, compactions and reopens against a BTreeMap holding each key's winning version.
+//! flushes, compactions, hash-range drops and reopens against a BTreeMap holding each key's
+//! winning version.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,6 +40,10 @@ enum Op {
         start: u64,
         end: u64,
     },
+    DropRange {
+        start: u64,
+        end: u64,
+    },
     Flush,
     CompactLevels,
     Compact,
@@ -54,6 +59,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..3usize, any::<u8>()).prop_map(|(tenant, key)| Op::Get { tenant, key }),
         1 => (0..3usize).prop_map(|tenant| Op::ScanTenant { tenant }),
         1 => (any::<u64>(), any::<u64>()).prop_map(|(start, end)| Op::ScanRange { start, end }),
+        1 => (any::<u64>(), any::<u64>()).prop_map(|(start, end)| Op::DropRange { start, end }),
         1 => Just(Op::Flush),
         1 => Just(Op::CompactLevels),
         1 => Just(Op::Compact),
@@ -167,6 +173,13 @@ proptest! {
                     let want: Vec<Record> = model.values().filter(|r| range.contains(r.ring_hash)).cloned().collect();
                     prop_assert_eq!(got, want);
                 }
+                Op::DropRange { start, end } => {
+                    let range = HashRange::new(start, end);
+                    let dropped = engine.drop_hash_ranges(&[range]).expect("drop range");
+                    let before = model.len();
+                    model.retain(|_, r| !range.contains(r.ring_hash));
+                    prop_assert_eq!(dropped, (before - model.len()) as u64);
+                }
                 Op::Flush => engine.flush().expect("flush"),
                 Op::CompactLevels => engine.compact_levels().expect("compact levels"),
                 Op::Compact => engine.compact().expect("compact"),
@@ -177,12 +190,16 @@ proptest! {
                 }
             }
         }
-        // Everything survives a final reopen too.
+        // Everything survives a final reopen too, and nothing dropped comes back.
         drop(engine);
         let engine = open(dir.path(), cache);
         for ((tenant, key), record) in &model {
             let got = engine.get(tenant, key).expect("get");
             prop_assert_eq!(got.as_deref(), Some(record));
         }
+        let mut all: Vec<Record> = engine.scan_hash_range(HashRange::FULL)
+            .map(|r| r.map(|r| (*r).clone())).collect::<Result<_, _>>().expect("scan item");
+        all.sort_by(|a, b| (&a.tenant, &a.key).cmp(&(&b.tenant, &b.key)));
+        prop_assert_eq!(all, model.values().cloned().collect::<Vec<_>>());
     }
 }

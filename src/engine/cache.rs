@@ -64,6 +64,13 @@ impl RowCache {
         }
     }
 
+    /// Removes every entry `keep` says no to.
+    pub fn retain(&self, keep: impl Fn(&Record) -> bool) {
+        if let Some(cache) = &self.cache {
+            cache.retain(|_, record| keep(record));
+        }
+    }
+
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }

@@ -492,6 +492,15 @@ impl Engine {
         self.core.compact_once(true).map(|_| ())
     }
 
+    /// Deletes every record (values and tombstones) whose ring hash lies in one of `ranges`:
+    /// the cleanup of ranges a node no longer replicates. Atomic across crashes (all of them
+    /// or none); records applied while it runs may stay. Rewrites every table once (a major
+    /// compaction), so callers pass every range they drop in one call. Returns how many
+    /// records it dropped.
+    pub fn drop_hash_ranges(&self, ranges: &[HashRange]) -> Result<u64> {
+        self.core.drop_hash_ranges(ranges)
+    }
+
     pub fn stats(&self) -> EngineStats {
         self.core.stats()
     }
@@ -591,6 +600,18 @@ impl Core {
 
     fn stripe(&self, ikey: &[u8]) -> &Stripe {
         &self.stripes[(key_hash(ikey) as usize) % STRIPES]
+    }
+
+    /// Removes cached records in `ranges` after they left the tables. Every stripe's
+    /// generation moves first, under its lock, so a reader that found one of them in an older
+    /// snapshot cannot put it back afterwards (see `get`).
+    fn forget_cached(&self, ranges: &[HashRange]) {
+        for stripe in self.stripes.iter() {
+            let _guard = stripe.lock.lock();
+            stripe.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        self.cache
+            .retain(|r| !ranges.iter().any(|range| range.contains(r.ring_hash)));
     }
 
     fn snapshot(&self) -> Arc<State> {

@@ -1,8 +1,9 @@
 //! Executes compaction tasks: merges the input tables, keeps each key's winner, drops
-//! tombstones older than gc_grace when the output is bottommost, writes size-bounded output
-//! tables at a throttled rate, then installs the result atomically (manifest first, then the
-//! in-memory state) and deletes the inputs. Reads and writes never wait for it: readers hold
-//! their own snapshot, and the state swap is one pointer store.
+//! tombstones older than gc_grace when the output is bottommost (and, for a range drop, every
+//! record in the dropped hash ranges), writes size-bounded output tables at a throttled rate,
+//! then installs the result atomically (manifest first, then the in-memory state) and deletes
+//! the inputs. Reads and writes never wait for it: readers hold their own snapshot, and the
+//! state swap is one pointer store.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,6 +13,7 @@ use crate::engine::error::Result;
 use crate::engine::iterators::{MergeIter, Source};
 use crate::engine::sstable::{SsTable, TableBuilder, TableIter, TableMeta, table_file_name};
 use crate::engine::{Core, State, io_err};
+use crate::ring::HashRange;
 
 use super::policy::{self, CompactionTask};
 
@@ -41,8 +43,33 @@ impl Core {
         let Some(task) = task else {
             return Ok(false);
         };
-        match self.run_task(&task) {
-            Ok(()) => Ok(true),
+        self.run_or_quarantine(&task, &[]).map(|_| true)
+    }
+
+    /// Deletes every record whose ring hash lies in one of `ranges`: flushes the memtables,
+    /// then rewrites every table into the deepest level without those records (one major
+    /// compaction), and forgets them in the row cache. Atomic: a crash leaves every record or
+    /// none of them (the manifest swap), and the log cannot bring them back (they were
+    /// flushed first). Records applied while it runs may stay. Returns how many records it
+    /// dropped.
+    pub(crate) fn drop_hash_ranges(&self, ranges: &[HashRange]) -> Result<u64> {
+        self.check_open()?;
+        self.freeze(true);
+        self.flush_pending()?;
+        let _compacting = self.compaction_lock.lock();
+        let levels: Vec<Vec<TableMeta>> = self.manifest.lock().levels.clone();
+        let dropped = match policy::full(&levels) {
+            Some(task) => self.run_or_quarantine(&task, ranges)?,
+            None => 0,
+        };
+        self.forget_cached(ranges);
+        Ok(dropped)
+    }
+
+    /// Runs `task`; damage found on the way quarantines the damaged inputs.
+    fn run_or_quarantine(&self, task: &CompactionTask, dropping: &[HashRange]) -> Result<u64> {
+        match self.run_task(task, dropping) {
+            Ok(dropped) => Ok(dropped),
             Err(e) if e.is_corruption() => {
                 let state = self.snapshot();
                 let inputs: Vec<Arc<SsTable>> = state
@@ -61,7 +88,9 @@ impl Core {
         }
     }
 
-    fn run_task(&self, task: &CompactionTask) -> Result<()> {
+    /// Merges the task's tables into its output level, leaving out tombstones past gc_grace
+    /// (bottommost only) and records in `dropping`; returns how many it left out of the latter.
+    fn run_task(&self, task: &CompactionTask, dropping: &[HashRange]) -> Result<u64> {
         let state = self.snapshot();
         let chosen: Vec<Arc<SsTable>> = state
             .levels
@@ -71,7 +100,7 @@ impl Core {
             .cloned()
             .collect();
         if chosen.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let sources: Vec<Source> = chosen
             .iter()
@@ -83,8 +112,13 @@ impl Core {
         let mut written = 0u64;
         let mut outputs: Vec<TableMeta> = Vec::new();
         let mut builder: Option<TableBuilder> = None;
+        let mut dropped = 0u64;
         for item in MergeIter::new(sources) {
             let (ikey, record) = item?;
+            if dropping.iter().any(|r| r.contains(record.ring_hash)) {
+                dropped += 1;
+                continue;
+            }
             if task.bottommost && record.is_tombstone() && record.version.timestamp_ms() < gc_before
             {
                 self.metrics
@@ -140,7 +174,7 @@ impl Core {
         self.metrics
             .compaction_bytes_written
             .fetch_add(written, Ordering::Relaxed);
-        Ok(())
+        Ok(dropped)
     }
 
     fn install(
