@@ -33,14 +33,7 @@ async fn cluster_keeps_serving_when_redis_and_postgres_die() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(3, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &pg.url(),
-        &format!("redis://127.0.0.1:{}", redis.port),
-        &storage,
-        &[],
-        dir.path(),
-    );
+    let c1 = RoleProcess::coordinator("c1", &pg.url(), &redis.url(), &storage, &[], dir.path());
     let gw = RoleProcess::gateway("gw", &[&c1], &["--auth=none"], &[], dir.path());
     let client = Client::new();
     let kv = format!("{}/v1/key-value", gw.url());

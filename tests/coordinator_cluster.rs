@@ -567,7 +567,7 @@ async fn idempotent_retries_write_once() {
     let _serial = SERIAL.lock().await;
     let redis = Redis::start();
     let idem_url = match &redis {
-        Some(r) => format!("redis://127.0.0.1:{}", r.port),
+        Some(r) => r.url(),
         None => {
             skip_or_fail(
                 "the Redis half of idempotent_retries_write_once",

@@ -339,7 +339,10 @@ fn the_scripted_drops_take_keys_from_memtables_and_tables() {
         .values()
         .filter(|e| matches!(e, Expect::Dropped))
         .count();
-    assert!(dropped >= 4, "the script drops too little to test: {dropped}");
+    assert!(
+        dropped >= 4,
+        "the script drops too little to test: {dropped}"
+    );
 }
 
 #[test]

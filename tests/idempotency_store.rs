@@ -166,7 +166,7 @@ async fn redis_store_passes_the_suite() {
         );
         return;
     };
-    let store = RedisIdempotencyStore::connect(&format!("redis://127.0.0.1:{}", redis.port))
+    let store = RedisIdempotencyStore::connect(&redis.url())
         .await
         .expect("connect");
     suite(Arc::new(store)).await;

@@ -318,7 +318,7 @@ fn shared_cluster(test: &str) -> Option<Shared> {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(3, dir.path());
     let meta = sqlite_url(dir.path());
-    let idem = format!("redis://127.0.0.1:{}", redis.port);
+    let idem = redis.url();
     let coordinators = ["c1", "c2"]
         .iter()
         .map(|id| RoleProcess::coordinator(id, &meta, &idem, &storage, &[], dir.path()))

@@ -19,6 +19,7 @@ pub struct Postgres {
     bin: PathBuf,
     data: PathBuf,
     _dir: tempfile::TempDir,
+    host: String,
     pub port: u16,
 }
 
@@ -46,6 +47,11 @@ fn as_postgres_user(bin: &std::path::Path, tool: &str, args: &[&str]) -> std::pr
 
 impl Postgres {
     pub fn start() -> Option<Postgres> {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// A server listening on `host` (an address of the caller's network namespace).
+    pub fn start_on(host: &str) -> Option<Postgres> {
         let bin = postgres_bin()?;
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
@@ -72,12 +78,17 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+        // Clients from the server's own subnets too (a test network of namespaces).
+        let hba = data.join("pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        rules.push_str("host all all samenet trust\n");
+        std::fs::write(&hba, rules).expect("write pg_hba.conf");
+        let port = std::net::TcpListener::bind((host, 0))
             .and_then(|l| l.local_addr())
             .expect("port")
             .port();
         let opts = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories= -c fsync=off"
+            "-p {port} -c listen_addresses={host} -c unix_socket_directories= -c fsync=off"
         );
         let log = data.join("postgres.log");
         let out = as_postgres_user(
@@ -104,12 +115,13 @@ impl Postgres {
             bin,
             data,
             _dir: dir,
+            host: host.to_owned(),
             port,
         })
     }
 
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://postgres@{}:{}/postgres", self.host, self.port)
     }
 }
 
@@ -126,12 +138,18 @@ impl Drop for Postgres {
 
 pub struct Redis {
     child: Child,
+    host: String,
     pub port: u16,
 }
 
 impl Redis {
     pub fn start() -> Option<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1")
+    }
+
+    /// A server listening on `host` (an address of the caller's network namespace).
+    pub fn start_on(host: &str) -> Option<Redis> {
+        let port = std::net::TcpListener::bind((host, 0))
             .and_then(|l| l.local_addr())
             .expect("port")
             .port();
@@ -140,7 +158,10 @@ impl Redis {
                 "--port",
                 &port.to_string(),
                 "--bind",
-                "127.0.0.1",
+                host,
+                // Reachable from a test network of namespaces, not only loopback.
+                "--protected-mode",
+                "no",
                 "--save",
                 "",
                 "--appendonly",
@@ -153,11 +174,19 @@ impl Redis {
             .spawn()
             .ok()?;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((host, port)).is_err() {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(Redis { child, port })
+        Some(Redis {
+            child,
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}:{}", self.host, self.port)
     }
 }
 

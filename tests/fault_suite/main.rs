@@ -1,0 +1,355 @@
+//! The fault-injection suite: a cluster of real `pairdb` processes (5 storage nodes, 2
+//! coordinators, 2 gateways, PostgreSQL and Redis) in network namespaces of its own, clients
+//! recording a history, a nemesis injecting crashes, pauses, partitions, packet loss, latency,
+//! clock skew and a full disk, and a checker over the history and the healed final state
+//! (docs/reliability.md).
+//!
+//! ```text
+//! cargo test --test fault_suite                        # --quick: a fixed seed and a random one
+//! cargo test --release --test fault_suite -- --soak 30m [--seed N] [--sqlite]
+//! ```
+//! Needs root (namespaces, nftables, a tmpfs mount), `ip`, `nft`, `mount`; libfaketime for
+//! clock skew. Where something is missing it says so and skips, except under CI=true, where it
+//! fails. Reports go to `target/fault-suite/` (report.json, report.html).
+
+#[path = "../common/backends.rs"]
+#[allow(dead_code)]
+mod backends;
+mod checker;
+mod cluster;
+mod history;
+mod lab;
+mod nemesis;
+mod report;
+mod workload;
+
+use std::time::{Duration, Instant};
+
+use pairdb::ring::{NodeId, NodeState, Ring, RingNode, key_position};
+use pairdb::rpc::storage as spb;
+use pairdb::vclock::Version;
+use serde_json::{Value, json};
+
+use cluster::Cluster;
+use history::{FinalKey, Outcome};
+use nemesis::Nemesis;
+use report::RunReport;
+use workload::Workload;
+
+const FIXED_SEED: u64 = 20261201;
+const QUICK_SECONDS: u64 = 60;
+/// After healing: time for hints to replay before the final state is read.
+const CONVERGENCE: Duration = Duration::from_secs(15);
+const RF: usize = 3;
+
+struct Args {
+    seconds: u64,
+    seeds: Vec<u64>,
+    sqlite: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        seconds: QUICK_SECONDS,
+        seeds: Vec::new(),
+        sqlite: false,
+    };
+    let mut soak = false;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => {}
+            "--soak" => {
+                let d = it.next().ok_or("--soak needs a duration (e.g. 30m)")?;
+                args.seconds = humantime::parse_duration(&d)
+                    .map_err(|e| format!("--soak {d}: {e}"))?
+                    .as_secs();
+                soak = true;
+            }
+            "--seed" => {
+                let s = it.next().ok_or("--seed needs a number")?;
+                args.seeds
+                    .push(s.parse().map_err(|e| format!("--seed {s}: {e}"))?);
+            }
+            "--sqlite" => args.sqlite = true,
+            // What cargo's test runner passes along (filters, --nocapture, ...).
+            _ => {}
+        }
+    }
+    if args.seeds.is_empty() {
+        let random = pairdb::wallclock::now_ms() ^ u64::from(std::process::id()) << 20;
+        args.seeds = if soak {
+            vec![random]
+        } else {
+            vec![FIXED_SEED, random]
+        };
+    }
+    Ok(args)
+}
+
+/// What the suite needs from the machine; `Err` names what is missing.
+fn prerequisites() -> Result<(), String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err("not root (network namespaces, nftables and mounts need it)".to_owned());
+    }
+    for (tool, args) in [
+        ("ip", &["-V"][..]),
+        ("nft", &["--version"][..]),
+        ("mount", &["--version"][..]),
+    ] {
+        lab::run(tool, args).map_err(|e| format!("{tool} is missing: {e}"))?;
+    }
+    Ok(())
+}
+
+fn main() {
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fault suite: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(missing) = prerequisites() {
+        if ci {
+            eprintln!("fault suite FAILED: CI=true but {missing}");
+            std::process::exit(1);
+        }
+        eprintln!("fault suite SKIPPED: {missing}");
+        return;
+    }
+    let mut reports = Vec::new();
+    for seed in &args.seeds {
+        eprintln!("fault suite: seed {seed}, {} s of faults", args.seconds);
+        match run_once(*seed, args.seconds, args.sqlite, ci) {
+            Ok(r) => {
+                eprintln!("fault suite: {}", r.summary());
+                reports.push(r);
+            }
+            Err(e) => {
+                eprintln!("fault suite FAILED (seed {seed}): {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let out = tmp.parent().unwrap_or(tmp).join("fault-suite");
+    let _ = std::fs::create_dir_all(&out);
+    let _ = std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&reports).unwrap_or_default(),
+    );
+    let _ = std::fs::write(out.join("report.html"), report::html(&reports));
+    eprintln!("fault suite: report in {}", out.display());
+    for r in &reports {
+        for a in r.anomalies.iter().filter(|a| !a.deferred()) {
+            eprintln!(
+                "ANOMALY seed {} {} {}/{}: {}",
+                r.seed, a.kind, a.tenant, a.key, a.what
+            );
+        }
+        for a in r.anomalies.iter().filter(|a| a.deferred()) {
+            eprintln!(
+                "deferred (see docs/reliability.md) seed {} {} {}/{}",
+                r.seed, a.kind, a.tenant, a.key
+            );
+        }
+    }
+    if reports.iter().any(|r| r.enforced_anomalies() > 0) {
+        std::process::exit(1);
+    }
+}
+
+fn run_once(seed: u64, seconds: u64, sqlite: bool, ci: bool) -> Result<RunReport, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut cluster = Cluster::start(dir.path(), sqlite)?;
+    let (kinds, refused) = nemesis::available(&cluster);
+    for (kind, why) in &refused {
+        eprintln!(
+            "fault suite: {} refused by this machine: {why}",
+            kind.name()
+        );
+    }
+    // libfaketime is installed by .ci/run: its absence under CI is a failure. A kernel without
+    // netem is a property of the machine CI runs on; it is reported, not failed.
+    if ci
+        && refused
+            .iter()
+            .any(|(k, _)| *k == nemesis::FaultKind::ClockSkew)
+    {
+        return Err("CI=true but libfaketime is missing".to_owned());
+    }
+    // Built after the cluster: its threads start in the hub namespace like this one.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let gateways = cluster.gateway_urls();
+    runtime.block_on(setup(&gateways))?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let workload = Workload::new(gateways.clone(), start);
+    let mut nemesis = Nemesis::new(kinds, seed, start);
+    let (cluster, nemesis_result) = std::thread::scope(|s| {
+        let handle = s.spawn(move || {
+            let result = nemesis.run(&mut cluster, deadline);
+            (cluster, nemesis, result)
+        });
+        runtime.block_on(workload.run(deadline, seed));
+        handle.join().map_err(|_| "the nemesis panicked".to_owned())
+    })
+    .map(|(c, n, r)| (c, r.map(|()| n)))?;
+    let nemesis = nemesis_result?;
+    let end_ms = workload.now_ms();
+    std::thread::sleep(CONVERGENCE);
+    let finals = runtime.block_on(final_state(&workload, &cluster))?;
+    let ops = workload.ops();
+    let anomalies = checker::check(&ops, &finals, end_ms);
+    let refused = refused
+        .into_iter()
+        .map(|(k, why)| (k.name().to_owned(), why))
+        .collect();
+    let backends = if sqlite {
+        "sqlite + memory"
+    } else {
+        "postgresql + redis"
+    };
+    drop(cluster);
+    Ok(RunReport::new(
+        seed,
+        seconds,
+        backends,
+        &ops,
+        nemesis.events,
+        refused,
+        anomalies,
+    ))
+}
+
+async fn http_json(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut request = client.request(method, url);
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.unwrap_or(Value::Null)))
+}
+
+/// Waits for every storage node to be active, then creates the two tenants (RF 3).
+async fn setup(gateways: &[String]) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes = http_json(
+            reqwest::Method::GET,
+            &format!("{}/v1/admin/storage-nodes", gateways[0]),
+            None,
+        )
+        .await;
+        let active = nodes.ok().map_or(0, |(_, v)| {
+            v["nodes"]
+                .as_array()
+                .map_or(0, |n| n.iter().filter(|n| n["status"] == "active").count())
+        });
+        if active == cluster::STORAGE {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {active} storage nodes active after 60 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for tenant in workload::TENANTS {
+        let body = json!({"tenant_id": tenant, "replication_factor": RF});
+        let (status, v) = http_json(
+            reqwest::Method::POST,
+            &format!("{}/v1/tenants", gateways[0]),
+            Some(body),
+        )
+        .await?;
+        if status != 200 {
+            return Err(format!("create tenant {tenant}: {status} {v}"));
+        }
+    }
+    Ok(())
+}
+
+/// Every key read at ALL through a gateway (retried until it answers), and what each of its
+/// natural replicas holds.
+async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<FinalKey>, String> {
+    let storage = cluster.storage_addrs();
+    let ring = Ring::new(storage.iter().map(|(name, _)| RingNode {
+        id: NodeId::new(name.clone()),
+        virtual_nodes: pairdb::ring::DEFAULT_VIRTUAL_NODES,
+        state: NodeState::Active,
+    }));
+    let mut clients = std::collections::HashMap::new();
+    for (name, addr) in &storage {
+        let client = spb::storage_node_client::StorageNodeClient::connect(format!("http://{addr}"))
+            .await
+            .map_err(|e| format!("connect {name}: {e}"))?;
+        clients.insert(name.clone(), client);
+    }
+    let mut finals = Vec::new();
+    for (tenant, key) in workload::all_keys() {
+        let mut answer = None;
+        for attempt in 0..20 {
+            match workload.get(attempt % 2, &tenant, &key, "all").await {
+                Outcome::Ok { clock, read, .. } => {
+                    answer = Some((read.map(|r| r.id), clock));
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+        let (value, clock) = answer
+            .ok_or_else(|| format!("{tenant}/{key}: no read at ALL succeeded after healing"))?;
+        let mut replicas = Vec::new();
+        for owner in ring.natural_owners(key_position(&tenant, key.as_bytes()), RF) {
+            let client = clients.get_mut(owner.as_str()).ok_or("unknown owner")?;
+            let record = client
+                .read(spb::ReadRequest {
+                    tenant_id: tenant.clone(),
+                    key: key.as_bytes().to_vec(),
+                })
+                .await
+                .map_err(|e| format!("read {tenant}/{key} on {owner}: {e}"))?
+                .into_inner()
+                .record;
+            let held = record.map(|r| {
+                let version = r
+                    .version
+                    .as_ref()
+                    .map(|v| format!("{:?}", Version::from(v).clock));
+                let value = match r.payload {
+                    Some(spb::record::Payload::Value(v)) => serde_json::from_slice::<Value>(&v)
+                        .ok()
+                        .and_then(|v| workload::parse_value(&v))
+                        .map(|v| v.id),
+                    _ => None,
+                };
+                (value, version)
+            });
+            let (value, version) = held.unwrap_or((None, None));
+            replicas.push((owner.as_str().to_owned(), value, version));
+        }
+        finals.push(FinalKey {
+            tenant,
+            key,
+            value,
+            clock,
+            replicas,
+        });
+    }
+    Ok(finals)
+}

@@ -1,0 +1,230 @@
+//! The nemesis: injects faults on a schedule drawn from the run's seed, one or two at a time,
+//! each for a few seconds, then heals everything and pauses before the next. Every fault is
+//! recorded with its start and end.
+
+use std::time::{Duration, Instant};
+
+use crate::cluster::{COORDINATORS, Cluster, Role};
+use crate::history::FaultEvent;
+use crate::lab::HUB_IP;
+use crate::workload::Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// SIGKILL, restarted when healed.
+    Kill,
+    /// SIGSTOP, SIGCONT when healed.
+    Pause,
+    /// No packets to or from one process.
+    Isolate,
+    /// The processes split in two groups that cannot reach each other.
+    Split,
+    /// A can reach B, B cannot reach A.
+    OneWay,
+    /// 20% of the packets to and from one process are dropped.
+    Loss,
+    /// ~150 ms more on every packet into one process (`tc netem`).
+    Latency,
+    /// A coordinator's wall clock moves by seconds to a minute.
+    ClockSkew,
+    /// The small-disk storage node's filesystem fills up.
+    DiskFull,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 9] = [
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::Isolate,
+        FaultKind::Split,
+        FaultKind::OneWay,
+        FaultKind::Loss,
+        FaultKind::Latency,
+        FaultKind::ClockSkew,
+        FaultKind::DiskFull,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::Isolate => "isolate",
+            FaultKind::Split => "split",
+            FaultKind::OneWay => "one-way",
+            FaultKind::Loss => "loss",
+            FaultKind::Latency => "latency",
+            FaultKind::ClockSkew => "clock-skew",
+            FaultKind::DiskFull => "disk-full",
+        }
+    }
+}
+
+/// Which fault kinds this machine can inject, and why the others cannot be.
+pub fn available(cluster: &Cluster) -> (Vec<FaultKind>, Vec<(FaultKind, String)>) {
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for kind in FaultKind::ALL {
+        match kind {
+            FaultKind::Latency if !cluster.lab.netem_available() => refused.push((
+                kind,
+                "tc netem refused: the kernel has no sch_netem (CONFIG_NET_SCH_NETEM)".to_owned(),
+            )),
+            FaultKind::ClockSkew if !cluster.can_skew() => refused.push((
+                kind,
+                "libfaketime is not installed (apt-get install faketime)".to_owned(),
+            )),
+            _ => ok.push(kind),
+        }
+    }
+    (ok, refused)
+}
+
+pub struct Nemesis {
+    kinds: Vec<FaultKind>,
+    rng: Rng,
+    pub events: Vec<FaultEvent>,
+    start: Instant,
+}
+
+impl Nemesis {
+    pub fn new(kinds: Vec<FaultKind>, seed: u64, start: Instant) -> Nemesis {
+        Nemesis {
+            kinds,
+            rng: Rng::new(seed ^ 0x6E656D65),
+            events: Vec::new(),
+            start,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Injects faults until `deadline`, healing each round; returns with every fault healed.
+    pub fn run(&mut self, cluster: &mut Cluster, deadline: Instant) -> Result<(), String> {
+        // Let the workload warm up before the first fault.
+        std::thread::sleep(Duration::from_secs(2));
+        while Instant::now() + Duration::from_secs(4) < deadline && !self.kinds.is_empty() {
+            let count = if self.rng.chance(30) { 2 } else { 1 };
+            let mut injected = Vec::new();
+            for _ in 0..count {
+                let kind = self.kinds[self.rng.below(self.kinds.len() as u64) as usize];
+                let target = self.inject(cluster, kind)?;
+                injected.push(FaultEvent {
+                    kind: kind.name().to_owned(),
+                    target,
+                    start_ms: self.now_ms(),
+                    end_ms: 0,
+                });
+            }
+            let hold = Duration::from_millis(2_000 + self.rng.below(5_000));
+            let until = (Instant::now() + hold).min(deadline);
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+            cluster.heal_all()?;
+            let end = self.now_ms();
+            for mut e in injected {
+                e.end_ms = end;
+                self.events.push(e);
+            }
+            std::thread::sleep(Duration::from_millis(1_000 + self.rng.below(2_000)));
+        }
+        cluster.heal_all()
+    }
+
+    fn pick(&mut self, of: &[usize]) -> usize {
+        of[self.rng.below(of.len() as u64) as usize]
+    }
+
+    /// Injects one fault; returns what it hit.
+    fn inject(&mut self, cluster: &mut Cluster, kind: FaultKind) -> Result<String, String> {
+        let all: Vec<usize> = (0..cluster.procs.len()).collect();
+        match kind {
+            FaultKind::Kill | FaultKind::Pause => {
+                let i = self.pick(&all);
+                let p = &mut cluster.procs[i];
+                if kind == FaultKind::Kill {
+                    p.kill9();
+                } else if p.is_running() {
+                    p.pause();
+                }
+                Ok(p.name.clone())
+            }
+            FaultKind::Isolate => {
+                let i = self.pick(&all);
+                let me = cluster.procs[i].ip;
+                for other in cluster.procs.iter().map(|p| p.ip).chain([HUB_IP]) {
+                    if other != me {
+                        cluster.lab.block(me, other)?;
+                        cluster.lab.block(other, me)?;
+                    }
+                }
+                Ok(cluster.procs[i].name.clone())
+            }
+            FaultKind::Split => {
+                let mut side_a = Vec::new();
+                let mut side_b = Vec::new();
+                for i in all {
+                    if self.rng.chance(50) {
+                        side_a.push(i);
+                    } else {
+                        side_b.push(i);
+                    }
+                }
+                for a in &side_a {
+                    for b in &side_b {
+                        let (ia, ib) = (cluster.procs[*a].ip, cluster.procs[*b].ip);
+                        cluster.lab.block(ia, ib)?;
+                        cluster.lab.block(ib, ia)?;
+                    }
+                }
+                let names = |side: &[usize]| {
+                    side.iter()
+                        .map(|i| cluster.procs[*i].name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                Ok(format!("{} | {}", names(&side_a), names(&side_b)))
+            }
+            FaultKind::OneWay => {
+                // Mostly between the roles that talk: coordinators and storage nodes.
+                let storage = cluster.indices(Role::Storage);
+                let coordinators = cluster.indices(Role::Coordinator);
+                let s = self.pick(&storage);
+                let c = self.pick(&coordinators);
+                let (from, to) = if self.rng.chance(50) { (s, c) } else { (c, s) };
+                let (ip_from, ip_to) = (cluster.procs[from].ip, cluster.procs[to].ip);
+                // `from` reaches `to`; nothing comes back.
+                cluster.lab.block(ip_to, ip_from)?;
+                Ok(format!(
+                    "{} -> {} only",
+                    cluster.procs[from].name, cluster.procs[to].name
+                ))
+            }
+            FaultKind::Loss => {
+                let i = self.pick(&all);
+                cluster.lab.lose(cluster.procs[i].ip, 20)?;
+                Ok(cluster.procs[i].name.clone())
+            }
+            FaultKind::Latency => {
+                let i = self.pick(&all);
+                cluster.lab.delay(i, 150)?;
+                Ok(cluster.procs[i].name.clone())
+            }
+            FaultKind::ClockSkew => {
+                let c = self.rng.below(COORDINATORS as u64) as usize;
+                let magnitude = 5 + self.rng.below(40) as i64;
+                let offset = if self.rng.chance(50) {
+                    magnitude
+                } else {
+                    -magnitude
+                };
+                cluster.skew_clock(c, offset)?;
+                Ok(format!("c{} {offset:+}s", c + 1))
+            }
+            FaultKind::DiskFull => {
+                cluster.fill_disk(true)?;
+                Ok(format!("s{}", crate::cluster::STORAGE))
+            }
+        }
+    }
+}
