@@ -42,9 +42,13 @@ pub const DEFAULT_MAX_ENTRIES: usize = 64;
 pub const MAX_WIRE_ENTRIES: usize = 1000;
 /// Longest coordinator id accepted in a clock.
 pub const MAX_ID_BYTES: usize = 128;
-/// How far ahead of the issued counters the durable high-water mark is moved each time, so
-/// the store is written about once a minute under load, not once per write.
-pub const DEFAULT_RESERVE_MS: u64 = 60_000;
+/// How far ahead of the issued counters the durable high-water mark is moved each time: the
+/// store is written about every 10 s under load, not once per write. It is also how far ahead
+/// of the wall clock a restarted coordinator may resume (it resumes above the mark), so it stays
+/// well inside the `max_clock_skew` other coordinators trust (60 s by default): a minute here
+/// put a restarted coordinator's counters beyond its peers' trust, and its peers' later blind
+/// writes then lost to its older ones (found by the fault suite, docs/reliability.md).
+pub const DEFAULT_RESERVE_MS: u64 = 10_000;
 
 /// Errors of clocks received from outside.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

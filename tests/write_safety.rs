@@ -9,6 +9,8 @@
 //! - a call lost after it was sent is OUTCOME_UNKNOWN (never sent twice), and with an
 //!   Idempotency-Key it is resent and written once;
 //! - identical idempotent requests racing on two coordinators with a shared Redis write once;
+//! - a write behind a dead holder's idempotency lock gives up within the request timeout and
+//!   never lands later;
 //! - SIGTERM stores every queued hint before the coordinator exits.
 
 mod common;
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use common::backends::{Redis, skip_or_fail};
 use common::cluster::{RoleProcess, start_storage};
 use common::coord::{Client, create_tenant, put, put_idem, sqlite_url, wait_all_active};
+use pairdb::idempotency::{Claim, IdempotencyStore, LOCK_TTL, RedisIdempotencyStore, store_key};
 use pairdb::meta::{MetadataStore, SqlMetadataStore};
 use pairdb::rpc::common::Consistency;
 use pairdb::rpc::coordinator as pb;
@@ -658,5 +661,74 @@ async fn hints_that_cannot_be_stored_become_repair_markers_on_the_other_replicas
         markers
             .iter()
             .all(|m| m.missed_node == "s3" && m.tenant_id == "acme" && m.version.is_some())
+    );
+}
+
+/// A write whose idempotency key is held by a request that died (its coordinator crashed with
+/// the lock taken) waits at most the request timeout, then fails; it never writes later, when
+/// its client has long given up (the fault suite saw such a write land 30 s late, when the dead
+/// holder's lock expired, and roll the key back over the client's later writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_a_dead_holders_lock_gives_up_and_never_lands_later() {
+    let _serial = SERIAL.lock().await;
+    let test = "a_write_behind_a_dead_holders_lock_gives_up_and_never_lands_later";
+    let Some(redis) = Redis::start() else {
+        skip_or_fail(test, "redis-server (apt-get install redis-server)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        &redis.url(),
+        &storage,
+        &[],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+
+    // The holder: a request that took the lock and died with it (30 s TTL).
+    let store = RedisIdempotencyStore::connect(&redis.url())
+        .await
+        .expect("connect to redis");
+    let claim = store
+        .claim(&store_key("acme", b"held", "idem-held"), LOCK_TTL)
+        .await
+        .expect("claim");
+    assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
+
+    let started = Instant::now();
+    let waited = put_idem(
+        &mut c,
+        "acme",
+        "held",
+        "\"late\"",
+        Consistency::Quorum,
+        "idem-held",
+    )
+    .await;
+    let took = started.elapsed();
+    let status = waited.expect_err("the write must not pass a held lock");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "it waited {took:?}, far beyond the request timeout"
+    );
+    // Nothing lands afterwards either.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let read = c
+        .read_key_value(pb::ReadKeyValueRequest {
+            tenant_id: "acme".into(),
+            key: b"held".to_vec(),
+            consistency: Consistency::All as i32,
+        })
+        .await;
+    assert_eq!(
+        read.map(|r| r.into_inner().value).map_err(|s| s.code()),
+        Err(tonic::Code::NotFound),
+        "a write whose client got UNAVAILABLE landed later"
     );
 }

@@ -1,6 +1,7 @@
 //! A coordinator's clock: [`HybridClock`] whose high-water mark lives in the metadata store, so
 //! a restarted coordinator (even with its wall clock behind) never issues a counter it issued
-//! before. The mark is reserved a minute ahead, so the store is written about once a minute.
+//! before. The mark is reserved [`DEFAULT_RESERVE_MS`] ahead, so the store is written about
+//! every 10 s under load.
 //!
 //! Invariants:
 //! - The clock moves only after its high-water mark was stored: a failed reservation (store
@@ -11,6 +12,11 @@
 //!   never observed; it is logged and counted in `pairdb_clock_far_ahead_total{source}`.
 //! - Every trusted version the coordinator sees (read answers, versions replicas kept instead
 //!   of a write) is observed (the HLC receive rule), so the next counter is above it.
+//! - A restarted coordinator issues counters at most one reservation ahead of its wall clock:
+//!   each restart resumes above the mark, and the first reservation after it lies another
+//!   reservation further, so a crash loop would push the clock ahead by a reservation per
+//!   restart, beyond what peers trust. [`resume_wait`] makes the restart wait until the mark is
+//!   within one reservation of the wall clock.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Mutex;
 
 use crate::meta::{MetaError, MetadataStore};
-use crate::vclock::{CLOCK_EPOCH_MS, HybridClock, LOGICAL_BITS, VectorClock, counter_bound};
+use crate::vclock::{
+    CLOCK_EPOCH_MS, DEFAULT_RESERVE_MS, HybridClock, LOGICAL_BITS, VectorClock, counter_bound,
+};
 
 pub struct CoordinatorClock {
     id: String,
@@ -55,6 +63,16 @@ impl CoordinatorClock {
         max_skew_ms: u64,
     ) -> Result<Self, MetaError> {
         let high_water = store.load_clock(coordinator_id).await?;
+        let wait = resume_wait(high_water, crate::wallclock::now_ms(), max_skew_ms);
+        if !wait.is_zero() {
+            tracing::warn!(
+                coordinator = coordinator_id,
+                wait_ms = wait.as_millis() as u64,
+                "the clock's high-water mark lies more than one reservation ahead (restarts in \
+                 quick succession); waiting for the wall clock before issuing counters"
+            );
+            tokio::time::sleep(wait).await;
+        }
         let clock = Self {
             id: coordinator_id.to_owned(),
             store,
@@ -147,7 +165,73 @@ impl CoordinatorClock {
     }
 }
 
+/// How long a restarting coordinator waits before it issues counters: until its high-water
+/// mark lies at most one reservation ahead of the wall clock. Nothing for a mark further ahead
+/// than twice the allowed skew: that mark was moved by a bad counter long ago (see `resume`),
+/// and waiting for it could take years.
+pub fn resume_wait(high_water: u64, now_ms: u64, max_skew_ms: u64) -> std::time::Duration {
+    let ahead = ((high_water >> LOGICAL_BITS) + CLOCK_EPOCH_MS).saturating_sub(now_ms);
+    if ahead <= DEFAULT_RESERVE_MS || ahead > 2 * max_skew_ms.max(60_000) {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::from_millis(ahead - DEFAULT_RESERVE_MS)
+}
+
 /// How far a counter's physical part lies ahead of the wall clock, in milliseconds.
 fn millis_ahead(counter: u64) -> u64 {
     ((counter >> LOGICAL_BITS) + CLOCK_EPOCH_MS).saturating_sub(crate::wallclock::now_ms())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vclock::physical_counter;
+
+    /// How far `counter` lies ahead of `now_ms`.
+    fn ahead_of(counter: u64, now_ms: u64) -> u64 {
+        ((counter >> LOGICAL_BITS) + CLOCK_EPOCH_MS).saturating_sub(now_ms)
+    }
+
+    /// A coordinator that crashes right after its first write, restarts at once, and again:
+    /// without the wait each restart moved its counters one more reservation ahead (ten
+    /// restarts: 100 s, beyond the 60 s its peers trust); with it they stay within one.
+    #[test]
+    fn a_crash_loop_does_not_push_the_clock_ahead() {
+        let skew = 60_000;
+        let mut now = CLOCK_EPOCH_MS + 1_000_000_000;
+        let mut mark = 0;
+        let mut waited = 0;
+        for restart in 0..10 {
+            let wait = resume_wait(mark, now, skew);
+            waited += wait.as_millis() as u64;
+            now += wait.as_millis() as u64;
+            let mut clock = HybridClock::resume(mark);
+            let tick = clock.tick(now, 0);
+            if let Some(m) = tick.persist_high_water {
+                mark = m;
+            }
+            clock.persisted(tick);
+            assert!(
+                ahead_of(tick.counter, now) <= DEFAULT_RESERVE_MS,
+                "restart {restart}: counters {} ms ahead",
+                ahead_of(tick.counter, now)
+            );
+            now += 100;
+        }
+        assert!(waited > 0, "the loop must have made restarts wait");
+    }
+
+    #[test]
+    fn a_mark_far_in_the_future_is_not_waited_for() {
+        let now = CLOCK_EPOCH_MS + 1_000_000_000;
+        let far = physical_counter(now + 3_600_000);
+        assert_eq!(resume_wait(far, now, 60_000), std::time::Duration::ZERO);
+        let near = physical_counter(now + DEFAULT_RESERVE_MS);
+        assert_eq!(resume_wait(near, now, 60_000), std::time::Duration::ZERO);
+        let between = physical_counter(now + 25_000);
+        assert_eq!(
+            resume_wait(between, now, 60_000),
+            std::time::Duration::from_millis(15_000)
+        );
+    }
 }

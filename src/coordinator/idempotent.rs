@@ -5,8 +5,11 @@
 //!   a retry may try again.
 //! - `Done`: the first response is replayed with `is_duplicate = true`, or, when the stored
 //!   fingerprint differs (another value), IDEMPOTENCY_KEY_CONFLICT. Nothing is written.
-//! - `Busy`: another request with the same key is running; wait for its result (poll), bounded
-//!   by the lock TTL after which the lock expires and this request may take over.
+//! - `Busy`: another request with the same key is running; wait for its result (poll) for at
+//!   most the request timeout, then UNAVAILABLE: the client retries, and once the holder's lock
+//!   expires (a holder that crashed) a retry takes over. Never longer: a request waiting out a
+//!   crashed holder's 30 s lock wrote 30 s after its client had given up and moved on, rolling
+//!   the key back over the client's later writes (found by the fault suite).
 //!
 //! When the idempotency store is down, writes keep being served without it (logged, counted),
 //! and for [`BREAKER_OPEN`] after a failure the store is not asked at all, so an outage costs
@@ -126,7 +129,7 @@ impl Coordinator {
             return write().await;
         }
         let store_key = store_key(tenant, key, idempotency_key);
-        let give_up = Instant::now() + LOCK_TTL + Duration::from_secs(5);
+        let give_up = Instant::now() + self.options.request_timeout;
         let lock = loop {
             match self.idempotency.claim(&store_key, LOCK_TTL).await {
                 Ok(Claim::Acquired(lock)) => break lock,

@@ -9,7 +9,10 @@
 //!   acknowledged put began. Single-writer keys (QUORUM and ALL only): the final value is at
 //!   least the last acknowledged one.
 //! - `rollback`: a QUORUM/ALL read of a single-writer key returns an older value than a
-//!   QUORUM/ALL write acknowledged before the read began (R + W > RF).
+//!   QUORUM/ALL write acknowledged before the read began (R + W > RF). A value whose write has
+//!   an unknown outcome is no rollback: that write may take effect after later ones...
+//! - `late-write`: ...unless it did so more than 10 s after its client gave up (a request
+//!   kept alive in a coordinator long after its caller timed out).
 //! - `foreign-read`: a read returns a value written to another tenant or key.
 //! - `phantom-read`: a read returns a value no write of that key carried.
 //! - `double-apply`: an acknowledged idempotent write sent again with the same key (a client
@@ -136,7 +139,7 @@ pub fn check(ops: &[Op], finals: &[FinalKey], end_ms: u64) -> Vec<Anomaly> {
         }
     }
 
-    rollbacks(&by_key, &mut anomalies);
+    rollbacks(&by_key, &writer_of, &mut anomalies);
     double_applies(ops, &mut anomalies);
     for f in finals {
         let history = by_key
@@ -149,7 +152,16 @@ pub fn check(ops: &[Op], finals: &[FinalKey], end_ms: u64) -> Vec<Anomaly> {
     anomalies
 }
 
-fn rollbacks(by_key: &HashMap<(&str, &str), Vec<&Op>>, anomalies: &mut Vec<Anomaly>) {
+/// How long after its client gave up a write with an unknown outcome may still take effect:
+/// the gateway's timeout (5 s) plus the coordinator's wait for an idempotency lock and its
+/// replication rounds, with margin. Later than that is a `late-write`.
+const LATE_MS: u64 = 10_000;
+
+fn rollbacks(
+    by_key: &HashMap<(&str, &str), Vec<&Op>>,
+    writer_of: &HashMap<u64, &Op>,
+    anomalies: &mut Vec<Anomaly>,
+) {
     for ((tenant, key), history) in by_key {
         if !is_single_writer_key(key) {
             continue;
@@ -164,28 +176,47 @@ fn rollbacks(by_key: &HashMap<(&str, &str), Vec<&Op>>, anomalies: &mut Vec<Anoma
             .iter()
             .filter(|o| o.kind == Kind::Get && o.acked() && o.is_strong())
         {
-            let seen = read.read_value().map_or(0, |v| v.id % SW_SPAN);
+            let seen_id = read.read_value().map(|v| v.id);
+            let seen = seen_id.map_or(0, |id| id % SW_SPAN);
             let newest_before = writes
                 .iter()
                 .take_while(|w| w.complete_ms < read.invoke_ms)
                 .max_by_key(|w| w.value.unwrap_or(0));
-            if let Some(w) = newest_before {
-                let acked = w.value.unwrap_or(0) % SW_SPAN;
-                if seen < acked {
-                    anomalies.push(Anomaly {
-                        kind: "rollback",
-                        tenant: (*tenant).to_owned(),
-                        key: (*key).to_owned(),
-                        what: format!(
-                            "read saw n={seen} after n={acked} was acknowledged: {} / {}",
-                            describe(w),
-                            describe(read)
-                        ),
-                        ops: vec![w.id, read.id],
-                        at_ms: read.complete_ms,
-                    });
-                }
+            let Some(w) = newest_before else {
+                continue;
+            };
+            let acked = w.value.unwrap_or(0) % SW_SPAN;
+            if seen >= acked {
+                continue;
             }
+            // A write whose outcome is unknown may take effect after later ones (it is
+            // concurrent with everything after it began), but not long after its client gave up.
+            let unknown = seen_id
+                .and_then(|id| writer_of.get(&id))
+                .filter(|x| !x.acked());
+            let kind = match unknown {
+                Some(x) if w.invoke_ms <= x.complete_ms + LATE_MS => continue,
+                Some(_) => "late-write",
+                None => "rollback",
+            };
+            let mut ops = vec![w.id, read.id];
+            let mut what = format!(
+                "read saw n={seen} after n={acked} was acknowledged: {} / {}",
+                describe(w),
+                describe(read)
+            );
+            if let Some(x) = unknown {
+                ops.push(x.id);
+                what.push_str(&format!(" / the write it saw: {}", describe(x)));
+            }
+            anomalies.push(Anomaly {
+                kind,
+                tenant: (*tenant).to_owned(),
+                key: (*key).to_owned(),
+                what,
+                ops,
+                at_ms: read.complete_ms,
+            });
         }
     }
 }

@@ -15,6 +15,9 @@ use crate::lab::{HUB_IP, Lab, run};
 pub const STORAGE: usize = 5;
 pub const COORDINATORS: usize = 2;
 pub const GATEWAYS: usize = 2;
+/// Index of the spare storage process that joins and leaves the ring during a run (a new
+/// node id and data dir each time it joins: j1, j2, ...).
+pub const JOINER: usize = STORAGE + COORDINATORS + GATEWAYS;
 const STORAGE_GRPC: u16 = 7000;
 const STORAGE_HTTP: u16 = 7001;
 const GOSSIP: u16 = 7946;
@@ -138,6 +141,10 @@ pub struct Cluster {
     small_disk: PathBuf,
     /// libfaketime's offset file of each coordinator (None when libfaketime is missing).
     clock_files: Vec<Option<PathBuf>>,
+    /// The joiner's current node id is `j{joiner_generation}`.
+    joiner_generation: u32,
+    /// Whether the joiner is in the ring (added, not removed since).
+    pub joiner_member: bool,
 }
 
 /// The `pairdb` under test: this build's, or `PAIRDB_FAULT_SUITE_BIN` (a deliberately broken
@@ -162,7 +169,7 @@ impl Cluster {
     /// Creates the network, the backends and every process, and waits until each listens.
     /// Leaves the calling thread in the hub namespace (the suite's clients run there).
     pub fn start(dir: &Path, sqlite: bool) -> Result<Cluster, String> {
-        let lab = Lab::create(STORAGE + COORDINATORS + GATEWAYS)?;
+        let lab = Lab::create(JOINER + 1)?;
         lab.enter_hub()?;
         let hub = HUB_IP.to_string();
         let (backends, metadata_url, idempotency_url) = if sqlite {
@@ -202,6 +209,8 @@ impl Cluster {
             dir: dir.to_path_buf(),
             small_disk,
             clock_files: Vec::new(),
+            joiner_generation: 1,
+            joiner_member: false,
         };
         cluster.define(&metadata_url, &idempotency_url)?;
         for p in &mut cluster.procs {
@@ -210,32 +219,33 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Arguments of a storage process `name` at lab index `i`, gossiping with the members.
+    fn storage_args(&self, name: &str, i: usize) -> Result<Vec<String>, String> {
+        let ip = self.lab.ip(i);
+        let data = self.dir.join(name);
+        std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+        let seeds: Vec<String> = (0..STORAGE)
+            .filter(|j| *j != i)
+            .map(|j| format!("{}:{GOSSIP}", self.lab.ip(j)))
+            .collect();
+        Ok(vec![
+            "--role=storage".to_owned(),
+            format!("--node-id={name}"),
+            format!("--listen={ip}:{STORAGE_GRPC}"),
+            format!("--http-listen={ip}:{STORAGE_HTTP}"),
+            format!("--data-dir={}", data.display()),
+            format!("--gossip={ip}:{GOSSIP}"),
+            format!("--seeds={}", seeds.join(",")),
+            "--log-level=warn".to_owned(),
+        ])
+    }
+
     fn define(&mut self, metadata_url: &str, idempotency_url: &str) -> Result<(), String> {
         let ip = |i: usize| self.lab.ip(i);
-        let gossip: Vec<String> = (0..STORAGE)
-            .map(|i| format!("{}:{GOSSIP}", ip(i)))
-            .collect();
         let mut procs = Vec::new();
         for i in 0..STORAGE {
             let name = format!("s{}", i + 1);
-            let data = self.dir.join(&name);
-            std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
-            let seeds: Vec<&str> = gossip
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, g)| g.as_str())
-                .collect();
-            let args = vec![
-                "--role=storage".to_owned(),
-                format!("--node-id={name}"),
-                format!("--listen={}:{STORAGE_GRPC}", ip(i)),
-                format!("--http-listen={}:{STORAGE_HTTP}", ip(i)),
-                format!("--data-dir={}", data.display()),
-                format!("--gossip={}", gossip[i]),
-                format!("--seeds={}", seeds.join(",")),
-                "--log-level=warn".to_owned(),
-            ];
+            let args = self.storage_args(&name, i)?;
             procs.push(self.proc(&name, Role::Storage, i, STORAGE_GRPC, args, Vec::new()));
         }
         let storage_list: Vec<String> = (0..STORAGE)
@@ -301,8 +311,37 @@ impl Cluster {
             ];
             procs.push(self.proc(&name, Role::Gateway, i, GATEWAY_HTTP, args, env));
         }
+        let joiner = format!("j{}", self.joiner_generation);
+        let args = self.storage_args(&joiner, JOINER)?;
+        procs.push(self.proc(
+            &joiner,
+            Role::Storage,
+            JOINER,
+            STORAGE_GRPC,
+            args,
+            Vec::new(),
+        ));
         self.procs = procs;
         Ok(())
+    }
+
+    /// Restarts the (unregistered) joiner as a new node, `j{n+1}` on an empty data dir; returns
+    /// its id and address.
+    pub fn renew_joiner(&mut self) -> Result<(String, SocketAddr), String> {
+        self.procs[JOINER].kill9();
+        self.joiner_generation += 1;
+        let name = format!("j{}", self.joiner_generation);
+        let args = self.storage_args(&name, JOINER)?;
+        let mut p = self.proc(&name, Role::Storage, JOINER, STORAGE_GRPC, args, Vec::new());
+        p.spawn()?;
+        let addr = p.addr();
+        self.procs[JOINER] = p;
+        Ok((name, addr))
+    }
+
+    /// The joiner's current node id.
+    pub fn joiner_id(&self) -> &str {
+        &self.procs[JOINER].name
     }
 
     fn proc(

@@ -12,6 +12,7 @@
 //! clock skew. Where something is missing it says so and skips, except under CI=true, where it
 //! fails. Reports go to `target/fault-suite/` (report.json, report.html).
 
+mod admin;
 #[path = "../common/backends.rs"]
 #[allow(dead_code)]
 mod backends;
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use pairdb::ring::{NodeId, NodeState, Ring, RingNode, key_position};
 use pairdb::rpc::storage as spb;
 use pairdb::vclock::Version;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use cluster::Cluster;
 use history::{FinalKey, Outcome};
@@ -46,6 +47,8 @@ struct Args {
     seconds: u64,
     seeds: Vec<u64>,
     sqlite: bool,
+    /// Only these fault kinds (`--faults kill,topology`); all by default.
+    faults: Option<Vec<String>>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -53,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
         seconds: QUICK_SECONDS,
         seeds: Vec::new(),
         sqlite: false,
+        faults: None,
     };
     let mut soak = false;
     let mut it = std::env::args().skip(1);
@@ -72,6 +76,12 @@ fn parse_args() -> Result<Args, String> {
                     .push(s.parse().map_err(|e| format!("--seed {s}: {e}"))?);
             }
             "--sqlite" => args.sqlite = true,
+            "--faults" => {
+                let list = it
+                    .next()
+                    .ok_or("--faults needs a list (e.g. kill,topology)")?;
+                args.faults = Some(list.split(',').map(str::to_owned).collect());
+            }
             // What cargo's test runner passes along (filters, --nocapture, ...).
             _ => {}
         }
@@ -122,7 +132,7 @@ fn main() {
     let mut reports = Vec::new();
     for seed in &args.seeds {
         eprintln!("fault suite: seed {seed}, {} s of faults", args.seconds);
-        match run_once(*seed, args.seconds, args.sqlite, ci) {
+        match run_once(*seed, &args, ci) {
             Ok(r) => {
                 eprintln!("fault suite: {}", r.summary());
                 reports.push(r);
@@ -133,9 +143,7 @@ fn main() {
             }
         }
     }
-    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let out = tmp.parent().unwrap_or(tmp).join("fault-suite");
-    let _ = std::fs::create_dir_all(&out);
+    let out = report_dir();
     let _ = std::fs::write(
         out.join("report.json"),
         serde_json::to_string_pretty(&reports).unwrap_or_default(),
@@ -161,10 +169,36 @@ fn main() {
     }
 }
 
-fn run_once(seed: u64, seconds: u64, sqlite: bool, ci: bool) -> Result<RunReport, String> {
+/// `target/fault-suite/`, created.
+fn report_dir() -> std::path::PathBuf {
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let out = tmp.parent().unwrap_or(tmp).join("fault-suite");
+    let _ = std::fs::create_dir_all(&out);
+    out
+}
+
+/// The whole history (one operation per line) and the final state, for a closer look.
+fn write_history(seed: u64, ops: &[history::Op], finals: &[FinalKey]) {
+    let lines: Vec<String> = ops
+        .iter()
+        .filter_map(|o| serde_json::to_string(o).ok())
+        .collect();
+    let dir = report_dir();
+    let _ = std::fs::write(dir.join(format!("history-{seed}.jsonl")), lines.join("\n"));
+    let _ = std::fs::write(
+        dir.join(format!("final-{seed}.json")),
+        serde_json::to_string_pretty(finals).unwrap_or_default(),
+    );
+}
+
+fn run_once(seed: u64, args: &Args, ci: bool) -> Result<RunReport, String> {
+    let (seconds, sqlite) = (args.seconds, args.sqlite);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut cluster = Cluster::start(dir.path(), sqlite)?;
-    let (kinds, refused) = nemesis::available(&cluster);
+    let (mut kinds, refused) = nemesis::available(&cluster);
+    if let Some(only) = &args.faults {
+        kinds.retain(|k| only.iter().any(|o| o == k.name()));
+    }
     for (kind, why) in &refused {
         eprintln!(
             "fault suite: {} refused by this machine: {why}",
@@ -191,7 +225,13 @@ fn run_once(seed: u64, seconds: u64, sqlite: bool, ci: bool) -> Result<RunReport
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let workload = Workload::new(gateways.clone(), start);
-    let mut nemesis = Nemesis::new(kinds, seed, start);
+    let mut nemesis = Nemesis::new(
+        kinds,
+        seed,
+        start,
+        runtime.handle().clone(),
+        gateways.clone(),
+    );
     let (cluster, nemesis_result) = std::thread::scope(|s| {
         let handle = s.spawn(move || {
             let result = nemesis.run(&mut cluster, deadline);
@@ -203,9 +243,11 @@ fn run_once(seed: u64, seconds: u64, sqlite: bool, ci: bool) -> Result<RunReport
     .map(|(c, n, r)| (c, r.map(|()| n)))?;
     let nemesis = nemesis_result?;
     let end_ms = workload.now_ms();
+    runtime.block_on(wait_for_migration(&gateways, nemesis.migration.as_deref()))?;
     std::thread::sleep(CONVERGENCE);
     let finals = runtime.block_on(final_state(&workload, &cluster))?;
     let ops = workload.ops();
+    write_history(seed, &ops, &finals);
     let anomalies = checker::check(&ops, &finals, end_ms);
     let refused = refused
         .into_iter()
@@ -228,39 +270,12 @@ fn run_once(seed: u64, seconds: u64, sqlite: bool, ci: bool) -> Result<RunReport
     ))
 }
 
-async fn http_json(
-    method: reqwest::Method,
-    url: &str,
-    body: Option<Value>,
-) -> Result<(u16, Value), String> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let mut request = client.request(method, url);
-    if let Some(b) = body {
-        request = request.json(&b);
-    }
-    let response = request.send().await.map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    Ok((status, response.json().await.unwrap_or(Value::Null)))
-}
-
 /// Waits for every storage node to be active, then creates the two tenants (RF 3).
 async fn setup(gateways: &[String]) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let nodes = http_json(
-            reqwest::Method::GET,
-            &format!("{}/v1/admin/storage-nodes", gateways[0]),
-            None,
-        )
-        .await;
-        let active = nodes.ok().map_or(0, |(_, v)| {
-            v["nodes"]
-                .as_array()
-                .map_or(0, |n| n.iter().filter(|n| n["status"] == "active").count())
-        });
+        let nodes = admin::storage_nodes(&gateways[0]).await.unwrap_or_default();
+        let active = nodes.iter().filter(|n| n["status"] == "active").count();
         if active == cluster::STORAGE {
             break;
         }
@@ -270,29 +285,52 @@ async fn setup(gateways: &[String]) -> Result<(), String> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for tenant in workload::TENANTS {
-        let body = json!({"tenant_id": tenant, "replication_factor": RF});
-        let (status, v) = http_json(
-            reqwest::Method::POST,
-            &format!("{}/v1/tenants", gateways[0]),
-            Some(body),
-        )
-        .await?;
-        if status != 200 {
-            return Err(format!("create tenant {tenant}: {status} {v}"));
-        }
+        admin::create_tenant(&gateways[0], tenant, RF).await?;
     }
     Ok(())
+}
+
+/// Waits until the last topology change finished (it resumes after coordinator restarts).
+async fn wait_for_migration(gateways: &[String], migration: Option<&str>) -> Result<(), String> {
+    let Some(m) = migration else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match admin::migration_state(&gateways[0], m).await {
+            Ok(state) if admin::finished(&state) => return Ok(()),
+            Ok(state) => last = state,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(format!(
+        "migration {m} did not finish after healing: {last}"
+    ))
+}
+
+/// The ring as the registry has it now.
+async fn current_ring(gateway: &str) -> Result<Ring, String> {
+    let nodes = admin::storage_nodes(gateway).await?;
+    let mut ring_nodes = Vec::new();
+    for n in nodes {
+        let state: NodeState = serde_json::from_value(n["status"].clone())
+            .map_err(|e| format!("node state {}: {e}", n["status"]))?;
+        ring_nodes.push(RingNode {
+            id: NodeId::new(n["node_id"].as_str().unwrap_or_default()),
+            virtual_nodes: n["virtual_nodes"].as_u64().unwrap_or(0) as u32,
+            state,
+        });
+    }
+    Ok(Ring::new(ring_nodes))
 }
 
 /// Every key read at ALL through a gateway (retried until it answers), and what each of its
 /// natural replicas holds.
 async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<FinalKey>, String> {
     let storage = cluster.storage_addrs();
-    let ring = Ring::new(storage.iter().map(|(name, _)| RingNode {
-        id: NodeId::new(name.clone()),
-        virtual_nodes: pairdb::ring::DEFAULT_VIRTUAL_NODES,
-        state: NodeState::Active,
-    }));
+    let ring = current_ring(&cluster.gateway_urls()[0]).await?;
     let mut clients = std::collections::HashMap::new();
     for (name, addr) in &storage {
         let client = spb::storage_node_client::StorageNodeClient::connect(format!("http://{addr}"))

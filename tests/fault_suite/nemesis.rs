@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::admin;
 use crate::cluster::{COORDINATORS, Cluster, Role};
 use crate::history::FaultEvent;
 use crate::lab::HUB_IP;
@@ -29,10 +30,13 @@ pub enum FaultKind {
     ClockSkew,
     /// The small-disk storage node's filesystem fills up.
     DiskFull,
+    /// A spare node joins the ring, or leaves it (one change at a time); half of the time a
+    /// coordinator is killed 0.2-1.5 s into the change, in the middle of its streaming.
+    Topology,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Isolate,
@@ -42,6 +46,7 @@ impl FaultKind {
         FaultKind::Latency,
         FaultKind::ClockSkew,
         FaultKind::DiskFull,
+        FaultKind::Topology,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +60,7 @@ impl FaultKind {
             FaultKind::Latency => "latency",
             FaultKind::ClockSkew => "clock-skew",
             FaultKind::DiskFull => "disk-full",
+            FaultKind::Topology => "topology",
         }
     }
 }
@@ -84,15 +90,29 @@ pub struct Nemesis {
     rng: Rng,
     pub events: Vec<FaultEvent>,
     start: Instant,
+    /// For the admin calls of topology changes.
+    runtime: tokio::runtime::Handle,
+    gateways: Vec<String>,
+    /// The last topology change started.
+    pub migration: Option<String>,
 }
 
 impl Nemesis {
-    pub fn new(kinds: Vec<FaultKind>, seed: u64, start: Instant) -> Nemesis {
+    pub fn new(
+        kinds: Vec<FaultKind>,
+        seed: u64,
+        start: Instant,
+        runtime: tokio::runtime::Handle,
+        gateways: Vec<String>,
+    ) -> Nemesis {
         Nemesis {
             kinds,
             rng: Rng::new(seed ^ 0x6E656D65),
             events: Vec::new(),
             start,
+            runtime,
+            gateways,
+            migration: None,
         }
     }
 
@@ -225,6 +245,51 @@ impl Nemesis {
                 cluster.fill_disk(true)?;
                 Ok(format!("s{}", crate::cluster::STORAGE))
             }
+            FaultKind::Topology => self.change_topology(cluster),
         }
+    }
+
+    /// Adds the joiner (as a new node) or removes it, unless the previous change is still
+    /// running; may kill a coordinator in the middle. Admin calls that fail (another fault
+    /// may be cutting the gateway off) are recorded, not fatal.
+    fn change_topology(&mut self, cluster: &mut Cluster) -> Result<String, String> {
+        let gateway = self.gateways[self.rng.below(self.gateways.len() as u64) as usize].clone();
+        if let Some(m) = &self.migration {
+            let state = self.runtime.block_on(admin::migration_state(&gateway, m));
+            if !state.as_deref().is_ok_and(admin::finished) {
+                return Ok(format!("none ({m} still running: {state:?})"));
+            }
+        }
+        let (what, result) = if cluster.joiner_member {
+            let id = cluster.joiner_id().to_owned();
+            let r = self
+                .runtime
+                .block_on(admin::change_node(&gateway, &id, None));
+            (format!("remove {id}"), r)
+        } else {
+            let (id, addr) = cluster.renew_joiner()?;
+            let r = self
+                .runtime
+                .block_on(admin::change_node(&gateway, &id, Some(addr)));
+            (format!("add {id}"), r)
+        };
+        let migration = match result {
+            Ok(m) => m,
+            Err(e) => return Ok(format!("{what} refused: {e}")),
+        };
+        cluster.joiner_member = !cluster.joiner_member;
+        self.migration = Some(migration);
+        if self.rng.chance(50) {
+            let after = 200 + self.rng.below(1_300);
+            std::thread::sleep(Duration::from_millis(after));
+            let coordinators = cluster.indices(Role::Coordinator);
+            let c = self.pick(&coordinators);
+            cluster.procs[c].kill9();
+            return Ok(format!(
+                "{what}, {} killed at {after} ms",
+                cluster.procs[c].name
+            ));
+        }
+        Ok(what)
     }
 }

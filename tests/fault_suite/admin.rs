@@ -1,0 +1,80 @@
+//! The admin API calls the suite makes through a gateway: node lists, tenants, node additions
+//! and removals, migration states.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+pub async fn http_json(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut request = client.request(method, url);
+    if let Some(b) = body {
+        request = request.json(&b);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.unwrap_or(Value::Null)))
+}
+
+/// `GET /v1/admin/storage-nodes`: the registered nodes.
+pub async fn storage_nodes(gateway: &str) -> Result<Vec<Value>, String> {
+    let url = format!("{gateway}/v1/admin/storage-nodes");
+    let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
+    match v["nodes"].as_array() {
+        Some(nodes) if status == 200 => Ok(nodes.clone()),
+        _ => Err(format!("list storage nodes: {status} {v}")),
+    }
+}
+
+pub async fn create_tenant(gateway: &str, tenant: &str, rf: usize) -> Result<(), String> {
+    let body = json!({"tenant_id": tenant, "replication_factor": rf});
+    let url = format!("{gateway}/v1/tenants");
+    match http_json(reqwest::Method::POST, &url, Some(body)).await? {
+        (200, _) => Ok(()),
+        (status, v) => Err(format!("create tenant {tenant}: {status} {v}")),
+    }
+}
+
+/// Starts adding (`Some(addr)`) or removing (`None`) node `id`; returns the migration id.
+pub async fn change_node(
+    gateway: &str,
+    id: &str,
+    add: Option<std::net::SocketAddr>,
+) -> Result<String, String> {
+    let (status, v) = match add {
+        Some(addr) => {
+            let body = json!({"node_id": id, "host": addr.ip().to_string(), "port": addr.port()});
+            let url = format!("{gateway}/v1/admin/storage-nodes");
+            http_json(reqwest::Method::POST, &url, Some(body)).await?
+        }
+        None => {
+            let url = format!("{gateway}/v1/admin/storage-nodes/{id}");
+            http_json(reqwest::Method::DELETE, &url, None).await?
+        }
+    };
+    match v["migration_id"].as_str() {
+        Some(m) if status == 202 => Ok(m.to_owned()),
+        _ => Err(format!("{status} {v}")),
+    }
+}
+
+/// A migration's state (`pending`, `in_progress`, `completed`, `failed`, `cancelled`).
+pub async fn migration_state(gateway: &str, migration: &str) -> Result<String, String> {
+    let url = format!("{gateway}/v1/admin/migrations/{migration}");
+    let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
+    match v["state"].as_str() {
+        Some(s) if status == 200 => Ok(s.to_owned()),
+        _ => Err(format!("migration {migration}: {status} {v}")),
+    }
+}
+
+pub fn finished(state: &str) -> bool {
+    matches!(state, "completed" | "failed" | "cancelled")
+}
