@@ -9,7 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{RoleProcess, start_storage};
-use common::coord::{create_tenant, eventually, get, put, sqlite_url, wait_all_active};
+use common::coord::{
+    create_tenant, eventually, get, one_coordinator, put, sqlite_url, wait_all_active,
+};
 use pairdb::rpc::common::Consistency;
 use pairdb::rpc::storage as spb;
 
@@ -110,18 +112,8 @@ async fn a_corrupt_table_is_quarantined_and_its_keys_served_by_other_replicas() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_manifest_bit_is_reported_and_the_node_serves_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut storage = start_storage(1, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
-        &[],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 1).await;
-    create_tenant(&mut c, "acme", 1).await;
+    let (mut storage, c1, mut c) =
+        one_coordinator(1, dir.path(), "memory://", &[("acme", 1)]).await;
     const KEYS: usize = 30;
     for i in 0..KEYS {
         put(

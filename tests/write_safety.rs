@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use common::backends::{Redis, skip_or_fail};
 use common::cluster::{RoleProcess, start_storage};
-use common::coord::{Client, create_tenant, put, put_idem, sqlite_url, wait_all_active};
+use common::coord::{
+    Client, create_tenant, one_coordinator, put, put_idem, sqlite_url, wait_all_active,
+};
 use pairdb::idempotency::{Claim, IdempotencyStore, LOCK_TTL, RedisIdempotencyStore, store_key};
 use pairdb::meta::{MetadataStore, SqlMetadataStore};
 use pairdb::rpc::common::Consistency;
@@ -89,19 +91,8 @@ fn counter(clock: &Value, id: &str) -> u64 {
 async fn a_huge_context_is_refused_and_harms_no_one() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
-        &[],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
-    create_tenant(&mut c, "globex", 3).await;
+    let (storage, c1, _c) =
+        one_coordinator(3, dir.path(), "memory://", &[("acme", 3), ("globex", 3)]).await;
     let gw = RoleProcess::gateway("gw", &[&c1], &["--auth=none"], &[], dir.path());
 
     // A key poisoned before the bound existed: every replica holds a version whose counter lies
@@ -677,18 +668,7 @@ async fn a_write_behind_a_dead_holders_lock_gives_up_and_never_lands_later() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        &redis.url(),
-        &storage,
-        &[],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
+    let (_storage, _c1, mut c) = one_coordinator(3, dir.path(), &redis.url(), &[("acme", 3)]).await;
 
     // The holder: a request that took the lock and died with it (30 s TTL).
     let store = RedisIdempotencyStore::connect(&redis.url())

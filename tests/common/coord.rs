@@ -12,8 +12,27 @@ use pairdb::vclock::Version;
 use tonic::transport::Channel;
 
 use super::StorageNode;
+use super::cluster::{RoleProcess, start_storage};
 
 pub type Client = CoordinatorClient<Channel>;
+
+/// `n` storage nodes and one coordinator `c1` (SQLite metadata under `dir`, the idempotency
+/// store at `idempotency_url`) with every node active and `tenants` created (id, RF).
+pub async fn one_coordinator(
+    n: usize,
+    dir: &std::path::Path,
+    idempotency_url: &str,
+    tenants: &[(&str, u32)],
+) -> (Vec<StorageNode>, RoleProcess, Client) {
+    let storage = start_storage(n, dir);
+    let c1 = RoleProcess::coordinator("c1", &sqlite_url(dir), idempotency_url, &storage, &[], dir);
+    let mut c = c1.client().await;
+    wait_all_active(&c, n).await;
+    for (tenant, rf) in tenants {
+        create_tenant(&mut c, tenant, *rf).await;
+    }
+    (storage, c1, c)
+}
 
 pub async fn put(
     c: &mut Client,

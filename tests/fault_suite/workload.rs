@@ -198,32 +198,18 @@ impl Workload {
             let (tenant, key) = &keys[rng.below(keys.len() as u64) as usize];
             let level = ["one", "quorum", "quorum", "all"][rng.below(4) as usize];
             let idempotent = rng.chance(50);
-            if rng.chance(15) {
-                self.write(
-                    client,
-                    Kind::Delete,
-                    tenant,
-                    key,
-                    None,
-                    level,
-                    idempotent,
-                    &mut rng,
-                )
-                .await;
+            let (kind, value) = if rng.chance(15) {
+                (Kind::Delete, None)
             } else {
-                let id = self.next_value.fetch_add(1, Ordering::Relaxed);
-                self.write(
-                    client,
+                (
                     Kind::Put,
-                    tenant,
-                    key,
-                    Some(id),
-                    level,
-                    idempotent,
-                    &mut rng,
+                    Some(self.next_value.fetch_add(1, Ordering::Relaxed)),
                 )
-                .await;
-            }
+            };
+            self.write(
+                client, kind, tenant, key, value, level, idempotent, &mut rng,
+            )
+            .await;
         }
     }
 
