@@ -145,7 +145,12 @@ pub struct Cluster {
     joiner_generation: u32,
     /// Whether the joiner is in the ring (added, not removed since).
     pub joiner_member: bool,
+    /// Why the small disk could not be mounted (then its disk cannot be filled).
+    pub small_disk_refused: Option<String>,
 }
+
+/// How a failure to build the suite's network begins (no namespaces, bridges or nftables).
+pub const NO_NAMESPACES: &str = "the machine refused the suite's network namespaces";
 
 /// The `pairdb` under test: this build's, or `PAIRDB_FAULT_SUITE_BIN` (a deliberately broken
 /// build, to show that the checker catches it: scripts/fault-suite-mutants.sh).
@@ -169,8 +174,9 @@ impl Cluster {
     /// Creates the network, the backends and every process, and waits until each listens.
     /// Leaves the calling thread in the hub namespace (the suite's clients run there).
     pub fn start(dir: &Path, sqlite: bool) -> Result<Cluster, String> {
-        let lab = Lab::create(JOINER + 1)?;
-        lab.enter_hub()?;
+        let lab = Lab::create(JOINER + 1)
+            .and_then(|lab| lab.enter_hub().map(|()| lab))
+            .map_err(|e| format!("{NO_NAMESPACES}: {e}"))?;
         let hub = HUB_IP.to_string();
         let (backends, metadata_url, idempotency_url) = if sqlite {
             let url = format!("sqlite://{}", dir.join("meta.db").display());
@@ -191,7 +197,7 @@ impl Cluster {
         let small_disk = dir.join(format!("s{STORAGE}"));
         std::fs::create_dir_all(&small_disk).map_err(|e| e.to_string())?;
         let size = format!("size={SMALL_DISK_MB}m");
-        run(
+        let small_disk_refused = run(
             "mount",
             &[
                 "-t",
@@ -201,7 +207,8 @@ impl Cluster {
                 "pdbfaults",
                 &small_disk.to_string_lossy(),
             ],
-        )?;
+        )
+        .err();
         let mut cluster = Cluster {
             procs: Vec::new(),
             lab,
@@ -211,6 +218,7 @@ impl Cluster {
             clock_files: Vec::new(),
             joiner_generation: 1,
             joiner_member: false,
+            small_disk_refused,
         };
         cluster.define(&metadata_url, &idempotency_url)?;
         for p in &mut cluster.procs {
@@ -458,6 +466,8 @@ impl Drop for Cluster {
             p.resume();
             p.kill9();
         }
-        let _ = run("umount", &["-l", &self.small_disk.to_string_lossy()]);
+        if self.small_disk_refused.is_none() {
+            let _ = run("umount", &["-l", &self.small_disk.to_string_lossy()]);
+        }
     }
 }

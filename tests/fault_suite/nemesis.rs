@@ -79,6 +79,13 @@ pub fn available(cluster: &Cluster) -> (Vec<FaultKind>, Vec<(FaultKind, String)>
                 kind,
                 "libfaketime is not installed (apt-get install faketime)".to_owned(),
             )),
+            FaultKind::DiskFull if cluster.small_disk_refused.is_some() => refused.push((
+                kind,
+                format!(
+                    "mounting a small filesystem failed: {}",
+                    cluster.small_disk_refused.as_deref().unwrap_or_default()
+                ),
+            )),
             _ => ok.push(kind),
         }
     }

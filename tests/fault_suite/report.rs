@@ -174,6 +174,15 @@ fn timeline_svg(run: &RunReport) -> String {
         r##"<text x="2" y="20">{max_ops:.0}/s</text><text x="{:.0}" y="20" fill="#36c">p99 {max_lat:.0} ms</text>"##,
         width - 90.0
     );
+    let step = if seconds > 300.0 { 60 } else { 10 };
+    for t in (0..run.timeline.len()).step_by(step) {
+        let _ = write!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" fill="#666">{t}s</text>"##,
+            x(t as u64 * 1000),
+            chart_h + 22.0
+        );
+    }
     for a in &run.anomalies {
         let color = if a.deferred() { "#f90" } else { "#d00" };
         let _ = write!(
