@@ -65,12 +65,15 @@ async fn cluster_keeps_serving_when_redis_and_postgres_die() {
     assert_eq!(s, 200, "{b}");
     let (s, b) = put("before", Some("idem-1")).await;
     assert_eq!((s.as_u16(), &b["is_duplicate"]), (200, &json!(true)), "{b}");
+    assert_eq!(b["idempotency_skipped"], json!(false), "{b}");
 
     // Redis dies: writes go on without idempotency; readiness names the idempotency store.
     drop(redis);
     for i in 0..5 {
         let (s, b) = put(&format!("no-redis-{i}"), Some(&format!("idem-r{i}"))).await;
         assert_eq!(s, 200, "write {i} without Redis: {b}");
+        // The client learns that a repeat of this request would be written again.
+        assert_eq!(b["idempotency_skipped"], json!(true), "write {i}: {b}");
     }
     let ready = common::http_get(c1.http, "/readyz").await;
     assert!(

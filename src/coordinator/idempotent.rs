@@ -13,7 +13,9 @@
 //!
 //! When the idempotency store is down, writes keep being served without it (logged, counted),
 //! and for [`BREAKER_OPEN`] after a failure the store is not asked at all, so an outage costs
-//! one command timeout, not one per write.
+//! one command timeout, not one per write. Such answers carry `idempotency_skipped`: the client
+//! learns that a repeat of the request would be written again (the fault suite counted those
+//! repeats as double applies until the answer said so).
 
 use std::future::Future;
 use std::time::Duration;
@@ -54,11 +56,16 @@ impl Breaker {
 pub trait Replayable: Message + Default {
     /// Marks a replayed response as a duplicate.
     fn mark_duplicate(&mut self);
+    /// Marks a response the idempotency store did not record (a repeat would write again).
+    fn mark_skipped(&mut self);
 }
 
 impl Replayable for WriteKeyValueResponse {
     fn mark_duplicate(&mut self) {
         self.is_duplicate = true;
+    }
+    fn mark_skipped(&mut self) {
+        self.idempotency_skipped = true;
     }
 }
 
@@ -66,6 +73,19 @@ impl Replayable for DeleteKeyValueResponse {
     fn mark_duplicate(&mut self) {
         self.is_duplicate = true;
     }
+    fn mark_skipped(&mut self) {
+        self.idempotency_skipped = true;
+    }
+}
+
+/// The answer of a write served without the idempotency store, marked so.
+async fn skipped<R: Replayable>(
+    write: impl Future<Output = Result<R, CoordError>>,
+) -> Result<R, CoordError> {
+    write.await.map(|mut r| {
+        r.mark_skipped();
+        r
+    })
 }
 
 /// What an idempotent request does, for its fingerprint.
@@ -126,7 +146,7 @@ impl Coordinator {
     {
         if self.idempotency_breaker.is_open() {
             metrics::counter!("pairdb_idempotency_skipped_total").increment(1);
-            return write().await;
+            return skipped(write()).await;
         }
         let store_key = store_key(tenant, key, idempotency_key);
         let give_up = Instant::now() + self.options.request_timeout;
@@ -156,11 +176,11 @@ impl Coordinator {
                     tracing::warn!(error = %e, "idempotency store unavailable; writing without it");
                     metrics::counter!("pairdb_idempotency_store_errors_total").increment(1);
                     self.idempotency_breaker.trip();
-                    return write().await;
+                    return skipped(write()).await;
                 }
             }
         };
-        let result = write().await;
+        let mut result = write().await;
         let outcome = match &result {
             Ok(response) => {
                 let stored = StoredResponse {
@@ -177,6 +197,9 @@ impl Coordinator {
             tracing::warn!(error = %e, "idempotency store unavailable after the write");
             metrics::counter!("pairdb_idempotency_store_errors_total").increment(1);
             self.idempotency_breaker.trip();
+            if let Ok(response) = result.as_mut() {
+                response.mark_skipped();
+            }
         }
         result
     }

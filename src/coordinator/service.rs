@@ -204,6 +204,7 @@ impl Coordinator {
                 consistency: common::Consistency::from(level) as i32,
                 is_duplicate: false,
                 replication_capped: written.rf_capped,
+                idempotency_skipped: false,
             })
         };
         if req.idempotency_key.is_empty() {
@@ -314,6 +315,7 @@ impl Coordinator {
                 replica_count: written.acks as u32,
                 consistency: common::Consistency::from(level) as i32,
                 is_duplicate: false,
+                idempotency_skipped: false,
             })
         };
         if req.idempotency_key.is_empty() {

@@ -71,6 +71,8 @@ struct PutResponse {
     replica_count: u32,
     consistency: &'static str,
     is_duplicate: bool,
+    /// The idempotency store was unavailable: served without it, a repeat writes again.
+    idempotency_skipped: bool,
 }
 
 #[derive(Serialize)]
@@ -89,6 +91,7 @@ struct DeleteResponse {
     replica_count: u32,
     consistency: &'static str,
     is_duplicate: bool,
+    idempotency_skipped: bool,
 }
 
 /// The `vector_clock` JSON object of a version.
@@ -280,6 +283,7 @@ pub async fn put(
             replica_count: answer.replica_count,
             consistency: level.as_str(),
             is_duplicate: answer.is_duplicate,
+            idempotency_skipped: answer.idempotency_skipped,
         })
         .into_response())
     }
@@ -376,6 +380,7 @@ pub async fn delete(
             replica_count: answer.replica_count,
             consistency: level.as_str(),
             is_duplicate: answer.is_duplicate,
+            idempotency_skipped: answer.idempotency_skipped,
         })
         .into_response())
     }

@@ -25,6 +25,9 @@ pub enum Outcome {
         read: Option<ReadValue>,
         found: bool,
         duplicate: bool,
+        /// The write was served without the idempotency store (`idempotency_skipped`).
+        #[serde(default)]
+        skipped: bool,
     },
     /// Refused before anything was written (a 4xx, a connection refused).
     Fail { code: String },
@@ -68,6 +71,16 @@ impl Op {
 
     pub fn acked(&self) -> bool {
         matches!(self.outcome, Outcome::Ok { .. })
+    }
+
+    /// An acknowledged write other than a deliberate resend (which must write nothing).
+    pub fn acked_write(&self) -> bool {
+        self.is_write() && self.acked() && self.resend_of.is_none()
+    }
+
+    /// Served without the idempotency store: a repeat is written again, as the answer said.
+    pub fn skipped_idempotency(&self) -> bool {
+        matches!(self.outcome, Outcome::Ok { skipped: true, .. })
     }
 
     /// A write that may have been applied: acknowledged, or unknown.

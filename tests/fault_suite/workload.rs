@@ -379,6 +379,7 @@ impl Workload {
                         read: None,
                         found: true,
                         duplicate: body["is_duplicate"].as_bool().unwrap_or(false),
+                        skipped: body["idempotency_skipped"].as_bool().unwrap_or(false),
                     }
                 } else if status.is_client_error() {
                     Outcome::Fail {
@@ -422,6 +423,7 @@ impl Workload {
                 read: parse_value(&body["value"]),
                 found: true,
                 duplicate: false,
+                skipped: false,
             }
         } else if status.as_u16() == 404 && body["error_code"] == "KEY_NOT_FOUND" {
             Outcome::Ok {
@@ -429,6 +431,7 @@ impl Workload {
                 read: None,
                 found: false,
                 duplicate: false,
+                skipped: false,
             }
         } else {
             Outcome::Fail {
