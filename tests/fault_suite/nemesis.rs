@@ -26,7 +26,7 @@ pub enum FaultKind {
     Loss,
     /// ~150 ms more on every packet into one process (`tc netem`).
     Latency,
-    /// One coordinator's wall clock moves 5-45 s ahead or behind.
+    /// One coordinator's wall clock moves 5-25 s ahead or behind.
     ClockSkew,
     /// The small-disk storage node's filesystem fills up.
     DiskFull,
@@ -238,14 +238,16 @@ impl Nemesis {
                 Ok(cluster.procs[i].name.clone())
             }
             FaultKind::ClockSkew => {
-                // One coordinator at a time, at most 45 s: with a restarted clock's up to 10 s
-                // lead, any two clocks stay within the 60 s `max_clock_skew` the product is
-                // specified for (beyond it, counters are deliberately not trusted).
+                // One coordinator at a time, at most 25 s. A clock that ran ahead leaves its
+                // counters ahead after it is healed (the HLC keeps the highest), so a counter can
+                // lead a slow clock by twice the error plus the 10 s reservation; the product
+                // trusts a lead of `max_clock_skew` (60 s), which covers clock errors up to 25 s.
+                // The second soak found what happens beyond (docs/reliability.md, finding 5).
                 for other in 0..COORDINATORS {
                     cluster.skew_clock(other, 0)?;
                 }
                 let c = self.rng.below(COORDINATORS as u64) as usize;
-                let magnitude = 5 + self.rng.below(40) as i64;
+                let magnitude = 5 + self.rng.below(21) as i64;
                 let offset = if self.rng.chance(50) {
                     magnitude
                 } else {
