@@ -11,6 +11,8 @@
 //! - identical idempotent requests racing on two coordinators with a shared Redis write once;
 //! - a write behind a dead holder's idempotency lock gives up within the request timeout and
 //!   never lands later;
+//! - a later blind write wins over a peer whose clock ran 45 s fast while its own runs 45 s
+//!   slow (counters 90 s ahead, beyond `max_clock_skew`, but honest);
 //! - SIGTERM stores every queued hint before the coordinator exits.
 
 mod common;
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use common::backends::{Redis, skip_or_fail};
 use common::cluster::{RoleProcess, start_storage};
 use common::coord::{
-    Client, create_tenant, one_coordinator, put, put_idem, sqlite_url, wait_all_active,
+    Client, create_tenant, get, one_coordinator, put, put_idem, sqlite_url, wait_all_active,
 };
 use pairdb::idempotency::{Claim, IdempotencyStore, LOCK_TTL, RedisIdempotencyStore, store_key};
 use pairdb::meta::{MetadataStore, SqlMetadataStore};
@@ -711,4 +713,62 @@ async fn a_write_behind_a_dead_holders_lock_gives_up_and_never_lands_later() {
         Err(tonic::Code::NotFound),
         "a write whose client got UNAVAILABLE landed later"
     );
+}
+
+/// Each coordinator's clock 45 s off true time, one fast and one slow: the fast one's counters
+/// lie 90 s ahead of the slow one's clock, beyond `max_clock_skew` (60 s), yet they are honest.
+/// A later blind write through the slow coordinator must still win (re-minted above them), not
+/// be acknowledged with the fast one's version while the older value stays (the fault suite's
+/// finding 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_blind_write_wins_over_a_fast_clock_within_twice_the_skew() {
+    let _serial = SERIAL.lock().await;
+    let Some(faketime) = libfaketime() else {
+        skip_or_fail(
+            "a_later_blind_write_wins_over_a_fast_clock_within_twice_the_skew",
+            "libfaketime (apt-get install faketime)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let meta = sqlite_url(dir.path());
+    let skewed = |id: &str, offset: &str| {
+        RoleProcess::coordinator(
+            id,
+            &meta,
+            "memory://",
+            &storage,
+            &[
+                ("LD_PRELOAD", faketime),
+                ("FAKETIME", offset),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+                ("FAKETIME_DONT_RESET", "1"),
+            ],
+            dir.path(),
+        )
+    };
+    let fast = skewed("c1", "+45s");
+    let slow = skewed("c2", "-45s");
+    let mut a = fast.client().await;
+    let mut b = slow.client().await;
+    wait_all_active(&a, 3).await;
+    wait_all_active(&b, 3).await;
+    create_tenant(&mut a, "acme", 3).await;
+    for round in 0..3 {
+        let key = format!("k{round}");
+        put(&mut a, "acme", &key, "\"fast\"", Consistency::Quorum)
+            .await
+            .expect("write through the fast coordinator");
+        put(&mut b, "acme", &key, "\"slow, later\"", Consistency::Quorum)
+            .await
+            .expect("write through the slow coordinator");
+        for c in [&mut a, &mut b] {
+            let value = get(c, "acme", &key, Consistency::All).await.expect("read");
+            assert_eq!(
+                value, "\"slow, later\"",
+                "round {round}: the later write was acknowledged but the older value stayed"
+            );
+        }
+    }
 }

@@ -7,9 +7,10 @@
 //! - The clock moves only after its high-water mark was stored: a failed reservation (store
 //!   down, a mark out of the store's range) fails that one request and leaves the clock as it
 //!   was, so later requests and other tenants are not affected.
-//! - Nothing from outside moves it further than `max_clock_skew` ahead of the wall clock: a
-//!   counter above [`CoordinatorClock::bound`] (a client's context, a replica's version) is
-//!   never observed; it is logged and counted in `pairdb_clock_far_ahead_total{source}`.
+//! - Nothing from outside moves it further ahead of the wall clock than its source may honestly
+//!   lead (a client's context `max_clock_skew`, a replica's version twice that plus one
+//!   reservation: [`CoordinatorClock::bound_for`]); a counter beyond is never observed; it is
+//!   logged and counted in `pairdb_clock_far_ahead_total{source}`.
 //! - Every trusted version the coordinator sees (read answers, versions replicas kept instead
 //!   of a write) is observed (the HLC receive rule), so the next counter is above it.
 //! - A restarted coordinator issues counters at most one reservation ahead of its wall clock:
@@ -96,15 +97,30 @@ impl CoordinatorClock {
         &self.id
     }
 
-    /// The highest counter accepted from outside now.
+    /// The highest counter accepted in a client's context now.
     pub fn bound(&self) -> u64 {
-        counter_bound(crate::wallclock::now_ms(), self.max_skew_ms)
+        self.bound_for(Source::Context)
     }
 
-    /// Whether `counter` lies within the allowed skew; a counter beyond it is logged and
-    /// counted (never adopted).
+    /// The highest counter accepted from `source` now. A client's context: `max_clock_skew`
+    /// ahead. A replica's version: twice that plus one reservation, since an honest version can
+    /// lead this clock by that much: a peer whose clock ran `max_clock_skew` fast keeps issuing
+    /// counters that far ahead after its clock is corrected (the HLC keeps the highest), a
+    /// restart adds a reservation, and this clock may run `max_clock_skew` slow. With the
+    /// tighter bound, such versions were not re-minted over, and blind writes through this
+    /// coordinator were acknowledged without being applied (the fault suite's finding 5).
+    pub fn bound_for(&self, source: Source) -> u64 {
+        let ahead = match source {
+            Source::Context => self.max_skew_ms,
+            Source::Replica => 2 * self.max_skew_ms + DEFAULT_RESERVE_MS,
+        };
+        counter_bound(crate::wallclock::now_ms(), ahead)
+    }
+
+    /// Whether `counter` lies within the skew allowed for `source`; a counter beyond it is
+    /// logged and counted (never adopted).
     pub fn trusts(&self, counter: u64, source: Source) -> bool {
-        if counter <= self.bound() {
+        if counter <= self.bound_for(source) {
             return true;
         }
         metrics::counter!("pairdb_clock_far_ahead_total", "source" => source.as_str()).increment(1);
@@ -128,7 +144,7 @@ impl CoordinatorClock {
     /// The highest counter of `clock` within the allowed skew (0 if none); counters beyond it
     /// are counted as far ahead.
     pub fn trusted_max(&self, clock: &VectorClock, source: Source) -> u64 {
-        let bound = self.bound();
+        let bound = self.bound_for(source);
         let mut highest = 0;
         for (_, counter) in clock.iter() {
             if counter <= bound {
