@@ -179,12 +179,22 @@ impl StorageNode {
         terminate(&mut c)
     }
 
+    /// A client of the node. Connecting is retried for up to 2 s: a node restarted on its
+    /// old port has been seen to reset the very first connection under a loaded test run.
     pub async fn client(&self) -> StorageNodeClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.grpc))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
+        let endpoint = Channel::from_shared(format!("http://{}", self.grpc)).expect("uri");
+        let mut tries = 0;
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(channel) => break channel,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("connecting to {} failed ({e:?}); retrying", self.id);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("connect to {}: {e:?}", self.id),
+            }
+        };
         StorageNodeClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
