@@ -20,7 +20,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::backends::{Redis, skip_or_fail};
+use common::backends::{Redis, libfaketime, skip_or_fail};
 use common::cluster::{RoleProcess, start_storage};
 use common::coord::{
     Client, create_tenant, get, one_coordinator, put, put_idem, sqlite_url, wait_all_active,
@@ -198,15 +198,28 @@ async fn a_huge_context_is_refused_and_harms_no_one() {
     );
 }
 
-/// The libfaketime preload library, if installed (Debian's `faketime`).
-fn libfaketime() -> Option<&'static str> {
-    [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/faketime/libfaketime.so.1",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
+/// A coordinator whose wall clock runs `offset` (libfaketime, e.g. "-5s") off; monotonic time
+/// untouched, so timers work.
+fn skewed_coordinator(
+    id: &str,
+    offset: &str,
+    faketime: &str,
+    storage: &[common::StorageNode],
+    dir: &Path,
+) -> RoleProcess {
+    RoleProcess::coordinator(
+        id,
+        &sqlite_url(dir),
+        "memory://",
+        storage,
+        &[
+            ("LD_PRELOAD", faketime),
+            ("FAKETIME", offset),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("FAKETIME_DONT_RESET", "1"),
+        ],
+        dir,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,20 +236,8 @@ async fn blind_writes_through_a_skewed_coordinator_still_win_when_later() {
     let storage = start_storage(3, dir.path());
     let meta = sqlite_url(dir.path());
     let c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &[], dir.path());
-    // c2's wall clock runs 5 s behind (monotonic time untouched, so timers work).
-    let slow = RoleProcess::coordinator(
-        "c2",
-        &meta,
-        "memory://",
-        &storage,
-        &[
-            ("LD_PRELOAD", faketime),
-            ("FAKETIME", "-5s"),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-            ("FAKETIME_DONT_RESET", "1"),
-        ],
-        dir.path(),
-    );
+    // c2's wall clock runs 5 s behind.
+    let slow = skewed_coordinator("c2", "-5s", faketime, &storage, dir.path());
     let mut a = c1.client().await;
     let mut b = slow.client().await;
     wait_all_active(&a, 3).await;
@@ -732,24 +733,8 @@ async fn a_later_blind_write_wins_over_a_fast_clock_within_twice_the_skew() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(3, dir.path());
-    let meta = sqlite_url(dir.path());
-    let skewed = |id: &str, offset: &str| {
-        RoleProcess::coordinator(
-            id,
-            &meta,
-            "memory://",
-            &storage,
-            &[
-                ("LD_PRELOAD", faketime),
-                ("FAKETIME", offset),
-                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-                ("FAKETIME_DONT_RESET", "1"),
-            ],
-            dir.path(),
-        )
-    };
-    let fast = skewed("c1", "+45s");
-    let slow = skewed("c2", "-45s");
+    let fast = skewed_coordinator("c1", "+45s", faketime, &storage, dir.path());
+    let slow = skewed_coordinator("c2", "-45s", faketime, &storage, dir.path());
     let mut a = fast.client().await;
     let mut b = slow.client().await;
     wait_all_active(&a, 3).await;

@@ -15,6 +15,17 @@ pub fn skip_or_fail(test: &str, missing: &str) {
     eprintln!("SKIPPED {test}: {missing} not installed");
 }
 
+/// The libfaketime preload library, if installed (Debian's `faketime`).
+pub fn libfaketime() -> Option<&'static str> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+}
+
 pub struct Postgres {
     bin: PathBuf,
     data: PathBuf,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::backends::{Postgres, Redis};
+use crate::backends::{Postgres, Redis, libfaketime};
 use crate::lab::{HUB_IP, Lab, run};
 
 pub const STORAGE: usize = 5;
@@ -157,17 +157,6 @@ pub const NO_NAMESPACES: &str = "the machine refused the suite's network namespa
 fn pairdb_binary() -> String {
     std::env::var("PAIRDB_FAULT_SUITE_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_pairdb").to_owned())
-}
-
-/// The libfaketime preload library, if installed (Debian's `faketime`).
-pub fn libfaketime() -> Option<&'static str> {
-    [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/faketime/libfaketime.so.1",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
 }
 
 impl Cluster {
