@@ -22,6 +22,10 @@ pub mod pb {
     }
 }
 
+/// A storage node's `WatchHealth` stream sends the membership at least this often, changed or
+/// not, so a watcher can tell a live stream from one a partition silently cut.
+pub const WATCH_HEALTH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Largest gRPC message between pairdb processes: a 10 MiB value plus its record, or a batch.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 

@@ -78,3 +78,45 @@ async fn membership_follows_gossip_and_fails_over() {
     wait_until("m0 down, seen through m1", || membership.is_down("m0")).await;
     stop.cancel();
 }
+
+/// The watched node freezes (SIGSTOP: its connection stays open and silent, as behind a
+/// partition that drops packets). The watch must give up on the silent stream and move to the
+/// other node, which reports the frozen one down; a frozen watch would keep it up forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_watch_moves_to_another_node() {
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let gossip: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
+        .collect();
+    let nodes: Vec<StorageNode> = (0..2)
+        .map(|i| {
+            StorageNode::start(
+                &format!("m{i}"),
+                dirs[i].path(),
+                Some((gossip[i], vec![gossip[1 - i]])),
+            )
+        })
+        .collect();
+    let pool = Arc::new(StoragePool::new());
+    let stop = CancellationToken::new();
+    // m0 first: the watch starts on it.
+    let registry: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| (n.id.clone(), n.grpc.to_string()))
+        .collect();
+    let membership = Arc::new(Membership::default());
+    membership.follow(move || registry.clone(), pool.clone(), stop.clone());
+    wait_until("both nodes up", || {
+        membership.members().iter().filter(|m| m.up).count() == 2
+    })
+    .await;
+
+    // (A node paused when the test fails is killed with the rest on drop.)
+    nodes[0].pause();
+    wait_until("m0 down, seen through m1", || membership.is_down("m0")).await;
+    nodes[0].resume();
+    wait_until("m0 up again", || !membership.is_down("m0")).await;
+    stop.cancel();
+}

@@ -1,6 +1,7 @@
 //! Membership as the storage nodes' gossip sees it. The coordinator follows one node's
-//! `WatchHealth` stream (any registered node will do; on error it moves to the next) and keeps
-//! the set of nodes reported down: reads skip them, writes to them become hints.
+//! `WatchHealth` stream (any registered node will do; on error, or when the stream stays silent
+//! past three heartbeats, it moves to the next) and keeps the set of nodes reported down: reads
+//! skip them, writes to them become hints.
 //!
 //! A node counts as down only after gossip reported it up at least once and then not up. Gossip
 //! reports freshly discovered peers as not up until its failure detector has heard enough
@@ -96,10 +97,17 @@ impl Membership {
                         .await
                         .map_err(|e| e.message().to_owned())?
                         .into_inner();
-                    while let Some(update) =
-                        stream.message().await.map_err(|e| e.message().to_owned())?
-                    {
-                        me.update(update.members);
+                    // A stream that stays silent past three heartbeats was cut (a partition
+                    // drops packets without a reset): move on rather than keep a frozen view.
+                    let stale = 3 * crate::rpc::WATCH_HEALTH_HEARTBEAT;
+                    loop {
+                        let next = tokio::time::timeout(stale, stream.message())
+                            .await
+                            .map_err(|_| format!("no membership update for {stale:?}"))?;
+                        match next.map_err(|e| e.message().to_owned())? {
+                            Some(update) => me.update(update.members),
+                            None => break,
+                        }
                     }
                     Ok::<(), String>(())
                 };

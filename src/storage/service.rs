@@ -575,6 +575,7 @@ impl StorageNode for StorageService {
         let health = self.health(0.0);
         tokio::spawn(async move {
             let mut last: Option<Vec<pb::MemberHealth>> = None;
+            let mut sent_at = std::time::Instant::now();
             loop {
                 let members = match &gossip {
                     Some(g) => g.members().await,
@@ -593,7 +594,8 @@ impl StorageNode for StorageService {
                             a.node_id != b.node_id || a.up != b.up || a.status != b.status
                         })
                 });
-                if changed {
+                if changed || sent_at.elapsed() >= crate::rpc::WATCH_HEALTH_HEARTBEAT {
+                    sent_at = std::time::Instant::now();
                     if tx
                         .send(Ok(pb::MembershipUpdate {
                             members: members.clone(),
