@@ -67,6 +67,44 @@ pub enum Command {
     },
     /// Load generator against a gateway: throughput and latency percentiles.
     Bench(BenchArgs),
+    /// Placement tools that need no cluster.
+    Ring {
+        #[command(subcommand)]
+        command: RingCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RingCommand {
+    /// Grow a ring one node at a time with the coordinators' own token choice, then add or
+    /// remove nodes: replica ownership max/mean and min/mean per RF, copies moved per step,
+    /// ranges, planning time.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Nodes the ring is grown to, one at a time, before the measured steps.
+    #[arg(long, default_value_t = 10)]
+    pub nodes: usize,
+    /// Tokens per node (0: the allocation's default, 16 balanced or 150 random).
+    #[arg(long, default_value_t = 0)]
+    pub vnodes: u32,
+    /// Replication factors in use, comma-separated.
+    #[arg(long, default_value = "3", value_delimiter = ',')]
+    pub rf: Vec<usize>,
+    /// Nodes then added one at a time, each step measured.
+    #[arg(long, default_value_t = 0)]
+    pub add: usize,
+    /// Nodes then removed one at a time, each step measured.
+    #[arg(long, default_value_t = 0)]
+    pub remove: usize,
+    /// Token choice: balanced (the allocator) or random (the xxh3 rule).
+    #[arg(long, default_value = "balanced", value_parser = ["balanced", "random"])]
+    pub tokens: String,
+    /// Print the steps as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the tools send requests.

@@ -22,6 +22,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::cli::{Role, ServerArgs};
+use crate::ring::allocation::TokenAllocation;
 
 /// Configuration error: one line for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +183,12 @@ pub struct CoordinatorConfig {
     /// On SIGTERM, the longest wait for queued hints to reach the metadata store, in
     /// milliseconds.
     pub shutdown_drain_timeout_ms: u64,
+    /// How a joining storage node's tokens are chosen: `balanced` (the allocator, stored in the
+    /// registry) or `random` (the xxh3 rule of earlier versions).
+    pub token_allocation: TokenAllocation,
+    /// Tokens of a node added without `virtual_nodes`; 0 = the allocation's default (16
+    /// balanced, 150 random).
+    pub virtual_nodes: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -208,6 +215,8 @@ impl Default for CoordinatorConfig {
             min_storage_nodes: 1,
             max_clock_skew_ms: 60_000,
             shutdown_drain_timeout_ms: 20_000,
+            token_allocation: TokenAllocation::Balanced,
+            virtual_nodes: 0,
         }
     }
 }
@@ -578,6 +587,12 @@ impl CoordinatorConfig {
                 "coordinator request_timeout_ms, hint_replay_interval_ms and ring_refresh_ms must be > 0",
             ));
         }
+        if self.virtual_nodes > crate::ring::MAX_VIRTUAL_NODES {
+            return Err(invalid(format!(
+                "coordinator virtual_nodes must be 0 (the default) ..={}",
+                crate::ring::MAX_VIRTUAL_NODES
+            )));
+        }
         if !(1..=64).contains(&self.batch_in_flight) {
             return Err(invalid("coordinator batch_in_flight must be 1..=64"));
         }
@@ -690,6 +705,24 @@ mod tests {
         assert_eq!(env_key("GATEWAY_LISTEN").as_deref(), Some("gateway.listen"));
         assert_eq!(env_key("TOKEN"), None);
         assert_eq!(env_key("STORAGE_"), None);
+    }
+
+    #[test]
+    fn token_allocation_is_configurable() {
+        let parse = |toml: &str| {
+            Figment::from(Serialized::defaults(CoordinatorConfig::default()))
+                .merge(Toml::string(toml))
+                .extract::<CoordinatorConfig>()
+                .map_err(|e| e.to_string())
+        };
+        let cfg = parse("token_allocation = \"random\"\nvirtual_nodes = 64").expect("parse");
+        assert_eq!(cfg.token_allocation, TokenAllocation::Random);
+        assert_eq!(cfg.token_allocation.virtual_nodes(cfg.virtual_nodes), 64);
+        let default = CoordinatorConfig::default();
+        assert_eq!(default.token_allocation, TokenAllocation::Balanced);
+        assert_eq!(default.token_allocation.virtual_nodes(0), 16);
+        assert_eq!(TokenAllocation::Random.virtual_nodes(0), 150);
+        assert!(parse("token_allocation = \"even\"").is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use pairdb::cli::{Cli, Command, TokenAction, TokenIssueArgs};
+use pairdb::cli::{Cli, Command, RingCommand, TokenAction, TokenIssueArgs};
 use pairdb::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
@@ -56,6 +56,18 @@ fn main() -> ExitCode {
         return match runtime(None) {
             Ok(rt) => rt.block_on(run_tool(command)),
             Err(code) => code,
+        };
+    }
+    if let Some(Command::Ring {
+        command: RingCommand::Simulate(args),
+    }) = &cli.command
+    {
+        return match pairdb::tools::ring::simulate(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pairdb: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
         };
     }
     if let Some(Command::Dev(args)) = cli.command {

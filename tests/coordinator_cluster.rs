@@ -245,7 +245,9 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
             "\"again\""
         );
 
-        // Both coordinators list every node as active.
+        // Both coordinators list every node as active, with the same balanced tokens (seeded
+        // by both at once: admission is serialized through the store), none taken twice.
+        let mut listed = Vec::new();
         for c in [&mut a, &mut b] {
             let nodes = c
                 .list_storage_nodes(pb::ListStorageNodesRequest {})
@@ -254,12 +256,26 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
                 .into_inner()
                 .nodes;
             assert_eq!(nodes.len(), n);
-            assert!(
+            let vnodes = pairdb::ring::BALANCED_VIRTUAL_NODES;
+            assert!(nodes.iter().all(|x| x.state() == WireState::Active
+                && x.virtual_nodes == vnodes
+                && x.tokens.len() == vnodes as usize));
+            listed.push(
                 nodes
                     .iter()
-                    .all(|x| x.state() == WireState::Active && x.virtual_nodes == 150)
+                    .map(|x| (x.node_id.clone(), x.tokens.clone()))
+                    .collect::<Vec<_>>(),
             );
         }
+        assert_eq!(listed[0], listed[1]);
+        let distinct: std::collections::BTreeSet<u64> = listed[0]
+            .iter()
+            .flat_map(|(_, t)| t.iter().copied())
+            .collect();
+        assert_eq!(
+            distinct.len(),
+            n * pairdb::ring::BALANCED_VIRTUAL_NODES as usize
+        );
         // A registry change made through the shared store reaches both coordinators' rings.
         let store = SqlMetadataStore::connect(&meta_url).await.expect("store");
         store
@@ -268,6 +284,7 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
                 host: "127.0.0.1".into(),
                 port: 1,
                 virtual_nodes: 8,
+                tokens: None,
                 state: NodeState::Failed,
             })
             .await

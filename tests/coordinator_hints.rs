@@ -48,6 +48,7 @@ fn node(id: &str, port: u16) -> NodeRecord {
         host: "127.0.0.1".into(),
         port,
         virtual_nodes: 16,
+        tokens: None,
         state: NodeState::Active,
     }
 }

@@ -555,9 +555,22 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
             "virtual_nodes",
             "keys_count",
             "disk_usage_percent",
+            "tokens",
         ] {
             assert!(!n[field].is_null(), "{field} missing: {n}");
         }
+        // Tokens are decimal strings (u64 does not fit a JSON number exactly), one per vnode.
+        let tokens = n["tokens"].as_array().expect("tokens");
+        assert_eq!(
+            Some(tokens.len() as u64),
+            n["virtual_nodes"].as_u64(),
+            "{n}"
+        );
+        assert!(
+            tokens
+                .iter()
+                .all(|t| t.as_str().is_some_and(|t| t.parse::<u64>().is_ok()))
+        );
     }
     for body in [
         json!({"node_id": "s4", "host": "127.0.0.1", "port": 0}),

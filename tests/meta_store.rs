@@ -18,6 +18,7 @@ fn node(id: &str, state: NodeState) -> NodeRecord {
         host: "127.0.0.1".into(),
         port: 7101,
         virtual_nodes: 150,
+        tokens: None,
         state,
     }
 }
@@ -164,6 +165,32 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         a.set_node_state("s9", NodeState::Active).await,
         Err(MetaError::NotFound { .. })
     ));
+    // Admission with stored tokens: only against the registry it was planned on.
+    let admitted = NodeRecord {
+        tokens: Some(vec![u64::MAX, 0, 1 << 63]),
+        virtual_nodes: 3,
+        ..node("s3", NodeState::Bootstrapping)
+    };
+    assert!(matches!(
+        b.admit_node(&admitted, &["s1".to_owned()]).await,
+        Err(MetaError::Changed(_))
+    ));
+    assert_eq!(
+        a.list_nodes().await.expect("list").len(),
+        2,
+        "nothing added"
+    );
+    b.admit_node(&admitted, &["s1".to_owned(), "s2".to_owned()])
+        .await
+        .expect("admit");
+    assert!(matches!(
+        a.admit_node(&admitted, &["s1".to_owned(), "s2".to_owned()])
+            .await,
+        Err(MetaError::Changed(_))
+    ));
+    let listed = a.list_nodes().await.expect("list");
+    assert_eq!(listed[2], admitted, "tokens come back exactly");
+    a.remove_node("s3").await.expect("remove");
     a.remove_node("s1").await.expect("remove");
     assert_eq!(b.list_nodes().await.expect("list").len(), 1);
     assert!(matches!(
@@ -226,6 +253,39 @@ async fn suite_then_reconnect(url: &str) {
         .expect("reconnect applies the schema again");
     let tenant = again.get_tenant("acme").await.expect("get");
     assert_eq!(tenant.map(|t| t.replication_factor), Some(5));
+}
+
+/// A SQLite store made before token allocation (no `tokens` column) gains the column at
+/// connect; its nodes keep their derived tokens.
+#[tokio::test]
+async fn an_old_sqlite_store_is_upgraded_and_keeps_derived_tokens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("meta.db");
+    let url = format!("sqlite://{}", path.display());
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("{url}?mode=rwc"))
+            .await
+            .expect("sqlite");
+        sqlx::raw_sql(
+            "CREATE TABLE storage_nodes (node_id TEXT PRIMARY KEY, host TEXT NOT NULL, \
+             port INTEGER NOT NULL, virtual_nodes INTEGER NOT NULL, state TEXT NOT NULL, \
+             updated_at_ms BIGINT NOT NULL); \
+             INSERT INTO storage_nodes VALUES ('s1', '127.0.0.1', 7101, 150, 'active', 1);",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("old schema");
+    }
+    let store = SqlMetadataStore::connect(&url).await.expect("upgrade");
+    assert_eq!(
+        store.list_nodes().await.expect("list"),
+        vec![node("s1", NodeState::Active)]
+    );
+    drop(store);
+    SqlMetadataStore::connect(&url)
+        .await
+        .expect("a second connect finds the column and leaves it");
 }
 
 #[tokio::test]

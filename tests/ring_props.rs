@@ -39,6 +39,7 @@ fn ring_of(nodes: &[(String, u32)]) -> Ring {
     Ring::new(nodes.iter().map(|(id, v)| RingNode {
         id: NodeId::new(id.clone()),
         virtual_nodes: *v,
+        tokens: None,
         state: NodeState::Active,
     }))
 }

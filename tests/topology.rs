@@ -16,7 +16,7 @@ use common::coord::{
     wait_all_active,
 };
 use common::free_udp_port;
-use pairdb::ring::{DEFAULT_VIRTUAL_NODES, NodeId, NodeState, Ring, RingNode, key_position};
+use pairdb::ring::{NodeId, NodeState, Ring, RingNode, key_position};
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
 
@@ -54,6 +54,29 @@ async fn write_keys(c: &mut Client, prefix: &str, n: usize, level: Consistency) 
     }
 }
 
+/// The ring of `nodes` (all active) with the tokens each was admitted with, as the coordinator
+/// lists them.
+async fn listed_ring(c: &mut Client, nodes: &[&StorageNode]) -> Ring {
+    let listed = c
+        .list_storage_nodes(pb::ListStorageNodesRequest {})
+        .await
+        .expect("list storage nodes")
+        .into_inner()
+        .nodes;
+    Ring::new(nodes.iter().map(|n| {
+        let info = listed
+            .iter()
+            .find(|i| i.node_id == n.id)
+            .unwrap_or_else(|| panic!("{} is not listed", n.id));
+        RingNode {
+            id: NodeId::new(n.id.clone()),
+            virtual_nodes: info.virtual_nodes,
+            tokens: Some(info.tokens.clone()),
+            state: NodeState::Active,
+        }
+    }))
+}
+
 /// Every key of `tenants` is held by every node that owns it in a ring of `nodes` (all active),
 /// and reads back at ALL. Returns how many keys each node holds as an owner.
 async fn assert_placed(
@@ -62,11 +85,7 @@ async fn assert_placed(
     tenants: &[(&str, u32)],
     keys: &[String],
 ) -> Vec<usize> {
-    let ring = Ring::new(nodes.iter().map(|n| RingNode {
-        id: NodeId::new(n.id.clone()),
-        virtual_nodes: DEFAULT_VIRTUAL_NODES,
-        state: NodeState::Active,
-    }));
+    let ring = listed_ring(c, nodes).await;
     let mut held = vec![0; nodes.len()];
     for &(tenant, rf) in tenants {
         for key in keys {
@@ -267,6 +286,58 @@ async fn removing_nodes_hands_their_ranges_to_the_inheritors() {
     assert!(done.keys_migrated > 0, "{done:?}");
     let two: Vec<&StorageNode> = storage.iter().take(2).collect();
     assert_placed(&mut c, &two, &TENANTS[..2], &all_keys).await;
+}
+
+/// Writes a node missed while it was down are hints. When that node is then removed, the data
+/// it streams out lacks those writes: its hints must go to the nodes inheriting the keys, not
+/// be dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_hands_its_hints_to_its_heirs() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(4, dir.path());
+    // No replay while s4 is back: its hints must still be queued when it leaves.
+    let quiet = [("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL_MS", "3600000")];
+    let c1 = coordinator(&storage, dir.path(), &quiet);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 4).await;
+    create_tenant(&mut c, "pair", 2).await;
+
+    storage[3].kill9();
+    let missed: Vec<String> = (0..60).map(|i| format!("missed{i}")).collect();
+    for key in &missed {
+        put(&mut c, "pair", key, &format!("\"{key}\""), Consistency::One)
+            .await
+            .unwrap_or_else(|e| panic!("write {key}: {e}"));
+    }
+    storage[3].restart();
+    wait_all_active(&c, 4).await;
+    let accepted = remove(&mut c, "s4", false).await.expect("remove s4");
+    wait_migration(&c, &accepted.migration_id, pb::MigrationState::Completed).await;
+
+    // A coordinator that replays hints: every key reaches both of its owners among s1..s3.
+    drop(c1);
+    let c2 = coordinator(&storage, dir.path(), &[]);
+    let mut c = c2.client().await;
+    let three: Vec<&StorageNode> = storage.iter().take(3).collect();
+    let ring = listed_ring(&mut c, &three).await;
+    let mut expected = 0;
+    for key in &missed {
+        for owner in ring.natural_owners(key_position("pair", key.as_bytes()), 2) {
+            let node = three
+                .iter()
+                .find(|n| n.id == owner.as_str())
+                .expect("owner is a member");
+            expected += 1;
+            eventually(
+                &format!("pair/{key} on {owner}"),
+                Duration::from_secs(30),
+                || async { stored(node, "pair", key).await.is_some() },
+            )
+            .await;
+        }
+    }
+    assert_eq!(expected, 2 * missed.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,8 @@ CREATE TABLE IF NOT EXISTS storage_nodes (
     state TEXT NOT NULL,
     updated_at_ms BIGINT NOT NULL
 );
+-- Tokens chosen at admission (decimal, comma-separated); NULL: derived by the xxh3 rule.
+ALTER TABLE storage_nodes ADD COLUMN IF NOT EXISTS tokens TEXT;
 CREATE TABLE IF NOT EXISTS hints (
     id BIGSERIAL PRIMARY KEY,
     target_node TEXT NOT NULL,

@@ -203,7 +203,10 @@ impl Coordinator {
                     s => s,
                 };
                 let health = health.unwrap_or_default();
+                let mut tokens = n.ring_node().tokens();
+                tokens.sort_unstable();
                 pb::StorageNodeInfo {
+                    tokens,
                     node_id: n.node_id,
                     host: n.host,
                     port: u32::from(n.port),

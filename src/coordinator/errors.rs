@@ -123,6 +123,9 @@ impl From<MetaError> for CoordError {
     fn from(e: MetaError) -> Self {
         match e {
             MetaError::Unavailable(m) => CoordError::Unavailable(format!("metadata store: {m}")),
+            MetaError::Changed(what) => {
+                CoordError::Unavailable(format!("{what} kept changing concurrently; retry"))
+            }
             other => CoordError::Internal(other.to_string()),
         }
     }

@@ -11,7 +11,8 @@
 //!   read repair), [`idempotent`] (the idempotency wrapper of writes).
 //! - [`hints`]: durable hint writer and the replay loop; [`repair`]: the bounded repair queue;
 //!   [`rf_change`]: raising a tenant's replication factor (copy to new replicas, then switch).
-//! - [`topology`]: adding and removing storage nodes (stream ranges, then switch the ring).
+//! - [`topology`]: adding and removing storage nodes (stream ranges, then switch the ring);
+//!   [`admission`]: a joining node's registry record and tokens.
 //! - [`tenant_cache`], [`clock`] (HLC with a durable high-water mark), [`admin`] (tenants and
 //!   the node list), [`service`] (the gRPC service), [`http`] (health and metrics).
 //!
@@ -23,6 +24,7 @@
 //! reads never wait for repair.
 
 pub mod admin;
+pub mod admission;
 pub mod batcher;
 pub mod clock;
 pub mod errors;
@@ -46,6 +48,7 @@ use std::time::Duration;
 
 use crate::idempotency::IdempotencyStore;
 use crate::meta::{MetadataStore, MigrationKind, Tenant};
+use crate::ring::allocation::TokenAllocation;
 
 use clock::CoordinatorClock;
 use errors::CoordError;
@@ -72,6 +75,9 @@ pub struct Options {
     pub hint_limits: hints::ReplayLimits,
     /// How far ahead of the clock a counter from outside may lie (see `clock`).
     pub max_clock_skew: Duration,
+    /// How a joining node's tokens are chosen, and how many it gets by default.
+    pub token_allocation: TokenAllocation,
+    pub virtual_nodes: u32,
 }
 
 /// Everything a request needs, shared by the gRPC service and the background loops.

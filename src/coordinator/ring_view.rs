@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::meta::{MetaError, MetadataStore, NodeRecord};
-use crate::ring::{NodeId, NodeState, ReplicaPlan, Ring, RingNode, key_position};
+use crate::ring::{NodeState, ReplicaPlan, Ring, key_position};
 
 use super::errors::CoordError;
 use super::membership::Membership;
@@ -30,11 +30,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     fn new(nodes: Vec<NodeRecord>) -> Self {
-        let ring = Ring::new(nodes.iter().map(|n| RingNode {
-            id: NodeId::new(n.node_id.clone()),
-            virtual_nodes: n.virtual_nodes,
-            state: n.state,
-        }));
+        let ring = Ring::new(nodes.iter().map(NodeRecord::ring_node));
         let addresses = nodes
             .iter()
             .map(|n| (n.node_id.clone(), format!("{}:{}", n.host, n.port)))

@@ -31,17 +31,22 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prost::Message;
+
 use crate::config::valid_node_id;
-use crate::meta::{MetaError, Migration, MigrationKind, MigrationState, NodeRecord};
-use crate::ring::{HashRange, NodeId, NodeState, Ring, RingNode, moved_ranges_with};
+use crate::meta::{Hint, MetaError, Migration, MigrationKind, MigrationState, NodeRecord};
+use crate::ring::{
+    HashRange, MAX_VIRTUAL_NODES, NodeId, NodeState, Ring, RingNode, key_position,
+    moved_ranges_with,
+};
 use crate::rpc::common;
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
 
-use super::Coordinator;
 use super::admin::rfc3339;
 use super::errors::CoordError;
 use super::hints;
+use super::{Coordinator, admission};
 
 /// How often streams are polled and progress is recorded.
 const POLL: Duration = Duration::from_millis(500);
@@ -49,7 +54,6 @@ const POLL: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Streaming rate assumed for the first completion estimate (keys per second).
 const ASSUMED_KEYS_PER_SECOND: u64 = 10_000;
-pub const MAX_VIRTUAL_NODES: u32 = 4096;
 
 /// A node to add, as the admin API gives it.
 #[derive(Debug, Clone)]
@@ -57,7 +61,7 @@ pub struct NewNode {
     pub node_id: String,
     pub host: String,
     pub port: u32,
-    /// 0 means the default (150).
+    /// 0 means the coordinator's default (`virtual_nodes`, 16 under balanced allocation).
     pub virtual_nodes: u32,
 }
 
@@ -79,7 +83,7 @@ impl Coordinator {
         self: &Arc<Self>,
         node: NewNode,
     ) -> Result<pb::MigrationAccepted, CoordError> {
-        let record = check_new_node(&node)?;
+        let record = check_new_node(&node, self.options.virtual_nodes)?;
         let registered = self.meta.list_nodes().await?;
         for n in registered.iter().filter(|n| n.state != NodeState::Failed) {
             if n.node_id == record.node_id {
@@ -99,10 +103,14 @@ impl Coordinator {
         {
             self.meta.remove_node(&record.node_id).await?;
         }
-        self.meta.add_node(&record).await.map_err(|e| match e {
-            MetaError::Exists { .. } => CoordError::NodeExists(record.node_id.clone()),
-            other => other.into(),
-        })?;
+        let rfs = admission::balanced_for(&self.replication_factors().await?);
+        let policy = self.options.token_allocation;
+        let record = admission::admit(self.meta.as_ref(), record, policy, &rfs)
+            .await
+            .map_err(|e| match e {
+                MetaError::Exists { id, .. } => CoordError::NodeExists(id),
+                other => other.into(),
+            })?;
         let message = format!(
             "node {} is bootstrapping: its ranges are streamed from their current owners, then it becomes active",
             record.node_id
@@ -302,6 +310,16 @@ impl Coordinator {
                 self.meta.set_node_state(node, NodeState::Active).await?;
             }
             _ => {
+                // Before the node leaves the registry: the hand-off needs the ring it leaves.
+                self.ring.refresh().await?;
+                let handed = self.hand_off_hints(node).await?;
+                if handed > 0 {
+                    tracing::info!(
+                        node,
+                        hints = handed,
+                        "hints of a leaving node handed to the nodes inheriting its keys"
+                    );
+                }
                 match self.meta.remove_node(node).await {
                     // Already gone: a resumed change whose end was not recorded.
                     Ok(()) | Err(MetaError::NotFound { .. }) => {}
@@ -318,8 +336,57 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Hints for a node that left the ring can never be delivered; its inheritors got those
-    /// writes as pending owners.
+    /// A leaving node's hints are writes it missed, so the data it streamed out lacks them:
+    /// each is stored again for the nodes that inherit its key (natural owners once the node
+    /// is gone that were not before), then deleted. Returns how many hints were handed on.
+    /// Stored before deleted: a crash in between only delivers a write twice, which storage
+    /// ignores. A hint whose tenant no longer exists, or whose key nobody inherits, is dropped.
+    async fn hand_off_hints(&self, node: &str) -> Result<u64, CoordError> {
+        let before = self.ring.snapshot().ring.clone();
+        if before.node(&NodeId::new(node)).is_none() {
+            return Ok(0); // already gone: a resumed change past this step
+        }
+        let leaving = NodeId::new(node);
+        let after = Ring::new(before.nodes().filter(|n| n.id != leaving).cloned());
+        let mut handed = 0u64;
+        loop {
+            let hints = self.meta.hints_for(node, 1000).await?;
+            if hints.is_empty() {
+                return Ok(handed);
+            }
+            let mut inherited = Vec::new();
+            for hint in &hints {
+                let Ok(record) = spb::Record::decode(hint.record.as_slice()) else {
+                    continue;
+                };
+                let Some(tenant) = self.tenants.get(&hint.tenant_id).await? else {
+                    continue;
+                };
+                let rf = self.pending_rf.write_rf(&tenant) as usize;
+                let position = key_position(&hint.tenant_id, &record.key);
+                let old = before.natural_owners(position, rf);
+                for heir in after
+                    .natural_owners(position, rf)
+                    .into_iter()
+                    .filter(|n| !old.contains(n))
+                {
+                    inherited.push(Hint {
+                        id: 0,
+                        target_node: heir.as_str().to_owned(),
+                        attempts: 0,
+                        ..hint.clone()
+                    });
+                }
+            }
+            handed += inherited.len() as u64;
+            self.meta.store_hints(&inherited).await?;
+            let ids: Vec<i64> = hints.iter().map(|h| h.id).collect();
+            self.meta.delete_hints(&ids).await?;
+        }
+    }
+
+    /// Hints written for a node after its hints were handed off: it was still a natural owner
+    /// then, and its inheritors got those writes directly as pending owners.
     async fn drop_hints_for(&self, node: &str) -> Result<(), CoordError> {
         loop {
             let hints = self.meta.hints_for(node, 1000).await?;
@@ -554,7 +621,7 @@ enum PollError {
 }
 
 /// Checks an added node's fields (INVALID_NODE_CONFIG) and makes its registry record.
-fn check_new_node(node: &NewNode) -> Result<NodeRecord, CoordError> {
+fn check_new_node(node: &NewNode, default_vnodes: u32) -> Result<NodeRecord, CoordError> {
     let invalid = |m: &str| Err(CoordError::InvalidNodeConfig(m.to_owned()));
     if !valid_node_id(&node.node_id) {
         return invalid("node_id must be 1..=128 letters, digits, '-', '_' or '.'");
@@ -569,7 +636,7 @@ fn check_new_node(node: &NewNode) -> Result<NodeRecord, CoordError> {
         return invalid("port must be 1..=65535");
     }
     let virtual_nodes = match node.virtual_nodes {
-        0 => crate::ring::DEFAULT_VIRTUAL_NODES,
+        0 => default_vnodes,
         v @ 1..=MAX_VIRTUAL_NODES => v,
         _ => return invalid("virtual_nodes must be 1..=4096"),
     };
@@ -578,6 +645,7 @@ fn check_new_node(node: &NewNode) -> Result<NodeRecord, CoordError> {
         host: node.host.clone(),
         port,
         virtual_nodes,
+        tokens: None,
         state: NodeState::Bootstrapping,
     })
 }

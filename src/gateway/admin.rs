@@ -86,6 +86,7 @@ pub async fn list_nodes(
                 "virtual_nodes": n.virtual_nodes,
                 "keys_count": n.keys_count,
                 "disk_usage_percent": n.disk_usage_percent,
+                "tokens": n.tokens.iter().map(u64::to_string).collect::<Vec<_>>(),
             })
         })
         .collect();

@@ -23,6 +23,9 @@ pub enum MetaError {
     Unavailable(String),
     #[error("metadata store holds invalid data: {0}")]
     Corrupt(String),
+    /// A conditional write found the data changed since it was read; read again and retry.
+    #[error("{0} changed concurrently")]
+    Changed(&'static str),
 }
 
 /// A tenant and its replication factor. Times are milliseconds since the Unix epoch.
@@ -41,7 +44,22 @@ pub struct NodeRecord {
     pub host: String,
     pub port: u16,
     pub virtual_nodes: u32,
+    /// The tokens chosen at admission (`ring::allocation`); `None` for a node whose tokens
+    /// follow the xxh3 rule (registered before allocation, or under `token_allocation = random`).
+    pub tokens: Option<Vec<u64>>,
     pub state: NodeState,
+}
+
+impl NodeRecord {
+    /// The node as the ring places it.
+    pub fn ring_node(&self) -> crate::ring::RingNode {
+        crate::ring::RingNode {
+            id: crate::ring::NodeId::new(self.node_id.clone()),
+            virtual_nodes: self.virtual_nodes,
+            tokens: self.tokens.clone(),
+            state: self.state,
+        }
+    }
 }
 
 /// A write a replica missed: the encoded record (a `storage.Record` protobuf) for `target`.
@@ -138,6 +156,9 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<Tenant, MetaError>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, MetaError>;
     async fn add_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
+    /// Adds `node` only if the registry still holds exactly the node ids `seen` (sorted), so a
+    /// node's tokens are chosen against the registry it joins; `Changed` otherwise.
+    async fn admit_node(&self, node: &NodeRecord, seen: &[String]) -> Result<(), MetaError>;
     async fn set_node_state(&self, node_id: &str, state: NodeState) -> Result<(), MetaError>;
     async fn remove_node(&self, node_id: &str) -> Result<(), MetaError>;
     /// Stores hints durably (all or none).

@@ -16,8 +16,33 @@ const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.
 const SCHEMA_LOCK: i64 = 0x7061_6972_6462;
 const SQLITE_SCHEMA: &str = include_str!("../../migrations/sqlite/0001_init.sql");
 
+/// Advisory lock key held while a node is admitted ("pdbnodes" in ASCII).
+const ADMISSION_LOCK: i64 = 0x7064_626e_6f64_6573;
+
 pub struct SqlMetadataStore {
     pool: AnyPool,
+    postgres: bool,
+}
+
+/// Tokens as stored: decimal, comma-separated; NULL for derived tokens.
+fn encode_tokens(tokens: Option<&Vec<u64>>) -> Option<String> {
+    tokens.map(|t| t.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
+}
+
+fn decode_tokens(row: &AnyRow) -> Result<Option<Vec<u64>>, MetaError> {
+    let stored: Option<String> = row
+        .try_get("tokens")
+        .map_err(|e| MetaError::Corrupt(e.to_string()))?;
+    stored
+        .map(|s| {
+            s.split(',')
+                .map(|t| {
+                    t.parse::<u64>()
+                        .map_err(|_| MetaError::Corrupt(format!("node token {t:?}")))
+                })
+                .collect::<Result<Vec<u64>, MetaError>>()
+        })
+        .transpose()
 }
 
 fn now_ms() -> i64 {
@@ -106,11 +131,36 @@ fn tenant(row: &AnyRow) -> Result<Tenant, MetaError> {
     })
 }
 
+/// `INSERT` of one registry record; `Exists` when the id is taken.
+async fn insert_node(conn: &mut sqlx::AnyConnection, node: &NodeRecord) -> Result<(), MetaError> {
+    let result = sqlx::query(
+        "INSERT INTO storage_nodes (node_id, host, port, virtual_nodes, tokens, state, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&node.node_id)
+    .bind(&node.host)
+    .bind(i64::from(node.port))
+    .bind(i64::from(node.virtual_nodes))
+    .bind(encode_tokens(node.tokens.as_ref()))
+    .bind(state_name(node.state))
+    .bind(now_ms())
+    .execute(conn)
+    .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => Err(MetaError::Exists {
+            what: "storage node",
+            id: node.node_id.clone(),
+        }),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
 impl SqlMetadataStore {
     /// Connects to `postgres://...` or `sqlite://path` and applies the schema. A SQLite file is
     /// created if missing.
     pub async fn connect(url: &str) -> Result<SqlMetadataStore, MetaError> {
         sqlx::any::install_default_drivers();
+        let postgres = !url.starts_with("sqlite:");
         let (url, schema, max) = if url.starts_with("sqlite:") {
             let url = if url.contains('?') {
                 url.to_owned()
@@ -141,8 +191,22 @@ impl SqlMetadataStore {
                 .execute(&pool)
                 .await
                 .map_err(unavailable)?;
+            // Stores made before token allocation lack the column (SQLite has no
+            // `ADD COLUMN IF NOT EXISTS`).
+            let has_tokens: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pragma_table_info('storage_nodes') WHERE name = 'tokens'",
+            )
+            .fetch_one(&pool)
+            .await
+            .map_err(unavailable)?;
+            if has_tokens == 0 {
+                sqlx::raw_sql("ALTER TABLE storage_nodes ADD COLUMN tokens TEXT")
+                    .execute(&pool)
+                    .await
+                    .map_err(unavailable)?;
+            }
         }
-        Ok(SqlMetadataStore { pool })
+        Ok(SqlMetadataStore { pool, postgres })
     }
 
     /// Runs `sql` (with `$1` = id) for every id, in one transaction.
@@ -263,7 +327,7 @@ impl MetadataStore for SqlMetadataStore {
 
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, MetaError> {
         let rows = sqlx::query(
-            "SELECT node_id, host, port, virtual_nodes, state FROM storage_nodes ORDER BY node_id",
+            "SELECT node_id, host, port, virtual_nodes, tokens, state FROM storage_nodes ORDER BY node_id",
         )
         .fetch_all(&self.pool)
         .await
@@ -275,6 +339,7 @@ impl MetadataStore for SqlMetadataStore {
                     host: text(row, "host")?,
                     port: int(row, "port")?,
                     virtual_nodes: int(row, "virtual_nodes")?,
+                    tokens: decode_tokens(row)?,
                     state: parse_state(&text(row, "state")?)?,
                 })
             })
@@ -282,25 +347,28 @@ impl MetadataStore for SqlMetadataStore {
     }
 
     async fn add_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
-        let result = sqlx::query(
-            "INSERT INTO storage_nodes (node_id, host, port, virtual_nodes, state, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&node.node_id)
-        .bind(&node.host)
-        .bind(i64::from(node.port))
-        .bind(i64::from(node.virtual_nodes))
-        .bind(state_name(node.state))
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(MetaError::Exists {
-                what: "storage node",
-                id: node.node_id.clone(),
-            }),
-            Err(e) => Err(unavailable(e)),
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        insert_node(&mut conn, node).await
+    }
+
+    async fn admit_node(&self, node: &NodeRecord, seen: &[String]) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        if self.postgres {
+            sqlx::query(&format!("SELECT pg_advisory_xact_lock({ADMISSION_LOCK})"))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
         }
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT node_id FROM storage_nodes ORDER BY node_id")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        if ids != seen {
+            return Err(MetaError::Changed("the node registry"));
+        }
+        insert_node(&mut tx, node).await?;
+        tx.commit().await.map_err(unavailable)
     }
 
     async fn set_node_state(&self, node_id: &str, state: NodeState) -> Result<(), MetaError> {

@@ -25,8 +25,18 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 use crate::quorum::Consistency;
 
-/// Default number of tokens per node.
-pub const DEFAULT_VIRTUAL_NODES: u32 = 150;
+pub mod allocation;
+pub mod simulate;
+
+/// Default number of tokens per node whose tokens follow the xxh3 rule (random placement).
+pub const RANDOM_VIRTUAL_NODES: u32 = 150;
+
+/// Most tokens a node may have.
+pub const MAX_VIRTUAL_NODES: u32 = 4096;
+
+/// Default number of tokens per node under balanced allocation (chosen with the ring
+/// simulator: docs/benchmarks.md, "Ring balance").
+pub const BALANCED_VIRTUAL_NODES: u32 = 16;
 
 /// Identifier of a storage node.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -89,8 +99,34 @@ impl NodeState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RingNode {
     pub id: NodeId,
+    /// Number of tokens when they are derived ([`token`]); ignored when `tokens` is stored.
     pub virtual_nodes: u32,
+    /// Tokens stored in the registry when the node was admitted (chosen by the allocator);
+    /// `None`: the node's tokens are `token(id, 0..virtual_nodes)`.
+    pub tokens: Option<Vec<u64>>,
     pub state: NodeState,
+}
+
+impl RingNode {
+    /// A node whose tokens follow the xxh3 rule.
+    pub fn derived(id: NodeId, virtual_nodes: u32, state: NodeState) -> Self {
+        Self {
+            id,
+            virtual_nodes,
+            tokens: None,
+            state,
+        }
+    }
+
+    /// The node's tokens: stored, or derived from its id.
+    pub fn tokens(&self) -> Vec<u64> {
+        match &self.tokens {
+            Some(t) => t.clone(),
+            None => (0..self.virtual_nodes)
+                .map(|i| token(&self.id, i))
+                .collect(),
+        }
+    }
 }
 
 /// Ring position of a tenant's key.
@@ -168,7 +204,7 @@ impl TokenTable {
             table.nodes.push(node.id.clone());
             table
                 .tokens
-                .extend((0..node.virtual_nodes).map(|i| (token(&node.id, i), idx)));
+                .extend(node.tokens().into_iter().map(|t| (t, idx)));
         }
         let names = &table.nodes;
         table
@@ -239,6 +275,19 @@ impl Ring {
 
     pub fn state(&self, id: &NodeId) -> Option<NodeState> {
         self.nodes.get(id).map(|n| n.state)
+    }
+
+    /// The nodes that will be in the ring once the pending changes complete, with their tokens:
+    /// what a joining node's tokens are allocated against.
+    pub fn future_members(&self) -> Vec<allocation::PlacedNode> {
+        self.nodes
+            .values()
+            .filter(|n| n.state.is_future_member())
+            .map(|n| allocation::PlacedNode {
+                id: n.id.clone(),
+                tokens: n.tokens(),
+            })
+            .collect()
     }
 
     /// Number of nodes that own ranges now.
@@ -424,11 +473,7 @@ mod tests {
     use super::*;
 
     fn node(id: &str, state: NodeState) -> RingNode {
-        RingNode {
-            id: NodeId::new(id),
-            virtual_nodes: DEFAULT_VIRTUAL_NODES,
-            state,
-        }
+        RingNode::derived(NodeId::new(id), RANDOM_VIRTUAL_NODES, state)
     }
 
     fn active(ids: &[&str]) -> Ring {

@@ -18,14 +18,11 @@ use crate::coordinator::ring_view::RingView;
 use crate::coordinator::service::CoordinatorService;
 use crate::coordinator::storage_pool::StoragePool;
 use crate::coordinator::tenant_cache::TenantCache;
-use crate::coordinator::{self, Coordinator, Options, http, rf_change};
+use crate::coordinator::{self, Coordinator, Options, admission, http, rf_change};
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
 use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
 use crate::rpc::coordinator::coordinator_server::CoordinatorServer;
-
-/// Virtual nodes of nodes seeded from `--storage-nodes`.
-pub const DEFAULT_VNODES: u32 = 150;
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let id = config
@@ -142,6 +139,8 @@ pub async fn start(
             min_storage_nodes: cfg.min_storage_nodes,
             hint_limits,
             max_clock_skew: Duration::from_millis(cfg.max_clock_skew_ms),
+            token_allocation: cfg.token_allocation,
+            virtual_nodes: cfg.token_allocation.virtual_nodes(cfg.virtual_nodes),
         },
         pending_rf: Default::default(),
         reads_served: std::sync::atomic::AtomicU64::new(0),
@@ -177,16 +176,18 @@ async fn seed_registry(meta: &dyn MetadataStore, cfg: &CoordinatorConfig) -> Res
     if cfg.storage_nodes.is_empty() || !meta.list_nodes().await?.is_empty() {
         return Ok(());
     }
+    let rfs = admission::balanced_for(&Default::default());
     for node in &cfg.storage_nodes {
         let record = NodeRecord {
             node_id: node.id.clone(),
             host: node.host.clone(),
             port: node.port,
-            virtual_nodes: DEFAULT_VNODES,
+            virtual_nodes: cfg.token_allocation.virtual_nodes(cfg.virtual_nodes),
+            tokens: None,
             state: NodeState::Active,
         };
-        match meta.add_node(&record).await {
-            Ok(()) | Err(MetaError::Exists { .. }) => {}
+        match admission::admit(meta, record, cfg.token_allocation, &rfs).await {
+            Ok(_) | Err(MetaError::Exists { .. }) => {}
             Err(e) => return Err(e),
         }
     }

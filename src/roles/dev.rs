@@ -17,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DevArgs, Role};
 use crate::config::{AuthMode, Config, NodeAddress, SyncMode};
-use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
+use crate::coordinator::admission;
+use crate::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
+use crate::ring::allocation::TokenAllocation;
 
 use super::{coordinator, gateway, storage};
 
@@ -129,20 +131,34 @@ async fn point_registry_at(url: &str, nodes: &[NodeAddress]) -> anyhow::Result<(
             existing.len()
         );
     }
+    // A node keeps its tokens across restarts (only its port changes); a new data dir's nodes
+    // are admitted one by one with balanced tokens.
+    let policy = TokenAllocation::Balanced;
+    let rfs = admission::balanced_for(&Default::default());
     for node in nodes {
-        match store.remove_node(&node.id).await {
-            Ok(()) | Err(MetaError::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
+        let record = NodeRecord {
+            node_id: node.id.clone(),
+            host: node.host.clone(),
+            port: node.port,
+            virtual_nodes: policy.virtual_nodes(0),
+            tokens: None,
+            state: NodeState::Active,
+        };
+        match existing.iter().find(|n| n.node_id == node.id) {
+            Some(old) => {
+                store.remove_node(&node.id).await?;
+                store
+                    .add_node(&NodeRecord {
+                        virtual_nodes: old.virtual_nodes,
+                        tokens: old.tokens.clone(),
+                        ..record
+                    })
+                    .await?;
+            }
+            None => {
+                admission::admit(&store, record, policy, &rfs).await?;
+            }
         }
-        store
-            .add_node(&NodeRecord {
-                node_id: node.id.clone(),
-                host: node.host.clone(),
-                port: node.port,
-                virtual_nodes: coordinator::DEFAULT_VNODES,
-                state: NodeState::Active,
-            })
-            .await?;
     }
     store.close().await;
     Ok(())

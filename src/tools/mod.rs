@@ -1,6 +1,8 @@
 //! Command-line tools for users of a running cluster (OPERATIONS.md, "Tools for users"): a
 //! small client of the HTTP API (`pairdb kv`, `pairdb admin`) and a load generator
-//! (`pairdb bench`). They talk to a gateway like any other client.
+//! (`pairdb bench`). They talk to a gateway like any other client. `pairdb ring simulate`
+//! ([`ring`]) needs no cluster: it runs the placement code on its own.
 
 pub mod bench;
 pub mod client;
+pub mod ring;

@@ -377,6 +377,30 @@ impl Cluster {
             .collect()
     }
 
+    /// Each process's kernel state (`/proc/<pid>/stat`: R, S, T stopped, Z exited) and the
+    /// last line of its log, for failure messages.
+    pub fn process_states(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| {
+                let state = p.child.as_ref().map_or("not started".to_owned(), |c| {
+                    std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+                        .ok()
+                        .and_then(|s| {
+                            s.rsplit_once(')')
+                                .and_then(|(_, rest)| rest.split_whitespace().next())
+                                .map(str::to_owned)
+                        })
+                        .unwrap_or_else(|| "gone".to_owned())
+                });
+                let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+                let last = log.lines().last().unwrap_or("").to_owned();
+                format!("{} [{state}] {last}", p.name)
+            })
+            .collect::<Vec<_>>()
+            .join(" | ")
+    }
+
     pub fn storage_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.indices(Role::Storage)
             .into_iter()

@@ -328,9 +328,17 @@ async fn current_ring(gateway: &str) -> Result<Ring, String> {
     for n in nodes {
         let state: NodeState = serde_json::from_value(n["status"].clone())
             .map_err(|e| format!("node state {}: {e}", n["status"]))?;
+        let tokens = n["tokens"]
+            .as_array()
+            .ok_or_else(|| format!("node without tokens: {n}"))?
+            .iter()
+            .map(|t| t.as_str().and_then(|t| t.parse::<u64>().ok()))
+            .collect::<Option<Vec<u64>>>()
+            .ok_or_else(|| format!("unreadable tokens: {n}"))?;
         ring_nodes.push(RingNode {
             id: NodeId::new(n["node_id"].as_str().unwrap_or_default()),
             virtual_nodes: n["virtual_nodes"].as_u64().unwrap_or(0) as u32,
+            tokens: Some(tokens),
             state,
         });
     }
@@ -339,6 +347,44 @@ async fn current_ring(gateway: &str) -> Result<Ring, String> {
 
 /// Every key read at ALL through a gateway (retried until it answers), and what each of its
 /// natural replicas holds.
+/// Which nodes each storage node's gossip reports down (its first `WatchHealth` message).
+async fn gossip_views(storage: &[(String, std::net::SocketAddr)]) -> String {
+    let mut views = Vec::new();
+    for (name, addr) in storage {
+        let view = async {
+            let mut client =
+                spb::storage_node_client::StorageNodeClient::connect(format!("http://{addr}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let mut stream = client
+                .watch_health(spb::WatchHealthRequest {})
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            let first = stream
+                .message()
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("stream ended")?;
+            let down: Vec<String> = first
+                .members
+                .iter()
+                .filter(|m| !m.up)
+                .map(|m| m.node_id.clone())
+                .collect();
+            Ok::<String, String>(format!("down {down:?}"))
+        };
+        let view = tokio::time::timeout(Duration::from_secs(3), view)
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()));
+        views.push(format!("{name}: {}", view.unwrap_or_else(|e| e)));
+    }
+    views.join("; ")
+}
+
+/// Reads at ALL per key after healing, one every 500 ms.
+const FINAL_READ_ATTEMPTS: usize = 20;
+
 async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<FinalKey>, String> {
     let storage = cluster.storage_addrs();
     let ring = current_ring(&cluster.gateway_urls()[0]).await?;
@@ -352,17 +398,35 @@ async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<Final
     let mut finals = Vec::new();
     for (tenant, key) in workload::all_keys() {
         let mut answer = None;
-        for attempt in 0..20 {
+        let mut last = None;
+        for attempt in 0..FINAL_READ_ATTEMPTS {
             match workload.get(attempt % 2, &tenant, &key, "all").await {
                 Outcome::Ok { clock, read, .. } => {
                     answer = Some((read.map(|r| r.id), clock));
                     break;
                 }
-                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+                other => {
+                    last = Some(other);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
             }
         }
-        let (value, clock) = answer
-            .ok_or_else(|| format!("{tenant}/{key}: no read at ALL succeeded after healing"))?;
+        let Some((value, clock)) = answer else {
+            let nodes = admin::storage_nodes(&cluster.gateway_urls()[0]).await;
+            let statuses: Vec<String> = nodes
+                .unwrap_or_default()
+                .iter()
+                .map(|n| format!("{}={}", n["node_id"], n["status"]))
+                .collect();
+            return Err(format!(
+                "{tenant}/{key}: no read at ALL succeeded after healing \
+                 ({FINAL_READ_ATTEMPTS} attempts, last: {last:?}); coordinator's view: {}; \
+                 gossip as each storage node sees it: {}; processes: {}",
+                statuses.join(" "),
+                gossip_views(&storage).await,
+                cluster.process_states(),
+            ));
+        };
         let mut replicas = Vec::new();
         for owner in ring.natural_owners(key_position(&tenant, key.as_bytes()), RF) {
             let client = clients.get_mut(owner.as_str()).ok_or("unknown owner")?;
