@@ -318,3 +318,49 @@ fn token_issue_mints_a_token_for_the_configured_secret() {
     assert_eq!(out.status.code(), Some(2), "no secret configured");
     assert!(stderr(&out).contains("secret"));
 }
+
+#[test]
+fn ring_simulate_measures_balance_and_moves() {
+    let out = pairdb(
+        &[
+            "ring", "simulate", "--nodes", "12", "--rf", "1,3", "--add", "2", "--remove", "1",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let steps: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let steps = steps.as_array().expect("steps");
+    assert_eq!(steps.len(), 4, "grown, 2 additions, 1 removal");
+    assert_eq!(steps[0]["nodes"], 12);
+    assert_eq!(
+        steps[0]["ranges"],
+        12 * 16,
+        "16 balanced tokens per node by default"
+    );
+    assert_eq!(steps[2]["nodes"], 14);
+    assert_eq!(steps[3]["nodes"], 13);
+    for step in &steps[1..] {
+        for b in step["balance"].as_array().expect("per rf") {
+            let moved = b["moved_fraction"].as_f64().expect("moved");
+            assert!(moved > 0.0 && moved < 0.5, "{step}");
+        }
+    }
+    let rf3 = &steps[0]["balance"][1];
+    assert_eq!(rf3["rf"], 3);
+    assert!(rf3["max_over_mean"].as_f64().expect("max") >= 1.0);
+
+    let table = pairdb(
+        &["ring", "simulate", "--nodes", "5", "--tokens", "random"],
+        &[],
+    );
+    assert!(table.status.success(), "{}", stderr(&table));
+    let text = stdout(&table);
+    assert!(
+        text.contains("random tokens, 150 per node") && text.contains("max/mean"),
+        "{text}"
+    );
+    let bad = pairdb(&["ring", "simulate", "--rf", "0"], &[]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--rf"), "{}", stderr(&bad));
+}
