@@ -191,6 +191,14 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     let listed = a.list_nodes().await.expect("list");
     assert_eq!(listed[2], admitted, "tokens come back exactly");
     a.remove_node("s3").await.expect("remove");
+    let empty = NodeRecord {
+        tokens: Some(Vec::new()),
+        virtual_nodes: 0,
+        ..node("s3", NodeState::Bootstrapping)
+    };
+    a.add_node(&empty).await.expect("add");
+    assert_eq!(b.list_nodes().await.expect("list")[2], empty, "no tokens is not corrupt");
+    a.remove_node("s3").await.expect("remove");
     a.remove_node("s1").await.expect("remove");
     assert_eq!(b.list_nodes().await.expect("list").len(), 1);
     assert!(matches!(

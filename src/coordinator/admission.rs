@@ -49,6 +49,10 @@ pub async fn admit(
         let ring = Ring::new(registered.iter().map(NodeRecord::ring_node));
         let id = NodeId::new(record.node_id.clone());
         record.tokens = choose_tokens(&ring, &id, policy, record.virtual_nodes, rfs);
+        if let Some(tokens) = &record.tokens {
+            // The allocator places fewer only if no range is wide enough to split.
+            record.virtual_nodes = tokens.len() as u32;
+        }
         match meta.admit_node(&record, &seen).await {
             Err(MetaError::Changed(_)) => continue,
             Err(e) => return Err(e),

@@ -36,6 +36,7 @@ fn decode_tokens(row: &AnyRow) -> Result<Option<Vec<u64>>, MetaError> {
     stored
         .map(|s| {
             s.split(',')
+                .filter(|t| !t.is_empty())
                 .map(|t| {
                     t.parse::<u64>()
                         .map_err(|_| MetaError::Corrupt(format!("node token {t:?}")))
