@@ -20,15 +20,24 @@ async fn wait_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn membership_follows_gossip_and_fails_over() {
+/// Two gossiping storage nodes `m0`, `m1` and a membership following them (the watch starts
+/// on `m0`), once both are up.
+struct TwoNodes {
+    _dirs: Vec<tempfile::TempDir>,
+    nodes: Vec<StorageNode>,
+    pool: Arc<StoragePool>,
+    membership: Arc<Membership>,
+    stop: CancellationToken,
+}
+
+async fn two_nodes() -> TwoNodes {
     let dirs: Vec<_> = (0..2)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
     let gossip: Vec<std::net::SocketAddr> = (0..2)
         .map(|_| std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
         .collect();
-    let mut nodes: Vec<StorageNode> = (0..2)
+    let nodes: Vec<StorageNode> = (0..2)
         .map(|i| {
             StorageNode::start(
                 &format!("m{i}"),
@@ -45,11 +54,28 @@ async fn membership_follows_gossip_and_fails_over() {
         .collect();
     let membership = Arc::new(Membership::default());
     membership.follow(move || registry.clone(), pool.clone(), stop.clone());
-
     wait_until("both nodes up", || {
         membership.members().iter().filter(|m| m.up).count() == 2
     })
     .await;
+    TwoNodes {
+        _dirs: dirs,
+        nodes,
+        pool,
+        membership,
+        stop,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_follows_gossip_and_fails_over() {
+    let TwoNodes {
+        _dirs,
+        mut nodes,
+        pool,
+        membership,
+        stop,
+    } = two_nodes().await;
     let mut client = pool
         .client("m0", &nodes[0].grpc.to_string())
         .expect("client");
@@ -84,35 +110,13 @@ async fn membership_follows_gossip_and_fails_over() {
 /// other node, which reports the frozen one down; a frozen watch would keep it up forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_watch_moves_to_another_node() {
-    let dirs: Vec<_> = (0..2)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let gossip: Vec<std::net::SocketAddr> = (0..2)
-        .map(|_| std::net::SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
-        .collect();
-    let nodes: Vec<StorageNode> = (0..2)
-        .map(|i| {
-            StorageNode::start(
-                &format!("m{i}"),
-                dirs[i].path(),
-                Some((gossip[i], vec![gossip[1 - i]])),
-            )
-        })
-        .collect();
-    let pool = Arc::new(StoragePool::new());
-    let stop = CancellationToken::new();
-    // m0 first: the watch starts on it.
-    let registry: Vec<(String, String)> = nodes
-        .iter()
-        .map(|n| (n.id.clone(), n.grpc.to_string()))
-        .collect();
-    let membership = Arc::new(Membership::default());
-    membership.follow(move || registry.clone(), pool.clone(), stop.clone());
-    wait_until("both nodes up", || {
-        membership.members().iter().filter(|m| m.up).count() == 2
-    })
-    .await;
-
+    let TwoNodes {
+        _dirs,
+        nodes,
+        membership,
+        stop,
+        ..
+    } = two_nodes().await;
     // (A node paused when the test fails is killed with the rest on drop.)
     nodes[0].pause();
     wait_until("m0 down, seen through m1", || membership.is_down("m0")).await;
