@@ -165,6 +165,9 @@ pub enum AdminCommand {
         address: String,
         #[arg(long = "vnodes")]
         virtual_nodes: Option<u32>,
+        /// Follow the migration to its end with a progress bar; exit 1 unless it completed.
+        #[arg(long)]
+        wait: bool,
     },
     /// Remove a storage node: its ranges are streamed to the nodes that inherit them.
     RemoveNode {
@@ -172,9 +175,22 @@ pub enum AdminCommand {
         /// Remove even if fewer active nodes than the largest tenant RF remain.
         #[arg(long)]
         force: bool,
+        /// Follow the migration to its end with a progress bar; exit 1 unless it completed.
+        #[arg(long)]
+        wait: bool,
     },
     /// A migration's status.
     Migration { migration_id: String },
+    /// The most recent migrations, newest first, each with a progress bar (keys, rate, ETA)
+    /// and, for a failed one, the reason.
+    Migrations {
+        /// How many (default 20).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print the API's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -198,7 +198,9 @@ async fn run_tool(command: &Command) -> ExitCode {
     };
     match answer {
         Ok(a) => {
-            let text = serde_json::to_string_pretty(&a.body).unwrap_or_default();
+            let text = a
+                .text
+                .unwrap_or_else(|| serde_json::to_string_pretty(&a.body).unwrap_or_default());
             if a.ok {
                 println!("{text}");
                 ExitCode::SUCCESS

@@ -50,6 +50,7 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         target_rf: 3,
         started_at_ms: 1_700_000_000_000,
         updated_at_ms: 1_700_000_000_000,
+        failure_reason: None,
     };
     a.create_migration(&m).await.expect("create migration");
     assert!(matches!(
@@ -76,6 +77,39 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     );
     assert!(seen.updated_at_ms > m.updated_at_ms);
     assert_eq!(a.get_migration("m-2").await.expect("get"), None);
+    let later = Migration {
+        migration_id: "m-0".into(),
+        started_at_ms: m.started_at_ms + 5,
+        ..m.clone()
+    };
+    b.create_migration(&later).await.expect("create");
+    b.fail_migration("m-0", "no streaming progress for 3s")
+        .await
+        .expect("fail");
+    let failed = a
+        .get_migration("m-0")
+        .await
+        .expect("get")
+        .expect("migration");
+    assert_eq!(failed.state, MigrationState::Failed);
+    assert_eq!(
+        failed.failure_reason.as_deref(),
+        Some("no streaming progress for 3s")
+    );
+    let recent = a.recent_migrations(10).await.expect("recent");
+    assert_eq!(
+        recent
+            .iter()
+            .map(|m| m.migration_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["m-0", "m-1"],
+        "newest first, failed ones too"
+    );
+    assert_eq!(a.recent_migrations(1).await.expect("recent").len(), 1);
+    assert!(matches!(
+        a.fail_migration("m-9", "x").await,
+        Err(MetaError::NotFound { .. })
+    ));
     let active = b.active_migrations().await.expect("active");
     assert_eq!(active.len(), 1);
     assert_eq!(
@@ -197,7 +231,11 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         ..node("s3", NodeState::Bootstrapping)
     };
     a.add_node(&empty).await.expect("add");
-    assert_eq!(b.list_nodes().await.expect("list")[2], empty, "no tokens is not corrupt");
+    assert_eq!(
+        b.list_nodes().await.expect("list")[2],
+        empty,
+        "no tokens is not corrupt"
+    );
     a.remove_node("s3").await.expect("remove");
     a.remove_node("s1").await.expect("remove");
     assert_eq!(b.list_nodes().await.expect("list").len(), 1);

@@ -117,6 +117,12 @@ fn probes() -> Vec<Probe> {
             "/v1/admin/migrations/m1",
             None,
         ),
+        probe(
+            M::GET,
+            "/v1/admin/migrations",
+            "/v1/admin/migrations?limit=5",
+            None,
+        ),
         probe(M::GET, "/healthz", "/healthz", None),
         probe(M::GET, "/health", "/health", None),
         probe(M::GET, "/readyz", "/readyz", None),

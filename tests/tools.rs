@@ -138,4 +138,44 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
     );
     let unreachable = pairdb("http://127.0.0.1:1", &["kv", "get", "x"]);
     assert_eq!(unreachable.status.code(), Some(1));
+
+    // Migrations: none yet; a forced removal followed to its end; then listed.
+    let none = pairdb(&url, &["admin", "migrations"]);
+    assert!(none.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&none.stdout).trim(),
+        "no migrations"
+    );
+    let removed = pairdb(&url, &["admin", "remove-node", "s3", "--force", "--wait"]);
+    let done = json_out(&removed);
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["type"], "node_removal");
+    assert_eq!(
+        json_out(&pairdb(&url, &["admin", "nodes"]))["nodes"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "--wait returned after s3 left"
+    );
+    let listed = pairdb(&url, &["admin", "migrations"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("node_removal") && text.contains("s3") && text.contains("completed"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("[{}] 100%", "#".repeat(24))),
+        "{text}"
+    );
+    let listed = json_out(&pairdb(&url, &["admin", "migrations", "--json"]));
+    assert_eq!(
+        listed["migrations"][0]["migration_id"],
+        done["migration_id"]
+    );
+    assert!(listed["migrations"][0]["failure_reason"].is_null());
+    assert_eq!(
+        json_out(&pairdb(&url, &["kv", "get", "doc", "--consistency", "all"]))["value"],
+        json!({"a": [1, 2]}),
+        "keys survive the removal"
+    );
 }

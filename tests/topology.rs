@@ -362,6 +362,17 @@ async fn an_addition_without_progress_is_rolled_back() {
     s4.kill9();
     let failed = wait_migration(&c, &accepted.migration_id, pb::MigrationState::Failed).await;
     assert_eq!(failed.node_id, "s4");
+    assert!(
+        failed.failure_reason.contains("no streaming progress"),
+        "the status says why: {failed:?}"
+    );
+    let listed = c
+        .list_migrations(pb::ListMigrationsRequest { limit: 0 })
+        .await
+        .expect("list migrations")
+        .into_inner()
+        .migrations;
+    assert_eq!(listed.first(), Some(&failed), "newest first");
     assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Failed));
     // Out of the ring: writes at ALL need only s1..s3 again.
     write_keys(&mut c, "after", 20, Consistency::All).await;

@@ -42,3 +42,5 @@ CREATE TABLE IF NOT EXISTS migrations (
     started_at_ms BIGINT NOT NULL,
     updated_at_ms BIGINT NOT NULL
 );
+-- Why a failed migration failed (NULL otherwise).
+ALTER TABLE migrations ADD COLUMN IF NOT EXISTS failure_reason TEXT;

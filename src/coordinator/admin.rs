@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::engine::validate_tenant;
-use crate::meta::{MetaError, MigrationKind, MigrationState, NodeRecord, Tenant};
+use crate::meta::{MetaError, Migration, MigrationKind, MigrationState, NodeRecord, Tenant};
 use crate::ring::NodeState;
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
@@ -134,40 +134,17 @@ impl Coordinator {
             .get_migration(migration_id)
             .await?
             .ok_or_else(|| CoordError::MigrationNotFound(migration_id.to_owned()))?;
-        let kind = match m.kind {
-            MigrationKind::NodeAddition => pb::MigrationType::NodeAddition,
-            MigrationKind::NodeRemoval => pb::MigrationType::NodeRemoval,
-            MigrationKind::ReplicationFactorChange => pb::MigrationType::ReplicationFactorChange,
+        Ok(migration_to_pb(m))
+    }
+
+    /// The `limit` (0 = 100, at most 1000) most recently started migrations, newest first.
+    pub async fn list_migrations(&self, limit: u32) -> Result<Vec<pb::Migration>, CoordError> {
+        let limit = match limit {
+            0 => 100,
+            n => n.min(1000),
         };
-        let state = match m.state {
-            MigrationState::Pending => pb::MigrationState::Pending,
-            MigrationState::InProgress => pb::MigrationState::InProgress,
-            MigrationState::Completed => pb::MigrationState::Completed,
-            MigrationState::Failed => pb::MigrationState::Failed,
-            MigrationState::Cancelled => pb::MigrationState::Cancelled,
-        };
-        let estimated_completion = match m.state {
-            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled => {
-                rfc3339(m.updated_at_ms)
-            }
-            _ if m.keys_migrated > 0 && m.total_keys >= m.keys_migrated => {
-                // The rate so far, extrapolated to the estimated total.
-                let elapsed = (m.updated_at_ms - m.started_at_ms).max(0) as f64;
-                let share = m.keys_migrated as f64 / m.total_keys as f64;
-                rfc3339(m.started_at_ms + (elapsed / share) as i64)
-            }
-            _ => String::new(),
-        };
-        Ok(pb::Migration {
-            migration_id: m.migration_id,
-            r#type: kind as i32,
-            node_id: m.subject,
-            state: state as i32,
-            keys_migrated: m.keys_migrated,
-            total_keys: m.total_keys,
-            started_at: rfc3339(m.started_at_ms),
-            estimated_completion,
-        })
+        let recent = self.meta.recent_migrations(limit).await?;
+        Ok(recent.into_iter().map(migration_to_pb).collect())
     }
 
     /// Every node of this coordinator's ring (the registry as last read) with its HealthCheck
@@ -218,5 +195,45 @@ impl Coordinator {
             })
             .collect();
         Ok(pb::ListStorageNodesResponse { nodes })
+    }
+}
+
+/// A migration record as the API shows it, with a completion estimate extrapolated from the
+/// rate so far.
+fn migration_to_pb(m: Migration) -> pb::Migration {
+    let kind = match m.kind {
+        MigrationKind::NodeAddition => pb::MigrationType::NodeAddition,
+        MigrationKind::NodeRemoval => pb::MigrationType::NodeRemoval,
+        MigrationKind::ReplicationFactorChange => pb::MigrationType::ReplicationFactorChange,
+    };
+    let state = match m.state {
+        MigrationState::Pending => pb::MigrationState::Pending,
+        MigrationState::InProgress => pb::MigrationState::InProgress,
+        MigrationState::Completed => pb::MigrationState::Completed,
+        MigrationState::Failed => pb::MigrationState::Failed,
+        MigrationState::Cancelled => pb::MigrationState::Cancelled,
+    };
+    let estimated_completion = match m.state {
+        MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled => {
+            rfc3339(m.updated_at_ms)
+        }
+        _ if m.keys_migrated > 0 && m.total_keys >= m.keys_migrated => {
+            // The rate so far, extrapolated to the estimated total.
+            let elapsed = (m.updated_at_ms - m.started_at_ms).max(0) as f64;
+            let share = m.keys_migrated as f64 / m.total_keys as f64;
+            rfc3339(m.started_at_ms + (elapsed / share) as i64)
+        }
+        _ => String::new(),
+    };
+    pb::Migration {
+        migration_id: m.migration_id,
+        r#type: kind as i32,
+        node_id: m.subject,
+        state: state as i32,
+        keys_migrated: m.keys_migrated,
+        total_keys: m.total_keys,
+        started_at: rfc3339(m.started_at_ms),
+        estimated_completion,
+        failure_reason: m.failure_reason.unwrap_or_default(),
     }
 }

@@ -129,6 +129,7 @@ impl Coordinator {
             target_rf: target,
             started_at_ms: now,
             updated_at_ms: now,
+            failure_reason: None,
         };
         self.meta.create_migration(&migration).await?;
         self.pending_rf.insert(&tenant.tenant_id, target);
@@ -148,7 +149,7 @@ impl Coordinator {
                 Err(e) => {
                     tracing::error!(migration = %id, error = %e, "replication-factor change failed; the RF stays as it was");
                     self.meta
-                        .update_migration(&id, MigrationState::Failed, 0, 0)
+                        .fail_migration(&id, &e.to_string())
                         .await
                         .map_err(|e| e.to_string())
                 }

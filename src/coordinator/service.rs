@@ -456,6 +456,18 @@ impl CoordinatorRpc for CoordinatorService {
         .await
     }
 
+    async fn list_migrations(
+        &self,
+        request: Request<pb::ListMigrationsRequest>,
+    ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
+        let limit = request.into_inner().limit;
+        let call = async move {
+            let migrations = self.core.list_migrations(limit).await?;
+            Ok(pb::ListMigrationsResponse { migrations })
+        };
+        administration("list_migrations", "", call).await
+    }
+
     type KeyValueStreamStream = ReceiverStream<Result<pb::KeyValueResult, Status>>;
 
     /// Runs every call of the stream as its own task; results go back as they complete.

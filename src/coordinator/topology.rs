@@ -185,6 +185,7 @@ impl Coordinator {
                 target_rf: 0,
                 started_at_ms: now,
                 updated_at_ms: now,
+                failure_reason: None,
             })
             .await?;
         Ok(pb::MigrationAccepted {
@@ -224,6 +225,7 @@ impl Coordinator {
             target_rf: 0,
             started_at_ms: now,
             updated_at_ms: now,
+            failure_reason: None,
         };
         if let Err(e) = self.meta.create_migration(&migration).await {
             self.undo_registration(kind, node_id).await;
@@ -281,11 +283,7 @@ impl Coordinator {
                 Err(e) => {
                     tracing::error!(migration = %id, node = %node, error = %e, "topology change failed; rolling back");
                     self.undo_registration(migration.kind, &node).await;
-                    if let Err(e) = self
-                        .meta
-                        .update_migration(&id, MigrationState::Failed, 0, migration.total_keys)
-                        .await
-                    {
+                    if let Err(e) = self.meta.fail_migration(&id, &e.to_string()).await {
                         tracing::error!(migration = %id, error = %e, "cannot record a failed topology change");
                     }
                 }

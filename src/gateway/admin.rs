@@ -11,7 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::config::valid_node_id;
 use crate::rpc::common::NodeState;
@@ -163,6 +163,37 @@ pub async fn migration(
             |mut c, r| async move { c.get_migration_status(r).await },
         )
         .await?;
+    let mut body = migration_json(&m);
+    body["status"] = json!("success");
+    Ok(Json(body))
+}
+
+/// `GET /v1/admin/migrations?limit=N`: the most recently started migrations, newest first.
+pub async fn migrations(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let list = gw
+        .forward(
+            pb::ListMigrationsRequest {
+                limit: query.limit.unwrap_or(0),
+            },
+            |mut c, r| async move { c.list_migrations(r).await },
+        )
+        .await?;
+    let migrations: Vec<Value> = list.migrations.iter().map(migration_json).collect();
+    Ok(Json(json!({"status": "success", "migrations": migrations})))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<u32>,
+}
+
+/// A migration as the API shows it (API.md, "Storage nodes and migrations").
+fn migration_json(m: &pb::Migration) -> Value {
     let kind = match m.r#type() {
         pb::MigrationType::NodeRemoval => "node_removal",
         pb::MigrationType::ReplicationFactorChange => "replication_factor_change",
@@ -180,8 +211,8 @@ pub async fn migration(
     } else {
         100.0 * m.keys_migrated as f64 / m.total_keys as f64
     };
-    Ok(Json(json!({
-        "status": "success",
+    let failure_reason = (!m.failure_reason.is_empty()).then_some(m.failure_reason.as_str());
+    json!({
         "migration_id": m.migration_id,
         "type": kind,
         "node_id": m.node_id,
@@ -190,5 +221,6 @@ pub async fn migration(
         "progress": {"keys_migrated": m.keys_migrated, "total_keys": m.total_keys, "percentage": percentage},
         "started_at": m.started_at,
         "estimated_completion": m.estimated_completion,
-    })))
+        "failure_reason": failure_reason,
+    })
 }

@@ -41,6 +41,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/v1/admin/storage-nodes/{node_id}",
             axum::routing::delete(admin::remove_node),
         )
+        .route("/v1/admin/migrations", get(admin::migrations))
         .route("/v1/admin/migrations/{migration_id}", get(admin::migration))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/health", get(|| async { "ok\n" }))

@@ -133,6 +133,8 @@ pub struct Migration {
     pub target_rf: u32,
     pub started_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Why it failed, when it did.
+    pub failure_reason: Option<String>,
 }
 
 /// What the coordinator needs to keep about the cluster.
@@ -174,6 +176,10 @@ pub trait MetadataStore: Send + Sync {
     async fn get_migration(&self, migration_id: &str) -> Result<Option<Migration>, MetaError>;
     /// Migrations that are pending or in progress.
     async fn active_migrations(&self) -> Result<Vec<Migration>, MetaError>;
+    /// Marks a migration failed, keeping its progress, with the reason.
+    async fn fail_migration(&self, migration_id: &str, reason: &str) -> Result<(), MetaError>;
+    /// The `limit` most recently started migrations, newest first, in any state.
+    async fn recent_migrations(&self, limit: u32) -> Result<Vec<Migration>, MetaError>;
     /// Moves a migration to `state` with its progress (`NotFound` for an unknown id).
     async fn update_migration(
         &self,

@@ -15,6 +15,12 @@ const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.
 /// Advisory lock key held while the PostgreSQL schema is applied ("pairdb" in ASCII).
 const SCHEMA_LOCK: i64 = 0x7061_6972_6462;
 const SQLITE_SCHEMA: &str = include_str!("../../migrations/sqlite/0001_init.sql");
+/// `(table, column)` of the TEXT columns added to the SQLite schema after `0001_init.sql`
+/// (PostgreSQL's schema adds them with `ADD COLUMN IF NOT EXISTS`).
+const SQLITE_ADDED_COLUMNS: [(&str, &str); 2] = [
+    ("storage_nodes", "tokens"),
+    ("migrations", "failure_reason"),
+];
 
 /// Advisory lock key held while a node is admitted ("pdbnodes" in ASCII).
 const ADMISSION_LOCK: i64 = 0x7064_626e_6f64_6573;
@@ -98,7 +104,7 @@ fn text(row: &AnyRow, col: &str) -> Result<String, MetaError> {
 }
 
 /// The columns of `migrations`, in the order [`migration`] and inserts use.
-const MIGRATION_COLUMNS: &str = "migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms";
+const MIGRATION_COLUMNS: &str = "migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms, failure_reason";
 
 /// A count as the database stores it.
 fn count(n: u64) -> Result<i64, MetaError> {
@@ -120,6 +126,9 @@ fn migration(row: &AnyRow) -> Result<Migration, MetaError> {
         target_rf: int(row, "target_rf")?,
         started_at_ms: int(row, "started_at_ms")?,
         updated_at_ms: int(row, "updated_at_ms")?,
+        failure_reason: row
+            .try_get("failure_reason")
+            .map_err(|e| MetaError::Corrupt(e.to_string()))?,
     })
 }
 
@@ -192,19 +201,21 @@ impl SqlMetadataStore {
                 .execute(&pool)
                 .await
                 .map_err(unavailable)?;
-            // Stores made before token allocation lack the column (SQLite has no
-            // `ADD COLUMN IF NOT EXISTS`).
-            let has_tokens: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM pragma_table_info('storage_nodes') WHERE name = 'tokens'",
-            )
-            .fetch_one(&pool)
-            .await
-            .map_err(unavailable)?;
-            if has_tokens == 0 {
-                sqlx::raw_sql("ALTER TABLE storage_nodes ADD COLUMN tokens TEXT")
-                    .execute(&pool)
-                    .await
-                    .map_err(unavailable)?;
+            // Columns added after the first schema: stores made before lack them (SQLite
+            // has no `ADD COLUMN IF NOT EXISTS`).
+            for (table, column) in SQLITE_ADDED_COLUMNS {
+                let present: i64 = sqlx::query_scalar(&format!(
+                    "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
+                ))
+                .fetch_one(&pool)
+                .await
+                .map_err(unavailable)?;
+                if present == 0 {
+                    sqlx::raw_sql(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))
+                        .execute(&pool)
+                        .await
+                        .map_err(unavailable)?;
+                }
             }
         }
         Ok(SqlMetadataStore { pool, postgres })
@@ -463,7 +474,7 @@ impl MetadataStore for SqlMetadataStore {
     async fn create_migration(&self, m: &Migration) -> Result<(), MetaError> {
         let result = sqlx::query(
             &format!(
-                "INSERT INTO migrations ({MIGRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                "INSERT INTO migrations ({MIGRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             ),
         )
         .bind(&m.migration_id)
@@ -475,6 +486,7 @@ impl MetadataStore for SqlMetadataStore {
         .bind(i64::from(m.target_rf))
         .bind(m.started_at_ms)
         .bind(m.updated_at_ms)
+        .bind(m.failure_reason.as_deref())
         .execute(&self.pool)
         .await;
         match result {
@@ -502,6 +514,37 @@ impl MetadataStore for SqlMetadataStore {
         let rows = sqlx::query(&format!(
             "SELECT {MIGRATION_COLUMNS} FROM migrations WHERE state IN ('pending', 'in_progress') ORDER BY started_at_ms"
         ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(migration).collect()
+    }
+
+    async fn fail_migration(&self, migration_id: &str, reason: &str) -> Result<(), MetaError> {
+        let done = sqlx::query(
+            "UPDATE migrations SET state = $1, failure_reason = $2, updated_at_ms = $3 WHERE migration_id = $4",
+        )
+        .bind(MigrationState::Failed.as_str())
+        .bind(reason)
+        .bind(now_ms())
+        .bind(migration_id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(MetaError::NotFound {
+                what: "migration",
+                id: migration_id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn recent_migrations(&self, limit: u32) -> Result<Vec<Migration>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MIGRATION_COLUMNS} FROM migrations ORDER BY started_at_ms DESC, migration_id LIMIT $1"
+        ))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;

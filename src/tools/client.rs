@@ -1,5 +1,7 @@
-//! `pairdb kv put|get|delete` and `pairdb admin tenants|nodes|migrations`: one HTTP call each,
-//! the JSON answer printed on stdout (exit 0) or the error body on stderr (exit 1).
+//! `pairdb kv put|get|delete` and `pairdb admin tenants|nodes|migration|migrations`: one HTTP
+//! call each, the JSON answer printed on stdout (exit 0) or the error body on stderr (exit 1);
+//! `admin migrations` prints a line per migration instead, and `add-node`/`remove-node --wait`
+//! poll the migration to its end (exit 1 unless it completed).
 //!
 //! Connection: `--url` (PAIRDB_URL, default http://127.0.0.1:8080), `--tenant` (PAIRDB_TENANT,
 //! sent as `X-Tenant-ID` for gateways with auth none), `--token` (PAIRDB_TOKEN, sent as a bearer
@@ -16,6 +18,8 @@ use crate::cli::{AdminCommand, Connection, KvCommand, TenantCommand};
 pub struct Answer {
     pub ok: bool,
     pub body: Value,
+    /// Printed instead of the JSON body, when the command renders for people.
+    pub text: Option<String>,
 }
 
 fn request(conn: &Connection, method: Method, path: &str) -> RequestBuilder {
@@ -38,7 +42,11 @@ async fn send(r: RequestBuilder) -> anyhow::Result<Answer> {
     let body = serde_json::from_str(&text).unwrap_or_else(
         |_| json!({"status": "error", "http_status": status.as_u16(), "body": text}),
     );
-    Ok(Answer { ok, body })
+    Ok(Answer {
+        ok,
+        body,
+        text: None,
+    })
 }
 
 /// A value from the command line: JSON if it parses, else a JSON string.
@@ -96,6 +104,43 @@ pub async fn kv(conn: &Connection, command: &KvCommand) -> anyhow::Result<Answer
     }
 }
 
+async fn get_migration(conn: &Connection, migration_id: &str) -> anyhow::Result<Answer> {
+    let path = format!("/v1/admin/migrations/{}", url_encode(migration_id));
+    send(request(conn, Method::GET, &path)).await
+}
+
+/// With `wait`, follows the migration an accepted change started until it ends (a progress bar
+/// on stderr); the answer is the final migration, ok only if it completed.
+async fn follow_if(conn: &Connection, accepted: Answer, wait: bool) -> anyhow::Result<Answer> {
+    let id = accepted.body["migration_id"].as_str().map(str::to_owned);
+    let (true, true, Some(id)) = (wait, accepted.ok, id) else {
+        return Ok(accepted);
+    };
+    let bar = super::progress::bar(&id);
+    loop {
+        let answer = get_migration(conn, &id).await?;
+        if !answer.ok {
+            bar.abandon();
+            return Ok(answer);
+        }
+        super::progress::update(&bar, &answer.body);
+        match answer.body["state"].as_str() {
+            Some("completed") => {
+                bar.finish();
+                return Ok(answer);
+            }
+            Some("failed" | "cancelled") => {
+                bar.abandon();
+                return Ok(Answer {
+                    ok: false,
+                    ..answer
+                });
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    }
+}
+
 pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<Answer> {
     match command {
         AdminCommand::Nodes => send(request(conn, Method::GET, "/v1/admin/storage-nodes")).await,
@@ -103,6 +148,7 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
             node_id,
             address,
             virtual_nodes,
+            wait,
         } => {
             let (host, port) = address
                 .rsplit_once(':')
@@ -112,18 +158,38 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
             if let Some(v) = virtual_nodes {
                 body["virtual_nodes"] = json!(v);
             }
-            send(request(conn, Method::POST, "/v1/admin/storage-nodes").json(&body)).await
+            let accepted =
+                send(request(conn, Method::POST, "/v1/admin/storage-nodes").json(&body)).await?;
+            follow_if(conn, accepted, *wait).await
         }
-        AdminCommand::RemoveNode { node_id, force } => {
+        AdminCommand::RemoveNode {
+            node_id,
+            force,
+            wait,
+        } => {
             let path = format!(
                 "/v1/admin/storage-nodes/{}?force={force}",
                 url_encode(node_id)
             );
-            send(request(conn, Method::DELETE, &path)).await
+            let accepted = send(request(conn, Method::DELETE, &path)).await?;
+            follow_if(conn, accepted, *wait).await
         }
-        AdminCommand::Migration { migration_id } => {
-            let path = format!("/v1/admin/migrations/{}", url_encode(migration_id));
-            send(request(conn, Method::GET, &path)).await
+        AdminCommand::Migration { migration_id } => get_migration(conn, migration_id).await,
+        AdminCommand::Migrations { limit, json } => {
+            let path = format!("/v1/admin/migrations?limit={limit}");
+            let mut answer = send(request(conn, Method::GET, &path)).await?;
+            if answer.ok && !json {
+                let lines: Vec<String> = answer.body["migrations"]
+                    .as_array()
+                    .map(|all| all.iter().map(super::progress::migration_line).collect())
+                    .unwrap_or_default();
+                answer.text = Some(if lines.is_empty() {
+                    "no migrations".to_owned()
+                } else {
+                    lines.join("\n")
+                });
+            }
+            Ok(answer)
         }
         AdminCommand::Tenants(TenantCommand::Create {
             tenant_id,
