@@ -51,6 +51,7 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         started_at_ms: 1_700_000_000_000,
         updated_at_ms: 1_700_000_000_000,
         failure_reason: None,
+        bytes_migrated: 0,
     };
     a.create_migration(&m).await.expect("create migration");
     assert!(matches!(
@@ -58,7 +59,7 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         Err(MetaError::Exists { .. })
     ));
     assert_eq!(b.get_migration("m-1").await.expect("get"), Some(m.clone()));
-    b.update_migration("m-1", MigrationState::InProgress, 40, 100)
+    b.update_migration("m-1", MigrationState::InProgress, 40, 100, 4096)
         .await
         .expect("progress");
     let seen = a
@@ -66,6 +67,7 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         .await
         .expect("get")
         .expect("migration");
+    assert_eq!(seen.bytes_migrated, 4096);
     assert_eq!(
         (seen.state, seen.keys_migrated, seen.total_keys, seen.kind),
         (
@@ -116,12 +118,12 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         (active[0].migration_id.as_str(), active[0].target_rf),
         ("m-1", 3)
     );
-    a.update_migration("m-1", MigrationState::Completed, 100, 100)
+    a.update_migration("m-1", MigrationState::Completed, 100, 100, 8192)
         .await
         .expect("done");
     assert!(b.active_migrations().await.expect("active").is_empty());
     assert!(matches!(
-        a.update_migration("m-2", MigrationState::Failed, 0, 0)
+        a.update_migration("m-2", MigrationState::Failed, 0, 0, 0)
             .await,
         Err(MetaError::NotFound { .. })
     ));

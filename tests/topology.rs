@@ -228,6 +228,10 @@ async fn adding_a_node_streams_its_ranges_then_activates_it() {
     assert_eq!(done.r#type(), pb::MigrationType::NodeAddition);
     assert_eq!(done.node_id, "s4");
     assert!(done.keys_migrated > 0, "{done:?}");
+    assert!(
+        done.bytes_migrated > done.keys_migrated,
+        "bytes streamed are recorded: {done:?}"
+    );
     assert_eq!(done.keys_migrated, done.total_keys);
     assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Active));
 

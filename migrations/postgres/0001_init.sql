@@ -44,3 +44,5 @@ CREATE TABLE IF NOT EXISTS migrations (
 );
 -- Why a failed migration failed (NULL otherwise).
 ALTER TABLE migrations ADD COLUMN IF NOT EXISTS failure_reason TEXT;
+-- Bytes streamed so far (node additions and removals).
+ALTER TABLE migrations ADD COLUMN IF NOT EXISTS bytes_migrated BIGINT NOT NULL DEFAULT 0;

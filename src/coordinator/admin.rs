@@ -235,5 +235,6 @@ fn migration_to_pb(m: Migration) -> pb::Migration {
         started_at: rfc3339(m.started_at_ms),
         estimated_completion,
         failure_reason: m.failure_reason.unwrap_or_default(),
+        bytes_migrated: m.bytes_migrated,
     }
 }

@@ -130,6 +130,7 @@ impl Coordinator {
             started_at_ms: now,
             updated_at_ms: now,
             failure_reason: None,
+            bytes_migrated: 0,
         };
         self.meta.create_migration(&migration).await?;
         self.pending_rf.insert(&tenant.tenant_id, target);
@@ -169,7 +170,13 @@ impl Coordinator {
             .map_err(|e| e.to_string())?;
         self.tenants.invalidate(&m.subject);
         self.meta
-            .update_migration(&m.migration_id, MigrationState::Completed, copied, scanned)
+            .update_migration(
+                &m.migration_id,
+                MigrationState::Completed,
+                copied,
+                scanned,
+                0,
+            )
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(migration = %m.migration_id, tenant = %m.subject, rf = m.target_rf, copied, "replication factor raised");
@@ -243,7 +250,13 @@ impl Coordinator {
                     copied += n;
                 }
                 self.meta
-                    .update_migration(&m.migration_id, MigrationState::InProgress, copied, scanned)
+                    .update_migration(
+                        &m.migration_id,
+                        MigrationState::InProgress,
+                        copied,
+                        scanned,
+                        0,
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
             }

@@ -74,7 +74,15 @@ struct Transfer {
     ranges: Vec<HashRange>,
     estimated_keys: u64,
     keys_copied: u64,
+    bytes_copied: u64,
     done: bool,
+}
+
+/// What a change's streams copied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Streamed {
+    keys: u64,
+    bytes: u64,
 }
 
 impl Coordinator {
@@ -186,6 +194,7 @@ impl Coordinator {
                 started_at_ms: now,
                 updated_at_ms: now,
                 failure_reason: None,
+                bytes_migrated: 0,
             })
             .await?;
         Ok(pb::MigrationAccepted {
@@ -226,6 +235,7 @@ impl Coordinator {
             started_at_ms: now,
             updated_at_ms: now,
             failure_reason: None,
+            bytes_migrated: 0,
         };
         if let Err(e) = self.meta.create_migration(&migration).await {
             self.undo_registration(kind, node_id).await;
@@ -292,7 +302,7 @@ impl Coordinator {
     }
 
     /// Switches the registry to the new topology and marks the migration completed.
-    async fn finish_change(&self, m: &Migration, copied: u64) -> Result<(), CoordError> {
+    async fn finish_change(&self, m: &Migration, copied: Streamed) -> Result<(), CoordError> {
         let node = m.subject.as_str();
         match m.kind {
             MigrationKind::NodeAddition => {
@@ -327,10 +337,16 @@ impl Coordinator {
             }
         }
         self.meta
-            .update_migration(&m.migration_id, MigrationState::Completed, copied, copied)
+            .update_migration(
+                &m.migration_id,
+                MigrationState::Completed,
+                copied.keys,
+                copied.keys,
+                copied.bytes,
+            )
             .await?;
         self.ring.refresh().await?;
-        tracing::info!(migration = %m.migration_id, node, kind = m.kind.as_str(), copied, "topology change completed");
+        tracing::info!(migration = %m.migration_id, node, kind = m.kind.as_str(), keys = copied.keys, bytes = copied.bytes, "topology change completed");
         Ok(())
     }
 
@@ -398,13 +414,13 @@ impl Coordinator {
 
     /// Streams every range that changes hands; returns the keys copied. Fails when a stream
     /// fails or no stream makes progress for `topology_timeout` (the streams are stopped).
-    async fn stream_change(&self, m: &Migration) -> Result<u64, CoordError> {
+    async fn stream_change(&self, m: &Migration) -> Result<Streamed, CoordError> {
         self.ring.refresh().await?;
         let mut transfers = self
             .plan_transfers(m.kind, &m.subject, &m.migration_id)
             .await?;
         let total: u64 = transfers.iter().map(|t| t.estimated_keys).sum();
-        let mut last = (0u64, 0usize);
+        let mut last = (Streamed::default(), 0usize);
         let mut last_progress = Instant::now();
         loop {
             for t in transfers.iter_mut().filter(|t| !t.done) {
@@ -419,7 +435,10 @@ impl Coordinator {
                     }
                 }
             }
-            let copied: u64 = transfers.iter().map(|t| t.keys_copied).sum();
+            let copied = Streamed {
+                keys: transfers.iter().map(|t| t.keys_copied).sum(),
+                bytes: transfers.iter().map(|t| t.bytes_copied).sum(),
+            };
             let done = transfers.iter().filter(|t| t.done).count();
             if done == transfers.len() {
                 return Ok(copied);
@@ -431,8 +450,9 @@ impl Coordinator {
                     .update_migration(
                         &m.migration_id,
                         MigrationState::InProgress,
-                        copied,
-                        total.max(copied),
+                        copied.keys,
+                        total.max(copied.keys),
+                        copied.bytes,
                     )
                     .await?;
             } else if last_progress.elapsed() > self.options.topology_timeout {
@@ -479,6 +499,7 @@ impl Coordinator {
             .map_err(|s| PollError::Unreachable(s.message().to_owned()))?
             .into_inner();
         t.keys_copied = status.keys_copied;
+        t.bytes_copied = status.bytes_copied;
         match status.state() {
             spb::StreamState::Completed => t.done = true,
             spb::StreamState::Failed | spb::StreamState::Stopped => {
@@ -565,6 +586,7 @@ impl Coordinator {
                     ranges: ranges.into_iter().collect(),
                     estimated_keys,
                     keys_copied: 0,
+                    bytes_copied: 0,
                     done: false,
                 }
             })

@@ -218,7 +218,7 @@ fn migration_json(m: &pb::Migration) -> Value {
         "node_id": m.node_id,
         "state": state,
         "migration_status": state,
-        "progress": {"keys_migrated": m.keys_migrated, "total_keys": m.total_keys, "percentage": percentage},
+        "progress": {"keys_migrated": m.keys_migrated, "total_keys": m.total_keys, "percentage": percentage, "bytes_migrated": m.bytes_migrated},
         "started_at": m.started_at,
         "estimated_completion": m.estimated_completion,
         "failure_reason": failure_reason,

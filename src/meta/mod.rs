@@ -135,6 +135,8 @@ pub struct Migration {
     pub updated_at_ms: i64,
     /// Why it failed, when it did.
     pub failure_reason: Option<String>,
+    /// Bytes streamed so far (node additions and removals; 0 for RF changes).
+    pub bytes_migrated: u64,
 }
 
 /// What the coordinator needs to keep about the cluster.
@@ -187,6 +189,7 @@ pub trait MetadataStore: Send + Sync {
         state: MigrationState,
         keys_migrated: u64,
         total_keys: u64,
+        bytes_migrated: u64,
     ) -> Result<(), MetaError>;
     /// The durable high-water mark of a coordinator's clock (0 for a new coordinator).
     async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError>;

@@ -15,11 +15,12 @@ const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.
 /// Advisory lock key held while the PostgreSQL schema is applied ("pairdb" in ASCII).
 const SCHEMA_LOCK: i64 = 0x7061_6972_6462;
 const SQLITE_SCHEMA: &str = include_str!("../../migrations/sqlite/0001_init.sql");
-/// `(table, column)` of the TEXT columns added to the SQLite schema after `0001_init.sql`
-/// (PostgreSQL's schema adds them with `ADD COLUMN IF NOT EXISTS`).
-const SQLITE_ADDED_COLUMNS: [(&str, &str); 2] = [
-    ("storage_nodes", "tokens"),
-    ("migrations", "failure_reason"),
+/// `(table, column, definition)` of the columns added to the SQLite schema after
+/// `0001_init.sql` (PostgreSQL's schema adds them with `ADD COLUMN IF NOT EXISTS`).
+const SQLITE_ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+    ("storage_nodes", "tokens", "TEXT"),
+    ("migrations", "failure_reason", "TEXT"),
+    ("migrations", "bytes_migrated", "BIGINT NOT NULL DEFAULT 0"),
 ];
 
 /// Advisory lock key held while a node is admitted ("pdbnodes" in ASCII).
@@ -104,7 +105,7 @@ fn text(row: &AnyRow, col: &str) -> Result<String, MetaError> {
 }
 
 /// The columns of `migrations`, in the order [`migration`] and inserts use.
-const MIGRATION_COLUMNS: &str = "migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms, failure_reason";
+const MIGRATION_COLUMNS: &str = "migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms, failure_reason, bytes_migrated";
 
 /// A count as the database stores it.
 fn count(n: u64) -> Result<i64, MetaError> {
@@ -129,6 +130,7 @@ fn migration(row: &AnyRow) -> Result<Migration, MetaError> {
         failure_reason: row
             .try_get("failure_reason")
             .map_err(|e| MetaError::Corrupt(e.to_string()))?,
+        bytes_migrated: int(row, "bytes_migrated")?,
     })
 }
 
@@ -203,7 +205,7 @@ impl SqlMetadataStore {
                 .map_err(unavailable)?;
             // Columns added after the first schema: stores made before lack them (SQLite
             // has no `ADD COLUMN IF NOT EXISTS`).
-            for (table, column) in SQLITE_ADDED_COLUMNS {
+            for (table, column, definition) in SQLITE_ADDED_COLUMNS {
                 let present: i64 = sqlx::query_scalar(&format!(
                     "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
                 ))
@@ -211,7 +213,8 @@ impl SqlMetadataStore {
                 .await
                 .map_err(unavailable)?;
                 if present == 0 {
-                    sqlx::raw_sql(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))
+                    let alter = format!("ALTER TABLE {table} ADD COLUMN {column} {definition}");
+                    sqlx::raw_sql(&alter)
                         .execute(&pool)
                         .await
                         .map_err(unavailable)?;
@@ -474,7 +477,7 @@ impl MetadataStore for SqlMetadataStore {
     async fn create_migration(&self, m: &Migration) -> Result<(), MetaError> {
         let result = sqlx::query(
             &format!(
-                "INSERT INTO migrations ({MIGRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                "INSERT INTO migrations ({MIGRATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             ),
         )
         .bind(&m.migration_id)
@@ -487,6 +490,7 @@ impl MetadataStore for SqlMetadataStore {
         .bind(m.started_at_ms)
         .bind(m.updated_at_ms)
         .bind(m.failure_reason.as_deref())
+        .bind(count(m.bytes_migrated)?)
         .execute(&self.pool)
         .await;
         match result {
@@ -557,13 +561,15 @@ impl MetadataStore for SqlMetadataStore {
         state: MigrationState,
         keys_migrated: u64,
         total_keys: u64,
+        bytes_migrated: u64,
     ) -> Result<(), MetaError> {
         let done = sqlx::query(
-            "UPDATE migrations SET state = $1, keys_migrated = $2, total_keys = $3, updated_at_ms = $4 WHERE migration_id = $5",
+            "UPDATE migrations SET state = $1, keys_migrated = $2, total_keys = $3, bytes_migrated = $4, updated_at_ms = $5 WHERE migration_id = $6",
         )
         .bind(state.as_str())
         .bind(count(keys_migrated)?)
         .bind(count(total_keys)?)
+        .bind(count(bytes_migrated)?)
         .bind(now_ms())
         .bind(migration_id)
         .execute(&self.pool)
