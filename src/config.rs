@@ -114,6 +114,9 @@ pub struct StorageConfig {
     /// Open even when a commit-log segment is corrupt in the middle, dropping the rest of that
     /// segment (an operator's decision after reading the error; off by default).
     pub skip_corrupt_log: bool,
+    /// Most bytes per second this node's range streams send together (node additions and
+    /// removals); 0 = unlimited.
+    pub stream_rate_limit: u64,
 }
 
 impl Default for StorageConfig {
@@ -126,6 +129,7 @@ impl Default for StorageConfig {
             seeds: Vec::new(),
             sync: SyncMode::Always,
             skip_corrupt_log: false,
+            stream_rate_limit: 0,
         }
     }
 }

@@ -52,6 +52,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         )
     })?);
     let service = StorageService::new(node_id.clone(), engine.clone(), gossip.clone(), markers);
+    service.streams().set_rate_limit(cfg.stream_rate_limit);
     tracing::info!(node = %node_id, grpc = %grpc_addr, http = %http_listener.local_addr()?, writes = ?service.write_path(), "storage node serving");
 
     let publisher = gossip.clone().map(|g| {

@@ -1,5 +1,5 @@
 //! The storage node: the engine served over gRPC (`service`), range streaming to other nodes
-//! (`streaming`), gossip of node health (`gossip`), health and metrics over HTTP (`http`), and
+//! (`streaming`, throttled by `throttle`), gossip of node health (`gossip`), health and metrics over HTTP (`http`), and
 //! the data-directory lock (`datadir`). Wired together by `roles::storage`.
 
 pub mod convert;
@@ -10,3 +10,4 @@ pub mod http;
 pub mod repair_markers;
 pub mod service;
 pub mod streaming;
+pub mod throttle;

@@ -167,6 +167,11 @@ impl StorageService {
         })
     }
 
+    /// The node's range streams.
+    pub fn streams(&self) -> &StreamManager {
+        &self.streams
+    }
+
     /// Where this service applies writes.
     pub fn write_path(&self) -> WritePath {
         self.writes

@@ -9,6 +9,9 @@
 //! - `syncing`: the target is asked to flush (`Drain`), so the copy is in its SSTables;
 //! - `completed`, or `failed` (with the error), or `stopped` by `StopStreaming`.
 //!
+//! The bulk copy is throttled by the node's `stream_rate_limit` when one is set
+//! ([`super::throttle`]); live writes are not (they are foreground traffic already).
+//!
 //! Sending is idempotent (the target applies a record only if it wins by the version rules), so
 //! a batch that failed because the target was briefly unreachable is simply sent again, with
 //! backoff, from where it stopped; a stream gives up only after `RETRY_WINDOW` without progress.
@@ -27,6 +30,8 @@ use crate::engine::{Engine, Record};
 use crate::ring::HashRange;
 use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
+
+use super::throttle::Throttle;
 
 use super::convert::{record_to_proto, wire_size};
 
@@ -82,6 +87,8 @@ impl Stream {
 pub struct StreamManager {
     engine: Arc<Engine>,
     streams: Arc<Mutex<HashMap<String, Arc<Stream>>>>,
+    /// The bandwidth limit shared by every stream started from now on (`None`: unlimited).
+    throttle: Arc<Mutex<Option<Arc<Throttle>>>>,
 }
 
 impl StreamManager {
@@ -89,7 +96,14 @@ impl StreamManager {
         Self {
             engine,
             streams: Arc::new(Mutex::new(HashMap::new())),
+            throttle: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Limits what every stream started from now on sends together, in bytes per second
+    /// (0: unlimited).
+    pub fn set_rate_limit(&self, bytes_per_second: u64) {
+        *self.throttle.lock() = Throttle::new(bytes_per_second).map(Arc::new);
     }
 
     /// Starts a stream (idempotent: a known id returns its status).
@@ -121,9 +135,10 @@ impl StreamManager {
         let status = stream.status();
         let client = StorageNodeClient::new(endpoint.connect_lazy());
         let engine = self.engine.clone();
+        let throttle = self.throttle.lock().clone();
         tokio::spawn(async move {
             let result = tokio::select! {
-                r = run(engine, stream.clone(), client, live_rx) => r,
+                r = run(engine, stream.clone(), client, live_rx, throttle) => r,
                 () = stream.cancel.cancelled() => Err("stopped".to_owned()),
             };
             match result {
@@ -224,6 +239,7 @@ async fn run(
     stream: Arc<Stream>,
     mut client: StorageNodeClient<Channel>,
     mut live: mpsc::UnboundedReceiver<Record>,
+    throttle: Option<Arc<Throttle>>,
 ) -> Result<(), String> {
     let (batches_tx, mut batches) = mpsc::channel::<Result<Vec<Record>, String>>(4);
     let ranges = stream.ranges.clone();
@@ -253,11 +269,13 @@ async fn run(
     });
     while let Some(batch) = batches.recv().await {
         let batch = batch?;
+        let bytes: u64 = batch.iter().map(wire_size).sum();
+        if let Some(t) = &throttle {
+            t.take(bytes).await;
+        }
         send(&mut client, &batch).await?;
         stream.keys.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        stream
-            .bytes
-            .fetch_add(batch.iter().map(wire_size).sum(), Ordering::Relaxed);
+        stream.bytes.fetch_add(bytes, Ordering::Relaxed);
         send_live(&mut client, &stream, &mut live).await?;
     }
     producer
