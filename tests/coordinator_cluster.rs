@@ -758,11 +758,20 @@ async fn raising_the_replication_factor_copies_existing_keys() {
         (1, 3)
     );
     assert!(!raised.migration_id.is_empty());
-    // Writes go to the union of old and new replicas from the moment the change is accepted.
+    // Writes go to the union of old and new replicas from the moment the change is accepted;
+    // only the old replica's ack counts (reads still use RF 1).
     let during = put(&mut a, "grow", "during", "\"d\"", Consistency::All)
         .await
         .expect("write during the change");
-    assert_eq!(during.replica_count, 3, "written to old and new replicas");
+    assert_eq!(during.replica_count, 1, "counted: the old replica only");
+    for node in &storage {
+        eventually(
+            "the write during the change reaches old and new replicas",
+            Duration::from_secs(10),
+            || async { stored(node, "grow", "during").await.is_some() },
+        )
+        .await;
+    }
     for i in 0..20 {
         put(
             &mut b,
@@ -840,6 +849,56 @@ async fn raising_the_replication_factor_copies_existing_keys() {
 
 /// The key-value stream gateways use: answers find their calls by id under concurrency, errors
 /// carry their codes, and a call outlives neither its deadline nor the coordinator.
+/// While a tenant's RF is being raised, reads still use the old replicas, so a write must not be
+/// acknowledged on the strength of new replicas alone: with the key's only old replica dead, a
+/// write at ONE fails even though its new replica took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_raise_only_old_replicas_count() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(3, dir.path());
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "grow", 1).await;
+    put(&mut c, "grow", "k", "\"old\"", Consistency::All)
+        .await
+        .expect("write at RF 1");
+    let mut old = None;
+    for (i, node) in storage.iter().enumerate() {
+        if stored(node, "grow", "k").await.is_some() {
+            old = Some(i);
+        }
+    }
+    let old = old.expect("RF 1: one replica holds k");
+
+    c.update_replication_factor(pb::UpdateReplicationFactorRequest {
+        tenant_id: "grow".into(),
+        replication_factor: 2,
+    })
+    .await
+    .expect("raise");
+    storage[old].kill9();
+    let refused = put(&mut c, "grow", "k", "\"new\"", Consistency::One)
+        .await
+        .expect_err("the new replica's ack alone must not count");
+    assert_eq!(code(&refused), ErrorCode::QuorumNotReached, "{refused:?}");
+    let mut new_replicas = 0;
+    for (i, node) in storage.iter().enumerate() {
+        if i != old && stored(node, "grow", "k").await.is_some() {
+            new_replicas += 1;
+        }
+    }
+    assert_eq!(new_replicas, 1, "the write did reach the new replica");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_value_stream_answers_each_call_by_id() {
     use pairdb::mux::{MuxError, MuxStream};

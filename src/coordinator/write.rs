@@ -104,7 +104,9 @@ impl Coordinator {
     }
 
     /// Writes `value` (or a tombstone) under `version` at `consistency`, to the tenant's
-    /// replicas (the union of old and new ones while its RF is being raised).
+    /// replicas (the union of old and new ones while its RF is being raised). Acks count only
+    /// from the replicas reads use, the old RF's, until the raise completes: an ack from a new
+    /// replica that no read asks yet must not stand in for an old one.
     async fn replicate(
         &self,
         tenant: &Tenant,
@@ -118,7 +120,13 @@ impl Coordinator {
         let plan = self
             .ring
             .plan(&snapshot, &tenant.tenant_id, key, rf as usize)?;
-        let required = plan.required(consistency);
+        let counted = if rf == tenant.replication_factor {
+            plan.clone()
+        } else {
+            let old_rf = tenant.replication_factor as usize;
+            self.ring.plan(&snapshot, &tenant.tenant_id, key, old_rf)?
+        };
+        let required = counted.required(consistency);
         let record = pb::Record {
             tenant_id: tenant.tenant_id.clone(),
             key: key.to_vec(),
@@ -137,7 +145,7 @@ impl Coordinator {
                 continue;
             }
             calls.push(ReplicaCall {
-                authoritative: plan.is_authoritative(&node),
+                authoritative: counted.is_authoritative(&node),
                 call: replicas::write(
                     &self.pool,
                     node.as_str(),
