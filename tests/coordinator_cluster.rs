@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::backends::{Postgres, Redis, skip_or_fail};
 use common::cluster::{RoleProcess, start_storage};
 use common::coord::{
-    Client, code, create_tenant, eventually, get, node_state, put, put_idem, sqlite_url, stored,
-    wait_all_active,
+    Client, code, create_tenant, eventually, get, listed_ring, node_state, put, put_idem,
+    sqlite_url, stored, wait_all_active,
 };
 use pairdb::coordinator::errors::detail_in;
 use pairdb::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
@@ -897,6 +897,105 @@ async fn during_a_raise_only_old_replicas_count() {
         }
     }
     assert_eq!(new_replicas, 1, "the write did reach the new replica");
+}
+
+/// Lowering RF 3 -> 1 after a QUORUM write that reached only replicas 2 and 3 (hints off, so
+/// nothing else brings it to replica 1): the change brings the newest version to the replica
+/// that stays before reads use it, so a read at the new RF returns the newest value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_the_rf_keeps_writes_that_missed_the_remaining_replica() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(3, dir.path());
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[("PAIRDB_COORDINATOR_HINTS_ENABLED", "false")],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "shrink", 3).await;
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        put(&mut c, "shrink", key, "\"v1\"", Consistency::All)
+            .await
+            .expect("first write");
+    }
+    // The replica that stays at RF 1 is the first owner; pick the node that is first for k0
+    // and use every key it is first for.
+    let members: Vec<&common::StorageNode> = storage.iter().collect();
+    let ring = listed_ring(&mut c, &members).await;
+    let first = |key: &str| {
+        ring.natural_owners(pairdb::ring::key_position("shrink", key.as_bytes()), 1)[0]
+            .as_str()
+            .to_owned()
+    };
+    let stays = first("k0");
+    let keys: Vec<&String> = keys.iter().filter(|k| first(k) == stays).collect();
+    let at = storage
+        .iter()
+        .position(|n| n.id == stays)
+        .expect("a member");
+
+    storage[at].kill9();
+    for key in &keys {
+        put(&mut c, "shrink", key, "\"v2\"", Consistency::Quorum)
+            .await
+            .expect("quorum of replicas 2 and 3");
+    }
+    storage[at].restart();
+    wait_all_active(&c, 3).await;
+    assert_eq!(
+        stored(&storage[at], "shrink", keys[0])
+            .await
+            .map(|(v, _)| v),
+        Some("\"v1\"".to_owned()),
+        "the staying replica missed v2"
+    );
+
+    let lowered = c
+        .update_replication_factor(pb::UpdateReplicationFactorRequest {
+            tenant_id: "shrink".into(),
+            replication_factor: 1,
+        })
+        .await
+        .expect("lower")
+        .into_inner();
+    assert!(!lowered.migration_id.is_empty(), "lowering is a migration");
+    eventually("the lowering completes", Duration::from_secs(60), || {
+        let mut c = c.clone();
+        let id = lowered.migration_id.clone();
+        async move {
+            let m = c
+                .get_migration_status(pb::GetMigrationStatusRequest { migration_id: id })
+                .await
+                .expect("status")
+                .into_inner();
+            assert_ne!(m.state(), pb::MigrationState::Failed, "{m:?}");
+            m.state() == pb::MigrationState::Completed
+        }
+    })
+    .await;
+    eventually("the new RF is in use", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            c.get_tenant(pb::GetTenantRequest {
+                tenant_id: "shrink".into(),
+            })
+            .await
+            .is_ok_and(|t| t.into_inner().replication_factor == 1)
+        }
+    })
+    .await;
+    for key in &keys {
+        let read = get(&mut c, "shrink", key, Consistency::One)
+            .await
+            .unwrap_or_else(|e| panic!("read {key}: {e}"));
+        assert_eq!(read, "\"v2\"", "{key} at RF 1");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

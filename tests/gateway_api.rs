@@ -262,6 +262,26 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
         (Some(3), Some(2))
     );
     assert!(b["updated_at"].is_string());
+    // Lowering is a migration too (the replicas that stay are brought up to date first); a
+    // second change waits for it.
+    let lowering = b["migration_id"].as_str().expect("migration id").to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, m) = get(
+            &format!("{url}/v1/admin/migrations/{lowering}"),
+            Some(&admin),
+        )
+        .await;
+        if m["state"] == "completed" {
+            break;
+        }
+        assert_ne!(m["state"], "failed", "{m}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lowering never completed: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Raising starts a migration that copies existing keys, visible through its id.
     let (s, _, b) = call(
         Method::PUT,

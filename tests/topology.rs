@@ -12,11 +12,11 @@ use std::time::Duration;
 use common::StorageNode;
 use common::cluster::{RoleProcess, start_storage};
 use common::coord::{
-    Client, code, create_tenant, eventually, get, node_state, put, sqlite_url, stored,
+    Client, code, create_tenant, eventually, get, listed_ring, node_state, put, sqlite_url, stored,
     wait_all_active,
 };
 use common::free_udp_port;
-use pairdb::ring::{NodeId, NodeState, Ring, RingNode, key_position};
+use pairdb::ring::key_position;
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
 
@@ -52,29 +52,6 @@ async fn write_keys(c: &mut Client, prefix: &str, n: usize, level: Consistency) 
                 .unwrap_or_else(|e| panic!("write {tenant}/{key}: {e}"));
         }
     }
-}
-
-/// The ring of `nodes` (all active) with the tokens each was admitted with, as the coordinator
-/// lists them.
-async fn listed_ring(c: &mut Client, nodes: &[&StorageNode]) -> Ring {
-    let listed = c
-        .list_storage_nodes(pb::ListStorageNodesRequest {})
-        .await
-        .expect("list storage nodes")
-        .into_inner()
-        .nodes;
-    Ring::new(nodes.iter().map(|n| {
-        let info = listed
-            .iter()
-            .find(|i| i.node_id == n.id)
-            .unwrap_or_else(|| panic!("{} is not listed", n.id));
-        RingNode {
-            id: NodeId::new(n.id.clone()),
-            virtual_nodes: info.virtual_nodes,
-            tokens: Some(info.tokens.clone()),
-            state: NodeState::Active,
-        }
-    }))
 }
 
 /// Every key of `tenants` is held by every node that owns it in a ring of `nodes` (all active),

@@ -91,8 +91,8 @@ impl Coordinator {
                 "a replication-factor change of tenant {tenant_id:?} is in progress"
             )));
         }
-        if rf > current.replication_factor {
-            let migration_id = self.raise_replication_factor(&current, rf).await?;
+        if rf != current.replication_factor {
+            let migration_id = self.change_replication_factor(&current, rf).await?;
             return Ok(pb::UpdateReplicationFactorResponse {
                 tenant_id: tenant_id.to_owned(),
                 old_replication_factor: current.replication_factor,
@@ -101,28 +101,12 @@ impl Coordinator {
                 migration_id,
             });
         }
-        let before = self
-            .meta
-            .update_replication_factor(tenant_id, rf)
-            .await
-            .map_err(|e| match e {
-                MetaError::NotFound { .. } => CoordError::TenantNotFound(tenant_id.to_owned()),
-                other => other.into(),
-            })?;
-        self.tenants.invalidate(tenant_id);
-        let updated_at = match self.meta.get_tenant(tenant_id).await {
-            Ok(Some(t)) => {
-                let updated = t.updated_at_ms;
-                self.tenants.put(t);
-                updated
-            }
-            _ => crate::wallclock::now_ms() as i64,
-        };
+        // The same RF: nothing to change.
         Ok(pb::UpdateReplicationFactorResponse {
             tenant_id: tenant_id.to_owned(),
-            old_replication_factor: before.replication_factor,
+            old_replication_factor: rf,
             new_replication_factor: rf,
-            updated_at: rfc3339(updated_at),
+            updated_at: rfc3339(current.updated_at_ms),
             migration_id: String::new(),
         })
     }

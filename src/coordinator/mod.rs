@@ -113,7 +113,7 @@ pub fn resume_migrations(core: &Arc<Coordinator>) {
         };
         for m in active {
             match m.kind {
-                MigrationKind::ReplicationFactorChange => core.resume_raise(m),
+                MigrationKind::ReplicationFactorChange => core.resume_rf_change(m),
                 MigrationKind::NodeAddition | MigrationKind::NodeRemoval => core.resume_change(m),
             }
         }

@@ -1,6 +1,8 @@
-//! Raising a tenant's replication factor (SEMANTICS.md, "Replication-factor change"): new
-//! replicas receive a copy of every key; reads use the old replica set until the copy completed,
-//! writes go to the union meanwhile.
+//! Changing a tenant's replication factor (SEMANTICS.md, "Replication-factor change"), up or
+//! down. Raising: new replicas receive a copy of every key; reads and write acks use the old
+//! replica set until the copy completed, writes go to the union meanwhile. Lowering: the
+//! replicas that stay receive every old replica's records, so they hold the newest version of
+//! every key; until then reads, writes and acks keep the old (larger) replica set.
 //!
 //! How: the change is a migration record (`replication_factor_change`, target RF) in the
 //! metadata store. Every coordinator re-reads active migrations and changed tenants every
@@ -15,7 +17,7 @@
 //!
 //! Invariant: a read at the new RF never misses a key written before: every key either was on
 //! an old owner when the scan passed (and was copied) or was written after every coordinator
-//! wrote to the union.
+//! wrote to the union (for a lowering, the union is the old set itself).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -105,15 +107,15 @@ async fn refresh(core: &Coordinator, every: Duration) -> Result<(), crate::meta:
 }
 
 impl Coordinator {
-    /// Carries on a raise left in progress by a coordinator that stopped.
-    pub(super) fn resume_raise(self: &Arc<Self>, m: Migration) {
+    /// Carries on an RF change left in progress by a coordinator that stopped.
+    pub(super) fn resume_rf_change(self: &Arc<Self>, m: Migration) {
         self.pending_rf.insert(&m.subject, m.target_rf);
         tracing::info!(migration = %m.migration_id, tenant = %m.subject, "resuming a replication-factor change");
         self.clone().spawn_copy(m);
     }
 
-    /// Starts raising `tenant`'s RF to `target`; returns the migration's id.
-    pub async fn raise_replication_factor(
+    /// Starts moving `tenant`'s RF to `target` (up or down); returns the migration's id.
+    pub async fn change_replication_factor(
         self: &Arc<Self>,
         tenant: &Tenant,
         target: u32,
@@ -144,9 +146,9 @@ impl Coordinator {
             // Every coordinator writes to the union before the scan starts.
             tokio::time::sleep(self.options.metadata_refresh * 2 + Duration::from_secs(1)).await;
             let id = migration.migration_id.clone();
-            let result = self.copy_to_new_replicas(&migration).await;
+            let result = self.copy_to_replicas(&migration).await;
             let finished = match result {
-                Ok((copied, scanned)) => self.finish_raise(&migration, copied, scanned).await,
+                Ok((copied, scanned)) => self.finish_rf_change(&migration, copied, scanned).await,
                 Err(e) => {
                     tracing::error!(migration = %id, error = %e, "replication-factor change failed; the RF stays as it was");
                     self.meta
@@ -163,7 +165,12 @@ impl Coordinator {
     }
 
     /// Sets the new RF, then marks the migration completed (in that order; see [`refresh`]).
-    async fn finish_raise(&self, m: &Migration, copied: u64, scanned: u64) -> Result<(), String> {
+    async fn finish_rf_change(
+        &self,
+        m: &Migration,
+        copied: u64,
+        scanned: u64,
+    ) -> Result<(), String> {
         self.meta
             .update_replication_factor(&m.subject, m.target_rf)
             .await
@@ -179,13 +186,16 @@ impl Coordinator {
             )
             .await
             .map_err(|e| e.to_string())?;
-        tracing::info!(migration = %m.migration_id, tenant = %m.subject, rf = m.target_rf, copied, "replication factor raised");
+        tracing::info!(migration = %m.migration_id, tenant = %m.subject, rf = m.target_rf, copied, "replication factor changed");
         Ok(())
     }
 
-    /// Sends every record of the tenant to the owners the new RF adds. Returns (records copied,
-    /// records scanned).
-    async fn copy_to_new_replicas(&self, m: &Migration) -> Result<(u64, u64), String> {
+    /// Brings the replicas of the new RF up to date. Raising: every record of the tenant goes
+    /// to the owners the new RF adds. Lowering: every old replica sends each of its records to
+    /// the replicas that remain (except itself), so the remaining ones hold the newest version
+    /// of every key before the leaving ones stop being read (a write that reached only the
+    /// leaving replicas is not lost). Returns (records copied, records scanned).
+    async fn copy_to_replicas(&self, m: &Migration) -> Result<(u64, u64), String> {
         let tenant = self
             .meta
             .get_tenant(&m.subject)
@@ -230,7 +240,15 @@ impl Coordinator {
                         .plan(&snapshot, &m.subject, &record.key, m.target_rf as usize)
                         .map_err(|e| e.to_string())?
                         .write_replicas();
-                    for target in new.into_iter().filter(|n| !old.contains(n)) {
+                    let holder = NodeId::new(node.node_id.clone());
+                    let targets: Vec<NodeId> = if new.len() >= old.len() {
+                        new.into_iter().filter(|n| !old.contains(n)).collect()
+                    } else if old.contains(&holder) {
+                        new.into_iter().filter(|n| *n != holder).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    for target in targets {
                         gained.entry(target).or_default().push(record.clone());
                     }
                 }

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use pairdb::coordinator::errors::detail_in;
+use pairdb::ring::{NodeId, NodeState, Ring, RingNode};
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
 use pairdb::rpc::coordinator::coordinator_client::CoordinatorClient;
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
@@ -153,4 +154,27 @@ pub async fn wait_all_active(c: &Client, n: usize) {
 
 pub fn sqlite_url(dir: &std::path::Path) -> String {
     format!("sqlite://{}", dir.join("meta.db").display())
+}
+
+/// The ring of `nodes` (all active) with the tokens each was admitted with, as the coordinator
+/// lists them.
+pub async fn listed_ring(c: &mut Client, nodes: &[&StorageNode]) -> Ring {
+    let listed = c
+        .list_storage_nodes(pb::ListStorageNodesRequest {})
+        .await
+        .expect("list storage nodes")
+        .into_inner()
+        .nodes;
+    Ring::new(nodes.iter().map(|n| {
+        let info = listed
+            .iter()
+            .find(|i| i.node_id == n.id)
+            .unwrap_or_else(|| panic!("{} is not listed", n.id));
+        RingNode {
+            id: NodeId::new(n.id.clone()),
+            virtual_nodes: info.virtual_nodes,
+            tokens: Some(info.tokens.clone()),
+            state: NodeState::Active,
+        }
+    }))
 }
