@@ -8,7 +8,7 @@ use common::backends::{Postgres, skip_or_fail};
 
 use pairdb::meta::{
     Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord,
-    SqlMetadataStore,
+    SqlMetadataStore, registry_view,
 };
 use pairdb::ring::NodeState;
 
@@ -207,23 +207,42 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         virtual_nodes: 3,
         ..node("s3", NodeState::Bootstrapping)
     };
-    assert!(matches!(
-        b.admit_node(&admitted, &["s1".to_owned()]).await,
-        Err(MetaError::Changed(_))
-    ));
+    let before = registry_view(&a.list_nodes().await.expect("list"));
+    let entry = |id: &str, state| (id.to_owned(), state);
+    for stale in [
+        vec![entry("s1", NodeState::Active)],
+        // Same ids, another state: a change started meanwhile.
+        vec![
+            entry("s1", NodeState::Active),
+            entry("s2", NodeState::Active),
+        ],
+    ] {
+        assert!(matches!(
+            b.admit_node(&admitted, &stale).await,
+            Err(MetaError::Changed(_))
+        ));
+        assert!(matches!(
+            b.set_node_state_if("s2", NodeState::Draining, &stale).await,
+            Err(MetaError::Changed(_))
+        ));
+    }
     assert_eq!(
-        a.list_nodes().await.expect("list").len(),
-        2,
-        "nothing added"
+        registry_view(&a.list_nodes().await.expect("list")),
+        before,
+        "nothing changed"
     );
-    b.admit_node(&admitted, &["s1".to_owned(), "s2".to_owned()])
-        .await
-        .expect("admit");
+    b.admit_node(&admitted, &before).await.expect("admit");
     assert!(matches!(
-        a.admit_node(&admitted, &["s1".to_owned(), "s2".to_owned()])
-            .await,
+        a.admit_node(&admitted, &before).await,
         Err(MetaError::Changed(_))
     ));
+    let now = registry_view(&a.list_nodes().await.expect("list"));
+    a.set_node_state_if("s2", NodeState::Draining, &now)
+        .await
+        .expect("state");
+    a.set_node_state("s2", NodeState::Down)
+        .await
+        .expect("state");
     let listed = a.list_nodes().await.expect("list");
     assert_eq!(listed[2], admitted, "tokens come back exactly");
     a.remove_node("s3").await.expect("remove");

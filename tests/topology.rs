@@ -372,3 +372,56 @@ async fn an_addition_without_progress_is_rolled_back() {
     assert_eq!(m.state(), pb::MigrationState::Completed);
     assert_eq!(node_state(&mut c, "s4").await, None);
 }
+
+/// Two changes issued back to back: the second is refused up front (NODE_IN_USE, saying which
+/// change is running), never accepted and then failed; once the first completes it is accepted
+/// and completes too. 5 nodes, RF 1 and RF 3 tenants, 2,000 keys each; every key is on its
+/// owners and reads back at ALL at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_changes_are_refused_up_front_then_complete() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(5, dir.path());
+    let s6 = join("s6", dir.path(), &storage);
+    let c1 = coordinator(&storage, dir.path(), &[]);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 5).await;
+    let tenants = [("three", 3u32), ("one", 1u32)];
+    for (tenant, rf) in tenants {
+        create_tenant(&mut c, tenant, rf).await;
+    }
+    let all_keys = keys(&[("k", 2000)]);
+    for (tenant, _) in tenants {
+        for key in &all_keys {
+            put(&mut c, tenant, key, &format!("\"{key}\""), Consistency::All)
+                .await
+                .unwrap_or_else(|e| panic!("write {tenant}/{key}: {e}"));
+        }
+    }
+
+    let first = remove(&mut c, "s5", false).await.expect("remove s5");
+    for second in [
+        remove(&mut c, "s4", false).await.map(|_| ()),
+        add(&mut c, &s6).await.map(|_| ()),
+    ] {
+        let refused = second.expect_err("a second change while s5 drains");
+        assert_eq!(code(&refused), ErrorCode::NodeInUse, "{refused:?}");
+        assert!(
+            refused.message().contains("s5 is draining"),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Active));
+    assert_eq!(node_state(&mut c, "s6").await, None);
+    wait_migration(&c, &first.migration_id, pb::MigrationState::Completed).await;
+
+    let second = remove(&mut c, "s4", false).await.expect("remove s4 now");
+    let refused = add(&mut c, &s6).await.expect_err("s4 drains");
+    assert_eq!(code(&refused), ErrorCode::NodeInUse, "{refused:?}");
+    wait_migration(&c, &second.migration_id, pb::MigrationState::Completed).await;
+    let third = add(&mut c, &s6).await.expect("add s6 now");
+    wait_migration(&c, &third.migration_id, pb::MigrationState::Completed).await;
+
+    let members: Vec<&StorageNode> = storage.iter().take(3).chain([&s6]).collect();
+    assert_placed(&mut c, &members, &tenants, &all_keys).await;
+}

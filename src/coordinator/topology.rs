@@ -23,9 +23,11 @@
 //!
 //! Invariants: a node becomes authoritative only after every range it gains was copied to it,
 //! and the copy starts only after every coordinator writes to it; a node leaves the ring only
-//! after every range it held reached its inheritors. Changes of one node are serialized by its
-//! registry state (a bootstrapping or draining node cannot be changed again); changes of
-//! different nodes may run together. Old owners keep their copies: cleanup is not built.
+//! after every range it held reached its inheritors. Topology changes run one at a time: each
+//! one's transfers are planned against the ring with only its own node moved, so a second
+//! change while a node is bootstrapping or draining is refused up front with NODE_IN_USE
+//! (checked and applied atomically against the registry: `admit_node`, `set_node_state_if`).
+//! Old owners keep their copies: cleanup is not built.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -34,7 +36,9 @@ use std::time::{Duration, Instant};
 use prost::Message;
 
 use crate::config::valid_node_id;
-use crate::meta::{Hint, MetaError, Migration, MigrationKind, MigrationState, NodeRecord};
+use crate::meta::{
+    Hint, MetaError, Migration, MigrationKind, MigrationState, NodeRecord, registry_view,
+};
 use crate::ring::{
     HashRange, MAX_VIRTUAL_NODES, NodeId, NodeState, Ring, RingNode, key_position,
     moved_ranges_with,
@@ -43,10 +47,11 @@ use crate::rpc::common;
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
 
+use super::Coordinator;
 use super::admin::rfc3339;
+use super::admission::{self, AdmitError};
 use super::errors::CoordError;
 use super::hints;
-use super::{Coordinator, admission};
 
 /// How often streams are polled and progress is recorded.
 const POLL: Duration = Duration::from_millis(500);
@@ -116,8 +121,9 @@ impl Coordinator {
         let record = admission::admit(self.meta.as_ref(), record, policy, &rfs)
             .await
             .map_err(|e| match e {
-                MetaError::Exists { id, .. } => CoordError::NodeExists(id),
-                other => other.into(),
+                AdmitError::Meta(MetaError::Exists { id, .. }) => CoordError::NodeExists(id),
+                AdmitError::Meta(other) => other.into(),
+                AdmitError::Busy(why) => CoordError::NodeInUse(why),
             })?;
         let message = format!(
             "node {} is bootstrapping: its ranges are streamed from their current owners, then it becomes active",
@@ -133,6 +139,21 @@ impl Coordinator {
         node_id: &str,
         force: bool,
     ) -> Result<pb::MigrationAccepted, CoordError> {
+        // Retried while other changes of the registry race this one (each try re-checks).
+        for _ in 0..16 {
+            if let Some(accepted) = self.try_remove_storage_node(node_id, force).await? {
+                return Ok(accepted);
+            }
+        }
+        Err(MetaError::Changed("the node registry").into())
+    }
+
+    /// One try of [`Self::remove_storage_node`]; `None` when the registry changed under it.
+    async fn try_remove_storage_node(
+        self: &Arc<Self>,
+        node_id: &str,
+        force: bool,
+    ) -> Result<Option<pb::MigrationAccepted>, CoordError> {
         let registered = self.meta.list_nodes().await?;
         let node = registered
             .iter()
@@ -140,13 +161,16 @@ impl Coordinator {
             .ok_or_else(|| CoordError::NodeNotFound(node_id.to_owned()))?;
         match node.state {
             NodeState::Active | NodeState::Down => {}
-            NodeState::Failed => return self.forget_failed(node_id).await,
+            NodeState::Failed => return self.forget_failed(node_id).await.map(Some),
             busy => {
                 return Err(CoordError::NodeInUse(format!(
                     "node {node_id} is {}: wait for its change to finish",
                     busy.as_str()
                 )));
             }
+        }
+        if let Some(busy) = admission::change_in_progress(&registered) {
+            return Err(CoordError::NodeInUse(busy));
         }
         let remaining = registered
             .iter()
@@ -165,14 +189,21 @@ impl Coordinator {
                  (largest replication factor or min_storage_nodes); use force=true to remove it anyway"
             )));
         }
-        self.meta
-            .set_node_state(node_id, NodeState::Draining)
-            .await?;
+        let seen = registry_view(&registered);
+        match self
+            .meta
+            .set_node_state_if(node_id, NodeState::Draining, &seen)
+            .await
+        {
+            Err(MetaError::Changed(_)) => return Ok(None),
+            other => other?,
+        }
         let message = format!(
             "node {node_id} is draining: its ranges are streamed to the nodes that inherit them, then it leaves the ring"
         );
         self.start_change(MigrationKind::NodeRemoval, node_id, message)
             .await
+            .map(Some)
     }
 
     /// An aborted addition owns nothing: forgetting its record is the whole removal, recorded

@@ -37,6 +37,16 @@ pub struct Tenant {
     pub updated_at_ms: i64,
 }
 
+/// One node of the registry as a conditional change saw it: id and state.
+pub type RegistryEntry = (String, NodeState);
+
+/// The registry as conditional changes compare it ([`MetadataStore::admit_node`]).
+pub fn registry_view(nodes: &[NodeRecord]) -> Vec<RegistryEntry> {
+    let mut view: Vec<RegistryEntry> = nodes.iter().map(|n| (n.node_id.clone(), n.state)).collect();
+    view.sort_by(|a, b| a.0.cmp(&b.0));
+    view
+}
+
 /// A storage node in the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
@@ -160,9 +170,16 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<Tenant, MetaError>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, MetaError>;
     async fn add_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
-    /// Adds `node` only if the registry still holds exactly the node ids `seen` (sorted), so a
-    /// node's tokens are chosen against the registry it joins; `Changed` otherwise.
-    async fn admit_node(&self, node: &NodeRecord, seen: &[String]) -> Result<(), MetaError>;
+    /// Adds `node` only if the registry is still exactly `seen` ([`registry_view`]), so a node's tokens are chosen against the registry it joins and no other topology
+    /// change started meanwhile; `Changed` otherwise.
+    async fn admit_node(&self, node: &NodeRecord, seen: &[RegistryEntry]) -> Result<(), MetaError>;
+    /// Sets a node's state only if the registry is still exactly `seen`; `Changed` otherwise.
+    async fn set_node_state_if(
+        &self,
+        node_id: &str,
+        state: NodeState,
+        seen: &[RegistryEntry],
+    ) -> Result<(), MetaError>;
     async fn set_node_state(&self, node_id: &str, state: NodeState) -> Result<(), MetaError>;
     async fn remove_node(&self, node_id: &str) -> Result<(), MetaError>;
     /// Stores hints durably (all or none).

@@ -8,7 +8,8 @@ use sqlx::{AnyPool, Row};
 use crate::ring::NodeState;
 
 use super::{
-    Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord, Tenant,
+    Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord,
+    RegistryEntry, Tenant,
 };
 
 const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
@@ -168,6 +169,36 @@ async fn insert_node(conn: &mut sqlx::AnyConnection, node: &NodeRecord) -> Resul
 }
 
 impl SqlMetadataStore {
+    /// A transaction in which the registry is still `seen` (ids and states), holding the
+    /// registry lock (PostgreSQL: an advisory lock; SQLite serializes writers itself) until it
+    /// ends; `Changed` otherwise.
+    async fn registry_unchanged(
+        &self,
+        seen: &[RegistryEntry],
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        if self.postgres {
+            sqlx::query(&format!("SELECT pg_advisory_xact_lock({ADMISSION_LOCK})"))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        let rows = sqlx::query("SELECT node_id, state FROM storage_nodes ORDER BY node_id")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let mut now = rows
+            .iter()
+            .map(|row| Ok((text(row, "node_id")?, parse_state(&text(row, "state")?)?)))
+            .collect::<Result<Vec<RegistryEntry>, MetaError>>()?;
+        // Compared in Rust's order on both sides: the database's collation may differ.
+        now.sort_by(|a, b| a.0.cmp(&b.0));
+        if now != seen {
+            return Err(MetaError::Changed("the node registry"));
+        }
+        Ok(tx)
+    }
+
     /// Connects to `postgres://...` or `sqlite://path` and applies the schema. A SQLite file is
     /// created if missing.
     pub async fn connect(url: &str) -> Result<SqlMetadataStore, MetaError> {
@@ -366,23 +397,29 @@ impl MetadataStore for SqlMetadataStore {
         insert_node(&mut conn, node).await
     }
 
-    async fn admit_node(&self, node: &NodeRecord, seen: &[String]) -> Result<(), MetaError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        if self.postgres {
-            sqlx::query(&format!("SELECT pg_advisory_xact_lock({ADMISSION_LOCK})"))
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
-        let ids: Vec<String> =
-            sqlx::query_scalar("SELECT node_id FROM storage_nodes ORDER BY node_id")
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        if ids != seen {
-            return Err(MetaError::Changed("the node registry"));
-        }
+    async fn admit_node(&self, node: &NodeRecord, seen: &[RegistryEntry]) -> Result<(), MetaError> {
+        let mut tx = self.registry_unchanged(seen).await?;
         insert_node(&mut tx, node).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn set_node_state_if(
+        &self,
+        node_id: &str,
+        state: NodeState,
+        seen: &[RegistryEntry],
+    ) -> Result<(), MetaError> {
+        let mut tx = self.registry_unchanged(seen).await?;
+        let done = sqlx::query(
+            "UPDATE storage_nodes SET state = $1, updated_at_ms = $2 WHERE node_id = $3",
+        )
+        .bind(state_name(state))
+        .bind(now_ms())
+        .bind(node_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        node_found(done.rows_affected(), node_id)?;
         tx.commit().await.map_err(unavailable)
     }
 

@@ -172,7 +172,10 @@ pub async fn start(
 
 /// Registers `--storage-nodes` as active nodes when the registry is empty. Several coordinators
 /// starting at once on one store may race: a node another one registered first is fine.
-async fn seed_registry(meta: &dyn MetadataStore, cfg: &CoordinatorConfig) -> Result<(), MetaError> {
+async fn seed_registry(
+    meta: &dyn MetadataStore,
+    cfg: &CoordinatorConfig,
+) -> Result<(), admission::AdmitError> {
     if cfg.storage_nodes.is_empty() || !meta.list_nodes().await?.is_empty() {
         return Ok(());
     }
@@ -187,7 +190,7 @@ async fn seed_registry(meta: &dyn MetadataStore, cfg: &CoordinatorConfig) -> Res
             state: NodeState::Active,
         };
         match admission::admit(meta, record, cfg.token_allocation, &rfs).await {
-            Ok(_) | Err(MetaError::Exists { .. }) => {}
+            Ok(_) | Err(admission::AdmitError::Meta(MetaError::Exists { .. })) => {}
             Err(e) => return Err(e),
         }
     }
