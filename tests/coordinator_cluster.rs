@@ -11,7 +11,7 @@ use common::backends::{Postgres, Redis, skip_or_fail};
 use common::cluster::{RoleProcess, start_storage};
 use common::coord::{
     Client, code, create_tenant, eventually, get, listed_ring, node_state, put, put_idem,
-    sqlite_url, stored, wait_all_active,
+    sqlite_url, stored, wait_all_active, wait_migration,
 };
 use pairdb::coordinator::errors::detail_in;
 use pairdb::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
@@ -783,20 +783,7 @@ async fn raising_the_replication_factor_copies_existing_keys() {
         .await
         .expect("write during the change");
     }
-    eventually("the migration completes", Duration::from_secs(60), || {
-        let mut a = a.clone();
-        let id = raised.migration_id.clone();
-        async move {
-            let m = a
-                .get_migration_status(pb::GetMigrationStatusRequest { migration_id: id })
-                .await
-                .expect("status")
-                .into_inner();
-            assert_ne!(m.state(), pb::MigrationState::Failed, "{m:?}");
-            m.state() == pb::MigrationState::Completed
-        }
-    })
-    .await;
+    wait_migration(&a, &raised.migration_id, pb::MigrationState::Completed).await;
     let m = a
         .get_migration_status(pb::GetMigrationStatusRequest {
             migration_id: raised.migration_id.clone(),
@@ -965,20 +952,7 @@ async fn lowering_the_rf_keeps_writes_that_missed_the_remaining_replica() {
         .expect("lower")
         .into_inner();
     assert!(!lowered.migration_id.is_empty(), "lowering is a migration");
-    eventually("the lowering completes", Duration::from_secs(60), || {
-        let mut c = c.clone();
-        let id = lowered.migration_id.clone();
-        async move {
-            let m = c
-                .get_migration_status(pb::GetMigrationStatusRequest { migration_id: id })
-                .await
-                .expect("status")
-                .into_inner();
-            assert_ne!(m.state(), pb::MigrationState::Failed, "{m:?}");
-            m.state() == pb::MigrationState::Completed
-        }
-    })
-    .await;
+    wait_migration(&c, &lowered.migration_id, pb::MigrationState::Completed).await;
     eventually("the new RF is in use", Duration::from_secs(20), || {
         let mut c = c.clone();
         async move {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::StorageNode;
 use common::cluster::{RoleProcess, start_storage};
 use common::coord::{
-    Client, code, create_tenant, eventually, get, listed_ring, node_state, put, sqlite_url, stored,
-    wait_all_active,
+    Client, code, create_tenant, eventually, get, listed_ring, migration, node_state, put,
+    sqlite_url, stored, wait_all_active, wait_migration,
 };
 use common::free_udp_port;
 use pairdb::ring::key_position;
@@ -85,34 +85,6 @@ async fn assert_placed(
         }
     }
     held
-}
-
-async fn migration(c: &mut Client, id: &str) -> pb::Migration {
-    c.get_migration_status(pb::GetMigrationStatusRequest {
-        migration_id: id.to_owned(),
-    })
-    .await
-    .expect("migration status")
-    .into_inner()
-}
-
-async fn wait_migration(c: &Client, id: &str, want: pb::MigrationState) -> pb::Migration {
-    eventually(
-        &format!("migration {id} {want:?}"),
-        Duration::from_secs(90),
-        || {
-            let mut c = c.clone();
-            async move {
-                let state = migration(&mut c, id).await.state();
-                if want == pb::MigrationState::Completed {
-                    assert_ne!(state, pb::MigrationState::Failed, "migration {id} failed");
-                }
-                state == want
-            }
-        },
-    )
-    .await;
-    migration(&mut c.clone(), id).await
 }
 
 async fn add(c: &mut Client, node: &StorageNode) -> Result<pb::MigrationAccepted, tonic::Status> {
@@ -406,10 +378,7 @@ async fn back_to_back_changes_are_refused_up_front_then_complete() {
     ] {
         let refused = second.expect_err("a second change while s5 drains");
         assert_eq!(code(&refused), ErrorCode::NodeInUse, "{refused:?}");
-        assert!(
-            refused.message().contains("s5 is draining"),
-            "{refused:?}"
-        );
+        assert!(refused.message().contains("s5 is draining"), "{refused:?}");
     }
     assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Active));
     assert_eq!(node_state(&mut c, "s6").await, None);

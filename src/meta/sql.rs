@@ -67,6 +67,17 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
 }
 
+/// `NotFound` when a statement about one migration touched no row.
+fn migration_found(rows: u64, migration_id: &str) -> Result<(), MetaError> {
+    if rows == 0 {
+        return Err(MetaError::NotFound {
+            what: "migration",
+            id: migration_id.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// `NotFound` when a statement about one node touched no row.
 fn node_found(rows: u64, node_id: &str) -> Result<(), MetaError> {
     if rows == 0 {
@@ -572,13 +583,7 @@ impl MetadataStore for SqlMetadataStore {
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
-        if done.rows_affected() == 0 {
-            return Err(MetaError::NotFound {
-                what: "migration",
-                id: migration_id.to_owned(),
-            });
-        }
-        Ok(())
+        migration_found(done.rows_affected(), migration_id)
     }
 
     async fn recent_migrations(&self, limit: u32) -> Result<Vec<Migration>, MetaError> {
@@ -612,13 +617,7 @@ impl MetadataStore for SqlMetadataStore {
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
-        if done.rows_affected() == 0 {
-            return Err(MetaError::NotFound {
-                what: "migration",
-                id: migration_id.to_owned(),
-            });
-        }
-        Ok(())
+        migration_found(done.rows_affected(), migration_id)
     }
 
     async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError> {

@@ -178,3 +178,34 @@ pub async fn listed_ring(c: &mut Client, nodes: &[&StorageNode]) -> Ring {
         }
     }))
 }
+
+/// A migration's status.
+pub async fn migration(c: &mut Client, id: &str) -> pb::Migration {
+    c.get_migration_status(pb::GetMigrationStatusRequest {
+        migration_id: id.to_owned(),
+    })
+    .await
+    .expect("migration status")
+    .into_inner()
+}
+
+/// Waits (up to 90 s) until migration `id` is in state `want`; a failure while waiting for
+/// completion fails the test at once.
+pub async fn wait_migration(c: &Client, id: &str, want: pb::MigrationState) -> pb::Migration {
+    eventually(
+        &format!("migration {id} {want:?}"),
+        Duration::from_secs(90),
+        || {
+            let mut c = c.clone();
+            async move {
+                let state = migration(&mut c, id).await.state();
+                if want == pb::MigrationState::Completed {
+                    assert_ne!(state, pb::MigrationState::Failed, "migration {id} failed");
+                }
+                state == want
+            }
+        },
+    )
+    .await;
+    migration(&mut c.clone(), id).await
+}
