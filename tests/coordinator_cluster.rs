@@ -834,8 +834,6 @@ async fn raising_the_replication_factor_copies_existing_keys() {
     }
 }
 
-/// The key-value stream gateways use: answers find their calls by id under concurrency, errors
-/// carry their codes, and a call outlives neither its deadline nor the coordinator.
 /// While a tenant's RF is being raised, reads still use the old replicas, so a write must not be
 /// acknowledged on the strength of new replicas alone: with the key's only old replica dead, a
 /// write at ONE fails even though its new replica took it.
@@ -843,17 +841,7 @@ async fn raising_the_replication_factor_copies_existing_keys() {
 async fn during_a_raise_only_old_replicas_count() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut storage = start_storage(3, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
-        &[],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
+    let (mut storage, _c1, mut c) = one_coordinator(dir.path(), &[]).await;
     create_tenant(&mut c, "grow", 1).await;
     put(&mut c, "grow", "k", "\"old\"", Consistency::All)
         .await
@@ -893,17 +881,8 @@ async fn during_a_raise_only_old_replicas_count() {
 async fn lowering_the_rf_keeps_writes_that_missed_the_remaining_replica() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut storage = start_storage(3, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
-        &[("PAIRDB_COORDINATOR_HINTS_ENABLED", "false")],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
+    let hints_off = [("PAIRDB_COORDINATOR_HINTS_ENABLED", "false")];
+    let (mut storage, _c1, mut c) = one_coordinator(dir.path(), &hints_off).await;
     create_tenant(&mut c, "shrink", 3).await;
     let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
     for key in &keys {
@@ -972,6 +951,8 @@ async fn lowering_the_rf_keeps_writes_that_missed_the_remaining_replica() {
     }
 }
 
+/// The key-value stream gateways use: answers find their calls by id under concurrency, errors
+/// carry their codes, and a call outlives neither its deadline nor the coordinator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_value_stream_answers_each_call_by_id() {
     use pairdb::mux::{MuxError, MuxStream};

@@ -67,26 +67,23 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
 }
 
-/// `NotFound` when a statement about one migration touched no row.
-fn migration_found(rows: u64, migration_id: &str) -> Result<(), MetaError> {
+/// `NotFound` (a `what` called `id`) when a statement about one row touched none.
+fn found(rows: u64, what: &'static str, id: &str) -> Result<(), MetaError> {
     if rows == 0 {
         return Err(MetaError::NotFound {
-            what: "migration",
-            id: migration_id.to_owned(),
+            what,
+            id: id.to_owned(),
         });
     }
     Ok(())
 }
 
-/// `NotFound` when a statement about one node touched no row.
+fn migration_found(rows: u64, migration_id: &str) -> Result<(), MetaError> {
+    found(rows, "migration", migration_id)
+}
+
 fn node_found(rows: u64, node_id: &str) -> Result<(), MetaError> {
-    if rows == 0 {
-        return Err(MetaError::NotFound {
-            what: "storage node",
-            id: node_id.to_owned(),
-        });
-    }
-    Ok(())
+    found(rows, "storage node", node_id)
 }
 
 fn state_name(s: NodeState) -> &'static str {
@@ -169,11 +166,20 @@ async fn insert_node(conn: &mut sqlx::AnyConnection, node: &NodeRecord) -> Resul
     .bind(now_ms())
     .execute(conn)
     .await;
+    inserted(result, "storage node", &node.node_id)
+}
+
+/// The outcome of an `INSERT` of one `what` called `id`: `Exists` when the key is taken.
+fn inserted<T>(
+    result: Result<T, sqlx::Error>,
+    what: &'static str,
+    id: &str,
+) -> Result<(), MetaError> {
     match result {
         Ok(_) => Ok(()),
         Err(e) if is_unique_violation(&e) => Err(MetaError::Exists {
-            what: "storage node",
-            id: node.node_id.clone(),
+            what,
+            id: id.to_owned(),
         }),
         Err(e) => Err(unavailable(e)),
     }
@@ -541,14 +547,7 @@ impl MetadataStore for SqlMetadataStore {
         .bind(count(m.bytes_migrated)?)
         .execute(&self.pool)
         .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(MetaError::Exists {
-                what: "migration",
-                id: m.migration_id.clone(),
-            }),
-            Err(e) => Err(unavailable(e)),
-        }
+        inserted(result, "migration", &m.migration_id)
     }
 
     async fn get_migration(&self, migration_id: &str) -> Result<Option<Migration>, MetaError> {
