@@ -187,19 +187,27 @@ fn inserted<T>(
 
 impl SqlMetadataStore {
     /// A transaction in which the registry is still `seen` (ids and states), holding the
-    /// registry lock (PostgreSQL: an advisory lock; SQLite serializes writers itself) until it
-    /// ends; `Changed` otherwise.
+    /// registry lock until it ends; `Changed` otherwise. PostgreSQL: an advisory lock. SQLite:
+    /// `BEGIN IMMEDIATE`, the write lock taken up front (waiting out other writers); a deferred
+    /// transaction that reads, then writes, fails at once with "database is locked" when
+    /// another process wrote meanwhile (two coordinators seeding one file at start).
     async fn registry_unchanged(
         &self,
         seen: &[RegistryEntry],
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, MetaError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        if self.postgres {
+        let mut tx = if self.postgres {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
             sqlx::query(&format!("SELECT pg_advisory_xact_lock({ADMISSION_LOCK})"))
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-        }
+            tx
+        } else {
+            self.pool
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(unavailable)?
+        };
         let rows = sqlx::query("SELECT node_id, state FROM storage_nodes ORDER BY node_id")
             .fetch_all(&mut *tx)
             .await
