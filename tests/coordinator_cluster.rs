@@ -793,6 +793,10 @@ async fn raising_the_replication_factor_copies_existing_keys() {
         .into_inner();
     assert_eq!(m.r#type(), pb::MigrationType::ReplicationFactorChange);
     assert!(m.keys_migrated >= 100, "{m:?}");
+    assert!(
+        m.bytes_migrated > m.keys_migrated,
+        "bytes sent are recorded: {m:?}"
+    );
 
     for node in &storage {
         for i in 0..100 {

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
+use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::meta::{Migration, MigrationKind, MigrationState, Tenant};
@@ -33,6 +34,14 @@ use crate::rpc::storage as spb;
 
 use super::Coordinator;
 use super::errors::CoordError;
+
+/// What an RF change's copy did: records sent, records scanned, bytes sent.
+#[derive(Debug, Clone, Copy, Default)]
+struct Copied {
+    records: u64,
+    scanned: u64,
+    bytes: u64,
+}
 
 /// Records per scan batch and per copy batch.
 const BATCH: u32 = 1000;
@@ -148,7 +157,7 @@ impl Coordinator {
             let id = migration.migration_id.clone();
             let result = self.copy_to_replicas(&migration).await;
             let finished = match result {
-                Ok((copied, scanned)) => self.finish_rf_change(&migration, copied, scanned).await,
+                Ok(progress) => self.finish_rf_change(&migration, progress).await,
                 Err(e) => {
                     tracing::error!(migration = %id, error = %e, "replication-factor change failed; the RF stays as it was");
                     self.meta
@@ -165,12 +174,7 @@ impl Coordinator {
     }
 
     /// Sets the new RF, then marks the migration completed (in that order; see [`refresh`]).
-    async fn finish_rf_change(
-        &self,
-        m: &Migration,
-        copied: u64,
-        scanned: u64,
-    ) -> Result<(), String> {
+    async fn finish_rf_change(&self, m: &Migration, progress: Copied) -> Result<(), String> {
         self.meta
             .update_replication_factor(&m.subject, m.target_rf)
             .await
@@ -180,13 +184,13 @@ impl Coordinator {
             .update_migration(
                 &m.migration_id,
                 MigrationState::Completed,
-                copied,
-                scanned,
-                0,
+                progress.records,
+                progress.scanned,
+                progress.bytes,
             )
             .await
             .map_err(|e| e.to_string())?;
-        tracing::info!(migration = %m.migration_id, tenant = %m.subject, rf = m.target_rf, copied, "replication factor changed");
+        tracing::info!(migration = %m.migration_id, tenant = %m.subject, rf = m.target_rf, copied = progress.records, "replication factor changed");
         Ok(())
     }
 
@@ -194,8 +198,8 @@ impl Coordinator {
     /// to the owners the new RF adds. Lowering: every old replica sends each of its records to
     /// the replicas that remain (except itself), so the remaining ones hold the newest version
     /// of every key before the leaving ones stop being read (a write that reached only the
-    /// leaving replicas is not lost). Returns (records copied, records scanned).
-    async fn copy_to_replicas(&self, m: &Migration) -> Result<(u64, u64), String> {
+    /// leaving replicas is not lost).
+    async fn copy_to_replicas(&self, m: &Migration) -> Result<Copied, String> {
         let tenant = self
             .meta
             .get_tenant(&m.subject)
@@ -204,7 +208,7 @@ impl Coordinator {
             .ok_or_else(|| format!("tenant {:?} is gone", m.subject))?;
         let old_rf = tenant.replication_factor as usize;
         let snapshot = self.ring.snapshot();
-        let (mut copied, mut scanned) = (0u64, 0u64);
+        let mut progress = Copied::default();
         for node in &snapshot.nodes {
             let Some(address) = snapshot.address(&node.node_id) else {
                 continue;
@@ -229,7 +233,7 @@ impl Coordinator {
                     .into_iter()
                     .filter(|r| r.tenant_id == m.subject)
                 {
-                    scanned += 1;
+                    progress.scanned += 1;
                     let old = self
                         .ring
                         .plan(&snapshot, &m.subject, &record.key, old_rf)
@@ -257,6 +261,7 @@ impl Coordinator {
                         .address(target.as_str())
                         .ok_or_else(|| format!("{} is not in the registry", target.as_str()))?;
                     let n = records.len() as u64;
+                    let bytes: u64 = records.iter().map(|r| r.encoded_len() as u64).sum();
                     self.pool
                         .client(target.as_str(), address)?
                         .write_batch(spb::WriteBatchRequest {
@@ -265,20 +270,21 @@ impl Coordinator {
                         })
                         .await
                         .map_err(|s| format!("copy to {}: {}", target.as_str(), s.message()))?;
-                    copied += n;
+                    progress.records += n;
+                    progress.bytes += bytes;
                 }
                 self.meta
                     .update_migration(
                         &m.migration_id,
                         MigrationState::InProgress,
-                        copied,
-                        scanned,
-                        0,
+                        progress.records,
+                        progress.scanned,
+                        progress.bytes,
                     )
                     .await
                     .map_err(|e| e.to_string())?;
             }
         }
-        Ok((copied, scanned))
+        Ok(progress)
     }
 }

@@ -145,7 +145,7 @@ pub struct Migration {
     pub updated_at_ms: i64,
     /// Why it failed, when it did.
     pub failure_reason: Option<String>,
-    /// Bytes streamed so far (node additions and removals; 0 for RF changes).
+    /// Bytes copied so far (streamed by node additions and removals, sent by RF changes).
     pub bytes_migrated: u64,
 }
 
