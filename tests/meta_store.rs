@@ -355,6 +355,27 @@ async fn an_old_sqlite_store_is_upgraded_and_keeps_derived_tokens() {
         .expect("a second connect finds the column and leaves it");
 }
 
+/// Coordinators opening one SQLite file at once all add the new columns or find them added:
+/// none fails on the other's ALTER ("duplicate column name").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_stores_opened_together_all_start() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { SqlMetadataStore::connect(&url).await.map(|_| ()) })
+            })
+            .collect();
+        for open in opens {
+            open.await
+                .expect("task")
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+}
+
 #[tokio::test]
 async fn sqlite_store_passes_the_suite() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -152,6 +152,17 @@ fn tenant(row: &AnyRow) -> Result<Tenant, MetaError> {
     })
 }
 
+/// Whether a SQLite table has a column.
+async fn sqlite_has_column(pool: &AnyPool, table: &str, column: &str) -> Result<bool, MetaError> {
+    let present: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
+    ))
+    .fetch_one(pool)
+    .await
+    .map_err(unavailable)?;
+    Ok(present > 0)
+}
+
 /// `INSERT` of one registry record; `Exists` when the id is taken.
 async fn insert_node(conn: &mut sqlx::AnyConnection, node: &NodeRecord) -> Result<(), MetaError> {
     let result = sqlx::query(
@@ -262,18 +273,15 @@ impl SqlMetadataStore {
             // Columns added after the first schema: stores made before lack them (SQLite
             // has no `ADD COLUMN IF NOT EXISTS`).
             for (table, column, definition) in SQLITE_ADDED_COLUMNS {
-                let present: i64 = sqlx::query_scalar(&format!(
-                    "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{column}'"
-                ))
-                .fetch_one(&pool)
-                .await
-                .map_err(unavailable)?;
-                if present == 0 {
-                    let alter = format!("ALTER TABLE {table} ADD COLUMN {column} {definition}");
-                    sqlx::raw_sql(&alter)
-                        .execute(&pool)
-                        .await
-                        .map_err(unavailable)?;
+                if sqlite_has_column(&pool, table, column).await? {
+                    continue;
+                }
+                let alter = format!("ALTER TABLE {table} ADD COLUMN {column} {definition}");
+                if let Err(e) = sqlx::raw_sql(&alter).execute(&pool).await {
+                    // Another coordinator opening the same file added it first.
+                    if !sqlite_has_column(&pool, table, column).await? {
+                        return Err(unavailable(e));
+                    }
                 }
             }
         }
