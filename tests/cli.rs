@@ -360,7 +360,14 @@ fn ring_simulate_measures_balance_and_moves() {
         text.contains("random tokens, 150 per node") && text.contains("max/mean"),
         "{text}"
     );
-    let bad = pairdb(&["ring", "simulate", "--rf", "0"], &[]);
-    assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("--rf"), "{}", stderr(&bad));
+    for (args, flag) in [
+        (&["--rf", "0"][..], "--rf"),
+        (&["--rf", "11"][..], "--rf"),
+        (&["--vnodes", "4097"][..], "--vnodes"),
+        (&["--nodes", "10000", "--add", "1"][..], "--nodes"),
+    ] {
+        let bad = pairdb(&[&["ring", "simulate"][..], args].concat(), &[]);
+        assert!(!bad.status.success(), "{args:?}");
+        assert!(stderr(&bad).contains(flag), "{args:?}: {}", stderr(&bad));
+    }
 }

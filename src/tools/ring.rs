@@ -4,11 +4,22 @@ use crate::cli::SimulateArgs;
 use crate::ring::allocation::TokenAllocation;
 use crate::ring::simulate::{Scenario, Step, run};
 
+/// Largest replication factor a tenant may have (as the API allows).
+const MAX_RF: usize = 10;
+/// Largest ring simulated: growing it one node at a time is quadratic.
+const MAX_NODES: usize = 10_000;
+
 pub fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     let allocation = TokenAllocation::parse(&args.tokens)
         .ok_or_else(|| anyhow::anyhow!("--tokens must be balanced or random"))?;
-    if args.rf.contains(&0) {
-        anyhow::bail!("--rf values must be at least 1");
+    if args.rf.iter().any(|&r| !(1..=MAX_RF).contains(&r)) {
+        anyhow::bail!("--rf values must be 1..={MAX_RF}");
+    }
+    if args.vnodes > crate::ring::MAX_VIRTUAL_NODES {
+        anyhow::bail!("--vnodes must be 0..={}", crate::ring::MAX_VIRTUAL_NODES);
+    }
+    if args.nodes.saturating_add(args.add) > MAX_NODES {
+        anyhow::bail!("--nodes plus --add must be at most {MAX_NODES}");
     }
     let scenario = Scenario {
         nodes: args.nodes,
