@@ -120,12 +120,15 @@ impl Coordinator {
         let plan = self
             .ring
             .plan(&snapshot, &tenant.tenant_id, key, rf as usize)?;
-        let counted = if rf == tenant.replication_factor {
-            plan.clone()
-        } else {
-            let old_rf = tenant.replication_factor as usize;
-            self.ring.plan(&snapshot, &tenant.tenant_id, key, old_rf)?
-        };
+        // Only while a raise is in progress is there a second plan to count against; every
+        // other write counts against its own plan without copying it.
+        let raising = (rf != tenant.replication_factor)
+            .then(|| {
+                let old_rf = tenant.replication_factor as usize;
+                self.ring.plan(&snapshot, &tenant.tenant_id, key, old_rf)
+            })
+            .transpose()?;
+        let counted = raising.as_ref().unwrap_or(&plan);
         let required = counted.required(consistency);
         let record = pb::Record {
             tenant_id: tenant.tenant_id.clone(),
