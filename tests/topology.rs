@@ -351,6 +351,7 @@ async fn an_addition_without_progress_is_rolled_back() {
 /// owners and reads back at ALL at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_to_back_changes_are_refused_up_front_then_complete() {
+    // Node changes and RF changes run one at a time; a second is refused with the reason.
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(5, dir.path());
@@ -375,6 +376,7 @@ async fn back_to_back_changes_are_refused_up_front_then_complete() {
     for second in [
         remove(&mut c, "s4", false).await.map(|_| ()),
         add(&mut c, &s6).await.map(|_| ()),
+        set_rf(&mut c, "one", 2).await.map(|_| ()),
     ] {
         let refused = second.expect_err("a second change while s5 drains");
         assert_eq!(code(&refused), ErrorCode::NodeInUse, "{refused:?}");
@@ -391,6 +393,34 @@ async fn back_to_back_changes_are_refused_up_front_then_complete() {
     let third = add(&mut c, &s6).await.expect("add s6 now");
     wait_migration(&c, &third.migration_id, pb::MigrationState::Completed).await;
 
+    // A node change waits for an RF change too: its streams would be planned on replica sets
+    // that are still being copied.
+    let raise = set_rf(&mut c, "one", 2).await.expect("raise the RF of one");
+    let refused = remove(&mut c, "s6", false)
+        .await
+        .expect_err("an RF change copies");
+    assert_eq!(code(&refused), ErrorCode::NodeInUse, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("replication-factor change of tenant \"one\""),
+        "{refused:?}"
+    );
+    wait_migration(&c, &raise.migration_id, pb::MigrationState::Completed).await;
+
     let members: Vec<&StorageNode> = storage.iter().take(3).chain([&s6]).collect();
-    assert_placed(&mut c, &members, &tenants, &all_keys).await;
+    assert_placed(&mut c, &members, &[("three", 3), ("one", 2)], &all_keys).await;
+}
+
+async fn set_rf(
+    c: &mut Client,
+    tenant: &str,
+    rf: u32,
+) -> Result<pb::UpdateReplicationFactorResponse, tonic::Status> {
+    c.update_replication_factor(pb::UpdateReplicationFactorRequest {
+        tenant_id: tenant.to_owned(),
+        replication_factor: rf,
+    })
+    .await
+    .map(tonic::Response::into_inner)
 }

@@ -14,10 +14,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::engine::validate_tenant;
 use crate::meta::{MetaError, Migration, MigrationKind, MigrationState, NodeRecord, Tenant};
 use crate::ring::NodeState;
+use crate::ring::plan::{Proposed, Refusal};
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
 
 use super::Coordinator;
+use super::admission::{self, AdmitError};
 use super::errors::CoordError;
 
 pub const DEFAULT_RF: u32 = 3;
@@ -92,6 +94,16 @@ impl Coordinator {
             )));
         }
         if rf != current.replication_factor {
+            let registered = self.meta.list_nodes().await?;
+            let proposed = Proposed::RfChange { tenant: tenant_id };
+            match admission::may_start(self.meta.as_ref(), &registered, proposed).await {
+                Ok(()) => {}
+                Err(AdmitError::Busy(same @ Refusal::SameTenant { .. })) => {
+                    return Err(CoordError::InvalidRequest(same.to_string()));
+                }
+                Err(AdmitError::Busy(why)) => return Err(CoordError::NodeInUse(why.to_string())),
+                Err(AdmitError::Meta(e)) => return Err(e.into()),
+            }
             let migration_id = self.change_replication_factor(&current, rf).await?;
             return Ok(pb::UpdateReplicationFactorResponse {
                 tenant_id: tenant_id.to_owned(),

@@ -6,15 +6,17 @@
 //! the registry still holds the node ids the tokens were chosen against
 //! ([`MetadataStore::admit_node`]), otherwise the registry is read again and the tokens chosen
 //! again, so two concurrent additions never pick tokens blind to each other. The same
-//! comparison (ids and states) keeps topology changes one at a time ([`change_in_progress`]):
-//! a change accepted on a registry that another change altered meanwhile is retried and then
-//! refused.
+//! comparison (ids and states) keeps topology changes one at a time ([`plan::may_start`]): a
+//! change accepted on a registry that another change altered meanwhile is retried and then
+//! refused. RF changes live in another table; a node change and an RF change each record
+//! themselves before checking for the other ([`still_alone`]), so two that race never both run.
 
 use std::collections::BTreeSet;
 
-use crate::meta::{MetaError, MetadataStore, NodeRecord, registry_view};
+use crate::meta::{MetaError, MetadataStore, MigrationKind, NodeRecord, registry_view};
 use crate::ring::allocation::{TokenAllocation, choose_tokens};
-use crate::ring::{NodeId, NodeState, Ring};
+use crate::ring::plan::{self, Proposed};
+use crate::ring::{NodeId, Ring};
 
 /// Tries before giving up when other admissions keep changing the registry.
 const ATTEMPTS: usize = 16;
@@ -37,26 +39,50 @@ pub fn balanced_for(in_use: &BTreeSet<usize>) -> Vec<usize> {
 pub enum AdmitError {
     #[error(transparent)]
     Meta(#[from] MetaError),
-    /// Another topology change is in progress (see [`change_in_progress`]).
-    #[error("{0}")]
-    Busy(String),
+    /// Another change is in progress (see [`plan::may_start`]).
+    #[error(transparent)]
+    Busy(#[from] plan::Refusal),
 }
 
-/// The node whose addition or removal is in progress, if any: topology changes run one at a
-/// time, because each one's transfers are planned against the ring with only its own node
-/// moved. A second change is refused up front (NODE_IN_USE), never accepted and then failed.
-pub fn change_in_progress(registered: &[NodeRecord]) -> Option<String> {
-    registered
-        .iter()
-        .find(|n| matches!(n.state, NodeState::Bootstrapping | NodeState::Draining))
-        .map(|n| {
-            format!(
-                "node {} is {}: topology changes run one at a time; wait for its migration to \
-                 finish (pairdb admin migrations)",
-                n.node_id,
-                n.state.as_str()
-            )
-        })
+/// Tenants whose replication-factor change is in progress, as the metadata store says.
+pub async fn rf_changes_in_progress(meta: &dyn MetadataStore) -> Result<Vec<String>, MetaError> {
+    Ok(meta
+        .active_migrations()
+        .await?
+        .into_iter()
+        .filter(|m| m.kind == MigrationKind::ReplicationFactorChange)
+        .map(|m| m.subject)
+        .collect())
+}
+
+/// Whether `next` may start against the registry `registered` and the RF changes in progress
+/// ([`plan::may_start`]); `Busy` with the reason when not.
+pub async fn may_start(
+    meta: &dyn MetadataStore,
+    registered: &[NodeRecord],
+    next: Proposed<'_>,
+) -> Result<(), AdmitError> {
+    let ring = Ring::new(registered.iter().map(NodeRecord::ring_node));
+    let rf_changes = rf_changes_in_progress(meta).await?;
+    Ok(plan::may_start(&ring, &rf_changes, next)?)
+}
+
+/// The second half of starting a change that another kind of change could race (a node change
+/// against an RF change, or the reverse): each side records itself first and checks for the
+/// other after, so of two that overlap at least one sees the other and backs out.
+pub async fn still_alone(meta: &dyn MetadataStore, next: Proposed<'_>) -> Result<(), AdmitError> {
+    let registered = meta.list_nodes().await?;
+    let ring = Ring::new(registered.iter().map(NodeRecord::ring_node));
+    let rf_changes = rf_changes_in_progress(meta).await?;
+    match next {
+        // The node change itself is in the registry now: only RF changes can conflict.
+        Proposed::NodeChange => match rf_changes.into_iter().next() {
+            Some(tenant) => Err(plan::Refusal::RfChangeInProgress { tenant }.into()),
+            None => Ok(()),
+        },
+        // The RF change itself is recorded now: only node changes can conflict.
+        Proposed::RfChange { .. } => Ok(plan::may_start(&ring, &[], next)?),
+    }
 }
 
 /// Inserts `record` with tokens chosen by `policy` for the replication factors `rfs`; returns the
@@ -76,9 +102,7 @@ pub async fn admit(
             }
             .into());
         }
-        if let Some(busy) = change_in_progress(&registered) {
-            return Err(AdmitError::Busy(busy));
-        }
+        may_start(meta, &registered, Proposed::NodeChange).await?;
         let seen = registry_view(&registered);
         let ring = Ring::new(registered.iter().map(NodeRecord::ring_node));
         let id = NodeId::new(record.node_id.clone());
@@ -90,8 +114,16 @@ pub async fn admit(
         match meta.admit_node(&record, &seen).await {
             Err(MetaError::Changed(_)) => continue,
             Err(e) => return Err(e.into()),
-            Ok(()) => return Ok(record),
+            Ok(()) => {}
         }
+        if let Err(busy) = still_alone(meta, Proposed::NodeChange).await {
+            // Nobody streams to a node this young: forgetting it is the whole roll-back.
+            if let Err(e) = meta.remove_node(&record.node_id).await {
+                tracing::error!(node = %record.node_id, error = %e, "cannot take back a refused admission");
+            }
+            return Err(busy);
+        }
+        return Ok(record);
     }
     Err(MetaError::Changed("the node registry").into())
 }

@@ -29,10 +29,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::meta::{Migration, MigrationKind, MigrationState, Tenant};
 use crate::ring::NodeId;
+use crate::ring::plan::{self, Proposed};
 use crate::rpc::common;
 use crate::rpc::storage as spb;
 
 use super::Coordinator;
+use super::admission;
 use super::errors::CoordError;
 
 /// What an RF change's copy did: records sent, records scanned, bytes sent.
@@ -144,6 +146,16 @@ impl Coordinator {
             bytes_migrated: 0,
         };
         self.meta.create_migration(&migration).await?;
+        let proposed = Proposed::RfChange {
+            tenant: &tenant.tenant_id,
+        };
+        if let Err(busy) = admission::still_alone(self.meta.as_ref(), proposed).await {
+            let reason = busy.to_string();
+            self.meta
+                .fail_migration(&migration.migration_id, &reason)
+                .await?;
+            return Err(CoordError::NodeInUse(reason));
+        }
         self.pending_rf.insert(&tenant.tenant_id, target);
         let id = migration.migration_id.clone();
         self.clone().spawn_copy(migration);
@@ -245,14 +257,7 @@ impl Coordinator {
                         .map_err(|e| e.to_string())?
                         .write_replicas();
                     let holder = NodeId::new(node.node_id.clone());
-                    let targets: Vec<NodeId> = if new.len() >= old.len() {
-                        new.into_iter().filter(|n| !old.contains(n)).collect()
-                    } else if old.contains(&holder) {
-                        new.into_iter().filter(|n| *n != holder).collect()
-                    } else {
-                        Vec::new()
-                    };
-                    for target in targets {
+                    for target in plan::rf_copy_targets(&old, &new, &holder) {
                         gained.entry(target).or_default().push(record.clone());
                     }
                 }

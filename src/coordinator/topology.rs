@@ -23,13 +23,14 @@
 //!
 //! Invariants: a node becomes authoritative only after every range it gains was copied to it,
 //! and the copy starts only after every coordinator writes to it; a node leaves the ring only
-//! after every range it held reached its inheritors. Topology changes run one at a time: each
-//! one's transfers are planned against the ring with only its own node moved, so a second
-//! change while a node is bootstrapping or draining is refused up front with NODE_IN_USE
-//! (checked and applied atomically against the registry: `admit_node`, `set_node_state_if`).
-//! Old owners keep their copies: cleanup is not built.
+//! after every range it held reached its inheritors. Changes run one at a time (the planner,
+//! [`plan`]): a second node change while a node is bootstrapping or draining, or any node
+//! change while an RF change copies, is refused up front with NODE_IN_USE (checked and applied
+//! atomically against the registry: `admit_node`, `set_node_state_if`; against RF changes by
+//! recording first and checking after, `admission::still_alone`). Old owners keep their
+//! copies: cleanup is not built.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,10 +40,8 @@ use crate::config::valid_node_id;
 use crate::meta::{
     Hint, MetaError, Migration, MigrationKind, MigrationState, NodeRecord, registry_view,
 };
-use crate::ring::{
-    HashRange, MAX_VIRTUAL_NODES, NodeId, NodeState, Ring, RingNode, key_position,
-    moved_ranges_with,
-};
+use crate::ring::plan::{self, Proposed};
+use crate::ring::{HashRange, MAX_VIRTUAL_NODES, NodeId, NodeState, Ring, key_position};
 use crate::rpc::common;
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
@@ -120,11 +119,7 @@ impl Coordinator {
         let policy = self.options.token_allocation;
         let record = admission::admit(self.meta.as_ref(), record, policy, &rfs)
             .await
-            .map_err(|e| match e {
-                AdmitError::Meta(MetaError::Exists { id, .. }) => CoordError::NodeExists(id),
-                AdmitError::Meta(other) => other.into(),
-                AdmitError::Busy(why) => CoordError::NodeInUse(why),
-            })?;
+            .map_err(admit_error)?;
         let message = format!(
             "node {} is bootstrapping: its ranges are streamed from their current owners, then it becomes active",
             record.node_id
@@ -169,9 +164,9 @@ impl Coordinator {
                 )));
             }
         }
-        if let Some(busy) = admission::change_in_progress(&registered) {
-            return Err(CoordError::NodeInUse(busy));
-        }
+        admission::may_start(self.meta.as_ref(), &registered, Proposed::NodeChange)
+            .await
+            .map_err(admit_error)?;
         let remaining = registered
             .iter()
             .filter(|n| n.node_id != node_id && n.state == NodeState::Active)
@@ -197,6 +192,12 @@ impl Coordinator {
         {
             Err(MetaError::Changed(_)) => return Ok(None),
             other => other?,
+        }
+        if let Err(busy) = admission::still_alone(self.meta.as_ref(), Proposed::NodeChange).await {
+            // Nothing streamed yet: putting the node back is the whole roll-back.
+            self.undo_registration(MigrationKind::NodeRemoval, node_id)
+                .await;
+            return Err(admit_error(busy));
         }
         let message = format!(
             "node {node_id} is draining: its ranges are streamed to the nodes that inherit them, then it leaves the ring"
@@ -251,7 +252,7 @@ impl Coordinator {
             _ => format!("remove-{}", uuid::Uuid::new_v4()),
         };
         // A first estimate; the ranges are computed again once every coordinator sees the change.
-        let estimated = match self.plan_transfers(kind, node_id, &migration_id).await {
+        let estimated = match self.plan_transfers(&migration_id).await {
             Ok(plan) => plan.iter().map(|t| t.estimated_keys).sum(),
             Err(_) => 0,
         };
@@ -447,9 +448,7 @@ impl Coordinator {
     /// fails or no stream makes progress for `topology_timeout` (the streams are stopped).
     async fn stream_change(&self, m: &Migration) -> Result<Streamed, CoordError> {
         self.ring.refresh().await?;
-        let mut transfers = self
-            .plan_transfers(m.kind, &m.subject, &m.migration_id)
-            .await?;
+        let mut transfers = self.plan_transfers(&m.migration_id).await?;
         let total: u64 = transfers.iter().map(|t| t.estimated_keys).sum();
         let mut last = (Streamed::default(), 0usize);
         let mut last_progress = Instant::now();
@@ -561,27 +560,11 @@ impl Coordinator {
         }
     }
 
-    /// The streams a change needs, from the ring as this coordinator sees it now: for every
-    /// replication factor in use, the ranges whose owners differ between the ring before and
-    /// after the change, grouped by sender and receiver.
-    async fn plan_transfers(
-        &self,
-        kind: MigrationKind,
-        node_id: &str,
-        migration_id: &str,
-    ) -> Result<Vec<Transfer>, CoordError> {
+    /// The streams the change in progress needs, planned ([`plan::plan_node_change`]) on the
+    /// ring as this coordinator sees it now, for every replication factor in use; nodes that
+    /// are down or do not answer do not send.
+    async fn plan_transfers(&self, migration_id: &str) -> Result<Vec<Transfer>, CoordError> {
         let before = self.ring.snapshot().ring.clone();
-        let node = NodeId::new(node_id);
-        let after = Ring::new(before.nodes().filter_map(|n| {
-            let state = if n.id != node {
-                n.state
-            } else if kind == MigrationKind::NodeAddition {
-                NodeState::Active
-            } else {
-                return None;
-            };
-            Some(RingNode { state, ..n.clone() })
-        }));
         let health: HashMap<String, Option<u64>> = self
             .node_health()
             .await
@@ -592,29 +575,23 @@ impl Coordinator {
             !self.ring.is_down(n.as_str()) && matches!(health.get(n.as_str()), Some(Some(_)))
         };
         let rfs = self.replication_factors().await?;
-        let mut grouped: BTreeMap<(NodeId, NodeId), BTreeSet<HashRange>> = BTreeMap::new();
-        for rf in &rfs {
-            for mv in moved_ranges_with(&before, &after, *rf, can_send) {
-                grouped
-                    .entry((mv.from, mv.to))
-                    .or_default()
-                    .insert(mv.range);
-            }
-        }
+        let planned = plan::plan_node_change(&before, &rfs, can_send)
+            .map_err(|r| CoordError::NodeInUse(r.to_string()))?;
         // A sender holds about min(rf, n)/n of the ring; its keys spread evenly over it.
         let members = before.member_count().max(1) as u128;
         let share = rfs.iter().max().copied().unwrap_or(1).min(members as usize) as u128;
-        Ok(grouped
+        Ok(planned
+            .transfers
             .into_iter()
-            .map(|((from, to), ranges)| {
-                let width: u128 = ranges.iter().map(HashRange::width).sum();
-                let keys = u128::from(health.get(from.as_str()).copied().flatten().unwrap_or(0));
+            .map(|t| {
+                let width: u128 = t.ranges.iter().map(HashRange::width).sum();
+                let keys = u128::from(health.get(t.from.as_str()).copied().flatten().unwrap_or(0));
                 let estimated_keys = ((keys * width * members / share.max(1)) >> 64) as u64;
                 Transfer {
-                    stream_id: format!("{migration_id}-{from}-{to}"),
-                    from: from.0,
-                    to: to.0,
-                    ranges: ranges.into_iter().collect(),
+                    stream_id: format!("{migration_id}-{}-{}", t.from, t.to),
+                    from: t.from.0,
+                    to: t.to.0,
+                    ranges: t.ranges,
                     estimated_keys,
                     keys_copied: 0,
                     bytes_copied: 0,
@@ -661,6 +638,15 @@ impl Coordinator {
             )));
         }
         Ok(())
+    }
+}
+
+/// NODE_EXISTS for a taken id, NODE_IN_USE with the reason for a change that must wait.
+fn admit_error(e: AdmitError) -> CoordError {
+    match e {
+        AdmitError::Meta(MetaError::Exists { id, .. }) => CoordError::NodeExists(id),
+        AdmitError::Meta(other) => other.into(),
+        AdmitError::Busy(why) => CoordError::NodeInUse(why.to_string()),
     }
 }
 

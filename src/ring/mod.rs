@@ -26,6 +26,7 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 use crate::quorum::Consistency;
 
 pub mod allocation;
+pub mod plan;
 pub mod simulate;
 
 /// Default number of tokens per node whose tokens follow the xxh3 rule (random placement).
@@ -415,8 +416,10 @@ pub fn moved_ranges(before: &Ring, after: &Ring, rf: usize) -> Vec<RangeMove> {
 }
 
 /// [`moved_ranges`] where only nodes for which `can_send` holds may send (a dead node being
-/// removed cannot): an unusable sender is replaced by the first old owner of the arc that can
-/// send; an arc no old owner can send is left out (its data is gone with the dead nodes).
+/// removed cannot): an unusable sender is replaced by every old owner of the arc that can send
+/// (each may lack writes the others have); a receiver that replaces nobody (the RF was capped)
+/// gets the arc from the first old owner that can send; an arc no old owner can send is left
+/// out (its data is gone with the dead nodes).
 pub fn moved_ranges_with(
     before: &Ring,
     after: &Ring,
@@ -443,24 +446,31 @@ pub fn moved_ranges_with(
         let lost: Vec<&NodeId> = old.iter().filter(|n| !new.contains(n)).collect();
         let gained = new.iter().filter(|n| !old.contains(n));
         for (k, to) in gained.enumerate() {
-            let paired = lost.get(k).copied().filter(|n| can_send(n));
-            let Some(from) = paired.or_else(|| old.iter().find(|n| can_send(n))).cloned() else {
-                continue;
+            let senders: Vec<&NodeId> = match lost.get(k).copied() {
+                Some(paired) if can_send(paired) => vec![paired],
+                // The owner it replaces is dead, and no one node is known to hold everything
+                // that one held (a write may have reached only some replicas): every live old
+                // owner sends, so the receiver gets the newest version any of them holds.
+                Some(_) => old.iter().filter(|n| can_send(n)).collect(),
+                // It replaces nobody (the RF was capped by the node count): one more copy.
+                None => old.iter().find(|n| can_send(n)).into_iter().collect(),
             };
-            let range = HashRange::new(start, end);
-            match moves
-                .iter_mut()
-                .rev()
-                .find(|m| m.from == from && m.to == *to)
-            {
-                Some(prev) if prev.range.end == start && prev.range.start != start => {
-                    prev.range.end = end;
+            for from in senders {
+                let range = HashRange::new(start, end);
+                match moves
+                    .iter_mut()
+                    .rev()
+                    .find(|m| m.from == *from && m.to == *to)
+                {
+                    Some(prev) if prev.range.end == start && prev.range.start != start => {
+                        prev.range.end = end;
+                    }
+                    _ => moves.push(RangeMove {
+                        range,
+                        from: from.clone(),
+                        to: to.clone(),
+                    }),
                 }
-                _ => moves.push(RangeMove {
-                    range,
-                    from,
-                    to: to.clone(),
-                }),
             }
         }
     }

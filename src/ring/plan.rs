@@ -1,0 +1,241 @@
+//! The transfer planner: which changes of the ring may run together, and which hash ranges a
+//! change moves, from whom to whom (SEMANTICS.md, "Topology changes"). Pure: no I/O, so it is
+//! property-tested against a per-key reference (tests/topology_plan.rs).
+//!
+//! A node change in progress is written in the ring itself: a `bootstrapping` node joins, a
+//! `draining` node leaves. The final ring is the ring with every joiner active and every leaver
+//! gone. A node change's transfers are, for every replication factor in use, the ranges whose
+//! owners differ between the members now and the final ring ([`moved_ranges_with`]): each
+//! receiver gets the range from the owner it replaces, or, when that owner cannot send (dead),
+//! from every old owner that can.
+//!
+//! Invariants:
+//! - After a node change's transfers, every final owner of every position holds every record a
+//!   live old owner of the position held at its replica slot; when writes reached every owner,
+//!   every final owner holds the newest version of every key.
+//! - An RF change sends each record a node holds to the owners the new RF adds (raise), or to
+//!   every owner that stays (lowering; a write may have reached only the leaving replicas).
+//! - One change of the ring at a time: each plan is computed against the ring with only that
+//!   change applied, and an RF change's copy against a ring that does not move under it. What
+//!   would overlap is refused up front ([`may_start`]) with the reason, never accepted and then
+//!   failed. RF changes of different tenants touch different keys and may run together.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{HashRange, NodeId, NodeState, Ring, RingNode, moved_ranges_with};
+
+/// One stream of a plan: the ranges one node sends to another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeTransfer {
+    pub from: NodeId,
+    pub to: NodeId,
+    /// Sorted, not overlapping.
+    pub ranges: Vec<HashRange>,
+}
+
+/// What a node change needs: the ring once it completed, and the transfers still to run.
+#[derive(Debug, Clone)]
+pub struct NodeChangePlan {
+    pub final_ring: Ring,
+    pub transfers: Vec<RangeTransfer>,
+}
+
+/// A change an operator asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proposed<'a> {
+    /// Adding or removing a storage node.
+    NodeChange,
+    /// Changing the replication factor of one tenant.
+    RfChange { tenant: &'a str },
+}
+
+/// Why a change cannot start now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "node {node} is {state}: topology changes run one at a time; wait for its migration to \
+         finish (pairdb admin migrations)"
+    )]
+    NodeChangeInProgress { node: NodeId, state: &'static str },
+    #[error(
+        "a replication-factor change of tenant {tenant:?} is in progress: nodes are added or \
+         removed only when no replica set is being copied; wait for its migration to finish \
+         (pairdb admin migrations)"
+    )]
+    RfChangeInProgress { tenant: String },
+    #[error("a replication-factor change of tenant {tenant:?} is in progress")]
+    SameTenant { tenant: String },
+    #[error(
+        "nodes {nodes} change at once: transfers are planned against one node change at a time"
+    )]
+    SeveralNodeChanges { nodes: String },
+}
+
+/// The nodes joining or leaving in `ring`, with their states.
+pub fn node_changes(ring: &Ring) -> Vec<(NodeId, NodeState)> {
+    ring.nodes()
+        .filter(|n| matches!(n.state, NodeState::Bootstrapping | NodeState::Draining))
+        .map(|n| (n.id.clone(), n.state))
+        .collect()
+}
+
+/// Whether `next` may start while the ring's node changes and the RF changes of
+/// `rf_changes` (tenant ids) are in progress.
+pub fn may_start(ring: &Ring, rf_changes: &[String], next: Proposed<'_>) -> Result<(), Refusal> {
+    if let Some((node, state)) = node_changes(ring).into_iter().next() {
+        return Err(Refusal::NodeChangeInProgress {
+            node,
+            state: state.as_str(),
+        });
+    }
+    match next {
+        Proposed::NodeChange => match rf_changes.first() {
+            Some(tenant) => Err(Refusal::RfChangeInProgress {
+                tenant: tenant.clone(),
+            }),
+            None => Ok(()),
+        },
+        Proposed::RfChange { tenant } => match rf_changes.iter().find(|t| *t == tenant) {
+            Some(tenant) => Err(Refusal::SameTenant {
+                tenant: tenant.clone(),
+            }),
+            None => Ok(()),
+        },
+    }
+}
+
+/// The ring once every change in `ring` completed: joiners active, leavers gone.
+pub fn final_ring(ring: &Ring) -> Ring {
+    Ring::new(ring.nodes().filter_map(|n| match n.state {
+        NodeState::Draining | NodeState::Failed => None,
+        NodeState::Bootstrapping => Some(RingNode {
+            state: NodeState::Active,
+            ..n.clone()
+        }),
+        _ => Some(n.clone()),
+    }))
+}
+
+/// Plans the node change in progress in `ring` for the replication factors `rfs`; only nodes
+/// for which `can_send` holds send. No change in progress: no transfers.
+pub fn plan_node_change(
+    ring: &Ring,
+    rfs: &BTreeSet<usize>,
+    can_send: impl Fn(&NodeId) -> bool,
+) -> Result<NodeChangePlan, Refusal> {
+    let changing = node_changes(ring);
+    if changing.len() > 1 {
+        let nodes: Vec<String> = changing
+            .iter()
+            .map(|(id, state)| format!("{id} ({})", state.as_str()))
+            .collect();
+        return Err(Refusal::SeveralNodeChanges {
+            nodes: nodes.join(", "),
+        });
+    }
+    let final_ring = final_ring(ring);
+    let mut grouped: BTreeMap<(NodeId, NodeId), BTreeSet<HashRange>> = BTreeMap::new();
+    for rf in rfs {
+        for mv in moved_ranges_with(ring, &final_ring, *rf, &can_send) {
+            grouped
+                .entry((mv.from, mv.to))
+                .or_default()
+                .insert(mv.range);
+        }
+    }
+    let transfers = grouped
+        .into_iter()
+        .map(|((from, to), ranges)| RangeTransfer {
+            from,
+            to,
+            ranges: ranges.into_iter().collect(),
+        })
+        .collect();
+    Ok(NodeChangePlan {
+        final_ring,
+        transfers,
+    })
+}
+
+/// Where an RF change copies one record `holder` holds, given the key's replica set at the
+/// old RF and at the new one. Raising: to the owners the new RF adds. Lowering: a holder in
+/// the old set sends to every owner that stays (except itself); others send nothing.
+pub fn rf_copy_targets(old: &[NodeId], new: &[NodeId], holder: &NodeId) -> Vec<NodeId> {
+    if new.len() >= old.len() {
+        new.iter().filter(|n| !old.contains(n)).cloned().collect()
+    } else if old.contains(holder) {
+        new.iter().filter(|n| *n != holder).cloned().collect()
+    } else {
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, state: NodeState) -> RingNode {
+        RingNode::derived(NodeId::new(id), 8, state)
+    }
+
+    #[test]
+    fn a_second_change_is_refused_with_the_first_named() {
+        let ring = Ring::new([node("a", NodeState::Active), node("b", NodeState::Draining)]);
+        let refused = may_start(&ring, &[], Proposed::NodeChange).unwrap_err();
+        assert!(
+            refused.to_string().contains("node b is draining"),
+            "{refused}"
+        );
+        let refused = may_start(&ring, &[], Proposed::RfChange { tenant: "t" }).unwrap_err();
+        assert!(matches!(refused, Refusal::NodeChangeInProgress { .. }));
+    }
+
+    #[test]
+    fn rf_changes_block_node_changes_and_their_own_tenant_only() {
+        let ring = Ring::new([node("a", NodeState::Active)]);
+        let busy = vec!["acme".to_owned()];
+        assert!(matches!(
+            may_start(&ring, &busy, Proposed::NodeChange),
+            Err(Refusal::RfChangeInProgress { .. })
+        ));
+        assert!(matches!(
+            may_start(&ring, &busy, Proposed::RfChange { tenant: "acme" }),
+            Err(Refusal::SameTenant { .. })
+        ));
+        assert_eq!(
+            may_start(&ring, &busy, Proposed::RfChange { tenant: "other" }),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn two_node_changes_in_one_ring_are_not_planned() {
+        let ring = Ring::new([
+            node("a", NodeState::Active),
+            node("b", NodeState::Bootstrapping),
+            node("c", NodeState::Draining),
+        ]);
+        let refused = plan_node_change(&ring, &BTreeSet::from([1]), |_| true).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("b (bootstrapping), c (draining)")
+        );
+    }
+
+    #[test]
+    fn rf_copy_targets_raise_and_lower() {
+        let ids = |v: &[&str]| v.iter().map(|s| NodeId::new(*s)).collect::<Vec<_>>();
+        let (a, c) = (NodeId::new("a"), NodeId::new("c"));
+        assert_eq!(
+            rf_copy_targets(&ids(&["a"]), &ids(&["a", "b", "c"]), &a),
+            ids(&["b", "c"])
+        );
+        assert_eq!(
+            rf_copy_targets(&ids(&["a", "b", "c"]), &ids(&["a"]), &c),
+            ids(&["a"])
+        );
+        assert!(rf_copy_targets(&ids(&["a", "b", "c"]), &ids(&["a"]), &a).is_empty());
+        assert!(rf_copy_targets(&ids(&["a", "b"]), &ids(&["a"]), &NodeId::new("z")).is_empty());
+    }
+}
