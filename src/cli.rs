@@ -179,6 +179,19 @@ pub enum AdminCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Old owners drop the ranges they no longer own, after verifying that a quorum of the new
+    /// owners holds every key there; prints the cleanup (a migration of type cleanup).
+    Cleanup {
+        /// Only this node (default: every node).
+        #[arg(long = "node")]
+        node_id: Option<String>,
+        /// Drop without verifying the new owners.
+        #[arg(long)]
+        force: bool,
+        /// Follow the cleanup to its end with a progress bar; exit 1 unless it completed.
+        #[arg(long)]
+        wait: bool,
+    },
     /// A migration's status.
     Migration { migration_id: String },
     /// The most recent migrations, newest first, each with a progress bar (keys, rate, ETA)

@@ -193,6 +193,11 @@ pub struct CoordinatorConfig {
     /// Tokens of a node added without `virtual_nodes`; 0 = the allocation's default (16
     /// balanced, 150 random).
     pub virtual_nodes: u32,
+    /// Old owners drop the ranges they gave away automatically this many seconds after a
+    /// topology or replication-factor change completed (SEMANTICS.md: 24 h).
+    pub cleanup_grace_s: u64,
+    /// Run that cleanup automatically (`POST /v1/admin/cleanup` runs one at any time).
+    pub auto_cleanup: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -221,6 +226,8 @@ impl Default for CoordinatorConfig {
             shutdown_drain_timeout_ms: 20_000,
             token_allocation: TokenAllocation::Balanced,
             virtual_nodes: 0,
+            cleanup_grace_s: 24 * 3600,
+            auto_cleanup: true,
         }
     }
 }

@@ -2,12 +2,12 @@
 //! flushes, compactions, hash-range drops and reopens against a BTreeMap holding each key's
 //! winning version.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use pairdb::config::SyncMode;
 use pairdb::engine::compaction::policy::LevelPolicy;
-use pairdb::engine::{ApplyOutcome, Engine, EngineOptions, Record};
+use pairdb::engine::{ApplyOutcome, Engine, EngineOptions, RangeDrop, Record};
 use pairdb::ring::HashRange;
 use pairdb::vclock::{VectorClock, Version, physical_counter};
 use proptest::prelude::*;
@@ -43,6 +43,8 @@ enum Op {
     DropRange {
         start: u64,
         end: u64,
+        /// Only this tenant's records (every tenant's when `None`).
+        tenant: Option<usize>,
     },
     Flush,
     CompactLevels,
@@ -59,7 +61,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..3usize, any::<u8>()).prop_map(|(tenant, key)| Op::Get { tenant, key }),
         1 => (0..3usize).prop_map(|tenant| Op::ScanTenant { tenant }),
         1 => (any::<u64>(), any::<u64>()).prop_map(|(start, end)| Op::ScanRange { start, end }),
-        1 => (any::<u64>(), any::<u64>()).prop_map(|(start, end)| Op::DropRange { start, end }),
+        1 => (any::<u64>(), any::<u64>(), prop::option::of(0..TENANTS.len()))
+            .prop_map(|(start, end, tenant)| Op::DropRange { start, end, tenant }),
         1 => Just(Op::Flush),
         1 => Just(Op::CompactLevels),
         1 => Just(Op::Compact),
@@ -173,11 +176,19 @@ proptest! {
                     let want: Vec<Record> = model.values().filter(|r| range.contains(r.ring_hash)).cloned().collect();
                     prop_assert_eq!(got, want);
                 }
-                Op::DropRange { start, end } => {
+                Op::DropRange { start, end, tenant } => {
                     let range = HashRange::new(start, end);
-                    let dropped = engine.drop_hash_ranges(&[range]).expect("drop range");
+                    let drop = RangeDrop {
+                        tenants: tenant.map(|t| BTreeSet::from([TENANTS[t].to_owned()])),
+                        ranges: vec![range],
+                    };
+                    let dropped = match tenant {
+                        None => engine.drop_hash_ranges(&[range]),
+                        Some(_) => engine.drop_ranges(std::slice::from_ref(&drop)),
+                    }
+                    .expect("drop range");
                     let before = model.len();
-                    model.retain(|_, r| !range.contains(r.ring_hash));
+                    model.retain(|_, r| !drop.covers(&r.tenant, r.ring_hash));
                     prop_assert_eq!(dropped, (before - model.len()) as u64);
                 }
                 Op::Flush => engine.flush().expect("flush"),

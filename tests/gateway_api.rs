@@ -265,23 +265,7 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
     // Lowering is a migration too (the replicas that stay are brought up to date first); a
     // second change waits for it.
     let lowering = b["migration_id"].as_str().expect("migration id").to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, m) = get(
-            &format!("{url}/v1/admin/migrations/{lowering}"),
-            Some(&admin),
-        )
-        .await;
-        if m["state"] == "completed" {
-            break;
-        }
-        assert_ne!(m["state"], "failed", "{m}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "lowering never completed: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_completed(&url, &admin, &lowering).await;
     // Raising starts a migration that copies existing keys, visible through its id.
     let (s, _, b) = call(
         Method::PUT,
@@ -605,6 +589,8 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
         .await;
         assert_error(s, &b, 400, "INVALID_NODE_CONFIG");
     }
+    // Nodes are added only once no replica set is being copied.
+    wait_completed(&url, &admin, &migration).await;
     let s4_dir = c._dir.path().join("s4");
     std::fs::create_dir_all(&s4_dir).expect("mkdir");
     let s4 = StorageNode::start("s4", &s4_dir, None);
@@ -1004,4 +990,21 @@ async fn gateway_survives_a_dead_storage_node_and_a_dead_coordinator() {
     )
     .await;
     assert_eq!(s, 503);
+}
+
+/// Waits (up to 30 s) until a migration completed; failing fails the test.
+async fn wait_completed(url: &str, admin: &str, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, m) = get(&format!("{url}/v1/admin/migrations/{id}"), Some(admin)).await;
+        if m["state"] == "completed" {
+            return;
+        }
+        assert_ne!(m["state"], "failed", "{m}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migration {id} never completed: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -193,6 +193,29 @@ proptest! {
     }
 
     #[test]
+    fn ranges_not_owned_are_exactly_the_positions_a_node_does_not_replicate(nodes in node_set(6), seed in any::<u64>(), rf in 1usize..4, pick in any::<prop::sample::Index>()) {
+        let ring = ring_of(&nodes);
+        let node = NodeId::new(nodes[pick.index(nodes.len())].0.clone());
+        let not_owned = ring.ranges_not_owned(&node, rf);
+        let mut positions = sample_positions(seed, 300);
+        // Token edges too: on a token, and one below it.
+        for (id, v) in &nodes {
+            for i in 0..*v {
+                let t = token(&NodeId::new(id.clone()), i);
+                positions.extend([t, t.wrapping_sub(1)]);
+            }
+        }
+        for pos in positions {
+            let owned = ring.natural_owners(pos, rf).contains(&node);
+            let listed = not_owned.iter().any(|r| r.contains(pos));
+            prop_assert_eq!(listed, !owned, "position {} (ranges {:?})", pos, not_owned);
+        }
+        for pair in not_owned.windows(2) {
+            prop_assert!(pair[0].end != pair[1].start, "adjacent ranges not merged: {:?}", not_owned);
+        }
+    }
+
+    #[test]
     fn hash_range_width_agrees_with_pieces(start in any::<u64>(), end in any::<u64>()) {
         let range = HashRange::new(start, end);
         let from_pieces: u128 = range.pieces().iter().map(|(lo, hi)| u128::from(hi - lo) + 1).sum();

@@ -178,4 +178,24 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         json!({"a": [1, 2]}),
         "keys survive the removal"
     );
+
+    // Cleanup after the change, followed to its end (refused until coordinators switched).
+    let mut tries = 0;
+    let cleaned = loop {
+        let out = pairdb(&url, &["admin", "cleanup", "--wait"]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() || !stderr.contains("retry in") || tries == 20 {
+            break out;
+        }
+        tries += 1;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let cleaned = json_out(&cleaned);
+    assert_eq!(cleaned["type"], "cleanup", "{cleaned}");
+    assert_eq!(cleaned["state"], "completed", "{cleaned}");
+    assert_eq!(
+        json_out(&pairdb(&url, &["kv", "get", "doc", "--consistency", "all"]))["value"],
+        json!({"a": [1, 2]}),
+        "keys survive the cleanup"
+    );
 }

@@ -10,12 +10,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::StorageNode;
-use common::cluster::{RoleProcess, start_storage};
+use common::cluster::{RoleProcess, join_storage, start_storage};
 use common::coord::{
     Client, code, create_tenant, eventually, get, listed_ring, migration, node_state, put,
     sqlite_url, stored, wait_all_active, wait_migration,
 };
-use common::free_udp_port;
 use pairdb::ring::key_position;
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
@@ -28,14 +27,7 @@ const TENANTS: [(&str, u32); 3] = [("wide", 3), ("pair", 2), ("narrow", 1)];
 
 /// A storage node that joins the others' gossip.
 fn join(id: &str, dir: &Path, peers: &[StorageNode]) -> StorageNode {
-    let gossip = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
-    let seeds = peers
-        .iter()
-        .filter_map(|p| p.gossip.as_ref().map(|g| g.0))
-        .collect();
-    let data = dir.join(id);
-    std::fs::create_dir_all(&data).expect("mkdir");
-    StorageNode::start(id, &data, Some((gossip, seeds)))
+    join_storage(id, dir, peers)
 }
 
 fn coordinator(storage: &[StorageNode], dir: &Path, env: &[(&str, &str)]) -> RoleProcess {

@@ -201,6 +201,7 @@ fn migration_to_pb(m: Migration) -> pb::Migration {
         MigrationKind::NodeAddition => pb::MigrationType::NodeAddition,
         MigrationKind::NodeRemoval => pb::MigrationType::NodeRemoval,
         MigrationKind::ReplicationFactorChange => pb::MigrationType::ReplicationFactorChange,
+        MigrationKind::Cleanup => pb::MigrationType::Cleanup,
     };
     let state = match m.state {
         MigrationState::Pending => pb::MigrationState::Pending,

@@ -13,9 +13,9 @@
 
 use std::collections::BTreeSet;
 
-use crate::meta::{MetaError, MetadataStore, MigrationKind, NodeRecord, registry_view};
+use crate::meta::{MetaError, MetadataStore, Migration, MigrationKind, NodeRecord, registry_view};
 use crate::ring::allocation::{TokenAllocation, choose_tokens};
-use crate::ring::plan::{self, Proposed};
+use crate::ring::plan::{self, Proposed, Running};
 use crate::ring::{NodeId, Ring};
 
 /// Tries before giving up when other admissions keep changing the registry.
@@ -44,18 +44,20 @@ pub enum AdmitError {
     Busy(#[from] plan::Refusal),
 }
 
-/// Tenants whose replication-factor change is in progress, as the metadata store says.
-pub async fn rf_changes_in_progress(meta: &dyn MetadataStore) -> Result<Vec<String>, MetaError> {
-    Ok(meta
-        .active_migrations()
-        .await?
-        .into_iter()
-        .filter(|m| m.kind == MigrationKind::ReplicationFactorChange)
-        .map(|m| m.subject)
-        .collect())
+/// A migration as the planner sees it, unless it is a node change (those are in the registry).
+fn running(m: &Migration) -> Option<Running> {
+    match m.kind {
+        MigrationKind::ReplicationFactorChange => Some(Running::RfChange {
+            tenant: m.subject.clone(),
+        }),
+        MigrationKind::Cleanup => Some(Running::Cleanup {
+            id: m.migration_id.clone(),
+        }),
+        MigrationKind::NodeAddition | MigrationKind::NodeRemoval => None,
+    }
 }
 
-/// Whether `next` may start against the registry `registered` and the RF changes in progress
+/// Whether `next` may start against the registry `registered` and the migrations in progress
 /// ([`plan::may_start`]); `Busy` with the reason when not.
 pub async fn may_start(
     meta: &dyn MetadataStore,
@@ -63,26 +65,43 @@ pub async fn may_start(
     next: Proposed<'_>,
 ) -> Result<(), AdmitError> {
     let ring = Ring::new(registered.iter().map(NodeRecord::ring_node));
-    let rf_changes = rf_changes_in_progress(meta).await?;
-    Ok(plan::may_start(&ring, &rf_changes, next)?)
+    let active: Vec<Running> = meta
+        .active_migrations()
+        .await?
+        .iter()
+        .filter_map(running)
+        .collect();
+    Ok(plan::may_start(&ring, &active, next)?)
 }
 
-/// The second half of starting a change that another kind of change could race (a node change
-/// against an RF change, or the reverse): each side records itself first and checks for the
-/// other after, so of two that overlap at least one sees the other and backs out.
-pub async fn still_alone(meta: &dyn MetadataStore, next: Proposed<'_>) -> Result<(), AdmitError> {
+/// The second half of starting a change that a change recorded elsewhere could race (a node
+/// change in the registry against an RF change or cleanup in the migrations, or two of the
+/// latter): each side records itself first (`me`, the migration just created; `None` for a node
+/// change, already in the registry) and checks for the others after, so of two that overlap at
+/// least one sees the other and backs out. Of two of the same kind the older one stays.
+pub async fn still_alone(
+    meta: &dyn MetadataStore,
+    me: Option<&Migration>,
+    next: Proposed<'_>,
+) -> Result<(), AdmitError> {
     let registered = meta.list_nodes().await?;
-    let ring = Ring::new(registered.iter().map(NodeRecord::ring_node));
-    let rf_changes = rf_changes_in_progress(meta).await?;
-    match next {
-        // The node change itself is in the registry now: only RF changes can conflict.
-        Proposed::NodeChange => match rf_changes.into_iter().next() {
-            Some(tenant) => Err(plan::Refusal::RfChangeInProgress { tenant }.into()),
-            None => Ok(()),
-        },
-        // The RF change itself is recorded now: only node changes can conflict.
-        Proposed::RfChange { .. } => Ok(plan::may_start(&ring, &[], next)?),
-    }
+    // A node change is itself in the registry; node changes exclude each other there.
+    let ring = match next {
+        Proposed::NodeChange => Ring::default(),
+        _ => Ring::new(registered.iter().map(NodeRecord::ring_node)),
+    };
+    let younger = |m: &Migration, me: &Migration| {
+        m.kind == me.kind
+            && (m.started_at_ms, &m.migration_id) > (me.started_at_ms, &me.migration_id)
+    };
+    let others: Vec<Running> = meta
+        .active_migrations()
+        .await?
+        .iter()
+        .filter(|m| me.is_none_or(|me| m.migration_id != me.migration_id && !younger(m, me)))
+        .filter_map(running)
+        .collect();
+    Ok(plan::may_start(&ring, &others, next)?)
 }
 
 /// Inserts `record` with tokens chosen by `policy` for the replication factors `rfs`; returns the
@@ -116,7 +135,7 @@ pub async fn admit(
             Err(e) => return Err(e.into()),
             Ok(()) => {}
         }
-        if let Err(busy) = still_alone(meta, Proposed::NodeChange).await {
+        if let Err(busy) = still_alone(meta, None, Proposed::NodeChange).await {
             // Nobody streams to a node this young: forgetting it is the whole roll-back.
             if let Err(e) = meta.remove_node(&record.node_id).await {
                 tracing::error!(node = %record.node_id, error = %e, "cannot take back a refused admission");

@@ -455,17 +455,7 @@ pub async fn replay_target(
             }
         }
         let delivered = match pool.client(target, address) {
-            Ok(mut client) => {
-                let call = client.write_batch(pb::WriteBatchRequest {
-                    records,
-                    source: pb::BatchSource::Hint as i32,
-                });
-                match tokio::time::timeout(limits.timeout, call).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(status)) => Err(status.message().to_owned()),
-                    Err(_) => Err("timed out".to_owned()),
-                }
-            }
+            Ok(client) => deliver(client, records, limits.timeout).await,
             Err(e) => Err(e),
         };
         match delivered {
@@ -484,4 +474,41 @@ pub async fn replay_target(
             return Ok(());
         }
     }
+}
+
+/// Bytes of hinted records per `WriteBatch`, at most (a batch holds at least one record): large
+/// values never make a message the target refuses (`rpc::MAX_MESSAGE_BYTES`).
+const DELIVERY_BYTES: usize = 4 << 20;
+
+/// Sends `records` to a target in batches of at most [`DELIVERY_BYTES`], each within `timeout`.
+async fn deliver(
+    mut client: crate::rpc::storage::storage_node_client::StorageNodeClient<
+        tonic::transport::Channel,
+    >,
+    records: Vec<pb::Record>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut batch: Vec<pb::Record> = Vec::new();
+    let mut bytes = 0;
+    let mut records = records.into_iter().peekable();
+    while let Some(record) = records.next() {
+        bytes += record.encoded_len();
+        batch.push(record);
+        let next_too_big = records
+            .peek()
+            .is_some_and(|r| bytes + r.encoded_len() > DELIVERY_BYTES);
+        if next_too_big || records.peek().is_none() {
+            let call = client.write_batch(pb::WriteBatchRequest {
+                records: std::mem::take(&mut batch),
+                source: pb::BatchSource::Hint as i32,
+            });
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => return Err(status.message().to_owned()),
+                Err(_) => return Err("timed out".to_owned()),
+            }
+            bytes = 0;
+        }
+    }
+    Ok(())
 }

@@ -26,6 +26,7 @@
 pub mod admin;
 pub mod admission;
 pub mod batcher;
+pub mod cleanup;
 pub mod clock;
 pub mod errors;
 pub mod hints;
@@ -115,6 +116,7 @@ pub fn resume_migrations(core: &Arc<Coordinator>) {
             match m.kind {
                 MigrationKind::ReplicationFactorChange => core.resume_rf_change(m),
                 MigrationKind::NodeAddition | MigrationKind::NodeRemoval => core.resume_change(m),
+                MigrationKind::Cleanup => core.resume_cleanup(m),
             }
         }
     });

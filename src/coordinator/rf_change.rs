@@ -149,7 +149,9 @@ impl Coordinator {
         let proposed = Proposed::RfChange {
             tenant: &tenant.tenant_id,
         };
-        if let Err(busy) = admission::still_alone(self.meta.as_ref(), proposed).await {
+        if let Err(busy) =
+            admission::still_alone(self.meta.as_ref(), Some(&migration), proposed).await
+        {
             let reason = busy.to_string();
             self.meta
                 .fail_migration(&migration.migration_id, &reason)
@@ -230,6 +232,7 @@ impl Coordinator {
                 .scan_range(spb::ScanRangeRequest {
                     range: Some(common::HashRange { start: 0, end: 0 }),
                     batch_size: BATCH,
+                    keys_only: false,
                 })
                 .await
                 .map_err(|s| format!("scan of {}: {}", node.node_id, s.message()))?

@@ -468,6 +468,18 @@ impl CoordinatorRpc for CoordinatorService {
         administration("list_migrations", "", call).await
     }
 
+    async fn start_cleanup(
+        &self,
+        request: Request<pb::StartCleanupRequest>,
+    ) -> Result<Response<pb::CleanupAccepted>, Status> {
+        let req = request.into_inner();
+        let call = async move {
+            let node = (!req.node_id.is_empty()).then_some(req.node_id.as_str());
+            self.core.start_cleanup(node, req.force).await
+        };
+        administration("start_cleanup", "", call).await
+    }
+
     type KeyValueStreamStream = ReceiverStream<Result<pb::KeyValueResult, Status>>;
 
     /// Runs every call of the stream as its own task; results go back as they complete.

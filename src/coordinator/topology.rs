@@ -28,7 +28,7 @@
 //! change while an RF change copies, is refused up front with NODE_IN_USE (checked and applied
 //! atomically against the registry: `admit_node`, `set_node_state_if`; against RF changes by
 //! recording first and checking after, `admission::still_alone`). Old owners keep their
-//! copies: cleanup is not built.
+//! copies until a cleanup drops them (`cleanup`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -193,7 +193,9 @@ impl Coordinator {
             Err(MetaError::Changed(_)) => return Ok(None),
             other => other?,
         }
-        if let Err(busy) = admission::still_alone(self.meta.as_ref(), Proposed::NodeChange).await {
+        if let Err(busy) =
+            admission::still_alone(self.meta.as_ref(), None, Proposed::NodeChange).await
+        {
             // Nothing streamed yet: putting the node back is the whole roll-back.
             self.undo_registration(MigrationKind::NodeRemoval, node_id)
                 .await;

@@ -73,8 +73,8 @@ pub use disk::{
 };
 pub use error::{EngineError, Result};
 pub use types::{
-    ApplyOutcome, MAX_KEY_BYTES, MAX_TENANT_BYTES, MAX_VALUE_BYTES, Record, internal_key,
-    validate_key, validate_tenant,
+    ApplyOutcome, MAX_KEY_BYTES, MAX_TENANT_BYTES, MAX_VALUE_BYTES, RangeDrop, Record,
+    internal_key, validate_key, validate_tenant,
 };
 pub use wal::ReplayStats;
 
@@ -498,7 +498,15 @@ impl Engine {
     /// compaction), so callers pass every range they drop in one call. Returns how many
     /// records it dropped.
     pub fn drop_hash_ranges(&self, ranges: &[HashRange]) -> Result<u64> {
-        self.core.drop_hash_ranges(ranges)
+        self.core.drop_ranges(&[RangeDrop {
+            tenants: None,
+            ranges: ranges.to_vec(),
+        }])
+    }
+
+    /// [`Engine::drop_hash_ranges`] per tenant: every record some [`RangeDrop`] covers.
+    pub fn drop_ranges(&self, drops: &[RangeDrop]) -> Result<u64> {
+        self.core.drop_ranges(drops)
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -605,13 +613,13 @@ impl Core {
     /// Removes cached records in `ranges` after they left the tables. Every stripe's
     /// generation moves first, under its lock, so a reader that found one of them in an older
     /// snapshot cannot put it back afterwards (see `get`).
-    fn forget_cached(&self, ranges: &[HashRange]) {
+    fn forget_cached(&self, drops: &[RangeDrop]) {
         for stripe in self.stripes.iter() {
             let _guard = stripe.lock.lock();
             stripe.generation.fetch_add(1, Ordering::AcqRel);
         }
         self.cache
-            .retain(|r| !ranges.iter().any(|range| range.contains(r.ring_hash)));
+            .retain(|r| !drops.iter().any(|d| d.covers(&r.tenant, r.ring_hash)));
     }
 
     fn snapshot(&self) -> Arc<State> {

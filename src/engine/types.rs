@@ -155,6 +155,22 @@ impl ApplyOutcome {
     }
 }
 
+/// Records a range drop removes: those of `tenants` (every tenant when `None`) whose ring hash
+/// lies in one of `ranges`. Tenants with different replication factors own different ranges,
+/// so a cleanup drops per group of tenants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeDrop {
+    pub tenants: Option<std::collections::BTreeSet<String>>,
+    pub ranges: Vec<crate::ring::HashRange>,
+}
+
+impl RangeDrop {
+    pub fn covers(&self, tenant: &str, ring_hash: u64) -> bool {
+        self.tenants.as_ref().is_none_or(|t| t.contains(tenant))
+            && self.ranges.iter().any(|r| r.contains(ring_hash))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

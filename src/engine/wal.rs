@@ -538,6 +538,18 @@ impl CommitLog {
         Ok(())
     }
 
+    /// Seals the active segment and starts the next one, unless it holds no frame yet: once
+    /// what it holds is flushed, [`CommitLog::release_up_to`] deletes it instead of keeping it
+    /// until it fills (a range drop must not leave the dropped records' log on disk).
+    pub fn rotate_now(&self) -> Result<()> {
+        self.check_healthy()?;
+        let mut w = self.writer.lock();
+        if w.file_len + w.buf.len() as u64 <= MAGIC.len() as u64 {
+            return Ok(());
+        }
+        self.rotate(&mut w)
+    }
+
     /// Makes everything appended so far durable with one fsync.
     pub fn sync_now(&self) -> Result<()> {
         let (file, path, upto) = {

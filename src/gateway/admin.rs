@@ -149,6 +149,60 @@ pub async fn remove_node(
     Ok(accepted_response(accepted))
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CleanupBody {
+    #[serde(default)]
+    node_id: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /v1/admin/cleanup` `{"node_id"?, "force"?}`: old owners drop the ranges they no
+/// longer own; 202 with the cleanup's id (a migration of type `cleanup`). An empty body cleans
+/// every node.
+pub async fn cleanup(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let bytes = body::bytes(raw)?;
+    let b: CleanupBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        CleanupBody::default()
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::invalid(format!("cleanup body: {e}")))?
+    };
+    if let Some(id) = &b.node_id {
+        if !valid_node_id(id) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NODE_NOT_FOUND",
+                format!("no storage node {id:?}"),
+            ));
+        }
+    }
+    let accepted = gw
+        .forward(
+            pb::StartCleanupRequest {
+                node_id: b.node_id.unwrap_or_default(),
+                force: b.force,
+            },
+            |mut c, r| async move { c.start_cleanup(r).await },
+        )
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "status": "accepted",
+            "cleanup_id": accepted.cleanup_id,
+            "message": accepted.message,
+            "node_ids": accepted.node_ids,
+        })),
+    ))
+}
+
 pub async fn migration(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
@@ -197,6 +251,7 @@ fn migration_json(m: &pb::Migration) -> Value {
     let kind = match m.r#type() {
         pb::MigrationType::NodeRemoval => "node_removal",
         pb::MigrationType::ReplicationFactorChange => "replication_factor_change",
+        pb::MigrationType::Cleanup => "cleanup",
         _ => "node_addition",
     };
     let state = match m.state() {

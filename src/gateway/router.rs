@@ -42,6 +42,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             axum::routing::delete(admin::remove_node),
         )
         .route("/v1/admin/migrations", get(admin::migrations))
+        .route("/v1/admin/cleanup", post(admin::cleanup))
         .route("/v1/admin/migrations/{migration_id}", get(admin::migration))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/health", get(|| async { "ok\n" }))

@@ -89,6 +89,8 @@ pub enum MigrationKind {
     NodeAddition,
     NodeRemoval,
     ReplicationFactorChange,
+    /// Old owners dropping ranges they no longer own (`subject`: one node id, or `*`).
+    Cleanup,
 }
 
 /// Where a migration is.
@@ -120,6 +122,7 @@ names!(MigrationKind {
     NodeAddition = "node_addition",
     NodeRemoval = "node_removal",
     ReplicationFactorChange = "replication_factor_change",
+    Cleanup = "cleanup",
 });
 names!(MigrationState {
     Pending = "pending",

@@ -301,6 +301,32 @@ impl Ring {
         self.members.owners(position, rf)
     }
 
+    /// The arcs of the ring whose natural owners at replication factor `rf` do not include
+    /// `node` (what a cleanup drops there), sorted, adjacent arcs merged. Empty when the ring
+    /// has no members.
+    pub fn ranges_not_owned(&self, node: &NodeId, rf: usize) -> Vec<HashRange> {
+        let mut bounds: Vec<u64> = self.members.tokens.iter().map(|(t, _)| *t).collect();
+        bounds.dedup();
+        let mut out: Vec<HashRange> = Vec::new();
+        for (i, &start) in bounds.iter().enumerate() {
+            let end = bounds[(i + 1) % bounds.len()];
+            if self.members.owners(start, rf).contains(node) {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => out.push(HashRange::new(start, end)),
+            }
+        }
+        // The arc ending at the first token and the one starting there are one range.
+        if out.len() > 1 && out[out.len() - 1].end == out[0].start {
+            if let Some(last) = out.pop() {
+                out[0].start = last.start;
+            }
+        }
+        out
+    }
+
     /// The replica plan of a key for a tenant with replication factor `rf`.
     pub fn plan(&self, position: u64, rf: usize) -> ReplicaPlan {
         let natural = self.members.owners(position, rf);

@@ -16,9 +16,10 @@
 //! - An RF change sends each record a node holds to the owners the new RF adds (raise), or to
 //!   every owner that stays (lowering; a write may have reached only the leaving replicas).
 //! - One change of the ring at a time: each plan is computed against the ring with only that
-//!   change applied, and an RF change's copy against a ring that does not move under it. What
-//!   would overlap is refused up front ([`may_start`]) with the reason, never accepted and then
-//!   failed. RF changes of different tenants touch different keys and may run together.
+//!   change applied, and an RF change's copy and a cleanup's drops against a ring that does not
+//!   move under them. What would overlap is refused up front ([`may_start`]) with the reason,
+//!   never accepted and then failed. RF changes of different tenants touch different keys and
+//!   may run together.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -47,6 +48,15 @@ pub enum Proposed<'a> {
     NodeChange,
     /// Changing the replication factor of one tenant.
     RfChange { tenant: &'a str },
+    /// Old owners dropping the ranges they no longer own.
+    Cleanup,
+}
+
+/// A change in progress that is not written in the ring (node changes are).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Running {
+    RfChange { tenant: String },
+    Cleanup { id: String },
 }
 
 /// Why a change cannot start now.
@@ -59,12 +69,17 @@ pub enum Refusal {
     NodeChangeInProgress { node: NodeId, state: &'static str },
     #[error(
         "a replication-factor change of tenant {tenant:?} is in progress: nodes are added or \
-         removed only when no replica set is being copied; wait for its migration to finish \
-         (pairdb admin migrations)"
+         removed, and ranges cleaned up, only when no replica set is being copied; wait for its \
+         migration to finish (pairdb admin migrations)"
     )]
     RfChangeInProgress { tenant: String },
     #[error("a replication-factor change of tenant {tenant:?} is in progress")]
     SameTenant { tenant: String },
+    #[error(
+        "cleanup {id} is in progress: ranges are being dropped on the nodes that gave them \
+         away; wait for it to finish (pairdb admin migrations)"
+    )]
+    CleanupInProgress { id: String },
     #[error(
         "nodes {nodes} change at once: transfers are planned against one node change at a time"
     )]
@@ -79,29 +94,35 @@ pub fn node_changes(ring: &Ring) -> Vec<(NodeId, NodeState)> {
         .collect()
 }
 
-/// Whether `next` may start while the ring's node changes and the RF changes of
-/// `rf_changes` (tenant ids) are in progress.
-pub fn may_start(ring: &Ring, rf_changes: &[String], next: Proposed<'_>) -> Result<(), Refusal> {
+/// Whether `next` may start while the ring's node changes and `running` are in progress.
+/// A node change excludes everything; an RF change excludes node changes, cleanups and
+/// another change of its tenant; a cleanup excludes every other change.
+pub fn may_start(ring: &Ring, running: &[Running], next: Proposed<'_>) -> Result<(), Refusal> {
     if let Some((node, state)) = node_changes(ring).into_iter().next() {
         return Err(Refusal::NodeChangeInProgress {
             node,
             state: state.as_str(),
         });
     }
-    match next {
-        Proposed::NodeChange => match rf_changes.first() {
-            Some(tenant) => Err(Refusal::RfChangeInProgress {
-                tenant: tenant.clone(),
-            }),
-            None => Ok(()),
-        },
-        Proposed::RfChange { tenant } => match rf_changes.iter().find(|t| *t == tenant) {
-            Some(tenant) => Err(Refusal::SameTenant {
-                tenant: tenant.clone(),
-            }),
-            None => Ok(()),
-        },
+    for other in running {
+        match (other, next) {
+            (Running::Cleanup { id }, _) => {
+                return Err(Refusal::CleanupInProgress { id: id.clone() });
+            }
+            (Running::RfChange { tenant }, Proposed::RfChange { tenant: t }) if tenant == t => {
+                return Err(Refusal::SameTenant {
+                    tenant: tenant.clone(),
+                });
+            }
+            (Running::RfChange { .. }, Proposed::RfChange { .. }) => {}
+            (Running::RfChange { tenant }, Proposed::NodeChange | Proposed::Cleanup) => {
+                return Err(Refusal::RfChangeInProgress {
+                    tenant: tenant.clone(),
+                });
+            }
+        }
     }
+    Ok(())
 }
 
 /// The ring once every change in `ring` completed: joiners active, leavers gone.
@@ -193,7 +214,9 @@ mod tests {
     #[test]
     fn rf_changes_block_node_changes_and_their_own_tenant_only() {
         let ring = Ring::new([node("a", NodeState::Active)]);
-        let busy = vec!["acme".to_owned()];
+        let busy = vec![Running::RfChange {
+            tenant: "acme".to_owned(),
+        }];
         assert!(matches!(
             may_start(&ring, &busy, Proposed::NodeChange),
             Err(Refusal::RfChangeInProgress { .. })
@@ -206,6 +229,30 @@ mod tests {
             may_start(&ring, &busy, Proposed::RfChange { tenant: "other" }),
             Ok(())
         );
+        assert!(matches!(
+            may_start(&ring, &busy, Proposed::Cleanup),
+            Err(Refusal::RfChangeInProgress { .. })
+        ));
+    }
+
+    #[test]
+    fn a_cleanup_excludes_every_other_change() {
+        let ring = Ring::new([node("a", NodeState::Active)]);
+        let busy = vec![Running::Cleanup {
+            id: "cleanup-1".to_owned(),
+        }];
+        for next in [
+            Proposed::NodeChange,
+            Proposed::RfChange { tenant: "t" },
+            Proposed::Cleanup,
+        ] {
+            let refused = may_start(&ring, &busy, next).unwrap_err();
+            assert!(
+                refused.to_string().contains("cleanup cleanup-1"),
+                "{refused}"
+            );
+        }
+        assert_eq!(may_start(&ring, &[], Proposed::Cleanup), Ok(()));
     }
 
     #[test]

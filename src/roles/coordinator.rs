@@ -18,7 +18,7 @@ use crate::coordinator::ring_view::RingView;
 use crate::coordinator::service::CoordinatorService;
 use crate::coordinator::storage_pool::StoragePool;
 use crate::coordinator::tenant_cache::TenantCache;
-use crate::coordinator::{self, Coordinator, Options, admission, http, rf_change};
+use crate::coordinator::{self, Coordinator, Options, admission, cleanup, http, rf_change};
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
 use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
@@ -166,6 +166,12 @@ pub async fn start(
         Duration::from_millis(cfg.ring_refresh_ms),
         stop.clone(),
     );
+    if cfg.auto_cleanup {
+        let grace = Duration::from_secs(cfg.cleanup_grace_s);
+        // Checked often enough to start within a tenth of the grace (a second at least).
+        let every = (grace / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        cleanup::spawn_auto_cleanup(core.clone(), grace, every, stop.clone());
+    }
     coordinator::resume_migrations(&core);
     Ok(core)
 }

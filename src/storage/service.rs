@@ -13,6 +13,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -24,6 +25,7 @@ use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_server::StorageNode;
 use crate::vclock::Version;
 
+use super::cleanup;
 use super::convert::{record_from_proto, record_to_proto};
 use super::errors::{detail_of, from_engine, internal, invalid};
 use super::gossip::{Gossip, Health};
@@ -32,6 +34,9 @@ use super::streaming::StreamManager;
 
 /// Largest batch a `ScanRange` stream sends at once.
 const MAX_SCAN_BATCH: usize = 1000;
+/// Bytes of one scan batch (encoded), at most: a batch ends at either bound, so large values
+/// never make a message the caller refuses (`rpc::MAX_MESSAGE_BYTES`).
+const MAX_SCAN_BATCH_BYTES: usize = 4 << 20;
 /// Batches of one `BatchStream` running at once (and answers waiting to be sent back).
 const BATCH_RESULTS_QUEUE: usize = 256;
 
@@ -456,19 +461,30 @@ impl StorageNode for StorageService {
             .map(HashRange::from)
             .ok_or_else(|| invalid("missing range"))?;
         let batch_size = (req.batch_size as usize).clamp(1, MAX_SCAN_BATCH);
+        let keys_only = req.keys_only;
         let (tx, rx) = mpsc::channel(4);
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
             let mut batch = Vec::with_capacity(batch_size);
+            let mut batch_bytes = 0;
             for item in engine.scan_hash_range(range) {
                 match item {
+                    Ok(r) if keys_only => batch.push(pb::Record {
+                        tenant_id: r.tenant.clone(),
+                        key: r.key.to_vec(),
+                        version: Some((&r.version).into()),
+                        payload: None,
+                        ring_hash: r.ring_hash,
+                    }),
                     Ok(r) => batch.push(record_to_proto(&r)),
                     Err(e) => {
                         let _ = tx.blocking_send(Err(from_engine(&e)));
                         return;
                     }
                 }
-                if batch.len() == batch_size {
+                batch_bytes += batch.last().map_or(0, |r: &pb::Record| r.encoded_len());
+                if batch.len() == batch_size || batch_bytes >= MAX_SCAN_BATCH_BYTES {
+                    batch_bytes = 0;
                     let records = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
                     if tx
                         .blocking_send(Ok(pb::ScanRangeBatch { records }))
@@ -548,6 +564,33 @@ impl StorageNode for StorageService {
         .map(|pending| Response::new(pb::RepairMarkersResponse { pending }));
         observe(self, "record_repair_markers", started, &result);
         result
+    }
+
+    async fn held_versions(
+        &self,
+        req: Request<pb::HeldVersionsRequest>,
+    ) -> Result<Response<pb::HeldVersionsResponse>, Status> {
+        let body = async {
+            let entries = cleanup::parse_held(req.into_inner())?;
+            let engine = self.engine.clone();
+            let held = blocking(move || cleanup::held(&engine, &entries)).await?;
+            Ok(Response::new(pb::HeldVersionsResponse { held }))
+        };
+        timed(self, "held_versions", body).await
+    }
+
+    async fn drop_ranges(
+        &self,
+        req: Request<pb::DropRangesRequest>,
+    ) -> Result<Response<pb::DropRangesResponse>, Status> {
+        let body = async {
+            let drops = cleanup::parse_drops(req.into_inner())?;
+            let engine = self.engine.clone();
+            blocking(move || cleanup::drop_ranges(&engine, &drops))
+                .await
+                .map(Response::new)
+        };
+        timed(self, "drop_ranges", body).await
     }
 
     async fn health_check(

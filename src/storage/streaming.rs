@@ -35,8 +35,11 @@ use super::throttle::Throttle;
 
 use super::convert::{record_to_proto, wire_size};
 
-/// Records per `WriteBatch`.
+/// Records per `WriteBatch`, at most.
 const BATCH: usize = 500;
+/// Bytes per `WriteBatch` (on the wire), at most: a batch is sent once it reaches either bound,
+/// so large values never make a message the target refuses (`rpc::MAX_MESSAGE_BYTES`).
+const BATCH_BYTES: u64 = 4 << 20;
 /// A stream fails after this long without a successful send.
 const RETRY_WINDOW: Duration = Duration::from_secs(300);
 
@@ -215,14 +218,17 @@ async fn send_live(
     live: &mut mpsc::UnboundedReceiver<Record>,
 ) -> Result<(), String> {
     let mut pending = Vec::new();
+    let mut pending_bytes = 0;
     while let Ok(r) = live.try_recv() {
+        pending_bytes += wire_size(&r);
         pending.push(r);
-        if pending.len() == BATCH {
+        if pending.len() == BATCH || pending_bytes >= BATCH_BYTES {
             send(client, &pending).await?;
             stream
                 .forwarded
                 .fetch_add(pending.len() as u64, Ordering::Relaxed);
             pending.clear();
+            pending_bytes = 0;
         }
     }
     if !pending.is_empty() {
@@ -246,16 +252,21 @@ async fn run(
     let scan_engine = engine.clone();
     let producer = tokio::task::spawn_blocking(move || {
         let mut batch = Vec::with_capacity(BATCH);
+        let mut batch_bytes = 0;
         for range in ranges {
             for item in scan_engine.scan_hash_range(range) {
                 match item {
-                    Ok(r) => batch.push((*r).clone()),
+                    Ok(r) => {
+                        batch_bytes += wire_size(&r);
+                        batch.push((*r).clone());
+                    }
                     Err(e) => {
                         let _ = batches_tx.blocking_send(Err(e.to_string()));
                         return;
                     }
                 }
-                if batch.len() == BATCH {
+                if batch.len() == BATCH || batch_bytes >= BATCH_BYTES {
+                    batch_bytes = 0;
                     let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
                     if batches_tx.blocking_send(Ok(full)).is_err() {
                         return;

@@ -110,9 +110,15 @@ async fn get_migration(conn: &Connection, migration_id: &str) -> anyhow::Result<
 }
 
 /// With `wait`, follows the migration an accepted change started until it ends (a progress bar
-/// on stderr); the answer is the final migration, ok only if it completed.
-async fn follow_if(conn: &Connection, accepted: Answer, wait: bool) -> anyhow::Result<Answer> {
-    let id = accepted.body["migration_id"].as_str().map(str::to_owned);
+/// on stderr; `id_field` names the id in the answer); the answer is the final migration, ok
+/// only if it completed.
+async fn follow_if(
+    conn: &Connection,
+    accepted: Answer,
+    wait: bool,
+    id_field: &str,
+) -> anyhow::Result<Answer> {
+    let id = accepted.body[id_field].as_str().map(str::to_owned);
     let (true, true, Some(id)) = (wait, accepted.ok, id) else {
         return Ok(accepted);
     };
@@ -160,7 +166,7 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
             }
             let accepted =
                 send(request(conn, Method::POST, "/v1/admin/storage-nodes").json(&body)).await?;
-            follow_if(conn, accepted, *wait).await
+            follow_if(conn, accepted, *wait, "migration_id").await
         }
         AdminCommand::RemoveNode {
             node_id,
@@ -172,7 +178,21 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
                 url_encode(node_id)
             );
             let accepted = send(request(conn, Method::DELETE, &path)).await?;
-            follow_if(conn, accepted, *wait).await
+            follow_if(conn, accepted, *wait, "migration_id").await
+        }
+        AdminCommand::Cleanup {
+            node_id,
+            force,
+            wait,
+        } => {
+            let mut body = json!({"force": force});
+            if let Some(id) = node_id {
+                body["node_id"] = json!(id);
+            }
+            let accepted =
+                send(request(conn, Method::POST, "/v1/admin/cleanup").json(&body)).await?;
+            // A cleanup is a migration: followed the same way.
+            follow_if(conn, accepted, *wait, "cleanup_id").await
         }
         AdminCommand::Migration { migration_id } => get_migration(conn, migration_id).await,
         AdminCommand::Migrations { limit, json } => {

@@ -30,6 +30,18 @@ pub fn start_storage(n: usize, dir: &Path) -> Vec<StorageNode> {
         .collect()
 }
 
+/// A storage node `id` that joins the gossip of `peers`, data under `dir/id`.
+pub fn join_storage(id: &str, dir: &Path, peers: &[StorageNode]) -> StorageNode {
+    let gossip = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+    let seeds = peers
+        .iter()
+        .filter_map(|p| p.gossip.as_ref().map(|g| g.0))
+        .collect();
+    let data = dir.join(id);
+    std::fs::create_dir_all(&data).expect("mkdir");
+    StorageNode::start(id, &data, Some((gossip, seeds)))
+}
+
 /// `id@host:port` of each storage node, comma-separated.
 pub fn storage_list(nodes: &[StorageNode]) -> String {
     nodes

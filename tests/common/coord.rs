@@ -198,11 +198,16 @@ pub async fn wait_migration(c: &Client, id: &str, want: pb::MigrationState) -> p
         || {
             let mut c = c.clone();
             async move {
-                let state = migration(&mut c, id).await.state();
+                let m = migration(&mut c, id).await;
                 if want == pb::MigrationState::Completed {
-                    assert_ne!(state, pb::MigrationState::Failed, "migration {id} failed");
+                    assert_ne!(
+                        m.state(),
+                        pb::MigrationState::Failed,
+                        "migration {id} failed: {}",
+                        m.failure_reason
+                    );
                 }
-                state == want
+                m.state() == want
             }
         },
     )

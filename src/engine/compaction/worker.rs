@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use crate::engine::error::Result;
 use crate::engine::iterators::{MergeIter, Source};
 use crate::engine::sstable::{SsTable, TableBuilder, TableIter, TableMeta, table_file_name};
+use crate::engine::types::RangeDrop;
 use crate::engine::{Core, State, io_err};
-use crate::ring::HashRange;
 
 use super::policy::{self, CompactionTask};
 
@@ -46,16 +46,21 @@ impl Core {
         self.run_or_quarantine(&task, &[]).map(|_| true)
     }
 
-    /// Deletes every record whose ring hash lies in one of `ranges`: flushes the memtables,
-    /// then rewrites every table into the deepest level without those records (one major
+    /// Deletes every record some drop covers: rotates the commit log and flushes the memtables
+    /// (so the log segments holding them are deleted too), then rewrites every table into the deepest level without those records (one major
     /// compaction), and forgets them in the row cache. Atomic: a crash leaves every record or
     /// none of them (the manifest swap), and the log cannot bring them back (they were
     /// flushed first). Records applied while it runs may stay. Returns how many records it
     /// dropped.
-    pub(crate) fn drop_hash_ranges(&self, ranges: &[HashRange]) -> Result<u64> {
+    pub(crate) fn drop_ranges(&self, ranges: &[RangeDrop]) -> Result<u64> {
         self.check_open()?;
+        // The log segment holding the records is released by the flush, not kept until full.
+        self.wal.rotate_now()?;
         self.freeze(true);
         self.flush_pending()?;
+        // Nothing was left to flush: the sealed segment is released here instead.
+        let flushed = self.manifest.lock().flushed_seq;
+        self.wal.release_up_to(flushed)?;
         let _compacting = self.compaction_lock.lock();
         let levels: Vec<Vec<TableMeta>> = self.manifest.lock().levels.clone();
         let dropped = match policy::full(&levels) {
@@ -67,7 +72,7 @@ impl Core {
     }
 
     /// Runs `task`; damage found on the way quarantines the damaged inputs.
-    fn run_or_quarantine(&self, task: &CompactionTask, dropping: &[HashRange]) -> Result<u64> {
+    fn run_or_quarantine(&self, task: &CompactionTask, dropping: &[RangeDrop]) -> Result<u64> {
         match self.run_task(task, dropping) {
             Ok(dropped) => Ok(dropped),
             Err(e) if e.is_corruption() => {
@@ -90,7 +95,7 @@ impl Core {
 
     /// Merges the task's tables into its output level, leaving out tombstones past gc_grace
     /// (bottommost only) and records in `dropping`; returns how many it left out of the latter.
-    fn run_task(&self, task: &CompactionTask, dropping: &[HashRange]) -> Result<u64> {
+    fn run_task(&self, task: &CompactionTask, dropping: &[RangeDrop]) -> Result<u64> {
         let state = self.snapshot();
         let chosen: Vec<Arc<SsTable>> = state
             .levels
@@ -115,7 +120,10 @@ impl Core {
         let mut dropped = 0u64;
         for item in MergeIter::new(sources) {
             let (ikey, record) = item?;
-            if dropping.iter().any(|r| r.contains(record.ring_hash)) {
+            if dropping
+                .iter()
+                .any(|d| d.covers(&record.tenant, record.ring_hash))
+            {
                 dropped += 1;
                 continue;
             }

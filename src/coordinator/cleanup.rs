@@ -1,0 +1,538 @@
+//! Cleanup (SEMANTICS.md, "Topology changes"; Cassandra's `nodetool cleanup`): old owners
+//! delete the ranges they no longer own, once a quorum of the new owners is verified to hold
+//! every key there.
+//!
+//! How, per node N (every member, or the one asked for): tenants are grouped by replication
+//! factor; N's records are scanned keys-only; every record whose key N does not own at its
+//! tenant's RF is checked against its natural owners (`HeldVersions`: the same version or one
+//! that takes precedence), and must be held by a majority of them. Only when every such key is,
+//! N drops, per group, the ranges it does not own (`DropRanges`: one major compaction, no
+//! tombstones). `force` skips the verification, never the rest. The record is a migration of
+//! kind `cleanup` (keys checked, records dropped, bytes reclaimed); it runs automatically once
+//! `cleanup_grace` passed after the last completed change ([`spawn_auto_cleanup`]).
+//!
+//! Invariants:
+//! - A record is dropped only from a node that is not among its natural owners in the ring the
+//!   cleanup verified against, and the ring is read again before each drop: a registry that
+//!   changed meanwhile drops nothing.
+//! - A cleanup runs alone ([`crate::ring::plan::may_start`]): no node change, RF change or
+//!   other cleanup overlaps it, so no range a node is about to gain or still serves is dropped.
+//! - It starts only once every coordinator has switched to the ring of the last change
+//!   (`settle_time` after it completed), so no stale coordinator still writes to an old owner
+//!   and counts its ack; and not while any member is down unless forced (a down node is then
+//!   skipped).
+//! - Tenants unknown to the metadata store are never dropped.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::meta::{Migration, MigrationKind, MigrationState, NodeRecord, registry_view};
+use crate::ring::plan::Proposed;
+use crate::ring::{NodeId, NodeState, Ring, key_position};
+use crate::rpc::common;
+use crate::rpc::coordinator as pb;
+use crate::rpc::storage as spb;
+
+use super::Coordinator;
+use super::admission::{self, AdmitError};
+use super::errors::CoordError;
+
+/// Keys per scan batch, and so per `HeldVersions` call.
+const BATCH: u32 = 1000;
+/// The subject of a cleanup of every member.
+const EVERY_NODE: &str = "*";
+
+/// What a cleanup did on one node, or on all.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cleaned {
+    /// Records checked against their new owners (or counted, when forced).
+    checked: u64,
+    dropped: u64,
+    bytes_reclaimed: u64,
+}
+
+impl Cleaned {
+    fn add(&mut self, other: Cleaned) {
+        self.checked += other.checked;
+        self.dropped += other.dropped;
+        self.bytes_reclaimed += other.bytes_reclaimed;
+    }
+}
+
+impl Coordinator {
+    /// Starts a cleanup of `node_id` (every member when `None`); `force` skips the verification.
+    pub async fn start_cleanup(
+        self: &Arc<Self>,
+        node_id: Option<&str>,
+        force: bool,
+    ) -> Result<pb::CleanupAccepted, CoordError> {
+        let registered = self.meta.list_nodes().await?;
+        if let Some(id) = node_id {
+            registered
+                .iter()
+                .find(|n| n.node_id == id && n.state != NodeState::Failed)
+                .ok_or_else(|| CoordError::NodeNotFound(id.to_owned()))?;
+        }
+        admission::may_start(self.meta.as_ref(), &registered, Proposed::Cleanup)
+            .await
+            .map_err(busy)?;
+        let targets = self.cleanup_targets(&registered, node_id, force).await?;
+        self.check_settled().await?;
+        let now = crate::wallclock::now_ms() as i64;
+        let migration = Migration {
+            migration_id: format!("cleanup-{}", uuid::Uuid::new_v4()),
+            kind: MigrationKind::Cleanup,
+            subject: node_id.unwrap_or(EVERY_NODE).to_owned(),
+            state: MigrationState::InProgress,
+            keys_migrated: 0,
+            total_keys: 0,
+            target_rf: 0,
+            started_at_ms: now,
+            updated_at_ms: now,
+            failure_reason: None,
+            bytes_migrated: 0,
+        };
+        self.meta.create_migration(&migration).await?;
+        let alone =
+            admission::still_alone(self.meta.as_ref(), Some(&migration), Proposed::Cleanup).await;
+        if let Err(e) = alone {
+            let e = busy(e);
+            self.meta
+                .fail_migration(&migration.migration_id, &e.to_string())
+                .await?;
+            return Err(e);
+        }
+        let cleanup_id = migration.migration_id.clone();
+        tracing::info!(cleanup = %cleanup_id, nodes = ?targets, force, "cleanup accepted");
+        self.clone().spawn_cleanup(migration, force);
+        Ok(pb::CleanupAccepted {
+            cleanup_id,
+            message: format!(
+                "nodes {} drop the ranges they no longer own{}",
+                targets.join(", "),
+                if force {
+                    " (forced: without verifying their new owners)"
+                } else {
+                    ", once a quorum of each key's owners is verified to hold it"
+                }
+            ),
+            node_ids: targets,
+        })
+    }
+
+    /// Carries on a cleanup left in progress by a coordinator that stopped (verifying again).
+    pub(super) fn resume_cleanup(self: &Arc<Self>, m: Migration) {
+        tracing::info!(cleanup = %m.migration_id, "resuming a cleanup");
+        self.clone().spawn_cleanup(m, false);
+    }
+
+    /// Refused while the last change is younger than the time every coordinator needs to
+    /// switch rings: one that has not may still write to an old owner and count its ack.
+    async fn check_settled(&self) -> Result<(), CoordError> {
+        let settle = self.options.metadata_refresh * 2 + Duration::from_secs(1);
+        let now = crate::wallclock::now_ms() as i64;
+        let last = self
+            .meta
+            .recent_migrations(100)
+            .await?
+            .into_iter()
+            .filter(|m| m.kind != MigrationKind::Cleanup)
+            .map(|m| m.updated_at_ms)
+            .max();
+        if let Some(at) = last {
+            let wait = at + settle.as_millis() as i64 - now;
+            if wait > 0 {
+                return Err(CoordError::NodeInUse(format!(
+                    "the last topology change ended {} ms ago; coordinators switch rings within \
+                     {} ms: retry in {} ms",
+                    now - at,
+                    settle.as_millis(),
+                    wait
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes a cleanup works on: the one asked for, or every member. A node that is down
+    /// (gossip says so, or it does not answer a HealthCheck) cannot be cleaned or verify
+    /// anything: UNAVAILABLE unless forced, then it is skipped.
+    async fn cleanup_targets(
+        &self,
+        registered: &[NodeRecord],
+        node_id: Option<&str>,
+        force: bool,
+    ) -> Result<Vec<String>, CoordError> {
+        let members: Vec<&NodeRecord> = registered
+            .iter()
+            .filter(|n| n.state == NodeState::Active)
+            .collect();
+        let answering: BTreeSet<String> = self
+            .node_health()
+            .await
+            .into_iter()
+            .filter(|(_, health)| health.is_some())
+            .map(|(n, _)| n.node_id)
+            .collect();
+        let down: Vec<&str> = members
+            .iter()
+            .filter(|n| self.ring.is_down(&n.node_id) || !answering.contains(&n.node_id))
+            .map(|n| n.node_id.as_str())
+            .collect();
+        if !down.is_empty() && !force {
+            return Err(CoordError::Unavailable(format!(
+                "nodes {} are down: a cleanup verifies that the new owners of every range hold \
+                 it; retry when they are up, or use force=true to drop without verifying",
+                down.join(", ")
+            )));
+        }
+        let targets: Vec<String> = members
+            .iter()
+            .filter(|n| {
+                node_id.is_none_or(|id| n.node_id == id) && !down.contains(&n.node_id.as_str())
+            })
+            .map(|n| n.node_id.clone())
+            .collect();
+        if targets.is_empty() {
+            return Err(CoordError::Unavailable(
+                "no active, reachable node to clean up".to_owned(),
+            ));
+        }
+        Ok(targets)
+    }
+
+    fn spawn_cleanup(self: Arc<Self>, migration: Migration, force: bool) {
+        tokio::spawn(async move {
+            let id = migration.migration_id.clone();
+            let result = self.run_cleanup(&migration, force).await;
+            let recorded = match result {
+                Ok(done) => {
+                    tracing::info!(cleanup = %id, checked = done.checked, dropped = done.dropped, bytes_reclaimed = done.bytes_reclaimed, "cleanup completed");
+                    self.meta
+                        .update_migration(
+                            &id,
+                            MigrationState::Completed,
+                            done.dropped,
+                            done.checked,
+                            done.bytes_reclaimed,
+                        )
+                        .await
+                }
+                Err(e) => {
+                    tracing::error!(cleanup = %id, error = %e, "cleanup failed");
+                    self.meta.fail_migration(&id, &e).await
+                }
+            };
+            if let Err(e) = recorded {
+                tracing::error!(cleanup = %id, error = %e, "cannot record the end of a cleanup");
+            }
+        });
+    }
+
+    /// Cleans every target node in turn; stops at the first that fails (nodes done before
+    /// stay done).
+    async fn run_cleanup(&self, m: &Migration, force: bool) -> Result<Cleaned, String> {
+        self.ring.refresh().await.map_err(|e| e.to_string())?;
+        let registered = self.meta.list_nodes().await.map_err(|e| e.to_string())?;
+        let subject = (m.subject != EVERY_NODE).then_some(m.subject.as_str());
+        let targets = self
+            .cleanup_targets(&registered, subject, force)
+            .await
+            .map_err(|e| e.to_string())?;
+        let seen = registry_view(&registered);
+        let ring = Ring::new(registered.iter().map(NodeRecord::ring_node));
+        let addresses: HashMap<String, String> = registered
+            .iter()
+            .map(|n| (n.node_id.clone(), format!("{}:{}", n.host, n.port)))
+            .collect();
+        // Every tenant was updated after the epoch.
+        let tenants = self
+            .meta
+            .tenants_updated_since(i64::MIN)
+            .await
+            .map_err(|e| e.to_string())?;
+        let rf_of: HashMap<String, usize> = tenants
+            .iter()
+            .map(|t| (t.tenant_id.clone(), t.replication_factor as usize))
+            .collect();
+        let mut total = Cleaned::default();
+        for node in &targets {
+            let ctx = NodeCleanup {
+                node: NodeId::new(node.clone()),
+                ring: &ring,
+                addresses: &addresses,
+                rf_of: &rf_of,
+            };
+            let verified = if force { 0 } else { self.verify(&ctx).await? };
+            // The ring the verification used must still be the registry's.
+            let now = self.meta.list_nodes().await.map_err(|e| e.to_string())?;
+            if registry_view(&now) != seen {
+                return Err(format!(
+                    "the node registry changed during the cleanup; nothing dropped on {node}"
+                ));
+            }
+            let mut done = self.drop_not_owned(&ctx).await?;
+            done.checked = done.checked.max(verified);
+            total.add(done);
+            self.meta
+                .update_migration(
+                    &m.migration_id,
+                    MigrationState::InProgress,
+                    total.dropped,
+                    total.checked,
+                    total.bytes_reclaimed,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(total)
+    }
+
+    /// Checks that a majority of the natural owners of every key `ctx.node` holds but does not
+    /// own hold that version or a newer one; returns how many keys it checked.
+    async fn verify(&self, ctx: &NodeCleanup<'_>) -> Result<u64, String> {
+        let node = ctx.node.as_str();
+        let mut scan = ctx
+            .client(self, node)?
+            .scan_range(spb::ScanRangeRequest {
+                range: Some(common::HashRange { start: 0, end: 0 }),
+                batch_size: BATCH,
+                keys_only: true,
+            })
+            .await
+            .map_err(|s| format!("scan of {node}: {}", s.message()))?
+            .into_inner();
+        let mut checked = 0u64;
+        let mut short = 0u64;
+        let mut example = None;
+        while let Some(batch) = scan
+            .message()
+            .await
+            .map_err(|s| format!("scan of {node}: {}", s.message()))?
+        {
+            // Each key this node does not own, with its owners.
+            let mut foreign: Vec<(spb::Record, Vec<NodeId>)> = Vec::new();
+            for record in batch.records {
+                let Some(rf) = ctx.rf_of.get(&record.tenant_id) else {
+                    continue;
+                };
+                let owners = ctx
+                    .ring
+                    .natural_owners(key_position(&record.tenant_id, &record.key), *rf);
+                if !owners.contains(&ctx.node) {
+                    foreign.push((record, owners));
+                }
+            }
+            let held = self.held_counts(ctx, &foreign).await?;
+            for ((record, owners), count) in foreign.iter().zip(held) {
+                checked += 1;
+                if count < owners.len() / 2 + 1 {
+                    short += 1;
+                    example.get_or_insert_with(|| {
+                        format!(
+                            "{}/{} is held by {count} of its owners {}",
+                            record.tenant_id,
+                            String::from_utf8_lossy(&record.key),
+                            owners
+                                .iter()
+                                .map(NodeId::as_str)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    });
+                }
+            }
+        }
+        match example {
+            Some(example) => Err(format!(
+                "{short} of the {checked} keys {node} no longer owns are not held by a quorum of \
+                 their owners (e.g. {example}); nothing dropped on {node} (repair, then retry)"
+            )),
+            None => Ok(checked),
+        }
+    }
+
+    /// For each (record, owners), how many owners hold its version or a newer one.
+    async fn held_counts(
+        &self,
+        ctx: &NodeCleanup<'_>,
+        foreign: &[(spb::Record, Vec<NodeId>)],
+    ) -> Result<Vec<usize>, String> {
+        let mut asked: BTreeMap<&NodeId, Vec<usize>> = BTreeMap::new();
+        for (i, (_, owners)) in foreign.iter().enumerate() {
+            for owner in owners {
+                asked.entry(owner).or_default().push(i);
+            }
+        }
+        let mut counts = vec![0usize; foreign.len()];
+        for (owner, indexes) in asked {
+            let entries = indexes
+                .iter()
+                .map(|&i| spb::KeyVersion {
+                    tenant_id: foreign[i].0.tenant_id.clone(),
+                    key: foreign[i].0.key.clone(),
+                    version: foreign[i].0.version.clone(),
+                })
+                .collect();
+            let held = ctx
+                .client(self, owner.as_str())?
+                .held_versions(spb::HeldVersionsRequest { entries })
+                .await
+                .map_err(|s| format!("cannot verify on {owner}: {}", s.message()))?
+                .into_inner()
+                .held;
+            if held.len() != indexes.len() {
+                return Err(format!(
+                    "{owner} answered {} of {} entries",
+                    held.len(),
+                    indexes.len()
+                ));
+            }
+            for (&i, yes) in indexes.iter().zip(held) {
+                counts[i] += usize::from(yes);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Drops, per replication factor in use, the ranges `ctx.node` does not own.
+    async fn drop_not_owned(&self, ctx: &NodeCleanup<'_>) -> Result<Cleaned, String> {
+        let mut groups: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+        for (tenant, rf) in ctx.rf_of {
+            groups.entry(*rf).or_default().insert(tenant.clone());
+        }
+        let drops: Vec<spb::TenantRanges> = groups
+            .into_iter()
+            .filter_map(|(rf, tenants)| {
+                let ranges = ctx.ring.ranges_not_owned(&ctx.node, rf);
+                (!ranges.is_empty()).then(|| spb::TenantRanges {
+                    tenant_ids: tenants.into_iter().collect(),
+                    ranges: ranges
+                        .iter()
+                        .map(|r| common::HashRange {
+                            start: r.start,
+                            end: r.end,
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+        if drops.is_empty() {
+            return Ok(Cleaned::default());
+        }
+        let node = ctx.node.as_str();
+        let done = ctx
+            .client(self, node)?
+            .drop_ranges(spb::DropRangesRequest { drops })
+            .await
+            .map_err(|s| format!("drop on {node}: {}", s.message()))?
+            .into_inner();
+        tracing::info!(
+            node,
+            records = done.records_dropped,
+            bytes_before = done.bytes_before,
+            bytes_after = done.bytes_after,
+            "cleanup dropped ranges"
+        );
+        Ok(Cleaned {
+            checked: done.records_dropped,
+            dropped: done.records_dropped,
+            bytes_reclaimed: done.bytes_before.saturating_sub(done.bytes_after),
+        })
+    }
+}
+
+/// One node's cleanup: the node, and the ring and tenants it is verified against.
+struct NodeCleanup<'a> {
+    node: NodeId,
+    ring: &'a Ring,
+    addresses: &'a HashMap<String, String>,
+    rf_of: &'a HashMap<String, usize>,
+}
+
+impl NodeCleanup<'_> {
+    fn client(
+        &self,
+        core: &Coordinator,
+        node: &str,
+    ) -> Result<
+        crate::rpc::storage::storage_node_client::StorageNodeClient<tonic::transport::Channel>,
+        String,
+    > {
+        let address = self
+            .addresses
+            .get(node)
+            .ok_or_else(|| format!("{node} is not in the registry"))?;
+        core.pool.client(node, address)
+    }
+}
+
+/// NODE_IN_USE with the reason while another change runs.
+fn busy(e: AdmitError) -> CoordError {
+    match e {
+        AdmitError::Meta(e) => e.into(),
+        AdmitError::Busy(why) => CoordError::NodeInUse(why.to_string()),
+    }
+}
+
+/// Starts a cleanup of every member once `grace` passed after the last completed change that
+/// no cleanup followed; checks every `every` until `stop`. A cleanup that cannot start (a
+/// change in progress, a node down) is tried again at the next check.
+pub fn spawn_auto_cleanup(
+    core: Arc<Coordinator>,
+    grace: Duration,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            match cleanup_due(&core, grace).await {
+                Ok(false) => {}
+                Ok(true) => match core.start_cleanup(None, false).await {
+                    Ok(accepted) => {
+                        tracing::info!(cleanup = %accepted.cleanup_id, "automatic cleanup started");
+                    }
+                    Err(e) => tracing::info!(error = %e, "automatic cleanup cannot start yet"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot tell whether a cleanup is due"),
+            }
+        }
+    });
+}
+
+/// Whether the last completed change is older than `grace` and no cleanup (running or
+/// completed) started after it. An automatic cleanup that failed (a key not verified: it needs
+/// repair, and an operator sees why in `pairdb admin migrations`) is tried again only a grace
+/// later, not at every check.
+async fn cleanup_due(core: &Coordinator, grace: Duration) -> Result<bool, CoordError> {
+    let recent = core.meta.recent_migrations(100).await?;
+    let Some(changed) = recent
+        .iter()
+        .filter(|m| m.kind != MigrationKind::Cleanup && m.state == MigrationState::Completed)
+        .map(|m| m.updated_at_ms)
+        .max()
+    else {
+        return Ok(false);
+    };
+    let now = crate::wallclock::now_ms() as i64;
+    let grace = grace.as_millis() as i64;
+    let cleaned = recent.iter().any(|m| {
+        m.kind == MigrationKind::Cleanup
+            && m.subject == EVERY_NODE
+            && m.started_at_ms >= changed
+            && match m.state {
+                MigrationState::Failed => now < m.updated_at_ms + grace,
+                _ => true,
+            }
+    });
+    Ok(!cleaned && now >= changed + grace)
+}

@@ -1,0 +1,392 @@
+//! Cleanup against real processes (SEMANTICS.md, "Topology changes"): after a node joins, the
+//! old owners drop what they gave away, only once a quorum of each key's new owners is verified
+//! to hold it; every key still reads back at ALL, and the old owners' disks shrink to their new
+//! share.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::StorageNode;
+use common::cluster::{RoleProcess, join_storage, start_storage};
+use common::coord::{
+    Client, code, create_tenant, eventually, get, listed_ring, put, sqlite_url, wait_all_active,
+    wait_migration,
+};
+use pairdb::ring::{Ring, key_position};
+use pairdb::rpc::common::{self as cpb, Consistency, NodeState as WireState};
+use pairdb::rpc::coordinator::{self as pb, ErrorCode};
+use pairdb::rpc::storage as spb;
+use pairdb::vclock::physical_counter;
+
+/// One multi-process cluster at a time: gossip heartbeats starve on 2 cores otherwise.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const TENANTS: [(&str, u32); 2] = [("three", 3), ("one", 1)];
+
+fn coordinator(storage: &[StorageNode], dir: &Path, env: &[(&str, &str)]) -> RoleProcess {
+    RoleProcess::coordinator("c1", &sqlite_url(dir), "memory://", storage, env, dir)
+}
+
+async fn cleanup(
+    c: &mut Client,
+    node: Option<&str>,
+    force: bool,
+) -> Result<pb::CleanupAccepted, tonic::Status> {
+    c.start_cleanup(pb::StartCleanupRequest {
+        node_id: node.unwrap_or_default().to_owned(),
+        force,
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// A cleanup, asked again while gossip still calls a node that just came back down.
+async fn cleanup_when_up(c: &mut Client, node: Option<&str>) -> pb::CleanupAccepted {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match cleanup(c, node, false).await {
+            Ok(accepted) => return accepted,
+            Err(e)
+                if code(&e) == ErrorCode::Unavailable && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cleanup: {e:?}"),
+        }
+    }
+}
+
+/// Every (tenant, key) a node holds, keys only.
+async fn held(node: &StorageNode) -> Vec<(String, String)> {
+    let mut scan = node
+        .client()
+        .await
+        .scan_range(spb::ScanRangeRequest {
+            range: Some(cpb::HashRange { start: 0, end: 0 }),
+            batch_size: 1000,
+            keys_only: true,
+        })
+        .await
+        .expect("scan")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(batch) = scan.message().await.expect("scan batch") {
+        for r in batch.records {
+            assert!(r.payload.is_none(), "a keys-only scan carries no values");
+            out.push((r.tenant_id, String::from_utf8(r.key).expect("utf-8")));
+        }
+    }
+    out
+}
+
+/// How many of `keys` `node` holds without owning them at its tenant's RF.
+fn not_owned(ring: &Ring, node: &str, keys: &[(String, String)]) -> usize {
+    let rf = |t: &str| {
+        TENANTS
+            .iter()
+            .find(|(n, _)| *n == t)
+            .map_or(3, |(_, rf)| *rf) as usize
+    };
+    keys.iter()
+        .filter(|(t, k)| {
+            !ring
+                .natural_owners(key_position(t, k.as_bytes()), rf(t))
+                .iter()
+                .any(|o| o.as_str() == node)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join_storage("s4", dir.path(), &storage);
+    let manual = [
+        ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
+        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500"),
+    ];
+    let c1 = coordinator(&storage, dir.path(), &manual);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    for (tenant, rf) in TENANTS {
+        create_tenant(&mut c, tenant, rf).await;
+    }
+    const KEYS: usize = 600;
+    for (tenant, _) in TENANTS {
+        for i in 0..KEYS {
+            put(
+                &mut c,
+                tenant,
+                &format!("k{i}"),
+                &format!("\"{i}\""),
+                Consistency::All,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("write {tenant}/k{i}: {e}"));
+        }
+    }
+    let added = c
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: "s4".into(),
+            host: s4.grpc.ip().to_string(),
+            port: u32::from(s4.grpc.port()),
+            virtual_nodes: 0,
+        })
+        .await
+        .expect("add s4")
+        .into_inner();
+    wait_migration(&c, &added.migration_id, pb::MigrationState::Completed).await;
+    // Too soon: coordinators may not have switched rings yet.
+    let early = cleanup(&mut c, None, false).await.expect_err("too soon");
+    assert_eq!(code(&early), ErrorCode::NodeInUse, "{early:?}");
+    assert!(early.message().contains("retry in"), "{early:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
+    let ring = listed_ring(&mut c, &all).await;
+    let mut before = BTreeMap::new();
+    for node in &storage {
+        let keys = held(node).await;
+        before.insert(
+            node.id.clone(),
+            (keys.len(), not_owned(&ring, &node.id, &keys)),
+        );
+    }
+    let given_away: usize = before.values().map(|(_, n)| n).sum();
+    assert!(
+        given_away > 100,
+        "old owners hold what s4 took over: {before:?}"
+    );
+
+    // A new owner down: refused up front, nothing changes.
+    s4.pause();
+    eventually("s4 down", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { common::coord::node_state(&mut c, "s4").await == Some(WireState::Down) }
+    })
+    .await;
+    let refused = cleanup(&mut c, None, false).await.expect_err("s4 is down");
+    assert_eq!(code(&refused), ErrorCode::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("s4"), "{refused:?}");
+    s4.resume();
+    wait_all_active(&c, 4).await;
+
+    // An old owner holds a version newer than any owner of its key (written to it alone, as a
+    // stale coordinator might have): not verified, nothing dropped there.
+    let (tenant, key) = ("one", "k7");
+    let owner = ring.natural_owners(key_position(tenant, key.as_bytes()), 1)[0].clone();
+    let stray = storage
+        .iter()
+        .find(|n| n.id != owner.as_str())
+        .expect("a node that does not own k7");
+    let counter = physical_counter(pairdb::wallclock::now_ms());
+    stray
+        .client()
+        .await
+        .write(spb::WriteRequest {
+            record: Some(spb::Record {
+                tenant_id: tenant.into(),
+                key: key.as_bytes().to_vec(),
+                version: Some(cpb::Version {
+                    clock: vec![cpb::ClockEntry {
+                        coordinator_id: "elsewhere".into(),
+                        counter,
+                    }],
+                    timestamp_ms: 0,
+                }),
+                payload: Some(spb::record::Payload::Value(b"\"stray\"".to_vec())),
+                ring_hash: 0,
+            }),
+        })
+        .await
+        .expect("write to the stray node");
+    // One more record there if it did not hold the key (RF 1: only its owner did).
+    let stray_held = held(stray).await.len();
+    if let Some(counts) = before.get_mut(&stray.id) {
+        counts.0 = stray_held;
+    }
+    let accepted = cleanup_when_up(&mut c, Some(&stray.id)).await;
+    assert_eq!(accepted.node_ids, vec![stray.id.clone()]);
+    let failed = wait_migration(&c, &accepted.cleanup_id, pb::MigrationState::Failed).await;
+    assert_eq!(failed.r#type(), pb::MigrationType::Cleanup);
+    assert!(
+        failed.failure_reason.contains("one/k7") && failed.failure_reason.contains("quorum"),
+        "{failed:?}"
+    );
+    assert_eq!(
+        held(stray).await.len(),
+        before[&stray.id].0,
+        "nothing dropped on {}",
+        stray.id
+    );
+
+    // Once the owner holds a newer version (a repair, here a write), everything verifies.
+    put(&mut c, tenant, key, "\"fixed\"", Consistency::All)
+        .await
+        .expect("rewrite one/k7");
+    let accepted = cleanup_when_up(&mut c, None).await;
+    assert_eq!(accepted.node_ids.len(), 4);
+    let done = wait_migration(&c, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    assert!(
+        done.bytes_migrated > 0,
+        "bytes reclaimed are recorded: {done:?}"
+    );
+    let mut dropped = 0;
+    for node in &storage {
+        let keys = held(node).await;
+        assert_eq!(
+            not_owned(&ring, &node.id, &keys),
+            0,
+            "{} kept keys it gave away",
+            node.id
+        );
+        dropped += before[&node.id].0 - keys.len();
+    }
+    assert_eq!(done.keys_migrated as usize, dropped);
+    assert!(
+        dropped >= given_away,
+        "dropped {dropped}, given away {given_away}"
+    );
+    for (tenant, _) in TENANTS {
+        for i in 0..KEYS {
+            let key = format!("k{i}");
+            let want = if (tenant, key.as_str()) == ("one", "k7") {
+                "\"fixed\"".to_owned()
+            } else {
+                format!("\"{i}\"")
+            };
+            let got = get(&mut c, tenant, &key, Consistency::All)
+                .await
+                .unwrap_or_else(|e| panic!("read {tenant}/{key} at ALL: {e}"));
+            assert_eq!(got, want, "{tenant}/{key}");
+        }
+    }
+    let again = cleanup(&mut c, Some("s9"), false).await.expect_err("no s9");
+    assert_eq!(code(&again), ErrorCode::NodeNotFound, "{again:?}");
+}
+
+/// Every file under `dir` with its size, for failure messages.
+fn listing(dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let meta = entry.metadata().expect("metadata");
+        if meta.is_dir() {
+            out += &listing(&entry.path());
+        } else {
+            out += &format!("\n  {} {}", entry.path().display(), meta.len());
+        }
+    }
+    out
+}
+
+/// Bytes under `dir`, recursively.
+fn disk_use(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let meta = entry.metadata().expect("metadata");
+        total += if meta.is_dir() {
+            disk_use(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_cleanup_brings_old_owners_disks_to_their_new_share() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(2, dir.path());
+    let s3 = join_storage("s3", dir.path(), &storage);
+    let quick = [
+        ("PAIRDB_COORDINATOR_CLEANUP_GRACE_S", "2"),
+        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500"),
+    ];
+    let c1 = coordinator(&storage, dir.path(), &quick);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 2).await;
+    create_tenant(&mut c, "big", 1).await;
+    // 400 MiB over two nodes: 200 MiB each.
+    const KEYS: usize = 1600;
+    const VALUE: usize = 256 * 1024;
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let mut c = c.clone();
+        writers.push(tokio::spawn(async move {
+            for i in (w..KEYS).step_by(8) {
+                let value = format!("\"{}\"", "x".repeat(VALUE - 2));
+                put(&mut c, "big", &format!("k{i}"), &value, Consistency::All)
+                    .await
+                    .unwrap_or_else(|e| panic!("write big/k{i}: {e}"));
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    for node in &storage {
+        let used = disk_use(&node.dir);
+        assert!(used >= 200 << 20, "{} holds {used} bytes", node.id);
+    }
+    let added = c
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: "s3".into(),
+            host: s3.grpc.ip().to_string(),
+            port: u32::from(s3.grpc.port()),
+            virtual_nodes: 0,
+        })
+        .await
+        .expect("add s3")
+        .into_inner();
+    wait_migration(&c, &added.migration_id, pb::MigrationState::Completed).await;
+
+    // No one asks: the cleanup starts once the grace passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let cleanup_id = loop {
+        let list = c
+            .list_migrations(pb::ListMigrationsRequest { limit: 10 })
+            .await
+            .map(|r| r.into_inner().migrations)
+            .unwrap_or_default();
+        if let Some(m) = list
+            .iter()
+            .find(|m| m.r#type() == pb::MigrationType::Cleanup)
+        {
+            break m.migration_id.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no automatic cleanup");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let done = wait_migration(&c, &cleanup_id, pb::MigrationState::Completed).await;
+    assert!(done.bytes_migrated > 100 << 20, "{done:?}");
+
+    let all: Vec<&StorageNode> = storage.iter().chain([&s3]).collect();
+    let ring = listed_ring(&mut c, &all).await;
+    for node in &storage {
+        let owned = (0..KEYS)
+            .filter(|i| {
+                ring.natural_owners(key_position("big", format!("k{i}").as_bytes()), 1)[0].as_str()
+                    == node.id
+            })
+            .count();
+        let share = (owned * VALUE) as f64;
+        let used = disk_use(&node.dir) as f64;
+        assert!(
+            (used - share).abs() <= share * 0.2,
+            "{} uses {used} bytes for a share of {share} ({owned} keys): {}",
+            node.id,
+            listing(&node.dir)
+        );
+    }
+    for i in (0..KEYS).step_by(40) {
+        let got = get(&mut c, "big", &format!("k{i}"), Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("read big/k{i} at ALL: {e}"));
+        assert_eq!(got.len(), VALUE, "big/k{i}");
+    }
+}
