@@ -194,6 +194,13 @@ pub enum AdminCommand {
     },
     /// A migration's status.
     Migration { migration_id: String },
+    /// Cancel a migration in progress: it is rolled back (state cancelled).
+    Cancel {
+        migration_id: String,
+        /// Follow it to its end; exit 1 unless it ended cancelled.
+        #[arg(long)]
+        wait: bool,
+    },
     /// The most recent migrations, newest first, each with a progress bar (keys, rate, ETA)
     /// and, for a failed one, the reason.
     Migrations {

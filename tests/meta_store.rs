@@ -118,10 +118,73 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         (active[0].migration_id.as_str(), active[0].target_rf),
         ("m-1", 3)
     );
+    // Leases: the first renewal takes an unowned migration; another coordinator's renewal is
+    // refused; a claim needs the beat it saw; a cancel request reaches the owner's renewal.
+    assert_eq!(
+        a.renew_migration_lease("m-1", "c1").await.expect("renew"),
+        Some(false)
+    );
+    assert_eq!(
+        b.renew_migration_lease("m-1", "c2").await.expect("renew"),
+        None,
+        "c1 holds it"
+    );
+    let lease = b
+        .migration_lease("m-1")
+        .await
+        .expect("lease")
+        .expect("known");
+    assert_eq!(lease.owner.as_deref(), Some("c1"));
+    assert!(
+        !b.claim_migration("m-1", "c2", lease.beat - 1)
+            .await
+            .expect("claim"),
+        "a beat that moved on"
+    );
+    assert!(
+        b.claim_migration("m-1", "c2", lease.beat)
+            .await
+            .expect("claim")
+    );
+    assert!(
+        !a.claim_migration("m-1", "c1", lease.beat)
+            .await
+            .expect("claim"),
+        "only one claim of a beat wins"
+    );
+    assert_eq!(
+        a.renew_migration_lease("m-1", "c1").await.expect("renew"),
+        None
+    );
+    assert!(a.request_cancel("m-1").await.expect("cancel"));
+    assert_eq!(
+        b.renew_migration_lease("m-1", "c2").await.expect("renew"),
+        Some(true)
+    );
+    assert!(!a.request_cancel("m-0").await.expect("cancel"), "m-0 ended");
+    assert_eq!(a.migration_lease("m-9").await.expect("lease"), None);
     a.update_migration("m-1", MigrationState::Completed, 100, 100, 8192)
         .await
         .expect("done");
     assert!(b.active_migrations().await.expect("active").is_empty());
+    // An end is never written over (a late loop that lost its lease cannot undo it).
+    assert!(matches!(
+        b.update_migration("m-1", MigrationState::InProgress, 5, 5, 5)
+            .await,
+        Err(MetaError::Changed(_))
+    ));
+    assert!(matches!(
+        b.fail_migration("m-1", "late").await,
+        Err(MetaError::Changed(_))
+    ));
+    assert_eq!(
+        a.get_migration("m-1").await.expect("get").map(|m| m.state),
+        Some(MigrationState::Completed)
+    );
+    assert_eq!(
+        b.renew_migration_lease("m-1", "c2").await.expect("renew"),
+        None
+    );
     assert!(matches!(
         a.update_migration("m-2", MigrationState::Failed, 0, 0, 0)
             .await,

@@ -124,6 +124,12 @@ fn probes() -> Vec<Probe> {
             None,
         ),
         probe(
+            M::DELETE,
+            "/v1/admin/migrations/{migration_id}",
+            "/v1/admin/migrations/m1",
+            None,
+        ),
+        probe(
             M::POST,
             "/v1/admin/cleanup",
             "/v1/admin/cleanup",

@@ -10,10 +10,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::StorageNode;
-use common::cluster::{RoleProcess, join_storage, start_storage};
+use common::cluster::{RoleProcess, join_storage, start_storage, start_storage_with_env};
 use common::coord::{
     Client, code, create_tenant, eventually, get, listed_ring, migration, node_state, put,
-    sqlite_url, stored, wait_all_active, wait_migration,
+    records_on, sqlite_url, stored, wait_all_active, wait_migration,
 };
 use pairdb::ring::key_position;
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
@@ -54,11 +54,22 @@ async fn assert_placed(
     tenants: &[(&str, u32)],
     keys: &[String],
 ) -> Vec<usize> {
+    assert_placed_with(c, nodes, tenants, keys, |key| format!("\"{key}\"")).await
+}
+
+/// [`assert_placed`] where `value_of(key)` is each key's value.
+async fn assert_placed_with(
+    c: &mut Client,
+    nodes: &[&StorageNode],
+    tenants: &[(&str, u32)],
+    keys: &[String],
+    value_of: impl Fn(&str) -> String,
+) -> Vec<usize> {
     let ring = listed_ring(c, nodes).await;
     let mut held = vec![0; nodes.len()];
     for &(tenant, rf) in tenants {
         for key in keys {
-            let want = format!("\"{key}\"");
+            let want = value_of(key);
             for owner in ring.natural_owners(key_position(tenant, key.as_bytes()), rf as usize) {
                 let i = nodes
                     .iter()
@@ -415,4 +426,101 @@ async fn set_rf(
     })
     .await
     .map(tonic::Response::into_inner)
+}
+
+/// A change in progress can be cancelled from any coordinator (rolled back, state cancelled),
+/// and a change whose coordinator dies is taken over by another running coordinator without
+/// anyone restarting anything, streaming each record at most once more per stream batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_cancelled_and_taken_over_without_restarts() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Streams are throttled on the senders so the changes are caught in the middle.
+    let slow = [("PAIRDB_STORAGE_STREAM_RATE_LIMIT", "100000")];
+    let storage = start_storage_with_env(3, dir.path(), &slow);
+    let s4 = join("s4", dir.path(), &storage);
+    let s5 = join("s5", dir.path(), &storage);
+    let quick = [("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500")];
+    let mut c1 = coordinator(&storage, dir.path(), &quick);
+    let c2 = RoleProcess::coordinator(
+        "c2",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &quick,
+        dir.path(),
+    );
+    let mut a = c1.client().await;
+    let mut b = c2.client().await;
+    wait_all_active(&a, 3).await;
+    let tenants = [("wide", 3u32), ("narrow", 1u32)];
+    for (tenant, rf) in tenants {
+        create_tenant(&mut a, tenant, rf).await;
+    }
+    let value = format!("\"{}\"", "v".repeat(2000));
+    let all_keys = keys(&[("k", 800)]);
+    for (tenant, _) in tenants {
+        for key in &all_keys {
+            put(&mut a, tenant, key, &value, Consistency::All)
+                .await
+                .unwrap_or_else(|e| panic!("write {tenant}/{key}: {e}"));
+        }
+    }
+    let streaming = |c: &Client, id: String| {
+        let c = c.clone();
+        async move {
+            eventually("streaming under way", Duration::from_secs(60), || {
+                let (mut c, id) = (c.clone(), id.clone());
+                async move {
+                    let m = migration(&mut c, &id).await;
+                    m.state() == pb::MigrationState::InProgress && m.keys_migrated > 0
+                }
+            })
+            .await;
+        }
+    };
+
+    // Cancelled through the other coordinator: rolled back.
+    let first = add(&mut a, &s4).await.expect("add s4");
+    streaming(&a, first.migration_id.clone()).await;
+    let asked = b
+        .cancel_migration(pb::GetMigrationStatusRequest {
+            migration_id: first.migration_id.clone(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(asked.migration_id, first.migration_id);
+    let cancelled = wait_migration(&a, &first.migration_id, pb::MigrationState::Cancelled).await;
+    assert_eq!(cancelled.r#type(), pb::MigrationType::NodeAddition);
+    assert_eq!(node_state(&mut a, "s4").await, Some(WireState::Failed));
+    for (id, want) in [
+        (first.migration_id.as_str(), ErrorCode::InvalidRequest),
+        ("no-such-migration", ErrorCode::MigrationNotFound),
+    ] {
+        let refused = b
+            .cancel_migration(pb::GetMigrationStatusRequest {
+                migration_id: id.to_owned(),
+            })
+            .await
+            .expect_err("nothing to cancel");
+        assert_eq!(code(&refused), want, "{refused:?}");
+    }
+
+    // Its coordinator dies in the middle: the other one finishes it.
+    let second = add(&mut a, &s5).await.expect("add s5");
+    streaming(&a, second.migration_id.clone()).await;
+    c1.kill9();
+    let done = wait_migration(&b, &second.migration_id, pb::MigrationState::Completed).await;
+    assert_eq!(node_state(&mut b, "s5").await, Some(WireState::Active));
+    let moved = records_on(&s5).await as u64;
+    assert!(
+        done.keys_migrated >= moved && done.keys_migrated <= moved + 3 * 500,
+        "{} records streamed for {moved} moved (3 streams of 500-record batches)",
+        done.keys_migrated
+    );
+
+    let members: Vec<&StorageNode> = storage.iter().chain([&s5]).collect();
+    let held = assert_placed_with(&mut b, &members, &tenants, &all_keys, |_| value.clone()).await;
+    assert!(held[3] > 0, "s5 owns keys: {held:?}");
 }

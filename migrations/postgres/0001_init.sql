@@ -46,3 +46,7 @@ CREATE TABLE IF NOT EXISTS migrations (
 ALTER TABLE migrations ADD COLUMN IF NOT EXISTS failure_reason TEXT;
 -- Bytes streamed so far (node additions and removals).
 ALTER TABLE migrations ADD COLUMN IF NOT EXISTS bytes_migrated BIGINT NOT NULL DEFAULT 0;
+-- The coordinator carrying a migration out, its lease renewals, and a cancel request.
+ALTER TABLE migrations ADD COLUMN IF NOT EXISTS owner TEXT;
+ALTER TABLE migrations ADD COLUMN IF NOT EXISTS beat BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE migrations ADD COLUMN IF NOT EXISTS cancel_requested BIGINT NOT NULL DEFAULT 0;

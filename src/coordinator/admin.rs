@@ -133,6 +133,39 @@ impl Coordinator {
         Ok(migration_to_pb(m))
     }
 
+    /// Asks for migration `id` to be cancelled: the coordinator running it rolls it back at
+    /// its next step (state `cancelled`); one past its last step completes anyway. INVALID_REQUEST
+    /// once it ended.
+    pub async fn cancel_migration(&self, migration_id: &str) -> Result<pb::Migration, CoordError> {
+        let m = self
+            .meta
+            .get_migration(migration_id)
+            .await?
+            .ok_or_else(|| CoordError::MigrationNotFound(migration_id.to_owned()))?;
+        let ended = |state: MigrationState| {
+            CoordError::InvalidRequest(format!(
+                "migration {migration_id} already ended: {}",
+                state.as_str()
+            ))
+        };
+        if !matches!(
+            m.state,
+            MigrationState::Pending | MigrationState::InProgress
+        ) {
+            return Err(ended(m.state));
+        }
+        if !self.meta.request_cancel(migration_id).await? {
+            let now = self.meta.get_migration(migration_id).await?;
+            return Err(ended(now.map_or(m.state, |n| n.state)));
+        }
+        tracing::warn!(
+            migration = migration_id,
+            kind = m.kind.as_str(),
+            "cancel requested"
+        );
+        Ok(migration_to_pb(m))
+    }
+
     /// The `limit` (0 = 100, at most 1000) most recently started migrations, newest first.
     pub async fn list_migrations(&self, limit: u32) -> Result<Vec<pb::Migration>, CoordError> {
         let limit = match limit {

@@ -39,6 +39,7 @@ use crate::rpc::storage as spb;
 use super::Coordinator;
 use super::admission::{self, AdmitError};
 use super::errors::CoordError;
+use super::lease::{Interrupted, LeaseGuard};
 
 /// Keys per scan batch, and so per `HeldVersions` call.
 const BATCH: u32 = 1000;
@@ -207,9 +208,18 @@ impl Coordinator {
     fn spawn_cleanup(self: Arc<Self>, migration: Migration, force: bool) {
         tokio::spawn(async move {
             let id = migration.migration_id.clone();
-            let result = self.run_cleanup(&migration, force).await;
+            let lease = match self.hold_lease(&id).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => return, // another coordinator runs it
+                Err(e) => {
+                    tracing::error!(cleanup = %id, error = %e, "cannot take the lease of a cleanup; another coordinator will");
+                    return;
+                }
+            };
+            let mut done = Cleaned::default();
+            let result = self.run_cleanup(&migration, force, &lease, &mut done).await;
             let recorded = match result {
-                Ok(done) => {
+                Ok(()) => {
                     tracing::info!(cleanup = %id, checked = done.checked, dropped = done.dropped, bytes_reclaimed = done.bytes_reclaimed, "cleanup completed");
                     self.meta
                         .update_migration(
@@ -221,7 +231,23 @@ impl Coordinator {
                         )
                         .await
                 }
-                Err(e) => {
+                Err(Interrupted::Lost) => {
+                    tracing::warn!(cleanup = %id, "cleanup left to the coordinator that took it over");
+                    Ok(())
+                }
+                Err(Interrupted::Cancelled) => {
+                    tracing::warn!(cleanup = %id, "cleanup cancelled; nodes cleaned so far stay cleaned");
+                    self.meta
+                        .update_migration(
+                            &id,
+                            MigrationState::Cancelled,
+                            done.dropped,
+                            done.checked,
+                            done.bytes_reclaimed,
+                        )
+                        .await
+                }
+                Err(Interrupted::Failed(e)) => {
                     tracing::error!(cleanup = %id, error = %e, "cleanup failed");
                     self.meta.fail_migration(&id, &e).await
                 }
@@ -234,7 +260,13 @@ impl Coordinator {
 
     /// Cleans every target node in turn; stops at the first that fails (nodes done before
     /// stay done).
-    async fn run_cleanup(&self, m: &Migration, force: bool) -> Result<Cleaned, String> {
+    async fn run_cleanup(
+        &self,
+        m: &Migration,
+        force: bool,
+        lease: &LeaseGuard,
+        total: &mut Cleaned,
+    ) -> Result<(), Interrupted> {
         self.ring.refresh().await.map_err(|e| e.to_string())?;
         let registered = self.meta.list_nodes().await.map_err(|e| e.to_string())?;
         let subject = (m.subject != EVERY_NODE).then_some(m.subject.as_str());
@@ -258,8 +290,8 @@ impl Coordinator {
             .iter()
             .map(|t| (t.tenant_id.clone(), t.replication_factor as usize))
             .collect();
-        let mut total = Cleaned::default();
         for node in &targets {
+            lease.check()?;
             let ctx = NodeCleanup {
                 node: NodeId::new(node.clone()),
                 ring: &ring,
@@ -267,12 +299,17 @@ impl Coordinator {
                 rf_of: &rf_of,
             };
             let verified = if force { 0 } else { self.verify(&ctx).await? };
+            // The last look before this node drops anything.
+            lease.check()?;
+            if self.cancel_requested(&m.migration_id).await {
+                return Err(Interrupted::Cancelled);
+            }
             // The ring the verification used must still be the registry's.
             let now = self.meta.list_nodes().await.map_err(|e| e.to_string())?;
             if registry_view(&now) != seen {
-                return Err(format!(
+                return Err(Interrupted::Failed(format!(
                     "the node registry changed during the cleanup; nothing dropped on {node}"
-                ));
+                )));
             }
             let mut done = self.drop_not_owned(&ctx).await?;
             done.checked = done.checked.max(verified);
@@ -288,7 +325,7 @@ impl Coordinator {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        Ok(total)
+        Ok(())
     }
 
     /// Checks that a majority of the natural owners of every key `ctx.node` holds but does not

@@ -32,6 +32,7 @@ pub mod errors;
 pub mod hints;
 pub mod http;
 pub mod idempotent;
+pub mod lease;
 pub mod membership;
 pub mod read;
 pub mod repair;
@@ -48,7 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::idempotency::IdempotencyStore;
-use crate::meta::{MetadataStore, MigrationKind, Tenant};
+use crate::meta::{MetadataStore, Tenant};
 use crate::ring::allocation::TokenAllocation;
 
 use clock::CoordinatorClock;
@@ -98,26 +99,18 @@ pub struct Coordinator {
     pub pending_rf: rf_change::PendingRf,
     /// Reads served, for spreading `read_repair_chance` evenly.
     pub reads_served: std::sync::atomic::AtomicU64,
+    /// The migrations this coordinator runs, and the leases it watches.
+    pub leases: lease::Leases,
 }
 
-/// Resumes the migrations (RF raises, node additions and removals) left in progress by a
-/// coordinator that stopped.
+/// Resumes the migrations this coordinator ran before it stopped, or that nobody runs
+/// ([`lease::resume_own`]); those of other coordinators are taken over only when their lease
+/// goes stale ([`lease::take_over_stale`], from the refresh loop).
 pub fn resume_migrations(core: &Arc<Coordinator>) {
     let core = core.clone();
     tokio::spawn(async move {
-        let active = match core.meta.active_migrations().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list migrations to resume");
-                return;
-            }
-        };
-        for m in active {
-            match m.kind {
-                MigrationKind::ReplicationFactorChange => core.resume_rf_change(m),
-                MigrationKind::NodeAddition | MigrationKind::NodeRemoval => core.resume_change(m),
-                MigrationKind::Cleanup => core.resume_cleanup(m),
-            }
+        if let Err(e) = lease::resume_own(&core).await {
+            tracing::warn!(error = %e, "cannot list migrations to resume");
         }
     });
 }

@@ -13,7 +13,8 @@
 //! sends each to the owners it gains (`WriteBatch` REPAIR: never rolls a newer version back),
 //! then sets the tenant's RF and marks the migration completed. Reads switch to the new RF
 //! only then. A failed copy marks the migration failed and leaves the RF as it was; a copy cut
-//! short by a restart resumes when a coordinator starts ([`super::resume_migrations`]).
+//! short by a restart resumes when a coordinator starts, or is taken over by another one
+//! ([`super::lease`]).
 //!
 //! Invariant: a read at the new RF never misses a key written before: every key either was on
 //! an old owner when the scan passed (and was copied) or was written after every coordinator
@@ -36,6 +37,7 @@ use crate::rpc::storage as spb;
 use super::Coordinator;
 use super::admission;
 use super::errors::CoordError;
+use super::lease::{Interrupted, LeaseGuard};
 
 /// What an RF change's copy did: records sent, records scanned, bytes sent.
 #[derive(Debug, Clone, Copy, Default)]
@@ -90,6 +92,9 @@ pub fn spawn_refresh(core: Arc<Coordinator>, every: Duration, stop: Cancellation
             }
             if let Err(e) = refresh(&core, every).await {
                 tracing::warn!(error = %e, "cannot re-read tenants and migrations");
+            }
+            if let Err(e) = super::lease::take_over_stale(&core).await {
+                tracing::warn!(error = %e, "cannot check the leases of migrations");
             }
         }
     });
@@ -166,16 +171,36 @@ impl Coordinator {
 
     fn spawn_copy(self: Arc<Self>, migration: Migration) {
         tokio::spawn(async move {
-            // Every coordinator writes to the union before the scan starts.
-            tokio::time::sleep(self.options.metadata_refresh * 2 + Duration::from_secs(1)).await;
             let id = migration.migration_id.clone();
-            let result = self.copy_to_replicas(&migration).await;
-            let finished = match result {
-                Ok(progress) => self.finish_rf_change(&migration, progress).await,
+            let lease = match self.hold_lease(&id).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => return, // another coordinator runs it
                 Err(e) => {
+                    tracing::error!(migration = %id, error = %e, "cannot take the lease of a replication-factor change; another coordinator will");
+                    return;
+                }
+            };
+            // Every coordinator writes to the union before the scan starts.
+            tokio::select! {
+                () = tokio::time::sleep(self.options.metadata_refresh * 2 + Duration::from_secs(1)) => {}
+                () = lease.lost_signal() => return,
+            }
+            let result = self.copy_to_replicas(&migration, &lease).await;
+            let cancelled = lease.cancel_requested() || self.cancel_requested(&id).await;
+            let finished = match result {
+                Ok(progress) if !cancelled => self.finish_rf_change(&migration, progress).await,
+                Err(Interrupted::Lost) => {
+                    tracing::warn!(migration = %id, "replication-factor change left to the coordinator that took it over");
+                    Ok(())
+                }
+                Ok(progress) => self.cancel_rf_change(&migration, progress).await,
+                Err(Interrupted::Cancelled) => {
+                    self.cancel_rf_change(&migration, Copied::default()).await
+                }
+                Err(Interrupted::Failed(e)) => {
                     tracing::error!(migration = %id, error = %e, "replication-factor change failed; the RF stays as it was");
                     self.meta
-                        .fail_migration(&id, &e.to_string())
+                        .fail_migration(&id, &e)
                         .await
                         .map_err(|e| e.to_string())
                 }
@@ -185,6 +210,22 @@ impl Coordinator {
             }
             self.pending_rf.targets.write().remove(&migration.subject);
         });
+    }
+
+    /// Records a cancelled RF change: the RF stays as it was (the copies made stay too; the
+    /// next cleanup drops them).
+    async fn cancel_rf_change(&self, m: &Migration, progress: Copied) -> Result<(), String> {
+        tracing::warn!(migration = %m.migration_id, tenant = %m.subject, "replication-factor change cancelled; the RF stays as it was");
+        self.meta
+            .update_migration(
+                &m.migration_id,
+                MigrationState::Cancelled,
+                progress.records,
+                progress.scanned,
+                progress.bytes,
+            )
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Sets the new RF, then marks the migration completed (in that order; see [`refresh`]).
@@ -213,7 +254,11 @@ impl Coordinator {
     /// the replicas that remain (except itself), so the remaining ones hold the newest version
     /// of every key before the leaving ones stop being read (a write that reached only the
     /// leaving replicas is not lost).
-    async fn copy_to_replicas(&self, m: &Migration) -> Result<Copied, String> {
+    async fn copy_to_replicas(
+        &self,
+        m: &Migration,
+        lease: &LeaseGuard,
+    ) -> Result<Copied, Interrupted> {
         let tenant = self
             .meta
             .get_tenant(&m.subject)
@@ -242,6 +287,7 @@ impl Coordinator {
                 .await
                 .map_err(|s| format!("scan of {}: {}", node.node_id, s.message()))?
             {
+                lease.check()?;
                 let mut gained: HashMap<NodeId, Vec<spb::Record>> = HashMap::new();
                 for record in batch
                     .records

@@ -468,6 +468,15 @@ impl CoordinatorRpc for CoordinatorService {
         administration("list_migrations", "", call).await
     }
 
+    async fn cancel_migration(
+        &self,
+        request: Request<pb::GetMigrationStatusRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        let id = request.into_inner().migration_id;
+        let call = async move { self.core.cancel_migration(&id).await };
+        administration("cancel_migration", "", call).await
+    }
+
     async fn start_cleanup(
         &self,
         request: Request<pb::StartCleanupRequest>,

@@ -12,14 +12,16 @@
 //! `min_storage_nodes`) would remain, unless forced. The node is marked `draining`: still a
 //! natural owner, with its inheritors as pending owners, so writes reach both. Its ranges are
 //! streamed to the inheritors (by a surviving replica when it does not answer), then it leaves
-//! the registry and its hints are dropped.
+//! the registry; its hints are handed to the nodes that inherit its keys.
 //!
 //! Progress is the migration record: keys copied over all streams, and an estimated total
 //! (senders' key counts times the share of the ring they send) until the end. A change whose
 //! streams make no progress for `topology_timeout` is rolled back: an added node leaves the
 //! ring (`failed`, kept for audit; adding the same id again replaces it), a leaving node goes
-//! back to `active`. A change cut short by a coordinator restart resumes when a coordinator
-//! starts (stream ids are derived from the migration, so resuming never copies twice at once).
+//! back to `active`; a cancelled one the same way (state `cancelled`). The coordinator running
+//! a change holds its lease (`lease`): when it dies another running coordinator takes the
+//! change over, and one that restarts resumes its own (stream ids are derived from the
+//! migration, so resuming polls the same streams and never copies twice at once).
 //!
 //! Invariants: a node becomes authoritative only after every range it gains was copied to it,
 //! and the copy starts only after every coordinator writes to it; a node leaves the ring only
@@ -51,6 +53,7 @@ use super::admin::rfc3339;
 use super::admission::{self, AdmitError};
 use super::errors::CoordError;
 use super::hints;
+use super::lease::{Interrupted, LeaseGuard};
 
 /// How often streams are polled and progress is recorded.
 const POLL: Duration = Duration::from_millis(500);
@@ -315,24 +318,79 @@ impl Coordinator {
 
     fn spawn_change(self: Arc<Self>, migration: Migration) {
         tokio::spawn(async move {
-            tokio::time::sleep(self.settle_time()).await;
             let id = migration.migration_id.clone();
             let node = migration.subject.clone();
-            match self.stream_change(&migration).await {
-                Ok(copied) => {
+            let lease = match self.hold_lease(&id).await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => return, // another coordinator runs it
+                Err(e) => {
+                    tracing::error!(migration = %id, error = %e, "cannot take the lease of a topology change; another coordinator will");
+                    return;
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(self.settle_time()) => {}
+                () = lease.lost_signal() => return,
+            }
+            let streamed = self.stream_change(&migration, &lease).await;
+            if lease.lost() || matches!(streamed, Err(Interrupted::Lost)) {
+                tracing::warn!(migration = %id, node = %node, "topology change left to the coordinator that took it over");
+                return;
+            }
+            // The last look at the cancel flag before the change becomes final.
+            let cancelled = lease.cancel_requested() || self.cancel_requested(&id).await;
+            match streamed {
+                Ok(copied) if !cancelled => {
                     if let Err(e) = self.finish_change(&migration, copied).await {
                         tracing::error!(migration = %id, node = %node, error = %e, "cannot record the end of a topology change");
                     }
                 }
-                Err(e) => {
+                Ok(_) | Err(Interrupted::Cancelled) => {
+                    tracing::warn!(migration = %id, node = %node, "topology change cancelled; rolling back");
+                    self.undo_registration(migration.kind, &node).await;
+                    let progress = self
+                        .meta
+                        .get_migration(&id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or(migration);
+                    let recorded = self
+                        .meta
+                        .update_migration(
+                            &id,
+                            MigrationState::Cancelled,
+                            progress.keys_migrated,
+                            progress.total_keys,
+                            progress.bytes_migrated,
+                        )
+                        .await;
+                    if let Err(e) = recorded {
+                        tracing::error!(migration = %id, error = %e, "cannot record a cancelled topology change");
+                    }
+                }
+                Err(Interrupted::Lost) => {} // handled above
+                Err(Interrupted::Failed(e)) => {
                     tracing::error!(migration = %id, node = %node, error = %e, "topology change failed; rolling back");
                     self.undo_registration(migration.kind, &node).await;
-                    if let Err(e) = self.meta.fail_migration(&id, &e.to_string()).await {
+                    if let Err(e) = self.meta.fail_migration(&id, &e).await {
                         tracing::error!(migration = %id, error = %e, "cannot record a failed topology change");
                     }
                 }
             }
         });
+    }
+
+    /// Whether an operator asked to cancel migration `id` (read from the store: the last
+    /// check before a change becomes final).
+    pub(super) async fn cancel_requested(&self, id: &str) -> bool {
+        match self.meta.migration_lease(id).await {
+            Ok(lease) => lease.is_some_and(|l| l.cancel_requested),
+            Err(e) => {
+                tracing::warn!(migration = id, error = %e, "cannot read the migration's cancel flag");
+                false
+            }
+        }
     }
 
     /// Switches the registry to the new topology and marks the migration completed.
@@ -448,19 +506,31 @@ impl Coordinator {
 
     /// Streams every range that changes hands; returns the keys copied. Fails when a stream
     /// fails or no stream makes progress for `topology_timeout` (the streams are stopped).
-    async fn stream_change(&self, m: &Migration) -> Result<Streamed, CoordError> {
-        self.ring.refresh().await?;
+    async fn stream_change(
+        &self,
+        m: &Migration,
+        lease: &LeaseGuard,
+    ) -> Result<Streamed, Interrupted> {
+        self.ring.refresh().await.map_err(CoordError::from)?;
         let mut transfers = self.plan_transfers(&m.migration_id).await?;
         let total: u64 = transfers.iter().map(|t| t.estimated_keys).sum();
         let mut last = (Streamed::default(), 0usize);
         let mut last_progress = Instant::now();
         loop {
+            if lease.lost() {
+                // The coordinator that took over drives the streams now.
+                return Err(Interrupted::Lost);
+            }
+            if lease.cancel_requested() {
+                self.stop_transfers(&transfers).await;
+                return Err(Interrupted::Cancelled);
+            }
             for t in transfers.iter_mut().filter(|t| !t.done) {
                 match self.poll_transfer(t).await {
                     Ok(()) => {}
                     Err(PollError::Failed(e)) => {
                         self.stop_transfers(&transfers).await;
-                        return Err(CoordError::Internal(e));
+                        return Err(Interrupted::Failed(e));
                     }
                     Err(PollError::Unreachable(e)) => {
                         tracing::debug!(from = %t.from, error = %e, "stream status unavailable");
@@ -478,7 +548,8 @@ impl Coordinator {
             if (copied, done) != last {
                 last = (copied, done);
                 last_progress = Instant::now();
-                self.meta
+                let recorded = self
+                    .meta
                     .update_migration(
                         &m.migration_id,
                         MigrationState::InProgress,
@@ -486,10 +557,16 @@ impl Coordinator {
                         total.max(copied.keys),
                         copied.bytes,
                     )
-                    .await?;
+                    .await;
+                match recorded {
+                    Ok(()) => {}
+                    // Ended elsewhere (a coordinator that took over finished it).
+                    Err(MetaError::Changed(_)) => return Err(Interrupted::Lost),
+                    Err(e) => return Err(e.into()),
+                }
             } else if last_progress.elapsed() > self.options.topology_timeout {
                 self.stop_transfers(&transfers).await;
-                return Err(CoordError::Internal(format!(
+                return Err(Interrupted::Failed(format!(
                     "no streaming progress for {:?}",
                     self.options.topology_timeout
                 )));

@@ -222,6 +222,26 @@ pub async fn migration(
     Ok(Json(body))
 }
 
+/// `DELETE /v1/admin/migrations/{id}`: 202 with the migration as it was when the cancel was
+/// asked (follow it with GET: it ends `cancelled`, or `completed` if past its last step).
+pub async fn cancel_migration(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(migration_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let m = gw
+        .forward(
+            pb::GetMigrationStatusRequest { migration_id },
+            |mut c, r| async move { c.cancel_migration(r).await },
+        )
+        .await?;
+    let mut body = migration_json(&m);
+    body["status"] = json!("accepted");
+    body["message"] = json!("cancelling: the change is rolled back at its next step");
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
 /// `GET /v1/admin/migrations?limit=N`: the most recently started migrations, newest first.
 pub async fn migrations(
     State(gw): State<Arc<Gateway>>,

@@ -43,7 +43,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route("/v1/admin/migrations", get(admin::migrations))
         .route("/v1/admin/cleanup", post(admin::cleanup))
-        .route("/v1/admin/migrations/{migration_id}", get(admin::migration))
+        .route(
+            "/v1/admin/migrations/{migration_id}",
+            get(admin::migration).delete(admin::cancel_migration),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/health", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))

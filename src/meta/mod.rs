@@ -152,6 +152,17 @@ pub struct Migration {
     pub bytes_migrated: u64,
 }
 
+/// Who carries a migration out, and what it was asked (see `coordinator::lease`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationLease {
+    /// The coordinator that renews the lease (`None`: nobody yet).
+    pub owner: Option<String>,
+    /// Renewals so far: a beat that stops moving means its owner stopped.
+    pub beat: i64,
+    /// An operator asked to cancel it.
+    pub cancel_requested: bool,
+}
+
 /// What the coordinator needs to keep about the cluster.
 #[tonic::async_trait]
 pub trait MetadataStore: Send + Sync {
@@ -198,11 +209,13 @@ pub trait MetadataStore: Send + Sync {
     async fn get_migration(&self, migration_id: &str) -> Result<Option<Migration>, MetaError>;
     /// Migrations that are pending or in progress.
     async fn active_migrations(&self) -> Result<Vec<Migration>, MetaError>;
-    /// Marks a migration failed, keeping its progress, with the reason.
+    /// Marks an active migration failed, keeping its progress, with the reason (`Changed` for
+    /// one that ended).
     async fn fail_migration(&self, migration_id: &str, reason: &str) -> Result<(), MetaError>;
     /// The `limit` most recently started migrations, newest first, in any state.
     async fn recent_migrations(&self, limit: u32) -> Result<Vec<Migration>, MetaError>;
-    /// Moves a migration to `state` with its progress (`NotFound` for an unknown id).
+    /// Moves an active migration to `state` with its progress (`NotFound` for an unknown id,
+    /// `Changed` for one that ended: an end is never overwritten).
     async fn update_migration(
         &self,
         migration_id: &str,
@@ -211,6 +224,29 @@ pub trait MetadataStore: Send + Sync {
         total_keys: u64,
         bytes_migrated: u64,
     ) -> Result<(), MetaError>;
+    /// The lease of a migration (`None` for an unknown id).
+    async fn migration_lease(
+        &self,
+        migration_id: &str,
+    ) -> Result<Option<MigrationLease>, MetaError>;
+    /// Renews `owner`'s lease on an active migration (taking it when nobody holds it): whether
+    /// a cancel was requested, or `None` when the lease is lost (another coordinator holds it,
+    /// or the migration ended).
+    async fn renew_migration_lease(
+        &self,
+        migration_id: &str,
+        owner: &str,
+    ) -> Result<Option<bool>, MetaError>;
+    /// Takes an active migration over for `owner` if its beat is still `seen_beat` (its owner
+    /// stopped renewing); whether it was taken.
+    async fn claim_migration(
+        &self,
+        migration_id: &str,
+        owner: &str,
+        seen_beat: i64,
+    ) -> Result<bool, MetaError>;
+    /// Asks the owner of an active migration to cancel it; false when it is not active.
+    async fn request_cancel(&self, migration_id: &str) -> Result<bool, MetaError>;
     /// The durable high-water mark of a coordinator's clock (0 for a new coordinator).
     async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError>;
     /// Raises the durable high-water mark (never lowers it).

@@ -8,8 +8,8 @@ use sqlx::{AnyPool, Row};
 use crate::ring::NodeState;
 
 use super::{
-    Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord,
-    RegistryEntry, Tenant,
+    Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationLease, MigrationState,
+    NodeRecord, RegistryEntry, Tenant,
 };
 
 const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
@@ -18,10 +18,17 @@ const SCHEMA_LOCK: i64 = 0x7061_6972_6462;
 const SQLITE_SCHEMA: &str = include_str!("../../migrations/sqlite/0001_init.sql");
 /// `(table, column, definition)` of the columns added to the SQLite schema after
 /// `0001_init.sql` (PostgreSQL's schema adds them with `ADD COLUMN IF NOT EXISTS`).
-const SQLITE_ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+const SQLITE_ADDED_COLUMNS: [(&str, &str, &str); 6] = [
     ("storage_nodes", "tokens", "TEXT"),
     ("migrations", "failure_reason", "TEXT"),
     ("migrations", "bytes_migrated", "BIGINT NOT NULL DEFAULT 0"),
+    ("migrations", "owner", "TEXT"),
+    ("migrations", "beat", "BIGINT NOT NULL DEFAULT 0"),
+    (
+        "migrations",
+        "cancel_requested",
+        "BIGINT NOT NULL DEFAULT 0",
+    ),
 ];
 
 /// Advisory lock key held while a node is admitted ("pdbnodes" in ASCII).
@@ -114,6 +121,9 @@ fn text(row: &AnyRow, col: &str) -> Result<String, MetaError> {
 }
 
 /// The columns of `migrations`, in the order [`migration`] and inserts use.
+/// The condition of a migration that has not ended: only those move on.
+const ACTIVE: &str = "state IN ('pending', 'in_progress')";
+
 const MIGRATION_COLUMNS: &str = "migration_id, kind, subject, state, keys_migrated, total_keys, target_rf, started_at_ms, updated_at_ms, failure_reason, bytes_migrated";
 
 /// A count as the database stores it.
@@ -197,6 +207,18 @@ fn inserted<T>(
 }
 
 impl SqlMetadataStore {
+    /// After a write to an active migration changed `rows`: fine when one did; `Changed` when
+    /// the migration exists but had ended (its end is never overwritten); `NotFound` otherwise.
+    async fn still_active(&self, rows: u64, migration_id: &str) -> Result<(), MetaError> {
+        if rows > 0 {
+            return Ok(());
+        }
+        match self.get_migration(migration_id).await? {
+            Some(_) => Err(MetaError::Changed("the migration (it had ended)")),
+            None => migration_found(0, migration_id),
+        }
+    }
+
     /// A transaction in which the registry is still `seen` (ids and states), holding the
     /// registry lock until it ends; `Changed` otherwise. PostgreSQL: an advisory lock. SQLite:
     /// `BEGIN IMMEDIATE`, the write lock taken up front (waiting out other writers); a deferred
@@ -588,9 +610,9 @@ impl MetadataStore for SqlMetadataStore {
     }
 
     async fn fail_migration(&self, migration_id: &str, reason: &str) -> Result<(), MetaError> {
-        let done = sqlx::query(
-            "UPDATE migrations SET state = $1, failure_reason = $2, updated_at_ms = $3 WHERE migration_id = $4",
-        )
+        let done = sqlx::query(&format!(
+            "UPDATE migrations SET state = $1, failure_reason = $2, updated_at_ms = $3 WHERE migration_id = $4 AND {ACTIVE}"
+        ))
         .bind(MigrationState::Failed.as_str())
         .bind(reason)
         .bind(now_ms())
@@ -598,7 +620,7 @@ impl MetadataStore for SqlMetadataStore {
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
-        migration_found(done.rows_affected(), migration_id)
+        self.still_active(done.rows_affected(), migration_id).await
     }
 
     async fn recent_migrations(&self, limit: u32) -> Result<Vec<Migration>, MetaError> {
@@ -620,9 +642,9 @@ impl MetadataStore for SqlMetadataStore {
         total_keys: u64,
         bytes_migrated: u64,
     ) -> Result<(), MetaError> {
-        let done = sqlx::query(
-            "UPDATE migrations SET state = $1, keys_migrated = $2, total_keys = $3, bytes_migrated = $4, updated_at_ms = $5 WHERE migration_id = $6",
-        )
+        let done = sqlx::query(&format!(
+            "UPDATE migrations SET state = $1, keys_migrated = $2, total_keys = $3, bytes_migrated = $4, updated_at_ms = $5 WHERE migration_id = $6 AND {ACTIVE}"
+        ))
         .bind(state.as_str())
         .bind(count(keys_migrated)?)
         .bind(count(total_keys)?)
@@ -632,7 +654,82 @@ impl MetadataStore for SqlMetadataStore {
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
-        migration_found(done.rows_affected(), migration_id)
+        self.still_active(done.rows_affected(), migration_id).await
+    }
+
+    async fn migration_lease(
+        &self,
+        migration_id: &str,
+    ) -> Result<Option<MigrationLease>, MetaError> {
+        let row = sqlx::query(
+            "SELECT owner, beat, cancel_requested FROM migrations WHERE migration_id = $1",
+        )
+        .bind(migration_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref()
+            .map(|r| {
+                Ok(MigrationLease {
+                    owner: r
+                        .try_get("owner")
+                        .map_err(|e| MetaError::Corrupt(e.to_string()))?,
+                    beat: int(r, "beat")?,
+                    cancel_requested: int::<i64>(r, "cancel_requested")? != 0,
+                })
+            })
+            .transpose()
+    }
+
+    async fn renew_migration_lease(
+        &self,
+        migration_id: &str,
+        owner: &str,
+    ) -> Result<Option<bool>, MetaError> {
+        let done = sqlx::query(&format!(
+            "UPDATE migrations SET beat = beat + 1, owner = $1 WHERE migration_id = $2 AND {ACTIVE} AND (owner IS NULL OR owner = $1)"
+        ))
+        .bind(owner)
+        .bind(migration_id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        Ok(self
+            .migration_lease(migration_id)
+            .await?
+            .map(|l| l.cancel_requested))
+    }
+
+    async fn claim_migration(
+        &self,
+        migration_id: &str,
+        owner: &str,
+        seen_beat: i64,
+    ) -> Result<bool, MetaError> {
+        let done = sqlx::query(&format!(
+            "UPDATE migrations SET owner = $1, beat = beat + 1 WHERE migration_id = $2 AND beat = $3 AND {ACTIVE}"
+        ))
+        .bind(owner)
+        .bind(migration_id)
+        .bind(seen_beat)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn request_cancel(&self, migration_id: &str) -> Result<bool, MetaError> {
+        let done = sqlx::query(&format!(
+            "UPDATE migrations SET cancel_requested = 1 WHERE migration_id = $1 AND {ACTIVE}"
+        ))
+        .bind(migration_id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError> {

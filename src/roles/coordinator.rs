@@ -144,6 +144,7 @@ pub async fn start(
         },
         pending_rf: Default::default(),
         reads_served: std::sync::atomic::AtomicU64::new(0),
+        leases: Default::default(),
         hints: HintWriter::start(
             cfg.hints_enabled.then(|| meta.clone()),
             Some(MarkerSink {

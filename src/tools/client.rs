@@ -195,6 +195,18 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
             follow_if(conn, accepted, *wait, "cleanup_id").await
         }
         AdminCommand::Migration { migration_id } => get_migration(conn, migration_id).await,
+        AdminCommand::Cancel { migration_id, wait } => {
+            let path = format!("/v1/admin/migrations/{}", url_encode(migration_id));
+            let accepted = send(request(conn, Method::DELETE, &path)).await?;
+            let end = follow_if(conn, accepted, *wait, "migration_id").await?;
+            // Followed to its end: only a cancelled one is what was asked.
+            let ok = if *wait {
+                end.body["state"] == "cancelled"
+            } else {
+                end.ok
+            };
+            Ok(Answer { ok, ..end })
+        }
         AdminCommand::Migrations { limit, json } => {
             let path = format!("/v1/admin/migrations?limit={limit}");
             let mut answer = send(request(conn, Method::GET, &path)).await?;

@@ -13,6 +13,11 @@ use super::{StorageNode, free_tcp_port, free_udp_port};
 
 /// `n` storage nodes `s1..sn` gossiping with each other, data under `dir`.
 pub fn start_storage(n: usize, dir: &Path) -> Vec<StorageNode> {
+    start_storage_with_env(n, dir, &[])
+}
+
+/// [`start_storage`] with extra environment (`PAIRDB_STORAGE_*` settings) for every node.
+pub fn start_storage_with_env(n: usize, dir: &Path, env: &[(&str, &str)]) -> Vec<StorageNode> {
     let gossip: Vec<SocketAddr> = (0..n)
         .map(|_| SocketAddr::from(([127, 0, 0, 1], free_udp_port())))
         .collect();
@@ -25,7 +30,12 @@ pub fn start_storage(n: usize, dir: &Path) -> Vec<StorageNode> {
                 .collect();
             let data = dir.join(format!("s{}", i + 1));
             std::fs::create_dir_all(&data).expect("mkdir");
-            StorageNode::start(&format!("s{}", i + 1), &data, Some((gossip[i], seeds)))
+            StorageNode::start_with_env(
+                &format!("s{}", i + 1),
+                &data,
+                Some((gossip[i], seeds)),
+                env,
+            )
         })
         .collect()
 }

@@ -214,3 +214,23 @@ pub async fn wait_migration(c: &Client, id: &str, want: pb::MigrationState) -> p
     .await;
     migration(&mut c.clone(), id).await
 }
+
+/// How many records (keys of every tenant, tombstones included) a storage node holds.
+pub async fn records_on(node: &StorageNode) -> usize {
+    let mut scan = node
+        .client()
+        .await
+        .scan_range(spb::ScanRangeRequest {
+            range: Some(pairdb::rpc::common::HashRange { start: 0, end: 0 }),
+            batch_size: 1000,
+            keys_only: true,
+        })
+        .await
+        .expect("scan")
+        .into_inner();
+    let mut n = 0;
+    while let Some(batch) = scan.message().await.expect("scan batch") {
+        n += batch.records.len();
+    }
+    n
+}

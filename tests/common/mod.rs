@@ -80,6 +80,7 @@ pub struct StorageNode {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub gossip: Option<(SocketAddr, Vec<SocketAddr>)>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -90,12 +91,27 @@ impl StorageNode {
         dir: &Path,
         gossip: Option<(SocketAddr, Vec<SocketAddr>)>,
     ) -> StorageNode {
+        Self::start_with_env(id, dir, gossip, &[])
+    }
+
+    /// [`StorageNode::start`] with extra environment (`PAIRDB_STORAGE_*` settings), kept for
+    /// restarts.
+    pub fn start_with_env(
+        id: &str,
+        dir: &Path,
+        gossip: Option<(SocketAddr, Vec<SocketAddr>)>,
+        env: &[(&str, &str)],
+    ) -> StorageNode {
         let mut node = StorageNode {
             id: id.to_owned(),
             dir: dir.to_path_buf(),
             grpc: SocketAddr::from(([127, 0, 0, 1], free_tcp_port())),
             http: SocketAddr::from(([127, 0, 0, 1], free_tcp_port())),
             gossip,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             child: None,
         };
         node.spawn();
@@ -112,6 +128,7 @@ impl StorageNode {
             &format!("--data-dir={}", self.dir.display()),
             "--log-level=warn",
         ]);
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if let Some((addr, seeds)) = &self.gossip {
             cmd.arg(format!("--gossip={addr}"));
             if !seeds.is_empty() {
