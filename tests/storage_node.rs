@@ -894,3 +894,104 @@ async fn held_versions_and_tenant_range_drops() {
     let mut c = node.client().await;
     assert_eq!(scan(&mut c, 0, 0).await.len(), left.len());
 }
+
+/// A sender killed in the middle of a stream and asked for it again after its restart goes on
+/// from its checkpoint: every record reaches the target, and at most the batch in flight is
+/// sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    // Throttled, so the kill lands in the middle.
+    let slow = [("PAIRDB_STORAGE_STREAM_RATE_LIMIT", "400000")];
+    let mut a = StorageNode::start_with_env("a", da.path(), None, &slow);
+    let b = StorageNode::start("b", db.path(), None);
+    let mut ca = a.client().await;
+    let base = physical_counter(now_ms());
+    const RECORDS: u64 = 4000;
+    let value = vec![b'v'; 1000];
+    for chunk in 0..RECORDS / 500 {
+        let records = (0..500u64)
+            .map(|i| {
+                let n = chunk * 500 + i;
+                put("t", format!("key-{n:06}").as_bytes(), base + n, &value)
+            })
+            .collect();
+        ca.write_batch(pb::WriteBatchRequest {
+            records,
+            source: pb::BatchSource::Stream as i32,
+        })
+        .await
+        .expect("load");
+    }
+    let request = pb::StartStreamingRequest {
+        stream_id: "add-1-a-b".into(),
+        // Two ranges: the whole ring in two halves.
+        ranges: vec![
+            cpb::HashRange {
+                start: 0,
+                end: 1 << 63,
+            },
+            cpb::HashRange {
+                start: 1 << 63,
+                end: 0,
+            },
+        ],
+        target_node_id: "b".into(),
+        target_address: b.grpc.to_string(),
+    };
+    let bad = pb::StartStreamingRequest {
+        stream_id: "../escape".into(),
+        ..request.clone()
+    };
+    let refused = ca
+        .start_streaming(bad)
+        .await
+        .expect_err("a path as stream id");
+    assert_eq!(
+        code_in(&refused),
+        pb::ErrorCode::InvalidArgument,
+        "{refused:?}"
+    );
+    ca.start_streaming(request.clone()).await.expect("start");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before_kill = loop {
+        let s = stream_status(&mut ca, "add-1-a-b").await.expect("status");
+        if s.keys_copied >= 1000 {
+            break s.keys_copied;
+        }
+        assert!(Instant::now() < deadline, "stream did not start: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        before_kill < RECORDS,
+        "killed in the middle ({before_kill} sent)"
+    );
+    drop(ca);
+    a.kill9();
+    a.restart();
+    let mut ca = a.client().await;
+    let resumed = ca
+        .start_streaming(request)
+        .await
+        .expect("start again")
+        .into_inner();
+    assert!(
+        resumed.keys_copied >= 500,
+        "counters go on from the checkpoint: {resumed:?}"
+    );
+    let done = wait_completed(&mut ca, "add-1-a-b", 120).await;
+    assert!(
+        done.keys_copied >= RECORDS && done.keys_copied <= RECORDS + 500,
+        "{} records sent for {RECORDS} (at most one batch twice)",
+        done.keys_copied
+    );
+    let mut cb = b.client().await;
+    assert_eq!(scan(&mut cb, 0, 0).await.len() as u64, RECORDS);
+    assert!(
+        !da.path().join("streams/add-1-a-b.ckpt").exists(),
+        "the checkpoint goes with the stream"
+    );
+}

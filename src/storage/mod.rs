@@ -10,5 +10,6 @@ pub mod gossip;
 pub mod http;
 pub mod repair_markers;
 pub mod service;
+pub mod stream_checkpoint;
 pub mod streaming;
 pub mod throttle;

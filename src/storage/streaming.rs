@@ -15,8 +15,13 @@
 //! Sending is idempotent (the target applies a record only if it wins by the version rules), so
 //! a batch that failed because the target was briefly unreachable is simply sent again, with
 //! backoff, from where it stopped; a stream gives up only after `RETRY_WINDOW` without progress.
+//! After every acknowledged batch the stream stores a checkpoint ([`super::stream_checkpoint`]):
+//! asked for again after this node restarted, it goes on after it, sending at most the batch
+//! that was in flight a second time (live writes queued then are not needed: coordinators
+//! write them to the target directly, as a pending owner).
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,11 +31,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::engine::{Engine, Record};
+use crate::engine::{Engine, Record, internal_key};
 use crate::ring::HashRange;
 use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
 
+use super::stream_checkpoint::{self as checkpoint, Checkpoint};
 use super::throttle::Throttle;
 
 use super::convert::{record_to_proto, wire_size};
@@ -46,6 +52,8 @@ const RETRY_WINDOW: Duration = Duration::from_secs(300);
 struct Stream {
     id: String,
     ranges: Vec<HashRange>,
+    /// Of the ranges and target: what its checkpoints are stored under.
+    fingerprint: u64,
     state: Mutex<(pb::StreamState, String)>,
     keys: AtomicU64,
     bytes: AtomicU64,
@@ -89,6 +97,8 @@ impl Stream {
 #[derive(Clone)]
 pub struct StreamManager {
     engine: Arc<Engine>,
+    /// Where streams keep their checkpoints (`<data dir>/streams`).
+    checkpoints: Arc<PathBuf>,
     streams: Arc<Mutex<HashMap<String, Arc<Stream>>>>,
     /// The bandwidth limit shared by every stream started from now on (`None`: unlimited).
     throttle: Arc<Mutex<Option<Arc<Throttle>>>>,
@@ -97,6 +107,7 @@ pub struct StreamManager {
 impl StreamManager {
     pub fn new(engine: Arc<Engine>) -> Self {
         Self {
+            checkpoints: Arc::new(engine.dir().join("streams")),
             engine,
             streams: Arc::new(Mutex::new(HashMap::new())),
             throttle: Arc::new(Mutex::new(None)),
@@ -114,6 +125,11 @@ impl StreamManager {
         if req.stream_id.is_empty() || req.target_address.is_empty() || req.ranges.is_empty() {
             return Err("stream_id, target_address and at least one range are required".to_owned());
         }
+        if !checkpoint::valid_stream_id(&req.stream_id) {
+            return Err(
+                "stream_id must be 1..=200 letters, digits, '-', '_' or '.' (not first)".to_owned(),
+            );
+        }
         let endpoint = Endpoint::from_shared(format!("http://{}", req.target_address))
             .map_err(|e| format!("bad target address {:?}: {e}", req.target_address))?
             .connect_timeout(Duration::from_secs(2))
@@ -123,12 +139,20 @@ impl StreamManager {
             return Ok(s.status());
         }
         let (live, live_rx) = mpsc::unbounded_channel();
+        let ranges: Vec<HashRange> = req.ranges.iter().map(HashRange::from).collect();
+        let fingerprint = checkpoint::fingerprint(&ranges, &req.target_node_id);
+        // A stream this node ran before it restarted goes on after its last acknowledged batch.
+        let resume = checkpoint::load(&self.checkpoints, &req.stream_id, fingerprint);
+        if let Some(c) = &resume {
+            tracing::info!(stream = %req.stream_id, keys = c.keys, "stream resumes from its checkpoint");
+        }
         let stream = Arc::new(Stream {
             id: req.stream_id.clone(),
-            ranges: req.ranges.iter().map(HashRange::from).collect(),
+            ranges,
+            fingerprint,
             state: Mutex::new((pb::StreamState::Copying, String::new())),
-            keys: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
+            keys: AtomicU64::new(resume.as_ref().map_or(0, |c| c.keys)),
+            bytes: AtomicU64::new(resume.as_ref().map_or(0, |c| c.bytes)),
             forwarded: AtomicU64::new(0),
             live,
             cancel: CancellationToken::new(),
@@ -139,11 +163,18 @@ impl StreamManager {
         let client = StorageNodeClient::new(endpoint.connect_lazy());
         let engine = self.engine.clone();
         let throttle = self.throttle.lock().clone();
+        let checkpoints = self.checkpoints.clone();
         tokio::spawn(async move {
+            let sender = Sender {
+                client,
+                checkpoints: checkpoints.clone(),
+                throttle,
+            };
             let result = tokio::select! {
-                r = run(engine, stream.clone(), client, live_rx, throttle) => r,
+                r = run(engine, stream.clone(), sender, live_rx, resume) => r,
                 () = stream.cancel.cancelled() => Err("stopped".to_owned()),
             };
+            checkpoint::remove(&checkpoints, &stream.id);
             match result {
                 Ok(()) => stream.set(pb::StreamState::Completed, ""),
                 Err(e) if stream.cancel.is_cancelled() => stream.set(pb::StreamState::Stopped, e),
@@ -240,34 +271,64 @@ async fn send_live(
     Ok(())
 }
 
+/// Where a stream's batches go, and what it needs to send them.
+struct Sender {
+    client: StorageNodeClient<Channel>,
+    checkpoints: Arc<PathBuf>,
+    throttle: Option<Arc<Throttle>>,
+}
+
+/// One batch of the bulk copy, with the position of its last record.
+struct Batch {
+    records: Vec<Record>,
+    range_index: u32,
+    last_key: Vec<u8>,
+}
+
 async fn run(
     engine: Arc<Engine>,
     stream: Arc<Stream>,
-    mut client: StorageNodeClient<Channel>,
+    sender: Sender,
     mut live: mpsc::UnboundedReceiver<Record>,
-    throttle: Option<Arc<Throttle>>,
+    resume: Option<Checkpoint>,
 ) -> Result<(), String> {
-    let (batches_tx, mut batches) = mpsc::channel::<Result<Vec<Record>, String>>(4);
+    let Sender {
+        mut client,
+        checkpoints,
+        throttle,
+    } = sender;
+    let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, String>>(4);
     let ranges = stream.ranges.clone();
     let scan_engine = engine.clone();
     let producer = tokio::task::spawn_blocking(move || {
+        let (first_range, after) = resume.map_or((0, None), |c| (c.range_index, Some(c.last_key)));
         let mut batch = Vec::with_capacity(BATCH);
         let mut batch_bytes = 0;
-        for range in ranges {
+        let mut last = (0u32, Vec::new());
+        for (index, range) in ranges.into_iter().enumerate().skip(first_range as usize) {
+            let index = index as u32;
             for item in scan_engine.scan_hash_range(range) {
-                match item {
-                    Ok(r) => {
-                        batch_bytes += wire_size(&r);
-                        batch.push((*r).clone());
-                    }
+                let r = match item {
+                    Ok(r) => r,
                     Err(e) => {
                         let _ = batches_tx.blocking_send(Err(e.to_string()));
                         return;
                     }
+                };
+                let key = internal_key(&r.tenant, &r.key);
+                if index == first_range && after.as_ref().is_some_and(|a| key <= *a) {
+                    continue; // sent before the restart
                 }
+                batch_bytes += wire_size(&r);
+                batch.push((*r).clone());
+                last = (index, key);
                 if batch.len() == BATCH || batch_bytes >= BATCH_BYTES {
                     batch_bytes = 0;
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                    let full = Batch {
+                        records: std::mem::replace(&mut batch, Vec::with_capacity(BATCH)),
+                        range_index: last.0,
+                        last_key: std::mem::take(&mut last.1),
+                    };
                     if batches_tx.blocking_send(Ok(full)).is_err() {
                         return;
                     }
@@ -275,18 +336,40 @@ async fn run(
             }
         }
         if !batch.is_empty() {
-            let _ = batches_tx.blocking_send(Ok(batch));
+            let _ = batches_tx.blocking_send(Ok(Batch {
+                records: batch,
+                range_index: last.0,
+                last_key: last.1,
+            }));
         }
     });
     while let Some(batch) = batches.recv().await {
         let batch = batch?;
-        let bytes: u64 = batch.iter().map(wire_size).sum();
+        let bytes: u64 = batch.records.iter().map(wire_size).sum();
         if let Some(t) = &throttle {
             t.take(bytes).await;
         }
-        send(&mut client, &batch).await?;
-        stream.keys.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        stream.bytes.fetch_add(bytes, Ordering::Relaxed);
+        send(&mut client, &batch.records).await?;
+        let keys = stream
+            .keys
+            .fetch_add(batch.records.len() as u64, Ordering::Relaxed)
+            + batch.records.len() as u64;
+        let bytes = stream.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let saved = Checkpoint {
+            fingerprint: stream.fingerprint,
+            range_index: batch.range_index,
+            last_key: batch.last_key,
+            keys,
+            bytes,
+        };
+        let (dir, id) = (checkpoints.clone(), stream.id.clone());
+        let stored = tokio::task::spawn_blocking(move || checkpoint::store(&dir, &id, &saved))
+            .await
+            .map_err(|e| format!("checkpoint task failed: {e}"))?;
+        if let Err(e) = stored {
+            // Only a resume after a crash needs it; without it the stream starts over.
+            tracing::warn!(stream = %stream.id, error = %e, "cannot store the stream's checkpoint");
+        }
         send_live(&mut client, &stream, &mut live).await?;
     }
     producer

@@ -1,0 +1,157 @@
+//! Where a range stream resumes after its sender restarted: the last record the target
+//! acknowledged, kept in `<data dir>/streams/<stream id>.ckpt`.
+//!
+//! A stream stores its checkpoint after every batch the target acknowledged (a small file,
+//! written to a temporary name, synced, renamed, directory synced), so a sender that crashes
+//! and is asked for the same stream again sends at most the one batch that was in flight.
+//!
+//! Invariants: a checkpoint is used only by a stream with the same id, ranges and target (its
+//! fingerprint); a damaged or foreign file is ignored (the stream starts over, which only
+//! sends records twice; the target applies each once by the version rules). Records are
+//! scanned in internal-key order within each range, ranges in the order given, so "after
+//! (range, key)" names exactly what is left.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::ring::HashRange;
+
+const MAGIC: &[u8; 8] = b"PDBSCK1\n";
+/// Longest stream id accepted (ids name files).
+const MAX_ID_BYTES: usize = 200;
+
+/// How far a stream got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Of the stream's ranges and target: a checkpoint of another stream is never used.
+    pub fingerprint: u64,
+    /// The range the last acknowledged record is in, and that record's internal key.
+    pub range_index: u32,
+    pub last_key: Vec<u8>,
+    /// Totals sent so far (the stream's counters go on from there).
+    pub keys: u64,
+    pub bytes: u64,
+}
+
+/// Stream ids name files: 1..=200 letters, digits, '-', '_' or '.', not starting with '.'.
+pub fn valid_stream_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_BYTES
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The fingerprint of a stream's ranges and target.
+pub fn fingerprint(ranges: &[HashRange], target: &str) -> u64 {
+    let mut h = Xxh3::new();
+    for r in ranges {
+        h.update(&r.start.to_le_bytes());
+        h.update(&r.end.to_le_bytes());
+    }
+    h.update(target.as_bytes());
+    h.digest()
+}
+
+fn path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.ckpt"))
+}
+
+fn encode(c: &Checkpoint) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + c.last_key.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&c.fingerprint.to_le_bytes());
+    out.extend_from_slice(&c.range_index.to_le_bytes());
+    out.extend_from_slice(&c.keys.to_le_bytes());
+    out.extend_from_slice(&c.bytes.to_le_bytes());
+    out.extend_from_slice(&(c.last_key.len() as u32).to_le_bytes());
+    out.extend_from_slice(&c.last_key);
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn decode(data: &[u8]) -> Option<Checkpoint> {
+    let (body, crc) = data.split_at_checked(data.len().checked_sub(4)?)?;
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return None;
+    }
+    let rest = body.strip_prefix(MAGIC.as_slice())?;
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(rest.get(at..at + 8)?.try_into().ok()?))
+    };
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(rest.get(at..at + 4)?.try_into().ok()?))
+    };
+    let key_len = u32_at(28)? as usize;
+    let last_key = rest.get(32..32 + key_len)?.to_vec();
+    if rest.len() != 32 + key_len {
+        return None;
+    }
+    Some(Checkpoint {
+        fingerprint: u64_at(0)?,
+        range_index: u32_at(8)?,
+        keys: u64_at(12)?,
+        bytes: u64_at(20)?,
+        last_key,
+    })
+}
+
+/// The checkpoint of stream `id` if one with this fingerprint is stored.
+pub fn load(dir: &Path, id: &str, fingerprint: u64) -> Option<Checkpoint> {
+    let data = std::fs::read(path(dir, id)).ok()?;
+    decode(&data).filter(|c| c.fingerprint == fingerprint)
+}
+
+/// Stores the checkpoint of stream `id` durably (replacing the previous one).
+pub fn store(dir: &Path, id: &str, c: &Checkpoint) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{id}.ckpt.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&encode(c))?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path(dir, id))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Forgets stream `id`'s checkpoint (it ended).
+pub fn remove(dir: &Path, id: &str) {
+    let _ = std::fs::remove_file(path(dir, id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Checkpoint {
+            fingerprint: 7,
+            range_index: 2,
+            last_key: b"acme\0k42".to_vec(),
+            keys: 1500,
+            bytes: 1 << 20,
+        };
+        store(dir.path(), "add-1-s1-s4", &c).expect("store");
+        assert_eq!(load(dir.path(), "add-1-s1-s4", 7), Some(c.clone()));
+        assert_eq!(load(dir.path(), "add-1-s1-s4", 8), None, "another stream's");
+        let mut bytes = encode(&c);
+        bytes[20] ^= 1;
+        assert_eq!(decode(&bytes), None, "damaged");
+        assert_eq!(decode(&encode(&c)[..10]), None, "short");
+        remove(dir.path(), "add-1-s1-s4");
+        assert_eq!(load(dir.path(), "add-1-s1-s4", 7), None);
+    }
+
+    #[test]
+    fn stream_ids_are_file_names() {
+        assert!(valid_stream_id("add-0b6f-s1-s4"));
+        for bad in ["", "../x", ".hidden", "a/b", "a b", &"x".repeat(201)] {
+            assert!(!valid_stream_id(bad), "{bad:?}");
+        }
+    }
+}
