@@ -255,6 +255,10 @@ pub struct BenchArgs {
     /// How long to run, e.g. 10s, 1m.
     #[arg(long, default_value = "10s")]
     pub duration: String,
+    /// Requests per second in total, spread over the workers (0: as fast as they can). Each
+    /// request's latency counts from when it was due, so a stall shows in the percentiles.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
     #[arg(long, default_value = "quorum")]
     pub consistency: String,
     /// Do not write every key once before a reads or mixed run.

@@ -232,9 +232,16 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         Err(MetaError::NotFound { .. })
     ));
 
-    a.add_node(&node("s2", NodeState::Active))
+    // A first registry is seeded whole, once: a second seed (another coordinator starting at
+    // the same time) changes nothing.
+    a.seed_nodes(&[node("s2", NodeState::Active)])
         .await
-        .expect("add");
+        .expect("seed");
+    assert!(matches!(
+        b.seed_nodes(&[node("s7", NodeState::Active), node("s8", NodeState::Active)])
+            .await,
+        Err(MetaError::Changed(_))
+    ));
     a.add_node(&node("s1", NodeState::Bootstrapping))
         .await
         .expect("add");

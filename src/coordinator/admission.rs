@@ -146,3 +146,29 @@ pub async fn admit(
     }
     Err(MetaError::Changed("the node registry").into())
 }
+
+/// The first registry, from `--storage-nodes`: every record gets its tokens (chosen in turn, as
+/// admissions one by one would) and all are stored in one transaction if the registry is still
+/// empty. False when another coordinator seeded it first.
+pub async fn seed(
+    meta: &dyn MetadataStore,
+    mut records: Vec<NodeRecord>,
+    policy: TokenAllocation,
+    rfs: &[usize],
+) -> Result<bool, MetaError> {
+    let mut placed: Vec<NodeRecord> = Vec::with_capacity(records.len());
+    for record in &mut records {
+        let ring = Ring::new(placed.iter().map(NodeRecord::ring_node));
+        let id = NodeId::new(record.node_id.clone());
+        record.tokens = choose_tokens(&ring, &id, policy, record.virtual_nodes, rfs);
+        if let Some(tokens) = &record.tokens {
+            record.virtual_nodes = tokens.len() as u32;
+        }
+        placed.push(record.clone());
+    }
+    match meta.seed_nodes(&records).await {
+        Ok(()) => Ok(true),
+        Err(MetaError::Changed(_) | MetaError::Exists { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

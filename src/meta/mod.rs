@@ -187,6 +187,10 @@ pub trait MetadataStore: Send + Sync {
     /// Adds `node` only if the registry is still exactly `seen` ([`registry_view`]), so a node's tokens are chosen against the registry it joins and no other topology
     /// change started meanwhile; `Changed` otherwise.
     async fn admit_node(&self, node: &NodeRecord, seen: &[RegistryEntry]) -> Result<(), MetaError>;
+    /// Adds every node of a first registry in one transaction, only if the registry is still
+    /// empty (`Changed` otherwise): a coordinator starting meanwhile reads no registry or the
+    /// whole one, never a part of it.
+    async fn seed_nodes(&self, nodes: &[NodeRecord]) -> Result<(), MetaError>;
     /// Sets a node's state only if the registry is still exactly `seen`; `Changed` otherwise.
     async fn set_node_state_if(
         &self,

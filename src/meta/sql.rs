@@ -458,6 +458,14 @@ impl MetadataStore for SqlMetadataStore {
         tx.commit().await.map_err(unavailable)
     }
 
+    async fn seed_nodes(&self, nodes: &[NodeRecord]) -> Result<(), MetaError> {
+        let mut tx = self.registry_unchanged(&[]).await?;
+        for node in nodes {
+            insert_node(&mut tx, node).await?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
     async fn set_node_state_if(
         &self,
         node_id: &str,

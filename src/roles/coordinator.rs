@@ -20,7 +20,7 @@ use crate::coordinator::storage_pool::StoragePool;
 use crate::coordinator::tenant_cache::TenantCache;
 use crate::coordinator::{self, Coordinator, Options, admission, cleanup, http, rf_change};
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
-use crate::meta::{MetaError, MetadataStore, NodeRecord, SqlMetadataStore};
+use crate::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
 use crate::rpc::coordinator::coordinator_server::CoordinatorServer;
 
@@ -187,19 +187,20 @@ async fn seed_registry(
         return Ok(());
     }
     let rfs = admission::balanced_for(&Default::default());
-    for node in &cfg.storage_nodes {
-        let record = NodeRecord {
+    let records: Vec<NodeRecord> = cfg
+        .storage_nodes
+        .iter()
+        .map(|node| NodeRecord {
             node_id: node.id.clone(),
             host: node.host.clone(),
             port: node.port,
             virtual_nodes: cfg.token_allocation.virtual_nodes(cfg.virtual_nodes),
             tokens: None,
             state: NodeState::Active,
-        };
-        match admission::admit(meta, record, cfg.token_allocation, &rfs).await {
-            Ok(_) | Err(admission::AdmitError::Meta(MetaError::Exists { .. })) => {}
-            Err(e) => return Err(e),
-        }
+        })
+        .collect();
+    if !admission::seed(meta, records, cfg.token_allocation, &rfs).await? {
+        return Ok(()); // another coordinator seeded it
     }
     tracing::info!(
         nodes = cfg.storage_nodes.len(),

@@ -1,7 +1,8 @@
 //! `pairdb bench`: a load generator against a gateway URL. `--concurrency` workers each keep one
 //! request in flight for `--duration` (writes, reads or an even mix over `--keys` keys with
 //! `--value-size`-byte string values at `--consistency`); reads first write every key once
-//! (`--no-preload` skips that). Latencies go into HDR histograms (one per worker, merged), a
+//! (`--no-preload` skips that). `--rate N` paces the run at N requests per second in total
+//! (open loop: a request's latency counts from when it was due). Latencies go into HDR histograms (one per worker, merged), a
 //! progress bar shows the running rate, and the end prints throughput and p50/p90/p99/p99.9,
 //! or one JSON object with `--json`.
 //!
@@ -149,6 +150,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = tokio::task::JoinSet::new();
+    // With --rate: the interval between two requests of the whole run.
+    let pace = (args.rate > 0).then(|| Duration::from_secs(1) / args.rate);
+    let concurrency = args.concurrency;
     for worker in 0..args.concurrency {
         let (client, url, value, consistency, done) = (
             client.clone(),
@@ -166,6 +170,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             };
             let mut rng = 0x9E37_79B9_7F4A_7C15u64
                 ^ (u64::from(worker) + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+            // Paced: this worker's share of the rate, requests due on a fixed schedule.
+            let every = pace.map(|p| p * concurrency);
+            let mut due =
+                Instant::now() + every.map_or(Duration::ZERO, |e| e * worker / concurrency);
             while Instant::now() < deadline {
                 let r = next(&mut rng);
                 let write = match workload {
@@ -173,7 +181,15 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                     Workload::Reads => false,
                     Workload::Mixed => r & 1 == 0,
                 };
-                let sent = Instant::now();
+                let sent = match every {
+                    Some(every) => {
+                        tokio::time::sleep_until(due.into()).await;
+                        let at = due;
+                        due += every;
+                        at
+                    }
+                    None => Instant::now(),
+                };
                 let status = one(&client, &url, write, (r >> 1) % keys, &value, &consistency).await;
                 let micros = sent.elapsed().as_micros().max(1) as u64;
                 w.histogram.saturating_record(micros);

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Streaming benchmark (docs/benchmarks.md, "Streaming"): a 3-node cluster (scripts/cluster.sh:
+# separate processes, fsync'd logs, RF 3) holding KEYS x VALUE bytes of keys and values
+# (2 GiB by default) gains a fourth node three times:
+#   1. unthrottled, no foreground load: streaming MB/s and time to active;
+#   2. unthrottled, under a steady mixed PUT/GET load at half the cluster's capacity;
+#   3. with the senders' stream_rate_limit = THROTTLE, under the same load.
+# Between phases the node is removed again and its data deleted. For the loaded phases the
+# load runs in WINDOW-second windows while the change runs; the p99 reported is the worst
+# window's, against the p99 of the same load before any change (idle).
+#
+#   scripts/bench-streaming.sh                   # about 15 min, 2 GiB
+#   KEYS=65536 scripts/bench-streaming.sh         # 512 MiB
+#
+# Env: KEYS (262144), VALUE (8192 bytes), THROTTLE (the default stream_rate_limit, bytes/s),
+# WINDOW (5), CONCURRENCY (32). Everything binds to 127.0.0.1 and is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KEYS="${KEYS:-262144}"
+VALUE="${VALUE:-8192}"
+THROTTLE="${THROTTLE:-67108864}"
+WINDOW="${WINDOW:-5}"
+CONCURRENCY="${CONCURRENCY:-32}"
+export CLUSTER_DIR="${CLUSTER_DIR:-/tmp/pairdb-bench-streaming}"
+export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18090}"
+export BASE_PORT="${BASE_PORT:-17300}"
+export SYNC=always AUTH=none WRITE_RATE_LIMIT=1000000000 READ_RATE_LIMIT=1000000000
+URL="http://$GATEWAY_ADDR"
+BIN=target/release/pairdb
+S4_PORT=$((BASE_PORT + 4))
+S4_GOSSIP=$((BASE_PORT + 204))
+SEEDS="127.0.0.1:$((BASE_PORT + 201)),127.0.0.1:$((BASE_PORT + 202)),127.0.0.1:$((BASE_PORT + 203))"
+
+cargo build --release --locked
+rm -rf "$CLUSTER_DIR"
+S4_PID=""
+stop_s4() {
+  if [ -n "$S4_PID" ]; then kill -TERM "$S4_PID" 2>/dev/null || true; wait "$S4_PID" 2>/dev/null || true; fi
+  S4_PID=""
+}
+trap 'stop_s4; scripts/cluster.sh stop >/dev/null 2>&1 || true' EXIT
+
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+bench() { "$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "$VALUE" \
+  --concurrency "$CONCURRENCY" --no-preload --json "$@"; }
+
+start_s4() {
+  rm -rf "$CLUSTER_DIR/s4"
+  "$BIN" --role=storage --node-id=s4 --listen="127.0.0.1:$S4_PORT" --data-dir="$CLUSTER_DIR/s4" \
+    --gossip="127.0.0.1:$S4_GOSSIP" --seeds="$SEEDS" --sync=always \
+    >>"$CLUSTER_DIR/logs/s4.log" 2>&1 &
+  S4_PID=$!
+  for _ in $(seq 1 100); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$((S4_PORT + 1000))/healthz" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "s4 did not start" >&2; return 1
+}
+
+migration() { curl -fsS "$URL/v1/admin/migrations/$1"; }
+wait_done() { # migration id
+  while :; do
+    state="$(migration "$1" | json 'd["state"]')"
+    case "$state" in completed) return 0 ;; failed|cancelled) echo "migration $1 $state" >&2; return 1 ;; esac
+    sleep 0.5
+  done
+}
+
+# One addition of s4; with a rate, the load runs in windows until it completed. Prints
+# "seconds_to_active bytes mb_per_s worst_window_p99_ms".
+add_s4() { # rate (0: no load)
+  local rate="$1" started id p99s=()
+  started="$(date +%s.%N)"
+  id="$(curl -fsS -X POST "$URL/v1/admin/storage-nodes" -H 'Content-Type: application/json' \
+    -d "{\"node_id\":\"s4\",\"host\":\"127.0.0.1\",\"port\":$S4_PORT}" | json 'd["migration_id"]')"
+  if [ "$rate" -gt 0 ]; then
+    while [ "$(migration "$id" | json 'd["state"]')" = in_progress ]; do
+      p99s+=("$(bench --workload mixed --rate "$rate" --duration "${WINDOW}s" | json 'd["latency_ms"]["p99"]')")
+    done
+  fi
+  wait_done "$id"
+  local ended; ended="$(date +%s.%N)"
+  migration "$id" | python3 -c "
+import json, sys
+m = json.load(sys.stdin)
+elapsed = $ended - $started
+streamed = m['progress']['bytes_migrated']
+# Streams start after the settle time (2 x ring_refresh + 1 s = 5 s by default).
+mbs = streamed / max(elapsed - 5, 0.001) / 1e6
+p99s = [float(x) for x in '${p99s[*]:-}'.split()]
+print(f'{elapsed:.1f} {streamed} {mbs:.1f} {max(p99s) if p99s else 0:.2f}')"
+}
+
+remove_s4() {
+  local id; id="$(curl -fsS -X DELETE "$URL/v1/admin/storage-nodes/s4" | json 'd["migration_id"]')"
+  wait_done "$id"
+  stop_s4
+}
+
+scripts/cluster.sh start
+curl -fsS -X POST "$URL/v1/tenants" -H 'Content-Type: application/json' \
+  -d '{"tenant_id":"bench","replication_factor":3}' >/dev/null
+echo "== loading $KEYS keys of $VALUE bytes"
+"$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "$VALUE" \
+  --concurrency "$CONCURRENCY" --workload reads --duration 1s --json >/dev/null
+capacity="$(bench --workload mixed --duration 15s | json 'd["requests_per_second"]')"
+half="$(python3 -c "print(max(1, int($capacity / 2)))")"
+idle="$(bench --workload mixed --rate "$half" --duration 20s | json 'd["latency_ms"]["p99"]')"
+echo "capacity ${capacity} req/s (mixed); load at ${half} req/s: idle p99 ${idle} ms"
+
+start_s4
+read -r t1 b1 m1 _ <<<"$(add_s4 0)"
+echo "unthrottled, no load: ${m1} MB/s (${b1} bytes), active after ${t1} s"
+remove_s4
+
+start_s4
+read -r t2 b2 m2 p2 <<<"$(add_s4 "$half")"
+echo "unthrottled, under load: ${m2} MB/s, active after ${t2} s, worst-window p99 ${p2} ms (idle ${idle})"
+remove_s4
+
+scripts/cluster.sh stop >/dev/null
+PAIRDB_STORAGE_STREAM_RATE_LIMIT="$THROTTLE" scripts/cluster.sh start >/dev/null
+start_s4
+read -r t3 b3 m3 p3 <<<"$(add_s4 "$half")"
+echo "throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, worst-window p99 ${p3} ms (idle ${idle})"
+
+python3 - "$idle" "$p2" "$p3" "$m1" <<'PY'
+import sys
+idle, p_un, p_th, mbs = map(float, sys.argv[1:])
+print(f"p99 during/idle: unthrottled {p_un / idle:.2f}x, throttled {p_th / idle:.2f}x; "
+      f"unthrottled streaming {mbs:.0f} MB/s (goals: <= 2x throttled, >= 100 MB/s)")
+PY
