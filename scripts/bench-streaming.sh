@@ -7,20 +7,23 @@
 #   3. with the senders' stream_rate_limit = THROTTLE, under the same load.
 # Between phases the node is removed again and its data deleted. For the loaded phases the
 # load runs in WINDOW-second windows while the change runs; the p99 reported is the worst
-# window's, against the p99 of the same load before any change (idle).
+# window's, against the worst of IDLE_WINDOWS windows of the same load before any change
+# (idle), measured SETTLE seconds after loading so the load's compactions are done.
 #
 #   scripts/bench-streaming.sh                   # about 15 min, 2 GiB
 #   KEYS=65536 scripts/bench-streaming.sh         # 512 MiB
 #
 # Env: KEYS (262144), VALUE (8192 bytes), THROTTLE (the default stream_rate_limit, bytes/s),
-# WINDOW (5), CONCURRENCY (32). Everything binds to 127.0.0.1 and is stopped on exit.
+# WINDOW (5), IDLE_WINDOWS (6), SETTLE (60), CONCURRENCY (32). Everything binds to 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KEYS="${KEYS:-262144}"
 VALUE="${VALUE:-8192}"
-THROTTLE="${THROTTLE:-67108864}"
+THROTTLE="${THROTTLE:-8388608}"
 WINDOW="${WINDOW:-5}"
+SETTLE="${SETTLE:-60}"
+IDLE_WINDOWS="${IDLE_WINDOWS:-6}"
 CONCURRENCY="${CONCURRENCY:-32}"
 export CLUSTER_DIR="${CLUSTER_DIR:-/tmp/pairdb-bench-streaming}"
 export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18090}"
@@ -67,29 +70,42 @@ wait_done() { # migration id
   done
 }
 
+# Polls migration $1 every 0.2 s until it ends; prints "first_byte_time end_time" (epoch s).
+watch_stream() {
+  local first="" now bytes state
+  while :; do
+    now="$(date +%s.%N)"
+    read -r state bytes <<<"$(migration "$1" | json 'd["state"], d["progress"]["bytes_migrated"]' | tr -d "(),'")"
+    if [ -z "$first" ] && [ "${bytes:-0}" -gt 0 ]; then first="$now"; fi
+    case "$state" in in_progress|pending) sleep 0.2 ;; *) echo "${first:-$now} $now"; return ;; esac
+  done
+}
+
 # One addition of s4; with a rate, the load runs in windows until it completed. Prints
-# "seconds_to_active bytes mb_per_s worst_window_p99_ms".
+# "seconds_to_active bytes mb_per_s worst_window_p99_ms"; MB/s over the streaming itself (first
+# byte to completion, not the settle time before it).
 add_s4() { # rate (0: no load)
-  local rate="$1" started id p99s=()
+  local rate="$1" started id p99s=() watch="$CLUSTER_DIR/watch"
   started="$(date +%s.%N)"
   id="$(curl -fsS -X POST "$URL/v1/admin/storage-nodes" -H 'Content-Type: application/json' \
     -d "{\"node_id\":\"s4\",\"host\":\"127.0.0.1\",\"port\":$S4_PORT}" | json 'd["migration_id"]')"
+  watch_stream "$id" >"$watch" &
+  local watcher=$!
   if [ "$rate" -gt 0 ]; then
     while [ "$(migration "$id" | json 'd["state"]')" = in_progress ]; do
       p99s+=("$(bench --workload mixed --rate "$rate" --duration "${WINDOW}s" | json 'd["latency_ms"]["p99"]')")
     done
   fi
+  wait "$watcher"
   wait_done "$id"
-  local ended; ended="$(date +%s.%N)"
+  local first ended; read -r first ended <"$watch"
   migration "$id" | python3 -c "
 import json, sys
 m = json.load(sys.stdin)
-elapsed = $ended - $started
 streamed = m['progress']['bytes_migrated']
-# Streams start after the settle time (2 x ring_refresh + 1 s = 5 s by default).
-mbs = streamed / max(elapsed - 5, 0.001) / 1e6
+mbs = streamed / max($ended - $first, 0.001) / 1e6
 p99s = [float(x) for x in '${p99s[*]:-}'.split()]
-print(f'{elapsed:.1f} {streamed} {mbs:.1f} {max(p99s) if p99s else 0:.2f}')"
+print(f'{$ended - $started:.1f} {streamed} {mbs:.1f} {max(p99s) if p99s else 0:.2f}')"
 }
 
 remove_s4() {
@@ -104,9 +120,16 @@ curl -fsS -X POST "$URL/v1/tenants" -H 'Content-Type: application/json' \
 echo "== loading $KEYS keys of $VALUE bytes"
 "$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "$VALUE" \
   --concurrency "$CONCURRENCY" --workload reads --duration 1s --json >/dev/null
+# The load's compactions settle before anything is measured.
+sleep "$SETTLE"
 capacity="$(bench --workload mixed --duration 15s | json 'd["requests_per_second"]')"
 half="$(python3 -c "print(max(1, int($capacity / 2)))")"
-idle="$(bench --workload mixed --rate "$half" --duration 20s | json 'd["latency_ms"]["p99"]')"
+# Idle is measured the way the changes are: the worst of several windows.
+idle=0
+for _ in $(seq 1 "$IDLE_WINDOWS"); do
+  p="$(bench --workload mixed --rate "$half" --duration "${WINDOW}s" | json 'd["latency_ms"]["p99"]')"
+  idle="$(python3 -c "print(max($idle, $p))")"
+done
 echo "capacity ${capacity} req/s (mixed); load at ${half} req/s: idle p99 ${idle} ms"
 
 start_s4
