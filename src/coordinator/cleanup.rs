@@ -82,20 +82,12 @@ impl Coordinator {
             .map_err(busy)?;
         let targets = self.cleanup_targets(&registered, node_id, force).await?;
         self.check_settled().await?;
-        let now = crate::wallclock::now_ms() as i64;
-        let migration = Migration {
-            migration_id: format!("cleanup-{}", uuid::Uuid::new_v4()),
-            kind: MigrationKind::Cleanup,
-            subject: node_id.unwrap_or(EVERY_NODE).to_owned(),
-            state: MigrationState::InProgress,
-            keys_migrated: 0,
-            total_keys: 0,
-            target_rf: 0,
-            started_at_ms: now,
-            updated_at_ms: now,
-            failure_reason: None,
-            bytes_migrated: 0,
-        };
+        let migration = Migration::begin(
+            format!("cleanup-{}", uuid::Uuid::new_v4()),
+            MigrationKind::Cleanup,
+            node_id.unwrap_or(EVERY_NODE),
+            MigrationState::InProgress,
+        );
         self.meta.create_migration(&migration).await?;
         let alone =
             admission::still_alone(self.meta.as_ref(), Some(&migration), Proposed::Cleanup).await;
@@ -208,13 +200,8 @@ impl Coordinator {
     fn spawn_cleanup(self: Arc<Self>, migration: Migration, force: bool) {
         tokio::spawn(async move {
             let id = migration.migration_id.clone();
-            let lease = match self.hold_lease(&id).await {
-                Ok(Some(lease)) => lease,
-                Ok(None) => return, // another coordinator runs it
-                Err(e) => {
-                    tracing::error!(cleanup = %id, error = %e, "cannot take the lease of a cleanup; another coordinator will");
-                    return;
-                }
+            let Some(lease) = self.take_lease(&id).await else {
+                return;
             };
             let mut done = Cleaned::default();
             let result = self.run_cleanup(&migration, force, &lease, &mut done).await;

@@ -178,6 +178,18 @@ impl Coordinator {
         Ok(Some(guard))
     }
 
+    /// [`Coordinator::hold_lease`] for a migration's task: `None` (logged) when it cannot
+    /// run here; another coordinator runs it or will take it over.
+    pub(super) async fn take_lease(self: &Arc<Self>, id: &str) -> Option<LeaseGuard> {
+        match self.hold_lease(id).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::error!(migration = id, error = %e, "cannot take the lease of a migration; another coordinator will");
+                None
+            }
+        }
+    }
+
     /// How long a beat must stand still before its migration is taken over: a few refresh
     /// intervals, and never under a few renewals.
     pub(super) fn stale_after(&self) -> Duration {

@@ -136,19 +136,14 @@ impl Coordinator {
         tenant: &Tenant,
         target: u32,
     ) -> Result<String, CoordError> {
-        let now = crate::wallclock::now_ms() as i64;
         let migration = Migration {
-            migration_id: format!("rf-{}", uuid::Uuid::new_v4()),
-            kind: MigrationKind::ReplicationFactorChange,
-            subject: tenant.tenant_id.clone(),
-            state: MigrationState::InProgress,
-            keys_migrated: 0,
-            total_keys: 0,
             target_rf: target,
-            started_at_ms: now,
-            updated_at_ms: now,
-            failure_reason: None,
-            bytes_migrated: 0,
+            ..Migration::begin(
+                format!("rf-{}", uuid::Uuid::new_v4()),
+                MigrationKind::ReplicationFactorChange,
+                tenant.tenant_id.clone(),
+                MigrationState::InProgress,
+            )
         };
         self.meta.create_migration(&migration).await?;
         let proposed = Proposed::RfChange {
@@ -172,13 +167,8 @@ impl Coordinator {
     fn spawn_copy(self: Arc<Self>, migration: Migration) {
         tokio::spawn(async move {
             let id = migration.migration_id.clone();
-            let lease = match self.hold_lease(&id).await {
-                Ok(Some(lease)) => lease,
-                Ok(None) => return, // another coordinator runs it
-                Err(e) => {
-                    tracing::error!(migration = %id, error = %e, "cannot take the lease of a replication-factor change; another coordinator will");
-                    return;
-                }
+            let Some(lease) = self.take_lease(&id).await else {
+                return;
             };
             // Every coordinator writes to the union before the scan starts.
             tokio::select! {

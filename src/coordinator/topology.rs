@@ -220,19 +220,12 @@ impl Coordinator {
         let now = crate::wallclock::now_ms() as i64;
         let migration_id = format!("remove-{}", uuid::Uuid::new_v4());
         self.meta
-            .create_migration(&Migration {
-                migration_id: migration_id.clone(),
-                kind: MigrationKind::NodeRemoval,
-                subject: node_id.to_owned(),
-                state: MigrationState::Completed,
-                keys_migrated: 0,
-                total_keys: 0,
-                target_rf: 0,
-                started_at_ms: now,
-                updated_at_ms: now,
-                failure_reason: None,
-                bytes_migrated: 0,
-            })
+            .create_migration(&Migration::begin(
+                migration_id.clone(),
+                MigrationKind::NodeRemoval,
+                node_id,
+                MigrationState::Completed,
+            ))
             .await?;
         Ok(pb::MigrationAccepted {
             node_id: node_id.to_owned(),
@@ -262,17 +255,13 @@ impl Coordinator {
             Err(_) => 0,
         };
         let migration = Migration {
-            migration_id: migration_id.clone(),
-            kind,
-            subject: node_id.to_owned(),
-            state: MigrationState::InProgress,
-            keys_migrated: 0,
             total_keys: estimated,
-            target_rf: 0,
-            started_at_ms: now,
-            updated_at_ms: now,
-            failure_reason: None,
-            bytes_migrated: 0,
+            ..Migration::begin(
+                migration_id.clone(),
+                kind,
+                node_id,
+                MigrationState::InProgress,
+            )
         };
         if let Err(e) = self.meta.create_migration(&migration).await {
             self.undo_registration(kind, node_id).await;
@@ -320,13 +309,8 @@ impl Coordinator {
         tokio::spawn(async move {
             let id = migration.migration_id.clone();
             let node = migration.subject.clone();
-            let lease = match self.hold_lease(&id).await {
-                Ok(Some(lease)) => lease,
-                Ok(None) => return, // another coordinator runs it
-                Err(e) => {
-                    tracing::error!(migration = %id, error = %e, "cannot take the lease of a topology change; another coordinator will");
-                    return;
-                }
+            let Some(lease) = self.take_lease(&id).await else {
+                return;
             };
             tokio::select! {
                 () = tokio::time::sleep(self.settle_time()) => {}

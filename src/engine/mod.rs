@@ -464,11 +464,23 @@ impl Engine {
         &self,
         range: HashRange,
     ) -> impl Iterator<Item = Result<Arc<Record>>> + Send + use<> {
-        let pieces = range.pieces();
+        self.scan_hash_ranges(&[range])
+    }
+
+    /// Every record whose ring hash lies in one of `ranges`, in key order, in one pass over
+    /// the tables (a scan per range would read every table once per range: key order is not
+    /// hash order).
+    pub fn scan_hash_ranges(
+        &self,
+        ranges: &[HashRange],
+    ) -> impl Iterator<Item = Result<Arc<Record>>> + Send + use<> {
+        let pieces: Vec<(u64, u64)> = ranges.iter().flat_map(HashRange::pieces).collect();
+        let ranges: Arc<[HashRange]> = ranges.into();
+        let wanted = ranges.clone();
         self.core
-            .merge_from(&[], Some(range), &|meta| meta.may_hold_hashes(&pieces))
+            .merge_from(&[], Some(ranges), &|meta| meta.may_hold_hashes(&pieces))
             .filter_map(move |item| match item {
-                Ok((_, r)) if range.contains(r.ring_hash) => Some(Ok(r)),
+                Ok((_, r)) if wanted.iter().any(|w| w.contains(r.ring_hash)) => Some(Ok(r)),
                 Ok(_) => None,
                 Err(e) => Some(Err(e)),
             })
@@ -934,7 +946,7 @@ impl Core {
     fn merge_from(
         self: &Arc<Self>,
         from: &[u8],
-        range: Option<HashRange>,
+        ranges: Option<Arc<[HashRange]>>,
         keep: &dyn Fn(&sstable::TableMeta) -> bool,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Arc<Record>)>> + Send + use<> {
         let state = self.snapshot();
@@ -946,7 +958,7 @@ impl Core {
             .cloned()
             .collect();
         let core = self.clone();
-        self.merge_sources(&state, from, range, keep)
+        self.merge_sources(&state, from, ranges, keep)
             .inspect(move |item| {
                 if let Err(e) = item {
                     if e.is_corruption() {
@@ -960,7 +972,7 @@ impl Core {
         &self,
         state: &State,
         from: &[u8],
-        range: Option<HashRange>,
+        ranges: Option<Arc<[HashRange]>>,
         keep: &dyn Fn(&sstable::TableMeta) -> bool,
     ) -> MergeIter {
         let mut sources: Vec<Source> = Vec::new();
@@ -973,16 +985,17 @@ impl Core {
                 tables.iter().filter(|t| keep(&t.meta)).cloned().collect();
             if level == 0 {
                 for t in admitted {
-                    sources.push(Box::new(TableIter::new(t, from).in_hash_range(range)));
+                    sources.push(Box::new(
+                        TableIter::new(t, from).in_hash_ranges(ranges.clone()),
+                    ));
                 }
             } else if !admitted.is_empty() {
                 // Disjoint and sorted: one source per level.
                 let from = from.to_vec();
-                sources.push(Box::new(
-                    admitted
-                        .into_iter()
-                        .flat_map(move |t| TableIter::new(t, &from).in_hash_range(range)),
-                ));
+                let ranges = ranges.clone();
+                sources.push(Box::new(admitted.into_iter().flat_map(move |t| {
+                    TableIter::new(t, &from).in_hash_ranges(ranges.clone())
+                })));
             }
         }
         MergeIter::new(sources)

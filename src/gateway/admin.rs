@@ -50,6 +50,15 @@ fn accepted_response(accepted: pb::MigrationAccepted) -> (StatusCode, Json<serde
     )
 }
 
+/// 404 NODE_NOT_FOUND: an id no node can have is not looked up.
+fn node_not_found(node_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NODE_NOT_FOUND",
+        format!("no storage node {node_id:?}"),
+    )
+}
+
 fn invalid_node(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "INVALID_NODE_CONFIG", message)
 }
@@ -131,11 +140,7 @@ pub async fn remove_node(
         .map(|q| q.0.force)
         .map_err(|e| ApiError::invalid(format!("force must be true or false: {e}")))?;
     if !valid_node_id(&node_id) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NODE_NOT_FOUND",
-            format!("no storage node {node_id:?}"),
-        ));
+        return Err(node_not_found(&node_id));
     }
     let accepted = gw
         .forward(
@@ -176,11 +181,7 @@ pub async fn cleanup(
     };
     if let Some(id) = &b.node_id {
         if !valid_node_id(id) {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "NODE_NOT_FOUND",
-                format!("no storage node {id:?}"),
-            ));
+            return Err(node_not_found(id));
         }
     }
     let accepted = gw

@@ -152,6 +152,31 @@ pub struct Migration {
     pub bytes_migrated: u64,
 }
 
+impl Migration {
+    /// A migration that starts now in `state`, with no progress yet.
+    pub fn begin(
+        migration_id: String,
+        kind: MigrationKind,
+        subject: impl Into<String>,
+        state: MigrationState,
+    ) -> Self {
+        let now = crate::wallclock::now_ms() as i64;
+        Self {
+            migration_id,
+            kind,
+            subject: subject.into(),
+            state,
+            keys_migrated: 0,
+            total_keys: 0,
+            target_rf: 0,
+            started_at_ms: now,
+            updated_at_ms: now,
+            failure_reason: None,
+            bytes_migrated: 0,
+        }
+    }
+}
+
 /// Who carries a migration out, and what it was asked (see `coordinator::lease`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationLease {

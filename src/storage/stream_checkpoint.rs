@@ -7,9 +7,9 @@
 //!
 //! Invariants: a checkpoint is used only by a stream with the same id, ranges and target (its
 //! fingerprint); a damaged or foreign file is ignored (the stream starts over, which only
-//! sends records twice; the target applies each once by the version rules). Records are
-//! scanned in internal-key order within each range, ranges in the order given, so "after
-//! (range, key)" names exactly what is left.
+//! sends records twice; the target applies each once by the version rules). A stream scans
+//! all its ranges in one pass in internal-key order, so "after this key" names exactly what
+//! is left.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,8 +27,7 @@ const MAX_ID_BYTES: usize = 200;
 pub struct Checkpoint {
     /// Of the stream's ranges and target: a checkpoint of another stream is never used.
     pub fingerprint: u64,
-    /// The range the last acknowledged record is in, and that record's internal key.
-    pub range_index: u32,
+    /// The internal key of the last acknowledged record.
     pub last_key: Vec<u8>,
     /// Totals sent so far (the stream's counters go on from there).
     pub keys: u64,
@@ -64,7 +63,6 @@ fn encode(c: &Checkpoint) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + c.last_key.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&c.fingerprint.to_le_bytes());
-    out.extend_from_slice(&c.range_index.to_le_bytes());
     out.extend_from_slice(&c.keys.to_le_bytes());
     out.extend_from_slice(&c.bytes.to_le_bytes());
     out.extend_from_slice(&(c.last_key.len() as u32).to_le_bytes());
@@ -86,16 +84,15 @@ fn decode(data: &[u8]) -> Option<Checkpoint> {
     let u32_at = |at: usize| -> Option<u32> {
         Some(u32::from_le_bytes(rest.get(at..at + 4)?.try_into().ok()?))
     };
-    let key_len = u32_at(28)? as usize;
-    let last_key = rest.get(32..32 + key_len)?.to_vec();
-    if rest.len() != 32 + key_len {
+    let key_len = u32_at(24)? as usize;
+    let last_key = rest.get(28..28 + key_len)?.to_vec();
+    if rest.len() != 28 + key_len {
         return None;
     }
     Some(Checkpoint {
         fingerprint: u64_at(0)?,
-        range_index: u32_at(8)?,
-        keys: u64_at(12)?,
-        bytes: u64_at(20)?,
+        keys: u64_at(8)?,
+        bytes: u64_at(16)?,
         last_key,
     })
 }
@@ -131,7 +128,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let c = Checkpoint {
             fingerprint: 7,
-            range_index: 2,
             last_key: b"acme\0k42".to_vec(),
             keys: 1500,
             bytes: 1 << 20,

@@ -1,7 +1,8 @@
 //! Range streaming: this node pushes every record of some hash ranges to a target node.
 //!
 //! Phases (the `StreamState` a caller sees):
-//! - `copying`: a blocking scan of the engine (`scan_hash_range`, bounded memory) feeds batches
+//! - `copying`: a blocking scan of the engine (`scan_hash_ranges`: every range in one pass,
+//!   bounded memory) feeds batches
 //!   that are sent with `WriteBatch(source = STREAM)`;
 //! - `streaming`: the bulk copy is done; live writes for the ranges that arrived meanwhile are
 //!   sent (they are forwarded from the first moment of the stream, so nothing written during the
@@ -278,10 +279,9 @@ struct Sender {
     throttle: Option<Arc<Throttle>>,
 }
 
-/// One batch of the bulk copy, with the position of its last record.
+/// One batch of the bulk copy, with the internal key of its last record.
 struct Batch {
     records: Vec<Record>,
-    range_index: u32,
     last_key: Vec<u8>,
 }
 
@@ -301,45 +301,41 @@ async fn run(
     let ranges = stream.ranges.clone();
     let scan_engine = engine.clone();
     let producer = tokio::task::spawn_blocking(move || {
-        let (first_range, after) = resume.map_or((0, None), |c| (c.range_index, Some(c.last_key)));
+        let after = resume.map(|c| c.last_key);
         let mut batch = Vec::with_capacity(BATCH);
         let mut batch_bytes = 0;
-        let mut last = (0u32, Vec::new());
-        for (index, range) in ranges.into_iter().enumerate().skip(first_range as usize) {
-            let index = index as u32;
-            for item in scan_engine.scan_hash_range(range) {
-                let r = match item {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = batches_tx.blocking_send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                let key = internal_key(&r.tenant, &r.key);
-                if index == first_range && after.as_ref().is_some_and(|a| key <= *a) {
-                    continue; // sent before the restart
+        let mut last_key = Vec::new();
+        // One pass over the tables for every range (key order, not hash order).
+        for item in scan_engine.scan_hash_ranges(&ranges) {
+            let r = match item {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = batches_tx.blocking_send(Err(e.to_string()));
+                    return;
                 }
-                batch_bytes += wire_size(&r);
-                batch.push((*r).clone());
-                last = (index, key);
-                if batch.len() == BATCH || batch_bytes >= BATCH_BYTES {
-                    batch_bytes = 0;
-                    let full = Batch {
-                        records: std::mem::replace(&mut batch, Vec::with_capacity(BATCH)),
-                        range_index: last.0,
-                        last_key: std::mem::take(&mut last.1),
-                    };
-                    if batches_tx.blocking_send(Ok(full)).is_err() {
-                        return;
-                    }
+            };
+            let key = internal_key(&r.tenant, &r.key);
+            if after.as_ref().is_some_and(|a| key <= *a) {
+                continue; // sent before the restart
+            }
+            batch_bytes += wire_size(&r);
+            batch.push((*r).clone());
+            last_key = key;
+            if batch.len() == BATCH || batch_bytes >= BATCH_BYTES {
+                batch_bytes = 0;
+                let full = Batch {
+                    records: std::mem::replace(&mut batch, Vec::with_capacity(BATCH)),
+                    last_key: std::mem::take(&mut last_key),
+                };
+                if batches_tx.blocking_send(Ok(full)).is_err() {
+                    return;
                 }
             }
         }
         if !batch.is_empty() {
             let _ = batches_tx.blocking_send(Ok(Batch {
                 records: batch,
-                range_index: last.0,
-                last_key: last.1,
+                last_key,
             }));
         }
     });
@@ -357,7 +353,6 @@ async fn run(
         let bytes = stream.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let saved = Checkpoint {
             fingerprint: stream.fingerprint,
-            range_index: batch.range_index,
             last_key: batch.last_key,
             keys,
             bytes,

@@ -271,12 +271,12 @@ impl SsTable {
         Ok(None)
     }
 
-    /// Decodes every entry of block `idx` with key >= `from` (and ring hash in `range`).
+    /// Decodes every entry of block `idx` with key >= `from` (and ring hash in `ranges`).
     fn decode_block(
         &self,
         idx: usize,
         from: &[u8],
-        range: Option<HashRange>,
+        ranges: Option<&[HashRange]>,
     ) -> Result<VecDeque<(Vec<u8>, Arc<Record>)>> {
         let Some(entry) = self.index.get(idx) else {
             return Ok(VecDeque::new());
@@ -289,11 +289,11 @@ impl SsTable {
             if raw.ikey < from {
                 continue;
             }
-            if let Some(range) = range {
+            if let Some(ranges) = ranges {
                 let hash = raw
                     .ring_hash()
                     .map_err(|e| self.corrupt_block(idx, e.to_string()))?;
-                if !range.contains(hash) {
+                if !ranges.iter().any(|r| r.contains(hash)) {
                     continue;
                 }
             }
@@ -315,7 +315,7 @@ pub struct TableIter {
     table: Arc<SsTable>,
     next_block: usize,
     from: Vec<u8>,
-    range: Option<HashRange>,
+    ranges: Option<Arc<[HashRange]>>,
     buffered: VecDeque<(Vec<u8>, Arc<Record>)>,
     failed: bool,
 }
@@ -329,15 +329,16 @@ impl TableIter {
             table,
             next_block,
             from: from.to_vec(),
-            range: None,
+            ranges: None,
             buffered: VecDeque::new(),
             failed: false,
         }
     }
 
-    /// Only records whose ring hash lies in `range` (the others are skipped undecoded).
-    pub fn in_hash_range(mut self, range: Option<HashRange>) -> Self {
-        self.range = range;
+    /// Only records whose ring hash lies in one of `ranges` (the others are skipped
+    /// undecoded).
+    pub fn in_hash_ranges(mut self, ranges: Option<Arc<[HashRange]>>) -> Self {
+        self.ranges = ranges;
         self
     }
 }
@@ -355,7 +356,7 @@ impl Iterator for TableIter {
             }
             match self
                 .table
-                .decode_block(self.next_block, &self.from, self.range)
+                .decode_block(self.next_block, &self.from, self.ranges.as_deref())
             {
                 Ok(entries) => {
                     self.buffered = entries;
