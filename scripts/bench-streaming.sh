@@ -114,7 +114,8 @@ remove_s4() {
   stop_s4
 }
 
-scripts/cluster.sh start
+# Phases 1 and 2 stream unthrottled (the default stream_rate_limit is 8 MiB/s).
+PAIRDB_STORAGE_STREAM_RATE_LIMIT=0 scripts/cluster.sh start
 curl -fsS -X POST "$URL/v1/tenants" -H 'Content-Type: application/json' \
   -d '{"tenant_id":"bench","replication_factor":3}' >/dev/null
 echo "== loading $KEYS keys of $VALUE bytes"
