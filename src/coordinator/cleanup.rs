@@ -163,6 +163,9 @@ impl Coordinator {
             .iter()
             .filter(|n| n.state == NodeState::Active)
             .collect();
+        if members.is_empty() {
+            return Err(CoordError::Unavailable("no active node".to_owned()));
+        }
         let answering: BTreeSet<String> = self
             .node_health()
             .await
@@ -257,10 +260,21 @@ impl Coordinator {
         self.ring.refresh().await.map_err(|e| e.to_string())?;
         let registered = self.meta.list_nodes().await.map_err(|e| e.to_string())?;
         let subject = (m.subject != EVERY_NODE).then_some(m.subject.as_str());
-        let targets = self
-            .cleanup_targets(&registered, subject, force)
-            .await
-            .map_err(|e| e.to_string())?;
+        // Checked for liveness when accepted; now a node that gossip briefly calls down is
+        // still worked on (without force): its RPCs decide, and one that fails fails the
+        // cleanup with its error. Forced, down nodes are skipped as when accepted.
+        let targets: Vec<String> = if force {
+            self.cleanup_targets(&registered, subject, true)
+                .await
+                .map_err(|e| e.to_string())?
+        } else {
+            registered
+                .iter()
+                .filter(|n| n.state == NodeState::Active)
+                .filter(|n| subject.is_none_or(|id| n.node_id == id))
+                .map(|n| n.node_id.clone())
+                .collect()
+        };
         let seen = registry_view(&registered);
         let ring = Ring::new(registered.iter().map(NodeRecord::ring_node));
         let addresses: HashMap<String, String> = registered
