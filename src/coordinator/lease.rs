@@ -228,6 +228,24 @@ pub async fn resume_own(core: &Arc<Coordinator>) -> Result<(), MetaError> {
     Ok(())
 }
 
+/// Checks the leases of the other coordinators' migrations every `every` until `stop`
+/// ([`take_over_stale`]).
+pub fn spawn_watch(core: Arc<Coordinator>, every: Duration, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            if let Err(e) = take_over_stale(&core).await {
+                tracing::warn!(error = %e, "cannot check the leases of migrations");
+            }
+        }
+    });
+}
+
 /// Takes over every active migration whose lease stood still for `stale_after` (its owner died
 /// or lost the store), as this coordinator saw it over its own checks.
 pub async fn take_over_stale(core: &Arc<Coordinator>) -> Result<(), MetaError> {

@@ -105,7 +105,7 @@ pub struct Coordinator {
 
 /// Resumes the migrations this coordinator ran before it stopped, or that nobody runs
 /// ([`lease::resume_own`]); those of other coordinators are taken over only when their lease
-/// goes stale ([`lease::take_over_stale`], from the refresh loop).
+/// goes stale ([`lease::take_over_stale`], from [`lease::spawn_watch`]).
 pub fn resume_migrations(core: &Arc<Coordinator>) {
     let core = core.clone();
     tokio::spawn(async move {

@@ -93,9 +93,6 @@ pub fn spawn_refresh(core: Arc<Coordinator>, every: Duration, stop: Cancellation
             if let Err(e) = refresh(&core, every).await {
                 tracing::warn!(error = %e, "cannot re-read tenants and migrations");
             }
-            if let Err(e) = super::lease::take_over_stale(&core).await {
-                tracing::warn!(error = %e, "cannot check the leases of migrations");
-            }
         }
     });
 }

@@ -18,7 +18,7 @@ use crate::coordinator::ring_view::RingView;
 use crate::coordinator::service::CoordinatorService;
 use crate::coordinator::storage_pool::StoragePool;
 use crate::coordinator::tenant_cache::TenantCache;
-use crate::coordinator::{self, Coordinator, Options, admission, cleanup, http, rf_change};
+use crate::coordinator::{self, Coordinator, Options, admission, cleanup, http, lease, rf_change};
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
 use crate::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
@@ -163,6 +163,11 @@ pub async fn start(
         ring,
     });
     rf_change::spawn_refresh(
+        core.clone(),
+        Duration::from_millis(cfg.ring_refresh_ms),
+        stop.clone(),
+    );
+    lease::spawn_watch(
         core.clone(),
         Duration::from_millis(cfg.ring_refresh_ms),
         stop.clone(),
