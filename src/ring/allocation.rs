@@ -378,11 +378,14 @@ impl Greedy {
 
     fn push(&mut self, i: usize) {
         if let Some(split) = self.score(i) {
-            let (start, width) = self.ring.range(i);
+            let (start, _) = self.ring.range(i);
+            // The range's own end token: `start + width` is not it when one token is the
+            // whole ring (its width is reported as u64::MAX, one short of a full turn).
+            let end = self.ring.tokens[i % self.ring.len()].0;
             self.heap.push(Candidate {
                 delta: split.delta,
                 start,
-                end: start.wrapping_add(width),
+                end,
             });
         }
     }
@@ -598,6 +601,17 @@ mod tests {
             for t in &node.tokens {
                 assert!(all.insert(*t), "token {t} taken twice");
             }
+        }
+    }
+
+    #[test]
+    fn a_node_with_one_token_can_be_joined() {
+        // One token is the whole ring; the proptest found that its candidate was lost and the
+        // joiner got no token at all.
+        for rfs in [&[1][..], &[1, 3], &[3]] {
+            let placed = grow(2, 1, rfs);
+            assert_eq!(placed[1].tokens.len(), 1, "rfs {rfs:?}");
+            assert_ne!(placed[0].tokens, placed[1].tokens);
         }
     }
 
