@@ -4,15 +4,13 @@
 //! config file or the default (see `config.rs`), so [`ServerArgs::overrides`] only carries what
 //! was typed.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+pub use crate::config::Role;
 use crate::config::{AuthMode, ConfigError, LogFormat, NodeAddress, SyncMode};
 
 const AFTER_HELP: &str = "\
@@ -301,44 +299,6 @@ pub struct DevArgs {
     pub storage_nodes: u32,
 }
 
-/// A role one process can run.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Public HTTP/JSON API: auth, rate limits, forwards to coordinators.
-    Gateway,
-    /// Stateless request brain: placement, quorums, versions, repair, hints.
-    Coordinator,
-    /// LSM storage engine served over gRPC.
-    Storage,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Gateway => "gateway",
-            Role::Coordinator => "coordinator",
-            Role::Storage => "storage",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        <Role as ValueEnum>::from_str(s.trim(), false)
-            .map_err(|_| format!("unknown role {s:?}: expected gateway, coordinator or storage"))
-    }
-}
-
 /// Flags of the server roles.
 #[derive(Debug, Args, Default)]
 pub struct ServerArgs {
@@ -463,6 +423,11 @@ impl Sections {
 }
 
 impl ServerArgs {
+    /// The configuration these flags select: defaults < `--config` file < env < flags.
+    pub fn load_config(&self) -> Result<crate::config::Config, ConfigError> {
+        crate::config::Config::load(self.config.as_deref(), &self.overrides()?)
+    }
+
     /// The flags that were given, shaped like the config file.
     pub fn overrides(&self) -> Result<Value, ConfigError> {
         let mut m = Sections::default();

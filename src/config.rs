@@ -14,14 +14,15 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::cli::{Role, ServerArgs};
+pub use crate::engine::SyncMode;
+use crate::limits::valid_node_id;
 use crate::ring::allocation::TokenAllocation;
 
 /// Configuration error: one line for the operator.
@@ -46,6 +47,54 @@ pub struct Config {
     pub storage: StorageConfig,
     pub coordinator: CoordinatorConfig,
     pub gateway: GatewayConfig,
+}
+
+/// A role one process can run.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Public HTTP/JSON API: auth, rate limits, forwards to coordinators.
+    Gateway,
+    /// Stateless request brain: placement, quorums, versions, repair, hints.
+    Coordinator,
+    /// LSM storage engine served over gRPC.
+    Storage,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Coordinator => "coordinator",
+            Role::Storage => "storage",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <Role as clap::ValueEnum>::from_str(s.trim(), false)
+            .map_err(|_| format!("unknown role {s:?}: expected gateway, coordinator or storage"))
+    }
 }
 
 /// Settings of the process, whatever its roles.
@@ -297,44 +346,6 @@ pub enum AuthMode {
     None,
 }
 
-/// Commit-log sync policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SyncMode {
-    /// fsync before acknowledging, concurrent writers share one fsync (group commit).
-    #[default]
-    Always,
-    /// fsync at most every N ms; a crash may lose the last N ms of acknowledged writes.
-    BatchMs(u64),
-    /// Never fsync explicitly (tests and benchmarks only).
-    Never,
-}
-
-impl FromStr for SyncMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "always" => Ok(Self::Always),
-            "never" => Ok(Self::Never),
-            other => match other.strip_prefix("batch_ms=").map(str::parse::<u64>) {
-                Some(Ok(ms)) if ms > 0 => Ok(Self::BatchMs(ms)),
-                _ => Err(format!(
-                    "sync must be always, batch_ms=N (N > 0) or never, not {other:?}"
-                )),
-            },
-        }
-    }
-}
-
-impl fmt::Display for SyncMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Always => f.write_str("always"),
-            Self::BatchMs(ms) => write!(f, "batch_ms={ms}"),
-            Self::Never => f.write_str("never"),
-        }
-    }
-}
-
 /// A storage node's address as given to coordinators: `id@host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeAddress {
@@ -445,9 +456,10 @@ pub fn env_key(name_without_prefix: &str) -> Option<String> {
 
 impl Config {
     /// Layers defaults, the TOML file, `PAIRDB_*` env vars and the given flags.
-    pub fn load(args: &ServerArgs) -> Result<Config, ConfigError> {
+    /// `flags` is shaped like the file (sections of keys); only the flags given.
+    pub fn load(file: Option<&Path>, flags: &impl Serialize) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = &args.config {
+        if let Some(path) = file {
             if !path.is_file() {
                 return Err(ConfigError::File {
                     path: path.display().to_string(),
@@ -458,10 +470,10 @@ impl Config {
         }
         figment = figment
             .merge(Env::prefixed("PAIRDB_").filter_map(|k| env_key(k.as_str()).map(Into::into)));
-        figment = figment.merge(Serialized::defaults(args.overrides()?));
+        figment = figment.merge(Serialized::defaults(flags));
         figment.extract().map_err(|e| {
             let reason = e.to_string().replace('\n', " ");
-            match &args.config {
+            match file {
                 Some(path) => ConfigError::File {
                     path: path.display().to_string(),
                     reason,
@@ -543,15 +555,6 @@ pub fn default_http_listen(listen: SocketAddr) -> SocketAddr {
         p => p.saturating_add(1000),
     };
     SocketAddr::new(listen.ip(), port)
-}
-
-/// A node id: 1..=128 letters, digits, '-', '_' or '.'.
-pub fn valid_node_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 impl StorageConfig {
@@ -666,15 +669,6 @@ impl GatewayConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sync_mode_parses_and_prints() {
-        for s in ["always", "never", "batch_ms=5"] {
-            assert_eq!(s.parse::<SyncMode>().expect(s).to_string(), s);
-        }
-        assert!("batch_ms=0".parse::<SyncMode>().is_err());
-        assert!("sometimes".parse::<SyncMode>().is_err());
-    }
 
     #[test]
     fn storage_only_processes_run_one_worker_unless_told() {

@@ -10,6 +10,7 @@ pub mod coordinator;
 pub mod engine;
 pub mod gateway;
 pub mod idempotency;
+pub mod limits;
 pub mod meta;
 pub mod metrics;
 pub mod mux;

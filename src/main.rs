@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pairdb::cli::{Cli, Command, RingCommand, TokenAction, TokenIssueArgs};
-use pairdb::config::{Config, LogFormat};
+use pairdb::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's malloc: every request allocates in several tasks on several
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
         };
     }
     if cli.server.print_config {
-        return match Config::load(&cli.server).map(|c| toml::to_string(&c)) {
+        return match cli.server.load_config().map(|c| toml::to_string(&c)) {
             Ok(Ok(text)) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -100,7 +100,11 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match Config::load(&cli.server).and_then(|c| c.validate().map(|()| c)) {
+    let config = match cli
+        .server
+        .load_config()
+        .and_then(|c| c.validate().map(|()| c))
+    {
         Ok(config) => config,
         Err(e) => {
             eprintln!("pairdb: {e}");
@@ -128,7 +132,7 @@ fn main() -> ExitCode {
 /// `pairdb token issue`: prints one token on stdout.
 fn issue_token(cli: &Cli, args: &TokenIssueArgs) -> ExitCode {
     use pairdb::gateway::auth::{TokenRole, issue, secret};
-    let config = match Config::load(&cli.server) {
+    let config = match cli.server.load_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pairdb: {e}");
@@ -142,7 +146,7 @@ fn issue_token(cli: &Cli, args: &TokenIssueArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(e) = pairdb::engine::validate_tenant(&args.tenant) {
+    if let Err(e) = pairdb::limits::check_tenant(&args.tenant) {
         eprintln!("pairdb: --tenant: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }

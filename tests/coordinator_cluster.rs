@@ -13,11 +13,11 @@ use common::coord::{
     Client, code, create_tenant, eventually, get, listed_ring, node_state, put, put_idem,
     sqlite_url, stored, wait_all_active, wait_migration,
 };
-use pairdb::coordinator::errors::detail_in;
 use pairdb::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use pairdb::ring::NodeState;
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
+use pairdb::rpc::detail::coordinator_detail as detail_in;
 use pairdb::vclock::Version;
 
 /// The tests of this file run one at a time: each starts 3-5 storage nodes and coordinators,

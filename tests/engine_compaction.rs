@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pairdb::config::SyncMode;
+use pairdb::engine::SyncMode;
 use pairdb::engine::compaction::policy::LevelPolicy;
-use pairdb::engine::{ApplyOutcome, Engine, EngineOptions, Record};
+use pairdb::engine::{ApplyOutcome, Engine, EngineError, EngineOptions, Record};
+use pairdb::limits::LimitError;
 use pairdb::vclock::{VectorClock, Version, physical_counter};
 
 fn now_ms() -> u64 {
@@ -323,10 +324,10 @@ fn a_batch_is_validated_whole_and_synced_once() {
         Record::put("t", "ok", v(&[("c1", at)]), "1"),
         Record::put("t", vec![b'k'; 5000], v(&[("c1", at)]), "1"),
     ];
-    assert_eq!(
-        engine.apply_batch(bad).map_err(|e| e.code()),
-        Err("KEY_TOO_LARGE")
-    );
+    assert!(matches!(
+        engine.apply_batch(bad),
+        Err(EngineError::Limit(LimitError::KeyTooLarge { .. }))
+    ));
     assert_eq!(
         engine.get("t", b"ok").expect("get"),
         None,

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pairdb::config::SyncMode;
+use pairdb::engine::SyncMode;
 use pairdb::engine::compaction::policy::LevelPolicy;
 use pairdb::engine::{Engine, EngineOptions, Record};
 use pairdb::vclock::{VectorClock, Version, physical_counter};

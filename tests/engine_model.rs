@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use pairdb::config::SyncMode;
+use pairdb::engine::SyncMode;
 use pairdb::engine::compaction::policy::LevelPolicy;
 use pairdb::engine::{ApplyOutcome, Engine, EngineOptions, RangeDrop, Record};
 use pairdb::ring::HashRange;

@@ -15,7 +15,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use pairdb::config::SyncMode;
+use pairdb::engine::SyncMode;
 use pairdb::engine::compaction::policy::LevelPolicy;
 use pairdb::engine::vfs::SimVfs;
 use pairdb::engine::{Engine, EngineOptions, Record};

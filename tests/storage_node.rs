@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{StorageNode, free_udp_port};
 use pairdb::rpc::common as cpb;
+use pairdb::rpc::detail::storage_code as code_in;
 use pairdb::rpc::storage as pb;
 use pairdb::rpc::storage::storage_node_client::StorageNodeClient;
-use pairdb::storage::errors::code_in;
 use pairdb::vclock::physical_counter;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::engine::validate_tenant;
+use crate::limits::check_tenant;
 use crate::meta::{MetaError, Migration, MigrationKind, MigrationState, NodeRecord, Tenant};
 use crate::ring::NodeState;
 use crate::ring::plan::{Proposed, Refusal};
@@ -33,7 +33,7 @@ pub fn rfc3339(ms: i64) -> String {
 }
 
 pub fn check_tenant_id(tenant_id: &str) -> Result<(), CoordError> {
-    validate_tenant(tenant_id).map_err(|e| CoordError::InvalidRequest(e.to_string()))
+    Ok(check_tenant(tenant_id)?)
 }
 
 fn check_rf(rf: u32) -> Result<u32, CoordError> {

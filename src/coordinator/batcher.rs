@@ -28,7 +28,7 @@ use crate::rpc::storage::storage_node_client::StorageNodeClient;
 
 use crate::vclock::Version;
 
-use super::replicas::ReplicaError;
+use super::replica_error::ReplicaError;
 
 /// Batches outstanding per node and kind, by default (`coordinator.batch_in_flight`).
 pub const IN_FLIGHT: usize = 1;

@@ -504,7 +504,7 @@ impl NodeCleanup<'_> {
             .addresses
             .get(node)
             .ok_or_else(|| format!("{node} is not in the registry"))?;
-        core.pool.client(node, address)
+        core.pool.client(node, address).map_err(|e| e.to_string())
     }
 }
 

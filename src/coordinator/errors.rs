@@ -2,11 +2,12 @@
 //! an `ErrorDetail` with the API.md code (and, for QUORUM_NOT_REACHED, the acks needed and
 //! received), so the gateway maps codes to HTTP without parsing messages.
 
-use prost::Message;
 use tonic::{Code, Status};
 
+use crate::limits::LimitError;
 use crate::meta::MetaError;
 use crate::rpc::coordinator::{ErrorCode, ErrorDetail};
+use crate::rpc::detail;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -47,6 +48,18 @@ pub enum CoordError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<LimitError> for CoordError {
+    fn from(e: LimitError) -> Self {
+        match e {
+            LimitError::KeyTooLarge { len, max } => CoordError::KeyTooLarge { len, max },
+            LimitError::ValueTooLarge { len, max } => CoordError::ValueTooLarge { len, max },
+            LimitError::TenantId | LimitError::EmptyKey | LimitError::KeyHasNul => {
+                CoordError::InvalidRequest(e.to_string())
+            }
+        }
+    }
 }
 
 impl CoordError {
@@ -109,7 +122,7 @@ impl CoordError {
             required,
             received,
         };
-        Status::with_details(self.grpc_code(), message, detail.encode_to_vec().into())
+        detail::with_detail(self.grpc_code(), message, &detail)
     }
 }
 
@@ -131,14 +144,6 @@ impl From<MetaError> for CoordError {
     }
 }
 
-/// The `ErrorDetail` a coordinator put in a status (`None` for statuses from elsewhere).
-pub fn detail_in(status: &Status) -> Option<ErrorDetail> {
-    if status.details().is_empty() {
-        return None;
-    }
-    ErrorDetail::decode(status.details()).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,7 +157,7 @@ mod tests {
         }
         .into_status();
         assert_eq!(status.code(), Code::Unavailable);
-        let detail = detail_in(&status).expect("detail");
+        let detail = detail::coordinator_detail(&status).expect("detail");
         assert_eq!(detail.code(), ErrorCode::QuorumNotReached);
         assert_eq!((detail.required, detail.received), (3, 2));
         assert_eq!(CoordError::KeyNotFound.code_name(), "KEY_NOT_FOUND");

@@ -456,7 +456,7 @@ pub async fn replay_target(
         }
         let delivered = match pool.client(target, address) {
             Ok(client) => deliver(client, records, limits.timeout).await,
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
         match delivered {
             Ok(()) => {

@@ -86,6 +86,12 @@ impl From<MetaError> for Interrupted {
     }
 }
 
+impl From<super::storage_pool::BadAddress> for Interrupted {
+    fn from(e: super::storage_pool::BadAddress) -> Self {
+        Interrupted::Failed(e.to_string())
+    }
+}
+
 impl From<String> for Interrupted {
     fn from(e: String) -> Self {
         Interrupted::Failed(e)

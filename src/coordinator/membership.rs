@@ -91,7 +91,7 @@ impl Membership {
                 let (id, address) = &nodes[next % nodes.len()];
                 next += 1;
                 let watched = async {
-                    let mut client = pool.client(id, address)?;
+                    let mut client = pool.client(id, address).map_err(|e| e.to_string())?;
                     let mut stream = client
                         .watch_health(pb::WatchHealthRequest {})
                         .await

@@ -36,6 +36,7 @@ pub mod lease;
 pub mod membership;
 pub mod read;
 pub mod repair;
+pub mod replica_error;
 pub mod replicas;
 pub mod rf_change;
 pub mod ring_view;

@@ -40,7 +40,7 @@ impl RepairQueue {
                 let client = snapshot
                     .address(&node)
                     .ok_or_else(|| "not in the registry".to_owned())
-                    .and_then(|a| pool.client(&node, a));
+                    .and_then(|a| pool.client(&node, a).map_err(|e| e.to_string()));
                 tokio::spawn(async move {
                     let result = match client {
                         Ok(mut client) => {

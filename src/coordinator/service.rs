@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::limits::{check_client_key, check_value_len};
 use crate::meta::Tenant;
 use crate::quorum::Consistency;
 use crate::rpc::coordinator as pb;
@@ -22,9 +22,10 @@ use crate::vclock::{Causality, VectorClock, Version};
 use super::Coordinator;
 use super::admin::check_tenant_id;
 use super::clock::Source;
-use super::errors::{CoordError, detail_in};
+use super::errors::CoordError;
 use super::idempotent::{Operation, fingerprint};
 use super::topology::NewNode;
+use crate::rpc::detail::coordinator_detail;
 
 /// Largest causal context a client may send.
 const MAX_CONTEXT_ENTRIES: usize = 1000;
@@ -61,37 +62,19 @@ impl CoordinatorService {
             }
         };
         let answer = answer.unwrap_or_else(|status| {
-            Answer::Error(detail_in(&status).unwrap_or_else(|| pb::ErrorDetail {
-                code: pb::ErrorCode::InternalError as i32,
-                message: status.message().to_owned(),
-                ..Default::default()
-            }))
+            Answer::Error(
+                coordinator_detail(&status).unwrap_or_else(|| pb::ErrorDetail {
+                    code: pb::ErrorCode::InternalError as i32,
+                    message: status.message().to_owned(),
+                    ..Default::default()
+                }),
+            )
         });
         pb::KeyValueResult {
             id: call.id,
             result: Some(answer),
         }
     }
-}
-
-fn check_key(key: &[u8]) -> Result<(), CoordError> {
-    if key.is_empty() {
-        return Err(CoordError::InvalidRequest(
-            "key must not be empty".to_owned(),
-        ));
-    }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(CoordError::KeyTooLarge {
-            len: key.len(),
-            max: MAX_KEY_BYTES,
-        });
-    }
-    if key.contains(&0) {
-        return Err(CoordError::InvalidRequest(
-            "key must not contain NUL bytes".to_owned(),
-        ));
-    }
-    Ok(())
 }
 
 fn consistency(raw: i32) -> Result<Consistency, CoordError> {
@@ -169,13 +152,8 @@ impl Coordinator {
         level: Consistency,
     ) -> Result<pb::WriteKeyValueResponse, CoordError> {
         check_tenant_id(&req.tenant_id)?;
-        check_key(&req.key)?;
-        if req.value.len() > MAX_VALUE_BYTES {
-            return Err(CoordError::ValueTooLarge {
-                len: req.value.len(),
-                max: MAX_VALUE_BYTES,
-            });
-        }
+        check_client_key(&req.key)?;
+        check_value_len(req.value.len())?;
         check_idempotency_key(&req.idempotency_key)?;
         let context = if req.has_context {
             let clock = clock_from_proto(&req.context);
@@ -266,7 +244,7 @@ impl Coordinator {
         level: Consistency,
     ) -> Result<(Tenant, Option<(Vec<u8>, common::Version)>), CoordError> {
         check_tenant_id(tenant_id)?;
-        check_key(key)?;
+        check_client_key(key)?;
         let tenant = self.tenant(tenant_id).await?;
         let winner = self
             .read_winner(&tenant.tenant_id, tenant.replication_factor, key, level)
@@ -322,7 +300,7 @@ impl Coordinator {
             return delete().await;
         }
         check_tenant_id(&req.tenant_id)?;
-        check_key(&req.key)?;
+        check_client_key(&req.key)?;
         let fingerprint = fingerprint(Operation::Delete, &req.key, b"", None);
         self.idempotent(
             &req.tenant_id,

@@ -15,6 +15,15 @@ use super::batcher::NodeBatcher;
 
 type Batchers = HashMap<String, (String, Arc<NodeBatcher>)>;
 
+/// A node's registered address is not a `host:port` a channel can be made for.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("bad address {address:?} for storage node {node}: {reason}")]
+pub struct BadAddress {
+    pub node: String,
+    pub address: String,
+    pub reason: String,
+}
+
 pub struct StoragePool {
     clients: RwLock<HashMap<String, (String, StorageNodeClient<Channel>)>>,
     batchers: RwLock<Batchers>,
@@ -46,14 +55,18 @@ impl StoragePool {
         &self,
         node_id: &str,
         address: &str,
-    ) -> Result<StorageNodeClient<Channel>, String> {
+    ) -> Result<StorageNodeClient<Channel>, BadAddress> {
         if let Some((addr, client)) = self.clients.read().get(node_id) {
             if addr == address {
                 return Ok(client.clone());
             }
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("bad address {address:?} for {node_id}: {e}"))?
+            .map_err(|e| BadAddress {
+                node: node_id.to_owned(),
+                address: address.to_owned(),
+                reason: e.to_string(),
+            })?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
@@ -67,7 +80,7 @@ impl StoragePool {
     }
 
     /// The batcher of `node_id` at `address` (`host:port`), started on first use.
-    pub fn batcher(&self, node_id: &str, address: &str) -> Result<Arc<NodeBatcher>, String> {
+    pub fn batcher(&self, node_id: &str, address: &str) -> Result<Arc<NodeBatcher>, BadAddress> {
         if let Some((addr, batcher)) = self.batchers.read().get(node_id) {
             if addr == address {
                 return Ok(batcher.clone());

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 
-use crate::config::valid_node_id;
+use crate::limits::valid_node_id;
 use crate::meta::{
     Hint, MetaError, Migration, MigrationKind, MigrationState, NodeRecord, registry_view,
 };
@@ -573,7 +573,7 @@ impl Coordinator {
         let mut client = self
             .pool
             .client(&t.from, &from)
-            .map_err(PollError::Unreachable)?;
+            .map_err(|e| PollError::Unreachable(e.to_string()))?;
         let status = client
             .start_streaming(spb::StartStreamingRequest {
                 stream_id: t.stream_id.clone(),
@@ -685,7 +685,7 @@ impl Coordinator {
         let mut client = self
             .pool
             .client(&record.node_id, &address)
-            .map_err(unreachable)?;
+            .map_err(|e| unreachable(e.to_string()))?;
         let health = tokio::time::timeout(
             PROBE_TIMEOUT,
             client.health_check(spb::HealthCheckRequest {}),

@@ -40,6 +40,7 @@ mod error;
 mod iterators;
 mod manifest;
 mod memtable;
+mod options;
 pub mod sstable;
 mod types;
 pub mod vfs;
@@ -54,11 +55,10 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::config::SyncMode;
+use crate::limits::{check_key, check_tenant};
 use crate::ring::HashRange;
 
 use cache::RowCache;
-use compaction::policy::LevelPolicy;
 use disk::DiskGuard;
 use iterators::{MemtableCursor, MergeIter, Source};
 use manifest::Manifest;
@@ -72,62 +72,11 @@ pub use disk::{
     FULL_PERCENT, LARGE_WRITE_BYTES, THROTTLE_PERCENT, WARN_PERCENT, decide as disk_decide,
 };
 pub use error::{EngineError, Result};
-pub use types::{
-    ApplyOutcome, MAX_KEY_BYTES, MAX_TENANT_BYTES, MAX_VALUE_BYTES, RangeDrop, Record,
-    internal_key, validate_key, validate_tenant,
-};
+pub use options::{EngineOptions, SyncMode};
+pub use types::{ApplyOutcome, RangeDrop, Record, internal_key};
 pub use wal::ReplayStats;
 
 const STRIPES: usize = 4096;
-
-/// Tuning of one engine. `Default` is the production configuration.
-#[derive(Debug, Clone)]
-pub struct EngineOptions {
-    pub sync: SyncMode,
-    /// Commit-log segment size before rotation.
-    pub segment_bytes: u64,
-    /// Memtable size that triggers a flush.
-    pub memtable_bytes: usize,
-    /// Frozen memtables allowed to wait for flushing before writers stall.
-    pub max_immutable_memtables: usize,
-    /// Target size of a data block.
-    pub block_bytes: usize,
-    /// Target size of a compaction output table.
-    pub table_bytes: u64,
-    pub levels: LevelPolicy,
-    /// Row cache capacity in bytes (0 disables it).
-    pub cache_bytes: u64,
-    /// Tombstones younger than this survive compaction.
-    pub gc_grace: Duration,
-    /// Compaction write rate limit (bytes/s); `None` = unthrottled.
-    pub compaction_bytes_per_sec: Option<u64>,
-    /// Open even if a commit-log segment is corrupt in the middle, dropping the rest of it.
-    pub skip_corrupt_log: bool,
-    /// Run the flush and compaction workers (tests may drive them by hand).
-    pub background: bool,
-    /// Where files live: the real file system, or a simulated disk in crash tests.
-    pub vfs: Arc<dyn Vfs>,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        Self {
-            sync: SyncMode::Always,
-            segment_bytes: 128 << 20,
-            memtable_bytes: 64 << 20,
-            max_immutable_memtables: 4,
-            block_bytes: 4096,
-            table_bytes: 64 << 20,
-            levels: LevelPolicy::default(),
-            cache_bytes: 64 << 20,
-            gc_grace: Duration::from_secs(10 * 24 * 3600),
-            compaction_bytes_per_sec: Some(64 << 20),
-            skip_corrupt_log: false,
-            background: true,
-            vfs: vfs::real(),
-        }
-    }
-}
 
 /// Sizes and counters, for `HealthCheck` and `/metrics`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -430,10 +379,10 @@ impl Engine {
     /// The stored version of a key if the row cache holds it: never touches the disk, so async
     /// callers may use it without a blocking thread. `None` says nothing (ask [`Engine::get`]).
     pub fn get_cached(&self, tenant: &str, key: &[u8]) -> Option<Arc<Record>> {
-        if self.core.check_open().is_err() || validate_tenant(tenant).is_err() {
+        if self.core.check_open().is_err() || check_tenant(tenant).is_err() {
             return None;
         }
-        validate_key(key).ok()?;
+        check_key(key).ok()?;
         let found = self.core.cache.get(&internal_key(tenant, key))?;
         self.core.metrics.reads.fetch_add(1, Ordering::Relaxed);
         Some(found)
@@ -444,7 +393,7 @@ impl Engine {
         &self,
         tenant: &str,
     ) -> Result<impl Iterator<Item = Result<Arc<Record>>> + Send + use<>> {
-        validate_tenant(tenant)?;
+        check_tenant(tenant)?;
         let from = internal_key(tenant, b"");
         let mut end = tenant.as_bytes().to_vec();
         end.push(1);
@@ -752,8 +701,8 @@ impl Core {
 
     fn get(&self, tenant: &str, key: &[u8]) -> Result<Option<Arc<Record>>> {
         self.check_open()?;
-        validate_tenant(tenant)?;
-        validate_key(key)?;
+        check_tenant(tenant)?;
+        check_key(key)?;
         self.metrics.reads.fetch_add(1, Ordering::Relaxed);
         let ikey = internal_key(tenant, key);
         if let Some(r) = self.cache.get(&ikey) {

@@ -1,4 +1,4 @@
-//! Records, internal keys and the input limits of STORAGE.md.
+//! Records and internal keys. A record is checked against `crate::limits` before it is logged.
 //!
 //! Internal key = tenant id bytes, 0x00, user key bytes. Tenant ids never contain NUL, so
 //! byte order of internal keys is order by (tenant, key): one tenant's keys are contiguous and
@@ -6,17 +6,11 @@
 
 use bytes::Bytes;
 
+use crate::limits::{check_key, check_tenant, check_value_len};
 use crate::ring::key_position;
 use crate::vclock::{MAX_WIRE_ENTRIES, Version};
 
 use super::error::EngineError;
-
-/// Longest user key.
-pub const MAX_KEY_BYTES: usize = 1024;
-/// Largest value.
-pub const MAX_VALUE_BYTES: usize = 10 * 1024 * 1024;
-/// Longest tenant id.
-pub const MAX_TENANT_BYTES: usize = 256;
 
 /// One stored version of one key: a value, or a tombstone (`value == None`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,16 +66,9 @@ impl Record {
 
     /// Checks the limits of STORAGE.md; called before anything touches the log.
     pub fn validate(&self) -> Result<(), EngineError> {
-        validate_tenant(&self.tenant)?;
-        validate_key(&self.key)?;
-        if let Some(v) = &self.value {
-            if v.len() > MAX_VALUE_BYTES {
-                return Err(EngineError::ValueTooLarge {
-                    len: v.len(),
-                    max: MAX_VALUE_BYTES,
-                });
-            }
-        }
+        check_tenant(&self.tenant)?;
+        check_key(&self.key)?;
+        check_value_len(self.value.as_ref().map_or(0, Bytes::len))?;
         self.version
             .clock
             .validate(MAX_WIRE_ENTRIES)
@@ -109,33 +96,6 @@ pub fn split_internal_key(ikey: &[u8]) -> Option<(&str, &[u8])> {
     let nul = ikey.iter().position(|b| *b == 0)?;
     let tenant = std::str::from_utf8(&ikey[..nul]).ok()?;
     Some((tenant, &ikey[nul + 1..]))
-}
-
-/// Tenant id: 1..=256 bytes, no ':', NUL or control characters.
-pub fn validate_tenant(tenant: &str) -> Result<(), EngineError> {
-    if tenant.is_empty()
-        || tenant.len() > MAX_TENANT_BYTES
-        || tenant.chars().any(|c| c == ':' || c.is_control())
-    {
-        return Err(EngineError::InvalidTenantId(format!(
-            "tenant id must be 1..={MAX_TENANT_BYTES} bytes without ':', NUL or control characters"
-        )));
-    }
-    Ok(())
-}
-
-/// Key: 1..=1024 bytes.
-pub fn validate_key(key: &[u8]) -> Result<(), EngineError> {
-    if key.is_empty() {
-        return Err(EngineError::InvalidKey("key must not be empty".to_owned()));
-    }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(EngineError::KeyTooLarge {
-            len: key.len(),
-            max: MAX_KEY_BYTES,
-        });
-    }
-    Ok(())
 }
 
 /// What `apply` did with a record.
@@ -174,6 +134,7 @@ impl RangeDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::{LimitError, MAX_KEY_BYTES, MAX_VALUE_BYTES};
     use crate::vclock::VectorClock;
 
     fn version() -> Version {
@@ -206,7 +167,7 @@ mod tests {
         }
         assert!(matches!(
             Record::put("t", vec![b'k'; 2000], version(), "v").validate(),
-            Err(EngineError::KeyTooLarge { .. })
+            Err(EngineError::Limit(LimitError::KeyTooLarge { .. }))
         ));
     }
 }

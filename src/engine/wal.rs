@@ -48,7 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::config::SyncMode;
+use super::options::SyncMode;
 
 use super::codec::{decode_log_record, encode_log_record, le_u32, le_u64};
 use super::error::{EngineError, Result};

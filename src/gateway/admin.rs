@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::config::valid_node_id;
+use crate::limits::valid_node_id;
 use crate::rpc::common::NodeState;
 use crate::rpc::coordinator as pb;
 

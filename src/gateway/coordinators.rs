@@ -28,10 +28,10 @@ use prost::Message;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::coordinator::errors::detail_in;
 use crate::mux::{MuxError, MuxSlot};
 use crate::rpc::coordinator::coordinator_client::CoordinatorClient;
 use crate::rpc::coordinator::{self as pb, key_value_call, key_value_result};
+use crate::rpc::detail::coordinator_detail;
 
 const BACKOFF: Duration = Duration::from_secs(1);
 
@@ -334,5 +334,5 @@ impl Member {
 /// The request did not reach a coordinator, or its connection broke before the answer (safe
 /// to send to another one).
 fn is_transport_failure(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unavailable && detail_in(status).is_none()
+    status.code() == tonic::Code::Unavailable && coordinator_detail(status).is_none()
 }

@@ -8,8 +8,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::coordinator::errors::detail_in;
 use crate::rpc::coordinator::ErrorCode;
+use crate::rpc::detail::coordinator_detail;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -55,7 +55,7 @@ impl ApiError {
 
     /// The API error for a coordinator's answer.
     pub fn from_status(status: &tonic::Status) -> Self {
-        let Some(detail) = detail_in(status) else {
+        let Some(detail) = coordinator_detail(status) else {
             return match status.code() {
                 tonic::Code::DeadlineExceeded => {
                     Self::unavailable("the coordinator did not answer in time")

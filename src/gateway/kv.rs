@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::engine::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::limits::{LimitError, check_client_key, check_value_len};
 use crate::quorum::Consistency;
 use crate::rpc::common;
 use crate::rpc::coordinator as pb;
@@ -119,20 +119,12 @@ fn consistency(raw: Option<&str>) -> Result<Consistency, ApiError> {
 }
 
 fn check_key(key: &str) -> Result<(), ApiError> {
-    if key.is_empty() {
-        return Err(ApiError::invalid("key must not be empty"));
-    }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "KEY_TOO_LARGE",
-            format!("key is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()),
-        ));
-    }
-    if key.contains('\0') {
-        return Err(ApiError::invalid("key must not contain NUL"));
-    }
-    Ok(())
+    check_client_key(key.as_bytes()).map_err(|e| match e {
+        LimitError::KeyTooLarge { .. } => {
+            ApiError::new(StatusCode::BAD_REQUEST, "KEY_TOO_LARGE", e.to_string())
+        }
+        _ => ApiError::invalid(e.to_string()),
+    })
 }
 
 /// The `Idempotency-Key` header (empty when absent).
@@ -244,12 +236,8 @@ pub async fn put(
         check_key(&body.key)?;
         let level = consistency(body.consistency.as_deref())?;
         let value = body.value.get();
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(ApiError::value_too_large(format!(
-                "value is {} bytes of JSON; the limit is {MAX_VALUE_BYTES}",
-                value.len()
-            )));
-        }
+        check_value_len(value.len())
+            .map_err(|e| ApiError::value_too_large(format!("{e} (of JSON)")))?;
         let idempotency_key = idempotency_key(&headers)?;
         let (has_context, context) = match &body.context {
             Some(c) => (

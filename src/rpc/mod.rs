@@ -22,6 +22,8 @@ pub mod pb {
     }
 }
 
+pub mod detail;
+
 /// A storage node's `WatchHealth` stream sends the membership at least this often, changed or
 /// not, so a watcher can tell a live stream from one a partition silently cut.
 pub const WATCH_HEALTH_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);

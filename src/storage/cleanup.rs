@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use tonic::Status;
 
-use crate::engine::{Engine, EngineError, RangeDrop, validate_key, validate_tenant};
+use crate::engine::{Engine, EngineError, RangeDrop};
+use crate::limits::{check_key, check_tenant};
 use crate::ring::HashRange;
 use crate::rpc::storage as pb;
 use crate::vclock::Version;
@@ -36,8 +37,8 @@ pub fn parse_held(req: pb::HeldVersionsRequest) -> Result<Vec<(String, Vec<u8>, 
     req.entries
         .into_iter()
         .map(|e| {
-            validate_tenant(&e.tenant_id).map_err(|err| invalid(err.to_string()))?;
-            validate_key(&e.key).map_err(|err| invalid(err.to_string()))?;
+            check_tenant(&e.tenant_id).map_err(|err| invalid(err.to_string()))?;
+            check_key(&e.key).map_err(|err| invalid(err.to_string()))?;
             let version = e
                 .version
                 .as_ref()
@@ -83,7 +84,7 @@ pub fn parse_drops(req: pb::DropRangesRequest) -> Result<Vec<RangeDrop>, Status>
                 return Err(invalid("a drop names no tenant"));
             }
             for t in &d.tenant_ids {
-                validate_tenant(t).map_err(|err| invalid(err.to_string()))?;
+                check_tenant(t).map_err(|err| invalid(err.to_string()))?;
             }
             let ranges: Vec<HashRange> = d.ranges.iter().map(HashRange::from).collect();
             // start == end is the whole ring: never what a cleanup means.

@@ -1,27 +1,30 @@
 //! Engine errors to gRPC statuses. The machine-readable code travels as an `ErrorDetail` in the
 //! status details; the gRPC code is chosen so generic clients retry the right things.
 
-use prost::Message;
 use tonic::{Code, Status};
 
 use crate::engine::EngineError;
+use crate::limits::LimitError;
+use crate::rpc::detail;
 use crate::rpc::storage::{ErrorCode, ErrorDetail};
 
 /// The STORAGE.md code of an engine error.
 pub fn code_of(e: &EngineError) -> ErrorCode {
     match e {
         EngineError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-        EngineError::KeyTooLarge { .. } => ErrorCode::KeyTooLarge,
-        EngineError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
-        EngineError::InvalidTenantId(_) => ErrorCode::InvalidTenantId,
-        EngineError::InvalidKey(_) => ErrorCode::InvalidKey,
+        EngineError::Limit(limit) => match limit {
+            LimitError::KeyTooLarge { .. } => ErrorCode::KeyTooLarge,
+            LimitError::ValueTooLarge { .. } => ErrorCode::ValueTooLarge,
+            LimitError::TenantId => ErrorCode::InvalidTenantId,
+            LimitError::EmptyKey | LimitError::KeyHasNul => ErrorCode::InvalidKey,
+        },
         EngineError::DiskFull { .. } => ErrorCode::DiskFull,
         EngineError::DiskThrottled { .. } => ErrorCode::DiskThrottled,
         EngineError::CommitLog { .. } => ErrorCode::CommitLogFailed,
         EngineError::Corrupted { .. } => ErrorCode::CorruptedData,
         EngineError::ChecksumFailed { .. } => ErrorCode::ChecksumFailed,
         EngineError::Closed => ErrorCode::Unavailable,
-        _ => ErrorCode::Internal,
+        EngineError::Io { .. } => ErrorCode::Internal,
     }
 }
 
@@ -48,7 +51,7 @@ pub fn status(code: ErrorCode, message: impl Into<String>) -> Status {
         code: code as i32,
         message: message.clone(),
     };
-    Status::with_details(grpc_code(code), message, detail.encode_to_vec().into())
+    detail::with_detail(grpc_code(code), message, &detail)
 }
 
 pub fn from_engine(e: &EngineError) -> Status {
@@ -63,42 +66,22 @@ pub fn internal(message: impl Into<String>) -> Status {
     status(ErrorCode::Internal, message)
 }
 
-/// The `ErrorDetail` of a status made here (an internal error for any other status).
-pub fn detail_of(status: &Status) -> ErrorDetail {
-    match ErrorDetail::decode(status.details()) {
-        Ok(detail) if !status.details().is_empty() => detail,
-        _ => ErrorDetail {
-            code: ErrorCode::Internal as i32,
-            message: status.message().to_owned(),
-        },
-    }
-}
-
-/// The pairdb code carried by a status from a storage node (`Unspecified` if none).
-pub fn code_in(status: &Status) -> ErrorCode {
-    ErrorDetail::decode(status.details())
-        .ok()
-        .and_then(|d| ErrorCode::try_from(d.code).ok())
-        .unwrap_or(ErrorCode::Unspecified)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn codes_survive_the_status() {
-        let s = from_engine(&EngineError::KeyTooLarge {
+        let s = from_engine(&EngineError::Limit(LimitError::KeyTooLarge {
             len: 2000,
             max: 1024,
-        });
+        }));
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert_eq!(code_in(&s), ErrorCode::KeyTooLarge);
+        assert_eq!(detail::storage_code(&s), ErrorCode::KeyTooLarge);
         let s = from_engine(&EngineError::DiskFull { percent: 96.0 });
         assert_eq!(
-            (s.code(), code_in(&s)),
+            (s.code(), detail::storage_code(&s)),
             (Code::ResourceExhausted, ErrorCode::DiskFull)
         );
-        assert_eq!(code_in(&Status::internal("plain")), ErrorCode::Unspecified);
     }
 }

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{ApplyOutcome, Engine, EngineError, Problem, Record};
+use crate::limits::{check_key, check_tenant};
 use crate::ring::HashRange;
 use crate::rpc::common;
 use crate::rpc::storage as pb;
@@ -27,10 +28,11 @@ use crate::vclock::Version;
 
 use super::cleanup;
 use super::convert::{record_from_proto, record_to_proto};
-use super::errors::{detail_of, from_engine, internal, invalid};
+use super::errors::{from_engine, internal, invalid};
 use super::gossip::{Gossip, Health};
 use super::repair_markers::RepairMarkerLog;
 use super::streaming::StreamManager;
+use crate::rpc::detail::{storage_code, storage_detail};
 
 /// Largest batch a `ScanRange` stream sends at once.
 const MAX_SCAN_BATCH: usize = 1000;
@@ -145,7 +147,7 @@ fn observe<T>(
     service.requests.fetch_add(1, Ordering::Relaxed);
     let code = match result {
         Ok(_) => "ok".to_owned(),
-        Err(s) => format!("{:?}", super::errors::code_in(s)),
+        Err(s) => format!("{:?}", storage_code(s)),
     };
     metrics::counter!("pairdb_storage_requests_total", "rpc" => rpc, "code" => code).increment(1);
     metrics::histogram!("pairdb_storage_request_seconds", "rpc" => rpc)
@@ -197,7 +199,7 @@ impl StorageService {
         };
         pb::BatchResult {
             id: call.id,
-            result: Some(answer.unwrap_or_else(|status| Answer::Error(detail_of(&status)))),
+            result: Some(answer.unwrap_or_else(|status| Answer::Error(storage_detail(&status)))),
         }
     }
 
@@ -549,8 +551,8 @@ impl StorageNode for StorageService {
         let started = Instant::now();
         let markers = req.into_inner().markers;
         if markers.iter().any(|m| {
-            crate::engine::validate_tenant(&m.tenant_id).is_err()
-                || crate::engine::validate_key(&m.key).is_err()
+            check_tenant(&m.tenant_id).is_err()
+                || check_key(&m.key).is_err()
                 || m.missed_node.is_empty()
         }) {
             return Err(invalid("repair marker with a bad tenant, key or node"));

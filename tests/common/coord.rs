@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use pairdb::coordinator::errors::detail_in;
 use pairdb::ring::{NodeId, NodeState, Ring, RingNode};
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
 use pairdb::rpc::coordinator::coordinator_client::CoordinatorClient;
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
+use pairdb::rpc::detail::coordinator_detail as detail_in;
 use pairdb::rpc::storage as spb;
 use pairdb::vclock::Version;
 use tonic::transport::Channel;

@@ -1,0 +1,52 @@
+//! Why one replica did not answer a call: refused as invalid (retrying cannot help, no hint)
+//! or unable to serve it (down, timed out, disk full: a hint or a retry may).
+
+use crate::rpc::detail::storage_code;
+use crate::rpc::storage as pb;
+
+/// Why one replica did not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{node}: {message}")]
+pub struct ReplicaError {
+    pub node: String,
+    pub message: String,
+    /// The replica rejected the request as invalid (a 1xxx code): retrying it cannot succeed.
+    pub rejected: bool,
+}
+
+impl ReplicaError {
+    pub fn unavailable(node: &str, message: impl Into<String>) -> Self {
+        Self::new(node, message)
+    }
+
+    pub fn new(node: &str, message: impl Into<String>) -> Self {
+        Self {
+            node: node.to_owned(),
+            message: message.into(),
+            rejected: false,
+        }
+    }
+
+    pub fn from_status(node: &str, status: &tonic::Status) -> Self {
+        let code = storage_code(status) as i32;
+        Self {
+            node: node.to_owned(),
+            message: format!("{:?}: {}", status.code(), status.message()),
+            rejected: is_rejection(code),
+        }
+    }
+
+    /// The error a node answered on its batch stream.
+    pub fn from_detail(node: &str, detail: &pb::ErrorDetail) -> Self {
+        Self {
+            node: node.to_owned(),
+            message: format!("{:?}: {}", detail.code(), detail.message),
+            rejected: is_rejection(detail.code),
+        }
+    }
+}
+
+/// 1xxx codes: the request is wrong, retrying it cannot succeed.
+fn is_rejection(code: i32) -> bool {
+    (1000..2000).contains(&code)
+}

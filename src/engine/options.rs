@@ -1,0 +1,113 @@
+//! How an engine is tuned: [`EngineOptions`] and the commit log's [`SyncMode`].
+//!
+//! The engine's own types: whoever opens an engine (the storage node, tests, benchmarks)
+//! translates its configuration into these, so the engine imports nothing above it.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::compaction::policy::LevelPolicy;
+use super::vfs::{self, Vfs};
+
+/// Commit-log sync policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// fsync before acknowledging, concurrent writers share one fsync (group commit).
+    #[default]
+    Always,
+    /// fsync at most every N ms; a crash may lose the last N ms of acknowledged writes.
+    BatchMs(u64),
+    /// Never fsync explicitly (tests and benchmarks only).
+    Never,
+}
+
+impl FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            other => match other.strip_prefix("batch_ms=").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(Self::BatchMs(ms)),
+                _ => Err(format!(
+                    "sync must be always, batch_ms=N (N > 0) or never, not {other:?}"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Always => f.write_str("always"),
+            Self::BatchMs(ms) => write!(f, "batch_ms={ms}"),
+            Self::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// Tuning of one engine. `Default` is the production configuration.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub sync: SyncMode,
+    /// Commit-log segment size before rotation.
+    pub segment_bytes: u64,
+    /// Memtable size that triggers a flush.
+    pub memtable_bytes: usize,
+    /// Frozen memtables allowed to wait for flushing before writers stall.
+    pub max_immutable_memtables: usize,
+    /// Target size of a data block.
+    pub block_bytes: usize,
+    /// Target size of a compaction output table.
+    pub table_bytes: u64,
+    pub levels: LevelPolicy,
+    /// Row cache capacity in bytes (0 disables it).
+    pub cache_bytes: u64,
+    /// Tombstones younger than this survive compaction.
+    pub gc_grace: Duration,
+    /// Compaction write rate limit (bytes/s); `None` = unthrottled.
+    pub compaction_bytes_per_sec: Option<u64>,
+    /// Open even if a commit-log segment is corrupt in the middle, dropping the rest of it.
+    pub skip_corrupt_log: bool,
+    /// Run the flush and compaction workers (tests may drive them by hand).
+    pub background: bool,
+    /// Where files live: the real file system, or a simulated disk in crash tests.
+    pub vfs: Arc<dyn Vfs>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            sync: SyncMode::Always,
+            segment_bytes: 128 << 20,
+            memtable_bytes: 64 << 20,
+            max_immutable_memtables: 4,
+            block_bytes: 4096,
+            table_bytes: 64 << 20,
+            levels: LevelPolicy::default(),
+            cache_bytes: 64 << 20,
+            gc_grace: Duration::from_secs(10 * 24 * 3600),
+            compaction_bytes_per_sec: Some(64 << 20),
+            skip_corrupt_log: false,
+            background: true,
+            vfs: vfs::real(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_mode_parses_and_prints() {
+        for s in ["always", "never", "batch_ms=5"] {
+            assert_eq!(s.parse::<SyncMode>().expect(s).to_string(), s);
+        }
+        assert!("batch_ms=0".parse::<SyncMode>().is_err());
+        assert!("sometimes".parse::<SyncMode>().is_err());
+    }
+}
