@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
+        // Keys and values as `bytes::Bytes`: a decoded value shares the received buffer, and
+        // sending one value to every replica clones a reference, not the bytes.
+        .bytes(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -76,7 +76,10 @@ async fn held(node: &StorageNode) -> Vec<(String, String)> {
     while let Some(batch) = scan.message().await.expect("scan batch") {
         for r in batch.records {
             assert!(r.payload.is_none(), "a keys-only scan carries no values");
-            out.push((r.tenant_id, String::from_utf8(r.key).expect("utf-8")));
+            out.push((
+                r.tenant_id,
+                String::from_utf8(r.key.to_vec()).expect("utf-8"),
+            ));
         }
     }
     out
@@ -190,7 +193,7 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
         .write(spb::WriteRequest {
             record: Some(spb::Record {
                 tenant_id: tenant.into(),
-                key: key.as_bytes().to_vec(),
+                key: key.as_bytes().to_vec().into(),
                 version: Some(cpb::Version {
                     clock: vec![cpb::ClockEntry {
                         coordinator_id: "elsewhere".into(),
@@ -198,7 +201,7 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
                     }],
                     timestamp_ms: 0,
                 }),
-                payload: Some(spb::record::Payload::Value(b"\"stray\"".to_vec())),
+                payload: Some(spb::record::Payload::Value(b"\"stray\"".to_vec().into())),
                 ring_hash: 0,
             }),
         })

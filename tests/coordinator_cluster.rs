@@ -207,7 +207,7 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
         let d = a
             .delete_key_value(pb::DeleteKeyValueRequest {
                 tenant_id: "acme".into(),
-                key: b"user:0".to_vec(),
+                key: b"user:0".to_vec().into(),
                 consistency: Consistency::Quorum as i32,
                 idempotency_key: String::new(),
             })
@@ -228,7 +228,7 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
         let e = b
             .delete_key_value(pb::DeleteKeyValueRequest {
                 tenant_id: "acme".into(),
-                key: b"user:0".to_vec(),
+                key: b"user:0".to_vec().into(),
                 consistency: Consistency::Quorum as i32,
                 idempotency_key: String::new(),
             })
@@ -990,8 +990,8 @@ async fn key_value_stream_answers_each_call_by_id() {
     let writes = (0..50).map(|i| {
         call(Call::Write(pb::WriteKeyValueRequest {
             tenant_id: "acme".into(),
-            key: format!("k{i}").into_bytes(),
-            value: format!("{i}").into_bytes(),
+            key: format!("k{i}").into_bytes().into(),
+            value: format!("{i}").into_bytes().into(),
             consistency: Consistency::All as i32,
             ..Default::default()
         }))
@@ -1005,7 +1005,7 @@ async fn key_value_stream_answers_each_call_by_id() {
     let reads = (0..50).rev().map(|i| {
         let read = call(Call::Read(pb::ReadKeyValueRequest {
             tenant_id: "acme".into(),
-            key: format!("k{i}").into_bytes(),
+            key: format!("k{i}").into_bytes().into(),
             consistency: Consistency::Quorum as i32,
         }));
         async move { (i, read.await) }
@@ -1018,7 +1018,7 @@ async fn key_value_stream_answers_each_call_by_id() {
     }
     let missing = call(Call::Read(pb::ReadKeyValueRequest {
         tenant_id: "acme".into(),
-        key: b"absent".to_vec(),
+        key: b"absent".to_vec().into(),
         consistency: Consistency::One as i32,
     }))
     .await;
@@ -1041,7 +1041,7 @@ async fn key_value_stream_answers_each_call_by_id() {
     let read_one = |key: &str| {
         let call = Call::Read(pb::ReadKeyValueRequest {
             tenant_id: "acme".into(),
-            key: key.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec().into(),
             consistency: Consistency::One as i32,
         });
         move |id| pb::KeyValueCall {

@@ -27,9 +27,9 @@ fn hint(target: &str, key: &str, created_at_ms: i64, attempts: u32) -> Hint {
     )]));
     let record = pb::Record {
         tenant_id: "acme".into(),
-        key: key.as_bytes().to_vec(),
+        key: key.as_bytes().to_vec().into(),
         version: Some((&version).into()),
-        payload: Some(pb::record::Payload::Value(b"\"hinted\"".to_vec())),
+        payload: Some(pb::record::Payload::Value(b"\"hinted\"".to_vec().into())),
         ring_hash: 0,
     };
     Hint {
@@ -103,7 +103,7 @@ async fn replay_delivers_live_hints_and_drops_expired_ones() {
             client
                 .read(pb::ReadRequest {
                     tenant_id: "acme".into(),
-                    key: key.as_bytes().to_vec(),
+                    key: key.as_bytes().to_vec().into(),
                 })
                 .await
                 .expect("read")

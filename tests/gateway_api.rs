@@ -678,8 +678,8 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
     coordinator
         .write_key_value(pairdb::rpc::coordinator::WriteKeyValueRequest {
             tenant_id: "acme".into(),
-            key: b"raw".to_vec(),
-            value: b"not json".to_vec(),
+            key: b"raw".to_vec().into(),
+            value: b"not json".to_vec().into(),
             ..Default::default()
         })
         .await

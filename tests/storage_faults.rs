@@ -98,7 +98,7 @@ async fn a_corrupt_table_is_quarantined_and_its_keys_served_by_other_replicas() 
     let direct = s1
         .read(spb::ReadRequest {
             tenant_id: "acme".into(),
-            key: b"k0".to_vec(),
+            key: b"k0".to_vec().into(),
         })
         .await;
     assert!(

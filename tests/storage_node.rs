@@ -37,9 +37,9 @@ fn version(counter: u64) -> cpb::Version {
 fn put(tenant: &str, key: &[u8], counter: u64, value: &[u8]) -> pb::Record {
     pb::Record {
         tenant_id: tenant.into(),
-        key: key.to_vec(),
+        key: key.to_vec().into(),
         version: Some(version(counter)),
-        payload: Some(pb::record::Payload::Value(value.to_vec())),
+        payload: Some(pb::record::Payload::Value(value.to_vec().into())),
         ring_hash: 0,
     }
 }
@@ -52,7 +52,7 @@ async fn read(
     client
         .read(pb::ReadRequest {
             tenant_id: tenant.into(),
-            key: key.to_vec(),
+            key: key.to_vec().into(),
         })
         .await
         .expect("read")
@@ -77,7 +77,7 @@ async fn scan(
     let mut out = BTreeMap::new();
     while let Some(batch) = stream.message().await.expect("scan batch") {
         for r in batch.records {
-            out.insert((r.tenant_id.clone(), r.key.clone()), r);
+            out.insert((r.tenant_id.clone(), r.key.to_vec()), r);
         }
     }
     out
@@ -156,7 +156,7 @@ async fn round_trips_and_bad_inputs() {
         .expect("written value reads back");
     assert_eq!(
         got.payload,
-        Some(pb::record::Payload::Value(b"\"v2\"".to_vec()))
+        Some(pb::record::Payload::Value(b"\"v2\"".to_vec().into()))
     );
     assert_eq!(got.version.expect("version").clock[0].counter, base + 2);
     assert_eq!(
@@ -176,7 +176,7 @@ async fn round_trips_and_bad_inputs() {
     let r = c
         .delete(pb::DeleteRequest {
             tenant_id: "acme".into(),
-            key: b"user:1".to_vec(),
+            key: b"user:1".to_vec().into(),
             version: Some(version(base + 3)),
         })
         .await
@@ -342,7 +342,10 @@ async fn acknowledged_writes_survive_kill_9() {
         let got = read(&mut c, "durable", key)
             .await
             .unwrap_or_else(|| panic!("acknowledged {} lost", String::from_utf8_lossy(key)));
-        assert_eq!(got.payload, Some(pb::record::Payload::Value(key.clone())));
+        assert_eq!(
+            got.payload,
+            Some(pb::record::Payload::Value(key.clone().into()))
+        );
     }
 }
 
@@ -740,7 +743,7 @@ async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
     let got = read(&mut c, "t", b"k").await.expect("k");
     assert_eq!(
         got.payload,
-        Some(pb::record::Payload::Value(b"repaired".to_vec()))
+        Some(pb::record::Payload::Value(b"repaired".to_vec().into()))
     );
 
     // A stream to a target that never answers keeps retrying until it is stopped.
@@ -809,7 +812,7 @@ async fn held_versions_and_tenant_range_drops() {
     }
     let entry = |key: &str, counter: u64| pb::KeyVersion {
         tenant_id: "acme".into(),
-        key: key.as_bytes().to_vec(),
+        key: key.as_bytes().to_vec().into(),
         version: Some(version(counter)),
     };
     let held = c

@@ -102,9 +102,9 @@ async fn a_huge_context_is_refused_and_harms_no_one() {
     let poison = 1u64 << 62;
     let record = spb::Record {
         tenant_id: "acme".into(),
-        key: b"poisoned".to_vec(),
+        key: b"poisoned".to_vec().into(),
         version: Some((&Version::new(VectorClock::from_entries([("z", poison)]))).into()),
-        payload: Some(spb::record::Payload::Value(b"\"old\"".to_vec())),
+        payload: Some(spb::record::Payload::Value(b"\"old\"".to_vec().into())),
         ring_hash: 0,
     };
     for node in &storage {
@@ -280,15 +280,15 @@ async fn blind_writes_through_a_skewed_coordinator_still_win_when_later() {
         let read = a
             .read_key_value(pb::ReadKeyValueRequest {
                 tenant_id: "acme".into(),
-                key: key.as_bytes().to_vec(),
+                key: key.as_bytes().to_vec().into(),
                 consistency: Consistency::All as i32,
             })
             .await
             .expect("read at ALL")
             .into_inner();
         assert_eq!(
-            read.value,
-            b"\"B\"",
+            &read.value[..],
+            b"\"B\"" as &[u8],
             "round {i}: the later write B lost (second writer c{})",
             if seed & 1 == 0 { 2 } else { 1 }
         );
@@ -737,7 +737,7 @@ async fn a_write_behind_a_dead_holders_lock_gives_up_and_never_lands_later() {
     let read = c
         .read_key_value(pb::ReadKeyValueRequest {
             tenant_id: "acme".into(),
-            key: b"held".to_vec(),
+            key: b"held".to_vec().into(),
             consistency: Consistency::All as i32,
         })
         .await;

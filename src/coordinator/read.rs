@@ -56,13 +56,14 @@ impl Coordinator {
             })
             .collect();
         let deadline = Instant::now() + self.options.request_timeout;
+        let shared_key = bytes::Bytes::copy_from_slice(key);
         let call = |(id, authoritative): (NodeId, bool)| ReplicaCall {
             call: replicas::read(
                 &self.pool,
                 id.as_str(),
                 snapshot.address(id.as_str()),
                 tenant.to_owned(),
-                key.to_vec(),
+                shared_key.clone(),
             ),
             replica: id,
             authoritative,

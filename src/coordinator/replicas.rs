@@ -30,7 +30,7 @@ pub fn read(
     node: &str,
     address: Option<&str>,
     tenant: String,
-    key: Vec<u8>,
+    key: bytes::Bytes,
 ) -> impl Future<Output = Result<Option<pb::Record>, ReplicaError>> + Send + 'static + use<> {
     let batcher = batcher(pool, node, address);
     let node = node.to_owned();

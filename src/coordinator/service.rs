@@ -11,6 +11,8 @@ use std::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use bytes::Bytes;
+
 use crate::limits::{check_client_key, check_value_len};
 use crate::meta::Tenant;
 use crate::quorum::Consistency;
@@ -242,7 +244,7 @@ impl Coordinator {
         tenant_id: &str,
         key: &[u8],
         level: Consistency,
-    ) -> Result<(Tenant, Option<(Vec<u8>, common::Version)>), CoordError> {
+    ) -> Result<(Tenant, Option<(Bytes, common::Version)>), CoordError> {
         check_tenant_id(tenant_id)?;
         check_client_key(key)?;
         let tenant = self.tenant(tenant_id).await?;

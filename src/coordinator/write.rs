@@ -13,6 +13,8 @@ use std::cmp::Ordering;
 
 use tokio::time::Instant;
 
+use bytes::Bytes;
+
 use crate::quorum::{self, Consistency, ReplicaCall, ReplicaOutcome, ReplicaResult};
 use crate::ring::NodeId;
 use crate::rpc::storage as pb;
@@ -72,8 +74,8 @@ impl Coordinator {
     pub async fn write(
         &self,
         tenant: &Tenant,
-        key: &[u8],
-        value: Option<&[u8]>,
+        key: &Bytes,
+        value: Option<&Bytes>,
         context: Option<&VectorClock>,
         consistency: Consistency,
     ) -> Result<Written, CoordError> {
@@ -110,8 +112,8 @@ impl Coordinator {
     async fn replicate(
         &self,
         tenant: &Tenant,
-        key: &[u8],
-        value: Option<&[u8]>,
+        key: &Bytes,
+        value: Option<&Bytes>,
         version: Version,
         consistency: Consistency,
     ) -> Result<Round, CoordError> {
@@ -132,10 +134,10 @@ impl Coordinator {
         let required = counted.required(consistency);
         let record = pb::Record {
             tenant_id: tenant.tenant_id.clone(),
-            key: key.to_vec(),
+            key: key.clone(),
             version: Some((&version).into()),
             payload: Some(match value {
-                Some(v) => pb::record::Payload::Value(v.to_vec()),
+                Some(v) => pb::record::Payload::Value(v.clone()),
                 None => pb::record::Payload::Tombstone(pb::Tombstone {}),
             }),
             ring_hash: 0,

@@ -253,8 +253,8 @@ pub async fn put(
         };
         let request = pb::WriteKeyValueRequest {
             tenant_id: tenant,
-            key: body.key.as_bytes().to_vec(),
-            value: value.as_bytes().to_vec(),
+            key: Bytes::copy_from_slice(body.key.as_bytes()),
+            value: Bytes::copy_from_slice(value.as_bytes()),
             consistency: common::Consistency::from(level) as i32,
             idempotency_key,
             context,
@@ -304,15 +304,15 @@ pub async fn get(
         let level = consistency(query.consistency.as_deref())?;
         let request = pb::ReadKeyValueRequest {
             tenant_id: tenant,
-            key: key.as_bytes().to_vec(),
+            key: Bytes::copy_from_slice(key.as_bytes()),
             consistency: common::Consistency::from(level) as i32,
         };
         let Answer::Read(answer) = gw.key_value(Call::Read(request)).await? else {
             return Err(mismatched_answer());
         };
-        let text = String::from_utf8(answer.value)
+        let text = std::str::from_utf8(&answer.value)
             .map_err(|_| ApiError::internal("stored value is not UTF-8 JSON"))?;
-        let value = RawValue::from_string(text)
+        let value = RawValue::from_string(text.to_owned())
             .map_err(|_| ApiError::internal("stored value is not JSON"))?;
         Ok(Json(GetResponse {
             status: "success",
@@ -354,7 +354,7 @@ pub async fn delete(
         let level = consistency(body.consistency.as_deref().or(query.consistency.as_deref()))?;
         let request = pb::DeleteKeyValueRequest {
             tenant_id: tenant,
-            key: key.as_bytes().to_vec(),
+            key: Bytes::copy_from_slice(key.as_bytes()),
             consistency: common::Consistency::from(level) as i32,
             idempotency_key: idempotency_key(&headers)?,
         };

@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use tonic::Status;
 
+use bytes::Bytes;
+
 use crate::engine::{Engine, EngineError, RangeDrop};
 use crate::limits::{check_key, check_tenant};
 use crate::ring::HashRange;
@@ -28,7 +30,7 @@ pub const MAX_HELD_ENTRIES: usize = 10_000;
 pub const MAX_DROP_ITEMS: usize = 100_000;
 
 /// The checked entries of a `HeldVersions` request.
-pub fn parse_held(req: pb::HeldVersionsRequest) -> Result<Vec<(String, Vec<u8>, Version)>, Status> {
+pub fn parse_held(req: pb::HeldVersionsRequest) -> Result<Vec<(String, Bytes, Version)>, Status> {
     if req.entries.len() > MAX_HELD_ENTRIES {
         return Err(invalid(format!(
             "at most {MAX_HELD_ENTRIES} entries per HeldVersions call"
@@ -52,7 +54,7 @@ pub fn parse_held(req: pb::HeldVersionsRequest) -> Result<Vec<(String, Vec<u8>, 
 /// Whether the engine holds each version or one that takes precedence over it.
 pub fn held(
     engine: &Engine,
-    entries: &[(String, Vec<u8>, Version)],
+    entries: &[(String, Bytes, Version)],
 ) -> Result<Vec<bool>, EngineError> {
     entries
         .iter()

@@ -28,10 +28,10 @@ pub fn record_from_proto(r: pb::Record) -> Result<Record, Status> {
 pub fn record_to_proto(r: &Record) -> pb::Record {
     pb::Record {
         tenant_id: r.tenant.clone(),
-        key: r.key.to_vec(),
+        key: r.key.clone(),
         version: Some((&r.version).into()),
         payload: Some(match &r.value {
-            Some(v) => pb::record::Payload::Value(v.to_vec()),
+            Some(v) => pb::record::Payload::Value(v.clone()),
             None => pb::record::Payload::Tombstone(pb::Tombstone {}),
         }),
         ring_hash: r.ring_hash,

@@ -113,7 +113,7 @@ mod tests {
     fn marker(i: u8) -> RepairMarker {
         RepairMarker {
             tenant_id: "acme".into(),
-            key: vec![b'k', i],
+            key: vec![b'k', i].into(),
             missed_node: "s3".into(),
             version: None,
         }

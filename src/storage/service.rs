@@ -473,7 +473,7 @@ impl StorageNode for StorageService {
                 match item {
                     Ok(r) if keys_only => batch.push(pb::Record {
                         tenant_id: r.tenant.clone(),
-                        key: r.key.to_vec(),
+                        key: r.key.clone(),
                         version: Some((&r.version).into()),
                         payload: None,
                         ring_hash: r.ring_hash,

@@ -55,8 +55,8 @@ pub async fn put_idem(
 ) -> Result<pb::WriteKeyValueResponse, tonic::Status> {
     c.write_key_value(pb::WriteKeyValueRequest {
         tenant_id: tenant.to_owned(),
-        key: key.as_bytes().to_vec(),
-        value: value.as_bytes().to_vec(),
+        key: key.as_bytes().to_vec().into(),
+        value: value.as_bytes().to_vec().into(),
         consistency: level as i32,
         idempotency_key: idempotency_key.to_owned(),
         ..Default::default()
@@ -73,11 +73,11 @@ pub async fn get(
 ) -> Result<String, tonic::Status> {
     c.read_key_value(pb::ReadKeyValueRequest {
         tenant_id: tenant.to_owned(),
-        key: key.as_bytes().to_vec(),
+        key: key.as_bytes().to_vec().into(),
         consistency: level as i32,
     })
     .await
-    .map(|r| String::from_utf8(r.into_inner().value).expect("utf-8 value"))
+    .map(|r| String::from_utf8(r.into_inner().value.to_vec()).expect("utf-8 value"))
 }
 
 pub fn code(status: &tonic::Status) -> ErrorCode {
@@ -100,7 +100,7 @@ pub async fn stored(node: &StorageNode, tenant: &str, key: &str) -> Option<(Stri
         .await
         .read(spb::ReadRequest {
             tenant_id: tenant.to_owned(),
-            key: key.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec().into(),
         })
         .await
         .expect("storage read")
@@ -108,7 +108,9 @@ pub async fn stored(node: &StorageNode, tenant: &str, key: &str) -> Option<(Stri
         .record?;
     let version = Version::from(record.version.as_ref().expect("version"));
     match record.payload? {
-        spb::record::Payload::Value(v) => Some((String::from_utf8(v).expect("utf-8"), version)),
+        spb::record::Payload::Value(v) => {
+            Some((String::from_utf8(v.to_vec()).expect("utf-8"), version))
+        }
         spb::record::Payload::Tombstone(_) => None,
     }
 }

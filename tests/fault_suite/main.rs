@@ -433,7 +433,7 @@ async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<Final
             let record = client
                 .read(spb::ReadRequest {
                     tenant_id: tenant.clone(),
-                    key: key.as_bytes().to_vec(),
+                    key: key.as_bytes().to_vec().into(),
                 })
                 .await
                 .map_err(|e| format!("read {tenant}/{key} on {owner}: {e}"))?
