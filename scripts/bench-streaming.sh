@@ -14,7 +14,8 @@
 #   KEYS=65536 scripts/bench-streaming.sh         # 512 MiB
 #
 # Env: KEYS (262144), VALUE (8192 bytes), THROTTLE (the default stream_rate_limit, bytes/s),
-# WINDOW (5), IDLE_WINDOWS (6), SETTLE (60), CONCURRENCY (32). Everything binds to 127.0.0.1 and is stopped on exit.
+# WINDOW (5), IDLE_WINDOWS (6), SETTLE (60), CONCURRENCY (32); ONLY_PHASE1=1 runs phase 1
+# PHASE1_RUNS times (default 1) and stops (no capacity or loaded phases). Everything binds to 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,8 @@ WINDOW="${WINDOW:-5}"
 SETTLE="${SETTLE:-60}"
 IDLE_WINDOWS="${IDLE_WINDOWS:-6}"
 CONCURRENCY="${CONCURRENCY:-32}"
+ONLY_PHASE1="${ONLY_PHASE1:-0}"
+PHASE1_RUNS="${PHASE1_RUNS:-1}"
 export CLUSTER_DIR="${CLUSTER_DIR:-/tmp/pairdb-bench-streaming}"
 export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18090}"
 export BASE_PORT="${BASE_PORT:-17300}"
@@ -123,6 +126,15 @@ echo "== loading $KEYS keys of $VALUE bytes"
   --concurrency "$CONCURRENCY" --workload reads --duration 1s --json >/dev/null
 # The load's compactions settle before anything is measured.
 sleep "$SETTLE"
+if [ "$ONLY_PHASE1" = 1 ]; then
+  for run in $(seq 1 "$PHASE1_RUNS"); do
+    start_s4
+    read -r t1 b1 m1 _ <<<"$(add_s4 0)"
+    echo "run $run: unthrottled, no load: ${m1} MB/s (${b1} bytes), active after ${t1} s"
+    remove_s4
+  done
+  exit 0
+fi
 capacity="$(bench --workload mixed --duration 15s | json 'd["requests_per_second"]')"
 half="$(python3 -c "print(max(1, int($capacity / 2)))")"
 # Idle is measured the way the changes are: the worst of several windows.

@@ -12,7 +12,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use tonic::Status;
+use super::errors::StorageError;
 
 use bytes::Bytes;
 
@@ -30,7 +30,9 @@ pub const MAX_HELD_ENTRIES: usize = 10_000;
 pub const MAX_DROP_ITEMS: usize = 100_000;
 
 /// The checked entries of a `HeldVersions` request.
-pub fn parse_held(req: pb::HeldVersionsRequest) -> Result<Vec<(String, Bytes, Version)>, Status> {
+pub fn parse_held(
+    req: pb::HeldVersionsRequest,
+) -> Result<Vec<(String, Bytes, Version)>, StorageError> {
     if req.entries.len() > MAX_HELD_ENTRIES {
         return Err(invalid(format!(
             "at most {MAX_HELD_ENTRIES} entries per HeldVersions call"
@@ -67,7 +69,7 @@ pub fn held(
 }
 
 /// The checked drops of a `DropRanges` request.
-pub fn parse_drops(req: pb::DropRangesRequest) -> Result<Vec<RangeDrop>, Status> {
+pub fn parse_drops(req: pb::DropRangesRequest) -> Result<Vec<RangeDrop>, StorageError> {
     let items: usize = req
         .drops
         .iter()

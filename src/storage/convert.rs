@@ -1,8 +1,8 @@
 //! Engine records to and from their protobuf form. The ring hash is always recomputed from
 //! (tenant, key), never trusted from the wire.
 
+use super::errors::StorageError;
 use bytes::Bytes;
-use tonic::Status;
 
 use crate::engine::Record;
 use crate::rpc::storage as pb;
@@ -10,7 +10,7 @@ use crate::vclock::Version;
 
 use super::errors::invalid;
 
-pub fn record_from_proto(r: pb::Record) -> Result<Record, Status> {
+pub fn record_from_proto(r: pb::Record) -> Result<Record, StorageError> {
     let version = r
         .version
         .as_ref()

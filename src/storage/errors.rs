@@ -1,5 +1,6 @@
-//! Engine errors to gRPC statuses. The machine-readable code travels as an `ErrorDetail` in the
-//! status details; the gRPC code is chosen so generic clients retry the right things.
+//! The storage node's errors and their codes. The machine-readable code travels as an
+//! `ErrorDetail` (in a status's details, or as a `BatchStream` answer); the gRPC code is chosen
+//! so generic clients retry the right things.
 
 use tonic::{Code, Status};
 
@@ -44,26 +45,59 @@ fn grpc_code(code: ErrorCode) -> Code {
     }
 }
 
-/// A status carrying `code` and `message`.
-pub fn status(code: ErrorCode, message: impl Into<String>) -> Status {
-    let message = message.into();
-    let detail = ErrorDetail {
-        code: code as i32,
-        message: message.clone(),
-    };
-    detail::with_detail(grpc_code(code), message, &detail)
+/// Everything a storage-node call can fail with. Handlers return it; the unary RPC boundary
+/// turns it into a status ([`StorageError::into_status`]), a `BatchStream` answer into its
+/// `ErrorDetail` ([`StorageError::detail`]): each error is encoded once, where it leaves.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The request is malformed (a missing field, a bad range, too many items).
+    #[error("{0}")]
+    Invalid(String),
+    /// The node failed in a way that is not the engine's (a task panicked, shutting down).
+    #[error("{0}")]
+    Internal(String),
 }
 
-pub fn from_engine(e: &EngineError) -> Status {
-    status(code_of(e), e.to_string())
+impl StorageError {
+    /// The STORAGE.md code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StorageError::Engine(e) => code_of(e),
+            StorageError::Invalid(_) => ErrorCode::InvalidArgument,
+            StorageError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The `ErrorDetail` a `BatchStream` answer carries.
+    pub fn detail(&self) -> ErrorDetail {
+        ErrorDetail {
+            code: self.code() as i32,
+            message: self.to_string(),
+        }
+    }
+
+    pub fn into_status(self) -> Status {
+        let detail = self.detail();
+        detail::with_detail(grpc_code(self.code()), detail.message.clone(), &detail)
+    }
 }
 
-pub fn invalid(message: impl Into<String>) -> Status {
-    status(ErrorCode::InvalidArgument, message)
+impl From<StorageError> for Status {
+    fn from(e: StorageError) -> Self {
+        e.into_status()
+    }
 }
 
-pub fn internal(message: impl Into<String>) -> Status {
-    status(ErrorCode::Internal, message)
+impl From<LimitError> for StorageError {
+    fn from(e: LimitError) -> Self {
+        StorageError::Engine(EngineError::Limit(e))
+    }
+}
+
+pub fn invalid(message: impl Into<String>) -> StorageError {
+    StorageError::Invalid(message.into())
 }
 
 #[cfg(test)]
@@ -72,13 +106,14 @@ mod tests {
 
     #[test]
     fn codes_survive_the_status() {
-        let s = from_engine(&EngineError::Limit(LimitError::KeyTooLarge {
+        let s = StorageError::from(LimitError::KeyTooLarge {
             len: 2000,
             max: 1024,
-        }));
+        })
+        .into_status();
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(detail::storage_code(&s), ErrorCode::KeyTooLarge);
-        let s = from_engine(&EngineError::DiskFull { percent: 96.0 });
+        let s = StorageError::from(EngineError::DiskFull { percent: 96.0 }).into_status();
         assert_eq!(
             (s.code(), detail::storage_code(&s)),
             (Code::ResourceExhausted, ErrorCode::DiskFull)

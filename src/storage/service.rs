@@ -28,11 +28,10 @@ use crate::vclock::Version;
 
 use super::cleanup;
 use super::convert::{record_from_proto, record_to_proto};
-use super::errors::{from_engine, internal, invalid};
+use super::errors::{StorageError, invalid};
 use super::gossip::{Gossip, Health};
 use super::repair_markers::RepairMarkerLog;
 use super::streaming::StreamManager;
-use crate::rpc::detail::{storage_code, storage_detail};
 
 /// Largest batch a `ScanRange` stream sends at once.
 const MAX_SCAN_BATCH: usize = 1000;
@@ -80,9 +79,9 @@ impl WritePath {
     async fn run<T: Send + 'static>(
         self,
         f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
-    ) -> Result<T, Status> {
+    ) -> Result<T, StorageError> {
         match self {
-            Self::Inline => f().map_err(|e| from_engine(&e)),
+            Self::Inline => Ok(f()?),
             Self::Blocking => blocking(f).await,
         }
     }
@@ -119,39 +118,35 @@ pub fn health_status(disk_percent: f64) -> pb::HealthStatus {
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
+) -> Result<T, StorageError> {
+    let result = tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| internal(format!("engine task failed: {e}")))?
-        .map_err(|e| from_engine(&e))
+        .map_err(|e| StorageError::Internal(format!("engine task failed: {e}")))?;
+    Ok(result?)
 }
 
-/// Runs one RPC body, counting it and recording its latency and outcome code.
+/// Runs one call's body, counting it and recording its latency and outcome code.
 async fn timed<T>(
     service: &StorageService,
     rpc: &'static str,
-    body: impl std::future::Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
+    body: impl std::future::Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
     let started = Instant::now();
     let result = body.await;
-    observe(service, rpc, started, &result);
-    result
-}
-
-fn observe<T>(
-    service: &StorageService,
-    rpc: &'static str,
-    started: Instant,
-    result: &Result<T, Status>,
-) {
     service.requests.fetch_add(1, Ordering::Relaxed);
-    let code = match result {
+    let code = match &result {
         Ok(_) => "ok".to_owned(),
-        Err(s) => format!("{:?}", storage_code(s)),
+        Err(e) => format!("{:?}", e.code()),
     };
     metrics::counter!("pairdb_storage_requests_total", "rpc" => rpc, "code" => code).increment(1);
     metrics::histogram!("pairdb_storage_request_seconds", "rpc" => rpc)
         .record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// A handler's result as a unary RPC's: the error is encoded into a status here, once.
+fn reply<T>(result: Result<T, StorageError>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
 }
 
 impl StorageService {
@@ -184,26 +179,23 @@ impl StorageService {
         self.writes
     }
 
-    /// One call of a `BatchStream`, through the same path as the unary batch RPCs.
+    /// One call of a `BatchStream`: the same handlers as the unary batch RPCs; an error
+    /// becomes the answer's `ErrorDetail` directly.
     async fn run_batch_call(&self, call: pb::BatchCall) -> pb::BatchResult {
         use pb::batch_call::Call;
         use pb::batch_result::Result as Answer;
         let answer = match call.call {
-            Some(Call::Write(req)) => StorageNode::write_batch(self, Request::new(req))
-                .await
-                .map(|r| Answer::Write(r.into_inner())),
-            Some(Call::Read(req)) => StorageNode::read_batch(self, Request::new(req))
-                .await
-                .map(|r| Answer::Read(r.into_inner())),
+            Some(Call::Write(req)) => self.write_records(req).await.map(Answer::Write),
+            Some(Call::Read(req)) => self.read_records(req).await.map(Answer::Read),
             None => Err(invalid("empty batch call")),
         };
         pb::BatchResult {
             id: call.id,
-            result: Some(answer.unwrap_or_else(|status| Answer::Error(storage_detail(&status)))),
+            result: Some(answer.unwrap_or_else(|e| Answer::Error(e.detail()))),
         }
     }
 
-    async fn apply(&self, record: Record) -> Result<pb::ApplyResponse, Status> {
+    async fn apply(&self, record: Record) -> Result<pb::ApplyResponse, StorageError> {
         let engine = self.engine.clone();
         let candidate = record.clone();
         let outcome = self.writes.run(move || engine.apply(candidate)).await?;
@@ -223,9 +215,90 @@ impl StorageService {
     async fn apply_proto(
         &self,
         record: Option<pb::Record>,
-    ) -> Result<Response<pb::ApplyResponse>, Status> {
+    ) -> Result<pb::ApplyResponse, StorageError> {
         let record = record_from_proto(record.ok_or_else(|| invalid("missing record"))?)?;
-        self.apply(record).await.map(Response::new)
+        self.apply(record).await
+    }
+
+    /// `WriteBatch`, unary or on a `BatchStream`: validates every record, applies them with
+    /// one log sync, forwards applied ones to running streams.
+    async fn write_records(
+        &self,
+        req: pb::WriteBatchRequest,
+    ) -> Result<pb::WriteBatchResponse, StorageError> {
+        timed(self, "write_batch", async {
+            let source = req.source();
+            let records = req
+                .records
+                .into_iter()
+                .map(record_from_proto)
+                .collect::<Result<Vec<Record>, _>>()?;
+            if source != pb::BatchSource::Client {
+                // Client batches carry versions coordinators minted within their skew bound.
+                count_far_ahead(source, &records);
+            }
+            let engine = self.engine.clone();
+            let applied = records.clone();
+            let outcomes = self.writes.run(move || engine.apply_batch(applied)).await?;
+            for (r, o) in records.iter().zip(&outcomes) {
+                if o.is_applied() {
+                    self.streams.forward(r);
+                }
+            }
+            Ok(pb::WriteBatchResponse {
+                outcomes: outcomes
+                    .iter()
+                    .map(|o| outcome_to_proto(o) as i32)
+                    .collect(),
+                // Empty when every record was applied (the common case).
+                stored: if outcomes.iter().all(ApplyOutcome::is_applied) {
+                    Vec::new()
+                } else {
+                    outcomes.iter().map(stored_to_proto).collect()
+                },
+            })
+        })
+        .await
+    }
+
+    /// `ReadBatch`, unary or on a `BatchStream`. Rows in the cache are answered here; a batch
+    /// with any miss goes to a blocking thread.
+    async fn read_records(
+        &self,
+        req: pb::ReadBatchRequest,
+    ) -> Result<pb::ReadBatchResponse, StorageError> {
+        timed(self, "read_batch", async {
+            let reads = req.reads;
+            let cached: Option<Vec<pb::ReadResponse>> = reads
+                .iter()
+                .map(|r| {
+                    self.engine
+                        .get_cached(&r.tenant_id, &r.key)
+                        .map(|rec| pb::ReadResponse {
+                            record: Some(record_to_proto(&rec)),
+                        })
+                })
+                .collect();
+            if let Some(results) = cached {
+                return Ok(pb::ReadBatchResponse { results });
+            }
+            let engine = self.engine.clone();
+            let results = blocking(move || {
+                reads
+                    .iter()
+                    .map(|r| {
+                        engine
+                            .get(&r.tenant_id, &r.key)
+                            .map(|found| pb::ReadResponse {
+                                record: found.map(|rec| record_to_proto(&rec)),
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+            Ok(pb::ReadBatchResponse { results })
+        })
+        .await
     }
 
     /// Requests served so far (the gossip publisher turns it into requests per second).
@@ -293,140 +366,60 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        timed(self, "write", self.apply_proto(req.into_inner().record)).await
+        reply(timed(self, "write", self.apply_proto(req.into_inner().record)).await)
     }
 
     async fn read(
         &self,
         req: Request<pb::ReadRequest>,
     ) -> Result<Response<pb::ReadResponse>, Status> {
-        let started = Instant::now();
         let pb::ReadRequest { tenant_id, key } = req.into_inner();
         let engine = self.engine.clone();
-        let result = blocking(move || engine.get(&tenant_id, &key))
-            .await
-            .map(|found| {
-                Response::new(pb::ReadResponse {
-                    record: found.map(|r| record_to_proto(&r)),
-                })
-            });
-        observe(self, "read", started, &result);
-        result
+        let body = async move {
+            let found = blocking(move || engine.get(&tenant_id, &key)).await?;
+            Ok(pb::ReadResponse {
+                record: found.map(|r| record_to_proto(&r)),
+            })
+        };
+        reply(timed(self, "read", body).await)
     }
 
     async fn read_batch(
         &self,
         req: Request<pb::ReadBatchRequest>,
     ) -> Result<Response<pb::ReadBatchResponse>, Status> {
-        let started = Instant::now();
-        let reads = req.into_inner().reads;
-        // Rows in the cache are answered here; a batch with any miss goes to a blocking thread.
-        let cached: Option<Vec<pb::ReadResponse>> = reads
-            .iter()
-            .map(|r| {
-                self.engine
-                    .get_cached(&r.tenant_id, &r.key)
-                    .map(|rec| pb::ReadResponse {
-                        record: Some(record_to_proto(&rec)),
-                    })
-            })
-            .collect();
-        if let Some(results) = cached {
-            let result = Ok(Response::new(pb::ReadBatchResponse { results }));
-            observe(self, "read_batch", started, &result);
-            return result;
-        }
-        let engine = self.engine.clone();
-        let result = blocking(move || {
-            reads
-                .iter()
-                .map(|r| {
-                    engine
-                        .get(&r.tenant_id, &r.key)
-                        .map(|found| pb::ReadResponse {
-                            record: found.map(|rec| record_to_proto(&rec)),
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map(|results| Response::new(pb::ReadBatchResponse { results }));
-        observe(self, "read_batch", started, &result);
-        result
+        reply(self.read_records(req.into_inner()).await)
     }
 
     async fn delete(
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let started = Instant::now();
         let pb::DeleteRequest {
             tenant_id,
             key,
             version,
         } = req.into_inner();
-        let result = match version {
-            None => Err(invalid("delete without a version")),
-            Some(v) => self
-                .apply(Record::tombstone(tenant_id, key, Version::from(&v)))
+        let body = async {
+            let version = version.ok_or_else(|| invalid("delete without a version"))?;
+            self.apply(Record::tombstone(tenant_id, key, Version::from(&version)))
                 .await
-                .map(Response::new),
         };
-        observe(self, "delete", started, &result);
-        result
+        reply(timed(self, "delete", body).await)
     }
 
     async fn repair(
         &self,
         req: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        timed(self, "repair", self.apply_proto(req.into_inner().record)).await
+        reply(timed(self, "repair", self.apply_proto(req.into_inner().record)).await)
     }
 
     async fn write_batch(
         &self,
         req: Request<pb::WriteBatchRequest>,
     ) -> Result<Response<pb::WriteBatchResponse>, Status> {
-        let started = Instant::now();
-        let req = req.into_inner();
-        let source = req.source();
-        let records: Result<Vec<Record>, Status> =
-            req.records.into_iter().map(record_from_proto).collect();
-        if let (Ok(records), false) = (&records, source == pb::BatchSource::Client) {
-            // Client batches carry versions coordinators minted within their skew bound.
-            count_far_ahead(source, records);
-        }
-        let result = match records {
-            Err(e) => Err(e),
-            Ok(records) => {
-                let engine = self.engine.clone();
-                let applied = records.clone();
-                self.writes
-                    .run(move || engine.apply_batch(applied))
-                    .await
-                    .map(|outcomes| {
-                        for (r, o) in records.iter().zip(&outcomes) {
-                            if o.is_applied() {
-                                self.streams.forward(r);
-                            }
-                        }
-                        Response::new(pb::WriteBatchResponse {
-                            outcomes: outcomes
-                                .iter()
-                                .map(|o| outcome_to_proto(o) as i32)
-                                .collect(),
-                            // Empty when every record was applied (the common case).
-                            stored: if outcomes.iter().all(ApplyOutcome::is_applied) {
-                                Vec::new()
-                            } else {
-                                outcomes.iter().map(stored_to_proto).collect()
-                            },
-                        })
-                    })
-            }
-        };
-        observe(self, "write_batch", started, &result);
-        result
+        reply(self.write_records(req.into_inner()).await)
     }
 
     type BatchStreamStream = ReceiverStream<Result<pb::BatchResult, Status>>;
@@ -439,7 +432,7 @@ impl StorageNode for StorageService {
         let me = self
             .me
             .upgrade()
-            .ok_or_else(|| internal("the service is shutting down"))?;
+            .ok_or_else(|| StorageError::Internal("the service is shutting down".to_owned()))?;
         Ok(Response::new(crate::mux::serve(
             req.into_inner(),
             BATCH_RESULTS_QUEUE,
@@ -480,7 +473,7 @@ impl StorageNode for StorageService {
                     }),
                     Ok(r) => batch.push(record_to_proto(&r)),
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(from_engine(&e)));
+                        let _ = tx.blocking_send(Err(StorageError::from(e).into_status()));
                         return;
                     }
                 }
@@ -507,10 +500,7 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::StartStreamingRequest>,
     ) -> Result<Response<pb::StreamStatus>, Status> {
-        self.streams
-            .start(req.into_inner())
-            .map(Response::new)
-            .map_err(invalid)
+        reply(self.streams.start(req.into_inner()).map_err(invalid))
     }
 
     async fn get_stream_status(
@@ -518,10 +508,11 @@ impl StorageNode for StorageService {
         req: Request<pb::StreamStatusRequest>,
     ) -> Result<Response<pb::StreamStatus>, Status> {
         let id = req.into_inner().stream_id;
-        self.streams
-            .status(&id)
-            .map(Response::new)
-            .ok_or_else(|| invalid(format!("unknown stream {id:?}")))
+        reply(
+            self.streams
+                .status(&id)
+                .ok_or_else(|| invalid(format!("unknown stream {id:?}"))),
+        )
     }
 
     async fn stop_streaming(
@@ -529,10 +520,11 @@ impl StorageNode for StorageService {
         req: Request<pb::StreamStatusRequest>,
     ) -> Result<Response<pb::StreamStatus>, Status> {
         let id = req.into_inner().stream_id;
-        self.streams
-            .stop(&id)
-            .map(Response::new)
-            .ok_or_else(|| invalid(format!("unknown stream {id:?}")))
+        reply(
+            self.streams
+                .stop(&id)
+                .ok_or_else(|| invalid(format!("unknown stream {id:?}"))),
+        )
     }
 
     async fn drain(
@@ -540,32 +532,35 @@ impl StorageNode for StorageService {
         _req: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         let engine = self.engine.clone();
-        blocking(move || engine.flush()).await?;
-        Ok(Response::new(pb::DrainResponse { drained: true }))
+        reply(
+            blocking(move || engine.flush())
+                .await
+                .map(|()| pb::DrainResponse { drained: true }),
+        )
     }
 
     async fn record_repair_markers(
         &self,
         req: Request<pb::RepairMarkersRequest>,
     ) -> Result<Response<pb::RepairMarkersResponse>, Status> {
-        let started = Instant::now();
         let markers = req.into_inner().markers;
-        if markers.iter().any(|m| {
-            check_tenant(&m.tenant_id).is_err()
-                || check_key(&m.key).is_err()
-                || m.missed_node.is_empty()
-        }) {
-            return Err(invalid("repair marker with a bad tenant, key or node"));
-        }
         let log = self.markers.clone();
-        let result = blocking(move || {
-            log.append(&markers)
-                .map_err(|e| EngineError::io("append repair markers", e))
-        })
-        .await
-        .map(|pending| Response::new(pb::RepairMarkersResponse { pending }));
-        observe(self, "record_repair_markers", started, &result);
-        result
+        let body = async move {
+            if markers.iter().any(|m| {
+                check_tenant(&m.tenant_id).is_err()
+                    || check_key(&m.key).is_err()
+                    || m.missed_node.is_empty()
+            }) {
+                return Err(invalid("repair marker with a bad tenant, key or node"));
+            }
+            let pending = blocking(move || {
+                log.append(&markers)
+                    .map_err(|e| EngineError::io("append repair markers", e))
+            })
+            .await?;
+            Ok(pb::RepairMarkersResponse { pending })
+        };
+        reply(timed(self, "record_repair_markers", body).await)
     }
 
     async fn held_versions(
@@ -576,9 +571,9 @@ impl StorageNode for StorageService {
             let entries = cleanup::parse_held(req.into_inner())?;
             let engine = self.engine.clone();
             let held = blocking(move || cleanup::held(&engine, &entries)).await?;
-            Ok(Response::new(pb::HeldVersionsResponse { held }))
+            Ok(pb::HeldVersionsResponse { held })
         };
-        timed(self, "held_versions", body).await
+        reply(timed(self, "held_versions", body).await)
     }
 
     async fn drop_ranges(
@@ -588,11 +583,9 @@ impl StorageNode for StorageService {
         let body = async {
             let drops = cleanup::parse_drops(req.into_inner())?;
             let engine = self.engine.clone();
-            blocking(move || cleanup::drop_ranges(&engine, &drops))
-                .await
-                .map(Response::new)
+            blocking(move || cleanup::drop_ranges(&engine, &drops)).await
         };
-        timed(self, "drop_ranges", body).await
+        reply(timed(self, "drop_ranges", body).await)
     }
 
     async fn health_check(
