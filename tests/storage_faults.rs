@@ -176,3 +176,69 @@ async fn a_flipped_manifest_bit_is_reported_and_the_node_serves_everything() {
     drop(c1);
     storage.clear();
 }
+
+/// A storage node applies writes on its runtime's only worker, which waits for each log sync.
+/// Gossip must not depend on that worker: with it blocked for 8 s (far beyond the failure
+/// detector's few seconds), neither node may call the other down.
+#[test]
+fn a_blocked_runtime_does_not_stop_gossip() {
+    use pairdb::storage::gossip::Gossip;
+    let (pa, pb) = (common::free_udp_port(), common::free_udp_port());
+    let addr = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+    let one_worker = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let (ra, rb) = (one_worker(), one_worker());
+    let a = ra
+        .block_on(Gossip::start(
+            "ga",
+            addr(pa),
+            vec![addr(pb).to_string()],
+            "127.0.0.1:1",
+        ))
+        .expect("gossip a");
+    let b = rb
+        .block_on(Gossip::start(
+            "gb",
+            addr(pb),
+            vec![addr(pa).to_string()],
+            "127.0.0.1:2",
+        ))
+        .expect("gossip b");
+    let sees_up = |rt: &tokio::runtime::Runtime, g: &Gossip, other: &str| {
+        rt.block_on(g.members())
+            .iter()
+            .any(|m| m.node_id == other && m.up)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(sees_up(&ra, &a, "gb") && sees_up(&rb, &b, "ga")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gossip never converged"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Node a's runtime thread is stuck (as in a long sync) while b keeps running.
+    let blocked = std::thread::spawn(move || {
+        ra.block_on(async { std::thread::sleep(Duration::from_secs(8)) });
+        (ra, a)
+    });
+    for _ in 0..80 {
+        assert!(
+            sees_up(&rb, &b, "ga"),
+            "b called a down while a's runtime was blocked"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ra, a) = blocked.join().expect("blocked thread");
+    // Right after the stall, a judges b by the heartbeats its gossip thread kept receiving.
+    assert!(
+        sees_up(&ra, &a, "gb"),
+        "a called b down after its runtime was blocked"
+    );
+    ra.block_on(a.shutdown());
+    rb.block_on(b.shutdown());
+}

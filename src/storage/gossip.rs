@@ -5,6 +5,12 @@
 //! (percent used) and `load` (requests per second). Heartbeats go out every 200 ms; a node that
 //! stops answering crosses the phi threshold within a few seconds and is reported down by its
 //! peers. Coordinators follow membership through a node's `WatchHealth` RPC.
+//!
+//! Gossip runs on its own thread with its own one-thread runtime. A storage-only process
+//! applies writes on its only runtime worker, which waits for each log sync; gossip sharing
+//! that worker stopped sending heartbeats and reading peers' during a long sync, so under a
+//! heavy load the node called its healthy peers down (the streaming benchmark's load made
+//! one node report both others down at once, failing every quorum write), and they it.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,6 +25,9 @@ const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
 
 pub struct Gossip {
     handle: ChitchatHandle,
+    /// Dropping it ends the gossip thread's runtime.
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// The health a node publishes about itself.
@@ -81,8 +90,43 @@ impl Gossip {
             ("disk".to_owned(), "0".to_owned()),
             ("load".to_owned(), "0".to_owned()),
         ];
-        let handle = chitchat::spawn_chitchat(config, initial, &UdpTransport).await?;
-        Ok(Gossip { handle })
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("pairdb-gossip".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::Error::from(e)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match chitchat::spawn_chitchat(config, initial, &UdpTransport).await {
+                        Ok(handle) => {
+                            if ready_tx.send(Ok(handle)).is_ok() {
+                                // Drives the gossip tasks until told to stop (or dropped).
+                                let _ = stopped.await;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        let handle = ready_rx
+            .await
+            .map_err(|_| anyhow::anyhow!("the gossip thread ended before it started"))??;
+        Ok(Gossip {
+            handle,
+            stop,
+            thread,
+        })
     }
 
     /// Publishes this node's health.
@@ -130,9 +174,18 @@ impl Gossip {
             .await
     }
 
+    /// Stops the gossip tasks, then its thread.
     pub async fn shutdown(self) {
         if let Err(e) = self.handle.shutdown().await {
             tracing::warn!(error = %e, "gossip shutdown");
+        }
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        if !matches!(
+            tokio::task::spawn_blocking(move || thread.join()).await,
+            Ok(Ok(()))
+        ) {
+            tracing::warn!("the gossip thread did not stop cleanly");
         }
     }
 }
