@@ -2,6 +2,7 @@
 //! old owners drop what they gave away, only once a quorum of each key's new owners is verified
 //! to hold it; every key still reads back at ALL, and the old owners' disks shrink to their new
 //! share.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

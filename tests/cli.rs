@@ -1,4 +1,5 @@
 //! The `pairdb` binary's command line and configuration, tested by running it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::io::Write;
 use std::process::{Command, Output};

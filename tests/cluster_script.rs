@@ -1,6 +1,7 @@
 //! `scripts/cluster.sh start|status|stop` brings up a real multi-process cluster (3 storage
 //! nodes, two coordinators with `COORDINATORS=2`, a gateway in front of both) that serves the
 //! API, reports itself, and stops every process.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

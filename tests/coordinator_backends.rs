@@ -2,6 +2,7 @@
 //! gateway processes): when Redis dies, writes keep being served without idempotency and
 //! readiness says why; when PostgreSQL dies, known tenants keep working from the cache while
 //! unknown tenants and tenant creation get 503 UNAVAILABLE. Nothing acknowledged is lost.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Coordinator role against real processes: gossiping storage nodes and `pairdb
 //! --role=coordinator` over gRPC, sharing a metadata store (PostgreSQL when the machine has it,
 //! else SQLite; PostgreSQL and Redis are required under CI=true).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! hints are delivered in a batch and deleted after the ack; hints past the max window or the
 //! max attempts are dropped undelivered; hints for an unreachable node are kept with one more
 //! attempt counted.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The coordinator's view of storage membership, from real storage nodes' gossip: a killed node
 //! is reported down, a restarted one up, and the watch fails over when its node dies.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

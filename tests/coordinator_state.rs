@@ -1,5 +1,6 @@
 //! Coordinator state over a real (SQLite) metadata store. Tenant cache: fresh entries, TTL expiry, local
 //! invalidation, stale entries served while the store is down. Clock: durable across restarts.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! environment (config map, secret, downward API values substituted as Kubernetes would), and
 //! every systemd unit's `ExecStart` (with the repo's example configs), pass `pairdb
 //! --check-config`; probes point at the role's health endpoints on a declared port.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::collections::BTreeMap;
 use std::process::Command;

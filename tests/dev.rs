@@ -1,5 +1,6 @@
 //! `pairdb dev`: one process with the whole cluster. From nothing to a working POST/GET, the
 //! printed URL and curl example, a clean SIGTERM, and data that survives a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

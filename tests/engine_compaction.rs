@@ -1,5 +1,6 @@
 //! Compaction keeps each key's winner and keeps tombstones until gc_grace (and only drops them
 //! at the bottom level); many concurrent writers share fsyncs (group commit).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,5 +1,6 @@
 //! Corruption sweeps: torn commit-log tails at every offset, corrupt records in the middle of
 //! the log, flipped bytes in SSTables and the manifest. No panic, no wrong value.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! acknowledged key; the parent `kill -9`s it at random moments, many rounds on the same data
 //! directory, reopens the engine, and checks that every acknowledged key is there with its
 //! value.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

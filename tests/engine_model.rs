@@ -1,6 +1,7 @@
 //! Model-based property test of the engine: random puts, deletes, stale writes, reads, scans,
 //! flushes, compactions, hash-range drops and reopens against a BTreeMap holding each key's
 //! winning version.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

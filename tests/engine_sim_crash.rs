@@ -10,6 +10,7 @@
 //!   crash, several power-loss images each.
 //! - `crashes_at_random_points_of_random_workloads`: proptest (`PROPTEST_CASES`, default 2000
 //!   here; CI runs the default).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;

@@ -2,6 +2,7 @@
 //! coordinators, gateways) driven over HTTP with reqwest. Every API.md endpoint and error code,
 //! both auth modes, tenant isolation, rate limits, idempotent retries, bad input, and a storage
 //! node and a coordinator dying under the gateway.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! One test suite for both idempotency stores: in-process and Redis (a throwaway redis-server
 //! on a free port; skipped with a message when the binary is missing, a failure under CI=true).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

@@ -5,6 +5,7 @@
 //!
 //! Edges from a module to one of its ancestors (`super::Result` in a child) are a module using
 //! what its parent declares and are not counted as cycles; test modules are ignored.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! One test suite for both metadata store backends: SQLite (embedded) and PostgreSQL (a
 //! throwaway server started from the machine's binaries; skipped with a message when they are
 //! missing, a failure under CI=true).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

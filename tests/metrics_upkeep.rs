@@ -1,6 +1,7 @@
 //! Histogram samples must not pile up in memory when nothing scrapes `/metrics`: the recorder
 //! keeps every sample until it is folded into a summary, which the upkeep thread does.
 //! Its own test binary, so no other test's allocations move the resident size.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::time::{Duration, Instant};
 

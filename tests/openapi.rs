@@ -2,6 +2,7 @@
 //! every probe names a documented operation, so the document and the routes cannot drift), each
 //! answer's status is one the document lists for that operation, and its JSON body matches the
 //! documented schema (types, required fields, enums) for that status.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Property tests of the ring against a naive reference implementation (SEMANTICS.md,
 //! "Placement"), and of how ranges move when a node joins or leaves.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::collections::BTreeSet;
 

@@ -3,6 +3,7 @@
 //! and metrics) and refuses the key range; the coordinator serves every key from the other
 //! replicas. Nothing wrong is served. A flipped bit in its manifest costs nothing but a report:
 //! the node opens from the manifest's mirror copy and serves every key itself.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The storage role as a real process: gRPC round trips and error codes, durability under
 //! `kill -9`, range streaming between two nodes, gossip of node health, the data-dir lock and
 //! graceful shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

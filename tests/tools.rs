@@ -1,4 +1,5 @@
 //! `pairdb kv`, `pairdb admin` and `pairdb bench` against a running `pairdb dev`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

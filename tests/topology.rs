@@ -2,6 +2,7 @@
 //! nodes and a `pairdb --role=coordinator`. Each test writes keys of tenants with different
 //! replication factors, changes the topology while writing more, and checks that every key is
 //! on every node that owns it in the new ring (computed here independently) and reads at ALL.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

@@ -14,6 +14,7 @@
 //! - every sender is a live old member, every receiver a final member;
 //! - while a change is in progress any other change is refused, and two node changes in one
 //!   ring are never planned.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::collections::{BTreeMap, BTreeSet};
 

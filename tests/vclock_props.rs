@@ -1,5 +1,6 @@
 //! Property tests of the vector-clock laws and the hybrid logical clock (SEMANTICS.md,
 //! "Versions").
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::cmp::Ordering;
 

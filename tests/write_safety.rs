@@ -14,6 +14,7 @@
 //! - a later blind write wins over a peer whose clock ran 45 s fast while its own runs 45 s
 //!   slow (counters 90 s ahead, beyond `max_clock_skew`, but honest);
 //! - SIGTERM stores every queued hint before the coordinator exits.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
 

@@ -11,6 +11,7 @@
 //! Needs root (namespaces, nftables, a tmpfs mount), `ip`, `nft`, `mount`; libfaketime for
 //! clock skew. Where something is missing it says so and skips, except under CI=true, where it
 //! fails. Reports go to `target/fault-suite/` (report.json, report.html).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod admin;
 #[path = "../common/backends.rs"]
