@@ -108,21 +108,25 @@ impl CoordError {
         }
     }
 
-    pub fn into_status(self) -> Status {
-        let (required, received) = match &self {
+    /// The `ErrorDetail` this error travels as (in a status, or as a stream answer).
+    pub fn detail(&self) -> ErrorDetail {
+        let (required, received) = match self {
             CoordError::QuorumNotReached {
                 required, received, ..
             } => (*required as u32, *received as u32),
             _ => (0, 0),
         };
-        let message = self.to_string();
-        let detail = ErrorDetail {
+        ErrorDetail {
             code: self.code() as i32,
-            message: message.clone(),
+            message: self.to_string(),
             required,
             received,
-        };
-        detail::with_detail(self.grpc_code(), message, &detail)
+        }
+    }
+
+    pub fn into_status(self) -> Status {
+        let detail = self.detail();
+        detail::with_detail(self.grpc_code(), detail.message.clone(), &detail)
     }
 }
 

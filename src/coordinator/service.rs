@@ -27,7 +27,6 @@ use super::clock::Source;
 use super::errors::CoordError;
 use super::idempotent::{Operation, fingerprint};
 use super::topology::NewNode;
-use crate::rpc::detail::coordinator_detail;
 
 /// Largest causal context a client may send.
 const MAX_CONTEXT_ENTRIES: usize = 1000;
@@ -45,38 +44,67 @@ impl CoordinatorService {
         Self { core }
     }
 
-    /// One call of a key-value stream, through the same path as the unary RPCs.
+    /// One call of a key-value stream: the same handlers as the unary RPCs; an error becomes
+    /// the answer's `ErrorDetail` directly.
     async fn run_call(&self, call: pb::KeyValueCall) -> pb::KeyValueResult {
         use pb::key_value_call::Call;
         use pb::key_value_result::Result as Answer;
         let answer = match call.call {
-            Some(Call::Write(req)) => CoordinatorRpc::write_key_value(self, Request::new(req))
-                .await
-                .map(|r| Answer::Write(r.into_inner())),
-            Some(Call::Read(req)) => CoordinatorRpc::read_key_value(self, Request::new(req))
-                .await
-                .map(|r| Answer::Read(r.into_inner())),
-            Some(Call::Delete(req)) => CoordinatorRpc::delete_key_value(self, Request::new(req))
-                .await
-                .map(|r| Answer::Delete(r.into_inner())),
-            None => {
-                Err(CoordError::InvalidRequest("empty key-value call".to_owned()).into_status())
-            }
+            Some(Call::Write(req)) => self.write(req).await.map(Answer::Write),
+            Some(Call::Read(req)) => self.read(req).await.map(Answer::Read),
+            Some(Call::Delete(req)) => self.delete(req).await.map(Answer::Delete),
+            None => Err(CoordError::InvalidRequest(
+                "empty key-value call".to_owned(),
+            )),
         };
-        let answer = answer.unwrap_or_else(|status| {
-            Answer::Error(
-                coordinator_detail(&status).unwrap_or_else(|| pb::ErrorDetail {
-                    code: pb::ErrorCode::InternalError as i32,
-                    message: status.message().to_owned(),
-                    ..Default::default()
-                }),
-            )
-        });
         pb::KeyValueResult {
             id: call.id,
-            result: Some(answer),
+            result: Some(answer.unwrap_or_else(|e| Answer::Error(e.detail()))),
         }
     }
+
+    /// `WriteKeyValue`, unary or on a stream.
+    async fn write(
+        &self,
+        req: pb::WriteKeyValueRequest,
+    ) -> Result<pb::WriteKeyValueResponse, CoordError> {
+        let (tenant, key) = (req.tenant_id.clone(), req.key.clone());
+        key_value("write", req.consistency, &tenant, &key, |level| {
+            self.core.write_key_value(req, level)
+        })
+        .await
+    }
+
+    /// `ReadKeyValue`, unary or on a stream.
+    async fn read(
+        &self,
+        req: pb::ReadKeyValueRequest,
+    ) -> Result<pb::ReadKeyValueResponse, CoordError> {
+        key_value("read", req.consistency, &req.tenant_id, &req.key, |level| {
+            self.core.read_key_value(&req, level)
+        })
+        .await
+    }
+
+    /// `DeleteKeyValue`, unary or on a stream.
+    async fn delete(
+        &self,
+        req: pb::DeleteKeyValueRequest,
+    ) -> Result<pb::DeleteKeyValueResponse, CoordError> {
+        key_value(
+            "delete",
+            req.consistency,
+            &req.tenant_id,
+            &req.key,
+            |level| self.core.delete_key_value(&req, level),
+        )
+        .await
+    }
+}
+
+/// A handler's result as a unary RPC's: the error is encoded into a status here, once.
+fn reply<T>(result: Result<T, CoordError>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(CoordError::into_status)
 }
 
 fn consistency(raw: i32) -> Result<Consistency, CoordError> {
@@ -93,7 +121,7 @@ fn observe<T>(
     key: &[u8],
     started: Instant,
     result: Result<T, CoordError>,
-) -> Result<Response<T>, Status> {
+) -> Result<T, CoordError> {
     let level = level.map_or("none", Consistency::as_str);
     metrics::histogram!("pairdb_coordinator_request_seconds", "op" => op, "consistency" => level)
         .record(started.elapsed().as_secs_f64());
@@ -103,16 +131,13 @@ fn observe<T>(
     };
     metrics::counter!("pairdb_coordinator_requests_total", "op" => op, "consistency" => level, "code" => code)
         .increment(1);
-    match result {
-        Ok(v) => Ok(Response::new(v)),
-        Err(e) => {
-            if !matches!(e, CoordError::KeyNotFound | CoordError::TenantNotFound(_)) {
-                let key_hash = xxhash_rust::xxh3::xxh3_64(key);
-                tracing::info!(op, tenant, key_hash = format_args!("{key_hash:016x}"), code, error = %e, "request failed");
-            }
-            Err(e.into_status())
+    if let Err(e) = &result {
+        if !matches!(e, CoordError::KeyNotFound | CoordError::TenantNotFound(_)) {
+            let key_hash = xxhash_rust::xxh3::xxh3_64(key);
+            tracing::info!(op, tenant, key_hash = format_args!("{key_hash:016x}"), code, error = %e, "request failed");
         }
     }
+    result
 }
 
 /// One key-value RPC: parses the consistency, runs `run`, records and logs the outcome.
@@ -122,7 +147,7 @@ async fn key_value<T, Fut>(
     tenant: &str,
     key: &[u8],
     run: impl FnOnce(Consistency) -> Fut,
-) -> Result<Response<T>, Status>
+) -> Result<T, CoordError>
 where
     Fut: std::future::Future<Output = Result<T, CoordError>>,
 {
@@ -144,7 +169,7 @@ async fn administration<T>(
 ) -> Result<Response<T>, Status> {
     let started = Instant::now();
     let result = call.await;
-    observe(op, None, tenant, b"", started, result)
+    reply(observe(op, None, tenant, b"", started, result))
 }
 
 impl Coordinator {
@@ -330,38 +355,21 @@ impl CoordinatorRpc for CoordinatorService {
         &self,
         request: Request<pb::WriteKeyValueRequest>,
     ) -> Result<Response<pb::WriteKeyValueResponse>, Status> {
-        let req = request.into_inner();
-        let (tenant, key) = (req.tenant_id.clone(), req.key.clone());
-        key_value("write", req.consistency, &tenant, &key, |level| {
-            self.core.write_key_value(req, level)
-        })
-        .await
+        reply(self.write(request.into_inner()).await)
     }
 
     async fn read_key_value(
         &self,
         request: Request<pb::ReadKeyValueRequest>,
     ) -> Result<Response<pb::ReadKeyValueResponse>, Status> {
-        let req = request.into_inner();
-        key_value("read", req.consistency, &req.tenant_id, &req.key, |level| {
-            self.core.read_key_value(&req, level)
-        })
-        .await
+        reply(self.read(request.into_inner()).await)
     }
 
     async fn delete_key_value(
         &self,
         request: Request<pb::DeleteKeyValueRequest>,
     ) -> Result<Response<pb::DeleteKeyValueResponse>, Status> {
-        let req = request.into_inner();
-        key_value(
-            "delete",
-            req.consistency,
-            &req.tenant_id,
-            &req.key,
-            |level| self.core.delete_key_value(&req, level),
-        )
-        .await
+        reply(self.delete(request.into_inner()).await)
     }
 
     async fn create_tenant(
