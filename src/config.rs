@@ -35,6 +35,23 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A value that does not parse: what it should look like, and what it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{expected}, not {got:?}")]
+pub struct BadValue {
+    pub expected: &'static str,
+    pub got: String,
+}
+
+impl BadValue {
+    fn new(expected: &'static str, got: &str) -> Self {
+        Self {
+            expected,
+            got: got.to_owned(),
+        }
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(msg.into())
 }
@@ -90,10 +107,10 @@ impl fmt::Display for Role {
 }
 
 impl FromStr for Role {
-    type Err = String;
+    type Err = BadValue;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         <Role as clap::ValueEnum>::from_str(s.trim(), false)
-            .map_err(|_| format!("unknown role {s:?}: expected gateway, coordinator or storage"))
+            .map_err(|_| BadValue::new("role must be gateway, coordinator or storage", s))
     }
 }
 
@@ -355,9 +372,9 @@ pub struct NodeAddress {
 }
 
 impl FromStr for NodeAddress {
-    type Err = String;
+    type Err = BadValue;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || format!("storage node must look like id@host:port, not {s:?}");
+        let err = || BadValue::new("storage node must look like id@host:port", s);
         let (id, addr) = s.split_once('@').ok_or_else(err)?;
         let (host, port) = split_host_port(addr).map_err(|_| err())?;
         if id.is_empty() {
@@ -378,8 +395,8 @@ impl fmt::Display for NodeAddress {
 }
 
 /// Splits `host:port` (host may be a name, an IPv4 address or a bracketed IPv6 address).
-pub fn split_host_port(addr: &str) -> Result<(String, u16), String> {
-    let err = || format!("address must look like host:port, not {addr:?}");
+pub fn split_host_port(addr: &str) -> Result<(String, u16), BadValue> {
+    let err = || BadValue::new("address must look like host:port", addr);
     let (host, port) = addr.rsplit_once(':').ok_or_else(err)?;
     let port: u16 = port.parse().map_err(|_| err())?;
     if host.is_empty() || port == 0 {

@@ -52,18 +52,21 @@ impl Consistency {
 }
 
 impl std::str::FromStr for Consistency {
-    type Err = String;
+    type Err = UnknownConsistency;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "one" => Ok(Self::One),
             "quorum" => Ok(Self::Quorum),
             "all" => Ok(Self::All),
-            other => Err(format!(
-                "unknown consistency {other:?}: expected one, quorum or all"
-            )),
+            other => Err(UnknownConsistency(other.to_owned())),
         }
     }
 }
+
+/// A consistency level that is not `one`, `quorum` or `all`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown consistency {0:?}: expected one, quorum or all")]
+pub struct UnknownConsistency(pub String);
 
 /// One replica call handed to [`run`].
 pub struct ReplicaCall<Id, F> {

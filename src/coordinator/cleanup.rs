@@ -331,7 +331,7 @@ impl Coordinator {
 
     /// Checks that a majority of the natural owners of every key `ctx.node` holds but does not
     /// own hold that version or a newer one; returns how many keys it checked.
-    async fn verify(&self, ctx: &NodeCleanup<'_>) -> Result<u64, String> {
+    async fn verify(&self, ctx: &NodeCleanup<'_>) -> Result<u64, CleanupError> {
         let node = ctx.node.as_str();
         let mut scan = ctx
             .client(self, node)?
@@ -341,7 +341,7 @@ impl Coordinator {
                 keys_only: true,
             })
             .await
-            .map_err(|s| format!("scan of {node}: {}", s.message()))?
+            .map_err(|s| CleanupError::rpc("scan", node, &s))?
             .into_inner();
         let mut checked = 0u64;
         let mut short = 0u64;
@@ -349,7 +349,7 @@ impl Coordinator {
         while let Some(batch) = scan
             .message()
             .await
-            .map_err(|s| format!("scan of {node}: {}", s.message()))?
+            .map_err(|s| CleanupError::rpc("scan", node, &s))?
         {
             // Each key this node does not own, with its owners.
             let mut foreign: Vec<(spb::Record, Vec<NodeId>)> = Vec::new();
@@ -385,10 +385,12 @@ impl Coordinator {
             }
         }
         match example {
-            Some(example) => Err(format!(
-                "{short} of the {checked} keys {node} no longer owns are not held by a quorum of \
-                 their owners (e.g. {example}); nothing dropped on {node} (repair, then retry)"
-            )),
+            Some(example) => Err(CleanupError::NotReplicated {
+                node: node.to_owned(),
+                short,
+                checked,
+                example,
+            }),
             None => Ok(checked),
         }
     }
@@ -398,7 +400,7 @@ impl Coordinator {
         &self,
         ctx: &NodeCleanup<'_>,
         foreign: &[(spb::Record, Vec<NodeId>)],
-    ) -> Result<Vec<usize>, String> {
+    ) -> Result<Vec<usize>, CleanupError> {
         let mut asked: BTreeMap<&NodeId, Vec<usize>> = BTreeMap::new();
         for (i, (_, owners)) in foreign.iter().enumerate() {
             for owner in owners {
@@ -419,15 +421,15 @@ impl Coordinator {
                 .client(self, owner.as_str())?
                 .held_versions(spb::HeldVersionsRequest { entries })
                 .await
-                .map_err(|s| format!("cannot verify on {owner}: {}", s.message()))?
+                .map_err(|s| CleanupError::rpc("verify", owner.as_str(), &s))?
                 .into_inner()
                 .held;
             if held.len() != indexes.len() {
-                return Err(format!(
-                    "{owner} answered {} of {} entries",
-                    held.len(),
-                    indexes.len()
-                ));
+                return Err(CleanupError::ShortAnswer {
+                    node: owner.to_string(),
+                    got: held.len(),
+                    asked: indexes.len(),
+                });
             }
             for (&i, yes) in indexes.iter().zip(held) {
                 counts[i] += usize::from(yes);
@@ -437,7 +439,7 @@ impl Coordinator {
     }
 
     /// Drops, per replication factor in use, the ranges `ctx.node` does not own.
-    async fn drop_not_owned(&self, ctx: &NodeCleanup<'_>) -> Result<Cleaned, String> {
+    async fn drop_not_owned(&self, ctx: &NodeCleanup<'_>) -> Result<Cleaned, CleanupError> {
         let mut groups: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
         for (tenant, rf) in ctx.rf_of {
             groups.entry(*rf).or_default().insert(tenant.clone());
@@ -466,7 +468,7 @@ impl Coordinator {
             .client(self, node)?
             .drop_ranges(spb::DropRangesRequest { drops })
             .await
-            .map_err(|s| format!("drop on {node}: {}", s.message()))?
+            .map_err(|s| CleanupError::rpc("drop", node, &s))?
             .into_inner();
         tracing::info!(
             node,
@@ -480,6 +482,53 @@ impl Coordinator {
             dropped: done.records_dropped,
             bytes_reclaimed: done.bytes_before.saturating_sub(done.bytes_after),
         })
+    }
+}
+
+/// Why one node's cleanup stopped; the message becomes the migration's failure reason.
+#[derive(Debug, thiserror::Error)]
+enum CleanupError {
+    #[error("{0} is not in the registry")]
+    NotRegistered(String),
+    #[error(transparent)]
+    BadAddress(#[from] super::storage_pool::BadAddress),
+    #[error("{what} on {node}: {message}")]
+    Rpc {
+        what: &'static str,
+        node: String,
+        message: String,
+    },
+    #[error("{node} answered {got} of {asked} entries")]
+    ShortAnswer {
+        node: String,
+        got: usize,
+        asked: usize,
+    },
+    #[error(
+        "{short} of the {checked} keys {node} no longer owns are not held by a quorum of their \
+         owners (e.g. {example}); nothing dropped on {node} (repair, then retry)"
+    )]
+    NotReplicated {
+        node: String,
+        short: u64,
+        checked: u64,
+        example: String,
+    },
+}
+
+impl CleanupError {
+    fn rpc(what: &'static str, node: &str, status: &tonic::Status) -> Self {
+        CleanupError::Rpc {
+            what,
+            node: node.to_owned(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+impl From<CleanupError> for Interrupted {
+    fn from(e: CleanupError) -> Self {
+        Interrupted::Failed(e.to_string())
     }
 }
 
@@ -498,13 +547,13 @@ impl NodeCleanup<'_> {
         node: &str,
     ) -> Result<
         crate::rpc::storage::storage_node_client::StorageNodeClient<tonic::transport::Channel>,
-        String,
+        CleanupError,
     > {
         let address = self
             .addresses
             .get(node)
-            .ok_or_else(|| format!("{node} is not in the registry"))?;
-        core.pool.client(node, address).map_err(|e| e.to_string())
+            .ok_or_else(|| CleanupError::NotRegistered(node.to_owned()))?;
+        Ok(core.pool.client(node, address)?)
     }
 }
 

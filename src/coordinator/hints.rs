@@ -456,7 +456,7 @@ pub async fn replay_target(
         }
         let delivered = match pool.client(target, address) {
             Ok(client) => deliver(client, records, limits.timeout).await,
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(DeliveryError::from(e)),
         };
         match delivered {
             Ok(()) => {
@@ -480,6 +480,17 @@ pub async fn replay_target(
 /// values never make a message the target refuses (`rpc::MAX_MESSAGE_BYTES`).
 const DELIVERY_BYTES: usize = 4 << 20;
 
+/// Why hints could not be delivered to their target (they stay queued).
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error("bad address: {0}")]
+    BadAddress(#[from] super::storage_pool::BadAddress),
+    #[error("{0}")]
+    Refused(String),
+    #[error("timed out")]
+    TimedOut,
+}
+
 /// Sends `records` to a target in batches of at most [`DELIVERY_BYTES`], each within `timeout`.
 async fn deliver(
     mut client: crate::rpc::storage::storage_node_client::StorageNodeClient<
@@ -487,7 +498,7 @@ async fn deliver(
     >,
     records: Vec<pb::Record>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), DeliveryError> {
     let mut batch: Vec<pb::Record> = Vec::new();
     let mut bytes = 0;
     let mut records = records.into_iter().peekable();
@@ -504,8 +515,8 @@ async fn deliver(
             });
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(status)) => return Err(status.message().to_owned()),
-                Err(_) => return Err("timed out".to_owned()),
+                Ok(Err(status)) => return Err(DeliveryError::Refused(status.message().to_owned())),
+                Err(_) => return Err(DeliveryError::TimedOut),
             }
             bytes = 0;
         }

@@ -31,7 +31,7 @@ async fn ready(State(core): State<Arc<Coordinator>>) -> (StatusCode, String) {
 }
 
 /// `Ok` when the coordinator can serve requests, else what is missing, in one line.
-pub async fn readiness(core: &Coordinator) -> Result<(), String> {
+pub async fn readiness(core: &Coordinator) -> Result<(), NotReady> {
     let mut problems = Vec::new();
     match tokio::time::timeout(CHECK_TIMEOUT, core.meta.ping()).await {
         Ok(Ok(())) => {}
@@ -49,9 +49,14 @@ pub async fn readiness(core: &Coordinator) -> Result<(), String> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(problems.join("; "))
+        Err(NotReady(problems))
     }
 }
+
+/// What keeps a coordinator from serving, one entry per missing dependency.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct NotReady(pub Vec<String>);
 
 async fn storage_reachable(core: &Coordinator) -> bool {
     core.node_health()

@@ -28,7 +28,7 @@ use parking_lot::RwLock;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::meta::{Migration, MigrationKind, MigrationState, Tenant};
+use crate::meta::{MetaError, Migration, MigrationKind, MigrationState, Tenant};
 use crate::ring::NodeId;
 use crate::ring::plan::{self, Proposed};
 use crate::rpc::common;
@@ -100,7 +100,7 @@ pub fn spawn_refresh(core: Arc<Coordinator>, every: Duration, stop: Cancellation
 /// Migrations first, then tenants: a raise finishes by setting the tenant's RF before marking
 /// the migration completed, so a change that has left the pending set is always seen with its
 /// new RF.
-async fn refresh(core: &Coordinator, every: Duration) -> Result<(), crate::meta::MetaError> {
+async fn refresh(core: &Coordinator, every: Duration) -> Result<(), MetaError> {
     let targets = core
         .meta
         .active_migrations()
@@ -186,10 +186,7 @@ impl Coordinator {
                 }
                 Err(Interrupted::Failed(e)) => {
                     tracing::error!(migration = %id, error = %e, "replication-factor change failed; the RF stays as it was");
-                    self.meta
-                        .fail_migration(&id, &e)
-                        .await
-                        .map_err(|e| e.to_string())
+                    self.meta.fail_migration(&id, &e).await
                 }
             };
             if let Err(e) = finished {
@@ -201,7 +198,7 @@ impl Coordinator {
 
     /// Records a cancelled RF change: the RF stays as it was (the copies made stay too; the
     /// next cleanup drops them).
-    async fn cancel_rf_change(&self, m: &Migration, progress: Copied) -> Result<(), String> {
+    async fn cancel_rf_change(&self, m: &Migration, progress: Copied) -> Result<(), MetaError> {
         tracing::warn!(migration = %m.migration_id, tenant = %m.subject, "replication-factor change cancelled; the RF stays as it was");
         self.meta
             .update_migration(
@@ -212,15 +209,13 @@ impl Coordinator {
                 progress.bytes,
             )
             .await
-            .map_err(|e| e.to_string())
     }
 
     /// Sets the new RF, then marks the migration completed (in that order; see [`refresh`]).
-    async fn finish_rf_change(&self, m: &Migration, progress: Copied) -> Result<(), String> {
+    async fn finish_rf_change(&self, m: &Migration, progress: Copied) -> Result<(), MetaError> {
         self.meta
             .update_replication_factor(&m.subject, m.target_rf)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         self.tenants.invalidate(&m.subject);
         self.meta
             .update_migration(
@@ -230,8 +225,7 @@ impl Coordinator {
                 progress.scanned,
                 progress.bytes,
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         tracing::info!(migration = %m.migration_id, tenant = %m.subject, rf = m.target_rf, copied = progress.records, "replication factor changed");
         Ok(())
     }

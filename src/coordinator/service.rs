@@ -506,7 +506,7 @@ impl CoordinatorRpc for CoordinatorService {
         };
         Ok(Response::new(pb::HealthResponse {
             ready: problems.is_none(),
-            problems: problems.unwrap_or_default(),
+            problems: problems.map(|p| p.to_string()).unwrap_or_default(),
             idempotency_store,
         }))
     }

@@ -23,17 +23,20 @@ pub enum SyncMode {
     Never,
 }
 
+/// A sync policy that is not `always`, `batch_ms=N` (N > 0) or `never`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sync must be always, batch_ms=N (N > 0) or never, not {0:?}")]
+pub struct BadSyncMode(pub String);
+
 impl FromStr for SyncMode {
-    type Err = String;
+    type Err = BadSyncMode;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "always" => Ok(Self::Always),
             "never" => Ok(Self::Never),
             other => match other.strip_prefix("batch_ms=").map(str::parse::<u64>) {
                 Some(Ok(ms)) if ms > 0 => Ok(Self::BatchMs(ms)),
-                _ => Err(format!(
-                    "sync must be always, batch_ms=N (N > 0) or never, not {other:?}"
-                )),
+                _ => Err(BadSyncMode(other.to_owned())),
             },
         }
     }

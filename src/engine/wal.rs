@@ -186,6 +186,21 @@ struct Frame<'a> {
     next: usize,
 }
 
+/// Why the bytes at an offset are not a valid frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum FrameError {
+    #[error("frame header cut short")]
+    HeaderCut,
+    #[error("frame claims {0} bytes")]
+    Oversized(usize),
+    #[error("implausible sequence")]
+    ImplausibleSequence,
+    #[error("frame payload cut short")]
+    PayloadCut,
+    #[error("checksum mismatch")]
+    ChecksumMismatch,
+}
+
 /// Parses the frame at `pos`; `Err` says why it is bad.
 /// With `min_seq`, frames whose sequence is below it are rejected before the checksum is
 /// computed (a cheap filter when probing arbitrary offsets).
@@ -194,30 +209,30 @@ fn parse_frame(
     pos: usize,
     format: Format,
     min_seq: Option<u64>,
-) -> std::result::Result<Frame<'_>, String> {
+) -> std::result::Result<Frame<'_>, FrameError> {
     let header_len = format.header();
     let header = data
         .get(pos..pos + header_len)
-        .ok_or_else(|| "frame header cut short".to_owned())?;
+        .ok_or(FrameError::HeaderCut)?;
     let len = le_u32(&header[0..4]) as usize;
     let crc = le_u32(&header[4..8]);
     let seq = le_u64(&header[8..16]);
     if len > MAX_PAYLOAD {
-        return Err(format!("frame claims {len} bytes"));
+        return Err(FrameError::Oversized(len));
     }
     if let Some(min) = min_seq {
         // A real frame at a later offset has a sequence above `min` and not absurdly far above.
         if seq < min || seq - min > data.len() as u64 {
-            return Err("implausible sequence".to_owned());
+            return Err(FrameError::ImplausibleSequence);
         }
     }
     let payload = data
         .get(pos + header_len..pos + header_len + len)
-        .ok_or_else(|| "frame payload cut short".to_owned())?;
+        .ok_or(FrameError::PayloadCut)?;
     // The checksum covers everything in the header after itself, then the payload.
     let actual = crc32c::crc32c_append(crc32c::crc32c(&header[8..header_len]), payload);
     if actual != crc {
-        return Err("checksum mismatch".to_owned());
+        return Err(FrameError::ChecksumMismatch);
     }
     Ok(Frame {
         seq,
@@ -276,7 +291,7 @@ fn scan_segment(
                 }
                 Err(e) => format!("undecodable record: {e}"),
             },
-            Err(reason) => reason,
+            Err(reason) => reason.to_string(),
         };
         if data[pos..].iter().all(|&b| b == 0) {
             // The zeroed, never written end of the segment.

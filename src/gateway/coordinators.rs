@@ -80,14 +80,25 @@ pub struct Coordinators {
     timeout: Duration,
 }
 
+/// A configured coordinator address that no channel can be made for.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("bad coordinator address {address:?}: {reason}")]
+pub struct BadCoordinatorAddress {
+    pub address: String,
+    pub reason: String,
+}
+
 impl Coordinators {
     /// Channels to `addresses` (`host:port`), connected on first use.
-    pub fn new(addresses: &[String], timeout: Duration) -> Result<Self, String> {
+    pub fn new(addresses: &[String], timeout: Duration) -> Result<Self, BadCoordinatorAddress> {
         let members = addresses
             .iter()
             .map(|address| {
                 let endpoint = Endpoint::from_shared(format!("http://{address}"))
-                    .map_err(|e| format!("bad coordinator address {address:?}: {e}"))?
+                    .map_err(|e| BadCoordinatorAddress {
+                        address: address.clone(),
+                        reason: e.to_string(),
+                    })?
                     .connect_timeout(Duration::from_secs(1))
                     .timeout(timeout)
                     .tcp_nodelay(true)
@@ -102,7 +113,7 @@ impl Coordinators {
                     idempotency_store: Arc::default(),
                 }))
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             members,
             next: AtomicUsize::new(0),

@@ -114,7 +114,9 @@ fn mismatched_answer() -> ApiError {
 fn consistency(raw: Option<&str>) -> Result<Consistency, ApiError> {
     match raw {
         None => Ok(Consistency::Quorum),
-        Some(s) => s.parse().map_err(ApiError::invalid),
+        Some(s) => s
+            .parse()
+            .map_err(|e: crate::quorum::UnknownConsistency| ApiError::invalid(e.to_string())),
     }
 }
 

@@ -36,8 +36,7 @@ pub async fn serve(
         coordinators: Coordinators::new(
             &cfg.coordinators,
             Duration::from_millis(cfg.request_timeout_ms),
-        )
-        .map_err(anyhow::Error::msg)?,
+        )?,
         max_body_bytes: cfg.max_body_bytes,
     });
     crate::metrics::handle();

@@ -500,7 +500,11 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::StartStreamingRequest>,
     ) -> Result<Response<pb::StreamStatus>, Status> {
-        reply(self.streams.start(req.into_inner()).map_err(invalid))
+        reply(
+            self.streams
+                .start(req.into_inner())
+                .map_err(|e| invalid(e.to_string())),
+        )
     }
 
     async fn get_stream_status(

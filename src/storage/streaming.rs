@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::engine::{Engine, Record, internal_key};
+use crate::engine::{Engine, EngineError, Record, internal_key};
 use crate::ring::HashRange;
 use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
@@ -122,17 +122,21 @@ impl StreamManager {
     }
 
     /// Starts a stream (idempotent: a known id returns its status).
-    pub fn start(&self, req: pb::StartStreamingRequest) -> Result<pb::StreamStatus, String> {
+    pub fn start(&self, req: pb::StartStreamingRequest) -> Result<pb::StreamStatus, StreamError> {
         if req.stream_id.is_empty() || req.target_address.is_empty() || req.ranges.is_empty() {
-            return Err("stream_id, target_address and at least one range are required".to_owned());
+            return Err(StreamError::BadRequest(
+                "stream_id, target_address and at least one range are required".to_owned(),
+            ));
         }
         if !checkpoint::valid_stream_id(&req.stream_id) {
-            return Err(
+            return Err(StreamError::BadRequest(
                 "stream_id must be 1..=200 letters, digits, '-', '_' or '.' (not first)".to_owned(),
-            );
+            ));
         }
         let endpoint = Endpoint::from_shared(format!("http://{}", req.target_address))
-            .map_err(|e| format!("bad target address {:?}: {e}", req.target_address))?
+            .map_err(|e| {
+                StreamError::BadRequest(format!("bad target address {:?}: {e}", req.target_address))
+            })?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30));
         let mut streams = self.streams.lock();
@@ -173,15 +177,17 @@ impl StreamManager {
             };
             let result = tokio::select! {
                 r = run(engine, stream.clone(), sender, live_rx, resume) => r,
-                () = stream.cancel.cancelled() => Err("stopped".to_owned()),
+                () = stream.cancel.cancelled() => Err(StreamError::Stopped),
             };
             checkpoint::remove(&checkpoints, &stream.id);
             match result {
                 Ok(()) => stream.set(pb::StreamState::Completed, ""),
-                Err(e) if stream.cancel.is_cancelled() => stream.set(pb::StreamState::Stopped, e),
+                Err(e) if stream.cancel.is_cancelled() => {
+                    stream.set(pb::StreamState::Stopped, e.to_string());
+                }
                 Err(e) => {
                     tracing::error!(stream = %stream.id, error = %e, "stream failed");
-                    stream.set(pb::StreamState::Failed, e);
+                    stream.set(pb::StreamState::Failed, e.to_string());
                 }
             }
         });
@@ -215,8 +221,31 @@ impl StreamManager {
     }
 }
 
+/// Why a stream could not start or did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// `StartStreaming` was malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("target rejected a batch: {0}")]
+    Rejected(String),
+    #[error("target unreachable for {window:?}: {message}")]
+    Unreachable { window: Duration, message: String },
+    #[error("reading the ranges: {0}")]
+    Scan(#[from] EngineError),
+    #[error("{0} task failed: {1}")]
+    Task(&'static str, String),
+    #[error("target could not flush: {0}")]
+    Flush(String),
+    #[error("stopped")]
+    Stopped,
+}
+
 /// Sends one batch, retrying with backoff while the target is unreachable.
-async fn send(client: &mut StorageNodeClient<Channel>, records: &[Record]) -> Result<(), String> {
+async fn send(
+    client: &mut StorageNodeClient<Channel>,
+    records: &[Record],
+) -> Result<(), StreamError> {
     let request = pb::WriteBatchRequest {
         records: records.iter().map(record_to_proto).collect(),
         source: pb::BatchSource::Stream as i32,
@@ -227,14 +256,14 @@ async fn send(client: &mut StorageNodeClient<Channel>, records: &[Record]) -> Re
         match client.write_batch(request.clone()).await {
             Ok(_) => return Ok(()),
             Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                return Err(format!("target rejected a batch: {}", status.message()));
+                return Err(StreamError::Rejected(status.message().to_owned()));
             }
             Err(status) => {
                 if started.elapsed() > RETRY_WINDOW {
-                    return Err(format!(
-                        "target unreachable for {RETRY_WINDOW:?}: {}",
-                        status.message()
-                    ));
+                    return Err(StreamError::Unreachable {
+                        window: RETRY_WINDOW,
+                        message: status.message().to_owned(),
+                    });
                 }
                 tracing::warn!(error = %status.message(), "stream target unavailable; retrying");
                 tokio::time::sleep(backoff).await;
@@ -248,7 +277,7 @@ async fn send_live(
     client: &mut StorageNodeClient<Channel>,
     stream: &Stream,
     live: &mut mpsc::UnboundedReceiver<Record>,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let mut pending = Vec::new();
     let mut pending_bytes = 0;
     while let Ok(r) = live.try_recv() {
@@ -291,13 +320,13 @@ async fn run(
     sender: Sender,
     mut live: mpsc::UnboundedReceiver<Record>,
     resume: Option<Checkpoint>,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let Sender {
         mut client,
         checkpoints,
         throttle,
     } = sender;
-    let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, String>>(4);
+    let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, EngineError>>(4);
     let ranges = stream.ranges.clone();
     let scan_engine = engine.clone();
     let producer = tokio::task::spawn_blocking(move || {
@@ -310,7 +339,7 @@ async fn run(
             let r = match item {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = batches_tx.blocking_send(Err(e.to_string()));
+                    let _ = batches_tx.blocking_send(Err(e));
                     return;
                 }
             };
@@ -360,7 +389,7 @@ async fn run(
         let (dir, id) = (checkpoints.clone(), stream.id.clone());
         let stored = tokio::task::spawn_blocking(move || checkpoint::store(&dir, &id, &saved))
             .await
-            .map_err(|e| format!("checkpoint task failed: {e}"))?;
+            .map_err(|e| StreamError::Task("checkpoint", e.to_string()))?;
         if let Err(e) = stored {
             // Only a resume after a crash needs it; without it the stream starts over.
             tracing::warn!(stream = %stream.id, error = %e, "cannot store the stream's checkpoint");
@@ -369,7 +398,7 @@ async fn run(
     }
     producer
         .await
-        .map_err(|e| format!("scan task failed: {e}"))?;
+        .map_err(|e| StreamError::Task("scan", e.to_string()))?;
     stream.set(pb::StreamState::Streaming, "");
     send_live(&mut client, &stream, &mut live).await?;
     stream.set(pb::StreamState::Syncing, "");
@@ -378,6 +407,6 @@ async fn run(
     client
         .drain(pb::DrainRequest {})
         .await
-        .map_err(|e| format!("target could not flush: {}", e.message()))?;
+        .map_err(|e| StreamError::Flush(e.message().to_owned()))?;
     Ok(())
 }
