@@ -138,20 +138,6 @@ fn decode_body(r: &mut Reader<'_>) -> Result<Body, CodecError> {
 }
 
 /// Appends a commit-log payload for `record`.
-/// The little-endian u32 at the start of `bytes` (the caller checked the length).
-pub fn le_u32(bytes: &[u8]) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&bytes[..4]);
-    u32::from_le_bytes(b)
-}
-
-/// The little-endian u64 at the start of `bytes` (the caller checked the length).
-pub fn le_u64(bytes: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[..8]);
-    u64::from_le_bytes(b)
-}
-
 pub fn encode_log_record(record: &Record, out: &mut Vec<u8>) {
     put_u16(out, record.tenant.len() as u16);
     out.extend_from_slice(record.tenant.as_bytes());
@@ -182,6 +168,10 @@ pub fn decode_log_record(payload: &[u8]) -> Result<Record, CodecError> {
 }
 
 /// Appends an SSTable entry for `record`.
+#[expect(
+    clippy::indexing_slicing,
+    reason = "the length slot is the 4 bytes pushed just before"
+)]
 pub fn encode_table_entry(record: &Record, out: &mut Vec<u8>) {
     let ikey = internal_key(&record.tenant, &record.key);
     put_u32(out, ikey.len() as u32);

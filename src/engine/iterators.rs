@@ -84,7 +84,7 @@ impl MergeIter {
     }
 
     fn pull(&mut self, source: usize) {
-        match self.sources[source].next() {
+        match self.sources.get_mut(source).and_then(Iterator::next) {
             Some(Ok((key, record))) => self.heap.push(Head {
                 key,
                 source,

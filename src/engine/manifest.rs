@@ -140,13 +140,15 @@ impl Manifest {
             offset,
             reason: reason.to_owned(),
         };
-        if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        if bytes.len() < HEADER || bytes.get(..8) != Some(&MAGIC[..]) {
             return Err(corrupt(0, "bad manifest header"));
         }
+        // Inside the HEADER bytes checked above.
         let word = |at: usize| {
-            let mut a = [0u8; 4];
-            a.copy_from_slice(&bytes[at..at + 4]);
-            u32::from_le_bytes(a)
+            bytes
+                .get(at..)
+                .and_then(<[u8]>::first_chunk::<4>)
+                .map_or(0, |w| u32::from_le_bytes(*w))
         };
         if word(8) != VERSION {
             return Err(corrupt(8, "unsupported manifest version"));

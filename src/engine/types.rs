@@ -94,8 +94,8 @@ pub fn internal_key(tenant: &str, key: &[u8]) -> Vec<u8> {
 /// Splits an internal key back into (tenant, key).
 pub fn split_internal_key(ikey: &[u8]) -> Option<(&str, &[u8])> {
     let nul = ikey.iter().position(|b| *b == 0)?;
-    let tenant = std::str::from_utf8(&ikey[..nul]).ok()?;
-    Some((tenant, &ikey[nul + 1..]))
+    let tenant = std::str::from_utf8(ikey.get(..nul)?).ok()?;
+    Some((tenant, ikey.get(nul + 1..)?))
 }
 
 /// What `apply` did with a record.

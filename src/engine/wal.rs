@@ -50,7 +50,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::options::SyncMode;
 
-use super::codec::{decode_log_record, encode_log_record, le_u32, le_u64};
+use super::codec::{Reader, decode_log_record, encode_log_record};
 use super::error::{EngineError, Result};
 use super::types::Record;
 use super::vfs::{VFile, Vfs};
@@ -214,9 +214,16 @@ fn parse_frame(
     let header = data
         .get(pos..pos + header_len)
         .ok_or(FrameError::HeaderCut)?;
-    let len = le_u32(&header[0..4]) as usize;
-    let crc = le_u32(&header[4..8]);
-    let seq = le_u64(&header[8..16]);
+    // len u32, crc u32, seq u64, then (V2) durable u64.
+    let mut fields = Reader::new(header);
+    let cut = |_| FrameError::HeaderCut;
+    let len = fields.u32().map_err(cut)? as usize;
+    let crc = fields.u32().map_err(cut)?;
+    let seq = fields.u64().map_err(cut)?;
+    let durable = match format {
+        Format::V2 => Some(fields.u64().map_err(cut)?),
+        Format::V1 => None,
+    };
     if len > MAX_PAYLOAD {
         return Err(FrameError::Oversized(len));
     }
@@ -230,13 +237,14 @@ fn parse_frame(
         .get(pos + header_len..pos + header_len + len)
         .ok_or(FrameError::PayloadCut)?;
     // The checksum covers everything in the header after itself, then the payload.
-    let actual = crc32c::crc32c_append(crc32c::crc32c(&header[8..header_len]), payload);
+    let after_crc = header.get(8..).ok_or(FrameError::HeaderCut)?;
+    let actual = crc32c::crc32c_append(crc32c::crc32c(after_crc), payload);
     if actual != crc {
         return Err(FrameError::ChecksumMismatch);
     }
     Ok(Frame {
         seq,
-        durable: (format == Format::V2).then(|| le_u64(&header[16..24])),
+        durable,
         payload,
         next: pos + header_len + len,
     })
@@ -263,7 +271,7 @@ fn scan_segment(
             reason: "not a pairdb commit-log segment (bad magic)".to_owned(),
         });
     }
-    let format = match &data[..MAGIC.len()] {
+    let format = match data.get(..MAGIC.len()).unwrap_or_default() {
         m if m == MAGIC => Format::V2,
         m if m == MAGIC_V1 => Format::V1,
         _ => {
@@ -293,7 +301,7 @@ fn scan_segment(
             },
             Err(reason) => reason.to_string(),
         };
-        if data[pos..].iter().all(|&b| b == 0) {
+        if data.get(pos..).unwrap_or_default().iter().all(|&b| b == 0) {
             // The zeroed, never written end of the segment.
             return Ok(ScanEnd::Clean);
         }
@@ -447,6 +455,10 @@ impl CommitLog {
 
     /// Appends a record (buffered) and returns its sequence number. Durable only after
     /// [`CommitLog::wait_durable`].
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "the header slots lie inside the FRAME_HEADER bytes pushed just before"
+    )]
     pub fn append(&self, record: &Record) -> Result<u64> {
         self.check_healthy()?;
         let mut w = self.writer.lock();
@@ -505,7 +517,7 @@ impl CommitLog {
         let mut at = from;
         while at < to {
             let n = ZEROS.len().min((to - at) as usize);
-            if let Err(e) = w.file.write_at(&ZEROS[..n], at) {
+            if let Err(e) = w.file.write_at(ZEROS.get(..n).unwrap_or_default(), at) {
                 tracing::warn!(file = %w.path.display(), error = %e, "commit log: zeroing ahead failed");
                 return;
             }

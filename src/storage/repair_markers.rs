@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use prost::Message;
 
-use crate::engine::codec::le_u32;
 use crate::rpc::storage::RepairMarker;
 
 pub const FILE_NAME: &str = "repair-markers.log";
@@ -88,9 +87,12 @@ impl RepairMarkerLog {
 fn parse(bytes: &[u8]) -> (Vec<RepairMarker>, usize) {
     let mut markers = Vec::new();
     let mut at = 0;
-    while let Some(header) = bytes.get(at..at + 8) {
-        let len = le_u32(&header[0..4]) as usize;
-        let crc = le_u32(&header[4..8]);
+    while let Some((len, crc)) = bytes
+        .get(at..)
+        .and_then(<[u8]>::split_first_chunk::<4>)
+        .and_then(|(len, rest)| Some((len, rest.first_chunk::<4>()?)))
+    {
+        let (len, crc) = (u32::from_le_bytes(*len) as usize, u32::from_le_bytes(*crc));
         let Some(payload) = bytes.get(at + 8..at + 8 + len) else {
             break;
         };

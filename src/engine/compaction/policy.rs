@@ -109,18 +109,18 @@ pub fn pick(levels: &[Vec<TableMeta>], policy: &LevelPolicy) -> Option<Compactio
         return task(levels, l0.iter().collect(), 0, 1);
     }
     let last = policy.max_levels.saturating_sub(1);
-    let (level, _) = levels
+    let (level, tables, _) = levels
         .iter()
         .enumerate()
         .skip(1)
         .take_while(|(n, _)| *n < last)
         .map(|(n, tables)| {
             let bytes: u64 = tables.iter().map(|t| t.file_bytes).sum();
-            (n, bytes as f64 / policy.target_bytes(n) as f64)
+            (n, tables, bytes as f64 / policy.target_bytes(n) as f64)
         })
-        .filter(|(_, score)| *score > 1.0)
-        .max_by(|a, b| a.1.total_cmp(&b.1))?;
-    let oldest = levels[level].iter().min_by_key(|t| t.id)?;
+        .filter(|(_, _, score)| *score > 1.0)
+        .max_by(|a, b| a.2.total_cmp(&b.2))?;
+    let oldest = tables.iter().min_by_key(|t| t.id)?;
     task(levels, vec![oldest], level, level + 1)
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::engine::error::Result;
 use crate::engine::iterators::{MergeIter, Source};
+use crate::engine::levels::LevelEdit;
 use crate::engine::sstable::{SsTable, TableBuilder, TableIter, TableMeta, table_file_name};
 use crate::engine::types::RangeDrop;
 use crate::engine::{Core, State, io_err};
@@ -191,29 +192,23 @@ impl Core {
         outputs: &[TableMeta],
         opened: Vec<Arc<SsTable>>,
     ) -> Result<()> {
-        let gone = |id: u64| task.inputs.contains(&id) || task.overlapping.contains(&id);
         let mut manifest = self.manifest.lock();
+        let edit = LevelEdit {
+            removed: task
+                .inputs
+                .iter()
+                .chain(&task.overlapping)
+                .copied()
+                .collect(),
+            level: task.output_level,
+        };
         let mut next = manifest.clone();
-        for level in &mut next.levels {
-            level.retain(|t| !gone(t.id));
-        }
-        while next.levels.len() <= task.output_level {
-            next.levels.push(Vec::new());
-        }
-        next.levels[task.output_level].extend(outputs.iter().cloned());
-        next.levels[task.output_level].sort_by(|a, b| a.min_key.cmp(&b.min_key));
+        edit.apply(&mut next.levels, outputs.to_vec());
         next.store(&*self.options.vfs, &self.dir)?;
         {
             let mut state = self.state.write();
             let mut s: State = (**state).clone();
-            for level in &mut s.levels {
-                level.retain(|t| !gone(t.meta.id));
-            }
-            while s.levels.len() <= task.output_level {
-                s.levels.push(Vec::new());
-            }
-            s.levels[task.output_level].extend(opened);
-            s.levels[task.output_level].sort_by(|a, b| a.meta.min_key.cmp(&b.meta.min_key));
+            edit.apply(&mut s.levels, opened);
             *state = Arc::new(s);
         }
         *manifest = next;

@@ -26,6 +26,10 @@ fn probe_bits(hash: u64, probes: u8, nbits: u64) -> impl Iterator<Item = u64> {
 
 impl Bloom {
     /// A filter holding `hashes` (from [`key_hash`]).
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "probe_bits yields bits below nbits, and bits has nbits / 8 bytes"
+    )]
     pub fn build(hashes: &[u64]) -> Self {
         let nbits = (hashes.len() * BITS_PER_KEY).max(64).div_ceil(8) * 8;
         let mut bits = vec![0u8; nbits / 8];

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::{RawEntry, Reader, le_u32, le_u64};
+use super::codec::{RawEntry, Reader};
 use super::error::{EngineError, Result};
 use super::types::Record;
 use super::vfs::{Mapped, Vfs};
@@ -125,6 +125,36 @@ impl std::fmt::Debug for SsTable {
     }
 }
 
+/// The fixed-size end of a table: (offset, length) of the index, bloom and meta blocks, the
+/// format version, a CRC32C of everything before it, and the magic.
+struct Footer {
+    handles: [(u64, u32); 3],
+    version: u32,
+    crc: u32,
+    /// CRC32C of the footer's bytes before its `crc` field.
+    computed_crc: u32,
+    magic: u64,
+}
+
+impl Footer {
+    fn parse(bytes: &[u8]) -> std::result::Result<Self, super::codec::CodecError> {
+        let mut r = Reader::new(bytes);
+        let mut handle = || -> std::result::Result<(u64, u32), super::codec::CodecError> {
+            Ok((r.u64()?, r.u32()?))
+        };
+        let handles = [handle()?, handle()?, handle()?];
+        let version = r.u32()?;
+        let checked = Reader::new(bytes).bytes(40)?;
+        Ok(Footer {
+            handles,
+            version,
+            crc: r.u32()?,
+            computed_crc: crc32c::crc32c(checked),
+            magic: r.u64()?,
+        })
+    }
+}
+
 impl SsTable {
     /// Opens and verifies footer, index, bloom filter and meta block.
     pub fn open(vfs: &dyn Vfs, path: &Path, id: u64) -> Result<Arc<SsTable>> {
@@ -142,18 +172,21 @@ impl SsTable {
         if len < FOOTER_LEN {
             return Err(corrupt(0, "file shorter than the footer"));
         }
-        let footer = map[len - FOOTER_LEN..].to_vec();
         let footer_at = (len - FOOTER_LEN) as u64;
-        if le_u64(&footer[44..52]) != MAGIC {
+        let footer = map
+            .get(len - FOOTER_LEN..)
+            .and_then(|bytes| Footer::parse(bytes).ok())
+            .ok_or_else(|| corrupt(footer_at, "unreadable footer"))?;
+        if footer.magic != MAGIC {
             return Err(corrupt(footer_at, "bad magic: not a pairdb SSTable"));
         }
-        if crc32c::crc32c(&footer[..40]) != le_u32(&footer[40..44]) {
+        if footer.computed_crc != footer.crc {
             return Err(EngineError::ChecksumFailed {
                 path: path.to_path_buf(),
                 offset: footer_at,
             });
         }
-        let version = le_u32(&footer[36..40]);
+        let version = footer.version;
         if version != FORMAT_VERSION {
             return Err(corrupt(
                 footer_at,
@@ -167,15 +200,11 @@ impl SsTable {
             bloom: Bloom::build(&[]),
             meta: TableMeta::empty(id),
         };
-        let handle = |i: usize| {
-            (
-                le_u64(&footer[i * 12..i * 12 + 8]),
-                le_u32(&footer[i * 12 + 8..i * 12 + 12]),
-            )
-        };
-        let (index_off, index_len) = handle(0);
-        let (bloom_off, bloom_len) = handle(1);
-        let (meta_off, meta_len) = handle(2);
+        let [
+            (index_off, index_len),
+            (bloom_off, bloom_len),
+            (meta_off, meta_len),
+        ] = footer.handles;
 
         let index_payload = table.block(index_off, index_len)?;
         let mut r = Reader::new(index_payload);
@@ -213,17 +242,16 @@ impl SsTable {
     /// The checksummed block at `offset` (its length includes the 4-byte CRC), without the CRC.
     fn block(&self, offset: u64, len: u32) -> Result<&[u8]> {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let bytes = start
+        let (payload, crc) = start
             .checked_add(len as usize)
             .and_then(|end| self.map.get(start..end))
-            .filter(|b| b.len() >= 4)
+            .and_then(<[u8]>::split_last_chunk::<4>)
             .ok_or_else(|| EngineError::Corrupted {
                 path: self.path.clone(),
                 offset,
                 reason: "block outside the file".to_owned(),
             })?;
-        let (payload, crc) = bytes.split_at(bytes.len() - 4);
-        if crc32c::crc32c(payload) != le_u32(crc) {
+        if crc32c::crc32c(payload) != u32::from_le_bytes(*crc) {
             return Err(EngineError::ChecksumFailed {
                 path: self.path.clone(),
                 offset,

@@ -79,6 +79,10 @@ struct Inode {
     pending: Vec<FileOp>,
 }
 
+#[expect(
+    clippy::indexing_slicing,
+    reason = "the content was resized to cover the write"
+)]
 fn apply_file_op(content: &mut Vec<u8>, op: &FileOp) {
     match op {
         FileOp::Write { offset, data } => {
