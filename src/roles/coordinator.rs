@@ -59,9 +59,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     // No request runs any more: store every hint still queued (or still to come from replica
     // calls that outlived their requests) before the process ends.
     let queued = hints.queued();
-    let drained = hints
-        .drain(Duration::from_millis(cfg.shutdown_drain_timeout_ms))
-        .await;
+    let drained = hints.drain(cfg.shutdown_drain_timeout).await;
     tracing::info!(queued, lost = drained.lost, "hint queue drained");
     served?;
     tracing::info!("coordinator stopped cleanly");
@@ -97,7 +95,7 @@ pub async fn start(
     let ring = RingView::load(meta.clone(), membership.clone())
         .await
         .context("reading the node registry")?;
-    ring.spawn_refresh(Duration::from_millis(cfg.ring_refresh_ms), stop.clone());
+    ring.spawn_refresh(cfg.ring_refresh, stop.clone());
     let watched = ring.clone();
     membership.follow(
         move || {
@@ -111,10 +109,10 @@ pub async fn start(
         pool.clone(),
         stop.clone(),
     );
-    let timeout = Duration::from_millis(cfg.request_timeout_ms);
+    let timeout = cfg.request_timeout;
     let hint_limits = ReplayLimits {
-        interval: Duration::from_millis(cfg.hint_replay_interval_ms),
-        max_window: Duration::from_secs(cfg.max_hint_window_s),
+        interval: cfg.hint_replay_interval,
+        max_window: cfg.max_hint_window,
         max_attempts: cfg.max_hint_attempts,
         timeout: timeout.max(Duration::from_secs(5)),
     };
@@ -125,20 +123,24 @@ pub async fn start(
         hint_limits,
         stop.clone(),
     );
-    let clock = CoordinatorClock::resume(id, meta.clone(), cfg.max_clock_skew_ms)
-        .await
-        .context("loading the coordinator clock")?;
+    let clock = CoordinatorClock::resume(
+        id,
+        meta.clone(),
+        u64::try_from(cfg.max_clock_skew.as_millis()).unwrap_or(u64::MAX),
+    )
+    .await
+    .context("loading the coordinator clock")?;
     let core = Arc::new(Coordinator {
         id: id.to_owned(),
         options: Options {
             request_timeout: timeout,
             max_clock_entries: cfg.max_clock_entries,
             read_repair_chance: cfg.read_repair_chance,
-            metadata_refresh: Duration::from_millis(cfg.ring_refresh_ms),
-            topology_timeout: Duration::from_secs(cfg.topology_timeout_s),
+            metadata_refresh: cfg.ring_refresh,
+            topology_timeout: cfg.topology_timeout,
             min_storage_nodes: cfg.min_storage_nodes,
             hint_limits,
-            max_clock_skew: Duration::from_millis(cfg.max_clock_skew_ms),
+            max_clock_skew: cfg.max_clock_skew,
             token_allocation: cfg.token_allocation,
             virtual_nodes: cfg.token_allocation.virtual_nodes(cfg.virtual_nodes),
         },
@@ -154,7 +156,7 @@ pub async fn start(
             }),
         ),
         repairs: RepairQueue::start(cfg.read_repair_queue, ring.clone(), pool.clone(), timeout),
-        tenants: TenantCache::new(meta.clone(), Duration::from_secs(cfg.tenant_cache_ttl_s)),
+        tenants: TenantCache::new(meta.clone(), cfg.tenant_cache_ttl),
         meta,
         idempotency,
         idempotency_breaker: Default::default(),
@@ -162,18 +164,10 @@ pub async fn start(
         pool,
         ring,
     });
-    rf_change::spawn_refresh(
-        core.clone(),
-        Duration::from_millis(cfg.ring_refresh_ms),
-        stop.clone(),
-    );
-    lease::spawn_watch(
-        core.clone(),
-        Duration::from_millis(cfg.ring_refresh_ms),
-        stop.clone(),
-    );
+    rf_change::spawn_refresh(core.clone(), cfg.ring_refresh, stop.clone());
+    lease::spawn_watch(core.clone(), cfg.ring_refresh, stop.clone());
     if cfg.auto_cleanup {
-        let grace = Duration::from_secs(cfg.cleanup_grace_s);
+        let grace = cfg.cleanup_grace;
         // Checked often enough to start within a tenth of the grace (a second at least).
         let every = (grace / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         cleanup::spawn_auto_cleanup(core.clone(), grace, every, stop.clone());

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -33,10 +32,7 @@ pub async fn serve(
             cfg.read_rate_limit,
             cfg.tenant_limits.clone(),
         ),
-        coordinators: Coordinators::new(
-            &cfg.coordinators,
-            Duration::from_millis(cfg.request_timeout_ms),
-        )?,
+        coordinators: Coordinators::new(&cfg.coordinators, cfg.request_timeout)?,
         max_body_bytes: cfg.max_body_bytes,
     });
     crate::metrics::handle();

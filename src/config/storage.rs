@@ -1,0 +1,66 @@
+//! `[storage]`: `--role=storage`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::values::{list, split_host_port};
+use super::{ConfigError, SyncMode, invalid};
+
+/// `--role=storage`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// gRPC listener.
+    pub listen: SocketAddr,
+    /// `/healthz`, `/readyz`, `/metrics`; default: host of `listen`, port + 1000.
+    pub http_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    /// Gossip listener (UDP); gossip is off when unset.
+    pub gossip: Option<SocketAddr>,
+    /// Gossip addresses of other storage nodes.
+    #[serde(deserialize_with = "list")]
+    pub seeds: Vec<String>,
+    /// Commit-log durability: `always` (group commit), `batch_ms=N` or `never`.
+    pub sync: SyncMode,
+    /// Open even when a commit-log segment is corrupt in the middle, dropping the rest of that
+    /// segment (an operator's decision after reading the error; off by default).
+    pub skip_corrupt_log: bool,
+    /// Most bytes per second this node's range streams send together (node additions and
+    /// removals); 0 = unlimited. 8 MiB/s by default: under half-capacity load, foreground p99
+    /// during a change stays at its idle level (docs/benchmarks.md, "Streaming").
+    pub stream_rate_limit: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7101)),
+            http_listen: None,
+            data_dir: PathBuf::from("data/storage"),
+            gossip: None,
+            seeds: Vec::new(),
+            sync: SyncMode::Always,
+            skip_corrupt_log: false,
+            stream_rate_limit: 8 << 20,
+        }
+    }
+}
+
+impl StorageConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("--data-dir is required for the storage role"));
+        }
+        if self.gossip.is_none() && !self.seeds.is_empty() {
+            return Err(invalid(
+                "--seeds needs --gossip: a storage node gossips from its own gossip address",
+            ));
+        }
+        for seed in &self.seeds {
+            split_host_port(seed).map_err(|e| invalid(format!("--seeds: {e}")))?;
+        }
+        Ok(())
+    }
+}
