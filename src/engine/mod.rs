@@ -73,7 +73,7 @@ pub use manifest::Quarantined;
 use memtable::Memtable;
 use sstable::{SsTable, TableIter, key_hash, table_file_name};
 use vfs::Vfs;
-use wal::CommitLog;
+use wal::{CommitLog, LogOptions};
 
 pub use disk::{
     FULL_PERCENT, LARGE_WRITE_BYTES, THROTTLE_PERCENT, WARN_PERCENT, decide as disk_decide,
@@ -263,17 +263,16 @@ impl Engine {
         }
 
         let active = Arc::new(Memtable::new());
-        let (wal, replay) = CommitLog::open(
-            vfs.clone(),
-            &wal_dir,
-            options.sync,
-            options.segment_bytes,
-            manifest.flushed_seq,
-            options.skip_corrupt_log,
-            &mut |seq, record| {
-                active.insert(record.internal_key(), Arc::new(record), seq);
-            },
-        )?;
+        let log_options = LogOptions {
+            vfs: vfs.clone(),
+            sync: options.sync,
+            segment_bytes: options.segment_bytes,
+            after_seq: manifest.flushed_seq,
+            skip_corrupt: options.skip_corrupt_log,
+        };
+        let (wal, replay) = CommitLog::open(&wal_dir, log_options, &mut |seq, record| {
+            active.insert(record.internal_key(), Arc::new(record), seq);
+        })?;
         if replay.records > 0 {
             tracing::info!(
                 records = replay.records,

@@ -346,18 +346,34 @@ fn list_segments(vfs: &dyn Vfs, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(segments)
 }
 
+/// How a commit log is opened.
+#[derive(Clone)]
+pub struct LogOptions {
+    pub vfs: Arc<dyn Vfs>,
+    pub sync: SyncMode,
+    /// Segment size before rotation.
+    pub segment_bytes: u64,
+    /// Replay only records above this sequence (the manifest's flushed sequence).
+    pub after_seq: u64,
+    /// Drop the rest of a segment that is corrupt in the middle instead of refusing to open.
+    pub skip_corrupt: bool,
+}
+
 impl CommitLog {
-    /// Opens the log in `dir`, replaying every record with a sequence above `after_seq` into
-    /// `apply`, then starts a fresh segment for new appends.
+    /// Opens the log in `dir`, replaying every record with a sequence above
+    /// `options.after_seq` into `apply`, then starts a fresh segment for new appends.
     pub fn open(
-        vfs: Arc<dyn Vfs>,
         dir: &Path,
-        sync: SyncMode,
-        segment_bytes: u64,
-        after_seq: u64,
-        skip_corrupt: bool,
+        options: LogOptions,
         apply: &mut dyn FnMut(u64, Record),
     ) -> Result<(CommitLog, ReplayStats)> {
+        let LogOptions {
+            vfs,
+            sync,
+            segment_bytes,
+            after_seq,
+            skip_corrupt,
+        } = options;
         vfs.create_dir_all(dir)
             .map_err(|e| EngineError::io(format!("create {}", dir.display()), e))?;
         let segments = list_segments(&*vfs, dir)?;
@@ -679,15 +695,24 @@ mod tests {
         )
     }
 
+    fn test_options(segment_bytes: u64) -> LogOptions {
+        LogOptions {
+            vfs: vfs::real(),
+            sync: SyncMode::Always,
+            segment_bytes,
+            after_seq: 0,
+            skip_corrupt: false,
+        }
+    }
+
     fn replay(dir: &Path, after: u64) -> Result<(Vec<(u64, Record)>, ReplayStats)> {
         let mut seen = Vec::new();
         let (_log, stats) = CommitLog::open(
-            vfs::real(),
             dir,
-            SyncMode::Always,
-            1 << 20,
-            after,
-            false,
+            LogOptions {
+                after_seq: after,
+                ..test_options(1 << 20)
+            },
             &mut |s, r| seen.push((s, r)),
         )?;
         Ok((seen, stats))
@@ -711,16 +736,8 @@ mod tests {
 
     /// A new log holding `records` durable records.
     fn durable_log(dir: &Path, segment_bytes: u64, records: u64) -> CommitLog {
-        let (log, _) = CommitLog::open(
-            vfs::real(),
-            dir,
-            SyncMode::Always,
-            segment_bytes,
-            0,
-            false,
-            &mut |_, _| {},
-        )
-        .expect("open");
+        let (log, _) =
+            CommitLog::open(dir, test_options(segment_bytes), &mut |_, _| {}).expect("open");
         for i in 0..records {
             let seq = log.append(&rec(i)).expect("append");
             log.wait_durable(seq).expect("sync");
