@@ -1,0 +1,122 @@
+//! Flushing: freeze the active memtable, write frozen ones to L0 oldest first (the manifest
+//! records the flushed sequence, then the log drops the segments below it), and the workers
+//! that flush and compact in the background.
+
+use super::{
+    Arc, Core, Duration, LevelEdit, Memtable, Mutex, Ordering, Result, SsTable, io_err, mpsc,
+    sstable, table_file_name,
+};
+
+impl Core {
+    pub(super) fn signal(&self, slot: &Mutex<Option<mpsc::Sender<()>>>) {
+        if let Some(tx) = slot.lock().as_ref() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Swaps in a fresh active memtable. Unless `force`, only when the active one is still
+    /// over the limit (several writers may race to freeze).
+    pub(super) fn freeze(&self, force: bool) {
+        {
+            let mut state = self.state.write();
+            let full = state.active.size_bytes() >= self.options.memtable_bytes;
+            if state.active.is_empty() || !(force || full) {
+                return;
+            }
+            let mut next = (**state).clone();
+            next.immutables.insert(0, next.active.clone());
+            next.active = Arc::new(Memtable::new());
+            *state = Arc::new(next);
+        }
+        self.signal(&self.flush_signal);
+    }
+
+    /// Writes every frozen memtable to L0, oldest first.
+    pub(super) fn flush_pending(&self) -> Result<()> {
+        let _flushing = self.flush_lock.lock();
+        loop {
+            let Some(oldest) = self.snapshot().immutables.last().cloned() else {
+                return Ok(());
+            };
+            self.flush_memtable(&oldest)?;
+            self.stall.notify_all();
+        }
+    }
+
+    pub(super) fn allocate_table_id(&self) -> u64 {
+        let mut m = self.manifest.lock();
+        let id = m.next_table_id;
+        m.next_table_id += 1;
+        id
+    }
+
+    pub(super) fn flush_memtable(&self, memtable: &Arc<Memtable>) -> Result<()> {
+        let id = self.allocate_table_id();
+        let path = self.sst_dir.join(table_file_name(id));
+        let vfs = &*self.options.vfs;
+        let mut builder = sstable::TableBuilder::create(vfs, &path, id, self.options.block_bytes)?;
+        for (ikey, record) in memtable.iter() {
+            builder.add(&ikey, &record)?;
+        }
+        let table = if builder.is_empty() {
+            drop(builder);
+            vfs.remove(&path).map_err(|e| io_err("remove", &path, e))?;
+            None
+        } else {
+            let meta = builder.finish()?;
+            vfs.sync_dir(&self.sst_dir)
+                .map_err(|e| io_err("fsync", &self.sst_dir, e))?;
+            Some((meta.clone(), SsTable::open(vfs, &path, id)?))
+        };
+        let flushed_seq = {
+            let mut manifest = self.manifest.lock();
+            let mut next = manifest.clone();
+            next.flushed_seq = next.flushed_seq.max(memtable.max_seq());
+            let (meta, opened) = table.map(|(m, t)| (vec![m], vec![t])).unwrap_or_default();
+            let edit = LevelEdit::default(); // into L0, newest first
+            edit.apply(&mut next.levels, meta);
+            next.store(&*self.options.vfs, &self.dir)?;
+            {
+                let mut state = self.state.write();
+                let mut s = (**state).clone();
+                s.immutables.retain(|m| !Arc::ptr_eq(m, memtable));
+                edit.apply(&mut s.levels, opened);
+                *state = Arc::new(s);
+            }
+            let seq = next.flushed_seq;
+            *manifest = next;
+            seq
+        };
+        self.wal.release_up_to(flushed_seq)?;
+        self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
+        self.signal(&self.compaction_signal);
+        Ok(())
+    }
+
+    pub(super) fn worker_loop(self: Arc<Self>, rx: mpsc::Receiver<()>, is_flush: bool) {
+        loop {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let result = if is_flush {
+                self.flush_pending()
+            } else {
+                loop {
+                    match self.compact_once(false) {
+                        Ok(true) if !self.closed.load(Ordering::Acquire) => continue,
+                        Ok(_) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, worker = if is_flush { "flush" } else { "compaction" }, "engine background work failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Opening an engine: read the manifest (or its mirror), open the tables (quarantining the
+//! unreadable), replay the commit log above the flushed sequence into a memtable, remove
+//! orphaned files, start the flush, compaction and (batch_ms) sync workers.
+
+use super::{
+    Arc, AtomicBool, AtomicU64, CommitLog, Condvar, Core, DiskGuard, Duration, Engine, EngineError,
+    EngineMetrics, EngineOptions, LogOptions, Manifest, Memtable, Mutex, Ordering, Path, Result,
+    RowCache, RwLock, STRIPES, SsTable, State, Stripe, SyncMode, Vfs, io_err, manifest, mpsc,
+    table_file_name,
+};
+
+impl Engine {
+    /// Opens (or creates) the engine in `dir`.
+    pub fn open(dir: impl AsRef<Path>, options: EngineOptions) -> Result<Engine> {
+        let dir = dir.as_ref().to_path_buf();
+        let sst_dir = dir.join("sst");
+        let wal_dir = dir.join("wal");
+        let vfs = options.vfs.clone();
+        vfs.create_dir_all(&sst_dir)
+            .map_err(|e| io_err("create", &sst_dir, e))?;
+        let loaded = Manifest::load(&*vfs, &dir)?;
+        let manifest_damage = loaded
+            .restored_from_mirror
+            .map(|why| {
+                format!(
+                    "{} damaged ({why}), restored from {}",
+                    manifest::FILE_NAME,
+                    manifest::MIRROR_NAME
+                )
+            })
+            .or(loaded
+                .mirror_damaged
+                .map(|why| format!("{} damaged ({why}), rewritten", manifest::MIRROR_NAME)));
+        if let Some(damage) = &manifest_damage {
+            tracing::error!(%damage, "a copy of the manifest was damaged; the disk is suspect");
+        }
+        let manifest = loaded.manifest.unwrap_or_else(|| Manifest {
+            flushed_seq: 0,
+            next_table_id: 1,
+            levels: vec![Vec::new()],
+            quarantined: Vec::new(),
+        });
+        let mut levels: Vec<Vec<Arc<SsTable>>> = Vec::new();
+        for level in &manifest.levels {
+            let mut tables = Vec::with_capacity(level.len());
+            for meta in level {
+                tables.push(SsTable::open(
+                    &*vfs,
+                    &sst_dir.join(table_file_name(meta.id)),
+                    meta.id,
+                )?);
+            }
+            levels.push(tables);
+        }
+        if levels.is_empty() {
+            levels.push(Vec::new());
+        }
+        remove_orphans(&*vfs, &dir, &sst_dir, &manifest)?;
+        let manifest_quarantine = manifest.quarantined.clone();
+        if !manifest_quarantine.is_empty() {
+            tracing::error!(
+                tables = manifest_quarantine.len(),
+                "quarantined tables: their key ranges are refused until repaired"
+            );
+        }
+
+        let active = Arc::new(Memtable::new());
+        let log_options = LogOptions {
+            vfs: vfs.clone(),
+            sync: options.sync,
+            segment_bytes: options.segment_bytes,
+            after_seq: manifest.flushed_seq,
+            skip_corrupt: options.skip_corrupt_log,
+        };
+        let (wal, replay) = CommitLog::open(&wal_dir, log_options, &mut |seq, record| {
+            active.insert(record.internal_key(), Arc::new(record), seq);
+        })?;
+        if replay.records > 0 {
+            tracing::info!(
+                records = replay.records,
+                bytes = replay.bytes,
+                torn = replay.torn_tails,
+                "commit log replayed"
+            );
+        }
+        let stripes = (0..STRIPES)
+            .map(|_| Stripe {
+                lock: Mutex::new(()),
+                generation: AtomicU64::new(0),
+            })
+            .collect();
+        let core = Arc::new(Core {
+            disk: DiskGuard::new(vfs.clone(), &dir),
+            dir,
+            sst_dir,
+            cache: RowCache::new(options.cache_bytes),
+            wal,
+            state: RwLock::new(Arc::new(State {
+                active,
+                immutables: Vec::new(),
+                levels,
+            })),
+            manifest: Mutex::new(manifest),
+            stripes,
+            metrics: EngineMetrics::default(),
+            flush_lock: Mutex::new(()),
+            compaction_lock: Mutex::new(()),
+            stall: Condvar::new(),
+            stall_lock: Mutex::new(()),
+            flush_signal: Mutex::new(None),
+            compaction_signal: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            replay,
+            manifest_damage,
+            has_quarantine: AtomicBool::new(!manifest_quarantine.is_empty()),
+            quarantine: RwLock::new(manifest_quarantine),
+            options,
+        });
+        let engine = Engine {
+            core,
+            workers: Mutex::new(Vec::new()),
+        };
+        if engine.core.options.background {
+            engine.start_workers()?;
+        }
+        if let SyncMode::BatchMs(ms) = engine.core.options.sync {
+            engine.start_batch_syncer(ms)?;
+        }
+        Ok(engine)
+    }
+
+    fn start_workers(&self) -> Result<()> {
+        let mut workers = self.workers.lock();
+        for (name, is_flush) in [("pairdb-flush", true), ("pairdb-compaction", false)] {
+            let (tx, rx) = mpsc::channel::<()>();
+            let slot = if is_flush {
+                &self.core.flush_signal
+            } else {
+                &self.core.compaction_signal
+            };
+            *slot.lock() = Some(tx);
+            let core = self.core.clone();
+            let handle = std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(move || core.worker_loop(rx, is_flush))
+                .map_err(|e| EngineError::io("spawn engine worker", e))?;
+            workers.push(handle);
+        }
+        Ok(())
+    }
+
+    /// `sync = batch_ms=N`: fsync the log every N ms (writers do not wait for it).
+    fn start_batch_syncer(&self, ms: u64) -> Result<()> {
+        let core = self.core.clone();
+        let handle = std::thread::Builder::new()
+            .name("pairdb-log-sync".to_owned())
+            .spawn(move || {
+                while !core.closed.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    if let Err(e) = core.wal.sync_now() {
+                        tracing::error!(error = %e, "periodic commit-log sync failed");
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| EngineError::io("spawn log syncer", e))?;
+        self.workers.lock().push(handle);
+        Ok(())
+    }
+}
+
+/// Deletes table files the manifest does not list (a crash between writing a table and
+/// installing it) and leftover manifest temp files.
+pub(super) fn remove_orphans(
+    vfs: &dyn Vfs,
+    dir: &Path,
+    sst_dir: &Path,
+    manifest: &Manifest,
+) -> Result<()> {
+    let live: std::collections::HashSet<u64> = manifest.live_ids().collect();
+    let entries = vfs.list(sst_dir).map_err(|e| io_err("list", sst_dir, e))?;
+    for path in entries {
+        let id = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".sst"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if id.is_none_or(|id| !live.contains(&id)) {
+            vfs.remove(&path)
+                .map_err(|e| io_err("remove orphan", &path, e))?;
+        }
+    }
+    for name in [manifest::FILE_NAME, manifest::MIRROR_NAME] {
+        let tmp = dir.join(format!("{name}.tmp"));
+        if vfs.exists(&tmp) {
+            vfs.remove(&tmp).map_err(|e| io_err("remove", &tmp, e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! The write path: validate, wait for room when too many memtables wait to be flushed, apply
+//! under the key's stripe lock (the winner rule against the stored version), append to the
+//! commit log, and acknowledge only once the log is durable up to the record.
+
+use super::{ApplyOutcome, Arc, Core, Duration, Ordering, Record, Result};
+
+impl Core {
+    pub(super) fn wait_for_flush_room(&self) {
+        // The common case takes no lock: only stalled writers queue on `stall_lock`.
+        if self.state.read().immutables.len() < self.options.max_immutable_memtables {
+            return;
+        }
+        let mut guard = self.stall_lock.lock();
+        while self.snapshot().immutables.len() >= self.options.max_immutable_memtables
+            && !self.closed.load(Ordering::Acquire)
+        {
+            self.signal(&self.flush_signal);
+            self.stall.wait_for(&mut guard, Duration::from_millis(50));
+        }
+    }
+
+    pub(super) fn apply(&self, record: Record) -> Result<ApplyOutcome> {
+        let (outcome, seq) = self.apply_unsynced(record)?;
+        self.wal.wait_durable(seq)?;
+        Ok(outcome)
+    }
+
+    /// Applies every record, then waits once for the log to be durable up to the last one.
+    /// Records are validated before any is written, so a bad record rejects the whole batch.
+    pub(super) fn apply_batch(&self, records: Vec<Record>) -> Result<Vec<ApplyOutcome>> {
+        records.iter().try_for_each(Record::validate)?;
+        let mut outcomes = Vec::with_capacity(records.len());
+        let mut last = 0;
+        for record in records {
+            let (outcome, seq) = self.apply_unsynced(record)?;
+            outcomes.push(outcome);
+            last = last.max(seq);
+        }
+        self.wal.wait_durable(last)?;
+        Ok(outcomes)
+    }
+
+    /// Compares, logs and inserts a record; returns the log sequence the caller must wait for
+    /// before acknowledging: the record's own when it was written, the last appended one when it
+    /// was ignored (the version that beat it may not be durable yet).
+    pub(super) fn apply_unsynced(&self, record: Record) -> Result<(ApplyOutcome, u64)> {
+        self.check_open()?;
+        record.validate()?;
+        self.disk.check(record.size_estimate())?;
+        if self.options.background {
+            self.wait_for_flush_room();
+        }
+        let ikey = record.internal_key();
+        let stripe = self.stripe(&ikey);
+        let (seq, memtable_bytes) = {
+            let _guard = stripe.lock.lock();
+            let current = match self.cache.peek(&ikey) {
+                Some(r) => Some(r),
+                None => self.lookup(&ikey)?,
+            };
+            if let Some(current) = current.filter(|c| !record.version.supersedes(&c.version)) {
+                self.metrics.writes_ignored.fetch_add(1, Ordering::Relaxed);
+                // What wins may have been appended by a writer still waiting for its sync (or
+                // be a replayed or flushed record, durable already): the ignored write is
+                // acknowledged only once everything appended so far is durable, so an
+                // acknowledgement never rests on a version a crash could still take back.
+                let stored = current.version.clone();
+                return Ok((ApplyOutcome::Ignored { stored }, self.wal.appended_seq()));
+            }
+            let record = Arc::new(record);
+            let (seq, bytes) = {
+                let state = self.state.read();
+                let seq = self.wal.append(&record)?;
+                state.active.insert(ikey.clone(), record.clone(), seq);
+                (seq, state.active.size_bytes())
+            };
+            self.cache.insert(ikey, record);
+            stripe.generation.fetch_add(1, Ordering::AcqRel);
+            (seq, bytes)
+        };
+        self.metrics.writes_applied.fetch_add(1, Ordering::Relaxed);
+        if memtable_bytes >= self.options.memtable_bytes {
+            self.freeze(false);
+        }
+        Ok((ApplyOutcome::Applied, seq))
+    }
+}
