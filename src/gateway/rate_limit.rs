@@ -19,9 +19,9 @@ use parking_lot::RwLock;
 
 use crate::config::TenantLimits;
 
-type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+type Limiter<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 /// A tenant's limit per minute and its limiter.
-type Budget = (u32, Arc<Limiter>);
+type Budget<C> = (u32, Arc<Limiter<C>>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -41,22 +41,35 @@ pub struct Decision {
     pub retry_after: Duration,
 }
 
-pub struct RateLimits {
+/// The limits of every tenant. `C` is the clock the buckets refill by: the real one, or in
+/// tests governor's `FakeRelativeClock`, advanced by hand.
+pub struct RateLimits<C: Clock = DefaultClock> {
     default_write: u32,
     default_read: u32,
     per_tenant: BTreeMap<String, TenantLimits>,
-    limiters: RwLock<HashMap<(String, Kind), Budget>>,
-    clock: DefaultClock,
+    limiters: RwLock<HashMap<(String, Kind), Budget<C>>>,
+    clock: C,
 }
 
 impl RateLimits {
     pub fn new(write: u32, read: u32, per_tenant: BTreeMap<String, TenantLimits>) -> Self {
+        Self::with_clock(write, read, per_tenant, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RateLimits<C> {
+    pub fn with_clock(
+        write: u32,
+        read: u32,
+        per_tenant: BTreeMap<String, TenantLimits>,
+        clock: C,
+    ) -> Self {
         Self {
             default_write: write,
             default_read: read,
             per_tenant,
             limiters: RwLock::new(HashMap::new()),
-            clock: DefaultClock::default(),
+            clock,
         }
     }
 
@@ -71,7 +84,7 @@ impl RateLimits {
         })
     }
 
-    fn limiter(&self, tenant: &str, kind: Kind) -> Budget {
+    fn limiter(&self, tenant: &str, kind: Kind) -> Budget<C> {
         let key = (tenant.to_owned(), kind);
         if let Some(found) = self.limiters.read().get(&key) {
             return found.clone();
@@ -79,7 +92,7 @@ impl RateLimits {
         let limit = self.limit_of(tenant, kind).max(1);
         let per_minute = NonZeroU32::new(limit).unwrap_or(NonZeroU32::MIN);
         let limiter = Arc::new(
-            RateLimiter::direct(Quota::per_minute(per_minute))
+            RateLimiter::direct_with_clock(Quota::per_minute(per_minute), self.clock.clone())
                 .with_middleware::<StateInformationMiddleware>(),
         );
         self.limiters
@@ -134,7 +147,8 @@ mod tests {
                 read: None,
             },
         );
-        let limits = RateLimits::new(3, 10, per_tenant);
+        let clock = governor::clock::FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(3, 10, per_tenant, clock);
         let first = limits.check("acme", Kind::Write);
         assert!(first.allowed);
         assert_eq!((first.limit, first.remaining), (3, 2));
@@ -142,11 +156,37 @@ mod tests {
         assert!(limits.check("acme", Kind::Write).allowed);
         let refused = limits.check("acme", Kind::Write);
         assert!(!refused.allowed);
-        assert!(refused.retry_after > Duration::from_secs(1));
-        assert!(refused.retry_after <= Duration::from_secs(20));
+        assert_eq!(refused.retry_after, Duration::from_secs(20));
         // Other tenants and the other kind have their own budgets.
         assert!(limits.check("other", Kind::Write).allowed);
         assert_eq!(limits.check("acme", Kind::Read).limit, 10);
         assert_eq!(limits.check("big", Kind::Write).limit, 100);
+    }
+
+    #[test]
+    fn an_empty_bucket_refills_one_request_per_share_of_the_minute() {
+        // 3 per minute: one request back every 20 s, the whole burst after a minute.
+        let clock = governor::clock::FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(3, 10, BTreeMap::new(), clock.clone());
+        for _ in 0..3 {
+            assert!(limits.check("acme", Kind::Write).allowed);
+        }
+        let refused = limits.check("acme", Kind::Write);
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after, Duration::from_secs(20));
+        clock.advance(Duration::from_secs(19));
+        let early = limits.check("acme", Kind::Write);
+        assert!(!early.allowed);
+        assert_eq!(early.retry_after, Duration::from_secs(1));
+        clock.advance(Duration::from_secs(1));
+        assert!(limits.check("acme", Kind::Write).allowed);
+        assert!(!limits.check("acme", Kind::Write).allowed);
+        clock.advance(Duration::from_secs(60));
+        let full = limits.check("acme", Kind::Write);
+        assert!(full.allowed);
+        assert_eq!(full.remaining, 2);
+        assert!(limits.check("acme", Kind::Write).allowed);
+        assert!(limits.check("acme", Kind::Write).allowed);
+        assert!(!limits.check("acme", Kind::Write).allowed);
     }
 }
