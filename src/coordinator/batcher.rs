@@ -111,15 +111,19 @@ impl Link {
 
 /// The queues of one storage node.
 pub struct NodeBatcher {
-    writes: mpsc::UnboundedSender<(pb::Record, Reply<WriteAck>)>,
-    reads: mpsc::UnboundedSender<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
+    writes: mpsc::Sender<(pb::Record, Reply<WriteAck>)>,
+    reads: mpsc::Sender<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
 }
+
+/// Calls waiting per node and kind. A full queue makes callers wait (their request deadline
+/// bounds the wait), so a slow node holds at most this many calls in this coordinator's memory.
+const QUEUE: usize = 4096;
 
 impl NodeBatcher {
     /// Starts the node's batching tasks; they end when the batcher is dropped.
     pub fn start(node: String, client: StorageNodeClient<Channel>, in_flight: usize) -> Arc<Self> {
-        let (writes, write_queue) = mpsc::unbounded_channel();
-        let (reads, read_queue) = mpsc::unbounded_channel();
+        let (writes, write_queue) = mpsc::channel(QUEUE);
+        let (reads, read_queue) = mpsc::channel(QUEUE);
         let in_flight = in_flight.max(1);
         let link = Arc::new(Link {
             batch_seconds: metrics::histogram!("pairdb_coordinator_batch_seconds", "node" => node.clone()),
@@ -139,6 +143,7 @@ impl NodeBatcher {
         let (reply, answer) = oneshot::channel();
         self.writes
             .send((record, reply))
+            .await
             .map_err(|_| ReplicaError::unavailable(node, "batcher stopped"))?;
         answer
             .await
@@ -154,6 +159,7 @@ impl NodeBatcher {
         let (reply, answer) = oneshot::channel();
         self.reads
             .send((request, reply))
+            .await
             .map_err(|_| ReplicaError::unavailable(node, "batcher stopped"))?;
         answer
             .await
@@ -171,7 +177,7 @@ fn value_len(r: &pb::Record) -> usize {
 /// The next write batch: the carried-over call or the first queued one, then whatever else is
 /// queued, up to the batch bounds. Cancel-safe: the only await is the queue's `recv`.
 async fn next_write_batch(
-    queue: &mut mpsc::UnboundedReceiver<(pb::Record, Reply<WriteAck>)>,
+    queue: &mut mpsc::Receiver<(pb::Record, Reply<WriteAck>)>,
     carry: &mut Option<(pb::Record, Reply<WriteAck>)>,
 ) -> Option<Vec<(pb::Record, Reply<WriteAck>)>> {
     let first = match carry.take() {
@@ -225,7 +231,7 @@ async fn send_writes(link: &Link, batch: Vec<(pb::Record, Reply<WriteAck>)>) {
 /// Sends the node's write batches, at most `in_flight` at once, from this one task.
 async fn run_writes(
     link: Arc<Link>,
-    mut queue: mpsc::UnboundedReceiver<(pb::Record, Reply<WriteAck>)>,
+    mut queue: mpsc::Receiver<(pb::Record, Reply<WriteAck>)>,
     in_flight: usize,
 ) {
     let mut carry = None;
@@ -269,7 +275,7 @@ async fn send_reads(link: &Link, jobs: Vec<(pb::ReadRequest, Reply<Option<pb::Re
 /// Sends the node's read batches, at most `in_flight` at once, from this one task.
 async fn run_reads(
     link: Arc<Link>,
-    mut queue: mpsc::UnboundedReceiver<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
+    mut queue: mpsc::Receiver<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
     in_flight: usize,
 ) {
     let mut running = FuturesUnordered::new();
