@@ -50,7 +50,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::options::SyncMode;
 
-use super::codec::{Reader, decode_log_record, encode_log_record};
+use super::codec::{decode_log_record, encode_log_record};
 use super::error::{EngineError, Result};
 use super::types::Record;
 use super::vfs::{VFile, Vfs};
@@ -214,14 +214,38 @@ fn parse_frame(
     let header = data
         .get(pos..pos + header_len)
         .ok_or(FrameError::HeaderCut)?;
-    // len u32, crc u32, seq u64, then (V2) durable u64.
-    let mut fields = Reader::new(header);
-    let cut = |_| FrameError::HeaderCut;
-    let len = fields.u32().map_err(cut)? as usize;
-    let crc = fields.u32().map_err(cut)?;
-    let seq = fields.u64().map_err(cut)?;
+    // len u32, crc u32, seq u64, then (V2) durable u64. Decoded from fixed-size arrays: this
+    // runs at every byte offset of a damaged segment when looking for later frames.
+    let fixed: &[u8; FRAME_HEADER_V1] = header.first_chunk().ok_or(FrameError::HeaderCut)?;
+    let [
+        l0,
+        l1,
+        l2,
+        l3,
+        c0,
+        c1,
+        c2,
+        c3,
+        s0,
+        s1,
+        s2,
+        s3,
+        s4,
+        s5,
+        s6,
+        s7,
+    ] = *fixed;
+    let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+    let crc = u32::from_le_bytes([c0, c1, c2, c3]);
+    let seq = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
     let durable = match format {
-        Format::V2 => Some(fields.u64().map_err(cut)?),
+        Format::V2 => {
+            let tail: &[u8; 8] = header
+                .get(FRAME_HEADER_V1..)
+                .and_then(<[u8]>::first_chunk)
+                .ok_or(FrameError::HeaderCut)?;
+            Some(u64::from_le_bytes(*tail))
+        }
         Format::V1 => None,
     };
     if len > MAX_PAYLOAD {
