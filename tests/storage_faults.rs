@@ -192,23 +192,14 @@ fn a_blocked_runtime_does_not_stop_gossip() {
             .build()
             .expect("runtime")
     };
+    let start = |rt: &tokio::runtime::Runtime, id: &str, me: u16, peer: u16| {
+        let seeds = vec![addr(peer).to_string()];
+        rt.block_on(Gossip::start(id, addr(me), seeds, "127.0.0.1:1"))
+            .expect("gossip")
+    };
     let (ra, rb) = (one_worker(), one_worker());
-    let a = ra
-        .block_on(Gossip::start(
-            "ga",
-            addr(pa),
-            vec![addr(pb).to_string()],
-            "127.0.0.1:1",
-        ))
-        .expect("gossip a");
-    let b = rb
-        .block_on(Gossip::start(
-            "gb",
-            addr(pb),
-            vec![addr(pa).to_string()],
-            "127.0.0.1:2",
-        ))
-        .expect("gossip b");
+    let a = start(&ra, "ga", pa, pb);
+    let b = start(&rb, "gb", pb, pa);
     let sees_up = |rt: &tokio::runtime::Runtime, g: &Gossip, other: &str| {
         rt.block_on(g.members())
             .iter()

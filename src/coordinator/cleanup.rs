@@ -574,14 +574,9 @@ pub fn spawn_auto_cleanup(
     every: Duration,
     stop: CancellationToken,
 ) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
+    super::periodic::spawn_every(every, stop, move || {
+        let core = core.clone();
+        async move {
             match cleanup_due(&core, grace).await {
                 Ok(false) => {}
                 Ok(true) => match core.start_cleanup(None, false).await {

@@ -237,14 +237,9 @@ pub async fn resume_own(core: &Arc<Coordinator>) -> Result<(), MetaError> {
 /// Checks the leases of the other coordinators' migrations every `every` until `stop`
 /// ([`take_over_stale`]).
 pub fn spawn_watch(core: Arc<Coordinator>, every: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
+    super::periodic::spawn_every(every, stop, move || {
+        let core = core.clone();
+        async move {
             if let Err(e) = take_over_stale(&core).await {
                 tracing::warn!(error = %e, "cannot check the leases of migrations");
             }

@@ -34,6 +34,7 @@ pub mod http;
 pub mod idempotent;
 pub mod lease;
 pub mod membership;
+pub mod periodic;
 pub mod read;
 pub mod repair;
 pub mod replica_error;

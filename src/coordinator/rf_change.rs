@@ -82,14 +82,9 @@ impl PendingRf {
 
 /// Keeps pending RF changes and changed tenants current, every `every`, until `stop`.
 pub fn spawn_refresh(core: Arc<Coordinator>, every: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
+    super::periodic::spawn_every(every, stop, move || {
+        let core = core.clone();
+        async move {
             if let Err(e) = refresh(&core, every).await {
                 tracing::warn!(error = %e, "cannot re-read tenants and migrations");
             }
