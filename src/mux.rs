@@ -8,9 +8,15 @@
 //! broke. Server side: [`serve`] runs every incoming call as its own task and sends answers back
 //! as they complete (not in call order).
 //!
+//! Stopping (the server's role stops): [`serve`] reads no further call, waits until every call
+//! it read was answered, and ends the stream with the [`DRAINED`] status. Answers travel before
+//! that end on the same HTTP/2 stream, so a client call still waiting when it arrives was never
+//! read: it did not run, and the client may send it elsewhere.
+//!
 //! Invariant: every call gets exactly one outcome: its answer, [`MuxError::Closed`] (the stream
-//! was closed before the call was sent: it did not run), [`MuxError::Broken`] (the stream ended
-//! after the call was sent: it may have run) or [`MuxError::TimedOut`].
+//! was closed before the call was sent, or the server drained the stream without reading it: it
+//! did not run), [`MuxError::Broken`] (the stream ended after the call was sent: it may have
+//! run) or [`MuxError::TimedOut`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,7 +29,19 @@ use futures::{FutureExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
+
+/// The message of the status that ends a stream its server drained (code `UNAVAILABLE`).
+pub const DRAINED: &str = "pairdb: the peer is stopping; calls it did not answer did not run";
+
+fn drained() -> tonic::Status {
+    tonic::Status::unavailable(DRAINED)
+}
+
+fn is_drained(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message() == DRAINED
+}
 
 /// A message that carries the id of the call it belongs to.
 pub trait Tagged {
@@ -40,7 +58,7 @@ pub enum MuxError {
     TimedOut,
 }
 
-type Waiting<Resp> = Mutex<HashMap<u64, oneshot::Sender<Resp>>>;
+type Waiting<Resp> = Mutex<HashMap<u64, oneshot::Sender<Result<Resp, MuxError>>>>;
 
 /// One open stream to a peer.
 pub struct MuxStream<Req, Resp> {
@@ -71,23 +89,28 @@ where
         let closed = Arc::new(AtomicBool::new(false));
         let (reader_waiting, reader_closed) = (waiting.clone(), closed.clone());
         tokio::spawn(async move {
-            let why = loop {
+            let (why, unanswered) = loop {
                 match answers.message().await {
                     Ok(Some(answer)) => {
                         let waiter = reader_waiting.lock().remove(&answer.tag());
                         if let Some(waiter) = waiter {
                             // A caller that timed out no longer listens.
-                            let _ = waiter.send(answer);
+                            let _ = waiter.send(Ok(answer));
                         }
                     }
-                    Ok(None) => break "ended by the peer".to_owned(),
-                    Err(status) => break status.message().to_owned(),
+                    Ok(None) => break ("ended by the peer".to_owned(), MuxError::Broken),
+                    Err(status) if is_drained(&status) => {
+                        break (status.message().to_owned(), MuxError::Closed);
+                    }
+                    Err(status) => break (status.message().to_owned(), MuxError::Broken),
                 }
             };
             tracing::debug!(reason = %why, "multiplexed stream closed");
             reader_closed.store(true, Ordering::SeqCst);
-            // Dropping the senders tells every waiting call that the stream broke.
-            reader_waiting.lock().clear();
+            // Every call still waiting learns how the stream ended.
+            for (_, waiter) in reader_waiting.lock().drain() {
+                let _ = waiter.send(Err(unanswered));
+            }
         });
         Ok(Arc::new(Self {
             calls,
@@ -117,7 +140,7 @@ where
             return Err(MuxError::Closed);
         }
         match tokio::time::timeout(timeout, result).await {
-            Ok(Ok(answer)) => Ok(answer),
+            Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(MuxError::Broken),
             Err(_) => {
                 self.waiting.lock().remove(&id);
@@ -171,9 +194,12 @@ where
 /// answer is ready at the first poll (a read served from a cache); answers go back as they
 /// complete. At most `queue` calls run at once and at most `queue` answers wait to
 /// be read back; beyond that the stream is not read (HTTP/2 flow control holds the peer back).
+/// Once `stop` is cancelled no further call is read; the stream ends with [`DRAINED`] after
+/// every call read before was answered.
 pub fn serve<Req, Resp, H, Fut>(
     mut calls: impl Stream<Item = Result<Req, tonic::Status>> + Send + Unpin + 'static,
     queue: usize,
+    stop: CancellationToken,
     handle: H,
 ) -> ReceiverStream<Result<Resp, tonic::Status>>
 where
@@ -189,10 +215,23 @@ where
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let call = match calls.next().await {
-                Some(Ok(call)) => call,
-                None => return,
-                Some(Err(status)) => {
+            let next = tokio::select! {
+                biased;
+                () = stop.cancelled() => None,
+                next = calls.next() => Some(next),
+            };
+            let call = match next {
+                None => {
+                    // Stopping: wait for every call in flight, then say the rest never ran.
+                    drop(slot);
+                    let all = u32::try_from(queue).unwrap_or(u32::MAX);
+                    let _in_flight_done = slots.acquire_many(all).await;
+                    let _ = answers.send(Err(drained())).await;
+                    return;
+                }
+                Some(Some(Ok(call))) => call,
+                Some(None) => return,
+                Some(Some(Err(status))) => {
                     tracing::debug!(error = %status.message(), "multiplexed stream ended");
                     return;
                 }
@@ -227,16 +266,22 @@ mod tests {
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let (running_h, most_h) = (running.clone(), most.clone());
-        let mut answers = serve(UnboundedReceiverStream::new(incoming), 2, move |n: u64| {
-            let (running, most) = (running_h.clone(), most_h.clone());
-            async move {
-                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                most.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                running.fetch_sub(1, Ordering::SeqCst);
-                n * 10
-            }
-        });
+        let stop = CancellationToken::new();
+        let mut answers = serve(
+            UnboundedReceiverStream::new(incoming),
+            2,
+            stop,
+            move |n: u64| {
+                let (running, most) = (running_h.clone(), most_h.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    n * 10
+                }
+            },
+        );
         for n in 0..8 {
             calls.send(Ok(n)).expect("send");
         }
@@ -249,6 +294,48 @@ mod tests {
         assert_eq!(most.load(Ordering::SeqCst), 2);
     }
 
+    /// A stop answers every call already running, runs none of the unread ones, and ends the
+    /// stream with the drained status.
+    #[tokio::test(start_paused = true)]
+    async fn serve_drains_on_stop() {
+        let (calls, incoming) = mpsc::unbounded_channel::<Result<u64, tonic::Status>>();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let counted = ran.clone();
+        let mut answers = serve(
+            UnboundedReceiverStream::new(incoming),
+            2,
+            stop.clone(),
+            move |n: u64| {
+                let ran = counted.clone();
+                async move {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    n
+                }
+            },
+        );
+        for n in 0..5 {
+            calls.send(Ok(n)).expect("send");
+        }
+        // Two calls run (the queue is 2); the others wait unread.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        stop.cancel();
+        let mut got = Vec::new();
+        let end = loop {
+            match answers.next().await.expect("the stream ends with a status") {
+                Ok(n) => got.push(n),
+                Err(status) => break status,
+            }
+        };
+        got.sort_unstable();
+        assert_eq!(got, vec![0, 1], "the calls in flight are answered");
+        assert!(is_drained(&end), "{end:?}");
+        assert_eq!(ran.load(Ordering::SeqCst), 2, "no unread call runs");
+        assert!(answers.next().await.is_none());
+    }
+
     /// Answers ready at once and answers that wait both come back, each to its own call.
     #[tokio::test]
     async fn serve_answers_ready_and_waiting_calls() {
@@ -256,6 +343,7 @@ mod tests {
         let mut answers = serve(
             UnboundedReceiverStream::new(incoming),
             4,
+            CancellationToken::new(),
             |n: u64| async move {
                 if n % 2 == 1 {
                     tokio::time::sleep(Duration::from_millis(5)).await;

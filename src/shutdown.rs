@@ -1,6 +1,18 @@
-//! Process shutdown: SIGTERM or SIGINT cancels one token that every role watches.
+//! Process shutdown: SIGTERM or SIGINT cancels one token; the roles of the process stop in
+//! order (gateway, then coordinator, then storage: `roles::run`), and each role owns its
+//! background work through [`Tasks`], which a stop waits for.
+//!
+//! Invariant: every background task of a role is spawned through its [`Tasks`] and ends by
+//! itself once [`Tasks::stop`] is cancelled (at its next step boundary), so a role that returns
+//! from its stop has nothing of its own still running, except tasks still running when the wait's
+//! bound passed, which are logged by count.
 
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A token cancelled on the first SIGTERM or SIGINT.
 pub fn on_signal() -> std::io::Result<CancellationToken> {
@@ -17,4 +29,102 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
         cancel.cancel();
     });
     Ok(token)
+}
+
+/// The background work of one role: spawned here, told to stop by one token, waited for.
+#[derive(Clone, Default)]
+pub struct Tasks {
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Tasks {
+    /// Tasks that stop when `stop` is cancelled.
+    pub fn new(stop: CancellationToken) -> Self {
+        Self {
+            stop,
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Cancelled when the role stops: every task watches it.
+    pub fn stop(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
+    /// Runs `work` as a task of this role.
+    pub fn spawn<F>(&self, work: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(work)
+    }
+
+    /// Runs blocking `work` on the blocking pool as a task of this role.
+    pub fn spawn_blocking<F, T>(&self, work: F) -> JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.tracker.spawn_blocking(work)
+    }
+
+    /// Tasks still running.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Cancels the stop token and waits up to `within` for every task (also those spawned
+    /// meanwhile) to end. Returns how many still run (0: all ended).
+    pub async fn stop_and_wait(&self, what: &str, within: Duration) -> usize {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            let left = self.tracker.len();
+            tracing::warn!(
+                role = what,
+                left,
+                ?within,
+                "background tasks still running after the stop bound; leaving them"
+            );
+            return left;
+        }
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A task that watches the stop token ends within the wait; one that does not is counted.
+    #[tokio::test(start_paused = true)]
+    async fn stop_waits_for_tasks_that_watch_the_token() {
+        let tasks = Tasks::new(CancellationToken::new());
+        let stop = tasks.stop().clone();
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ended.clone();
+        tasks.spawn(async move {
+            stop.cancelled().await;
+            tokio::time::sleep(Duration::from_millis(100)).await; // finishing a step
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert_eq!(tasks.stop_and_wait("test", Duration::from_secs(1)).await, 0);
+        assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
+
+        let stubborn = Tasks::new(CancellationToken::new());
+        stubborn.spawn(tokio::time::sleep(Duration::from_secs(3600)));
+        assert_eq!(
+            stubborn.stop_and_wait("test", Duration::from_secs(1)).await,
+            1
+        );
+    }
 }

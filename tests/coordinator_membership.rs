@@ -54,7 +54,11 @@ async fn two_nodes() -> TwoNodes {
         .map(|n| (n.id.clone(), n.grpc.to_string()))
         .collect();
     let membership = Arc::new(Membership::default());
-    membership.follow(move || registry.clone(), pool.clone(), stop.clone());
+    membership.follow(
+        move || registry.clone(),
+        pool.clone(),
+        &pairdb::shutdown::Tasks::new(stop.clone()),
+    );
     wait_until("both nodes up", || {
         membership.members().iter().filter(|m| m.up).count() == 2
     })

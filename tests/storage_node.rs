@@ -978,7 +978,7 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
     a.restart();
     let mut ca = a.client().await;
     let resumed = ca
-        .start_streaming(request)
+        .start_streaming(request.clone())
         .await
         .expect("start again")
         .into_inner();
@@ -986,10 +986,37 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
         resumed.keys_copied >= 500,
         "counters go on from the checkpoint: {resumed:?}"
     );
+    // An orderly stop (SIGTERM) in the middle keeps the checkpoint too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before_stop = loop {
+        let s = stream_status(&mut ca, "add-1-a-b").await.expect("status");
+        if s.keys_copied >= 2000 {
+            break s.keys_copied;
+        }
+        assert!(Instant::now() < deadline, "stream did not go on: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        before_stop < RECORDS,
+        "stopped in the middle ({before_stop} sent)"
+    );
+    drop(ca);
+    assert_eq!(a.terminate().code(), Some(0), "SIGTERM exits 0");
+    a.restart();
+    let mut ca = a.client().await;
+    let resumed = ca
+        .start_streaming(request.clone())
+        .await
+        .expect("start again")
+        .into_inner();
+    assert!(
+        resumed.keys_copied + 500 >= before_stop,
+        "a stop keeps the checkpoint: {resumed:?} after {before_stop}"
+    );
     let done = wait_completed(&mut ca, "add-1-a-b", 120).await;
     assert!(
-        done.keys_copied >= RECORDS && done.keys_copied <= RECORDS + 500,
-        "{} records sent for {RECORDS} (at most one batch twice)",
+        done.keys_copied >= RECORDS && done.keys_copied <= RECORDS + 1000,
+        "{} records sent for {RECORDS} (at most one batch twice per interruption)",
         done.keys_copied
     );
     let mut cb = b.client().await;

@@ -120,8 +120,14 @@ pub struct NodeBatcher {
 const QUEUE: usize = 4096;
 
 impl NodeBatcher {
-    /// Starts the node's batching tasks; they end when the batcher is dropped.
-    pub fn start(node: String, client: StorageNodeClient<Channel>, in_flight: usize) -> Arc<Self> {
+    /// Starts the node's batching tasks on `links`; they end when the batcher is dropped, after
+    /// answering every call queued.
+    pub fn start(
+        node: String,
+        client: StorageNodeClient<Channel>,
+        in_flight: usize,
+        links: &tokio_util::task::TaskTracker,
+    ) -> Arc<Self> {
         let (writes, write_queue) = mpsc::channel(QUEUE);
         let (reads, read_queue) = mpsc::channel(QUEUE);
         let in_flight = in_flight.max(1);
@@ -133,8 +139,8 @@ impl NodeBatcher {
             client,
             stream: MuxSlot::default(),
         });
-        tokio::spawn(run_writes(link.clone(), write_queue, in_flight));
-        tokio::spawn(run_reads(link, read_queue, in_flight));
+        links.spawn(run_writes(link.clone(), write_queue, in_flight));
+        links.spawn(run_reads(link, read_queue, in_flight));
         Arc::new(Self { writes, reads })
     }
 

@@ -27,8 +27,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::meta::{Migration, MigrationKind, MigrationState, NodeRecord, registry_view};
 use crate::ring::plan::Proposed;
 use crate::ring::{NodeId, NodeState, Ring, key_position};
@@ -201,7 +199,8 @@ impl Coordinator {
     }
 
     fn spawn_cleanup(self: Arc<Self>, migration: Migration, force: bool) {
-        tokio::spawn(async move {
+        let tasks = self.tasks.clone();
+        tasks.spawn(async move {
             let id = migration.migration_id.clone();
             let Some(lease) = self.take_lease(&id).await else {
                 return;
@@ -566,15 +565,11 @@ fn busy(e: AdmitError) -> CoordError {
 }
 
 /// Starts a cleanup of every member once `grace` passed after the last completed change that
-/// no cleanup followed; checks every `every` until `stop`. A cleanup that cannot start (a
-/// change in progress, a node down) is tried again at the next check.
-pub fn spawn_auto_cleanup(
-    core: Arc<Coordinator>,
-    grace: Duration,
-    every: Duration,
-    stop: CancellationToken,
-) {
-    super::periodic::spawn_every(every, stop, move || {
+/// no cleanup followed; checks every `every` until the role stops. A cleanup that cannot start
+/// (a change in progress, a node down) is tried again at the next check.
+pub fn spawn_auto_cleanup(core: Arc<Coordinator>, grace: Duration, every: Duration) {
+    let tasks = core.tasks.clone();
+    super::periodic::spawn_every(every, &tasks, move || {
         let core = core.clone();
         async move {
             match cleanup_due(&core, grace).await {

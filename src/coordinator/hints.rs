@@ -31,7 +31,6 @@ use std::time::Duration;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::meta::{Hint, MetaError, MetadataStore};
@@ -361,22 +360,18 @@ pub struct ReplayLimits {
     pub timeout: Duration,
 }
 
-/// Runs the replay loop until `stop`.
+/// Runs the replay loop as a task of `tasks` until the role stops (a round that started
+/// finishes: each batch is deleted only after its delivery was acknowledged).
 pub fn spawn_replay(
     store: Arc<dyn MetadataStore>,
     ring: Arc<RingView>,
     pool: Arc<StoragePool>,
     limits: ReplayLimits,
-    stop: CancellationToken,
+    tasks: &crate::shutdown::Tasks,
 ) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(limits.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
+    super::periodic::spawn_every(limits.interval, tasks, move || {
+        let (store, ring, pool) = (store.clone(), ring.clone(), pool.clone());
+        async move {
             if let Err(e) = replay_round(&*store, &ring, &pool, limits).await {
                 tracing::warn!(error = %e, "hint replay round failed");
             }

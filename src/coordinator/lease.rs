@@ -14,7 +14,9 @@
 //! registry or the streams (the new owner drives them), and the store never writes over the
 //! end of a migration, so a late write of a loop that lost its lease cannot undo another's
 //! end. A cancel request is a flag in the store that the owner sees at its next renewal
-//! ([`LeaseGuard::cancel_requested`]) and acts on at its next step.
+//! ([`LeaseGuard::cancel_requested`]) and acts on at its next step. A coordinator that stops
+//! (SIGTERM) counts its leases as lost: its migrations end at their next step boundary and are
+//! taken over like those of a coordinator that died.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -151,12 +153,21 @@ impl Coordinator {
         // Renewals may fail for a while (the store is down); past half the takeover delay
         // another coordinator may have taken over, so the lease counts as lost.
         let give_up = self.stale_after() / 2;
-        tokio::spawn(async move {
+        let role_stop = self.tasks.stop().clone();
+        self.tasks.spawn(async move {
             let mut last_renewed = Instant::now();
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(RENEW) => {}
                     () = stop.cancelled() => return,
+                    () = role_stop.cancelled() => {
+                        // The role stops: the work ends at its next step, touching nothing,
+                        // and the beat stands still, so another coordinator (or this one after
+                        // its restart) takes the migration over.
+                        tracing::info!(migration = %id, "stopping: leaving the migration to a takeover");
+                        lost.cancel();
+                        return;
+                    }
                 }
                 match core.meta.renew_migration_lease(&id, &core.id).await {
                     Ok(Some(cancel)) => {
@@ -234,10 +245,11 @@ pub async fn resume_own(core: &Arc<Coordinator>) -> Result<(), MetaError> {
     Ok(())
 }
 
-/// Checks the leases of the other coordinators' migrations every `every` until `stop`
+/// Checks the leases of the other coordinators' migrations every `every` until the role stops
 /// ([`take_over_stale`]).
-pub fn spawn_watch(core: Arc<Coordinator>, every: Duration, stop: CancellationToken) {
-    super::periodic::spawn_every(every, stop, move || {
+pub fn spawn_watch(core: Arc<Coordinator>, every: Duration) {
+    let tasks = core.tasks.clone();
+    super::periodic::spawn_every(every, &tasks, move || {
         let core = core.clone();
         async move {
             if let Err(e) = take_over_stale(&core).await {

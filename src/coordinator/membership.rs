@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use tokio_util::sync::CancellationToken;
 
 use crate::rpc::storage as pb;
 
@@ -72,15 +71,16 @@ impl Membership {
 
     /// Follows `WatchHealth` from the storage nodes `nodes()` lists (`(node_id, grpc address)`,
     /// asked again before each attempt so registry changes are picked up), trying them in
-    /// turn, until `stop` is cancelled.
+    /// turn, until the role stops.
     pub fn follow(
         self: &Arc<Self>,
         nodes: impl Fn() -> Vec<(String, String)> + Send + 'static,
         pool: Arc<StoragePool>,
-        stop: CancellationToken,
+        tasks: &crate::shutdown::Tasks,
     ) {
         let me = self.clone();
-        tokio::spawn(async move {
+        let stop = tasks.stop().clone();
+        tasks.spawn(async move {
             let mut next = 0usize;
             while !stop.is_cancelled() {
                 let nodes = nodes();

@@ -103,6 +103,9 @@ pub struct Coordinator {
     pub reads_served: std::sync::atomic::AtomicU64,
     /// The migrations this coordinator runs, and the leases it watches.
     pub leases: lease::Leases,
+    /// The role's background work (loops, migrations, cleanups), stopped and waited for when
+    /// the role stops; its stop token also drains the key-value streams.
+    pub tasks: crate::shutdown::Tasks,
 }
 
 /// Resumes the migrations this coordinator ran before it stopped, or that nobody runs
@@ -110,7 +113,7 @@ pub struct Coordinator {
 /// goes stale ([`lease::take_over_stale`], from [`lease::spawn_watch`]).
 pub fn resume_migrations(core: &Arc<Coordinator>) {
     let core = core.clone();
-    tokio::spawn(async move {
+    core.tasks.clone().spawn(async move {
         if let Err(e) = lease::resume_own(&core).await {
             tracing::warn!(error = %e, "cannot list migrations to resume");
         }

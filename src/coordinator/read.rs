@@ -120,7 +120,7 @@ impl Coordinator {
             repair_stale(&self.repairs, &results, winner.as_ref());
         } else {
             let repairs = self.repairs.clone();
-            tokio::spawn(async move {
+            self.repairs.spawn_straggler(async move {
                 let mut all = results;
                 all.extend(stragglers.finish().await);
                 repair_stale(&repairs, &all, winner_of(&all).as_ref());

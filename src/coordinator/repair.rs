@@ -2,11 +2,20 @@
 //! with nothing, are sent the winner through the storage `Repair` RPC, off the request path.
 //! The queue is bounded: when it is full the repair is dropped and counted (the next read or
 //! anti-entropy catches it); a repair never delays or fails a read.
+//!
+//! Stopping ([`RepairQueue::drain`], after the server stopped taking requests): the reads'
+//! stragglers (replica answers still to come, which may queue repairs) finish first, then the
+//! queue takes nothing more and every repair queued is sent, up to a deadline; what is left
+//! then is counted (`pairdb_read_repairs_total{result="dropped_at_shutdown"}`).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::rpc::storage as pb;
 
@@ -19,6 +28,12 @@ const CONCURRENCY: usize = 16;
 #[derive(Clone)]
 pub struct RepairQueue {
     sender: mpsc::Sender<(String, pb::Record)>,
+    /// The dispatcher and the repairs it sends.
+    work: TaskTracker,
+    /// Reads' work after their reply that may still queue repairs.
+    stragglers: TaskTracker,
+    /// Cancelled by [`RepairQueue::drain`]: the queue takes nothing more.
+    closing: CancellationToken,
 }
 
 impl RepairQueue {
@@ -31,8 +46,24 @@ impl RepairQueue {
     ) -> Self {
         let (sender, mut receiver) = mpsc::channel::<(String, pb::Record)>(capacity.max(1));
         let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
-        tokio::spawn(async move {
-            while let Some((node, record)) = receiver.recv().await {
+        let work = TaskTracker::new();
+        let closing = CancellationToken::new();
+        let (spawner, closed) = (work.clone(), closing.clone());
+        work.spawn(async move {
+            let mut closed_now = false;
+            loop {
+                let next = tokio::select! {
+                    next = receiver.recv() => next,
+                    () = closed.cancelled(), if !closed_now => {
+                        // What is queued is still received, then `None`.
+                        receiver.close();
+                        closed_now = true;
+                        continue;
+                    }
+                };
+                let Some((node, record)) = next else {
+                    return;
+                };
                 let Ok(permit) = limit.clone().acquire_owned().await else {
                     return;
                 };
@@ -41,7 +72,7 @@ impl RepairQueue {
                     .address(&node)
                     .ok_or_else(|| "not in the registry".to_owned())
                     .and_then(|a| pool.client(&node, a).map_err(|e| e.to_string()));
-                tokio::spawn(async move {
+                spawner.spawn(async move {
                     let result = match client {
                         Ok(mut client) => {
                             let call = client.repair(pb::RepairRequest {
@@ -68,7 +99,48 @@ impl RepairQueue {
                 });
             }
         });
-        Self { sender }
+        Self {
+            sender,
+            work,
+            stragglers: TaskTracker::new(),
+            closing,
+        }
+    }
+
+    /// Runs a read's work after its reply (answers of replicas the reply did not wait for),
+    /// which may still queue repairs; [`RepairQueue::drain`] waits for it.
+    pub fn spawn_straggler<F>(&self, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.stragglers.spawn(work);
+    }
+
+    /// Sends every repair queued or still to come from running stragglers, waiting at most
+    /// `timeout`; returns how many were not sent (counted as dropped). Call once the server
+    /// stopped taking requests.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        self.stragglers.close();
+        let _ = tokio::time::timeout_at(deadline, self.stragglers.wait()).await;
+        self.closing.cancel();
+        self.work.close();
+        if tokio::time::timeout_at(deadline, self.work.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let queued = self.sender.max_capacity() - self.sender.capacity();
+        // The dispatcher itself is one of the tasks.
+        let left = queued + self.work.len().saturating_sub(1);
+        tracing::warn!(
+            left,
+            "shutdown: read repairs not sent before the drain deadline"
+        );
+        metrics::counter!("pairdb_read_repairs_total", "result" => "dropped_at_shutdown")
+            .increment(left as u64);
+        left
     }
 
     /// Queues sending `winner` to `node`; drops it when the queue is full.

@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use prost::Message;
-use tokio_util::sync::CancellationToken;
 
 use crate::meta::{MetaError, Migration, MigrationKind, MigrationState, Tenant};
 use crate::ring::NodeId;
@@ -80,9 +79,10 @@ impl PendingRf {
     }
 }
 
-/// Keeps pending RF changes and changed tenants current, every `every`, until `stop`.
-pub fn spawn_refresh(core: Arc<Coordinator>, every: Duration, stop: CancellationToken) {
-    super::periodic::spawn_every(every, stop, move || {
+/// Keeps pending RF changes and changed tenants current, every `every`, until the role stops.
+pub fn spawn_refresh(core: Arc<Coordinator>, every: Duration) {
+    let tasks = core.tasks.clone();
+    super::periodic::spawn_every(every, &tasks, move || {
         let core = core.clone();
         async move {
             if let Err(e) = refresh(&core, every).await {
@@ -157,7 +157,8 @@ impl Coordinator {
     }
 
     fn spawn_copy(self: Arc<Self>, migration: Migration) {
-        tokio::spawn(async move {
+        let tasks = self.tasks.clone();
+        tasks.spawn(async move {
             let id = migration.migration_id.clone();
             let Some(lease) = self.take_lease(&id).await else {
                 return;

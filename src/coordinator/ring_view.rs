@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio_util::sync::CancellationToken;
 
 use crate::meta::{MetaError, MetadataStore, NodeRecord};
 use crate::ring::{NodeState, ReplicaPlan, Ring, key_position};
@@ -86,20 +85,14 @@ impl RingView {
         Ok(())
     }
 
-    /// Keeps refreshing every `every` until `stop`; a failed read keeps the last ring.
-    pub fn spawn_refresh(self: &Arc<Self>, every: Duration, stop: CancellationToken) {
+    /// Keeps refreshing every `every` until the role stops; a failed read keeps the last ring.
+    pub fn spawn_refresh(self: &Arc<Self>, every: Duration, tasks: &crate::shutdown::Tasks) {
         let view = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = view.refresh().await {
-                            tracing::warn!(error = %e, "cannot re-read the node registry; keeping the last ring");
-                        }
-                    }
-                    () = stop.cancelled() => return,
+        super::periodic::spawn_every(every, tasks, move || {
+            let view = view.clone();
+            async move {
+                if let Err(e) = view.refresh().await {
+                    tracing::warn!(error = %e, "cannot re-read the node registry; keeping the last ring");
                 }
             }
         });

@@ -28,6 +28,8 @@ pub struct StoragePool {
     clients: RwLock<HashMap<String, (String, StorageNodeClient<Channel>)>>,
     batchers: RwLock<Batchers>,
     batch_in_flight: usize,
+    /// The batchers' link tasks ([`StoragePool::close`] waits for them).
+    links: tokio_util::task::TaskTracker,
 }
 
 impl Default for StoragePool {
@@ -47,7 +49,18 @@ impl StoragePool {
             clients: RwLock::new(HashMap::new()),
             batchers: RwLock::new(HashMap::new()),
             batch_in_flight: in_flight,
+            links: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Drops every batcher and waits up to `within` for their links to send what they hold
+    /// (call after the requests and their stragglers ended). Returns whether all ended.
+    pub async fn close(&self, within: Duration) -> bool {
+        self.batchers.write().clear();
+        self.links.close();
+        tokio::time::timeout(within, self.links.wait())
+            .await
+            .is_ok()
     }
 
     /// A client for `node_id` at `address` (`host:port`).
@@ -91,7 +104,12 @@ impl StoragePool {
         match batchers.get(node_id) {
             Some((addr, batcher)) if addr == address => Ok(batcher.clone()),
             _ => {
-                let batcher = NodeBatcher::start(node_id.to_owned(), client, self.batch_in_flight);
+                let batcher = NodeBatcher::start(
+                    node_id.to_owned(),
+                    client,
+                    self.batch_in_flight,
+                    &self.links,
+                );
                 batchers.insert(node_id.to_owned(), (address.to_owned(), batcher.clone()));
                 Ok(batcher)
             }

@@ -39,13 +39,12 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         );
     }
     let core = start(&id, cfg, shutdown.clone()).await?;
-    let hints = core.hints.clone();
     crate::metrics::handle();
     tracing::info!(coordinator = %id, grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, "coordinator serving");
 
     let http_server =
         super::spawn_http(http_listener, http::router(core.clone()), shutdown.clone());
-    let grpc = CoordinatorServer::new(CoordinatorService::new(core))
+    let grpc = CoordinatorServer::new(CoordinatorService::new(core.clone()))
         .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
     let served = super::serve_grpc(
@@ -54,16 +53,31 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         shutdown.clone(),
     )
     .await;
-    shutdown.cancel();
     let _ = http_server.await;
-    // No request runs any more: store every hint still queued (or still to come from replica
-    // calls that outlived their requests) before the process ends.
-    let queued = hints.queued();
-    let drained = hints.drain(cfg.shutdown_drain_timeout).await;
-    tracing::info!(queued, lost = drained.lost, "hint queue drained");
+    stop(&core, cfg.shutdown_drain_timeout).await;
     served?;
     tracing::info!("coordinator stopped cleanly");
     Ok(())
+}
+
+/// The coordinator's stop, once its servers took no more calls and answered the ones they had
+/// (the key-value streams drained: `mux::serve`): the background work ends at its next step
+/// (migrations are left to a takeover), then every hint queued or still to come from replica
+/// calls that outlived their requests is stored, every read repair queued is sent, and the
+/// storage links send what they hold. Each wait is bounded by `drain_timeout`.
+pub async fn stop(core: &Coordinator, drain_timeout: Duration) {
+    let left = core.tasks.stop_and_wait("coordinator", drain_timeout).await;
+    let queued = core.hints.queued();
+    let drained = core.hints.drain(drain_timeout).await;
+    tracing::info!(queued, lost = drained.lost, "hint queue drained");
+    let repairs_left = core.repairs.drain(drain_timeout).await;
+    let links_done = core.pool.close(drain_timeout).await;
+    tracing::info!(
+        tasks_left = left,
+        repairs_left,
+        links_done,
+        "coordinator background work stopped"
+    );
 }
 
 /// Builds a coordinator and starts its background loops (stopped by `stop`).
@@ -90,12 +104,13 @@ pub async fn start(
         .await
         .context("seeding the node registry")?;
 
+    let tasks = crate::shutdown::Tasks::new(stop);
     let pool = Arc::new(StoragePool::with_batch_in_flight(cfg.batch_in_flight));
     let membership = Arc::new(Membership::default());
     let ring = RingView::load(meta.clone(), membership.clone())
         .await
         .context("reading the node registry")?;
-    ring.spawn_refresh(cfg.ring_refresh, stop.clone());
+    ring.spawn_refresh(cfg.ring_refresh, &tasks);
     let watched = ring.clone();
     membership.follow(
         move || {
@@ -107,7 +122,7 @@ pub async fn start(
                 .collect()
         },
         pool.clone(),
-        stop.clone(),
+        &tasks,
     );
     let timeout = cfg.request_timeout;
     let hint_limits = ReplayLimits {
@@ -121,7 +136,7 @@ pub async fn start(
         ring.clone(),
         pool.clone(),
         hint_limits,
-        stop.clone(),
+        &tasks,
     );
     let clock = CoordinatorClock::resume(
         id,
@@ -147,6 +162,7 @@ pub async fn start(
         pending_rf: Default::default(),
         reads_served: std::sync::atomic::AtomicU64::new(0),
         leases: Default::default(),
+        tasks,
         hints: HintWriter::start(
             cfg.hints_enabled.then(|| meta.clone()),
             Some(MarkerSink {
@@ -164,13 +180,13 @@ pub async fn start(
         pool,
         ring,
     });
-    rf_change::spawn_refresh(core.clone(), cfg.ring_refresh, stop.clone());
-    lease::spawn_watch(core.clone(), cfg.ring_refresh, stop.clone());
+    rf_change::spawn_refresh(core.clone(), cfg.ring_refresh);
+    lease::spawn_watch(core.clone(), cfg.ring_refresh);
     if cfg.auto_cleanup {
         let grace = cfg.cleanup_grace;
         // Checked often enough to start within a tenth of the grace (a second at least).
         let every = (grace / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        cleanup::spawn_auto_cleanup(core.clone(), grace, every, stop.clone());
+        cleanup::spawn_auto_cleanup(core.clone(), grace, every);
     }
     coordinator::resume_migrations(&core);
     Ok(core)

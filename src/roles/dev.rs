@@ -73,49 +73,41 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     config.gateway.write_rate_limit = DEV_RATE_LIMIT;
     config.gateway.read_rate_limit = DEV_RATE_LIMIT;
 
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut roles = super::StopOrder::new(shutdown.clone());
     for (i, node) in nodes.iter().enumerate() {
         let mut cfg = config.clone();
         cfg.node.roles = vec![Role::Storage];
         cfg.node.id = Some(node.id.clone());
         cfg.storage.listen = at(i as u16 + 1);
         cfg.storage.data_dir = data_dir.join(&node.id);
-        let stop = shutdown.clone();
-        tasks.spawn(async move { storage::run(&cfg, stop).await });
+        roles.spawn(Role::Storage, move |stop| async move {
+            storage::run(&cfg, stop).await
+        });
     }
     let mut cfg = config.clone();
     cfg.node.roles = vec![Role::Coordinator];
     cfg.node.id = Some("c1".to_owned());
-    let stop = shutdown.clone();
-    tasks.spawn(async move { coordinator::run(&cfg, stop).await });
+    roles.spawn(Role::Coordinator, move |stop| async move {
+        coordinator::run(&cfg, stop).await
+    });
     let gateway_cfg = config.gateway.clone();
-    let stop = shutdown.clone();
-    tasks.spawn(async move { gateway::serve(&gateway_cfg, http, stop).await });
+    roles.spawn(Role::Gateway, move |stop| async move {
+        gateway::serve(&gateway_cfg, http, stop).await
+    });
 
-    let banner_stop = shutdown.clone();
     let url = format!("http://{}", args.http);
     // Ready means every listener a first request needs: the storage nodes replay their logs
     // before they listen, so after a restart they may come up after the coordinator.
     let listeners: Vec<_> = (1..=n + 1).map(at).collect();
-    tasks.spawn(async move {
+    tokio::spawn(async move {
         for addr in listeners {
-            wait_for(addr, &banner_stop).await;
+            wait_for(addr, &shutdown).await;
         }
-        if !banner_stop.is_cancelled() {
+        if !shutdown.is_cancelled() {
             print_banner(&url, &data_dir, n);
         }
-        Ok(())
     });
-
-    let mut first_error = None;
-    while let Some(done) = tasks.join_next().await {
-        let result = done.map_err(anyhow::Error::from).and_then(|r| r);
-        if let Err(e) = result {
-            shutdown.cancel();
-            first_error.get_or_insert(e);
-        }
-    }
-    first_error.map_or(Ok(()), Err)
+    roles.run().await
 }
 
 /// Registers the dev nodes at their current addresses (the dev cluster owns its registry).

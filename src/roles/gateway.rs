@@ -1,10 +1,18 @@
 //! `pairdb --role=gateway`: the public HTTP API on `--listen`, forwarding to `--coordinators`,
-//! until SIGTERM/SIGINT (in-flight requests finish first).
+//! until SIGTERM/SIGINT.
+//!
+//! Stop: the listening socket closes at once (new connections are refused, so a client knows
+//! its request was not sent); for [`LAME_DUCK`] the open connections are still served, every
+//! answer with `Connection: close`, so a client that keeps a connection alive learns of the
+//! stop from an answer instead of from a connection closed under a request it just sent; then
+//! the idle connections close and the requests in flight finish.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, GatewayConfig};
@@ -38,16 +46,89 @@ pub async fn serve(
     crate::metrics::handle();
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(http = %addr, auth = ?cfg.auth.mode, coordinators = ?cfg.coordinators, "gateway serving");
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router::router(gateway))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    let listener = Stoppable {
+        addr,
+        listener: Some(listener),
+        stop: shutdown.clone(),
+    };
+    let closing = shutdown.clone();
+    let router = router::router(gateway).layer(axum::middleware::map_response(
+        move |mut response: axum::response::Response| {
+            let closing = closing.is_cancelled();
+            async move {
+                if closing {
+                    response.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                response
+            }
+        },
+    ));
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(LAME_DUCK).await;
+        })
         .await
         .context("HTTP server failed")?;
     tracing::info!("gateway stopped cleanly");
     Ok(())
+}
+
+/// How long a stopping gateway keeps serving its open connections (see the module doc).
+pub const LAME_DUCK: Duration = Duration::from_secs(1);
+
+/// The gateway's listener: TCP_NODELAY on every connection; once `stop` is cancelled it takes
+/// the connections the kernel already completed (closing the socket would reset them under
+/// requests already sent), then closes: later connections are refused.
+struct Stoppable {
+    addr: SocketAddr,
+    listener: Option<TcpListener>,
+    stop: CancellationToken,
+}
+
+impl axum::serve::Listener for Stoppable {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            let Some(listener) = &self.listener else {
+                return std::future::pending().await;
+            };
+            if self.stop.is_cancelled() {
+                match futures::FutureExt::now_or_never(listener.accept()) {
+                    Some(Ok((tcp, peer))) => return (nodelay(tcp), peer),
+                    _ => {
+                        self.listener = None;
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => return (nodelay(tcp), peer),
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait rather than spin.
+                        tracing::warn!(error = %e, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+fn nodelay(tcp: TcpStream) -> TcpStream {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    tcp
 }

@@ -1,15 +1,22 @@
 //! The roles one `pairdb` process can run. Each role is `roles/<role>.rs` with
 //! `run(config, shutdown)`; a role that has not landed is refused, never faked.
+//!
+//! Stop order ([`StopOrder`]): on SIGTERM/SIGINT (or when one role fails) the roles of a process
+//! stop front to back: the gateways first (they take no new request and answer the ones they
+//! have), then the coordinators (their calls to storage end), then the storage nodes (engines
+//! closed last), each stage once the one before it returned.
 
 pub mod coordinator;
 pub mod dev;
 pub mod gateway;
 pub mod storage;
 
+use std::future::Future;
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DevArgs, Role};
@@ -37,30 +44,76 @@ pub async fn run(config: Config) -> Result<(), RoleError> {
     if let Some(missing) = config.node.roles.iter().copied().find(|r| !is_built(*r)) {
         return Err(RoleError::NotBuilt(missing.as_str()));
     }
-    let shutdown = crate::shutdown::on_signal().map_err(|e| RoleError::Failed(e.into()))?;
-    let mut tasks = Vec::new();
+    let signal = crate::shutdown::on_signal().map_err(|e| RoleError::Failed(e.into()))?;
+    let mut roles = StopOrder::new(signal);
     for role in config.node.roles.clone() {
         let config = config.clone();
-        let shutdown = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let result = match role {
-                Role::Storage => storage::run(&config, shutdown.clone()).await,
-                Role::Coordinator => coordinator::run(&config, shutdown.clone()).await,
-                Role::Gateway => gateway::run(&config, shutdown.clone()).await,
-            };
-            // One role failing stops the others.
-            shutdown.cancel();
-            result
-        }));
+        roles.spawn(role, move |stop| async move {
+            match role {
+                Role::Storage => storage::run(&config, stop).await,
+                Role::Coordinator => coordinator::run(&config, stop).await,
+                Role::Gateway => gateway::run(&config, stop).await,
+            }
+        });
     }
-    let mut first_error = None;
-    for task in tasks {
-        let result = task.await.map_err(anyhow::Error::from).and_then(|r| r);
-        if let (Err(e), None) = (result, &first_error) {
-            first_error = Some(e);
+    roles.run().await.map_err(RoleError::Failed)
+}
+
+/// The roles of one process grouped by the order they stop in (see the module doc).
+pub(crate) struct StopOrder {
+    /// Cancelled by the signal or by a role that returned on its own (it failed).
+    signal: CancellationToken,
+    /// Gateway, coordinator, storage: each stage's stop token and its roles.
+    stages: [(CancellationToken, JoinSet<anyhow::Result<()>>); 3],
+}
+
+impl StopOrder {
+    pub(crate) fn new(signal: CancellationToken) -> Self {
+        Self {
+            signal,
+            stages: std::array::from_fn(|_| (CancellationToken::new(), JoinSet::new())),
         }
     }
-    first_error.map_or(Ok(()), |e| Err(RoleError::Failed(e)))
+
+    fn stage(role: Role) -> usize {
+        match role {
+            Role::Gateway => 0,
+            Role::Coordinator => 1,
+            Role::Storage => 2,
+        }
+    }
+
+    /// Starts `run(stop)` in `role`'s stage; `stop` is cancelled when the stage's turn comes.
+    /// A role that returns before that (it failed) starts the stop of the whole process.
+    pub(crate) fn spawn<F, Fut>(&mut self, role: Role, run: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (stop, set) = &mut self.stages[Self::stage(role)];
+        let running = run(stop.clone());
+        let signal = self.signal.clone();
+        set.spawn(async move {
+            let result = running.await;
+            signal.cancel();
+            result
+        });
+    }
+
+    /// Waits for the signal, then stops the stages in order; the first error of any role.
+    pub(crate) async fn run(self) -> anyhow::Result<()> {
+        self.signal.cancelled().await;
+        let mut first_error = None;
+        for (stop, mut roles) in self.stages {
+            stop.cancel();
+            while let Some(done) = roles.join_next().await {
+                if let Err(e) = done.map_err(anyhow::Error::from).and_then(|r| r) {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
 }
 
 /// `pairdb dev`: the whole cluster in one process.
@@ -102,7 +155,7 @@ fn spawn_http(
 /// How long a stopping gRPC server waits for open calls to end. Peers keep long-lived streams
 /// open (a gateway's key-value stream, a coordinator's batch stream and gossip watch), which a
 /// graceful shutdown alone would wait for forever.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves gRPC `routes` on `listener` (TCP_NODELAY on every connection) until `shutdown`, then
 /// lets calls in flight finish for at most [`SHUTDOWN_GRACE`] before closing the connections.

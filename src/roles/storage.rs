@@ -1,5 +1,7 @@
 //! `pairdb --role=storage`: lock the data dir, open the engine, join the gossip, serve gRPC and
-//! HTTP until SIGTERM/SIGINT, then finish in-flight requests, sync the log and return.
+//! HTTP until SIGTERM/SIGINT, then stop in order: take no new calls and answer the ones in
+//! flight (batch streams drain: `mux::serve`), pause the range streams at their checkpoints,
+//! leave the gossip, close the engine (its log synced) and return.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,14 +53,21 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             cfg.data_dir.display()
         )
     })?);
-    let service = StorageService::new(node_id.clone(), engine.clone(), gossip.clone(), markers);
+    let tasks = crate::shutdown::Tasks::new(shutdown.clone());
+    let service = StorageService::new(
+        node_id.clone(),
+        engine.clone(),
+        gossip.clone(),
+        markers,
+        tasks.clone(),
+    );
     service.streams().set_rate_limit(cfg.stream_rate_limit);
     tracing::info!(node = %node_id, grpc = %grpc_addr, http = %http_listener.local_addr()?, writes = ?service.write_path(), "storage node serving");
 
-    let publisher = gossip.clone().map(|g| {
+    if let Some(g) = gossip.clone() {
         let service = service.clone();
         let stop = shutdown.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut last = (std::time::Instant::now(), service.requests_served());
             while !stop.is_cancelled() {
@@ -73,8 +82,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
                     () = stop.cancelled() => break,
                 }
             }
-        })
-    });
+        });
+    }
 
     let router = http::router(node_id, engine.clone(), gossip.clone());
     let http_server = super::spawn_http(http_listener, router, shutdown.clone());
@@ -87,11 +96,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         shutdown.clone(),
     )
     .await;
-    shutdown.cancel();
-    if let Some(p) = publisher {
-        let _ = p.await;
-    }
     let _ = http_server.await;
+    tasks.stop_and_wait("storage", super::SHUTDOWN_GRACE).await;
     if let Some(g) = gossip {
         if let Ok(g) = Arc::try_unwrap(g) {
             g.shutdown().await;

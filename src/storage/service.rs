@@ -53,6 +53,8 @@ pub struct StorageService {
     writes: WritePath,
     /// Keys other replicas missed without a hint (see `repair_markers`).
     markers: Arc<RepairMarkerLog>,
+    /// The role's background work (streams); its stop token drains the batch streams.
+    tasks: crate::shutdown::Tasks,
 }
 
 /// Where writes (single records and batches) are applied.
@@ -155,13 +157,15 @@ impl StorageService {
         engine: Arc<Engine>,
         gossip: Option<Arc<Gossip>>,
         markers: Arc<RepairMarkerLog>,
+        tasks: crate::shutdown::Tasks,
     ) -> Arc<Self> {
         metrics::gauge!("pairdb_repair_markers_pending").set(markers.pending() as f64);
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             node_id,
             requests: AtomicU64::new(0),
-            streams: StreamManager::new(engine.clone()),
+            streams: StreamManager::new(engine.clone(), tasks.clone()),
+            tasks,
             engine,
             gossip,
             writes: WritePath::for_current_runtime(),
@@ -436,6 +440,7 @@ impl StorageNode for StorageService {
         Ok(Response::new(crate::mux::serve(
             req.into_inner(),
             BATCH_RESULTS_QUEUE,
+            self.tasks.stop().clone(),
             move |call| {
                 let me = me.clone();
                 async move { me.run_batch_call(call).await }
@@ -620,6 +625,8 @@ impl StorageNode for StorageService {
         let gossip = self.gossip.clone();
         let node_id = self.node_id.clone();
         let health = self.health(0.0);
+        let stop = self.tasks.stop().clone();
+        // Not tracked: it ends with the stop (or when the watcher leaves), holding nothing.
         tokio::spawn(async move {
             let mut last: Option<Vec<pb::MemberHealth>> = None;
             let mut sent_at = std::time::Instant::now();
@@ -654,7 +661,11 @@ impl StorageNode for StorageService {
                     }
                     last = Some(members);
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    // The watchers follow another node.
+                    () = stop.cancelled() => return,
+                }
                 if tx.is_closed() {
                     return;
                 }

@@ -20,6 +20,15 @@
 //! asked for again after this node restarted, it goes on after it, sending at most the batch
 //! that was in flight a second time (live writes queued then are not needed: coordinators
 //! write them to the target directly, as a pending owner).
+//!
+//! Live forwarding is a second path, not the only one: the queue of live writes is bounded
+//! ([`LIVE_QUEUE`]) and a write that finds it full is not forwarded (counted in
+//! `pairdb_stream_live_forwards_dropped_total`), never making the write path wait; the
+//! coordinators' write to the pending owner carries it (or its hint).
+//!
+//! Streams are tasks of the node's role ([`crate::shutdown::Tasks`]): when the node stops, each
+//! ends where it is and keeps its checkpoint, so the coordinator that asks again after the
+//! restart resumes it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,6 +45,7 @@ use crate::engine::{Engine, EngineError, Record, internal_key};
 use crate::ring::HashRange;
 use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
+use crate::shutdown::Tasks;
 
 use super::stream_checkpoint::{self as checkpoint, Checkpoint};
 use super::throttle::Throttle;
@@ -47,6 +57,8 @@ const BATCH: usize = 500;
 /// Bytes per `WriteBatch` (on the wire), at most: a batch is sent once it reaches either bound,
 /// so large values never make a message the target refuses (`rpc::MAX_MESSAGE_BYTES`).
 const BATCH_BYTES: u64 = 4 << 20;
+/// Live writes waiting to be forwarded per stream; beyond this they are not forwarded.
+const LIVE_QUEUE: usize = 4096;
 /// A stream fails after this long without a successful send.
 const RETRY_WINDOW: Duration = Duration::from_secs(300);
 
@@ -59,7 +71,7 @@ struct Stream {
     keys: AtomicU64,
     bytes: AtomicU64,
     forwarded: AtomicU64,
-    live: mpsc::UnboundedSender<Record>,
+    live: mpsc::Sender<Record>,
     cancel: CancellationToken,
 }
 
@@ -88,8 +100,12 @@ impl Stream {
             state.0,
             pb::StreamState::Copying | pb::StreamState::Streaming
         ) && self.ranges.iter().any(|r| r.contains(record.ring_hash))
+            && matches!(
+                self.live.try_send(record.clone()),
+                Err(mpsc::error::TrySendError::Full(_))
+            )
         {
-            let _ = self.live.send(record.clone());
+            metrics::counter!("pairdb_stream_live_forwards_dropped_total").increment(1);
         }
     }
 }
@@ -103,11 +119,14 @@ pub struct StreamManager {
     streams: Arc<Mutex<HashMap<String, Arc<Stream>>>>,
     /// The bandwidth limit shared by every stream started from now on (`None`: unlimited).
     throttle: Arc<Mutex<Option<Arc<Throttle>>>>,
+    /// The node role's tasks: streams run as them.
+    tasks: Tasks,
 }
 
 impl StreamManager {
-    pub fn new(engine: Arc<Engine>) -> Self {
+    pub fn new(engine: Arc<Engine>, tasks: Tasks) -> Self {
         Self {
+            tasks,
             checkpoints: Arc::new(engine.dir().join("streams")),
             engine,
             streams: Arc::new(Mutex::new(HashMap::new())),
@@ -143,7 +162,7 @@ impl StreamManager {
         if let Some(s) = streams.get(&req.stream_id) {
             return Ok(s.status());
         }
-        let (live, live_rx) = mpsc::unbounded_channel();
+        let (live, live_rx) = mpsc::channel(LIVE_QUEUE);
         let ranges: Vec<HashRange> = req.ranges.iter().map(HashRange::from).collect();
         let fingerprint = checkpoint::fingerprint(&ranges, &req.target_node_id);
         // A stream this node ran before it restarted goes on after its last acknowledged batch.
@@ -169,16 +188,26 @@ impl StreamManager {
         let engine = self.engine.clone();
         let throttle = self.throttle.lock().clone();
         let checkpoints = self.checkpoints.clone();
-        tokio::spawn(async move {
+        let tasks = self.tasks.clone();
+        let node_stop = tasks.stop().clone();
+        self.tasks.spawn(async move {
             let sender = Sender {
                 client,
                 checkpoints: checkpoints.clone(),
                 throttle,
+                tasks,
             };
             let result = tokio::select! {
                 r = run(engine, stream.clone(), sender, live_rx, resume) => r,
                 () = stream.cancel.cancelled() => Err(StreamError::Stopped),
+                () = node_stop.cancelled() => Err(StreamError::NodeStopping),
             };
+            if matches!(result, Err(StreamError::NodeStopping)) {
+                // The checkpoint stays: asked again after the restart, the stream goes on.
+                tracing::info!(stream = %stream.id, "node stopping: stream paused at its checkpoint");
+                stream.set(pb::StreamState::Stopped, "the node is stopping");
+                return;
+            }
             checkpoint::remove(&checkpoints, &stream.id);
             match result {
                 Ok(()) => stream.set(pb::StreamState::Completed, ""),
@@ -239,6 +268,8 @@ pub enum StreamError {
     Flush(String),
     #[error("stopped")]
     Stopped,
+    #[error("the node is stopping")]
+    NodeStopping,
 }
 
 /// Sends one batch, retrying with backoff while the target is unreachable.
@@ -276,7 +307,7 @@ async fn send(
 async fn send_live(
     client: &mut StorageNodeClient<Channel>,
     stream: &Stream,
-    live: &mut mpsc::UnboundedReceiver<Record>,
+    live: &mut mpsc::Receiver<Record>,
 ) -> Result<(), StreamError> {
     let mut pending = Vec::new();
     let mut pending_bytes = 0;
@@ -306,6 +337,9 @@ struct Sender {
     client: StorageNodeClient<Channel>,
     checkpoints: Arc<PathBuf>,
     throttle: Option<Arc<Throttle>>,
+    /// The node role's tasks (the scan runs as one, so a stop waits for it to let go of the
+    /// engine).
+    tasks: Tasks,
 }
 
 /// One batch of the bulk copy, with the internal key of its last record.
@@ -318,18 +352,19 @@ async fn run(
     engine: Arc<Engine>,
     stream: Arc<Stream>,
     sender: Sender,
-    mut live: mpsc::UnboundedReceiver<Record>,
+    mut live: mpsc::Receiver<Record>,
     resume: Option<Checkpoint>,
 ) -> Result<(), StreamError> {
     let Sender {
         mut client,
         checkpoints,
         throttle,
+        tasks,
     } = sender;
     let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, EngineError>>(4);
     let ranges = stream.ranges.clone();
     let scan_engine = engine.clone();
-    let producer = tokio::task::spawn_blocking(move || {
+    let producer = tasks.spawn_blocking(move || {
         let after = resume.map(|c| c.last_key);
         let mut batch = Vec::with_capacity(BATCH);
         let mut batch_bytes = 0;

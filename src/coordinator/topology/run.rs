@@ -57,7 +57,8 @@ impl Coordinator {
     }
 
     pub(super) fn spawn_change(self: Arc<Self>, migration: Migration) {
-        tokio::spawn(async move {
+        let tasks = self.tasks.clone();
+        tasks.spawn(async move {
             let id = migration.migration_id.clone();
             let node = migration.subject.clone();
             let Some(lease) = self.take_lease(&id).await else {
