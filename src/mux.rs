@@ -15,8 +15,9 @@
 //!
 //! Invariant: every call gets exactly one outcome: its answer, [`MuxError::Closed`] (the stream
 //! was closed before the call was sent, or the server drained the stream without reading it: it
-//! did not run), [`MuxError::Broken`] (the stream ended after the call was sent: it may have
-//! run) or [`MuxError::TimedOut`].
+//! did not run), [`MuxError::Busy`] (the stream's bounded send queue stayed full until the
+//! deadline: not sent, did not run), [`MuxError::Broken`] (the stream ended after the call was
+//! sent: it may have run) or [`MuxError::TimedOut`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,7 +29,7 @@ use arc_swap::ArcSwapOption;
 use futures::{FutureExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
@@ -54,15 +55,21 @@ pub enum MuxError {
     Closed,
     #[error("the stream ended before the answer")]
     Broken,
+    #[error("the stream's send queue stayed full until the deadline; the call was not sent")]
+    Busy,
     #[error("no answer in time")]
     TimedOut,
 }
+
+/// Calls waiting to be written to one stream; beyond this a caller waits (HTTP/2 flow control
+/// holds the stream back) until its deadline.
+const OUTGOING: usize = 1024;
 
 type Waiting<Resp> = Mutex<HashMap<u64, oneshot::Sender<Result<Resp, MuxError>>>>;
 
 /// One open stream to a peer.
 pub struct MuxStream<Req, Resp> {
-    calls: mpsc::UnboundedSender<Req>,
+    calls: mpsc::Sender<Req>,
     waiting: Arc<Waiting<Resp>>,
     /// Set by the reader when the stream ended, before it drops the waiting calls.
     closed: Arc<AtomicBool>,
@@ -78,11 +85,11 @@ where
     /// task that reads answers.
     pub async fn open<F, Fut>(open: F) -> Result<Arc<Self>, tonic::Status>
     where
-        F: FnOnce(UnboundedReceiverStream<Req>) -> Fut,
+        F: FnOnce(ReceiverStream<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Streaming<Resp>>, tonic::Status>>,
     {
-        let (calls, outgoing) = mpsc::unbounded_channel();
-        let mut answers = open(UnboundedReceiverStream::new(outgoing))
+        let (calls, outgoing) = mpsc::channel(OUTGOING);
+        let mut answers = open(ReceiverStream::new(outgoing))
             .await?
             .into_inner();
         let waiting: Arc<Waiting<Resp>> = Arc::default();
@@ -124,22 +131,32 @@ where
         !self.closed.load(Ordering::SeqCst)
     }
 
-    /// Sends the call `make(id)` and waits up to `timeout` for its answer.
+    /// Sends the call `make(id)` and waits up to `timeout` (in all) for its answer.
     pub async fn call(
         &self,
         make: impl FnOnce(u64) -> Req,
         timeout: Duration,
     ) -> Result<Resp, MuxError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (answer, result) = oneshot::channel();
         self.waiting.lock().insert(id, answer);
         // Registered before the check: if the reader closes after it, the final drain answers
         // this call; if before, the check sees it.
-        if !self.is_open() || self.calls.send(make(id)).is_err() {
+        let sent = if self.is_open() {
+            match tokio::time::timeout_at(deadline, self.calls.send(make(id))).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(MuxError::Closed),
+                Err(_) => Err(MuxError::Busy),
+            }
+        } else {
+            Err(MuxError::Closed)
+        };
+        if let Err(e) = sent {
             self.waiting.lock().remove(&id);
-            return Err(MuxError::Closed);
+            return Err(e);
         }
-        match tokio::time::timeout(timeout, result).await {
+        match tokio::time::timeout_at(deadline, result).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(MuxError::Broken),
             Err(_) => {
@@ -174,7 +191,7 @@ where
     /// The open stream, or a new one from `open` (see [`MuxStream::open`]).
     pub async fn get<F, Fut>(&self, open: F) -> Result<Arc<MuxStream<Req, Resp>>, tonic::Status>
     where
-        F: FnOnce(UnboundedReceiverStream<Req>) -> Fut,
+        F: FnOnce(ReceiverStream<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Streaming<Resp>>, tonic::Status>>,
     {
         if let Some(open) = self.current.load_full().filter(|s| s.is_open()) {
@@ -256,6 +273,8 @@ where
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
+
+    use tokio_stream::wrappers::UnboundedReceiverStream;
 
     use super::*;
 

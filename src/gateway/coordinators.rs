@@ -329,7 +329,7 @@ impl Member {
             Ok(None) => Err(Failure::Answered(tonic::Status::internal(
                 "empty answer from the coordinator",
             ))),
-            Err(e @ MuxError::Closed) => {
+            Err(e @ (MuxError::Closed | MuxError::Busy)) => {
                 Err(Failure::NotSent(tonic::Status::unavailable(e.to_string())))
             }
             Err(e @ MuxError::Broken) => {
