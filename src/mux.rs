@@ -89,9 +89,7 @@ where
         Fut: Future<Output = Result<tonic::Response<Streaming<Resp>>, tonic::Status>>,
     {
         let (calls, outgoing) = mpsc::channel(OUTGOING);
-        let mut answers = open(ReceiverStream::new(outgoing))
-            .await?
-            .into_inner();
+        let mut answers = open(ReceiverStream::new(outgoing)).await?.into_inner();
         let waiting: Arc<Waiting<Resp>> = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         let (reader_waiting, reader_closed) = (waiting.clone(), closed.clone());

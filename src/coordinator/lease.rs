@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::meta::{MetaError, Migration};
 
 use super::Coordinator;
+use super::stall::StallWatch;
 
 /// How often a running migration's lease is renewed.
 pub const RENEW: Duration = Duration::from_millis(500);
@@ -117,7 +118,7 @@ impl LeaseGuard {
 #[derive(Default)]
 pub struct Leases {
     running: Arc<Mutex<HashSet<String>>>,
-    seen: Mutex<HashMap<String, (i64, Instant)>>,
+    seen: Mutex<HashMap<String, StallWatch<i64>>>,
 }
 
 impl Leases {
@@ -264,7 +265,6 @@ pub fn spawn_watch(core: Arc<Coordinator>, every: Duration) {
 pub async fn take_over_stale(core: &Arc<Coordinator>) -> Result<(), MetaError> {
     let stale_after = core.stale_after();
     let active = core.meta.active_migrations().await?;
-    let now = Instant::now();
     core.leases
         .seen
         .lock()
@@ -277,17 +277,15 @@ pub async fn take_over_stale(core: &Arc<Coordinator>) -> Result<(), MetaError> {
         let Some(lease) = core.meta.migration_lease(&m.migration_id).await? else {
             continue;
         };
-        let since = {
+        let still_for = {
             let mut seen = core.leases.seen.lock();
-            let entry = seen
+            let beat = seen
                 .entry(m.migration_id.clone())
-                .or_insert((lease.beat, now));
-            if entry.0 != lease.beat {
-                *entry = (lease.beat, now);
-            }
-            entry.1
+                .or_insert_with(|| StallWatch::new(lease.beat));
+            beat.observe(lease.beat);
+            beat.still_for()
         };
-        if now.duration_since(since) < stale_after {
+        if still_for < stale_after {
             continue;
         }
         if core

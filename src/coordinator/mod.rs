@@ -42,6 +42,7 @@ pub mod replicas;
 pub mod rf_change;
 pub mod ring_view;
 pub mod service;
+pub mod stall;
 pub mod storage_pool;
 pub mod tenant_cache;
 pub mod topology;

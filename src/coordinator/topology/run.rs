@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::meta::{MetaError, Migration, MigrationKind, MigrationState};
 use crate::ring::plan::{self};
@@ -17,6 +17,7 @@ use crate::coordinator::Coordinator;
 use crate::coordinator::errors::CoordError;
 use crate::coordinator::hints;
 use crate::coordinator::lease::{Interrupted, LeaseGuard};
+use crate::coordinator::stall::StallWatch;
 
 use super::PROBE_TIMEOUT;
 
@@ -180,8 +181,7 @@ impl Coordinator {
         self.ring.refresh().await.map_err(CoordError::from)?;
         let mut transfers = self.plan_transfers(&m.migration_id).await?;
         let total: u64 = transfers.iter().map(|t| t.estimated_keys).sum();
-        let mut last = (Streamed::default(), 0usize);
-        let mut last_progress = Instant::now();
+        let mut progress = StallWatch::new((Streamed::default(), 0usize));
         loop {
             if lease.lost() {
                 // The coordinator that took over drives the streams now.
@@ -211,9 +211,7 @@ impl Coordinator {
             if done == transfers.len() {
                 return Ok(copied);
             }
-            if (copied, done) != last {
-                last = (copied, done);
-                last_progress = Instant::now();
+            if progress.observe((copied, done)) {
                 let recorded = self
                     .meta
                     .update_migration(
@@ -230,7 +228,7 @@ impl Coordinator {
                     Err(MetaError::Changed(_)) => return Err(Interrupted::Lost),
                     Err(e) => return Err(e.into()),
                 }
-            } else if last_progress.elapsed() > self.options.topology_timeout {
+            } else if progress.still_for() > self.options.topology_timeout {
                 self.stop_transfers(&transfers).await;
                 return Err(Interrupted::Failed(format!(
                     "no streaming progress for {:?}",
