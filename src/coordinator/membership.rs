@@ -91,11 +91,10 @@ impl Membership {
                 let (id, address) = &nodes[next % nodes.len()];
                 next += 1;
                 let watched = async {
-                    let mut client = pool.client(id, address).map_err(|e| e.to_string())?;
+                    let mut client = pool.client(id, address)?;
                     let mut stream = client
                         .watch_health(pb::WatchHealthRequest {})
-                        .await
-                        .map_err(|e| e.message().to_owned())?
+                        .await?
                         .into_inner();
                     // A stream that stays silent past three heartbeats was cut (a partition
                     // drops packets without a reset): move on rather than keep a frozen view.
@@ -103,13 +102,13 @@ impl Membership {
                     loop {
                         let next = tokio::time::timeout(stale, stream.message())
                             .await
-                            .map_err(|_| format!("no membership update for {stale:?}"))?;
-                        match next.map_err(|e| e.message().to_owned())? {
+                            .map_err(|_| WatchEnded::Silent(stale))?;
+                        match next? {
                             Some(update) => me.update(update.members),
                             None => break,
                         }
                     }
-                    Ok::<(), String>(())
+                    Ok::<(), WatchEnded>(())
                 };
                 tokio::select! {
                     result = watched => {
@@ -123,4 +122,15 @@ impl Membership {
             }
         });
     }
+}
+
+/// Why a membership watch ended (before the watched node ended it itself).
+#[derive(Debug, thiserror::Error)]
+enum WatchEnded {
+    #[error(transparent)]
+    BadAddress(#[from] super::storage_pool::BadAddress),
+    #[error("{}", .0.message())]
+    Refused(#[from] tonic::Status),
+    #[error("no membership update for {0:?}")]
+    Silent(Duration),
 }

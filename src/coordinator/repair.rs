@@ -70,8 +70,8 @@ impl RepairQueue {
                 let snapshot = ring.snapshot();
                 let client = snapshot
                     .address(&node)
-                    .ok_or_else(|| "not in the registry".to_owned())
-                    .and_then(|a| pool.client(&node, a).map_err(|e| e.to_string()));
+                    .ok_or(RepairFailed::NotInRegistry)
+                    .and_then(|a| Ok(pool.client(&node, a)?));
                 spawner.spawn(async move {
                     let result = match client {
                         Ok(mut client) => {
@@ -80,8 +80,8 @@ impl RepairQueue {
                             });
                             match tokio::time::timeout(timeout, call).await {
                                 Ok(Ok(_)) => Ok(()),
-                                Ok(Err(s)) => Err(s.message().to_owned()),
-                                Err(_) => Err("timed out".to_owned()),
+                                Ok(Err(s)) => Err(RepairFailed::Refused(s)),
+                                Err(_) => Err(RepairFailed::TimedOut),
                             }
                         }
                         Err(e) => Err(e),
@@ -151,4 +151,17 @@ impl RepairQueue {
         };
         metrics::counter!("pairdb_read_repairs_total", "result" => result).increment(1);
     }
+}
+
+/// Why one read repair was not applied (logged and counted; the repair is not retried).
+#[derive(Debug, thiserror::Error)]
+enum RepairFailed {
+    #[error("not in the registry")]
+    NotInRegistry,
+    #[error(transparent)]
+    BadAddress(#[from] super::storage_pool::BadAddress),
+    #[error("{}", .0.message())]
+    Refused(tonic::Status),
+    #[error("timed out")]
+    TimedOut,
 }
