@@ -118,6 +118,37 @@ async fn stream_status(
         .map(tonic::Response::into_inner)
 }
 
+/// Polls a stream until it copied at least `keys` (within 60 s); returns how many it copied.
+async fn copied_at_least(client: &mut StorageNodeClient<Channel>, id: &str, keys: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = stream_status(client, id).await.expect("status");
+        if s.keys_copied >= keys {
+            return s.keys_copied;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream did not reach {keys}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Restarts `node` (stopped by the caller) and asks for stream `request` again.
+async fn restart_and_resume(
+    node: &mut StorageNode,
+    request: &pb::StartStreamingRequest,
+) -> (StorageNodeClient<Channel>, pb::StreamStatus) {
+    node.restart();
+    let mut client = node.client().await;
+    let resumed = client
+        .start_streaming(request.clone())
+        .await
+        .expect("start again")
+        .into_inner();
+    (client, resumed)
+}
+
 /// Polls a stream until it completes; fails on `failed` or after `secs`.
 async fn wait_completed(
     client: &mut StorageNodeClient<Channel>,
@@ -960,55 +991,27 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
         "{refused:?}"
     );
     ca.start_streaming(request.clone()).await.expect("start");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let before_kill = loop {
-        let s = stream_status(&mut ca, "add-1-a-b").await.expect("status");
-        if s.keys_copied >= 1000 {
-            break s.keys_copied;
-        }
-        assert!(Instant::now() < deadline, "stream did not start: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let before_kill = copied_at_least(&mut ca, "add-1-a-b", 1000).await;
     assert!(
         before_kill < RECORDS,
         "killed in the middle ({before_kill} sent)"
     );
     drop(ca);
     a.kill9();
-    a.restart();
-    let mut ca = a.client().await;
-    let resumed = ca
-        .start_streaming(request.clone())
-        .await
-        .expect("start again")
-        .into_inner();
+    let (mut ca, resumed) = restart_and_resume(&mut a, &request).await;
     assert!(
         resumed.keys_copied >= 500,
         "counters go on from the checkpoint: {resumed:?}"
     );
     // An orderly stop (SIGTERM) in the middle keeps the checkpoint too.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let before_stop = loop {
-        let s = stream_status(&mut ca, "add-1-a-b").await.expect("status");
-        if s.keys_copied >= 2000 {
-            break s.keys_copied;
-        }
-        assert!(Instant::now() < deadline, "stream did not go on: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let before_stop = copied_at_least(&mut ca, "add-1-a-b", 2000).await;
     assert!(
         before_stop < RECORDS,
         "stopped in the middle ({before_stop} sent)"
     );
     drop(ca);
     assert_eq!(a.terminate().code(), Some(0), "SIGTERM exits 0");
-    a.restart();
-    let mut ca = a.client().await;
-    let resumed = ca
-        .start_streaming(request.clone())
-        .await
-        .expect("start again")
-        .into_inner();
+    let (mut ca, resumed) = restart_and_resume(&mut a, &request).await;
     assert!(
         resumed.keys_copied + 500 >= before_stop,
         "a stop keeps the checkpoint: {resumed:?} after {before_stop}"

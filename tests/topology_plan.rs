@@ -13,7 +13,10 @@
 //!   write stays a quorum write), and an RF lowering leaves every staying replica with it;
 //! - every sender is a live old member, every receiver a final member;
 //! - while a change is in progress any other change is refused, and two node changes in one
-//!   ring are never planned.
+//!   ring are never planned one at a time;
+//! - several additions and removals (of live or dead nodes) at once, planned together against
+//!   their combined final ring (`plan_combined`) and completed at once, keep the same
+//!   properties.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,6 +47,13 @@ enum Op {
     },
     /// A tenant's RF changes.
     SetRf { tenant: usize, rf: usize },
+    /// Nodes join (`adds`: their vnodes) and leave (`removes`: which, and whether dead) at
+    /// once; `during` keys are written meanwhile.
+    Several {
+        adds: Vec<u32>,
+        removes: Vec<(prop::sample::Index, bool)>,
+        during: Vec<(usize, u8)>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -55,6 +65,12 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<prop::sample::Index>(), any::<bool>(), during())
             .prop_map(|(victim, dead, during)| Op::Remove { victim, dead, during }),
         1 => (0..TENANTS.len(), 1..=MAX_RF).prop_map(|(tenant, rf)| Op::SetRf { tenant, rf }),
+        2 => (
+            prop::collection::vec(2u32..8, 0..3),
+            prop::collection::vec((any::<prop::sample::Index>(), any::<bool>()), 0..3),
+            during(),
+        )
+            .prop_map(|(adds, removes, during)| Op::Several { adds, removes, during }),
     ]
 }
 
@@ -102,11 +118,16 @@ impl Model {
 
     /// The ring of the model's nodes, with `changing` in the given state.
     fn ring(&self, changing: Option<(&str, NodeState)>) -> Ring {
+        self.ring_with(&changing.into_iter().collect::<Vec<_>>())
+    }
+
+    /// The ring of the model's nodes, with each of `changing` in its state.
+    fn ring_with(&self, changing: &[(&str, NodeState)]) -> Ring {
         Ring::new(self.nodes.iter().map(|(id, vnodes)| {
-            let state = match changing {
-                Some((c, state)) if c == id => state,
-                _ => NodeState::Active,
-            };
+            let state = changing
+                .iter()
+                .find(|(c, _)| c == id)
+                .map_or(NodeState::Active, |(_, s)| *s);
             RingNode::derived(NodeId::new(id.clone()), *vnodes, state)
         }))
     }
@@ -157,16 +178,16 @@ impl Model {
             .collect()
     }
 
-    /// Applies a node change in progress in `mid` (planned with `dead` unable to send), with the
-    /// writes `during` landing before the streams; returns the final ring and who held what
-    /// when the streams started.
+    /// Applies the node changes in progress in `mid` (planned with `dead` unable to send; with
+    /// `plan_combined` when several change), with the writes `during` landing before the
+    /// streams; returns the final ring and who held what when the streams started.
     fn node_change(
         &mut self,
         mid: &Ring,
-        dead: Option<&str>,
+        dead: &BTreeSet<String>,
         during: &[(usize, u8)],
     ) -> Result<(Ring, Vec<BTreeSet<String>>), TestCaseError> {
-        // Nothing else may start meanwhile, and two node changes are never planned together.
+        // Nothing else may start meanwhile, and two node changes are never planned one at a time.
         prop_assert!(plan::may_start(mid, &[], Proposed::NodeChange).is_err());
         let rf_change = Proposed::RfChange { tenant: "t1" };
         prop_assert!(plan::may_start(mid, &[], rf_change).is_err());
@@ -177,14 +198,19 @@ impl Model {
         )]));
         prop_assert!(plan::plan_node_change(&second, &self.rfs_in_use(), |_| true).is_err());
 
-        let planned = plan::plan_node_change(mid, &self.rfs_in_use(), |n| Some(n.as_str()) != dead)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let can_send = |n: &NodeId| !dead.contains(n.as_str());
+        let planned = if plan::node_changes(mid).len() > 1 {
+            plan::plan_combined(mid, &self.rfs_in_use(), can_send)
+        } else {
+            plan::plan_node_change(mid, &self.rfs_in_use(), can_send)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?
+        };
         for &(k, reach) in during {
             self.write(mid, k, reach, false);
         }
         let live_members: BTreeSet<String> = mid
             .nodes()
-            .filter(|n| n.state != NodeState::Bootstrapping && Some(n.id.as_str()) != dead)
+            .filter(|n| n.state != NodeState::Bootstrapping && !dead.contains(n.id.as_str()))
             .map(|n| n.id.0.clone())
             .collect();
         for t in &planned.transfers {
@@ -219,7 +245,7 @@ impl Model {
         old: &Ring,
         old_rfs: [usize; 2],
         new: &Ring,
-        dead: Option<&str>,
+        dead: &BTreeSet<String>,
         before: &[BTreeSet<String>],
     ) -> Result<(), TestCaseError> {
         for (k, &(tenant, _)) in self.keys.iter().enumerate() {
@@ -231,7 +257,7 @@ impl Model {
             let olds = self.owners(old, k, old_rfs[tenant]);
             let live_held_before = olds
                 .iter()
-                .filter(|n| before[k].contains(*n) && Some(n.as_str()) != dead)
+                .filter(|n| before[k].contains(*n) && !dead.contains(n.as_str()))
                 .count();
             if self.lost[k] {
                 continue;
@@ -278,8 +304,9 @@ impl Model {
                 self.next_node += 1;
                 self.nodes.insert(id.clone(), *vnodes);
                 let mid = self.ring(Some((&id, NodeState::Bootstrapping)));
-                let (new, before) = self.node_change(&mid, None, during)?;
-                self.check(&old, old_rfs, &new, None, &before)?;
+                let none = BTreeSet::new();
+                let (new, before) = self.node_change(&mid, &none, during)?;
+                self.check(&old, old_rfs, &new, &none, &before)?;
             }
             Op::Remove {
                 victim,
@@ -298,13 +325,70 @@ impl Model {
                     .cloned()
                     .unwrap_or_default();
                 let mid = self.ring(Some((&id, NodeState::Draining)));
-                let dead_id = dead.then_some(id.as_str());
-                let (new, before) = self.node_change(&mid, dead_id, during)?;
+                let dead_ids: BTreeSet<String> = dead.then(|| id.clone()).into_iter().collect();
+                let (new, before) = self.node_change(&mid, &dead_ids, during)?;
                 self.nodes.remove(&id);
                 for h in &mut self.holders {
                     h.remove(&id);
                 }
-                self.check(&old, old_rfs, &new, dead_id, &before)?;
+                self.check(&old, old_rfs, &new, &dead_ids, &before)?;
+            }
+            Op::Several {
+                adds,
+                removes,
+                during,
+            } => {
+                // Removals keep at least as many nodes as the largest RF; at most 8 nodes.
+                let max_rf = self.rfs.iter().copied().max().unwrap_or(1);
+                let mut leaving: BTreeMap<String, bool> = BTreeMap::new();
+                for (victim, dead) in removes {
+                    if self.nodes.len() - leaving.len() <= max_rf {
+                        break;
+                    }
+                    let id = self
+                        .nodes
+                        .keys()
+                        .nth(victim.index(self.nodes.len()))
+                        .cloned()
+                        .unwrap_or_default();
+                    leaving.entry(id).or_insert(*dead);
+                }
+                let mut joining = Vec::new();
+                for vnodes in adds {
+                    if self.nodes.len() >= 8 {
+                        break;
+                    }
+                    let id = format!("n{}", self.next_node);
+                    self.next_node += 1;
+                    self.nodes.insert(id.clone(), *vnodes);
+                    joining.push(id);
+                }
+                if leaving.len() + joining.len() < 2 {
+                    // One change or none: the single-change ops cover it; undo the additions.
+                    for id in &joining {
+                        self.nodes.remove(id);
+                    }
+                    return Ok(());
+                }
+                let changing: Vec<(&str, NodeState)> = joining
+                    .iter()
+                    .map(|id| (id.as_str(), NodeState::Bootstrapping))
+                    .chain(leaving.keys().map(|id| (id.as_str(), NodeState::Draining)))
+                    .collect();
+                let mid = self.ring_with(&changing);
+                let dead_ids: BTreeSet<String> = leaving
+                    .iter()
+                    .filter(|(_, dead)| **dead)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let (new, before) = self.node_change(&mid, &dead_ids, during)?;
+                for id in leaving.keys() {
+                    self.nodes.remove(id);
+                    for h in &mut self.holders {
+                        h.remove(id);
+                    }
+                }
+                self.check(&old, old_rfs, &new, &dead_ids, &before)?;
             }
             Op::SetRf { tenant, rf } => {
                 let before = self.holders.clone();
@@ -324,7 +408,7 @@ impl Model {
                     }
                 }
                 self.rfs[*tenant] = *rf;
-                self.check(&old, old_rfs, &old, None, &before)?;
+                self.check(&old, old_rfs, &old, &BTreeSet::new(), &before)?;
             }
         }
         Ok(())

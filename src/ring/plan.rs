@@ -17,7 +17,10 @@
 //!   every owner that stays (lowering; a write may have reached only the leaving replicas).
 //! - One change of the ring at a time: each plan is computed against the ring with only that
 //!   change applied, and an RF change's copy and a cleanup's drops against a ring that does not
-//!   move under them. What would overlap is refused up front ([`may_start`]) with the reason,
+//!   move under them. [`plan_combined`] plans several node changes together against their
+//!   combined final ring, valid when they complete at once (property-tested); the runner does
+//!   not complete changes jointly yet, so [`may_start`] and [`plan_node_change`] still admit
+//!   one node change at a time. What would overlap is refused up front ([`may_start`]) with the reason,
 //!   never accepted and then failed. RF changes of different tenants touch different keys and
 //!   may run together.
 
@@ -154,6 +157,19 @@ pub fn plan_node_change(
             nodes: nodes.join(", "),
         });
     }
+    Ok(plan_combined(ring, rfs, can_send))
+}
+
+/// Plans every node change in progress in `ring` together, against the combined final ring
+/// (every joiner active, every leaver gone): the transfers that make the final owners hold
+/// what the current members hold, when all the changes complete at once (no ring between the
+/// current and the final one ever serves reads). Only members for which `can_send` holds send;
+/// joiners never do.
+pub fn plan_combined(
+    ring: &Ring,
+    rfs: &BTreeSet<usize>,
+    can_send: impl Fn(&NodeId) -> bool,
+) -> NodeChangePlan {
     let final_ring = final_ring(ring);
     let mut grouped: BTreeMap<(NodeId, NodeId), BTreeSet<HashRange>> = BTreeMap::new();
     for rf in rfs {
@@ -172,10 +188,10 @@ pub fn plan_node_change(
             ranges: ranges.into_iter().collect(),
         })
         .collect();
-    Ok(NodeChangePlan {
+    NodeChangePlan {
         final_ring,
         transfers,
-    })
+    }
 }
 
 /// Where an RF change copies one record `holder` holds, given the key's replica set at the
