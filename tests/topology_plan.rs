@@ -132,6 +132,15 @@ impl Model {
         }))
     }
 
+    /// The node `index` picks among the model's nodes.
+    fn pick(&self, index: &prop::sample::Index) -> String {
+        self.nodes
+            .keys()
+            .nth(index.index(self.nodes.len()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     fn rfs_in_use(&self) -> BTreeSet<usize> {
         self.rfs.iter().copied().collect()
     }
@@ -318,12 +327,7 @@ impl Model {
                 if self.nodes.len() <= self.rfs.iter().copied().max().unwrap_or(1) {
                     return Ok(());
                 }
-                let id = self
-                    .nodes
-                    .keys()
-                    .nth(victim.index(self.nodes.len()))
-                    .cloned()
-                    .unwrap_or_default();
+                let id = self.pick(victim);
                 let mid = self.ring(Some((&id, NodeState::Draining)));
                 let dead_ids: BTreeSet<String> = dead.then(|| id.clone()).into_iter().collect();
                 let (new, before) = self.node_change(&mid, &dead_ids, during)?;
@@ -345,13 +349,7 @@ impl Model {
                     if self.nodes.len() - leaving.len() <= max_rf {
                         break;
                     }
-                    let id = self
-                        .nodes
-                        .keys()
-                        .nth(victim.index(self.nodes.len()))
-                        .cloned()
-                        .unwrap_or_default();
-                    leaving.entry(id).or_insert(*dead);
+                    leaving.entry(self.pick(victim)).or_insert(*dead);
                 }
                 let mut joining = Vec::new();
                 for vnodes in adds {
