@@ -30,11 +30,15 @@ use futures::{FutureExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
+
+use crate::shutdown::Tasks;
 
 /// The message of the status that ends a stream its server drained (code `UNAVAILABLE`).
 pub const DRAINED: &str = "pairdb: the peer is stopping; calls it did not answer did not run";
+
+/// How long a drained stream waits for its peer to close its side.
+const LINGER: Duration = Duration::from_secs(2);
 
 fn drained() -> tonic::Status {
     tonic::Status::unavailable(DRAINED)
@@ -69,7 +73,9 @@ type Waiting<Resp> = Mutex<HashMap<u64, oneshot::Sender<Result<Resp, MuxError>>>
 
 /// One open stream to a peer.
 pub struct MuxStream<Req, Resp> {
-    calls: mpsc::Sender<Req>,
+    /// Taken by the reader when the stream ended, which closes this side of it (the peer
+    /// waits for that before it closes the connection).
+    calls: Arc<Mutex<Option<mpsc::Sender<Req>>>>,
     waiting: Arc<Waiting<Resp>>,
     /// Set by the reader when the stream ended, before it drops the waiting calls.
     closed: Arc<AtomicBool>,
@@ -93,6 +99,8 @@ where
         let waiting: Arc<Waiting<Resp>> = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
         let (reader_waiting, reader_closed) = (waiting.clone(), closed.clone());
+        let calls = Arc::new(Mutex::new(Some(calls)));
+        let reader_calls = calls.clone();
         tokio::spawn(async move {
             let (why, unanswered) = loop {
                 match answers.message().await {
@@ -112,6 +120,7 @@ where
             };
             tracing::debug!(reason = %why, "multiplexed stream closed");
             reader_closed.store(true, Ordering::SeqCst);
+            drop(reader_calls.lock().take());
             // Every call still waiting learns how the stream ended.
             for (_, waiter) in reader_waiting.lock().drain() {
                 let _ = waiter.send(Err(unanswered));
@@ -141,14 +150,14 @@ where
         self.waiting.lock().insert(id, answer);
         // Registered before the check: if the reader closes after it, the final drain answers
         // this call; if before, the check sees it.
-        let sent = if self.is_open() {
-            match tokio::time::timeout_at(deadline, self.calls.send(make(id))).await {
+        let sender = self.calls.lock().clone().filter(|_| self.is_open());
+        let sent = match sender {
+            Some(sender) => match tokio::time::timeout_at(deadline, sender.send(make(id))).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(MuxError::Closed),
                 Err(_) => Err(MuxError::Busy),
-            }
-        } else {
-            Err(MuxError::Closed)
+            },
+            None => Err(MuxError::Closed),
         };
         if let Err(e) = sent {
             self.waiting.lock().remove(&id);
@@ -209,12 +218,16 @@ where
 /// answer is ready at the first poll (a read served from a cache); answers go back as they
 /// complete. At most `queue` calls run at once and at most `queue` answers wait to
 /// be read back; beyond that the stream is not read (HTTP/2 flow control holds the peer back).
-/// Once `stop` is cancelled no further call is read; the stream ends with [`DRAINED`] after
-/// every call read before was answered.
+/// Once the role stops (`tasks`) no further call is run; the answers end with [`DRAINED`] after
+/// every call read before was answered. The task then reads (and drops, unrun) what the peer
+/// sent before it saw that end, until the peer closes its side, for at most [`LINGER`]: it is
+/// one of `tasks`' streams, which the role's server waits for before it closes its connections,
+/// so no connection closes under calls in flight (a TCP reset would destroy the `DRAINED` end
+/// before the peer read it).
 pub fn serve<Req, Resp, H, Fut>(
     mut calls: impl Stream<Item = Result<Req, tonic::Status>> + Send + Unpin + 'static,
     queue: usize,
-    stop: CancellationToken,
+    tasks: &Tasks,
     handle: H,
 ) -> ReceiverStream<Result<Resp, tonic::Status>>
 where
@@ -225,7 +238,8 @@ where
 {
     let (answers, outgoing) = mpsc::channel(queue);
     let slots = Arc::new(tokio::sync::Semaphore::new(queue));
-    tokio::spawn(async move {
+    let stop = tasks.stop().clone();
+    tasks.spawn_stream(async move {
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
@@ -242,6 +256,11 @@ where
                     let all = u32::try_from(queue).unwrap_or(u32::MAX);
                     let _in_flight_done = slots.acquire_many(all).await;
                     let _ = answers.send(Err(drained())).await;
+                    drop(answers);
+                    let _ = tokio::time::timeout(LINGER, async {
+                        while let Some(Ok(_unrun)) = calls.next().await {}
+                    })
+                    .await;
                     return;
                 }
                 Some(Some(Ok(call))) => call,
@@ -283,11 +302,11 @@ mod tests {
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let (running_h, most_h) = (running.clone(), most.clone());
-        let stop = CancellationToken::new();
+        let tasks = Tasks::default();
         let mut answers = serve(
             UnboundedReceiverStream::new(incoming),
             2,
-            stop,
+            &tasks,
             move |n: u64| {
                 let (running, most) = (running_h.clone(), most_h.clone());
                 async move {
@@ -317,12 +336,12 @@ mod tests {
     async fn serve_drains_on_stop() {
         let (calls, incoming) = mpsc::unbounded_channel::<Result<u64, tonic::Status>>();
         let ran = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
+        let tasks = Tasks::default();
         let counted = ran.clone();
         let mut answers = serve(
             UnboundedReceiverStream::new(incoming),
             2,
-            stop.clone(),
+            &tasks,
             move |n: u64| {
                 let ran = counted.clone();
                 async move {
@@ -338,7 +357,7 @@ mod tests {
         // Two calls run (the queue is 2); the others wait unread.
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(ran.load(Ordering::SeqCst), 2);
-        stop.cancel();
+        tasks.stop().cancel();
         let mut got = Vec::new();
         let end = loop {
             match answers.next().await.expect("the stream ends with a status") {
@@ -360,7 +379,7 @@ mod tests {
         let mut answers = serve(
             UnboundedReceiverStream::new(incoming),
             4,
-            CancellationToken::new(),
+            &Tasks::default(),
             |n: u64| async move {
                 if n % 2 == 1 {
                     tokio::time::sleep(Duration::from_millis(5)).await;

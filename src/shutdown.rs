@@ -36,6 +36,8 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
 pub struct Tasks {
     stop: CancellationToken,
     tracker: TaskTracker,
+    /// The tasks serving long-lived inbound streams (`mux::serve`).
+    streams: TaskTracker,
 }
 
 impl Tasks {
@@ -44,6 +46,7 @@ impl Tasks {
         Self {
             stop,
             tracker: TaskTracker::new(),
+            streams: TaskTracker::new(),
         }
     }
 
@@ -72,6 +75,24 @@ impl Tasks {
         T: Send + 'static,
     {
         self.tracker.spawn_blocking(work)
+    }
+
+    /// Runs the task that serves one long-lived inbound stream; see [`Tasks::streams_ended`].
+    pub fn spawn_stream<F>(&self, work: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.streams.spawn(work)
+    }
+
+    /// Waits, once the stop token is cancelled, until every inbound stream ended (each drains
+    /// and then waits for its peer to close its side), for at most `within`. The role's server
+    /// closes its connections only after this.
+    pub async fn streams_ended(&self, within: Duration) {
+        self.stop.cancelled().await;
+        self.streams.close();
+        let _ = tokio::time::timeout(within, self.streams.wait()).await;
     }
 
     /// Tasks still running.

@@ -488,7 +488,7 @@ impl CoordinatorRpc for CoordinatorService {
         Ok(Response::new(crate::mux::serve(
             request.into_inner(),
             STREAM_RESULTS_QUEUE,
-            self.core.tasks.stop().clone(),
+            &self.core.tasks,
             move |call| {
                 let service = service.clone();
                 async move { service.run_call(call).await }

@@ -50,7 +50,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let served = super::serve_grpc(
         tonic::service::Routes::new(grpc),
         grpc_listener,
-        shutdown.clone(),
+        &core.tasks,
     )
     .await;
     let _ = http_server.await;

@@ -157,25 +157,30 @@ fn spawn_http(
 /// graceful shutdown alone would wait for forever.
 pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Serves gRPC `routes` on `listener` (TCP_NODELAY on every connection) until `shutdown`, then
-/// lets calls in flight finish for at most [`SHUTDOWN_GRACE`] before closing the connections.
+/// Serves gRPC `routes` on `listener` (TCP_NODELAY on every connection) until the role stops
+/// (`tasks`). Then the multiplexed streams drain (at most [`SHUTDOWN_GRACE`]: `mux::serve`)
+/// while the server still holds its connections, then the server takes no new connections and
+/// lets the calls still open finish for at most another [`SHUTDOWN_GRACE`] before it closes
+/// the connections.
 async fn serve_grpc(
     routes: tonic::service::Routes,
     listener: TcpListener,
-    shutdown: CancellationToken,
+    tasks: &crate::shutdown::Tasks,
 ) -> anyhow::Result<()> {
-    let stop = shutdown.clone();
+    let shutdown = tasks.stop().clone();
+    let streams = tasks.clone();
     let server = tonic::transport::Server::builder()
         .add_routes(routes)
         .serve_with_incoming_shutdown(crate::net::incoming_nodelay(listener), async move {
-            stop.cancelled().await
+            // The multiplexed streams drain first, so no connection closes under them.
+            streams.streams_ended(SHUTDOWN_GRACE).await
         });
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => served.context("gRPC server failed"),
         () = async {
             shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tokio::time::sleep(2 * SHUTDOWN_GRACE).await;
         } => {
             tracing::info!(grace = ?SHUTDOWN_GRACE, "closing the connections still open after the shutdown grace");
             Ok(())

@@ -90,12 +90,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let grpc = StorageNodeServer::from_arc(service.clone())
         .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
-    let served = super::serve_grpc(
-        tonic::service::Routes::new(grpc),
-        grpc_listener,
-        shutdown.clone(),
-    )
-    .await;
+    let served = super::serve_grpc(tonic::service::Routes::new(grpc), grpc_listener, &tasks).await;
     let _ = http_server.await;
     tasks.stop_and_wait("storage", super::SHUTDOWN_GRACE).await;
     if let Some(g) = gossip {

@@ -440,7 +440,7 @@ impl StorageNode for StorageService {
         Ok(Response::new(crate::mux::serve(
             req.into_inner(),
             BATCH_RESULTS_QUEUE,
-            self.tasks.stop().clone(),
+            &self.tasks,
             move |call| {
                 let me = me.clone();
                 async move { me.run_batch_call(call).await }
