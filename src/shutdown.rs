@@ -55,10 +55,6 @@ impl Tasks {
         &self.stop
     }
 
-    pub fn is_stopping(&self) -> bool {
-        self.stop.is_cancelled()
-    }
-
     /// Runs `work` as a task of this role.
     pub fn spawn<F>(&self, work: F) -> JoinHandle<F::Output>
     where
@@ -93,11 +89,6 @@ impl Tasks {
         self.stop.cancelled().await;
         self.streams.close();
         let _ = tokio::time::timeout(within, self.streams.wait()).await;
-    }
-
-    /// Tasks still running.
-    pub fn running(&self) -> usize {
-        self.tracker.len()
     }
 
     /// Cancels the stop token and waits up to `within` for every task (also those spawned
