@@ -2,6 +2,10 @@
 //! hints are delivered in a batch and deleted after the ack; hints past the max window or the
 //! max attempts are dropped undelivered; hints for an unreachable node are kept with one more
 //! attempt counted.
+//!
+//! And the coordinator's stop-time drains, in process against the same real parts: the hint
+//! writer stores every queued hint before its drain returns, the read-repair queue sends every
+//! queued repair, and the storage pool's links answer every queued call before `close` returns.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
@@ -9,30 +13,36 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::coord::records_on;
 use common::{StorageNode, free_tcp_port};
-use pairdb::coordinator::hints::{ReplayLimits, replay_round};
+use pairdb::coordinator::hints::{HintWriter, ReplayLimits, replay_round};
 use pairdb::coordinator::membership::Membership;
+use pairdb::coordinator::repair::RepairQueue;
 use pairdb::coordinator::ring_view::RingView;
 use pairdb::coordinator::storage_pool::StoragePool;
 use pairdb::meta::{Hint, MetadataStore, NodeRecord, SqlMetadataStore};
-use pairdb::ring::NodeState;
+use pairdb::ring::{NodeId, NodeState};
 use pairdb::rpc::storage as pb;
 use pairdb::vclock::{VectorClock, Version, physical_counter};
 use pairdb::wallclock::now_ms;
 use prost::Message;
 
-fn hint(target: &str, key: &str, created_at_ms: i64, attempts: u32) -> Hint {
+fn record(key: &str) -> pb::Record {
     let version = Version::new(VectorClock::from_entries([(
         "c1",
         physical_counter(now_ms()),
     )]));
-    let record = pb::Record {
+    pb::Record {
         tenant_id: "acme".into(),
         key: key.as_bytes().to_vec().into(),
         version: Some((&version).into()),
         payload: Some(pb::record::Payload::Value(b"\"hinted\"".to_vec().into())),
         ring_hash: 0,
-    };
+    }
+}
+
+fn hint(target: &str, key: &str, created_at_ms: i64, attempts: u32) -> Hint {
+    let record = record(key);
     Hint {
         id: 0,
         target_node: target.into(),
@@ -130,4 +140,99 @@ async fn replay_delivers_live_hints_and_drops_expired_ones() {
             .await
             .expect("node still fine"),
     );
+}
+
+/// A storage node `s1` registered in a fresh SQLite store, and the ring read from it.
+async fn one_node(dir: &std::path::Path) -> (StorageNode, Arc<dyn MetadataStore>, Arc<RingView>) {
+    let s1 = StorageNode::start("s1", &dir.join("s1"), None);
+    let url = format!("sqlite://{}", dir.join("meta.db").display());
+    let store: Arc<dyn MetadataStore> =
+        Arc::new(SqlMetadataStore::connect(&url).await.expect("store"));
+    store
+        .add_node(&node("s1", s1.grpc.port()))
+        .await
+        .expect("add");
+    let ring = RingView::load(store.clone(), Arc::new(Membership::default()))
+        .await
+        .expect("ring");
+    (s1, store, ring)
+}
+
+const QUEUED: usize = 2000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hint_writer_drain_stores_every_queued_hint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let store: Arc<dyn MetadataStore> =
+        Arc::new(SqlMetadataStore::connect(&url).await.expect("store"));
+    let writer = HintWriter::start(Some(store.clone()), None);
+    let replicas = [NodeId::new("s1"), NodeId::new("s2")];
+    for i in 0..QUEUED {
+        writer.hint("s1", &record(&format!("k{i}")), &replicas);
+    }
+    assert!(writer.queued() > 0, "the hints are still queued");
+    let drained = writer.drain(Duration::from_secs(30)).await;
+    assert_eq!(drained.lost, 0);
+    let counts = store.hint_counts().await.expect("counts");
+    assert_eq!(
+        counts,
+        vec![("s1".to_owned(), QUEUED as u64)],
+        "every hint stored once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_repair_drain_sends_every_queued_repair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s1, _store, ring) = one_node(dir.path()).await;
+    let pool = Arc::new(StoragePool::new());
+    let repairs = RepairQueue::start(QUEUED, ring, pool, Duration::from_secs(5));
+    let keys: Vec<String> = (0..QUEUED).map(|i| format!("r{i}")).collect();
+    for key in &keys {
+        repairs.push("s1".into(), record(key));
+    }
+    assert_eq!(
+        repairs.drain(Duration::from_secs(30)).await,
+        0,
+        "nothing left"
+    );
+    assert_eq!(
+        records_on(&s1).await,
+        QUEUED,
+        "every repair applied before the drain returned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_storage_pool_answers_every_queued_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s1, _store, _ring) = one_node(dir.path()).await;
+    let pool = StoragePool::new();
+    let address = s1.grpc.to_string();
+    let batcher = pool.batcher("s1", &address).expect("batcher");
+    let keys: Vec<String> = (0..QUEUED).map(|i| format!("w{i}")).collect();
+    let calls: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (batcher, record) = (batcher.clone(), record(key));
+            tokio::spawn(async move { batcher.write("s1", record).await })
+        })
+        .collect();
+    drop(batcher);
+    assert!(
+        pool.close(Duration::from_secs(30)).await,
+        "every link ended"
+    );
+    assert_eq!(
+        records_on(&s1).await,
+        QUEUED,
+        "every queued write applied before close returned"
+    );
+    for call in calls {
+        assert!(
+            call.await.expect("call task").is_ok(),
+            "every call answered"
+        );
+    }
 }

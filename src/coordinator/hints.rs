@@ -5,8 +5,10 @@
 //!   being written, up to [`BATCH`]); a batch the store refused is tried again (backing off)
 //!   until it is stored or the writer is drained past its deadline.
 //! - [`HintWriter::drain`] (SIGTERM): waits for the write path's stragglers (replica calls still
-//!   running after a reply, which may still produce hints) and for every queued hint to be
-//!   stored, up to a deadline.
+//!   running after a reply, which may still produce hints), then closes the queue and waits for
+//!   the writer task to store every queued hint and end, up to a deadline. The writer task and
+//!   the stragglers are owned by the writer's trackers, so nothing of it runs after a drain
+//!   that returned in time.
 //! - A hint that cannot be kept (the queue is full, the store refused its batch to the end, or
 //!   the drain ran out of time to store it) becomes a repair marker on the key's other replicas
 //!   (`RecordRepairMarkers`, fsynced there), which survive this coordinator; anti-entropy
@@ -29,8 +31,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::meta::{Hint, MetaError, MetadataStore};
@@ -50,13 +53,9 @@ fn now_ms() -> i64 {
     crate::wallclock::now_ms() as i64
 }
 
-/// What the writer task takes: a hint, or a barrier answered once every hint queued before
-/// it was stored (or given up).
-enum Queued {
-    /// A hint and the other replicas of its key (where a marker goes if it cannot be stored).
-    Hint(Hint, Vec<String>),
-    Barrier(oneshot::Sender<()>),
-}
+/// What the writer task takes: a hint and the other replicas of its key (where a marker goes
+/// if it cannot be stored).
+type Queued = (Hint, Vec<String>);
 
 /// Where repair markers for hints that cannot be kept are recorded.
 #[derive(Clone)]
@@ -81,8 +80,13 @@ const STORE_ATTEMPTS: u32 = 5;
 pub struct HintWriter {
     sender: Option<mpsc::Sender<Queued>>,
     markers: Option<MarkerSink>,
+    /// The writer task (one, while hints are enabled).
+    work: TaskTracker,
     /// Background work of the write path that may still produce hints.
     stragglers: TaskTracker,
+    /// Cancelled by [`HintWriter::drain`]: the queue takes nothing more, the writer stores
+    /// what is queued and ends.
+    closing: CancellationToken,
     /// Set by [`HintWriter::drain`]: refused batches are retried until this deadline.
     drain_deadline: Arc<parking_lot::Mutex<Option<Instant>>>,
 }
@@ -101,45 +105,51 @@ impl HintWriter {
     /// counted).
     pub fn start(store: Option<Arc<dyn MetadataStore>>, markers: Option<MarkerSink>) -> HintWriter {
         let drain_deadline: Arc<parking_lot::Mutex<Option<Instant>>> = Arc::default();
+        let work = TaskTracker::new();
+        let closing = CancellationToken::new();
         let Some(store) = store else {
             return HintWriter {
                 sender: None,
                 markers: None,
+                work,
                 stragglers: TaskTracker::new(),
+                closing,
                 drain_deadline,
             };
         };
         let (sender, mut receiver) = mpsc::channel::<Queued>(QUEUE);
         let deadline = drain_deadline.clone();
         let sink = markers.clone();
-        tokio::spawn(async move {
+        let closed = closing.clone();
+        work.spawn(async move {
             let mut queued = Vec::with_capacity(BATCH);
-            while receiver.recv_many(&mut queued, BATCH).await > 0 {
-                let mut batch = Vec::with_capacity(queued.len());
-                let mut holders = Vec::with_capacity(queued.len());
-                let mut barriers = Vec::new();
-                for item in queued.drain(..) {
-                    match item {
-                        Queued::Hint(hint, others) => {
-                            batch.push(hint);
-                            holders.push(others);
-                        }
-                        Queued::Barrier(done) => barriers.push(done),
+            let mut closed_now = false;
+            loop {
+                let received = tokio::select! {
+                    received = receiver.recv_many(&mut queued, BATCH) => received,
+                    () = closed.cancelled(), if !closed_now => {
+                        // What is queued is still received, then nothing.
+                        receiver.close();
+                        closed_now = true;
+                        continue;
                     }
+                };
+                if received == 0 {
+                    return;
                 }
-                if !batch.is_empty() && !store_batch(&*store, &batch, &deadline).await {
+                let (batch, holders): (Vec<Hint>, Vec<Vec<String>>) = queued.drain(..).unzip();
+                if !store_batch(&*store, &batch, &deadline).await {
                     let unkept: Vec<_> = batch.into_iter().zip(holders).collect();
                     record_markers(sink.as_ref(), &unkept).await;
-                }
-                for done in barriers {
-                    let _ = done.send(());
                 }
             }
         });
         HintWriter {
             sender: Some(sender),
             markers,
+            work,
             stragglers: TaskTracker::new(),
+            closing,
             drain_deadline,
         }
     }
@@ -164,15 +174,18 @@ impl HintWriter {
             created_at_ms: now_ms(),
             attempts: 0,
         };
-        if let Err(full) = sender.try_send(Queued::Hint(hint, others)) {
-            tracing::warn!(target, tenant = %record.tenant_id, "hint queue full; recording a repair marker instead");
-            metrics::counter!("pairdb_hints_dropped_total", "reason" => "queue_full").increment(1);
-            if let Queued::Hint(hint, others) = full.into_inner() {
-                let sink = self.markers.clone();
-                self.stragglers.spawn(async move {
-                    record_markers(sink.as_ref(), &[(hint, others)]).await;
-                });
-            }
+        if let Err(refused) = sender.try_send((hint, others)) {
+            let reason = match refused {
+                mpsc::error::TrySendError::Full(_) => "queue_full",
+                mpsc::error::TrySendError::Closed(_) => "shutdown",
+            };
+            tracing::warn!(target, tenant = %record.tenant_id, reason, "hint not queued; recording a repair marker instead");
+            metrics::counter!("pairdb_hints_dropped_total", "reason" => reason).increment(1);
+            let unkept = refused.into_inner();
+            let sink = self.markers.clone();
+            self.stragglers.spawn(async move {
+                record_markers(sink.as_ref(), &[unkept]).await;
+            });
         }
     }
 
@@ -193,39 +206,32 @@ impl HintWriter {
     }
 
     /// Stores every hint queued or still to come from running stragglers, waiting at most
-    /// `timeout`. Call once the server stopped taking requests.
+    /// `timeout`; the writer task has ended when it returns in time. Call once the server
+    /// stopped taking requests.
     pub async fn drain(&self, timeout: Duration) -> Drained {
         let deadline = Instant::now() + timeout;
         // Storing gives up early enough to leave time for markers of what it could not store.
         *self.drain_deadline.lock() = Some(deadline - timeout / MARKER_SHARE);
         self.stragglers.close();
         let _ = tokio::time::timeout_at(deadline, self.stragglers.wait()).await;
-        let Some(sender) = &self.sender else {
+        self.closing.cancel();
+        self.work.close();
+        if tokio::time::timeout_at(deadline, self.work.wait())
+            .await
+            .is_ok()
+        {
             return Drained { lost: 0 };
-        };
-        loop {
-            let (done, stored) = oneshot::channel();
-            let barrier = async {
-                sender.send(Queued::Barrier(done)).await.ok()?;
-                stored.await.ok()
-            };
-            let passed = tokio::time::timeout_at(deadline, barrier).await;
-            let lost = self.queued();
-            if !matches!(passed, Ok(Some(()))) || Instant::now() >= deadline {
-                if lost > 0 {
-                    tracing::error!(
-                        lost,
-                        "shutdown: hints not stored before the drain deadline; those keys need repair"
-                    );
-                    metrics::counter!("pairdb_hints_dropped_total", "reason" => "shutdown")
-                        .increment(lost as u64);
-                }
-                return Drained { lost };
-            }
-            if lost == 0 {
-                return Drained { lost: 0 };
-            }
         }
+        let lost = self.queued();
+        if lost > 0 {
+            tracing::error!(
+                lost,
+                "shutdown: hints not stored before the drain deadline; those keys need repair"
+            );
+            metrics::counter!("pairdb_hints_dropped_total", "reason" => "shutdown")
+                .increment(lost as u64);
+        }
+        Drained { lost }
     }
 }
 
