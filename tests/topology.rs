@@ -430,8 +430,9 @@ async fn set_rf(
 }
 
 /// A change in progress can be cancelled from any coordinator (rolled back, state cancelled),
-/// and a change whose coordinator dies is taken over by another running coordinator without
-/// anyone restarting anything, streaming each record at most once more per stream batch.
+/// and a change whose coordinator dies (kill -9) or is stopped (SIGTERM) is taken over by
+/// another running coordinator without anyone restarting anything, streaming each record at
+/// most once more per stream batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_are_cancelled_and_taken_over_without_restarts() {
     let _serial = SERIAL.lock().await;
@@ -441,6 +442,7 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
     let storage = start_storage_with_env(3, dir.path(), &slow);
     let s4 = join("s4", dir.path(), &storage);
     let s5 = join("s5", dir.path(), &storage);
+    let s6 = join("s6", dir.path(), &storage);
     let quick = [("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500")];
     let mut c1 = coordinator(&storage, dir.path(), &quick);
     let c2 = RoleProcess::coordinator(
@@ -521,7 +523,35 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
         done.keys_migrated
     );
 
-    let members: Vec<&StorageNode> = storage.iter().chain([&s5]).collect();
+    // Its coordinator is stopped (SIGTERM) in the middle: it exits cleanly, giving the change
+    // up at its next step, and the other one finishes it from the senders' checkpoints.
+    c1.restart();
+    let mut a = c1.client().await;
+    let third = add(&mut a, &s6).await.expect("add s6");
+    streaming(&a, third.migration_id.clone()).await;
+    let stopped = c1.terminate();
+    assert!(
+        stopped.success(),
+        "a stopped coordinator exits cleanly: {stopped}"
+    );
+    let left = migration(&mut b, &third.migration_id).await;
+    assert_eq!(
+        left.state(),
+        pb::MigrationState::InProgress,
+        "c1 gave the change up unfinished ({} of {} records)",
+        left.keys_migrated,
+        left.total_keys
+    );
+    let done = wait_migration(&b, &third.migration_id, pb::MigrationState::Completed).await;
+    assert_eq!(node_state(&mut b, "s6").await, Some(WireState::Active));
+    let moved = records_on(&s6).await as u64;
+    assert!(
+        done.keys_migrated >= moved && done.keys_migrated <= moved + 3 * 500,
+        "{} records streamed for {moved} moved (3 streams of 500-record batches)",
+        done.keys_migrated
+    );
+
+    let members: Vec<&StorageNode> = storage.iter().chain([&s5, &s6]).collect();
     let held = assert_placed_with(&mut b, &members, &tenants, &all_keys, |_| value.clone()).await;
-    assert!(held[3] > 0, "s5 owns keys: {held:?}");
+    assert!(held[3] > 0 && held[4] > 0, "s5 and s6 own keys: {held:?}");
 }
