@@ -336,6 +336,52 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         Err(MetaError::NotFound { .. })
     ));
 
+    // Several node changes become final at once, or none of them.
+    a.add_node(&node("j1", NodeState::Bootstrapping))
+        .await
+        .expect("add");
+    a.add_node(&node("l1", NodeState::Draining))
+        .await
+        .expect("add");
+    let stale = registry_view(&a.list_nodes().await.expect("list"));
+    a.set_node_state("s2", NodeState::Active)
+        .await
+        .expect("state");
+    let (joiners, leavers) = (vec!["j1".to_owned()], vec!["l1".to_owned()]);
+    assert!(matches!(
+        b.commit_node_changes(&stale, &joiners, &leavers).await,
+        Err(MetaError::Changed(_))
+    ));
+    let seen = registry_view(&a.list_nodes().await.expect("list"));
+    assert_eq!(seen.len(), 3, "nothing committed: {seen:?}");
+    b.commit_node_changes(&seen, &joiners, &leavers)
+        .await
+        .expect("commit");
+    let listed = registry_view(&a.list_nodes().await.expect("list"));
+    assert_eq!(
+        listed,
+        vec![
+            ("j1".to_owned(), NodeState::Active),
+            ("s2".to_owned(), NodeState::Active)
+        ]
+    );
+    a.add_node(&node("j2", NodeState::Bootstrapping))
+        .await
+        .expect("add");
+    let seen = registry_view(&a.list_nodes().await.expect("list"));
+    assert!(matches!(
+        b.commit_node_changes(&seen, &["j2".to_owned()], &["ghost".to_owned()])
+            .await,
+        Err(MetaError::NotFound { .. })
+    ));
+    assert_eq!(
+        registry_view(&a.list_nodes().await.expect("list")),
+        seen,
+        "a failed commit changes nothing"
+    );
+    a.remove_node("j1").await.expect("remove");
+    a.remove_node("j2").await.expect("remove");
+
     a.store_hints(&[hint("s2", 1), hint("s2", 2), hint("s3", 9), hint("s2", 3)])
         .await
         .expect("hints");
@@ -347,6 +393,12 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     );
     assert_eq!(first[0].record, vec![1, 0, 255, 1], "bytes intact");
     assert_eq!(first[0].created_at_ms, 1_700_000_000_001);
+    let paged = b.hints_after("s2", first[0].id, 10).await.expect("hints");
+    assert_eq!(
+        paged.iter().map(|h| h.record[0]).collect::<Vec<_>>(),
+        vec![2, 3],
+        "the page after an id, oldest first"
+    );
     assert_eq!(
         a.hint_counts().await.expect("counts"),
         vec![("s2".to_owned(), 3), ("s3".to_owned(), 1)]

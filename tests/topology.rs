@@ -37,14 +37,7 @@ fn coordinator(storage: &[StorageNode], dir: &Path, env: &[(&str, &str)]) -> Rol
 
 /// Writes `prefix0..prefix{n-1}` for every tenant, the value being the key.
 async fn write_keys(c: &mut Client, prefix: &str, n: usize, level: Consistency) {
-    for (tenant, _) in TENANTS {
-        for i in 0..n {
-            let key = format!("{prefix}{i}");
-            put(c, tenant, &key, &format!("\"{key}\""), level)
-                .await
-                .unwrap_or_else(|e| panic!("write {tenant}/{key}: {e}"));
-        }
-    }
+    write_keys_of(c, &TENANTS, prefix, n, level).await;
 }
 
 /// Every key of `tenants` is held by every node that owns it in a ring of `nodes` (all active),
@@ -349,17 +342,18 @@ async fn an_addition_without_progress_is_rolled_back() {
     assert_eq!(node_state(&mut c, "s4").await, None);
 }
 
-/// Two changes issued back to back: the second is refused up front (NODE_IN_USE, saying which
-/// change is running), never accepted and then failed; once the first completes it is accepted
-/// and completes too. 5 nodes, RF 1 and RF 3 tenants, 2,000 keys each; every key is on its
-/// owners and reads back at ALL at the end.
+/// Node changes issued back to back run together: two removals and two additions accepted
+/// while each other are in progress all complete (planned against their combined final ring,
+/// made final at once); what cannot run with them is refused up front (NODE_IN_USE, saying
+/// why), never accepted and then failed. 5 nodes, RF 1 and RF 3 tenants, 2,000 keys each;
+/// every key is on its owners and reads back at ALL at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn back_to_back_changes_are_refused_up_front_then_complete() {
-    // Node changes and RF changes run one at a time; a second is refused with the reason.
+async fn back_to_back_node_changes_run_together_and_complete() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(5, dir.path());
     let s6 = join("s6", dir.path(), &storage);
+    let s7 = join("s7", dir.path(), &storage);
     let c1 = coordinator(&storage, dir.path(), &[]);
     let mut c = c1.client().await;
     wait_all_active(&c, 5).await;
@@ -376,26 +370,47 @@ async fn back_to_back_changes_are_refused_up_front_then_complete() {
         }
     }
 
-    let first = remove(&mut c, "s5", false).await.expect("remove s5");
-    for second in [
-        remove(&mut c, "s4", false).await.map(|_| ()),
-        add(&mut c, &s6).await.map(|_| ()),
-        set_rf(&mut c, "one", 2).await.map(|_| ()),
+    let mut accepted = vec![remove(&mut c, "s5", false).await.expect("remove s5")];
+    accepted.push(add(&mut c, &s6).await.expect("add s6 while s5 drains"));
+    accepted.push(remove(&mut c, "s4", false).await.expect("remove s4 too"));
+    accepted.push(add(&mut c, &s7).await.expect("add s7 too"));
+    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Draining));
+    assert_eq!(
+        node_state(&mut c, "s7").await,
+        Some(WireState::Bootstrapping)
+    );
+    // s1..s3 would leave 2 active nodes for a tenant with RF 3; s5 is already leaving; an RF
+    // change would copy replica sets that are moving.
+    for (refused, says) in [
+        (
+            remove(&mut c, "s3", false).await.map(|_| ()),
+            "would leave 2 active nodes",
+        ),
+        (
+            remove(&mut c, "s5", false).await.map(|_| ()),
+            "s5 is draining",
+        ),
+        (
+            set_rf(&mut c, "one", 2).await.map(|_| ()),
+            "wait for node changes",
+        ),
     ] {
-        let refused = second.expect_err("a second change while s5 drains");
+        let refused = refused.expect_err("refused up front");
         assert_eq!(code(&refused), ErrorCode::NodeInUse, "{refused:?}");
-        assert!(refused.message().contains("s5 is draining"), "{refused:?}");
+        assert!(refused.message().contains(says), "{refused:?}");
     }
-    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Active));
-    assert_eq!(node_state(&mut c, "s6").await, None);
-    wait_migration(&c, &first.migration_id, pb::MigrationState::Completed).await;
-
-    let second = remove(&mut c, "s4", false).await.expect("remove s4 now");
-    let refused = add(&mut c, &s6).await.expect_err("s4 drains");
-    assert_eq!(code(&refused), ErrorCode::NodeInUse, "{refused:?}");
-    wait_migration(&c, &second.migration_id, pb::MigrationState::Completed).await;
-    let third = add(&mut c, &s6).await.expect("add s6 now");
-    wait_migration(&c, &third.migration_id, pb::MigrationState::Completed).await;
+    assert_eq!(node_state(&mut c, "s3").await, Some(WireState::Active));
+    write_keys_of(&mut c, &tenants, "during", 100, Consistency::Quorum).await;
+    for change in &accepted {
+        let done = wait_migration(&c, &change.migration_id, pb::MigrationState::Completed).await;
+        assert_eq!(done.node_id, change.node_id);
+    }
+    for (node, state) in [("s4", None), ("s5", None)] {
+        assert_eq!(node_state(&mut c, node).await, state, "{node} left");
+    }
+    for node in ["s6", "s7"] {
+        assert_eq!(node_state(&mut c, node).await, Some(WireState::Active));
+    }
 
     // A node change waits for an RF change too: its streams would be planned on replica sets
     // that are still being copied.
@@ -412,8 +427,28 @@ async fn back_to_back_changes_are_refused_up_front_then_complete() {
     );
     wait_migration(&c, &raise.migration_id, pb::MigrationState::Completed).await;
 
-    let members: Vec<&StorageNode> = storage.iter().take(3).chain([&s6]).collect();
-    assert_placed(&mut c, &members, &[("three", 3), ("one", 2)], &all_keys).await;
+    let members: Vec<&StorageNode> = storage.iter().take(3).chain([&s6, &s7]).collect();
+    let all_keys = keys(&[("k", 2000), ("during", 100)]);
+    let held = assert_placed(&mut c, &members, &[("three", 3), ("one", 2)], &all_keys).await;
+    assert!(held[3] > 0 && held[4] > 0, "s6 and s7 own keys: {held:?}");
+}
+
+/// Writes `prefix0..prefix{n-1}` for each of `tenants`, the value being the key.
+async fn write_keys_of(
+    c: &mut Client,
+    tenants: &[(&str, u32)],
+    prefix: &str,
+    n: usize,
+    level: Consistency,
+) {
+    for (tenant, _) in tenants {
+        for i in 0..n {
+            let key = format!("{prefix}{i}");
+            put(c, tenant, &key, &format!("\"{key}\""), level)
+                .await
+                .unwrap_or_else(|e| panic!("write {tenant}/{key}: {e}"));
+        }
+    }
 }
 
 async fn set_rf(
@@ -429,8 +464,8 @@ async fn set_rf(
     .map(tonic::Response::into_inner)
 }
 
-/// A change in progress can be cancelled from any coordinator (rolled back, state cancelled),
-/// and a change whose coordinator dies (kill -9) or is stopped (SIGTERM) is taken over by
+/// A change in progress can be cancelled from any coordinator (rolled back, state cancelled,
+/// the changes running with it planned again without it), and a change whose coordinator dies (kill -9) or is stopped (SIGTERM) is taken over by
 /// another running coordinator without anyone restarting anything, streaming each record at
 /// most once more per stream batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,6 +478,7 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
     let s4 = join("s4", dir.path(), &storage);
     let s5 = join("s5", dir.path(), &storage);
     let s6 = join("s6", dir.path(), &storage);
+    let s7 = join("s7", dir.path(), &storage);
     let quick = [("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500")];
     let mut c1 = coordinator(&storage, dir.path(), &quick);
     let c2 = RoleProcess::coordinator(
@@ -483,22 +519,26 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
         }
     };
 
-    // Cancelled through the other coordinator: rolled back.
+    // A second addition while the first streams: both are planned again together. Cancelled
+    // through the other coordinator, the second is rolled back and the first, planned alone
+    // again, completes.
     let first = add(&mut a, &s4).await.expect("add s4");
     streaming(&a, first.migration_id.clone()).await;
+    let joined = add(&mut a, &s5).await.expect("add s5 while s4 streams");
+    streaming(&a, joined.migration_id.clone()).await;
     let asked = b
         .cancel_migration(pb::GetMigrationStatusRequest {
-            migration_id: first.migration_id.clone(),
+            migration_id: joined.migration_id.clone(),
         })
         .await
         .expect("cancel")
         .into_inner();
-    assert_eq!(asked.migration_id, first.migration_id);
-    let cancelled = wait_migration(&a, &first.migration_id, pb::MigrationState::Cancelled).await;
+    assert_eq!(asked.migration_id, joined.migration_id);
+    let cancelled = wait_migration(&a, &joined.migration_id, pb::MigrationState::Cancelled).await;
     assert_eq!(cancelled.r#type(), pb::MigrationType::NodeAddition);
-    assert_eq!(node_state(&mut a, "s4").await, Some(WireState::Failed));
+    assert_eq!(node_state(&mut a, "s5").await, Some(WireState::Failed));
     for (id, want) in [
-        (first.migration_id.as_str(), ErrorCode::InvalidRequest),
+        (joined.migration_id.as_str(), ErrorCode::InvalidRequest),
         ("no-such-migration", ErrorCode::MigrationNotFound),
     ] {
         let refused = b
@@ -509,17 +549,19 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
             .expect_err("nothing to cancel");
         assert_eq!(code(&refused), want, "{refused:?}");
     }
+    wait_migration(&a, &first.migration_id, pb::MigrationState::Completed).await;
+    assert_eq!(node_state(&mut a, "s4").await, Some(WireState::Active));
 
     // Its coordinator dies in the middle: the other one finishes it.
-    let second = add(&mut a, &s5).await.expect("add s5");
+    let second = add(&mut a, &s6).await.expect("add s6");
     streaming(&a, second.migration_id.clone()).await;
     c1.kill9();
     let done = wait_migration(&b, &second.migration_id, pb::MigrationState::Completed).await;
-    assert_eq!(node_state(&mut b, "s5").await, Some(WireState::Active));
-    let moved = records_on(&s5).await as u64;
+    assert_eq!(node_state(&mut b, "s6").await, Some(WireState::Active));
+    let moved = records_on(&s6).await as u64;
     assert!(
-        done.keys_migrated >= moved && done.keys_migrated <= moved + 3 * 500,
-        "{} records streamed for {moved} moved (3 streams of 500-record batches)",
+        done.keys_migrated >= moved && done.keys_migrated <= moved + 4 * 500,
+        "{} records streamed for {moved} moved (4 streams of 500-record batches)",
         done.keys_migrated
     );
 
@@ -527,7 +569,7 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
     // up at its next step, and the other one finishes it from the senders' checkpoints.
     c1.restart();
     let mut a = c1.client().await;
-    let third = add(&mut a, &s6).await.expect("add s6");
+    let third = add(&mut a, &s7).await.expect("add s7");
     streaming(&a, third.migration_id.clone()).await;
     let stopped = c1.terminate();
     assert!(
@@ -543,15 +585,18 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
         left.total_keys
     );
     let done = wait_migration(&b, &third.migration_id, pb::MigrationState::Completed).await;
-    assert_eq!(node_state(&mut b, "s6").await, Some(WireState::Active));
-    let moved = records_on(&s6).await as u64;
+    assert_eq!(node_state(&mut b, "s7").await, Some(WireState::Active));
+    let moved = records_on(&s7).await as u64;
     assert!(
-        done.keys_migrated >= moved && done.keys_migrated <= moved + 3 * 500,
-        "{} records streamed for {moved} moved (3 streams of 500-record batches)",
+        done.keys_migrated >= moved && done.keys_migrated <= moved + 5 * 500,
+        "{} records streamed for {moved} moved (5 streams of 500-record batches)",
         done.keys_migrated
     );
 
-    let members: Vec<&StorageNode> = storage.iter().chain([&s5, &s6]).collect();
+    let members: Vec<&StorageNode> = storage.iter().chain([&s4, &s6, &s7]).collect();
     let held = assert_placed_with(&mut b, &members, &tenants, &all_keys, |_| value.clone()).await;
-    assert!(held[3] > 0 && held[4] > 0, "s5 and s6 own keys: {held:?}");
+    assert!(
+        held[3] > 0 && held[4] > 0 && held[5] > 0,
+        "s4, s6 and s7 own keys: {held:?}"
+    );
 }

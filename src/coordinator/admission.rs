@@ -6,9 +6,9 @@
 //! the registry still holds the node ids the tokens were chosen against
 //! ([`MetadataStore::admit_node`]), otherwise the registry is read again and the tokens chosen
 //! again, so two concurrent additions never pick tokens blind to each other. The same
-//! comparison (ids and states) keeps topology changes one at a time ([`plan::may_start`]): a
-//! change accepted on a registry that another change altered meanwhile is retried and then
-//! refused. RF changes live in another table; a node change and an RF change each record
+//! comparison (ids and states) makes every acceptance see the changes accepted before it
+//! ([`plan::may_start`]): a change accepted on a registry that another change altered
+//! meanwhile is checked again on the new registry. RF changes live in another table; a node change and an RF change each record
 //! themselves before checking for the other ([`still_alone`]), so two that race never both run.
 
 use std::collections::BTreeSet;

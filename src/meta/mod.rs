@@ -223,12 +223,29 @@ pub trait MetadataStore: Send + Sync {
         state: NodeState,
         seen: &[RegistryEntry],
     ) -> Result<(), MetaError>;
+    /// Makes several node changes final in one transaction, only if the registry is still
+    /// exactly `seen` (`Changed` otherwise): `activate` become active, `remove` leave the
+    /// registry. A reader sees the registry before all of them or after all of them.
+    async fn commit_node_changes(
+        &self,
+        seen: &[RegistryEntry],
+        activate: &[String],
+        remove: &[String],
+    ) -> Result<(), MetaError>;
     async fn set_node_state(&self, node_id: &str, state: NodeState) -> Result<(), MetaError>;
     async fn remove_node(&self, node_id: &str) -> Result<(), MetaError>;
     /// Stores hints durably (all or none).
     async fn store_hints(&self, hints: &[Hint]) -> Result<(), MetaError>;
     /// The oldest `limit` hints for `target_node`.
     async fn hints_for(&self, target_node: &str, limit: u32) -> Result<Vec<Hint>, MetaError>;
+    /// The oldest `limit` hints for `target_node` with an id above `after_id` (paging without
+    /// deleting).
+    async fn hints_after(
+        &self,
+        target_node: &str,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<Hint>, MetaError>;
     async fn delete_hints(&self, ids: &[i64]) -> Result<(), MetaError>;
     async fn record_hint_attempt(&self, ids: &[i64]) -> Result<(), MetaError>;
     /// Number of hints kept per target node.

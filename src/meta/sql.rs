@@ -486,6 +486,37 @@ impl MetadataStore for SqlMetadataStore {
         tx.commit().await.map_err(unavailable)
     }
 
+    async fn commit_node_changes(
+        &self,
+        seen: &[RegistryEntry],
+        activate: &[String],
+        remove: &[String],
+    ) -> Result<(), MetaError> {
+        let mut tx = self.registry_unchanged(seen).await?;
+        let at = now_ms();
+        for node_id in activate {
+            let done = sqlx::query(
+                "UPDATE storage_nodes SET state = $1, updated_at_ms = $2 WHERE node_id = $3",
+            )
+            .bind(state_name(NodeState::Active))
+            .bind(at)
+            .bind(node_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            node_found(done.rows_affected(), node_id)?;
+        }
+        for node_id in remove {
+            let done = sqlx::query("DELETE FROM storage_nodes WHERE node_id = $1")
+                .bind(node_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            node_found(done.rows_affected(), node_id)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
     async fn set_node_state(&self, node_id: &str, state: NodeState) -> Result<(), MetaError> {
         let done = sqlx::query(
             "UPDATE storage_nodes SET state = $1, updated_at_ms = $2 WHERE node_id = $3",
@@ -527,10 +558,20 @@ impl MetadataStore for SqlMetadataStore {
     }
 
     async fn hints_for(&self, target_node: &str, limit: u32) -> Result<Vec<Hint>, MetaError> {
+        self.hints_after(target_node, i64::MIN, limit).await
+    }
+
+    async fn hints_after(
+        &self,
+        target_node: &str,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<Hint>, MetaError> {
         let rows = sqlx::query(
-            "SELECT id, target_node, tenant_id, record, created_at_ms, attempts FROM hints WHERE target_node = $1 ORDER BY id LIMIT $2",
+            "SELECT id, target_node, tenant_id, record, created_at_ms, attempts FROM hints WHERE target_node = $1 AND id > $2 ORDER BY id LIMIT $3",
         )
         .bind(target_node)
+        .bind(after_id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await

@@ -15,14 +15,13 @@
 //!   every final owner holds the newest version of every key.
 //! - An RF change sends each record a node holds to the owners the new RF adds (raise), or to
 //!   every owner that stays (lowering; a write may have reached only the leaving replicas).
-//! - One change of the ring at a time: each plan is computed against the ring with only that
-//!   change applied, and an RF change's copy and a cleanup's drops against a ring that does not
-//!   move under them. [`plan_combined`] plans several node changes together against their
-//!   combined final ring, valid when they complete at once (property-tested); the runner does
-//!   not complete changes jointly yet, so [`may_start`] and [`plan_node_change`] still admit
-//!   one node change at a time. What would overlap is refused up front ([`may_start`]) with the reason,
-//!   never accepted and then failed. RF changes of different tenants touch different keys and
-//!   may run together.
+//! - Node changes run together; nothing else runs with them. Every node change in progress is
+//!   planned together against their combined final ring ([`plan_combined`]), which is valid
+//!   when they complete at once (property-tested; the runner commits them in one registry
+//!   update). An RF change's copy and a cleanup's drops are planned against a ring that does
+//!   not move under them, so they wait for node changes and node changes wait for them. What
+//!   would overlap is refused up front ([`may_start`]) with the reason, never accepted and then
+//!   failed. RF changes of different tenants touch different keys and may run together.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -66,8 +65,8 @@ pub enum Running {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error(
-        "node {node} is {state}: topology changes run one at a time; wait for its migration to \
-         finish (pairdb admin migrations)"
+        "node {node} is {state}: replication-factor changes and cleanups wait for node changes \
+         to finish; wait for its migration (pairdb admin migrations)"
     )]
     NodeChangeInProgress { node: NodeId, state: &'static str },
     #[error(
@@ -83,10 +82,6 @@ pub enum Refusal {
          away; wait for it to finish (pairdb admin migrations)"
     )]
     CleanupInProgress { id: String },
-    #[error(
-        "nodes {nodes} change at once: transfers are planned against one node change at a time"
-    )]
-    SeveralNodeChanges { nodes: String },
 }
 
 /// The nodes joining or leaving in `ring`, with their states.
@@ -98,14 +93,17 @@ pub fn node_changes(ring: &Ring) -> Vec<(NodeId, NodeState)> {
 }
 
 /// Whether `next` may start while the ring's node changes and `running` are in progress.
-/// A node change excludes everything; an RF change excludes node changes, cleanups and
-/// another change of its tenant; a cleanup excludes every other change.
+/// Node changes (of different nodes) run together and exclude everything else; an RF change
+/// excludes node changes, cleanups and another change of its tenant; a cleanup excludes every
+/// other change.
 pub fn may_start(ring: &Ring, running: &[Running], next: Proposed<'_>) -> Result<(), Refusal> {
-    if let Some((node, state)) = node_changes(ring).into_iter().next() {
-        return Err(Refusal::NodeChangeInProgress {
-            node,
-            state: state.as_str(),
-        });
+    if next != Proposed::NodeChange {
+        if let Some((node, state)) = node_changes(ring).into_iter().next() {
+            return Err(Refusal::NodeChangeInProgress {
+                node,
+                state: state.as_str(),
+            });
+        }
     }
     for other in running {
         match (other, next) {
@@ -138,26 +136,6 @@ pub fn final_ring(ring: &Ring) -> Ring {
         }),
         _ => Some(n.clone()),
     }))
-}
-
-/// Plans the node change in progress in `ring` for the replication factors `rfs`; only nodes
-/// for which `can_send` holds send. No change in progress: no transfers.
-pub fn plan_node_change(
-    ring: &Ring,
-    rfs: &BTreeSet<usize>,
-    can_send: impl Fn(&NodeId) -> bool,
-) -> Result<NodeChangePlan, Refusal> {
-    let changing = node_changes(ring);
-    if changing.len() > 1 {
-        let nodes: Vec<String> = changing
-            .iter()
-            .map(|(id, state)| format!("{id} ({})", state.as_str()))
-            .collect();
-        return Err(Refusal::SeveralNodeChanges {
-            nodes: nodes.join(", "),
-        });
-    }
-    Ok(plan_combined(ring, rfs, can_send))
 }
 
 /// Plans every node change in progress in `ring` together, against the combined final ring
@@ -216,15 +194,16 @@ mod tests {
     }
 
     #[test]
-    fn a_second_change_is_refused_with_the_first_named() {
+    fn node_changes_run_together_and_exclude_the_rest_by_name() {
         let ring = Ring::new([node("a", NodeState::Active), node("b", NodeState::Draining)]);
-        let refused = may_start(&ring, &[], Proposed::NodeChange).unwrap_err();
-        assert!(
-            refused.to_string().contains("node b is draining"),
-            "{refused}"
-        );
-        let refused = may_start(&ring, &[], Proposed::RfChange { tenant: "t" }).unwrap_err();
-        assert!(matches!(refused, Refusal::NodeChangeInProgress { .. }));
+        assert_eq!(may_start(&ring, &[], Proposed::NodeChange), Ok(()));
+        for next in [Proposed::RfChange { tenant: "t" }, Proposed::Cleanup] {
+            let refused = may_start(&ring, &[], next).unwrap_err();
+            assert!(
+                refused.to_string().contains("node b is draining"),
+                "{refused}"
+            );
+        }
     }
 
     #[test]
@@ -269,21 +248,6 @@ mod tests {
             );
         }
         assert_eq!(may_start(&ring, &[], Proposed::Cleanup), Ok(()));
-    }
-
-    #[test]
-    fn two_node_changes_in_one_ring_are_not_planned() {
-        let ring = Ring::new([
-            node("a", NodeState::Active),
-            node("b", NodeState::Bootstrapping),
-            node("c", NodeState::Draining),
-        ]);
-        let refused = plan_node_change(&ring, &BTreeSet::from([1]), |_| true).unwrap_err();
-        assert!(
-            refused
-                .to_string()
-                .contains("b (bootstrapping), c (draining)")
-        );
     }
 
     #[test]

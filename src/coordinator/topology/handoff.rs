@@ -4,7 +4,8 @@
 use prost::Message;
 
 use crate::meta::Hint;
-use crate::ring::{NodeId, Ring, key_position};
+use crate::ring::plan::final_ring;
+use crate::ring::{Ring, key_position};
 use crate::rpc::storage as spb;
 
 use crate::coordinator::Coordinator;
@@ -12,23 +13,27 @@ use crate::coordinator::errors::CoordError;
 
 impl Coordinator {
     /// A leaving node's hints are writes it missed, so the data it streamed out lacks them:
-    /// each is stored again for the nodes that inherit its key (natural owners once the node
-    /// is gone that were not before), then deleted. Returns how many hints were handed on.
-    /// Stored before deleted: a crash in between only delivers a write twice, which storage
-    /// ignores. A hint whose tenant no longer exists, or whose key nobody inherits, is dropped.
-    pub(super) async fn hand_off_hints(&self, node: &str) -> Result<u64, CoordError> {
-        let before = self.ring.snapshot().ring.clone();
-        if before.node(&NodeId::new(node)).is_none() {
-            return Ok(0); // already gone: a resumed change past this step
-        }
-        let leaving = NodeId::new(node);
-        let after = Ring::new(before.nodes().filter(|n| n.id != leaving).cloned());
+    /// each is stored again for the nodes that inherit its key (final owners once the changes
+    /// in progress in `before`, the registry they are made final against, complete, that are
+    /// not owners in `before`). Returns how many hints were handed on. The node's own hints
+    /// are kept: they are dropped ([`Coordinator::drop_hints_for`]) only once it left, so a
+    /// commit that loses a race (the node stays) loses none; a copy then only delivers a write
+    /// to a node that may not need it, which storage takes like any repair. A hint whose
+    /// tenant no longer exists, or whose key nobody inherits, is not handed on.
+    pub(super) async fn hand_off_hints(
+        &self,
+        node: &str,
+        before: &Ring,
+    ) -> Result<u64, CoordError> {
+        let after = final_ring(before);
         let mut handed = 0u64;
+        let mut last_id = i64::MIN;
         loop {
-            let hints = self.meta.hints_for(node, 1000).await?;
-            if hints.is_empty() {
+            let hints = self.meta.hints_after(node, last_id, 1000).await?;
+            let Some(last) = hints.last() else {
                 return Ok(handed);
-            }
+            };
+            last_id = last.id;
             let mut inherited = Vec::new();
             for hint in &hints {
                 let Ok(record) = spb::Record::decode(hint.record.as_slice()) else {
@@ -55,13 +60,11 @@ impl Coordinator {
             }
             handed += inherited.len() as u64;
             self.meta.store_hints(&inherited).await?;
-            let ids: Vec<i64> = hints.iter().map(|h| h.id).collect();
-            self.meta.delete_hints(&ids).await?;
         }
     }
 
-    /// Hints written for a node after its hints were handed off: it was still a natural owner
-    /// then, and its inheritors got those writes directly as pending owners.
+    /// A node that left loses its hints: those it had were copied to its heirs before, and
+    /// those written after were written to its heirs directly (pending owners then).
     pub(super) async fn drop_hints_for(&self, node: &str) -> Result<(), CoordError> {
         loop {
             let hints = self.meta.hints_for(node, 1000).await?;

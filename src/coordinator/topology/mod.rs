@@ -25,12 +25,13 @@
 //!
 //! Invariants: a node becomes authoritative only after every range it gains was copied to it,
 //! and the copy starts only after every coordinator writes to it; a node leaves the ring only
-//! after every range it held reached its inheritors. Changes run one at a time (the planner,
-//! [`plan`]): a second node change while a node is bootstrapping or draining, or any node
-//! change while an RF change copies, is refused up front with NODE_IN_USE (checked and applied
-//! atomically against the registry: `admit_node`, `set_node_state_if`; against RF changes by
-//! recording first and checking after, `admission::still_alone`). Old owners keep their
-//! copies until a cleanup drops them (`cleanup`).
+//! after every range it held reached its inheritors. Changes of different nodes run together:
+//! they are planned against their combined final ring and made final in one registry update
+//! (`run`). A change of a node that is already bootstrapping or draining, or any node change
+//! while an RF change copies or a cleanup runs, is refused up front with NODE_IN_USE (checked
+//! and applied atomically against the registry: `admit_node`, `set_node_state_if`; against RF
+//! changes by recording first and checking after, `admission::still_alone`). Old owners keep
+//! their copies until a cleanup drops them (`cleanup`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -223,7 +224,8 @@ impl Coordinator {
             _ => format!("remove-{}", uuid::Uuid::new_v4()),
         };
         // A first estimate; the ranges are computed again once every coordinator sees the change.
-        let estimated = match self.plan_transfers(&migration_id).await {
+        let ring = self.ring.snapshot().ring.clone();
+        let estimated = match self.plan_transfers(&migration_id, &ring).await {
             Ok(plan) => plan.iter().map(|t| t.estimated_keys).sum(),
             Err(_) => 0,
         };
@@ -252,18 +254,11 @@ impl Coordinator {
         })
     }
 
-    /// Puts the registry back as it was before the change was accepted.
+    /// Puts the registry back as it was before the change was accepted (nothing was streamed
+    /// yet, and no other change can have made it final: it has no migration).
     async fn undo_registration(&self, kind: MigrationKind, node_id: &str) {
-        let undone = match kind {
-            MigrationKind::NodeAddition => self.meta.set_node_state(node_id, NodeState::Failed),
-            _ => self.meta.set_node_state(node_id, NodeState::Active),
-        }
-        .await;
-        if let Err(e) = undone {
+        if let Err(e) = self.roll_back(kind, node_id).await {
             tracing::error!(node = node_id, error = %e, "cannot roll the node registry back");
-        }
-        if let Err(e) = self.ring.refresh().await {
-            tracing::warn!(error = %e, "cannot re-read the node registry");
         }
     }
 

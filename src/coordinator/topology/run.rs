@@ -1,15 +1,35 @@
-//! Running a topology change: plan the transfers against the ring, start the streams on the
+//! Running node changes: plan the transfers against the ring, start the streams on the
 //! senders, poll them to the end (or roll back on a timeout, a cancel or a lost lease), then
 //! make the ring final. Resumable: stream ids derive from the migration, so a coordinator that
 //! takes a change over polls the same streams.
+//!
+//! Several node changes may be in progress at once, accepted by one coordinator or several.
+//! They are planned together against their combined final ring ([`plan::plan_combined`]) and
+//! made final together: the change of the smallest node id in progress (the leader) drives
+//! every stream of the combined plan and, once all completed, makes every change final in one
+//! registry update (`commit_node_changes`), conditional on the registry it planned against.
+//! The runners of the other changes (followers) hold their leases and act on their cancel
+//! flags while they wait. When the set of changes in progress differs from the one planned (a
+//! change started, completed or rolled back), the leader leaves its streams to finish, waits
+//! until every coordinator sees the new ring, and plans again; leadership moves with the set.
+//! Stream ids derive from the leader's migration and the set, so a set planned again polls the
+//! streams it had (resumed, or already completed) rather than copying again.
+//!
+//! Invariants: no ring between the one before the changes and the final one ever serves reads
+//! (the commit is one transaction, and only over exactly the set that was streamed); a change
+//! is rolled back only while it is still in progress in the registry (a conditional update),
+//! so a rollback and a commit racing each other never both land; a change whose registry state
+//! shows it rolled back is never made final by a resumed runner.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::meta::{MetaError, Migration, MigrationKind, MigrationState};
-use crate::ring::plan::{self};
-use crate::ring::{HashRange, NodeId, NodeState};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::meta::{MetaError, Migration, MigrationKind, MigrationState, NodeRecord, registry_view};
+use crate::ring::plan;
+use crate::ring::{HashRange, NodeId, NodeState, Ring};
 use crate::rpc::common;
 use crate::rpc::storage as spb;
 
@@ -23,6 +43,9 @@ use super::PROBE_TIMEOUT;
 
 /// How often streams are polled and progress is recorded.
 const POLL: Duration = Duration::from_millis(500);
+/// How long a node change may stand in the registry without a migration before the leader
+/// takes it for an acceptance that was cut short (accepting takes a health round, seconds).
+const UNRECORDED_GRACE: Duration = Duration::from_secs(30);
 
 /// One stream: the ranges one sender pushes to one receiver.
 #[derive(Debug, Clone)]
@@ -37,7 +60,7 @@ pub(super) struct Transfer {
     done: bool,
 }
 
-/// What a change's streams copied.
+/// What streams copied.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Streamed {
     keys: u64,
@@ -49,6 +72,95 @@ pub(super) enum PollError {
     Failed(String),
     /// The sender did not answer this time; counts as no progress.
     Unreachable(String),
+}
+
+/// The node changes a plan is made for: (node, state), ordered by node id.
+type ChangeSet = Vec<(NodeId, NodeState)>;
+
+/// The node changes in progress in `ring`, ordered by node id.
+fn changes_in(ring: &Ring) -> ChangeSet {
+    let mut changes = plan::node_changes(ring);
+    changes.sort_by(|a, b| a.0.cmp(&b.0));
+    changes
+}
+
+/// The registry state of a change's node while the change is in progress.
+fn in_progress_state(kind: MigrationKind) -> NodeState {
+    match kind {
+        MigrationKind::NodeAddition => NodeState::Bootstrapping,
+        _ => NodeState::Draining,
+    }
+}
+
+/// Where a node change stands in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Standing {
+    InProgress,
+    /// Made final: the added node is a member, the removed one left the registry.
+    Final,
+    /// Put back: the added node failed (or was forgotten), the removed one is a member again.
+    RolledBack,
+}
+
+fn standing(kind: MigrationKind, node: &str, registered: &[NodeRecord]) -> Standing {
+    let state = registered
+        .iter()
+        .find(|n| n.node_id == node)
+        .map(|n| n.state);
+    match (kind, state) {
+        (kind, Some(state)) if state == in_progress_state(kind) => Standing::InProgress,
+        (MigrationKind::NodeAddition, Some(NodeState::Failed) | None) => Standing::RolledBack,
+        (MigrationKind::NodeAddition, Some(_)) => Standing::Final,
+        (_, None) => Standing::Final,
+        (_, Some(_)) => Standing::RolledBack,
+    }
+}
+
+/// What one round of a change ended with.
+enum Round {
+    /// The change is final (made so here, or by the leader).
+    Final,
+    /// The set of changes in progress moved, or the commit lost a race: plan again.
+    Replan,
+}
+
+/// Stream ids of a plan: the leader's migration id, and when several changes are planned
+/// together, a digest of the set, so a set planned again streams under new ids while the same
+/// set resumed polls the same streams.
+fn stream_prefix(leader: &Migration, changes: &ChangeSet) -> String {
+    if changes.len() == 1 {
+        return leader.migration_id.clone();
+    }
+    let mut digest = Xxh3::new();
+    for (node, state) in changes {
+        digest.update(node.as_str().as_bytes());
+        digest.update(&[0]);
+        digest.update(state.as_str().as_bytes());
+        digest.update(&[0]);
+    }
+    format!("{}-g{:016x}", leader.migration_id, digest.digest())
+}
+
+/// Each change's share of a plan's streams, by migration id: a stream counts for the change
+/// of its receiver (a joiner), else of its sender (a leaver), else the leader's. (copied,
+/// estimated keys).
+fn shares(
+    transfers: &[Transfer],
+    migrations: &HashMap<String, Migration>,
+    leader: &Migration,
+) -> HashMap<String, (Streamed, u64)> {
+    let mut out: HashMap<String, (Streamed, u64)> = HashMap::new();
+    for t in transfers {
+        let owner = migrations
+            .get(&t.to)
+            .or_else(|| migrations.get(&t.from))
+            .unwrap_or(leader);
+        let share = out.entry(owner.migration_id.clone()).or_default();
+        share.0.keys += t.keys_copied;
+        share.0.bytes += t.bytes_copied;
+        share.1 += t.estimated_keys;
+    }
+    out
 }
 
 impl Coordinator {
@@ -65,122 +177,135 @@ impl Coordinator {
             let Some(lease) = self.take_lease(&id).await else {
                 return;
             };
-            tokio::select! {
-                () = tokio::time::sleep(self.settle_time()) => {}
-                () = lease.lost_signal() => return,
-            }
-            let streamed = self.stream_change(&migration, &lease).await;
-            if lease.lost() || matches!(streamed, Err(Interrupted::Lost)) {
-                tracing::warn!(migration = %id, node = %node, "topology change left to the coordinator that took it over");
-                return;
-            }
-            // The last look at the cancel flag before the change becomes final.
-            let cancelled = lease.cancel_requested() || self.cancel_requested(&id).await;
-            match streamed {
-                Ok(copied) if !cancelled => {
-                    if let Err(e) = self.finish_change(&migration, copied).await {
+            match self.run_change(&migration, &lease).await {
+                Ok(()) => {
+                    if let Err(e) = self.record_final(&migration).await {
                         tracing::error!(migration = %id, node = %node, error = %e, "cannot record the end of a topology change");
                     }
                 }
-                Ok(_) | Err(Interrupted::Cancelled) => {
-                    tracing::warn!(migration = %id, node = %node, "topology change cancelled; rolling back");
-                    self.undo_registration(migration.kind, &node).await;
-                    let progress = self
-                        .meta
-                        .get_migration(&id)
-                        .await
-                        .ok()
-                        .flatten()
-                        .unwrap_or(migration);
-                    let recorded = self
-                        .meta
-                        .update_migration(
-                            &id,
-                            MigrationState::Cancelled,
-                            progress.keys_migrated,
-                            progress.total_keys,
-                            progress.bytes_migrated,
-                        )
-                        .await;
-                    if let Err(e) = recorded {
-                        tracing::error!(migration = %id, error = %e, "cannot record a cancelled topology change");
+                Err(Interrupted::Lost) => {
+                    let ended = self.meta.get_migration(&id).await.ok().flatten();
+                    if ended.is_some_and(|m| m.state == MigrationState::Completed) {
+                        tracing::info!(migration = %id, node = %node, "topology change made final with the others in progress");
+                    } else {
+                        tracing::warn!(migration = %id, node = %node, "topology change left to the coordinator that took it over");
                     }
                 }
-                Err(Interrupted::Lost) => {} // handled above
+                Err(Interrupted::Cancelled) => {
+                    tracing::warn!(migration = %id, node = %node, "topology change cancelled; rolling back");
+                    self.end_rolled_back(&migration, None).await;
+                }
                 Err(Interrupted::Failed(e)) => {
                     tracing::error!(migration = %id, node = %node, error = %e, "topology change failed; rolling back");
-                    self.undo_registration(migration.kind, &node).await;
-                    if let Err(e) = self.meta.fail_migration(&id, &e).await {
-                        tracing::error!(migration = %id, error = %e, "cannot record a failed topology change");
-                    }
+                    self.end_rolled_back(&migration, Some(e)).await;
                 }
             }
         });
     }
 
-    /// Switches the registry to the new topology and marks the migration completed.
-    pub(super) async fn finish_change(
-        &self,
-        m: &Migration,
-        copied: Streamed,
-    ) -> Result<(), CoordError> {
-        let node = m.subject.as_str();
-        match m.kind {
-            MigrationKind::NodeAddition => {
-                self.ring.refresh().await?;
-                hints::replay_target(
-                    &*self.meta,
-                    &self.ring,
-                    &self.pool,
-                    node,
-                    self.options.hint_limits,
-                )
-                .await?;
-                self.meta.set_node_state(node, NodeState::Active).await?;
+    /// Carries change `m` to the end: rounds of (wait until every coordinator sees the ring,
+    /// then lead or follow the changes in progress) until it is final.
+    async fn run_change(&self, m: &Migration, lease: &LeaseGuard) -> Result<(), Interrupted> {
+        let mut unrecorded_since = HashMap::new();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.settle_time()) => {}
+                () = lease.lost_signal() => return Err(Interrupted::Lost),
             }
-            _ => {
-                // Before the node leaves the registry: the hand-off needs the ring it leaves.
-                self.ring.refresh().await?;
-                let handed = self.hand_off_hints(node).await?;
-                if handed > 0 {
-                    tracing::info!(
-                        node,
-                        hints = handed,
-                        "hints of a leaving node handed to the nodes inheriting its keys"
-                    );
+            lease.check()?;
+            self.ring.refresh().await.map_err(CoordError::from)?;
+            let snapshot = self.ring.snapshot();
+            match standing(m.kind, &m.subject, &snapshot.nodes) {
+                Standing::InProgress => {}
+                Standing::Final => return Ok(()),
+                Standing::RolledBack => {
+                    return Err(Interrupted::Failed(
+                        "the change was rolled back before its coordinator stopped".to_owned(),
+                    ));
                 }
-                match self.meta.remove_node(node).await {
-                    // Already gone: a resumed change whose end was not recorded.
-                    Ok(()) | Err(MetaError::NotFound { .. }) => {}
-                    Err(e) => return Err(e.into()),
+            }
+            let changes = changes_in(&snapshot.ring);
+            let migrations = self.change_migrations(&changes).await?;
+            // The leader is a change with a migration: one without (its acceptance was cut
+            // short) has no runner.
+            let leads = changes
+                .iter()
+                .find(|(n, _)| migrations.contains_key(n.as_str()))
+                .is_some_and(|(n, _)| n.as_str() == m.subject);
+            let round = if leads {
+                let unrecorded = self
+                    .unrecorded_changes(&changes, &migrations, &mut unrecorded_since)
+                    .await?;
+                if unrecorded {
+                    Round::Replan
+                } else {
+                    self.lead(m, lease, &changes, &migrations, &snapshot.ring)
+                        .await?
                 }
-                self.drop_hints_for(node).await?;
+            } else {
+                self.follow(lease, &changes).await?
+            };
+            if let Round::Final = round {
+                return Ok(());
             }
         }
-        self.meta
-            .update_migration(
-                &m.migration_id,
-                MigrationState::Completed,
-                copied.keys,
-                copied.keys,
-                copied.bytes,
-            )
-            .await?;
-        self.ring.refresh().await?;
-        tracing::info!(migration = %m.migration_id, node, kind = m.kind.as_str(), keys = copied.keys, bytes = copied.bytes, "topology change completed");
-        Ok(())
     }
 
-    /// Streams every range that changes hands; returns the keys copied. Fails when a stream
+    /// A follower waits for the leader to make the changes final, or for the set to move.
+    async fn follow(&self, lease: &LeaseGuard, changes: &ChangeSet) -> Result<Round, Interrupted> {
+        loop {
+            lease.check()?;
+            if changes_in(&self.ring.snapshot().ring) != *changes {
+                return Ok(Round::Replan);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Whether some change in progress has no migration (`migrations`) yet: one being
+    /// accepted right now, or one whose acceptance was cut short between the registry write
+    /// and the migration record. The latter has nobody to run it: once this leader has seen it
+    /// so for [`UNRECORDED_GRACE`] (`since`, kept across rounds), it is rolled back.
+    async fn unrecorded_changes(
+        &self,
+        changes: &ChangeSet,
+        migrations: &HashMap<String, Migration>,
+        since: &mut HashMap<NodeId, Instant>,
+    ) -> Result<bool, Interrupted> {
+        let unrecorded: Vec<&(NodeId, NodeState)> = changes
+            .iter()
+            .filter(|(n, _)| !migrations.contains_key(n.as_str()))
+            .collect();
+        since.retain(|n, _| unrecorded.iter().any(|(u, _)| u == n));
+        let now = Instant::now();
+        for (node, state) in &unrecorded {
+            let seen = *since.entry(node.clone()).or_insert(now);
+            if now.duration_since(seen) >= UNRECORDED_GRACE {
+                let kind = match state {
+                    NodeState::Bootstrapping => MigrationKind::NodeAddition,
+                    _ => MigrationKind::NodeRemoval,
+                };
+                tracing::warn!(node = %node, state = state.as_str(), "a node change without a migration (its acceptance was cut short); rolling it back");
+                self.roll_back(kind, node.as_str()).await?;
+            }
+        }
+        Ok(!unrecorded.is_empty())
+    }
+
+    /// The leader streams every transfer of the combined plan of `changes` (planned on `ring`;
+    /// `migrations`, the migration of each), then makes them all final. Fails when a stream
     /// fails or no stream makes progress for `topology_timeout` (the streams are stopped).
-    pub(super) async fn stream_change(
+    async fn lead(
         &self,
         m: &Migration,
         lease: &LeaseGuard,
-    ) -> Result<Streamed, Interrupted> {
-        self.ring.refresh().await.map_err(CoordError::from)?;
-        let mut transfers = self.plan_transfers(&m.migration_id).await?;
-        let total: u64 = transfers.iter().map(|t| t.estimated_keys).sum();
+        changes: &ChangeSet,
+        migrations: &HashMap<String, Migration>,
+        ring: &Ring,
+    ) -> Result<Round, Interrupted> {
+        let mut transfers = self
+            .plan_transfers(&stream_prefix(m, changes), ring)
+            .await?;
         let mut progress = StallWatch::new((Streamed::default(), 0usize));
         loop {
             if lease.lost() {
@@ -190,6 +315,13 @@ impl Coordinator {
             if lease.cancel_requested() {
                 self.stop_transfers(&transfers).await;
                 return Err(Interrupted::Cancelled);
+            }
+            if changes_in(&self.ring.snapshot().ring) != *changes {
+                // The streams are left to finish, not stopped: a set planned again that was
+                // planned before (this one, back after a change rolled back) polls them again
+                // under the same ids, where a stopped stream would stay stopped.
+                tracing::info!(migration = %m.migration_id, "the node changes in progress moved; planning again");
+                return Ok(Round::Replan);
             }
             for t in transfers.iter_mut().filter(|t| !t.done) {
                 match self.poll_transfer(t).await {
@@ -209,25 +341,10 @@ impl Coordinator {
             };
             let done = transfers.iter().filter(|t| t.done).count();
             if done == transfers.len() {
-                return Ok(copied);
+                return self.commit(m, lease, changes, migrations, &transfers).await;
             }
             if progress.observe((copied, done)) {
-                let recorded = self
-                    .meta
-                    .update_migration(
-                        &m.migration_id,
-                        MigrationState::InProgress,
-                        copied.keys,
-                        total.max(copied.keys),
-                        copied.bytes,
-                    )
-                    .await;
-                match recorded {
-                    Ok(()) => {}
-                    // Ended elsewhere (a coordinator that took over finished it).
-                    Err(MetaError::Changed(_)) => return Err(Interrupted::Lost),
-                    Err(e) => return Err(e.into()),
-                }
+                self.record_progress(m, migrations, &transfers).await?;
             } else if progress.still_for() > self.options.topology_timeout {
                 self.stop_transfers(&transfers).await;
                 return Err(Interrupted::Failed(format!(
@@ -236,6 +353,264 @@ impl Coordinator {
                 )));
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Records each change's share of the streams' progress in its migration.
+    async fn record_progress(
+        &self,
+        leader: &Migration,
+        migrations: &HashMap<String, Migration>,
+        transfers: &[Transfer],
+    ) -> Result<(), Interrupted> {
+        for (id, (copied, estimated)) in shares(transfers, migrations, leader) {
+            let recorded = self
+                .meta
+                .update_migration(
+                    &id,
+                    MigrationState::InProgress,
+                    copied.keys,
+                    estimated.max(copied.keys),
+                    copied.bytes,
+                )
+                .await;
+            match recorded {
+                Ok(()) => {}
+                // Ended elsewhere (a coordinator that took over finished it).
+                Err(MetaError::Changed(_)) if id == leader.migration_id => {
+                    return Err(Interrupted::Lost);
+                }
+                // Another change ended (rolled back): the set moves, seen at the next poll.
+                Err(MetaError::Changed(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every change of `changes` final in one registry update, after the last look at
+    /// their cancel flags and only if the registry still holds exactly that set in progress;
+    /// `Replan` when it does not (or another change's cancel is pending: its runner rolls it
+    /// back). A leaving node's hints are copied to its heirs before, and dropped after; a
+    /// joining node gets its hints before it becomes active.
+    async fn commit(
+        &self,
+        m: &Migration,
+        lease: &LeaseGuard,
+        changes: &ChangeSet,
+        migrations: &HashMap<String, Migration>,
+        transfers: &[Transfer],
+    ) -> Result<Round, Interrupted> {
+        if lease.cancel_requested() || self.cancel_requested(&m.migration_id).await {
+            return Err(Interrupted::Cancelled);
+        }
+        for other in migrations.values() {
+            if other.migration_id != m.migration_id
+                && self.cancel_requested(&other.migration_id).await
+            {
+                return Ok(Round::Replan);
+            }
+        }
+        let registered = self.meta.list_nodes().await?;
+        let before = Ring::new(registered.iter().map(NodeRecord::ring_node));
+        if changes_in(&before) != *changes {
+            return Ok(Round::Replan);
+        }
+        let pick = |state: NodeState| -> Vec<String> {
+            changes
+                .iter()
+                .filter(|(_, s)| *s == state)
+                .map(|(n, _)| n.as_str().to_owned())
+                .collect()
+        };
+        let (joiners, leavers) = (pick(NodeState::Bootstrapping), pick(NodeState::Draining));
+        for node in &leavers {
+            let handed = self.hand_off_hints(node, &before).await?;
+            if handed > 0 {
+                tracing::info!(
+                    node,
+                    hints = handed,
+                    "hints of a leaving node copied to the nodes inheriting its keys"
+                );
+            }
+        }
+        self.ring.refresh().await.map_err(CoordError::from)?;
+        for node in &joiners {
+            hints::replay_target(
+                &*self.meta,
+                &self.ring,
+                &self.pool,
+                node,
+                self.options.hint_limits,
+            )
+            .await?;
+        }
+        let seen = registry_view(&registered);
+        match self
+            .meta
+            .commit_node_changes(&seen, &joiners, &leavers)
+            .await
+        {
+            Ok(()) => {}
+            Err(MetaError::Changed(_)) => return Ok(Round::Replan),
+            Err(e) => return Err(e.into()),
+        }
+        for node in &leavers {
+            self.drop_hints_for(node).await?;
+        }
+        let shares = shares(transfers, migrations, m);
+        for other in migrations.values() {
+            let (copied, _) = shares.get(&other.migration_id).copied().unwrap_or_default();
+            let recorded = self
+                .meta
+                .update_migration(
+                    &other.migration_id,
+                    MigrationState::Completed,
+                    copied.keys,
+                    copied.keys,
+                    copied.bytes,
+                )
+                .await;
+            match recorded {
+                Ok(()) | Err(MetaError::Changed(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!(migration = %other.migration_id, node = %other.subject, kind = other.kind.as_str(), keys = copied.keys, bytes = copied.bytes, changes = changes.len(), "topology change completed");
+        }
+        self.ring.refresh().await.map_err(CoordError::from)?;
+        Ok(Round::Final)
+    }
+
+    /// The active migration of each change in `changes`, by node id.
+    async fn change_migrations(
+        &self,
+        changes: &ChangeSet,
+    ) -> Result<HashMap<String, Migration>, MetaError> {
+        Ok(self
+            .meta
+            .active_migrations()
+            .await?
+            .into_iter()
+            .filter(|a| {
+                matches!(
+                    a.kind,
+                    MigrationKind::NodeAddition | MigrationKind::NodeRemoval
+                ) && changes
+                    .iter()
+                    .any(|(n, s)| n.as_str() == a.subject && *s == in_progress_state(a.kind))
+            })
+            .map(|a| (a.subject.clone(), a))
+            .collect())
+    }
+
+    /// Records a change that is final in the registry as completed (the leader that made it
+    /// final did, unless it stopped in between); a node that left loses its last hints.
+    async fn record_final(&self, m: &Migration) -> Result<(), CoordError> {
+        if m.kind == MigrationKind::NodeRemoval {
+            self.drop_hints_for(&m.subject).await?;
+        }
+        let now = self.meta.get_migration(&m.migration_id).await?;
+        if let Some(now) = now.filter(|n| n.state == MigrationState::InProgress) {
+            let recorded = self
+                .meta
+                .update_migration(
+                    &m.migration_id,
+                    MigrationState::Completed,
+                    now.keys_migrated,
+                    now.keys_migrated,
+                    now.bytes_migrated,
+                )
+                .await;
+            match recorded {
+                Ok(()) | Err(MetaError::Changed(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.ring.refresh().await?;
+        Ok(())
+    }
+
+    /// Puts a change's node back as it was before the change, only while the change is still
+    /// in progress in the registry (a conditional update, so it never undoes a commit that won
+    /// the race); returns where the change stands after.
+    pub(super) async fn roll_back(
+        &self,
+        kind: MigrationKind,
+        node: &str,
+    ) -> Result<Standing, MetaError> {
+        for _ in 0..16 {
+            let registered = self.meta.list_nodes().await?;
+            let now = standing(kind, node, &registered);
+            if now != Standing::InProgress {
+                self.ring.refresh().await?;
+                return Ok(now);
+            }
+            let back = match kind {
+                MigrationKind::NodeAddition => NodeState::Failed,
+                _ => NodeState::Active,
+            };
+            match self
+                .meta
+                .set_node_state_if(node, back, &registry_view(&registered))
+                .await
+            {
+                Ok(()) => {
+                    self.ring.refresh().await?;
+                    return Ok(Standing::RolledBack);
+                }
+                Err(MetaError::Changed(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(MetaError::Changed("the node registry"))
+    }
+
+    /// Rolls back a change that failed (`failure`, the reason) or was cancelled (`None`), and
+    /// records how it ended; a change made final before the rollback could land is recorded
+    /// completed.
+    async fn end_rolled_back(&self, m: &Migration, failure: Option<String>) {
+        let id = m.migration_id.as_str();
+        match self.roll_back(m.kind, &m.subject).await {
+            Ok(Standing::Final) => {
+                tracing::info!(
+                    migration = id,
+                    "the change was made final before it could be rolled back; recording it completed"
+                );
+                if let Err(e) = self.record_final(m).await {
+                    tracing::error!(migration = id, error = %e, "cannot record the end of a topology change");
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // The lease lapses now; the coordinator that takes the change over tries again.
+                tracing::error!(migration = id, error = %e, "cannot roll the node registry back");
+                return;
+            }
+        }
+        let recorded = match failure {
+            Some(reason) => self.meta.fail_migration(id, &reason).await,
+            None => {
+                let progress = self
+                    .meta
+                    .get_migration(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| m.clone());
+                self.meta
+                    .update_migration(
+                        id,
+                        MigrationState::Cancelled,
+                        progress.keys_migrated,
+                        progress.total_keys,
+                        progress.bytes_migrated,
+                    )
+                    .await
+            }
+        };
+        if let Err(e) = recorded {
+            tracing::error!(migration = id, error = %e, "cannot record the end of a rolled-back topology change");
         }
     }
 
@@ -303,14 +678,14 @@ impl Coordinator {
         }
     }
 
-    /// The streams the change in progress needs, planned ([`plan::plan_node_change`]) on the
-    /// ring as this coordinator sees it now, for every replication factor in use; nodes that
-    /// are down or do not answer do not send.
+    /// The streams of the node changes in progress in `ring`, planned together
+    /// ([`plan::plan_combined`]) for every replication factor in use, with ids under
+    /// `stream_prefix`; nodes that are down or do not answer do not send.
     pub(super) async fn plan_transfers(
         &self,
-        migration_id: &str,
+        stream_prefix: &str,
+        ring: &Ring,
     ) -> Result<Vec<Transfer>, CoordError> {
-        let before = self.ring.snapshot().ring.clone();
         let health: HashMap<String, Option<u64>> = self
             .node_health()
             .await
@@ -321,10 +696,9 @@ impl Coordinator {
             !self.ring.is_down(n.as_str()) && matches!(health.get(n.as_str()), Some(Some(_)))
         };
         let rfs = self.replication_factors().await?;
-        let planned = plan::plan_node_change(&before, &rfs, can_send)
-            .map_err(|r| CoordError::NodeInUse(r.to_string()))?;
+        let planned = plan::plan_combined(ring, &rfs, can_send);
         // A sender holds about min(rf, n)/n of the ring; its keys spread evenly over it.
-        let members = before.member_count().max(1) as u128;
+        let members = ring.member_count().max(1) as u128;
         let share = rfs.iter().max().copied().unwrap_or(1).min(members as usize) as u128;
         Ok(planned
             .transfers
@@ -334,7 +708,7 @@ impl Coordinator {
                 let keys = u128::from(health.get(t.from.as_str()).copied().flatten().unwrap_or(0));
                 let estimated_keys = ((keys * width * members / share.max(1)) >> 64) as u64;
                 Transfer {
-                    stream_id: format!("{migration_id}-{}-{}", t.from, t.to),
+                    stream_id: format!("{stream_prefix}-{}-{}", t.from, t.to),
                     from: t.from.0,
                     to: t.to.0,
                     ranges: t.ranges,
