@@ -239,15 +239,25 @@ where
     let (answers, outgoing) = mpsc::channel(queue);
     let slots = Arc::new(tokio::sync::Semaphore::new(queue));
     let stop = tasks.stop().clone();
+    let stopping = tasks.stop_flag();
     tasks.spawn_stream(async move {
+        // Before each call, the stop is checked with one atomic load; the token itself (whose
+        // polling takes a lock every stream of the role shares) is polled only while no call
+        // is waiting, to wake the idle stream.
+        let stopped = stop.cancelled_owned();
+        tokio::pin!(stopped);
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let next = tokio::select! {
-                biased;
-                () = stop.cancelled() => None,
-                next = calls.next() => Some(next),
+            let next = if stopping.load(Ordering::Acquire) {
+                None
+            } else {
+                tokio::select! {
+                    biased;
+                    next = calls.next() => Some(next),
+                    () = &mut stopped => None,
+                }
             };
             let call = match next {
                 None => {

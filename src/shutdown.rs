@@ -8,6 +8,8 @@
 //! bound passed, which are logged by count.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -38,6 +40,8 @@ pub struct Tasks {
     tracker: TaskTracker,
     /// The tasks serving long-lived inbound streams (`mux::serve`).
     streams: TaskTracker,
+    /// Mirrors the stop token for per-request paths ([`Tasks::stop_flag`]).
+    stop_flag: Arc<OnceLock<Arc<AtomicBool>>>,
 }
 
 impl Tasks {
@@ -47,7 +51,26 @@ impl Tasks {
             stop,
             tracker: TaskTracker::new(),
             streams: TaskTracker::new(),
+            stop_flag: Arc::default(),
         }
+    }
+
+    /// A flag set once the stop token is cancelled, read with one atomic load: polling the
+    /// token takes a lock every caller shares, too much for a path run per request. Set by a
+    /// task of this role started on first use (call it within the runtime), so it follows the
+    /// token within a scheduling step.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop_flag
+            .get_or_init(|| {
+                let flag = Arc::new(AtomicBool::new(self.stop.is_cancelled()));
+                let (set, stop) = (flag.clone(), self.stop.clone());
+                self.tracker.spawn(async move {
+                    stop.cancelled().await;
+                    set.store(true, Ordering::Release);
+                });
+                flag
+            })
+            .clone()
     }
 
     /// Cancelled when the role stops: every task watches it.
@@ -116,6 +139,21 @@ impl Tasks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The flag follows the token once the watcher ran.
+    #[tokio::test]
+    async fn the_stop_flag_follows_the_token() {
+        let tasks = Tasks::new(CancellationToken::new());
+        let flag = tasks.stop_flag();
+        tokio::task::yield_now().await;
+        assert!(!flag.load(Ordering::Acquire));
+        assert_eq!(tasks.stop_and_wait("test", Duration::from_secs(1)).await, 0);
+        assert!(flag.load(Ordering::Acquire), "set before the watcher ended");
+        assert!(
+            tasks.stop_flag().load(Ordering::Acquire),
+            "one flag per role"
+        );
+    }
 
     /// A task that watches the stop token ends within the wait; one that does not is counted.
     #[tokio::test(start_paused = true)]

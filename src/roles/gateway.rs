@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -51,10 +52,13 @@ pub async fn serve(
         listener: Some(listener),
         stop: shutdown.clone(),
     };
-    let closing = shutdown.clone();
+    // Set when the stop begins; read per answer (a token's `is_cancelled` takes its lock, which
+    // every request would share).
+    let closing = Arc::new(AtomicBool::new(false));
+    let stopping = closing.clone();
     let router = router::router(gateway).layer(axum::middleware::map_response(
         move |mut response: axum::response::Response| {
-            let closing = closing.is_cancelled();
+            let closing = closing.load(Ordering::Acquire);
             async move {
                 if closing {
                     response.headers_mut().insert(
@@ -69,6 +73,7 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown.cancelled().await;
+            stopping.store(true, Ordering::Release);
             tokio::time::sleep(LAME_DUCK).await;
         })
         .await
