@@ -9,7 +9,7 @@ use common::backends::{Postgres, skip_or_fail};
 
 use pairdb::meta::{
     Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord,
-    SqlMetadataStore, registry_view,
+    SqlMetadataStore, StreamCheckpoint, registry_view,
 };
 use pairdb::ring::NodeState;
 
@@ -419,6 +419,37 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         vec![3]
     );
     assert_eq!(a.hints_for("nobody", 10).await.expect("hints"), vec![]);
+
+    // Stream checkpoints: replaced per stream, listed and forgotten per migration; the
+    // fingerprint keeps all 64 bits.
+    let checkpoint = |id: &str, m: &str, keys: u64| StreamCheckpoint {
+        stream_id: id.to_owned(),
+        migration_id: m.to_owned(),
+        fingerprint: u64::MAX - 7,
+        last_key: vec![0, 255, 1],
+        keys,
+        bytes: keys * 10,
+    };
+    for c in [
+        checkpoint("m1-s1-s4", "m1", 500),
+        checkpoint("m1-s2-s4", "m1", 1000),
+        checkpoint("m2-s1-s5", "m2", 1),
+    ] {
+        a.store_stream_checkpoint(&c).await.expect("store");
+    }
+    b.store_stream_checkpoint(&checkpoint("m1-s1-s4", "m1", 1500))
+        .await
+        .expect("replace");
+    assert_eq!(
+        b.stream_checkpoints("m1").await.expect("list"),
+        vec![
+            checkpoint("m1-s1-s4", "m1", 1500),
+            checkpoint("m1-s2-s4", "m1", 1000)
+        ]
+    );
+    a.delete_stream_checkpoints("m1").await.expect("delete");
+    assert_eq!(b.stream_checkpoints("m1").await.expect("list"), vec![]);
+    assert_eq!(b.stream_checkpoints("m2").await.expect("list").len(), 1);
 
     assert_eq!(a.load_clock("c1").await.expect("clock"), 0);
     a.store_clock("c1", 500).await.expect("clock");

@@ -417,6 +417,7 @@ async fn streaming_copies_a_range_with_live_writes() {
             ranges: vec![cpb::HashRange { start, end }],
             target_node_id: "b".into(),
             target_address: b.grpc.to_string(),
+            resume: None,
         })
         .await
         .expect("start")
@@ -617,6 +618,7 @@ async fn streaming_survives_a_target_outage() {
         ranges: vec![cpb::HashRange { start: 0, end: 0 }],
         target_node_id: "b".into(),
         target_address: b.grpc.to_string(),
+        resume: None,
     })
     .await
     .expect("start");
@@ -787,6 +789,7 @@ async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
         ranges: vec![cpb::HashRange { start: 0, end: 0 }],
         target_node_id: "nobody".into(),
         target_address: nowhere.to_string(),
+        resume: None,
     })
     .await
     .expect("start");
@@ -932,7 +935,7 @@ async fn held_versions_and_tenant_range_drops() {
 
 /// A sender killed in the middle of a stream and asked for it again after its restart goes on
 /// from its checkpoint: every record reaches the target, and at most the batch in flight is
-/// sent twice.
+/// sent twice. One that lost its checkpoint file goes on from the copy the coordinator passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
     let (da, db) = (
@@ -976,6 +979,7 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
         ],
         target_node_id: "b".into(),
         target_address: b.grpc.to_string(),
+        resume: None,
     };
     let bad = pb::StartStreamingRequest {
         stream_id: "../escape".into(),
@@ -1016,10 +1020,37 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
         resumed.keys_copied + 500 >= before_stop,
         "a stop keeps the checkpoint: {resumed:?} after {before_stop}"
     );
-    let done = wait_completed(&mut ca, "add-1-a-b", 120).await;
+    // A sender that lost its own checkpoint (its streams directory wiped) goes on from the
+    // coordinator's copy: the position its status reported, passed back as `resume`.
+    copied_at_least(&mut ca, "add-1-a-b", 3000).await;
+    let reported = stream_status(&mut ca, "add-1-a-b")
+        .await
+        .expect("status")
+        .checkpoint
+        .expect("the status reports its position");
     assert!(
-        done.keys_copied >= RECORDS && done.keys_copied <= RECORDS + 1000,
-        "{} records sent for {RECORDS} (at most one batch twice per interruption)",
+        reported.keys < RECORDS,
+        "wiped in the middle ({} sent)",
+        reported.keys
+    );
+    drop(ca);
+    a.kill9();
+    std::fs::remove_dir_all(da.path().join("streams")).expect("wipe the checkpoints");
+    let with_copy = pb::StartStreamingRequest {
+        resume: Some(reported.clone()),
+        ..request.clone()
+    };
+    let (mut ca, resumed) = restart_and_resume(&mut a, &with_copy).await;
+    assert!(
+        resumed.keys_copied >= reported.keys,
+        "goes on from the copy: {resumed:?} after {reported:?}"
+    );
+    let done = wait_completed(&mut ca, "add-1-a-b", 120).await;
+    // The copy may lag the last acknowledged batch by what was sent between the status and the
+    // kill: a batch or two at this rate.
+    assert!(
+        done.keys_copied >= RECORDS && done.keys_copied <= RECORDS + 2000,
+        "{} records sent for {RECORDS} (a batch or two twice per interruption)",
         done.keys_copied
     );
     let mut cb = b.client().await;

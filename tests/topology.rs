@@ -16,7 +16,10 @@ use common::coord::{
     Client, code, create_tenant, eventually, get, listed_ring, migration, node_state, put,
     records_on, sqlite_url, stored, wait_all_active, wait_migration,
 };
-use pairdb::ring::key_position;
+use pairdb::meta::{
+    MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord, SqlMetadataStore,
+};
+use pairdb::ring::{NodeState, key_position};
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
 
@@ -555,9 +558,28 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
     // Its coordinator dies in the middle: the other one finishes it.
     let second = add(&mut a, &s6).await.expect("add s6");
     streaming(&a, second.migration_id.clone()).await;
+    // The streams' positions are kept in the metadata store too (a sender that lost its own
+    // checkpoint resumes from there), and dropped when the change ends.
+    let store = SqlMetadataStore::connect(&sqlite_url(dir.path()))
+        .await
+        .expect("the coordinators' store");
+    eventually(
+        "stream checkpoints kept",
+        Duration::from_secs(30),
+        || async {
+            !store
+                .stream_checkpoints(&second.migration_id)
+                .await
+                .expect("checkpoints")
+                .is_empty()
+        },
+    )
+    .await;
     c1.kill9();
     let done = wait_migration(&b, &second.migration_id, pb::MigrationState::Completed).await;
     assert_eq!(node_state(&mut b, "s6").await, Some(WireState::Active));
+    let left = store.stream_checkpoints(&second.migration_id).await;
+    assert_eq!(left.expect("checkpoints"), vec![], "dropped at the end");
     let moved = records_on(&s6).await as u64;
     assert!(
         done.keys_migrated >= moved && done.keys_migrated <= moved + 4 * 500,
@@ -599,4 +621,66 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
         held[3] > 0 && held[4] > 0 && held[5] > 0,
         "s4, s6 and s7 own keys: {held:?}"
     );
+}
+
+/// A coordinator can stop between rolling a change back in the registry and recording the
+/// migration's end. The change resumed afterwards finds nothing to stream; it must be recorded
+/// failed, never made final: an addition rolled back must not become active with nothing
+/// streamed, a removal rolled back must not drop the node and its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_change_resumed_after_a_crash_is_never_made_final() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let store = SqlMetadataStore::connect(&sqlite_url(dir.path()))
+        .await
+        .expect("store");
+    // The registry as such a coordinator left it: s4's addition rolled back (failed), s3's
+    // removal rolled back (active), both migrations still in progress and owned by nobody.
+    let record = |id: &str, port: u16, state| NodeRecord {
+        node_id: id.to_owned(),
+        host: "127.0.0.1".to_owned(),
+        port,
+        virtual_nodes: 16,
+        tokens: None,
+        state,
+    };
+    for n in &storage {
+        store
+            .add_node(&record(&n.id, n.grpc.port(), NodeState::Active))
+            .await
+            .expect("register");
+    }
+    store
+        .add_node(&record("s4", 1, NodeState::Failed))
+        .await
+        .expect("register");
+    let changes = [
+        ("add-crashed", MigrationKind::NodeAddition, "s4"),
+        ("remove-crashed", MigrationKind::NodeRemoval, "s3"),
+    ];
+    for (id, kind, node) in changes {
+        store
+            .create_migration(&Migration::begin(
+                id.to_owned(),
+                kind,
+                node,
+                MigrationState::InProgress,
+            ))
+            .await
+            .expect("migration");
+    }
+
+    let c1 = coordinator(&storage, dir.path(), &[]);
+    let c = c1.client().await;
+    for (id, _, _) in changes {
+        let failed = wait_migration(&c, id, pb::MigrationState::Failed).await;
+        assert!(
+            failed.failure_reason.contains("rolled back"),
+            "the status says why: {failed:?}"
+        );
+    }
+    let mut c = c;
+    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Failed));
+    assert_eq!(node_state(&mut c, "s3").await, Some(WireState::Active));
 }

@@ -50,3 +50,15 @@ ALTER TABLE migrations ADD COLUMN IF NOT EXISTS bytes_migrated BIGINT NOT NULL D
 ALTER TABLE migrations ADD COLUMN IF NOT EXISTS owner TEXT;
 ALTER TABLE migrations ADD COLUMN IF NOT EXISTS beat BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE migrations ADD COLUMN IF NOT EXISTS cancel_requested BIGINT NOT NULL DEFAULT 0;
+-- Where each stream of a node change got (the last record its target acknowledged), mirrored
+-- from the senders' status by the coordinator driving it: a sender that lost its own
+-- checkpoint resumes from here.
+CREATE TABLE IF NOT EXISTS stream_checkpoints (
+    stream_id TEXT PRIMARY KEY,
+    migration_id TEXT NOT NULL,
+    fingerprint BIGINT NOT NULL,
+    last_key BYTEA NOT NULL,
+    keys BIGINT NOT NULL,
+    bytes BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stream_checkpoints_by_migration ON stream_checkpoints (migration_id);

@@ -40,3 +40,15 @@ CREATE TABLE IF NOT EXISTS migrations (
     started_at_ms BIGINT NOT NULL,
     updated_at_ms BIGINT NOT NULL
 );
+-- Where each stream of a node change got (the last record its target acknowledged), mirrored
+-- from the senders' status by the coordinator driving it: a sender that lost its own
+-- checkpoint resumes from here.
+CREATE TABLE IF NOT EXISTS stream_checkpoints (
+    stream_id TEXT PRIMARY KEY,
+    migration_id TEXT NOT NULL,
+    fingerprint BIGINT NOT NULL,
+    last_key BLOB NOT NULL,
+    keys BIGINT NOT NULL,
+    bytes BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stream_checkpoints_by_migration ON stream_checkpoints (migration_id);

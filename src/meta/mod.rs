@@ -83,6 +83,20 @@ pub struct Hint {
     pub attempts: u32,
 }
 
+/// Where one stream of a node change got, as its sender last reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamCheckpoint {
+    pub stream_id: String,
+    /// The migration whose runner drives the stream (the leader of its plan).
+    pub migration_id: String,
+    /// Of the stream's ranges and target, as the sender computes it (opaque here).
+    pub fingerprint: u64,
+    /// The internal key of the last record the target acknowledged.
+    pub last_key: Vec<u8>,
+    pub keys: u64,
+    pub bytes: u64,
+}
+
 /// What a migration does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationKind {
@@ -294,6 +308,16 @@ pub trait MetadataStore: Send + Sync {
     /// Asks the owner of an active migration to cancel it; false when it is not active.
     async fn request_cancel(&self, migration_id: &str) -> Result<bool, MetaError>;
     /// The durable high-water mark of a coordinator's clock (0 for a new coordinator).
+    /// Stores (replaces) the checkpoint of `checkpoint.stream_id`.
+    async fn store_stream_checkpoint(&self, checkpoint: &StreamCheckpoint)
+    -> Result<(), MetaError>;
+    /// The checkpoints of the streams `migration_id` drives.
+    async fn stream_checkpoints(
+        &self,
+        migration_id: &str,
+    ) -> Result<Vec<StreamCheckpoint>, MetaError>;
+    /// Forgets the checkpoints of the streams `migration_id` drives (it ended).
+    async fn delete_stream_checkpoints(&self, migration_id: &str) -> Result<(), MetaError>;
     async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError>;
     /// Raises the durable high-water mark (never lowers it).
     async fn store_clock(&self, coordinator_id: &str, high_water: u64) -> Result<(), MetaError>;

@@ -9,7 +9,7 @@ use crate::ring::NodeState;
 
 use super::{
     Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationLease, MigrationState,
-    NodeRecord, RegistryEntry, Tenant,
+    NodeRecord, RegistryEntry, StreamCheckpoint, Tenant,
 };
 
 const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
@@ -789,6 +789,68 @@ impl MetadataStore for SqlMetadataStore {
                 .await
                 .map_err(unavailable)?;
         row.as_ref().map_or(Ok(0), |r| int(r, "high_water"))
+    }
+
+    async fn store_stream_checkpoint(
+        &self,
+        checkpoint: &StreamCheckpoint,
+    ) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO stream_checkpoints (stream_id, migration_id, fingerprint, last_key, keys, bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (stream_id) DO UPDATE SET migration_id = excluded.migration_id, \
+             fingerprint = excluded.fingerprint, last_key = excluded.last_key, \
+             keys = excluded.keys, bytes = excluded.bytes",
+        )
+        .bind(&checkpoint.stream_id)
+        .bind(&checkpoint.migration_id)
+        // A bit pattern, not a count: stored as the signed integer with the same bits.
+        .bind(checkpoint.fingerprint as i64)
+        .bind(checkpoint.last_key.clone())
+        .bind(count(checkpoint.keys)?)
+        .bind(count(checkpoint.bytes)?)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn stream_checkpoints(
+        &self,
+        migration_id: &str,
+    ) -> Result<Vec<StreamCheckpoint>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT stream_id, migration_id, fingerprint, last_key, keys, bytes \
+             FROM stream_checkpoints WHERE migration_id = $1 ORDER BY stream_id",
+        )
+        .bind(migration_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                let fingerprint: i64 = int(row, "fingerprint")?;
+                Ok(StreamCheckpoint {
+                    stream_id: text(row, "stream_id")?,
+                    migration_id: text(row, "migration_id")?,
+                    fingerprint: fingerprint as u64,
+                    last_key: row
+                        .try_get("last_key")
+                        .map_err(|e| MetaError::Corrupt(e.to_string()))?,
+                    keys: int(row, "keys")?,
+                    bytes: int(row, "bytes")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_stream_checkpoints(&self, migration_id: &str) -> Result<(), MetaError> {
+        sqlx::query("DELETE FROM stream_checkpoints WHERE migration_id = $1")
+            .bind(migration_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn store_clock(&self, coordinator_id: &str, high_water: u64) -> Result<(), MetaError> {

@@ -5,6 +5,11 @@
 //! written to a temporary name, synced, renamed, directory synced), so a sender that crashes
 //! and is asked for the same stream again sends at most the one batch that was in flight.
 //!
+//! The coordinator driving the stream keeps a copy in the metadata store (from the stream's
+//! status, each poll) and passes it back when it asks for the stream again: a sender that lost
+//! its file (a wiped `streams` directory) resumes from that copy, at most what was acknowledged
+//! between two polls behind ([`furthest`] takes whichever got further).
+//!
 //! Invariants: a checkpoint is used only by a stream with the same id, ranges and target (its
 //! fingerprint); a damaged or foreign file is ignored (the stream starts over, which only
 //! sends records twice; the target applies each once by the version rules). A stream scans
@@ -17,6 +22,7 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::ring::HashRange;
+use crate::rpc::storage as pb;
 
 const MAGIC: &[u8; 8] = b"PDBSCK1\n";
 /// Longest stream id accepted (ids name files).
@@ -42,6 +48,43 @@ pub fn valid_stream_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Longest `last_key` taken from a coordinator's copy (an internal key is far shorter).
+const MAX_WIRE_KEY_BYTES: usize = 64 << 10;
+
+impl From<&Checkpoint> for pb::StreamCheckpoint {
+    fn from(c: &Checkpoint) -> Self {
+        pb::StreamCheckpoint {
+            fingerprint: c.fingerprint,
+            last_key: c.last_key.clone().into(),
+            keys: c.keys,
+            bytes: c.bytes,
+        }
+    }
+}
+
+/// Where stream `fingerprint` resumes: the furthest of its own checkpoint and the
+/// coordinator's copy (`given`), counting only those of this stream. A stream scans in
+/// internal-key order, so the larger `last_key` is further.
+pub fn furthest(
+    own: Option<Checkpoint>,
+    given: Option<&pb::StreamCheckpoint>,
+    fingerprint: u64,
+) -> Option<Checkpoint> {
+    let given = given
+        .filter(|g| g.fingerprint == fingerprint && g.last_key.len() <= MAX_WIRE_KEY_BYTES)
+        .map(|g| Checkpoint {
+            fingerprint,
+            last_key: g.last_key.to_vec(),
+            keys: g.keys,
+            bytes: g.bytes,
+        });
+    match (own, given) {
+        (Some(own), Some(given)) if given.last_key > own.last_key => Some(given),
+        (Some(own), _) => Some(own),
+        (None, given) => given,
+    }
 }
 
 /// The fingerprint of a stream's ranges and target.
@@ -122,6 +165,38 @@ pub fn remove(dir: &Path, id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_furthest_checkpoint_of_the_stream_wins() {
+        let own = Checkpoint {
+            fingerprint: 7,
+            last_key: b"acme\0k42".to_vec(),
+            keys: 1500,
+            bytes: 10,
+        };
+        let wire = |fingerprint, key: &[u8], keys| pb::StreamCheckpoint {
+            fingerprint,
+            last_key: key.to_vec().into(),
+            keys,
+            bytes: 20,
+        };
+        let further = wire(7, b"acme\0k9", 2000);
+        let behind = wire(7, b"acme\0k1", 500);
+        let foreign = wire(8, b"zzz", 9000);
+        assert_eq!(
+            furthest(Some(own.clone()), Some(&further), 7).map(|c| c.keys),
+            Some(2000)
+        );
+        assert_eq!(
+            furthest(Some(own.clone()), Some(&behind), 7),
+            Some(own.clone())
+        );
+        assert_eq!(furthest(Some(own.clone()), Some(&foreign), 7), Some(own));
+        assert_eq!(furthest(None, Some(&foreign), 7), None, "another stream's");
+        assert_eq!(furthest(None, Some(&behind), 7).map(|c| c.keys), Some(500));
+        let huge = wire(7, &vec![1; MAX_WIRE_KEY_BYTES + 1], 1);
+        assert_eq!(furthest(None, Some(&huge), 7), None, "refused");
+    }
 
     #[test]
     fn round_trip_and_damage() {

@@ -19,7 +19,9 @@
 //! After every acknowledged batch the stream stores a checkpoint ([`super::stream_checkpoint`]):
 //! asked for again after this node restarted, it goes on after it, sending at most the batch
 //! that was in flight a second time (live writes queued then are not needed: coordinators
-//! write them to the target directly, as a pending owner).
+//! write them to the target directly, as a pending owner). The status reports that position
+//! too; the coordinator keeps a copy in the metadata store and passes it back when it asks
+//! again (`resume`), and the stream goes on from whichever of the two got further.
 //!
 //! Live forwarding is a second path, not the only one: the queue of live writes is bounded
 //! ([`LIVE_QUEUE`]) and a write that finds it full is not forwarded (counted in
@@ -71,6 +73,8 @@ struct Stream {
     keys: AtomicU64,
     bytes: AtomicU64,
     forwarded: AtomicU64,
+    /// The last acknowledged position (reported in the status for the coordinator's copy).
+    acked: Mutex<Option<Checkpoint>>,
     live: mpsc::Sender<Record>,
     cancel: CancellationToken,
 }
@@ -85,6 +89,7 @@ impl Stream {
             bytes_copied: self.bytes.load(Ordering::Relaxed),
             writes_forwarded: self.forwarded.load(Ordering::Relaxed),
             error,
+            checkpoint: self.acked.lock().as_ref().map(pb::StreamCheckpoint::from),
         }
     }
 
@@ -165,8 +170,10 @@ impl StreamManager {
         let (live, live_rx) = mpsc::channel(LIVE_QUEUE);
         let ranges: Vec<HashRange> = req.ranges.iter().map(HashRange::from).collect();
         let fingerprint = checkpoint::fingerprint(&ranges, &req.target_node_id);
-        // A stream this node ran before it restarted goes on after its last acknowledged batch.
-        let resume = checkpoint::load(&self.checkpoints, &req.stream_id, fingerprint);
+        // A stream this node ran before it restarted goes on after its last acknowledged batch
+        // (by its own checkpoint, or the coordinator's copy when that got further).
+        let own = checkpoint::load(&self.checkpoints, &req.stream_id, fingerprint);
+        let resume = checkpoint::furthest(own, req.resume.as_ref(), fingerprint);
         if let Some(c) = &resume {
             tracing::info!(stream = %req.stream_id, keys = c.keys, "stream resumes from its checkpoint");
         }
@@ -178,6 +185,7 @@ impl StreamManager {
             keys: AtomicU64::new(resume.as_ref().map_or(0, |c| c.keys)),
             bytes: AtomicU64::new(resume.as_ref().map_or(0, |c| c.bytes)),
             forwarded: AtomicU64::new(0),
+            acked: Mutex::new(resume.clone()),
             live,
             cancel: CancellationToken::new(),
         });
@@ -421,6 +429,7 @@ async fn run(
             keys,
             bytes,
         };
+        *stream.acked.lock() = Some(saved.clone());
         let (dir, id) = (checkpoints.clone(), stream.id.clone());
         let stored = tokio::task::spawn_blocking(move || checkpoint::store(&dir, &id, &saved))
             .await

@@ -27,7 +27,10 @@ use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::meta::{MetaError, Migration, MigrationKind, MigrationState, NodeRecord, registry_view};
+use crate::meta::{
+    MetaError, Migration, MigrationKind, MigrationState, NodeRecord, StreamCheckpoint,
+    registry_view,
+};
 use crate::ring::plan;
 use crate::ring::{HashRange, NodeId, NodeState, Ring};
 use crate::rpc::common;
@@ -58,6 +61,9 @@ pub(super) struct Transfer {
     keys_copied: u64,
     bytes_copied: u64,
     done: bool,
+    /// The last acknowledged position the sender reported (kept in the metadata store, and
+    /// passed back when the stream is asked for again).
+    checkpoint: Option<spb::StreamCheckpoint>,
 }
 
 /// What streams copied.
@@ -306,6 +312,21 @@ impl Coordinator {
         let mut transfers = self
             .plan_transfers(&stream_prefix(m, changes), ring)
             .await?;
+        let mut stored: HashMap<String, StreamCheckpoint> = self
+            .meta
+            .stream_checkpoints(&m.migration_id)
+            .await?
+            .into_iter()
+            .map(|c| (c.stream_id.clone(), c))
+            .collect();
+        for t in &mut transfers {
+            t.checkpoint = stored.remove(&t.stream_id).map(|c| spb::StreamCheckpoint {
+                fingerprint: c.fingerprint,
+                last_key: c.last_key.into(),
+                keys: c.keys,
+                bytes: c.bytes,
+            });
+        }
         let mut progress = StallWatch::new((Streamed::default(), 0usize));
         loop {
             if lease.lost() {
@@ -324,7 +345,7 @@ impl Coordinator {
                 return Ok(Round::Replan);
             }
             for t in transfers.iter_mut().filter(|t| !t.done) {
-                match self.poll_transfer(t).await {
+                match self.poll_transfer(t, &m.migration_id).await {
                     Ok(()) => {}
                     Err(PollError::Failed(e)) => {
                         self.stop_transfers(&transfers).await;
@@ -476,6 +497,8 @@ impl Coordinator {
                 Err(e) => return Err(e.into()),
             }
             tracing::info!(migration = %other.migration_id, node = %other.subject, kind = other.kind.as_str(), keys = copied.keys, bytes = copied.bytes, changes = changes.len(), "topology change completed");
+            // Each may have led an earlier round.
+            self.forget_checkpoints(&other.migration_id).await;
         }
         self.ring.refresh().await.map_err(CoordError::from)?;
         Ok(Round::Final)
@@ -503,9 +526,17 @@ impl Coordinator {
             .collect())
     }
 
+    /// Drops the stream checkpoints of the rounds `migration_id` led (its change ended).
+    async fn forget_checkpoints(&self, migration_id: &str) {
+        if let Err(e) = self.meta.delete_stream_checkpoints(migration_id).await {
+            tracing::warn!(migration = migration_id, error = %e, "cannot drop the stream checkpoints of an ended change");
+        }
+    }
+
     /// Records a change that is final in the registry as completed (the leader that made it
     /// final did, unless it stopped in between); a node that left loses its last hints.
     async fn record_final(&self, m: &Migration) -> Result<(), CoordError> {
+        self.forget_checkpoints(&m.migration_id).await;
         if m.kind == MigrationKind::NodeRemoval {
             self.drop_hints_for(&m.subject).await?;
         }
@@ -588,6 +619,7 @@ impl Coordinator {
                 return;
             }
         }
+        self.forget_checkpoints(id).await;
         let recorded = match failure {
             Some(reason) => self.meta.fail_migration(id, &reason).await,
             None => {
@@ -616,7 +648,11 @@ impl Coordinator {
 
     /// Asks the sender where its stream is. `StartStreaming` is idempotent (a known id returns
     /// its status), so polling with it also restarts a stream that a restarted sender forgot.
-    pub(super) async fn poll_transfer(&self, t: &mut Transfer) -> Result<(), PollError> {
+    pub(super) async fn poll_transfer(
+        &self,
+        t: &mut Transfer,
+        driver: &str,
+    ) -> Result<(), PollError> {
         let snapshot = self.ring.snapshot();
         let address = |node: &str| {
             snapshot
@@ -642,12 +678,17 @@ impl Coordinator {
                     .collect(),
                 target_node_id: t.to.clone(),
                 target_address: to,
+                resume: t.checkpoint.clone(),
             })
             .await
             .map_err(|s| PollError::Unreachable(s.message().to_owned()))?
             .into_inner();
         t.keys_copied = status.keys_copied;
         t.bytes_copied = status.bytes_copied;
+        if status.checkpoint.is_some() && status.checkpoint != t.checkpoint {
+            self.keep_checkpoint(t, driver, status.checkpoint.clone())
+                .await;
+        }
         match status.state() {
             spb::StreamState::Completed => t.done = true,
             spb::StreamState::Failed | spb::StreamState::Stopped => {
@@ -659,6 +700,36 @@ impl Coordinator {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Keeps the position a stream reported in the metadata store (a sender that lost its own
+    /// checkpoint resumes from it). Not kept: logged, the stream only resumes from further back.
+    async fn keep_checkpoint(
+        &self,
+        t: &mut Transfer,
+        driver: &str,
+        reported: Option<spb::StreamCheckpoint>,
+    ) {
+        let Some(c) = &reported else {
+            return;
+        };
+        let kept = self
+            .meta
+            .store_stream_checkpoint(&StreamCheckpoint {
+                stream_id: t.stream_id.clone(),
+                migration_id: driver.to_owned(),
+                fingerprint: c.fingerprint,
+                last_key: c.last_key.to_vec(),
+                keys: c.keys,
+                bytes: c.bytes,
+            })
+            .await;
+        match kept {
+            Ok(()) => t.checkpoint = reported,
+            Err(e) => {
+                tracing::warn!(stream = %t.stream_id, error = %e, "cannot keep a stream's checkpoint");
+            }
+        }
     }
 
     pub(super) async fn stop_transfers(&self, transfers: &[Transfer]) {
@@ -716,6 +787,7 @@ impl Coordinator {
                     keys_copied: 0,
                     bytes_copied: 0,
                     done: false,
+                    checkpoint: None,
                 }
             })
             .collect())
