@@ -626,7 +626,9 @@ async fn changes_are_cancelled_and_taken_over_without_restarts() {
 /// A coordinator can stop between rolling a change back in the registry and recording the
 /// migration's end. The change resumed afterwards finds nothing to stream; it must be recorded
 /// failed, never made final: an addition rolled back must not become active with nothing
-/// streamed, a removal rolled back must not drop the node and its data.
+/// streamed, a removal rolled back must not drop the node and its data. One stopped between
+/// registering a node and recording its migration leaves a change nobody runs: the next
+/// change's leader rolls it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_change_resumed_after_a_crash_is_never_made_final() {
     let _serial = SERIAL.lock().await;
@@ -653,6 +655,12 @@ async fn a_rolled_back_change_resumed_after_a_crash_is_never_made_final() {
     }
     store
         .add_node(&record("s4", 1, NodeState::Failed))
+        .await
+        .expect("register");
+    // And an acceptance cut short between the registry write and the migration record: s6
+    // bootstrapping with no migration, so nobody runs it.
+    store
+        .add_node(&record("s6", 2, NodeState::Bootstrapping))
         .await
         .expect("register");
     let changes = [
@@ -683,4 +691,12 @@ async fn a_rolled_back_change_resumed_after_a_crash_is_never_made_final() {
     let mut c = c;
     assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Failed));
     assert_eq!(node_state(&mut c, "s3").await, Some(WireState::Active));
+
+    // A real addition meanwhile leads the changes in progress: it rolls the unrecorded s6 back
+    // once it stood so for 30 s, then completes alone.
+    let s5 = join("s5", dir.path(), &storage);
+    let added = add(&mut c, &s5).await.expect("add s5");
+    wait_migration(&c, &added.migration_id, pb::MigrationState::Completed).await;
+    assert_eq!(node_state(&mut c, "s5").await, Some(WireState::Active));
+    assert_eq!(node_state(&mut c, "s6").await, Some(WireState::Failed));
 }
