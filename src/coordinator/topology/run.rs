@@ -482,20 +482,7 @@ impl Coordinator {
         let shares = shares(transfers, migrations, m);
         for other in migrations.values() {
             let (copied, _) = shares.get(&other.migration_id).copied().unwrap_or_default();
-            let recorded = self
-                .meta
-                .update_migration(
-                    &other.migration_id,
-                    MigrationState::Completed,
-                    copied.keys,
-                    copied.keys,
-                    copied.bytes,
-                )
-                .await;
-            match recorded {
-                Ok(()) | Err(MetaError::Changed(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.mark_completed(&other.migration_id, copied).await?;
             tracing::info!(migration = %other.migration_id, node = %other.subject, kind = other.kind.as_str(), keys = copied.keys, bytes = copied.bytes, changes = changes.len(), "topology change completed");
             // Each may have led an earlier round.
             self.forget_checkpoints(&other.migration_id).await;
@@ -542,23 +529,33 @@ impl Coordinator {
         }
         let now = self.meta.get_migration(&m.migration_id).await?;
         if let Some(now) = now.filter(|n| n.state == MigrationState::InProgress) {
-            let recorded = self
-                .meta
-                .update_migration(
-                    &m.migration_id,
-                    MigrationState::Completed,
-                    now.keys_migrated,
-                    now.keys_migrated,
-                    now.bytes_migrated,
-                )
-                .await;
-            match recorded {
-                Ok(()) | Err(MetaError::Changed(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
+            let copied = Streamed {
+                keys: now.keys_migrated,
+                bytes: now.bytes_migrated,
+            };
+            self.mark_completed(&m.migration_id, copied).await?;
         }
         self.ring.refresh().await?;
         Ok(())
+    }
+
+    /// Records migration `id` completed with what it copied; one that already ended (another
+    /// runner recorded it) is left as it is.
+    async fn mark_completed(&self, id: &str, copied: Streamed) -> Result<(), MetaError> {
+        let recorded = self
+            .meta
+            .update_migration(
+                id,
+                MigrationState::Completed,
+                copied.keys,
+                copied.keys,
+                copied.bytes,
+            )
+            .await;
+        match recorded {
+            Ok(()) | Err(MetaError::Changed(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Puts a change's node back as it was before the change, only while the change is still
