@@ -700,3 +700,71 @@ async fn a_rolled_back_change_resumed_after_a_crash_is_never_made_final() {
     assert_eq!(node_state(&mut c, "s5").await, Some(WireState::Active));
     assert_eq!(node_state(&mut c, "s6").await, Some(WireState::Failed));
 }
+
+/// The metadata store refuses the commit of a node addition for a while (a PostgreSQL trigger
+/// raises on the registry update that activates the node, as a store failing transiently
+/// would): the change is not rolled back on the first refusal but tried again, and once the
+/// store accepts, it completes with every key in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_the_metadata_store_refuses_for_a_while_is_tried_again() {
+    let _serial = SERIAL.lock().await;
+    let Some(pg) = common::backends::Postgres::start() else {
+        common::backends::skip_or_fail(
+            "a_commit_the_metadata_store_refuses_for_a_while_is_tried_again",
+            "PostgreSQL",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join("s4", dir.path(), &storage);
+    let c1 = RoleProcess::coordinator("c1", &pg.url(), "memory://", &storage, &[], dir.path());
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    for (tenant, rf) in TENANTS {
+        create_tenant(&mut c, tenant, rf).await;
+    }
+    write_keys(&mut c, "k", 100, Consistency::All).await;
+
+    let store = sqlx::PgPool::connect(&pg.url()).await.expect("connect");
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_activation() RETURNS trigger AS $$
+         BEGIN
+           IF OLD.state = 'bootstrapping' AND NEW.state = 'active' THEN
+             RAISE EXCEPTION 'test: activation refused';
+           END IF;
+           RETURN NEW;
+         END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER refuse_activation BEFORE UPDATE ON storage_nodes
+           FOR EACH ROW EXECUTE FUNCTION refuse_activation();",
+    )
+    .execute(&store)
+    .await
+    .expect("create the trigger");
+    let accepted = add(&mut c, &s4).await.expect("add s4");
+    // The streams complete, then the commit is refused, again and again.
+    eventually(
+        "the commit refused twice",
+        Duration::from_secs(60),
+        || async {
+            let log = std::fs::read_to_string(&c1.log).unwrap_or_default();
+            log.matches("activation refused").count() >= 2
+        },
+    )
+    .await;
+    assert_eq!(
+        node_state(&mut c, "s4").await,
+        Some(WireState::Bootstrapping),
+        "not rolled back"
+    );
+    sqlx::raw_sql("DROP TRIGGER refuse_activation ON storage_nodes")
+        .execute(&store)
+        .await
+        .expect("drop the trigger");
+
+    let done = wait_migration(&c, &accepted.migration_id, pb::MigrationState::Completed).await;
+    assert_eq!(done.keys_migrated, done.total_keys, "{done:?}");
+    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Active));
+    let nodes: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
+    assert_placed(&mut c, &nodes, &TENANTS, &keys(&[("k", 100)])).await;
+}

@@ -236,7 +236,7 @@ impl Coordinator {
                         )
                         .await
                 }
-                Err(Interrupted::Failed(e)) => {
+                Err(Interrupted::Failed(e) | Interrupted::Transient(e)) => {
                     tracing::error!(cleanup = %id, error = %e, "cleanup failed");
                     self.meta.fail_migration(&id, &e).await
                 }

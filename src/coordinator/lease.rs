@@ -75,17 +75,29 @@ pub(super) enum Interrupted {
     Cancelled,
     /// Another coordinator runs it now: touch nothing.
     Lost,
+    /// A step failed on something that may pass (the metadata store unavailable, a write
+    /// that lost a race): work that can repeat its steps tries again while its lease holds;
+    /// other work treats it as `Failed`.
+    Transient(String),
 }
 
 impl From<super::errors::CoordError> for Interrupted {
     fn from(e: super::errors::CoordError) -> Self {
-        Interrupted::Failed(e.to_string())
+        match e {
+            super::errors::CoordError::Unavailable(_) => Interrupted::Transient(e.to_string()),
+            e => Interrupted::Failed(e.to_string()),
+        }
     }
 }
 
 impl From<MetaError> for Interrupted {
     fn from(e: MetaError) -> Self {
-        Interrupted::Failed(e.to_string())
+        match e {
+            MetaError::Unavailable(_) | MetaError::Changed(_) => {
+                Interrupted::Transient(e.to_string())
+            }
+            e => Interrupted::Failed(e.to_string()),
+        }
     }
 }
 

@@ -180,7 +180,7 @@ impl Coordinator {
                 Err(Interrupted::Cancelled) => {
                     self.cancel_rf_change(&migration, Copied::default()).await
                 }
-                Err(Interrupted::Failed(e)) => {
+                Err(Interrupted::Failed(e) | Interrupted::Transient(e)) => {
                     tracing::error!(migration = %id, error = %e, "replication-factor change failed; the RF stays as it was");
                     self.meta.fail_migration(&id, &e).await
                 }

@@ -201,7 +201,7 @@ impl Coordinator {
                     tracing::warn!(migration = %id, node = %node, "topology change cancelled; rolling back");
                     self.end_rolled_back(&migration, None).await;
                 }
-                Err(Interrupted::Failed(e)) => {
+                Err(Interrupted::Failed(e) | Interrupted::Transient(e)) => {
                     tracing::error!(migration = %id, node = %node, error = %e, "topology change failed; rolling back");
                     self.end_rolled_back(&migration, Some(e)).await;
                 }
@@ -210,51 +210,73 @@ impl Coordinator {
     }
 
     /// Carries change `m` to the end: rounds of (wait until every coordinator sees the ring,
-    /// then lead or follow the changes in progress) until it is final.
+    /// then lead or follow the changes in progress) until it is final. A round that failed on
+    /// something that may pass (the metadata store unavailable, say at the commit) is tried
+    /// again, its first step being to read where the change stands (a commit that landed
+    /// before its answer was lost reads as final); only after `topology_timeout` of nothing
+    /// but such failures does the change fail. The lease bounds this too: a store down for
+    /// long loses it, and the change is taken over once the store is back.
     async fn run_change(&self, m: &Migration, lease: &LeaseGuard) -> Result<(), Interrupted> {
         let mut unrecorded_since = HashMap::new();
+        let mut failing_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(self.settle_time()) => {}
                 () = lease.lost_signal() => return Err(Interrupted::Lost),
             }
-            lease.check()?;
-            self.ring.refresh().await.map_err(CoordError::from)?;
-            let snapshot = self.ring.snapshot();
-            match standing(m.kind, &m.subject, &snapshot.nodes) {
-                Standing::InProgress => {}
-                Standing::Final => return Ok(()),
-                Standing::RolledBack => {
-                    return Err(Interrupted::Failed(
-                        "the change was rolled back before its coordinator stopped".to_owned(),
-                    ));
+            match self.round(m, lease, &mut unrecorded_since).await {
+                Ok(Round::Final) => return Ok(()),
+                Ok(Round::Replan) => failing_since = None,
+                Err(Interrupted::Transient(e)) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.options.topology_timeout {
+                        return Err(Interrupted::Failed(e));
+                    }
+                    tracing::warn!(migration = %m.migration_id, node = %m.subject, error = %e, "a round of a topology change failed on something that may pass; trying again");
                 }
-            }
-            let changes = changes_in(&snapshot.ring);
-            let migrations = self.change_migrations(&changes).await?;
-            // The leader is a change with a migration: one without (its acceptance was cut
-            // short) has no runner.
-            let leads = changes
-                .iter()
-                .find(|(n, _)| migrations.contains_key(n.as_str()))
-                .is_some_and(|(n, _)| n.as_str() == m.subject);
-            let round = if leads {
-                let unrecorded = self
-                    .unrecorded_changes(&changes, &migrations, &mut unrecorded_since)
-                    .await?;
-                if unrecorded {
-                    Round::Replan
-                } else {
-                    self.lead(m, lease, &changes, &migrations, &snapshot.ring)
-                        .await?
-                }
-            } else {
-                self.follow(lease, &changes).await?
-            };
-            if let Round::Final = round {
-                return Ok(());
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// One round of change `m`: where it stands, then lead or follow the changes in progress.
+    async fn round(
+        &self,
+        m: &Migration,
+        lease: &LeaseGuard,
+        unrecorded_since: &mut HashMap<NodeId, Instant>,
+    ) -> Result<Round, Interrupted> {
+        lease.check()?;
+        self.ring.refresh().await.map_err(CoordError::from)?;
+        let snapshot = self.ring.snapshot();
+        match standing(m.kind, &m.subject, &snapshot.nodes) {
+            Standing::InProgress => {}
+            Standing::Final => return Ok(Round::Final),
+            Standing::RolledBack => {
+                return Err(Interrupted::Failed(
+                    "the change was rolled back before its coordinator stopped".to_owned(),
+                ));
+            }
+        }
+        let changes = changes_in(&snapshot.ring);
+        let migrations = self.change_migrations(&changes).await?;
+        // The leader is a change with a migration: one without (its acceptance was cut
+        // short) has no runner.
+        let leads = changes
+            .iter()
+            .find(|(n, _)| migrations.contains_key(n.as_str()))
+            .is_some_and(|(n, _)| n.as_str() == m.subject);
+        if !leads {
+            return self.follow(lease, &changes).await;
+        }
+        if self
+            .unrecorded_changes(&changes, &migrations, unrecorded_since)
+            .await?
+        {
+            return Ok(Round::Replan);
+        }
+        self.lead(m, lease, &changes, &migrations, &snapshot.ring)
+            .await
     }
 
     /// A follower waits for the leader to make the changes final, or for the set to move.
