@@ -3,28 +3,33 @@
 # separate processes, fsync'd logs, RF 3) holding KEYS x VALUE bytes of keys and values
 # (2 GiB by default) gains a fourth node three times:
 #   1. unthrottled, no foreground load: streaming MB/s and time to active;
-#   2. unthrottled, under a steady mixed PUT/GET load at half the cluster's capacity;
+#   2. unthrottled, under a steady mixed PUT/GET load at half the cluster's sustained capacity;
 #   3. with the senders' stream_rate_limit = THROTTLE, under the same load.
-# Between phases the node is removed again and its data deleted. For the loaded phases the
-# load runs in WINDOW-second windows while the change runs; the p99 reported is the worst
-# window's, against the worst of IDLE_WINDOWS windows of the same load before any change
-# (idle), measured SETTLE seconds after loading so the load's compactions are done.
+# Between phases the node is removed again and its data deleted, and the cluster settles (no
+# node flushed or compacted for QUIET seconds, at most SETTLE). A loaded phase runs one
+# continuous paced load (`pairdb bench --rate --latency-log`) from IDLE seconds before the
+# change to its end, and compares the p99 of the requests due during the change with the p99
+# of those due in the IDLE seconds before it. Each change leaves a timeline (scripts/
+# timeline.py: CPU per process, flushes and compactions per node each second, and the load's
+# p99 per 5 s) in $CLUSTER_DIR/timeline-PHASE.txt.
 #
-#   scripts/bench-streaming.sh                   # about 15 min, 2 GiB
+#   scripts/bench-streaming.sh                   # about 20 min, 2 GiB
 #   KEYS=65536 scripts/bench-streaming.sh         # 512 MiB
 #
-# Env: KEYS (262144), VALUE (8192 bytes), THROTTLE (the default stream_rate_limit, bytes/s),
-# WINDOW (5), IDLE_WINDOWS (6), SETTLE (60), CONCURRENCY (32); ONLY_PHASE1=1 runs phase 1
-# PHASE1_RUNS times (default 1) and stops (no capacity or loaded phases). Everything binds to 127.0.0.1 and is stopped on exit.
+# Env: PAIRDB_BIN (a prebuilt binary; without it the release build), KEYS (262144), VALUE
+# (8192 bytes), THROTTLE (the default stream_rate_limit, bytes/s), IDLE (60), CAPACITY_SECONDS
+# (60: the closed-loop run whose half is the load), SETTLE (300),
+# QUIET (10), CONCURRENCY (32); ONLY_PHASE1=1 runs phase 1 PHASE1_RUNS times (default 1) and
+# stops (no capacity or loaded phases). Everything binds to 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 KEYS="${KEYS:-262144}"
 VALUE="${VALUE:-8192}"
 THROTTLE="${THROTTLE:-8388608}"
-WINDOW="${WINDOW:-5}"
-SETTLE="${SETTLE:-60}"
-IDLE_WINDOWS="${IDLE_WINDOWS:-6}"
+SETTLE="${SETTLE:-300}"
+IDLE="${IDLE:-60}"
+CAPACITY_SECONDS="${CAPACITY_SECONDS:-60}"
 CONCURRENCY="${CONCURRENCY:-32}"
 ONLY_PHASE1="${ONLY_PHASE1:-0}"
 PHASE1_RUNS="${PHASE1_RUNS:-1}"
@@ -33,12 +38,13 @@ export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18090}"
 export BASE_PORT="${BASE_PORT:-17300}"
 export SYNC=always AUTH=none WRITE_RATE_LIMIT=1000000000 READ_RATE_LIMIT=1000000000
 URL="http://$GATEWAY_ADDR"
-BIN=target/release/pairdb
+BIN="${PAIRDB_BIN:-target/release/pairdb}"
+export PAIRDB_BIN="$BIN"
 S4_PORT=$((BASE_PORT + 4))
 S4_GOSSIP=$((BASE_PORT + 204))
 SEEDS="127.0.0.1:$((BASE_PORT + 201)),127.0.0.1:$((BASE_PORT + 202)),127.0.0.1:$((BASE_PORT + 203))"
 
-cargo build --release --locked
+if [ "$BIN" = target/release/pairdb ]; then cargo build --release --locked; fi
 rm -rf "$CLUSTER_DIR"
 S4_PID=""
 stop_s4() {
@@ -65,6 +71,22 @@ start_s4() {
 }
 
 migration() { curl -fsS "$URL/v1/admin/migrations/$1"; }
+
+# Samples every process's CPU and the storage engines' flush/compaction counters once a second
+# into $CLUSTER_DIR/timeline-NAME.txt (scripts/timeline.py); prints the sampler's pid.
+start_timeline() { # name
+  local args=() name f
+  for f in "$CLUSTER_DIR"/pids/*.pid; do
+    name="$(basename "$f" .pid)"
+    case "$name" in
+      s[1-3]) args+=("$name=$(cat "$f"):http://127.0.0.1:$((BASE_PORT + ${name#s} + 1000))/metrics") ;;
+      *) args+=("$name=$(cat "$f")") ;;
+    esac
+  done
+  args+=("s4=$S4_PID:http://127.0.0.1:$((S4_PORT + 1000))/metrics")
+  python3 scripts/timeline.py "$CLUSTER_DIR/timeline-$1.txt" "${args[@]}" >/dev/null 2>&1 &
+  echo $!
+}
 wait_done() { # migration id
   while :; do
     state="$(migration "$1" | json 'd["state"]')"
@@ -84,22 +106,17 @@ watch_stream() {
   done
 }
 
-# One addition of s4; with a rate, the load runs in windows until it completed. Prints
-# "seconds_to_active bytes mb_per_s worst_window_p99_ms"; MB/s over the streaming itself (first
-# byte to completion, not the settle time before it).
-add_s4() { # rate (0: no load)
-  local rate="$1" started id p99s=() watch="$CLUSTER_DIR/watch"
+# One addition of s4, followed to its end. Prints "seconds_to_active bytes mb_per_s"; MB/s over
+# the streaming itself (first byte to completion, not the settle time before it). Leaves a
+# timeline in $CLUSTER_DIR/timeline-$TIMELINE_NAME.txt.
+add_s4() {
+  local started id watch="$CLUSTER_DIR/watch"
   started="$(date +%s.%N)"
   id="$(curl -fsS -X POST "$URL/v1/admin/storage-nodes" -H 'Content-Type: application/json' \
     -d "{\"node_id\":\"s4\",\"host\":\"127.0.0.1\",\"port\":$S4_PORT}" | json 'd["migration_id"]')"
-  watch_stream "$id" >"$watch" &
-  local watcher=$!
-  if [ "$rate" -gt 0 ]; then
-    while [ "$(migration "$id" | json 'd["state"]')" = in_progress ]; do
-      p99s+=("$(bench --workload mixed --rate "$rate" --duration "${WINDOW}s" | json 'd["latency_ms"]["p99"]')")
-    done
-  fi
-  wait "$watcher"
+  local sampler; sampler="$(start_timeline "$TIMELINE_NAME")"
+  watch_stream "$id" >"$watch"
+  kill -TERM "$sampler" 2>/dev/null || true
   wait_done "$id"
   local first ended; read -r first ended <"$watch"
   migration "$id" | python3 -c "
@@ -107,8 +124,47 @@ import json, sys
 m = json.load(sys.stdin)
 streamed = m['progress']['bytes_migrated']
 mbs = streamed / max($ended - $first, 0.001) / 1e6
-p99s = [float(x) for x in '${p99s[*]:-}'.split()]
-print(f'{$ended - $started:.1f} {streamed} {mbs:.1f} {max(p99s) if p99s else 0:.2f}')"
+print(f'{$ended - $started:.1f} {streamed} {mbs:.1f}')"
+}
+
+# One addition of s4 under a paced mixed load at $1 req/s that runs without a break from IDLE
+# seconds before the change (after a 5 s warm-up) to its end. Prints "seconds_to_active bytes
+# mb_per_s idle_p99_ms during_p99_ms": the p99 of the requests due in the IDLE seconds before
+# the change, and of those due while it ran (request to `active`), both from one latency log
+# (`pairdb bench --latency-log`). The timeline gets the p99 of every 5 s.
+loaded_add() { # rate
+  local log="$CLUSTER_DIR/latencies-$TIMELINE_NAME.txt" load idle_from change_at ended result
+  bench --workload mixed --rate "$1" --duration 1h --latency-log "$log" >/dev/null &
+  load=$!
+  sleep 5
+  idle_from="$(date +%s.%N)"
+  sleep "$IDLE"
+  change_at="$(date +%s.%N)"
+  result="$(add_s4)"
+  ended="$(date +%s.%N)"
+  # SIGTERM, not SIGINT: a background job of a script starts with SIGINT ignored.
+  kill -TERM "$load"; wait "$load"
+  python3 - "$log" "$idle_from" "$change_at" "$ended" "$CLUSTER_DIR/timeline-$TIMELINE_NAME.txt" <<'PY' | { read -r p; echo "$result $p"; }
+import sys
+log, idle_from, change_at, ended, timeline = sys.argv[1], *map(float, sys.argv[2:5]), sys.argv[5]
+def p99(xs):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * 0.99))] / 1000 if xs else 0.0
+idle, during, buckets = [], [], {}
+for line in open(log):
+    due, micros, _status = line.split()
+    t = int(due) / 1e6
+    if idle_from <= t < change_at:
+        idle.append(int(micros))
+    elif change_at <= t <= ended:
+        during.append(int(micros))
+    if idle_from <= t <= ended:
+        buckets.setdefault(int((t - change_at) // 5), []).append(int(micros))
+with open(timeline, "a") as out:
+    for b in sorted(buckets):
+        out.write(f"load p99 in [{b * 5}, {b * 5 + 5}) s from the change: {p99(buckets[b]):.1f} ms ({len(buckets[b])} requests)\n")
+print(f"{p99(idle):.1f} {p99(during):.1f}")
+PY
 }
 
 remove_s4() {
@@ -117,53 +173,81 @@ remove_s4() {
   stop_s4
 }
 
-# Phases 1 and 2 stream unthrottled (the default stream_rate_limit is 8 MiB/s).
+# Waits until no storage node flushed or compacted for QUIET seconds (at most SETTLE), so a
+# phase starts without the previous one's compaction debt.
+settle() {
+  python3 - "$SETTLE" "${QUIET:-10}" "$BASE_PORT" <<'PY'
+import re, sys, time, urllib.request
+limit, quiet, base = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+def work():
+    total = 0.0
+    for i in (1, 2, 3, 4):
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{base + i + 1000}/metrics", timeout=1).read().decode()
+        except OSError:
+            continue
+        for m in re.finditer(r'^pairdb_engine_(?:flushes|compaction_bytes_written)\{[^}]*\} ([0-9.eE+-]+)$', text, re.M):
+            total += float(m.group(1))
+    return total
+start = time.monotonic(); last = work(); still = time.monotonic()
+while time.monotonic() - start < limit:
+    time.sleep(1)
+    now = work()
+    if now != last:
+        last, still = now, time.monotonic()
+    elif time.monotonic() - still >= quiet:
+        break
+print(f"settled after {time.monotonic() - start:.0f} s", file=sys.stderr)
+PY
+}
+
+# Phase 1 and 2 stream unthrottled (the default stream_rate_limit is 8 MiB/s).
 PAIRDB_STORAGE_STREAM_RATE_LIMIT=0 scripts/cluster.sh start
 curl -fsS -X POST "$URL/v1/tenants" -H 'Content-Type: application/json' \
   -d '{"tenant_id":"bench","replication_factor":3}' >/dev/null
 echo "== loading $KEYS keys of $VALUE bytes"
 "$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "$VALUE" \
   --concurrency "$CONCURRENCY" --workload reads --duration 1s --json >/dev/null
-# The load's compactions settle before anything is measured.
-sleep "$SETTLE"
+# The load's flushes and compactions settle before anything is measured.
+settle
 if [ "$ONLY_PHASE1" = 1 ]; then
   for run in $(seq 1 "$PHASE1_RUNS"); do
     start_s4
-    read -r t1 b1 m1 _ <<<"$(add_s4 0)"
+    read -r t1 b1 m1 <<<"$(TIMELINE_NAME="phase1-run$run" add_s4)"
     echo "run $run: unthrottled, no load: ${m1} MB/s (${b1} bytes), active after ${t1} s"
     remove_s4
+    settle
   done
   exit 0
 fi
-capacity="$(bench --workload mixed --duration 15s | json 'd["requests_per_second"]')"
+# Sustained capacity: long enough to include the flushes and compactions the load causes (a
+# 15 s run, before them, gave a "half" the cluster could not sustain).
+capacity="$(bench --workload mixed --duration "${CAPACITY_SECONDS}s" | json 'd["requests_per_second"]')"
 half="$(python3 -c "print(max(1, int($capacity / 2)))")"
-# Idle is measured the way the changes are: the worst of several windows.
-idle=0
-for _ in $(seq 1 "$IDLE_WINDOWS"); do
-  p="$(bench --workload mixed --rate "$half" --duration "${WINDOW}s" | json 'd["latency_ms"]["p99"]')"
-  idle="$(python3 -c "print(max($idle, $p))")"
-done
-echo "capacity ${capacity} req/s (mixed); load at ${half} req/s: idle p99 ${idle} ms"
+echo "capacity ${capacity} req/s (mixed); load at ${half} req/s"
 
 start_s4
-read -r t1 b1 m1 _ <<<"$(add_s4 0)"
+read -r t1 b1 m1 <<<"$(TIMELINE_NAME=phase1 add_s4)"
 echo "unthrottled, no load: ${m1} MB/s (${b1} bytes), active after ${t1} s"
 remove_s4
 
+# Each loaded phase is compared with the same load just before it, once the cluster settled.
+settle
 start_s4
-read -r t2 b2 m2 p2 <<<"$(add_s4 "$half")"
-echo "unthrottled, under load: ${m2} MB/s, active after ${t2} s, worst-window p99 ${p2} ms (idle ${idle})"
+read -r t2 b2 m2 idle2 p2 <<<"$(TIMELINE_NAME=phase2 loaded_add "$half")"
+echo "unthrottled, under load: ${m2} MB/s, active after ${t2} s, p99 ${p2} ms during, ${idle2} ms in the ${IDLE} s before"
 remove_s4
 
 scripts/cluster.sh stop >/dev/null
 PAIRDB_STORAGE_STREAM_RATE_LIMIT="$THROTTLE" scripts/cluster.sh start >/dev/null
+settle
 start_s4
-read -r t3 b3 m3 p3 <<<"$(add_s4 "$half")"
-echo "throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, worst-window p99 ${p3} ms (idle ${idle})"
+read -r t3 b3 m3 idle3 p3 <<<"$(TIMELINE_NAME=phase3 loaded_add "$half")"
+echo "throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, p99 ${p3} ms during, ${idle3} ms in the ${IDLE} s before"
 
-python3 - "$idle" "$p2" "$p3" "$m1" <<'PY'
+python3 - "$idle2" "$p2" "$idle3" "$p3" "$m1" <<'PY'
 import sys
-idle, p_un, p_th, mbs = map(float, sys.argv[1:])
-print(f"p99 during/idle: unthrottled {p_un / idle:.2f}x, throttled {p_th / idle:.2f}x; "
+idle_un, p_un, idle_th, p_th, mbs = map(float, sys.argv[1:])
+print(f"p99 during/idle: unthrottled {p_un / idle_un:.2f}x, throttled {p_th / idle_th:.2f}x; "
       f"unthrottled streaming {mbs:.0f} MB/s (goals: <= 2x throttled, >= 100 MB/s)")
 PY

@@ -265,6 +265,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also write one line per request to this file: when it was due (Unix time, µs), its
+    /// latency (µs) and HTTP status, so percentiles can be taken over any span afterwards.
+    #[arg(long)]
+    pub latency_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

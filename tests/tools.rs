@@ -137,6 +137,7 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
             .is_some_and(|p| p > 0.0),
         "{report}"
     );
+    bench_stops_on_sigterm_with_a_latency_line_per_request(&url, dir.path());
     let unreachable = pairdb("http://127.0.0.1:1", &["kv", "get", "x"]);
     assert_eq!(unreachable.status.code(), Some(1));
 
@@ -199,4 +200,74 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         json!({"a": [1, 2]}),
         "keys survive the cleanup"
     );
+}
+
+/// A paced `pairdb bench` with an hour to run, stopped by SIGTERM after about 2 s: it exits 0
+/// with the report of what ran, and its latency log holds one line per request counted, each
+/// due within the run, answered 200, with a latency of at least 1 µs.
+fn bench_stops_on_sigterm_with_a_latency_line_per_request(url: &str, dir: &std::path::Path) {
+    let log = dir.join("latencies.txt");
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
+    let before = unix_now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pairdb"))
+        .args([
+            "bench",
+            "--url",
+            url,
+            "--tenant",
+            "demo",
+            "--workload",
+            "mixed",
+        ])
+        .args([
+            "--keys",
+            "200",
+            "--concurrency",
+            "4",
+            "--rate",
+            "200",
+            "--no-preload",
+        ])
+        .args(["--duration", "1h", "--json", "--latency-log"])
+        .arg(&log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pairdb bench");
+    std::thread::sleep(Duration::from_secs(2));
+    let status = common::terminate(&mut child);
+    let after = unix_now();
+    let out = child.wait_with_output().expect("bench output");
+    assert!(
+        status.success(),
+        "exit {status:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let requests = report["requests"].as_u64().unwrap();
+    assert!(requests >= 100, "paced at 200/s for 2 s: {report}");
+    assert!(report["seconds"].as_f64().unwrap() < 30.0, "{report}");
+    let text = std::fs::read_to_string(&log).expect("latency log");
+    let lines: Vec<Vec<u64>> = text
+        .lines()
+        .map(|l| l.split(' ').map(|f| f.parse().expect(l)).collect())
+        .collect();
+    assert_eq!(lines.len() as u64, requests, "one line per request");
+    for line in &lines {
+        let [due, micros, status] = line[..] else {
+            panic!("three fields: {line:?}")
+        };
+        assert!(
+            (before..=after).contains(&due),
+            "{line:?} not in {before}..{after}"
+        );
+        // 100 ms of slack: the two clocks the due time is mapped through may drift a little.
+        assert!(micros >= 1 && due + micros <= after + 100_000, "{line:?}");
+        assert_eq!(status, 200, "{line:?}");
+    }
 }

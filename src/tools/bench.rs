@@ -4,15 +4,19 @@
 //! (`--no-preload` skips that). `--rate N` paces the run at N requests per second in total
 //! (open loop: a request's latency counts from when it was due). Latencies go into HDR histograms (one per worker, merged), a
 //! progress bar shows the running rate, and the end prints throughput and p50/p90/p99/p99.9,
-//! or one JSON object with `--json`.
+//! or one JSON object with `--json`. SIGINT or SIGTERM ends the run early, with the report of
+//! what ran. `--latency-log FILE` also writes one line per request (due time in Unix µs,
+//! latency µs, status), so a benchmark script can take percentiles over any span of one
+//! continuous load (e.g. before and during a topology change).
 //!
 //! The request shapes are those of `../shared/bench/wrk/pairdb_*.lua`, so its numbers can be
 //! compared with wrk's.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
@@ -149,17 +153,31 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     );
     let started = Instant::now();
     let deadline = started + duration;
+    let stopped = stop_on_signal()?;
+    let (log, log_writer) = match &args.latency_log {
+        Some(path) => {
+            let (tx, writer) = latency_log(path)?;
+            (Some(tx), Some(writer))
+        }
+        None => (None, None),
+    };
+    // Due times as Unix time: the log's instants mapped through one reading of both clocks.
+    let unix_at_start = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("the system clock is before 1970")?;
     let mut tasks = tokio::task::JoinSet::new();
     // With --rate: the interval between two requests of the whole run.
     let pace = (args.rate > 0).then(|| Duration::from_secs(1) / args.rate);
     let concurrency = args.concurrency;
     for worker in 0..args.concurrency {
-        let (client, url, value, consistency, done) = (
+        let (client, url, value, consistency, done, stopped, log) = (
             client.clone(),
             url.clone(),
             value.clone(),
             consistency.clone(),
             done.clone(),
+            stopped.clone(),
+            log.clone(),
         );
         let workload = args.workload;
         tasks.spawn(async move {
@@ -174,7 +192,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             let every = pace.map(|p| p * concurrency);
             let mut due =
                 Instant::now() + every.map_or(Duration::ZERO, |e| e * worker / concurrency);
-            while Instant::now() < deadline {
+            while Instant::now() < deadline && !stopped.load(Ordering::Relaxed) {
                 let r = next(&mut rng);
                 let write = match workload {
                     Workload::Writes => true,
@@ -193,6 +211,12 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 let status = one(&client, &url, write, (r >> 1) % keys, &value, &consistency).await;
                 let micros = sent.elapsed().as_micros().max(1) as u64;
                 w.histogram.saturating_record(micros);
+                if let Some(log) = &log {
+                    let due = unix_at_start + sent.saturating_duration_since(started);
+                    // The writer ends only when every sender is gone: a send cannot fail
+                    // before that, and a line lost to a failed writer is reported at its join.
+                    let _ = log.send((due.as_micros() as u64, micros, status));
+                }
                 *w.statuses.entry(status).or_insert(0) += 1;
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -226,6 +250,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         }
     }
     ticker.abort();
+    drop(log);
+    if let Some(writer) = log_writer {
+        writer.await.context("latency log writer")??;
+    }
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let requests = histogram.len();
@@ -253,6 +281,47 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         latency_ms,
         statuses,
     })
+}
+
+/// A flag that SIGINT or SIGTERM sets: workers finish the request in flight and stop.
+fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let stopped = Arc::new(AtomicBool::new(false));
+    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let flag = stopped.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        flag.store(true, Ordering::Relaxed);
+    });
+    Ok(stopped)
+}
+
+type LogLine = (u64, u64, u16);
+
+/// The `--latency-log` file and the task writing the lines sent to it; the task ends (flushed)
+/// once every sender is dropped.
+fn latency_log(
+    path: &std::path::Path,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::UnboundedSender<LogLine>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("--latency-log {}", path.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<LogLine>();
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut out = std::io::BufWriter::new(file);
+        while let Some((due, micros, status)) = rx.blocking_recv() {
+            writeln!(out, "{due} {micros} {status}")?;
+        }
+        out.flush()?;
+        Ok(())
+    });
+    Ok((tx, writer))
 }
 
 impl std::fmt::Display for Report {
