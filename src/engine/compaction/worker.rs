@@ -18,6 +18,9 @@ use crate::engine::{Core, State, io_err};
 
 use super::policy::{self, CompactionTask};
 
+/// How often a compaction checks its pace against `compaction_bytes_per_sec`.
+const THROTTLE_STEP: u64 = 1 << 20;
+
 /// Sleeps as needed to keep `written` bytes since `start` under `rate` bytes/s.
 fn throttle(start: Instant, written: u64, rate: Option<u64>) {
     let Some(rate) = rate.filter(|r| *r > 0) else {
@@ -116,6 +119,7 @@ impl Core {
             crate::wallclock::now_ms().saturating_sub(self.options.gc_grace.as_millis() as u64);
         let start = Instant::now();
         let mut written = 0u64;
+        let mut paced = THROTTLE_STEP;
         let mut outputs: Vec<TableMeta> = Vec::new();
         let mut builder: Option<TableBuilder> = None;
         let mut dropped = 0u64;
@@ -147,19 +151,26 @@ impl Core {
             }
             if let Some(b) = builder.as_mut() {
                 b.add(&ikey, &record)?;
+                let so_far = written + b.estimated_size();
+                if so_far >= paced {
+                    // Paced every THROTTLE_STEP, not per output table: a table written at
+                    // full speed and then a long sleep is a burst the foreground feels.
+                    throttle(start, so_far, self.options.compaction_bytes_per_sec);
+                    paced = so_far + THROTTLE_STEP;
+                }
                 if b.estimated_size() >= self.options.table_bytes {
                     if let Some(done) = builder.take() {
                         let meta = done.finish()?;
                         written += meta.file_bytes;
+                        self.count_written(meta.file_bytes);
                         outputs.push(meta);
-                        throttle(start, written, self.options.compaction_bytes_per_sec);
                     }
                 }
             }
         }
         if let Some(done) = builder.take() {
             let meta = done.finish()?;
-            written += meta.file_bytes;
+            self.count_written(meta.file_bytes);
             outputs.push(meta);
         }
         let vfs = &*self.options.vfs;
@@ -180,10 +191,14 @@ impl Core {
                 .map_err(|e| io_err("remove compacted", &path, e))?;
         }
         self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
+        Ok(dropped)
+    }
+
+    /// Counts an output table as it is finished, so a long compaction shows its progress.
+    fn count_written(&self, bytes: u64) {
         self.metrics
             .compaction_bytes_written
-            .fetch_add(written, Ordering::Relaxed);
-        Ok(dropped)
+            .fetch_add(bytes, Ordering::Relaxed);
     }
 
     fn install(

@@ -12,6 +12,11 @@ use crate::engine::vfs::{BufferedWriter, Vfs};
 use super::bloom::{Bloom, key_hash};
 use super::{FOOTER_LEN, FORMAT_VERSION, MAGIC, TableMeta};
 
+/// A table's bytes are handed to writeback every this many bytes as they are written, so a
+/// 64 MiB flush or compaction output reaches the device steadily instead of in one burst at
+/// its fsync, where every commit-log fsync of the node would queue behind it.
+const WRITE_BEHIND: u64 = 1 << 20;
+
 pub struct TableBuilder {
     path: PathBuf,
     out: BufferedWriter,
@@ -33,7 +38,7 @@ impl TableBuilder {
         let file = vfs.create(path, false).map_err(|e| io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
-            out: BufferedWriter::new(file, 256 * 1024),
+            out: BufferedWriter::new(file, 256 * 1024).with_write_behind(WRITE_BEHIND),
             offset: 0,
             block_bytes,
             block: Vec::with_capacity(block_bytes * 2),
