@@ -18,7 +18,8 @@
 #
 # Env: PAIRDB_BIN (a prebuilt binary; without it the release build), KEYS (262144), VALUE
 # (8192 bytes), THROTTLE (the default stream_rate_limit, bytes/s), IDLE (60), CAPACITY_SECONDS
-# (60: the closed-loop run whose half is the load), SETTLE (300),
+# (180: the closed-loop run whose last minute's rate, halved, is the load), PHASES ("1 2 3"),
+# SETTLE (300),
 # QUIET (10), CONCURRENCY (32); ONLY_PHASE1=1 runs phase 1 PHASE1_RUNS times (default 1) and
 # stops (no capacity or loaded phases). Everything binds to 127.0.0.1 and is stopped on exit.
 set -euo pipefail
@@ -29,7 +30,8 @@ VALUE="${VALUE:-8192}"
 THROTTLE="${THROTTLE:-8388608}"
 SETTLE="${SETTLE:-300}"
 IDLE="${IDLE:-60}"
-CAPACITY_SECONDS="${CAPACITY_SECONDS:-60}"
+CAPACITY_SECONDS="${CAPACITY_SECONDS:-180}"
+PHASES="${PHASES:-1 2 3}"
 CONCURRENCY="${CONCURRENCY:-32}"
 ONLY_PHASE1="${ONLY_PHASE1:-0}"
 PHASE1_RUNS="${PHASE1_RUNS:-1}"
@@ -133,9 +135,17 @@ print(f'{$ended - $started:.1f} {streamed} {mbs:.1f}')"
 # the change, and of those due while it ran (request to `active`), both from one latency log
 # (`pairdb bench --latency-log`). The timeline gets the p99 of every 5 s.
 loaded_add() { # rate
-  local log="$CLUSTER_DIR/latencies-$TIMELINE_NAME.txt" load idle_from change_at ended result
-  bench --workload mixed --rate "$1" --duration 1h --latency-log "$log" >/dev/null &
+  local log="$CLUSTER_DIR/latencies-$TIMELINE_NAME.txt" idle_from change_at ended result
+  # `load` is not local: the EXIT trap below reads it after this function returned.
+  # The binary itself in the background (not through the `bench` function, whose subshell
+  # would take the signal and leave the load running).
+  "$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "$VALUE" \
+    --concurrency "$CONCURRENCY" --no-preload --json --workload mixed --rate "$1" \
+    --duration 1h --latency-log "$log" >/dev/null &
   load=$!
+  # This function runs in a command substitution's subshell: its own EXIT trap stops the load
+  # if the phase fails half-way.
+  trap 'kill -TERM "$load" 2>/dev/null || true' EXIT
   sleep 5
   idle_from="$(date +%s.%N)"
   sleep "$IDLE"
@@ -220,34 +230,53 @@ if [ "$ONLY_PHASE1" = 1 ]; then
   done
   exit 0
 fi
-# Sustained capacity: long enough to include the flushes and compactions the load causes (a
-# 15 s run, before them, gave a "half" the cluster could not sustain).
-capacity="$(bench --workload mixed --duration "${CAPACITY_SECONDS}s" | json 'd["requests_per_second"]')"
-half="$(python3 -c "print(max(1, int($capacity / 2)))")"
-echo "capacity ${capacity} req/s (mixed); load at ${half} req/s"
+has_phase() { case " $PHASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+m1=0 idle2=0 p2=0 idle3=0 p3=0
 
-start_s4
-read -r t1 b1 m1 <<<"$(TIMELINE_NAME=phase1 add_s4)"
-echo "unthrottled, no load: ${m1} MB/s (${b1} bytes), active after ${t1} s"
-remove_s4
+if has_phase 1; then
+  start_s4
+  read -r t1 b1 m1 <<<"$(TIMELINE_NAME=phase1 add_s4)"
+  echo "unthrottled, no load: ${m1} MB/s (${b1} bytes), active after ${t1} s"
+  remove_s4
+fi
+
+# Sustained capacity: a closed-loop run of CAPACITY_SECONDS, counting only its last minute, so
+# the flushes and compactions the load causes are paid for in the rate (a 15 s run, before
+# them, gave a "half" the cluster could not sustain).
+settle
+bench --workload mixed --duration "${CAPACITY_SECONDS}s" --latency-log "$CLUSTER_DIR/latencies-capacity.txt" >/dev/null
+capacity="$(python3 - "$CLUSTER_DIR/latencies-capacity.txt" <<'PY'
+import sys
+dues = [int(line.split()[0]) for line in open(sys.argv[1])]
+end = max(dues)
+print(sum(1 for d in dues if d > end - 60_000_000) / 60)
+PY
+)"
+half="$(python3 -c "print(max(1, int($capacity / 2)))")"
+echo "capacity ${capacity} req/s (mixed, the last 60 s of ${CAPACITY_SECONDS} s); load at ${half} req/s"
 
 # Each loaded phase is compared with the same load just before it, once the cluster settled.
-settle
-start_s4
-read -r t2 b2 m2 idle2 p2 <<<"$(TIMELINE_NAME=phase2 loaded_add "$half")"
-echo "unthrottled, under load: ${m2} MB/s, active after ${t2} s, p99 ${p2} ms during, ${idle2} ms in the ${IDLE} s before"
-remove_s4
+if has_phase 2; then
+  settle
+  start_s4
+  read -r t2 b2 m2 idle2 p2 <<<"$(TIMELINE_NAME=phase2 loaded_add "$half")"
+  echo "unthrottled, under load: ${m2} MB/s, active after ${t2} s, p99 ${p2} ms during, ${idle2} ms in the ${IDLE} s before"
+  remove_s4
+fi
 
-scripts/cluster.sh stop >/dev/null
-PAIRDB_STORAGE_STREAM_RATE_LIMIT="$THROTTLE" scripts/cluster.sh start >/dev/null
-settle
-start_s4
-read -r t3 b3 m3 idle3 p3 <<<"$(TIMELINE_NAME=phase3 loaded_add "$half")"
-echo "throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, p99 ${p3} ms during, ${idle3} ms in the ${IDLE} s before"
+if has_phase 3; then
+  scripts/cluster.sh stop >/dev/null
+  PAIRDB_STORAGE_STREAM_RATE_LIMIT="$THROTTLE" scripts/cluster.sh start >/dev/null
+  settle
+  start_s4
+  read -r t3 b3 m3 idle3 p3 <<<"$(TIMELINE_NAME=phase3 loaded_add "$half")"
+  echo "throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, p99 ${p3} ms during, ${idle3} ms in the ${IDLE} s before"
+fi
 
 python3 - "$idle2" "$p2" "$idle3" "$p3" "$m1" <<'PY'
 import sys
 idle_un, p_un, idle_th, p_th, mbs = map(float, sys.argv[1:])
-print(f"p99 during/idle: unthrottled {p_un / idle_un:.2f}x, throttled {p_th / idle_th:.2f}x; "
+ratio = lambda during, idle: f"{during / idle:.2f}x" if idle else "not run"
+print(f"p99 during/idle: unthrottled {ratio(p_un, idle_un)}, throttled {ratio(p_th, idle_th)}; "
       f"unthrottled streaming {mbs:.0f} MB/s (goals: <= 2x throttled, >= 100 MB/s)")
 PY
