@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -153,7 +153,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     );
     let started = Instant::now();
     let deadline = started + duration;
-    let stopped = stop_on_signal()?;
+    // SIGINT or SIGTERM: workers finish the request in flight and stop.
+    let stopped = crate::shutdown::on_signal().context("signal handlers")?;
     let (log, log_writer) = match &args.latency_log {
         Some(path) => {
             let (tx, writer) = latency_log(path)?;
@@ -192,7 +193,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             let every = pace.map(|p| p * concurrency);
             let mut due =
                 Instant::now() + every.map_or(Duration::ZERO, |e| e * worker / concurrency);
-            while Instant::now() < deadline && !stopped.load(Ordering::Relaxed) {
+            while Instant::now() < deadline && !stopped.is_cancelled() {
                 let r = next(&mut rng);
                 let write = match workload {
                     Workload::Writes => true,
@@ -281,23 +282,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         latency_ms,
         statuses,
     })
-}
-
-/// A flag that SIGINT or SIGTERM sets: workers finish the request in flight and stop.
-fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let stopped = Arc::new(AtomicBool::new(false));
-    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let flag = stopped.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-        flag.store(true, Ordering::Relaxed);
-    });
-    Ok(stopped)
 }
 
 type LogLine = (u64, u64, u16);
