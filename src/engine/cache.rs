@@ -64,6 +64,12 @@ impl RowCache {
         }
     }
 
+    pub fn remove(&self, ikey: &[u8]) {
+        if let Some(cache) = &self.cache {
+            cache.remove(ikey);
+        }
+    }
+
     /// Removes every entry `keep` says no to.
     pub fn retain(&self, keep: impl Fn(&Record) -> bool) {
         if let Some(cache) = &self.cache {

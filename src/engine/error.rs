@@ -39,6 +39,10 @@ pub enum EngineError {
     },
     #[error("the engine is closed")]
     Closed,
+    /// The range trees could not be built at open (a damaged table): anti-entropy cannot
+    /// compare this node until it restarts with the damage repaired.
+    #[error("range hash trees incomplete: {0}")]
+    TreesIncomplete(String),
 }
 
 impl EngineError {

@@ -52,6 +52,7 @@ mod options;
 mod quarantine;
 mod read;
 pub mod sstable;
+pub mod trees;
 mod types;
 pub mod vfs;
 mod wal;
@@ -85,6 +86,7 @@ pub use disk::{
 };
 pub use error::{EngineError, Result};
 pub use options::{EngineOptions, SyncMode};
+pub use trees::SegmentGroup;
 pub use types::{ApplyOutcome, RangeDrop, Record, internal_key};
 pub use wal::ReplayStats;
 
@@ -183,6 +185,11 @@ pub(crate) struct Core {
     /// The durable manifest; its lock serializes every change of the table set.
     manifest: Mutex<Manifest>,
     stripes: Box<[Stripe]>,
+    /// Per-tenant segment hashes of the winners (anti-entropy); see `trees`.
+    trees: trees::RangeTrees,
+    /// The trees were built at open from a scan that read everything (a damaged table ends
+    /// the scan early: then the trees are incomplete and not served).
+    trees_complete: AtomicBool,
     cache: RowCache,
     disk: DiskGuard,
     metrics: EngineMetrics,
@@ -323,6 +330,28 @@ impl Engine {
         self.core.drop_ranges(drops)
     }
 
+    /// The XOR of the range-tree segments of each group, for `tenant` (see [`trees`]).
+    pub fn segment_hashes(&self, tenant: &str, groups: &[SegmentGroup]) -> Result<Vec<u64>> {
+        self.core.check_open()?;
+        check_tenant(tenant)?;
+        if !self.core.trees_complete.load(Ordering::Acquire) {
+            return Err(EngineError::TreesIncomplete(
+                "a damaged table ended the scan at open".to_owned(),
+            ));
+        }
+        Ok(self.core.trees.group_hashes(tenant, groups))
+    }
+
+    /// Every non-empty segment of `tenant`'s range tree (tests and tools).
+    pub fn tree_segments(&self, tenant: &str) -> std::collections::BTreeMap<u32, u64> {
+        self.core.trees.segments(tenant)
+    }
+
+    /// Tenants with at least one record (value or tombstone), from the range trees.
+    pub fn tenants(&self) -> Vec<String> {
+        self.core.trees.tenants()
+    }
+
     pub fn stats(&self) -> EngineStats {
         self.core.stats()
     }
@@ -413,6 +442,12 @@ impl Core {
         }
         self.cache
             .retain(|r| !drops.iter().any(|d| d.covers(&r.tenant, r.ring_hash)));
+    }
+
+    /// Every stripe lock, in order (writers take one at a time, so this cannot deadlock):
+    /// no write is applied while the guards live.
+    fn lock_all_stripes(&self) -> Vec<parking_lot::MutexGuard<'_, ()>> {
+        self.stripes.iter().map(|s| s.lock.lock()).collect()
     }
 
     fn snapshot(&self) -> Arc<State> {

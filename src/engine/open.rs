@@ -2,6 +2,8 @@
 //! unreadable), replay the commit log above the flushed sequence into a memtable, remove
 //! orphaned files, start the flush, compaction and (batch_ms) sync workers.
 
+use super::trees::RangeTrees;
+use super::write::tree_entry;
 use super::{
     Arc, AtomicBool, AtomicU64, CommitLog, Condvar, Core, DiskGuard, Duration, Engine, EngineError,
     EngineMetrics, EngineOptions, LogOptions, Manifest, Memtable, Mutex, Ordering, Path, Result,
@@ -102,6 +104,8 @@ impl Engine {
             })),
             manifest: Mutex::new(manifest),
             stripes,
+            trees: RangeTrees::default(),
+            trees_complete: AtomicBool::new(false),
             metrics: EngineMetrics::default(),
             flush_lock: Mutex::new(()),
             compaction_lock: Mutex::new(()),
@@ -116,6 +120,7 @@ impl Engine {
             quarantine: RwLock::new(manifest_quarantine),
             options,
         });
+        core.build_trees();
         let engine = Engine {
             core,
             workers: Mutex::new(Vec::new()),
@@ -166,6 +171,33 @@ impl Engine {
             .map_err(|e| EngineError::io("spawn log syncer", e))?;
         self.workers.lock().push(handle);
         Ok(())
+    }
+}
+
+impl Core {
+    /// Builds the range trees from a scan of every winner (before any write is taken).
+    fn build_trees(self: &Arc<Self>) {
+        let started = std::time::Instant::now();
+        let mut keys = 0u64;
+        for item in self.merge_from(&[], None, &|_| true) {
+            match item {
+                Ok((ikey, record)) => {
+                    self.trees
+                        .toggle(&record.tenant, record.ring_hash, tree_entry(&ikey, &record));
+                    keys += 1;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "range trees incomplete: anti-entropy skips this node until it restarts");
+                    return;
+                }
+            }
+        }
+        self.trees_complete.store(true, Ordering::Release);
+        tracing::info!(
+            keys,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "range trees built"
+        );
     }
 }
 

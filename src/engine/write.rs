@@ -2,7 +2,7 @@
 //! under the key's stripe lock (the winner rule against the stored version), append to the
 //! commit log, and acknowledge only once the log is durable up to the record.
 
-use super::{ApplyOutcome, Arc, Core, Duration, Ordering, Record, Result};
+use super::{ApplyOutcome, Arc, Core, Duration, Ordering, Record, Result, trees};
 
 impl Core {
     pub(super) fn wait_for_flush_room(&self) {
@@ -54,11 +54,11 @@ impl Core {
         let stripe = self.stripe(&ikey);
         let (seq, memtable_bytes) = {
             let _guard = stripe.lock.lock();
-            let current = match self.cache.peek(&ikey) {
-                Some(r) => Some(r),
-                None => self.lookup(&ikey)?,
-            };
-            if let Some(current) = current.filter(|c| !record.version.supersedes(&c.version)) {
+            let current = self.current(&ikey)?;
+            if let Some(current) = current
+                .as_ref()
+                .filter(|c| !record.version.supersedes(&c.version))
+            {
                 self.metrics.writes_ignored.fetch_add(1, Ordering::Relaxed);
                 // What wins may have been appended by a writer still waiting for its sync (or
                 // be a replayed or flushed record, durable already): the ignored write is
@@ -74,6 +74,7 @@ impl Core {
                 state.active.insert(ikey.clone(), record.clone(), seq);
                 (seq, state.active.size_bytes())
             };
+            self.trees_replace(&ikey, current.as_deref(), &record);
             self.cache.insert(ikey, record);
             stripe.generation.fetch_add(1, Ordering::AcqRel);
             (seq, bytes)
@@ -84,4 +85,30 @@ impl Core {
         }
         Ok((ApplyOutcome::Applied, seq))
     }
+
+    /// The winner the write path compares against: the row cache, else the tables.
+    pub(super) fn current(&self, ikey: &[u8]) -> Result<Option<Arc<Record>>> {
+        match self.cache.peek(ikey) {
+            Some(r) => Ok(Some(r)),
+            None => self.lookup(ikey),
+        }
+    }
+
+    /// Replaces `old`'s entry in the range trees by `new`'s (caller holds the key's stripe).
+    pub(super) fn trees_replace(&self, ikey: &[u8], old: Option<&Record>, new: &Record) {
+        if let Some(old) = old {
+            self.trees
+                .toggle(&old.tenant, old.ring_hash, tree_entry(ikey, old));
+        }
+        self.trees
+            .toggle(&new.tenant, new.ring_hash, tree_entry(ikey, new));
+    }
+}
+
+/// A record's entry hash in the range trees, its internal key already at hand.
+pub(super) fn tree_entry(ikey: &[u8], record: &Record) -> u64 {
+    trees::entry_hash(
+        ikey,
+        trees::version_digest(&record.version, record.is_tombstone()),
+    )
 }

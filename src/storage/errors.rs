@@ -24,7 +24,7 @@ pub fn code_of(e: &EngineError) -> ErrorCode {
         EngineError::CommitLog { .. } => ErrorCode::CommitLogFailed,
         EngineError::Corrupted { .. } => ErrorCode::CorruptedData,
         EngineError::ChecksumFailed { .. } => ErrorCode::ChecksumFailed,
-        EngineError::Closed => ErrorCode::Unavailable,
+        EngineError::Closed | EngineError::TreesIncomplete(_) => ErrorCode::Unavailable,
         EngineError::Io { .. } => ErrorCode::Internal,
     }
 }

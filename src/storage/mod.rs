@@ -1,7 +1,9 @@
-//! The storage node: the engine served over gRPC (`service`), its side of cleanup (`cleanup`), range streaming to other nodes
+//! The storage node: the engine served over gRPC (`service`), its side of anti-entropy
+//! (`anti_entropy`), its side of cleanup (`cleanup`), range streaming to other nodes
 //! (`streaming`, throttled by `throttle`), gossip of node health (`gossip`), health and metrics over HTTP (`http`), and
 //! the data-directory lock (`datadir`). Wired together by `roles::storage`.
 
+pub mod anti_entropy;
 pub mod cleanup;
 pub mod convert;
 pub mod datadir;

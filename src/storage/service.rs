@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use prost::Message;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -26,6 +27,7 @@ use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_server::StorageNode;
 use crate::vclock::Version;
 
+use super::anti_entropy;
 use super::cleanup;
 use super::convert::{record_from_proto, record_to_proto};
 use super::errors::{StorageError, invalid};
@@ -546,6 +548,25 @@ impl StorageNode for StorageService {
                 .await
                 .map(|()| pb::DrainResponse { drained: true }),
         )
+    }
+
+    async fn segment_hashes(
+        &self,
+        req: Request<pb::SegmentHashesRequest>,
+    ) -> Result<Response<pb::SegmentHashesResponse>, Status> {
+        reply(anti_entropy::segment_hashes(self.engine.clone(), req.into_inner()).await)
+    }
+
+    type ListSegmentsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::ListSegmentsBatch, Status>> + Send>>;
+
+    async fn list_segments(
+        &self,
+        req: Request<pb::ListSegmentsRequest>,
+    ) -> Result<Response<Self::ListSegmentsStream>, Status> {
+        let rx = anti_entropy::list_segments(self.engine.clone(), req.into_inner())?;
+        let stream = ReceiverStream::new(rx).map(|item| item.map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn record_repair_markers(

@@ -13,7 +13,8 @@ use crate::engine::error::Result;
 use crate::engine::iterators::{MergeIter, Source};
 use crate::engine::levels::LevelEdit;
 use crate::engine::sstable::{SsTable, TableBuilder, TableIter, TableMeta, table_file_name};
-use crate::engine::types::RangeDrop;
+use crate::engine::types::{RangeDrop, Record};
+use crate::engine::write::tree_entry;
 use crate::engine::{Core, State, io_err};
 
 use super::policy::{self, CompactionTask};
@@ -30,6 +31,25 @@ fn throttle(start: Instant, written: u64, rate: Option<u64>) {
     let elapsed = start.elapsed();
     if due > elapsed {
         std::thread::sleep(due - elapsed);
+    }
+}
+
+/// A key's winner that a compaction left out: what the range trees need to take it out.
+struct Removed {
+    ikey: Vec<u8>,
+    tenant: String,
+    ring_hash: u64,
+    entry: u64,
+}
+
+impl Removed {
+    fn of(ikey: Vec<u8>, record: &Record) -> Self {
+        Self {
+            entry: tree_entry(&ikey, record),
+            ikey,
+            tenant: record.tenant.clone(),
+            ring_hash: record.ring_hash,
+        }
     }
 }
 
@@ -123,6 +143,8 @@ impl Core {
         let mut outputs: Vec<TableMeta> = Vec::new();
         let mut builder: Option<TableBuilder> = None;
         let mut dropped = 0u64;
+        // Winners left out, for the range trees (their entries only: never the values).
+        let mut removed: Vec<Removed> = Vec::new();
         for item in MergeIter::new(sources) {
             let (ikey, record) = item?;
             if dropping
@@ -130,6 +152,7 @@ impl Core {
                 .any(|d| d.covers(&record.tenant, record.ring_hash))
             {
                 dropped += 1;
+                removed.push(Removed::of(ikey, &record));
                 continue;
             }
             if task.bottommost && record.is_tombstone() && record.version.timestamp_ms() < gc_before
@@ -137,6 +160,7 @@ impl Core {
                 self.metrics
                     .tombstones_dropped
                     .fetch_add(1, Ordering::Relaxed);
+                removed.push(Removed::of(ikey, &record));
                 continue;
             }
             if builder.is_none() {
@@ -184,7 +208,11 @@ impl Core {
                 meta.id,
             )?);
         }
-        self.install(task, &outputs, opened)?;
+        if removed.is_empty() {
+            self.install(task, &outputs, opened)?;
+        } else {
+            self.install_removing(task, &outputs, opened, &removed)?;
+        }
         for t in &chosen {
             let path = t.path().to_path_buf();
             vfs.remove(&path)
@@ -199,6 +227,42 @@ impl Core {
         self.metrics
             .compaction_bytes_written
             .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Installs a result that left out some keys' winners, and takes those out of the range
+    /// trees, with every stripe lock held: no write can fall between the install and the
+    /// trees' update. A key whose winner is now another version (applied while the task
+    /// ran, which replaced the removed entry then) keeps its entry. The row cache forgets the
+    /// removed records and every stripe's generation moves, so no reader puts one back.
+    fn install_removing(
+        &self,
+        task: &CompactionTask,
+        outputs: &[TableMeta],
+        opened: Vec<Arc<SsTable>>,
+        removed: &[Removed],
+    ) -> Result<()> {
+        let _all = self.lock_all_stripes();
+        self.install(task, outputs, opened)?;
+        for r in removed {
+            let replaced = match self.current(&r.ikey) {
+                Ok(None) => false,
+                Ok(Some(now)) => tree_entry(&r.ikey, &now) != r.entry,
+                Err(e) => {
+                    // The trees are rebuilt at the next open; the repair treats this key's
+                    // segment as different until then.
+                    tracing::warn!(error = %e, "range trees: a removed key could not be looked up");
+                    true
+                }
+            };
+            if !replaced {
+                self.trees.toggle(&r.tenant, r.ring_hash, r.entry);
+                self.cache.remove(&r.ikey);
+            }
+        }
+        for stripe in self.stripes.iter() {
+            stripe.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     fn install(

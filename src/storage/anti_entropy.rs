@@ -1,0 +1,121 @@
+//! The storage node's side of anti-entropy (STORAGE.md, "Anti-entropy"): the XORs of a
+//! tenant's range-tree segments, and the listing of the keys in chosen segments with their
+//! versions' digests. Both answer from the engine's incremental trees and one scan of the
+//! tenant; a repair coordinator walks the trees with them and fixes only the keys that differ.
+//!
+//! Every request is bounded before any work (group and segment counts), and every segment
+//! number is checked against the tree's size: a peer's bytes are not trusted.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::engine::trees::{SEGMENTS, SegmentGroup, segment_of, version_digest};
+use crate::engine::{Engine, EngineError};
+use crate::limits::check_tenant;
+use crate::rpc::storage as pb;
+
+use super::errors::{StorageError, invalid};
+
+/// Groups one `SegmentHashes` call may ask for.
+pub const MAX_GROUPS: usize = 1 << 16;
+/// Segments one `ListSegments` call may list.
+pub const MAX_LISTED_SEGMENTS: usize = 1 << 18;
+/// Entries per `ListSegments` message.
+const LIST_BATCH: usize = 4096;
+
+/// The XOR of each requested group of the tenant's segments.
+pub async fn segment_hashes(
+    engine: Arc<Engine>,
+    req: pb::SegmentHashesRequest,
+) -> Result<pb::SegmentHashesResponse, StorageError> {
+    check_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
+    if req.groups.len() > MAX_GROUPS {
+        return Err(invalid(format!(
+            "{} groups asked, at most {MAX_GROUPS} per call",
+            req.groups.len()
+        )));
+    }
+    let groups = req
+        .groups
+        .iter()
+        .map(|g| {
+            if g.first >= SEGMENTS || g.count == 0 {
+                return Err(invalid(format!(
+                    "segment group {}+{} outside the {SEGMENTS} segments or empty",
+                    g.first, g.count
+                )));
+            }
+            Ok(SegmentGroup {
+                first: g.first,
+                count: g.count,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let hashes =
+        tokio::task::spawn_blocking(move || engine.segment_hashes(&req.tenant_id, &groups))
+            .await
+            .map_err(|e| StorageError::Internal(format!("tree task failed: {e}")))??;
+    Ok(pb::SegmentHashesResponse { hashes })
+}
+
+/// Streams (key, version digest) of every key of the tenant in the requested segments, in
+/// key order, from one scan of the tenant.
+pub fn list_segments(
+    engine: Arc<Engine>,
+    req: pb::ListSegmentsRequest,
+) -> Result<mpsc::Receiver<Result<pb::ListSegmentsBatch, StorageError>>, StorageError> {
+    check_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
+    if req.segments.len() > MAX_LISTED_SEGMENTS {
+        return Err(invalid(format!(
+            "{} segments asked, at most {MAX_LISTED_SEGMENTS} per call",
+            req.segments.len()
+        )));
+    }
+    if let Some(bad) = req.segments.iter().find(|s| **s >= SEGMENTS) {
+        return Err(invalid(format!(
+            "segment {bad} outside the {SEGMENTS} segments"
+        )));
+    }
+    // The trees must be whole for a listing to mean anything next to them.
+    engine.segment_hashes(&req.tenant_id, &[])?;
+    let wanted: HashSet<u32> = req.segments.into_iter().collect();
+    let (tx, rx) = mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let send_err = |e: EngineError| {
+            let _ = tx.blocking_send(Err(StorageError::from(e)));
+        };
+        let scan = match engine.scan_tenant(&req.tenant_id) {
+            Ok(scan) => scan,
+            Err(e) => return send_err(e),
+        };
+        let mut entries = Vec::with_capacity(LIST_BATCH);
+        for item in scan {
+            let record = match item {
+                Ok(r) => r,
+                Err(e) => return send_err(e),
+            };
+            if !wanted.contains(&segment_of(record.ring_hash)) {
+                continue;
+            }
+            entries.push(pb::SegmentEntry {
+                key: record.key.clone(),
+                digest: version_digest(&record.version, record.is_tombstone()),
+            });
+            if entries.len() == LIST_BATCH {
+                let batch = std::mem::replace(&mut entries, Vec::with_capacity(LIST_BATCH));
+                if tx
+                    .blocking_send(Ok(pb::ListSegmentsBatch { entries: batch }))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+        if !entries.is_empty() {
+            let _ = tx.blocking_send(Ok(pb::ListSegmentsBatch { entries }));
+        }
+    });
+    Ok(rx)
+}
