@@ -49,7 +49,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Whatever the ring (derived and allocated tokens mixed, any RFs), the new node's tokens
-    /// only move ranges to the new node, and they are new, distinct tokens.
+    /// only move ranges to the new node, and they are new, distinct tokens on segment
+    /// boundaries.
     #[test]
     fn allocation_moves_data_only_to_the_new_node(
         salt in any::<u32>(),
@@ -68,6 +69,9 @@ proptest! {
         let taken: BTreeSet<u64> = placed.iter().flat_map(|n| n.tokens.iter().copied()).collect();
         prop_assert!(tokens.iter().all(|t| !taken.contains(t)));
         prop_assert_eq!(tokens.iter().collect::<BTreeSet<_>>().len(), tokens.len());
+        // On segment boundaries, whatever the existing tokens: ranges between allocated
+        // tokens are whole anti-entropy segments.
+        prop_assert!(tokens.iter().all(|t| t % pairdb::ring::SEGMENT_WIDTH == 0), "{:x?}", tokens);
         let mut after_nodes = nodes.clone();
         after_nodes.push(RingNode {
             id: new.clone(),

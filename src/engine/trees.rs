@@ -32,13 +32,10 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64_with_seed};
 
 use crate::vclock::Version;
 
-/// Bits of the ring hash that name a key's segment: about one key per segment at a million
-/// keys per range, so a repair lists few keys besides those that differ.
-pub const SEGMENT_BITS: u32 = 20;
-/// Segments of the hash space.
+pub use crate::ring::{SEGMENT_BITS, SEGMENT_WIDTH};
+/// Segments of the hash space (about one key per segment at a million keys per range, so a
+/// repair lists few keys besides those that differ).
 pub const SEGMENTS: u32 = 1 << SEGMENT_BITS;
-/// Width of a segment in ring positions.
-pub const SEGMENT_WIDTH: u64 = 1 << (64 - SEGMENT_BITS);
 
 /// Consecutive segments per lock: a subtree query takes few locks, and writers to different
 /// parts of the ring do not contend.

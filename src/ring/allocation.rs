@@ -27,7 +27,9 @@
 //!   the one taken is always scored against the current ring. Ranges next to a placed token
 //!   are re-scored at once because their replica sets changed.
 //!
-//! Invariants: the returned tokens are distinct, sorted, and distinct from every existing token;
+//! Invariants: the returned tokens are distinct, sorted, distinct from every existing token
+//! and on segment boundaries (multiples of `SEGMENT_WIDTH`, so ranges between them are whole
+//! anti-entropy segments);
 //! the result depends only on the inputs (deterministic); with no informative replication factor
 //! (fewer nodes than the smallest RF) the tokens split the widest ranges in half.
 
@@ -36,7 +38,7 @@ use std::collections::{BTreeSet, BinaryHeap};
 
 use serde::{Deserialize, Serialize};
 
-use super::{NodeId, Ring};
+use super::{NodeId, Ring, SEGMENT_WIDTH, grid_offset};
 
 /// 2^64 as a float: ring widths are handled as fractions of the ring.
 const RING: f64 = 18_446_744_073_709_551_616.0;
@@ -119,7 +121,10 @@ pub fn allocate_tokens(
             match ring.widest_splittable() {
                 Some(i) => {
                     let (a, w) = ring.range(i);
-                    placed.push(ring.insert(a.wrapping_add(w / 2)));
+                    match grid_offset(a, w / 2, w) {
+                        Some(o) => placed.push(ring.insert(a.wrapping_add(o))),
+                        None => break,
+                    }
                 }
                 None => break,
             }
@@ -142,8 +147,8 @@ pub fn allocate_tokens(
 /// `count` tokens spread evenly around the ring from an offset derived from the node id (the
 /// first node of a ring).
 fn evenly_spaced(new: &NodeId, count: u32) -> Vec<u64> {
-    let offset = super::token(new, 0);
-    let step = u64::MAX / u64::from(count.max(1));
+    let offset = super::token(new, 0) & !(SEGMENT_WIDTH - 1);
+    let step = (u64::MAX / u64::from(count.max(1))) & !(SEGMENT_WIDTH - 1);
     (0..u64::from(count))
         .map(|k| offset.wrapping_add(k.wrapping_mul(step)))
         .collect()
@@ -467,7 +472,7 @@ impl Greedy {
 
     /// The best split of range `i` and its cost; `None` when the range is too narrow to split.
     fn score(&mut self, i: usize) -> Option<Split> {
-        let (_, width) = self.ring.range(i);
+        let (start, width) = self.ring.range(i);
         if width < 2 {
             return None;
         }
@@ -524,6 +529,7 @@ impl Greedy {
             })
             .sum();
         let offset = ((u * RING) as u64).clamp(1, width - 1);
+        let offset = grid_offset(start, offset, width)?;
         Some(Split { offset, delta })
     }
 

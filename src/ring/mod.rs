@@ -139,6 +139,31 @@ pub fn key_position(tenant_id: &str, key: &[u8]) -> u64 {
     h.digest()
 }
 
+/// Bits of a ring position that name its anti-entropy segment (`engine::trees`): the ring is
+/// cut into 2^20 segments, and the balanced allocation places tokens on their boundaries so
+/// that every range is a whole number of segments.
+pub const SEGMENT_BITS: u32 = 20;
+/// Width of a segment in ring positions.
+pub const SEGMENT_WIDTH: u64 = 1 << (64 - SEGMENT_BITS);
+
+/// The segment boundary nearest to `start + offset` that lies strictly inside the arc
+/// `(start, start + width)`, as an offset from `start`; `None` when the arc holds none.
+pub fn grid_offset(start: u64, offset: u64, width: u64) -> Option<u64> {
+    let at = start.wrapping_add(offset);
+    let down = at & !(SEGMENT_WIDTH - 1);
+    let up = down.wrapping_add(SEGMENT_WIDTH);
+    let inside = |p: u64| {
+        let o = p.wrapping_sub(start);
+        (o > 0 && o < width).then_some(o)
+    };
+    let (near, far) = if at - down < SEGMENT_WIDTH / 2 {
+        (down, up)
+    } else {
+        (up, down)
+    };
+    inside(near).or_else(|| inside(far))
+}
+
 /// Token `index` of a node.
 pub fn token(node: &NodeId, index: u32) -> u64 {
     xxh3_64(format!("{}#{}", node.0, index).as_bytes())
