@@ -190,6 +190,22 @@ pub enum AdminCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Anti-entropy: compare every range across its replicas and send each replica the newest
+    /// version of every key that differs; prints the repair (a migration of type repair).
+    Repair {
+        /// Only this tenant (default: every tenant).
+        #[arg(long = "tenant")]
+        tenant_id: Option<String>,
+        /// Only the ranges this node replicates (default: every range).
+        #[arg(long = "node")]
+        node_id: Option<String>,
+        /// Follow the repair to its end with a progress bar (ranges done); exit 1 unless it
+        /// completed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The last repair of each range: when, keys compared and fixed, complete or not.
+    RepairStatus,
     /// A migration's status.
     Migration { migration_id: String },
     /// Cancel a migration in progress: it is rolled back (state cancelled).

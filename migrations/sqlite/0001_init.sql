@@ -52,3 +52,16 @@ CREATE TABLE IF NOT EXISTS stream_checkpoints (
     bytes BIGINT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS stream_checkpoints_by_migration ON stream_checkpoints (migration_id);
+-- Anti-entropy: the last repair of each ring range (over every tenant), for
+-- `GET /v1/admin/repair` and the age of the oldest unrepaired range. Range bounds are u64 ring
+-- positions stored as the signed integers with the same bits.
+CREATE TABLE IF NOT EXISTS range_repairs (
+    range_start BIGINT NOT NULL,
+    range_end BIGINT NOT NULL,
+    repaired_at_ms BIGINT NOT NULL,
+    keys_compared BIGINT NOT NULL,
+    keys_fixed BIGINT NOT NULL,
+    -- 1 when every replica of every tenant answered and every difference was fixed.
+    complete BIGINT NOT NULL,
+    PRIMARY KEY (range_start, range_end)
+);

@@ -83,6 +83,15 @@ pub struct CoordinatorConfig {
     pub cleanup_grace: Duration,
     /// Run that cleanup automatically (`POST /v1/admin/cleanup` runs one at any time).
     pub auto_cleanup: bool,
+    /// Anti-entropy: a repair of every range starts this long after the last one started
+    /// (`POST /v1/admin/repair` runs one at any time).
+    #[serde(with = "super::values::human_duration")]
+    pub repair_interval: Duration,
+    /// Run repairs on that schedule.
+    pub auto_repair: bool,
+    /// Bytes per second a repair exchanges with the storage nodes at most (hashes, listings,
+    /// records read and written); 0 = unpaced.
+    pub repair_rate_limit: u64,
     // Earlier names of the durations above, as whole milliseconds (`_ms`) or seconds (`_s`).
     // Still read from files and env vars (a value given this way wins); never written.
     #[doc(hidden)]
@@ -151,6 +160,9 @@ impl Default for CoordinatorConfig {
             cleanup_grace: Duration::from_secs(24 * 3600),
             cleanup_grace_s: None,
             auto_cleanup: true,
+            repair_interval: Duration::from_secs(24 * 3600),
+            auto_repair: true,
+            repair_rate_limit: 16 << 20,
         }
     }
 }

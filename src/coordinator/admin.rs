@@ -235,6 +235,7 @@ fn migration_to_pb(m: Migration) -> pb::Migration {
         MigrationKind::NodeRemoval => pb::MigrationType::NodeRemoval,
         MigrationKind::ReplicationFactorChange => pb::MigrationType::ReplicationFactorChange,
         MigrationKind::Cleanup => pb::MigrationType::Cleanup,
+        MigrationKind::Repair => pb::MigrationType::Repair,
     };
     let state = match m.state {
         MigrationState::Pending => pb::MigrationState::Pending,

@@ -53,7 +53,8 @@ fn running(m: &Migration) -> Option<Running> {
         MigrationKind::Cleanup => Some(Running::Cleanup {
             id: m.migration_id.clone(),
         }),
-        MigrationKind::NodeAddition | MigrationKind::NodeRemoval => None,
+        // A repair yields to changes: it ends when the registry changes under it.
+        MigrationKind::NodeAddition | MigrationKind::NodeRemoval | MigrationKind::Repair => None,
     }
 }
 

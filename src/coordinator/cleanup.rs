@@ -130,7 +130,7 @@ impl Coordinator {
             .recent_migrations(100)
             .await?
             .into_iter()
-            .filter(|m| m.kind != MigrationKind::Cleanup)
+            .filter(|m| m.kind.changes_placement())
             .map(|m| m.updated_at_ms)
             .max();
         if let Some(at) = last {
@@ -594,7 +594,7 @@ async fn cleanup_due(core: &Coordinator, grace: Duration) -> Result<bool, CoordE
     let recent = core.meta.recent_migrations(100).await?;
     let Some(changed) = recent
         .iter()
-        .filter(|m| m.kind != MigrationKind::Cleanup && m.state == MigrationState::Completed)
+        .filter(|m| m.kind.changes_placement() && m.state == MigrationState::Completed)
         .map(|m| m.updated_at_ms)
         .max()
     else {

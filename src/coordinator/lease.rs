@@ -233,6 +233,7 @@ impl Coordinator {
             K::ReplicationFactorChange => self.resume_rf_change(m),
             K::NodeAddition | K::NodeRemoval => self.resume_change(m),
             K::Cleanup => self.resume_cleanup(m),
+            K::Repair => self.resume_repair(m),
         }
     }
 }

@@ -65,6 +65,7 @@ impl Membership {
                 tracing::info!(node = %id, "gossip reports storage node up");
             }
         }
+        metrics::gauge!("pairdb_storage_nodes_down").set(down.len() as f64);
         *self.down.write() = down;
         *self.members.write() = members;
     }

@@ -25,6 +25,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod anti_entropy;
 pub mod batcher;
 pub mod cleanup;
 pub mod clock;
@@ -83,6 +84,8 @@ pub struct Options {
     /// How a joining node's tokens are chosen, and how many it gets by default.
     pub token_allocation: TokenAllocation,
     pub virtual_nodes: u32,
+    /// Bytes per second an anti-entropy repair exchanges at most (0: unpaced).
+    pub repair_rate_limit: u64,
 }
 
 /// Everything a request needs, shared by the gRPC service and the background loops.

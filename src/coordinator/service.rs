@@ -477,6 +477,26 @@ impl CoordinatorRpc for CoordinatorService {
         administration("start_cleanup", "", call).await
     }
 
+    async fn start_repair(
+        &self,
+        request: Request<pb::StartRepairRequest>,
+    ) -> Result<Response<pb::RepairAccepted>, Status> {
+        let req = request.into_inner();
+        let scope = crate::coordinator::anti_entropy::RepairScope {
+            tenant: (!req.tenant_id.is_empty()).then_some(req.tenant_id),
+            node: (!req.node_id.is_empty()).then_some(req.node_id),
+        };
+        let call = async move { self.core.start_repair(scope).await };
+        administration("start_repair", "", call).await
+    }
+
+    async fn get_repair_status(
+        &self,
+        _request: Request<pb::RepairStatusRequest>,
+    ) -> Result<Response<pb::RepairStatus>, Status> {
+        administration("repair_status", "", self.core.repair_status()).await
+    }
+
     type KeyValueStreamStream = ReceiverStream<Result<pb::KeyValueResult, Status>>;
 
     /// Runs every call of the stream as its own task; results go back as they complete.

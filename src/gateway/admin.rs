@@ -204,6 +204,88 @@ pub async fn cleanup(
     ))
 }
 
+#[derive(Deserialize, Default)]
+struct RepairBody {
+    #[serde(default)]
+    tenant_id: Option<String>,
+    #[serde(default)]
+    node_id: Option<String>,
+}
+
+/// `POST /v1/admin/repair` `{"tenant_id"?, "node_id"?}`: anti-entropy over every range (of
+/// one tenant, or that one node replicates); 202 with the repair's id (a migration of type
+/// `repair`). An empty body repairs everything.
+pub async fn repair(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let bytes = body::bytes(raw)?;
+    let b: RepairBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        RepairBody::default()
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::invalid(format!("repair body: {e}")))?
+    };
+    if let Some(id) = &b.node_id {
+        if !valid_node_id(id) {
+            return Err(node_not_found(id));
+        }
+    }
+    let accepted = gw
+        .forward(
+            pb::StartRepairRequest {
+                tenant_id: b.tenant_id.unwrap_or_default(),
+                node_id: b.node_id.unwrap_or_default(),
+            },
+            |mut c, r| async move { c.start_repair(r).await },
+        )
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "status": "accepted",
+            "repair_id": accepted.repair_id,
+            "message": accepted.message,
+        })),
+    ))
+}
+
+/// `GET /v1/admin/repair`: the last repair of each range of the current ring.
+pub async fn repair_status(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let status = gw
+        .forward(pb::RepairStatusRequest {}, |mut c, r| async move {
+            c.get_repair_status(r).await
+        })
+        .await?;
+    let ranges: Vec<Value> = status
+        .ranges
+        .iter()
+        .map(|r| {
+            let range = r.range.unwrap_or_default();
+            json!({
+                // Ring positions are u64: strings, so JSON numbers do not round them.
+                "range_start": range.start.to_string(),
+                "range_end": range.end.to_string(),
+                "last_repaired_at": (!r.last_repaired_at.is_empty()).then_some(&r.last_repaired_at),
+                "keys_compared": r.keys_compared,
+                "keys_fixed": r.keys_fixed,
+                "complete": r.complete,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "ranges": ranges,
+        "oldest_unrepaired_seconds": status.oldest_unrepaired_seconds,
+        "ranges_never_repaired": status.ranges_never_repaired,
+    })))
+}
+
 pub async fn migration(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
@@ -273,6 +355,7 @@ fn migration_json(m: &pb::Migration) -> Value {
         pb::MigrationType::NodeRemoval => "node_removal",
         pb::MigrationType::ReplicationFactorChange => "replication_factor_change",
         pb::MigrationType::Cleanup => "cleanup",
+        pb::MigrationType::Repair => "repair",
         _ => "node_addition",
     };
     let state = match m.state() {

@@ -44,6 +44,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/admin/migrations", get(admin::migrations))
         .route("/v1/admin/cleanup", post(admin::cleanup))
         .route(
+            "/v1/admin/repair",
+            get(admin::repair_status).post(admin::repair),
+        )
+        .route(
             "/v1/admin/migrations/{migration_id}",
             get(admin::migration).delete(admin::cancel_migration),
         )

@@ -105,6 +105,8 @@ pub enum MigrationKind {
     ReplicationFactorChange,
     /// Old owners dropping ranges they no longer own (`subject`: one node id, or `*`).
     Cleanup,
+    /// Anti-entropy over every range (`subject`: what it is limited to, `*` for nothing).
+    Repair,
 }
 
 /// Where a migration is.
@@ -132,11 +134,22 @@ macro_rules! names {
     };
 }
 
+impl MigrationKind {
+    /// Whether it changes where data is placed (node and RF changes; not cleanups or repairs).
+    pub fn changes_placement(self) -> bool {
+        matches!(
+            self,
+            Self::NodeAddition | Self::NodeRemoval | Self::ReplicationFactorChange
+        )
+    }
+}
+
 names!(MigrationKind {
     NodeAddition = "node_addition",
     NodeRemoval = "node_removal",
     ReplicationFactorChange = "replication_factor_change",
     Cleanup = "cleanup",
+    Repair = "repair",
 });
 names!(MigrationState {
     Pending = "pending",
@@ -189,6 +202,20 @@ impl Migration {
             bytes_migrated: 0,
         }
     }
+}
+
+/// The last anti-entropy repair of one ring range, over every tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeRepair {
+    pub range: crate::ring::HashRange,
+    /// When the repair of the range began (milliseconds since the Unix epoch).
+    pub repaired_at_ms: i64,
+    /// Keys listed from the replicas in segments whose hashes differed.
+    pub keys_compared: u64,
+    /// Keys some replica was sent a newer version of.
+    pub keys_fixed: u64,
+    /// Every replica of every tenant answered and every difference was fixed.
+    pub complete: bool,
 }
 
 /// Who carries a migration out, and what it was asked (see `coordinator::lease`).
@@ -318,6 +345,10 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<Vec<StreamCheckpoint>, MetaError>;
     /// Forgets the checkpoints of the streams `migration_id` drives (it ended).
     async fn delete_stream_checkpoints(&self, migration_id: &str) -> Result<(), MetaError>;
+    /// Records (replaces) the last repair of a range.
+    async fn record_range_repair(&self, repair: &RangeRepair) -> Result<(), MetaError>;
+    /// Every range repair recorded, by range start.
+    async fn range_repairs(&self) -> Result<Vec<RangeRepair>, MetaError>;
     async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError>;
     /// Raises the durable high-water mark (never lowers it).
     async fn store_clock(&self, coordinator_id: &str, high_water: u64) -> Result<(), MetaError>;

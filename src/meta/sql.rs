@@ -9,7 +9,7 @@ use crate::ring::NodeState;
 
 use super::{
     Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationLease, MigrationState,
-    NodeRecord, RegistryEntry, StreamCheckpoint, Tenant,
+    NodeRecord, RangeRepair, RegistryEntry, StreamCheckpoint, Tenant,
 };
 
 const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
@@ -839,6 +839,50 @@ impl MetadataStore for SqlMetadataStore {
                         .map_err(|e| MetaError::Corrupt(e.to_string()))?,
                     keys: int(row, "keys")?,
                     bytes: int(row, "bytes")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_range_repair(&self, r: &RangeRepair) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO range_repairs (range_start, range_end, repaired_at_ms, keys_compared, keys_fixed, complete) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (range_start, range_end) DO UPDATE SET repaired_at_ms = excluded.repaired_at_ms, \
+             keys_compared = excluded.keys_compared, keys_fixed = excluded.keys_fixed, complete = excluded.complete",
+        )
+        // Ring positions are bit patterns: stored as the signed integers with the same bits.
+        .bind(r.range.start as i64)
+        .bind(r.range.end as i64)
+        .bind(r.repaired_at_ms)
+        .bind(count(r.keys_compared)?)
+        .bind(count(r.keys_fixed)?)
+        .bind(i64::from(r.complete))
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn range_repairs(&self) -> Result<Vec<RangeRepair>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT range_start, range_end, repaired_at_ms, keys_compared, keys_fixed, complete \
+             FROM range_repairs ORDER BY range_start, range_end",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                let start: i64 = int(row, "range_start")?;
+                let end: i64 = int(row, "range_end")?;
+                let complete: i64 = int(row, "complete")?;
+                Ok(RangeRepair {
+                    range: crate::ring::HashRange::new(start as u64, end as u64),
+                    repaired_at_ms: int(row, "repaired_at_ms")?,
+                    keys_compared: int(row, "keys_compared")?,
+                    keys_fixed: int(row, "keys_fixed")?,
+                    complete: complete != 0,
                 })
             })
             .collect()

@@ -326,6 +326,17 @@ impl Ring {
         self.members.owners(position, rf)
     }
 
+    /// The arcs between consecutive member tokens, from the first token (one arc, the whole
+    /// ring from its token, for a single token; none for an empty ring). Every position of an
+    /// arc has the same natural owners at any replication factor.
+    pub fn member_ranges(&self) -> Vec<HashRange> {
+        let mut bounds: Vec<u64> = self.members.tokens.iter().map(|(t, _)| *t).collect();
+        bounds.dedup();
+        (0..bounds.len())
+            .map(|i| HashRange::new(bounds[i], bounds[(i + 1) % bounds.len()]))
+            .collect()
+    }
+
     /// The arcs of the ring whose natural owners at replication factor `rf` do not include
     /// `node` (what a cleanup drops there), sorted, adjacent arcs merged. Empty when the ring
     /// has no members.

@@ -18,7 +18,9 @@ use crate::coordinator::ring_view::RingView;
 use crate::coordinator::service::CoordinatorService;
 use crate::coordinator::storage_pool::StoragePool;
 use crate::coordinator::tenant_cache::TenantCache;
-use crate::coordinator::{self, Coordinator, Options, admission, cleanup, http, lease, rf_change};
+use crate::coordinator::{
+    self, Coordinator, Options, admission, anti_entropy, cleanup, http, lease, rf_change,
+};
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
 use crate::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
@@ -157,6 +159,7 @@ pub async fn start(
             hint_limits,
             max_clock_skew: cfg.max_clock_skew,
             token_allocation: cfg.token_allocation,
+            repair_rate_limit: cfg.repair_rate_limit,
             virtual_nodes: cfg.token_allocation.virtual_nodes(cfg.virtual_nodes),
         },
         pending_rf: Default::default(),
@@ -187,6 +190,11 @@ pub async fn start(
         // Checked often enough to start within a tenth of the grace (a second at least).
         let every = (grace / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         cleanup::spawn_auto_cleanup(core.clone(), grace, every);
+    }
+    if cfg.auto_repair {
+        let interval = cfg.repair_interval;
+        let every = (interval / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        anti_entropy::spawn_auto_repair(core.clone(), interval, every);
     }
     coordinator::resume_migrations(&core);
     Ok(core)

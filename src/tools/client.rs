@@ -194,6 +194,23 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
             // A cleanup is a migration: followed the same way.
             follow_if(conn, accepted, *wait, "cleanup_id").await
         }
+        AdminCommand::Repair {
+            tenant_id,
+            node_id,
+            wait,
+        } => {
+            let mut body = json!({});
+            if let Some(id) = tenant_id {
+                body["tenant_id"] = json!(id);
+            }
+            if let Some(id) = node_id {
+                body["node_id"] = json!(id);
+            }
+            let accepted =
+                send(request(conn, Method::POST, "/v1/admin/repair").json(&body)).await?;
+            follow_if(conn, accepted, *wait, "repair_id").await
+        }
+        AdminCommand::RepairStatus => send(request(conn, Method::GET, "/v1/admin/repair")).await,
         AdminCommand::Migration { migration_id } => get_migration(conn, migration_id).await,
         AdminCommand::Cancel { migration_id, wait } => {
             let path = format!("/v1/admin/migrations/{}", url_encode(migration_id));

@@ -1,0 +1,460 @@
+//! One tenant's data in one ring range, compared across its replicas and fixed.
+//!
+//! 1. **Descend the trees.** Each replica answers the XOR of groups of its range-tree segments
+//!    (`SegmentHashes`); groups whose XORs agree on every replica are done, the others are cut
+//!    into [`FANOUT`] parts and asked again, down to single segments. Identical replicas cost
+//!    one hash each. A segment the range covers only in part (tokens off the segment grid,
+//!    from the random allocation) holds keys of the next range too: it is always listed.
+//! 2. **List the differing segments** (`ListSegments`, one scan of the tenant per replica):
+//!    (key, version digest) of every key there, kept only when the key lies in the range.
+//! 3. **Fix the keys whose digests differ** (or that some replica lacks): read them from the
+//!    replicas that hold them, take the version that takes precedence (the read path's rule)
+//!    and write it to every replica that does not hold it, as a repair batch. The storage
+//!    node's apply rule ignores it where something newer arrived meanwhile, so a repair never
+//!    rolls a key back.
+//!
+//! A replica that fails a call ends the comparison with an error: what was fixed stays fixed,
+//! and the range is not counted as repaired.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tonic::transport::Channel;
+
+use crate::engine::trees::{SEGMENT_WIDTH, SEGMENTS, segment_of, segment_start, version_digest};
+use crate::ring::{HashRange, key_position};
+use crate::rpc::storage as pb;
+use crate::rpc::storage::storage_node_client::StorageNodeClient;
+use crate::storage::anti_entropy::{MAX_GROUPS, MAX_LISTED_SEGMENTS};
+use crate::vclock::Version;
+
+/// Parts a differing group is cut into at each step of the descent.
+pub const FANOUT: u32 = 16;
+/// Keys per `ReadBatch` and `WriteBatch` of the fix.
+const FIX_CHUNK: usize = 256;
+
+/// A replica of the range and its client.
+#[derive(Clone)]
+pub struct Replica {
+    pub node: String,
+    pub client: StorageNodeClient<Channel>,
+}
+
+/// What comparing one tenant's range did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compared {
+    /// Distinct keys listed in the differing segments.
+    pub keys_compared: u64,
+    /// Keys at least one replica was sent a newer version of.
+    pub keys_fixed: u64,
+    /// Segment hashes, listed entries and records exchanged, in bytes (protobuf-encoded).
+    pub bytes: u64,
+}
+
+/// A replica failed a call of the comparison.
+#[derive(Debug, thiserror::Error)]
+#[error("replica {node}: {call}: {status}")]
+pub struct ReplicaFailed {
+    pub node: String,
+    pub call: &'static str,
+    pub status: String,
+}
+
+/// Paces the repair's traffic to `bytes_per_sec` (0: unpaced).
+pub struct Pace {
+    bytes_per_sec: u64,
+    started: Instant,
+    spent: u64,
+}
+
+impl Pace {
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            bytes_per_sec,
+            started: Instant::now(),
+            spent: 0,
+        }
+    }
+
+    /// Counts `bytes` and sleeps until they are within the rate.
+    pub async fn spend(&mut self, bytes: u64) {
+        self.spent += bytes;
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.spent as f64 / self.bytes_per_sec as f64);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}
+
+fn failed(node: &str, call: &'static str, status: tonic::Status) -> ReplicaFailed {
+    ReplicaFailed {
+        node: node.to_owned(),
+        call,
+        status: format!("{} {}", status.code(), status.message()),
+    }
+}
+
+/// Compares `tenant`'s keys in `range` across `replicas` and fixes what differs.
+pub async fn compare_and_fix(
+    tenant: &str,
+    range: HashRange,
+    replicas: &[Replica],
+    pace: &mut Pace,
+) -> Result<Compared, ReplicaFailed> {
+    let mut done = Compared::default();
+    if replicas.len() < 2 {
+        return Ok(done);
+    }
+    let (mut frontier, mut leaves) = initial_groups(range);
+    while !frontier.is_empty() {
+        let mut answers = Vec::with_capacity(replicas.len());
+        for replica in replicas {
+            answers.push(segment_hashes(tenant, replica, &frontier, &mut done).await?);
+        }
+        pace.spend(8 * (frontier.len() * replicas.len()) as u64)
+            .await;
+        let mut next = Vec::new();
+        for (i, group) in frontier.iter().enumerate() {
+            let first = answers.first().and_then(|a| a.get(i));
+            if answers.iter().all(|a| a.get(i) == first) {
+                continue;
+            }
+            if group.count == 1 {
+                leaves.push(group.first);
+            } else {
+                next.extend(split(*group));
+            }
+        }
+        frontier = next;
+    }
+    if leaves.is_empty() {
+        return Ok(done);
+    }
+    leaves.sort_unstable();
+    leaves.dedup();
+    // key -> the digest each replica listed for it (None: it has no record of the key).
+    let mut listed: BTreeMap<Bytes, Vec<Option<u64>>> = BTreeMap::new();
+    for (r, replica) in replicas.iter().enumerate() {
+        for chunk in leaves.chunks(MAX_LISTED_SEGMENTS) {
+            let entries = list_segments(tenant, replica, chunk, &mut done).await?;
+            pace.spend(entries.iter().map(|e| e.key.len() as u64 + 12).sum())
+                .await;
+            for entry in entries {
+                if !range.contains(key_position(tenant, &entry.key)) {
+                    continue;
+                }
+                let slot = listed
+                    .entry(entry.key)
+                    .or_insert_with(|| vec![None; replicas.len()]);
+                if let Some(d) = slot.get_mut(r) {
+                    *d = Some(entry.digest);
+                }
+            }
+        }
+    }
+    done.keys_compared = listed.len() as u64;
+    let differing: Vec<(Bytes, Vec<Option<u64>>)> = listed
+        .into_iter()
+        .filter(|(_, digests)| {
+            let first = digests.first().copied().flatten();
+            first.is_none() || digests.iter().any(|d| *d != first)
+        })
+        .collect();
+    for chunk in differing.chunks(FIX_CHUNK) {
+        fix(tenant, replicas, chunk, &mut done, pace).await?;
+    }
+    Ok(done)
+}
+
+/// The whole segments of `range` as groups to descend, and the segments it covers only in
+/// part (to list at once).
+fn initial_groups(range: HashRange) -> (Vec<pb::SegmentGroup>, Vec<u32>) {
+    let mut groups = Vec::new();
+    let mut partial = Vec::new();
+    for (lo, hi) in range.pieces() {
+        let (mut first, mut last) = (segment_of(lo), segment_of(hi));
+        if lo != segment_start(first) {
+            partial.push(first);
+            first += 1;
+        }
+        if hi != segment_start(last).wrapping_add(SEGMENT_WIDTH - 1) {
+            partial.push(last);
+            last = last.wrapping_sub(1);
+        }
+        if first <= last && last < SEGMENTS {
+            groups.push(pb::SegmentGroup {
+                first,
+                count: last - first + 1,
+            });
+        }
+    }
+    (groups, partial)
+}
+
+/// `group` cut into at most [`FANOUT`] consecutive parts.
+fn split(group: pb::SegmentGroup) -> Vec<pb::SegmentGroup> {
+    let size = group.count.div_ceil(FANOUT).max(1);
+    let end = group.first + group.count;
+    (group.first..end)
+        .step_by(size as usize)
+        .map(|first| pb::SegmentGroup {
+            first,
+            count: size.min(end - first),
+        })
+        .collect()
+}
+
+async fn segment_hashes(
+    tenant: &str,
+    replica: &Replica,
+    groups: &[pb::SegmentGroup],
+    done: &mut Compared,
+) -> Result<Vec<u64>, ReplicaFailed> {
+    let mut hashes = Vec::with_capacity(groups.len());
+    for chunk in groups.chunks(MAX_GROUPS) {
+        let answer = replica
+            .client
+            .clone()
+            .segment_hashes(pb::SegmentHashesRequest {
+                tenant_id: tenant.to_owned(),
+                groups: chunk.to_vec(),
+            })
+            .await
+            .map_err(|s| failed(&replica.node, "SegmentHashes", s))?
+            .into_inner();
+        if answer.hashes.len() != chunk.len() {
+            return Err(ReplicaFailed {
+                node: replica.node.clone(),
+                call: "SegmentHashes",
+                status: format!("{} hashes for {} groups", answer.hashes.len(), chunk.len()),
+            });
+        }
+        done.bytes += 8 * chunk.len() as u64;
+        hashes.extend(answer.hashes);
+    }
+    Ok(hashes)
+}
+
+async fn list_segments(
+    tenant: &str,
+    replica: &Replica,
+    segments: &[u32],
+    done: &mut Compared,
+) -> Result<Vec<pb::SegmentEntry>, ReplicaFailed> {
+    let mut stream = replica
+        .client
+        .clone()
+        .list_segments(pb::ListSegmentsRequest {
+            tenant_id: tenant.to_owned(),
+            segments: segments.to_vec(),
+        })
+        .await
+        .map_err(|s| failed(&replica.node, "ListSegments", s))?
+        .into_inner();
+    let mut entries = Vec::new();
+    while let Some(batch) = stream
+        .message()
+        .await
+        .map_err(|s| failed(&replica.node, "ListSegments", s))?
+    {
+        done.bytes += batch
+            .entries
+            .iter()
+            .map(|e| e.key.len() as u64 + 12)
+            .sum::<u64>();
+        entries.extend(batch.entries);
+    }
+    Ok(entries)
+}
+
+fn version_of(record: &pb::Record) -> Version {
+    record
+        .version
+        .as_ref()
+        .map(Version::from)
+        .unwrap_or_default()
+}
+
+fn digest_of(record: &pb::Record) -> u64 {
+    let tombstone = matches!(record.payload, Some(pb::record::Payload::Tombstone(_)));
+    version_digest(&version_of(record), tombstone)
+}
+
+/// Reads the differing keys of `chunk` from the replicas that listed them, and writes each
+/// key's winner to the replicas that do not hold it.
+async fn fix(
+    tenant: &str,
+    replicas: &[Replica],
+    chunk: &[(Bytes, Vec<Option<u64>>)],
+    done: &mut Compared,
+    pace: &mut Pace,
+) -> Result<(), ReplicaFailed> {
+    let mut winners: Vec<Option<pb::Record>> = vec![None; chunk.len()];
+    for (r, replica) in replicas.iter().enumerate() {
+        let held: Vec<usize> = (0..chunk.len())
+            .filter(|&i| {
+                chunk
+                    .get(i)
+                    .and_then(|(_, d)| d.get(r))
+                    .is_some_and(Option::is_some)
+            })
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        let reads = held
+            .iter()
+            .filter_map(|&i| chunk.get(i))
+            .map(|(key, _)| pb::ReadRequest {
+                tenant_id: tenant.to_owned(),
+                key: key.clone(),
+            })
+            .collect();
+        let answer = replica
+            .client
+            .clone()
+            .read_batch(pb::ReadBatchRequest { reads })
+            .await
+            .map_err(|s| failed(&replica.node, "ReadBatch", s))?
+            .into_inner();
+        for (&i, result) in held.iter().zip(answer.results) {
+            let Some(record) = result.record else {
+                continue;
+            };
+            if record.tenant_id != tenant || chunk.get(i).is_none_or(|(k, _)| *k != record.key) {
+                return Err(ReplicaFailed {
+                    node: replica.node.clone(),
+                    call: "ReadBatch",
+                    status: "answered another key than asked".to_owned(),
+                });
+            }
+            done.bytes += prost::Message::encoded_len(&record) as u64;
+            if let Some(slot) = winners.get_mut(i) {
+                let better = slot.as_ref().is_none_or(|w| {
+                    version_of(&record).precedence(&version_of(w)) == std::cmp::Ordering::Greater
+                });
+                if better {
+                    *slot = Some(record);
+                }
+            }
+        }
+    }
+    let mut fixed = vec![false; chunk.len()];
+    for (r, replica) in replicas.iter().enumerate() {
+        let mut records = Vec::new();
+        let mut which = Vec::new();
+        for (i, ((_, digests), winner)) in chunk.iter().zip(&winners).enumerate() {
+            let Some(winner) = winner else { continue };
+            if digests.get(r).copied().flatten() != Some(digest_of(winner)) {
+                records.push(winner.clone());
+                which.push(i);
+            }
+        }
+        if records.is_empty() {
+            continue;
+        }
+        let bytes: u64 = records
+            .iter()
+            .map(|r| prost::Message::encoded_len(r) as u64)
+            .sum();
+        pace.spend(bytes).await;
+        done.bytes += bytes;
+        let answer = replica
+            .client
+            .clone()
+            .write_batch(pb::WriteBatchRequest {
+                records,
+                source: pb::BatchSource::Repair as i32,
+            })
+            .await
+            .map_err(|s| failed(&replica.node, "WriteBatch", s))?
+            .into_inner();
+        for (i, outcome) in which.iter().zip(answer.outcomes) {
+            if outcome == pb::ApplyOutcome::Applied as i32 {
+                if let Some(f) = fixed.get_mut(*i) {
+                    *f = true;
+                }
+            }
+        }
+    }
+    done.keys_fixed += fixed.iter().filter(|f| **f).count() as u64;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_on_the_grid_is_whole_segments() {
+        let range = HashRange::new(segment_start(10), segment_start(20));
+        let (groups, partial) = initial_groups(range);
+        assert_eq!(
+            groups,
+            vec![pb::SegmentGroup {
+                first: 10,
+                count: 10
+            }]
+        );
+        assert!(partial.is_empty());
+    }
+
+    #[test]
+    fn a_range_off_the_grid_lists_its_edge_segments() {
+        let range = HashRange::new(segment_start(10) + 5, segment_start(20) + 5);
+        let (groups, partial) = initial_groups(range);
+        assert_eq!(
+            groups,
+            vec![pb::SegmentGroup {
+                first: 11,
+                count: 9
+            }]
+        );
+        assert_eq!(partial, vec![10, 20]);
+    }
+
+    #[test]
+    fn a_wrapping_range_is_two_spans() {
+        let range = HashRange::new(segment_start(SEGMENTS - 2), segment_start(3));
+        let (groups, partial) = initial_groups(range);
+        assert_eq!(
+            groups,
+            vec![
+                pb::SegmentGroup {
+                    first: SEGMENTS - 2,
+                    count: 2
+                },
+                pb::SegmentGroup { first: 0, count: 3 },
+            ]
+        );
+        assert!(partial.is_empty());
+        let (whole, _) = initial_groups(HashRange::FULL);
+        assert_eq!(
+            whole,
+            vec![pb::SegmentGroup {
+                first: 0,
+                count: SEGMENTS
+            }]
+        );
+    }
+
+    #[test]
+    fn splitting_covers_the_group_exactly() {
+        for count in [1u32, 2, 15, 16, 17, 1000, SEGMENTS] {
+            let parts = split(pb::SegmentGroup { first: 7, count });
+            assert!(parts.len() <= FANOUT as usize);
+            assert_eq!(parts.iter().map(|p| p.count).sum::<u32>(), count);
+            let mut next = 7;
+            for p in parts {
+                assert_eq!(p.first, next);
+                assert!(p.count >= 1);
+                next += p.count;
+            }
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! Anti-entropy repair (SEMANTICS.md, "Anti-entropy"; docs/anti-entropy.md): every ring range
+//! of every tenant is compared across its replicas through the storage nodes' range hash
+//! trees, and each replica is sent the newest version of every key that differs
+//! ([`compare`]).
+//!
+//! A repair is a migration of kind `repair` (subject `*`, `tenant=<id>` or `node=<id>`), so it
+//! has what migrations have: one coordinator runs it under a lease, another takes it over when
+//! that one dies, an operator cancels it, and `pairdb admin migrations` shows its progress
+//! (for a repair, `keys_migrated` counts ranges done of `total_keys` ranges, and
+//! `bytes_migrated` the bytes exchanged). It starts on demand (`POST /v1/admin/repair`) and
+//! every `repair_interval` ([`spawn_auto_repair`]).
+//!
+//! Invariants:
+//! - One repair at a time in the cluster (so one repairer per range): a second is refused
+//!   with NODE_IN_USE naming the first; of two started at once the younger backs out.
+//! - A repair runs against one ring: it does not start while a node change is in progress,
+//!   and ends `failed` if the registry changes under it (the next cycle starts over).
+//! - The status of a range (`range_repairs`) is recorded only by a repair of every tenant, and
+//!   counts as complete only when every replica of every tenant answered and every difference
+//!   was fixed. Tenants whose replication factor is changing are skipped (incomplete).
+
+pub mod compare;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::meta::{Migration, MigrationKind, MigrationState, NodeRecord, RangeRepair, Tenant};
+use crate::ring::{NodeId, NodeState};
+use crate::rpc::coordinator as pb;
+
+use super::Coordinator;
+use super::errors::CoordError;
+use super::lease::{Interrupted, LeaseGuard};
+use compare::{Compared, Pace, Replica, compare_and_fix};
+
+/// The subject of a repair of everything.
+const EVERYTHING: &str = "*";
+
+/// What a repair is limited to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairScope {
+    pub tenant: Option<String>,
+    pub node: Option<String>,
+}
+
+impl RepairScope {
+    /// The migration subject naming this scope.
+    pub fn subject(&self) -> String {
+        match (&self.tenant, &self.node) {
+            (Some(t), Some(n)) => format!("tenant={t},node={n}"),
+            (Some(t), None) => format!("tenant={t}"),
+            (None, Some(n)) => format!("node={n}"),
+            (None, None) => EVERYTHING.to_owned(),
+        }
+    }
+
+    /// The scope a subject names (anything unknown in it is ignored: a wider repair).
+    pub fn parse(subject: &str) -> Self {
+        let mut scope = Self::default();
+        for part in subject.split(',') {
+            if let Some(t) = part.strip_prefix("tenant=") {
+                scope.tenant = Some(t.to_owned());
+            } else if let Some(n) = part.strip_prefix("node=") {
+                scope.node = Some(n.to_owned());
+            }
+        }
+        scope
+    }
+
+    fn is_everything(&self) -> bool {
+        self.tenant.is_none() && self.node.is_none()
+    }
+}
+
+/// What a repair did so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    ranges_done: u64,
+    ranges: u64,
+    compared: Compared,
+    incomplete_ranges: u64,
+}
+
+impl Coordinator {
+    /// Starts a repair of `scope`: 202 material, or NODE_IN_USE while a repair or a node
+    /// change runs, TENANT_NOT_FOUND / NODE_NOT_FOUND for an unknown scope.
+    pub async fn start_repair(
+        self: &Arc<Self>,
+        scope: RepairScope,
+    ) -> Result<pb::RepairAccepted, CoordError> {
+        if let Some(t) = &scope.tenant {
+            self.tenant(t).await?;
+        }
+        let registered = self.meta.list_nodes().await?;
+        if let Some(n) = &scope.node {
+            registered
+                .iter()
+                .find(|r| &r.node_id == n && r.state == NodeState::Active)
+                .ok_or_else(|| CoordError::NodeNotFound(n.clone()))?;
+        }
+        refuse_during_node_change(&registered)?;
+        if let Some(running) = self.running_repair(None).await? {
+            return Err(CoordError::NodeInUse(format!(
+                "repair {} is running; one repair runs at a time",
+                running.migration_id
+            )));
+        }
+        let migration = Migration::begin(
+            format!("repair-{}", uuid::Uuid::new_v4()),
+            MigrationKind::Repair,
+            scope.subject(),
+            MigrationState::InProgress,
+        );
+        self.meta.create_migration(&migration).await?;
+        // Two started at once both see none; the younger backs out.
+        if let Some(older) = self.running_repair(Some(&migration)).await? {
+            let why = format!(
+                "repair {} started at the same time; one repair runs at a time",
+                older.migration_id
+            );
+            self.meta
+                .fail_migration(&migration.migration_id, &why)
+                .await?;
+            return Err(CoordError::NodeInUse(why));
+        }
+        let repair_id = migration.migration_id.clone();
+        tracing::info!(repair = %repair_id, subject = %migration.subject, "repair accepted");
+        self.clone().spawn_repair(migration);
+        Ok(pb::RepairAccepted {
+            repair_id,
+            message: format!(
+                "comparing every range of {} across its replicas",
+                match (&scope.tenant, &scope.node) {
+                    (Some(t), _) => format!("tenant {t}"),
+                    (None, Some(n)) => format!("every tenant on node {n}"),
+                    (None, None) => "every tenant".to_owned(),
+                }
+            ),
+        })
+    }
+
+    /// The active repair other than `me` that started before it (any, without `me`).
+    async fn running_repair(
+        &self,
+        me: Option<&Migration>,
+    ) -> Result<Option<Migration>, CoordError> {
+        Ok(self
+            .meta
+            .active_migrations()
+            .await?
+            .into_iter()
+            .filter(|m| m.kind == MigrationKind::Repair)
+            .find(|m| {
+                me.is_none_or(|me| {
+                    m.migration_id != me.migration_id
+                        && (m.started_at_ms, &m.migration_id) < (me.started_at_ms, &me.migration_id)
+                })
+            }))
+    }
+
+    /// Carries on a repair left in progress by a coordinator that stopped (from the start).
+    pub(super) fn resume_repair(self: &Arc<Self>, m: Migration) {
+        tracing::info!(repair = %m.migration_id, "resuming a repair");
+        self.clone().spawn_repair(m);
+    }
+
+    fn spawn_repair(self: Arc<Self>, migration: Migration) {
+        let tasks = self.tasks.clone();
+        tasks.spawn(async move {
+            let id = migration.migration_id.clone();
+            let Some(lease) = self.take_lease(&id).await else {
+                return;
+            };
+            let mut progress = Progress::default();
+            let result = self.run_repair(&migration, &lease, &mut progress).await;
+            let p = progress;
+            let end = |state| {
+                self.meta.update_migration(
+                    &id,
+                    state,
+                    p.ranges_done,
+                    p.ranges,
+                    p.compared.bytes,
+                )
+            };
+            let recorded = match result {
+                Ok(()) => {
+                    tracing::info!(repair = %id, ranges = p.ranges, incomplete = p.incomplete_ranges, keys_compared = p.compared.keys_compared, keys_fixed = p.compared.keys_fixed, bytes = p.compared.bytes, "repair completed");
+                    end(MigrationState::Completed).await
+                }
+                Err(Interrupted::Lost) => {
+                    tracing::warn!(repair = %id, "repair left to the coordinator that took it over");
+                    Ok(())
+                }
+                Err(Interrupted::Cancelled) => {
+                    tracing::warn!(repair = %id, "repair cancelled; what it fixed stays fixed");
+                    end(MigrationState::Cancelled).await
+                }
+                Err(Interrupted::Failed(e) | Interrupted::Transient(e)) => {
+                    tracing::error!(repair = %id, error = %e, "repair failed");
+                    self.meta.fail_migration(&id, &e).await
+                }
+            };
+            if let Err(e) = recorded {
+                tracing::error!(repair = %id, error = %e, "cannot record the end of a repair");
+            }
+        });
+    }
+
+    async fn run_repair(
+        &self,
+        m: &Migration,
+        lease: &LeaseGuard,
+        progress: &mut Progress,
+    ) -> Result<(), Interrupted> {
+        let scope = RepairScope::parse(&m.subject);
+        let failed = |e: CoordError| Interrupted::Transient(e.to_string());
+        let registered = self.meta.list_nodes().await.map_err(|e| failed(e.into()))?;
+        refuse_during_node_change(&registered).map_err(|e| Interrupted::Failed(e.to_string()))?;
+        let snapshot = self.ring.snapshot();
+        let ring = &snapshot.ring;
+        let ranges = ring.member_ranges();
+        let tenants: Vec<Tenant> = self
+            .meta
+            .tenants_updated_since(0)
+            .await
+            .map_err(|e| failed(e.into()))?
+            .into_iter()
+            .filter(|t| scope.tenant.as_ref().is_none_or(|s| *s == t.tenant_id))
+            .collect();
+        progress.ranges = ranges.len() as u64;
+        let mut pace = Pace::new(self.options.repair_rate_limit);
+        for range in ranges {
+            lease.check()?;
+            let now = self.meta.list_nodes().await.map_err(|e| failed(e.into()))?;
+            if registry_changed(&registered, &now) {
+                return Err(Interrupted::Failed(
+                    "the node registry changed during the repair; the next one starts over"
+                        .to_owned(),
+                ));
+            }
+            let started_ms = crate::wallclock::now_ms() as i64;
+            let mut range_done = Compared::default();
+            let mut complete = true;
+            let mut every_tenant = scope.tenant.is_none();
+            for tenant in &tenants {
+                if self.pending_rf.is_pending(&tenant.tenant_id) {
+                    complete = false;
+                    continue;
+                }
+                let owners = ring.natural_owners(range.start, tenant.replication_factor as usize);
+                if let Some(node) = &scope.node {
+                    if !owners.contains(&NodeId::new(node.clone())) {
+                        every_tenant = false;
+                        continue;
+                    }
+                }
+                let replicas = self.replicas(&snapshot, &owners);
+                if replicas.len() < owners.len() {
+                    complete = false;
+                }
+                match compare_and_fix(&tenant.tenant_id, range, &replicas, &mut pace).await {
+                    Ok(c) => add(&mut range_done, c),
+                    Err(e) => {
+                        tracing::warn!(repair = %m.migration_id, tenant = %tenant.tenant_id, ?range, error = %e, "range not repaired");
+                        complete = false;
+                    }
+                }
+            }
+            record_metrics(&range_done);
+            add(&mut progress.compared, range_done);
+            progress.ranges_done += 1;
+            if !complete {
+                progress.incomplete_ranges += 1;
+            }
+            if every_tenant {
+                let status = RangeRepair {
+                    range,
+                    repaired_at_ms: started_ms,
+                    keys_compared: range_done.keys_compared,
+                    keys_fixed: range_done.keys_fixed,
+                    complete,
+                };
+                self.meta
+                    .record_range_repair(&status)
+                    .await
+                    .map_err(|e| failed(e.into()))?;
+            }
+            self.meta
+                .update_migration(
+                    &m.migration_id,
+                    MigrationState::InProgress,
+                    progress.ranges_done,
+                    progress.ranges,
+                    progress.compared.bytes,
+                )
+                .await
+                .map_err(|e| failed(e.into()))?;
+        }
+        if scope.is_everything() {
+            tracing::debug!(repair = %m.migration_id, "every range of every tenant compared");
+        }
+        Ok(())
+    }
+
+    /// The owners that answer (not marked down), with their clients.
+    fn replicas(&self, snapshot: &super::ring_view::Snapshot, owners: &[NodeId]) -> Vec<Replica> {
+        owners
+            .iter()
+            .filter(|o| !self.ring.is_down(o.as_str()))
+            .filter_map(|o| {
+                let address = snapshot.address(o.as_str())?;
+                let client = self.pool.client(o.as_str(), address).ok()?;
+                Some(Replica {
+                    node: o.as_str().to_owned(),
+                    client,
+                })
+            })
+            .collect()
+    }
+}
+
+fn add(total: &mut Compared, c: Compared) {
+    total.keys_compared += c.keys_compared;
+    total.keys_fixed += c.keys_fixed;
+    total.bytes += c.bytes;
+}
+
+fn record_metrics(c: &Compared) {
+    metrics::counter!("pairdb_repair_keys_compared_total").increment(c.keys_compared);
+    metrics::counter!("pairdb_repair_keys_fixed_total").increment(c.keys_fixed);
+    metrics::counter!("pairdb_repair_bytes_total").increment(c.bytes);
+    metrics::counter!("pairdb_repair_ranges_total").increment(1);
+}
+
+/// NODE_IN_USE while a node joins or leaves: ranges are moving, and trees compared then
+/// would disagree about data still in flight.
+fn refuse_during_node_change(registered: &[NodeRecord]) -> Result<(), CoordError> {
+    match registered
+        .iter()
+        .find(|n| matches!(n.state, NodeState::Bootstrapping | NodeState::Draining))
+    {
+        Some(n) => Err(CoordError::NodeInUse(format!(
+            "node {} is {}: a repair waits for node changes to end",
+            n.node_id,
+            n.state.as_str()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Whether a node was added, removed or changed state or tokens.
+fn registry_changed(before: &[NodeRecord], now: &[NodeRecord]) -> bool {
+    let key = |nodes: &[NodeRecord]| {
+        let mut v: Vec<(String, &'static str, Vec<u64>)> = nodes
+            .iter()
+            .map(|n| (n.node_id.clone(), n.state.as_str(), n.ring_node().tokens()))
+            .collect();
+        v.sort();
+        v
+    };
+    key(before) != key(now)
+}
+
+/// For the repair status and `/metrics`: the seconds since the oldest last complete repair
+/// among the ranges of the current ring, and how many of them were never completely repaired
+/// (their age is unknown: they count here, not in the age).
+pub fn oldest_unrepaired(
+    ranges: &[crate::ring::HashRange],
+    repairs: &[RangeRepair],
+    now_ms: i64,
+) -> (f64, usize) {
+    let mut oldest = 0i64;
+    let mut never = 0usize;
+    for range in ranges {
+        let at = repairs
+            .iter()
+            .filter(|r| r.range == *range && r.complete)
+            .map(|r| r.repaired_at_ms)
+            .max();
+        match at {
+            Some(at) => oldest = oldest.max(now_ms - at),
+            None => never += 1,
+        }
+    }
+    (oldest.max(0) as f64 / 1000.0, never)
+}
+
+impl Coordinator {
+    /// The last repair of each range of the current ring.
+    pub async fn repair_status(&self) -> Result<pb::RepairStatus, CoordError> {
+        let ranges = self.ring.snapshot().ring.member_ranges();
+        let repairs = self.meta.range_repairs().await?;
+        let now = crate::wallclock::now_ms() as i64;
+        let (oldest, never) = oldest_unrepaired(&ranges, &repairs, now);
+        metrics::gauge!("pairdb_repair_oldest_unrepaired_seconds").set(oldest);
+        metrics::gauge!("pairdb_repair_ranges_never_repaired").set(never as f64);
+        let ranges = ranges
+            .iter()
+            .map(|range| {
+                let last = repairs.iter().find(|r| r.range == *range);
+                pb::RangeRepairStatus {
+                    range: Some((*range).into()),
+                    last_repaired_at: last
+                        .map(|r| super::admin::rfc3339(r.repaired_at_ms))
+                        .unwrap_or_default(),
+                    keys_compared: last.map_or(0, |r| r.keys_compared),
+                    keys_fixed: last.map_or(0, |r| r.keys_fixed),
+                    complete: last.is_some_and(|r| r.complete),
+                }
+            })
+            .collect();
+        Ok(pb::RepairStatus {
+            ranges,
+            oldest_unrepaired_seconds: oldest,
+            ranges_never_repaired: never as u32,
+        })
+    }
+}
+
+/// Starts a repair of everything every `interval` (measured from the start of the last one
+/// that completed or failed), checking every `every`, until the role stops. One that cannot
+/// start (a repair or node change running) is tried at the next check.
+pub fn spawn_auto_repair(core: Arc<Coordinator>, interval: Duration, every: Duration) {
+    let tasks = core.tasks.clone();
+    super::periodic::spawn_every(every, &tasks, move || {
+        let core = core.clone();
+        async move {
+            match repair_due(&core, interval).await {
+                Ok(false) => {}
+                Ok(true) => match core.start_repair(RepairScope::default()).await {
+                    Ok(accepted) => {
+                        tracing::info!(repair = %accepted.repair_id, "scheduled repair started");
+                    }
+                    Err(e) => tracing::info!(error = %e, "scheduled repair cannot start yet"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot tell whether a repair is due"),
+            }
+        }
+    });
+}
+
+/// Whether no full repair started within the last `interval` (none running either).
+async fn repair_due(core: &Coordinator, interval: Duration) -> Result<bool, CoordError> {
+    let recent = core.meta.recent_migrations(100).await?;
+    let now = crate::wallclock::now_ms() as i64;
+    let last = recent
+        .iter()
+        .filter(|m| m.kind == MigrationKind::Repair && m.subject == EVERYTHING)
+        .map(|m| (m.started_at_ms, m.state))
+        .max_by_key(|(at, _)| *at);
+    Ok(match last {
+        Some((_, MigrationState::InProgress | MigrationState::Pending)) => false,
+        Some((at, _)) => now >= at + interval.as_millis() as i64,
+        None => true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::HashRange;
+
+    #[test]
+    fn scopes_round_trip_through_their_subject() {
+        for scope in [
+            RepairScope::default(),
+            RepairScope {
+                tenant: Some("acme".into()),
+                node: None,
+            },
+            RepairScope {
+                tenant: None,
+                node: Some("node-2".into()),
+            },
+            RepairScope {
+                tenant: Some("acme".into()),
+                node: Some("node-2".into()),
+            },
+        ] {
+            assert_eq!(RepairScope::parse(&scope.subject()), scope);
+        }
+    }
+
+    #[test]
+    fn the_oldest_complete_repair_counts_and_never_repaired_ranges_are_counted() {
+        let a = HashRange::new(0, 10);
+        let b = HashRange::new(10, 0);
+        let repairs = vec![
+            RangeRepair {
+                range: a,
+                repaired_at_ms: 9_000,
+                keys_compared: 0,
+                keys_fixed: 0,
+                complete: true,
+            },
+            RangeRepair {
+                range: b,
+                repaired_at_ms: 9_500,
+                keys_compared: 0,
+                keys_fixed: 0,
+                complete: false,
+            },
+        ];
+        assert_eq!(oldest_unrepaired(&[a, b], &repairs, 10_000), (1.0, 1));
+        assert_eq!(oldest_unrepaired(&[a], &repairs, 10_000), (1.0, 0));
+        assert_eq!(oldest_unrepaired(&[b], &repairs, 10_000), (0.0, 1));
+    }
+}

@@ -1,0 +1,190 @@
+//! Anti-entropy over real processes: storage nodes, a coordinator and its repair service. A
+//! replica that missed writes and deletes (paused, hints off) converges after one repair,
+//! without any read touching the keys; a repair of identical replicas fixes nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{RoleProcess, start_storage};
+use common::coord::{
+    Client, create_tenant, eventually, node_state, put, sqlite_url, wait_all_active, wait_migration,
+};
+use futures::future::join_all;
+use pairdb::rpc::common::{Consistency, NodeState as WireState};
+use pairdb::rpc::coordinator as pb;
+use pairdb::rpc::storage as spb;
+
+const KEYS: usize = 5000;
+const DELETED: usize = 500;
+
+fn key(i: usize) -> String {
+    format!("key-{i:05}")
+}
+
+async fn delete(c: &mut Client, tenant: &str, key: &str) {
+    c.delete_key_value(pb::DeleteKeyValueRequest {
+        tenant_id: tenant.to_owned(),
+        key: key.as_bytes().to_vec().into(),
+        consistency: Consistency::Quorum as i32,
+        ..Default::default()
+    })
+    .await
+    .expect("delete at quorum");
+}
+
+/// Every key's record on one node, read directly (batches of 500).
+async fn held(node: &common::StorageNode, tenant: &str) -> Vec<Option<spb::Record>> {
+    let mut client = node.client().await;
+    let mut all = Vec::with_capacity(KEYS);
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(500) {
+        let reads = chunk
+            .iter()
+            .map(|&i| spb::ReadRequest {
+                tenant_id: tenant.to_owned(),
+                key: key(i).into_bytes().into(),
+            })
+            .collect();
+        let answer = client
+            .read_batch(spb::ReadBatchRequest { reads })
+            .await
+            .expect("read batch")
+            .into_inner();
+        all.extend(answer.results.into_iter().map(|r| r.record));
+    }
+    all
+}
+
+async fn repair(c: &mut Client) -> pb::Migration {
+    let accepted = c
+        .start_repair(pb::StartRepairRequest::default())
+        .await
+        .expect("start repair")
+        .into_inner();
+    wait_migration(c, &accepted.repair_id, pb::MigrationState::Completed).await
+}
+
+async fn status(c: &mut Client) -> pb::RepairStatus {
+    c.get_repair_status(pb::RepairStatusRequest {})
+        .await
+        .expect("repair status")
+        .into_inner()
+}
+
+/// Hints off; s3 paused (SIGSTOP) while 5,000 keys are written and 500 deleted at quorum;
+/// resumed; one repair later every replica holds the same version of every key, read from
+/// each node directly, and no client read touched the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_writes_and_deletes_converges_after_one_repair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[
+            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
+            ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
+            ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", "0"),
+        ],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    // The keys to be deleted exist everywhere first, so a missed delete leaves a value behind.
+    for chunk in (0..DELETED).collect::<Vec<_>>().chunks(100) {
+        join_all(chunk.iter().map(|&i| {
+            let mut c = c.clone();
+            async move {
+                put(&mut c, "acme", &key(i), "\"old\"", Consistency::All)
+                    .await
+                    .expect("write at all");
+            }
+        }))
+        .await;
+    }
+
+    storage[2].pause();
+    // Down in gossip, which the write path follows (a failed health check alone is not).
+    eventually("gossip reports s3 down", Duration::from_secs(30), || {
+        let http = c1.http;
+        async move {
+            common::http_get(http, "/metrics")
+                .await
+                .contains("pairdb_storage_nodes_down 1")
+        }
+    })
+    .await;
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(100) {
+        join_all(chunk.iter().map(|&i| {
+            let mut c = c.clone();
+            async move {
+                let value = format!("\"v{i}\"");
+                put(&mut c, "acme", &key(i), &value, Consistency::Quorum)
+                    .await
+                    .expect("write at quorum");
+            }
+        }))
+        .await;
+    }
+    for chunk in (0..DELETED).collect::<Vec<_>>().chunks(100) {
+        join_all(chunk.iter().map(|&i| {
+            let mut c = c.clone();
+            async move { delete(&mut c, "acme", &key(i)).await }
+        }))
+        .await;
+    }
+    storage[2].resume();
+    eventually("s3 seen up", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
+    })
+    .await;
+
+    let before = held(&storage[2], "acme").await;
+    let stale = before
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| match r {
+            None => true,
+            Some(r) => {
+                *i < DELETED && !matches!(r.payload, Some(spb::record::Payload::Tombstone(_)))
+            }
+        })
+        .count();
+    assert_eq!(stale, KEYS, "s3 must have missed every write and delete");
+
+    let done = repair(&mut c).await;
+    assert_eq!(done.r#type(), pb::MigrationType::Repair);
+    assert_eq!(done.keys_migrated, done.total_keys, "every range done");
+    let views = [
+        held(&storage[0], "acme").await,
+        held(&storage[1], "acme").await,
+        held(&storage[2], "acme").await,
+    ];
+    for i in 0..KEYS {
+        let first = views[0][i].as_ref().expect("s1 holds every key");
+        for (n, view) in views.iter().enumerate().skip(1) {
+            assert_eq!(view[i].as_ref(), Some(first), "{} on s{}", key(i), n + 1);
+        }
+        let deleted = matches!(first.payload, Some(spb::record::Payload::Tombstone(_)));
+        assert_eq!(deleted, i < DELETED, "{}", key(i));
+    }
+    let after = status(&mut c).await;
+    assert!(!after.ranges.is_empty());
+    assert!(after.ranges.iter().all(|r| r.complete), "{after:?}");
+    assert_eq!(after.ranges_never_repaired, 0);
+    let fixed: u64 = after.ranges.iter().map(|r| r.keys_fixed).sum();
+    assert_eq!(fixed, KEYS as u64, "one fix per key s3 missed");
+
+    // Identical replicas: nothing to list, nothing to fix.
+    repair(&mut c).await;
+    let again = status(&mut c).await;
+    assert_eq!(again.ranges.iter().map(|r| r.keys_compared).sum::<u64>(), 0);
+    assert_eq!(again.ranges.iter().map(|r| r.keys_fixed).sum::<u64>(), 0);
+    drop(c1);
+}
