@@ -56,6 +56,26 @@ async fn held(node: &common::StorageNode, tenant: &str) -> Vec<Option<spb::Recor
     all
 }
 
+/// The coordinator's gossip view (what the write path follows; a failed health check alone
+/// is not) reports `count` nodes as `what`.
+async fn gossip_reports(c1: &RoleProcess, what: &str, count: usize) {
+    let line = format!("pairdb_storage_nodes_{what} {count}");
+    eventually(&format!("gossip: {line}"), Duration::from_secs(30), || {
+        let http = c1.http;
+        let line = line.clone();
+        async move { common::http_get(http, "/metrics").await.contains(&line) }
+    })
+    .await;
+}
+
+/// Pauses `node` (SIGSTOP) once gossip saw every node up, and waits until it reports it down:
+/// from then on no write is sent to it (none waits in its socket to land on resume).
+async fn pause_until_gossip_says_down(c1: &RoleProcess, node: &common::StorageNode) {
+    gossip_reports(c1, "up", 3).await;
+    node.pause();
+    gossip_reports(c1, "down", 1).await;
+}
+
 async fn repair(c: &mut Client) -> pb::Migration {
     let accepted = c
         .start_repair(pb::StartRepairRequest::default())
@@ -108,17 +128,7 @@ async fn a_replica_that_missed_writes_and_deletes_converges_after_one_repair() {
         .await;
     }
 
-    storage[2].pause();
-    // Down in gossip, which the write path follows (a failed health check alone is not).
-    eventually("gossip reports s3 down", Duration::from_secs(30), || {
-        let http = c1.http;
-        async move {
-            common::http_get(http, "/metrics")
-                .await
-                .contains("pairdb_storage_nodes_down 1")
-        }
-    })
-    .await;
+    pause_until_gossip_says_down(&c1, &storage[2]).await;
     for chunk in (0..KEYS).collect::<Vec<_>>().chunks(100) {
         join_all(chunk.iter().map(|&i| {
             let mut c = c.clone();
@@ -186,5 +196,131 @@ async fn a_replica_that_missed_writes_and_deletes_converges_after_one_repair() {
     let again = status(&mut c).await;
     assert_eq!(again.ranges.iter().map(|r| r.keys_compared).sum::<u64>(), 0);
     assert_eq!(again.ranges.iter().map(|r| r.keys_fixed).sum::<u64>(), 0);
+    drop(c1);
+}
+
+/// What a node holds for a key, tombstones included.
+async fn raw(node: &common::StorageNode, tenant: &str, key: &str) -> Option<spb::Record> {
+    node.client()
+        .await
+        .read(spb::ReadRequest {
+            tenant_id: tenant.to_owned(),
+            key: key.as_bytes().to_vec().into(),
+        })
+        .await
+        .expect("storage read")
+        .into_inner()
+        .record
+}
+
+fn is_tombstone(record: &Option<spb::Record>) -> bool {
+    matches!(
+        record.as_ref().and_then(|r| r.payload.as_ref()),
+        Some(spb::record::Payload::Tombstone(_))
+    )
+}
+
+async fn compact(node: &common::StorageNode) {
+    node.client()
+        .await
+        .compact(spb::CompactRequest {})
+        .await
+        .expect("compact");
+}
+
+async fn read_at(c: &mut Client, key: &str, level: Consistency) -> Option<String> {
+    match common::coord::get(c, "acme", key, level).await {
+        Ok(v) => Some(v),
+        Err(s) if s.code() == tonic::Code::NotFound => None,
+        Err(s) => panic!("read {key} at {level:?}: {s}"),
+    }
+}
+
+/// Resurrection: s3 misses a delete (paused, hints off) and gc_grace is 1 s. Compactions on
+/// s1 and s2 keep the tombstone: its range was never repaired. Once s3 is back, the key never
+/// reads as present at QUORUM or ALL; a repair gives s3 the tombstone; after it, compactions
+/// on every node purge the tombstone and no node holds the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_a_replica_missed_never_comes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = common::cluster::start_storage_with_env(
+        3,
+        dir.path(),
+        &[("PAIRDB_STORAGE_GC_GRACE", "1s")],
+    );
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[
+            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
+            ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
+            ("PAIRDB_COORDINATOR_MAX_CLOCK_SKEW", "500ms"),
+            ("PAIRDB_COORDINATOR_REQUEST_TIMEOUT", "1s"),
+        ],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    put(&mut c, "acme", "zombie", "\"alive\"", Consistency::All)
+        .await
+        .expect("write at all");
+
+    pause_until_gossip_says_down(&c1, &storage[2]).await;
+    delete(&mut c, "acme", "zombie").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for node in &storage[..2] {
+        compact(node).await;
+        assert!(
+            is_tombstone(&raw(node, "acme", "zombie").await),
+            "{}: a tombstone past gc_grace in a range never repaired must stay",
+            node.id
+        );
+    }
+    storage[2].resume();
+    eventually("s3 seen up", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
+    })
+    .await;
+    assert_eq!(
+        common::coord::stored(&storage[2], "acme", "zombie")
+            .await
+            .map(|v| v.0)
+            .as_deref(),
+        Some("\"alive\""),
+        "s3 missed the delete"
+    );
+    for level in [Consistency::Quorum, Consistency::All] {
+        assert_eq!(read_at(&mut c, "zombie", level).await, None, "{level:?}");
+    }
+
+    // Past the repair's margin (request timeout + clock skew), then one repair.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    repair(&mut c).await;
+    for node in &storage {
+        assert!(
+            is_tombstone(&raw(node, "acme", "zombie").await),
+            "{} holds the tombstone after the repair",
+            node.id
+        );
+    }
+    for node in &storage {
+        compact(node).await;
+    }
+    for node in &storage {
+        assert_eq!(
+            raw(node, "acme", "zombie").await,
+            None,
+            "{}: the tombstone is purged once every replica held it",
+            node.id
+        );
+    }
+    for level in [Consistency::One, Consistency::Quorum, Consistency::All] {
+        assert_eq!(read_at(&mut c, "zombie", level).await, None, "{level:?}");
+    }
     drop(c1);
 }

@@ -220,3 +220,45 @@ fn trees_stay_exact_while_writes_race_compactions_and_drops() {
     );
     assert_trees_match(&engine).expect("trees match the data");
 }
+
+/// Says yes only once told to (a range repaired after the tombstones were written).
+#[derive(Debug, Default)]
+struct Gate(std::sync::atomic::AtomicBool);
+
+impl pairdb::engine::TombstoneGate for Gate {
+    fn may_purge(&self, _tenant: &str, _ring_hash: u64, _written_ms: u64) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// A tombstone past gc_grace stays through compactions until the gate agrees, and the trees
+/// follow its purge.
+#[test]
+fn tombstones_past_gc_grace_wait_for_the_gate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = Arc::new(Gate::default());
+    let options = EngineOptions {
+        tombstone_gate: Some(gate.clone()),
+        ..options(false)
+    };
+    let engine = Engine::open(dir.path(), options).expect("open");
+    engine
+        .apply(Record::put("acme", "k", version(1, true), "v"))
+        .expect("put");
+    engine
+        .apply(Record::tombstone("acme", "k", version(2, true)))
+        .expect("delete");
+    engine.flush().expect("flush");
+    engine.compact().expect("compact");
+    let kept = engine.get("acme", b"k").expect("get");
+    assert!(kept.is_some_and(|r| r.is_tombstone()), "the gate said no");
+    assert_eq!(engine.stats().tombstones_dropped, 0);
+    gate.0.store(true, std::sync::atomic::Ordering::Release);
+    engine.compact().expect("compact");
+    assert_eq!(engine.get("acme", b"k").expect("get"), None);
+    assert_eq!(engine.stats().tombstones_dropped, 1);
+    assert!(
+        engine.tree_segments("acme").is_empty(),
+        "the trees follow the purge"
+    );
+}

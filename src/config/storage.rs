@@ -31,6 +31,14 @@ pub struct StorageConfig {
     /// removals); 0 = unlimited. 8 MiB/s by default: under half-capacity load, foreground p99
     /// during a change stays at its idle level (docs/benchmarks.md, "Streaming").
     pub stream_rate_limit: u64,
+    /// Tombstones younger than this are never purged; older ones only once anti-entropy
+    /// repaired their range after they were written (Cassandra's `gc_grace_seconds`).
+    #[serde(with = "super::values::human_duration")]
+    pub gc_grace: std::time::Duration,
+    /// Row cache of hot keys, in bytes (0 disables it).
+    pub cache_bytes: u64,
+    /// Memtable size that triggers a flush, in bytes.
+    pub memtable_bytes: usize,
 }
 
 impl Default for StorageConfig {
@@ -44,6 +52,9 @@ impl Default for StorageConfig {
             sync: SyncMode::Always,
             skip_corrupt_log: false,
             stream_rate_limit: 8 << 20,
+            gc_grace: std::time::Duration::from_secs(10 * 24 * 3600),
+            cache_bytes: 64 << 20,
+            memtable_bytes: 64 << 20,
         }
     }
 }
@@ -60,6 +71,12 @@ impl StorageConfig {
         }
         for seed in &self.seeds {
             split_host_port(seed).map_err(|e| invalid(format!("--seeds: {e}")))?;
+        }
+        if self.memtable_bytes < 64 << 10 {
+            return Err(invalid(format!(
+                "memtable_bytes = {}: at least 65536",
+                self.memtable_bytes
+            )));
         }
         Ok(())
     }

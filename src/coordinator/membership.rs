@@ -66,6 +66,8 @@ impl Membership {
             }
         }
         metrics::gauge!("pairdb_storage_nodes_down").set(down.len() as f64);
+        metrics::gauge!("pairdb_storage_nodes_up")
+            .set(members.iter().filter(|m| m.up).count() as f64);
         *self.down.write() = down;
         *self.members.write() = members;
     }

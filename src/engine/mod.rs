@@ -85,7 +85,7 @@ pub use disk::{
     FULL_PERCENT, LARGE_WRITE_BYTES, THROTTLE_PERCENT, WARN_PERCENT, decide as disk_decide,
 };
 pub use error::{EngineError, Result};
-pub use options::{EngineOptions, SyncMode};
+pub use options::{EngineOptions, SyncMode, TombstoneGate};
 pub use trees::SegmentGroup;
 pub use types::{ApplyOutcome, RangeDrop, Record, internal_key};
 pub use wal::ReplayStats;

@@ -52,6 +52,13 @@ impl fmt::Display for SyncMode {
     }
 }
 
+/// Decides whether a tombstone past gc_grace may be purged (a storage node: only once its
+/// range was repaired after it was written, so no replica that missed it can bring the value
+/// back).
+pub trait TombstoneGate: Send + Sync + std::fmt::Debug {
+    fn may_purge(&self, tenant: &str, ring_hash: u64, written_ms: u64) -> bool;
+}
+
 /// Tuning of one engine. `Default` is the production configuration.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -71,6 +78,9 @@ pub struct EngineOptions {
     pub cache_bytes: u64,
     /// Tombstones younger than this survive compaction.
     pub gc_grace: Duration,
+    /// Says which tombstones past `gc_grace` compaction may purge (anti-entropy's repaired
+    /// ranges); `None`: every one.
+    pub tombstone_gate: Option<Arc<dyn TombstoneGate>>,
     /// Compaction write rate limit (bytes/s); `None` = unthrottled.
     pub compaction_bytes_per_sec: Option<u64>,
     /// Open even if a commit-log segment is corrupt in the middle, dropping the rest of it.
@@ -93,6 +103,7 @@ impl Default for EngineOptions {
             levels: LevelPolicy::default(),
             cache_bytes: 64 << 20,
             gc_grace: Duration::from_secs(10 * 24 * 3600),
+            tombstone_gate: None,
             compaction_bytes_per_sec: Some(64 << 20),
             skip_corrupt_log: false,
             background: true,

@@ -12,19 +12,31 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::rpc::storage::storage_node_server::StorageNodeServer;
+use crate::storage::anti_entropy::Collection;
 use crate::storage::datadir;
 use crate::storage::gossip::Gossip;
 use crate::storage::http;
 use crate::storage::repair_markers::RepairMarkerLog;
+use crate::storage::repaired_ranges::RepairedRanges;
 use crate::storage::service::StorageService;
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let node_id = config.node.id.clone().context("storage needs a node id")?;
     let cfg = &config.storage;
     let _lock = datadir::lock(&cfg.data_dir)?;
+    let repaired = Arc::new(RepairedRanges::open(&cfg.data_dir).with_context(|| {
+        format!(
+            "cannot open the repaired ranges in {}",
+            cfg.data_dir.display()
+        )
+    })?);
     let options = EngineOptions {
         sync: cfg.sync,
         skip_corrupt_log: cfg.skip_corrupt_log,
+        gc_grace: cfg.gc_grace,
+        tombstone_gate: Some(repaired.clone()),
+        cache_bytes: cfg.cache_bytes,
+        memtable_bytes: cfg.memtable_bytes,
         ..EngineOptions::default()
     };
     let dir = cfg.data_dir.clone();
@@ -59,6 +71,10 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         engine.clone(),
         gossip.clone(),
         markers,
+        Collection {
+            repaired,
+            gc_grace: cfg.gc_grace,
+        },
         tasks.clone(),
     );
     service.streams().set_rate_limit(cfg.stream_rate_limit);

@@ -12,11 +12,13 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::engine::trees::{SEGMENTS, SegmentGroup, segment_of, version_digest};
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, TombstoneGate};
 use crate::limits::check_tenant;
+use crate::ring::HashRange;
 use crate::rpc::storage as pb;
 
 use super::errors::{StorageError, invalid};
+use super::repaired_ranges::RepairedRanges;
 
 /// Groups one `SegmentHashes` call may ask for.
 pub const MAX_GROUPS: usize = 1 << 16;
@@ -24,6 +26,27 @@ pub const MAX_GROUPS: usize = 1 << 16;
 pub const MAX_LISTED_SEGMENTS: usize = 1 << 18;
 /// Entries per `ListSegments` message.
 const LIST_BATCH: usize = 4096;
+/// Ranges one `MarkRepaired` call may record.
+pub const MAX_MARKS: usize = 1 << 16;
+
+/// What the listing needs to leave out tombstones this node may purge: a repair must not
+/// send back a tombstone another replica already collected (both sides list neither).
+#[derive(Clone)]
+pub struct Collection {
+    pub repaired: Arc<RepairedRanges>,
+    pub gc_grace: std::time::Duration,
+}
+
+impl Collection {
+    fn purgeable(&self, record: &crate::engine::Record, now_ms: u64) -> bool {
+        let written = record.version.timestamp_ms();
+        record.is_tombstone()
+            && written < now_ms.saturating_sub(self.gc_grace.as_millis() as u64)
+            && self
+                .repaired
+                .may_purge(&record.tenant, record.ring_hash, written)
+    }
+}
 
 /// The XOR of each requested group of the tenant's segments.
 pub async fn segment_hashes(
@@ -64,6 +87,7 @@ pub async fn segment_hashes(
 /// key order, from one scan of the tenant.
 pub fn list_segments(
     engine: Arc<Engine>,
+    collection: Collection,
     req: pb::ListSegmentsRequest,
 ) -> Result<mpsc::Receiver<Result<pb::ListSegmentsBatch, StorageError>>, StorageError> {
     check_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
@@ -90,13 +114,16 @@ pub fn list_segments(
             Ok(scan) => scan,
             Err(e) => return send_err(e),
         };
+        let now_ms = crate::wallclock::now_ms();
         let mut entries = Vec::with_capacity(LIST_BATCH);
         for item in scan {
             let record = match item {
                 Ok(r) => r,
                 Err(e) => return send_err(e),
             };
-            if !wanted.contains(&segment_of(record.ring_hash)) {
+            if !wanted.contains(&segment_of(record.ring_hash))
+                || collection.purgeable(&record, now_ms)
+            {
                 continue;
             }
             entries.push(pb::SegmentEntry {
@@ -118,4 +145,43 @@ pub fn list_segments(
         }
     });
     Ok(rx)
+}
+
+/// Records the repaired ranges of a `MarkRepaired` call, durably.
+pub async fn mark_repaired(
+    repaired: Arc<RepairedRanges>,
+    req: pb::MarkRepairedRequest,
+) -> Result<pb::MarkRepairedResponse, StorageError> {
+    if req.ranges.len() > MAX_MARKS {
+        return Err(invalid(format!(
+            "{} ranges, at most {MAX_MARKS} per call",
+            req.ranges.len()
+        )));
+    }
+    let now = crate::wallclock::now_ms();
+    let marks = req
+        .ranges
+        .iter()
+        .map(|r| {
+            check_tenant(&r.tenant_id).map_err(|e| invalid(e.to_string()))?;
+            let range = r
+                .range
+                .as_ref()
+                .map(HashRange::from)
+                .ok_or_else(|| invalid("a repaired range without its range"))?;
+            if r.repaired_as_of_ms > now {
+                // A repair "as of" the future would let tombstones written from now on go.
+                return Err(invalid(format!(
+                    "repaired as of {} ms, after this node's clock ({now} ms)",
+                    r.repaired_as_of_ms
+                )));
+            }
+            Ok((r.tenant_id.clone(), range, r.repaired_as_of_ms))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    tokio::task::spawn_blocking(move || repaired.mark(&marks))
+        .await
+        .map_err(|e| StorageError::Internal(format!("mark task failed: {e}")))?
+        .map_err(|e| StorageError::Internal(format!("cannot record repaired ranges: {e}")))?;
+    Ok(pb::MarkRepairedResponse {})
 }

@@ -11,6 +11,7 @@ pub mod errors;
 pub mod gossip;
 pub mod http;
 pub mod repair_markers;
+pub mod repaired_ranges;
 pub mod service;
 pub mod stream_checkpoint;
 pub mod streaming;

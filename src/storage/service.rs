@@ -55,6 +55,8 @@ pub struct StorageService {
     writes: WritePath,
     /// Keys other replicas missed without a hint (see `repair_markers`).
     markers: Arc<RepairMarkerLog>,
+    /// Repaired ranges and gc_grace: which tombstones may be purged (see `repaired_ranges`).
+    collection: anti_entropy::Collection,
     /// The role's background work (streams); its stop token drains the batch streams.
     tasks: crate::shutdown::Tasks,
 }
@@ -159,6 +161,7 @@ impl StorageService {
         engine: Arc<Engine>,
         gossip: Option<Arc<Gossip>>,
         markers: Arc<RepairMarkerLog>,
+        collection: anti_entropy::Collection,
         tasks: crate::shutdown::Tasks,
     ) -> Arc<Self> {
         metrics::gauge!("pairdb_repair_markers_pending").set(markers.pending() as f64);
@@ -172,6 +175,7 @@ impl StorageService {
             gossip,
             writes: WritePath::for_current_runtime(),
             markers,
+            collection,
         })
     }
 
@@ -564,9 +568,36 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<Self::ListSegmentsStream>, Status> {
-        let rx = anti_entropy::list_segments(self.engine.clone(), req.into_inner())?;
+        let rx = anti_entropy::list_segments(
+            self.engine.clone(),
+            self.collection.clone(),
+            req.into_inner(),
+        )?;
         let stream = ReceiverStream::new(rx).map(|item| item.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn mark_repaired(
+        &self,
+        req: Request<pb::MarkRepairedRequest>,
+    ) -> Result<Response<pb::MarkRepairedResponse>, Status> {
+        reply(anti_entropy::mark_repaired(self.collection.repaired.clone(), req.into_inner()).await)
+    }
+
+    async fn compact(
+        &self,
+        _req: Request<pb::CompactRequest>,
+    ) -> Result<Response<pb::CompactResponse>, Status> {
+        let engine = self.engine.clone();
+        reply(
+            blocking(move || {
+                engine.flush()?;
+                engine.compact()?;
+                Ok(engine.stats().tombstones_dropped)
+            })
+            .await
+            .map(|tombstones_dropped| pb::CompactResponse { tombstones_dropped }),
+        )
     }
 
     async fn record_repair_markers(

@@ -15,18 +15,25 @@
 //!   with NODE_IN_USE naming the first; of two started at once the younger backs out.
 //! - A repair runs against one ring: it does not start while a node change is in progress,
 //!   and ends `failed` if the registry changes under it (the next cycle starts over).
+//! - Each replica of a tenant's range is told the range was repaired as of the repair's start
+//!   (minus the request timeout and the allowed clock skew) only when every replica answered
+//!   and every difference was fixed: its compactions may then purge the tombstones written
+//!   before that, once past gc_grace (`storage::repaired_ranges`). A range of an RF 1 tenant
+//!   has nothing to compare and is marked too.
 //! - The status of a range (`range_repairs`) is recorded only by a repair of every tenant, and
 //!   counts as complete only when every replica of every tenant answered and every difference
 //!   was fixed. Tenants whose replication factor is changing are skipped (incomplete).
 
 pub mod compare;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::meta::{Migration, MigrationKind, MigrationState, NodeRecord, RangeRepair, Tenant};
 use crate::ring::{NodeId, NodeState};
 use crate::rpc::coordinator as pb;
+use crate::rpc::storage as spb;
 
 use super::Coordinator;
 use super::errors::CoordError;
@@ -242,6 +249,9 @@ impl Coordinator {
             let started_ms = crate::wallclock::now_ms() as i64;
             let mut range_done = Compared::default();
             let mut complete = true;
+            // Per owner, the tenants whose range every replica answered and got fixed.
+            let mut repaired: BTreeMap<String, Vec<spb::RepairedRange>> = BTreeMap::new();
+            let as_of = self.repaired_as_of(started_ms);
             let mut every_tenant = scope.tenant.is_none();
             for tenant in &tenants {
                 if self.pending_rf.is_pending(&tenant.tenant_id) {
@@ -260,12 +270,28 @@ impl Coordinator {
                     complete = false;
                 }
                 match compare_and_fix(&tenant.tenant_id, range, &replicas, &mut pace).await {
-                    Ok(c) => add(&mut range_done, c),
+                    Ok(c) => {
+                        add(&mut range_done, c);
+                        if replicas.len() == owners.len() {
+                            for owner in &owners {
+                                repaired.entry(owner.as_str().to_owned()).or_default().push(
+                                    spb::RepairedRange {
+                                        tenant_id: tenant.tenant_id.clone(),
+                                        range: Some(range.into()),
+                                        repaired_as_of_ms: as_of,
+                                    },
+                                );
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(repair = %m.migration_id, tenant = %tenant.tenant_id, ?range, error = %e, "range not repaired");
                         complete = false;
                     }
                 }
+            }
+            if !self.mark_repaired(&snapshot, repaired).await {
+                complete = false;
             }
             record_metrics(&range_done);
             add(&mut progress.compared, range_done);
@@ -301,6 +327,44 @@ impl Coordinator {
             tracing::debug!(repair = %m.migration_id, "every range of every tenant compared");
         }
         Ok(())
+    }
+
+    /// The time a repair that began at `started_ms` vouches for: every tombstone written
+    /// before it was on every replica the repair compared. Earlier than the start by the
+    /// longest a write can still be on its way (the request timeout) and the clock skew
+    /// coordinators allow, so a write timestamped before it cannot land after the comparison.
+    fn repaired_as_of(&self, started_ms: i64) -> u64 {
+        let margin = self.options.request_timeout + self.options.max_clock_skew;
+        (started_ms.max(0) as u64).saturating_sub(margin.as_millis() as u64)
+    }
+
+    /// Tells each owner which of its tenants' ranges were repaired; false if one did not
+    /// record it (its tombstones then wait for the next repair).
+    async fn mark_repaired(
+        &self,
+        snapshot: &super::ring_view::Snapshot,
+        repaired: BTreeMap<String, Vec<spb::RepairedRange>>,
+    ) -> bool {
+        let mut all = true;
+        for (node, ranges) in repaired {
+            let Some(address) = snapshot.address(&node) else {
+                all = false;
+                continue;
+            };
+            let call = match self.pool.client(&node, address) {
+                Ok(mut client) => client
+                    .mark_repaired(spb::MarkRepairedRequest { ranges })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = call {
+                tracing::warn!(node = %node, error = %e, "cannot record repaired ranges; its tombstones wait for the next repair");
+                all = false;
+            }
+        }
+        all
     }
 
     /// The owners that answer (not marked down), with their clients.

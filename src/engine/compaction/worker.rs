@@ -155,8 +155,7 @@ impl Core {
                 removed.push(Removed::of(ikey, &record));
                 continue;
             }
-            if task.bottommost && record.is_tombstone() && record.version.timestamp_ms() < gc_before
-            {
+            if task.bottommost && record.is_tombstone() && self.may_purge(&record, gc_before) {
                 self.metrics
                     .tombstones_dropped
                     .fetch_add(1, Ordering::Relaxed);
@@ -220,6 +219,17 @@ impl Core {
         }
         self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
         Ok(dropped)
+    }
+
+    /// Whether a tombstone may be purged: past gc_grace, and the gate (if any) agrees.
+    fn may_purge(&self, record: &Record, gc_before: u64) -> bool {
+        let written = record.version.timestamp_ms();
+        written < gc_before
+            && self
+                .options
+                .tombstone_gate
+                .as_ref()
+                .is_none_or(|g| g.may_purge(&record.tenant, record.ring_hash, written))
     }
 
     /// Counts an output table as it is finished, so a long compaction shows its progress.
