@@ -324,3 +324,85 @@ async fn a_delete_a_replica_missed_never_comes_back() {
     }
     drop(c1);
 }
+
+/// Repair markers a node holds.
+async fn markers(node: &common::StorageNode) -> Vec<spb::RepairMarker> {
+    node.client()
+        .await
+        .list_repair_markers(spb::ListRepairMarkersRequest { limit: 1000 })
+        .await
+        .expect("list markers")
+        .into_inner()
+        .markers
+}
+
+/// A hint dropped at the end of its window (1 s) leaves a repair marker; the targeted repair
+/// fixes the key within seconds of the target coming back, and clears the marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_hint_is_repaired_soon_after_the_target_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[
+            ("PAIRDB_COORDINATOR_MAX_HINT_WINDOW", "1s"),
+            ("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "300ms"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
+            ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
+        ],
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    pause_until_gossip_says_down(&c1, &storage[2]).await;
+    put(&mut c, "acme", "hinted", "\"v1\"", Consistency::Quorum)
+        .await
+        .expect("write at quorum");
+    // The hint expires and becomes markers on the other nodes.
+    eventually("the expired hint marked", Duration::from_secs(20), || {
+        let nodes = &storage[..2];
+        async move {
+            let mut total = 0;
+            for node in nodes {
+                total += markers(node)
+                    .await
+                    .iter()
+                    .filter(|m| m.missed_node == "s3" && &m.key[..] == b"hinted")
+                    .count();
+            }
+            total > 0
+        }
+    })
+    .await;
+    storage[2].resume();
+    let back = std::time::Instant::now();
+    eventually("s3 repaired", Duration::from_secs(20), || {
+        let s3 = &storage[2];
+        async move {
+            common::coord::stored(s3, "acme", "hinted")
+                .await
+                .map(|v| v.0)
+                .as_deref()
+                == Some("\"v1\"")
+        }
+    })
+    .await;
+    eprintln!("s3 repaired {:?} after it came back", back.elapsed());
+    eventually("markers cleared", Duration::from_secs(10), || {
+        let nodes = &storage[..2];
+        async move {
+            for node in nodes {
+                if !markers(node).await.is_empty() {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    drop(c1);
+}

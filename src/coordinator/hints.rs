@@ -17,7 +17,8 @@
 //!   `pairdb_hints_lost_total` for misses neither stored nor marked (no other replica took the
 //!   marker), which only a full anti-entropy pass finds.
 //! - [`spawn_replay`]: every interval, for each target with hints: hints past the max window or
-//!   the max attempts are dropped (counted: those keys need repair); the rest are delivered in
+//!   the max attempts are dropped, each leaving a repair marker (the targeted repair of
+//!   `anti_entropy::targeted` fixes the key once the target is up); the rest are delivered in
 //!   batches (`WriteBatch` with source HINT) to targets the ring knows and gossip does not
 //!   report down, and each batch is deleted only after the target acknowledged it. A failed
 //!   delivery counts one attempt per hint and waits for the next round.
@@ -298,6 +299,58 @@ const DEADLINE_CHECK: Duration = Duration::from_millis(100);
 /// Records a repair marker for each hint on the other replicas of its key (grouped per node,
 /// one call each). A hint no other replica took a marker for is counted as lost.
 async fn record_markers(sink: Option<&MarkerSink>, unkept: &[(Hint, Vec<String>)]) {
+    record_markers_via(sink.map(|s| (&*s.ring, &*s.pool, s.timeout)), unkept).await;
+}
+
+/// A durable record that `target` missed `record` (a read repair that could not be sent, a
+/// hint that expired): a repair marker on the other nodes of the key's ring walk, which the
+/// targeted repair works off as soon as `target` is up.
+pub async fn mark_missed(
+    ring: &RingView,
+    pool: &StoragePool,
+    timeout: Duration,
+    missed: Vec<(String, pb::Record)>,
+) {
+    let unkept: Vec<(Hint, Vec<String>)> = missed
+        .into_iter()
+        .map(|(target, record)| {
+            let others = marker_holders(ring, &target, &record);
+            let hint = Hint {
+                id: 0,
+                tenant_id: record.tenant_id.clone(),
+                record: record.encode_to_vec(),
+                target_node: target,
+                created_at_ms: now_ms(),
+                attempts: 0,
+            };
+            (hint, others)
+        })
+        .collect();
+    record_markers_via(Some((ring, pool, timeout)), &unkept).await;
+}
+
+/// Where a marker for `target` missing `record` is kept: the first nodes after the key's
+/// position other than `target` (the key's other replicas at RF 3; any node keeps a marker
+/// durably, and the targeted repair reads the key from its real owners).
+fn marker_holders(ring: &RingView, target: &str, record: &pb::Record) -> Vec<String> {
+    let position = crate::ring::key_position(&record.tenant_id, &record.key);
+    ring.snapshot()
+        .ring
+        .natural_owners(position, MARKER_COPIES + 1)
+        .into_iter()
+        .filter(|n| n.as_str() != target)
+        .take(MARKER_COPIES)
+        .map(|n| n.as_str().to_owned())
+        .collect()
+}
+
+/// Nodes a marker is recorded on.
+const MARKER_COPIES: usize = 2;
+
+async fn record_markers_via(
+    sink: Option<(&RingView, &StoragePool, Duration)>,
+    unkept: &[(Hint, Vec<String>)],
+) {
     // One marker per hint (an undecodable hint has none), and which hints each node gets.
     let markers: Vec<Option<pb::RepairMarker>> = unkept
         .iter()
@@ -320,19 +373,19 @@ async fn record_markers(sink: Option<&MarkerSink>, unkept: &[(Hint, Vec<String>)
         }
     }
     let mut marked = vec![false; unkept.len()];
-    if let Some(sink) = sink {
-        let snapshot = sink.ring.snapshot();
+    if let Some((ring, pool, timeout)) = sink {
+        let snapshot = ring.snapshot();
         for (node, hints) in per_node {
             let Some(address) = snapshot.address(node) else {
                 continue;
             };
-            let Ok(mut client) = sink.pool.client(node, address) else {
+            let Ok(mut client) = pool.client(node, address) else {
                 continue;
             };
             let call = client.record_repair_markers(pb::RepairMarkersRequest {
                 markers: hints.iter().filter_map(|i| markers[*i].clone()).collect(),
             });
-            match tokio::time::timeout(sink.timeout, call).await {
+            match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(_)) => {
                     metrics::counter!("pairdb_repair_markers_recorded_total")
                         .increment(hints.len() as u64);
@@ -422,6 +475,16 @@ pub async fn replay_target(
             .partition(|h| h.created_at_ms < oldest_kept || h.attempts >= limits.max_attempts);
         if !expired.is_empty() {
             let ids: Vec<i64> = expired.iter().map(|h| h.id).collect();
+            // Those keys need repair: a marker each, worked off once the target is up.
+            let unkept: Vec<(Hint, Vec<String>)> = expired
+                .into_iter()
+                .filter_map(|h| {
+                    let record = pb::Record::decode(h.record.as_slice()).ok()?;
+                    let others = marker_holders(ring, target, &record);
+                    Some((h, others))
+                })
+                .collect();
+            record_markers_via(Some((ring, pool, limits.timeout)), &unkept).await;
             store.delete_hints(&ids).await?;
             tracing::warn!(
                 target,

@@ -1,7 +1,9 @@
 //! Read repair (SEMANTICS.md, "Read"): replicas that answered a read with an older version, or
 //! with nothing, are sent the winner through the storage `Repair` RPC, off the request path.
-//! The queue is bounded: when it is full the repair is dropped and counted (the next read or
-//! anti-entropy catches it); a repair never delays or fails a read.
+//! The queue is bounded: when it is full the repair is not sent but counted, and a repair
+//! that fails or cannot be queued leaves a repair marker on other nodes (`hints::mark_missed`)
+//! that the targeted repair works off once the replica is up; a repair never delays or fails
+//! a read.
 //!
 //! Stopping ([`RepairQueue::drain`], after the server stopped taking requests): the reads'
 //! stragglers (replica answers still to come, which may queue repairs) finish first, then the
@@ -34,6 +36,10 @@ pub struct RepairQueue {
     stragglers: TaskTracker,
     /// Cancelled by [`RepairQueue::drain`]: the queue takes nothing more.
     closing: CancellationToken,
+    /// Where a repair that could not be sent leaves its durable marker.
+    ring: Arc<RingView>,
+    pool: Arc<StoragePool>,
+    timeout: Duration,
 }
 
 impl RepairQueue {
@@ -49,6 +55,7 @@ impl RepairQueue {
         let work = TaskTracker::new();
         let closing = CancellationToken::new();
         let (spawner, closed) = (work.clone(), closing.clone());
+        let (ring_kept, pool_kept) = (ring.clone(), pool.clone());
         work.spawn(async move {
             let mut closed_now = false;
             loop {
@@ -72,6 +79,8 @@ impl RepairQueue {
                     .address(&node)
                     .ok_or(RepairFailed::NotInRegistry)
                     .and_then(|a| Ok(pool.client(&node, a)?));
+                let (ring, pool) = (ring.clone(), pool.clone());
+                let record_copy = record.clone();
                 spawner.spawn(async move {
                     let result = match client {
                         Ok(mut client) => {
@@ -89,7 +98,14 @@ impl RepairQueue {
                     let outcome = match result {
                         Ok(()) => "applied",
                         Err(e) => {
-                            tracing::debug!(node, error = %e, "read repair failed");
+                            tracing::debug!(node, error = %e, "read repair failed; marking the key for the targeted repair");
+                            super::hints::mark_missed(
+                                &ring,
+                                &pool,
+                                timeout,
+                                vec![(node, record_copy)],
+                            )
+                            .await;
                             "failed"
                         }
                     };
@@ -104,6 +120,9 @@ impl RepairQueue {
             work,
             stragglers: TaskTracker::new(),
             closing,
+            ring: ring_kept,
+            pool: pool_kept,
+            timeout,
         }
     }
 
@@ -143,11 +162,19 @@ impl RepairQueue {
         left
     }
 
-    /// Queues sending `winner` to `node`; drops it when the queue is full.
+    /// Queues sending `winner` to `node`; when the queue is full the repair is not sent but
+    /// leaves a repair marker (see `hints::mark_missed`) for the targeted repair.
     pub fn push(&self, node: String, winner: pb::Record) {
         let result = match self.sender.try_send((node, winner)) {
             Ok(()) => "queued",
-            Err(_) => "dropped",
+            Err(refused) => {
+                let missed = refused.into_inner();
+                let (ring, pool, timeout) = (self.ring.clone(), self.pool.clone(), self.timeout);
+                self.stragglers.spawn(async move {
+                    super::hints::mark_missed(&ring, &pool, timeout, vec![missed]).await;
+                });
+                "dropped"
+            }
         };
         metrics::counter!("pairdb_read_repairs_total", "result" => result).increment(1);
     }

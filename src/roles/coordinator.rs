@@ -191,6 +191,7 @@ pub async fn start(
         let every = (grace / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
         cleanup::spawn_auto_cleanup(core.clone(), grace, every);
     }
+    anti_entropy::targeted::spawn_targeted(core.clone(), cfg.hint_replay_interval);
     if cfg.auto_repair {
         let interval = cfg.repair_interval;
         let every = (interval / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));

@@ -55,13 +55,7 @@ impl RepairMarkerLog {
 
     /// Appends `markers` and fsyncs; returns how many the node holds now.
     pub fn append(&self, markers: &[RepairMarker]) -> std::io::Result<u64> {
-        let mut frames = Vec::new();
-        for marker in markers {
-            let payload = marker.encode_to_vec();
-            frames.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            frames.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-            frames.extend_from_slice(&payload);
-        }
+        let frames = frames(markers.iter());
         let mut guard = self.file.lock();
         let (file, count) = &mut *guard;
         file.write_all(&frames)?;
@@ -76,11 +70,50 @@ impl RepairMarkerLog {
         self.file.lock().1
     }
 
+    /// Removes every marker equal to one of `done` (the targeted repair fixed them): the log is
+    /// rewritten without them (temp file, fsync, rename, fsync of the directory), so a crash
+    /// leaves the old log or the new one. Returns how many the node holds now.
+    pub fn remove(&self, done: &[RepairMarker]) -> std::io::Result<u64> {
+        let mut guard = self.file.lock();
+        let (markers, _) = parse(&std::fs::read(&self.path)?);
+        let kept: Vec<&RepairMarker> = markers.iter().filter(|m| !done.contains(m)).collect();
+        if kept.len() == markers.len() {
+            return Ok(guard.1);
+        }
+        let tmp = self.path.with_extension("log.tmp");
+        let mut file = File::create(&tmp)?;
+        file.write_all(&frames(kept.iter().copied()))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&self.path)?;
+        *guard = (file, kept.len() as u64);
+        metrics::gauge!("pairdb_repair_markers_pending").set(guard.1 as f64);
+        Ok(guard.1)
+    }
+
     /// Every marker in the log (for the repair that consumes them, and tests).
     pub fn read_all(&self) -> std::io::Result<Vec<RepairMarker>> {
         let _guard = self.file.lock();
         Ok(parse(&std::fs::read(&self.path)?).0)
     }
+}
+
+/// The frames of `markers`, in order.
+fn frames<'a>(markers: impl Iterator<Item = &'a RepairMarker>) -> Vec<u8> {
+    let mut frames = Vec::new();
+    for marker in markers {
+        let payload = marker.encode_to_vec();
+        frames.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frames.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        frames.extend_from_slice(&payload);
+    }
+    frames
 }
 
 /// The markers of the whole frames at the start of `bytes`, and where they end.
@@ -137,5 +170,14 @@ mod tests {
         assert_eq!(log.append(&[marker(3)]).expect("append"), 3);
         let all = log.read_all().expect("read");
         assert_eq!(all, vec![marker(1), marker(2), marker(3)]);
+        // Removing rewrites the log without them; appends follow, and a reopen agrees.
+        assert_eq!(log.remove(&[marker(2)]).expect("remove"), 2);
+        assert_eq!(log.append(&[marker(4)]).expect("append"), 3);
+        drop(log);
+        let log = RepairMarkerLog::open(dir.path()).expect("reopen");
+        assert_eq!(
+            log.read_all().expect("read"),
+            vec![marker(1), marker(3), marker(4)]
+        );
     }
 }

@@ -624,6 +624,42 @@ impl StorageNode for StorageService {
         reply(timed(self, "record_repair_markers", body).await)
     }
 
+    async fn list_repair_markers(
+        &self,
+        req: Request<pb::ListRepairMarkersRequest>,
+    ) -> Result<Response<pb::RepairMarkersRequest>, Status> {
+        let limit = (req.into_inner().limit as usize).clamp(1, 10_000);
+        let log = self.markers.clone();
+        let body = async move {
+            let markers = blocking(move || {
+                log.read_all()
+                    .map_err(|e| EngineError::io("read repair markers", e))
+            })
+            .await?;
+            Ok(pb::RepairMarkersRequest {
+                markers: markers.into_iter().take(limit).collect(),
+            })
+        };
+        reply(timed(self, "list_repair_markers", body).await)
+    }
+
+    async fn clear_repair_markers(
+        &self,
+        req: Request<pb::RepairMarkersRequest>,
+    ) -> Result<Response<pb::RepairMarkersResponse>, Status> {
+        let done = req.into_inner().markers;
+        let log = self.markers.clone();
+        let body = async move {
+            let pending = blocking(move || {
+                log.remove(&done)
+                    .map_err(|e| EngineError::io("remove repair markers", e))
+            })
+            .await?;
+            Ok(pb::RepairMarkersResponse { pending })
+        };
+        reply(timed(self, "clear_repair_markers", body).await)
+    }
+
     async fn held_versions(
         &self,
         req: Request<pb::HeldVersionsRequest>,

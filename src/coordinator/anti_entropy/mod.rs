@@ -8,7 +8,8 @@
 //! that one dies, an operator cancels it, and `pairdb admin migrations` shows its progress
 //! (for a repair, `keys_migrated` counts ranges done of `total_keys` ranges, and
 //! `bytes_migrated` the bytes exchanged). It starts on demand (`POST /v1/admin/repair`) and
-//! every `repair_interval` ([`spawn_auto_repair`]).
+//! every `repair_interval` ([`spawn_auto_repair`]). Keys a replica is known to have missed
+//! (repair markers) are fixed sooner, as soon as it is up ([`targeted`]).
 //!
 //! Invariants:
 //! - One repair at a time in the cluster (so one repairer per range): a second is refused
@@ -25,6 +26,7 @@
 //!   was fixed. Tenants whose replication factor is changing are skipped (incomplete).
 
 pub mod compare;
+pub mod targeted;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
