@@ -1,20 +1,22 @@
-//! One tenant's data in one ring range, compared across its replicas and fixed.
+//! One tenant's data in the ring's ranges, compared across each range's replicas and fixed.
 //!
 //! 1. **Descend the trees.** Each replica answers the XOR of groups of its range-tree segments
 //!    (`SegmentHashes`); groups whose XORs agree on every replica are done, the others are cut
 //!    into [`FANOUT`] parts and asked again, down to single segments. Identical replicas cost
 //!    one hash each. A segment the range covers only in part (tokens off the segment grid,
 //!    from the random allocation) holds keys of the next range too: it is always listed.
-//! 2. **List the differing segments** (`ListSegments`, one scan of the tenant per replica):
-//!    (key, version digest) of every key there, kept only when the key lies in the range.
+//! 2. **List the differing segments** of every range of the pass, one `ListSegments` call (one
+//!    scan of the tenant) per node: (key, version digest) of every key there, assigned to the
+//!    range it lies in.
 //! 3. **Fix the keys whose digests differ** (or that some replica lacks): read them from the
 //!    replicas that hold them, take the version that takes precedence (the read path's rule)
 //!    and write it to every replica that does not hold it, as a repair batch. The storage
 //!    node's apply rule ignores it where something newer arrived meanwhile, so a repair never
 //!    rolls a key back.
 //!
-//! A replica that fails a call ends the comparison with an error: what was fixed stays fixed,
-//! and the range is not counted as repaired.
+//! A replica that fails a call ends the comparison of the ranges it serves with an error
+//! (`RangeWork::failure`): what was fixed stays fixed, and those ranges are not counted as
+//! repaired.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -29,8 +31,10 @@ use crate::rpc::storage::storage_node_client::StorageNodeClient;
 use crate::storage::anti_entropy::{MAX_GROUPS, MAX_LISTED_SEGMENTS};
 use crate::vclock::Version;
 
-/// Parts a differing group is cut into at each step of the descent.
-pub const FANOUT: u32 = 16;
+/// Parts a differing group is cut into at each step of the descent. Each differing key costs
+/// about FANOUT x log_FANOUT(segments) hashes per replica: 4 exchanges half the bytes of 16
+/// (docs/benchmarks.md, "Anti-entropy") for twice the round trips (about 8 per range).
+pub const FANOUT: u32 = 4;
 /// Keys per `ReadBatch` and `WriteBatch` of the fix.
 const FIX_CHUNK: usize = 256;
 
@@ -50,6 +54,9 @@ pub struct Compared {
     pub keys_fixed: u64,
     /// Segment hashes, listed entries and records exchanged, in bytes (protobuf-encoded).
     pub bytes: u64,
+    /// Of those, the records written to replicas that lacked them (what any copy of those
+    /// keys sends).
+    pub bytes_written: u64,
 }
 
 /// A replica failed a call of the comparison.
@@ -99,22 +106,171 @@ fn failed(node: &str, call: &'static str, status: tonic::Status) -> ReplicaFaile
     }
 }
 
-/// Compares `tenant`'s keys in `range` across `replicas` and fixes what differs.
-pub async fn compare_and_fix(
+/// One range of a tenant to compare: its replicas that answer, and what comparing it did.
+pub struct RangeWork {
+    pub range: HashRange,
+    pub replicas: Vec<Replica>,
+    pub done: Compared,
+    /// Why it could not be compared or fixed completely (a replica failed a call).
+    pub failure: Option<ReplicaFailed>,
+    leaves: Vec<u32>,
+}
+
+impl RangeWork {
+    pub fn new(range: HashRange, replicas: Vec<Replica>) -> Self {
+        Self {
+            range,
+            replicas,
+            done: Compared::default(),
+            failure: None,
+            leaves: Vec::new(),
+        }
+    }
+}
+
+/// Compares `tenant`'s keys in every range of `works` across its replicas and fixes what
+/// differs: each range's trees are descended on its own, then every node lists the differing
+/// segments of all its ranges in one call (a listing scans the tenant once, whatever it
+/// asks), then each range's differing keys are fixed.
+pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut Pace) {
+    for work in works.iter_mut().filter(|w| w.replicas.len() >= 2) {
+        match descend(tenant, work.range, &work.replicas, pace, &mut work.done).await {
+            Ok(leaves) => work.leaves = leaves,
+            Err(e) => work.failure = Some(e),
+        }
+    }
+    // Per node: the replica it is of each range with leaves, and the union of those leaves.
+    let mut nodes: BTreeMap<String, (Replica, Vec<u32>)> = BTreeMap::new();
+    for work in works
+        .iter()
+        .filter(|w| w.failure.is_none() && !w.leaves.is_empty())
+    {
+        for replica in &work.replicas {
+            let slot = nodes
+                .entry(replica.node.clone())
+                .or_insert_with(|| (replica.clone(), Vec::new()));
+            slot.1.extend_from_slice(&work.leaves);
+        }
+    }
+    let ranges = RangeIndex::new(works);
+    // Per range: key -> the digest each of its replicas listed (None: no record of the key).
+    let mut listed: Vec<BTreeMap<Bytes, Vec<Option<u64>>>> = vec![BTreeMap::new(); works.len()];
+    let mut listing_failed: BTreeMap<String, ReplicaFailed> = BTreeMap::new();
+    for (node, (replica, mut leaves)) in nodes {
+        leaves.sort_unstable();
+        leaves.dedup();
+        let mut bytes = 0;
+        let mut entries = Vec::new();
+        for chunk in leaves.chunks(MAX_LISTED_SEGMENTS) {
+            match list_segments(tenant, &replica, chunk, &mut bytes).await {
+                Ok(e) => entries.extend(e),
+                Err(e) => {
+                    listing_failed.insert(node.clone(), e);
+                    break;
+                }
+            }
+        }
+        pace.spend(bytes).await;
+        if listing_failed.contains_key(&node) {
+            continue;
+        }
+        for entry in entries {
+            let Some(w) = ranges.find(key_position(tenant, &entry.key)) else {
+                continue;
+            };
+            let (Some(work), Some(keys)) = (works.get(w), listed.get_mut(w)) else {
+                continue;
+            };
+            let Some(r) = work.replicas.iter().position(|x| x.node == node) else {
+                continue;
+            };
+            let n = work.replicas.len();
+            let slot = keys.entry(entry.key).or_insert_with(|| vec![None; n]);
+            if let Some(d) = slot.get_mut(r) {
+                *d = Some(entry.digest);
+            }
+        }
+        // The listing's bytes count once, against the ranges it served.
+        if let Some(first) = works
+            .iter_mut()
+            .find(|w| w.failure.is_none() && w.replicas.iter().any(|x| x.node == node))
+        {
+            first.done.bytes += bytes;
+        }
+    }
+    for (work, keys) in works.iter_mut().zip(listed) {
+        if work.failure.is_some() || work.leaves.is_empty() {
+            continue;
+        }
+        if let Some(e) = work
+            .replicas
+            .iter()
+            .find_map(|r| listing_failed.get(&r.node))
+        {
+            work.failure = Some(ReplicaFailed {
+                node: e.node.clone(),
+                call: e.call,
+                status: e.status.clone(),
+            });
+            continue;
+        }
+        work.done.keys_compared = keys.len() as u64;
+        let differing: Vec<(Bytes, Vec<Option<u64>>)> = keys
+            .into_iter()
+            .filter(|(_, digests)| {
+                let first = digests.first().copied().flatten();
+                first.is_none() || digests.iter().any(|d| *d != first)
+            })
+            .collect();
+        for chunk in differing.chunks(FIX_CHUNK) {
+            if let Err(e) = fix(tenant, &work.replicas, chunk, &mut work.done, pace).await {
+                work.failure = Some(e);
+                break;
+            }
+        }
+    }
+}
+
+/// Finds which range of a pass a ring position lies in.
+struct RangeIndex {
+    /// (first, last, index of the range), sorted by first; wrapping ranges split in two.
+    pieces: Vec<(u64, u64, usize)>,
+}
+
+impl RangeIndex {
+    fn new(works: &[RangeWork]) -> Self {
+        let mut pieces: Vec<(u64, u64, usize)> = works
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| w.range.pieces().into_iter().map(move |(a, b)| (a, b, i)))
+            .collect();
+        pieces.sort_unstable();
+        Self { pieces }
+    }
+
+    fn find(&self, position: u64) -> Option<usize> {
+        let at = self
+            .pieces
+            .partition_point(|(first, _, _)| *first <= position);
+        let (first, last, i) = *self.pieces.get(at.checked_sub(1)?)?;
+        (first <= position && position <= last).then_some(i)
+    }
+}
+
+/// Walks the range's trees on every replica down to the segments whose XORs differ (plus the
+/// segments the range covers only in part).
+async fn descend(
     tenant: &str,
     range: HashRange,
     replicas: &[Replica],
     pace: &mut Pace,
-) -> Result<Compared, ReplicaFailed> {
-    let mut done = Compared::default();
-    if replicas.len() < 2 {
-        return Ok(done);
-    }
+    done: &mut Compared,
+) -> Result<Vec<u32>, ReplicaFailed> {
     let (mut frontier, mut leaves) = initial_groups(range);
     while !frontier.is_empty() {
         let mut answers = Vec::with_capacity(replicas.len());
         for replica in replicas {
-            answers.push(segment_hashes(tenant, replica, &frontier, &mut done).await?);
+            answers.push(segment_hashes(tenant, replica, &frontier, done).await?);
         }
         pace.spend(8 * (frontier.len() * replicas.len()) as u64)
             .await;
@@ -132,43 +288,9 @@ pub async fn compare_and_fix(
         }
         frontier = next;
     }
-    if leaves.is_empty() {
-        return Ok(done);
-    }
     leaves.sort_unstable();
     leaves.dedup();
-    // key -> the digest each replica listed for it (None: it has no record of the key).
-    let mut listed: BTreeMap<Bytes, Vec<Option<u64>>> = BTreeMap::new();
-    for (r, replica) in replicas.iter().enumerate() {
-        for chunk in leaves.chunks(MAX_LISTED_SEGMENTS) {
-            let entries = list_segments(tenant, replica, chunk, &mut done).await?;
-            pace.spend(entries.iter().map(|e| e.key.len() as u64 + 12).sum())
-                .await;
-            for entry in entries {
-                if !range.contains(key_position(tenant, &entry.key)) {
-                    continue;
-                }
-                let slot = listed
-                    .entry(entry.key)
-                    .or_insert_with(|| vec![None; replicas.len()]);
-                if let Some(d) = slot.get_mut(r) {
-                    *d = Some(entry.digest);
-                }
-            }
-        }
-    }
-    done.keys_compared = listed.len() as u64;
-    let differing: Vec<(Bytes, Vec<Option<u64>>)> = listed
-        .into_iter()
-        .filter(|(_, digests)| {
-            let first = digests.first().copied().flatten();
-            first.is_none() || digests.iter().any(|d| *d != first)
-        })
-        .collect();
-    for chunk in differing.chunks(FIX_CHUNK) {
-        fix(tenant, replicas, chunk, &mut done, pace).await?;
-    }
-    Ok(done)
+    Ok(leaves)
 }
 
 /// The whole segments of `range` as groups to descend, and the segments it covers only in
@@ -244,7 +366,7 @@ async fn list_segments(
     tenant: &str,
     replica: &Replica,
     segments: &[u32],
-    done: &mut Compared,
+    bytes: &mut u64,
 ) -> Result<Vec<pb::SegmentEntry>, ReplicaFailed> {
     let mut stream = replica
         .client
@@ -262,7 +384,7 @@ async fn list_segments(
         .await
         .map_err(|s| failed(&replica.node, "ListSegments", s))?
     {
-        done.bytes += batch
+        *bytes += batch
             .entries
             .iter()
             .map(|e| e.key.len() as u64 + 12)
@@ -364,6 +486,7 @@ async fn fix(
             .sum();
         pace.spend(bytes).await;
         done.bytes += bytes;
+        done.bytes_written += bytes;
         let answer = replica
             .client
             .clone()

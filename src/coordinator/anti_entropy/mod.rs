@@ -6,8 +6,10 @@
 //! A repair is a migration of kind `repair` (subject `*`, `tenant=<id>` or `node=<id>`), so it
 //! has what migrations have: one coordinator runs it under a lease, another takes it over when
 //! that one dies, an operator cancels it, and `pairdb admin migrations` shows its progress
-//! (for a repair, `keys_migrated` counts ranges done of `total_keys` ranges, and
-//! `bytes_migrated` the bytes exchanged). It starts on demand (`POST /v1/admin/repair`) and
+//! (for a repair, `keys_migrated` counts (tenant, range) pairs done of `total_keys`, and
+//! `bytes_migrated` the bytes exchanged). A repair goes tenant by tenant: every range of a
+//! tenant is compared in one pass ([`compare::compare_and_fix`]), so each node scans a
+//! tenant once per repair however many of its ranges differ. It starts on demand (`POST /v1/admin/repair`) and
 //! every `repair_interval` ([`spawn_auto_repair`]). Keys a replica is known to have missed
 //! (repair markers) are fixed sooner, as soon as it is up ([`targeted`]).
 //!
@@ -40,7 +42,7 @@ use crate::rpc::storage as spb;
 use super::Coordinator;
 use super::errors::CoordError;
 use super::lease::{Interrupted, LeaseGuard};
-use compare::{Compared, Pace, Replica, compare_and_fix};
+use compare::{Compared, Pace, RangeWork, Replica, compare_and_fix};
 
 /// The subject of a repair of everything.
 const EVERYTHING: &str = "*";
@@ -74,10 +76,6 @@ impl RepairScope {
             }
         }
         scope
-    }
-
-    fn is_everything(&self) -> bool {
-        self.tenant.is_none() && self.node.is_none()
     }
 }
 
@@ -194,7 +192,7 @@ impl Coordinator {
             };
             let recorded = match result {
                 Ok(()) => {
-                    tracing::info!(repair = %id, ranges = p.ranges, incomplete = p.incomplete_ranges, keys_compared = p.compared.keys_compared, keys_fixed = p.compared.keys_fixed, bytes = p.compared.bytes, "repair completed");
+                    tracing::info!(repair = %id, ranges = p.ranges, incomplete = p.incomplete_ranges, keys_compared = p.compared.keys_compared, keys_fixed = p.compared.keys_fixed, bytes = p.compared.bytes, bytes_written = p.compared.bytes_written, "repair completed");
                     end(MigrationState::Completed).await
                 }
                 Err(Interrupted::Lost) => {
@@ -237,9 +235,16 @@ impl Coordinator {
             .into_iter()
             .filter(|t| scope.tenant.as_ref().is_none_or(|s| *s == t.tenant_id))
             .collect();
-        progress.ranges = ranges.len() as u64;
+        progress.ranges = (ranges.len() * tenants.len()) as u64;
         let mut pace = Pace::new(self.options.repair_rate_limit);
-        for range in ranges {
+        let started_ms = crate::wallclock::now_ms() as i64;
+        let as_of = self.repaired_as_of(started_ms);
+        // Per range: what comparing it did, whether every tenant's comparison was complete,
+        // and whether every tenant was compared (a node scope skips ranges it does not own).
+        let mut done = vec![Compared::default(); ranges.len()];
+        let mut complete = vec![true; ranges.len()];
+        let mut covered = vec![scope.tenant.is_none(); ranges.len()];
+        for tenant in &tenants {
             lease.check()?;
             let now = self.meta.list_nodes().await.map_err(|e| failed(e.into()))?;
             if registry_changed(&registered, &now) {
@@ -248,71 +253,67 @@ impl Coordinator {
                         .to_owned(),
                 ));
             }
-            let started_ms = crate::wallclock::now_ms() as i64;
-            let mut range_done = Compared::default();
-            let mut complete = true;
-            // Per owner, the tenants whose range every replica answered and got fixed.
-            let mut repaired: BTreeMap<String, Vec<spb::RepairedRange>> = BTreeMap::new();
-            let as_of = self.repaired_as_of(started_ms);
-            let mut every_tenant = scope.tenant.is_none();
-            for tenant in &tenants {
-                if self.pending_rf.is_pending(&tenant.tenant_id) {
-                    complete = false;
-                    continue;
-                }
+            if self.pending_rf.is_pending(&tenant.tenant_id) {
+                complete.iter_mut().for_each(|c| *c = false);
+                progress.ranges_done += ranges.len() as u64;
+                continue;
+            }
+            // The ranges of this tenant to compare, with their index and owners.
+            let mut works = Vec::new();
+            let mut which = Vec::new();
+            for (i, range) in ranges.iter().enumerate() {
                 let owners = ring.natural_owners(range.start, tenant.replication_factor as usize);
                 if let Some(node) = &scope.node {
                     if !owners.contains(&NodeId::new(node.clone())) {
-                        every_tenant = false;
+                        if let Some(c) = covered.get_mut(i) {
+                            *c = false;
+                        }
                         continue;
                     }
                 }
                 let replicas = self.replicas(&snapshot, &owners);
-                if replicas.len() < owners.len() {
-                    complete = false;
+                works.push(RangeWork::new(*range, replicas));
+                which.push((i, owners));
+            }
+            compare_and_fix(&tenant.tenant_id, &mut works, &mut pace).await;
+            // Each owner of a range every replica of which answered and got fixed learns it
+            // was repaired (its tombstones written before `as_of` may then go).
+            let mut marks: BTreeMap<String, Vec<spb::RepairedRange>> = BTreeMap::new();
+            for (work, (i, owners)) in works.iter().zip(&which) {
+                if let Some(d) = done.get_mut(*i) {
+                    add(d, work.done);
                 }
-                match compare_and_fix(&tenant.tenant_id, range, &replicas, &mut pace).await {
-                    Ok(c) => {
-                        add(&mut range_done, c);
-                        if replicas.len() == owners.len() {
-                            for owner in &owners {
-                                repaired.entry(owner.as_str().to_owned()).or_default().push(
-                                    spb::RepairedRange {
-                                        tenant_id: tenant.tenant_id.clone(),
-                                        range: Some(range.into()),
-                                        repaired_as_of_ms: as_of,
-                                    },
-                                );
-                            }
-                        }
+                let whole = work.failure.is_none() && work.replicas.len() == owners.len();
+                if let Some(e) = &work.failure {
+                    tracing::warn!(repair = %m.migration_id, tenant = %tenant.tenant_id, range = ?work.range, error = %e, "range not repaired");
+                }
+                if !whole {
+                    if let Some(c) = complete.get_mut(*i) {
+                        *c = false;
                     }
-                    Err(e) => {
-                        tracing::warn!(repair = %m.migration_id, tenant = %tenant.tenant_id, ?range, error = %e, "range not repaired");
-                        complete = false;
+                    continue;
+                }
+                for owner in owners {
+                    marks
+                        .entry(owner.as_str().to_owned())
+                        .or_default()
+                        .push(spb::RepairedRange {
+                            tenant_id: tenant.tenant_id.clone(),
+                            range: Some(work.range.into()),
+                            repaired_as_of_ms: as_of,
+                        });
+                }
+            }
+            if !self.mark_repaired(&snapshot, marks).await {
+                for (i, _) in &which {
+                    if let Some(c) = complete.get_mut(*i) {
+                        *c = false;
                     }
                 }
             }
-            if !self.mark_repaired(&snapshot, repaired).await {
-                complete = false;
-            }
-            record_metrics(&range_done);
-            add(&mut progress.compared, range_done);
-            progress.ranges_done += 1;
-            if !complete {
-                progress.incomplete_ranges += 1;
-            }
-            if every_tenant {
-                let status = RangeRepair {
-                    range,
-                    repaired_at_ms: started_ms,
-                    keys_compared: range_done.keys_compared,
-                    keys_fixed: range_done.keys_fixed,
-                    complete,
-                };
-                self.meta
-                    .record_range_repair(&status)
-                    .await
-                    .map_err(|e| failed(e.into()))?;
+            progress.ranges_done += ranges.len() as u64;
+            for (_, work) in which.iter().zip(&works) {
+                add(&mut progress.compared, work.done);
             }
             self.meta
                 .update_migration(
@@ -325,8 +326,28 @@ impl Coordinator {
                 .await
                 .map_err(|e| failed(e.into()))?;
         }
-        if scope.is_everything() {
-            tracing::debug!(repair = %m.migration_id, "every range of every tenant compared");
+        for (i, range) in ranges.iter().enumerate() {
+            let (d, whole) = (
+                done.get(i).copied().unwrap_or_default(),
+                complete.get(i).copied().unwrap_or(false),
+            );
+            record_metrics(&d);
+            if !whole {
+                progress.incomplete_ranges += 1;
+            }
+            if covered.get(i).copied().unwrap_or(false) {
+                let status = RangeRepair {
+                    range: *range,
+                    repaired_at_ms: started_ms,
+                    keys_compared: d.keys_compared,
+                    keys_fixed: d.keys_fixed,
+                    complete: whole,
+                };
+                self.meta
+                    .record_range_repair(&status)
+                    .await
+                    .map_err(|e| failed(e.into()))?;
+            }
         }
         Ok(())
     }
@@ -390,6 +411,7 @@ fn add(total: &mut Compared, c: Compared) {
     total.keys_compared += c.keys_compared;
     total.keys_fixed += c.keys_fixed;
     total.bytes += c.bytes;
+    total.bytes_written += c.bytes_written;
 }
 
 fn record_metrics(c: &Compared) {

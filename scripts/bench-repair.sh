@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Anti-entropy benchmark (docs/benchmarks.md, "Anti-entropy"): a tenant at RF 2 on the 3-node
+# cluster of scripts/cluster.sh (each range has two replicas), KEYS keys of VALUE bytes.
+#   1. identical replicas: one repair; its time and the bytes it exchanged;
+#   2. s3 paused (SIGSTOP, hints off) while DIVERGE keys are written at ONE (those whose
+#      replicas include s3 differ, about 1% of KEYS by default), resumed: one repair; time,
+#      keys fixed, bytes exchanged;
+#   3. s3 stopped, its data deleted, restarted empty: one repair refills it. The records it
+#      writes (`bytes_written`) are what any full copy of s3's data sends; its time is the
+#      full copy's.
+# Each repair runs unpaced (repair_rate_limit = 0). Output: a markdown table on stdout.
+# Env: KEYS (1000000), VALUE (100), DIVERGE (15000), PAIRDB_BIN (built when unset).
+# Everything binds to 127.0.0.1 and is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KEYS="${KEYS:-1000000}"
+VALUE="${VALUE:-100}"
+DIVERGE="${DIVERGE:-15000}"
+export CLUSTER_DIR="${CLUSTER_DIR:-/tmp/pairdb-bench-repair}"
+export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18190}"
+export BASE_PORT="${BASE_PORT:-17500}"
+export SYNC=always AUTH=none WRITE_RATE_LIMIT=1000000000 READ_RATE_LIMIT=1000000000
+export PAIRDB_COORDINATOR_HINTS_ENABLED=false PAIRDB_COORDINATOR_READ_REPAIR_CHANCE=0
+export PAIRDB_COORDINATOR_AUTO_REPAIR=false PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT=0
+URL="http://$GATEWAY_ADDR"
+BIN="${PAIRDB_BIN:-target/release/pairdb}"
+export PAIRDB_BIN="$BIN"
+if [ "$BIN" = target/release/pairdb ]; then cargo build --release --locked; fi
+rm -rf "$CLUSTER_DIR"
+trap 'kill -CONT "$(cat "$CLUSTER_DIR/pids/s3.pid" 2>/dev/null)" 2>/dev/null || true; scripts/cluster.sh stop >/dev/null 2>&1 || true' EXIT
+
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+bench() { "$BIN" bench --url "$URL" --tenant bench --value-size "$VALUE" --concurrency 32 --json "$@"; }
+metric() { # port, name: the value of one metric line of a process's /metrics
+  curl -fsS "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'
+}
+coordinator_http=$((BASE_PORT + 101 + 1000))
+gossip_says() { # count of nodes down to wait for
+  for _ in $(seq 1 300); do
+    [ "$(metric "$coordinator_http" pairdb_storage_nodes_down)" = "$1" ] && return 0
+    sleep 0.2
+  done
+  echo "gossip never reported $1 node(s) down" >&2; return 1
+}
+
+# One repair: prints "seconds keys_compared keys_fixed bytes bytes_written".
+repair() {
+  local started id
+  started="$(date +%s.%N)"
+  id="$(curl -fsS -X POST "$URL/v1/admin/repair" | json 'd["repair_id"]')"
+  while :; do
+    case "$(curl -fsS "$URL/v1/admin/migrations/$id" | json 'd["state"]')" in
+      completed) break ;;
+      failed|cancelled) echo "repair $id did not complete" >&2; return 1 ;;
+    esac
+    sleep 0.1
+  done
+  local ended line
+  ended="$(date +%s.%N)"
+  line="$(grep "repair completed" "$CLUSTER_DIR/logs/c1.log" | grep "$id" | tail -1)"
+  field() { sed -E "s/.*$1=([0-9]+).*/\1/" <<<"$line"; }
+  echo "$(python3 -c "print(f'{$ended - $started:.2f}')") $(field keys_compared) $(field keys_fixed) $(field ' bytes') $(field bytes_written)"
+}
+
+scripts/cluster.sh start >&2
+curl -fsS -X POST "$URL/v1/tenants" -H 'content-type: application/json' \
+  -d '{"tenant_id":"bench","replication_factor":2}' >/dev/null
+echo "loading $KEYS keys of $VALUE bytes at RF 2" >&2
+bench --workload reads --keys "$KEYS" --duration 1s >/dev/null
+
+read -r t1 c1 f1 b1 w1 <<<"$(repair)"
+
+kill -STOP "$(cat "$CLUSTER_DIR/pids/s3.pid")"
+gossip_says 1
+bench --workload writes --keys "$DIVERGE" --no-preload --consistency one --duration 10s >/dev/null
+kill -CONT "$(cat "$CLUSTER_DIR/pids/s3.pid")"
+gossip_says 0
+read -r t2 c2 f2 b2 w2 <<<"$(repair)"
+
+kill -TERM "$(cat "$CLUSTER_DIR/pids/s3.pid")"
+while kill -0 "$(cat "$CLUSTER_DIR/pids/s3.pid")" 2>/dev/null; do sleep 0.2; done
+rm -rf "$CLUSTER_DIR/s3"
+# s3 again, as scripts/cluster.sh starts it, with an empty data directory.
+"$BIN" --role=storage --node-id=s3 --listen="127.0.0.1:$((BASE_PORT + 3))" \
+  --data-dir="$CLUSTER_DIR/s3" --gossip="127.0.0.1:$((BASE_PORT + 203))" \
+  --seeds="127.0.0.1:$((BASE_PORT + 201)),127.0.0.1:$((BASE_PORT + 202))" --sync=always \
+  >>"$CLUSTER_DIR/logs/s3.log" 2>&1 &
+echo $! >"$CLUSTER_DIR/pids/s3.pid"
+until curl -fsS -o /dev/null "http://127.0.0.1:$((BASE_PORT + 1003))/healthz" 2>/dev/null; do sleep 0.2; done
+# Gossip sees it up again, and the coordinator's health checks reach it.
+sleep 5
+gossip_says 0
+read -r t3 c3 f3 b3 w3 <<<"$(repair)"
+
+cat <<TABLE
+| repair | time (s) | keys compared | keys fixed | bytes exchanged | records written |
+|---|---|---|---|---|---|
+| identical replicas | $t1 | $c1 | $f1 | $b1 | $w1 |
+| s3 missed $DIVERGE keys' writes | $t2 | $c2 | $f2 | $b2 | $w2 |
+| s3 empty (full copy) | $t3 | $c3 | $f3 | $b3 | $w3 |
+
+Divergent repair against a full copy: $(python3 -c "print(f'{$b2 / $w3 * 100:.2f}% of the bytes, {$t2 / $t3 * 100:.1f}% of the time')").
+TABLE
