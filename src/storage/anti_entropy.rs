@@ -129,6 +129,7 @@ pub fn list_segments(
             entries.push(pb::SegmentEntry {
                 key: record.key.clone(),
                 digest: version_digest(&record.version, record.is_tombstone()),
+                version: Some((&record.version).into()),
             });
             if entries.len() == LIST_BATCH {
                 let batch = std::mem::replace(&mut entries, Vec::with_capacity(LIST_BATCH));

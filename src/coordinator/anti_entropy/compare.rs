@@ -8,9 +8,9 @@
 //! 2. **List the differing segments** of every range of the pass, one `ListSegments` call (one
 //!    scan of the tenant) per node: (key, version digest) of every key there, assigned to the
 //!    range it lies in.
-//! 3. **Fix the keys whose digests differ** (or that some replica lacks): read them from the
-//!    replicas that hold them, take the version that takes precedence (the read path's rule)
-//!    and write it to every replica that does not hold it, as a repair batch. The storage
+//! 3. **Fix the keys whose digests differ** (or that some replica lacks): read each from the
+//!    replica whose listed version takes precedence (the read path's rule) and write it to
+//!    every replica that does not hold it, as a repair batch. The storage
 //!    node's apply rule ignores it where something newer arrived meanwhile, so a repair never
 //!    rolls a key back.
 //!
@@ -153,8 +153,8 @@ pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut P
         }
     }
     let ranges = RangeIndex::new(works);
-    // Per range: key -> the digest each of its replicas listed (None: no record of the key).
-    let mut listed: Vec<BTreeMap<Bytes, Vec<Option<u64>>>> = vec![BTreeMap::new(); works.len()];
+    // Per range: key -> what each of its replicas listed (None: no record of the key).
+    let mut listed: Vec<BTreeMap<Bytes, Vec<Listed>>> = vec![BTreeMap::new(); works.len()];
     let mut listing_failed: BTreeMap<String, ReplicaFailed> = BTreeMap::new();
     for (node, (replica, mut leaves)) in nodes {
         leaves.sort_unstable();
@@ -185,9 +185,14 @@ pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut P
                 continue;
             };
             let n = work.replicas.len();
+            let version = entry
+                .version
+                .as_ref()
+                .map(Version::from)
+                .unwrap_or_default();
             let slot = keys.entry(entry.key).or_insert_with(|| vec![None; n]);
             if let Some(d) = slot.get_mut(r) {
-                *d = Some(entry.digest);
+                *d = Some((entry.digest, version));
             }
         }
         // The listing's bytes count once, against the ranges it served.
@@ -215,11 +220,12 @@ pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut P
             continue;
         }
         work.done.keys_compared = keys.len() as u64;
-        let differing: Vec<(Bytes, Vec<Option<u64>>)> = keys
+        let differing: Vec<(Bytes, Vec<Listed>)> = keys
             .into_iter()
-            .filter(|(_, digests)| {
-                let first = digests.first().copied().flatten();
-                first.is_none() || digests.iter().any(|d| *d != first)
+            .filter(|(_, listed)| {
+                let digest = |l: &Listed| l.as_ref().map(|(d, _)| *d);
+                let first = listed.first().and_then(digest);
+                first.is_none() || listed.iter().any(|l| digest(l) != first)
             })
             .collect();
         for chunk in differing.chunks(FIX_CHUNK) {
@@ -230,6 +236,9 @@ pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut P
         }
     }
 }
+
+/// What one replica listed for a key: its version's digest and the version.
+type Listed = Option<(u64, Version)>;
 
 /// Finds which range of a pass a ring position lies in.
 struct RangeIndex {
@@ -387,7 +396,7 @@ async fn list_segments(
         *bytes += batch
             .entries
             .iter()
-            .map(|e| e.key.len() as u64 + 12)
+            .map(|e| prost::Message::encoded_len(e) as u64)
             .sum::<u64>();
         entries.extend(batch.entries);
     }
@@ -407,24 +416,31 @@ fn digest_of(record: &pb::Record) -> u64 {
     version_digest(&version_of(record), tombstone)
 }
 
-/// Reads the differing keys of `chunk` from the replicas that listed them, and writes each
-/// key's winner to the replicas that do not hold it.
+/// Reads each differing key of `chunk` from the replica whose listed version wins, and
+/// writes it to the replicas that do not hold it.
 async fn fix(
     tenant: &str,
     replicas: &[Replica],
-    chunk: &[(Bytes, Vec<Option<u64>>)],
+    chunk: &[(Bytes, Vec<Listed>)],
     done: &mut Compared,
     pace: &mut Pace,
 ) -> Result<(), ReplicaFailed> {
+    // The replica each key is read from: the one whose listed version takes precedence.
+    let source: Vec<Option<usize>> = chunk
+        .iter()
+        .map(|(_, listed)| {
+            listed
+                .iter()
+                .enumerate()
+                .filter_map(|(r, l)| l.as_ref().map(|(_, v)| (r, v)))
+                .max_by(|a, b| a.1.precedence(b.1))
+                .map(|(r, _)| r)
+        })
+        .collect();
     let mut winners: Vec<Option<pb::Record>> = vec![None; chunk.len()];
     for (r, replica) in replicas.iter().enumerate() {
         let held: Vec<usize> = (0..chunk.len())
-            .filter(|&i| {
-                chunk
-                    .get(i)
-                    .and_then(|(_, d)| d.get(r))
-                    .is_some_and(Option::is_some)
-            })
+            .filter(|&i| source.get(i).copied().flatten() == Some(r))
             .collect();
         if held.is_empty() {
             continue;
@@ -457,12 +473,7 @@ async fn fix(
             }
             done.bytes += prost::Message::encoded_len(&record) as u64;
             if let Some(slot) = winners.get_mut(i) {
-                let better = slot.as_ref().is_none_or(|w| {
-                    version_of(&record).precedence(&version_of(w)) == std::cmp::Ordering::Greater
-                });
-                if better {
-                    *slot = Some(record);
-                }
+                *slot = Some(record);
             }
         }
     }
@@ -470,9 +481,10 @@ async fn fix(
     for (r, replica) in replicas.iter().enumerate() {
         let mut records = Vec::new();
         let mut which = Vec::new();
-        for (i, ((_, digests), winner)) in chunk.iter().zip(&winners).enumerate() {
+        for (i, ((_, listed), winner)) in chunk.iter().zip(&winners).enumerate() {
             let Some(winner) = winner else { continue };
-            if digests.get(r).copied().flatten() != Some(digest_of(winner)) {
+            let held = listed.get(r).and_then(|l| l.as_ref().map(|(d, _)| *d));
+            if held != Some(digest_of(winner)) {
                 records.push(winner.clone());
                 which.push(i);
             }
