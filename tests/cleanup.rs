@@ -178,6 +178,20 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
     assert!(refused.message().contains("s4"), "{refused:?}");
     s4.resume();
     wait_all_active(&c, 4).await;
+    // Health checks answer before gossip calls s4 up again; writes follow gossip.
+    eventually(
+        "gossip reports every node up",
+        Duration::from_secs(30),
+        || {
+            let http = c1.http;
+            async move {
+                common::http_get(http, "/metrics")
+                    .await
+                    .contains("pairdb_storage_nodes_down 0")
+            }
+        },
+    )
+    .await;
 
     // An old owner holds a version newer than any owner of its key (written to it alone, as a
     // stale coordinator might have): not verified, nothing dropped there.
@@ -229,9 +243,16 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
     );
 
     // Once the owner holds a newer version (a repair, here a write), everything verifies.
-    put(&mut c, tenant, key, "\"fixed\"", Consistency::All)
-        .await
-        .expect("rewrite one/k7");
+    // (The owner may be s4: the coordinator's channel to it reconnects after the pause.)
+    eventually("rewrite one/k7", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            put(&mut c, tenant, key, "\"fixed\"", Consistency::All)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
     let accepted = cleanup_when_up(&mut c, None).await;
     assert_eq!(accepted.node_ids.len(), 4);
     let done = wait_migration(&c, &accepted.cleanup_id, pb::MigrationState::Completed).await;

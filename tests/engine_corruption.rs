@@ -315,8 +315,7 @@ fn a_flipped_manifest_byte_opens_from_the_mirror() {
     assert!(matches!(err, EngineError::Corrupted { .. }), "{err}");
 }
 
-/// An engine dir with two tables, the first (the 40 records) damaged inside its first data
-/// block, which opening does not read.
+/// An engine dir with two tables: the first holds the 40 records, the second one other key.
 fn two_tables_one_damaged() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     write_records(dir.path());
@@ -337,11 +336,28 @@ fn two_tables_one_damaged() -> tempfile::TempDir {
         .map(|e| e.expect("entry").path())
         .collect();
     tables.sort();
-    let damaged = tables.first().expect("the first table").clone();
-    let mut bytes = fs::read(&damaged).expect("read");
-    bytes[20] ^= 0x40;
-    fs::write(&damaged, &bytes).expect("flip");
     dir
+}
+
+/// Damages the first table of `dir` inside its first data block, in place (an open engine
+/// maps its tables: it reads the damage at its next read of that block).
+fn damage_first_table(dir: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let mut tables: Vec<PathBuf> = fs::read_dir(dir.join("sst"))
+        .expect("sst")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    tables.sort();
+    let damaged = tables.first().expect("the first table");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(damaged)
+        .expect("open the table");
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, 20).expect("read");
+    byte[0] ^= 0x40;
+    file.write_all_at(&byte, 20).expect("flip");
 }
 
 /// The damaged table is out of service, its keys refused, the other table serving.
@@ -370,6 +386,7 @@ fn assert_quarantined(engine: &Engine) {
 fn a_compaction_over_a_damaged_table_quarantines_it() {
     let dir = two_tables_one_damaged();
     let engine = Engine::open(dir.path(), options(false)).expect("open");
+    damage_first_table(dir.path());
     let compacted = engine.compact();
     assert!(
         compacted.as_ref().is_err_and(EngineError::is_corruption),
@@ -387,6 +404,7 @@ fn a_compaction_over_a_damaged_table_quarantines_it() {
 fn a_scan_over_a_damaged_table_quarantines_it() {
     let dir = two_tables_one_damaged();
     let engine = Engine::open(dir.path(), options(false)).expect("open");
+    damage_first_table(dir.path());
     let scanned: Vec<_> = engine.scan_tenant("t").expect("scan").collect();
     assert!(
         scanned
@@ -395,4 +413,23 @@ fn a_scan_over_a_damaged_table_quarantines_it() {
         "the scan must report the damage"
     );
     assert_quarantined(&engine);
+}
+
+/// Opening reads every table (the range trees are built from a scan): a damaged table is
+/// quarantined at open, and the trees cover what the node still serves.
+#[test]
+fn a_damaged_table_found_at_open_is_quarantined_and_the_trees_cover_the_rest() {
+    let dir = two_tables_one_damaged();
+    damage_first_table(dir.path());
+    let engine = Engine::open(dir.path(), options(false)).expect("open");
+    assert_quarantined(&engine);
+    let whole = pairdb::engine::SegmentGroup {
+        first: 0,
+        count: pairdb::engine::trees::SEGMENTS,
+    };
+    let hashes = engine
+        .segment_hashes("t", &[whole])
+        .expect("the trees are complete over what is served");
+    let other = engine.get("t", b"zz-other").expect("get").expect("served");
+    assert_eq!(hashes, vec![pairdb::engine::trees::record_entry(&other)]);
 }

@@ -175,29 +175,53 @@ impl Engine {
 }
 
 impl Core {
-    /// Builds the range trees from a scan of every winner (before any write is taken).
+    /// Builds the range trees from a scan of every winner (before any write is taken). A
+    /// damaged table found on the way is quarantined (like any scan that meets one) and the
+    /// build starts over without it, so the trees cover what the node can serve.
     fn build_trees(self: &Arc<Self>) {
         let started = std::time::Instant::now();
-        let mut keys = 0u64;
-        for item in self.merge_from(&[], None, &|_| true) {
-            match item {
-                Ok((ikey, record)) => {
-                    self.trees
-                        .toggle(&record.tenant, record.ring_hash, tree_entry(&ikey, &record));
-                    keys += 1;
+        let attempts = self.snapshot().levels.iter().map(Vec::len).sum::<usize>() + 1;
+        for _ in 0..attempts {
+            self.trees.clear();
+            let mut keys = 0u64;
+            let mut failure = None;
+            for item in self.merge_from(&[], None, &|_| true) {
+                match item {
+                    Ok((ikey, record)) => {
+                        self.trees.toggle(
+                            &record.tenant,
+                            record.ring_hash,
+                            tree_entry(&ikey, &record),
+                        );
+                        keys += 1;
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
-                Err(e) => {
+            }
+            match failure {
+                None => {
+                    self.trees_complete.store(true, Ordering::Release);
+                    tracing::info!(
+                        keys,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "range trees built"
+                    );
+                    return;
+                }
+                // The damaged table is quarantined now: build again without it.
+                Some(e) if e.is_corruption() => {
+                    tracing::error!(error = %e, "a damaged table met while building the range trees; building again without it");
+                }
+                Some(e) => {
                     tracing::error!(error = %e, "range trees incomplete: anti-entropy skips this node until it restarts");
                     return;
                 }
             }
         }
-        self.trees_complete.store(true, Ordering::Release);
-        tracing::info!(
-            keys,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "range trees built"
-        );
+        tracing::error!("range trees incomplete: damaged tables kept turning up");
     }
 }
 

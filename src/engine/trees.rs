@@ -37,6 +37,11 @@ pub use crate::ring::{SEGMENT_BITS, SEGMENT_WIDTH};
 /// repair lists few keys besides those that differ).
 pub const SEGMENTS: u32 = 1 << SEGMENT_BITS;
 
+/// Groups one `SegmentHashes` call may ask for (storage nodes refuse more; repairers split).
+pub const MAX_GROUPS: usize = 1 << 16;
+/// Segments one `ListSegments` call may list.
+pub const MAX_LISTED_SEGMENTS: usize = 1 << 18;
+
 /// Consecutive segments per lock: a subtree query takes few locks, and writers to different
 /// parts of the ring do not contend.
 const SHARD_BITS: u32 = 14;
@@ -191,6 +196,13 @@ impl RangeTrees {
         if segments.is_empty() {
             // A tenant's map stays as small as its data.
             shard.remove(tenant);
+        }
+    }
+
+    /// Forgets every tenant (before a rebuild).
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.lock().clear();
         }
     }
 

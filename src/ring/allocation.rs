@@ -514,11 +514,15 @@ impl Greedy {
         }
         let min_u = 1.0 / RING;
         let max_u = (width - 1) as f64 / RING;
-        let u = if den > 0.0 {
+        let best = if den > 0.0 {
             (-num / den).clamp(min_u, max_u)
         } else {
             w / 2.0
         };
+        // The token goes on the segment boundary nearest the best split; it is scored there.
+        let offset = ((best * RING) as u64).clamp(1, width - 1);
+        let offset = grid_offset(start, offset, width)?;
+        let u = offset as f64 / RING;
         let delta: f64 = self
             .terms
             .iter()
@@ -528,8 +532,6 @@ impl Greedy {
                 weight * (after * after - b)
             })
             .sum();
-        let offset = ((u * RING) as u64).clamp(1, width - 1);
-        let offset = grid_offset(start, offset, width)?;
         Some(Split { offset, delta })
     }
 
@@ -693,6 +695,10 @@ mod tests {
         let gaps: Vec<u64> = (0..4)
             .map(|i| tokens[(i + 1) % 4].wrapping_sub(tokens[i]))
             .collect();
-        assert!(gaps.iter().all(|g| *g >= u64::MAX / 4 - 4), "{gaps:?}");
+        assert!(
+            gaps.iter().all(|g| *g >= u64::MAX / 4 - SEGMENT_WIDTH),
+            "{gaps:?}"
+        );
+        assert!(tokens.iter().all(|t| t % SEGMENT_WIDTH == 0), "{tokens:x?}");
     }
 }

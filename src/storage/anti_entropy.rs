@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::engine::trees::{SEGMENTS, SegmentGroup, segment_of, version_digest};
+use crate::engine::trees::{
+    MAX_GROUPS, MAX_LISTED_SEGMENTS, SEGMENTS, SegmentGroup, segment_of, version_digest,
+};
 use crate::engine::{Engine, EngineError, TombstoneGate};
 use crate::limits::check_tenant;
 use crate::ring::HashRange;
@@ -20,10 +22,6 @@ use crate::rpc::storage as pb;
 use super::errors::{StorageError, invalid};
 use super::repaired_ranges::RepairedRanges;
 
-/// Groups one `SegmentHashes` call may ask for.
-pub const MAX_GROUPS: usize = 1 << 16;
-/// Segments one `ListSegments` call may list.
-pub const MAX_LISTED_SEGMENTS: usize = 1 << 18;
 /// Entries per `ListSegments` message.
 const LIST_BATCH: usize = 4096;
 /// Ranges one `MarkRepaired` call may record.

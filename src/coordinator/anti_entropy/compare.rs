@@ -24,11 +24,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tonic::transport::Channel;
 
-use crate::engine::trees::{SEGMENT_WIDTH, SEGMENTS, segment_of, segment_start, version_digest};
+use crate::engine::trees::{
+    MAX_GROUPS, MAX_LISTED_SEGMENTS, SEGMENT_WIDTH, SEGMENTS, segment_of, segment_start,
+    version_digest,
+};
 use crate::ring::{HashRange, key_position};
 use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
-use crate::storage::anti_entropy::{MAX_GROUPS, MAX_LISTED_SEGMENTS};
 use crate::vclock::Version;
 
 /// Parts a differing group is cut into at each step of the descent. Each differing key costs

@@ -506,15 +506,17 @@ impl Coordinator {
     }
 }
 
-/// Starts a repair of everything every `interval` (measured from the start of the last one
-/// that completed or failed), checking every `every`, until the role stops. One that cannot
+/// Starts a repair of everything every `interval` (measured from the start of the last one,
+/// or from this coordinator's start when there was none), checking every `every`, until the
+/// role stops. One that cannot
 /// start (a repair or node change running) is tried at the next check.
 pub fn spawn_auto_repair(core: Arc<Coordinator>, interval: Duration, every: Duration) {
     let tasks = core.tasks.clone();
+    let since_ms = crate::wallclock::now_ms() as i64;
     super::periodic::spawn_every(every, &tasks, move || {
         let core = core.clone();
         async move {
-            match repair_due(&core, interval).await {
+            match repair_due(&core, interval, since_ms).await {
                 Ok(false) => {}
                 Ok(true) => match core.start_repair(RepairScope::default()).await {
                     Ok(accepted) => {
@@ -528,8 +530,14 @@ pub fn spawn_auto_repair(core: Arc<Coordinator>, interval: Duration, every: Dura
     });
 }
 
-/// Whether no full repair started within the last `interval` (none running either).
-async fn repair_due(core: &Coordinator, interval: Duration) -> Result<bool, CoordError> {
+/// Whether no full repair started within the last `interval` (none running either); with
+/// none on record, an `interval` after `since_ms` (this coordinator's start: a new cluster
+/// has nothing to repair yet).
+async fn repair_due(
+    core: &Coordinator,
+    interval: Duration,
+    since_ms: i64,
+) -> Result<bool, CoordError> {
     let recent = core.meta.recent_migrations(100).await?;
     let now = crate::wallclock::now_ms() as i64;
     let last = recent
@@ -540,7 +548,7 @@ async fn repair_due(core: &Coordinator, interval: Duration) -> Result<bool, Coor
     Ok(match last {
         Some((_, MigrationState::InProgress | MigrationState::Pending)) => false,
         Some((at, _)) => now >= at + interval.as_millis() as i64,
-        None => true,
+        None => now >= since_ms + interval.as_millis() as i64,
     })
 }
 
