@@ -7,9 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{RoleProcess, start_storage};
+use common::cluster::RoleProcess;
 use common::coord::{
-    Client, create_tenant, eventually, node_state, put, sqlite_url, wait_all_active, wait_migration,
+    Client, create_tenant, eventually, node_state, put, sqlite_url, stored_record, wait_all_active,
+    wait_migration,
 };
 use futures::future::join_all;
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
@@ -56,6 +57,23 @@ async fn held(node: &common::StorageNode, tenant: &str) -> Vec<Option<spb::Recor
     all
 }
 
+/// Three storage nodes (`storage_env` added) and coordinator `c1` (SQLite metadata, no
+/// scheduled repair, `coordinator_env` added), with tenant `acme` at RF 3.
+async fn cluster(
+    dir: &std::path::Path,
+    storage_env: &[(&str, &str)],
+    coordinator_env: &[(&str, &str)],
+) -> (Vec<common::StorageNode>, RoleProcess, Client) {
+    let storage = common::cluster::start_storage_with_env(3, dir, storage_env);
+    let mut env = vec![("PAIRDB_COORDINATOR_AUTO_REPAIR", "false")];
+    env.extend_from_slice(coordinator_env);
+    let c1 = RoleProcess::coordinator("c1", &sqlite_url(dir), "memory://", &storage, &env, dir);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+    (storage, c1, c)
+}
+
 /// The coordinator's gossip view (what the write path follows; a failed health check alone
 /// is not) reports `count` nodes as `what`.
 async fn gossip_reports(c1: &RoleProcess, what: &str, count: usize) {
@@ -98,23 +116,16 @@ async fn status(c: &mut Client) -> pb::RepairStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_missed_writes_and_deletes_converges_after_one_repair() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
+    let (storage, c1, mut c) = cluster(
+        dir.path(),
+        &[],
         &[
             ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
             ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
-            ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
             ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", "0"),
         ],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
+    )
+    .await;
     // The keys to be deleted exist everywhere first, so a missed delete leaves a value behind.
     for chunk in (0..DELETED).collect::<Vec<_>>().chunks(100) {
         join_all(chunk.iter().map(|&i| {
@@ -199,20 +210,6 @@ async fn a_replica_that_missed_writes_and_deletes_converges_after_one_repair() {
     drop(c1);
 }
 
-/// What a node holds for a key, tombstones included.
-async fn raw(node: &common::StorageNode, tenant: &str, key: &str) -> Option<spb::Record> {
-    node.client()
-        .await
-        .read(spb::ReadRequest {
-            tenant_id: tenant.to_owned(),
-            key: key.as_bytes().to_vec().into(),
-        })
-        .await
-        .expect("storage read")
-        .into_inner()
-        .record
-}
-
 fn is_tombstone(record: &Option<spb::Record>) -> bool {
     matches!(
         record.as_ref().and_then(|r| r.payload.as_ref()),
@@ -243,28 +240,17 @@ async fn read_at(c: &mut Client, key: &str, level: Consistency) -> Option<String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_a_replica_missed_never_comes_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = common::cluster::start_storage_with_env(
-        3,
+    let (storage, c1, mut c) = cluster(
         dir.path(),
         &[("PAIRDB_STORAGE_GC_GRACE", "1s")],
-    );
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
         &[
             ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
             ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
-            ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
             ("PAIRDB_COORDINATOR_MAX_CLOCK_SKEW", "500ms"),
             ("PAIRDB_COORDINATOR_REQUEST_TIMEOUT", "1s"),
         ],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
+    )
+    .await;
     put(&mut c, "acme", "zombie", "\"alive\"", Consistency::All)
         .await
         .expect("write at all");
@@ -275,7 +261,7 @@ async fn a_delete_a_replica_missed_never_comes_back() {
     for node in &storage[..2] {
         compact(node).await;
         assert!(
-            is_tombstone(&raw(node, "acme", "zombie").await),
+            is_tombstone(&stored_record(node, "acme", "zombie").await),
             "{}: a tombstone past gc_grace in a range never repaired must stay",
             node.id
         );
@@ -303,7 +289,7 @@ async fn a_delete_a_replica_missed_never_comes_back() {
     repair(&mut c).await;
     for node in &storage {
         assert!(
-            is_tombstone(&raw(node, "acme", "zombie").await),
+            is_tombstone(&stored_record(node, "acme", "zombie").await),
             "{} holds the tombstone after the repair",
             node.id
         );
@@ -313,7 +299,7 @@ async fn a_delete_a_replica_missed_never_comes_back() {
     }
     for node in &storage {
         assert_eq!(
-            raw(node, "acme", "zombie").await,
+            stored_record(node, "acme", "zombie").await,
             None,
             "{}: the tombstone is purged once every replica held it",
             node.id
@@ -341,23 +327,16 @@ async fn markers(node: &common::StorageNode) -> Vec<spb::RepairMarker> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_hint_is_repaired_soon_after_the_target_is_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
+    let (storage, c1, mut c) = cluster(
+        dir.path(),
+        &[],
         &[
             ("PAIRDB_COORDINATOR_MAX_HINT_WINDOW", "1s"),
             ("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "300ms"),
             ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
-            ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
         ],
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
+    )
+    .await;
     pause_until_gossip_says_down(&c1, &storage[2]).await;
     put(&mut c, "acme", "hinted", "\"v1\"", Consistency::Quorum)
         .await

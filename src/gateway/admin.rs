@@ -59,6 +59,26 @@ fn node_not_found(node_id: &str) -> ApiError {
     )
 }
 
+/// A JSON body that may be left out (empty or only whitespace: the default).
+fn optional_body<T: Default + serde::de::DeserializeOwned>(
+    raw: Result<Bytes, BytesRejection>,
+    what: &str,
+) -> Result<T, ApiError> {
+    let bytes = body::bytes(raw)?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("{what} body: {e}")))
+}
+
+/// 404 NODE_NOT_FOUND for a node id no node can have.
+fn check_node_id(node_id: Option<&str>) -> Result<(), ApiError> {
+    match node_id {
+        Some(id) if !valid_node_id(id) => Err(node_not_found(id)),
+        _ => Ok(()),
+    }
+}
+
 fn invalid_node(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "INVALID_NODE_CONFIG", message)
 }
@@ -172,18 +192,8 @@ pub async fn cleanup(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     gw.require_admin(&headers)?;
-    let bytes = body::bytes(raw)?;
-    let b: CleanupBody = if bytes.iter().all(u8::is_ascii_whitespace) {
-        CleanupBody::default()
-    } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::invalid(format!("cleanup body: {e}")))?
-    };
-    if let Some(id) = &b.node_id {
-        if !valid_node_id(id) {
-            return Err(node_not_found(id));
-        }
-    }
+    let b: CleanupBody = optional_body(raw, "cleanup")?;
+    check_node_id(b.node_id.as_deref())?;
     let accepted = gw
         .forward(
             pb::StartCleanupRequest {
@@ -205,6 +215,7 @@ pub async fn cleanup(
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RepairBody {
     #[serde(default)]
     tenant_id: Option<String>,
@@ -221,18 +232,8 @@ pub async fn repair(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     gw.require_admin(&headers)?;
-    let bytes = body::bytes(raw)?;
-    let b: RepairBody = if bytes.iter().all(u8::is_ascii_whitespace) {
-        RepairBody::default()
-    } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::invalid(format!("repair body: {e}")))?
-    };
-    if let Some(id) = &b.node_id {
-        if !valid_node_id(id) {
-            return Err(node_not_found(id));
-        }
-    }
+    let b: RepairBody = optional_body(raw, "repair")?;
+    check_node_id(b.node_id.as_deref())?;
     let accepted = gw
         .forward(
             pb::StartRepairRequest {

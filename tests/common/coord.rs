@@ -93,10 +93,9 @@ pub async fn create_tenant(c: &mut Client, tenant: &str, rf: u32) {
     .expect("create tenant");
 }
 
-/// The value a storage node holds for a key (`None`: nothing; tombstones read as `None` too).
-pub async fn stored(node: &StorageNode, tenant: &str, key: &str) -> Option<(String, Version)> {
-    let record = node
-        .client()
+/// What a node holds for a key, read from it directly (tombstones included).
+pub async fn stored_record(node: &StorageNode, tenant: &str, key: &str) -> Option<spb::Record> {
+    node.client()
         .await
         .read(spb::ReadRequest {
             tenant_id: tenant.to_owned(),
@@ -105,7 +104,12 @@ pub async fn stored(node: &StorageNode, tenant: &str, key: &str) -> Option<(Stri
         .await
         .expect("storage read")
         .into_inner()
-        .record?;
+        .record
+}
+
+/// The value a storage node holds for a key (`None`: nothing; tombstones read as `None` too).
+pub async fn stored(node: &StorageNode, tenant: &str, key: &str) -> Option<(String, Version)> {
+    let record = stored_record(node, tenant, key).await?;
     let version = Version::from(record.version.as_ref().expect("version"));
     match record.payload? {
         spb::record::Payload::Value(v) => {
