@@ -19,7 +19,6 @@ use tokio::time::Instant;
 use crate::quorum::{self, Consistency, ReplicaCall, ReplicaResult};
 use crate::ring::NodeId;
 use crate::rpc::storage as pb;
-use crate::vclock::Version;
 
 use super::Coordinator;
 use super::clock::Source;
@@ -163,27 +162,19 @@ fn repair_stale(repairs: &RepairQueue, answers: &[ReadResult], winner: Option<&p
     let Some(winner) = winner else {
         return;
     };
-    let winning = version_of(winner);
+    let winning = winner.version();
     for result in answers {
         let quorum::ReplicaOutcome::Ok(held) = &result.outcome else {
             continue;
         };
         let stale = match held {
             None => true,
-            Some(r) => version_of(r).precedence(&winning) == Ordering::Less,
+            Some(r) => r.version().precedence(&winning) == Ordering::Less,
         };
         if stale {
             repairs.push(result.replica.as_str().to_owned(), winner.clone());
         }
     }
-}
-
-fn version_of(record: &pb::Record) -> Version {
-    record
-        .version
-        .as_ref()
-        .map(Version::from)
-        .unwrap_or_default()
 }
 
 /// The highest record among the successful answers.
@@ -194,6 +185,6 @@ fn winner_of(results: &[ReadResult]) -> Option<pb::Record> {
             quorum::ReplicaOutcome::Ok(Some(record)) => Some(record),
             _ => None,
         })
-        .max_by(|a, b| version_of(a).precedence(&version_of(b)))
+        .max_by(|a, b| a.version().precedence(&b.version()))
         .cloned()
 }

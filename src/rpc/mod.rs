@@ -88,6 +88,13 @@ impl From<&common::Version> for Version {
     }
 }
 
+impl storage::Record {
+    /// The record's version (empty when the field is missing).
+    pub fn version(&self) -> Version {
+        self.version.as_ref().map(Version::from).unwrap_or_default()
+    }
+}
+
 impl From<HashRange> for common::HashRange {
     fn from(r: HashRange) -> Self {
         common::HashRange {

@@ -405,17 +405,9 @@ async fn list_segments(
     Ok(entries)
 }
 
-fn version_of(record: &pb::Record) -> Version {
-    record
-        .version
-        .as_ref()
-        .map(Version::from)
-        .unwrap_or_default()
-}
-
 fn digest_of(record: &pb::Record) -> u64 {
     let tombstone = matches!(record.payload, Some(pb::record::Payload::Tombstone(_)));
-    version_digest(&version_of(record), tombstone)
+    version_digest(&record.version(), tombstone)
 }
 
 /// Reads each differing key of `chunk` from the replica whose listed version wins, and

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use crate::ring::{NodeState, key_position};
 use crate::rpc::storage as spb;
-use crate::vclock::Version;
 
 use super::super::Coordinator;
 use super::super::errors::CoordError;
@@ -100,14 +99,6 @@ async fn round(core: &Coordinator) {
     }
 }
 
-fn version_of(record: &spb::Record) -> Version {
-    record
-        .version
-        .as_ref()
-        .map(Version::from)
-        .unwrap_or_default()
-}
-
 /// Reads the marked key from its owners and the marked replica, and writes the winner to
 /// every one of them that holds something else. Ok(true) when some replica applied it; an
 /// error when the marked replica could not be read or written.
@@ -166,17 +157,17 @@ async fn repair_key(
     let Some(winner) = held
         .iter()
         .filter_map(|(_, r)| r.as_ref())
-        .max_by(|a, b| version_of(a).precedence(&version_of(b)))
+        .max_by(|a, b| a.version().precedence(&b.version()))
         .cloned()
     else {
         return Ok(false);
     };
-    let winning = version_of(&winner);
+    let winning = winner.version();
     let mut applied = false;
     for (node, record) in &held {
         if record
             .as_ref()
-            .is_some_and(|r| version_of(r).precedence(&winning) == std::cmp::Ordering::Equal)
+            .is_some_and(|r| r.version().precedence(&winning) == std::cmp::Ordering::Equal)
         {
             continue;
         }
