@@ -194,7 +194,7 @@ pub enum AdminCommand {
     /// version of every key that differs; prints the repair (a migration of type repair).
     Repair {
         /// Only this tenant (default: every tenant).
-        #[arg(long = "tenant")]
+        #[arg(long = "tenant-id")]
         tenant_id: Option<String>,
         /// Only the ranges this node replicates (default: every range).
         #[arg(long = "node")]

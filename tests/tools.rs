@@ -200,6 +200,21 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         json!({"a": [1, 2]}),
         "keys survive the cleanup"
     );
+
+    // Anti-entropy: a repair followed to its end, then the status of every range.
+    let repaired = json_out(&pairdb(&url, &["admin", "repair", "--wait"]));
+    assert_eq!(repaired["type"], "repair", "{repaired}");
+    assert_eq!(repaired["state"], "completed", "{repaired}");
+    let status = json_out(&pairdb(&url, &["admin", "repair-status"]));
+    let ranges = status["ranges"].as_array().expect("ranges");
+    assert!(!ranges.is_empty(), "{status}");
+    assert!(
+        ranges
+            .iter()
+            .all(|r| r["complete"] == true && r["last_repaired_at"].is_string()),
+        "{status}"
+    );
+    assert_eq!(status["ranges_never_repaired"], 0, "{status}");
 }
 
 /// A paced `pairdb bench` with an hour to run, stopped by SIGTERM after about 2 s: it exits 0
