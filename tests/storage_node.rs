@@ -305,7 +305,10 @@ async fn round_trips_and_bad_inputs() {
     assert!(health.disk_usage_percent > 0.0 && health.disk_usage_percent < 100.0);
     assert_eq!(
         health.status,
-        pairdb::storage::service::health_status(health.disk_usage_percent) as i32,
+        pairdb::storage::service::health_status(
+            health.disk_usage_percent,
+            &pairdb::engine::DiskThresholds::default(),
+        ) as i32,
         "at {:.1}% disk use",
         health.disk_usage_percent
     );
@@ -1059,4 +1062,38 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
         !da.path().join("streams/add-1-a-b.ckpt").exists(),
         "the checkpoint goes with the stream"
     );
+}
+
+/// The disk thresholds are settings: a node whose full mark lies below the disk's usage
+/// refuses every write with DISK_FULL and reports itself unhealthy, while reads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_thresholds_come_from_the_configuration() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tiny = "0.001";
+    let node = StorageNode::start_with_env(
+        "s1",
+        dir.path(),
+        None,
+        &[
+            ("PAIRDB_STORAGE_DISK_WARN_PERCENT", tiny),
+            ("PAIRDB_STORAGE_DISK_THROTTLE_PERCENT", tiny),
+            ("PAIRDB_STORAGE_DISK_FULL_PERCENT", tiny),
+        ],
+    );
+    let mut c = node.client().await;
+    let refused = write(&mut c, put("acme", b"k", physical_counter(now_ms()), b"1"))
+        .await
+        .expect_err("the disk is past the full mark");
+    assert_eq!(
+        code_in(&refused),
+        pb::ErrorCode::DiskFull,
+        "{refused:?}"
+    );
+    assert_eq!(read(&mut c, "acme", b"k").await, None, "reads still answer");
+    let health = c
+        .health_check(pb::HealthCheckRequest {})
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(health.status, pb::HealthStatus::Unhealthy as i32);
 }

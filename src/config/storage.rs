@@ -39,6 +39,12 @@ pub struct StorageConfig {
     pub cache_bytes: u64,
     /// Memtable size that triggers a flush, in bytes.
     pub memtable_bytes: usize,
+    /// Disk usage (%) from which the node warns and reports itself degraded.
+    pub disk_warn_percent: f64,
+    /// Disk usage (%) from which writes over 64 KiB are refused (DISK_THROTTLED).
+    pub disk_throttle_percent: f64,
+    /// Disk usage (%) from which every write is refused (DISK_FULL) and the node is unhealthy.
+    pub disk_full_percent: f64,
 }
 
 impl Default for StorageConfig {
@@ -55,11 +61,24 @@ impl Default for StorageConfig {
             gc_grace: std::time::Duration::from_secs(10 * 24 * 3600),
             cache_bytes: 64 << 20,
             memtable_bytes: 64 << 20,
+            disk_warn_percent: crate::engine::WARN_PERCENT,
+            disk_throttle_percent: crate::engine::THROTTLE_PERCENT,
+            disk_full_percent: crate::engine::FULL_PERCENT,
         }
     }
 }
 
 impl StorageConfig {
+    /// The engine's disk thresholds from these settings.
+    pub fn disk_thresholds(&self) -> crate::engine::DiskThresholds {
+        crate::engine::DiskThresholds {
+            warn_percent: self.disk_warn_percent,
+            throttle_percent: self.disk_throttle_percent,
+            full_percent: self.disk_full_percent,
+            ..crate::engine::DiskThresholds::default()
+        }
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("--data-dir is required for the storage role"));
@@ -72,6 +91,17 @@ impl StorageConfig {
         for seed in &self.seeds {
             split_host_port(seed).map_err(|e| invalid(format!("--seeds: {e}")))?;
         }
+        let (warn, throttle, full) = (
+            self.disk_warn_percent,
+            self.disk_throttle_percent,
+            self.disk_full_percent,
+        );
+        if !(0.0 < warn && warn <= throttle && throttle <= full && full <= 100.0) {
+            return Err(invalid(format!(
+                "disk thresholds: need 0 < disk_warn_percent ({warn}) <= disk_throttle_percent \
+                 ({throttle}) <= disk_full_percent ({full}) <= 100"
+            )));
+        }
         if self.memtable_bytes < 64 << 10 {
             return Err(invalid(format!(
                 "memtable_bytes = {}: at least 65536",
@@ -79,5 +109,33 @@ impl StorageConfig {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_thresholds_must_be_ordered() {
+        assert!(StorageConfig::default().validate().is_ok());
+        let unordered = StorageConfig {
+            disk_throttle_percent: 97.0,
+            ..StorageConfig::default()
+        };
+        assert!(unordered.validate().is_err());
+        let zero = StorageConfig {
+            disk_warn_percent: 0.0,
+            ..StorageConfig::default()
+        };
+        assert!(zero.validate().is_err());
+        let low = StorageConfig {
+            disk_warn_percent: 50.0,
+            disk_throttle_percent: 60.0,
+            disk_full_percent: 70.0,
+            ..StorageConfig::default()
+        };
+        assert!(low.validate().is_ok());
+        assert_eq!(low.disk_thresholds().full_percent, 70.0);
     }
 }

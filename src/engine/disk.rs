@@ -19,32 +19,62 @@ pub const FULL_PERCENT: f64 = 95.0;
 pub const LARGE_WRITE_BYTES: usize = 64 * 1024;
 const REFRESH: Duration = Duration::from_secs(1);
 
-/// The verdict for a write of `bytes` at `percent` disk usage.
+/// Where disk usage warns, refuses large writes and refuses every write (a storage node's
+/// `disk_*_percent` settings; the defaults are STORAGE.md's 80 / 90 / 95%).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DiskThresholds {
+    pub warn_percent: f64,
+    pub throttle_percent: f64,
+    pub full_percent: f64,
+    pub large_write_bytes: usize,
+}
+
+impl Default for DiskThresholds {
+    fn default() -> Self {
+        Self {
+            warn_percent: WARN_PERCENT,
+            throttle_percent: THROTTLE_PERCENT,
+            full_percent: FULL_PERCENT,
+            large_write_bytes: LARGE_WRITE_BYTES,
+        }
+    }
+}
+
+impl DiskThresholds {
+    /// The verdict for a write of `bytes` at `percent` disk usage.
+    pub fn decide(&self, percent: f64, bytes: usize) -> Result<(), EngineError> {
+        if percent >= self.full_percent {
+            return Err(EngineError::DiskFull { percent });
+        }
+        if percent >= self.throttle_percent && bytes > self.large_write_bytes {
+            return Err(EngineError::DiskThrottled {
+                percent,
+                limit: self.large_write_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The verdict for a write of `bytes` at `percent` disk usage, with the default thresholds.
 pub fn decide(percent: f64, bytes: usize) -> Result<(), EngineError> {
-    if percent >= FULL_PERCENT {
-        return Err(EngineError::DiskFull { percent });
-    }
-    if percent >= THROTTLE_PERCENT && bytes > LARGE_WRITE_BYTES {
-        return Err(EngineError::DiskThrottled {
-            percent,
-            limit: LARGE_WRITE_BYTES,
-        });
-    }
-    Ok(())
+    DiskThresholds::default().decide(percent, bytes)
 }
 
 pub struct DiskGuard {
     vfs: Arc<dyn Vfs>,
     dir: PathBuf,
+    thresholds: DiskThresholds,
     last: Mutex<(Instant, f64)>,
 }
 
 impl DiskGuard {
-    pub fn new(vfs: Arc<dyn Vfs>, dir: &Path) -> Self {
+    pub fn new(vfs: Arc<dyn Vfs>, dir: &Path, thresholds: DiskThresholds) -> Self {
         let percent = vfs.usage_percent(dir).unwrap_or(0.0);
         Self {
             vfs,
             dir: dir.to_path_buf(),
+            thresholds,
             last: Mutex::new((Instant::now(), percent)),
         }
     }
@@ -55,8 +85,9 @@ impl DiskGuard {
         if last.0.elapsed() >= REFRESH {
             match self.vfs.usage_percent(&self.dir) {
                 Ok(p) => {
-                    if p >= WARN_PERCENT && last.1 < WARN_PERCENT {
-                        tracing::warn!(dir = %self.dir.display(), percent = p, "disk usage above 80%");
+                    let warn = self.thresholds.warn_percent;
+                    if p >= warn && last.1 < warn {
+                        tracing::warn!(dir = %self.dir.display(), percent = p, warn, "disk usage above the warning mark");
                     }
                     *last = (Instant::now(), p);
                 }
@@ -67,7 +98,11 @@ impl DiskGuard {
     }
 
     pub fn check(&self, bytes: usize) -> Result<(), EngineError> {
-        decide(self.percent(), bytes)
+        self.thresholds.decide(self.percent(), bytes)
+    }
+
+    pub fn thresholds(&self) -> DiskThresholds {
+        self.thresholds
     }
 }
 
@@ -86,6 +121,21 @@ mod tests {
         ));
         assert!(matches!(decide(95.0, 1), Err(EngineError::DiskFull { .. })));
         assert!(matches!(decide(96.0, 1), Err(EngineError::DiskFull { .. })));
+        let low = DiskThresholds {
+            warn_percent: 10.0,
+            throttle_percent: 20.0,
+            full_percent: 30.0,
+            large_write_bytes: 10,
+        };
+        assert!(low.decide(15.0, 1 << 20).is_ok());
+        assert!(matches!(
+            low.decide(25.0, 11),
+            Err(EngineError::DiskThrottled { limit: 10, .. })
+        ));
+        assert!(matches!(
+            low.decide(30.0, 1),
+            Err(EngineError::DiskFull { .. })
+        ));
     }
 
     #[test]

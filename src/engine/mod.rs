@@ -82,7 +82,8 @@ use vfs::Vfs;
 use wal::{CommitLog, LogOptions};
 
 pub use disk::{
-    FULL_PERCENT, LARGE_WRITE_BYTES, THROTTLE_PERCENT, WARN_PERCENT, decide as disk_decide,
+    DiskThresholds, FULL_PERCENT, LARGE_WRITE_BYTES, THROTTLE_PERCENT, WARN_PERCENT,
+    decide as disk_decide,
 };
 pub use error::{EngineError, Result};
 pub use options::{EngineOptions, SyncMode, TombstoneGate};
@@ -354,6 +355,11 @@ impl Engine {
 
     pub fn stats(&self) -> EngineStats {
         self.core.stats()
+    }
+
+    /// Where disk usage warns, throttles and refuses writes.
+    pub fn disk_thresholds(&self) -> DiskThresholds {
+        self.core.disk.thresholds()
     }
 
     /// What is wrong with the engine now (empty when nothing is).

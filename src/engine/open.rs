@@ -92,7 +92,7 @@ impl Engine {
             })
             .collect();
         let core = Arc::new(Core {
-            disk: DiskGuard::new(vfs.clone(), &dir),
+            disk: DiskGuard::new(vfs.clone(), &dir, options.disk),
             dir,
             sst_dir,
             cache: RowCache::new(options.cache_bytes),

@@ -81,6 +81,8 @@ pub struct EngineOptions {
     /// Says which tombstones past `gc_grace` compaction may purge (anti-entropy's repaired
     /// ranges); `None`: every one.
     pub tombstone_gate: Option<Arc<dyn TombstoneGate>>,
+    /// Disk usage at which writes are warned about, throttled and refused.
+    pub disk: super::disk::DiskThresholds,
     /// Compaction write rate limit (bytes/s); `None` = unthrottled.
     pub compaction_bytes_per_sec: Option<u64>,
     /// Open even if a commit-log segment is corrupt in the middle, dropping the rest of it.
@@ -104,6 +106,7 @@ impl Default for EngineOptions {
             cache_bytes: 64 << 20,
             gc_grace: Duration::from_secs(10 * 24 * 3600),
             tombstone_gate: None,
+            disk: super::disk::DiskThresholds::default(),
             compaction_bytes_per_sec: Some(64 << 20),
             skip_corrupt_log: false,
             background: true,

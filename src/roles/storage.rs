@@ -37,6 +37,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         tombstone_gate: Some(repaired.clone()),
         cache_bytes: cfg.cache_bytes,
         memtable_bytes: cfg.memtable_bytes,
+        disk: cfg.disk_thresholds(),
         ..EngineOptions::default()
     };
     let dir = cfg.data_dir.clone();

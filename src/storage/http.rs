@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
-use crate::engine::{Engine, FULL_PERCENT};
+use crate::engine::Engine;
 
 use super::gossip::Gossip;
 
@@ -31,7 +31,7 @@ pub fn router(id: String, engine: Arc<Engine>, gossip: Option<Arc<Gossip>>) -> R
 
 async fn ready(State(node): State<Node>) -> (StatusCode, String) {
     let disk = node.engine.stats().disk_usage_percent;
-    if disk >= FULL_PERCENT {
+    if disk >= node.engine.disk_thresholds().full_percent {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("disk {disk:.1}% full\n"),

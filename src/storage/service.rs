@@ -95,14 +95,18 @@ impl WritePath {
 
 /// Health from disk usage and the engine's problems: a failed commit log (writes refused) is
 /// unhealthy, a quarantined table (a key range refused until repaired) degraded.
-pub fn node_status(disk_percent: f64, problems: &[Problem]) -> pb::HealthStatus {
+pub fn node_status(
+    disk_percent: f64,
+    thresholds: &crate::engine::DiskThresholds,
+    problems: &[Problem],
+) -> pb::HealthStatus {
     let worst = problems
         .iter()
         .map(|p| match p {
             Problem::CommitLogFailed(_) => pb::HealthStatus::Unhealthy,
             Problem::Quarantined(_) | Problem::ManifestDamaged(_) => pb::HealthStatus::Degraded,
         })
-        .chain([health_status(disk_percent)])
+        .chain([health_status(disk_percent, thresholds)])
         .max_by_key(|s| match s {
             pb::HealthStatus::Unhealthy => 2,
             pb::HealthStatus::Degraded => 1,
@@ -111,11 +115,15 @@ pub fn node_status(disk_percent: f64, problems: &[Problem]) -> pb::HealthStatus 
     worst.unwrap_or(pb::HealthStatus::Healthy)
 }
 
-/// Health from disk usage: degraded from 80%, unhealthy from 95% (writes refused).
-pub fn health_status(disk_percent: f64) -> pb::HealthStatus {
-    if disk_percent >= crate::engine::FULL_PERCENT {
+/// Health from disk usage: degraded from the warning mark (80% by default), unhealthy from
+/// the full mark (95%: writes refused).
+pub fn health_status(
+    disk_percent: f64,
+    thresholds: &crate::engine::DiskThresholds,
+) -> pb::HealthStatus {
+    if disk_percent >= thresholds.full_percent {
         pb::HealthStatus::Unhealthy
-    } else if disk_percent >= crate::engine::WARN_PERCENT {
+    } else if disk_percent >= thresholds.warn_percent {
         pb::HealthStatus::Degraded
     } else {
         pb::HealthStatus::Healthy
@@ -320,7 +328,11 @@ impl StorageService {
     pub fn health(&self, load: f64) -> Health {
         let disk_percent = self.engine.stats().disk_usage_percent;
         Health {
-            status: node_status(disk_percent, &self.engine.problems()),
+            status: node_status(
+                disk_percent,
+                &self.engine.disk_thresholds(),
+                &self.engine.problems(),
+            ),
             disk_percent,
             load,
         }
@@ -694,7 +706,11 @@ impl StorageNode for StorageService {
         let problems = self.engine.problems();
         Ok(Response::new(pb::HealthCheckResponse {
             node_id: self.node_id.clone(),
-            status: node_status(stats.disk_usage_percent, &problems) as i32,
+            status: node_status(
+                stats.disk_usage_percent,
+                &self.engine.disk_thresholds(),
+                &problems,
+            ) as i32,
             problems: problems.iter().map(ToString::to_string).collect(),
             disk_usage_percent: stats.disk_usage_percent,
             memtable_count: stats.memtables as u32,
@@ -769,11 +785,12 @@ mod tests {
 
     #[test]
     fn health_follows_disk_use() {
-        assert_eq!(health_status(0.0), pb::HealthStatus::Healthy);
-        assert_eq!(health_status(79.9), pb::HealthStatus::Healthy);
-        assert_eq!(health_status(80.0), pb::HealthStatus::Degraded);
-        assert_eq!(health_status(94.9), pb::HealthStatus::Degraded);
-        assert_eq!(health_status(95.0), pb::HealthStatus::Unhealthy);
+        let d = crate::engine::DiskThresholds::default();
+        assert_eq!(health_status(0.0, &d), pb::HealthStatus::Healthy);
+        assert_eq!(health_status(79.9, &d), pb::HealthStatus::Healthy);
+        assert_eq!(health_status(80.0, &d), pb::HealthStatus::Degraded);
+        assert_eq!(health_status(94.9, &d), pb::HealthStatus::Degraded);
+        assert_eq!(health_status(95.0, &d), pb::HealthStatus::Unhealthy);
     }
 
     #[test]
@@ -787,17 +804,32 @@ mod tests {
             reason: "checksum".into(),
         });
         let failed = Problem::CommitLogFailed("fsync: EIO".into());
-        assert_eq!(node_status(10.0, &[]), pb::HealthStatus::Healthy);
         assert_eq!(
-            node_status(10.0, std::slice::from_ref(&quarantined)),
+            node_status(10.0, &crate::engine::DiskThresholds::default(), &[]),
+            pb::HealthStatus::Healthy
+        );
+        assert_eq!(
+            node_status(
+                10.0,
+                &crate::engine::DiskThresholds::default(),
+                std::slice::from_ref(&quarantined)
+            ),
             pb::HealthStatus::Degraded
         );
         assert_eq!(
-            node_status(10.0, &[quarantined.clone(), failed]),
+            node_status(
+                10.0,
+                &crate::engine::DiskThresholds::default(),
+                &[quarantined.clone(), failed]
+            ),
             pb::HealthStatus::Unhealthy
         );
         assert_eq!(
-            node_status(96.0, &[quarantined]),
+            node_status(
+                96.0,
+                &crate::engine::DiskThresholds::default(),
+                &[quarantined]
+            ),
             pb::HealthStatus::Unhealthy
         );
     }
