@@ -1084,11 +1084,7 @@ async fn disk_thresholds_come_from_the_configuration() {
     let refused = write(&mut c, put("acme", b"k", physical_counter(now_ms()), b"1"))
         .await
         .expect_err("the disk is past the full mark");
-    assert_eq!(
-        code_in(&refused),
-        pb::ErrorCode::DiskFull,
-        "{refused:?}"
-    );
+    assert_eq!(code_in(&refused), pb::ErrorCode::DiskFull, "{refused:?}");
     assert_eq!(read(&mut c, "acme", b"k").await, None, "reads still answer");
     let health = c
         .health_check(pb::HealthCheckRequest {})
