@@ -357,6 +357,14 @@ impl Engine {
         self.core.stats()
     }
 
+    /// Whether compaction may purge `record` now: a tombstone past gc_grace that the
+    /// tombstone gate (anti-entropy's repaired ranges) lets go.
+    pub fn purgeable(&self, record: &Record) -> bool {
+        let gc_before = crate::wallclock::now_ms()
+            .saturating_sub(self.core.options.gc_grace.as_millis() as u64);
+        record.is_tombstone() && self.core.may_purge(record, gc_before)
+    }
+
     /// Where disk usage warns, throttles and refuses writes.
     pub fn disk_thresholds(&self) -> DiskThresholds {
         self.core.disk.thresholds()

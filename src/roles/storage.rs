@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::rpc::storage::storage_node_server::StorageNodeServer;
-use crate::storage::anti_entropy::Collection;
 use crate::storage::datadir;
 use crate::storage::gossip::Gossip;
 use crate::storage::http;
@@ -72,10 +71,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         engine.clone(),
         gossip.clone(),
         markers,
-        Collection {
-            repaired,
-            gc_grace: cfg.gc_grace,
-        },
+        repaired,
         tasks.clone(),
     );
     service.streams().set_rate_limit(cfg.stream_rate_limit);

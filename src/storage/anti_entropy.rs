@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::engine::trees::{
     MAX_GROUPS, MAX_LISTED_SEGMENTS, SEGMENTS, SegmentGroup, segment_of, version_digest,
 };
-use crate::engine::{Engine, EngineError, TombstoneGate};
+use crate::engine::{Engine, EngineError};
 use crate::limits::check_tenant;
 use crate::ring::HashRange;
 use crate::rpc::storage as pb;
@@ -26,25 +26,6 @@ use super::repaired_ranges::RepairedRanges;
 const LIST_BATCH: usize = 4096;
 /// Ranges one `MarkRepaired` call may record.
 pub const MAX_MARKS: usize = 1 << 16;
-
-/// What the listing needs to leave out tombstones this node may purge: a repair must not
-/// send back a tombstone another replica already collected (both sides list neither).
-#[derive(Clone)]
-pub struct Collection {
-    pub repaired: Arc<RepairedRanges>,
-    pub gc_grace: std::time::Duration,
-}
-
-impl Collection {
-    fn purgeable(&self, record: &crate::engine::Record, now_ms: u64) -> bool {
-        let written = record.version.timestamp_ms();
-        record.is_tombstone()
-            && written < now_ms.saturating_sub(self.gc_grace.as_millis() as u64)
-            && self
-                .repaired
-                .may_purge(&record.tenant, record.ring_hash, written)
-    }
-}
 
 /// The XOR of each requested group of the tenant's segments.
 pub async fn segment_hashes(
@@ -85,7 +66,6 @@ pub async fn segment_hashes(
 /// key order, from one scan of the tenant.
 pub fn list_segments(
     engine: Arc<Engine>,
-    collection: Collection,
     req: pb::ListSegmentsRequest,
 ) -> Result<mpsc::Receiver<Result<pb::ListSegmentsBatch, StorageError>>, StorageError> {
     check_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
@@ -112,16 +92,15 @@ pub fn list_segments(
             Ok(scan) => scan,
             Err(e) => return send_err(e),
         };
-        let now_ms = crate::wallclock::now_ms();
         let mut entries = Vec::with_capacity(LIST_BATCH);
         for item in scan {
             let record = match item {
                 Ok(r) => r,
                 Err(e) => return send_err(e),
             };
-            if !wanted.contains(&segment_of(record.ring_hash))
-                || collection.purgeable(&record, now_ms)
-            {
+            // A tombstone this node may purge is left out: a repair must not send it back to a
+            // replica that already collected it (both sides list neither).
+            if !wanted.contains(&segment_of(record.ring_hash)) || engine.purgeable(&record) {
                 continue;
             }
             entries.push(pb::SegmentEntry {

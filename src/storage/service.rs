@@ -33,6 +33,7 @@ use super::convert::{record_from_proto, record_to_proto};
 use super::errors::{StorageError, invalid};
 use super::gossip::{Gossip, Health};
 use super::repair_markers::RepairMarkerLog;
+use super::repaired_ranges::RepairedRanges;
 use super::streaming::StreamManager;
 
 /// Largest batch a `ScanRange` stream sends at once.
@@ -55,8 +56,8 @@ pub struct StorageService {
     writes: WritePath,
     /// Keys other replicas missed without a hint (see `repair_markers`).
     markers: Arc<RepairMarkerLog>,
-    /// Repaired ranges and gc_grace: which tombstones may be purged (see `repaired_ranges`).
-    collection: anti_entropy::Collection,
+    /// Which tenants' ranges were repaired as of when (see `repaired_ranges`).
+    repaired: Arc<RepairedRanges>,
     /// The role's background work (streams); its stop token drains the batch streams.
     tasks: crate::shutdown::Tasks,
 }
@@ -169,7 +170,7 @@ impl StorageService {
         engine: Arc<Engine>,
         gossip: Option<Arc<Gossip>>,
         markers: Arc<RepairMarkerLog>,
-        collection: anti_entropy::Collection,
+        repaired: Arc<RepairedRanges>,
         tasks: crate::shutdown::Tasks,
     ) -> Arc<Self> {
         metrics::gauge!("pairdb_repair_markers_pending").set(markers.pending() as f64);
@@ -183,7 +184,7 @@ impl StorageService {
             gossip,
             writes: WritePath::for_current_runtime(),
             markers,
-            collection,
+            repaired,
         })
     }
 
@@ -580,11 +581,7 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<Self::ListSegmentsStream>, Status> {
-        let rx = anti_entropy::list_segments(
-            self.engine.clone(),
-            self.collection.clone(),
-            req.into_inner(),
-        )?;
+        let rx = anti_entropy::list_segments(self.engine.clone(), req.into_inner())?;
         let stream = ReceiverStream::new(rx).map(|item| item.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -593,7 +590,7 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::MarkRepairedRequest>,
     ) -> Result<Response<pb::MarkRepairedResponse>, Status> {
-        reply(anti_entropy::mark_repaired(self.collection.repaired.clone(), req.into_inner()).await)
+        reply(anti_entropy::mark_repaired(self.repaired.clone(), req.into_inner()).await)
     }
 
     async fn compact(

@@ -222,7 +222,7 @@ impl Core {
     }
 
     /// Whether a tombstone may be purged: past gc_grace, and the gate (if any) agrees.
-    fn may_purge(&self, record: &Record, gc_before: u64) -> bool {
+    pub(crate) fn may_purge(&self, record: &Record, gc_before: u64) -> bool {
         let written = record.version.timestamp_ms();
         written < gc_before
             && self
