@@ -1093,3 +1093,71 @@ async fn disk_thresholds_come_from_the_configuration() {
         .into_inner();
     assert_eq!(health.status, pb::HealthStatus::Unhealthy as i32);
 }
+
+/// Anti-entropy requests are bounded and checked before any work: too many groups, a segment
+/// past the tree, or a repair "as of" the node's future is INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_requests_out_of_bounds_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = StorageNode::start("s1", dir.path(), None);
+    let mut c = node.client().await;
+    let segments = pairdb::engine::trees::SEGMENTS;
+    let group = |first, count| pb::SegmentGroup { first, count };
+    let too_many = vec![group(0, 1); pairdb::engine::trees::MAX_GROUPS + 1];
+    let bad_groups = [too_many, vec![group(segments, 1)], vec![group(0, 0)]];
+    for groups in bad_groups {
+        let refused = c
+            .segment_hashes(pb::SegmentHashesRequest {
+                tenant_id: "acme".into(),
+                groups,
+            })
+            .await
+            .expect_err("out of bounds");
+        assert_eq!(
+            code_in(&refused),
+            pb::ErrorCode::InvalidArgument,
+            "{refused:?}"
+        );
+    }
+    let refused = c
+        .list_segments(pb::ListSegmentsRequest {
+            tenant_id: "acme".into(),
+            segments: vec![segments],
+        })
+        .await
+        .expect_err("segment past the tree");
+    assert_eq!(
+        code_in(&refused),
+        pb::ErrorCode::InvalidArgument,
+        "{refused:?}"
+    );
+    let refused = c
+        .mark_repaired(pb::MarkRepairedRequest {
+            ranges: vec![pb::RepairedRange {
+                tenant_id: "acme".into(),
+                range: Some(cpb::HashRange { start: 0, end: 0 }),
+                repaired_as_of_ms: now_ms() + 3_600_000,
+            }],
+        })
+        .await
+        .expect_err("repaired as of the future");
+    assert_eq!(
+        code_in(&refused),
+        pb::ErrorCode::InvalidArgument,
+        "{refused:?}"
+    );
+    assert!(
+        !dir.path().join("repaired-ranges.json").exists(),
+        "a refused mark records nothing"
+    );
+    // In bounds, an empty node answers.
+    let ok = c
+        .segment_hashes(pb::SegmentHashesRequest {
+            tenant_id: "acme".into(),
+            groups: vec![group(0, segments)],
+        })
+        .await
+        .expect("in bounds")
+        .into_inner();
+    assert_eq!(ok.hashes, vec![0]);
+}
