@@ -199,8 +199,12 @@ pub enum AdminCommand {
         /// Only the ranges this node replicates (default: every range).
         #[arg(long = "node")]
         node_id: Option<String>,
-        /// Follow the repair to its end with a progress bar (ranges done); exit 1 unless it
-        /// completed.
+        /// Only the arc START-END of the ring (decimal positions, end exclusive, as
+        /// `repair-status` prints them; default: the whole ring).
+        #[arg(long)]
+        range: Option<String>,
+        /// Follow the repair to its end with a progress bar (ranges done), then print the
+        /// keys it compared and fixed; exit 1 unless it completed.
         #[arg(long)]
         wait: bool,
     },

@@ -35,11 +35,11 @@ async fn delete(c: &mut Client, tenant: &str, key: &str) {
     .expect("delete at quorum");
 }
 
-/// Every key's record on one node, read directly (batches of 500).
-async fn held(node: &common::StorageNode, tenant: &str) -> Vec<Option<spb::Record>> {
+/// The records of keys `0..count` on one node, read directly (batches of 500).
+async fn held(node: &common::StorageNode, tenant: &str, count: usize) -> Vec<Option<spb::Record>> {
     let mut client = node.client().await;
-    let mut all = Vec::with_capacity(KEYS);
-    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(500) {
+    let mut all = Vec::with_capacity(count);
+    for chunk in (0..count).collect::<Vec<_>>().chunks(500) {
         let reads = chunk
             .iter()
             .map(|&i| spb::ReadRequest {
@@ -166,7 +166,7 @@ async fn a_replica_that_missed_writes_and_deletes_converges_after_one_repair() {
     })
     .await;
 
-    let before = held(&storage[2], "acme").await;
+    let before = held(&storage[2], "acme", KEYS).await;
     let stale = before
         .iter()
         .enumerate()
@@ -183,9 +183,9 @@ async fn a_replica_that_missed_writes_and_deletes_converges_after_one_repair() {
     assert_eq!(done.r#type(), pb::MigrationType::Repair);
     assert_eq!(done.keys_migrated, done.total_keys, "every range done");
     let views = [
-        held(&storage[0], "acme").await,
-        held(&storage[1], "acme").await,
-        held(&storage[2], "acme").await,
+        held(&storage[0], "acme", KEYS).await,
+        held(&storage[1], "acme", KEYS).await,
+        held(&storage[2], "acme", KEYS).await,
     ];
     for i in 0..KEYS {
         let first = views[0][i].as_ref().expect("s1 holds every key");
@@ -383,5 +383,87 @@ async fn a_dropped_hint_is_repaired_soon_after_the_target_is_back() {
         }
     })
     .await;
+    drop(c1);
+}
+
+/// A repair limited to an arc of the ring (hints and read repair off, s3 missed every write):
+/// s3 receives exactly the keys whose positions lie in the arc, and the repair's record counts
+/// them as fixed; keys outside stay missing until a repair covers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_of_one_arc_fixes_the_keys_in_it_and_no_other() {
+    const WRITTEN: usize = 600;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, c1, mut c) = cluster(
+        dir.path(),
+        &[],
+        &[
+            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
+            ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", "0"),
+        ],
+    )
+    .await;
+    pause_until_gossip_says_down(&c1, &storage[2]).await;
+    for chunk in (0..WRITTEN).collect::<Vec<_>>().chunks(100) {
+        join_all(chunk.iter().map(|&i| {
+            let mut c = c.clone();
+            async move {
+                put(&mut c, "acme", &key(i), "\"v\"", Consistency::Quorum)
+                    .await
+                    .expect("write at quorum");
+            }
+        }))
+        .await;
+    }
+    storage[2].resume();
+    eventually("s3 seen up", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
+    })
+    .await;
+
+    // An arc that wraps past the top of the ring: the last quarter and the first eighth.
+    let arc = pairdb::ring::HashRange::new(3 << 62, 1 << 61);
+    let in_arc: Vec<bool> = (0..WRITTEN)
+        .map(|i| arc.contains(pairdb::ring::key_position("acme", key(i).as_bytes())))
+        .collect();
+    let inside = in_arc.iter().filter(|x| **x).count();
+    assert!(
+        inside > 0 && inside < WRITTEN,
+        "{inside} of {WRITTEN} keys in the arc"
+    );
+    let accepted = c
+        .start_repair(pb::StartRepairRequest {
+            range: Some(arc.into()),
+            ..Default::default()
+        })
+        .await
+        .expect("start repair")
+        .into_inner();
+    wait_migration(&mut c, &accepted.repair_id, pb::MigrationState::Completed).await;
+    let run = c
+        .get_repair(pb::GetMigrationStatusRequest {
+            migration_id: accepted.repair_id.clone(),
+        })
+        .await
+        .expect("get repair")
+        .into_inner();
+    assert_eq!(run.keys_fixed, inside as u64, "{run:?}");
+    assert_eq!(
+        run.migration.as_ref().map(|m| m.node_id.as_str()),
+        Some(format!("range={}-{}", arc.start, arc.end).as_str())
+    );
+    let s3 = held(&storage[2], "acme", WRITTEN).await;
+    for (i, record) in s3.iter().enumerate() {
+        assert_eq!(record.is_some(), in_arc[i], "{} on s3", key(i));
+    }
+    // A repair that is not one refuses the id.
+    let missing = c
+        .get_repair(pb::GetMigrationStatusRequest {
+            migration_id: "no-such-repair".to_owned(),
+        })
+        .await
+        .expect_err("unknown repair");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
     drop(c1);
 }

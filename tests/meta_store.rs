@@ -9,9 +9,9 @@ use common::backends::{Postgres, skip_or_fail};
 
 use pairdb::meta::{
     Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord,
-    SqlMetadataStore, StreamCheckpoint, registry_view,
+    RangeRepair, SqlMetadataStore, StreamCheckpoint, registry_view,
 };
-use pairdb::ring::NodeState;
+use pairdb::ring::{HashRange, NodeState};
 
 fn node(id: &str, state: NodeState) -> NodeRecord {
     NodeRecord {
@@ -460,6 +460,37 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     b.store_clock("c1", 900).await.expect("clock");
     assert_eq!(a.load_clock("c1").await.expect("clock"), 900);
     assert_eq!(a.load_clock("c2").await.expect("clock"), 0);
+
+    // Anti-entropy: the last repair of each range (replaced, positions above i64::MAX kept)
+    // and each repair's counts.
+    let range_repair = |start: u64, end: u64, at: i64, complete: bool| RangeRepair {
+        range: HashRange::new(start, end),
+        repaired_at_ms: at,
+        keys_compared: 7,
+        keys_fixed: 3,
+        complete,
+    };
+    a.record_range_repair(&range_repair(u64::MAX - 9, 5, 100, false))
+        .await
+        .expect("record");
+    a.record_range_repair(&range_repair(5, u64::MAX - 9, 100, true))
+        .await
+        .expect("record");
+    b.record_range_repair(&range_repair(u64::MAX - 9, 5, 200, true))
+        .await
+        .expect("replace");
+    assert_eq!(
+        a.range_repairs().await.expect("list"),
+        vec![
+            range_repair(5, u64::MAX - 9, 100, true),
+            range_repair(u64::MAX - 9, 5, 200, true),
+        ]
+    );
+    assert_eq!(a.repair_counts("r1").await.expect("counts"), (0, 0));
+    a.record_repair_counts("r1", 10, 2).await.expect("counts");
+    b.record_repair_counts("r1", 30, 4).await.expect("counts");
+    assert_eq!(a.repair_counts("r1").await.expect("counts"), (30, 4));
+    assert_eq!(b.repair_counts("r2").await.expect("counts"), (0, 0));
 }
 
 /// Runs the suite over two connections to `url`, then checks that reconnecting (which applies

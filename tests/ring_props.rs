@@ -232,4 +232,35 @@ proptest! {
             prop_assert_eq!(range.contains(p), in_pieces);
         }
     }
+
+    #[test]
+    fn hash_range_intersection_holds_exactly_the_shared_positions(a in arc(), b in arc(), probes in prop::collection::vec(any::<u64>(), 20)) {
+        let (a, b) = (HashRange::new(a.0, a.1), HashRange::new(b.0, b.1));
+        let both = a.intersection(&b);
+        prop_assert!(both.len() <= 2, "{:?}", both);
+        let edges = [a.start, a.end, b.start, b.end]
+            .into_iter()
+            .flat_map(|p| [p, p.wrapping_sub(1), p.wrapping_add(1)]);
+        for p in probes.into_iter().chain(edges).chain([0, u64::MAX]) {
+            let holders = both.iter().filter(|r| r.contains(p)).count();
+            prop_assert!(holders <= 1, "pieces overlap at {}: {:?}", p, both);
+            prop_assert_eq!(a.contains(p) && b.contains(p), holders == 1, "at {}: {:?}", p, both);
+        }
+        let width: u128 = both.iter().map(HashRange::width).sum();
+        prop_assert!(width <= a.width().min(b.width()));
+        prop_assert_eq!(a.intersection(&HashRange::FULL).iter().map(HashRange::width).sum::<u128>(), a.width());
+    }
+}
+
+/// An arc whose ends are often at the ring's edges (0, the top) or close to each other.
+fn arc() -> impl Strategy<Value = (u64, u64)> {
+    let end = prop_oneof![
+        any::<u64>(),
+        Just(0u64),
+        Just(u64::MAX),
+        0u64..4,
+        (u64::MAX - 3)..=u64::MAX,
+        Just(1u64 << 63),
+    ];
+    (end.clone(), end)
 }

@@ -201,10 +201,14 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         "keys survive the cleanup"
     );
 
-    // Anti-entropy: a repair followed to its end, then the status of every range.
+    // Anti-entropy: a repair followed to its end (what it compared and fixed), then the
+    // status of every range.
     let repaired = json_out(&pairdb(&url, &["admin", "repair", "--wait"]));
-    assert_eq!(repaired["type"], "repair", "{repaired}");
     assert_eq!(repaired["state"], "completed", "{repaired}");
+    assert_eq!(repaired["scope"], "*", "{repaired}");
+    assert!(repaired["ranges_total"].as_u64() > Some(0), "{repaired}");
+    assert_eq!(repaired["ranges_done"], repaired["ranges_total"]);
+    assert_eq!(repaired["keys_fixed"], 0, "replicas agreed: {repaired}");
     let status = json_out(&pairdb(&url, &["admin", "repair-status"]));
     let ranges = status["ranges"].as_array().expect("ranges");
     assert!(!ranges.is_empty(), "{status}");
@@ -215,6 +219,36 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         "{status}"
     );
     assert_eq!(status["ranges_never_repaired"], 0, "{status}");
+
+    // One range, as repair-status prints it: a repair of that arc alone.
+    let arc = format!(
+        "{}-{}",
+        ranges[0]["range_start"].as_str().expect("start"),
+        ranges[0]["range_end"].as_str().expect("end")
+    );
+    let one = json_out(&pairdb(
+        &url,
+        &[
+            "admin",
+            "repair",
+            "--range",
+            &arc,
+            "--tenant-id",
+            "demo",
+            "--wait",
+        ],
+    ));
+    assert_eq!(one["state"], "completed", "{one}");
+    assert_eq!(one["scope"], format!("tenant=demo,range={arc}"), "{one}");
+    assert_eq!(one["ranges_total"], 1, "one tenant, one range: {one}");
+    let bad = pairdb(&url, &["admin", "repair", "--range", "12-x"]);
+    assert!(!bad.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bad.stdout),
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(said.contains("INVALID_REQUEST"), "{said}");
 }
 
 /// A paced `pairdb bench` with an hour to run, stopped by SIGTERM after about 2 s: it exits 0

@@ -65,3 +65,9 @@ CREATE TABLE IF NOT EXISTS range_repairs (
     complete BIGINT NOT NULL,
     PRIMARY KEY (range_start, range_end)
 );
+-- Anti-entropy: what each repair (a migration of type repair) compared and fixed so far.
+CREATE TABLE IF NOT EXISTS repair_runs (
+    repair_id TEXT PRIMARY KEY,
+    keys_compared BIGINT NOT NULL,
+    keys_fixed BIGINT NOT NULL
+);

@@ -229,7 +229,7 @@ impl Coordinator {
 
 /// A migration record as the API shows it, with a completion estimate extrapolated from the
 /// rate so far.
-fn migration_to_pb(m: Migration) -> pb::Migration {
+pub(super) fn migration_to_pb(m: Migration) -> pb::Migration {
     let kind = match m.kind {
         MigrationKind::NodeAddition => pb::MigrationType::NodeAddition,
         MigrationKind::NodeRemoval => pb::MigrationType::NodeRemoval,

@@ -485,6 +485,7 @@ impl CoordinatorRpc for CoordinatorService {
         let scope = crate::coordinator::anti_entropy::RepairScope {
             tenant: (!req.tenant_id.is_empty()).then_some(req.tenant_id),
             node: (!req.node_id.is_empty()).then_some(req.node_id),
+            range: req.range.as_ref().map(crate::ring::HashRange::from),
         };
         let call = async move { self.core.start_repair(scope).await };
         administration("start_repair", "", call).await
@@ -495,6 +496,15 @@ impl CoordinatorRpc for CoordinatorService {
         _request: Request<pb::RepairStatusRequest>,
     ) -> Result<Response<pb::RepairStatus>, Status> {
         administration("repair_status", "", self.core.repair_status()).await
+    }
+
+    async fn get_repair(
+        &self,
+        request: Request<pb::GetMigrationStatusRequest>,
+    ) -> Result<Response<pb::RepairRun>, Status> {
+        let id = request.into_inner().migration_id;
+        let call = async move { self.core.get_repair(&id).await };
+        administration("get_repair", "", call).await
     }
 
     type KeyValueStreamStream = ReceiverStream<Result<pb::KeyValueResult, Status>>;

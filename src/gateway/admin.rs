@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::limits::valid_node_id;
-use crate::rpc::common::NodeState;
+use crate::rpc::common::{self as pbc, NodeState};
 use crate::rpc::coordinator as pb;
 
 use super::Gateway;
@@ -221,11 +221,53 @@ struct RepairBody {
     tenant_id: Option<String>,
     #[serde(default)]
     node_id: Option<String>,
+    #[serde(default)]
+    range_start: Option<RingPosition>,
+    #[serde(default)]
+    range_end: Option<RingPosition>,
 }
 
-/// `POST /v1/admin/repair` `{"tenant_id"?, "node_id"?}`: anti-entropy over every range (of
-/// one tenant, or that one node replicates); 202 with the repair's id (a migration of type
-/// `repair`). An empty body repairs everything.
+/// A ring position as the API writes it (a decimal string: JSON numbers lose u64 precision in
+/// many clients), or as a JSON number.
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum RingPosition {
+    Text(String),
+    Number(u64),
+}
+
+impl RingPosition {
+    fn value(&self, field: &str) -> Result<u64, ApiError> {
+        match self {
+            RingPosition::Number(n) => Ok(*n),
+            RingPosition::Text(t) => t.parse().map_err(|_| {
+                ApiError::invalid(format!(
+                    "{field} must be a ring position: a decimal integer from 0 to {}",
+                    u64::MAX
+                ))
+            }),
+        }
+    }
+}
+
+/// The arc `[range_start, range_end)` of a repair body: both or neither.
+fn repair_arc(b: &RepairBody) -> Result<Option<pbc::HashRange>, ApiError> {
+    match (&b.range_start, &b.range_end) {
+        (None, None) => Ok(None),
+        (Some(start), Some(end)) => Ok(Some(pbc::HashRange {
+            start: start.value("range_start")?,
+            end: end.value("range_end")?,
+        })),
+        _ => Err(ApiError::invalid(
+            "range_start and range_end go together (the arc [range_start, range_end) of the ring)",
+        )),
+    }
+}
+
+/// `POST /v1/admin/repair` `{"tenant_id"?, "node_id"?, "range_start"?, "range_end"?}`:
+/// anti-entropy over every range (of one tenant, that one node replicates, within one arc of
+/// the ring); 202 with the repair's id (a migration of type `repair`). An empty body repairs
+/// everything.
 pub async fn repair(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
@@ -234,11 +276,13 @@ pub async fn repair(
     gw.require_admin(&headers)?;
     let b: RepairBody = optional_body(raw, "repair")?;
     check_node_id(b.node_id.as_deref())?;
+    let range = repair_arc(&b)?;
     let accepted = gw
         .forward(
             pb::StartRepairRequest {
                 tenant_id: b.tenant_id.unwrap_or_default(),
                 node_id: b.node_id.unwrap_or_default(),
+                range,
             },
             |mut c, r| async move { c.start_repair(r).await },
         )
@@ -284,6 +328,44 @@ pub async fn repair_status(
         "ranges": ranges,
         "oldest_unrepaired_seconds": status.oldest_unrepaired_seconds,
         "ranges_never_repaired": status.ranges_never_repaired,
+    })))
+}
+
+/// `GET /v1/admin/repair/{repair_id}`: one repair's state, ranges and keys (API.md, "Admin
+/// additions"); 404 MIGRATION_NOT_FOUND for an id that names no repair.
+pub async fn repair_run(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(repair_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let run = gw
+        .forward(
+            pb::GetMigrationStatusRequest {
+                migration_id: repair_id,
+            },
+            |mut c, r| async move { c.get_repair(r).await },
+        )
+        .await?;
+    let m = run.migration.unwrap_or_default();
+    let state = match m.state() {
+        pb::MigrationState::Completed => "completed",
+        pb::MigrationState::Failed => "failed",
+        pb::MigrationState::Cancelled => "cancelled",
+        _ => "running",
+    };
+    Ok(Json(json!({
+        "status": "success",
+        "repair_id": m.migration_id,
+        "scope": m.node_id,
+        "state": state,
+        "ranges_total": m.total_keys,
+        "ranges_done": m.keys_migrated,
+        "keys_compared": run.keys_compared,
+        "keys_fixed": run.keys_fixed,
+        "bytes_exchanged": m.bytes_migrated,
+        "started_at": m.started_at,
+        "failure_reason": (!m.failure_reason.is_empty()).then_some(&m.failure_reason),
     })))
 }
 

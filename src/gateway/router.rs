@@ -47,6 +47,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/v1/admin/repair",
             get(admin::repair_status).post(admin::repair),
         )
+        .route("/v1/admin/repair/{repair_id}", get(admin::repair_run))
         .route(
             "/v1/admin/migrations/{migration_id}",
             get(admin::migration).delete(admin::cancel_migration),

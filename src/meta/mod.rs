@@ -349,6 +349,15 @@ pub trait MetadataStore: Send + Sync {
     async fn record_range_repair(&self, repair: &RangeRepair) -> Result<(), MetaError>;
     /// Every range repair recorded, by range start.
     async fn range_repairs(&self) -> Result<Vec<RangeRepair>, MetaError>;
+    /// Records (replaces) the keys repair `repair_id` compared and fixed so far.
+    async fn record_repair_counts(
+        &self,
+        repair_id: &str,
+        keys_compared: u64,
+        keys_fixed: u64,
+    ) -> Result<(), MetaError>;
+    /// The keys repair `repair_id` compared and fixed; (0, 0) before it recorded any.
+    async fn repair_counts(&self, repair_id: &str) -> Result<(u64, u64), MetaError>;
     async fn load_clock(&self, coordinator_id: &str) -> Result<u64, MetaError>;
     /// Raises the durable high-water mark (never lowers it).
     async fn store_clock(&self, coordinator_id: &str, high_water: u64) -> Result<(), MetaError>;

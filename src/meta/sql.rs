@@ -867,12 +867,14 @@ impl MetadataStore for SqlMetadataStore {
     async fn range_repairs(&self) -> Result<Vec<RangeRepair>, MetaError> {
         let rows = sqlx::query(
             "SELECT range_start, range_end, repaired_at_ms, keys_compared, keys_fixed, complete \
-             FROM range_repairs ORDER BY range_start, range_end",
+             FROM range_repairs",
         )
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        rows.iter()
+        // Sorted here: the database orders the stored (signed) bits, not ring positions.
+        let mut repairs = rows
+            .iter()
             .map(|row| {
                 let start: i64 = int(row, "range_start")?;
                 let end: i64 = int(row, "range_end")?;
@@ -885,7 +887,42 @@ impl MetadataStore for SqlMetadataStore {
                     complete: complete != 0,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<RangeRepair>, MetaError>>()?;
+        repairs.sort_by_key(|r| r.range);
+        Ok(repairs)
+    }
+
+    async fn record_repair_counts(
+        &self,
+        repair_id: &str,
+        keys_compared: u64,
+        keys_fixed: u64,
+    ) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO repair_runs (repair_id, keys_compared, keys_fixed) VALUES ($1, $2, $3) \
+             ON CONFLICT (repair_id) DO UPDATE SET keys_compared = excluded.keys_compared, \
+             keys_fixed = excluded.keys_fixed",
+        )
+        .bind(repair_id)
+        .bind(count(keys_compared)?)
+        .bind(count(keys_fixed)?)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn repair_counts(&self, repair_id: &str) -> Result<(u64, u64), MetaError> {
+        let row =
+            sqlx::query("SELECT keys_compared, keys_fixed FROM repair_runs WHERE repair_id = $1")
+                .bind(repair_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        match row {
+            Some(row) => Ok((int(&row, "keys_compared")?, int(&row, "keys_fixed")?)),
+            None => Ok((0, 0)),
+        }
     }
 
     async fn delete_stream_checkpoints(&self, migration_id: &str) -> Result<(), MetaError> {

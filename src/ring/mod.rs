@@ -201,6 +201,31 @@ impl HashRange {
         }
     }
 
+    /// The positions both arcs contain, as at most two arcs in ring order from `self.start`
+    /// (two when each arc wraps into the other's ends). Empty when they do not overlap.
+    pub fn intersection(&self, other: &HashRange) -> Vec<HashRange> {
+        let mut out: Vec<HashRange> = Vec::new();
+        for (a0, a1) in self.pieces() {
+            for (b0, b1) in other.pieces() {
+                let (lo, hi) = (a0.max(b0), a1.min(b1));
+                if lo <= hi {
+                    // `hi + 1` wraps to 0 at the top of the ring: [lo, 0) is the arc to the end.
+                    out.push(HashRange::new(lo, hi.wrapping_add(1)));
+                }
+            }
+        }
+        // A piece that runs to the top of the ring and one that starts at 0 are one arc.
+        let top = out.iter().position(|r| r.end == 0 && r.start != 0);
+        let bottom = out.iter().position(|r| r.start == 0 && r.end != 0);
+        if let (Some(t), Some(b)) = (top, bottom) {
+            let joined = HashRange::new(out[t].start, out[b].end);
+            out.retain(|r| !(r.end == 0 && r.start != 0) && !(r.start == 0 && r.end != 0));
+            out.push(joined);
+        }
+        out.sort_by_key(|r| r.start.wrapping_sub(self.start));
+        out
+    }
+
     /// The same arc as at most two non-wrapping pieces `(start, end_inclusive)`, for scans over
     /// sorted hashes.
     pub fn pieces(&self) -> Vec<(u64, u64)> {

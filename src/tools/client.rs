@@ -197,6 +197,7 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
         AdminCommand::Repair {
             tenant_id,
             node_id,
+            range,
             wait,
         } => {
             let mut body = json!({});
@@ -206,9 +207,25 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
             if let Some(id) = node_id {
                 body["node_id"] = json!(id);
             }
+            if let Some(range) = range {
+                let Some((start, end)) = range.split_once('-') else {
+                    anyhow::bail!("--range takes START-END (decimal ring positions)");
+                };
+                body["range_start"] = json!(start);
+                body["range_end"] = json!(end);
+            }
             let accepted =
                 send(request(conn, Method::POST, "/v1/admin/repair").json(&body)).await?;
-            follow_if(conn, accepted, *wait, "repair_id").await
+            let end = follow_if(conn, accepted, *wait, "repair_id").await?;
+            // Followed to its end: the repair's own record says what it compared and fixed.
+            match (*wait, end.body["migration_id"].as_str()) {
+                (true, Some(id)) => {
+                    let path = format!("/v1/admin/repair/{}", url_encode(id));
+                    let run = send(request(conn, Method::GET, &path)).await?;
+                    Ok(Answer { ok: end.ok, ..run })
+                }
+                _ => Ok(end),
+            }
         }
         AdminCommand::RepairStatus => send(request(conn, Method::GET, "/v1/admin/repair")).await,
         AdminCommand::Migration { migration_id } => get_migration(conn, migration_id).await,

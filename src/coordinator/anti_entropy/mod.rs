@@ -3,7 +3,8 @@
 //! trees, and each replica is sent the newest version of every key that differs
 //! ([`compare`]).
 //!
-//! A repair is a migration of kind `repair` (subject `*`, `tenant=<id>` or `node=<id>`), so it
+//! A repair is a migration of kind `repair` (subject `*`, or any of `tenant=<id>`, `node=<id>`
+//! and `range=<start>-<end>` joined by commas), so it
 //! has what migrations have: one coordinator runs it under a lease, another takes it over when
 //! that one dies, an operator cancels it, and `pairdb admin migrations` shows its progress
 //! (for a repair, `keys_migrated` counts (tenant, range) pairs done of `total_keys`, and
@@ -25,7 +26,9 @@
 //!   has nothing to compare and is marked too.
 //! - The status of a range (`range_repairs`) is recorded only by a repair of every tenant, and
 //!   counts as complete only when every replica of every tenant answered and every difference
-//!   was fixed. Tenants whose replication factor is changing are skipped (incomplete).
+//!   was fixed. Tenants whose replication factor is changing are skipped (incomplete). A
+//!   repair limited to an arc compares each ring range it overlaps over the overlap only, and
+//!   records the status of the ring ranges the arc covers whole.
 
 pub mod compare;
 pub mod targeted;
@@ -35,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::meta::{Migration, MigrationKind, MigrationState, NodeRecord, RangeRepair, Tenant};
-use crate::ring::{NodeId, NodeState};
+use crate::ring::{HashRange, NodeId, NodeState};
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
 
@@ -52,16 +55,27 @@ const EVERYTHING: &str = "*";
 pub struct RepairScope {
     pub tenant: Option<String>,
     pub node: Option<String>,
+    /// Only the positions of this arc.
+    pub range: Option<HashRange>,
 }
 
 impl RepairScope {
     /// The migration subject naming this scope.
     pub fn subject(&self) -> String {
-        match (&self.tenant, &self.node) {
-            (Some(t), Some(n)) => format!("tenant={t},node={n}"),
-            (Some(t), None) => format!("tenant={t}"),
-            (None, Some(n)) => format!("node={n}"),
-            (None, None) => EVERYTHING.to_owned(),
+        let mut parts = Vec::new();
+        if let Some(t) = &self.tenant {
+            parts.push(format!("tenant={t}"));
+        }
+        if let Some(n) = &self.node {
+            parts.push(format!("node={n}"));
+        }
+        if let Some(r) = &self.range {
+            parts.push(format!("range={}-{}", r.start, r.end));
+        }
+        if parts.is_empty() {
+            EVERYTHING.to_owned()
+        } else {
+            parts.join(",")
         }
     }
 
@@ -73,9 +87,46 @@ impl RepairScope {
                 scope.tenant = Some(t.to_owned());
             } else if let Some(n) = part.strip_prefix("node=") {
                 scope.node = Some(n.to_owned());
+            } else if let Some(r) = part.strip_prefix("range=") {
+                scope.range = r.split_once('-').and_then(|(start, end)| {
+                    Some(HashRange::new(start.parse().ok()?, end.parse().ok()?))
+                });
             }
         }
         scope
+    }
+
+    /// What a repair of this scope compares of each of `ranges` (the ring's): (index of the
+    /// ring range, arc), in ring order. Without an arc in the scope, every range whole.
+    fn targets(&self, ranges: &[HashRange]) -> Vec<(usize, HashRange)> {
+        ranges
+            .iter()
+            .enumerate()
+            .flat_map(|(i, range)| match &self.range {
+                None => vec![(i, *range)],
+                Some(arc) => range
+                    .intersection(arc)
+                    .into_iter()
+                    .map(|piece| (i, piece))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// What the repair covers, for its acceptance message.
+    fn describe(&self) -> String {
+        let mut what = "the ranges".to_owned();
+        if let Some(n) = &self.node {
+            what.push_str(&format!(" node {n} replicates"));
+        }
+        if let Some(r) = &self.range {
+            what.push_str(&format!(" within [{}, {})", r.start, r.end));
+        }
+        match &self.tenant {
+            Some(t) => what.push_str(&format!(" of tenant {t}")),
+            None => what.push_str(" of every tenant"),
+        }
+        what
     }
 }
 
@@ -135,14 +186,7 @@ impl Coordinator {
         self.clone().spawn_repair(migration);
         Ok(pb::RepairAccepted {
             repair_id,
-            message: format!(
-                "comparing every range of {} across its replicas",
-                match (&scope.tenant, &scope.node) {
-                    (Some(t), _) => format!("tenant {t}"),
-                    (None, Some(n)) => format!("every tenant on node {n}"),
-                    (None, None) => "every tenant".to_owned(),
-                }
-            ),
+            message: format!("comparing {} across its replicas", scope.describe()),
         })
     }
 
@@ -227,6 +271,7 @@ impl Coordinator {
         let snapshot = self.ring.snapshot();
         let ring = &snapshot.ring;
         let ranges = ring.member_ranges();
+        let targets = scope.targets(&ranges);
         let tenants: Vec<Tenant> = self
             .meta
             .tenants_updated_since(0)
@@ -235,15 +280,28 @@ impl Coordinator {
             .into_iter()
             .filter(|t| scope.tenant.as_ref().is_none_or(|s| *s == t.tenant_id))
             .collect();
-        progress.ranges = (ranges.len() * tenants.len()) as u64;
+        progress.ranges = (targets.len() * tenants.len()) as u64;
         let mut pace = Pace::new(self.options.repair_rate_limit);
         let started_ms = crate::wallclock::now_ms() as i64;
         let as_of = self.repaired_as_of(started_ms);
-        // Per range: what comparing it did, whether every tenant's comparison was complete,
-        // and whether every tenant was compared (a node scope skips ranges it does not own).
+        // Per ring range: what comparing it did, whether every tenant's comparison was
+        // complete, and whether all of it was compared for every tenant (a node scope skips
+        // ranges the node does not replicate, an arc those it does not cover whole).
         let mut done = vec![Compared::default(); ranges.len()];
         let mut complete = vec![true; ranges.len()];
-        let mut covered = vec![scope.tenant.is_none(); ranges.len()];
+        let mut covered: Vec<bool> = ranges
+            .iter()
+            .map(|r| {
+                scope.tenant.is_none()
+                    && scope.range.is_none_or(|arc| {
+                        r.intersection(&arc)
+                            .iter()
+                            .map(HashRange::width)
+                            .sum::<u128>()
+                            == r.width()
+                    })
+            })
+            .collect();
         for tenant in &tenants {
             lease.check()?;
             let now = self.meta.list_nodes().await.map_err(|e| failed(e.into()))?;
@@ -255,14 +313,14 @@ impl Coordinator {
             }
             if self.pending_rf.is_pending(&tenant.tenant_id) {
                 complete.iter_mut().for_each(|c| *c = false);
-                progress.ranges_done += ranges.len() as u64;
+                progress.ranges_done += targets.len() as u64;
                 continue;
             }
-            // The ranges of this tenant to compare, with their index and owners.
+            // The arcs of this tenant to compare, with their ring range's index and owners.
             let mut works = Vec::new();
             let mut which = Vec::new();
-            for (i, range) in ranges.iter().enumerate() {
-                let owners = ring.natural_owners(range.start, tenant.replication_factor as usize);
+            for &(i, arc) in &targets {
+                let owners = ring.natural_owners(arc.start, tenant.replication_factor as usize);
                 if let Some(node) = &scope.node {
                     if !owners.contains(&NodeId::new(node.clone())) {
                         if let Some(c) = covered.get_mut(i) {
@@ -272,7 +330,7 @@ impl Coordinator {
                     }
                 }
                 let replicas = self.replicas(&snapshot, &owners);
-                works.push(RangeWork::new(*range, replicas));
+                works.push(RangeWork::new(arc, replicas));
                 which.push((i, owners));
             }
             compare_and_fix(&tenant.tenant_id, &mut works, &mut pace).await;
@@ -311,10 +369,18 @@ impl Coordinator {
                     }
                 }
             }
-            progress.ranges_done += ranges.len() as u64;
+            progress.ranges_done += targets.len() as u64;
             for (_, work) in which.iter().zip(&works) {
                 add(&mut progress.compared, work.done);
             }
+            self.meta
+                .record_repair_counts(
+                    &m.migration_id,
+                    progress.compared.keys_compared,
+                    progress.compared.keys_fixed,
+                )
+                .await
+                .map_err(|e| failed(e.into()))?;
             self.meta
                 .update_migration(
                     &m.migration_id,
@@ -331,7 +397,9 @@ impl Coordinator {
                 done.get(i).copied().unwrap_or_default(),
                 complete.get(i).copied().unwrap_or(false),
             );
-            record_metrics(&d);
+            if targets.iter().any(|(t, _)| *t == i) {
+                record_metrics(&d);
+            }
             if !whole {
                 progress.incomplete_ranges += 1;
             }
@@ -475,6 +543,23 @@ pub fn oldest_unrepaired(
 }
 
 impl Coordinator {
+    /// Repair `repair_id`: its migration and the keys it compared and fixed so far.
+    /// MIGRATION_NOT_FOUND when the id names no repair.
+    pub async fn get_repair(&self, repair_id: &str) -> Result<pb::RepairRun, CoordError> {
+        let m = self
+            .meta
+            .get_migration(repair_id)
+            .await?
+            .filter(|m| m.kind == MigrationKind::Repair)
+            .ok_or_else(|| CoordError::MigrationNotFound(repair_id.to_owned()))?;
+        let (keys_compared, keys_fixed) = self.meta.repair_counts(repair_id).await?;
+        Ok(pb::RepairRun {
+            migration: Some(super::admin::migration_to_pb(m)),
+            keys_compared,
+            keys_fixed,
+        })
+    }
+
     /// The last repair of each range of the current ring.
     pub async fn repair_status(&self) -> Result<pb::RepairStatus, CoordError> {
         let ranges = self.ring.snapshot().ring.member_ranges();
@@ -559,23 +644,50 @@ mod tests {
 
     #[test]
     fn scopes_round_trip_through_their_subject() {
+        let scope =
+            |tenant: Option<&str>, node: Option<&str>, range: Option<HashRange>| RepairScope {
+                tenant: tenant.map(str::to_owned),
+                node: node.map(str::to_owned),
+                range,
+            };
+        let arc = Some(HashRange::new(u64::MAX - 5, 7));
         for scope in [
             RepairScope::default(),
-            RepairScope {
-                tenant: Some("acme".into()),
-                node: None,
-            },
-            RepairScope {
-                tenant: None,
-                node: Some("node-2".into()),
-            },
-            RepairScope {
-                tenant: Some("acme".into()),
-                node: Some("node-2".into()),
-            },
+            scope(Some("acme"), None, None),
+            scope(None, Some("node-2"), None),
+            scope(Some("acme"), Some("node-2"), None),
+            scope(None, None, arc),
+            scope(Some("acme"), Some("node-2"), arc),
         ] {
             assert_eq!(RepairScope::parse(&scope.subject()), scope);
         }
+        assert_eq!(RepairScope::default().subject(), "*");
+    }
+
+    #[test]
+    fn an_arc_targets_the_overlap_of_each_ring_range() {
+        let ranges = [
+            HashRange::new(0, 100),
+            HashRange::new(100, 200),
+            HashRange::new(200, 0),
+        ];
+        let whole = RepairScope::default().targets(&ranges);
+        assert_eq!(
+            whole,
+            ranges.iter().copied().enumerate().collect::<Vec<_>>()
+        );
+        let arc = RepairScope {
+            range: Some(HashRange::new(150, 50)),
+            ..Default::default()
+        };
+        assert_eq!(
+            arc.targets(&ranges),
+            vec![
+                (0, HashRange::new(0, 50)),
+                (1, HashRange::new(150, 200)),
+                (2, HashRange::new(200, 0)),
+            ]
+        );
     }
 
     #[test]
