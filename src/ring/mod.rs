@@ -219,8 +219,13 @@ impl HashRange {
         let bottom = out.iter().position(|r| r.start == 0 && r.end != 0);
         if let (Some(t), Some(b)) = (top, bottom) {
             let joined = HashRange::new(out[t].start, out[b].end);
-            out.retain(|r| !(r.end == 0 && r.start != 0) && !(r.start == 0 && r.end != 0));
-            out.push(joined);
+            out = out
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| *i != t && *i != b)
+                .map(|(_, r)| r)
+                .chain([joined])
+                .collect();
         }
         out.sort_by_key(|r| r.start.wrapping_sub(self.start));
         out
