@@ -440,7 +440,7 @@ async fn a_repair_of_one_arc_fixes_the_keys_in_it_and_no_other() {
         .await
         .expect("start repair")
         .into_inner();
-    wait_migration(&mut c, &accepted.repair_id, pb::MigrationState::Completed).await;
+    wait_migration(&c, &accepted.repair_id, pb::MigrationState::Completed).await;
     let run = c
         .get_repair(pb::GetMigrationStatusRequest {
             migration_id: accepted.repair_id.clone(),
