@@ -9,7 +9,15 @@
 #      writes (`bytes_written`) are what any full copy of s3's data sends; its time is the
 #      full copy's.
 # Each repair runs unpaced (repair_rate_limit = 0). Output: a markdown table on stdout.
-# Env: KEYS (1000000), VALUE (100), DIVERGE (15000), PAIRDB_BIN (built when unset).
+# With LOAD_RATE set, each repair instead runs paced (the default repair_rate_limit, or
+# REPAIR_RATE_LIMIT bytes/s) under a paced mixed load of LOAD_RATE req/s that runs from IDLE
+# seconds before the repair to its end; the table adds the load's p99 in the IDLE seconds
+# before and during the repair (scripts/p99_window.py).
+# LOAD_RATE=auto is half the capacity of a 60 s closed-loop mixed run (its last 30 s) made
+# after loading.
+# Env: KEYS (1000000), VALUE (100), DIVERGE (15000), PAIRDB_BIN (built when unset), LOAD_RATE,
+# REPAIR_RATE_LIMIT, IDLE (20), CONCURRENCY (32, of the load), PHASES ("1 2 3": which of the
+# three repairs run; the others' rows are empty).
 # Everything binds to 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +30,17 @@ export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18190}"
 export BASE_PORT="${BASE_PORT:-17500}"
 export SYNC=always AUTH=none WRITE_RATE_LIMIT=1000000000 READ_RATE_LIMIT=1000000000
 export PAIRDB_COORDINATOR_HINTS_ENABLED=false PAIRDB_COORDINATOR_READ_REPAIR_CHANCE=0
-export PAIRDB_COORDINATOR_AUTO_REPAIR=false PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT=0
+export PAIRDB_COORDINATOR_AUTO_REPAIR=false
+LOAD_RATE="${LOAD_RATE:-0}"
+PHASES="${PHASES:-1 2 3}"
+has_phase() { case " $PHASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+IDLE="${IDLE:-20}"
+CONCURRENCY="${CONCURRENCY:-32}"
+if [ "$LOAD_RATE" = 0 ]; then
+  export PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT=0
+elif [ -n "${REPAIR_RATE_LIMIT:-}" ]; then
+  export PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT="$REPAIR_RATE_LIMIT"
+fi
 URL="http://$GATEWAY_ADDR"
 BIN="${PAIRDB_BIN:-target/release/pairdb}"
 export PAIRDB_BIN="$BIN"
@@ -63,37 +81,82 @@ repair() {
   echo "$(python3 -c "print(f'{$ended - $started:.2f}')") $(field keys_compared) $(field keys_fixed) $(field ' bytes') $(field bytes_written)"
 }
 
+# One repair, under the paced load when LOAD_RATE is set: prints repair's line, then (loaded)
+# "idle_p99_ms during_p99_ms". $1 names the latency log.
+measured_repair() {
+  if [ "$LOAD_RATE" = 0 ]; then repair; return; fi
+  local log="$CLUSTER_DIR/latencies-$1.txt" idle_from change_at ended result
+  # The binary itself in the background (a function's subshell would take the signal).
+  "$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "$VALUE" \
+    --concurrency "$CONCURRENCY" --no-preload --json --workload mixed --rate "$LOAD_RATE" \
+    --duration 1h --latency-log "$log" >/dev/null &
+  load=$!
+  trap 'kill -TERM "$load" 2>/dev/null || true' EXIT
+  sleep 5
+  idle_from="$(date +%s.%N)"
+  sleep "$IDLE"
+  change_at="$(date +%s.%N)"
+  result="$(repair)"
+  ended="$(date +%s.%N)"
+  kill -TERM "$load"; wait "$load"
+  scripts/p99_window.py "$log" "$idle_from" "$change_at" "$ended" "$CLUSTER_DIR/timeline-$1.txt" \
+    | { read -r p; echo "$result $p"; }
+}
+
 scripts/cluster.sh start >&2
 curl -fsS -X POST "$URL/v1/tenants" -H 'content-type: application/json' \
   -d '{"tenant_id":"bench","replication_factor":2}' >/dev/null
 echo "loading $KEYS keys of $VALUE bytes at RF 2" >&2
 bench --workload reads --keys "$KEYS" --duration 1s >/dev/null
 
-read -r t1 c1 f1 b1 w1 <<<"$(repair)"
+if [ "$LOAD_RATE" = auto ]; then
+  "$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "$VALUE" \
+    --concurrency "$CONCURRENCY" --no-preload --json --workload mixed --duration 60s \
+    --latency-log "$CLUSTER_DIR/latencies-capacity.txt" >/dev/null
+  capacity="$(python3 - "$CLUSTER_DIR/latencies-capacity.txt" <<'PY'
+import sys
+dues = [int(line.split()[0]) for line in open(sys.argv[1])]
+end = max(dues)
+print(sum(1 for d in dues if d > end - 30_000_000) / 30)
+PY
+)"
+  LOAD_RATE="$(python3 -c "print(max(1, int($capacity / 2)))")"
+  echo "capacity $capacity req/s (mixed, the last 30 s of 60 s); load at $LOAD_RATE req/s" >&2
+fi
+t1=- c1=- f1=- b1=- w1=- i1=0 d1=0 t2=- c2=- f2=- b2=0 w2=- i2=0 d2=0 t3=- c3=- f3=- b3=- w3=1 i3=0 d3=0
+if has_phase 1; then
+  read -r t1 c1 f1 b1 w1 i1 d1 <<<"$(measured_repair identical)"
+fi
 
-kill -STOP "$(cat "$CLUSTER_DIR/pids/s3.pid")"
-gossip_says 1
-bench --workload writes --keys "$DIVERGE" --no-preload --consistency one --duration 10s >/dev/null
-kill -CONT "$(cat "$CLUSTER_DIR/pids/s3.pid")"
-gossip_says 0
-read -r t2 c2 f2 b2 w2 <<<"$(repair)"
+if has_phase 2; then
+  kill -STOP "$(cat "$CLUSTER_DIR/pids/s3.pid")"
+  gossip_says 1
+  bench --workload writes --keys "$DIVERGE" --no-preload --consistency one --duration 10s >/dev/null
+  kill -CONT "$(cat "$CLUSTER_DIR/pids/s3.pid")"
+  gossip_says 0
+  read -r t2 c2 f2 b2 w2 i2 d2 <<<"$(measured_repair divergent)"
+fi
 
-kill -TERM "$(cat "$CLUSTER_DIR/pids/s3.pid")"
-while kill -0 "$(cat "$CLUSTER_DIR/pids/s3.pid")" 2>/dev/null; do sleep 0.2; done
-rm -rf "$CLUSTER_DIR/s3"
-# s3 again, as scripts/cluster.sh starts it, with an empty data directory.
-"$BIN" --role=storage --node-id=s3 --listen="127.0.0.1:$((BASE_PORT + 3))" \
-  --data-dir="$CLUSTER_DIR/s3" --gossip="127.0.0.1:$((BASE_PORT + 203))" \
-  --seeds="127.0.0.1:$((BASE_PORT + 201)),127.0.0.1:$((BASE_PORT + 202))" --sync=always \
-  >>"$CLUSTER_DIR/logs/s3.log" 2>&1 &
-echo $! >"$CLUSTER_DIR/pids/s3.pid"
-until curl -fsS -o /dev/null "http://127.0.0.1:$((BASE_PORT + 1003))/healthz" 2>/dev/null; do sleep 0.2; done
-# Gossip sees it up again, and the coordinator's health checks reach it.
-sleep 5
-gossip_says 0
-read -r t3 c3 f3 b3 w3 <<<"$(repair)"
+if has_phase 3; then
+  kill -TERM "$(cat "$CLUSTER_DIR/pids/s3.pid")"
+  while kill -0 "$(cat "$CLUSTER_DIR/pids/s3.pid")" 2>/dev/null; do sleep 0.2; done
+  rm -rf "$CLUSTER_DIR/s3"
+  # s3 again, as scripts/cluster.sh starts it, with an empty data directory.
+  "$BIN" --role=storage --node-id=s3 --listen="127.0.0.1:$((BASE_PORT + 3))" \
+    --data-dir="$CLUSTER_DIR/s3" --gossip="127.0.0.1:$((BASE_PORT + 203))" \
+    --seeds="127.0.0.1:$((BASE_PORT + 201)),127.0.0.1:$((BASE_PORT + 202))" --sync=always \
+    >>"$CLUSTER_DIR/logs/s3.log" 2>&1 &
+  echo $! >"$CLUSTER_DIR/pids/s3.pid"
+  until curl -fsS -o /dev/null "http://127.0.0.1:$((BASE_PORT + 1003))/healthz" 2>/dev/null; do sleep 0.2; done
+  # Gossip sees it up again, and the coordinator's health checks reach it.
+  sleep 5
+  gossip_says 0
+  read -r t3 c3 f3 b3 w3 i3 d3 <<<"$(measured_repair refill)"
+fi
 
-cat <<TABLE
+ratio() { python3 -c "print(f'{$2 / $1:.2f}x' if $1 > 0 else '-')"; }
+if [ "$LOAD_RATE" = 0 ]; then
+  cat <<TABLE
 | repair | time (s) | keys compared | keys fixed | bytes exchanged | records written |
 |---|---|---|---|---|---|
 | identical replicas | $t1 | $c1 | $f1 | $b1 | $w1 |
@@ -102,3 +165,14 @@ cat <<TABLE
 
 Divergent repair against a full copy: $(python3 -c "print(f'{$b2 / $w3 * 100:.2f}% of the bytes, {$t2 / $t3 * 100:.1f}% of the time')").
 TABLE
+else
+  cat <<TABLE
+Under a paced mixed load of $LOAD_RATE req/s (concurrency $CONCURRENCY), repair_rate_limit ${PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT:-default}:
+
+| repair | time (s) | keys fixed | bytes exchanged | load p99 idle (ms) | load p99 during (ms) | during / idle |
+|---|---|---|---|---|---|---|
+| identical replicas | $t1 | $f1 | $b1 | $i1 | $d1 | $(ratio "$i1" "$d1") |
+| s3 missed $DIVERGE keys' writes | $t2 | $f2 | $b2 | $i2 | $d2 | $(ratio "$i2" "$d2") |
+| s3 empty (full copy) | $t3 | $f3 | $b3 | $i3 | $d3 | $(ratio "$i3" "$d3") |
+TABLE
+fi

@@ -154,27 +154,8 @@ loaded_add() { # rate
   ended="$(date +%s.%N)"
   # SIGTERM, not SIGINT: a background job of a script starts with SIGINT ignored.
   kill -TERM "$load"; wait "$load"
-  python3 - "$log" "$idle_from" "$change_at" "$ended" "$CLUSTER_DIR/timeline-$TIMELINE_NAME.txt" <<'PY' | { read -r p; echo "$result $p"; }
-import sys
-log, idle_from, change_at, ended, timeline = sys.argv[1], *map(float, sys.argv[2:5]), sys.argv[5]
-def p99(xs):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * 0.99))] / 1000 if xs else 0.0
-idle, during, buckets = [], [], {}
-for line in open(log):
-    due, micros, _status = line.split()
-    t = int(due) / 1e6
-    if idle_from <= t < change_at:
-        idle.append(int(micros))
-    elif change_at <= t <= ended:
-        during.append(int(micros))
-    if idle_from <= t <= ended:
-        buckets.setdefault(int((t - change_at) // 5), []).append(int(micros))
-with open(timeline, "a") as out:
-    for b in sorted(buckets):
-        out.write(f"load p99 in [{b * 5}, {b * 5 + 5}) s from the change: {p99(buckets[b]):.1f} ms ({len(buckets[b])} requests)\n")
-print(f"{p99(idle):.1f} {p99(during):.1f}")
-PY
+  scripts/p99_window.py "$log" "$idle_from" "$change_at" "$ended" "$CLUSTER_DIR/timeline-$TIMELINE_NAME.txt" \
+    | { read -r p; echo "$result $p"; }
 }
 
 remove_s4() {

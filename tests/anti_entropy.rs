@@ -467,3 +467,84 @@ async fn a_repair_of_one_arc_fixes_the_keys_in_it_and_no_other() {
     assert_eq!(missing.code(), tonic::Code::NotFound);
     drop(c1);
 }
+
+/// The coordinator running a repair dies (SIGKILL) in the middle of it: the other one takes the
+/// repair over from its lease and completes it, and every replica ends with every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_whose_coordinator_dies_is_taken_over_and_completed() {
+    const TENANTS: [&str; 4] = ["t1", "t2", "t3", "t4"];
+    const PER_TENANT: usize = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Paced slowly (50 kB/s), so the repair is caught between two tenants.
+    let env = [
+        ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+        ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
+        ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", "50000"),
+        ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
+    ];
+    let (storage, mut c1, mut a) = cluster(dir.path(), &[], &env).await;
+    let c2 = RoleProcess::coordinator(
+        "c2",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &env,
+        dir.path(),
+    );
+    let b = c2.client().await;
+    for tenant in TENANTS {
+        create_tenant(&mut a, tenant, 3).await;
+    }
+    pause_until_gossip_says_down(&c1, &storage[2]).await;
+    for tenant in TENANTS {
+        for chunk in (0..PER_TENANT).collect::<Vec<_>>().chunks(100) {
+            join_all(chunk.iter().map(|&i| {
+                let mut c = a.clone();
+                async move {
+                    put(&mut c, tenant, &key(i), "\"v\"", Consistency::Quorum)
+                        .await
+                        .expect("write at quorum");
+                }
+            }))
+            .await;
+        }
+    }
+    storage[2].resume();
+    eventually("s3 seen up", Duration::from_secs(30), || {
+        let mut c = a.clone();
+        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
+    })
+    .await;
+
+    let id = a
+        .start_repair(pb::StartRepairRequest::default())
+        .await
+        .expect("start repair")
+        .into_inner()
+        .repair_id;
+    eventually("one tenant repaired", Duration::from_secs(60), || {
+        let (mut c, id) = (a.clone(), id.clone());
+        async move { common::coord::migration(&mut c, &id).await.keys_migrated > 0 }
+    })
+    .await;
+    c1.kill9();
+    let left = common::coord::migration(&mut b.clone(), &id).await;
+    assert_eq!(
+        left.state(),
+        pb::MigrationState::InProgress,
+        "killed in the middle ({} of {} ranges)",
+        left.keys_migrated,
+        left.total_keys
+    );
+    let done = wait_migration(&b, &id, pb::MigrationState::Completed).await;
+    assert_eq!(done.keys_migrated, done.total_keys);
+    for tenant in TENANTS {
+        let s3 = held(&storage[2], tenant, PER_TENANT).await;
+        let missing = s3.iter().filter(|r| r.is_none()).count();
+        assert_eq!(
+            missing, 0,
+            "{tenant}: s3 lacks {missing} keys after the repair"
+        );
+    }
+    drop(c2);
+}

@@ -470,13 +470,13 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         keys_fixed: 3,
         complete,
     };
-    a.record_range_repair(&range_repair(u64::MAX - 9, 5, 100, false))
-        .await
-        .expect("record");
-    a.record_range_repair(&range_repair(5, u64::MAX - 9, 100, true))
-        .await
-        .expect("record");
-    b.record_range_repair(&range_repair(u64::MAX - 9, 5, 200, true))
+    a.record_range_repairs(&[
+        range_repair(u64::MAX - 9, 5, 100, false),
+        range_repair(5, u64::MAX - 9, 100, true),
+    ])
+    .await
+    .expect("record");
+    b.record_range_repairs(&[range_repair(u64::MAX - 9, 5, 200, true)])
         .await
         .expect("replace");
     assert_eq!(

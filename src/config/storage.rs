@@ -31,6 +31,9 @@ pub struct StorageConfig {
     /// removals); 0 = unlimited. 8 MiB/s by default: under half-capacity load, foreground p99
     /// during a change stays at its idle level (docs/benchmarks.md, "Streaming").
     pub stream_rate_limit: u64,
+    /// Most bytes of records per second an anti-entropy listing scans on this node (one scan
+    /// of a tenant per repair that finds differences); 0 = unlimited. 32 MiB/s by default.
+    pub repair_scan_rate_limit: u64,
     /// Tombstones younger than this are never purged; older ones only once anti-entropy
     /// repaired their range after they were written (Cassandra's `gc_grace_seconds`).
     #[serde(with = "super::values::human_duration")]
@@ -58,6 +61,7 @@ impl Default for StorageConfig {
             sync: SyncMode::Always,
             skip_corrupt_log: false,
             stream_rate_limit: 8 << 20,
+            repair_scan_rate_limit: 32 << 20,
             gc_grace: std::time::Duration::from_secs(10 * 24 * 3600),
             cache_bytes: 64 << 20,
             memtable_bytes: 64 << 20,

@@ -345,8 +345,8 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<Vec<StreamCheckpoint>, MetaError>;
     /// Forgets the checkpoints of the streams `migration_id` drives (it ended).
     async fn delete_stream_checkpoints(&self, migration_id: &str) -> Result<(), MetaError>;
-    /// Records (replaces) the last repair of a range.
-    async fn record_range_repair(&self, repair: &RangeRepair) -> Result<(), MetaError>;
+    /// Records (replaces) the last repair of each range, in one transaction.
+    async fn record_range_repairs(&self, repairs: &[RangeRepair]) -> Result<(), MetaError>;
     /// Every range repair recorded, by range start.
     async fn range_repairs(&self) -> Result<Vec<RangeRepair>, MetaError>;
     /// Records (replaces) the keys repair `repair_id` compared and fixed so far.

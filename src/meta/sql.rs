@@ -844,24 +844,27 @@ impl MetadataStore for SqlMetadataStore {
             .collect()
     }
 
-    async fn record_range_repair(&self, r: &RangeRepair) -> Result<(), MetaError> {
-        sqlx::query(
-            "INSERT INTO range_repairs (range_start, range_end, repaired_at_ms, keys_compared, keys_fixed, complete) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (range_start, range_end) DO UPDATE SET repaired_at_ms = excluded.repaired_at_ms, \
-             keys_compared = excluded.keys_compared, keys_fixed = excluded.keys_fixed, complete = excluded.complete",
-        )
-        // Ring positions are bit patterns: stored as the signed integers with the same bits.
-        .bind(r.range.start as i64)
-        .bind(r.range.end as i64)
-        .bind(r.repaired_at_ms)
-        .bind(count(r.keys_compared)?)
-        .bind(count(r.keys_fixed)?)
-        .bind(i64::from(r.complete))
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+    async fn record_range_repairs(&self, repairs: &[RangeRepair]) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for r in repairs {
+            sqlx::query(
+                "INSERT INTO range_repairs (range_start, range_end, repaired_at_ms, keys_compared, keys_fixed, complete) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (range_start, range_end) DO UPDATE SET repaired_at_ms = excluded.repaired_at_ms, \
+                 keys_compared = excluded.keys_compared, keys_fixed = excluded.keys_fixed, complete = excluded.complete",
+            )
+            // Ring positions are bit patterns: stored as the signed integers with the same bits.
+            .bind(r.range.start as i64)
+            .bind(r.range.end as i64)
+            .bind(r.repaired_at_ms)
+            .bind(count(r.keys_compared)?)
+            .bind(count(r.keys_fixed)?)
+            .bind(i64::from(r.complete))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
     }
 
     async fn range_repairs(&self) -> Result<Vec<RangeRepair>, MetaError> {

@@ -75,6 +75,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         tasks.clone(),
     );
     service.streams().set_rate_limit(cfg.stream_rate_limit);
+    service.set_listing_rate_limit(cfg.repair_scan_rate_limit);
     tracing::info!(node = %node_id, grpc = %grpc_addr, http = %http_listener.local_addr()?, writes = ?service.write_path(), "storage node serving");
 
     if let Some(g) = gossip.clone() {

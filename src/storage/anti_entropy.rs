@@ -4,7 +4,10 @@
 //! tenant; a repair coordinator walks the trees with them and fixes only the keys that differ.
 //!
 //! Every request is bounded before any work (group and segment counts), and every segment
-//! number is checked against the tree's size: a peer's bytes are not trusted.
+//! number is checked against the tree's size: a peer's bytes are not trusted. A listing's scan
+//! is paced by the node's `repair_scan_rate_limit` (bytes of records read per second), so a
+//! repair's scans leave the disk and CPU to foreground requests (Cassandra throttles its
+//! validation compactions the same way).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,9 +24,12 @@ use crate::rpc::storage as pb;
 
 use super::errors::{StorageError, invalid};
 use super::repaired_ranges::RepairedRanges;
+use super::throttle::Throttle;
 
 /// Entries per `ListSegments` message.
 const LIST_BATCH: usize = 4096;
+/// Bytes of records a listing scans between two waits for its pace.
+const PACE_STEP: u64 = 256 << 10;
 /// Ranges one `MarkRepaired` call may record.
 pub const MAX_MARKS: usize = 1 << 16;
 
@@ -67,6 +73,7 @@ pub async fn segment_hashes(
 pub fn list_segments(
     engine: Arc<Engine>,
     req: pb::ListSegmentsRequest,
+    pace: Option<Arc<Throttle>>,
 ) -> Result<mpsc::Receiver<Result<pb::ListSegmentsBatch, StorageError>>, StorageError> {
     check_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
     if req.segments.len() > MAX_LISTED_SEGMENTS {
@@ -93,11 +100,19 @@ pub fn list_segments(
             Err(e) => return send_err(e),
         };
         let mut entries = Vec::with_capacity(LIST_BATCH);
+        let mut scanned = 0u64;
         for item in scan {
             let record = match item {
                 Ok(r) => r,
                 Err(e) => return send_err(e),
             };
+            if let Some(pace) = &pace {
+                scanned += record.size_estimate() as u64;
+                if scanned >= PACE_STEP {
+                    futures::executor::block_on(pace.take(scanned));
+                    scanned = 0;
+                }
+            }
             // A tombstone this node may purge is left out: a repair must not send it back to a
             // replica that already collected it (both sides list neither).
             if !wanted.contains(&segment_of(record.ring_hash)) || engine.purgeable(&record) {

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
 use futures::Stream;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -35,6 +37,7 @@ use super::gossip::{Gossip, Health};
 use super::repair_markers::RepairMarkerLog;
 use super::repaired_ranges::RepairedRanges;
 use super::streaming::StreamManager;
+use super::throttle::Throttle;
 
 /// Largest batch a `ScanRange` stream sends at once.
 const MAX_SCAN_BATCH: usize = 1000;
@@ -58,6 +61,8 @@ pub struct StorageService {
     markers: Arc<RepairMarkerLog>,
     /// Which tenants' ranges were repaired as of when (see `repaired_ranges`).
     repaired: Arc<RepairedRanges>,
+    /// The pace of anti-entropy listings' scans (`repair_scan_rate_limit`; none: unpaced).
+    listing_pace: Mutex<Option<Arc<Throttle>>>,
     /// The role's background work (streams); its stop token drains the batch streams.
     tasks: crate::shutdown::Tasks,
 }
@@ -185,7 +190,13 @@ impl StorageService {
             writes: WritePath::for_current_runtime(),
             markers,
             repaired,
+            listing_pace: Mutex::new(None),
         })
+    }
+
+    /// Paces anti-entropy listings' scans to `bytes_per_second` of records (0: unpaced).
+    pub fn set_listing_rate_limit(&self, bytes_per_second: u64) {
+        *self.listing_pace.lock() = Throttle::new(bytes_per_second).map(Arc::new);
     }
 
     /// The node's range streams.
@@ -581,7 +592,8 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<Self::ListSegmentsStream>, Status> {
-        let rx = anti_entropy::list_segments(self.engine.clone(), req.into_inner())?;
+        let pace = self.listing_pace.lock().clone();
+        let rx = anti_entropy::list_segments(self.engine.clone(), req.into_inner(), pace)?;
         let stream = ReceiverStream::new(rx).map(|item| item.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }

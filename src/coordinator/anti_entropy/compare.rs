@@ -5,10 +5,15 @@
 //!    into [`FANOUT`] parts and asked again, down to single segments. Identical replicas cost
 //!    one hash each. A segment the range covers only in part (tokens off the segment grid,
 //!    from the random allocation) holds keys of the next range too: it is always listed.
-//! 2. **List the differing segments** of every range of the pass, one `ListSegments` call (one
+//! 2. **Confirm them.** When few segments differ ([`RECHECK_MAX`]), their hashes are asked
+//!    again after [`RECHECK_DELAY`]: writes that were in flight during the descent (applied on
+//!    one replica, not yet on another) have landed by then, and segments that agree now hold
+//!    nothing to fix. Under load, a repair of replicas that agree then lists nothing, instead
+//!    of scanning the tenant on every node for a few writes in flight.
+//! 3. **List the differing segments** of every range of the pass, one `ListSegments` call (one
 //!    scan of the tenant) per node: (key, version digest) of every key there, assigned to the
 //!    range it lies in.
-//! 3. **Fix the keys whose digests differ** (or that some replica lacks): read each from the
+//! 4. **Fix the keys whose digests differ** (or that some replica lacks): read each from the
 //!    replica whose listed version takes precedence (the read path's rule) and write it to
 //!    every replica that does not hold it, as a repair batch. The storage
 //!    node's apply rule ignores it where something newer arrived meanwhile, so a repair never
@@ -39,6 +44,11 @@ use crate::vclock::Version;
 pub const FANOUT: u32 = 4;
 /// Keys per `ReadBatch` and `WriteBatch` of the fix.
 const FIX_CHUNK: usize = 256;
+/// At most this many differing segments in a pass are confirmed before listing; with more, the
+/// tenant is scanned anyway and asking again would only add bytes.
+pub const RECHECK_MAX: usize = 1024;
+/// How long writes in flight get to land before differing segments are asked again.
+pub const RECHECK_DELAY: Duration = Duration::from_millis(300);
 
 /// A replica of the range and its client.
 #[derive(Clone)]
@@ -115,7 +125,10 @@ pub struct RangeWork {
     pub done: Compared,
     /// Why it could not be compared or fixed completely (a replica failed a call).
     pub failure: Option<ReplicaFailed>,
+    /// Whole segments whose hashes differ.
     leaves: Vec<u32>,
+    /// Segments the range covers only in part (always listed).
+    partial: Vec<u32>,
 }
 
 impl RangeWork {
@@ -126,6 +139,7 @@ impl RangeWork {
             done: Compared::default(),
             failure: None,
             leaves: Vec::new(),
+            partial: Vec::new(),
         }
     }
 }
@@ -137,21 +151,23 @@ impl RangeWork {
 pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut Pace) {
     for work in works.iter_mut().filter(|w| w.replicas.len() >= 2) {
         match descend(tenant, work.range, &work.replicas, pace, &mut work.done).await {
-            Ok(leaves) => work.leaves = leaves,
+            Ok((leaves, partial)) => (work.leaves, work.partial) = (leaves, partial),
             Err(e) => work.failure = Some(e),
         }
     }
+    confirm(tenant, works, pace).await;
     // Per node: the replica it is of each range with leaves, and the union of those leaves.
     let mut nodes: BTreeMap<String, (Replica, Vec<u32>)> = BTreeMap::new();
-    for work in works
-        .iter()
-        .filter(|w| w.failure.is_none() && !w.leaves.is_empty())
-    {
+    for work in works.iter().filter(|w| w.failure.is_none()) {
         for replica in &work.replicas {
+            if work.leaves.is_empty() && work.partial.is_empty() {
+                continue;
+            }
             let slot = nodes
                 .entry(replica.node.clone())
                 .or_insert_with(|| (replica.clone(), Vec::new()));
             slot.1.extend_from_slice(&work.leaves);
+            slot.1.extend_from_slice(&work.partial);
         }
     }
     let ranges = RangeIndex::new(works);
@@ -206,7 +222,7 @@ pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut P
         }
     }
     for (work, keys) in works.iter_mut().zip(listed) {
-        if work.failure.is_some() || work.leaves.is_empty() {
+        if work.failure.is_some() || (work.leaves.is_empty() && work.partial.is_empty()) {
             continue;
         }
         if let Some(e) = work
@@ -268,40 +284,79 @@ impl RangeIndex {
     }
 }
 
-/// Walks the range's trees on every replica down to the segments whose XORs differ (plus the
-/// segments the range covers only in part).
+/// Asks the replicas again, after [`RECHECK_DELAY`], for the hashes of the differing segments
+/// of the pass when there are at most [`RECHECK_MAX`]; those that agree now are dropped.
+async fn confirm(tenant: &str, works: &mut [RangeWork], pace: &mut Pace) {
+    let differing: usize = works.iter().map(|w| w.leaves.len()).sum();
+    if differing == 0 || differing > RECHECK_MAX {
+        return;
+    }
+    tokio::time::sleep(RECHECK_DELAY).await;
+    for work in works
+        .iter_mut()
+        .filter(|w| w.failure.is_none() && !w.leaves.is_empty())
+    {
+        let groups: Vec<pb::SegmentGroup> = work
+            .leaves
+            .iter()
+            .map(|&first| pb::SegmentGroup { first, count: 1 })
+            .collect();
+        match differing_groups(tenant, &work.replicas, &groups, pace, &mut work.done).await {
+            Ok(still) => work.leaves = still.into_iter().map(|g| g.first).collect(),
+            Err(e) => work.failure = Some(e),
+        }
+    }
+}
+
+/// The groups whose hashes are not the same on every replica.
+async fn differing_groups(
+    tenant: &str,
+    replicas: &[Replica],
+    groups: &[pb::SegmentGroup],
+    pace: &mut Pace,
+    done: &mut Compared,
+) -> Result<Vec<pb::SegmentGroup>, ReplicaFailed> {
+    let mut answers = Vec::with_capacity(replicas.len());
+    for replica in replicas {
+        answers.push(segment_hashes(tenant, replica, groups, done).await?);
+    }
+    pace.spend(8 * (groups.len() * replicas.len()) as u64).await;
+    Ok(groups
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            let first = answers.first().and_then(|a| a.get(*i));
+            !answers.iter().all(|a| a.get(*i) == first)
+        })
+        .map(|(_, g)| *g)
+        .collect())
+}
+
+/// Walks the range's trees on every replica down to the whole segments whose XORs differ;
+/// returns them and the segments the range covers only in part.
 async fn descend(
     tenant: &str,
     range: HashRange,
     replicas: &[Replica],
     pace: &mut Pace,
     done: &mut Compared,
-) -> Result<Vec<u32>, ReplicaFailed> {
-    let (mut frontier, mut leaves) = initial_groups(range);
+) -> Result<(Vec<u32>, Vec<u32>), ReplicaFailed> {
+    let (mut frontier, partial) = initial_groups(range);
+    let mut leaves = Vec::new();
     while !frontier.is_empty() {
-        let mut answers = Vec::with_capacity(replicas.len());
-        for replica in replicas {
-            answers.push(segment_hashes(tenant, replica, &frontier, done).await?);
-        }
-        pace.spend(8 * (frontier.len() * replicas.len()) as u64)
-            .await;
         let mut next = Vec::new();
-        for (i, group) in frontier.iter().enumerate() {
-            let first = answers.first().and_then(|a| a.get(i));
-            if answers.iter().all(|a| a.get(i) == first) {
-                continue;
-            }
+        for group in differing_groups(tenant, replicas, &frontier, pace, done).await? {
             if group.count == 1 {
                 leaves.push(group.first);
             } else {
-                next.extend(split(*group));
+                next.extend(split(group));
             }
         }
         frontier = next;
     }
     leaves.sort_unstable();
     leaves.dedup();
-    Ok(leaves)
+    Ok((leaves, partial))
 }
 
 /// The whole segments of `range` as groups to descend, and the segments it covers only in

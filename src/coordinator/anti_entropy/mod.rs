@@ -392,6 +392,7 @@ impl Coordinator {
                 .await
                 .map_err(|e| failed(e.into()))?;
         }
+        let mut statuses = Vec::new();
         for (i, range) in ranges.iter().enumerate() {
             let (d, whole) = (
                 done.get(i).copied().unwrap_or_default(),
@@ -404,19 +405,19 @@ impl Coordinator {
                 progress.incomplete_ranges += 1;
             }
             if covered.get(i).copied().unwrap_or(false) {
-                let status = RangeRepair {
+                statuses.push(RangeRepair {
                     range: *range,
                     repaired_at_ms: started_ms,
                     keys_compared: d.keys_compared,
                     keys_fixed: d.keys_fixed,
                     complete: whole,
-                };
-                self.meta
-                    .record_range_repair(&status)
-                    .await
-                    .map_err(|e| failed(e.into()))?;
+                });
             }
         }
+        self.meta
+            .record_range_repairs(&statuses)
+            .await
+            .map_err(|e| failed(e.into()))?;
         Ok(())
     }
 
