@@ -12,7 +12,10 @@
 # With LOAD_RATE set, each repair instead runs paced (the default repair_rate_limit, or
 # REPAIR_RATE_LIMIT bytes/s) under a paced mixed load of LOAD_RATE req/s that runs from IDLE
 # seconds before the repair to its end; the table adds the load's p99 in the IDLE seconds
-# before and during the repair (scripts/p99_window.py).
+# before and during the repair (scripts/p99_window.py), and each phase leaves a timeline
+# (CPU per process, flushes and compactions each second, p99 per 5 s) in
+# $CLUSTER_DIR/timeline-NAME.txt. Loaded, repairs of agreeing replicas run back to back for
+# WINDOW seconds (30), and the refill is cancelled after REFILL_WINDOW seconds (60).
 # LOAD_RATE=auto is half the capacity of a 60 s closed-loop mixed run (its last 30 s) made
 # after loading.
 # Env: KEYS (1000000), VALUE (100), DIVERGE (15000), PAIRDB_BIN (built when unset), LOAD_RATE,
@@ -35,6 +38,8 @@ LOAD_RATE="${LOAD_RATE:-0}"
 PHASES="${PHASES:-1 2 3}"
 has_phase() { case " $PHASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 IDLE="${IDLE:-20}"
+WINDOW="${WINDOW:-30}"
+REFILL_WINDOW="${REFILL_WINDOW:-60}"
 CONCURRENCY="${CONCURRENCY:-32}"
 if [ "$LOAD_RATE" = 0 ]; then
   export PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT=0
@@ -62,44 +67,88 @@ gossip_says() { # count of nodes down to wait for
   echo "gossip never reported $1 node(s) down" >&2; return 1
 }
 
-# One repair: prints "seconds keys_compared keys_fixed bytes bytes_written".
+# One repair: prints "seconds keys_compared keys_fixed bytes bytes_written". With a limit
+# ($1 seconds), a repair still running then is cancelled and its counts so far are printed
+# (bytes_written "-").
 repair() {
-  local started id
+  local started id state limit="${1:-0}"
   started="$(date +%s.%N)"
   id="$(curl -fsS -X POST "$URL/v1/admin/repair" | json 'd["repair_id"]')"
   while :; do
-    case "$(curl -fsS "$URL/v1/admin/migrations/$id" | json 'd["state"]')" in
-      completed) break ;;
-      failed|cancelled) echo "repair $id did not complete" >&2; return 1 ;;
+    state="$(curl -fsS "$URL/v1/admin/repair/$id" | json 'd["state"]')"
+    case "$state" in
+      completed|cancelled) break ;;
+      failed) echo "repair $id failed" >&2; return 1 ;;
     esac
+    if [ "$limit" != 0 ] && python3 -c "import sys; sys.exit(0 if $(date +%s.%N) - $started >= $limit else 1)"; then
+      curl -fsS -X DELETE "$URL/v1/admin/migrations/$id" >/dev/null
+      limit=0
+    fi
     sleep 0.1
   done
   local ended line
   ended="$(date +%s.%N)"
-  line="$(grep "repair completed" "$CLUSTER_DIR/logs/c1.log" | grep "$id" | tail -1)"
-  field() { sed -E "s/.*$1=([0-9]+).*/\1/" <<<"$line"; }
-  echo "$(python3 -c "print(f'{$ended - $started:.2f}')") $(field keys_compared) $(field keys_fixed) $(field ' bytes') $(field bytes_written)"
+  if [ "$state" = completed ]; then
+    line="$(grep "repair completed" "$CLUSTER_DIR/logs/c1.log" | grep "$id" | tail -1)"
+    field() { sed -E "s/.*$1=([0-9]+).*/\1/" <<<"$line"; }
+    echo "$(python3 -c "print(f'{$ended - $started:.2f}')") $(field keys_compared) $(field keys_fixed) $(field ' bytes') $(field bytes_written)"
+  else
+    curl -fsS "$URL/v1/admin/repair/$id" \
+      | json "f'{$ended - $started:.2f} {d[\"keys_compared\"]} {d[\"keys_fixed\"]} {d[\"bytes_exchanged\"]} -'"
+  fi
 }
 
-# One repair, under the paced load when LOAD_RATE is set: prints repair's line, then (loaded)
-# "idle_p99_ms during_p99_ms". $1 names the latency log.
-measured_repair() {
-  if [ "$LOAD_RATE" = 0 ]; then repair; return; fi
-  local log="$CLUSTER_DIR/latencies-$1.txt" idle_from change_at ended result
+# Repairs back to back for $1 seconds (replicas that agree: each is short); prints the last
+# one's line with the time of them all.
+repeated_repairs() {
+  local started line n=0
+  started="$(date +%s.%N)"
+  while python3 -c "import sys; sys.exit(0 if $(date +%s.%N) - $started < $1 else 1)"; do
+    line="$(repair)"
+    n=$((n + 1))
+  done
+  echo "$n" >"$CLUSTER_DIR/repairs-in-window"
+  echo "$(python3 -c "print(f'{$(date +%s.%N) - $started:.2f}')") $(cut -d' ' -f2- <<<"$line")"
+}
+
+# Samples every process's CPU and the storage engines' flush/compaction counters once a second
+# into $CLUSTER_DIR/timeline-NAME.txt (scripts/timeline.py); prints the sampler's pid.
+start_timeline() { # name
+  local args=() name f
+  for f in "$CLUSTER_DIR"/pids/*.pid; do
+    name="$(basename "$f" .pid)"
+    case "$name" in
+      s[1-3]) args+=("$name=$(cat "$f"):http://127.0.0.1:$((BASE_PORT + ${name#s} + 1000))/metrics") ;;
+      *) args+=("$name=$(cat "$f")") ;;
+    esac
+  done
+  python3 scripts/timeline.py "$CLUSTER_DIR/timeline-$1.txt" "${args[@]}" >/dev/null 2>&1 &
+  echo $!
+}
+
+# Runs "$2..." (a repair command), under the paced load when LOAD_RATE is set: prints its
+# line, then (loaded) "idle_p99_ms during_p99_ms". $1 names the latency log and timeline.
+measured() {
+  local name="$1"; shift
+  if [ "$LOAD_RATE" = 0 ]; then "$@"; return; fi
+  local log="$CLUSTER_DIR/latencies-$name.txt" idle_from change_at ended result
   # The binary itself in the background (a function's subshell would take the signal).
   "$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "$VALUE" \
     --concurrency "$CONCURRENCY" --no-preload --json --workload mixed --rate "$LOAD_RATE" \
     --duration 1h --latency-log "$log" >/dev/null &
   load=$!
-  trap 'kill -TERM "$load" 2>/dev/null || true' EXIT
+  # `load` and `sampler` are not local: the EXIT trap reads them after this function returned.
+  sampler="$(start_timeline "$name")"
+  trap 'kill -TERM "$load" "$sampler" 2>/dev/null || true' EXIT
   sleep 5
   idle_from="$(date +%s.%N)"
   sleep "$IDLE"
   change_at="$(date +%s.%N)"
-  result="$(repair)"
+  result="$("$@")"
   ended="$(date +%s.%N)"
-  kill -TERM "$load"; wait "$load"
-  scripts/p99_window.py "$log" "$idle_from" "$change_at" "$ended" "$CLUSTER_DIR/timeline-$1.txt" \
+  # The sampler is not this shell's child (started in a command substitution): no wait.
+  kill -TERM "$load" "$sampler"; wait "$load" || true
+  scripts/p99_window.py "$log" "$idle_from" "$change_at" "$ended" "$CLUSTER_DIR/timeline-$name.txt" \
     | { read -r p; echo "$result $p"; }
 }
 
@@ -125,7 +174,12 @@ PY
 fi
 t1=- c1=- f1=- b1=- w1=- i1=0 d1=0 t2=- c2=- f2=- b2=0 w2=- i2=0 d2=0 t3=- c3=- f3=- b3=- w3=1 i3=0 d3=0
 if has_phase 1; then
-  read -r t1 c1 f1 b1 w1 i1 d1 <<<"$(measured_repair identical)"
+    if [ "$LOAD_RATE" = 0 ]; then
+    read -r t1 c1 f1 b1 w1 i1 d1 <<<"$(repair)"
+  else
+    # Replicas that agree take a moment to repair: repairs run back to back for WINDOW s.
+    read -r t1 c1 f1 b1 w1 i1 d1 <<<"$(measured identical repeated_repairs "$WINDOW")"
+  fi
 fi
 
 if has_phase 2; then
@@ -134,7 +188,7 @@ if has_phase 2; then
   bench --workload writes --keys "$DIVERGE" --no-preload --consistency one --duration 10s >/dev/null
   kill -CONT "$(cat "$CLUSTER_DIR/pids/s3.pid")"
   gossip_says 0
-  read -r t2 c2 f2 b2 w2 i2 d2 <<<"$(measured_repair divergent)"
+  read -r t2 c2 f2 b2 w2 i2 d2 <<<"$(measured divergent repair)"
 fi
 
 if has_phase 3; then
@@ -151,7 +205,12 @@ if has_phase 3; then
   # Gossip sees it up again, and the coordinator's health checks reach it.
   sleep 5
   gossip_says 0
-  read -r t3 c3 f3 b3 w3 i3 d3 <<<"$(measured_repair refill)"
+    if [ "$LOAD_RATE" = 0 ]; then
+    read -r t3 c3 f3 b3 w3 i3 d3 <<<"$(repair)"
+  else
+    # Loaded, the refill is measured for REFILL_WINDOW s at most, then cancelled.
+    read -r t3 c3 f3 b3 w3 i3 d3 <<<"$(measured refill repair "$REFILL_WINDOW")"
+  fi
 fi
 
 ratio() { python3 -c "print(f'{$2 / $1:.2f}x' if $1 > 0 else '-')"; }
@@ -171,8 +230,8 @@ Under a paced mixed load of $LOAD_RATE req/s (concurrency $CONCURRENCY), repair_
 
 | repair | time (s) | keys fixed | bytes exchanged | load p99 idle (ms) | load p99 during (ms) | during / idle |
 |---|---|---|---|---|---|---|
-| identical replicas | $t1 | $f1 | $b1 | $i1 | $d1 | $(ratio "$i1" "$d1") |
+| identical replicas ($(cat "$CLUSTER_DIR/repairs-in-window" 2>/dev/null || echo 0) back to back; the last one's keys and bytes) | $t1 | $f1 | $b1 | $i1 | $d1 | $(ratio "$i1" "$d1") |
 | s3 missed $DIVERGE keys' writes | $t2 | $f2 | $b2 | $i2 | $d2 | $(ratio "$i2" "$d2") |
-| s3 empty (full copy) | $t3 | $f3 | $b3 | $i3 | $d3 | $(ratio "$i3" "$d3") |
+| s3 empty (full copy; cancelled after $REFILL_WINDOW s) | $t3 | $f3 | $b3 | $i3 | $d3 | $(ratio "$i3" "$d3") |
 TABLE
 fi

@@ -548,3 +548,78 @@ async fn a_repair_whose_coordinator_dies_is_taken_over_and_completed() {
     }
     drop(c2);
 }
+
+/// A cancel reaches a repair in the middle of a tenant's pass: it ends `cancelled` while the
+/// replica still lacks keys, and nothing more is written to it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_cancelled_in_the_middle_of_a_tenant_stops_there() {
+    const WRITTEN: usize = 1500;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Paced at 20 kB/s: fixing every key would take about half a minute.
+    let (storage, c1, mut c) = cluster(
+        dir.path(),
+        &[],
+        &[
+            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
+            ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", "20000"),
+        ],
+    )
+    .await;
+    pause_until_gossip_says_down(&c1, &storage[2]).await;
+    for chunk in (0..WRITTEN).collect::<Vec<_>>().chunks(100) {
+        join_all(chunk.iter().map(|&i| {
+            let mut c = c.clone();
+            async move {
+                put(&mut c, "acme", &key(i), "\"v\"", Consistency::Quorum)
+                    .await
+                    .expect("write at quorum");
+            }
+        }))
+        .await;
+    }
+    storage[2].resume();
+    eventually("s3 seen up", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
+    })
+    .await;
+    let held_by_s3 = || async {
+        held(&storage[2], "acme", WRITTEN)
+            .await
+            .iter()
+            .filter(|r| r.is_some())
+            .count()
+    };
+
+    let id = c
+        .start_repair(pb::StartRepairRequest::default())
+        .await
+        .expect("start repair")
+        .into_inner()
+        .repair_id;
+    eventually("the first fixes on s3", Duration::from_secs(60), || async {
+        held_by_s3().await > 0
+    })
+    .await;
+    c.cancel_migration(pb::GetMigrationStatusRequest {
+        migration_id: id.clone(),
+    })
+    .await
+    .expect("cancel");
+    wait_migration(&c, &id, pb::MigrationState::Cancelled).await;
+    let at_cancel = held_by_s3().await;
+    assert!(
+        at_cancel < WRITTEN,
+        "the cancel stopped the pass: s3 holds {at_cancel} of {WRITTEN}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        held_by_s3().await,
+        at_cancel,
+        "nothing written after the end"
+    );
+    let status = status(&mut c).await;
+    assert_eq!(status.ranges_never_repaired as usize, status.ranges.len());
+    drop(c1);
+}

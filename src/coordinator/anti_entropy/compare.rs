@@ -148,8 +148,19 @@ impl RangeWork {
 /// differs: each range's trees are descended on its own, then every node lists the differing
 /// segments of all its ranges in one call (a listing scans the tenant once, whatever it
 /// asks), then each range's differing keys are fixed.
-pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut Pace) {
+/// `stop` is asked between steps (each range's descent, each node's listing, each chunk of
+/// fixes): when it says so, the pass returns at once, with what it fixed so far fixed and the
+/// rest untouched (the caller then must not count anything as repaired).
+pub async fn compare_and_fix(
+    tenant: &str,
+    works: &mut [RangeWork],
+    pace: &mut Pace,
+    stop: &(dyn Fn() -> bool + Sync),
+) {
     for work in works.iter_mut().filter(|w| w.replicas.len() >= 2) {
+        if stop() {
+            return;
+        }
         match descend(tenant, work.range, &work.replicas, pace, &mut work.done).await {
             Ok((leaves, partial)) => (work.leaves, work.partial) = (leaves, partial),
             Err(e) => work.failure = Some(e),
@@ -175,6 +186,9 @@ pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut P
     let mut listed: Vec<BTreeMap<Bytes, Vec<Listed>>> = vec![BTreeMap::new(); works.len()];
     let mut listing_failed: BTreeMap<String, ReplicaFailed> = BTreeMap::new();
     for (node, (replica, mut leaves)) in nodes {
+        if stop() {
+            return;
+        }
         leaves.sort_unstable();
         leaves.dedup();
         let mut bytes = 0;
@@ -247,6 +261,9 @@ pub async fn compare_and_fix(tenant: &str, works: &mut [RangeWork], pace: &mut P
             })
             .collect();
         for chunk in differing.chunks(FIX_CHUNK) {
+            if stop() {
+                return;
+            }
             if let Err(e) = fix(tenant, &work.replicas, chunk, &mut work.done, pace).await {
                 work.failure = Some(e);
                 break;

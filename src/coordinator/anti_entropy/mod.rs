@@ -333,7 +333,10 @@ impl Coordinator {
                 works.push(RangeWork::new(arc, replicas));
                 which.push((i, owners));
             }
-            compare_and_fix(&tenant.tenant_id, &mut works, &mut pace).await;
+            let stop = || lease.check().is_err();
+            compare_and_fix(&tenant.tenant_id, &mut works, &mut pace, &stop).await;
+            // Cancelled or taken over in the middle: nothing of this tenant counts as repaired.
+            lease.check()?;
             // Each owner of a range every replica of which answered and got fixed learns it
             // was repaired (its tombstones written before `as_of` may then go).
             let mut marks: BTreeMap<String, Vec<spb::RepairedRange>> = BTreeMap::new();
