@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 BASE="${BASE:-d957cbb^}"
 SECONDS_PER_RUN="${SECONDS_PER_RUN:-5}"
 ROUNDS="${ROUNDS:-3}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/pairdb-write-path-target}"
+# One target directory for both builds (and the main build's, whose dependencies they share).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 work="$(mktemp -d)"
 trap 'git worktree remove --force "$work/base" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
