@@ -619,6 +619,17 @@ async fn a_repair_cancelled_in_the_middle_of_a_tenant_stops_there() {
         at_cancel,
         "nothing written after the end"
     );
+    let run = c
+        .get_repair(pb::GetMigrationStatusRequest {
+            migration_id: id.clone(),
+        })
+        .await
+        .expect("get repair")
+        .into_inner();
+    assert_eq!(
+        run.keys_fixed as usize, at_cancel,
+        "the cancelled repair's record counts what it fixed"
+    );
     let status = status(&mut c).await;
     assert_eq!(status.ranges_never_repaired as usize, status.ranges.len());
     drop(c1);

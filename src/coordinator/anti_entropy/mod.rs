@@ -335,8 +335,24 @@ impl Coordinator {
             }
             let stop = || lease.check().is_err();
             compare_and_fix(&tenant.tenant_id, &mut works, &mut pace, &stop).await;
-            // Cancelled or taken over in the middle: nothing of this tenant counts as repaired.
-            lease.check()?;
+            // Cancelled or taken over in the middle: nothing of this tenant counts as repaired,
+            // and a cancelled repair's record keeps the keys it fixed.
+            if let Err(stopped) = lease.check() {
+                if matches!(stopped, Interrupted::Cancelled) {
+                    for work in &works {
+                        add(&mut progress.compared, work.done);
+                    }
+                    self.meta
+                        .record_repair_counts(
+                            &m.migration_id,
+                            progress.compared.keys_compared,
+                            progress.compared.keys_fixed,
+                        )
+                        .await
+                        .map_err(|e| failed(e.into()))?;
+                }
+                return Err(stopped);
+            }
             // Each owner of a range every replica of which answered and got fixed learns it
             // was repaired (its tombstones written before `as_of` may then go).
             let mut marks: BTreeMap<String, Vec<spb::RepairedRange>> = BTreeMap::new();
