@@ -111,20 +111,8 @@ repeated_repairs() {
   echo "$(python3 -c "print(f'{$(date +%s.%N) - $started:.2f}')") $(cut -d' ' -f2- <<<"$line")"
 }
 
-# Samples every process's CPU and the storage engines' flush/compaction counters once a second
-# into $CLUSTER_DIR/timeline-NAME.txt (scripts/timeline.py); prints the sampler's pid.
-start_timeline() { # name
-  local args=() name f
-  for f in "$CLUSTER_DIR"/pids/*.pid; do
-    name="$(basename "$f" .pid)"
-    case "$name" in
-      s[1-3]) args+=("$name=$(cat "$f"):http://127.0.0.1:$((BASE_PORT + ${name#s} + 1000))/metrics") ;;
-      *) args+=("$name=$(cat "$f")") ;;
-    esac
-  done
-  python3 scripts/timeline.py "$CLUSTER_DIR/timeline-$1.txt" "${args[@]}" >/dev/null 2>&1 &
-  echo $!
-}
+# start_timeline: scripts/bench-common.sh.
+. scripts/bench-common.sh
 
 # Runs "$2..." (a repair command), under the paced load when LOAD_RATE is set: prints its
 # line, then (loaded) "idle_p99_ms during_p99_ms". $1 names the latency log and timeline.

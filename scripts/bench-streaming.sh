@@ -74,21 +74,8 @@ start_s4() {
 
 migration() { curl -fsS "$URL/v1/admin/migrations/$1"; }
 
-# Samples every process's CPU and the storage engines' flush/compaction counters once a second
-# into $CLUSTER_DIR/timeline-NAME.txt (scripts/timeline.py); prints the sampler's pid.
-start_timeline() { # name
-  local args=() name f
-  for f in "$CLUSTER_DIR"/pids/*.pid; do
-    name="$(basename "$f" .pid)"
-    case "$name" in
-      s[1-3]) args+=("$name=$(cat "$f"):http://127.0.0.1:$((BASE_PORT + ${name#s} + 1000))/metrics") ;;
-      *) args+=("$name=$(cat "$f")") ;;
-    esac
-  done
-  args+=("s4=$S4_PID:http://127.0.0.1:$((S4_PORT + 1000))/metrics")
-  python3 scripts/timeline.py "$CLUSTER_DIR/timeline-$1.txt" "${args[@]}" >/dev/null 2>&1 &
-  echo $!
-}
+# start_timeline: scripts/bench-common.sh.
+. scripts/bench-common.sh
 wait_done() { # migration id
   while :; do
     state="$(migration "$1" | json 'd["state"]')"
@@ -116,7 +103,7 @@ add_s4() {
   started="$(date +%s.%N)"
   id="$(curl -fsS -X POST "$URL/v1/admin/storage-nodes" -H 'Content-Type: application/json' \
     -d "{\"node_id\":\"s4\",\"host\":\"127.0.0.1\",\"port\":$S4_PORT}" | json 'd["migration_id"]')"
-  local sampler; sampler="$(start_timeline "$TIMELINE_NAME")"
+  local sampler; sampler="$(start_timeline "$TIMELINE_NAME" "s4=$S4_PID:http://127.0.0.1:$((S4_PORT + 1000))/metrics")"
   watch_stream "$id" >"$watch"
   kill -TERM "$sampler" 2>/dev/null || true
   wait_done "$id"

@@ -94,6 +94,37 @@ async fn pause_until_gossip_says_down(c1: &RoleProcess, node: &common::StorageNo
     gossip_reports(c1, "down", 1).await;
 }
 
+/// s3 paused (gossip saw it down) while keys `0..count` of each tenant are written at quorum,
+/// then resumed and seen active again: it lacks every one of them (hints must be off).
+async fn s3_misses_writes(
+    c1: &RoleProcess,
+    storage: &[common::StorageNode],
+    c: &Client,
+    tenants: &[&str],
+    count: usize,
+) {
+    pause_until_gossip_says_down(c1, &storage[2]).await;
+    for tenant in tenants {
+        for chunk in (0..count).collect::<Vec<_>>().chunks(100) {
+            join_all(chunk.iter().map(|&i| {
+                let mut c = c.clone();
+                async move {
+                    put(&mut c, tenant, &key(i), "\"v\"", Consistency::Quorum)
+                        .await
+                        .expect("write at quorum");
+                }
+            }))
+            .await;
+        }
+    }
+    storage[2].resume();
+    eventually("s3 seen up", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
+    })
+    .await;
+}
+
 async fn repair(c: &mut Client) -> pb::Migration {
     let accepted = c
         .start_repair(pb::StartRepairRequest::default())
@@ -403,24 +434,7 @@ async fn a_repair_of_one_arc_fixes_the_keys_in_it_and_no_other() {
         ],
     )
     .await;
-    pause_until_gossip_says_down(&c1, &storage[2]).await;
-    for chunk in (0..WRITTEN).collect::<Vec<_>>().chunks(100) {
-        join_all(chunk.iter().map(|&i| {
-            let mut c = c.clone();
-            async move {
-                put(&mut c, "acme", &key(i), "\"v\"", Consistency::Quorum)
-                    .await
-                    .expect("write at quorum");
-            }
-        }))
-        .await;
-    }
-    storage[2].resume();
-    eventually("s3 seen up", Duration::from_secs(30), || {
-        let mut c = c.clone();
-        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
-    })
-    .await;
+    s3_misses_writes(&c1, &storage, &c, &["acme"], WRITTEN).await;
 
     // An arc that wraps past the top of the ring: the last quarter and the first eighth.
     let arc = pairdb::ring::HashRange::new(3 << 62, 1 << 61);
@@ -495,26 +509,7 @@ async fn a_repair_whose_coordinator_dies_is_taken_over_and_completed() {
     for tenant in TENANTS {
         create_tenant(&mut a, tenant, 3).await;
     }
-    pause_until_gossip_says_down(&c1, &storage[2]).await;
-    for tenant in TENANTS {
-        for chunk in (0..PER_TENANT).collect::<Vec<_>>().chunks(100) {
-            join_all(chunk.iter().map(|&i| {
-                let mut c = a.clone();
-                async move {
-                    put(&mut c, tenant, &key(i), "\"v\"", Consistency::Quorum)
-                        .await
-                        .expect("write at quorum");
-                }
-            }))
-            .await;
-        }
-    }
-    storage[2].resume();
-    eventually("s3 seen up", Duration::from_secs(30), || {
-        let mut c = a.clone();
-        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
-    })
-    .await;
+    s3_misses_writes(&c1, &storage, &a, &TENANTS, PER_TENANT).await;
 
     let id = a
         .start_repair(pb::StartRepairRequest::default())
@@ -566,24 +561,7 @@ async fn a_repair_cancelled_in_the_middle_of_a_tenant_stops_there() {
         ],
     )
     .await;
-    pause_until_gossip_says_down(&c1, &storage[2]).await;
-    for chunk in (0..WRITTEN).collect::<Vec<_>>().chunks(100) {
-        join_all(chunk.iter().map(|&i| {
-            let mut c = c.clone();
-            async move {
-                put(&mut c, "acme", &key(i), "\"v\"", Consistency::Quorum)
-                    .await
-                    .expect("write at quorum");
-            }
-        }))
-        .await;
-    }
-    storage[2].resume();
-    eventually("s3 seen up", Duration::from_secs(30), || {
-        let mut c = c.clone();
-        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
-    })
-    .await;
+    s3_misses_writes(&c1, &storage, &c, &["acme"], WRITTEN).await;
     let held_by_s3 = || async {
         held(&storage[2], "acme", WRITTEN)
             .await

@@ -342,14 +342,7 @@ impl Coordinator {
                     for work in &works {
                         add(&mut progress.compared, work.done);
                     }
-                    self.meta
-                        .record_repair_counts(
-                            &m.migration_id,
-                            progress.compared.keys_compared,
-                            progress.compared.keys_fixed,
-                        )
-                        .await
-                        .map_err(|e| failed(e.into()))?;
+                    self.record_counts(m, progress).await?;
                 }
                 return Err(stopped);
             }
@@ -392,14 +385,7 @@ impl Coordinator {
             for (_, work) in which.iter().zip(&works) {
                 add(&mut progress.compared, work.done);
             }
-            self.meta
-                .record_repair_counts(
-                    &m.migration_id,
-                    progress.compared.keys_compared,
-                    progress.compared.keys_fixed,
-                )
-                .await
-                .map_err(|e| failed(e.into()))?;
+            self.record_counts(m, progress).await?;
             self.meta
                 .update_migration(
                     &m.migration_id,
@@ -438,6 +424,18 @@ impl Coordinator {
             .await
             .map_err(|e| failed(e.into()))?;
         Ok(())
+    }
+
+    /// Records the keys the repair compared and fixed so far (`GET /v1/admin/repair/{id}`).
+    async fn record_counts(&self, m: &Migration, progress: &Progress) -> Result<(), Interrupted> {
+        self.meta
+            .record_repair_counts(
+                &m.migration_id,
+                progress.compared.keys_compared,
+                progress.compared.keys_fixed,
+            )
+            .await
+            .map_err(|e| Interrupted::Transient(CoordError::from(e).to_string()))
     }
 
     /// The time a repair that began at `started_ms` vouches for: every tombstone written
