@@ -74,6 +74,24 @@ async fn cluster(
     (storage, c1, c)
 }
 
+/// `cluster` with hints and read repair off (only a repair fixes what a replica missed) and
+/// repairs paced at `repair_rate_limit` bytes/s ("0": unpaced).
+async fn cluster_without_hints(
+    dir: &std::path::Path,
+    repair_rate_limit: &str,
+) -> (Vec<common::StorageNode>, RoleProcess, Client) {
+    cluster(
+        dir,
+        &[],
+        &[
+            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
+            ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", repair_rate_limit),
+        ],
+    )
+    .await
+}
+
 /// The coordinator's gossip view (what the write path follows; a failed health check alone
 /// is not) reports `count` nodes as `what`.
 async fn gossip_reports(c1: &RoleProcess, what: &str, count: usize) {
@@ -147,16 +165,7 @@ async fn status(c: &mut Client) -> pb::RepairStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_missed_writes_and_deletes_converges_after_one_repair() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (storage, c1, mut c) = cluster(
-        dir.path(),
-        &[],
-        &[
-            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
-            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
-            ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", "0"),
-        ],
-    )
-    .await;
+    let (storage, c1, mut c) = cluster_without_hints(dir.path(), "0").await;
     // The keys to be deleted exist everywhere first, so a missed delete leaves a value behind.
     for chunk in (0..DELETED).collect::<Vec<_>>().chunks(100) {
         join_all(chunk.iter().map(|&i| {
@@ -424,16 +433,7 @@ async fn a_dropped_hint_is_repaired_soon_after_the_target_is_back() {
 async fn a_repair_of_one_arc_fixes_the_keys_in_it_and_no_other() {
     const WRITTEN: usize = 600;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (storage, c1, mut c) = cluster(
-        dir.path(),
-        &[],
-        &[
-            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
-            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
-            ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", "0"),
-        ],
-    )
-    .await;
+    let (storage, c1, mut c) = cluster_without_hints(dir.path(), "0").await;
     s3_misses_writes(&c1, &storage, &c, &["acme"], WRITTEN).await;
 
     // An arc that wraps past the top of the ring: the last quarter and the first eighth.
@@ -551,16 +551,7 @@ async fn a_repair_cancelled_in_the_middle_of_a_tenant_stops_there() {
     const WRITTEN: usize = 1500;
     let dir = tempfile::tempdir().expect("tempdir");
     // Paced at 20 kB/s: fixing every key would take about half a minute.
-    let (storage, c1, mut c) = cluster(
-        dir.path(),
-        &[],
-        &[
-            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
-            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
-            ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", "20000"),
-        ],
-    )
-    .await;
+    let (storage, c1, mut c) = cluster_without_hints(dir.path(), "20000").await;
     s3_misses_writes(&c1, &storage, &c, &["acme"], WRITTEN).await;
     let held_by_s3 = || async {
         held(&storage[2], "acme", WRITTEN)
