@@ -289,18 +289,17 @@ impl Coordinator {
         // ranges the node does not replicate, an arc those it does not cover whole).
         let mut done = vec![Compared::default(); ranges.len()];
         let mut complete = vec![true; ranges.len()];
+        // Of each ring range, the positions the scope's arcs cover.
+        let mut compared = vec![0u128; ranges.len()];
+        for (i, arc) in &targets {
+            if let Some(w) = compared.get_mut(*i) {
+                *w += arc.width();
+            }
+        }
         let mut covered: Vec<bool> = ranges
             .iter()
-            .map(|r| {
-                scope.tenant.is_none()
-                    && scope.range.is_none_or(|arc| {
-                        r.intersection(&arc)
-                            .iter()
-                            .map(HashRange::width)
-                            .sum::<u128>()
-                            == r.width()
-                    })
-            })
+            .zip(&compared)
+            .map(|(r, w)| scope.tenant.is_none() && *w == r.width())
             .collect();
         for tenant in &tenants {
             lease.check()?;
@@ -403,7 +402,7 @@ impl Coordinator {
                 done.get(i).copied().unwrap_or_default(),
                 complete.get(i).copied().unwrap_or(false),
             );
-            if targets.iter().any(|(t, _)| *t == i) {
+            if compared.get(i).is_some_and(|w| *w > 0) {
                 record_metrics(&d);
             }
             if !whole {
