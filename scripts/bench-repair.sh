@@ -187,6 +187,7 @@ if has_phase 3; then
   "$BIN" --role=storage --node-id=s3 --listen="127.0.0.1:$((BASE_PORT + 3))" \
     --data-dir="$CLUSTER_DIR/s3" --gossip="127.0.0.1:$((BASE_PORT + 203))" \
     --seeds="127.0.0.1:$((BASE_PORT + 201)),127.0.0.1:$((BASE_PORT + 202))" --sync=always \
+    --cluster-secret-file="${CLUSTER_SECRET_FILE:-$CLUSTER_DIR/cluster-secret}" \
     >>"$CLUSTER_DIR/logs/s3.log" 2>&1 &
   echo $! >"$CLUSTER_DIR/pids/s3.pid"
   until curl -fsS -o /dev/null "http://127.0.0.1:$((BASE_PORT + 1003))/healthz" 2>/dev/null; do sleep 0.2; done

@@ -63,6 +63,7 @@ start_s4() {
   rm -rf "$CLUSTER_DIR/s4"
   "$BIN" --role=storage --node-id=s4 --listen="127.0.0.1:$S4_PORT" --data-dir="$CLUSTER_DIR/s4" \
     --gossip="127.0.0.1:$S4_GOSSIP" --seeds="$SEEDS" --sync=always \
+    --cluster-secret-file="${CLUSTER_SECRET_FILE:-$CLUSTER_DIR/cluster-secret}" \
     >>"$CLUSTER_DIR/logs/s4.log" 2>&1 &
   S4_PID=$!
   for _ in $(seq 1 100); do

@@ -16,6 +16,8 @@
 #                                  IDEMPOTENCY_URL; give IDEMPOTENCY_URL=redis://... so a retry
 #                                  through another coordinator finds the first one's key
 #   AUTH (none)                    none | token (then set PAIRDB_GATEWAY_AUTH_SECRET)
+#   CLUSTER_SECRET_FILE ($CLUSTER_DIR/cluster-secret)  the secret of every internal call;
+#                                  made (random, mode 600) when missing
 #   METADATA_URL (sqlite://$CLUSTER_DIR/metadata.db)  or postgres://...
 #   IDEMPOTENCY_URL (memory://)    or redis://...
 #   SYNC (always)                  storage commit-log sync policy
@@ -44,7 +46,7 @@ running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 launch() { # name, args...
   local name="$1"; shift
   if running "$DIR/pids/$name.pid"; then echo "$name already running (pid $(cat "$DIR/pids/$name.pid"))"; return; fi
-  "$BIN" "$@" >>"$DIR/logs/$name.log" 2>&1 &
+  "$BIN" "$@" --cluster-secret-file="$SECRET_FILE" >>"$DIR/logs/$name.log" 2>&1 &
   echo $! >"$DIR/pids/$name.pid"
   echo "started $name (pid $!)"
 }
@@ -85,6 +87,10 @@ start() {
   done
   mkdir -p "$DIR/pids" "$DIR/logs"
   local abs; abs="$(cd "$DIR" && pwd)"
+  SECRET_FILE="${CLUSTER_SECRET_FILE:-$abs/cluster-secret}"
+  if [ ! -s "$SECRET_FILE" ]; then
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET_FILE")
+  fi
   local metadata="${METADATA_URL:-sqlite://$abs/metadata.db}"
   local seeds=() nodes=()
   for i in 1 2 3; do

@@ -15,9 +15,10 @@ use crate::config::{AuthMode, ConfigError, LogFormat, NodeAddress, SyncMode};
 
 const AFTER_HELP: &str = "\
 Every option is also a config-file key and an env var PAIRDB_<SECTION>_<KEY>, with the
-precedence flag > env > file > default. Sections: [node] (roles, id, log_format, log_level),
-[storage], [coordinator], [gateway], [gateway.auth]. Examples:
+precedence flag > env > file > default. Sections: [node] (roles, id, log_format, log_level,
+cluster_secret), [storage], [coordinator], [gateway], [gateway.auth]. Examples:
   PAIRDB_NODE_ROLES=storage PAIRDB_NODE_ID=s1 PAIRDB_STORAGE_DATA_DIR=/var/lib/pairdb/s1
+  PAIRDB_NODE_CLUSTER_SECRET=... (the same on every node of a cluster)
   PAIRDB_GATEWAY_AUTH_SECRET=... PAIRDB_COORDINATOR_METADATA_URL=postgres://...
 Example configs: config/*.toml.
 
@@ -358,6 +359,10 @@ pub struct ServerArgs {
     /// Async runtime worker threads [default: 1 for a storage-only process, else one per core].
     #[arg(long, help_heading = "Process")]
     pub worker_threads: Option<usize>,
+    /// File holding the cluster secret every internal call carries (or [node] cluster_secret /
+    /// PAIRDB_NODE_CLUSTER_SECRET); the same on every node, at least 16 characters.
+    #[arg(long, help_heading = "Process")]
+    pub cluster_secret_file: Option<PathBuf>,
 
     /// Storage: gRPC listener [default: 127.0.0.1:7101].
     #[arg(long, help_heading = "Storage role")]
@@ -469,6 +474,9 @@ impl ServerArgs {
         }
         if let Some(n) = self.worker_threads {
             m.node.insert("worker_threads".to_owned(), json!(n));
+        }
+        if let Some(f) = &self.cluster_secret_file {
+            m.node.insert("cluster_secret_file".to_owned(), json!(f));
         }
         if self.listen.is_some() || self.http_listen.is_some() {
             let role = match self.role.as_slice() {

@@ -11,6 +11,8 @@ fn pairdb(args: &[&str], env: &[(&str, &str)]) -> Output {
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PAIRDB_")) {
         cmd.env_remove(key);
     }
+    // Every role needs the cluster secret; a test that is about it sets its own.
+    cmd.env("PAIRDB_NODE_CLUSTER_SECRET", "cli-tests-cluster-secret");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -160,6 +162,25 @@ fn bad_configuration_is_one_line_and_exit_2() {
             "node id",
         ),
         (vec!["--role=gateway"], vec![], "needs a secret"),
+        (
+            vec!["--role=storage", "--node-id=s1"],
+            vec![("PAIRDB_NODE_CLUSTER_SECRET", "")],
+            "need a cluster secret",
+        ),
+        (
+            vec!["--role=gateway", "--auth=none"],
+            vec![("PAIRDB_NODE_CLUSTER_SECRET", "short")],
+            "at least 16 characters",
+        ),
+        (
+            vec![
+                "--role=storage",
+                "--node-id=s1",
+                "--cluster-secret-file=/nonexistent/secret",
+            ],
+            vec![("PAIRDB_NODE_CLUSTER_SECRET", "")],
+            "cannot read the cluster secret file",
+        ),
         (
             vec![
                 "--role=coordinator",

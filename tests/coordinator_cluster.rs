@@ -716,6 +716,42 @@ async fn a_hung_replica_does_not_fail_quorum_requests() {
     storage[2].resume();
 }
 
+/// A coordinator's gRPC port refuses callers without the cluster secret (UNAUTHENTICATED, the
+/// write not made); the gateway's calls, which carry it, go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_calls_without_the_cluster_secret_are_refused() {
+    use pairdb::rpc::coordinator::coordinator_client::CoordinatorClient;
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_storage, c1, mut c) = one_coordinator(dir.path(), &[]).await;
+    let mut bare = CoordinatorClient::connect(format!("http://{}", c1.grpc))
+        .await
+        .expect("connect");
+    let refused = bare
+        .write_key_value(pb::WriteKeyValueRequest {
+            tenant_id: "acme".to_owned(),
+            key: b"k".to_vec().into(),
+            value: b"\"v\"".to_vec().into(),
+            consistency: Consistency::All as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a write without the secret");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let admin = bare
+        .list_storage_nodes(pb::ListStorageNodesRequest {})
+        .await
+        .expect_err("admin without the secret");
+    assert_eq!(admin.code(), tonic::Code::Unauthenticated);
+    let missing = get(&mut c, "acme", "k", Consistency::All)
+        .await
+        .expect_err("the refused write was not made");
+    assert_eq!(code(&missing), ErrorCode::KeyNotFound);
+    put(&mut c, "acme", "k", "\"v\"", Consistency::All)
+        .await
+        .expect("a write with the secret");
+}
+
 /// Raising a tenant's RF copies every existing key to its new replicas (while writes made
 /// meanwhile reach them too), then switches the tenant to the new RF on every coordinator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,7 +162,17 @@ fn systemd_units_pass_check_config() {
                     )
             })
             .collect();
-        let env = BTreeMap::from([("PAIRDB_GATEWAY_AUTH_SECRET".to_owned(), "x".to_owned())]);
+        // The configs name /etc/pairdb/cluster-secret; the env points at a real file instead.
+        let secret_dir = tempfile::tempdir().expect("tempdir");
+        let secret_file = secret_dir.path().join("cluster-secret");
+        std::fs::write(&secret_file, "deploy-test-cluster-secret\n").expect("secret file");
+        let env = BTreeMap::from([
+            ("PAIRDB_GATEWAY_AUTH_SECRET".to_owned(), "x".to_owned()),
+            (
+                "PAIRDB_NODE_CLUSTER_SECRET_FILE".to_owned(),
+                secret_file.display().to_string(),
+            ),
+        ]);
         check_config(&args, &env);
         checked += 1;
     }

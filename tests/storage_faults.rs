@@ -194,8 +194,14 @@ fn a_blocked_runtime_does_not_stop_gossip() {
     };
     let start = |rt: &tokio::runtime::Runtime, id: &str, me: u16, peer: u16| {
         let seeds = vec![addr(peer).to_string()];
-        rt.block_on(Gossip::start(id, addr(me), seeds, "127.0.0.1:1"))
-            .expect("gossip")
+        rt.block_on(Gossip::start(
+            id,
+            addr(me),
+            seeds,
+            "127.0.0.1:1",
+            common::cluster_secret(),
+        ))
+        .expect("gossip")
     };
     let (ra, rb) = (one_worker(), one_worker());
     let a = start(&ra, "ga", pa, pb);
@@ -233,4 +239,65 @@ fn a_blocked_runtime_does_not_stop_gossip() {
     );
     ra.block_on(a.shutdown());
     rb.block_on(b.shutdown());
+}
+
+/// Gossip from outside the cluster is ignored: a node with another cluster secret, seeded with
+/// the members' addresses, never appears in their membership, nor they in its.
+#[test]
+fn gossip_from_another_secret_is_ignored() {
+    use pairdb::rpc::auth::ClusterSecret;
+    use pairdb::storage::gossip::Gossip;
+    let ports = [
+        common::free_udp_port(),
+        common::free_udp_port(),
+        common::free_udp_port(),
+    ];
+    let addr = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let start = |id: &str, me: u16, secret: ClusterSecret| {
+        let seeds = ports
+            .iter()
+            .filter(|p| **p != me)
+            .map(|p| addr(*p).to_string())
+            .collect();
+        rt.block_on(Gossip::start(id, addr(me), seeds, "127.0.0.1:1", secret))
+            .expect("gossip")
+    };
+    let a = start("ga", ports[0], common::cluster_secret());
+    let b = start("gb", ports[1], common::cluster_secret());
+    let stranger = start(
+        "intruder",
+        ports[2],
+        ClusterSecret::new("another-cluster-secret").expect("valid"),
+    );
+    let members = |g: &Gossip| {
+        let mut ids: Vec<String> = rt
+            .block_on(g.members())
+            .into_iter()
+            .map(|m| m.node_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while members(&a) != ["ga", "gb"] || members(&b) != ["ga", "gb"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the members never saw each other: {:?} {:?}",
+            members(&a),
+            members(&b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Many gossip rounds later, still nobody knows the stranger, nor it them.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(members(&a), ["ga", "gb"]);
+    assert_eq!(members(&b), ["ga", "gb"]);
+    assert_eq!(members(&stranger), ["intruder"]);
+    for g in [a, b, stranger] {
+        rt.block_on(g.shutdown());
+    }
 }

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{StorageNode, free_udp_port};
+use pairdb::rpc::auth::InternalChannel;
 use pairdb::rpc::common as cpb;
 use pairdb::rpc::detail::storage_code as code_in;
 use pairdb::rpc::storage as pb;
 use pairdb::rpc::storage::storage_node_client::StorageNodeClient;
 use pairdb::vclock::physical_counter;
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -46,7 +46,7 @@ fn put(tenant: &str, key: &[u8], counter: u64, value: &[u8]) -> pb::Record {
 }
 
 async fn read(
-    client: &mut StorageNodeClient<Channel>,
+    client: &mut StorageNodeClient<InternalChannel>,
     tenant: &str,
     key: &[u8],
 ) -> Option<pb::Record> {
@@ -62,7 +62,7 @@ async fn read(
 }
 
 async fn scan(
-    client: &mut StorageNodeClient<Channel>,
+    client: &mut StorageNodeClient<InternalChannel>,
     start: u64,
     end: u64,
 ) -> BTreeMap<(String, Vec<u8>), pb::Record> {
@@ -85,7 +85,7 @@ async fn scan(
 }
 
 async fn write(
-    client: &mut StorageNodeClient<Channel>,
+    client: &mut StorageNodeClient<InternalChannel>,
     record: pb::Record,
 ) -> Result<pb::ApplyResponse, tonic::Status> {
     client
@@ -96,7 +96,10 @@ async fn write(
         .map(tonic::Response::into_inner)
 }
 
-async fn repair(client: &mut StorageNodeClient<Channel>, record: pb::Record) -> pb::ApplyResponse {
+async fn repair(
+    client: &mut StorageNodeClient<InternalChannel>,
+    record: pb::Record,
+) -> pb::ApplyResponse {
     client
         .repair(pb::RepairRequest {
             record: Some(record),
@@ -107,7 +110,7 @@ async fn repair(client: &mut StorageNodeClient<Channel>, record: pb::Record) -> 
 }
 
 async fn stream_status(
-    client: &mut StorageNodeClient<Channel>,
+    client: &mut StorageNodeClient<InternalChannel>,
     id: &str,
 ) -> Result<pb::StreamStatus, tonic::Status> {
     client
@@ -119,7 +122,11 @@ async fn stream_status(
 }
 
 /// Polls a stream until it copied at least `keys` (within 60 s); returns how many it copied.
-async fn copied_at_least(client: &mut StorageNodeClient<Channel>, id: &str, keys: u64) -> u64 {
+async fn copied_at_least(
+    client: &mut StorageNodeClient<InternalChannel>,
+    id: &str,
+    keys: u64,
+) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = stream_status(client, id).await.expect("status");
@@ -138,7 +145,7 @@ async fn copied_at_least(client: &mut StorageNodeClient<Channel>, id: &str, keys
 async fn restart_and_resume(
     node: &mut StorageNode,
     request: &pb::StartStreamingRequest,
-) -> (StorageNodeClient<Channel>, pb::StreamStatus) {
+) -> (StorageNodeClient<InternalChannel>, pb::StreamStatus) {
     node.restart();
     let mut client = node.client().await;
     let resumed = client
@@ -151,7 +158,7 @@ async fn restart_and_resume(
 
 /// Polls a stream until it completes; fails on `failed` or after `secs`.
 async fn wait_completed(
-    client: &mut StorageNodeClient<Channel>,
+    client: &mut StorageNodeClient<InternalChannel>,
     id: &str,
     secs: u64,
 ) -> pb::StreamStatus {
@@ -554,7 +561,7 @@ async fn data_dir_lock_metrics_and_graceful_shutdown() {
         .await
         .expect("write");
 
-    let second = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))
+    let second = common::pairdb_command()
         .args([
             "--role=storage",
             "--node-id=s2",
@@ -705,7 +712,7 @@ async fn a_corrupt_commit_log_stops_the_node_unless_the_operator_skips_it() {
     bytes[8 + 24 + 2] ^= 0xff; // inside the first record, with good records after it
     std::fs::write(&segment, &bytes).expect("corrupt");
 
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))
+    let refused = common::pairdb_command()
         .args([
             "--role=storage",
             "--node-id=s1",
@@ -722,7 +729,7 @@ async fn a_corrupt_commit_log_stops_the_node_unless_the_operator_skips_it() {
         "{err}"
     );
 
-    let skipped = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))
+    let skipped = common::pairdb_command()
         .args([
             "--role=storage",
             "--node-id=s1",
@@ -736,7 +743,7 @@ async fn a_corrupt_commit_log_stops_the_node_unless_the_operator_skips_it() {
         .expect("run");
     assert!(skipped.status.success());
     // With the flag the node starts (the damaged segment's records are dropped).
-    let mut restarted = std::process::Command::new(env!("CARGO_BIN_EXE_pairdb"))
+    let mut restarted = common::pairdb_command()
         .args([
             "--role=storage",
             "--node-id=s1",
@@ -1160,4 +1167,77 @@ async fn anti_entropy_requests_out_of_bounds_are_refused() {
         .expect("in bounds")
         .into_inner();
     assert_eq!(ok.hashes, vec![0]);
+}
+
+/// An open storage port is not an open door: every RPC without the cluster secret, or with
+/// another, is refused as UNAUTHENTICATED before it runs (a write changes nothing, a scan
+/// returns nothing, a stream to an attacker's address never starts); with the secret it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_the_cluster_secret_are_refused() {
+    use pairdb::rpc::auth::{ClusterSecret, internal_channel};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = StorageNode::start("s1", dir.path(), None);
+    let mut ok = node.client().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut bare = StorageNodeClient::new(channel.clone());
+    let wrong = ClusterSecret::new("not-the-cluster-secret").expect("valid");
+    let mut imposter = StorageNodeClient::new(internal_channel(channel, &wrong));
+    let base = physical_counter(now_ms());
+    let record = put("acme", b"k", base, b"\"v\"");
+
+    let refused = |s: tonic::Status| {
+        assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+        s.message().to_owned()
+    };
+    let msg = refused(
+        bare.write(pb::WriteRequest {
+            record: Some(record.clone()),
+        })
+        .await
+        .expect_err("write without the secret"),
+    );
+    assert!(msg.contains("without the cluster secret"), "{msg}");
+    let msg = refused(
+        imposter
+            .write(pb::WriteRequest {
+                record: Some(record.clone()),
+            })
+            .await
+            .expect_err("write with another secret"),
+    );
+    assert!(msg.contains("wrong cluster secret"), "{msg}");
+    refused(
+        imposter
+            .scan_range(pb::ScanRangeRequest {
+                range: Some(cpb::HashRange { start: 0, end: 0 }),
+                batch_size: 10,
+                ..Default::default()
+            })
+            .await
+            .expect_err("scan"),
+    );
+    refused(
+        bare.start_streaming(pb::StartStreamingRequest {
+            stream_id: "steal".into(),
+            target_node_id: "x".into(),
+            target_address: "127.0.0.1:1".into(),
+            ranges: vec![cpb::HashRange { start: 0, end: 0 }],
+            ..Default::default()
+        })
+        .await
+        .expect_err("streaming"),
+    );
+    // Nothing was written, and no stream started.
+    assert_eq!(read(&mut ok, "acme", b"k").await, None);
+    let unknown = stream_status(&mut ok, "steal")
+        .await
+        .expect_err("no such stream");
+    assert!(unknown.message().contains("unknown stream"), "{unknown:?}");
+    // The same write with the secret lands.
+    let r = write(&mut ok, record).await.expect("write with the secret");
+    assert_eq!(r.outcome, pb::ApplyOutcome::Applied as i32);
 }

@@ -147,6 +147,8 @@ impl Config {
                 Role::Gateway => self.gateway.validate()?,
             }
         }
+        // Every role calls or serves internal RPCs.
+        self.node.cluster_secret()?;
         let listens: Vec<(Role, SocketAddr)> = self
             .node
             .roles
@@ -198,6 +200,7 @@ mod tests {
         let storage = |worker_threads| Config {
             node: NodeConfig {
                 id: Some("s1".to_owned()),
+                cluster_secret: Some("config-tests-secret".to_owned()),
                 ..node(vec![Role::Storage], worker_threads)
             },
             ..Config::default()

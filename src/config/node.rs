@@ -1,9 +1,13 @@
 //! `[node]`: settings of the process, whatever its roles, and the roles themselves.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, invalid};
+use crate::rpc::auth::ClusterSecret;
 
 use super::values::{BadValue, list};
 
@@ -70,6 +74,11 @@ pub struct NodeConfig {
     /// Async runtime worker threads; unset: 1 for a storage-only process (its one event loop
     /// applies writes itself, see `storage::service::WritePath`), one per core otherwise.
     pub worker_threads: Option<usize>,
+    /// The secret every internal gRPC call and gossip datagram carries (`rpc::auth`); or
+    /// `cluster_secret_file`. Required by every role outside `pairdb dev`.
+    pub cluster_secret: Option<String>,
+    /// A file holding the cluster secret (surrounding whitespace ignored).
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -80,11 +89,35 @@ impl Default for NodeConfig {
             log_format: LogFormat::Human,
             log_level: "info".to_owned(),
             worker_threads: None,
+            cluster_secret: None,
+            cluster_secret_file: None,
         }
     }
 }
 
 impl NodeConfig {
+    /// The cluster secret: `cluster_secret`, else the trimmed contents of
+    /// `cluster_secret_file`; an error when neither is set or the value is unusable.
+    pub fn cluster_secret(&self) -> Result<ClusterSecret, ConfigError> {
+        let text = match (&self.cluster_secret, &self.cluster_secret_file) {
+            (Some(secret), _) if !secret.is_empty() => secret.clone(),
+            (_, Some(path)) => std::fs::read_to_string(path)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| {
+                    invalid(format!(
+                        "cannot read the cluster secret file {}: {e}",
+                        path.display()
+                    ))
+                })?,
+            _ => {
+                return Err(invalid(
+                    "internal calls need a cluster secret: set --cluster-secret-file, [node] cluster_secret(_file) or PAIRDB_NODE_CLUSTER_SECRET (the same on every node; only `pairdb dev` runs without one)",
+                ));
+            }
+        };
+        ClusterSecret::new(&text).map_err(|e| invalid(e.to_string()))
+    }
+
     /// Worker threads for this process's runtime (see `worker_threads`).
     pub fn runtime_workers(&self) -> usize {
         match self.worker_threads {

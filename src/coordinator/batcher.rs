@@ -14,10 +14,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::rpc::auth::InternalChannel;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 
 use crate::mux::MuxSlot;
 use crate::rpc::common;
@@ -65,7 +65,7 @@ impl WriteAck {
 /// A node's batch stream, and the client that opens it again after it broke.
 struct Link {
     node: String,
-    client: StorageNodeClient<Channel>,
+    client: StorageNodeClient<InternalChannel>,
     stream: MuxSlot<pb::BatchCall, pb::BatchResult>,
     /// `pairdb_coordinator_batch_seconds{node}`, looked up once rather than per batch.
     batch_seconds: metrics::Histogram,
@@ -124,7 +124,7 @@ impl NodeBatcher {
     /// answering every call queued.
     pub fn start(
         node: String,
-        client: StorageNodeClient<Channel>,
+        client: StorageNodeClient<InternalChannel>,
         in_flight: usize,
         links: &tokio_util::task::TaskTracker,
     ) -> Arc<Self> {

@@ -545,7 +545,9 @@ impl NodeCleanup<'_> {
         core: &Coordinator,
         node: &str,
     ) -> Result<
-        crate::rpc::storage::storage_node_client::StorageNodeClient<tonic::transport::Channel>,
+        crate::rpc::storage::storage_node_client::StorageNodeClient<
+            crate::rpc::auth::InternalChannel,
+        >,
         CleanupError,
     > {
         let address = self

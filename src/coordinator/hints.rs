@@ -558,7 +558,7 @@ enum DeliveryError {
 /// Sends `records` to a target in batches of at most [`DELIVERY_BYTES`], each within `timeout`.
 async fn deliver(
     mut client: crate::rpc::storage::storage_node_client::StorageNodeClient<
-        tonic::transport::Channel,
+        crate::rpc::auth::InternalChannel,
     >,
     records: Vec<pb::Record>,
     timeout: Duration,

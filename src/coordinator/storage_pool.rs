@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
+use crate::rpc::auth::{ClusterSecret, InternalChannel, internal_channel};
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
 
 use super::batcher::NodeBatcher;
@@ -25,27 +26,25 @@ pub struct BadAddress {
 }
 
 pub struct StoragePool {
-    clients: RwLock<HashMap<String, (String, StorageNodeClient<Channel>)>>,
+    clients: RwLock<HashMap<String, (String, StorageNodeClient<InternalChannel>)>>,
     batchers: RwLock<Batchers>,
     batch_in_flight: usize,
+    /// Carried by every call to a storage node.
+    secret: ClusterSecret,
     /// The batchers' link tasks ([`StoragePool::close`] waits for them).
     links: tokio_util::task::TaskTracker,
 }
 
-impl Default for StoragePool {
-    fn default() -> Self {
-        Self::with_batch_in_flight(super::batcher::IN_FLIGHT)
-    }
-}
-
 impl StoragePool {
-    pub fn new() -> Self {
-        Self::default()
+    /// A pool whose calls carry `secret`.
+    pub fn new(secret: ClusterSecret) -> Self {
+        Self::with_batch_in_flight(super::batcher::IN_FLIGHT, secret)
     }
 
     /// A pool whose batchers keep at most `in_flight` batches outstanding per node and kind.
-    pub fn with_batch_in_flight(in_flight: usize) -> Self {
+    pub fn with_batch_in_flight(in_flight: usize, secret: ClusterSecret) -> Self {
         Self {
+            secret,
             clients: RwLock::new(HashMap::new()),
             batchers: RwLock::new(HashMap::new()),
             batch_in_flight: in_flight,
@@ -68,7 +67,7 @@ impl StoragePool {
         &self,
         node_id: &str,
         address: &str,
-    ) -> Result<StorageNodeClient<Channel>, BadAddress> {
+    ) -> Result<StorageNodeClient<InternalChannel>, BadAddress> {
         if let Some((addr, client)) = self.clients.read().get(node_id) {
             if addr == address {
                 return Ok(client.clone());
@@ -83,9 +82,10 @@ impl StoragePool {
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
-        let client = StorageNodeClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
+        let client =
+            StorageNodeClient::new(internal_channel(endpoint.connect_lazy(), &self.secret))
+                .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
         self.clients
             .write()
             .insert(node_id.to_owned(), (address.to_owned(), client.clone()));

@@ -26,16 +26,17 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::mux::{MuxError, MuxSlot};
+use crate::rpc::auth::{ClusterSecret, InternalChannel, internal_channel};
 use crate::rpc::coordinator::coordinator_client::CoordinatorClient;
 use crate::rpc::coordinator::{self as pb, key_value_call, key_value_result};
 use crate::rpc::detail::coordinator_detail;
 
 const BACKOFF: Duration = Duration::from_secs(1);
 
-pub type Client = CoordinatorClient<Channel>;
+pub type Client = CoordinatorClient<InternalChannel>;
 
 struct Member {
     address: String,
@@ -90,7 +91,11 @@ pub struct BadCoordinatorAddress {
 
 impl Coordinators {
     /// Channels to `addresses` (`host:port`), connected on first use.
-    pub fn new(addresses: &[String], timeout: Duration) -> Result<Self, BadCoordinatorAddress> {
+    pub fn new(
+        addresses: &[String],
+        timeout: Duration,
+        secret: &ClusterSecret,
+    ) -> Result<Self, BadCoordinatorAddress> {
         let members = addresses
             .iter()
             .map(|address| {
@@ -105,9 +110,12 @@ impl Coordinators {
                     .http2_keep_alive_interval(Duration::from_secs(10));
                 Ok(Arc::new(Member {
                     address: address.clone(),
-                    client: CoordinatorClient::new(endpoint.connect_lazy())
-                        .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
+                    client: CoordinatorClient::new(internal_channel(
+                        endpoint.connect_lazy(),
+                        secret,
+                    ))
+                    .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
                     failed_at: Mutex::new(None),
                     stream: MuxSlot::default(),
                     idempotency_store: Arc::default(),

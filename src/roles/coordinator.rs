@@ -24,6 +24,7 @@ use crate::coordinator::{
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
 use crate::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
+use crate::rpc::auth::ClusterSecret;
 use crate::rpc::coordinator::coordinator_server::CoordinatorServer;
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -40,7 +41,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             "coordinators follow gossip through the storage nodes' WatchHealth; --seeds is not needed"
         );
     }
-    let core = start(&id, cfg, shutdown.clone()).await?;
+    let secret = config.node.cluster_secret()?;
+    let core = start(&id, cfg, &secret, shutdown.clone()).await?;
     crate::metrics::handle();
     tracing::info!(coordinator = %id, grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, "coordinator serving");
 
@@ -52,6 +54,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let served = super::serve_grpc(
         tonic::service::Routes::new(grpc),
         grpc_listener,
+        &secret,
         &core.tasks,
     )
     .await;
@@ -86,6 +89,7 @@ pub async fn stop(core: &Coordinator, drain_timeout: Duration) {
 pub async fn start(
     id: &str,
     cfg: &CoordinatorConfig,
+    secret: &ClusterSecret,
     stop: CancellationToken,
 ) -> anyhow::Result<Arc<Coordinator>> {
     let meta: Arc<dyn MetadataStore> = Arc::new(
@@ -107,7 +111,10 @@ pub async fn start(
         .context("seeding the node registry")?;
 
     let tasks = crate::shutdown::Tasks::new(stop);
-    let pool = Arc::new(StoragePool::with_batch_in_flight(cfg.batch_in_flight));
+    let pool = Arc::new(StoragePool::with_batch_in_flight(
+        cfg.batch_in_flight,
+        secret.clone(),
+    ));
     let membership = Arc::new(Membership::default());
     let ring = RingView::load(meta.clone(), membership.clone())
         .await

@@ -21,6 +21,7 @@ use crate::coordinator::admission;
 use crate::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
 use crate::ring::allocation::TokenAllocation;
+use crate::rpc::auth::ClusterSecret;
 
 use super::{coordinator, gateway, storage};
 
@@ -60,6 +61,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     point_registry_at(&metadata_url, &nodes).await?;
 
     let mut config = Config::default();
+    // The dev cluster's roles share this process: a fresh secret each start, so its internal
+    // ports are closed to other processes too.
+    config.node.cluster_secret = Some(ClusterSecret::random_text());
     config.storage.sync = SyncMode::Always;
     config.storage.http_listen = Some(any_port);
     config.coordinator.listen = at(n + 1);
@@ -91,8 +95,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         coordinator::run(&cfg, stop).await
     });
     let gateway_cfg = config.gateway.clone();
+    let secret = config.node.cluster_secret()?;
     roles.spawn(Role::Gateway, move |stop| async move {
-        gateway::serve(&gateway_cfg, http, stop).await
+        gateway::serve(&gateway_cfg, &secret, http, stop).await
     });
 
     let url = format!("http://{}", args.http);

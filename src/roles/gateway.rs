@@ -21,16 +21,19 @@ use crate::gateway::auth::Auth;
 use crate::gateway::coordinators::Coordinators;
 use crate::gateway::rate_limit::RateLimits;
 use crate::gateway::{Gateway, router};
+use crate::rpc::auth::ClusterSecret;
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = &config.gateway;
+    let secret = config.node.cluster_secret()?;
     let listener = super::bind(cfg.listen).await?;
-    serve(cfg, listener, shutdown).await
+    serve(cfg, &secret, listener, shutdown).await
 }
 
 /// Serves the gateway on a bound listener (`pairdb dev` binds its own).
 pub async fn serve(
     cfg: &GatewayConfig,
+    secret: &ClusterSecret,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -41,7 +44,7 @@ pub async fn serve(
             cfg.read_rate_limit,
             cfg.tenant_limits.clone(),
         ),
-        coordinators: Coordinators::new(&cfg.coordinators, cfg.request_timeout)?,
+        coordinators: Coordinators::new(&cfg.coordinators, cfg.request_timeout, secret)?,
         max_body_bytes: cfg.max_body_bytes,
     });
     crate::metrics::handle();

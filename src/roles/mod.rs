@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DevArgs, Role};
 use crate::config::{Config, default_http_listen};
+use crate::rpc::auth::{ClusterSecret, RequireSecret};
 
 /// Why a role could not run.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +158,8 @@ fn spawn_http(
 /// graceful shutdown alone would wait for forever.
 pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Serves gRPC `routes` on `listener` (TCP_NODELAY on every connection) until the role stops
+/// Serves gRPC `routes` on `listener` (TCP_NODELAY on every connection; only calls carrying the
+/// cluster `secret`: `rpc::auth`) until the role stops
 /// (`tasks`). Then the multiplexed streams drain (at most [`SHUTDOWN_GRACE`]: `mux::serve`)
 /// while the server still holds its connections, then the server takes no new connections and
 /// lets the calls still open finish for at most another [`SHUTDOWN_GRACE`] before it closes
@@ -165,11 +167,16 @@ pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from
 async fn serve_grpc(
     routes: tonic::service::Routes,
     listener: TcpListener,
+    secret: &ClusterSecret,
     tasks: &crate::shutdown::Tasks,
 ) -> anyhow::Result<()> {
     let shutdown = tasks.stop().clone();
     let streams = tasks.clone();
     let server = tonic::transport::Server::builder()
+        // Every call is checked for the cluster secret before any handler runs.
+        .layer(tonic::service::InterceptorLayer::new(RequireSecret::new(
+            secret.clone(),
+        )))
         .add_routes(routes)
         .serve_with_incoming_shutdown(crate::net::incoming_nodelay(listener), async move {
             // The multiplexed streams drain first, so no connection closes under them.

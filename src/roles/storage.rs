@@ -46,15 +46,22 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             .with_context(|| format!("cannot open the engine in {}", cfg.data_dir.display()))?,
     );
 
+    let secret = config.node.cluster_secret()?;
     let (grpc_listener, http_listener) =
         super::bind_grpc_and_http(cfg.listen, cfg.http_listen).await?;
     let grpc_addr = grpc_listener.local_addr()?;
 
     let gossip = match cfg.gossip {
         Some(addr) => Some(Arc::new(
-            Gossip::start(&node_id, addr, cfg.seeds.clone(), &grpc_addr.to_string())
-                .await
-                .with_context(|| format!("cannot start gossip on {addr}"))?,
+            Gossip::start(
+                &node_id,
+                addr,
+                cfg.seeds.clone(),
+                &grpc_addr.to_string(),
+                secret.clone(),
+            )
+            .await
+            .with_context(|| format!("cannot start gossip on {addr}"))?,
         )),
         None => None,
     };
@@ -73,6 +80,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         markers,
         repaired,
         tasks.clone(),
+        secret.clone(),
     );
     service.streams().set_rate_limit(cfg.stream_rate_limit);
     service.set_listing_rate_limit(cfg.repair_scan_rate_limit);
@@ -104,7 +112,13 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let grpc = StorageNodeServer::from_arc(service.clone())
         .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
-    let served = super::serve_grpc(tonic::service::Routes::new(grpc), grpc_listener, &tasks).await;
+    let served = super::serve_grpc(
+        tonic::service::Routes::new(grpc),
+        grpc_listener,
+        &secret,
+        &tasks,
+    )
+    .await;
     let _ = http_server.await;
     tasks.stop_and_wait("storage", super::SHUTDOWN_GRACE).await;
     if let Some(g) = gossip {

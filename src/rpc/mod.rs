@@ -22,6 +22,7 @@ pub mod pb {
     }
 }
 
+pub mod auth;
 pub mod detail;
 
 /// A storage node's `WatchHealth` stream sends the membership at least this often, changed or

@@ -6,6 +6,9 @@
 //! stops answering crosses the phi threshold within a few seconds and is reported down by its
 //! peers. Coordinators follow membership through a node's `WatchHealth` RPC.
 //!
+//! Every datagram is signed with the cluster secret (`gossip_transport`): gossip from outside
+//! the cluster is dropped.
+//!
 //! Gossip runs on its own thread with its own one-thread runtime. A storage-only process
 //! applies writes on its only runtime worker, which waits for each log sync; gossip sharing
 //! that worker stopped sending heartbeats and reading peers' during a long sync, so under a
@@ -15,9 +18,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chitchat::transport::UdpTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 
+use super::gossip_transport::SignedUdpTransport;
+use crate::rpc::auth::ClusterSecret;
 use crate::rpc::storage as pb;
 
 const CLUSTER_ID: &str = "pairdb-storage";
@@ -61,6 +65,7 @@ impl Gossip {
         listen: SocketAddr,
         seeds: Vec<String>,
         grpc_address: &str,
+        secret: ClusterSecret,
     ) -> anyhow::Result<Gossip> {
         // A new generation per start, so peers tell a restarted node from the old one.
         let generation = SystemTime::now()
@@ -106,7 +111,8 @@ impl Gossip {
                     }
                 };
                 runtime.block_on(async move {
-                    match chitchat::spawn_chitchat(config, initial, &UdpTransport).await {
+                    let transport = SignedUdpTransport { secret };
+                    match chitchat::spawn_chitchat(config, initial, &transport).await {
                         Ok(handle) => {
                             if ready_tx.send(Ok(handle)).is_ok() {
                                 // Drives the gossip tasks until told to stop (or dropped).

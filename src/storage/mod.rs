@@ -9,6 +9,7 @@ pub mod convert;
 pub mod datadir;
 pub mod errors;
 pub mod gossip;
+mod gossip_transport;
 pub mod http;
 pub mod repair_markers;
 pub mod repaired_ranges;

@@ -41,7 +41,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::rpc::auth::{ClusterSecret, InternalChannel, internal_channel};
 
 use crate::engine::{Engine, EngineError, Record, internal_key};
 use crate::ring::HashRange;
@@ -126,12 +128,15 @@ pub struct StreamManager {
     throttle: Arc<Mutex<Option<Arc<Throttle>>>>,
     /// The node role's tasks: streams run as them.
     tasks: Tasks,
+    /// Carried by every call to a stream's target.
+    secret: ClusterSecret,
 }
 
 impl StreamManager {
-    pub fn new(engine: Arc<Engine>, tasks: Tasks) -> Self {
+    pub fn new(engine: Arc<Engine>, tasks: Tasks, secret: ClusterSecret) -> Self {
         Self {
             tasks,
+            secret,
             checkpoints: Arc::new(engine.dir().join("streams")),
             engine,
             streams: Arc::new(Mutex::new(HashMap::new())),
@@ -192,7 +197,8 @@ impl StreamManager {
         streams.insert(req.stream_id.clone(), stream.clone());
         drop(streams);
         let status = stream.status();
-        let client = StorageNodeClient::new(endpoint.connect_lazy());
+        let client =
+            StorageNodeClient::new(internal_channel(endpoint.connect_lazy(), &self.secret));
         let engine = self.engine.clone();
         let throttle = self.throttle.lock().clone();
         let checkpoints = self.checkpoints.clone();
@@ -282,7 +288,7 @@ pub enum StreamError {
 
 /// Sends one batch, retrying with backoff while the target is unreachable.
 async fn send(
-    client: &mut StorageNodeClient<Channel>,
+    client: &mut StorageNodeClient<InternalChannel>,
     records: &[Record],
 ) -> Result<(), StreamError> {
     let request = pb::WriteBatchRequest {
@@ -313,7 +319,7 @@ async fn send(
 }
 
 async fn send_live(
-    client: &mut StorageNodeClient<Channel>,
+    client: &mut StorageNodeClient<InternalChannel>,
     stream: &Stream,
     live: &mut mpsc::Receiver<Record>,
 ) -> Result<(), StreamError> {
@@ -342,7 +348,7 @@ async fn send_live(
 
 /// Where a stream's batches go, and what it needs to send them.
 struct Sender {
-    client: StorageNodeClient<Channel>,
+    client: StorageNodeClient<InternalChannel>,
     checkpoints: Arc<PathBuf>,
     throttle: Option<Arc<Throttle>>,
     /// The node role's tasks (the scan runs as one, so a stop waits for it to let go of the

@@ -3,9 +3,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use pairdb::rpc::auth::InternalChannel;
 use pairdb::rpc::coordinator::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
@@ -160,7 +161,7 @@ impl RoleProcess {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_pairdb"))
+        let child = super::pairdb_command()
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
@@ -222,13 +223,13 @@ impl RoleProcess {
         self.spawn();
     }
 
-    pub async fn client(&self) -> CoordinatorClient<Channel> {
+    pub async fn client(&self) -> CoordinatorClient<InternalChannel> {
         let channel = Channel::from_shared(format!("http://{}", self.grpc))
             .expect("uri")
             .connect()
             .await
             .expect("connect");
-        CoordinatorClient::new(channel)
+        CoordinatorClient::new(super::authenticated(channel))
     }
 }
 

@@ -4,18 +4,18 @@
 use std::time::{Duration, Instant};
 
 use pairdb::ring::{NodeId, NodeState, Ring, RingNode};
+use pairdb::rpc::auth::InternalChannel;
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
 use pairdb::rpc::coordinator::coordinator_client::CoordinatorClient;
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
 use pairdb::rpc::detail::coordinator_detail as detail_in;
 use pairdb::rpc::storage as spb;
 use pairdb::vclock::Version;
-use tonic::transport::Channel;
 
 use super::StorageNode;
 use super::cluster::{RoleProcess, start_storage};
 
-pub type Client = CoordinatorClient<Channel>;
+pub type Client = CoordinatorClient<InternalChannel>;
 
 /// `n` storage nodes and one coordinator `c1` (SQLite metadata under `dir`, the idempotency
 /// store at `idempotency_url`) with every node active and `tenants` created (id, RF).

@@ -10,8 +10,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use pairdb::rpc::auth::{ClusterSecret, InternalChannel, internal_channel};
 use pairdb::rpc::storage::storage_node_client::StorageNodeClient;
 use tonic::transport::Channel;
+
+/// The cluster secret of every process the tests start (`rpc::auth`).
+pub const CLUSTER_SECRET: &str = "pairdb-tests-cluster-secret";
+
+/// [`CLUSTER_SECRET`] as the clients take it.
+pub fn cluster_secret() -> ClusterSecret {
+    ClusterSecret::new(CLUSTER_SECRET).expect("a valid secret")
+}
+
+/// A `pairdb` command with the tests' cluster secret in its environment.
+pub fn pairdb_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pairdb"));
+    cmd.env("PAIRDB_NODE_CLUSTER_SECRET", CLUSTER_SECRET);
+    cmd
+}
+
+/// `channel` with the tests' cluster secret on every call.
+pub fn authenticated(channel: Channel) -> InternalChannel {
+    internal_channel(channel, &cluster_secret())
+}
 
 /// Sends SIGTERM to `child` and waits (up to 30 s) for its exit status.
 pub fn terminate(child: &mut Child) -> ExitStatus {
@@ -119,7 +140,7 @@ impl StorageNode {
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pairdb"));
+        let mut cmd = pairdb_command();
         cmd.args([
             "--role=storage",
             &format!("--node-id={}", self.id),
@@ -198,7 +219,7 @@ impl StorageNode {
 
     /// A client of the node. Connecting is retried for up to 2 s: a node restarted on its
     /// old port has been seen to reset the very first connection under a loaded test run.
-    pub async fn client(&self) -> StorageNodeClient<Channel> {
+    pub async fn client(&self) -> StorageNodeClient<InternalChannel> {
         let endpoint = Channel::from_shared(format!("http://{}", self.grpc)).expect("uri");
         let mut tries = 0;
         let channel = loop {
@@ -212,7 +233,7 @@ impl StorageNode {
                 Err(e) => panic!("connect to {}: {e:?}", self.id),
             }
         };
-        StorageNodeClient::new(channel)
+        StorageNodeClient::new(authenticated(channel))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }

@@ -68,6 +68,7 @@ impl Proc {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.namespace, &pairdb_binary()])
             .args(&self.args)
+            .env("PAIRDB_NODE_CLUSTER_SECRET", CLUSTER_SECRET)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
@@ -154,6 +155,32 @@ pub const NO_NAMESPACES: &str = "the machine refused the suite's network namespa
 
 /// The `pairdb` under test: this build's, or `PAIRDB_FAULT_SUITE_BIN` (a deliberately broken
 /// build, to show that the checker catches it: scripts/fault-suite-mutants.sh).
+/// The cluster secret of every process the suite starts.
+pub const CLUSTER_SECRET: &str = "pairdb-fault-suite-cluster-secret";
+
+/// A client of the storage node at `addr`, its calls carrying [`CLUSTER_SECRET`].
+pub async fn storage_client(
+    addr: std::net::SocketAddr,
+) -> Result<
+    pairdb::rpc::storage::storage_node_client::StorageNodeClient<
+        pairdb::rpc::auth::InternalChannel,
+    >,
+    String,
+> {
+    let secret =
+        pairdb::rpc::auth::ClusterSecret::new(CLUSTER_SECRET).map_err(|e| e.to_string())?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(
+        pairdb::rpc::storage::storage_node_client::StorageNodeClient::new(
+            pairdb::rpc::auth::internal_channel(channel, &secret),
+        ),
+    )
+}
+
 fn pairdb_binary() -> String {
     std::env::var("PAIRDB_FAULT_SUITE_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_pairdb").to_owned())

@@ -353,10 +353,7 @@ async fn gossip_views(storage: &[(String, std::net::SocketAddr)]) -> String {
     let mut views = Vec::new();
     for (name, addr) in storage {
         let view = async {
-            let mut client =
-                spb::storage_node_client::StorageNodeClient::connect(format!("http://{addr}"))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            let mut client = cluster::storage_client(*addr).await?;
             let mut stream = client
                 .watch_health(spb::WatchHealthRequest {})
                 .await
@@ -391,7 +388,7 @@ async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<Final
     let ring = current_ring(&cluster.gateway_urls()[0]).await?;
     let mut clients = std::collections::HashMap::new();
     for (name, addr) in &storage {
-        let client = spb::storage_node_client::StorageNodeClient::connect(format!("http://{addr}"))
+        let client = cluster::storage_client(*addr)
             .await
             .map_err(|e| format!("connect {name}: {e}"))?;
         clients.insert(name.clone(), client);

@@ -26,8 +26,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::rpc::auth::InternalChannel;
 use bytes::Bytes;
-use tonic::transport::Channel;
 
 use crate::engine::trees::{
     MAX_GROUPS, MAX_LISTED_SEGMENTS, SEGMENT_WIDTH, SEGMENTS, segment_of, segment_start,
@@ -54,7 +54,7 @@ pub const RECHECK_DELAY: Duration = Duration::from_millis(300);
 #[derive(Clone)]
 pub struct Replica {
     pub node: String,
-    pub client: StorageNodeClient<Channel>,
+    pub client: StorageNodeClient<InternalChannel>,
 }
 
 /// What comparing one tenant's range did.
