@@ -66,11 +66,31 @@ pub enum Command {
     },
     /// Load generator against a gateway: throughput and latency percentiles.
     Bench(BenchArgs),
+    /// Make a cluster CA (once, in --out-dir) and node certificates signed by it, for mutual
+    /// TLS between roles and HTTPS on gateways (a test or small cluster).
+    Cert(CertArgs),
     /// Placement tools that need no cluster.
     Ring {
         #[command(subcommand)]
         command: RingCommand,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct CertArgs {
+    /// Where ca.pem/ca.key (made on the first run, reused after) and NAME.pem/NAME.key go.
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// A node certificate per name (comma list), e.g. s1,s2,s3,c1,gw.
+    #[arg(long = "node", value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Extra subject names of every node certificate (DNS names or IP addresses, comma list):
+    /// what HTTPS clients of a gateway check, e.g. localhost,127.0.0.1,pairdb.example.com.
+    #[arg(long = "san", value_delimiter = ',')]
+    pub sans: Vec<String>,
+    /// Days the node certificates are valid (the CA: at least 10 years).
+    #[arg(long, default_value_t = 365)]
+    pub days: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -363,6 +383,16 @@ pub struct ServerArgs {
     /// PAIRDB_NODE_CLUSTER_SECRET); the same on every node, at least 16 characters.
     #[arg(long, help_heading = "Process")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// Mutual TLS between roles: the cluster CA (PEM; with --tls-cert-file and --tls-key-file;
+    /// `pairdb cert` makes them).
+    #[arg(long, help_heading = "Process")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Mutual TLS between roles: this node's certificate (PEM, signed by the cluster CA).
+    #[arg(long, help_heading = "Process")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Mutual TLS between roles: this node's private key (PEM).
+    #[arg(long, help_heading = "Process")]
+    pub tls_key_file: Option<PathBuf>,
 
     /// Storage: gRPC listener [default: 127.0.0.1:7101].
     #[arg(long, help_heading = "Storage role")]
@@ -410,6 +440,13 @@ pub struct ServerArgs {
     /// Gateway: HS256 secret file for --auth=token (or [gateway.auth] secret / env).
     #[arg(long, help_heading = "Gateway role")]
     pub auth_secret_file: Option<PathBuf>,
+    /// Gateway: serve HTTPS with this certificate chain (PEM; with --https-key-file;
+    /// reloaded on SIGHUP).
+    #[arg(long, help_heading = "Gateway role")]
+    pub https_cert_file: Option<PathBuf>,
+    /// Gateway: the HTTPS certificate's private key (PEM).
+    #[arg(long, help_heading = "Gateway role")]
+    pub https_key_file: Option<PathBuf>,
     /// Gateway: writes per tenant per minute [default: 1000].
     #[arg(long, help_heading = "Gateway role")]
     pub write_rate_limit: Option<u32>,
@@ -475,8 +512,15 @@ impl ServerArgs {
         if let Some(n) = self.worker_threads {
             m.node.insert("worker_threads".to_owned(), json!(n));
         }
-        if let Some(f) = &self.cluster_secret_file {
-            m.node.insert("cluster_secret_file".to_owned(), json!(f));
+        for (key, file) in [
+            ("cluster_secret_file", &self.cluster_secret_file),
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(f) = file {
+                m.node.insert(key.to_owned(), json!(f));
+            }
         }
         if self.listen.is_some() || self.http_listen.is_some() {
             let role = match self.role.as_slice() {
@@ -551,6 +595,12 @@ impl ServerArgs {
         }
         if let Some(f) = &self.auth_secret_file {
             m.auth.insert("secret_file".to_owned(), json!(f));
+        }
+        if let Some(f) = &self.https_cert_file {
+            m.gateway.insert("https_cert_file".to_owned(), json!(f));
+        }
+        if let Some(f) = &self.https_key_file {
+            m.gateway.insert("https_key_file".to_owned(), json!(f));
         }
         if let Some(r) = self.write_rate_limit {
             m.gateway.insert("write_rate_limit".to_owned(), json!(r));

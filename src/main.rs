@@ -70,6 +70,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Cert(args)) = &cli.command {
+        return make_certificates(args);
+    }
     if let Some(Command::Dev(args)) = cli.command {
         init_tracing(LogFormat::Human, "info");
         let rt = match runtime(None) {
@@ -124,6 +127,31 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pairdb: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `pairdb cert`: prints the files it wrote.
+fn make_certificates(args: &pairdb::cli::CertArgs) -> ExitCode {
+    let request = pairdb::tools::cert::CertRequest {
+        out_dir: args.out_dir.clone(),
+        nodes: args.nodes.clone(),
+        sans: args.sans.clone(),
+        days: args.days,
+    };
+    match pairdb::tools::cert::make(&request) {
+        Ok(written) => {
+            if !written.ca_created {
+                println!("using the CA in {}", args.out_dir.display());
+            }
+            for file in written.files {
+                println!("wrote {}", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pairdb: {e:#}");
             ExitCode::from(EXIT_FAILURE)
         }
     }

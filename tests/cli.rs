@@ -182,6 +182,31 @@ fn bad_configuration_is_one_line_and_exit_2() {
             "cannot read the cluster secret file",
         ),
         (
+            vec!["--role=storage", "--node-id=s1", "--tls-ca-file=/x/ca.pem"],
+            vec![],
+            "needs all three",
+        ),
+        (
+            vec![
+                "--role=storage",
+                "--node-id=s1",
+                "--tls-ca-file=/nonexistent/ca.pem",
+                "--tls-cert-file=/nonexistent/s1.pem",
+                "--tls-key-file=/nonexistent/s1.key",
+            ],
+            vec![],
+            "cannot read the cluster CA file /nonexistent/ca.pem",
+        ),
+        (
+            vec![
+                "--role=gateway",
+                "--auth=none",
+                "--https-cert-file=/x/gw.pem",
+            ],
+            vec![],
+            "needs both https_cert_file and https_key_file",
+        ),
+        (
             vec![
                 "--role=coordinator",
                 "--node-id=c1",

@@ -106,7 +106,7 @@ async fn replay_delivers_live_hints_and_drops_expired_ones() {
     replay_round(
         &*store,
         &ring,
-        &StoragePool::new(common::cluster_secret()),
+        &StoragePool::new(common::internal_auth()),
         limits,
     )
     .await
@@ -191,7 +191,7 @@ async fn the_hint_writer_drain_stores_every_queued_hint() {
 async fn the_read_repair_drain_sends_every_queued_repair() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (s1, _store, ring) = one_node(dir.path()).await;
-    let pool = Arc::new(StoragePool::new(common::cluster_secret()));
+    let pool = Arc::new(StoragePool::new(common::internal_auth()));
     let repairs = RepairQueue::start(QUEUED, ring, pool, Duration::from_secs(5));
     let keys: Vec<String> = (0..QUEUED).map(|i| format!("r{i}")).collect();
     for key in &keys {
@@ -213,7 +213,7 @@ async fn the_read_repair_drain_sends_every_queued_repair() {
 async fn closing_the_storage_pool_answers_every_queued_call() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (s1, _store, _ring) = one_node(dir.path()).await;
-    let pool = StoragePool::new(common::cluster_secret());
+    let pool = StoragePool::new(common::internal_auth());
     let address = s1.grpc.to_string();
     let batcher = pool.batcher("s1", &address).expect("batcher");
     let keys: Vec<String> = (0..QUEUED).map(|i| format!("w{i}")).collect();

@@ -47,7 +47,7 @@ async fn two_nodes() -> TwoNodes {
             )
         })
         .collect();
-    let pool = Arc::new(StoragePool::new(common::cluster_secret()));
+    let pool = Arc::new(StoragePool::new(common::internal_auth()));
     let stop = CancellationToken::new();
     let registry: Vec<(String, String)> = nodes
         .iter()

@@ -29,6 +29,10 @@ pub struct GatewayConfig {
     #[serde(with = "super::values::human_duration")]
     pub request_timeout: Duration,
     pub auth: AuthConfig,
+    /// HTTPS: the certificate chain and key the public API presents (PEM; both or none),
+    /// reloaded on SIGHUP.
+    pub https_cert_file: Option<PathBuf>,
+    pub https_key_file: Option<PathBuf>,
     // Earlier names of the durations above, as whole milliseconds (`_ms`) or seconds (`_s`).
     // Still read from files and env vars (a value given this way wins); never written.
     #[doc(hidden)]
@@ -56,6 +60,8 @@ impl Default for GatewayConfig {
             request_timeout: Duration::from_millis(5_000),
             request_timeout_ms: None,
             auth: AuthConfig::default(),
+            https_cert_file: None,
+            https_key_file: None,
         }
     }
 }
@@ -105,6 +111,11 @@ impl GatewayConfig {
         if self.max_body_bytes < 1024 || self.request_timeout.is_zero() {
             return Err(invalid(
                 "gateway max_body_bytes must be >= 1024 and request_timeout > 0",
+            ));
+        }
+        if self.https_cert_file.is_some() != self.https_key_file.is_some() {
+            return Err(invalid(
+                "HTTPS needs both https_cert_file and https_key_file (--https-cert-file, --https-key-file)",
             ));
         }
         if self.auth.mode == AuthMode::Token

@@ -148,7 +148,7 @@ impl Config {
             }
         }
         // Every role calls or serves internal RPCs.
-        self.node.cluster_secret()?;
+        self.node.internal_auth()?;
         let listens: Vec<(Role, SocketAddr)> = self
             .node
             .roles

@@ -7,7 +7,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, invalid};
-use crate::rpc::auth::ClusterSecret;
+use crate::rpc::auth::{ClusterSecret, InternalAuth};
+use crate::rpc::tls::InternalTls;
 
 use super::values::{BadValue, list};
 
@@ -79,6 +80,11 @@ pub struct NodeConfig {
     pub cluster_secret: Option<String>,
     /// A file holding the cluster secret (surrounding whitespace ignored).
     pub cluster_secret_file: Option<PathBuf>,
+    /// Mutual TLS between roles (`rpc::tls`): the cluster CA, this node's certificate and its
+    /// key, PEM files (all three or none).
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -91,11 +97,32 @@ impl Default for NodeConfig {
             worker_threads: None,
             cluster_secret: None,
             cluster_secret_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl NodeConfig {
+    /// How internal calls are authenticated: the cluster secret, and mutual TLS when the three
+    /// TLS files are set.
+    pub fn internal_auth(&self) -> Result<InternalAuth, ConfigError> {
+        let secret = self.cluster_secret()?;
+        let tls = match (&self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => {
+                Some(InternalTls::load(ca, cert, key).map_err(|e| invalid(e.to_string()))?)
+            }
+            _ => {
+                return Err(invalid(
+                    "internal TLS needs all three of tls_ca_file, tls_cert_file and tls_key_file (--tls-ca-file, --tls-cert-file, --tls-key-file)",
+                ));
+            }
+        };
+        Ok(InternalAuth { secret, tls })
+    }
+
     /// The cluster secret: `cluster_secret`, else the trimmed contents of
     /// `cluster_secret_file`; an error when neither is set or the value is unusable.
     pub fn cluster_secret(&self) -> Result<ClusterSecret, ConfigError> {

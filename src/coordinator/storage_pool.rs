@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use tonic::transport::Endpoint;
 
-use crate::rpc::auth::{ClusterSecret, InternalChannel, internal_channel};
+use crate::rpc::auth::{InternalAuth, InternalChannel};
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
 
 use super::batcher::NodeBatcher;
@@ -30,21 +29,21 @@ pub struct StoragePool {
     batchers: RwLock<Batchers>,
     batch_in_flight: usize,
     /// Carried by every call to a storage node.
-    secret: ClusterSecret,
+    auth: InternalAuth,
     /// The batchers' link tasks ([`StoragePool::close`] waits for them).
     links: tokio_util::task::TaskTracker,
 }
 
 impl StoragePool {
-    /// A pool whose calls carry `secret`.
-    pub fn new(secret: ClusterSecret) -> Self {
-        Self::with_batch_in_flight(super::batcher::IN_FLIGHT, secret)
+    /// A pool whose calls are authenticated with `auth`.
+    pub fn new(auth: InternalAuth) -> Self {
+        Self::with_batch_in_flight(super::batcher::IN_FLIGHT, auth)
     }
 
     /// A pool whose batchers keep at most `in_flight` batches outstanding per node and kind.
-    pub fn with_batch_in_flight(in_flight: usize, secret: ClusterSecret) -> Self {
+    pub fn with_batch_in_flight(in_flight: usize, auth: InternalAuth) -> Self {
         Self {
-            secret,
+            auth,
             clients: RwLock::new(HashMap::new()),
             batchers: RwLock::new(HashMap::new()),
             batch_in_flight: in_flight,
@@ -73,7 +72,9 @@ impl StoragePool {
                 return Ok(client.clone());
             }
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = self
+            .auth
+            .endpoint(address)
             .map_err(|e| BadAddress {
                 node: node_id.to_owned(),
                 address: address.to_owned(),
@@ -82,10 +83,9 @@ impl StoragePool {
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
-        let client =
-            StorageNodeClient::new(internal_channel(endpoint.connect_lazy(), &self.secret))
-                .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
+        let client = StorageNodeClient::new(self.auth.channel(&endpoint))
+            .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES);
         self.clients
             .write()
             .insert(node_id.to_owned(), (address.to_owned(), client.clone()));

@@ -26,10 +26,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::time::Instant;
-use tonic::transport::Endpoint;
 
 use crate::mux::{MuxError, MuxSlot};
-use crate::rpc::auth::{ClusterSecret, InternalChannel, internal_channel};
+use crate::rpc::auth::{InternalAuth, InternalChannel};
 use crate::rpc::coordinator::coordinator_client::CoordinatorClient;
 use crate::rpc::coordinator::{self as pb, key_value_call, key_value_result};
 use crate::rpc::detail::coordinator_detail;
@@ -94,12 +93,13 @@ impl Coordinators {
     pub fn new(
         addresses: &[String],
         timeout: Duration,
-        secret: &ClusterSecret,
+        auth: &InternalAuth,
     ) -> Result<Self, BadCoordinatorAddress> {
         let members = addresses
             .iter()
             .map(|address| {
-                let endpoint = Endpoint::from_shared(format!("http://{address}"))
+                let endpoint = auth
+                    .endpoint(address)
                     .map_err(|e| BadCoordinatorAddress {
                         address: address.clone(),
                         reason: e.to_string(),
@@ -110,12 +110,9 @@ impl Coordinators {
                     .http2_keep_alive_interval(Duration::from_secs(10));
                 Ok(Arc::new(Member {
                     address: address.clone(),
-                    client: CoordinatorClient::new(internal_channel(
-                        endpoint.connect_lazy(),
-                        secret,
-                    ))
-                    .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
+                    client: CoordinatorClient::new(auth.channel(&endpoint))
+                        .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
                     failed_at: Mutex::new(None),
                     stream: MuxSlot::default(),
                     idempotency_store: Arc::default(),

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod body;
 pub mod coordinators;
 pub mod errors;
+pub mod https;
 pub mod kv;
 pub mod rate_limit;
 pub mod router;

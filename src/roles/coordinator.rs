@@ -24,7 +24,7 @@ use crate::coordinator::{
 use crate::idempotency::{IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore};
 use crate::meta::{MetadataStore, NodeRecord, SqlMetadataStore};
 use crate::ring::NodeState;
-use crate::rpc::auth::ClusterSecret;
+use crate::rpc::auth::InternalAuth;
 use crate::rpc::coordinator::coordinator_server::CoordinatorServer;
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -41,8 +41,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             "coordinators follow gossip through the storage nodes' WatchHealth; --seeds is not needed"
         );
     }
-    let secret = config.node.cluster_secret()?;
-    let core = start(&id, cfg, &secret, shutdown.clone()).await?;
+    let auth = config.node.internal_auth()?;
+    let core = start(&id, cfg, &auth, shutdown.clone()).await?;
     crate::metrics::handle();
     tracing::info!(coordinator = %id, grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, "coordinator serving");
 
@@ -54,7 +54,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let served = super::serve_grpc(
         tonic::service::Routes::new(grpc),
         grpc_listener,
-        &secret,
+        &auth,
         &core.tasks,
     )
     .await;
@@ -89,7 +89,7 @@ pub async fn stop(core: &Coordinator, drain_timeout: Duration) {
 pub async fn start(
     id: &str,
     cfg: &CoordinatorConfig,
-    secret: &ClusterSecret,
+    auth: &InternalAuth,
     stop: CancellationToken,
 ) -> anyhow::Result<Arc<Coordinator>> {
     let meta: Arc<dyn MetadataStore> = Arc::new(
@@ -113,7 +113,7 @@ pub async fn start(
     let tasks = crate::shutdown::Tasks::new(stop);
     let pool = Arc::new(StoragePool::with_batch_in_flight(
         cfg.batch_in_flight,
-        secret.clone(),
+        auth.clone(),
     ));
     let membership = Arc::new(Membership::default());
     let ring = RingView::load(meta.clone(), membership.clone())

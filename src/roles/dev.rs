@@ -95,9 +95,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         coordinator::run(&cfg, stop).await
     });
     let gateway_cfg = config.gateway.clone();
-    let secret = config.node.cluster_secret()?;
+    let auth = config.node.internal_auth()?;
     roles.spawn(Role::Gateway, move |stop| async move {
-        gateway::serve(&gateway_cfg, &secret, http, stop).await
+        gateway::serve(&gateway_cfg, &auth, http, stop).await
     });
 
     let url = format!("http://{}", args.http);

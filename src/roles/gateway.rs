@@ -19,21 +19,22 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, GatewayConfig};
 use crate::gateway::auth::Auth;
 use crate::gateway::coordinators::Coordinators;
+use crate::gateway::https::{self, CertReloader, TlsListener, reload_on_sighup};
 use crate::gateway::rate_limit::RateLimits;
 use crate::gateway::{Gateway, router};
-use crate::rpc::auth::ClusterSecret;
+use crate::rpc::auth::InternalAuth;
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = &config.gateway;
-    let secret = config.node.cluster_secret()?;
+    let auth = config.node.internal_auth()?;
     let listener = super::bind(cfg.listen).await?;
-    serve(cfg, &secret, listener, shutdown).await
+    serve(cfg, &auth, listener, shutdown).await
 }
 
 /// Serves the gateway on a bound listener (`pairdb dev` binds its own).
 pub async fn serve(
     cfg: &GatewayConfig,
-    secret: &ClusterSecret,
+    auth: &InternalAuth,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -44,17 +45,23 @@ pub async fn serve(
             cfg.read_rate_limit,
             cfg.tenant_limits.clone(),
         ),
-        coordinators: Coordinators::new(&cfg.coordinators, cfg.request_timeout, secret)?,
+        coordinators: Coordinators::new(&cfg.coordinators, cfg.request_timeout, auth)?,
         max_body_bytes: cfg.max_body_bytes,
     });
+    let https = match (&cfg.https_cert_file, &cfg.https_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(CertReloader::new(cert.clone(), key.clone())?)),
+        _ => None,
+    };
     crate::metrics::handle();
     let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!(http = %addr, auth = ?cfg.auth.mode, coordinators = ?cfg.coordinators, "gateway serving");
+    tracing::info!(http = %addr, https = https.is_some(), auth = ?cfg.auth.mode, coordinators = ?cfg.coordinators, "gateway serving");
     let listener = Stoppable {
         addr,
         listener: Some(listener),
         stop: shutdown.clone(),
     };
+    // Ends the SIGHUP watcher once the server returned.
+    let shutdown_of_reload = CancellationToken::new();
     // Set when the stop begins; read per answer (a token's `is_cancelled` takes its lock, which
     // every request would share).
     let closing = Arc::new(AtomicBool::new(false));
@@ -73,14 +80,30 @@ pub async fn serve(
             }
         },
     ));
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.cancelled().await;
-            stopping.store(true, Ordering::Release);
-            tokio::time::sleep(LAME_DUCK).await;
-        })
-        .await
-        .context("HTTP server failed")?;
+    let lame_duck = async move {
+        shutdown.cancelled().await;
+        stopping.store(true, Ordering::Release);
+        tokio::time::sleep(LAME_DUCK).await;
+    };
+    match https {
+        Some(reloader) => {
+            let hangups = reload_on_sighup(reloader.clone(), shutdown_of_reload.clone())
+                .context("cannot watch SIGHUP for HTTPS certificate reloads")?;
+            let tls = TlsListener::new(listener, https::acceptor(reloader)?);
+            let served = axum::serve(tls, router)
+                .with_graceful_shutdown(lame_duck)
+                .await;
+            shutdown_of_reload.cancel();
+            let _ = hangups.await;
+            served
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(lame_duck)
+                .await
+        }
+    }
+    .context("HTTP server failed")?;
     tracing::info!("gateway stopped cleanly");
     Ok(())
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DevArgs, Role};
 use crate::config::{Config, default_http_listen};
-use crate::rpc::auth::{ClusterSecret, RequireSecret};
+use crate::rpc::auth::{InternalAuth, RequireSecret};
 
 /// Why a role could not run.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +159,7 @@ fn spawn_http(
 pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves gRPC `routes` on `listener` (TCP_NODELAY on every connection; only calls carrying the
-/// cluster `secret`: `rpc::auth`) until the role stops
+/// cluster secret, over mutual TLS when configured: `rpc::auth`, `rpc::tls`) until the role stops
 /// (`tasks`). Then the multiplexed streams drain (at most [`SHUTDOWN_GRACE`]: `mux::serve`)
 /// while the server still holds its connections, then the server takes no new connections and
 /// lets the calls still open finish for at most another [`SHUTDOWN_GRACE`] before it closes
@@ -167,15 +167,21 @@ pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from
 async fn serve_grpc(
     routes: tonic::service::Routes,
     listener: TcpListener,
-    secret: &ClusterSecret,
+    auth: &InternalAuth,
     tasks: &crate::shutdown::Tasks,
 ) -> anyhow::Result<()> {
     let shutdown = tasks.stop().clone();
     let streams = tasks.clone();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &auth.tls {
+        builder = builder
+            .tls_config(tls.server())
+            .context("the node certificate cannot serve TLS")?;
+    }
+    let server = builder
         // Every call is checked for the cluster secret before any handler runs.
         .layer(tonic::service::InterceptorLayer::new(RequireSecret::new(
-            secret.clone(),
+            auth.secret.clone(),
         )))
         .add_routes(routes)
         .serve_with_incoming_shutdown(crate::net::incoming_nodelay(listener), async move {

@@ -46,7 +46,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             .with_context(|| format!("cannot open the engine in {}", cfg.data_dir.display()))?,
     );
 
-    let secret = config.node.cluster_secret()?;
+    let auth = config.node.internal_auth()?;
     let (grpc_listener, http_listener) =
         super::bind_grpc_and_http(cfg.listen, cfg.http_listen).await?;
     let grpc_addr = grpc_listener.local_addr()?;
@@ -58,7 +58,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
                 addr,
                 cfg.seeds.clone(),
                 &grpc_addr.to_string(),
-                secret.clone(),
+                auth.secret.clone(),
             )
             .await
             .with_context(|| format!("cannot start gossip on {addr}"))?,
@@ -80,7 +80,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         markers,
         repaired,
         tasks.clone(),
-        secret.clone(),
+        auth.clone(),
     );
     service.streams().set_rate_limit(cfg.stream_rate_limit);
     service.set_listing_rate_limit(cfg.repair_scan_rate_limit);
@@ -115,7 +115,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let served = super::serve_grpc(
         tonic::service::Routes::new(grpc),
         grpc_listener,
-        &secret,
+        &auth,
         &tasks,
     )
     .await;

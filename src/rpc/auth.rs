@@ -22,8 +22,10 @@ use subtle::ConstantTimeEq;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
+
+use super::tls::InternalTls;
 
 /// The metadata entry that carries the secret.
 pub const SECRET_HEADER: &str = "x-pairdb-cluster-secret";
@@ -130,6 +132,32 @@ pub type InternalChannel = InterceptedService<Channel, AttachSecret>;
 /// Wraps `channel` so its calls carry `secret`.
 pub fn internal_channel(channel: Channel, secret: &ClusterSecret) -> InternalChannel {
     InterceptedService::new(channel, AttachSecret(secret.clone()))
+}
+
+/// How this process authenticates its internal calls: the secret always, mutual TLS with the
+/// cluster CA when configured (`rpc::tls`).
+#[derive(Clone, Debug)]
+pub struct InternalAuth {
+    pub secret: ClusterSecret,
+    pub tls: Option<InternalTls>,
+}
+
+impl InternalAuth {
+    /// An endpoint for `address` (`host:port`): `https` with the node certificate when TLS is
+    /// on, else `http`.
+    pub fn endpoint(&self, address: &str) -> Result<Endpoint, tonic::transport::Error> {
+        match &self.tls {
+            Some(tls) => {
+                Endpoint::from_shared(format!("https://{address}"))?.tls_config(tls.client())
+            }
+            None => Endpoint::from_shared(format!("http://{address}")),
+        }
+    }
+
+    /// A channel to `endpoint`, connected on first use, whose calls carry the secret.
+    pub fn channel(&self, endpoint: &Endpoint) -> InternalChannel {
+        internal_channel(endpoint.connect_lazy(), &self.secret)
+    }
 }
 
 /// Server side: refuses a call that does not carry the secret.

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::{ApplyOutcome, Engine, EngineError, Problem, Record};
 use crate::limits::{check_key, check_tenant};
 use crate::ring::HashRange;
-use crate::rpc::auth::ClusterSecret;
+use crate::rpc::auth::InternalAuth;
 use crate::rpc::common;
 use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_server::StorageNode;
@@ -178,14 +178,14 @@ impl StorageService {
         markers: Arc<RepairMarkerLog>,
         repaired: Arc<RepairedRanges>,
         tasks: crate::shutdown::Tasks,
-        secret: ClusterSecret,
+        auth: InternalAuth,
     ) -> Arc<Self> {
         metrics::gauge!("pairdb_repair_markers_pending").set(markers.pending() as f64);
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             node_id,
             requests: AtomicU64::new(0),
-            streams: StreamManager::new(engine.clone(), tasks.clone(), secret),
+            streams: StreamManager::new(engine.clone(), tasks.clone(), auth),
             tasks,
             engine,
             gossip,

@@ -38,12 +38,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::rpc::auth::{InternalAuth, InternalChannel};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
-
-use crate::rpc::auth::{ClusterSecret, InternalChannel, internal_channel};
 
 use crate::engine::{Engine, EngineError, Record, internal_key};
 use crate::ring::HashRange;
@@ -128,15 +126,15 @@ pub struct StreamManager {
     throttle: Arc<Mutex<Option<Arc<Throttle>>>>,
     /// The node role's tasks: streams run as them.
     tasks: Tasks,
-    /// Carried by every call to a stream's target.
-    secret: ClusterSecret,
+    /// Authenticates every call to a stream's target.
+    auth: InternalAuth,
 }
 
 impl StreamManager {
-    pub fn new(engine: Arc<Engine>, tasks: Tasks, secret: ClusterSecret) -> Self {
+    pub fn new(engine: Arc<Engine>, tasks: Tasks, auth: InternalAuth) -> Self {
         Self {
             tasks,
-            secret,
+            auth,
             checkpoints: Arc::new(engine.dir().join("streams")),
             engine,
             streams: Arc::new(Mutex::new(HashMap::new())),
@@ -162,7 +160,9 @@ impl StreamManager {
                 "stream_id must be 1..=200 letters, digits, '-', '_' or '.' (not first)".to_owned(),
             ));
         }
-        let endpoint = Endpoint::from_shared(format!("http://{}", req.target_address))
+        let endpoint = self
+            .auth
+            .endpoint(&req.target_address)
             .map_err(|e| {
                 StreamError::BadRequest(format!("bad target address {:?}: {e}", req.target_address))
             })?
@@ -197,8 +197,7 @@ impl StreamManager {
         streams.insert(req.stream_id.clone(), stream.clone());
         drop(streams);
         let status = stream.status();
-        let client =
-            StorageNodeClient::new(internal_channel(endpoint.connect_lazy(), &self.secret));
+        let client = StorageNodeClient::new(self.auth.channel(&endpoint));
         let engine = self.engine.clone();
         let throttle = self.throttle.lock().clone();
         let checkpoints = self.checkpoints.clone();

@@ -198,18 +198,21 @@ impl RoleProcess {
         }
     }
 
-    /// SIGSTOP: the process hangs with its sockets open.
-    pub fn pause(&self) {
+    /// Sends `signal` to the running process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let child = self.child.as_ref().expect("running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        nix::sys::signal::kill(pid, signal).expect("signal");
+    }
+
+    /// SIGSTOP: the process hangs with its sockets open.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
     }
 
     /// SIGCONT after [`RoleProcess::pause`].
     pub fn resume(&self) {
-        let child = self.child.as_ref().expect("running");
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+        self.signal(nix::sys::signal::Signal::SIGCONT);
     }
 
     /// SIGTERM and the exit status (an orderly stop).

@@ -22,6 +22,14 @@ pub fn cluster_secret() -> ClusterSecret {
     ClusterSecret::new(CLUSTER_SECRET).expect("a valid secret")
 }
 
+/// Internal authentication with the tests' secret and no TLS.
+pub fn internal_auth() -> pairdb::rpc::auth::InternalAuth {
+    pairdb::rpc::auth::InternalAuth {
+        secret: cluster_secret(),
+        tls: None,
+    }
+}
+
 /// A `pairdb` command with the tests' cluster secret in its environment.
 pub fn pairdb_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pairdb"));
