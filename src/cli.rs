@@ -143,6 +143,10 @@ pub struct Connection {
     /// Bearer token (gateways with auth token; mint one with `pairdb token issue`).
     #[arg(long, env = "PAIRDB_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// A CA certificate (PEM) to trust for an https:// gateway besides the system's, e.g.
+    /// `pairdb cert`'s ca.pem.
+    #[arg(long, env = "PAIRDB_CACERT", global = true)]
+    pub cacert: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -75,7 +75,10 @@ async fn cluster_script_starts_serves_and_stops_a_cluster() {
     }
     assert!(report.contains("ready"), "{report}");
 
-    let client = reqwest::Client::new();
+    let client = pairdb::tools::client::http_builder(None)
+        .expect("http client")
+        .build()
+        .expect("http client");
     let url = format!("http://{gateway}");
     let created = client
         .post(format!("{url}/v1/tenants"))
@@ -121,7 +124,9 @@ async fn cluster_script_starts_serves_and_stops_a_cluster() {
         assert_eq!(answer.status(), 200);
     }
     for c in 1..=2u16 {
-        let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", base + 1100 + c))
+        let metrics = client
+            .get(format!("http://127.0.0.1:{}/metrics", base + 1100 + c))
+            .send()
             .await
             .expect("coordinator metrics")
             .text()

@@ -47,7 +47,10 @@ async fn dev_cluster_serves_the_api_and_keeps_data_across_restarts() {
     let url = format!("http://127.0.0.1:{port}");
     let (mut child, banner) = start(dir.path(), port);
     assert!(banner.contains(&url), "{banner}");
-    let client = reqwest::Client::new();
+    let client = pairdb::tools::client::http_builder(None)
+        .expect("http client")
+        .build()
+        .expect("http client");
 
     let created: Value = client
         .post(format!("{url}/v1/tenants"))

@@ -46,7 +46,10 @@ fn start_writers(
         .map(|w| {
             let (gateway, stop) = (gateway.clone(), stop.clone());
             tokio::spawn(async move {
-                let client = reqwest::Client::new();
+                let client = pairdb::tools::client::http_builder(None)
+                    .expect("http client")
+                    .build()
+                    .expect("http client");
                 let mut outcomes = Vec::new();
                 let mut i = 0;
                 while !stop.load(Ordering::SeqCst) {
@@ -129,7 +132,10 @@ fn acknowledged(
 }
 
 async fn read(gateway: &RoleProcess, key: &str, level: &str) -> (StatusCode, Value) {
-    let response = reqwest::Client::new()
+    let response = pairdb::tools::client::http_builder(None)
+        .expect("http client")
+        .build()
+        .expect("http client")
         .get(format!(
             "{}/v1/key-value?key={key}&consistency={level}",
             gateway.url()

@@ -168,6 +168,32 @@ async fn a_cluster_over_mutual_tls() {
         "{}",
         String::from_utf8_lossy(&got.stdout)
     );
+    // The CLI over HTTPS, trusting the cluster CA with --cacert (and refusing without it).
+    let kv = |extra: &[&str]| {
+        common::pairdb_command()
+            .args(["kv", "--url", &base, "--tenant", "acme"])
+            .args(extra)
+            .output()
+            .expect("pairdb kv")
+    };
+    let put = kv(&["--cacert", &ca, "put", "cli", "via https"]);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let got = kv(&["--cacert", &ca, "get", "cli"]);
+    assert!(
+        String::from_utf8_lossy(&got.stdout).contains("via https"),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let untrusted = kv(&["get", "cli"]);
+    assert!(
+        !untrusted.status.success(),
+        "a gateway certificate of an unknown CA was trusted"
+    );
+
     // Plain HTTP to the HTTPS port gets no answer.
     let plain = curl(&[&format!("http://127.0.0.1:{}/healthz", gw.grpc.port())]);
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("ok"));

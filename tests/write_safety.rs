@@ -45,7 +45,10 @@ async fn http(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> (StatusCode, Value) {
-    let mut request = reqwest::Client::new()
+    let mut request = pairdb::tools::client::http_builder(None)
+        .expect("http client")
+        .build()
+        .expect("http client")
         .request(method, url)
         .timeout(Duration::from_secs(30))
         .header("x-tenant-id", tenant);

@@ -62,7 +62,7 @@ fn client(conn: &Connection, concurrency: u32) -> anyhow::Result<reqwest::Client
             format!("Bearer {t}").parse().context("--token")?,
         );
     }
-    Ok(reqwest::Client::builder()
+    Ok(super::client::http_builder(conn.cacert.as_deref())?
         .default_headers(headers)
         .pool_max_idle_per_host(concurrency as usize)
         .tcp_nodelay(true)

@@ -8,6 +8,8 @@
 //! token). A `kv put` value that parses as JSON is sent as that JSON; anything else is sent as a
 //! JSON string, so `pairdb kv put greeting hello` stores "hello".
 
+use std::path::Path;
+
 use anyhow::Context;
 use reqwest::{Method, RequestBuilder};
 use serde_json::{Value, json};
@@ -22,16 +24,36 @@ pub struct Answer {
     pub text: Option<String>,
 }
 
-fn request(conn: &Connection, method: Method, path: &str) -> RequestBuilder {
+/// An HTTP client builder for a gateway: HTTPS through rustls on the ring provider (installed
+/// as the process default on first use), trusting `cacert` (a PEM file, e.g. `pairdb cert`'s
+/// `ca.pem`) besides the system's roots.
+pub fn http_builder(cacert: Option<&Path>) -> anyhow::Result<reqwest::ClientBuilder> {
+    // Another caller may have installed it first: either way there is one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = cacert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read --cacert {}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--cacert {} holds no PEM certificate", path.display()))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
+fn request(conn: &Connection, method: Method, path: &str) -> anyhow::Result<RequestBuilder> {
     let url = format!("{}{path}", conn.url.trim_end_matches('/'));
-    let mut r = reqwest::Client::new().request(method, url);
+    let client = http_builder(conn.cacert.as_deref())?.build()?;
+    let mut r = client.request(method, url);
     if let Some(t) = &conn.tenant {
         r = r.header("X-Tenant-ID", t);
     }
     if let Some(t) = &conn.token {
         r = r.bearer_auth(t);
     }
-    r
+    Ok(r)
 }
 
 async fn send(r: RequestBuilder) -> anyhow::Result<Answer> {
@@ -81,7 +103,7 @@ pub async fn kv(conn: &Connection, command: &KvCommand) -> anyhow::Result<Answer
             if let Some(c) = consistency {
                 body["consistency"] = json!(c);
             }
-            let mut r = request(conn, Method::POST, "/v1/key-value").json(&body);
+            let mut r = request(conn, Method::POST, "/v1/key-value")?.json(&body);
             if let Some(k) = idempotency_key {
                 r = r.header("Idempotency-Key", k);
             }
@@ -92,21 +114,21 @@ pub async fn kv(conn: &Connection, command: &KvCommand) -> anyhow::Result<Answer
             if let Some(c) = consistency {
                 path.push_str(&format!("&consistency={}", query(c)));
             }
-            send(request(conn, Method::GET, &path)).await
+            send(request(conn, Method::GET, &path)?).await
         }
         KvCommand::Delete { key, consistency } => {
             let mut body = json!({"key": key});
             if let Some(c) = consistency {
                 body["consistency"] = json!(c);
             }
-            send(request(conn, Method::DELETE, "/v1/key-value").json(&body)).await
+            send(request(conn, Method::DELETE, "/v1/key-value")?.json(&body)).await
         }
     }
 }
 
 async fn get_migration(conn: &Connection, migration_id: &str) -> anyhow::Result<Answer> {
     let path = format!("/v1/admin/migrations/{}", url_encode(migration_id));
-    send(request(conn, Method::GET, &path)).await
+    send(request(conn, Method::GET, &path)?).await
 }
 
 /// With `wait`, follows the migration an accepted change started until it ends (a progress bar
@@ -149,7 +171,7 @@ async fn follow_if(
 
 pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<Answer> {
     match command {
-        AdminCommand::Nodes => send(request(conn, Method::GET, "/v1/admin/storage-nodes")).await,
+        AdminCommand::Nodes => send(request(conn, Method::GET, "/v1/admin/storage-nodes")?).await,
         AdminCommand::AddNode {
             node_id,
             address,
@@ -165,7 +187,7 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
                 body["virtual_nodes"] = json!(v);
             }
             let accepted =
-                send(request(conn, Method::POST, "/v1/admin/storage-nodes").json(&body)).await?;
+                send(request(conn, Method::POST, "/v1/admin/storage-nodes")?.json(&body)).await?;
             follow_if(conn, accepted, *wait, "migration_id").await
         }
         AdminCommand::RemoveNode {
@@ -177,7 +199,7 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
                 "/v1/admin/storage-nodes/{}?force={force}",
                 url_encode(node_id)
             );
-            let accepted = send(request(conn, Method::DELETE, &path)).await?;
+            let accepted = send(request(conn, Method::DELETE, &path)?).await?;
             follow_if(conn, accepted, *wait, "migration_id").await
         }
         AdminCommand::Cleanup {
@@ -190,7 +212,7 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
                 body["node_id"] = json!(id);
             }
             let accepted =
-                send(request(conn, Method::POST, "/v1/admin/cleanup").json(&body)).await?;
+                send(request(conn, Method::POST, "/v1/admin/cleanup")?.json(&body)).await?;
             // A cleanup is a migration: followed the same way.
             follow_if(conn, accepted, *wait, "cleanup_id").await
         }
@@ -215,23 +237,23 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
                 body["range_end"] = json!(end);
             }
             let accepted =
-                send(request(conn, Method::POST, "/v1/admin/repair").json(&body)).await?;
+                send(request(conn, Method::POST, "/v1/admin/repair")?.json(&body)).await?;
             let end = follow_if(conn, accepted, *wait, "repair_id").await?;
             // Followed to its end: the repair's own record says what it compared and fixed.
             match (*wait, end.body["migration_id"].as_str()) {
                 (true, Some(id)) => {
                     let path = format!("/v1/admin/repair/{}", url_encode(id));
-                    let run = send(request(conn, Method::GET, &path)).await?;
+                    let run = send(request(conn, Method::GET, &path)?).await?;
                     Ok(Answer { ok: end.ok, ..run })
                 }
                 _ => Ok(end),
             }
         }
-        AdminCommand::RepairStatus => send(request(conn, Method::GET, "/v1/admin/repair")).await,
+        AdminCommand::RepairStatus => send(request(conn, Method::GET, "/v1/admin/repair")?).await,
         AdminCommand::Migration { migration_id } => get_migration(conn, migration_id).await,
         AdminCommand::Cancel { migration_id, wait } => {
             let path = format!("/v1/admin/migrations/{}", url_encode(migration_id));
-            let accepted = send(request(conn, Method::DELETE, &path)).await?;
+            let accepted = send(request(conn, Method::DELETE, &path)?).await?;
             let end = follow_if(conn, accepted, *wait, "migration_id").await?;
             // Followed to its end: only a cancelled one is what was asked.
             let ok = if *wait {
@@ -243,7 +265,7 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
         }
         AdminCommand::Migrations { limit, json } => {
             let path = format!("/v1/admin/migrations?limit={limit}");
-            let mut answer = send(request(conn, Method::GET, &path)).await?;
+            let mut answer = send(request(conn, Method::GET, &path)?).await?;
             if answer.ok && !json {
                 let lines: Vec<String> = answer.body["migrations"]
                     .as_array()
@@ -265,11 +287,11 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
             if let Some(rf) = replication_factor {
                 body["replication_factor"] = json!(rf);
             }
-            send(request(conn, Method::POST, "/v1/tenants").json(&body)).await
+            send(request(conn, Method::POST, "/v1/tenants")?.json(&body)).await
         }
         AdminCommand::Tenants(TenantCommand::Get { tenant_id }) => {
             let path = format!("/v1/tenants/{}", url_encode(tenant_id));
-            send(request(conn, Method::GET, &path)).await
+            send(request(conn, Method::GET, &path)?).await
         }
         AdminCommand::Tenants(TenantCommand::SetRf {
             tenant_id,
@@ -277,7 +299,7 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
         }) => {
             let path = format!("/v1/tenants/{}/replication-factor", url_encode(tenant_id));
             let body = json!({"replication_factor": replication_factor});
-            send(request(conn, Method::PUT, &path).json(&body)).await
+            send(request(conn, Method::PUT, &path)?.json(&body)).await
         }
     }
 }

@@ -10,7 +10,8 @@ pub async fn http_json(
     url: &str,
     body: Option<Value>,
 ) -> Result<(u16, Value), String> {
-    let client = reqwest::Client::builder()
+    let client = pairdb::tools::client::http_builder(None)
+        .expect("http client")
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| e.to_string())?;

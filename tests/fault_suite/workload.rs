@@ -112,7 +112,8 @@ pub struct Workload {
 
 impl Workload {
     pub fn new(gateways: Vec<String>, start: Instant) -> Arc<Workload> {
-        let http = reqwest::Client::builder()
+        let http = pairdb::tools::client::http_builder(None)
+            .expect("http client")
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(1))
             .pool_max_idle_per_host(8)
