@@ -18,6 +18,10 @@
 #   AUTH (none)                    none | token (then set PAIRDB_GATEWAY_AUTH_SECRET)
 #   CLUSTER_SECRET_FILE ($CLUSTER_DIR/cluster-secret)  the secret of every internal call;
 #                                  made (random, mode 600) when missing
+#   TLS (0)                        1: mutual TLS on every internal hop, with a CA and a
+#                                  certificate per process made by `pairdb cert` in $CLUSTER_DIR/certs
+#   HTTPS (0)                      1: the gateway serves HTTPS (its certificate from the same CA;
+#                                  curl --cacert $CLUSTER_DIR/certs/ca.pem, pairdb --cacert ...)
 #   METADATA_URL (sqlite://$CLUSTER_DIR/metadata.db)  or postgres://...
 #   IDEMPOTENCY_URL (memory://)    or redis://...
 #   SYNC (always)                  storage commit-log sync policy
@@ -34,6 +38,10 @@ SYNC="${SYNC:-always}"
 IDEMPOTENCY_URL="${IDEMPOTENCY_URL:-memory://}"
 WRITE_RATE_LIMIT="${WRITE_RATE_LIMIT:-1000}"
 READ_RATE_LIMIT="${READ_RATE_LIMIT:-10000}"
+TLS="${TLS:-0}"
+HTTPS="${HTTPS:-0}"
+SCHEME=http CURL_TLS=()
+if [ "$HTTPS" = 1 ]; then SCHEME=https CURL_TLS=(--cacert "$DIR/certs/ca.pem"); fi
 
 storage_port() { echo $((BASE + $1)); }
 gossip_port() { echo $((BASE + 200 + $1)); }
@@ -46,7 +54,14 @@ running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 launch() { # name, args...
   local name="$1"; shift
   if running "$DIR/pids/$name.pid"; then echo "$name already running (pid $(cat "$DIR/pids/$name.pid"))"; return; fi
-  "$BIN" "$@" --cluster-secret-file="$SECRET_FILE" >>"$DIR/logs/$name.log" 2>&1 &
+  local tls=()
+  if [ "$TLS" = 1 ]; then
+    tls=(--tls-ca-file="$CERTS/ca.pem" --tls-cert-file="$CERTS/$name.pem" --tls-key-file="$CERTS/$name.key")
+  fi
+  if [ "$HTTPS" = 1 ] && [ "$name" = gw ]; then
+    tls+=(--https-cert-file="$CERTS/gw.pem" --https-key-file="$CERTS/gw.key")
+  fi
+  "$BIN" "$@" --cluster-secret-file="$SECRET_FILE" "${tls[@]}" >>"$DIR/logs/$name.log" 2>&1 &
   echo $! >"$DIR/pids/$name.pid"
   echo "started $name (pid $!)"
 }
@@ -60,7 +75,7 @@ wait_http() { # url, name of the process that must answer it
       tail -n 5 "$DIR/logs/$2.log" >&2
       return 1
     fi
-    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    if curl -fsS "${CURL_TLS[@]}" -o /dev/null "$1" 2>/dev/null; then return 0; fi
     sleep 0.2
   done
   echo "$2 did not become ready ($1); see $DIR/logs/" >&2
@@ -91,6 +106,15 @@ start() {
   if [ ! -s "$SECRET_FILE" ]; then
     (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET_FILE")
   fi
+  CERTS="$abs/certs"
+  if [ "$TLS" = 1 ] || [ "$HTTPS" = 1 ]; then
+    local names=(s1 s2 s3 gw) missing=() n
+    for c in $(seq 1 "$COORDINATORS"); do names+=("c$c"); done
+    for n in "${names[@]}"; do [ -f "$CERTS/$n.pem" ] || missing+=("$n"); done
+    if [ "${#missing[@]}" -gt 0 ]; then
+      "$BIN" cert --out-dir="$CERTS" --node="$(IFS=,; echo "${missing[*]}")" --san=127.0.0.1,localhost >/dev/null
+    fi
+  fi
   local metadata="${METADATA_URL:-sqlite://$abs/metadata.db}"
   local seeds=() nodes=()
   for i in 1 2 3; do
@@ -113,8 +137,8 @@ start() {
   done
   launch gw --role=gateway --listen="$GATEWAY_ADDR" --coordinators="$(IFS=,; echo "${coordinators[*]}")" \
     --auth="$AUTH" --write-rate-limit="$WRITE_RATE_LIMIT" --read-rate-limit="$READ_RATE_LIMIT"
-  wait_http "http://$GATEWAY_ADDR/readyz" gw
-  echo "cluster ready: http://$GATEWAY_ADDR  (data and logs in $DIR)"
+  wait_http "$SCHEME://$GATEWAY_ADDR/readyz" gw
+  echo "cluster ready: $SCHEME://$GATEWAY_ADDR  (data and logs in $DIR)"
 }
 
 status() {
@@ -126,7 +150,7 @@ status() {
     if running "$f"; then echo "$name: running (pid $(cat "$f"))"; else echo "$name: not running"; fi
   done
   [ "$any" = 1 ] || { echo "no cluster in $DIR"; return 1; }
-  if curl -fsS "http://$GATEWAY_ADDR/readyz" >/dev/null 2>&1; then echo "gateway http://$GATEWAY_ADDR: ready"; else echo "gateway http://$GATEWAY_ADDR: not ready"; fi
+  if curl -fsS "${CURL_TLS[@]}" "$SCHEME://$GATEWAY_ADDR/readyz" >/dev/null 2>&1; then echo "gateway $SCHEME://$GATEWAY_ADDR: ready"; else echo "gateway $SCHEME://$GATEWAY_ADDR: not ready"; fi
 }
 
 stop() {

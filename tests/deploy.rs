@@ -47,6 +47,19 @@ fn check_config(args: &[String], env: &BTreeMap<String, String>) {
 
 #[test]
 fn kubernetes_containers_pass_check_config() {
+    // The pairdb-tls Secret's files, made the way config.yaml says, stand in for the mount.
+    let tls = tempfile::tempdir().expect("tempdir");
+    let made = Command::new(env!("CARGO_BIN_EXE_pairdb"))
+        .args(["cert", "--node=node"])
+        .arg(format!("--out-dir={}", tls.path().display()))
+        .output()
+        .expect("pairdb cert");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let mount = format!("{}/", tls.path().display());
     let shared = docs("config.yaml");
     let mut from_refs: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     for d in &shared {
@@ -107,7 +120,17 @@ fn kubernetes_containers_pass_check_config() {
                 let env: BTreeMap<String, String> = env
                     .into_iter()
                     .filter(|(k, _)| k.starts_with("PAIRDB_"))
+                    .map(|(k, v)| (k, v.replace("/etc/pairdb/tls/", &mount)))
                     .collect();
+                assert!(
+                    env.contains_key("PAIRDB_NODE_TLS_CERT_FILE"),
+                    "{file}: internal TLS is on in every workload"
+                );
+                let mounts = c["volumeMounts"].as_array().expect("volumeMounts");
+                assert!(
+                    mounts.iter().any(|m| m["mountPath"] == "/etc/pairdb/tls"),
+                    "{file}: the pairdb-tls Secret is mounted"
+                );
                 check_config(&args, &env);
                 let ports: Vec<&str> = c["ports"]
                     .as_array()
