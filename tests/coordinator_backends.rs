@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::backends::{Postgres, Redis, skip_or_fail};
 use common::cluster::{RoleProcess, start_storage};
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
@@ -36,7 +36,7 @@ async fn cluster_keeps_serving_when_redis_and_postgres_die() {
     let storage = start_storage(3, dir.path());
     let c1 = RoleProcess::coordinator("c1", &pg.url(), &redis.url(), &storage, &[], dir.path());
     let gw = RoleProcess::gateway("gw", &[&c1], &["--auth=none"], &[], dir.path());
-    let client = Client::new();
+    let client = common::http_client();
     let kv = format!("{}/v1/key-value", gw.url());
     let put = |key: &str, idem: Option<&str>| {
         let mut r = client

@@ -1016,6 +1016,7 @@ async fn key_value_stream_answers_each_call_by_id() {
                 .call(
                     |id| pb::KeyValueCall {
                         id,
+                        request_id: String::new(),
                         call: Some(call),
                     },
                     timeout,
@@ -1064,7 +1065,14 @@ async fn key_value_stream_answers_each_call_by_id() {
         "{missing:?}"
     );
     let empty = stream
-        .call(|id| pb::KeyValueCall { id, call: None }, timeout)
+        .call(
+            |id| pb::KeyValueCall {
+                id,
+                call: None,
+                request_id: String::new(),
+            },
+            timeout,
+        )
         .await
         .expect("answered")
         .result;
@@ -1083,6 +1091,7 @@ async fn key_value_stream_answers_each_call_by_id() {
         });
         move |id| pb::KeyValueCall {
             id,
+            request_id: String::new(),
             call: Some(call),
         }
     };
@@ -1108,7 +1117,14 @@ async fn key_value_stream_answers_each_call_by_id() {
     })
     .await;
     let closed = stream
-        .call(|id| pb::KeyValueCall { id, call: None }, timeout)
+        .call(
+            |id| pb::KeyValueCall {
+                id,
+                call: None,
+                request_id: String::new(),
+            },
+            timeout,
+        )
         .await;
     assert_eq!(closed.err(), Some(MuxError::Closed));
 }

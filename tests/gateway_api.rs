@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::StorageNode;
 use common::cluster::{RoleProcess, start_storage};
 use pairdb::gateway::auth::{TokenRole, issue};
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 /// One cluster per test, one test at a time (a 2-core machine).
@@ -63,7 +63,7 @@ async fn call(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-    let client = Client::new();
+    let client = common::http_client();
     let mut request = client.request(method, url).timeout(Duration::from_secs(30));
     if let Some(t) = token {
         request = request.bearer_auth(t);
@@ -360,7 +360,7 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
             assert!(!b[field].is_null(), "{field} missing: {b}");
         }
         assert!(b["vector_clock"].is_object());
-        let response = Client::new()
+        let response = common::http_client()
             .get(format!("{kv}?key=v{i}"))
             .bearer_auth(&acme)
             .send()
@@ -658,7 +658,7 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
         let (s, _, _) = call(Method::GET, &format!("{url}{path}"), None, &[], None).await;
         assert_eq!(s, 200, "{path}");
     }
-    let metrics = Client::new()
+    let metrics = common::http_client()
         .get(format!("{url}/metrics"))
         .send()
         .await
@@ -1008,4 +1008,71 @@ async fn wait_completed(url: &str, admin: &str, id: &str) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Every answer names its request id (the client's when valid, else a fresh one) in
+/// `X-Request-ID`, error bodies repeat it, and the coordinator's log line for a failed request
+/// carries it: a failed request can be followed from the client into the roles' logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_follow_a_request_into_the_logs() {
+    let _serial = SERIAL.lock().await;
+    let mut c = cluster(1);
+    let gw = c.gateway("gw", &["--auth=none"], &[]);
+    wait_ready(&gw).await;
+    wait_all_active(&gw, None).await;
+    let (s, _) = post(
+        &format!("{}/v1/tenants", gw.url()),
+        None,
+        &json!({"tenant_id": "acme", "replication_factor": 3}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    c.storage[2].kill9();
+    let kv = format!("{}/v1/key-value", gw.url());
+    let body = json!({"tenant_id": "acme", "key": "k", "value": 1, "consistency": "all"});
+    let send = |id: Option<&'static str>| {
+        let (kv, body) = (kv.clone(), body.to_string().into_bytes());
+        async move {
+            let headers: Vec<(&str, &str)> =
+                id.map(|id| ("X-Request-ID", id)).into_iter().collect();
+            call(Method::POST, &kv, None, &headers, Some(body)).await
+        }
+    };
+    let header = |h: &reqwest::header::HeaderMap| {
+        h.get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .expect("X-Request-ID in every answer")
+    };
+
+    let (s, h, b) = send(Some("trace-me-123")).await;
+    assert_error(s, &b, 503, "QUORUM_NOT_REACHED");
+    assert_eq!(header(&h), "trace-me-123");
+    assert_eq!(b["request_id"], "trace-me-123", "{b}");
+    let coordinator_log = std::fs::read_to_string(&c.coordinators[0].log).expect("log");
+    let line = coordinator_log
+        .lines()
+        .find(|l| l.contains("request failed") && l.contains("trace-me-123"))
+        .unwrap_or_else(|| panic!("no coordinator log line names the request:\n{coordinator_log}"));
+    assert!(line.contains("acme"), "{line}");
+
+    // No id, or one that is not a plain token: a fresh one, never the given text.
+    for given in [None, Some("bad id\twith tab")] {
+        let (s, h, b) = send(given).await;
+        assert_eq!(s.as_u16(), 503, "{b}");
+        let id = header(&h);
+        assert!(pairdb::rpc::trace::valid(&id) && id.len() == 32, "{id}");
+        assert_eq!(b["request_id"], id.as_str(), "{b}");
+    }
+    // Successful answers carry it too.
+    let (s, h, _) = call(
+        Method::GET,
+        &format!("{}/healthz", gw.url()),
+        None,
+        &[("X-Request-ID", "health-1")],
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(header(&h), "health-1");
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::cluster::{RoleProcess, start_storage};
-use reqwest::{Client, Method};
+use reqwest::Method;
 use serde_json::Value;
 
 struct Probe {
@@ -281,7 +281,7 @@ async fn the_running_gateway_matches_docs_openapi_yaml() {
     let meta = format!("sqlite://{}", dir.path().join("meta.db").display());
     let c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &[], dir.path());
     let gw = RoleProcess::gateway("gw", &[&c1], &["--auth=none"], &[], dir.path());
-    let client = Client::new();
+    let client = common::http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let nodes: Value = client

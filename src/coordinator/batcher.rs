@@ -41,6 +41,30 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Reply<T> = oneshot::Sender<Result<T, ReplicaError>>;
 
+/// One queued call: what to send, the request it serves (`rpc::trace`), where the answer goes.
+struct Job<T, A> {
+    call: T,
+    request_id: Option<String>,
+    reply: Reply<A>,
+}
+
+type WriteJob = Job<pb::Record, WriteAck>;
+type ReadJob = Job<pb::ReadRequest, Option<pb::Record>>;
+
+/// The calls, request ids and replies of a batch, each in call order.
+fn split<T, A>(jobs: Vec<Job<T, A>>) -> (Vec<T>, Vec<String>, Vec<Reply<A>>) {
+    let mut calls = Vec::with_capacity(jobs.len());
+    let mut ids = Vec::new();
+    let mut replies = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        calls.push(job.call);
+        ids.extend(job.request_id);
+        replies.push(job.reply);
+    }
+    ids.dedup();
+    (calls, ids, replies)
+}
+
 /// What a replica did with one write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteAck {
@@ -75,14 +99,22 @@ struct Link {
 }
 
 impl Link {
-    async fn call(&self, call: batch_call::Call) -> Result<Answer, ReplicaError> {
+    async fn call(
+        &self,
+        call: batch_call::Call,
+        request_ids: Vec<String>,
+    ) -> Result<Answer, ReplicaError> {
         let started = std::time::Instant::now();
-        let answer = self.call_untimed(call).await;
+        let answer = self.call_untimed(call, request_ids).await;
         self.batch_seconds.record(started.elapsed().as_secs_f64());
         answer
     }
 
-    async fn call_untimed(&self, call: batch_call::Call) -> Result<Answer, ReplicaError> {
+    async fn call_untimed(
+        &self,
+        call: batch_call::Call,
+        request_ids: Vec<String>,
+    ) -> Result<Answer, ReplicaError> {
         let stream = self
             .stream
             .get(|calls| {
@@ -96,6 +128,7 @@ impl Link {
                 |id| pb::BatchCall {
                     id,
                     call: Some(call),
+                    request_ids,
                 },
                 BATCH_TIMEOUT,
             )
@@ -111,8 +144,8 @@ impl Link {
 
 /// The queues of one storage node.
 pub struct NodeBatcher {
-    writes: mpsc::Sender<(pb::Record, Reply<WriteAck>)>,
-    reads: mpsc::Sender<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
+    writes: mpsc::Sender<WriteJob>,
+    reads: mpsc::Sender<ReadJob>,
 }
 
 /// Calls waiting per node and kind. A full queue makes callers wait (their request deadline
@@ -147,8 +180,13 @@ impl NodeBatcher {
     /// Applies `record` on the node, batched with concurrent writes.
     pub async fn write(&self, node: &str, record: pb::Record) -> Result<WriteAck, ReplicaError> {
         let (reply, answer) = oneshot::channel();
+        let job = Job {
+            call: record,
+            request_id: crate::rpc::trace::current(),
+            reply,
+        };
         self.writes
-            .send((record, reply))
+            .send(job)
             .await
             .map_err(|_| ReplicaError::unavailable(node, "batcher stopped"))?;
         answer
@@ -163,8 +201,13 @@ impl NodeBatcher {
         request: pb::ReadRequest,
     ) -> Result<Option<pb::Record>, ReplicaError> {
         let (reply, answer) = oneshot::channel();
+        let job = Job {
+            call: request,
+            request_id: crate::rpc::trace::current(),
+            reply,
+        };
         self.reads
-            .send((request, reply))
+            .send(job)
             .await
             .map_err(|_| ReplicaError::unavailable(node, "batcher stopped"))?;
         answer
@@ -183,19 +226,19 @@ fn value_len(r: &pb::Record) -> usize {
 /// The next write batch: the carried-over call or the first queued one, then whatever else is
 /// queued, up to the batch bounds. Cancel-safe: the only await is the queue's `recv`.
 async fn next_write_batch(
-    queue: &mut mpsc::Receiver<(pb::Record, Reply<WriteAck>)>,
-    carry: &mut Option<(pb::Record, Reply<WriteAck>)>,
-) -> Option<Vec<(pb::Record, Reply<WriteAck>)>> {
+    queue: &mut mpsc::Receiver<WriteJob>,
+    carry: &mut Option<WriteJob>,
+) -> Option<Vec<WriteJob>> {
     let first = match carry.take() {
         Some(job) => job,
         None => queue.recv().await?,
     };
-    let mut bytes = value_len(&first.0);
+    let mut bytes = value_len(&first.call);
     let mut batch = vec![first];
     while batch.len() < MAX_RECORDS {
         match queue.try_recv() {
             Ok(job) => {
-                bytes += value_len(&job.0);
+                bytes += value_len(&job.call);
                 if bytes > MAX_BYTES {
                     *carry = Some(job);
                     break;
@@ -208,14 +251,14 @@ async fn next_write_batch(
     Some(batch)
 }
 
-async fn send_writes(link: &Link, batch: Vec<(pb::Record, Reply<WriteAck>)>) {
-    let (records, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+async fn send_writes(link: &Link, batch: Vec<WriteJob>) {
+    let (records, request_ids, replies) = split(batch);
     link.write_batch_size.record(records.len() as f64);
     let call = batch_call::Call::Write(pb::WriteBatchRequest {
         records,
         source: pb::BatchSource::Client as i32,
     });
-    match link.call(call).await {
+    match link.call(call, request_ids).await {
         Ok(Answer::Write(answer)) => {
             for (i, reply) in replies.into_iter().enumerate() {
                 let ack = WriteAck::from_answer(answer.outcomes.get(i), answer.stored.get(i));
@@ -235,11 +278,7 @@ async fn send_writes(link: &Link, batch: Vec<(pb::Record, Reply<WriteAck>)>) {
 }
 
 /// Sends the node's write batches, at most `in_flight` at once, from this one task.
-async fn run_writes(
-    link: Arc<Link>,
-    mut queue: mpsc::Receiver<(pb::Record, Reply<WriteAck>)>,
-    in_flight: usize,
-) {
+async fn run_writes(link: Arc<Link>, mut queue: mpsc::Receiver<WriteJob>, in_flight: usize) {
     let mut carry = None;
     let mut running = FuturesUnordered::new();
     loop {
@@ -254,12 +293,12 @@ async fn run_writes(
     while running.next().await.is_some() {}
 }
 
-async fn send_reads(link: &Link, jobs: Vec<(pb::ReadRequest, Reply<Option<pb::Record>>)>) {
-    let (reads, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
+async fn send_reads(link: &Link, jobs: Vec<ReadJob>) {
+    let (reads, request_ids, replies) = split(jobs);
     link.read_batch_size.record(reads.len() as f64);
     let expected = reads.len();
     let call = batch_call::Call::Read(pb::ReadBatchRequest { reads });
-    let result = match link.call(call).await {
+    let result = match link.call(call, request_ids).await {
         Ok(Answer::Read(r)) if r.results.len() == expected => Ok(r.results),
         Ok(_) => Err(ReplicaError::unavailable(&link.node, "short read batch")),
         Err(e) => Err(e),
@@ -279,11 +318,7 @@ async fn send_reads(link: &Link, jobs: Vec<(pb::ReadRequest, Reply<Option<pb::Re
 }
 
 /// Sends the node's read batches, at most `in_flight` at once, from this one task.
-async fn run_reads(
-    link: Arc<Link>,
-    mut queue: mpsc::Receiver<(pb::ReadRequest, Reply<Option<pb::Record>>)>,
-    in_flight: usize,
-) {
+async fn run_reads(link: Arc<Link>, mut queue: mpsc::Receiver<ReadJob>, in_flight: usize) {
     let mut running = FuturesUnordered::new();
     let mut batch = Vec::with_capacity(MAX_RECORDS);
     loop {

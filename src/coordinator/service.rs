@@ -47,6 +47,11 @@ impl CoordinatorService {
     /// One call of a key-value stream: the same handlers as the unary RPCs; an error becomes
     /// the answer's `ErrorDetail` directly.
     async fn run_call(&self, call: pb::KeyValueCall) -> pb::KeyValueResult {
+        let request_id = call.request_id.clone();
+        crate::rpc::trace::scope(&request_id, self.run_call_in_scope(call)).await
+    }
+
+    async fn run_call_in_scope(&self, call: pb::KeyValueCall) -> pb::KeyValueResult {
         use pb::key_value_call::Call;
         use pb::key_value_result::Result as Answer;
         let answer = match call.call {

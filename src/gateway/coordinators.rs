@@ -313,11 +313,13 @@ impl Member {
             })
             .await
             .map_err(Failure::NotSent)?;
+        let request_id = crate::rpc::trace::current().unwrap_or_default();
         let answer = stream
             .call(
                 |id| pb::KeyValueCall {
                     id,
                     call: Some(call),
+                    request_id,
                 },
                 timeout,
             )

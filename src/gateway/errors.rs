@@ -1,5 +1,6 @@
 //! Errors of the public API (API.md, "Error codes"): every error body is
-//! `{"status":"error","error_code","message"[,"details"]}` with the documented HTTP status.
+//! `{"status":"error","error_code","message"[,"details"],"request_id"}` with the documented HTTP
+//! status; `request_id` is the request's id (`rpc::trace`), also in the `X-Request-ID` header.
 //! Coordinator errors arrive as gRPC statuses carrying an `ErrorDetail`; [`ApiError::from_status`]
 //! maps its code, so the gateway never guesses from messages.
 
@@ -113,8 +114,14 @@ impl IntoResponse for ApiError {
             "error_code": self.code,
             "message": self.message,
         });
-        if let (Some(details), Some(map)) = (self.details, body.as_object_mut()) {
-            map.insert("details".to_owned(), details);
+        if let Some(map) = body.as_object_mut() {
+            if let Some(details) = self.details {
+                map.insert("details".to_owned(), details);
+            }
+            // The id the answer's X-Request-ID header carries (every request has one).
+            if let Some(id) = crate::rpc::trace::current() {
+                map.insert("request_id".to_owned(), Value::String(id));
+            }
         }
         (self.status, Json(body)).into_response()
     }

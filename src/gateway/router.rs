@@ -10,12 +10,13 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 
 use crate::rpc::coordinator as pb;
+use crate::rpc::trace;
 
 use super::errors::ApiError;
 use super::{Gateway, admin, kv, tenants};
@@ -89,20 +90,31 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> (StatusCode, String) {
     }
 }
 
-/// Metrics and the access log line of every request.
+/// The request's id, metrics and the access log line of every request. The id is the client's
+/// `X-Request-ID` when it is valid (`rpc::trace::valid`), else a fresh one; the request runs in
+/// its scope (so the calls to coordinators carry it) and the answer names it in `X-Request-ID`.
 async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
+    let id = request
+        .headers()
+        .get(trace::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| trace::valid(id))
+        .map_or_else(trace::generate, str::to_owned);
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().clone();
-    let response = next.run(request).await.into_response();
+    let mut response = trace::scope(&id, next.run(request)).await.into_response();
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(trace::HEADER, value);
+    }
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     metrics::counter!("pairdb_gateway_requests_total", "route" => route.clone(), "method" => method.to_string(), "status" => status.to_string()).increment(1);
     metrics::histogram!("pairdb_gateway_request_seconds", "route" => route.clone(), "method" => method.to_string())
         .record(elapsed.as_secs_f64());
-    tracing::debug!(%method, route, status, ms = elapsed.as_secs_f64() * 1e3, "request");
+    tracing::debug!(request_id = %id, %method, route, status, ms = elapsed.as_secs_f64() * 1e3, "request");
     response
 }

@@ -183,6 +183,8 @@ async fn serve_grpc(
         .layer(tonic::service::InterceptorLayer::new(RequireSecret::new(
             auth.secret.clone(),
         )))
+        // A call's work runs as part of the request it names (`rpc::trace`).
+        .layer(crate::rpc::trace::RequestIdLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(crate::net::incoming_nodelay(listener), async move {
             // The multiplexed streams drain first, so no connection closes under them.

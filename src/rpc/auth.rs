@@ -113,15 +113,18 @@ impl ClusterSecret {
     }
 }
 
-/// Client side: adds the secret to every call.
+/// Client side: adds the secret to every call, and the id of the request the caller works for
+/// (`rpc::trace`), if any.
 #[derive(Clone, Debug)]
 pub struct AttachSecret(ClusterSecret);
 
 impl Interceptor for AttachSecret {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert(SECRET_HEADER, self.0.header.clone());
+        let metadata = request.metadata_mut();
+        metadata.insert(SECRET_HEADER, self.0.header.clone());
+        if let Some(id) = super::trace::current().and_then(|id| MetadataValue::try_from(id).ok()) {
+            metadata.insert(super::trace::HEADER, id);
+        }
         Ok(request)
     }
 }

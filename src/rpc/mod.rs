@@ -25,6 +25,7 @@ pub mod pb {
 pub mod auth;
 pub mod detail;
 pub mod tls;
+pub mod trace;
 
 /// A storage node's `WatchHealth` stream sends the membership at least this often, changed or
 /// not, so a watcher can tell a live stream from one a partition silently cut.

@@ -221,6 +221,17 @@ impl StorageService {
             Some(Call::Read(req)) => self.read_records(req).await.map(Answer::Read),
             None => Err(invalid("empty batch call")),
         };
+        if let Err(e) = &answer {
+            // The ids come from a peer: only well-formed ones are logged, at most a few.
+            let ids: Vec<&str> = call
+                .request_ids
+                .iter()
+                .filter(|id| crate::rpc::trace::valid(id))
+                .take(8)
+                .map(String::as_str)
+                .collect();
+            tracing::warn!(request_ids = ?ids, error = %e, "batch call failed");
+        }
         pb::BatchResult {
             id: call.id,
             result: Some(answer.unwrap_or_else(|e| Answer::Error(e.detail()))),

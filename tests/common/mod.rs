@@ -30,6 +30,15 @@ pub fn internal_auth() -> pairdb::rpc::auth::InternalAuth {
     }
 }
 
+/// An HTTP client (reqwest's TLS runs on the ring provider, which a client installs first:
+/// `reqwest::Client::new()` alone would panic).
+pub fn http_client() -> reqwest::Client {
+    pairdb::tools::client::http_builder(None)
+        .expect("http client")
+        .build()
+        .expect("http client")
+}
+
 /// A `pairdb` command with the tests' cluster secret in its environment.
 pub fn pairdb_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pairdb"));
