@@ -2,17 +2,20 @@
 # The cost of mutual TLS between roles (docs/security.md): the cluster benchmark's pairdb half
 # (../shared/bench/pairdb.sh: PUT and GET at quorum, RF 3, c16/c64) run twice in one go, on
 # the same machine, against `scripts/cluster.sh` without TLS and with TLS=1 (every internal
-# hop over mTLS; the gateway stays plain HTTP, which wrk drives). Prints TLS/plain ratios.
+# hop over mTLS; the gateway stays plain HTTP, which wrk drives), alternating ROUNDS times
+# (plain, mTLS, plain, mTLS, ...: run-to-run noise on this machine is +-30%). Prints the
+# medians and the TLS/plain ratios.
 #
-#   scripts/bench-tls.sh                      # REPEAT=2 DURATION=20 (about 10 min)
-#   REPEAT=1 DURATION=10 scripts/bench-tls.sh
+#   scripts/bench-tls.sh                      # ROUNDS=2 REPEAT=1 DURATION=20 (about 14 min)
+#   ROUNDS=2 DURATION=10 scripts/bench-tls.sh
 #
 # Needs wrk, curl, python3 (../shared/bench/install.sh). Everything binds to 127.0.0.1 and is
 # stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH="${BENCH_DIR:-../shared/bench}"
-export REPEAT="${REPEAT:-2}" DURATION="${DURATION:-20}"
+export REPEAT="${REPEAT:-1}" DURATION="${DURATION:-20}"
+ROUNDS="${ROUNDS:-2}"
 OUT="${RESULTS_DIR:-/tmp/pairdb-bench-tls}"
 export CLUSTER_DIR="${CLUSTER_DIR:-/tmp/pairdb-bench-tls-cluster}"
 export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18080}"
@@ -22,8 +25,11 @@ URL="http://$GATEWAY_ADDR"
 
 cargo build --release --locked
 trap 'scripts/cluster.sh stop >/dev/null 2>&1 || true' EXIT
+rm -rf "$OUT/plain" "$OUT/tls"
+for round in $(seq 1 "$ROUNDS"); do
 for variant in plain tls; do
-  rm -rf "$CLUSTER_DIR" "$OUT/$variant"
+  echo "== round $round: $variant"
+  rm -rf "$CLUSTER_DIR"
   mkdir -p "$OUT/$variant"
   TLS=0
   [ "$variant" = tls ] && TLS=1
@@ -33,6 +39,7 @@ for variant in plain tls; do
   PAIRDB_TENANT=bench SERVER_PIDS="$(scripts/cluster.sh pids)" RESULTS_DIR="$OUT/$variant" \
     CONSISTENCY=quorum WORKLOADS="put get" "$BENCH/pairdb.sh" "$URL"
   scripts/cluster.sh stop
+done
 done
 trap - EXIT
 
