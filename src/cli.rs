@@ -69,11 +69,32 @@ pub enum Command {
     /// Make a cluster CA (once, in --out-dir) and node certificates signed by it, for mutual
     /// TLS between roles and HTTPS on gateways (a test or small cluster).
     Cert(CertArgs),
+    /// Rebuild a stopped storage node's data dir from a snapshot (its tables replace the
+    /// engine's; the commit log is emptied). Then start the node and repair its ranges.
+    Restore(RestoreArgs),
     /// Placement tools that need no cluster.
     Ring {
         #[command(subcommand)]
         command: RingCommand,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The node's data dir (the node must be stopped).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// A snapshot name (under DATA_DIR/snapshots/) or the path of a snapshot directory (one
+    /// copied off the node: it holds SNAPSHOT.json, MANIFEST and sst/).
+    #[arg(long)]
+    pub snapshot: String,
+    /// The node's gc_grace: a snapshot older than this is refused (values deleted since may
+    /// come back once the other replicas purged their tombstones).
+    #[arg(long, default_value = "10days", value_parser = humantime::parse_duration)]
+    pub gc_grace: std::time::Duration,
+    /// Restore a snapshot older than gc_grace anyway.
+    #[arg(long)]
+    pub allow_older_than_gc_grace: bool,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +256,12 @@ pub enum AdminCommand {
     },
     /// The last repair of each range: when, keys compared and fixed, complete or not.
     RepairStatus,
+    /// Take a snapshot named NAME on every storage node (hard links, no copy; all or none).
+    Snapshot { name: String },
+    /// The snapshots of the cluster, with each node's share.
+    Snapshots,
+    /// Delete snapshot NAME from every storage node.
+    DeleteSnapshot { name: String },
     /// A migration's status.
     Migration { migration_id: String },
     /// Cancel a migration in progress: it is rolled back (state cancelled).

@@ -73,6 +73,9 @@ fn main() -> ExitCode {
     if let Some(Command::Cert(args)) = &cli.command {
         return make_certificates(args);
     }
+    if let Some(Command::Restore(args)) = &cli.command {
+        return restore(args);
+    }
     if let Some(Command::Dev(args)) = cli.command {
         init_tracing(LogFormat::Human, "info");
         let rt = match runtime(None) {
@@ -243,6 +246,39 @@ async fn run_tool(command: &Command) -> ExitCode {
         }
         Err(e) => {
             eprintln!("pairdb: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `pairdb restore`: a stopped node's data dir rebuilt from a snapshot.
+fn restore(args: &pairdb::cli::RestoreArgs) -> ExitCode {
+    use pairdb::storage::snapshots;
+    let done = snapshots::locate(&args.data_dir, &args.snapshot)
+        .map_err(anyhow::Error::from)
+        .and_then(|dir| {
+            snapshots::restore(
+                &args.data_dir,
+                &dir,
+                args.gc_grace,
+                args.allow_older_than_gc_grace,
+            )
+        });
+    match done {
+        Ok(info) => {
+            println!(
+                "restored {} from snapshot {:?} of node {} ({} tables, {} bytes); start the node, \
+                 then repair its ranges: pairdb admin repair --node <its id>",
+                args.data_dir.display(),
+                info.name,
+                info.node_id,
+                info.tables,
+                info.bytes
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pairdb: restore failed: {e:#}");
             ExitCode::from(EXIT_FAILURE)
         }
     }

@@ -111,6 +111,32 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         "nothing changed"
     );
 
+    // Snapshots through the CLI: taken on the three nodes, listed, deleted; errors exit 1.
+    let taken = json_out(&pairdb(&url, &["admin", "snapshot", "before-bench"]));
+    assert_eq!(taken["nodes"].as_array().map(Vec::len), Some(3), "{taken}");
+    let listed = json_out(&pairdb(&url, &["admin", "snapshots"]));
+    assert_eq!(listed["snapshots"][0]["name"], "before-bench", "{listed}");
+    for (args, code) in [
+        (
+            &["admin", "snapshot", "before-bench"][..],
+            "SNAPSHOT_EXISTS",
+        ),
+        (&["admin", "snapshot", ".hidden"][..], "INVALID_REQUEST"),
+        (
+            &["admin", "delete-snapshot", "nope"][..],
+            "SNAPSHOT_NOT_FOUND",
+        ),
+    ] {
+        let out = pairdb(&url, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(code),
+            "{args:?}"
+        );
+    }
+    let deleted = json_out(&pairdb(&url, &["admin", "delete-snapshot", "before-bench"]));
+    assert_eq!(deleted["name"], "before-bench", "{deleted}");
+
     let report = json_out(&pairdb(
         &url,
         &[

@@ -38,6 +38,10 @@ pub enum CoordError {
     InvalidNodeConfig(String),
     #[error("migration {0:?} not found")]
     MigrationNotFound(String),
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    #[error("snapshot {0:?} already exists")]
+    SnapshotExists(String),
     #[error("quorum not reached: {received} of {required} required replicas answered ({detail})")]
     QuorumNotReached {
         required: usize,
@@ -78,6 +82,8 @@ impl CoordError {
             CoordError::NodeInUse(_) => ErrorCode::NodeInUse,
             CoordError::InvalidNodeConfig(_) => ErrorCode::InvalidNodeConfig,
             CoordError::MigrationNotFound(_) => ErrorCode::MigrationNotFound,
+            CoordError::SnapshotNotFound(_) => ErrorCode::SnapshotNotFound,
+            CoordError::SnapshotExists(_) => ErrorCode::SnapshotExists,
             CoordError::QuorumNotReached { .. } => ErrorCode::QuorumNotReached,
             CoordError::Unavailable(_) => ErrorCode::Unavailable,
             CoordError::Internal(_) => ErrorCode::InternalError,
@@ -101,8 +107,11 @@ impl CoordError {
             CoordError::TenantNotFound(_)
             | CoordError::KeyNotFound
             | CoordError::NodeNotFound(_)
-            | CoordError::MigrationNotFound(_) => Code::NotFound,
-            CoordError::TenantExists(_) | CoordError::NodeExists(_) => Code::AlreadyExists,
+            | CoordError::MigrationNotFound(_)
+            | CoordError::SnapshotNotFound(_) => Code::NotFound,
+            CoordError::TenantExists(_)
+            | CoordError::NodeExists(_)
+            | CoordError::SnapshotExists(_) => Code::AlreadyExists,
             CoordError::QuorumNotReached { .. } | CoordError::Unavailable(_) => Code::Unavailable,
             CoordError::Internal(_) => Code::Internal,
         }

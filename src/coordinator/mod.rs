@@ -43,6 +43,7 @@ pub mod replicas;
 pub mod rf_change;
 pub mod ring_view;
 pub mod service;
+pub mod snapshots;
 pub mod stall;
 pub mod storage_pool;
 pub mod tenant_cache;

@@ -547,6 +547,31 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
+    async fn create_snapshot(
+        &self,
+        request: Request<pb::SnapshotName>,
+    ) -> Result<Response<pb::ClusterSnapshot>, Status> {
+        let name = request.into_inner().name;
+        let call = async move { self.core.create_snapshot(&name).await };
+        administration("create_snapshot", "", call).await
+    }
+
+    async fn list_snapshots(
+        &self,
+        _request: Request<pb::ListClusterSnapshotsRequest>,
+    ) -> Result<Response<pb::ListClusterSnapshotsResponse>, Status> {
+        administration("list_snapshots", "", self.core.list_snapshots()).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::SnapshotName>,
+    ) -> Result<Response<pb::ClusterSnapshot>, Status> {
+        let name = request.into_inner().name;
+        let call = async move { self.core.delete_snapshot(&name).await };
+        administration("delete_snapshot", "", call).await
+    }
+
     async fn list_storage_nodes(
         &self,
         _request: Request<pb::ListStorageNodesRequest>,

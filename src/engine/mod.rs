@@ -13,6 +13,8 @@
 //! - [`Engine::scan_tenant`]: one tenant's records in key order. [`Engine::scan_hash_range`]:
 //!   every record whose ring hash is in `[start, end)`. Both stream (one block per table in
 //!   memory) and include tombstones.
+//! - [`Engine::snapshot`]`(dest)`: hard links of every table plus the manifest (`snapshot`,
+//!   which also restores an engine directory from one).
 //! - [`Engine::flush`], [`Engine::compact`] (major compaction into the deepest level),
 //!   [`Engine::stats`], [`Engine::close`].
 //!
@@ -51,6 +53,7 @@ mod open;
 mod options;
 mod quarantine;
 mod read;
+pub mod snapshot;
 pub mod sstable;
 pub mod trees;
 mod types;

@@ -18,6 +18,7 @@ impl Engine {
         let sst_dir = dir.join("sst");
         let wal_dir = dir.join("wal");
         let vfs = options.vfs.clone();
+        super::snapshot::check_not_restoring(&*vfs, &dir)?;
         vfs.create_dir_all(&sst_dir)
             .map_err(|e| io_err("create", &sst_dir, e))?;
         let loaded = Manifest::load(&*vfs, &dir)?;

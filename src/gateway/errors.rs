@@ -90,8 +90,11 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         ErrorCode::TenantNotFound
         | ErrorCode::KeyNotFound
         | ErrorCode::NodeNotFound
-        | ErrorCode::MigrationNotFound => StatusCode::NOT_FOUND,
-        ErrorCode::TenantExists | ErrorCode::NodeExists => StatusCode::CONFLICT,
+        | ErrorCode::MigrationNotFound
+        | ErrorCode::SnapshotNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::TenantExists | ErrorCode::NodeExists | ErrorCode::SnapshotExists => {
+            StatusCode::CONFLICT
+        }
         ErrorCode::RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::QuorumNotReached | ErrorCode::Unavailable | ErrorCode::OutcomeUnknown => {
             StatusCode::SERVICE_UNAVAILABLE

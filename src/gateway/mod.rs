@@ -20,6 +20,7 @@ pub mod https;
 pub mod kv;
 pub mod rate_limit;
 pub mod router;
+pub mod snapshots;
 pub mod tenants;
 
 use std::future::Future;

@@ -19,7 +19,7 @@ use crate::rpc::coordinator as pb;
 use crate::rpc::trace;
 
 use super::errors::ApiError;
-use super::{Gateway, admin, kv, tenants};
+use super::{Gateway, admin, kv, snapshots, tenants};
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     let limit = gateway.max_body_bytes;
@@ -49,6 +49,14 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             get(admin::repair_status).post(admin::repair),
         )
         .route("/v1/admin/repair/{repair_id}", get(admin::repair_run))
+        .route(
+            "/v1/admin/snapshots",
+            get(snapshots::list).post(snapshots::create),
+        )
+        .route(
+            "/v1/admin/snapshots/{name}",
+            axum::routing::delete(snapshots::delete),
+        )
         .route(
             "/v1/admin/migrations/{migration_id}",
             get(admin::migration).delete(admin::cancel_migration),

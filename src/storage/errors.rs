@@ -36,6 +36,8 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::ValueTooLarge
         | ErrorCode::InvalidTenantId
         | ErrorCode::InvalidKey => Code::InvalidArgument,
+        ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::AlreadyExists => Code::AlreadyExists,
         ErrorCode::DiskFull | ErrorCode::DiskThrottled | ErrorCode::ResourceExhausted => {
             Code::ResourceExhausted
         }
@@ -55,6 +57,8 @@ pub enum StorageError {
     /// The request is malformed (a missing field, a bad range, too many items).
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Snapshot(#[from] crate::storage::snapshots::SnapshotError),
     /// The node failed in a way that is not the engine's (a task panicked, shutting down).
     #[error("{0}")]
     Internal(String),
@@ -66,6 +70,16 @@ impl StorageError {
         match self {
             StorageError::Engine(e) => code_of(e),
             StorageError::Invalid(_) => ErrorCode::InvalidArgument,
+            StorageError::Snapshot(e) => {
+                use crate::storage::snapshots::SnapshotError as S;
+                match e {
+                    S::InvalidName(_) | S::TooOld { .. } => ErrorCode::InvalidArgument,
+                    S::Exists(_) => ErrorCode::AlreadyExists,
+                    S::NotFound(_) => ErrorCode::NotFound,
+                    S::Engine(e) => code_of(e),
+                    S::Io { .. } => ErrorCode::Internal,
+                }
+            }
             StorageError::Internal(_) => ErrorCode::Internal,
         }
     }

@@ -1,7 +1,7 @@
 //! The storage node: the engine served over gRPC (`service`), its side of anti-entropy
 //! (`anti_entropy`), its side of cleanup (`cleanup`), range streaming to other nodes
 //! (`streaming`, throttled by `throttle`), gossip of node health (`gossip`), health and metrics over HTTP (`http`), and
-//! the data-directory lock (`datadir`). Wired together by `roles::storage`.
+//! the data-directory lock (`datadir`), and named snapshots of the data (`snapshots`). Wired together by `roles::storage`.
 
 pub mod anti_entropy;
 pub mod cleanup;
@@ -14,6 +14,7 @@ pub mod http;
 pub mod repair_markers;
 pub mod repaired_ranges;
 pub mod service;
+pub mod snapshots;
 pub mod stream_checkpoint;
 pub mod streaming;
 pub mod throttle;

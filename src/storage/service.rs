@@ -37,6 +37,7 @@ use super::errors::{StorageError, invalid};
 use super::gossip::{Gossip, Health};
 use super::repair_markers::RepairMarkerLog;
 use super::repaired_ranges::RepairedRanges;
+use super::snapshots::{SnapshotInfo, Snapshots};
 use super::streaming::StreamManager;
 use super::throttle::Throttle;
 
@@ -66,6 +67,8 @@ pub struct StorageService {
     listing_pace: Mutex<Option<Arc<Throttle>>>,
     /// The role's background work (streams); its stop token drains the batch streams.
     tasks: crate::shutdown::Tasks,
+    /// Named snapshots of the data dir; the lock makes creates and deletes one at a time.
+    snapshots: tokio::sync::Mutex<Snapshots>,
 }
 
 /// Where writes (single records and batches) are applied.
@@ -166,6 +169,17 @@ async fn timed<T>(
 }
 
 /// A handler's result as a unary RPC's: the error is encoded into a status here, once.
+fn snapshot_to_pb(info: SnapshotInfo) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        name: info.name,
+        node_id: info.node_id,
+        created_at_ms: info.created_at_ms,
+        tables: info.tables,
+        bytes: info.bytes,
+        entries: info.entries,
+    }
+}
+
 fn reply<T>(result: Result<T, StorageError>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
@@ -181,8 +195,10 @@ impl StorageService {
         auth: InternalAuth,
     ) -> Arc<Self> {
         metrics::gauge!("pairdb_repair_markers_pending").set(markers.pending() as f64);
+        let snapshots = tokio::sync::Mutex::new(Snapshots::new(engine.dir(), &node_id));
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
+            snapshots,
             node_id,
             requests: AtomicU64::new(0),
             streams: StreamManager::new(engine.clone(), tasks.clone(), auth),
@@ -632,6 +648,54 @@ impl StorageNode for StorageService {
             .await
             .map(|tombstones_dropped| pb::CompactResponse { tombstones_dropped }),
         )
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        let name = req.into_inner().name;
+        // Held until the snapshot is complete: one create or delete at a time.
+        let guard = self.snapshots.lock().await;
+        let (owned, engine) = (guard.clone(), self.engine.clone());
+        let taken = tokio::task::spawn_blocking(move || owned.create(&engine, &name))
+            .await
+            .map_err(|e| StorageError::Internal(format!("snapshot task failed: {e}")))
+            .and_then(|r| r.map_err(StorageError::from));
+        drop(guard);
+        if let Ok(info) = &taken {
+            tracing::info!(snapshot = %info.name, tables = info.tables, bytes = info.bytes, "snapshot taken");
+        }
+        reply(taken.map(snapshot_to_pb))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let snapshots = self.snapshots.lock().await.clone();
+        let listed = tokio::task::spawn_blocking(move || snapshots.list())
+            .await
+            .map_err(|e| StorageError::Internal(format!("snapshot task failed: {e}")))
+            .and_then(|r| r.map_err(StorageError::from));
+        reply(listed.map(|all| pb::ListSnapshotsResponse {
+            snapshots: all.into_iter().map(snapshot_to_pb).collect(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        let name = req.into_inner().name;
+        let guard = self.snapshots.lock().await;
+        let owned = guard.clone();
+        let deleted = tokio::task::spawn_blocking(move || owned.delete(&name))
+            .await
+            .map_err(|e| StorageError::Internal(format!("snapshot task failed: {e}")))
+            .and_then(|r| r.map_err(StorageError::from));
+        drop(guard);
+        reply(deleted.map(snapshot_to_pb))
     }
 
     async fn record_repair_markers(

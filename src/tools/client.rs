@@ -172,6 +172,15 @@ async fn follow_if(
 pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<Answer> {
     match command {
         AdminCommand::Nodes => send(request(conn, Method::GET, "/v1/admin/storage-nodes")?).await,
+        AdminCommand::Snapshot { name } => {
+            let body = json!({"name": name});
+            send(request(conn, Method::POST, "/v1/admin/snapshots")?.json(&body)).await
+        }
+        AdminCommand::Snapshots => send(request(conn, Method::GET, "/v1/admin/snapshots")?).await,
+        AdminCommand::DeleteSnapshot { name } => {
+            let path = format!("/v1/admin/snapshots/{}", url_encode(name));
+            send(request(conn, Method::DELETE, &path)?).await
+        }
         AdminCommand::AddNode {
             node_id,
             address,

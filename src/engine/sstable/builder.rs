@@ -35,7 +35,9 @@ fn io(path: &Path, e: std::io::Error) -> EngineError {
 
 impl TableBuilder {
     pub fn create(vfs: &dyn Vfs, path: &Path, id: u64, block_bytes: usize) -> Result<Self> {
-        let file = vfs.create(path, false).map_err(|e| io(path, e))?;
+        // Exclusive: ids are never reused, and a table file may be a hard link shared with a
+        // snapshot, which truncating an existing name would destroy.
+        let file = vfs.create(path, true).map_err(|e| io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             out: BufferedWriter::new(file, 256 * 1024).with_write_behind(WRITE_BEHIND),

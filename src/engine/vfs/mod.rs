@@ -72,6 +72,9 @@ pub trait Vfs: Send + Sync + std::fmt::Debug {
     /// Opens an existing file for writing.
     fn open_write(&self, path: &Path) -> io::Result<Arc<dyn VFile>>;
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// A second name for the file `from` (a hard link; `to` must not exist). Durable after
+    /// `sync_dir` of `to`'s directory, like a create.
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes the names in `dir` durable (fsync of the directory).
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
@@ -174,6 +177,10 @@ impl Vfs for RealVfs {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::rename(from, to)
+    }
+
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::hard_link(from, to)
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {

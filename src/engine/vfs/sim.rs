@@ -432,6 +432,25 @@ impl Vfs for SimVfs {
         Ok(())
     }
 
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut s = self.state.lock();
+        s.tick()?;
+        s.parent_exists(to)?;
+        let inode = *s.names.get(from).ok_or_else(|| Self::not_found(from))?;
+        if s.names.contains_key(to) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists", to.display()),
+            ));
+        }
+        s.names.insert(to.to_path_buf(), inode);
+        s.dir_ops.push(DirOp::Link {
+            path: to.to_path_buf(),
+            inode,
+        });
+        Ok(())
+    }
+
     fn remove(&self, path: &Path) -> io::Result<()> {
         let mut s = self.state.lock();
         s.tick()?;
