@@ -200,8 +200,13 @@ pub enum AdminCommand {
     /// Tenants: create, get, set-rf.
     #[command(subcommand)]
     Tenants(TenantCommand),
-    /// List the storage nodes.
-    Nodes,
+    /// The storage nodes as a table (state, health, disk, keys, load, ownership) with the
+    /// reasons a node is degraded; exit 3 when a node is not active and healthy.
+    Nodes {
+        /// Print the API's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add a storage node (it must be running at ADDRESS); prints the migration.
     AddNode {
         node_id: String,
@@ -258,8 +263,12 @@ pub enum AdminCommand {
     RepairStatus,
     /// Take a snapshot named NAME on every storage node (hard links, no copy; all or none).
     Snapshot { name: String },
-    /// The snapshots of the cluster, with each node's share.
-    Snapshots,
+    /// The snapshots of the cluster as a table (nodes, tables, size, nodes missing one).
+    Snapshots {
+        /// Print the API's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete snapshot NAME from every storage node.
     DeleteSnapshot { name: String },
     /// A migration's status.

@@ -86,6 +86,20 @@ pub fn valid_node_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// The longest snapshot name.
+pub const MAX_SNAPSHOT_NAME_BYTES: usize = 64;
+
+/// A snapshot name: 1..=64 letters, digits, '-', '_' or '.', not starting with '.'. It names a
+/// directory under `<data-dir>/snapshots/`, so it can never leave it (no '/', no "..") nor
+/// collide with the dot-prefixed work directories there.
+pub fn valid_snapshot_name(name: &str) -> bool {
+    (1..=MAX_SNAPSHOT_NAME_BYTES).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

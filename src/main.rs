@@ -238,7 +238,7 @@ async fn run_tool(command: &Command) -> ExitCode {
                 .unwrap_or_else(|| serde_json::to_string_pretty(&a.body).unwrap_or_default());
             if a.ok {
                 println!("{text}");
-                ExitCode::SUCCESS
+                a.exit_code.map_or(ExitCode::SUCCESS, ExitCode::from)
             } else {
                 eprintln!("{text}");
                 ExitCode::from(EXIT_FAILURE)

@@ -45,6 +45,20 @@ fn start_upkeep(handle: PrometheusHandle) {
     }
 }
 
+/// Registers counters at 0: those that alert rules and dashboards (deploy/prometheus,
+/// deploy/grafana) watch for rare events are exported from the start, since a series that
+/// appears only with its first event has no `increase()` to alert on, and an absent one looks
+/// like a renamed metric. Each is `(name, label)`, the label pair it is registered under if it
+/// has one. Idempotent.
+pub fn register_counters(names: &[(&'static str, Option<(&'static str, &'static str)>)]) {
+    for (name, label) in names {
+        match label {
+            Some((key, value)) => metrics::counter!(*name, *key => *value).increment(0),
+            None => metrics::counter!(*name).increment(0),
+        }
+    }
+}
+
 /// The Prometheus text exposition of everything recorded so far.
 pub fn render() -> String {
     handle().map(PrometheusHandle::render).unwrap_or_default()

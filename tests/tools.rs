@@ -29,6 +29,28 @@ fn pairdb(url: &str, args: &[&str]) -> Output {
         .expect("run pairdb")
 }
 
+/// `pairdb admin nodes --json`: exit 0 when every node is active and healthy, 3 otherwise
+/// (a dev cluster on a disk over 80% full is degraded); the JSON either way.
+fn nodes_json(url: &str) -> Value {
+    let out = pairdb(url, &["admin", "nodes", "--json"]);
+    let body: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let healthy = body["nodes"].as_array().is_some_and(|n| {
+        n.iter()
+            .all(|x| x["status"] == "active" && x["health"]["status"] == "healthy")
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(if healthy { 0 } else { 3 }),
+        "the exit code says whether the cluster is healthy: {body}"
+    );
+    body
+}
+
+fn stdout_of(out: &Output) -> String {
+    assert!(out.status.success(), "exit {:?}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn json_out(out: &Output) -> Value {
     assert!(
         out.status.success(),
@@ -83,8 +105,34 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
     let missing = pairdb(&url, &["kv", "get", "greeting"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("KEY_NOT_FOUND"));
-    let nodes = json_out(&pairdb(&url, &["admin", "nodes"]));
+    let nodes = nodes_json(&url);
     assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(3));
+    // The table: a row per node, with its ownership; the exit code as with --json.
+    let table = pairdb(&url, &["admin", "nodes"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.starts_with(" NODE") || text.starts_with("NODE"),
+        "{text}"
+    );
+    assert!(
+        text.contains("OWNS") && text.contains("s1") && text.contains("s3"),
+        "{text}"
+    );
+    let owned: f64 = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            l.split_whitespace()
+                .last()?
+                .strip_suffix('%')?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        (owned - 100.0).abs() < 0.5,
+        "ownership adds up to 100%: {text}"
+    );
     assert_eq!(
         json_out(&pairdb(&url, &["admin", "tenants", "get", "demo"]))["tenant_id"],
         "demo"
@@ -104,9 +152,7 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         assert!(stderr.contains(code), "{args:?}: {stderr}");
     }
     assert_eq!(
-        json_out(&pairdb(&url, &["admin", "nodes"]))["nodes"]
-            .as_array()
-            .map(Vec::len),
+        nodes_json(&url)["nodes"].as_array().map(Vec::len),
         Some(3),
         "nothing changed"
     );
@@ -114,8 +160,13 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
     // Snapshots through the CLI: taken on the three nodes, listed, deleted; errors exit 1.
     let taken = json_out(&pairdb(&url, &["admin", "snapshot", "before-bench"]));
     assert_eq!(taken["nodes"].as_array().map(Vec::len), Some(3), "{taken}");
-    let listed = json_out(&pairdb(&url, &["admin", "snapshots"]));
+    let listed = json_out(&pairdb(&url, &["admin", "snapshots", "--json"]));
     assert_eq!(listed["snapshots"][0]["name"], "before-bench", "{listed}");
+    let table = stdout_of(&pairdb(&url, &["admin", "snapshots"]));
+    assert!(
+        table.contains("before-bench") && table.contains("MISSING ON"),
+        "{table}"
+    );
     for (args, code) in [
         (
             &["admin", "snapshot", "before-bench"][..],
@@ -179,9 +230,7 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["type"], "node_removal");
     assert_eq!(
-        json_out(&pairdb(&url, &["admin", "nodes"]))["nodes"]
-            .as_array()
-            .map(Vec::len),
+        nodes_json(&url)["nodes"].as_array().map(Vec::len),
         Some(2),
         "--wait returned after s3 left"
     );

@@ -208,7 +208,19 @@ impl Coordinator {
                     NodeState::Active if unreachable => NodeState::Down,
                     s => s,
                 };
+                let (health_name, health_reasons) = match &health {
+                    None => ("unknown", Vec::new()),
+                    Some(h) => (
+                        match h.status() {
+                            spb::HealthStatus::Healthy => "healthy",
+                            spb::HealthStatus::Degraded => "degraded",
+                            _ => "unhealthy",
+                        },
+                        h.problems.clone(),
+                    ),
+                };
                 let health = health.unwrap_or_default();
+                let load = self.ring.membership().load(&n.node_id);
                 let mut tokens = n.ring_node().tokens();
                 tokens.sort_unstable();
                 pb::StorageNodeInfo {
@@ -220,6 +232,9 @@ impl Coordinator {
                     virtual_nodes: n.virtual_nodes,
                     keys_count: health.key_estimate,
                     disk_usage_percent: health.disk_usage_percent,
+                    load,
+                    health: health_name.to_owned(),
+                    health_reasons,
                 }
             })
             .collect();

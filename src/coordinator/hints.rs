@@ -452,9 +452,16 @@ pub async fn replay_round(
         pending += count;
     }
     metrics::gauge!("pairdb_hints_pending_total").set(pending as f64);
+    let mut oldest_age_s = 0.0f64;
     for (target, _) in counts {
+        if let Some(oldest) = store.hints_for(&target, 1).await?.first() {
+            let age_s = (now_ms() - oldest.created_at_ms).max(0) as f64 / 1e3;
+            oldest_age_s = oldest_age_s.max(age_s);
+        }
         replay_target(store, ring, pool, &target, limits).await?;
     }
+    // The backlog's age: how long the oldest undelivered hint has waited (0: none waits).
+    metrics::gauge!("pairdb_hints_oldest_age_seconds").set(oldest_age_s);
     Ok(())
 }
 
@@ -504,7 +511,7 @@ pub async fn replay_target(
         let Some(address) = snapshot.address(target) else {
             return Ok(());
         };
-        if ring.is_down(target) {
+        if !ring.accepts_writes(target) {
             return Ok(());
         }
         let ids: Vec<i64> = live.iter().map(|h| h.id).collect();

@@ -3,6 +3,11 @@
 //! past three heartbeats, it moves to the next) and keeps the set of nodes reported down: reads
 //! skip them, writes to them become hints.
 //!
+//! Health rides along: a node gossip reports `unhealthy` (its disk over the full mark, or its
+//! commit log failed: it refuses every write) is not sent writes either (they become hints,
+//! replayed once it is healthy again), and reads ask healthy replicas before degraded ones and
+//! those before unhealthy ones ([`Membership::health_rank`]).
+//!
 //! A node counts as down only after gossip reported it up at least once and then not up. Gossip
 //! reports freshly discovered peers as not up until its failure detector has heard enough
 //! heartbeats, so trusting "not up" from the start would refuse writes for the first seconds of
@@ -29,6 +34,31 @@ pub struct Membership {
 impl Membership {
     pub fn is_down(&self, node_id: &str) -> bool {
         self.down.read().contains(node_id)
+    }
+
+    /// The health gossip reports for a node that it sees up (`None`: not up, or no news).
+    fn reported_health(&self, node_id: &str) -> Option<pb::HealthStatus> {
+        self.members
+            .read()
+            .iter()
+            .find(|m| m.node_id == node_id && m.up)
+            .map(pb::MemberHealth::status)
+    }
+
+    /// Whether the node takes writes: not when gossip sees it up and reports it unhealthy (it
+    /// would refuse them). Whether it is reachable is [`Self::is_down`]'s business; a node
+    /// gossip knows nothing about gets the call (which fails and becomes a hint if need be).
+    pub fn accepts_writes(&self, node_id: &str) -> bool {
+        self.reported_health(node_id) != Some(pb::HealthStatus::Unhealthy)
+    }
+
+    /// 0 healthy (or no news), 1 degraded, 2 unhealthy: the order reads ask replicas in.
+    pub fn health_rank(&self, node_id: &str) -> u8 {
+        match self.reported_health(node_id) {
+            Some(pb::HealthStatus::Unhealthy) => 2,
+            Some(pb::HealthStatus::Degraded) => 1,
+            _ => 0,
+        }
     }
 
     /// Requests per second gossip reports for a node (0 when unknown).
@@ -64,6 +94,30 @@ impl Membership {
             for id in before.difference(&down) {
                 tracing::info!(node = %id, "gossip reports storage node up");
             }
+        }
+        {
+            let before = self.members.read();
+            for m in &members {
+                let was = before
+                    .iter()
+                    .find(|b| b.node_id == m.node_id)
+                    .map(pb::MemberHealth::status);
+                if was.is_some_and(|w| w != m.status()) {
+                    tracing::warn!(node = %m.node_id, status = ?m.status(), disk_percent = m.disk_usage_percent, "gossip reports a storage node's health changed");
+                }
+            }
+        }
+        for status in [pb::HealthStatus::Degraded, pb::HealthStatus::Unhealthy] {
+            let count = members
+                .iter()
+                .filter(|m| m.up && m.status() == status)
+                .count();
+            let name = if status == pb::HealthStatus::Degraded {
+                "degraded"
+            } else {
+                "unhealthy"
+            };
+            metrics::gauge!("pairdb_storage_nodes_health", "status" => name).set(count as f64);
         }
         metrics::gauge!("pairdb_storage_nodes_down").set(down.len() as f64);
         metrics::gauge!("pairdb_storage_nodes_up")

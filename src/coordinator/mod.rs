@@ -35,6 +35,7 @@ pub mod http;
 pub mod idempotent;
 pub mod lease;
 pub mod membership;
+pub mod migration_metrics;
 pub mod periodic;
 pub mod read;
 pub mod repair;

@@ -144,15 +144,23 @@ impl Coordinator {
         (n * chance).floor() != ((n + 1.0) * chance).floor()
     }
 
-    /// Least-loaded first (gossip's requests per second), authoritative before the others.
+    /// Authoritative before the others, then healthy before degraded before unhealthy (gossip's
+    /// health), then least-loaded first (gossip's requests per second).
     fn order_by_load(&self, replicas: &mut [(NodeId, bool)]) {
         let membership = self.ring.membership();
         replicas.sort_by(|(a, a_auth), (b, b_auth)| {
-            b_auth.cmp(a_auth).then_with(|| {
-                membership
-                    .load(a.as_str())
-                    .total_cmp(&membership.load(b.as_str()))
-            })
+            b_auth
+                .cmp(a_auth)
+                .then_with(|| {
+                    membership
+                        .health_rank(a.as_str())
+                        .cmp(&membership.health_rank(b.as_str()))
+                })
+                .then_with(|| {
+                    membership
+                        .load(a.as_str())
+                        .total_cmp(&membership.load(b.as_str()))
+                })
         });
     }
 }

@@ -121,6 +121,11 @@ impl RingView {
         Ok(plan)
     }
 
+    /// Whether the node takes writes now: up, and not reported unhealthy (see `membership`).
+    pub fn accepts_writes(&self, node: &str) -> bool {
+        !self.membership.is_down(node) && self.membership.accepts_writes(node)
+    }
+
     /// Whether gossip reports the node unreachable.
     pub fn is_down(&self, node: &str) -> bool {
         self.membership.is_down(node)

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tonic::Code;
 
+use crate::limits::valid_snapshot_name as valid_name;
 use crate::meta::NodeRecord;
 use crate::ring::NodeState;
 use crate::rpc::auth::InternalChannel;
@@ -25,7 +26,6 @@ use crate::rpc::coordinator as pb;
 use crate::rpc::detail;
 use crate::rpc::storage as spb;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
-use crate::storage::snapshots::valid_name;
 
 use super::Coordinator;
 use super::admin::rfc3339;

@@ -145,7 +145,12 @@ impl Coordinator {
         let mut calls = Vec::new();
         let replicas = plan.write_replicas();
         for node in replicas.iter().cloned() {
-            if self.ring.is_down(node.as_str()) {
+            // Down, or refusing writes (disk full, commit log failed): a hint, replayed once it
+            // takes writes again.
+            if !self.ring.accepts_writes(node.as_str()) {
+                if !self.ring.is_down(node.as_str()) {
+                    metrics::counter!("pairdb_writes_to_unhealthy_hinted_total").increment(1);
+                }
                 self.hints.hint(node.as_str(), &record, &replicas);
                 continue;
             }

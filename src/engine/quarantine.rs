@@ -60,6 +60,11 @@ impl Core {
             self.has_quarantine.store(true, Ordering::Release);
         }
         metrics::counter!("pairdb_engine_tables_quarantined_total").increment(1);
+        let kind = match why {
+            EngineError::ChecksumFailed { .. } => "checksum",
+            _ => "structure",
+        };
+        metrics::counter!("pairdb_engine_checksum_failures_total", "kind" => kind).increment(1);
         tracing::error!(table = id, error = %why, "corrupt SSTable quarantined; its key range is refused until repaired");
         let vfs = &*self.options.vfs;
         let dir = self.dir.join("quarantine");

@@ -116,6 +116,8 @@ pub async fn list_nodes(
                 "keys_count": n.keys_count,
                 "disk_usage_percent": n.disk_usage_percent,
                 "tokens": n.tokens.iter().map(u64::to_string).collect::<Vec<_>>(),
+                "health": {"status": n.health, "reasons": n.health_reasons},
+                "load": n.load,
             })
         })
         .collect();

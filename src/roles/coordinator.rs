@@ -44,6 +44,11 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let auth = config.node.internal_auth()?;
     let core = start(&id, cfg, &auth, shutdown.clone()).await?;
     crate::metrics::handle();
+    crate::metrics::register_counters(&[
+        ("pairdb_hints_dropped_total", Some(("reason", "expired"))),
+        ("pairdb_hints_replayed_total", None),
+        ("pairdb_writes_to_unhealthy_hinted_total", None),
+    ]);
     tracing::info!(coordinator = %id, grpc = %grpc_listener.local_addr()?, http = %http_listener.local_addr()?, "coordinator serving");
 
     let http_server =
@@ -191,6 +196,7 @@ pub async fn start(
         ring,
     });
     rf_change::spawn_refresh(core.clone(), cfg.ring_refresh);
+    crate::coordinator::migration_metrics::spawn_export(core.clone(), cfg.ring_refresh);
     lease::spawn_watch(core.clone(), cfg.ring_refresh);
     if cfg.auto_cleanup {
         let grace = cfg.cleanup_grace;

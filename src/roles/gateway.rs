@@ -53,6 +53,10 @@ pub async fn serve(
         _ => None,
     };
     crate::metrics::handle();
+    crate::metrics::register_counters(&[
+        ("pairdb_gateway_outcome_unknown_total", None),
+        ("pairdb_gateway_coordinator_failovers_total", None),
+    ]);
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(http = %addr, https = https.is_some(), auth = ?cfg.auth.mode, coordinators = ?cfg.coordinators, "gateway serving");
     let listener = Stoppable {

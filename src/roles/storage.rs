@@ -66,6 +66,19 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         None => None,
     };
     crate::metrics::handle();
+    crate::metrics::register_counters(&[
+        (
+            "pairdb_engine_checksum_failures_total",
+            Some(("kind", "checksum")),
+        ),
+        (
+            "pairdb_engine_checksum_failures_total",
+            Some(("kind", "structure")),
+        ),
+        ("pairdb_engine_tables_quarantined_total", None),
+        ("pairdb_stream_bytes_sent_total", None),
+        ("pairdb_stream_records_sent_total", None),
+    ]);
     let markers = Arc::new(RepairMarkerLog::open(&cfg.data_dir).with_context(|| {
         format!(
             "cannot open the repair markers in {}",

@@ -50,11 +50,14 @@ fn status_name(s: pb::HealthStatus) -> &'static str {
     }
 }
 
+/// The status a node gossips; `Unspecified` until its first publication has arrived (or for a
+/// name this version does not know): coordinators treat that as "no news", not as unhealthy.
 fn status_from(name: &str) -> pb::HealthStatus {
     match name {
         "healthy" => pb::HealthStatus::Healthy,
         "degraded" => pb::HealthStatus::Degraded,
-        _ => pb::HealthStatus::Unhealthy,
+        "unhealthy" => pb::HealthStatus::Unhealthy,
+        _ => pb::HealthStatus::Unspecified,
     }
 }
 

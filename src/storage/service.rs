@@ -140,6 +140,26 @@ pub fn health_status(
     }
 }
 
+/// The line that says why disk usage makes the node degraded or unhealthy (none below the
+/// warning mark).
+pub fn disk_problem(
+    disk_percent: f64,
+    thresholds: &crate::engine::DiskThresholds,
+) -> Option<String> {
+    match health_status(disk_percent, thresholds) {
+        pb::HealthStatus::Unhealthy => Some(format!(
+            "disk {disk_percent:.1}% full: every write refused (DISK_FULL) from {:.0}%",
+            thresholds.full_percent
+        )),
+        pb::HealthStatus::Degraded => Some(format!(
+            "disk {disk_percent:.1}% full: over the warning mark ({:.0}%); large writes refused \
+             from {:.0}%, every write from {:.0}%",
+            thresholds.warn_percent, thresholds.throttle_percent, thresholds.full_percent
+        )),
+        _ => None,
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> Result<T, StorageError> {
@@ -790,14 +810,15 @@ impl StorageNode for StorageService {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let stats = self.engine.stats();
         let problems = self.engine.problems();
+        let thresholds = self.engine.disk_thresholds();
+        let disk = disk_problem(stats.disk_usage_percent, &thresholds);
         Ok(Response::new(pb::HealthCheckResponse {
             node_id: self.node_id.clone(),
-            status: node_status(
-                stats.disk_usage_percent,
-                &self.engine.disk_thresholds(),
-                &problems,
-            ) as i32,
-            problems: problems.iter().map(ToString::to_string).collect(),
+            status: node_status(stats.disk_usage_percent, &thresholds, &problems) as i32,
+            problems: disk
+                .into_iter()
+                .chain(problems.iter().map(ToString::to_string))
+                .collect(),
             disk_usage_percent: stats.disk_usage_percent,
             memtable_count: stats.memtables as u32,
             sstable_count: stats.sstables as u32,

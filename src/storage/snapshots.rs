@@ -23,7 +23,6 @@ use crate::engine::{self, Engine, EngineError};
 pub const DIR: &str = "snapshots";
 const META: &str = "SNAPSHOT.json";
 const PARTIAL: &str = ".partial-";
-const MAX_NAME: usize = 64;
 
 /// What a snapshot is (its `SNAPSHOT.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,13 +67,7 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotErro
     move |source| SnapshotError::Io { context, source }
 }
 
-pub fn valid_name(name: &str) -> bool {
-    (1..=MAX_NAME).contains(&name.len())
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use crate::limits::valid_snapshot_name as valid_name;
 
 fn checked(name: &str) -> Result<&str, SnapshotError> {
     if valid_name(name) {

@@ -423,6 +423,8 @@ async fn run(
             t.take(bytes).await;
         }
         send(&mut client, &batch.records).await?;
+        metrics::counter!("pairdb_stream_bytes_sent_total").increment(bytes);
+        metrics::counter!("pairdb_stream_records_sent_total").increment(batch.records.len() as u64);
         let keys = stream
             .keys
             .fetch_add(batch.records.len() as u64, Ordering::Relaxed)

@@ -1,6 +1,7 @@
 //! `pairdb kv put|get|delete` and `pairdb admin tenants|nodes|migration|migrations`: one HTTP
 //! call each, the JSON answer printed on stdout (exit 0) or the error body on stderr (exit 1);
-//! `admin migrations` prints a line per migration instead, and `add-node`/`remove-node --wait`
+//! `admin migrations` prints a line per migration instead, `admin nodes` and `admin snapshots`
+//! tables ([`super::tables`]; `--json` for the JSON), and `add-node`/`remove-node --wait`
 //! poll the migration to its end (exit 1 unless it completed).
 //!
 //! Connection: `--url` (PAIRDB_URL, default http://127.0.0.1:8080), `--tenant` (PAIRDB_TENANT,
@@ -22,6 +23,9 @@ pub struct Answer {
     pub body: Value,
     /// Printed instead of the JSON body, when the command renders for people.
     pub text: Option<String>,
+    /// The exit code of an answer that is not an error but says the cluster is not healthy
+    /// (`admin nodes`: [`super::tables::EXIT_UNHEALTHY`]).
+    pub exit_code: Option<u8>,
 }
 
 /// An HTTP client builder for a gateway: HTTPS through rustls on the ring provider (installed
@@ -68,6 +72,7 @@ async fn send(r: RequestBuilder) -> anyhow::Result<Answer> {
         ok,
         body,
         text: None,
+        exit_code: None,
     })
 }
 
@@ -171,12 +176,28 @@ async fn follow_if(
 
 pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<Answer> {
     match command {
-        AdminCommand::Nodes => send(request(conn, Method::GET, "/v1/admin/storage-nodes")?).await,
+        AdminCommand::Nodes { json } => {
+            let mut answer = send(request(conn, Method::GET, "/v1/admin/storage-nodes")?).await?;
+            if answer.ok {
+                let (table, healthy) = super::tables::nodes(&answer.body);
+                if !json {
+                    answer.text = Some(table);
+                }
+                answer.exit_code = (!healthy).then_some(super::tables::EXIT_UNHEALTHY);
+            }
+            Ok(answer)
+        }
         AdminCommand::Snapshot { name } => {
             let body = json!({"name": name});
             send(request(conn, Method::POST, "/v1/admin/snapshots")?.json(&body)).await
         }
-        AdminCommand::Snapshots => send(request(conn, Method::GET, "/v1/admin/snapshots")?).await,
+        AdminCommand::Snapshots { json } => {
+            let mut answer = send(request(conn, Method::GET, "/v1/admin/snapshots")?).await?;
+            if answer.ok && !json {
+                answer.text = Some(super::tables::snapshots(&answer.body));
+            }
+            Ok(answer)
+        }
         AdminCommand::DeleteSnapshot { name } => {
             let path = format!("/v1/admin/snapshots/{}", url_encode(name));
             send(request(conn, Method::DELETE, &path)?).await

@@ -9,3 +9,4 @@ pub mod cert;
 pub mod client;
 pub mod progress;
 pub mod ring;
+pub mod tables;
