@@ -197,7 +197,7 @@ pub enum KvCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Tenants: create, get, set-rf.
+    /// Tenants: create, get, set-rf, list.
     #[command(subcommand)]
     Tenants(TenantCommand),
     /// The storage nodes as a table (state, health, disk, keys, load, ownership) with the
@@ -306,6 +306,15 @@ pub enum TenantCommand {
     SetRf {
         tenant_id: String,
         replication_factor: u32,
+    },
+    /// The tenants in id order, as a table (every page followed).
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+        /// Print JSON (`{"tenants": [...]}`) instead.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -246,6 +246,46 @@ async fn token_mode_serves_the_whole_api_and_keeps_tenants_apart() {
     )
     .await;
     assert_eq!(s, 200);
+    // The tenant list: admin only, paged in id order by an opaque cursor.
+    for id in ["t-3", "t-1", "t-2"] {
+        let (s, _) = post(
+            &format!("{url}/v1/tenants"),
+            Some(&admin),
+            &json!({"tenant_id": id}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let (s, b) = get(&format!("{url}/v1/tenants"), Some(&acme)).await;
+    assert_error(s, &b, 403, "FORBIDDEN");
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page_url = match &cursor {
+            None => format!("{url}/v1/tenants?limit=2"),
+            Some(c) => format!("{url}/v1/tenants?limit=2&cursor={c}"),
+        };
+        let (s, b) = get(&page_url, Some(&admin)).await;
+        assert_eq!(s, 200, "{b}");
+        pages += 1;
+        let page = b["tenants"].as_array().expect("tenants");
+        assert!(page.len() <= 2, "{b}");
+        listed.extend(
+            page.iter()
+                .map(|t| t["tenant_id"].as_str().unwrap().to_owned()),
+        );
+        match b["cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(listed, ["acme", "globex", "t-1", "t-2", "t-3"]);
+    assert_eq!(pages, 3);
+    for bad in ["limit=0", "limit=1001", "limit=x", "cursor=%2A%2A%2A"] {
+        let (s, b) = get(&format!("{url}/v1/tenants?{bad}"), Some(&admin)).await;
+        assert_error(s, &b, 400, "INVALID_REQUEST");
+    }
     let (s, _, b) = call(
         Method::PUT,
         &format!("{url}/v1/tenants/globex/replication-factor"),

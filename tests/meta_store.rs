@@ -205,6 +205,32 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         .expect("visible to the other coordinator");
     assert_eq!(seen, t);
     assert_eq!(a.get_tenant("nobody").await.expect("get"), None);
+    // Pages of the tenant list: every tenant once, in one order, whatever the page size.
+    for id in ["zeta", "Beta", "beta-2", "ünï"] {
+        a.create_tenant(id, 1).await.expect("create");
+    }
+    let all: Vec<String> = b
+        .list_tenants(None, 100)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.tenant_id)
+        .collect();
+    assert_eq!(all.len(), 5, "{all:?}");
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = b.list_tenants(after.as_deref(), 2).await.expect("page");
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|t| t.tenant_id.clone());
+        paged.extend(page.into_iter().map(|t| t.tenant_id));
+    }
+    assert_eq!(
+        paged, all,
+        "paging by the last id neither skips nor repeats"
+    );
     let before = a
         .update_replication_factor("acme", 5)
         .await

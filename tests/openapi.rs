@@ -52,6 +52,8 @@ fn probes() -> Vec<Probe> {
             Some(r#"{"tenant_id":"x","replication_factor":0}"#),
         ),
         probe(M::GET, "/v1/tenants/{tenant_id}", "/v1/tenants/acme", None),
+        probe(M::GET, "/v1/tenants", "/v1/tenants?limit=1", None),
+        probe(M::GET, "/v1/tenants", "/v1/tenants?cursor=%2A", None),
         probe(
             M::GET,
             "/v1/tenants/{tenant_id}",

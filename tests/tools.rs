@@ -105,6 +105,13 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
     let missing = pairdb(&url, &["kv", "get", "greeting"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("KEY_NOT_FOUND"));
+    let listed = stdout_of(&pairdb(&url, &["admin", "tenants", "list"]));
+    assert!(
+        listed.contains("TENANT") && listed.contains("demo"),
+        "{listed}"
+    );
+    let listed = json_out(&pairdb(&url, &["admin", "tenants", "list", "--json"]));
+    assert_eq!(listed["tenants"][0]["tenant_id"], "demo", "{listed}");
     let nodes = nodes_json(&url);
     assert_eq!(nodes["nodes"].as_array().map(Vec::len), Some(3));
     // The table: a row per node, with its ownership; the exit code as with --json.

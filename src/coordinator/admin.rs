@@ -69,6 +69,32 @@ impl Coordinator {
         Ok(tenant_to_proto(&tenant))
     }
 
+    /// One page of the tenants after `after` (empty: from the first), in id order.
+    pub async fn list_tenants(
+        &self,
+        after: &str,
+        limit: u32,
+    ) -> Result<pb::ListTenantsResponse, CoordError> {
+        let limit = match limit {
+            0 => 100,
+            n if n <= 1000 => n,
+            n => {
+                return Err(CoordError::InvalidRequest(format!(
+                    "limit {n} is outside 1..=1000"
+                )));
+            }
+        };
+        let after = (!after.is_empty()).then_some(after);
+        // One more than asked: whether another page follows.
+        let mut page = self.meta.list_tenants(after, limit + 1).await?;
+        let more = page.len() > limit as usize;
+        page.truncate(limit as usize);
+        Ok(pb::ListTenantsResponse {
+            tenants: page.iter().map(tenant_to_proto).collect(),
+            more,
+        })
+    }
+
     pub async fn get_tenant(&self, tenant_id: &str) -> Result<pb::Tenant, CoordError> {
         check_tenant_id(tenant_id)?;
         Ok(tenant_to_proto(&self.tenant(tenant_id).await?))

@@ -572,6 +572,15 @@ impl CoordinatorRpc for CoordinatorService {
         administration("delete_snapshot", "", call).await
     }
 
+    async fn list_tenants(
+        &self,
+        request: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        let req = request.into_inner();
+        let call = async move { self.core.list_tenants(&req.after, req.limit).await };
+        administration("list_tenants", "", call).await
+    }
+
     async fn list_storage_nodes(
         &self,
         _request: Request<pb::ListStorageNodesRequest>,

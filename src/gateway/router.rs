@@ -28,7 +28,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/v1/key-value",
             post(kv::put).get(kv::get).delete(kv::delete),
         )
-        .route("/v1/tenants", post(tenants::create))
+        .route("/v1/tenants", get(tenants::list).post(tenants::create))
         .route("/v1/tenants/{tenant_id}", get(tenants::get))
         .route(
             "/v1/tenants/{tenant_id}/replication-factor",

@@ -240,6 +240,11 @@ pub trait MetadataStore: Send + Sync {
         replication_factor: u32,
     ) -> Result<Tenant, MetaError>;
     async fn get_tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, MetaError>;
+    /// Up to `limit` tenants whose id sorts after `after` (all from the first when `None`),
+    /// in id order: one page of the tenant list. The order is the store's collation of ids,
+    /// the same for every page, so paging by the last id seen never skips or repeats one.
+    async fn list_tenants(&self, after: Option<&str>, limit: u32)
+    -> Result<Vec<Tenant>, MetaError>;
     /// Tenants created or changed at or after `since_ms` (for other coordinators' caches).
     async fn tenants_updated_since(&self, since_ms: i64) -> Result<Vec<Tenant>, MetaError>;
     /// Sets the RF and returns the tenant as it was before.

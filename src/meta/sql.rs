@@ -380,6 +380,23 @@ impl MetadataStore for SqlMetadataStore {
         row.as_ref().map(tenant).transpose()
     }
 
+    async fn list_tenants(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Tenant>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, replication_factor, created_at_ms, updated_at_ms FROM tenants \
+             WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2",
+        )
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(tenant).collect()
+    }
+
     async fn tenants_updated_since(&self, since_ms: i64) -> Result<Vec<Tenant>, MetaError> {
         let rows = sqlx::query(
             "SELECT tenant_id, replication_factor, created_at_ms, updated_at_ms FROM tenants WHERE updated_at_ms >= $1",

@@ -319,6 +319,38 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
             }
             send(request(conn, Method::POST, "/v1/tenants")?.json(&body)).await
         }
+        AdminCommand::Tenants(TenantCommand::List { limit, json }) => {
+            let mut tenants: Vec<Value> = Vec::new();
+            let mut cursor: Option<String> = None;
+            while tenants.len() < *limit {
+                let page_size = (*limit - tenants.len()).min(1000);
+                let mut path = format!("/v1/tenants?limit={page_size}");
+                if let Some(c) = &cursor {
+                    path.push_str(&format!("&cursor={}", url_encode(c)));
+                }
+                let answer = send(request(conn, Method::GET, &path)?).await?;
+                if !answer.ok {
+                    return Ok(answer);
+                }
+                tenants.extend(
+                    answer.body["tenants"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+                match answer.body["cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_owned()),
+                    None => break,
+                }
+            }
+            let body = json!({ "tenants": tenants });
+            Ok(Answer {
+                ok: true,
+                text: (!json).then(|| super::tables::tenants(&body)),
+                body,
+                exit_code: None,
+            })
+        }
         AdminCommand::Tenants(TenantCommand::Get { tenant_id }) => {
             let path = format!("/v1/tenants/{}", url_encode(tenant_id));
             send(request(conn, Method::GET, &path)?).await

@@ -1,4 +1,4 @@
-//! What `pairdb admin nodes` and `pairdb admin snapshots` print for people: aligned tables in
+//! What `pairdb admin nodes`, `admin snapshots` and `admin tenants list` print for people: aligned tables in
 //! the manner of `nodetool status` (comfy-table, no borders), reasons under the table. `--json`
 //! prints the API's JSON instead. `admin nodes` exits [`EXIT_UNHEALTHY`] when a node is not
 //! `active` and `healthy`, so scripts and probes can tell without parsing.
@@ -161,6 +161,24 @@ pub fn snapshots(body: &Value) -> String {
         ));
     }
     out
+}
+
+/// The tenant list (`{"tenants": [...]}`, every page) as a table.
+pub fn tenants(body: &Value) -> String {
+    let all: Vec<Value> = body["tenants"].as_array().cloned().unwrap_or_default();
+    if all.is_empty() {
+        return "no tenants".to_owned();
+    }
+    let mut t = table(&["TENANT", "RF", "CREATED", "UPDATED"], &[1]);
+    for tenant in &all {
+        t.add_row(vec![
+            text(&tenant["tenant_id"]),
+            text(&tenant["replication_factor"]),
+            text(&tenant["created_at"]),
+            text(&tenant["updated_at"]),
+        ]);
+    }
+    t.to_string()
 }
 
 #[cfg(test)]
