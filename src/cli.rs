@@ -197,7 +197,7 @@ pub enum KvCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Tenants: create, get, set-rf, list.
+    /// Tenants: create, get, set-rf, list, delete.
     #[command(subcommand)]
     Tenants(TenantCommand),
     /// The storage nodes as a table (state, health, disk, keys, load, ownership) with the
@@ -306,6 +306,10 @@ pub enum TenantCommand {
     SetRf {
         tenant_id: String,
         replication_factor: u32,
+    },
+    /// Delete a tenant: it stops accepting requests, its records are purged from every node.
+    Delete {
+        tenant_id: String,
     },
     /// The tenants in id order, as a table (every page followed).
     List {

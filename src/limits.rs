@@ -42,6 +42,39 @@ pub fn check_tenant(tenant: &str) -> Result<(), LimitError> {
     Ok(())
 }
 
+/// The longest storage namespace of a tenant: its id, ':' and an incarnation.
+pub const MAX_STORAGE_TENANT_BYTES: usize = MAX_TENANT_BYTES + 11;
+
+/// The storage namespace of incarnation `incarnation` of tenant `tenant_id` (see
+/// `meta::Tenant::storage_id`).
+pub fn storage_tenant_id(tenant_id: &str, incarnation: u32) -> String {
+    if incarnation <= 1 {
+        tenant_id.to_owned()
+    } else {
+        format!("{tenant_id}:{incarnation}")
+    }
+}
+
+/// The tenant id and incarnation of a storage namespace (`None` when it is none).
+pub fn parse_storage_tenant(storage_id: &str) -> Option<(&str, u32)> {
+    match storage_id.rsplit_once(':') {
+        None => check_tenant(storage_id).ok().map(|()| (storage_id, 1)),
+        Some((id, suffix)) => {
+            // Canonical decimal only ("02" or "+2" would be a second name for one namespace).
+            let n: u32 = suffix.parse().ok().filter(|n: &u32| *n >= 2)?;
+            (check_tenant(id).is_ok() && n.to_string() == suffix).then_some((id, n))
+        }
+    }
+}
+
+/// A tenant namespace as storage nodes take it: a tenant id, or `id:N` for incarnation N >= 2.
+pub fn check_storage_tenant(tenant: &str) -> Result<(), LimitError> {
+    if tenant.len() > MAX_STORAGE_TENANT_BYTES || parse_storage_tenant(tenant).is_none() {
+        return Err(LimitError::TenantId);
+    }
+    Ok(())
+}
+
 /// Key: 1..=1024 bytes.
 pub fn check_key(key: &[u8]) -> Result<(), LimitError> {
     if key.is_empty() {
@@ -103,6 +136,23 @@ pub fn valid_snapshot_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_namespaces_name_one_incarnation_each() {
+        assert_eq!(storage_tenant_id("acme", 1), "acme");
+        assert_eq!(storage_tenant_id("acme", 3), "acme:3");
+        assert_eq!(parse_storage_tenant("acme"), Some(("acme", 1)));
+        assert_eq!(parse_storage_tenant("acme:3"), Some(("acme", 3)));
+        for bad in ["acme:1", "acme:03", "acme:+3", "acme:x", "a:b:2", ":2", ""] {
+            assert_eq!(parse_storage_tenant(bad), None, "{bad}");
+            assert!(check_storage_tenant(bad).is_err(), "{bad}");
+        }
+        assert!(check_storage_tenant("acme:2").is_ok());
+        assert!(
+            check_tenant("acme:2").is_err(),
+            "clients cannot name a namespace"
+        );
+    }
 
     #[test]
     fn limits_are_inclusive() {

@@ -53,6 +53,24 @@ fn probes() -> Vec<Probe> {
         ),
         probe(M::GET, "/v1/tenants/{tenant_id}", "/v1/tenants/acme", None),
         probe(M::GET, "/v1/tenants", "/v1/tenants?limit=1", None),
+        probe(
+            M::DELETE,
+            "/v1/tenants/{tenant_id}",
+            "/v1/tenants/never-created",
+            None,
+        ),
+        probe(
+            M::POST,
+            "/v1/tenants",
+            "/v1/tenants",
+            Some(r#"{"tenant_id":"doomed"}"#),
+        ),
+        probe(
+            M::DELETE,
+            "/v1/tenants/{tenant_id}",
+            "/v1/tenants/doomed",
+            None,
+        ),
         probe(M::GET, "/v1/tenants", "/v1/tenants?cursor=%2A", None),
         probe(
             M::GET,

@@ -81,3 +81,12 @@ CREATE TABLE IF NOT EXISTS repair_runs (
     keys_compared BIGINT NOT NULL,
     keys_fixed BIGINT NOT NULL
 );
+-- Deleted tenants: each incarnation's storage namespace, purged from every storage node
+-- (tenant deletion; a re-created id is a new incarnation with a namespace of its own).
+ALTER TABLE tenants ADD COLUMN IF NOT EXISTS incarnation BIGINT NOT NULL DEFAULT 1;
+CREATE TABLE IF NOT EXISTS deleted_tenants (
+    storage_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    incarnation BIGINT NOT NULL,
+    deleted_at_ms BIGINT NOT NULL
+);

@@ -44,7 +44,7 @@ fn check_rf(rf: u32) -> Result<u32, CoordError> {
     }
 }
 
-fn tenant_to_proto(t: &Tenant) -> pb::Tenant {
+pub(super) fn tenant_to_proto(t: &Tenant) -> pb::Tenant {
     pb::Tenant {
         tenant_id: t.tenant_id.clone(),
         replication_factor: t.replication_factor,
@@ -57,6 +57,7 @@ impl Coordinator {
     pub async fn create_tenant(&self, tenant_id: &str, rf: u32) -> Result<pb::Tenant, CoordError> {
         check_tenant_id(tenant_id)?;
         let rf = check_rf(rf)?;
+        self.check_not_just_deleted(tenant_id).await?;
         let tenant = self
             .meta
             .create_tenant(tenant_id, rf)

@@ -286,9 +286,10 @@ impl Coordinator {
             .tenants_updated_since(i64::MIN)
             .await
             .map_err(|e| e.to_string())?;
+        // By namespace: records of deleted incarnations are the purge's business, not cleanup's.
         let rf_of: HashMap<String, usize> = tenants
             .iter()
-            .map(|t| (t.tenant_id.clone(), t.replication_factor as usize))
+            .map(|t| (t.storage_id(), t.replication_factor as usize))
             .collect();
         for node in &targets {
             lease.check()?;

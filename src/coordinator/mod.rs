@@ -48,6 +48,7 @@ pub mod snapshots;
 pub mod stall;
 pub mod storage_pool;
 pub mod tenant_cache;
+pub mod tenant_delete;
 pub mod topology;
 pub mod write;
 
@@ -133,5 +134,18 @@ impl Coordinator {
             .get(tenant_id)
             .await?
             .ok_or_else(|| CoordError::TenantNotFound(tenant_id.to_owned()))
+    }
+
+    /// The live tenant whose storage namespace is `namespace` (a record's, a hint's or a
+    /// repair marker's `tenant_id`); `None` for a deleted incarnation or a deleted tenant,
+    /// whose records are never repaired nor handed on.
+    pub async fn tenant_of_namespace(&self, namespace: &str) -> Result<Option<Tenant>, CoordError> {
+        let Some((id, incarnation)) = crate::limits::parse_storage_tenant(namespace) else {
+            return Ok(None);
+        };
+        match self.tenants.get(id).await? {
+            Some(t) if t.incarnation == incarnation => Ok(Some(t)),
+            _ => Ok(None),
+        }
     }
 }

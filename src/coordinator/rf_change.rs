@@ -108,6 +108,12 @@ async fn refresh(core: &Coordinator, every: Duration) -> Result<(), MetaError> {
     let since = crate::wallclock::now_ms() as i64 - (every.as_millis() as i64) * 5 - 10_000;
     let changed = core.meta.tenants_updated_since(since).await?;
     core.pending_rf.set(targets);
+    // Deleted since: served no more (a re-created one is put back just below).
+    for gone in core.meta.deleted_tenants().await? {
+        if gone.deleted_at_ms >= since {
+            core.tenants.invalidate(&gone.tenant_id);
+        }
+    }
     for tenant in changed {
         core.tenants.put(tenant);
     }
@@ -243,6 +249,8 @@ impl Coordinator {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("tenant {:?} is gone", m.subject))?;
         let old_rf = tenant.replication_factor as usize;
+        // The records and placement of the tenant's current incarnation.
+        let namespace = tenant.storage_id();
         let snapshot = self.ring.snapshot();
         let mut progress = Copied::default();
         for node in &snapshot.nodes {
@@ -269,17 +277,17 @@ impl Coordinator {
                 for record in batch
                     .records
                     .into_iter()
-                    .filter(|r| r.tenant_id == m.subject)
+                    .filter(|r| r.tenant_id == namespace)
                 {
                     progress.scanned += 1;
                     let old = self
                         .ring
-                        .plan(&snapshot, &m.subject, &record.key, old_rf)
+                        .plan(&snapshot, &namespace, &record.key, old_rf)
                         .map_err(|e| e.to_string())?
                         .write_replicas();
                     let new = self
                         .ring
-                        .plan(&snapshot, &m.subject, &record.key, m.target_rf as usize)
+                        .plan(&snapshot, &namespace, &record.key, m.target_rf as usize)
                         .map_err(|e| e.to_string())?
                         .write_replicas();
                     let holder = NodeId::new(node.node_id.clone());

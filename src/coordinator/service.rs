@@ -221,8 +221,10 @@ impl Coordinator {
             return write(uuid::Uuid::new_v4().to_string()).await;
         }
         let fingerprint = fingerprint(Operation::Put, key, value, context.as_ref());
+        // Keyed by the incarnation's namespace: a re-created tenant never sees its
+        // predecessor's answers.
         self.idempotent(
-            &req.tenant_id,
+            &tenant.storage_id(),
             key,
             &req.idempotency_key,
             fingerprint,
@@ -247,7 +249,7 @@ impl Coordinator {
             return Ok(());
         };
         let held = self
-            .read_winner(&tenant.tenant_id, tenant.replication_factor, key, level)
+            .read_winner(&tenant.storage_id(), tenant.replication_factor, key, level)
             .await?
             .and_then(|r| r.version)
             .map(|v| Version::from(&v));
@@ -279,7 +281,7 @@ impl Coordinator {
         check_client_key(key)?;
         let tenant = self.tenant(tenant_id).await?;
         let winner = self
-            .read_winner(&tenant.tenant_id, tenant.replication_factor, key, level)
+            .read_winner(&tenant.storage_id(), tenant.replication_factor, key, level)
             .await?;
         let live = match winner {
             Some(storage::Record {
@@ -333,9 +335,11 @@ impl Coordinator {
         }
         check_tenant_id(&req.tenant_id)?;
         check_client_key(&req.key)?;
+        // Keyed by the incarnation's namespace, like writes.
+        let namespace = self.tenant(&req.tenant_id).await?.storage_id();
         let fingerprint = fingerprint(Operation::Delete, &req.key, b"", None);
         self.idempotent(
-            &req.tenant_id,
+            &namespace,
             &req.key,
             &req.idempotency_key,
             fingerprint,
@@ -570,6 +574,15 @@ impl CoordinatorRpc for CoordinatorService {
         let name = request.into_inner().name;
         let call = async move { self.core.delete_snapshot(&name).await };
         administration("delete_snapshot", "", call).await
+    }
+
+    async fn delete_tenant(
+        &self,
+        request: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let tenant_id = request.into_inner().tenant_id;
+        let call = async { self.core.delete_tenant(&tenant_id).await };
+        administration("delete_tenant", &tenant_id, call).await
     }
 
     async fn list_tenants(

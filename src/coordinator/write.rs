@@ -118,22 +118,22 @@ impl Coordinator {
         consistency: Consistency,
     ) -> Result<Round, CoordError> {
         let snapshot = self.ring.snapshot();
+        // Records and placement live in the incarnation's namespace.
+        let namespace = tenant.storage_id();
         let rf = self.pending_rf.write_rf(tenant);
-        let plan = self
-            .ring
-            .plan(&snapshot, &tenant.tenant_id, key, rf as usize)?;
+        let plan = self.ring.plan(&snapshot, &namespace, key, rf as usize)?;
         // Only while a raise is in progress is there a second plan to count against; every
         // other write counts against its own plan without copying it.
         let raising = (rf != tenant.replication_factor)
             .then(|| {
                 let old_rf = tenant.replication_factor as usize;
-                self.ring.plan(&snapshot, &tenant.tenant_id, key, old_rf)
+                self.ring.plan(&snapshot, &namespace, key, old_rf)
             })
             .transpose()?;
         let counted = raising.as_ref().unwrap_or(&plan);
         let required = counted.required(consistency);
         let record = pb::Record {
-            tenant_id: tenant.tenant_id.clone(),
+            tenant_id: namespace.clone(),
             key: key.clone(),
             version: Some((&version).into()),
             payload: Some(match value {

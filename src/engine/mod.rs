@@ -70,7 +70,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::limits::{check_key, check_tenant};
+use crate::limits::{check_key, check_storage_tenant};
 use crate::ring::HashRange;
 
 use cache::RowCache;
@@ -243,7 +243,7 @@ impl Engine {
     /// The stored version of a key if the row cache holds it: never touches the disk, so async
     /// callers may use it without a blocking thread. `None` says nothing (ask [`Engine::get`]).
     pub fn get_cached(&self, tenant: &str, key: &[u8]) -> Option<Arc<Record>> {
-        if self.core.check_open().is_err() || check_tenant(tenant).is_err() {
+        if self.core.check_open().is_err() || check_storage_tenant(tenant).is_err() {
             return None;
         }
         check_key(key).ok()?;
@@ -257,7 +257,7 @@ impl Engine {
         &self,
         tenant: &str,
     ) -> Result<impl Iterator<Item = Result<Arc<Record>>> + Send + use<>> {
-        check_tenant(tenant)?;
+        check_storage_tenant(tenant)?;
         let from = internal_key(tenant, b"");
         let mut end = tenant.as_bytes().to_vec();
         end.push(1);
@@ -337,7 +337,7 @@ impl Engine {
     /// The XOR of the range-tree segments of each group, for `tenant` (see [`trees`]).
     pub fn segment_hashes(&self, tenant: &str, groups: &[SegmentGroup]) -> Result<Vec<u64>> {
         self.core.check_open()?;
-        check_tenant(tenant)?;
+        check_storage_tenant(tenant)?;
         if !self.core.trees_complete.load(Ordering::Acquire) {
             return Err(EngineError::TreesIncomplete(
                 "a damaged table ended the scan at open".to_owned(),
@@ -349,6 +349,12 @@ impl Engine {
     /// Every non-empty segment of `tenant`'s range tree (tests and tools).
     pub fn tree_segments(&self, tenant: &str) -> std::collections::BTreeMap<u32, u64> {
         self.core.trees.segments(tenant)
+    }
+
+    /// Whether the range trees cover every record (false after a damaged table ended the scan
+    /// at open): only then do [`Engine::tenants`] and [`Engine::segment_hashes`] tell all.
+    pub fn trees_complete(&self) -> bool {
+        self.core.trees_complete.load(Ordering::Acquire)
     }
 
     /// Tenants with at least one record (value or tombstone), from the range trees.

@@ -3,7 +3,7 @@
 
 use super::{
     Arc, Core, EngineError, HashRange, MemtableCursor, MergeIter, Ordering, Record, Result, Source,
-    SsTable, State, TableIter, check_key, check_tenant, internal_key, key_hash, sstable,
+    SsTable, State, TableIter, check_key, check_storage_tenant, internal_key, key_hash, sstable,
     table_file_name,
 };
 
@@ -58,7 +58,7 @@ impl Core {
 
     pub(super) fn get(&self, tenant: &str, key: &[u8]) -> Result<Option<Arc<Record>>> {
         self.check_open()?;
-        check_tenant(tenant)?;
+        check_storage_tenant(tenant)?;
         check_key(key)?;
         self.metrics.reads.fetch_add(1, Ordering::Relaxed);
         let ikey = internal_key(tenant, key);

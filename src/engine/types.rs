@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 
-use crate::limits::{check_key, check_tenant, check_value_len};
+use crate::limits::{check_key, check_storage_tenant, check_value_len};
 use crate::ring::key_position;
 use crate::vclock::{MAX_WIRE_ENTRIES, Version};
 
@@ -66,7 +66,7 @@ impl Record {
 
     /// Checks the limits of STORAGE.md; called before anything touches the log.
     pub fn validate(&self) -> Result<(), EngineError> {
-        check_tenant(&self.tenant)?;
+        check_storage_tenant(&self.tenant)?;
         check_key(&self.key)?;
         check_value_len(self.value.as_ref().map_or(0, Bytes::len))?;
         self.version

@@ -29,7 +29,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             post(kv::put).get(kv::get).delete(kv::delete),
         )
         .route("/v1/tenants", get(tenants::list).post(tenants::create))
-        .route("/v1/tenants/{tenant_id}", get(tenants::get))
+        .route(
+            "/v1/tenants/{tenant_id}",
+            get(tenants::get).delete(tenants::delete),
+        )
         .route(
             "/v1/tenants/{tenant_id}/replication-factor",
             put(tenants::update_replication_factor),

@@ -1,5 +1,5 @@
 //! Tenant administration (API.md, "Tenants"): create, change the replication factor, read,
-//! list. Admin token required in `token` mode. RF must be an integer in 1..=10 (absent = 3).
+//! list, delete (`coordinator::tenant_delete`). Admin token required in `token` mode. RF must be an integer in 1..=10 (absent = 3).
 //! The list is paged in id order: `limit` 1..=1000 (default 100), and `cursor`, an opaque
 //! token (base64url of the last id of the previous page) the previous page returned; a cursor
 //! that does not decode to a tenant id is 400 INVALID_REQUEST.
@@ -124,6 +124,27 @@ pub async fn get(
         "replication_factor": t.replication_factor,
         "created_at": t.created_at,
         "updated_at": t.updated_at,
+    })))
+}
+
+pub async fn delete(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(tenant_id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    gw.require_admin(&headers)?;
+    let t = gw
+        .forward(
+            pb::GetTenantRequest {
+                tenant_id: tenant_id.clone(),
+            },
+            |mut c, r| async move { c.delete_tenant(r).await },
+        )
+        .await?;
+    Ok(Json(json!({
+        "status": "success",
+        "tenant_id": t.tenant_id,
+        "deleted": true,
     })))
 }
 

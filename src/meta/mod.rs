@@ -35,6 +35,26 @@ pub struct Tenant {
     pub replication_factor: u32,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// 1 for the first tenant of this id, one more for each re-creation after a deletion.
+    pub incarnation: u32,
+}
+
+impl Tenant {
+    /// The tenant's namespace on the storage nodes (records, placement, hints, idempotency
+    /// keys): the id for the first incarnation, `id:N` for the N-th. Client ids cannot hold
+    /// ':', so no incarnation's namespace is another tenant's.
+    pub fn storage_id(&self) -> String {
+        crate::limits::storage_tenant_id(&self.tenant_id, self.incarnation)
+    }
+}
+
+/// A deleted tenant incarnation, whose records the storage nodes purge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedTenant {
+    pub storage_id: String,
+    pub tenant_id: String,
+    pub incarnation: u32,
+    pub deleted_at_ms: i64,
 }
 
 /// One node of the registry as a conditional change saw it: id and state.
@@ -245,6 +265,12 @@ pub trait MetadataStore: Send + Sync {
     /// the same for every page, so paging by the last id seen never skips or repeats one.
     async fn list_tenants(&self, after: Option<&str>, limit: u32)
     -> Result<Vec<Tenant>, MetaError>;
+    /// Deletes the tenant (NotFound when there is none): its row goes, its incarnation joins
+    /// the deleted ones (whose namespaces the storage nodes purge), its hints are dropped.
+    /// Returns it as it was.
+    async fn delete_tenant(&self, tenant_id: &str) -> Result<Tenant, MetaError>;
+    /// Every deleted tenant incarnation, oldest deletion first.
+    async fn deleted_tenants(&self) -> Result<Vec<DeletedTenant>, MetaError>;
     /// Tenants created or changed at or after `since_ms` (for other coordinators' caches).
     async fn tenants_updated_since(&self, since_ms: i64) -> Result<Vec<Tenant>, MetaError>;
     /// Sets the RF and returns the tenant as it was before.

@@ -8,8 +8,8 @@ use sqlx::{AnyPool, Row};
 use crate::ring::NodeState;
 
 use super::{
-    Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationLease, MigrationState,
-    NodeRecord, RangeRepair, RegistryEntry, StreamCheckpoint, Tenant,
+    DeletedTenant, Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationLease,
+    MigrationState, NodeRecord, RangeRepair, RegistryEntry, StreamCheckpoint, Tenant,
 };
 
 const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
@@ -18,7 +18,8 @@ const SCHEMA_LOCK: i64 = 0x7061_6972_6462;
 const SQLITE_SCHEMA: &str = include_str!("../../migrations/sqlite/0001_init.sql");
 /// `(table, column, definition)` of the columns added to the SQLite schema after
 /// `0001_init.sql` (PostgreSQL's schema adds them with `ADD COLUMN IF NOT EXISTS`).
-const SQLITE_ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+const SQLITE_ADDED_COLUMNS: [(&str, &str, &str); 7] = [
+    ("tenants", "incarnation", "BIGINT NOT NULL DEFAULT 1"),
     ("storage_nodes", "tokens", "TEXT"),
     ("migrations", "failure_reason", "TEXT"),
     ("migrations", "bytes_migrated", "BIGINT NOT NULL DEFAULT 0"),
@@ -153,12 +154,17 @@ fn migration(row: &AnyRow) -> Result<Migration, MetaError> {
     })
 }
 
+/// The columns of `tenants`, in the order [`tenant`] reads them.
+const TENANT_COLUMNS: &str =
+    "tenant_id, replication_factor, created_at_ms, updated_at_ms, incarnation";
+
 fn tenant(row: &AnyRow) -> Result<Tenant, MetaError> {
     Ok(Tenant {
         tenant_id: text(row, "tenant_id")?,
         replication_factor: int(row, "replication_factor")?,
         created_at_ms: int(row, "created_at_ms")?,
         updated_at_ms: int(row, "updated_at_ms")?,
+        incarnation: int(row, "incarnation")?,
     })
 }
 
@@ -345,13 +351,25 @@ impl MetadataStore for SqlMetadataStore {
         replication_factor: u32,
     ) -> Result<Tenant, MetaError> {
         let now = now_ms();
+        // A new incarnation after every deleted one: its storage namespace is its own.
+        let previous: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(incarnation), 0) FROM deleted_tenants WHERE tenant_id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let incarnation = u32::try_from(previous + 1).map_err(|_| {
+            MetaError::Corrupt(format!("tenant {tenant_id:?}: incarnation {previous}"))
+        })?;
         let result = sqlx::query(
-            "INSERT INTO tenants (tenant_id, replication_factor, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO tenants (tenant_id, replication_factor, created_at_ms, updated_at_ms, incarnation) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(tenant_id)
         .bind(i64::from(replication_factor))
         .bind(now)
         .bind(now)
+        .bind(i64::from(incarnation))
         .execute(&self.pool)
         .await;
         match result {
@@ -360,6 +378,7 @@ impl MetadataStore for SqlMetadataStore {
                 replication_factor,
                 created_at_ms: now,
                 updated_at_ms: now,
+                incarnation,
             }),
             Err(e) if is_unique_violation(&e) => Err(MetaError::Exists {
                 what: "tenant",
@@ -370,9 +389,9 @@ impl MetadataStore for SqlMetadataStore {
     }
 
     async fn get_tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, MetaError> {
-        let row = sqlx::query(
-            "SELECT tenant_id, replication_factor, created_at_ms, updated_at_ms FROM tenants WHERE tenant_id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1"
+        ))
         .bind(tenant_id)
         .fetch_optional(&self.pool)
         .await
@@ -385,10 +404,9 @@ impl MetadataStore for SqlMetadataStore {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Tenant>, MetaError> {
-        let rows = sqlx::query(
-            "SELECT tenant_id, replication_factor, created_at_ms, updated_at_ms FROM tenants \
-             WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2"
+        ))
         .bind(after.unwrap_or(""))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
@@ -397,10 +415,73 @@ impl MetadataStore for SqlMetadataStore {
         rows.iter().map(tenant).collect()
     }
 
-    async fn tenants_updated_since(&self, since_ms: i64) -> Result<Vec<Tenant>, MetaError> {
-        let rows = sqlx::query(
-            "SELECT tenant_id, replication_factor, created_at_ms, updated_at_ms FROM tenants WHERE updated_at_ms >= $1",
+    async fn delete_tenant(&self, tenant_id: &str) -> Result<Tenant, MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let row = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1"
+        ))
+        .bind(tenant_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let Some(gone) = row.as_ref().map(tenant).transpose()? else {
+            return Err(MetaError::NotFound {
+                what: "tenant",
+                id: tenant_id.to_owned(),
+            });
+        };
+        let deleted = sqlx::query("DELETE FROM tenants WHERE tenant_id = $1 AND incarnation = $2")
+            .bind(tenant_id)
+            .bind(i64::from(gone.incarnation))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if deleted.rows_affected() != 1 {
+            return Err(MetaError::Changed("tenant"));
+        }
+        sqlx::query(
+            "INSERT INTO deleted_tenants (storage_id, tenant_id, incarnation, deleted_at_ms) VALUES ($1, $2, $3, $4)",
         )
+        .bind(gone.storage_id())
+        .bind(tenant_id)
+        .bind(i64::from(gone.incarnation))
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        // Its hints would only be dropped at replay: they go with it.
+        sqlx::query("DELETE FROM hints WHERE tenant_id = $1")
+            .bind(gone.storage_id())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(gone)
+    }
+
+    async fn deleted_tenants(&self) -> Result<Vec<DeletedTenant>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT storage_id, tenant_id, incarnation, deleted_at_ms FROM deleted_tenants ORDER BY deleted_at_ms",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeletedTenant {
+                    storage_id: text(row, "storage_id")?,
+                    tenant_id: text(row, "tenant_id")?,
+                    incarnation: int(row, "incarnation")?,
+                    deleted_at_ms: int(row, "deleted_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn tenants_updated_since(&self, since_ms: i64) -> Result<Vec<Tenant>, MetaError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE updated_at_ms >= $1"
+        ))
         .bind(since_ms)
         .fetch_all(&self.pool)
         .await

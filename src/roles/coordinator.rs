@@ -197,6 +197,7 @@ pub async fn start(
     });
     rf_change::spawn_refresh(core.clone(), cfg.ring_refresh);
     crate::coordinator::migration_metrics::spawn_export(core.clone(), cfg.ring_refresh);
+    crate::coordinator::tenant_delete::spawn_purge(core.clone(), cfg.ring_refresh * 10);
     lease::spawn_watch(core.clone(), cfg.ring_refresh);
     if cfg.auto_cleanup {
         let grace = cfg.cleanup_grace;

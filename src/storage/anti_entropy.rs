@@ -18,7 +18,7 @@ use crate::engine::trees::{
     MAX_GROUPS, MAX_LISTED_SEGMENTS, SEGMENTS, SegmentGroup, segment_of, version_digest,
 };
 use crate::engine::{Engine, EngineError};
-use crate::limits::check_tenant;
+use crate::limits::check_storage_tenant;
 use crate::ring::HashRange;
 use crate::rpc::storage as pb;
 
@@ -38,7 +38,7 @@ pub async fn segment_hashes(
     engine: Arc<Engine>,
     req: pb::SegmentHashesRequest,
 ) -> Result<pb::SegmentHashesResponse, StorageError> {
-    check_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
+    check_storage_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
     if req.groups.len() > MAX_GROUPS {
         return Err(invalid(format!(
             "{} groups asked, at most {MAX_GROUPS} per call",
@@ -75,7 +75,7 @@ pub fn list_segments(
     req: pb::ListSegmentsRequest,
     pace: Option<Arc<Throttle>>,
 ) -> Result<mpsc::Receiver<Result<pb::ListSegmentsBatch, StorageError>>, StorageError> {
-    check_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
+    check_storage_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
     if req.segments.len() > MAX_LISTED_SEGMENTS {
         return Err(invalid(format!(
             "{} segments asked, at most {MAX_LISTED_SEGMENTS} per call",
@@ -156,7 +156,7 @@ pub async fn mark_repaired(
         .ranges
         .iter()
         .map(|r| {
-            check_tenant(&r.tenant_id).map_err(|e| invalid(e.to_string()))?;
+            check_storage_tenant(&r.tenant_id).map_err(|e| invalid(e.to_string()))?;
             let range = r
                 .range
                 .as_ref()

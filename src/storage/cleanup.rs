@@ -17,7 +17,7 @@ use super::errors::StorageError;
 use bytes::Bytes;
 
 use crate::engine::{Engine, EngineError, RangeDrop};
-use crate::limits::{check_key, check_tenant};
+use crate::limits::{check_key, check_storage_tenant};
 use crate::ring::HashRange;
 use crate::rpc::storage as pb;
 use crate::vclock::Version;
@@ -41,7 +41,7 @@ pub fn parse_held(
     req.entries
         .into_iter()
         .map(|e| {
-            check_tenant(&e.tenant_id).map_err(|err| invalid(err.to_string()))?;
+            check_storage_tenant(&e.tenant_id).map_err(|err| invalid(err.to_string()))?;
             check_key(&e.key).map_err(|err| invalid(err.to_string()))?;
             let version = e
                 .version
@@ -88,7 +88,7 @@ pub fn parse_drops(req: pb::DropRangesRequest) -> Result<Vec<RangeDrop>, Storage
                 return Err(invalid("a drop names no tenant"));
             }
             for t in &d.tenant_ids {
-                check_tenant(t).map_err(|err| invalid(err.to_string()))?;
+                check_storage_tenant(t).map_err(|err| invalid(err.to_string()))?;
             }
             let ranges: Vec<HashRange> = d.ranges.iter().map(HashRange::from).collect();
             // start == end is the whole ring: never what a cleanup means.
@@ -104,6 +104,32 @@ pub fn parse_drops(req: pb::DropRangesRequest) -> Result<Vec<RangeDrop>, Storage
 }
 
 /// Drops `drops`; returns (records dropped, bytes before, bytes after).
+/// Drops every record of the namespaces `tenants` (deleted tenants) that this node holds. The
+/// range trees say which tenants have records, so a namespace held nowhere costs no rewrite;
+/// when the trees are incomplete (a damaged table at open), every named one is dropped.
+pub fn drop_tenants(
+    engine: &Arc<Engine>,
+    tenants: Vec<String>,
+) -> Result<pb::DropRangesResponse, EngineError> {
+    let held: BTreeSet<String> = engine.tenants().into_iter().collect();
+    let trees_complete = engine.trees_complete();
+    let present: BTreeSet<String> = tenants
+        .into_iter()
+        .filter(|t| !trees_complete || held.contains(t))
+        .collect();
+    if present.is_empty() {
+        return Ok(pb::DropRangesResponse::default());
+    }
+    tracing::info!(tenants = ?present, "dropping the records of deleted tenants");
+    drop_ranges(
+        engine,
+        &[RangeDrop {
+            tenants: Some(present),
+            ranges: vec![HashRange::FULL],
+        }],
+    )
+}
+
 pub fn drop_ranges(
     engine: &Arc<Engine>,
     drops: &[RangeDrop],

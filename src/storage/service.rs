@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{ApplyOutcome, Engine, EngineError, Problem, Record};
-use crate::limits::{check_key, check_tenant};
+use crate::limits::{check_key, check_storage_tenant};
 use crate::ring::HashRange;
 use crate::rpc::auth::InternalAuth;
 use crate::rpc::common;
@@ -726,7 +726,7 @@ impl StorageNode for StorageService {
         let log = self.markers.clone();
         let body = async move {
             if markers.iter().any(|m| {
-                check_tenant(&m.tenant_id).is_err()
+                check_storage_tenant(&m.tenant_id).is_err()
                     || check_key(&m.key).is_err()
                     || m.missed_node.is_empty()
             }) {
@@ -801,6 +801,27 @@ impl StorageNode for StorageService {
             blocking(move || cleanup::drop_ranges(&engine, &drops)).await
         };
         reply(timed(self, "drop_ranges", body).await)
+    }
+
+    async fn drop_tenants(
+        &self,
+        req: Request<pb::DropTenantsRequest>,
+    ) -> Result<Response<pb::DropRangesResponse>, Status> {
+        let body = async {
+            let wanted = req.into_inner().tenant_ids;
+            if wanted.len() > cleanup::MAX_DROP_ITEMS {
+                return Err(invalid(format!(
+                    "at most {} tenants per DropTenants call",
+                    cleanup::MAX_DROP_ITEMS
+                )));
+            }
+            for t in &wanted {
+                check_storage_tenant(t).map_err(|e| invalid(e.to_string()))?;
+            }
+            let engine = self.engine.clone();
+            blocking(move || cleanup::drop_tenants(&engine, wanted)).await
+        };
+        reply(timed(self, "drop_tenants", body).await)
     }
 
     async fn health_check(

@@ -351,6 +351,10 @@ pub async fn admin(conn: &Connection, command: &AdminCommand) -> anyhow::Result<
                 exit_code: None,
             })
         }
+        AdminCommand::Tenants(TenantCommand::Delete { tenant_id }) => {
+            let path = format!("/v1/tenants/{}", url_encode(tenant_id));
+            send(request(conn, Method::DELETE, &path)?).await
+        }
         AdminCommand::Tenants(TenantCommand::Get { tenant_id }) => {
             let path = format!("/v1/tenants/{}", url_encode(tenant_id));
             send(request(conn, Method::GET, &path)?).await

@@ -333,7 +333,9 @@ impl Coordinator {
                 which.push((i, owners));
             }
             let stop = || lease.check().is_err();
-            compare_and_fix(&tenant.tenant_id, &mut works, &mut pace, &stop).await;
+            // The records of the tenant's current incarnation (predecessors are purged, never
+            // repaired).
+            compare_and_fix(&tenant.storage_id(), &mut works, &mut pace, &stop).await;
             // Cancelled or taken over in the middle: nothing of this tenant counts as repaired,
             // and a cancelled repair's record keeps the keys it fixed.
             if let Err(stopped) = lease.check() {
@@ -367,7 +369,7 @@ impl Coordinator {
                         .entry(owner.as_str().to_owned())
                         .or_default()
                         .push(spb::RepairedRange {
-                            tenant_id: tenant.tenant_id.clone(),
+                            tenant_id: tenant.storage_id(),
                             range: Some(work.range.into()),
                             repaired_as_of_ms: as_of,
                         });

@@ -107,11 +107,9 @@ async fn repair_key(
     snapshot: &Snapshot,
     marker: &spb::RepairMarker,
 ) -> Result<bool, CoordError> {
-    let tenant = match core.tenant(&marker.tenant_id).await {
-        Ok(t) => t,
-        // A deleted tenant has nothing to repair.
-        Err(CoordError::TenantNotFound(_)) => return Ok(false),
-        Err(e) => return Err(e),
+    // A deleted tenant (or a deleted incarnation of it) has nothing to repair.
+    let Some(tenant) = core.tenant_of_namespace(&marker.tenant_id).await? else {
+        return Ok(false);
     };
     let position = key_position(&marker.tenant_id, &marker.key);
     let mut nodes: Vec<String> = snapshot

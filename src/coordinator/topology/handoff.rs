@@ -39,7 +39,7 @@ impl Coordinator {
                 let Ok(record) = spb::Record::decode(hint.record.as_slice()) else {
                     continue;
                 };
-                let Some(tenant) = self.tenants.get(&hint.tenant_id).await? else {
+                let Some(tenant) = self.tenant_of_namespace(&hint.tenant_id).await? else {
                     continue;
                 };
                 let rf = self.pending_rf.write_rf(&tenant) as usize;

@@ -1,0 +1,159 @@
+//! Tenant deletion (API.md, `DELETE /v1/tenants/{tenant_id}`) and the purge of deleted tenants'
+//! records from the storage nodes.
+//!
+//! A tenant's records, placement, hints and idempotency keys live in its incarnation's storage
+//! namespace (`meta::Tenant::storage_id`: the id for the first incarnation, `id:N` for the
+//! N-th). Deleting a tenant removes its row and hints and records the namespace as deleted;
+//! creating the id again makes a new incarnation with a new namespace. So nothing of a
+//! predecessor is ever served (reads of the new incarnation look in another namespace), nor
+//! repaired (repairs, RF changes and cleanup go by live namespaces; repair markers and handed
+//! hints of a dead namespace are dropped), however late a node that held it comes back.
+//!
+//! Invariants and choices:
+//! - The deleting coordinator stops serving the tenant at once; the others within
+//!   `metadata_refresh` (they invalidate their cache entries of tenants deleted since their
+//!   last refresh). Until then a write they accept lands in the deleted namespace: it is
+//!   acknowledged and then purged, like the writes of the instant before the delete.
+//! - Re-creating the id is refused (503 UNAVAILABLE, retry) until `2 × metadata_refresh` after
+//!   the delete, so no coordinator still writes the old incarnation when the new one starts.
+//! - Records go by a range delete per namespace (`DropTenants`: no tombstone per key), from
+//!   every node that answers at once, and from every node by the purge loop after (a node that
+//!   was down at the delete is purged once it is back). Storage nodes skip namespaces they
+//!   hold nothing of (their range trees tell), so the loop costs one RPC per node per pass.
+//! - Idempotency keys of the namespace are never matched again (the store key holds the
+//!   namespace) and expire with their TTL (24 h); they are not deleted one by one.
+//! - Hints of the namespace are deleted with the tenant; one stored by a coordinator in the
+//!   instant of the delete is replayed into the dead namespace and purged with it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::meta::MetaError;
+use crate::rpc::coordinator as pb;
+use crate::rpc::storage as spb;
+
+use super::Coordinator;
+use super::admin::{check_tenant_id, tenant_to_proto};
+use super::errors::CoordError;
+
+/// How long one node may take to drop the namespaces it holds (a rewrite of its tables).
+const PURGE_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl Coordinator {
+    /// Deletes a tenant: 404 TENANT_NOT_FOUND when there is none. Returns it as it was.
+    pub async fn delete_tenant(&self, tenant_id: &str) -> Result<pb::Tenant, CoordError> {
+        check_tenant_id(tenant_id)?;
+        let gone = self
+            .meta
+            .delete_tenant(tenant_id)
+            .await
+            .map_err(|e| match e {
+                MetaError::NotFound { .. } => CoordError::TenantNotFound(tenant_id.to_owned()),
+                other => other.into(),
+            })?;
+        self.tenants.invalidate(tenant_id);
+        metrics::counter!("pairdb_tenants_deleted_total").increment(1);
+        tracing::info!(
+            tenant = tenant_id,
+            incarnation = gone.incarnation,
+            "tenant deleted; purging its records"
+        );
+        // Best effort now; the purge loop finishes what this does not.
+        self.purge(&[gone.storage_id()]).await;
+        Ok(tenant_to_proto(&gone))
+    }
+
+    /// Refuses to re-create a tenant deleted less than `2 × metadata_refresh` ago (see the
+    /// module doc).
+    pub(super) async fn check_not_just_deleted(&self, tenant_id: &str) -> Result<(), CoordError> {
+        let settle = (self.options.metadata_refresh * 2).as_millis() as i64;
+        let now = crate::wallclock::now_ms() as i64;
+        let recent = self
+            .meta
+            .deleted_tenants()
+            .await?
+            .into_iter()
+            .filter(|d| d.tenant_id == tenant_id)
+            .map(|d| d.deleted_at_ms + settle - now)
+            .max()
+            .filter(|wait| *wait > 0);
+        match recent {
+            Some(wait_ms) => Err(CoordError::Unavailable(format!(
+                "tenant {tenant_id:?} was deleted moments ago; it can be created again in {} ms, \
+                 once every coordinator stopped serving it",
+                wait_ms
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Asks every registered node to drop the namespaces `deleted` (in parallel); returns how
+    /// many records went. A node that fails is purged by a later pass.
+    async fn purge(&self, deleted: &[String]) -> u64 {
+        if deleted.is_empty() {
+            return 0;
+        }
+        let snapshot = self.ring.snapshot();
+        let calls = snapshot.nodes.iter().map(|n| {
+            let address = format!("{}:{}", n.host, n.port);
+            let client = self.pool.client(&n.node_id, &address);
+            let request = spb::DropTenantsRequest {
+                tenant_ids: deleted.to_vec(),
+            };
+            async move {
+                let mut client = client.map_err(|e| e.to_string())?;
+                match tokio::time::timeout(PURGE_TIMEOUT, client.drop_tenants(request)).await {
+                    Ok(Ok(r)) => Ok(r.into_inner().records_dropped),
+                    Ok(Err(s)) => Err(s.message().to_owned()),
+                    Err(_) => Err("no answer in time".to_owned()),
+                }
+            }
+        });
+        let mut dropped = 0;
+        for (node, result) in snapshot
+            .nodes
+            .iter()
+            .zip(futures::future::join_all(calls).await)
+        {
+            match result {
+                Ok(n) => dropped += n,
+                Err(e) if self.ring.is_down(&node.node_id) => {
+                    tracing::debug!(node = %node.node_id, error = %e, "purge of deleted tenants deferred: node down");
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node.node_id, error = %e, "purge of deleted tenants failed; retried next pass");
+                }
+            }
+        }
+        if dropped > 0 {
+            metrics::counter!("pairdb_tenant_records_purged_total").increment(dropped);
+            tracing::info!(records = dropped, "records of deleted tenants purged");
+        }
+        dropped
+    }
+
+    /// One pass of the purge loop: every deleted namespace, every node.
+    async fn purge_pass(&self) -> Result<u64, CoordError> {
+        let deleted: Vec<String> = self
+            .meta
+            .deleted_tenants()
+            .await?
+            .into_iter()
+            .map(|d| d.storage_id)
+            .collect();
+        Ok(self.purge(&deleted).await)
+    }
+}
+
+/// Purges deleted tenants' records from every node every `every`, until the role stops.
+pub fn spawn_purge(core: Arc<Coordinator>, every: Duration) {
+    let tasks = core.tasks.clone();
+    super::periodic::spawn_every(every, &tasks, move || {
+        let core = core.clone();
+        async move {
+            if let Err(e) = core.purge_pass().await {
+                tracing::debug!(error = %e, "cannot read the deleted tenants");
+            }
+        }
+    });
+}

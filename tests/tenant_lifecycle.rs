@@ -1,0 +1,194 @@
+//! Tenant deletion and re-creation over real processes (three storage nodes, a coordinator, a
+//! gateway), with storage node s3 stopped during the delete and started again after the
+//! re-creation: the deleted tenant stops answering at once, its records go from the nodes that
+//! were up at once and from s3 once it is back, and the new incarnation of the id never
+//! serves, repairs or replicates anything of its predecessor, nor replays its idempotency keys.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::RoleProcess;
+use common::coord::{
+    eventually, node_state, sqlite_url, stored, stored_record, wait_all_active, wait_migration,
+};
+use pairdb::rpc::common::NodeState as WireState;
+use pairdb::rpc::coordinator as pb;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const KEYS: usize = 50;
+
+async fn call(
+    method: Method,
+    url: String,
+    idem: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = common::http_client()
+        .request(method, url)
+        .header("X-Tenant-ID", "acme");
+    if let Some(key) = idem {
+        request = request.header("Idempotency-Key", key);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("http call");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_tenant_is_gone_everywhere_and_its_successor_sees_nothing_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut storage = common::cluster::start_storage(3, dir.path());
+    let env = [("PAIRDB_COORDINATOR_AUTO_REPAIR", "false")];
+    let c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &env,
+        dir.path(),
+    );
+    let gw = RoleProcess::gateway("gw", &[&c1], &["--auth=none"], &[], dir.path());
+    let c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    let url = gw.url();
+    let kv = format!("{url}/v1/key-value");
+
+    let (s, b) = call(
+        Method::POST,
+        format!("{url}/v1/tenants"),
+        None,
+        Some(json!({"tenant_id": "acme"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    for i in 0..KEYS {
+        let idem = (i == 0).then_some("idem-1");
+        let body = json!({"key": format!("k{i}"), "value": "old", "consistency": "all"});
+        let (s, b) = call(Method::POST, kv.clone(), idem, Some(body)).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    assert!(stored(&storage[2], "acme", "k1").await.is_some());
+
+    // s3 is down during the delete.
+    storage[2].terminate();
+    let (s, b) = call(Method::DELETE, format!("{url}/v1/tenants/acme"), None, None).await;
+    assert_eq!((s, b["deleted"].as_bool()), (200, Some(true)), "{b}");
+    let (s, b) = call(Method::GET, format!("{kv}?key=k1"), None, None).await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (404, Some("TENANT_NOT_FOUND")),
+        "{b}"
+    );
+    let (s, b) = call(Method::DELETE, format!("{url}/v1/tenants/acme"), None, None).await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (404, Some("TENANT_NOT_FOUND")),
+        "{b}"
+    );
+    let (_, listed) = call(Method::GET, format!("{url}/v1/tenants"), None, None).await;
+    assert_eq!(listed["tenants"], json!([]), "{listed}");
+    // The nodes that were up hold nothing of it: a range delete, no tombstones.
+    for node in &storage[..2] {
+        for i in 0..KEYS {
+            assert_eq!(
+                stored_record(node, "acme", &format!("k{i}")).await,
+                None,
+                "{} k{i}",
+                node.id
+            );
+        }
+    }
+
+    // The id again: a new incarnation (refused for a moment after the delete).
+    eventually("acme created again", Duration::from_secs(15), || {
+        let url = url.clone();
+        async move {
+            let (s, _) = call(
+                Method::POST,
+                format!("{url}/v1/tenants"),
+                None,
+                Some(json!({"tenant_id": "acme"})),
+            )
+            .await;
+            s == 200
+        }
+    })
+    .await;
+    // s3 comes back with the old records.
+    storage[2].restart();
+    eventually("s3 active again", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
+    })
+    .await;
+
+    // Nothing of the predecessor is served, at any consistency.
+    for level in ["one", "quorum", "all"] {
+        let (s, b) = call(
+            Method::GET,
+            format!("{kv}?key=k1&consistency={level}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (s, b["error_code"].as_str()),
+            (404, Some("KEY_NOT_FOUND")),
+            "{level}: {b}"
+        );
+    }
+    // Its idempotency keys are not replayed: the same key writes anew.
+    let (s, b) = call(
+        Method::POST,
+        kv.clone(),
+        Some("idem-1"),
+        Some(json!({"key": "k0", "value": "new"})),
+    )
+    .await;
+    assert_eq!((s, b["is_duplicate"].as_bool()), (200, Some(false)), "{b}");
+    let (s, b) = call(Method::GET, format!("{kv}?key=k0"), None, None).await;
+    assert_eq!((s, b["value"].as_str()), (200, Some("new")), "{b}");
+
+    // A repair of everything does not bring the old records back to s1 and s2.
+    let mut admin = c.clone();
+    let accepted = admin
+        .start_repair(pb::StartRepairRequest::default())
+        .await
+        .expect("start repair")
+        .into_inner();
+    wait_migration(&c, &accepted.repair_id, pb::MigrationState::Completed).await;
+    for node in &storage[..2] {
+        assert_eq!(stored_record(node, "acme", "k1").await, None, "{}", node.id);
+    }
+    // And the purge loop takes them from s3 (a pass every 10 metadata refreshes: 5 s here).
+    eventually(
+        "s3 purged of the deleted incarnation",
+        Duration::from_secs(30),
+        || {
+            let s3 = &storage[2];
+            async move {
+                for i in 0..KEYS {
+                    if stored_record(s3, "acme", &format!("k{i}")).await.is_some() {
+                        return false;
+                    }
+                }
+                true
+            }
+        },
+    )
+    .await;
+    // The new incarnation's record is where it belongs, in its own namespace.
+    assert_eq!(
+        stored(&storage[0], "acme:2", "k0")
+            .await
+            .map(|v| v.0)
+            .as_deref(),
+        Some("\"new\"")
+    );
+}
