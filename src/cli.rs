@@ -429,6 +429,10 @@ pub struct ServerArgs {
     /// Log filter (tracing env-filter syntax) [default: info].
     #[arg(long, help_heading = "Process")]
     pub log_level: Option<String>,
+    /// Export spans to this OpenTelemetry collector (OTLP over gRPC, e.g.
+    /// http://127.0.0.1:4317) [default: none, no export].
+    #[arg(long, help_heading = "Process")]
+    pub otlp_endpoint: Option<String>,
     /// Async runtime worker threads [default: 1 for a storage-only process, else one per core].
     #[arg(long, help_heading = "Process")]
     pub worker_threads: Option<usize>,
@@ -564,6 +568,9 @@ impl ServerArgs {
         }
         if let Some(n) = self.worker_threads {
             m.node.insert("worker_threads".to_owned(), json!(n));
+        }
+        if let Some(e) = &self.otlp_endpoint {
+            m.node.insert("otlp_endpoint".to_owned(), json!(e));
         }
         for (key, file) in [
             ("cluster_secret_file", &self.cluster_secret_file),

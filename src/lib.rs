@@ -21,6 +21,7 @@ pub mod roles;
 pub mod rpc;
 pub mod shutdown;
 pub mod storage;
+pub mod telemetry;
 pub mod tools;
 pub mod vclock;
 pub mod wallclock;

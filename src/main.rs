@@ -121,12 +121,39 @@ fn main() -> ExitCode {
         println!("configuration ok: roles {:?}", config.node.roles);
         return ExitCode::SUCCESS;
     }
-    init_tracing(config.node.log_format, &config.node.log_level);
     let rt = match runtime(Some(config.node.runtime_workers())) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match rt.block_on(pairdb::roles::run(config)) {
+    // Inside the runtime: the OTLP exporter's channel spawns its task there.
+    let telemetry = rt.block_on(async {
+        let roles: Vec<String> = config
+            .node
+            .roles
+            .iter()
+            .map(|r| format!("{r:?}").to_lowercase())
+            .collect();
+        pairdb::telemetry::init(
+            config.node.log_format,
+            &config.node.log_level,
+            config.node.otlp_endpoint.as_deref(),
+            pairdb::telemetry::Origin {
+                service: format!("pairdb-{}", roles.join("+")),
+                node_id: config.node.id.as_deref(),
+            },
+        )
+    });
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("pairdb: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let outcome = rt.block_on(pairdb::roles::run(config));
+    // Pending spans leave before the runtime goes.
+    rt.block_on(async move { drop(telemetry) });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pairdb: {e}");

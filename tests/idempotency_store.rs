@@ -54,6 +54,36 @@ async fn suite(store: Arc<dyn IdempotencyStore>) {
         acquired(store.claim(&other, long).await.expect("claim"));
     }
 
+    // A deleted tenant's responses go, and only its own: not a later incarnation's ("t:2"),
+    // nor those of a tenant whose id merely starts alike, glob characters and all.
+    let namespaced = |ns: &str, req: &str| store_key(ns, b"user:1", req);
+    for ns in ["t*", "t*:2", "t*x", "u"] {
+        let k = namespaced(ns, "r:1");
+        let lock = acquired(store.claim(&k, long).await.expect("claim"));
+        store
+            .complete(&k, &lock, &response("fp", ns.as_bytes()), long)
+            .await
+            .expect("complete");
+    }
+    assert_eq!(store.forget_namespace("t*").await.expect("forget"), 1);
+    acquired(
+        store
+            .claim(&namespaced("t*", "r:1"), long)
+            .await
+            .expect("claim"),
+    );
+    for ns in ["t*:2", "t*x", "u"] {
+        assert_eq!(
+            store
+                .claim(&namespaced(ns, "r:1"), long)
+                .await
+                .expect("claim"),
+            Claim::Done(response("fp", ns.as_bytes())),
+            "{ns}"
+        );
+    }
+    assert_eq!(store.forget_namespace("nobody").await.expect("forget"), 0);
+
     // A failed write releases the lock: a retry may try again.
     let k2 = store_key("acme", b"k2", "r");
     let lock2 = acquired(store.claim(&k2, long).await.expect("claim"));

@@ -36,8 +36,8 @@ const LAYERS: &[(&[&str], bool)] = &[
     (&["config"], false),
     // The three roles' libraries: they talk to each other only over rpc.
     (&["storage", "coordinator", "gateway"], false),
-    // Command-line arguments.
-    (&["cli"], false),
+    // Command-line arguments; logging and span export of the server process.
+    (&["cli", "telemetry"], false),
     // What the binary runs: the roles' processes and the tools.
     (&["roles", "tools"], false),
     (&["lib", "main"], false),

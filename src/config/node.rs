@@ -85,6 +85,9 @@ pub struct NodeConfig {
     pub tls_ca_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// OpenTelemetry: the OTLP/gRPC collector spans are exported to (e.g.
+    /// `http://127.0.0.1:4317`); none by default (`telemetry`).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -100,6 +103,7 @@ impl Default for NodeConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            otlp_endpoint: None,
         }
     }
 }

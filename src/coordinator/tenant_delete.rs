@@ -20,8 +20,9 @@
 //!   every node that answers at once, and from every node by the purge loop after (a node that
 //!   was down at the delete is purged once it is back). Storage nodes skip namespaces they
 //!   hold nothing of (their range trees tell), so the loop costs one RPC per node per pass.
-//! - Idempotency keys of the namespace are never matched again (the store key holds the
-//!   namespace) and expire with their TTL (24 h); they are not deleted one by one.
+//! - Idempotency responses of the namespace are deleted with the tenant (a store that cannot
+//!   be reached then keeps them until their 24 h TTL; they are never matched again anyway: the
+//!   store key holds the namespace).
 //! - Hints of the namespace are deleted with the tenant; one stored by a coordinator in the
 //!   instant of the delete is replayed into the dead namespace and purged with it.
 
@@ -58,6 +59,17 @@ impl Coordinator {
             incarnation = gone.incarnation,
             "tenant deleted; purging its records"
         );
+        match self.idempotency.forget_namespace(&gone.storage_id()).await {
+            Ok(n) => tracing::debug!(
+                tenant = tenant_id,
+                responses = n,
+                "idempotency keys dropped"
+            ),
+            // Never matched again (the store key holds the namespace); they expire in 24 h.
+            Err(e) => {
+                tracing::warn!(tenant = tenant_id, error = %e, "idempotency keys not dropped; they expire with their TTL")
+            }
+        }
         // Best effort now; the purge loop finishes what this does not.
         self.purge(&[gone.storage_id()]).await;
         Ok(tenant_to_proto(&gone))

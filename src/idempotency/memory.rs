@@ -105,6 +105,15 @@ fn live(slot: &Option<(impl Sized, Instant)>, now: Instant) -> bool {
 
 #[tonic::async_trait]
 impl IdempotencyStore for MemoryIdempotencyStore {
+    async fn forget_namespace(&self, namespace: &str) -> Result<u64, IdemError> {
+        let mut state = self.state.lock();
+        let before = state.entries.len();
+        state
+            .entries
+            .retain(|key, _| !super::in_namespace(key, namespace));
+        Ok((before - state.entries.len()) as u64)
+    }
+
     async fn ping(&self) -> Result<(), IdemError> {
         Ok(())
     }

@@ -66,6 +66,26 @@ pub fn store_key(tenant: &str, key: &[u8], idempotency_key: &str) -> String {
     format!("idem:{tenant}:{}:{idempotency_key}", hex(key))
 }
 
+/// Whether `store_key` is one of namespace `namespace`'s: `idem:{namespace}:{hex}:...` with a
+/// non-empty, even-length hex key right after it. (A later incarnation's keys,
+/// `idem:{namespace}:{N}:{hex}:...`, carry the odd-length `N` there instead: namespaces are
+/// told apart though one is a prefix of the other.)
+pub fn in_namespace(store_key: &str, namespace: &str) -> bool {
+    let Some(rest) = store_key
+        .strip_prefix("idem:")
+        .and_then(|r| r.strip_prefix(namespace))
+        .and_then(|r| r.strip_prefix(':'))
+    else {
+        return false;
+    };
+    let hex_key = rest.split(':').next().unwrap_or("");
+    !hex_key.is_empty()
+        && hex_key.len() % 2 == 0
+        && hex_key
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -88,6 +108,9 @@ pub trait IdempotencyStore: Send + Sync {
     /// Drops the lock without a response (the write failed; a retry may try again), only if
     /// `lock` still holds it.
     async fn release(&self, key: &str, lock: &LockToken) -> Result<(), IdemError>;
+    /// Deletes every response stored for tenant namespace `namespace` (a deleted tenant's);
+    /// returns how many. Locks expire on their own.
+    async fn forget_namespace(&self, namespace: &str) -> Result<u64, IdemError>;
 }
 
 /// `fp_len:u32 fp response` — one value per key in both implementations.

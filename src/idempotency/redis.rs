@@ -68,6 +68,39 @@ impl RedisIdempotencyStore {
 
 #[tonic::async_trait]
 impl IdempotencyStore for RedisIdempotencyStore {
+    async fn forget_namespace(&self, namespace: &str) -> Result<u64, IdemError> {
+        use fred::types::scan::Scanner;
+        use futures::TryStreamExt;
+        // SCAN with the namespace's prefix (glob characters escaped), then the exact test:
+        // a later incarnation's keys share the prefix.
+        let prefix = format!("idem:{namespace}:");
+        let mut pattern = String::with_capacity(prefix.len() + 1);
+        for c in prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        let mut doomed: Vec<String> = Vec::new();
+        let mut pages = self.client.scan(pattern, Some(1000), None);
+        while let Some(mut page) = pages.try_next().await.map_err(unavailable)? {
+            for key in page.take_results().unwrap_or_default() {
+                if let Some(k) = key.as_str().filter(|k| super::in_namespace(k, namespace)) {
+                    doomed.push(k.to_owned());
+                }
+            }
+            page.next();
+        }
+        for chunk in doomed.chunks(500) {
+            self.client
+                .del::<i64, _>(chunk.to_vec())
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(doomed.len() as u64)
+    }
+
     async fn ping(&self) -> Result<(), IdemError> {
         self.client.ping::<()>(None).await.map_err(unavailable)
     }

@@ -495,9 +495,9 @@ impl MetadataStore for SqlMetadataStore {
         replication_factor: u32,
     ) -> Result<Tenant, MetaError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let row = sqlx::query(
-            "SELECT tenant_id, replication_factor, created_at_ms, updated_at_ms FROM tenants WHERE tenant_id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1"
+        ))
         .bind(tenant_id)
         .fetch_optional(&mut *tx)
         .await

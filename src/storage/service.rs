@@ -252,20 +252,26 @@ impl StorageService {
     async fn run_batch_call(&self, call: pb::BatchCall) -> pb::BatchResult {
         use pb::batch_call::Call;
         use pb::batch_result::Result as Answer;
-        let answer = match call.call {
-            Some(Call::Write(req)) => self.write_records(req).await.map(Answer::Write),
-            Some(Call::Read(req)) => self.read_records(req).await.map(Answer::Read),
-            None => Err(invalid("empty batch call")),
+        use tracing::Instrument;
+        // The ids come from a peer: only well-formed ones are recorded, at most a few. One
+        // call serves the requests of a coordinator's batch, so its span names them all.
+        let ids: Vec<&str> = call
+            .request_ids
+            .iter()
+            .filter(|id| crate::rpc::trace::valid(id))
+            .take(8)
+            .map(String::as_str)
+            .collect();
+        let span = tracing::info_span!("batch", request_ids = %ids.join(","));
+        let work = async {
+            match call.call {
+                Some(Call::Write(req)) => self.write_records(req).await.map(Answer::Write),
+                Some(Call::Read(req)) => self.read_records(req).await.map(Answer::Read),
+                None => Err(invalid("empty batch call")),
+            }
         };
+        let answer = work.instrument(span).await;
         if let Err(e) = &answer {
-            // The ids come from a peer: only well-formed ones are logged, at most a few.
-            let ids: Vec<&str> = call
-                .request_ids
-                .iter()
-                .filter(|id| crate::rpc::trace::valid(id))
-                .take(8)
-                .map(String::as_str)
-                .collect();
             tracing::warn!(request_ids = ?ids, error = %e, "batch call failed");
         }
         pb::BatchResult {
