@@ -223,7 +223,8 @@ where
 /// sent before it saw that end, until the peer closes its side, for at most [`LINGER`]: it is
 /// one of `tasks`' streams, which the role's server waits for before it closes its connections,
 /// so no connection closes under calls in flight (a TCP reset would destroy the `DRAINED` end
-/// before the peer read it).
+/// before the peer read it). Once the peer no longer reads answers (its side of the stream is
+/// gone), no further call is run, though some were read: they were sent long before.
 pub fn serve<Req, Resp, H, Fut>(
     mut calls: impl Stream<Item = Result<Req, tonic::Status>> + Send + Unpin + 'static,
     queue: usize,
@@ -280,6 +281,15 @@ where
                     return;
                 }
             };
+            // The peer stopped listening (its connection went while the queue was full and the
+            // stream unread): a call still buffered from it would run with nobody waiting, long
+            // after its caller gave up (a late write). None of them runs.
+            if answers.is_closed() {
+                tracing::debug!(
+                    "multiplexed stream's peer is gone; its buffered calls are dropped unrun"
+                );
+                return;
+            }
             let mut answer = Box::pin(handle(call));
             if let Some(ready) = (&mut answer).now_or_never() {
                 // An error means the peer hung up: nobody waits for this answer.
@@ -304,6 +314,43 @@ mod tests {
     use tokio_stream::wrappers::UnboundedReceiverStream;
 
     use super::*;
+
+    /// Calls a peer sent before it went away, unread while the answers queue was full, never
+    /// run: their callers gave up long ago (the fault suite's late-write).
+    #[tokio::test]
+    async fn calls_buffered_when_the_peer_goes_never_run() {
+        let (calls, incoming) = mpsc::unbounded_channel::<Result<u64, tonic::Status>>();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let counted = ran.clone();
+        let tasks = Tasks::default();
+        let answers = serve(
+            UnboundedReceiverStream::new(incoming),
+            1,
+            &tasks,
+            move |n: u64| {
+                let counted = counted.clone();
+                async move {
+                    tokio::task::yield_now().await;
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    n
+                }
+            },
+        );
+        for n in 0..10 {
+            calls.send(Ok(n)).expect("queue a call");
+        }
+        // Nobody reads the answers: once they fill the queue, the stream is not read.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = ran.load(Ordering::SeqCst);
+        assert!(before < 10, "the unread stream held calls back: {before}");
+        drop(answers);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            before,
+            "a call ran after its peer went"
+        );
+    }
 
     /// No more than `queue` calls run at once; the rest wait unread, and every call is answered.
     #[tokio::test]

@@ -168,6 +168,27 @@ fn tenant(row: &AnyRow) -> Result<Tenant, MetaError> {
     })
 }
 
+/// The tenant row of `tenant_id`, read inside `tx`; NotFound when there is none.
+async fn tenant_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    tenant_id: &str,
+) -> Result<Tenant, MetaError> {
+    let row = sqlx::query(&format!(
+        "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1"
+    ))
+    .bind(tenant_id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    match row {
+        Some(row) => tenant(&row),
+        None => Err(MetaError::NotFound {
+            what: "tenant",
+            id: tenant_id.to_owned(),
+        }),
+    }
+}
+
 /// Whether a SQLite table has a column.
 async fn sqlite_has_column(pool: &AnyPool, table: &str, column: &str) -> Result<bool, MetaError> {
     let present: i64 = sqlx::query_scalar(&format!(
@@ -417,19 +438,7 @@ impl MetadataStore for SqlMetadataStore {
 
     async fn delete_tenant(&self, tenant_id: &str) -> Result<Tenant, MetaError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let row = sqlx::query(&format!(
-            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1"
-        ))
-        .bind(tenant_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let Some(gone) = row.as_ref().map(tenant).transpose()? else {
-            return Err(MetaError::NotFound {
-                what: "tenant",
-                id: tenant_id.to_owned(),
-            });
-        };
+        let gone = tenant_in(&mut tx, tenant_id).await?;
         let deleted = sqlx::query("DELETE FROM tenants WHERE tenant_id = $1 AND incarnation = $2")
             .bind(tenant_id)
             .bind(i64::from(gone.incarnation))
@@ -495,22 +504,7 @@ impl MetadataStore for SqlMetadataStore {
         replication_factor: u32,
     ) -> Result<Tenant, MetaError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let row = sqlx::query(&format!(
-            "SELECT {TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1"
-        ))
-        .bind(tenant_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let before = match row {
-            Some(row) => tenant(&row)?,
-            None => {
-                return Err(MetaError::NotFound {
-                    what: "tenant",
-                    id: tenant_id.to_owned(),
-                });
-            }
-        };
+        let before = tenant_in(&mut tx, tenant_id).await?;
         sqlx::query(
             "UPDATE tenants SET replication_factor = $1, updated_at_ms = $2 WHERE tenant_id = $3",
         )
