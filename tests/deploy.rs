@@ -1,7 +1,9 @@
 //! The deployment files in `deploy/` are kept working: every Kubernetes container's arguments and
 //! environment (config map, secret, downward API values substituted as Kubernetes would), and
 //! every systemd unit's `ExecStart` (with the repo's example configs), pass `pairdb
-//! --check-config`; probes point at the role's health endpoints on a declared port.
+//! --check-config`; probes point at the role's health endpoints on a declared port. The
+//! manifests also pass the Kubernetes API schemas (kubernetes-validate) and the units
+//! `systemd-analyze verify`.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::collections::BTreeMap;
@@ -200,4 +202,93 @@ fn systemd_units_pass_check_config() {
         checked += 1;
     }
     assert_eq!(checked, 3, "storage, coordinator and gateway units");
+}
+
+/// Whether `program args.. --version` answers.
+fn available(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// kubernetes-validate, run as a module of the python3 it was installed into (no dependence on
+/// where pip put its script).
+const KUBERNETES_VALIDATE: [&str; 2] = ["-m", "kubernetes_validate"];
+
+/// Every manifest in deploy/k8s against the Kubernetes API schemas, offline and strict (no
+/// unknown field): PyPI's kubernetes-validate, which .ci/run installs. Skipped where it is
+/// missing, except under CI.
+#[test]
+fn kubernetes_manifests_match_the_api_schemas() {
+    if !available("python3", &KUBERNETES_VALIDATE) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs kubernetes-validate (.ci/run installs it from PyPI)"
+        );
+        eprintln!(
+            "skipped: kubernetes-validate is not installed (pip install kubernetes-validate)"
+        );
+        return;
+    }
+    let dir = format!("{}/deploy/k8s", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("deploy/k8s")
+        .map(|e| e.expect("entry").path().display().to_string())
+        .filter(|p| p.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    let out = Command::new("python3")
+        .args(KUBERNETES_VALIDATE)
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .expect("run kubernetes-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines().filter(|l| l.contains(" passed ")).count() >= 12,
+        "every resource validated: {text}"
+    );
+}
+
+/// Every unit in deploy/systemd through `systemd-analyze verify` (where systemd's tools are
+/// present), with its ExecStart pointed at the binary under test: an unknown key or a bad
+/// value, which systemd only warns about, fails the test.
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    if !available("systemd-analyze", &[]) {
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    }
+    let dir = format!("{}/deploy/systemd", env!("CARGO_MANIFEST_DIR"));
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut verified = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/systemd") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path)
+            .expect("unit")
+            .replace("/usr/local/bin/pairdb", env!("CARGO_BIN_EXE_pairdb"));
+        let copy = scratch.path().join(path.file_name().expect("file name"));
+        std::fs::write(&copy, text).expect("copy of the unit");
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .expect("run systemd-analyze");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{}: {said}",
+            path.display()
+        );
+        verified += 1;
+    }
+    assert_eq!(verified, 3, "every unit");
 }
