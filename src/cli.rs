@@ -463,6 +463,18 @@ pub struct ServerArgs {
     /// Storage and coordinator: gossip addresses of storage nodes (comma list).
     #[arg(long, value_delimiter = ',', help_heading = "Storage role")]
     pub seeds: Vec<String>,
+    /// Storage: register this node through the coordinators on its first start (with
+    /// --join-coordinators; a restart with its data never registers again).
+    #[arg(long, help_heading = "Storage role")]
+    pub join: bool,
+    /// Storage: the coordinators' gRPC addresses a joining node registers through, host:port
+    /// (comma list).
+    #[arg(long, value_delimiter = ',', help_heading = "Storage role")]
+    pub join_coordinators: Vec<String>,
+    /// Storage: host:port others reach this node's gRPC listener at (e.g. its pod's DNS name)
+    /// [default: --listen].
+    #[arg(long, help_heading = "Storage role")]
+    pub advertise: Option<String>,
     /// Storage: commit-log sync: always (group commit), batch_ms=N, never [default: always].
     #[arg(long, help_heading = "Storage role")]
     pub sync: Option<SyncMode>,
@@ -614,6 +626,18 @@ impl ServerArgs {
         }
         if let Some(d) = &self.data_dir {
             m.storage.insert("data_dir".to_owned(), json!(d));
+        }
+        if self.join {
+            m.storage.insert("join".to_owned(), json!(true));
+        }
+        if !self.join_coordinators.is_empty() {
+            m.storage.insert(
+                "join_coordinators".to_owned(),
+                strings(&self.join_coordinators),
+            );
+        }
+        if let Some(a) = &self.advertise {
+            m.storage.insert("advertise".to_owned(), json!(a));
         }
         if let Some(g) = self.gossip {
             m.storage.insert("gossip".to_owned(), json!(g));

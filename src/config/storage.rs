@@ -22,6 +22,15 @@ pub struct StorageConfig {
     /// Gossip addresses of other storage nodes.
     #[serde(deserialize_with = "list")]
     pub seeds: Vec<String>,
+    /// Register this node through the coordinators on its first start (`roles::join`), like
+    /// `pairdb admin add-node` would; off by default.
+    pub join: bool,
+    /// The coordinators' gRPC addresses (host:port) a joining node registers through.
+    #[serde(deserialize_with = "list")]
+    pub join_coordinators: Vec<String>,
+    /// host:port at which coordinators and other nodes reach this node's gRPC listener (a
+    /// pod's stable DNS name); default: `listen`, which must then not be 0.0.0.0 or [::].
+    pub advertise: Option<String>,
     /// Commit-log durability: `always` (group commit), `batch_ms=N` or `never`.
     pub sync: SyncMode,
     /// Open even when a commit-log segment is corrupt in the middle, dropping the rest of that
@@ -58,6 +67,9 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("data/storage"),
             gossip: None,
             seeds: Vec::new(),
+            join: false,
+            join_coordinators: Vec::new(),
+            advertise: None,
             sync: SyncMode::Always,
             skip_corrupt_log: false,
             stream_rate_limit: 8 << 20,
@@ -73,6 +85,20 @@ impl Default for StorageConfig {
 }
 
 impl StorageConfig {
+    /// The (host, port) this node registers itself at: `advertise`, else `listen` when that is
+    /// a specific address.
+    pub fn advertised(&self) -> Result<(String, u16), ConfigError> {
+        match &self.advertise {
+            Some(a) => split_host_port(a).map_err(|e| invalid(format!("--advertise: {e}"))),
+            None if self.listen.ip().is_unspecified() => Err(invalid(format!(
+                "--listen={} is every address: --advertise must say which one others reach \
+                 this node at (e.g. its pod's DNS name)",
+                self.listen
+            ))),
+            None => Ok((self.listen.ip().to_string(), self.listen.port())),
+        }
+    }
+
     /// The engine's disk thresholds from these settings.
     pub fn disk_thresholds(&self) -> crate::engine::DiskThresholds {
         crate::engine::DiskThresholds {
@@ -94,6 +120,17 @@ impl StorageConfig {
         }
         for seed in &self.seeds {
             split_host_port(seed).map_err(|e| invalid(format!("--seeds: {e}")))?;
+        }
+        if self.join {
+            if self.join_coordinators.is_empty() {
+                return Err(invalid(
+                    "--join needs --join-coordinators: the coordinators to register through",
+                ));
+            }
+            for c in &self.join_coordinators {
+                split_host_port(c).map_err(|e| invalid(format!("--join-coordinators: {e}")))?;
+            }
+            self.advertised()?;
         }
         let (warn, throttle, full) = (
             self.disk_warn_percent,

@@ -58,9 +58,9 @@ pub async fn readiness(core: &Coordinator) -> Result<(), NotReady> {
 #[error("{}", .0.join("; "))]
 pub struct NotReady(pub Vec<String>);
 
+/// Some node of the ring answers; or the registry is empty, waiting for its first nodes to join
+/// (they register through a ready coordinator: on Kubernetes, through its Service).
 async fn storage_reachable(core: &Coordinator) -> bool {
-    core.node_health()
-        .await
-        .iter()
-        .any(|(_, health)| health.is_some())
+    let health = core.node_health().await;
+    health.is_empty() || health.iter().any(|(_, health)| health.is_some())
 }

@@ -9,6 +9,7 @@
 pub mod coordinator;
 pub mod dev;
 pub mod gateway;
+pub mod join;
 pub mod storage;
 
 use std::future::Future;

@@ -23,6 +23,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     let node_id = config.node.id.clone().context("storage needs a node id")?;
     let cfg = &config.storage;
     let _lock = datadir::lock(&cfg.data_dir)?;
+    // Read before the engine creates its files: a registered node that starts without data
+    // has lost it (`join`).
+    let fresh = super::join::is_fresh(&cfg.data_dir);
     let repaired = Arc::new(RepairedRanges::open(&cfg.data_dir).with_context(|| {
         format!(
             "cannot open the repaired ranges in {}",
@@ -120,7 +123,26 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         });
     }
 
-    let router = http::router(node_id, engine.clone(), gossip.clone());
+    // Ready once registered (at once when not joining by itself).
+    let joined = Arc::new(std::sync::atomic::AtomicBool::new(!cfg.join));
+    if cfg.join {
+        let (host, port) = cfg.advertised()?;
+        let join = super::join::Join {
+            node_id: node_id.clone(),
+            host,
+            port,
+            coordinators: cfg.join_coordinators.clone(),
+            data_dir: cfg.data_dir.clone(),
+            fresh,
+        };
+        tasks.spawn(super::join::run(
+            join,
+            auth.clone(),
+            joined.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let router = http::router(node_id, engine.clone(), gossip.clone(), joined);
     let http_server = super::spawn_http(http_listener, router, shutdown.clone());
     let grpc = StorageNodeServer::from_arc(service.clone())
         .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)

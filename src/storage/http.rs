@@ -1,8 +1,9 @@
-//! The storage node's HTTP side: `/healthz` (the process is up), `/readyz` (the engine takes
-//! writes: open and disk below 95%), `/metrics` (Prometheus: requests and latency per RPC, engine
+//! The storage node's HTTP side: `/healthz` (the process is up), `/readyz` (registered in the
+//! cluster, and the engine takes writes: open and disk below 95%), `/metrics` (Prometheus: requests and latency per RPC, engine
 //! stats, disk %, gossip members).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -18,18 +19,36 @@ struct Node {
     id: String,
     engine: Arc<Engine>,
     gossip: Option<Arc<Gossip>>,
+    /// Registered in the cluster (a node that joins by itself is not ready before).
+    joined: Arc<AtomicBool>,
 }
 
-pub fn router(id: String, engine: Arc<Engine>, gossip: Option<Arc<Gossip>>) -> Router {
+pub fn router(
+    id: String,
+    engine: Arc<Engine>,
+    gossip: Option<Arc<Gossip>>,
+    joined: Arc<AtomicBool>,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/health", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .with_state(Node { id, engine, gossip })
+        .with_state(Node {
+            id,
+            engine,
+            gossip,
+            joined,
+        })
 }
 
 async fn ready(State(node): State<Node>) -> (StatusCode, String) {
+    if !node.joined.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not registered in the cluster yet (joining)\n".to_owned(),
+        );
+    }
     let disk = node.engine.stats().disk_usage_percent;
     if disk >= node.engine.disk_thresholds().full_percent {
         (

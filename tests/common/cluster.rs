@@ -87,16 +87,19 @@ impl RoleProcess {
     ) -> RoleProcess {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-        let args = vec![
+        let mut args = vec![
             "--role=coordinator".to_owned(),
             format!("--node-id={id}"),
             format!("--listen={grpc}"),
             format!("--http-listen={http}"),
             format!("--metadata-url={metadata_url}"),
             format!("--idempotency-url={idempotency_url}"),
-            format!("--storage-nodes={}", storage_list(storage)),
             "--log-level=info".to_owned(),
         ];
+        // None: an empty registry (nodes join by themselves, or through the admin API).
+        if !storage.is_empty() {
+            args.push(format!("--storage-nodes={}", storage_list(storage)));
+        }
         let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
