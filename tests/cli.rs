@@ -163,6 +163,22 @@ fn bad_configuration_is_one_line_and_exit_2() {
         ),
         (vec!["--role=gateway"], vec![], "needs a secret"),
         (
+            vec!["--role=storage", "--node-id=s1", "--join"],
+            vec![],
+            "--join needs --join-coordinators",
+        ),
+        (
+            vec![
+                "--role=storage",
+                "--node-id=s1",
+                "--join",
+                "--join-coordinators=c:7201",
+                "--listen=0.0.0.0:7101",
+            ],
+            vec![],
+            "--advertise must say",
+        ),
+        (
             vec!["--role=storage", "--node-id=s1"],
             vec![("PAIRDB_NODE_CLUSTER_SECRET", "")],
             "need a cluster secret",

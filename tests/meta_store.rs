@@ -231,6 +231,32 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         paged, all,
         "paging by the last id neither skips nor repeats"
     );
+    // Deleting: the row goes, the incarnation is recorded (stamped by the store's clock, the
+    // same for every coordinator), and the id comes back as the next incarnation.
+    assert_eq!(b.ms_since_deleted("zeta").await.expect("ago"), None);
+    let gone = a.delete_tenant("zeta").await.expect("delete");
+    assert_eq!(
+        (gone.incarnation, gone.storage_id()),
+        (1, "zeta".to_owned())
+    );
+    assert!(matches!(
+        a.delete_tenant("zeta").await,
+        Err(MetaError::NotFound { .. })
+    ));
+    let ago = b
+        .ms_since_deleted("zeta")
+        .await
+        .expect("ago")
+        .expect("deleted");
+    assert!((0..10_000).contains(&ago), "{ago} ms");
+    let deleted = b.deleted_tenants().await.expect("deleted");
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(deleted[0].storage_id, "zeta");
+    let again = b.create_tenant("zeta", 1).await.expect("re-create");
+    assert_eq!(
+        (again.incarnation, again.storage_id()),
+        (2, "zeta:2".to_owned())
+    );
     let before = a
         .update_replication_factor("acme", 5)
         .await

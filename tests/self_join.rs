@@ -167,3 +167,27 @@ async fn a_statefulset_of_joining_nodes_ends_active_with_every_key() {
         "{stderr}"
     );
 }
+
+/// With no coordinator to register through, a joining node serves but is not ready, and keeps
+/// trying (it neither exits nor reports ready).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_join_yet_stays_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = format!("127.0.0.1:{}", common::free_tcp_port());
+    let env = [
+        ("PAIRDB_STORAGE_JOIN", "true"),
+        ("PAIRDB_STORAGE_JOIN_COORDINATORS", nobody.as_str()),
+    ];
+    let data = dir.path().join("pairdb-storage-0");
+    std::fs::create_dir_all(&data).unwrap();
+    let node = common::StorageNode::start_with_env("pairdb-storage-0", &data, None, &env);
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ready = common::http_get(node.http, "/readyz").await;
+        assert!(
+            ready.starts_with("HTTP/1.1 503") && ready.contains("joining"),
+            "{ready}"
+        );
+    }
+    assert!(!data.join("JOINED").exists());
+}

@@ -108,12 +108,10 @@ async fn refresh(core: &Coordinator, every: Duration) -> Result<(), MetaError> {
     let since = crate::wallclock::now_ms() as i64 - (every.as_millis() as i64) * 5 - 10_000;
     let changed = core.meta.tenants_updated_since(since).await?;
     core.pending_rf.set(targets);
-    // Deleted since: served no more (a re-created one is put back just below).
-    for gone in core.meta.deleted_tenants().await? {
-        if gone.deleted_at_ms >= since {
-            core.tenants.invalidate(&gone.tenant_id);
-        }
-    }
+    // Deleted incarnations are served no more, by incarnation, not by time (clocks differ);
+    // a re-created one is put back just below.
+    core.tenants
+        .forget_deleted(&core.meta.deleted_tenants().await?);
     for tenant in changed {
         core.tenants.put(tenant);
     }

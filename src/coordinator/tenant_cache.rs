@@ -64,6 +64,17 @@ impl TenantCache {
             .insert(tenant.tenant_id.clone(), (tenant, Instant::now()));
     }
 
+    /// Drops every cached tenant whose incarnation is one of `deleted`.
+    pub fn forget_deleted(&self, deleted: &[crate::meta::DeletedTenant]) {
+        let gone: std::collections::HashSet<(&str, u32)> = deleted
+            .iter()
+            .map(|d| (d.tenant_id.as_str(), d.incarnation))
+            .collect();
+        self.entries
+            .write()
+            .retain(|id, (t, _)| !gone.contains(&(id.as_str(), t.incarnation)));
+    }
+
     pub fn invalidate(&self, tenant_id: &str) {
         self.entries.write().remove(tenant_id);
     }

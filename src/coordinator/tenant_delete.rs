@@ -11,11 +11,15 @@
 //!
 //! Invariants and choices:
 //! - The deleting coordinator stops serving the tenant at once; the others within
-//!   `metadata_refresh` (they invalidate their cache entries of tenants deleted since their
-//!   last refresh). Until then a write they accept lands in the deleted namespace: it is
+//!   `metadata_refresh` (each refresh drops the cached tenants whose incarnation is among the
+//!   deleted ones: no clock is compared). Until then a write they accept lands in the deleted namespace: it is
 //!   acknowledged and then purged, like the writes of the instant before the delete.
 //! - Re-creating the id is refused (503 UNAVAILABLE, retry) until `2 × metadata_refresh` after
-//!   the delete, so no coordinator still writes the old incarnation when the new one starts.
+//!   the delete, measured by the metadata store's clock, so no coordinator that refreshes
+//!   still writes the old incarnation when the new one starts. A coordinator that misses its
+//!   refreshes for longer (paused, cut from the store) may still serve the old incarnation from
+//!   its cache for a request it receives in that window: such a write is acknowledged and
+//!   purged (not fenced yet; see the issue's note).
 //! - Records go by a range delete per namespace (`DropTenants`: no tombstone per key), from
 //!   every node that answers at once, and from every node by the purge loop after (a node that
 //!   was down at the delete is purged once it is back). Storage nodes skip namespaces they
@@ -79,21 +83,18 @@ impl Coordinator {
     /// module doc).
     pub(super) async fn check_not_just_deleted(&self, tenant_id: &str) -> Result<(), CoordError> {
         let settle = (self.options.metadata_refresh * 2).as_millis() as i64;
-        let now = crate::wallclock::now_ms() as i64;
-        let recent = self
+        // Measured by the store's clock, which stamped the deletion: coordinators' clocks may
+        // be seconds apart.
+        let wait_ms = self
             .meta
-            .deleted_tenants()
+            .ms_since_deleted(tenant_id)
             .await?
-            .into_iter()
-            .filter(|d| d.tenant_id == tenant_id)
-            .map(|d| d.deleted_at_ms + settle - now)
-            .max()
+            .map(|ago| settle - ago)
             .filter(|wait| *wait > 0);
-        match recent {
+        match wait_ms {
             Some(wait_ms) => Err(CoordError::Unavailable(format!(
-                "tenant {tenant_id:?} was deleted moments ago; it can be created again in {} ms, \
-                 once every coordinator stopped serving it",
-                wait_ms
+                "tenant {tenant_id:?} was deleted moments ago; it can be created again in {wait_ms} \
+                 ms, once every coordinator stopped serving it"
             ))),
             None => Ok(()),
         }

@@ -54,6 +54,7 @@ pub struct DeletedTenant {
     pub storage_id: String,
     pub tenant_id: String,
     pub incarnation: u32,
+    /// By the metadata store's clock.
     pub deleted_at_ms: i64,
 }
 
@@ -269,6 +270,9 @@ pub trait MetadataStore: Send + Sync {
     /// the deleted ones (whose namespaces the storage nodes purge), its hints are dropped.
     /// Returns it as it was.
     async fn delete_tenant(&self, tenant_id: &str) -> Result<Tenant, MetaError>;
+    /// How long ago (ms, by the store's own clock, which stamped the deletion) the last
+    /// incarnation of `tenant_id` was deleted; `None` when none ever was.
+    async fn ms_since_deleted(&self, tenant_id: &str) -> Result<Option<i64>, MetaError>;
     /// Every deleted tenant incarnation, oldest deletion first.
     async fn deleted_tenants(&self) -> Result<Vec<DeletedTenant>, MetaError>;
     /// Tenants created or changed at or after `since_ms` (for other coordinators' caches).

@@ -356,6 +356,18 @@ impl SqlMetadataStore {
     }
 }
 
+impl SqlMetadataStore {
+    /// The store's own clock, in ms since the epoch, as SQL: one clock for every coordinator,
+    /// where a comparison of two coordinators' wall clocks would be off by their skew.
+    fn store_now_ms(&self) -> &'static str {
+        if self.postgres {
+            "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+        } else {
+            "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl MetadataStore for SqlMetadataStore {
     async fn ping(&self) -> Result<(), MetaError> {
@@ -449,12 +461,14 @@ impl MetadataStore for SqlMetadataStore {
             return Err(MetaError::Changed("tenant"));
         }
         sqlx::query(
-            "INSERT INTO deleted_tenants (storage_id, tenant_id, incarnation, deleted_at_ms) VALUES ($1, $2, $3, $4)",
+            &format!(
+                "INSERT INTO deleted_tenants (storage_id, tenant_id, incarnation, deleted_at_ms) VALUES ($1, $2, $3, {})",
+                self.store_now_ms()
+            ),
         )
         .bind(gone.storage_id())
         .bind(tenant_id)
         .bind(i64::from(gone.incarnation))
-        .bind(now_ms())
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
@@ -485,6 +499,18 @@ impl MetadataStore for SqlMetadataStore {
                 })
             })
             .collect()
+    }
+
+    async fn ms_since_deleted(&self, tenant_id: &str) -> Result<Option<i64>, MetaError> {
+        let ago: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT {} - MAX(deleted_at_ms) FROM deleted_tenants WHERE tenant_id = $1",
+            self.store_now_ms()
+        ))
+        .bind(tenant_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(ago)
     }
 
     async fn tenants_updated_since(&self, since_ms: i64) -> Result<Vec<Tenant>, MetaError> {
