@@ -126,11 +126,8 @@ pub const MAX_SNAPSHOT_NAME_BYTES: usize = 64;
 /// directory under `<data-dir>/snapshots/`, so it can never leave it (no '/', no "..") nor
 /// collide with the dot-prefixed work directories there.
 pub fn valid_snapshot_name(name: &str) -> bool {
-    (1..=MAX_SNAPSHOT_NAME_BYTES).contains(&name.len())
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    // A node id's characters, shorter, and never a dot first.
+    name.len() <= MAX_SNAPSHOT_NAME_BYTES && !name.starts_with('.') && valid_node_id(name)
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use pairdb::cli::{Cli, Command, RingCommand, TokenAction, TokenIssueArgs};
 use pairdb::config::LogFormat;
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of glibc's malloc: every request allocates in several tasks on several
 /// threads, and glibc's arenas showed up as ~10% of the coordinator's CPU (docs/benchmarks.md).
@@ -16,19 +15,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_CONFIG: u8 = 2;
 /// Exit code for a role that failed or could not start.
 const EXIT_FAILURE: u8 = 1;
-
-fn init_tracing(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: log files and collectors get plain `key=value` text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
 
 /// A multi-thread runtime with `workers` worker threads (one per core when `None`).
 fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -77,7 +63,15 @@ fn main() -> ExitCode {
         return restore(args);
     }
     if let Some(Command::Dev(args)) = cli.command {
-        init_tracing(LogFormat::Human, "info");
+        // No span export here: `pairdb dev` logs only.
+        let origin = pairdb::telemetry::Origin {
+            service: "pairdb-dev".to_owned(),
+            node_id: None,
+        };
+        if let Err(e) = pairdb::telemetry::init(LogFormat::Human, "info", None, origin) {
+            eprintln!("pairdb: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
         let rt = match runtime(None) {
             Ok(rt) => rt,
             Err(code) => return code,

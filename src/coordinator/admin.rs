@@ -207,20 +207,13 @@ impl Coordinator {
     /// answer, asked in parallel (`None`: no answer within the timeout).
     pub async fn node_health(&self) -> Vec<(NodeRecord, Option<spb::HealthCheckResponse>)> {
         let nodes = self.ring.snapshot().nodes.clone();
-        let checks = nodes.iter().map(|n| {
-            let address = format!("{}:{}", n.host, n.port);
-            let client = self.pool.client(&n.node_id, &address);
-            async move {
-                let mut client = client.ok()?;
-                let call = client.health_check(spb::HealthCheckRequest {});
-                match tokio::time::timeout(HEALTH_TIMEOUT, call).await {
-                    Ok(Ok(r)) => Some(r.into_inner()),
-                    _ => None,
-                }
-            }
-        });
-        let health = futures::future::join_all(checks).await;
-        nodes.into_iter().zip(health).collect()
+        self.each_node(&nodes, HEALTH_TIMEOUT, |mut client| async move {
+            client.health_check(spb::HealthCheckRequest {}).await
+        })
+        .await
+        .into_iter()
+        .map(|(node, answer)| (node, answer.ok()))
+        .collect()
     }
 
     /// Every node of this coordinator's ring with its state, key estimate and disk use.

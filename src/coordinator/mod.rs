@@ -30,6 +30,7 @@ pub mod batcher;
 pub mod cleanup;
 pub mod clock;
 pub mod errors;
+pub mod fan_out;
 pub mod hints;
 pub mod http;
 pub mod idempotent;

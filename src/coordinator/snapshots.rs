@@ -21,22 +21,18 @@ use tonic::Code;
 use crate::limits::valid_snapshot_name as valid_name;
 use crate::meta::NodeRecord;
 use crate::ring::NodeState;
-use crate::rpc::auth::InternalChannel;
 use crate::rpc::coordinator as pb;
 use crate::rpc::detail;
 use crate::rpc::storage as spb;
-use crate::rpc::storage::storage_node_client::StorageNodeClient;
 
 use super::Coordinator;
 use super::admin::rfc3339;
 use super::errors::CoordError;
+use super::fan_out::NodeAnswer;
 
 /// A flush and a link per table: seconds at most, unless the disk is in trouble.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What one node answered.
-type NodeAnswer<T> = (NodeRecord, Result<T, tonic::Status>);
 
 impl Coordinator {
     pub async fn create_snapshot(&self, name: &str) -> Result<pb::ClusterSnapshot, CoordError> {
@@ -188,35 +184,6 @@ impl Coordinator {
             return Err(CoordError::Unavailable("no storage nodes".to_owned()));
         }
         Ok(nodes)
-    }
-
-    /// Calls every node in parallel, each within `timeout`.
-    async fn each_node<T, F, Fut>(
-        &self,
-        nodes: &[NodeRecord],
-        timeout: Duration,
-        call: F,
-    ) -> Vec<NodeAnswer<T>>
-    where
-        F: Fn(StorageNodeClient<InternalChannel>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let calls = nodes.iter().map(|n| {
-            let address = format!("{}:{}", n.host, n.port);
-            let client = self.pool.client(&n.node_id, &address);
-            let call = client.map(&call);
-            async move {
-                let result = match call {
-                    Ok(call) => match tokio::time::timeout(timeout, call).await {
-                        Ok(r) => r.map(tonic::Response::into_inner),
-                        Err(_) => Err(tonic::Status::deadline_exceeded("no answer in time")),
-                    },
-                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
-                };
-                (n.clone(), result)
-            }
-        });
-        futures::future::join_all(calls).await
     }
 }
 

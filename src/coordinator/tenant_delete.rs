@@ -106,35 +106,24 @@ impl Coordinator {
         if deleted.is_empty() {
             return 0;
         }
-        let snapshot = self.ring.snapshot();
-        let calls = snapshot.nodes.iter().map(|n| {
-            let address = format!("{}:{}", n.host, n.port);
-            let client = self.pool.client(&n.node_id, &address);
-            let request = spb::DropTenantsRequest {
-                tenant_ids: deleted.to_vec(),
-            };
-            async move {
-                let mut client = client.map_err(|e| e.to_string())?;
-                match tokio::time::timeout(PURGE_TIMEOUT, client.drop_tenants(request)).await {
-                    Ok(Ok(r)) => Ok(r.into_inner().records_dropped),
-                    Ok(Err(s)) => Err(s.message().to_owned()),
-                    Err(_) => Err("no answer in time".to_owned()),
-                }
-            }
-        });
+        let nodes = self.ring.snapshot().nodes.clone();
+        let answers = self
+            .each_node(&nodes, PURGE_TIMEOUT, |mut client| {
+                let request = spb::DropTenantsRequest {
+                    tenant_ids: deleted.to_vec(),
+                };
+                async move { client.drop_tenants(request).await }
+            })
+            .await;
         let mut dropped = 0;
-        for (node, result) in snapshot
-            .nodes
-            .iter()
-            .zip(futures::future::join_all(calls).await)
-        {
+        for (node, result) in answers {
             match result {
-                Ok(n) => dropped += n,
+                Ok(answer) => dropped += answer.records_dropped,
                 Err(e) if self.ring.is_down(&node.node_id) => {
-                    tracing::debug!(node = %node.node_id, error = %e, "purge of deleted tenants deferred: node down");
+                    tracing::debug!(node = %node.node_id, error = %e.message(), "purge of deleted tenants deferred: node down");
                 }
                 Err(e) => {
-                    tracing::warn!(node = %node.node_id, error = %e, "purge of deleted tenants failed; retried next pass");
+                    tracing::warn!(node = %node.node_id, error = %e.message(), "purge of deleted tenants failed; retried next pass");
                 }
             }
         }
