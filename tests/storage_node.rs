@@ -428,6 +428,7 @@ async fn streaming_copies_a_range_with_live_writes() {
             target_node_id: "b".into(),
             target_address: b.grpc.to_string(),
             resume: None,
+            dropped_tenants: Vec::new(),
         })
         .await
         .expect("start")
@@ -629,6 +630,7 @@ async fn streaming_survives_a_target_outage() {
         target_node_id: "b".into(),
         target_address: b.grpc.to_string(),
         resume: None,
+        dropped_tenants: Vec::new(),
     })
     .await
     .expect("start");
@@ -800,6 +802,7 @@ async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
         target_node_id: "nobody".into(),
         target_address: nowhere.to_string(),
         resume: None,
+        dropped_tenants: Vec::new(),
     })
     .await
     .expect("start");
@@ -990,6 +993,7 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
         target_node_id: "b".into(),
         target_address: b.grpc.to_string(),
         resume: None,
+        dropped_tenants: Vec::new(),
     };
     let bad = pb::StartStreamingRequest {
         stream_id: "../escape".into(),
@@ -1240,4 +1244,128 @@ async fn calls_without_the_cluster_secret_are_refused() {
     // The same write with the secret lands.
     let r = write(&mut ok, record).await.expect("write with the secret");
     assert_eq!(r.outcome, pb::ApplyOutcome::Applied as i32);
+}
+
+/// A deleted tenant's namespace, once a node dropped it (or a stream start named it), is
+/// fenced there for good: no client write, hint, repair or stream applies a record of it
+/// (answered TENANT_DELETED, the rest of a batch applied), a stream does not send it, and the
+/// fence survives `kill -9`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_tenant_is_fenced_against_every_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s1 = StorageNode::start("s1", &dir.path().join("s1"), None);
+    let s2 = StorageNode::start("s2", &dir.path().join("s2"), None);
+    let mut c = s1.client().await;
+    let base = physical_counter(now_ms());
+    for tenant in ["acme", "beta", "other"] {
+        for i in 0..20u32 {
+            write(&mut c, put(tenant, format!("k{i}").as_bytes(), base, b"1"))
+                .await
+                .expect("write");
+        }
+    }
+    let dropped = c
+        .drop_tenants(pb::DropTenantsRequest {
+            tenant_ids: vec!["acme".into()],
+        })
+        .await
+        .expect("drop tenants")
+        .into_inner();
+    assert_eq!(dropped.records_dropped, 20);
+
+    let deleted = pb::ApplyOutcome::TenantDeleted as i32;
+    let applied = pb::ApplyOutcome::Applied as i32;
+    for (n, source) in [
+        pb::BatchSource::Client,
+        pb::BatchSource::Hint,
+        pb::BatchSource::Repair,
+        pb::BatchSource::Stream,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let counter = base + 10 + n as u64;
+        let answer = c
+            .write_batch(pb::WriteBatchRequest {
+                records: vec![
+                    put("acme", b"late", counter, b"x"),
+                    put("other", b"late", counter, b"x"),
+                ],
+                source: source as i32,
+            })
+            .await
+            .expect("write batch")
+            .into_inner();
+        assert_eq!(answer.outcomes, vec![deleted, applied], "{source:?}");
+    }
+    let unary = write(&mut c, put("acme", b"k1", base + 2, b"x"))
+        .await
+        .expect("write");
+    assert_eq!(unary.outcome, deleted);
+    assert_eq!(
+        repair(&mut c, put("acme", b"k2", base + 2, b"x"))
+            .await
+            .outcome,
+        deleted
+    );
+    assert!(read(&mut c, "acme", b"late").await.is_none());
+    assert!(read(&mut c, "acme", b"k1").await.is_none());
+    assert!(read(&mut c, "other", b"late").await.is_some());
+
+    // A stream start that names beta fences it and does not send it.
+    let status = c
+        .start_streaming(pb::StartStreamingRequest {
+            stream_id: "fenced-stream".into(),
+            ranges: vec![cpb::HashRange { start: 0, end: 0 }],
+            target_node_id: "s2".into(),
+            target_address: s2.grpc.to_string(),
+            resume: None,
+            dropped_tenants: vec!["beta".into()],
+        })
+        .await
+        .expect("start streaming")
+        .into_inner();
+    assert_eq!(status.stream_id, "fenced-stream");
+    wait_completed(&mut c, "fenced-stream", 60).await;
+    let mut c2 = s2.client().await;
+    let copied = scan(&mut c2, 0, 0).await;
+    assert!(
+        copied.keys().all(|(tenant, _)| tenant == "other"),
+        "{:?}",
+        copied.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        copied.len(),
+        21,
+        "every record of other, none of acme or beta"
+    );
+    let beta = write(&mut c, put("beta", b"k1", base + 3, b"x"))
+        .await
+        .expect("write");
+    assert_eq!(beta.outcome, deleted);
+
+    // A bad name is refused and fences nothing.
+    let refused = c
+        .drop_tenants(pb::DropTenantsRequest {
+            tenant_ids: vec!["bad:tenant".into()],
+        })
+        .await
+        .expect_err("bad namespace");
+    assert_eq!(code_in(&refused), pb::ErrorCode::InvalidArgument);
+
+    // The fence is durable.
+    drop(c);
+    s1.kill9();
+    s1.restart();
+    let mut c = s1.client().await;
+    for tenant in ["acme", "beta"] {
+        let after = write(&mut c, put(tenant, b"k9", base + 4, b"x"))
+            .await
+            .expect("write");
+        assert_eq!(after.outcome, deleted, "{tenant} after kill -9");
+    }
+    let live = write(&mut c, put("acme:2", b"k9", base + 4, b"x"))
+        .await
+        .expect("write");
+    assert_eq!(live.outcome, applied, "the next incarnation is live");
 }

@@ -192,3 +192,92 @@ async fn a_deleted_tenant_is_gone_everywhere_and_its_successor_sees_nothing_of_i
         Some("\"new\"")
     );
 }
+
+/// A coordinator that misses its metadata refreshes (here: one that refreshes every 10
+/// minutes, as one cut from the store or paused would) still holds the deleted incarnation in
+/// its cache when the id is created again. Its writes must not be acknowledged into the dead
+/// namespace: the storage nodes fenced it at the delete and refuse them, the coordinator drops
+/// its cached tenant and answers 503 (retry), and the retry lands in the new incarnation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_that_missed_the_delete_cannot_acknowledge_into_the_dead_incarnation() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = common::cluster::start_storage(3, dir.path());
+    let meta = sqlite_url(dir.path());
+    let env = [("PAIRDB_COORDINATOR_AUTO_REPAIR", "false")];
+    let c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &env, dir.path());
+    let lagging = [
+        ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
+        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "600000"),
+    ];
+    let c2 = RoleProcess::coordinator("c2", &meta, "memory://", &storage, &lagging, dir.path());
+    let gw1 = RoleProcess::gateway("gw1", &[&c1], &["--auth=none"], &[], dir.path());
+    let gw2 = RoleProcess::gateway("gw2", &[&c2], &["--auth=none"], &[], dir.path());
+    wait_all_active(&c1.client().await, 3).await;
+    wait_all_active(&c2.client().await, 3).await;
+    let (url1, url2) = (gw1.url(), gw2.url());
+
+    let (s, b) = call(
+        Method::POST,
+        format!("{url1}/v1/tenants"),
+        None,
+        Some(json!({"tenant_id": "acme"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    // c2 caches incarnation 1 with its first write.
+    let put = |url: String, value: &'static str| async move {
+        call(
+            Method::POST,
+            format!("{url}/v1/key-value"),
+            None,
+            Some(json!({"key": "k", "value": value, "consistency": "quorum"})),
+        )
+        .await
+    };
+    let (s, b) = put(url2.clone(), "old").await;
+    assert_eq!(s, 200, "{b}");
+
+    let (s, b) = call(
+        Method::DELETE,
+        format!("{url1}/v1/tenants/acme"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    eventually("acme created again", Duration::from_secs(15), || {
+        let url1 = url1.clone();
+        async move {
+            let (s, _) = call(
+                Method::POST,
+                format!("{url1}/v1/tenants"),
+                None,
+                Some(json!({"tenant_id": "acme"})),
+            )
+            .await;
+            s == 200
+        }
+    })
+    .await;
+
+    // c2 still serves incarnation 1 from its cache: the replicas refuse the write.
+    let (s, b) = put(url2.clone(), "new").await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (503, Some("UNAVAILABLE")),
+        "a write into the dead incarnation must not be acknowledged: {b}"
+    );
+    // Its retry writes the new incarnation, and every coordinator reads it there.
+    let (s, b) = put(url2.clone(), "new").await;
+    assert_eq!(s, 200, "{b}");
+    for url in [&url1, &url2] {
+        let (s, b) = call(
+            Method::GET,
+            format!("{url}/v1/key-value?key=k&consistency=all"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!((s, b["value"].as_str()), (200, Some("new")), "{url}: {b}");
+    }
+}

@@ -214,6 +214,7 @@ async fn a_cluster_over_mutual_tls() {
         target_address: storage[1].grpc.to_string(),
         ranges: vec![cpb::HashRange { start: 0, end: 0 }],
         resume: None,
+        dropped_tenants: Vec::new(),
     })
     .await
     .expect("start streaming");

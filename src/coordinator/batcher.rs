@@ -261,8 +261,13 @@ async fn send_writes(link: &Link, batch: Vec<WriteJob>) {
     match link.call(call, request_ids).await {
         Ok(Answer::Write(answer)) => {
             for (i, reply) in replies.into_iter().enumerate() {
-                let ack = WriteAck::from_answer(answer.outcomes.get(i), answer.stored.get(i));
-                let _ = reply.send(Ok(ack));
+                let outcome = answer.outcomes.get(i);
+                let ack = if outcome == Some(&(pb::ApplyOutcome::TenantDeleted as i32)) {
+                    Err(ReplicaError::tenant_deleted(&link.node))
+                } else {
+                    Ok(WriteAck::from_answer(outcome, answer.stored.get(i)))
+                };
+                let _ = reply.send(ack);
             }
         }
         other => {

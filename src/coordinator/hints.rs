@@ -21,12 +21,16 @@
 //!   `anti_entropy::targeted` fixes the key once the target is up); the rest are delivered in
 //!   batches (`WriteBatch` with source HINT) to targets the ring knows and gossip does not
 //!   report down, and each batch is deleted only after the target acknowledged it. A failed
-//!   delivery counts one attempt per hint and waits for the next round.
+//!   delivery counts one attempt per hint and waits for the next round. Hints of a deleted
+//!   tenant's namespace (stored in the instant of its delete) are dropped, not delivered
+//!   (`pairdb_hints_dropped_total{reason="tenant_deleted"}`); the target would refuse them
+//!   anyway once the namespace is fenced there.
 //!
 //! Replaying is idempotent on the storage side (a record never replaces a version that
 //! dominates it), so two coordinators replaying the same hint, or a replay racing a newer
 //! write, never rolls a key back.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -474,9 +478,30 @@ pub async fn replay_target(
     limits: ReplayLimits,
 ) -> Result<(), MetaError> {
     let oldest_kept = now_ms() - limits.max_window.as_millis() as i64;
+    // Hints of a deleted tenant stored in the instant of its delete are dropped, not replayed.
+    let deleted: HashSet<String> = store
+        .deleted_tenants()
+        .await?
+        .into_iter()
+        .map(|d| d.storage_id)
+        .collect();
     loop {
         let hints = store.hints_for(target, BATCH as u32).await?;
         let fetched = hints.len();
+        let (dead, hints): (Vec<Hint>, Vec<Hint>) = hints
+            .into_iter()
+            .partition(|h| of_deleted_tenant(&deleted, h));
+        if !dead.is_empty() {
+            let ids: Vec<i64> = dead.iter().map(|h| h.id).collect();
+            store.delete_hints(&ids).await?;
+            metrics::counter!("pairdb_hints_dropped_total", "reason" => "tenant_deleted")
+                .increment(ids.len() as u64);
+            tracing::debug!(
+                target,
+                dropped = ids.len(),
+                "hints of deleted tenants dropped"
+            );
+        }
         let (expired, live): (Vec<Hint>, Vec<Hint>) = hints
             .into_iter()
             .partition(|h| h.created_at_ms < oldest_kept || h.attempts >= limits.max_attempts);
@@ -545,6 +570,13 @@ pub async fn replay_target(
             return Ok(());
         }
     }
+}
+
+/// Whether the hint holds a record of a deleted tenant's namespace (an undecodable one is
+/// left to the replay, which drops it with its own message).
+fn of_deleted_tenant(deleted: &HashSet<String>, hint: &Hint) -> bool {
+    !deleted.is_empty()
+        && pb::Record::decode(hint.record.as_slice()).is_ok_and(|r| deleted.contains(&r.tenant_id))
 }
 
 /// Bytes of hinted records per `WriteBatch`, at most (a batch holds at least one record): large

@@ -12,6 +12,9 @@ pub struct ReplicaError {
     pub message: String,
     /// The replica rejected the request as invalid (a 1xxx code): retrying it cannot succeed.
     pub rejected: bool,
+    /// The replica refused the write because its tenant was deleted (the namespace is
+    /// dropped there): this coordinator's tenant cache is stale.
+    pub tenant_deleted: bool,
 }
 
 impl ReplicaError {
@@ -24,6 +27,17 @@ impl ReplicaError {
             node: node.to_owned(),
             message: message.into(),
             rejected: false,
+            tenant_deleted: false,
+        }
+    }
+
+    /// The replica answered `TENANT_DELETED` for the write (rejected: no hint, no retry).
+    pub fn tenant_deleted(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            message: "the tenant was deleted".to_owned(),
+            rejected: true,
+            tenant_deleted: true,
         }
     }
 
@@ -33,6 +47,7 @@ impl ReplicaError {
             node: node.to_owned(),
             message: format!("{:?}: {}", status.code(), status.message()),
             rejected: is_rejection(code),
+            tenant_deleted: false,
         }
     }
 
@@ -42,6 +57,7 @@ impl ReplicaError {
             node: node.to_owned(),
             message: format!("{:?}: {}", detail.code(), detail.message),
             rejected: is_rejection(detail.code),
+            tenant_deleted: false,
         }
     }
 }

@@ -18,6 +18,8 @@ pub struct TenantCache {
     store: Arc<dyn MetadataStore>,
     ttl: Duration,
     entries: RwLock<HashMap<String, (Tenant, Instant)>>,
+    /// The storage namespaces of deleted incarnations, as of the last `forget_deleted`.
+    deleted: RwLock<Vec<String>>,
 }
 
 impl TenantCache {
@@ -26,6 +28,7 @@ impl TenantCache {
             store,
             ttl,
             entries: RwLock::new(HashMap::new()),
+            deleted: RwLock::new(Vec::new()),
         }
     }
 
@@ -64,8 +67,15 @@ impl TenantCache {
             .insert(tenant.tenant_id.clone(), (tenant, Instant::now()));
     }
 
-    /// Drops every cached tenant whose incarnation is one of `deleted`.
+    /// The storage namespaces of deleted incarnations this cache knows of (streams skip them).
+    pub fn deleted_namespaces(&self) -> Vec<String> {
+        self.deleted.read().clone()
+    }
+
+    /// Drops every cached tenant whose incarnation is one of `deleted`, and remembers their
+    /// namespaces.
     pub fn forget_deleted(&self, deleted: &[crate::meta::DeletedTenant]) {
+        *self.deleted.write() = deleted.iter().map(|d| d.storage_id.clone()).collect();
         let gone: std::collections::HashSet<(&str, u32)> = deleted
             .iter()
             .map(|d| (d.tenant_id.as_str(), d.incarnation))

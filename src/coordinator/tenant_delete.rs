@@ -17,9 +17,11 @@
 //! - Re-creating the id is refused (503 UNAVAILABLE, retry) until `2 × metadata_refresh` after
 //!   the delete, measured by the metadata store's clock, so no coordinator that refreshes
 //!   still writes the old incarnation when the new one starts. A coordinator that misses its
-//!   refreshes for longer (paused, cut from the store) may still serve the old incarnation from
-//!   its cache for a request it receives in that window: such a write is acknowledged and
-//!   purged (not fenced yet; see the note).
+//!   refreshes for longer (paused, cut from the store) is stopped by the storage nodes: each
+//!   node the delete (or a purge pass) reached fenced the namespace (`storage::dropped_tenants`)
+//!   and refuses its writes with `TENANT_DELETED`, so the write is not acknowledged and the
+//!   coordinator drops its cached tenant (`write.rs`). Only a node not yet reached (down at the
+//!   delete, back for less than a purge pass) can still take such a write.
 //! - Records go by a range delete per namespace (`DropTenants`: no tombstone per key), from
 //!   every node that answers at once, and from every node by the purge loop after (a node that
 //!   was down at the delete is purged once it is back). Storage nodes skip namespaces they
@@ -28,7 +30,9 @@
 //!   be reached then keeps them until their 24 h TTL; they are never matched again anyway: the
 //!   store key holds the namespace).
 //! - Hints of the namespace are deleted with the tenant; one stored by a coordinator in the
-//!   instant of the delete is replayed into the dead namespace and purged with it.
+//!   instant of the delete is dropped by the replay (`hints.rs`), and refused by a fenced node.
+//! - Streams skip dead namespaces: a sender is told the deleted ones this coordinator knows
+//!   (`StartStreaming.dropped_tenants`) and fences them, a fenced receiver refuses them.
 
 use std::sync::Arc;
 use std::time::Duration;

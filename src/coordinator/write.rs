@@ -169,6 +169,9 @@ impl Coordinator {
         let run = quorum::run(calls, required, deadline).await;
         metrics::histogram!("pairdb_replica_acks", "op" => "write").record(run.acks as f64);
         self.hint_misses(&record, &run.results, &replicas);
+        if refused_as_deleted(&run.results) {
+            return Err(self.stale_tenant(tenant).await);
+        }
         if run.reached() {
             let beaten_by = self.winner_over(&version, &run.results);
             let acks = run.acks;
@@ -192,6 +195,9 @@ impl Coordinator {
         }
         let late = run.stragglers.finish().await;
         self.hint_misses(&record, &late, &replicas);
+        if refused_as_deleted(&late) {
+            return Err(self.stale_tenant(tenant).await);
+        }
         let results: Vec<_> = run.results.iter().chain(late.iter()).collect();
         let received = results
             .iter()
@@ -222,11 +228,42 @@ impl Coordinator {
         winner.cloned()
     }
 
+    /// A replica refused the write because the tenant's incarnation was deleted: this
+    /// coordinator's cache is stale (it missed the refreshes that would have said so). Nothing
+    /// of the write was acknowledged. The entry goes and the store says what is true now:
+    /// TENANT_NOT_FOUND when the id is gone, UNAVAILABLE (retry) when it was created again,
+    /// since a retry writes the new incarnation.
+    async fn stale_tenant(&self, tenant: &Tenant) -> CoordError {
+        metrics::counter!("pairdb_writes_to_deleted_tenants_total").increment(1);
+        tracing::warn!(
+            tenant = %tenant.tenant_id,
+            incarnation = tenant.incarnation,
+            "a replica refused a write of a deleted incarnation; cached tenant dropped"
+        );
+        self.tenants.invalidate(&tenant.tenant_id);
+        match self.tenants.get(&tenant.tenant_id).await {
+            Ok(None) => CoordError::TenantNotFound(tenant.tenant_id.clone()),
+            Ok(Some(now)) => CoordError::Unavailable(format!(
+                "tenant {:?} was deleted and created again (incarnation {}) while this \
+                 coordinator still served incarnation {}; the write was not acknowledged, retry",
+                tenant.tenant_id, now.incarnation, tenant.incarnation
+            )),
+            Err(e) => e.into(),
+        }
+    }
+
     fn hint_misses(&self, record: &pb::Record, results: &[WriteResult], replicas: &[NodeId]) {
         for miss in missed(results) {
             self.hints.hint(miss.as_str(), record, replicas);
         }
     }
+}
+
+/// Whether a replica refused the write because its tenant was deleted.
+fn refused_as_deleted(results: &[WriteResult]) -> bool {
+    results
+        .iter()
+        .any(|r| matches!(&r.outcome, ReplicaOutcome::Err(e) if e.tenant_deleted))
 }
 
 /// Replicas that did not apply the write and could later (not those that refused it as invalid).

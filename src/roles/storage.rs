@@ -13,11 +13,12 @@ use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::rpc::storage::storage_node_server::StorageNodeServer;
 use crate::storage::datadir;
+use crate::storage::dropped_tenants::DroppedTenants;
 use crate::storage::gossip::Gossip;
 use crate::storage::http;
 use crate::storage::repair_markers::RepairMarkerLog;
 use crate::storage::repaired_ranges::RepairedRanges;
-use crate::storage::service::StorageService;
+use crate::storage::service::{Ledgers, StorageService};
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let node_id = config.node.id.clone().context("storage needs a node id")?;
@@ -89,12 +90,22 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         )
     })?);
     let tasks = crate::shutdown::Tasks::new(shutdown.clone());
+    let dropped = Arc::new(DroppedTenants::open(&cfg.data_dir).with_context(|| {
+        format!(
+            "cannot open the dropped tenants in {}",
+            cfg.data_dir.display()
+        )
+    })?);
+    let ledgers = Ledgers {
+        markers,
+        repaired,
+        dropped,
+    };
     let service = StorageService::new(
         node_id.clone(),
         engine.clone(),
         gossip.clone(),
-        markers,
-        repaired,
+        ledgers,
         tasks.clone(),
         auth.clone(),
     );

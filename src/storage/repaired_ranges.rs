@@ -18,7 +18,6 @@
 //! range containing the position (never for a tenant or range not recorded).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use parking_lot::RwLock;
@@ -48,16 +47,7 @@ impl RepairedRanges {
     /// Opens (or starts) the set in `dir`.
     pub fn open(dir: &Path) -> std::io::Result<RepairedRanges> {
         let path = dir.join(FILE_NAME);
-        let tenants = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{}: {e}", path.display()),
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
-            Err(e) => return Err(e),
-        };
+        let tenants = super::json_file::load(&path)?;
         Ok(RepairedRanges {
             path,
             tenants: RwLock::new(tenants),
@@ -101,16 +91,7 @@ impl RepairedRanges {
     }
 
     fn store(&self, tenants: &HashMap<String, Vec<Repaired>>) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec(tenants).map_err(std::io::Error::other)?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        super::json_file::store(&self.path, tenants)
     }
 }
 

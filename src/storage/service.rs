@@ -33,6 +33,7 @@ use crate::vclock::Version;
 use super::anti_entropy;
 use super::cleanup;
 use super::convert::{record_from_proto, record_to_proto};
+use super::dropped_tenants::DroppedTenants;
 use super::errors::{StorageError, invalid};
 use super::gossip::{Gossip, Health};
 use super::repair_markers::RepairMarkerLog;
@@ -63,6 +64,8 @@ pub struct StorageService {
     markers: Arc<RepairMarkerLog>,
     /// Which tenants' ranges were repaired as of when (see `repaired_ranges`).
     repaired: Arc<RepairedRanges>,
+    /// Namespaces of deleted tenants, never applied again (see `dropped_tenants`).
+    dropped: Arc<DroppedTenants>,
     /// The pace of anti-entropy listings' scans (`repair_scan_rate_limit`; none: unpaced).
     listing_pace: Mutex<Option<Arc<Throttle>>>,
     /// The role's background work (streams); its stop token drains the batch streams.
@@ -204,16 +207,28 @@ fn reply<T>(result: Result<T, StorageError>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
 
+/// The small durable sets a storage node keeps beside its engine, each in its own file of the
+/// data dir.
+pub struct Ledgers {
+    pub markers: Arc<RepairMarkerLog>,
+    pub repaired: Arc<RepairedRanges>,
+    pub dropped: Arc<DroppedTenants>,
+}
+
 impl StorageService {
     pub fn new(
         node_id: String,
         engine: Arc<Engine>,
         gossip: Option<Arc<Gossip>>,
-        markers: Arc<RepairMarkerLog>,
-        repaired: Arc<RepairedRanges>,
+        ledgers: Ledgers,
         tasks: crate::shutdown::Tasks,
         auth: InternalAuth,
     ) -> Arc<Self> {
+        let Ledgers {
+            markers,
+            repaired,
+            dropped,
+        } = ledgers;
         metrics::gauge!("pairdb_repair_markers_pending").set(markers.pending() as f64);
         let snapshots = tokio::sync::Mutex::new(Snapshots::new(engine.dir(), &node_id));
         Arc::new_cyclic(|me| Self {
@@ -221,13 +236,14 @@ impl StorageService {
             snapshots,
             node_id,
             requests: AtomicU64::new(0),
-            streams: StreamManager::new(engine.clone(), tasks.clone(), auth),
+            streams: StreamManager::new(engine.clone(), dropped.clone(), tasks.clone(), auth),
             tasks,
             engine,
             gossip,
             writes: WritePath::for_current_runtime(),
             markers,
             repaired,
+            dropped,
             listing_pace: Mutex::new(None),
         })
     }
@@ -235,6 +251,21 @@ impl StorageService {
     /// Paces anti-entropy listings' scans to `bytes_per_second` of records (0: unpaced).
     pub fn set_listing_rate_limit(&self, bytes_per_second: u64) {
         *self.listing_pace.lock() = Throttle::new(bytes_per_second).map(Arc::new);
+    }
+
+    /// Records deleted tenants' namespaces as dropped (durably): none of their records is
+    /// applied or streamed from now on.
+    fn fence(&self, namespaces: &[String]) -> Result<(), StorageError> {
+        for t in namespaces {
+            check_storage_tenant(t).map_err(|e| invalid(e.to_string()))?;
+        }
+        let added = self.dropped.add(namespaces).map_err(|e| {
+            StorageError::Internal(format!("cannot record the dropped tenants: {e}"))
+        })?;
+        if added > 0 {
+            tracing::info!(tenants = ?namespaces, "namespaces of deleted tenants fenced");
+        }
+        Ok(())
     }
 
     /// The node's range streams.
@@ -281,6 +312,13 @@ impl StorageService {
     }
 
     async fn apply(&self, record: Record) -> Result<pb::ApplyResponse, StorageError> {
+        if self.dropped.contains(&record.tenant) {
+            count_fenced(1);
+            return Ok(pb::ApplyResponse {
+                outcome: pb::ApplyOutcome::TenantDeleted as i32,
+                stored_version: None,
+            });
+        }
         let engine = self.engine.clone();
         let candidate = record.clone();
         let outcome = self.writes.run(move || engine.apply(candidate)).await?;
@@ -322,21 +360,46 @@ impl StorageService {
                 // Client batches carry versions coordinators minted within their skew bound.
                 count_far_ahead(source, &records);
             }
+            // Records of dropped namespaces are answered TENANT_DELETED and never applied.
+            let fenced = self
+                .dropped
+                .fenced(records.iter().map(|r| r.tenant.as_str()));
+            let refused = fenced.iter().filter(|f| **f).count();
+            if refused > 0 {
+                count_fenced(refused);
+            }
+            let live: Vec<Record> = records
+                .iter()
+                .zip(&fenced)
+                .filter(|(_, f)| !**f)
+                .map(|(r, _)| r.clone())
+                .collect();
             let engine = self.engine.clone();
-            let applied = records.clone();
-            let outcomes = self.writes.run(move || engine.apply_batch(applied)).await?;
+            let applied = if live.is_empty() {
+                Vec::new()
+            } else {
+                self.writes.run(move || engine.apply_batch(live)).await?
+            };
+            let outcomes = merge_fenced(&fenced, applied);
             for (r, o) in records.iter().zip(&outcomes) {
-                if o.is_applied() {
+                if o.as_ref().is_some_and(ApplyOutcome::is_applied) {
                     self.streams.forward(r);
                 }
             }
+            let all_applied = outcomes
+                .iter()
+                .all(|o| o.as_ref().is_some_and(ApplyOutcome::is_applied));
             Ok(pb::WriteBatchResponse {
                 outcomes: outcomes
                     .iter()
-                    .map(|o| outcome_to_proto(o) as i32)
+                    .map(|o| {
+                        o.as_ref()
+                            .map_or(pb::ApplyOutcome::TenantDeleted, outcome_to_proto)
+                            as i32
+                    })
                     .collect(),
                 // Empty when every record was applied (the common case).
-                stored: if outcomes.iter().all(ApplyOutcome::is_applied) {
+                stored: if all_applied {
                     Vec::new()
                 } else {
                     outcomes.iter().map(stored_to_proto).collect()
@@ -439,12 +502,28 @@ fn outcome_to_proto(o: &ApplyOutcome) -> pb::ApplyOutcome {
     }
 }
 
-/// The `stored` entry of a batch answer: the version that beat an ignored record.
-fn stored_to_proto(o: &ApplyOutcome) -> common::Version {
+/// The `stored` entry of a batch answer: the version that beat an ignored record (none for
+/// an applied or fenced one).
+fn stored_to_proto(o: &Option<ApplyOutcome>) -> common::Version {
     match o {
-        ApplyOutcome::Applied => common::Version::default(),
-        ApplyOutcome::Ignored { stored } => stored.into(),
+        Some(ApplyOutcome::Ignored { stored }) => stored.into(),
+        Some(ApplyOutcome::Applied) | None => common::Version::default(),
     }
+}
+
+/// The outcome of every record of a batch, in order: `None` for the fenced ones (a dropped
+/// namespace), the engine's outcomes of the others in between.
+fn merge_fenced(fenced: &[bool], applied: Vec<ApplyOutcome>) -> Vec<Option<ApplyOutcome>> {
+    let mut applied = applied.into_iter();
+    fenced
+        .iter()
+        .map(|f| if *f { None } else { applied.next() })
+        .collect()
+}
+
+/// Counts records refused because their tenant was deleted (`pairdb_storage_writes_to_deleted_tenants_total`).
+fn count_fenced(records: usize) {
+    metrics::counter!("pairdb_storage_writes_to_deleted_tenants_total").increment(records as u64);
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -590,11 +669,11 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::StartStreamingRequest>,
     ) -> Result<Response<pb::StreamStatus>, Status> {
-        reply(
-            self.streams
-                .start(req.into_inner())
-                .map_err(|e| invalid(e.to_string())),
-        )
+        let req = req.into_inner();
+        let started = self
+            .fence(&req.dropped_tenants)
+            .and_then(|()| self.streams.start(req).map_err(|e| invalid(e.to_string())));
+        reply(started)
     }
 
     async fn get_stream_status(
@@ -824,6 +903,8 @@ impl StorageNode for StorageService {
             for t in &wanted {
                 check_storage_tenant(t).map_err(|e| invalid(e.to_string()))?;
             }
+            // Fenced before the drop: nothing of them lands again, even while it runs.
+            self.fence(&wanted)?;
             let engine = self.engine.clone();
             blocking(move || cleanup::drop_tenants(&engine, wanted)).await
         };

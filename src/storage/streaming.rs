@@ -49,6 +49,7 @@ use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
 use crate::shutdown::Tasks;
 
+use super::dropped_tenants::DroppedTenants;
 use super::stream_checkpoint::{self as checkpoint, Checkpoint};
 use super::throttle::Throttle;
 
@@ -119,6 +120,8 @@ impl Stream {
 #[derive(Clone)]
 pub struct StreamManager {
     engine: Arc<Engine>,
+    /// Namespaces of deleted tenants: never sent.
+    dropped: Arc<DroppedTenants>,
     /// Where streams keep their checkpoints (`<data dir>/streams`).
     checkpoints: Arc<PathBuf>,
     streams: Arc<Mutex<HashMap<String, Arc<Stream>>>>,
@@ -131,8 +134,14 @@ pub struct StreamManager {
 }
 
 impl StreamManager {
-    pub fn new(engine: Arc<Engine>, tasks: Tasks, auth: InternalAuth) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        dropped: Arc<DroppedTenants>,
+        tasks: Tasks,
+        auth: InternalAuth,
+    ) -> Self {
         Self {
+            dropped,
             tasks,
             auth,
             checkpoints: Arc::new(engine.dir().join("streams")),
@@ -201,11 +210,13 @@ impl StreamManager {
         let engine = self.engine.clone();
         let throttle = self.throttle.lock().clone();
         let checkpoints = self.checkpoints.clone();
+        let dropped = self.dropped.clone();
         let tasks = self.tasks.clone();
         let node_stop = tasks.stop().clone();
         self.tasks.spawn(async move {
             let sender = Sender {
                 client,
+                dropped,
                 checkpoints: checkpoints.clone(),
                 throttle,
                 tasks,
@@ -348,6 +359,8 @@ async fn send_live(
 /// Where a stream's batches go, and what it needs to send them.
 struct Sender {
     client: StorageNodeClient<InternalChannel>,
+    /// Namespaces of deleted tenants, skipped by the scan.
+    dropped: Arc<DroppedTenants>,
     checkpoints: Arc<PathBuf>,
     throttle: Option<Arc<Throttle>>,
     /// The node role's tasks (the scan runs as one, so a stop waits for it to let go of the
@@ -370,6 +383,7 @@ async fn run(
 ) -> Result<(), StreamError> {
     let Sender {
         mut client,
+        dropped,
         checkpoints,
         throttle,
         tasks,
@@ -391,6 +405,9 @@ async fn run(
                     return;
                 }
             };
+            if dropped.contains(&r.tenant) {
+                continue; // a deleted tenant's, purged here soon
+            }
             let key = internal_key(&r.tenant, &r.key);
             if after.as_ref().is_some_and(|a| key <= *a) {
                 continue; // sent before the restart

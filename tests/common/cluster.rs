@@ -104,7 +104,12 @@ impl RoleProcess {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        env.push(("PAIRDB_COORDINATOR_RING_REFRESH_MS".into(), "500".into()));
+        if !env
+            .iter()
+            .any(|(k, _)| k == "PAIRDB_COORDINATOR_RING_REFRESH_MS")
+        {
+            env.push(("PAIRDB_COORDINATOR_RING_REFRESH_MS".into(), "500".into()));
+        }
         let mut c = RoleProcess {
             id: id.to_owned(),
             grpc,

@@ -698,6 +698,7 @@ impl Coordinator {
                 target_node_id: t.to.clone(),
                 target_address: to,
                 resume: t.checkpoint.clone(),
+                dropped_tenants: self.tenants.deleted_namespaces(),
             })
             .await
             .map_err(|s| PollError::Unreachable(s.message().to_owned()))?
