@@ -64,6 +64,60 @@ fn node(id: &str, port: u16) -> NodeRecord {
     }
 }
 
+/// A hint stored for a tenant in the instant of its deletion is dropped by the replay, not
+/// delivered; the other hints of the same target are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_drops_the_hints_of_deleted_tenants() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s1 = StorageNode::start("s1", &dir.path().join("s1"), None);
+    let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+    let store: Arc<dyn MetadataStore> =
+        Arc::new(SqlMetadataStore::connect(&url).await.expect("store"));
+    store
+        .add_node(&node("s1", s1.grpc.port()))
+        .await
+        .expect("add");
+    store.create_tenant("gone", 1).await.expect("create");
+    store.delete_tenant("gone").await.expect("delete");
+    // Stored after the delete removed the tenant's hints: a coordinator's straggler.
+    let mut late = hint("s1", "late", now_ms() as i64, 0);
+    let mut record = record("late");
+    record.tenant_id = "gone".into();
+    late.tenant_id = "gone".into();
+    late.record = record.encode_to_vec();
+    store
+        .store_hints(&[late, hint("s1", "live", now_ms() as i64, 0)])
+        .await
+        .expect("store hints");
+    let ring = RingView::load(store.clone(), Arc::new(Membership::default()))
+        .await
+        .expect("ring");
+    let limits = ReplayLimits {
+        interval: Duration::from_millis(100),
+        max_window: Duration::from_secs(3 * 3600),
+        max_attempts: 5,
+        timeout: Duration::from_secs(2),
+    };
+    let pool = StoragePool::new(common::internal_auth());
+    replay_round(&*store, &ring, &pool, limits)
+        .await
+        .expect("round");
+    assert!(store.hints_for("s1", 10).await.expect("hints").is_empty());
+    let mut client = s1.client().await;
+    for (tenant, key, delivered) in [("gone", "late", false), ("acme", "live", true)] {
+        let found = client
+            .read(pb::ReadRequest {
+                tenant_id: tenant.into(),
+                key: key.as_bytes().to_vec().into(),
+            })
+            .await
+            .expect("read")
+            .into_inner()
+            .record;
+        assert_eq!(found.is_some(), delivered, "{tenant}/{key}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_delivers_live_hints_and_drops_expired_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
