@@ -210,7 +210,7 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
                 tenant_id: "acme".into(),
                 key: b"user:0".to_vec().into(),
                 consistency: Consistency::Quorum as i32,
-                idempotency_key: String::new(),
+                ..Default::default()
             })
             .await
             .expect("delete")
@@ -231,7 +231,7 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
                 tenant_id: "acme".into(),
                 key: b"user:0".to_vec().into(),
                 consistency: Consistency::Quorum as i32,
-                idempotency_key: String::new(),
+                ..Default::default()
             })
             .await
             .expect_err("already deleted");

@@ -106,6 +106,50 @@ fn probes() -> Vec<Probe> {
         probe(M::GET, kv, "/v1/key-value?key=k", None),
         probe(M::GET, kv, "/v1/key-value?key=n&consistency=one", None),
         probe(M::GET, kv, "/v1/key-value?key=absent", None),
+        probe(
+            M::POST,
+            kv,
+            kv,
+            Some(r#"{"key":"k","value":2,"if_match":{"nobody":1}}"#),
+        ),
+        probe(
+            M::POST,
+            kv,
+            kv,
+            Some(r#"{"key":"k","value":2,"if_absent":true}"#),
+        ),
+        probe(
+            M::POST,
+            "/v1/key-value/batch",
+            "/v1/key-value/batch",
+            Some(
+                r#"{"items":[{"key":"b1","value":1},{"op":"delete","key":"never"},{"key":"k","value":3,"if_absent":true}]}"#,
+            ),
+        ),
+        probe(
+            M::POST,
+            "/v1/key-value/batch",
+            "/v1/key-value/batch",
+            Some(r#"{"items":[]}"#),
+        ),
+        probe(
+            M::POST,
+            "/v1/key-value/batch-get",
+            "/v1/key-value/batch-get",
+            Some(r#"{"keys":["b1","never"],"consistency":"one"}"#),
+        ),
+        probe(
+            M::POST,
+            "/v1/key-value/batch-get",
+            "/v1/key-value/batch-get",
+            Some(r#"{"keys":[]}"#),
+        ),
+        probe(
+            M::DELETE,
+            kv,
+            kv,
+            Some(r#"{"key":"k","if_match":{"nobody":1}}"#),
+        ),
         probe(M::DELETE, kv, kv, Some(r#"{"key":"k"}"#)),
         probe(M::DELETE, kv, "/v1/key-value?key=k", None),
         probe(

@@ -8,6 +8,7 @@ use crate::limits::LimitError;
 use crate::meta::MetaError;
 use crate::rpc::coordinator::{ErrorCode, ErrorDetail};
 use crate::rpc::detail;
+use crate::vclock::Version;
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -48,10 +49,21 @@ pub enum CoordError {
         received: usize,
         detail: String,
     },
+    /// A conditional write's condition did not hold; `current` is the key's live version
+    /// (none when it has none), or the concurrent version that beat the write.
+    #[error("the condition did not hold: {}", describe_current(.current.as_ref()))]
+    VersionConflict { current: Option<Version> },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn describe_current(current: Option<&Version>) -> String {
+    match current {
+        None => "the key has no live version".to_owned(),
+        Some(v) => format!("the current version is {:?}", v.clock),
+    }
 }
 
 impl From<LimitError> for CoordError {
@@ -85,6 +97,7 @@ impl CoordError {
             CoordError::SnapshotNotFound(_) => ErrorCode::SnapshotNotFound,
             CoordError::SnapshotExists(_) => ErrorCode::SnapshotExists,
             CoordError::QuorumNotReached { .. } => ErrorCode::QuorumNotReached,
+            CoordError::VersionConflict { .. } => ErrorCode::VersionConflict,
             CoordError::Unavailable(_) => ErrorCode::Unavailable,
             CoordError::Internal(_) => ErrorCode::InternalError,
         }
@@ -112,6 +125,7 @@ impl CoordError {
             CoordError::TenantExists(_)
             | CoordError::NodeExists(_)
             | CoordError::SnapshotExists(_) => Code::AlreadyExists,
+            CoordError::VersionConflict { .. } => Code::FailedPrecondition,
             CoordError::QuorumNotReached { .. } | CoordError::Unavailable(_) => Code::Unavailable,
             CoordError::Internal(_) => Code::Internal,
         }
@@ -125,11 +139,18 @@ impl CoordError {
             } => (*required as u32, *received as u32),
             _ => (0, 0),
         };
+        let current = match self {
+            CoordError::VersionConflict {
+                current: Some(version),
+            } => Some(version.into()),
+            _ => None,
+        };
         ErrorDetail {
             code: self.code() as i32,
             message: self.to_string(),
             required,
             received,
+            current,
         }
     }
 

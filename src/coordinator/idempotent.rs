@@ -28,6 +28,7 @@ use crate::rpc::coordinator::{DeleteKeyValueResponse, WriteKeyValueResponse};
 use crate::vclock::VectorClock;
 
 use super::Coordinator;
+use super::conditional::Condition;
 use super::errors::CoordError;
 
 const POLL: Duration = Duration::from_millis(20);
@@ -104,6 +105,7 @@ pub fn fingerprint(
     key: &[u8],
     value: &[u8],
     context: Option<&VectorClock>,
+    condition: &Condition,
 ) -> String {
     let mut hash = xxhash_rust::xxh3::Xxh3::new();
     hash.update(match operation {
@@ -126,6 +128,7 @@ pub fn fingerprint(
             }
         }
     }
+    part(&condition.fingerprint_bytes());
     format!("{:032x}", hash.digest128())
 }
 
@@ -212,26 +215,37 @@ mod tests {
     #[test]
     fn the_fingerprint_covers_the_whole_request() {
         let ctx = VectorClock::from_entries([("c1", 5)]);
-        let base = fingerprint(Operation::Put, b"k", b"1", None);
-        assert_eq!(base, fingerprint(Operation::Put, b"k", b"1", None));
+        let base = fingerprint(Operation::Put, b"k", b"1", None, &Condition::Always);
+        assert_eq!(
+            base,
+            fingerprint(Operation::Put, b"k", b"1", None, &Condition::Always)
+        );
         for other in [
-            fingerprint(Operation::Delete, b"k", b"1", None),
-            fingerprint(Operation::Put, b"k2", b"1", None),
-            fingerprint(Operation::Put, b"k", b"2", None),
-            fingerprint(Operation::Put, b"k", b"1", Some(&ctx)),
-            fingerprint(Operation::Put, b"k", b"1", Some(&VectorClock::new())),
-            // Length prefixes: moving a byte from the key to the value is another request.
-            fingerprint(Operation::Put, b"k1", b"", None),
-        ] {
-            assert_ne!(base, other);
-        }
-        assert_ne!(
-            fingerprint(Operation::Put, b"k", b"1", Some(&ctx)),
+            fingerprint(Operation::Delete, b"k", b"1", None, &Condition::Always),
+            fingerprint(Operation::Put, b"k2", b"1", None, &Condition::Always),
+            fingerprint(Operation::Put, b"k", b"2", None, &Condition::Always),
+            fingerprint(Operation::Put, b"k", b"1", Some(&ctx), &Condition::Always),
             fingerprint(
                 Operation::Put,
                 b"k",
                 b"1",
-                Some(&VectorClock::from_entries([("c1", 6)]))
+                Some(&VectorClock::new()),
+                &Condition::Always,
+            ),
+            fingerprint(Operation::Put, b"k", b"1", None, &Condition::IfAbsent),
+            // Length prefixes: moving a byte from the key to the value is another request.
+            fingerprint(Operation::Put, b"k1", b"", None, &Condition::Always),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert_ne!(
+            fingerprint(Operation::Put, b"k", b"1", Some(&ctx), &Condition::Always),
+            fingerprint(
+                Operation::Put,
+                b"k",
+                b"1",
+                Some(&VectorClock::from_entries([("c1", 6)])),
+                &Condition::Always,
             )
         );
     }

@@ -29,6 +29,7 @@ pub mod anti_entropy;
 pub mod batcher;
 pub mod cleanup;
 pub mod clock;
+pub mod conditional;
 pub mod errors;
 pub mod fan_out;
 pub mod hints;

@@ -24,6 +24,7 @@ use crate::vclock::{Causality, VectorClock, Version};
 use super::Coordinator;
 use super::admin::check_tenant_id;
 use super::clock::Source;
+use super::conditional::Condition;
 use super::errors::CoordError;
 use super::idempotent::{Operation, fingerprint};
 use super::topology::NewNode;
@@ -196,6 +197,16 @@ impl Coordinator {
         } else {
             None
         };
+        let condition = Condition::of_write(
+            req.has_if_match.then_some(req.if_match.as_slice()),
+            req.if_absent,
+            MAX_CONTEXT_ENTRIES,
+        )?;
+        if condition != Condition::Always && context.is_some() {
+            return Err(CoordError::InvalidRequest(
+                "a conditional write takes no context: its condition is the context".to_owned(),
+            ));
+        }
         let tenant = self.tenant(&req.tenant_id).await?;
         if let Some(context) = &context {
             self.check_context(&tenant, &req.key, context, level)
@@ -204,7 +215,14 @@ impl Coordinator {
         let (key, value) = (&req.key, &req.value);
         let write = |idempotency_key: String| async {
             let written = self
-                .write(&tenant, key, Some(value), context.as_ref(), level)
+                .write_if(
+                    &tenant,
+                    key,
+                    Some(value),
+                    context.as_ref(),
+                    &condition,
+                    level,
+                )
                 .await?;
             Ok(pb::WriteKeyValueResponse {
                 key: key.clone(),
@@ -220,7 +238,7 @@ impl Coordinator {
         if req.idempotency_key.is_empty() {
             return write(uuid::Uuid::new_v4().to_string()).await;
         }
-        let fingerprint = fingerprint(Operation::Put, key, value, context.as_ref());
+        let fingerprint = fingerprint(Operation::Put, key, value, context.as_ref(), &condition);
         // Keyed by the incarnation's namespace: a re-created tenant never sees its
         // predecessor's answers.
         self.idempotent(
@@ -314,13 +332,26 @@ impl Coordinator {
         level: Consistency,
     ) -> Result<pb::DeleteKeyValueResponse, CoordError> {
         check_idempotency_key(&req.idempotency_key)?;
+        let condition = Condition::of_write(
+            req.has_if_match.then_some(req.if_match.as_slice()),
+            false,
+            MAX_CONTEXT_ENTRIES,
+        )?;
         let delete = || async {
-            let (tenant, live) = self.read_live(&req.tenant_id, &req.key, level).await?;
-            let (_, current) = live.ok_or(CoordError::KeyNotFound)?;
-            let context = Version::from(&current).clock;
-            let written = self
-                .write(&tenant, &req.key, None, Some(&context), level)
-                .await?;
+            let written = if condition == Condition::Always {
+                let (tenant, live) = self.read_live(&req.tenant_id, &req.key, level).await?;
+                let (_, current) = live.ok_or(CoordError::KeyNotFound)?;
+                let context = Version::from(&current).clock;
+                self.write(&tenant, &req.key, None, Some(&context), level)
+                    .await?
+            } else {
+                check_tenant_id(&req.tenant_id)?;
+                check_client_key(&req.key)?;
+                let tenant = self.tenant(&req.tenant_id).await?;
+                // The condition reads the key itself; a missing key is a conflict, not a 404.
+                self.write_if(&tenant, &req.key, None, None, &condition, level)
+                    .await?
+            };
             Ok(pb::DeleteKeyValueResponse {
                 key: req.key.clone(),
                 version: Some((&written.version).into()),
@@ -337,7 +368,7 @@ impl Coordinator {
         check_client_key(&req.key)?;
         // Keyed by the incarnation's namespace, like writes.
         let namespace = self.tenant(&req.tenant_id).await?.storage_id();
-        let fingerprint = fingerprint(Operation::Delete, &req.key, b"", None);
+        let fingerprint = fingerprint(Operation::Delete, &req.key, b"", None, &condition);
         self.idempotent(
             &namespace,
             &req.key,

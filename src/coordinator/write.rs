@@ -43,6 +43,9 @@ pub struct Written {
     pub acks: usize,
     /// The tenant's RF exceeds the number of nodes in the ring.
     pub rf_capped: bool,
+    /// The replicas that answered kept a concurrent version that beats the write (`version`
+    /// is that one): the write did not become the key's value.
+    pub superseded: bool,
 }
 
 /// One round of a write: what it reached, and the version that beat it, if one did.
@@ -189,6 +192,7 @@ impl Coordinator {
                     version: beaten_by.clone().unwrap_or(version),
                     acks,
                     rf_capped: plan.rf_capped(),
+                    superseded: beaten_by.is_some(),
                 },
                 beaten_by,
             });

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub details: Option<Value>,
+    /// Fields of the body beside the standard ones (VERSION_CONFLICT's `current_vector_clock`).
+    pub fields: Vec<(&'static str, Value)>,
 }
 
 impl ApiError {
@@ -27,6 +29,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            fields: Vec::new(),
         }
     }
 
@@ -70,6 +73,14 @@ impl ApiError {
         if code == ErrorCode::QuorumNotReached {
             error.details = Some(json!({"required": detail.required, "received": detail.received}));
         }
+        if code == ErrorCode::VersionConflict {
+            // null when the key has no live version.
+            let current = detail
+                .current
+                .as_ref()
+                .map_or(Value::Null, |v| json!(super::kv::clock_json(Some(v))));
+            error.fields.push(("current_vector_clock", current));
+        }
         error
     }
 }
@@ -92,9 +103,10 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::NodeNotFound
         | ErrorCode::MigrationNotFound
         | ErrorCode::SnapshotNotFound => StatusCode::NOT_FOUND,
-        ErrorCode::TenantExists | ErrorCode::NodeExists | ErrorCode::SnapshotExists => {
-            StatusCode::CONFLICT
-        }
+        ErrorCode::TenantExists
+        | ErrorCode::NodeExists
+        | ErrorCode::SnapshotExists
+        | ErrorCode::VersionConflict => StatusCode::CONFLICT,
         ErrorCode::RateLimitExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::QuorumNotReached | ErrorCode::Unavailable | ErrorCode::OutcomeUnknown => {
             StatusCode::SERVICE_UNAVAILABLE
@@ -120,6 +132,9 @@ impl IntoResponse for ApiError {
         if let Some(map) = body.as_object_mut() {
             if let Some(details) = self.details {
                 map.insert("details".to_owned(), details);
+            }
+            for (name, value) in self.fields {
+                map.insert(name.to_owned(), value);
             }
             // The id the answer's X-Request-ID header carries (every request has one).
             if let Some(id) = crate::rpc::trace::current() {
@@ -155,6 +170,19 @@ mod tests {
         assert_eq!((e.status, e.code), (StatusCode::CONFLICT, "NODE_EXISTS"));
         let e = ApiError::from_status(&CoordError::NodeInUse("rf".into()).into_status());
         assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, "NODE_IN_USE"));
+        let conflict =
+            |current| ApiError::from_status(&CoordError::VersionConflict { current }.into_status());
+        let e = conflict(None);
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::CONFLICT, "VERSION_CONFLICT")
+        );
+        assert_eq!(e.fields, vec![("current_vector_clock", Value::Null)]);
+        let v = crate::vclock::Version::new(crate::vclock::VectorClock::from_entries([("c1", 9)]));
+        assert_eq!(
+            conflict(Some(v)).fields,
+            vec![("current_vector_clock", json!({"c1": 9}))]
+        );
         let e = ApiError::from_status(&tonic::Status::unavailable("connection refused"));
         assert_eq!(
             (e.status, e.code),

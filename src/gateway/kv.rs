@@ -43,6 +43,14 @@ struct PutBody {
     tenant_id: Option<String>,
     #[serde(default)]
     context: Option<BTreeMap<String, u64>>,
+    #[serde(default)]
+    if_match: Option<BTreeMap<String, u64>>,
+    #[serde(default)]
+    if_absent: bool,
+    /// Not supported yet: refused rather than ignored (a value the client expects to expire
+    /// must not silently live forever).
+    #[serde(default)]
+    ttl_seconds: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -56,6 +64,8 @@ pub struct KeyQuery {
 struct DeleteBody {
     #[serde(default)]
     key: Option<String>,
+    #[serde(default)]
+    if_match: Option<BTreeMap<String, u64>>,
     #[serde(default)]
     consistency: Option<String>,
     #[serde(default)]
@@ -106,12 +116,40 @@ pub fn clock_json(version: Option<&common::Version>) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
+/// A `vector_clock` JSON object as clock entries, and whether one was given.
+pub(super) fn clock_entries(
+    clock: Option<&BTreeMap<String, u64>>,
+) -> (bool, Vec<common::ClockEntry>) {
+    match clock {
+        Some(c) => (
+            true,
+            c.iter()
+                .map(|(id, counter)| common::ClockEntry {
+                    coordinator_id: id.clone(),
+                    counter: *counter,
+                })
+                .collect(),
+        ),
+        None => (false, Vec::new()),
+    }
+}
+
+/// `ttl_seconds` is refused until expiry is built (the TTL part of the API-features issue).
+pub(super) fn refuse_ttl(ttl: Option<&serde_json::Value>) -> Result<(), ApiError> {
+    match ttl {
+        None => Ok(()),
+        Some(_) => Err(ApiError::invalid(
+            "ttl_seconds is not supported by this version of pairdb; the write was not made",
+        )),
+    }
+}
+
 /// A coordinator answered a call with the result of another kind of call.
-fn mismatched_answer() -> ApiError {
+pub(super) fn mismatched_answer() -> ApiError {
     ApiError::internal("the coordinator answered with a different kind of result")
 }
 
-fn consistency(raw: Option<&str>) -> Result<Consistency, ApiError> {
+pub(super) fn consistency(raw: Option<&str>) -> Result<Consistency, ApiError> {
     match raw {
         None => Ok(Consistency::Quorum),
         Some(s) => s
@@ -120,7 +158,7 @@ fn consistency(raw: Option<&str>) -> Result<Consistency, ApiError> {
     }
 }
 
-fn check_key(key: &str) -> Result<(), ApiError> {
+pub(super) fn check_key(key: &str) -> Result<(), ApiError> {
     check_client_key(key.as_bytes()).map_err(|e| match e {
         LimitError::KeyTooLarge { .. } => {
             ApiError::new(StatusCode::BAD_REQUEST, "KEY_TOO_LARGE", e.to_string())
@@ -130,7 +168,7 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 }
 
 /// The `Idempotency-Key` header (empty when absent).
-fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(String::new());
     };
@@ -145,7 +183,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(k.to_owned())
 }
 
-fn header_tenant(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn header_tenant(headers: &HeaderMap) -> Option<&str> {
     headers.get("x-tenant-id").and_then(|v| v.to_str().ok())
 }
 
@@ -173,7 +211,7 @@ fn limit_headers(d: &Decision) -> Vec<(HeaderName, HeaderValue)> {
 }
 
 /// Adds the rate-limit headers to whatever the handler answered.
-fn with_limits(decision: &Decision, result: Result<Response, ApiError>) -> Response {
+pub(super) fn with_limits(decision: &Decision, result: Result<Response, ApiError>) -> Response {
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     for (name, value) in limit_headers(decision) {
         response.headers_mut().insert(name, value);
@@ -185,11 +223,11 @@ fn with_limits(decision: &Decision, result: Result<Response, ApiError>) -> Respo
 /// error is the response to send (401/403/400, or 429 with the rate-limit headers). An
 /// authentication failure wins over `input` (the request's own error); a missing tenant loses
 /// to it (a body that did not parse cannot name its tenant).
-fn admit(
+pub(super) fn admit(
     gw: &Gateway,
     headers: &HeaderMap,
     named: Option<&str>,
-    kind: Kind,
+    (kind, requests): (Kind, u32),
     input: Option<&ApiError>,
 ) -> Result<(String, Decision), Box<Response>> {
     let caller = gw
@@ -204,13 +242,16 @@ fn admit(
             _ => e,
         })
         .map_err(|e| Box::new(e.into_response()))?;
-    let decision = gw.limits.check(&tenant, kind);
+    let decision = gw.limits.check_n(&tenant, kind, requests);
     if !decision.allowed {
         metrics::counter!("pairdb_gateway_rate_limited_total").increment(1);
         let error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "RATE_LIMIT_EXCEEDED",
-            format!("more than {} requests per minute", decision.limit),
+            format!(
+                "more than {} requests per minute (this one counts {requests})",
+                decision.limit
+            ),
         );
         return Err(Box::new(with_limits(&decision, Err(error))));
     }
@@ -229,30 +270,27 @@ pub async fn put(
         Ok(b) => b.tenant_id.as_deref().or_else(|| header_tenant(&headers)),
         Err(_) => header_tenant(&headers),
     };
-    let (tenant, decision) = match admit(&gw, &headers, named, Kind::Write, parsed.as_ref().err()) {
+    let (tenant, decision) = match admit(
+        &gw,
+        &headers,
+        named,
+        (Kind::Write, 1),
+        parsed.as_ref().err(),
+    ) {
         Ok(t) => t,
         Err(r) => return *r,
     };
     let result = async {
         let body = parsed?;
         check_key(&body.key)?;
+        refuse_ttl(body.ttl_seconds.as_ref())?;
         let level = consistency(body.consistency.as_deref())?;
         let value = body.value.get();
         check_value_len(value.len())
             .map_err(|e| ApiError::value_too_large(format!("{e} (of JSON)")))?;
         let idempotency_key = idempotency_key(&headers)?;
-        let (has_context, context) = match &body.context {
-            Some(c) => (
-                true,
-                c.iter()
-                    .map(|(id, counter)| common::ClockEntry {
-                        coordinator_id: id.clone(),
-                        counter: *counter,
-                    })
-                    .collect(),
-            ),
-            None => (false, Vec::new()),
-        };
+        let (has_context, context) = clock_entries(body.context.as_ref());
+        let (has_if_match, if_match) = clock_entries(body.if_match.as_ref());
         let request = pb::WriteKeyValueRequest {
             tenant_id: tenant,
             key: Bytes::copy_from_slice(body.key.as_bytes()),
@@ -261,6 +299,9 @@ pub async fn put(
             idempotency_key,
             context,
             has_context,
+            if_match,
+            has_if_match,
+            if_absent: body.if_absent,
         };
         let Answer::Write(answer) = gw.key_value(Call::Write(request)).await? else {
             return Err(mismatched_answer());
@@ -293,10 +334,11 @@ pub async fn get(
         Ok(q) => q.tenant_id.as_deref().or_else(|| header_tenant(&headers)),
         Err(_) => header_tenant(&headers),
     };
-    let (tenant, decision) = match admit(&gw, &headers, named, Kind::Read, query.as_ref().err()) {
-        Ok(t) => t,
-        Err(r) => return *r,
-    };
+    let (tenant, decision) =
+        match admit(&gw, &headers, named, (Kind::Read, 1), query.as_ref().err()) {
+            Ok(t) => t,
+            Err(r) => return *r,
+        };
     let result = async {
         let query = query?;
         let key = query
@@ -342,7 +384,13 @@ pub async fn delete(
     }
     .or(query.tenant_id.as_deref())
     .or_else(|| header_tenant(&headers));
-    let (tenant, decision) = match admit(&gw, &headers, named, Kind::Write, parsed.as_ref().err()) {
+    let (tenant, decision) = match admit(
+        &gw,
+        &headers,
+        named,
+        (Kind::Write, 1),
+        parsed.as_ref().err(),
+    ) {
         Ok(t) => t,
         Err(r) => return *r,
     };
@@ -354,11 +402,14 @@ pub async fn delete(
             .ok_or_else(|| ApiError::invalid("missing key (in the body or ?key=)"))?;
         check_key(&key)?;
         let level = consistency(body.consistency.as_deref().or(query.consistency.as_deref()))?;
+        let (has_if_match, if_match) = clock_entries(body.if_match.as_ref());
         let request = pb::DeleteKeyValueRequest {
             tenant_id: tenant,
             key: Bytes::copy_from_slice(key.as_bytes()),
             consistency: common::Consistency::from(level) as i32,
             idempotency_key: idempotency_key(&headers)?,
+            if_match,
+            has_if_match,
         };
         let Answer::Delete(answer) = gw.key_value(Call::Delete(request)).await? else {
             return Err(mismatched_answer());

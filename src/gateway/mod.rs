@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod batch;
 pub mod body;
 pub mod coordinators;
 pub mod errors;

@@ -104,11 +104,28 @@ impl<C: Clock + Clone> RateLimits<C> {
 
     /// Takes one request of `kind` from `tenant`'s budget, if there is one.
     pub fn check(&self, tenant: &str, kind: Kind) -> Decision {
+        self.check_n(tenant, kind, 1)
+    }
+
+    /// Takes `n` requests of `kind` from `tenant`'s budget at once (a batch of `n` items), or
+    /// none. More than the whole budget (the limit per minute) is refused, with the wait for a
+    /// full bucket.
+    pub fn check_n(&self, tenant: &str, kind: Kind, n: u32) -> Decision {
         let (limit, limiter) = self.limiter(tenant, kind);
         let per_request = Duration::from_secs(60) / limit;
         let now_unix = crate::wallclock::now_secs();
-        match limiter.check() {
-            Ok(snapshot) => {
+        let refused = |wait: Duration| Decision {
+            allowed: false,
+            limit,
+            remaining: 0,
+            reset_unix: now_unix + (per_request * limit).as_secs(),
+            retry_after: wait,
+        };
+        let Some(cells) = NonZeroU32::new(n.max(1)) else {
+            return refused(per_request);
+        };
+        match limiter.check_n(cells) {
+            Ok(Ok(snapshot)) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 let refill = per_request * (limit - remaining.min(limit));
                 Decision {
@@ -119,16 +136,9 @@ impl<C: Clock + Clone> RateLimits<C> {
                     retry_after: Duration::ZERO,
                 }
             }
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(self.clock.now());
-                Decision {
-                    allowed: false,
-                    limit,
-                    remaining: 0,
-                    reset_unix: now_unix + (per_request * limit).as_secs(),
-                    retry_after: wait,
-                }
-            }
+            Ok(Err(not_until)) => refused(not_until.wait_time_from(self.clock.now())),
+            // More than the bucket holds: it never fits.
+            Err(_) => refused(Duration::from_secs(60)),
         }
     }
 }
@@ -188,5 +198,28 @@ mod tests {
         assert!(limits.check("acme", Kind::Write).allowed);
         assert!(limits.check("acme", Kind::Write).allowed);
         assert!(!limits.check("acme", Kind::Write).allowed);
+    }
+
+    #[test]
+    fn a_batch_takes_its_items_from_the_budget_or_nothing() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(10, 10, BTreeMap::new(), clock);
+        let batch = limits.check_n("acme", Kind::Write, 7);
+        assert!(batch.allowed);
+        assert_eq!(batch.remaining, 3);
+        assert!(
+            !limits.check_n("acme", Kind::Write, 4).allowed,
+            "4 > 3 left"
+        );
+        assert_eq!(
+            limits.check("acme", Kind::Write).remaining,
+            2,
+            "a refusal takes nothing"
+        );
+        assert!(
+            !limits.check_n("other", Kind::Write, 11).allowed,
+            "more than the limit"
+        );
+        assert!(limits.check_n("other", Kind::Write, 10).allowed);
     }
 }

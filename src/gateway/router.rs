@@ -19,7 +19,7 @@ use crate::rpc::coordinator as pb;
 use crate::rpc::trace;
 
 use super::errors::ApiError;
-use super::{Gateway, admin, kv, snapshots, tenants};
+use super::{Gateway, admin, batch, kv, snapshots, tenants};
 
 pub fn router(gateway: Arc<Gateway>) -> Router {
     let limit = gateway.max_body_bytes;
@@ -28,6 +28,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/v1/key-value",
             post(kv::put).get(kv::get).delete(kv::delete),
         )
+        .route("/v1/key-value/batch", post(batch::write))
+        .route("/v1/key-value/batch-get", post(batch::get))
         .route("/v1/tenants", get(tenants::list).post(tenants::create))
         .route(
             "/v1/tenants/{tenant_id}",

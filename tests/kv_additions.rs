@@ -1,0 +1,468 @@
+//! The key-value additions of API.md over real processes (three storage nodes, a coordinator,
+//! a gateway): conditional writes and deletes (`if_match`, `if_absent`), with their bad input
+//! and what concurrent conditional writers get; batches of writes and reads.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::cluster::{RoleProcess, start_storage};
+use common::coord::{sqlite_url, wait_all_active};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// One cluster per test, one test at a time (a 2-core machine).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Cluster {
+    url: String,
+    _gateway: RoleProcess,
+    coordinator: RoleProcess,
+    _storage: Vec<common::StorageNode>,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = start_storage(3, dir.path());
+    let coordinator = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &[],
+        dir.path(),
+    );
+    let gateway = RoleProcess::gateway("gw", &[&coordinator], &["--auth=none"], &[], dir.path());
+    wait_all_active(&coordinator.client().await, 3).await;
+    let url = gateway.url();
+    let (s, b) = call(
+        Method::POST,
+        &format!("{url}/v1/tenants"),
+        None,
+        Some(json!({"tenant_id": "acme"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    Cluster {
+        url,
+        _gateway: gateway,
+        coordinator,
+        _storage: storage,
+        _dir: dir,
+    }
+}
+
+/// An HTTP call as tenant acme; status and JSON body.
+async fn call(method: Method, url: &str, idem: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    let mut request = common::http_client()
+        .request(method, url)
+        .header("X-Tenant-ID", "acme");
+    if let Some(key) = idem {
+        request = request.header("Idempotency-Key", key);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("http call");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn conflict(s: u16, b: &Value) -> Value {
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (409, Some("VERSION_CONFLICT")),
+        "{b}"
+    );
+    assert!(b.get("current_vector_clock").is_some(), "{b}");
+    b["current_vector_clock"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conditional_writes_and_deletes() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster().await;
+    let kv = format!("{}/v1/key-value", c.url);
+    let put = |body: Value| call(Method::POST, &kv, None, Some(body));
+    let value_of = || async {
+        let (s, b) = call(
+            Method::GET,
+            &format!("{kv}?key=k&consistency=all"),
+            None,
+            None,
+        )
+        .await;
+        (s, b["value"].clone(), b["vector_clock"].clone())
+    };
+
+    // if_absent on a new key writes; a second one conflicts and names the current version.
+    let (s, first) = put(json!({"key": "k", "value": 1, "if_absent": true})).await;
+    assert_eq!(s, 200, "{first}");
+    let v1 = first["vector_clock"].clone();
+    let (s, b) = put(json!({"key": "k", "value": 2, "if_absent": true})).await;
+    assert_eq!(conflict(s, &b), v1);
+    assert_eq!(
+        value_of().await.1,
+        json!(1),
+        "a failed condition writes nothing"
+    );
+
+    // if_match: a stale or unknown clock conflicts, the current one writes.
+    let (s, b) = put(json!({"key": "k", "value": 3, "if_match": {"nobody": 1}})).await;
+    assert_eq!(conflict(s, &b), v1);
+    let (s, second) = put(json!({"key": "k", "value": 3, "if_match": v1})).await;
+    assert_eq!(s, 200, "{second}");
+    let v2 = second["vector_clock"].clone();
+    assert_ne!(v1, v2);
+    let (s, b) = put(json!({"key": "k", "value": 4, "if_match": v1})).await;
+    assert_eq!(conflict(s, &b), v2, "the old version no longer matches");
+    assert_eq!(value_of().await.1, json!(3));
+
+    // A conditional delete: stale conflicts and deletes nothing; current deletes.
+    let (s, b) = call(
+        Method::DELETE,
+        &kv,
+        None,
+        Some(json!({"key": "k", "if_match": v1})),
+    )
+    .await;
+    assert_eq!(conflict(s, &b), v2);
+    assert_eq!(value_of().await.0, 200);
+    let (s, b) = call(
+        Method::DELETE,
+        &kv,
+        None,
+        Some(json!({"key": "k", "if_match": v2})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(value_of().await.0, 404);
+    // Deleted: if_match of anything conflicts with a null current version, if_absent writes.
+    let (s, b) = put(json!({"key": "k", "value": 5, "if_match": v2})).await;
+    assert_eq!(conflict(s, &b), Value::Null);
+    let (s, b) = call(
+        Method::DELETE,
+        &kv,
+        None,
+        Some(json!({"key": "never", "if_match": v2})),
+    )
+    .await;
+    assert_eq!(
+        conflict(s, &b),
+        Value::Null,
+        "a missing key is a conflict, not a 404"
+    );
+    let (s, b) = put(json!({"key": "k", "value": 6, "if_absent": true})).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(value_of().await.1, json!(6));
+    let v3 = b["vector_clock"].clone();
+
+    // Bad input: a documented 400, and nothing written.
+    for bad in [
+        json!({"key": "k", "value": 7, "if_match": v3, "if_absent": true}),
+        json!({"key": "k", "value": 7, "if_match": {}}),
+        json!({"key": "k", "value": 7, "if_match": v3, "context": v3}),
+        json!({"key": "k", "value": 7, "if_match": "c1:5"}),
+        json!({"key": "k", "value": 7, "if_match": {"c1": -1}}),
+        json!({"key": "k", "value": 7, "if_absent": "yes"}),
+    ] {
+        let (s, b) = put(bad.clone()).await;
+        assert_eq!(
+            (s, b["error_code"].as_str()),
+            (400, Some("INVALID_REQUEST")),
+            "{bad}: {b}"
+        );
+    }
+    assert_eq!(value_of().await.1, json!(6));
+
+    // An idempotent retry of a conditional write answers the first response, even though the
+    // condition no longer holds; the same key with another condition is another request.
+    let body = json!({"key": "k", "value": 8, "if_match": v3});
+    let (s, first) = call(Method::POST, &kv, Some("cond-1"), Some(body.clone())).await;
+    assert_eq!(s, 200, "{first}");
+    let (s, again) = call(Method::POST, &kv, Some("cond-1"), Some(body)).await;
+    assert_eq!(
+        (s, again["is_duplicate"].as_bool()),
+        (200, Some(true)),
+        "{again}"
+    );
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        Some("cond-1"),
+        Some(json!({"key": "k", "value": 8, "if_absent": true})),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (400, Some("IDEMPOTENCY_KEY_CONFLICT")),
+        "{b}"
+    );
+}
+
+/// Concurrent conditional writers of the same version: what the design gives (the module doc
+/// of coordinator/conditional.rs). At least one succeeds; every one that fails names a newer
+/// version; the value that stays is one a writer was told succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_conditional_writers() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster().await;
+    let kv = format!("{}/v1/key-value", c.url);
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        None,
+        Some(json!({"key": "race", "value": "start"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let start = b["vector_clock"].clone();
+    let writers = (0..16).map(|i| {
+        let (kv, start) = (kv.clone(), start.clone());
+        async move {
+            let body = json!({"key": "race", "value": i, "if_match": start});
+            (i, call(Method::POST, &kv, None, Some(body)).await)
+        }
+    });
+    let mut succeeded = Vec::new();
+    let mut conflicts = 0;
+    for (i, (s, b)) in futures::future::join_all(writers).await {
+        match s {
+            200 => succeeded.push(i),
+            409 => {
+                let current = conflict(s, &b);
+                assert_ne!(current, start, "{b}");
+                conflicts += 1;
+            }
+            other => panic!("writer {i}: {other} {b}"),
+        }
+    }
+    assert!(!succeeded.is_empty(), "some writer must succeed");
+    let (s, b) = call(
+        Method::GET,
+        &format!("{kv}?key=race&consistency=all"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let kept = b["value"].as_i64().expect("an integer") as i32;
+    assert!(
+        succeeded.contains(&kept),
+        "the value kept ({kept}) was acknowledged to its writer: {succeeded:?}"
+    );
+    let counts: BTreeMap<&str, usize> =
+        BTreeMap::from([("succeeded", succeeded.len()), ("conflicts", conflicts)]);
+    println!("16 concurrent if_match writers of one version: {counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_of_writes_and_reads() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster().await;
+    let kv = format!("{}/v1/key-value", c.url);
+    let batch = format!("{kv}/batch");
+    let batch_get = format!("{kv}/batch-get");
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        None,
+        Some(json!({"key": "old", "value": "x"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let old_clock = b["vector_clock"].clone();
+
+    // Puts of every JSON type, a delete, a delete of nothing, a failed condition: each item
+    // its own result, in order; not atomic.
+    let items = json!({"consistency": "all", "items": [
+        {"key": "a", "value": {"n": 1}},
+        {"op": "put", "key": "b", "value": null},
+        {"op": "delete", "key": "old", "if_match": old_clock},
+        {"op": "delete", "key": "never"},
+        {"key": "c", "value": [1, 2], "if_absent": true},
+        {"key": "a2", "value": 2, "if_match": {"nobody": 1}},
+    ]});
+    let (s, b) = call(Method::POST, &batch, None, Some(items)).await;
+    assert_eq!(s, 200, "{b}");
+    let results = b["results"].as_array().expect("results");
+    let outcome: Vec<(&str, &str, &str)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap(),
+                r["status"].as_str().unwrap(),
+                r["error_code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcome,
+        vec![
+            ("a", "success", ""),
+            ("b", "success", ""),
+            ("old", "success", ""),
+            ("never", "error", "KEY_NOT_FOUND"),
+            ("c", "success", ""),
+            ("a2", "error", "VERSION_CONFLICT"),
+        ],
+        "{b}"
+    );
+    assert_eq!(results[5]["current_vector_clock"], Value::Null, "{b}");
+    assert_eq!(results[0]["replica_count"], 3, "{b}");
+    assert!(results[0]["vector_clock"].is_object(), "{b}");
+
+    // Read back in one batch-get: values byte for byte, misses as errors.
+    let (s, b) = call(
+        Method::POST,
+        &batch_get,
+        None,
+        Some(json!({"keys": ["a", "b", "c", "old", "a2"], "consistency": "quorum"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let got = b["items"].as_array().expect("items");
+    assert_eq!(got[0]["value"], json!({"n": 1}));
+    assert_eq!(got[1]["value"], Value::Null);
+    assert!(
+        got[1].get("value").is_some(),
+        "a null value is a value: {b}"
+    );
+    assert_eq!(got[2]["value"], json!([1, 2]));
+    for missing in &got[3..] {
+        assert_eq!(missing["error_code"], "KEY_NOT_FOUND", "{b}");
+        assert!(missing.get("value").is_none(), "{b}");
+    }
+
+    // An idempotent batch: the retry replays every item.
+    let idem = json!({"items": [{"key": "i1", "value": 1}, {"op": "delete", "key": "a"}]});
+    let (s, first) = call(Method::POST, &batch, Some("batch-1"), Some(idem.clone())).await;
+    assert_eq!(s, 200, "{first}");
+    let (s, again) = call(Method::POST, &batch, Some("batch-1"), Some(idem)).await;
+    assert_eq!(s, 200, "{again}");
+    for (one, two) in first["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(again["results"].as_array().unwrap())
+    {
+        assert_eq!(one["status"], "success", "{first}");
+        assert_eq!(two["is_duplicate"], true, "{again}");
+        assert_eq!(one["vector_clock"], two["vector_clock"]);
+    }
+
+    // Bad batches: a documented 4xx, and nothing of them written.
+    let many: Vec<Value> = (0..101)
+        .map(|i| json!({"key": format!("m{i}"), "value": i}))
+        .collect();
+    let big = "x".repeat(4 << 20);
+    for (bad, status, code) in [
+        (json!({"items": []}), 400, "INVALID_REQUEST"),
+        (json!({"items": many}), 400, "INVALID_REQUEST"),
+        (
+            json!({"items": [{"key": "m0", "value": 1}, {"key": "m0", "value": 2}]}),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"items": [{"key": "m0", "value": 1}, {"key": "m1"}]}),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"items": [{"key": "m0", "value": 1}, {"key": "m1", "value": 1, "ttl_seconds": 60}]}),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"items": [{"key": "m0", "value": 1, "op": "merge"}]}),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"items": [{"key": "m0", "value": 1}], "consistency": "most"}),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"items": [{"key": "m0", "value": big}, {"key": "m1", "value": big}, {"key": "m2", "value": "y".repeat(2 << 20)}]}),
+            413,
+            "VALUE_TOO_LARGE",
+        ),
+    ] {
+        let (s, b) = call(Method::POST, &batch, None, Some(bad)).await;
+        assert_eq!((s, b["error_code"].as_str()), (status, Some(code)), "{b}");
+    }
+    let (s, b) = call(
+        Method::POST,
+        &batch_get,
+        None,
+        Some(json!({"keys": ["m0", "m1", "m2"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        b["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["error_code"] == "KEY_NOT_FOUND"),
+        "no item of a refused batch was written: {b}"
+    );
+    for bad in [
+        json!({"keys": []}),
+        json!({"keys": (0..101).map(|i| format!("k{i}")).collect::<Vec<_>>()}),
+        json!({"keys": ["ok", ""]}),
+        json!({"keys": "a"}),
+    ] {
+        let (s, b) = call(Method::POST, &batch_get, None, Some(bad)).await;
+        assert_eq!(
+            (s, b["error_code"].as_str()),
+            (400, Some("INVALID_REQUEST")),
+            "{b}"
+        );
+    }
+    // ttl_seconds on a single write: refused until TTL exists, nothing written.
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        None,
+        Some(json!({"key": "ttl", "value": 1, "ttl_seconds": 60})),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (400, Some("INVALID_REQUEST")),
+        "{b}"
+    );
+    let (s, _) = call(Method::GET, &format!("{kv}?key=ttl"), None, None).await;
+    assert_eq!(s, 404);
+
+    // A batch takes one request per item from the rate budget, all or none.
+    let limited = RoleProcess::gateway(
+        "gw-limited",
+        &[&c.coordinator],
+        &["--auth=none", "--write-rate-limit=5"],
+        &[],
+        c._dir.path(),
+    );
+    let lbatch = format!("{}/v1/key-value/batch", limited.url());
+    let four: Vec<Value> = (0..4)
+        .map(|i| json!({"key": format!("r{i}"), "value": i}))
+        .collect();
+    let (s, b) = call(Method::POST, &lbatch, None, Some(json!({"items": four}))).await;
+    assert_eq!(s, 200, "{b}");
+    let two: Vec<Value> = (4..6)
+        .map(|i| json!({"key": format!("r{i}"), "value": i}))
+        .collect();
+    let (s, b) = call(Method::POST, &lbatch, None, Some(json!({"items": two}))).await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (429, Some("RATE_LIMIT_EXCEEDED")),
+        "{b}"
+    );
+    let (s, b) = call(Method::GET, &format!("{kv}?key=r4"), None, None).await;
+    assert_eq!(s, 404, "a refused batch wrote nothing: {b}");
+}
