@@ -1,6 +1,7 @@
 //! The key-value additions of API.md over real processes (three storage nodes, a coordinator,
 //! a gateway): conditional writes and deletes (`if_match`, `if_absent`), with their bad input
-//! and what concurrent conditional writers get; batches of writes and reads.
+//! and what concurrent conditional writers get; batches of writes and reads; the replica
+//! detail a request can ask for (`X-Replica-Detail`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
@@ -19,7 +20,7 @@ struct Cluster {
     url: String,
     _gateway: RoleProcess,
     coordinator: RoleProcess,
-    _storage: Vec<common::StorageNode>,
+    storage: Vec<common::StorageNode>,
     _dir: tempfile::TempDir,
 }
 
@@ -49,7 +50,7 @@ async fn cluster() -> Cluster {
         url,
         _gateway: gateway,
         coordinator,
-        _storage: storage,
+        storage,
         _dir: dir,
     }
 }
@@ -465,4 +466,132 @@ async fn batches_of_writes_and_reads() {
     );
     let (s, b) = call(Method::GET, &format!("{kv}?key=r4"), None, None).await;
     assert_eq!(s, 404, "a refused batch wrote nothing: {b}");
+}
+
+/// A request with `X-Replica-Detail: true`; status and JSON body.
+async fn detailed(method: Method, url: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = common::http_client()
+        .request(method, url)
+        .header("X-Tenant-ID", "acme")
+        .header("X-Replica-Detail", "true");
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("http call");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_can_see_what_the_replicas_did() {
+    use pairdb::rpc::common as cpb;
+    use pairdb::rpc::storage as spb;
+    let _serial = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let kv = format!("{}/v1/key-value", c.url);
+    let read_all = format!("{kv}?key=k&consistency=all");
+
+    // Not asked: not there.
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        None,
+        Some(json!({"key": "k", "value": 1})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b.get("replicas").is_none(), "{b}");
+    let (s, b) = detailed(
+        Method::POST,
+        &kv,
+        Some(json!({"key": "k", "value": 2, "consistency": "all"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["replicas"],
+        json!({"asked": 3, "acked": 3, "hinted": 0, "pending": 0, "on_all_replicas": true}),
+        "{b}"
+    );
+    let clock = b["vector_clock"].clone();
+    let (s, b) = detailed(Method::GET, &read_all, None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["replicas"],
+        json!({"asked": 3, "answered": 3, "agreed": 3, "read_repair": false, "repaired": 0}),
+        "{b}"
+    );
+
+    // One replica holds a newer version (written to it directly): the read says only one
+    // agreed and that read repair fired; the next read finds them all agreeing.
+    let mut entries: Vec<cpb::ClockEntry> = clock
+        .as_object()
+        .expect("clock")
+        .iter()
+        .map(|(id, n)| cpb::ClockEntry {
+            coordinator_id: id.clone(),
+            counter: n.as_u64().expect("counter"),
+        })
+        .collect();
+    entries.push(cpb::ClockEntry {
+        coordinator_id: "zz-direct".into(),
+        counter: 1,
+    });
+    let mut s1 = c.storage[0].client().await;
+    s1.write(spb::WriteRequest {
+        record: Some(spb::Record {
+            tenant_id: "acme".into(),
+            key: b"k".to_vec().into(),
+            version: Some(cpb::Version {
+                clock: entries,
+                timestamp_ms: pairdb::wallclock::now_ms(),
+            }),
+            payload: Some(spb::record::Payload::Value(b"\"direct\"".to_vec().into())),
+            ring_hash: 0,
+        }),
+    })
+    .await
+    .expect("direct write");
+    let (s, b) = detailed(Method::GET, &read_all, None).await;
+    assert_eq!((s, b["value"].as_str()), (200, Some("direct")), "{b}");
+    assert_eq!(
+        b["replicas"],
+        json!({"asked": 3, "answered": 3, "agreed": 1, "read_repair": true, "repaired": 2}),
+        "{b}"
+    );
+    common::coord::eventually(
+        "read repair landed",
+        std::time::Duration::from_secs(10),
+        || {
+            let read_all = read_all.clone();
+            async move {
+                let (_, b) = detailed(Method::GET, &read_all, None).await;
+                b["replicas"]["agreed"] == 3
+            }
+        },
+    )
+    .await;
+
+    // A replica down: a quorum write says it relies on a hint.
+    c.storage[2].terminate();
+    let admin = c.coordinator.client().await;
+    let down = c.storage[2].id.clone();
+    common::coord::eventually("s3 seen down", std::time::Duration::from_secs(30), || {
+        let (mut admin, down) = (admin.clone(), down.clone());
+        async move {
+            common::coord::node_state(&mut admin, &down).await
+                == Some(pairdb::rpc::common::NodeState::Down)
+        }
+    })
+    .await;
+    let (s, b) = detailed(Method::POST, &kv, Some(json!({"key": "k", "value": 3}))).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["replicas"],
+        json!({"asked": 3, "acked": 2, "hinted": 1, "pending": 0, "on_all_replicas": false}),
+        "{b}"
+    );
+    let (s, b) = detailed(Method::DELETE, &kv, Some(json!({"key": "k"}))).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["replicas"]["on_all_replicas"], false, "{b}");
 }

@@ -16,8 +16,11 @@
 //! replicas already held the winner when it arrived (then it gets VERSION_CONFLICT). At
 //! `quorum` a check also only sees what a quorum of replicas holds.
 //!
-//! Invariant: a write whose condition failed writes nothing; the answer then holds the version
-//! the condition was checked against.
+//! Invariants: a write whose condition failed at the check writes nothing, and the answer holds
+//! the version it was checked against. A write answered VERSION_CONFLICT because a concurrent
+//! version beat it may have landed on the replicas that did not yet hold that version; the
+//! version that beat it takes precedence and replaces it there (by read repair, hints or
+//! anti-entropy), so it never becomes the key's value (the fault suite's `conflict-applied`).
 
 use bytes::Bytes;
 

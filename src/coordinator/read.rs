@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::quorum::{self, Consistency, ReplicaCall, ReplicaResult};
 use crate::ring::NodeId;
+use crate::rpc::coordinator::ReadDetail;
 use crate::rpc::storage as pb;
 
 use super::Coordinator;
@@ -43,6 +44,20 @@ impl Coordinator {
         key: &[u8],
         consistency: Consistency,
     ) -> Result<Option<pb::Record>, CoordError> {
+        Ok(self
+            .read_winner_detailed(tenant, rf, key, consistency)
+            .await?
+            .0)
+    }
+
+    /// [`Self::read_winner`], with what the replicas said as of the reply.
+    pub async fn read_winner_detailed(
+        &self,
+        tenant: &str,
+        rf: u32,
+        key: &[u8],
+        consistency: Consistency,
+    ) -> Result<(Option<pb::Record>, ReadDetail), CoordError> {
         let snapshot = self.ring.snapshot();
         let plan = self.ring.plan(&snapshot, tenant, key, rf as usize)?;
         let required = plan.required(consistency);
@@ -94,6 +109,7 @@ impl Coordinator {
             quorum::run(replicas.into_iter().map(call).collect(), required, deadline).await
         };
         let (acks, results, stragglers) = (run.acks, run.results, run.stragglers);
+        let asked = results.len() + stragglers.len();
         metrics::histogram!("pairdb_replica_acks", "op" => "read").record(acks as f64);
 
         if acks < required || required == 0 {
@@ -115,8 +131,14 @@ impl Coordinator {
             let highest = version.clock.iter().map(|e| e.counter).max().unwrap_or(0);
             self.clock.observe(highest, Source::Replica);
         }
+        let mut detail = ReadDetail {
+            asked: asked as u32,
+            answered: results.iter().filter(|r| r.outcome.is_ok()).count() as u32,
+            agreed: agreeing(&results, winner.as_ref()) as u32,
+            repaired: 0,
+        };
         if stragglers.is_empty() {
-            repair_stale(&self.repairs, &results, winner.as_ref());
+            detail.repaired = repair_stale(&self.repairs, &results, winner.as_ref()) as u32;
         } else {
             let repairs = self.repairs.clone();
             self.repairs.spawn_straggler(async move {
@@ -125,7 +147,7 @@ impl Coordinator {
                 repair_stale(&repairs, &all, winner_of(&all).as_ref());
             });
         }
-        Ok(winner)
+        Ok((winner, detail))
     }
 
     /// Whether this QUORUM read asks every read replica (`read_repair_chance` of reads, spread
@@ -165,11 +187,32 @@ impl Coordinator {
     }
 }
 
-/// Queues `winner` for every replica that answered with an older version or nothing.
-fn repair_stale(repairs: &RepairQueue, answers: &[ReadResult], winner: Option<&pb::Record>) {
+/// Answers that hold the winning version itself.
+fn agreeing(answers: &[ReadResult], winner: Option<&pb::Record>) -> usize {
+    let winning = winner.map(pb::Record::version);
+    answers
+        .iter()
+        .filter(|r| match (&r.outcome, &winning) {
+            (quorum::ReplicaOutcome::Ok(Some(held)), Some(w)) => {
+                held.version().precedence(w) == Ordering::Equal
+            }
+            (quorum::ReplicaOutcome::Ok(None), None) => true,
+            _ => false,
+        })
+        .count()
+}
+
+/// Queues `winner` for every replica that answered with an older version or nothing; returns
+/// how many.
+fn repair_stale(
+    repairs: &RepairQueue,
+    answers: &[ReadResult],
+    winner: Option<&pb::Record>,
+) -> usize {
     let Some(winner) = winner else {
-        return;
+        return 0;
     };
+    let mut queued = 0;
     let winning = winner.version();
     for result in answers {
         let quorum::ReplicaOutcome::Ok(held) = &result.outcome else {
@@ -181,8 +224,10 @@ fn repair_stale(repairs: &RepairQueue, answers: &[ReadResult], winner: Option<&p
         };
         if stale {
             repairs.push(result.replica.as_str().to_owned(), winner.clone());
+            queued += 1;
         }
     }
+    queued
 }
 
 /// The highest record among the successful answers.

@@ -233,6 +233,7 @@ impl Coordinator {
                 is_duplicate: false,
                 replication_capped: written.rf_capped,
                 idempotency_skipped: false,
+                detail: Some(written.detail),
             })
         };
         if req.idempotency_key.is_empty() {
@@ -295,11 +296,22 @@ impl Coordinator {
         key: &[u8],
         level: Consistency,
     ) -> Result<(Tenant, Option<(Bytes, common::Version)>), CoordError> {
+        let (tenant, live, _) = self.read_live_detailed(tenant_id, key, level).await?;
+        Ok((tenant, live))
+    }
+
+    /// [`Self::read_live`], with what the replicas said.
+    async fn read_live_detailed(
+        &self,
+        tenant_id: &str,
+        key: &[u8],
+        level: Consistency,
+    ) -> Result<(Tenant, Option<(Bytes, common::Version)>, pb::ReadDetail), CoordError> {
         check_tenant_id(tenant_id)?;
         check_client_key(key)?;
         let tenant = self.tenant(tenant_id).await?;
-        let winner = self
-            .read_winner(&tenant.storage_id(), tenant.replication_factor, key, level)
+        let (winner, detail) = self
+            .read_winner_detailed(&tenant.storage_id(), tenant.replication_factor, key, level)
             .await?;
         let live = match winner {
             Some(storage::Record {
@@ -309,7 +321,7 @@ impl Coordinator {
             }) => Some((value, version)),
             _ => None,
         };
-        Ok((tenant, live))
+        Ok((tenant, live, detail))
     }
 
     async fn read_key_value(
@@ -317,12 +329,15 @@ impl Coordinator {
         req: &pb::ReadKeyValueRequest,
         level: Consistency,
     ) -> Result<pb::ReadKeyValueResponse, CoordError> {
-        let (_, live) = self.read_live(&req.tenant_id, &req.key, level).await?;
+        let (_, live, detail) = self
+            .read_live_detailed(&req.tenant_id, &req.key, level)
+            .await?;
         let (value, version) = live.ok_or(CoordError::KeyNotFound)?;
         Ok(pb::ReadKeyValueResponse {
             key: req.key.clone(),
             value,
             version: Some(version),
+            detail: Some(detail),
         })
     }
 
@@ -359,6 +374,7 @@ impl Coordinator {
                 consistency: common::Consistency::from(level) as i32,
                 is_duplicate: false,
                 idempotency_skipped: false,
+                detail: Some(written.detail),
             })
         };
         if req.idempotency_key.is_empty() {

@@ -17,6 +17,7 @@ use bytes::Bytes;
 
 use crate::quorum::{self, Consistency, ReplicaCall, ReplicaOutcome, ReplicaResult};
 use crate::ring::NodeId;
+use crate::rpc::coordinator as pb_coord;
 use crate::rpc::storage as pb;
 use crate::vclock::{VectorClock, Version, next_version};
 
@@ -46,6 +47,8 @@ pub struct Written {
     /// The replicas that answered kept a concurrent version that beats the write (`version`
     /// is that one): the write did not become the key's value.
     pub superseded: bool,
+    /// What the replicas did, as of the reply.
+    pub detail: pb_coord::WriteDetail,
 }
 
 /// One round of a write: what it reached, and the version that beat it, if one did.
@@ -147,10 +150,12 @@ impl Coordinator {
         };
         let mut calls = Vec::new();
         let replicas = plan.write_replicas();
+        let mut hinted_up_front = 0;
         for node in replicas.iter().cloned() {
             // Down, or refusing writes (disk full, commit log failed): a hint, replayed once it
             // takes writes again.
             if !self.ring.accepts_writes(node.as_str()) {
+                hinted_up_front += 1;
                 if !self.ring.is_down(node.as_str()) {
                     metrics::counter!("pairdb_writes_to_unhealthy_hinted_total").increment(1);
                 }
@@ -176,6 +181,12 @@ impl Coordinator {
             return Err(self.stale_tenant(tenant).await);
         }
         if run.reached() {
+            let detail = pb_coord::WriteDetail {
+                asked: replicas.len() as u32,
+                acked: run.results.iter().filter(|r| r.outcome.is_ok()).count() as u32,
+                hinted: (hinted_up_front + missed(&run.results).len()) as u32,
+                pending: run.stragglers.len() as u32,
+            };
             let beaten_by = self.winner_over(&version, &run.results);
             let acks = run.acks;
             let hints = self.hints.clone();
@@ -193,6 +204,7 @@ impl Coordinator {
                     acks,
                     rf_capped: plan.rf_capped(),
                     superseded: beaten_by.is_some(),
+                    detail,
                 },
                 beaten_by,
             });

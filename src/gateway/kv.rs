@@ -83,6 +83,8 @@ struct PutResponse {
     is_duplicate: bool,
     /// The idempotency store was unavailable: served without it, a repeat writes again.
     idempotency_skipped: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicas: Option<WriteReplicas>,
 }
 
 #[derive(Serialize)]
@@ -91,6 +93,8 @@ struct GetResponse {
     key: String,
     value: Box<RawValue>,
     vector_clock: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicas: Option<ReadReplicas>,
 }
 
 #[derive(Serialize)]
@@ -102,6 +106,62 @@ struct DeleteResponse {
     consistency: &'static str,
     is_duplicate: bool,
     idempotency_skipped: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicas: Option<WriteReplicas>,
+}
+
+/// What the replicas did with a write, as of the reply (opt-in: [`REPLICA_DETAIL_HEADER`]).
+#[derive(Serialize)]
+struct WriteReplicas {
+    asked: u32,
+    acked: u32,
+    hinted: u32,
+    pending: u32,
+    /// Every replica had applied it by the reply (none relies on a hint or is still working).
+    on_all_replicas: bool,
+}
+
+/// What the replicas said to a read (opt-in: [`REPLICA_DETAIL_HEADER`]).
+#[derive(Serialize)]
+struct ReadReplicas {
+    asked: u32,
+    answered: u32,
+    agreed: u32,
+    /// Some replica answered an older version (or nothing) and was sent the winner.
+    read_repair: bool,
+    repaired: u32,
+}
+
+/// The request header that asks for the replica detail in the answer (`true` or `1`).
+pub const REPLICA_DETAIL_HEADER: &str = "x-replica-detail";
+
+fn wants_detail(headers: &HeaderMap) -> bool {
+    headers
+        .get(REPLICA_DETAIL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+fn write_replicas(wanted: bool, detail: Option<&pb::WriteDetail>) -> Option<WriteReplicas> {
+    let d = detail.filter(|_| wanted)?;
+    Some(WriteReplicas {
+        asked: d.asked,
+        acked: d.acked,
+        hinted: d.hinted,
+        pending: d.pending,
+        on_all_replicas: d.acked == d.asked,
+    })
+}
+
+fn read_replicas(wanted: bool, detail: Option<&pb::ReadDetail>) -> Option<ReadReplicas> {
+    let d = detail.filter(|_| wanted)?;
+    Some(ReadReplicas {
+        asked: d.asked,
+        answered: d.answered,
+        agreed: d.agreed,
+        read_repair: d.repaired > 0,
+        repaired: d.repaired,
+    })
 }
 
 /// The `vector_clock` JSON object of a version.
@@ -315,6 +375,7 @@ pub async fn put(
             consistency: level.as_str(),
             is_duplicate: answer.is_duplicate,
             idempotency_skipped: answer.idempotency_skipped,
+            replicas: write_replicas(wants_detail(&headers), answer.detail.as_ref()),
         })
         .into_response())
     }
@@ -363,6 +424,7 @@ pub async fn get(
             key,
             value,
             vector_clock: clock_json(answer.version.as_ref()),
+            replicas: read_replicas(wants_detail(&headers), answer.detail.as_ref()),
         })
         .into_response())
     }
@@ -422,6 +484,7 @@ pub async fn delete(
             consistency: level.as_str(),
             is_duplicate: answer.is_duplicate,
             idempotency_skipped: answer.idempotency_skipped,
+            replicas: write_replicas(wants_detail(&headers), answer.detail.as_ref()),
         })
         .into_response())
     }

@@ -22,6 +22,10 @@
 //!   reaching some replicas and a retry that
 //!   writes again is allowed: SEMANTICS.md, "the writes that did land stay (the client may retry
 //!   with its idempotency key)"; both carry the same value.)
+//! - `conflict-applied`: the final value of a key was written by a conditional write that was
+//!   answered VERSION_CONFLICT (a refused condition writes nothing; a write beaten by a
+//!   concurrent version may have landed on some replicas, but the version that beat it is
+//!   newer and replaces it).
 //! - `divergent-replicas`: after every fault is healed and the convergence window passed, the
 //!   natural replicas of a key hold different versions (or one holds nothing).
 //!
@@ -149,6 +153,7 @@ pub fn check(ops: &[Op], finals: &[FinalKey], end_ms: u64) -> Vec<Anomaly> {
             .cloned()
             .unwrap_or_default();
         lost_writes(f, &history, &writer_of, end_ms, &mut anomalies);
+        conflicts_applied(f, &writer_of, end_ms, &mut anomalies);
         divergence(f, end_ms, &mut anomalies);
     }
     anomalies
@@ -323,6 +328,74 @@ fn lost_writes(
             }
         }
     }
+}
+
+fn conflicts_applied(
+    f: &FinalKey,
+    writer_of: &HashMap<u64, &Op>,
+    end_ms: u64,
+    anomalies: &mut Vec<Anomaly>,
+) {
+    let Some(w) = f.value.and_then(|id| writer_of.get(&id)) else {
+        return;
+    };
+    if w.conflicted() {
+        anomalies.push(Anomaly {
+            kind: "conflict-applied",
+            tenant: f.tenant.clone(),
+            key: f.key.clone(),
+            what: format!(
+                "the final value was written by a write answered VERSION_CONFLICT: {}",
+                describe(w)
+            ),
+            ops: vec![w.id],
+            at_ms: end_ms,
+        });
+    }
+}
+
+/// What conditional writers got (a measurement of the design, not an anomaly: see
+/// docs/coordinator.md, "Conditional writes").
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConditionalStats {
+    pub attempted: usize,
+    pub succeeded: usize,
+    pub conflicts: usize,
+    pub unknown: usize,
+    /// Successes beyond the first among writes with the same condition on the same key: two
+    /// writers that both won from one version (one of the two updates is overwritten).
+    pub concurrent_successes: usize,
+}
+
+pub fn conditional_stats(ops: &[Op]) -> ConditionalStats {
+    let mut stats = ConditionalStats::default();
+    let mut winners: HashMap<(&str, &str, String), usize> = HashMap::new();
+    for op in ops.iter().filter(|o| o.condition.is_some()) {
+        stats.attempted += 1;
+        match &op.outcome {
+            Outcome::Ok { .. } => {
+                stats.succeeded += 1;
+                let condition = op
+                    .condition
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default();
+                *winners
+                    .entry((op.tenant.as_str(), op.key.as_str(), condition))
+                    .or_default() += 1;
+            }
+            Outcome::Fail { .. } if op.conflicted() => stats.conflicts += 1,
+            Outcome::Fail { .. } => {}
+            Outcome::Unknown { .. } => stats.unknown += 1,
+        }
+    }
+    // `if_absent` is the same condition again after every delete: only `if_match` counts.
+    stats.concurrent_successes = winners
+        .iter()
+        .filter(|((_, _, c), _)| c.contains("if_match"))
+        .map(|(_, n)| n - 1)
+        .sum();
+    stats
 }
 
 fn divergence(f: &FinalKey, end_ms: u64, anomalies: &mut Vec<Anomaly>) {

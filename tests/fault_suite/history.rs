@@ -59,6 +59,8 @@ pub struct Op {
     /// A deliberate resend of this acknowledged idempotent write (a client that lost the
     /// answer): it must be answered as a duplicate with the first answer's version.
     pub resend_of: Option<u64>,
+    /// A conditional write's condition: `{"if_match": clock}` or `"if_absent"`.
+    pub condition: Option<Value>,
     pub invoke_ms: u64,
     pub complete_ms: u64,
     pub outcome: Outcome,
@@ -110,6 +112,11 @@ impl Op {
             Outcome::Ok { read, .. } => read.as_ref(),
             _ => None,
         }
+    }
+
+    /// A conditional write refused with VERSION_CONFLICT.
+    pub fn conflicted(&self) -> bool {
+        matches!(&self.outcome, Outcome::Fail { code } if code.ends_with("VERSION_CONFLICT"))
     }
 
     /// Reads at QUORUM or ALL (R + W > RF with quorum or all writes).

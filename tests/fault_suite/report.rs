@@ -7,7 +7,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::checker::Anomaly;
+use crate::checker::{Anomaly, ConditionalStats, conditional_stats};
 use crate::history::{FaultEvent, Op, Outcome};
 
 #[derive(Debug, Clone, Serialize)]
@@ -21,6 +21,8 @@ pub struct RunReport {
     pub faults_by_kind: BTreeMap<String, usize>,
     pub faults_refused: Vec<(String, String)>,
     pub anomalies_by_kind: BTreeMap<String, usize>,
+    /// What the conditional writers got.
+    pub conditional: ConditionalStats,
     pub anomalies: Vec<Anomaly>,
     pub faults: Vec<FaultEvent>,
     /// Per second: (acknowledged, failed or unknown, p99 latency ms).
@@ -80,6 +82,7 @@ impl RunReport {
             faults_by_kind,
             faults_refused: refused,
             anomalies_by_kind,
+            conditional: conditional_stats(ops),
             anomalies,
             faults,
             timeline,
@@ -92,7 +95,7 @@ impl RunReport {
 
     pub fn summary(&self) -> String {
         format!(
-            "seed {}: {} s, {} ops attempted, {} acknowledged, {} writes unknown; faults {:?}; refused {:?}; anomalies {:?}",
+            "seed {}: {} s, {} ops attempted, {} acknowledged, {} writes unknown; faults {:?}; refused {:?}; conditional writes {:?}; anomalies {:?}",
             self.seed,
             self.duration_s,
             self.operations_attempted,
@@ -103,6 +106,7 @@ impl RunReport {
                 .iter()
                 .map(|(k, _)| k)
                 .collect::<Vec<_>>(),
+            self.conditional,
             self.anomalies_by_kind
         )
     }

@@ -3,7 +3,9 @@
 //! - single writers: each owns a few keys and writes them with increasing values at QUORUM or
 //!   ALL, one operation at a time;
 //! - multi writers: unique values and deletes on shared keys, at every consistency level;
-//! - readers: ONE, QUORUM and ALL on every key.
+//! - readers: ONE, QUORUM and ALL on every key;
+//! - conditional writers: read a shared `cas-*` key at QUORUM, then write it at QUORUM with
+//!   `if_match` the version read (`if_absent` when there was none), never retried.
 //!
 //! Every write carries a value unique in the run (`{"t": tenant, "k": key, "id": n}`), so a read
 //! names the write it saw. Half of the writes carry an `Idempotency-Key` and are retried through
@@ -24,6 +26,8 @@ pub const TENANTS: [&str; 2] = ["acme", "globex"];
 pub const SINGLE_WRITERS: usize = 2;
 pub const MULTI_WRITERS: usize = 3;
 pub const READERS: usize = 3;
+pub const CAS_WRITERS: usize = 2;
+const CAS_KEYS: usize = 2;
 const KEYS_PER_SINGLE_WRITER: usize = 3;
 const SHARED_KEYS: usize = 6;
 /// Single-writer value ids: `writer * SW_SPAN + n`, n counting up from 1.
@@ -76,9 +80,18 @@ pub fn shared_keys() -> Vec<(String, String)> {
         .collect()
 }
 
+/// The keys conditional writers share.
+pub fn cas_keys() -> Vec<(String, String)> {
+    TENANTS
+        .iter()
+        .flat_map(|t| (0..CAS_KEYS).map(move |k| ((*t).to_owned(), format!("cas-{k}"))))
+        .collect()
+}
+
 pub fn all_keys() -> Vec<(String, String)> {
     let mut keys: Vec<_> = (0..SINGLE_WRITERS).flat_map(single_writer_keys).collect();
     keys.extend(shared_keys());
+    keys.extend(cas_keys());
     keys
 }
 
@@ -97,6 +110,7 @@ struct Recorded<'a> {
     idempotency_key: Option<String>,
     attempts: u32,
     resend_of: Option<u64>,
+    condition: Option<Value>,
     invoke_ms: u64,
     outcome: Outcome,
 }
@@ -165,8 +179,81 @@ impl Workload {
                 me.reader(client, rng, deadline).await
             }));
         }
+        for c in 0..CAS_WRITERS {
+            let me = self.clone();
+            let client = SINGLE_WRITERS + MULTI_WRITERS + READERS + c;
+            let rng = Rng::for_client(seed, client);
+            tasks.push(tokio::spawn(async move {
+                me.conditional_writer(client, rng, deadline).await
+            }));
+        }
         for t in tasks {
             let _ = t.await;
+        }
+    }
+
+    /// Read a shared key at QUORUM, then write it at QUORUM only over the version read.
+    async fn conditional_writer(&self, client: usize, mut rng: Rng, deadline: Instant) {
+        let keys = cas_keys();
+        while Instant::now() < deadline {
+            let (tenant, key) = &keys[rng.below(keys.len() as u64) as usize];
+            let gateway = rng.below(self.gateways.len() as u64) as usize;
+            let invoke_ms = self.now_ms();
+            let read = self.get(gateway, tenant, key, "quorum").await;
+            let condition = match &read {
+                Outcome::Ok {
+                    found: true,
+                    clock: Some(clock),
+                    ..
+                } => json!({"if_match": clock}),
+                Outcome::Ok { found: false, .. } => json!("if_absent"),
+                _ => Value::Null,
+            };
+            self.record(Recorded {
+                client,
+                kind: Kind::Get,
+                tenant,
+                key,
+                value: None,
+                consistency: "quorum",
+                idempotency_key: None,
+                attempts: 1,
+                resend_of: None,
+                condition: None,
+                invoke_ms,
+                outcome: read,
+            });
+            if condition.is_null() {
+                continue;
+            }
+            let value = self.next_value.fetch_add(1, Ordering::Relaxed);
+            let mut body = json!({
+                "key": key,
+                "value": {"t": tenant, "k": key, "id": value},
+                "consistency": "quorum",
+            });
+            match &condition {
+                Value::Object(c) => body["if_match"] = c["if_match"].clone(),
+                _ => body["if_absent"] = json!(true),
+            }
+            let invoke_ms = self.now_ms();
+            let outcome = self
+                .send(gateway, reqwest::Method::POST, tenant, body, None)
+                .await;
+            self.record(Recorded {
+                client,
+                kind: Kind::Put,
+                tenant,
+                key,
+                value: Some(value),
+                consistency: "quorum",
+                idempotency_key: None,
+                attempts: 1,
+                resend_of: None,
+                condition: Some(condition),
+                invoke_ms,
+                outcome,
+            });
         }
     }
 
@@ -232,6 +319,7 @@ impl Workload {
                 idempotency_key: None,
                 attempts: 1,
                 resend_of: None,
+                condition: None,
                 invoke_ms,
                 outcome,
             });
@@ -297,6 +385,7 @@ impl Workload {
             idempotency_key: idem.clone(),
             attempts,
             resend_of: None,
+            condition: None,
             invoke_ms,
             outcome,
         });
@@ -316,6 +405,7 @@ impl Workload {
                 idempotency_key: idem,
                 attempts: 1,
                 resend_of: Some(first),
+                condition: None,
                 invoke_ms,
                 outcome,
             });
@@ -336,6 +426,7 @@ impl Workload {
             idempotency_key: r.idempotency_key,
             attempts: r.attempts,
             resend_of: r.resend_of,
+            condition: r.condition,
             invoke_ms: r.invoke_ms,
             complete_ms: self.now_ms(),
             outcome: r.outcome,
