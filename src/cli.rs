@@ -193,6 +193,27 @@ pub enum KvCommand {
         #[arg(long)]
         consistency: Option<String>,
     },
+    /// List keys in key order: one page as JSON, or with --all every key, one per line
+    /// (`key<TAB>value` with --values).
+    List {
+        /// Only keys that start with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Keys per page (1..=1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// The page after this cursor (from the previous page's answer).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// With the values.
+        #[arg(long)]
+        values: bool,
+        /// Follow the cursors to the end and print the keys as lines.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        consistency: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,7 +1,7 @@
 //! The key-value additions of API.md over real processes (three storage nodes, a coordinator,
 //! a gateway): conditional writes and deletes (`if_match`, `if_absent`), with their bad input
 //! and what concurrent conditional writers get; batches of writes and reads; the replica
-//! detail a request can ask for (`X-Replica-Detail`).
+//! detail a request can ask for (`X-Replica-Detail`); listing keys with cursors.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
@@ -57,9 +57,20 @@ async fn cluster() -> Cluster {
 
 /// An HTTP call as tenant acme; status and JSON body.
 async fn call(method: Method, url: &str, idem: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    call_as("acme", method, url, idem, body).await
+}
+
+/// An HTTP call as `tenant`; status and JSON body.
+async fn call_as(
+    tenant: &str,
+    method: Method,
+    url: &str,
+    idem: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut request = common::http_client()
         .request(method, url)
-        .header("X-Tenant-ID", "acme");
+        .header("X-Tenant-ID", tenant);
     if let Some(key) = idem {
         request = request.header("Idempotency-Key", key);
     }
@@ -594,4 +605,224 @@ async fn a_request_can_see_what_the_replicas_did() {
     let (s, b) = detailed(Method::DELETE, &kv, Some(json!({"key": "k"}))).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["replicas"]["on_all_replicas"], false, "{b}");
+}
+
+/// Every page of a listing; the keys (with values when asked) in the order served.
+async fn list_all(tenant: &str, url: &str, query: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let page_url = match &cursor {
+            None => format!("{url}?{query}"),
+            Some(c) => format!("{url}?{query}&cursor={c}"),
+        };
+        let (s, b) = call_as(tenant, Method::GET, &page_url, None, None).await;
+        assert_eq!(s, 200, "{page_url}: {b}");
+        for k in b["keys"].as_array().expect("keys") {
+            assert!(k["vector_clock"].is_object(), "{k}");
+            out.push((
+                k["key"].as_str().expect("key").to_owned(),
+                k["value"].clone(),
+            ));
+        }
+        match b["cursor"].as_str() {
+            None => return out,
+            Some(c) => cursor = Some(c.to_owned()),
+        }
+    }
+    panic!("listing did not end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listing_keys_in_order_across_nodes_with_cursors() {
+    let _serial = SERIAL.lock().await;
+    let mut c = cluster().await;
+    let kv = format!("{}/v1/key-value", c.url);
+    // RF 1: every node holds a different share, so each page is a merge.
+    let (s, b) = call(
+        Method::POST,
+        &format!("{}/v1/tenants", c.url),
+        None,
+        Some(json!({"tenant_id": "spread", "replication_factor": 1})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let mut expected = Vec::new();
+    for chunk in (0..240).collect::<Vec<u32>>().chunks(60) {
+        let items: Vec<Value> = chunk
+            .iter()
+            .map(|i| json!({"key": format!("item:{i:04}"), "value": {"n": i}}))
+            .collect();
+        let (s, b) = call_as(
+            "spread",
+            Method::POST,
+            &format!("{kv}/batch"),
+            None,
+            Some(json!({"items": items})),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    for i in 0..240u32 {
+        if i % 24 == 5 {
+            let (s, b) = call_as(
+                "spread",
+                Method::DELETE,
+                &format!("{kv}?key=item:{i:04}"),
+                None,
+                None,
+            )
+            .await;
+            assert_eq!(s, 200, "{b}");
+        } else {
+            expected.push((format!("item:{i:04}"), json!({"n": i})));
+        }
+    }
+    for key in ["itel", "item", "itemz", "other:1"] {
+        let (s, b) = call_as(
+            "spread",
+            Method::POST,
+            &kv,
+            None,
+            Some(json!({"key": key, "value": 0})),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    // The same key names in another tenant are never listed.
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        None,
+        Some(json!({"key": "item:0001", "value": "acme"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+
+    let listed = list_all("spread", &kv, "prefix=item:&limit=37&values=true").await;
+    assert_eq!(
+        listed, expected,
+        "every live key once, in key order, with its value"
+    );
+    let keys_only = list_all("spread", &kv, "prefix=item:&limit=1000").await;
+    assert_eq!(keys_only.len(), expected.len());
+    assert!(
+        keys_only.iter().all(|(_, v)| v.is_null()),
+        "no values unless asked"
+    );
+    let everything = list_all("spread", &kv, "prefix=&limit=7&consistency=all").await;
+    let names: Vec<&str> = everything.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names.len(), expected.len() + 4);
+    assert_eq!(&names[..2], &["itel", "item"]);
+    assert_eq!(names[names.len() - 2..], ["itemz", "other:1"]);
+    let (s, b) = call_as(
+        "spread",
+        Method::GET,
+        &format!("{kv}?prefix=nothing"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["keys"].clone(), b["cursor"].clone()),
+        (200, json!([]), Value::Null),
+        "{b}"
+    );
+
+    // Cursors: only for the tenant and prefix that got them, and only unaltered.
+    let (s, b) = call_as(
+        "spread",
+        Method::GET,
+        &format!("{kv}?prefix=item:&limit=5"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let cursor = b["cursor"].as_str().expect("a cursor").to_owned();
+    let (s, b) = call_as(
+        "spread",
+        Method::GET,
+        &format!("{kv}?prefix=item:&limit=5&cursor={cursor}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["keys"][0]["key"].as_str()),
+        (200, Some("item:0006")),
+        "{b}"
+    );
+    let mut altered = cursor.clone().into_bytes();
+    let last = altered.len() - 3;
+    altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).expect("ascii");
+    for (tenant, url) in [
+        ("acme", format!("{kv}?prefix=item:&cursor={cursor}")),
+        ("spread", format!("{kv}?prefix=item:0&cursor={cursor}")),
+        ("spread", format!("{kv}?prefix=item:&cursor={altered}")),
+        ("spread", format!("{kv}?prefix=item:&cursor=not-a-cursor")),
+        ("spread", format!("{kv}?prefix=item:&limit=0")),
+        ("spread", format!("{kv}?prefix=item:&limit=1001")),
+        ("spread", format!("{kv}?prefix=item:&limit=ten")),
+        ("spread", format!("{kv}?prefix=item:&key=item:0001")),
+        ("spread", format!("{kv}?prefix=item:&consistency=most")),
+    ] {
+        let (s, b) = call_as(tenant, Method::GET, &url, None, None).await;
+        assert_eq!(
+            (s, b["error_code"].as_str()),
+            (400, Some("INVALID_REQUEST")),
+            "{tenant} {url}: {b}"
+        );
+    }
+
+    // A node down: an RF 1 listing cannot be complete and says so; RF 3 at QUORUM still is.
+    for i in 0..20u32 {
+        let (s, b) = call(
+            Method::POST,
+            &kv,
+            None,
+            Some(json!({"key": format!("q{i:02}"), "value": i, "consistency": "all"})),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    c.storage[1].terminate();
+    let admin = c.coordinator.client().await;
+    let down = c.storage[1].id.clone();
+    common::coord::eventually("s2 seen down", std::time::Duration::from_secs(30), || {
+        let (mut admin, down) = (admin.clone(), down.clone());
+        async move {
+            common::coord::node_state(&mut admin, &down).await
+                == Some(pairdb::rpc::common::NodeState::Down)
+        }
+    })
+    .await;
+    let (s, b) = call_as(
+        "spread",
+        Method::GET,
+        &format!("{kv}?prefix=item:&consistency=one"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (503, Some("QUORUM_NOT_REACHED")),
+        "{b}"
+    );
+    let quorum = list_all("acme", &kv, "prefix=q&limit=6&consistency=quorum").await;
+    assert_eq!(quorum.len(), 20, "{quorum:?}");
+    let (s, b) = call(
+        Method::GET,
+        &format!("{kv}?prefix=q&consistency=all"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (503, Some("QUORUM_NOT_REACHED")),
+        "{b}"
+    );
 }

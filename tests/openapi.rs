@@ -106,6 +106,8 @@ fn probes() -> Vec<Probe> {
         probe(M::GET, kv, "/v1/key-value?key=k", None),
         probe(M::GET, kv, "/v1/key-value?key=n&consistency=one", None),
         probe(M::GET, kv, "/v1/key-value?key=absent", None),
+        probe(M::GET, kv, "/v1/key-value?prefix=&limit=2&values=true", None),
+        probe(M::GET, kv, "/v1/key-value?prefix=k&cursor=forged", None),
         probe(
             M::POST,
             kv,

@@ -101,6 +101,36 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         json_out(&pairdb(&url, &["kv", "get", "doc"]))["value"],
         json!({"a": [1, 2]})
     );
+    // Listing: one page as JSON with its cursor, or every key as lines.
+    for i in 0..5 {
+        json_out(&pairdb(
+            &url,
+            &["kv", "put", &format!("list:{i}"), &i.to_string()],
+        ));
+    }
+    let page = json_out(&pairdb(
+        &url,
+        &["kv", "list", "--prefix", "list:", "--limit", "2"],
+    ));
+    assert_eq!(page["keys"][0]["key"], "list:0", "{page}");
+    let cursor = page["cursor"].as_str().expect("a cursor").to_owned();
+    let next = json_out(&pairdb(
+        &url,
+        &[
+            "kv", "list", "--prefix", "list:", "--limit", "2", "--cursor", &cursor,
+        ],
+    ));
+    assert_eq!(next["keys"][0]["key"], "list:2", "{next}");
+    let lines = stdout_of(&pairdb(
+        &url,
+        &[
+            "kv", "list", "--prefix", "list:", "--limit", "2", "--all", "--values",
+        ],
+    ));
+    assert_eq!(
+        lines, "list:0\t0\nlist:1\t1\nlist:2\t2\nlist:3\t3\nlist:4\t4\n",
+        "{lines}"
+    );
     json_out(&pairdb(&url, &["kv", "delete", "greeting"]));
     let missing = pairdb(&url, &["kv", "get", "greeting"]);
     assert_eq!(missing.status.code(), Some(1));

@@ -36,6 +36,7 @@ pub mod hints;
 pub mod http;
 pub mod idempotent;
 pub mod lease;
+pub mod listing;
 pub mod membership;
 pub mod migration_metrics;
 pub mod periodic;

@@ -59,6 +59,7 @@ impl CoordinatorService {
             Some(Call::Write(req)) => self.write(req).await.map(Answer::Write),
             Some(Call::Read(req)) => self.read(req).await.map(Answer::Read),
             Some(Call::Delete(req)) => self.delete(req).await.map(Answer::Delete),
+            Some(Call::List(req)) => self.list(req).await.map(Answer::List),
             None => Err(CoordError::InvalidRequest(
                 "empty key-value call".to_owned(),
             )),
@@ -103,6 +104,18 @@ impl CoordinatorService {
             &req.tenant_id,
             &req.key,
             |level| self.core.delete_key_value(&req, level),
+        )
+        .await
+    }
+
+    /// `ListKeys`, unary or on a stream.
+    async fn list(&self, req: pb::ListKeysRequest) -> Result<pb::ListKeysResponse, CoordError> {
+        key_value(
+            "list",
+            req.consistency,
+            &req.tenant_id,
+            &req.prefix,
+            |level| self.core.list_keys(&req, level),
         )
         .await
     }
@@ -412,6 +425,13 @@ impl CoordinatorRpc for CoordinatorService {
         request: Request<pb::WriteKeyValueRequest>,
     ) -> Result<Response<pb::WriteKeyValueResponse>, Status> {
         reply(self.write(request.into_inner()).await)
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        reply(self.list(request.into_inner()).await)
     }
 
     async fn read_key_value(

@@ -35,6 +35,12 @@ pub struct StoragePool {
 }
 
 impl StoragePool {
+    /// The cluster secret every call carries (also the key of the coordinators' own tags,
+    /// e.g. listing cursors).
+    pub fn secret(&self) -> &crate::rpc::auth::ClusterSecret {
+        &self.auth.secret
+    }
+
     /// A pool whose calls are authenticated with `auth`.
     pub fn new(auth: InternalAuth) -> Self {
         Self::with_batch_in_flight(super::batcher::IN_FLIGHT, auth)

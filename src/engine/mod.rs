@@ -272,6 +272,26 @@ impl Engine {
             .map(|item| item.map(|(_, r)| r)))
     }
 
+    /// One tenant's records (tombstones included) whose key starts with `prefix`, in key order,
+    /// from `from_key` on (inclusive; a `from_key` before the prefix starts at the prefix).
+    pub fn scan_prefix(
+        &self,
+        tenant: &str,
+        prefix: &[u8],
+        from_key: &[u8],
+    ) -> Result<impl Iterator<Item = Result<Arc<Record>>> + Send + use<>> {
+        check_storage_tenant(tenant)?;
+        let within = internal_key(tenant, prefix);
+        let from = internal_key(tenant, from_key.max(prefix));
+        let end = key_successor(&within);
+        let merged = self
+            .core
+            .merge_from(&from, None, &|meta| meta.overlaps(&from, &end));
+        Ok(merged
+            .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&within)))
+            .map(|item| item.map(|(_, r)| r)))
+    }
+
     /// Every record (tombstones included) whose ring hash lies in `range`, in key order.
     pub fn scan_hash_range(
         &self,
@@ -522,6 +542,20 @@ impl Core {
     }
 }
 
+/// The smallest byte string greater than every string that starts with `bytes` (`bytes`
+/// itself when it is all 0xff: never for an internal key, which starts with a tenant id).
+fn key_successor(bytes: &[u8]) -> Vec<u8> {
+    let mut next = bytes.to_vec();
+    while next.last() == Some(&0xff) {
+        next.pop();
+    }
+    match next.last_mut() {
+        Some(last) => *last += 1,
+        None => return bytes.to_vec(),
+    }
+    next
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,6 +572,61 @@ mod tests {
             sync: SyncMode::Always,
             ..EngineOptions::default()
         }
+    }
+
+    #[test]
+    fn a_prefix_scan_lists_one_tenants_keys_in_order_across_memtable_and_tables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(dir.path(), EngineOptions::default()).expect("open");
+        for key in ["user:2", "user:10", "users", "user:1", "usea", "v"] {
+            engine
+                .apply(Record::put("t", key, version(1), "x"))
+                .expect("apply");
+            engine
+                .apply(Record::put("t2", key, version(1), "y"))
+                .expect("apply");
+        }
+        engine.flush().expect("flush");
+        engine
+            .apply(Record::put("t", "user:3", version(1), "x"))
+            .expect("apply");
+        engine
+            .apply(Record::tombstone("t", "user:10", version(2)))
+            .expect("delete");
+        let keys = |prefix: &[u8], from: &[u8]| -> Vec<(String, bool)> {
+            engine
+                .scan_prefix("t", prefix, from)
+                .expect("scan")
+                .map(|r| {
+                    let r = r.expect("record");
+                    (
+                        String::from_utf8_lossy(&r.key).into_owned(),
+                        r.value.is_some(),
+                    )
+                })
+                .collect()
+        };
+        let live = |k: &str| (k.to_owned(), true);
+        assert_eq!(
+            keys(b"user:", b""),
+            vec![
+                live("user:1"),
+                ("user:10".to_owned(), false),
+                live("user:2"),
+                live("user:3")
+            ],
+            "key order, tombstones included, memtable merged with tables, no other tenant"
+        );
+        assert_eq!(
+            keys(b"user:", b"user:10\0"),
+            vec![live("user:2"), live("user:3")]
+        );
+        assert_eq!(keys(b"user", b"user:3\0"), vec![live("users")]);
+        assert_eq!(keys(b"", b"v"), vec![live("v")]);
+        assert!(keys(b"w", b"").is_empty());
+        assert_eq!(keys(b"", b"").len(), 7);
+        assert_eq!(key_successor(b"ab\xff\xff"), b"ac".to_vec());
+        assert_eq!(key_successor(b"a"), b"b".to_vec());
     }
 
     /// The child of `an_ignored_write_is_acknowledged_only_once_what_beat_it_is_durable`: a newer

@@ -158,7 +158,7 @@ impl Coordinators {
         call: key_value_call::Call,
     ) -> Result<key_value_result::Result, tonic::Status> {
         let resend = match &call {
-            key_value_call::Call::Read(_) => Resend::Always,
+            key_value_call::Call::Read(_) | key_value_call::Call::List(_) => Resend::Always,
             key_value_call::Call::Write(w) if !w.idempotency_key.is_empty() => {
                 Resend::IfSharedStore
             }

@@ -58,6 +58,11 @@ pub struct KeyQuery {
     key: Option<String>,
     consistency: Option<String>,
     tenant_id: Option<String>,
+    /// Listing (`prefix` or `cursor` without `key`): see `gateway::listing`.
+    pub(super) prefix: Option<String>,
+    pub(super) cursor: Option<String>,
+    pub(super) limit: Option<u32>,
+    pub(super) values: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -402,9 +407,24 @@ pub async fn get(
         };
     let result = async {
         let query = query?;
-        let key = query
-            .key
-            .ok_or_else(|| ApiError::invalid("missing query parameter key"))?;
+        let listing = query.prefix.is_some() || query.cursor.is_some();
+        let key = match query.key {
+            Some(_) if listing => {
+                return Err(ApiError::invalid(
+                    "key reads one key; prefix and cursor list keys: not both",
+                ));
+            }
+            None if listing => {
+                let level = consistency(query.consistency.as_deref())?;
+                return super::listing::list(&gw, tenant, &query, level).await;
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    "missing query parameter key (or prefix, to list keys)",
+                ));
+            }
+            Some(key) => key,
+        };
         check_key(&key)?;
         let level = consistency(query.consistency.as_deref())?;
         let request = pb::ReadKeyValueRequest {

@@ -19,6 +19,7 @@ pub mod coordinators;
 pub mod errors;
 pub mod https;
 pub mod kv;
+pub mod listing;
 pub mod rate_limit;
 pub mod router;
 pub mod snapshots;

@@ -95,23 +95,41 @@ impl ClusterSecret {
 
     /// The HMAC-SHA256 of a gossip datagram's payload.
     pub fn gossip_tag(&self, payload: &[u8]) -> [u8; GOSSIP_TAG_LEN] {
-        self.gossip_mac(payload).finalize().into_bytes().into()
+        self.mac(GOSSIP_DOMAIN, payload)
+            .finalize()
+            .into_bytes()
+            .into()
     }
 
     /// Whether `tag` is the payload's HMAC (constant time).
     pub fn gossip_tag_matches(&self, payload: &[u8], tag: &[u8]) -> bool {
-        self.gossip_mac(payload).verify_slice(tag).is_ok()
+        self.mac(GOSSIP_DOMAIN, payload).verify_slice(tag).is_ok()
     }
 
-    fn gossip_mac(&self, payload: &[u8]) -> Hmac<Sha256> {
+    /// The HMAC-SHA256 of `payload` under this secret, for `domain` (what the tag is for: a tag
+    /// made for one use never verifies for another).
+    pub fn tag(&self, domain: &[u8], payload: &[u8]) -> [u8; 32] {
+        self.mac(domain, payload).finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is `payload`'s HMAC for `domain`, or its first `tag.len()` (>= 16) bytes
+    /// (constant time).
+    pub fn tag_matches(&self, domain: &[u8], payload: &[u8], tag: &[u8]) -> bool {
+        tag.len() >= 16 && self.mac(domain, payload).verify_truncated_left(tag).is_ok()
+    }
+
+    fn mac(&self, domain: &[u8], payload: &[u8]) -> Hmac<Sha256> {
         // HMAC takes keys of any length.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-        mac.update(b"pairdb-gossip\0");
+        mac.update(domain);
         mac.update(payload);
         mac
     }
 }
+
+/// What gossip tags are for (the first bytes every gossip MAC covers).
+const GOSSIP_DOMAIN: &[u8] = b"pairdb-gossip\0";
 
 /// Client side: adds the secret to every call, and the id of the request the caller works for
 /// (`rpc::trace`), if any.

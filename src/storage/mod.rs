@@ -13,6 +13,7 @@ pub mod gossip;
 mod gossip_transport;
 pub mod http;
 pub mod json_file;
+pub mod listing;
 pub mod repair_markers;
 pub mod repaired_ranges;
 pub mod service;

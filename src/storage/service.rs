@@ -911,6 +911,18 @@ impl StorageNode for StorageService {
         reply(timed(self, "drop_tenants", body).await)
     }
 
+    async fn list_keys(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let body = async {
+            let listing = super::listing::ListKeys::parse(req.into_inner())?;
+            let engine = self.engine.clone();
+            blocking(move || listing.run(&engine)).await
+        };
+        reply(timed(self, "list_keys", body).await)
+    }
+
     async fn health_check(
         &self,
         _req: Request<pb::HealthCheckRequest>,

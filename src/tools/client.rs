@@ -121,12 +121,71 @@ pub async fn kv(conn: &Connection, command: &KvCommand) -> anyhow::Result<Answer
             }
             send(request(conn, Method::GET, &path)?).await
         }
+        KvCommand::List {
+            prefix,
+            limit,
+            cursor,
+            values,
+            all,
+            consistency,
+        } => {
+            let mut base = format!(
+                "/v1/key-value?prefix={}&limit={limit}&values={values}",
+                query(prefix)
+            );
+            if let Some(c) = consistency {
+                base.push_str(&format!("&consistency={}", query(c)));
+            }
+            list(conn, &base, cursor.clone(), *values, *all).await
+        }
         KvCommand::Delete { key, consistency } => {
             let mut body = json!({"key": key});
             if let Some(c) = consistency {
                 body["consistency"] = json!(c);
             }
             send(request(conn, Method::DELETE, "/v1/key-value")?.json(&body)).await
+        }
+    }
+}
+
+/// One page of a listing, or with `all` every page, printed as lines.
+async fn list(
+    conn: &Connection,
+    base: &str,
+    mut cursor: Option<String>,
+    values: bool,
+    all: bool,
+) -> anyhow::Result<Answer> {
+    let mut lines = String::new();
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("{base}&cursor={}", query(c)),
+            None => base.to_owned(),
+        };
+        let page = send(request(conn, Method::GET, &path)?).await?;
+        if !all || !page.ok {
+            return Ok(page);
+        }
+        for k in page.body["keys"].as_array().into_iter().flatten() {
+            lines.push_str(k["key"].as_str().unwrap_or_default());
+            if values {
+                lines.push('\t');
+                lines.push_str(&k["value"].to_string());
+            }
+            lines.push('\n');
+        }
+        match page.body["cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => {
+                // The caller prints the text with a newline of its own.
+                if lines.ends_with('\n') {
+                    lines.pop();
+                }
+                return Ok(Answer {
+                    text: Some(lines),
+                    ..page
+                });
+            }
         }
     }
 }
