@@ -774,3 +774,86 @@ async fn a_commit_the_metadata_store_refuses_for_a_while_is_tried_again() {
     let nodes: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
     assert_placed(&mut c, &nodes, &TENANTS, &keys(&[("k", 100)])).await;
 }
+
+/// Lists every key of `tenant` through the coordinator, following the cursor from `cursor`;
+/// returns the keys and the pages' count.
+async fn list_from(
+    c: &mut Client,
+    tenant: &str,
+    mut cursor: String,
+    limit: u32,
+    level: Consistency,
+    pages: Option<usize>,
+) -> (Vec<String>, String) {
+    let mut keys = Vec::new();
+    for _ in 0..pages.unwrap_or(usize::MAX) {
+        let page = c
+            .list_keys(pb::ListKeysRequest {
+                tenant_id: tenant.to_owned(),
+                prefix: bytes::Bytes::new(),
+                limit,
+                cursor: cursor.clone(),
+                values: false,
+                consistency: level as i32,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        keys.extend(
+            page.keys
+                .iter()
+                .map(|k| String::from_utf8_lossy(&k.key).into_owned()),
+        );
+        cursor = page.cursor;
+        if cursor.is_empty() {
+            break;
+        }
+    }
+    (keys, cursor)
+}
+
+/// A listing cursor is a position in key order: taken before a node joins and used after its
+/// ranges moved, it goes on to list every key exactly once, in order (RF 1, so each key lives on
+/// one node, which changed for some of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_cursor_survives_a_topology_change() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join("s4", dir.path(), &storage);
+    let c1 = coordinator(&storage, dir.path(), &[]);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "narrow", 1).await;
+    write_keys_of(&mut c, &[("narrow", 1)], "k", 300, Consistency::All).await;
+    let mut expected = keys(&[("k", 300)]);
+    expected.sort();
+
+    let (first, cursor) = list_from(
+        &mut c,
+        "narrow",
+        String::new(),
+        40,
+        Consistency::One,
+        Some(2),
+    )
+    .await;
+    assert_eq!(first, expected[..80].to_vec());
+    let accepted = add(&mut c, &s4).await.expect("add s4");
+    wait_migration(&c, &accepted.migration_id, pb::MigrationState::Completed).await;
+    let moved = listed_ring(&mut c, &[&storage[0], &storage[1], &storage[2], &s4]).await;
+    assert!(
+        expected.iter().any(|k| moved
+            .natural_owners(key_position("narrow", k.as_bytes()), 1)
+            .iter()
+            .any(|o| o.as_str() == "s4")),
+        "some keys moved to s4"
+    );
+    let (rest, end) = list_from(&mut c, "narrow", cursor, 40, Consistency::Quorum, None).await;
+    assert!(end.is_empty());
+    let all: Vec<String> = first.into_iter().chain(rest).collect();
+    assert_eq!(
+        all, expected,
+        "every key once, in key order, across the change"
+    );
+}
