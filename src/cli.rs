@@ -180,6 +180,9 @@ pub enum KvCommand {
         consistency: Option<String>,
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// The value expires this many seconds after the write (1..=315360000).
+        #[arg(long)]
+        ttl_seconds: Option<u64>,
     },
     /// Read a key.
     Get {

@@ -13,6 +13,8 @@ pub const MAX_VALUE_BYTES: usize = 10 * 1024 * 1024;
 pub const MAX_TENANT_BYTES: usize = 256;
 /// Longest node id.
 pub const MAX_NODE_ID_BYTES: usize = 128;
+/// Longest time to live of a value, in seconds: ten years (API.md).
+pub const MAX_TTL_SECONDS: u64 = 10 * 365 * 86_400;
 
 /// Why an input is outside the limits. `Display` is the message a client sees.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -218,6 +218,7 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
                 }),
                 payload: Some(spb::record::Payload::Value(b"\"stray\"".to_vec().into())),
                 ring_hash: 0,
+                expires_at_ms: 0,
             }),
         })
         .await

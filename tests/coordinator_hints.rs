@@ -38,6 +38,7 @@ fn record(key: &str) -> pb::Record {
         version: Some((&version).into()),
         payload: Some(pb::record::Payload::Value(b"\"hinted\"".to_vec().into())),
         ring_hash: 0,
+        expires_at_ms: 0,
     }
 }
 

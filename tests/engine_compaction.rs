@@ -356,3 +356,117 @@ fn a_batch_is_validated_whole_and_synced_once() {
         "an ignored record reports the version that beat it"
     );
 }
+
+/// Says yes only once told to, and remembers the write times it was asked about.
+#[derive(Debug, Default)]
+struct RecordingGate {
+    open: std::sync::atomic::AtomicBool,
+    asked: std::sync::Mutex<Vec<u64>>,
+}
+
+impl pairdb::engine::TombstoneGate for RecordingGate {
+    fn may_purge(&self, _tenant: &str, _ring_hash: u64, written_ms: u64) -> bool {
+        self.asked.lock().expect("lock").push(written_ms);
+        self.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// An expired value is purged like a tombstone written at its expiry: only at the bottom,
+/// only `gc_grace` after the expiry, only once the gate (a repair of its range after the
+/// version was written) agrees, and together with the older versions it shadows. Values
+/// that expire later, or never, stay. Expiries survive the commit log and the tables.
+#[test]
+fn expired_values_go_after_gc_grace_and_the_gate_and_take_older_versions_along() {
+    let hour = 3_600_000;
+    let now = now_ms();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = Arc::new(RecordingGate::default());
+    let open = |gate: &Arc<RecordingGate>| {
+        Engine::open(
+            dir.path(),
+            EngineOptions {
+                tombstone_gate: Some(gate.clone()),
+                ..options(Duration::from_secs(3600))
+            },
+        )
+        .expect("open")
+    };
+    let written = now - 3 * hour;
+    let at = |ms: u64| v(&[("c1", physical_counter(ms))]);
+    let expiring = |key: &str, expires_at: Option<u64>| {
+        Record::put("t", key.to_owned(), at(written), "value").expiring(expires_at)
+    };
+    {
+        let engine = open(&gate);
+        // "shadowed": an older value that never expires, pushed to the bottom level first.
+        engine
+            .apply(Record::put("t", "shadowed", at(written - hour), "old"))
+            .expect("put");
+        engine.compact().expect("compact");
+        for record in [
+            expiring("gone", Some(now - 2 * hour)),
+            expiring("shadowed", Some(now - 2 * hour)),
+            expiring("in-grace", Some(now - 10 * 60_000)),
+            expiring("later", Some(now + hour)),
+            expiring("never", None),
+        ] {
+            engine.apply(record).expect("put");
+        }
+    }
+    // Reopened: the expiries came back from the commit log.
+    let engine = open(&gate);
+    let expiry = |key: &str| {
+        engine
+            .get("t", key.as_bytes())
+            .expect("get")
+            .map(|r| r.expires_at_ms)
+    };
+    assert_eq!(expiry("gone"), Some(Some(now - 2 * hour)));
+    assert_eq!(expiry("never"), Some(None));
+
+    // The gate says no: everything stays, the expired values with their expiry.
+    engine.flush().expect("flush");
+    engine.compact().expect("compact");
+    assert_eq!(engine.stats().expired_dropped, 0);
+    assert_eq!(expiry("gone"), Some(Some(now - 2 * hour)), "from a table");
+    assert_eq!(
+        engine
+            .get("t", b"shadowed")
+            .expect("get")
+            .map(|r| r.value.clone()),
+        Some(Some(bytes::Bytes::from_static(b"value"))),
+        "the expired winner still shadows the older value"
+    );
+    assert!(
+        gate.asked
+            .lock()
+            .expect("lock")
+            .iter()
+            .all(|w| *w == written),
+        "the gate is asked about the version's write time"
+    );
+
+    // The gate agrees: the values expired for longer than gc_grace go, with what they shadow.
+    gate.open.store(true, std::sync::atomic::Ordering::Release);
+    engine.compact().expect("compact");
+    assert_eq!(engine.stats().expired_dropped, 2);
+    assert_eq!(engine.stats().tombstones_dropped, 0);
+    assert_eq!(expiry("gone"), None);
+    assert_eq!(
+        expiry("shadowed"),
+        None,
+        "the older value did not come back"
+    );
+    assert_eq!(expiry("in-grace"), Some(Some(now - 10 * 60_000)));
+    assert_eq!(expiry("later"), Some(Some(now + hour)));
+    assert_eq!(expiry("never"), Some(None));
+}
+
+#[test]
+fn a_tombstone_with_an_expiry_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(dir.path(), options(Duration::from_secs(3600))).expect("open");
+    let r = engine.apply(Record::tombstone("t", "k", v(&[("c1", 1)])).expiring(Some(1)));
+    assert!(matches!(r, Err(EngineError::InvalidArgument(_))), "{r:?}");
+    assert_eq!(engine.get("t", b"k").expect("get"), None);
+}

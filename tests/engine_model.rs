@@ -23,6 +23,8 @@ enum Op {
         coord: u8,
         counter: u64,
         len: usize,
+        /// Expires this many hours from now (never purged: the expiry lies ahead).
+        expires_in_hours: Option<u8>,
     },
     Delete {
         tenant: usize,
@@ -59,8 +61,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        8 => (0..3usize, any::<u8>(), 0..3u8, 1..40u64, 0..300usize)
-            .prop_map(|(tenant, key, coord, counter, len)| Op::Put { tenant, key, coord, counter, len }),
+        8 => (0..3usize, any::<u8>(), 0..3u8, 1..40u64, 0..300usize, prop::option::of(1..48u8))
+            .prop_map(|(tenant, key, coord, counter, len, expires_in_hours)| Op::Put { tenant, key, coord, counter, len, expires_in_hours }),
         3 => (0..3usize, any::<u8>(), 0..3u8, 1..40u64)
             .prop_map(|(tenant, key, coord, counter)| Op::Delete { tenant, key, coord, counter }),
         4 => (0..3usize, any::<u8>()).prop_map(|(tenant, key)| Op::Get { tenant, key }),
@@ -148,9 +150,14 @@ proptest! {
         let mut model: Model = BTreeMap::new();
         for op in ops {
             match op {
-                Op::Put { tenant, key, coord, counter, len } => {
+                Op::Put { tenant, key, coord, counter, len, expires_in_hours } => {
                     let value = vec![b'a' + (counter % 26) as u8; len];
-                    apply(&engine, &mut model, Record::put(TENANTS[tenant], key_bytes(key), version(coord, counter), value))?;
+                    let version = version(coord, counter);
+                    let expires_at = expires_in_hours
+                        .map(|h| version.timestamp_ms() + 3_600_000 * u64::from(h));
+                    let record = Record::put(TENANTS[tenant], key_bytes(key), version, value)
+                        .expiring(expires_at);
+                    apply(&engine, &mut model, record)?;
                 }
                 Op::Delete { tenant, key, coord, counter } => {
                     apply(&engine, &mut model, Record::tombstone(TENANTS[tenant], key_bytes(key), version(coord, counter)))?;

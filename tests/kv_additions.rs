@@ -384,7 +384,7 @@ async fn batches_of_writes_and_reads() {
             "INVALID_REQUEST",
         ),
         (
-            json!({"items": [{"key": "m0", "value": 1}, {"key": "m1", "value": 1, "ttl_seconds": 60}]}),
+            json!({"items": [{"key": "m0", "value": 1}, {"key": "m1", "value": 1, "ttl_seconds": -60}]}),
             400,
             "INVALID_REQUEST",
         ),
@@ -436,22 +436,6 @@ async fn batches_of_writes_and_reads() {
             "{b}"
         );
     }
-    // ttl_seconds on a single write: refused until TTL exists, nothing written.
-    let (s, b) = call(
-        Method::POST,
-        &kv,
-        None,
-        Some(json!({"key": "ttl", "value": 1, "ttl_seconds": 60})),
-    )
-    .await;
-    assert_eq!(
-        (s, b["error_code"].as_str()),
-        (400, Some("INVALID_REQUEST")),
-        "{b}"
-    );
-    let (s, _) = call(Method::GET, &format!("{kv}?key=ttl"), None, None).await;
-    assert_eq!(s, 404);
-
     // A batch takes one request per item from the rate budget, all or none.
     let limited = RoleProcess::gateway(
         "gw-limited",
@@ -559,6 +543,7 @@ async fn a_request_can_see_what_the_replicas_did() {
             }),
             payload: Some(spb::record::Payload::Value(b"\"direct\"".to_vec().into())),
             ring_hash: 0,
+            expires_at_ms: 0,
         }),
     })
     .await
@@ -825,4 +810,293 @@ async fn listing_keys_in_order_across_nodes_with_cursors() {
         (503, Some("QUORUM_NOT_REACHED")),
         "{b}"
     );
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 `expires_at`.
+fn expiry_ms(b: &Value) -> u64 {
+    let text = b["expires_at"].as_str().unwrap_or_else(|| panic!("{b}"));
+    humantime::parse_rfc3339(text)
+        .expect("RFC 3339")
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+/// A value written with `ttl_seconds` reads (with its `expires_at`) until then, and from then
+/// on is absent at every consistency, in listings and batch reads, and to conditions; the
+/// replicas still hold it (no node runs a timer) with one and the same expiry, and a new write
+/// follows it. Bad TTLs are 400 and write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn values_with_a_ttl_expire_everywhere_at_once() {
+    let _serial = SERIAL.lock().await;
+    let c = cluster().await;
+    let kv = format!("{}/v1/key-value", c.url);
+    let before = pairdb::wallclock::now_ms();
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        None,
+        Some(json!({"key": "session", "value": {"user": 7}, "ttl_seconds": 2})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let expires = expiry_ms(&b);
+    assert!(
+        (before + 2_000..=pairdb::wallclock::now_ms() + 2_000).contains(&expires),
+        "the expiry is the write's time plus the TTL: {b}"
+    );
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        None,
+        Some(json!({"key": "forever", "value": 1})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b.get("expires_at").is_none(), "{b}");
+    let (s, b) = call(
+        Method::POST,
+        &format!("{kv}/batch"),
+        None,
+        Some(json!({"items": [{"key": "batched", "value": 2, "ttl_seconds": 2}]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["results"][0]["expires_at"].is_string(), "{b}");
+
+    // An Idempotency-Key replays the first expiry and covers the TTL.
+    let once = json!({"key": "once", "value": 1, "ttl_seconds": 600});
+    let (s, first) = call(Method::POST, &kv, Some("ttl-1"), Some(once.clone())).await;
+    assert_eq!(s, 200, "{first}");
+    let (s, again) = call(Method::POST, &kv, Some("ttl-1"), Some(once)).await;
+    assert_eq!(
+        (s, again["is_duplicate"].as_bool()),
+        (200, Some(true)),
+        "{again}"
+    );
+    assert_eq!(again["expires_at"], first["expires_at"], "{again}");
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        Some("ttl-1"),
+        Some(json!({"key": "once", "value": 1, "ttl_seconds": 601})),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (400, Some("IDEMPOTENCY_KEY_CONFLICT")),
+        "{b}"
+    );
+
+    let (s, b) = call(Method::GET, &format!("{kv}?key=session"), None, None).await;
+    assert_eq!((s, b["value"]["user"].as_u64()), (200, Some(7)), "{b}");
+    assert_eq!(expiry_ms(&b), expires, "{b}");
+    // The expiry is part of the version: every replica holds the same one.
+    for node in &c.storage {
+        let record = common::coord::stored_record(node, "acme", "session")
+            .await
+            .expect("held");
+        assert_eq!(record.expires_at_ms, expires, "{}", node.id);
+    }
+    let listed = list_all("acme", &kv, "prefix=&values=true").await;
+    assert_eq!(listed.len(), 4, "{listed:?}");
+
+    // Expired: absent at every level, in listings, batch reads and to if_absent.
+    common::coord::eventually(
+        "session expired",
+        std::time::Duration::from_secs(10),
+        || {
+            let url = format!("{kv}?key=session&consistency=one");
+            async move { call(Method::GET, &url, None, None).await.0 == 404 }
+        },
+    )
+    .await;
+    for level in ["one", "quorum", "all"] {
+        let (s, b) = call(
+            Method::GET,
+            &format!("{kv}?key=session&consistency={level}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (s, b["error_code"].as_str()),
+            (404, Some("KEY_NOT_FOUND")),
+            "{level}: {b}"
+        );
+    }
+    let listed = list_all("acme", &kv, "prefix=").await;
+    let keys: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["forever", "once"], "expired keys are not listed");
+    let (s, b) = call(
+        Method::POST,
+        &format!("{kv}/batch-get"),
+        None,
+        Some(json!({"keys": ["session", "batched", "forever"]})),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["items"][0]["error_code"], "KEY_NOT_FOUND", "{b}");
+    assert_eq!(b["items"][1]["error_code"], "KEY_NOT_FOUND", "{b}");
+    assert_eq!(b["items"][2]["value"], 1, "{b}");
+    let (s, b) = call(Method::DELETE, &kv, None, Some(json!({"key": "batched"}))).await;
+    assert_eq!(
+        (s, b["error_code"].as_str()),
+        (404, Some("KEY_NOT_FOUND")),
+        "{b}"
+    );
+    // No timer removed it: the replicas still hold the expired version.
+    let held = common::coord::stored_record(&c.storage[0], "acme", "session")
+        .await
+        .expect("still held");
+    let expired_clock = pairdb::vclock::Version::from(held.version.as_ref().expect("version"));
+
+    let (s, b) = call(
+        Method::POST,
+        &kv,
+        None,
+        Some(json!({"key": "session", "value": "again", "if_absent": true})),
+    )
+    .await;
+    assert_eq!(s, 200, "an expired value is absent to if_absent: {b}");
+    assert!(b.get("expires_at").is_none(), "{b}");
+    let (s, b) = call(Method::GET, &format!("{kv}?key=session"), None, None).await;
+    assert_eq!((s, b["value"].as_str()), (200, Some("again")), "{b}");
+    assert!(b.get("expires_at").is_none(), "{b}");
+    let now_held = common::coord::stored_record(&c.storage[0], "acme", "session")
+        .await
+        .expect("held");
+    assert_eq!(now_held.expires_at_ms, 0);
+    assert_eq!(
+        pairdb::vclock::Version::from(now_held.version.as_ref().expect("version"))
+            .compare(&expired_clock),
+        pairdb::vclock::Causality::After,
+        "the new write follows the expired version"
+    );
+
+    // Bad TTLs: 400, nothing written (single writes and batches alike).
+    for bad in [
+        json!(-1),
+        json!(0),
+        json!(1.5),
+        json!("60"),
+        json!(315_360_001u64),
+    ] {
+        let (s, b) = call(
+            Method::POST,
+            &kv,
+            None,
+            Some(json!({"key": "bad", "value": 1, "ttl_seconds": bad})),
+        )
+        .await;
+        assert_eq!(
+            (s, b["error_code"].as_str()),
+            (400, Some("INVALID_REQUEST")),
+            "{bad}: {b}"
+        );
+        let (s, b) = call(
+            Method::POST,
+            &format!("{kv}/batch"),
+            None,
+            Some(json!({"items": [
+                {"key": "bad-batch", "value": 1},
+                {"key": "bad", "value": 1, "ttl_seconds": bad}
+            ]})),
+        )
+        .await;
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+    for key in ["bad", "bad-batch"] {
+        let (s, _) = call(Method::GET, &format!("{kv}?key={key}"), None, None).await;
+        assert_eq!(s, 404, "{key} was not written");
+    }
+}
+
+/// Whether a value expired is the reading coordinator's decision, by its own clock: with one
+/// coordinator's clock two hours ahead, a value with a one-hour TTL is absent through it and
+/// present through the other. The expiry travels with the version to a replica that was down
+/// at the write (hint replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expiry_is_decided_by_the_reading_coordinators_clock_and_travels_with_the_version() {
+    use common::backends::{libfaketime, skip_or_fail};
+    use pairdb::rpc::common::Consistency;
+    let _serial = SERIAL.lock().await;
+    let Some(faketime) = libfaketime() else {
+        skip_or_fail(
+            "expiry_is_decided_by_the_reading_coordinators_clock_and_travels_with_the_version",
+            "libfaketime (apt-get install faketime)",
+        );
+        return;
+    };
+    let mut c = cluster().await;
+    let ahead = RoleProcess::coordinator(
+        "c-ahead",
+        &sqlite_url(c._dir.path()),
+        "memory://",
+        &c.storage,
+        &[
+            ("LD_PRELOAD", faketime),
+            ("FAKETIME", "+2h"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("FAKETIME_DONT_RESET", "1"),
+        ],
+        c._dir.path(),
+    );
+    let mut later = ahead.client().await;
+    wait_all_active(&later, 3).await;
+    let mut now = c.coordinator.client().await;
+
+    // s3 is down at the write: it gets the version, expiry included, by hint.
+    c.storage[2].terminate();
+    let written = now
+        .write_key_value(pairdb::rpc::coordinator::WriteKeyValueRequest {
+            tenant_id: "acme".into(),
+            key: b"lease".to_vec().into(),
+            value: b"\"held\"".to_vec().into(),
+            consistency: Consistency::Quorum as i32,
+            ttl_seconds: 3600,
+            ..Default::default()
+        })
+        .await
+        .expect("write")
+        .into_inner();
+    assert!(!written.expires_at.is_empty(), "{written:?}");
+    c.storage[2].restart();
+    let expires = common::coord::stored_record(&c.storage[0], "acme", "lease")
+        .await
+        .expect("held")
+        .expires_at_ms;
+    common::coord::eventually(
+        "the hint carried the expiry",
+        std::time::Duration::from_secs(20),
+        || async {
+            common::coord::stored_record(&c.storage[2], "acme", "lease")
+                .await
+                .is_some_and(|r| r.expires_at_ms == expires)
+        },
+    )
+    .await;
+
+    for level in [Consistency::One, Consistency::All] {
+        let read = common::coord::get(&mut now, "acme", "lease", level).await;
+        assert_eq!(read.as_deref().ok(), Some("\"held\""), "{level:?}");
+        let read = common::coord::get(&mut later, "acme", "lease", level).await;
+        let status = read.expect_err("expired by the clock of c-ahead");
+        assert_eq!(
+            common::coord::code(&status),
+            pairdb::rpc::coordinator::ErrorCode::KeyNotFound,
+            "{level:?}: {status:?}"
+        );
+    }
+    let listed = later
+        .list_keys(pairdb::rpc::coordinator::ListKeysRequest {
+            tenant_id: "acme".into(),
+            limit: 10,
+            consistency: Consistency::One as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.keys.is_empty(), "{listed:?}");
 }

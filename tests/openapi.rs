@@ -101,6 +101,19 @@ fn probes() -> Vec<Probe> {
             M::POST,
             kv,
             kv,
+            Some(r#"{"key":"t","value":1,"ttl_seconds":3600}"#),
+        ),
+        probe(
+            M::POST,
+            kv,
+            kv,
+            Some(r#"{"key":"t","value":1,"ttl_seconds":-1}"#),
+        ),
+        probe(M::GET, kv, "/v1/key-value?key=t", None),
+        probe(
+            M::POST,
+            kv,
+            kv,
             Some(r#"{"key":"k","value":1,"consistency":"most"}"#),
         ),
         probe(M::GET, kv, "/v1/key-value?key=k", None),
@@ -130,7 +143,7 @@ fn probes() -> Vec<Probe> {
             "/v1/key-value/batch",
             "/v1/key-value/batch",
             Some(
-                r#"{"items":[{"key":"b1","value":1},{"op":"delete","key":"never"},{"key":"k","value":3,"if_absent":true}]}"#,
+                r#"{"items":[{"key":"b1","value":1,"ttl_seconds":60},{"op":"delete","key":"never"},{"key":"k","value":3,"if_absent":true}]}"#,
             ),
         ),
         probe(
@@ -143,7 +156,7 @@ fn probes() -> Vec<Probe> {
             M::POST,
             "/v1/key-value/batch-get",
             "/v1/key-value/batch-get",
-            Some(r#"{"keys":["b1","never"],"consistency":"one"}"#),
+            Some(r#"{"keys":["b1","never","t"],"consistency":"one"}"#),
         ),
         probe(
             M::POST,
@@ -347,6 +360,8 @@ fn check(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), Str
                 } else if let Some(s) = schema.get("additionalProperties").filter(|s| s.is_object())
                 {
                     check(doc, s, v, &format!("{at}.{name}"))?;
+                } else if schema.get("additionalProperties") != Some(&Value::Bool(true)) {
+                    return Err(format!("{at}: {name} is not documented (in {value})"));
                 }
             }
             Ok(())

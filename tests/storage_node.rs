@@ -42,6 +42,7 @@ fn put(tenant: &str, key: &[u8], counter: u64, value: &[u8]) -> pb::Record {
         version: Some(version(counter)),
         payload: Some(pb::record::Payload::Value(value.to_vec().into())),
         ring_hash: 0,
+        expires_at_ms: 0,
     }
 }
 

@@ -254,6 +254,7 @@ async fn a_cluster_over_mutual_tls() {
             }),
             payload: Some(spb::record::Payload::Value(b"\"x\"".to_vec().into())),
             ring_hash: 0,
+            expires_at_ms: 0,
         }),
     };
     let target = storage[0].grpc;

@@ -101,6 +101,15 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         json_out(&pairdb(&url, &["kv", "get", "doc"]))["value"],
         json!({"a": [1, 2]})
     );
+    let expiring = json_out(&pairdb(
+        &url,
+        &["kv", "put", "session", "1", "--ttl-seconds", "3600"],
+    ));
+    assert!(expiring["expires_at"].is_string(), "{expiring}");
+    assert_eq!(
+        json_out(&pairdb(&url, &["kv", "get", "session"]))["expires_at"],
+        expiring["expires_at"]
+    );
     // Listing: one page as JSON with its cursor, or every key as lines.
     for i in 0..5 {
         json_out(&pairdb(

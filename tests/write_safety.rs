@@ -110,6 +110,7 @@ async fn a_huge_context_is_refused_and_harms_no_one() {
         version: Some((&Version::new(VectorClock::from_entries([("z", poison)]))).into()),
         payload: Some(spb::record::Payload::Value(b"\"old\"".to_vec().into())),
         ring_hash: 0,
+        expires_at_ms: 0,
     };
     for node in &storage {
         node.client()

@@ -26,11 +26,12 @@ use bytes::Bytes;
 
 use crate::meta::Tenant;
 use crate::quorum::Consistency;
-use crate::rpc::{clock_from_proto, common, storage};
+use crate::rpc::{clock_from_proto, common};
 use crate::vclock::{Causality, VectorClock, Version};
 
 use super::Coordinator;
 use super::errors::CoordError;
+use super::expiry::{Payload, live_value};
 use super::write::Written;
 
 /// What a write requires of the key's current version.
@@ -103,19 +104,19 @@ impl Condition {
 }
 
 impl Coordinator {
-    /// Writes `value` (a tombstone for `None`) under `condition`, read and written at
+    /// Writes `payload` under `condition`, read and written at
     /// `level`; an ordinary write for [`Condition::Always`]. See the module doc.
     pub(super) async fn write_if(
         &self,
         tenant: &Tenant,
         key: &Bytes,
-        value: Option<&Bytes>,
+        payload: Payload<'_>,
         context: Option<&VectorClock>,
         condition: &Condition,
         level: Consistency,
     ) -> Result<Written, CoordError> {
         if *condition == Condition::Always {
-            return self.write(tenant, key, value, context, level).await;
+            return self.write(tenant, key, payload, context, level).await;
         }
         let stored = self
             .read_winner(&tenant.storage_id(), tenant.replication_factor, key, level)
@@ -124,21 +125,22 @@ impl Coordinator {
             .as_ref()
             .and_then(|r| r.version.as_ref())
             .map(Version::from);
-        let live = match &stored {
-            Some(storage::Record {
-                payload: Some(storage::record::Payload::Value(_)),
-                ..
-            }) => seen.clone(),
-            _ => None,
-        };
+        // An expired value is absent, like a tombstone.
+        let now = crate::wallclock::now_ms();
+        let live = stored
+            .as_ref()
+            .and_then(|r| live_value(r, now))
+            .and(seen.clone());
         if !condition.holds(live.as_ref()) {
             metrics::counter!("pairdb_conditional_writes_total", "outcome" => "conflict")
                 .increment(1);
             return Err(CoordError::VersionConflict { current: live });
         }
-        // The new version follows what was read, a tombstone included.
+        // The new version follows what was read, a tombstone or an expired value included.
         let after = seen.map(|v| v.clock).unwrap_or_default();
-        let written = self.write(tenant, key, value, Some(&after), level).await?;
+        let written = self
+            .write(tenant, key, payload, Some(&after), level)
+            .await?;
         if written.superseded {
             metrics::counter!("pairdb_conditional_writes_total", "outcome" => "superseded")
                 .increment(1);

@@ -92,13 +92,16 @@ async fn skipped<R: Replayable>(
 /// What an idempotent request does, for its fingerprint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
-    Put,
+    /// A write; `ttl_seconds` 0: the value never expires.
+    Put {
+        ttl_seconds: u64,
+    },
     Delete,
 }
 
 /// The fingerprint of a request: what must match for a retry to be "the same request". It
-/// covers the operation, the key, the value and the causal context (absent and empty differ),
-/// not the consistency level. Every part is length-prefixed, so no two requests share an
+/// covers the operation (with its TTL), the key, the value, the causal context (absent and
+/// empty differ) and the condition, not the consistency level. Every part is length-prefixed, so no two requests share an
 /// encoding.
 pub fn fingerprint(
     operation: Operation,
@@ -109,7 +112,7 @@ pub fn fingerprint(
 ) -> String {
     let mut hash = xxhash_rust::xxh3::Xxh3::new();
     hash.update(match operation {
-        Operation::Put => b"P",
+        Operation::Put { .. } => b"P",
         Operation::Delete => b"D",
     });
     let mut part = |b: &[u8]| {
@@ -129,6 +132,14 @@ pub fn fingerprint(
         }
     }
     part(&condition.fingerprint_bytes());
+    // Last and only when set: fingerprints of requests without a TTL stay what they were
+    // before TTLs existed (keys recorded by an older coordinator still match).
+    if let Operation::Put { ttl_seconds } = operation {
+        if ttl_seconds != 0 {
+            part(b"ttl");
+            part(&ttl_seconds.to_le_bytes());
+        }
+    }
     format!("{:032x}", hash.digest128())
 }
 
@@ -212,36 +223,42 @@ impl Coordinator {
 mod tests {
     use super::*;
 
+    const PUT: Operation = Operation::Put { ttl_seconds: 0 };
+
     #[test]
     fn the_fingerprint_covers_the_whole_request() {
         let ctx = VectorClock::from_entries([("c1", 5)]);
-        let base = fingerprint(Operation::Put, b"k", b"1", None, &Condition::Always);
-        assert_eq!(
-            base,
-            fingerprint(Operation::Put, b"k", b"1", None, &Condition::Always)
-        );
+        let base = fingerprint(PUT, b"k", b"1", None, &Condition::Always);
+        assert_eq!(base, fingerprint(PUT, b"k", b"1", None, &Condition::Always));
         for other in [
             fingerprint(Operation::Delete, b"k", b"1", None, &Condition::Always),
-            fingerprint(Operation::Put, b"k2", b"1", None, &Condition::Always),
-            fingerprint(Operation::Put, b"k", b"2", None, &Condition::Always),
-            fingerprint(Operation::Put, b"k", b"1", Some(&ctx), &Condition::Always),
+            fingerprint(PUT, b"k2", b"1", None, &Condition::Always),
+            fingerprint(PUT, b"k", b"2", None, &Condition::Always),
+            fingerprint(PUT, b"k", b"1", Some(&ctx), &Condition::Always),
             fingerprint(
-                Operation::Put,
+                PUT,
                 b"k",
                 b"1",
                 Some(&VectorClock::new()),
                 &Condition::Always,
             ),
-            fingerprint(Operation::Put, b"k", b"1", None, &Condition::IfAbsent),
+            fingerprint(PUT, b"k", b"1", None, &Condition::IfAbsent),
+            fingerprint(
+                Operation::Put { ttl_seconds: 60 },
+                b"k",
+                b"1",
+                None,
+                &Condition::Always,
+            ),
             // Length prefixes: moving a byte from the key to the value is another request.
-            fingerprint(Operation::Put, b"k1", b"", None, &Condition::Always),
+            fingerprint(PUT, b"k1", b"", None, &Condition::Always),
         ] {
             assert_ne!(base, other);
         }
         assert_ne!(
-            fingerprint(Operation::Put, b"k", b"1", Some(&ctx), &Condition::Always),
+            fingerprint(PUT, b"k", b"1", Some(&ctx), &Condition::Always),
             fingerprint(
-                Operation::Put,
+                PUT,
                 b"k",
                 b"1",
                 Some(&VectorClock::from_entries([("c1", 6)])),

@@ -34,6 +34,7 @@ use crate::rpc::storage as spb;
 
 use super::Coordinator;
 use super::errors::CoordError;
+use super::expiry::{expires_at_text, live_value};
 
 /// Keys per page, at most (API.md).
 pub const MAX_LIMIT: u32 = 1000;
@@ -72,6 +73,7 @@ impl Coordinator {
         };
         let limit = req.limit as usize;
         let mut keys = Vec::with_capacity(limit.min(128));
+        let now = crate::wallclock::now_ms();
         for _ in 0..MAX_ROUNDS {
             let round = self
                 .list_round(&namespace, tenant.replication_factor, req, &after, level)
@@ -81,7 +83,7 @@ impl Coordinator {
                     break;
                 }
                 after = key.clone();
-                if let Some(listed) = live(key, record, req.values) {
+                if let Some(listed) = live(key, record, req.values, now) {
                     keys.push(listed);
                     if keys.len() == limit {
                         let cursor = self.seal_cursor(&namespace, &req.prefix, &after);
@@ -236,16 +238,15 @@ struct Round {
     bound: Option<Bytes>,
 }
 
-/// A merged record as a listed key, if it is live.
-fn live(key: Bytes, record: spb::Record, values: bool) -> Option<pb::ListedKey> {
-    match record.payload {
-        Some(spb::record::Payload::Value(value)) => Some(pb::ListedKey {
-            key,
-            version: record.version,
-            value: if values { value } else { Bytes::new() },
-        }),
-        _ => None,
-    }
+/// A merged record as a listed key, if it is live at `now_ms` (not a tombstone, not expired).
+fn live(key: Bytes, record: spb::Record, values: bool, now_ms: u64) -> Option<pb::ListedKey> {
+    let value = live_value(&record, now_ms)?;
+    Some(pb::ListedKey {
+        key,
+        value: if values { value.clone() } else { Bytes::new() },
+        expires_at: expires_at_text(record.expires_at_ms),
+        version: record.version,
+    })
 }
 
 /// What a cursor's tag covers: a version byte, the namespace and the prefix (each with its

@@ -31,6 +31,7 @@ pub mod cleanup;
 pub mod clock;
 pub mod conditional;
 pub mod errors;
+pub mod expiry;
 pub mod fan_out;
 pub mod hints;
 pub mod http;

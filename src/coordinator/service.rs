@@ -18,7 +18,7 @@ use crate::meta::Tenant;
 use crate::quorum::Consistency;
 use crate::rpc::coordinator as pb;
 use crate::rpc::coordinator::coordinator_server::Coordinator as CoordinatorRpc;
-use crate::rpc::{clock_from_proto, common, storage};
+use crate::rpc::{clock_from_proto, common};
 use crate::vclock::{Causality, VectorClock, Version};
 
 use super::Coordinator;
@@ -26,6 +26,7 @@ use super::admin::check_tenant_id;
 use super::clock::Source;
 use super::conditional::Condition;
 use super::errors::CoordError;
+use super::expiry::{Payload, check_ttl, expires_at_text, live_value};
 use super::idempotent::{Operation, fingerprint};
 use super::topology::NewNode;
 
@@ -201,6 +202,7 @@ impl Coordinator {
         check_client_key(&req.key)?;
         check_value_len(req.value.len())?;
         check_idempotency_key(&req.idempotency_key)?;
+        check_ttl(req.ttl_seconds)?;
         let context = if req.has_context {
             let clock = clock_from_proto(&req.context);
             clock
@@ -225,13 +227,16 @@ impl Coordinator {
             self.check_context(&tenant, &req.key, context, level)
                 .await?;
         }
-        let (key, value) = (&req.key, &req.value);
+        let (key, value, ttl_seconds) = (&req.key, &req.value, req.ttl_seconds);
         let write = |idempotency_key: String| async {
             let written = self
                 .write_if(
                     &tenant,
                     key,
-                    Some(value),
+                    Payload::Value {
+                        bytes: value,
+                        ttl_seconds,
+                    },
                     context.as_ref(),
                     &condition,
                     level,
@@ -247,12 +252,19 @@ impl Coordinator {
                 replication_capped: written.rf_capped,
                 idempotency_skipped: false,
                 detail: Some(written.detail),
+                expires_at: expires_at_text(written.expires_at_ms),
             })
         };
         if req.idempotency_key.is_empty() {
             return write(uuid::Uuid::new_v4().to_string()).await;
         }
-        let fingerprint = fingerprint(Operation::Put, key, value, context.as_ref(), &condition);
+        let fingerprint = fingerprint(
+            Operation::Put { ttl_seconds },
+            key,
+            value,
+            context.as_ref(),
+            &condition,
+        );
         // Keyed by the incarnation's namespace: a re-created tenant never sees its
         // predecessor's answers.
         self.idempotent(
@@ -302,13 +314,14 @@ impl Coordinator {
         )))
     }
 
-    /// The tenant and the key's live value (not a tombstone) with its version, read at `level`.
+    /// The tenant and the key's live value (not a tombstone, not expired by this coordinator's
+    /// clock), read at `level`.
     async fn read_live(
         &self,
         tenant_id: &str,
         key: &[u8],
         level: Consistency,
-    ) -> Result<(Tenant, Option<(Bytes, common::Version)>), CoordError> {
+    ) -> Result<(Tenant, Option<LiveValue>), CoordError> {
         let (tenant, live, _) = self.read_live_detailed(tenant_id, key, level).await?;
         Ok((tenant, live))
     }
@@ -319,21 +332,21 @@ impl Coordinator {
         tenant_id: &str,
         key: &[u8],
         level: Consistency,
-    ) -> Result<(Tenant, Option<(Bytes, common::Version)>, pb::ReadDetail), CoordError> {
+    ) -> Result<(Tenant, Option<LiveValue>, pb::ReadDetail), CoordError> {
         check_tenant_id(tenant_id)?;
         check_client_key(key)?;
         let tenant = self.tenant(tenant_id).await?;
         let (winner, detail) = self
             .read_winner_detailed(&tenant.storage_id(), tenant.replication_factor, key, level)
             .await?;
-        let live = match winner {
-            Some(storage::Record {
-                payload: Some(storage::record::Payload::Value(value)),
-                version: Some(version),
-                ..
-            }) => Some((value, version)),
-            _ => None,
-        };
+        let now = crate::wallclock::now_ms();
+        let live = winner.and_then(|record| {
+            Some(LiveValue {
+                value: live_value(&record, now)?.clone(),
+                version: record.version?,
+                expires_at_ms: record.expires_at_ms,
+            })
+        });
         Ok((tenant, live, detail))
     }
 
@@ -345,12 +358,13 @@ impl Coordinator {
         let (_, live, detail) = self
             .read_live_detailed(&req.tenant_id, &req.key, level)
             .await?;
-        let (value, version) = live.ok_or(CoordError::KeyNotFound)?;
+        let live = live.ok_or(CoordError::KeyNotFound)?;
         Ok(pb::ReadKeyValueResponse {
             key: req.key.clone(),
-            value,
-            version: Some(version),
+            value: live.value,
+            version: Some(live.version),
             detail: Some(detail),
+            expires_at: expires_at_text(live.expires_at_ms),
         })
     }
 
@@ -368,17 +382,24 @@ impl Coordinator {
         let delete = || async {
             let written = if condition == Condition::Always {
                 let (tenant, live) = self.read_live(&req.tenant_id, &req.key, level).await?;
-                let (_, current) = live.ok_or(CoordError::KeyNotFound)?;
-                let context = Version::from(&current).clock;
-                self.write(&tenant, &req.key, None, Some(&context), level)
+                let current = live.ok_or(CoordError::KeyNotFound)?;
+                let context = Version::from(&current.version).clock;
+                self.write(&tenant, &req.key, Payload::Tombstone, Some(&context), level)
                     .await?
             } else {
                 check_tenant_id(&req.tenant_id)?;
                 check_client_key(&req.key)?;
                 let tenant = self.tenant(&req.tenant_id).await?;
                 // The condition reads the key itself; a missing key is a conflict, not a 404.
-                self.write_if(&tenant, &req.key, None, None, &condition, level)
-                    .await?
+                self.write_if(
+                    &tenant,
+                    &req.key,
+                    Payload::Tombstone,
+                    None,
+                    &condition,
+                    level,
+                )
+                .await?
             };
             Ok(pb::DeleteKeyValueResponse {
                 key: req.key.clone(),
@@ -407,6 +428,14 @@ impl Coordinator {
         )
         .await
     }
+}
+
+/// A key's live value as a read found it.
+struct LiveValue {
+    value: Bytes,
+    version: common::Version,
+    /// 0: never expires.
+    expires_at_ms: u64,
 }
 
 fn check_idempotency_key(key: &str) -> Result<(), CoordError> {

@@ -26,6 +26,7 @@ use crate::meta::Tenant;
 use super::Coordinator;
 use super::clock::Source;
 use super::errors::CoordError;
+use super::expiry::Payload;
 use super::replicas::{self, ReplicaError, WriteAck};
 
 type WriteResult = ReplicaResult<NodeId, WriteAck, ReplicaError>;
@@ -47,6 +48,9 @@ pub struct Written {
     /// The replicas that answered kept a concurrent version that beats the write (`version`
     /// is that one): the write did not become the key's value.
     pub superseded: bool,
+    /// When the written value expires (ms since the Unix epoch); 0: never, a tombstone, or
+    /// superseded (the winner's expiry is not known here).
+    pub expires_at_ms: u64,
     /// What the replicas did, as of the reply.
     pub detail: pb_coord::WriteDetail,
 }
@@ -72,7 +76,7 @@ impl Coordinator {
         ))
     }
 
-    /// Writes `value` (or a tombstone for `None`) at `consistency` under a new version that
+    /// Writes `payload` (a value, or a tombstone) at `consistency` under a new version that
     /// follows `context`. A blind write (`context` is `None`) that the replicas ignored because
     /// they hold a concurrent version with a later timestamp (this coordinator's clock is
     /// behind the one that wrote it) is minted again above that version and resent, at most
@@ -81,7 +85,7 @@ impl Coordinator {
         &self,
         tenant: &Tenant,
         key: &Bytes,
-        value: Option<&Bytes>,
+        payload: Payload<'_>,
         context: Option<&VectorClock>,
         consistency: Consistency,
     ) -> Result<Written, CoordError> {
@@ -91,7 +95,7 @@ impl Coordinator {
         let mut remints = 0;
         loop {
             let round = self
-                .replicate(tenant, key, value, version, consistency)
+                .replicate(tenant, key, payload, version, consistency)
                 .await?;
             match round.beaten_by {
                 Some(winner)
@@ -111,7 +115,7 @@ impl Coordinator {
         }
     }
 
-    /// Writes `value` (or a tombstone) under `version` at `consistency`, to the tenant's
+    /// Writes `payload` under `version` at `consistency`, to the tenant's
     /// replicas (the union of old and new ones while its RF is being raised). Acks count only
     /// from the replicas reads use, the old RF's, until the raise completes: an ack from a new
     /// replica that no read asks yet must not stand in for an old one.
@@ -119,7 +123,7 @@ impl Coordinator {
         &self,
         tenant: &Tenant,
         key: &Bytes,
-        value: Option<&Bytes>,
+        payload: Payload<'_>,
         version: Version,
         consistency: Consistency,
     ) -> Result<Round, CoordError> {
@@ -138,15 +142,15 @@ impl Coordinator {
             .transpose()?;
         let counted = raising.as_ref().unwrap_or(&plan);
         let required = counted.required(consistency);
+        // The expiry follows the version: a reminted write expires from its new timestamp.
+        let (payload, expires_at_ms) = payload.to_record_parts(&version);
         let record = pb::Record {
             tenant_id: namespace.clone(),
             key: key.clone(),
             version: Some((&version).into()),
-            payload: Some(match value {
-                Some(v) => pb::record::Payload::Value(v.clone()),
-                None => pb::record::Payload::Tombstone(pb::Tombstone {}),
-            }),
+            payload: Some(payload),
             ring_hash: 0,
+            expires_at_ms,
         };
         let mut calls = Vec::new();
         let replicas = plan.write_replicas();
@@ -204,6 +208,11 @@ impl Coordinator {
                     acks,
                     rf_capped: plan.rf_capped(),
                     superseded: beaten_by.is_some(),
+                    expires_at_ms: if beaten_by.is_some() {
+                        0
+                    } else {
+                        expires_at_ms
+                    },
                     detail,
                 },
                 beaten_by,

@@ -4,9 +4,10 @@
 //! goes through [`Reader`], which fails with [`CodecError`] on short or malformed input.
 //!
 //! ```text
-//! body  := kind:u8 (1 put, 2 tombstone) ring_hash:u64 clock_len:u16
-//!          { id_len:u8 id:bytes counter:u64 }*clock_len
-//!          [ value_len:u32 value:bytes ]            (put only)
+//! body  := kind:u8 (1 put, 2 tombstone, 3 expiring put) ring_hash:u64
+//!          [ expires_at_ms:u64 ]                    (expiring put only)
+//!          clock_len:u16 { id_len:u8 id:bytes counter:u64 }*clock_len
+//!          [ value_len:u32 value:bytes ]            (puts only)
 //! log record payload := tenant_len:u16 tenant key_len:u32 key body
 //! table entry        := ikey_len:u32 ikey body_len:u32 body
 //! ```
@@ -19,6 +20,7 @@ use super::types::{Record, internal_key, split_internal_key};
 
 const KIND_PUT: u8 = 1;
 const KIND_TOMBSTONE: u8 = 2;
+const KIND_EXPIRING_PUT: u8 = 3;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,12 +92,17 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
 /// Lengths are validated before encoding (key <= 1 KiB, value <= 10 MiB, clock <= 1000
 /// entries, ids <= 128 bytes), so the narrowing casts below cannot truncate.
 fn encode_body(record: &Record, out: &mut Vec<u8>) {
-    out.push(if record.value.is_some() {
-        KIND_PUT
-    } else {
-        KIND_TOMBSTONE
-    });
+    // `validate` refuses tombstones with an expiry, so a tombstone never loses one here.
+    let kind = match (&record.value, record.expires_at_ms) {
+        (None, _) => KIND_TOMBSTONE,
+        (Some(_), None) => KIND_PUT,
+        (Some(_), Some(_)) => KIND_EXPIRING_PUT,
+    };
+    out.push(kind);
     put_u64(out, record.ring_hash);
+    if let (KIND_EXPIRING_PUT, Some(at)) = (kind, record.expires_at_ms) {
+        put_u64(out, at);
+    }
     put_u16(out, record.version.clock.len() as u16);
     for (id, counter) in record.version.clock.iter() {
         out.push(id.len() as u8);
@@ -112,11 +119,16 @@ struct Body {
     ring_hash: u64,
     version: Version,
     value: Option<Bytes>,
+    expires_at_ms: Option<u64>,
 }
 
 fn decode_body(r: &mut Reader<'_>) -> Result<Body, CodecError> {
     let kind = r.u8()?;
     let ring_hash = r.u64()?;
+    let expires_at_ms = match kind {
+        KIND_EXPIRING_PUT => Some(r.u64()?),
+        _ => None,
+    };
     let n = r.u16()?;
     let mut entries = Vec::with_capacity(usize::from(n));
     for _ in 0..n {
@@ -126,7 +138,7 @@ fn decode_body(r: &mut Reader<'_>) -> Result<Body, CodecError> {
         entries.push((id.to_owned(), r.u64()?));
     }
     let value = match kind {
-        KIND_PUT => Some(Bytes::copy_from_slice(r.len_prefixed()?)),
+        KIND_PUT | KIND_EXPIRING_PUT => Some(Bytes::copy_from_slice(r.len_prefixed()?)),
         KIND_TOMBSTONE => None,
         _ => return Err(CodecError::Invalid("unknown record kind")),
     };
@@ -134,6 +146,7 @@ fn decode_body(r: &mut Reader<'_>) -> Result<Body, CodecError> {
         ring_hash,
         version: Version::new(VectorClock::from_entries(entries)),
         value,
+        expires_at_ms,
     })
 }
 
@@ -164,6 +177,7 @@ pub fn decode_log_record(payload: &[u8]) -> Result<Record, CodecError> {
         version: body.version,
         value: body.value,
         ring_hash: body.ring_hash,
+        expires_at_ms: body.expires_at_ms,
     })
 }
 
@@ -214,6 +228,7 @@ impl RawEntry<'_> {
             version: body.version,
             value: body.value,
             ring_hash: body.ring_hash,
+            expires_at_ms: body.expires_at_ms,
         })
     }
 }
@@ -222,19 +237,19 @@ impl RawEntry<'_> {
 mod tests {
     use super::*;
 
-    fn sample(tombstone: bool) -> Record {
+    /// A put, a tombstone, an expiring put.
+    fn samples() -> [Record; 3] {
         let v = Version::new(VectorClock::from_entries([("c1", 7u64), ("c2", 1 << 40)]));
-        if tombstone {
-            Record::tombstone("acme", "user:1", v)
-        } else {
-            Record::put("acme", "user:1", v, "{\"a\":1}")
-        }
+        [
+            Record::put("acme", "user:1", v.clone(), "{\"a\":1}"),
+            Record::tombstone("acme", "user:1", v.clone()),
+            Record::put("acme", "user:1", v, "{\"a\":1}").expiring(Some(1_900_000_000_000)),
+        ]
     }
 
     #[test]
     fn records_round_trip() {
-        for t in [false, true] {
-            let rec = sample(t);
+        for rec in samples() {
             let mut buf = Vec::new();
             encode_log_record(&rec, &mut buf);
             assert_eq!(decode_log_record(&buf), Ok(rec.clone()));
@@ -243,20 +258,23 @@ mod tests {
             let mut r = Reader::new(&buf);
             let raw = RawEntry::read(&mut r).expect("entry");
             assert_eq!(raw.decode(), Ok(rec.clone()));
+            assert_eq!(raw.ring_hash(), Ok(rec.ring_hash));
         }
     }
 
     #[test]
     fn every_truncation_and_bit_flip_is_an_error_or_a_valid_record() {
-        let mut buf = Vec::new();
-        encode_log_record(&sample(false), &mut buf);
-        for cut in 0..buf.len() {
-            assert!(decode_log_record(&buf[..cut]).is_err(), "cut at {cut}");
-        }
-        for i in 0..buf.len() {
-            let mut b = buf.clone();
-            b[i] ^= 0xff;
-            let _ = decode_log_record(&b); // must not panic
+        for rec in samples() {
+            let mut buf = Vec::new();
+            encode_log_record(&rec, &mut buf);
+            for cut in 0..buf.len() {
+                assert!(decode_log_record(&buf[..cut]).is_err(), "cut at {cut}");
+            }
+            for i in 0..buf.len() {
+                let mut b = buf.clone();
+                b[i] ^= 0xff;
+                let _ = decode_log_record(&b); // must not panic
+            }
         }
     }
 }

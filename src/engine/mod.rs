@@ -120,6 +120,8 @@ pub struct EngineStats {
     pub compactions: u64,
     pub compaction_bytes_written: u64,
     pub tombstones_dropped: u64,
+    /// Expired values compaction purged (past their expiry plus gc_grace).
+    pub expired_dropped: u64,
     pub replay: ReplayStats,
     /// Tables taken out of service after corruption was found in them.
     pub quarantined_tables: usize,
@@ -163,6 +165,7 @@ pub struct EngineMetrics {
     pub compactions: AtomicU64,
     pub compaction_bytes_written: AtomicU64,
     pub tombstones_dropped: AtomicU64,
+    pub expired_dropped: AtomicU64,
 }
 
 struct Stripe {
@@ -386,12 +389,12 @@ impl Engine {
         self.core.stats()
     }
 
-    /// Whether compaction may purge `record` now: a tombstone past gc_grace that the
-    /// tombstone gate (anti-entropy's repaired ranges) lets go.
+    /// Whether compaction may purge `record` now: a tombstone or an expired value past
+    /// gc_grace that the tombstone gate (anti-entropy's repaired ranges) lets go.
     pub fn purgeable(&self, record: &Record) -> bool {
         let gc_before = crate::wallclock::now_ms()
             .saturating_sub(self.core.options.gc_grace.as_millis() as u64);
-        record.is_tombstone() && self.core.may_purge(record, gc_before)
+        self.core.may_purge(record, gc_before)
     }
 
     /// Where disk usage warns, throttles and refuses writes.
@@ -535,6 +538,7 @@ impl Core {
             compactions: m.compactions.load(Ordering::Relaxed),
             compaction_bytes_written: m.compaction_bytes_written.load(Ordering::Relaxed),
             tombstones_dropped: m.tombstones_dropped.load(Ordering::Relaxed),
+            expired_dropped: m.expired_dropped.load(Ordering::Relaxed),
             replay: self.replay.clone(),
             quarantined_tables: self.quarantine.read().len(),
             manifest_damaged: self.manifest_damage.is_some(),

@@ -22,6 +22,13 @@ pub struct Record {
     pub value: Option<Bytes>,
     /// Ring position of (tenant, key); always [`key_position`] of them.
     pub ring_hash: u64,
+    /// When the value expires (milliseconds since the Unix epoch), for a put written with a
+    /// time to live; `None` for values that never expire and for tombstones. Chosen once by
+    /// the coordinator that minted the version and stored with it unchanged everywhere, so
+    /// every replica holding a version agrees on its expiry. The engine never hides an
+    /// expired value (readers decide by their own clock); compaction purges it like a
+    /// tombstone written at the expiry ([`Record::purge_after_ms`]).
+    pub expires_at_ms: Option<u64>,
 }
 
 impl Record {
@@ -38,6 +45,12 @@ impl Record {
         Self::new(tenant.into(), key.into(), version, None)
     }
 
+    /// The same record expiring at `expires_at_ms` (`None`: never).
+    pub fn expiring(mut self, expires_at_ms: Option<u64>) -> Self {
+        self.expires_at_ms = expires_at_ms;
+        self
+    }
+
     fn new(tenant: String, key: Bytes, version: Version, value: Option<Bytes>) -> Self {
         let ring_hash = key_position(&tenant, &key);
         Self {
@@ -46,11 +59,23 @@ impl Record {
             version,
             value,
             ring_hash,
+            expires_at_ms: None,
         }
     }
 
     pub fn is_tombstone(&self) -> bool {
         self.value.is_none()
+    }
+
+    /// From when on (ms since the Unix epoch) the record stands for "no value": a tombstone
+    /// from its write, an expiring value from its expiry, a value without expiry never.
+    /// Compaction may purge it `gc_grace` after that point (and only once its range was
+    /// repaired after the version was written: see `TombstoneGate`).
+    pub fn purge_after_ms(&self) -> Option<u64> {
+        match (&self.value, self.expires_at_ms) {
+            (None, _) => Some(self.version.timestamp_ms()),
+            (Some(_), expiry) => expiry,
+        }
     }
 
     /// The internal key of this record.
@@ -61,7 +86,13 @@ impl Record {
     /// Approximate bytes this record occupies in memory and on disk.
     pub fn size_estimate(&self) -> usize {
         let clock: usize = self.version.clock.iter().map(|(id, _)| id.len() + 9).sum();
-        self.tenant.len() + self.key.len() + self.value.as_ref().map_or(0, Bytes::len) + clock + 24
+        let expiry = if self.expires_at_ms.is_some() { 8 } else { 0 };
+        self.tenant.len()
+            + self.key.len()
+            + self.value.as_ref().map_or(0, Bytes::len)
+            + clock
+            + expiry
+            + 24
     }
 
     /// Checks the limits of STORAGE.md; called before anything touches the log.
@@ -76,6 +107,11 @@ impl Record {
         if self.version.clock.is_empty() {
             return Err(EngineError::InvalidArgument(
                 "a record needs a non-empty vector clock".to_owned(),
+            ));
+        }
+        if self.value.is_none() && self.expires_at_ms.is_some() {
+            return Err(EngineError::InvalidArgument(
+                "a tombstone cannot expire".to_owned(),
             ));
         }
         Ok(())

@@ -35,8 +35,8 @@ use super::Gateway;
 use super::body;
 use super::errors::ApiError;
 use super::kv::{
-    admit, check_key, clock_entries, clock_json, consistency, header_tenant, idempotency_key,
-    mismatched_answer, refuse_ttl, with_limits,
+    admit, check_key, clock_entries, clock_json, consistency, expires_at, header_tenant,
+    idempotency_key, mismatched_answer, ttl_seconds, with_limits,
 };
 use super::rate_limit::Kind;
 
@@ -109,6 +109,8 @@ struct ItemResult {
     replica_count: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     is_duplicate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
     #[serde(flatten)]
     error: Option<ItemError>,
 }
@@ -121,6 +123,8 @@ struct ReadResult {
     value: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     vector_clock: Option<BTreeMap<String, u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
     #[serde(flatten)]
     error: Option<ItemError>,
 }
@@ -164,7 +168,7 @@ fn check_items(items: &[Item]) -> Result<(), ApiError> {
             ..e
         };
         check_key(&item.key).map_err(at)?;
-        refuse_ttl(item.ttl_seconds.as_ref()).map_err(at)?;
+        ttl_seconds(item.ttl_seconds.as_ref()).map_err(at)?;
         if !keys.insert(item.key.as_str()) {
             return Err(at(ApiError::invalid(
                 "the key is already in this batch (one item per key: their order is not defined)",
@@ -180,6 +184,9 @@ fn check_items(items: &[Item]) -> Result<(), ApiError> {
             (Op::Delete, Some(_)) => return Err(at(ApiError::invalid("a delete takes no value"))),
             (Op::Delete, None) if item.if_absent => {
                 return Err(at(ApiError::invalid("a delete takes no if_absent")));
+            }
+            (Op::Delete, None) if item.ttl_seconds.is_some() => {
+                return Err(at(ApiError::invalid("a delete takes no ttl_seconds")));
             }
             (Op::Delete, None) => {}
         }
@@ -224,6 +231,7 @@ fn item_call(
                 if_match,
                 has_if_match,
                 if_absent: item.if_absent,
+                ttl_seconds: ttl_seconds(item.ttl_seconds.as_ref())?,
                 ..Default::default()
             })
         }
@@ -245,10 +253,14 @@ fn item_result(key: String, answer: Result<Answer, ApiError>) -> ItemResult {
         vector_clock: Some(clock_json(version)),
         replica_count: Some(replicas),
         is_duplicate: Some(duplicate),
+        expires_at: None,
         error: None,
     };
     match answer {
-        Ok(Answer::Write(w)) => ok(w.version.as_ref(), w.replica_count, w.is_duplicate),
+        Ok(Answer::Write(w)) => ItemResult {
+            expires_at: expires_at(&w.expires_at),
+            ..ok(w.version.as_ref(), w.replica_count, w.is_duplicate)
+        },
         Ok(Answer::Delete(d)) => ok(d.version.as_ref(), d.replica_count, d.is_duplicate),
         Ok(_) => item_error(key, mismatched_answer()),
         Err(e) => item_error(key, e),
@@ -262,6 +274,7 @@ fn item_error(key: String, e: ApiError) -> ItemResult {
         vector_clock: None,
         replica_count: None,
         is_duplicate: None,
+        expires_at: None,
         error: Some(e.into()),
     }
 }
@@ -398,21 +411,27 @@ fn read_result(key: String, answer: Result<Answer, ApiError>) -> ReadResult {
                 .map_err(|_| ApiError::internal("stored value is not UTF-8 JSON"))?;
             let value = RawValue::from_string(text)
                 .map_err(|_| ApiError::internal("stored value is not JSON"))?;
-            Ok((value, clock_json(r.version.as_ref())))
+            Ok((
+                value,
+                clock_json(r.version.as_ref()),
+                expires_at(&r.expires_at),
+            ))
         }
         _ => Err(mismatched_answer()),
     });
     match found {
-        Ok((value, clock)) => ReadResult {
+        Ok((value, clock, expires_at)) => ReadResult {
             key,
             value: Some(value),
             vector_clock: Some(clock),
+            expires_at,
             error: None,
         },
         Err(e) => ReadResult {
             key,
             value: None,
             vector_clock: None,
+            expires_at: None,
             error: Some(e.into()),
         },
     }
@@ -454,7 +473,27 @@ mod tests {
                 "key twice",
             ),
             (r#"[{"key":"","value":1}]"#, "empty key"),
-            (r#"[{"key":"a","value":1,"ttl_seconds":5}]"#, "ttl"),
+            (
+                r#"[{"key":"a","value":1,"ttl_seconds":-5}]"#,
+                "negative ttl",
+            ),
+            (r#"[{"key":"a","value":1,"ttl_seconds":0}]"#, "zero ttl"),
+            (
+                r#"[{"key":"a","value":1,"ttl_seconds":1.5}]"#,
+                "fractional ttl",
+            ),
+            (
+                r#"[{"key":"a","value":1,"ttl_seconds":"5"}]"#,
+                "ttl as a string",
+            ),
+            (
+                r#"[{"key":"a","value":1,"ttl_seconds":315360001}]"#,
+                "ttl over ten years",
+            ),
+            (
+                r#"[{"op":"delete","key":"a","ttl_seconds":5}]"#,
+                "delete with ttl",
+            ),
         ] {
             let e = check_items(&items(bad)).expect_err(why);
             assert_eq!(e.code, "INVALID_REQUEST", "{why}: {}", e.message);

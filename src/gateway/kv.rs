@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::limits::{LimitError, check_client_key, check_value_len};
+use crate::limits::{LimitError, MAX_TTL_SECONDS, check_client_key, check_value_len};
 use crate::quorum::Consistency;
 use crate::rpc::common;
 use crate::rpc::coordinator as pb;
@@ -47,8 +47,7 @@ struct PutBody {
     if_match: Option<BTreeMap<String, u64>>,
     #[serde(default)]
     if_absent: bool,
-    /// Not supported yet: refused rather than ignored (a value the client expects to expire
-    /// must not silently live forever).
+    /// Checked by [`ttl_seconds`] (any JSON, so a bad one gets a precise message).
     #[serde(default)]
     ttl_seconds: Option<serde_json::Value>,
 }
@@ -90,6 +89,9 @@ struct PutResponse {
     idempotency_skipped: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     replicas: Option<WriteReplicas>,
+    /// RFC 3339; absent when the value never expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -100,6 +102,8 @@ struct GetResponse {
     vector_clock: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     replicas: Option<ReadReplicas>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -199,14 +203,24 @@ pub(super) fn clock_entries(
     }
 }
 
-/// `ttl_seconds` is refused until expiry is built (the TTL part of the API-features issue).
-pub(super) fn refuse_ttl(ttl: Option<&serde_json::Value>) -> Result<(), ApiError> {
-    match ttl {
-        None => Ok(()),
-        Some(_) => Err(ApiError::invalid(
-            "ttl_seconds is not supported by this version of pairdb; the write was not made",
-        )),
+/// The `ttl_seconds` of a write: absent (or `null`) is 0, "never expires"; otherwise an
+/// integer 1..=[`MAX_TTL_SECONDS`] (a negative, zero, fractional, string or oversized one is
+/// 400 and nothing is written).
+pub(super) fn ttl_seconds(ttl: Option<&serde_json::Value>) -> Result<u64, ApiError> {
+    let Some(ttl) = ttl else {
+        return Ok(0);
+    };
+    match ttl.as_u64() {
+        Some(n @ 1..=MAX_TTL_SECONDS) => Ok(n),
+        _ => Err(ApiError::invalid(format!(
+            "ttl_seconds must be an integer 1..={MAX_TTL_SECONDS} (ten years), not {ttl}"
+        ))),
     }
+}
+
+/// An expiry as the coordinator sent it (empty: never) as a response field.
+pub(super) fn expires_at(text: &str) -> Option<String> {
+    (!text.is_empty()).then(|| text.to_owned())
 }
 
 /// A coordinator answered a call with the result of another kind of call.
@@ -348,7 +362,7 @@ pub async fn put(
     let result = async {
         let body = parsed?;
         check_key(&body.key)?;
-        refuse_ttl(body.ttl_seconds.as_ref())?;
+        let ttl_seconds = ttl_seconds(body.ttl_seconds.as_ref())?;
         let level = consistency(body.consistency.as_deref())?;
         let value = body.value.get();
         check_value_len(value.len())
@@ -367,6 +381,7 @@ pub async fn put(
             if_match,
             has_if_match,
             if_absent: body.if_absent,
+            ttl_seconds,
         };
         let Answer::Write(answer) = gw.key_value(Call::Write(request)).await? else {
             return Err(mismatched_answer());
@@ -381,6 +396,7 @@ pub async fn put(
             is_duplicate: answer.is_duplicate,
             idempotency_skipped: answer.idempotency_skipped,
             replicas: write_replicas(wants_detail(&headers), answer.detail.as_ref()),
+            expires_at: expires_at(&answer.expires_at),
         })
         .into_response())
     }
@@ -445,6 +461,7 @@ pub async fn get(
             value,
             vector_clock: clock_json(answer.version.as_ref()),
             replicas: read_replicas(wants_detail(&headers), answer.detail.as_ref()),
+            expires_at: expires_at(&answer.expires_at),
         })
         .into_response())
     }

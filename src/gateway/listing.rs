@@ -32,6 +32,8 @@ struct Listed {
     vector_clock: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     value: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -102,5 +104,6 @@ fn listed(k: pb::ListedKey, values: bool) -> Result<Listed, ApiError> {
         key: String::from_utf8_lossy(&k.key).into_owned(),
         vector_clock: clock_json(k.version.as_ref()),
         value,
+        expires_at: super::kv::expires_at(&k.expires_at),
     })
 }

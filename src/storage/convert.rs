@@ -16,8 +16,14 @@ pub fn record_from_proto(r: pb::Record) -> Result<Record, StorageError> {
         .as_ref()
         .map(Version::from)
         .ok_or_else(|| invalid("record without a version"))?;
+    let expires_at_ms = (r.expires_at_ms != 0).then_some(r.expires_at_ms);
     match r.payload {
-        Some(pb::record::Payload::Value(v)) => Ok(Record::put(r.tenant_id, r.key, version, v)),
+        Some(pb::record::Payload::Value(v)) => {
+            Ok(Record::put(r.tenant_id, r.key, version, v).expiring(expires_at_ms))
+        }
+        Some(pb::record::Payload::Tombstone(_)) if expires_at_ms.is_some() => {
+            Err(invalid("a tombstone cannot expire"))
+        }
         Some(pb::record::Payload::Tombstone(_)) => {
             Ok(Record::tombstone(r.tenant_id, r.key, version))
         }
@@ -35,6 +41,7 @@ pub fn record_to_proto(r: &Record) -> pb::Record {
             None => pb::record::Payload::Tombstone(pb::Tombstone {}),
         }),
         ring_hash: r.ring_hash,
+        expires_at_ms: r.expires_at_ms.unwrap_or(0),
     }
 }
 

@@ -95,6 +95,10 @@ async fn metrics(State(node): State<Node>) -> String {
         "pairdb_engine_tombstones_dropped",
         s.tombstones_dropped as f64,
     );
+    gauge(
+        "pairdb_engine_expired_values_dropped",
+        s.expired_dropped as f64,
+    );
     gauge("pairdb_engine_log_torn_tails", s.replay.torn_tails as f64);
     for (level, (tables, bytes, _)) in s.levels.iter().enumerate() {
         let level = level.to_string();

@@ -639,6 +639,7 @@ impl StorageNode for StorageService {
                         version: Some((&r.version).into()),
                         payload: None,
                         ring_hash: r.ring_hash,
+                        expires_at_ms: r.expires_at_ms.unwrap_or(0),
                     }),
                     Ok(r) => batch.push(record_to_proto(&r)),
                     Err(e) => {

@@ -103,10 +103,14 @@ pub async fn kv(conn: &Connection, command: &KvCommand) -> anyhow::Result<Answer
             value,
             consistency,
             idempotency_key,
+            ttl_seconds,
         } => {
             let mut body = json!({"key": key, "value": parse_value(value)});
             if let Some(c) = consistency {
                 body["consistency"] = json!(c);
+            }
+            if let Some(ttl) = ttl_seconds {
+                body["ttl_seconds"] = json!(ttl);
             }
             let mut r = request(conn, Method::POST, "/v1/key-value")?.json(&body);
             if let Some(k) = idempotency_key {

@@ -155,10 +155,13 @@ impl Core {
                 removed.push(Removed::of(ikey, &record));
                 continue;
             }
-            if task.bottommost && record.is_tombstone() && self.may_purge(&record, gc_before) {
-                self.metrics
-                    .tombstones_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+            if task.bottommost && self.may_purge(&record, gc_before) {
+                let counter = if record.is_tombstone() {
+                    &self.metrics.tombstones_dropped
+                } else {
+                    &self.metrics.expired_dropped
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 removed.push(Removed::of(ikey, &record));
                 continue;
             }
@@ -221,10 +224,16 @@ impl Core {
         Ok(dropped)
     }
 
-    /// Whether a tombstone may be purged: past gc_grace, and the gate (if any) agrees.
+    /// Whether a tombstone or an expired value may be purged: it stood for "no value"
+    /// (deleted, or expired) since before `gc_before` (now − gc_grace), and the gate (if any)
+    /// agrees that every replica holds its version (a repair of its range after it was
+    /// written), so no replica still holding an older value can bring it back.
     pub(crate) fn may_purge(&self, record: &Record, gc_before: u64) -> bool {
+        let Some(gone_since) = record.purge_after_ms() else {
+            return false;
+        };
         let written = record.version.timestamp_ms();
-        written < gc_before
+        gone_since < gc_before
             && self
                 .options
                 .tombstone_gate
