@@ -34,9 +34,10 @@ use crate::rpc::coordinator::key_value_result::Result as Answer;
 use super::Gateway;
 use super::body;
 use super::errors::ApiError;
+use super::errors::mismatched_answer;
+use super::fields::{clock_entries, clock_json, expires_at};
 use super::kv::{
-    admit, check_key, clock_entries, clock_json, consistency, expires_at, header_tenant,
-    idempotency_key, mismatched_answer, ttl_seconds, with_limits,
+    admit, check_key, consistency, header_tenant, idempotency_key, ttl_seconds, with_limits,
 };
 use super::rate_limit::Kind;
 

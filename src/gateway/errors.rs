@@ -78,7 +78,7 @@ impl ApiError {
             let current = detail
                 .current
                 .as_ref()
-                .map_or(Value::Null, |v| json!(super::kv::clock_json(Some(v))));
+                .map_or(Value::Null, |v| json!(super::fields::clock_json(Some(v))));
             error.fields.push(("current_vector_clock", current));
         }
         error
@@ -122,6 +122,16 @@ fn api_code(code: ErrorCode) -> &'static str {
     }
 }
 
+/// A coordinator answered a call with the result of another kind of call.
+pub fn mismatched_answer() -> ApiError {
+    ApiError::internal("the coordinator answered with a different kind of result")
+}
+
+/// The error code an [`ApiError`] response carries, kept in the response's extensions (the
+/// body is serialized by then) for the console's traffic history.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({
@@ -141,7 +151,9 @@ impl IntoResponse for ApiError {
                 map.insert("request_id".to_owned(), Value::String(id));
             }
         }
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(ApiErrorCode(self.code));
+        response
     }
 }
 

@@ -28,6 +28,8 @@ use crate::rpc::coordinator::key_value_result::Result as Answer;
 use super::Gateway;
 use super::body;
 use super::errors::ApiError;
+use super::errors::mismatched_answer;
+use super::fields::{clock_entries, clock_json, expires_at};
 use super::rate_limit::{Decision, Kind};
 
 /// Longest accepted `Idempotency-Key`.
@@ -58,10 +60,10 @@ pub struct KeyQuery {
     consistency: Option<String>,
     tenant_id: Option<String>,
     /// Listing (`prefix` or `cursor` without `key`): see `gateway::listing`.
-    pub(super) prefix: Option<String>,
-    pub(super) cursor: Option<String>,
-    pub(super) limit: Option<u32>,
-    pub(super) values: Option<bool>,
+    prefix: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+    values: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -173,36 +175,6 @@ fn read_replicas(wanted: bool, detail: Option<&pb::ReadDetail>) -> Option<ReadRe
     })
 }
 
-/// The `vector_clock` JSON object of a version.
-pub fn clock_json(version: Option<&common::Version>) -> BTreeMap<String, u64> {
-    version
-        .map(|v| {
-            v.clock
-                .iter()
-                .map(|e| (e.coordinator_id.clone(), e.counter))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// A `vector_clock` JSON object as clock entries, and whether one was given.
-pub(super) fn clock_entries(
-    clock: Option<&BTreeMap<String, u64>>,
-) -> (bool, Vec<common::ClockEntry>) {
-    match clock {
-        Some(c) => (
-            true,
-            c.iter()
-                .map(|(id, counter)| common::ClockEntry {
-                    coordinator_id: id.clone(),
-                    counter: *counter,
-                })
-                .collect(),
-        ),
-        None => (false, Vec::new()),
-    }
-}
-
 /// The `ttl_seconds` of a write: absent (or `null`) is 0, "never expires"; otherwise an
 /// integer 1..=[`MAX_TTL_SECONDS`] (a negative, zero, fractional, string or oversized one is
 /// 400 and nothing is written).
@@ -216,16 +188,6 @@ pub(super) fn ttl_seconds(ttl: Option<&serde_json::Value>) -> Result<u64, ApiErr
             "ttl_seconds must be an integer 1..={MAX_TTL_SECONDS} (ten years), not {ttl}"
         ))),
     }
-}
-
-/// An expiry as the coordinator sent it (empty: never) as a response field.
-pub(super) fn expires_at(text: &str) -> Option<String> {
-    (!text.is_empty()).then(|| text.to_owned())
-}
-
-/// A coordinator answered a call with the result of another kind of call.
-pub(super) fn mismatched_answer() -> ApiError {
-    ApiError::internal("the coordinator answered with a different kind of result")
 }
 
 pub(super) fn consistency(raw: Option<&str>) -> Result<Consistency, ApiError> {
@@ -321,6 +283,7 @@ pub(super) fn admit(
             _ => e,
         })
         .map_err(|e| Box::new(e.into_response()))?;
+    super::console::note_tenant(&tenant);
     let decision = gw.limits.check_n(&tenant, kind, requests);
     if !decision.allowed {
         metrics::counter!("pairdb_gateway_rate_limited_total").increment(1);
@@ -432,7 +395,13 @@ pub async fn get(
             }
             None if listing => {
                 let level = consistency(query.consistency.as_deref())?;
-                return super::listing::list(&gw, tenant, &query, level).await;
+                let page = super::listing::PageQuery {
+                    prefix: query.prefix,
+                    cursor: query.cursor,
+                    limit: query.limit,
+                    values: query.values,
+                };
+                return super::listing::list(&gw, tenant, &page, level).await;
             }
             None => {
                 return Err(ApiError::invalid(

@@ -19,8 +19,8 @@ use crate::rpc::coordinator::key_value_call::Call;
 use crate::rpc::coordinator::key_value_result::Result as Answer;
 
 use super::Gateway;
-use super::errors::ApiError;
-use super::kv::{KeyQuery, clock_json, mismatched_answer};
+use super::errors::{ApiError, mismatched_answer};
+use super::fields::clock_json;
 
 /// Keys per page by default, and at most (API.md).
 pub const DEFAULT_LIMIT: u32 = 100;
@@ -36,6 +36,16 @@ struct Listed {
     expires_at: Option<String>,
 }
 
+/// What a listing request asks for (the `prefix`, `cursor`, `limit` and `values` query
+/// parameters of `GET /v1/key-value`).
+#[derive(Debug, Default)]
+pub struct PageQuery {
+    pub prefix: Option<String>,
+    pub cursor: Option<String>,
+    pub limit: Option<u32>,
+    pub values: Option<bool>,
+}
+
 #[derive(Serialize)]
 struct Page {
     status: &'static str,
@@ -47,7 +57,7 @@ struct Page {
 pub async fn list(
     gw: &Gateway,
     tenant: String,
-    query: &KeyQuery,
+    query: &PageQuery,
     level: Consistency,
 ) -> Result<Response, ApiError> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
@@ -104,6 +114,6 @@ fn listed(k: pb::ListedKey, values: bool) -> Result<Listed, ApiError> {
         key: String::from_utf8_lossy(&k.key).into_owned(),
         vector_clock: clock_json(k.version.as_ref()),
         value,
-        expires_at: super::kv::expires_at(&k.expires_at),
+        expires_at: super::fields::expires_at(&k.expires_at),
     })
 }

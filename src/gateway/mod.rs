@@ -5,7 +5,8 @@
 //! Modules: [`auth`] (JWT / none), [`rate_limit`] (governor per tenant), [`coordinators`]
 //! (client with round-robin and failover), [`errors`] (the error body and code mapping),
 //! [`body`] (JSON body reading with the size limit), [`kv`], [`tenants`], [`admin`] (the
-//! routes), [`router`] (routes, health, metrics, access log).
+//! routes), [`router`] (routes, health, metrics, access log), [`console`] (the operator
+//! console and its traffic history).
 //!
 //! Invariants: a request that fails validation, auth or the rate limit never reaches a
 //! coordinator; every key-value response (errors included, once the tenant is known) carries
@@ -15,8 +16,10 @@ pub mod admin;
 pub mod auth;
 pub mod batch;
 pub mod body;
+pub mod console;
 pub mod coordinators;
 pub mod errors;
+pub mod fields;
 pub mod https;
 pub mod kv;
 pub mod listing;
@@ -41,6 +44,8 @@ pub struct Gateway {
     pub limits: RateLimits,
     pub coordinators: Coordinators,
     pub max_body_bytes: usize,
+    /// The traffic the console charts.
+    pub history: console::History,
 }
 
 impl Gateway {
@@ -63,10 +68,21 @@ impl Gateway {
         &self,
         call: key_value_call::Call,
     ) -> Result<key_value_result::Result, ApiError> {
-        self.coordinators
+        let started = std::time::Instant::now();
+        let result = self
+            .coordinators
             .key_value(call)
             .await
-            .map_err(|s| ApiError::from_status(&s))
+            .map_err(|s| ApiError::from_status(&s));
+        let code = result.as_ref().map_or_else(|e| e.code, |_| "OK");
+        self.history.record(
+            crate::wallclock::now_secs(),
+            console::Role::Coordinator,
+            None,
+            started.elapsed().as_micros() as u64,
+            code,
+        );
+        result
     }
 
     /// Admin endpoints: an admin token (anybody with auth `none`).

@@ -73,6 +73,19 @@ impl<C: Clock + Clone> RateLimits<C> {
         }
     }
 
+    /// Requests per minute allowed to `tenant` for (writes, reads).
+    pub fn limits_of(&self, tenant: &str) -> (u32, u32) {
+        (
+            self.limit_of(tenant, Kind::Write),
+            self.limit_of(tenant, Kind::Read),
+        )
+    }
+
+    /// The tenants with limits of their own, in id order.
+    pub fn configured_tenants(&self) -> impl Iterator<Item = &str> {
+        self.per_tenant.keys().map(String::as_str)
+    }
+
     fn limit_of(&self, tenant: &str, kind: Kind) -> u32 {
         let custom = self.per_tenant.get(tenant).and_then(|l| match kind {
             Kind::Write => l.write,

@@ -18,6 +18,7 @@ use axum::routing::{get, post, put};
 use crate::rpc::coordinator as pb;
 use crate::rpc::trace;
 
+use super::console::{self, Role};
 use super::errors::ApiError;
 use super::{Gateway, admin, batch, kv, snapshots, tenants};
 
@@ -70,6 +71,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/health", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(|| async { crate::metrics::render() }))
+        .merge(console::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "INVALID_REQUEST", "no such endpoint")
         })
@@ -81,7 +83,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn(observe))
+        .layer(middleware::from_fn_with_state(gateway.clone(), observe))
         .with_state(gateway)
 }
 
@@ -106,7 +108,7 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> (StatusCode, String) {
 /// The request's id, metrics and the access log line of every request. The id is the client's
 /// `X-Request-ID` when it is valid (`rpc::trace::valid`), else a fresh one; the request runs in
 /// its scope (so the calls to coordinators carry it) and the answer names it in `X-Request-ID`.
-async fn observe(request: Request, next: Next) -> Response {
+async fn observe(State(gw): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request
         .headers()
@@ -119,7 +121,8 @@ async fn observe(request: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().clone();
-    let mut response = trace::scope(&id, next.run(request)).await.into_response();
+    let (response, tenant) = console::with_tenant_noted(trace::scope(&id, next.run(request))).await;
+    let mut response = response.into_response();
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(trace::HEADER, value);
     }
@@ -129,5 +132,19 @@ async fn observe(request: Request, next: Next) -> Response {
     metrics::histogram!("pairdb_gateway_request_seconds", "route" => route.clone(), "method" => method.to_string())
         .record(elapsed.as_secs_f64());
     tracing::debug!(request_id = %id, %method, route, status, ms = elapsed.as_secs_f64() * 1e3, "request");
+    // The console charts the data traffic, not its own polling of the admin API.
+    if route.starts_with("/v1/key-value") {
+        let code = response
+            .extensions()
+            .get::<super::errors::ApiErrorCode>()
+            .map_or("OK", |c| c.0);
+        gw.history.record(
+            crate::wallclock::now_secs(),
+            Role::Gateway,
+            tenant.as_deref(),
+            elapsed.as_micros() as u64,
+            code,
+        );
+    }
     response
 }

@@ -47,6 +47,7 @@ pub async fn serve(
         ),
         coordinators: Coordinators::new(&cfg.coordinators, cfg.request_timeout, auth)?,
         max_body_bytes: cfg.max_body_bytes,
+        history: crate::gateway::console::History::new(),
     });
     let https = match (&cfg.https_cert_file, &cfg.https_key_file) {
         (Some(cert), Some(key)) => Some(Arc::new(CertReloader::new(cert.clone(), key.clone())?)),
