@@ -3,8 +3,8 @@
 //! storage nodes, a coordinator, a gateway in token mode). The console signs in with an admin
 //! token (a wrong one is refused), shows the three nodes and the ring, charts the gateway's
 //! traffic by tenant and error code, shows a node going down within seconds, adds a node
-//! through its form after a confirmation, shows the migration's progress advancing, and
-//! cancels it after another. Screenshots of each step are saved as test artifacts under
+//! through its form after a confirmation, shows the migration's progress advancing, cancels
+//! it after another, and starts a repair. Screenshots of each step are saved as test artifacts under
 //! `target/tmp/console-screenshots/`.
 //!
 //! Needs chromium (`apt-get install chromium`); under CI=true a missing browser fails the test.
@@ -487,6 +487,24 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
         .await
         .expect("json");
     assert_eq!(status["state"], "cancelled", "{status}");
+
+    // Starting a repair from the console, confirmed: it shows as a repair migration.
+    click(&tab, "#start-repair");
+    wait_js(
+        &tab,
+        "repair asked",
+        &visible("confirm"),
+        Duration::from_secs(5),
+    );
+    click(&tab, "#confirm-yes");
+    wait_js(
+        &tab,
+        "repair shown",
+        "[...document.querySelectorAll('#migrations tbody [data-field=type]')]\
+           .some(c => c.textContent === 'repair')",
+        Duration::from_secs(30),
+    );
+    screenshot(&tab, "6-repair");
     traffic.abort();
     drop(s4);
 }

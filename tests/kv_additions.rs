@@ -1029,17 +1029,12 @@ async fn expiry_is_decided_by_the_reading_coordinators_clock_and_travels_with_th
         return;
     };
     let mut c = cluster().await;
-    let ahead = RoleProcess::coordinator(
+    let ahead = RoleProcess::skewed_coordinator(
         "c-ahead",
         &sqlite_url(c._dir.path()),
-        "memory://",
+        "+2h",
+        faketime,
         &c.storage,
-        &[
-            ("LD_PRELOAD", faketime),
-            ("FAKETIME", "+2h"),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-            ("FAKETIME_DONT_RESET", "1"),
-        ],
         c._dir.path(),
     );
     let mut later = ahead.client().await;

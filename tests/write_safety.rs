@@ -203,8 +203,7 @@ async fn a_huge_context_is_refused_and_harms_no_one() {
     );
 }
 
-/// A coordinator whose wall clock runs `offset` (libfaketime, e.g. "-5s") off; monotonic time
-/// untouched, so timers work.
+/// A coordinator whose wall clock runs `offset` off (libfaketime).
 fn skewed_coordinator(
     id: &str,
     offset: &str,
@@ -212,19 +211,7 @@ fn skewed_coordinator(
     storage: &[common::StorageNode],
     dir: &Path,
 ) -> RoleProcess {
-    RoleProcess::coordinator(
-        id,
-        &sqlite_url(dir),
-        "memory://",
-        storage,
-        &[
-            ("LD_PRELOAD", faketime),
-            ("FAKETIME", offset),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-            ("FAKETIME_DONT_RESET", "1"),
-        ],
-        dir,
-    )
+    RoleProcess::skewed_coordinator(id, &sqlite_url(dir), offset, faketime, storage, dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,6 +123,32 @@ impl RoleProcess {
         c
     }
 
+    /// A coordinator (SQLite metadata at `metadata_url`, in-memory idempotency) whose wall
+    /// clock runs `offset` (libfaketime, e.g. "-5s" or "+2h") off; monotonic time untouched,
+    /// so its timers work.
+    pub fn skewed_coordinator(
+        id: &str,
+        metadata_url: &str,
+        offset: &str,
+        faketime: &str,
+        storage: &[StorageNode],
+        log_dir: &Path,
+    ) -> RoleProcess {
+        RoleProcess::coordinator(
+            id,
+            metadata_url,
+            "memory://",
+            storage,
+            &[
+                ("LD_PRELOAD", faketime),
+                ("FAKETIME", offset),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+                ("FAKETIME_DONT_RESET", "1"),
+            ],
+            log_dir,
+        )
+    }
+
     /// Starts a gateway on a free port in front of `coordinators`, with extra flags and env.
     pub fn gateway(
         id: &str,

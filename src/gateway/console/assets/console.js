@@ -262,7 +262,7 @@ function renderMigrations() {
         bytes(p.bytes_migrated || 0)),
       num('rate', rate === null ? '-' : bytes(rate) + '/s'),
       num('eta', eta),
-      el('td', {}, running && m.type !== 'repair'
+      el('td', {}, running
         ? el('button', { class: 'danger', 'data-action': 'cancel' }, 'Cancel') : null));
   });
   patchRows($('migrations').tBodies[0], rows, 'data-migration');
@@ -458,7 +458,10 @@ async function boot() {
     if (!button) return;
     const id = button.closest('tr').dataset.migration;
     const m = state.migrations.find((x) => x.migration_id === id) || { type: 'change', node_id: '?' };
-    act(`Cancel the ${m.type} of ${m.node_id} (${id})? It is rolled back.`,
+    const what = m.type === 'repair'
+      ? `Cancel repair ${id}? What it fixed stays fixed.`
+      : `Cancel the ${m.type} of ${m.node_id} (${id})? It is rolled back.`;
+    act(what,
       'DELETE', '/v1/admin/migrations/' + encodeURIComponent(id));
   });
   $('series').addEventListener('change', (ev) => { state.series = ev.target.value; renderCharts(); });
