@@ -773,6 +773,20 @@ async fn listing_keys_in_order_across_nodes_with_cursors() {
         assert_eq!(s, 200, "{b}");
     }
     c.storage[1].terminate();
+    // Before gossip says so, a node that fails a listing is made up for by the nodes the
+    // first wave left out: every key, in order, at one (a page of one key: 20 first waves,
+    // some of them on s2).
+    let one = list_all("acme", &kv, "prefix=q&limit=1&consistency=one").await;
+    let keys: Vec<&str> = one.iter().map(|(k, _)| k.as_str()).collect();
+    let want: Vec<String> = (0..20).map(|i| format!("q{i:02}")).collect();
+    assert_eq!(keys, want);
+    let metrics = common::http_get(c.coordinator.http, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pairdb_list_second_waves_total") && !l.ends_with(" 0")),
+        "a second wave was needed at least once"
+    );
     let admin = c.coordinator.client().await;
     let down = c.storage[1].id.clone();
     common::coord::eventually("s2 seen down", std::time::Duration::from_secs(30), || {

@@ -1,7 +1,7 @@
 //! Listing a tenant's keys in key order (API.md, `GET /v1/key-value?prefix=&limit=&cursor=`).
 //!
-//! A tenant's keys are spread over every node by hash, so a page is a merge: every storage node
-//! that is not reported down is asked for its next records with the prefix after the cursor
+//! A tenant's keys are spread over every node by hash, so a page is a merge: enough storage
+//! nodes (see [`first_wave`]) are asked for their next records with the prefix after the cursor
 //! (`ListKeys`, tombstones included, at most `limit` records or about 4 MiB each), the answers
 //! are merged by key (the highest version of each key wins, as in a read), tombstones dropped,
 //! and the page is cut at the smallest "last key" among the nodes that said they hold more:
@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use bytes::Bytes;
 
+use crate::meta::NodeRecord;
 use crate::quorum::Consistency;
 use crate::ring::NodeState;
 use crate::rpc::coordinator as pb;
@@ -107,8 +108,8 @@ impl Coordinator {
         Ok(pb::ListKeysResponse { keys, cursor })
     }
 
-    /// Asks every node that is not down for its next page after `after`, checks that enough
-    /// answered, and merges the answers.
+    /// Asks enough nodes for their next page after `after` (see [`first_wave`]; the others too
+    /// if one of those fails), checks that enough answered, and merges the answers.
     async fn list_round(
         &self,
         namespace: &str,
@@ -118,12 +119,20 @@ impl Coordinator {
         level: Consistency,
     ) -> Result<Round, CoordError> {
         let snapshot = self.ring.snapshot();
-        let asked: Vec<_> = snapshot
+        let reachable: Vec<_> = snapshot
             .nodes
             .iter()
             .filter(|n| n.state != NodeState::Failed && !self.ring.is_down(&n.node_id))
             .cloned()
             .collect();
+        let active: Vec<&str> = snapshot
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Active)
+            .map(|n| n.node_id.as_str())
+            .collect();
+        let rf = (rf as usize).min(active.len());
+        let required = level.required(rf);
         let request = spb::ListKeysRequest {
             tenant_id: namespace.to_owned(),
             prefix: req.prefix.clone(),
@@ -131,26 +140,34 @@ impl Coordinator {
             limit: req.limit,
             keys_only: !req.values,
         };
-        let answers = self
-            .each_node(&asked, self.options.request_timeout, |mut client| {
-                let request = request.clone();
-                async move { client.list_keys(request).await }
-            })
-            .await;
-        let active: Vec<&str> = snapshot
-            .nodes
-            .iter()
-            .filter(|n| n.state == NodeState::Active)
-            .map(|n| n.node_id.as_str())
-            .collect();
-        let answered: Vec<&str> = answers
-            .iter()
-            .filter(|(_, a)| a.is_ok())
-            .map(|(n, _)| n.node_id.as_str())
-            .collect();
-        let missing = active.iter().filter(|n| !answered.contains(n)).count();
-        let rf = (rf as usize).min(active.len());
-        let required = level.required(rf);
+        let ask = |nodes: Vec<NodeRecord>| {
+            let request = request.clone();
+            async move {
+                self.each_node(&nodes, self.options.request_timeout, |mut client| {
+                    let request = request.clone();
+                    async move { client.list_keys(request).await }
+                })
+                .await
+            }
+        };
+        let (first, rest) = first_wave(reachable, active.len(), rf - required, after);
+        let mut answers = ask(first).await;
+        let missing_of =
+            |answers: &[(NodeRecord, Result<spb::ListKeysResponse, tonic::Status>)]| {
+                active
+                    .iter()
+                    .filter(|n| {
+                        !answers
+                            .iter()
+                            .any(|(a, r)| a.node_id.as_str() == **n && r.is_ok())
+                    })
+                    .count()
+            };
+        if missing_of(&answers) > rf - required && !rest.is_empty() {
+            metrics::counter!("pairdb_list_second_waves_total").increment(1);
+            answers.extend(ask(rest).await);
+        }
+        let missing = missing_of(&answers);
         if rf == 0 || missing > rf - required {
             let detail = answers
                 .iter()
@@ -231,6 +248,35 @@ impl Coordinator {
     }
 }
 
+/// Which reachable nodes a round asks first, and which only if one of those fails.
+///
+/// Every key has `rf` replicas among the `active` nodes, so if at most `spare` (= rf −
+/// required) active nodes are left out, every key still has `required` replicas among those
+/// asked: asking `active − spare` active nodes is enough (one node of three at `one` with RF 3,
+/// two at `quorum`, all at `all`), and the others are asked only when one of them fails. Nodes
+/// joining or leaving (not active) are always asked: they may hold writes a change is moving.
+/// Which active nodes come first varies with the position (`after`), so pages spread over them.
+fn first_wave(
+    reachable: Vec<NodeRecord>,
+    active: usize,
+    spare: usize,
+    after: &[u8],
+) -> (Vec<NodeRecord>, Vec<NodeRecord>) {
+    let wanted = active.saturating_sub(spare);
+    let (mut actives, others): (Vec<_>, Vec<_>) = reachable
+        .into_iter()
+        .partition(|n| n.state == NodeState::Active);
+    actives.sort_by_key(|n| {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(after);
+        h.update(n.node_id.as_bytes());
+        h.digest()
+    });
+    let rest = actives.split_off(wanted.min(actives.len()));
+    actives.extend(others);
+    (actives, rest)
+}
+
 /// One round's answers merged by key, and where the page must end (`None`: every node said
 /// everything it holds).
 struct Round {
@@ -260,4 +306,58 @@ fn cursor_payload(namespace: &str, prefix: &[u8], last: &[u8]) -> Vec<u8> {
     out.extend_from_slice(prefix);
     out.extend_from_slice(last);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, state: NodeState) -> NodeRecord {
+        NodeRecord {
+            node_id: id.to_owned(),
+            host: "127.0.0.1".to_owned(),
+            port: 1,
+            virtual_nodes: 16,
+            tokens: None,
+            state,
+        }
+    }
+
+    fn ids(nodes: &[NodeRecord]) -> Vec<&str> {
+        nodes.iter().map(|n| n.node_id.as_str()).collect()
+    }
+
+    #[test]
+    fn the_first_wave_leaves_out_at_most_the_spare_replicas() {
+        let three: Vec<_> = ["s1", "s2", "s3"]
+            .iter()
+            .map(|id| node(id, NodeState::Active))
+            .collect();
+        // RF 3 of 3 nodes: one | quorum | all.
+        for (spare, first) in [(2, 1), (1, 2), (0, 3)] {
+            let (a, b) = first_wave(three.clone(), 3, spare, b"k");
+            assert_eq!((a.len(), b.len()), (first, 3 - first), "spare {spare}");
+        }
+        // RF 3 of 5 nodes at one: three asked, so every key has an owner among them.
+        let five: Vec<_> = (1..=5)
+            .map(|i| node(&format!("s{i}"), NodeState::Active))
+            .collect();
+        let (a, b) = first_wave(five, 5, 2, b"k");
+        assert_eq!((a.len(), b.len()), (3, 2));
+        // A joining or leaving node is always asked.
+        let mut changing = three.clone();
+        changing.push(node("s4", NodeState::Bootstrapping));
+        let (a, _) = first_wave(changing, 3, 2, b"k");
+        assert!(ids(&a).contains(&"s4"), "{:?}", ids(&a));
+        assert_eq!(a.len(), 2);
+        // Pages spread over the nodes.
+        let firsts: std::collections::BTreeSet<String> = (0..64u32)
+            .map(|i| {
+                first_wave(three.clone(), 3, 2, &i.to_le_bytes()).0[0]
+                    .node_id
+                    .clone()
+            })
+            .collect();
+        assert_eq!(firsts.len(), 3, "{firsts:?}");
+    }
 }
