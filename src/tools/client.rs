@@ -48,8 +48,19 @@ pub fn http_builder(cacert: Option<&Path>) -> anyhow::Result<reqwest::ClientBuil
 }
 
 fn request(conn: &Connection, method: Method, path: &str) -> anyhow::Result<RequestBuilder> {
-    let url = format!("{}{path}", conn.url.trim_end_matches('/'));
     let client = http_builder(conn.cacert.as_deref())?.build()?;
+    Ok(request_on(&client, conn, method, path))
+}
+
+/// A request on an existing client (a command making many requests keeps its connections and
+/// builds its TLS configuration once).
+fn request_on(
+    client: &reqwest::Client,
+    conn: &Connection,
+    method: Method,
+    path: &str,
+) -> RequestBuilder {
+    let url = format!("{}{path}", conn.url.trim_end_matches('/'));
     let mut r = client.request(method, url);
     if let Some(t) = &conn.tenant {
         r = r.header("X-Tenant-ID", t);
@@ -57,7 +68,7 @@ fn request(conn: &Connection, method: Method, path: &str) -> anyhow::Result<Requ
     if let Some(t) = &conn.token {
         r = r.bearer_auth(t);
     }
-    Ok(r)
+    r
 }
 
 async fn send(r: RequestBuilder) -> anyhow::Result<Answer> {
@@ -161,12 +172,13 @@ async fn list(
     all: bool,
 ) -> anyhow::Result<Answer> {
     let mut lines = String::new();
+    let client = http_builder(conn.cacert.as_deref())?.build()?;
     loop {
         let path = match &cursor {
             Some(c) => format!("{base}&cursor={}", query(c)),
             None => base.to_owned(),
         };
-        let page = send(request(conn, Method::GET, &path)?).await?;
+        let page = send(request_on(&client, conn, Method::GET, &path)).await?;
         if !all || !page.ok {
             return Ok(page);
         }
