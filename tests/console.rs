@@ -76,6 +76,17 @@ fn wait_js(tab: &Tab, what: &str, expression: &str, within: Duration) {
     }
 }
 
+/// Waits for the console's confirmation dialog and confirms (`yes`) or declines it.
+fn answer_dialog(tab: &Tab, what: &str, yes: bool) {
+    wait_js(
+        tab,
+        what,
+        "!document.getElementById('confirm').classList.contains('hidden')",
+        Duration::from_secs(5),
+    );
+    click(tab, if yes { "#confirm-yes" } else { "#confirm-no" });
+}
+
 fn click(tab: &Tab, selector: &str) {
     tab.wait_for_element(selector)
         .unwrap_or_else(|e| panic!("{selector}: {e}"))
@@ -128,6 +139,19 @@ fn migration_of(tab: &Tab, node: &str) -> Option<(String, String, f64)> {
         row.get(1)?.as_str()?.to_owned(),
         row.get(2)?.as_f64()?,
     ))
+}
+
+/// An admin GET's JSON answer.
+async fn admin_json(url: &str, token: &str) -> Value {
+    common::http_client()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("admin call")
+        .json()
+        .await
+        .expect("json")
 }
 
 async fn http(method: reqwest::Method, url: &str, token: &str, body: Option<Value>) -> u16 {
@@ -267,15 +291,7 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
     let vnodes = js(&tab, "document.querySelectorAll('#ring path').length")
         .as_u64()
         .expect("count");
-    let nodes: Value = common::http_client()
-        .get(format!("{url}/v1/admin/storage-nodes"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("nodes")
-        .json()
-        .await
-        .expect("json");
+    let nodes = admin_json(&format!("{url}/v1/admin/storage-nodes"), &admin).await;
     let tokens: usize = nodes["nodes"]
         .as_array()
         .expect("nodes")
@@ -380,13 +396,7 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
         &tab,
         "#nodes tr[data-node=\"s1\"] button[data-action=remove]",
     );
-    wait_js(
-        &tab,
-        "removal asked",
-        &visible("confirm"),
-        Duration::from_secs(5),
-    );
-    click(&tab, "#confirm-no");
+    answer_dialog(&tab, "removal asked", false);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(node_field(&tab, "s1", "status"), "active");
     assert!(
@@ -402,13 +412,7 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
     type_into(&tab, "#add-node-host", &s4.grpc.ip().to_string());
     type_into(&tab, "#add-node-port", &s4.grpc.port().to_string());
     click(&tab, "#add-node button[type=submit]");
-    wait_js(
-        &tab,
-        "addition asked",
-        &visible("confirm"),
-        Duration::from_secs(5),
-    );
-    click(&tab, "#confirm-yes");
+    answer_dialog(&tab, "addition asked", true);
     let deadline = Instant::now() + Duration::from_secs(60);
     let (id, first) = loop {
         if let Some((id, state, keys)) = migration_of(&tab, "s4") {
@@ -461,13 +465,7 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
         &tab,
         &format!("#migrations tr[data-migration={id:?}] button[data-action=cancel]"),
     );
-    wait_js(
-        &tab,
-        "cancel asked",
-        &visible("confirm"),
-        Duration::from_secs(5),
-    );
-    click(&tab, "#confirm-yes");
+    answer_dialog(&tab, "cancel asked", true);
     wait_js(
         &tab,
         "migration cancelled",
@@ -477,26 +475,12 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
         Duration::from_secs(60),
     );
     screenshot(&tab, "5-migration-cancelled");
-    let status: Value = common::http_client()
-        .get(format!("{url}/v1/admin/migrations/{id}"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("migration")
-        .json()
-        .await
-        .expect("json");
+    let status = admin_json(&format!("{url}/v1/admin/migrations/{id}"), &admin).await;
     assert_eq!(status["state"], "cancelled", "{status}");
 
     // Starting a repair from the console, confirmed: it shows as a repair migration.
     click(&tab, "#start-repair");
-    wait_js(
-        &tab,
-        "repair asked",
-        &visible("confirm"),
-        Duration::from_secs(5),
-    );
-    click(&tab, "#confirm-yes");
+    answer_dialog(&tab, "repair asked", true);
     wait_js(
         &tab,
         "repair shown",
