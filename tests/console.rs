@@ -175,7 +175,11 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     // Streams are throttled on the senders, so the migration is caught in the middle.
-    let slow = [("PAIRDB_STORAGE_STREAM_RATE_LIMIT", "30000")];
+    // The disk "degraded" mark at 1%: every node is degraded, and the console says why.
+    let slow = [
+        ("PAIRDB_STORAGE_STREAM_RATE_LIMIT", "30000"),
+        ("PAIRDB_STORAGE_DISK_WARN_PERCENT", "1"),
+    ];
     let mut storage = start_storage_with_env(3, dir.path(), &slow);
     let s4 = join_storage("s4", dir.path(), &storage);
     let coordinator = RoleProcess::coordinator(
@@ -214,20 +218,13 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
     for w in writers {
         w.await.expect("writer");
     }
-    let admin = issue(
-        SECRET.as_bytes(),
-        "ops",
-        TokenRole::Admin,
-        Duration::from_secs(3600),
-    )
-    .expect("admin token");
-    let acme = issue(
-        SECRET.as_bytes(),
-        "acme",
-        TokenRole::Tenant,
-        Duration::from_secs(3600),
-    )
-    .expect("tenant token");
+    let token = |tenant: &str, role| {
+        issue(SECRET.as_bytes(), tenant, role, Duration::from_secs(3600)).expect("token")
+    };
+    let (admin, acme) = (
+        token("ops", TokenRole::Admin),
+        token("acme", TokenRole::Tenant),
+    );
     let url = gateway.url();
 
     let browser = Browser::new(
@@ -286,6 +283,14 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
         "three active nodes",
         "[...document.querySelectorAll('#nodes tbody tr [data-field=status]')]\
            .filter(c => c.textContent === 'active').length === 3",
+        Duration::from_secs(20),
+    );
+    // Why a node is degraded: its health and the reason gossip carries.
+    wait_js(
+        &tab,
+        "degraded with its reason",
+        "(() => { const c = document.querySelector('#nodes tr[data-node=\"s1\"] [data-field=health]'); \
+           return !!c && c.textContent.includes('degraded') && c.textContent.includes('disk'); })()",
         Duration::from_secs(20),
     );
     let vnodes = js(&tab, "document.querySelectorAll('#ring path').length")
@@ -367,8 +372,36 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
         &tab,
         "errors charted by code",
         "!!document.querySelector('#chart-errors polyline[data-line=\"KEY_NOT_FOUND\"]') && \
-         !!document.querySelector('#chart-rate polyline')",
+         !!document.querySelector('#chart-rate polyline') && \
+         !!document.querySelector('#chart-latency polyline[data-line=\"p99\"]')",
         Duration::from_secs(20),
+    );
+    // The tenant's row has its RF and limits; its own series charts like the gateway's.
+    assert_eq!(
+        js(
+            &tab,
+            "document.querySelector('#tenants tr[data-tenant=\"acme\"] [data-field=rf]').textContent"
+        ),
+        json!("3")
+    );
+    assert_eq!(
+        js(
+            &tab,
+            "document.querySelector('#tenants tr[data-tenant=\"acme\"] [data-field=write-limit]').textContent"
+        ),
+        json!("1.0k/min")
+    );
+    js(
+        &tab,
+        "(() => { const s = document.getElementById('series'); s.value = 'tenant:acme'; \
+           s.dispatchEvent(new Event('change')); return true; })()",
+    );
+    wait_js(
+        &tab,
+        "tenant series charted",
+        "document.getElementById('series').value === 'tenant:acme' && \
+         !!document.querySelector('#chart-errors polyline[data-line=\"KEY_NOT_FOUND\"]')",
+        Duration::from_secs(10),
     );
     screenshot(&tab, "2-traffic");
 
