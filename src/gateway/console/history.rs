@@ -81,31 +81,45 @@ impl Tally {
     }
 }
 
-/// One step: its start (Unix seconds, a multiple of [`STEP_SECONDS`]) and its series.
+/// One step: its start (Unix seconds, a multiple of [`STEP_SECONDS`]) and its series: the
+/// roles', and the tenants' (by tenant id, looked up without building a series name on the
+/// request path), with the tenants beyond [`MAX_TENANT_SERIES`] in `others`.
 struct Step {
     start: u64,
-    series: BTreeMap<String, Tally>,
+    roles: BTreeMap<&'static str, Tally>,
+    tenants: BTreeMap<String, Tally>,
+    others: Option<Tally>,
 }
 
 impl Step {
-    fn tally(&mut self, name: &str) -> Option<&mut Tally> {
-        if !self.series.contains_key(name) {
-            let tenants = self
-                .series
-                .keys()
-                .filter(|k| k.starts_with("tenant:"))
-                .count();
-            let name = if name.starts_with("tenant:") && tenants >= MAX_TENANT_SERIES {
-                OTHER_TENANTS
-            } else {
-                name
-            };
-            if !self.series.contains_key(name) {
-                self.series.insert(name.to_owned(), Tally::new()?);
-            }
-            return self.series.get_mut(name);
+    fn role(&mut self, role: Role) -> Option<&mut Tally> {
+        let name = role.series();
+        if !self.roles.contains_key(name) {
+            self.roles.insert(name, Tally::new()?);
         }
-        self.series.get_mut(name)
+        self.roles.get_mut(name)
+    }
+
+    fn tenant(&mut self, tenant: &str) -> Option<&mut Tally> {
+        if self.tenants.contains_key(tenant) {
+            return self.tenants.get_mut(tenant);
+        }
+        if self.tenants.len() < MAX_TENANT_SERIES {
+            self.tenants.insert(tenant.to_owned(), Tally::new()?);
+            return self.tenants.get_mut(tenant);
+        }
+        if self.others.is_none() {
+            self.others = Some(Tally::new()?);
+        }
+        self.others.as_mut()
+    }
+
+    /// Every series of the step with its name (`tenant:<id>` for tenants).
+    fn series(&self) -> impl Iterator<Item = (String, &Tally)> {
+        let roles = self.roles.iter().map(|(n, t)| ((*n).to_owned(), t));
+        let tenants = self.tenants.iter().map(|(n, t)| (format!("tenant:{n}"), t));
+        let others = self.others.iter().map(|t| (OTHER_TENANTS.to_owned(), t));
+        roles.chain(tenants).chain(others)
     }
 }
 
@@ -168,17 +182,19 @@ impl History {
             }
             steps.push_back(Step {
                 start,
-                series: BTreeMap::new(),
+                roles: BTreeMap::new(),
+                tenants: BTreeMap::new(),
+                others: None,
             });
         }
         let Some(step) = steps.back_mut() else {
             return;
         };
-        if let Some(t) = step.tally(role.series()) {
+        if let Some(t) = step.role(role) {
             t.add(latency_us, code);
         }
         if let (Role::Gateway, Some(tenant)) = (role, tenant) {
-            if let Some(t) = step.tally(&format!("tenant:{tenant}")) {
+            if let Some(t) = step.tenant(tenant) {
                 t.add(latency_us, code);
             }
         }
@@ -187,11 +203,11 @@ impl History {
     /// Every series over the steps that started at or after `since_unix`.
     pub fn series_since(&self, since_unix: u64) -> Vec<Series> {
         let steps = self.steps.lock();
-        let mut out: BTreeMap<&str, Vec<Point>> = BTreeMap::new();
+        let mut out: BTreeMap<String, Vec<Point>> = BTreeMap::new();
         for step in steps.iter().filter(|s| s.start >= since_unix) {
-            for (name, tally) in &step.series {
+            for (name, tally) in step.series() {
                 let ms = |q: f64| tally.latency_us.value_at_quantile(q) as f64 / 1000.0;
-                out.entry(name.as_str()).or_default().push(Point {
+                out.entry(name).or_default().push(Point {
                     t: step.start,
                     requests: tally.requests,
                     rate: tally.requests as f64 / STEP_SECONDS as f64,
@@ -202,10 +218,7 @@ impl History {
             }
         }
         out.into_iter()
-            .map(|(name, points)| Series {
-                name: name.to_owned(),
-                points,
-            })
+            .map(|(name, points)| Series { name, points })
             .collect()
     }
 }
