@@ -491,6 +491,17 @@ async fn the_console_shows_the_cluster_and_acts_on_it_in_a_real_browser() {
         ) == json!(true),
         "a rate is shown"
     );
+    let eta = js(
+        &tab,
+        &format!(
+            "document.querySelector('#migrations tr[data-migration={id:?}] [data-field=eta]').textContent"
+        ),
+    );
+    assert!(
+        eta.as_str()
+            .is_some_and(|t| t == "soon" || t.ends_with(" s")),
+        "an ETA is shown: {eta}"
+    );
     screenshot(&tab, "4-migration-progress");
 
     // Cancelling it from the console, confirmed: rolled back.
