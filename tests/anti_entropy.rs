@@ -48,7 +48,10 @@ async fn held(node: &common::StorageNode, tenant: &str, count: usize) -> Vec<Opt
             })
             .collect();
         let answer = client
-            .read_batch(spb::ReadBatchRequest { reads })
+            .read_batch(spb::ReadBatchRequest {
+                reads,
+                source: spb::BatchSource::Unspecified as i32,
+            })
             .await
             .expect("read batch")
             .into_inner();

@@ -268,6 +268,9 @@ async fn the_read_repair_drain_sends_every_queued_repair() {
 async fn closing_the_storage_pool_answers_every_queued_call() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (s1, _store, _ring) = one_node(dir.path()).await;
+    // The batcher sends client writes, which a node takes once told the deleted tenants (a
+    // coordinator's write path does that on the first refusal; here the test client does).
+    s1.client().await;
     let pool = StoragePool::new(common::internal_auth());
     let address = s1.grpc.to_string();
     let batcher = pool.batcher("s1", &address).expect("batcher");

@@ -1268,6 +1268,7 @@ async fn a_dropped_tenant_is_fenced_against_every_writer() {
     let dropped = c
         .drop_tenants(pb::DropTenantsRequest {
             tenant_ids: vec!["acme".into()],
+            complete: false,
         })
         .await
         .expect("drop tenants")
@@ -1349,6 +1350,7 @@ async fn a_dropped_tenant_is_fenced_against_every_writer() {
     let refused = c
         .drop_tenants(pb::DropTenantsRequest {
             tenant_ids: vec!["bad:tenant".into()],
+            complete: true,
         })
         .await
         .expect_err("bad namespace");
@@ -1369,4 +1371,156 @@ async fn a_dropped_tenant_is_fenced_against_every_writer() {
         .await
         .expect("write");
     assert_eq!(live.outcome, applied, "the next incarnation is live");
+}
+
+/// A node that just started does not know which tenants were deleted while it was down, so it
+/// refuses client writes (unary writes and deletes, client batches) with TENANTS_UNCONFIRMED
+/// and client reads until a coordinator sends it the complete list (`DropTenants` with
+/// `complete`); hints, repairs, streams and other reads are served meanwhile. Once confirmed,
+/// reads of a dropped namespace are answered `tenant_deleted`, without a record. A partial list does not confirm it, and
+/// every start (here after `kill -9`) begins unconfirmed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_client_writes_only_once_told_every_deleted_tenant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s1 = StorageNode::start("s1", &dir.path().join("s1"), None);
+    let mut c = s1.unconfirmed_client().await;
+    let base = physical_counter(now_ms());
+    let unconfirmed = |e: tonic::Status| {
+        assert_eq!(code_in(&e), pb::ErrorCode::TenantsUnconfirmed, "{e:?}");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "retryable: {e:?}");
+    };
+    let read_batch = |source: pb::BatchSource| pb::ReadBatchRequest {
+        reads: vec![pb::ReadRequest {
+            tenant_id: "other".into(),
+            key: b"k".to_vec().into(),
+        }],
+        source: source as i32,
+    };
+    let client_calls_refused = |c: StorageNodeClient<InternalChannel>, counter: u64| async move {
+        let mut c = c;
+        unconfirmed(
+            write(&mut c, put("other", b"k", counter, b"x"))
+                .await
+                .expect_err("unary write"),
+        );
+        unconfirmed(
+            c.delete(pb::DeleteRequest {
+                tenant_id: "other".into(),
+                key: b"k".to_vec().into(),
+                version: Some(version(counter)),
+            })
+            .await
+            .expect_err("unary delete"),
+        );
+        unconfirmed(
+            c.write_batch(pb::WriteBatchRequest {
+                records: vec![put("other", b"k", counter, b"x")],
+                source: pb::BatchSource::Client as i32,
+            })
+            .await
+            .expect_err("client batch"),
+        );
+        unconfirmed(
+            c.read_batch(read_batch(pb::BatchSource::Client))
+                .await
+                .expect_err("client read batch"),
+        );
+    };
+    client_calls_refused(c.clone(), base).await;
+    assert!(
+        read(&mut c, "other", b"k").await.is_none(),
+        "nothing landed"
+    );
+
+    let applied = pb::ApplyOutcome::Applied as i32;
+    let deleted = pb::ApplyOutcome::TenantDeleted as i32;
+    let batch = |source: pb::BatchSource, tenant: &str, counter: u64| pb::WriteBatchRequest {
+        records: vec![put(tenant, b"k", counter, b"x")],
+        source: source as i32,
+    };
+    for (n, source) in [pb::BatchSource::Hint, pb::BatchSource::Repair]
+        .into_iter()
+        .enumerate()
+    {
+        let answer = c
+            .write_batch(batch(source, "other", base + 1 + n as u64))
+            .await
+            .expect("not a client write")
+            .into_inner();
+        assert_eq!(answer.outcomes, vec![applied], "{source:?}");
+    }
+    assert!(read(&mut c, "other", b"k").await.is_some());
+    let repair_read = c
+        .read_batch(read_batch(pb::BatchSource::Repair))
+        .await
+        .expect("a repair's read")
+        .into_inner();
+    assert!(repair_read.results[0].record.is_some());
+
+    // A partial list fences but does not confirm.
+    c.drop_tenants(pb::DropTenantsRequest {
+        tenant_ids: vec!["acme".into()],
+        complete: false,
+    })
+    .await
+    .expect("partial list");
+    client_calls_refused(c.clone(), base + 5).await;
+    // The last call of a complete list confirms.
+    c.drop_tenants(pb::DropTenantsRequest {
+        tenant_ids: vec!["beta".into()],
+        complete: true,
+    })
+    .await
+    .expect("complete list");
+    let answer = c
+        .write_batch(pb::WriteBatchRequest {
+            records: vec![
+                put("acme", b"k", base + 6, b"x"),
+                put("beta", b"k", base + 6, b"x"),
+                put("other", b"k", base + 6, b"x"),
+            ],
+            source: pb::BatchSource::Client as i32,
+        })
+        .await
+        .expect("confirmed")
+        .into_inner();
+    assert_eq!(answer.outcomes, vec![deleted, deleted, applied]);
+    let reads = c
+        .read_batch(pb::ReadBatchRequest {
+            reads: ["acme", "other"]
+                .into_iter()
+                .map(|t| pb::ReadRequest {
+                    tenant_id: t.into(),
+                    key: b"k".to_vec().into(),
+                })
+                .collect(),
+            source: pb::BatchSource::Client as i32,
+        })
+        .await
+        .expect("confirmed read")
+        .into_inner()
+        .results;
+    assert!(reads[0].tenant_deleted && reads[0].record.is_none());
+    assert!(!reads[1].tenant_deleted && reads[1].record.is_some());
+    assert_eq!(
+        write(&mut c, put("other", b"k2", base + 6, b"x"))
+            .await
+            .expect("unary write")
+            .outcome,
+        applied
+    );
+
+    // Every start begins unconfirmed; the fences stay.
+    drop(c);
+    s1.kill9();
+    s1.restart();
+    let mut c = s1.unconfirmed_client().await;
+    client_calls_refused(c.clone(), base + 7).await;
+    let answer = c
+        .write_batch(batch(pb::BatchSource::Hint, "acme", base + 7))
+        .await
+        .expect("hint")
+        .into_inner();
+    assert_eq!(answer.outcomes, vec![deleted]);
+    assert!(read(&mut c, "other", b"k2").await.is_some());
 }

@@ -302,7 +302,10 @@ async fn send_reads(link: &Link, jobs: Vec<ReadJob>) {
     let (reads, request_ids, replies) = split(jobs);
     link.read_batch_size.record(reads.len() as f64);
     let expected = reads.len();
-    let call = batch_call::Call::Read(pb::ReadBatchRequest { reads });
+    let call = batch_call::Call::Read(pb::ReadBatchRequest {
+        reads,
+        source: pb::BatchSource::Client as i32,
+    });
     let result = match link.call(call, request_ids).await {
         Ok(Answer::Read(r)) if r.results.len() == expected => Ok(r.results),
         Ok(_) => Err(ReplicaError::unavailable(&link.node, "short read batch")),
@@ -311,7 +314,11 @@ async fn send_reads(link: &Link, jobs: Vec<ReadJob>) {
     match result {
         Ok(results) => {
             for (reply, answer) in replies.into_iter().zip(results) {
-                let _ = reply.send(Ok(answer.record));
+                let _ = reply.send(if answer.tenant_deleted {
+                    Err(ReplicaError::tenant_deleted(&link.node))
+                } else {
+                    Ok(answer.record)
+                });
             }
         }
         Err(e) => {

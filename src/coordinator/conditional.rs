@@ -118,9 +118,7 @@ impl Coordinator {
         if *condition == Condition::Always {
             return self.write(tenant, key, payload, context, level).await;
         }
-        let stored = self
-            .read_winner(&tenant.storage_id(), tenant.replication_factor, key, level)
-            .await?;
+        let stored = self.read_winner(tenant, key, level).await?;
         let seen = stored
             .as_ref()
             .and_then(|r| r.version.as_ref())

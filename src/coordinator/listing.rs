@@ -79,6 +79,9 @@ impl Coordinator {
             let round = self
                 .list_round(&namespace, tenant.replication_factor, req, &after, level)
                 .await?;
+            if round.tenant_deleted {
+                return Err(self.stale_tenant(&tenant, "list").await);
+            }
             for (key, record) in round.merged {
                 if round.bound.as_ref().is_some_and(|b| key > *b) {
                     break;
@@ -189,8 +192,10 @@ impl Coordinator {
         }
         let mut merged: BTreeMap<Bytes, spb::Record> = BTreeMap::new();
         let mut bound: Option<Bytes> = None;
+        let mut tenant_deleted = false;
         for (_, answer) in answers {
             let Ok(page) = answer else { continue };
+            tenant_deleted |= page.tenant_deleted;
             if page.more {
                 if let Some(last) = page.records.last() {
                     if bound.as_ref().is_none_or(|b| last.key < *b) {
@@ -211,7 +216,11 @@ impl Coordinator {
                 }
             }
         }
-        Ok(Round { merged, bound })
+        Ok(Round {
+            merged,
+            bound,
+            tenant_deleted,
+        })
     }
 
     /// The cursor after `last` for this namespace and prefix.
@@ -282,6 +291,8 @@ fn first_wave(
 struct Round {
     merged: BTreeMap<Bytes, spb::Record>,
     bound: Option<Bytes>,
+    /// A node answered that the namespace is a deleted tenant's.
+    tenant_deleted: bool,
 }
 
 /// A merged record as a listed key, if it is live at `now_ms` (not a tombstone, not expired).

@@ -52,6 +52,7 @@ pub mod snapshots;
 pub mod stall;
 pub mod storage_pool;
 pub mod tenant_cache;
+pub mod tenant_confirm;
 pub mod tenant_delete;
 pub mod topology;
 pub mod write;
@@ -108,6 +109,8 @@ pub struct Coordinator {
     pub ring: Arc<RingView>,
     pub hints: HintWriter,
     pub repairs: RepairQueue,
+    /// Tells storage nodes that just started the deleted tenants (`tenant_confirm`).
+    pub confirmations: Arc<tenant_confirm::Confirmations>,
     /// Tenants whose replication factor is being raised, and to what.
     pub pending_rf: rf_change::PendingRf,
     /// Reads served, for spreading `read_repair_chance` evenly.

@@ -16,6 +16,7 @@ use std::cmp::Ordering;
 
 use tokio::time::Instant;
 
+use crate::meta::Tenant;
 use crate::quorum::{self, Consistency, ReplicaCall, ReplicaResult};
 use crate::ring::NodeId;
 use crate::rpc::coordinator::ReadDetail;
@@ -39,27 +40,26 @@ impl Coordinator {
     /// answered holds one.
     pub async fn read_winner(
         &self,
-        tenant: &str,
-        rf: u32,
+        tenant: &Tenant,
         key: &[u8],
         consistency: Consistency,
     ) -> Result<Option<pb::Record>, CoordError> {
-        Ok(self
-            .read_winner_detailed(tenant, rf, key, consistency)
-            .await?
-            .0)
+        Ok(self.read_winner_detailed(tenant, key, consistency).await?.0)
     }
 
-    /// [`Self::read_winner`], with what the replicas said as of the reply.
+    /// [`Self::read_winner`], with what the replicas said as of the reply. A replica that
+    /// answers that the tenant's incarnation was deleted makes it TENANT_NOT_FOUND (or
+    /// UNAVAILABLE when the id was created again): this coordinator's cache was stale.
     pub async fn read_winner_detailed(
         &self,
-        tenant: &str,
-        rf: u32,
+        tenant: &Tenant,
         key: &[u8],
         consistency: Consistency,
     ) -> Result<(Option<pb::Record>, ReadDetail), CoordError> {
+        let namespace = tenant.storage_id();
+        let rf = tenant.replication_factor;
         let snapshot = self.ring.snapshot();
-        let plan = self.ring.plan(&snapshot, tenant, key, rf as usize)?;
+        let plan = self.ring.plan(&snapshot, &namespace, key, rf as usize)?;
         let required = plan.required(consistency);
         let mut replicas: Vec<(NodeId, bool)> = plan
             .read_replicas()
@@ -74,9 +74,10 @@ impl Coordinator {
         let call = |(id, authoritative): (NodeId, bool)| ReplicaCall {
             call: replicas::read(
                 &self.pool,
+                &self.confirmations,
                 id.as_str(),
                 snapshot.address(id.as_str()),
-                tenant.to_owned(),
+                namespace.clone(),
                 shared_key.clone(),
             ),
             replica: id,
@@ -112,9 +113,15 @@ impl Coordinator {
         let asked = results.len() + stragglers.len();
         metrics::histogram!("pairdb_replica_acks", "op" => "read").record(acks as f64);
 
+        if refused_as_deleted(&results) {
+            return Err(self.stale_tenant(tenant, "read").await);
+        }
         if acks < required || required == 0 {
             let mut all = results;
             all.extend(stragglers.finish().await);
+            if refused_as_deleted(&all) {
+                return Err(self.stale_tenant(tenant, "read").await);
+            }
             let received = all
                 .iter()
                 .filter(|r| r.authoritative && r.outcome.is_ok())
@@ -185,6 +192,13 @@ impl Coordinator {
                 })
         });
     }
+}
+
+/// Whether a replica answered that the key's tenant incarnation was deleted.
+fn refused_as_deleted(answers: &[ReadResult]) -> bool {
+    answers
+        .iter()
+        .any(|r| matches!(&r.outcome, quorum::ReplicaOutcome::Err(e) if e.tenant_deleted))
 }
 
 /// Answers that hold the winning version itself.

@@ -12,9 +12,12 @@ pub struct ReplicaError {
     pub message: String,
     /// The replica rejected the request as invalid (a 1xxx code): retrying it cannot succeed.
     pub rejected: bool,
-    /// The replica refused the write because its tenant was deleted (the namespace is
-    /// dropped there): this coordinator's tenant cache is stale.
+    /// The replica refused the write (or read) because its tenant was deleted (the namespace
+    /// is dropped there): this coordinator's tenant cache is stale.
     pub tenant_deleted: bool,
+    /// The replica refused a client write because it has not been told the deleted tenants
+    /// since it started (`TENANTS_UNCONFIRMED`): confirming it and resending may succeed.
+    pub unconfirmed: bool,
 }
 
 impl ReplicaError {
@@ -28,16 +31,19 @@ impl ReplicaError {
             message: message.into(),
             rejected: false,
             tenant_deleted: false,
+            unconfirmed: false,
         }
     }
 
-    /// The replica answered `TENANT_DELETED` for the write (rejected: no hint, no retry).
+    /// The replica answered `TENANT_DELETED` for the write, or `tenant_deleted` for the read
+    /// (rejected: no hint, no retry, no repair).
     pub fn tenant_deleted(node: &str) -> Self {
         Self {
             node: node.to_owned(),
             message: "the tenant was deleted".to_owned(),
             rejected: true,
             tenant_deleted: true,
+            unconfirmed: false,
         }
     }
 
@@ -48,6 +54,7 @@ impl ReplicaError {
             message: format!("{:?}: {}", status.code(), status.message()),
             rejected: is_rejection(code),
             tenant_deleted: false,
+            unconfirmed: code == pb::ErrorCode::TenantsUnconfirmed as i32,
         }
     }
 
@@ -58,6 +65,7 @@ impl ReplicaError {
             message: format!("{:?}: {}", detail.code(), detail.message),
             rejected: is_rejection(detail.code),
             tenant_deleted: false,
+            unconfirmed: detail.code == pb::ErrorCode::TenantsUnconfirmed as i32,
         }
     }
 }

@@ -4,6 +4,8 @@
 //! through the node's [`super::batcher::NodeBatcher`], which coalesces concurrent ones.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
 
 use crate::rpc::storage as pb;
 
@@ -11,40 +13,74 @@ use super::batcher::NodeBatcher;
 pub use super::batcher::WriteAck;
 pub use super::replica_error::ReplicaError;
 use super::storage_pool::StoragePool;
+use super::tenant_confirm::Confirmations;
 
-/// Writes (or tombstones) a record on one replica.
+/// Writes (or tombstones) a record on one replica. A replica that refuses it for not knowing
+/// the deleted tenants yet (it just started) is told them (`tenant_confirm`) and the write is
+/// resent, once.
 pub fn write(
     pool: &StoragePool,
+    confirmations: &Arc<Confirmations>,
     node: &str,
     address: Option<&str>,
     record: pb::Record,
 ) -> impl Future<Output = Result<WriteAck, ReplicaError>> + Send + 'static + use<> {
     let batcher = batcher(pool, node, address);
+    let confirmations = confirmations.clone();
+    let address = address.map(str::to_owned);
     let node = node.to_owned();
-    async move { batcher?.write(&node, record).await }
+    async move {
+        let batcher = batcher?;
+        match batcher.write(&node, record.clone()).await {
+            Err(e) if e.unconfirmed => {
+                confirm(&confirmations, &node, address.as_deref()).await?;
+                batcher.write(&node, record).await
+            }
+            answer => answer,
+        }
+    }
 }
 
-/// Reads a key's stored version (tombstones included) from one replica.
+/// Reads a key's stored version (tombstones included) from one replica; confirmed and
+/// asked again, once, like [`write`].
 pub fn read(
     pool: &StoragePool,
+    confirmations: &Arc<Confirmations>,
     node: &str,
     address: Option<&str>,
     tenant: String,
     key: bytes::Bytes,
 ) -> impl Future<Output = Result<Option<pb::Record>, ReplicaError>> + Send + 'static + use<> {
     let batcher = batcher(pool, node, address);
+    let confirmations = confirmations.clone();
+    let address = address.map(str::to_owned);
     let node = node.to_owned();
+    let request = pb::ReadRequest {
+        tenant_id: tenant,
+        key,
+    };
     async move {
-        batcher?
-            .read(
-                &node,
-                pb::ReadRequest {
-                    tenant_id: tenant,
-                    key,
-                },
-            )
-            .await
+        let batcher = batcher?;
+        match batcher.read(&node, request.clone()).await {
+            Err(e) if e.unconfirmed => {
+                confirm(&confirmations, &node, address.as_deref()).await?;
+                batcher.read(&node, request).await
+            }
+            answer => answer,
+        }
     }
+}
+
+/// Tells `node`, which refused a call just now for not knowing the deleted tenants, what they
+/// are.
+async fn confirm(
+    confirmations: &Confirmations,
+    node: &str,
+    address: Option<&str>,
+) -> Result<(), ReplicaError> {
+    let refused_at = Instant::now();
+    let address = address.ok_or_else(|| ReplicaError::new(node, "not in the node registry"))?;
+    confirmations.confirm(node, address, refused_at).await
 }
 
 fn batcher(

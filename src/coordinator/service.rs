@@ -293,7 +293,7 @@ impl Coordinator {
             return Ok(());
         };
         let held = self
-            .read_winner(&tenant.storage_id(), tenant.replication_factor, key, level)
+            .read_winner(tenant, key, level)
             .await?
             .and_then(|r| r.version)
             .map(|v| Version::from(&v));
@@ -336,9 +336,7 @@ impl Coordinator {
         check_tenant_id(tenant_id)?;
         check_client_key(key)?;
         let tenant = self.tenant(tenant_id).await?;
-        let (winner, detail) = self
-            .read_winner_detailed(&tenant.storage_id(), tenant.replication_factor, key, level)
-            .await?;
+        let (winner, detail) = self.read_winner_detailed(&tenant, key, level).await?;
         let now = crate::wallclock::now_ms();
         let live = winner.and_then(|record| {
             Some(LiveValue {

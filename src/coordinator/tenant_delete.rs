@@ -20,8 +20,11 @@
 //!   refreshes for longer (paused, cut from the store) is stopped by the storage nodes: each
 //!   node the delete (or a purge pass) reached fenced the namespace (`storage::dropped_tenants`)
 //!   and refuses its writes with `TENANT_DELETED`, so the write is not acknowledged and the
-//!   coordinator drops its cached tenant (`write.rs`). Only a node not yet reached (down at the
-//!   delete, back for less than a purge pass) can still take such a write.
+//!   coordinator drops its cached tenant (`write.rs`). A node down at the delete learns of it
+//!   before it takes any client write after its start: it refuses them until a coordinator
+//!   sends it the complete list of deleted tenants read from the store (`tenant_confirm`).
+//!   Only a node that ran through the delete without the delete reaching it (a cut network)
+//!   can take such a write, until the next purge pass reaches it.
 //! - Records go by a range delete per namespace (`DropTenants`: no tombstone per key), from
 //!   every node that answers at once, and from every node by the purge loop after (a node that
 //!   was down at the delete is purged once it is back). Storage nodes skip namespaces they
@@ -39,11 +42,11 @@ use std::time::Duration;
 
 use crate::meta::MetaError;
 use crate::rpc::coordinator as pb;
-use crate::rpc::storage as spb;
 
 use super::Coordinator;
 use super::admin::{check_tenant_id, tenant_to_proto};
 use super::errors::CoordError;
+use super::tenant_confirm::send_deleted;
 
 /// How long one node may take to drop the namespaces it holds (a rewrite of its tables).
 const PURGE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -79,7 +82,7 @@ impl Coordinator {
             }
         }
         // Best effort now; the purge loop finishes what this does not.
-        self.purge(&[gone.storage_id()]).await;
+        self.purge(&[gone.storage_id()], false).await;
         Ok(tenant_to_proto(&gone))
     }
 
@@ -105,24 +108,25 @@ impl Coordinator {
     }
 
     /// Asks every registered node to drop the namespaces `deleted` (in parallel); returns how
-    /// many records went. A node that fails is purged by a later pass.
-    async fn purge(&self, deleted: &[String]) -> u64 {
-        if deleted.is_empty() {
+    /// many records went. A node that fails is purged by a later pass. `complete`: `deleted`
+    /// was read from the store just now and is every deleted namespace, so the nodes may take
+    /// client writes from now on (`tenant_confirm`).
+    async fn purge(&self, deleted: &[String], complete: bool) -> u64 {
+        if deleted.is_empty() && !complete {
             return 0;
         }
         let nodes = self.ring.snapshot().nodes.clone();
         let answers = self
-            .each_node(&nodes, PURGE_TIMEOUT, |mut client| {
-                let request = spb::DropTenantsRequest {
-                    tenant_ids: deleted.to_vec(),
-                };
-                async move { client.drop_tenants(request).await }
+            .each_node(&nodes, PURGE_TIMEOUT, |client| async move {
+                send_deleted(client, deleted, complete)
+                    .await
+                    .map(tonic::Response::new)
             })
             .await;
         let mut dropped = 0;
         for (node, result) in answers {
             match result {
-                Ok(answer) => dropped += answer.records_dropped,
+                Ok(records) => dropped += records,
                 Err(e) if self.ring.is_down(&node.node_id) => {
                     tracing::debug!(node = %node.node_id, error = %e.message(), "purge of deleted tenants deferred: node down");
                 }
@@ -138,7 +142,8 @@ impl Coordinator {
         dropped
     }
 
-    /// One pass of the purge loop: every deleted namespace, every node.
+    /// One pass of the purge loop: every deleted namespace, every node; it also confirms the
+    /// nodes (the list is complete).
     async fn purge_pass(&self) -> Result<u64, CoordError> {
         let deleted: Vec<String> = self
             .meta
@@ -147,7 +152,7 @@ impl Coordinator {
             .into_iter()
             .map(|d| d.storage_id)
             .collect();
-        Ok(self.purge(&deleted).await)
+        Ok(self.purge(&deleted, true).await)
     }
 }
 

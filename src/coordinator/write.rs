@@ -170,6 +170,7 @@ impl Coordinator {
                 authoritative: counted.is_authoritative(&node),
                 call: replicas::write(
                     &self.pool,
+                    &self.confirmations,
                     node.as_str(),
                     snapshot.address(node.as_str()),
                     record.clone(),
@@ -182,7 +183,7 @@ impl Coordinator {
         metrics::histogram!("pairdb_replica_acks", "op" => "write").record(run.acks as f64);
         self.hint_misses(&record, &run.results, &replicas);
         if refused_as_deleted(&run.results) {
-            return Err(self.stale_tenant(tenant).await);
+            return Err(self.stale_tenant(tenant, "write").await);
         }
         if run.reached() {
             let detail = pb_coord::WriteDetail {
@@ -221,7 +222,7 @@ impl Coordinator {
         let late = run.stragglers.finish().await;
         self.hint_misses(&record, &late, &replicas);
         if refused_as_deleted(&late) {
-            return Err(self.stale_tenant(tenant).await);
+            return Err(self.stale_tenant(tenant, "write").await);
         }
         let results: Vec<_> = run.results.iter().chain(late.iter()).collect();
         let received = results
@@ -253,24 +254,25 @@ impl Coordinator {
         winner.cloned()
     }
 
-    /// A replica refused the write because the tenant's incarnation was deleted: this
-    /// coordinator's cache is stale (it missed the refreshes that would have said so). Nothing
-    /// of the write was acknowledged. The entry goes and the store says what is true now:
-    /// TENANT_NOT_FOUND when the id is gone, UNAVAILABLE (retry) when it was created again,
-    /// since a retry writes the new incarnation.
-    async fn stale_tenant(&self, tenant: &Tenant) -> CoordError {
-        metrics::counter!("pairdb_writes_to_deleted_tenants_total").increment(1);
+    /// A replica refused the request (`op`: "write" or "read") because the tenant's
+    /// incarnation was deleted: this coordinator's cache is stale (it missed the refreshes
+    /// that would have said so). Nothing was acknowledged or served. The entry goes and the
+    /// store says what is true now: TENANT_NOT_FOUND when the id is gone, UNAVAILABLE (retry)
+    /// when it was created again, since a retry goes to the new incarnation.
+    pub(super) async fn stale_tenant(&self, tenant: &Tenant, op: &'static str) -> CoordError {
+        metrics::counter!("pairdb_requests_to_deleted_tenants_total", "op" => op).increment(1);
         tracing::warn!(
             tenant = %tenant.tenant_id,
             incarnation = tenant.incarnation,
-            "a replica refused a write of a deleted incarnation; cached tenant dropped"
+            op,
+            "a replica refused a request of a deleted incarnation; cached tenant dropped"
         );
         self.tenants.invalidate(&tenant.tenant_id);
         match self.tenants.get(&tenant.tenant_id).await {
             Ok(None) => CoordError::TenantNotFound(tenant.tenant_id.clone()),
             Ok(Some(now)) => CoordError::Unavailable(format!(
                 "tenant {:?} was deleted and created again (incarnation {}) while this \
-                 coordinator still served incarnation {}; the write was not acknowledged, retry",
+                 coordinator still served incarnation {}; the {op} was not served, retry",
                 tenant.tenant_id, now.incarnation, tenant.incarnation
             )),
             Err(e) => e.into(),

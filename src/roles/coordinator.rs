@@ -18,6 +18,7 @@ use crate::coordinator::ring_view::RingView;
 use crate::coordinator::service::CoordinatorService;
 use crate::coordinator::storage_pool::StoragePool;
 use crate::coordinator::tenant_cache::TenantCache;
+use crate::coordinator::tenant_confirm::Confirmations;
 use crate::coordinator::{
     self, Coordinator, Options, admission, anti_entropy, cleanup, http, lease, rf_change,
 };
@@ -188,6 +189,7 @@ pub async fn start(
         ),
         repairs: RepairQueue::start(cfg.read_repair_queue, ring.clone(), pool.clone(), timeout),
         tenants: TenantCache::new(meta.clone(), cfg.tenant_cache_ttl),
+        confirmations: Confirmations::new(meta.clone(), pool.clone()),
         meta,
         idempotency,
         idempotency_breaker: Default::default(),

@@ -13,9 +13,19 @@
 //! Stored in `<data dir>/dropped-tenants.json` (`json_file`: a crash leaves the old or the new
 //! set). Invariant: `contains` is true for every namespace a successful `add` named, also after
 //! a restart.
+//!
+//! A node that was down (or not yet started) when a tenant was deleted does not know it: until
+//! it is told, a coordinator whose tenant cache is stale could write the dead namespace
+//! through it and acknowledge the write, which the next purge then removes. So the set also
+//! says whether it is *confirmed*: a coordinator sent, since this process started, a complete
+//! list of the deleted namespaces read from the metadata store (`DropTenants` with
+//! `complete`). Before that, the node refuses client writes (`TENANTS_UNCONFIRMED`); the
+//! coordinator confirms it and resends. Confirmation is not stored: every start begins
+//! unconfirmed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::RwLock;
 
@@ -25,6 +35,8 @@ pub const FILE_NAME: &str = "dropped-tenants.json";
 pub struct DroppedTenants {
     path: PathBuf,
     names: RwLock<BTreeSet<String>>,
+    /// A complete list arrived since this process started (see the module doc).
+    confirmed: AtomicBool,
 }
 
 impl DroppedTenants {
@@ -35,6 +47,7 @@ impl DroppedTenants {
         Ok(DroppedTenants {
             path,
             names: RwLock::new(names),
+            confirmed: AtomicBool::new(false),
         })
     }
 
@@ -51,6 +64,20 @@ impl DroppedTenants {
         let added = next.len() - names.len();
         *names = next;
         Ok(added)
+    }
+
+    /// Records that every deleted namespace is in the set: call after a successful `add` of a
+    /// complete list (and of the ones sent before it in the same pass).
+    pub fn confirm(&self) {
+        if !self.confirmed.swap(true, Ordering::AcqRel) {
+            tracing::info!("deleted tenants confirmed; client writes are taken");
+        }
+    }
+
+    /// Whether the set is known complete since this process started: client writes may be
+    /// taken.
+    pub fn is_confirmed(&self) -> bool {
+        self.confirmed.load(Ordering::Acquire)
     }
 
     /// Whether `namespace` was dropped: no record of it may be applied or sent.
@@ -91,6 +118,22 @@ mod tests {
             reopened.fenced(["acme", "acme:2", "beta:2"].into_iter()),
             vec![true, false, true]
         );
+    }
+
+    #[test]
+    fn every_start_begins_unconfirmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let set = DroppedTenants::open(dir.path()).expect("open");
+        assert!(!set.is_confirmed());
+        set.add(&["acme".to_owned()]).expect("add");
+        set.confirm();
+        assert!(set.is_confirmed());
+        let reopened = DroppedTenants::open(dir.path()).expect("reopen");
+        assert!(
+            !reopened.is_confirmed(),
+            "deletes made while the node was down must be learned again"
+        );
+        assert!(reopened.contains("acme"));
     }
 
     #[test]

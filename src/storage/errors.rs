@@ -42,7 +42,7 @@ fn grpc_code(code: ErrorCode) -> Code {
             Code::ResourceExhausted
         }
         ErrorCode::CorruptedData | ErrorCode::ChecksumFailed => Code::DataLoss,
-        ErrorCode::Unavailable => Code::Unavailable,
+        ErrorCode::Unavailable | ErrorCode::TenantsUnconfirmed => Code::Unavailable,
         ErrorCode::CommitLogFailed | ErrorCode::Internal | ErrorCode::Unspecified => Code::Internal,
     }
 }
@@ -62,6 +62,11 @@ pub enum StorageError {
     /// The node failed in a way that is not the engine's (a task panicked, shutting down).
     #[error("{0}")]
     Internal(String),
+    /// A client write or read before the node learned the deleted tenants (`dropped_tenants`).
+    #[error(
+        "this node has not been told which tenants were deleted since it started; a coordinator confirms it with a complete DropTenants"
+    )]
+    TenantsUnconfirmed,
 }
 
 impl StorageError {
@@ -81,6 +86,7 @@ impl StorageError {
                 }
             }
             StorageError::Internal(_) => ErrorCode::Internal,
+            StorageError::TenantsUnconfirmed => ErrorCode::TenantsUnconfirmed,
         }
     }
 

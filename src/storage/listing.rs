@@ -58,6 +58,11 @@ impl ListKeys {
         })
     }
 
+    /// The namespace listed.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
     /// The page (blocking: it reads tables).
     pub fn run(&self, engine: &Engine) -> Result<pb::ListKeysResponse, EngineError> {
         let mut records = Vec::new();
@@ -80,12 +85,17 @@ impl ListKeys {
                     Some(Ok(_)) => true,
                     Some(Err(e)) => return Err(e),
                 };
-                return Ok(pb::ListKeysResponse { records, more });
+                return Ok(pb::ListKeysResponse {
+                    records,
+                    more,
+                    tenant_deleted: false,
+                });
             }
         }
         Ok(pb::ListKeysResponse {
             records,
             more: false,
+            tenant_deleted: false,
         })
     }
 }

@@ -268,6 +268,18 @@ impl StorageService {
         Ok(())
     }
 
+    /// Client writes and reads wait until the node knows every deleted tenant
+    /// (`dropped_tenants`): before that it cannot tell a live namespace from one deleted while
+    /// it was down.
+    fn check_confirmed(&self) -> Result<(), StorageError> {
+        if self.dropped.is_confirmed() {
+            Ok(())
+        } else {
+            metrics::counter!("pairdb_storage_unconfirmed_requests_refused_total").increment(1);
+            Err(StorageError::TenantsUnconfirmed)
+        }
+    }
+
     /// The node's range streams.
     pub fn streams(&self) -> &StreamManager {
         &self.streams
@@ -302,8 +314,13 @@ impl StorageService {
             }
         };
         let answer = work.instrument(span).await;
-        if let Err(e) = &answer {
-            tracing::warn!(request_ids = ?ids, error = %e, "batch call failed");
+        match &answer {
+            // Expected once after a start, until a coordinator confirms the node.
+            Err(e @ StorageError::TenantsUnconfirmed) => {
+                tracing::debug!(request_ids = ?ids, error = %e, "batch call refused");
+            }
+            Err(e) => tracing::warn!(request_ids = ?ids, error = %e, "batch call failed"),
+            Ok(_) => {}
         }
         pb::BatchResult {
             id: call.id,
@@ -351,6 +368,9 @@ impl StorageService {
     ) -> Result<pb::WriteBatchResponse, StorageError> {
         timed(self, "write_batch", async {
             let source = req.source();
+            if source == pb::BatchSource::Client {
+                self.check_confirmed()?;
+            }
             let records = req
                 .records
                 .into_iter()
@@ -416,15 +436,24 @@ impl StorageService {
         req: pb::ReadBatchRequest,
     ) -> Result<pb::ReadBatchResponse, StorageError> {
         timed(self, "read_batch", async {
+            if req.source() == pb::BatchSource::Client {
+                self.check_confirmed()?;
+            }
             let reads = req.reads;
+            // A dropped namespace is answered as such (no record), whatever is left of it.
+            let fenced = self
+                .dropped
+                .fenced(reads.iter().map(|r| r.tenant_id.as_str()));
             let cached: Option<Vec<pb::ReadResponse>> = reads
                 .iter()
-                .map(|r| {
+                .zip(&fenced)
+                .map(|(r, fenced)| {
+                    if *fenced {
+                        return Some(deleted_tenant_answer());
+                    }
                     self.engine
                         .get_cached(&r.tenant_id, &r.key)
-                        .map(|rec| pb::ReadResponse {
-                            record: Some(record_to_proto(&rec)),
-                        })
+                        .map(|rec| found_answer(Some(rec)))
                 })
                 .collect();
             if let Some(results) = cached {
@@ -434,12 +463,12 @@ impl StorageService {
             let results = blocking(move || {
                 reads
                     .iter()
-                    .map(|r| {
-                        engine
-                            .get(&r.tenant_id, &r.key)
-                            .map(|found| pb::ReadResponse {
-                                record: found.map(|rec| record_to_proto(&rec)),
-                            })
+                    .zip(fenced)
+                    .map(|(r, fenced)| {
+                        if fenced {
+                            return Ok(deleted_tenant_answer());
+                        }
+                        engine.get(&r.tenant_id, &r.key).map(found_answer)
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -466,6 +495,22 @@ impl StorageService {
             disk_percent,
             load,
         }
+    }
+}
+
+/// A read's answer: the stored record, if any.
+fn found_answer(found: Option<Arc<Record>>) -> pb::ReadResponse {
+    pb::ReadResponse {
+        record: found.map(|rec| record_to_proto(&rec)),
+        tenant_deleted: false,
+    }
+}
+
+/// The answer to a read of a dropped namespace.
+fn deleted_tenant_answer() -> pb::ReadResponse {
+    pb::ReadResponse {
+        record: None,
+        tenant_deleted: true,
     }
 }
 
@@ -534,7 +579,11 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        reply(timed(self, "write", self.apply_proto(req.into_inner().record)).await)
+        let body = async {
+            self.check_confirmed()?;
+            self.apply_proto(req.into_inner().record).await
+        };
+        reply(timed(self, "write", body).await)
     }
 
     async fn read(
@@ -543,11 +592,13 @@ impl StorageNode for StorageService {
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let pb::ReadRequest { tenant_id, key } = req.into_inner();
         let engine = self.engine.clone();
+        let fenced = self.dropped.contains(&tenant_id);
         let body = async move {
+            if fenced {
+                return Ok(deleted_tenant_answer());
+            }
             let found = blocking(move || engine.get(&tenant_id, &key)).await?;
-            Ok(pb::ReadResponse {
-                record: found.map(|r| record_to_proto(&r)),
-            })
+            Ok(found_answer(found))
         };
         reply(timed(self, "read", body).await)
     }
@@ -569,6 +620,7 @@ impl StorageNode for StorageService {
             version,
         } = req.into_inner();
         let body = async {
+            self.check_confirmed()?;
             let version = version.ok_or_else(|| invalid("delete without a version"))?;
             self.apply(Record::tombstone(tenant_id, key, Version::from(&version)))
                 .await
@@ -894,7 +946,10 @@ impl StorageNode for StorageService {
         req: Request<pb::DropTenantsRequest>,
     ) -> Result<Response<pb::DropRangesResponse>, Status> {
         let body = async {
-            let wanted = req.into_inner().tenant_ids;
+            let pb::DropTenantsRequest {
+                tenant_ids: wanted,
+                complete,
+            } = req.into_inner();
             if wanted.len() > cleanup::MAX_DROP_ITEMS {
                 return Err(invalid(format!(
                     "at most {} tenants per DropTenants call",
@@ -906,6 +961,10 @@ impl StorageNode for StorageService {
             }
             // Fenced before the drop: nothing of them lands again, even while it runs.
             self.fence(&wanted)?;
+            if complete {
+                // Every deleted namespace is fenced now: client writes may be taken.
+                self.dropped.confirm();
+            }
             let engine = self.engine.clone();
             blocking(move || cleanup::drop_tenants(&engine, wanted)).await
         };
@@ -918,6 +977,12 @@ impl StorageNode for StorageService {
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let body = async {
             let listing = super::listing::ListKeys::parse(req.into_inner())?;
+            if self.dropped.contains(listing.tenant()) {
+                return Ok(pb::ListKeysResponse {
+                    tenant_deleted: true,
+                    ..Default::default()
+                });
+            }
             let engine = self.engine.clone();
             blocking(move || listing.run(&engine)).await
         };

@@ -95,7 +95,7 @@ pub async fn create_tenant(c: &mut Client, tenant: &str, rf: u32) {
 
 /// What a node holds for a key, read from it directly (tombstones included).
 pub async fn stored_record(node: &StorageNode, tenant: &str, key: &str) -> Option<spb::Record> {
-    node.client()
+    node.unconfirmed_client()
         .await
         .read(spb::ReadRequest {
             tenant_id: tenant.to_owned(),
@@ -224,7 +224,7 @@ pub async fn wait_migration(c: &Client, id: &str, want: pb::MigrationState) -> p
 /// How many records (keys of every tenant, tombstones included) a storage node holds.
 pub async fn records_on(node: &StorageNode) -> usize {
     let mut scan = node
-        .client()
+        .unconfirmed_client()
         .await
         .scan_range(spb::ScanRangeRequest {
             range: Some(pairdb::rpc::common::HashRange { start: 0, end: 0 }),

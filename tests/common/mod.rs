@@ -234,9 +234,26 @@ impl StorageNode {
         terminate(&mut c)
     }
 
-    /// A client of the node. Connecting is retried for up to 2 s: a node restarted on its
-    /// old port has been seen to reset the very first connection under a loaded test run.
+    /// A client of the node, which takes client writes: like a coordinator would, it tells
+    /// the node the deleted tenants first (none beyond those it knows; see
+    /// `storage::dropped_tenants`).
     pub async fn client(&self) -> StorageNodeClient<InternalChannel> {
+        let mut client = self.unconfirmed_client().await;
+        client
+            .drop_tenants(pairdb::rpc::storage::DropTenantsRequest {
+                tenant_ids: vec![],
+                complete: true,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("confirming {}: {e:?}", self.id));
+        client
+    }
+
+    /// A client of the node that tells it nothing: a node that just started refuses its
+    /// client writes (`TENANTS_UNCONFIRMED`). Connecting is retried for up to 2 s: a node
+    /// restarted on its old port has been seen to reset the very first connection under a
+    /// loaded test run.
+    pub async fn unconfirmed_client(&self) -> StorageNodeClient<InternalChannel> {
         let endpoint = Channel::from_shared(format!("http://{}", self.grpc)).expect("uri");
         let mut tries = 0;
         let channel = loop {

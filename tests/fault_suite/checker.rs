@@ -7,7 +7,8 @@
 //!   later one at QUORUM may reach disjoint replicas, and then last-write-wins by clock decides,
 //!   as in Cassandra). A key found absent needs a delete that was not settled before each
 //!   acknowledged put began. Single-writer keys (QUORUM and ALL only): the final value is at
-//!   least the last acknowledged one.
+//!   least the last acknowledged one, unless its write has an unknown outcome and the last
+//!   acknowledged one began within 10 s of that write's client giving up (as for `rollback`).
 //! - `rollback`: a QUORUM/ALL read of a single-writer key returns an older value than a
 //!   QUORUM/ALL write acknowledged before the read began (R + W > RF). A value whose write has
 //!   an unknown outcome is no rollback: that write may take effect after later ones...
@@ -286,7 +287,28 @@ fn lost_writes(
         let final_n = f.value.map_or(0, |v| v % SW_SPAN);
         if let Some(last) = last.filter(|l| final_n < l % SW_SPAN) {
             if let Some(w) = writer_of.get(&last) {
-                anomalies.push(lost(w, format!("final n={final_n}")));
+                // As for reads: a final value whose write has an unknown outcome may have taken
+                // effect after later writes, but not long after its client gave up.
+                let unknown = f
+                    .value
+                    .and_then(|v| writer_of.get(&v))
+                    .filter(|x| !x.acked());
+                match unknown {
+                    Some(x) if w.invoke_ms <= x.complete_ms + LATE_MS => {}
+                    Some(x) => anomalies.push(Anomaly {
+                        kind: "late-write",
+                        ops: vec![w.id, x.id],
+                        ..lost(
+                            w,
+                            format!(
+                                "final n={final_n}, written by a write whose client gave up \
+                                 more than {LATE_MS} ms before this began ({})",
+                                describe(x)
+                            ),
+                        )
+                    }),
+                    None => anomalies.push(lost(w, format!("final n={final_n}"))),
+                }
             }
         }
         return;

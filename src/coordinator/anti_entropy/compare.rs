@@ -522,7 +522,10 @@ async fn fix(
         let answer = replica
             .client
             .clone()
-            .read_batch(pb::ReadBatchRequest { reads })
+            .read_batch(pb::ReadBatchRequest {
+                reads,
+                source: pb::BatchSource::Repair as i32,
+            })
             .await
             .map_err(|s| failed(&replica.node, "ReadBatch", s))?
             .into_inner();
