@@ -6,10 +6,11 @@ use super::trees::RangeTrees;
 use super::write::tree_entry;
 use super::{
     Arc, AtomicBool, AtomicU64, CommitLog, Condvar, Core, DiskGuard, Duration, Engine, EngineError,
-    EngineMetrics, EngineOptions, LogOptions, Manifest, Memtable, Mutex, Ordering, Path, Result,
-    RowCache, RwLock, STRIPES, SsTable, State, Stripe, SyncMode, Vfs, io_err, manifest, mpsc,
-    table_file_name,
+    EngineMetrics, EngineOptions, LogOptions, Manifest, Memtable, Mutex, Ordering, Path, Record,
+    Result, RowCache, RwLock, STRIPES, SsTable, State, Stripe, SyncMode, Vfs, io_err, manifest,
+    mpsc, table_file_name,
 };
+use crate::ring::HashRange;
 
 impl Engine {
     /// Opens (or creates) the engine in `dir`.
@@ -75,9 +76,7 @@ impl Engine {
             after_seq: manifest.flushed_seq,
             skip_corrupt: options.skip_corrupt_log,
         };
-        let (wal, replay) = CommitLog::open(&wal_dir, log_options, &mut |seq, record| {
-            active.insert(record.internal_key(), Arc::new(record), seq);
-        })?;
+        let (wal, replay) = replay_into(&active, &wal_dir, log_options)?;
         if replay.records > 0 {
             tracing::info!(
                 records = replay.records,
@@ -175,31 +174,81 @@ impl Engine {
     }
 }
 
+/// Records handed from the log reader to the memtable inserter at a time.
+const REPLAY_BATCH: usize = 1024;
+
+/// Opens the commit log, replaying it into `active` on two threads: this one reads, checks and
+/// decodes the frames, a second inserts the records into the memtable, in log order (a later
+/// version of a key is inserted after the earlier one, as when it was written).
+fn replay_into(
+    active: &Memtable,
+    wal_dir: &Path,
+    log_options: LogOptions,
+) -> Result<(CommitLog, super::wal::ReplayStats)> {
+    std::thread::scope(|scope| {
+        let (batches, received) = mpsc::sync_channel::<Vec<(u64, Record)>>(16);
+        let inserter = scope.spawn(move || {
+            for batch in received {
+                for (seq, record) in batch {
+                    active.insert(record.internal_key(), Arc::new(record), seq);
+                }
+            }
+        });
+        let mut batch = Vec::with_capacity(REPLAY_BATCH);
+        let opened = CommitLog::open(wal_dir, log_options, &mut |seq, record| {
+            batch.push((seq, record));
+            if batch.len() == REPLAY_BATCH {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH));
+                // Fails only if the inserter died, whose panic the join below passes on.
+                let _ = batches.send(full);
+            }
+        });
+        if !batch.is_empty() {
+            let _ = batches.send(batch);
+        }
+        drop(batches);
+        if let Err(panic) = inserter.join() {
+            std::panic::resume_unwind(panic);
+        }
+        opened
+    })
+}
+
 impl Core {
-    /// Builds the range trees from a scan of every winner (before any write is taken). A
-    /// damaged table found on the way is quarantined (like any scan that meets one) and the
-    /// build starts over without it, so the trees cover what the node can serve.
+    /// Builds the range trees from a scan of every winner (before any write is taken), on
+    /// several threads that each take a slice of the ring (the trees are locked per shard;
+    /// every key lies in one slice). A damaged table found on the way is quarantined (like
+    /// any scan that meets one) and the build starts over without it, so the trees cover what
+    /// the node can serve.
     fn build_trees(self: &Arc<Self>) {
         let started = std::time::Instant::now();
         let attempts = self.snapshot().levels.iter().map(Vec::len).sum::<usize>() + 1;
+        let slices = ring_slices(
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        );
         for _ in 0..attempts {
             self.trees.clear();
+            let scans: Vec<std::result::Result<u64, EngineError>> = std::thread::scope(|scope| {
+                let workers: Vec<_> = slices
+                    .iter()
+                    .map(|slice| scope.spawn(move || self.add_to_trees(*slice)))
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| {
+                        w.join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                    })
+                    .collect()
+            });
             let mut keys = 0u64;
             let mut failure = None;
-            for item in self.merge_from(&[], None, &|_| true) {
-                match item {
-                    Ok((ikey, record)) => {
-                        self.trees.toggle(
-                            &record.tenant,
-                            record.ring_hash,
-                            tree_entry(&ikey, &record),
-                        );
-                        keys += 1;
-                    }
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
+            for scan in scans {
+                match scan {
+                    Ok(n) => keys += n,
+                    // A corruption first: it is the one a new attempt gets past.
+                    Err(e) if failure.is_none() || e.is_corruption() => failure = Some(e),
+                    Err(_) => {}
                 }
             }
             match failure {
@@ -207,6 +256,7 @@ impl Core {
                     self.trees_complete.store(true, Ordering::Release);
                     tracing::info!(
                         keys,
+                        threads = slices.len(),
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "range trees built"
                     );
@@ -224,6 +274,31 @@ impl Core {
         }
         tracing::error!("range trees incomplete: damaged tables kept turning up");
     }
+
+    /// Adds every winner whose ring position lies in `slice` to the trees; returns how many.
+    fn add_to_trees(self: &Arc<Self>, slice: HashRange) -> Result<u64> {
+        let mut keys = 0u64;
+        for item in self.merge_from(&[], Some(Arc::from([slice])), &|_| true) {
+            let (ikey, record) = item?;
+            // Tables skip other slices' entries; memtables hand out every record.
+            if !slice.contains(record.ring_hash) {
+                continue;
+            }
+            self.trees
+                .toggle(&record.tenant, record.ring_hash, tree_entry(&ikey, &record));
+            keys += 1;
+        }
+        Ok(keys)
+    }
+}
+
+/// The ring cut into `n` equal slices (at most 8), which cover it exactly once.
+fn ring_slices(n: usize) -> Vec<HashRange> {
+    let n = n.clamp(1, 8) as u128;
+    let bound = |i: u128| ((i << 64) / n) as u64;
+    (0..n)
+        .map(|i| HashRange::new(bound(i), bound(i + 1)))
+        .collect()
 }
 
 /// Deletes table files the manifest does not list (a crash between writing a table and
@@ -254,4 +329,31 @@ pub(super) fn remove_orphans(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_slices_cover_every_position_once() {
+        for n in [0, 1, 2, 3, 7, 8, 64] {
+            let slices = ring_slices(n);
+            assert_eq!(slices.len(), n.clamp(1, 8));
+            for position in [
+                0,
+                1,
+                u64::MAX / 3,
+                1 << 63,
+                (1 << 63) - 1,
+                u64::MAX - 1,
+                u64::MAX,
+            ] {
+                let holders = slices.iter().filter(|s| s.contains(position)).count();
+                assert_eq!(holders, 1, "{n} slices, position {position}");
+            }
+            let width: u128 = slices.iter().map(HashRange::width).sum();
+            assert_eq!(width, 1u128 << 64, "{n} slices");
+        }
+    }
 }

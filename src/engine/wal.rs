@@ -53,7 +53,7 @@ use super::options::SyncMode;
 use super::codec::{decode_log_record, encode_log_record};
 use super::error::{EngineError, Result};
 use super::types::Record;
-use super::vfs::{VFile, Vfs};
+use super::vfs::{Mapped, VFile, Vfs};
 
 const MAGIC: &[u8; 8] = b"PDBWAL02";
 /// The first format: frames without the `durable` field.
@@ -349,6 +349,21 @@ fn scan_segment(
     Ok(ScanEnd::Clean)
 }
 
+/// A segment's bytes for replay: mapped (no copy out of the page cache, no fresh buffer to
+/// fault in), read when it cannot be (an empty file cannot be mapped).
+fn map_segment(vfs: &dyn Vfs, path: &Path) -> Result<Mapped> {
+    match vfs.map(path) {
+        Ok(mapped) => {
+            mapped.advise_sequential();
+            Ok(mapped)
+        }
+        Err(_) => vfs
+            .read(path)
+            .map(|bytes| Mapped::Bytes(bytes.into()))
+            .map_err(|e| log_err(path, e)),
+    }
+}
+
 fn list_segments(vfs: &dyn Vfs, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut segments = Vec::new();
     let entries = vfs
@@ -409,9 +424,12 @@ impl CommitLog {
         let number = segments.last().map_or(1, |(n, _)| n + 1);
         for (i, (_, path)) in segments.into_iter().enumerate() {
             let newest = i + 1 == count;
-            let data = vfs.read(&path).map_err(|e| log_err(&path, e))?;
+            let data = map_segment(&*vfs, &path)?;
+            let data_len = data.len() as u64;
             stats.segments += 1;
             let end = scan_segment(&path, &data, after_seq, &mut last_seq, &mut stats, apply)?;
+            // Unmapped before a cut shortens the file.
+            drop(data);
             let cut = match end {
                 ScanEnd::Clean => None,
                 ScanEnd::Torn { offset, reason } if newest => {
@@ -436,7 +454,7 @@ impl CommitLog {
             };
             if let Some(offset) = cut {
                 let file = vfs.open_write(&path).map_err(|e| log_err(&path, e))?;
-                file.set_len(offset.max(MAGIC.len() as u64).min(data.len() as u64))
+                file.set_len(offset.max(MAGIC.len() as u64).min(data_len))
                     .and_then(|()| file.sync_all())
                     .map_err(|e| log_err(&path, e))?;
             }
