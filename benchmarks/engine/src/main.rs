@@ -8,6 +8,7 @@
 
 /// The `pairdb` binary's allocator (src/main.rs), so the engine allocates here as it does in a
 /// storage node. RocksDB's C++ allocations go to glibc's malloc either way.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
