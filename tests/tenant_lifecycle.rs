@@ -193,91 +193,142 @@ async fn a_deleted_tenant_is_gone_everywhere_and_its_successor_sees_nothing_of_i
     );
 }
 
-/// A coordinator that misses its metadata refreshes (here: one that refreshes every 10
-/// minutes, as one cut from the store or paused would) still holds the deleted incarnation in
-/// its cache when the id is created again. Its writes must not be acknowledged into the dead
+/// Three storage nodes, coordinator `c1` (refreshing as usual) behind gateway `gw1`, and one
+/// coordinator per name in `lagging` that refreshes every 10 minutes (as one cut from the
+/// metadata store or paused would), each behind its own gateway. Everything stops on drop.
+struct Lagging {
+    storage: Vec<common::StorageNode>,
+    /// (coordinator, its gateway), one per lagging name.
+    lagging: Vec<(RoleProcess, RoleProcess)>,
+    url1: String,
+    _c1: RoleProcess,
+    _gw1: RoleProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl Lagging {
+    async fn start(lagging: &[&str]) -> Lagging {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = common::cluster::start_storage(3, dir.path());
+        let meta = sqlite_url(dir.path());
+        let env = [("PAIRDB_COORDINATOR_AUTO_REPAIR", "false")];
+        let c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &env, dir.path());
+        let gw1 = RoleProcess::gateway("gw1", &[&c1], &["--auth=none"], &[], dir.path());
+        wait_all_active(&c1.client().await, 3).await;
+        let slow = [
+            ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
+            ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "600000"),
+        ];
+        let mut started = Vec::new();
+        for name in lagging {
+            let c = RoleProcess::coordinator(name, &meta, "memory://", &storage, &slow, dir.path());
+            wait_all_active(&c.client().await, 3).await;
+            let gw = RoleProcess::gateway(
+                &format!("gw-{name}"),
+                &[&c],
+                &["--auth=none"],
+                &[],
+                dir.path(),
+            );
+            started.push((c, gw));
+        }
+        Lagging {
+            storage,
+            lagging: started,
+            url1: gw1.url(),
+            _c1: c1,
+            _gw1: gw1,
+            _dir: dir,
+        }
+    }
+
+    /// The gateway URL of the `i`-th lagging coordinator.
+    fn url(&self, i: usize) -> String {
+        self.lagging[i].1.url()
+    }
+
+    /// Creates acme through `c1`; `false` while the re-creation guard refuses it.
+    async fn create(&self) -> bool {
+        let (s, _) = call(
+            Method::POST,
+            format!("{}/v1/tenants", self.url1),
+            None,
+            Some(json!({"tenant_id": "acme"})),
+        )
+        .await;
+        s == 200
+    }
+
+    /// Deletes acme through `c1`.
+    async fn delete(&self) {
+        let (s, b) = call(
+            Method::DELETE,
+            format!("{}/v1/tenants/acme", self.url1),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+
+    /// Creates acme again, as soon as the re-creation guard lets it.
+    async fn recreate(&self) {
+        eventually("acme created again", Duration::from_secs(15), || {
+            self.create()
+        })
+        .await;
+    }
+}
+
+/// Writes `value` to key `k` of acme through `url` at `level`.
+async fn put(url: &str, value: &str, level: &str) -> (u16, Value) {
+    call(
+        Method::POST,
+        format!("{url}/v1/key-value"),
+        None,
+        Some(json!({"key": "k", "value": value, "consistency": level})),
+    )
+    .await
+}
+
+/// Reads key `k` of acme through `url` at `level`.
+async fn get(url: &str, level: &str) -> (u16, Value) {
+    call(
+        Method::GET,
+        format!("{url}/v1/key-value?key=k&consistency={level}"),
+        None,
+        None,
+    )
+    .await
+}
+
+/// A coordinator that misses its metadata refreshes still holds the deleted incarnation in its
+/// cache when the id is created again. Its writes must not be acknowledged into the dead
 /// namespace: the storage nodes fenced it at the delete and refuse them, the coordinator drops
 /// its cached tenant and answers 503 (retry), and the retry lands in the new incarnation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_coordinator_that_missed_the_delete_cannot_acknowledge_into_the_dead_incarnation() {
-    let dir = tempfile::tempdir().unwrap();
-    let storage = common::cluster::start_storage(3, dir.path());
-    let meta = sqlite_url(dir.path());
-    let env = [("PAIRDB_COORDINATOR_AUTO_REPAIR", "false")];
-    let c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &env, dir.path());
-    let lagging = [
-        ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
-        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "600000"),
-    ];
-    let c2 = RoleProcess::coordinator("c2", &meta, "memory://", &storage, &lagging, dir.path());
-    let gw1 = RoleProcess::gateway("gw1", &[&c1], &["--auth=none"], &[], dir.path());
-    let gw2 = RoleProcess::gateway("gw2", &[&c2], &["--auth=none"], &[], dir.path());
-    wait_all_active(&c1.client().await, 3).await;
-    wait_all_active(&c2.client().await, 3).await;
-    let (url1, url2) = (gw1.url(), gw2.url());
-
-    let (s, b) = call(
-        Method::POST,
-        format!("{url1}/v1/tenants"),
-        None,
-        Some(json!({"tenant_id": "acme"})),
-    )
-    .await;
-    assert_eq!(s, 200, "{b}");
+    let c = Lagging::start(&["c2"]).await;
+    let url2 = c.url(0);
+    assert!(c.create().await);
     // c2 caches incarnation 1 with its first write.
-    let put = |url: String, value: &'static str| async move {
-        call(
-            Method::POST,
-            format!("{url}/v1/key-value"),
-            None,
-            Some(json!({"key": "k", "value": value, "consistency": "quorum"})),
-        )
-        .await
-    };
-    let (s, b) = put(url2.clone(), "old").await;
+    let (s, b) = put(&url2, "old", "quorum").await;
     assert_eq!(s, 200, "{b}");
-
-    let (s, b) = call(
-        Method::DELETE,
-        format!("{url1}/v1/tenants/acme"),
-        None,
-        None,
-    )
-    .await;
-    assert_eq!(s, 200, "{b}");
-    eventually("acme created again", Duration::from_secs(15), || {
-        let url1 = url1.clone();
-        async move {
-            let (s, _) = call(
-                Method::POST,
-                format!("{url1}/v1/tenants"),
-                None,
-                Some(json!({"tenant_id": "acme"})),
-            )
-            .await;
-            s == 200
-        }
-    })
-    .await;
+    c.delete().await;
+    c.recreate().await;
 
     // c2 still serves incarnation 1 from its cache: the replicas refuse the write.
-    let (s, b) = put(url2.clone(), "new").await;
+    let (s, b) = put(&url2, "new", "quorum").await;
     assert_eq!(
         (s, b["error_code"].as_str()),
         (503, Some("UNAVAILABLE")),
         "a write into the dead incarnation must not be acknowledged: {b}"
     );
     // Its retry writes the new incarnation, and every coordinator reads it there.
-    let (s, b) = put(url2.clone(), "new").await;
+    let (s, b) = put(&url2, "new", "quorum").await;
     assert_eq!(s, 200, "{b}");
-    for url in [&url1, &url2] {
-        let (s, b) = call(
-            Method::GET,
-            format!("{url}/v1/key-value?key=k&consistency=all"),
-            None,
-            None,
-        )
-        .await;
+    for url in [&c.url1, &url2] {
+        let (s, b) = get(url, "all").await;
         assert_eq!((s, b["value"].as_str()), (200, Some("new")), "{url}: {b}");
     }
 }
@@ -293,125 +344,56 @@ async fn a_coordinator_that_missed_the_delete_cannot_acknowledge_into_the_dead_i
 /// lost; served, the predecessor's record would have reached the successor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_down_during_the_delete_serves_nothing_of_the_dead_incarnation() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut storage = common::cluster::start_storage(3, dir.path());
-    let meta = sqlite_url(dir.path());
-    let env = [("PAIRDB_COORDINATOR_AUTO_REPAIR", "false")];
-    let c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &env, dir.path());
-    let lagging = [
-        ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
-        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "600000"),
-    ];
-    let c2 = RoleProcess::coordinator("c2", &meta, "memory://", &storage, &lagging, dir.path());
-    let c3 = RoleProcess::coordinator("c3", &meta, "memory://", &storage, &lagging, dir.path());
-    let gw1 = RoleProcess::gateway("gw1", &[&c1], &["--auth=none"], &[], dir.path());
-    let gw2 = RoleProcess::gateway("gw2", &[&c2], &["--auth=none"], &[], dir.path());
-    let gw3 = RoleProcess::gateway("gw3", &[&c3], &["--auth=none"], &[], dir.path());
-    let c2_admin = c2.client().await;
-    let c3_admin = c3.client().await;
-    wait_all_active(&c1.client().await, 3).await;
-    wait_all_active(&c2_admin, 3).await;
-    wait_all_active(&c3_admin, 3).await;
-    let (url1, url2, url3) = (gw1.url(), gw2.url(), gw3.url());
-    let get_one = |url: String| async move {
-        call(
-            Method::GET,
-            format!("{url}/v1/key-value?key=k&consistency=one"),
-            None,
-            None,
-        )
-        .await
-    };
-    let put = |url: String, value: &'static str, level: &'static str| async move {
-        call(
-            Method::POST,
-            format!("{url}/v1/key-value"),
-            None,
-            Some(json!({"key": "k", "value": value, "consistency": level})),
-        )
-        .await
-    };
-
-    let (s, b) = call(
-        Method::POST,
-        format!("{url1}/v1/tenants"),
-        None,
-        Some(json!({"tenant_id": "acme"})),
-    )
-    .await;
-    assert_eq!(s, 200, "{b}");
+    let mut c = Lagging::start(&["c2", "c3"]).await;
+    let (url2, url3) = (c.url(0), c.url(1));
+    assert!(c.create().await);
     // c2 and c3 cache incarnation 1.
-    let (s, b) = put(url2.clone(), "old", "all").await;
+    let (s, b) = put(&url2, "old", "all").await;
     assert_eq!(s, 200, "{b}");
-    let (s, b) = get_one(url3.clone()).await;
+    let (s, b) = get(&url3, "one").await;
     assert_eq!((s, b["value"].as_str()), (200, Some("old")), "{b}");
 
     // s3 is down during the delete and the re-creation.
-    storage[2].terminate();
-    let (s, b) = call(
-        Method::DELETE,
-        format!("{url1}/v1/tenants/acme"),
-        None,
-        None,
-    )
-    .await;
-    assert_eq!(s, 200, "{b}");
-    eventually("acme created again", Duration::from_secs(15), || {
-        let url1 = url1.clone();
-        async move {
-            let (s, _) = call(
-                Method::POST,
-                format!("{url1}/v1/tenants"),
-                None,
-                Some(json!({"tenant_id": "acme"})),
-            )
-            .await;
-            s == 200
-        }
-    })
-    .await;
+    c.storage[2].terminate();
+    c.delete().await;
+    c.recreate().await;
 
-    // s3 comes back; s1 and s2 go: s3 is the only replica c2 can write.
-    storage[2].restart();
-    for admin in [&c2_admin, &c3_admin] {
+    // s3 comes back; s1 and s2 go: s3 is the only replica c2 and c3 can reach.
+    c.storage[2].restart();
+    for (coordinator, _) in &c.lagging {
+        let admin = coordinator.client().await;
         eventually("s3 seen again", Duration::from_secs(30), || {
-            let mut c = admin.clone();
-            async move { node_state(&mut c, "s3").await == Some(WireState::Active) }
+            let mut admin = admin.clone();
+            async move { node_state(&mut admin, "s3").await == Some(WireState::Active) }
         })
         .await;
     }
-    storage[0].terminate();
-    storage[1].terminate();
+    c.storage[0].terminate();
+    c.storage[1].terminate();
 
     // c3 reads at ONE: s3 still holds the predecessor's record, which must not be served.
-    let (s, b) = get_one(url3.clone()).await;
+    let (s, b) = get(&url3, "one").await;
     assert_eq!(
         (s, b["error_code"].as_str()),
         (503, Some("UNAVAILABLE")),
         "the dead incarnation's record must not be served: {b}"
     );
-
-    let (s, b) = put(url2.clone(), "new", "one").await;
+    let (s, b) = put(&url2, "new", "one").await;
     assert_eq!(
         (s, b["error_code"].as_str()),
         (503, Some("UNAVAILABLE")),
         "a write into the dead incarnation must not be acknowledged: {b}"
     );
     // The retry writes the new incarnation, on s3.
-    let (s, b) = put(url2.clone(), "new", "one").await;
+    let (s, b) = put(&url2, "new", "one").await;
     assert_eq!(s, 200, "{b}");
+    let s3 = &c.storage[2];
     assert_eq!(
-        stored(&storage[2], "acme:2", "k")
-            .await
-            .map(|v| v.0)
-            .as_deref(),
+        stored(s3, "acme:2", "k").await.map(|v| v.0).as_deref(),
         Some("\"new\"")
     );
     assert_ne!(
-        stored(&storage[2], "acme", "k")
-            .await
-            .map(|v| v.0)
-            .as_deref(),
+        stored(s3, "acme", "k").await.map(|v| v.0).as_deref(),
         Some("\"new\""),
         "nothing was written into the dead incarnation"
     );
@@ -424,68 +406,17 @@ async fn a_node_down_during_the_delete_serves_nothing_of_the_dead_incarnation() 
 /// predecessor's data and not a success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_coordinator_stops_serving_a_deleted_tenant_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let storage = common::cluster::start_storage(3, dir.path());
-    let meta = sqlite_url(dir.path());
-    let env = [("PAIRDB_COORDINATOR_AUTO_REPAIR", "false")];
-    let lagging = [
-        ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
-        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "600000"),
-    ];
-    let c1 = RoleProcess::coordinator("c1", &meta, "memory://", &storage, &env, dir.path());
-    let gw1 = RoleProcess::gateway("gw1", &[&c1], &["--auth=none"], &[], dir.path());
-    wait_all_active(&c1.client().await, 3).await;
-    let url1 = gw1.url();
-    let (s, b) = call(
-        Method::POST,
-        format!("{url1}/v1/tenants"),
-        None,
-        Some(json!({"tenant_id": "acme"})),
-    )
-    .await;
+    let c = Lagging::start(&["c2", "c3", "c4"]).await;
+    assert!(c.create().await);
+    let (s, b) = put(&c.url1, "old", "all").await;
     assert_eq!(s, 200, "{b}");
-    let (s, b) = call(
-        Method::POST,
-        format!("{url1}/v1/key-value"),
-        None,
-        Some(json!({"key": "k", "value": "old", "consistency": "all"})),
-    )
-    .await;
-    assert_eq!(s, 200, "{b}");
-
-    let mut lagging_gateways = Vec::new();
-    let mut keep = Vec::new();
-    for name in ["c2", "c3", "c4"] {
-        let c = RoleProcess::coordinator(name, &meta, "memory://", &storage, &lagging, dir.path());
-        wait_all_active(&c.client().await, 3).await;
-        let gw = RoleProcess::gateway(
-            &format!("gw-{name}"),
-            &[&c],
-            &["--auth=none"],
-            &[],
-            dir.path(),
-        );
-        // Each caches the tenant with a read of the key.
-        let (s, b) = call(
-            Method::GET,
-            format!("{}/v1/key-value?key=k", gw.url()),
-            None,
-            None,
-        )
-        .await;
-        assert_eq!((s, b["value"].as_str()), (200, Some("old")), "{name}: {b}");
-        lagging_gateways.push(gw.url());
-        keep.push((c, gw));
+    // Each lagging coordinator caches the tenant with a read of the key.
+    for i in 0..3 {
+        let (s, b) = get(&c.url(i), "quorum").await;
+        assert_eq!((s, b["value"].as_str()), (200, Some("old")), "{i}: {b}");
     }
 
-    let (s, b) = call(
-        Method::DELETE,
-        format!("{url1}/v1/tenants/acme"),
-        None,
-        None,
-    )
-    .await;
-    assert_eq!(s, 200, "{b}");
+    c.delete().await;
     let requests = [
         (Method::GET, "/v1/key-value?key=k&consistency=one", None),
         (Method::GET, "/v1/key-value?prefix=&consistency=one", None),
@@ -495,8 +426,8 @@ async fn every_coordinator_stops_serving_a_deleted_tenant_at_once() {
             Some(json!({"key": "k", "value": "late", "consistency": "one"})),
         ),
     ];
-    for (url, (method, path, body)) in lagging_gateways.iter().zip(requests) {
-        let (s, b) = call(method.clone(), format!("{url}{path}"), None, body).await;
+    for (i, (method, path, body)) in requests.into_iter().enumerate() {
+        let (s, b) = call(method.clone(), format!("{}{path}", c.url(i)), None, body).await;
         assert_eq!(
             (s, b["error_code"].as_str()),
             (404, Some("TENANT_NOT_FOUND")),
