@@ -3,6 +3,9 @@
 # (../shared/BENCHMARKS.md section 2). Builds RocksDB from source the first time (needs Debian's
 # clang and libclang-dev; several minutes on 2 cores). Output: a markdown report on stdout.
 # Extra arguments go to the harness: --seconds N --keys N --replay-mib N --only writes|reads|scan|replay
+# Data larger than memory (not in the default run; about 30 minutes, needs root for the cgroup):
+#   scripts/bench-engine.sh --only large [--keys 10000000] [--writers 16] [--memory-limit-mib N]
+#                           [--pairdb-bin target/release/pairdb] [--seconds 10]
 set -euo pipefail
 cd "$(dirname "$0")/../benchmarks/engine"
 if ! command -v clang >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1; then

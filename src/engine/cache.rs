@@ -15,9 +15,13 @@ use super::types::Record;
 #[derive(Clone)]
 struct RecordWeighter;
 
+/// Memory of one cache entry besides its key's buffer and its record: the key's `Vec`, the
+/// `Arc`, and the cache's own bookkeeping, rounded up.
+const ENTRY_BYTES: usize = 64;
+
 impl Weighter<Vec<u8>, Arc<Record>> for RecordWeighter {
     fn weight(&self, key: &Vec<u8>, record: &Arc<Record>) -> u64 {
-        (key.len() + record.size_estimate()) as u64
+        (ENTRY_BYTES + key.capacity() + record.memory_bytes()) as u64
     }
 }
 

@@ -64,6 +64,9 @@ impl Core {
             None
         } else {
             let meta = builder.finish()?;
+            self.metrics
+                .flush_bytes_written
+                .fetch_add(meta.file_bytes, Ordering::Relaxed);
             vfs.sync_dir(&self.sst_dir)
                 .map_err(|e| io_err("fsync", &self.sst_dir, e))?;
             Some((meta.clone(), SsTable::open(vfs, &path, id)?))

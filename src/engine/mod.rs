@@ -119,6 +119,8 @@ pub struct EngineStats {
     pub flushes: u64,
     pub compactions: u64,
     pub compaction_bytes_written: u64,
+    /// Bytes of the tables flushes wrote (memtables to level 0).
+    pub flush_bytes_written: u64,
     pub tombstones_dropped: u64,
     /// Expired values compaction purged (past their expiry plus gc_grace).
     pub expired_dropped: u64,
@@ -164,6 +166,7 @@ pub struct EngineMetrics {
     pub flushes: AtomicU64,
     pub compactions: AtomicU64,
     pub compaction_bytes_written: AtomicU64,
+    pub flush_bytes_written: AtomicU64,
     pub tombstones_dropped: AtomicU64,
     pub expired_dropped: AtomicU64,
 }
@@ -537,6 +540,7 @@ impl Core {
             flushes: m.flushes.load(Ordering::Relaxed),
             compactions: m.compactions.load(Ordering::Relaxed),
             compaction_bytes_written: m.compaction_bytes_written.load(Ordering::Relaxed),
+            flush_bytes_written: m.flush_bytes_written.load(Ordering::Relaxed),
             tombstones_dropped: m.tombstones_dropped.load(Ordering::Relaxed),
             expired_dropped: m.expired_dropped.load(Ordering::Relaxed),
             replay: self.replay.clone(),
@@ -576,6 +580,62 @@ mod tests {
             sync: SyncMode::Always,
             ..EngineOptions::default()
         }
+    }
+
+    /// A record decoded from a request holds slices of the request's whole receive buffer;
+    /// the memtable and the row cache must keep copies of their own, or one small cached
+    /// record pins the buffer, memory no budget counts.
+    #[test]
+    fn stored_records_do_not_pin_the_buffers_they_arrived_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(dir.path(), EngineOptions::default()).expect("open");
+        let request = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+        let inside = |b: &bytes::Bytes| {
+            let start = request.as_ptr() as usize;
+            (start..start + request.len()).contains(&(b.as_ptr() as usize))
+        };
+        let record = Record::put(
+            "t",
+            request.slice(0..16),
+            version(1),
+            request.slice(64..164),
+        );
+        assert!(
+            inside(&record.key),
+            "the test builds its record from slices"
+        );
+        engine.apply(record).expect("apply");
+        let stored = engine.get("t", &[b'x'; 16]).expect("get").expect("found");
+        assert_eq!(stored.value.as_deref(), Some(&[b'x'; 100][..]));
+        assert!(
+            !inside(&stored.key),
+            "the stored key shares the request's buffer"
+        );
+        let value = stored.value.as_ref().expect("value");
+        assert!(
+            !inside(value),
+            "the stored value shares the request's buffer"
+        );
+    }
+
+    /// The memtable's budget counts what its records take in memory, not only their bytes:
+    /// a flush comes after about `memtable_bytes` of real memory.
+    #[test]
+    fn the_memtable_budget_counts_memory_not_only_key_and_value_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(dir.path(), EngineOptions::default()).expect("open");
+        for i in 0..1000u32 {
+            engine
+                .apply(Record::put("t", i.to_be_bytes().to_vec(), version(1), "v"))
+                .expect("apply");
+        }
+        let counted = engine.stats().memtable_bytes;
+        // 1000 records of 5 bytes of key and value: each also takes a struct, an Arc, a
+        // clock with its id, a skiplist node and its internal key.
+        assert!(
+            counted >= 1000 * 250,
+            "{counted} bytes counted for 1000 records"
+        );
     }
 
     #[test]

@@ -83,7 +83,33 @@ impl Record {
         internal_key(&self.tenant, &self.key)
     }
 
-    /// Approximate bytes this record occupies in memory and on disk.
+    /// Bytes of memory this record holds once in an `Arc` (the struct, its heap buffers,
+    /// and about 16 bytes of allocator rounding per buffer), for the memtable's and the row
+    /// cache's budgets. Counts the key and value by length, so it holds for records whose
+    /// buffers are their own ([`Record::with_own_buffers`]).
+    pub fn memory_bytes(&self) -> usize {
+        const ARC_COUNTS: usize = 16;
+        const PER_BUFFER: usize = 16;
+        let buffers = 3 + self.version.clock.len() + usize::from(self.value.is_some());
+        std::mem::size_of::<Record>()
+            + ARC_COUNTS
+            + self.tenant.capacity()
+            + self.key.len()
+            + self.value.as_ref().map_or(0, Bytes::len)
+            + self.version.clock.heap_bytes()
+            + buffers * PER_BUFFER
+    }
+
+    /// The record with its key and value copied into buffers of their own. A record decoded
+    /// from a request shares the request's receive buffer; kept in the memtable or the row
+    /// cache as it is, one small record would pin that whole buffer, memory no budget counts.
+    pub fn with_own_buffers(mut self) -> Self {
+        self.key = Bytes::copy_from_slice(&self.key);
+        self.value = self.value.as_deref().map(Bytes::copy_from_slice);
+        self
+    }
+
+    /// Approximate bytes this record occupies on disk (and on the wire).
     pub fn size_estimate(&self) -> usize {
         let clock: usize = self.version.clock.iter().map(|(id, _)| id.len() + 9).sum();
         let expiry = if self.expires_at_ms.is_some() { 8 } else { 0 };

@@ -67,7 +67,7 @@ impl Core {
                 let stored = current.version.clone();
                 return Ok((ApplyOutcome::Ignored { stored }, self.wal.appended_seq()));
             }
-            let record = Arc::new(record);
+            let record = Arc::new(record.with_own_buffers());
             let (seq, bytes) = {
                 let state = self.state.read();
                 let seq = self.wal.append(&record)?;

@@ -92,6 +92,10 @@ async fn metrics(State(node): State<Node>) -> String {
         s.compaction_bytes_written as f64,
     );
     gauge(
+        "pairdb_engine_flush_bytes_written",
+        s.flush_bytes_written as f64,
+    );
+    gauge(
         "pairdb_engine_tombstones_dropped",
         s.tombstones_dropped as f64,
     );

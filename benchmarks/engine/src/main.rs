@@ -5,12 +5,17 @@
 //! `WriteOptions::set_sync(true)`; fjall `persist(SyncData)` after each insert).
 //!
 //! Usage: pairdb-engine-bench [--seconds N] [--keys N] [--replay-mib N] [--only writes|reads|scan|replay]
+//!        pairdb-engine-bench --only large [--keys N] [--writers N] [--memory-limit-mib N]
+//!            [--pairdb-bin PATH] [--seconds N]   (data larger than memory; see large.rs)
 
 /// The `pairdb` binary's allocator (src/main.rs), so the engine allocates here as it does in a
 /// storage node. RocksDB's C++ allocations go to glibc's malloc either way.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod cgroup;
+mod large;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +61,11 @@ trait Store: Send + Sync {
     fn scan_hash_range(&self, range: HashRange) -> Result<u64>;
     /// Make loaded data reach the on-disk tables (flush + compact).
     fn settle(&self) -> Result<()>;
+    /// Bytes of tables written so far by flushes and compactions (not the log); `None` when
+    /// the store does not count them.
+    fn table_bytes_written(&self) -> Option<u64> {
+        None
+    }
 }
 
 struct Pairdb {
@@ -103,11 +113,17 @@ impl Store for Pairdb {
         self.engine.compact()?;
         Ok(())
     }
+    fn table_bytes_written(&self) -> Option<u64> {
+        let s = self.engine.stats();
+        Some(s.flush_bytes_written + s.compaction_bytes_written)
+    }
 }
 
 struct Rocks {
     db: rocksdb::DB,
     write: rocksdb::WriteOptions,
+    /// Kept for its statistics (flush and compaction bytes).
+    opts: rocksdb::Options,
 }
 
 impl Rocks {
@@ -119,6 +135,7 @@ impl Rocks {
     ) -> Result<Self> {
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(true);
+        opts.enable_statistics();
         if let Some(b) = write_buffer {
             opts.set_write_buffer_size(b);
         }
@@ -131,6 +148,7 @@ impl Rocks {
         Ok(Self {
             db: rocksdb::DB::open(&opts, dir)?,
             write,
+            opts,
         })
     }
 }
@@ -155,6 +173,13 @@ impl Store for Rocks {
         self.db.flush()?;
         self.db.compact_range::<&[u8], &[u8]>(None, None);
         Ok(())
+    }
+    fn table_bytes_written(&self) -> Option<u64> {
+        use rocksdb::statistics::Ticker;
+        Some(
+            self.opts.get_ticker_count(Ticker::FlushWriteBytes)
+                + self.opts.get_ticker_count(Ticker::CompactWriteBytes),
+        )
     }
 }
 
@@ -529,6 +554,9 @@ fn main() -> Result<()> {
         let records: u64 = args.get(3).context("records")?.parse()?;
         return rocks_replay_writer(dir, records);
     }
+    if args.get(1).map(String::as_str) == Some("--large-child") {
+        return large::child(&args[2..]);
+    }
     let flag = |name: &str| {
         args.iter()
             .position(|a| a == name)
@@ -551,10 +579,30 @@ fn main() -> Result<()> {
         .context("--replay-mib")?
         .unwrap_or(1024);
     let only = flag("--only");
+    if only.as_deref() == Some("large") {
+        let keys = flag("--keys")
+            .map_or(Ok(10_000_000), |s| s.parse())
+            .context("--keys")?;
+        let user_bytes = keys * 114;
+        let plan = large::Plan {
+            keys,
+            writers: flag("--writers")
+                .map_or(Ok(16), |s| s.parse())
+                .context("--writers")?,
+            read_seconds: seconds,
+            // Half the data by default: neither the data nor its page cache fits.
+            memory_limit: flag("--memory-limit-mib")
+                .map(|s| s.parse::<u64>().map(|m| m << 20))
+                .transpose()
+                .context("--memory-limit-mib")?
+                .unwrap_or(user_bytes / 2),
+            pairdb_bin: flag("--pairdb-bin").map(Into::into),
+        };
+        return large::run(&plan);
+    }
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     println!(
-        "## Engine benchmark: pairdb vs RocksDB {} vs fjall 2 ({} cores)",
-        "(rocksdb crate 0.24)",
+        "## Engine benchmark: pairdb vs RocksDB (rocksdb crate 0.24) vs fjall 2 ({} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     if run("writes") {

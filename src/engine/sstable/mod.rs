@@ -110,7 +110,13 @@ struct IndexEntry {
 /// An open SSTable.
 pub struct SsTable {
     path: PathBuf,
+    /// The file for scans and compactions: the kernel's default read-ahead.
     map: Mapped,
+    /// The same file mapped again for point reads, advised random: a block read faults in
+    /// that block's pages only. With the default advice each fault reads 128 KiB around it,
+    /// and with data larger than memory those read-arounds evict the pages other point reads
+    /// need (docs/benchmarks.md, "Data larger than memory").
+    point_map: Mapped,
     index: Vec<IndexEntry>,
     bloom: Bloom,
     pub meta: TableMeta,
@@ -193,9 +199,14 @@ impl SsTable {
                 &format!("unsupported format version {version}"),
             ));
         }
+        let point_map = vfs
+            .map(path)
+            .map_err(|e| EngineError::io(format!("map SSTable {}", path.display()), e))?;
+        point_map.advise_random();
         let mut table = SsTable {
             path: path.to_path_buf(),
             map,
+            point_map,
             index: Vec::new(),
             bloom: Bloom::build(&[]),
             meta: TableMeta::empty(id),
@@ -239,12 +250,18 @@ impl SsTable {
         &self.path
     }
 
-    /// The checksummed block at `offset` (its length includes the 4-byte CRC), without the CRC.
+    /// The checksummed block at `offset` (its length includes the 4-byte CRC), without the CRC,
+    /// read through `map` (scans) or `point_map` (point reads).
     fn block(&self, offset: u64, len: u32) -> Result<&[u8]> {
+        self.block_of(&self.map, offset, len)
+    }
+
+    /// [`SsTable::block`] read through `map`.
+    fn block_of<'a>(&'a self, map: &'a Mapped, offset: u64, len: u32) -> Result<&'a [u8]> {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let (payload, crc) = start
             .checked_add(len as usize)
-            .and_then(|end| self.map.get(start..end))
+            .and_then(|end| map.get(start..end))
             .and_then(<[u8]>::split_last_chunk::<4>)
             .ok_or_else(|| EngineError::Corrupted {
                 path: self.path.clone(),
@@ -281,7 +298,7 @@ impl SsTable {
         let Some(entry) = self.index.get(idx) else {
             return Ok(None);
         };
-        let payload = self.block(entry.offset, entry.len)?;
+        let payload = self.block_of(&self.point_map, entry.offset, entry.len)?;
         let mut r = Reader::new(payload);
         while r.remaining() > 0 {
             let raw = RawEntry::read(&mut r).map_err(|e| self.corrupt_block(idx, e.to_string()))?;

@@ -54,6 +54,14 @@ impl Mapped {
             let _ = m.advise(memmap2::Advice::Sequential);
         }
     }
+
+    /// Tells the kernel the bytes will be read in small pieces at random (no read-around on a
+    /// fault). Only a hint: a failure is ignored.
+    pub fn advise_random(&self) {
+        if let Mapped::Map(m) = self {
+            let _ = m.advise(memmap2::Advice::Random);
+        }
+    }
 }
 
 impl std::ops::Deref for Mapped {
