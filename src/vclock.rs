@@ -110,16 +110,22 @@ impl VectorClock {
     }
 
     /// Builds a clock from entries; zero counters are dropped, duplicate ids keep the maximum.
+    /// One sort, not an insert per entry: a clock from the wire may hold any number of
+    /// entries in any order before it is validated.
     pub fn from_entries<I, S>(entries: I) -> Self
     where
         I: IntoIterator<Item = (S, u64)>,
         S: Into<String>,
     {
-        let mut clock = Self::new();
-        for (id, counter) in entries {
-            clock.raise(id.into(), counter);
-        }
-        clock
+        let mut entries: Vec<(String, u64)> = entries
+            .into_iter()
+            .filter(|(_, counter)| *counter > 0)
+            .map(|(id, counter)| (id.into(), counter))
+            .collect();
+        // By id, the largest counter of each id first: dedup keeps it.
+        entries.sort_unstable_by(|(ia, ca), (ib, cb)| ia.cmp(ib).then(cb.cmp(ca)));
+        entries.dedup_by(|later, kept| later.0 == kept.0);
+        Self(entries)
     }
 
     /// The counter of `id` (0 when absent).

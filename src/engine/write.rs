@@ -50,6 +50,8 @@ impl Core {
         if self.options.background {
             self.wait_for_flush_room();
         }
+        // Copied here, outside the stripe lock (an ignored write copies for nothing; rare).
+        let record = record.with_own_buffers();
         let ikey = record.internal_key();
         let stripe = self.stripe(&ikey);
         let (seq, memtable_bytes) = {
@@ -67,7 +69,7 @@ impl Core {
                 let stored = current.version.clone();
                 return Ok((ApplyOutcome::Ignored { stored }, self.wal.appended_seq()));
             }
-            let record = Arc::new(record.with_own_buffers());
+            let record = Arc::new(record);
             let (seq, bytes) = {
                 let state = self.state.read();
                 let seq = self.wal.append(&record)?;

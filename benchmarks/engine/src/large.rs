@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use pairdb::config::SyncMode;
-use pairdb::engine::{Engine, EngineOptions};
+use pairdb::engine::EngineOptions;
 
 use crate::cgroup::{self, MemoryGroup};
 use crate::{Pairdb, Rocks, Store, VALUE, dir_bytes, drive, key};
@@ -281,17 +281,14 @@ pub fn child(args: &[String]) -> Result<()> {
     let cache: u64 = arg(6)?.parse()?;
     std::fs::create_dir_all(&dir)?;
     let opened: Box<dyn Store> = match store {
-        "pairdb" => Box::new(Pairdb {
-            engine: Engine::open(
-                &dir,
-                EngineOptions {
-                    sync: SyncMode::Always,
-                    cache_bytes: cache,
-                    ..EngineOptions::default()
-                },
-            )?,
-            counter: AtomicU64::new(pairdb::vclock::physical_counter(crate::now_ms())),
-        }),
+        "pairdb" => Box::new(Pairdb::with_options(
+            &dir,
+            EngineOptions {
+                sync: SyncMode::Always,
+                cache_bytes: cache,
+                ..EngineOptions::default()
+            },
+        )?),
         "rocksdb" => Box::new(Rocks::open(&dir, true, cache as usize, None)?),
         other => anyhow::bail!("unknown store {other}"),
     };

@@ -75,13 +75,19 @@ struct Pairdb {
 
 impl Pairdb {
     fn open(dir: &Path, sync: SyncMode, cache_bytes: u64, memtable_bytes: usize) -> Result<Self> {
-        let options = EngineOptions {
-            sync,
-            cache_bytes,
-            memtable_bytes,
-            compaction_bytes_per_sec: None,
-            ..EngineOptions::default()
-        };
+        Self::with_options(
+            dir,
+            EngineOptions {
+                sync,
+                cache_bytes,
+                memtable_bytes,
+                compaction_bytes_per_sec: None,
+                ..EngineOptions::default()
+            },
+        )
+    }
+
+    fn with_options(dir: &Path, options: EngineOptions) -> Result<Self> {
         Ok(Self {
             engine: Engine::open(dir, options)?,
             counter: AtomicU64::new(physical_counter(now_ms())),

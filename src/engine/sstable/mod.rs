@@ -251,12 +251,12 @@ impl SsTable {
     }
 
     /// The checksummed block at `offset` (its length includes the 4-byte CRC), without the CRC,
-    /// read through `map` (scans) or `point_map` (point reads).
+    /// read through the scan mapping.
     fn block(&self, offset: u64, len: u32) -> Result<&[u8]> {
         self.block_of(&self.map, offset, len)
     }
 
-    /// [`SsTable::block`] read through `map`.
+    /// [`SsTable::block`] read through `map` (the scan or the point-read mapping).
     fn block_of<'a>(&'a self, map: &'a Mapped, offset: u64, len: u32) -> Result<&'a [u8]> {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let (payload, crc) = start
