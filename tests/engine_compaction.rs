@@ -26,7 +26,7 @@ fn options(gc_grace: Duration) -> EngineOptions {
         compaction_bytes_per_sec: None,
         levels: LevelPolicy {
             l0_trigger: 2,
-            level1_bytes: 1 << 30,
+            base_bytes: 1 << 30,
             multiplier: 10,
             max_levels: 4,
         },
@@ -171,7 +171,7 @@ fn old_tombstones_stay_while_deeper_levels_hold_the_key() {
     let opts = EngineOptions {
         levels: LevelPolicy {
             l0_trigger: 2,
-            level1_bytes: 20 * 1024,
+            base_bytes: 20 * 1024,
             multiplier: 100,
             max_levels: 4,
         },
@@ -180,7 +180,7 @@ fn old_tombstones_stay_while_deeper_levels_hold_the_key() {
     let engine = Engine::open(dir.path(), opts).expect("open");
     let older = physical_counter(now_ms() - 4 * 3600 * 1000);
     let old = physical_counter(now_ms() - 3 * 3600 * 1000);
-    // 50 KiB of values: L0 -> L1 overflows L1's 20 KiB target, so they settle in L2.
+    // 50 KiB of values: L0 merges straight into the last level (L3) while it is small.
     for half in 0..2 {
         for i in 0..25 {
             let key = format!("k{:02}", half * 25 + i);
@@ -193,10 +193,11 @@ fn old_tombstones_stay_while_deeper_levels_hold_the_key() {
     engine.compact_levels().expect("leveled");
     let levels = engine.stats().levels;
     assert!(
-        levels.len() >= 3 && levels[2].0 > 0 && levels[1].0 == 0,
-        "values must sit in L2: {levels:?}"
+        levels.len() == 4 && levels[3].0 > 0 && levels[1].0 == 0 && levels[2].0 == 0,
+        "values must sit in L3: {levels:?}"
     );
-    // An old tombstone (past gc_grace) reaches L1 while L2 still holds the value: kept.
+    // An old tombstone (past gc_grace) reaches L2, the base level above 50 KiB in L3, while
+    // L3 still holds the value: kept.
     engine
         .apply(Record::tombstone("t", "k10", v(&[("c1", old)])))
         .expect("delete");
@@ -207,8 +208,8 @@ fn old_tombstones_stay_while_deeper_levels_hold_the_key() {
     engine.flush().expect("flush");
     engine.compact_levels().expect("leveled");
     assert!(
-        engine.stats().levels[1].0 > 0,
-        "the tombstone's table is in L1"
+        engine.stats().levels[2].0 > 0,
+        "the tombstone's table is in L2"
     );
     let k = engine
         .get("t", b"k10")
@@ -469,4 +470,72 @@ fn a_tombstone_with_an_expiry_is_refused() {
     let r = engine.apply(Record::tombstone("t", "k", v(&[("c1", 1)])).expiring(Some(1)));
     assert!(matches!(r, Err(EngineError::InvalidArgument(_))), "{r:?}");
     assert_eq!(engine.get("t", b"k").expect("get"), None);
+}
+
+#[test]
+fn tables_nothing_overlaps_below_move_down_and_keep_every_winner_across_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = || EngineOptions {
+        table_bytes: 4 * 1024,
+        levels: LevelPolicy {
+            l0_trigger: 2,
+            base_bytes: 8 * 1024,
+            multiplier: 2,
+            max_levels: 4,
+        },
+        ..options(Duration::from_secs(3600))
+    };
+    let engine = Engine::open(dir.path(), opts()).expect("open");
+    let base = physical_counter(now_ms());
+    // Ascending keys: every flush lies beyond what the levels hold, so once the data outgrows
+    // the last level's share, tables move down instead of being rewritten.
+    for batch in 0..40u64 {
+        for i in 0..10 {
+            let key = format!("k{:04}", batch * 10 + i);
+            engine
+                .apply(Record::put(
+                    "t",
+                    key,
+                    v(&[("c1", base + batch)]),
+                    vec![b'a'; 1024],
+                ))
+                .expect("put");
+        }
+        engine.flush().expect("flush");
+        engine.compact_levels().expect("leveled");
+    }
+    let stats = engine.stats();
+    assert!(
+        stats.compaction_moves > 0,
+        "no table moved: {:?}",
+        stats.levels
+    );
+    // Newer versions of the first keys land in L0 and merge down over the moved tables.
+    for i in 0..50 {
+        engine
+            .apply(Record::put(
+                "t",
+                format!("k{i:04}"),
+                v(&[("c1", base + 100)]),
+                "new",
+            ))
+            .expect("overwrite");
+    }
+    engine.flush().expect("flush");
+    engine.compact_levels().expect("leveled");
+    let check = |engine: &Engine| {
+        for i in 0..400 {
+            let got = engine
+                .get("t", format!("k{i:04}").as_bytes())
+                .expect("get")
+                .expect("every key is there");
+            let want: &[u8] = if i < 50 { b"new" } else { &[b'a'; 1024] };
+            assert_eq!(got.value.as_deref(), Some(want), "k{i:04}");
+        }
+    };
+    check(&engine);
+    engine.close().expect("close");
+    drop(engine);
+    let engine = Engine::open(dir.path(), opts()).expect("reopen");
+    check(&engine);
 }

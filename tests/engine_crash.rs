@@ -27,7 +27,7 @@ fn options() -> EngineOptions {
         table_bytes: 128 * 1024,
         levels: LevelPolicy {
             l0_trigger: 2,
-            level1_bytes: 512 * 1024,
+            base_bytes: 512 * 1024,
             multiplier: 4,
             max_levels: 4,
         },

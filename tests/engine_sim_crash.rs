@@ -38,7 +38,7 @@ fn small_options(disk: &SimVfs, segment_bytes: u64) -> EngineOptions {
         block_bytes: 512,
         levels: LevelPolicy {
             l0_trigger: 2,
-            level1_bytes: 8 * 1024,
+            base_bytes: 8 * 1024,
             multiplier: 4,
             max_levels: 4,
         },

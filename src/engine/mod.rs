@@ -118,6 +118,8 @@ pub struct EngineStats {
     pub reads: u64,
     pub flushes: u64,
     pub compactions: u64,
+    /// Tables compaction moved down a level without rewriting them.
+    pub compaction_moves: u64,
     pub compaction_bytes_written: u64,
     /// Bytes of the tables flushes wrote (memtables to level 0).
     pub flush_bytes_written: u64,
@@ -165,6 +167,7 @@ pub struct EngineMetrics {
     pub reads: AtomicU64,
     pub flushes: AtomicU64,
     pub compactions: AtomicU64,
+    pub compaction_moves: AtomicU64,
     pub compaction_bytes_written: AtomicU64,
     pub flush_bytes_written: AtomicU64,
     pub tombstones_dropped: AtomicU64,
@@ -539,6 +542,7 @@ impl Core {
             reads: m.reads.load(Ordering::Relaxed),
             flushes: m.flushes.load(Ordering::Relaxed),
             compactions: m.compactions.load(Ordering::Relaxed),
+            compaction_moves: m.compaction_moves.load(Ordering::Relaxed),
             compaction_bytes_written: m.compaction_bytes_written.load(Ordering::Relaxed),
             flush_bytes_written: m.flush_bytes_written.load(Ordering::Relaxed),
             tombstones_dropped: m.tombstones_dropped.load(Ordering::Relaxed),

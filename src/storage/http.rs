@@ -79,6 +79,7 @@ async fn metrics(State(node): State<Node>) -> String {
     gauge("pairdb_engine_writes_ignored", s.writes_ignored as f64);
     gauge("pairdb_engine_flushes", s.flushes as f64);
     gauge("pairdb_engine_compactions", s.compactions as f64);
+    gauge("pairdb_engine_compaction_moves", s.compaction_moves as f64);
     gauge(
         "pairdb_engine_tables_quarantined",
         s.quarantined_tables as f64,

@@ -2,7 +2,8 @@
 //! tombstones older than gc_grace when the output is bottommost (and, for a range drop, every
 //! record in the dropped hash ranges), writes size-bounded output tables at a throttled rate,
 //! then installs the result atomically (manifest first, then the in-memory state) and deletes
-//! the inputs. Reads and writes never wait for it: readers hold their own snapshot, and the
+//! the inputs. A table nothing overlaps in the next level moves there instead (a manifest
+//! edit, no rewrite). Reads and writes never wait for it: readers hold their own snapshot, and the
 //! state swap is one pointer store.
 
 use std::sync::Arc;
@@ -67,7 +68,30 @@ impl Core {
         let Some(task) = task else {
             return Ok(false);
         };
+        if task.is_move() {
+            return self.move_table(&task).map(|()| true);
+        }
         self.run_or_quarantine(&task, &[]).map(|_| true)
+    }
+
+    /// Moves a task's one table to its output level without rewriting it: the manifest and
+    /// the open tables change level, the file stays.
+    fn move_table(&self, task: &CompactionTask) -> Result<()> {
+        let state = self.snapshot();
+        let Some(table) = state
+            .levels
+            .iter()
+            .flatten()
+            .find(|t| task.inputs.contains(&t.meta.id))
+            .cloned()
+        else {
+            return Ok(());
+        };
+        self.install(task, std::slice::from_ref(&table.meta), vec![table.clone()])?;
+        self.metrics
+            .compaction_moves
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Deletes every record some drop covers: rotates the commit log and flushes the memtables
