@@ -11,8 +11,9 @@
 //!   never less than `base_bytes`. The base level is the shallowest level that needs to exist
 //!   for that: with little data it is the last level itself (L0 merges straight into it), and
 //!   it moves up one level each time the data grows `multiplier`-fold. Levels above it are
-//!   empty. A layout written by an older policy (data in shallow levels) keeps its shallowest
-//!   level as the base and drains downwards.
+//!   empty. Data in shallower levels (a layout written by an older policy, or data that
+//!   shrank) drains downwards, taking turns with L0 merges, and until it has, its shallowest
+//!   level stays L0's destination (newer data never goes below older data).
 //! - Between the base level and the last, the level most over its target (score = bytes /
 //!   target > 1; L0 scores by its trigger) gives the table whose overlap with the next level
 //!   is the smallest per byte it holds: the cheapest merge for the progress it makes. A table
@@ -54,7 +55,8 @@ impl Default for LevelPolicy {
 pub struct Shape {
     /// The level L0 merges into; every level between L0 and it is empty.
     pub base: usize,
-    /// Target bytes per level (`u64::MAX` for the last level, 0 above the base).
+    /// Target bytes per level: `u64::MAX` for the last level, 0 for levels above the one the
+    /// data's size calls for (they drain: an older layout, or data that shrank).
     pub targets: Vec<u64>,
 }
 
@@ -69,20 +71,22 @@ impl LevelPolicy {
         let bytes = |n: usize| -> u64 { levels.get(n).map_or(0, |l| level_bytes(l)) };
         let largest = (1..=last).map(bytes).max().unwrap_or(0);
         let multiplier = self.multiplier.max(2);
-        let mut base = last;
+        // The shallowest level the data needs: the last one, one more per `multiplier`-fold
+        // growth past `base_bytes`.
+        let mut sized = last;
         let mut size = largest;
-        while base > 1 && size > self.base_bytes {
+        while sized > 1 && size > self.base_bytes {
             size /= multiplier;
-            base -= 1;
+            sized -= 1;
         }
-        if let Some(first) = (1..=last).find(|n| bytes(*n) > 0) {
-            base = base.min(first);
-        }
+        // L0 never skips data: a shallower non-empty level (an older layout, or data that
+        // shrank) stays L0's destination until it has drained (its target is 0).
+        let base = (1..sized).find(|n| bytes(*n) > 0).unwrap_or(sized);
         let targets = (0..=last)
             .map(|n| {
                 if n == last {
                     u64::MAX
-                } else if n < base {
+                } else if n < sized {
                     0
                 } else {
                     let below = u32::try_from(last - n).unwrap_or(u32::MAX);
@@ -185,11 +189,18 @@ pub fn pick(levels: &[Vec<TableMeta>], policy: &LevelPolicy) -> Option<Compactio
     let l0_score = (l0.len() as f64 / policy.l0_trigger.max(1) as f64)
         .max(level_bytes(l0) as f64 / policy.base_bytes.max(1) as f64);
     let last = policy.last_level();
-    let deeper = (shape.base..last)
+    let deeper = (1..last)
         .filter_map(|n| {
-            let tables = levels.get(n)?;
-            let target = shape.targets.get(n).copied().unwrap_or(u64::MAX).max(1);
-            Some((n, level_bytes(tables) as f64 / target as f64))
+            let bytes = level_bytes(levels.get(n)?);
+            let score = match shape.targets.get(n).copied().unwrap_or(u64::MAX) {
+                _ if bytes == 0 => 0.0,
+                // Above the level the data calls for: drains, and takes turns with L0 (whose
+                // score passes this one once it holds more than its trigger plus this level's
+                // size in base levels), so neither starves.
+                0 => 1.0 + bytes as f64 / policy.base_bytes.max(1) as f64,
+                target => bytes as f64 / target as f64,
+            };
+            Some((n, score))
         })
         .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
     match deeper {
@@ -344,10 +355,25 @@ mod tests {
         assert_eq!(s.base, 4);
         assert_eq!(s.targets[5], 2 << 30);
         assert_eq!(s.targets[4], policy.base_bytes);
-        // An older layout with data in L1: L1 stays the base and drains downwards.
-        let s = at(1, 300 * MIB);
-        assert_eq!(s.base, 1);
-        assert_eq!(s.targets[1], policy.base_bytes);
+        // An older layout with data in L1 and L2: L1 stays L0's destination, and both drain
+        // downwards, the larger first, table by table (moves while nothing lies below).
+        let mut levels = vec![Vec::new(); 7];
+        levels[1] = vec![table(1, 0, 10, 100 * MIB), table(2, 20, 30, 100 * MIB)];
+        levels[2] = vec![table(3, 0, 10, 500 * MIB)];
+        let s = policy.shape(&levels);
+        assert_eq!((s.base, s.targets[1], s.targets[2]), (1, 0, 0));
+        let t = checked_pick(&levels, &policy).expect("L2 drains");
+        assert_eq!((t.input_level, t.inputs.clone()), (2, vec![3]));
+        assert!(t.is_move());
+        levels[2].clear();
+        levels[6] = vec![table(3, 0, 10, 500 * MIB)];
+        let t = checked_pick(&levels, &policy).expect("L1 drains");
+        assert_eq!((t.input_level, t.inputs.clone()), (1, vec![1]));
+        assert!(t.is_move());
+        // A full L0 takes its turn: it goes to L1, the shallowest level holding data.
+        levels[0] = (0..40).map(|i| table(10 + i, 0, 30, MIB)).collect();
+        let t = checked_pick(&levels, &policy).expect("L0 is over");
+        assert_eq!((t.input_level, t.output_level), (0, 1));
     }
 
     #[test]
@@ -409,8 +435,10 @@ mod tests {
             vec![table(3, 0, 8, 1)],
             vec![table(1, 100, 200, 1)],
         ];
+        // L1 and L2 are above the level their size calls for and drain; L0 at twice its
+        // trigger goes first.
         let policy = LevelPolicy {
-            l0_trigger: 4,
+            l0_trigger: 2,
             ..LevelPolicy::default()
         };
         let t = pick(&levels, &policy).expect("L0 is full");
