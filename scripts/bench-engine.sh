@@ -5,7 +5,8 @@
 # Extra arguments go to the harness: --seconds N --keys N --replay-mib N --only writes|reads|scan|replay
 # Data larger than memory (not in the default run; about 30 minutes, needs root for the cgroup):
 #   scripts/bench-engine.sh --only large [--keys 10000000] [--writers 16] [--memory-limit-mib N]
-#                           [--pairdb-bin target/release/pairdb] [--seconds 10]
+#                           [--pairdb-bin target/release/pairdb] [--seconds 10] [--stores pairdb,rocksdb]
+#                           [--frozen-memtables N]
 set -euo pipefail
 cd "$(dirname "$0")/../benchmarks/engine"
 if ! command -v clang >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1; then

@@ -113,6 +113,12 @@ pub struct EngineStats {
     pub disk_usage_percent: f64,
     pub wal_segments: usize,
     pub wal_syncs: u64,
+    /// The longest commit-log fsync so far (microseconds).
+    pub wal_longest_sync_micros: u64,
+    /// Writes that waited for a flush because too many memtables were frozen, and how long
+    /// they waited in all (microseconds).
+    pub write_stalls: u64,
+    pub write_stall_micros: u64,
     pub writes_applied: u64,
     pub writes_ignored: u64,
     pub reads: u64,
@@ -162,6 +168,8 @@ impl std::fmt::Display for Problem {
 /// Counters updated on the hot paths (the storage role exports them).
 #[derive(Debug, Default)]
 pub struct EngineMetrics {
+    pub write_stalls: AtomicU64,
+    pub write_stall_micros: AtomicU64,
     pub writes_applied: AtomicU64,
     pub writes_ignored: AtomicU64,
     pub reads: AtomicU64,
@@ -537,6 +545,9 @@ impl Core {
             disk_usage_percent: self.disk.percent(),
             wal_segments: self.wal.segment_paths().len(),
             wal_syncs: self.wal.sync_count(),
+            wal_longest_sync_micros: self.wal.longest_sync_micros(),
+            write_stalls: m.write_stalls.load(Ordering::Relaxed),
+            write_stall_micros: m.write_stall_micros.load(Ordering::Relaxed),
             writes_applied: m.writes_applied.load(Ordering::Relaxed),
             writes_ignored: m.writes_ignored.load(Ordering::Relaxed),
             reads: m.reads.load(Ordering::Relaxed),
@@ -640,6 +651,83 @@ mod tests {
             counted >= 1000 * 250,
             "{counted} bytes counted for 1000 records"
         );
+    }
+
+    /// The real file system, except that creating a table file takes 200 ms: flushes fall
+    /// behind any writer.
+    #[derive(Debug)]
+    struct SlowTables;
+
+    impl vfs::Vfs for SlowTables {
+        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+            vfs::RealVfs.create_dir_all(dir)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+            vfs::RealVfs.list(dir)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            vfs::RealVfs.exists(path)
+        }
+        fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+            vfs::RealVfs.read(path)
+        }
+        fn map(&self, path: &Path) -> std::io::Result<vfs::Mapped> {
+            vfs::RealVfs.map(path)
+        }
+        fn create(&self, path: &Path, exclusive: bool) -> std::io::Result<Arc<dyn vfs::VFile>> {
+            if path.extension().is_some_and(|e| e == "sst") {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            vfs::RealVfs.create(path, exclusive)
+        }
+        fn open_write(&self, path: &Path) -> std::io::Result<Arc<dyn vfs::VFile>> {
+            vfs::RealVfs.open_write(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            vfs::RealVfs.rename(from, to)
+        }
+        fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            vfs::RealVfs.hard_link(from, to)
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            vfs::RealVfs.remove(path)
+        }
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            vfs::RealVfs.sync_dir(dir)
+        }
+        fn usage_percent(&self, path: &Path) -> std::io::Result<f64> {
+            vfs::RealVfs.usage_percent(path)
+        }
+    }
+
+    /// Writers that outrun the flusher wait for it (the frozen memtables are the engine's
+    /// memory bound), lose nothing, and the wait is counted.
+    #[test]
+    fn writers_that_outrun_the_flusher_wait_and_the_wait_is_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(
+            dir.path(),
+            EngineOptions {
+                sync: SyncMode::Never,
+                memtable_bytes: 64 << 10,
+                max_immutable_memtables: 1,
+                vfs: Arc::new(SlowTables),
+                ..EngineOptions::default()
+            },
+        )
+        .expect("open");
+        for i in 0..3000u32 {
+            engine
+                .apply(Record::put("t", i.to_be_bytes().to_vec(), version(1), "v"))
+                .expect("apply");
+            assert!(engine.stats().memtables <= 2, "more frozen than allowed");
+        }
+        let stats = engine.stats();
+        assert!(stats.write_stalls > 0, "{stats:?}");
+        assert!(stats.write_stall_micros >= 100_000, "{stats:?}");
+        for i in 0..3000u32 {
+            assert!(engine.get("t", &i.to_be_bytes()).expect("get").is_some());
+        }
     }
 
     #[test]

@@ -67,7 +67,9 @@ pub struct EngineOptions {
     pub segment_bytes: u64,
     /// Memtable size that triggers a flush.
     pub memtable_bytes: usize,
-    /// Frozen memtables allowed to wait for flushing before writers stall.
+    /// Frozen memtables allowed to wait for flushing before writers stall. With the active
+    /// one and the cache, this bounds the engine's memory: `memtable_bytes` x (1 + this)
+    /// + `cache_bytes` (2: 256 MiB by default; RocksDB's default keeps one frozen).
     pub max_immutable_memtables: usize,
     /// Target size of a data block.
     pub block_bytes: usize,
@@ -99,7 +101,7 @@ impl Default for EngineOptions {
             sync: SyncMode::Always,
             segment_bytes: 128 << 20,
             memtable_bytes: 64 << 20,
-            max_immutable_memtables: 4,
+            max_immutable_memtables: 2,
             block_bytes: 4096,
             table_bytes: 64 << 20,
             levels: LevelPolicy::default(),

@@ -117,6 +117,7 @@ pub struct CommitLog {
     appended_seq: AtomicU64,
     failed: AtomicBool,
     syncs: AtomicU64,
+    longest_sync_micros: AtomicU64,
 }
 
 fn segment_name(number: u64) -> String {
@@ -484,6 +485,7 @@ impl CommitLog {
             appended_seq: AtomicU64::new(last_seq),
             failed: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
+            longest_sync_micros: AtomicU64::new(0),
         };
         Ok((log, stats))
     }
@@ -645,9 +647,13 @@ impl CommitLog {
         if self.sync != SyncMode::Never {
             let started = std::time::Instant::now();
             file.sync_data().map_err(|e| self.fail(&path, e))?;
-            metrics::histogram!("pairdb_engine_log_sync_seconds")
-                .record(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            metrics::histogram!("pairdb_engine_log_sync_seconds").record(took.as_secs_f64());
             self.syncs.fetch_add(1, Ordering::Relaxed);
+            self.longest_sync_micros.fetch_max(
+                u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
         }
         self.synced_seq.fetch_max(upto, Ordering::AcqRel);
         Ok(())
@@ -708,6 +714,11 @@ impl CommitLog {
     }
 
     /// Number of fsyncs issued (group commit shares them).
+    /// The longest fsync of [`CommitLog::sync_now`] so far (microseconds).
+    pub fn longest_sync_micros(&self) -> u64 {
+        self.longest_sync_micros.load(Ordering::Relaxed)
+    }
+
     pub fn sync_count(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
     }

@@ -75,6 +75,15 @@ async fn metrics(State(node): State<Node>) -> String {
     gauge("pairdb_engine_cache_bytes", s.cache_bytes as f64);
     gauge("pairdb_engine_wal_segments", s.wal_segments as f64);
     gauge("pairdb_engine_wal_syncs", s.wal_syncs as f64);
+    gauge(
+        "pairdb_engine_wal_longest_sync_seconds",
+        s.wal_longest_sync_micros as f64 / 1e6,
+    );
+    gauge("pairdb_engine_write_stalls", s.write_stalls as f64);
+    gauge(
+        "pairdb_engine_write_stall_seconds",
+        s.write_stall_micros as f64 / 1e6,
+    );
     gauge("pairdb_engine_writes_applied", s.writes_applied as f64);
     gauge("pairdb_engine_writes_ignored", s.writes_ignored as f64);
     gauge("pairdb_engine_flushes", s.flushes as f64);

@@ -43,6 +43,10 @@ pub struct Plan {
     pub memory_limit: u64,
     /// A `pairdb` binary to start as a storage node on the loaded data, for its memory use.
     pub pairdb_bin: Option<PathBuf>,
+    /// Which stores run ("pairdb", "rocksdb"); the comparison table needs both.
+    pub stores: Vec<String>,
+    /// pairdb's `max_immutable_memtables`.
+    pub frozen_memtables: usize,
 }
 
 impl Plan {
@@ -67,7 +71,7 @@ pub fn run(plan: &Plan) -> Result<()> {
     );
     let base = tempfile::tempdir()?;
     let mut results = Vec::new();
-    for store in ["pairdb", "rocksdb"] {
+    for store in plan.stores.iter().map(String::as_str) {
         let dir = base.path().join(store);
         let group = MemoryGroup::create(
             &format!("pairdb-bench-{}-{store}", std::process::id()),
@@ -97,7 +101,17 @@ pub fn run(plan: &Plan) -> Result<()> {
         }
         std::fs::remove_dir_all(&dir).ok();
     }
-    print_table(plan, &results);
+    match results.as_slice() {
+        [("pairdb", _), ("rocksdb", _)] => print_table(plan, &results),
+        _ => {
+            for (store, fields) in &results {
+                println!("{store}:");
+                for (k, v) in fields {
+                    println!("- {k}: {v:.2}");
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -117,6 +131,7 @@ fn run_child(
             plan.writers.to_string(),
             plan.read_seconds.to_string(),
             plan.cache_bytes().to_string(),
+            plan.frozen_memtables.to_string(),
         ])
         .stderr(std::process::Stdio::inherit())
         .output()?;
@@ -279,6 +294,7 @@ pub fn child(args: &[String]) -> Result<()> {
     let writers: usize = arg(4)?.parse()?;
     let read_seconds: f64 = arg(5)?.parse()?;
     let cache: u64 = arg(6)?.parse()?;
+    let frozen: usize = arg(7)?.parse()?;
     std::fs::create_dir_all(&dir)?;
     let opened: Box<dyn Store> = match store {
         "pairdb" => Box::new(Pairdb::with_options(
@@ -286,6 +302,7 @@ pub fn child(args: &[String]) -> Result<()> {
             EngineOptions {
                 sync: SyncMode::Always,
                 cache_bytes: cache,
+                max_immutable_memtables: frozen,
                 ..EngineOptions::default()
             },
         )?),
@@ -303,6 +320,9 @@ pub fn child(args: &[String]) -> Result<()> {
     out.insert("write_p99_us", load.p99_us);
     out.insert("write_max_ms", load.max_ms);
     out.insert("longest_gap_ms", load.longest_gap_ms);
+    for (name, value) in store.stall_diagnostics() {
+        out.insert(name, value);
+    }
     let user = (keys * USER_BYTES_PER_KEY) as f64;
     out.insert(
         "write_amp_load",

@@ -66,6 +66,10 @@ trait Store: Send + Sync {
     fn table_bytes_written(&self) -> Option<u64> {
         None
     }
+    /// What the store says about its own write stalls: (name, value) pairs for the report.
+    fn stall_diagnostics(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
 }
 
 struct Pairdb {
@@ -122,6 +126,17 @@ impl Store for Pairdb {
     fn table_bytes_written(&self) -> Option<u64> {
         let s = self.engine.stats();
         Some(s.flush_bytes_written + s.compaction_bytes_written)
+    }
+    fn stall_diagnostics(&self) -> Vec<(&'static str, f64)> {
+        let s = self.engine.stats();
+        vec![
+            ("write_stalls", s.write_stalls as f64),
+            ("write_stall_ms", s.write_stall_micros as f64 / 1e3),
+            (
+                "longest_log_sync_ms",
+                s.wal_longest_sync_micros as f64 / 1e3,
+            ),
+        ]
     }
 }
 
@@ -186,6 +201,13 @@ impl Store for Rocks {
             self.opts.get_ticker_count(Ticker::FlushWriteBytes)
                 + self.opts.get_ticker_count(Ticker::CompactWriteBytes),
         )
+    }
+    fn stall_diagnostics(&self) -> Vec<(&'static str, f64)> {
+        use rocksdb::statistics::Ticker;
+        vec![(
+            "write_stall_ms",
+            self.opts.get_ticker_count(Ticker::StallMicros) as f64 / 1e3,
+        )]
     }
 }
 
@@ -603,6 +625,16 @@ fn main() -> Result<()> {
                 .context("--memory-limit-mib")?
                 .unwrap_or(user_bytes / 2),
             pairdb_bin: flag("--pairdb-bin").map(Into::into),
+            stores: flag("--stores")
+                .unwrap_or_else(|| "pairdb,rocksdb".into())
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
+            frozen_memtables: flag("--frozen-memtables")
+                .map_or(Ok(EngineOptions::default().max_immutable_memtables), |s| {
+                    s.parse()
+                })
+                .context("--frozen-memtables")?,
         };
         return large::run(&plan);
     }
