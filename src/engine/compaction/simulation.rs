@@ -164,29 +164,28 @@ pub fn simulate(
     let mut running: Option<(f64, CompactionTask, Vec<TableMeta>)> = None;
     let mut now = 0.0f64;
     loop {
+        // Start what can start now; moves land at once, so several may in a row.
+        while running.is_none() {
+            let Some(task) = pick(&levels) else { break };
+            start(
+                &mut levels,
+                task,
+                &mut next_id,
+                &load,
+                now,
+                &mut out,
+                &mut running,
+                check,
+            );
+        }
         let loading = out.flushed < load.total_bytes;
         let done_at = running.as_ref().map(|r| r.0);
-        match (loading, done_at) {
-            (true, Some(end)) if end <= next_flush => now = end,
-            (true, _) => now = next_flush,
-            (false, Some(end)) => now = end,
-            (false, None) => {
-                if let Some(task) = pick(&levels) {
-                    start(
-                        &mut levels,
-                        task,
-                        &mut next_id,
-                        &load,
-                        now,
-                        &mut out,
-                        &mut running,
-                        check,
-                    );
-                    continue;
-                }
-                break;
-            }
-        }
+        now = match (loading, done_at) {
+            (true, Some(end)) if end <= next_flush => end,
+            (true, _) => next_flush,
+            (false, Some(end)) => end,
+            (false, None) => break,
+        };
         if running.as_ref().is_some_and(|r| r.0 <= now) {
             if let Some((_, task, outputs)) = running.take() {
                 install(&mut levels, &task, outputs);
@@ -201,20 +200,6 @@ pub fn simulate(
             }
             out.flushed += load.flush_bytes;
             next_flush += flush_every;
-        }
-        if running.is_none() {
-            if let Some(task) = pick(&levels) {
-                start(
-                    &mut levels,
-                    task,
-                    &mut next_id,
-                    &load,
-                    now,
-                    &mut out,
-                    &mut running,
-                    check,
-                );
-            }
         }
     }
     out.level_bytes = levels
