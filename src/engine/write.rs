@@ -11,19 +11,24 @@ impl Core {
             return;
         }
         let started = std::time::Instant::now();
+        let mut stalled = false;
         let mut guard = self.stall_lock.lock();
         while self.snapshot().immutables.len() >= self.options.max_immutable_memtables
             && !self.closed.load(Ordering::Acquire)
         {
+            stalled = true;
             self.signal(&self.flush_signal);
             self.stall.wait_for(&mut guard, Duration::from_millis(50));
         }
         drop(guard);
-        let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.metrics.write_stalls.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .write_stall_micros
-            .fetch_add(waited, Ordering::Relaxed);
+        // Counted only when the writer waited (a flush may have finished since the check).
+        if stalled {
+            let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.metrics.write_stalls.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .write_stall_micros
+                .fetch_add(waited, Ordering::Relaxed);
+        }
     }
 
     pub(super) fn apply(&self, record: Record) -> Result<ApplyOutcome> {
