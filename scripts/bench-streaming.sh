@@ -18,8 +18,9 @@
 #
 # Env: PAIRDB_BIN (a prebuilt binary; without it the release build), KEYS (262144), VALUE
 # (8192 bytes), THROTTLE (the default stream_rate_limit, bytes/s), IDLE (60), CAPACITY_SECONDS
-# (180: the closed-loop run whose last minute's rate, halved, is the load), PHASES ("1 2 3"),
-# SETTLE (300),
+# (180: the closed-loop run whose last minute's rate, halved, is the load), PHASES ("1 2 3";
+# "0" adds the control: the same load for CONTROL seconds, 300, and no change), PHASE3_BINS
+# (binaries to run phase 3 with, one run each, alternating on the same data), SETTLE (300),
 # QUIET (10), CONCURRENCY (32); ONLY_PHASE1=1 runs phase 1 PHASE1_RUNS times (default 1) and
 # stops (no capacity or loaded phases). Everything binds to 127.0.0.1 and is stopped on exit.
 set -euo pipefail
@@ -61,7 +62,7 @@ bench() { "$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "
 
 start_s4() {
   rm -rf "$CLUSTER_DIR/s4"
-  "$BIN" --role=storage --node-id=s4 --listen="127.0.0.1:$S4_PORT" --data-dir="$CLUSTER_DIR/s4" \
+  "${S4_BIN:-$BIN}" --role=storage --node-id=s4 --listen="127.0.0.1:$S4_PORT" --data-dir="$CLUSTER_DIR/s4" \
     --gossip="127.0.0.1:$S4_GOSSIP" --seeds="$SEEDS" --sync=always \
     --cluster-secret-file="${CLUSTER_SECRET_FILE:-$CLUSTER_DIR/cluster-secret}" \
     >>"$CLUSTER_DIR/logs/s4.log" 2>&1 &
@@ -86,14 +87,22 @@ wait_done() { # migration id
 }
 
 # Polls migration $1 every 0.2 s until it ends; prints "first_byte_time end_time" (epoch s).
+# One Python process polls (not a curl and a Python start per poll: five of those a second
+# cost the 2-core machine about a twentieth of its CPU during the change, and none before it).
 watch_stream() {
-  local first="" now bytes state
-  while :; do
-    now="$(date +%s.%N)"
-    read -r state bytes <<<"$(migration "$1" | json 'd["state"], d["progress"]["bytes_migrated"]' | tr -d "(),'")"
-    if [ -z "$first" ] && [ "${bytes:-0}" -gt 0 ]; then first="$now"; fi
-    case "$state" in in_progress|pending) sleep 0.2 ;; *) echo "${first:-$now} $now"; return ;; esac
-  done
+  python3 - "$URL/v1/admin/migrations/$1" <<'PY'
+import json, sys, time, urllib.request
+url, first = sys.argv[1], None
+while True:
+    now = time.time()
+    m = json.load(urllib.request.urlopen(url, timeout=5))
+    if first is None and m["progress"]["bytes_migrated"] > 0:
+        first = now
+    if m["state"] not in ("in_progress", "pending"):
+        print(f"{first or now} {now}")
+        break
+    time.sleep(0.2)
+PY
 }
 
 # One addition of s4, followed to its end. Prints "seconds_to_active bytes mb_per_s"; MB/s over
@@ -104,7 +113,8 @@ add_s4() {
   started="$(date +%s.%N)"
   id="$(curl -fsS -X POST "$URL/v1/admin/storage-nodes" -H 'Content-Type: application/json' \
     -d "{\"node_id\":\"s4\",\"host\":\"127.0.0.1\",\"port\":$S4_PORT}" | json 'd["migration_id"]')"
-  local sampler; sampler="$(start_timeline "$TIMELINE_NAME" "s4=$S4_PID:http://127.0.0.1:$((S4_PORT + 1000))/metrics")"
+  # `load` (the paced load of loaded_add, when one runs) is sampled too.
+  local sampler; sampler="$(start_timeline "$TIMELINE_NAME" "s4=$S4_PID:http://127.0.0.1:$((S4_PORT + 1000))/metrics" ${load:+"load=$load"})"
   watch_stream "$id" >"$watch"
   kill -TERM "$sampler" 2>/dev/null || true
   wait_done "$id"
@@ -138,7 +148,14 @@ loaded_add() { # rate
   idle_from="$(date +%s.%N)"
   sleep "$IDLE"
   change_at="$(date +%s.%N)"
-  result="$(add_s4)"
+  if [ -n "${NO_CHANGE:-}" ]; then
+    # The control: the same load for as long, with no change.
+    local sampler; sampler="$(start_timeline "$TIMELINE_NAME" "load=$load")"
+    sleep "$NO_CHANGE"; kill -TERM "$sampler" 2>/dev/null || true
+    result="$NO_CHANGE 0 0"
+  else
+    result="$(add_s4)"
+  fi
   ended="$(date +%s.%N)"
   # SIGTERM, not SIGINT: a background job of a script starts with SIGINT ignored.
   kill -TERM "$load"; wait "$load"
@@ -225,6 +242,14 @@ half="$(python3 -c "print(max(1, int($capacity / 2)))")"
 echo "capacity ${capacity} req/s (mixed, the last 60 s of ${CAPACITY_SECONDS} s); load at ${half} req/s"
 
 # Each loaded phase is compared with the same load just before it, once the cluster settled.
+# Phase 0 is their control: the same load for CONTROL seconds (300) with no change at all, so
+# what the load alone does to its p99 once its flushes and compactions start (about a minute
+# in) is not taken for the change's cost.
+if has_phase 0; then
+  settle
+  read -r t0 _ _ idle0 p0 <<<"$(TIMELINE_NAME=phase0 NO_CHANGE="${CONTROL:-300}" loaded_add "$half")"
+  echo "no change (control), under load: p99 ${p0} ms in the ${t0} s where a change would run, ${idle0} ms in the ${IDLE} s before"
+fi
 if has_phase 2; then
   settle
   start_s4
@@ -233,13 +258,21 @@ if has_phase 2; then
   remove_s4
 fi
 
+# PHASE3_BINS="a b a b" runs phase 3 once per binary listed, in that order, on the same data
+# (the cluster restarts with each; the load generator stays $BIN): alternating two builds in one
+# sitting compares them on a machine whose speed drifts. Default: $BIN once.
 if has_phase 3; then
-  scripts/cluster.sh stop >/dev/null
-  PAIRDB_STORAGE_STREAM_RATE_LIMIT="$THROTTLE" scripts/cluster.sh start >/dev/null
-  settle
-  start_s4
-  read -r t3 b3 m3 idle3 p3 <<<"$(TIMELINE_NAME=phase3 loaded_add "$half")"
-  echo "throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, p99 ${p3} ms during, ${idle3} ms in the ${IDLE} s before"
+  run=0
+  for phase3_bin in ${PHASE3_BINS:-$BIN}; do
+    run=$((run + 1))
+    if [ "$run" -gt 1 ]; then remove_s4; fi
+    scripts/cluster.sh stop >/dev/null
+    PAIRDB_BIN="$phase3_bin" PAIRDB_STORAGE_STREAM_RATE_LIMIT="$THROTTLE" scripts/cluster.sh start >/dev/null
+    settle
+    S4_BIN="$phase3_bin" start_s4
+    read -r t3 b3 m3 idle3 p3 <<<"$(TIMELINE_NAME="phase3-run$run" loaded_add "$half")"
+    echo "run $run ($phase3_bin): throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, p99 ${p3} ms during, ${idle3} ms in the ${IDLE} s before"
+  done
 fi
 
 python3 - "$idle2" "$p2" "$idle3" "$p3" "$m1" <<'PY'

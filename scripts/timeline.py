@@ -3,10 +3,13 @@
 
     scripts/timeline.py OUT NAME=PID[:METRICS_URL] ...   # until killed (SIGTERM)
 
-Each line: seconds since start, then per process its CPU use over the last second (percent of
-one core, from /proc/PID/stat) and, for processes given a metrics URL (storage nodes), the
-engine's memtables, level-0 tables, flushes and compactions so far, and MiB written by
-compaction so far. A process that exited reads as '-'. Only 127.0.0.1 URLs are fetched.
+Each line: seconds since start; the machine's CPU use (percent of all cores, from /proc/stat)
+and its disks' MB written and milliseconds of queued I/O over the last second (/proc/diskstats,
+whole disks only); then per process its CPU use over the last second (percent of one core,
+from /proc/PID/stat) and, for processes given a metrics URL (storage nodes), the engine's
+memtables, level-0 tables, flushes and compactions so far, MiB written by compaction so far,
+and the mean commit-log fsync over the last second in ms. A process that exited reads as '-'.
+Only 127.0.0.1 URLs are fetched.
 """
 
 import os
@@ -35,6 +38,30 @@ def cpu_ticks(pid):
         return None
 
 
+def machine_cpu():
+    """(busy, total) jiffies of all CPUs."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def disks():
+    """(sectors written, weighted ms of I/O) summed over whole disks (no partitions)."""
+    written = queued = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            parts = line.split()
+            name = parts[2]
+            if re.match(r"^(sd[a-z]+|vd[a-z]+|xvd[a-z]+|nvme\d+n\d+)$", name):
+                written += int(parts[9])
+                queued += int(parts[13])
+    return written, queued
+
+
+SYNCS = {}
+
+
 def engine(url):
     try:
         with urllib.request.urlopen(url, timeout=0.5) as r:
@@ -47,12 +74,22 @@ def engine(url):
         if not m:
             continue
         name, labels, value = m.groups()
-        if name in WANTED:
+        if name == "pairdb_engine_log_sync_seconds_sum":
+            got["sync_sum"] = float(value)
+        elif name == "pairdb_engine_log_sync_seconds_count":
+            got["sync_count"] = float(value)
+        elif name in WANTED:
             v = float(value)
             got[WANTED[name]] = f"{v / 2**20:.0f}" if name.endswith("bytes_written") else f"{v:.0f}"
         elif name == "pairdb_engine_level_tables" and 'level="0"' in (labels or ""):
             got["L0"] = f"{float(value):.0f}"
-    return " ".join(f"{k}={got.get(k, '?')}" for k in ("mem", "L0", "fl", "cp", "cpMiB"))
+    total, count = got.get("sync_sum"), got.get("sync_count")
+    before = SYNCS.get(url)
+    if total is not None and count is not None:
+        SYNCS[url] = (total, count)
+    if before and total is not None and count is not None and count > before[1]:
+        got["sync"] = f"{(total - before[0]) / (count - before[1]) * 1000:.1f}ms"
+    return " ".join(f"{k}={got.get(k, '?')}" for k in ("mem", "L0", "fl", "cp", "cpMiB", "sync"))
 
 
 def main():
@@ -67,9 +104,18 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     start = time.monotonic()
     last = {pid: cpu_ticks(pid) for _, pid, _ in procs}
+    last_cpu, last_disk = machine_cpu(), disks()
     while True:
         time.sleep(1.0)
-        parts = [f"{time.monotonic() - start:6.1f}"]
+        cpu, disk = machine_cpu(), disks()
+        busy = (cpu[0] - last_cpu[0]) * 100 / max(1, cpu[1] - last_cpu[1])
+        written_mb = (disk[0] - last_disk[0]) * 512 / 1e6
+        queued_ms = disk[1] - last_disk[1]
+        last_cpu, last_disk = cpu, disk
+        parts = [
+            f"{time.monotonic() - start:6.1f}",
+            f"machine:{busy:.0f}% w={written_mb:.0f}MB io={queued_ms}ms",
+        ]
         for name, pid, url in procs:
             now = cpu_ticks(pid)
             before = last.get(pid)

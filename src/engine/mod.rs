@@ -55,6 +55,7 @@ mod quarantine;
 mod read;
 pub mod snapshot;
 pub mod sstable;
+mod sync_latency;
 pub mod trees;
 mod types;
 pub mod vfs;
@@ -115,6 +116,9 @@ pub struct EngineStats {
     pub wal_syncs: u64,
     /// The longest commit-log fsync so far (microseconds).
     pub wal_longest_sync_micros: u64,
+    /// The compaction write rate in force (bytes/s; 0: unpaced). Below the configured limit
+    /// while the log's fsyncs are slower than usual.
+    pub compaction_rate: u64,
     /// Writes that waited for a flush because too many memtables were frozen, and how long
     /// they waited in all (microseconds).
     pub write_stalls: u64,
@@ -216,6 +220,8 @@ pub(crate) struct Core {
     metrics: EngineMetrics,
     flush_lock: Mutex<()>,
     compaction_lock: Mutex<()>,
+    /// The pace of compaction writes (`None`: unpaced); see `compaction::pace`.
+    pacer: Mutex<Option<compaction::pace::Pacer>>,
     stall: Condvar,
     stall_lock: Mutex<()>,
     flush_signal: Mutex<Option<mpsc::Sender<()>>>,
@@ -546,6 +552,7 @@ impl Core {
             wal_segments: self.wal.segment_paths().len(),
             wal_syncs: self.wal.sync_count(),
             wal_longest_sync_micros: self.wal.longest_sync_micros(),
+            compaction_rate: self.pacer.lock().as_ref().map_or(0, |p| p.rate() as u64),
             write_stalls: m.write_stalls.load(Ordering::Relaxed),
             write_stall_micros: m.write_stall_micros.load(Ordering::Relaxed),
             writes_applied: m.writes_applied.load(Ordering::Relaxed),
@@ -653,12 +660,53 @@ mod tests {
         );
     }
 
-    /// The real file system, except that creating a table file takes 200 ms: flushes fall
-    /// behind any writer.
-    #[derive(Debug)]
-    struct SlowTables;
+    /// The real file system, slower where a test says: creating a table file takes
+    /// `table_create` (flushes fall behind any writer), and a commit-log fsync takes
+    /// `log_sync_micros` more (set while the engine runs).
+    #[derive(Debug, Default)]
+    struct SlowDisk {
+        table_create: Duration,
+        log_sync_micros: Arc<AtomicU64>,
+    }
 
-    impl vfs::Vfs for SlowTables {
+    /// A commit-log file whose fsyncs take the `SlowDisk`'s extra time.
+    struct SlowSyncFile {
+        file: Arc<dyn vfs::VFile>,
+        extra_micros: Arc<AtomicU64>,
+    }
+
+    impl vfs::VFile for SlowSyncFile {
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.file.write_at(buf, offset)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            std::thread::sleep(Duration::from_micros(
+                self.extra_micros.load(Ordering::Relaxed),
+            ));
+            self.file.sync_data()
+        }
+        fn sync_all(&self) -> std::io::Result<()> {
+            self.file.sync_all()
+        }
+    }
+
+    impl SlowDisk {
+        fn wrap(&self, path: &Path, file: Arc<dyn vfs::VFile>) -> Arc<dyn vfs::VFile> {
+            if path.extension().is_some_and(|e| e == "log") {
+                Arc::new(SlowSyncFile {
+                    file,
+                    extra_micros: self.log_sync_micros.clone(),
+                })
+            } else {
+                file
+            }
+        }
+    }
+
+    impl vfs::Vfs for SlowDisk {
         fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
             vfs::RealVfs.create_dir_all(dir)
         }
@@ -676,12 +724,12 @@ mod tests {
         }
         fn create(&self, path: &Path, exclusive: bool) -> std::io::Result<Arc<dyn vfs::VFile>> {
             if path.extension().is_some_and(|e| e == "sst") {
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(self.table_create);
             }
-            vfs::RealVfs.create(path, exclusive)
+            Ok(self.wrap(path, vfs::RealVfs.create(path, exclusive)?))
         }
         fn open_write(&self, path: &Path) -> std::io::Result<Arc<dyn vfs::VFile>> {
-            vfs::RealVfs.open_write(path)
+            Ok(self.wrap(path, vfs::RealVfs.open_write(path)?))
         }
         fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
             vfs::RealVfs.rename(from, to)
@@ -711,7 +759,10 @@ mod tests {
                 sync: SyncMode::Never,
                 memtable_bytes: 64 << 10,
                 max_immutable_memtables: 1,
-                vfs: Arc::new(SlowTables),
+                vfs: Arc::new(SlowDisk {
+                    table_create: Duration::from_millis(200),
+                    ..SlowDisk::default()
+                }),
                 ..EngineOptions::default()
             },
         )
@@ -726,6 +777,68 @@ mod tests {
         assert!(stats.write_stalls > 0, "{stats:?}");
         assert!(stats.write_stall_micros >= 100_000, "{stats:?}");
         for i in 0..3000u32 {
+            assert!(engine.get("t", &i.to_be_bytes()).expect("get").is_some());
+        }
+    }
+
+    /// While the commit log's fsyncs are much slower than they were, a compaction slows down
+    /// (the acknowledgements of writes wait for those fsyncs); the rate it ends at says so.
+    #[test]
+    fn compaction_slows_down_while_the_logs_fsyncs_are_slow() {
+        const LIMIT: u64 = 8 << 20;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = SlowDisk::default();
+        let slow = disk.log_sync_micros.clone();
+        let engine = Engine::open(
+            dir.path(),
+            EngineOptions {
+                sync: SyncMode::Always,
+                background: false,
+                compaction_bytes_per_sec: Some(LIMIT),
+                vfs: Arc::new(disk),
+                ..EngineOptions::default()
+            },
+        )
+        .expect("open");
+        // Four tables of 1 MiB to merge, then a baseline of ordinary fsyncs.
+        for table in 0..4u32 {
+            let batch = (0..1024u32)
+                .map(|i| {
+                    let key = (table * 1024 + i).to_be_bytes().to_vec();
+                    Record::put("t", key, version(1), vec![7u8; 1024])
+                })
+                .collect();
+            engine.apply_batch(batch).expect("apply");
+            engine.flush().expect("flush");
+        }
+        let put = |i: u32| {
+            engine
+                .apply(Record::put("w", i.to_be_bytes().to_vec(), version(1), "v"))
+                .expect("apply");
+        };
+        for i in 0..100 {
+            put(i);
+        }
+        assert_eq!(engine.stats().compaction_rate, LIMIT, "no pressure yet");
+        // Every log fsync now takes 50 ms more; a writer keeps syncing during the compaction.
+        slow.store(50_000, Ordering::Relaxed);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut i = 1_000;
+                while !done.load(Ordering::Relaxed) {
+                    put(i);
+                    i += 1;
+                }
+            });
+            std::thread::sleep(Duration::from_secs(1));
+            engine.compact().expect("compact");
+            done.store(true, Ordering::Relaxed);
+        });
+        let rate = engine.stats().compaction_rate;
+        assert!(rate <= LIMIT / 2, "{rate} bytes/s under slow fsyncs");
+        assert!(rate >= LIMIT / 8, "{rate} bytes/s: below the floor");
+        for i in 0..4096u32 {
             assert!(engine.get("t", &i.to_be_bytes()).expect("get").is_some());
         }
     }

@@ -109,6 +109,9 @@ impl Engine {
             metrics: EngineMetrics::default(),
             flush_lock: Mutex::new(()),
             compaction_lock: Mutex::new(()),
+            pacer: Mutex::new(super::compaction::pace::Pacer::new(
+                options.compaction_bytes_per_sec,
+            )),
             stall: Condvar::new(),
             stall_lock: Mutex::new(()),
             flush_signal: Mutex::new(None),

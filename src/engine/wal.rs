@@ -118,6 +118,8 @@ pub struct CommitLog {
     failed: AtomicBool,
     syncs: AtomicU64,
     longest_sync_micros: AtomicU64,
+    /// Recent fsync times against their baseline (what compaction yields to).
+    latency: super::sync_latency::SyncLatency,
 }
 
 fn segment_name(number: u64) -> String {
@@ -486,6 +488,7 @@ impl CommitLog {
             failed: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             longest_sync_micros: AtomicU64::new(0),
+            latency: Default::default(),
         };
         Ok((log, stats))
     }
@@ -650,6 +653,7 @@ impl CommitLog {
             let took = started.elapsed();
             metrics::histogram!("pairdb_engine_log_sync_seconds").record(took.as_secs_f64());
             self.syncs.fetch_add(1, Ordering::Relaxed);
+            self.latency.record(took);
             self.longest_sync_micros.fetch_max(
                 u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
                 Ordering::Relaxed,
@@ -715,6 +719,11 @@ impl CommitLog {
 
     /// Number of fsyncs issued (group commit shares them).
     /// The longest fsync of [`CommitLog::sync_now`] so far (microseconds).
+    /// Recent fsync time over its baseline, at least 1 ([`super::sync_latency`]).
+    pub fn sync_pressure(&self) -> f64 {
+        self.latency.pressure()
+    }
+
     pub fn longest_sync_micros(&self) -> u64 {
         self.longest_sync_micros.load(Ordering::Relaxed)
     }

@@ -90,6 +90,10 @@ async fn metrics(State(node): State<Node>) -> String {
     gauge("pairdb_engine_compactions", s.compactions as f64);
     gauge("pairdb_engine_compaction_moves", s.compaction_moves as f64);
     gauge(
+        "pairdb_engine_compaction_rate_bytes",
+        s.compaction_rate as f64,
+    );
+    gauge(
         "pairdb_engine_tables_quarantined",
         s.quarantined_tables as f64,
     );

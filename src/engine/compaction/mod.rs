@@ -1,5 +1,7 @@
-//! Leveled compaction: [`policy`] decides (pure), [`worker`] executes.
+//! Leveled compaction: [`policy`] decides (pure), [`worker`] executes at the [`pace`] the
+//! commit log's fsyncs allow.
 
+pub mod pace;
 pub mod policy;
 #[cfg(test)]
 mod simulation;

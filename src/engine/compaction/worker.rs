@@ -1,6 +1,7 @@
 //! Executes compaction tasks: merges the input tables, keeps each key's winner, drops
 //! tombstones older than gc_grace when the output is bottommost (and, for a range drop, every
-//! record in the dropped hash ranges), writes size-bounded output tables at a throttled rate,
+//! record in the dropped hash ranges), writes size-bounded output tables at the [`super::pace`]
+//! the commit log allows,
 //! then installs the result atomically (manifest first, then the in-memory state) and deletes
 //! the inputs. A table nothing overlaps in the next level moves there instead (a manifest
 //! edit, no rewrite). Reads and writes never wait for it: readers hold their own snapshot, and the
@@ -8,7 +9,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use crate::engine::error::Result;
 use crate::engine::iterators::{MergeIter, Source};
@@ -20,20 +20,8 @@ use crate::engine::{Core, State, io_err};
 
 use super::policy::{self, CompactionTask};
 
-/// How often a compaction checks its pace against `compaction_bytes_per_sec`.
+/// How often a compaction checks its pace.
 const THROTTLE_STEP: u64 = 1 << 20;
-
-/// Sleeps as needed to keep `written` bytes since `start` under `rate` bytes/s.
-fn throttle(start: Instant, written: u64, rate: Option<u64>) {
-    let Some(rate) = rate.filter(|r| *r > 0) else {
-        return;
-    };
-    let due = Duration::from_secs_f64(written as f64 / rate as f64);
-    let elapsed = start.elapsed();
-    if due > elapsed {
-        std::thread::sleep(due - elapsed);
-    }
-}
 
 /// A key's winner that a compaction left out: what the range trees need to take it out.
 struct Removed {
@@ -72,6 +60,21 @@ impl Core {
             return self.move_table(&task).map(|()| true);
         }
         self.run_or_quarantine(&task, &[]).map(|_| true)
+    }
+
+    /// Sleeps as the pacer says after `bytes` more compaction output: slower while the log's
+    /// fsyncs are slow, at the limit while level 0 holds twice its merge trigger.
+    fn pace(&self, bytes: u64) {
+        let urgent = self.snapshot().levels.first().map_or(0, Vec::len)
+            >= 2 * self.options.levels.l0_trigger.max(1);
+        let pressure = self.wal.sync_pressure();
+        let wait = match self.pacer.lock().as_mut() {
+            Some(pacer) => pacer.wrote(bytes, pressure, urgent),
+            None => return,
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
     }
 
     /// Moves a task's one table to its output level without rewriting it: the manifest and
@@ -161,9 +164,8 @@ impl Core {
             .collect();
         let gc_before =
             crate::wallclock::now_ms().saturating_sub(self.options.gc_grace.as_millis() as u64);
-        let start = Instant::now();
         let mut written = 0u64;
-        let mut paced = THROTTLE_STEP;
+        let mut paced = 0u64;
         let mut outputs: Vec<TableMeta> = Vec::new();
         let mut builder: Option<TableBuilder> = None;
         let mut dropped = 0u64;
@@ -202,11 +204,11 @@ impl Core {
             if let Some(b) = builder.as_mut() {
                 b.add(&ikey, &record)?;
                 let so_far = written + b.estimated_size();
-                if so_far >= paced {
+                if so_far >= paced + THROTTLE_STEP {
                     // Paced every THROTTLE_STEP, not per output table: a table written at
                     // full speed and then a long sleep is a burst the foreground feels.
-                    throttle(start, so_far, self.options.compaction_bytes_per_sec);
-                    paced = so_far + THROTTLE_STEP;
+                    self.pace(so_far - paced);
+                    paced = so_far;
                 }
                 if b.estimated_size() >= self.options.table_bytes {
                     if let Some(done) = builder.take() {
