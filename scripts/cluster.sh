@@ -167,6 +167,11 @@ stop() {
     sleep 0.2
   done
   for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  # SIGKILL is delivered asynchronously: wait until each is gone (and its data dir's lock with
+  # it), so a `start` right after does not find the directories locked.
+  for p in "${pids[@]}"; do
+    for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  done
   echo "stopped ${#pids[@]} processes"
 }
 

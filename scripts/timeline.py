@@ -8,8 +8,8 @@ and its disks' MB written and milliseconds of queued I/O over the last second (/
 whole disks only); then per process its CPU use over the last second (percent of one core,
 from /proc/PID/stat) and, for processes given a metrics URL (storage nodes), the engine's
 memtables, level-0 tables, flushes and compactions so far, MiB written by compaction so far,
-and the mean commit-log fsync over the last second in ms. A process that exited reads as '-'.
-Only 127.0.0.1 URLs are fetched.
+the compaction rate in force (MiB/s) and the mean commit-log fsync over the last second in
+ms. A process that exited reads as '-'. Only 127.0.0.1 URLs are fetched.
 """
 
 import os
@@ -78,6 +78,8 @@ def engine(url):
             got["sync_sum"] = float(value)
         elif name == "pairdb_engine_log_sync_seconds_count":
             got["sync_count"] = float(value)
+        elif name == "pairdb_engine_compaction_rate_bytes":
+            got["cpRate"] = f"{float(value) / 2**20:.0f}"
         elif name in WANTED:
             v = float(value)
             got[WANTED[name]] = f"{v / 2**20:.0f}" if name.endswith("bytes_written") else f"{v:.0f}"
@@ -89,7 +91,7 @@ def engine(url):
         SYNCS[url] = (total, count)
     if before and total is not None and count is not None and count > before[1]:
         got["sync"] = f"{(total - before[0]) / (count - before[1]) * 1000:.1f}ms"
-    return " ".join(f"{k}={got.get(k, '?')}" for k in ("mem", "L0", "fl", "cp", "cpMiB", "sync"))
+    return " ".join(f"{k}={got.get(k, '?')}" for k in ("mem", "L0", "fl", "cp", "cpMiB", "cpRate", "sync"))
 
 
 def main():

@@ -820,8 +820,8 @@ mod tests {
             put(i);
         }
         assert_eq!(engine.stats().compaction_rate, LIMIT, "no pressure yet");
-        // Every log fsync now takes 50 ms more; a writer keeps syncing during the compaction.
-        slow.store(50_000, Ordering::Relaxed);
+        // Every log fsync now takes 200 ms more; a writer keeps syncing during the compaction.
+        slow.store(200_000, Ordering::Relaxed);
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {

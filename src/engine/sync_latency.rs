@@ -4,10 +4,12 @@
 //! the foreground is what pays.
 //!
 //! `recent` is a mean of the fsync times weighted by age, with a time constant of
-//! [`RECENT`]. The baseline is the smallest `recent` seen over the last [`BASE_WINDOW`] (in
-//! buckets of [`BUCKET`]): LEDBAT's base delay. A burst of slow fsyncs raises `recent`, not the
-//! baseline, so the pressure (`recent / baseline`) stays high for as long as the burst lasts,
-//! and the baseline still follows a disk that became slower for good, within the window.
+//! [`RECENT`]. The baseline is the calmest [`BUCKET`] of the last [`BASE_WINDOW`]: the lowest
+//! of the buckets' mean `recent` (LEDBAT's base delay, over means rather than minima, so that
+//! the usual fsync time under load is the baseline, not the quietest half second). A burst of
+//! slow fsyncs raises `recent` and its own bucket, not the calmer ones, so the pressure
+//! (`recent / baseline`) stays high for as long as the burst lasts, and the baseline still
+//! follows a disk that became slower for good within the window.
 //!
 //! Invariants: the pressure is >= 1; it is exactly 1 before the first fsync and when the last
 //! one is older than [`QUIET`] (nothing waits on the log then).
@@ -20,9 +22,9 @@ use parking_lot::Mutex;
 /// Time constant of the recent mean.
 pub const RECENT: Duration = Duration::from_millis(500);
 /// How far back the baseline looks.
-pub const BASE_WINDOW: Duration = Duration::from_secs(300);
+pub const BASE_WINDOW: Duration = Duration::from_secs(60);
 /// One bucket of the baseline's window.
-pub const BUCKET: Duration = Duration::from_secs(30);
+pub const BUCKET: Duration = Duration::from_secs(10);
 /// Without an fsync for this long, there is no pressure.
 pub const QUIET: Duration = Duration::from_secs(2);
 
@@ -36,8 +38,8 @@ struct Inner {
     /// Recent mean fsync time, microseconds.
     recent: f64,
     last: Option<Instant>,
-    /// (bucket start, smallest `recent` in it), oldest first.
-    buckets: VecDeque<(Instant, f64)>,
+    /// (bucket start, sum of `recent` at each fsync in it, fsyncs), oldest first.
+    buckets: VecDeque<(Instant, f64, u64)>,
 }
 
 impl SyncLatency {
@@ -65,15 +67,16 @@ impl SyncLatency {
         g.last = Some(now);
         let recent = g.recent;
         match g.buckets.back_mut() {
-            Some((start, least)) if now.saturating_duration_since(*start) < BUCKET => {
-                *least = least.min(recent);
+            Some((start, sum, n)) if now.saturating_duration_since(*start) < BUCKET => {
+                *sum += recent;
+                *n += 1;
             }
-            _ => g.buckets.push_back((now, recent)),
+            _ => g.buckets.push_back((now, recent, 1)),
         }
         while g
             .buckets
             .front()
-            .is_some_and(|(start, _)| now.saturating_duration_since(*start) > BASE_WINDOW)
+            .is_some_and(|(start, _, _)| now.saturating_duration_since(*start) > BASE_WINDOW)
         {
             g.buckets.pop_front();
         }
@@ -90,7 +93,7 @@ impl SyncLatency {
         let base = g
             .buckets
             .iter()
-            .map(|(_, least)| *least)
+            .map(|(_, sum, n)| *sum / (*n).max(1) as f64)
             .fold(f64::INFINITY, f64::min);
         if !(base.is_finite() && base > 0.0) {
             return 1.0;

@@ -63,13 +63,13 @@ impl Core {
     }
 
     /// Sleeps as the pacer says after `bytes` more compaction output: slower while the log's
-    /// fsyncs are slow, at the limit while level 0 holds twice its merge trigger.
+    /// fsyncs are slow, faster again as level 0 deepens past its merge trigger.
     fn pace(&self, bytes: u64) {
-        let urgent = self.snapshot().levels.first().map_or(0, Vec::len)
-            >= 2 * self.options.levels.l0_trigger.max(1);
+        let l0 = self.snapshot().levels.first().map_or(0, Vec::len);
+        let debt = super::pace::debt(l0, self.options.levels.l0_trigger);
         let pressure = self.wal.sync_pressure();
         let wait = match self.pacer.lock().as_mut() {
-            Some(pacer) => pacer.wrote(bytes, pressure, urgent),
+            Some(pacer) => pacer.wrote(bytes, pressure, debt),
             None => return,
         };
         if !wait.is_zero() {
