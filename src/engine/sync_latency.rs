@@ -38,8 +38,21 @@ struct Inner {
     /// Recent mean fsync time, microseconds.
     recent: f64,
     last: Option<Instant>,
-    /// (bucket start, sum of `recent` at each fsync in it, fsyncs), oldest first.
-    buckets: VecDeque<(Instant, f64, u64)>,
+    /// The baseline's window, oldest first.
+    buckets: VecDeque<Bucket>,
+}
+
+/// One [`BUCKET`] of the window: the `recent` value after each fsync in it, summed.
+struct Bucket {
+    start: Instant,
+    recent_sum: f64,
+    fsyncs: u64,
+}
+
+impl Bucket {
+    fn mean(&self) -> f64 {
+        self.recent_sum / self.fsyncs.max(1) as f64
+    }
 }
 
 impl SyncLatency {
@@ -67,16 +80,20 @@ impl SyncLatency {
         g.last = Some(now);
         let recent = g.recent;
         match g.buckets.back_mut() {
-            Some((start, sum, n)) if now.saturating_duration_since(*start) < BUCKET => {
-                *sum += recent;
-                *n += 1;
+            Some(b) if now.saturating_duration_since(b.start) < BUCKET => {
+                b.recent_sum += recent;
+                b.fsyncs += 1;
             }
-            _ => g.buckets.push_back((now, recent, 1)),
+            _ => g.buckets.push_back(Bucket {
+                start: now,
+                recent_sum: recent,
+                fsyncs: 1,
+            }),
         }
         while g
             .buckets
             .front()
-            .is_some_and(|(start, _, _)| now.saturating_duration_since(*start) > BASE_WINDOW)
+            .is_some_and(|b| now.saturating_duration_since(b.start) > BASE_WINDOW)
         {
             g.buckets.pop_front();
         }
@@ -93,7 +110,7 @@ impl SyncLatency {
         let base = g
             .buckets
             .iter()
-            .map(|(_, sum, n)| *sum / (*n).max(1) as f64)
+            .map(Bucket::mean)
             .fold(f64::INFINITY, f64::min);
         if !(base.is_finite() && base > 0.0) {
             return 1.0;

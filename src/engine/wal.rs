@@ -717,17 +717,17 @@ impl CommitLog {
         Ok(doomed.len())
     }
 
-    /// Number of fsyncs issued (group commit shares them).
-    /// The longest fsync of [`CommitLog::sync_now`] so far (microseconds).
     /// Recent fsync time over its baseline, at least 1 ([`super::sync_latency`]).
     pub fn sync_pressure(&self) -> f64 {
         self.latency.pressure()
     }
 
+    /// The longest fsync of [`CommitLog::sync_now`] so far (microseconds).
     pub fn longest_sync_micros(&self) -> u64 {
         self.longest_sync_micros.load(Ordering::Relaxed)
     }
 
+    /// Number of fsyncs issued (group commit shares them).
     pub fn sync_count(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
     }
