@@ -15,6 +15,7 @@ pub mod meta;
 pub mod metrics;
 pub mod mux;
 pub mod net;
+pub mod priority;
 pub mod quorum;
 pub mod ring;
 pub mod roles;

@@ -96,6 +96,20 @@ impl Tasks {
         self.tracker.spawn_blocking(work)
     }
 
+    /// Runs blocking `work` as a task of this role on another runtime's blocking pool (the
+    /// storage node's lowered background threads).
+    pub fn spawn_blocking_on<F, T>(
+        &self,
+        work: F,
+        runtime: &tokio::runtime::Handle,
+    ) -> JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.tracker.spawn_blocking_on(work, runtime)
+    }
+
     /// Runs the task that serves one long-lived inbound stream; see [`Tasks::streams_ended`].
     pub fn spawn_stream<F>(&self, work: F) -> JoinHandle<F::Output>
     where

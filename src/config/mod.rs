@@ -265,6 +265,26 @@ mod tests {
     }
 
     #[test]
+    fn background_nice_is_a_nice_value() {
+        let load = |toml: &str| {
+            let file = tempfile::NamedTempFile::new().expect("temp file");
+            std::fs::write(file.path(), toml).expect("write");
+            Config::load(Some(file.path()), &serde_json::json!({})).expect("parses")
+        };
+        let storage = "[node]\nroles = [\"storage\"]\nid = \"s1\"\n[storage]\ndata_dir = \"d\"\n";
+        let default = load(storage);
+        assert_eq!(default.storage.background_nice, 10);
+        default.storage.validate().expect("the default is valid");
+        let off = load(&format!("{storage}background_nice = 0"));
+        off.storage.validate().expect("0 turns it off");
+        let refused = load(&format!("{storage}background_nice = 20"))
+            .storage
+            .validate()
+            .expect_err("20 is no nice value");
+        assert!(refused.to_string().contains("background_nice"), "{refused}");
+    }
+
+    #[test]
     fn token_allocation_is_configurable() {
         let parse = |toml: &str| {
             Figment::from(Serialized::defaults(CoordinatorConfig::default()))

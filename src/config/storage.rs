@@ -57,6 +57,10 @@ pub struct StorageConfig {
     pub disk_throttle_percent: f64,
     /// Disk usage (%) from which every write is refused (DISK_FULL) and the node is unhealthy.
     pub disk_full_percent: f64,
+    /// Nice value (0-19) of the threads that do what no client waits on: compaction, range
+    /// streams' scans and the records streams, repairs and hint replays write, anti-entropy
+    /// listings. 10 by default; 0 runs them at the process's priority (`crate::priority`).
+    pub background_nice: u8,
 }
 
 impl Default for StorageConfig {
@@ -80,6 +84,7 @@ impl Default for StorageConfig {
             disk_warn_percent: crate::engine::WARN_PERCENT,
             disk_throttle_percent: crate::engine::THROTTLE_PERCENT,
             disk_full_percent: crate::engine::FULL_PERCENT,
+            background_nice: crate::priority::DEFAULT_BACKGROUND_NICE,
         }
     }
 }
@@ -131,6 +136,13 @@ impl StorageConfig {
                 split_host_port(c).map_err(|e| invalid(format!("--join-coordinators: {e}")))?;
             }
             self.advertised()?;
+        }
+        if self.background_nice > crate::priority::MAX_NICE {
+            return Err(invalid(format!(
+                "background_nice = {}: nice values go from 0 to {}",
+                self.background_nice,
+                crate::priority::MAX_NICE
+            )));
         }
         let (warn, throttle, full) = (
             self.disk_warn_percent,

@@ -2,6 +2,7 @@
 //! records the flushed sequence, then the log drops the segments below it), and the workers
 //! that flush and compact in the background.
 
+use super::memtable::flush_size;
 use super::{
     Arc, Core, Duration, LevelEdit, Memtable, Mutex, Ordering, Result, SsTable, io_err, mpsc,
     sstable, table_file_name,
@@ -19,13 +20,12 @@ impl Core {
     pub(super) fn freeze(&self, force: bool) {
         {
             let mut state = self.state.write();
-            let full = state.active.size_bytes() >= self.options.memtable_bytes;
-            if state.active.is_empty() || !(force || full) {
+            if state.active.is_empty() || !(force || state.active.is_full()) {
                 return;
             }
             let mut next = (**state).clone();
             next.immutables.insert(0, next.active.clone());
-            next.active = Arc::new(Memtable::new());
+            next.active = Arc::new(Memtable::new(flush_size(self.options.memtable_bytes)));
             *state = Arc::new(next);
         }
         self.signal(&self.flush_signal);

@@ -748,6 +748,54 @@ mod tests {
         }
     }
 
+    /// The compaction thread runs at `compaction_nice` (a lower CPU priority than requests);
+    /// the flush thread keeps the process's, since writers wait for it.
+    #[test]
+    fn the_compaction_thread_runs_at_its_nice_value_and_the_flusher_does_not() {
+        /// Nice values of this process's threads named `name` (`comm` is cut to 15 bytes).
+        fn nices(name: &str) -> Vec<i32> {
+            let tasks = std::fs::read_dir("/proc/self/task").expect("tasks");
+            tasks
+                .filter_map(|t| {
+                    let path = t.ok()?.path();
+                    let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+                    if comm.trim_end() != name {
+                        return None;
+                    }
+                    let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                    // Fields after the `(comm)`: state is the 3rd field, nice the 19th.
+                    let after = stat.rsplit_once(')')?.1;
+                    after.split_whitespace().nth(16)?.parse().ok()
+                })
+                .collect()
+        }
+        let own = crate::priority::current_thread_nice().expect("nice");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _engine = Engine::open(
+            dir.path(),
+            EngineOptions {
+                compaction_nice: 17,
+                ..EngineOptions::default()
+            },
+        )
+        .expect("open");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Other tests' engines run beside this one (at other values): look for ours.
+        while !nices("pairdb-compacti").contains(&17.max(own)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                nices("pairdb-compacti")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !nices("pairdb-flush").contains(&17),
+            "{:?}",
+            nices("pairdb-flush")
+        );
+    }
+
     /// Writers that outrun the flusher wait for it (the frozen memtables are the engine's
     /// memory bound), lose nothing, and the wait is counted.
     #[test]

@@ -68,7 +68,9 @@ impl Engine {
             );
         }
 
-        let active = Arc::new(Memtable::new());
+        let active = Arc::new(Memtable::new(super::memtable::flush_size(
+            options.memtable_bytes,
+        )));
         let log_options = LogOptions {
             vfs: vfs.clone(),
             sync: options.sync,
@@ -148,9 +150,17 @@ impl Engine {
             };
             *slot.lock() = Some(tx);
             let core = self.core.clone();
+            let nice = if is_flush {
+                0
+            } else {
+                self.core.options.compaction_nice
+            };
             let handle = std::thread::Builder::new()
                 .name(name.to_owned())
-                .spawn(move || core.worker_loop(rx, is_flush))
+                .spawn(move || {
+                    crate::priority::lower_current_thread(nice);
+                    core.worker_loop(rx, is_flush)
+                })
                 .map_err(|e| EngineError::io("spawn engine worker", e))?;
             workers.push(handle);
         }

@@ -91,6 +91,9 @@ pub struct EngineOptions {
     pub skip_corrupt_log: bool,
     /// Run the flush and compaction workers (tests may drive them by hand).
     pub background: bool,
+    /// Nice value of the compaction thread (`crate::priority`; 0: the process's own). Flushes
+    /// keep the process's priority: writers wait for them once memtables are full.
+    pub compaction_nice: u8,
     /// Where files live: the real file system, or a simulated disk in crash tests.
     pub vfs: Arc<dyn Vfs>,
 }
@@ -112,6 +115,7 @@ impl Default for EngineOptions {
             compaction_bytes_per_sec: Some(64 << 20),
             skip_corrupt_log: false,
             background: true,
+            compaction_nice: crate::priority::DEFAULT_BACKGROUND_NICE,
             vfs: vfs::real(),
         }
     }

@@ -66,7 +66,7 @@ impl Core {
         let record = record.with_own_buffers();
         let ikey = record.internal_key();
         let stripe = self.stripe(&ikey);
-        let (seq, memtable_bytes) = {
+        let (seq, full) = {
             let _guard = stripe.lock.lock();
             let current = self.current(&ikey)?;
             if let Some(current) = current
@@ -82,19 +82,19 @@ impl Core {
                 return Ok((ApplyOutcome::Ignored { stored }, self.wal.appended_seq()));
             }
             let record = Arc::new(record);
-            let (seq, bytes) = {
+            let (seq, full) = {
                 let state = self.state.read();
                 let seq = self.wal.append(&record)?;
                 state.active.insert(ikey.clone(), record.clone(), seq);
-                (seq, state.active.size_bytes())
+                (seq, state.active.is_full())
             };
             self.trees_replace(&ikey, current.as_deref(), &record);
             self.cache.insert(ikey, record);
             stripe.generation.fetch_add(1, Ordering::AcqRel);
-            (seq, bytes)
+            (seq, full)
         };
         self.metrics.writes_applied.fetch_add(1, Ordering::Relaxed);
-        if memtable_bytes >= self.options.memtable_bytes {
+        if full {
             self.freeze(false);
         }
         Ok((ApplyOutcome::Applied, seq))

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::rpc::storage::storage_node_server::StorageNodeServer;
+use crate::storage::background::BackgroundPool;
 use crate::storage::datadir;
 use crate::storage::dropped_tenants::DroppedTenants;
 use crate::storage::gossip::Gossip;
@@ -41,6 +42,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         cache_bytes: cfg.cache_bytes,
         memtable_bytes: cfg.memtable_bytes,
         disk: cfg.disk_thresholds(),
+        compaction_nice: cfg.background_nice,
         ..EngineOptions::default()
     };
     let dir = cfg.data_dir.clone();
@@ -108,6 +110,10 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         ledgers,
         tasks.clone(),
         auth.clone(),
+        Arc::new(
+            BackgroundPool::new(cfg.background_nice)
+                .context("cannot start the background threads")?,
+        ),
     );
     service.streams().set_rate_limit(cfg.stream_rate_limit);
     service.set_listing_rate_limit(cfg.repair_scan_rate_limit);

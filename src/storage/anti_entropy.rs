@@ -22,6 +22,9 @@ use crate::limits::check_storage_tenant;
 use crate::ring::HashRange;
 use crate::rpc::storage as pb;
 
+use crate::shutdown::Tasks;
+
+use super::background::BackgroundPool;
 use super::errors::{StorageError, invalid};
 use super::repaired_ranges::RepairedRanges;
 use super::throttle::Throttle;
@@ -74,6 +77,8 @@ pub fn list_segments(
     engine: Arc<Engine>,
     req: pb::ListSegmentsRequest,
     pace: Option<Arc<Throttle>>,
+    background: &BackgroundPool,
+    tasks: &Tasks,
 ) -> Result<mpsc::Receiver<Result<pb::ListSegmentsBatch, StorageError>>, StorageError> {
     check_storage_tenant(&req.tenant_id).map_err(|e| invalid(e.to_string()))?;
     if req.segments.len() > MAX_LISTED_SEGMENTS {
@@ -91,7 +96,7 @@ pub fn list_segments(
     engine.segment_hashes(&req.tenant_id, &[])?;
     let wanted: HashSet<u32> = req.segments.into_iter().collect();
     let (tx, rx) = mpsc::channel(4);
-    tokio::task::spawn_blocking(move || {
+    background.spawn(tasks, move || {
         let send_err = |e: EngineError| {
             let _ = tx.blocking_send(Err(StorageError::from(e)));
         };

@@ -4,6 +4,7 @@
 //! the data-directory lock (`datadir`), and named snapshots of the data (`snapshots`). Wired together by `roles::storage`.
 
 pub mod anti_entropy;
+pub mod background;
 pub mod cleanup;
 pub mod convert;
 pub mod datadir;

@@ -31,6 +31,7 @@ use crate::rpc::storage::storage_node_server::StorageNode;
 use crate::vclock::Version;
 
 use super::anti_entropy;
+use super::background::BackgroundPool;
 use super::cleanup;
 use super::convert::{record_from_proto, record_to_proto};
 use super::dropped_tenants::DroppedTenants;
@@ -59,7 +60,10 @@ pub struct StorageService {
     engine: Arc<Engine>,
     streams: StreamManager,
     gossip: Option<Arc<Gossip>>,
+    /// Where client writes are applied.
     writes: WritePath,
+    /// Lowered threads for what no client waits on: streams, repairs, hint replays, listings.
+    background: Arc<BackgroundPool>,
     /// Keys other replicas missed without a hint (see `repair_markers`).
     markers: Arc<RepairMarkerLog>,
     /// Which tenants' ranges were repaired as of when (see `repaired_ranges`).
@@ -223,6 +227,7 @@ impl StorageService {
         ledgers: Ledgers,
         tasks: crate::shutdown::Tasks,
         auth: InternalAuth,
+        background: Arc<BackgroundPool>,
     ) -> Arc<Self> {
         let Ledgers {
             markers,
@@ -236,7 +241,14 @@ impl StorageService {
             snapshots,
             node_id,
             requests: AtomicU64::new(0),
-            streams: StreamManager::new(engine.clone(), dropped.clone(), tasks.clone(), auth),
+            streams: StreamManager::new(
+                engine.clone(),
+                dropped.clone(),
+                tasks.clone(),
+                auth,
+                background.clone(),
+            ),
+            background,
             tasks,
             engine,
             gossip,
@@ -397,8 +409,13 @@ impl StorageService {
             let engine = self.engine.clone();
             let applied = if live.is_empty() {
                 Vec::new()
-            } else {
+            } else if source == pb::BatchSource::Client {
                 self.writes.run(move || engine.apply_batch(live)).await?
+            } else {
+                // A stream's, a repair's or a hint replay's: no client waits on it.
+                self.background
+                    .run(move || engine.apply_batch(live))
+                    .await??
             };
             let outcomes = merge_fenced(&fenced, applied);
             for (r, o) in records.iter().zip(&outcomes) {
@@ -780,7 +797,13 @@ impl StorageNode for StorageService {
         req: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<Self::ListSegmentsStream>, Status> {
         let pace = self.listing_pace.lock().clone();
-        let rx = anti_entropy::list_segments(self.engine.clone(), req.into_inner(), pace)?;
+        let rx = anti_entropy::list_segments(
+            self.engine.clone(),
+            req.into_inner(),
+            pace,
+            &self.background,
+            &self.tasks,
+        )?;
         let stream = ReceiverStream::new(rx).map(|item| item.map_err(Status::from));
         Ok(Response::new(Box::pin(stream)))
     }

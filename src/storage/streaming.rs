@@ -49,6 +49,7 @@ use crate::rpc::storage as pb;
 use crate::rpc::storage::storage_node_client::StorageNodeClient;
 use crate::shutdown::Tasks;
 
+use super::background::BackgroundPool;
 use super::dropped_tenants::DroppedTenants;
 use super::stream_checkpoint::{self as checkpoint, Checkpoint};
 use super::throttle::Throttle;
@@ -131,6 +132,8 @@ pub struct StreamManager {
     tasks: Tasks,
     /// Authenticates every call to a stream's target.
     auth: InternalAuth,
+    /// Where the streams' scans run (lowered threads).
+    background: Arc<BackgroundPool>,
 }
 
 impl StreamManager {
@@ -139,11 +142,13 @@ impl StreamManager {
         dropped: Arc<DroppedTenants>,
         tasks: Tasks,
         auth: InternalAuth,
+        background: Arc<BackgroundPool>,
     ) -> Self {
         Self {
             dropped,
             tasks,
             auth,
+            background,
             checkpoints: Arc::new(engine.dir().join("streams")),
             engine,
             streams: Arc::new(Mutex::new(HashMap::new())),
@@ -212,6 +217,7 @@ impl StreamManager {
         let checkpoints = self.checkpoints.clone();
         let dropped = self.dropped.clone();
         let tasks = self.tasks.clone();
+        let background = self.background.clone();
         let node_stop = tasks.stop().clone();
         self.tasks.spawn(async move {
             let sender = Sender {
@@ -220,6 +226,7 @@ impl StreamManager {
                 checkpoints: checkpoints.clone(),
                 throttle,
                 tasks,
+                background,
             };
             let result = tokio::select! {
                 r = run(engine, stream.clone(), sender, live_rx, resume) => r,
@@ -366,6 +373,8 @@ struct Sender {
     /// The node role's tasks (the scan runs as one, so a stop waits for it to let go of the
     /// engine).
     tasks: Tasks,
+    /// The lowered threads the scan runs on.
+    background: Arc<BackgroundPool>,
 }
 
 /// One batch of the bulk copy, with the internal key of its last record.
@@ -387,11 +396,12 @@ async fn run(
         checkpoints,
         throttle,
         tasks,
+        background,
     } = sender;
     let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, EngineError>>(4);
     let ranges = stream.ranges.clone();
     let scan_engine = engine.clone();
-    let producer = tasks.spawn_blocking(move || {
+    let producer = background.spawn(&tasks, move || {
         let after = resume.map(|c| c.last_key);
         let mut batch = Vec::with_capacity(BATCH);
         let mut batch_bytes = 0;
