@@ -279,7 +279,7 @@ async fn closing_the_storage_pool_answers_every_queued_call() {
         .iter()
         .map(|key| {
             let (batcher, record) = (batcher.clone(), record(key));
-            tokio::spawn(async move { batcher.write("s1", record).await })
+            tokio::spawn(async move { batcher.write("s1", record, 0).await })
         })
         .collect();
     drop(batcher);

@@ -297,6 +297,7 @@ async fn round_trips_and_bad_inputs() {
         .write_batch(pb::WriteBatchRequest {
             records: batch,
             source: pb::BatchSource::Hint as i32,
+            ring_digest: 0,
         })
         .await
         .expect_err("bad batch");
@@ -360,6 +361,7 @@ async fn acknowledged_writes_survive_kill_9() {
                     c.write_batch(pb::WriteBatchRequest {
                         records,
                         source: pb::BatchSource::Client as i32,
+                        ring_digest: 0,
                     })
                     .await
                     .map(drop)
@@ -417,6 +419,7 @@ async fn streaming_copies_a_range_with_live_writes() {
         ca.write_batch(pb::WriteBatchRequest {
             records,
             source: pb::BatchSource::Stream as i32,
+            ring_digest: 0,
         })
         .await
         .expect("load");
@@ -430,6 +433,7 @@ async fn streaming_copies_a_range_with_live_writes() {
             target_address: b.grpc.to_string(),
             resume: None,
             dropped_tenants: Vec::new(),
+            ring_digest: 0,
         })
         .await
         .expect("start")
@@ -474,6 +478,89 @@ async fn streaming_copies_a_range_with_live_writes() {
         "live writes in the range"
     );
     assert!(done.keys_copied >= 40_000 && done.bytes_copied > 0);
+}
+
+/// A coordinator that placed its writes on the ring a stream was planned on wrote them to the
+/// stream's target itself (or hinted them), so the sender does not forward them a second
+/// time; writes placed on another ring, or on an unknown one, are forwarded as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_writes_placed_on_the_streams_own_ring_are_not_forwarded() {
+    const RING: u64 = 77;
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    // Throttled, so the stream is still copying when the writes arrive.
+    let slow = [("PAIRDB_STORAGE_STREAM_RATE_LIMIT", "400000")];
+    let a = StorageNode::start_with_env("a", da.path(), None, &slow);
+    let b = StorageNode::start("b", db.path(), None);
+    let mut ca = a.client().await;
+    let base = physical_counter(now_ms());
+    let key = |n: u64| format!("key-{n:06}");
+    for chunk in 0..20u64 {
+        let records = (0..1000u64)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                put("t", key(n).as_bytes(), base + n, &[b'v'; 100])
+            })
+            .collect();
+        ca.write_batch(pb::WriteBatchRequest {
+            records,
+            source: pb::BatchSource::Stream as i32,
+            ring_digest: 0,
+        })
+        .await
+        .expect("load");
+    }
+    ca.start_streaming(pb::StartStreamingRequest {
+        stream_id: "add-b".into(),
+        ranges: vec![cpb::HashRange { start: 0, end: 0 }],
+        target_node_id: "b".into(),
+        target_address: b.grpc.to_string(),
+        resume: None,
+        dropped_tenants: Vec::new(),
+        ring_digest: RING,
+    })
+    .await
+    .expect("start");
+    // The scan goes in key order: once 1,000 keys are acknowledged, keys 0..300 are behind it
+    // and their new versions can reach B only by forwarding.
+    copied_at_least(&mut ca, "add-b", 1000).await;
+    let newer = |n: u64| put("t", key(n).as_bytes(), base + 1_000_000 + n, b"new");
+    for (first, ring_digest) in [(0u64, RING), (100, RING + 1), (200, 0)] {
+        ca.write_batch(pb::WriteBatchRequest {
+            records: (first..first + 100).map(newer).collect(),
+            source: pb::BatchSource::Client as i32,
+            ring_digest,
+        })
+        .await
+        .expect("client batch");
+    }
+    let during = stream_status(&mut ca, "add-b").await.expect("status");
+    assert!(
+        during.state == pb::StreamState::Copying as i32 && during.keys_copied < 20_000,
+        "the writes must land while the stream copies: {during:?}"
+    );
+    let done = wait_completed(&mut ca, "add-b", 120).await;
+    assert_eq!(done.writes_forwarded, 200, "{done:?}");
+    let mut cb = b.client().await;
+    let copied = scan(&mut cb, 0, 0).await;
+    assert_eq!(copied.len(), 20_000);
+    let counter = |n: u64| {
+        let r = &copied[&("t".to_owned(), key(n).into_bytes())];
+        r.version.as_ref().expect("version").clock[0].counter
+    };
+    for n in 0..100 {
+        assert_eq!(
+            counter(n),
+            base + n,
+            "{}: placed on the stream's ring",
+            key(n)
+        );
+    }
+    for n in 100..300 {
+        assert_eq!(counter(n), base + 1_000_000 + n, "{}: forwarded", key(n));
+    }
 }
 
 async fn members(node: &StorageNode) -> Vec<pb::MemberHealth> {
@@ -619,6 +706,7 @@ async fn streaming_survives_a_target_outage() {
         ca.write_batch(pb::WriteBatchRequest {
             records,
             source: pb::BatchSource::Stream as i32,
+            ring_digest: 0,
         })
         .await
         .expect("load");
@@ -632,6 +720,7 @@ async fn streaming_survives_a_target_outage() {
         target_address: b.grpc.to_string(),
         resume: None,
         dropped_tenants: Vec::new(),
+        ring_digest: 0,
     })
     .await
     .expect("start");
@@ -804,6 +893,7 @@ async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
         target_address: nowhere.to_string(),
         resume: None,
         dropped_tenants: Vec::new(),
+        ring_digest: 0,
     })
     .await
     .expect("start");
@@ -974,6 +1064,7 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
         ca.write_batch(pb::WriteBatchRequest {
             records,
             source: pb::BatchSource::Stream as i32,
+            ring_digest: 0,
         })
         .await
         .expect("load");
@@ -995,6 +1086,7 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
         target_address: b.grpc.to_string(),
         resume: None,
         dropped_tenants: Vec::new(),
+        ring_digest: 0,
     };
     let bad = pb::StartStreamingRequest {
         stream_id: "../escape".into(),
@@ -1294,6 +1386,7 @@ async fn a_dropped_tenant_is_fenced_against_every_writer() {
                     put("other", b"late", counter, b"x"),
                 ],
                 source: source as i32,
+                ring_digest: 0,
             })
             .await
             .expect("write batch")
@@ -1323,6 +1416,7 @@ async fn a_dropped_tenant_is_fenced_against_every_writer() {
             target_address: s2.grpc.to_string(),
             resume: None,
             dropped_tenants: vec!["beta".into()],
+            ring_digest: 0,
         })
         .await
         .expect("start streaming")
@@ -1416,6 +1510,7 @@ async fn a_node_takes_client_writes_only_once_told_every_deleted_tenant() {
             c.write_batch(pb::WriteBatchRequest {
                 records: vec![put("other", b"k", counter, b"x")],
                 source: pb::BatchSource::Client as i32,
+                ring_digest: 0,
             })
             .await
             .expect_err("client batch"),
@@ -1437,6 +1532,7 @@ async fn a_node_takes_client_writes_only_once_told_every_deleted_tenant() {
     let batch = |source: pb::BatchSource, tenant: &str, counter: u64| pb::WriteBatchRequest {
         records: vec![put(tenant, b"k", counter, b"x")],
         source: source as i32,
+        ring_digest: 0,
     };
     for (n, source) in [pb::BatchSource::Hint, pb::BatchSource::Repair]
         .into_iter()
@@ -1480,6 +1576,7 @@ async fn a_node_takes_client_writes_only_once_told_every_deleted_tenant() {
                 put("other", b"k", base + 6, b"x"),
             ],
             source: pb::BatchSource::Client as i32,
+            ring_digest: 0,
         })
         .await
         .expect("confirmed")

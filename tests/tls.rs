@@ -215,6 +215,7 @@ async fn a_cluster_over_mutual_tls() {
         ranges: vec![cpb::HashRange { start: 0, end: 0 }],
         resume: None,
         dropped_tenants: Vec::new(),
+        ring_digest: 0,
     })
     .await
     .expect("start streaming");

@@ -195,6 +195,69 @@ async fn adding_a_node_streams_its_ranges_then_activates_it() {
     assert!(held[3] > 40, "s4 owns a share of the keys: {held:?}");
 }
 
+/// The value of a counter on a storage node's `/metrics` (0 when absent).
+async fn counter(node: &StorageNode, name: &str) -> u64 {
+    let metrics = common::http_get(node.http, "/metrics").await;
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// Writes made while a node joins go to it from the coordinator (a pending owner) and are not
+/// forwarded a second time by the senders: the coordinator's batches name the ring they were
+/// placed on, the same one the streams were planned on. Every key still lands on every owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_a_join_reach_the_new_node_once() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Throttled, so the streams still copy while the writes arrive.
+    let slow = [("PAIRDB_STORAGE_STREAM_RATE_LIMIT", "100000")];
+    let storage = start_storage_with_env(3, dir.path(), &slow);
+    let s4 = join("s4", dir.path(), &storage);
+    let c1 = coordinator(&storage, dir.path(), &[]);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    const WIDE: [(&str, u32); 1] = [("wide", 3)];
+    create_tenant(&mut c, "wide", 3).await;
+    let big = |key: &str| format!("\"{key}{}\"", "x".repeat(2000));
+    for i in 0..1000 {
+        let key = format!("k{i}");
+        put(&mut c, "wide", &key, &big(&key), Consistency::Quorum)
+            .await
+            .expect("load");
+    }
+    let accepted = add(&mut c, &s4).await.expect("add s4");
+    eventually("streams copying", Duration::from_secs(60), || {
+        let mut c = c.clone();
+        let id = accepted.migration_id.clone();
+        async move { migration(&mut c, &id).await.keys_migrated > 0 }
+    })
+    .await;
+    write_keys_of(&mut c, &WIDE, "during", 200, Consistency::Quorum).await;
+    let now = migration(&mut c, &accepted.migration_id).await;
+    assert_eq!(
+        now.state(),
+        pb::MigrationState::InProgress,
+        "the writes must land while the streams copy: {now:?}"
+    );
+    wait_migration(&c, &accepted.migration_id, pb::MigrationState::Completed).await;
+
+    let nodes: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
+    let loaded = keys(&[("k", 1000)]);
+    assert_placed_with(&mut c, &nodes, &WIDE, &loaded, big).await;
+    assert_placed(&mut c, &nodes, &WIDE, &keys(&[("during", 200)])).await;
+    let (mut forwarded, mut skipped) = (0, 0);
+    for s in &storage {
+        forwarded += counter(s, "pairdb_stream_live_writes_forwarded_total").await;
+        skipped += counter(s, "pairdb_stream_live_writes_skipped_total").await;
+    }
+    assert_eq!(forwarded, 0, "skipped {skipped}");
+    assert!(skipped > 0, "writes landed in ranges being streamed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_nodes_hands_their_ranges_to_the_inheritors() {
     let _serial = SERIAL.lock().await;

@@ -118,6 +118,7 @@ async fn a_huge_context_is_refused_and_harms_no_one() {
             .write_batch(spb::WriteBatchRequest {
                 records: vec![record.clone()],
                 source: spb::BatchSource::Repair as i32,
+                ring_digest: 0,
             })
             .await
             .expect("poison a replica");

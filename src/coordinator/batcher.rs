@@ -48,7 +48,8 @@ struct Job<T, A> {
     reply: Reply<A>,
 }
 
-type WriteJob = Job<pb::Record, WriteAck>;
+/// A record and the digest of the ring it was placed with.
+type WriteJob = Job<(pb::Record, u64), WriteAck>;
 type ReadJob = Job<pb::ReadRequest, Option<pb::Record>>;
 
 /// The calls, request ids and replies of a batch, each in call order.
@@ -177,11 +178,17 @@ impl NodeBatcher {
         Arc::new(Self { writes, reads })
     }
 
-    /// Applies `record` on the node, batched with concurrent writes.
-    pub async fn write(&self, node: &str, record: pb::Record) -> Result<WriteAck, ReplicaError> {
+    /// Applies `record`, placed with the ring of `ring_digest`, on the node, batched with
+    /// concurrent writes.
+    pub async fn write(
+        &self,
+        node: &str,
+        record: pb::Record,
+        ring_digest: u64,
+    ) -> Result<WriteAck, ReplicaError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            call: record,
+            call: (record, ring_digest),
             request_id: crate::rpc::trace::current(),
             reply,
         };
@@ -233,12 +240,12 @@ async fn next_write_batch(
         Some(job) => job,
         None => queue.recv().await?,
     };
-    let mut bytes = value_len(&first.call);
+    let mut bytes = value_len(&first.call.0);
     let mut batch = vec![first];
     while batch.len() < MAX_RECORDS {
         match queue.try_recv() {
             Ok(job) => {
-                bytes += value_len(&job.call);
+                bytes += value_len(&job.call.0);
                 if bytes > MAX_BYTES {
                     *carry = Some(job);
                     break;
@@ -252,11 +259,13 @@ async fn next_write_batch(
 }
 
 async fn send_writes(link: &Link, batch: Vec<WriteJob>) {
-    let (records, request_ids, replies) = split(batch);
-    link.write_batch_size.record(records.len() as f64);
+    let (placed, request_ids, replies) = split(batch);
+    link.write_batch_size.record(placed.len() as f64);
+    let (records, digests): (Vec<pb::Record>, Vec<u64>) = placed.into_iter().unzip();
     let call = batch_call::Call::Write(pb::WriteBatchRequest {
         records,
         source: pb::BatchSource::Client as i32,
+        ring_digest: batch_ring_digest(&digests),
     });
     match link.call(call, request_ids).await {
         Ok(Answer::Write(answer)) => {
@@ -279,6 +288,15 @@ async fn send_writes(link: &Link, batch: Vec<WriteJob>) {
                 let _ = reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+/// The ring digest a batch of records carries: theirs when all were placed with one ring, else
+/// 0 (unknown; a ring refresh between two of them is rare).
+fn batch_ring_digest(digests: &[u64]) -> u64 {
+    match digests.split_first() {
+        Some((first, rest)) if rest.iter().all(|d| d == first) => *first,
+        _ => 0,
     }
 }
 
@@ -347,4 +365,18 @@ async fn run_reads(link: Arc<Link>, mut queue: mpsc::Receiver<ReadJob>, in_fligh
         }
     }
     while running.next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_carries_a_ring_digest_only_when_every_record_had_it() {
+        assert_eq!(batch_ring_digest(&[7, 7, 7]), 7);
+        assert_eq!(batch_ring_digest(&[7]), 7);
+        assert_eq!(batch_ring_digest(&[7, 8, 7]), 0);
+        assert_eq!(batch_ring_digest(&[0, 7]), 0);
+        assert_eq!(batch_ring_digest(&[]), 0);
+    }
 }

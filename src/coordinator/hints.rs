@@ -159,6 +159,11 @@ impl HintWriter {
         }
     }
 
+    /// Whether missed writes become hints (false when hints are disabled).
+    pub fn keeps_hints(&self) -> bool {
+        self.sender.is_some()
+    }
+
     /// Records that `target` missed `record`; `replicas` are the key's write replicas (the
     /// others get a repair marker if the hint cannot be kept).
     pub fn hint(&self, target: &str, record: &pb::Record, replicas: &[NodeId]) {
@@ -615,6 +620,7 @@ async fn deliver(
             let call = client.write_batch(pb::WriteBatchRequest {
                 records: std::mem::take(&mut batch),
                 source: pb::BatchSource::Hint as i32,
+                ring_digest: 0,
             });
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(_)) => {}

@@ -15,7 +15,8 @@ pub use super::replica_error::ReplicaError;
 use super::storage_pool::StoragePool;
 use super::tenant_confirm::Confirmations;
 
-/// Writes (or tombstones) a record on one replica. A replica that refuses it for not knowing
+/// Writes (or tombstones) a record on one replica, placed with the ring of `ring_digest`
+/// (`WriteBatchRequest.ring_digest`; 0: unknown). A replica that refuses it for not knowing
 /// the deleted tenants yet (it just started) is told them (`tenant_confirm`) and the write is
 /// resent, once.
 pub fn write(
@@ -23,7 +24,7 @@ pub fn write(
     confirmations: &Arc<Confirmations>,
     node: &str,
     address: Option<&str>,
-    record: pb::Record,
+    (record, ring_digest): (pb::Record, u64),
 ) -> impl Future<Output = Result<WriteAck, ReplicaError>> + Send + 'static + use<> {
     let batcher = batcher(pool, node, address);
     let confirmations = confirmations.clone();
@@ -31,10 +32,10 @@ pub fn write(
     let node = node.to_owned();
     async move {
         let batcher = batcher?;
-        match batcher.write(&node, record.clone()).await {
+        match batcher.write(&node, record.clone(), ring_digest).await {
             Err(e) if e.unconfirmed => {
                 confirm(&confirmations, &node, address.as_deref()).await?;
-                batcher.write(&node, record).await
+                batcher.write(&node, record, ring_digest).await
             }
             answer => answer,
         }

@@ -304,6 +304,7 @@ impl Coordinator {
                         .write_batch(spb::WriteBatchRequest {
                             records,
                             source: spb::BatchSource::Repair as i32,
+                            ring_digest: 0,
                         })
                         .await
                         .map_err(|s| format!("copy to {}: {}", target.as_str(), s.message()))?;

@@ -23,6 +23,8 @@ use super::membership::Membership;
 #[derive(Default)]
 pub struct Snapshot {
     pub ring: Ring,
+    /// [`Ring::digest`] of `ring` (0 for the empty default).
+    pub ring_digest: u64,
     pub nodes: Vec<NodeRecord>,
     addresses: HashMap<String, String>,
 }
@@ -35,6 +37,7 @@ impl Snapshot {
             .map(|n| (n.node_id.clone(), format!("{}:{}", n.host, n.port)))
             .collect();
         Self {
+            ring_digest: ring.digest(),
             ring,
             nodes,
             addresses,

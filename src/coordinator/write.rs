@@ -154,6 +154,14 @@ impl Coordinator {
         };
         let mut calls = Vec::new();
         let replicas = plan.write_replicas();
+        // Every write replica of this ring is written (or hinted) below, so range streams
+        // planned on it need not forward the record; without hints a missed pending owner
+        // would have nothing else, so then the streams forward as before.
+        let ring_digest = if self.hints.keeps_hints() {
+            snapshot.ring_digest
+        } else {
+            0
+        };
         let mut hinted_up_front = 0;
         for node in replicas.iter().cloned() {
             // Down, or refusing writes (disk full, commit log failed): a hint, replayed once it
@@ -173,7 +181,7 @@ impl Coordinator {
                     &self.confirmations,
                     node.as_str(),
                     snapshot.address(node.as_str()),
-                    record.clone(),
+                    (record.clone(), ring_digest),
                 ),
                 replica: node,
             });

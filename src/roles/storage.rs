@@ -84,6 +84,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         ("pairdb_engine_tables_quarantined_total", None),
         ("pairdb_stream_bytes_sent_total", None),
         ("pairdb_stream_records_sent_total", None),
+        ("pairdb_stream_live_writes_forwarded_total", None),
+        ("pairdb_stream_live_writes_skipped_total", None),
     ]);
     let markers = Arc::new(RepairMarkerLog::open(&cfg.data_dir).with_context(|| {
         format!(

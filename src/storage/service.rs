@@ -353,7 +353,7 @@ impl StorageService {
         let outcome = self.writes.run(move || engine.apply(candidate)).await?;
         let stored_version = match &outcome {
             ApplyOutcome::Applied => {
-                self.streams.forward(&record);
+                self.streams.forward(&record, 0);
                 (&record.version).into()
             }
             ApplyOutcome::Ignored { stored } => stored.into(),
@@ -380,6 +380,7 @@ impl StorageService {
     ) -> Result<pb::WriteBatchResponse, StorageError> {
         timed(self, "write_batch", async {
             let source = req.source();
+            let req_ring_digest = req.ring_digest;
             if source == pb::BatchSource::Client {
                 self.check_confirmed()?;
             }
@@ -418,9 +419,14 @@ impl StorageService {
                     .await??
             };
             let outcomes = merge_fenced(&fenced, applied);
+            // Only a coordinator's digest says which ring placed the records.
+            let ring_digest = match source {
+                pb::BatchSource::Client => req_ring_digest,
+                _ => 0,
+            };
             for (r, o) in records.iter().zip(&outcomes) {
                 if o.as_ref().is_some_and(ApplyOutcome::is_applied) {
-                    self.streams.forward(r);
+                    self.streams.forward(r, ring_digest);
                 }
             }
             let all_applied = outcomes

@@ -28,6 +28,15 @@
 //! `pairdb_stream_live_forwards_dropped_total`), never making the write path wait; the
 //! coordinators' write to the pending owner carries it (or its hint).
 //!
+//! So a write is forwarded only when that other path may be missing: a coordinator's batch
+//! carries the digest of the ring it placed its records with (`ring_digest`), and a stream
+//! planned on the same ring (its `StartStreaming` says which) does not forward that batch's
+//! records; that coordinator wrote them to the target, or hinted them. Writes placed with
+//! another ring (a coordinator that has not seen the change yet, or a newer one), with hints
+//! off (digest 0), or from a stream, a repair or a hint replay are forwarded as before. Without
+//! this the target applied about every write of its ranges twice during a change
+//! (docs/benchmarks.md, "Streaming").
+//!
 //! Streams are tasks of the node's role ([`crate::shutdown::Tasks`]): when the node stops, each
 //! ends where it is and keeps its checkpoint, so the coordinator that asks again after the
 //! restart resumes it.
@@ -78,6 +87,8 @@ struct Stream {
     /// The last acknowledged position (reported in the status for the coordinator's copy).
     acked: Mutex<Option<Checkpoint>>,
     live: mpsc::Sender<Record>,
+    /// The digest of the ring the stream was planned on (0: forward every live write).
+    ring_digest: u64,
     cancel: CancellationToken,
 }
 
@@ -99,19 +110,22 @@ impl Stream {
         *self.state.lock() = (state, error.into());
     }
 
-    /// Queues a live write while the stream forwards. The check and the send happen under the
-    /// state lock, so once the state leaves `streaming` no write can slip into the queue unseen.
-    fn forward(&self, record: &Record) {
+    /// Queues a live write placed with the ring of `ring_digest` (0: unknown) while the stream
+    /// forwards, unless the coordinator placed it on the stream's own ring (it then wrote the
+    /// target itself). The check and the send happen under the state lock, so once the state
+    /// leaves `streaming` no write can slip into the queue unseen.
+    fn forward(&self, record: &Record, ring_digest: u64) {
         let state = self.state.lock();
-        if matches!(
+        let forwarding = matches!(
             state.0,
             pb::StreamState::Copying | pb::StreamState::Streaming
-        ) && self.ranges.iter().any(|r| r.contains(record.ring_hash))
-            && matches!(
-                self.live.try_send(record.clone()),
-                Err(mpsc::error::TrySendError::Full(_))
-            )
-        {
+        );
+        if !forwarding || !self.ranges.iter().any(|r| r.contains(record.ring_hash)) {
+            return;
+        }
+        if ring_digest != 0 && ring_digest == self.ring_digest {
+            metrics::counter!("pairdb_stream_live_writes_skipped_total").increment(1);
+        } else if let Err(mpsc::error::TrySendError::Full(_)) = self.live.try_send(record.clone()) {
             metrics::counter!("pairdb_stream_live_forwards_dropped_total").increment(1);
         }
     }
@@ -206,6 +220,7 @@ impl StreamManager {
             forwarded: AtomicU64::new(0),
             acked: Mutex::new(resume.clone()),
             live,
+            ring_digest: req.ring_digest,
             cancel: CancellationToken::new(),
         });
         streams.insert(req.stream_id.clone(), stream.clone());
@@ -273,10 +288,11 @@ impl StreamManager {
         Some(stream.status())
     }
 
-    /// Called after a record was applied locally: streams whose ranges hold it send it on.
-    pub fn forward(&self, record: &Record) {
+    /// Called after a record was applied locally, placed with the ring of `ring_digest` (0:
+    /// unknown): streams whose ranges hold it send it on, unless planned on that ring.
+    pub fn forward(&self, record: &Record, ring_digest: u64) {
         for stream in self.streams.lock().values() {
-            stream.forward(record);
+            stream.forward(record, ring_digest);
         }
     }
 }
@@ -311,6 +327,7 @@ async fn send(
     let request = pb::WriteBatchRequest {
         records: records.iter().map(record_to_proto).collect(),
         source: pb::BatchSource::Stream as i32,
+        ring_digest: 0,
     };
     let started = Instant::now();
     let mut backoff = Duration::from_millis(50);
@@ -350,6 +367,8 @@ async fn send_live(
             stream
                 .forwarded
                 .fetch_add(pending.len() as u64, Ordering::Relaxed);
+            metrics::counter!("pairdb_stream_live_writes_forwarded_total")
+                .increment(pending.len() as u64);
             pending.clear();
             pending_bytes = 0;
         }
@@ -359,6 +378,8 @@ async fn send_live(
         stream
             .forwarded
             .fetch_add(pending.len() as u64, Ordering::Relaxed);
+        metrics::counter!("pairdb_stream_live_writes_forwarded_total")
+            .increment(pending.len() as u64);
     }
     Ok(())
 }

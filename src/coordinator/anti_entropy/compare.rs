@@ -574,6 +574,7 @@ async fn fix(
             .write_batch(pb::WriteBatchRequest {
                 records,
                 source: pb::BatchSource::Repair as i32,
+                ring_digest: 0,
             })
             .await
             .map_err(|s| failed(&replica.node, "WriteBatch", s))?

@@ -177,6 +177,7 @@ async fn repair_key(
                 .write_batch(spb::WriteBatchRequest {
                     records: vec![winner.clone()],
                     source: spb::BatchSource::Repair as i32,
+                    ring_digest: 0,
                 })
                 .await
                 .map(|a| a.into_inner().outcomes)

@@ -57,6 +57,8 @@ pub(super) struct Transfer {
     from: String,
     to: String,
     ranges: Vec<HashRange>,
+    /// The digest of the ring it was planned on (`StartStreamingRequest.ring_digest`).
+    ring_digest: u64,
     pub(super) estimated_keys: u64,
     keys_copied: u64,
     bytes_copied: u64,
@@ -699,6 +701,7 @@ impl Coordinator {
                 target_address: to,
                 resume: t.checkpoint.clone(),
                 dropped_tenants: self.tenants.deleted_namespaces(),
+                ring_digest: t.ring_digest,
             })
             .await
             .map_err(|s| PollError::Unreachable(s.message().to_owned()))?
@@ -803,6 +806,7 @@ impl Coordinator {
                     from: t.from.0,
                     to: t.to.0,
                     ranges: t.ranges,
+                    ring_digest: ring.digest(),
                     estimated_keys,
                     keys_copied: 0,
                     bytes_copied: 0,
