@@ -97,6 +97,18 @@ async fn write(
         .map(tonic::Response::into_inner)
 }
 
+/// Writes `records` as a stream's batch would (no client check, nothing forwarded on).
+async fn load(client: &mut StorageNodeClient<InternalChannel>, records: Vec<pb::Record>) {
+    client
+        .write_batch(pb::WriteBatchRequest {
+            records,
+            source: pb::BatchSource::Stream as i32,
+            ring_digest: 0,
+        })
+        .await
+        .expect("load");
+}
+
 async fn repair(
     client: &mut StorageNodeClient<InternalChannel>,
     record: pb::Record,
@@ -416,13 +428,7 @@ async fn streaming_copies_a_range_with_live_writes() {
                 )
             })
             .collect();
-        ca.write_batch(pb::WriteBatchRequest {
-            records,
-            source: pb::BatchSource::Stream as i32,
-            ring_digest: 0,
-        })
-        .await
-        .expect("load");
+        load(&mut ca, records).await;
     }
     let (start, end) = (0u64, 1u64 << 63);
     let status = ca
@@ -504,13 +510,7 @@ async fn live_writes_placed_on_the_streams_own_ring_are_not_forwarded() {
                 put("t", key(n).as_bytes(), base + n, &[b'v'; 100])
             })
             .collect();
-        ca.write_batch(pb::WriteBatchRequest {
-            records,
-            source: pb::BatchSource::Stream as i32,
-            ring_digest: 0,
-        })
-        .await
-        .expect("load");
+        load(&mut ca, records).await;
     }
     ca.start_streaming(pb::StartStreamingRequest {
         stream_id: "add-b".into(),
@@ -703,13 +703,7 @@ async fn streaming_survives_a_target_outage() {
                 )
             })
             .collect();
-        ca.write_batch(pb::WriteBatchRequest {
-            records,
-            source: pb::BatchSource::Stream as i32,
-            ring_digest: 0,
-        })
-        .await
-        .expect("load");
+        load(&mut ca, records).await;
     }
     // The target is down when the stream starts, and comes back two seconds later.
     b.kill9();
@@ -1061,13 +1055,7 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
                 put("t", format!("key-{n:06}").as_bytes(), base + n, &value)
             })
             .collect();
-        ca.write_batch(pb::WriteBatchRequest {
-            records,
-            source: pb::BatchSource::Stream as i32,
-            ring_digest: 0,
-        })
-        .await
-        .expect("load");
+        load(&mut ca, records).await;
     }
     let request = pb::StartStreamingRequest {
         stream_id: "add-1-a-b".into(),
