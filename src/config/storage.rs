@@ -37,8 +37,9 @@ pub struct StorageConfig {
     /// segment (an operator's decision after reading the error; off by default).
     pub skip_corrupt_log: bool,
     /// Most bytes per second this node's range streams send together (node additions and
-    /// removals); 0 = unlimited. 8 MiB/s by default: under half-capacity load, foreground p99
-    /// during a change stays at its idle level (docs/benchmarks.md, "Streaming").
+    /// removals); 0 = unlimited. 8 MiB/s by default, chosen with `scripts/bench-streaming.sh`
+    /// (docs/benchmarks.md, "Streaming", which also says what a change still costs the
+    /// foreground p99).
     pub stream_rate_limit: u64,
     /// Most bytes of records per second an anti-entropy listing scans on this node (one scan
     /// of a tenant per repair that finds differences); 0 = unlimited. 32 MiB/s by default.
