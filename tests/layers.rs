@@ -25,6 +25,7 @@ const LAYERS: &[(&[&str], bool)] = &[
             "net",
             "metrics",
             "shutdown",
+            "priority",
         ],
         true,
     ),
