@@ -539,3 +539,80 @@ fn tables_nothing_overlaps_below_move_down_and_keep_every_winner_across_a_reopen
     let engine = Engine::open(dir.path(), opts()).expect("reopen");
     check(&engine);
 }
+
+/// The format versions in the footers of the tables in `dir`'s sst directory.
+fn table_formats(dir: &std::path::Path) -> Vec<u32> {
+    let mut formats = Vec::new();
+    for entry in std::fs::read_dir(dir.join("sst")).expect("sst dir") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read table");
+        // Footer: 3 x (u64 + u32), then the version (docs/sstable-format.md).
+        let at = bytes.len() - 52 + 36;
+        formats.push(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()));
+    }
+    formats.sort();
+    formats
+}
+
+#[test]
+fn tables_of_format_1_are_read_and_compacted_into_format_2() {
+    use pairdb::engine::TableFormat;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = physical_counter(now_ms());
+    let with_format = |format| EngineOptions {
+        table_format: format,
+        ..options(Duration::from_secs(3600))
+    };
+    // Written by a node still on format 1 (a rolling upgrade): values, and tombstones.
+    {
+        let engine = Engine::open(dir.path(), with_format(TableFormat::V1)).expect("open");
+        for i in 0..500u64 {
+            let key = format!("key{i:04}");
+            let record = if i % 5 == 0 {
+                Record::tombstone("t", key, v(&[("c1", base + i)]))
+            } else {
+                Record::put("t", key, v(&[("c1", base + i)]), format!("old-{i}"))
+            };
+            engine.apply(record).expect("apply");
+        }
+        engine.flush().expect("flush");
+    }
+    assert_eq!(table_formats(dir.path()), vec![1]);
+    // The upgraded node reads them, and overwrites every third key in format 2.
+    let engine = Engine::open(dir.path(), with_format(TableFormat::V2)).expect("reopen");
+    for i in (0..500u64).step_by(3) {
+        let key = format!("key{i:04}");
+        let version = v(&[("c1", base + 1000 + i)]);
+        engine
+            .apply(Record::put("t", key, version, format!("new-{i}")))
+            .expect("apply");
+    }
+    engine.flush().expect("flush");
+    assert_eq!(table_formats(dir.path()), vec![1, 2]);
+    let expected = |i: u64| -> Option<String> {
+        if i % 3 == 0 {
+            Some(format!("new-{i}"))
+        } else if i % 5 == 0 {
+            None
+        } else {
+            Some(format!("old-{i}"))
+        }
+    };
+    let check = |engine: &Engine| {
+        for i in 0..500u64 {
+            let got = engine
+                .get("t", format!("key{i:04}").as_bytes())
+                .expect("get")
+                .and_then(|r| r.value.clone())
+                .map(|v| String::from_utf8(v.to_vec()).unwrap());
+            assert_eq!(got, expected(i), "key{i:04}");
+        }
+        let scanned = engine.scan_tenant("t").expect("scan").count();
+        assert_eq!(scanned, 500, "tombstones are kept within gc_grace");
+    };
+    check(&engine);
+    engine.compact().expect("compact");
+    assert!(table_formats(dir.path()).iter().all(|f| *f == 2));
+    check(&engine);
+    drop(engine);
+    check(&Engine::open(dir.path(), with_format(TableFormat::V2)).expect("reopen"));
+}

@@ -285,6 +285,36 @@ mod tests {
     }
 
     #[test]
+    fn table_format_version_is_one_this_build_writes() {
+        let load = |toml: &str| {
+            let file = tempfile::NamedTempFile::new().expect("temp file");
+            std::fs::write(file.path(), toml).expect("write");
+            Config::load(Some(file.path()), &serde_json::json!({})).expect("parses")
+        };
+        let storage = "[node]\nroles = [\"storage\"]\nid = \"s1\"\n[storage]\ndata_dir = \"d\"\n";
+        let default = load(storage);
+        assert_eq!(
+            default.storage.table_format().ok(),
+            Some(crate::engine::TableFormat::V2)
+        );
+        let upgrading = load(&format!("{storage}table_format_version = 1"));
+        assert_eq!(
+            upgrading.storage.table_format().ok(),
+            Some(crate::engine::TableFormat::V1)
+        );
+        for bad in [0, 3] {
+            let refused = load(&format!("{storage}table_format_version = {bad}"))
+                .storage
+                .validate()
+                .expect_err("no such format");
+            assert!(
+                refused.to_string().contains("table_format_version"),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
     fn token_allocation_is_configurable() {
         let parse = |toml: &str| {
             Figment::from(Serialized::defaults(CoordinatorConfig::default()))

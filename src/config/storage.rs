@@ -62,6 +62,10 @@ pub struct StorageConfig {
     /// streams' scans and the records streams, repairs and hint replays write, anti-entropy
     /// listings. 10 by default; 0 runs them at the process's priority (`crate::priority`).
     pub background_nice: u8,
+    /// The layout new SSTables are written in (docs/sstable-format.md): 2 by default, 1 while
+    /// a rolling upgrade still has nodes whose binary predates format 2 (they cannot open its
+    /// tables). Tables of both formats are always read, and compaction rewrites old ones.
+    pub table_format_version: u32,
 }
 
 impl Default for StorageConfig {
@@ -86,11 +90,22 @@ impl Default for StorageConfig {
             disk_throttle_percent: crate::engine::THROTTLE_PERCENT,
             disk_full_percent: crate::engine::FULL_PERCENT,
             background_nice: crate::priority::DEFAULT_BACKGROUND_NICE,
+            table_format_version: crate::engine::TableFormat::default().version(),
         }
     }
 }
 
 impl StorageConfig {
+    /// The table format `table_format_version` names.
+    pub fn table_format(&self) -> Result<crate::engine::TableFormat, ConfigError> {
+        crate::engine::TableFormat::from_version(self.table_format_version).ok_or_else(|| {
+            invalid(format!(
+                "table_format_version = {}: this build writes format 1 or 2",
+                self.table_format_version
+            ))
+        })
+    }
+
     /// The (host, port) this node registers itself at: `advertise`, else `listen` when that is
     /// a specific address.
     pub fn advertised(&self) -> Result<(String, u16), ConfigError> {
@@ -145,6 +160,7 @@ impl StorageConfig {
                 crate::priority::MAX_NICE
             )));
         }
+        self.table_format()?;
         let (warn, throttle, full) = (
             self.disk_warn_percent,
             self.disk_throttle_percent,

@@ -9,8 +9,15 @@
 //!          clock_len:u16 { id_len:u8 id:bytes counter:u64 }*clock_len
 //!          [ value_len:u32 value:bytes ]            (puts only)
 //! log record payload := tenant_len:u16 tenant key_len:u32 key body
-//! table entry        := ikey_len:u32 ikey body_len:u32 body
+//! table entry (v1)   := ikey_len:u32 ikey body_len:u32 body
+//!
+//! body v2 (tables of format 2) := kind:u8 [ expires_at_ms:u64 ]
+//!          clock_len:varint { id_len:u8 id:bytes counter:u64 }*clock_len
+//!          [ value_len:varint value:bytes ]
 //! ```
+//! Body v2 drops the ring hash (it is xxh3 of the internal key, recomputed on read) and
+//! writes its counts as LEB128 varints; counters stay fixed 8 bytes (hybrid timestamps near
+//! 2^50 would take 8 as varints too). Table entries of format 2 are in `sstable::block`.
 
 use bytes::Bytes;
 
@@ -77,6 +84,38 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         self.bytes(n)
     }
+
+    /// An unsigned LEB128 varint of at most 10 bytes that fits a `u64`.
+    pub fn varint(&mut self) -> Result<u64, CodecError> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let byte = self.u8()?;
+            let bits = u64::from(byte & 0x7f);
+            if i == 9 && byte > 1 {
+                return Err(CodecError::Invalid("varint overflows 64 bits"));
+            }
+            value |= bits << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(CodecError::Invalid("varint longer than 10 bytes"))
+    }
+
+    /// A varint length that must fit `usize`, followed by that many bytes.
+    pub fn varint_prefixed(&mut self) -> Result<&'a [u8], CodecError> {
+        let n = usize::try_from(self.varint()?).map_err(|_| CodecError::Truncated)?;
+        self.bytes(n)
+    }
+}
+
+/// Appends `v` as an unsigned LEB128 varint (1 to 10 bytes).
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 fn put_u16(out: &mut Vec<u8>, v: u16) {
@@ -146,6 +185,69 @@ fn decode_body(r: &mut Reader<'_>) -> Result<Body, CodecError> {
         ring_hash,
         version: Version::new(VectorClock::from_entries(entries)),
         value,
+        expires_at_ms,
+    })
+}
+
+/// Appends the format-2 table body of `record` (no ring hash, varint counts).
+pub fn encode_body_v2(record: &Record, out: &mut Vec<u8>) {
+    let kind = match (&record.value, record.expires_at_ms) {
+        (None, _) => KIND_TOMBSTONE,
+        (Some(_), None) => KIND_PUT,
+        (Some(_), Some(_)) => KIND_EXPIRING_PUT,
+    };
+    out.push(kind);
+    if let (KIND_EXPIRING_PUT, Some(at)) = (kind, record.expires_at_ms) {
+        put_u64(out, at);
+    }
+    put_varint(out, record.version.clock.len() as u64);
+    for (id, counter) in record.version.clock.iter() {
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        put_u64(out, counter);
+    }
+    if let Some(v) = &record.value {
+        put_varint(out, v.len() as u64);
+        out.extend_from_slice(v);
+    }
+}
+
+/// Decodes a format-2 table body stored under `ikey` (the whole slice must be the body).
+pub fn decode_table_body_v2(ikey: &[u8], body: &[u8]) -> Result<Record, CodecError> {
+    let (tenant, key) = split_internal_key(ikey).ok_or(CodecError::Invalid("bad internal key"))?;
+    let mut r = Reader::new(body);
+    let kind = r.u8()?;
+    let expires_at_ms = match kind {
+        KIND_EXPIRING_PUT => Some(r.u64()?),
+        KIND_PUT | KIND_TOMBSTONE => None,
+        _ => return Err(CodecError::Invalid("unknown record kind")),
+    };
+    let n = r.varint()?;
+    if n > u64::from(u16::MAX) {
+        return Err(CodecError::Invalid("clock longer than 65535 entries"));
+    }
+    let mut entries = Vec::with_capacity((n as usize).min(r.remaining() / 9));
+    for _ in 0..n {
+        let len = r.u8()?;
+        let id = std::str::from_utf8(r.bytes(usize::from(len))?)
+            .map_err(|_| CodecError::Invalid("clock id is not UTF-8"))?;
+        entries.push((id.to_owned(), r.u64()?));
+    }
+    let value = match kind {
+        KIND_TOMBSTONE => None,
+        _ => Some(Bytes::copy_from_slice(r.varint_prefixed()?)),
+    };
+    if r.remaining() != 0 {
+        return Err(CodecError::Invalid("trailing bytes after record"));
+    }
+    Ok(Record {
+        tenant: tenant.to_owned(),
+        key: Bytes::copy_from_slice(key),
+        version: Version::new(VectorClock::from_entries(entries)),
+        value,
+        // The ring position of (tenant, key) is xxh3 of the internal key
+        // (`ring::key_position`).
+        ring_hash: xxhash_rust::xxh3::xxh3_64(ikey),
         expires_at_ms,
     })
 }

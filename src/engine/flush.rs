@@ -54,7 +54,13 @@ impl Core {
         let id = self.allocate_table_id();
         let path = self.sst_dir.join(table_file_name(id));
         let vfs = &*self.options.vfs;
-        let mut builder = sstable::TableBuilder::create(vfs, &path, id, self.options.block_bytes)?;
+        let mut builder = sstable::TableBuilder::create(
+            vfs,
+            &path,
+            id,
+            self.options.block_bytes,
+            self.options.table_format,
+        )?;
         for (ikey, record) in memtable.iter() {
             builder.add(&ikey, &record)?;
         }

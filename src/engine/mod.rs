@@ -91,6 +91,7 @@ pub use disk::{
 };
 pub use error::{EngineError, Result};
 pub use options::{EngineOptions, SyncMode, TombstoneGate};
+pub use sstable::TableFormat;
 pub use trees::SegmentGroup;
 pub use types::{ApplyOutcome, RangeDrop, Record, internal_key};
 pub use wal::ReplayStats;

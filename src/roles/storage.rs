@@ -43,6 +43,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         memtable_bytes: cfg.memtable_bytes,
         disk: cfg.disk_thresholds(),
         compaction_nice: cfg.background_nice,
+        table_format: cfg.table_format()?,
         ..EngineOptions::default()
     };
     let dir = cfg.data_dir.clone();

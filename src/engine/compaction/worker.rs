@@ -199,6 +199,7 @@ impl Core {
                     &path,
                     id,
                     self.options.block_bytes,
+                    self.options.table_format,
                 )?);
             }
             if let Some(b) = builder.as_mut() {

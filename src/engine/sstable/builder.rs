@@ -4,13 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::engine::codec::encode_table_entry;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::types::Record;
 use crate::engine::vfs::{BufferedWriter, Vfs};
 
+use super::block::{TableFormat, encode_entry};
 use super::bloom::{Bloom, key_hash};
-use super::{FOOTER_LEN, FORMAT_VERSION, MAGIC, TableMeta};
+use super::{FOOTER_LEN, MAGIC, TableMeta};
 
 /// A table's bytes are handed to writeback every this many bytes as they are written, so a
 /// 64 MiB flush or compaction output reaches the device steadily instead of in one burst at
@@ -22,7 +22,9 @@ pub struct TableBuilder {
     out: BufferedWriter,
     offset: u64,
     block_bytes: usize,
+    format: TableFormat,
     block: Vec<u8>,
+    /// The last key added to the current block (empty before its first entry).
     block_last_key: Vec<u8>,
     index: Vec<(Vec<u8>, u64, u32)>,
     hashes: Vec<u64>,
@@ -34,7 +36,13 @@ fn io(path: &Path, e: std::io::Error) -> EngineError {
 }
 
 impl TableBuilder {
-    pub fn create(vfs: &dyn Vfs, path: &Path, id: u64, block_bytes: usize) -> Result<Self> {
+    pub fn create(
+        vfs: &dyn Vfs,
+        path: &Path,
+        id: u64,
+        block_bytes: usize,
+        format: TableFormat,
+    ) -> Result<Self> {
         // Exclusive: ids are never reused, and a table file may be a hard link shared with a
         // snapshot, which truncating an existing name would destroy.
         let file = vfs.create(path, true).map_err(|e| io(path, e))?;
@@ -43,6 +51,7 @@ impl TableBuilder {
             out: BufferedWriter::new(file, 256 * 1024).with_write_behind(WRITE_BEHIND),
             offset: 0,
             block_bytes,
+            format,
             block: Vec::with_capacity(block_bytes * 2),
             block_last_key: Vec::new(),
             index: Vec::new(),
@@ -62,7 +71,13 @@ impl TableBuilder {
         self.meta.min_hash = self.meta.min_hash.min(record.ring_hash);
         self.meta.max_hash = self.meta.max_hash.max(record.ring_hash);
         self.hashes.push(key_hash(ikey));
-        encode_table_entry(record, &mut self.block);
+        encode_entry(
+            self.format,
+            &self.block_last_key,
+            ikey,
+            record,
+            &mut self.block,
+        );
         self.block_last_key.clear();
         self.block_last_key.extend_from_slice(ikey);
         if self.block.len() >= self.block_bytes {
@@ -135,7 +150,7 @@ impl TableBuilder {
             footer.extend_from_slice(&off.to_le_bytes());
             footer.extend_from_slice(&len.to_le_bytes());
         }
-        footer.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        footer.extend_from_slice(&self.format.version().to_le_bytes());
         let crc = crc32c::crc32c(&footer);
         footer.extend_from_slice(&crc.to_le_bytes());
         footer.extend_from_slice(&MAGIC.to_le_bytes());

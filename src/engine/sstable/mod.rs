@@ -4,6 +4,7 @@
 //! checked against its CRC32C before any byte of it is interpreted, and decoding is
 //! bounds-checked, so a damaged file yields `ChecksumFailed`/`Corrupted`, never a wrong value.
 
+mod block;
 mod bloom;
 mod builder;
 
@@ -13,18 +14,19 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::{RawEntry, Reader};
+use super::codec::Reader;
 use super::error::{EngineError, Result};
 use super::types::Record;
 use super::vfs::{Mapped, Vfs};
 use crate::ring::HashRange;
 
+use block::BlockCursor;
+pub use block::TableFormat;
 pub use bloom::{Bloom, key_hash};
 pub use builder::TableBuilder;
 
-/// "PDBSST01" as a little-endian u64.
+/// "PDBSST01" as a little-endian u64 (every format version).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PDBSST01");
-pub const FORMAT_VERSION: u32 = 1;
 /// 3 x (offset u64 + len u32) + version u32 + crc u32 + magic u64.
 pub const FOOTER_LEN: usize = 3 * 12 + 4 + 4 + 8;
 
@@ -119,6 +121,8 @@ pub struct SsTable {
     point_map: Mapped,
     index: Vec<IndexEntry>,
     bloom: Bloom,
+    /// The layout of the data blocks (the footer's version).
+    format: TableFormat,
     pub meta: TableMeta,
 }
 
@@ -193,12 +197,8 @@ impl SsTable {
             });
         }
         let version = footer.version;
-        if version != FORMAT_VERSION {
-            return Err(corrupt(
-                footer_at,
-                &format!("unsupported format version {version}"),
-            ));
-        }
+        let format = TableFormat::from_version(version)
+            .ok_or_else(|| corrupt(footer_at, &format!("unsupported format version {version}")))?;
         let point_map = vfs
             .map(path)
             .map_err(|e| EngineError::io(format!("map SSTable {}", path.display()), e))?;
@@ -209,6 +209,7 @@ impl SsTable {
             point_map,
             index: Vec::new(),
             bloom: Bloom::build(&[]),
+            format,
             meta: TableMeta::empty(id),
         };
         let [
@@ -248,6 +249,11 @@ impl SsTable {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The layout of the table's data blocks.
+    pub fn format(&self) -> TableFormat {
+        self.format
     }
 
     /// The checksummed block at `offset` (its length includes the 4-byte CRC), without the CRC,
@@ -299,9 +305,11 @@ impl SsTable {
             return Ok(None);
         };
         let payload = self.block_of(&self.point_map, entry.offset, entry.len)?;
-        let mut r = Reader::new(payload);
-        while r.remaining() > 0 {
-            let raw = RawEntry::read(&mut r).map_err(|e| self.corrupt_block(idx, e.to_string()))?;
+        let mut cursor = BlockCursor::new(self.format, payload);
+        while let Some(raw) = cursor
+            .next_entry()
+            .map_err(|e| self.corrupt_block(idx, e.to_string()))?
+        {
             match raw.ikey.cmp(ikey) {
                 std::cmp::Ordering::Less => continue,
                 std::cmp::Ordering::Equal => {
@@ -327,10 +335,12 @@ impl SsTable {
             return Ok(VecDeque::new());
         };
         let payload = self.block(entry.offset, entry.len)?;
-        let mut r = Reader::new(payload);
+        let mut cursor = BlockCursor::new(self.format, payload);
         let mut out = VecDeque::new();
-        while r.remaining() > 0 {
-            let raw = RawEntry::read(&mut r).map_err(|e| self.corrupt_block(idx, e.to_string()))?;
+        while let Some(raw) = cursor
+            .next_entry()
+            .map_err(|e| self.corrupt_block(idx, e.to_string()))?
+        {
             if raw.ikey < from {
                 continue;
             }
@@ -431,9 +441,10 @@ mod tests {
         }
     }
 
-    fn build(dir: &Path, n: u32) -> Arc<SsTable> {
+    fn build_in(dir: &Path, n: u32, format: TableFormat) -> Arc<SsTable> {
         let path = dir.join(table_file_name(1));
-        let mut b = TableBuilder::create(&RealVfs, &path, 1, 512).expect("create");
+        let _ = std::fs::remove_file(&path);
+        let mut b = TableBuilder::create(&RealVfs, &path, 1, 512, format).expect("create");
         for i in 0..n {
             let r = rec(i);
             b.add(&r.internal_key(), &r).expect("add");
@@ -445,8 +456,44 @@ mod tests {
 
     #[test]
     fn point_reads_and_iteration_return_what_was_written() {
+        for format in [TableFormat::V1, TableFormat::V2] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let table = build_in(dir.path(), 1000, format);
+            assert_eq!(table.format(), format);
+            reads_back(&table);
+        }
+    }
+
+    #[test]
+    fn hash_range_scans_see_the_recomputed_ring_hash() {
+        for format in [TableFormat::V1, TableFormat::V2] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let table = build_in(dir.path(), 1000, format);
+            let half = HashRange::new(0, u64::MAX / 2);
+            let ranges: Arc<[HashRange]> = Arc::from(vec![half]);
+            let got: Vec<_> = TableIter::new(table.clone(), b"")
+                .in_hash_ranges(Some(ranges))
+                .map(|r| r.expect("iter").1.key.clone())
+                .collect();
+            let expected: Vec<_> = (0..1000)
+                .map(rec)
+                .filter(|r| half.contains(r.ring_hash))
+                .map(|r| r.key)
+                .collect();
+            assert!(!expected.is_empty() && expected.len() < 1000);
+            assert_eq!(got, expected, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn format_2_tables_are_smaller() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let table = build(dir.path(), 1000);
+        let v1 = build_in(dir.path(), 1000, TableFormat::V1).meta.file_bytes;
+        let v2 = build_in(dir.path(), 1000, TableFormat::V2).meta.file_bytes;
+        assert!(v2 * 10 < v1 * 8, "format 1: {v1} bytes, format 2: {v2}");
+    }
+
+    fn reads_back(table: &Arc<SsTable>) {
         assert!(table.block_count() > 10);
         for i in 0..1000 {
             let r = rec(i);
@@ -468,8 +515,14 @@ mod tests {
 
     #[test]
     fn flipped_bytes_never_return_wrong_values() {
+        for format in [TableFormat::V1, TableFormat::V2] {
+            flipped_bytes_never_return_wrong_values_in(format);
+        }
+    }
+
+    fn flipped_bytes_never_return_wrong_values_in(format: TableFormat) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let table = build(dir.path(), 200);
+        let table = build_in(dir.path(), 200, format);
         let path = table.path().to_path_buf();
         drop(table);
         let original = std::fs::read(&path).expect("read");
