@@ -7,6 +7,7 @@
 #   scripts/bench-engine.sh --only large [--keys 10000000] [--writers 16] [--memory-limit-mib N]
 #                           [--pairdb-bin target/release/pairdb] [--seconds 10] [--stores pairdb,rocksdb]
 #                           [--frozen-memtables N]
+# PAIRDB_TABLE_FORMAT=1 has pairdb write SSTables in format 1 (format 2 is the default).
 set -euo pipefail
 cd "$(dirname "$0")/../benchmarks/engine"
 if ! command -v clang >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1; then

@@ -128,26 +128,49 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-/// Lengths are validated before encoding (key <= 1 KiB, value <= 10 MiB, clock <= 1000
-/// entries, ids <= 128 bytes), so the narrowing casts below cannot truncate.
-fn encode_body(record: &Record, out: &mut Vec<u8>) {
-    // `validate` refuses tombstones with an expiry, so a tombstone never loses one here.
-    let kind = match (&record.value, record.expires_at_ms) {
+/// The kind byte of a record. `validate` refuses tombstones with an expiry, so a tombstone
+/// never loses one here.
+fn kind_of(record: &Record) -> u8 {
+    match (&record.value, record.expires_at_ms) {
         (None, _) => KIND_TOMBSTONE,
         (Some(_), None) => KIND_PUT,
         (Some(_), Some(_)) => KIND_EXPIRING_PUT,
-    };
+    }
+}
+
+/// `{ id_len:u8 id counter:u64 }` for each clock entry.
+fn put_clock_entries(record: &Record, out: &mut Vec<u8>) {
+    for (id, counter) in record.version.clock.iter() {
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        put_u64(out, counter);
+    }
+}
+
+/// `n` clock entries as `put_clock_entries` wrote them.
+fn read_clock_entries(r: &mut Reader<'_>, n: usize) -> Result<Vec<(String, u64)>, CodecError> {
+    // Each entry takes at least 9 bytes: a hostile count allocates no more than the input.
+    let mut entries = Vec::with_capacity(n.min(r.remaining() / 9));
+    for _ in 0..n {
+        let len = r.u8()?;
+        let id = std::str::from_utf8(r.bytes(usize::from(len))?)
+            .map_err(|_| CodecError::Invalid("clock id is not UTF-8"))?;
+        entries.push((id.to_owned(), r.u64()?));
+    }
+    Ok(entries)
+}
+
+/// Lengths are validated before encoding (key <= 1 KiB, value <= 10 MiB, clock <= 1000
+/// entries, ids <= 128 bytes), so the narrowing casts below cannot truncate.
+fn encode_body(record: &Record, out: &mut Vec<u8>) {
+    let kind = kind_of(record);
     out.push(kind);
     put_u64(out, record.ring_hash);
     if let (KIND_EXPIRING_PUT, Some(at)) = (kind, record.expires_at_ms) {
         put_u64(out, at);
     }
     put_u16(out, record.version.clock.len() as u16);
-    for (id, counter) in record.version.clock.iter() {
-        out.push(id.len() as u8);
-        out.extend_from_slice(id.as_bytes());
-        put_u64(out, counter);
-    }
+    put_clock_entries(record, out);
     if let Some(v) = &record.value {
         put_u32(out, v.len() as u32);
         out.extend_from_slice(v);
@@ -169,13 +192,7 @@ fn decode_body(r: &mut Reader<'_>) -> Result<Body, CodecError> {
         _ => None,
     };
     let n = r.u16()?;
-    let mut entries = Vec::with_capacity(usize::from(n));
-    for _ in 0..n {
-        let len = r.u8()?;
-        let id = std::str::from_utf8(r.bytes(usize::from(len))?)
-            .map_err(|_| CodecError::Invalid("clock id is not UTF-8"))?;
-        entries.push((id.to_owned(), r.u64()?));
-    }
+    let entries = read_clock_entries(r, usize::from(n))?;
     let value = match kind {
         KIND_PUT | KIND_EXPIRING_PUT => Some(Bytes::copy_from_slice(r.len_prefixed()?)),
         KIND_TOMBSTONE => None,
@@ -191,25 +208,37 @@ fn decode_body(r: &mut Reader<'_>) -> Result<Body, CodecError> {
 
 /// Appends the format-2 table body of `record` (no ring hash, varint counts).
 pub fn encode_body_v2(record: &Record, out: &mut Vec<u8>) {
-    let kind = match (&record.value, record.expires_at_ms) {
-        (None, _) => KIND_TOMBSTONE,
-        (Some(_), None) => KIND_PUT,
-        (Some(_), Some(_)) => KIND_EXPIRING_PUT,
-    };
+    let kind = kind_of(record);
     out.push(kind);
     if let (KIND_EXPIRING_PUT, Some(at)) = (kind, record.expires_at_ms) {
         put_u64(out, at);
     }
     put_varint(out, record.version.clock.len() as u64);
-    for (id, counter) in record.version.clock.iter() {
-        out.push(id.len() as u8);
-        out.extend_from_slice(id.as_bytes());
-        put_u64(out, counter);
-    }
+    put_clock_entries(record, out);
     if let Some(v) = &record.value {
         put_varint(out, v.len() as u64);
         out.extend_from_slice(v);
     }
+}
+
+/// The bytes [`encode_body_v2`] appends for `record`.
+pub fn body_v2_len(record: &Record) -> usize {
+    let clock = &record.version.clock;
+    1 + if kind_of(record) == KIND_EXPIRING_PUT {
+        8
+    } else {
+        0
+    } + varint_len(clock.len() as u64)
+        + clock.iter().map(|(id, _)| 1 + id.len() + 8).sum::<usize>()
+        + record
+            .value
+            .as_ref()
+            .map_or(0, |v| varint_len(v.len() as u64) + v.len())
+}
+
+/// The bytes [`put_varint`] writes for `v`.
+pub fn varint_len(v: u64) -> usize {
+    (64 - v.max(1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// Decodes a format-2 table body stored under `ikey` (the whole slice must be the body).
@@ -226,13 +255,7 @@ pub fn decode_table_body_v2(ikey: &[u8], body: &[u8]) -> Result<Record, CodecErr
     if n > u64::from(u16::MAX) {
         return Err(CodecError::Invalid("clock longer than 65535 entries"));
     }
-    let mut entries = Vec::with_capacity((n as usize).min(r.remaining() / 9));
-    for _ in 0..n {
-        let len = r.u8()?;
-        let id = std::str::from_utf8(r.bytes(usize::from(len))?)
-            .map_err(|_| CodecError::Invalid("clock id is not UTF-8"))?;
-        entries.push((id.to_owned(), r.u64()?));
-    }
+    let entries = read_clock_entries(&mut r, n as usize)?;
     let value = match kind {
         KIND_TOMBSTONE => None,
         _ => Some(Bytes::copy_from_slice(r.varint_prefixed()?)),

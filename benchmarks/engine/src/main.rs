@@ -91,7 +91,15 @@ impl Pairdb {
         )
     }
 
-    fn with_options(dir: &Path, options: EngineOptions) -> Result<Self> {
+    /// `PAIRDB_TABLE_FORMAT=1` writes tables in format 1 (to measure format 2 against it).
+    fn with_options(dir: &Path, mut options: EngineOptions) -> Result<Self> {
+        if let Ok(v) = std::env::var("PAIRDB_TABLE_FORMAT") {
+            options.table_format = v
+                .parse()
+                .ok()
+                .and_then(pairdb::engine::TableFormat::from_version)
+                .context("PAIRDB_TABLE_FORMAT: 1 or 2")?;
+        }
         Ok(Self {
             engine: Engine::open(dir, options)?,
             counter: AtomicU64::new(physical_counter(now_ms())),

@@ -13,8 +13,8 @@
 //! and never a key it did not decode from the block.
 
 use crate::engine::codec::{
-    CodecError, RawEntry, Reader, decode_table_body_v2, encode_body_v2, encode_table_entry,
-    put_varint,
+    CodecError, RawEntry, Reader, body_v2_len, decode_table_body_v2, encode_body_v2,
+    encode_table_entry, put_varint,
 };
 use crate::engine::types::Record;
 
@@ -68,10 +68,11 @@ pub fn encode_entry(
             put_varint(out, shared as u64);
             put_varint(out, suffix.len() as u64);
             out.extend_from_slice(suffix);
-            let mut body = Vec::with_capacity(record.value.as_ref().map_or(0, |v| v.len()) + 32);
-            encode_body_v2(record, &mut body);
-            put_varint(out, body.len() as u64);
-            out.extend_from_slice(&body);
+            let body_len = body_v2_len(record);
+            put_varint(out, body_len as u64);
+            let body_at = out.len();
+            encode_body_v2(record, out);
+            debug_assert_eq!(out.len() - body_at, body_len);
         }
     }
 }
@@ -249,10 +250,20 @@ mod tests {
     }
 
     #[test]
+    fn body_lengths_are_known_before_encoding() {
+        for record in records() {
+            let mut body = Vec::new();
+            encode_body_v2(&record, &mut body);
+            assert_eq!(body_v2_len(&record), body.len(), "{record:?}");
+        }
+    }
+
+    #[test]
     fn varints_round_trip_and_refuse_overflow() {
         for v in [0u64, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX] {
             let mut buf = Vec::new();
             put_varint(&mut buf, v);
+            assert_eq!(crate::engine::codec::varint_len(v), buf.len(), "{v}");
             assert_eq!(Reader::new(&buf).varint(), Ok(v));
         }
         let too_big = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
