@@ -264,20 +264,24 @@ mod tests {
         assert!(refused.to_string().contains("ring_refresh"), "{refused}");
     }
 
+    /// A storage node's configuration: the minimal file plus `extra` lines of `[storage]`.
+    fn storage_config(extra: &str) -> Config {
+        let toml = format!(
+            "[node]\nroles = [\"storage\"]\nid = \"s1\"\n[storage]\ndata_dir = \"d\"\n{extra}"
+        );
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), toml).expect("write");
+        Config::load(Some(file.path()), &serde_json::json!({})).expect("parses")
+    }
+
     #[test]
     fn background_nice_is_a_nice_value() {
-        let load = |toml: &str| {
-            let file = tempfile::NamedTempFile::new().expect("temp file");
-            std::fs::write(file.path(), toml).expect("write");
-            Config::load(Some(file.path()), &serde_json::json!({})).expect("parses")
-        };
-        let storage = "[node]\nroles = [\"storage\"]\nid = \"s1\"\n[storage]\ndata_dir = \"d\"\n";
-        let default = load(storage);
+        let default = storage_config("");
         assert_eq!(default.storage.background_nice, 10);
         default.storage.validate().expect("the default is valid");
-        let off = load(&format!("{storage}background_nice = 0"));
+        let off = storage_config("background_nice = 0");
         off.storage.validate().expect("0 turns it off");
-        let refused = load(&format!("{storage}background_nice = 20"))
+        let refused = storage_config("background_nice = 20")
             .storage
             .validate()
             .expect_err("20 is no nice value");
@@ -286,24 +290,18 @@ mod tests {
 
     #[test]
     fn table_format_version_is_one_this_build_writes() {
-        let load = |toml: &str| {
-            let file = tempfile::NamedTempFile::new().expect("temp file");
-            std::fs::write(file.path(), toml).expect("write");
-            Config::load(Some(file.path()), &serde_json::json!({})).expect("parses")
-        };
-        let storage = "[node]\nroles = [\"storage\"]\nid = \"s1\"\n[storage]\ndata_dir = \"d\"\n";
-        let default = load(storage);
+        let default = storage_config("");
         assert_eq!(
             default.storage.table_format().ok(),
             Some(crate::engine::TableFormat::V2)
         );
-        let upgrading = load(&format!("{storage}table_format_version = 1"));
+        let upgrading = storage_config("table_format_version = 1");
         assert_eq!(
             upgrading.storage.table_format().ok(),
             Some(crate::engine::TableFormat::V1)
         );
         for bad in [0, 3] {
-            let refused = load(&format!("{storage}table_format_version = {bad}"))
+            let refused = storage_config(&format!("table_format_version = {bad}"))
                 .storage
                 .validate()
                 .expect_err("no such format");
