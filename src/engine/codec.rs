@@ -23,7 +23,7 @@ use bytes::Bytes;
 
 use crate::vclock::{VectorClock, Version};
 
-use super::types::{Record, internal_key, split_internal_key};
+use super::types::{Record, internal_key, ring_position_of_internal_key, split_internal_key};
 
 const KIND_PUT: u8 = 1;
 const KIND_TOMBSTONE: u8 = 2;
@@ -268,9 +268,7 @@ pub fn decode_table_body_v2(ikey: &[u8], body: &[u8]) -> Result<Record, CodecErr
         key: Bytes::copy_from_slice(key),
         version: Version::new(VectorClock::from_entries(entries)),
         value,
-        // The ring position of (tenant, key) is xxh3 of the internal key
-        // (`ring::key_position`).
-        ring_hash: xxhash_rust::xxh3::xxh3_64(ikey),
+        ring_hash: ring_position_of_internal_key(ikey),
         expires_at_ms,
     })
 }

@@ -153,6 +153,12 @@ pub fn internal_key(tenant: &str, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The ring position of the record stored under `ikey`: [`key_position`] of its tenant and
+/// key, which hashes exactly the internal key's bytes (tables of format 2 recompute it).
+pub fn ring_position_of_internal_key(ikey: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(ikey)
+}
+
 /// Splits an internal key back into (tenant, key).
 pub fn split_internal_key(ikey: &[u8]) -> Option<(&str, &[u8])> {
     let nul = ikey.iter().position(|b| *b == 0)?;
@@ -201,6 +207,16 @@ mod tests {
 
     fn version() -> Version {
         Version::new(VectorClock::from_entries([("c1", 1u64)]))
+    }
+
+    #[test]
+    fn an_internal_key_gives_back_the_ring_position_of_its_tenant_and_key() {
+        for (tenant, key) in [("t", &b"k"[..]), ("acme:2", b""), ("a", b"\0\xff")] {
+            assert_eq!(
+                ring_position_of_internal_key(&internal_key(tenant, key)),
+                key_position(tenant, key)
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::engine::codec::{
     CodecError, RawEntry, Reader, body_v2_len, decode_table_body_v2, encode_body_v2,
     encode_table_entry, put_varint,
 };
-use crate::engine::types::Record;
+use crate::engine::types::{Record, ring_position_of_internal_key};
 
 /// The layout of a table's data blocks, from the version in its footer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -143,7 +143,7 @@ impl Entry<'_, '_> {
                 body: self.body,
             }
             .ring_hash(),
-            TableFormat::V2 => Ok(xxhash_rust::xxh3::xxh3_64(self.ikey)),
+            TableFormat::V2 => Ok(ring_position_of_internal_key(self.ikey)),
         }
     }
 
