@@ -14,12 +14,16 @@
 # seconds before the repair to its end; the table adds the load's p99 in the IDLE seconds
 # before and during the repair (scripts/p99_window.py), and each phase leaves a timeline
 # (CPU per process, flushes and compactions each second, p99 per 5 s) in
-# $CLUSTER_DIR/timeline-NAME.txt. Loaded, repairs of agreeing replicas run back to back for
-# WINDOW seconds (30), and the refill is cancelled after REFILL_WINDOW seconds (60).
+# $CLUSTER_DIR/timeline-NAME.txt. Loaded, phases 1 and 2 alternate CYCLES (4) idle windows
+# of IDLE seconds with CYCLES repair windows, and the p99s are of each kind of window pooled
+# (one idle-then-repair pair is at the mercy of this machine's stalls): in phase 1 repairs of
+# agreeing replicas run back to back for WINDOW seconds (30) per window; in phase 2 each
+# window repairs one of CYCLES equal arcs of the ring. The refill is one window, cancelled
+# after REFILL_WINDOW seconds (60).
 # LOAD_RATE=auto is half the capacity of a 60 s closed-loop mixed run (its last 30 s) made
 # after loading.
 # Env: KEYS (1000000), VALUE (100), DIVERGE (15000), PAIRDB_BIN (built when unset), LOAD_RATE,
-# REPAIR_RATE_LIMIT, IDLE (20), CONCURRENCY (32, of the load), PHASES ("1 2 3": which of the
+# REPAIR_RATE_LIMIT, IDLE (20), WINDOW (30), CYCLES (4), CONCURRENCY (32, of the load), PHASES ("1 2 3": which of the
 # three repairs run; the others' rows are empty).
 # Everything binds to 127.0.0.1 and is stopped on exit.
 set -euo pipefail
@@ -39,6 +43,7 @@ PHASES="${PHASES:-1 2 3}"
 has_phase() { case " $PHASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 IDLE="${IDLE:-20}"
 WINDOW="${WINDOW:-30}"
+CYCLES="${CYCLES:-4}"
 REFILL_WINDOW="${REFILL_WINDOW:-60}"
 CONCURRENCY="${CONCURRENCY:-32}"
 if [ "$LOAD_RATE" = 0 ]; then
@@ -67,34 +72,46 @@ gossip_says() { # count of nodes down to wait for
   echo "gossip never reported $1 node(s) down" >&2; return 1
 }
 
+# The harness stays off the CPU while it measures (2 cores; a python3 start per poll took
+# 20% of the machine in earlier runs and showed as the repair's cost): bash arithmetic on
+# $EPOCHREALTIME and sed, and polls every 0.5 s, as `pairdb admin repair --wait` does.
+now_us() { local t="$EPOCHREALTIME"; echo "${t/./}"; }
+seconds_since() { # start (us): elapsed seconds with two decimals
+  local d=$(($(now_us) - $1))
+  printf '%d.%02d' $((d / 1000000)) $((d % 1000000 / 10000))
+}
+field_of() { sed -nE "s/.*\"$1\":\"?([^\",}]*)\"?.*/\1/p"; } # one JSON field, flat objects
+
 # One repair: prints "seconds keys_compared keys_fixed bytes bytes_written". With a limit
 # ($1 seconds), a repair still running then is cancelled and its counts so far are printed
 # (bytes_written "-").
 repair() {
-  local started id state limit="${1:-0}"
-  started="$(date +%s.%N)"
-  id="$(curl -fsS -X POST "$URL/v1/admin/repair" | json 'd["repair_id"]')"
+  local started id state limit_us=$((${1:-0} * 1000000)) answer
+  started="$(now_us)"
+  id="$(curl -fsS -X POST "$URL/v1/admin/repair" -H 'content-type: application/json' \
+    -d "${REPAIR_BODY:-{\}}" | field_of repair_id)"
   while :; do
-    state="$(curl -fsS "$URL/v1/admin/repair/$id" | json 'd["state"]')"
+    answer="$(curl -fsS "$URL/v1/admin/repair/$id")"
+    state="$(field_of state <<<"$answer")"
     case "$state" in
       completed|cancelled) break ;;
       failed) echo "repair $id failed" >&2; return 1 ;;
     esac
-    if [ "$limit" != 0 ] && python3 -c "import sys; sys.exit(0 if $(date +%s.%N) - $started >= $limit else 1)"; then
+    if [ "$limit_us" != 0 ] && [ $(($(now_us) - started)) -ge "$limit_us" ]; then
       curl -fsS -X DELETE "$URL/v1/admin/migrations/$id" >/dev/null
-      limit=0
+      limit_us=0
     fi
-    sleep 0.1
+    sleep 0.5
   done
-  local ended line
-  ended="$(date +%s.%N)"
+  local took line
+  took="$(seconds_since "$started")"
   if [ "$state" = completed ]; then
     line="$(grep "repair completed" "$CLUSTER_DIR/logs/c1.log" | grep "$id" | tail -1)"
     field() { sed -E "s/.*$1=([0-9]+).*/\1/" <<<"$line"; }
-    echo "$(python3 -c "print(f'{$ended - $started:.2f}')") $(field keys_compared) $(field keys_fixed) $(field ' bytes') $(field bytes_written)"
+    echo "$took $(field keys_compared) $(field keys_fixed) $(field ' bytes') $(field bytes_written)"
   else
-    curl -fsS "$URL/v1/admin/repair/$id" \
-      | json "f'{$ended - $started:.2f} {d[\"keys_compared\"]} {d[\"keys_fixed\"]} {d[\"bytes_exchanged\"]} -'"
+    echo "$took $(field_of keys_compared <<<"$answer") $(field_of keys_fixed <<<"$answer")" \
+      "$(field_of bytes_exchanged <<<"$answer") -"
   fi
 }
 
@@ -102,13 +119,13 @@ repair() {
 # one's line with the time of them all.
 repeated_repairs() {
   local started line n=0
-  started="$(date +%s.%N)"
-  while python3 -c "import sys; sys.exit(0 if $(date +%s.%N) - $started < $1 else 1)"; do
+  started="$(now_us)"
+  while [ $(($(now_us) - started)) -lt $(($1 * 1000000)) ]; do
     line="$(repair)"
     n=$((n + 1))
   done
-  echo "$n" >"$CLUSTER_DIR/repairs-in-window"
-  echo "$(python3 -c "print(f'{$(date +%s.%N) - $started:.2f}')") $(cut -d' ' -f2- <<<"$line")"
+  echo "$n" >>"$CLUSTER_DIR/repairs-in-window"
+  echo "$(seconds_since "$started") $(cut -d' ' -f2- <<<"$line")"
 }
 
 # start_timeline: scripts/bench-common.sh.
@@ -116,10 +133,15 @@ repeated_repairs() {
 
 # Runs "$2..." (a repair command), under the paced load when LOAD_RATE is set: prints its
 # line, then (loaded) "idle_p99_ms during_p99_ms". $1 names the latency log and timeline.
+# Loaded, the command runs CYCLES times (CYCLE=1..CYCLES in its environment), each after an
+# idle window of IDLE seconds; the p99s are of the idle windows pooled and of the command's
+# windows pooled (scripts/p99_window.py --windows), and the line printed sums the runs'
+# fields.
 measured() {
   local name="$1"; shift
   if [ "$LOAD_RATE" = 0 ]; then "$@"; return; fi
-  local log="$CLUSTER_DIR/latencies-$name.txt" idle_from change_at ended result
+  local log="$CLUSTER_DIR/latencies-$name.txt" windows="$CLUSTER_DIR/windows-$name.txt"
+  local cycles="${CYCLES_OF_PHASE:-1}" a b e results=()
   # The binary itself in the background (a function's subshell would take the signal).
   "$BIN" bench --url "$URL" --tenant bench --keys "$KEYS" --value-size "$VALUE" \
     --concurrency "$CONCURRENCY" --no-preload --json --workload mixed --rate "$LOAD_RATE" \
@@ -128,16 +150,46 @@ measured() {
   # `load` and `sampler` are not local: the EXIT trap reads them after this function returned.
   sampler="$(start_timeline "$name")"
   trap 'kill -TERM "$load" "$sampler" 2>/dev/null || true' EXIT
+  : >"$windows"
   sleep 5
-  idle_from="$(date +%s.%N)"
-  sleep "$IDLE"
-  change_at="$(date +%s.%N)"
-  result="$("$@")"
-  ended="$(date +%s.%N)"
+  for c in $(seq 1 "$cycles"); do
+    a="$(date +%s.%N)"
+    sleep "$IDLE"
+    b="$(date +%s.%N)"
+    results+=("$(CYCLE="$c" CYCLES="$cycles" "$@")")
+    e="$(date +%s.%N)"
+    echo "idle $a $b" >>"$windows"
+    echo "during $b $e" >>"$windows"
+  done
   # The sampler is not this shell's child (started in a command substitution): no wait.
   kill -TERM "$load" "$sampler"; wait "$load" || true
-  scripts/p99_window.py "$log" "$idle_from" "$change_at" "$ended" "$CLUSTER_DIR/timeline-$name.txt" \
-    | { read -r p; echo "$result $p"; }
+  local p
+  p="$(scripts/p99_window.py "$log" --windows "$windows" "$CLUSTER_DIR/timeline-$name.txt")"
+  echo "$(printf '%s\n' "${results[@]}" | sum_fields) $p"
+}
+
+# Sums lines of space-separated fields column by column ("-" where any line has one).
+sum_fields() {
+  python3 -c '
+import sys
+rows = [l.split() for l in sys.stdin if l.strip()]
+out = []
+for col in zip(*rows):
+    if "-" in col:
+        out.append("-")
+    else:
+        total = sum(float(x) for x in col)
+        out.append(f"{total:.2f}" if any("." in x for x in col) else str(int(total)))
+print(" ".join(out))'
+}
+
+# The repair of arc CYCLE of CYCLES equal arcs of the ring (the whole ring when CYCLES is 1).
+arc_repair() {
+  local cycles="${CYCLES:-1}" c="${CYCLE:-1}"
+  if [ "$cycles" = 1 ]; then repair; return; fi
+  REPAIR_BODY="$(python3 -c "
+n, c = $cycles, $c
+print('{\"range_start\":\"%d\",\"range_end\":\"%d\"}' % ((c - 1) * 2**64 // n, (c * 2**64 // n) % 2**64))")" repair
 }
 
 scripts/cluster.sh start >&2
@@ -166,7 +218,7 @@ if has_phase 1; then
     read -r t1 c1 f1 b1 w1 i1 d1 <<<"$(repair)"
   else
     # Replicas that agree take a moment to repair: repairs run back to back for WINDOW s.
-    read -r t1 c1 f1 b1 w1 i1 d1 <<<"$(measured identical repeated_repairs "$WINDOW")"
+    read -r t1 c1 f1 b1 w1 i1 d1 <<<"$(CYCLES_OF_PHASE="$CYCLES" measured identical repeated_repairs "$WINDOW")"
   fi
 fi
 
@@ -176,7 +228,7 @@ if has_phase 2; then
   bench --workload writes --keys "$DIVERGE" --no-preload --consistency one --duration 10s >/dev/null
   kill -CONT "$(cat "$CLUSTER_DIR/pids/s3.pid")"
   gossip_says 0
-  read -r t2 c2 f2 b2 w2 i2 d2 <<<"$(measured divergent repair)"
+  read -r t2 c2 f2 b2 w2 i2 d2 <<<"$(CYCLES_OF_PHASE="$CYCLES" measured divergent arc_repair)"
 fi
 
 if has_phase 3; then
@@ -219,8 +271,8 @@ Under a paced mixed load of $LOAD_RATE req/s (concurrency $CONCURRENCY), repair_
 
 | repair | time (s) | keys fixed | bytes exchanged | load p99 idle (ms) | load p99 during (ms) | during / idle |
 |---|---|---|---|---|---|---|
-| identical replicas ($(cat "$CLUSTER_DIR/repairs-in-window" 2>/dev/null || echo 0) back to back; the last one's keys and bytes) | $t1 | $f1 | $b1 | $i1 | $d1 | $(ratio "$i1" "$d1") |
-| s3 missed $DIVERGE keys' writes | $t2 | $f2 | $b2 | $i2 | $d2 | $(ratio "$i2" "$d2") |
+| identical replicas ($(awk '{ n += $1 } END { print n + 0 }' "$CLUSTER_DIR/repairs-in-window" 2>/dev/null) back to back in $CYCLES windows of $WINDOW s; the last ones' keys and bytes) | $t1 | $f1 | $b1 | $i1 | $d1 | $(ratio "$i1" "$d1") |
+| s3 missed $DIVERGE keys' writes (repaired in $CYCLES arcs, one per window) | $t2 | $f2 | $b2 | $i2 | $d2 | $(ratio "$i2" "$d2") |
 | s3 empty (full copy; cancelled after $REFILL_WINDOW s) | $t3 | $f3 | $b3 | $i3 | $d3 | $(ratio "$i3" "$d3") |
 TABLE
 fi
