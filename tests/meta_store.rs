@@ -613,6 +613,38 @@ async fn sqlite_stores_opened_together_all_start() {
     }
 }
 
+/// A SQLite store logs ahead: its commits go to a long-lived `-wal` file, never through a
+/// rollback journal created and deleted per commit (filesystem-journal commits that stall the
+/// fsyncs of every other process on the disk); and the mode is the file's, so a plain
+/// connection opened later sees it too.
+#[tokio::test]
+async fn a_sqlite_store_commits_through_a_write_ahead_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("meta.db");
+    let url = format!("sqlite://{}", path.display());
+    let store = SqlMetadataStore::connect(&url).await.expect("connect");
+    store
+        .add_node(&node("s1", NodeState::Active))
+        .await
+        .expect("a commit");
+    assert!(
+        dir.path().join("meta.db-wal").exists(),
+        "commits go to the write-ahead log"
+    );
+    assert!(!dir.path().join("meta.db-journal").exists());
+    use sqlx::Connection;
+    let mut plain = sqlx::SqliteConnection::connect(&url).await.expect("sqlite");
+    let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+        .fetch_one(&mut plain)
+        .await
+        .expect("journal mode");
+    assert_eq!(mode, "wal");
+    assert_eq!(
+        store.list_nodes().await.expect("list"),
+        vec![node("s1", NodeState::Active)]
+    );
+}
+
 #[tokio::test]
 async fn sqlite_store_passes_the_suite() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -189,6 +189,19 @@ async fn tenant_in(
     }
 }
 
+/// Every SQLite connection logs ahead: a commit appends to (and syncs) one long-lived
+/// `-wal` file instead of creating, syncing and deleting a rollback journal. Creating and
+/// deleting files are filesystem-journal commits, which stall every other process's fsync on
+/// the same disk (the storage nodes' commit logs in `pairdb dev` and single-machine clusters;
+/// docs/benchmarks.md, "Anti-entropy"). `synchronous = FULL`: a commit is durable when it
+/// returns, as before. The journal mode is kept in the file; setting it again is a no-op.
+async fn sqlite_settings(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    for pragma in ["PRAGMA journal_mode = WAL", "PRAGMA synchronous = FULL"] {
+        sqlx::query(pragma).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// Whether a SQLite table has a column.
 async fn sqlite_has_column(pool: &AnyPool, table: &str, column: &str) -> Result<bool, MetaError> {
     let present: i64 = sqlx::query_scalar(&format!(
@@ -299,12 +312,13 @@ impl SqlMetadataStore {
         } else {
             (url.to_owned(), POSTGRES_SCHEMA, 8)
         };
-        let pool = AnyPoolOptions::new()
+        let mut options = AnyPoolOptions::new()
             .max_connections(max)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect(&url)
-            .await
-            .map_err(unavailable)?;
+            .acquire_timeout(std::time::Duration::from_secs(5));
+        if !postgres {
+            options = options.after_connect(|conn, _| Box::pin(sqlite_settings(conn)));
+        }
+        let pool = options.connect(&url).await.map_err(unavailable)?;
         if schema == POSTGRES_SCHEMA {
             // Coordinators starting together apply the schema one at a time: concurrent
             // `CREATE TABLE IF NOT EXISTS` race in PostgreSQL's catalog.
