@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::TombstoneGate;
@@ -41,6 +41,10 @@ struct Repaired {
 pub struct RepairedRanges {
     path: PathBuf,
     tenants: RwLock<HashMap<String, Vec<Repaired>>>,
+    /// Held by [`RepairedRanges::mark`] across its file rewrite: one change at a time, while
+    /// readers (compactions asking `may_purge`) keep reading the set in force, never waiting
+    /// on the rewrite's fsyncs.
+    writer: Mutex<()>,
 }
 
 impl RepairedRanges {
@@ -51,13 +55,14 @@ impl RepairedRanges {
         Ok(RepairedRanges {
             path,
             tenants: RwLock::new(tenants),
+            writer: Mutex::new(()),
         })
     }
 
     /// Records that `tenant`'s `range` was repaired as of `as_of_ms`; durable on return.
     pub fn mark(&self, marks: &[(String, HashRange, u64)]) -> std::io::Result<()> {
-        let mut tenants = self.tenants.write();
-        let mut next = tenants.clone();
+        let _one_change_at_a_time = self.writer.lock();
+        let mut next = self.tenants.read().clone();
         for (tenant, range, as_of_ms) in marks {
             let entries = next.entry(tenant.clone()).or_default();
             let new = Repaired {
@@ -75,7 +80,7 @@ impl RepairedRanges {
             }
         }
         self.store(&next)?;
-        *tenants = next;
+        *self.tenants.write() = next;
         Ok(())
     }
 
