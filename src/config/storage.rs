@@ -42,7 +42,9 @@ pub struct StorageConfig {
     /// foreground p99).
     pub stream_rate_limit: u64,
     /// Most bytes of records per second an anti-entropy listing scans on this node (one scan
-    /// of a tenant per repair that finds differences); 0 = unlimited. 32 MiB/s by default.
+    /// of a tenant per repair that finds differences); 0 = unlimited. 16 MiB/s by default,
+    /// chosen with `scripts/bench-repair.sh` (docs/benchmarks.md, "Anti-entropy": at 32 MiB/s
+    /// a divergent repair raised the foreground p99 1.57x, at 16 MiB/s 1.30x).
     pub repair_scan_rate_limit: u64,
     /// Tombstones younger than this are never purged; older ones only once anti-entropy
     /// repaired their range after they were written (Cassandra's `gc_grace_seconds`).
@@ -82,7 +84,7 @@ impl Default for StorageConfig {
             sync: SyncMode::Always,
             skip_corrupt_log: false,
             stream_rate_limit: 8 << 20,
-            repair_scan_rate_limit: 32 << 20,
+            repair_scan_rate_limit: 16 << 20,
             gc_grace: std::time::Duration::from_secs(10 * 24 * 3600),
             cache_bytes: 64 << 20,
             memtable_bytes: 64 << 20,
