@@ -133,7 +133,7 @@ repeated_repairs() {
 
 # Runs "$2..." (a repair command), under the paced load when LOAD_RATE is set: prints its
 # line, then (loaded) "idle_p99_ms during_p99_ms". $1 names the latency log and timeline.
-# Loaded, the command runs CYCLES times (CYCLE=1..CYCLES in its environment), each after an
+# Loaded, the command runs CYCLES_OF_PHASE times (CYCLE=1..CYCLES_NOW in its environment), each after an
 # idle window of IDLE seconds; the p99s are of the idle windows pooled and of the command's
 # windows pooled (scripts/p99_window.py --windows), and the line printed sums the runs'
 # fields.
@@ -156,7 +156,7 @@ measured() {
     a="$(date +%s.%N)"
     sleep "$IDLE"
     b="$(date +%s.%N)"
-    results+=("$(CYCLE="$c" CYCLES="$cycles" "$@")")
+    results+=("$(CYCLE="$c" CYCLES_NOW="$cycles" "$@")")
     e="$(date +%s.%N)"
     echo "idle $a $b" >>"$windows"
     echo "during $b $e" >>"$windows"
@@ -183,9 +183,10 @@ for col in zip(*rows):
 print(" ".join(out))'
 }
 
-# The repair of arc CYCLE of CYCLES equal arcs of the ring (the whole ring when CYCLES is 1).
+# The repair of arc CYCLE of CYCLES_NOW equal arcs of the ring (the whole ring unloaded, when
+# `measured` runs it once without setting them).
 arc_repair() {
-  local cycles="${CYCLES:-1}" c="${CYCLE:-1}"
+  local cycles="${CYCLES_NOW:-1}" c="${CYCLE:-1}"
   if [ "$cycles" = 1 ]; then repair; return; fi
   REPAIR_BODY="$(python3 -c "
 n, c = $cycles, $c
