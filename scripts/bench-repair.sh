@@ -58,7 +58,6 @@ if [ "$BIN" = target/release/pairdb ]; then cargo build --release --locked; fi
 rm -rf "$CLUSTER_DIR"
 trap 'kill -CONT "$(cat "$CLUSTER_DIR/pids/s3.pid" 2>/dev/null)" 2>/dev/null || true; scripts/cluster.sh stop >/dev/null 2>&1 || true' EXIT
 
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 bench() { "$BIN" bench --url "$URL" --tenant bench --value-size "$VALUE" --concurrency 32 --json "$@"; }
 metric() { # port, name: the value of one metric line of a process's /metrics
   curl -fsS "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m { print $2 }'
@@ -153,11 +152,11 @@ measured() {
   : >"$windows"
   sleep 5
   for c in $(seq 1 "$cycles"); do
-    a="$(date +%s.%N)"
+    a="$EPOCHREALTIME"
     sleep "$IDLE"
-    b="$(date +%s.%N)"
+    b="$EPOCHREALTIME"
     results+=("$(CYCLE="$c" CYCLES_NOW="$cycles" "$@")")
-    e="$(date +%s.%N)"
+    e="$EPOCHREALTIME"
     echo "idle $a $b" >>"$windows"
     echo "during $b $e" >>"$windows"
   done
