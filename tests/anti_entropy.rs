@@ -1,6 +1,7 @@
 //! Anti-entropy over real processes: storage nodes, a coordinator and its repair service. A
 //! replica that missed writes and deletes (paused, hints off) converges after one repair,
-//! without any read touching the keys; a repair of identical replicas fixes nothing.
+//! without any read touching the keys, also when nobody asks (the scheduled repair); a repair of
+//! identical replicas fixes nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
@@ -604,5 +605,56 @@ async fn a_repair_cancelled_in_the_middle_of_a_tenant_stops_there() {
     );
     let status = status(&mut c).await;
     assert_eq!(status.ranges_never_repaired as usize, status.ranges.len());
+    drop(c1);
+}
+
+/// The repair service runs by itself every `repair_interval`: with hints and read repair off
+/// and no read touching the keys, a replica that missed writes gets them without anyone
+/// asking for a repair, and the repair that fixed them is on record as a full repair (subject
+/// `*`) that completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_repair_fixes_a_replica_nobody_asked_about() {
+    const WRITTEN: usize = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, c1, c) = cluster(
+        dir.path(),
+        &[],
+        &[
+            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
+            ("PAIRDB_COORDINATOR_REPAIR_RATE_LIMIT", "0"),
+            // Overrides the helper's "false" (the later value of a variable wins).
+            ("PAIRDB_COORDINATOR_AUTO_REPAIR", "true"),
+            ("PAIRDB_COORDINATOR_REPAIR_INTERVAL", "3s"),
+        ],
+    )
+    .await;
+    s3_misses_writes(&c1, &storage, &c, &["acme"], WRITTEN).await;
+    eventually(
+        "a scheduled repair gives s3 every key",
+        Duration::from_secs(90),
+        || async {
+            held(&storage[2], "acme", WRITTEN)
+                .await
+                .iter()
+                .all(Option::is_some)
+        },
+    )
+    .await;
+    let mut c = c.clone();
+    let migrations = c
+        .list_migrations(pb::ListMigrationsRequest { limit: 100 })
+        .await
+        .expect("migrations")
+        .into_inner()
+        .migrations;
+    assert!(
+        migrations
+            .iter()
+            .any(|m| m.migration_id.starts_with("repair-")
+                && m.node_id == "*"
+                && m.state == pb::MigrationState::Completed as i32),
+        "{migrations:?}"
+    );
     drop(c1);
 }
