@@ -257,6 +257,9 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
         (again.incarnation, again.storage_id()),
         (2, "zeta:2".to_owned())
     );
+    // The update lands in a later millisecond than zeta's re-creation, so "updated since the
+    // update" names acme alone (with write-ahead logging both commits fit in one millisecond).
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     let before = a
         .update_replication_factor("acme", 5)
         .await
