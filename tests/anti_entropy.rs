@@ -1,7 +1,9 @@
 //! Anti-entropy over real processes: storage nodes, a coordinator and its repair service. A
 //! replica that missed writes and deletes (paused, hints off) converges after one repair,
 //! without any read touching the keys, also when nobody asks (the scheduled repair); a repair of
-//! identical replicas fixes nothing.
+//! identical replicas fixes nothing. Targeted repair: a dropped hint, a read repair that failed
+//! and one that found its queue full each leave markers that give the replica the key once it
+//! is back, without another read.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 mod common;
@@ -656,5 +658,182 @@ async fn a_scheduled_repair_fixes_a_replica_nobody_asked_about() {
                 && m.state == pb::MigrationState::Completed as i32),
         "{migrations:?}"
     );
+    drop(c1);
+}
+
+/// A counter of the coordinator's `/metrics` (the full series name, labels included; 0 when
+/// absent).
+async fn coordinator_counter(c1: &RoleProcess, series: &str) -> u64 {
+    let text = common::http_get(c1.http, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The distinct keys that the markers on s1 and s2 say s3 missed.
+async fn keys_marked_for_s3(storage: &[common::StorageNode]) -> usize {
+    let mut keys = std::collections::BTreeSet::new();
+    for node in &storage[..2] {
+        for m in markers(node).await {
+            if m.missed_node == "s3" {
+                keys.insert(m.key.to_vec());
+            }
+        }
+    }
+    keys.len()
+}
+
+/// Reads keys `0..count` at ALL through the coordinator (`in_flight` at once), each once.
+async fn read_all_once(c: &Client, count: usize, in_flight: usize) {
+    for chunk in (0..count).collect::<Vec<_>>().chunks(in_flight) {
+        join_all(chunk.iter().map(|&i| {
+            let mut c = c.clone();
+            async move {
+                let value = common::coord::get(&mut c, "acme", &key(i), Consistency::All)
+                    .await
+                    .expect("read at all");
+                assert_eq!(value, "\"v\"", "{}", key(i));
+            }
+        }))
+        .await;
+    }
+}
+
+/// s3 holds the value of every key `0..count`.
+async fn s3_holds_all(storage: &[common::StorageNode], count: usize) -> bool {
+    held(&storage[2], "acme", count).await.iter().all(|r| {
+        matches!(
+            r.as_ref().and_then(|r| r.payload.as_ref()),
+            Some(spb::record::Payload::Value(v)) if &v[..] == b"\"v\""
+        )
+    })
+}
+
+/// The disk guard's thresholds of a storage node.
+const DISK_THRESHOLDS: [&str; 3] = [
+    "PAIRDB_STORAGE_DISK_WARN_PERCENT",
+    "PAIRDB_STORAGE_DISK_THROTTLE_PERCENT",
+    "PAIRDB_STORAGE_DISK_FULL_PERCENT",
+];
+
+/// Read repairs that fail leave durable markers: s3 answers reads but refuses every write (its
+/// disk past a tiny full mark), hints off. Reads at ALL find it lacking every key; each read
+/// repair is refused and becomes a marker on s1 and s2, which stays while s3 still refuses
+/// (the targeted repair's writes fail too). Once s3 takes writes again, the targeted repair
+/// gives it every key without any further read, and clears the markers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_read_repair_leaves_a_marker_that_is_worked_off_once_the_replica_takes_writes() {
+    const WRITTEN: usize = 200;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut storage, c1, c) = cluster(
+        dir.path(),
+        &[],
+        &[
+            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+            ("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "300ms"),
+        ],
+    )
+    .await;
+    storage[2].kill9();
+    for threshold in DISK_THRESHOLDS {
+        storage[2].set_env(threshold, Some("0.001"));
+    }
+    storage[2].restart();
+    gossip_reports(&c1, "up", 3).await;
+    gossip_reports(&c1, "health{status=\"unhealthy\"}", 1).await;
+    for chunk in (0..WRITTEN).collect::<Vec<_>>().chunks(100) {
+        join_all(chunk.iter().map(|&i| {
+            let mut c = c.clone();
+            async move {
+                put(&mut c, "acme", &key(i), "\"v\"", Consistency::Quorum)
+                    .await
+                    .expect("write at quorum");
+            }
+        }))
+        .await;
+    }
+    assert_eq!(keys_marked_for_s3(&storage).await, 0, "hints are off");
+    read_all_once(&c, WRITTEN, 50).await;
+    eventually(
+        "every failed read repair marked",
+        Duration::from_secs(30),
+        || async { keys_marked_for_s3(&storage).await == WRITTEN },
+    )
+    .await;
+    let failed = coordinator_counter(&c1, "pairdb_read_repairs_total{result=\"failed\"}").await;
+    assert!(failed >= WRITTEN as u64, "{failed} read repairs failed");
+    // The targeted repair tries and fails while s3 refuses writes; the markers stay.
+    eventually(
+        "a targeted repair refused",
+        Duration::from_secs(30),
+        || async {
+            coordinator_counter(&c1, "pairdb_targeted_repairs_total{result=\"failed\"}").await > 0
+        },
+    )
+    .await;
+    assert_eq!(keys_marked_for_s3(&storage).await, WRITTEN);
+    assert!(
+        held(&storage[2], "acme", WRITTEN)
+            .await
+            .iter()
+            .all(Option::is_none),
+        "s3 took no write"
+    );
+
+    storage[2].kill9();
+    for threshold in DISK_THRESHOLDS {
+        storage[2].set_env(threshold, None);
+    }
+    storage[2].restart();
+    eventually(
+        "the targeted repair gives s3 every key",
+        Duration::from_secs(60),
+        || s3_holds_all(&storage, WRITTEN),
+    )
+    .await;
+    eventually("markers cleared", Duration::from_secs(20), || async {
+        keys_marked_for_s3(&storage).await == 0
+    })
+    .await;
+    drop((c1, c));
+}
+
+/// Read repairs that find their queue full (`read_repair_queue` = 1) leave durable markers
+/// instead: s3 missed every write (paused, hints off), each key is read once at ALL, many at a
+/// time, so most repairs are dropped at the queue; the targeted repair still gives s3 every
+/// key without any further read, and clears the markers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_repair_that_finds_its_queue_full_leaves_a_marker() {
+    const WRITTEN: usize = 2000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, c1, c) = cluster(
+        dir.path(),
+        &[],
+        &[
+            ("PAIRDB_COORDINATOR_HINTS_ENABLED", "false"),
+            ("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "300ms"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_QUEUE", "1"),
+        ],
+    )
+    .await;
+    s3_misses_writes(&c1, &storage, &c, &["acme"], WRITTEN).await;
+    read_all_once(&c, WRITTEN, 200).await;
+    let dropped = coordinator_counter(&c1, "pairdb_read_repairs_total{result=\"dropped\"}").await;
+    let queued = coordinator_counter(&c1, "pairdb_read_repairs_total{result=\"queued\"}").await;
+    eprintln!("read repairs: {queued} queued, {dropped} dropped at the queue");
+    assert!(
+        dropped > 0,
+        "no read repair found the queue full ({queued} queued): the test proves nothing"
+    );
+    eventually(
+        "the targeted repair gives s3 every key",
+        Duration::from_secs(60),
+        || s3_holds_all(&storage, WRITTEN),
+    )
+    .await;
+    eventually("markers cleared", Duration::from_secs(20), || async {
+        keys_marked_for_s3(&storage).await == 0
+    })
+    .await;
     drop(c1);
 }

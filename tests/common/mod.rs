@@ -198,6 +198,14 @@ impl StorageNode {
         }
     }
 
+    /// Sets (`Some`) or removes (`None`) an environment variable for the next (re)start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.env.push((key.to_owned(), value.to_owned()));
+        }
+    }
+
     /// Starts the node again on the same addresses and data dir.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "still running");
