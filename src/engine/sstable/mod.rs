@@ -7,6 +7,7 @@
 mod block;
 mod bloom;
 mod builder;
+mod index;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use block::BlockCursor;
 pub use block::TableFormat;
 pub use bloom::{Bloom, key_hash};
 pub use builder::TableBuilder;
+use index::BlockIndex;
 
 /// "PDBSST01" as a little-endian u64 (every format version).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PDBSST01");
@@ -103,12 +105,6 @@ pub fn table_file_name(id: u64) -> String {
     format!("{id:012}.sst")
 }
 
-struct IndexEntry {
-    last_key: Vec<u8>,
-    offset: u64,
-    len: u32,
-}
-
 /// An open SSTable.
 pub struct SsTable {
     path: PathBuf,
@@ -119,7 +115,7 @@ pub struct SsTable {
     /// and with data larger than memory those read-arounds evict the pages other point reads
     /// need (docs/benchmarks.md, "Data larger than memory").
     point_map: Mapped,
-    index: Vec<IndexEntry>,
+    index: BlockIndex,
     bloom: Bloom,
     /// The layout of the data blocks (the footer's version).
     format: TableFormat,
@@ -207,7 +203,7 @@ impl SsTable {
             path: path.to_path_buf(),
             map,
             point_map,
-            index: Vec::new(),
+            index: BlockIndex::default(),
             bloom: Bloom::build(&[]),
             format,
             meta: TableMeta::empty(id),
@@ -221,20 +217,17 @@ impl SsTable {
         let index_payload = table.block(index_off, index_len)?;
         let mut r = Reader::new(index_payload);
         let parse_index =
-            |r: &mut Reader<'_>| -> std::result::Result<Vec<IndexEntry>, super::codec::CodecError> {
+            |r: &mut Reader<'_>| -> std::result::Result<BlockIndex, super::codec::CodecError> {
                 let n = r.u32()?;
-                let mut entries = Vec::with_capacity((n as usize).min(1 << 20));
+                let mut index = BlockIndex::with_capacity((n as usize).min(1 << 20));
                 for _ in 0..n {
-                    let last_key = r.len_prefixed()?.to_vec();
+                    let last_key = r.len_prefixed()?;
                     let offset = r.u64()?;
                     let len = r.u32()?;
-                    entries.push(IndexEntry {
-                        last_key,
-                        offset,
-                        len,
-                    });
+                    index.push(last_key, offset, len);
                 }
-                Ok(entries)
+                index.shrink_to_fit();
+                Ok(index)
             };
         let index = parse_index(&mut r).map_err(|e| corrupt(index_off, &format!("index: {e}")))?;
         let bloom = Bloom::decode(table.block(bloom_off, bloom_len)?)
@@ -286,7 +279,7 @@ impl SsTable {
     fn corrupt_block(&self, block: usize, reason: String) -> EngineError {
         EngineError::Corrupted {
             path: self.path.clone(),
-            offset: self.index.get(block).map_or(0, |e| e.offset),
+            offset: self.index.block(block).map_or(0, |(offset, _)| offset),
             reason,
         }
     }
@@ -300,11 +293,11 @@ impl SsTable {
 
     /// The record stored under `ikey`, if any.
     pub fn get(&self, ikey: &[u8]) -> Result<Option<Record>> {
-        let idx = self.index.partition_point(|e| e.last_key.as_slice() < ikey);
-        let Some(entry) = self.index.get(idx) else {
+        let idx = self.index.first_block_from(ikey);
+        let Some((offset, len)) = self.index.block(idx) else {
             return Ok(None);
         };
-        let payload = self.block_of(&self.point_map, entry.offset, entry.len)?;
+        let payload = self.block_of(&self.point_map, offset, len)?;
         let mut cursor = BlockCursor::new(self.format, payload);
         while let Some(raw) = cursor
             .next_entry()
@@ -331,10 +324,10 @@ impl SsTable {
         from: &[u8],
         ranges: Option<&[HashRange]>,
     ) -> Result<VecDeque<(Vec<u8>, Arc<Record>)>> {
-        let Some(entry) = self.index.get(idx) else {
+        let Some((offset, len)) = self.index.block(idx) else {
             return Ok(VecDeque::new());
         };
-        let payload = self.block(entry.offset, entry.len)?;
+        let payload = self.block(offset, len)?;
         let mut cursor = BlockCursor::new(self.format, payload);
         let mut out = VecDeque::new();
         while let Some(raw) = cursor
@@ -377,9 +370,7 @@ pub struct TableIter {
 
 impl TableIter {
     pub fn new(table: Arc<SsTable>, from: &[u8]) -> Self {
-        let next_block = table
-            .index
-            .partition_point(|e| e.last_key.as_slice() < from);
+        let next_block = table.index.first_block_from(from);
         Self {
             table,
             next_block,
