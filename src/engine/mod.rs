@@ -641,6 +641,43 @@ mod tests {
         );
     }
 
+    /// A write reads back at once, from the memtable or the table it was flushed to, while two
+    /// writers freeze and flush small memtables all the time (no row cache to answer instead).
+    #[test]
+    fn a_write_reads_back_at_once_while_memtables_freeze_and_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(
+            dir.path(),
+            EngineOptions {
+                memtable_bytes: 64 << 10,
+                cache_bytes: 0,
+                ..EngineOptions::default()
+            },
+        )
+        .expect("open");
+        std::thread::scope(|scope| {
+            for writer in 0..2u8 {
+                let engine = &engine;
+                scope.spawn(move || {
+                    for i in 0..3000u32 {
+                        let key = [&[writer][..], &i.to_be_bytes()].concat();
+                        let value = vec![writer; 200];
+                        engine
+                            .apply(Record::put("t", key.clone(), version(1), value.clone()))
+                            .expect("apply");
+                        let read = engine.get("t", &key).expect("get");
+                        assert_eq!(
+                            read.and_then(|r| r.value.clone()).as_deref(),
+                            Some(&value[..]),
+                            "writer {writer}, key {i}"
+                        );
+                    }
+                });
+            }
+        });
+        assert!(engine.stats().flushes > 10, "{:?}", engine.stats());
+    }
+
     /// The memtable's budget counts what its records take in memory, not only their bytes:
     /// a flush comes after about `memtable_bytes` of real memory.
     #[test]
