@@ -44,9 +44,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use super::options::SyncMode;
 
@@ -109,9 +109,11 @@ pub struct CommitLog {
     sync: SyncMode,
     segment_bytes: u64,
     writer: Mutex<Writer>,
-    /// Group commit: whether a leader is syncing now; waiters sleep on `synced`.
-    syncing: Mutex<bool>,
-    synced: Condvar,
+    /// Group commit: whether a leader is syncing now.
+    syncing: AtomicBool,
+    /// Group commit: bumped after every sync; waiters sleep on it (a futex), and all wake at
+    /// once to check `synced_seq` each on its own, none queued behind another for a lock.
+    sync_rounds: AtomicU32,
     synced_seq: AtomicU64,
     /// The sequence of the last record appended (durable or not).
     appended_seq: AtomicU64,
@@ -481,8 +483,8 @@ impl CommitLog {
                 next_seq,
                 sealed,
             }),
-            syncing: Mutex::new(false),
-            synced: Condvar::new(),
+            syncing: AtomicBool::new(false),
+            sync_rounds: AtomicU32::new(0),
             synced_seq: AtomicU64::new(last_seq),
             appended_seq: AtomicU64::new(last_seq),
             failed: AtomicBool::new(false),
@@ -678,23 +680,29 @@ impl CommitLog {
         if self.sync != SyncMode::Always {
             return Ok(());
         }
-        let mut syncing = self.syncing.lock();
         loop {
+            // Read before the checks: a sync that ends after them changes it, so the wait
+            // below returns at once instead of missing the wake-up.
+            let round = self.sync_rounds.load(Ordering::Acquire);
             if self.synced_seq.load(Ordering::Acquire) >= seq {
                 return Ok(());
             }
             self.check_healthy()?;
-            if *syncing {
-                // A leader is syncing; it wakes everyone when done.
-                self.synced.wait(&mut syncing);
+            if self
+                .syncing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                // The leader: one fsync for everything appended so far, by anyone.
+                let result = self.sync_now();
+                self.syncing.store(false, Ordering::Release);
+                self.sync_rounds.fetch_add(1, Ordering::AcqRel);
+                atomic_wait::wake_all(&self.sync_rounds);
+                result?;
                 continue;
             }
-            // Become the leader: one fsync for everything appended so far, by anyone.
-            *syncing = true;
-            let result = parking_lot::MutexGuard::unlocked(&mut syncing, || self.sync_now());
-            *syncing = false;
-            self.synced.notify_all();
-            result?;
+            // A leader is syncing; it bumps the round and wakes everyone when done.
+            atomic_wait::wait(&self.sync_rounds, round);
         }
     }
 
@@ -794,6 +802,38 @@ mod tests {
         // Records at or below the flushed sequence are skipped.
         let (seen, _) = replay(dir.path(), 4).expect("replay");
         assert_eq!(seen.first().map(|(s, _)| *s), Some(5));
+    }
+
+    /// Group commit with many writers: every `wait_durable` returns once its record is
+    /// synced (none is left asleep), and the writers share fsyncs.
+    #[test]
+    fn concurrent_writers_share_fsyncs_and_all_return_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) =
+            CommitLog::open(dir.path(), test_options(1 << 20), &mut |_, _| {}).expect("open");
+        const WRITERS: u64 = 16;
+        const EACH: u64 = 200;
+        std::thread::scope(|scope| {
+            for w in 0..WRITERS {
+                let log = &log;
+                scope.spawn(move || {
+                    for i in 0..EACH {
+                        let seq = log.append(&rec(w * EACH + i)).expect("append");
+                        log.wait_durable(seq).expect("durable");
+                        assert!(log.synced_seq.load(Ordering::Acquire) >= seq);
+                    }
+                });
+            }
+        });
+        assert!(
+            log.sync_count() < WRITERS * EACH,
+            "{} fsyncs for {} writes",
+            log.sync_count(),
+            WRITERS * EACH
+        );
+        drop(log);
+        let (seen, _) = replay(dir.path(), 0).expect("replay");
+        assert_eq!(seen.len() as u64, WRITERS * EACH);
     }
 
     /// A new log holding `records` durable records.
