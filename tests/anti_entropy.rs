@@ -38,6 +38,27 @@ async fn delete(c: &mut Client, tenant: &str, key: &str) {
     .expect("delete at quorum");
 }
 
+/// Writes keys `0..count` of `tenant` at `level`, 100 at a time, key `i` with `value(i)`.
+async fn write_keys(
+    c: &Client,
+    tenant: &str,
+    count: usize,
+    level: Consistency,
+    value: fn(usize) -> String,
+) {
+    for chunk in (0..count).collect::<Vec<_>>().chunks(100) {
+        join_all(chunk.iter().map(|&i| {
+            let mut c = c.clone();
+            async move {
+                put(&mut c, tenant, &key(i), &value(i), level)
+                    .await
+                    .unwrap_or_else(|e| panic!("write {} at {level:?}: {e}", key(i)));
+            }
+        }))
+        .await;
+    }
+}
+
 /// The records of keys `0..count` on one node, read directly (batches of 500).
 async fn held(node: &common::StorageNode, tenant: &str, count: usize) -> Vec<Option<spb::Record>> {
     let mut client = node.client().await;
@@ -129,17 +150,10 @@ async fn s3_misses_writes(
 ) {
     pause_until_gossip_says_down(c1, &storage[2]).await;
     for tenant in tenants {
-        for chunk in (0..count).collect::<Vec<_>>().chunks(100) {
-            join_all(chunk.iter().map(|&i| {
-                let mut c = c.clone();
-                async move {
-                    put(&mut c, tenant, &key(i), "\"v\"", Consistency::Quorum)
-                        .await
-                        .expect("write at quorum");
-                }
-            }))
-            .await;
-        }
+        write_keys(c, tenant, count, Consistency::Quorum, |_| {
+            "\"v\"".to_owned()
+        })
+        .await;
     }
     storage[2].resume();
     eventually("s3 seen up", Duration::from_secs(30), || {
@@ -173,31 +187,16 @@ async fn a_replica_that_missed_writes_and_deletes_converges_after_one_repair() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (storage, c1, mut c) = cluster_without_hints(dir.path(), "0").await;
     // The keys to be deleted exist everywhere first, so a missed delete leaves a value behind.
-    for chunk in (0..DELETED).collect::<Vec<_>>().chunks(100) {
-        join_all(chunk.iter().map(|&i| {
-            let mut c = c.clone();
-            async move {
-                put(&mut c, "acme", &key(i), "\"old\"", Consistency::All)
-                    .await
-                    .expect("write at all");
-            }
-        }))
-        .await;
-    }
+    write_keys(&c, "acme", DELETED, Consistency::All, |_| {
+        "\"old\"".to_owned()
+    })
+    .await;
 
     pause_until_gossip_says_down(&c1, &storage[2]).await;
-    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(100) {
-        join_all(chunk.iter().map(|&i| {
-            let mut c = c.clone();
-            async move {
-                let value = format!("\"v{i}\"");
-                put(&mut c, "acme", &key(i), &value, Consistency::Quorum)
-                    .await
-                    .expect("write at quorum");
-            }
-        }))
-        .await;
-    }
+    write_keys(&c, "acme", KEYS, Consistency::Quorum, |i| {
+        format!("\"v{i}\"")
+    })
+    .await;
     for chunk in (0..DELETED).collect::<Vec<_>>().chunks(100) {
         join_all(chunk.iter().map(|&i| {
             let mut c = c.clone();
@@ -709,6 +708,21 @@ async fn s3_holds_all(storage: &[common::StorageNode], count: usize) -> bool {
     })
 }
 
+/// Waits until the targeted repair gave s3 the value of every key `0..count` and cleared the
+/// markers on s1 and s2.
+async fn targeted_repair_gives_s3_every_key(storage: &[common::StorageNode], count: usize) {
+    eventually(
+        "the targeted repair gives s3 every key",
+        Duration::from_secs(60),
+        || s3_holds_all(storage, count),
+    )
+    .await;
+    eventually("markers cleared", Duration::from_secs(20), || async {
+        keys_marked_for_s3(storage).await == 0
+    })
+    .await;
+}
+
 /// The disk guard's thresholds of a storage node.
 const DISK_THRESHOLDS: [&str; 3] = [
     "PAIRDB_STORAGE_DISK_WARN_PERCENT",
@@ -741,17 +755,10 @@ async fn a_failed_read_repair_leaves_a_marker_that_is_worked_off_once_the_replic
     storage[2].restart();
     gossip_reports(&c1, "up", 3).await;
     gossip_reports(&c1, "health{status=\"unhealthy\"}", 1).await;
-    for chunk in (0..WRITTEN).collect::<Vec<_>>().chunks(100) {
-        join_all(chunk.iter().map(|&i| {
-            let mut c = c.clone();
-            async move {
-                put(&mut c, "acme", &key(i), "\"v\"", Consistency::Quorum)
-                    .await
-                    .expect("write at quorum");
-            }
-        }))
-        .await;
-    }
+    write_keys(&c, "acme", WRITTEN, Consistency::Quorum, |_| {
+        "\"v\"".to_owned()
+    })
+    .await;
     assert_eq!(keys_marked_for_s3(&storage).await, 0, "hints are off");
     read_all_once(&c, WRITTEN, 50).await;
     eventually(
@@ -785,16 +792,7 @@ async fn a_failed_read_repair_leaves_a_marker_that_is_worked_off_once_the_replic
         storage[2].set_env(threshold, None);
     }
     storage[2].restart();
-    eventually(
-        "the targeted repair gives s3 every key",
-        Duration::from_secs(60),
-        || s3_holds_all(&storage, WRITTEN),
-    )
-    .await;
-    eventually("markers cleared", Duration::from_secs(20), || async {
-        keys_marked_for_s3(&storage).await == 0
-    })
-    .await;
+    targeted_repair_gives_s3_every_key(&storage, WRITTEN).await;
     drop((c1, c));
 }
 
@@ -825,15 +823,6 @@ async fn a_read_repair_that_finds_its_queue_full_leaves_a_marker() {
         dropped > 0,
         "no read repair found the queue full ({queued} queued): the test proves nothing"
     );
-    eventually(
-        "the targeted repair gives s3 every key",
-        Duration::from_secs(60),
-        || s3_holds_all(&storage, WRITTEN),
-    )
-    .await;
-    eventually("markers cleared", Duration::from_secs(20), || async {
-        keys_marked_for_s3(&storage).await == 0
-    })
-    .await;
+    targeted_repair_gives_s3_every_key(&storage, WRITTEN).await;
     drop(c1);
 }
