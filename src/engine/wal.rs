@@ -102,6 +102,19 @@ pub struct ReplayStats {
     pub corrupt_skipped: u64,
 }
 
+/// A group-commit leader's turn. However it ends (an error, or a panic unwinding through the
+/// fsync), no leader is syncing any more, a new round starts, and every waiter wakes to find
+/// its record durable or to take the next turn: none sleeps on a turn that will never end.
+struct LeaderTurn<'a>(&'a CommitLog);
+
+impl Drop for LeaderTurn<'_> {
+    fn drop(&mut self) {
+        self.0.syncing.store(false, Ordering::Release);
+        self.0.sync_rounds.fetch_add(1, Ordering::AcqRel);
+        atomic_wait::wake_all(&self.0.sync_rounds);
+    }
+}
+
 /// The commit log of one engine.
 pub struct CommitLog {
     vfs: Arc<dyn Vfs>,
@@ -694,10 +707,9 @@ impl CommitLog {
                 .is_ok()
             {
                 // The leader: one fsync for everything appended so far, by anyone.
+                let turn = LeaderTurn(self);
                 let result = self.sync_now();
-                self.syncing.store(false, Ordering::Release);
-                self.sync_rounds.fetch_add(1, Ordering::AcqRel);
-                atomic_wait::wake_all(&self.sync_rounds);
+                drop(turn);
                 result?;
                 continue;
             }
@@ -834,6 +846,32 @@ mod tests {
         drop(log);
         let (seen, _) = replay(dir.path(), 0).expect("replay");
         assert_eq!(seen.len() as u64, WRITERS * EACH);
+    }
+
+    /// A leader whose turn ends in a panic (unwinding through its fsync) still hands over: the
+    /// writer waiting on that turn wakes, takes the next one and gets its record synced.
+    #[test]
+    fn a_leader_turn_that_ends_in_a_panic_still_hands_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _) =
+            CommitLog::open(dir.path(), test_options(1 << 20), &mut |_, _| {}).expect("open");
+        let seq = log.append(&rec(0)).expect("append");
+        // A leader in the middle of its fsync.
+        log.syncing.store(true, Ordering::Release);
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| log.wait_durable(seq));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _turn = LeaderTurn(&log);
+                panic!("the fsync panicked");
+            }));
+            assert!(unwound.is_err());
+            waiter
+                .join()
+                .expect("waiter")
+                .expect("durable after the handover");
+        });
+        assert!(log.synced_seq.load(Ordering::Acquire) >= seq);
     }
 
     /// A new log holding `records` durable records.
