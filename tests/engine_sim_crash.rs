@@ -38,6 +38,7 @@ fn small_options(disk: &SimVfs, segment_bytes: u64) -> EngineOptions {
         block_bytes: 512,
         levels: LevelPolicy {
             l0_trigger: 2,
+            l0_bytes: 8 * 1024,
             base_bytes: 8 * 1024,
             multiplier: 4,
             max_levels: 4,

@@ -70,6 +70,7 @@ fn options(background: bool) -> EngineOptions {
         table_bytes: 8 * 1024,
         levels: LevelPolicy {
             l0_trigger: 2,
+            l0_bytes: 16 * 1024,
             base_bytes: 16 * 1024,
             multiplier: 4,
             max_levels: 3,
