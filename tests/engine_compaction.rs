@@ -27,6 +27,7 @@ fn options(gc_grace: Duration) -> EngineOptions {
         levels: LevelPolicy {
             l0_trigger: 2,
             base_bytes: 1 << 30,
+            l0_bytes: 1 << 30,
             multiplier: 10,
             max_levels: 4,
         },
@@ -172,6 +173,7 @@ fn old_tombstones_stay_while_deeper_levels_hold_the_key() {
         levels: LevelPolicy {
             l0_trigger: 2,
             base_bytes: 20 * 1024,
+            l0_bytes: 20 * 1024,
             multiplier: 100,
             max_levels: 4,
         },
@@ -480,6 +482,7 @@ fn tables_nothing_overlaps_below_move_down_and_keep_every_winner_across_a_reopen
         levels: LevelPolicy {
             l0_trigger: 2,
             base_bytes: 8 * 1024,
+            l0_bytes: 8 * 1024,
             multiplier: 2,
             max_levels: 4,
         },

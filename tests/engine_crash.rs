@@ -28,6 +28,7 @@ fn options() -> EngineOptions {
         levels: LevelPolicy {
             l0_trigger: 2,
             base_bytes: 512 * 1024,
+            l0_bytes: 512 * 1024,
             multiplier: 4,
             max_levels: 4,
         },
