@@ -91,8 +91,13 @@ impl Pairdb {
         )
     }
 
-    /// `PAIRDB_TABLE_FORMAT=1` writes tables in format 1 (to measure format 2 against it).
+    /// `PAIRDB_TABLE_FORMAT=1` writes tables in format 1 (to measure format 2 against it);
+    /// `PAIRDB_L0_BYTES=N` merges level 0 at N bytes instead of the policy's default (to
+    /// measure a merge size without rebuilding).
     fn with_options(dir: &Path, mut options: EngineOptions) -> Result<Self> {
+        if let Ok(v) = std::env::var("PAIRDB_L0_BYTES") {
+            options.levels.l0_bytes = v.parse().context("PAIRDB_L0_BYTES: a number of bytes")?;
+        }
         if let Ok(v) = std::env::var("PAIRDB_TABLE_FORMAT") {
             options.table_format = v
                 .parse()
