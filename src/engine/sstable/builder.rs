@@ -12,9 +12,10 @@ use super::block::{TableFormat, encode_entry};
 use super::bloom::{Bloom, key_hash};
 use super::{FOOTER_LEN, MAGIC, TableMeta};
 
-/// A table's bytes are handed to writeback every this many bytes as they are written, so a
-/// 64 MiB flush or compaction output reaches the device steadily instead of in one burst at
-/// its fsync, where every commit-log fsync of the node would queue behind it.
+/// A table's bytes are handed to writeback every this many bytes as they are written, each
+/// time after the previous step's writeback finished, so a 64 MiB flush or compaction output
+/// reaches the device steadily, at most about two steps in flight, instead of in one burst at
+/// its fsync or in a deep queue, where every commit-log fsync of the node would wait behind it.
 const WRITE_BEHIND: u64 = 1 << 20;
 
 pub struct TableBuilder {

@@ -32,9 +32,12 @@ pub trait VFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     /// Makes data and metadata (size) durable (fsync).
     fn sync_all(&self) -> io::Result<()>;
-    /// Starts writing `len` bytes from `offset` to the device without waiting, so a large
-    /// file's dirty pages go out as it is written rather than in one burst at its fsync (which
-    /// would queue every other file's fsync behind it). Promises nothing about durability.
+    /// Starts writing `len` bytes from `offset` to the device, after waiting for the writeback
+    /// of the bytes before `offset` that earlier calls started (RocksDB's
+    /// `strict_bytes_per_sync`). So a large file's dirty pages go out as it is written, never
+    /// more than about two calls' worth at once, instead of in one burst at its fsync or in a
+    /// deep queue: either way every other file's fsync would wait behind them (a fsync's
+    /// device cache flush waits for every write in flight). Promises nothing about durability.
     fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
@@ -132,12 +135,23 @@ impl VFile for RealFile {
                 "range beyond i64",
             ));
         };
+        let Some(end) = offset.checked_add(len) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range beyond i64",
+            ));
+        };
         // SAFETY: sync_file_range takes a file descriptor and three integers, no memory; the
         // descriptor belongs to `self.0`, which is open for the whole call. An invalid range
         // or descriptor is an error return (EINVAL/EBADF), never undefined behaviour. Tested
         // in `tests::write_behind_keeps_the_bytes`.
         let done = unsafe {
-            libc::sync_file_range(self.0.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+            libc::sync_file_range(
+                self.0.as_raw_fd(),
+                0,
+                end,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE,
+            )
         };
         if done == 0 {
             Ok(())
