@@ -16,11 +16,8 @@ export REPEAT="${REPEAT:-2}" DURATION="${DURATION:-20}"
 export RESULTS_DIR="${RESULTS_DIR:-/tmp/pairdb-bench-results}"
 mkdir -p "$RESULTS_DIR"
 
-export CLUSTER_DIR="${CLUSTER_DIR:-/tmp/pairdb-bench-cluster}"
-export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18080}"
-export BASE_PORT="${BASE_PORT:-17100}"
-export SYNC=always AUTH=none WRITE_RATE_LIMIT=1000000000 READ_RATE_LIMIT=1000000000
-URL="http://$GATEWAY_ADDR"
+source scripts/bench-common.sh
+bench_cluster_env /tmp/pairdb-bench-cluster
 
 cargo build --release --locked
 rm -rf "$CLUSTER_DIR"

@@ -1,5 +1,16 @@
 # Shell functions the cluster benchmarks share (sourced, not run). They need CLUSTER_DIR (the
-# scripts/cluster.sh directory) and BASE_PORT.
+# scripts/cluster.sh directory) and BASE_PORT (bench_cluster_env sets both).
+
+# The benchmark cluster's settings, which scripts/cluster.sh reads: its directory (the caller's
+# CLUSTER_DIR, else $1), a gateway address and ports away from cluster.sh's defaults, fsync'd
+# commit logs, no auth, rate limits out of the way. Sets URL (the gateway's).
+bench_cluster_env() { # default_cluster_dir
+  export CLUSTER_DIR="${CLUSTER_DIR:-$1}"
+  export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18080}"
+  export BASE_PORT="${BASE_PORT:-17100}"
+  export SYNC=always AUTH=none WRITE_RATE_LIMIT=1000000000 READ_RATE_LIMIT=1000000000
+  URL="http://$GATEWAY_ADDR"
+}
 
 # Samples every process of the cluster (and the extra "name=pid[:metrics_url]" arguments) once
 # a second into $CLUSTER_DIR/timeline-NAME.txt (scripts/timeline.py: CPU per process, the

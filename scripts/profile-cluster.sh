@@ -28,11 +28,8 @@ export CONSISTENCY PAIRDB_PATH=/v1/key-value
 OUT="${PROFILE_DIR:-/tmp/pairdb-profile}"
 mkdir -p "$OUT"
 
-export CLUSTER_DIR="${CLUSTER_DIR:-/tmp/pairdb-profile-cluster}"
-export GATEWAY_ADDR="${GATEWAY_ADDR:-127.0.0.1:18080}"
-export BASE_PORT="${BASE_PORT:-17100}"
-export SYNC=always AUTH=none WRITE_RATE_LIMIT=1000000000 READ_RATE_LIMIT=1000000000
-URL="http://$GATEWAY_ADDR"
+source scripts/bench-common.sh
+bench_cluster_env /tmp/pairdb-profile-cluster
 case "$WORKLOAD" in put|get) ;; *) echo "WORKLOAD must be put or get" >&2; exit 2 ;; esac
 
 cargo build --release --locked
