@@ -67,16 +67,16 @@ perf script -i "$OUT/perf.data" -F pid,tid,comm,ip,sym,dso 2>/dev/null >"$OUT/sa
 
 python3 - "$OUT/roles.txt" "$OUT/samples.txt" "$OUT/wrk.txt" "$TOP" \
   "$WORKLOAD" "$CONSISTENCY" "$CONNS" "$SECONDS_PROFILED" <<'PY' | tee "$OUT/report.md"
-import collections, re, sys
+import collections, os, re, sys
 roles_path, samples_path, wrk_path, top = sys.argv[1:5]
 workload, consistency, conns, seconds = sys.argv[5:9]
 top = int(top)
 roles = {}
 for line in open(roles_path):
-    pid, role, name = line.split()
-    roles[int(pid)] = (role, name)
+    pid, role, _name = line.split()
+    roles[int(pid)] = role
 
-# perf script lines: "  pid/tid  comm  sym (dso)" with -F pid,tid,comm,ip,sym,dso.
+# perf script lines: "comm  pid/tid  ip sym (dso)" with -F pid,tid,comm,ip,sym,dso.
 pat = re.compile(r"^\s*(\S.*?)\s+(\d+)/(\d+)\s+(.*)$")
 total = 0
 by_group = collections.Counter()
@@ -91,7 +91,7 @@ for line in open(samples_path, errors="replace"):
     rest = re.sub(r"^[0-9a-f]+\s*", "", rest)
     total += 1
     if pid in roles:
-        group = roles[pid][0]
+        group = roles[pid]
     elif pid == 0:
         group = "idle"
     elif comm.startswith("wrk"):
@@ -119,7 +119,7 @@ p99 = re.search(r"^\s*99%\s+(\S+)", wrk, re.M)
 print(f"### Profile: {workload.upper()} {consistency}, {conns} connections, {seconds} s sampled")
 print()
 print(f"wrk: {float(rps.group(1)) if rps else float('nan'):,.0f} req/s, p99 {p99.group(1) if p99 else '?'} "
-      f"(over the whole {int(seconds) + 5} s run); {total:,} samples on {len(open('/proc/cpuinfo').read().split('processor')) - 1} CPUs")
+      f"(over the whole {int(seconds) + 5} s run); {total:,} samples on {os.cpu_count()} CPUs")
 print()
 print("| who | share of all CPU | of it kernel | busiest threads |")
 print("|---|---|---|---|")

@@ -129,13 +129,11 @@ impl VFile for RealFile {
     }
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range beyond i64",
-            ));
-        };
-        let Some(end) = offset.checked_add(len) else {
+        // The call covers the file from its start to the step's end (see the trait's docs).
+        let Some(end) = offset
+            .checked_add(len)
+            .and_then(|end| i64::try_from(end).ok())
+        else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "range beyond i64",
