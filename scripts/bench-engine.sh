@@ -7,6 +7,7 @@
 #   scripts/bench-engine.sh --only large [--keys 10000000] [--writers 16] [--memory-limit-mib N]
 #                           [--pairdb-bin target/release/pairdb] [--seconds 10] [--stores pairdb,rocksdb]
 #                           [--frozen-memtables N]
+# --build-only builds the harness and runs nothing (for scripts that run it themselves).
 # PAIRDB_TABLE_FORMAT=1 has pairdb write SSTables in format 1 (format 2 is the default).
 set -euo pipefail
 cd "$(dirname "$0")/../benchmarks/engine"
@@ -15,4 +16,5 @@ if ! command -v clang >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1; then
   apt-get update -q && apt-get install -y -q clang libclang-dev >&2
 fi
 cargo build --release --locked 2>&1 | tail -1 >&2 || cargo build --release >&2
+[ "${1:-}" = "--build-only" ] && exit 0
 exec ./target/release/pairdb-engine-bench "$@"

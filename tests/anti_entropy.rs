@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::cluster::RoleProcess;
 use common::coord::{
-    Client, create_tenant, eventually, node_state, put, sqlite_url, stored_record, wait_all_active,
-    wait_migration,
+    Client, create_tenant, eventually, gossip_reports, node_state, put, sqlite_url, stored_record,
+    wait_all_active, wait_migration,
 };
 use futures::future::join_all;
 use pairdb::rpc::common::{Consistency, NodeState as WireState};
@@ -121,16 +121,6 @@ async fn cluster_without_hints(
 
 /// The coordinator's gossip view (what the write path follows; a failed health check alone
 /// is not) reports `count` nodes as `what`.
-async fn gossip_reports(c1: &RoleProcess, what: &str, count: usize) {
-    let line = format!("pairdb_storage_nodes_{what} {count}");
-    eventually(&format!("gossip: {line}"), Duration::from_secs(30), || {
-        let http = c1.http;
-        let line = line.clone();
-        async move { common::http_get(http, "/metrics").await.contains(&line) }
-    })
-    .await;
-}
-
 /// Pauses `node` (SIGSTOP) once gossip saw every node up, and waits until it reports it down:
 /// from then on no write is sent to it (none waits in its socket to land on resume).
 async fn pause_until_gossip_says_down(c1: &RoleProcess, node: &common::StorageNode) {

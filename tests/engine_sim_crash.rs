@@ -10,6 +10,8 @@
 //!   crash, several power-loss images each.
 //! - `crashes_at_random_points_of_random_workloads`: proptest (`PROPTEST_CASES`, default 2000
 //!   here; CI runs the default).
+//! - `a_failed_table_writeback_fails_the_flush_or_compaction_and_installs_nothing`: an I/O
+//!   error without a crash, where a table's writeback starts.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
 
 use std::cmp::Ordering;
@@ -18,7 +20,7 @@ use std::sync::Arc;
 
 use pairdb::engine::SyncMode;
 use pairdb::engine::compaction::policy::LevelPolicy;
-use pairdb::engine::vfs::SimVfs;
+use pairdb::engine::vfs::{SimVfs, Vfs};
 use pairdb::engine::{Engine, EngineOptions, Record};
 use pairdb::ring::{HashRange, key_position};
 use pairdb::vclock::{VectorClock, Version, physical_counter};
@@ -405,4 +407,94 @@ proptest! {
             prop_assert!(false, "{}", e);
         }
     }
+}
+
+/// Options under which a flush or a compaction writes one table of more than 1 MiB, the
+/// step at which table writes hand their bytes to writeback.
+fn large_table_options(disk: &SimVfs) -> EngineOptions {
+    EngineOptions {
+        memtable_bytes: 64 << 20,
+        table_bytes: 64 << 20,
+        levels: LevelPolicy {
+            l0_trigger: 8,
+            l0_bytes: 64 << 20,
+            base_bytes: 64 << 20,
+            multiplier: 4,
+            max_levels: 4,
+        },
+        ..small_options(disk, 64 << 20)
+    }
+}
+
+/// Writes 40 records of 32 KiB (1.3 MB, over the 1 MiB writeback step) to `{prefix}0..39`.
+fn write_large_batch(engine: &Engine, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let version = Version::new(VectorClock::from_entries([(
+        "c1",
+        physical_counter(pairdb::wallclock::now_ms()),
+    )]));
+    let written: Vec<(String, Vec<u8>)> = (0..40u8)
+        .map(|i| (format!("{prefix}{i}"), vec![b'a' + i % 26; 32 * 1024]))
+        .collect();
+    let records = written
+        .iter()
+        .map(|(k, v)| Record::put(TENANT, k.clone(), version.clone(), v.clone()))
+        .collect();
+    engine.apply_batch(records).expect("durable write");
+    written
+}
+
+fn assert_reads_back(engine: &Engine, written: &[(String, Vec<u8>)], what: &str) {
+    for (k, v) in written {
+        let found = engine.get(TENANT, k.as_bytes()).expect("read");
+        assert_eq!(
+            found.as_ref().and_then(|r| r.value.as_deref()),
+            Some(v.as_slice()),
+            "{what}: {k}"
+        );
+    }
+}
+
+/// An error starting a table's writeback (`sync_file_range` reports an earlier page's failed
+/// writeback there) fails the flush or compaction writing that table, which installs nothing:
+/// the tables stay as they were, every write still reads back, and the half-written file is
+/// not in the manifest (the next open removes it). Once the disk works again the same flush
+/// and compaction succeed, and everything survives a `kill -9`.
+#[test]
+fn a_failed_table_writeback_fails_the_flush_or_compaction_and_installs_nothing() {
+    let disk = SimVfs::new();
+    let engine = Engine::open(DIR, large_table_options(&disk)).expect("open");
+    let mut written = write_large_batch(&engine, "a");
+
+    disk.fail_writeback(true);
+    assert!(engine.flush().is_err(), "the flush's writeback failed");
+    assert_eq!(engine.stats().sstables, 0, "no table installed");
+    assert_reads_back(&engine, &written, "after the failed flush");
+    disk.fail_writeback(false);
+    engine.flush().expect("flush once the disk works");
+    assert_eq!(engine.stats().sstables, 1);
+
+    written.extend(write_large_batch(&engine, "b"));
+    engine.flush().expect("second flush");
+    let before = engine.stats().levels;
+    assert_eq!(before[0].0, 2, "two tables in L0: {before:?}");
+    disk.fail_writeback(true);
+    assert!(
+        engine.compact().is_err(),
+        "the compaction's writeback failed"
+    );
+    assert_eq!(engine.stats().levels, before, "the levels are unchanged");
+    assert_reads_back(&engine, &written, "after the failed compaction");
+    disk.fail_writeback(false);
+    engine.compact().expect("compaction once the disk works");
+    assert_eq!(engine.stats().sstables, 1, "{:?}", engine.stats().levels);
+    assert_reads_back(&engine, &written, "after the compaction");
+
+    let image = disk.process_crash();
+    drop(engine);
+    let reopened = Engine::open(DIR, large_table_options(&image)).expect("reopen");
+    assert_reads_back(&reopened, &written, "after kill -9");
+    let files = image
+        .list(&std::path::Path::new(DIR).join("sst"))
+        .expect("list");
+    assert_eq!(files.len(), 1, "only the live table is left: {files:?}");
 }

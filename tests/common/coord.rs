@@ -142,6 +142,19 @@ pub async fn node_state(c: &mut Client, node: &str) -> Option<WireState> {
         .map(|n| n.state())
 }
 
+/// Waits until coordinator `c1`'s metrics say gossip reports `count` storage nodes `what`
+/// ("up", "down", or a labelled series such as `health{status="unhealthy"}`). Reads skip and
+/// writes hint the nodes gossip calls down, whatever a health check answers.
+pub async fn gossip_reports(c1: &RoleProcess, what: &str, count: usize) {
+    let line = format!("pairdb_storage_nodes_{what} {count}");
+    eventually(&format!("gossip: {line}"), Duration::from_secs(30), || {
+        let http = c1.http;
+        let line = line.clone();
+        async move { super::http_get(http, "/metrics").await.contains(&line) }
+    })
+    .await;
+}
+
 /// Waits until the coordinator sees all `n` storage nodes up (gossip converged).
 pub async fn wait_all_active(c: &Client, n: usize) {
     eventually("every storage node active", Duration::from_secs(20), || {

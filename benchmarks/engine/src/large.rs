@@ -344,11 +344,11 @@ pub fn child(args: &[String]) -> Result<()> {
     out.insert("table_amp", tables(store));
     out.insert("space_amp", dir_bytes(&dir) as f64 / user);
     for threads in [1usize, 2] {
-        drive(threads, read_seconds / 2.0, |rng| {
+        drive("warmup", threads, read_seconds / 2.0, |rng| {
             store.get(&key(rng.next() % keys)).map(|_| ())
         })?;
         let missing = AtomicU64::new(0);
-        let o = drive(threads, read_seconds, |rng| {
+        let o = drive("reader", threads, read_seconds, |rng| {
             if !store.get(&key(rng.next() % keys))? {
                 missing.fetch_add(1, Ordering::Relaxed);
             }

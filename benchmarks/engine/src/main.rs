@@ -275,7 +275,10 @@ struct Outcome {
 }
 
 /// Runs `op` on `threads` threads for `seconds`, counting operations and latencies.
+/// Runs `op` on `threads` threads named `{label}.{n}` (so a syscall trace can tell the
+/// stores' writers apart) for `seconds`.
 fn drive(
+    label: &str,
     threads: usize,
     seconds: f64,
     op: impl Fn(&mut Rng) -> Result<()> + Send + Sync,
@@ -286,7 +289,8 @@ fn drive(
     let results: Vec<Result<Histogram<u64>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                s.spawn(move || -> Result<Histogram<u64>> {
+                let worker = std::thread::Builder::new().name(format!("{label}.{t}"));
+                worker.spawn_scoped(s, move || -> Result<Histogram<u64>> {
                     let mut hist = Histogram::<u64>::new(3)?;
                     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((t as u64 + 1) * 0x1234_5678_9ABC));
                     while Instant::now() < deadline {
@@ -301,8 +305,10 @@ fn drive(
         handles
             .into_iter()
             .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
+                h.map_err(anyhow::Error::from).and_then(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
+                })
             })
             .collect()
     });
@@ -346,13 +352,13 @@ fn durable_writes(seconds: f64) -> Result<()> {
             tempfile::tempdir()?,
         );
         let seq = AtomicU64::new(0);
-        let put_all = |store: &dyn Store| {
-            drive(writers, seconds, |_| {
+        let put_all = |name: &str, store: &dyn Store| {
+            drive(&format!("{name}-{writers}"), writers, seconds, |_| {
                 store.put(&key(seq.fetch_add(1, Ordering::Relaxed)), &VALUE)
             })
         };
         let pairdb = Pairdb::open(pd.path(), SyncMode::Always, 64 << 20, 64 << 20)?;
-        let p = put_all(&pairdb)?;
+        let p = put_all("pairdb", &pairdb)?;
         let st = pairdb.engine.stats();
         eprintln!(
             "pairdb: {} writes, {} fsyncs ({:.1} writes per fsync)",
@@ -360,8 +366,8 @@ fn durable_writes(seconds: f64) -> Result<()> {
             st.wal_syncs,
             st.writes_applied as f64 / st.wal_syncs.max(1) as f64
         );
-        let r = put_all(&Rocks::open(rd.path(), true, 64 << 20, None)?)?;
-        let f = put_all(&Fjall::open(fd.path(), true, 64 << 20)?)?;
+        let r = put_all("rocksdb", &Rocks::open(rd.path(), true, 64 << 20, None)?)?;
+        let f = put_all("fjall", &Fjall::open(fd.path(), true, 64 << 20)?)?;
         row(&writers.to_string(), &p, &r, &f);
     }
     Ok(())
@@ -418,11 +424,11 @@ fn point_reads(seconds: f64, keys: u64) -> Result<()> {
             let mut outcomes = Vec::new();
             for s in stores {
                 // Warm up the caches with the same access pattern, then measure.
-                drive(threads, seconds / 2.0, |rng| {
+                drive("warmup", threads, seconds / 2.0, |rng| {
                     s.get(&key(rng.next() % keys)).map(|_| ())
                 })?;
                 let found = AtomicU64::new(0);
-                let o = drive(threads, seconds, |rng| {
+                let o = drive("reader", threads, seconds, |rng| {
                     if s.get(&key(rng.next() % keys))? {
                         found.fetch_add(1, Ordering::Relaxed);
                     }

@@ -109,6 +109,9 @@ struct State {
     ops: u64,
     /// Operation index from which everything fails (the crash).
     crash_at: Option<u64>,
+    /// Whether [`VFile::start_writeback`] fails (an I/O error of an earlier page's writeback,
+    /// as `sync_file_range` reports it), without a crash.
+    fail_writeback: bool,
 }
 
 impl State {
@@ -218,6 +221,16 @@ impl VFile for SimFile {
     fn sync_all(&self) -> io::Result<()> {
         self.sync_data()
     }
+
+    /// Writeback changes nothing a crash keeps (only a sync does), so it is not a counted
+    /// operation; it fails after the crash and while [`SimVfs::fail_writeback`] is on.
+    fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        let s = self.state.lock();
+        if s.fail_writeback || s.crash_at.is_some_and(|at| s.ops >= at) {
+            return Err(io::Error::other("simulated writeback error"));
+        }
+        Ok(())
+    }
 }
 
 impl SimVfs {
@@ -234,6 +247,12 @@ impl SimVfs {
     /// later one fail.
     pub fn crash_at(&self, index: u64) {
         self.state.lock().crash_at = Some(index);
+    }
+
+    /// From now on, until turned off again, every start of a writeback fails (as an earlier
+    /// page's failed writeback makes `sync_file_range` fail); nothing crashes.
+    pub fn fail_writeback(&self, on: bool) {
+        self.state.lock().fail_writeback = on;
     }
 
     /// Crash now.
@@ -326,6 +345,7 @@ impl SimVfs {
                 dirs: s.dirs.clone(),
                 ops: 0,
                 crash_at: None,
+                fail_writeback: false,
             })),
         }
     }
