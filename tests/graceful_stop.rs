@@ -31,6 +31,11 @@ enum Outcome {
     Answered(StatusCode, Value),
     /// No answer: the connection was refused (the gateway no longer listens).
     Refused,
+    /// The connection was closed under the request before any answer (reset, or closed
+    /// before the response): the gateway closed an idle kept-alive connection at the end of
+    /// its lame duck as the request arrived. It never read the request, so it must not have
+    /// been carried out (checked), and the client may safely send it again.
+    ClosedUnread(String),
     /// No answer for another reason (the request may have been sent).
     Lost(String),
 }
@@ -72,9 +77,17 @@ fn start_writers(
                             Outcome::Answered(status, body)
                         }
                         Err(e) if e.is_connect() => Outcome::Refused,
-                        Err(e) => Outcome::Lost(format!("{e:?}")),
+                        Err(e) => {
+                            let why = format!("{e:?}");
+                            if why.contains("ConnectionReset") || why.contains("IncompleteMessage")
+                            {
+                                Outcome::ClosedUnread(why)
+                            } else {
+                                Outcome::Lost(why)
+                            }
+                        }
                     };
-                    let refused = matches!(outcome, Outcome::Refused);
+                    let refused = matches!(outcome, Outcome::Refused | Outcome::ClosedUnread(_));
                     outcomes.push((key, outcome));
                     if refused {
                         break; // this gateway is gone
@@ -109,26 +122,31 @@ async fn writes_around_a_stop(
     all
 }
 
-/// Keys of the writes acknowledged with 200; panics on any other answer or a lost call.
+/// Keys of the writes acknowledged with 200, and of those whose connection the stopping
+/// gateway closed unread (only when `gateway_stops`); panics on any other answer or a lost
+/// call.
 fn acknowledged(
     prefix: &str,
     outcomes: &[(String, Outcome)],
-    refused_allowed: bool,
-) -> Vec<String> {
-    let mut ok = Vec::new();
+    gateway_stops: bool,
+) -> (Vec<String>, Vec<String>) {
+    let (mut ok, mut unread) = (Vec::new(), Vec::new());
     for (key, outcome) in outcomes {
         match outcome {
             Outcome::Answered(StatusCode::OK, body) if body["key"] == json!(key) => {
                 ok.push(key.clone());
             }
             Outcome::Answered(status, body) => panic!("{prefix}: write {key}: {status} {body}"),
-            Outcome::Refused if refused_allowed => {}
+            Outcome::Refused if gateway_stops => {}
             Outcome::Refused => panic!("{prefix}: write {key}: the gateway refused the connection"),
-            Outcome::Lost(why) => panic!("{prefix}: write {key} got no answer: {why}"),
+            Outcome::ClosedUnread(_) if gateway_stops => unread.push(key.clone()),
+            Outcome::ClosedUnread(why) | Outcome::Lost(why) => {
+                panic!("{prefix}: write {key} got no answer: {why}")
+            }
         }
     }
     assert!(ok.len() > 40, "{prefix}: too few writes ran: {}", ok.len());
-    ok
+    (ok, unread)
 }
 
 async fn read(gateway: &RoleProcess, key: &str, level: &str) -> (StatusCode, Value) {
@@ -166,23 +184,33 @@ async fn each_role_stops_under_load_without_dropping_what_is_in_flight() {
 
     // 1. The gateway: requests it took are answered; afterwards it refuses connections.
     let outcomes = writes_around_a_stop(gw1.url(), "gateway", || gw1.terminate()).await;
-    let mut written = acknowledged("gateway", &outcomes, true);
+    let (mut written, unread) = acknowledged("gateway", &outcomes, true);
     assert!(
-        outcomes.iter().any(|(_, o)| matches!(o, Outcome::Refused)),
+        outcomes
+            .iter()
+            .any(|(_, o)| matches!(o, Outcome::Refused | Outcome::ClosedUnread(_))),
         "the writers never saw the gateway gone"
     );
+    for key in &unread {
+        let (status, body) = read(&gw2, key, "all").await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("KEY_NOT_FOUND")),
+            "{key}: its connection was closed unread, yet it was written: {body}"
+        );
+    }
 
     // 2. A coordinator: the gateway's calls on it are answered or handed back and resent to
     //    the other coordinator, none OUTCOME_UNKNOWN (these writes carry no Idempotency-Key).
     let outcomes = writes_around_a_stop(gw2.url(), "coordinator", || c1.terminate()).await;
-    written.extend(acknowledged("coordinator", &outcomes, false));
+    written.extend(acknowledged("coordinator", &outcomes, false).0);
     let log = std::fs::read_to_string(&c1.log).expect("c1 log");
     assert!(log.contains("coordinator stopped cleanly"), "{log}");
 
     // 3. A storage node: quorum writes go on; the node answers what it took and closes its
     //    engine.
     let outcomes = writes_around_a_stop(gw2.url(), "storage", || storage[2].terminate()).await;
-    written.extend(acknowledged("storage", &outcomes, false));
+    written.extend(acknowledged("storage", &outcomes, false).0);
 
     for key in &written {
         let (status, body) = read(&gw2, key, "quorum").await;
