@@ -5,7 +5,8 @@
 # every thread. The harness names each writer thread `{store}-{writers}.{n}`, so calls are
 # charged to the store and writer count whose writer made them; the stores' own threads
 # (flushes, compactions) are listed under their thread names. The same instrument measures
-# every store, outside their code. Needs root (perf) and the benchmark's build (see
+# every store, outside their code. pairdb's own threads show under their names cut to 15
+# characters ("pairdb-engine-"), all writer counts together. Needs root (perf) and the benchmark's build (see
 # scripts/bench-engine.sh, which this runs). Output: the benchmark's report, then one table of
 # sync latencies.
 #   scripts/trace-log-syncs.sh [--seconds N]
@@ -27,6 +28,8 @@ for line in open(sys.argv[1], errors="replace"):
     if not m:
         continue
     ms, thread, syscall = float(m.group(1)), m.group(2), m.group(3)
+    if ms > 60_000:  # a call still running when the trace ended: perf prints garbage
+        continue
     group = thread.split(".")[0] if "." in thread else thread
     calls[(group, syscall)].append(ms)
 
