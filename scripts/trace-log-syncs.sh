@@ -4,11 +4,11 @@
 # process) under `perf trace`, which times every fdatasync/fsync/sync_file_range system call of
 # every thread. The harness names each writer thread `{store}-{writers}.{n}`, so calls are
 # charged to the store and writer count whose writer made them; the stores' own threads
-# (flushes, compactions) are listed under their thread names. The same instrument measures
-# every store, outside their code. pairdb's own threads show under their names cut to 15
-# characters ("pairdb-engine-"), all writer counts together. Needs root (perf) and the benchmark's build (see
-# scripts/bench-engine.sh, which this runs). Output: the benchmark's report, then one table of
-# sync latencies.
+# (flushes, compactions, pairdb's log syncer) are listed under their thread names, which the
+# kernel cuts to 15 characters ("pairdb-engine-"), all writer counts together. The same
+# instrument measures every store, outside their code. Needs root (perf) and the benchmark's
+# build (scripts/bench-engine.sh --build-only, which this runs). Output: the benchmark's
+# report, then one table of sync latencies.
 #   scripts/trace-log-syncs.sh [--seconds N]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -274,9 +274,8 @@ struct Outcome {
     p99_us: f64,
 }
 
-/// Runs `op` on `threads` threads for `seconds`, counting operations and latencies.
-/// Runs `op` on `threads` threads named `{label}.{n}` (so a syscall trace can tell the
-/// stores' writers apart) for `seconds`.
+/// Runs `op` on `threads` threads for `seconds`, counting operations and latencies. The
+/// threads are named `{label}.{n}`, so a syscall trace can tell the stores' writers apart.
 fn drive(
     label: &str,
     threads: usize,
