@@ -9,6 +9,9 @@
 #                           [--frozen-memtables N]
 # --build-only builds the harness and runs nothing (for scripts that run it themselves).
 # PAIRDB_TABLE_FORMAT=1 has pairdb write SSTables in format 1 (format 2 is the default).
+# PAIRDB_L0_BYTES=N and PAIRDB_MEMTABLE_BYTES=N override pairdb's level-0 merge size and
+# memtable size; PAIRDB_WRITES_SYNC=never runs pairdb's writes phase without fsync (an
+# experiment: those rows are then not durable writes).
 set -euo pipefail
 cd "$(dirname "$0")/../benchmarks/engine"
 if ! command -v clang >/dev/null || ! dpkg -s libclang-dev >/dev/null 2>&1; then

@@ -93,8 +93,14 @@ impl Pairdb {
 
     /// `PAIRDB_TABLE_FORMAT=1` writes tables in format 1 (to measure format 2 against it);
     /// `PAIRDB_L0_BYTES=N` merges level 0 at N bytes instead of the policy's default (to
-    /// measure a merge size without rebuilding).
+    /// measure a merge size without rebuilding); `PAIRDB_MEMTABLE_BYTES=N` freezes memtables
+    /// at N bytes of memory instead of the caller's size.
     fn with_options(dir: &Path, mut options: EngineOptions) -> Result<Self> {
+        if let Ok(v) = std::env::var("PAIRDB_MEMTABLE_BYTES") {
+            options.memtable_bytes = v
+                .parse()
+                .context("PAIRDB_MEMTABLE_BYTES: a number of bytes")?;
+        }
         if let Ok(v) = std::env::var("PAIRDB_L0_BYTES") {
             options.levels.l0_bytes = v.parse().context("PAIRDB_L0_BYTES: a number of bytes")?;
         }
@@ -338,6 +344,20 @@ fn row(label: &str, p: &Outcome, r: &Outcome, f: &Outcome) {
     );
 }
 
+/// The sync mode of pairdb's writes phase: `always` unless `PAIRDB_WRITES_SYNC=never`, an
+/// experiment (what the same writers cost without any fsync), announced on stderr because the
+/// phase's rows then do not measure durable writes.
+fn pairdb_write_sync() -> Result<SyncMode> {
+    match std::env::var("PAIRDB_WRITES_SYNC").as_deref() {
+        Err(_) | Ok("always") => Ok(SyncMode::Always),
+        Ok("never") => {
+            eprintln!("PAIRDB_WRITES_SYNC=never: pairdb's writes are NOT synced in this run");
+            Ok(SyncMode::Never)
+        }
+        Ok(other) => anyhow::bail!("PAIRDB_WRITES_SYNC: always or never, not {other:?}"),
+    }
+}
+
 fn durable_writes(seconds: f64) -> Result<()> {
     println!("\n### Durable writes (100 B values, WAL synced before each write returns)\n");
     println!(
@@ -356,14 +376,17 @@ fn durable_writes(seconds: f64) -> Result<()> {
                 store.put(&key(seq.fetch_add(1, Ordering::Relaxed)), &VALUE)
             })
         };
-        let pairdb = Pairdb::open(pd.path(), SyncMode::Always, 64 << 20, 64 << 20)?;
+        let pairdb = Pairdb::open(pd.path(), pairdb_write_sync()?, 64 << 20, 64 << 20)?;
         let p = put_all("pairdb", &pairdb)?;
         let st = pairdb.engine.stats();
         eprintln!(
-            "pairdb: {} writes, {} fsyncs ({:.1} writes per fsync)",
+            "pairdb: {} writes, {} fsyncs ({:.1} writes per fsync), {} flushes, {} write stalls ({} us)",
             st.writes_applied,
             st.wal_syncs,
-            st.writes_applied as f64 / st.wal_syncs.max(1) as f64
+            st.writes_applied as f64 / st.wal_syncs.max(1) as f64,
+            st.flushes,
+            st.write_stalls,
+            st.write_stall_micros
         );
         let r = put_all("rocksdb", &Rocks::open(rd.path(), true, 64 << 20, None)?)?;
         let f = put_all("fjall", &Fjall::open(fd.path(), true, 64 << 20)?)?;
