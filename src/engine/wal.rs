@@ -1000,6 +1000,16 @@ mod tests {
         }
     }
 
+    /// Options of a log on a [`RecordingVfs`], and the recorder.
+    fn recording_options(segment_bytes: u64) -> (Arc<RecordingVfs>, LogOptions) {
+        let recording = Arc::new(RecordingVfs::default());
+        let options = LogOptions {
+            vfs: recording.clone(),
+            ..test_options(segment_bytes)
+        };
+        (recording, options)
+    }
+
     /// A write that covers part of a page reads the page first when memory pressure evicted
     /// it (see the module docs), so after a new segment's magic the log writes whole pages
     /// only: frames synced one by one, batches over the buffer's size, zeroing ahead, and
@@ -1007,12 +1017,8 @@ mod tests {
     #[test]
     fn every_write_after_the_magic_covers_whole_pages() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let recording = Arc::new(RecordingVfs::default());
+        let (recording, options) = recording_options(4 << 20);
         let writes = recording.writes.clone();
-        let options = LogOptions {
-            vfs: recording,
-            ..test_options(4 << 20)
-        };
         let mut appended = Vec::new();
         {
             let (log, _) = CommitLog::open(dir.path(), options, &mut |_, _| {}).expect("open");
@@ -1062,12 +1068,8 @@ mod tests {
     #[test]
     fn released_segments_are_cut_in_steps_and_leftovers_removed_at_open() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let recording = Arc::new(RecordingVfs::default());
+        let (recording, options) = recording_options(20 << 20);
         let truncations = recording.truncations.clone();
-        let options = LogOptions {
-            vfs: recording,
-            ..test_options(20 << 20)
-        };
         let (log, _) = CommitLog::open(dir.path(), options, &mut |_, _| {}).expect("open");
         let mut big = rec(0);
         big.value = Some(vec![b'x'; 1 << 20].into());
