@@ -550,13 +550,15 @@ impl CommitLog {
                     Some(offset)
                 }
             };
-            if let Some(offset) = cut {
+            let bytes = cut.map_or(data_len, |offset| {
+                offset.max(MAGIC.len() as u64).min(data_len)
+            });
+            if cut.is_some() {
                 let file = vfs.open_write(&path).map_err(|e| log_err(&path, e))?;
-                file.set_len(offset.max(MAGIC.len() as u64).min(data_len))
+                file.set_len(bytes)
                     .and_then(|()| file.sync_all())
                     .map_err(|e| log_err(&path, e))?;
             }
-            let bytes = cut.unwrap_or(data_len).min(data_len);
             sealed.push(Segment {
                 path,
                 last_seq,
