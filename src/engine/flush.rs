@@ -117,7 +117,7 @@ impl Core {
                 loop {
                     match self.compact_once(false) {
                         Ok(true) if !self.closed.load(Ordering::Acquire) => continue,
-                        Ok(_) => break Ok(()),
+                        Ok(_) => break self.obsolete.delete_unread(&*self.options.vfs),
                         Err(e) => break Err(e),
                     }
                 }

@@ -49,6 +49,7 @@ mod iterators;
 mod levels;
 mod manifest;
 mod memtable;
+mod obsolete;
 mod open;
 mod options;
 mod quarantine;
@@ -221,6 +222,8 @@ pub(crate) struct Core {
     metrics: EngineMetrics,
     flush_lock: Mutex<()>,
     compaction_lock: Mutex<()>,
+    /// Tables compactions replaced, deleted once no reader holds them (`obsolete`).
+    obsolete: obsolete::ObsoleteTables,
     /// The pace of compaction writes (`None`: unpaced); see `compaction::pace`.
     pacer: Mutex<Option<compaction::pace::Pacer>>,
     stall: Condvar,
@@ -470,6 +473,9 @@ impl Engine {
             if handle.join().is_err() {
                 tracing::error!("an engine worker panicked");
             }
+        }
+        if let Err(e) = self.core.obsolete.delete_unread(&*self.core.options.vfs) {
+            tracing::warn!(error = %e, "closing: a replaced table was not deleted");
         }
         self.core.wal.close()
     }
@@ -777,6 +783,9 @@ mod tests {
         }
         fn remove(&self, path: &Path) -> std::io::Result<()> {
             vfs::RealVfs.remove(path)
+        }
+        fn link_count(&self, path: &Path) -> std::io::Result<u64> {
+            vfs::RealVfs.link_count(path)
         }
         fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
             vfs::RealVfs.sync_dir(dir)

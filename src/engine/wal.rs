@@ -62,7 +62,7 @@ use super::options::SyncMode;
 use super::codec::{decode_log_record, encode_log_record};
 use super::error::{EngineError, Result};
 use super::types::Record;
-use super::vfs::{Mapped, VFile, Vfs};
+use super::vfs::{self, Mapped, VFile, Vfs};
 
 const MAGIC: &[u8; 8] = b"PDBWAL02";
 /// The first format: frames without the `durable` field.
@@ -203,25 +203,6 @@ fn create_segment(vfs: &dyn Vfs, dir: &Path, number: u64) -> Result<(Arc<dyn VFi
 
 /// Extension of a released segment on its way out (not a segment name: recovery removes it).
 const DELETING_SUFFIX: &str = "deleting";
-/// A released segment is cut from its end by this much at a time before it is unlinked.
-const DELETE_STEP: u64 = 8 << 20;
-
-/// Deletes a file of `bytes` bytes by cutting it from the end `DELETE_STEP` at a time, then
-/// unlinking it. On a file system mounted with `discard`, freed blocks are discarded as they
-/// are freed, and one large discard holds the device queue: deleting a 256 MiB file at once
-/// stalled another file's fdatasync 26-55 ms, in 8 MiB steps 1.5-2.5 ms, in the same total
-/// time (`scripts/discard-stall.py`). Only for files nothing maps and nothing links.
-fn remove_in_steps(vfs: &dyn Vfs, path: &Path, bytes: u64) -> Result<()> {
-    if bytes > DELETE_STEP {
-        let file = vfs.open_write(path).map_err(|e| log_err(path, e))?;
-        let mut len = bytes;
-        while len > DELETE_STEP {
-            len -= DELETE_STEP;
-            file.set_len(len).map_err(|e| log_err(path, e))?;
-        }
-    }
-    vfs.remove(path).map_err(|e| log_err(path, e))
-}
 
 /// Removes released segments a crash left on their way out.
 fn remove_leftover_deletions(vfs: &dyn Vfs, dir: &Path) -> Result<()> {
@@ -849,7 +830,7 @@ impl CommitLog {
         }
         sync_dir(&*self.vfs, &self.dir)?;
         for (path, bytes) in &deleting {
-            remove_in_steps(&*self.vfs, path, *bytes)?;
+            vfs::remove_in_steps(&*self.vfs, path, *bytes).map_err(|e| log_err(path, e))?;
         }
         sync_dir(&*self.vfs, &self.dir)?;
         Ok(doomed.len())
@@ -882,7 +863,8 @@ impl CommitLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::vfs;
+    use crate::engine::vfs::DELETE_STEP;
+    use crate::engine::vfs::recording::RecordingVfs;
     use crate::vclock::{VectorClock, Version};
     use std::fs;
 
@@ -916,90 +898,6 @@ mod tests {
             &mut |s, r| seen.push((s, r)),
         )?;
         Ok((seen, stats))
-    }
-
-    /// The real file system, recording every `write_at` (file, offset, length).
-    #[derive(Debug, Default)]
-    struct RecordingVfs {
-        writes: Arc<Mutex<Vec<(PathBuf, u64, usize)>>>,
-        /// Every `set_len` (file, new length).
-        truncations: Arc<Mutex<Vec<(PathBuf, u64)>>>,
-    }
-
-    struct RecordingFile {
-        inner: Arc<dyn VFile>,
-        path: PathBuf,
-        writes: Arc<Mutex<Vec<(PathBuf, u64, usize)>>>,
-        truncations: Arc<Mutex<Vec<(PathBuf, u64)>>>,
-    }
-
-    impl VFile for RecordingFile {
-        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-            self.writes
-                .lock()
-                .push((self.path.clone(), offset, buf.len()));
-            self.inner.write_at(buf, offset)
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.truncations.lock().push((self.path.clone(), len));
-            self.inner.set_len(len)
-        }
-        fn sync_data(&self) -> std::io::Result<()> {
-            self.inner.sync_data()
-        }
-        fn sync_all(&self) -> std::io::Result<()> {
-            self.inner.sync_all()
-        }
-    }
-
-    impl RecordingVfs {
-        fn wrap(&self, path: &Path, inner: Arc<dyn VFile>) -> Arc<dyn VFile> {
-            Arc::new(RecordingFile {
-                inner,
-                path: path.to_path_buf(),
-                writes: self.writes.clone(),
-                truncations: self.truncations.clone(),
-            })
-        }
-    }
-
-    impl Vfs for RecordingVfs {
-        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-            vfs::real().create_dir_all(dir)
-        }
-        fn list(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-            vfs::real().list(dir)
-        }
-        fn exists(&self, path: &Path) -> bool {
-            vfs::real().exists(path)
-        }
-        fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
-            vfs::real().read(path)
-        }
-        fn map(&self, path: &Path) -> std::io::Result<Mapped> {
-            vfs::real().map(path)
-        }
-        fn create(&self, path: &Path, exclusive: bool) -> std::io::Result<Arc<dyn VFile>> {
-            Ok(self.wrap(path, vfs::real().create(path, exclusive)?))
-        }
-        fn open_write(&self, path: &Path) -> std::io::Result<Arc<dyn VFile>> {
-            Ok(self.wrap(path, vfs::real().open_write(path)?))
-        }
-        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-            vfs::real().rename(from, to)
-        }
-        fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-            vfs::real().hard_link(from, to)
-        }
-        fn remove(&self, path: &Path) -> std::io::Result<()> {
-            vfs::real().remove(path)
-        }
-        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-            vfs::real().sync_dir(dir)
-        }
-        fn usage_percent(&self, path: &Path) -> std::io::Result<f64> {
-            vfs::real().usage_percent(path)
-        }
     }
 
     /// Options of a log on a [`RecordingVfs`], and the recorder.

@@ -3,7 +3,7 @@
 //! record in the dropped hash ranges), writes size-bounded output tables at the [`super::pace`]
 //! the commit log allows,
 //! then installs the result atomically (manifest first, then the in-memory state) and deletes
-//! the inputs. A table nothing overlaps in the next level moves there instead (a manifest
+//! the inputs once no reader holds them ([`crate::engine::obsolete`]). A table nothing overlaps in the next level moves there instead (a manifest
 //! edit, no rewrite). Reads and writes never wait for it: readers hold their own snapshot, and the
 //! state swap is one pointer store.
 
@@ -242,12 +242,10 @@ impl Core {
         } else {
             self.install_removing(task, &outputs, opened, &removed)?;
         }
-        for t in &chosen {
-            let path = t.path().to_path_buf();
-            vfs.remove(&path)
-                .map_err(|e| io_err("remove compacted", &path, e))?;
-        }
         self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
+        self.obsolete.add(chosen);
+        drop(state);
+        self.obsolete.delete_unread(vfs)?;
         Ok(dropped)
     }
 

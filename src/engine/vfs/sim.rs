@@ -481,6 +481,12 @@ impl Vfs for SimVfs {
         Ok(())
     }
 
+    fn link_count(&self, path: &Path) -> io::Result<u64> {
+        let s = self.state.lock();
+        let inode = s.names.get(path).ok_or_else(|| Self::not_found(path))?;
+        Ok(s.names.values().filter(|i| *i == inode).count() as u64)
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut s = self.state.lock();
         s.tick()?;
