@@ -469,7 +469,6 @@ impl Engine {
         }
         self.core.flush_signal.lock().take();
         self.core.compaction_signal.lock().take();
-        self.core.wal.stop_zeroer();
         for handle in self.workers.lock().drain(..) {
             if handle.join().is_err() {
                 tracing::error!("an engine worker panicked");

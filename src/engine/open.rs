@@ -77,7 +77,6 @@ impl Engine {
             segment_bytes: options.segment_bytes,
             after_seq: manifest.flushed_seq,
             skip_corrupt: options.skip_corrupt_log,
-            zero_in_background: options.background,
         };
         let (wal, replay) = replay_into(&active, &wal_dir, log_options)?;
         if replay.records > 0 {
@@ -166,12 +165,6 @@ impl Engine {
                 .map_err(|e| EngineError::io("spawn engine worker", e))?;
             workers.push(handle);
         }
-        let core = self.core.clone();
-        let zeroer = std::thread::Builder::new()
-            .name("pairdb-log-zero".to_owned())
-            .spawn(move || core.wal.run_zeroer())
-            .map_err(|e| EngineError::io("spawn log zeroer", e))?;
-        workers.push(zeroer);
         Ok(())
     }
 

@@ -22,15 +22,6 @@
 //!   syncing process on the disk for ~60 ms at once. Zeros after the last frame are the
 //!   unused end of a segment, not a torn frame (a zeroed header is never a valid frame:
 //!   sequences start at 1); a sealed or cleanly closed segment is trimmed to its frames.
-//! - Zeroing runs off the writers' path when the engine has background threads
-//!   (`zero_in_background`): a zeroing thread claims one chunk past every frame (written or
-//!   buffered) under the lock, writes it without the lock, and records it under the lock. A
-//!   write that would reach into the chunk in flight waits for it, and sealing waits for it
-//!   and claims stop, so zeros never land over a frame or past a sealed segment's end. Why:
-//!   at a memory limit, every new page-cache page is reclaimed for first, and reclaim may
-//!   sleep 100 ms for writeback (`VMSCAN_THROTTLE_WRITEBACK`); two 64 KiB zero writes under
-//!   the lock took 103 ms each in the larger-than-memory benchmark, a 208 ms stop of every
-//!   writer. Without background threads (tests, simulations) writers zero inline, as before.
 //! - Whole pages: every write to a segment (after its magic) starts and ends on a page of the
 //!   page cache. The frames of the last, partly filled page are kept in memory and written
 //!   again with the next frames, the page's rest as zeros. A write that covers a page only in
@@ -64,7 +55,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::Mutex;
 
 use super::options::SyncMode;
 
@@ -109,11 +100,6 @@ struct Writer {
     buf_start: u64,
     /// The file holds written zeros from `file_len` up to here (when larger).
     zeroed_to: u64,
-    /// A chunk of zeros being written without the lock (start, end): no write may touch it
-    /// until it is done.
-    zeroing: Option<(u64, u64)>,
-    /// The segment is being sealed or is sealed (or the log closed): no zeroing may start.
-    sealing: bool,
     buf: Vec<u8>,
     next_seq: u64,
     /// The page cache's page size: the unit of every write after the magic.
@@ -127,7 +113,6 @@ impl Writer {
     fn at_new_segment(&mut self) {
         self.file_len = MAGIC.len() as u64;
         self.zeroed_to = 0;
-        self.sealing = false;
         self.buf_start = 0;
         self.buf.clear();
         self.buf.extend_from_slice(MAGIC);
@@ -189,13 +174,6 @@ pub struct CommitLog {
     longest_sync_micros: AtomicU64,
     /// Recent fsync times against their baseline (what compaction yields to).
     latency: super::sync_latency::SyncLatency,
-    /// Zeros are written by [`CommitLog::run_zeroer`] on its own thread, not by writers.
-    zero_in_background: bool,
-    /// The zeroing thread waits on this for zeros to run low.
-    zero_wanted: Condvar,
-    /// Writers wait on this for the chunk in flight to be written.
-    zero_done: Condvar,
-    zeroer_stop: AtomicBool,
 }
 
 fn segment_name(number: u64) -> String {
@@ -496,9 +474,6 @@ pub struct LogOptions {
     pub after_seq: u64,
     /// Drop the rest of a segment that is corrupt in the middle instead of refusing to open.
     pub skip_corrupt: bool,
-    /// Zeros ahead are written by a thread running [`CommitLog::run_zeroer`] (the owner starts
-    /// it), not inline by writers.
-    pub zero_in_background: bool,
 }
 
 impl CommitLog {
@@ -515,7 +490,6 @@ impl CommitLog {
             segment_bytes,
             after_seq,
             skip_corrupt,
-            zero_in_background,
         } = options;
         vfs.create_dir_all(dir)
             .map_err(|e| EngineError::io(format!("create {}", dir.display()), e))?;
@@ -581,8 +555,6 @@ impl CommitLog {
             number,
             file_len: 0,
             zeroed_to: 0,
-            zeroing: None,
-            sealing: false,
             buf_start: 0,
             buf: Vec::with_capacity(64 * 1024),
             next_seq,
@@ -604,10 +576,6 @@ impl CommitLog {
             syncs: AtomicU64::new(0),
             longest_sync_micros: AtomicU64::new(0),
             latency: Default::default(),
-            zero_in_background,
-            zero_wanted: Condvar::new(),
-            zero_done: Condvar::new(),
-            zeroer_stop: AtomicBool::new(false),
         };
         Ok((log, stats))
     }
@@ -671,19 +639,9 @@ impl CommitLog {
     /// Writes the appended frames as whole pages (see the module docs): from the start of the
     /// page that holds the last written frame's end, to the end of the page that holds the new
     /// frames' end, zeros after them. Keeps the new last page's frames for the next write.
-    fn write_buffer(&self, w: &mut MutexGuard<'_, Writer>) -> Result<()> {
-        loop {
-            if w.pending() == 0 {
-                return Ok(());
-            }
-            let padded = w.end().next_multiple_of(w.page);
-            match w.zeroing {
-                // Appends may come while this waits: everything is computed again after.
-                Some((start, end)) if start < padded && w.buf_start < end => {
-                    self.zero_done.wait(w);
-                }
-                _ => break,
-            }
+    fn write_buffer(&self, w: &mut Writer) -> Result<()> {
+        if w.pending() == 0 {
+            return Ok(());
         }
         let end = w.end();
         let padded = end.next_multiple_of(w.page);
@@ -698,106 +656,42 @@ impl CommitLog {
         w.file_len = end;
         w.zeroed_to = w.zeroed_to.max(padded);
         let last_page = end - end % w.page;
-        let kept_from = (last_page - w.buf_start) as usize;
-        w.buf.drain(..kept_from);
+        w.buf.drain(..(last_page - w.buf_start) as usize);
         w.buf_start = last_page;
         Ok(())
     }
 
-    /// Writes the buffer for the file to keep (not to seal): tops the zeros up when low (or
-    /// asks the zeroing thread to).
-    fn write_buffer_and_zero_ahead(&self, w: &mut MutexGuard<'_, Writer>) -> Result<()> {
+    /// Writes the buffer for the file to keep (not to seal): tops the zeros up when low.
+    fn write_buffer_and_zero_ahead(&self, w: &mut Writer) -> Result<()> {
         self.write_buffer(w)?;
         if w.zeroed_to < w.file_len + ZERO_AHEAD_LOW {
-            if self.zero_in_background {
-                self.zero_wanted.notify_one();
-            } else {
-                self.zero_ahead(w);
-            }
+            self.zero_ahead(w);
         }
         Ok(())
     }
 
-    /// The next chunk of zeros the active segment wants: past every frame, written or
-    /// buffered, up to `ZERO_AHEAD` past the last written one (at most to the segment size).
-    /// `None` while a chunk is in flight, while sealing, or when there are zeros enough.
-    fn zero_chunk(&self, w: &Writer) -> Option<(u64, u64)> {
-        if w.sealing || w.zeroing.is_some() {
-            return None;
-        }
-        let from = w.zeroed_to.max(w.end().next_multiple_of(w.page));
+    /// Writes zeros after the last frame, up to `ZERO_AHEAD` past it (at most to the segment
+    /// size); the next fsync makes them durable with the frames before them. Only speed
+    /// depends on it: a failure is logged and appends go on growing the file.
+    fn zero_ahead(&self, w: &mut Writer) {
+        let from = w.zeroed_to.max(w.file_len);
         let to = (w.file_len + ZERO_AHEAD)
             .min(self.segment_bytes.max(w.file_len))
             .next_multiple_of(w.page);
-        (from < to).then(|| (from, to.min(from + ZEROS.len() as u64)))
-    }
-
-    /// Writes zeros after the last frame, up to `ZERO_AHEAD` past it, under the lock; the next
-    /// fsync makes them durable with the frames before them. Only speed depends on it: a
-    /// failure is logged and appends go on growing the file.
-    fn zero_ahead(&self, w: &mut Writer) {
-        while let Some((from, to)) = self.zero_chunk(w) {
-            let n = (to - from) as usize;
-            if let Err(e) = w.file.write_at(ZEROS.get(..n).unwrap_or_default(), from) {
+        let mut at = from;
+        while at < to {
+            let n = ZEROS.len().min((to - at) as usize);
+            if let Err(e) = w.file.write_at(ZEROS.get(..n).unwrap_or_default(), at) {
                 tracing::warn!(file = %w.path.display(), error = %e, "commit log: zeroing ahead failed");
                 return;
             }
-            w.zeroed_to = to;
+            at += n as u64;
         }
-    }
-
-    /// The zeroing thread's loop (with `zero_in_background`): writes the chunks
-    /// [`CommitLog::zero_chunk`] names without holding the lock, until
-    /// [`CommitLog::stop_zeroer`].
-    pub fn run_zeroer(&self) {
-        let mut w = self.writer.lock();
-        while !self.zeroer_stop.load(Ordering::Acquire) {
-            let Some((from, to)) = self.zero_chunk(&w) else {
-                self.zero_wanted
-                    .wait_for(&mut w, std::time::Duration::from_secs(1));
-                continue;
-            };
-            let (file, number) = (w.file.clone(), w.number);
-            w.zeroing = Some((from, to));
-            let n = (to - from) as usize;
-            let written = MutexGuard::unlocked(&mut w, || {
-                file.write_at(ZEROS.get(..n).unwrap_or_default(), from)
-            });
-            w.zeroing = None;
-            self.zero_done.notify_all();
-            match written {
-                // Sealing waits for the chunk in flight, so the segment is still this one.
-                Ok(()) if w.number == number => w.zeroed_to = w.zeroed_to.max(to),
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(file = %w.path.display(), error = %e, "commit log: zeroing ahead failed");
-                    self.zero_wanted
-                        .wait_for(&mut w, std::time::Duration::from_secs(1));
-                }
-            }
-        }
-    }
-
-    /// Ends [`CommitLog::run_zeroer`] (the owner joins its thread).
-    pub fn stop_zeroer(&self) {
-        self.zeroer_stop.store(true, Ordering::Release);
-        let _w = self.writer.lock();
-        self.zero_wanted.notify_all();
+        w.zeroed_to = to;
     }
 
     /// Cuts the zeros after the last frame and syncs the segment in full (size included).
-    /// First waits for a chunk of zeros in flight (no new one starts meanwhile), releasing the
-    /// lock: another writer may seal and rotate in that time, and then this returns `false`
-    /// without touching the new segment. Once nothing is in flight, it runs without a wait.
-    fn seal(&self, w: &mut MutexGuard<'_, Writer>) -> Result<bool> {
-        let number = w.number;
-        w.sealing = true;
-        while w.zeroing.is_some() {
-            self.zero_done.wait(w);
-        }
-        if w.number != number {
-            return Ok(false);
-        }
+    fn seal(&self, w: &mut Writer) -> Result<()> {
         self.write_buffer(w)?;
         let path = w.path.clone();
         if w.zeroed_to > w.file_len {
@@ -808,25 +702,19 @@ impl CommitLog {
         }
         w.file.sync_all().map_err(|e| self.fail(&path, e))?;
         self.synced_seq.fetch_max(w.next_seq - 1, Ordering::AcqRel);
-        w.sealing = false;
-        Ok(true)
-    }
-
-    /// Trims and syncs the active segment: a clean close leaves no zeroed end behind (the
-    /// zeroing thread, if any, is stopped first).
-    pub fn close(&self) -> Result<()> {
-        self.check_healthy()?;
-        let mut w = self.writer.lock();
-        while !self.seal(&mut w)? {}
         Ok(())
     }
 
-    /// Seals the current segment (written and fsynced in full) and starts the next one;
-    /// nothing more when another writer did so while this one waited.
-    fn rotate(&self, w: &mut MutexGuard<'_, Writer>) -> Result<()> {
-        if !self.seal(w)? {
-            return Ok(());
-        }
+    /// Trims and syncs the active segment: a clean close leaves no zeroed end behind.
+    pub fn close(&self) -> Result<()> {
+        self.check_healthy()?;
+        let mut w = self.writer.lock();
+        self.seal(&mut w)
+    }
+
+    /// Seals the current segment (written and fsynced in full) and starts the next one.
+    fn rotate(&self, w: &mut Writer) -> Result<()> {
+        self.seal(w)?;
         let last = w.next_seq - 1;
         let bytes = w.file_len;
         let (file, new_path) = create_segment(&*self.vfs, &self.dir, w.number + 1)?;
@@ -996,7 +884,6 @@ mod tests {
             segment_bytes,
             after_seq: 0,
             skip_corrupt: false,
-            zero_in_background: false,
         }
     }
 
@@ -1021,80 +908,6 @@ mod tests {
             ..test_options(segment_bytes)
         };
         (recording, options)
-    }
-
-    /// With zeros written on their own thread, no frame is written under a chunk of zeros in
-    /// flight and no zeros land past a sealed segment's end: zero chunks are slowed down so
-    /// the writers keep catching up with them, over many rotations (when full and on demand),
-    /// and every record still replays, none cut, every segment trimmed to its frames.
-    #[test]
-    fn zeros_written_in_the_background_never_land_over_frames() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let recording = Arc::new(RecordingVfs {
-            zero_chunk_delay: Some(std::time::Duration::from_millis(10)),
-            ..RecordingVfs::default()
-        });
-        let writes = recording.writes.clone();
-        let options = LogOptions {
-            vfs: recording,
-            zero_in_background: true,
-            ..test_options(2 << 20)
-        };
-        let (log, _) = CommitLog::open(dir.path(), options, &mut |_, _| {}).expect("open");
-        const WRITERS: u64 = 4;
-        const EACH: u64 = 1500;
-        std::thread::scope(|scope| {
-            let zeroer = scope.spawn(|| log.run_zeroer());
-            let writers: Vec<_> = (0..WRITERS)
-                .map(|t| {
-                    let log = &log;
-                    scope.spawn(move || {
-                        for i in 0..EACH {
-                            let mut r = rec(t * EACH + i);
-                            r.value = Some(vec![b'v'; 700 + (i as usize % 5) * 300].into());
-                            let seq = log.append(&r).expect("append");
-                            if i % 4 == 0 {
-                                log.wait_durable(seq).expect("durable");
-                            }
-                            // Sealing with nothing left to write (a range drop's rotation),
-                            // while a chunk of zeros may be in flight.
-                            if t == 0 && i % 100 == 99 {
-                                log.rotate_now().expect("rotate");
-                            }
-                        }
-                    })
-                })
-                .collect();
-            for w in writers {
-                w.join().expect("writer");
-            }
-            log.stop_zeroer();
-            zeroer.join().expect("zeroer");
-        });
-        log.close().expect("close");
-        let segments = log.segment_paths();
-        assert!(segments.len() >= 3, "the test must rotate");
-        for path in &segments {
-            let bytes = fs::read(path).expect("segment");
-            let tail = &bytes[bytes.len().saturating_sub(1024)..];
-            assert!(
-                tail.iter().any(|b| *b != 0),
-                "{} ends in zeros: not trimmed to its frames",
-                path.display()
-            );
-        }
-        let (seen, stats) = replay(dir.path(), 0).expect("replay");
-        assert_eq!(stats.torn_tails + stats.corrupt_skipped, 0);
-        assert_eq!(seen.len() as u64, WRITERS * EACH, "records lost");
-        let zero_chunks = writes
-            .lock()
-            .iter()
-            .filter(|(_, _, len)| *len == ZEROS.len())
-            .count();
-        assert!(
-            zero_chunks >= 10,
-            "only {zero_chunks} zero chunks were written"
-        );
     }
 
     /// A write that covers part of a page reads the page first when memory pressure evicted

@@ -14,8 +14,6 @@ pub struct RecordingVfs {
     pub writes: Arc<Mutex<Vec<(PathBuf, u64, usize)>>>,
     /// Every `set_len` (file, new length).
     pub truncations: Arc<Mutex<Vec<(PathBuf, u64)>>>,
-    /// Every write of 64 KiB of zeros sleeps this long first (to widen races with zeroing).
-    pub zero_chunk_delay: Option<std::time::Duration>,
 }
 
 struct RecordingFile {
@@ -23,17 +21,10 @@ struct RecordingFile {
     path: PathBuf,
     writes: Arc<Mutex<Vec<(PathBuf, u64, usize)>>>,
     truncations: Arc<Mutex<Vec<(PathBuf, u64)>>>,
-    zero_chunk_delay: Option<std::time::Duration>,
 }
 
 impl VFile for RecordingFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if let Some(delay) = self.zero_chunk_delay
-            && buf.len() == 64 << 10
-            && buf.iter().all(|b| *b == 0)
-        {
-            std::thread::sleep(delay);
-        }
         self.writes
             .lock()
             .push((self.path.clone(), offset, buf.len()));
@@ -58,7 +49,6 @@ impl RecordingVfs {
             path: path.to_path_buf(),
             writes: self.writes.clone(),
             truncations: self.truncations.clone(),
-            zero_chunk_delay: self.zero_chunk_delay,
         })
     }
 }
