@@ -2,11 +2,13 @@
 //!
 //! A replaced table leaves the manifest (durably) and the in-memory state first; readers that
 //! took their snapshot of the state before still read it, so its file is deleted only once
-//! nothing else holds the table. Then the file is cut from its end in steps before it is
-//! unlinked ([`vfs::remove_in_steps`]): on a disk mounted with `discard`, freeing a large
-//! table at once holds the device queue, and the commit log's fsyncs wait behind it. (Before,
-//! the file was unlinked right away and its blocks were freed, all at once, by whichever
-//! thread dropped the last reference: the compaction thread or a reader.)
+//! nothing else holds the table, by the compaction thread. Before, the file was unlinked at
+//! once and its blocks were freed by whichever thread dropped the last reference, sometimes a
+//! reader (the last unmap of an unlinked 64 MiB file takes 11 ms on the benchmark machine).
+//! The file is cut from its end in steps before it is unlinked ([`vfs::remove_in_steps`]):
+//! on a disk mounted with `discard`, one large free holds the device queue (measured for a
+//! 256 MiB file; for tables of at most 64 MiB the log's fsyncs were not measurably slower, so
+//! the steps are insurance, docs/benchmarks.md "Round 3, step 10").
 //!
 //! # Invariants
 //! - A table here is in neither the manifest nor the state, so no new reader and no new

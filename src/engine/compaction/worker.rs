@@ -1,11 +1,11 @@
 //! Executes compaction tasks: merges the input tables, keeps each key's winner, drops
 //! tombstones older than gc_grace when the output is bottommost (and, for a range drop, every
 //! record in the dropped hash ranges), writes size-bounded output tables at the [`super::pace`]
-//! the commit log allows,
-//! then installs the result atomically (manifest first, then the in-memory state) and deletes
-//! the inputs once no reader holds them ([`crate::engine::obsolete`]). A table nothing overlaps in the next level moves there instead (a manifest
-//! edit, no rewrite). Reads and writes never wait for it: readers hold their own snapshot, and the
-//! state swap is one pointer store.
+//! the commit log allows, then installs the result atomically (manifest first, then the
+//! in-memory state) and deletes the inputs once no reader holds them
+//! ([`crate::engine::obsolete`]). A table nothing overlaps in the next level moves there
+//! instead (a manifest edit, no rewrite). Reads and writes never wait for it: readers hold
+//! their own snapshot, and the state swap is one pointer store.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
