@@ -204,15 +204,13 @@ fn create_segment(vfs: &dyn Vfs, dir: &Path, number: u64) -> Result<(Arc<dyn VFi
 /// Extension of a released segment on its way out (not a segment name: recovery removes it).
 const DELETING_SUFFIX: &str = "deleting";
 
-/// Removes released segments a crash left on their way out.
-fn remove_leftover_deletions(vfs: &dyn Vfs, dir: &Path) -> Result<()> {
-    let entries = vfs
-        .list(dir)
-        .map_err(|e| EngineError::io(format!("list {}", dir.display()), e))?;
+/// Removes released segments a crash left on their way out, among the log directory's
+/// `entries`.
+fn remove_leftover_deletions(vfs: &dyn Vfs, dir: &Path, entries: &[PathBuf]) -> Result<()> {
     let mut removed = false;
     for path in entries {
         if path.extension().and_then(|e| e.to_str()) == Some(DELETING_SUFFIX) {
-            vfs.remove(&path).map_err(|e| log_err(&path, e))?;
+            vfs.remove(path).map_err(|e| log_err(path, e))?;
             removed = true;
         }
     }
@@ -442,11 +440,9 @@ fn map_segment(vfs: &dyn Vfs, path: &Path) -> Result<Mapped> {
     }
 }
 
-fn list_segments(vfs: &dyn Vfs, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+/// The segments among the log directory's `entries` (by their names), oldest first.
+fn segments_among(entries: Vec<PathBuf>) -> Vec<(u64, PathBuf)> {
     let mut segments = Vec::new();
-    let entries = vfs
-        .list(dir)
-        .map_err(|e| EngineError::io(format!("list {}", dir.display()), e))?;
     for path in entries {
         let Some(stem) = path
             .file_name()
@@ -460,7 +456,7 @@ fn list_segments(vfs: &dyn Vfs, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         }
     }
     segments.sort();
-    Ok(segments)
+    segments
 }
 
 /// How a commit log is opened.
@@ -493,8 +489,11 @@ impl CommitLog {
         } = options;
         vfs.create_dir_all(dir)
             .map_err(|e| EngineError::io(format!("create {}", dir.display()), e))?;
-        remove_leftover_deletions(&*vfs, dir)?;
-        let segments = list_segments(&*vfs, dir)?;
+        let entries = vfs
+            .list(dir)
+            .map_err(|e| EngineError::io(format!("list {}", dir.display()), e))?;
+        remove_leftover_deletions(&*vfs, dir, &entries)?;
+        let segments = segments_among(entries);
         let mut stats = ReplayStats::default();
         // Last sequence seen in the log; segments not yet deleted may hold flushed records.
         let mut last_seq = 0;
