@@ -26,30 +26,52 @@ tracepoint:sched:sched_wakeup /@off[args->pid]/ {
   delete(@off[args->pid]); delete(@stk[args->pid]);
 }
 tracepoint:vmscan:mm_vmscan_throttled {
-  printf("THROTTLED %s/%d at %d ms slept %d us\n", comm, tid, nsecs / 1000000, args->usec_delayed);
+  printf("THROTTLED %s/%d at %d ms slept %d us reason %d\n", comm, tid, nsecs / 1000000, args->usec_delayed, args->reason);
 }
 END { clear(@off); clear(@stk); }'
 bpftrace -e "$program" > "$out" 2>/dev/null &
 tracer=$!
 trap 'kill "$tracer" 2>/dev/null || true' EXIT
 sleep 3
-(cd benchmarks/engine && ./target/release/pairdb-engine-bench --only large --stores pairdb "$@") \
-  2>&1 >/dev/null | grep -E '^(pairdb:|Error)' || true
+result=$( (cd benchmarks/engine && ./target/release/pairdb-engine-bench --only large --stores pairdb "$@") \
+  2>&1 >/dev/null | grep -E '^(pairdb:|Error)' || true)
+echo "$result"
 kill "$tracer" 2>/dev/null || true
 wait "$tracer" 2>/dev/null || true
-python3 - "$out" <<'PY'
-import collections, re, sys
+python3 - "$out" "$result" <<'PY'
+import collections, json, re, sys
 text = open(sys.argv[1]).read()
-throttled = collections.Counter(m.group(1) for m in re.finditer(r"^THROTTLED (\S+?)/", text, re.M))
-print("reclaim throttles by thread:", dict(throttled) or "none")
+# The reasons of `mm_vmscan_throttled`: one bit per enum vmscan_throttle_state.
+reasons = {1: "writeback", 2: "isolated", 4: "noprogress", 8: "congested"}
+throttled = collections.Counter()
+for m in re.finditer(r"^THROTTLED (\S+?)/\d+ at \d+ ms slept (\d+) us reason (\d+)", text, re.M):
+    if int(m.group(2)) > 0:
+        reason = int(m.group(3))
+        throttled[(m.group(1), reasons.get(reason, reason))] += 1
+print("reclaim sleeps by thread and reason:", {f"{t} {r}": n for (t, r), n in throttled.items()} or "none")
 waits = collections.defaultdict(list)
+offs = []
 for block in re.split(r"\n(?=OFF |THROTTLED )", text):
     if not block.startswith("OFF "):
         continue
     head, *stack = block.split("\n")
     frames = [f.strip().split("+")[0] for f in stack if f.strip()][3:9]
-    waits[" < ".join(frames) or "(no stack)"].append(int(head.split()[1]))
+    ms = int(head.split()[1])
+    woken_at = int(head.split(" at ")[1].split()[0])
+    waits[" < ".join(frames) or "(no stack)"].append(ms)
+    offs.append((woken_at, ms, head, frames))
 for stack, ms in sorted(waits.items(), key=lambda kv: -max(kv[1]))[:12]:
     print(f"{len(ms):5} waits, longest {max(ms):4} ms: {stack}")
+# The waits that overlap the load's longest gap (the harness reports when it ended).
+line = sys.argv[2]
+if line.startswith("pairdb: "):
+    result = json.loads(line[len("pairdb: "):])
+    end = result.get("longest_gap_end_monotonic_ms")
+    gap = result.get("longest_gap_ms", 0)
+    if end:
+        print(f"waits overlapping the longest gap ({gap:.1f} ms, ended at {end:.0f} ms):")
+        for woken_at, ms, head, frames in sorted(offs):
+            if woken_at >= end - gap - 20 and woken_at - ms <= end + 20 and "futex" not in " ".join(frames):
+                print(f"  {head}: {' < '.join(frames)}")
 print("trace:", sys.argv[1])
 PY

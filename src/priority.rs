@@ -39,6 +39,43 @@ pub fn lower_current_thread(nice: u8) {
     }
 }
 
+/// `ioprio_set`/`ioprio_get` constants (linux/ioprio.h).
+const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
+const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+
+/// Puts the calling thread's disk I/O in the idle class: an I/O scheduler with priorities
+/// (mq-deadline, BFQ) serves its reads and direct writes only when no request of a higher
+/// class waits, so a compaction's table writes never queue ahead of a commit-log fsync.
+/// Only direct I/O and reads carry the thread's class (buffered writes reach the disk from
+/// the kernel's flusher threads). Failure is logged, not returned.
+pub fn idle_current_thread_io() {
+    // SAFETY: ioprio_set takes three integers and no memory; who = this thread (0 under
+    // IOPRIO_WHO_PROCESS is the caller). A bad value is an error return, never undefined
+    // behaviour. Tested in `tests::idle_io_class_applies_to_the_calling_thread_only`.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        )
+    };
+    if done != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot put a background thread's disk I/O in the idle class");
+    }
+}
+
+/// The calling thread's I/O priority class (0: none set, 1 realtime, 2 best effort, 3 idle).
+pub fn current_thread_io_class() -> std::io::Result<i32> {
+    // SAFETY: as in `idle_current_thread_io`: integers only, errors are return values.
+    let prio = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) };
+    if prio < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((prio as i32) >> IOPRIO_CLASS_SHIFT)
+}
+
 /// The calling thread's nice value (for logs and tests).
 pub fn current_thread_nice() -> std::io::Result<i32> {
     Ok(rustix::process::getpriority_process(Some(
@@ -80,6 +117,20 @@ mod tests {
         .unwrap();
         assert_eq!(after_raise, 15);
         assert_eq!(after_zero, 15);
+    }
+
+    #[test]
+    fn idle_io_class_applies_to_the_calling_thread_only() {
+        let before = current_thread_io_class().unwrap();
+        let idled = std::thread::spawn(|| {
+            idle_current_thread_io();
+            current_thread_io_class().unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(idled, IOPRIO_CLASS_IDLE);
+        assert_eq!(current_thread_io_class().unwrap(), before);
+        assert_ne!(before, IOPRIO_CLASS_IDLE);
     }
 
     #[test]

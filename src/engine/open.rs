@@ -160,6 +160,11 @@ impl Engine {
                 .name(name.to_owned())
                 .spawn(move || {
                     crate::priority::lower_current_thread(nice);
+                    // Compaction's disk I/O goes below the writers' too (one knob for both:
+                    // `compaction_nice` 0 leaves the thread as the process is).
+                    if nice > 0 {
+                        crate::priority::idle_current_thread_io();
+                    }
                     core.worker_loop(rx, is_flush)
                 })
                 .map_err(|e| EngineError::io("spawn engine worker", e))?;

@@ -94,8 +94,9 @@ pub struct EngineOptions {
     pub skip_corrupt_log: bool,
     /// Run the flush and compaction workers (tests may drive them by hand).
     pub background: bool,
-    /// Nice value of the compaction thread (`crate::priority`; 0: the process's own). Flushes
-    /// keep the process's priority: writers wait for them once memtables are full.
+    /// Nice value of the compaction thread (`crate::priority`; 0: the process's own). Unless
+    /// 0, its disk I/O is also put in the idle class (`priority::idle_current_thread_io`).
+    /// Flushes keep the process's priority: writers wait for them once memtables are full.
     pub compaction_nice: u8,
     /// Where files live: the real file system, or a simulated disk in crash tests.
     pub vfs: Arc<dyn Vfs>,

@@ -320,6 +320,11 @@ pub fn child(args: &[String]) -> Result<()> {
     out.insert("write_p99_us", load.p99_us);
     out.insert("write_max_ms", load.max_ms);
     out.insert("longest_gap_ms", load.longest_gap_ms);
+    out.insert("load_start_monotonic_ms", load.start_monotonic_ms);
+    out.insert(
+        "longest_gap_end_monotonic_ms",
+        load.longest_gap_end_monotonic_ms,
+    );
     for (name, value) in store.stall_diagnostics() {
         out.insert(name, value);
     }
@@ -380,6 +385,16 @@ struct Load {
     p99_us: f64,
     max_ms: f64,
     longest_gap_ms: f64,
+    /// When the load started, in CLOCK_MONOTONIC milliseconds.
+    start_monotonic_ms: f64,
+    /// When the longest gap ended, in CLOCK_MONOTONIC milliseconds (bpftrace's `nsecs`).
+    longest_gap_end_monotonic_ms: f64,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds.
+fn monotonic_ns() -> Result<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
 }
 
 /// Writes keys `0..keys` once each, in a scrambled order, from `writers` threads.
@@ -388,9 +403,12 @@ fn durable_load(store: &dyn Store, keys: u64, writers: usize) -> Result<Load> {
     let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let finished = AtomicBool::new(false);
+    let start_monotonic_ns = monotonic_ns()?;
     let start = Instant::now();
     let last_completion = AtomicU64::new(0);
     let longest_gap = AtomicU64::new(0);
+    let longest_gap_end = AtomicU64::new(0);
+    let mut secs = 0.0;
     let (hists, per_second) = std::thread::scope(|s| -> Result<(Vec<Histogram<u64>>, Vec<u64>)> {
         let sampler = s.spawn(|| {
             let mut per_second = Vec::new();
@@ -420,7 +438,10 @@ fn durable_load(store: &dyn Store, keys: u64, writers: usize) -> Result<Load> {
                         hist.record(t0.elapsed().as_nanos() as u64)?;
                         done.fetch_add(1, Ordering::Relaxed);
                         let previous = last_completion.fetch_max(end, Ordering::Relaxed);
-                        longest_gap.fetch_max(end.saturating_sub(previous), Ordering::Relaxed);
+                        let gap = end.saturating_sub(previous);
+                        if longest_gap.fetch_max(gap, Ordering::Relaxed) < gap {
+                            longest_gap_end.store(end, Ordering::Relaxed);
+                        }
                     }
                 })
             })
@@ -429,13 +450,14 @@ fn durable_load(store: &dyn Store, keys: u64, writers: usize) -> Result<Load> {
             .into_iter()
             .map(|w| w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?)
             .collect::<Result<Vec<_>>>();
+        // Before the sampler's last tick, which ends up to a second later.
+        secs = start.elapsed().as_secs_f64();
         finished.store(true, Ordering::Relaxed);
         let per_second = sampler
             .join()
             .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
         Ok((hists?, per_second))
     })?;
-    let secs = start.elapsed().as_secs_f64();
     let mut total = Histogram::<u64>::new(3)?;
     for h in hists {
         total.add(h)?;
@@ -450,6 +472,10 @@ fn durable_load(store: &dyn Store, keys: u64, writers: usize) -> Result<Load> {
         p99_us: total.value_at_quantile(0.99) as f64 / 1e3,
         max_ms: total.max() as f64 / 1e6,
         longest_gap_ms: longest_gap.load(Ordering::Relaxed) as f64 / 1e6,
+        start_monotonic_ms: start_monotonic_ns as f64 / 1e6,
+        longest_gap_end_monotonic_ms: (start_monotonic_ns + longest_gap_end.load(Ordering::Relaxed))
+            as f64
+            / 1e6,
     })
 }
 

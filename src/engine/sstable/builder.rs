@@ -12,7 +12,16 @@ use super::block::{TableFormat, encode_entry};
 use super::bloom::{Bloom, key_hash};
 use super::{FOOTER_LEN, MAGIC, TableMeta};
 
-/// A table's bytes are handed to writeback every this many bytes as they are written, each
+/// A table is written with direct I/O where the file system allows it ([`Vfs::create_direct`]),
+/// this many bytes per write, each written to the device before the next: a flush or
+/// compaction output then never fills the page cache with dirty and writeback pages. Under a
+/// memory limit those were what reclaim found and waited on (up to 100 ms at a time) in every
+/// thread that needed a page, a writer appending to the commit log among them
+/// (docs/benchmarks.md, round 3, steps 10 and 11). The table's blocks enter the page cache
+/// when its mapping is read, clean.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Where direct I/O is not available, a table's bytes are handed to writeback every this many bytes as they are written, each
 /// time after the previous step's writeback finished, so a 64 MiB flush or compaction output
 /// reaches the device steadily, at most about two steps in flight, instead of in one burst at
 /// its fsync or in a deep queue, where every commit-log fsync of the node would wait behind it.
@@ -46,10 +55,13 @@ impl TableBuilder {
     ) -> Result<Self> {
         // Exclusive: ids are never reused, and a table file may be a hard link shared with a
         // snapshot, which truncating an existing name would destroy.
-        let file = vfs.create(path, true).map_err(|e| io(path, e))?;
+        let file = vfs.create_direct(path).map_err(|e| io(path, e))?;
+        let out = BufferedWriter::new(file, WRITE_BUFFER)
+            .map_err(|e| io(path, e))?
+            .with_write_behind(WRITE_BEHIND);
         Ok(Self {
             path: path.to_path_buf(),
-            out: BufferedWriter::new(file, 256 * 1024).with_write_behind(WRITE_BEHIND),
+            out,
             offset: 0,
             block_bytes,
             format,

@@ -43,7 +43,17 @@ pub trait VFile: Send + Sync {
     fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Whether writes bypass the page cache (`O_DIRECT`): then every write must start at a
+    /// multiple of [`DIRECT_ALIGN`], cover a multiple of it, and come from a buffer aligned to
+    /// it ([`BufferedWriter`] does all three).
+    fn is_direct(&self) -> bool {
+        false
+    }
 }
+
+/// The alignment of offsets, lengths and buffers of writes to a direct file (the largest
+/// logical block size of the devices pairdb runs on).
+pub const DIRECT_ALIGN: usize = 4096;
 
 /// Read-only contents of a whole file: a memory mapping, or bytes.
 pub enum Mapped {
@@ -92,6 +102,12 @@ pub trait Vfs: Send + Sync + std::fmt::Debug {
     /// Creates a file for writing: a new one when `exclusive` (fails if it exists), else
     /// truncates an existing one.
     fn create(&self, path: &Path, exclusive: bool) -> io::Result<Arc<dyn VFile>>;
+    /// Creates a new file (fails if it exists) whose writes bypass the page cache where the
+    /// file system allows it ([`VFile::is_direct`]); elsewhere a plain new file. For files
+    /// written once, front to back, and read later through their own mapping: SSTables.
+    fn create_direct(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
+        self.create(path, true)
+    }
     /// Opens an existing file for writing.
     fn open_write(&self, path: &Path) -> io::Result<Arc<dyn VFile>>;
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
@@ -116,20 +132,35 @@ pub fn real() -> Arc<dyn Vfs> {
     Arc::new(RealVfs)
 }
 
-struct RealFile(File);
+struct RealFile {
+    file: File,
+    direct: bool,
+}
+
+impl RealFile {
+    fn buffered(file: File) -> Self {
+        Self {
+            file,
+            direct: false,
+        }
+    }
+}
 
 impl VFile for RealFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn sync_all(&self) -> io::Result<()> {
-        self.0.sync_all()
+        self.file.sync_all()
+    }
+    fn is_direct(&self) -> bool {
+        self.direct
     }
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
@@ -144,12 +175,12 @@ impl VFile for RealFile {
             ));
         };
         // SAFETY: sync_file_range takes a file descriptor and three integers, no memory; the
-        // descriptor belongs to `self.0`, which is open for the whole call. An invalid range
+        // descriptor belongs to `self.file`, which is open for the whole call. An invalid range
         // or descriptor is an error return (EINVAL/EBADF), never undefined behaviour. Tested
         // in `tests::write_behind_keeps_the_bytes`.
         let done = unsafe {
             libc::sync_file_range(
-                self.0.as_raw_fd(),
+                self.file.as_raw_fd(),
                 0,
                 end,
                 libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE,
@@ -203,11 +234,21 @@ impl Vfs for RealVfs {
         } else {
             options.create(true).truncate(true);
         }
-        Ok(Arc::new(RealFile(options.open(path)?)))
+        Ok(Arc::new(RealFile::buffered(options.open(path)?)))
+    }
+
+    fn create_direct(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+        // O_DIRECT is switched on after the create, not passed to it: an open with O_CREAT
+        // and O_DIRECT on a file system without direct I/O creates the file and then fails,
+        // where this leaves a plain file to write buffered.
+        let direct = fcntl(&file, FcntlArg::F_SETFL(OFlag::O_DIRECT)).is_ok();
+        Ok(Arc::new(RealFile { file, direct }))
     }
 
     fn open_write(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
-        Ok(Arc::new(RealFile(
+        Ok(Arc::new(RealFile::buffered(
             OpenOptions::new().write(true).open(path)?,
         )))
     }
@@ -268,64 +309,100 @@ pub fn remove_in_steps(vfs: &dyn Vfs, path: &Path, bytes: u64) -> io::Result<()>
     vfs.remove(path)
 }
 
-/// Sequential writes to a [`VFile`] through a buffer (what `BufWriter` does for a `File`),
-/// optionally with write-behind: every `write_behind` bytes written, their writeback starts
-/// ([`VFile::start_writeback`]), so the final fsync has little left to do.
+/// A position past the writer's buffer: a bug in [`BufferedWriter`], reported, not a panic.
+fn overrun() -> io::Error {
+    io::Error::other("buffered writer: position past its buffer")
+}
+
+/// Sequential writes to a [`VFile`] through a page-aligned buffer (what `BufWriter` does for a
+/// `File`), optionally with write-behind: every `write_behind` bytes written, their writeback
+/// starts ([`VFile::start_writeback`]), so the final fsync has little left to do.
+///
+/// To a direct file ([`VFile::is_direct`]) it writes only whole buffers at aligned offsets,
+/// and at the end the rest padded with zeros to [`DIRECT_ALIGN`], then cuts the file back to
+/// the bytes written: no write of it ever goes through the page cache.
 pub struct BufferedWriter {
     file: Arc<dyn VFile>,
-    buf: Vec<u8>,
+    /// Page-aligned (an anonymous mapping), a multiple of [`DIRECT_ALIGN`] long.
+    buf: memmap2::MmapMut,
+    /// Bytes of `buf` in use.
+    len: usize,
     /// Bytes written to the file so far (where the buffer goes next).
     written: u64,
-    capacity: usize,
     /// Write-behind step (0: none), and where the bytes not yet handed to writeback start.
     write_behind: u64,
     behind_from: u64,
 }
 
 impl BufferedWriter {
-    pub fn new(file: Arc<dyn VFile>, capacity: usize) -> Self {
-        Self {
+    /// A writer with a buffer of `capacity` bytes rounded up to [`DIRECT_ALIGN`].
+    pub fn new(file: Arc<dyn VFile>, capacity: usize) -> io::Result<Self> {
+        let capacity = capacity.max(1).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        Ok(Self {
             file,
-            buf: Vec::with_capacity(capacity),
+            buf: memmap2::MmapMut::map_anon(capacity)?,
+            len: 0,
             written: 0,
-            capacity,
             write_behind: 0,
             behind_from: 0,
-        }
+        })
     }
 
     /// Starts the writeback of every `step` bytes once they are written (RocksDB's
-    /// `bytes_per_sync`).
+    /// `bytes_per_sync`). Nothing to start for a direct file.
     pub fn with_write_behind(mut self, step: u64) -> Self {
-        self.write_behind = step;
+        if !self.file.is_direct() {
+            self.write_behind = step;
+        }
         self
     }
 
-    pub fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.buf.extend_from_slice(bytes);
-        if self.buf.len() >= self.capacity {
-            self.flush()?;
+    pub fn write_all(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let free = self.buf.get_mut(self.len..).ok_or_else(overrun)?;
+            let (now, rest) = bytes.split_at(bytes.len().min(free.len()));
+            free.get_mut(..now.len())
+                .ok_or_else(overrun)?
+                .copy_from_slice(now);
+            self.len += now.len();
+            bytes = rest;
+            if self.len == self.buf.len() {
+                self.write_buffer(self.len)?;
+            }
         }
         Ok(())
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.file.write_at(&self.buf, self.written)?;
-            self.written += self.buf.len() as u64;
-            self.buf.clear();
-            let pending = self.written - self.behind_from;
-            if self.write_behind > 0 && pending >= self.write_behind {
-                self.file.start_writeback(self.behind_from, pending)?;
-                self.behind_from = self.written;
-            }
+    /// Writes the first `bytes` bytes of the buffer (all of what is in use, maybe padded)
+    /// and empties it.
+    fn write_buffer(&mut self, bytes: usize) -> io::Result<()> {
+        let out = self.buf.get(..bytes).ok_or_else(overrun)?;
+        self.file.write_at(out, self.written)?;
+        self.written += self.len as u64;
+        self.len = 0;
+        let pending = self.written - self.behind_from;
+        if self.write_behind > 0 && pending >= self.write_behind {
+            self.file.start_writeback(self.behind_from, pending)?;
+            self.behind_from = self.written;
         }
         Ok(())
     }
 
     /// Writes what is buffered and hands back the file.
     pub fn into_file(mut self) -> io::Result<Arc<dyn VFile>> {
-        self.flush()?;
+        if self.len > 0 {
+            if self.file.is_direct() {
+                let padded = self.len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+                self.buf
+                    .get_mut(self.len..padded)
+                    .ok_or_else(overrun)?
+                    .fill(0);
+                self.write_buffer(padded)?;
+                self.file.set_len(self.written)?;
+            } else {
+                self.write_buffer(self.len)?;
+            }
+        }
         Ok(self.file)
     }
 }
@@ -343,7 +420,9 @@ mod tests {
         let path = dir.path().join("t");
         let vfs = RealVfs;
         let file = vfs.create(&path, true).expect("create");
-        let mut out = BufferedWriter::new(file, 1024).with_write_behind(4096);
+        let mut out = BufferedWriter::new(file, 1024)
+            .expect("buffer")
+            .with_write_behind(4096);
         let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         for chunk in bytes.chunks(777) {
             out.write_all(chunk).expect("write");
@@ -352,5 +431,50 @@ mod tests {
         file.sync_all().expect("fsync");
         assert_eq!(vfs.read(&path).expect("read"), bytes);
         assert!(file.start_writeback(u64::MAX, 1).is_err());
+    }
+
+    /// Whether the file system of `dir` takes `O_DIRECT` opens, asked without `create_direct`.
+    fn takes_direct_io(dir: &Path) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        let probe = dir.join("probe");
+        let opened = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe)
+            .is_ok();
+        let _ = fs::remove_file(&probe);
+        opened
+    }
+
+    /// Writes through a direct file in pieces of every awkward size (totals below one
+    /// alignment unit, exactly one buffer, a buffer and a byte, ...): every byte reads back
+    /// and the file is exactly as long as what was written, not padded. With a misaligned
+    /// write the kernel refuses it (EINVAL), so this also checks the alignment.
+    #[test]
+    fn direct_files_keep_exactly_the_bytes_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vfs = RealVfs;
+        let direct_expected = takes_direct_io(dir.path());
+        for (n, total) in [0usize, 1, 4095, 4096, 4097, 16_384, 16_385, 100_000]
+            .into_iter()
+            .enumerate()
+        {
+            let path = dir.path().join(format!("t{n}"));
+            let file = vfs.create_direct(&path).expect("create");
+            assert_eq!(file.is_direct(), direct_expected, "{total} bytes");
+            let mut out = BufferedWriter::new(file, 16_384).expect("buffer");
+            let bytes: Vec<u8> = (0..total).map(|i| (i % 251) as u8 + 1).collect();
+            for chunk in bytes.chunks(3_000) {
+                out.write_all(chunk).expect("write");
+            }
+            let file = out.into_file().expect("finish");
+            file.sync_all().expect("fsync");
+            assert_eq!(vfs.read(&path).expect("read"), bytes, "{total} bytes");
+        }
+        assert!(
+            vfs.create_direct(&dir.path().join("t0")).is_err(),
+            "an existing name is refused"
+        );
     }
 }
