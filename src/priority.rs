@@ -66,15 +66,19 @@ pub fn idle_current_thread_io() {
     }
 }
 
-/// The calling thread's I/O priority class (0: none set, 1 realtime, 2 best effort, 3 idle).
-pub fn current_thread_io_class() -> std::io::Result<i32> {
+/// The I/O priority class of thread `tid` of this process, 0 for the calling thread (0: none
+/// set, 1 realtime, 2 best effort, 3 idle).
+pub fn thread_io_class(tid: i32) -> std::io::Result<i32> {
     // SAFETY: as in `idle_current_thread_io`: integers only, errors are return values.
-    let prio = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) };
+    let prio = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, tid) };
     if prio < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok((prio as i32) >> IOPRIO_CLASS_SHIFT)
 }
+
+/// The idle I/O class, as [`thread_io_class`] reports it.
+pub const IO_CLASS_IDLE: i32 = IOPRIO_CLASS_IDLE;
 
 /// The calling thread's nice value (for logs and tests).
 pub fn current_thread_nice() -> std::io::Result<i32> {
@@ -121,15 +125,15 @@ mod tests {
 
     #[test]
     fn idle_io_class_applies_to_the_calling_thread_only() {
-        let before = current_thread_io_class().unwrap();
+        let before = thread_io_class(0).unwrap();
         let idled = std::thread::spawn(|| {
             idle_current_thread_io();
-            current_thread_io_class().unwrap()
+            thread_io_class(0).unwrap()
         })
         .join()
         .unwrap();
         assert_eq!(idled, IOPRIO_CLASS_IDLE);
-        assert_eq!(current_thread_io_class().unwrap(), before);
+        assert_eq!(thread_io_class(0).unwrap(), before);
         assert_ne!(before, IOPRIO_CLASS_IDLE);
     }
 

@@ -795,12 +795,14 @@ mod tests {
         }
     }
 
-    /// The compaction thread runs at `compaction_nice` (a lower CPU priority than requests);
-    /// the flush thread keeps the process's, since writers wait for it.
+    /// The compaction thread runs at `compaction_nice` (a lower CPU priority than requests)
+    /// with its disk I/O in the idle class; the flush thread keeps the process's priority and
+    /// I/O class, since writers wait for it.
     #[test]
     fn the_compaction_thread_runs_at_its_nice_value_and_the_flusher_does_not() {
-        /// Nice values of this process's threads named `name` (`comm` is cut to 15 bytes).
-        fn nices(name: &str) -> Vec<i32> {
+        /// (nice value, I/O class) of this process's threads named `name` (`comm` is cut to
+        /// 15 bytes).
+        fn threads(name: &str) -> Vec<(i32, i32)> {
             let tasks = std::fs::read_dir("/proc/self/task").expect("tasks");
             tasks
                 .filter_map(|t| {
@@ -809,13 +811,21 @@ mod tests {
                     if comm.trim_end() != name {
                         return None;
                     }
+                    let tid: i32 = path.file_name()?.to_str()?.parse().ok()?;
                     let stat = std::fs::read_to_string(path.join("stat")).ok()?;
                     // Fields after the `(comm)`: state is the 3rd field, nice the 19th.
                     let after = stat.rsplit_once(')')?.1;
-                    after.split_whitespace().nth(16)?.parse().ok()
+                    let nice = after.split_whitespace().nth(16)?.parse().ok()?;
+                    Some((nice, crate::priority::thread_io_class(tid).ok()?))
                 })
                 .collect()
         }
+        let nices = |name: &str| {
+            threads(name)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>()
+        };
         let own = crate::priority::current_thread_nice().expect("nice");
         let dir = tempfile::tempdir().expect("tempdir");
         let _engine = Engine::open(
@@ -840,6 +850,19 @@ mod tests {
             !nices("pairdb-flush").contains(&17),
             "{:?}",
             nices("pairdb-flush")
+        );
+        let idle = crate::priority::IO_CLASS_IDLE;
+        assert!(
+            threads("pairdb-compacti").contains(&(17.max(own), idle)),
+            "{:?}",
+            threads("pairdb-compacti")
+        );
+        assert!(
+            threads("pairdb-flush")
+                .iter()
+                .all(|&(_, class)| class != idle),
+            "{:?}",
+            threads("pairdb-flush")
         );
     }
 
