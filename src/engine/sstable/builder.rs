@@ -21,10 +21,11 @@ use super::{FOOTER_LEN, MAGIC, TableMeta};
 /// when its mapping is read, clean.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// Where direct I/O is not available, a table's bytes are handed to writeback every this many bytes as they are written, each
-/// time after the previous step's writeback finished, so a 64 MiB flush or compaction output
-/// reaches the device steadily, at most about two steps in flight, instead of in one burst at
-/// its fsync or in a deep queue, where every commit-log fsync of the node would wait behind it.
+/// Where direct I/O is not available, a table's bytes are handed to writeback every this many
+/// bytes as they are written, each time after the previous step's writeback finished, so a
+/// 64 MiB flush or compaction output reaches the device steadily, at most about two steps in
+/// flight, instead of in one burst at its fsync or in a deep queue, where every commit-log
+/// fsync of the node would wait behind it.
 const WRITE_BEHIND: u64 = 1 << 20;
 
 pub struct TableBuilder {
