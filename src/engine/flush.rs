@@ -60,6 +60,7 @@ impl Core {
             id,
             self.options.block_bytes,
             self.options.table_format,
+            self.options.direct_table_writes,
         )?;
         for (ikey, record) in memtable.iter() {
             builder.add(&ikey, &record)?;

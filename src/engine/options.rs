@@ -94,6 +94,12 @@ pub struct EngineOptions {
     pub skip_corrupt_log: bool,
     /// Run the flush and compaction workers (tests may drive them by hand).
     pub background: bool,
+    /// Write tables (flush and compaction outputs) with direct I/O, bypassing the page cache
+    /// (RocksDB's `use_direct_io_for_flush_and_compaction`). For nodes whose data is larger
+    /// than their memory limit: no dirty table pages for reclaim to wait on. The cost: a table
+    /// is cold when written, so reads of fresh data go to the device (cluster GETs 12-26%
+    /// slower right after a write load, docs/benchmarks.md "Round 3, step 11"). Off by default.
+    pub direct_table_writes: bool,
     /// Nice value of the compaction thread (`crate::priority`; 0: the process's own). Unless
     /// 0, its disk I/O is also put in the idle class (`priority::idle_current_thread_io`).
     /// Flushes keep the process's priority: writers wait for them once memtables are full.
@@ -120,6 +126,7 @@ impl Default for EngineOptions {
             compaction_bytes_per_sec: Some(64 << 20),
             skip_corrupt_log: false,
             background: true,
+            direct_table_writes: false,
             compaction_nice: crate::priority::DEFAULT_BACKGROUND_NICE,
             vfs: vfs::real(),
         }

@@ -303,6 +303,8 @@ pub fn child(args: &[String]) -> Result<()> {
                 sync: SyncMode::Always,
                 cache_bytes: cache,
                 max_immutable_memtables: frozen,
+                // Data larger than memory: tables bypass the page cache (step 11).
+                direct_table_writes: true,
                 ..EngineOptions::default()
             },
         )?),

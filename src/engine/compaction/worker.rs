@@ -200,6 +200,7 @@ impl Core {
                     id,
                     self.options.block_bytes,
                     self.options.table_format,
+                    self.options.direct_table_writes,
                 )?);
             }
             if let Some(b) = builder.as_mut() {

@@ -12,16 +12,17 @@ use super::block::{TableFormat, encode_entry};
 use super::bloom::{Bloom, key_hash};
 use super::{FOOTER_LEN, MAGIC, TableMeta};
 
-/// A table is written with direct I/O where the file system allows it ([`Vfs::create_direct`]),
-/// this many bytes per write, each written to the device before the next: a flush or
+/// With `direct_table_writes` (`EngineOptions`), a table is written with direct I/O where the
+/// file system allows it ([`Vfs::create_direct`]), this many bytes per write, each written to
+/// the device before the next (without, this is the buffer's size): a flush or
 /// compaction output then never fills the page cache with dirty and writeback pages. Under a
 /// memory limit those were what reclaim found and waited on (up to 100 ms at a time) in every
 /// thread that needed a page, a writer appending to the commit log among them
 /// (docs/benchmarks.md, round 3, steps 10 and 11). The table's blocks enter the page cache
-/// when its mapping is read, clean.
+/// when its mapping is read, clean, and so from the device: a just-written table is cold.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// Where direct I/O is not available, a table's bytes are handed to writeback every this many
+/// Where tables are written through the page cache, their bytes are handed to writeback every this many
 /// bytes as they are written, each time after the previous step's writeback finished, so a
 /// 64 MiB flush or compaction output reaches the device steadily, at most about two steps in
 /// flight, instead of in one burst at its fsync or in a deep queue, where every commit-log
@@ -53,10 +54,16 @@ impl TableBuilder {
         id: u64,
         block_bytes: usize,
         format: TableFormat,
+        direct: bool,
     ) -> Result<Self> {
         // Exclusive: ids are never reused, and a table file may be a hard link shared with a
         // snapshot, which truncating an existing name would destroy.
-        let file = vfs.create_direct(path).map_err(|e| io(path, e))?;
+        let file = if direct {
+            vfs.create_direct(path)
+        } else {
+            vfs.create(path, true)
+        }
+        .map_err(|e| io(path, e))?;
         let out = BufferedWriter::new(file, WRITE_BUFFER)
             .map_err(|e| io(path, e))?
             .with_write_behind(WRITE_BEHIND);

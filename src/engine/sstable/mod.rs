@@ -435,7 +435,7 @@ mod tests {
     fn build_in(dir: &Path, n: u32, format: TableFormat) -> Arc<SsTable> {
         let path = dir.join(table_file_name(1));
         let _ = std::fs::remove_file(&path);
-        let mut b = TableBuilder::create(&RealVfs, &path, 1, 512, format).expect("create");
+        let mut b = TableBuilder::create(&RealVfs, &path, 1, 512, format, true).expect("create");
         for i in 0..n {
             let r = rec(i);
             b.add(&r.internal_key(), &r).expect("add");
