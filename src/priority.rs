@@ -42,7 +42,8 @@ pub fn lower_current_thread(nice: u8) {
 /// `ioprio_set`/`ioprio_get` constants (linux/ioprio.h).
 const IOPRIO_WHO_PROCESS: libc::c_int = 1;
 const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
-const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+/// The idle I/O class (`IOPRIO_CLASS_IDLE`), as [`thread_io_class`] reports it.
+pub const IO_CLASS_IDLE: libc::c_int = 3;
 
 /// Puts the calling thread's disk I/O in the idle class: an I/O scheduler with priorities
 /// (mq-deadline, BFQ) serves its reads and direct writes only when no request of a higher
@@ -58,7 +59,7 @@ pub fn idle_current_thread_io() {
             libc::SYS_ioprio_set,
             IOPRIO_WHO_PROCESS,
             0,
-            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+            IO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
         )
     };
     if done != 0 {
@@ -76,9 +77,6 @@ pub fn thread_io_class(tid: i32) -> std::io::Result<i32> {
     }
     Ok((prio as i32) >> IOPRIO_CLASS_SHIFT)
 }
-
-/// The idle I/O class, as [`thread_io_class`] reports it.
-pub const IO_CLASS_IDLE: i32 = IOPRIO_CLASS_IDLE;
 
 /// The calling thread's nice value (for logs and tests).
 pub fn current_thread_nice() -> std::io::Result<i32> {
@@ -132,9 +130,9 @@ mod tests {
         })
         .join()
         .unwrap();
-        assert_eq!(idled, IOPRIO_CLASS_IDLE);
+        assert_eq!(idled, IO_CLASS_IDLE);
         assert_eq!(thread_io_class(0).unwrap(), before);
-        assert_ne!(before, IOPRIO_CLASS_IDLE);
+        assert_ne!(before, IO_CLASS_IDLE);
     }
 
     #[test]

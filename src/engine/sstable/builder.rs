@@ -12,9 +12,9 @@ use super::block::{TableFormat, encode_entry};
 use super::bloom::{Bloom, key_hash};
 use super::{FOOTER_LEN, MAGIC, TableMeta};
 
-/// With `direct_table_writes` (`EngineOptions`), a table is written with direct I/O where the
-/// file system allows it ([`Vfs::create_direct`]), this many bytes per write, each written to
-/// the device before the next (without, this is the buffer's size): a flush or
+/// The size of a table's write buffer, so of each write. With `direct_table_writes`
+/// (`EngineOptions`) a table is written with direct I/O where the file system allows it
+/// ([`Vfs::create_direct`]), each write on the device before the next: a flush or
 /// compaction output then never fills the page cache with dirty and writeback pages. Under a
 /// memory limit those were what reclaim found and waited on (up to 100 ms at a time) in every
 /// thread that needed a page, a writer appending to the commit log among them
@@ -22,8 +22,8 @@ use super::{FOOTER_LEN, MAGIC, TableMeta};
 /// when its mapping is read, clean, and so from the device: a just-written table is cold.
 const WRITE_BUFFER: usize = 1 << 20;
 
-/// Where tables are written through the page cache, their bytes are handed to writeback every this many
-/// bytes as they are written, each time after the previous step's writeback finished, so a
+/// Where tables are written through the page cache, their bytes are handed to writeback every
+/// this many bytes as they are written, each time after the previous step's writeback finished, so a
 /// 64 MiB flush or compaction output reaches the device steadily, at most about two steps in
 /// flight, instead of in one burst at its fsync or in a deep queue, where every commit-log
 /// fsync of the node would wait behind it.
