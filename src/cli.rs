@@ -351,6 +351,9 @@ pub enum Workload {
     Writes,
     Reads,
     Mixed,
+    /// Every key written once, in key order, `--batch` keys per request (`POST
+    /// /v1/key-value/batch`); the run ends when all are written (`--duration` is not used).
+    Load,
 }
 
 #[derive(Debug, Args)]
@@ -380,6 +383,9 @@ pub struct BenchArgs {
     /// Do not write every key once before a reads or mixed run.
     #[arg(long)]
     pub no_preload: bool,
+    /// Keys per batch request of `--workload load` and of the preload (the API's limit is 100).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub batch: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

@@ -261,6 +261,7 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         "{report}"
     );
     bench_stops_on_sigterm_with_a_latency_line_per_request(&url, dir.path());
+    bench_load_writes_every_key_once_in_batches(&url);
     let unreachable = pairdb("http://127.0.0.1:1", &["kv", "get", "x"]);
     assert_eq!(unreachable.status.code(), Some(1));
 
@@ -370,6 +371,41 @@ fn kv_admin_and_bench_work_against_a_dev_cluster() {
         String::from_utf8_lossy(&bad.stderr)
     );
     assert!(said.contains("INVALID_REQUEST"), "{said}");
+}
+
+/// `pairdb bench --workload load`: 250 keys in batches of 100 are three requests, and every
+/// key reads back with the loaded value; the key after the last is not written.
+fn bench_load_writes_every_key_once_in_batches(url: &str) {
+    let report = json_out(&pairdb(
+        url,
+        &[
+            "bench",
+            "--workload",
+            "load",
+            "--keys",
+            "250",
+            "--batch",
+            "100",
+            "--value-size",
+            "7",
+            "--concurrency",
+            "2",
+            "--json",
+        ],
+    ));
+    assert_eq!(report["keys_written"], 250, "{report}");
+    assert_eq!(report["requests"], 3, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    for key in ["k0", "k99", "k100", "k249"] {
+        assert_eq!(
+            json_out(&pairdb(url, &["kv", "get", key, "--consistency", "all"]))["value"],
+            "xxxxxxx",
+            "{key}"
+        );
+    }
+    let missing = pairdb(url, &["kv", "get", "k250"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("KEY_NOT_FOUND"));
 }
 
 /// A paced `pairdb bench` with an hour to run, stopped by SIGTERM after about 2 s: it exits 0

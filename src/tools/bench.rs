@@ -2,12 +2,17 @@
 //! request in flight for `--duration` (writes, reads or an even mix over `--keys` keys with
 //! `--value-size`-byte string values at `--consistency`); reads first write every key once
 //! (`--no-preload` skips that). `--rate N` paces the run at N requests per second in total
-//! (open loop: a request's latency counts from when it was due). Latencies go into HDR histograms (one per worker, merged), a
-//! progress bar shows the running rate, and the end prints throughput and p50/p90/p99/p99.9,
-//! or one JSON object with `--json`. SIGINT or SIGTERM ends the run early, with the report of
-//! what ran. `--latency-log FILE` also writes one line per request (due time in Unix µs,
-//! latency µs, status), so a benchmark script can take percentiles over any span of one
-//! continuous load (e.g. before and during a topology change).
+//! (open loop: a request's latency counts from when it was due). `--workload load` instead
+//! writes every key once, in key order, `--batch` keys per `POST /v1/key-value/batch`, and
+//! ends when all are written: a preload for large key sets, which the reads' preload uses
+//! too. A batch that fails is sent again whole, up to three times.
+//!
+//! Latencies go into HDR histograms (one per worker, merged), a progress bar shows the running
+//! rate, and the end prints throughput and p50/p90/p99/p99.9, or one JSON object with
+//! `--json`. SIGINT or SIGTERM ends the run early, with the report of what ran.
+//! `--latency-log FILE` also writes one line per request (due time in Unix µs, latency µs,
+//! status), so a benchmark script can take percentiles over any span of one continuous load
+//! (e.g. before and during a topology change).
 //!
 //! The request shapes are those of `../shared/bench/wrk/pairdb_*.lua`, so its numbers can be
 //! compared with wrk's.
@@ -36,6 +41,11 @@ pub struct Report {
     pub latency_ms: BTreeMap<String, f64>,
     /// Answers by HTTP status (0 = no answer).
     pub statuses: BTreeMap<u16, u64>,
+    /// `--workload load`: the keys written (each request carries up to `--batch` of them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_written: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys_per_second: Option<f64>,
 }
 
 struct Worker {
@@ -111,33 +121,29 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let consistency: Arc<str> = args.consistency.clone().into();
     let keys = args.keys.max(1);
 
-    let preload = !args.no_preload && args.workload != Workload::Writes;
-    if preload {
-        let next_key = Arc::new(AtomicU64::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..args.concurrency {
-            let (client, url, value, consistency, next_key) = (
-                client.clone(),
-                url.clone(),
-                value.clone(),
-                consistency.clone(),
-                next_key.clone(),
+    // SIGINT or SIGTERM: workers finish the request in flight and stop.
+    let stopped = crate::shutdown::on_signal().context("signal handlers")?;
+    let target = LoadTarget {
+        client: &client,
+        url: &url,
+        value: &value,
+        consistency: &consistency,
+        concurrency: args.concurrency,
+    };
+    if args.workload == Workload::Load {
+        return load_report(args, &target, &stopped).await;
+    }
+    if !args.no_preload && args.workload != Workload::Writes {
+        let batches = Batches::new(keys, args.batch);
+        let hidden = indicatif::ProgressBar::hidden();
+        let loaded = load(&target, &batches, &stopped, &hidden).await?;
+        if loaded.failed > 0 || loaded.written < keys {
+            anyhow::bail!(
+                "preload wrote {} of {keys} keys ({} failed): {:?}",
+                loaded.written,
+                loaded.failed,
+                loaded.statuses
             );
-            tasks.spawn(async move {
-                loop {
-                    let key = next_key.fetch_add(1, Ordering::Relaxed);
-                    if key >= keys {
-                        return Ok(());
-                    }
-                    let status = one(&client, &url, true, key, &value, &consistency).await;
-                    if status != 200 {
-                        anyhow::bail!("preload of k{key} answered {status}");
-                    }
-                }
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            done??;
         }
     }
 
@@ -153,8 +159,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     );
     let started = Instant::now();
     let deadline = started + duration;
-    // SIGINT or SIGTERM: workers finish the request in flight and stop.
-    let stopped = crate::shutdown::on_signal().context("signal handlers")?;
     let (log, log_writer) = match &args.latency_log {
         Some(path) => {
             let (tx, writer) = latency_log(path)?;
@@ -196,7 +200,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             while Instant::now() < deadline && !stopped.is_cancelled() {
                 let r = next(&mut rng);
                 let write = match workload {
-                    Workload::Writes => true,
+                    Workload::Writes | Workload::Load => true,
                     Workload::Reads => false,
                     Workload::Mixed => r & 1 == 0,
                 };
@@ -263,14 +267,6 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         .filter(|(s, _)| **s != 200)
         .map(|(_, n)| n)
         .sum();
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-    let latency_ms = BTreeMap::from([
-        ("p50".to_owned(), ms(0.5)),
-        ("p90".to_owned(), ms(0.9)),
-        ("p99".to_owned(), ms(0.99)),
-        ("p99.9".to_owned(), ms(0.999)),
-        ("max".to_owned(), histogram.max() as f64 / 1000.0),
-    ]);
     Ok(Report {
         workload: format!("{:?}", args.workload).to_lowercase(),
         consistency: args.consistency.clone(),
@@ -279,8 +275,233 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         requests,
         errors,
         requests_per_second: requests as f64 / seconds.max(0.001),
-        latency_ms,
+        latency_ms: percentiles(&histogram),
         statuses,
+        keys_written: None,
+        keys_per_second: None,
+    })
+}
+
+fn percentiles(histogram: &Histogram<u64>) -> BTreeMap<String, f64> {
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    BTreeMap::from([
+        ("p50".to_owned(), ms(0.5)),
+        ("p90".to_owned(), ms(0.9)),
+        ("p99".to_owned(), ms(0.99)),
+        ("p99.9".to_owned(), ms(0.999)),
+        ("max".to_owned(), histogram.max() as f64 / 1000.0),
+    ])
+}
+
+/// The key ranges of a load, handed out in key order: batch `i` is keys `i*size ..`.
+struct Batches {
+    keys: u64,
+    size: u64,
+    next: AtomicU64,
+}
+
+impl Batches {
+    fn new(keys: u64, size: u64) -> Self {
+        Self {
+            keys,
+            size: size.max(1),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// The next batch's keys, or `None` once every key was handed out.
+    fn take(&self) -> Option<std::ops::Range<u64>> {
+        let first = self
+            .next
+            .fetch_add(1, Ordering::Relaxed)
+            .checked_mul(self.size)?;
+        (first < self.keys).then(|| first..self.keys.min(first.saturating_add(self.size)))
+    }
+}
+
+/// What a load did: request latencies and statuses, keys written and keys not written.
+struct Loaded {
+    histogram: Histogram<u64>,
+    statuses: BTreeMap<u16, u64>,
+    written: u64,
+    failed: u64,
+}
+
+/// Attempts per batch: a batch that got no answer, a non-200 or an item error is sent again
+/// whole (a put of the same value again is harmless), at most this many times in all.
+const LOAD_ATTEMPTS: u32 = 3;
+
+/// Where and what a load writes.
+struct LoadTarget<'a> {
+    client: &'a reqwest::Client,
+    url: &'a str,
+    value: &'a str,
+    consistency: &'a str,
+    /// Batch requests in flight.
+    concurrency: u32,
+}
+
+/// Writes every key of `batches` once, until all are written or `stopped`; `progress` advances
+/// by the keys of each written batch.
+async fn load(
+    target: &LoadTarget<'_>,
+    batches: &Batches,
+    stopped: &tokio_util::sync::CancellationToken,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Loaded> {
+    let LoadTarget {
+        client,
+        url,
+        value,
+        consistency,
+        concurrency,
+    } = *target;
+    let worker = || async {
+        let mut done = Loaded {
+            histogram: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|e| anyhow::anyhow!("histogram: {e}"))?,
+            statuses: BTreeMap::new(),
+            written: 0,
+            failed: 0,
+        };
+        while let Some(range) = batches.take() {
+            if stopped.is_cancelled() {
+                break;
+            }
+            let keys = range.end - range.start;
+            let body = batch_body(range, value, consistency);
+            let mut ok = false;
+            for _ in 0..LOAD_ATTEMPTS {
+                let sent = Instant::now();
+                let (status, item_errors) = batch_put(client, url, body.clone()).await;
+                done.histogram
+                    .saturating_record(sent.elapsed().as_micros().max(1) as u64);
+                *done.statuses.entry(status).or_insert(0) += 1;
+                if status == 200 && item_errors == 0 {
+                    ok = true;
+                    break;
+                }
+            }
+            if ok {
+                progress.inc(keys);
+                done.written += keys;
+            } else {
+                done.failed += keys;
+            }
+        }
+        Ok::<Loaded, anyhow::Error>(done)
+    };
+    let workers = futures::future::join_all((0..concurrency).map(|_| worker())).await;
+    let mut total = Loaded {
+        histogram: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?,
+        statuses: BTreeMap::new(),
+        written: 0,
+        failed: 0,
+    };
+    for w in workers {
+        let w = w?;
+        total
+            .histogram
+            .add(&w.histogram)
+            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+        for (s, n) in w.statuses {
+            *total.statuses.entry(s).or_insert(0) += n;
+        }
+        total.written += w.written;
+        total.failed += w.failed;
+    }
+    Ok(total)
+}
+
+/// A `POST /v1/key-value/batch` body putting `value` under `k{n}` for every `n` of `keys`
+/// (keys and value need no JSON escaping: digits, and the value is `x`s).
+fn batch_body(keys: std::ops::Range<u64>, value: &str, consistency: &str) -> String {
+    let items: Vec<String> = keys
+        .map(|n| format!(r#"{{"key":"k{n}","value":"{value}"}}"#))
+        .collect();
+    format!(
+        r#"{{"items":[{}],"consistency":"{consistency}"}}"#,
+        items.join(",")
+    )
+}
+
+/// One batch request: its HTTP status (0: no answer) and how many items did not succeed.
+async fn batch_put(client: &reqwest::Client, url: &str, body: String) -> (u16, usize) {
+    #[derive(serde::Deserialize)]
+    struct Item {
+        status: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        results: Vec<Item>,
+    }
+    let sent = client
+        .post(format!("{url}/v1/key-value/batch"))
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    let Ok(response) = sent else {
+        return (0, 0);
+    };
+    let status = response.status().as_u16();
+    match response.json::<Answer>().await {
+        Ok(answer) => (
+            status,
+            answer
+                .results
+                .iter()
+                .filter(|i| i.status != "success")
+                .count(),
+        ),
+        // An error answer has no `results`; its status says what went wrong.
+        Err(_) => (status, usize::from(status == 200)),
+    }
+}
+
+/// `--workload load`: the load with a progress bar over the keys, reported like a run.
+async fn load_report(
+    args: &BenchArgs,
+    target: &LoadTarget<'_>,
+    stopped: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Report> {
+    let keys = args.keys.max(1);
+    let batches = Batches::new(keys, args.batch);
+    let progress = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(keys)
+    };
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} keys, {per_sec}, eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let loaded = load(target, &batches, stopped, &progress).await?;
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let requests = loaded.histogram.len();
+    let errors = loaded
+        .statuses
+        .iter()
+        .filter(|(s, _)| **s != 200)
+        .map(|(_, n)| n)
+        .sum();
+    Ok(Report {
+        workload: "load".to_owned(),
+        consistency: args.consistency.clone(),
+        concurrency: args.concurrency,
+        seconds,
+        requests,
+        errors,
+        requests_per_second: requests as f64 / seconds.max(0.001),
+        latency_ms: percentiles(&loaded.histogram),
+        statuses: loaded.statuses,
+        keys_written: Some(loaded.written),
+        keys_per_second: Some(loaded.written as f64 / seconds.max(0.001)),
     })
 }
 
@@ -332,6 +553,10 @@ impl std::fmt::Display for Report {
             get("p99.9"),
             get("max")
         )?;
-        write!(f, "statuses: {:?}", self.statuses)
+        write!(f, "statuses: {:?}", self.statuses)?;
+        if let (Some(keys), Some(rate)) = (self.keys_written, self.keys_per_second) {
+            write!(f, "\nkeys written: {keys}, {rate:.0}/s")?;
+        }
+        Ok(())
     }
 }
