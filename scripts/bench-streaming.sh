@@ -169,34 +169,6 @@ remove_s4() {
   stop_s4
 }
 
-# Waits until no storage node flushed or compacted for QUIET seconds (at most SETTLE), so a
-# phase starts without the previous one's compaction debt.
-settle() {
-  python3 - "$SETTLE" "${QUIET:-10}" "$BASE_PORT" <<'PY'
-import re, sys, time, urllib.request
-limit, quiet, base = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-def work():
-    total = 0.0
-    for i in (1, 2, 3, 4):
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{base + i + 1000}/metrics", timeout=1).read().decode()
-        except OSError:
-            continue
-        for m in re.finditer(r'^pairdb_engine_(?:flushes|compaction_bytes_written)\{[^}]*\} ([0-9.eE+-]+)$', text, re.M):
-            total += float(m.group(1))
-    return total
-start = time.monotonic(); last = work(); still = time.monotonic()
-while time.monotonic() - start < limit:
-    time.sleep(1)
-    now = work()
-    if now != last:
-        last, still = now, time.monotonic()
-    elif time.monotonic() - still >= quiet:
-        break
-print(f"settled after {time.monotonic() - start:.0f} s", file=sys.stderr)
-PY
-}
-
 # Phase 1 and 2 stream unthrottled (the default stream_rate_limit is 8 MiB/s).
 PAIRDB_STORAGE_STREAM_RATE_LIMIT=0 scripts/cluster.sh start
 curl -fsS -X POST "$URL/v1/tenants" -H 'Content-Type: application/json' \
