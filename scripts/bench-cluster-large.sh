@@ -54,11 +54,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Resident memory (MiB) of each pid given, as "name=MiB" words.
+# Resident memory of each pid given, as "name=ANON+FILE" words in MiB: the process's own
+# memory, and the mapped file pages it touched (pairdb maps its tables; the kernel can drop
+# those pages under pressure).
 rss() { # name=pid ...
   local pair
   for pair in "$@"; do
-    printf '%s=%s ' "${pair%%=*}" "$(awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/${pair#*=}/status" 2>/dev/null || echo gone)"
+    printf '%s=%s ' "${pair%%=*}" "$(awk '/^RssAnon/ {a = $2} /^RssFile/ {f = $2}
+      END {printf "%.0f+%.0f", a / 1024, f / 1024}' "/proc/${pair#*=}/status" 2>/dev/null || echo gone)"
   done
   echo
 }
@@ -117,8 +120,9 @@ MEMBERS=(m1="${ETCD_PIDS[0]}" m2="${ETCD_PIDS[1]}" m3="${ETCD_PIDS[2]}")
 echo "== etcd: loading $KEYS keys (leader $leader)"
 python3 "$BENCH/preload.py" etcd "$leader" --keyspace "$KEYS" --value-size "$VALUE_SIZE" \
   --concurrency 16 --max-seconds "$ETCD_LOAD_SECONDS" 2>&1 | tee "$OUT/etcd-load.txt" || true
-# preload.py's workers each stop at their first refused batch: the keys below the lowest
-# refused batch are all written, so the reads draw from those.
+# preload.py's workers each stop at their first refused batch, so the keys written are about the
+# first ETCD_KEYS (a few batches just below may be missing: etcd answers those reads with an
+# empty range); the reads draw from those.
 ETCD_KEYS="$(sed -n 's/^preload etcd: \([0-9]*\)\/.*/\1/p' "$OUT/etcd-load.txt")"
 [ -n "$ETCD_KEYS" ] && [ "$ETCD_KEYS" -gt 0 ] || { echo "etcd took no keys" >&2; exit 1; }
 etcd_status 2>&1 | tee "$OUT/etcd-status.txt"
