@@ -406,6 +406,23 @@ fn bench_load_writes_every_key_once_in_batches(url: &str) {
     let missing = pairdb(url, &["kv", "get", "k250"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("KEY_NOT_FOUND"));
+    // A refused batch is tried three times, then counted as not written.
+    let refused = json_out(&pairdb(
+        url,
+        &[
+            "bench",
+            "--workload",
+            "load",
+            "--keys",
+            "5",
+            "--tenant",
+            "no-such-tenant",
+            "--json",
+        ],
+    ));
+    assert_eq!(refused["keys_written"], 0, "{refused}");
+    assert_eq!(refused["requests"], 3, "{refused}");
+    assert_eq!(refused["errors"], 3, "{refused}");
 }
 
 /// A paced `pairdb bench` with an hour to run, stopped by SIGTERM after about 2 s: it exits 0

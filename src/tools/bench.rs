@@ -36,6 +36,7 @@ pub struct Report {
     pub concurrency: u32,
     pub seconds: f64,
     pub requests: u64,
+    /// Requests that failed: not a 200 (for `load`: or with an item that did not succeed).
     pub errors: u64,
     pub requests_per_second: f64,
     pub latency_ms: BTreeMap<String, f64>,
@@ -187,8 +188,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         let workload = args.workload;
         tasks.spawn(async move {
             let mut w = Worker {
-                histogram: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                    .map_err(|e| anyhow::anyhow!("histogram: {e}"))?,
+                histogram: latency_histogram()?,
                 statuses: BTreeMap::new(),
             };
             let mut rng = 0x9E37_79B9_7F4A_7C15u64
@@ -242,8 +242,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         })
     };
 
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+    let mut histogram = latency_histogram()?;
     let mut statuses = BTreeMap::new();
     while let Some(finished) = tasks.join_next().await {
         let w = finished??;
@@ -323,8 +322,28 @@ impl Batches {
 struct Loaded {
     histogram: Histogram<u64>,
     statuses: BTreeMap<u16, u64>,
+    /// Requests that were not a 200 with every item a success.
+    failed_attempts: u64,
     written: u64,
     failed: u64,
+}
+
+impl Loaded {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            histogram: latency_histogram()?,
+            statuses: BTreeMap::new(),
+            failed_attempts: 0,
+            written: 0,
+            failed: 0,
+        })
+    }
+}
+
+/// Request latencies in µs, 1 µs to 60 s, 3 significant digits.
+fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| anyhow::anyhow!("histogram: {e}"))
 }
 
 /// Attempts per batch: a batch that got no answer, a non-200 or an item error is sent again
@@ -357,30 +376,26 @@ async fn load(
         concurrency,
     } = *target;
     let worker = || async {
-        let mut done = Loaded {
-            histogram: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .map_err(|e| anyhow::anyhow!("histogram: {e}"))?,
-            statuses: BTreeMap::new(),
-            written: 0,
-            failed: 0,
-        };
+        let mut done = Loaded::new()?;
         while let Some(range) = batches.take() {
             if stopped.is_cancelled() {
                 break;
             }
             let keys = range.end - range.start;
+            let items = usize::try_from(keys)?;
             let body = batch_body(range, value, consistency);
             let mut ok = false;
             for _ in 0..LOAD_ATTEMPTS {
                 let sent = Instant::now();
-                let (status, item_errors) = batch_put(client, url, body.clone()).await;
+                let (status, succeeded) = batch_put(client, url, body.clone()).await;
                 done.histogram
                     .saturating_record(sent.elapsed().as_micros().max(1) as u64);
                 *done.statuses.entry(status).or_insert(0) += 1;
-                if status == 200 && item_errors == 0 {
+                if status == 200 && succeeded == items {
                     ok = true;
                     break;
                 }
+                done.failed_attempts += 1;
             }
             if ok {
                 progress.inc(keys);
@@ -392,13 +407,7 @@ async fn load(
         Ok::<Loaded, anyhow::Error>(done)
     };
     let workers = futures::future::join_all((0..concurrency).map(|_| worker())).await;
-    let mut total = Loaded {
-        histogram: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?,
-        statuses: BTreeMap::new(),
-        written: 0,
-        failed: 0,
-    };
+    let mut total = Loaded::new()?;
     for w in workers {
         let w = w?;
         total
@@ -408,6 +417,7 @@ async fn load(
         for (s, n) in w.statuses {
             *total.statuses.entry(s).or_insert(0) += n;
         }
+        total.failed_attempts += w.failed_attempts;
         total.written += w.written;
         total.failed += w.failed;
     }
@@ -426,7 +436,7 @@ fn batch_body(keys: std::ops::Range<u64>, value: &str, consistency: &str) -> Str
     )
 }
 
-/// One batch request: its HTTP status (0: no answer) and how many items did not succeed.
+/// One batch request: its HTTP status (0: no answer) and how many of its items succeeded.
 async fn batch_put(client: &reqwest::Client, url: &str, body: String) -> (u16, usize) {
     #[derive(serde::Deserialize)]
     struct Item {
@@ -452,11 +462,11 @@ async fn batch_put(client: &reqwest::Client, url: &str, body: String) -> (u16, u
             answer
                 .results
                 .iter()
-                .filter(|i| i.status != "success")
+                .filter(|i| i.status == "success")
                 .count(),
         ),
         // An error answer has no `results`; its status says what went wrong.
-        Err(_) => (status, usize::from(status == 200)),
+        Err(_) => (status, 0),
     }
 }
 
@@ -484,19 +494,13 @@ async fn load_report(
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let requests = loaded.histogram.len();
-    let errors = loaded
-        .statuses
-        .iter()
-        .filter(|(s, _)| **s != 200)
-        .map(|(_, n)| n)
-        .sum();
     Ok(Report {
         workload: "load".to_owned(),
         consistency: args.consistency.clone(),
         concurrency: args.concurrency,
         seconds,
         requests,
-        errors,
+        errors: loaded.failed_attempts,
         requests_per_second: requests as f64 / seconds.max(0.001),
         latency_ms: percentiles(&loaded.histogram),
         statuses: loaded.statuses,
