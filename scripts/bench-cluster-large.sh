@@ -16,7 +16,9 @@
 # Env: KEYS (10000000), DURATION (10 s per workload and connection count), CONNS ("16 64"),
 # LOAD_CONCURRENCY (32 batch requests in flight), SETTLE (600: at most this long for the
 # load's compactions to finish before the workloads; QUIET 10), ETCD_LOAD_SECONDS (3600),
-# PAIRDB_BIN (a prebuilt binary; without it the release build). Needs etcd, etcdctl, wrk,
+# ETCD_SETTLE (60: seconds etcd gets after its load before the workloads, as pairdb gets its
+# compactions), STORES ("pairdb etcd"; one of them alone skips the ratio table), PAIRDB_BIN (a
+# prebuilt binary; without it the release build). Needs etcd, etcdctl, wrk,
 # curl, python3 (../shared/bench/install.sh). Everything binds to 127.0.0.1 and is stopped on
 # exit; data goes under /tmp and is removed at the end.
 set -euo pipefail
@@ -28,6 +30,8 @@ export RESULTS_DIR="${RESULTS_DIR:-/tmp/pairdb-bench-results}"
 LOAD_CONCURRENCY="${LOAD_CONCURRENCY:-32}"
 export SETTLE="${SETTLE:-600}"
 ETCD_LOAD_SECONDS="${ETCD_LOAD_SECONDS:-3600}"
+ETCD_SETTLE="${ETCD_SETTLE:-60}"
+STORES="${STORES:-pairdb etcd}"
 ETCD_DATA=/tmp/etcd-bench-large
 ETCD_PORT=23890
 mkdir -p "$RESULTS_DIR"
@@ -67,78 +71,86 @@ rss() { # name=pid ...
 }
 mib() { du -sm "$1" | cut -f1; }
 
-# ---- pairdb ----
-rm -rf "$CLUSTER_DIR"
-scripts/cluster.sh start
-curl -fsS -X POST "$URL/v1/tenants" -H 'Content-Type: application/json' \
-  -d '{"tenant_id":"bench","replication_factor":3}' >/dev/null
-NODES=()
-for f in "$CLUSTER_DIR"/pids/*.pid; do NODES+=("$(basename "$f" .pid)=$(cat "$f")"); done
+run_pairdb() {
+  rm -rf "$CLUSTER_DIR"
+  scripts/cluster.sh start
+  curl -fsS -X POST "$URL/v1/tenants" -H 'Content-Type: application/json' \
+    -d '{"tenant_id":"bench","replication_factor":3}' >/dev/null
+  NODES=()
+  for f in "$CLUSTER_DIR"/pids/*.pid; do NODES+=("$(basename "$f" .pid)=$(cat "$f")"); done
 
-echo "== pairdb: loading $KEYS keys"
-"$BIN" bench --url "$URL" --tenant bench --workload load --keys "$KEYS" --value-size "$VALUE_SIZE" \
-  --concurrency "$LOAD_CONCURRENCY" --json | tee "$OUT/pairdb-load.json"
-echo "disk after the load (MiB): s1=$(mib "$CLUSTER_DIR/s1") s2=$(mib "$CLUSTER_DIR/s2") s3=$(mib "$CLUSTER_DIR/s3")" | tee "$OUT/pairdb-disk.txt"
-settle 2>&1 | tee -a "$OUT/pairdb-disk.txt"
-echo "disk after compaction (MiB): s1=$(mib "$CLUSTER_DIR/s1") s2=$(mib "$CLUSTER_DIR/s2") s3=$(mib "$CLUSTER_DIR/s3")" | tee -a "$OUT/pairdb-disk.txt"
-echo "rss before the workloads (MiB): $(rss "${NODES[@]}")" | tee "$OUT/pairdb-rss.txt"
+  echo "== pairdb: loading $KEYS keys"
+  "$BIN" bench --url "$URL" --tenant bench --workload load --keys "$KEYS" --value-size "$VALUE_SIZE" \
+    --concurrency "$LOAD_CONCURRENCY" --json | tee "$OUT/pairdb-load.json"
+  echo "disk after the load (MiB): s1=$(mib "$CLUSTER_DIR/s1") s2=$(mib "$CLUSTER_DIR/s2") s3=$(mib "$CLUSTER_DIR/s3")" | tee "$OUT/pairdb-disk.txt"
+  settle 2>&1 | tee -a "$OUT/pairdb-disk.txt"
+  echo "disk after compaction (MiB): s1=$(mib "$CLUSTER_DIR/s1") s2=$(mib "$CLUSTER_DIR/s2") s3=$(mib "$CLUSTER_DIR/s3")" | tee -a "$OUT/pairdb-disk.txt"
+  echo "rss before the workloads (MiB): $(rss "${NODES[@]}")" | tee "$OUT/pairdb-rss.txt"
 
-export PAIRDB_TENANT=bench SERVER_PIDS="$(scripts/cluster.sh pids)" KEYSPACE="$KEYS"
-RESULTS_DIR="$OUT" CONSISTENCY=quorum WORKLOADS="put get" PRELOAD=0 "$BENCH/pairdb.sh" "$URL"
-RESULTS_DIR="$OUT" CONSISTENCY=one WORKLOADS="get" PRELOAD=0 "$BENCH/pairdb.sh" "$URL"
-echo "rss after the workloads (MiB): $(rss "${NODES[@]}")" | tee -a "$OUT/pairdb-rss.txt"
-scripts/cluster.sh stop
-rm -rf "$CLUSTER_DIR"
+  export PAIRDB_TENANT=bench SERVER_PIDS="$(scripts/cluster.sh pids)" KEYSPACE="$KEYS"
+  RESULTS_DIR="$OUT" CONSISTENCY=quorum WORKLOADS="put get" PRELOAD=0 "$BENCH/pairdb.sh" "$URL"
+  RESULTS_DIR="$OUT" CONSISTENCY=one WORKLOADS="get" PRELOAD=0 "$BENCH/pairdb.sh" "$URL"
+  echo "rss after the workloads (MiB): $(rss "${NODES[@]}")" | tee -a "$OUT/pairdb-rss.txt"
+  scripts/cluster.sh stop
+  rm -rf "$CLUSTER_DIR"
+}
 
-# ---- etcd: 3 members on loopback, default quota ----
-need etcd etcdctl
-rm -rf "$ETCD_DATA"; mkdir -p "$ETCD_DATA"
-client_url() { echo "http://127.0.0.1:$((ETCD_PORT + $1))"; }
-peer_url() { echo "http://127.0.0.1:$((ETCD_PORT + 10 + $1))"; }
-members="m1=$(peer_url 1),m2=$(peer_url 2),m3=$(peer_url 3)"
-endpoints="$(client_url 1),$(client_url 2),$(client_url 3)"
-for i in 1 2 3; do
-  etcd --name "m$i" --data-dir "$ETCD_DATA/m$i" \
-    --listen-client-urls "$(client_url "$i")" --advertise-client-urls "$(client_url "$i")" \
-    --listen-peer-urls "$(peer_url "$i")" --initial-advertise-peer-urls "$(peer_url "$i")" \
-    --initial-cluster "$members" --initial-cluster-state new --initial-cluster-token etcd-large \
-    --logger zap --log-outputs "$ETCD_DATA/m$i.log" --log-level warn >"$ETCD_DATA/m$i.stdout" 2>&1 &
-  ETCD_PIDS+=($!)
-done
-for _ in $(seq 1 60); do
-  etcdctl --endpoints="$endpoints" endpoint health >/dev/null 2>&1 && break
-  sleep 0.5
-done
-etcd_status() { etcdctl --endpoints="$endpoints" endpoint status -w table; etcdctl --endpoints="$endpoints" alarm list; }
-leader="$(etcdctl --endpoints="$endpoints" endpoint status -w json | python3 -c '
+# etcd: 3 members on loopback, default quota.
+run_etcd() {
+  need etcd etcdctl
+  rm -rf "$ETCD_DATA"; mkdir -p "$ETCD_DATA"
+  client_url() { echo "http://127.0.0.1:$((ETCD_PORT + $1))"; }
+  peer_url() { echo "http://127.0.0.1:$((ETCD_PORT + 10 + $1))"; }
+  members="m1=$(peer_url 1),m2=$(peer_url 2),m3=$(peer_url 3)"
+  endpoints="$(client_url 1),$(client_url 2),$(client_url 3)"
+  for i in 1 2 3; do
+    etcd --name "m$i" --data-dir "$ETCD_DATA/m$i" \
+      --listen-client-urls "$(client_url "$i")" --advertise-client-urls "$(client_url "$i")" \
+      --listen-peer-urls "$(peer_url "$i")" --initial-advertise-peer-urls "$(peer_url "$i")" \
+      --initial-cluster "$members" --initial-cluster-state new --initial-cluster-token etcd-large \
+      --logger zap --log-outputs "$ETCD_DATA/m$i.log" --log-level warn >"$ETCD_DATA/m$i.stdout" 2>&1 &
+    ETCD_PIDS+=($!)
+  done
+  for _ in $(seq 1 60); do
+    etcdctl --endpoints="$endpoints" endpoint health >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  etcd_status() { etcdctl --endpoints="$endpoints" endpoint status -w table; etcdctl --endpoints="$endpoints" alarm list; }
+  leader="$(etcdctl --endpoints="$endpoints" endpoint status -w json | python3 -c '
 import json, sys
 for e in json.load(sys.stdin):
     if e["Status"]["header"]["member_id"] == e["Status"]["leader"]:
         print(e["Endpoint"]); break')"
-MEMBERS=(m1="${ETCD_PIDS[0]}" m2="${ETCD_PIDS[1]}" m3="${ETCD_PIDS[2]}")
+  MEMBERS=(m1="${ETCD_PIDS[0]}" m2="${ETCD_PIDS[1]}" m3="${ETCD_PIDS[2]}")
 
-echo "== etcd: loading $KEYS keys (leader $leader)"
-python3 "$BENCH/preload.py" etcd "$leader" --keyspace "$KEYS" --value-size "$VALUE_SIZE" \
-  --concurrency 16 --max-seconds "$ETCD_LOAD_SECONDS" 2>&1 | tee "$OUT/etcd-load.txt" || true
-# preload.py's workers each stop at their first refused batch, so the keys written are about the
-# first ETCD_KEYS (a few batches just below may be missing: etcd answers those reads with an
-# empty range); the reads draw from those.
-ETCD_KEYS="$(sed -n 's/^preload etcd: \([0-9]*\)\/.*/\1/p' "$OUT/etcd-load.txt")"
-[ -n "$ETCD_KEYS" ] && [ "$ETCD_KEYS" -gt 0 ] || { echo "etcd took no keys" >&2; exit 1; }
-etcd_status 2>&1 | tee "$OUT/etcd-status.txt"
-echo "disk (MiB): m1=$(mib "$ETCD_DATA/m1") m2=$(mib "$ETCD_DATA/m2") m3=$(mib "$ETCD_DATA/m3")" | tee -a "$OUT/etcd-status.txt"
-echo "rss before the workloads (MiB): $(rss "${MEMBERS[@]}")" | tee "$OUT/etcd-rss.txt"
+  echo "== etcd: loading $KEYS keys (leader $leader)"
+  python3 "$BENCH/preload.py" etcd "$leader" --keyspace "$KEYS" --value-size "$VALUE_SIZE" \
+    --concurrency 16 --max-seconds "$ETCD_LOAD_SECONDS" 2>&1 | tee "$OUT/etcd-load.txt" || true
+  # preload.py's workers each stop at their first refused batch, so the keys written are about the
+  # first ETCD_KEYS (a few batches just below may be missing: etcd answers those reads with an
+  # empty range); the reads draw from those.
+  ETCD_KEYS="$(sed -n 's/^preload etcd: \([0-9]*\)\/.*/\1/p' "$OUT/etcd-load.txt")"
+  [ -n "$ETCD_KEYS" ] && [ "$ETCD_KEYS" -gt 0 ] || { echo "etcd took no keys" >&2; exit 1; }
+  sleep "$ETCD_SETTLE"
+  etcd_status 2>&1 | tee "$OUT/etcd-status.txt"
+  echo "disk (MiB): m1=$(mib "$ETCD_DATA/m1") m2=$(mib "$ETCD_DATA/m2") m3=$(mib "$ETCD_DATA/m3")" | tee -a "$OUT/etcd-status.txt"
+  echo "rss before the workloads (MiB): $(rss "${MEMBERS[@]}")" | tee "$OUT/etcd-rss.txt"
 
-SERVER_PIDS="${ETCD_PIDS[*]}"
-{
-  echo "# etcd with $ETCD_KEYS of $KEYS keys loaded, target $leader"
-  for c in $CONNS; do run_wrk "etcd_put_c${c}_r1" "$c" "$BENCH/wrk/etcd_put.lua" "$leader"; done
-  for c in $CONNS; do KEYSPACE="$ETCD_KEYS" run_wrk "etcd_range_ser_c${c}_r1" "$c" "$BENCH/wrk/etcd_range.lua" "$leader" SERIALIZABLE=1; done
-  for c in $CONNS; do KEYSPACE="$ETCD_KEYS" run_wrk "etcd_range_lin_c${c}_r1" "$c" "$BENCH/wrk/etcd_range.lua" "$leader" SERIALIZABLE=0; done
-} 2>&1 | tee "$OUT/etcd3-wrk.txt"
-echo "rss after the workloads (MiB): $(rss "${MEMBERS[@]}")" | tee -a "$OUT/etcd-rss.txt"
-etcd_status 2>&1 | tee -a "$OUT/etcd-status.txt"
-stop_etcd
+  SERVER_PIDS="${ETCD_PIDS[*]}"
+  {
+    echo "# etcd with $ETCD_KEYS of $KEYS keys loaded, target $leader"
+    for c in $CONNS; do run_wrk "etcd_put_c${c}_r1" "$c" "$BENCH/wrk/etcd_put.lua" "$leader"; done
+    for c in $CONNS; do KEYSPACE="$ETCD_KEYS" run_wrk "etcd_range_ser_c${c}_r1" "$c" "$BENCH/wrk/etcd_range.lua" "$leader" SERIALIZABLE=1; done
+    for c in $CONNS; do KEYSPACE="$ETCD_KEYS" run_wrk "etcd_range_lin_c${c}_r1" "$c" "$BENCH/wrk/etcd_range.lua" "$leader" SERIALIZABLE=0; done
+  } 2>&1 | tee "$OUT/etcd3-wrk.txt"
+  echo "rss after the workloads (MiB): $(rss "${MEMBERS[@]}")" | tee -a "$OUT/etcd-rss.txt"
+  etcd_status 2>&1 | tee -a "$OUT/etcd-status.txt"
+  stop_etcd
+}
+
+case " $STORES " in *" pairdb "*) run_pairdb ;; esac
+case " $STORES " in *" etcd "*) run_etcd ;; esac
+if [ "$STORES" != "pairdb etcd" ]; then wrk_table <(cat "$OUT"/*.txt); exit 0; fi
 
 python3 - "$OUT" "$KEYS" "$ETCD_KEYS" <<'PY'
 import glob, json, os, re, sys

@@ -514,7 +514,7 @@ impl Core {
             stripe.generation.fetch_add(1, Ordering::AcqRel);
         }
         self.cache
-            .retain(|r| !drops.iter().any(|d| d.covers(&r.tenant, r.ring_hash)));
+            .retain(|tenant, ring_hash| !drops.iter().any(|d| d.covers(tenant, ring_hash)));
     }
 
     /// Every stripe lock, in order (writers take one at a time, so this cannot deadlock):
