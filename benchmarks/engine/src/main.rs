@@ -444,13 +444,14 @@ fn point_reads(seconds: f64, keys: u64) -> Result<()> {
         }
         for threads in [1usize, 2] {
             let mut outcomes = Vec::new();
-            for s in stores {
+            // Reader threads named per store, so a profile can take one store's alone.
+            for (s, reader) in stores.into_iter().zip(["pdb-read", "rdb-read", "fj-read"]) {
                 // Warm up the caches with the same access pattern, then measure.
                 drive("warmup", threads, seconds / 2.0, |rng| {
                     s.get(&key(rng.next() % keys)).map(|_| ())
                 })?;
                 let found = AtomicU64::new(0);
-                let o = drive("reader", threads, seconds, |rng| {
+                let o = drive(reader, threads, seconds, |rng| {
                     if s.get(&key(rng.next() % keys))? {
                         found.fetch_add(1, Ordering::Relaxed);
                     }
