@@ -49,9 +49,35 @@ pub struct Report {
     pub keys_per_second: Option<f64>,
 }
 
-struct Worker {
+/// Requests' latencies and answers, per worker, merged at the end.
+struct Requests {
     histogram: Histogram<u64>,
     statuses: BTreeMap<u16, u64>,
+}
+
+impl Requests {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            histogram: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|e| anyhow::anyhow!("histogram: {e}"))?,
+            statuses: BTreeMap::new(),
+        })
+    }
+
+    fn record(&mut self, micros: u64, status: u16) {
+        self.histogram.saturating_record(micros);
+        *self.statuses.entry(status).or_insert(0) += 1;
+    }
+
+    fn absorb(&mut self, other: Requests) -> anyhow::Result<()> {
+        self.histogram
+            .add(&other.histogram)
+            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+        for (s, n) in other.statuses {
+            *self.statuses.entry(s).or_insert(0) += n;
+        }
+        Ok(())
+    }
 }
 
 /// xorshift64*: cheap per-worker key choice; quality is irrelevant here.
@@ -143,7 +169,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 "preload wrote {} of {keys} keys ({} failed): {:?}",
                 loaded.written,
                 loaded.failed,
-                loaded.statuses
+                loaded.requests.statuses
             );
         }
     }
@@ -187,10 +213,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         );
         let workload = args.workload;
         tasks.spawn(async move {
-            let mut w = Worker {
-                histogram: latency_histogram()?,
-                statuses: BTreeMap::new(),
-            };
+            let mut w = Requests::new()?;
             let mut rng = 0x9E37_79B9_7F4A_7C15u64
                 ^ (u64::from(worker) + 1).wrapping_mul(0xA24B_AED4_963E_E407);
             // Paced: this worker's share of the rate, requests due on a fixed schedule.
@@ -215,17 +238,16 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 };
                 let status = one(&client, &url, write, (r >> 1) % keys, &value, &consistency).await;
                 let micros = sent.elapsed().as_micros().max(1) as u64;
-                w.histogram.saturating_record(micros);
+                w.record(micros, status);
                 if let Some(log) = &log {
                     let due = unix_at_start + sent.saturating_duration_since(started);
                     // The writer ends only when every sender is gone: a send cannot fail
                     // before that, and a line lost to a failed writer is reported at its join.
                     let _ = log.send((due.as_micros() as u64, micros, status));
                 }
-                *w.statuses.entry(status).or_insert(0) += 1;
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            Ok::<Worker, anyhow::Error>(w)
+            Ok::<Requests, anyhow::Error>(w)
         });
     }
     let ticker = {
@@ -242,17 +264,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         })
     };
 
-    let mut histogram = latency_histogram()?;
-    let mut statuses = BTreeMap::new();
+    let mut all = Requests::new()?;
     while let Some(finished) = tasks.join_next().await {
-        let w = finished??;
-        histogram
-            .add(&w.histogram)
-            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
-        for (s, n) in w.statuses {
-            *statuses.entry(s).or_insert(0) += n;
-        }
+        all.absorb(finished??)?;
     }
+    let Requests {
+        histogram,
+        statuses,
+    } = all;
     ticker.abort();
     drop(log);
     if let Some(writer) = log_writer {
@@ -320,8 +339,7 @@ impl Batches {
 
 /// What a load did: request latencies and statuses, keys written and keys not written.
 struct Loaded {
-    histogram: Histogram<u64>,
-    statuses: BTreeMap<u16, u64>,
+    requests: Requests,
     /// Requests that were not a 200 with every item a success.
     failed_attempts: u64,
     written: u64,
@@ -331,19 +349,12 @@ struct Loaded {
 impl Loaded {
     fn new() -> anyhow::Result<Self> {
         Ok(Self {
-            histogram: latency_histogram()?,
-            statuses: BTreeMap::new(),
+            requests: Requests::new()?,
             failed_attempts: 0,
             written: 0,
             failed: 0,
         })
     }
-}
-
-/// Request latencies in µs, 1 µs to 60 s, 3 significant digits.
-fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| anyhow::anyhow!("histogram: {e}"))
 }
 
 /// Attempts per batch: a batch that got no answer, a non-200 or an item error is sent again
@@ -377,10 +388,10 @@ async fn load(
     } = *target;
     let worker = || async {
         let mut done = Loaded::new()?;
-        while let Some(range) = batches.take() {
-            if stopped.is_cancelled() {
+        while !stopped.is_cancelled() {
+            let Some(range) = batches.take() else {
                 break;
-            }
+            };
             let keys = range.end - range.start;
             let items = usize::try_from(keys)?;
             let body = batch_body(range, value, consistency);
@@ -388,9 +399,8 @@ async fn load(
             for _ in 0..LOAD_ATTEMPTS {
                 let sent = Instant::now();
                 let (status, succeeded) = batch_put(client, url, body.clone()).await;
-                done.histogram
-                    .saturating_record(sent.elapsed().as_micros().max(1) as u64);
-                *done.statuses.entry(status).or_insert(0) += 1;
+                let micros = sent.elapsed().as_micros().max(1) as u64;
+                done.requests.record(micros, status);
                 if status == 200 && succeeded == items {
                     ok = true;
                     break;
@@ -410,13 +420,7 @@ async fn load(
     let mut total = Loaded::new()?;
     for w in workers {
         let w = w?;
-        total
-            .histogram
-            .add(&w.histogram)
-            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
-        for (s, n) in w.statuses {
-            *total.statuses.entry(s).or_insert(0) += n;
-        }
+        total.requests.absorb(w.requests)?;
         total.failed_attempts += w.failed_attempts;
         total.written += w.written;
         total.failed += w.failed;
@@ -426,7 +430,7 @@ async fn load(
 
 /// A `POST /v1/key-value/batch` body putting `value` under `k{n}` for every `n` of `keys`
 /// (keys and value need no JSON escaping: digits, and the value is `x`s).
-fn batch_body(keys: std::ops::Range<u64>, value: &str, consistency: &str) -> String {
+fn batch_body(keys: std::ops::Range<u64>, value: &str, consistency: &str) -> bytes::Bytes {
     let items: Vec<String> = keys
         .map(|n| format!(r#"{{"key":"k{n}","value":"{value}"}}"#))
         .collect();
@@ -434,10 +438,11 @@ fn batch_body(keys: std::ops::Range<u64>, value: &str, consistency: &str) -> Str
         r#"{{"items":[{}],"consistency":"{consistency}"}}"#,
         items.join(",")
     )
+    .into()
 }
 
 /// One batch request: its HTTP status (0: no answer) and how many of its items succeeded.
-async fn batch_put(client: &reqwest::Client, url: &str, body: String) -> (u16, usize) {
+async fn batch_put(client: &reqwest::Client, url: &str, body: bytes::Bytes) -> (u16, usize) {
     #[derive(serde::Deserialize)]
     struct Item {
         status: String,
@@ -493,7 +498,7 @@ async fn load_report(
     let loaded = load(target, &batches, stopped, &progress).await?;
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    let requests = loaded.histogram.len();
+    let requests = loaded.requests.histogram.len();
     Ok(Report {
         workload: "load".to_owned(),
         consistency: args.consistency.clone(),
@@ -502,8 +507,8 @@ async fn load_report(
         requests,
         errors: loaded.failed_attempts,
         requests_per_second: requests as f64 / seconds.max(0.001),
-        latency_ms: percentiles(&loaded.histogram),
-        statuses: loaded.statuses,
+        latency_ms: percentiles(&loaded.requests.histogram),
+        statuses: loaded.requests.statuses,
         keys_written: Some(loaded.written),
         keys_per_second: Some(loaded.written as f64 / seconds.max(0.001)),
     })
