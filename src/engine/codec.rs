@@ -184,7 +184,10 @@ struct Body {
     expires_at_ms: Option<u64>,
 }
 
-fn decode_body(r: &mut Reader<'_>) -> Result<Body, CodecError> {
+/// How a decoder turns the bytes of a key or value into an owned `Bytes`.
+type ToBytes<'s> = &'s dyn Fn(&[u8]) -> Bytes;
+
+fn decode_body(r: &mut Reader<'_>, to_bytes: ToBytes<'_>) -> Result<Body, CodecError> {
     let kind = r.u8()?;
     let ring_hash = r.u64()?;
     let expires_at_ms = match kind {
@@ -194,7 +197,7 @@ fn decode_body(r: &mut Reader<'_>) -> Result<Body, CodecError> {
     let n = r.u16()?;
     let entries = read_clock_entries(r, usize::from(n))?;
     let value = match kind {
-        KIND_PUT | KIND_EXPIRING_PUT => Some(Bytes::copy_from_slice(r.len_prefixed()?)),
+        KIND_PUT | KIND_EXPIRING_PUT => Some(to_bytes(r.len_prefixed()?)),
         KIND_TOMBSTONE => None,
         _ => return Err(CodecError::Invalid("unknown record kind")),
     };
@@ -284,13 +287,23 @@ pub fn encode_log_record(record: &Record, out: &mut Vec<u8>) {
 
 /// Decodes a commit-log payload (the whole slice must be one record).
 pub fn decode_log_record(payload: &[u8]) -> Result<Record, CodecError> {
+    decode_log_record_with(payload, &Bytes::copy_from_slice)
+}
+
+/// [`decode_log_record`] for a `payload` that lies inside `whole`: the key and value are
+/// slices of `whole` (no copy), which they keep alive.
+pub fn decode_log_record_in(whole: &Bytes, payload: &[u8]) -> Result<Record, CodecError> {
+    decode_log_record_with(payload, &|part| whole.slice_ref(part))
+}
+
+fn decode_log_record_with(payload: &[u8], to_bytes: ToBytes<'_>) -> Result<Record, CodecError> {
     let mut r = Reader::new(payload);
     let tlen = r.u16()?;
     let tenant = std::str::from_utf8(r.bytes(usize::from(tlen))?)
         .map_err(|_| CodecError::Invalid("tenant is not UTF-8"))?
         .to_owned();
-    let key = Bytes::copy_from_slice(r.len_prefixed()?);
-    let body = decode_body(&mut r)?;
+    let key = to_bytes(r.len_prefixed()?);
+    let body = decode_body(&mut r, to_bytes)?;
     if r.remaining() != 0 {
         return Err(CodecError::Invalid("trailing bytes after record"));
     }
@@ -344,7 +357,7 @@ impl RawEntry<'_> {
         let (tenant, key) =
             split_internal_key(self.ikey).ok_or(CodecError::Invalid("bad internal key"))?;
         let mut r = Reader::new(self.body);
-        let body = decode_body(&mut r)?;
+        let body = decode_body(&mut r, &Bytes::copy_from_slice)?;
         Ok(Record {
             tenant: tenant.to_owned(),
             key: Bytes::copy_from_slice(key),

@@ -36,6 +36,9 @@ impl Core {
         let _flushing = self.flush_lock.lock();
         loop {
             let Some(oldest) = self.snapshot().immutables.last().cloned() else {
+                // Segments whose replayed records outlived their flush go once those are gone.
+                let flushed_seq = self.manifest.lock().flushed_seq;
+                self.wal.release_up_to(flushed_seq)?;
                 return Ok(());
             };
             self.flush_memtable(&oldest)?;

@@ -83,14 +83,33 @@ impl Memtable {
         self.max_seq.load(Ordering::Acquire)
     }
 
-    /// The first entry with key > `after` (or >= `from` when `after` is `None`), for cursors
-    /// that must not borrow the map.
-    pub fn next_after(&self, after: Option<&[u8]>, from: &[u8]) -> Option<(Vec<u8>, Arc<Record>)> {
-        let entry = match after {
+    /// Appends to `out` the entries after `after` (or from `from` when `after` is `None`), in
+    /// key order, for cursors that must not borrow the map: one search, then a walk along the
+    /// bottom level, over at most `visit` entries. Only entries `keep` admits are appended.
+    /// Returns the key of the last entry visited (the next call starts after it), `None` when
+    /// the walk reached the end.
+    pub fn fill_after(
+        &self,
+        after: Option<&[u8]>,
+        from: &[u8],
+        visit: usize,
+        keep: &dyn Fn(&Record) -> bool,
+        out: &mut std::collections::VecDeque<(Vec<u8>, Arc<Record>)>,
+    ) -> Option<Vec<u8>> {
+        let mut entry = match after {
             Some(k) => self.map.lower_bound(Bound::Excluded(k)),
             None => self.map.lower_bound(Bound::Included(from)),
         }?;
-        Some((entry.key().clone(), entry.value().clone()))
+        for _ in 1..visit {
+            if keep(entry.value()) {
+                out.push_back((entry.key().clone(), entry.value().clone()));
+            }
+            entry = entry.next()?;
+        }
+        if keep(entry.value()) {
+            out.push_back((entry.key().clone(), entry.value().clone()));
+        }
+        Some(entry.key().clone())
     }
 
     /// Every record in key order.

@@ -335,15 +335,12 @@ impl Engine {
         ranges: &[HashRange],
     ) -> impl Iterator<Item = Result<Arc<Record>>> + Send + use<> {
         let pieces: Vec<(u64, u64)> = ranges.iter().flat_map(HashRange::pieces).collect();
-        let ranges: Arc<[HashRange]> = ranges.into();
-        let wanted = ranges.clone();
+        // Every source (memtable cursor, table iterator) skips the records outside `ranges`.
         self.core
-            .merge_from(&[], Some(ranges), &|meta| meta.may_hold_hashes(&pieces))
-            .filter_map(move |item| match item {
-                Ok((_, r)) if wanted.iter().any(|w| w.contains(r.ring_hash)) => Some(Ok(r)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
+            .merge_from(&[], Some(ranges.into()), &|meta| {
+                meta.may_hold_hashes(&pieces)
             })
+            .map(|item| item.map(|(_, r)| r))
     }
 
     /// Freezes the active memtable and writes every frozen memtable to L0.

@@ -115,9 +115,10 @@ impl Core {
         keep: &dyn Fn(&sstable::TableMeta) -> bool,
     ) -> MergeIter {
         let mut sources: Vec<Source> = Vec::new();
-        sources.push(Box::new(MemtableCursor::new(state.active.clone(), from)));
-        for m in &state.immutables {
-            sources.push(Box::new(MemtableCursor::new(m.clone(), from)));
+        for m in std::iter::once(&state.active).chain(&state.immutables) {
+            sources.push(Box::new(
+                MemtableCursor::new(m.clone(), from).in_hash_ranges(ranges.clone()),
+            ));
         }
         for (level, tables) in state.levels.iter().enumerate() {
             let admitted: Vec<Arc<SsTable>> =

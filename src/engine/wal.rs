@@ -52,14 +52,16 @@
 //!     any valid frame after the damage as proof of corruption, as before.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
 use super::options::SyncMode;
 
-use super::codec::{decode_log_record, encode_log_record};
+use bytes::Bytes;
+
+use super::codec::{decode_log_record, decode_log_record_in, encode_log_record};
 use super::error::{EngineError, Result};
 use super::types::Record;
 use super::vfs::{self, Mapped, VFile, Vfs};
@@ -84,6 +86,18 @@ struct Segment {
     last_seq: u64,
     /// Its size once sealed (what a deletion frees).
     bytes: u64,
+    /// The mapping a replay read it through, alive while a replayed key or value points
+    /// into it ([`decode_log_record_in`]); the file is not deleted before it is gone.
+    replayed: Weak<Mapped>,
+}
+
+/// A replayed segment's mapping as the owner of the `Bytes` that slice it.
+struct SegmentBytes(Arc<Mapped>);
+
+impl AsRef<[u8]> for SegmentBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 struct Writer {
@@ -353,7 +367,7 @@ fn parse_frame(
 /// Scans one segment's frames, calling `apply` for each valid record after `after_seq`.
 fn scan_segment(
     path: &Path,
-    data: &[u8],
+    data: &Bytes,
     after_seq: u64,
     last_seq: &mut u64,
     stats: &mut ReplayStats,
@@ -386,7 +400,7 @@ fn scan_segment(
     while pos < data.len() {
         let reason = match parse_frame(data, pos, format, None) {
             Ok(f) if f.seq <= *last_seq => format!("sequence {} after {last_seq}", f.seq),
-            Ok(f) => match decode_log_record(f.payload) {
+            Ok(f) => match decode_log_record_in(data, f.payload) {
                 Ok(record) => {
                     *last_seq = f.seq;
                     if f.seq > after_seq {
@@ -426,7 +440,8 @@ fn scan_segment(
 }
 
 /// A segment's bytes for replay: mapped (no copy out of the page cache, no fresh buffer to
-/// fault in), read when it cannot be (an empty file cannot be mapped).
+/// fault in), read when it cannot be (an empty file cannot be mapped). The replayed records'
+/// keys and values are slices of it (no copy either).
 fn map_segment(vfs: &dyn Vfs, path: &Path) -> Result<Mapped> {
     match vfs.map(path) {
         Ok(mapped) => {
@@ -502,12 +517,17 @@ impl CommitLog {
         let number = segments.last().map_or(1, |(n, _)| n + 1);
         for (i, (_, path)) in segments.into_iter().enumerate() {
             let newest = i + 1 == count;
-            let data = map_segment(&*vfs, &path)?;
+            let mapping = Arc::new(map_segment(&*vfs, &path)?);
+            let data = Bytes::from_owner(SegmentBytes(mapping.clone()));
             let data_len = data.len() as u64;
             stats.segments += 1;
             let end = scan_segment(&path, &data, after_seq, &mut last_seq, &mut stats, apply)?;
-            // Unmapped before a cut shortens the file.
-            drop(data);
+            // From here on the records replayed from it are what keeps it mapped (read at
+            // random while they live in the memtable). A cut below shortens the file only past
+            // the last frame replayed, so no byte they point to goes.
+            mapping.advise_normal();
+            let replayed = Arc::downgrade(&mapping);
+            drop((data, mapping));
             let cut = match end {
                 ScanEnd::Clean => None,
                 ScanEnd::Torn { offset, reason } if newest => {
@@ -543,6 +563,7 @@ impl CommitLog {
                 path,
                 last_seq,
                 bytes,
+                replayed,
             });
         }
         let last_seq = last_seq.max(after_seq);
@@ -725,6 +746,7 @@ impl CommitLog {
             path: old_path,
             last_seq: last,
             bytes,
+            replayed: Weak::new(),
         });
         Ok(())
     }
@@ -804,13 +826,14 @@ impl CommitLog {
         }
     }
 
-    /// Deletes sealed segments whose every record has sequence <= `flushed_seq`.
+    /// Deletes sealed segments whose every record has sequence <= `flushed_seq`, except those
+    /// that replayed records still point into (a later call deletes them).
     pub fn release_up_to(&self, flushed_seq: u64) -> Result<usize> {
         let doomed: Vec<Segment> = {
             let mut w = self.writer.lock();
             let (gone, keep): (Vec<Segment>, Vec<Segment>) = std::mem::take(&mut w.sealed)
                 .into_iter()
-                .partition(|s| s.last_seq <= flushed_seq);
+                .partition(|s| s.last_seq <= flushed_seq && s.replayed.strong_count() == 0);
             w.sealed = keep;
             gone
         };
@@ -1125,6 +1148,58 @@ mod tests {
         let (seen, stats) = replay(dir.path(), 0).expect("replay");
         assert_eq!(seen.len(), 9);
         assert_eq!(stats.torn_tails, 1);
+    }
+
+    #[test]
+    fn replayed_records_keep_their_segment_until_they_are_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        durable_log(dir.path(), 300, 20).close().expect("close");
+        let mut seen = Vec::new();
+        let (log, _) =
+            CommitLog::open(dir.path(), test_options(300), &mut |_, r| seen.push(r)).expect("open");
+        assert_eq!(seen.len(), 20);
+        let replayed = log.segment_paths().len() - 1;
+        assert!(replayed > 2, "{replayed} segments");
+        // Everything is flushed, but the records point into the segments' mappings: only a
+        // segment no record was replayed from (an empty one) may go.
+        assert!(log.release_up_to(u64::MAX).expect("release") <= 1);
+        assert!(log.segment_paths().len() >= replayed);
+        let values: Vec<Bytes> = seen.iter().filter_map(|r| r.value.clone()).collect();
+        drop(seen);
+        // Values alone keep their segments; a deleted one would fault (SIGBUS) or read zeros.
+        assert!(log.release_up_to(u64::MAX).expect("release") <= 1);
+        for (i, value) in values.iter().enumerate() {
+            assert_eq!(&value[..], format!("v{i}").as_bytes());
+        }
+        drop(values);
+        assert!(log.release_up_to(u64::MAX).expect("release") >= replayed - 1);
+        assert_eq!(
+            log.segment_paths().len(),
+            1,
+            "only the active segment is left"
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_past_the_records_replayed_from_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segment = crashed_log(dir.path());
+        let mut bytes = fs::read(&segment).expect("read");
+        let end = bytes.iter().rposition(|&b| b != 0).expect("frames") + 1;
+        bytes[end - 5..end].fill(0);
+        fs::write(&segment, &bytes).expect("write");
+        let mut seen = Vec::new();
+        let (_log, stats) =
+            CommitLog::open(dir.path(), test_options(1 << 20), &mut |_, r| seen.push(r))
+                .expect("open");
+        assert_eq!(stats.torn_tails, 1);
+        assert!(fs::metadata(&segment).expect("stat").len() < end as u64);
+        // Read after the cut, through the mapping the cut shortened.
+        let values: Vec<Bytes> = seen.iter().filter_map(|r| r.value.clone()).collect();
+        assert_eq!(values.len(), 9);
+        for (i, value) in values.iter().enumerate() {
+            assert_eq!(&value[..], format!("v{i}").as_bytes());
+        }
     }
 
     #[test]

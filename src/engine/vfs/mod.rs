@@ -70,12 +70,25 @@ impl Mapped {
         }
     }
 
+    /// Takes back [`Mapped::advise_sequential`]: default read-ahead, pages aged as usual.
+    pub fn advise_normal(&self) {
+        if let Mapped::Map(m) = self {
+            let _ = m.advise(memmap2::Advice::Normal);
+        }
+    }
+
     /// Tells the kernel the bytes will be read in small pieces at random (no read-around on a
     /// fault). Only a hint: a failure is ignored.
     pub fn advise_random(&self) {
         if let Mapped::Map(m) = self {
             let _ = m.advise(memmap2::Advice::Random);
         }
+    }
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        self
     }
 }
 
@@ -218,11 +231,14 @@ impl Vfs for RealVfs {
         // SAFETY: the engine maps only files nobody changes while they are mapped: a table
         // file is mapped after it was completely written and fsynced, pairdb never writes to
         // or truncates it afterwards, and deleting it (after compaction) keeps the mapping
-        // valid on Unix; a commit-log segment is mapped only while the log is replayed at open
-        // (before any append; a torn tail is cut after its mapping is dropped), and the data
-        // dir's lock keeps other pairdb processes out. Every read of the mapping is
-        // bounds-checked and checksummed. Exercised by the sstable tests, the commit-log tests
-        // and the corruption sweeps in tests/engine_corruption.rs.
+        // valid on Unix; a commit-log segment is mapped when the log is replayed at open, after
+        // which pairdb never writes to it again, cuts a torn tail only past the last frame it
+        // replayed (records replayed from it keep pointing into the mapping: no byte they
+        // read goes), and deletes it only once no replayed record points into it
+        // (`CommitLog::release_up_to`); the data dir's lock keeps other pairdb processes out.
+        // Every read of the mapping is bounds-checked and checksummed. Exercised by the
+        // sstable tests, the commit-log tests and the corruption sweeps in
+        // tests/engine_corruption.rs.
         Ok(Mapped::Map(unsafe { Mmap::map(&file) }?))
     }
 
