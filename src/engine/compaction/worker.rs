@@ -98,7 +98,9 @@ impl Core {
     }
 
     /// Deletes every record some drop covers: rotates the commit log and flushes the memtables
-    /// (so the log segments holding them are deleted too), then rewrites every table into the deepest level without those records (one major
+    /// (so the log segments holding them are deleted too: at once, or for a segment that
+    /// records replayed from it still point into, by the flush worker once they are gone;
+    /// never replayed again either way), then rewrites every table into the deepest level without those records (one major
     /// compaction), and forgets them in the row cache. Atomic: a crash leaves every record or
     /// none of them (the manifest swap), and the log cannot bring them back (they were
     /// flushed first). Records applied while it runs may stay. Returns how many records it
