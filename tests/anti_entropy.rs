@@ -632,21 +632,29 @@ async fn a_scheduled_repair_fixes_a_replica_nobody_asked_about() {
         },
     )
     .await;
-    let mut c = c.clone();
-    let migrations = c
-        .list_migrations(pb::ListMigrationsRequest { limit: 100 })
-        .await
-        .expect("migrations")
-        .into_inner()
-        .migrations;
-    assert!(
-        migrations
-            .iter()
-            .any(|m| m.migration_id.starts_with("repair-")
-                && m.node_id == "*"
-                && m.state == pb::MigrationState::Completed as i32),
-        "{migrations:?}"
-    );
+    // The record says `completed` once the repair's last range is recorded, a moment after
+    // its last fix landed.
+    eventually(
+        "the scheduled repair is on record as completed",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            async move {
+                c.list_migrations(pb::ListMigrationsRequest { limit: 100 })
+                    .await
+                    .expect("migrations")
+                    .into_inner()
+                    .migrations
+                    .iter()
+                    .any(|m| {
+                        m.migration_id.starts_with("repair-")
+                            && m.node_id == "*"
+                            && m.state == pb::MigrationState::Completed as i32
+                    })
+            }
+        },
+    )
+    .await;
     drop(c1);
 }
 
