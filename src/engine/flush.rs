@@ -31,12 +31,13 @@ impl Core {
         self.signal(&self.flush_signal);
     }
 
-    /// Writes every frozen memtable to L0, oldest first.
+    /// Writes every frozen memtable to L0, oldest first, then releases the log segments whose
+    /// records are all flushed (also when there was nothing to flush: a sealed segment left
+    /// after a rotation, or one that replayed records kept until they were gone).
     pub(super) fn flush_pending(&self) -> Result<()> {
         let _flushing = self.flush_lock.lock();
         loop {
             let Some(oldest) = self.snapshot().immutables.last().cloned() else {
-                // Segments whose replayed records outlived their flush go once those are gone.
                 let flushed_seq = self.manifest.lock().flushed_seq;
                 self.wal.release_up_to(flushed_seq)?;
                 return Ok(());

@@ -56,7 +56,7 @@ impl Iterator for MemtableCursor {
         while self.buffered.is_empty() && !self.done {
             let ranges = self.ranges.as_deref();
             let keep =
-                |r: &Record| ranges.is_none_or(|rs| rs.iter().any(|h| h.contains(r.ring_hash)));
+                |r: &Record| ranges.is_none_or(|rs| HashRange::any_contains(rs, r.ring_hash));
             match self.table.fill_after(
                 self.last.as_deref(),
                 &self.from,

@@ -7,7 +7,7 @@
 use bytes::Bytes;
 
 use crate::limits::{check_key, check_storage_tenant, check_value_len};
-use crate::ring::key_position;
+use crate::ring::{HashRange, key_position};
 use crate::vclock::{MAX_WIRE_ENTRIES, Version};
 
 use super::error::EngineError;
@@ -189,13 +189,13 @@ impl ApplyOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RangeDrop {
     pub tenants: Option<std::collections::BTreeSet<String>>,
-    pub ranges: Vec<crate::ring::HashRange>,
+    pub ranges: Vec<HashRange>,
 }
 
 impl RangeDrop {
     pub fn covers(&self, tenant: &str, ring_hash: u64) -> bool {
         self.tenants.as_ref().is_none_or(|t| t.contains(tenant))
-            && self.ranges.iter().any(|r| r.contains(ring_hash))
+            && HashRange::any_contains(&self.ranges, ring_hash)
     }
 }
 

@@ -192,6 +192,11 @@ impl HashRange {
         }
     }
 
+    /// Whether one of `ranges` contains `position`.
+    pub fn any_contains(ranges: &[HashRange], position: u64) -> bool {
+        ranges.iter().any(|r| r.contains(position))
+    }
+
     /// Number of positions in the arc (2^64 for the whole ring).
     pub fn width(&self) -> u128 {
         if self.start < self.end {

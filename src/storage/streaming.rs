@@ -120,7 +120,7 @@ impl Stream {
             state.0,
             pb::StreamState::Copying | pb::StreamState::Streaming
         );
-        if !forwarding || !self.ranges.iter().any(|r| r.contains(record.ring_hash)) {
+        if !forwarding || !HashRange::any_contains(&self.ranges, record.ring_hash) {
             return;
         }
         if ring_digest != 0 && ring_digest == self.ring_digest {

@@ -110,10 +110,9 @@ impl Core {
         // The log segment holding the records is released by the flush, not kept until full.
         self.wal.rotate_now()?;
         self.freeze(true);
+        // Ends by releasing every segment at or below the flushed sequence, also when nothing
+        // was left to flush.
         self.flush_pending()?;
-        // Nothing was left to flush: the sealed segment is released here instead.
-        let flushed = self.manifest.lock().flushed_seq;
-        self.wal.release_up_to(flushed)?;
         let _compacting = self.compaction_lock.lock();
         let levels: Vec<Vec<TableMeta>> = self.manifest.lock().levels.clone();
         let dropped = match policy::full(&levels) {

@@ -341,7 +341,7 @@ impl SsTable {
                 let hash = raw
                     .ring_hash()
                     .map_err(|e| self.corrupt_block(idx, e.to_string()))?;
-                if !ranges.iter().any(|r| r.contains(hash)) {
+                if !HashRange::any_contains(ranges, hash) {
                     continue;
                 }
             }
