@@ -644,6 +644,65 @@ mod tests {
         );
     }
 
+    /// A record replayed at open points into its log segment, which is then kept past the
+    /// flush for as long as the record lives. A stop in that state (the segment on disk, every
+    /// record in it flushed) must bring nothing back at the next open: a key deleted after the
+    /// restart stays deleted, a key overwritten reads its new value, nothing is replayed.
+    #[test]
+    fn a_segment_kept_for_replayed_records_brings_nothing_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let segments = || {
+            let mut names: Vec<_> = std::fs::read_dir(dir.path().join("wal"))
+                .expect("wal")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        let value = |engine: &Engine, key: &[u8]| {
+            engine
+                .get("t", key)
+                .expect("get")
+                .and_then(|r| r.value.clone())
+        };
+        {
+            let engine = Engine::open(dir.path(), durable_options()).expect("open");
+            for key in ["gone", "kept"] {
+                engine
+                    .apply(Record::put("t", key, version(1), "old"))
+                    .expect("apply");
+            }
+        }
+        let before = segments();
+        let engine = Engine::open(dir.path(), durable_options()).expect("reopen");
+        assert_eq!(engine.stats().replay.records, 2);
+        let held = engine.get("t", b"kept").expect("get").expect("replayed");
+        engine
+            .apply(Record::tombstone("t", "gone", version(2)))
+            .expect("delete");
+        engine
+            .apply(Record::put("t", "kept", version(2), "new"))
+            .expect("overwrite");
+        engine.flush().expect("flush");
+        let after = segments();
+        assert!(
+            before.iter().all(|s| after.contains(s)),
+            "a segment went while a replayed record points into it: {before:?} -> {after:?}"
+        );
+        drop(engine);
+        assert_eq!(held.value.as_deref(), Some(&b"old"[..]));
+        let engine = Engine::open(dir.path(), durable_options()).expect("open again");
+        assert_eq!(engine.stats().replay.records, 0, "flushed records replayed");
+        assert_eq!(value(&engine, b"gone"), None);
+        assert_eq!(value(&engine, b"kept").as_deref(), Some(&b"new"[..]));
+        drop(held);
+        engine.flush().expect("flush");
+        assert!(
+            before.iter().all(|s| !segments().contains(s)),
+            "the kept segments go once nothing points into them"
+        );
+    }
+
     /// A write reads back at once, from the memtable or the table it was flushed to, while two
     /// writers freeze and flush small memtables all the time (no row cache to answer instead).
     #[test]
