@@ -12,7 +12,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v bpftrace >/dev/null || { echo "needs bpftrace (apt-get install bpftrace)" >&2; exit 1; }
-scripts/bench-engine.sh --build-only
+# BENCH_BIN: a prebuilt harness to trace instead (to compare builds).
+bench="${BENCH_BIN:-}"
+if [ -z "$bench" ]; then
+  scripts/bench-engine.sh --build-only
+  bench="$PWD/benchmarks/engine/target/release/pairdb-engine-bench"
+fi
 out="${TRACE_OUT:-/dev/shm/pairdb-stops.txt}"
 program='
 tracepoint:sched:sched_switch /strncmp(args->prev_comm, "pairdb-", 7) == 0/ {
@@ -28,12 +33,15 @@ tracepoint:sched:sched_wakeup /@off[args->pid]/ {
 tracepoint:vmscan:mm_vmscan_throttled {
   printf("THROTTLED %s/%d at %d ms slept %d us reason %d\n", comm, tid, nsecs / 1000000, args->usec_delayed, args->reason);
 }
+tracepoint:vmscan:mm_vmscan_lru_shrink_inactive /args->nr_dirty > 0 && args->nr_dirty == args->nr_scanned/ {
+  printf("ALLDIRTY %s scanned %d\n", comm, args->nr_scanned);
+}
 END { clear(@off); clear(@stk); }'
 bpftrace -e "$program" > "$out" 2>/dev/null &
 tracer=$!
 trap 'kill "$tracer" 2>/dev/null || true' EXIT
 sleep 3
-result=$( (cd benchmarks/engine && ./target/release/pairdb-engine-bench --only large --stores pairdb "$@") \
+result=$( (cd benchmarks/engine && "$bench" --only large --stores pairdb "$@") \
   2>&1 >/dev/null | grep -E '^(pairdb:|Error)' || true)
 echo "$result"
 kill "$tracer" 2>/dev/null || true
@@ -49,9 +57,13 @@ for m in re.finditer(r"^THROTTLED (\S+?)/\d+ at \d+ ms slept (\d+) us reason (\d
         reason = int(m.group(3))
         throttled[(m.group(1), reasons.get(reason, reason))] += 1
 print("reclaim sleeps by thread and reason:", {f"{t} {r}": n for (t, r), n in throttled.items()} or "none")
+# Reclaim batches whose every page was dirty: on cgroup v1 each such batch (of any size, often
+# one page) puts its thread to sleep up to 100 ms (docs/benchmarks.md, "Round 3, step 14").
+alldirty = collections.Counter(m.group(1) for m in re.finditer(r"^ALLDIRTY (\S+) scanned", text, re.M))
+print("all-dirty reclaim batches by thread:", dict(alldirty) or "none")
 waits = collections.defaultdict(list)
 offs = []
-for block in re.split(r"\n(?=OFF |THROTTLED )", text):
+for block in re.split(r"\n(?=OFF |THROTTLED |ALLDIRTY )", text):
     if not block.startswith("OFF "):
         continue
     head, *stack = block.split("\n")
