@@ -77,7 +77,6 @@ impl Engine {
             segment_bytes: options.segment_bytes,
             after_seq: manifest.flushed_seq,
             skip_corrupt: options.skip_corrupt_log,
-            pin_pages: options.pin_log_pages,
         };
         let (wal, replay) = replay_into(&active, &wal_dir, log_options)?;
         if replay.records > 0 {

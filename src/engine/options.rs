@@ -100,12 +100,6 @@ pub struct EngineOptions {
     /// is cold when written, so reads of fresh data go to the device (cluster GETs 12-26%
     /// slower right after a write load, docs/benchmarks.md "Round 3, step 11"). Off by default.
     pub direct_table_writes: bool,
-    /// Lock the commit log's pages ahead of its writers in memory (docs/engine.md, "Pinned
-    /// log pages"). For nodes under a memory limit: no page the writers dirty is in a reclaim
-    /// batch, and writers slept in reclaim 2 times instead of 16 in three 5M-key loads at 400
-    /// MiB. The cost: writing back a mapped page takes longer, about 8 us per sync, 10-15% of
-    /// a lone writer's throughput (docs/benchmarks.md "Round 3, step 14"). Off by default.
-    pub pin_log_pages: bool,
     /// Nice value of the compaction thread (`crate::priority`; 0: the process's own). Unless
     /// 0, its disk I/O is also put in the idle class (`priority::idle_current_thread_io`).
     /// Flushes keep the process's priority: writers wait for them once memtables are full.
@@ -133,7 +127,6 @@ impl Default for EngineOptions {
             skip_corrupt_log: false,
             background: true,
             direct_table_writes: false,
-            pin_log_pages: false,
             compaction_nice: crate::priority::DEFAULT_BACKGROUND_NICE,
             vfs: vfs::real(),
         }

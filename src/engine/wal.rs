@@ -31,14 +31,6 @@
 //!   more under the larger-than-memory benchmark, with every writer waiting). Rewriting
 //!   frames with the same bytes changes nothing on the device: the kernel writes whole pages
 //!   back anyway.
-//! - Pinned ahead, when asked (`pin_pages`, off by default): the pages from the one the next
-//!   frame goes into to the end of the zeros are locked in memory ([`VFile::pin_pages`],
-//!   `mlock`), and handed back once a sync made them clean and no frame goes below them again.
-//!   So a frame never waits for a page to be allocated, and a page the writers dirty is never
-//!   in a memory-reclaim batch, whose all-dirty batches a cgroup-v1 kernel answers with a
-//!   100 ms sleep (docs/engine.md). Best effort: without `RLIMIT_MEMLOCK` room (about 1.3 MiB
-//!   per log) the log goes on unpinned; with `sync = never` it never pins (nothing would hand
-//!   the pages back).
 //! - After an fsync error the log refuses every further append (the kernel may have dropped the
 //!   dirty pages: retrying fsync would lie).
 //! - Recovery follows one rule: what was synced before the last acknowledgement is never lost
@@ -196,10 +188,6 @@ pub struct CommitLog {
     longest_sync_micros: AtomicU64,
     /// Recent fsync times against their baseline (what compaction yields to).
     latency: super::sync_latency::SyncLatency,
-    /// Whether the active segment's pages ahead of the writers are pinned (see the module
-    /// docs); off for `sync = never` (nothing would ever hand them back) and after a pin
-    /// failed.
-    pinning: AtomicBool,
 }
 
 fn segment_name(number: u64) -> String {
@@ -497,8 +485,6 @@ pub struct LogOptions {
     pub after_seq: u64,
     /// Drop the rest of a segment that is corrupt in the middle instead of refusing to open.
     pub skip_corrupt: bool,
-    /// Pin the pages ahead of the writers (see the module docs).
-    pub pin_pages: bool,
 }
 
 impl CommitLog {
@@ -515,7 +501,6 @@ impl CommitLog {
             segment_bytes,
             after_seq,
             skip_corrupt,
-            pin_pages,
         } = options;
         vfs.create_dir_all(dir)
             .map_err(|e| EngineError::io(format!("create {}", dir.display()), e))?;
@@ -611,7 +596,6 @@ impl CommitLog {
             syncs: AtomicU64::new(0),
             longest_sync_micros: AtomicU64::new(0),
             latency: Default::default(),
-            pinning: AtomicBool::new(pin_pages && sync != SyncMode::Never),
         };
         Ok((log, stats))
     }
@@ -724,21 +708,6 @@ impl CommitLog {
             at += n as u64;
         }
         w.zeroed_to = to;
-        self.pin_ahead(w);
-    }
-
-    /// Pins the active segment's pages from the one the next frame goes into to the end of
-    /// the zeros (see the module docs); a failure (no `RLIMIT_MEMLOCK` room) stops pinning.
-    fn pin_ahead(&self, w: &Writer) {
-        if !self.pinning.load(Ordering::Relaxed) {
-            return;
-        }
-        let len = w.zeroed_to.saturating_sub(w.buf_start);
-        if let Err(e) = w.file.pin_pages(w.buf_start, len) {
-            self.pinning.store(false, Ordering::Relaxed);
-            tracing::warn!(file = %w.path.display(), error = %e,
-                "commit log: cannot pin its pages ahead (RLIMIT_MEMLOCK?); writes may wait on memory reclaim");
-        }
     }
 
     /// Cuts the zeros after the last frame and syncs the segment in full (size included).
@@ -796,10 +765,10 @@ impl CommitLog {
 
     /// Makes everything appended so far durable with one fsync.
     pub fn sync_now(&self) -> Result<()> {
-        let (file, path, upto, rewritten_from) = {
+        let (file, path, upto) = {
             let mut w = self.writer.lock();
             self.write_buffer_and_zero_ahead(&mut w)?;
-            (w.file.clone(), w.path.clone(), w.next_seq - 1, w.buf_start)
+            (w.file.clone(), w.path.clone(), w.next_seq - 1)
         };
         if self.sync != SyncMode::Never {
             let started = std::time::Instant::now();
@@ -812,10 +781,6 @@ impl CommitLog {
                 u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
                 Ordering::Relaxed,
             );
-            // Clean now, and no frame goes below the page the next one starts in.
-            if let Err(e) = file.unpin_pages_below(rewritten_from) {
-                tracing::debug!(file = %path.display(), error = %e, "commit log: unpin failed");
-            }
         }
         self.synced_seq.fetch_max(upto, Ordering::AcqRel);
         Ok(())
@@ -941,7 +906,6 @@ mod tests {
             segment_bytes,
             after_seq: 0,
             skip_corrupt: false,
-            pin_pages: false,
         }
     }
 
@@ -1220,82 +1184,6 @@ mod tests {
             1,
             "only the active segment is left"
         );
-    }
-
-    /// Kibibytes locked (`mlock`) in this process's mappings of `path`.
-    fn locked_kib_of(path: &Path) -> u64 {
-        let path = fs::canonicalize(path).expect("canonical path");
-        let name = path.to_string_lossy().into_owned();
-        vfs::locked_kib_where(|header| header.trim_end().ends_with(&name))
-    }
-
-    /// The pages ahead of the writers are pinned and handed back once synced (see the module
-    /// docs): after a sync, what is locked of the active segment is exactly the page the next
-    /// frame goes into through the end of the zeros. Needs `RLIMIT_MEMLOCK` room for about
-    /// 1.3 MiB, or root.
-    #[test]
-    fn pages_ahead_of_the_writers_are_pinned_and_handed_back() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let options = LogOptions {
-            pin_pages: true,
-            ..test_options(64 << 20)
-        };
-        let (log, _) = CommitLog::open(dir.path(), options, &mut |_, _| {}).expect("open");
-        let path = log.writer.lock().path.clone();
-        for i in 0..300 {
-            let mut r = rec(i);
-            r.value = Some(vec![b'v'; 3000].into());
-            let seq = log.append(&r).expect("append");
-            log.wait_durable(seq).expect("durable");
-        }
-        assert!(
-            log.pinning.load(Ordering::Relaxed),
-            "pinning failed (RLIMIT_MEMLOCK too small for this test?)"
-        );
-        let (from, to) = {
-            let w = log.writer.lock();
-            (w.buf_start, w.zeroed_to)
-        };
-        assert!(
-            from > 512 << 10,
-            "the frames are past the first pages: {from}"
-        );
-        assert!(to - from >= 256 << 10, "zeros ahead: {from}..{to}");
-        // Handed back in steps (`vfs::UNPIN_STEP`): up to one step below the page of the next
-        // frame may still be locked.
-        let locked = locked_kib_of(&path) * 1024;
-        let step = vfs::UNPIN_STEP;
-        assert!(
-            locked >= to - from && locked < to - from + step,
-            "locked {locked} bytes, expected {from}..{to} and less than {step} below it"
-        );
-        // Rotation seals the segment: nothing of it stays locked.
-        log.rotate_now().expect("rotate");
-        assert_eq!(locked_kib_of(&path), 0);
-        log.close().expect("close");
-    }
-
-    /// Pinning is asked for (off by default), and with `sync = never` nothing would hand
-    /// pinned pages back: then the log pins none.
-    #[test]
-    fn a_log_pins_only_when_asked_and_when_it_syncs() {
-        for (sync, pin_pages) in [(SyncMode::Always, false), (SyncMode::Never, true)] {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let options = LogOptions {
-                sync,
-                pin_pages,
-                ..test_options(64 << 20)
-            };
-            let (log, _) = CommitLog::open(dir.path(), options, &mut |_, _| {}).expect("open");
-            let path = log.writer.lock().path.clone();
-            for i in 0..300 {
-                let mut r = rec(i);
-                r.value = Some(vec![b'v'; 3000].into());
-                let seq = log.append(&r).expect("append");
-                log.wait_durable(seq).expect("durable");
-            }
-            assert_eq!(locked_kib_of(&path), 0, "{sync:?}, pin_pages {pin_pages}");
-        }
     }
 
     #[test]

@@ -305,8 +305,6 @@ pub fn child(args: &[String]) -> Result<()> {
                 max_immutable_memtables: frozen,
                 // Data larger than memory: tables bypass the page cache (step 11).
                 direct_table_writes: true,
-                // and the log's pages ahead of the writers are locked (step 14).
-                pin_log_pages: true,
                 ..EngineOptions::default()
             },
         )?),

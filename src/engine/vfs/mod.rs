@@ -11,9 +11,6 @@
 //! - `rename` replaces the target atomically;
 //! - a mapping ([`Mapped`]) of a file never changes after the map call (tables are immutable).
 
-mod pins;
-#[cfg(test)]
-pub(crate) use pins::{UNPIN_STEP, locked_kib_where};
 #[cfg(test)]
 pub(crate) mod recording;
 mod sim;
@@ -44,17 +41,6 @@ pub trait VFile: Send + Sync {
     /// deep queue: either way every other file's fsync would wait behind them (a fsync's
     /// device cache flush waits for every write in flight). Promises nothing about durability.
     fn start_writeback(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Ok(())
-    }
-    /// Keeps the pages holding `offset..offset + len` (bytes already written) resident and out
-    /// of memory reclaim, with those pinned before, until [`VFile::unpin_pages_below`]. For the
-    /// commit log's pages ahead of its writers ([`pins`]). Only a hint: an error (no
-    /// `RLIMIT_MEMLOCK` room) leaves them ordinary pages.
-    fn pin_pages(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Ok(())
-    }
-    /// Hands the pinned pages below `end` back to reclaim.
-    fn unpin_pages_below(&self, _end: u64) -> io::Result<()> {
         Ok(())
     }
     /// Whether writes bypass the page cache (`O_DIRECT`): then every write must start at a
@@ -156,7 +142,6 @@ pub fn real() -> Arc<dyn Vfs> {
 struct RealFile {
     file: File,
     direct: bool,
-    pins: pins::PagePins,
 }
 
 impl RealFile {
@@ -164,7 +149,6 @@ impl RealFile {
         Self {
             file,
             direct: false,
-            pins: pins::PagePins::default(),
         }
     }
 }
@@ -184,12 +168,6 @@ impl VFile for RealFile {
     }
     fn is_direct(&self) -> bool {
         self.direct
-    }
-    fn pin_pages(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.pins.pin(&self.file, offset, len)
-    }
-    fn unpin_pages_below(&self, end: u64) -> io::Result<()> {
-        self.pins.unpin_below(end)
     }
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
@@ -260,8 +238,7 @@ impl Vfs for RealVfs {
 
     fn create(&self, path: &Path, exclusive: bool) -> io::Result<Arc<dyn VFile>> {
         let mut options = OpenOptions::new();
-        // Readable too: a file's pages can be pinned only through a mapping of it.
-        options.read(true).write(true);
+        options.write(true);
         if exclusive {
             options.create_new(true);
         } else {
@@ -277,15 +254,12 @@ impl Vfs for RealVfs {
         // and O_DIRECT on a file system without direct I/O creates the file and then fails,
         // where this leaves a plain file to write buffered.
         let direct = fcntl(&file, FcntlArg::F_SETFL(OFlag::O_DIRECT)).is_ok();
-        Ok(Arc::new(RealFile {
-            direct,
-            ..RealFile::buffered(file)
-        }))
+        Ok(Arc::new(RealFile { file, direct }))
     }
 
     fn open_write(&self, path: &Path) -> io::Result<Arc<dyn VFile>> {
         Ok(Arc::new(RealFile::buffered(
-            OpenOptions::new().read(true).write(true).open(path)?,
+            OpenOptions::new().write(true).open(path)?,
         )))
     }
 
