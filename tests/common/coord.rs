@@ -147,12 +147,23 @@ pub async fn node_state(c: &mut Client, node: &str) -> Option<WireState> {
 /// writes hint the nodes gossip calls down, whatever a health check answers.
 pub async fn gossip_reports(c1: &RoleProcess, what: &str, count: usize) {
     let line = format!("pairdb_storage_nodes_{what} {count}");
-    eventually(&format!("gossip: {line}"), Duration::from_secs(30), || {
-        let http = c1.http;
-        let line = line.clone();
-        async move { super::http_get(http, "/metrics").await.contains(&line) }
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = super::http_get(c1.http, "/metrics").await;
+        if metrics.contains(&line) {
+            return;
+        }
+        // On a timeout, say what gossip reported instead.
+        let seen: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("pairdb_storage_nodes_"))
+            .collect();
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for gossip: {line}; the coordinator reports {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until the coordinator sees all `n` storage nodes up (gossip converged).
