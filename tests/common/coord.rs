@@ -124,9 +124,37 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    eventually_seen(what, within, || {
+        let done = cond();
+        async move {
+            if done.await {
+                Ok(())
+            } else {
+                Err(String::new())
+            }
+        }
+    })
+    .await;
+}
+
+/// [`eventually`] for a condition that says what it saw instead (`Err`), which a timeout
+/// reports.
+pub async fn eventually_seen<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+    while let Err(seen) = cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}{}",
+            if seen.is_empty() {
+                String::new()
+            } else {
+                format!("; saw {seen}")
+            }
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -147,23 +175,23 @@ pub async fn node_state(c: &mut Client, node: &str) -> Option<WireState> {
 /// writes hint the nodes gossip calls down, whatever a health check answers.
 pub async fn gossip_reports(c1: &RoleProcess, what: &str, count: usize) {
     let line = format!("pairdb_storage_nodes_{what} {count}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let metrics = super::http_get(c1.http, "/metrics").await;
-        if metrics.contains(&line) {
-            return;
+    eventually_seen(&format!("gossip: {line}"), Duration::from_secs(30), || {
+        let http = c1.http;
+        let line = line.clone();
+        async move {
+            let metrics = super::http_get(http, "/metrics").await;
+            if metrics.contains(&line) {
+                return Ok(());
+            }
+            // What gossip reported instead.
+            let seen: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("pairdb_storage_nodes_"))
+                .collect();
+            Err(format!("{seen:?}"))
         }
-        // On a timeout, say what gossip reported instead.
-        let seen: Vec<&str> = metrics
-            .lines()
-            .filter(|l| l.starts_with("pairdb_storage_nodes_"))
-            .collect();
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for gossip: {line}; the coordinator reports {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }
 
 /// Waits until the coordinator sees all `n` storage nodes up (gossip converged).
