@@ -4,8 +4,9 @@
 //!
 //! What each child measures, the same way for both stores:
 //! - durable write throughput over the whole load (keys in a scrambled order, so compaction
-//!   merges overlapping tables instead of moving sorted runs down), the slowest second, the
-//!   last quarter of the load against the whole, and the longest time no write completed;
+//!   merges overlapping tables instead of moving sorted runs down), the slowest second (and
+//!   which second it was), the seconds under a quarter of the mean rate, the last quarter of
+//!   the load against the whole, and the longest time no write completed;
 //! - write amplification, during the load and with a flush and a full compaction after it,
 //!   two ways over the bytes of keys and values written: the bytes written to the disk's
 //!   block device (`/proc/diskstats`: the commit log, where each group commit writes the
@@ -161,7 +162,7 @@ fn print_table(plan: &Plan, results: &[(&str, BTreeMap<String, f64>)]) {
     let mib = |b: f64| format!("{:.0} MiB", b / (1 << 20) as f64);
     println!("| measure | pairdb | RocksDB | pairdb/RocksDB |");
     println!("|---|---|---|---|");
-    let rows: [Row; 17] = [
+    let rows: [Row; 18] = [
         (
             "durable writes/s, whole load",
             "load_ops",
@@ -174,6 +175,12 @@ fn print_table(plan: &Plan, results: &[(&str, BTreeMap<String, f64>)]) {
             "slowest_second",
             |v| format!("{v:.0}"),
             true,
+        ),
+        (
+            "seconds under a quarter of the mean rate",
+            "slow_seconds",
+            |v| format!("{v:.0}"),
+            false,
         ),
         (
             "last quarter of the load, writes/s",
@@ -318,6 +325,8 @@ pub fn child(args: &[String]) -> Result<()> {
     out.insert("load_secs", load.secs);
     out.insert("load_ops", keys as f64 / load.secs);
     out.insert("slowest_second", load.slowest_second);
+    out.insert("slowest_second_at", load.slowest_second_at);
+    out.insert("slow_seconds", load.slow_seconds);
     out.insert("last_quarter_ops", load.last_quarter_ops);
     out.insert("write_p99_us", load.p99_us);
     out.insert("write_max_ms", load.max_ms);
@@ -383,6 +392,10 @@ pub fn child(args: &[String]) -> Result<()> {
 struct Load {
     secs: f64,
     slowest_second: f64,
+    /// Which second of the load was the slowest (0 = the first).
+    slowest_second_at: f64,
+    /// Seconds of the load with fewer than a quarter of its mean writes per second.
+    slow_seconds: f64,
     last_quarter_ops: f64,
     p99_us: f64,
     max_ms: f64,
@@ -470,6 +483,15 @@ fn durable_load(store: &dyn Store, keys: u64, writers: usize) -> Result<Load> {
     Ok(Load {
         secs,
         slowest_second: full.iter().copied().min().unwrap_or(0) as f64,
+        slowest_second_at: full
+            .iter()
+            .enumerate()
+            .min_by_key(|&(_, n)| *n)
+            .map_or(0.0, |(at, _)| at as f64),
+        slow_seconds: {
+            let mean = full.iter().sum::<u64>() / (full.len().max(1) as u64);
+            full.iter().filter(|&&n| n < mean / 4).count() as f64
+        },
         last_quarter_ops: quarter.iter().sum::<u64>() as f64 / quarter.len().max(1) as f64,
         p99_us: total.value_at_quantile(0.99) as f64 / 1e3,
         max_ms: total.max() as f64 / 1e6,
