@@ -29,11 +29,31 @@ const WRITE_BUFFER: usize = 1 << 20;
 /// fsync of the node would wait behind it.
 const WRITE_BEHIND: u64 = 1 << 20;
 
+/// The unit data blocks are aligned to: a memory page, what a point read through the table's
+/// mapping (advised random) faults in with one read of the device.
+const PAGE: usize = 4096;
+
+/// The most padding that ends a page-aligned data block (1/16 of a page). When the next
+/// entry does not fit before the block's last page ends and more than this is left, the block
+/// takes the entry and grows into the next page instead, so padding never costs more than
+/// this share of a table, whatever the size of its entries.
+const MAX_PADDING: usize = PAGE / 16;
+
+/// The bytes a block's CRC adds to its payload.
+const CRC_LEN: usize = 4;
+
 pub struct TableBuilder {
     path: PathBuf,
     out: BufferedWriter,
     offset: u64,
     block_bytes: usize,
+    /// Whether data blocks start on page boundaries (`block_bytes` a multiple of [`PAGE`]):
+    /// a block of at most a page then lies in one page, and a point read that misses the
+    /// page cache reads the device once, not twice for a block that straddles two pages.
+    page_aligned: bool,
+    /// When page-aligned: the most bytes (payload and CRC) the current block may take, a
+    /// multiple of [`PAGE`] (`block_bytes`, more when its entries needed more pages).
+    block_limit: usize,
     format: TableFormat,
     block: Vec<u8>,
     /// The last key added to the current block (empty before its first entry).
@@ -72,6 +92,8 @@ impl TableBuilder {
             out,
             offset: 0,
             block_bytes,
+            page_aligned: block_bytes >= PAGE && block_bytes % PAGE == 0,
+            block_limit: block_bytes,
             format,
             block: Vec::with_capacity(block_bytes * 2),
             block_last_key: Vec::new(),
@@ -92,6 +114,7 @@ impl TableBuilder {
         self.meta.min_hash = self.meta.min_hash.min(record.ring_hash);
         self.meta.max_hash = self.meta.max_hash.max(record.ring_hash);
         self.hashes.push(key_hash(ikey));
+        let before = self.block.len();
         encode_entry(
             self.format,
             &self.block_last_key,
@@ -99,11 +122,32 @@ impl TableBuilder {
             record,
             &mut self.block,
         );
+        if self.page_aligned {
+            self.fit_in_pages(before, ikey, record)?;
+        }
         self.block_last_key.clear();
         self.block_last_key.extend_from_slice(ikey);
-        if self.block.len() >= self.block_bytes {
+        if !self.page_aligned && self.block.len() >= self.block_bytes {
             self.finish_block()?;
         }
+        Ok(())
+    }
+
+    /// The entry just encoded (the block was `before` bytes long) took the block past its last
+    /// page: with little room left, the block ends before the entry (padded to the page) and the
+    /// entry starts the next one; otherwise the block grows by the pages the entry needs.
+    fn fit_in_pages(&mut self, before: usize, ikey: &[u8], record: &Record) -> Result<()> {
+        if self.block.len() + CRC_LEN <= self.block_limit {
+            return Ok(());
+        }
+        let room = self.block_limit.saturating_sub(before + CRC_LEN);
+        if before > 0 && room <= MAX_PADDING {
+            self.block.truncate(before);
+            self.finish_block()?;
+            encode_entry(self.format, &[], ikey, record, &mut self.block);
+        }
+        let pages = (self.block.len() + CRC_LEN).div_ceil(PAGE) * PAGE;
+        self.block_limit = self.block_limit.max(pages);
         Ok(())
     }
 
@@ -128,9 +172,26 @@ impl TableBuilder {
         Ok((start, len as u32))
     }
 
+    /// Zeros up to the next page boundary, which no block covers (readers find blocks through
+    /// the index only).
+    fn pad_to_page(&mut self) -> Result<()> {
+        let misalignment = (self.offset % PAGE as u64) as usize;
+        if misalignment == 0 {
+            return Ok(());
+        }
+        let fill = vec![0u8; PAGE - misalignment];
+        self.out.write_all(&fill).map_err(|e| io(&self.path, e))?;
+        self.offset += fill.len() as u64;
+        Ok(())
+    }
+
     fn finish_block(&mut self) -> Result<()> {
         if self.block.is_empty() {
             return Ok(());
+        }
+        if self.page_aligned {
+            self.pad_to_page()?;
+            self.block_limit = self.block_bytes;
         }
         let block = std::mem::take(&mut self.block);
         let (offset, len) = self.write_block(&block)?;

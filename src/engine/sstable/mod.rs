@@ -504,6 +504,68 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// With page-sized blocks every data block starts on a page, a block of at most a page
+        /// lies in one page (a cold point read faults in one page), padding stays within its
+        /// bound, and everything reads back, whatever the sizes of the entries.
+        #[test]
+        fn page_sized_blocks_start_on_pages_and_read_back(
+            sizes in proptest::collection::vec(
+                proptest::prop_oneof![0usize..200, 200usize..1500, 1500usize..10_000],
+                1..400,
+            ),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join(table_file_name(1));
+            let records: Vec<Record> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| {
+                    let v = Version::new(VectorClock::from_entries([("c", i as u64 + 1)]));
+                    Record::put("t", format!("key{i:05}"), v, vec![b'v'; size])
+                })
+                .collect();
+            let mut b = TableBuilder::create(&RealVfs, &path, 1, 4096, TableFormat::V2, false)
+                .expect("create");
+            for r in &records {
+                b.add(&r.internal_key(), r).expect("add");
+            }
+            b.finish().expect("finish");
+            let table = SsTable::open(&RealVfs, &path, 1).expect("open");
+            let mut covered = 0u64;
+            for i in 0..table.block_count() {
+                let (offset, len) = table.index.block(i).expect("block");
+                proptest::prop_assert_eq!(offset % 4096, 0, "block {} at {}", i, offset);
+                let pages = u64::from(len).div_ceil(4096);
+                if len <= 4096 {
+                    proptest::prop_assert_eq!(pages, 1);
+                }
+                covered += pages * 4096;
+                // What a block leaves of its last page is padding, at most 1/16 of a page (the
+                // last block is followed by the filter, unpadded).
+                let padding = pages * 4096 - u64::from(len);
+                let next_start = table.index.block(i + 1).map(|(o, _)| o);
+                if let Some(next) = next_start {
+                    proptest::prop_assert_eq!(next, offset + pages * 4096);
+                    proptest::prop_assert!(padding <= 256, "padding {}", padding);
+                }
+            }
+            let data_end = table.index.block(table.block_count() - 1).map(|(o, l)| o + u64::from(l));
+            proptest::prop_assert!(data_end.is_some_and(|end| end <= covered));
+            for r in &records {
+                let got = table.get(&r.internal_key()).expect("get");
+                proptest::prop_assert_eq!(got.as_ref(), Some(r));
+            }
+            let all: Vec<_> = TableIter::new(table.clone(), b"")
+                .map(|r| r.expect("iter").1.key.clone())
+                .collect();
+            let expected: Vec<_> = records.iter().map(|r| r.key.clone()).collect();
+            proptest::prop_assert_eq!(all, expected);
+        }
+    }
+
     #[test]
     fn flipped_bytes_never_return_wrong_values() {
         for format in [TableFormat::V1, TableFormat::V2] {
