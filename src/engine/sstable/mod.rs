@@ -105,16 +105,23 @@ pub fn table_file_name(id: u64) -> String {
     format!("{id:012}.sst")
 }
 
+/// How far ahead of itself a [`TableIter`] has the kernel read a table (in two halves: when
+/// the iterator enters the second half, the next window is asked for).
+const SCAN_PREFETCH: u64 = 1 << 20;
+
 /// An open SSTable.
 pub struct SsTable {
     path: PathBuf,
-    /// The file for scans and compactions: the kernel's default read-ahead.
+    /// The file, mapped and advised random: a fault reads its page only. A point read's
+    /// block is one page (blocks are page-aligned), and a [`TableIter`] (compaction, streaming,
+    /// scans) asks for the next [`SCAN_PREFETCH`] bytes ahead of itself. The kernel's default
+    /// is to read around a fault as far as the device's read-ahead (8 MiB on this machine's
+    /// disk): with data larger than memory, point reads' read-arounds evicted the pages other
+    /// reads needed (docs/benchmarks.md, "Data larger than memory"), and a compaction merging
+    /// ten tables read 80 MiB around its faults into a page cache of 40 MiB, reclaim dropped
+    /// those pages before the merge reached them, and the disk read 350 MB/s for a minute
+    /// while the writers all but stopped ("Round 3, step 16").
     map: Mapped,
-    /// The same file mapped again for point reads, advised random: a block read faults in
-    /// that block's pages only. With the default advice each fault reads 128 KiB around it,
-    /// and with data larger than memory those read-arounds evict the pages other point reads
-    /// need (docs/benchmarks.md, "Data larger than memory").
-    point_map: Mapped,
     index: BlockIndex,
     bloom: Bloom,
     /// The layout of the data blocks (the footer's version).
@@ -195,14 +202,10 @@ impl SsTable {
         let version = footer.version;
         let format = TableFormat::from_version(version)
             .ok_or_else(|| corrupt(footer_at, &format!("unsupported format version {version}")))?;
-        let point_map = vfs
-            .map(path)
-            .map_err(|e| EngineError::io(format!("map SSTable {}", path.display()), e))?;
-        point_map.advise_random();
+        map.advise_random();
         let mut table = SsTable {
             path: path.to_path_buf(),
             map,
-            point_map,
             index: BlockIndex::default(),
             bloom: Bloom::build(&[]),
             format,
@@ -213,6 +216,11 @@ impl SsTable {
             (bloom_off, bloom_len),
             (meta_off, meta_len),
         ] = footer.handles;
+        // The filter, index and meta blocks are read in full just below: in one request.
+        let tail = bloom_off.min(index_off).min(meta_off);
+        table
+            .map
+            .will_need(usize::try_from(tail).unwrap_or(usize::MAX), len);
 
         let index_payload = table.block(index_off, index_len)?;
         let mut r = Reader::new(index_payload);
@@ -249,18 +257,12 @@ impl SsTable {
         self.format
     }
 
-    /// The checksummed block at `offset` (its length includes the 4-byte CRC), without the CRC,
-    /// read through the scan mapping.
+    /// The checksummed block at `offset` (its length includes the 4-byte CRC), without the CRC.
     fn block(&self, offset: u64, len: u32) -> Result<&[u8]> {
-        self.block_of(&self.map, offset, len)
-    }
-
-    /// [`SsTable::block`] read through `map` (the scan or the point-read mapping).
-    fn block_of<'a>(&'a self, map: &'a Mapped, offset: u64, len: u32) -> Result<&'a [u8]> {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let (payload, crc) = start
             .checked_add(len as usize)
-            .and_then(|end| map.get(start..end))
+            .and_then(|end| self.map.get(start..end))
             .and_then(<[u8]>::split_last_chunk::<4>)
             .ok_or_else(|| EngineError::Corrupted {
                 path: self.path.clone(),
@@ -297,7 +299,7 @@ impl SsTable {
         let Some((offset, len)) = self.index.block(idx) else {
             return Ok(None);
         };
-        let payload = self.block_of(&self.point_map, offset, len)?;
+        let payload = self.block(offset, len)?;
         let mut cursor = BlockCursor::new(self.format, payload);
         while let Some(raw) = cursor
             .next_entry()
@@ -366,6 +368,8 @@ pub struct TableIter {
     ranges: Option<Arc<[HashRange]>>,
     buffered: VecDeque<(Vec<u8>, Arc<Record>)>,
     failed: bool,
+    /// The end of what the iterator has asked the kernel to read ahead.
+    prefetched_until: u64,
 }
 
 impl TableIter {
@@ -378,6 +382,24 @@ impl TableIter {
             ranges: None,
             buffered: VecDeque::new(),
             failed: false,
+            prefetched_until: 0,
+        }
+    }
+
+    /// Has the kernel read the next [`SCAN_PREFETCH`] bytes from block `idx` on, once the
+    /// iterator is within half of that of the end of what it asked for before.
+    fn prefetch_from(&mut self, idx: usize) {
+        let Some((offset, len)) = self.table.index.block(idx) else {
+            return;
+        };
+        let end = offset + u64::from(len);
+        if end + SCAN_PREFETCH / 2 > self.prefetched_until {
+            let to = end.max(offset + SCAN_PREFETCH);
+            self.table.map.will_need(
+                usize::try_from(offset).unwrap_or(usize::MAX),
+                usize::try_from(to - offset).unwrap_or(usize::MAX),
+            );
+            self.prefetched_until = to;
         }
     }
 
@@ -400,6 +422,7 @@ impl Iterator for TableIter {
             if self.failed || self.next_block >= self.table.block_count() {
                 return None;
             }
+            self.prefetch_from(self.next_block);
             match self
                 .table
                 .decode_block(self.next_block, &self.from, self.ranges.as_deref())

@@ -86,6 +86,19 @@ impl Mapped {
     }
 }
 
+impl Mapped {
+    /// Asks the kernel to read `len` bytes from `offset` into the page cache now, in the
+    /// background (clamped to the file). Only a hint: a failure is ignored.
+    pub fn will_need(&self, offset: usize, len: usize) {
+        if let Mapped::Map(m) = self {
+            let len = len.min(m.len().saturating_sub(offset));
+            if len > 0 {
+                let _ = m.advise_range(memmap2::Advice::WillNeed, offset, len);
+            }
+        }
+    }
+}
+
 impl std::ops::Deref for Mapped {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
