@@ -39,6 +39,9 @@ const PAGE: usize = 4096;
 /// this share of a table, whatever the size of its entries.
 const MAX_PADDING: usize = PAGE / 16;
 
+/// What pads a data block to its page.
+const ZEROS: [u8; PAGE] = [0; PAGE];
+
 /// The bytes a block's CRC adds to its payload.
 const CRC_LEN: usize = 4;
 
@@ -133,9 +136,9 @@ impl TableBuilder {
         Ok(())
     }
 
-    /// The entry just encoded (the block was `before` bytes long) took the block past its last
-    /// page: with little room left, the block ends before the entry (padded to the page) and the
-    /// entry starts the next one; otherwise the block grows by the pages the entry needs.
+    /// If the entry just encoded (the block was `before` bytes long) took the block past its
+    /// last page: with little room left, the block ends before the entry (padded to the page)
+    /// and the entry starts the next one; otherwise the block grows by the pages it needs.
     fn fit_in_pages(&mut self, before: usize, ikey: &[u8], record: &Record) -> Result<()> {
         if self.block.len() + CRC_LEN <= self.block_limit {
             return Ok(());
@@ -179,8 +182,8 @@ impl TableBuilder {
         if misalignment == 0 {
             return Ok(());
         }
-        let fill = vec![0u8; PAGE - misalignment];
-        self.out.write_all(&fill).map_err(|e| io(&self.path, e))?;
+        let (fill, _) = ZEROS.split_at(PAGE - misalignment);
+        self.out.write_all(fill).map_err(|e| io(&self.path, e))?;
         self.offset += fill.len() as u64;
         Ok(())
     }

@@ -176,6 +176,8 @@ impl SsTable {
         let map = vfs
             .map(path)
             .map_err(|e| EngineError::io(format!("map SSTable {}", path.display()), e))?;
+        // Before the first read: the footer's fault would otherwise read megabytes around it.
+        map.advise_random();
         let corrupt = |offset: u64, reason: &str| EngineError::Corrupted {
             path: path.to_path_buf(),
             offset,
@@ -202,7 +204,6 @@ impl SsTable {
         let version = footer.version;
         let format = TableFormat::from_version(version)
             .ok_or_else(|| corrupt(footer_at, &format!("unsupported format version {version}")))?;
-        map.advise_random();
         let mut table = SsTable {
             path: path.to_path_buf(),
             map,

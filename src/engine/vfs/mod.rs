@@ -84,9 +84,7 @@ impl Mapped {
             let _ = m.advise(memmap2::Advice::Random);
         }
     }
-}
 
-impl Mapped {
     /// Asks the kernel to read `len` bytes from `offset` into the page cache now, in the
     /// background (clamped to the file). Only a hint: a failure is ignored.
     pub fn will_need(&self, offset: usize, len: usize) {
