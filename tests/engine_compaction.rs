@@ -559,15 +559,28 @@ fn table_formats(dir: &std::path::Path) -> Vec<u32> {
 #[test]
 fn tables_of_format_1_are_read_and_compacted_into_format_2() {
     use pairdb::engine::TableFormat;
+    upgrade_reads_and_compacts(TableFormat::V1, TableFormat::V2);
+}
+
+#[test]
+fn tables_of_format_2_are_read_and_compacted_into_format_3() {
+    use pairdb::engine::TableFormat;
+    upgrade_reads_and_compacts(TableFormat::V2, TableFormat::V3);
+}
+
+/// A node writes tables in `old` (a rolling upgrade), then the upgraded node reads them next
+/// to its own `new` tables (absent keys too: each table answers with its own filter), and
+/// compaction rewrites them all in `new`.
+fn upgrade_reads_and_compacts(old: pairdb::engine::TableFormat, new: pairdb::engine::TableFormat) {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = physical_counter(now_ms());
     let with_format = |format| EngineOptions {
         table_format: format,
         ..options(Duration::from_secs(3600))
     };
-    // Written by a node still on format 1 (a rolling upgrade): values, and tombstones.
+    // Written by a node still on the old format: values, and tombstones.
     {
-        let engine = Engine::open(dir.path(), with_format(TableFormat::V1)).expect("open");
+        let engine = Engine::open(dir.path(), with_format(old)).expect("open");
         for i in 0..500u64 {
             let key = format!("key{i:04}");
             let record = if i % 5 == 0 {
@@ -579,9 +592,9 @@ fn tables_of_format_1_are_read_and_compacted_into_format_2() {
         }
         engine.flush().expect("flush");
     }
-    assert_eq!(table_formats(dir.path()), vec![1]);
-    // The upgraded node reads them, and overwrites every third key in format 2.
-    let engine = Engine::open(dir.path(), with_format(TableFormat::V2)).expect("reopen");
+    assert_eq!(table_formats(dir.path()), vec![old.version()]);
+    // The upgraded node reads them, and overwrites every third key in the new format.
+    let engine = Engine::open(dir.path(), with_format(new)).expect("reopen");
     for i in (0..500u64).step_by(3) {
         let key = format!("key{i:04}");
         let version = v(&[("c1", base + 1000 + i)]);
@@ -590,7 +603,10 @@ fn tables_of_format_1_are_read_and_compacted_into_format_2() {
             .expect("apply");
     }
     engine.flush().expect("flush");
-    assert_eq!(table_formats(dir.path()), vec![1, 2]);
+    assert_eq!(
+        table_formats(dir.path()),
+        vec![old.version(), new.version()]
+    );
     let expected = |i: u64| -> Option<String> {
         if i % 3 == 0 {
             Some(format!("new-{i}"))
@@ -608,14 +624,20 @@ fn tables_of_format_1_are_read_and_compacted_into_format_2() {
                 .and_then(|r| r.value.clone())
                 .map(|v| String::from_utf8(v.to_vec()).unwrap());
             assert_eq!(got, expected(i), "key{i:04}");
+            let absent = format!("key{i:04}-absent");
+            assert!(engine.get("t", absent.as_bytes()).expect("get").is_none());
         }
         let scanned = engine.scan_tenant("t").expect("scan").count();
         assert_eq!(scanned, 500, "tombstones are kept within gc_grace");
     };
     check(&engine);
     engine.compact().expect("compact");
-    assert!(table_formats(dir.path()).iter().all(|f| *f == 2));
+    assert!(
+        table_formats(dir.path())
+            .iter()
+            .all(|f| *f == new.version())
+    );
     check(&engine);
     drop(engine);
-    check(&Engine::open(dir.path(), with_format(TableFormat::V2)).expect("reopen"));
+    check(&Engine::open(dir.path(), with_format(new)).expect("reopen"));
 }

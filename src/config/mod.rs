@@ -293,14 +293,14 @@ mod tests {
         let default = storage_config("");
         assert_eq!(
             default.storage.table_format().ok(),
-            Some(crate::engine::TableFormat::V2)
+            Some(crate::engine::TableFormat::V3)
         );
         let upgrading = storage_config("table_format_version = 1");
         assert_eq!(
             upgrading.storage.table_format().ok(),
             Some(crate::engine::TableFormat::V1)
         );
-        for bad in [0, 3] {
+        for bad in [0, 4] {
             let refused = storage_config(&format!("table_format_version = {bad}"))
                 .storage
                 .validate()

@@ -64,9 +64,10 @@ pub struct StorageConfig {
     /// streams' scans and the records streams, repairs and hint replays write, anti-entropy
     /// listings. 10 by default; 0 runs them at the process's priority (`crate::priority`).
     pub background_nice: u8,
-    /// The layout new SSTables are written in (docs/sstable-format.md): 2 by default, 1 while
-    /// a rolling upgrade still has nodes whose binary predates format 2 (they cannot open its
-    /// tables). Tables of both formats are always read, and compaction rewrites old ones.
+    /// The layout new SSTables are written in (docs/sstable-format.md): 3 by default; 2 (or 1)
+    /// while a rolling upgrade still has nodes whose binary predates format 3 (or 2): they
+    /// cannot open its tables. Tables of every format are always read, and compaction
+    /// rewrites old ones.
     pub table_format_version: u32,
 }
 
@@ -102,7 +103,7 @@ impl StorageConfig {
     pub fn table_format(&self) -> Result<crate::engine::TableFormat, ConfigError> {
         crate::engine::TableFormat::from_version(self.table_format_version).ok_or_else(|| {
             invalid(format!(
-                "table_format_version = {}: this build writes format 1 or 2",
+                "table_format_version = {}: this build writes format 1, 2 or 3",
                 self.table_format_version
             ))
         })

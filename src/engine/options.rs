@@ -73,8 +73,8 @@ pub struct EngineOptions {
     pub max_immutable_memtables: usize,
     /// Target size of a data block.
     pub block_bytes: usize,
-    /// The layout new tables are written in; tables of either format are read. Format 1 is
-    /// for a rolling upgrade: a binary from before format 2 cannot open format-2 tables.
+    /// The layout new tables are written in; tables of every format are read. Formats 1 and 2
+    /// are for a rolling upgrade: a binary from before format N cannot open format-N tables.
     pub table_format: super::sstable::TableFormat,
     /// Target size of a compaction output table.
     pub table_bytes: u64,
@@ -116,7 +116,7 @@ impl Default for EngineOptions {
             memtable_bytes: 64 << 20,
             max_immutable_memtables: 2,
             block_bytes: 4096,
-            table_format: super::sstable::TableFormat::V2,
+            table_format: super::sstable::TableFormat::V3,
             table_bytes: 64 << 20,
             levels: LevelPolicy::default(),
             cache_bytes: 64 << 20,

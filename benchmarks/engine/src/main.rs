@@ -109,7 +109,7 @@ impl Pairdb {
                 .parse()
                 .ok()
                 .and_then(pairdb::engine::TableFormat::from_version)
-                .context("PAIRDB_TABLE_FORMAT: 1 or 2")?;
+                .context("PAIRDB_TABLE_FORMAT: 1, 2 or 3")?;
         }
         Ok(Self {
             engine: Engine::open(dir, options)?,

@@ -209,7 +209,7 @@ impl TableBuilder {
     pub fn finish(mut self) -> Result<TableMeta> {
         self.finish_block()?;
         let mut buf = Vec::new();
-        Bloom::build(&self.hashes).encode(&mut buf);
+        Bloom::build(&self.hashes, self.format.filter_layout()).encode(&mut buf);
         let (bloom_off, bloom_len) = self.write_block(&buf)?;
 
         buf.clear();
