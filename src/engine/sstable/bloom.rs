@@ -189,38 +189,35 @@ impl Bloom {
     pub fn decode(payload: &[u8]) -> Result<Self, CodecError> {
         let mut r = Reader::new(payload);
         let first = r.u8()?;
-        if first == BLOCKED_TAG {
-            let probes = r.u8()?;
-            if probes == 0 || probes > 30 {
-                return Err(CodecError::Invalid("bloom probe count"));
-            }
-            let body = r.bytes(r.remaining())?;
-            if body.is_empty() || body.len() % (LINE_BITS / 8) != 0 {
-                return Err(CodecError::Invalid("bloom lines"));
-            }
-            let lines = body
-                .chunks_exact(LINE_BITS / 8)
-                .map(|chunk| {
-                    let mut line = Line::default();
-                    for (word, bytes) in line.0.iter_mut().zip(chunk.chunks_exact(8)) {
-                        let mut le = [0u8; 8];
-                        le.copy_from_slice(bytes);
-                        *word = u64::from_le_bytes(le);
-                    }
-                    line
-                })
-                .collect();
-            return Ok(Bloom::Blocked { lines, probes });
+        if first != BLOCKED_TAG {
+            let probes = checked_probes(first)?;
+            let bits = r.bytes(r.remaining())?.to_vec();
+            return Ok(Bloom::Classic { bits, probes });
         }
-        if first == 0 || first > 30 {
-            return Err(CodecError::Invalid("bloom probe count"));
+        let probes = checked_probes(r.u8()?)?;
+        let line_bytes = LINE_BITS / 8;
+        if r.remaining() == 0 || r.remaining() % line_bytes != 0 {
+            return Err(CodecError::Invalid("bloom lines"));
         }
-        let bits = r.bytes(r.remaining())?.to_vec();
-        Ok(Bloom::Classic {
-            bits,
-            probes: first,
-        })
+        let lines = (0..r.remaining() / line_bytes)
+            .map(|_| {
+                let mut line = Line::default();
+                for word in &mut line.0 {
+                    *word = r.u64()?;
+                }
+                Ok(line)
+            })
+            .collect::<Result<_, CodecError>>()?;
+        Ok(Bloom::Blocked { lines, probes })
     }
+}
+
+/// A probe count as stored (1..=30; anything else is damage).
+fn checked_probes(probes: u8) -> Result<u8, CodecError> {
+    if probes == 0 || probes > 30 {
+        return Err(CodecError::Invalid("bloom probe count"));
+    }
+    Ok(probes)
 }
 
 #[cfg(test)]
