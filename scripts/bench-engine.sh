@@ -8,8 +8,8 @@
 #                           [--pairdb-bin target/release/pairdb] [--seconds 10] [--stores pairdb,rocksdb]
 #                           [--frozen-memtables N]
 # --build-only builds the harness and runs nothing (for scripts that run it themselves).
-# PAIRDB_TABLE_FORMAT=1 has pairdb write SSTables in format 1 (format 2 is the default).
-# PAIRDB_L0_BYTES=N and PAIRDB_MEMTABLE_BYTES=N override pairdb's level-0 merge size and
+# PAIRDB_TABLE_FORMAT=N (1, 2 or 3) has pairdb write SSTables in format N (3 is the default).
+# PAIRDB_L0_BYTES=N, PAIRDB_L0_TRIGGER=N and PAIRDB_MEMTABLE_BYTES=N override pairdb's level-0 merge size (bytes, tables) and
 # memtable size; PAIRDB_WRITES_SYNC=never runs pairdb's writes phase without fsync (an
 # experiment: those rows are then not durable writes).
 set -euo pipefail

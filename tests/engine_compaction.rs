@@ -526,6 +526,25 @@ fn tables_nothing_overlaps_below_move_down_and_keep_every_winner_across_a_reopen
     }
     engine.flush().expect("flush");
     engine.compact_levels().expect("leveled");
+    // The per-level counters add up to the totals, and say where the bytes went.
+    let stats = engine.stats();
+    let by_level = &stats.compaction_levels;
+    let sum = |f: fn(&pairdb::engine::LevelCompactions) -> u64| by_level.iter().map(f).sum::<u64>();
+    assert_eq!(sum(|l| l.written_bytes), stats.compaction_bytes_written);
+    assert_eq!(sum(|l| l.moves), stats.compaction_moves);
+    assert_eq!(sum(|l| l.merges), stats.compactions);
+    assert_eq!(
+        by_level.first().copied().unwrap_or_default(),
+        Default::default(),
+        "nothing writes into L0"
+    );
+    // L0 merges into L1, the shallowest level holding data; moves go deeper.
+    let l1 = by_level.get(1).copied().unwrap_or_default();
+    assert!(
+        l1.merges > 0 && l1.input_tables >= l1.merges && l1.read_upper_bytes > 0,
+        "{by_level:?}"
+    );
+    assert!(by_level.iter().skip(2).any(|l| l.moves > 0), "{by_level:?}");
     let check = |engine: &Engine| {
         for i in 0..400 {
             let got = engine
@@ -536,6 +555,28 @@ fn tables_nothing_overlaps_below_move_down_and_keep_every_winner_across_a_reopen
             assert_eq!(got.value.as_deref(), Some(want), "k{i:04}");
         }
     };
+    check(&engine);
+    // A major compaction rewrites every level into the deepest over what it holds: bytes
+    // read from the output level itself are counted too.
+    let deepest = engine
+        .stats()
+        .levels
+        .iter()
+        .rposition(|l| l.0 > 0)
+        .expect("tables");
+    engine.compact().expect("major compaction");
+    let after = engine.stats().compaction_levels[deepest];
+    let before = stats
+        .compaction_levels
+        .get(deepest)
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(after.merges, before.merges + 1);
+    assert!(
+        after.read_lower_bytes > before.read_lower_bytes,
+        "{after:?}"
+    );
+    assert!(after.written_bytes > before.written_bytes, "{after:?}");
     check(&engine);
     engine.close().expect("close");
     drop(engine);

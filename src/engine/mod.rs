@@ -135,6 +135,9 @@ pub struct EngineStats {
     pub compaction_bytes_written: u64,
     /// Bytes of the tables flushes wrote (memtables to level 0).
     pub flush_bytes_written: u64,
+    /// Compactions by the level they wrote into (index = output level): where the
+    /// compaction bytes went, RocksDB's "Compaction Stats" per level.
+    pub compaction_levels: Vec<LevelCompactions>,
     pub tombstones_dropped: u64,
     /// Expired values compaction purged (past their expiry plus gc_grace).
     pub expired_dropped: u64,
@@ -171,6 +174,24 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// The compactions that wrote into one level, counted since the engine opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LevelCompactions {
+    /// Merges that wrote into this level.
+    pub merges: u64,
+    /// Tables moved into this level without a rewrite.
+    pub moves: u64,
+    /// Tables the merges took from the level above (for level 1 and deeper, L0's tables
+    /// too when L0 merged into it).
+    pub input_tables: u64,
+    /// Bytes the merges read from the level above, and from this level (the overlapping
+    /// tables rewritten with them).
+    pub read_upper_bytes: u64,
+    pub read_lower_bytes: u64,
+    /// Bytes of the tables the merges wrote.
+    pub written_bytes: u64,
+}
+
 /// Counters updated on the hot paths (the storage role exports them).
 #[derive(Debug, Default)]
 pub struct EngineMetrics {
@@ -186,6 +207,8 @@ pub struct EngineMetrics {
     pub flush_bytes_written: AtomicU64,
     pub tombstones_dropped: AtomicU64,
     pub expired_dropped: AtomicU64,
+    /// Updated once per compaction (index = output level).
+    pub compaction_levels: Mutex<Vec<LevelCompactions>>,
 }
 
 struct Stripe {
@@ -567,6 +590,7 @@ impl Core {
             compaction_moves: m.compaction_moves.load(Ordering::Relaxed),
             compaction_bytes_written: m.compaction_bytes_written.load(Ordering::Relaxed),
             flush_bytes_written: m.flush_bytes_written.load(Ordering::Relaxed),
+            compaction_levels: m.compaction_levels.lock().clone(),
             tombstones_dropped: m.tombstones_dropped.load(Ordering::Relaxed),
             expired_dropped: m.expired_dropped.load(Ordering::Relaxed),
             replay: self.replay.clone(),

@@ -124,6 +124,13 @@ async fn metrics(State(node): State<Node>) -> String {
         metrics::gauge!("pairdb_engine_level_bytes", "node" => id.clone(), "level" => level)
             .set(*bytes as f64);
     }
+    for (level, c) in s.compaction_levels.iter().enumerate() {
+        let level = level.to_string();
+        metrics::gauge!("pairdb_engine_level_compaction_bytes_written", "node" => id.clone(), "level" => level.clone())
+            .set(c.written_bytes as f64);
+        metrics::gauge!("pairdb_engine_level_compaction_bytes_read", "node" => id.clone(), "level" => level)
+            .set((c.read_upper_bytes + c.read_lower_bytes) as f64);
+    }
     if let Some(g) = &node.gossip {
         let members = g.members().await;
         let up = members.iter().filter(|m| m.up).count();

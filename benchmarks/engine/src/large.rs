@@ -318,6 +318,7 @@ pub fn child(args: &[String]) -> Result<()> {
         "rocksdb" => Box::new(Rocks::open(&dir, true, cache as usize, None)?),
         other => anyhow::bail!("unknown store {other}"),
     };
+    let name = store;
     let store = opened.as_ref();
     let mut out = BTreeMap::new();
     let written_before = device_bytes_written(&dir)?;
@@ -350,6 +351,7 @@ pub fn child(args: &[String]) -> Result<()> {
             .map_or(f64::NAN, |b| b as f64 / user)
     };
     out.insert("table_amp_load", tables(store));
+    eprintln!("{name}: compaction during the load\n{}", store.compaction_report());
     let t0 = Instant::now();
     store.settle()?;
     out.insert("settle_secs", t0.elapsed().as_secs_f64());

@@ -70,6 +70,10 @@ trait Store: Send + Sync {
     fn stall_diagnostics(&self) -> Vec<(&'static str, f64)> {
         Vec::new()
     }
+    /// Where the store's compaction writes went, per level, in its own words (for stderr).
+    fn compaction_report(&self) -> String {
+        String::new()
+    }
 }
 
 struct Pairdb {
@@ -91,9 +95,10 @@ impl Pairdb {
         )
     }
 
-    /// `PAIRDB_TABLE_FORMAT=1` writes tables in format 1 (to measure format 2 against it);
+    /// `PAIRDB_TABLE_FORMAT=N` writes tables in format N (to measure one format against another);
     /// `PAIRDB_L0_BYTES=N` merges level 0 at N bytes instead of the policy's default (to
-    /// measure a merge size without rebuilding); `PAIRDB_MEMTABLE_BYTES=N` freezes memtables
+    /// measure a merge size without rebuilding), `PAIRDB_L0_TRIGGER=N` at N tables;
+    /// `PAIRDB_MEMTABLE_BYTES=N` freezes memtables
     /// at N bytes of memory instead of the caller's size.
     fn with_options(dir: &Path, mut options: EngineOptions) -> Result<Self> {
         if let Ok(v) = std::env::var("PAIRDB_MEMTABLE_BYTES") {
@@ -103,6 +108,11 @@ impl Pairdb {
         }
         if let Ok(v) = std::env::var("PAIRDB_L0_BYTES") {
             options.levels.l0_bytes = v.parse().context("PAIRDB_L0_BYTES: a number of bytes")?;
+        }
+        if let Ok(v) = std::env::var("PAIRDB_L0_TRIGGER") {
+            options.levels.l0_trigger = v
+                .parse()
+                .context("PAIRDB_L0_TRIGGER: a number of tables")?;
         }
         if let Ok(v) = std::env::var("PAIRDB_TABLE_FORMAT") {
             options.table_format = v
@@ -145,6 +155,27 @@ impl Store for Pairdb {
     fn table_bytes_written(&self) -> Option<u64> {
         let s = self.engine.stats();
         Some(s.flush_bytes_written + s.compaction_bytes_written)
+    }
+    fn compaction_report(&self) -> String {
+        let s = self.engine.stats();
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        let mut out = format!(
+            "pairdb flushes: {}, {:.0} MiB\nlevel | merges | moves | input tables | read upper MiB | read lower MiB | written MiB\n",
+            s.flushes,
+            mib(s.flush_bytes_written)
+        );
+        for (n, l) in s.compaction_levels.iter().enumerate() {
+            out += &format!(
+                "L{n} | {} | {} | {} | {:.0} | {:.0} | {:.0}\n",
+                l.merges,
+                l.moves,
+                l.input_tables,
+                mib(l.read_upper_bytes),
+                mib(l.read_lower_bytes),
+                mib(l.written_bytes)
+            );
+        }
+        out
     }
     fn stall_diagnostics(&self) -> Vec<(&'static str, f64)> {
         let s = self.engine.stats();
@@ -220,6 +251,13 @@ impl Store for Rocks {
             self.opts.get_ticker_count(Ticker::FlushWriteBytes)
                 + self.opts.get_ticker_count(Ticker::CompactWriteBytes),
         )
+    }
+    fn compaction_report(&self) -> String {
+        self.db
+            .property_value("rocksdb.stats")
+            .ok()
+            .flatten()
+            .unwrap_or_default()
     }
     fn stall_diagnostics(&self) -> Vec<(&'static str, f64)> {
         use rocksdb::statistics::Ticker;

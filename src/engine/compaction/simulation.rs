@@ -42,6 +42,8 @@ pub struct Outcome {
     pub max_l0: usize,
     /// Bytes per level at the end.
     pub level_bytes: Vec<u64>,
+    /// Merge output bytes by output level, until nothing is left to do.
+    pub written_into: Vec<u64>,
     /// Every layout after each task, checked by the caller's invariants.
     pub layouts_checked: usize,
 }
@@ -231,6 +233,12 @@ fn start(
     let outputs = merge_outputs(levels, &task, next_id, load.table_bytes);
     let bytes: u64 = outputs.iter().map(|t| t.file_bytes).sum();
     out.compacted += bytes;
+    if out.written_into.len() <= task.output_level {
+        out.written_into.resize(task.output_level + 1, 0);
+    }
+    if let Some(into) = out.written_into.get_mut(task.output_level) {
+        *into += bytes;
+    }
     if out.flushed < load.total_bytes {
         out.compacted_during_load += bytes;
     }

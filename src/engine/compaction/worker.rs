@@ -16,7 +16,7 @@ use crate::engine::levels::LevelEdit;
 use crate::engine::sstable::{SsTable, TableBuilder, TableIter, TableMeta, table_file_name};
 use crate::engine::types::{RangeDrop, Record};
 use crate::engine::write::tree_entry;
-use crate::engine::{Core, State, io_err};
+use crate::engine::{Core, LevelCompactions, State, io_err};
 
 use super::policy::{self, CompactionTask};
 
@@ -94,6 +94,7 @@ impl Core {
         self.metrics
             .compaction_moves
             .fetch_add(1, Ordering::Relaxed);
+        self.count_level(task.output_level, |level| level.moves += 1);
         Ok(())
     }
 
@@ -245,6 +246,22 @@ impl Core {
             self.install_removing(task, &outputs, opened, &removed)?;
         }
         self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
+        let read = |ids: &[u64]| -> u64 {
+            chosen
+                .iter()
+                .filter(|t| ids.contains(&t.meta.id))
+                .map(|t| t.meta.file_bytes)
+                .sum()
+        };
+        let (upper, lower) = (read(&task.inputs), read(&task.overlapping));
+        let written: u64 = outputs.iter().map(|t| t.file_bytes).sum();
+        self.count_level(task.output_level, |level| {
+            level.merges += 1;
+            level.input_tables += task.inputs.len() as u64;
+            level.read_upper_bytes += upper;
+            level.read_lower_bytes += lower;
+            level.written_bytes += written;
+        });
         self.obsolete.add(chosen);
         drop(state);
         self.obsolete.delete_unread(vfs)?;
@@ -273,6 +290,17 @@ impl Core {
         self.metrics
             .compaction_bytes_written
             .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Adds one compaction into `level` to the per-level counters.
+    fn count_level(&self, level: usize, add: impl FnOnce(&mut LevelCompactions)) {
+        let mut levels = self.metrics.compaction_levels.lock();
+        if levels.len() <= level {
+            levels.resize(level + 1, LevelCompactions::default());
+        }
+        if let Some(counters) = levels.get_mut(level) {
+            add(counters);
+        }
     }
 
     /// Installs a result that left out some keys' winners, and takes those out of the range
