@@ -667,6 +667,11 @@ async fn data_dir_lock_metrics_and_graceful_shutdown() {
     assert!(body.contains("pairdb_storage_requests_total"), "{body}");
     assert!(body.contains("pairdb_engine_disk_usage_percent"));
     assert!(body.contains("pairdb_engine_log_sync_seconds"), "{body}");
+    assert!(
+        body.contains("pairdb_engine_level_compaction_bytes_written{")
+            && body.contains("pairdb_engine_level_compaction_bytes_read{"),
+        "{body}"
+    );
     assert!(common::http_get(node.http, "/healthz").await.contains("ok"));
     assert!(
         common::http_get(node.http, "/readyz")

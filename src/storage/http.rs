@@ -124,7 +124,9 @@ async fn metrics(State(node): State<Node>) -> String {
         metrics::gauge!("pairdb_engine_level_bytes", "node" => id.clone(), "level" => level)
             .set(*bytes as f64);
     }
-    for (level, c) in s.compaction_levels.iter().enumerate() {
+    // Every level the engine has, zeros for one no compaction wrote into yet.
+    for level in 0..s.levels.len().max(s.compaction_levels.len()) {
+        let c = s.compaction_levels.get(level).copied().unwrap_or_default();
         let level = level.to_string();
         metrics::gauge!("pairdb_engine_level_compaction_bytes_written", "node" => id.clone(), "level" => level.clone())
             .set(c.written_bytes as f64);
