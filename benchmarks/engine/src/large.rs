@@ -294,7 +294,7 @@ fn print_table(plan: &Plan, results: &[(&str, BTreeMap<String, f64>)]) {
 /// The child: joins its group, loads, settles, reads, and prints one `RESULT k=v ...` line.
 pub fn child(args: &[String]) -> Result<()> {
     let arg = |i: usize| args.get(i).with_context(|| format!("child argument {i}"));
-    let store = arg(0)?.as_str();
+    let name = arg(0)?.as_str();
     let dir = PathBuf::from(arg(1)?);
     cgroup::join(Path::new(arg(2)?))?;
     let keys: u64 = arg(3)?.parse()?;
@@ -303,7 +303,7 @@ pub fn child(args: &[String]) -> Result<()> {
     let cache: u64 = arg(6)?.parse()?;
     let frozen: usize = arg(7)?.parse()?;
     std::fs::create_dir_all(&dir)?;
-    let opened: Box<dyn Store> = match store {
+    let opened: Box<dyn Store> = match name {
         "pairdb" => Box::new(Pairdb::with_options(
             &dir,
             EngineOptions {
@@ -318,7 +318,6 @@ pub fn child(args: &[String]) -> Result<()> {
         "rocksdb" => Box::new(Rocks::open(&dir, true, cache as usize, None)?),
         other => anyhow::bail!("unknown store {other}"),
     };
-    let name = store;
     let store = opened.as_ref();
     let mut out = BTreeMap::new();
     let written_before = device_bytes_written(&dir)?;
@@ -337,8 +336,8 @@ pub fn child(args: &[String]) -> Result<()> {
         "longest_gap_end_monotonic_ms",
         load.longest_gap_end_monotonic_ms,
     );
-    for (name, value) in store.stall_diagnostics() {
-        out.insert(name, value);
+    for (field, value) in store.stall_diagnostics() {
+        out.insert(field, value);
     }
     let user = (keys * USER_BYTES_PER_KEY) as f64;
     out.insert(
@@ -351,7 +350,10 @@ pub fn child(args: &[String]) -> Result<()> {
             .map_or(f64::NAN, |b| b as f64 / user)
     };
     out.insert("table_amp_load", tables(store));
-    eprintln!("{name}: compaction during the load\n{}", store.compaction_report());
+    eprintln!(
+        "{name}: compaction during the load\n{}",
+        store.compaction_report()
+    );
     let t0 = Instant::now();
     store.settle()?;
     out.insert("settle_secs", t0.elapsed().as_secs_f64());

@@ -110,9 +110,8 @@ impl Pairdb {
             options.levels.l0_bytes = v.parse().context("PAIRDB_L0_BYTES: a number of bytes")?;
         }
         if let Ok(v) = std::env::var("PAIRDB_L0_TRIGGER") {
-            options.levels.l0_trigger = v
-                .parse()
-                .context("PAIRDB_L0_TRIGGER: a number of tables")?;
+            options.levels.l0_trigger =
+                v.parse().context("PAIRDB_L0_TRIGGER: a number of tables")?;
         }
         if let Ok(v) = std::env::var("PAIRDB_TABLE_FORMAT") {
             options.table_format = v
