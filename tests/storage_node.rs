@@ -736,6 +736,44 @@ async fn streaming_survives_a_target_outage() {
     assert_eq!(scan(&mut cb, 0, 0).await.len(), 10_000);
 }
 
+/// A stream with nothing to copy reaches its last step, the target's flush (`Drain`), at
+/// once: a target that is down then is waited for there too, as for any batch, instead of
+/// failing the stream (and with it a whole topology change, as the fault suite saw when a
+/// node was isolated at that moment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streams_final_flush_waits_for_a_target_outage() {
+    let (da, db) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let a = StorageNode::start("a", da.path(), None);
+    let mut b = StorageNode::start("b", db.path(), None);
+    let mut ca = a.client().await;
+    b.kill9();
+    ca.start_streaming(pb::StartStreamingRequest {
+        stream_id: "flush-outage".into(),
+        ranges: vec![cpb::HashRange { start: 0, end: 0 }],
+        target_node_id: "b".into(),
+        target_address: b.grpc.to_string(),
+        resume: None,
+        dropped_tenants: Vec::new(),
+        ring_digest: 0,
+    })
+    .await
+    .expect("start");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = stream_status(&mut ca, "flush-outage")
+        .await
+        .expect("status");
+    assert_eq!(
+        s.state,
+        pb::StreamState::Syncing as i32,
+        "waiting for the target's flush, not failed: {s:?}"
+    );
+    b.restart();
+    wait_completed(&mut ca, "flush-outage", 60).await;
+}
+
 /// The operator's bad day of the crash-consistency issue: a crash right after a new commit-log
 /// segment was created (the file exists, 0 bytes), a restart, and a `kill -9` before anything
 /// was flushed. The node must start again by itself, with every acknowledged write.

@@ -16,6 +16,7 @@
 //! Sending is idempotent (the target applies a record only if it wins by the version rules), so
 //! a batch that failed because the target was briefly unreachable is simply sent again, with
 //! backoff, from where it stopped; a stream gives up only after `RETRY_WINDOW` without progress.
+//! The final `Drain` is retried the same way (it only flushes the target's memtables).
 //! After every acknowledged batch the stream stores a checkpoint ([`super::stream_checkpoint`]):
 //! asked for again after this node restarted, it goes on after it, sending at most the batch
 //! that was in flight a second time (live writes queued then are not needed: coordinators
@@ -321,7 +322,7 @@ pub enum StreamError {
 
 /// Sends one batch, retrying with backoff while the target is unreachable.
 async fn send(
-    client: &mut StorageNodeClient<InternalChannel>,
+    client: &StorageNodeClient<InternalChannel>,
     records: &[Record],
 ) -> Result<(), StreamError> {
     let request = pb::WriteBatchRequest {
@@ -329,20 +330,61 @@ async fn send(
         source: pb::BatchSource::Stream as i32,
         ring_digest: 0,
     };
+    let call = || {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move { client.write_batch(request).await }
+    };
+    match retried(call).await {
+        Ok(_) => Ok(()),
+        Err(Refusal::Invalid(message)) => Err(StreamError::Rejected(message)),
+        Err(Refusal::Unreachable(message)) => Err(StreamError::Unreachable {
+            window: RETRY_WINDOW,
+            message,
+        }),
+    }
+}
+
+/// Asks the target to flush what it received (`Drain`), retrying like [`send`]: a target cut
+/// off for a while at the end of a stream must not fail the whole change.
+async fn drain(client: &StorageNodeClient<InternalChannel>) -> Result<(), StreamError> {
+    let call = || {
+        let mut client = client.clone();
+        async move { client.drain(pb::DrainRequest {}).await }
+    };
+    match retried(call).await {
+        Ok(_) => Ok(()),
+        Err(Refusal::Invalid(message) | Refusal::Unreachable(message)) => {
+            Err(StreamError::Flush(message))
+        }
+    }
+}
+
+/// Why [`retried`] gave up.
+enum Refusal {
+    /// The target refused the request itself (`InvalidArgument`): sending it again cannot help.
+    Invalid(String),
+    /// No success within [`RETRY_WINDOW`]; the last error.
+    Unreachable(String),
+}
+
+/// Calls `call` until it succeeds; after any error but `InvalidArgument` it tries again with
+/// backoff (50 ms doubling to 2 s), for at most [`RETRY_WINDOW`]. Only for idempotent calls.
+async fn retried<T, F, Fut>(mut call: F) -> Result<T, Refusal>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let started = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
-        match client.write_batch(request.clone()).await {
-            Ok(_) => return Ok(()),
+        match call().await {
+            Ok(response) => return Ok(response.into_inner()),
             Err(status) if status.code() == tonic::Code::InvalidArgument => {
-                return Err(StreamError::Rejected(status.message().to_owned()));
+                return Err(Refusal::Invalid(status.message().to_owned()));
             }
             Err(status) => {
                 if started.elapsed() > RETRY_WINDOW {
-                    return Err(StreamError::Unreachable {
-                        window: RETRY_WINDOW,
-                        message: status.message().to_owned(),
-                    });
+                    return Err(Refusal::Unreachable(status.message().to_owned()));
                 }
                 tracing::warn!(error = %status.message(), "stream target unavailable; retrying");
                 tokio::time::sleep(backoff).await;
@@ -353,7 +395,7 @@ async fn send(
 }
 
 async fn send_live(
-    client: &mut StorageNodeClient<InternalChannel>,
+    client: &StorageNodeClient<InternalChannel>,
     stream: &Stream,
     live: &mut mpsc::Receiver<Record>,
 ) -> Result<(), StreamError> {
@@ -412,7 +454,7 @@ async fn run(
     resume: Option<Checkpoint>,
 ) -> Result<(), StreamError> {
     let Sender {
-        mut client,
+        client,
         dropped,
         checkpoints,
         throttle,
@@ -470,7 +512,7 @@ async fn run(
         if let Some(t) = &throttle {
             t.take(bytes).await;
         }
-        send(&mut client, &batch.records).await?;
+        send(&client, &batch.records).await?;
         metrics::counter!("pairdb_stream_bytes_sent_total").increment(bytes);
         metrics::counter!("pairdb_stream_records_sent_total").increment(batch.records.len() as u64);
         let keys = stream
@@ -493,19 +535,15 @@ async fn run(
             // Only a resume after a crash needs it; without it the stream starts over.
             tracing::warn!(stream = %stream.id, error = %e, "cannot store the stream's checkpoint");
         }
-        send_live(&mut client, &stream, &mut live).await?;
+        send_live(&client, &stream, &mut live).await?;
     }
     producer
         .await
         .map_err(|e| StreamError::Task("scan", e.to_string()))?;
     stream.set(pb::StreamState::Streaming, "");
-    send_live(&mut client, &stream, &mut live).await?;
+    send_live(&client, &stream, &mut live).await?;
     stream.set(pb::StreamState::Syncing, "");
     // Writes queued before the state change are still in the queue: send them too.
-    send_live(&mut client, &stream, &mut live).await?;
-    client
-        .drain(pb::DrainRequest {})
-        .await
-        .map_err(|e| StreamError::Flush(e.message().to_owned()))?;
-    Ok(())
+    send_live(&client, &stream, &mut live).await?;
+    drain(&client).await
 }

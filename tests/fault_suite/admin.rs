@@ -66,16 +66,43 @@ pub async fn change_node(
     }
 }
 
-/// A migration's state (`pending`, `in_progress`, `completed`, `failed`, `cancelled`).
+/// A migration's state (`pending`, `in_progress`, `completed`, `failed`, `cancelled`), and
+/// why it failed when it did (`failed: the reason`).
 pub async fn migration_state(gateway: &str, migration: &str) -> Result<String, String> {
     let url = format!("{gateway}/v1/admin/migrations/{migration}");
     let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
-    match v["state"].as_str() {
-        Some(s) if status == 200 => Ok(s.to_owned()),
+    match (v["state"].as_str(), v["failure_reason"].as_str()) {
+        (Some(s), Some(why)) if status == 200 => Ok(format!("{s}: {why}")),
+        (Some(s), None) if status == 200 => Ok(s.to_owned()),
         _ => Err(format!("migration {migration}: {status} {v}")),
     }
 }
 
 pub fn finished(state: &str) -> bool {
+    let state = state.split(':').next().unwrap_or_default();
     matches!(state, "completed" | "failed" | "cancelled")
+}
+
+/// What the registry holds of node `id`: whether it is in the ring (any state but `failed`),
+/// and the newest topology change of it (node additions and removals only).
+pub async fn node_in_registry(gateway: &str, id: &str) -> Result<(bool, Option<String>), String> {
+    let member = storage_nodes(gateway)
+        .await?
+        .iter()
+        .any(|n| n["node_id"] == id && n["status"] != "failed");
+    let url = format!("{gateway}/v1/admin/migrations?limit=50");
+    let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
+    let list = match v["migrations"].as_array() {
+        Some(list) if status == 200 => list,
+        _ => return Err(format!("list migrations: {status} {v}")),
+    };
+    let newest = list
+        .iter()
+        .find(|m| {
+            m["node_id"] == id
+                && matches!(m["type"].as_str(), Some("node_addition" | "node_removal"))
+        })
+        .and_then(|m| m["migration_id"].as_str())
+        .map(str::to_owned);
+    Ok((member, newest))
 }

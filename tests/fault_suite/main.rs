@@ -257,7 +257,9 @@ fn run_once(seed: u64, args: &Args, ci: bool) -> Result<Option<RunReport>, Strin
     let end_ms = workload.now_ms();
     runtime.block_on(wait_for_migration(&gateways, nemesis.migration.as_deref()))?;
     std::thread::sleep(CONVERGENCE);
-    let finals = runtime.block_on(final_state(&workload, &cluster))?;
+    let finals = runtime
+        .block_on(final_state(&workload, &cluster))
+        .map_err(|e| format!("{e}; faults injected: {:?}", nemesis.events))?;
     let ops = workload.ops();
     write_history(seed, &ops, &finals);
     let anomalies = checker::check(&ops, &finals, end_ms);

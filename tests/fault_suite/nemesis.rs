@@ -155,7 +155,37 @@ impl Nemesis {
             }
             std::thread::sleep(Duration::from_millis(1_000 + self.rng.below(2_000)));
         }
-        cluster.heal_all()
+        cluster.heal_all()?;
+        self.settle_joiner_after_healing(cluster)
+    }
+
+    /// Learns from the registry whether the joiner is in the ring and its newest change: an
+    /// admin call cut after it was sent may have been applied although no answer came back.
+    fn settle_joiner(&mut self, cluster: &mut Cluster, gateway: &str) -> Result<(), String> {
+        let (member, newest) = self
+            .runtime
+            .block_on(admin::node_in_registry(gateway, cluster.joiner_id()))?;
+        cluster.joiner_member = member;
+        if newest.is_some() {
+            self.migration = newest;
+        }
+        Ok(())
+    }
+
+    /// [`Self::settle_joiner`] once every fault is healed, retried while the cluster recovers
+    /// (a restarted coordinator, a gateway reconnecting).
+    fn settle_joiner_after_healing(&mut self, cluster: &mut Cluster) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let gateway = self.gateways[0].clone();
+            match self.settle_joiner(cluster, &gateway) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("the joiner's registry entry after healing: {e}"));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
     }
 
     fn pick(&mut self, of: &[usize]) -> usize {
@@ -264,13 +294,20 @@ impl Nemesis {
 
     /// Adds the joiner (as a new node) or removes it, unless the previous change is still
     /// running; may kill a coordinator in the middle. Admin calls that fail (another fault
-    /// may be cutting the gateway off) are recorded, not fatal.
+    /// may be cutting the gateway off) are recorded, not fatal; whether a call that got no
+    /// answer was applied is read from the registry before the next change is chosen, so a
+    /// joiner that is in the ring is never replaced by a new one.
     fn change_topology(&mut self, cluster: &mut Cluster) -> Result<String, String> {
         let gateway = self.gateways[self.rng.below(self.gateways.len() as u64) as usize].clone();
+        if let Err(e) = self.settle_joiner(cluster, &gateway) {
+            return Ok(format!("none (the registry did not answer: {e})"));
+        }
+        let mut previous = String::new();
         if let Some(m) = &self.migration {
             let state = self.runtime.block_on(admin::migration_state(&gateway, m));
-            if !state.as_deref().is_ok_and(admin::finished) {
-                return Ok(format!("none ({m} still running: {state:?})"));
+            match state {
+                Ok(state) if admin::finished(&state) => previous = format!(" (after {m} {state})"),
+                state => return Ok(format!("none ({m} still running: {state:?})")),
             }
         }
         let (what, result) = if cluster.joiner_member {
@@ -278,17 +315,17 @@ impl Nemesis {
             let r = self
                 .runtime
                 .block_on(admin::change_node(&gateway, &id, None));
-            (format!("remove {id}"), r)
+            (format!("remove {id}{previous}"), r)
         } else {
             let (id, addr) = cluster.renew_joiner()?;
             let r = self
                 .runtime
                 .block_on(admin::change_node(&gateway, &id, Some(addr)));
-            (format!("add {id}"), r)
+            (format!("add {id}{previous}"), r)
         };
         let migration = match result {
             Ok(m) => m,
-            Err(e) => return Ok(format!("{what} refused: {e}")),
+            Err(e) => return Ok(format!("{what} failed or not answered: {e}")),
         };
         cluster.joiner_member = !cluster.joiner_member;
         self.migration = Some(migration);
