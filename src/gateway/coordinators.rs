@@ -110,9 +110,11 @@ impl Coordinators {
                     .http2_keep_alive_interval(Duration::from_secs(10));
                 Ok(Arc::new(Member {
                     address: address.clone(),
-                    client: CoordinatorClient::new(auth.channel(&endpoint))
-                        .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
+                    client: CoordinatorClient::new(
+                        auth.bounded_channel(&endpoint, delivery_bound(timeout)),
+                    )
+                    .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
                     failed_at: Mutex::new(None),
                     stream: MuxSlot::default(),
                     idempotency_store: Arc::default(),
@@ -244,6 +246,15 @@ impl Coordinators {
         }
         Err(last)
     }
+}
+
+/// How long bytes sent to a coordinator may stay unacknowledged before the connection is given
+/// up (`TCP_USER_TIMEOUT`): under the call timeout, so a call cut off by a partition either
+/// reached the coordinator before the gateway answered OUTCOME_UNKNOWN for it, or never will
+/// (docs/reliability.md, finding 9). Never under 500 ms, so a short timeout does not make a
+/// busy moment of the network fatal to every call on the connection.
+fn delivery_bound(timeout: Duration) -> Duration {
+    (timeout * 4 / 5).max(Duration::from_millis(500))
 }
 
 /// The OUTCOME_UNKNOWN answer for a write or delete that may have run on `address`.

@@ -15,6 +15,7 @@
 //!   whoever does not know it, not to whoever can read the internal traffic.
 
 use std::fmt;
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -178,6 +179,17 @@ impl InternalAuth {
     /// A channel to `endpoint`, connected on first use, whose calls carry the secret.
     pub fn channel(&self, endpoint: &Endpoint) -> InternalChannel {
         internal_channel(endpoint.connect_lazy(), &self.secret)
+    }
+
+    /// [`Self::channel`] over connections that deliver what is sent within `bound` or fail
+    /// ([`crate::net::BoundedDelivery`]): for calls that must not run long after their caller
+    /// gave up on them.
+    pub fn bounded_channel(&self, endpoint: &Endpoint, bound: Duration) -> InternalChannel {
+        let connector = crate::net::BoundedDelivery { bound };
+        internal_channel(
+            endpoint.connect_with_connector_lazy(connector),
+            &self.secret,
+        )
     }
 }
 
