@@ -686,15 +686,9 @@ async fn data_dir_lock_metrics_and_graceful_shutdown() {
     assert!(read(&mut c, "t", b"k").await.is_some());
 }
 
-/// A plain HTTP/1.1 GET over a TCP stream (no HTTP client crate needed for three probes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_survives_a_target_outage() {
-    let (da, db) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
-    let a = StorageNode::start("a", da.path(), None);
-    let mut b = StorageNode::start("b", db.path(), None);
+    let (_dirs, a, mut b) = two_nodes();
     let mut ca = a.client().await;
     let base = physical_counter(now_ms());
     for chunk in 0..10u64 {
@@ -710,28 +704,7 @@ async fn streaming_survives_a_target_outage() {
             .collect();
         load(&mut ca, records).await;
     }
-    // The target is down when the stream starts, and comes back two seconds later.
-    b.kill9();
-    ca.start_streaming(pb::StartStreamingRequest {
-        stream_id: "outage".into(),
-        ranges: vec![cpb::HashRange { start: 0, end: 0 }],
-        target_node_id: "b".into(),
-        target_address: b.grpc.to_string(),
-        resume: None,
-        dropped_tenants: Vec::new(),
-        ring_digest: 0,
-    })
-    .await
-    .expect("start");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let s = stream_status(&mut ca, "outage").await.expect("status");
-    assert_eq!(
-        s.state,
-        pb::StreamState::Copying as i32,
-        "waiting for the target, not failed: {s:?}"
-    );
-    b.restart();
-    wait_completed(&mut ca, "outage", 60).await;
+    stream_through_a_target_outage(&mut ca, &mut b, "outage", pb::StreamState::Copying).await;
     let mut cb = b.client().await;
     assert_eq!(scan(&mut cb, 0, 0).await.len(), 10_000);
 }
@@ -742,36 +715,52 @@ async fn streaming_survives_a_target_outage() {
 /// node was isolated at that moment).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streams_final_flush_waits_for_a_target_outage() {
-    let (da, db) = (
-        tempfile::tempdir().expect("tempdir"),
-        tempfile::tempdir().expect("tempdir"),
-    );
-    let a = StorageNode::start("a", da.path(), None);
-    let mut b = StorageNode::start("b", db.path(), None);
+    let (_dirs, a, mut b) = two_nodes();
     let mut ca = a.client().await;
-    b.kill9();
-    ca.start_streaming(pb::StartStreamingRequest {
-        stream_id: "flush-outage".into(),
-        ranges: vec![cpb::HashRange { start: 0, end: 0 }],
-        target_node_id: "b".into(),
-        target_address: b.grpc.to_string(),
-        resume: None,
-        dropped_tenants: Vec::new(),
-        ring_digest: 0,
-    })
-    .await
-    .expect("start");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let s = stream_status(&mut ca, "flush-outage")
+    stream_through_a_target_outage(&mut ca, &mut b, "flush-outage", pb::StreamState::Syncing).await;
+}
+
+/// Storage nodes `a` and `b`, each in a data dir of its own (kept by the caller).
+fn two_nodes() -> ([tempfile::TempDir; 2], StorageNode, StorageNode) {
+    let dirs = [
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    ];
+    let a = StorageNode::start("a", dirs[0].path(), None);
+    let b = StorageNode::start("b", dirs[1].path(), None);
+    (dirs, a, b)
+}
+
+/// Streams every range from the node of `client` to `target`, which is down when the stream
+/// starts: after 2 s the stream must be waiting in `waiting_in`, not failed; then the target
+/// comes back and the stream must complete.
+async fn stream_through_a_target_outage(
+    client: &mut StorageNodeClient<InternalChannel>,
+    target: &mut StorageNode,
+    id: &str,
+    waiting_in: pb::StreamState,
+) {
+    target.kill9();
+    client
+        .start_streaming(pb::StartStreamingRequest {
+            stream_id: id.into(),
+            ranges: vec![cpb::HashRange { start: 0, end: 0 }],
+            target_node_id: target.id.clone(),
+            target_address: target.grpc.to_string(),
+            resume: None,
+            dropped_tenants: Vec::new(),
+            ring_digest: 0,
+        })
         .await
-        .expect("status");
+        .expect("start");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = stream_status(client, id).await.expect("status");
     assert_eq!(
-        s.state,
-        pb::StreamState::Syncing as i32,
-        "waiting for the target's flush, not failed: {s:?}"
+        s.state, waiting_in as i32,
+        "waiting for the target, not failed: {s:?}"
     );
-    b.restart();
-    wait_completed(&mut ca, "flush-outage", 60).await;
+    target.restart();
+    wait_completed(client, id, 60).await;
 }
 
 /// The operator's bad day of the crash-consistency issue: a crash right after a new commit-log
