@@ -9,8 +9,9 @@
 //! had to send and resets it. Without it, a call sent into a network partition stays in the
 //! sender's queue and is retransmitted when the partition heals, however late: a gateway's
 //! write whose client had long been told "outcome unknown" ran 13 s after it was sent
-//! (docs/reliability.md, finding 9). Invariant: a call sent on such a connection at `t` is
-//! read by the peer before `t + bound`, or never.
+//! (docs/reliability.md, finding 9). Invariant: bytes sent on such a connection at `t` reach
+//! the peer's host before `t + bound`, or never (a peer process that is paused reads them when
+//! it resumes: the bound is on the network, not on the peer).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -106,7 +107,8 @@ mod tests {
     /// What the bound is for, on a path the test can hold back without a firewall: a peer that
     /// takes nothing. Its window closes, nothing written after that is acknowledged, and the
     /// kernel gives the connection up about `bound` later instead of probing forever: the
-    /// writer's next write fails, and nothing it queued reaches the peer.
+    /// writer's next write fails with `ETIMEDOUT` (without the option it blocks until the
+    /// test's 60 s deadline).
     #[tokio::test]
     async fn bytes_the_peer_does_not_take_within_the_bound_fail_the_connection() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
