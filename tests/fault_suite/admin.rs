@@ -66,21 +66,39 @@ pub async fn change_node(
     }
 }
 
-/// A migration's state (`pending`, `in_progress`, `completed`, `failed`, `cancelled`), and
-/// why it failed when it did (`failed: the reason`).
-pub async fn migration_state(gateway: &str, migration: &str) -> Result<String, String> {
-    let url = format!("{gateway}/v1/admin/migrations/{migration}");
-    let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
-    match (v["state"].as_str(), v["failure_reason"].as_str()) {
-        (Some(s), Some(why)) if status == 200 => Ok(format!("{s}: {why}")),
-        (Some(s), None) if status == 200 => Ok(s.to_owned()),
-        _ => Err(format!("migration {migration}: {status} {v}")),
+/// A migration as the suite follows it: its state (`pending`, `in_progress`, `completed`,
+/// `failed`, `cancelled`) and, when it failed, why.
+#[derive(Debug)]
+pub struct MigrationState {
+    pub state: String,
+    pub failure: Option<String>,
+}
+
+impl MigrationState {
+    pub fn finished(&self) -> bool {
+        matches!(self.state.as_str(), "completed" | "failed" | "cancelled")
     }
 }
 
-pub fn finished(state: &str) -> bool {
-    let state = state.split(':').next().unwrap_or_default();
-    matches!(state, "completed" | "failed" | "cancelled")
+impl std::fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.failure {
+            Some(why) => write!(f, "{}: {why}", self.state),
+            None => f.write_str(&self.state),
+        }
+    }
+}
+
+pub async fn migration_state(gateway: &str, migration: &str) -> Result<MigrationState, String> {
+    let url = format!("{gateway}/v1/admin/migrations/{migration}");
+    let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
+    match v["state"].as_str() {
+        Some(state) if status == 200 => Ok(MigrationState {
+            state: state.to_owned(),
+            failure: v["failure_reason"].as_str().map(str::to_owned),
+        }),
+        _ => Err(format!("migration {migration}: {status} {v}")),
+    }
 }
 
 /// What the registry holds of node `id`: whether it is in the ring (any state but `failed`),

@@ -144,7 +144,8 @@ pub struct Cluster {
     clock_files: Vec<Option<PathBuf>>,
     /// The joiner's current node id is `j{joiner_generation}`.
     joiner_generation: u32,
-    /// Whether the joiner is in the ring (added, not removed since).
+    /// Whether the joiner is in the ring (added, not removed since), as the registry last said
+    /// (the nemesis reads it before each topology change).
     pub joiner_member: bool,
     /// Why the small disk could not be mounted (then its disk cannot be filled).
     pub small_disk_refused: Option<String>,

@@ -313,8 +313,8 @@ async fn wait_for_migration(gateways: &[String], migration: Option<&str>) -> Res
     let mut last = String::new();
     while Instant::now() < deadline {
         match admin::migration_state(&gateways[0], m).await {
-            Ok(state) if admin::finished(&state) => return Ok(()),
-            Ok(state) => last = state,
+            Ok(state) if state.finished() => return Ok(()),
+            Ok(state) => last = state.to_string(),
             Err(e) => last = e,
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

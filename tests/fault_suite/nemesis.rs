@@ -100,7 +100,8 @@ pub struct Nemesis {
     /// For the admin calls of topology changes.
     runtime: tokio::runtime::Handle,
     gateways: Vec<String>,
-    /// The last topology change started.
+    /// The joiner's newest topology change: the last one started here, or a newer one the
+    /// registry shows (a call whose answer was lost).
     pub migration: Option<String>,
 }
 
@@ -306,7 +307,7 @@ impl Nemesis {
         if let Some(m) = &self.migration {
             let state = self.runtime.block_on(admin::migration_state(&gateway, m));
             match state {
-                Ok(state) if admin::finished(&state) => previous = format!(" (after {m} {state})"),
+                Ok(state) if state.finished() => previous = format!(" (after {m} {state})"),
                 state => return Ok(format!("none ({m} still running: {state:?})")),
             }
         }
