@@ -6,6 +6,7 @@
 # last results.
 #
 #   scripts/fault-suite-mutants.sh [SECONDS] [SEED]      (defaults: 60, 7)
+#   MUTANT=anti-entropy scripts/fault-suite-mutants.sh   # only mutants whose name contains it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-60}"
@@ -18,12 +19,14 @@ trap 'git -C "$root" worktree remove --force "$scratch/tree" >/dev/null 2>&1 || 
 mutants=(
   "quorum reads answer after one replica (R = 1)|src/coordinator/read.rs|s/let required = plan.required(consistency);/let required = 1;/"
   "quorum writes acknowledged after one replica (W = 1)|src/coordinator/write.rs|s/let required = plan.required(consistency);/let required = 1;/"
+  "anti-entropy repairs send replicas nothing|src/coordinator/anti_entropy/compare.rs|s/if records.is_empty() {/if true {/"
 )
 
 git worktree add --detach "$scratch/tree" HEAD >/dev/null
 status=0
 for m in "${mutants[@]}"; do
   IFS='|' read -r name file expr <<<"$m"
+  [[ "$name" == *"${MUTANT:-}"* ]] || continue
   git -C "$scratch/tree" checkout -- .
   sed -i "$expr" "$scratch/tree/$file"
   if git -C "$scratch/tree" diff --quiet; then

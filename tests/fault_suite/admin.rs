@@ -124,3 +124,70 @@ pub async fn node_in_registry(gateway: &str, id: &str) -> Result<(bool, Option<S
         .map(str::to_owned);
     Ok((member, newest))
 }
+
+/// What a finished anti-entropy repair did (`GET /v1/admin/repair/{id}`).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RepairCounts {
+    pub keys_compared: u64,
+    pub keys_fixed: u64,
+}
+
+/// Runs a repair of every tenant and range (`POST /v1/admin/repair` with no scope) and waits
+/// for it to complete. A repair that is refused because another one or a node change runs, or
+/// that fails (a replica that did not answer), is started again, until `deadline`.
+pub async fn repair_everything(
+    gateway: &str,
+    deadline: tokio::time::Instant,
+) -> Result<RepairCounts, String> {
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        let url = format!("{gateway}/v1/admin/repair");
+        let id = match http_json(reqwest::Method::POST, &url, Some(json!({}))).await {
+            Ok((202, v)) => v["repair_id"].as_str().map(str::to_owned),
+            Ok((status, v)) => {
+                last = format!("start: {status} {v}");
+                None
+            }
+            Err(e) => {
+                last = format!("start: {e}");
+                None
+            }
+        };
+        if let Some(id) = id {
+            match repair_outcome(gateway, &id, deadline).await {
+                Ok(counts) => return Ok(counts),
+                Err(e) => last = e,
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(format!("no full repair completed: {last}"))
+}
+
+/// Follows repair `id` to its end: its counts when it completed, why not otherwise.
+async fn repair_outcome(
+    gateway: &str,
+    id: &str,
+    deadline: tokio::time::Instant,
+) -> Result<RepairCounts, String> {
+    let url = format!("{gateway}/v1/admin/repair/{id}");
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match http_json(reqwest::Method::GET, &url, None).await {
+            Ok((200, v)) => match v["state"].as_str() {
+                Some("completed") => {
+                    return Ok(RepairCounts {
+                        keys_compared: v["keys_compared"].as_u64().unwrap_or(0),
+                        keys_fixed: v["keys_fixed"].as_u64().unwrap_or(0),
+                    });
+                }
+                Some("running") => last = format!("repair {id} still running: {v}"),
+                _ => return Err(format!("repair {id} ended: {v}")),
+            },
+            Ok((status, v)) => last = format!("repair {id}: {status} {v}"),
+            Err(e) => last = format!("repair {id}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(last)
+}

@@ -27,12 +27,9 @@
 //!   answered VERSION_CONFLICT (a refused condition writes nothing; a write beaten by a
 //!   concurrent version may have landed on some replicas, but the version that beat it is
 //!   newer and replaces it).
-//! - `divergent-replicas`: after every fault is healed and the convergence window passed, the
-//!   natural replicas of a key hold different versions (or one holds nothing).
-//!
-//! `divergent-replicas` is reported but not enforced until the anti-entropy issue lands:
-//! replicas converge today only through hints and read repair, and a hint dies with the
-//! coordinator that held it (docs/reliability.md).
+//! - `divergent-replicas`: after every fault is healed, the convergence window passed and one
+//!   anti-entropy repair of the whole cluster completed, the natural replicas of a key hold
+//!   different versions (or one holds nothing), before any read touched the key.
 
 use std::collections::HashMap;
 
@@ -40,12 +37,6 @@ use serde::Serialize;
 
 use crate::history::{FinalKey, Kind, Op, Outcome};
 use crate::workload::{SW_SPAN, is_single_writer_key};
-
-/// Anomaly kinds that are reported but do not fail the run, with the issue that enforces them.
-pub const DEFERRED: &[(&str, &str)] = &[(
-    "divergent-replicas",
-    "Anti-entropy: hash-tree repair, repair of dropped hints, and tombstones that cannot come back",
-)];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Anomaly {
@@ -57,12 +48,6 @@ pub struct Anomaly {
     pub ops: Vec<u64>,
     /// When (ms since the run began) it showed, for the timeline.
     pub at_ms: u64,
-}
-
-impl Anomaly {
-    pub fn deferred(&self) -> bool {
-        DEFERRED.iter().any(|(k, _)| *k == self.kind)
-    }
 }
 
 /// Replicas a write at `level` reached when acknowledged (RF 3).

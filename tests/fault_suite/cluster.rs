@@ -154,20 +154,16 @@ pub struct Cluster {
 /// How a failure to build the suite's network begins (no namespaces, bridges or nftables).
 pub const NO_NAMESPACES: &str = "the machine refused the suite's network namespaces";
 
-/// The `pairdb` under test: this build's, or `PAIRDB_FAULT_SUITE_BIN` (a deliberately broken
-/// build, to show that the checker catches it: scripts/fault-suite-mutants.sh).
 /// The cluster secret of every process the suite starts.
 pub const CLUSTER_SECRET: &str = "pairdb-fault-suite-cluster-secret";
 
+/// A client of a storage node's RPCs, as the suite's checks use it.
+pub type StorageClient = pairdb::rpc::storage::storage_node_client::StorageNodeClient<
+    pairdb::rpc::auth::InternalChannel,
+>;
+
 /// A client of the storage node at `addr`, its calls carrying [`CLUSTER_SECRET`].
-pub async fn storage_client(
-    addr: std::net::SocketAddr,
-) -> Result<
-    pairdb::rpc::storage::storage_node_client::StorageNodeClient<
-        pairdb::rpc::auth::InternalChannel,
-    >,
-    String,
-> {
+pub async fn storage_client(addr: std::net::SocketAddr) -> Result<StorageClient, String> {
     let secret =
         pairdb::rpc::auth::ClusterSecret::new(CLUSTER_SECRET).map_err(|e| e.to_string())?;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -182,6 +178,8 @@ pub async fn storage_client(
     )
 }
 
+/// The `pairdb` under test: this build's, or `PAIRDB_FAULT_SUITE_BIN` (a deliberately broken
+/// build, to show that the checker catches it: scripts/fault-suite-mutants.sh).
 fn pairdb_binary() -> String {
     std::env::var("PAIRDB_FAULT_SUITE_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_pairdb").to_owned())

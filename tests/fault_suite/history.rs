@@ -142,7 +142,7 @@ pub struct FinalKey {
     /// The value id read at ALL (`None`: not found).
     pub value: Option<u64>,
     pub clock: Option<Value>,
-    /// What each natural replica holds: (node, value id or `None` for nothing/tombstone,
-    /// version as text).
+    /// What each natural replica held after the suite's repair, before the read at ALL:
+    /// (node, value id or `None` for nothing/tombstone, version as text).
     pub replicas: Vec<(String, Option<u64>, Option<String>)>,
 }

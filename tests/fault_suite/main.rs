@@ -35,12 +35,13 @@ use serde_json::Value;
 use cluster::Cluster;
 use history::{FinalKey, Outcome};
 use nemesis::Nemesis;
-use report::RunReport;
+use report::{RepairSummary, RunReport};
 use workload::Workload;
 
 const FIXED_SEED: u64 = 20261201;
 const QUICK_SECONDS: u64 = 60;
-/// After healing: time for hints to replay before the final state is read.
+/// After healing: time for hints to replay before the final state is read (and the replicas
+/// repaired).
 const CONVERGENCE: Duration = Duration::from_secs(15);
 const RF: usize = 3;
 
@@ -156,20 +157,14 @@ fn main() {
     let _ = std::fs::write(out.join("report.html"), report::html(&reports));
     eprintln!("fault suite: report in {}", out.display());
     for r in &reports {
-        for a in r.anomalies.iter().filter(|a| !a.deferred()) {
+        for a in &r.anomalies {
             eprintln!(
                 "ANOMALY seed {} {} {}/{}: {}",
                 r.seed, a.kind, a.tenant, a.key, a.what
             );
         }
-        for a in r.anomalies.iter().filter(|a| a.deferred()) {
-            eprintln!(
-                "deferred (see docs/reliability.md) seed {} {} {}/{}",
-                r.seed, a.kind, a.tenant, a.key
-            );
-        }
     }
-    if reports.iter().any(|r| r.enforced_anomalies() > 0) {
+    if reports.iter().any(|r| !r.anomalies.is_empty()) {
         std::process::exit(1);
     }
 }
@@ -257,7 +252,7 @@ fn run_once(seed: u64, args: &Args, ci: bool) -> Result<Option<RunReport>, Strin
     let end_ms = workload.now_ms();
     runtime.block_on(wait_for_migration(&gateways, nemesis.migration.as_deref()))?;
     std::thread::sleep(CONVERGENCE);
-    let finals = runtime
+    let (finals, repair) = runtime
         .block_on(final_state(&workload, &cluster))
         .map_err(|e| format!("{e}; faults injected: {:?}", nemesis.events))?;
     let ops = workload.ops();
@@ -280,6 +275,7 @@ fn run_once(seed: u64, args: &Args, ci: bool) -> Result<Option<RunReport>, Strin
         &ops,
         nemesis.events,
         refused,
+        repair,
         anomalies,
     )))
 }
@@ -348,8 +344,6 @@ async fn current_ring(gateway: &str) -> Result<Ring, String> {
     Ok(Ring::new(ring_nodes))
 }
 
-/// Every key read at ALL through a gateway (retried until it answers), and what each of its
-/// natural replicas holds.
 /// Which nodes each storage node's gossip reports down (its first `WatchHealth` message).
 async fn gossip_views(storage: &[(String, std::net::SocketAddr)]) -> String {
     let mut views = Vec::new();
@@ -384,19 +378,108 @@ async fn gossip_views(storage: &[(String, std::net::SocketAddr)]) -> String {
 
 /// Reads at ALL per key after healing, one every 500 ms.
 const FINAL_READ_ATTEMPTS: usize = 20;
+/// Keys divergent before the repair that the report lists with their replicas.
+const DIVERGENT_EXAMPLES: usize = 10;
+/// How long the suite's repair after healing may take, retries included.
+const REPAIR_WINDOW: Duration = Duration::from_secs(120);
 
-async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<FinalKey>, String> {
-    let storage = cluster.storage_addrs();
-    let ring = current_ring(&cluster.gateway_urls()[0]).await?;
-    let mut clients = std::collections::HashMap::new();
-    for (name, addr) in &storage {
-        let client = cluster::storage_client(*addr)
-            .await
-            .map_err(|e| format!("connect {name}: {e}"))?;
-        clients.insert(name.clone(), client);
+/// The natural replicas of every key, read directly over the storage RPC.
+struct Replicas {
+    ring: Ring,
+    clients: std::collections::HashMap<String, cluster::StorageClient>,
+}
+
+/// What each natural replica of a key holds: (node, value id or `None` for nothing or a
+/// tombstone, version as text).
+type Held = Vec<(String, Option<u64>, Option<String>)>;
+
+impl Replicas {
+    /// Connects to every storage node; the owners are those of the registry's ring now.
+    async fn connect(cluster: &Cluster) -> Result<Self, String> {
+        let ring = current_ring(&cluster.gateway_urls()[0]).await?;
+        let mut clients = std::collections::HashMap::new();
+        for (name, addr) in cluster.storage_addrs() {
+            let client = cluster::storage_client(addr)
+                .await
+                .map_err(|e| format!("connect {name}: {e}"))?;
+            clients.insert(name, client);
+        }
+        Ok(Self { ring, clients })
+    }
+
+    async fn held(&mut self, tenant: &str, key: &str) -> Result<Held, String> {
+        let mut held = Vec::new();
+        for owner in self
+            .ring
+            .natural_owners(key_position(tenant, key.as_bytes()), RF)
+        {
+            let client = self
+                .clients
+                .get_mut(owner.as_str())
+                .ok_or("unknown owner")?;
+            let record = client
+                .read(spb::ReadRequest {
+                    tenant_id: tenant.to_owned(),
+                    key: key.as_bytes().to_vec().into(),
+                })
+                .await
+                .map_err(|e| format!("read {tenant}/{key} on {owner}: {e}"))?
+                .into_inner()
+                .record;
+            let (value, version) = record.map_or((None, None), |r| {
+                let version = r
+                    .version
+                    .as_ref()
+                    .map(|v| format!("{:?}", Version::from(v).clock));
+                let value = match r.payload {
+                    Some(spb::record::Payload::Value(v)) => serde_json::from_slice::<Value>(&v)
+                        .ok()
+                        .and_then(|v| workload::parse_value(&v))
+                        .map(|v| v.id),
+                    _ => None,
+                };
+                (value, version)
+            });
+            held.push((owner.as_str().to_owned(), value, version));
+        }
+        Ok(held)
+    }
+}
+
+/// Whether every replica holds the same version (or every one nothing).
+fn agree(held: &Held) -> bool {
+    held.windows(2).all(|w| w[0].2 == w[1].2)
+}
+
+/// The final state: what the natural replicas of every key hold after an anti-entropy repair
+/// of the whole cluster and before any client read touched the key (so read repair cannot have
+/// made them agree), then the key read at ALL through a gateway (retried until it answers).
+async fn final_state(
+    workload: &Workload,
+    cluster: &Cluster,
+) -> Result<(Vec<FinalKey>, RepairSummary), String> {
+    let mut replicas = Replicas::connect(cluster).await?;
+    let keys = workload.final_keys();
+    let mut summary = RepairSummary::default();
+    for (tenant, key) in &keys {
+        let held = replicas.held(tenant, key).await?;
+        if !agree(&held) {
+            summary.keys_divergent_before += 1;
+            if summary.divergent_before.len() < DIVERGENT_EXAMPLES {
+                summary
+                    .divergent_before
+                    .push(format!("{tenant}/{key}: {held:?}"));
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + REPAIR_WINDOW;
+    summary.repair = admin::repair_everything(&cluster.gateway_urls()[0], deadline).await?;
+    let mut held = Vec::new();
+    for (tenant, key) in &keys {
+        held.push(replicas.held(tenant, key).await?);
     }
     let mut finals = Vec::new();
-    for (tenant, key) in workload::all_keys() {
+    for ((tenant, key), replicas) in keys.into_iter().zip(held) {
         let mut answer = None;
         let mut last = None;
         for attempt in 0..FINAL_READ_ATTEMPTS {
@@ -412,6 +495,7 @@ async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<Final
             }
         }
         let Some((value, clock)) = answer else {
+            let storage = cluster.storage_addrs();
             let nodes = admin::storage_nodes(&cluster.gateway_urls()[0]).await;
             let statuses: Vec<String> = nodes
                 .unwrap_or_default()
@@ -427,35 +511,6 @@ async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<Final
                 cluster.process_states(),
             ));
         };
-        let mut replicas = Vec::new();
-        for owner in ring.natural_owners(key_position(&tenant, key.as_bytes()), RF) {
-            let client = clients.get_mut(owner.as_str()).ok_or("unknown owner")?;
-            let record = client
-                .read(spb::ReadRequest {
-                    tenant_id: tenant.clone(),
-                    key: key.as_bytes().to_vec().into(),
-                })
-                .await
-                .map_err(|e| format!("read {tenant}/{key} on {owner}: {e}"))?
-                .into_inner()
-                .record;
-            let held = record.map(|r| {
-                let version = r
-                    .version
-                    .as_ref()
-                    .map(|v| format!("{:?}", Version::from(v).clock));
-                let value = match r.payload {
-                    Some(spb::record::Payload::Value(v)) => serde_json::from_slice::<Value>(&v)
-                        .ok()
-                        .and_then(|v| workload::parse_value(&v))
-                        .map(|v| v.id),
-                    _ => None,
-                };
-                (value, version)
-            });
-            let (value, version) = held.unwrap_or((None, None));
-            replicas.push((owner.as_str().to_owned(), value, version));
-        }
         finals.push(FinalKey {
             tenant,
             key,
@@ -464,5 +519,5 @@ async fn final_state(workload: &Workload, cluster: &Cluster) -> Result<Vec<Final
             replicas,
         });
     }
-    Ok(finals)
+    Ok((finals, summary))
 }

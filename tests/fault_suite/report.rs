@@ -7,8 +7,20 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use crate::admin::RepairCounts;
 use crate::checker::{Anomaly, ConditionalStats, conditional_stats};
 use crate::history::{FaultEvent, Op, Outcome};
+
+/// The anti-entropy repair the suite runs after healing, before the replicas are compared.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RepairSummary {
+    /// Keys whose natural replicas disagreed before it (after hints and read repair).
+    pub keys_divergent_before: usize,
+    /// The first few of them, with what each replica held.
+    pub divergent_before: Vec<String>,
+    /// What the repair reported.
+    pub repair: RepairCounts,
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -23,6 +35,8 @@ pub struct RunReport {
     pub anomalies_by_kind: BTreeMap<String, usize>,
     /// What the conditional writers got.
     pub conditional: ConditionalStats,
+    /// What the anti-entropy repair after healing had to do.
+    pub repair: RepairSummary,
     pub anomalies: Vec<Anomaly>,
     pub faults: Vec<FaultEvent>,
     /// Per second: (acknowledged, failed or unknown, p99 latency ms).
@@ -37,6 +51,7 @@ impl RunReport {
         ops: &[Op],
         faults: Vec<FaultEvent>,
         refused: Vec<(String, String)>,
+        repair: RepairSummary,
         anomalies: Vec<Anomaly>,
     ) -> RunReport {
         let mut faults_by_kind = BTreeMap::new();
@@ -83,19 +98,16 @@ impl RunReport {
             faults_refused: refused,
             anomalies_by_kind,
             conditional: conditional_stats(ops),
+            repair,
             anomalies,
             faults,
             timeline,
         }
     }
 
-    pub fn enforced_anomalies(&self) -> usize {
-        self.anomalies.iter().filter(|a| !a.deferred()).count()
-    }
-
     pub fn summary(&self) -> String {
         format!(
-            "seed {}: {} s, {} ops attempted, {} acknowledged, {} writes unknown; faults {:?}; refused {:?}; conditional writes {:?}; anomalies {:?}",
+            "seed {}: {} s, {} ops attempted, {} acknowledged, {} writes unknown; faults {:?}; refused {:?}; conditional writes {:?}; {:?}; anomalies {:?}",
             self.seed,
             self.duration_s,
             self.operations_attempted,
@@ -107,6 +119,7 @@ impl RunReport {
                 .map(|(k, _)| k)
                 .collect::<Vec<_>>(),
             self.conditional,
+            self.repair,
             self.anomalies_by_kind
         )
     }
@@ -188,10 +201,9 @@ fn timeline_svg(run: &RunReport) -> String {
         );
     }
     for a in &run.anomalies {
-        let color = if a.deferred() { "#f90" } else { "#d00" };
         let _ = write!(
             svg,
-            r#"<line x1="{0:.1}" x2="{0:.1}" y1="4" y2="{1:.1}" stroke="{color}" stroke-width="2"><title>{2}</title></line>"#,
+            r##"<line x1="{0:.1}" x2="{0:.1}" y1="4" y2="{1:.1}" stroke="#d00" stroke-width="2"><title>{2}</title></line>"##,
             x(a.at_ms),
             10.0 + chart_h,
             escape(&format!("{}: {}", a.kind, a.what))
@@ -226,8 +238,8 @@ pub fn html(runs: &[RunReport]) -> String {
          <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
          td,th{border:1px solid #ccc;padding:2px 8px}code{font-size:11px}</style></head><body>\
          <h1>pairdb fault suite</h1><p>Green: acknowledged operations per second; red: failed or \
-         unknown; blue: p99 latency; bars: faults; marks on top: anomalies (red enforced, orange \
-         deferred to another issue; hover for details).</p>",
+         unknown; blue: p99 latency; bars: faults; red marks on top: anomalies (hover for \
+         details).</p>",
     );
     for run in runs {
         let _ = write!(
@@ -260,9 +272,8 @@ pub fn html(runs: &[RunReport]) -> String {
         for a in &run.anomalies {
             let _ = write!(
                 page,
-                "<li><b>{}</b>{} {}/{}: <code>{}</code></li>",
+                "<li><b>{}</b> {}/{}: <code>{}</code></li>",
                 a.kind,
-                if a.deferred() { " (deferred)" } else { "" },
                 escape(&a.tenant),
                 escape(&a.key),
                 escape(&a.what)

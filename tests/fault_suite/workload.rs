@@ -3,9 +3,11 @@
 //! - single writers: each owns a few keys and writes them with increasing values at QUORUM or
 //!   ALL, one operation at a time;
 //! - multi writers: unique values and deletes on shared keys, at every consistency level;
-//! - readers: ONE, QUORUM and ALL on every key;
+//! - readers: ONE, QUORUM and ALL on every key but the set keys;
 //! - conditional writers: read a shared `cas-*` key at QUORUM, then write it at QUORUM with
-//!   `if_match` the version read (`if_absent` when there was none), never retried.
+//!   `if_match` the version read (`if_absent` when there was none), never retried;
+//! - a set writer: a new `set-*` key every 200 ms at ONE or QUORUM, never read before the end
+//!   (what hints missed stays divergent until anti-entropy repairs it).
 //!
 //! Every write carries a value unique in the run (`{"t": tenant, "k": key, "id": n}`), so a read
 //! names the write it saw. Half of the writes carry an `Idempotency-Key` and are retried through
@@ -27,6 +29,10 @@ pub const SINGLE_WRITERS: usize = 2;
 pub const MULTI_WRITERS: usize = 3;
 pub const READERS: usize = 3;
 pub const CAS_WRITERS: usize = 2;
+pub const SET_WRITERS: usize = 1;
+/// The pause after each set write: a few hundred keys a minute, few enough to read them all at
+/// the end.
+const SET_PACE: Duration = Duration::from_millis(200);
 const CAS_KEYS: usize = 2;
 const KEYS_PER_SINGLE_WRITER: usize = 3;
 const SHARED_KEYS: usize = 6;
@@ -99,6 +105,13 @@ pub fn is_single_writer_key(key: &str) -> bool {
     key.starts_with("sw")
 }
 
+/// A set writer's key: written once, and never read by any client before the final state is
+/// taken, so no read repair touches it. Where its replicas missed the write, only hints and
+/// anti-entropy can bring them together.
+pub fn is_set_key(key: &str) -> bool {
+    key.starts_with("set-")
+}
+
 /// An operation to append to the history (its id and completion time are added).
 struct Recorded<'a> {
     client: usize,
@@ -147,6 +160,23 @@ impl Workload {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// Every key the final state covers: the fixed ones and each set key written (whatever
+    /// the outcome: an unknown or failed write may have landed somewhere).
+    pub fn final_keys(&self) -> Vec<(String, String)> {
+        let mut keys = all_keys();
+        let mut set_keys: Vec<(String, String)> = self
+            .ops
+            .lock()
+            .iter()
+            .filter(|o| o.kind == Kind::Put && is_set_key(&o.key))
+            .map(|o| (o.tenant.clone(), o.key.clone()))
+            .collect();
+        set_keys.sort();
+        set_keys.dedup();
+        keys.extend(set_keys);
+        keys
+    }
+
     pub fn ops(&self) -> Vec<Op> {
         let mut ops = self.ops.lock().clone();
         ops.sort_by_key(|o| (o.invoke_ms, o.id));
@@ -187,8 +217,41 @@ impl Workload {
                 me.conditional_writer(client, rng, deadline).await
             }));
         }
+        for s in 0..SET_WRITERS {
+            let me = self.clone();
+            let client = SINGLE_WRITERS + MULTI_WRITERS + READERS + CAS_WRITERS + s;
+            let rng = Rng::for_client(seed, client);
+            tasks.push(tokio::spawn(async move {
+                me.set_writer(client, rng, deadline).await
+            }));
+        }
         for t in tasks {
             let _ = t.await;
+        }
+    }
+
+    /// Writes a new key each time (`set-<client>-<n>`, the tenants in turn) at ONE or QUORUM.
+    async fn set_writer(&self, client: usize, mut rng: Rng, deadline: Instant) {
+        let mut n = 0usize;
+        while Instant::now() < deadline {
+            n += 1;
+            let tenant = TENANTS[n % TENANTS.len()];
+            let key = format!("set-{client}-{n}");
+            let level = if rng.chance(50) { "one" } else { "quorum" };
+            let idempotent = rng.chance(50);
+            let value = self.next_value.fetch_add(1, Ordering::Relaxed);
+            self.write(
+                client,
+                Kind::Put,
+                tenant,
+                &key,
+                Some(value),
+                level,
+                idempotent,
+                &mut rng,
+            )
+            .await;
+            tokio::time::sleep(SET_PACE).await;
         }
     }
 
