@@ -446,20 +446,78 @@ impl Replicas {
     }
 }
 
+/// The key of each tenant that [`Replicas::plant_probes`] writes.
+const PROBE_KEY: &str = "probe-0";
+/// The value id of a probe (above every id the workload uses).
+const PROBE_VALUE_ID: u64 = u64::MAX / 2;
+
+impl Replicas {
+    /// Writes one key per tenant to its first natural replica only, over the storage RPC: the
+    /// state a write leaves when it reached one replica and its hint and repair marker were
+    /// lost. Only a full anti-entropy repair can bring the other replicas to it, so the
+    /// `divergent-replicas` check always has something to judge the repair by.
+    async fn plant_probes(&mut self) -> Result<Vec<(String, String)>, String> {
+        let mut probes = Vec::new();
+        for tenant in workload::TENANTS {
+            let owners = self
+                .ring
+                .natural_owners(key_position(tenant, PROBE_KEY.as_bytes()), RF);
+            let owner = owners.first().ok_or("no owner for a probe")?;
+            let client = self
+                .clients
+                .get_mut(owner.as_str())
+                .ok_or("unknown owner")?;
+            let value = serde_json::json!({"t": tenant, "k": PROBE_KEY, "id": PROBE_VALUE_ID});
+            let record = spb::Record {
+                tenant_id: tenant.to_owned(),
+                key: PROBE_KEY.as_bytes().to_vec().into(),
+                version: Some(pairdb::rpc::common::Version {
+                    clock: vec![pairdb::rpc::common::ClockEntry {
+                        coordinator_id: "probe".to_owned(),
+                        counter: 1,
+                    }],
+                    timestamp_ms: 1,
+                }),
+                payload: Some(spb::record::Payload::Value(value.to_string().into_bytes().into())),
+                ring_hash: 0,
+                expires_at_ms: 0,
+            };
+            let answer = client
+                .write_batch(spb::WriteBatchRequest {
+                    records: vec![record],
+                    source: spb::BatchSource::Repair as i32,
+                    ring_digest: 0,
+                })
+                .await
+                .map_err(|e| format!("probe {tenant}/{PROBE_KEY} on {owner}: {e}"))?
+                .into_inner();
+            if answer.outcomes != [spb::ApplyOutcome::Applied as i32] {
+                return Err(format!(
+                    "probe {tenant}/{PROBE_KEY} on {owner} not applied: {:?}",
+                    answer.outcomes
+                ));
+            }
+            probes.push((tenant.to_owned(), PROBE_KEY.to_owned()));
+        }
+        Ok(probes)
+    }
+}
+
 /// Whether every replica holds the same version (or every one nothing).
 fn agree(held: &Held) -> bool {
     held.windows(2).all(|w| w[0].2 == w[1].2)
 }
 
-/// The final state: what the natural replicas of every key hold after an anti-entropy repair
-/// of the whole cluster and before any client read touched the key (so read repair cannot have
-/// made them agree), then the key read at ALL through a gateway (retried until it answers).
+/// The final state: what the natural replicas of every key (and of the probes planted just
+/// before) hold after an anti-entropy repair of the whole cluster and before any client read
+/// touched the key (so read repair cannot have made them agree), then the key read at ALL
+/// through a gateway (retried until it answers).
 async fn final_state(
     workload: &Workload,
     cluster: &Cluster,
 ) -> Result<(Vec<FinalKey>, RepairSummary), String> {
     let mut replicas = Replicas::connect(cluster).await?;
-    let keys = workload.final_keys();
+    let mut keys = workload.final_keys();
     let mut summary = RepairSummary::default();
     for (tenant, key) in &keys {
         let held = replicas.held(tenant, key).await?;
@@ -472,6 +530,7 @@ async fn final_state(
             }
         }
     }
+    keys.extend(replicas.plant_probes().await?);
     let deadline = tokio::time::Instant::now() + REPAIR_WINDOW;
     summary.repair = admin::repair_everything(&cluster.gateway_urls()[0], deadline).await?;
     let mut held = Vec::new();
