@@ -191,3 +191,26 @@ async fn repair_outcome(
     }
     Err(last)
 }
+
+/// How many migrations of each type ended in each state (`"cleanup completed"`: n), over the
+/// last 1000 (`GET /v1/admin/migrations`).
+pub async fn migration_counts(
+    gateway: &str,
+) -> Result<std::collections::BTreeMap<String, usize>, String> {
+    let url = format!("{gateway}/v1/admin/migrations?limit=1000");
+    let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
+    let list = match v["migrations"].as_array() {
+        Some(list) if status == 200 => list,
+        _ => return Err(format!("list migrations: {status} {v}")),
+    };
+    let mut counts = std::collections::BTreeMap::new();
+    for m in list {
+        let key = format!(
+            "{} {}",
+            m["type"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?")
+        );
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    Ok(counts)
+}

@@ -154,6 +154,11 @@ pub struct Cluster {
 /// How a failure to build the suite's network begins (no namespaces, bridges or nftables).
 pub const NO_NAMESPACES: &str = "the machine refused the suite's network namespaces";
 
+/// `cleanup_grace` of the suite's coordinators, in seconds (24 h by default): above the
+/// nemesis's longest pause (7 s), since a coordinator paused across a change and the cleanup's
+/// drop could write to an old owner after it (docs/coordinator.md, "Cleanup").
+const CLEANUP_GRACE_S: &str = "10";
+
 /// The cluster secret of every process the suite starts.
 pub const CLUSTER_SECRET: &str = "pairdb-fault-suite-cluster-secret";
 
@@ -287,10 +292,18 @@ impl Cluster {
                 format!("--storage-nodes={}", storage_list.join(",")),
                 "--log-level=warn".to_owned(),
             ];
-            let mut env = vec![(
-                "PAIRDB_COORDINATOR_RING_REFRESH_MS".to_owned(),
-                "500".to_owned(),
-            )];
+            let mut env = vec![
+                (
+                    "PAIRDB_COORDINATOR_RING_REFRESH_MS".to_owned(),
+                    "500".to_owned(),
+                ),
+                // Old owners drop the ranges they gave away seconds after each change, so a
+                // later change must move data that exists only on the new owners.
+                (
+                    "PAIRDB_COORDINATOR_CLEANUP_GRACE_S".to_owned(),
+                    CLEANUP_GRACE_S.to_owned(),
+                ),
+            ];
             let clock_file = libfaketime().map(|lib| {
                 let file = self.dir.join(format!("{name}.faketime"));
                 let _ = std::fs::write(&file, "+0s\n");

@@ -35,7 +35,7 @@ use serde_json::Value;
 use cluster::Cluster;
 use history::{FinalKey, Outcome};
 use nemesis::Nemesis;
-use report::{RepairSummary, RunReport};
+use report::{AfterHealing, RunReport};
 use workload::Workload;
 
 const FIXED_SEED: u64 = 20261201;
@@ -252,7 +252,7 @@ fn run_once(seed: u64, args: &Args, ci: bool) -> Result<Option<RunReport>, Strin
     let end_ms = workload.now_ms();
     runtime.block_on(wait_for_migration(&gateways, nemesis.migration.as_deref()))?;
     std::thread::sleep(CONVERGENCE);
-    let (finals, repair) = runtime
+    let (finals, after_healing) = runtime
         .block_on(final_state(&workload, &cluster))
         .map_err(|e| format!("{e}; faults injected: {:?}", nemesis.events))?;
     let ops = workload.ops();
@@ -275,7 +275,7 @@ fn run_once(seed: u64, args: &Args, ci: bool) -> Result<Option<RunReport>, Strin
         &ops,
         nemesis.events,
         refused,
-        repair,
+        after_healing,
         anomalies,
     )))
 }
@@ -478,7 +478,9 @@ impl Replicas {
                     }],
                     timestamp_ms: 1,
                 }),
-                payload: Some(spb::record::Payload::Value(value.to_string().into_bytes().into())),
+                payload: Some(spb::record::Payload::Value(
+                    value.to_string().into_bytes().into(),
+                )),
                 ring_hash: 0,
                 expires_at_ms: 0,
             };
@@ -515,16 +517,16 @@ fn agree(held: &Held) -> bool {
 async fn final_state(
     workload: &Workload,
     cluster: &Cluster,
-) -> Result<(Vec<FinalKey>, RepairSummary), String> {
+) -> Result<(Vec<FinalKey>, AfterHealing), String> {
     let mut replicas = Replicas::connect(cluster).await?;
     let mut keys = workload.final_keys();
-    let mut summary = RepairSummary::default();
+    let mut after = AfterHealing::default();
     for (tenant, key) in &keys {
         let held = replicas.held(tenant, key).await?;
         if !agree(&held) {
-            summary.keys_divergent_before += 1;
-            if summary.divergent_before.len() < DIVERGENT_EXAMPLES {
-                summary
+            after.keys_divergent_before += 1;
+            if after.divergent_before.len() < DIVERGENT_EXAMPLES {
+                after
                     .divergent_before
                     .push(format!("{tenant}/{key}: {held:?}"));
             }
@@ -532,7 +534,8 @@ async fn final_state(
     }
     keys.extend(replicas.plant_probes().await?);
     let deadline = tokio::time::Instant::now() + REPAIR_WINDOW;
-    summary.repair = admin::repair_everything(&cluster.gateway_urls()[0], deadline).await?;
+    after.repair = admin::repair_everything(&cluster.gateway_urls()[0], deadline).await?;
+    after.migrations = admin::migration_counts(&cluster.gateway_urls()[0]).await?;
     let mut held = Vec::new();
     for (tenant, key) in &keys {
         held.push(replicas.held(tenant, key).await?);
@@ -578,5 +581,5 @@ async fn final_state(
             replicas,
         });
     }
-    Ok((finals, summary))
+    Ok((finals, after))
 }

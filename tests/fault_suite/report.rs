@@ -11,15 +11,18 @@ use crate::admin::RepairCounts;
 use crate::checker::{Anomaly, ConditionalStats, conditional_stats};
 use crate::history::{FaultEvent, Op, Outcome};
 
-/// The anti-entropy repair the suite runs after healing, before the replicas are compared.
+/// The anti-entropy repair the suite runs after healing, before the replicas are compared, and
+/// the topology changes and cleanups the run made.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct RepairSummary {
+pub struct AfterHealing {
     /// Keys whose natural replicas disagreed before it (after hints and read repair).
     pub keys_divergent_before: usize,
     /// The first few of them, with what each replica held.
     pub divergent_before: Vec<String>,
     /// What the repair reported.
     pub repair: RepairCounts,
+    /// The cluster's migrations by type and final state, the repair included.
+    pub migrations: std::collections::BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -35,8 +38,8 @@ pub struct RunReport {
     pub anomalies_by_kind: BTreeMap<String, usize>,
     /// What the conditional writers got.
     pub conditional: ConditionalStats,
-    /// What the anti-entropy repair after healing had to do.
-    pub repair: RepairSummary,
+    /// What the final phase found: divergence before the repair, the repair, the migrations.
+    pub after_healing: AfterHealing,
     pub anomalies: Vec<Anomaly>,
     pub faults: Vec<FaultEvent>,
     /// Per second: (acknowledged, failed or unknown, p99 latency ms).
@@ -51,7 +54,7 @@ impl RunReport {
         ops: &[Op],
         faults: Vec<FaultEvent>,
         refused: Vec<(String, String)>,
-        repair: RepairSummary,
+        after_healing: AfterHealing,
         anomalies: Vec<Anomaly>,
     ) -> RunReport {
         let mut faults_by_kind = BTreeMap::new();
@@ -98,7 +101,7 @@ impl RunReport {
             faults_refused: refused,
             anomalies_by_kind,
             conditional: conditional_stats(ops),
-            repair,
+            after_healing,
             anomalies,
             faults,
             timeline,
@@ -119,7 +122,7 @@ impl RunReport {
                 .map(|(k, _)| k)
                 .collect::<Vec<_>>(),
             self.conditional,
-            self.repair,
+            self.after_healing,
             self.anomalies_by_kind
         )
     }
