@@ -416,3 +416,70 @@ async fn automatic_cleanup_brings_old_owners_disks_to_their_new_share() {
         assert_eq!(got.len(), VALUE, "big/k{i}");
     }
 }
+
+/// The settle wait before a cleanup does not trust another coordinator's wall clock: `c1`,
+/// whose clock runs 60 s behind, ends a node addition, so the change's record looks a minute
+/// old; `c2` still refuses a cleanup until it has held the new ring for the settle time on its
+/// own clock (a coordinator that had not switched rings could write to an old owner after the
+/// drop). Without that second clock, `c2` accepts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_waits_for_the_settle_time_on_its_own_clock_whatever_the_change_record_says() {
+    let _serial = SERIAL.lock().await;
+    let Some(faketime) = common::backends::libfaketime() else {
+        common::backends::skip_or_fail(
+            "a_cleanup_waits_for_the_settle_time_on_its_own_clock_whatever_the_change_record_says",
+            "libfaketime (apt-get install faketime)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join_storage("s4", dir.path(), &storage);
+    let env = [
+        ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
+        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500"),
+    ];
+    let behind = [
+        env[0],
+        env[1],
+        ("LD_PRELOAD", faketime),
+        ("FAKETIME", "-60s"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ("FAKETIME_DONT_RESET", "1"),
+    ];
+    let url = sqlite_url(dir.path());
+    let c1 = RoleProcess::coordinator("c1", &url, "memory://", &storage, &behind, dir.path());
+    let mut a = c1.client().await;
+    wait_all_active(&a, 3).await;
+    let c2 = RoleProcess::coordinator("c2", &url, "memory://", &storage, &env, dir.path());
+    let mut b = c2.client().await;
+    wait_all_active(&b, 3).await;
+    create_tenant(&mut a, "three", 3).await;
+    for i in 0..50 {
+        put(&mut a, "three", &format!("k{i}"), "\"v\"", Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write k{i}: {e}"));
+    }
+    let added = a
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: "s4".into(),
+            host: s4.grpc.ip().to_string(),
+            port: u32::from(s4.grpc.port()),
+            virtual_nodes: 0,
+        })
+        .await
+        .expect("add s4")
+        .into_inner();
+    wait_migration(&a, &added.migration_id, pb::MigrationState::Completed).await;
+    let early = cleanup(&mut b, None, false)
+        .await
+        .expect_err("c2 has not held the new ring for the settle time");
+    assert_eq!(code(&early), ErrorCode::NodeInUse, "{early:?}");
+    assert!(
+        early.message().contains("this coordinator's ring changed"),
+        "{early:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let accepted = cleanup_when_up(&mut b, None).await;
+    wait_migration(&b, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+}

@@ -121,9 +121,24 @@ impl Coordinator {
     }
 
     /// Refused while the last change is younger than the time every coordinator needs to
-    /// switch rings: one that has not may still write to an old owner and count its ack.
+    /// switch rings: one that has not may still write to an old owner and count its ack. Two
+    /// clocks must both say so: the change's record (wall clock, written by whichever
+    /// coordinator ended it, so a skewed one could make it look older than it is), and how long
+    /// this coordinator has held its registry (its own monotonic clock, after reading the
+    /// registry now: the node change it holds was committed before it read it).
     async fn check_settled(&self) -> Result<(), CoordError> {
         let settle = self.options.metadata_refresh * 2 + Duration::from_secs(1);
+        self.ring.refresh().await?;
+        let held = self.ring.unchanged_for();
+        if held < settle {
+            return Err(CoordError::NodeInUse(format!(
+                "this coordinator's ring changed {} ms ago; coordinators switch rings within \
+                 {} ms: retry in {} ms",
+                held.as_millis(),
+                settle.as_millis(),
+                (settle - held).as_millis()
+            )));
+        }
         let now = crate::wallclock::now_ms() as i64;
         let last = self
             .meta

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio::time::Instant;
 
 use crate::meta::{MetaError, MetadataStore, NodeRecord};
 use crate::ring::{NodeState, ReplicaPlan, Ring, key_position};
@@ -54,6 +56,9 @@ pub struct RingView {
     store: Arc<dyn MetadataStore>,
     membership: Arc<Membership>,
     current: ArcSwap<Snapshot>,
+    /// When `current` was last replaced by a different registry (or first loaded), on this
+    /// process's monotonic clock.
+    changed_at: Mutex<Instant>,
 }
 
 impl RingView {
@@ -67,6 +72,7 @@ impl RingView {
             store,
             membership,
             current: ArcSwap::from_pointee(Snapshot::new(nodes)),
+            changed_at: Mutex::new(Instant::now()),
         }))
     }
 
@@ -84,8 +90,15 @@ impl RingView {
         if nodes != self.current.load().nodes {
             tracing::info!(nodes = nodes.len(), "ring changed");
             self.current.store(Arc::new(Snapshot::new(nodes)));
+            *self.changed_at.lock() = Instant::now();
         }
         Ok(())
+    }
+
+    /// How long this coordinator has served the registry it holds now, on its own monotonic
+    /// clock: no other node's wall clock enters it.
+    pub fn unchanged_for(&self) -> Duration {
+        self.changed_at.lock().elapsed()
     }
 
     /// Keeps refreshing every `every` until the role stops; a failed read keeps the last ring.
@@ -132,5 +145,45 @@ impl RingView {
     /// Whether gossip reports the node unreachable.
     pub fn is_down(&self, node: &str) -> bool {
         self.membership.is_down(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::SqlMetadataStore;
+
+    fn node(id: &str) -> NodeRecord {
+        NodeRecord {
+            node_id: id.into(),
+            host: "127.0.0.1".into(),
+            port: 7000,
+            virtual_nodes: 8,
+            tokens: None,
+            state: NodeState::Active,
+        }
+    }
+
+    /// The time a registry is held (what a cleanup's settle wait counts on this coordinator's
+    /// own clock) grows across refreshes that find nothing new and starts again at a change.
+    #[tokio::test]
+    async fn the_time_a_registry_is_held_starts_again_only_at_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+        let store: Arc<dyn MetadataStore> =
+            Arc::new(SqlMetadataStore::connect(&url).await.expect("store"));
+        store.add_node(&node("s1")).await.expect("add s1");
+        let view = RingView::load(store.clone(), Arc::new(Membership::default()))
+            .await
+            .expect("load");
+        let pause = Duration::from_millis(300);
+        tokio::time::sleep(pause).await;
+        view.refresh().await.expect("refresh");
+        assert!(view.unchanged_for() >= pause, "{:?}", view.unchanged_for());
+
+        store.add_node(&node("s2")).await.expect("add s2");
+        view.refresh().await.expect("refresh");
+        assert_eq!(view.snapshot().nodes.len(), 2);
+        assert!(view.unchanged_for() < pause, "{:?}", view.unchanged_for());
     }
 }

@@ -268,16 +268,17 @@ fn run_once(seed: u64, args: &Args, ci: bool) -> Result<Option<RunReport>, Strin
         "postgresql + redis"
     };
     drop(cluster);
-    Ok(Some(RunReport::new(
+    let mut report = RunReport::new(
         seed,
         seconds,
         backends,
         &ops,
         nemesis.events,
         refused,
-        after_healing,
         anomalies,
-    )))
+    );
+    report.after_healing = after_healing;
+    Ok(Some(report))
 }
 
 /// Waits for every storage node to be active, then creates the two tenants (RF 3).

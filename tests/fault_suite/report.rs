@@ -38,7 +38,8 @@ pub struct RunReport {
     pub anomalies_by_kind: BTreeMap<String, usize>,
     /// What the conditional writers got.
     pub conditional: ConditionalStats,
-    /// What the final phase found: divergence before the repair, the repair, the migrations.
+    /// What the final phase found: divergence before the repair, the repair, the migrations
+    /// (set by the caller once the final state is read).
     pub after_healing: AfterHealing,
     pub anomalies: Vec<Anomaly>,
     pub faults: Vec<FaultEvent>,
@@ -54,7 +55,6 @@ impl RunReport {
         ops: &[Op],
         faults: Vec<FaultEvent>,
         refused: Vec<(String, String)>,
-        after_healing: AfterHealing,
         anomalies: Vec<Anomaly>,
     ) -> RunReport {
         let mut faults_by_kind = BTreeMap::new();
@@ -101,7 +101,7 @@ impl RunReport {
             faults_refused: refused,
             anomalies_by_kind,
             conditional: conditional_stats(ops),
-            after_healing,
+            after_healing: AfterHealing::default(),
             anomalies,
             faults,
             timeline,
