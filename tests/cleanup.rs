@@ -417,31 +417,31 @@ async fn automatic_cleanup_brings_old_owners_disks_to_their_new_share() {
     }
 }
 
-/// The settle wait before a cleanup does not trust another coordinator's wall clock: `c1`,
-/// whose clock runs 60 s behind, ends a node addition, so the change's record looks a minute
-/// old; `c2` still refuses a cleanup until it has held the new ring for the settle time on its
-/// own clock (a coordinator that had not switched rings could write to an old owner after the
-/// drop). Without that second clock, `c2` accepts at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cleanup_waits_for_the_settle_time_on_its_own_clock_whatever_the_change_record_says() {
-    let _serial = SERIAL.lock().await;
+/// A node addition ended by `c1`, whose wall clock runs 60 s behind, so its record looks a
+/// minute old at once; `c2` (environment `c2_env` besides a 500 ms ring refresh) shares the
+/// metadata store. Returns when the addition completed.
+struct SkewedChange {
+    _dir: tempfile::TempDir,
+    _storage: Vec<StorageNode>,
+    _s4: StorageNode,
+    _c1: RoleProcess,
+    _c2: RoleProcess,
+    c2: Client,
+}
+
+/// `None` when libfaketime is missing (the test is skipped, or fails under CI).
+async fn skewed_change(test: &str, c2_env: &[(&str, &str)]) -> Option<SkewedChange> {
     let Some(faketime) = common::backends::libfaketime() else {
-        common::backends::skip_or_fail(
-            "a_cleanup_waits_for_the_settle_time_on_its_own_clock_whatever_the_change_record_says",
-            "libfaketime (apt-get install faketime)",
-        );
-        return;
+        common::backends::skip_or_fail(test, "libfaketime (apt-get install faketime)");
+        return None;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(3, dir.path());
     let s4 = join_storage("s4", dir.path(), &storage);
-    let env = [
-        ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
-        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500"),
-    ];
+    let refresh = ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500");
     let behind = [
-        env[0],
-        env[1],
+        ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
+        refresh,
         ("LD_PRELOAD", faketime),
         ("FAKETIME", "-60s"),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
@@ -451,8 +451,10 @@ async fn a_cleanup_waits_for_the_settle_time_on_its_own_clock_whatever_the_chang
     let c1 = RoleProcess::coordinator("c1", &url, "memory://", &storage, &behind, dir.path());
     let mut a = c1.client().await;
     wait_all_active(&a, 3).await;
+    let mut env = vec![refresh];
+    env.extend_from_slice(c2_env);
     let c2 = RoleProcess::coordinator("c2", &url, "memory://", &storage, &env, dir.path());
-    let mut b = c2.client().await;
+    let b = c2.client().await;
     wait_all_active(&b, 3).await;
     create_tenant(&mut a, "three", 3).await;
     for i in 0..50 {
@@ -471,7 +473,33 @@ async fn a_cleanup_waits_for_the_settle_time_on_its_own_clock_whatever_the_chang
         .expect("add s4")
         .into_inner();
     wait_migration(&a, &added.migration_id, pb::MigrationState::Completed).await;
-    let early = cleanup(&mut b, None, false)
+    Some(SkewedChange {
+        _dir: dir,
+        _storage: storage,
+        _s4: s4,
+        _c1: c1,
+        _c2: c2,
+        c2: b,
+    })
+}
+
+/// The settle wait before a cleanup does not trust another coordinator's wall clock: after
+/// [`skewed_change`], `c2` still refuses a cleanup until it has held the new ring for the
+/// settle time on its own clock (a coordinator that had not switched rings could write to an
+/// old owner after the drop). Without that second clock, `c2` accepts at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_waits_for_the_settle_time_on_its_own_clock_whatever_the_change_record_says() {
+    let _serial = SERIAL.lock().await;
+    let manual = [("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false")];
+    let Some(mut change) = skewed_change(
+        "a_cleanup_waits_for_the_settle_time_on_its_own_clock_whatever_the_change_record_says",
+        &manual,
+    )
+    .await
+    else {
+        return;
+    };
+    let early = cleanup(&mut change.c2, None, false)
         .await
         .expect_err("c2 has not held the new ring for the settle time");
     assert_eq!(code(&early), ErrorCode::NodeInUse, "{early:?}");
@@ -480,6 +508,55 @@ async fn a_cleanup_waits_for_the_settle_time_on_its_own_clock_whatever_the_chang
         "{early:?}"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let accepted = cleanup_when_up(&mut b, None).await;
-    wait_migration(&b, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    let accepted = cleanup_when_up(&mut change.c2, None).await;
+    wait_migration(
+        &change.c2,
+        &accepted.cleanup_id,
+        pb::MigrationState::Completed,
+    )
+    .await;
+}
+
+/// The automatic cleanup's grace passes on the cleaning coordinator's own clock too: after
+/// [`skewed_change`] the record says a minute ago, yet `c2` (grace 8 s) starts no cleanup in
+/// the first 5 s, and does start one later. Without its own clock it started one after the
+/// settle time (about 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_automatic_cleanup_waits_its_grace_on_its_own_clock() {
+    let _serial = SERIAL.lock().await;
+    let auto = [("PAIRDB_COORDINATOR_CLEANUP_GRACE_S", "8")];
+    let Some(mut change) = skewed_change(
+        "the_automatic_cleanup_waits_its_grace_on_its_own_clock",
+        &auto,
+    )
+    .await
+    else {
+        return;
+    };
+    let completed = std::time::Instant::now();
+    let cleanup_id = loop {
+        let list = change
+            .c2
+            .list_migrations(pb::ListMigrationsRequest { limit: 10 })
+            .await
+            .map(|r| r.into_inner().migrations)
+            .unwrap_or_default();
+        if let Some(m) = list
+            .iter()
+            .find(|m| m.r#type() == pb::MigrationType::Cleanup)
+        {
+            break m.migration_id.clone();
+        }
+        assert!(
+            completed.elapsed() < Duration::from_secs(60),
+            "no automatic cleanup"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        completed.elapsed() >= Duration::from_secs(5),
+        "a cleanup started {:?} after the change, within its 8 s grace",
+        completed.elapsed()
+    );
+    wait_migration(&change.c2, &cleanup_id, pb::MigrationState::Completed).await;
 }

@@ -41,6 +41,9 @@ use super::lease::{Interrupted, LeaseGuard};
 
 /// Keys per scan batch, and so per `HeldVersions` call.
 const BATCH: u32 = 1000;
+/// The most of `cleanup_grace` an automatic cleanup also waits on this coordinator's monotonic
+/// clock (see [`cleanup_due`]).
+const OWN_CLOCK_GRACE: Duration = Duration::from_secs(60);
 /// The subject of a cleanup of every member.
 const EVERY_NODE: &str = "*";
 
@@ -609,6 +612,13 @@ pub fn spawn_auto_cleanup(core: Arc<Coordinator>, grace: Duration, every: Durati
 /// repair, and an operator sees why in `pairdb admin migrations`) is tried again only a grace
 /// later, not at every check.
 async fn cleanup_due(core: &Coordinator, grace: Duration) -> Result<bool, CoordError> {
+    // The change's record carries another coordinator's wall clock, which may run behind and
+    // make a fresh change look old; so the grace must also have passed on this coordinator's
+    // own clock since its registry last changed (up to a minute of it: a grace of hours is not
+    // moved by clock errors, and a coordinator that restarts often still cleans up).
+    if core.ring.unchanged_for() < grace.min(OWN_CLOCK_GRACE) {
+        return Ok(false);
+    }
     let recent = core.meta.recent_migrations(100).await?;
     let Some(changed) = recent
         .iter()
