@@ -18,8 +18,10 @@
 //! - A cleanup runs alone ([`crate::ring::plan::may_start`]): no node change, RF change or
 //!   other cleanup overlaps it, so no range a node is about to gain or still serves is dropped.
 //! - It starts only once every coordinator has switched to the ring of the last change
-//!   (`settle_time` after it completed), so no stale coordinator still writes to an old owner
-//!   and counts its ack; and not while any member is down unless forced (a down node is then
+//!   (`settle_time` after it completed, by the change record's wall clock and by how long this
+//!   coordinator has held that ring on its own monotonic clock, so a skewed clock cannot
+//!   shorten it), so no coordinator that is not stalled still writes to an old owner and
+//!   counts its ack; and not while any member is down unless forced (a down node is then
 //!   skipped).
 //! - Tenants unknown to the metadata store are never dropped.
 
