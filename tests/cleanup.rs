@@ -560,3 +560,69 @@ async fn the_automatic_cleanup_waits_its_grace_on_its_own_clock() {
     );
     wait_migration(&change.c2, &cleanup_id, pb::MigrationState::Completed).await;
 }
+
+/// A coordinator that was stalled across a node addition places its first requests after the
+/// stall on the ring of now, not on the one it had before: `c2` is paused (SIGSTOP) while `c1`
+/// adds `s4`, resumed, and at once writes 30 keys at ALL; every one whose owners now include
+/// `s4` is on `s4`. Before, `c2` kept its old ring until its refresh loop ran again, and those
+/// writes went to the old owners only, the ones a cleanup drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_back_from_a_stall_places_writes_on_the_current_ring() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join_storage("s4", dir.path(), &storage);
+    let env = [("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false")];
+    let url = sqlite_url(dir.path());
+    let c1 = RoleProcess::coordinator("c1", &url, "memory://", &storage, &env, dir.path());
+    let mut a = c1.client().await;
+    wait_all_active(&a, 3).await;
+    let c2 = RoleProcess::coordinator("c2", &url, "memory://", &storage, &env, dir.path());
+    let mut b = c2.client().await;
+    wait_all_active(&b, 3).await;
+    create_tenant(&mut a, "three", 3).await;
+    // `c2` knows the tenant before its stall.
+    put(&mut b, "three", "before", "\"v\"", Consistency::All)
+        .await
+        .expect("write before the stall");
+    c2.pause();
+    let added = a
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: "s4".into(),
+            host: s4.grpc.ip().to_string(),
+            port: u32::from(s4.grpc.port()),
+            virtual_nodes: 0,
+        })
+        .await
+        .expect("add s4")
+        .into_inner();
+    wait_migration(&a, &added.migration_id, pb::MigrationState::Completed).await;
+    // Longer than the oldest ring a request may be placed on (2 s refresh + 0.5 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c2.resume();
+    const KEYS: usize = 30;
+    for i in 0..KEYS {
+        put(&mut b, "three", &format!("k{i}"), "\"v\"", Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write k{i} after the stall: {e}"));
+    }
+    let all: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
+    let ring = listed_ring(&mut a, &all).await;
+    let on_s4: Vec<String> = held(&s4).await.into_iter().map(|(_, k)| k).collect();
+    let owned: Vec<String> = (0..KEYS)
+        .map(|i| format!("k{i}"))
+        .filter(|k| {
+            ring.natural_owners(key_position("three", k.as_bytes()), 3)
+                .iter()
+                .any(|o| o.as_str() == "s4")
+        })
+        .collect();
+    assert!(!owned.is_empty(), "s4 owns none of the keys");
+    let missing: Vec<&String> = owned.iter().filter(|k| !on_s4.contains(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of the {} keys s4 owns were written to the old owners only: {missing:?}",
+        missing.len(),
+        owned.len()
+    );
+}

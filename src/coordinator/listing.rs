@@ -121,7 +121,7 @@ impl Coordinator {
         after: &Bytes,
         level: Consistency,
     ) -> Result<Round, CoordError> {
-        let snapshot = self.ring.snapshot();
+        let snapshot = self.ring.fresh(self.options.ring_max_age()).await;
         let reachable: Vec<_> = snapshot
             .nodes
             .iter()

@@ -96,6 +96,16 @@ pub struct Options {
     pub repair_rate_limit: u64,
 }
 
+impl Options {
+    /// The oldest ring a key-value request is placed on ([`ring_view::RingView::fresh`]): one
+    /// refresh period and half a second. The refresh loop keeps the ring younger than that
+    /// unless this process stalled; and it stays below the time a cleanup waits after a
+    /// change for every coordinator to switch rings (`2 x metadata_refresh + 1 s`).
+    pub fn ring_max_age(&self) -> Duration {
+        self.metadata_refresh + Duration::from_millis(500)
+    }
+}
+
 /// Everything a request needs, shared by the gRPC service and the background loops.
 pub struct Coordinator {
     pub id: String,

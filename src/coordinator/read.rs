@@ -58,7 +58,7 @@ impl Coordinator {
     ) -> Result<(Option<pb::Record>, ReadDetail), CoordError> {
         let namespace = tenant.storage_id();
         let rf = tenant.replication_factor;
-        let snapshot = self.ring.snapshot();
+        let snapshot = self.ring.fresh(self.options.ring_max_age()).await;
         let plan = self.ring.plan(&snapshot, &namespace, key, rf as usize)?;
         let required = plan.required(consistency);
         let mut replicas: Vec<(NodeId, bool)> = plan

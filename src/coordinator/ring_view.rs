@@ -52,6 +52,9 @@ impl Snapshot {
     }
 }
 
+/// How long a request waits for [`RingView::fresh`] to re-read the registry.
+pub const REREAD_TIMEOUT: Duration = Duration::from_millis(500);
+
 pub struct RingView {
     store: Arc<dyn MetadataStore>,
     membership: Arc<Membership>,
@@ -59,6 +62,12 @@ pub struct RingView {
     /// When `current` was last replaced by a different registry (or first loaded), on this
     /// process's monotonic clock.
     changed_at: Mutex<Instant>,
+    /// When the registry was last read successfully (changed or not).
+    read_at: Mutex<Instant>,
+    /// When [`RingView::fresh`] last tried to read it, whether that worked or not.
+    reread_at: Mutex<Instant>,
+    /// Held by the one request that re-reads a registry found too old ([`RingView::fresh`]).
+    rereading: tokio::sync::Mutex<()>,
 }
 
 impl RingView {
@@ -73,6 +82,9 @@ impl RingView {
             membership,
             current: ArcSwap::from_pointee(Snapshot::new(nodes)),
             changed_at: Mutex::new(Instant::now()),
+            read_at: Mutex::new(Instant::now()),
+            reread_at: Mutex::new(Instant::now()),
+            rereading: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -92,7 +104,35 @@ impl RingView {
             self.current.store(Arc::new(Snapshot::new(nodes)));
             *self.changed_at.lock() = Instant::now();
         }
+        *self.read_at.lock() = Instant::now();
         Ok(())
+    }
+
+    /// The ring as last read, read again first when that was more than `max_age` ago: a
+    /// coordinator that was stalled (SIGSTOP, a frozen VM, a starved refresh loop) does not
+    /// place requests on the ring it had before the stall. Concurrent callers wait for one
+    /// read. When the registry cannot be read within [`REREAD_TIMEOUT`], the last ring serves
+    /// (counted in `pairdb_coordinator_stale_ring_total`) and no request tries again for
+    /// `max_age`: the metadata store being down costs one request in that time half a second,
+    /// and does not stop the request paths.
+    pub async fn fresh(&self, max_age: Duration) -> Arc<Snapshot> {
+        let due =
+            || self.read_at.lock().elapsed() > max_age && self.reread_at.lock().elapsed() > max_age;
+        if !due() {
+            return self.snapshot();
+        }
+        let _one = self.rereading.lock().await;
+        if due() {
+            *self.reread_at.lock() = Instant::now();
+            let reread = tokio::time::timeout(REREAD_TIMEOUT, self.refresh()).await;
+            if !matches!(reread, Ok(Ok(()))) {
+                metrics::counter!("pairdb_coordinator_stale_ring_total").increment(1);
+                tracing::warn!(
+                    "cannot re-read a registry older than {max_age:?}; serving the last ring"
+                );
+            }
+        }
+        self.snapshot()
     }
 
     /// How long this coordinator has served the registry it holds now, on its own monotonic
@@ -185,5 +225,28 @@ mod tests {
         view.refresh().await.expect("refresh");
         assert_eq!(view.snapshot().nodes.len(), 2);
         assert!(view.unchanged_for() < pause, "{:?}", view.unchanged_for());
+    }
+
+    /// A ring read longer ago than the caller allows is read again before it serves; a young
+    /// one is served as it is (no refresh loop runs here).
+    #[tokio::test]
+    async fn a_ring_older_than_allowed_is_read_again_before_it_serves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+        let store: Arc<dyn MetadataStore> =
+            Arc::new(SqlMetadataStore::connect(&url).await.expect("store"));
+        store.add_node(&node("s1")).await.expect("add s1");
+        let view = RingView::load(store.clone(), Arc::new(Membership::default()))
+            .await
+            .expect("load");
+        store.add_node(&node("s2")).await.expect("add s2");
+        let young = view.fresh(Duration::from_secs(3600)).await;
+        assert_eq!(young.nodes.len(), 1, "read again although young");
+        let old = view.fresh(Duration::ZERO).await;
+        assert_eq!(
+            old.nodes.len(),
+            2,
+            "served an old ring without reading it again"
+        );
     }
 }

@@ -127,7 +127,7 @@ impl Coordinator {
         version: Version,
         consistency: Consistency,
     ) -> Result<Round, CoordError> {
-        let snapshot = self.ring.snapshot();
+        let snapshot = self.ring.fresh(self.options.ring_max_age()).await;
         // Records and placement live in the incarnation's namespace.
         let namespace = tenant.storage_id();
         let rf = self.pending_rf.write_rf(tenant);
