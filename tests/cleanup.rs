@@ -44,6 +44,42 @@ async fn cleanup(
     .map(tonic::Response::into_inner)
 }
 
+/// Adds `node` to the ring through `c` and waits until the addition completed.
+async fn add_node(c: &mut Client, node: &StorageNode) {
+    let added = c
+        .add_storage_node(pb::AddStorageNodeRequest {
+            node_id: node.id.clone(),
+            host: node.grpc.ip().to_string(),
+            port: u32::from(node.grpc.port()),
+            virtual_nodes: 0,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("add {}: {e}", node.id))
+        .into_inner();
+    wait_migration(c, &added.migration_id, pb::MigrationState::Completed).await;
+}
+
+/// The id of the first cleanup `c` lists, waiting up to a minute for one (nobody asks: the
+/// automatic one).
+async fn first_cleanup(c: &mut Client) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = c
+            .list_migrations(pb::ListMigrationsRequest { limit: 10 })
+            .await
+            .map(|r| r.into_inner().migrations)
+            .unwrap_or_default();
+        if let Some(m) = list
+            .iter()
+            .find(|m| m.r#type() == pb::MigrationType::Cleanup)
+        {
+            return m.migration_id.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no automatic cleanup");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A cleanup, asked again while gossip still calls a node that just came back down.
 async fn cleanup_when_up(c: &mut Client, node: Option<&str>) -> pb::CleanupAccepted {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -134,17 +170,7 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
             .unwrap_or_else(|e| panic!("write {tenant}/k{i}: {e}"));
         }
     }
-    let added = c
-        .add_storage_node(pb::AddStorageNodeRequest {
-            node_id: "s4".into(),
-            host: s4.grpc.ip().to_string(),
-            port: u32::from(s4.grpc.port()),
-            virtual_nodes: 0,
-        })
-        .await
-        .expect("add s4")
-        .into_inner();
-    wait_migration(&c, &added.migration_id, pb::MigrationState::Completed).await;
+    add_node(&mut c, &s4).await;
     // Too soon: coordinators may not have switched rings yet.
     let early = cleanup(&mut c, None, false).await.expect_err("too soon");
     assert_eq!(code(&early), ErrorCode::NodeInUse, "{early:?}");
@@ -359,35 +385,10 @@ async fn automatic_cleanup_brings_old_owners_disks_to_their_new_share() {
         let used = disk_use(&node.dir);
         assert!(used >= 200 << 20, "{} holds {used} bytes", node.id);
     }
-    let added = c
-        .add_storage_node(pb::AddStorageNodeRequest {
-            node_id: "s3".into(),
-            host: s3.grpc.ip().to_string(),
-            port: u32::from(s3.grpc.port()),
-            virtual_nodes: 0,
-        })
-        .await
-        .expect("add s3")
-        .into_inner();
-    wait_migration(&c, &added.migration_id, pb::MigrationState::Completed).await;
+    add_node(&mut c, &s3).await;
 
     // No one asks: the cleanup starts once the grace passed.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let cleanup_id = loop {
-        let list = c
-            .list_migrations(pb::ListMigrationsRequest { limit: 10 })
-            .await
-            .map(|r| r.into_inner().migrations)
-            .unwrap_or_default();
-        if let Some(m) = list
-            .iter()
-            .find(|m| m.r#type() == pb::MigrationType::Cleanup)
-        {
-            break m.migration_id.clone();
-        }
-        assert!(std::time::Instant::now() < deadline, "no automatic cleanup");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let cleanup_id = first_cleanup(&mut c).await;
     let done = wait_migration(&c, &cleanup_id, pb::MigrationState::Completed).await;
     assert!(done.bytes_migrated > 100 << 20, "{done:?}");
 
@@ -462,17 +463,7 @@ async fn skewed_change(test: &str, c2_env: &[(&str, &str)]) -> Option<SkewedChan
             .await
             .unwrap_or_else(|e| panic!("write k{i}: {e}"));
     }
-    let added = a
-        .add_storage_node(pb::AddStorageNodeRequest {
-            node_id: "s4".into(),
-            host: s4.grpc.ip().to_string(),
-            port: u32::from(s4.grpc.port()),
-            virtual_nodes: 0,
-        })
-        .await
-        .expect("add s4")
-        .into_inner();
-    wait_migration(&a, &added.migration_id, pb::MigrationState::Completed).await;
+    add_node(&mut a, &s4).await;
     Some(SkewedChange {
         _dir: dir,
         _storage: storage,
@@ -534,25 +525,7 @@ async fn the_automatic_cleanup_waits_its_grace_on_its_own_clock() {
         return;
     };
     let completed = std::time::Instant::now();
-    let cleanup_id = loop {
-        let list = change
-            .c2
-            .list_migrations(pb::ListMigrationsRequest { limit: 10 })
-            .await
-            .map(|r| r.into_inner().migrations)
-            .unwrap_or_default();
-        if let Some(m) = list
-            .iter()
-            .find(|m| m.r#type() == pb::MigrationType::Cleanup)
-        {
-            break m.migration_id.clone();
-        }
-        assert!(
-            completed.elapsed() < Duration::from_secs(60),
-            "no automatic cleanup"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let cleanup_id = first_cleanup(&mut change.c2).await;
     assert!(
         completed.elapsed() >= Duration::from_secs(5),
         "a cleanup started {:?} after the change, within its 8 s grace",
@@ -586,17 +559,7 @@ async fn a_coordinator_back_from_a_stall_places_writes_on_the_current_ring() {
         .await
         .expect("write before the stall");
     c2.pause();
-    let added = a
-        .add_storage_node(pb::AddStorageNodeRequest {
-            node_id: "s4".into(),
-            host: s4.grpc.ip().to_string(),
-            port: u32::from(s4.grpc.port()),
-            virtual_nodes: 0,
-        })
-        .await
-        .expect("add s4")
-        .into_inner();
-    wait_migration(&a, &added.migration_id, pb::MigrationState::Completed).await;
+    add_node(&mut a, &s4).await;
     // Longer than the oldest ring a request may be placed on (2 s refresh + 0.5 s).
     tokio::time::sleep(Duration::from_secs(3)).await;
     c2.resume();

@@ -204,18 +204,24 @@ mod tests {
         }
     }
 
-    /// The time a registry is held (what a cleanup's settle wait counts on this coordinator's
-    /// own clock) grows across refreshes that find nothing new and starts again at a change.
-    #[tokio::test]
-    async fn the_time_a_registry_is_held_starts_again_only_at_a_change() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+    /// A registry of one node (`s1`) in SQLite under `dir`, and a view of it.
+    async fn one_node_view(dir: &std::path::Path) -> (Arc<dyn MetadataStore>, Arc<RingView>) {
+        let url = format!("sqlite://{}", dir.join("meta.db").display());
         let store: Arc<dyn MetadataStore> =
             Arc::new(SqlMetadataStore::connect(&url).await.expect("store"));
         store.add_node(&node("s1")).await.expect("add s1");
         let view = RingView::load(store.clone(), Arc::new(Membership::default()))
             .await
             .expect("load");
+        (store, view)
+    }
+
+    /// The time a registry is held (what a cleanup's settle wait counts on this coordinator's
+    /// own clock) grows across refreshes that find nothing new and starts again at a change.
+    #[tokio::test]
+    async fn the_time_a_registry_is_held_starts_again_only_at_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, view) = one_node_view(dir.path()).await;
         let pause = Duration::from_millis(300);
         tokio::time::sleep(pause).await;
         view.refresh().await.expect("refresh");
@@ -232,13 +238,7 @@ mod tests {
     #[tokio::test]
     async fn a_ring_older_than_allowed_is_read_again_before_it_serves() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("meta.db").display());
-        let store: Arc<dyn MetadataStore> =
-            Arc::new(SqlMetadataStore::connect(&url).await.expect("store"));
-        store.add_node(&node("s1")).await.expect("add s1");
-        let view = RingView::load(store.clone(), Arc::new(Membership::default()))
-            .await
-            .expect("load");
+        let (store, view) = one_node_view(dir.path()).await;
         store.add_node(&node("s2")).await.expect("add s2");
         let young = view.fresh(Duration::from_secs(3600)).await;
         assert_eq!(young.nodes.len(), 1, "read again although young");
