@@ -254,7 +254,7 @@ fn run_once(seed: u64, args: &Args, ci: bool) -> Result<Option<RunReport>, Strin
         .map_err(|e| format!("{e}; faults injected: {:?}", nemesis.events))?;
     let ops = workload.ops();
     write_history(seed, &ops, &finals);
-    let anomalies = checker::check(&ops, &finals, end_ms);
+    let anomalies = checker::check(&ops, &finals, end_ms, !sqlite);
     let refused = refused
         .into_iter()
         .map(|(k, why)| (k.name().to_owned(), why))
