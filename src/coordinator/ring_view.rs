@@ -62,10 +62,9 @@ pub struct RingView {
     /// When `current` was last replaced by a different registry (or first loaded), on this
     /// process's monotonic clock.
     changed_at: Mutex<Instant>,
-    /// When the registry was last read successfully (changed or not).
-    read_at: Mutex<Instant>,
-    /// When [`RingView::fresh`] last tried to read it, whether that worked or not.
-    reread_at: Mutex<Instant>,
+    /// When the registry was last read (changed or not), or [`RingView::fresh`] last tried
+    /// to read it, whether that worked or not.
+    checked_at: Mutex<Instant>,
     /// Held by the one request that re-reads a registry found too old ([`RingView::fresh`]).
     rereading: tokio::sync::Mutex<()>,
 }
@@ -82,8 +81,7 @@ impl RingView {
             membership,
             current: ArcSwap::from_pointee(Snapshot::new(nodes)),
             changed_at: Mutex::new(Instant::now()),
-            read_at: Mutex::new(Instant::now()),
-            reread_at: Mutex::new(Instant::now()),
+            checked_at: Mutex::new(Instant::now()),
             rereading: tokio::sync::Mutex::new(()),
         }))
     }
@@ -104,7 +102,7 @@ impl RingView {
             self.current.store(Arc::new(Snapshot::new(nodes)));
             *self.changed_at.lock() = Instant::now();
         }
-        *self.read_at.lock() = Instant::now();
+        *self.checked_at.lock() = Instant::now();
         Ok(())
     }
 
@@ -116,14 +114,13 @@ impl RingView {
     /// `max_age`: the metadata store being down costs one request in that time half a second,
     /// and does not stop the request paths.
     pub async fn fresh(&self, max_age: Duration) -> Arc<Snapshot> {
-        let due =
-            || self.read_at.lock().elapsed() > max_age && self.reread_at.lock().elapsed() > max_age;
+        let due = || self.checked_at.lock().elapsed() > max_age;
         if !due() {
             return self.snapshot();
         }
         let _one = self.rereading.lock().await;
         if due() {
-            *self.reread_at.lock() = Instant::now();
+            *self.checked_at.lock() = Instant::now();
             let reread = tokio::time::timeout(REREAD_TIMEOUT, self.refresh()).await;
             if !matches!(reread, Ok(Ok(()))) {
                 metrics::counter!("pairdb_coordinator_stale_ring_total").increment(1);

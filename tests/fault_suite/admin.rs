@@ -101,6 +101,16 @@ pub async fn migration_state(gateway: &str, migration: &str) -> Result<Migration
     }
 }
 
+/// `GET /v1/admin/migrations?limit=N`: the newest `limit` migrations, newest first.
+async fn migrations(gateway: &str, limit: u32) -> Result<Vec<Value>, String> {
+    let url = format!("{gateway}/v1/admin/migrations?limit={limit}");
+    let (status, mut v) = http_json(reqwest::Method::GET, &url, None).await?;
+    match v["migrations"].take() {
+        Value::Array(list) if status == 200 => Ok(list),
+        _ => Err(format!("list migrations: {status} {v}")),
+    }
+}
+
 /// What the registry holds of node `id`: whether it is in the ring (any state but `failed`),
 /// and the newest topology change of it (node additions and removals only).
 pub async fn node_in_registry(gateway: &str, id: &str) -> Result<(bool, Option<String>), String> {
@@ -108,13 +118,8 @@ pub async fn node_in_registry(gateway: &str, id: &str) -> Result<(bool, Option<S
         .await?
         .iter()
         .any(|n| n["node_id"] == id && n["status"] != "failed");
-    let url = format!("{gateway}/v1/admin/migrations?limit=50");
-    let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
-    let list = match v["migrations"].as_array() {
-        Some(list) if status == 200 => list,
-        _ => return Err(format!("list migrations: {status} {v}")),
-    };
-    let newest = list
+    let newest = migrations(gateway, 50)
+        .await?
         .iter()
         .find(|m| {
             m["node_id"] == id
@@ -197,14 +202,8 @@ async fn repair_outcome(
 pub async fn migration_counts(
     gateway: &str,
 ) -> Result<std::collections::BTreeMap<String, usize>, String> {
-    let url = format!("{gateway}/v1/admin/migrations?limit=1000");
-    let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
-    let list = match v["migrations"].as_array() {
-        Some(list) if status == 200 => list,
-        _ => return Err(format!("list migrations: {status} {v}")),
-    };
     let mut counts = std::collections::BTreeMap::new();
-    for m in list {
+    for m in migrations(gateway, 1000).await? {
         let key = format!(
             "{} {}",
             m["type"].as_str().unwrap_or("?"),
