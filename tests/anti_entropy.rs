@@ -73,6 +73,7 @@ async fn held(node: &common::StorageNode, tenant: &str, count: usize) -> Vec<Opt
             .collect();
         let answer = client
             .read_batch(spb::ReadBatchRequest {
+                ring_epoch: 0,
                 reads,
                 source: spb::BatchSource::Unspecified as i32,
             })

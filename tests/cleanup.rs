@@ -589,3 +589,114 @@ async fn a_coordinator_back_from_a_stall_places_writes_on_the_current_ring() {
         owned.len()
     );
 }
+
+/// A coordinator whose ring is older than a cleanup (here: one that does not read the
+/// registry again for 10 minutes) writes after the cleanup dropped ranges: the storage nodes
+/// refuse its writes as placed on a stale ring (`STALE_RING`: the cleanup raised their ring
+/// fence), and it reads the registry again and places them on the current ring. Every write
+/// is acknowledged, every key `s4` owns is on `s4`, and no node holds a key it does not own.
+/// Without the fence the old owners took those writes into the ranges they had just dropped,
+/// where no read looks and the next cleanup deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_again() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join_storage("s4", dir.path(), &storage);
+    let url = sqlite_url(dir.path());
+    let c1_env = [
+        ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
+        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500"),
+    ];
+    let c1 = RoleProcess::coordinator("c1", &url, "memory://", &storage, &c1_env, dir.path());
+    let mut a = c1.client().await;
+    wait_all_active(&a, 3).await;
+    let c2_env = [
+        ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
+        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "600000"),
+    ];
+    let c2 = RoleProcess::coordinator("c2", &url, "memory://", &storage, &c2_env, dir.path());
+    let mut b = c2.client().await;
+    wait_all_active(&b, 3).await;
+    create_tenant(&mut a, "three", 3).await;
+    put(&mut b, "three", "before", "\"v\"", Consistency::All)
+        .await
+        .expect("write before the change");
+
+    add_node(&mut a, &s4).await;
+    // The settle time of c1 (2 x 500 ms + 1 s); c2 is not waited for.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let accepted = cleanup_when_up(&mut a, None).await;
+    wait_migration(&a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+
+    const KEYS: usize = 40;
+    for i in 0..KEYS {
+        put(&mut b, "three", &format!("k{i}"), "\"v\"", Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write k{i} through the stale coordinator: {e}"));
+    }
+    let all: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
+    let ring = listed_ring(&mut a, &all).await;
+    let owned_by_s4: Vec<String> = (0..KEYS)
+        .map(|i| format!("k{i}"))
+        .filter(|k| {
+            ring.natural_owners(key_position("three", k.as_bytes()), 3)
+                .iter()
+                .any(|o| o.as_str() == "s4")
+        })
+        .collect();
+    assert!(!owned_by_s4.is_empty(), "s4 owns none of the keys");
+    let on_s4: Vec<String> = held(&s4).await.into_iter().map(|(_, k)| k).collect();
+    let missing: Vec<&String> = owned_by_s4.iter().filter(|k| !on_s4.contains(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of the {} keys s4 owns were written to the old owners only: {missing:?}",
+        missing.len(),
+        owned_by_s4.len()
+    );
+    for node in &all {
+        let keys = held(node).await;
+        assert_eq!(
+            not_owned(&ring, &node.id, &keys),
+            0,
+            "{} holds keys it does not own after the cleanup",
+            node.id
+        );
+    }
+    // A batch placed on the ring before the cleanup, sent straight to a node: refused, and
+    // nothing of it applied.
+    let stale = spb::WriteBatchRequest {
+        records: vec![spb::Record {
+            tenant_id: "three".into(),
+            key: b"late".to_vec().into(),
+            version: Some(cpb::Version {
+                clock: vec![cpb::ClockEntry {
+                    coordinator_id: "c9".into(),
+                    counter: physical_counter(pairdb::wallclock::now_ms()),
+                }],
+                timestamp_ms: 0,
+            }),
+            payload: Some(spb::record::Payload::Value(b"\"late\"".to_vec().into())),
+            ring_hash: 0,
+            expires_at_ms: 0,
+        }],
+        source: spb::BatchSource::Client as i32,
+        ring_digest: 0,
+        ring_epoch: 1,
+    };
+    let refused = storage[0]
+        .client()
+        .await
+        .write_batch(stale)
+        .await
+        .expect_err("a batch placed on an old ring is refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        !held(&storage[0]).await.iter().any(|(_, k)| k == "late"),
+        "the refused batch was applied"
+    );
+}

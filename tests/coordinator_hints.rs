@@ -18,7 +18,7 @@ use common::{StorageNode, free_tcp_port};
 use pairdb::coordinator::hints::{HintWriter, ReplayLimits, replay_round};
 use pairdb::coordinator::membership::Membership;
 use pairdb::coordinator::repair::RepairQueue;
-use pairdb::coordinator::ring_view::RingView;
+use pairdb::coordinator::ring_view::{RingTag, RingView};
 use pairdb::coordinator::storage_pool::StoragePool;
 use pairdb::meta::{Hint, MetadataStore, NodeRecord, SqlMetadataStore};
 use pairdb::ring::{NodeId, NodeState};
@@ -279,7 +279,7 @@ async fn closing_the_storage_pool_answers_every_queued_call() {
         .iter()
         .map(|key| {
             let (batcher, record) = (batcher.clone(), record(key));
-            tokio::spawn(async move { batcher.write("s1", record, 0).await })
+            tokio::spawn(async move { batcher.write("s1", record, RingTag::default()).await })
         })
         .collect();
     drop(batcher);

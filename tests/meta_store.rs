@@ -9,7 +9,7 @@ use common::backends::{Postgres, skip_or_fail};
 
 use pairdb::meta::{
     Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord,
-    RangeRepair, SqlMetadataStore, StreamCheckpoint, registry_view,
+    RangeRepair, Registry, SqlMetadataStore, StreamCheckpoint, registry_view,
 };
 use pairdb::ring::{HashRange, NodeState};
 
@@ -32,6 +32,68 @@ fn hint(target: &str, n: u8) -> Hint {
         record: vec![n, 0, 255, n],
         created_at_ms: 1_700_000_000_000 + i64::from(n),
         attempts: 0,
+    }
+}
+
+/// The registry's epoch (what storage nodes' ring fence compares): every change raises it,
+/// a refused change does not, and concurrent changes from two connections each raise it once.
+async fn registry_epochs(a: &dyn MetadataStore, b: &dyn MetadataStore) {
+    let epoch = |r: Registry| r.epoch;
+    let start = b.registry().await.expect("registry");
+    assert!(start.epoch > 0);
+    assert_eq!(start.nodes, a.list_nodes().await.expect("list"));
+    a.add_node(&node("e1", NodeState::Bootstrapping))
+        .await
+        .expect("add");
+    let added = b.registry().await.expect("registry");
+    assert!(added.epoch > start.epoch, "an addition raises the epoch");
+    assert_eq!(added.nodes, a.list_nodes().await.expect("list"));
+    b.set_node_state("e1", NodeState::Active)
+        .await
+        .expect("state");
+    let activated = epoch(a.registry().await.expect("registry"));
+    assert!(activated > added.epoch, "a state change raises the epoch");
+    let stale = registry_view(&start.nodes);
+    assert!(
+        b.set_node_state_if("e1", NodeState::Draining, &stale)
+            .await
+            .is_err()
+    );
+    assert!(a.remove_node("ghost").await.is_err());
+    let seen = registry_view(&a.list_nodes().await.expect("list"));
+    assert!(
+        b.commit_node_changes(&seen, &[], &["ghost".to_owned()])
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        epoch(a.registry().await.expect("registry")),
+        activated,
+        "refused changes leave the epoch"
+    );
+    b.commit_node_changes(&seen, &[], &["e1".to_owned()])
+        .await
+        .expect("commit");
+    let committed = epoch(a.registry().await.expect("registry"));
+    assert!(committed > activated);
+    let adds = (0..8).map(|i| {
+        let store = if i % 2 == 0 { a } else { b };
+        async move {
+            store
+                .add_node(&node(&format!("c{i}"), NodeState::Bootstrapping))
+                .await
+        }
+    });
+    for added in futures::future::join_all(adds).await {
+        added.expect("concurrent add");
+    }
+    assert_eq!(
+        epoch(b.registry().await.expect("registry")),
+        committed + 8,
+        "each of 8 concurrent additions raised the epoch once"
+    );
+    for i in 0..8 {
+        a.remove_node(&format!("c{i}")).await.expect("remove");
     }
 }
 
@@ -436,6 +498,8 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     );
     a.remove_node("j1").await.expect("remove");
     a.remove_node("j2").await.expect("remove");
+
+    registry_epochs(a, b).await;
 
     a.store_hints(&[hint("s2", 1), hint("s2", 2), hint("s3", 9), hint("s2", 3)])
         .await

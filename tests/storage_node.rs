@@ -101,6 +101,7 @@ async fn write(
 async fn load(client: &mut StorageNodeClient<InternalChannel>, records: Vec<pb::Record>) {
     client
         .write_batch(pb::WriteBatchRequest {
+            ring_epoch: 0,
             records,
             source: pb::BatchSource::Stream as i32,
             ring_digest: 0,
@@ -307,6 +308,7 @@ async fn round_trips_and_bad_inputs() {
     ];
     let err = c
         .write_batch(pb::WriteBatchRequest {
+            ring_epoch: 0,
             records: batch,
             source: pb::BatchSource::Hint as i32,
             ring_digest: 0,
@@ -371,6 +373,7 @@ async fn acknowledged_writes_survive_kill_9() {
                     c.write(pb::WriteRequest { record }).await.map(drop)
                 } else {
                     c.write_batch(pb::WriteBatchRequest {
+                        ring_epoch: 0,
                         records,
                         source: pb::BatchSource::Client as i32,
                         ring_digest: 0,
@@ -529,6 +532,7 @@ async fn live_writes_placed_on_the_streams_own_ring_are_not_forwarded() {
     let newer = |n: u64| put("t", key(n).as_bytes(), base + 1_000_000 + n, b"new");
     for (first, ring_digest) in [(0u64, RING), (100, RING + 1), (200, 0)] {
         ca.write_batch(pb::WriteBatchRequest {
+            ring_epoch: 0,
             records: (first..first + 100).map(newer).collect(),
             source: pb::BatchSource::Client as i32,
             ring_digest,
@@ -1063,6 +1067,97 @@ async fn held_versions_and_tenant_range_drops() {
     assert_eq!(scan(&mut c, 0, 0).await.len(), left.len());
 }
 
+/// The ring fence (cleanup's `FenceRing`): client calls placed on an older ring, or naming
+/// none, are refused with STALE_RING and change nothing; calls on the fenced ring or a newer
+/// one, and batches that are not a client's (repairs), are taken; the fence only rises, and it
+/// holds after `kill -9`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = StorageNode::start("s1", dir.path(), None);
+    let mut c = node.client().await;
+    let base = physical_counter(now_ms());
+    let batch =
+        |source: pb::BatchSource, epoch: u64, key: &str, counter: u64| pb::WriteBatchRequest {
+            records: vec![put("acme", key.as_bytes(), counter, b"v")],
+            source: source as i32,
+            ring_digest: 0,
+            ring_epoch: epoch,
+        };
+    let reads = |epoch: u64| pb::ReadBatchRequest {
+        reads: vec![pb::ReadRequest {
+            tenant_id: "acme".into(),
+            key: b"k0".to_vec().into(),
+        }],
+        source: pb::BatchSource::Client as i32,
+        ring_epoch: epoch,
+    };
+    let fence = |epoch: u64| pb::FenceRingRequest { epoch };
+    c.write_batch(batch(pb::BatchSource::Client, 0, "k0", base))
+        .await
+        .expect("an unfenced node takes calls naming no ring");
+    let refused = c.fence_ring(fence(0)).await.expect_err("epoch 0");
+    assert_eq!(code_in(&refused), pb::ErrorCode::InvalidArgument);
+    let floor = |r: tonic::Response<pb::FenceRingResponse>| r.into_inner().floor;
+    assert_eq!(floor(c.fence_ring(fence(5)).await.expect("fence")), 5);
+    assert_eq!(
+        floor(c.fence_ring(fence(3)).await.expect("fence")),
+        5,
+        "never lowered"
+    );
+    let stale = |e: tonic::Status| {
+        assert_eq!(code_in(&e), pb::ErrorCode::StaleRing, "{e:?}");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    };
+    for epoch in [0, 4] {
+        stale(
+            c.write_batch(batch(pb::BatchSource::Client, epoch, "k1", base + 1))
+                .await
+                .expect_err("a client batch on an older ring"),
+        );
+        stale(
+            c.read_batch(reads(epoch))
+                .await
+                .expect_err("a client read on an older ring"),
+        );
+    }
+    stale(
+        write(&mut c, put("acme", b"k1", base + 1, b"v"))
+            .await
+            .expect_err("a single write names no ring"),
+    );
+    assert!(
+        read(&mut c, "acme", b"k1").await.is_none(),
+        "nothing refused was applied"
+    );
+    c.write_batch(batch(pb::BatchSource::Client, 5, "k2", base + 2))
+        .await
+        .expect("the fenced ring");
+    c.write_batch(batch(pb::BatchSource::Repair, 0, "k3", base + 3))
+        .await
+        .expect("repairs are not client calls");
+    let answers = c
+        .read_batch(reads(6))
+        .await
+        .expect("a newer ring")
+        .into_inner()
+        .results;
+    assert!(answers[0].record.is_some());
+
+    drop(c);
+    node.kill9();
+    node.restart();
+    let mut c = node.client().await;
+    stale(
+        c.write_batch(batch(pb::BatchSource::Client, 4, "k4", base + 4))
+            .await
+            .expect_err("still fenced after kill -9"),
+    );
+    c.write_batch(batch(pb::BatchSource::Client, 5, "k4", base + 4))
+        .await
+        .expect("the fenced ring after the restart");
+}
+
 /// A sender killed in the middle of a stream and asked for it again after its restart goes on
 /// from its checkpoint: every record reaches the target, and at most the batch in flight is
 /// sent twice. One that lost its checkpoint file goes on from the copy the coordinator passes.
@@ -1401,6 +1496,7 @@ async fn a_dropped_tenant_is_fenced_against_every_writer() {
         let counter = base + 10 + n as u64;
         let answer = c
             .write_batch(pb::WriteBatchRequest {
+                ring_epoch: 0,
                 records: vec![
                     put("acme", b"late", counter, b"x"),
                     put("other", b"late", counter, b"x"),
@@ -1504,6 +1600,7 @@ async fn a_node_takes_client_writes_only_once_told_every_deleted_tenant() {
         assert_eq!(e.code(), tonic::Code::Unavailable, "retryable: {e:?}");
     };
     let read_batch = |source: pb::BatchSource| pb::ReadBatchRequest {
+        ring_epoch: 0,
         reads: vec![pb::ReadRequest {
             tenant_id: "other".into(),
             key: b"k".to_vec().into(),
@@ -1528,6 +1625,7 @@ async fn a_node_takes_client_writes_only_once_told_every_deleted_tenant() {
         );
         unconfirmed(
             c.write_batch(pb::WriteBatchRequest {
+                ring_epoch: 0,
                 records: vec![put("other", b"k", counter, b"x")],
                 source: pb::BatchSource::Client as i32,
                 ring_digest: 0,
@@ -1550,6 +1648,7 @@ async fn a_node_takes_client_writes_only_once_told_every_deleted_tenant() {
     let applied = pb::ApplyOutcome::Applied as i32;
     let deleted = pb::ApplyOutcome::TenantDeleted as i32;
     let batch = |source: pb::BatchSource, tenant: &str, counter: u64| pb::WriteBatchRequest {
+        ring_epoch: 0,
         records: vec![put(tenant, b"k", counter, b"x")],
         source: source as i32,
         ring_digest: 0,
@@ -1590,6 +1689,7 @@ async fn a_node_takes_client_writes_only_once_told_every_deleted_tenant() {
     .expect("complete list");
     let answer = c
         .write_batch(pb::WriteBatchRequest {
+            ring_epoch: 0,
             records: vec![
                 put("acme", b"k", base + 6, b"x"),
                 put("beta", b"k", base + 6, b"x"),
@@ -1604,6 +1704,7 @@ async fn a_node_takes_client_writes_only_once_told_every_deleted_tenant() {
     assert_eq!(answer.outcomes, vec![deleted, deleted, applied]);
     let reads = c
         .read_batch(pb::ReadBatchRequest {
+            ring_epoch: 0,
             reads: ["acme", "other"]
                 .into_iter()
                 .map(|t| pb::ReadRequest {

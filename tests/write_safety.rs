@@ -116,6 +116,7 @@ async fn a_huge_context_is_refused_and_harms_no_one() {
         node.client()
             .await
             .write_batch(spb::WriteBatchRequest {
+                ring_epoch: 0,
                 records: vec![record.clone()],
                 source: spb::BatchSource::Repair as i32,
                 ring_digest: 0,

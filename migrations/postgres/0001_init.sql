@@ -90,3 +90,11 @@ CREATE TABLE IF NOT EXISTS deleted_tenants (
     incarnation BIGINT NOT NULL,
     deleted_at_ms BIGINT NOT NULL
 );
+-- The registry's epoch: raised in the same transaction as every change of storage_nodes, so
+-- a ring read with its epoch is ordered against every other (storage nodes' ring fence,
+-- STALE_RING). One row.
+CREATE TABLE IF NOT EXISTS registry_epoch (
+    id BIGINT PRIMARY KEY,
+    epoch BIGINT NOT NULL
+);
+INSERT INTO registry_epoch (id, epoch) VALUES (1, 1) ON CONFLICT (id) DO NOTHING;

@@ -29,6 +29,7 @@ use crate::rpc::storage::storage_node_client::StorageNodeClient;
 use crate::vclock::Version;
 
 use super::replica_error::ReplicaError;
+use super::ring_view::RingTag;
 
 /// Batches outstanding per node and kind, by default (`coordinator.batch_in_flight`).
 pub const IN_FLIGHT: usize = 1;
@@ -48,9 +49,10 @@ struct Job<T, A> {
     reply: Reply<A>,
 }
 
-/// A record and the digest of the ring it was placed with.
-type WriteJob = Job<(pb::Record, u64), WriteAck>;
-type ReadJob = Job<pb::ReadRequest, Option<pb::Record>>;
+/// A record and the ring it was placed on.
+type WriteJob = Job<(pb::Record, RingTag), WriteAck>;
+/// A read and the epoch of the ring it was placed on.
+type ReadJob = Job<(pb::ReadRequest, u64), Option<pb::Record>>;
 
 /// The calls, request ids and replies of a batch, each in call order.
 fn split<T, A>(jobs: Vec<Job<T, A>>) -> (Vec<T>, Vec<String>, Vec<Reply<A>>) {
@@ -178,17 +180,17 @@ impl NodeBatcher {
         Arc::new(Self { writes, reads })
     }
 
-    /// Applies `record`, placed with the ring of `ring_digest`, on the node, batched with
-    /// concurrent writes.
+    /// Applies `record`, placed on the ring `ring`, on the node, batched with concurrent
+    /// writes.
     pub async fn write(
         &self,
         node: &str,
         record: pb::Record,
-        ring_digest: u64,
+        ring: RingTag,
     ) -> Result<WriteAck, ReplicaError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            call: (record, ring_digest),
+            call: (record, ring),
             request_id: crate::rpc::trace::current(),
             reply,
         };
@@ -201,15 +203,17 @@ impl NodeBatcher {
             .map_err(|_| ReplicaError::unavailable(node, "batch dropped"))?
     }
 
-    /// Reads a key on the node, batched with concurrent reads.
+    /// Reads a key on the node, placed on the ring of `ring_epoch`, batched with concurrent
+    /// reads.
     pub async fn read(
         &self,
         node: &str,
         request: pb::ReadRequest,
+        ring_epoch: u64,
     ) -> Result<Option<pb::Record>, ReplicaError> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            call: request,
+            call: (request, ring_epoch),
             request_id: crate::rpc::trace::current(),
             reply,
         };
@@ -261,11 +265,13 @@ async fn next_write_batch(
 async fn send_writes(link: &Link, batch: Vec<WriteJob>) {
     let (placed, request_ids, replies) = split(batch);
     link.write_batch_size.record(placed.len() as f64);
-    let (records, digests): (Vec<pb::Record>, Vec<u64>) = placed.into_iter().unzip();
+    let (records, rings): (Vec<pb::Record>, Vec<RingTag>) = placed.into_iter().unzip();
+    let digests: Vec<u64> = rings.iter().map(|r| r.digest).collect();
     let call = batch_call::Call::Write(pb::WriteBatchRequest {
         records,
         source: pb::BatchSource::Client as i32,
         ring_digest: batch_ring_digest(&digests),
+        ring_epoch: oldest_epoch(rings.iter().map(|r| r.epoch)),
     });
     match link.call(call, request_ids).await {
         Ok(Answer::Write(answer)) => {
@@ -300,6 +306,12 @@ fn batch_ring_digest(digests: &[u64]) -> u64 {
     }
 }
 
+/// The epoch a batch carries: its oldest call's, so a node fenced above any of them refuses
+/// the batch (every caller then places its request again; rare: only after a ring change).
+fn oldest_epoch(epochs: impl Iterator<Item = u64>) -> u64 {
+    epochs.min().unwrap_or(0)
+}
+
 /// Sends the node's write batches, at most `in_flight` at once, from this one task.
 async fn run_writes(link: Arc<Link>, mut queue: mpsc::Receiver<WriteJob>, in_flight: usize) {
     let mut carry = None;
@@ -317,12 +329,14 @@ async fn run_writes(link: Arc<Link>, mut queue: mpsc::Receiver<WriteJob>, in_fli
 }
 
 async fn send_reads(link: &Link, jobs: Vec<ReadJob>) {
-    let (reads, request_ids, replies) = split(jobs);
-    link.read_batch_size.record(reads.len() as f64);
-    let expected = reads.len();
+    let (placed, request_ids, replies) = split(jobs);
+    link.read_batch_size.record(placed.len() as f64);
+    let expected = placed.len();
+    let ring_epoch = oldest_epoch(placed.iter().map(|(_, epoch)| *epoch));
     let call = batch_call::Call::Read(pb::ReadBatchRequest {
-        reads,
+        reads: placed.into_iter().map(|(read, _)| read).collect(),
         source: pb::BatchSource::Client as i32,
+        ring_epoch,
     });
     let result = match link.call(call, request_ids).await {
         Ok(Answer::Read(r)) if r.results.len() == expected => Ok(r.results),

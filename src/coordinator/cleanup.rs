@@ -23,13 +23,19 @@
 //!   shorten it), so no coordinator that is not stalled still writes to an old owner and
 //!   counts its ack; and not while any member is down unless forced (a down node is then
 //!   skipped).
+//! - Before a node is verified (or, forced, before it drops), its ring fence is raised to the
+//!   registry epoch of the cleanup's ring (`FenceRing`, `storage::ring_fence`): a client call
+//!   placed on an older ring, from a stalled coordinator or delayed by the network, is refused
+//!   with `STALE_RING` (its coordinator places it again) instead of landing in a range the
+//!   node drops; every one the node took before is applied and so seen by the verification.
+//!   The settle wait above only makes such refusals rare.
 //! - Tenants unknown to the metadata store are never dropped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::meta::{Migration, MigrationKind, MigrationState, NodeRecord, registry_view};
+use crate::meta::{Migration, MigrationKind, MigrationState, NodeRecord};
 use crate::ring::plan::Proposed;
 use crate::ring::{NodeId, NodeState, Ring, key_position};
 use crate::rpc::common;
@@ -277,13 +283,14 @@ impl Coordinator {
         total: &mut Cleaned,
     ) -> Result<(), Interrupted> {
         self.ring.refresh().await.map_err(|e| e.to_string())?;
-        let registered = self.meta.list_nodes().await.map_err(|e| e.to_string())?;
+        let registry = self.meta.registry().await.map_err(|e| e.to_string())?;
+        let registered = &registry.nodes;
         let subject = (m.subject != EVERY_NODE).then_some(m.subject.as_str());
         // Checked for liveness when accepted; now a node that gossip briefly calls down is
         // still worked on (without force): its RPCs decide, and one that fails fails the
         // cleanup with its error. Forced, down nodes are skipped as when accepted.
         let targets: Vec<String> = if force {
-            self.cleanup_targets(&registered, subject, true)
+            self.cleanup_targets(registered, subject, true)
                 .await
                 .map_err(|e| e.to_string())?
         } else {
@@ -294,7 +301,6 @@ impl Coordinator {
                 .map(|n| n.node_id.clone())
                 .collect()
         };
-        let seen = registry_view(&registered);
         let ring = Ring::new(registered.iter().map(NodeRecord::ring_node));
         let addresses: HashMap<String, String> = registered
             .iter()
@@ -319,6 +325,9 @@ impl Coordinator {
                 addresses: &addresses,
                 rf_of: &rf_of,
             };
+            // From here on the node refuses client calls placed on an older ring, and every
+            // one it took before is applied: the verification sees them all.
+            self.fence(&ctx, registry.epoch).await?;
             let verified = if force { 0 } else { self.verify(&ctx).await? };
             // The last look before this node drops anything.
             lease.check()?;
@@ -326,8 +335,8 @@ impl Coordinator {
                 return Err(Interrupted::Cancelled);
             }
             // The ring the verification used must still be the registry's.
-            let now = self.meta.list_nodes().await.map_err(|e| e.to_string())?;
-            if registry_view(&now) != seen {
+            let now = self.meta.registry().await.map_err(|e| e.to_string())?;
+            if now.epoch != registry.epoch {
                 return Err(Interrupted::Failed(format!(
                     "the node registry changed during the cleanup; nothing dropped on {node}"
                 )));
@@ -346,6 +355,20 @@ impl Coordinator {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        Ok(())
+    }
+
+    /// Raises `ctx.node`'s ring fence to `epoch` (`FenceRing`, see `storage::ring_fence`).
+    async fn fence(&self, ctx: &NodeCleanup<'_>, epoch: u64) -> Result<(), CleanupError> {
+        let node = ctx.node.as_str();
+        let floor = ctx
+            .client(self, node)?
+            .fence_ring(spb::FenceRingRequest { epoch })
+            .await
+            .map_err(|s| CleanupError::rpc("fence", node, &s))?
+            .into_inner()
+            .floor;
+        tracing::info!(node, epoch, floor, "ring fence raised before the cleanup");
         Ok(())
     }
 

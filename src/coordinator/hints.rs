@@ -621,6 +621,7 @@ async fn deliver(
                 records: std::mem::take(&mut batch),
                 source: pb::BatchSource::Hint as i32,
                 ring_digest: 0,
+                ring_epoch: 0,
             });
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(_)) => {}

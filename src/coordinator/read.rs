@@ -26,7 +26,7 @@ use super::Coordinator;
 use super::clock::Source;
 use super::errors::CoordError;
 use super::repair::RepairQueue;
-use super::replicas::{self, ReplicaError};
+use super::replicas::{self, OnRing, ReplicaError, refused_as_stale, stale_twice};
 use super::write::failures;
 
 type ReadResult = ReplicaResult<NodeId, Option<pb::Record>, ReplicaError>;
@@ -50,12 +50,30 @@ impl Coordinator {
     /// [`Self::read_winner`], with what the replicas said as of the reply. A replica that
     /// answers that the tenant's incarnation was deleted makes it TENANT_NOT_FOUND (or
     /// UNAVAILABLE when the id was created again): this coordinator's cache was stale.
+    /// A replica that refuses the read as placed on a stale ring (`STALE_RING`) makes this
+    /// coordinator read the registry again and read once more on the ring it reads (like
+    /// writes: [`Self::write`]).
     pub async fn read_winner_detailed(
         &self,
         tenant: &Tenant,
         key: &[u8],
         consistency: Consistency,
     ) -> Result<(Option<pb::Record>, ReadDetail), CoordError> {
+        for _ in 0..2 {
+            if let OnRing::Served(answer) = self.read_on_ring(tenant, key, consistency).await? {
+                return Ok(answer);
+            }
+        }
+        Err(stale_twice("read"))
+    }
+
+    /// One read on the ring [`super::ring_view::RingView::fresh`] gives.
+    async fn read_on_ring(
+        &self,
+        tenant: &Tenant,
+        key: &[u8],
+        consistency: Consistency,
+    ) -> Result<OnRing<(Option<pb::Record>, ReadDetail)>, CoordError> {
         let namespace = tenant.storage_id();
         let rf = tenant.replication_factor;
         let snapshot = self.ring.fresh(self.options.ring_max_age()).await;
@@ -77,8 +95,8 @@ impl Coordinator {
                 &self.confirmations,
                 id.as_str(),
                 snapshot.address(id.as_str()),
-                namespace.clone(),
-                shared_key.clone(),
+                (namespace.clone(), shared_key.clone()),
+                snapshot.epoch,
             ),
             replica: id,
             authoritative,
@@ -116,11 +134,21 @@ impl Coordinator {
         if refused_as_deleted(&results) {
             return Err(self.stale_tenant(tenant, "read").await);
         }
+        if refused_as_stale(&results) {
+            // Whatever the others answered was read on a ring some replica knows is old. The
+            // calls still out are dropped with their answers.
+            self.ring.refused_as_stale(snapshot.epoch);
+            return Ok(OnRing::Stale);
+        }
         if acks < required || required == 0 {
             let mut all = results;
             all.extend(stragglers.finish().await);
             if refused_as_deleted(&all) {
                 return Err(self.stale_tenant(tenant, "read").await);
+            }
+            if refused_as_stale(&all) {
+                self.ring.refused_as_stale(snapshot.epoch);
+                return Ok(OnRing::Stale);
             }
             let received = all
                 .iter()
@@ -154,7 +182,7 @@ impl Coordinator {
                 repair_stale(&repairs, &all, winner_of(&all).as_ref());
             });
         }
-        Ok((winner, detail))
+        Ok(OnRing::Served((winner, detail)))
     }
 
     /// Whether this QUORUM read asks every read replica (`read_repair_chance` of reads, spread

@@ -18,6 +18,10 @@ pub struct ReplicaError {
     /// The replica refused a client write because it has not been told the deleted tenants
     /// since it started (`TENANTS_UNCONFIRMED`): confirming it and resending may succeed.
     pub unconfirmed: bool,
+    /// The replica refused a client call placed on a ring older than its fence
+    /// (`STALE_RING`): this coordinator's ring is stale. No hint (the node may have dropped
+    /// the range); the request is placed again on the registry read anew.
+    pub stale_ring: bool,
 }
 
 impl ReplicaError {
@@ -32,6 +36,7 @@ impl ReplicaError {
             rejected: false,
             tenant_deleted: false,
             unconfirmed: false,
+            stale_ring: false,
         }
     }
 
@@ -44,6 +49,7 @@ impl ReplicaError {
             rejected: true,
             tenant_deleted: true,
             unconfirmed: false,
+            stale_ring: false,
         }
     }
 
@@ -55,6 +61,7 @@ impl ReplicaError {
             rejected: is_rejection(code),
             tenant_deleted: false,
             unconfirmed: code == pb::ErrorCode::TenantsUnconfirmed as i32,
+            stale_ring: code == pb::ErrorCode::StaleRing as i32,
         }
     }
 
@@ -66,6 +73,7 @@ impl ReplicaError {
             rejected: is_rejection(detail.code),
             tenant_deleted: false,
             unconfirmed: detail.code == pb::ErrorCode::TenantsUnconfirmed as i32,
+            stale_ring: detail.code == pb::ErrorCode::StaleRing as i32,
         }
     }
 }

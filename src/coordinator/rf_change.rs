@@ -305,6 +305,7 @@ impl Coordinator {
                             records,
                             source: spb::BatchSource::Repair as i32,
                             ring_digest: 0,
+                            ring_epoch: 0,
                         })
                         .await
                         .map_err(|s| format!("copy to {}: {}", target.as_str(), s.message()))?;

@@ -9,13 +9,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::meta::{MetaError, MetadataStore, NodeRecord};
+use crate::meta::{MetaError, MetadataStore, NodeRecord, Registry};
 use crate::ring::{NodeState, ReplicaPlan, Ring, key_position};
 
 use super::errors::CoordError;
@@ -27,12 +28,24 @@ pub struct Snapshot {
     pub ring: Ring,
     /// [`Ring::digest`] of `ring` (0 for the empty default).
     pub ring_digest: u64,
+    /// The registry's epoch (0 for the empty default): what storage nodes' ring fence compares.
+    pub epoch: u64,
     pub nodes: Vec<NodeRecord>,
     addresses: HashMap<String, String>,
 }
 
+/// What a client call tells a storage node about the ring it was placed on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingTag {
+    /// `WriteBatchRequest.ring_digest` (0: unknown, forwarded by streams).
+    pub digest: u64,
+    /// `WriteBatchRequest.ring_epoch` / `ReadBatchRequest.ring_epoch`.
+    pub epoch: u64,
+}
+
 impl Snapshot {
-    fn new(nodes: Vec<NodeRecord>) -> Self {
+    fn new(registry: Registry) -> Self {
+        let Registry { epoch, nodes } = registry;
         let ring = Ring::new(nodes.iter().map(NodeRecord::ring_node));
         let addresses = nodes
             .iter()
@@ -40,9 +53,18 @@ impl Snapshot {
             .collect();
         Self {
             ring_digest: ring.digest(),
+            epoch,
             ring,
             nodes,
             addresses,
+        }
+    }
+
+    /// The tag of calls placed on this snapshot.
+    pub fn tag(&self) -> RingTag {
+        RingTag {
+            digest: self.ring_digest,
+            epoch: self.epoch,
         }
     }
 
@@ -67,6 +89,9 @@ pub struct RingView {
     checked_at: Mutex<Instant>,
     /// Held by the one request that re-reads a registry found too old ([`RingView::fresh`]).
     rereading: tokio::sync::Mutex<()>,
+    /// A storage node refused a call placed on `current` (`STALE_RING`): the next
+    /// [`RingView::fresh`] reads the registry again whatever its age.
+    refused: AtomicBool,
 }
 
 impl RingView {
@@ -75,14 +100,15 @@ impl RingView {
         store: Arc<dyn MetadataStore>,
         membership: Arc<Membership>,
     ) -> Result<Arc<RingView>, MetaError> {
-        let nodes = store.list_nodes().await?;
+        let registry = store.registry().await?;
         Ok(Arc::new(RingView {
             store,
             membership,
-            current: ArcSwap::from_pointee(Snapshot::new(nodes)),
+            current: ArcSwap::from_pointee(Snapshot::new(registry)),
             changed_at: Mutex::new(Instant::now()),
             checked_at: Mutex::new(Instant::now()),
             rereading: tokio::sync::Mutex::new(()),
+            refused: AtomicBool::new(false),
         }))
     }
 
@@ -96,10 +122,15 @@ impl RingView {
 
     /// Re-reads the registry now (after a local change, or from the refresh loop).
     pub async fn refresh(&self) -> Result<(), MetaError> {
-        let nodes = self.store.list_nodes().await?;
-        if nodes != self.current.load().nodes {
-            tracing::info!(nodes = nodes.len(), "ring changed");
-            self.current.store(Arc::new(Snapshot::new(nodes)));
+        let registry = self.store.registry().await?;
+        let held = self.current.load();
+        if registry.epoch != held.epoch || registry.nodes != held.nodes {
+            tracing::info!(
+                nodes = registry.nodes.len(),
+                epoch = registry.epoch,
+                "ring changed"
+            );
+            self.current.store(Arc::new(Snapshot::new(registry)));
             *self.changed_at.lock() = Instant::now();
         }
         *self.checked_at.lock() = Instant::now();
@@ -114,12 +145,14 @@ impl RingView {
     /// `max_age`: the metadata store being down costs one request in that time half a second,
     /// and does not stop the request paths.
     pub async fn fresh(&self, max_age: Duration) -> Arc<Snapshot> {
-        let due = || self.checked_at.lock().elapsed() > max_age;
+        let due =
+            || self.refused.load(Ordering::Acquire) || self.checked_at.lock().elapsed() > max_age;
         if !due() {
             return self.snapshot();
         }
         let _one = self.rereading.lock().await;
         if due() {
+            self.refused.store(false, Ordering::Release);
             *self.checked_at.lock() = Instant::now();
             let reread = tokio::time::timeout(REREAD_TIMEOUT, self.refresh()).await;
             if !matches!(reread, Ok(Ok(()))) {
@@ -130,6 +163,15 @@ impl RingView {
             }
         }
         self.snapshot()
+    }
+
+    /// A storage node refused a call placed on the ring of `epoch` as stale (`STALE_RING`):
+    /// unless the ring was read again since, the next [`RingView::fresh`] reads it again.
+    pub fn refused_as_stale(&self, epoch: u64) {
+        metrics::counter!("pairdb_coordinator_stale_ring_refusals_total").increment(1);
+        if self.current.load().epoch <= epoch {
+            self.refused.store(true, Ordering::Release);
+        }
     }
 
     /// How long this coordinator has served the registry it holds now, on its own monotonic
@@ -228,6 +270,39 @@ mod tests {
         view.refresh().await.expect("refresh");
         assert_eq!(view.snapshot().nodes.len(), 2);
         assert!(view.unchanged_for() < pause, "{:?}", view.unchanged_for());
+    }
+
+    /// A refusal of a call placed on the ring held (`STALE_RING`) makes the next request read
+    /// the registry again however young the ring is, and picks up a new epoch even when the
+    /// nodes look the same; a refusal of an older ring's call, once a newer one is held, does
+    /// not.
+    #[tokio::test]
+    async fn a_stale_ring_refusal_makes_the_next_request_read_the_registry_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, view) = one_node_view(dir.path()).await;
+        let held = view.snapshot().epoch;
+        assert!(held > 0);
+        // A state change and back: the same nodes, a newer registry.
+        store
+            .set_node_state("s1", NodeState::Draining)
+            .await
+            .expect("state");
+        store
+            .set_node_state("s1", NodeState::Active)
+            .await
+            .expect("state");
+        let hour = Duration::from_secs(3600);
+        assert_eq!(view.fresh(hour).await.epoch, held, "young: not read again");
+        view.refused_as_stale(held);
+        let now = view.fresh(hour).await;
+        assert!(now.epoch > held, "read again after the refusal");
+        view.refused_as_stale(held);
+        store.add_node(&node("s2")).await.expect("add s2");
+        assert_eq!(
+            view.fresh(hour).await.nodes.len(),
+            1,
+            "a late refusal of an older ring's call reads nothing again"
+        );
     }
 
     /// A ring read longer ago than the caller allows is read again before it serves; a young

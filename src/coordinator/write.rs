@@ -27,7 +27,8 @@ use super::Coordinator;
 use super::clock::Source;
 use super::errors::CoordError;
 use super::expiry::Payload;
-use super::replicas::{self, ReplicaError, WriteAck};
+use super::replicas::{self, OnRing, ReplicaError, WriteAck, refused_as_stale, stale_twice};
+use super::ring_view::RingTag;
 
 type WriteResult = ReplicaResult<NodeId, WriteAck, ReplicaError>;
 
@@ -115,10 +116,11 @@ impl Coordinator {
         }
     }
 
-    /// Writes `payload` under `version` at `consistency`, to the tenant's
-    /// replicas (the union of old and new ones while its RF is being raised). Acks count only
-    /// from the replicas reads use, the old RF's, until the raise completes: an ack from a new
-    /// replica that no read asks yet must not stand in for an old one.
+    /// Writes `payload` under `version` at `consistency` (see [`Self::replicate_on_ring`]). A
+    /// replica that refuses the write as placed on a stale ring (`STALE_RING`: it was fenced
+    /// by a cleanup at a later registry epoch) makes this coordinator read the registry again
+    /// and write the same version once more on the ring it reads; replicas that applied it
+    /// already ignore it then. Refused twice, the write is UNAVAILABLE (it may have landed).
     async fn replicate(
         &self,
         tenant: &Tenant,
@@ -127,6 +129,30 @@ impl Coordinator {
         version: Version,
         consistency: Consistency,
     ) -> Result<Round, CoordError> {
+        for _ in 0..2 {
+            let attempt = self
+                .replicate_on_ring(tenant, key, payload, version.clone(), consistency)
+                .await?;
+            if let OnRing::Served(round) = attempt {
+                return Ok(round);
+            }
+        }
+        Err(stale_twice("write"))
+    }
+
+    /// Writes `payload` under `version` at `consistency`, to the tenant's
+    /// replicas (the union of old and new ones while its RF is being raised) on the ring as
+    /// [`super::ring_view::RingView::fresh`] gives it. Acks count only
+    /// from the replicas reads use, the old RF's, until the raise completes: an ack from a new
+    /// replica that no read asks yet must not stand in for an old one.
+    async fn replicate_on_ring(
+        &self,
+        tenant: &Tenant,
+        key: &Bytes,
+        payload: Payload<'_>,
+        version: Version,
+        consistency: Consistency,
+    ) -> Result<OnRing<Round>, CoordError> {
         let snapshot = self.ring.fresh(self.options.ring_max_age()).await;
         // Records and placement live in the incarnation's namespace.
         let namespace = tenant.storage_id();
@@ -157,10 +183,13 @@ impl Coordinator {
         // Every write replica of this ring is written (or hinted) below, so range streams
         // planned on it need not forward the record; without hints a missed pending owner
         // would have nothing else, so then the streams forward as before.
-        let ring_digest = if self.hints.keeps_hints() {
-            snapshot.ring_digest
-        } else {
-            0
+        let ring = RingTag {
+            digest: if self.hints.keeps_hints() {
+                snapshot.ring_digest
+            } else {
+                0
+            },
+            epoch: snapshot.epoch,
         };
         let mut hinted_up_front = 0;
         for node in replicas.iter().cloned() {
@@ -181,7 +210,7 @@ impl Coordinator {
                     &self.confirmations,
                     node.as_str(),
                     snapshot.address(node.as_str()),
-                    (record.clone(), ring_digest),
+                    (record.clone(), ring),
                 ),
                 replica: node,
             });
@@ -192,6 +221,10 @@ impl Coordinator {
         self.hint_misses(&record, &run.results, &replicas);
         if refused_as_deleted(&run.results) {
             return Err(self.stale_tenant(tenant, "write").await);
+        }
+        let stale = refused_as_stale(&run.results);
+        if stale {
+            self.ring.refused_as_stale(snapshot.epoch);
         }
         if run.reached() {
             let detail = pb_coord::WriteDetail {
@@ -211,7 +244,11 @@ impl Coordinator {
                     }
                 });
             }
-            return Ok(Round {
+            if stale {
+                // Acked on a ring some replica knows is old: placed again.
+                return Ok(OnRing::Stale);
+            }
+            return Ok(OnRing::Served(Round {
                 written: Written {
                     version: beaten_by.clone().unwrap_or(version),
                     acks,
@@ -225,12 +262,16 @@ impl Coordinator {
                     detail,
                 },
                 beaten_by,
-            });
+            }));
         }
         let late = run.stragglers.finish().await;
         self.hint_misses(&record, &late, &replicas);
         if refused_as_deleted(&late) {
             return Err(self.stale_tenant(tenant, "write").await);
+        }
+        if stale || refused_as_stale(&late) {
+            self.ring.refused_as_stale(snapshot.epoch);
+            return Ok(OnRing::Stale);
         }
         let results: Vec<_> = run.results.iter().chain(late.iter()).collect();
         let received = results
@@ -301,13 +342,15 @@ fn refused_as_deleted(results: &[WriteResult]) -> bool {
         .any(|r| matches!(&r.outcome, ReplicaOutcome::Err(e) if e.tenant_deleted))
 }
 
-/// Replicas that did not apply the write and could later (not those that refused it as invalid).
+/// Replicas that did not apply the write and could later (not those that refused it as
+/// invalid, nor as placed on a stale ring: a hint would deliver it into a range the node may
+/// have dropped).
 fn missed(results: &[WriteResult]) -> Vec<NodeId> {
     results
         .iter()
         .filter(|r| match &r.outcome {
             ReplicaOutcome::Ok(_) => false,
-            ReplicaOutcome::Err(e) => !e.rejected,
+            ReplicaOutcome::Err(e) => !e.rejected && !e.stale_ring,
             ReplicaOutcome::TimedOut => true,
         })
         .map(|r| r.replica.clone())

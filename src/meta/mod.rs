@@ -68,6 +68,15 @@ pub fn registry_view(nodes: &[NodeRecord]) -> Vec<RegistryEntry> {
     view
 }
 
+/// The node registry as of one moment, with its epoch: a counter the metadata store raises
+/// with every change of the registry, so of two registries read, the one with the higher epoch
+/// includes every change the other does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    pub epoch: u64,
+    pub nodes: Vec<NodeRecord>,
+}
+
 /// A storage node in the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
@@ -284,6 +293,8 @@ pub trait MetadataStore: Send + Sync {
         replication_factor: u32,
     ) -> Result<Tenant, MetaError>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, MetaError>;
+    /// The registry and its epoch, read together (one snapshot).
+    async fn registry(&self) -> Result<Registry, MetaError>;
     async fn add_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
     /// Adds `node` only if the registry is still exactly `seen` ([`registry_view`]), so a node's tokens are chosen against the registry it joins and no other topology
     /// change started meanwhile; `Changed` otherwise.

@@ -9,7 +9,7 @@ use crate::ring::NodeState;
 
 use super::{
     DeletedTenant, Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationLease,
-    MigrationState, NodeRecord, RangeRepair, RegistryEntry, StreamCheckpoint, Tenant,
+    MigrationState, NodeRecord, RangeRepair, Registry, RegistryEntry, StreamCheckpoint, Tenant,
 };
 
 const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
@@ -225,9 +225,49 @@ async fn insert_node(conn: &mut sqlx::AnyConnection, node: &NodeRecord) -> Resul
     .bind(encode_tokens(node.tokens.as_ref()))
     .bind(state_name(node.state))
     .bind(now_ms())
-    .execute(conn)
+    .execute(&mut *conn)
     .await;
-    inserted(result, "storage node", &node.node_id)
+    inserted(result, "storage node", &node.node_id)?;
+    raise_epoch(conn).await
+}
+
+/// Raises the registry's epoch, in the transaction that changes `storage_nodes`. PostgreSQL's
+/// row lock orders concurrent changes: the one that commits later has the higher epoch, so a
+/// snapshot that sees an epoch sees every change with a lower one.
+async fn raise_epoch(conn: &mut sqlx::AnyConnection) -> Result<(), MetaError> {
+    let done = sqlx::query("UPDATE registry_epoch SET epoch = epoch + 1 WHERE id = 1")
+        .execute(conn)
+        .await
+        .map_err(unavailable)?;
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(MetaError::Corrupt(
+            "the registry epoch row is missing".to_owned(),
+        ))
+    }
+}
+
+/// Every registered node, by id.
+async fn nodes_in(conn: &mut sqlx::AnyConnection) -> Result<Vec<NodeRecord>, MetaError> {
+    let rows = sqlx::query(
+        "SELECT node_id, host, port, virtual_nodes, tokens, state FROM storage_nodes ORDER BY node_id",
+    )
+    .fetch_all(conn)
+    .await
+    .map_err(unavailable)?;
+    rows.iter()
+        .map(|row| {
+            Ok(NodeRecord {
+                node_id: text(row, "node_id")?,
+                host: text(row, "host")?,
+                port: int(row, "port")?,
+                virtual_nodes: int(row, "virtual_nodes")?,
+                tokens: decode_tokens(row)?,
+                state: parse_state(&text(row, "state")?)?,
+            })
+        })
+        .collect()
 }
 
 /// The outcome of an `INSERT` of one `what` called `id`: `Exists` when the key is taken.
@@ -559,29 +599,32 @@ impl MetadataStore for SqlMetadataStore {
     }
 
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, MetaError> {
-        let rows = sqlx::query(
-            "SELECT node_id, host, port, virtual_nodes, tokens, state FROM storage_nodes ORDER BY node_id",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        rows.iter()
-            .map(|row| {
-                Ok(NodeRecord {
-                    node_id: text(row, "node_id")?,
-                    host: text(row, "host")?,
-                    port: int(row, "port")?,
-                    virtual_nodes: int(row, "virtual_nodes")?,
-                    tokens: decode_tokens(row)?,
-                    state: parse_state(&text(row, "state")?)?,
-                })
-            })
-            .collect()
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        nodes_in(&mut conn).await
+    }
+
+    async fn registry(&self) -> Result<Registry, MetaError> {
+        // One snapshot for both reads: PostgreSQL's repeatable read, SQLite's read transaction.
+        let begin = if self.postgres {
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        } else {
+            "BEGIN"
+        };
+        let mut tx = self.pool.begin_with(begin).await.map_err(unavailable)?;
+        let row = sqlx::query("SELECT epoch FROM registry_epoch WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let epoch: u64 = int(&row, "epoch")?;
+        let nodes = nodes_in(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Registry { epoch, nodes })
     }
 
     async fn add_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
-        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
-        insert_node(&mut conn, node).await
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        insert_node(&mut tx, node).await?;
+        tx.commit().await.map_err(unavailable)
     }
 
     async fn admit_node(&self, node: &NodeRecord, seen: &[RegistryEntry]) -> Result<(), MetaError> {
@@ -615,6 +658,7 @@ impl MetadataStore for SqlMetadataStore {
         .await
         .map_err(unavailable)?;
         node_found(done.rows_affected(), node_id)?;
+        raise_epoch(&mut tx).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -646,29 +690,36 @@ impl MetadataStore for SqlMetadataStore {
                 .map_err(unavailable)?;
             node_found(done.rows_affected(), node_id)?;
         }
+        raise_epoch(&mut tx).await?;
         tx.commit().await.map_err(unavailable)
     }
 
     async fn set_node_state(&self, node_id: &str, state: NodeState) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let done = sqlx::query(
             "UPDATE storage_nodes SET state = $1, updated_at_ms = $2 WHERE node_id = $3",
         )
         .bind(state_name(state))
         .bind(now_ms())
         .bind(node_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-        node_found(done.rows_affected(), node_id)
+        node_found(done.rows_affected(), node_id)?;
+        raise_epoch(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)
     }
 
     async fn remove_node(&self, node_id: &str) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let done = sqlx::query("DELETE FROM storage_nodes WHERE node_id = $1")
             .bind(node_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        node_found(done.rows_affected(), node_id)
+        node_found(done.rows_affected(), node_id)?;
+        raise_epoch(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)
     }
 
     async fn store_hints(&self, hints: &[Hint]) -> Result<(), MetaError> {

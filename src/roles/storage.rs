@@ -19,6 +19,7 @@ use crate::storage::gossip::Gossip;
 use crate::storage::http;
 use crate::storage::repair_markers::RepairMarkerLog;
 use crate::storage::repaired_ranges::RepairedRanges;
+use crate::storage::ring_fence::RingFence;
 use crate::storage::service::{Ledgers, StorageService};
 
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -101,10 +102,15 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
             cfg.data_dir.display()
         )
     })?);
+    let fence =
+        Arc::new(RingFence::open(&cfg.data_dir).with_context(|| {
+            format!("cannot open the ring fence in {}", cfg.data_dir.display())
+        })?);
     let ledgers = Ledgers {
         markers,
         repaired,
         dropped,
+        fence,
     };
     let service = StorageService::new(
         node_id.clone(),

@@ -43,6 +43,7 @@ fn grpc_code(code: ErrorCode) -> Code {
         }
         ErrorCode::CorruptedData | ErrorCode::ChecksumFailed => Code::DataLoss,
         ErrorCode::Unavailable | ErrorCode::TenantsUnconfirmed => Code::Unavailable,
+        ErrorCode::StaleRing => Code::FailedPrecondition,
         ErrorCode::CommitLogFailed | ErrorCode::Internal | ErrorCode::Unspecified => Code::Internal,
     }
 }
@@ -67,6 +68,9 @@ pub enum StorageError {
         "this node has not been told which tenants were deleted since it started; a coordinator confirms it with a complete DropTenants"
     )]
     TenantsUnconfirmed,
+    /// A client call placed on a ring older than the node's fence (`ring_fence`).
+    #[error(transparent)]
+    StaleRing(#[from] crate::storage::ring_fence::StaleRing),
 }
 
 impl StorageError {
@@ -87,6 +91,7 @@ impl StorageError {
             }
             StorageError::Internal(_) => ErrorCode::Internal,
             StorageError::TenantsUnconfirmed => ErrorCode::TenantsUnconfirmed,
+            StorageError::StaleRing(_) => ErrorCode::StaleRing,
         }
     }
 

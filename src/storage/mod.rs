@@ -17,6 +17,7 @@ pub mod json_file;
 pub mod listing;
 pub mod repair_markers;
 pub mod repaired_ranges;
+pub mod ring_fence;
 pub mod service;
 pub mod snapshots;
 pub mod stream_checkpoint;

@@ -39,6 +39,7 @@ use super::errors::{StorageError, invalid};
 use super::gossip::{Gossip, Health};
 use super::repair_markers::RepairMarkerLog;
 use super::repaired_ranges::RepairedRanges;
+use super::ring_fence::{RingFence, StaleRing};
 use super::snapshots::{SnapshotInfo, Snapshots};
 use super::streaming::StreamManager;
 use super::throttle::Throttle;
@@ -70,6 +71,8 @@ pub struct StorageService {
     repaired: Arc<RepairedRanges>,
     /// Namespaces of deleted tenants, never applied again (see `dropped_tenants`).
     dropped: Arc<DroppedTenants>,
+    /// The oldest ring whose client calls this node takes (see `ring_fence`).
+    fence: Arc<RingFence>,
     /// The pace of anti-entropy listings' scans (`repair_scan_rate_limit`; none: unpaced).
     listing_pace: Mutex<Option<Arc<Throttle>>>,
     /// The role's background work (streams); its stop token drains the batch streams.
@@ -207,6 +210,12 @@ fn snapshot_to_pb(info: SnapshotInfo) -> pb::SnapshotInfo {
     }
 }
 
+/// A client call refused for its stale ring, counted.
+fn refused_stale(e: StaleRing) -> StorageError {
+    metrics::counter!("pairdb_storage_stale_ring_refused_total").increment(1);
+    StorageError::StaleRing(e)
+}
+
 fn reply<T>(result: Result<T, StorageError>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
@@ -217,6 +226,7 @@ pub struct Ledgers {
     pub markers: Arc<RepairMarkerLog>,
     pub repaired: Arc<RepairedRanges>,
     pub dropped: Arc<DroppedTenants>,
+    pub fence: Arc<RingFence>,
 }
 
 impl StorageService {
@@ -233,6 +243,7 @@ impl StorageService {
             markers,
             repaired,
             dropped,
+            fence,
         } = ledgers;
         metrics::gauge!("pairdb_repair_markers_pending").set(markers.pending() as f64);
         let snapshots = tokio::sync::Mutex::new(Snapshots::new(engine.dir(), &node_id));
@@ -256,6 +267,7 @@ impl StorageService {
             markers,
             repaired,
             dropped,
+            fence,
             listing_pace: Mutex::new(None),
         })
     }
@@ -278,6 +290,15 @@ impl StorageService {
             tracing::info!(tenants = ?namespaces, "namespaces of deleted tenants fenced");
         }
         Ok(())
+    }
+
+    /// Admits a client write placed on a ring of `epoch` (see `ring_fence`); hold the guard
+    /// until it is applied.
+    async fn admit(
+        &self,
+        epoch: u64,
+    ) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, StorageError> {
+        self.fence.admit(epoch).await.map_err(refused_stale)
     }
 
     /// Client writes and reads wait until the node knows every deleted tenant
@@ -331,6 +352,10 @@ impl StorageService {
             Err(e @ StorageError::TenantsUnconfirmed) => {
                 tracing::debug!(request_ids = ?ids, error = %e, "batch call refused");
             }
+            // A coordinator's stale ring: it places the request again.
+            Err(e @ StorageError::StaleRing(_)) => {
+                tracing::info!(request_ids = ?ids, error = %e, "batch call refused");
+            }
             Err(e) => tracing::warn!(request_ids = ?ids, error = %e, "batch call failed"),
             Ok(_) => {}
         }
@@ -381,9 +406,13 @@ impl StorageService {
         timed(self, "write_batch", async {
             let source = req.source();
             let req_ring_digest = req.ring_digest;
-            if source == pb::BatchSource::Client {
+            // Held until the batch is applied: a fence raised meanwhile waits for it.
+            let _admitted = if source == pb::BatchSource::Client {
                 self.check_confirmed()?;
-            }
+                Some(self.admit(req.ring_epoch).await?)
+            } else {
+                None
+            };
             let records = req
                 .records
                 .into_iter()
@@ -461,6 +490,7 @@ impl StorageService {
         timed(self, "read_batch", async {
             if req.source() == pb::BatchSource::Client {
                 self.check_confirmed()?;
+                self.fence.check(req.ring_epoch).map_err(refused_stale)?;
             }
             let reads = req.reads;
             // A dropped namespace is answered as such (no record), whatever is left of it.
@@ -604,6 +634,8 @@ impl StorageNode for StorageService {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let body = async {
             self.check_confirmed()?;
+            // A single write names no ring: a fenced node refuses it.
+            let _admitted = self.admit(0).await?;
             self.apply_proto(req.into_inner().record).await
         };
         reply(timed(self, "write", body).await)
@@ -644,6 +676,7 @@ impl StorageNode for StorageService {
         } = req.into_inner();
         let body = async {
             self.check_confirmed()?;
+            let _admitted = self.admit(0).await?;
             let version = version.ok_or_else(|| invalid("delete without a version"))?;
             self.apply(Record::tombstone(tenant_id, key, Version::from(&version)))
                 .await
@@ -968,6 +1001,23 @@ impl StorageNode for StorageService {
             blocking(move || cleanup::drop_ranges(&engine, &drops)).await
         };
         reply(timed(self, "drop_ranges", body).await)
+    }
+
+    async fn fence_ring(
+        &self,
+        req: Request<pb::FenceRingRequest>,
+    ) -> Result<Response<pb::FenceRingResponse>, Status> {
+        let body = async {
+            let epoch = req.into_inner().epoch;
+            if epoch == 0 {
+                return Err(invalid("a ring fence needs an epoch above 0"));
+            }
+            let floor = self.fence.raise(epoch).await.map_err(|e| {
+                StorageError::Internal(format!("cannot record the ring fence: {e}"))
+            })?;
+            Ok(pb::FenceRingResponse { floor })
+        };
+        reply(timed(self, "fence_ring", body).await)
     }
 
     async fn drop_tenants(

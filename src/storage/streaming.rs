@@ -329,6 +329,7 @@ async fn send(
         records: records.iter().map(record_to_proto).collect(),
         source: pb::BatchSource::Stream as i32,
         ring_digest: 0,
+        ring_epoch: 0,
     };
     let call = || {
         let (mut client, request) = (client.clone(), request.clone());

@@ -181,6 +181,7 @@ impl Replicas {
             };
             let answer = client
                 .write_batch(spb::WriteBatchRequest {
+                    ring_epoch: 0,
                     records: vec![record],
                     source: spb::BatchSource::Repair as i32,
                     ring_digest: 0,

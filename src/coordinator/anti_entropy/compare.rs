@@ -525,6 +525,7 @@ async fn fix(
             .read_batch(pb::ReadBatchRequest {
                 reads,
                 source: pb::BatchSource::Repair as i32,
+                ring_epoch: 0,
             })
             .await
             .map_err(|s| failed(&replica.node, "ReadBatch", s))?
@@ -575,6 +576,7 @@ async fn fix(
                 records,
                 source: pb::BatchSource::Repair as i32,
                 ring_digest: 0,
+                ring_epoch: 0,
             })
             .await
             .map_err(|s| failed(&replica.node, "WriteBatch", s))?

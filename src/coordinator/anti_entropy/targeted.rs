@@ -178,6 +178,7 @@ async fn repair_key(
                     records: vec![winner.clone()],
                     source: spb::BatchSource::Repair as i32,
                     ring_digest: 0,
+                    ring_epoch: 0,
                 })
                 .await
                 .map(|a| a.into_inner().outcomes)

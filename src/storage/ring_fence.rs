@@ -1,0 +1,151 @@
+//! The ring fence: the oldest ring (by registry epoch) whose client writes and reads this node
+//! still takes (docs/coordinator.md, "Cleanup").
+//!
+//! Coordinators tag every client batch with the epoch of the registry they placed it on
+//! (`WriteBatchRequest.ring_epoch`). A cleanup raises this node's floor to the epoch of the
+//! ring it verifies against *before* it verifies and drops anything (`FenceRing`). From then
+//! on a client call placed on an older ring, one a stalled coordinator sends late or the
+//! network delivers late, is refused with `STALE_RING` instead of landing in a range the node
+//! is about to drop or dropped: its coordinator reads the registry again and places the
+//! request anew. Streams, repairs and hint replays are not client calls and are not fenced.
+//!
+//! Invariants:
+//! - The floor only rises, and is durable before [`RingFence::raise`] returns
+//!   (`<data dir>/ring-fence.json`, written through `json_file`): a restart keeps it.
+//! - When `raise` returns, no client write that the old floor admitted and the new one would
+//!   refuse is still being applied: each write holds the gate (shared) from its check to the
+//!   end of its apply, and `raise` takes it exclusively. So a cleanup's verification, which
+//!   starts after the fence, sees every such write that was acknowledged.
+//! - Floor 0 (never fenced) admits every call, also those with no epoch (0: unknown); a
+//!   fenced node refuses calls with no epoch.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{RwLock, RwLockReadGuard};
+
+pub const FILE_NAME: &str = "ring-fence.json";
+
+/// A client call placed on a ring older than the floor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this node takes client calls placed on a ring of registry epoch {floor} or later; this one was placed on epoch {epoch} (0: unknown): read the registry again and place the request anew"
+)]
+pub struct StaleRing {
+    pub epoch: u64,
+    pub floor: u64,
+}
+
+#[derive(Debug)]
+pub struct RingFence {
+    path: PathBuf,
+    floor: AtomicU64,
+    /// Shared by each admitted client write until it is applied; exclusive while raising.
+    gate: RwLock<()>,
+}
+
+impl RingFence {
+    /// Opens the fence stored in `dir` (floor 0 when there is none).
+    pub fn open(dir: &Path) -> std::io::Result<RingFence> {
+        let path = dir.join(FILE_NAME);
+        let floor: u64 = super::json_file::load(&path)?;
+        Ok(RingFence {
+            path,
+            floor: AtomicU64::new(floor),
+            gate: RwLock::new(()),
+        })
+    }
+
+    pub fn floor(&self) -> u64 {
+        self.floor.load(Ordering::Acquire)
+    }
+
+    /// Whether a client call placed on a ring of `epoch` may be served now.
+    pub fn check(&self, epoch: u64) -> Result<(), StaleRing> {
+        let floor = self.floor();
+        if floor == 0 || epoch >= floor {
+            Ok(())
+        } else {
+            Err(StaleRing { epoch, floor })
+        }
+    }
+
+    /// Admits a client write placed on a ring of `epoch`: hold the guard until it is applied.
+    pub async fn admit(&self, epoch: u64) -> Result<RwLockReadGuard<'_, ()>, StaleRing> {
+        let guard = self.gate.read().await;
+        self.check(epoch)?;
+        Ok(guard)
+    }
+
+    /// Raises the floor to `epoch` (never lowers it), after every admitted write in flight
+    /// was applied; durable on return. Returns the floor in force.
+    pub async fn raise(&self, epoch: u64) -> std::io::Result<u64> {
+        let _exclusive = self.gate.write().await;
+        let floor = self.floor();
+        if epoch <= floor {
+            return Ok(floor);
+        }
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || super::json_file::store(&path, &epoch))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.floor.store(epoch, Ordering::Release);
+        tracing::info!(from = floor, to = epoch, "ring fence raised");
+        Ok(epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn the_floor_only_rises_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fence = RingFence::open(dir.path()).expect("open");
+        assert_eq!(fence.check(0), Ok(()), "an unfenced node takes every call");
+        assert_eq!(fence.raise(7).await.expect("raise"), 7);
+        assert_eq!(fence.raise(5).await.expect("raise"), 7, "never lowered");
+        assert_eq!(fence.check(7), Ok(()));
+        assert_eq!(fence.check(9), Ok(()));
+        assert_eq!(fence.check(6), Err(StaleRing { epoch: 6, floor: 7 }));
+        assert_eq!(
+            fence.check(0),
+            Err(StaleRing { epoch: 0, floor: 7 }),
+            "a fenced node refuses calls that name no ring"
+        );
+        let reopened = RingFence::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.floor(), 7);
+        assert!(reopened.check(6).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_raise_waits_for_the_writes_admitted_before_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fence = Arc::new(RingFence::open(dir.path()).expect("open"));
+        let admitted = fence.admit(3).await.expect("admitted");
+        let raising = tokio::spawn({
+            let fence = fence.clone();
+            async move { fence.raise(4).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !raising.is_finished(),
+            "the raise waits for the admitted write"
+        );
+        assert_eq!(fence.floor(), 0);
+        drop(admitted);
+        assert_eq!(raising.await.expect("join").expect("raise"), 4);
+        assert!(fence.admit(3).await.is_err(), "refused once raised");
+        assert!(fence.admit(4).await.is_ok());
+    }
+
+    #[test]
+    fn a_damaged_fence_file_is_an_error_not_an_open_fence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(FILE_NAME), b"not json").expect("write");
+        assert!(RingFence::open(dir.path()).is_err());
+    }
+}
