@@ -590,6 +590,30 @@ async fn a_coordinator_back_from_a_stall_places_writes_on_the_current_ring() {
     );
 }
 
+/// Two coordinators: `c1` reads the registry every 500 ms; `c2` every 10 minutes, so it keeps
+/// the ring and tenants it read first (as one cut off from the metadata store, or stalled,
+/// would). Returns each with a client.
+async fn current_and_stale_coordinators(
+    storage: &[StorageNode],
+    dir: &Path,
+) -> (RoleProcess, Client, RoleProcess, Client) {
+    let url = sqlite_url(dir);
+    let start = |id: &str, refresh_ms: &str| {
+        let env = [
+            ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
+            ("PAIRDB_COORDINATOR_RING_REFRESH_MS", refresh_ms),
+        ];
+        RoleProcess::coordinator(id, &url, "memory://", storage, &env, dir)
+    };
+    let c1 = start("c1", "500");
+    let a = c1.client().await;
+    wait_all_active(&a, storage.len()).await;
+    let c2 = start("c2", "600000");
+    let b = c2.client().await;
+    wait_all_active(&b, storage.len()).await;
+    (c1, a, c2, b)
+}
+
 /// A coordinator whose ring is older than a cleanup (here: one that does not read the
 /// registry again for 10 minutes) writes after the cleanup dropped ranges: the storage nodes
 /// refuse its writes as placed on a stale ring (`STALE_RING`: the cleanup raised their ring
@@ -603,21 +627,7 @@ async fn a_write_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_aga
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = start_storage(3, dir.path());
     let s4 = join_storage("s4", dir.path(), &storage);
-    let url = sqlite_url(dir.path());
-    let c1_env = [
-        ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
-        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500"),
-    ];
-    let c1 = RoleProcess::coordinator("c1", &url, "memory://", &storage, &c1_env, dir.path());
-    let mut a = c1.client().await;
-    wait_all_active(&a, 3).await;
-    let c2_env = [
-        ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
-        ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "600000"),
-    ];
-    let c2 = RoleProcess::coordinator("c2", &url, "memory://", &storage, &c2_env, dir.path());
-    let mut b = c2.client().await;
-    wait_all_active(&b, 3).await;
+    let (_c1, mut a, _c2, mut b) = current_and_stale_coordinators(&storage, dir.path()).await;
     create_tenant(&mut a, "three", 3).await;
     put(&mut b, "three", "before", "\"v\"", Consistency::All)
         .await
@@ -699,4 +709,62 @@ async fn a_write_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_aga
         !held(&storage[0]).await.iter().any(|(_, k)| k == "late"),
         "the refused batch was applied"
     );
+}
+
+/// The same for a replication factor: `c2` still has tenant `one` at RF 3 after `c1` lowered
+/// it to 1 and a cleanup dropped the replicas that left. A write of another tenant first
+/// brings `c2`'s ring up to date (refused, read again), so only its cached tenant is stale.
+/// Its writes of `one` are refused (`STALE_RING`: an RF change raises the registry epoch, and
+/// the tenant record carries the epoch it was read at), it reads the tenant again and writes
+/// to the one owner. Without the tenant's epoch in the tag, the two former replicas took
+/// those writes into the ranges they had just dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_with_a_replication_factor_older_than_a_cleanup_is_refused_and_placed_again() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let (_c1, mut a, _c2, mut b) = current_and_stale_coordinators(&storage, dir.path()).await;
+    for tenant in ["one", "three"] {
+        create_tenant(&mut a, tenant, 3).await;
+        put(&mut b, tenant, "before", "\"v\"", Consistency::All)
+            .await
+            .expect("write before the change");
+    }
+    let lowered = a
+        .update_replication_factor(pb::UpdateReplicationFactorRequest {
+            tenant_id: "one".into(),
+            replication_factor: 1,
+        })
+        .await
+        .expect("lower the RF")
+        .into_inner();
+    wait_migration(&a, &lowered.migration_id, pb::MigrationState::Completed).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let accepted = cleanup_when_up(&mut a, None).await;
+    wait_migration(&a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    put(&mut b, "three", "after", "\"v\"", Consistency::All)
+        .await
+        .expect("a write that brings c2's ring up to date");
+
+    const KEYS: usize = 30;
+    for i in 0..KEYS {
+        put(&mut b, "one", &format!("k{i}"), "\"v\"", Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write k{i} through the stale coordinator: {e}"));
+    }
+    let all: Vec<&StorageNode> = storage.iter().collect();
+    let ring = listed_ring(&mut a, &all).await;
+    for node in &all {
+        let keys = held(node).await;
+        assert_eq!(
+            not_owned(&ring, &node.id, &keys),
+            0,
+            "{} holds keys of tenant one (RF 1) it does not own",
+            node.id
+        );
+    }
+    for i in 0..KEYS {
+        let read = get(&mut a, "one", &format!("k{i}"), Consistency::All).await;
+        assert!(read.is_ok(), "k{i} does not read back: {read:?}");
+    }
 }

@@ -95,6 +95,18 @@ async fn registry_epochs(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     for i in 0..8 {
         a.remove_node(&format!("c{i}")).await.expect("remove");
     }
+    // A replication-factor change places keys anew: it raises the epoch too, and a tenant read
+    // carries the epoch of its read.
+    let before = epoch(a.registry().await.expect("registry"));
+    let created = a.create_tenant("epochs", 3).await.expect("create");
+    assert!(created.registry_epoch >= before && created.registry_epoch > 0);
+    b.update_replication_factor("epochs", 2)
+        .await
+        .expect("rf change");
+    let changed = epoch(a.registry().await.expect("registry"));
+    assert!(changed > before, "an RF change raises the epoch");
+    let read = a.get_tenant("epochs").await.expect("get").expect("tenant");
+    assert_eq!((read.replication_factor, read.registry_epoch), (2, changed));
 }
 
 /// The behaviour both backends must share. `a` and `b` are two connections to one store, as

@@ -27,7 +27,7 @@ use super::clock::Source;
 use super::errors::CoordError;
 use super::repair::RepairQueue;
 use super::replicas::{self, OnRing, ReplicaError, refused_as_stale, stale_twice};
-use super::write::failures;
+use super::write::{failures, placed_epoch};
 
 type ReadResult = ReplicaResult<NodeId, Option<pb::Record>, ReplicaError>;
 
@@ -59,9 +59,14 @@ impl Coordinator {
         key: &[u8],
         consistency: Consistency,
     ) -> Result<(Option<pb::Record>, ReadDetail), CoordError> {
-        for _ in 0..2 {
-            if let OnRing::Served(answer) = self.read_on_ring(tenant, key, consistency).await? {
-                return Ok(answer);
+        let mut tenant = std::borrow::Cow::Borrowed(tenant);
+        for attempt in 0..2 {
+            match self.read_on_ring(&tenant, key, consistency).await? {
+                OnRing::Served(answer) => return Ok(answer),
+                OnRing::Stale if attempt == 0 => {
+                    tenant = std::borrow::Cow::Owned(self.tenant_again(&tenant, "read").await?);
+                }
+                OnRing::Stale => {}
             }
         }
         Err(stale_twice("read"))
@@ -96,7 +101,7 @@ impl Coordinator {
                 id.as_str(),
                 snapshot.address(id.as_str()),
                 (namespace.clone(), shared_key.clone()),
-                snapshot.epoch,
+                placed_epoch(&snapshot, tenant),
             ),
             replica: id,
             authoritative,

@@ -117,10 +117,11 @@ impl Coordinator {
     }
 
     /// Writes `payload` under `version` at `consistency` (see [`Self::replicate_on_ring`]). A
-    /// replica that refuses the write as placed on a stale ring (`STALE_RING`: it was fenced
-    /// by a cleanup at a later registry epoch) makes this coordinator read the registry again
-    /// and write the same version once more on the ring it reads; replicas that applied it
-    /// already ignore it then. Refused twice, the write is UNAVAILABLE (it may have landed).
+    /// replica that refuses the write as placed on a stale ring or replication factor
+    /// (`STALE_RING`: it was fenced by a cleanup at a later registry epoch) makes this
+    /// coordinator read the registry and the tenant again and write the same version once
+    /// more with what it reads; replicas that applied it already ignore it then. Refused
+    /// twice, the write is UNAVAILABLE (it may have landed).
     async fn replicate(
         &self,
         tenant: &Tenant,
@@ -129,15 +130,35 @@ impl Coordinator {
         version: Version,
         consistency: Consistency,
     ) -> Result<Round, CoordError> {
-        for _ in 0..2 {
-            let attempt = self
-                .replicate_on_ring(tenant, key, payload, version.clone(), consistency)
+        let mut tenant = std::borrow::Cow::Borrowed(tenant);
+        for attempt in 0..2 {
+            let placed = self
+                .replicate_on_ring(&tenant, key, payload, version.clone(), consistency)
                 .await?;
-            if let OnRing::Served(round) = attempt {
-                return Ok(round);
+            match placed {
+                OnRing::Served(round) => return Ok(round),
+                OnRing::Stale if attempt == 0 => {
+                    tenant = std::borrow::Cow::Owned(self.tenant_again(&tenant, "write").await?);
+                }
+                OnRing::Stale => {}
             }
         }
         Err(stale_twice("write"))
+    }
+
+    /// The tenant read again from the metadata store after a replica refused a call placed
+    /// with it (`STALE_RING`); the error [`Self::stale_tenant`] gives when its incarnation
+    /// is gone.
+    pub(super) async fn tenant_again(
+        &self,
+        tenant: &Tenant,
+        op: &'static str,
+    ) -> Result<Tenant, CoordError> {
+        self.tenants.invalidate(&tenant.tenant_id);
+        match self.tenants.get(&tenant.tenant_id).await? {
+            Some(now) if now.incarnation == tenant.incarnation => Ok(now),
+            _ => Err(self.stale_tenant(tenant, op).await),
+        }
     }
 
     /// Writes `payload` under `version` at `consistency`, to the tenant's
@@ -189,7 +210,7 @@ impl Coordinator {
             } else {
                 0
             },
-            epoch: snapshot.epoch,
+            epoch: placed_epoch(&snapshot, tenant),
         };
         let mut hinted_up_front = 0;
         for node in replicas.iter().cloned() {
@@ -333,6 +354,12 @@ impl Coordinator {
             self.hints.hint(miss.as_str(), record, replicas);
         }
     }
+}
+
+/// The registry epoch a call placed on `snapshot` with `tenant`'s replication factor carries:
+/// the older of the two (storage nodes' ring fence compares it).
+pub(super) fn placed_epoch(snapshot: &super::ring_view::Snapshot, tenant: &Tenant) -> u64 {
+    snapshot.epoch.min(tenant.registry_epoch)
 }
 
 /// Whether a replica refused the write because its tenant was deleted.

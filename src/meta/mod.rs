@@ -37,6 +37,12 @@ pub struct Tenant {
     pub updated_at_ms: i64,
     /// 1 for the first tenant of this id, one more for each re-creation after a deletion.
     pub incarnation: u32,
+    /// The registry epoch as of this read ([`Registry::epoch`]): the record reflects every
+    /// replication-factor change committed at or below it (a change raises the epoch).
+    /// Coordinators tag a client call with the lower of this and their ring's epoch, so a
+    /// storage node fenced by a cleanup after an RF change refuses calls placed with the old
+    /// RF. 0: unknown.
+    pub registry_epoch: u64,
 }
 
 impl Tenant {

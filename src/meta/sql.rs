@@ -154,9 +154,9 @@ fn migration(row: &AnyRow) -> Result<Migration, MetaError> {
     })
 }
 
-/// The columns of `tenants`, in the order [`tenant`] reads them.
-const TENANT_COLUMNS: &str =
-    "tenant_id, replication_factor, created_at_ms, updated_at_ms, incarnation";
+/// The columns of `tenants`, in the order [`tenant`] reads them, and the registry epoch of the
+/// same snapshot (one statement).
+const TENANT_COLUMNS: &str = "tenant_id, replication_factor, created_at_ms, updated_at_ms, incarnation, (SELECT epoch FROM registry_epoch WHERE id = 1) AS registry_epoch";
 
 fn tenant(row: &AnyRow) -> Result<Tenant, MetaError> {
     Ok(Tenant {
@@ -165,6 +165,7 @@ fn tenant(row: &AnyRow) -> Result<Tenant, MetaError> {
         created_at_ms: int(row, "created_at_ms")?,
         updated_at_ms: int(row, "updated_at_ms")?,
         incarnation: int(row, "incarnation")?,
+        registry_epoch: int(row, "registry_epoch")?,
     })
 }
 
@@ -337,6 +338,15 @@ impl SqlMetadataStore {
         Ok(tx)
     }
 
+    /// The registry epoch now.
+    async fn registry_epoch(&self) -> Result<u64, MetaError> {
+        let row = sqlx::query("SELECT epoch FROM registry_epoch WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        int(&row, "epoch")
+    }
+
     /// Connects to `postgres://...` or `sqlite://path` and applies the schema. A SQLite file is
     /// created if missing.
     pub async fn connect(url: &str) -> Result<SqlMetadataStore, MetaError> {
@@ -449,6 +459,8 @@ impl MetadataStore for SqlMetadataStore {
         let incarnation = u32::try_from(previous + 1).map_err(|_| {
             MetaError::Corrupt(format!("tenant {tenant_id:?}: incarnation {previous}"))
         })?;
+        // Read before the tenant exists: any RF change of it commits later, at a higher epoch.
+        let registry_epoch = self.registry_epoch().await?;
         let result = sqlx::query(
             "INSERT INTO tenants (tenant_id, replication_factor, created_at_ms, updated_at_ms, incarnation) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -466,6 +478,7 @@ impl MetadataStore for SqlMetadataStore {
                 created_at_ms: now,
                 updated_at_ms: now,
                 incarnation,
+                registry_epoch,
             }),
             Err(e) if is_unique_violation(&e) => Err(MetaError::Exists {
                 what: "tenant",
@@ -594,6 +607,8 @@ impl MetadataStore for SqlMetadataStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        // The RF places keys: a change of it is a change of placement, like the registry's.
+        raise_epoch(&mut tx).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(before)
     }

@@ -66,6 +66,38 @@ pub async fn change_node(
     }
 }
 
+/// `GET /v1/tenants/{tenant}`: its replication factor as stored (the old one while a change
+/// runs).
+pub async fn tenant_rf(gateway: &str, tenant: &str) -> Result<usize, String> {
+    let url = format!("{gateway}/v1/tenants/{tenant}");
+    let (status, v) = http_json(reqwest::Method::GET, &url, None).await?;
+    match v["replication_factor"].as_u64() {
+        Some(rf) if status == 200 => Ok(rf as usize),
+        _ => Err(format!("tenant {tenant}: {status} {v}")),
+    }
+}
+
+/// Starts moving `tenant`'s replication factor to `rf`; returns the migration id.
+pub async fn change_rf(gateway: &str, tenant: &str, rf: usize) -> Result<String, String> {
+    let url = format!("{gateway}/v1/tenants/{tenant}/replication-factor");
+    let body = json!({ "replication_factor": rf });
+    let (status, v) = http_json(reqwest::Method::PUT, &url, Some(body)).await?;
+    match v["migration_id"].as_str() {
+        Some(m) if status == 200 => Ok(m.to_owned()),
+        _ => Err(format!("{status} {v}")),
+    }
+}
+
+/// The newest replication-factor change of `tenant` (its migration id), if any.
+pub async fn newest_rf_change(gateway: &str, tenant: &str) -> Result<Option<String>, String> {
+    Ok(migrations(gateway, 50)
+        .await?
+        .iter()
+        .find(|m| m["node_id"] == tenant && m["type"] == "replication_factor_change")
+        .and_then(|m| m["migration_id"].as_str())
+        .map(str::to_owned))
+}
+
 /// A migration as the suite follows it: its state (`pending`, `in_progress`, `completed`,
 /// `failed`, `cancelled`) and, when it failed, why.
 #[derive(Debug)]

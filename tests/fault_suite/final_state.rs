@@ -81,6 +81,8 @@ const REPAIR_WINDOW: Duration = Duration::from_secs(120);
 /// The natural replicas of every key, read directly over the storage RPC.
 struct Replicas {
     ring: Ring,
+    /// Each tenant's replication factor now (the nemesis may have changed one).
+    rf: std::collections::HashMap<String, usize>,
     clients: std::collections::HashMap<String, cluster::StorageClient>,
 }
 
@@ -89,9 +91,15 @@ struct Replicas {
 type Held = Vec<(String, Option<u64>, Option<String>)>;
 
 impl Replicas {
-    /// Connects to every storage node; the owners are those of the registry's ring now.
+    /// Connects to every storage node; the owners are those of the registry's ring now, at
+    /// each tenant's replication factor now.
     async fn connect(cluster: &Cluster) -> Result<Self, String> {
-        let ring = current_ring(&cluster.gateway_urls()[0]).await?;
+        let gateway = &cluster.gateway_urls()[0];
+        let ring = current_ring(gateway).await?;
+        let mut rf = std::collections::HashMap::new();
+        for tenant in workload::TENANTS {
+            rf.insert(tenant.to_owned(), admin::tenant_rf(gateway, tenant).await?);
+        }
         let mut clients = std::collections::HashMap::new();
         for (name, addr) in cluster.storage_addrs() {
             let client = cluster::storage_client(addr)
@@ -99,15 +107,19 @@ impl Replicas {
                 .map_err(|e| format!("connect {name}: {e}"))?;
             clients.insert(name, client);
         }
-        Ok(Self { ring, clients })
+        Ok(Self { ring, rf, clients })
+    }
+
+    /// The natural owners of `tenant`'s `key`.
+    fn owners(&self, tenant: &str, key: &str) -> Vec<NodeId> {
+        let rf = self.rf.get(tenant).copied().unwrap_or(RF);
+        self.ring
+            .natural_owners(key_position(tenant, key.as_bytes()), rf)
     }
 
     async fn held(&mut self, tenant: &str, key: &str) -> Result<Held, String> {
         let mut held = Vec::new();
-        for owner in self
-            .ring
-            .natural_owners(key_position(tenant, key.as_bytes()), RF)
-        {
+        for owner in self.owners(tenant, key) {
             let client = self
                 .clients
                 .get_mut(owner.as_str())
@@ -154,9 +166,7 @@ impl Replicas {
     async fn plant_probes(&mut self) -> Result<Vec<(String, String)>, String> {
         let mut probes = Vec::new();
         for tenant in workload::TENANTS {
-            let owners = self
-                .ring
-                .natural_owners(key_position(tenant, PROBE_KEY.as_bytes()), RF);
+            let owners = self.owners(tenant, PROBE_KEY);
             let owner = owners.first().ok_or("no owner for a probe")?;
             let client = self
                 .clients

@@ -191,7 +191,15 @@ fn write_history(seed: u64, ops: &[history::Op], finals: &[FinalKey]) {
 /// One run; `Ok(None)` when this machine cannot build the suite's network (skipped outside CI).
 fn run_once(seed: u64, args: &Args, ci: bool) -> Result<Option<RunReport>, String> {
     let (seconds, sqlite) = (args.seconds, args.sqlite);
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // For debugging a run: its processes' logs and data stay (and are named on stderr).
+    if std::env::var_os("PAIRDB_FAULT_SUITE_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!(
+            "fault suite: logs and data kept in {}",
+            dir.path().display()
+        );
+    }
     let mut cluster = match Cluster::start(dir.path(), sqlite) {
         Ok(c) => c,
         Err(e) if !ci && e.starts_with(cluster::NO_NAMESPACES) => {
@@ -247,7 +255,9 @@ fn run_once(seed: u64, args: &Args, ci: bool) -> Result<Option<RunReport>, Strin
     .map(|(c, n, r)| (c, r.map(|()| n)))?;
     let nemesis = nemesis_result?;
     let end_ms = workload.now_ms();
-    runtime.block_on(wait_for_migration(&gateways, nemesis.migration.as_deref()))?;
+    for migration in [&nemesis.migration, &nemesis.rf_migration] {
+        runtime.block_on(wait_for_migration(&gateways, migration.as_deref()))?;
+    }
     std::thread::sleep(CONVERGENCE);
     let (finals, after_healing) = runtime
         .block_on(final_state(&workload, &cluster))
@@ -298,7 +308,8 @@ async fn setup(gateways: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits until the last topology change finished (it resumes after coordinator restarts).
+/// Waits until the last topology or RF change finished (they resume after coordinator
+/// restarts).
 async fn wait_for_migration(gateways: &[String], migration: Option<&str>) -> Result<(), String> {
     let Some(m) = migration else {
         return Ok(());

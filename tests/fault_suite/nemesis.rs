@@ -33,10 +33,16 @@ pub enum FaultKind {
     /// A spare node joins the ring, or leaves it (one change at a time); half of the time a
     /// coordinator is killed 0.2-1.5 s into the change, in the middle of its streaming.
     Topology,
+    /// [`RF_TENANT`]'s replication factor moves between 3 and 2 (one change at a time); half
+    /// of the time a coordinator is killed 0.2-1.5 s into the change, in the middle of its copy.
+    RfChange,
 }
 
+/// The tenant whose replication factor the nemesis changes (the other keeps RF 3).
+pub const RF_TENANT: &str = "globex";
+
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Isolate,
@@ -47,6 +53,7 @@ impl FaultKind {
         FaultKind::ClockSkew,
         FaultKind::DiskFull,
         FaultKind::Topology,
+        FaultKind::RfChange,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +68,7 @@ impl FaultKind {
             FaultKind::ClockSkew => "clock-skew",
             FaultKind::DiskFull => "disk-full",
             FaultKind::Topology => "topology",
+            FaultKind::RfChange => "rf-change",
         }
     }
 }
@@ -103,6 +111,8 @@ pub struct Nemesis {
     /// The joiner's newest topology change: the last one started here, or a newer one the
     /// registry shows (a call whose answer was lost).
     pub migration: Option<String>,
+    /// [`RF_TENANT`]'s newest replication-factor change, learned the same way.
+    pub rf_migration: Option<String>,
 }
 
 impl Nemesis {
@@ -121,6 +131,7 @@ impl Nemesis {
             runtime,
             gateways,
             migration: None,
+            rf_migration: None,
         }
     }
 
@@ -169,6 +180,14 @@ impl Nemesis {
         cluster.joiner_member = member;
         if newest.is_some() {
             self.migration = newest;
+        }
+        if self.kinds.contains(&FaultKind::RfChange) {
+            let newest = self
+                .runtime
+                .block_on(admin::newest_rf_change(gateway, RF_TENANT))?;
+            if newest.is_some() {
+                self.rf_migration = newest;
+            }
         }
         Ok(())
     }
@@ -290,6 +309,7 @@ impl Nemesis {
                 Ok(format!("s{}", crate::cluster::STORAGE))
             }
             FaultKind::Topology => self.change_topology(cluster),
+            FaultKind::RfChange => self.change_rf(cluster),
         }
     }
 
@@ -330,17 +350,61 @@ impl Nemesis {
         };
         cluster.joiner_member = !cluster.joiner_member;
         self.migration = Some(migration);
-        if self.rng.chance(50) {
-            let after = 200 + self.rng.below(1_300);
-            std::thread::sleep(Duration::from_millis(after));
-            let coordinators = cluster.indices(Role::Coordinator);
-            let c = self.pick(&coordinators);
-            cluster.procs[c].kill9();
-            return Ok(format!(
-                "{what}, {} killed at {after} ms",
-                cluster.procs[c].name
-            ));
+        Ok(self.maybe_kill_coordinator(cluster, what))
+    }
+
+    /// Half of the time, kills a coordinator 0.2-1.5 s after a change started (`what`).
+    fn maybe_kill_coordinator(&mut self, cluster: &mut Cluster, what: String) -> String {
+        if !self.rng.chance(50) {
+            return what;
         }
-        Ok(what)
+        let after = 200 + self.rng.below(1_300);
+        std::thread::sleep(Duration::from_millis(after));
+        let coordinators = cluster.indices(Role::Coordinator);
+        let c = self.pick(&coordinators);
+        cluster.procs[c].kill9();
+        format!("{what}, {} killed at {after} ms", cluster.procs[c].name)
+    }
+
+    /// Moves [`RF_TENANT`]'s replication factor from 3 to 2 or back (the stored RF decides),
+    /// unless its previous change is still running; may kill a coordinator in the middle. A
+    /// call cut after it was sent may have started a change: the newest one is read from the
+    /// migration list first. Refusals (another change runs, a fault cuts the gateway off) are
+    /// recorded, not fatal.
+    fn change_rf(&mut self, cluster: &mut Cluster) -> Result<String, String> {
+        let gateway = self.gateways[self.rng.below(self.gateways.len() as u64) as usize].clone();
+        match self
+            .runtime
+            .block_on(admin::newest_rf_change(&gateway, RF_TENANT))
+        {
+            Ok(Some(m)) => self.rf_migration = Some(m),
+            Ok(None) => {}
+            Err(e) => return Ok(format!("none (the migrations did not answer: {e})")),
+        }
+        let mut previous = String::new();
+        if let Some(m) = &self.rf_migration {
+            match self.runtime.block_on(admin::migration_state(&gateway, m)) {
+                Ok(state) if state.finished() => previous = format!(" (after {m} {state})"),
+                state => return Ok(format!("none ({m} still running: {state:?})")),
+            }
+        }
+        let rf = match self.runtime.block_on(admin::tenant_rf(&gateway, RF_TENANT)) {
+            Ok(rf) => rf,
+            Err(e) => return Ok(format!("none (the tenant did not answer: {e})")),
+        };
+        let target = if rf == crate::RF {
+            crate::RF - 1
+        } else {
+            crate::RF
+        };
+        let what = format!("{RF_TENANT} rf {rf} -> {target}{previous}");
+        match self
+            .runtime
+            .block_on(admin::change_rf(&gateway, RF_TENANT, target))
+        {
+            Ok(m) => self.rf_migration = Some(m),
+            Err(e) => return Ok(format!("{what} failed or not answered: {e}")),
+        }
+        Ok(self.maybe_kill_coordinator(cluster, what))
     }
 }
