@@ -15,10 +15,11 @@ use std::time::Duration;
 
 use common::coord::records_on;
 use common::{StorageNode, free_tcp_port};
+use pairdb::coordinator::batcher::RingTag;
 use pairdb::coordinator::hints::{HintWriter, ReplayLimits, replay_round};
 use pairdb::coordinator::membership::Membership;
 use pairdb::coordinator::repair::RepairQueue;
-use pairdb::coordinator::ring_view::{RingTag, RingView};
+use pairdb::coordinator::ring_view::RingView;
 use pairdb::coordinator::storage_pool::StoragePool;
 use pairdb::meta::{Hint, MetadataStore, NodeRecord, SqlMetadataStore};
 use pairdb::ring::{NodeId, NodeState};

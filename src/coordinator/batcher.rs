@@ -29,7 +29,6 @@ use crate::rpc::storage::storage_node_client::StorageNodeClient;
 use crate::vclock::Version;
 
 use super::replica_error::ReplicaError;
-use super::ring_view::RingTag;
 
 /// Batches outstanding per node and kind, by default (`coordinator.batch_in_flight`).
 pub const IN_FLIGHT: usize = 1;
@@ -47,6 +46,15 @@ struct Job<T, A> {
     call: T,
     request_id: Option<String>,
     reply: Reply<A>,
+}
+
+/// What a client call tells a storage node about the ring it was placed on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingTag {
+    /// `WriteBatchRequest.ring_digest` (0: unknown, forwarded by streams).
+    pub digest: u64,
+    /// `WriteBatchRequest.ring_epoch` / `ReadBatchRequest.ring_epoch`.
+    pub epoch: u64,
 }
 
 /// A record and the ring it was placed on.

@@ -12,10 +12,10 @@ use crate::ring::NodeId;
 use crate::rpc::storage as pb;
 
 use super::batcher::NodeBatcher;
+use super::batcher::RingTag;
 pub use super::batcher::WriteAck;
 use super::errors::CoordError;
 pub use super::replica_error::ReplicaError;
-use super::ring_view::RingTag;
 use super::storage_pool::StoragePool;
 use super::tenant_confirm::Confirmations;
 

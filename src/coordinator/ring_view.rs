@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::meta::{MetaError, MetadataStore, NodeRecord, Registry};
 use crate::ring::{NodeState, ReplicaPlan, Ring, key_position};
 
+use super::batcher::RingTag;
 use super::errors::CoordError;
 use super::membership::Membership;
 
@@ -32,15 +33,6 @@ pub struct Snapshot {
     pub epoch: u64,
     pub nodes: Vec<NodeRecord>,
     addresses: HashMap<String, String>,
-}
-
-/// What a client call tells a storage node about the ring it was placed on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RingTag {
-    /// `WriteBatchRequest.ring_digest` (0: unknown, forwarded by streams).
-    pub digest: u64,
-    /// `WriteBatchRequest.ring_epoch` / `ReadBatchRequest.ring_epoch`.
-    pub epoch: u64,
 }
 
 impl Snapshot {

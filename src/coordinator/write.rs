@@ -24,11 +24,11 @@ use crate::vclock::{VectorClock, Version, next_version};
 use crate::meta::Tenant;
 
 use super::Coordinator;
+use super::batcher::RingTag;
 use super::clock::Source;
 use super::errors::CoordError;
 use super::expiry::Payload;
 use super::replicas::{self, OnRing, ReplicaError, WriteAck, refused_as_stale, stale_twice};
-use super::ring_view::RingTag;
 
 type WriteResult = ReplicaResult<NodeId, WriteAck, ReplicaError>;
 
