@@ -19,7 +19,6 @@ use tokio::time::Instant;
 use crate::meta::{MetaError, MetadataStore, NodeRecord, Registry};
 use crate::ring::{NodeState, ReplicaPlan, Ring, key_position};
 
-use super::batcher::RingTag;
 use super::errors::CoordError;
 use super::membership::Membership;
 
@@ -49,14 +48,6 @@ impl Snapshot {
             ring,
             nodes,
             addresses,
-        }
-    }
-
-    /// The tag of calls placed on this snapshot.
-    pub fn tag(&self) -> RingTag {
-        RingTag {
-            digest: self.ring_digest,
-            epoch: self.epoch,
         }
     }
 
