@@ -436,8 +436,9 @@ impl Coordinator {
     /// Makes every change of `changes` final in one registry update, after the last look at
     /// their cancel flags and only if the registry still holds exactly that set in progress;
     /// `Replan` when it does not (or another change's cancel is pending: its runner rolls it
-    /// back). A leaving node's hints are copied to its heirs before, and dropped after; a
-    /// joining node gets its hints before it becomes active.
+    /// back). Hints for keys a node gives away (all of a leaving node's) are copied to the
+    /// keys' heirs before, and dropped after; a joining node gets its hints before it becomes
+    /// active.
     async fn commit(
         &self,
         m: &Migration,
@@ -469,14 +470,27 @@ impl Coordinator {
                 .collect()
         };
         let (joiners, leavers) = (pick(NodeState::Bootstrapping), pick(NodeState::Draining));
-        for node in &leavers {
+        // Every node that gives keys away hands on the hints it holds for them: a leaving
+        // node all of its keys, a staying one the ranges a joining node takes from it.
+        let mut givers = leavers.clone();
+        for (target, _) in self.meta.hint_counts().await? {
+            if !givers.contains(&target) && !joiners.contains(&target) {
+                givers.push(target);
+            }
+        }
+        let mut handed_by_stayers = Vec::new();
+        for node in &givers {
             let handed = self.hand_off_hints(node, &before).await?;
-            if handed > 0 {
+            if handed.copies > 0 {
                 tracing::info!(
                     node,
-                    hints = handed,
-                    "hints of a leaving node copied to the nodes inheriting its keys"
+                    hints = handed.originals.len(),
+                    copies = handed.copies,
+                    "hints for keys a node gives away copied to the nodes inheriting them"
                 );
+            }
+            if !leavers.contains(node) {
+                handed_by_stayers.extend(handed.originals);
             }
         }
         self.ring.refresh().await.map_err(CoordError::from)?;
@@ -502,6 +516,10 @@ impl Coordinator {
         }
         for node in &leavers {
             self.drop_hints_for(node).await?;
+        }
+        // The keys they were for are no longer their targets' (dropped at cleanup).
+        for ids in handed_by_stayers.chunks(1000) {
+            self.meta.delete_hints(ids).await?;
         }
         let shares = shares(transfers, migrations, m);
         for other in migrations.values() {
