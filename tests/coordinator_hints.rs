@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::coord::records_on;
 use common::{StorageNode, free_tcp_port};
 use pairdb::coordinator::batcher::RingTag;
-use pairdb::coordinator::hints::{HintWriter, ReplayLimits, replay_round};
+use pairdb::coordinator::hints::{HintWriter, Hinted, ReplayLimits, replay_round};
 use pairdb::coordinator::membership::Membership;
 use pairdb::coordinator::repair::RepairQueue;
 use pairdb::coordinator::ring_view::RingView;
@@ -66,6 +66,20 @@ fn node(id: &str, port: u16) -> NodeRecord {
     }
 }
 
+/// A replay without a coordinator: every hint goes to its target.
+fn hinted<'a>(
+    store: &'a dyn MetadataStore,
+    ring: &'a RingView,
+    pool: &'a StoragePool,
+) -> Hinted<'a> {
+    Hinted {
+        store,
+        ring,
+        pool,
+        owners: None,
+    }
+}
+
 /// A hint stored for a tenant in the instant of its deletion is dropped by the replay, not
 /// delivered; the other hints of the same target are delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +115,7 @@ async fn replay_drops_the_hints_of_deleted_tenants() {
         timeout: Duration::from_secs(2),
     };
     let pool = StoragePool::new(common::internal_auth());
-    replay_round(&*store, &ring, &pool, limits)
+    replay_round(hinted(&*store, &ring, &pool), limits)
         .await
         .expect("round");
     assert!(store.hints_for("s1", 10).await.expect("hints").is_empty());
@@ -159,14 +173,10 @@ async fn replay_delivers_live_hints_and_drops_expired_ones() {
         max_attempts: 5,
         timeout: Duration::from_secs(2),
     };
-    replay_round(
-        &*store,
-        &ring,
-        &StoragePool::new(common::internal_auth()),
-        limits,
-    )
-    .await
-    .expect("round");
+    let pool = StoragePool::new(common::internal_auth());
+    replay_round(hinted(&*store, &ring, &pool), limits)
+        .await
+        .expect("round");
 
     let mut client = s1.client().await;
     let read = |key: &'static str| {

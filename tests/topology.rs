@@ -439,6 +439,74 @@ async fn a_node_giving_ranges_to_a_joining_one_hands_it_its_hints() {
     }
 }
 
+/// Lowering an RF takes replicas out of keys' replica sets. Hints for such a replica are for
+/// keys it no longer owns: the replay sends them to the keys' owners instead (which take them as
+/// a no-op), never to that replica, where a cleanup would drop them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_for_a_replica_an_rf_lowering_removed_go_to_the_owners() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(3, dir.path());
+    let quiet = [("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL_MS", "3600000")];
+    let c1 = coordinator(&storage, dir.path(), &quiet);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "wide", 3).await;
+
+    storage[2].kill9();
+    let missed: Vec<String> = (0..60).map(|i| format!("missed{i}")).collect();
+    for key in &missed {
+        put(
+            &mut c,
+            "wide",
+            key,
+            &format!("\"{key}\""),
+            Consistency::Quorum,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("write {key}: {e}"));
+    }
+    storage[2].restart();
+    wait_all_active(&c, 3).await;
+    let lowered = set_rf(&mut c, "wide", 1).await.expect("lower the RF");
+    wait_migration(&c, &lowered.migration_id, pb::MigrationState::Completed).await;
+
+    drop(c1);
+    let c2 = coordinator(&storage, dir.path(), &[]);
+    let _c = c2.client().await;
+    let store = SqlMetadataStore::connect(&sqlite_url(dir.path()))
+        .await
+        .expect("the coordinators' store");
+    eventually("every hint replayed", Duration::from_secs(60), || async {
+        store.hint_counts().await.expect("hint counts").is_empty()
+    })
+    .await;
+    let nodes: Vec<&StorageNode> = storage.iter().collect();
+    let ring = listed_ring(&mut c2.client().await, &nodes).await;
+    let mut owned_by_s3 = 0;
+    for key in &missed {
+        let owner = ring.natural_owners(key_position("wide", key.as_bytes()), 1);
+        let owns = owner[0].as_str() == "s3";
+        owned_by_s3 += usize::from(owns);
+        let held = stored(&storage[2], "wide", key).await.is_some();
+        assert_eq!(held, owns, "wide/{key} on s3 (owner at RF 1: {owner:?})");
+        if !owns {
+            let i = nodes
+                .iter()
+                .position(|n| n.id == owner[0].as_str())
+                .expect("member");
+            assert!(
+                stored(nodes[i], "wide", key).await.is_some(),
+                "wide/{key} on its owner"
+            );
+        }
+    }
+    assert!(
+        owned_by_s3 > 0 && owned_by_s3 < missed.len(),
+        "s3 owns some of the keys at RF 1: {owned_by_s3}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_addition_without_progress_is_rolled_back() {
     let _serial = SERIAL.lock().await;

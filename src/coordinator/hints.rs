@@ -25,6 +25,14 @@
 //!   tenant's namespace (stored in the instant of its delete) are dropped, not delivered
 //!   (`pairdb_hints_dropped_total{reason="tenant_deleted"}`); the target would refuse them
 //!   anyway once the namespace is fenced there.
+//! - A hint whose target the ring knows but which no longer owns its key (not a natural or
+//!   pending owner at the tenant's write RF: a topology or RF change moved the key away) is not
+//!   delivered there, where a cleanup would drop it: it is stored again for each node a write
+//!   of the key goes to now, and deleted (`pairdb_hints_retargeted_total`). Topology changes
+//!   hand such hints on when they commit (`topology::handoff`); this catches the rest (a
+//!   leader that died between its commit and deleting them, a hint stored after the hand-off,
+//!   a replica an RF lowering took out of the key's set). The owners that already hold the
+//!   write take the copy as a no-op.
 //!
 //! Replaying is idempotent on the storage side (a record never replaces a version that
 //! dominates it), so two coordinators replaying the same hint, or a replay racing a newer
@@ -419,6 +427,15 @@ async fn record_markers_via(
     }
 }
 
+/// Who a write of a hinted key goes to now (the coordinator: its ring and tenants).
+#[tonic::async_trait]
+pub trait KeyOwners: Send + Sync {
+    /// Every node a write of `key` in storage namespace `namespace` goes to now (natural and
+    /// pending owners at the tenant's write RF); `None` when that is not known (no such
+    /// tenant, the metadata store did not answer): the hint then goes to its target.
+    async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<Vec<String>>;
+}
+
 /// Limits of the replay loop.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayLimits {
@@ -434,26 +451,40 @@ pub fn spawn_replay(
     store: Arc<dyn MetadataStore>,
     ring: Arc<RingView>,
     pool: Arc<StoragePool>,
+    owners: Arc<dyn KeyOwners>,
     limits: ReplayLimits,
     tasks: &crate::shutdown::Tasks,
 ) {
     super::periodic::spawn_every(limits.interval, tasks, move || {
-        let (store, ring, pool) = (store.clone(), ring.clone(), pool.clone());
+        let (store, ring, pool, owners) =
+            (store.clone(), ring.clone(), pool.clone(), owners.clone());
         async move {
-            if let Err(e) = replay_round(&*store, &ring, &pool, limits).await {
+            let hinted = Hinted {
+                store: &*store,
+                ring: &ring,
+                pool: &pool,
+                owners: Some(&*owners),
+            };
+            if let Err(e) = replay_round(hinted, limits).await {
                 tracing::warn!(error = %e, "hint replay round failed");
             }
         }
     });
 }
 
+/// What a replay works with.
+#[derive(Clone, Copy)]
+pub struct Hinted<'a> {
+    pub store: &'a dyn MetadataStore,
+    pub ring: &'a RingView,
+    pub pool: &'a StoragePool,
+    /// `None`: every hint goes to its target, owner or not.
+    pub owners: Option<&'a dyn KeyOwners>,
+}
+
 /// One pass over every target with hints.
-pub async fn replay_round(
-    store: &dyn MetadataStore,
-    ring: &RingView,
-    pool: &StoragePool,
-    limits: ReplayLimits,
-) -> Result<(), MetaError> {
+pub async fn replay_round(hinted: Hinted<'_>, limits: ReplayLimits) -> Result<(), MetaError> {
+    let store = hinted.store;
     let counts = store.hint_counts().await?;
     let mut pending = 0;
     for (target, count) in &counts {
@@ -467,7 +498,7 @@ pub async fn replay_round(
             let age_s = (now_ms() - oldest.created_at_ms).max(0) as f64 / 1e3;
             oldest_age_s = oldest_age_s.max(age_s);
         }
-        replay_target(store, ring, pool, &target, limits).await?;
+        replay_target(hinted, &target, limits).await?;
     }
     // The backlog's age: how long the oldest undelivered hint has waited (0: none waits).
     metrics::gauge!("pairdb_hints_oldest_age_seconds").set(oldest_age_s);
@@ -476,12 +507,13 @@ pub async fn replay_round(
 
 /// Delivers the hints for one target (skipped while gossip reports it down).
 pub async fn replay_target(
-    store: &dyn MetadataStore,
-    ring: &RingView,
-    pool: &StoragePool,
+    hinted: Hinted<'_>,
     target: &str,
     limits: ReplayLimits,
 ) -> Result<(), MetaError> {
+    let Hinted {
+        store, ring, pool, ..
+    } = hinted;
     let oldest_kept = now_ms() - limits.max_window.as_millis() as i64;
     // Hints of a deleted tenant stored in the instant of its delete are dropped, not replayed.
     let deleted: HashSet<String> = store
@@ -544,6 +576,13 @@ pub async fn replay_target(
         if !ring.accepts_writes(target) {
             return Ok(());
         }
+        let live = retarget_moved(hinted, target, live).await?;
+        if live.is_empty() {
+            if fetched < BATCH {
+                return Ok(());
+            }
+            continue;
+        }
         let ids: Vec<i64> = live.iter().map(|h| h.id).collect();
         let mut records = Vec::with_capacity(live.len());
         for hint in &live {
@@ -575,6 +614,52 @@ pub async fn replay_target(
             return Ok(());
         }
     }
+}
+
+/// Of `hints` for `target` (a node the ring knows), stores those whose key `target` no longer
+/// owns again for the key's current write owners and deletes them; returns the others.
+async fn retarget_moved(
+    hinted: Hinted<'_>,
+    target: &str,
+    hints: Vec<Hint>,
+) -> Result<Vec<Hint>, MetaError> {
+    let Some(owners) = hinted.owners else {
+        return Ok(hints);
+    };
+    let mut keep = Vec::with_capacity(hints.len());
+    let mut moved = Vec::new();
+    let mut copies = Vec::new();
+    for hint in hints {
+        let Ok(record) = pb::Record::decode(hint.record.as_slice()) else {
+            keep.push(hint);
+            continue;
+        };
+        match owners.write_owners(&record.tenant_id, &record.key).await {
+            Some(now) if !now.iter().any(|n| n == target) => {
+                copies.extend(now.into_iter().map(|owner| Hint {
+                    id: 0,
+                    target_node: owner,
+                    attempts: 0,
+                    ..hint.clone()
+                }));
+                moved.push(hint.id);
+            }
+            _ => keep.push(hint),
+        }
+    }
+    if !moved.is_empty() {
+        // Copies first: a crash in between leaves both, which only delivers twice.
+        hinted.store.store_hints(&copies).await?;
+        hinted.store.delete_hints(&moved).await?;
+        tracing::info!(
+            target,
+            hints = moved.len(),
+            copies = copies.len(),
+            "hints for keys their target no longer owns sent to the keys' owners instead"
+        );
+        metrics::counter!("pairdb_hints_retargeted_total").increment(moved.len() as u64);
+    }
+    Ok(keep)
 }
 
 /// Whether the hint holds a record of a deleted tenant's namespace (an undecodable one is

@@ -146,13 +146,6 @@ pub async fn start(
         max_attempts: cfg.max_hint_attempts,
         timeout: timeout.max(Duration::from_secs(5)),
     };
-    hints::spawn_replay(
-        meta.clone(),
-        ring.clone(),
-        pool.clone(),
-        hint_limits,
-        &tasks,
-    );
     let clock = CoordinatorClock::resume(
         id,
         meta.clone(),
@@ -197,6 +190,14 @@ pub async fn start(
         pool,
         ring,
     });
+    hints::spawn_replay(
+        core.meta.clone(),
+        core.ring.clone(),
+        core.pool.clone(),
+        core.clone(),
+        hint_limits,
+        &core.tasks,
+    );
     rf_change::spawn_refresh(core.clone(), cfg.ring_refresh);
     crate::coordinator::migration_metrics::spawn_export(core.clone(), cfg.ring_refresh);
     crate::coordinator::tenant_delete::spawn_purge(core.clone(), cfg.ring_refresh * 10);

@@ -495,14 +495,13 @@ impl Coordinator {
         }
         self.ring.refresh().await.map_err(CoordError::from)?;
         for node in &joiners {
-            hints::replay_target(
-                &*self.meta,
-                &self.ring,
-                &self.pool,
-                node,
-                self.options.hint_limits,
-            )
-            .await?;
+            let hinted = hints::Hinted {
+                store: &*self.meta,
+                ring: &self.ring,
+                pool: &self.pool,
+                owners: Some(self),
+            };
+            hints::replay_target(hinted, node, self.options.hint_limits).await?;
         }
         let seen = registry_view(&registered);
         match self
