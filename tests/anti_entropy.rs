@@ -358,6 +358,58 @@ async fn markers(node: &common::StorageNode) -> Vec<spb::RepairMarker> {
         .markers
 }
 
+/// A marker can name a node that no longer owns its key (a topology or RF change moved the
+/// key since the write was missed). The targeted repair works it off on the key's owners now
+/// and sends nothing to that node, where a cleanup would drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marker_for_a_node_that_no_longer_owns_the_key_repairs_only_the_owners() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, _c1, mut c) = cluster(
+        dir.path(),
+        &[],
+        &[("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "300ms")],
+    )
+    .await;
+    create_tenant(&mut c, "solo", 1).await;
+    put(&mut c, "solo", "moved", "\"v1\"", Consistency::All)
+        .await
+        .expect("write");
+    let mut owner = None;
+    for node in &storage {
+        if let Some(record) = stored_record(node, "solo", "moved").await {
+            owner = Some((node, record));
+        }
+    }
+    let (owner, record) = owner.expect("the key's owner holds it");
+    let other = storage
+        .iter()
+        .find(|n| n.id != owner.id)
+        .expect("a node that does not own the key");
+    owner
+        .client()
+        .await
+        .record_repair_markers(spb::RepairMarkersRequest {
+            markers: vec![spb::RepairMarker {
+                tenant_id: "solo".into(),
+                key: b"moved".to_vec().into(),
+                missed_node: other.id.clone(),
+                version: record.version.clone(),
+            }],
+        })
+        .await
+        .expect("record a marker");
+    eventually("the marker worked off", Duration::from_secs(20), || async {
+        markers(owner).await.is_empty()
+    })
+    .await;
+    assert!(
+        stored_record(other, "solo", "moved").await.is_none(),
+        "the repair wrote the key to {}, which does not own it",
+        other.id
+    );
+    assert!(stored_record(owner, "solo", "moved").await.is_some());
+}
+
 /// A hint dropped at the end of its window (1 s) leaves a repair marker; the targeted repair
 /// fixes the key within seconds of the target coming back, and clears the marker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

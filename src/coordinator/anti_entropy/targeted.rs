@@ -5,9 +5,12 @@
 //! a read repair that failed or found its queue full) leaves a repair marker (tenant, key,
 //! replica that missed it) on other storage nodes (`hints::mark_missed`, fsynced there). Every
 //! `interval` each coordinator asks every node it can reach for its markers; for each marker
-//! whose replica gossip reports up, it reads the key from the key's owners that answer, takes
-//! the version that takes precedence, and writes it to every owner (and the marked replica)
-//! that holds something else, as a repair batch (the apply rule: never a rollback). Markers
+//! whose replica gossip reports up, it reads the key from the key's owners that answer (natural
+//! and pending, at the tenant's write RF), takes the version that takes precedence, and
+//! writes it to every owner that holds something else, as a repair batch (the apply rule:
+//! never a rollback). The marked replica is one of them while it owns the key; one that no
+//! longer does (a topology or RF change moved the key) gets nothing, since a cleanup would
+//! drop it there, and the key's owners now are repaired in its place. Markers
 //! are cleared on the node that held them once fixed; those of a replica still down wait.
 //! Two coordinators working off the same marker repeat an idempotent repair.
 
@@ -99,9 +102,11 @@ async fn round(core: &Coordinator) {
     }
 }
 
-/// Reads the marked key from its owners and the marked replica, and writes the winner to
+/// Reads the marked key from every node a write of it goes to now, and writes the winner to
 /// every one of them that holds something else. Ok(true) when some replica applied it; an
-/// error when the marked replica could not be read or written.
+/// error when the marked replica, if it still owns the key, could not be read or written.
+/// A marked replica that no longer owns the key (a topology or RF change moved it) is left
+/// out: a cleanup would drop the repair there; the key's owners now are repaired instead.
 async fn repair_key(
     core: &Coordinator,
     snapshot: &Snapshot,
@@ -112,15 +117,15 @@ async fn repair_key(
         return Ok(false);
     };
     let position = key_position(&marker.tenant_id, &marker.key);
-    let mut nodes: Vec<String> = snapshot
+    let rf = core.pending_rf.write_rf(&tenant) as usize;
+    let nodes: Vec<String> = snapshot
         .ring
-        .natural_owners(position, tenant.replication_factor as usize)
+        .plan(position, rf)
+        .write_replicas()
         .into_iter()
         .map(|n| n.as_str().to_owned())
         .collect();
-    if !nodes.contains(&marker.missed_node) {
-        nodes.push(marker.missed_node.clone());
-    }
+    let marked_owns = nodes.contains(&marker.missed_node);
     let mut held: Vec<(String, Option<spb::Record>)> = Vec::new();
     for node in nodes {
         if core.ring.is_down(&node) {
@@ -146,7 +151,7 @@ async fn repair_key(
             Err(_) => {}
         }
     }
-    if !held.iter().any(|(n, _)| *n == marker.missed_node) {
+    if marked_owns && !held.iter().any(|(n, _)| *n == marker.missed_node) {
         return Err(CoordError::Unavailable(format!(
             "{} did not answer",
             marker.missed_node
