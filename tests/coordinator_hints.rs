@@ -213,6 +213,74 @@ async fn replay_delivers_live_hints_and_drops_expired_ones() {
     );
 }
 
+/// A hint delivery carries the registry epoch it was placed on. A target whose ring fence is
+/// above it (a cleanup fenced a newer ring) refuses it and applies nothing; the replay counts
+/// no attempt, reads the registry again, and delivers on the newer ring in its next round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hint_replay_placed_on_a_ring_older_than_the_targets_fence_waits_for_a_newer_ring() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s1, store, ring) = one_node(dir.path()).await;
+    let held = ring.snapshot().epoch;
+    let mut client = s1.client().await;
+    client
+        .fence_ring(pb::FenceRingRequest { epoch: held + 1 })
+        .await
+        .expect("fence s1 above the ring the replay holds");
+    // The registry moves on (a node added raises its epoch to the fence); the replay's ring
+    // has not seen it.
+    store
+        .add_node(&node("s2", free_tcp_port()))
+        .await
+        .expect("add");
+    store
+        .store_hints(&[hint("s1", "fenced", now_ms() as i64, 0)])
+        .await
+        .expect("store hints");
+    let limits = ReplayLimits {
+        interval: Duration::from_millis(100),
+        max_window: Duration::from_secs(3 * 3600),
+        max_attempts: 5,
+        timeout: Duration::from_secs(2),
+    };
+    let pool = StoragePool::new(common::internal_auth());
+    let read = |client: &mut pb::storage_node_client::StorageNodeClient<_>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .read(pb::ReadRequest {
+                    tenant_id: "acme".into(),
+                    key: b"fenced".to_vec().into(),
+                })
+                .await
+                .expect("read")
+                .into_inner()
+                .record
+        }
+    };
+    replay_round(hinted(&*store, &ring, &pool), limits)
+        .await
+        .expect("round");
+    assert!(read(&mut client).await.is_none(), "refused, not applied");
+    let kept = store.hints_for("s1", 10).await.expect("hints");
+    assert_eq!(kept.len(), 1, "the hint is kept");
+    assert_eq!(
+        kept[0].attempts, 0,
+        "a stale ring is not the hint's failure"
+    );
+    assert!(
+        ring.snapshot().epoch > held,
+        "the refusal made the replay read the registry"
+    );
+    replay_round(hinted(&*store, &ring, &pool), limits)
+        .await
+        .expect("round");
+    assert!(
+        read(&mut client).await.is_some(),
+        "delivered on the newer ring"
+    );
+    assert!(store.hints_for("s1", 10).await.expect("hints").is_empty());
+}
+
 /// A storage node `s1` registered in a fresh SQLite store, and the ring read from it.
 async fn one_node(dir: &std::path::Path) -> (StorageNode, Arc<dyn MetadataStore>, Arc<RingView>) {
     let s1 = StorageNode::start("s1", &dir.join("s1"), None);

@@ -1067,9 +1067,9 @@ async fn held_versions_and_tenant_range_drops() {
     assert_eq!(scan(&mut c, 0, 0).await.len(), left.len());
 }
 
-/// The ring fence (cleanup's `FenceRing`): client calls placed on an older ring, or naming
-/// none, are refused with STALE_RING and change nothing; calls on the fenced ring or a newer
-/// one, and batches that are not a client's (repairs), are taken; the fence only rises, and it
+/// The ring fence (cleanup's `FenceRing`): client calls and hint replays placed on an older
+/// ring, or naming none, are refused with STALE_RING and change nothing; calls on the fenced
+/// ring or a newer one, and repairs, are taken; the fence only rises, and it
 /// holds after `kill -9`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
@@ -1116,6 +1116,11 @@ async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
                 .expect_err("a client batch on an older ring"),
         );
         stale(
+            c.write_batch(batch(pb::BatchSource::Hint, epoch, "k1", base + 1))
+                .await
+                .expect_err("a hint replay placed on an older ring"),
+        );
+        stale(
             c.read_batch(reads(epoch))
                 .await
                 .expect_err("a client read on an older ring"),
@@ -1133,6 +1138,9 @@ async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
     c.write_batch(batch(pb::BatchSource::Client, 5, "k2", base + 2))
         .await
         .expect("the fenced ring");
+    c.write_batch(batch(pb::BatchSource::Hint, 5, "k5", base + 5))
+        .await
+        .expect("a hint replay on the fenced ring");
     c.write_batch(batch(pb::BatchSource::Repair, 0, "k3", base + 3))
         .await
         .expect("repairs are not client calls");

@@ -33,6 +33,11 @@
 //!   leader that died between its commit and deleting them, a hint stored after the hand-off,
 //!   a replica an RF lowering took out of the key's set). The owners that already hold the
 //!   write take the copy as a no-op.
+//! - A delivery carries the registry epoch its placement rests on (`ring_epoch`: the older of
+//!   the ring's and the tenant record's), so a target whose cleanup fenced an older ring
+//!   refuses it (`STALE_RING`) instead of taking a record into a range it dropped; the replay
+//!   reads the registry again and places those hints anew in its next round, counting no
+//!   attempt.
 //!
 //! Replaying is idempotent on the storage side (a record never replaces a version that
 //! dominates it), so two coordinators replaying the same hint, or a replay racing a newer
@@ -433,7 +438,16 @@ pub trait KeyOwners: Send + Sync {
     /// Every node a write of `key` in storage namespace `namespace` goes to now (natural and
     /// pending owners at the tenant's write RF); `None` when that is not known (no such
     /// tenant, the metadata store did not answer): the hint then goes to its target.
-    async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<Vec<String>>;
+    async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<Owners>;
+}
+
+/// The nodes a write of one key goes to, and the registry epoch that placement rests on (the
+/// older of the ring's and the tenant record's; a fenced node refuses a delivery older than
+/// its fence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owners {
+    pub nodes: Vec<String>,
+    pub epoch: u64,
 }
 
 /// Limits of the replay loop.
@@ -576,7 +590,7 @@ pub async fn replay_target(
         if !ring.accepts_writes(target) {
             return Ok(());
         }
-        let live = retarget_moved(hinted, target, live).await?;
+        let (live, epoch) = retarget_moved(hinted, target, live, snapshot.epoch).await?;
         if live.is_empty() {
             if fetched < BATCH {
                 return Ok(());
@@ -595,7 +609,7 @@ pub async fn replay_target(
             }
         }
         let delivered = match pool.client(target, address) {
-            Ok(client) => deliver(client, records, limits.timeout).await,
+            Ok(client) => deliver(client, records, epoch, limits.timeout).await,
             Err(e) => Err(DeliveryError::from(e)),
         };
         match delivered {
@@ -603,6 +617,20 @@ pub async fn replay_target(
                 store.delete_hints(&ids).await?;
                 metrics::counter!("pairdb_hints_replayed_total").increment(ids.len() as u64);
                 tracing::debug!(target, hints = ids.len(), "hints replayed");
+            }
+            Err(DeliveryError::StaleRing) => {
+                // Not the hints' fault: read the registry again; the next round places them
+                // on it (they may have moved to other owners).
+                ring.refused_as_stale(epoch);
+                tracing::info!(
+                    target,
+                    epoch,
+                    "hint replay refused as placed on a stale ring"
+                );
+                if let Err(e) = ring.refresh().await {
+                    tracing::warn!(error = %e, "cannot read the registry again");
+                }
+                return Ok(());
             }
             Err(e) => {
                 store.record_hint_attempt(&ids).await?;
@@ -617,16 +645,20 @@ pub async fn replay_target(
 }
 
 /// Of `hints` for `target` (a node the ring knows), stores those whose key `target` no longer
-/// owns again for the key's current write owners and deletes them; returns the others.
+/// owns again for the key's current write owners and deletes them; returns the others, and
+/// the registry epoch their delivery rests on (the oldest placement among them; `ring_epoch`,
+/// the ring's, for hints whose owners are not known).
 async fn retarget_moved(
     hinted: Hinted<'_>,
     target: &str,
     hints: Vec<Hint>,
-) -> Result<Vec<Hint>, MetaError> {
+    ring_epoch: u64,
+) -> Result<(Vec<Hint>, u64), MetaError> {
     let Some(owners) = hinted.owners else {
-        return Ok(hints);
+        return Ok((hints, ring_epoch));
     };
     let mut keep = Vec::with_capacity(hints.len());
+    let mut epoch = ring_epoch;
     let mut moved = Vec::new();
     let mut copies = Vec::new();
     for hint in hints {
@@ -635,8 +667,8 @@ async fn retarget_moved(
             continue;
         };
         match owners.write_owners(&record.tenant_id, &record.key).await {
-            Some(now) if !now.iter().any(|n| n == target) => {
-                copies.extend(now.into_iter().map(|owner| Hint {
+            Some(now) if !now.nodes.iter().any(|n| n == target) => {
+                copies.extend(now.nodes.into_iter().map(|owner| Hint {
                     id: 0,
                     target_node: owner,
                     attempts: 0,
@@ -644,7 +676,11 @@ async fn retarget_moved(
                 }));
                 moved.push(hint.id);
             }
-            _ => keep.push(hint),
+            Some(now) => {
+                epoch = epoch.min(now.epoch);
+                keep.push(hint);
+            }
+            None => keep.push(hint),
         }
     }
     if !moved.is_empty() {
@@ -659,7 +695,7 @@ async fn retarget_moved(
         );
         metrics::counter!("pairdb_hints_retargeted_total").increment(moved.len() as u64);
     }
-    Ok(keep)
+    Ok((keep, epoch))
 }
 
 /// Whether the hint holds a record of a deleted tenant's namespace (an undecodable one is
@@ -680,16 +716,21 @@ enum DeliveryError {
     BadAddress(#[from] super::storage_pool::BadAddress),
     #[error("{0}")]
     Refused(String),
+    /// The target's ring fence is above the epoch the delivery rests on (`STALE_RING`).
+    #[error("refused as placed on a stale ring")]
+    StaleRing,
     #[error("timed out")]
     TimedOut,
 }
 
-/// Sends `records` to a target in batches of at most [`DELIVERY_BYTES`], each within `timeout`.
+/// Sends `records` to a target in batches of at most [`DELIVERY_BYTES`], each within `timeout`,
+/// tagged with the registry `epoch` their placement rests on.
 async fn deliver(
     mut client: crate::rpc::storage::storage_node_client::StorageNodeClient<
         crate::rpc::auth::InternalChannel,
     >,
     records: Vec<pb::Record>,
+    epoch: u64,
     timeout: Duration,
 ) -> Result<(), DeliveryError> {
     let mut batch: Vec<pb::Record> = Vec::new();
@@ -706,10 +747,15 @@ async fn deliver(
                 records: std::mem::take(&mut batch),
                 source: pb::BatchSource::Hint as i32,
                 ring_digest: 0,
-                ring_epoch: 0,
+                ring_epoch: epoch,
             });
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(_)) => {}
+                Ok(Err(status))
+                    if crate::rpc::detail::storage_code(&status) == pb::ErrorCode::StaleRing =>
+                {
+                    return Err(DeliveryError::StaleRing);
+                }
                 Ok(Err(status)) => return Err(DeliveryError::Refused(status.message().to_owned())),
                 Err(_) => return Err(DeliveryError::TimedOut),
             }

@@ -169,16 +169,21 @@ impl Coordinator {
 
 #[tonic::async_trait]
 impl hints::KeyOwners for Coordinator {
-    async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<Vec<String>> {
+    async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<hints::Owners> {
         let tenant = self.tenant_of_namespace(namespace).await.ok()??;
         let rf = self.pending_rf.write_rf(&tenant) as usize;
         let position = crate::ring::key_position(namespace, key);
-        let plan = self.ring.snapshot().ring.plan(position, rf);
-        Some(
-            plan.write_replicas()
-                .into_iter()
-                .map(|n| n.as_str().to_owned())
-                .collect(),
-        )
+        let snapshot = self.ring.snapshot();
+        let nodes = snapshot
+            .ring
+            .plan(position, rf)
+            .write_replicas()
+            .into_iter()
+            .map(|n| n.as_str().to_owned())
+            .collect();
+        Some(hints::Owners {
+            nodes,
+            epoch: write::placed_epoch(&snapshot, &tenant),
+        })
     }
 }

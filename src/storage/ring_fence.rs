@@ -7,7 +7,9 @@
 //! on a client call placed on an older ring, one a stalled coordinator sends late or the
 //! network delivers late, is refused with `STALE_RING` instead of landing in a range the node
 //! is about to drop or dropped: its coordinator reads the registry again and places the
-//! request anew. Streams, repairs and hint replays are not client calls and are not fenced.
+//! request anew. Hint replays carry the epoch their placement rests on and are fenced the
+//! same way (a replay placed on an old ring would put a record into a dropped range); streams
+//! and repairs are not.
 //!
 //! Invariants:
 //! - The floor only rises, and is durable before [`RingFence::raise`] returns

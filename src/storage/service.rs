@@ -406,12 +406,15 @@ impl StorageService {
         timed(self, "write_batch", async {
             let source = req.source();
             let req_ring_digest = req.ring_digest;
-            // Held until the batch is applied: a fence raised meanwhile waits for it.
-            let _admitted = if source == pb::BatchSource::Client {
-                self.check_confirmed()?;
-                Some(self.admit(req.ring_epoch).await?)
-            } else {
-                None
+            // Held until the batch is applied: a fence raised meanwhile waits for it. Hint
+            // replays are placed on a ring like client writes, and fenced the same way.
+            let _admitted = match source {
+                pb::BatchSource::Client => {
+                    self.check_confirmed()?;
+                    Some(self.admit(req.ring_epoch).await?)
+                }
+                pb::BatchSource::Hint => Some(self.admit(req.ring_epoch).await?),
+                _ => None,
             };
             let records = req
                 .records
