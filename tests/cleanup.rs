@@ -13,8 +13,8 @@ use std::time::Duration;
 use common::StorageNode;
 use common::cluster::{RoleProcess, join_storage, start_storage};
 use common::coord::{
-    Client, code, create_tenant, eventually, get, listed_ring, put, sqlite_url, wait_all_active,
-    wait_migration,
+    Client, code, create_tenant, eventually, get, list_from, listed_ring, put, sqlite_url,
+    wait_all_active, wait_migration,
 };
 use pairdb::ring::{Ring, key_position};
 use pairdb::rpc::common::{self as cpb, Consistency, NodeState as WireState};
@@ -697,6 +697,42 @@ async fn a_write_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_aga
     assert!(
         !held(&storage[0]).await.iter().any(|(_, k)| k == "late"),
         "the refused batch was applied"
+    );
+}
+
+/// The same for a listing: `c2`, whose ring predates `s4`, lists an RF 1 tenant after a cleanup
+/// dropped from the old owners the ranges `s4` took. Its listing asks `s1`..`s3` only; they
+/// refuse it as placed on a stale ring, and it lists again on the current ring, `s4` included.
+/// Without the fence the listing silently missed every key that lives on `s4` alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_again() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join_storage("s4", dir.path(), &storage);
+    let (_c1, mut a, _c2, mut b) = current_and_stale_coordinators(&storage, dir.path()).await;
+    create_tenant(&mut a, "one", 1).await;
+    const KEYS: usize = 60;
+    let mut written: Vec<String> = (0..KEYS).map(|i| format!("k{i:02}")).collect();
+    for key in &written {
+        put(&mut a, "one", key, "\"v\"", Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write {key}: {e}"));
+    }
+    add_node(&mut a, &s4).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let accepted = cleanup_when_up(&mut a, None).await;
+    wait_migration(&a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    let on_s4 = held(&s4).await.len();
+    assert!(on_s4 > 0, "s4 took some of the keys");
+
+    let (mut listed, _) =
+        list_from(&mut b, "one", String::new(), 1000, Consistency::One, None).await;
+    listed.sort();
+    written.sort();
+    assert_eq!(
+        listed, written,
+        "the stale coordinator lists every key ({on_s4} of them live on s4 alone)"
     );
 }
 

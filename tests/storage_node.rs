@@ -1067,8 +1067,8 @@ async fn held_versions_and_tenant_range_drops() {
     assert_eq!(scan(&mut c, 0, 0).await.len(), left.len());
 }
 
-/// The ring fence (cleanup's `FenceRing`): client calls and hint replays placed on an older
-/// ring, or naming none, are refused with STALE_RING and change nothing; calls on the fenced
+/// The ring fence (cleanup's `FenceRing`): client calls, hint replays and listings placed on
+/// an older ring, or naming none, are refused with STALE_RING and change nothing; calls on the fenced
 /// ring or a newer one, and repairs, are taken; the fence only rises, and it
 /// holds after `kill -9`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1090,6 +1090,14 @@ async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
             key: b"k0".to_vec().into(),
         }],
         source: pb::BatchSource::Client as i32,
+        ring_epoch: epoch,
+    };
+    let listing = |epoch: u64| pb::ListKeysRequest {
+        tenant_id: "acme".into(),
+        prefix: Default::default(),
+        start_after: Default::default(),
+        limit: 10,
+        keys_only: true,
         ring_epoch: epoch,
     };
     let fence = |epoch: u64| pb::FenceRingRequest { epoch };
@@ -1121,6 +1129,11 @@ async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
                 .expect_err("a hint replay placed on an older ring"),
         );
         stale(
+            c.list_keys(listing(epoch))
+                .await
+                .expect_err("a listing placed on an older ring"),
+        );
+        stale(
             c.read_batch(reads(epoch))
                 .await
                 .expect_err("a client read on an older ring"),
@@ -1141,6 +1154,9 @@ async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
     c.write_batch(batch(pb::BatchSource::Hint, 5, "k5", base + 5))
         .await
         .expect("a hint replay on the fenced ring");
+    c.list_keys(listing(5))
+        .await
+        .expect("a listing on the fenced ring");
     c.write_batch(batch(pb::BatchSource::Repair, 0, "k3", base + 3))
         .await
         .expect("repairs are not client calls");

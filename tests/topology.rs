@@ -13,8 +13,8 @@ use std::time::Duration;
 use common::StorageNode;
 use common::cluster::{RoleProcess, join_storage, start_storage, start_storage_with_env};
 use common::coord::{
-    Client, code, create_tenant, eventually, get, listed_ring, migration, node_state, put,
-    records_on, sqlite_url, stored, wait_all_active, wait_migration,
+    Client, code, create_tenant, eventually, get, list_from, listed_ring, migration, node_state,
+    put, records_on, sqlite_url, stored, wait_all_active, wait_migration,
 };
 use pairdb::meta::{
     MetadataStore, Migration, MigrationKind, MigrationState, NodeRecord, SqlMetadataStore,
@@ -987,43 +987,6 @@ async fn a_commit_the_metadata_store_refuses_for_a_while_is_tried_again() {
     assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Active));
     let nodes: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
     assert_placed(&mut c, &nodes, &TENANTS, &keys(&[("k", 100)])).await;
-}
-
-/// Lists every key of `tenant` through the coordinator, following the cursor from `cursor`;
-/// returns the keys and the pages' count.
-async fn list_from(
-    c: &mut Client,
-    tenant: &str,
-    mut cursor: String,
-    limit: u32,
-    level: Consistency,
-    pages: Option<usize>,
-) -> (Vec<String>, String) {
-    let mut keys = Vec::new();
-    for _ in 0..pages.unwrap_or(usize::MAX) {
-        let page = c
-            .list_keys(pb::ListKeysRequest {
-                tenant_id: tenant.to_owned(),
-                prefix: bytes::Bytes::new(),
-                limit,
-                cursor: cursor.clone(),
-                values: false,
-                consistency: level as i32,
-            })
-            .await
-            .expect("list")
-            .into_inner();
-        keys.extend(
-            page.keys
-                .iter()
-                .map(|k| String::from_utf8_lossy(&k.key).into_owned()),
-        );
-        cursor = page.cursor;
-        if cursor.is_empty() {
-            break;
-        }
-    }
-    (keys, cursor)
 }
 
 /// A listing cursor is a position in key order: taken before a node joins and used after its

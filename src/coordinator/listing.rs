@@ -18,6 +18,12 @@
 //! prefix, or one altered in any bit, is 400. A cursor is a position in key order, not a
 //! snapshot: it stays valid across topology changes (keys written behind it are not listed).
 //!
+//! Placement: each round's calls carry the registry epoch of the ring (and tenant) it was
+//! planned on. A node whose cleanup fenced a newer ring refuses it (`STALE_RING`): the nodes
+//! this ring asks may no longer hold what a newer ring gave to nodes it does not know. The
+//! round then runs once more on the registry and tenant read again; refused twice, the page is
+//! UNAVAILABLE.
+//!
 //! Memory per request is bounded by the nodes' page sizes (nodes × min(limit records, 4 MiB)),
 //! whatever the tenant's size.
 
@@ -33,9 +39,14 @@ use crate::ring::NodeState;
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
 
+use crate::meta::Tenant;
+use crate::rpc::detail::storage_code;
+
 use super::Coordinator;
 use super::errors::CoordError;
 use super::expiry::{expires_at_text, live_value};
+use super::replicas::{OnRing, stale_twice};
+use super::write::placed_epoch;
 
 /// Keys per page, at most (API.md).
 pub const MAX_LIMIT: u32 = 1000;
@@ -66,7 +77,7 @@ impl Coordinator {
                 "prefix must be at most 1024 bytes without NUL".to_owned(),
             ));
         }
-        let tenant = self.tenant(&req.tenant_id).await?;
+        let mut tenant = self.tenant(&req.tenant_id).await?;
         let namespace = tenant.storage_id();
         let mut after = match req.cursor.as_str() {
             "" => Bytes::new(),
@@ -76,9 +87,17 @@ impl Coordinator {
         let mut keys = Vec::with_capacity(limit.min(128));
         let now = crate::wallclock::now_ms();
         for _ in 0..MAX_ROUNDS {
-            let round = self
-                .list_round(&namespace, tenant.replication_factor, req, &after, level)
-                .await?;
+            let round = match self.list_round(&tenant, req, &after, level).await? {
+                OnRing::Served(round) => round,
+                // A node fenced a newer ring: read the registry and the tenant again, once.
+                OnRing::Stale => {
+                    tenant = self.tenant_again(&tenant, "list").await?;
+                    match self.list_round(&tenant, req, &after, level).await? {
+                        OnRing::Served(round) => round,
+                        OnRing::Stale => return Err(stale_twice("listing")),
+                    }
+                }
+            };
             if round.tenant_deleted {
                 return Err(self.stale_tenant(&tenant, "list").await);
             }
@@ -112,16 +131,19 @@ impl Coordinator {
     }
 
     /// Asks enough nodes for their next page after `after` (see [`first_wave`]; the others too
-    /// if one of those fails), checks that enough answered, and merges the answers.
+    /// if one of those fails), checks that enough answered, and merges the answers. `Stale`
+    /// when a node refused the listing as placed on a stale ring (the ring view was told).
     async fn list_round(
         &self,
-        namespace: &str,
-        rf: u32,
+        tenant: &Tenant,
         req: &pb::ListKeysRequest,
         after: &Bytes,
         level: Consistency,
-    ) -> Result<Round, CoordError> {
+    ) -> Result<OnRing<Round>, CoordError> {
+        let namespace = tenant.storage_id();
+        let rf = tenant.replication_factor;
         let snapshot = self.ring.fresh(self.options.ring_max_age()).await;
+        let epoch = placed_epoch(&snapshot, tenant);
         let reachable: Vec<_> = snapshot
             .nodes
             .iter()
@@ -137,11 +159,12 @@ impl Coordinator {
         let rf = (rf as usize).min(active.len());
         let required = level.required(rf);
         let request = spb::ListKeysRequest {
-            tenant_id: namespace.to_owned(),
+            tenant_id: namespace.clone(),
             prefix: req.prefix.clone(),
             start_after: after.clone(),
             limit: req.limit,
             keys_only: !req.values,
+            ring_epoch: epoch,
         };
         let ask = |nodes: Vec<NodeRecord>| {
             let request = request.clone();
@@ -169,6 +192,15 @@ impl Coordinator {
         if missing_of(&answers) > rf - required && !rest.is_empty() {
             metrics::counter!("pairdb_list_second_waves_total").increment(1);
             answers.extend(ask(rest).await);
+        }
+        let stale = answers.iter().any(|(_, answer)| {
+            answer
+                .as_ref()
+                .is_err_and(|status| storage_code(status) == spb::ErrorCode::StaleRing)
+        });
+        if stale {
+            self.ring.refused_as_stale(epoch);
+            return Ok(OnRing::Stale);
         }
         let missing = missing_of(&answers);
         if rf == 0 || missing > rf - required {
@@ -216,11 +248,11 @@ impl Coordinator {
                 }
             }
         }
-        Ok(Round {
+        Ok(OnRing::Served(Round {
             merged,
             bound,
             tenant_deleted,
-        })
+        }))
     }
 
     /// The cursor after `last` for this namespace and prefix.

@@ -1058,7 +1058,9 @@ impl StorageNode for StorageService {
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let body = async {
-            let listing = super::listing::ListKeys::parse(req.into_inner())?;
+            let req = req.into_inner();
+            self.fence.check(req.ring_epoch).map_err(refused_stale)?;
+            let listing = super::listing::ListKeys::parse(req)?;
             if self.dropped.contains(listing.tenant()) {
                 return Ok(pb::ListKeysResponse {
                     tenant_deleted: true,

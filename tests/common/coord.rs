@@ -292,3 +292,40 @@ pub async fn records_on(node: &StorageNode) -> usize {
     }
     n
 }
+
+/// Lists every key of `tenant` through the coordinator, following the cursor from `cursor`;
+/// returns the keys and the pages' count.
+pub async fn list_from(
+    c: &mut Client,
+    tenant: &str,
+    mut cursor: String,
+    limit: u32,
+    level: Consistency,
+    pages: Option<usize>,
+) -> (Vec<String>, String) {
+    let mut keys = Vec::new();
+    for _ in 0..pages.unwrap_or(usize::MAX) {
+        let page = c
+            .list_keys(pb::ListKeysRequest {
+                tenant_id: tenant.to_owned(),
+                prefix: bytes::Bytes::new(),
+                limit,
+                cursor: cursor.clone(),
+                values: false,
+                consistency: level as i32,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        keys.extend(
+            page.keys
+                .iter()
+                .map(|k| String::from_utf8_lossy(&k.key).into_owned()),
+        );
+        cursor = page.cursor;
+        if cursor.is_empty() {
+            break;
+        }
+    }
+    (keys, cursor)
+}
