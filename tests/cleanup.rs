@@ -11,10 +11,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::StorageNode;
-use common::cluster::{RoleProcess, join_storage, start_storage};
+use common::cluster::{
+    RoleProcess, join_storage, join_storage_with_env, start_storage, start_storage_with_env,
+};
 use common::coord::{
     Client, code, create_tenant, eventually, get, list_from, listed_ring, put, sqlite_url,
-    wait_all_active, wait_migration,
+    stored_record, wait_all_active, wait_migration,
 };
 use pairdb::ring::{Ring, key_position};
 use pairdb::rpc::common::{self as cpb, Consistency, NodeState as WireState};
@@ -734,6 +736,134 @@ async fn a_listing_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_a
         listed, written,
         "the stale coordinator lists every key ({on_s4} of them live on s4 alone)"
     );
+}
+
+/// A tombstone must outlive every copy of the value it deletes, also the copy an old owner
+/// keeps of a range it gave away until a cleanup drops it. Here `s4` takes keys of an RF 1
+/// tenant from their old owners, one of them is deleted, and a repair runs past `gc_grace`
+/// (1 s): no range counts as repaired while no cleanup followed the change, so a compaction on
+/// `s4` keeps the tombstone. When `s4` then leaves, its ranges go back to the old owners with
+/// the tombstone, and the key stays deleted. Without the rule the compaction purged it, and
+/// the old owner's leftover value would have come back. Once a cleanup dropped the leftovers,
+/// repairs let tombstones go again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tombstone_outlives_the_copies_old_owners_keep_until_a_cleanup() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gc = [("PAIRDB_STORAGE_GC_GRACE", "1s")];
+    let storage = start_storage_with_env(3, dir.path(), &gc);
+    let s4 = join_storage_with_env("s4", dir.path(), &storage, &gc);
+    let c1 = coordinator(
+        &storage,
+        dir.path(),
+        &[
+            ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
+            ("PAIRDB_COORDINATOR_AUTO_REPAIR", "false"),
+            ("PAIRDB_COORDINATOR_READ_REPAIR_CHANCE", "0"),
+            ("PAIRDB_COORDINATOR_MAX_CLOCK_SKEW", "500ms"),
+            ("PAIRDB_COORDINATOR_REQUEST_TIMEOUT", "1s"),
+            ("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500"),
+        ],
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "one", 1).await;
+    let keys: Vec<String> = (0..40).map(|i| format!("z{i}")).collect();
+    for key in &keys {
+        put(&mut c, "one", key, "\"alive\"", Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write {key}: {e}"));
+    }
+    add_node(&mut c, &s4).await;
+    let mut zombie = None;
+    for key in &keys {
+        if stored_record(&s4, "one", key).await.is_some() {
+            zombie = Some(key.clone());
+            break;
+        }
+    }
+    let zombie = zombie.expect("s4 took some keys");
+    let mut old_owner = None;
+    for node in &storage {
+        if stored_record(node, "one", &zombie).await.is_some() {
+            old_owner = Some(node);
+        }
+    }
+    let old_owner = old_owner.expect("the old owner keeps its copy until a cleanup");
+
+    delete_at_all(&mut c, "one", &zombie).await;
+    // Past gc_grace and the repair's margin (request timeout + clock skew).
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    repair(&mut c).await;
+    compact(&s4).await;
+    assert!(
+        is_tombstone(&stored_record(&s4, "one", &zombie).await),
+        "one/{zombie}: a tombstone purged while {} still holds the value it deleted",
+        old_owner.id
+    );
+
+    let removed = c
+        .remove_storage_node(pb::RemoveStorageNodeRequest {
+            node_id: "s4".into(),
+            force: false,
+        })
+        .await
+        .expect("remove s4")
+        .into_inner();
+    wait_migration(&c, &removed.migration_id, pb::MigrationState::Completed).await;
+    let read = get(&mut c, "one", &zombie, Consistency::All).await;
+    assert!(
+        matches!(&read, Err(s) if s.code() == tonic::Code::NotFound),
+        "one/{zombie} came back after s4 left: {read:?}"
+    );
+
+    // A cleanup of every node (after the settle time): repairs let tombstones go again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let accepted = cleanup_when_up(&mut c, None).await;
+    wait_migration(&c, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    repair(&mut c).await;
+    compact(old_owner).await;
+    assert_eq!(
+        stored_record(old_owner, "one", &zombie).await,
+        None,
+        "the tombstone goes once no leftover copy can exist"
+    );
+}
+
+async fn delete_at_all(c: &mut Client, tenant: &str, key: &str) {
+    c.delete_key_value(pb::DeleteKeyValueRequest {
+        tenant_id: tenant.to_owned(),
+        key: key.as_bytes().to_vec().into(),
+        consistency: Consistency::All as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("delete {tenant}/{key}: {e}"));
+}
+
+async fn repair(c: &mut Client) {
+    let accepted = c
+        .start_repair(pb::StartRepairRequest::default())
+        .await
+        .expect("start repair")
+        .into_inner();
+    wait_migration(c, &accepted.repair_id, pb::MigrationState::Completed).await;
+}
+
+async fn compact(node: &StorageNode) {
+    node.client()
+        .await
+        .compact(spb::CompactRequest {})
+        .await
+        .expect("compact");
+}
+
+fn is_tombstone(record: &Option<spb::Record>) -> bool {
+    matches!(
+        record.as_ref().and_then(|r| r.payload.as_ref()),
+        Some(spb::record::Payload::Tombstone(_))
+    )
 }
 
 /// The same for a replication factor: `c2` still has tenant `one` at RF 3 after `c1` lowered

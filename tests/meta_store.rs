@@ -622,6 +622,46 @@ async fn suite(a: &dyn MetadataStore, b: &dyn MetadataStore) {
     b.record_repair_counts("r1", 30, 4).await.expect("counts");
     assert_eq!(a.repair_counts("r1").await.expect("counts"), (30, 4));
     assert_eq!(b.repair_counts("r2").await.expect("counts"), (0, 0));
+
+    leftovers_until_a_cleanup(a, b).await;
+}
+
+/// Leftovers (records of ranges a node gave away) may exist once a placement change completed
+/// and the registry moved past the last complete cleanup; a cleanup's epoch only rises.
+async fn leftovers_until_a_cleanup(a: &dyn MetadataStore, b: &dyn MetadataStore) {
+    let change = Migration::begin(
+        "leftovers-1".into(),
+        MigrationKind::NodeAddition,
+        "e9",
+        MigrationState::InProgress,
+    );
+    a.create_migration(&change).await.expect("create");
+    a.update_migration("leftovers-1", MigrationState::Completed, 0, 0, 0)
+        .await
+        .expect("complete");
+    let now = b.leftovers().await.expect("leftovers");
+    assert!(now.placement_changed);
+    let epoch = b.registry().await.expect("registry").epoch;
+    assert_eq!(now.registry_epoch, epoch);
+    assert!(now.cleaned_epoch < epoch);
+    assert!(now.may_exist(), "{now:?}");
+    b.record_cleaned_epoch(epoch).await.expect("cleaned");
+    a.record_cleaned_epoch(epoch - 1).await.expect("lower");
+    let cleaned = a.leftovers().await.expect("leftovers");
+    assert_eq!(cleaned.cleaned_epoch, epoch, "never lowered");
+    assert!(!cleaned.may_exist(), "{cleaned:?}");
+    a.add_node(&node("e9", NodeState::Bootstrapping))
+        .await
+        .expect("add");
+    a.remove_node("e9").await.expect("remove");
+    assert!(
+        b.leftovers().await.expect("leftovers").may_exist(),
+        "any registry change after the cleanup counts"
+    );
+    b.record_cleaned_epoch(b.registry().await.expect("registry").epoch)
+        .await
+        .expect("cleaned");
+    assert!(!a.leftovers().await.expect("leftovers").may_exist());
 }
 
 /// Runs the suite over two connections to `url`, then checks that reconnecting (which applies

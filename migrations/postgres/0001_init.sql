@@ -98,3 +98,11 @@ CREATE TABLE IF NOT EXISTS registry_epoch (
     epoch BIGINT NOT NULL
 );
 INSERT INTO registry_epoch (id, epoch) VALUES (1, 1) ON CONFLICT (id) DO NOTHING;
+-- The registry epoch the last cleanup of every node verified against, without skipping a
+-- node: up to it, no node holds records of ranges it gave away (which a later change could
+-- give back to it after their tombstones were purged elsewhere). One row; only rises.
+CREATE TABLE IF NOT EXISTS cleanup_epoch (
+    id BIGINT PRIMARY KEY,
+    epoch BIGINT NOT NULL
+);
+INSERT INTO cleanup_epoch (id, epoch) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;

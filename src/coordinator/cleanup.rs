@@ -355,6 +355,19 @@ impl Coordinator {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        // Every member cleaned (none skipped): no node holds records of ranges it gave away
+        // up to this ring, so repairs may again let tombstones go (`Leftovers`).
+        let every_member = subject.is_none()
+            && registered
+                .iter()
+                .filter(|n| n.state.is_member())
+                .all(|n| targets.contains(&n.node_id));
+        if every_member {
+            self.meta
+                .record_cleaned_epoch(registry.epoch)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 
@@ -632,10 +645,12 @@ pub fn spawn_auto_cleanup(core: Arc<Coordinator>, grace: Duration, every: Durati
     });
 }
 
-/// Whether the last completed change is older than `grace` and no cleanup (running or
-/// completed) started after it. An automatic cleanup that failed (a key not verified: it needs
-/// repair, and an operator sees why in `pairdb admin migrations`) is tried again only a grace
-/// later, not at every check.
+/// Whether a cleanup of every node is due: nodes may hold records of ranges they gave away
+/// ([`crate::meta::Leftovers`]: the registry moved since the last complete cleanup, which
+/// also keeps repairs from letting tombstones go), the last node or RF change that ended is
+/// older than `grace`, and no cleanup is running or failed less than a grace ago (a failed
+/// one, a key not verified, needs repair, and an operator sees why in `pairdb admin
+/// migrations`; it is tried again only a grace later, not at every check).
 async fn cleanup_due(core: &Coordinator, grace: Duration) -> Result<bool, CoordError> {
     // The change's record carries another coordinator's wall clock, which may run behind and
     // make a fresh change look old; so the grace must also have passed on this coordinator's
@@ -644,25 +659,27 @@ async fn cleanup_due(core: &Coordinator, grace: Duration) -> Result<bool, CoordE
     if core.ring.unchanged_for() < grace.min(OWN_CLOCK_GRACE) {
         return Ok(false);
     }
-    let recent = core.meta.recent_migrations(100).await?;
-    let Some(changed) = recent
-        .iter()
-        .filter(|m| m.kind.changes_placement() && m.state == MigrationState::Completed)
-        .map(|m| m.updated_at_ms)
-        .max()
-    else {
+    if !core.meta.leftovers().await?.may_exist() {
         return Ok(false);
-    };
+    }
+    let recent = core.meta.recent_migrations(100).await?;
     let now = crate::wallclock::now_ms() as i64;
     let grace = grace.as_millis() as i64;
-    let cleaned = recent.iter().any(|m| {
+    // Ended changes count too: a rolled-back one moved the registry as well.
+    let changed = recent
+        .iter()
+        .filter(|m| m.kind.changes_placement() && m.state != MigrationState::InProgress)
+        .map(|m| m.updated_at_ms)
+        .max()
+        .unwrap_or(i64::MIN);
+    let held_back = recent.iter().any(|m| {
         m.kind == MigrationKind::Cleanup
             && m.subject == EVERY_NODE
-            && m.started_at_ms >= changed
             && match m.state {
                 MigrationState::Failed => now < m.updated_at_ms + grace,
-                _ => true,
+                MigrationState::InProgress | MigrationState::Pending => true,
+                _ => false,
             }
     });
-    Ok(!cleaned && now >= changed + grace)
+    Ok(!held_back && now >= changed.saturating_add(grace))
 }

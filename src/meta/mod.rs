@@ -83,6 +83,27 @@ pub struct Registry {
     pub nodes: Vec<NodeRecord>,
 }
 
+/// Whether some node may still hold records of ranges it gave away: a node addition or an RF
+/// lowering leaves them on the old owners until a cleanup drops them. Such a leftover copy is
+/// a copy no repair compares, so while one may exist no tombstone may be purged: a later
+/// change could give the range back to that node, and its old value would return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leftovers {
+    pub registry_epoch: u64,
+    /// The registry epoch of the last complete cleanup (0: none).
+    pub cleaned_epoch: u64,
+    /// Some node addition, removal or RF change ever completed.
+    pub placement_changed: bool,
+}
+
+impl Leftovers {
+    /// True when leftovers may exist: placement changed at some point, and the registry moved
+    /// since the last complete cleanup (conservative: any registry change counts).
+    pub fn may_exist(&self) -> bool {
+        self.placement_changed && self.registry_epoch > self.cleaned_epoch
+    }
+}
+
 /// A storage node in the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRecord {
@@ -301,6 +322,11 @@ pub trait MetadataStore: Send + Sync {
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, MetaError>;
     /// The registry and its epoch, read together (one snapshot).
     async fn registry(&self) -> Result<Registry, MetaError>;
+    /// Whether nodes may hold records of ranges they gave away (see [`Leftovers`]).
+    async fn leftovers(&self) -> Result<Leftovers, MetaError>;
+    /// A cleanup of every node, skipping none, verified against the ring of registry `epoch`
+    /// and completed: no node holds records of ranges it gave away up to it. Only rises.
+    async fn record_cleaned_epoch(&self, epoch: u64) -> Result<(), MetaError>;
     async fn add_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
     /// Adds `node` only if the registry is still exactly `seen` ([`registry_view`]), so a node's tokens are chosen against the registry it joins and no other topology
     /// change started meanwhile; `Changed` otherwise.

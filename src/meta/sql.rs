@@ -8,8 +8,9 @@ use sqlx::{AnyPool, Row};
 use crate::ring::NodeState;
 
 use super::{
-    DeletedTenant, Hint, MetaError, MetadataStore, Migration, MigrationKind, MigrationLease,
-    MigrationState, NodeRecord, RangeRepair, Registry, RegistryEntry, StreamCheckpoint, Tenant,
+    DeletedTenant, Hint, Leftovers, MetaError, MetadataStore, Migration, MigrationKind,
+    MigrationLease, MigrationState, NodeRecord, RangeRepair, Registry, RegistryEntry,
+    StreamCheckpoint, Tenant,
 };
 
 const POSTGRES_SCHEMA: &str = include_str!("../../migrations/postgres/0001_init.sql");
@@ -616,6 +617,33 @@ impl MetadataStore for SqlMetadataStore {
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, MetaError> {
         let mut conn = self.pool.acquire().await.map_err(unavailable)?;
         nodes_in(&mut conn).await
+    }
+
+    async fn leftovers(&self) -> Result<Leftovers, MetaError> {
+        let row = sqlx::query(
+            "SELECT (SELECT epoch FROM registry_epoch WHERE id = 1) AS registry, \
+             (SELECT epoch FROM cleanup_epoch WHERE id = 1) AS cleaned, \
+             (SELECT COUNT(*) FROM (SELECT 1 FROM migrations WHERE state = 'completed' \
+              AND kind IN ('node_addition', 'node_removal', 'replication_factor_change') \
+              LIMIT 1) AS changed) AS changed",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(Leftovers {
+            registry_epoch: int(&row, "registry")?,
+            cleaned_epoch: int(&row, "cleaned")?,
+            placement_changed: int::<i64>(&row, "changed")? > 0,
+        })
+    }
+
+    async fn record_cleaned_epoch(&self, epoch: u64) -> Result<(), MetaError> {
+        sqlx::query("UPDATE cleanup_epoch SET epoch = $1 WHERE id = 1 AND epoch < $1")
+            .bind(count(epoch)?)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn registry(&self) -> Result<Registry, MetaError> {

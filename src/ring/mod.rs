@@ -78,7 +78,7 @@ pub enum NodeState {
 
 impl NodeState {
     /// Counted when computing natural owners.
-    fn is_member(self) -> bool {
+    pub fn is_member(self) -> bool {
         matches!(self, Self::Active | Self::Draining | Self::Down)
     }
     /// Counted when computing owners after the pending changes complete.

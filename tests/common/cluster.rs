@@ -43,6 +43,16 @@ pub fn start_storage_with_env(n: usize, dir: &Path, env: &[(&str, &str)]) -> Vec
 
 /// A storage node `id` that joins the gossip of `peers`, data under `dir/id`.
 pub fn join_storage(id: &str, dir: &Path, peers: &[StorageNode]) -> StorageNode {
+    join_storage_with_env(id, dir, peers, &[])
+}
+
+/// [`join_storage`] with extra environment (`PAIRDB_STORAGE_*` settings).
+pub fn join_storage_with_env(
+    id: &str,
+    dir: &Path,
+    peers: &[StorageNode],
+    env: &[(&str, &str)],
+) -> StorageNode {
     let gossip = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
     let seeds = peers
         .iter()
@@ -50,7 +60,7 @@ pub fn join_storage(id: &str, dir: &Path, peers: &[StorageNode]) -> StorageNode 
         .collect();
     let data = dir.join(id);
     std::fs::create_dir_all(&data).expect("mkdir");
-    StorageNode::start(id, &data, Some((gossip, seeds)))
+    StorageNode::start_with_env(id, &data, Some((gossip, seeds)), env)
 }
 
 /// `id@host:port` of each storage node, comma-separated.

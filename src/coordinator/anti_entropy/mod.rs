@@ -375,6 +375,12 @@ impl Coordinator {
                         });
                 }
             }
+            if !marks.is_empty() && self.leftovers_may_exist().await {
+                // Not marked: nothing counts as repaired for tombstones until a cleanup.
+                metrics::counter!("pairdb_repair_marks_withheld_total").increment(1);
+                tracing::info!(repair = %m.migration_id, tenant = %tenant.tenant_id, "ranges not marked repaired: nodes may still hold ranges they gave away (no cleanup since the last change), so no tombstone may go yet");
+                marks.clear();
+            }
             if !self.mark_repaired(&snapshot, marks).await {
                 for (i, _) in &which {
                     if let Some(c) = complete.get_mut(*i) {
@@ -446,6 +452,20 @@ impl Coordinator {
     fn repaired_as_of(&self, started_ms: i64) -> u64 {
         let margin = self.options.request_timeout + self.options.max_clock_skew;
         (started_ms.max(0) as u64).saturating_sub(margin.as_millis() as u64)
+    }
+
+    /// Whether some node may hold records of ranges it gave away ([`crate::meta::Leftovers`]):
+    /// such a copy is one no repair compares, so no range may count as repaired for
+    /// tombstones (a later change could give the range back to that node after its tombstones
+    /// were purged, and the old value would return). True when the store cannot tell.
+    async fn leftovers_may_exist(&self) -> bool {
+        match self.meta.leftovers().await {
+            Ok(leftovers) => leftovers.may_exist(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell whether a cleanup is pending; ranges not marked repaired");
+                true
+            }
+        }
     }
 
     /// Tells each owner which of its tenants' ranges were repaired; false if one did not
