@@ -195,6 +195,50 @@ async fn adding_a_node_streams_its_ranges_then_activates_it() {
     assert!(held[3] > 40, "s4 owns a share of the keys: {held:?}");
 }
 
+/// A node joins empty. One that holds records (a removed node started again on its old data
+/// directory) is refused with INVALID_NODE_CONFIG and registered nowhere: what it kept would be
+/// live again, deleted keys among them once their tombstones were purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_holds_data_is_refused() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join("s4", dir.path(), &storage);
+    let c1 = coordinator(&storage, dir.path(), &[]);
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    let record = pairdb::rpc::storage::Record {
+        tenant_id: "wide".into(),
+        key: b"kept".to_vec().into(),
+        version: Some(pairdb::rpc::common::Version {
+            clock: vec![pairdb::rpc::common::ClockEntry {
+                coordinator_id: "c9".into(),
+                counter: pairdb::vclock::physical_counter(pairdb::wallclock::now_ms()),
+            }],
+            timestamp_ms: 0,
+        }),
+        payload: Some(pairdb::rpc::storage::record::Payload::Value(
+            b"\"old\"".to_vec().into(),
+        )),
+        ring_hash: 0,
+        expires_at_ms: 0,
+    };
+    s4.client()
+        .await
+        .write_batch(pairdb::rpc::storage::WriteBatchRequest {
+            records: vec![record],
+            source: pairdb::rpc::storage::BatchSource::Repair as i32,
+            ring_digest: 0,
+            ring_epoch: 0,
+        })
+        .await
+        .expect("a record from an earlier membership");
+    let refused = add(&mut c, &s4).await.expect_err("s4 holds data");
+    assert_eq!(code(&refused), ErrorCode::InvalidNodeConfig, "{refused:?}");
+    assert!(refused.message().contains("holds data"), "{refused:?}");
+    assert_eq!(node_state(&mut c, "s4").await, None);
+}
+
 /// The value of a counter on a storage node's `/metrics` (0 when absent).
 async fn counter(node: &StorageNode, name: &str) -> u64 {
     let metrics = common::http_get(node.http, "/metrics").await;

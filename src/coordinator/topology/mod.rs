@@ -85,11 +85,22 @@ impl Coordinator {
                 )));
             }
         }
-        self.probe(&record).await?;
-        if registered
+        let health = self.probe(&record).await?;
+        let retried = registered
             .iter()
-            .any(|n| n.node_id == record.node_id && n.state == NodeState::Failed)
-        {
+            .any(|n| n.node_id == record.node_id && n.state == NodeState::Failed);
+        // A node joins empty: records it kept from an earlier membership (a removed node back
+        // with its volume) would be live again, deleted keys among them once their tombstones
+        // were purged. A failed addition tried again keeps what it got in its own attempt.
+        if !retried && (health.key_estimate > 0 || health.sstable_count > 0) {
+            return Err(CoordError::InvalidNodeConfig(format!(
+                "the storage node at {}:{} holds data (about {} records in {} tables): a node \
+                 joins empty, since records kept from an earlier membership would come back \
+                 as live; wipe its data directory and start it again",
+                record.host, record.port, health.key_estimate, health.sstable_count
+            )));
+        }
+        if retried {
             self.meta.remove_node(&record.node_id).await?;
         }
         let rfs = admission::balanced_for(&self.replication_factors().await?);
@@ -280,8 +291,8 @@ impl Coordinator {
         }
     }
 
-    /// The node must answer at its address, with its own id.
-    async fn probe(&self, record: &NodeRecord) -> Result<(), CoordError> {
+    /// The node must answer at its address, with its own id; returns what it answered.
+    async fn probe(&self, record: &NodeRecord) -> Result<spb::HealthCheckResponse, CoordError> {
         let address = format!("{}:{}", record.host, record.port);
         let unreachable = |why: String| {
             CoordError::InvalidNodeConfig(format!("no storage node answers at {address}: {why}"))
@@ -304,7 +315,7 @@ impl Coordinator {
                 health.node_id, record.node_id
             )));
         }
-        Ok(())
+        Ok(health)
     }
 }
 
