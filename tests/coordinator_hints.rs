@@ -66,6 +66,14 @@ fn node(id: &str, port: u16) -> NodeRecord {
     }
 }
 
+/// The replay's limits in these tests: a 3 h window, 5 attempts.
+const LIMITS: ReplayLimits = ReplayLimits {
+    interval: Duration::from_millis(100),
+    max_window: Duration::from_secs(3 * 3600),
+    max_attempts: 5,
+    timeout: Duration::from_secs(2),
+};
+
 /// A replay without a coordinator: every hint goes to its target.
 fn hinted<'a>(
     store: &'a dyn MetadataStore,
@@ -108,12 +116,7 @@ async fn replay_drops_the_hints_of_deleted_tenants() {
     let ring = RingView::load(store.clone(), Arc::new(Membership::default()))
         .await
         .expect("ring");
-    let limits = ReplayLimits {
-        interval: Duration::from_millis(100),
-        max_window: Duration::from_secs(3 * 3600),
-        max_attempts: 5,
-        timeout: Duration::from_secs(2),
-    };
+    let limits = LIMITS;
     let pool = StoragePool::new(common::internal_auth());
     replay_round(hinted(&*store, &ring, &pool), limits)
         .await
@@ -167,12 +170,7 @@ async fn replay_delivers_live_hints_and_drops_expired_ones() {
     let ring = RingView::load(store.clone(), Arc::new(Membership::default()))
         .await
         .expect("ring");
-    let limits = ReplayLimits {
-        interval: Duration::from_millis(100),
-        max_window: Duration::from_secs(3 * 3600),
-        max_attempts: 5,
-        timeout: Duration::from_secs(2),
-    };
+    let limits = LIMITS;
     let pool = StoragePool::new(common::internal_auth());
     replay_round(hinted(&*store, &ring, &pool), limits)
         .await
@@ -236,12 +234,7 @@ async fn a_hint_replay_placed_on_a_ring_older_than_the_targets_fence_waits_for_a
         .store_hints(&[hint("s1", "fenced", now_ms() as i64, 0)])
         .await
         .expect("store hints");
-    let limits = ReplayLimits {
-        interval: Duration::from_millis(100),
-        max_window: Duration::from_secs(3 * 3600),
-        max_attempts: 5,
-        timeout: Duration::from_secs(2),
-    };
+    let limits = LIMITS;
     let pool = StoragePool::new(common::internal_auth());
     let read = |client: &mut pb::storage_node_client::StorageNodeClient<_>| {
         let mut client = client.clone();

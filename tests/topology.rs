@@ -348,6 +348,43 @@ async fn removing_nodes_hands_their_ranges_to_the_inheritors() {
     assert_placed(&mut c, &two, &TENANTS[..2], &all_keys).await;
 }
 
+/// `storage[i]` misses `n` writes of `tenant` (`missed0..`, each the key as its value): it is
+/// killed while they are written at `level` through `c`, then restarted and seen active. Each
+/// becomes a hint for it (kept while `c` does not replay).
+async fn miss_writes(
+    c: &mut Client,
+    storage: &mut [StorageNode],
+    i: usize,
+    tenant: &str,
+    n: usize,
+    level: Consistency,
+) -> Vec<String> {
+    storage[i].kill9();
+    let missed: Vec<String> = (0..n).map(|k| format!("missed{k}")).collect();
+    for key in &missed {
+        put(c, tenant, key, &format!("\"{key}\""), level)
+            .await
+            .unwrap_or_else(|e| panic!("write {key}: {e}"));
+    }
+    storage[i].restart();
+    wait_all_active(c, storage.len()).await;
+    missed
+}
+
+/// A coordinator that replays hints, once it replayed (or handed on) every stored hint.
+async fn replay_every_hint(storage: &[StorageNode], dir: &Path) -> RoleProcess {
+    let c2 = coordinator(storage, dir, &[]);
+    let _c = c2.client().await;
+    let store = SqlMetadataStore::connect(&sqlite_url(dir))
+        .await
+        .expect("the coordinators' store");
+    eventually("every hint replayed", Duration::from_secs(60), || async {
+        store.hint_counts().await.expect("hint counts").is_empty()
+    })
+    .await;
+    c2
+}
+
 /// Writes a node missed while it was down are hints. When that node is then removed, the data
 /// it streams out lacks those writes: its hints must go to the nodes inheriting the keys, not
 /// be dropped.
@@ -363,15 +400,7 @@ async fn a_removed_node_hands_its_hints_to_its_heirs() {
     wait_all_active(&c, 4).await;
     create_tenant(&mut c, "pair", 2).await;
 
-    storage[3].kill9();
-    let missed: Vec<String> = (0..60).map(|i| format!("missed{i}")).collect();
-    for key in &missed {
-        put(&mut c, "pair", key, &format!("\"{key}\""), Consistency::One)
-            .await
-            .unwrap_or_else(|e| panic!("write {key}: {e}"));
-    }
-    storage[3].restart();
-    wait_all_active(&c, 4).await;
+    let missed = miss_writes(&mut c, &mut storage, 3, "pair", 60, Consistency::One).await;
     let accepted = remove(&mut c, "s4", false).await.expect("remove s4");
     wait_migration(&c, &accepted.migration_id, pb::MigrationState::Completed).await;
 
@@ -417,15 +446,7 @@ async fn a_node_giving_ranges_to_a_joining_one_hands_it_its_hints() {
     wait_all_active(&c, 3).await;
     create_tenant(&mut c, "pair", 2).await;
 
-    storage[2].kill9();
-    let missed: Vec<String> = (0..120).map(|i| format!("missed{i}")).collect();
-    for key in &missed {
-        put(&mut c, "pair", key, &format!("\"{key}\""), Consistency::One)
-            .await
-            .unwrap_or_else(|e| panic!("write {key}: {e}"));
-    }
-    storage[2].restart();
-    wait_all_active(&c, 3).await;
+    let missed = miss_writes(&mut c, &mut storage, 2, "pair", 120, Consistency::One).await;
     let accepted = add(&mut c, &s4).await.expect("add s4");
     wait_migration(&c, &accepted.migration_id, pb::MigrationState::Completed).await;
 
@@ -460,15 +481,7 @@ async fn a_node_giving_ranges_to_a_joining_one_hands_it_its_hints() {
 
     // A coordinator that replays hints: every key reaches its owners, and s3 none it lost.
     drop(c1);
-    let c2 = coordinator(&storage, dir.path(), &[]);
-    let _c = c2.client().await;
-    let store = SqlMetadataStore::connect(&sqlite_url(dir.path()))
-        .await
-        .expect("the coordinators' store");
-    eventually("every hint replayed", Duration::from_secs(60), || async {
-        store.hint_counts().await.expect("hint counts").is_empty()
-    })
-    .await;
+    let _c2 = replay_every_hint(&storage, dir.path()).await;
     for key in &missed {
         let owned = owners(&after, key);
         for node in &nodes {
@@ -497,34 +510,12 @@ async fn hints_for_a_replica_an_rf_lowering_removed_go_to_the_owners() {
     wait_all_active(&c, 3).await;
     create_tenant(&mut c, "wide", 3).await;
 
-    storage[2].kill9();
-    let missed: Vec<String> = (0..60).map(|i| format!("missed{i}")).collect();
-    for key in &missed {
-        put(
-            &mut c,
-            "wide",
-            key,
-            &format!("\"{key}\""),
-            Consistency::Quorum,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("write {key}: {e}"));
-    }
-    storage[2].restart();
-    wait_all_active(&c, 3).await;
+    let missed = miss_writes(&mut c, &mut storage, 2, "wide", 60, Consistency::Quorum).await;
     let lowered = set_rf(&mut c, "wide", 1).await.expect("lower the RF");
     wait_migration(&c, &lowered.migration_id, pb::MigrationState::Completed).await;
 
     drop(c1);
-    let c2 = coordinator(&storage, dir.path(), &[]);
-    let _c = c2.client().await;
-    let store = SqlMetadataStore::connect(&sqlite_url(dir.path()))
-        .await
-        .expect("the coordinators' store");
-    eventually("every hint replayed", Duration::from_secs(60), || async {
-        store.hint_counts().await.expect("hint counts").is_empty()
-    })
-    .await;
+    let c2 = replay_every_hint(&storage, dir.path()).await;
     let nodes: Vec<&StorageNode> = storage.iter().collect();
     let ring = listed_ring(&mut c2.client().await, &nodes).await;
     let mut owned_by_s3 = 0;

@@ -587,15 +587,16 @@ pub async fn replay_target(
         let Some(address) = snapshot.address(target) else {
             return Ok(());
         };
-        if !ring.accepts_writes(target) {
-            return Ok(());
-        }
+        // Whether the target is up or not: a key it lost is not its to wait for.
         let (live, epoch) = retarget_moved(hinted, target, live, snapshot.epoch).await?;
         if live.is_empty() {
             if fetched < BATCH {
                 return Ok(());
             }
             continue;
+        }
+        if !ring.accepts_writes(target) {
+            return Ok(());
         }
         let ids: Vec<i64> = live.iter().map(|h| h.id).collect();
         let mut records = Vec::with_capacity(live.len());

@@ -167,22 +167,34 @@ impl Coordinator {
     }
 }
 
-#[tonic::async_trait]
-impl hints::KeyOwners for Coordinator {
-    async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<hints::Owners> {
-        let tenant = self.tenant_of_namespace(namespace).await.ok()??;
-        let rf = self.pending_rf.write_rf(&tenant) as usize;
-        let position = crate::ring::key_position(namespace, key);
-        let snapshot = self.ring.snapshot();
-        let nodes = snapshot
+impl Coordinator {
+    /// Every node a write of `key` in `tenant`'s namespace goes to on `snapshot`: natural and
+    /// pending owners at the tenant's write RF (the larger one while an RF raise runs).
+    pub fn write_owners_on(
+        &self,
+        snapshot: &ring_view::Snapshot,
+        tenant: &Tenant,
+        key: &[u8],
+    ) -> Vec<String> {
+        let rf = self.pending_rf.write_rf(tenant) as usize;
+        let position = crate::ring::key_position(&tenant.storage_id(), key);
+        snapshot
             .ring
             .plan(position, rf)
             .write_replicas()
             .into_iter()
             .map(|n| n.as_str().to_owned())
-            .collect();
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl hints::KeyOwners for Coordinator {
+    async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<hints::Owners> {
+        let tenant = self.tenant_of_namespace(namespace).await.ok()??;
+        let snapshot = self.ring.snapshot();
         Some(hints::Owners {
-            nodes,
+            nodes: self.write_owners_on(&snapshot, &tenant, key),
             epoch: write::placed_epoch(&snapshot, &tenant),
         })
     }

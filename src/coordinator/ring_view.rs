@@ -35,7 +35,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn new(registry: Registry) -> Self {
+    pub(crate) fn new(registry: Registry) -> Self {
         let Registry { epoch, nodes } = registry;
         let ring = Ring::new(nodes.iter().map(NodeRecord::ring_node));
         let addresses = nodes

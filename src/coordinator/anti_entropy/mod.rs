@@ -266,9 +266,13 @@ impl Coordinator {
     ) -> Result<(), Interrupted> {
         let scope = RepairScope::parse(&m.subject);
         let failed = |e: CoordError| Interrupted::Transient(e.to_string());
-        let registered = self.meta.list_nodes().await.map_err(|e| failed(e.into()))?;
-        refuse_during_node_change(&registered).map_err(|e| Interrupted::Failed(e.to_string()))?;
-        let snapshot = self.ring.snapshot();
+        let registry = self.meta.registry().await.map_err(|e| failed(e.into()))?;
+        refuse_during_node_change(&registry.nodes)
+            .map_err(|e| Interrupted::Failed(e.to_string()))?;
+        // The ring compared on is the registry just read, not this coordinator's view of it
+        // (which may lag); its epoch must hold until each tenant's ranges are marked.
+        let planned = registry.epoch;
+        let snapshot = super::ring_view::Snapshot::new(registry);
         let ring = &snapshot.ring;
         let ranges = ring.member_ranges();
         let targets = scope.targets(&ranges);
@@ -303,10 +307,11 @@ impl Coordinator {
             .collect();
         for tenant in &tenants {
             lease.check()?;
-            let now = self.meta.list_nodes().await.map_err(|e| failed(e.into()))?;
-            if registry_changed(&registered, &now) {
+            let now = self.meta.registry().await.map_err(|e| failed(e.into()))?;
+            if now.epoch != planned {
                 return Err(Interrupted::Failed(
-                    "the node registry changed during the repair; the next one starts over"
+                    "the node registry or a replication factor changed during the repair; the \
+                     next one starts over"
                         .to_owned(),
                 ));
             }
@@ -375,10 +380,10 @@ impl Coordinator {
                         });
                 }
             }
-            if !marks.is_empty() && self.leftovers_may_exist().await {
-                // Not marked: nothing counts as repaired for tombstones until a cleanup.
+            if !marks.is_empty() && !self.may_mark(planned).await {
+                // Not marked: nothing counts as repaired for tombstones yet.
                 metrics::counter!("pairdb_repair_marks_withheld_total").increment(1);
-                tracing::info!(repair = %m.migration_id, tenant = %tenant.tenant_id, "ranges not marked repaired: nodes may still hold ranges they gave away (no cleanup since the last change), so no tombstone may go yet");
+                tracing::info!(repair = %m.migration_id, tenant = %tenant.tenant_id, "ranges not marked repaired: the registry moved since the repair read it, or nodes may still hold ranges they gave away (no cleanup since the last change), so no tombstone may go yet");
                 marks.clear();
             }
             if !self.mark_repaired(&snapshot, marks).await {
@@ -454,16 +459,18 @@ impl Coordinator {
         (started_ms.max(0) as u64).saturating_sub(margin.as_millis() as u64)
     }
 
-    /// Whether some node may hold records of ranges it gave away ([`crate::meta::Leftovers`]):
-    /// such a copy is one no repair compares, so no range may count as repaired for
-    /// tombstones (a later change could give the range back to that node after its tombstones
-    /// were purged, and the old value would return). True when the store cannot tell.
-    async fn leftovers_may_exist(&self) -> bool {
+    /// Whether ranges compared on the ring of registry epoch `planned` may count as repaired
+    /// for tombstones: the registry is still at that epoch (the replicas compared are still
+    /// every owner), and no node may hold records of ranges it gave away
+    /// ([`crate::meta::Leftovers`]: such a copy is one no repair compares; a later change
+    /// could give the range back to its holder after the tombstones were purged, and the old
+    /// value would return). False when the store cannot tell.
+    async fn may_mark(&self, planned: u64) -> bool {
         match self.meta.leftovers().await {
-            Ok(leftovers) => leftovers.may_exist(),
+            Ok(leftovers) => leftovers.registry_epoch == planned && !leftovers.may_exist(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot tell whether a cleanup is pending; ranges not marked repaired");
-                true
+                false
             }
         }
     }
@@ -542,19 +549,6 @@ fn refuse_during_node_change(registered: &[NodeRecord]) -> Result<(), CoordError
         ))),
         None => Ok(()),
     }
-}
-
-/// Whether a node was added, removed or changed state or tokens.
-fn registry_changed(before: &[NodeRecord], now: &[NodeRecord]) -> bool {
-    let key = |nodes: &[NodeRecord]| {
-        let mut v: Vec<(String, &'static str, Vec<u64>)> = nodes
-            .iter()
-            .map(|n| (n.node_id.clone(), n.state.as_str(), n.ring_node().tokens()))
-            .collect();
-        v.sort();
-        v
-    };
-    key(before) != key(now)
 }
 
 /// For the repair status and `/metrics`: the seconds since the oldest last complete repair

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ring::{NodeState, key_position};
+use crate::ring::NodeState;
 use crate::rpc::storage as spb;
 
 use super::super::Coordinator;
@@ -116,15 +116,7 @@ async fn repair_key(
     let Some(tenant) = core.tenant_of_namespace(&marker.tenant_id).await? else {
         return Ok(false);
     };
-    let position = key_position(&marker.tenant_id, &marker.key);
-    let rf = core.pending_rf.write_rf(&tenant) as usize;
-    let nodes: Vec<String> = snapshot
-        .ring
-        .plan(position, rf)
-        .write_replicas()
-        .into_iter()
-        .map(|n| n.as_str().to_owned())
-        .collect();
+    let nodes = core.write_owners_on(snapshot, &tenant, &marker.key);
     let marked_owns = nodes.contains(&marker.missed_node);
     let mut held: Vec<(String, Option<spb::Record>)> = Vec::new();
     for node in nodes {
