@@ -592,6 +592,49 @@ async fn a_repair_whose_coordinator_dies_is_taken_over_and_completed() {
     drop(c2);
 }
 
+/// A repair compares each tenant's ranges on the ring (and replication factors) of the
+/// registry it read. When the registry epoch moves while it runs (here: another tenant's RF
+/// is lowered in the middle of the first tenant's pass), what it compares no longer stands for
+/// every replica: it fails instead of going on, and records no range as repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_during_which_the_registry_moves_fails() {
+    const WRITTEN: usize = 1500;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Paced at 20 kB/s: fixing every key would take about half a minute.
+    let (storage, c1, mut c) = cluster_without_hints(dir.path(), "20000").await;
+    create_tenant(&mut c, "zeta", 3).await;
+    s3_misses_writes(&c1, &storage, &c, &["acme"], WRITTEN).await;
+    let id = c
+        .start_repair(pb::StartRepairRequest::default())
+        .await
+        .expect("start repair")
+        .into_inner()
+        .repair_id;
+    eventually("the first fixes on s3", Duration::from_secs(60), || async {
+        held(&storage[2], "acme", WRITTEN)
+            .await
+            .iter()
+            .any(Option::is_some)
+    })
+    .await;
+    c.update_replication_factor(pb::UpdateReplicationFactorRequest {
+        tenant_id: "zeta".into(),
+        replication_factor: 2,
+    })
+    .await
+    .expect("lower zeta's RF");
+    let failed = wait_migration(&c, &id, pb::MigrationState::Failed).await;
+    assert!(
+        failed.failure_reason.contains("changed during the repair"),
+        "{failed:?}"
+    );
+    let repaired = status(&mut c).await;
+    assert!(
+        repaired.ranges_never_repaired > 0,
+        "no range recorded as repaired: {repaired:?}"
+    );
+}
+
 /// A cancel reaches a repair in the middle of a tenant's pass: it ends `cancelled` while the
 /// replica still lacks keys, and nothing more is written to it afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
