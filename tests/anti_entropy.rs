@@ -592,6 +592,26 @@ async fn a_repair_whose_coordinator_dies_is_taken_over_and_completed() {
     drop(c2);
 }
 
+/// Starts a repair and waits until it gave `s3` one of the keys `0..written` of `acme`;
+/// returns its id.
+async fn repair_until_the_first_fix(
+    c: &mut Client,
+    s3: &common::StorageNode,
+    written: usize,
+) -> String {
+    let id = c
+        .start_repair(pb::StartRepairRequest::default())
+        .await
+        .expect("start repair")
+        .into_inner()
+        .repair_id;
+    eventually("the first fixes on s3", Duration::from_secs(60), || async {
+        held(s3, "acme", written).await.iter().any(Option::is_some)
+    })
+    .await;
+    id
+}
+
 /// A repair compares each tenant's ranges on the ring (and replication factors) of the
 /// registry it read. When the registry epoch moves while it runs (here: another tenant's RF
 /// is lowered in the middle of the first tenant's pass), what it compares no longer stands for
@@ -604,19 +624,7 @@ async fn a_repair_during_which_the_registry_moves_fails() {
     let (storage, c1, mut c) = cluster_without_hints(dir.path(), "20000").await;
     create_tenant(&mut c, "zeta", 3).await;
     s3_misses_writes(&c1, &storage, &c, &["acme"], WRITTEN).await;
-    let id = c
-        .start_repair(pb::StartRepairRequest::default())
-        .await
-        .expect("start repair")
-        .into_inner()
-        .repair_id;
-    eventually("the first fixes on s3", Duration::from_secs(60), || async {
-        held(&storage[2], "acme", WRITTEN)
-            .await
-            .iter()
-            .any(Option::is_some)
-    })
-    .await;
+    let id = repair_until_the_first_fix(&mut c, &storage[2], WRITTEN).await;
     c.update_replication_factor(pb::UpdateReplicationFactorRequest {
         tenant_id: "zeta".into(),
         replication_factor: 2,
@@ -652,16 +660,7 @@ async fn a_repair_cancelled_in_the_middle_of_a_tenant_stops_there() {
             .count()
     };
 
-    let id = c
-        .start_repair(pb::StartRepairRequest::default())
-        .await
-        .expect("start repair")
-        .into_inner()
-        .repair_id;
-    eventually("the first fixes on s3", Duration::from_secs(60), || async {
-        held_by_s3().await > 0
-    })
-    .await;
+    let id = repair_until_the_first_fix(&mut c, &storage[2], WRITTEN).await;
     c.cancel_migration(pb::GetMigrationStatusRequest {
         migration_id: id.clone(),
     })

@@ -348,6 +348,21 @@ async fn removing_nodes_hands_their_ranges_to_the_inheritors() {
     assert_placed(&mut c, &two, &TENANTS[..2], &all_keys).await;
 }
 
+/// A coordinator that never replays hints (they stay queued), once every node of `storage`
+/// is active, with `tenant` created at its RF.
+async fn without_replay(
+    storage: &[StorageNode],
+    dir: &Path,
+    (tenant, rf): (&str, u32),
+) -> (RoleProcess, Client) {
+    let quiet = [("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL_MS", "3600000")];
+    let c1 = coordinator(storage, dir, &quiet);
+    let mut c = c1.client().await;
+    wait_all_active(&c, storage.len()).await;
+    create_tenant(&mut c, tenant, rf).await;
+    (c1, c)
+}
+
 /// `storage[i]` misses `n` writes of `tenant` (`missed0..`, each the key as its value): it is
 /// killed while they are written at `level` through `c`, then restarted and seen active. Each
 /// becomes a hint for it (kept while `c` does not replay).
@@ -394,11 +409,7 @@ async fn a_removed_node_hands_its_hints_to_its_heirs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut storage = start_storage(4, dir.path());
     // No replay while s4 is back: its hints must still be queued when it leaves.
-    let quiet = [("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL_MS", "3600000")];
-    let c1 = coordinator(&storage, dir.path(), &quiet);
-    let mut c = c1.client().await;
-    wait_all_active(&c, 4).await;
-    create_tenant(&mut c, "pair", 2).await;
+    let (c1, mut c) = without_replay(&storage, dir.path(), ("pair", 2)).await;
 
     let missed = miss_writes(&mut c, &mut storage, 3, "pair", 60, Consistency::One).await;
     let accepted = remove(&mut c, "s4", false).await.expect("remove s4");
@@ -440,11 +451,7 @@ async fn a_node_giving_ranges_to_a_joining_one_hands_it_its_hints() {
     let mut storage = start_storage(3, dir.path());
     let s4 = join("s4", dir.path(), &storage);
     // No replay: s3's hints must still be queued when s4 joins.
-    let quiet = [("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL_MS", "3600000")];
-    let c1 = coordinator(&storage, dir.path(), &quiet);
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "pair", 2).await;
+    let (c1, mut c) = without_replay(&storage, dir.path(), ("pair", 2)).await;
 
     let missed = miss_writes(&mut c, &mut storage, 2, "pair", 120, Consistency::One).await;
     let accepted = add(&mut c, &s4).await.expect("add s4");
@@ -504,11 +511,7 @@ async fn hints_for_a_replica_an_rf_lowering_removed_go_to_the_owners() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut storage = start_storage(3, dir.path());
-    let quiet = [("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL_MS", "3600000")];
-    let c1 = coordinator(&storage, dir.path(), &quiet);
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "wide", 3).await;
+    let (c1, mut c) = without_replay(&storage, dir.path(), ("wide", 3)).await;
 
     let missed = miss_writes(&mut c, &mut storage, 2, "wide", 60, Consistency::Quorum).await;
     let lowered = set_rf(&mut c, "wide", 1).await.expect("lower the RF");
