@@ -432,15 +432,6 @@ async fn record_markers_via(
     }
 }
 
-/// Who a write of a hinted key goes to now (the coordinator: its ring and tenants).
-#[tonic::async_trait]
-pub trait KeyOwners: Send + Sync {
-    /// Every node a write of `key` in storage namespace `namespace` goes to now (natural and
-    /// pending owners at the tenant's write RF); `None` when that is not known (no such
-    /// tenant, the metadata store did not answer): the hint then goes to its target.
-    async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<Owners>;
-}
-
 /// The nodes a write of one key goes to, and the registry epoch that placement rests on (the
 /// older of the ring's and the tenant record's; a fenced node refuses a delivery older than
 /// its fence).
@@ -465,7 +456,7 @@ pub fn spawn_replay(
     store: Arc<dyn MetadataStore>,
     ring: Arc<RingView>,
     pool: Arc<StoragePool>,
-    owners: Arc<dyn KeyOwners>,
+    owners: Arc<super::Coordinator>,
     limits: ReplayLimits,
     tasks: &crate::shutdown::Tasks,
 ) {
@@ -492,8 +483,9 @@ pub struct Hinted<'a> {
     pub store: &'a dyn MetadataStore,
     pub ring: &'a RingView,
     pub pool: &'a StoragePool,
-    /// `None`: every hint goes to its target, owner or not.
-    pub owners: Option<&'a dyn KeyOwners>,
+    /// Who a hinted key's writes go to now (its ring and tenants); `None`: every hint goes
+    /// to its target, owner or not.
+    pub owners: Option<&'a super::Coordinator>,
 }
 
 /// One pass over every target with hints.

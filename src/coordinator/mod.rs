@@ -188,9 +188,11 @@ impl Coordinator {
     }
 }
 
-#[tonic::async_trait]
-impl hints::KeyOwners for Coordinator {
-    async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<hints::Owners> {
+impl Coordinator {
+    /// Every node a write of `key` in storage namespace `namespace` goes to now, with the
+    /// epoch that placement rests on; `None` when that is not known (no such tenant, the
+    /// metadata store did not answer): a hint then goes to its target.
+    pub async fn write_owners(&self, namespace: &str, key: &[u8]) -> Option<hints::Owners> {
         let tenant = self.tenant_of_namespace(namespace).await.ok()??;
         let snapshot = self.ring.snapshot();
         Some(hints::Owners {
