@@ -611,18 +611,29 @@ async fn current_and_stale_coordinators(
     storage: &[StorageNode],
     dir: &Path,
 ) -> (RoleProcess, Client, RoleProcess, Client) {
+    current_and_stale_coordinators_with(storage, dir, &[], &[]).await
+}
+
+/// [`current_and_stale_coordinators`], with more settings for each.
+async fn current_and_stale_coordinators_with(
+    storage: &[StorageNode],
+    dir: &Path,
+    current_env: &[(&str, &str)],
+    stale_env: &[(&str, &str)],
+) -> (RoleProcess, Client, RoleProcess, Client) {
     let url = sqlite_url(dir);
-    let start = |id: &str, refresh_ms: &str| {
-        let env = [
+    let start = |id: &str, refresh_ms: &str, more: &[(&str, &str)]| {
+        let mut env = vec![
             ("PAIRDB_COORDINATOR_AUTO_CLEANUP", "false"),
             ("PAIRDB_COORDINATOR_RING_REFRESH_MS", refresh_ms),
         ];
+        env.extend_from_slice(more);
         RoleProcess::coordinator(id, &url, "memory://", storage, &env, dir)
     };
-    let c1 = start("c1", "500");
+    let c1 = start("c1", "500", current_env);
     let a = c1.client().await;
     wait_all_active(&a, storage.len()).await;
-    let c2 = start("c2", "600000");
+    let c2 = start("c2", "600000", stale_env);
     let b = c2.client().await;
     wait_all_active(&b, storage.len()).await;
     (c1, a, c2, b)
@@ -736,6 +747,87 @@ async fn a_listing_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_a
         listed, written,
         "the stale coordinator lists every key ({on_s4} of them live on s4 alone)"
     );
+}
+
+/// A repair placed on a ring older than a cleanup: `c2`, whose ring predates `s4`, works off a
+/// repair marker for a key whose old owner X gave it to `s4` and dropped it in the cleanup. On
+/// its ring X still owns the key and holds nothing, so it writes the key to X; X refuses that
+/// write as placed on a stale ring, the marker stays, and `c2`'s next round, on the registry
+/// read anew, repairs the key's owners now (X is not one). Without the fence X took the key
+/// back into the range it dropped, where no read looks and from which a later change could
+/// bring an old value back. (`c1` runs no targeted repair here: its interval is an hour.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_placed_on_a_ring_older_than_a_cleanup_writes_nothing_into_a_dropped_range() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join_storage("s4", dir.path(), &storage);
+    let (_c1, mut a, _c2, _b) = current_and_stale_coordinators_with(
+        &storage,
+        dir.path(),
+        &[("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "1h")],
+        &[("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "300ms")],
+    )
+    .await;
+    create_tenant(&mut a, "three", 3).await;
+    let keys: Vec<String> = (0..40).map(|i| format!("r{i:02}")).collect();
+    for key in &keys {
+        put(&mut a, "three", key, "\"v\"", Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write {key}: {e}"));
+    }
+    add_node(&mut a, &s4).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let accepted = cleanup_when_up(&mut a, None).await;
+    wait_migration(&a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+
+    // A key an old node dropped (it went to s4), and an old node that still holds it.
+    let mut moved = None;
+    'keys: for key in &keys {
+        for dropped_by in &storage {
+            if stored_record(dropped_by, "three", key).await.is_some() {
+                continue;
+            }
+            for holder in &storage {
+                if let Some(record) = stored_record(holder, "three", key).await {
+                    moved = Some((key.clone(), dropped_by, holder, record));
+                    break 'keys;
+                }
+            }
+        }
+    }
+    let (key, dropped_by, holder, record) = moved.expect("s4 took keys from the old nodes");
+    holder
+        .client()
+        .await
+        .record_repair_markers(spb::RepairMarkersRequest {
+            markers: vec![spb::RepairMarker {
+                tenant_id: "three".into(),
+                key: key.as_bytes().to_vec().into(),
+                missed_node: dropped_by.id.clone(),
+                version: record.version.clone(),
+            }],
+        })
+        .await
+        .expect("record a marker");
+    eventually("the marker worked off", Duration::from_secs(30), || async {
+        holder
+            .client()
+            .await
+            .list_repair_markers(spb::ListRepairMarkersRequest { limit: 10 })
+            .await
+            .expect("list markers")
+            .into_inner()
+            .markers
+            .is_empty()
+    })
+    .await;
+    assert!(
+        stored_record(dropped_by, "three", &key).await.is_none(),
+        "the stale repair wrote {key} into the range {} dropped",
+        dropped_by.id
+    );
+    assert!(stored_record(&s4, "three", &key).await.is_some());
 }
 
 /// A tombstone must outlive every copy of the value it deletes, also the copy an old owner

@@ -319,10 +319,11 @@ async fn the_read_repair_drain_sends_every_queued_repair() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (s1, _store, ring) = one_node(dir.path()).await;
     let pool = Arc::new(StoragePool::new(common::internal_auth()));
+    let epoch = ring.snapshot().epoch;
     let repairs = RepairQueue::start(QUEUED, ring, pool, Duration::from_secs(5));
     let keys: Vec<String> = (0..QUEUED).map(|i| format!("r{i}")).collect();
     for key in &keys {
-        repairs.push("s1".into(), record(key));
+        repairs.push("s1".into(), record(key), epoch);
     }
     assert_eq!(
         repairs.drain(Duration::from_secs(30)).await,

@@ -117,6 +117,7 @@ async fn repair(
     client
         .repair(pb::RepairRequest {
             record: Some(record),
+            ring_epoch: 0,
         })
         .await
         .expect("repair")
@@ -443,6 +444,7 @@ async fn streaming_copies_a_range_with_live_writes() {
             resume: None,
             dropped_tenants: Vec::new(),
             ring_digest: 0,
+            ring_epoch: 0,
         })
         .await
         .expect("start")
@@ -523,6 +525,7 @@ async fn live_writes_placed_on_the_streams_own_ring_are_not_forwarded() {
         resume: None,
         dropped_tenants: Vec::new(),
         ring_digest: RING,
+        ring_epoch: 0,
     })
     .await
     .expect("start");
@@ -724,6 +727,54 @@ async fn a_streams_final_flush_waits_for_a_target_outage() {
     stream_through_a_target_outage(&mut ca, &mut b, "flush-outage", pb::StreamState::Syncing).await;
 }
 
+/// A stream that outlived its change (planned on a ring older than a cleanup on its target):
+/// the target refuses its first batch as placed on a stale ring, the stream fails at once
+/// (retrying cannot help), and nothing of it lands on the target. The same stream planned on
+/// the fenced ring completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_planned_on_a_ring_older_than_its_targets_fence_fails_and_sends_nothing() {
+    let (_dirs, a, b) = two_nodes();
+    let mut ca = a.client().await;
+    let mut cb = b.client().await;
+    let base = physical_counter(now_ms());
+    let records = (0..50u64)
+        .map(|n| put("t", format!("s{n:03}").as_bytes(), base + n, b"v"))
+        .collect();
+    load(&mut ca, records).await;
+    cb.fence_ring(pb::FenceRingRequest { epoch: 5 })
+        .await
+        .expect("fence");
+    let stream = |id: &str, ring_epoch: u64| pb::StartStreamingRequest {
+        stream_id: id.into(),
+        ranges: vec![cpb::HashRange { start: 0, end: 0 }],
+        target_node_id: b.id.clone(),
+        target_address: b.grpc.to_string(),
+        resume: None,
+        dropped_tenants: Vec::new(),
+        ring_digest: 0,
+        ring_epoch,
+    };
+    ca.start_streaming(stream("stale", 4)).await.expect("start");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let failed = loop {
+        let s = stream_status(&mut ca, "stale").await.expect("status");
+        if s.state == pb::StreamState::Failed as i32 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "not failed within 10 s: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(failed.error.contains("epoch"), "{failed:?}");
+    assert_eq!(failed.keys_copied, 0, "{failed:?}");
+    assert!(scan(&mut cb, 0, 0).await.is_empty(), "nothing landed on b");
+    ca.start_streaming(stream("current", 5))
+        .await
+        .expect("start");
+    let done = wait_completed(&mut ca, "current", 60).await;
+    assert_eq!(done.keys_copied, 50);
+    assert_eq!(scan(&mut cb, 0, 0).await.len(), 50);
+}
+
 /// Storage nodes `a` and `b`, each in a data dir of its own (kept by the caller).
 fn two_nodes() -> ([tempfile::TempDir; 2], StorageNode, StorageNode) {
     let dirs = [
@@ -754,6 +805,7 @@ async fn stream_through_a_target_outage(
             resume: None,
             dropped_tenants: Vec::new(),
             ring_digest: 0,
+            ring_epoch: 0,
         })
         .await
         .expect("start");
@@ -924,6 +976,7 @@ async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
         resume: None,
         dropped_tenants: Vec::new(),
         ring_digest: 0,
+        ring_epoch: 0,
     })
     .await
     .expect("start");
@@ -1067,10 +1120,11 @@ async fn held_versions_and_tenant_range_drops() {
     assert_eq!(scan(&mut c, 0, 0).await.len(), left.len());
 }
 
-/// The ring fence (cleanup's `FenceRing`): client calls, hint replays and listings placed on
-/// an older ring, or naming none, are refused with STALE_RING and change nothing; calls on the fenced
-/// ring or a newer one, and repairs, are taken; the fence only rises, and it
-/// holds after `kill -9`.
+/// The ring fence (cleanup's `FenceRing`): client calls, hint replays, repairs, read repairs,
+/// stream batches and listings placed on an older ring, or naming none, are refused with
+/// STALE_RING and change nothing; calls on the fenced ring or a newer one are taken (reads
+/// of a repair are not client calls, and are answered); the fence only rises, and it holds
+/// after `kill -9`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1117,16 +1171,28 @@ async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
         assert_eq!(code_in(&e), pb::ErrorCode::StaleRing, "{e:?}");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     };
+    let read_repair = |epoch: u64| pb::RepairRequest {
+        record: Some(put("acme", b"k1", base + 1, b"v")),
+        ring_epoch: epoch,
+    };
     for epoch in [0, 4] {
+        for source in [
+            pb::BatchSource::Client,
+            pb::BatchSource::Hint,
+            pb::BatchSource::Repair,
+            pb::BatchSource::Stream,
+        ] {
+            stale(
+                c.write_batch(batch(source, epoch, "k1", base + 1))
+                    .await
+                    .err()
+                    .unwrap_or_else(|| panic!("a {source:?} batch on an older ring")),
+            );
+        }
         stale(
-            c.write_batch(batch(pb::BatchSource::Client, epoch, "k1", base + 1))
+            c.repair(read_repair(epoch))
                 .await
-                .expect_err("a client batch on an older ring"),
-        );
-        stale(
-            c.write_batch(batch(pb::BatchSource::Hint, epoch, "k1", base + 1))
-                .await
-                .expect_err("a hint replay placed on an older ring"),
+                .expect_err("a read repair of a read on an older ring"),
         );
         stale(
             c.list_keys(listing(epoch))
@@ -1157,9 +1223,22 @@ async fn the_ring_fence_refuses_client_calls_placed_on_an_older_ring() {
     c.list_keys(listing(5))
         .await
         .expect("a listing on the fenced ring");
-    c.write_batch(batch(pb::BatchSource::Repair, 0, "k3", base + 3))
+    c.write_batch(batch(pb::BatchSource::Repair, 5, "k3", base + 3))
         .await
-        .expect("repairs are not client calls");
+        .expect("a repair on the fenced ring");
+    c.write_batch(batch(pb::BatchSource::Stream, 6, "k6", base + 6))
+        .await
+        .expect("a stream planned on a newer ring");
+    c.repair(read_repair(5))
+        .await
+        .expect("a read repair on the fenced ring");
+    let repair_read = pb::ReadBatchRequest {
+        source: pb::BatchSource::Repair as i32,
+        ..reads(0)
+    };
+    c.read_batch(repair_read)
+        .await
+        .expect("a repair's read names no ring and is answered");
     let answers = c
         .read_batch(reads(6))
         .await
@@ -1226,6 +1305,7 @@ async fn a_restarted_sender_resumes_its_stream_from_the_checkpoint() {
         resume: None,
         dropped_tenants: Vec::new(),
         ring_digest: 0,
+        ring_epoch: 0,
     };
     let bad = pb::StartStreamingRequest {
         stream_id: "../escape".into(),
@@ -1557,6 +1637,7 @@ async fn a_dropped_tenant_is_fenced_against_every_writer() {
             resume: None,
             dropped_tenants: vec!["beta".into()],
             ring_digest: 0,
+            ring_epoch: 0,
         })
         .await
         .expect("start streaming")

@@ -216,6 +216,7 @@ async fn a_cluster_over_mutual_tls() {
         resume: None,
         dropped_tenants: Vec::new(),
         ring_digest: 0,
+        ring_epoch: 0,
     })
     .await
     .expect("start streaming");

@@ -207,32 +207,7 @@ async fn a_node_that_holds_data_is_refused() {
     let c1 = coordinator(&storage, dir.path(), &[]);
     let mut c = c1.client().await;
     wait_all_active(&c, 3).await;
-    let record = pairdb::rpc::storage::Record {
-        tenant_id: "wide".into(),
-        key: b"kept".to_vec().into(),
-        version: Some(pairdb::rpc::common::Version {
-            clock: vec![pairdb::rpc::common::ClockEntry {
-                coordinator_id: "c9".into(),
-                counter: pairdb::vclock::physical_counter(pairdb::wallclock::now_ms()),
-            }],
-            timestamp_ms: 0,
-        }),
-        payload: Some(pairdb::rpc::storage::record::Payload::Value(
-            b"\"old\"".to_vec().into(),
-        )),
-        ring_hash: 0,
-        expires_at_ms: 0,
-    };
-    s4.client()
-        .await
-        .write_batch(pairdb::rpc::storage::WriteBatchRequest {
-            records: vec![record],
-            source: pairdb::rpc::storage::BatchSource::Repair as i32,
-            ring_digest: 0,
-            ring_epoch: 0,
-        })
-        .await
-        .expect("a record from an earlier membership");
+    hold_a_record(&s4).await;
     let refused = add(&mut c, &s4).await.expect_err("s4 holds data");
     assert_eq!(code(&refused), ErrorCode::InvalidNodeConfig, "{refused:?}");
     assert!(refused.message().contains("holds data"), "{refused:?}");
@@ -595,6 +570,78 @@ async fn an_addition_without_progress_is_rolled_back() {
     let m = migration(&mut c, &forgotten.migration_id).await;
     assert_eq!(m.state(), pb::MigrationState::Completed);
     assert_eq!(node_state(&mut c, "s4").await, None);
+}
+
+/// Writes a record straight to `node`, as one kept from an earlier membership or received by
+/// an earlier attempt to add it.
+async fn hold_a_record(node: &StorageNode) {
+    let record = pairdb::rpc::storage::Record {
+        tenant_id: "wide".into(),
+        key: b"kept".to_vec().into(),
+        version: Some(pairdb::rpc::common::Version {
+            clock: vec![pairdb::rpc::common::ClockEntry {
+                coordinator_id: "c9".into(),
+                counter: pairdb::vclock::physical_counter(pairdb::wallclock::now_ms()),
+            }],
+            timestamp_ms: 0,
+        }),
+        payload: Some(pairdb::rpc::storage::record::Payload::Value(
+            b"\"old\"".to_vec().into(),
+        )),
+        ring_hash: 0,
+        expires_at_ms: 0,
+    };
+    node.client()
+        .await
+        .write_batch(pairdb::rpc::storage::WriteBatchRequest {
+            records: vec![record],
+            source: pairdb::rpc::storage::BatchSource::Repair as i32,
+            ring_digest: 0,
+            ring_epoch: 0,
+        })
+        .await
+        .expect("a record the node holds");
+}
+
+/// A failed addition tried again under the same id joins empty too: what its first attempt
+/// received is only as new as that attempt (a key deleted since could lose its tombstone
+/// everywhere else before the retry). Refused while it holds that; wiped, it is added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_addition_tried_again_joins_empty() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let mut s4 = join("s4", dir.path(), &storage);
+    let c1 = coordinator(
+        &storage,
+        dir.path(),
+        &[("PAIRDB_COORDINATOR_TOPOLOGY_TIMEOUT_S", "3")],
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    for (tenant, rf) in TENANTS {
+        create_tenant(&mut c, tenant, rf).await;
+    }
+    write_keys(&mut c, "k", 150, Consistency::All).await;
+    let accepted = add(&mut c, &s4).await.expect("add s4");
+    s4.kill9();
+    wait_migration(&c, &accepted.migration_id, pb::MigrationState::Failed).await;
+    s4.restart();
+    hold_a_record(&s4).await;
+
+    let refused = add(&mut c, &s4).await.expect_err("s4 holds data");
+    assert_eq!(code(&refused), ErrorCode::InvalidNodeConfig, "{refused:?}");
+    assert!(refused.message().contains("failed addition"), "{refused:?}");
+    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Failed));
+
+    s4.kill9();
+    std::fs::remove_dir_all(&s4.dir).expect("wipe s4");
+    std::fs::create_dir_all(&s4.dir).expect("an empty data dir");
+    s4.restart();
+    let accepted = add(&mut c, &s4).await.expect("add s4, wiped");
+    wait_migration(&c, &accepted.migration_id, pb::MigrationState::Completed).await;
+    assert_eq!(node_state(&mut c, "s4").await, Some(WireState::Active));
+    assert!(stored(&s4, "wide", "kept").await.is_none());
 }
 
 /// Node changes issued back to back run together: two removals and two additions accepted

@@ -93,6 +93,7 @@ impl Coordinator {
             })
             .collect();
         let deadline = Instant::now() + self.options.request_timeout;
+        let epoch = placed_epoch(&snapshot, tenant);
         let shared_key = bytes::Bytes::copy_from_slice(key);
         let call = |(id, authoritative): (NodeId, bool)| ReplicaCall {
             call: replicas::read(
@@ -101,7 +102,7 @@ impl Coordinator {
                 id.as_str(),
                 snapshot.address(id.as_str()),
                 (namespace.clone(), shared_key.clone()),
-                placed_epoch(&snapshot, tenant),
+                epoch,
             ),
             replica: id,
             authoritative,
@@ -178,13 +179,13 @@ impl Coordinator {
             repaired: 0,
         };
         if stragglers.is_empty() {
-            detail.repaired = repair_stale(&self.repairs, &results, winner.as_ref()) as u32;
+            detail.repaired = repair_stale(&self.repairs, &results, winner.as_ref(), epoch) as u32;
         } else {
             let repairs = self.repairs.clone();
             self.repairs.spawn_straggler(async move {
                 let mut all = results;
                 all.extend(stragglers.finish().await);
-                repair_stale(&repairs, &all, winner_of(&all).as_ref());
+                repair_stale(&repairs, &all, winner_of(&all).as_ref(), epoch);
             });
         }
         Ok(OnRing::Served((winner, detail)))
@@ -249,12 +250,13 @@ fn agreeing(answers: &[ReadResult], winner: Option<&pb::Record>) -> usize {
         .count()
 }
 
-/// Queues `winner` for every replica that answered with an older version or nothing; returns
-/// how many.
+/// Queues `winner` for every replica that answered with an older version or nothing, the
+/// answers of a read placed on the ring of `epoch`; returns how many.
 fn repair_stale(
     repairs: &RepairQueue,
     answers: &[ReadResult],
     winner: Option<&pb::Record>,
+    epoch: u64,
 ) -> usize {
     let Some(winner) = winner else {
         return 0;
@@ -270,7 +272,7 @@ fn repair_stale(
             Some(r) => r.version().precedence(&winning) == Ordering::Less,
         };
         if stale {
-            repairs.push(result.replica.as_str().to_owned(), winner.clone());
+            repairs.push(result.replica.as_str().to_owned(), winner.clone(), epoch);
             queued += 1;
         }
     }

@@ -5,6 +5,11 @@
 //! that the targeted repair works off once the replica is up; a repair never delays or fails
 //! a read.
 //!
+//! A repair carries the registry epoch of the ring its read was placed on (`ring_epoch`): a
+//! replica whose cleanup fenced a later ring refuses it (`STALE_RING`) instead of taking the
+//! record into a range it dropped, and the refusal leaves a marker like any failure (the
+//! targeted repair works it off on the key's owners then).
+//!
 //! Stopping ([`RepairQueue::drain`], after the server stopped taking requests): the reads'
 //! stragglers (replica answers still to come, which may queue repairs) finish first, then the
 //! queue takes nothing more and every repair queued is sent, up to a deadline; what is left
@@ -19,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::rpc::detail::storage_code;
 use crate::rpc::storage as pb;
 
 use super::ring_view::RingView;
@@ -27,9 +33,12 @@ use super::storage_pool::StoragePool;
 /// Repairs sent to storage nodes at once.
 const CONCURRENCY: usize = 16;
 
+/// A repair waiting to be sent: the replica, the winner, the epoch of the read's ring.
+type Queued = (String, pb::Record, u64);
+
 #[derive(Clone)]
 pub struct RepairQueue {
-    sender: mpsc::Sender<(String, pb::Record)>,
+    sender: mpsc::Sender<Queued>,
     /// The dispatcher and the repairs it sends.
     work: TaskTracker,
     /// Reads' work after their reply that may still queue repairs.
@@ -50,7 +59,7 @@ impl RepairQueue {
         pool: Arc<StoragePool>,
         timeout: Duration,
     ) -> Self {
-        let (sender, mut receiver) = mpsc::channel::<(String, pb::Record)>(capacity.max(1));
+        let (sender, mut receiver) = mpsc::channel::<Queued>(capacity.max(1));
         let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         let work = TaskTracker::new();
         let closing = CancellationToken::new();
@@ -68,7 +77,7 @@ impl RepairQueue {
                         continue;
                     }
                 };
-                let Some((node, record)) = next else {
+                let Some((node, record, ring_epoch)) = next else {
                     return;
                 };
                 let Ok(permit) = limit.clone().acquire_owned().await else {
@@ -86,10 +95,16 @@ impl RepairQueue {
                         Ok(mut client) => {
                             let call = client.repair(pb::RepairRequest {
                                 record: Some(record),
+                                ring_epoch,
                             });
                             match tokio::time::timeout(timeout, call).await {
                                 Ok(Ok(_)) => Ok(()),
-                                Ok(Err(s)) => Err(RepairFailed::Refused(s)),
+                                Ok(Err(s)) => {
+                                    if storage_code(&s) == pb::ErrorCode::StaleRing {
+                                        ring.refused_as_stale(ring_epoch);
+                                    }
+                                    Err(RepairFailed::Refused(s))
+                                }
                                 Err(_) => Err(RepairFailed::TimedOut),
                             }
                         }
@@ -162,13 +177,15 @@ impl RepairQueue {
         left
     }
 
-    /// Queues sending `winner` to `node`; when the queue is full the repair is not sent but
-    /// leaves a repair marker (see `hints::mark_missed`) for the targeted repair.
-    pub fn push(&self, node: String, winner: pb::Record) {
-        let result = match self.sender.try_send((node, winner)) {
+    /// Queues sending `winner` to `node`, found stale by a read placed on the ring of
+    /// `ring_epoch`; when the queue is full the repair is not sent but leaves a repair marker
+    /// (see `hints::mark_missed`) for the targeted repair.
+    pub fn push(&self, node: String, winner: pb::Record, ring_epoch: u64) {
+        let result = match self.sender.try_send((node, winner, ring_epoch)) {
             Ok(()) => "queued",
             Err(refused) => {
-                let missed = refused.into_inner();
+                let (node, winner, _) = refused.into_inner();
+                let missed = (node, winner);
                 let (ring, pool, timeout) = (self.ring.clone(), self.pool.clone(), self.timeout);
                 self.stragglers.spawn(async move {
                     super::hints::mark_missed(&ring, &pool, timeout, vec![missed]).await;

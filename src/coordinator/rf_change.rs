@@ -249,7 +249,11 @@ impl Coordinator {
         let old_rf = tenant.replication_factor as usize;
         // The records and placement of the tenant's current incarnation.
         let namespace = tenant.storage_id();
-        let snapshot = self.ring.snapshot();
+        // The registry as it is now, not this coordinator's view of it (which may lag): the
+        // copies go to the owners of the ring the change runs on, and carry its epoch.
+        let registry = self.meta.registry().await.map_err(|e| e.to_string())?;
+        let snapshot = super::ring_view::Snapshot::new(registry);
+        let epoch = super::write::placed_epoch(&snapshot, &tenant);
         let mut progress = Copied::default();
         for node in &snapshot.nodes {
             let Some(address) = snapshot.address(&node.node_id) else {
@@ -305,7 +309,7 @@ impl Coordinator {
                             records,
                             source: spb::BatchSource::Repair as i32,
                             ring_digest: 0,
-                            ring_epoch: 0,
+                            ring_epoch: epoch,
                         })
                         .await
                         .map_err(|s| format!("copy to {}: {}", target.as_str(), s.message()))?;

@@ -358,7 +358,7 @@ impl Coordinator {
 
 /// The registry epoch a call placed on `snapshot` with `tenant`'s replication factor carries:
 /// the older of the two (storage nodes' ring fence compares it).
-pub(super) fn placed_epoch(snapshot: &super::ring_view::Snapshot, tenant: &Tenant) -> u64 {
+pub(crate) fn placed_epoch(snapshot: &super::ring_view::Snapshot, tenant: &Tenant) -> u64 {
     snapshot.epoch.min(tenant.registry_epoch)
 }
 

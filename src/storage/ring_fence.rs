@@ -1,20 +1,20 @@
-//! The ring fence: the oldest ring (by registry epoch) whose client writes and reads this node
+//! The ring fence: the oldest ring (by registry epoch) whose writes and client reads this node
 //! still takes (docs/coordinator.md, "Cleanup").
 //!
-//! Coordinators tag every client batch with the epoch of the registry they placed it on
-//! (`WriteBatchRequest.ring_epoch`). A cleanup raises this node's floor to the epoch of the
+//! Coordinators (and, for a stream, its sender) tag every batch with the epoch of the registry
+//! it was placed on (`WriteBatchRequest.ring_epoch`). A cleanup raises this node's floor to the epoch of the
 //! ring it verifies against *before* it verifies and drops anything (`FenceRing`). From then
 //! on a client call placed on an older ring, one a stalled coordinator sends late or the
 //! network delivers late, is refused with `STALE_RING` instead of landing in a range the node
 //! is about to drop or dropped: its coordinator reads the registry again and places the
-//! request anew. Hint replays carry the epoch their placement rests on and are fenced the
-//! same way (a replay placed on an old ring would put a record into a dropped range); streams
-//! and repairs are not.
+//! request anew. Every other write carries the epoch its placement rests on and is fenced the
+//! same way (a hint replay, a repair, a read repair or a stream batch placed on an old ring
+//! would put a record into a dropped range).
 //!
 //! Invariants:
 //! - The floor only rises, and is durable before [`RingFence::raise`] returns
 //!   (`<data dir>/ring-fence.json`, written through `json_file`): a restart keeps it.
-//! - When `raise` returns, no client write that the old floor admitted and the new one would
+//! - When `raise` returns, no write that the old floor admitted and the new one would
 //!   refuse is still being applied: each write holds the gate (shared) from its check to the
 //!   end of its apply, and `raise` takes it exclusively. So a cleanup's verification, which
 //!   starts after the fence, sees every such write that was acknowledged.
@@ -28,10 +28,10 @@ use tokio::sync::{RwLock, RwLockReadGuard};
 
 pub const FILE_NAME: &str = "ring-fence.json";
 
-/// A client call placed on a ring older than the floor.
+/// A call placed on a ring older than the floor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "this node takes client calls placed on a ring of registry epoch {floor} or later; this one was placed on epoch {epoch} (0: unknown): read the registry again and place the request anew"
+    "this node takes calls placed on a ring of registry epoch {floor} or later; this one was placed on epoch {epoch} (0: unknown): read the registry again and place the request anew"
 )]
 pub struct StaleRing {
     pub epoch: u64,
@@ -42,7 +42,7 @@ pub struct StaleRing {
 pub struct RingFence {
     path: PathBuf,
     floor: AtomicU64,
-    /// Shared by each admitted client write until it is applied; exclusive while raising.
+    /// Shared by each admitted write until it is applied; exclusive while raising.
     gate: RwLock<()>,
 }
 
@@ -62,7 +62,7 @@ impl RingFence {
         self.floor.load(Ordering::Acquire)
     }
 
-    /// Whether a client call placed on a ring of `epoch` may be served now.
+    /// Whether a call placed on a ring of `epoch` may be served now.
     pub fn check(&self, epoch: u64) -> Result<(), StaleRing> {
         let floor = self.floor();
         if floor == 0 || epoch >= floor {
@@ -72,7 +72,7 @@ impl RingFence {
         }
     }
 
-    /// Admits a client write placed on a ring of `epoch`: hold the guard until it is applied.
+    /// Admits a write placed on a ring of `epoch`: hold the guard until it is applied.
     pub async fn admit(&self, epoch: u64) -> Result<RwLockReadGuard<'_, ()>, StaleRing> {
         let guard = self.gate.read().await;
         self.check(epoch)?;

@@ -406,16 +406,15 @@ impl StorageService {
         timed(self, "write_batch", async {
             let source = req.source();
             let req_ring_digest = req.ring_digest;
-            // Held until the batch is applied: a fence raised meanwhile waits for it. Hint
-            // replays are placed on a ring like client writes, and fenced the same way.
-            let _admitted = match source {
-                pb::BatchSource::Client => {
-                    self.check_confirmed()?;
-                    Some(self.admit(req.ring_epoch).await?)
-                }
-                pb::BatchSource::Hint => Some(self.admit(req.ring_epoch).await?),
-                _ => None,
-            };
+            if source == pb::BatchSource::Client {
+                self.check_confirmed()?;
+            }
+            // Held until the batch is applied: a fence raised meanwhile waits for it. Every
+            // batch was placed on a ring, a client's, a hint replay's, a repair's or a stream's,
+            // and one placed on a ring older than a cleanup would put records into a range
+            // this node dropped, where nothing reads them and a later change could bring them
+            // back.
+            let _admitted = self.admit(req.ring_epoch).await?;
             let records = req
                 .records
                 .into_iter()
@@ -691,7 +690,13 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        reply(timed(self, "repair", self.apply_proto(req.into_inner().record)).await)
+        let pb::RepairRequest { record, ring_epoch } = req.into_inner();
+        let body = async {
+            // Placed on the ring of the read that found the replica stale: fenced like it.
+            let _admitted = self.admit(ring_epoch).await?;
+            self.apply_proto(record).await
+        };
+        reply(timed(self, "repair", body).await)
     }
 
     async fn write_batch(

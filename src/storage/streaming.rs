@@ -38,6 +38,12 @@
 //! this the target applied about every write of its ranges twice during a change
 //! (docs/benchmarks.md, "Streaming").
 //!
+//! Every batch carries the registry epoch of the ring the stream was planned on
+//! (`StartStreaming.ring_epoch`): a target whose cleanup fenced a later ring refuses it
+//! (`STALE_RING`), and the stream fails at once. Only a stream that outlived its change can
+//! meet that (a cleanup overlaps no change), and its records would land in a range the target
+//! dropped.
+//!
 //! Streams are tasks of the node's role ([`crate::shutdown::Tasks`]): when the node stops, each
 //! ends where it is and keeps its checkpoint, so the coordinator that asks again after the
 //! restart resumes it.
@@ -90,6 +96,9 @@ struct Stream {
     live: mpsc::Sender<Record>,
     /// The digest of the ring the stream was planned on (0: forward every live write).
     ring_digest: u64,
+    /// The registry epoch of that ring, carried by every batch sent: a target fenced at a
+    /// later one (a cleanup ran since the stream was planned) refuses them.
+    ring_epoch: u64,
     cancel: CancellationToken,
 }
 
@@ -222,6 +231,7 @@ impl StreamManager {
             acked: Mutex::new(resume.clone()),
             live,
             ring_digest: req.ring_digest,
+            ring_epoch: req.ring_epoch,
             cancel: CancellationToken::new(),
         });
         streams.insert(req.stream_id.clone(), stream.clone());
@@ -320,16 +330,17 @@ pub enum StreamError {
     NodeStopping,
 }
 
-/// Sends one batch, retrying with backoff while the target is unreachable.
+/// Sends one batch of `stream`, retrying with backoff while the target is unreachable.
 async fn send(
     client: &StorageNodeClient<InternalChannel>,
+    stream: &Stream,
     records: &[Record],
 ) -> Result<(), StreamError> {
     let request = pb::WriteBatchRequest {
         records: records.iter().map(record_to_proto).collect(),
         source: pb::BatchSource::Stream as i32,
         ring_digest: 0,
-        ring_epoch: 0,
+        ring_epoch: stream.ring_epoch,
     };
     let call = || {
         let (mut client, request) = (client.clone(), request.clone());
@@ -362,13 +373,14 @@ async fn drain(client: &StorageNodeClient<InternalChannel>) -> Result<(), Stream
 
 /// Why [`retried`] gave up.
 enum Refusal {
-    /// The target refused the request itself (`InvalidArgument`): sending it again cannot help.
+    /// The target refused the request itself (`InvalidArgument`, or `STALE_RING`: the stream
+    /// was planned on a ring older than a cleanup on the target): sending it again cannot help.
     Invalid(String),
     /// No success within [`RETRY_WINDOW`]; the last error.
     Unreachable(String),
 }
 
-/// Calls `call` until it succeeds; after any error but `InvalidArgument` it tries again with
+/// Calls `call` until it succeeds; after any error but a refusal ([`Refusal::Invalid`]) it tries again with
 /// backoff (50 ms doubling to 2 s), for at most [`RETRY_WINDOW`]. Only for idempotent calls.
 async fn retried<T, F, Fut>(mut call: F) -> Result<T, Refusal>
 where
@@ -380,7 +392,10 @@ where
     loop {
         match call().await {
             Ok(response) => return Ok(response.into_inner()),
-            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+            Err(status)
+                if status.code() == tonic::Code::InvalidArgument
+                    || crate::rpc::detail::storage_code(&status) == pb::ErrorCode::StaleRing =>
+            {
                 return Err(Refusal::Invalid(status.message().to_owned()));
             }
             Err(status) => {
@@ -406,7 +421,7 @@ async fn send_live(
         pending_bytes += wire_size(&r);
         pending.push(r);
         if pending.len() == BATCH || pending_bytes >= BATCH_BYTES {
-            send(client, &pending).await?;
+            send(client, stream, &pending).await?;
             stream
                 .forwarded
                 .fetch_add(pending.len() as u64, Ordering::Relaxed);
@@ -417,7 +432,7 @@ async fn send_live(
         }
     }
     if !pending.is_empty() {
-        send(client, &pending).await?;
+        send(client, stream, &pending).await?;
         stream
             .forwarded
             .fetch_add(pending.len() as u64, Ordering::Relaxed);
@@ -513,7 +528,7 @@ async fn run(
         if let Some(t) = &throttle {
             t.take(bytes).await;
         }
-        send(&client, &batch.records).await?;
+        send(&client, &stream, &batch.records).await?;
         metrics::counter!("pairdb_stream_bytes_sent_total").increment(bytes);
         metrics::counter!("pairdb_stream_records_sent_total").increment(batch.records.len() as u64);
         let keys = stream

@@ -55,6 +55,10 @@ pub const RECHECK_DELAY: Duration = Duration::from_millis(300);
 pub struct Replica {
     pub node: String,
     pub client: StorageNodeClient<InternalChannel>,
+    /// The registry epoch of the ring it was chosen on: the fixes written to it carry it
+    /// (`WriteBatchRequest.ring_epoch`), so a node fenced by a later cleanup refuses them
+    /// instead of taking records into a range it dropped.
+    pub ring_epoch: u64,
 }
 
 /// What comparing one tenant's range did.
@@ -525,7 +529,7 @@ async fn fix(
             .read_batch(pb::ReadBatchRequest {
                 reads,
                 source: pb::BatchSource::Repair as i32,
-                ring_epoch: 0,
+                ring_epoch: replica.ring_epoch,
             })
             .await
             .map_err(|s| failed(&replica.node, "ReadBatch", s))?
@@ -576,7 +580,7 @@ async fn fix(
                 records,
                 source: pb::BatchSource::Repair as i32,
                 ring_digest: 0,
-                ring_epoch: 0,
+                ring_epoch: replica.ring_epoch,
             })
             .await
             .map_err(|s| failed(&replica.node, "WriteBatch", s))?

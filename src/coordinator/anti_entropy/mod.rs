@@ -515,6 +515,7 @@ impl Coordinator {
                 Some(Replica {
                     node: o.as_str().to_owned(),
                     client,
+                    ring_epoch: snapshot.epoch,
                 })
             })
             .collect()

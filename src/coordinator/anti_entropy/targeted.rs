@@ -12,12 +12,15 @@
 //! longer does (a topology or RF change moved the key) gets nothing, since a cleanup would
 //! drop it there, and the key's owners now are repaired in its place. Markers
 //! are cleared on the node that held them once fixed; those of a replica still down wait.
-//! Two coordinators working off the same marker repeat an idempotent repair.
+//! Two coordinators working off the same marker repeat an idempotent repair. The writes carry
+//! the epoch of the ring they were placed on; a node whose cleanup fenced a later one refuses
+//! them (`STALE_RING`), the marker stays, and the next round reads the registry again first.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::ring::NodeState;
+use crate::rpc::detail::storage_code;
 use crate::rpc::storage as spb;
 
 use super::super::Coordinator;
@@ -38,7 +41,9 @@ pub fn spawn_targeted(core: Arc<Coordinator>, interval: Duration) {
 
 /// One pass over the markers of every reachable node.
 async fn round(core: &Coordinator) {
-    let snapshot = core.ring.snapshot();
+    // Read again when a node refused a repair as placed on a stale ring, or when the ring is
+    // older than a request's may be.
+    let snapshot = core.ring.fresh(core.options.ring_max_age()).await;
     for holder in snapshot
         .nodes
         .iter()
@@ -117,6 +122,7 @@ async fn repair_key(
         return Ok(false);
     };
     let nodes = core.write_owners_on(snapshot, &tenant, &marker.key);
+    let epoch = crate::coordinator::write::placed_epoch(snapshot, &tenant);
     let marked_owns = nodes.contains(&marker.missed_node);
     let mut held: Vec<(String, Option<spb::Record>)> = Vec::new();
     for node in nodes {
@@ -175,18 +181,25 @@ async fn repair_key(
                     records: vec![winner.clone()],
                     source: spb::BatchSource::Repair as i32,
                     ring_digest: 0,
-                    ring_epoch: 0,
+                    ring_epoch: epoch,
                 })
                 .await
                 .map(|a| a.into_inner().outcomes)
-                .map_err(|s| s.message().to_owned()),
-            Err(e) => Err(e.to_string()),
+                .map_err(|s| (storage_code(&s), s.message().to_owned())),
+            Err(e) => Err((spb::ErrorCode::Unspecified, e.to_string())),
         };
         match written {
             Ok(outcomes) => {
                 applied |= outcomes.first() == Some(&(spb::ApplyOutcome::Applied as i32));
             }
-            Err(e) if *node == marker.missed_node => {
+            Err((spb::ErrorCode::StaleRing, e)) => {
+                // This coordinator's ring is older than a cleanup on the node, which may have
+                // dropped the key's range: the marker stays, and the next round repairs it on
+                // the registry read anew.
+                core.ring.refused_as_stale(snapshot.epoch);
+                return Err(CoordError::Unavailable(format!("{node}: {e}")));
+            }
+            Err((_, e)) if *node == marker.missed_node => {
                 return Err(CoordError::Unavailable(format!("{node}: {e}")));
             }
             Err(_) => {}

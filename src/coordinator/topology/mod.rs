@@ -91,12 +91,18 @@ impl Coordinator {
             .any(|n| n.node_id == record.node_id && n.state == NodeState::Failed);
         // A node joins empty: records it kept from an earlier membership (a removed node back
         // with its volume) would be live again, deleted keys among them once their tombstones
-        // were purged. A failed addition tried again keeps what it got in its own attempt.
-        if !retried && (health.key_estimate > 0 || health.sstable_count > 0) {
+        // were purged. So would what a failed addition of it received: tried again after a
+        // cleanup, the keys deleted since may have lost their tombstones everywhere else.
+        if health.key_estimate > 0 || health.sstable_count > 0 {
+            let earlier = if retried {
+                "what its failed addition received"
+            } else {
+                "records kept from an earlier membership"
+            };
             return Err(CoordError::InvalidNodeConfig(format!(
                 "the storage node at {}:{} holds data (about {} records in {} tables): a node \
-                 joins empty, since records kept from an earlier membership would come back \
-                 as live; wipe its data directory and start it again",
+                 joins empty, since {earlier} would come back as live once the tombstones of \
+                 keys deleted since were purged; wipe its data directory and start it again",
                 record.host, record.port, health.key_estimate, health.sstable_count
             )));
         }
@@ -235,8 +241,8 @@ impl Coordinator {
             _ => format!("remove-{}", uuid::Uuid::new_v4()),
         };
         // A first estimate; the ranges are computed again once every coordinator sees the change.
-        let ring = self.ring.snapshot().ring.clone();
-        let estimated = match self.plan_transfers(&migration_id, &ring).await {
+        let snapshot = self.ring.snapshot();
+        let estimated = match self.plan_transfers(&migration_id, &snapshot).await {
             Ok(plan) => plan.iter().map(|t| t.estimated_keys).sum(),
             Err(_) => 0,
         };

@@ -40,6 +40,7 @@ use crate::coordinator::Coordinator;
 use crate::coordinator::errors::CoordError;
 use crate::coordinator::hints;
 use crate::coordinator::lease::{Interrupted, LeaseGuard};
+use crate::coordinator::ring_view::Snapshot;
 use crate::coordinator::stall::StallWatch;
 
 use super::PROBE_TIMEOUT;
@@ -59,6 +60,9 @@ pub(super) struct Transfer {
     ranges: Vec<HashRange>,
     /// The digest of the ring it was planned on (`StartStreamingRequest.ring_digest`).
     ring_digest: u64,
+    /// The registry epoch of that ring (`StartStreamingRequest.ring_epoch`): the target's ring
+    /// fence refuses the stream's batches once a cleanup fenced a later ring.
+    ring_epoch: u64,
     pub(super) estimated_keys: u64,
     keys_copied: u64,
     bytes_copied: u64,
@@ -277,8 +281,7 @@ impl Coordinator {
         {
             return Ok(Round::Replan);
         }
-        self.lead(m, lease, &changes, &migrations, &snapshot.ring)
-            .await
+        self.lead(m, lease, &changes, &migrations, &snapshot).await
     }
 
     /// A follower waits for the leader to make the changes final, or for the set to move.
@@ -322,7 +325,7 @@ impl Coordinator {
         Ok(!unrecorded.is_empty())
     }
 
-    /// The leader streams every transfer of the combined plan of `changes` (planned on `ring`;
+    /// The leader streams every transfer of the combined plan of `changes` (planned on `snapshot`;
     /// `migrations`, the migration of each), then makes them all final. Fails when a stream
     /// fails or no stream makes progress for `topology_timeout` (the streams are stopped).
     async fn lead(
@@ -331,10 +334,10 @@ impl Coordinator {
         lease: &LeaseGuard,
         changes: &ChangeSet,
         migrations: &HashMap<String, Migration>,
-        ring: &Ring,
+        snapshot: &Snapshot,
     ) -> Result<Round, Interrupted> {
         let mut transfers = self
-            .plan_transfers(&stream_prefix(m, changes), ring)
+            .plan_transfers(&stream_prefix(m, changes), snapshot)
             .await?;
         let mut stored: HashMap<String, StreamCheckpoint> = self
             .meta
@@ -719,6 +722,7 @@ impl Coordinator {
                 resume: t.checkpoint.clone(),
                 dropped_tenants: self.tenants.deleted_namespaces(),
                 ring_digest: t.ring_digest,
+                ring_epoch: t.ring_epoch,
             })
             .await
             .map_err(|s| PollError::Unreachable(s.message().to_owned()))?
@@ -789,14 +793,15 @@ impl Coordinator {
         }
     }
 
-    /// The streams of the node changes in progress in `ring`, planned together
+    /// The streams of the node changes in progress in `snapshot`'s ring, planned together
     /// ([`plan::plan_combined`]) for every replication factor in use, with ids under
     /// `stream_prefix`; nodes that are down or do not answer do not send.
     pub(super) async fn plan_transfers(
         &self,
         stream_prefix: &str,
-        ring: &Ring,
+        snapshot: &Snapshot,
     ) -> Result<Vec<Transfer>, CoordError> {
+        let ring = &snapshot.ring;
         let health: HashMap<String, Option<u64>> = self
             .node_health()
             .await
@@ -824,6 +829,7 @@ impl Coordinator {
                     to: t.to.0,
                     ranges: t.ranges,
                     ring_digest: ring.digest(),
+                    ring_epoch: snapshot.epoch,
                     estimated_keys,
                     keys_copied: 0,
                     bytes_copied: 0,
