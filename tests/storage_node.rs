@@ -1015,7 +1015,8 @@ async fn repair_applies_only_newer_versions_and_streams_can_be_stopped() {
 
 /// Cleanup's storage side: HeldVersions answers "this version or a newer one", and DropRanges
 /// removes exactly the named tenants' records in the named ranges (others stay, across a
-/// restart), refusing a drop that names no tenant or the whole ring.
+/// restart), refusing a drop that names no tenant or the whole ring, and one verified against
+/// a ring older than a write the node took (a late drop), also after `kill -9`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_versions_and_tenant_range_drops() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1069,12 +1070,15 @@ async fn held_versions_and_tenant_range_drops() {
         start: 0,
         end: 1 << 63,
     };
-    let drop_req = |tenants: Vec<String>, range: cpb::HashRange| pb::DropRangesRequest {
-        drops: vec![pb::TenantRanges {
-            tenant_ids: tenants,
-            ranges: vec![range],
-        }],
-    };
+    let drop_on =
+        |ring_epoch: u64, tenants: Vec<String>, range: cpb::HashRange| pb::DropRangesRequest {
+            drops: vec![pb::TenantRanges {
+                tenant_ids: tenants,
+                ranges: vec![range],
+            }],
+            ring_epoch,
+        };
+    let drop_req = |tenants: Vec<String>, range: cpb::HashRange| drop_on(9, tenants, range);
     for bad in [
         drop_req(Vec::new(), half),
         drop_req(vec!["acme".into()], cpb::HashRange { start: 7, end: 7 }),
@@ -1086,6 +1090,27 @@ async fn held_versions_and_tenant_range_drops() {
             pb::ErrorCode::InvalidArgument,
             "{refused:?}"
         );
+    }
+    // A write placed on the ring of epoch 9 (the same version again: applied or not, the
+    // node took a write on that ring), then a drop verified against epoch 8: late, refused.
+    c.write_batch(pb::WriteBatchRequest {
+        records: vec![put("acme", b"k0", base + 5, b"1")],
+        source: pb::BatchSource::Stream as i32,
+        ring_digest: 0,
+        ring_epoch: 9,
+    })
+    .await
+    .expect("a write on the ring of epoch 9");
+    drop(c);
+    node.kill9();
+    node.restart();
+    let mut c = node.client().await;
+    for late in [0, 8] {
+        let refused = c
+            .drop_ranges(drop_on(late, vec!["acme".into()], half))
+            .await
+            .expect_err("a drop verified against an older ring");
+        assert_eq!(code_in(&refused), pb::ErrorCode::StaleRing, "{refused:?}");
     }
     assert_eq!(
         scan(&mut c, 0, 0).await.len(),
@@ -1418,7 +1443,8 @@ async fn disk_thresholds_come_from_the_configuration() {
 }
 
 /// Anti-entropy requests are bounded and checked before any work: too many groups, a segment
-/// past the tree, or a repair "as of" the node's future is INVALID_ARGUMENT.
+/// past the tree, or a repair "as of" the node's future is INVALID_ARGUMENT; marks of a
+/// comparison on a ring older than a write the node took are STALE_RING. None records a mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anti_entropy_requests_out_of_bounds_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1461,6 +1487,7 @@ async fn anti_entropy_requests_out_of_bounds_are_refused() {
                 range: Some(cpb::HashRange { start: 0, end: 0 }),
                 repaired_as_of_ms: now_ms() + 3_600_000,
             }],
+            ring_epoch: 0,
         })
         .await
         .expect_err("repaired as of the future");
@@ -1469,6 +1496,28 @@ async fn anti_entropy_requests_out_of_bounds_are_refused() {
         pb::ErrorCode::InvalidArgument,
         "{refused:?}"
     );
+    // After a write placed on the ring of epoch 9, marks of a comparison on epoch 8 are late.
+    c.write_batch(pb::WriteBatchRequest {
+        records: vec![put("other", b"k", physical_counter(now_ms()), b"v")],
+        source: pb::BatchSource::Client as i32,
+        ring_digest: 0,
+        ring_epoch: 9,
+    })
+    .await
+    .expect("a write on the ring of epoch 9");
+    let late = |ring_epoch: u64| pb::MarkRepairedRequest {
+        ranges: vec![pb::RepairedRange {
+            tenant_id: "acme".into(),
+            range: Some(cpb::HashRange { start: 0, end: 0 }),
+            repaired_as_of_ms: now_ms(),
+        }],
+        ring_epoch,
+    };
+    let refused = c
+        .mark_repaired(late(8))
+        .await
+        .expect_err("marks of a comparison on an older ring");
+    assert_eq!(code_in(&refused), pb::ErrorCode::StaleRing, "{refused:?}");
     assert!(
         !dir.path().join("repaired-ranges.json").exists(),
         "a refused mark records nothing"

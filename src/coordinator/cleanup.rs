@@ -322,12 +322,13 @@ impl Coordinator {
             let ctx = NodeCleanup {
                 node: NodeId::new(node.clone()),
                 ring: &ring,
+                epoch: registry.epoch,
                 addresses: &addresses,
                 rf_of: &rf_of,
             };
             // From here on the node refuses client calls placed on an older ring, and every
             // one it took before is applied: the verification sees them all.
-            self.fence(&ctx, registry.epoch).await?;
+            self.fence(&ctx, ctx.epoch).await?;
             let verified = if force { 0 } else { self.verify(&ctx).await? };
             // The last look before this node drops anything.
             lease.check()?;
@@ -522,7 +523,10 @@ impl Coordinator {
         let node = ctx.node.as_str();
         let done = ctx
             .client(self, node)?
-            .drop_ranges(spb::DropRangesRequest { drops })
+            .drop_ranges(spb::DropRangesRequest {
+                drops,
+                ring_epoch: ctx.epoch,
+            })
             .await
             .map_err(|s| CleanupError::rpc("drop", node, &s))?
             .into_inner();
@@ -592,6 +596,8 @@ impl From<CleanupError> for Interrupted {
 struct NodeCleanup<'a> {
     node: NodeId,
     ring: &'a Ring,
+    /// The registry epoch of `ring` (`DropRangesRequest.ring_epoch`).
+    epoch: u64,
     addresses: &'a HashMap<String, String>,
     rf_of: &'a HashMap<String, usize>,
 }

@@ -135,10 +135,12 @@ impl RingView {
         }
         let _one = self.rereading.lock().await;
         if due() {
-            self.refused.store(false, Ordering::Release);
-            *self.checked_at.lock() = Instant::now();
+            // The ring stays due until the read is done (`refresh` marks it checked), so a
+            // caller that comes meanwhile waits for it instead of taking the old ring.
             let reread = tokio::time::timeout(REREAD_TIMEOUT, self.refresh()).await;
+            self.refused.store(false, Ordering::Release);
             if !matches!(reread, Ok(Ok(()))) {
+                *self.checked_at.lock() = Instant::now();
                 metrics::counter!("pairdb_coordinator_stale_ring_total").increment(1);
                 tracing::warn!(
                     "cannot re-read a registry older than {max_age:?}; serving the last ring"
@@ -236,6 +238,25 @@ mod tests {
             .await
             .expect("load");
         (store, view)
+    }
+
+    /// Two requests after a stall (the ring older than `max_age`): both wait for the one read
+    /// of the registry and are placed on the ring it found. The second used to see the read
+    /// in progress as done and take the ring from before the stall.
+    #[tokio::test]
+    async fn requests_that_find_a_read_of_the_registry_under_way_wait_for_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, view) = one_node_view(dir.path()).await;
+        let max_age = Duration::from_millis(50);
+        tokio::time::sleep(max_age * 2).await;
+        store.add_node(&node("s2")).await.expect("add s2");
+        let (first, second) = tokio::join!(view.fresh(max_age), view.fresh(max_age));
+        assert_eq!(first.nodes.len(), 2);
+        assert_eq!(
+            second.nodes.len(),
+            2,
+            "the second request took the old ring"
+        );
     }
 
     /// The time a registry is held (what a cleanup's settle wait counts on this coordinator's

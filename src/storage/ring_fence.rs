@@ -20,13 +20,25 @@
 //!   starts after the fence, sees every such write that was acknowledged.
 //! - Floor 0 (never fenced) admits every call, also those with no epoch (0: unknown); a
 //!   fenced node refuses calls with no epoch.
+//!
+//! The fence also remembers the newest ring any admitted write was placed on (`newest`,
+//! `<data dir>/ring-newest.json`, durable before that write is applied). A cleanup's
+//! `DropRanges` names the ring it verified against; a node that took a write placed on a newer
+//! ring refuses it ([`RingFence::check_drop`]). A drop is only ever sent for the ring the
+//! registry holds, so a newer write means the drop is late: its cleanup was paused past its
+//! lease, another coordinator finished the cleanup, and a later change may have given the
+//! ranges back to this node, which the late drop would delete. (Left: a write on a newer ring
+//! that arrives while a drop already runs may be dropped with it, if a flush puts it into a
+//! table before the drop's compaction starts.)
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::{RwLock, RwLockReadGuard};
+use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
 
 pub const FILE_NAME: &str = "ring-fence.json";
+/// Where the newest ring a write was placed on is kept.
+pub const NEWEST_FILE_NAME: &str = "ring-newest.json";
 
 /// A call placed on a ring older than the floor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +56,11 @@ pub struct RingFence {
     floor: AtomicU64,
     /// Shared by each admitted write until it is applied; exclusive while raising.
     gate: RwLock<()>,
+    newest_path: PathBuf,
+    /// The newest ring (registry epoch) an admitted write was placed on; only rises.
+    newest: AtomicU64,
+    /// Held while a higher `newest` is written down.
+    recording: Mutex<()>,
 }
 
 impl RingFence {
@@ -51,11 +68,53 @@ impl RingFence {
     pub fn open(dir: &Path) -> std::io::Result<RingFence> {
         let path = dir.join(FILE_NAME);
         let floor: u64 = super::json_file::load(&path)?;
+        let newest_path = dir.join(NEWEST_FILE_NAME);
+        let newest: u64 = super::json_file::load(&newest_path)?;
         Ok(RingFence {
             path,
             floor: AtomicU64::new(floor),
             gate: RwLock::new(()),
+            newest_path,
+            newest: AtomicU64::new(newest),
+            recording: Mutex::new(()),
         })
+    }
+
+    /// The newest ring an admitted write was placed on (0: none named one).
+    pub fn newest(&self) -> u64 {
+        self.newest.load(Ordering::Acquire)
+    }
+
+    /// Records that a write placed on the ring of `epoch` is about to be applied: durable on
+    /// return when it raises [`RingFence::newest`] (rare: once per registry change).
+    pub async fn note_placed(&self, epoch: u64) -> std::io::Result<()> {
+        if epoch <= self.newest() {
+            return Ok(());
+        }
+        let _one = self.recording.lock().await;
+        if epoch <= self.newest() {
+            return Ok(());
+        }
+        let path = self.newest_path.clone();
+        tokio::task::spawn_blocking(move || super::json_file::store(&path, &epoch))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.newest.store(epoch, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether a drop of ranges verified against the ring of `epoch` may run: not when this
+    /// node took a write placed on a newer ring (the drop is late; see the module doc).
+    pub fn check_drop(&self, epoch: u64) -> Result<(), StaleRing> {
+        let newest = self.newest();
+        if epoch >= newest {
+            Ok(())
+        } else {
+            Err(StaleRing {
+                epoch,
+                floor: newest,
+            })
+        }
     }
 
     pub fn floor(&self) -> u64 {
@@ -142,6 +201,23 @@ mod tests {
         assert_eq!(raising.await.expect("join").expect("raise"), 4);
         assert!(fence.admit(3).await.is_err(), "refused once raised");
         assert!(fence.admit(4).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_drop_verified_on_a_ring_older_than_a_write_is_refused_also_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fence = RingFence::open(dir.path()).expect("open");
+        assert_eq!(fence.check_drop(0), Ok(()), "no write named a ring yet");
+        fence.note_placed(6).await.expect("note");
+        fence.note_placed(4).await.expect("note");
+        assert_eq!(fence.newest(), 6, "only rises");
+        assert_eq!(fence.check_drop(6), Ok(()));
+        assert_eq!(fence.check_drop(7), Ok(()));
+        assert_eq!(fence.check_drop(5), Err(StaleRing { epoch: 5, floor: 6 }));
+        let reopened = RingFence::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.newest(), 6);
+        assert!(reopened.check_drop(5).is_err());
+        assert_eq!(reopened.floor(), 0, "recording writes fences nothing");
     }
 
     #[test]

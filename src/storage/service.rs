@@ -292,13 +292,17 @@ impl StorageService {
         Ok(())
     }
 
-    /// Admits a client write placed on a ring of `epoch` (see `ring_fence`); hold the guard
-    /// until it is applied.
+    /// Admits a write placed on a ring of `epoch` (see `ring_fence`), and records that ring
+    /// when it is the newest yet; hold the guard until it is applied.
     async fn admit(
         &self,
         epoch: u64,
     ) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, StorageError> {
-        self.fence.admit(epoch).await.map_err(refused_stale)
+        let admitted = self.fence.admit(epoch).await.map_err(refused_stale)?;
+        self.fence.note_placed(epoch).await.map_err(|e| {
+            StorageError::Internal(format!("cannot record the newest ring written: {e}"))
+        })?;
+        Ok(admitted)
     }
 
     /// Client writes and reads wait until the node knows every deleted tenant
@@ -859,7 +863,15 @@ impl StorageNode for StorageService {
         &self,
         req: Request<pb::MarkRepairedRequest>,
     ) -> Result<Response<pb::MarkRepairedResponse>, Status> {
-        reply(anti_entropy::mark_repaired(self.repaired.clone(), req.into_inner()).await)
+        let body = async {
+            let req = req.into_inner();
+            // Marks of a comparison on a ring older than one this node took writes on are late.
+            self.fence
+                .check_drop(req.ring_epoch)
+                .map_err(refused_stale)?;
+            anti_entropy::mark_repaired(self.repaired.clone(), req).await
+        };
+        reply(body.await)
     }
 
     async fn compact(
@@ -1004,7 +1016,12 @@ impl StorageNode for StorageService {
         req: Request<pb::DropRangesRequest>,
     ) -> Result<Response<pb::DropRangesResponse>, Status> {
         let body = async {
-            let drops = cleanup::parse_drops(req.into_inner())?;
+            let req = req.into_inner();
+            // A drop verified against a ring older than one this node took writes on is late.
+            self.fence
+                .check_drop(req.ring_epoch)
+                .map_err(refused_stale)?;
+            let drops = cleanup::parse_drops(req)?;
             let engine = self.engine.clone();
             blocking(move || cleanup::drop_ranges(&engine, &drops)).await
         };

@@ -189,9 +189,18 @@ impl Replicas {
                 ring_hash: 0,
                 expires_at_ms: 0,
             };
+            // Placed on the ring the node is fenced at (a cleanup refuses older ones): asking
+            // for a floor of 1 answers the floor in force, and changes nothing for
+            // coordinators, whose calls name their ring's epoch (1 or more).
+            let floor = client
+                .fence_ring(spb::FenceRingRequest { epoch: 1 })
+                .await
+                .map_err(|e| format!("ring fence of {owner}: {e}"))?
+                .into_inner()
+                .floor;
             let answer = client
                 .write_batch(spb::WriteBatchRequest {
-                    ring_epoch: 0,
+                    ring_epoch: floor,
                     records: vec![record],
                     source: spb::BatchSource::Repair as i32,
                     ring_digest: 0,

@@ -490,7 +490,10 @@ impl Coordinator {
             };
             let call = match self.pool.client(&node, address) {
                 Ok(mut client) => client
-                    .mark_repaired(spb::MarkRepairedRequest { ranges })
+                    .mark_repaired(spb::MarkRepairedRequest {
+                        ranges,
+                        ring_epoch: snapshot.epoch,
+                    })
                     .await
                     .map(|_| ())
                     .map_err(|s| s.to_string()),
