@@ -27,14 +27,14 @@
 //! ring refuses it ([`RingFence::check_drop`]). A drop is only ever sent for the ring the
 //! registry holds, so a newer write means the drop is late: its cleanup was paused past its
 //! lease, another coordinator finished the cleanup, and a later change may have given the
-//! ranges back to this node, which the late drop would delete. (Left: a write on a newer ring
-//! that arrives while a drop already runs may be dropped with it, if a flush puts it into a
-//! table before the drop's compaction starts.)
+//! ranges back to this node, which the late drop would delete. A drop that may run holds
+//! [`DropGuard`] until it is done: a write placed on a newer ring that comes meanwhile waits
+//! for it (rare: only a late drop meets one), so the drop never takes it along.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
+use tokio::sync::{Mutex, RwLock, RwLockReadGuard, watch};
 
 pub const FILE_NAME: &str = "ring-fence.json";
 /// Where the newest ring a write was placed on is kept.
@@ -61,6 +61,27 @@ pub struct RingFence {
     newest: AtomicU64,
     /// Held while a higher `newest` is written down.
     recording: Mutex<()>,
+    /// The ring of the drop running now ([`NO_DROP`]: none); writes placed on a newer ring
+    /// wait until it ends.
+    dropping: watch::Sender<u64>,
+    /// One drop at a time.
+    drop_lock: Mutex<()>,
+}
+
+/// [`RingFence::dropping`] when no drop runs.
+const NO_DROP: u64 = u64::MAX;
+
+/// A drop of ranges verified against a ring no write here is newer than; writes placed on a
+/// newer ring wait until it is dropped.
+pub struct DropGuard<'a> {
+    fence: &'a RingFence,
+    _one: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl Drop for DropGuard<'_> {
+    fn drop(&mut self) {
+        self.fence.dropping.send_replace(NO_DROP);
+    }
 }
 
 impl RingFence {
@@ -77,6 +98,8 @@ impl RingFence {
             newest_path,
             newest: AtomicU64::new(newest),
             recording: Mutex::new(()),
+            dropping: watch::Sender::new(NO_DROP),
+            drop_lock: Mutex::new(()),
         })
     }
 
@@ -103,8 +126,23 @@ impl RingFence {
         Ok(())
     }
 
-    /// Whether a drop of ranges verified against the ring of `epoch` may run: not when this
-    /// node took a write placed on a newer ring (the drop is late; see the module doc).
+    /// Starts a drop of ranges verified against the ring of `epoch`, unless this node took a
+    /// write placed on a newer ring (the drop is late; see the module doc). Hold the guard
+    /// until the drop is done.
+    pub async fn begin_drop(&self, epoch: u64) -> Result<DropGuard<'_>, StaleRing> {
+        let one = self.drop_lock.lock().await;
+        // No admitted write is between its check and its apply: `newest` is complete.
+        let _writes = self.gate.write().await;
+        self.check_drop(epoch)?;
+        self.dropping.send_replace(epoch);
+        Ok(DropGuard {
+            fence: self,
+            _one: one,
+        })
+    }
+
+    /// Whether ranges or marks verified against the ring of `epoch` are current: not when this
+    /// node took a write placed on a newer ring (they are late; see the module doc).
     pub fn check_drop(&self, epoch: u64) -> Result<(), StaleRing> {
         let newest = self.newest();
         if epoch >= newest {
@@ -131,11 +169,25 @@ impl RingFence {
         }
     }
 
-    /// Admits a write placed on a ring of `epoch`: hold the guard until it is applied.
+    /// Admits a write placed on a ring of `epoch`: hold the guard until it is applied. While
+    /// a drop verified against an older ring runs, waits for it to end.
     pub async fn admit(&self, epoch: u64) -> Result<RwLockReadGuard<'_, ()>, StaleRing> {
-        let guard = self.gate.read().await;
-        self.check(epoch)?;
-        Ok(guard)
+        loop {
+            let guard = self.gate.read().await;
+            self.check(epoch)?;
+            if epoch <= *self.dropping.borrow() {
+                return Ok(guard);
+            }
+            let mut ended = self.dropping.subscribe();
+            if epoch <= *ended.borrow_and_update() {
+                return Ok(guard);
+            }
+            drop(guard);
+            // The sender lives as long as the fence, so this only fails if it is gone.
+            if ended.changed().await.is_err() {
+                return Ok(self.gate.read().await);
+            }
+        }
     }
 
     /// Raises the floor to `epoch` (never lowers it), after every admitted write in flight
@@ -218,6 +270,34 @@ mod tests {
         assert_eq!(reopened.newest(), 6);
         assert!(reopened.check_drop(5).is_err());
         assert_eq!(reopened.floor(), 0, "recording writes fences nothing");
+    }
+
+    #[tokio::test]
+    async fn a_write_on_a_newer_ring_waits_for_a_running_drop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fence = Arc::new(RingFence::open(dir.path()).expect("open"));
+        fence.note_placed(5).await.expect("note");
+        let dropping = fence.begin_drop(5).await.expect("a current drop");
+        let newer = tokio::spawn({
+            let fence = fence.clone();
+            async move {
+                let _admitted = fence.admit(6).await.expect("admitted");
+                fence.note_placed(6).await.expect("note");
+            }
+        });
+        drop(
+            fence
+                .admit(5)
+                .await
+                .expect("a write on the drop's ring goes on"),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!newer.is_finished(), "the newer write waits for the drop");
+        assert_eq!(fence.newest(), 5);
+        drop(dropping);
+        newer.await.expect("join");
+        assert_eq!(fence.newest(), 6);
+        assert!(fence.begin_drop(5).await.is_err(), "late now");
     }
 
     #[test]

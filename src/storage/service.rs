@@ -1017,11 +1017,11 @@ impl StorageNode for StorageService {
     ) -> Result<Response<pb::DropRangesResponse>, Status> {
         let body = async {
             let req = req.into_inner();
-            // A drop verified against a ring older than one this node took writes on is late.
-            self.fence
-                .check_drop(req.ring_epoch)
-                .map_err(refused_stale)?;
+            let epoch = req.ring_epoch;
             let drops = cleanup::parse_drops(req)?;
+            // A drop verified against a ring older than one this node took writes on is late;
+            // writes on a newer ring that come while it runs wait for it.
+            let _dropping = self.fence.begin_drop(epoch).await.map_err(refused_stale)?;
             let engine = self.engine.clone();
             blocking(move || cleanup::drop_ranges(&engine, &drops)).await
         };
