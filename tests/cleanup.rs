@@ -713,6 +713,30 @@ async fn a_write_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_aga
     );
 }
 
+/// Through `a` (the current coordinator): creates `tenant` at its RF, writes `keys` keys
+/// (`{prefix}00`, ...) at ALL, adds `s4`, waits `a`'s settle time (2 x 500 ms + 1 s) and cleans
+/// every node up. Returns the keys written.
+async fn write_add_and_clean_up(
+    a: &mut Client,
+    (tenant, rf): (&str, u32),
+    prefix: &str,
+    keys: usize,
+    s4: &StorageNode,
+) -> Vec<String> {
+    create_tenant(a, tenant, rf).await;
+    let written: Vec<String> = (0..keys).map(|i| format!("{prefix}{i:02}")).collect();
+    for key in &written {
+        put(a, tenant, key, "\"v\"", Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write {key}: {e}"));
+    }
+    add_node(a, s4).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let accepted = cleanup_when_up(a, None).await;
+    wait_migration(a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    written
+}
+
 /// The same for a listing: `c2`, whose ring predates `s4`, lists an RF 1 tenant after a cleanup
 /// dropped from the old owners the ranges `s4` took. Its listing asks `s1`..`s3` only; they
 /// refuse it as placed on a stale ring, and it lists again on the current ring, `s4` included.
@@ -724,18 +748,7 @@ async fn a_listing_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_a
     let storage = start_storage(3, dir.path());
     let s4 = join_storage("s4", dir.path(), &storage);
     let (_c1, mut a, _c2, mut b) = current_and_stale_coordinators(&storage, dir.path()).await;
-    create_tenant(&mut a, "one", 1).await;
-    const KEYS: usize = 60;
-    let mut written: Vec<String> = (0..KEYS).map(|i| format!("k{i:02}")).collect();
-    for key in &written {
-        put(&mut a, "one", key, "\"v\"", Consistency::All)
-            .await
-            .unwrap_or_else(|e| panic!("write {key}: {e}"));
-    }
-    add_node(&mut a, &s4).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let accepted = cleanup_when_up(&mut a, None).await;
-    wait_migration(&a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    let mut written = write_add_and_clean_up(&mut a, ("one", 1), "k", 60, &s4).await;
     let on_s4 = held(&s4).await.len();
     assert!(on_s4 > 0, "s4 took some of the keys");
 
@@ -769,17 +782,7 @@ async fn a_repair_placed_on_a_ring_older_than_a_cleanup_writes_nothing_into_a_dr
         &[("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "300ms")],
     )
     .await;
-    create_tenant(&mut a, "three", 3).await;
-    let keys: Vec<String> = (0..40).map(|i| format!("r{i:02}")).collect();
-    for key in &keys {
-        put(&mut a, "three", key, "\"v\"", Consistency::All)
-            .await
-            .unwrap_or_else(|e| panic!("write {key}: {e}"));
-    }
-    add_node(&mut a, &s4).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let accepted = cleanup_when_up(&mut a, None).await;
-    wait_migration(&a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    let keys = write_add_and_clean_up(&mut a, ("three", 3), "r", 40, &s4).await;
 
     // A key an old node dropped (it went to s4), and an old node that still holds it.
     let mut moved = None;

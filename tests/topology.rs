@@ -520,15 +520,24 @@ async fn hints_for_a_replica_an_rf_lowering_removed_go_to_the_owners() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_addition_without_progress_is_rolled_back() {
-    let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let mut s4 = join("s4", dir.path(), &storage);
+/// A 3-node cluster with both tenants and 150 keys each, whose coordinator (topology timeout
+/// 3 s) was asked to add `s4`, killed right after: the addition makes no progress and fails.
+/// Returns the storage nodes, `s4` (stopped), the coordinator, a client and the failed
+/// migration.
+async fn a_failed_addition(
+    dir: &Path,
+) -> (
+    Vec<StorageNode>,
+    StorageNode,
+    RoleProcess,
+    Client,
+    pb::Migration,
+) {
+    let storage = start_storage(3, dir);
+    let mut s4 = join("s4", dir, &storage);
     let c1 = coordinator(
         &storage,
-        dir.path(),
+        dir,
         &[("PAIRDB_COORDINATOR_TOPOLOGY_TIMEOUT_S", "3")],
     );
     let mut c = c1.client().await;
@@ -537,10 +546,17 @@ async fn an_addition_without_progress_is_rolled_back() {
         create_tenant(&mut c, tenant, rf).await;
     }
     write_keys(&mut c, "k", 150, Consistency::All).await;
-
     let accepted = add(&mut c, &s4).await.expect("add s4");
     s4.kill9();
     let failed = wait_migration(&c, &accepted.migration_id, pb::MigrationState::Failed).await;
+    (storage, s4, c1, c, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_addition_without_progress_is_rolled_back() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, _s4, _c1, mut c, failed) = a_failed_addition(dir.path()).await;
     assert_eq!(failed.node_id, "s4");
     assert!(
         failed.failure_reason.contains("no streaming progress"),
@@ -610,22 +626,7 @@ async fn hold_a_record(node: &StorageNode) {
 async fn a_failed_addition_tried_again_joins_empty() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let mut s4 = join("s4", dir.path(), &storage);
-    let c1 = coordinator(
-        &storage,
-        dir.path(),
-        &[("PAIRDB_COORDINATOR_TOPOLOGY_TIMEOUT_S", "3")],
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    for (tenant, rf) in TENANTS {
-        create_tenant(&mut c, tenant, rf).await;
-    }
-    write_keys(&mut c, "k", 150, Consistency::All).await;
-    let accepted = add(&mut c, &s4).await.expect("add s4");
-    s4.kill9();
-    wait_migration(&c, &accepted.migration_id, pb::MigrationState::Failed).await;
+    let (_storage, mut s4, _c1, mut c, _) = a_failed_addition(dir.path()).await;
     s4.restart();
     hold_a_record(&s4).await;
 
