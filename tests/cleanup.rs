@@ -833,6 +833,55 @@ async fn a_repair_placed_on_a_ring_older_than_a_cleanup_writes_nothing_into_a_dr
     assert!(stored_record(&s4, "three", &key).await.is_some());
 }
 
+/// A write acknowledged by some replicas while another refuses it as placed on a stale ring
+/// only after the ack (a straggler): the refusing replica gets the write through a hint,
+/// placed anew when it is replayed. `c2`'s ring and tenant predate `s4`; only `s1` is cleaned
+/// up (fenced at the registry's epoch), so `s2` and `s3` take `c2`'s write at ONE while `s1`,
+/// paused for the moment of the write, refuses it late. Before, a late refusal left neither a
+/// hint nor a marker, and `s1` lacked the key until a full repair (the fault suite found such
+/// keys, all missing on one replica, after its cleanups). `c1` replays hints every 300 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_refuses_a_write_as_stale_after_the_ack_gets_it_through_a_hint() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = start_storage(3, dir.path());
+    let s4 = join_storage("s4", dir.path(), &storage);
+    let (_c1, mut a, _c2, mut b) = current_and_stale_coordinators_with(
+        &storage,
+        dir.path(),
+        &[("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "300ms")],
+        &[("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "1h")],
+    )
+    .await;
+    create_tenant(&mut a, "three", 3).await;
+    put(&mut b, "three", "before", "\"v\"", Consistency::All)
+        .await
+        .expect("c2 reads the tenant");
+    add_node(&mut a, &s4).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let accepted = cleanup_when_up(&mut a, Some("s1")).await;
+    wait_migration(&a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    let all: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
+    let ring = listed_ring(&mut a, &all).await;
+    let key = (0..1000)
+        .map(|i| format!("late{i}"))
+        .find(|k| {
+            ring.natural_owners(key_position("three", k.as_bytes()), 3)
+                .iter()
+                .any(|o| o.as_str() == "s1")
+        })
+        .expect("a key s1 owns");
+
+    storage[0].pause();
+    let written = put(&mut b, "three", &key, "\"v\"", Consistency::One).await;
+    storage[0].resume();
+    written.expect("acknowledged by s2 or s3");
+    eventually("s1 holds the key", Duration::from_secs(20), || async {
+        stored_record(&storage[0], "three", &key).await.is_some()
+    })
+    .await;
+}
+
 /// A tombstone must outlive every copy of the value it deletes, also the copy an old owner
 /// keeps of a range it gave away until a cleanup drops it. Here `s4` takes keys of an RF 1
 /// tenant from their old owners, one of them is deleted, and a repair runs past `gc_grace`

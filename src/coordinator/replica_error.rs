@@ -19,8 +19,9 @@ pub struct ReplicaError {
     /// since it started (`TENANTS_UNCONFIRMED`): confirming it and resending may succeed.
     pub unconfirmed: bool,
     /// The replica refused a client call placed on a ring older than its fence
-    /// (`STALE_RING`): this coordinator's ring is stale. No hint (the node may have dropped
-    /// the range); the request is placed again on the registry read anew.
+    /// (`STALE_RING`): this coordinator's ring is stale. The request is placed again on the
+    /// registry read anew; a write also leaves a hint, placed anew when replayed (the node
+    /// may have dropped the range), for a refusal that came after the write was acknowledged.
     pub stale_ring: bool,
 }
 

@@ -259,9 +259,15 @@ impl Coordinator {
             let hints = self.hints.clone();
             let stragglers = run.stragglers;
             if !stragglers.is_empty() {
+                let (ring, epoch) = (self.ring.clone(), snapshot.epoch);
                 self.hints.spawn_straggler(async move {
-                    for miss in missed(&stragglers.finish().await) {
+                    let late = stragglers.finish().await;
+                    for miss in missed(&late) {
                         hints.hint(miss.as_str(), &record, &replicas);
+                    }
+                    if refused_as_stale(&late) {
+                        // The next request reads the registry first.
+                        ring.refused_as_stale(epoch);
                     }
                 });
             }
@@ -370,14 +376,17 @@ fn refused_as_deleted(results: &[WriteResult]) -> bool {
 }
 
 /// Replicas that did not apply the write and could later (not those that refused it as
-/// invalid, nor as placed on a stale ring: a hint would deliver it into a range the node may
-/// have dropped).
+/// invalid). One that refused it as placed on a stale ring is among them: its hint is placed
+/// anew when it is replayed (delivered to it only if it still owns the key, else to the key's
+/// owners then, and fenced like every write; `hints`), so it cannot land in a dropped range.
+/// Without it a replica that refused only after the write was acknowledged (a straggler) would
+/// miss the write with neither a hint nor a marker.
 fn missed(results: &[WriteResult]) -> Vec<NodeId> {
     results
         .iter()
         .filter(|r| match &r.outcome {
             ReplicaOutcome::Ok(_) => false,
-            ReplicaOutcome::Err(e) => !e.rejected && !e.stale_ring,
+            ReplicaOutcome::Err(e) => !e.rejected,
             ReplicaOutcome::TimedOut => true,
         })
         .map(|r| r.replica.clone())
