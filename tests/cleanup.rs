@@ -568,6 +568,25 @@ async fn a_coordinator_back_from_a_stall_places_writes_on_the_current_ring() {
     write_keys_and_check_the_new_owner(&mut a, &mut b, &storage, &s4, 30).await;
 }
 
+/// Creates tenant `three` (RF 3) through `a` and writes a key of it through `b`, so `b` holds
+/// the tenant from before the change; then adds `s4` through `a`, waits `a`'s settle time
+/// (2 x 500 ms + 1 s; `b` is not waited for) and cleans up `node` (every node when `None`).
+async fn known_to_both_then_cleaned_up(
+    a: &mut Client,
+    b: &mut Client,
+    s4: &StorageNode,
+    node: Option<&str>,
+) {
+    create_tenant(a, "three", 3).await;
+    put(b, "three", "before", "\"v\"", Consistency::All)
+        .await
+        .expect("write before the change");
+    add_node(a, s4).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let accepted = cleanup_when_up(a, node).await;
+    wait_migration(a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+}
+
 /// Writes `k0`..`k{keys - 1}` of tenant `three` at ALL through `b`, then checks that every
 /// one of them `s4` owns (in the ring `a` lists) is on `s4`; returns that ring.
 async fn write_keys_and_check_the_new_owner(
@@ -653,16 +672,7 @@ async fn a_write_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_aga
     let storage = start_storage(3, dir.path());
     let s4 = join_storage("s4", dir.path(), &storage);
     let (_c1, mut a, _c2, mut b) = current_and_stale_coordinators(&storage, dir.path()).await;
-    create_tenant(&mut a, "three", 3).await;
-    put(&mut b, "three", "before", "\"v\"", Consistency::All)
-        .await
-        .expect("write before the change");
-
-    add_node(&mut a, &s4).await;
-    // The settle time of c1 (2 x 500 ms + 1 s); c2 is not waited for.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let accepted = cleanup_when_up(&mut a, None).await;
-    wait_migration(&a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    known_to_both_then_cleaned_up(&mut a, &mut b, &s4, None).await;
 
     let ring = write_keys_and_check_the_new_owner(&mut a, &mut b, &storage, &s4, 40).await;
     let all: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
@@ -853,14 +863,7 @@ async fn a_replica_that_refuses_a_write_as_stale_after_the_ack_gets_it_through_a
         &[("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL", "1h")],
     )
     .await;
-    create_tenant(&mut a, "three", 3).await;
-    put(&mut b, "three", "before", "\"v\"", Consistency::All)
-        .await
-        .expect("c2 reads the tenant");
-    add_node(&mut a, &s4).await;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let accepted = cleanup_when_up(&mut a, Some("s1")).await;
-    wait_migration(&a, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    known_to_both_then_cleaned_up(&mut a, &mut b, &s4, Some("s1")).await;
     let all: Vec<&StorageNode> = storage.iter().chain([&s4]).collect();
     let ring = listed_ring(&mut a, &all).await;
     let key = (0..1000)
