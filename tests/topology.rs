@@ -202,11 +202,7 @@ async fn adding_a_node_streams_its_ranges_then_activates_it() {
 async fn a_node_that_holds_data_is_refused() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let s4 = join("s4", dir.path(), &storage);
-    let c1 = coordinator(&storage, dir.path(), &[]);
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
+    let (_storage, s4, _c1, mut c) = three_nodes_and_a_joiner(dir.path()).await;
     hold_a_record(&s4).await;
     let refused = add(&mut c, &s4).await.expect_err("s4 holds data");
     assert_eq!(code(&refused), ErrorCode::InvalidNodeConfig, "{refused:?}");
@@ -586,6 +582,18 @@ async fn an_addition_without_progress_is_rolled_back() {
     let m = migration(&mut c, &forgotten.migration_id).await;
     assert_eq!(m.state(), pb::MigrationState::Completed);
     assert_eq!(node_state(&mut c, "s4").await, None);
+}
+
+/// Three active storage nodes, `s4` started but not added, and a coordinator with a client.
+async fn three_nodes_and_a_joiner(
+    dir: &Path,
+) -> (Vec<StorageNode>, StorageNode, RoleProcess, Client) {
+    let storage = start_storage(3, dir);
+    let s4 = join("s4", dir, &storage);
+    let c1 = coordinator(&storage, dir, &[]);
+    let c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    (storage, s4, c1, c)
 }
 
 /// Writes a record straight to `node`, as one kept from an earlier membership or received by
@@ -1082,11 +1090,7 @@ async fn a_commit_the_metadata_store_refuses_for_a_while_is_tried_again() {
 async fn a_listing_cursor_survives_a_topology_change() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let storage = start_storage(3, dir.path());
-    let s4 = join("s4", dir.path(), &storage);
-    let c1 = coordinator(&storage, dir.path(), &[]);
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
+    let (storage, s4, _c1, mut c) = three_nodes_and_a_joiner(dir.path()).await;
     create_tenant(&mut c, "narrow", 1).await;
     write_keys_of(&mut c, &[("narrow", 1)], "k", 300, Consistency::All).await;
     let mut expected = keys(&[("k", 300)]);

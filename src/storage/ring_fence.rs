@@ -24,7 +24,7 @@
 //! The fence also remembers the newest ring any admitted write was placed on (`newest`,
 //! `<data dir>/ring-newest.json`, durable before that write is applied). A cleanup's
 //! `DropRanges` names the ring it verified against; a node that took a write placed on a newer
-//! ring refuses it ([`RingFence::check_drop`]). A drop is only ever sent for the ring the
+//! ring refuses it ([`RingFence::check_verified_ring`]). A drop is only ever sent for the ring the
 //! registry holds, so a newer write means the drop is late: its cleanup was paused past its
 //! lease, another coordinator finished the cleanup, and a later change may have given the
 //! ranges back to this node, which the late drop would delete. A drop that may run holds
@@ -133,7 +133,7 @@ impl RingFence {
         let one = self.drop_lock.lock().await;
         // No admitted write is between its check and its apply: `newest` is complete.
         let _writes = self.gate.write().await;
-        self.check_drop(epoch)?;
+        self.check_verified_ring(epoch)?;
         self.dropping.send_replace(epoch);
         Ok(DropGuard {
             fence: self,
@@ -143,7 +143,7 @@ impl RingFence {
 
     /// Whether ranges or marks verified against the ring of `epoch` are current: not when this
     /// node took a write placed on a newer ring (they are late; see the module doc).
-    pub fn check_drop(&self, epoch: u64) -> Result<(), StaleRing> {
+    pub fn check_verified_ring(&self, epoch: u64) -> Result<(), StaleRing> {
         let newest = self.newest();
         if epoch >= newest {
             Ok(())
@@ -259,16 +259,23 @@ mod tests {
     async fn a_drop_verified_on_a_ring_older_than_a_write_is_refused_also_after_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fence = RingFence::open(dir.path()).expect("open");
-        assert_eq!(fence.check_drop(0), Ok(()), "no write named a ring yet");
+        assert_eq!(
+            fence.check_verified_ring(0),
+            Ok(()),
+            "no write named a ring yet"
+        );
         fence.note_placed(6).await.expect("note");
         fence.note_placed(4).await.expect("note");
         assert_eq!(fence.newest(), 6, "only rises");
-        assert_eq!(fence.check_drop(6), Ok(()));
-        assert_eq!(fence.check_drop(7), Ok(()));
-        assert_eq!(fence.check_drop(5), Err(StaleRing { epoch: 5, floor: 6 }));
+        assert_eq!(fence.check_verified_ring(6), Ok(()));
+        assert_eq!(fence.check_verified_ring(7), Ok(()));
+        assert_eq!(
+            fence.check_verified_ring(5),
+            Err(StaleRing { epoch: 5, floor: 6 })
+        );
         let reopened = RingFence::open(dir.path()).expect("reopen");
         assert_eq!(reopened.newest(), 6);
-        assert!(reopened.check_drop(5).is_err());
+        assert!(reopened.check_verified_ring(5).is_err());
         assert_eq!(reopened.floor(), 0, "recording writes fences nothing");
     }
 

@@ -867,7 +867,7 @@ impl StorageNode for StorageService {
             let req = req.into_inner();
             // Marks of a comparison on a ring older than one this node took writes on are late.
             self.fence
-                .check_drop(req.ring_epoch)
+                .check_verified_ring(req.ring_epoch)
                 .map_err(refused_stale)?;
             anti_entropy::mark_repaired(self.repaired.clone(), req).await
         };
