@@ -516,6 +516,9 @@ impl Coordinator {
             Err(MetaError::Changed(_)) => return Ok(Round::Replan),
             Err(e) => return Err(e.into()),
         }
+        // This coordinator's own view follows the registry before the change reads as
+        // completed: whoever sees `completed` here and lists the nodes sees them active.
+        self.ring.refresh().await.map_err(CoordError::from)?;
         for node in &leavers {
             self.drop_hints_for(node).await?;
         }
@@ -531,7 +534,6 @@ impl Coordinator {
             // Each may have led an earlier round.
             self.forget_checkpoints(&other.migration_id).await;
         }
-        self.ring.refresh().await.map_err(CoordError::from)?;
         Ok(Round::Final)
     }
 
@@ -571,6 +573,7 @@ impl Coordinator {
         if m.kind == MigrationKind::NodeRemoval {
             self.drop_hints_for(&m.subject).await?;
         }
+        self.ring.refresh().await?;
         let now = self.meta.get_migration(&m.migration_id).await?;
         if let Some(now) = now.filter(|n| n.state == MigrationState::InProgress) {
             let copied = Streamed {
@@ -579,7 +582,6 @@ impl Coordinator {
             };
             self.mark_completed(&m.migration_id, copied).await?;
         }
-        self.ring.refresh().await?;
         Ok(())
     }
 
