@@ -222,57 +222,52 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
     .await;
 
     // An old owner holds a version newer than any owner of its key (written to it alone, as a
-    // stale coordinator might have): not verified, nothing dropped there.
+    // stale coordinator might have, its hints lost): no repair compares it (repairs compare
+    // owners), so the cleanup hands it over to the owner before it drops it.
     let (tenant, key) = ("one", "k7");
     let owner = ring.natural_owners(key_position(tenant, key.as_bytes()), 1)[0].clone();
     let stray = storage
         .iter()
         .find(|n| n.id != owner.as_str())
         .expect("a node that does not own k7");
-    let counter = physical_counter(pairdb::wallclock::now_ms());
     stray
         .client()
         .await
         .write(spb::WriteRequest {
-            record: Some(spb::Record {
-                tenant_id: tenant.into(),
-                key: key.as_bytes().to_vec().into(),
-                version: Some(cpb::Version {
-                    clock: vec![cpb::ClockEntry {
-                        coordinator_id: "elsewhere".into(),
-                        counter,
-                    }],
-                    timestamp_ms: 0,
-                }),
-                payload: Some(spb::record::Payload::Value(b"\"stray\"".to_vec().into())),
-                ring_hash: 0,
-                expires_at_ms: 0,
-            }),
+            record: Some(newest_record(tenant, key, "\"stray\"")),
         })
         .await
         .expect("write to the stray node");
-    // One more record there if it did not hold the key (RF 1: only its owner did).
-    let stray_held = held(stray).await.len();
-    if let Some(counts) = before.get_mut(&stray.id) {
-        counts.0 = stray_held;
-    }
     let accepted = cleanup_when_up(&mut c, Some(&stray.id)).await;
     assert_eq!(accepted.node_ids, vec![stray.id.clone()]);
-    let failed = wait_migration(&c, &accepted.cleanup_id, pb::MigrationState::Failed).await;
-    assert_eq!(failed.r#type(), pb::MigrationType::Cleanup);
-    assert!(
-        failed.failure_reason.contains("one/k7") && failed.failure_reason.contains("quorum"),
-        "{failed:?}"
-    );
+    let done = wait_migration(&c, &accepted.cleanup_id, pb::MigrationState::Completed).await;
+    assert_eq!(done.r#type(), pb::MigrationType::Cleanup);
+    let dropped_on_stray = done.keys_migrated as usize;
+    let kept = held(stray).await;
     assert_eq!(
-        held(stray).await.len(),
-        before[&stray.id].0,
-        "nothing dropped on {}",
+        not_owned(&ring, &stray.id, &kept),
+        0,
+        "{} cleaned",
         stray.id
     );
+    assert_eq!(
+        get(&mut c, tenant, key, Consistency::All)
+            .await
+            .expect("k7"),
+        "\"stray\"",
+        "the stray copy was handed over to {owner} before it was dropped"
+    );
+    assert!(
+        common::http_get(c1.http, "/metrics")
+            .await
+            .contains("pairdb_cleanup_records_handed_over_total 1"),
+        "one record handed over"
+    );
+    if let Some(counts) = before.get_mut(&stray.id) {
+        counts.0 = kept.len();
+    }
 
-    // Once the owner holds a newer version (a repair, here a write), everything verifies.
-    // (The owner may be s4: the coordinator's channel to it reconnects after the pause.)
+    // A later write wins over the handed-over version as over any other.
     eventually("rewrite one/k7", Duration::from_secs(20), || {
         let mut c = c.clone();
         async move {
@@ -302,8 +297,8 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
     }
     assert_eq!(done.keys_migrated as usize, dropped);
     assert!(
-        dropped >= given_away,
-        "dropped {dropped}, given away {given_away}"
+        dropped + dropped_on_stray >= given_away,
+        "dropped {dropped} + {dropped_on_stray}, given away {given_away}"
     );
     for (tenant, _) in TENANTS {
         for i in 0..KEYS {
@@ -321,6 +316,80 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
     }
     let again = cleanup(&mut c, Some("s9"), false).await.expect_err("no s9");
     assert_eq!(code(&again), ErrorCode::NodeNotFound, "{again:?}");
+
+    // An owner that does not take a handed-over record (here: fenced at a ring newer than the
+    // registry's, so it refuses every write placed on the cleanup's ring): nothing is dropped.
+    // Last in this test, since that owner refuses the coordinator's writes from here on.
+    let (tenant, key) = ("one", "k8");
+    let owner = ring.natural_owners(key_position(tenant, key.as_bytes()), 1)[0].clone();
+    let stray = storage
+        .iter()
+        .find(|n| n.id != owner.as_str())
+        .expect("a node that does not own k8");
+    let owner = all
+        .iter()
+        .find(|n| n.id == owner.as_str())
+        .expect("k8's owner");
+    let epoch = stray
+        .client()
+        .await
+        .fence_ring(spb::FenceRingRequest { epoch: 1 })
+        .await
+        .expect("the stray node's fence")
+        .into_inner()
+        .floor;
+    // A cleaned node is fenced: a write names the ring it was placed on.
+    stray
+        .client()
+        .await
+        .write_batch(spb::WriteBatchRequest {
+            records: vec![newest_record(tenant, key, "\"stray\"")],
+            source: spb::BatchSource::Repair as i32,
+            ring_digest: 0,
+            ring_epoch: epoch,
+        })
+        .await
+        .expect("write to the stray node");
+    owner
+        .client()
+        .await
+        .fence_ring(spb::FenceRingRequest { epoch: epoch + 1 })
+        .await
+        .expect("fence the owner above the registry");
+    let accepted = cleanup_when_up(&mut c, Some(&stray.id)).await;
+    let failed = wait_migration(&c, &accepted.cleanup_id, pb::MigrationState::Failed).await;
+    assert!(
+        failed.failure_reason.contains("hand-over write")
+            && failed.failure_reason.contains(&owner.id),
+        "{failed:?}"
+    );
+    assert!(
+        held(stray)
+            .await
+            .contains(&(tenant.to_owned(), key.to_owned())),
+        "nothing dropped on {}",
+        stray.id
+    );
+}
+
+/// A record of `tenant`/`key` holding `value`, newer than every version written before.
+fn newest_record(tenant: &str, key: &str, value: &str) -> spb::Record {
+    spb::Record {
+        tenant_id: tenant.into(),
+        key: key.as_bytes().to_vec().into(),
+        version: Some(cpb::Version {
+            clock: vec![cpb::ClockEntry {
+                coordinator_id: "elsewhere".into(),
+                counter: physical_counter(pairdb::wallclock::now_ms()),
+            }],
+            timestamp_ms: 0,
+        }),
+        payload: Some(spb::record::Payload::Value(
+            value.as_bytes().to_vec().into(),
+        )),
+        ring_hash: 0,
+        expires_at_ms: 0,
+    }
 }
 
 /// Every file under `dir` with its size, for failure messages.
@@ -688,20 +757,7 @@ async fn a_write_placed_on_a_ring_older_than_a_cleanup_is_refused_and_placed_aga
     // A batch placed on the ring before the cleanup, sent straight to a node: refused, and
     // nothing of it applied.
     let stale = spb::WriteBatchRequest {
-        records: vec![spb::Record {
-            tenant_id: "three".into(),
-            key: b"late".to_vec().into(),
-            version: Some(cpb::Version {
-                clock: vec![cpb::ClockEntry {
-                    coordinator_id: "c9".into(),
-                    counter: physical_counter(pairdb::wallclock::now_ms()),
-                }],
-                timestamp_ms: 0,
-            }),
-            payload: Some(spb::record::Payload::Value(b"\"late\"".to_vec().into())),
-            ring_hash: 0,
-            expires_at_ms: 0,
-        }],
+        records: vec![newest_record("three", "late", "\"late\"")],
         source: spb::BatchSource::Client as i32,
         ring_digest: 0,
         ring_epoch: 1,

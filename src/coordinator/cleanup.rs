@@ -5,11 +5,13 @@
 //! How, per node N (every member, or the one asked for): tenants are grouped by replication
 //! factor; N's records are scanned keys-only; every record whose key N does not own at its
 //! tenant's RF is checked against its natural owners (`HeldVersions`: the same version or one
-//! that takes precedence), and must be held by a majority of them. Only when every such key is,
-//! N drops, per group, the ranges it does not own (`DropRanges`: one major compaction, no
-//! tombstones). `force` skips the verification, never the rest. The record is a migration of
-//! kind `cleanup` (keys checked, records dropped, bytes reclaimed); it runs automatically once
-//! `cleanup_grace` passed after the last completed change ([`spawn_auto_cleanup`]).
+//! that takes precedence), and must be held by a majority of them; one held by fewer is handed
+//! over first (N's record written to the owners that lack it, as a repair placed on the
+//! cleanup's ring) and checked again. Only when every such key is, N drops, per group, the
+//! ranges it does not own (`DropRanges`: one major compaction, no tombstones). `force` skips
+//! the verification, never the rest. The record is a migration of kind `cleanup` (keys
+//! checked, records dropped, bytes reclaimed); it runs automatically once `cleanup_grace`
+//! passed after the last completed change ([`spawn_auto_cleanup`]).
 //!
 //! Invariants:
 //! - A record is dropped only from a node that is not among its natural owners in the ring the
@@ -49,6 +51,8 @@ use super::lease::{Interrupted, LeaseGuard};
 
 /// Keys per scan batch, and so per `HeldVersions` call.
 const BATCH: u32 = 1000;
+/// Records per read and per write of a hand-over (values may be up to 10 MiB each).
+const HAND_OVER_BATCH: usize = 16;
 /// The most of `cleanup_grace` an automatic cleanup also waits on this coordinator's monotonic
 /// clock (see [`cleanup_due`]).
 const OWN_CLOCK_GRACE: Duration = Duration::from_secs(60);
@@ -387,7 +391,9 @@ impl Coordinator {
     }
 
     /// Checks that a majority of the natural owners of every key `ctx.node` holds but does not
-    /// own hold that version or a newer one; returns how many keys it checked.
+    /// own hold that version or a newer one; returns how many keys it checked. A key held by
+    /// fewer is first handed over: `ctx.node`'s record is written to the owners that lack it
+    /// (see [`Self::hand_over`]) and checked again.
     async fn verify(&self, ctx: &NodeCleanup<'_>) -> Result<u64, CleanupError> {
         let node = ctx.node.as_str();
         let mut scan = ctx
@@ -401,6 +407,7 @@ impl Coordinator {
             .map_err(|s| CleanupError::rpc("scan", node, &s))?
             .into_inner();
         let mut checked = 0u64;
+        let mut handed = 0u64;
         let mut short = 0u64;
         let mut example = None;
         while let Some(batch) = scan
@@ -421,10 +428,24 @@ impl Coordinator {
                     foreign.push((record, owners));
                 }
             }
-            let held = self.held_counts(ctx, &foreign).await?;
-            for ((record, owners), count) in foreign.iter().zip(held) {
-                checked += 1;
-                if count < owners.len() / 2 + 1 {
+            checked += foreign.len() as u64;
+            let lacking = self.owners_lacking(ctx, &foreign).await?;
+            let mut unverified: Vec<(spb::Record, Vec<NodeId>)> = Vec::new();
+            let mut to_hand = Vec::new();
+            for ((record, owners), lacking) in foreign.into_iter().zip(lacking) {
+                if owners.len() - lacking.len() < majority(owners.len()) {
+                    to_hand.push((record.clone(), lacking));
+                    unverified.push((record, owners));
+                }
+            }
+            if unverified.is_empty() {
+                continue;
+            }
+            handed += self.hand_over(ctx, to_hand).await?;
+            let lacking = self.owners_lacking(ctx, &unverified).await?;
+            for ((record, owners), lacking) in unverified.iter().zip(lacking) {
+                let count = owners.len() - lacking.len();
+                if count < majority(owners.len()) {
                     short += 1;
                     example.get_or_insert_with(|| {
                         format!(
@@ -441,6 +462,14 @@ impl Coordinator {
                 }
             }
         }
+        if handed > 0 {
+            metrics::counter!("pairdb_cleanup_records_handed_over_total").increment(handed);
+            tracing::warn!(
+                node,
+                records = handed,
+                "cleanup handed records its new owners lacked over to them"
+            );
+        }
         match example {
             Some(example) => Err(CleanupError::NotReplicated {
                 node: node.to_owned(),
@@ -452,19 +481,19 @@ impl Coordinator {
         }
     }
 
-    /// For each (record, owners), how many owners hold its version or a newer one.
-    async fn held_counts(
+    /// For each (record, owners), the owners that hold neither its version nor a newer one.
+    async fn owners_lacking(
         &self,
         ctx: &NodeCleanup<'_>,
         foreign: &[(spb::Record, Vec<NodeId>)],
-    ) -> Result<Vec<usize>, CleanupError> {
+    ) -> Result<Vec<Vec<NodeId>>, CleanupError> {
         let mut asked: BTreeMap<&NodeId, Vec<usize>> = BTreeMap::new();
         for (i, (_, owners)) in foreign.iter().enumerate() {
             for owner in owners {
                 asked.entry(owner).or_default().push(i);
             }
         }
-        let mut counts = vec![0usize; foreign.len()];
+        let mut lacking = vec![Vec::new(); foreign.len()];
         for (owner, indexes) in asked {
             let entries = indexes
                 .iter()
@@ -489,10 +518,82 @@ impl Coordinator {
                 });
             }
             for (&i, yes) in indexes.iter().zip(held) {
-                counts[i] += usize::from(yes);
+                if !yes {
+                    lacking[i].push(owner.clone());
+                }
             }
         }
-        Ok(counts)
+        Ok(lacking)
+    }
+
+    /// Hands the records `ctx.node` holds for `keys` (each with the owners that lack it) over
+    /// to those owners: read from `ctx.node`, written to them as repairs placed on the
+    /// cleanup's ring (each applies what wins by the version rules). Such a record is one a
+    /// write left on an old owner alone, its hints lost (a coordinator killed, a stale ring):
+    /// no repair brings it to the owners, since repairs compare owners only, so without this
+    /// the cleanup would fail on it forever. Returns how many records were read to hand over.
+    async fn hand_over(
+        &self,
+        ctx: &NodeCleanup<'_>,
+        keys: Vec<(spb::Record, Vec<NodeId>)>,
+    ) -> Result<u64, CleanupError> {
+        let node = ctx.node.as_str();
+        let mut by_owner: BTreeMap<NodeId, Vec<spb::Record>> = BTreeMap::new();
+        let mut read = 0u64;
+        for chunk in keys.chunks(HAND_OVER_BATCH) {
+            let reads = chunk
+                .iter()
+                .map(|(r, _)| spb::ReadRequest {
+                    tenant_id: r.tenant_id.clone(),
+                    key: r.key.clone(),
+                })
+                .collect();
+            let results = ctx
+                .client(self, node)?
+                .read_batch(spb::ReadBatchRequest {
+                    reads,
+                    source: spb::BatchSource::Unspecified as i32,
+                    ring_epoch: 0,
+                })
+                .await
+                .map_err(|s| CleanupError::rpc("hand-over read", node, &s))?
+                .into_inner()
+                .results;
+            if results.len() != chunk.len() {
+                return Err(CleanupError::ShortAnswer {
+                    node: node.to_owned(),
+                    got: results.len(),
+                    asked: chunk.len(),
+                });
+            }
+            for ((_, lacking), result) in chunk.iter().zip(results) {
+                // Gone since the scan (a tenant deleted): nothing to hand over.
+                let Some(record) = result.record else {
+                    continue;
+                };
+                read += 1;
+                for owner in lacking {
+                    by_owner
+                        .entry(owner.clone())
+                        .or_default()
+                        .push(record.clone());
+                }
+            }
+        }
+        for (owner, records) in by_owner {
+            for chunk in records.chunks(HAND_OVER_BATCH) {
+                ctx.client(self, owner.as_str())?
+                    .write_batch(spb::WriteBatchRequest {
+                        records: chunk.to_vec(),
+                        source: spb::BatchSource::Repair as i32,
+                        ring_digest: 0,
+                        ring_epoch: ctx.epoch,
+                    })
+                    .await
+                    .map_err(|s| CleanupError::rpc("hand-over write", owner.as_str(), &s))?;
+            }
+        }
+        Ok(read)
     }
 
     /// Drops, per replication factor in use, the ranges `ctx.node` does not own.
@@ -545,6 +646,11 @@ impl Coordinator {
     }
 }
 
+/// How many of `owners` owners make a quorum of them.
+fn majority(owners: usize) -> usize {
+    owners / 2 + 1
+}
+
 /// Why one node's cleanup stopped; the message becomes the migration's failure reason.
 #[derive(Debug, thiserror::Error)]
 enum CleanupError {
@@ -566,7 +672,7 @@ enum CleanupError {
     },
     #[error(
         "{short} of the {checked} keys {node} no longer owns are not held by a quorum of their \
-         owners (e.g. {example}); nothing dropped on {node} (repair, then retry)"
+         owners, also after {node} handed them over (e.g. {example}); nothing dropped on {node}"
     )]
     NotReplicated {
         node: String,
