@@ -190,6 +190,55 @@ impl<Id: Clone, T: Send + 'static, E: Send + 'static> Stragglers<Id, T, E> {
         while let Some(result) = self.next().await {
             results.push(result);
         }
+        self.time_out_the_rest(results)
+    }
+
+    /// Like [`Self::finish`], but once `after` has passed, the replicas whose calls are still
+    /// running are passed to `on_slow` (once; nothing is called when every call ended before).
+    /// Returns the outcomes and the replicas passed to `on_slow`.
+    pub async fn finish_noting_slow(
+        mut self,
+        after: std::time::Duration,
+        on_slow: impl FnOnce(&[Id]),
+    ) -> (Vec<ReplicaResult<Id, T, E>>, Vec<Id>) {
+        let mut results = Vec::with_capacity(self.len());
+        let slow_at = tokio::time::sleep(after);
+        tokio::pin!(slow_at);
+        let mut on_slow = Some(on_slow);
+        let mut slow = Vec::new();
+        loop {
+            tokio::select! {
+                biased;
+                ended = self.next() => match ended {
+                    Some(result) => results.push(result),
+                    None => break,
+                },
+                () = &mut slow_at, if on_slow.is_some() => {
+                    slow = self.still_waiting();
+                    if let Some(note) = on_slow.take() {
+                        note(&slow);
+                    }
+                }
+            }
+        }
+        (self.time_out_the_rest(results), slow)
+    }
+
+    /// The replicas whose calls are still running.
+    fn still_waiting(&self) -> Vec<Id> {
+        self.waiting
+            .iter()
+            .zip(&self.replicas)
+            .filter(|(waiting, _)| **waiting)
+            .map(|(_, (id, _))| id.clone())
+            .collect()
+    }
+
+    /// Cancels the calls still running and adds each as timed out to `results`.
+    fn time_out_the_rest(
+        mut self,
+        mut results: Vec<ReplicaResult<Id, T, E>>,
+    ) -> Vec<ReplicaResult<Id, T, E>> {
         self.running.clear();
         for index in 0..self.waiting.len() {
             if self.waiting[index] {
@@ -381,6 +430,58 @@ mod tests {
         assert_eq!(rest.len(), 2);
         assert!(rest.iter().all(|r| r.outcome == ReplicaOutcome::TimedOut));
         assert_eq!(start.elapsed(), Duration::from_millis(1_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stragglers_still_running_after_a_while_are_noted_once_and_still_finish() {
+        let calls = vec![
+            call("a", 10, Ok(1)),
+            call("b", 50, Ok(2)),
+            call("c", 400, Ok(3)),
+            call("d", 60_000, Ok(4)),
+        ];
+        let first = run(calls, 1, deadline(2_000)).await;
+        let start = Instant::now();
+        let mut noted = Vec::new();
+        let (rest, slow) = first
+            .stragglers
+            .finish_noting_slow(Duration::from_millis(250), |slow| {
+                noted.push((start.elapsed(), slow.to_vec()));
+            })
+            .await;
+        assert_eq!(
+            noted,
+            vec![(Duration::from_millis(250), vec!["c", "d"])],
+            "b ended before 250 ms; c and d were still out then"
+        );
+        assert_eq!(slow, vec!["c", "d"]);
+        let outcomes: Vec<_> = rest
+            .iter()
+            .map(|r| (r.replica, r.outcome.clone()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                ("b", ReplicaOutcome::Ok(2)),
+                ("c", ReplicaOutcome::Ok(3)),
+                ("d", ReplicaOutcome::TimedOut)
+            ]
+        );
+
+        // Every call ended in time: nothing is noted.
+        let second = run(
+            vec![call("a", 10, Ok(1)), call("b", 50, Ok(2))],
+            1,
+            deadline(2_000),
+        )
+        .await;
+        let mut called = false;
+        let (rest, slow) = second
+            .stragglers
+            .finish_noting_slow(Duration::from_millis(250), |_| called = true)
+            .await;
+        assert!(!called && slow.is_empty());
+        assert_eq!(rest.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -301,6 +301,53 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
     }
 }
 
+/// A replica call still out a while after the write was answered gets its hint then, not at
+/// the call's deadline: a coordinator killed in between (here 1 s after the answer, with a 5 s
+/// deadline) leaves the hint stored, and the replica gets the write once it is back. Before,
+/// that replica kept missing the write until a full repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_call_still_out_when_its_coordinator_dies_left_a_hint() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut storage = start_storage(3, dir.path());
+    let env = [
+        ("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL_MS", "300"),
+        ("PAIRDB_COORDINATOR_REQUEST_TIMEOUT_MS", "5000"),
+    ];
+    let mut c1 = RoleProcess::coordinator(
+        "c1",
+        &sqlite_url(dir.path()),
+        "memory://",
+        &storage,
+        &env,
+        dir.path(),
+    );
+    let mut c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    create_tenant(&mut c, "acme", 3).await;
+
+    // The replica answers nothing (its call neither fails nor ends) while the others ack.
+    storage[2].pause();
+    let w = put(&mut c, "acme", "k", "\"v\"", Consistency::Quorum)
+        .await
+        .expect("a quorum of the other two");
+    assert_eq!(w.replica_count, 2);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c1.kill9();
+    // The request it was sent dies with it, unread.
+    storage[2].kill9();
+    storage[2].restart();
+    assert_eq!(stored(&storage[2], "acme", "k").await, None, "it missed k");
+
+    c1.restart();
+    let c = c1.client().await;
+    wait_all_active(&c, 3).await;
+    eventually("the hint reaches s3", Duration::from_secs(20), || async {
+        stored(&storage[2], "acme", "k").await.is_some()
+    })
+    .await;
+}
+
 /// A dead replica: quorum keeps working, ALL fails with the counts, hints pile up, and are
 /// replayed when the node is back, so that node alone serves the latest values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -913,6 +960,51 @@ async fn during_a_raise_only_old_replicas_count() {
         }
     }
     assert_eq!(new_replicas, 1, "the write did reach the new replica");
+}
+
+/// An RF change whose copy meets a node that is down (restarting) copies from it again once it
+/// is back, instead of failing the change (it used to fail at the first connection error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rf_raise_copies_again_from_a_node_that_restarted() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fast = [("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500")];
+    let (mut storage, _c1, mut c) = one_coordinator(dir.path(), &fast).await;
+    create_tenant(&mut c, "grow", 1).await;
+    let keys: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        put(&mut c, "grow", key, "\"v\"", Consistency::All)
+            .await
+            .expect("write at RF 1");
+    }
+    let raised = c
+        .update_replication_factor(pb::UpdateReplicationFactorRequest {
+            tenant_id: "grow".into(),
+            replication_factor: 3,
+        })
+        .await
+        .expect("raise")
+        .into_inner();
+    // The copy starts 2 x 500 ms + 1 s after the change was accepted: it meets a dead node.
+    storage[0].kill9();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let meanwhile = common::coord::migration(&mut c, &raised.migration_id).await;
+    assert_eq!(
+        meanwhile.state(),
+        pb::MigrationState::InProgress,
+        "{meanwhile:?}"
+    );
+    storage[0].restart();
+    wait_migration(&c, &raised.migration_id, pb::MigrationState::Completed).await;
+    for node in &storage {
+        for key in &keys {
+            assert!(
+                stored(node, "grow", key).await.is_some(),
+                "{} holds grow/{key} at RF 3",
+                node.id
+            );
+        }
+    }
 }
 
 /// Lowering RF 3 -> 1 after a QUORUM write that reached only replicas 2 and 3 (hints off, so

@@ -12,7 +12,9 @@
 //! coordinator that accepted the change scans every storage node's records of the tenant and
 //! sends each to the owners it gains (`WriteBatch` REPAIR: never rolls a newer version back),
 //! then sets the tenant's RF and marks the migration completed. Reads switch to the new RF
-//! only then. A failed copy marks the migration failed and leaves the RF as it was; a copy cut
+//! only then. A node that does not answer or refuses for now (restarting, cut off, disk full)
+//! has its records copied again from its first, with backoff, for up to `COPY_RETRY_WINDOW`
+//! (2 min). A failed copy marks the migration failed and leaves the RF as it was; a copy cut
 //! short by a restart resumes when a coordinator starts, or is taken over by another one
 //! ([`super::lease`]).
 //!
@@ -22,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use prost::Message;
@@ -48,6 +50,8 @@ struct Copied {
 
 /// Records per scan batch and per copy batch.
 const BATCH: u32 = 1000;
+/// How long the copy keeps trying one node again after errors before the change fails.
+const COPY_RETRY_WINDOW: Duration = Duration::from_secs(120);
 
 /// Target RFs of the tenants whose replication factor is being raised.
 #[derive(Default)]
@@ -254,80 +258,165 @@ impl Coordinator {
         let registry = self.meta.registry().await.map_err(|e| e.to_string())?;
         let snapshot = super::ring_view::Snapshot::new(registry);
         let epoch = super::write::placed_epoch(&snapshot, &tenant);
+        let run = CopyRun {
+            m,
+            snapshot: &snapshot,
+            namespace: &namespace,
+            old_rf,
+            epoch,
+            lease,
+        };
         let mut progress = Copied::default();
         for node in &snapshot.nodes {
-            let Some(address) = snapshot.address(&node.node_id) else {
-                continue;
-            };
-            let mut client = self.pool.client(&node.node_id, address)?;
-            let mut stream = client
-                .scan_range(spb::ScanRangeRequest {
-                    range: Some(common::HashRange { start: 0, end: 0 }),
-                    batch_size: BATCH,
-                    keys_only: false,
-                })
-                .await
-                .map_err(|s| format!("scan of {}: {}", node.node_id, s.message()))?
-                .into_inner();
-            while let Some(batch) = stream
-                .message()
-                .await
-                .map_err(|s| format!("scan of {}: {}", node.node_id, s.message()))?
-            {
-                lease.check()?;
-                let mut gained: HashMap<NodeId, Vec<spb::Record>> = HashMap::new();
-                for record in batch
-                    .records
-                    .into_iter()
-                    .filter(|r| r.tenant_id == namespace)
-                {
-                    progress.scanned += 1;
-                    let old = self
-                        .ring
-                        .plan(&snapshot, &namespace, &record.key, old_rf)
-                        .map_err(|e| e.to_string())?
-                        .write_replicas();
-                    let new = self
-                        .ring
-                        .plan(&snapshot, &namespace, &record.key, m.target_rf as usize)
-                        .map_err(|e| e.to_string())?
-                        .write_replicas();
-                    let holder = NodeId::new(node.node_id.clone());
-                    for target in plan::rf_copy_targets(&old, &new, &holder) {
-                        gained.entry(target).or_default().push(record.clone());
+            // A node that is restarting, cut off for a while or briefly full must not fail the
+            // change: its records are copied again from its first (copies are repairs, so a
+            // second one changes nothing), for as long as the lease holds and at most
+            // `COPY_RETRY_WINDOW`.
+            let started = Instant::now();
+            let mut backoff = Duration::from_millis(100);
+            let before = progress;
+            loop {
+                match self.copy_from(&run, node, &mut progress).await {
+                    Ok(()) => break,
+                    Err(CopyError::Interrupted(e)) => return Err(e),
+                    Err(CopyError::Unreachable(e)) if started.elapsed() < COPY_RETRY_WINDOW => {
+                        tracing::warn!(migration = %m.migration_id, node = %node.node_id, error = %e, "replication-factor change: copying again from a node after an error");
+                        progress = before;
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = lease.lost_signal() => {}
+                        }
+                        lease.check()?;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
+                    Err(CopyError::Unreachable(e)) => return Err(Interrupted::Failed(e)),
                 }
-                for (target, records) in gained {
-                    let address = snapshot
-                        .address(target.as_str())
-                        .ok_or_else(|| format!("{} is not in the registry", target.as_str()))?;
-                    let n = records.len() as u64;
-                    let bytes: u64 = records.iter().map(|r| r.encoded_len() as u64).sum();
-                    self.pool
-                        .client(target.as_str(), address)?
-                        .write_batch(spb::WriteBatchRequest {
-                            records,
-                            source: spb::BatchSource::Repair as i32,
-                            ring_digest: 0,
-                            ring_epoch: epoch,
-                        })
-                        .await
-                        .map_err(|s| format!("copy to {}: {}", target.as_str(), s.message()))?;
-                    progress.records += n;
-                    progress.bytes += bytes;
-                }
-                self.meta
-                    .update_migration(
-                        &m.migration_id,
-                        MigrationState::InProgress,
-                        progress.records,
-                        progress.scanned,
-                        progress.bytes,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
             }
         }
         Ok(progress)
+    }
+
+    /// Sends each record of `run`'s tenant that `node` holds to the owners it gains.
+    async fn copy_from(
+        &self,
+        run: &CopyRun<'_>,
+        node: &crate::meta::NodeRecord,
+        progress: &mut Copied,
+    ) -> Result<(), CopyError> {
+        let Some(address) = run.snapshot.address(&node.node_id) else {
+            return Ok(());
+        };
+        let unreachable =
+            |what: &str, s: tonic::Status| CopyError::from_status(what, &node.node_id, s);
+        let mut client = self
+            .pool
+            .client(&node.node_id, address)
+            .map_err(|e| CopyError::Interrupted(Interrupted::Failed(e.to_string())))?;
+        let mut stream = client
+            .scan_range(spb::ScanRangeRequest {
+                range: Some(common::HashRange { start: 0, end: 0 }),
+                batch_size: BATCH,
+                keys_only: false,
+            })
+            .await
+            .map_err(|s| unreachable("scan of", s))?
+            .into_inner();
+        while let Some(batch) = stream
+            .message()
+            .await
+            .map_err(|s| unreachable("scan of", s))?
+        {
+            run.lease.check().map_err(CopyError::Interrupted)?;
+            let mut gained: HashMap<NodeId, Vec<spb::Record>> = HashMap::new();
+            for record in batch
+                .records
+                .into_iter()
+                .filter(|r| r.tenant_id == run.namespace)
+            {
+                progress.scanned += 1;
+                let placed = |rf: usize| {
+                    self.ring
+                        .plan(run.snapshot, run.namespace, &record.key, rf)
+                        .map(|p| p.write_replicas())
+                        .map_err(|e| CopyError::Interrupted(Interrupted::Failed(e.to_string())))
+                };
+                let old = placed(run.old_rf)?;
+                let new = placed(run.m.target_rf as usize)?;
+                let holder = NodeId::new(node.node_id.clone());
+                for target in plan::rf_copy_targets(&old, &new, &holder) {
+                    gained.entry(target).or_default().push(record.clone());
+                }
+            }
+            for (target, records) in gained {
+                let address = run.snapshot.address(target.as_str()).ok_or_else(|| {
+                    CopyError::Interrupted(Interrupted::Failed(format!(
+                        "{} is not in the registry",
+                        target.as_str()
+                    )))
+                })?;
+                let n = records.len() as u64;
+                let bytes: u64 = records.iter().map(|r| r.encoded_len() as u64).sum();
+                self.pool
+                    .client(target.as_str(), address)
+                    .map_err(|e| CopyError::Interrupted(Interrupted::Failed(e.to_string())))?
+                    .write_batch(spb::WriteBatchRequest {
+                        records,
+                        source: spb::BatchSource::Repair as i32,
+                        ring_digest: 0,
+                        ring_epoch: run.epoch,
+                    })
+                    .await
+                    .map_err(|s| CopyError::from_status("copy to", target.as_str(), s))?;
+                progress.records += n;
+                progress.bytes += bytes;
+            }
+            self.meta
+                .update_migration(
+                    &run.m.migration_id,
+                    MigrationState::InProgress,
+                    progress.records,
+                    progress.scanned,
+                    progress.bytes,
+                )
+                .await
+                .map_err(|e| CopyError::Interrupted(Interrupted::Failed(e.to_string())))?;
+        }
+        Ok(())
+    }
+}
+
+/// What one RF change's copy works with.
+struct CopyRun<'a> {
+    m: &'a Migration,
+    /// The registry the copy runs on.
+    snapshot: &'a super::ring_view::Snapshot,
+    /// The tenant's current incarnation.
+    namespace: &'a str,
+    old_rf: usize,
+    /// The epoch the copies are placed on (`WriteBatchRequest.ring_epoch`).
+    epoch: u64,
+    lease: &'a LeaseGuard,
+}
+
+/// Why copying one node's records stopped.
+enum CopyError {
+    /// A node did not answer or refused for now (down, cut off, disk full): copy again.
+    Unreachable(String),
+    /// The change cannot go on this way (or was cancelled, or taken over).
+    Interrupted(Interrupted),
+}
+
+impl CopyError {
+    /// A storage RPC's error: a refusal that another try cannot change (bad request, a ring
+    /// older than the node's fence) ends the change; any other is worth another try.
+    fn from_status(what: &str, node: &str, status: tonic::Status) -> CopyError {
+        let message = format!("{what} {node}: {}", status.message());
+        let final_refusal = status.code() == tonic::Code::InvalidArgument
+            || crate::rpc::detail::storage_code(&status) == spb::ErrorCode::StaleRing;
+        if final_refusal {
+            CopyError::Interrupted(Interrupted::Failed(message))
+        } else {
+            CopyError::Unreachable(message)
+        }
     }
 }

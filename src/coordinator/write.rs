@@ -1,7 +1,9 @@
 //! The write path (SEMANTICS.md, "Write"): a new version from the causal context and this
 //! coordinator's clock, fanned out to every write replica in parallel; the reply comes once
 //! `required` authoritative replicas applied it, the other calls finish in the background.
-//! Every replica that failed, timed out or that gossip reports down gets a hint. When the
+//! Every replica that failed, timed out or that gossip reports down gets a hint; so does one
+//! whose call is still out [`SLOW_REPLICA_HINT_AFTER`] after the reply (without waiting for
+//! the deadline, which a coordinator may not live to see). When the
 //! required acks cannot be had, the answer is QUORUM_NOT_REACHED with the counts, after every
 //! call ended (so the count is what really landed); writes that landed stay.
 //!
@@ -35,6 +37,10 @@ type WriteResult = ReplicaResult<NodeId, WriteAck, ReplicaError>;
 /// How many times a blind write that a concurrent version with a later timestamp beat is
 /// minted again above it and resent.
 pub const MAX_REMINTS: usize = 3;
+
+/// How long after a write was answered a replica call still out gets its hint (a straggler's
+/// hint would otherwise wait for the call to fail, at the request deadline).
+const SLOW_REPLICA_HINT_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What a write reached.
 #[derive(Debug, Clone)]
@@ -261,9 +267,24 @@ impl Coordinator {
             if !stragglers.is_empty() {
                 let (ring, epoch) = (self.ring.clone(), snapshot.epoch);
                 self.hints.spawn_straggler(async move {
-                    let late = stragglers.finish().await;
+                    // A call still out a while after the ack gets its hint then, not only when
+                    // it fails at the deadline: a coordinator that dies in between (a replica
+                    // cut off by a partition answers nothing) would otherwise leave that
+                    // replica without the write and without a hint. One that succeeds after
+                    // all makes its hint a no-op at replay.
+                    let (late, hinted) = stragglers
+                        .finish_noting_slow(SLOW_REPLICA_HINT_AFTER, |slow| {
+                            metrics::counter!("pairdb_hints_for_slow_replicas_total")
+                                .increment(slow.len() as u64);
+                            for node in slow {
+                                hints.hint(node.as_str(), &record, &replicas);
+                            }
+                        })
+                        .await;
                     for miss in missed(&late) {
-                        hints.hint(miss.as_str(), &record, &replicas);
+                        if !hinted.contains(&miss) {
+                            hints.hint(miss.as_str(), &record, &replicas);
+                        }
                     }
                     if refused_as_stale(&late) {
                         // The next request reads the registry first.
