@@ -41,6 +41,35 @@ async fn one_coordinator(
     (storage, c1, c)
 }
 
+/// Creates `tenant` at `rf` holding `count` keys `k0..`, each written at ALL with `value`.
+async fn tenant_with_keys(
+    c: &mut Client,
+    tenant: &str,
+    rf: u32,
+    count: usize,
+    value: &str,
+) -> Vec<String> {
+    create_tenant(c, tenant, rf).await;
+    let keys: Vec<String> = (0..count).map(|i| format!("k{i}")).collect();
+    for key in &keys {
+        put(c, tenant, key, value, Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write {tenant}/{key}: {e}"));
+    }
+    keys
+}
+
+/// Asks for `tenant`'s replication factor to become `rf`.
+async fn change_rf(c: &mut Client, tenant: &str, rf: u32) -> pb::UpdateReplicationFactorResponse {
+    c.update_replication_factor(pb::UpdateReplicationFactorRequest {
+        tenant_id: tenant.into(),
+        replication_factor: rf,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RF of {tenant} to {rf}: {e}"))
+    .into_inner()
+}
+
 /// Placement, quorum reads and writes at every level from two coordinators, tenant isolation,
 /// input errors, delete, and ring changes seen by both coordinators through the shared store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,22 +338,11 @@ async fn rf3_over_three_and_five_nodes_with_two_coordinators() {
 async fn a_replica_call_still_out_when_its_coordinator_dies_left_a_hint() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut storage = start_storage(3, dir.path());
     let env = [
         ("PAIRDB_COORDINATOR_HINT_REPLAY_INTERVAL_MS", "300"),
         ("PAIRDB_COORDINATOR_REQUEST_TIMEOUT_MS", "5000"),
     ];
-    let mut c1 = RoleProcess::coordinator(
-        "c1",
-        &sqlite_url(dir.path()),
-        "memory://",
-        &storage,
-        &env,
-        dir.path(),
-    );
-    let mut c = c1.client().await;
-    wait_all_active(&c, 3).await;
-    create_tenant(&mut c, "acme", 3).await;
+    let (mut storage, mut c1, mut c) = one_coordinator(dir.path(), &env).await;
 
     // The replica answers nothing (its call neither fails nor ends) while the others ack.
     storage[2].pause();
@@ -970,21 +988,8 @@ async fn an_rf_raise_copies_again_from_a_node_that_restarted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fast = [("PAIRDB_COORDINATOR_RING_REFRESH_MS", "500")];
     let (mut storage, _c1, mut c) = one_coordinator(dir.path(), &fast).await;
-    create_tenant(&mut c, "grow", 1).await;
-    let keys: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
-    for key in &keys {
-        put(&mut c, "grow", key, "\"v\"", Consistency::All)
-            .await
-            .expect("write at RF 1");
-    }
-    let raised = c
-        .update_replication_factor(pb::UpdateReplicationFactorRequest {
-            tenant_id: "grow".into(),
-            replication_factor: 3,
-        })
-        .await
-        .expect("raise")
-        .into_inner();
+    let keys = tenant_with_keys(&mut c, "grow", 1, 60, "\"v\"").await;
+    let raised = change_rf(&mut c, "grow", 3).await;
     // The copy starts 2 x 500 ms + 1 s after the change was accepted: it meets a dead node.
     storage[0].kill9();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -1016,13 +1021,7 @@ async fn lowering_the_rf_keeps_writes_that_missed_the_remaining_replica() {
     let dir = tempfile::tempdir().expect("tempdir");
     let hints_off = [("PAIRDB_COORDINATOR_HINTS_ENABLED", "false")];
     let (mut storage, _c1, mut c) = one_coordinator(dir.path(), &hints_off).await;
-    create_tenant(&mut c, "shrink", 3).await;
-    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
-    for key in &keys {
-        put(&mut c, "shrink", key, "\"v1\"", Consistency::All)
-            .await
-            .expect("first write");
-    }
+    let keys = tenant_with_keys(&mut c, "shrink", 3, 20, "\"v1\"").await;
     // The replica that stays at RF 1 is the first owner; pick the node that is first for k0
     // and use every key it is first for.
     let members: Vec<&common::StorageNode> = storage.iter().collect();
@@ -1055,14 +1054,7 @@ async fn lowering_the_rf_keeps_writes_that_missed_the_remaining_replica() {
         "the staying replica missed v2"
     );
 
-    let lowered = c
-        .update_replication_factor(pb::UpdateReplicationFactorRequest {
-            tenant_id: "shrink".into(),
-            replication_factor: 1,
-        })
-        .await
-        .expect("lower")
-        .into_inner();
+    let lowered = change_rf(&mut c, "shrink", 1).await;
     assert!(!lowered.migration_id.is_empty(), "lowering is a migration");
     wait_migration(&c, &lowered.migration_id, pb::MigrationState::Completed).await;
     eventually("the new RF is in use", Duration::from_secs(20), || {

@@ -51,8 +51,11 @@ use super::lease::{Interrupted, LeaseGuard};
 
 /// Keys per scan batch, and so per `HeldVersions` call.
 const BATCH: u32 = 1000;
-/// Records per read and per write of a hand-over (values may be up to 10 MiB each).
-const HAND_OVER_BATCH: usize = 16;
+/// Keys per read of a hand-over: values may be 10 MiB each, an answer must stay under
+/// `rpc::MAX_MESSAGE_BYTES` (64 MiB).
+const HAND_OVER_READS: usize = 4;
+/// Bytes of records per write of a hand-over, at most (a write holds at least one record).
+const HAND_OVER_WRITE_BYTES: usize = 4 << 20;
 /// The most of `cleanup_grace` an automatic cleanup also waits on this coordinator's monotonic
 /// clock (see [`cleanup_due`]).
 const OWN_CLOCK_GRACE: Duration = Duration::from_secs(60);
@@ -540,7 +543,7 @@ impl Coordinator {
         let node = ctx.node.as_str();
         let mut by_owner: BTreeMap<NodeId, Vec<spb::Record>> = BTreeMap::new();
         let mut read = 0u64;
-        for chunk in keys.chunks(HAND_OVER_BATCH) {
+        for chunk in keys.chunks(HAND_OVER_READS) {
             let reads = chunk
                 .iter()
                 .map(|(r, _)| spb::ReadRequest {
@@ -581,10 +584,11 @@ impl Coordinator {
             }
         }
         for (owner, records) in by_owner {
-            for chunk in records.chunks(HAND_OVER_BATCH) {
-                ctx.client(self, owner.as_str())?
+            let mut client = ctx.client(self, owner.as_str())?;
+            for batch in byte_batches(records, HAND_OVER_WRITE_BYTES) {
+                client
                     .write_batch(spb::WriteBatchRequest {
-                        records: chunk.to_vec(),
+                        records: batch,
                         source: spb::BatchSource::Repair as i32,
                         ring_digest: 0,
                         ring_epoch: ctx.epoch,
@@ -644,6 +648,25 @@ impl Coordinator {
             bytes_reclaimed: done.bytes_before.saturating_sub(done.bytes_after),
         })
     }
+}
+
+/// `records` in order, cut into batches of at most `max_bytes` encoded bytes each (a record
+/// larger than that goes alone).
+fn byte_batches(records: Vec<spb::Record>, max_bytes: usize) -> Vec<Vec<spb::Record>> {
+    let mut batches: Vec<Vec<spb::Record>> = Vec::new();
+    let mut bytes = 0;
+    for record in records {
+        let size = prost::Message::encoded_len(&record);
+        match batches.last_mut() {
+            Some(last) if bytes + size <= max_bytes => last.push(record),
+            _ => {
+                batches.push(vec![record]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    batches
 }
 
 /// How many of `owners` owners make a quorum of them.
@@ -794,4 +817,44 @@ async fn cleanup_due(core: &Coordinator, grace: Duration) -> Result<bool, CoordE
             }
     });
     Ok(!held_back && now >= changed.saturating_add(grace))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(value_bytes: usize) -> spb::Record {
+        spb::Record {
+            tenant_id: "t".into(),
+            key: b"k".to_vec().into(),
+            payload: Some(spb::record::Payload::Value(vec![0u8; value_bytes].into())),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hand_over_writes_stay_under_their_byte_budget_and_keep_every_record_in_order() {
+        let sizes = [100, 900, 50, 2_000, 10, 10];
+        let records: Vec<spb::Record> = sizes.iter().map(|&n| record(n)).collect();
+        let encoded: Vec<usize> = records.iter().map(prost::Message::encoded_len).collect();
+        let batches = byte_batches(records, 1_050);
+        let lens: Vec<usize> = batches.iter().map(Vec::len).collect();
+        // 100+900 fit (1,017 bytes encoded); 50 would pass 1,050 with them; 2,000 goes alone;
+        // 10+10 together.
+        assert_eq!(lens, vec![2, 1, 1, 2], "encoded sizes {encoded:?}");
+        for batch in &batches {
+            let bytes: usize = batch.iter().map(prost::Message::encoded_len).sum();
+            assert!(batch.len() == 1 || bytes <= 1_050, "{bytes}");
+        }
+        let values: Vec<usize> = batches
+            .into_iter()
+            .flatten()
+            .map(|r| match r.payload {
+                Some(spb::record::Payload::Value(v)) => v.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(values, sizes);
+        assert!(byte_batches(Vec::new(), 1_050).is_empty());
+    }
 }
