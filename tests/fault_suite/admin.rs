@@ -229,19 +229,31 @@ async fn repair_outcome(
     Err(last)
 }
 
-/// How many migrations of each type ended in each state (`"cleanup completed"`: n), over the
-/// last 1000 (`GET /v1/admin/migrations`).
-pub async fn migration_counts(
-    gateway: &str,
-) -> Result<std::collections::BTreeMap<String, usize>, String> {
-    let mut counts = std::collections::BTreeMap::new();
+/// The last 1000 migrations (`GET /v1/admin/migrations`): how many of each type ended in each
+/// state (`"cleanup completed"`: n), and the failed ones' reasons (`"cleanup: <reason>"`: n).
+pub async fn migration_counts(gateway: &str) -> Result<MigrationCounts, String> {
+    let mut counts = MigrationCounts::default();
     for m in migrations(gateway, 1000).await? {
-        let key = format!(
-            "{} {}",
-            m["type"].as_str().unwrap_or("?"),
-            m["state"].as_str().unwrap_or("?")
-        );
-        *counts.entry(key).or_insert(0) += 1;
+        let kind = m["type"].as_str().unwrap_or("?");
+        let state = m["state"].as_str().unwrap_or("?");
+        *counts
+            .by_state
+            .entry(format!("{kind} {state}"))
+            .or_insert(0) += 1;
+        if let Some(reason) = m["failure_reason"].as_str() {
+            let reason: String = reason.chars().take(200).collect();
+            *counts
+                .failures
+                .entry(format!("{kind}: {reason}"))
+                .or_insert(0) += 1;
+        }
     }
     Ok(counts)
+}
+
+/// What [`migration_counts`] found.
+#[derive(Debug, Default)]
+pub struct MigrationCounts {
+    pub by_state: std::collections::BTreeMap<String, usize>,
+    pub failures: std::collections::BTreeMap<String, usize>,
 }

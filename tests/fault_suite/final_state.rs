@@ -250,7 +250,9 @@ pub async fn final_state(
     keys.extend(replicas.plant_probes().await?);
     let deadline = tokio::time::Instant::now() + REPAIR_WINDOW;
     after.repair = admin::repair_everything(&cluster.gateway_urls()[0], deadline).await?;
-    after.migrations = admin::migration_counts(&cluster.gateway_urls()[0]).await?;
+    let migrations = admin::migration_counts(&cluster.gateway_urls()[0]).await?;
+    after.migrations = migrations.by_state;
+    after.migration_failures = migrations.failures;
     let mut held = Vec::new();
     for (tenant, key) in &keys {
         held.push(replicas.held(tenant, key).await?);

@@ -23,6 +23,8 @@ pub struct AfterHealing {
     pub repair: RepairCounts,
     /// The cluster's migrations by type and final state, the repair included.
     pub migrations: std::collections::BTreeMap<String, usize>,
+    /// Why the failed ones failed (type and reason, with how many).
+    pub migration_failures: std::collections::BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
