@@ -18,7 +18,7 @@ use common::coord::{
     Client, code, create_tenant, eventually, get, list_from, listed_ring, put, sqlite_url,
     stored_record, wait_all_active, wait_migration,
 };
-use pairdb::ring::{Ring, key_position};
+use pairdb::ring::{NodeId, Ring, key_position};
 use pairdb::rpc::common::{self as cpb, Consistency, NodeState as WireState};
 use pairdb::rpc::coordinator::{self as pb, ErrorCode};
 use pairdb::rpc::storage as spb;
@@ -225,11 +225,7 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
     // stale coordinator might have, its hints lost): no repair compares it (repairs compare
     // owners), so the cleanup hands it over to the owner before it drops it.
     let (tenant, key) = ("one", "k7");
-    let owner = ring.natural_owners(key_position(tenant, key.as_bytes()), 1)[0].clone();
-    let stray = storage
-        .iter()
-        .find(|n| n.id != owner.as_str())
-        .expect("a node that does not own k7");
+    let (owner, stray) = owner_and_stray(&ring, &storage, tenant, key);
     stray
         .client()
         .await
@@ -321,11 +317,7 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
     // registry's, so it refuses every write placed on the cleanup's ring): nothing is dropped.
     // Last in this test, since that owner refuses the coordinator's writes from here on.
     let (tenant, key) = ("one", "k8");
-    let owner = ring.natural_owners(key_position(tenant, key.as_bytes()), 1)[0].clone();
-    let stray = storage
-        .iter()
-        .find(|n| n.id != owner.as_str())
-        .expect("a node that does not own k8");
+    let (owner, stray) = owner_and_stray(&ring, &storage, tenant, key);
     let owner = all
         .iter()
         .find(|n| n.id == owner.as_str())
@@ -370,6 +362,21 @@ async fn cleanup_verifies_the_new_owners_then_drops_what_old_owners_gave_away() 
         "nothing dropped on {}",
         stray.id
     );
+}
+
+/// The owner of `tenant`/`key` at RF 1 on `ring`, and a node of `storage` that does not own it.
+fn owner_and_stray<'a>(
+    ring: &Ring,
+    storage: &'a [StorageNode],
+    tenant: &str,
+    key: &str,
+) -> (NodeId, &'a StorageNode) {
+    let owner = ring.natural_owners(key_position(tenant, key.as_bytes()), 1)[0].clone();
+    let stray = storage
+        .iter()
+        .find(|n| n.id != owner.as_str())
+        .unwrap_or_else(|| panic!("a node that does not own {key}"));
+    (owner, stray)
 }
 
 /// A record of `tenant`/`key` holding `value`, newer than every version written before.
@@ -791,11 +798,7 @@ async fn write_add_and_clean_up(
 ) -> Vec<String> {
     create_tenant(a, tenant, rf).await;
     let written: Vec<String> = (0..keys).map(|i| format!("{prefix}{i:02}")).collect();
-    for key in &written {
-        put(a, tenant, key, "\"v\"", Consistency::All)
-            .await
-            .unwrap_or_else(|e| panic!("write {key}: {e}"));
-    }
+    common::coord::write_at_all(a, tenant, &written, "\"v\"").await;
     add_node(a, s4).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let accepted = cleanup_when_up(a, None).await;

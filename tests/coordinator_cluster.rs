@@ -51,11 +51,7 @@ async fn tenant_with_keys(
 ) -> Vec<String> {
     create_tenant(c, tenant, rf).await;
     let keys: Vec<String> = (0..count).map(|i| format!("k{i}")).collect();
-    for key in &keys {
-        put(c, tenant, key, value, Consistency::All)
-            .await
-            .unwrap_or_else(|e| panic!("write {tenant}/{key}: {e}"));
-    }
+    common::coord::write_at_all(c, tenant, &keys, value).await;
     keys
 }
 

@@ -38,11 +38,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::meta::{Migration, MigrationKind, MigrationState, NodeRecord};
+use crate::quorum::Consistency;
 use crate::ring::plan::Proposed;
 use crate::ring::{NodeId, NodeState, Ring, key_position};
-use crate::rpc::common;
 use crate::rpc::coordinator as pb;
 use crate::rpc::storage as spb;
+use crate::rpc::{self, common};
 
 use super::Coordinator;
 use super::admission::{self, AdmitError};
@@ -54,8 +55,6 @@ const BATCH: u32 = 1000;
 /// Keys per read of a hand-over: values may be 10 MiB each, an answer must stay under
 /// `rpc::MAX_MESSAGE_BYTES` (64 MiB).
 const HAND_OVER_READS: usize = 4;
-/// Bytes of records per write of a hand-over, at most (a write holds at least one record).
-const HAND_OVER_WRITE_BYTES: usize = 4 << 20;
 /// The most of `cleanup_grace` an automatic cleanup also waits on this coordinator's monotonic
 /// clock (see [`cleanup_due`]).
 const OWN_CLOCK_GRACE: Duration = Duration::from_secs(60);
@@ -433,22 +432,19 @@ impl Coordinator {
             }
             checked += foreign.len() as u64;
             let lacking = self.owners_lacking(ctx, &foreign).await?;
-            let mut unverified: Vec<(spb::Record, Vec<NodeId>)> = Vec::new();
-            let mut to_hand = Vec::new();
-            for ((record, owners), lacking) in foreign.into_iter().zip(lacking) {
-                if owners.len() - lacking.len() < majority(owners.len()) {
-                    to_hand.push((record.clone(), lacking));
-                    unverified.push((record, owners));
-                }
-            }
+            let (unverified, lacking): (Vec<_>, Vec<_>) = foreign
+                .into_iter()
+                .zip(lacking)
+                .filter(|((_, owners), lacking)| !held_by_quorum(owners, lacking))
+                .unzip();
             if unverified.is_empty() {
                 continue;
             }
-            handed += self.hand_over(ctx, to_hand).await?;
+            handed += self.hand_over(ctx, &unverified, lacking).await?;
             let lacking = self.owners_lacking(ctx, &unverified).await?;
             for ((record, owners), lacking) in unverified.iter().zip(lacking) {
-                let count = owners.len() - lacking.len();
-                if count < majority(owners.len()) {
+                if !held_by_quorum(owners, &lacking) {
+                    let count = owners.len() - lacking.len();
                     short += 1;
                     example.get_or_insert_with(|| {
                         format!(
@@ -529,8 +525,8 @@ impl Coordinator {
         Ok(lacking)
     }
 
-    /// Hands the records `ctx.node` holds for `keys` (each with the owners that lack it) over
-    /// to those owners: read from `ctx.node`, written to them as repairs placed on the
+    /// Hands the records `ctx.node` holds for `keys` over to the owners that lack each
+    /// (`lacking`, in the same order): read from `ctx.node`, written to them as repairs placed on the
     /// cleanup's ring (each applies what wins by the version rules). Such a record is one a
     /// write left on an old owner alone, its hints lost (a coordinator killed, a stale ring):
     /// no repair brings it to the owners, since repairs compare owners only, so without this
@@ -538,12 +534,16 @@ impl Coordinator {
     async fn hand_over(
         &self,
         ctx: &NodeCleanup<'_>,
-        keys: Vec<(spb::Record, Vec<NodeId>)>,
+        keys: &[(spb::Record, Vec<NodeId>)],
+        lacking: Vec<Vec<NodeId>>,
     ) -> Result<u64, CleanupError> {
         let node = ctx.node.as_str();
         let mut by_owner: BTreeMap<NodeId, Vec<spb::Record>> = BTreeMap::new();
         let mut read = 0u64;
-        for chunk in keys.chunks(HAND_OVER_READS) {
+        for (chunk, lacking) in keys
+            .chunks(HAND_OVER_READS)
+            .zip(lacking.chunks(HAND_OVER_READS))
+        {
             let reads = chunk
                 .iter()
                 .map(|(r, _)| spb::ReadRequest {
@@ -569,7 +569,7 @@ impl Coordinator {
                     asked: chunk.len(),
                 });
             }
-            for ((_, lacking), result) in chunk.iter().zip(results) {
+            for (lacking, result) in lacking.iter().zip(results) {
                 // Gone since the scan (a tenant deleted): nothing to hand over.
                 let Some(record) = result.record else {
                     continue;
@@ -585,7 +585,7 @@ impl Coordinator {
         }
         for (owner, records) in by_owner {
             let mut client = ctx.client(self, owner.as_str())?;
-            for batch in byte_batches(records, HAND_OVER_WRITE_BYTES) {
+            for batch in rpc::byte_batches(records, rpc::WRITE_BATCH_BYTES) {
                 client
                     .write_batch(spb::WriteBatchRequest {
                         records: batch,
@@ -650,28 +650,9 @@ impl Coordinator {
     }
 }
 
-/// `records` in order, cut into batches of at most `max_bytes` encoded bytes each (a record
-/// larger than that goes alone).
-fn byte_batches(records: Vec<spb::Record>, max_bytes: usize) -> Vec<Vec<spb::Record>> {
-    let mut batches: Vec<Vec<spb::Record>> = Vec::new();
-    let mut bytes = 0;
-    for record in records {
-        let size = prost::Message::encoded_len(&record);
-        match batches.last_mut() {
-            Some(last) if bytes + size <= max_bytes => last.push(record),
-            _ => {
-                batches.push(vec![record]);
-                bytes = 0;
-            }
-        }
-        bytes += size;
-    }
-    batches
-}
-
-/// How many of `owners` owners make a quorum of them.
-fn majority(owners: usize) -> usize {
-    owners / 2 + 1
+/// Whether a quorum of `owners` holds a record, `lacking` the owners that do not.
+fn held_by_quorum(owners: &[NodeId], lacking: &[NodeId]) -> bool {
+    owners.len() - lacking.len() >= Consistency::Quorum.required(owners.len())
 }
 
 /// Why one node's cleanup stopped; the message becomes the migration's failure reason.
@@ -817,44 +798,4 @@ async fn cleanup_due(core: &Coordinator, grace: Duration) -> Result<bool, CoordE
             }
     });
     Ok(!held_back && now >= changed.saturating_add(grace))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(value_bytes: usize) -> spb::Record {
-        spb::Record {
-            tenant_id: "t".into(),
-            key: b"k".to_vec().into(),
-            payload: Some(spb::record::Payload::Value(vec![0u8; value_bytes].into())),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn hand_over_writes_stay_under_their_byte_budget_and_keep_every_record_in_order() {
-        let sizes = [100, 900, 50, 2_000, 10, 10];
-        let records: Vec<spb::Record> = sizes.iter().map(|&n| record(n)).collect();
-        let encoded: Vec<usize> = records.iter().map(prost::Message::encoded_len).collect();
-        let batches = byte_batches(records, 1_050);
-        let lens: Vec<usize> = batches.iter().map(Vec::len).collect();
-        // 100+900 fit (1,017 bytes encoded); 50 would pass 1,050 with them; 2,000 goes alone;
-        // 10+10 together.
-        assert_eq!(lens, vec![2, 1, 1, 2], "encoded sizes {encoded:?}");
-        for batch in &batches {
-            let bytes: usize = batch.iter().map(prost::Message::encoded_len).sum();
-            assert!(batch.len() == 1 || bytes <= 1_050, "{bytes}");
-        }
-        let values: Vec<usize> = batches
-            .into_iter()
-            .flatten()
-            .map(|r| match r.payload {
-                Some(spb::record::Payload::Value(v)) => v.len(),
-                _ => 0,
-            })
-            .collect();
-        assert_eq!(values, sizes);
-        assert!(byte_batches(Vec::new(), 1_050).is_empty());
-    }
 }

@@ -698,10 +698,6 @@ fn of_deleted_tenant(deleted: &HashSet<String>, hint: &Hint) -> bool {
         && pb::Record::decode(hint.record.as_slice()).is_ok_and(|r| deleted.contains(&r.tenant_id))
 }
 
-/// Bytes of hinted records per `WriteBatch`, at most (a batch holds at least one record): large
-/// values never make a message the target refuses (`rpc::MAX_MESSAGE_BYTES`).
-const DELIVERY_BYTES: usize = 4 << 20;
-
 /// Why hints could not be delivered to their target (they stay queued).
 #[derive(Debug, thiserror::Error)]
 enum DeliveryError {
@@ -716,7 +712,7 @@ enum DeliveryError {
     TimedOut,
 }
 
-/// Sends `records` to a target in batches of at most [`DELIVERY_BYTES`], each within `timeout`,
+/// Sends `records` to a target in batches of at most `rpc::WRITE_BATCH_BYTES`, each within `timeout`,
 /// tagged with the registry `epoch` their placement rests on.
 async fn deliver(
     mut client: crate::rpc::storage::storage_node_client::StorageNodeClient<
@@ -726,33 +722,22 @@ async fn deliver(
     epoch: u64,
     timeout: Duration,
 ) -> Result<(), DeliveryError> {
-    let mut batch: Vec<pb::Record> = Vec::new();
-    let mut bytes = 0;
-    let mut records = records.into_iter().peekable();
-    while let Some(record) = records.next() {
-        bytes += record.encoded_len();
-        batch.push(record);
-        let next_too_big = records
-            .peek()
-            .is_some_and(|r| bytes + r.encoded_len() > DELIVERY_BYTES);
-        if next_too_big || records.peek().is_none() {
-            let call = client.write_batch(pb::WriteBatchRequest {
-                records: std::mem::take(&mut batch),
-                source: pb::BatchSource::Hint as i32,
-                ring_digest: 0,
-                ring_epoch: epoch,
-            });
-            match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(status))
-                    if crate::rpc::detail::storage_code(&status) == pb::ErrorCode::StaleRing =>
-                {
-                    return Err(DeliveryError::StaleRing);
-                }
-                Ok(Err(status)) => return Err(DeliveryError::Refused(status.message().to_owned())),
-                Err(_) => return Err(DeliveryError::TimedOut),
+    for batch in crate::rpc::byte_batches(records, crate::rpc::WRITE_BATCH_BYTES) {
+        let call = client.write_batch(pb::WriteBatchRequest {
+            records: batch,
+            source: pb::BatchSource::Hint as i32,
+            ring_digest: 0,
+            ring_epoch: epoch,
+        });
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status))
+                if crate::rpc::detail::storage_code(&status) == pb::ErrorCode::StaleRing =>
+            {
+                return Err(DeliveryError::StaleRing);
             }
-            bytes = 0;
+            Ok(Err(status)) => return Err(DeliveryError::Refused(status.message().to_owned())),
+            Err(_) => return Err(DeliveryError::TimedOut),
         }
     }
     Ok(())

@@ -411,9 +411,7 @@ impl CopyError {
     /// older than the node's fence) ends the change; any other is worth another try.
     fn from_status(what: &str, node: &str, status: tonic::Status) -> CopyError {
         let message = format!("{what} {node}: {}", status.message());
-        let final_refusal = status.code() == tonic::Code::InvalidArgument
-            || crate::rpc::detail::storage_code(&status) == spb::ErrorCode::StaleRing;
-        if final_refusal {
+        if crate::rpc::detail::refused_for_good(&status) {
             CopyError::Interrupted(Interrupted::Failed(message))
         } else {
             CopyError::Unreachable(message)

@@ -44,6 +44,13 @@ pub fn storage_code(status: &Status) -> storage::ErrorCode {
         .unwrap_or(storage::ErrorCode::Unspecified)
 }
 
+/// Whether a storage node refused a request for good: invalid (`INVALID_ARGUMENT`) or placed on
+/// a ring older than the node's fence (`STALE_RING`). Sending the same request again cannot
+/// succeed; any other error may pass.
+pub fn refused_for_good(status: &Status) -> bool {
+    status.code() == Code::InvalidArgument || storage_code(status) == storage::ErrorCode::StaleRing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

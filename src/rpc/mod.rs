@@ -34,6 +34,30 @@ pub const WATCH_HEALTH_HEARTBEAT: std::time::Duration = std::time::Duration::fro
 /// Largest gRPC message between pairdb processes: a 10 MiB value plus its record, or a batch.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Bytes of records per `WriteBatch` a coordinator sends of its own (hint deliveries, a
+/// cleanup's hand-over), at most (a batch holds at least one record): large values never make
+/// a message the target refuses ([`MAX_MESSAGE_BYTES`]).
+pub const WRITE_BATCH_BYTES: usize = 4 << 20;
+
+/// `records` in order, cut into batches of at most `max_bytes` encoded bytes each (a record
+/// larger than that goes alone).
+pub fn byte_batches(records: Vec<storage::Record>, max_bytes: usize) -> Vec<Vec<storage::Record>> {
+    let mut batches: Vec<Vec<storage::Record>> = Vec::new();
+    let mut bytes = 0;
+    for record in records {
+        let size = prost::Message::encoded_len(&record);
+        match batches.last_mut() {
+            Some(last) if bytes + size <= max_bytes => last.push(record),
+            _ => {
+                batches.push(vec![record]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    batches
+}
+
 pub use pb::common::v1 as common;
 pub use pb::coordinator::v1 as coordinator;
 pub use pb::storage::v1 as storage;
@@ -189,5 +213,42 @@ mod tests {
         }
         let r = HashRange::new(7, 3);
         assert_eq!(HashRange::from(&common::HashRange::from(r)), r);
+    }
+
+    fn record(value_bytes: usize) -> storage::Record {
+        storage::Record {
+            tenant_id: "t".into(),
+            key: b"k".to_vec().into(),
+            payload: Some(storage::record::Payload::Value(
+                vec![0u8; value_bytes].into(),
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn byte_batches_stay_under_their_budget_and_keep_every_record_in_order() {
+        let sizes = [100, 900, 50, 2_000, 10, 10];
+        let records: Vec<storage::Record> = sizes.iter().map(|&n| record(n)).collect();
+        let encoded: Vec<usize> = records.iter().map(prost::Message::encoded_len).collect();
+        let batches = super::byte_batches(records, 1_050);
+        let lens: Vec<usize> = batches.iter().map(Vec::len).collect();
+        // 100+900 fit (1,017 bytes encoded); 50 would pass 1,050 with them; 2,000 goes alone;
+        // 10+10 together.
+        assert_eq!(lens, vec![2, 1, 1, 2], "encoded sizes {encoded:?}");
+        for batch in &batches {
+            let bytes: usize = batch.iter().map(prost::Message::encoded_len).sum();
+            assert!(batch.len() == 1 || bytes <= 1_050, "{bytes}");
+        }
+        let values: Vec<usize> = batches
+            .into_iter()
+            .flatten()
+            .map(|r| match r.payload {
+                Some(storage::record::Payload::Value(v)) => v.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(values, sizes);
+        assert!(super::byte_batches(Vec::new(), 1_050).is_empty());
     }
 }

@@ -183,10 +183,8 @@ impl RingFence {
                 return Ok(guard);
             }
             drop(guard);
-            // The sender lives as long as the fence, so this only fails if it is gone.
-            if ended.changed().await.is_err() {
-                return Ok(self.gate.read().await);
-            }
+            // The sender is the fence's own: this wait ends when the drop does.
+            let _ = ended.changed().await;
         }
     }
 

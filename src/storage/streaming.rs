@@ -392,10 +392,7 @@ where
     loop {
         match call().await {
             Ok(response) => return Ok(response.into_inner()),
-            Err(status)
-                if status.code() == tonic::Code::InvalidArgument
-                    || crate::rpc::detail::storage_code(&status) == pb::ErrorCode::StaleRing =>
-            {
+            Err(status) if crate::rpc::detail::refused_for_good(&status) => {
                 return Err(Refusal::Invalid(status.message().to_owned()));
             }
             Err(status) => {

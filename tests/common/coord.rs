@@ -45,6 +45,15 @@ pub async fn put(
     put_idem(c, tenant, key, value, level, "").await
 }
 
+/// Writes every key of `keys` in `tenant` with `value` at ALL.
+pub async fn write_at_all(c: &mut Client, tenant: &str, keys: &[String], value: &str) {
+    for key in keys {
+        put(c, tenant, key, value, Consistency::All)
+            .await
+            .unwrap_or_else(|e| panic!("write {tenant}/{key}: {e}"));
+    }
+}
+
 pub async fn put_idem(
     c: &mut Client,
     tenant: &str,
