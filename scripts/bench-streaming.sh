@@ -22,7 +22,8 @@
 # "0" adds the control: the same load for CONTROL seconds, 300, and no change), PHASE3_BINS
 # (binaries to run phase 3 with, one run each, alternating on the same data), SETTLE (300),
 # QUIET (10), CONCURRENCY (32); ONLY_PHASE1=1 runs phase 1 PHASE1_RUNS times (default 1) and
-# stops (no capacity or loaded phases). Everything binds to 127.0.0.1 and is stopped on exit.
+# stops (no capacity or loaded phases), with the joining node's binary taken in turn from
+# PHASE1_BINS when set, and prints what the joining node spent (CPU, bytes written to disk). Everything binds to 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -178,11 +179,32 @@ echo "== loading $KEYS keys of $VALUE bytes"
   --concurrency "$CONCURRENCY" --workload reads --duration 1s --json >/dev/null
 # The load's flushes and compactions settle before anything is measured.
 settle
+# What s4 has spent since it started: "cpu_seconds bytes_written_to_disk".
+s4_cost() {
+  python3 - "$S4_PID" <<'PY'
+import os, sys
+pid = sys.argv[1]
+fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+io = dict(l.split(": ") for l in open(f"/proc/{pid}/io").read().splitlines())
+print(f"{cpu:.1f} {int(io['write_bytes'])}")
+PY
+}
+
 if [ "$ONLY_PHASE1" = 1 ]; then
+  # PHASE1_BINS: the joining node's binary for each run, in turn (alternating builds on the
+  # same data); without it every run uses S4_BIN or PAIRDB_BIN.
+  read -r -a s4_bins <<<"${PHASE1_BINS:-}"
   for run in $(seq 1 "$PHASE1_RUNS"); do
+    if [ "${#s4_bins[@]}" -gt 0 ]; then S4_BIN="${s4_bins[$(( (run - 1) % ${#s4_bins[@]} ))]}"; fi
     start_s4
     read -r t1 b1 m1 <<<"$(TIMELINE_NAME="phase1-run$run" add_s4)"
-    echo "run $run: unthrottled, no load: ${m1} MB/s (${b1} bytes), active after ${t1} s"
+    read -r cpu_active written_active <<<"$(s4_cost)"
+    # The joining node's own compactions go on after it is active: 60 s more of them.
+    sleep 60
+    read -r cpu_after written_after <<<"$(s4_cost)"
+    echo "run $run (${S4_BIN:-$BIN}): unthrottled, no load: ${m1} MB/s (${b1} bytes), active after ${t1} s;" \
+      "s4 CPU ${cpu_active} s and ${written_active} bytes written at active, ${cpu_after} s and ${written_after} bytes 60 s later"
     remove_s4
     settle
   done

@@ -1,5 +1,5 @@
 //! Crash consistency on a simulated disk (`pairdb::engine::vfs::SimVfs`): the engine runs a
-//! workload (puts, deletes, batches, flushes, compactions, hash-range drops, log rotations,
+//! workload (puts, deletes, batches, ingested batches, flushes, compactions, hash-range drops, log rotations,
 //! segment deletion) and crashes at a chosen file operation; the disk then keeps what a
 //! `kill -9` keeps, or what a power loss may keep (the synced state plus any subset of unsynced
 //! writes, torn and reordered, and of unsynced directory changes). Reopened without any flag,
@@ -73,6 +73,11 @@ enum Step {
         first: u8,
         n: u8,
     },
+    /// The same as `Batch`, through `Engine::ingest` (a table where the keys are new).
+    Ingest {
+        first: u8,
+        n: u8,
+    },
     /// Drops the ring hashes `[start << 56, (start + width) << 56)`.
     DropRange {
         start: u8,
@@ -89,7 +94,9 @@ impl Step {
         let run = |first: u8, n: u8| (0..n).map(|j| key(first.wrapping_add(j))).collect();
         match self {
             Step::Put { key: k, .. } | Step::Delete { key: k } => vec![key(*k)],
-            Step::Batch { first, n } | Step::Large { first, n, .. } => run(*first, *n),
+            Step::Batch { first, n } | Step::Ingest { first, n } | Step::Large { first, n, .. } => {
+                run(*first, *n)
+            }
             _ => Vec::new(),
         }
     }
@@ -124,14 +131,15 @@ enum Expect {
 /// What each key must hold after a crash.
 type Acked = BTreeMap<String, Expect>;
 
-/// Writes `n` records of `len` bytes to keys `first..` in one batch, at versions counting up
-/// from `version`; returns the keys and versions written.
+/// Writes `n` records of `len` bytes to keys `first..` in one batch (`Engine::apply_batch`,
+/// or `Engine::ingest` when `ingest`), at versions counting up from `version`; returns the
+/// keys and versions written.
 fn apply_batch(
     engine: &Engine,
     version: Version,
-    first: u8,
-    n: u8,
+    (first, n): (u8, u8),
     len: usize,
+    ingest: bool,
 ) -> pairdb::engine::Result<Vec<(String, Version)>> {
     let base = version.clock.max_counter();
     let written: Vec<(String, Version)> = (0..n)
@@ -145,7 +153,11 @@ fn apply_batch(
         .enumerate()
         .map(|(j, (k, v))| Record::put(TENANT, k.clone(), v.clone(), vec![b'a' + j as u8; len]))
         .collect();
-    engine.apply_batch(records).map(|_| written)
+    if ingest {
+        engine.ingest(records).map(|_| written)
+    } else {
+        engine.apply_batch(records).map(|_| written)
+    }
 }
 
 /// Runs `steps` on an engine on `disk` until the first error (the crash); returns what was
@@ -169,13 +181,18 @@ fn run(disk: &SimVfs, steps: &[Step], segment_bytes: u64) -> (Acked, usize) {
             Step::Delete { key: k } => engine
                 .apply(Record::tombstone(TENANT, key(*k), version.clone()))
                 .map(|_| vec![(key(*k), version)]),
-            Step::Batch { first, n } => apply_batch(&engine, version.clone(), *first, *n, 40),
+            Step::Batch { first, n } => {
+                apply_batch(&engine, version.clone(), (*first, *n), 40, false)
+            }
+            Step::Ingest { first, n } => {
+                apply_batch(&engine, version.clone(), (*first, *n), 40, true)
+            }
             Step::Large { first, n, kib } => apply_batch(
                 &engine,
                 version.clone(),
-                *first,
-                *n,
+                (*first, *n),
                 usize::from(*kib) * 1024,
+                false,
             ),
             Step::DropRange { start, width } => {
                 let range = drop_range(*start, *width);
@@ -314,6 +331,11 @@ fn scripted() -> Vec<Step> {
             n: 6,
         });
         steps.push(Step::Delete { key: 3 + round });
+        // Keys new to the engine and keys it holds, in one ingested batch.
+        steps.push(Step::Ingest {
+            first: 9 + 4 * round,
+            n: 8,
+        });
         // A drop while the memtable holds keys of its range (round 0) and after a flush.
         if round == 0 {
             steps.push(Step::DropRange {
@@ -380,6 +402,7 @@ fn step() -> impl Strategy<Value = Step> {
         6 => (0u8..24, 1u16..400).prop_map(|(key, len)| Step::Put { key, len }),
         2 => (0u8..24).prop_map(|key| Step::Delete { key }),
         2 => (0u8..24, 1u8..8).prop_map(|(first, n)| Step::Batch { first, n }),
+        2 => (0u8..40, 1u8..12).prop_map(|(first, n)| Step::Ingest { first, n }),
         1 => Just(Step::Flush),
         1 => Just(Step::CompactLevels),
         1 => Just(Step::Compact),

@@ -1,5 +1,5 @@
 //! The range hash trees the engine keeps incrementally equal trees rebuilt from a scan: after
-//! any sequence of writes, stale writes, deletes, flushes, compactions (which collect
+//! any sequence of writes, stale writes, deletes, ingested batches, flushes, compactions (which collect
 //! tombstones past gc_grace), range drops and reopens (property test), and while writers race
 //! compactions and drops on other threads.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly
@@ -41,6 +41,10 @@ enum Op {
         end: u64,
         tenant: Option<usize>,
     },
+    /// One `Engine::ingest` of these puts and deletes (tenant, key, counter, old, delete).
+    Ingest {
+        records: Vec<(usize, u8, u64, bool, bool)>,
+    },
     Flush,
     CompactLevels,
     Compact,
@@ -55,6 +59,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(tenant, key, counter, old)| Op::Delete { tenant, key, counter, old }),
         1 => (any::<u64>(), any::<u64>(), prop::option::of(0..TENANTS.len()))
             .prop_map(|(start, end, tenant)| Op::DropRange { start, end, tenant }),
+        2 => prop::collection::vec((0..3usize, any::<u8>(), 1..40u64, any::<bool>(), any::<bool>()), 1..30)
+            .prop_map(|records| Op::Ingest { records }),
         1 => Just(Op::Flush),
         1 => Just(Op::CompactLevels),
         1 => Just(Op::Compact),
@@ -150,6 +156,17 @@ proptest! {
                         ranges: vec![HashRange::new(start, end)],
                     };
                     engine.drop_ranges(&[drop]).expect("drop");
+                }
+                Op::Ingest { records } => {
+                    let records = records.into_iter().map(|(tenant, key, counter, old, delete)| {
+                        let (tenant, key, version) = (TENANTS[tenant], key_bytes(key), version(counter, old));
+                        if delete {
+                            Record::tombstone(tenant, key, version)
+                        } else {
+                            Record::put(tenant, key, version, vec![b'a' + (counter % 26) as u8; 40])
+                        }
+                    });
+                    engine.ingest(records.collect()).expect("ingest");
                 }
                 Op::Flush => engine.flush().expect("flush"),
                 Op::CompactLevels => engine.compact_levels().expect("compact levels"),

@@ -491,6 +491,85 @@ async fn streaming_copies_a_range_with_live_writes() {
     assert!(done.keys_copied >= 40_000 && done.bytes_copied > 0);
 }
 
+/// A stream of large values reaches its target as ingested tables (its batches are over
+/// the 1 MiB at which a target writes them as tables instead of through its log), and the
+/// target ends with the newest version of every key: keys it held at an older version take
+/// the streamed one, keys it held at a newer version keep theirs. All of it survives a
+/// kill -9 of the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_large_values_is_ingested_and_keeps_the_newest_versions() {
+    const KEYS: u64 = 1_500;
+    let (_dirs, a, mut b) = two_nodes();
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let base = physical_counter(now_ms()) + 10;
+    let value = |tag: &str, n: u64| format!("{tag}-{n:05}-").repeat(700).into_bytes();
+    let key = |n: u64| format!("big-{n:05}").into_bytes();
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(150) {
+        let records = chunk
+            .iter()
+            .map(|n| put("t", &key(*n), base + n, &value("a", *n)));
+        load(&mut ca, records.collect()).await;
+    }
+    // B already holds every 7th key: at an older version when n is even, a newer one when odd.
+    let held: Vec<u64> = (0..KEYS).step_by(7).collect();
+    for n in &held {
+        let counter = if n % 2 == 0 {
+            base + n - 5
+        } else {
+            base + n + 1_000_000
+        };
+        let record = put("t", &key(*n), counter, &value("b", *n));
+        write(&mut cb, record).await.expect("write to B");
+    }
+    let expected = |n: u64| {
+        if held.contains(&n) && n % 2 == 1 {
+            (base + n + 1_000_000, value("b", n))
+        } else {
+            (base + n, value("a", n))
+        }
+    };
+
+    ca.start_streaming(pb::StartStreamingRequest {
+        stream_id: "big".into(),
+        ranges: vec![cpb::HashRange { start: 0, end: 0 }],
+        target_node_id: "b".into(),
+        target_address: b.grpc.to_string(),
+        ..Default::default()
+    })
+    .await
+    .expect("start");
+    wait_completed(&mut ca, "big", 120).await;
+
+    let metrics = common::http_get(b.http, "/metrics").await;
+    let ingested: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("pairdb_engine_ingested_tables{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        ingested >= 2.0,
+        "the stream's batches were ingested: {ingested} tables"
+    );
+    for round in ["after the stream", "after a kill -9 of the target"] {
+        for n in 0..KEYS {
+            let got = read(&mut cb, "t", &key(n))
+                .await
+                .unwrap_or_else(|| panic!("{round}: key {n} missing on B"));
+            let (counter, value) = expected(n);
+            let clock = got.version.as_ref().map(|v| v.clock.clone());
+            assert_eq!(clock, Some(version(counter).clock), "{round}: key {n}");
+            assert_eq!(
+                got.payload,
+                Some(pb::record::Payload::Value(value.into())),
+                "{round}: key {n}"
+            );
+        }
+        b.kill9();
+        b.restart();
+        cb = b.client().await;
+    }
+}
+
 /// A coordinator that placed its writes on the ring a stream was planned on wrote them to the
 /// stream's target itself (or hinted them), so the sender does not forward them a second
 /// time; writes placed on another ring, or on an unknown one, are forwarded as before.

@@ -45,6 +45,7 @@ pub mod compaction;
 mod disk;
 mod error;
 mod flush;
+mod ingest;
 mod iterators;
 mod levels;
 mod manifest;
@@ -135,6 +136,9 @@ pub struct EngineStats {
     pub compaction_bytes_written: u64,
     /// Bytes of the tables flushes wrote (memtables to level 0).
     pub flush_bytes_written: u64,
+    /// Tables written by [`Engine::ingest`], and their bytes, by the level they went to
+    /// (index = level).
+    pub ingested: Vec<(u64, u64)>,
     /// Compactions by the level they wrote into (index = output level): where the
     /// compaction bytes went, RocksDB's "Compaction Stats" per level.
     pub compaction_levels: Vec<LevelCompactions>,
@@ -205,6 +209,8 @@ pub struct EngineMetrics {
     pub compaction_moves: AtomicU64,
     pub compaction_bytes_written: AtomicU64,
     pub flush_bytes_written: AtomicU64,
+    /// Per level: tables ingested there and their bytes.
+    pub ingested: Mutex<Vec<(u64, u64)>>,
     pub tombstones_dropped: AtomicU64,
     pub expired_dropped: AtomicU64,
     /// Updated once per compaction (index = output level).
@@ -378,6 +384,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Writes a batch as one table where its keys are new to the engine, and through the
+    /// write path where they are not (see `ingest`): for streamed ranges, mostly keys a
+    /// joining node holds nowhere. One outcome per record, in order; as durable as
+    /// [`Engine::apply_batch`]'s when it returns. All records are validated first.
+    pub fn ingest(&self, records: Vec<Record>) -> Result<Vec<ApplyOutcome>> {
+        self.core.ingest(records)
+    }
+
     /// Major compaction: merges every table into the deepest level (dropping tombstones older
     /// than gc_grace).
     pub fn compact(&self) -> Result<()> {
@@ -522,7 +536,11 @@ impl Core {
         reason = "an index modulo STRIPES, the array's length"
     )]
     fn stripe(&self, ikey: &[u8]) -> &Stripe {
-        &self.stripes[(key_hash(ikey) as usize) % STRIPES]
+        &self.stripes[self.stripe_index(ikey)]
+    }
+
+    fn stripe_index(&self, ikey: &[u8]) -> usize {
+        (key_hash(ikey) as usize) % STRIPES
     }
 
     /// Removes cached records in `ranges` after they left the tables. Every stripe's
@@ -590,6 +608,7 @@ impl Core {
             compaction_moves: m.compaction_moves.load(Ordering::Relaxed),
             compaction_bytes_written: m.compaction_bytes_written.load(Ordering::Relaxed),
             flush_bytes_written: m.flush_bytes_written.load(Ordering::Relaxed),
+            ingested: m.ingested.lock().clone(),
             compaction_levels: m.compaction_levels.lock().clone(),
             tombstones_dropped: m.tombstones_dropped.load(Ordering::Relaxed),
             expired_dropped: m.expired_dropped.load(Ordering::Relaxed),

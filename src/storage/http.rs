@@ -118,6 +118,12 @@ async fn metrics(State(node): State<Node>) -> String {
         s.expired_dropped as f64,
     );
     gauge("pairdb_engine_log_torn_tails", s.replay.torn_tails as f64);
+    for (level, (tables, bytes)) in s.ingested.iter().enumerate() {
+        let level = level.to_string();
+        metrics::gauge!("pairdb_engine_ingested_tables", "node" => id.clone(), "level" => level.clone()).set(*tables as f64);
+        metrics::gauge!("pairdb_engine_ingested_bytes", "node" => id.clone(), "level" => level)
+            .set(*bytes as f64);
+    }
     for (level, (tables, bytes, _)) in s.levels.iter().enumerate() {
         let level = level.to_string();
         metrics::gauge!("pairdb_engine_level_tables", "node" => id.clone(), "level" => level.clone()).set(*tables as f64);

@@ -51,6 +51,10 @@ const MAX_SCAN_BATCH: usize = 1000;
 const MAX_SCAN_BATCH_BYTES: usize = 4 << 20;
 /// Batches of one `BatchStream` running at once (and answers waiting to be sent back).
 const BATCH_RESULTS_QUEUE: usize = 256;
+/// A stream's batch of at least this many bytes is ingested as one table
+/// ([`Engine::ingest`]); a smaller one takes the write path, so small values do not leave a
+/// table of a few kilobytes per batch.
+const INGEST_MIN_BYTES: usize = 1 << 20;
 
 pub struct StorageService {
     /// This service, for the tasks of a `BatchStream` (the server holds the only `Arc`).
@@ -447,8 +451,13 @@ impl StorageService {
                 Vec::new()
             } else if source == pb::BatchSource::Client {
                 self.writes.run(move || engine.apply_batch(live)).await?
+            } else if source == pb::BatchSource::Stream
+                && live.iter().map(Record::size_estimate).sum::<usize>() >= INGEST_MIN_BYTES
+            {
+                // A stream's bulk copy: mostly keys this node holds nowhere yet.
+                self.background.run(move || engine.ingest(live)).await??
             } else {
-                // A stream's, a repair's or a hint replay's: no client waits on it.
+                // A repair's, a hint replay's or a small stream batch: no client waits on it.
                 self.background
                     .run(move || engine.apply_batch(live))
                     .await??

@@ -3,7 +3,8 @@
 //! Phases (the `StreamState` a caller sees):
 //! - `copying`: a blocking scan of the engine (`scan_hash_ranges`: every range in one pass,
 //!   bounded memory) feeds batches
-//!   that are sent with `WriteBatch(source = STREAM)`;
+//!   that are sent with `WriteBatch(source = STREAM)`; the target writes a batch of 1 MiB or
+//!   more as one table where its keys are new to it (`Engine::ingest`), not through its log;
 //! - `streaming`: the bulk copy is done; live writes for the ranges that arrived meanwhile are
 //!   sent (they are forwarded from the first moment of the stream, so nothing written during the
 //!   copy is missed);

@@ -1,0 +1,271 @@
+//! Ingest: a batch of records written straight into one table, not through the commit log,
+//! the memtable, a flush and the merges of level 0. What a node that joins receives by
+//! streaming is mostly keys it holds nowhere; written the usual way, each streamed byte was
+//! written to the log, to a level-0 table and again by every merge on its way down (about
+//! five times); ingested, it is written once, and at the deepest level that takes it, where
+//! nothing merges it again until data above it grows (docs/engine.md, "Ingest").
+//!
+//! # Invariants
+//! - **An ingested table holds only keys the engine held nowhere when it became visible.**
+//!   Every key of the batch is looked up under its stripe lock, and the locks of all of them
+//!   stay taken until the table is installed (no write can land on one of them meanwhile).
+//!   A key the engine holds takes the write path instead ([`Core::apply_batch`]: the winner
+//!   rule, the log), and so does a key that appears twice in the batch, after the first.
+//!   So where the table sits cannot change any read: its keys have no other version, and
+//!   later versions of them land above it (the memtable, then L0, then merges that move
+//!   data one level down at a time).
+//! - **It goes where no table of its level overlaps its key range**, the deepest such level,
+//!   and only while no compaction runs (the compaction lock taken without waiting, and held
+//!   until the install, so no task's output can land on top of it); otherwise, or when every
+//!   level overlaps, at the front of L0 like a flush. L1.. stay disjoint and sorted.
+//! - **Durable before visible.** The table is fsynced, then its directory, then the manifest
+//!   that lists it; the call returns after that (and after the log sync of the records that
+//!   took the write path). A crash before the manifest leaves an unlisted file that the next
+//!   open deletes, and no acknowledgement.
+//! - The manifest's `flushed_seq` does not move: the table holds no commit-log record.
+//! - The range trees take every ingested record under its stripe lock, as `apply` does; the
+//!   row cache is not filled (streamed data is not what clients read next).
+
+use super::sstable::TableMeta;
+use super::{
+    ApplyOutcome, Arc, Core, LevelEdit, Ordering, Record, Result, SsTable, io_err, sstable,
+    table_file_name,
+};
+
+/// Where a batch's records went.
+struct Split {
+    /// (internal key, index in the batch) of records whose key the engine held nowhere, in key
+    /// order: the table.
+    absent: Vec<(Vec<u8>, usize)>,
+    /// Indices of the others: the write path.
+    through_log: Vec<usize>,
+}
+
+impl Core {
+    /// Writes `records` as one table where their keys are new to the engine and through the
+    /// write path where they are not; returns one outcome per record, in order. Validates
+    /// every record first: one bad record rejects the batch and changes nothing.
+    pub(super) fn ingest(&self, records: Vec<Record>) -> Result<Vec<ApplyOutcome>> {
+        self.check_open()?;
+        records.iter().try_for_each(Record::validate)?;
+        let bytes: usize = records.iter().map(Record::size_estimate).sum();
+        self.disk.check(bytes)?;
+        let mut keyed: Vec<(Vec<u8>, usize)> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.internal_key(), i))
+            .collect();
+        keyed.sort();
+        let mut stripes: Vec<usize> = keyed.iter().map(|(k, _)| self.stripe_index(k)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        // Ascending, one at a time: the order `lock_all_stripes` takes them in, and writers
+        // hold one at most, so this cannot deadlock.
+        let guards: Vec<_> = stripes
+            .iter()
+            .filter_map(|i| self.stripes.get(*i))
+            .map(|s| s.lock.lock())
+            .collect();
+        let split = self.split(keyed)?;
+        let mut outcomes: Vec<Option<ApplyOutcome>> = vec![None; records.len()];
+        if !split.absent.is_empty() {
+            self.write_and_install(&split.absent, &records)?;
+            for (ikey, i) in &split.absent {
+                if let Some(record) = records.get(*i) {
+                    self.trees_replace(ikey, None, record);
+                }
+                if let Some(slot) = outcomes.get_mut(*i) {
+                    *slot = Some(ApplyOutcome::Applied);
+                }
+            }
+            for i in &stripes {
+                if let Some(stripe) = self.stripes.get(*i) {
+                    stripe.generation.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            self.metrics
+                .writes_applied
+                .fetch_add(split.absent.len() as u64, Ordering::Relaxed);
+        }
+        drop(guards);
+        let mut records: Vec<Option<Record>> = records.into_iter().map(Some).collect();
+        let rest: Vec<Record> = split
+            .through_log
+            .iter()
+            .filter_map(|i| records.get_mut(*i).and_then(Option::take))
+            .collect();
+        if !rest.is_empty() {
+            for (i, outcome) in split.through_log.iter().zip(self.apply_batch(rest)?) {
+                if let Some(slot) = outcomes.get_mut(*i) {
+                    *slot = Some(outcome);
+                }
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(ApplyOutcome::Applied))
+            .collect())
+    }
+
+    /// Sorts the batch's keys into new ones and the rest (caller holds their stripe locks).
+    fn split(&self, keyed: Vec<(Vec<u8>, usize)>) -> Result<Split> {
+        let mut split = Split {
+            absent: Vec::with_capacity(keyed.len()),
+            through_log: Vec::new(),
+        };
+        let mut previous: Option<&[u8]> = None;
+        for (ikey, i) in &keyed {
+            let repeated = previous == Some(ikey.as_slice());
+            previous = Some(ikey);
+            if repeated || self.current(ikey)?.is_some() {
+                split.through_log.push(*i);
+            } else {
+                split.absent.push((ikey.clone(), *i));
+            }
+        }
+        Ok(split)
+    }
+
+    /// Writes the table, fsyncs it and its directory, and lists it in the manifest.
+    fn write_and_install(&self, absent: &[(Vec<u8>, usize)], records: &[Record]) -> Result<()> {
+        let id = self.allocate_table_id();
+        let path = self.sst_dir.join(table_file_name(id));
+        let vfs = &*self.options.vfs;
+        let written = (|| {
+            let mut builder = sstable::TableBuilder::create(
+                vfs,
+                &path,
+                id,
+                self.options.block_bytes,
+                self.options.table_format,
+                self.options.direct_table_writes,
+            )?;
+            for (ikey, i) in absent {
+                if let Some(record) = records.get(*i) {
+                    builder.add(ikey, record)?;
+                }
+            }
+            let meta = builder.finish()?;
+            vfs.sync_dir(&self.sst_dir)
+                .map_err(|e| io_err("fsync", &self.sst_dir, e))?;
+            let table = SsTable::open(vfs, &path, id)?;
+            self.install_ingested(meta, table)
+        })();
+        if written.is_err() {
+            // Unlisted, so nothing reads it; the next open would delete it too.
+            let _ = vfs.remove(&path);
+        }
+        written
+    }
+
+    fn install_ingested(&self, meta: TableMeta, table: Arc<SsTable>) -> Result<()> {
+        // Held to the end: no compaction can start, and so none can write on top of the
+        // table at the level chosen for it.
+        let compacting = self.compaction_lock.try_lock();
+        let mut manifest = self.manifest.lock();
+        let level = if compacting.is_some() {
+            ingest_level(&manifest.levels, &meta, self.options.levels.max_levels)
+        } else {
+            0
+        };
+        let bytes = meta.file_bytes;
+        let edit = LevelEdit {
+            level,
+            ..LevelEdit::default()
+        };
+        let mut next = manifest.clone();
+        edit.apply(&mut next.levels, vec![meta]);
+        next.store(&*self.options.vfs, &self.dir)?;
+        {
+            let mut state = self.state.write();
+            let mut s = (**state).clone();
+            edit.apply(&mut s.levels, vec![table]);
+            *state = Arc::new(s);
+        }
+        *manifest = next;
+        drop(manifest);
+        self.metrics.count_ingested(level, bytes);
+        self.signal(&self.compaction_signal);
+        Ok(())
+    }
+}
+
+impl super::EngineMetrics {
+    fn count_ingested(&self, level: usize, bytes: u64) {
+        let mut levels = self.ingested.lock();
+        if levels.len() <= level {
+            levels.resize(level + 1, (0, 0));
+        }
+        if let Some((tables, total)) = levels.get_mut(level) {
+            *tables += 1;
+            *total += bytes;
+        }
+    }
+}
+
+/// The deepest level below L0 (up to `max_levels - 1`) with no table whose key range
+/// overlaps `table`'s; 0 (the front of L0) when there is none.
+pub(super) fn ingest_level(
+    levels: &[Vec<TableMeta>],
+    table: &TableMeta,
+    max_levels: usize,
+) -> usize {
+    let last = max_levels.max(2) - 1;
+    (1..=last)
+        .rev()
+        .find(|level| {
+            levels.get(*level).is_none_or(|tables| {
+                tables
+                    .iter()
+                    .all(|t| t.max_key < table.min_key || t.min_key > table.max_key)
+            })
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(id: u64, min: &[u8], max: &[u8]) -> TableMeta {
+        TableMeta {
+            min_key: min.to_vec(),
+            max_key: max.to_vec(),
+            ..TableMeta::empty(id)
+        }
+    }
+
+    #[test]
+    fn an_ingested_table_goes_to_the_deepest_level_it_overlaps_nothing_in() {
+        let new = table(9, b"d", b"f");
+        assert_eq!(
+            ingest_level(&[], &new, 4),
+            3,
+            "an empty engine: the last level"
+        );
+        let levels = vec![
+            vec![table(1, b"a", b"z")],
+            vec![],
+            vec![table(2, b"a", b"c"), table(3, b"g", b"k")],
+            vec![table(4, b"c", b"e")],
+        ];
+        assert_eq!(
+            ingest_level(&levels, &new, 4),
+            2,
+            "between two tables of L2"
+        );
+        let touching = table(9, b"c", b"f");
+        assert_eq!(
+            ingest_level(&levels, &touching, 4),
+            1,
+            "a shared key is an overlap"
+        );
+        let full = vec![
+            vec![],
+            vec![table(5, b"a", b"z")],
+            vec![table(6, b"e", b"e")],
+            vec![table(7, b"a", b"d")],
+        ];
+        assert_eq!(ingest_level(&full, &new, 4), 0, "every level overlaps: L0");
+    }
+}
