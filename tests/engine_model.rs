@@ -363,3 +363,82 @@ fn ingests_racing_writes_of_the_same_keys_keep_the_newest_version() {
         "after a reopen",
     );
 }
+
+/// Ingests while the background compaction runs: another thread keeps writing keys at both
+/// ends of the key space (`a…`, `z…`), so every flushed table and every merge of them spans
+/// the middle, where batches of fresh keys (`m…`) are ingested, each a narrow table that
+/// fits in the middle of any level. An ingested table placed at the level a running merge
+/// writes to would end up inside one of its output tables' ranges (one spans from the last
+/// `a` key to the first `z` key), and a read of its keys would look in that table only:
+/// every key must read back at the version last written, before and after a major
+/// compaction and a reopen.
+#[test]
+fn ingests_during_background_compactions_keep_every_key_readable() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let background = || EngineOptions {
+        background: true,
+        ..options(false)
+    };
+    let engine = Arc::new(Engine::open(dir.path(), background()).expect("open"));
+    let put = |key: String, counter: u64| {
+        let version = Version::new(VectorClock::from_entries([("c", counter)]));
+        Record::put("acme", key.into_bytes(), version, vec![b'v'; 100])
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut last = BTreeMap::new();
+            let mut counter = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                let end = if counter % 2 == 0 { 'a' } else { 'z' };
+                let key = format!("{end}{:05}", (counter * 7919) % 10_000);
+                engine.apply(put(key.clone(), counter)).expect("apply");
+                last.insert(key, counter);
+                counter += 1;
+            }
+            last
+        })
+    };
+    let mut ingested = BTreeMap::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut batch = 0u64;
+    while std::time::Instant::now() < deadline {
+        let records: Vec<Record> = (0..60u64)
+            .map(|j| {
+                let key = format!("m{batch:06}-{j:02}");
+                ingested.insert(key.clone(), batch + 1);
+                put(key, batch + 1)
+            })
+            .collect();
+        engine.ingest(records).expect("ingest");
+        batch += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut expected = writer.join().expect("writer");
+    expected.extend(ingested);
+    let deep: u64 = engine.stats().ingested.iter().skip(1).map(|(t, _)| t).sum();
+    assert!(deep > 0, "some ingested tables went below L0");
+    let check = |engine: &Engine, when: &str| {
+        for (key, counter) in &expected {
+            let got = engine.get("acme", key.as_bytes()).expect("get");
+            let got = got.map(|r| r.version.clock.max_counter());
+            assert_eq!(got, Some(*counter), "{when}: {key}");
+        }
+    };
+    check(&engine, "after the writes");
+    engine.compact().expect("compact");
+    check(&engine, "after a major compaction");
+    Arc::try_unwrap(engine)
+        .ok()
+        .expect("the only handle")
+        .close()
+        .expect("close");
+    check(
+        &Engine::open(dir.path(), background()).expect("reopen"),
+        "after a reopen",
+    );
+}

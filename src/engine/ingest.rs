@@ -14,10 +14,12 @@
 //!   So where the table sits cannot change any read: its keys have no other version, and
 //!   later versions of them land above it (the memtable, then L0, then merges that move
 //!   data one level down at a time).
-//! - **It goes where no table of its level overlaps its key range**, the deepest such level,
-//!   and only while no compaction runs (the compaction lock taken without waiting, and held
-//!   until the install, so no task's output can land on top of it); otherwise, or when every
-//!   level overlaps, at the front of L0 like a flush. L1.. stay disjoint and sorted.
+//! - **It goes where no table of its level overlaps its key range**, the deepest such level
+//!   that the running compaction does not write to over that range
+//!   ([`super::compaction::busy`]: a task records its output level and key range under the
+//!   manifest lock it was picked under, and an ingest chooses under the manifest lock it
+//!   installs with; a major compaction or a range drop blocks every level); when no level
+//!   qualifies, at the front of L0 like a flush. So L1.. stay disjoint and sorted.
 //! - **Durable before visible.** The table is fsynced, then its directory, then the manifest
 //!   that lists it; the call returns after that (and after the log sync of the records that
 //!   took the write path). A crash before the manifest leaves an unlisted file that the next
@@ -26,6 +28,7 @@
 //! - The range trees take every ingested record under its stripe lock, as `apply` does; the
 //!   row cache is not filled (streamed data is not what clients read next).
 
+use super::compaction::busy::Busy;
 use super::sstable::TableMeta;
 use super::{
     ApplyOutcome, Arc, Core, LevelEdit, Ordering, Record, Result, SsTable, io_err, sstable,
@@ -48,8 +51,11 @@ impl Core {
     pub(super) fn ingest(&self, records: Vec<Record>) -> Result<Vec<ApplyOutcome>> {
         self.check_open()?;
         records.iter().try_for_each(Record::validate)?;
-        let bytes: usize = records.iter().map(Record::size_estimate).sum();
-        self.disk.check(bytes)?;
+        // Record by record, as the write path asks: a large batch of small records is not a
+        // large write.
+        records
+            .iter()
+            .try_for_each(|r| self.disk.check(r.size_estimate()))?;
         let mut keyed: Vec<(Vec<u8>, usize)> = records
             .iter()
             .enumerate()
@@ -159,15 +165,17 @@ impl Core {
     }
 
     fn install_ingested(&self, meta: TableMeta, table: Arc<SsTable>) -> Result<()> {
-        // Held to the end: no compaction can start, and so none can write on top of the
-        // table at the level chosen for it.
-        let compacting = self.compaction_lock.try_lock();
         let mut manifest = self.manifest.lock();
-        let level = if compacting.is_some() {
-            ingest_level(&manifest.levels, &meta, self.options.levels.max_levels)
-        } else {
-            0
-        };
+        // Read under the manifest lock: a compaction picks its task and records its output
+        // under the same lock, so this table is either in the layout the task was picked
+        // from or placed where the task's output cannot land on top of it.
+        let running = self.compaction_output.get();
+        let level = ingest_level(
+            &manifest.levels,
+            &meta,
+            self.options.levels.max_levels,
+            running.as_ref(),
+        );
         let bytes = meta.file_bytes;
         let edit = LevelEdit {
             level,
@@ -204,21 +212,24 @@ impl super::EngineMetrics {
 }
 
 /// The deepest level below L0 (up to `max_levels - 1`) with no table whose key range
-/// overlaps `table`'s; 0 (the front of L0) when there is none.
+/// overlaps `table`'s and where the `running` compaction does not write over that range; 0
+/// (the front of L0) when there is none.
 pub(super) fn ingest_level(
     levels: &[Vec<TableMeta>],
     table: &TableMeta,
     max_levels: usize,
+    running: Option<&Busy>,
 ) -> usize {
     let last = max_levels.max(2) - 1;
     (1..=last)
         .rev()
         .find(|level| {
-            levels.get(*level).is_none_or(|tables| {
+            let free = levels.get(*level).is_none_or(|tables| {
                 tables
                     .iter()
                     .all(|t| t.max_key < table.min_key || t.min_key > table.max_key)
-            })
+            });
+            free && running.is_none_or(|r| !r.blocks(*level, &table.min_key, &table.max_key))
         })
         .unwrap_or(0)
 }
@@ -239,7 +250,7 @@ mod tests {
     fn an_ingested_table_goes_to_the_deepest_level_it_overlaps_nothing_in() {
         let new = table(9, b"d", b"f");
         assert_eq!(
-            ingest_level(&[], &new, 4),
+            ingest_level(&[], &new, 4, None),
             3,
             "an empty engine: the last level"
         );
@@ -250,13 +261,34 @@ mod tests {
             vec![table(4, b"c", b"e")],
         ];
         assert_eq!(
-            ingest_level(&levels, &new, 4),
+            ingest_level(&levels, &new, 4, None),
             2,
             "between two tables of L2"
         );
+        let into_l2 = Busy::Range {
+            level: 2,
+            min_key: b"a".to_vec(),
+            max_key: b"k".to_vec(),
+        };
+        assert_eq!(
+            ingest_level(&levels, &new, 4, Some(&into_l2)),
+            1,
+            "not where a running compaction writes"
+        );
+        let elsewhere_in_l2 = Busy::Range {
+            level: 2,
+            min_key: b"g".to_vec(),
+            max_key: b"k".to_vec(),
+        };
+        assert_eq!(ingest_level(&levels, &new, 4, Some(&elsewhere_in_l2)), 2);
+        assert_eq!(
+            ingest_level(&[], &new, 4, Some(&Busy::Everything)),
+            0,
+            "a major compaction or a range drop: L0"
+        );
         let touching = table(9, b"c", b"f");
         assert_eq!(
-            ingest_level(&levels, &touching, 4),
+            ingest_level(&levels, &touching, 4, None),
             1,
             "a shared key is an overlap"
         );
@@ -266,6 +298,10 @@ mod tests {
             vec![table(6, b"e", b"e")],
             vec![table(7, b"a", b"d")],
         ];
-        assert_eq!(ingest_level(&full, &new, 4), 0, "every level overlaps: L0");
+        assert_eq!(
+            ingest_level(&full, &new, 4, None),
+            0,
+            "every level overlaps: L0"
+        );
     }
 }

@@ -251,6 +251,8 @@ pub(crate) struct Core {
     metrics: EngineMetrics,
     flush_lock: Mutex<()>,
     compaction_lock: Mutex<()>,
+    /// Where the running compaction writes (what an ingest must not place a table under).
+    compaction_output: compaction::busy::RunningOutput,
     /// Tables compactions replaced, deleted once no reader holds them (`obsolete`).
     obsolete: obsolete::ObsoleteTables,
     /// The pace of compaction writes (`None`: unpaced); see `compaction::pace`.

@@ -111,6 +111,7 @@ impl Engine {
             metrics: EngineMetrics::default(),
             flush_lock: Mutex::new(()),
             compaction_lock: Mutex::new(()),
+            compaction_output: Default::default(),
             obsolete: Default::default(),
             pacer: Mutex::new(super::compaction::pace::Pacer::new(
                 options.compaction_bytes_per_sec,

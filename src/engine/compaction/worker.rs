@@ -18,6 +18,7 @@ use crate::engine::types::{RangeDrop, Record};
 use crate::engine::write::tree_entry;
 use crate::engine::{Core, LevelCompactions, State, io_err};
 
+use super::busy::Busy;
 use super::policy::{self, CompactionTask};
 
 /// How often a compaction checks its pace.
@@ -47,14 +48,22 @@ impl Core {
     /// there was anything to do.
     pub(crate) fn compact_once(&self, full: bool) -> Result<bool> {
         let _compacting = self.compaction_lock.lock();
-        let levels: Vec<Vec<TableMeta>> = self.manifest.lock().levels.clone();
-        let task = if full {
-            policy::full(&levels)
-        } else {
-            policy::pick(&levels, &self.options.levels)
-        };
-        let Some(task) = task else {
-            return Ok(false);
+        let (task, _marked) = {
+            let manifest = self.manifest.lock();
+            let task = if full {
+                policy::full(&manifest.levels)
+            } else {
+                policy::pick(&manifest.levels, &self.options.levels)
+            };
+            let Some(task) = task else {
+                return Ok(false);
+            };
+            let busy = if full {
+                Busy::Everything
+            } else {
+                Busy::of(&task, &manifest.levels)
+            };
+            (task, self.compaction_output.mark(busy))
         };
         if task.is_move() {
             return self.move_table(&task).map(|()| true);
@@ -115,7 +124,11 @@ impl Core {
         // was left to flush.
         self.flush_pending()?;
         let _compacting = self.compaction_lock.lock();
-        let levels: Vec<Vec<TableMeta>> = self.manifest.lock().levels.clone();
+        let (levels, _marked) = {
+            let manifest = self.manifest.lock();
+            let marked = self.compaction_output.mark(Busy::Everything);
+            (manifest.levels.clone(), marked)
+        };
         let dropped = match policy::full(&levels) {
             Some(task) => self.run_or_quarantine(&task, ranges)?,
             None => 0,
