@@ -2,8 +2,10 @@
 //! the memtable, a flush and the merges of level 0. What a node that joins receives by
 //! streaming is mostly keys it holds nowhere; written the usual way, each streamed byte was
 //! written to the log, to a level-0 table and again by every merge on its way down (about
-//! five times); ingested, it is written once, and at the deepest level that takes it, where
-//! nothing merges it again until data above it grows (docs/engine.md, "Ingest").
+//! five times); ingested, it is written once, into the last level when nothing there
+//! overlaps it (then it is never merged again until data above it grows), else into L0,
+//! where one merge takes it down with the other senders' overlapping runs (docs/engine.md,
+//! "Ingest").
 //!
 //! # Invariants
 //! - **An ingested table holds only keys the engine held nowhere when it became visible.**
@@ -14,12 +16,12 @@
 //!   So where the table sits cannot change any read: its keys have no other version, and
 //!   later versions of them land above it (the memtable, then L0, then merges that move
 //!   data one level down at a time).
-//! - **It goes where no table of its level overlaps its key range**, the deepest such level
-//!   that the running compaction does not write to over that range
-//!   ([`super::compaction::busy`]: a task records its output level and key range under the
-//!   manifest lock it was picked under, and an ingest chooses under the manifest lock it
-//!   installs with; a major compaction or a range drop blocks every level); when no level
-//!   qualifies, at the front of L0 like a flush. So L1.. stay disjoint and sorted.
+//! - **It goes to the last level only where no table there overlaps its key range** and the
+//!   running compaction does not write there over that range ([`super::compaction::busy`]:
+//!   a task records its output level and key range under the manifest lock it was picked
+//!   under, and an ingest chooses under the manifest lock it installs with; a major
+//!   compaction or a range drop blocks every level); otherwise at the front of L0 like a
+//!   flush. So L1.. stay disjoint and sorted.
 //! - **Durable before visible.** The table is fsynced, then its directory, then the manifest
 //!   that lists it; the call returns after that (and after the log sync of the records that
 //!   took the write path). A crash before the manifest leaves an unlisted file that the next
@@ -211,9 +213,12 @@ impl super::EngineMetrics {
     }
 }
 
-/// The deepest level below L0 (up to `max_levels - 1`) with no table whose key range
-/// overlaps `table`'s and where the `running` compaction does not write over that range; 0
-/// (the front of L0) when there is none.
+/// The last level (`max_levels - 1`) when none of its tables overlaps `table`'s key range
+/// and the `running` compaction does not write there over that range; else 0, the front of
+/// L0. Not the deepest free level above the last: the senders of a joining node stream
+/// overlapping sorted runs, and one per level left a level shape upside down (as much data
+/// in L4 and L5 as in L6) whose draining rewrote the data 2.7 times over; in L0 they are
+/// merged into the last level together (docs/engine.md, "Ingest").
 pub(super) fn ingest_level(
     levels: &[Vec<TableMeta>],
     table: &TableMeta,
@@ -221,17 +226,13 @@ pub(super) fn ingest_level(
     running: Option<&Busy>,
 ) -> usize {
     let last = max_levels.max(2) - 1;
-    (1..=last)
-        .rev()
-        .find(|level| {
-            let free = levels.get(*level).is_none_or(|tables| {
-                tables
-                    .iter()
-                    .all(|t| t.max_key < table.min_key || t.min_key > table.max_key)
-            });
-            free && running.is_none_or(|r| !r.blocks(*level, &table.min_key, &table.max_key))
-        })
-        .unwrap_or(0)
+    let free = levels.get(last).is_none_or(|tables| {
+        tables
+            .iter()
+            .all(|t| t.max_key < table.min_key || t.min_key > table.max_key)
+    });
+    let blocked = running.is_some_and(|r| r.blocks(last, &table.min_key, &table.max_key));
+    if free && !blocked { last } else { 0 }
 }
 
 #[cfg(test)]
@@ -247,61 +248,52 @@ mod tests {
     }
 
     #[test]
-    fn an_ingested_table_goes_to_the_deepest_level_it_overlaps_nothing_in() {
+    fn an_ingested_table_goes_to_the_last_level_when_nothing_there_overlaps_it() {
         let new = table(9, b"d", b"f");
-        assert_eq!(
-            ingest_level(&[], &new, 4, None),
-            3,
-            "an empty engine: the last level"
-        );
+        assert_eq!(ingest_level(&[], &new, 4, None), 3, "an empty engine");
         let levels = vec![
             vec![table(1, b"a", b"z")],
             vec![],
-            vec![table(2, b"a", b"c"), table(3, b"g", b"k")],
-            vec![table(4, b"c", b"e")],
+            vec![table(2, b"a", b"z")],
+            vec![table(3, b"a", b"c"), table(4, b"g", b"k")],
         ];
         assert_eq!(
             ingest_level(&levels, &new, 4, None),
-            2,
-            "between two tables of L2"
-        );
-        let into_l2 = Busy::Range {
-            level: 2,
-            min_key: b"a".to_vec(),
-            max_key: b"k".to_vec(),
-        };
-        assert_eq!(
-            ingest_level(&levels, &new, 4, Some(&into_l2)),
-            1,
-            "not where a running compaction writes"
-        );
-        let elsewhere_in_l2 = Busy::Range {
-            level: 2,
-            min_key: b"g".to_vec(),
-            max_key: b"k".to_vec(),
-        };
-        assert_eq!(ingest_level(&levels, &new, 4, Some(&elsewhere_in_l2)), 2);
-        assert_eq!(
-            ingest_level(&[], &new, 4, Some(&Busy::Everything)),
-            0,
-            "a major compaction or a range drop: L0"
+            3,
+            "between two tables of the last level, whatever lies above"
         );
         let touching = table(9, b"c", b"f");
         assert_eq!(
             ingest_level(&levels, &touching, 4, None),
-            1,
-            "a shared key is an overlap"
-        );
-        let full = vec![
-            vec![],
-            vec![table(5, b"a", b"z")],
-            vec![table(6, b"e", b"e")],
-            vec![table(7, b"a", b"d")],
-        ];
-        assert_eq!(
-            ingest_level(&full, &new, 4, None),
             0,
-            "every level overlaps: L0"
+            "a shared key is an overlap: L0, not a level above the last"
+        );
+        let into_last = Busy::Range {
+            level: 3,
+            min_key: b"a".to_vec(),
+            max_key: b"k".to_vec(),
+        };
+        assert_eq!(
+            ingest_level(&levels, &new, 4, Some(&into_last)),
+            0,
+            "not where a running compaction writes"
+        );
+        let elsewhere = Busy::Range {
+            level: 3,
+            min_key: b"g".to_vec(),
+            max_key: b"k".to_vec(),
+        };
+        assert_eq!(ingest_level(&levels, &new, 4, Some(&elsewhere)), 3);
+        let above = Busy::Range {
+            level: 2,
+            min_key: b"a".to_vec(),
+            max_key: b"z".to_vec(),
+        };
+        assert_eq!(ingest_level(&levels, &new, 4, Some(&above)), 3);
+        assert_eq!(
+            ingest_level(&[], &new, 4, Some(&Busy::Everything)),
+            0,
+            "a major compaction or a range drop: L0"
         );
     }
 }
