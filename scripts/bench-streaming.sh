@@ -203,8 +203,12 @@ if [ "$ONLY_PHASE1" = 1 ]; then
     # The joining node's own compactions go on after it is active: 60 s more of them.
     sleep 60
     read -r cpu_after written_after <<<"$(s4_cost)"
+    # And once every node, s4 too, has been idle for QUIET seconds (its compactions done).
+    settle >/dev/null
+    read -r cpu_settled written_settled <<<"$(s4_cost)"
     echo "run $run (${S4_BIN:-$BIN}): unthrottled, no load: ${m1} MB/s (${b1} bytes), active after ${t1} s;" \
-      "s4 CPU ${cpu_active} s and ${written_active} bytes written at active, ${cpu_after} s and ${written_after} bytes 60 s later"
+      "s4 CPU ${cpu_active} s and ${written_active} bytes written at active, ${cpu_after} s and ${written_after} bytes 60 s later," \
+      "${cpu_settled} s and ${written_settled} bytes once settled"
     curl -fsS "http://127.0.0.1:$((S4_PORT + 1000))/metrics" \
       | grep -E '^pairdb_engine_(ingested_tables|ingested_bytes|flush_bytes_written|compaction_bytes_written)\{' || true
     remove_s4
