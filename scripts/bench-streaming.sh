@@ -271,7 +271,9 @@ if has_phase 3; then
     settle
     S4_BIN="$phase3_bin" start_s4
     read -r t3 b3 m3 idle3 p3 <<<"$(TIMELINE_NAME="phase3-run$run" loaded_add "$half")"
-    echo "run $run ($phase3_bin): throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, p99 ${p3} ms during, ${idle3} ms in the ${IDLE} s before"
+    read -r cpu3 written3 <<<"$(s4_cost)"
+    echo "run $run ($phase3_bin): throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, p99 ${p3} ms during, ${idle3} ms in the ${IDLE} s before;" \
+      "s4 CPU ${cpu3} s and ${written3} bytes written at active"
   done
 fi
 
