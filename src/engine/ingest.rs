@@ -139,7 +139,7 @@ impl Core {
         let id = self.allocate_table_id();
         let path = self.sst_dir.join(table_file_name(id));
         let vfs = &*self.options.vfs;
-        let written = (|| {
+        let built = (|| {
             let mut builder = sstable::TableBuilder::create(
                 vfs,
                 &path,
@@ -156,14 +156,18 @@ impl Core {
             let meta = builder.finish()?;
             vfs.sync_dir(&self.sst_dir)
                 .map_err(|e| io_err("fsync", &self.sst_dir, e))?;
-            let table = SsTable::open(vfs, &path, id)?;
-            self.install_ingested(meta, table)
+            Ok((meta, SsTable::open(vfs, &path, id)?))
         })();
-        if written.is_err() {
-            // Unlisted, so nothing reads it; the next open would delete it too.
-            let _ = vfs.remove(&path);
+        match built {
+            // A manifest that failed half-way may list the file: it stays (an unlisted file
+            // is deleted by the next open).
+            Ok((meta, table)) => self.install_ingested(meta, table),
+            Err(e) => {
+                // Unlisted, so nothing reads it.
+                let _ = vfs.remove(&path);
+                Err(e)
+            }
         }
-        written
     }
 
     fn install_ingested(&self, meta: TableMeta, table: Arc<SsTable>) -> Result<()> {
