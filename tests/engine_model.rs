@@ -353,11 +353,7 @@ fn ingests_racing_writes_of_the_same_keys_keep_the_newest_version() {
         ingested > 0,
         "some keys were new to the engine when ingested"
     );
-    Arc::try_unwrap(engine)
-        .ok()
-        .expect("the only handle")
-        .close()
-        .expect("close");
+    close(engine);
     check(
         &Engine::open(dir.path(), options(true)).expect("reopen"),
         "after a reopen",
@@ -432,13 +428,18 @@ fn ingests_during_background_compactions_keep_every_key_readable() {
     check(&engine, "after the writes");
     engine.compact().expect("compact");
     check(&engine, "after a major compaction");
-    Arc::try_unwrap(engine)
-        .ok()
-        .expect("the only handle")
-        .close()
-        .expect("close");
+    close(engine);
     check(
         &Engine::open(dir.path(), background()).expect("reopen"),
         "after a reopen",
     );
+}
+
+/// Closes the engine the test's threads shared (they are done with it).
+fn close(engine: std::sync::Arc<Engine>) {
+    std::sync::Arc::try_unwrap(engine)
+        .ok()
+        .expect("the only handle")
+        .close()
+        .expect("close");
 }

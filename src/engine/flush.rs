@@ -2,6 +2,8 @@
 //! records the flushed sequence, then the log drops the segments below it), and the workers
 //! that flush and compact in the background.
 
+use std::path::PathBuf;
+
 use super::memtable::flush_size;
 use super::{
     Arc, Core, Duration, LevelEdit, Memtable, Mutex, Ordering, Result, SsTable, io_err, mpsc,
@@ -54,18 +56,24 @@ impl Core {
         id
     }
 
-    pub(super) fn flush_memtable(&self, memtable: &Arc<Memtable>) -> Result<()> {
+    /// A builder for a new table under a fresh id, in the configured format; its path.
+    pub(super) fn new_table(&self) -> Result<(u64, PathBuf, sstable::TableBuilder)> {
         let id = self.allocate_table_id();
         let path = self.sst_dir.join(table_file_name(id));
-        let vfs = &*self.options.vfs;
-        let mut builder = sstable::TableBuilder::create(
-            vfs,
+        let builder = sstable::TableBuilder::create(
+            &*self.options.vfs,
             &path,
             id,
             self.options.block_bytes,
             self.options.table_format,
             self.options.direct_table_writes,
         )?;
+        Ok((id, path, builder))
+    }
+
+    pub(super) fn flush_memtable(&self, memtable: &Arc<Memtable>) -> Result<()> {
+        let (id, path, mut builder) = self.new_table()?;
+        let vfs = &*self.options.vfs;
         for (ikey, record) in memtable.iter() {
             builder.add(&ikey, &record)?;
         }

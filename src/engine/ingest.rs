@@ -32,10 +32,7 @@
 
 use super::compaction::busy::Busy;
 use super::sstable::TableMeta;
-use super::{
-    ApplyOutcome, Arc, Core, LevelEdit, Ordering, Record, Result, SsTable, io_err, sstable,
-    table_file_name,
-};
+use super::{ApplyOutcome, Arc, Core, LevelEdit, Ordering, Record, Result, SsTable, io_err};
 
 /// Where a batch's records went.
 struct Split {
@@ -136,18 +133,9 @@ impl Core {
 
     /// Writes the table, fsyncs it and its directory, and lists it in the manifest.
     fn write_and_install(&self, absent: &[(Vec<u8>, usize)], records: &[Record]) -> Result<()> {
-        let id = self.allocate_table_id();
-        let path = self.sst_dir.join(table_file_name(id));
+        let (id, path, mut builder) = self.new_table()?;
         let vfs = &*self.options.vfs;
         let built = (|| {
-            let mut builder = sstable::TableBuilder::create(
-                vfs,
-                &path,
-                id,
-                self.options.block_bytes,
-                self.options.table_format,
-                self.options.direct_table_writes,
-            )?;
             for (ikey, i) in absent {
                 if let Some(record) = records.get(*i) {
                     builder.add(ikey, record)?;

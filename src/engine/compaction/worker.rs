@@ -207,16 +207,7 @@ impl Core {
                 continue;
             }
             if builder.is_none() {
-                let id = self.allocate_table_id();
-                let path = self.sst_dir.join(table_file_name(id));
-                builder = Some(TableBuilder::create(
-                    &*self.options.vfs,
-                    &path,
-                    id,
-                    self.options.block_bytes,
-                    self.options.table_format,
-                    self.options.direct_table_writes,
-                )?);
+                builder = Some(self.new_table()?.2);
             }
             if let Some(b) = builder.as_mut() {
                 b.add(&ikey, &record)?;
