@@ -443,3 +443,29 @@ fn close(engine: std::sync::Arc<Engine>) {
         .close()
         .expect("close");
 }
+
+/// A stream's batch sent again after its acknowledgement was lost (the connection cut after
+/// the target installed the table): the second ingest finds every key, writes no table and
+/// changes no version.
+#[test]
+fn an_ingest_sent_again_after_a_lost_acknowledgement_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path(), true);
+    let records: Vec<Record> = (0..50u8)
+        .map(|k| Record::put("acme", key_bytes(k), version(0, 5), vec![b'x'; 100]))
+        .collect();
+    let tables = |engine: &Engine| -> u64 { engine.stats().ingested.iter().map(|(t, _)| t).sum() };
+    let first = engine.ingest(records.clone()).expect("ingest");
+    assert!(first.iter().all(ApplyOutcome::is_applied));
+    assert_eq!(tables(&engine), 1);
+    let again = engine.ingest(records.clone()).expect("ingest again");
+    let ignored = ApplyOutcome::Ignored {
+        stored: version(0, 5),
+    };
+    assert!(again.iter().all(|o| *o == ignored), "{again:?}");
+    assert_eq!(tables(&engine), 1, "no second table");
+    for record in &records {
+        let got = engine.get("acme", &record.key).expect("get");
+        assert_eq!(got.as_deref(), Some(record));
+    }
+}
