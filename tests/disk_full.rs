@@ -83,15 +83,6 @@ fn key(i: usize) -> String {
     format!("key-{i:04}")
 }
 
-async fn metric(node: &RoleProcess, name: &str) -> f64 {
-    let text = common::http_get(node.http, "/metrics").await;
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn s3_health(gw: &RoleProcess) -> Value {
     let nodes: Value = common::http_client()
         .get(format!("{}/v1/admin/storage-nodes", gw.url()))
@@ -170,17 +161,27 @@ async fn a_node_with_a_full_disk_is_routed_around_and_catches_up_when_space_is_f
         },
     )
     .await;
-    eventually("the coordinator's gossip view has s3 unhealthy", Duration::from_secs(30), || {
-        let c1 = &c1;
-        async move { metric(c1, "pairdb_storage_nodes_health{status=\"unhealthy\"}").await == 1.0 }
-    })
+    eventually(
+        "the coordinator's gossip view has s3 unhealthy",
+        Duration::from_secs(30),
+        || {
+            let c1 = &c1;
+            async move {
+                common::metric_sum(c1.http, "pairdb_storage_nodes_health{status=\"unhealthy\"}")
+                    .await
+                    == 1.0
+            }
+        },
+    )
     .await;
 
     // Writes keep succeeding at quorum; s3 is not sent them.
-    let skipped_before = metric(&c1, "pairdb_writes_to_unhealthy_hinted_total").await;
+    let skipped_before =
+        common::metric_sum(c1.http, "pairdb_writes_to_unhealthy_hinted_total").await;
     write(0..50, "\"v2\"").await;
     write(200..400, "\"v1\"").await;
-    let skipped = metric(&c1, "pairdb_writes_to_unhealthy_hinted_total").await - skipped_before;
+    let skipped = common::metric_sum(c1.http, "pairdb_writes_to_unhealthy_hinted_total").await
+        - skipped_before;
     assert!(
         skipped >= 250.0,
         "writes to s3 went out as hints: {skipped}"

@@ -540,12 +540,7 @@ async fn a_stream_of_large_values_is_ingested_and_keeps_the_newest_versions() {
     .expect("start");
     wait_completed(&mut ca, "big", 120).await;
 
-    let metrics = common::http_get(b.http, "/metrics").await;
-    let ingested: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("pairdb_engine_ingested_tables{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let ingested = common::metric_sum(b.http, "pairdb_engine_ingested_tables").await;
     assert!(
         ingested >= 2.0,
         "the stream's batches were ingested: {ingested} tables"

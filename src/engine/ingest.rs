@@ -72,15 +72,13 @@ impl Core {
             .map(|s| s.lock.lock())
             .collect();
         let split = self.split(keyed)?;
-        let mut outcomes: Vec<Option<ApplyOutcome>> = vec![None; records.len()];
+        // The table's records are applied; the others' outcomes come from the write path.
+        let mut outcomes = vec![ApplyOutcome::Applied; records.len()];
         if !split.absent.is_empty() {
             self.write_and_install(&split.absent, &records)?;
             for (ikey, i) in &split.absent {
                 if let Some(record) = records.get(*i) {
                     self.trees_replace(ikey, None, record);
-                }
-                if let Some(slot) = outcomes.get_mut(*i) {
-                    *slot = Some(ApplyOutcome::Applied);
                 }
             }
             for i in &stripes {
@@ -102,14 +100,11 @@ impl Core {
         if !rest.is_empty() {
             for (i, outcome) in split.through_log.iter().zip(self.apply_batch(rest)?) {
                 if let Some(slot) = outcomes.get_mut(*i) {
-                    *slot = Some(outcome);
+                    *slot = outcome;
                 }
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(ApplyOutcome::Applied))
-            .collect())
+        Ok(outcomes)
     }
 
     /// Sorts the batch's keys into new ones and the rest (caller holds their stripe locks).

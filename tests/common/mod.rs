@@ -287,6 +287,23 @@ impl Drop for StorageNode {
     }
 }
 
+/// The sum of a metric's series on `addr`'s `/metrics`: every line whose series is `series`
+/// itself or `series{...}` (so labels in `series` pick one); 0 when there is none.
+pub async fn metric_sum(addr: std::net::SocketAddr, series: &str) -> f64 {
+    let text = http_get(addr, "/metrics").await;
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            let value = match rest.chars().next()? {
+                ' ' => rest,
+                '{' => rest.rsplit_once('}')?.1,
+                _ => return None,
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .fold(0.0, |sum, v| sum + v)
+}
+
 /// A raw HTTP/1.1 GET; the whole response (status line, headers, body) as text.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
