@@ -9,8 +9,12 @@
 //!
 //! # Invariants
 //! - **An ingested table holds only keys the engine held nowhere when it became visible.**
-//!   Every key of the batch is looked up under its stripe lock, and the locks of all of them
-//!   stay taken until the table is installed (no write can land on one of them meanwhile).
+//!   The keys are looked up and the table written and fsynced without locks (a client write
+//!   sharing a stripe does not wait for the disk); then the batch's stripe locks are taken and
+//!   stay taken until the table is installed. Each stripe's generation was read before the
+//!   look-ups and a write moves it after its record became visible, so the keys of stripes
+//!   whose generation moved are looked up again under the lock; if one of them is held now,
+//!   the table is deleted and built again under the locks (counted in `ingest_rebuilds`).
 //!   A key the engine holds takes the write path instead ([`Core::apply_batch`]: the winner
 //!   rule, the log), and so does a key that appears twice in the batch, after the first.
 //!   So where the table sits cannot change any read: its keys have no other version, and
@@ -43,6 +47,22 @@ struct Split {
     through_log: Vec<usize>,
 }
 
+/// A table written and fsynced but not listed in the manifest yet.
+struct Built {
+    meta: TableMeta,
+    table: Arc<SsTable>,
+    path: std::path::PathBuf,
+}
+
+impl Built {
+    /// Deletes the unlisted table (nothing reads it; a failed delete leaves an orphan the
+    /// next open deletes).
+    fn discard(self, vfs: &dyn super::vfs::Vfs) {
+        drop(self.table);
+        let _ = vfs.remove(&self.path);
+    }
+}
+
 impl Core {
     /// Writes `records` as one table where their keys are new to the engine and through the
     /// write path where they are not; returns one outcome per record, in order. Validates
@@ -64,6 +84,21 @@ impl Core {
         let mut stripes: Vec<usize> = keyed.iter().map(|(k, _)| self.stripe_index(k)).collect();
         stripes.sort_unstable();
         stripes.dedup();
+        // Optimistic: the look-ups and the table's write and fsync take no lock. Each stripe's
+        // generation is read before the look-ups; a write moves it after its record became
+        // visible, under the stripe lock, so a stripe whose generation is unchanged once its
+        // lock is held had no write since (its look-ups still hold).
+        let seen: Vec<u64> = stripes
+            .iter()
+            .filter_map(|i| self.stripes.get(*i))
+            .map(|s| s.generation.load(Ordering::Acquire))
+            .collect();
+        let mut split = self.split(&keyed)?;
+        let mut table = if split.absent.is_empty() {
+            None
+        } else {
+            Some(self.build(&split.absent, &records)?)
+        };
         // Ascending, one at a time: the order `lock_all_stripes` takes them in, and writers
         // hold one at most, so this cannot deadlock.
         let guards: Vec<_> = stripes
@@ -71,11 +106,32 @@ impl Core {
             .filter_map(|i| self.stripes.get(*i))
             .map(|s| s.lock.lock())
             .collect();
-        let split = self.split(keyed)?;
+        let moved: Vec<usize> = stripes
+            .iter()
+            .zip(&seen)
+            .filter(|(i, seen)| {
+                self.stripes
+                    .get(**i)
+                    .is_some_and(|s| s.generation.load(Ordering::Acquire) != **seen)
+            })
+            .map(|(i, _)| *i)
+            .collect();
+        if !self.still_absent(&split.absent, &moved)? {
+            // A write landed on one of the table's keys meanwhile, so the table may hold a
+            // version older than it: built again, under the locks this time.
+            if let Some(stale) = table.take() {
+                stale.discard(&*self.options.vfs);
+            }
+            self.metrics.ingest_rebuilds.fetch_add(1, Ordering::Relaxed);
+            split = self.split(&keyed)?;
+            if !split.absent.is_empty() {
+                table = Some(self.build(&split.absent, &records)?);
+            }
+        }
         // The table's records are applied; the others' outcomes come from the write path.
         let mut outcomes = vec![ApplyOutcome::Applied; records.len()];
-        if !split.absent.is_empty() {
-            self.write_and_install(&split.absent, &records)?;
+        if let Some(table) = table {
+            self.install_ingested(table)?;
             for (ikey, i) in &split.absent {
                 if let Some(record) = records.get(*i) {
                     self.trees_replace(ikey, None, record);
@@ -107,14 +163,30 @@ impl Core {
         Ok(outcomes)
     }
 
+    /// Whether every key of `absent` in a `moved` stripe (sorted) is still held nowhere
+    /// (caller holds their stripe locks).
+    fn still_absent(&self, absent: &[(Vec<u8>, usize)], moved: &[usize]) -> Result<bool> {
+        if moved.is_empty() {
+            return Ok(true);
+        }
+        for (ikey, _) in absent {
+            if moved.binary_search(&self.stripe_index(ikey)).is_ok()
+                && self.current(ikey)?.is_some()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Sorts the batch's keys into new ones and the rest (caller holds their stripe locks).
-    fn split(&self, keyed: Vec<(Vec<u8>, usize)>) -> Result<Split> {
+    fn split(&self, keyed: &[(Vec<u8>, usize)]) -> Result<Split> {
         let mut split = Split {
             absent: Vec::with_capacity(keyed.len()),
             through_log: Vec::new(),
         };
         let mut previous: Option<&[u8]> = None;
-        for (ikey, i) in &keyed {
+        for (ikey, i) in keyed {
             let repeated = previous == Some(ikey.as_slice());
             previous = Some(ikey);
             if repeated || self.current(ikey)?.is_some() {
@@ -126,8 +198,8 @@ impl Core {
         Ok(split)
     }
 
-    /// Writes the table, fsyncs it and its directory, and lists it in the manifest.
-    fn write_and_install(&self, absent: &[(Vec<u8>, usize)], records: &[Record]) -> Result<()> {
+    /// Writes the table and fsyncs it and its directory; nothing lists it yet.
+    fn build(&self, absent: &[(Vec<u8>, usize)], records: &[Record]) -> Result<Built> {
         let (id, path, mut builder) = self.new_table()?;
         let vfs = &*self.options.vfs;
         let built = (|| {
@@ -142,9 +214,7 @@ impl Core {
             Ok((meta, SsTable::open(vfs, &path, id)?))
         })();
         match built {
-            // A manifest that failed half-way may list the file: it stays (an unlisted file
-            // is deleted by the next open).
-            Ok((meta, table)) => self.install_ingested(meta, table),
+            Ok((meta, table)) => Ok(Built { meta, table, path }),
             Err(e) => {
                 // Unlisted, so nothing reads it.
                 let _ = vfs.remove(&path);
@@ -153,7 +223,11 @@ impl Core {
         }
     }
 
-    fn install_ingested(&self, meta: TableMeta, table: Arc<SsTable>) -> Result<()> {
+    /// Lists the table in the manifest and makes it visible. A manifest that failed half-way
+    /// may list the file, so on an error it stays (an unlisted file is deleted by the next
+    /// open).
+    fn install_ingested(&self, built: Built) -> Result<()> {
+        let Built { meta, table, .. } = built;
         let mut manifest = self.manifest.lock();
         // Read under the manifest lock: a compaction picks its task and records its output
         // under the same lock, so this table is either in the layout the task was picked

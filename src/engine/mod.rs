@@ -139,6 +139,9 @@ pub struct EngineStats {
     /// Tables written by [`Engine::ingest`], and their bytes, by the level they went to
     /// (index = level).
     pub ingested: Vec<(u64, u64)>,
+    /// Ingested tables built again under the stripe locks because a write landed on one of
+    /// their keys while they were written.
+    pub ingest_rebuilds: u64,
     /// Compactions by the level they wrote into (index = output level): where the
     /// compaction bytes went, RocksDB's "Compaction Stats" per level.
     pub compaction_levels: Vec<LevelCompactions>,
@@ -211,6 +214,7 @@ pub struct EngineMetrics {
     pub flush_bytes_written: AtomicU64,
     /// Per level: tables ingested there and their bytes.
     pub ingested: Mutex<Vec<(u64, u64)>>,
+    pub ingest_rebuilds: AtomicU64,
     pub tombstones_dropped: AtomicU64,
     pub expired_dropped: AtomicU64,
     /// Updated once per compaction (index = output level).
@@ -611,6 +615,7 @@ impl Core {
             compaction_bytes_written: m.compaction_bytes_written.load(Ordering::Relaxed),
             flush_bytes_written: m.flush_bytes_written.load(Ordering::Relaxed),
             ingested: m.ingested.lock().clone(),
+            ingest_rebuilds: m.ingest_rebuilds.load(Ordering::Relaxed),
             compaction_levels: m.compaction_levels.lock().clone(),
             tombstones_dropped: m.tombstones_dropped.load(Ordering::Relaxed),
             expired_dropped: m.expired_dropped.load(Ordering::Relaxed),

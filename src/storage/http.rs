@@ -118,6 +118,7 @@ async fn metrics(State(node): State<Node>) -> String {
         s.expired_dropped as f64,
     );
     gauge("pairdb_engine_log_torn_tails", s.replay.torn_tails as f64);
+    gauge("pairdb_engine_ingest_rebuilds", s.ingest_rebuilds as f64);
     for (level, (tables, bytes)) in s.ingested.iter().enumerate() {
         let level = level.to_string();
         metrics::gauge!("pairdb_engine_ingested_tables", "node" => id.clone(), "level" => level.clone()).set(*tables as f64);
