@@ -2,9 +2,10 @@
 //!
 //! Phases (the `StreamState` a caller sees):
 //! - `copying`: a blocking scan of the engine (`scan_hash_ranges`: every range in one pass,
-//!   bounded memory) feeds batches
-//!   that are sent with `WriteBatch(source = STREAM)`; the target writes a batch of 1 MiB or
-//!   more as one table where its keys are new to it (`Engine::ingest`), not through its log;
+//!   bounded memory) feeds batches of up to one second of the throttle's rate (16 MiB
+//!   unthrottled, [`bulk_batch_bytes`]) that are sent with `WriteBatch(source = STREAM)`; the
+//!   target writes a batch of 1 MiB or more as one table where its keys are new to it
+//!   (`Engine::ingest`), not through its log;
 //! - `streaming`: the bulk copy is done; live writes for the ranges that arrived meanwhile are
 //!   sent (they are forwarded from the first moment of the stream, so nothing written during the
 //!   copy is missed);
@@ -73,11 +74,30 @@ use super::throttle::Throttle;
 
 use super::convert::{record_to_proto, wire_size};
 
-/// Records per `WriteBatch`, at most.
+/// Records per `WriteBatch` of forwarded live writes, at most.
 const BATCH: usize = 500;
-/// Bytes per `WriteBatch` (on the wire), at most: a batch is sent once it reaches either bound,
-/// so large values never make a message the target refuses (`rpc::MAX_MESSAGE_BYTES`).
+/// Bytes per `WriteBatch` of forwarded live writes (on the wire), at most: a batch is sent once
+/// it reaches either bound, so large values never make a message the target refuses
+/// (`rpc::MAX_MESSAGE_BYTES`).
 const BATCH_BYTES: u64 = 4 << 20;
+/// Records per bulk-copy batch, at most (its bytes bound it first unless records are small).
+const BULK_BATCH: usize = 65_536;
+/// Bytes per bulk-copy batch, at most: large enough that the target's ingested tables are
+/// not many small ones in its L0 (each 4 MiB table counted toward L0's merge trigger as
+/// much as a 64 MiB flush; docs/benchmarks.md, "Streaming"), a quarter of
+/// `rpc::MAX_MESSAGE_BYTES`.
+const BULK_BATCH_BYTES_MAX: u64 = 16 << 20;
+/// Bytes per bulk-copy batch, at least, however low the throttle.
+const BULK_BATCH_BYTES_MIN: u64 = 64 << 10;
+
+/// The bulk copy's batch bound in bytes: one second of the throttle's rate (so a batch never
+/// waits on the throttle for longer than a second, and a resumed stream re-sends at most that
+/// much), within [`BULK_BATCH_BYTES_MIN`]..=[`BULK_BATCH_BYTES_MAX`]; the maximum unthrottled.
+fn bulk_batch_bytes(rate: Option<u64>) -> u64 {
+    rate.map_or(BULK_BATCH_BYTES_MAX, |r| {
+        r.clamp(BULK_BATCH_BYTES_MIN, BULK_BATCH_BYTES_MAX)
+    })
+}
 /// Live writes waiting to be forwarded per stream; beyond this they are not forwarded.
 const LIVE_QUEUE: usize = 4096;
 /// A stream fails after this long without a successful send.
@@ -475,12 +495,14 @@ async fn run(
         tasks,
         background,
     } = sender;
-    let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, EngineError>>(4);
+    // Two batches ahead of the send at most: up to 48 MiB per stream with the largest.
+    let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, EngineError>>(2);
+    let batch_bytes_max = bulk_batch_bytes(throttle.as_ref().map(|t| t.rate()));
     let ranges = stream.ranges.clone();
     let scan_engine = engine.clone();
     let producer = background.spawn(&tasks, move || {
         let after = resume.map(|c| c.last_key);
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut batch = Vec::new();
         let mut batch_bytes = 0;
         let mut last_key = Vec::new();
         // One pass over the tables for every range (key order, not hash order).
@@ -502,10 +524,10 @@ async fn run(
             batch_bytes += wire_size(&r);
             batch.push((*r).clone());
             last_key = key;
-            if batch.len() == BATCH || batch_bytes >= BATCH_BYTES {
+            if batch.len() == BULK_BATCH || batch_bytes >= batch_bytes_max {
                 batch_bytes = 0;
                 let full = Batch {
-                    records: std::mem::replace(&mut batch, Vec::with_capacity(BATCH)),
+                    records: std::mem::take(&mut batch),
                     last_key: std::mem::take(&mut last_key),
                 };
                 if batches_tx.blocking_send(Ok(full)).is_err() {
@@ -560,4 +582,19 @@ async fn run(
     // Writes queued before the state change are still in the queue: send them too.
     send_live(&client, &stream, &mut live).await?;
     drain(&client).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bulk_batch_holds_one_second_of_the_throttle_within_its_bounds() {
+        assert_eq!(bulk_batch_bytes(None), BULK_BATCH_BYTES_MAX, "unthrottled");
+        assert_eq!(bulk_batch_bytes(Some(8 << 20)), 8 << 20, "the default 8 MiB/s");
+        assert_eq!(bulk_batch_bytes(Some(100_000)), 100_000);
+        assert_eq!(bulk_batch_bytes(Some(1)), BULK_BATCH_BYTES_MIN);
+        assert_eq!(bulk_batch_bytes(Some(1 << 30)), BULK_BATCH_BYTES_MAX);
+        assert!(BULK_BATCH_BYTES_MAX as usize * 2 < crate::rpc::MAX_MESSAGE_BYTES);
+    }
 }

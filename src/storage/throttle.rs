@@ -1,6 +1,7 @@
 //! The sender-side limit on streaming bandwidth (`stream_rate_limit`, bytes per second): one
 //! GCRA limiter (governor) shared by every stream this node sends, so range streaming cannot
-//! take the disk and network from foreground requests. Off (no limiter) by default.
+//! take the disk and network from foreground requests. 8 MiB/s by default (`config::storage`);
+//! 0 turns it off (no limiter).
 //!
 //! Invariant: over any interval, the bytes let through are at most one second's worth (the
 //! burst) plus the rate times the interval. A batch larger than the burst waits in burst-sized
@@ -12,6 +13,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 pub struct Throttle {
     limiter: DefaultDirectRateLimiter,
+    /// One second's worth of bytes: the rate.
     burst: NonZeroU32,
 }
 
@@ -23,6 +25,11 @@ impl Throttle {
             limiter: RateLimiter::direct(Quota::per_second(rate)),
             burst: rate,
         })
+    }
+
+    /// Bytes per second.
+    pub fn rate(&self) -> u64 {
+        u64::from(self.burst.get())
     }
 
     /// Waits until `bytes` more may be sent.
