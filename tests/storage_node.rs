@@ -499,7 +499,14 @@ async fn streaming_copies_a_range_with_live_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_large_values_is_ingested_and_keeps_the_newest_versions() {
     const KEYS: u64 = 1_500;
-    let (_dirs, a, mut b) = two_nodes();
+    // Batches of one second of the sender's throttle: three of them, each over 1 MiB.
+    let dirs = [
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    ];
+    let paced = [("PAIRDB_STORAGE_STREAM_RATE_LIMIT", "3000000")];
+    let a = StorageNode::start_with_env("a", dirs[0].path(), None, &paced);
+    let mut b = StorageNode::start("b", dirs[1].path(), None);
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     let base = physical_counter(now_ms()) + 10;
     let value = |tag: &str, n: u64| format!("{tag}-{n:05}-").repeat(700).into_bytes();
