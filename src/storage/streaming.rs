@@ -2,8 +2,8 @@
 //!
 //! Phases (the `StreamState` a caller sees):
 //! - `copying`: a blocking scan of the engine (`scan_hash_ranges`: every range in one pass,
-//!   bounded memory) feeds batches of up to one second of the throttle's rate (16 MiB
-//!   unthrottled, [`bulk_batch_bytes`]) that are sent with `WriteBatch(source = STREAM)`; the
+//!   bounded memory) feeds batches of at most 500 records, 4 MiB and one second of the
+//!   throttle's rate ([`bulk_batch_bytes`]) that are sent with `WriteBatch(source = STREAM)`; the
 //!   target writes a batch of 1 MiB or more as one table where its keys are new to it
 //!   (`Engine::ingest`), not through its log;
 //! - `streaming`: the bulk copy is done; live writes for the ranges that arrived meanwhile are
@@ -74,25 +74,24 @@ use super::throttle::Throttle;
 
 use super::convert::{record_to_proto, wire_size};
 
-/// Records per `WriteBatch` of forwarded live writes, at most.
+/// Records per `WriteBatch` (bulk copy and forwarded live writes), at most.
 const BATCH: usize = 500;
 /// Bytes per `WriteBatch` of forwarded live writes (on the wire), at most: a batch is sent once
 /// it reaches either bound, so large values never make a message the target refuses
 /// (`rpc::MAX_MESSAGE_BYTES`).
 const BATCH_BYTES: u64 = 4 << 20;
-/// Records per bulk-copy batch, at most (its bytes bound it first unless records are small).
-const BULK_BATCH: usize = 65_536;
-/// Bytes per bulk-copy batch, at most: large enough that the target's ingested tables are
-/// not many small ones in its L0 (each 4 MiB table counted toward L0's merge trigger as
-/// much as a 64 MiB flush; docs/benchmarks.md, "Streaming"), a quarter of
-/// `rpc::MAX_MESSAGE_BYTES`.
-const BULK_BATCH_BYTES_MAX: u64 = 16 << 20;
+/// Bytes per bulk-copy batch, at most. Not larger: batches of 8 MiB (fewer, larger ingested
+/// tables on the target) raised the foreground p99 during a throttled change in each of three
+/// runs alternated with 4 MiB (docs/benchmarks.md, "Streaming", 2026-12-07 evening): each
+/// batch is a burst of scanning on the sender and of writing and fsyncing on the target.
+const BULK_BATCH_BYTES_MAX: u64 = 4 << 20;
 /// Bytes per bulk-copy batch, at least, however low the throttle.
 const BULK_BATCH_BYTES_MIN: u64 = 64 << 10;
 
 /// The bulk copy's batch bound in bytes: one second of the throttle's rate (so a batch never
 /// waits on the throttle for longer than a second, and a resumed stream re-sends at most that
-/// much), within [`BULK_BATCH_BYTES_MIN`]..=[`BULK_BATCH_BYTES_MAX`]; the maximum unthrottled.
+/// much), within [`BULK_BATCH_BYTES_MIN`]..=[`BULK_BATCH_BYTES_MAX`]; the maximum unthrottled
+/// or at the default 8 MiB/s.
 fn bulk_batch_bytes(rate: Option<u64>) -> u64 {
     rate.map_or(BULK_BATCH_BYTES_MAX, |r| {
         r.clamp(BULK_BATCH_BYTES_MIN, BULK_BATCH_BYTES_MAX)
@@ -495,7 +494,7 @@ async fn run(
         tasks,
         background,
     } = sender;
-    // Two batches ahead of the send at most: up to 48 MiB per stream with the largest.
+    // Two batches ahead of the send at most.
     let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, EngineError>>(2);
     let batch_bytes_max = bulk_batch_bytes(throttle.as_ref().map(|t| t.rate()));
     let ranges = stream.ranges.clone();
@@ -524,7 +523,7 @@ async fn run(
             batch_bytes += wire_size(&r);
             batch.push((*r).clone());
             last_key = key;
-            if batch.len() == BULK_BATCH || batch_bytes >= batch_bytes_max {
+            if batch.len() == BATCH || batch_bytes >= batch_bytes_max {
                 batch_bytes = 0;
                 let full = Batch {
                     records: std::mem::take(&mut batch),
@@ -591,7 +590,8 @@ mod tests {
     #[test]
     fn a_bulk_batch_holds_one_second_of_the_throttle_within_its_bounds() {
         assert_eq!(bulk_batch_bytes(None), BULK_BATCH_BYTES_MAX, "unthrottled");
-        assert_eq!(bulk_batch_bytes(Some(8 << 20)), 8 << 20, "the default 8 MiB/s");
+        assert_eq!(bulk_batch_bytes(Some(8 << 20)), 4 << 20, "the default 8 MiB/s");
+        assert_eq!(bulk_batch_bytes(Some(2 << 20)), 2 << 20);
         assert_eq!(bulk_batch_bytes(Some(100_000)), 100_000);
         assert_eq!(bulk_batch_bytes(Some(1)), BULK_BATCH_BYTES_MIN);
         assert_eq!(bulk_batch_bytes(Some(1 << 30)), BULK_BATCH_BYTES_MAX);
