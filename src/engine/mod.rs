@@ -453,12 +453,6 @@ impl Engine {
         self.core.stats()
     }
 
-    /// The commit log's recent fsync time over its baseline, at least 1: what background work
-    /// yields to (compaction's pace, range streams' share of their throttle).
-    pub fn sync_pressure(&self) -> f64 {
-        self.core.wal.sync_pressure()
-    }
-
     /// Whether compaction may purge `record` now: a tombstone or an expired value past
     /// gc_grace that the tombstone gate (anti-entropy's repaired ranges) lets go.
     pub fn purgeable(&self, record: &Record) -> bool {

@@ -21,6 +21,5 @@ pub mod ring_fence;
 pub mod service;
 pub mod snapshots;
 pub mod stream_checkpoint;
-pub mod stream_pace;
 pub mod streaming;
 pub mod throttle;

@@ -13,8 +13,7 @@
 //! - `completed`, or `failed` (with the error), or `stopped` by `StopStreaming`.
 //!
 //! The bulk copy is throttled by the node's `stream_rate_limit` when one is set
-//! ([`super::throttle`]), and takes less of it while the node's commit log is under pressure
-//! ([`super::stream_pace`]); live writes are not (they are foreground traffic already).
+//! ([`super::throttle`]); live writes are not (they are foreground traffic already).
 //!
 //! Sending is idempotent (the target applies a record only if it wins by the version rules), so
 //! a batch that failed because the target was briefly unreachable is simply sent again, with
@@ -71,7 +70,6 @@ use crate::shutdown::Tasks;
 use super::background::BackgroundPool;
 use super::dropped_tenants::DroppedTenants;
 use super::stream_checkpoint::{self as checkpoint, Checkpoint};
-use super::stream_pace::StreamPace;
 use super::throttle::Throttle;
 
 use super::convert::{record_to_proto, wire_size};
@@ -543,16 +541,11 @@ async fn run(
             }));
         }
     });
-    let mut pace = StreamPace::default();
     while let Some(batch) = batches.recv().await {
         let batch = batch?;
         let bytes: u64 = batch.records.iter().map(wire_size).sum();
         if let Some(t) = &throttle {
-            // The sender's own clients first: under log pressure the batch takes more of the
-            // throttle than it holds, so it waits longer.
-            let share = pace.observe(engine.sync_pressure());
-            metrics::gauge!("pairdb_stream_pace_share").set(share);
-            t.take(StreamPace::charge(share, bytes)).await;
+            t.take(bytes).await;
         }
         send(&client, &stream, &batch.records).await?;
         metrics::counter!("pairdb_stream_bytes_sent_total").increment(bytes);
