@@ -590,7 +590,11 @@ mod tests {
     #[test]
     fn a_bulk_batch_holds_one_second_of_the_throttle_within_its_bounds() {
         assert_eq!(bulk_batch_bytes(None), BULK_BATCH_BYTES_MAX, "unthrottled");
-        assert_eq!(bulk_batch_bytes(Some(8 << 20)), 4 << 20, "the default 8 MiB/s");
+        assert_eq!(
+            bulk_batch_bytes(Some(8 << 20)),
+            4 << 20,
+            "the default 8 MiB/s"
+        );
         assert_eq!(bulk_batch_bytes(Some(2 << 20)), 2 << 20);
         assert_eq!(bulk_batch_bytes(Some(100_000)), 100_000);
         assert_eq!(bulk_batch_bytes(Some(1)), BULK_BATCH_BYTES_MIN);
