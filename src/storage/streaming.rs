@@ -97,6 +97,7 @@ fn bulk_batch_bytes(rate: Option<u64>) -> u64 {
         r.clamp(BULK_BATCH_BYTES_MIN, BULK_BATCH_BYTES_MAX)
     })
 }
+
 /// Live writes waiting to be forwarded per stream; beyond this they are not forwarded.
 const LIVE_QUEUE: usize = 4096;
 /// A stream fails after this long without a successful send.
@@ -494,14 +495,14 @@ async fn run(
         tasks,
         background,
     } = sender;
-    // Two batches ahead of the send at most.
+    // Two batches (8 MiB) ahead of the send at most.
     let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, EngineError>>(2);
     let batch_bytes_max = bulk_batch_bytes(throttle.as_ref().map(|t| t.rate()));
     let ranges = stream.ranges.clone();
     let scan_engine = engine.clone();
     let producer = background.spawn(&tasks, move || {
         let after = resume.map(|c| c.last_key);
-        let mut batch = Vec::new();
+        let mut batch = Vec::with_capacity(BATCH);
         let mut batch_bytes = 0;
         let mut last_key = Vec::new();
         // One pass over the tables for every range (key order, not hash order).
@@ -526,7 +527,7 @@ async fn run(
             if batch.len() == BATCH || batch_bytes >= batch_bytes_max {
                 batch_bytes = 0;
                 let full = Batch {
-                    records: std::mem::take(&mut batch),
+                    records: std::mem::replace(&mut batch, Vec::with_capacity(BATCH)),
                     last_key: std::mem::take(&mut last_key),
                 };
                 if batches_tx.blocking_send(Ok(full)).is_err() {
