@@ -76,26 +76,22 @@ use super::convert::{record_to_proto, wire_size};
 
 /// Records per `WriteBatch` (bulk copy and forwarded live writes), at most.
 const BATCH: usize = 500;
-/// Bytes per `WriteBatch` of forwarded live writes (on the wire), at most: a batch is sent once
-/// it reaches either bound, so large values never make a message the target refuses
-/// (`rpc::MAX_MESSAGE_BYTES`).
+/// Bytes per `WriteBatch` (on the wire), at most: a batch is sent once it reaches either bound,
+/// so large values never make a message the target refuses (`rpc::MAX_MESSAGE_BYTES`). Not
+/// larger for the bulk copy either: batches of 8 MiB (fewer, larger ingested tables on the
+/// target) raised the foreground p99 during a throttled change in each of three runs
+/// alternated with 4 MiB (docs/benchmarks.md, "Streaming", 2026-12-07 evening): each batch is
+/// a burst of scanning on the sender and of writing and fsyncing on the target.
 const BATCH_BYTES: u64 = 4 << 20;
-/// Bytes per bulk-copy batch, at most. Not larger: batches of 8 MiB (fewer, larger ingested
-/// tables on the target) raised the foreground p99 during a throttled change in each of three
-/// runs alternated with 4 MiB (docs/benchmarks.md, "Streaming", 2026-12-07 evening): each
-/// batch is a burst of scanning on the sender and of writing and fsyncing on the target.
-const BULK_BATCH_BYTES_MAX: u64 = 4 << 20;
 /// Bytes per bulk-copy batch, at least, however low the throttle.
 const BULK_BATCH_BYTES_MIN: u64 = 64 << 10;
 
 /// The bulk copy's batch bound in bytes: one second of the throttle's rate (so a batch never
 /// waits on the throttle for longer than a second, and a resumed stream re-sends at most that
-/// much), within [`BULK_BATCH_BYTES_MIN`]..=[`BULK_BATCH_BYTES_MAX`]; the maximum unthrottled
-/// or at the default 8 MiB/s.
+/// much), within [`BULK_BATCH_BYTES_MIN`]..=[`BATCH_BYTES`]: the maximum unthrottled or at
+/// the default 8 MiB/s.
 fn bulk_batch_bytes(rate: Option<u64>) -> u64 {
-    rate.map_or(BULK_BATCH_BYTES_MAX, |r| {
-        r.clamp(BULK_BATCH_BYTES_MIN, BULK_BATCH_BYTES_MAX)
-    })
+    rate.map_or(BATCH_BYTES, |r| r.clamp(BULK_BATCH_BYTES_MIN, BATCH_BYTES))
 }
 
 /// Live writes waiting to be forwarded per stream; beyond this they are not forwarded.
@@ -497,7 +493,7 @@ async fn run(
     } = sender;
     // Two batches (8 MiB) ahead of the send at most.
     let (batches_tx, mut batches) = mpsc::channel::<Result<Batch, EngineError>>(2);
-    let batch_bytes_max = bulk_batch_bytes(throttle.as_ref().map(|t| t.rate()));
+    let batch_bytes_max = bulk_batch_bytes(throttle.as_deref().map(Throttle::rate));
     let ranges = stream.ranges.clone();
     let scan_engine = engine.clone();
     let producer = background.spawn(&tasks, move || {
@@ -590,7 +586,7 @@ mod tests {
 
     #[test]
     fn a_bulk_batch_holds_one_second_of_the_throttle_within_its_bounds() {
-        assert_eq!(bulk_batch_bytes(None), BULK_BATCH_BYTES_MAX, "unthrottled");
+        assert_eq!(bulk_batch_bytes(None), BATCH_BYTES, "unthrottled");
         assert_eq!(
             bulk_batch_bytes(Some(8 << 20)),
             4 << 20,
@@ -599,7 +595,7 @@ mod tests {
         assert_eq!(bulk_batch_bytes(Some(2 << 20)), 2 << 20);
         assert_eq!(bulk_batch_bytes(Some(100_000)), 100_000);
         assert_eq!(bulk_batch_bytes(Some(1)), BULK_BATCH_BYTES_MIN);
-        assert_eq!(bulk_batch_bytes(Some(1 << 30)), BULK_BATCH_BYTES_MAX);
-        assert!(BULK_BATCH_BYTES_MAX as usize * 2 < crate::rpc::MAX_MESSAGE_BYTES);
+        assert_eq!(bulk_batch_bytes(Some(1 << 30)), BATCH_BYTES);
+        assert!(BATCH_BYTES as usize * 2 < crate::rpc::MAX_MESSAGE_BYTES);
     }
 }
