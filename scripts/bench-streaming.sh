@@ -20,7 +20,8 @@
 # (8192 bytes), THROTTLE (the default stream_rate_limit, bytes/s), IDLE (60), CAPACITY_SECONDS
 # (180: the closed-loop run whose last minute's rate, halved, is the load), PHASES ("1 2 3";
 # "0" adds the control: the same load for CONTROL seconds, 300, and no change), PHASE3_BINS
-# (binaries to run phase 3 with, one run each, alternating on the same data), SETTLE (300),
+# (binaries to run phase 3 with, one run each, alternating on the same data), AFTER (0: seconds
+# the load goes on once a loaded change is over, its p99 printed after the during one), SETTLE (300),
 # QUIET (10), CONCURRENCY (32); ONLY_PHASE1=1 runs phase 1 PHASE1_RUNS times (default 1) and
 # stops (no capacity or loaded phases), with the joining node's binary taken in turn from
 # PHASE1_BINS when set, and prints what the joining node spent (CPU, bytes written to disk). Everything binds to 127.0.0.1 and is stopped on exit.
@@ -117,6 +118,8 @@ add_s4() {
   # `load` (the paced load of loaded_add, when one runs) is sampled too.
   local sampler; sampler="$(start_timeline "$TIMELINE_NAME" "s4=$S4_PID:http://127.0.0.1:$((S4_PORT + 1000))/metrics" ${load:+"load=$load"})"
   watch_stream "$id" >"$watch"
+  # What the joining node spent by the time it is active (s4_cost: below).
+  s4_cost >"$CLUSTER_DIR/s4-cost-$TIMELINE_NAME"
   kill -TERM "$sampler" 2>/dev/null || true
   wait_done "$id"
   local first ended; read -r first ended <"$watch"
@@ -158,9 +161,17 @@ loaded_add() { # rate
     result="$(add_s4)"
   fi
   ended="$(date +%s.%N)"
+  # The load goes on for AFTER seconds once the change is over: what the joining node does
+  # once its streams ended (the merge of the runs they stacked) is paid for there.
+  local windows="$CLUSTER_DIR/windows-$TIMELINE_NAME.txt"
+  printf 'idle %s %s\nduring %s %s\n' "$idle_from" "$change_at" "$change_at" "$ended" >"$windows"
+  if [ "${AFTER:-0}" -gt 0 ]; then
+    sleep "$AFTER"
+    printf 'after %s %s\n' "$ended" "$(date +%s.%N)" >>"$windows"
+  fi
   # SIGTERM, not SIGINT: a background job of a script starts with SIGINT ignored.
   kill -TERM "$load"; wait "$load"
-  scripts/p99_window.py "$log" "$idle_from" "$change_at" "$ended" "$CLUSTER_DIR/timeline-$TIMELINE_NAME.txt" \
+  scripts/p99_window.py "$log" --windows "$windows" "$CLUSTER_DIR/timeline-$TIMELINE_NAME.txt" \
     | { read -r p; echo "$result $p"; }
 }
 
@@ -270,10 +281,11 @@ if has_phase 3; then
     PAIRDB_BIN="$phase3_bin" PAIRDB_STORAGE_STREAM_RATE_LIMIT="$THROTTLE" scripts/cluster.sh start >/dev/null
     settle
     S4_BIN="$phase3_bin" start_s4
-    read -r t3 b3 m3 idle3 p3 <<<"$(TIMELINE_NAME="phase3-run$run" loaded_add "$half")"
-    read -r cpu3 written3 <<<"$(s4_cost)"
-    echo "run $run ($phase3_bin): throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, p99 ${p3} ms during, ${idle3} ms in the ${IDLE} s before;" \
-      "s4 CPU ${cpu3} s and ${written3} bytes written at active"
+    read -r t3 b3 m3 idle3 p3 after3 <<<"$(TIMELINE_NAME="phase3-run$run" loaded_add "$half")"
+    read -r cpu3 written3 <"$CLUSTER_DIR/s4-cost-phase3-run$run"
+    read -r cpu3a written3a <<<"$(s4_cost)"
+    echo "run $run ($phase3_bin): throttled at ${THROTTLE} B/s, under load: ${m3} MB/s, active after ${t3} s, p99 ${p3} ms during, ${idle3} ms in the ${IDLE} s before${after3:+, ${after3} ms in the ${AFTER} s after};" \
+      "s4 CPU ${cpu3} s and ${written3} bytes written at active${after3:+, ${cpu3a} s and ${written3a} bytes ${AFTER} s later}"
   done
 fi
 

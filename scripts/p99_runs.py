@@ -9,7 +9,8 @@ run 1, 2, ... (as PHASE3_BINS ran them; NAME is phase3 unless given). For each r
 `latencies-NAME-runN.txt` (one line per request: due time in Unix us, latency in us, status):
 the p99 before and during the change, as the bench prints it; the median of the 5 s
 windows' p99s before and during (a single stall in the 60 s before moves the first but not
-this one); then, per label, the p99 of all its runs' requests pooled. The first window
+this one); the same for the load after the change when the run kept it on (the bench's
+AFTER); then, per label, the p99 of all its runs' requests pooled. The first window
 starts 5 s after the first request was due (the bench's warm-up), as in the bench itself.
 """
 import re
@@ -26,9 +27,9 @@ def windows(timeline):
     text = open(timeline).read()
     found = {
         kind: (float(a), float(b))
-        for kind, a, b in re.findall(r"(idle|during) window \[([\d.]+), ([\d.]+)\)", text)
+        for kind, a, b in re.findall(r"(idle|during|after) window \[([\d.]+), ([\d.]+)\)", text)
     }
-    return found["idle"], found["during"]
+    return found["idle"], found["during"], found.get("after")
 
 
 def five_second_p99s(rows, start, end):
@@ -49,7 +50,7 @@ def main():
     directory, labels = args[0], args[1:]
     pooled = {}
     for run, label in enumerate(labels, 1):
-        (idle_from, idle_to), (during_from, during_to) = windows(
+        (idle_from, idle_to), (during_from, during_to), after = windows(
             f"{directory}/timeline-{phase}-run{run}.txt"
         )
         with open(f"{directory}/latencies-{phase}-run{run}.txt") as f:
@@ -65,13 +66,22 @@ def main():
             f"during, {p99(during) / p99(before):.2f}x; median 5 s p99 {mb:.1f} / {md:.1f} ms, "
             f"{md / mb:.2f}x"
         )
-        b, d = pooled.setdefault(label, ([], []))
+        b, d, a = pooled.setdefault(label, ([], [], []))
         b.extend(before)
         d.extend(during)
-    for label, (b, d) in pooled.items():
+        if after:
+            later = [lat for t, lat in rows if after[0] <= t < after[1]]
+            ma = statistics.median(five_second_p99s(rows, *after))
+            print(
+                f"  after the change ({after[1] - after[0]:.0f} s): p99 {p99(later):.1f} ms, "
+                f"{p99(later) / p99(before):.2f}x; median 5 s p99 {ma:.1f} ms, {ma / mb:.2f}x"
+            )
+            a.extend(later)
+    for label, (b, d, a) in pooled.items():
+        later = f", {p99(a):.1f} ms after ({p99(a) / p99(b):.2f}x)" if a else ""
         print(
             f"pooled {label}: p99 {p99(b):.1f} ms before, {p99(d):.1f} ms during, "
-            f"{p99(d) / p99(b):.2f}x"
+            f"{p99(d) / p99(b):.2f}x{later}"
         )
 
 

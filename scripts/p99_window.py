@@ -8,9 +8,10 @@ LOG has one line per request: due time (Unix us), latency (us), HTTP status. Pri
 "IDLE_P99_MS DURING_P99_MS": the p99 of the requests due in [IDLE_FROM, CHANGE_AT) and of
 those due in [CHANGE_AT, ENDED] (times in Unix seconds).
 
-With --windows, WINDOWS has one line per window, "KIND START END" (KIND `idle` or `during`,
-times in Unix seconds), alternating idle and during windows (one cycle each): the p99s are of
-all idle windows' requests pooled, and of all during windows' pooled. Alternating windows
+With --windows, WINDOWS has one line per window, "KIND START END" (KIND `idle`, `during` or
+`after`, times in Unix seconds), alternating idle and during windows (one cycle each): the
+p99s are of all idle windows' requests pooled, and of all during windows' pooled; with `after`
+windows (the load once the change is over), their pooled p99 is printed third. Alternating windows
 average out the drifts and the stalls of a run (the p99 of one 5 s window without any change
 varies 10x on a 2-core machine), which one idle-then-during pair cannot.
 
@@ -58,7 +59,7 @@ def main():
                 break
         if first <= t <= last:
             buckets.setdefault(int((t - first) // 5), []).append(micros)
-    pooled = {"idle": [], "during": []}
+    pooled = {"idle": [], "during": [], "after": []}
     for (kind, _, _), xs in zip(windows, per_window):
         pooled[kind].extend(xs)
     if timeline:
@@ -81,7 +82,8 @@ def main():
                     f"idle A/A: odd cycles' idle p99 {p99(odd):.1f} ms, even cycles' "
                     f"{p99(even):.1f} ms\n"
                 )
-    print(f"{p99(pooled['idle']):.1f} {p99(pooled['during']):.1f}")
+    after = f" {p99(pooled['after']):.1f}" if any(k == "after" for k, _, _ in windows) else ""
+    print(f"{p99(pooled['idle']):.1f} {p99(pooled['during']):.1f}{after}")
 
 
 main()

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::time::Duration;
 
 use pairdb::engine::SyncMode;
 use pairdb::engine::compaction::policy::LevelPolicy;
@@ -152,9 +153,24 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
-    fn engine_matches_the_model(ops in prop::collection::vec(op(), 1..300), cache in any::<bool>()) {
+    fn engine_matches_the_model(
+        ops in prop::collection::vec(op(), 1..300),
+        cache in any::<bool>(),
+        merge_stacked_runs_at_once in any::<bool>(),
+    ) {
+        // Runs that ingests stacked above the last level are merged at the first compaction
+        // after an ingest, or held for the whole test.
+        let options = || EngineOptions {
+            ingest_quiet: if merge_stacked_runs_at_once {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(3600)
+            },
+            ..options(cache)
+        };
+        let open = |dir: &Path| Engine::open(dir, options()).expect("open engine");
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut engine = open(dir.path(), cache);
+        let mut engine = open(dir.path());
         let mut model: Model = BTreeMap::new();
         for op in ops {
             match op {
@@ -251,13 +267,13 @@ proptest! {
                 Op::Reopen => {
                     engine.close().expect("close");
                     drop(engine);
-                    engine = open(dir.path(), cache);
+                    engine = open(dir.path());
                 }
             }
         }
         // Everything survives a final reopen too, and nothing dropped comes back.
         drop(engine);
-        let engine = open(dir.path(), cache);
+        let engine = open(dir.path());
         for ((tenant, key), record) in &model {
             let got = engine.get(tenant, key).expect("get");
             prop_assert_eq!(got.as_deref(), Some(record));
@@ -465,6 +481,74 @@ fn an_ingest_sent_again_after_a_lost_acknowledgement_changes_nothing() {
     assert!(again.iter().all(|o| *o == ignored), "{again:?}");
     assert_eq!(tables(&engine), 1, "no second table");
     for record in &records {
+        let got = engine.get("acme", &record.key).expect("get");
+        assert_eq!(got.as_deref(), Some(record));
+    }
+}
+
+/// A joining node's three senders each stream a sorted run, and the runs interleave in key
+/// order. Ingested, each run takes a level of its own (the deepest none of its tables
+/// overlaps), nothing merges them while ingests arrive, and once none came for
+/// `ingest_quiet`, one merge takes every level into the last: each byte is written once more,
+/// where draining the levels one into the next rewrote it at every level it passed.
+#[test]
+fn interleaved_ingested_runs_wait_for_the_streams_then_merge_into_the_last_level_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let quiet = Duration::from_secs(2);
+    let engine = Engine::open(
+        dir.path(),
+        EngineOptions {
+            ingest_quiet: quiet,
+            ..options(false)
+        },
+    )
+    .expect("open");
+    let (senders, batches, per_batch) = (3usize, 20usize, 50usize);
+    let all: Vec<Record> = (0..senders * batches * per_batch)
+        .map(|i| {
+            let key = format!("k{i:05}").into_bytes();
+            Record::put("acme", key, version(1, i as u64 + 1), vec![b'v'; 200])
+        })
+        .collect();
+    // Sender s streams the keys i with i % 3 == s, 50 per batch, in key order; the three
+    // streams take turns, batch by batch.
+    for batch in 0..batches {
+        for sender in 0..senders {
+            let records = (0..per_batch)
+                .map(|j| all[senders * (per_batch * batch + j) + sender].clone())
+                .collect();
+            let outcomes = engine.ingest(records).expect("ingest");
+            assert!(outcomes.iter().all(ApplyOutcome::is_applied));
+        }
+    }
+    let stats = engine.stats();
+    let ingested: u64 = stats.ingested.iter().map(|(_, bytes)| bytes).sum();
+    let tables_per_level: Vec<u64> = stats.ingested.iter().map(|(tables, _)| *tables).collect();
+    assert_eq!(
+        tables_per_level,
+        vec![0, 20, 20, 20],
+        "one run per level, none in L0"
+    );
+    engine.compact_levels().expect("compact");
+    assert_eq!(
+        engine.stats().compaction_bytes_written,
+        0,
+        "nothing merged while ingests arrive"
+    );
+    std::thread::sleep(quiet + Duration::from_millis(100));
+    engine.compact_levels().expect("compact");
+    let stats = engine.stats();
+    let written = stats.compaction_bytes_written;
+    assert!(
+        written > 0 && written * 4 <= ingested * 5,
+        "the runs merged in one pass: {written} bytes written for {ingested} ingested"
+    );
+    let levels: Vec<usize> = stats.levels.iter().map(|(tables, _, _)| *tables).collect();
+    assert!(
+        levels.iter().rev().skip(1).all(|t| *t == 0),
+        "everything in the last level: {levels:?}"
+    );
+    for record in &all {
         let got = engine.get("acme", &record.key).expect("get");
         assert_eq!(got.as_deref(), Some(record));
     }

@@ -2,10 +2,9 @@
 //! the memtable, a flush and the merges of level 0. What a node that joins receives by
 //! streaming is mostly keys it holds nowhere; written the usual way, each streamed byte was
 //! written to the log, to a level-0 table and again by every merge on its way down (about
-//! five times); ingested, it is written once, into the last level when nothing there
-//! overlaps it (then it is never merged again until data above it grows), else into L0,
-//! where one merge takes it down with the other senders' overlapping runs (docs/engine.md,
-//! "Ingest").
+//! five times); ingested, it is written once into the deepest level where nothing overlaps
+//! it, and the senders' interleaving runs, one per level, are merged into the last level
+//! in one pass once the streams have stopped (docs/engine.md, "Ingest").
 //!
 //! # Invariants
 //! - **An ingested table holds only keys the engine held nowhere when it became visible.**
@@ -19,13 +18,13 @@
 //!   rule, the log), and so does a key that appears twice in the batch, after the first.
 //!   So where the table sits cannot change any read: its keys have no other version, and
 //!   later versions of them land above it (the memtable, then L0, then merges that move
-//!   data one level down at a time).
-//! - **It goes to the last level only where no table there overlaps its key range** and the
-//!   running compaction does not write there over that range ([`super::compaction::busy`]:
-//!   a task records its output level and key range under the manifest lock it was picked
-//!   under, and an ingest chooses under the manifest lock it installs with; a major
-//!   compaction or a range drop blocks every level); otherwise at the front of L0 like a
-//!   flush. So L1.. stay disjoint and sorted.
+//!   data one level down at a time, or every level at once into the last).
+//! - **It goes to the deepest level where no table overlaps its key range** and the running
+//!   compaction does not write over that range ([`super::compaction::busy`]: a task records
+//!   its output level and key range under the manifest lock it was picked under, and an
+//!   ingest chooses under the manifest lock it installs with; a major compaction or a range
+//!   drop blocks every level); where there is none, at the front of L0 like a flush. So L1..
+//!   stay disjoint and sorted.
 //! - **Durable before visible.** The table is fsynced, then its directory, then the manifest
 //!   that lists it; the call returns after that (and after the log sync of the records that
 //!   took the write path). A crash before the manifest leaves an unlisted file that the next
@@ -35,8 +34,57 @@
 //!   row cache is not filled (streamed data is not what clients read next).
 
 use super::compaction::busy::Busy;
+use super::compaction::policy::Ingested;
 use super::sstable::TableMeta;
 use super::{ApplyOutcome, Arc, Core, LevelEdit, Ordering, Record, Result, SsTable, io_err};
+
+/// What ingests did to the layout, for the compaction policy
+/// ([`super::compaction::policy::Ingested`]) and for the next ingest's placement. Not kept
+/// across a restart: a layout stacked then drains level by level.
+#[derive(Debug, Default)]
+pub(super) struct Ingests {
+    /// When the last ingested table was installed.
+    last: Option<std::time::Instant>,
+    /// An ingest put a table in a level between L0 and the last since the last merge of
+    /// every level.
+    above_last: bool,
+    /// Bytes ingested since the last merge of every level.
+    bytes: u64,
+}
+
+impl Ingests {
+    /// Whether a table of `bytes` may go above the last level: when the data below L0
+    /// would then be at least half ingested since the last merge of every level, as on a
+    /// node that joins. On a node that holds data already (a removal's inheritor) the levels
+    /// above the last are the policy's, and an ingested table that cannot go to the last
+    /// goes to L0, to be merged down with the others as flushes are: a small table alone in a
+    /// level above large ones would cost a rewrite of the tables it overlaps at every level.
+    fn may_stack(&self, levels: &[Vec<TableMeta>], bytes: u64) -> bool {
+        let leveled: u64 = levels.iter().skip(1).flatten().map(|t| t.file_bytes).sum();
+        2 * (self.bytes + bytes) >= leveled + bytes
+    }
+
+    fn installed(&mut self, level: usize, bytes: u64, max_levels: usize) {
+        self.last = Some(std::time::Instant::now());
+        self.bytes += bytes;
+        self.above_last |= level >= 1 && level + 1 < max_levels.max(2);
+    }
+
+    /// A merge of every level into the last was picked: nothing stacked is left once it
+    /// installs, and no ingest goes below L0 while it runs.
+    pub(super) fn merging_all(&mut self) -> bool {
+        self.bytes = 0;
+        std::mem::take(&mut self.above_last)
+    }
+
+    pub(super) fn state(&self, quiet: std::time::Duration) -> Ingested {
+        match self.last {
+            _ if !self.above_last => Ingested::Nothing,
+            Some(at) if at.elapsed() < quiet => Ingested::Arriving,
+            _ => Ingested::Stopped,
+        }
+    }
+}
 
 /// Where a batch's records went.
 struct Split {
@@ -233,13 +281,15 @@ impl Core {
         // under the same lock, so this table is either in the layout the task was picked
         // from or placed where the task's output cannot land on top of it.
         let running = self.compaction_output.get();
+        let mut ingests = self.ingests.lock();
+        let bytes = meta.file_bytes;
         let level = ingest_level(
             &manifest.levels,
             &meta,
             self.options.levels.max_levels,
             running.as_ref(),
+            ingests.may_stack(&manifest.levels, bytes),
         );
-        let bytes = meta.file_bytes;
         let edit = LevelEdit {
             level,
             ..LevelEdit::default()
@@ -254,6 +304,9 @@ impl Core {
             *state = Arc::new(s);
         }
         *manifest = next;
+        // Under the manifest lock, like a compaction's pick: it sees this table and its time.
+        ingests.installed(level, bytes, self.options.levels.max_levels);
+        drop(ingests);
         drop(manifest);
         self.metrics.count_ingested(level, bytes);
         self.signal(&self.compaction_signal);
@@ -274,26 +327,33 @@ impl super::EngineMetrics {
     }
 }
 
-/// The last level (`max_levels - 1`) when none of its tables overlaps `table`'s key range
-/// and the `running` compaction does not write there over that range; else 0, the front of
-/// L0. Not the deepest free level above the last: the senders of a joining node stream
-/// overlapping sorted runs, and one per level left a level shape upside down (as much data
-/// in L4 and L5 as in L6) whose draining rewrote the data 2.7 times over; in L0 they are
-/// merged into the last level together (docs/engine.md, "Ingest").
+/// The deepest level below L0 (up to `max_levels - 1`; only the last unless `stack`) where
+/// none of the tables overlaps `table`'s key range and the `running` compaction does not
+/// write over that range; 0 (the front of L0) when there is none. A joining node's senders
+/// stream sorted runs whose key ranges interleave, so each run takes a level of its own (the
+/// last, then the ones above): nothing merges them while they arrive, and once ingests have
+/// stopped for `ingest_quiet`, the policy merges the stacked runs into the last level in one
+/// pass ([`super::compaction::policy::stacked`]), each byte written once more.
 pub(super) fn ingest_level(
     levels: &[Vec<TableMeta>],
     table: &TableMeta,
     max_levels: usize,
     running: Option<&Busy>,
+    stack: bool,
 ) -> usize {
     let last = max_levels.max(2) - 1;
-    let free = levels.get(last).is_none_or(|tables| {
-        tables
-            .iter()
-            .all(|t| t.max_key < table.min_key || t.min_key > table.max_key)
-    });
-    let blocked = running.is_some_and(|r| r.blocks(last, &table.min_key, &table.max_key));
-    if free && !blocked { last } else { 0 }
+    let shallowest = if stack { 1 } else { last };
+    (shallowest..=last)
+        .rev()
+        .find(|level| {
+            let free = levels.get(*level).is_none_or(|tables| {
+                tables
+                    .iter()
+                    .all(|t| t.max_key < table.min_key || t.min_key > table.max_key)
+            });
+            free && running.is_none_or(|r| !r.blocks(*level, &table.min_key, &table.max_key))
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -309,52 +369,91 @@ mod tests {
     }
 
     #[test]
-    fn an_ingested_table_goes_to_the_last_level_when_nothing_there_overlaps_it() {
+    fn an_ingested_table_goes_to_the_deepest_level_it_overlaps_nothing_in() {
         let new = table(9, b"d", b"f");
-        assert_eq!(ingest_level(&[], &new, 4, None), 3, "an empty engine");
+        assert_eq!(ingest_level(&[], &new, 4, None, true), 3, "an empty engine");
         let levels = vec![
             vec![table(1, b"a", b"z")],
             vec![],
-            vec![table(2, b"a", b"z")],
-            vec![table(3, b"a", b"c"), table(4, b"g", b"k")],
+            vec![table(2, b"a", b"c"), table(3, b"g", b"k")],
+            vec![table(4, b"c", b"e")],
         ];
         assert_eq!(
-            ingest_level(&levels, &new, 4, None),
-            3,
-            "between two tables of the last level, whatever lies above"
+            ingest_level(&levels, &new, 4, None, true),
+            2,
+            "between two tables of L2, whatever lies above"
         );
         let touching = table(9, b"c", b"f");
         assert_eq!(
-            ingest_level(&levels, &touching, 4, None),
-            0,
-            "a shared key is an overlap: L0, not a level above the last"
+            ingest_level(&levels, &touching, 4, None, true),
+            1,
+            "a shared key is an overlap"
         );
-        let into_last = Busy::Range {
-            level: 3,
+        let crowded = vec![
+            vec![],
+            vec![table(5, b"a", b"z")],
+            vec![table(6, b"e", b"e")],
+            vec![table(7, b"a", b"d")],
+        ];
+        assert_eq!(
+            ingest_level(&crowded, &new, 4, None, true),
+            0,
+            "every level overlaps: L0"
+        );
+        let into_l2 = Busy::Range {
+            level: 2,
             min_key: b"a".to_vec(),
             max_key: b"k".to_vec(),
         };
         assert_eq!(
-            ingest_level(&levels, &new, 4, Some(&into_last)),
-            0,
+            ingest_level(&levels, &new, 4, Some(&into_l2), true),
+            1,
             "not where a running compaction writes"
         );
         let elsewhere = Busy::Range {
-            level: 3,
+            level: 2,
             min_key: b"g".to_vec(),
             max_key: b"k".to_vec(),
         };
-        assert_eq!(ingest_level(&levels, &new, 4, Some(&elsewhere)), 3);
-        let above = Busy::Range {
-            level: 2,
-            min_key: b"a".to_vec(),
-            max_key: b"z".to_vec(),
-        };
-        assert_eq!(ingest_level(&levels, &new, 4, Some(&above)), 3);
+        assert_eq!(ingest_level(&levels, &new, 4, Some(&elsewhere), true), 2);
         assert_eq!(
-            ingest_level(&[], &new, 4, Some(&Busy::Everything)),
+            ingest_level(&[], &new, 4, Some(&Busy::Everything), true),
             0,
             "a major compaction or a range drop: L0"
         );
+        assert_eq!(
+            ingest_level(&levels, &new, 4, None, false),
+            0,
+            "not stacking: the last level or L0"
+        );
+        let gap = table(9, b"f", b"f");
+        assert_eq!(ingest_level(&levels, &gap, 4, None, false), 3);
+    }
+
+    #[test]
+    fn ingests_stack_above_the_last_level_only_where_the_data_is_mostly_ingested() {
+        let sized = |id: u64, bytes: u64| TableMeta {
+            file_bytes: bytes,
+            ..table(id, b"a", b"z")
+        };
+        let mut ingests = Ingests::default();
+        assert!(ingests.may_stack(&[], 10), "an empty node");
+        // A node that joins: what it holds below L0 is what it was sent.
+        ingests.installed(3, 100, 4);
+        let joining = vec![vec![sized(1, 500)], vec![], vec![], vec![sized(2, 100)]];
+        assert!(ingests.may_stack(&joining, 10), "L0 does not count");
+        // A node that held 1,000 bytes before it was sent 100.
+        let inheritor = vec![vec![], vec![], vec![sized(3, 100)], vec![sized(4, 1000)]];
+        assert!(!ingests.may_stack(&inheritor, 10));
+        assert_eq!(ingests.state(std::time::Duration::ZERO), Ingested::Nothing);
+        ingests.installed(2, 100, 4);
+        assert_eq!(ingests.state(std::time::Duration::ZERO), Ingested::Stopped);
+        assert_eq!(
+            ingests.state(std::time::Duration::from_secs(3600)),
+            Ingested::Arriving
+        );
+        assert!(ingests.merging_all(), "it had stacked a table");
+        assert!(!ingests.may_stack(&joining, 10), "its bytes count no more");
+        assert_eq!(ingests.state(std::time::Duration::ZERO), Ingested::Nothing);
     }
 }

@@ -257,6 +257,9 @@ pub(crate) struct Core {
     compaction_lock: Mutex<()>,
     /// Where the running compaction writes (what an ingest must not place a table under).
     compaction_output: compaction::busy::RunningOutput,
+    /// What ingests did to the layout since the last merge of every level (read and
+    /// changed under the manifest lock).
+    ingests: Mutex<ingest::Ingests>,
     /// Tables compactions replaced, deleted once no reader holds them (`obsolete`).
     obsolete: obsolete::ObsoleteTables,
     /// The pace of compaction writes (`None`: unpaced); see `compaction::pace`.

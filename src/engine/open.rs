@@ -112,6 +112,7 @@ impl Engine {
             flush_lock: Mutex::new(()),
             compaction_lock: Mutex::new(()),
             compaction_output: Default::default(),
+            ingests: Default::default(),
             obsolete: Default::default(),
             pacer: Mutex::new(super::compaction::pace::Pacer::new(
                 options.compaction_bytes_per_sec,

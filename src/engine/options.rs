@@ -104,6 +104,11 @@ pub struct EngineOptions {
     /// 0, its disk I/O is also put in the idle class (`priority::idle_current_thread_io`).
     /// Flushes keep the process's priority: writers wait for them once memtables are full.
     pub compaction_nice: u8,
+    /// How long after the last ingested table the runs that ingests stacked above the last
+    /// level stay as they are; then one merge takes them into the last level
+    /// (`compaction::policy::pick`). Streams deliver a batch every second or less, so a
+    /// gap this long means they are over (or stalled: the merge is then merely early).
+    pub ingest_quiet: Duration,
     /// Where files live: the real file system, or a simulated disk in crash tests.
     pub vfs: Arc<dyn Vfs>,
 }
@@ -128,6 +133,7 @@ impl Default for EngineOptions {
             background: true,
             direct_table_writes: false,
             compaction_nice: crate::priority::DEFAULT_BACKGROUND_NICE,
+            ingest_quiet: Duration::from_secs(10),
             vfs: vfs::real(),
         }
     }

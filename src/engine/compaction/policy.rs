@@ -117,6 +117,8 @@ pub struct CompactionTask {
     pub output_level: usize,
     /// No deeper level overlaps the merged range: tombstones past gc_grace may go.
     pub bottommost: bool,
+    /// Every table of every level, into the deepest ([`full`]).
+    pub merges_all: bool,
 }
 
 impl CompactionTask {
@@ -165,6 +167,7 @@ fn task(
         overlapping: under.iter().map(|t| t.id).collect(),
         output_level,
         bottommost: is_bottommost(levels, output_level, &lo, &hi),
+        merges_all: false,
     })
 }
 
@@ -185,12 +188,59 @@ fn cheapest<'a>(tables: &'a [TableMeta], next: Option<&Vec<TableMeta>>) -> Optio
         .map(|(_, t)| t)
 }
 
-/// The next compaction, if any level needs one.
-pub fn pick(levels: &[Vec<TableMeta>], policy: &LevelPolicy) -> Option<CompactionTask> {
+/// Whether the levels between L0 and the last hold more bytes than the last: runs stacked
+/// there by ingests ([`crate::engine::Core::ingest`] puts each table in the deepest level
+/// nothing overlaps it in, so a joining node's senders, whose sorted runs interleave in key
+/// order, fill one level each). Drained level by level, such a shape rewrites the upper runs
+/// once per level they pass through and the last level with each; merged in one pass, every
+/// byte is written once. (The policy itself makes this shape only with less data than
+/// `l0_bytes` plus the base level's target, where merging everything costs about what a
+/// drain does.)
+pub fn stacked(levels: &[Vec<TableMeta>], policy: &LevelPolicy) -> bool {
+    let last = policy.last_level();
+    let above: u64 = (1..last)
+        .filter_map(|n| levels.get(n))
+        .map(|l| level_bytes(l))
+        .sum();
+    above > levels.get(last).map_or(0, |l| level_bytes(l))
+}
+
+/// What ingests did to the layout, for [`pick`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    /// No ingest put a table above the last level since the last merge of every level.
+    Nothing,
+    /// One did, and ingests are still arriving (the last within the engine's `ingest_quiet`).
+    Arriving,
+    /// One did, and none came for `ingest_quiet`.
+    Stopped,
+}
+
+/// The next compaction, if any level needs one. Where ingests stacked runs above the last
+/// level ([`stacked`]), they wait while ingests arrive (only a full L0 is merged meanwhile),
+/// and once ingests stopped, every level is merged into the last in one pass ([`full`]).
+pub fn pick(
+    levels: &[Vec<TableMeta>],
+    policy: &LevelPolicy,
+    ingested: Ingested,
+) -> Option<CompactionTask> {
     let shape = policy.shape(levels);
     let l0 = levels.first().map(Vec::as_slice).unwrap_or(&[]);
     let l0_score = (l0.len() as f64 / policy.l0_trigger.max(1) as f64)
         .max(level_bytes(l0) as f64 / policy.l0_bytes.max(1) as f64);
+    let l0_task = || {
+        if l0_score >= 1.0 && !l0.is_empty() {
+            task(levels, l0.iter().collect(), 0, shape.base)
+        } else {
+            None
+        }
+    };
+    if ingested != Ingested::Nothing && stacked(levels, policy) {
+        return match ingested {
+            Ingested::Arriving => l0_task(),
+            _ => full(levels),
+        };
+    }
     let last = policy.last_level();
     let deeper = (1..last)
         .filter_map(|n| {
@@ -212,12 +262,12 @@ pub fn pick(levels: &[Vec<TableMeta>], policy: &LevelPolicy) -> Option<Compactio
             let chosen = cheapest(tables, levels.get(n + 1))?;
             task(levels, vec![chosen], n, n + 1)
         }
-        _ if l0_score >= 1.0 && !l0.is_empty() => task(levels, l0.iter().collect(), 0, shape.base),
-        _ => None,
+        _ => l0_task(),
     }
 }
 
-/// A task merging every table into the deepest level in use (at least L1): a major compaction.
+/// A task merging every table into the deepest level in use (at least L1): a major
+/// compaction, or the merge of stacked runs.
 pub fn full(levels: &[Vec<TableMeta>]) -> Option<CompactionTask> {
     let deepest = levels.iter().rposition(|l| !l.is_empty())?.max(1);
     let inputs: Vec<u64> = levels
@@ -236,6 +286,7 @@ pub fn full(levels: &[Vec<TableMeta>]) -> Option<CompactionTask> {
         overlapping,
         output_level: deepest,
         bottommost: true,
+        merges_all: true,
     })
 }
 #[cfg(test)]
@@ -251,7 +302,7 @@ mod tests {
 
     /// `pick` with the invariants every task must keep asserted on the layout it is picked on.
     fn checked_pick(levels: &[Vec<TableMeta>], policy: &LevelPolicy) -> Option<CompactionTask> {
-        let task = pick(levels, policy)?;
+        let task = pick(levels, policy, Ingested::Nothing)?;
         if task.input_level == 0 {
             // Newer data never goes below older data: every level above the base is empty.
             for n in 1..task.output_level {
@@ -423,6 +474,41 @@ mod tests {
     }
 
     #[test]
+    fn runs_stacked_by_ingests_wait_for_the_streams_then_merge_into_the_last_level_at_once() {
+        let policy = LevelPolicy::default();
+        // A joining node's three senders' runs, interleaving in key order, one per level.
+        let mut levels = vec![Vec::new(); 7];
+        levels[6] = vec![table(1, 0, 1000, 580 * MIB)];
+        levels[5] = vec![table(2, 1, 999, 580 * MIB)];
+        levels[4] = vec![table(3, 2, 998, 580 * MIB)];
+        assert!(stacked(&levels, &policy));
+        assert_eq!(
+            pick(&levels, &policy, Ingested::Arriving),
+            None,
+            "nothing merged while ingests arrive"
+        );
+        let once = pick(&levels, &policy, Ingested::Stopped).expect("ingests stopped");
+        assert!(once.merges_all && once.bottommost, "{once:?}");
+        assert_eq!(once.output_level, 6);
+        assert_eq!(once.inputs.len() + once.overlapping.len(), 3);
+        // Without ingests (a layout of the policy's own), the levels drain one into the next.
+        let drain = pick(&levels, &policy, Ingested::Nothing).expect("drains");
+        assert!(!drain.merges_all, "{drain:?}");
+        // A full L0 still goes down while ingests arrive, into the shallowest run.
+        levels[0] = (0..48).map(|i| table(10 + i, 0, 1000, MIB)).collect();
+        let l0 = pick(&levels, &policy, Ingested::Arriving).expect("L0 is full");
+        assert_eq!((l0.input_level, l0.output_level), (0, 4));
+        assert!(!l0.merges_all);
+        // A pyramid is not stacked: after ingests it is compacted as usual.
+        let mut pyramid = vec![Vec::new(); 7];
+        pyramid[6] = vec![table(1, 0, 1000, 2000 * MIB)];
+        pyramid[5] = vec![table(2, 0, 1000, 300 * MIB)];
+        assert!(!stacked(&pyramid, &policy));
+        let t = pick(&pyramid, &policy, Ingested::Stopped).expect("L5 is over its target");
+        assert!(!t.merges_all && t.input_level == 5, "{t:?}");
+    }
+
+    #[test]
     fn a_table_nothing_overlaps_below_moves_and_the_cheapest_merge_goes_first() {
         let policy = LevelPolicy {
             l0_trigger: 4,
@@ -464,10 +550,10 @@ mod tests {
             max_levels: 4,
         };
         let l0 = |n: u64, bytes: u64| (0..n).map(|i| table(10 + i, 0, 9, bytes)).collect();
-        assert_eq!(pick(&[l0(3, 10)], &policy), None);
-        let by_count = pick(&[l0(4, 10)], &policy).expect("4 tables");
+        assert_eq!(pick(&[l0(3, 10)], &policy, Ingested::Nothing), None);
+        let by_count = pick(&[l0(4, 10)], &policy, Ingested::Nothing).expect("4 tables");
         assert_eq!((by_count.inputs.len(), by_count.output_level), (4, 3));
-        let by_bytes = pick(&[l0(2, 50)], &policy).expect("100 bytes");
+        let by_bytes = pick(&[l0(2, 50)], &policy, Ingested::Nothing).expect("100 bytes");
         assert_eq!(by_bytes.inputs.len(), 2);
     }
 
@@ -489,7 +575,7 @@ mod tests {
             l0_trigger: 2,
             ..LevelPolicy::default()
         };
-        let t = pick(&levels, &policy).expect("L0 is full");
+        let t = pick(&levels, &policy, Ingested::Nothing).expect("L0 is full");
         assert_eq!(t.output_level, 1);
         assert_eq!(t.overlapping, vec![3]);
         assert!(t.bottommost);
@@ -498,7 +584,11 @@ mod tests {
             vec![table(3, 0, 8, 1)],
             vec![table(1, 15, 200, 1)],
         ];
-        assert!(!pick(&levels, &policy).expect("task").bottommost);
+        assert!(
+            !pick(&levels, &policy, Ingested::Nothing)
+                .expect("task")
+                .bottommost
+        );
         let f = full(&levels).expect("full");
         assert_eq!(f.output_level, 2);
         assert_eq!(f.inputs.len(), 5);

@@ -50,15 +50,24 @@ impl Core {
         let _compacting = self.compaction_lock.lock();
         let (task, _marked) = {
             let manifest = self.manifest.lock();
+            let mut ingests = self.ingests.lock();
             let task = if full {
                 policy::full(&manifest.levels)
             } else {
-                policy::pick(&manifest.levels, &self.options.levels)
+                let ingested = ingests.state(self.options.ingest_quiet);
+                policy::pick(&manifest.levels, &self.options.levels, ingested)
             };
             let Some(task) = task else {
                 return Ok(false);
             };
-            let busy = if full {
+            let busy = if task.merges_all {
+                // Everything goes to the last level: no ingest goes above it meanwhile.
+                if ingests.merging_all() && !full {
+                    tracing::info!(
+                        tables = task.inputs.len() + task.overlapping.len(),
+                        "ingests stopped: merging the runs they stacked into the last level"
+                    );
+                }
                 Busy::Everything
             } else {
                 Busy::of(&task, &manifest.levels)
