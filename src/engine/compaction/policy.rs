@@ -193,9 +193,9 @@ fn cheapest<'a>(tables: &'a [TableMeta], next: Option<&Vec<TableMeta>>) -> Optio
 /// nothing overlaps it in, so a joining node's senders, whose sorted runs interleave in key
 /// order, fill one level each). Drained level by level, such a shape rewrites the upper runs
 /// once per level they pass through and the last level with each; merged in one pass, every
-/// byte is written once. (The policy itself makes this shape only with less data than
-/// `l0_bytes` plus the base level's target, where merging everything costs about what a
-/// drain does.)
+/// byte is written once. [`pick`] merges it at once only where ingests stacked it
+/// ([`Ingested`]): the policy's own merges make this shape too while the data is smaller
+/// than `l0_bytes` plus the base level's target, and such a layout drains as before.
 pub fn stacked(levels: &[Vec<TableMeta>], policy: &LevelPolicy) -> bool {
     let last = policy.last_level();
     let above: u64 = (1..last)
