@@ -188,21 +188,21 @@ fn cheapest<'a>(tables: &'a [TableMeta], next: Option<&Vec<TableMeta>>) -> Optio
         .map(|(_, t)| t)
 }
 
-/// Whether the levels between L0 and the last hold more bytes than the last: runs stacked
-/// there by ingests ([`crate::engine::Core::ingest`] puts each table in the deepest level
-/// nothing overlaps it in, so a joining node's senders, whose sorted runs interleave in key
-/// order, fill one level each). Drained level by level, such a shape rewrites the upper runs
-/// once per level they pass through and the last level with each; merged in one pass, every
-/// byte is written once. [`pick`] merges it at once only where ingests stacked it
-/// ([`Ingested`]): the policy's own merges make this shape too while the data is smaller
-/// than `l0_bytes` plus the base level's target, and such a layout drains as before.
+/// Whether the levels between L0 and the last hold more than a quarter of the last's bytes:
+/// runs stacked there by ingests ([`crate::engine::Core::ingest`] puts each table in the
+/// deepest level nothing overlaps it in, so a joining node's senders, whose sorted runs
+/// interleave in key order, fill one level each; a sender that got ahead fills more of the
+/// last). Drained level by level, such a shape rewrites the upper runs once per level they
+/// pass through and the last level with each; merged in one pass, every byte is written
+/// once. [`pick`] merges it at once only where ingests stacked it ([`Ingested`]); the
+/// policy's own layouts drain as before.
 pub fn stacked(levels: &[Vec<TableMeta>], policy: &LevelPolicy) -> bool {
     let last = policy.last_level();
     let above: u64 = (1..last)
         .filter_map(|n| levels.get(n))
         .map(|l| level_bytes(l))
         .sum();
-    above > levels.get(last).map_or(0, |l| level_bytes(l))
+    above.saturating_mul(4) > levels.get(last).map_or(0, |l| level_bytes(l))
 }
 
 /// What ingests did to the layout, for [`pick`].
@@ -216,9 +216,9 @@ pub enum Ingested {
     Stopped,
 }
 
-/// The next compaction, if any level needs one. Where ingests stacked runs above the last
-/// level ([`stacked`]), they wait while ingests arrive (only a full L0 is merged meanwhile),
-/// and once ingests stopped, every level is merged into the last in one pass ([`full`]).
+/// The next compaction, if any level needs one. Where ingests put tables above the last
+/// level, nothing but a full L0 is merged while ingests arrive, and once they stopped, a
+/// [`stacked`] layout is merged into the last level in one pass ([`full`]).
 pub fn pick(
     levels: &[Vec<TableMeta>],
     policy: &LevelPolicy,
@@ -235,11 +235,12 @@ pub fn pick(
             None
         }
     };
-    if ingested != Ingested::Nothing && stacked(levels, policy) {
-        return match ingested {
-            Ingested::Arriving => l0_task(),
-            _ => full(levels),
-        };
+    match ingested {
+        // Whatever the shape meanwhile (one sender's run may be ahead of the others'):
+        // nothing but a full L0 goes down while stacked runs still grow.
+        Ingested::Arriving => return l0_task(),
+        Ingested::Stopped if stacked(levels, policy) => return full(levels),
+        _ => {}
     }
     let last = policy.last_level();
     let deeper = (1..last)
@@ -499,6 +500,19 @@ mod tests {
         let l0 = pick(&levels, &policy, Ingested::Arriving).expect("L0 is full");
         assert_eq!((l0.input_level, l0.output_level), (0, 4));
         assert!(!l0.merges_all);
+        // One sender's run ahead of the others': still held while ingests arrive, and still
+        // merged at once after.
+        let mut ahead = vec![Vec::new(); 7];
+        ahead[6] = vec![table(1, 0, 1000, 900 * MIB)];
+        ahead[5] = vec![table(2, 1, 999, 300 * MIB)];
+        ahead[4] = vec![table(3, 2, 998, 300 * MIB)];
+        assert!(
+            pick(&ahead, &policy, Ingested::Nothing).is_some(),
+            "L4 drains"
+        );
+        assert_eq!(pick(&ahead, &policy, Ingested::Arriving), None);
+        let once = pick(&ahead, &policy, Ingested::Stopped).expect("stacked");
+        assert!(once.merges_all);
         // A pyramid is not stacked: after ingests it is compacted as usual.
         let mut pyramid = vec![Vec::new(); 7];
         pyramid[6] = vec![table(1, 0, 1000, 2000 * MIB)];
