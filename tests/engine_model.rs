@@ -160,7 +160,7 @@ proptest! {
     ) {
         // Runs that ingests stacked above the last level are merged at the first compaction
         // after an ingest, or held for the whole test.
-        let options = || EngineOptions {
+        let model_options = || EngineOptions {
             ingest_quiet: if merge_stacked_runs_at_once {
                 Duration::ZERO
             } else {
@@ -168,7 +168,7 @@ proptest! {
             },
             ..options(cache)
         };
-        let open = |dir: &Path| Engine::open(dir, options()).expect("open engine");
+        let open = |dir: &Path| Engine::open(dir, model_options()).expect("open engine");
         let dir = tempfile::tempdir().expect("tempdir");
         let mut engine = open(dir.path());
         let mut model: Model = BTreeMap::new();

@@ -349,7 +349,7 @@ pub(super) fn ingest_level(
             let free = levels.get(*level).is_none_or(|tables| {
                 tables
                     .iter()
-                    .all(|t| t.max_key < table.min_key || t.min_key > table.max_key)
+                    .all(|t| !t.overlaps(&table.min_key, &table.max_key))
             });
             free && running.is_none_or(|r| !r.blocks(*level, &table.min_key, &table.max_key))
         })

@@ -61,8 +61,10 @@ impl Core {
                 return Ok(false);
             };
             let busy = if task.merges_all {
-                // Everything goes to the last level: no ingest goes above it meanwhile.
-                if ingests.merging_all() && !full {
+                // Everything goes to the last level: no ingest goes above it meanwhile, and
+                // nothing stacked is left once it installs.
+                let had_stacked = ingests.merging_all();
+                if had_stacked && !full {
                     tracing::info!(
                         tables = task.inputs.len() + task.overlapping.len(),
                         "ingests stopped: merging the runs they stacked into the last level"
