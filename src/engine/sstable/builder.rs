@@ -33,10 +33,10 @@ const WRITE_BEHIND: u64 = 1 << 20;
 /// mapping (advised random) faults in with one read of the device.
 const PAGE: usize = 4096;
 
-/// The most padding that ends a page-aligned data block (1/16 of a page). When the next
-/// entry does not fit before the block's last page ends and more than this is left, the block
-/// takes the entry and grows into the next page instead, so padding never costs more than
-/// this share of a table, whatever the size of its entries.
+/// The most padding after a data block (1/16 of a page), so padding never costs more than that
+/// share of a table whatever the size of its entries. A block ends on a page boundary (the next
+/// block then starts on a page) when that costs at most this many zeros; otherwise it ends
+/// where its last entry ends and the next block starts inside that page.
 const MAX_PADDING: usize = PAGE / 16;
 
 /// What pads a data block to its page.
@@ -50,13 +50,11 @@ pub struct TableBuilder {
     out: BufferedWriter,
     offset: u64,
     block_bytes: usize,
-    /// Whether data blocks start on page boundaries (`block_bytes` a multiple of [`PAGE`]):
-    /// a block of at most a page then lies in one page, and a point read that misses the
-    /// page cache reads the device once, not twice for a block that straddles two pages.
+    /// Whether data blocks are laid out on pages (`block_bytes` a multiple of [`PAGE`]): a block
+    /// of small entries starts on a page and ends on one, so a point read that misses the page
+    /// cache reads the device once, not twice for a block that straddles two pages; a block of
+    /// large entries holds one entry (see [`Self::add`]).
     page_aligned: bool,
-    /// When page-aligned: the most bytes (payload and CRC) the current block may take, a
-    /// multiple of [`PAGE`] (`block_bytes`, more when its entries needed more pages).
-    block_limit: usize,
     format: TableFormat,
     block: Vec<u8>,
     /// The last key added to the current block (empty before its first entry).
@@ -96,7 +94,6 @@ impl TableBuilder {
             offset: 0,
             block_bytes,
             page_aligned: block_bytes >= PAGE && block_bytes % PAGE == 0,
-            block_limit: block_bytes,
             format,
             block: Vec::with_capacity(block_bytes * 2),
             block_last_key: Vec::new(),
@@ -126,31 +123,60 @@ impl TableBuilder {
             &mut self.block,
         );
         if self.page_aligned {
-            self.fit_in_pages(before, ikey, record)?;
+            return self.end_on_pages(before, ikey, record);
         }
-        self.block_last_key.clear();
-        self.block_last_key.extend_from_slice(ikey);
-        if !self.page_aligned && self.block.len() >= self.block_bytes {
+        self.set_last_key(ikey);
+        if self.block.len() >= self.block_bytes {
             self.finish_block()?;
         }
         Ok(())
     }
 
-    /// If the entry just encoded (the block was `before` bytes long) took the block past its
-    /// last page: with little room left, the block ends before the entry (padded to the page)
-    /// and the entry starts the next one; otherwise the block grows by the pages it needs.
-    fn fit_in_pages(&mut self, before: usize, ikey: &[u8], record: &Record) -> Result<()> {
-        if self.block.len() + CRC_LEN <= self.block_limit {
+    fn set_last_key(&mut self, ikey: &[u8]) {
+        self.block_last_key.clear();
+        self.block_last_key.extend_from_slice(ikey);
+    }
+
+    /// The page boundary (a file offset) the current block should end at: `block_bytes` past a
+    /// block that starts on a page; for one that starts inside a page (after a block of large
+    /// entries that was not padded), the end of that page and `block_bytes - PAGE` more, so the
+    /// blocks after it are back on pages.
+    fn block_target(&self) -> u64 {
+        let page = PAGE as u64;
+        (self.offset / page + 1) * page + (self.block_bytes - PAGE) as u64
+    }
+
+    /// Where the current block would end (with its CRC) if it held `len` bytes of entries.
+    fn block_end(&self, len: usize) -> u64 {
+        self.offset + (len + CRC_LEN) as u64
+    }
+
+    /// Ends the block where the entry just encoded (the block was `before` bytes long) took
+    /// it past its target page boundary: before the entry (padded to that boundary) when at
+    /// most [`MAX_PADDING`] bytes are left, the entry then starting the next block; otherwise
+    /// after it. So a block holds at most `block_bytes` and a page before its last entry, and
+    /// an entry larger than a block is a block of its own: a point read checks the CRC of and
+    /// decodes about a block's worth of bytes, never megabytes (it grew into page after page
+    /// while the room left stayed large, which entries a little over a page long, 8 KiB values,
+    /// do for about a hundred entries: docs/benchmarks.md, "Streaming").
+    fn end_on_pages(&mut self, before: usize, ikey: &[u8], record: &Record) -> Result<()> {
+        let target = self.block_target();
+        if self.block_end(self.block.len()) <= target {
+            self.set_last_key(ikey);
             return Ok(());
         }
-        let room = self.block_limit.saturating_sub(before + CRC_LEN);
-        if before > 0 && room <= MAX_PADDING {
-            self.block.truncate(before);
-            self.finish_block()?;
-            encode_entry(self.format, &[], ikey, record, &mut self.block);
+        let room = target.saturating_sub(self.block_end(before));
+        if before == 0 || room > MAX_PADDING as u64 {
+            self.set_last_key(ikey);
+            return self.finish_block();
         }
-        let pages = (self.block.len() + CRC_LEN).div_ceil(PAGE) * PAGE;
-        self.block_limit = self.block_limit.max(pages);
+        self.block.truncate(before);
+        self.finish_block()?;
+        encode_entry(self.format, &[], ikey, record, &mut self.block);
+        self.set_last_key(ikey);
+        if self.block_end(self.block.len()) > self.block_target() {
+            self.finish_block()?;
+        }
         Ok(())
     }
 
@@ -175,11 +201,11 @@ impl TableBuilder {
         Ok((start, len as u32))
     }
 
-    /// Zeros up to the next page boundary, which no block covers (readers find blocks through
-    /// the index only).
+    /// Zeros up to the next page boundary when at most [`MAX_PADDING`] are needed (readers find
+    /// blocks through the index only, so no block covers them).
     fn pad_to_page(&mut self) -> Result<()> {
         let misalignment = (self.offset % PAGE as u64) as usize;
-        if misalignment == 0 {
+        if misalignment == 0 || PAGE - misalignment > MAX_PADDING {
             return Ok(());
         }
         let (fill, _) = ZEROS.split_at(PAGE - misalignment);
@@ -188,13 +214,11 @@ impl TableBuilder {
         Ok(())
     }
 
+    /// Writes the current block to the file and its last key to the index; on pages, pads
+    /// after it when that is cheap ([`Self::pad_to_page`]).
     fn finish_block(&mut self) -> Result<()> {
         if self.block.is_empty() {
             return Ok(());
-        }
-        if self.page_aligned {
-            self.pad_to_page()?;
-            self.block_limit = self.block_bytes;
         }
         let block = std::mem::take(&mut self.block);
         let (offset, len) = self.write_block(&block)?;
@@ -202,6 +226,9 @@ impl TableBuilder {
         self.block.clear();
         self.index
             .push((std::mem::take(&mut self.block_last_key), offset, len));
+        if self.page_aligned {
+            self.pad_to_page()?;
+        }
         Ok(())
     }
 
