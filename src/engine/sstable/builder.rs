@@ -53,7 +53,7 @@ pub struct TableBuilder {
     /// Whether data blocks are laid out on pages (`block_bytes` a multiple of [`PAGE`]): a block
     /// of small entries starts on a page and ends on one, so a point read that misses the page
     /// cache reads the device once, not twice for a block that straddles two pages; a block of
-    /// large entries holds one entry (see [`Self::add`]).
+    /// large entries holds one entry ([`Self::end_on_pages`]).
     page_aligned: bool,
     format: TableFormat,
     block: Vec<u8>,
@@ -172,12 +172,9 @@ impl TableBuilder {
         }
         self.block.truncate(before);
         self.finish_block()?;
+        // The entry starts the next block, alone: it fits there or is a block of its own.
         encode_entry(self.format, &[], ikey, record, &mut self.block);
-        self.set_last_key(ikey);
-        if self.block_end(self.block.len()) > self.block_target() {
-            self.finish_block()?;
-        }
-        Ok(())
+        self.end_on_pages(0, ikey, record)
     }
 
     /// Bytes written so far (for splitting outputs by size).
