@@ -697,6 +697,41 @@ mod tests {
         );
     }
 
+    /// A range drop gives its records' disk back: the log segments that held them are not
+    /// kept as spares for recycling (docs/engine.md, "Commit log").
+    #[test]
+    fn a_range_drop_keeps_no_spare_log_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spares = || {
+            std::fs::read_dir(dir.path().join("wal"))
+                .expect("wal")
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "spare"))
+                })
+                .count()
+        };
+        let engine = Engine::open(
+            dir.path(),
+            EngineOptions {
+                segment_bytes: 64 << 10,
+                ..durable_options()
+            },
+        )
+        .expect("open");
+        for i in 0..200 {
+            let value = vec![b'v'; 1_000];
+            engine
+                .apply(Record::put("t", format!("k{i}"), version(1), value))
+                .expect("put");
+        }
+        engine.flush().expect("flush");
+        assert_eq!(spares(), 1, "a flushed segment is kept for recycling");
+        let all = crate::ring::HashRange::new(0, 0);
+        assert_eq!(engine.drop_hash_ranges(&[all]).expect("drop"), 200);
+        assert_eq!(spares(), 0);
+    }
+
     /// A record replayed at open points into its log segment, which is then kept past the
     /// flush for as long as the record lives. A stop in that state (the segment on disk, every
     /// record in it flushed) must bring nothing back at the next open: a key deleted after the
@@ -895,6 +930,9 @@ mod tests {
         }
         fn link_count(&self, path: &Path) -> std::io::Result<u64> {
             vfs::RealVfs.link_count(path)
+        }
+        fn file_len(&self, path: &Path) -> std::io::Result<u64> {
+            vfs::RealVfs.file_len(path)
         }
         fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
             vfs::RealVfs.sync_dir(dir)

@@ -132,8 +132,10 @@ impl Core {
         self.wal.rotate_now()?;
         self.freeze(true);
         // Ends by releasing every segment at or below the flushed sequence, also when nothing
-        // was left to flush.
+        // was left to flush; a released segment kept as a spare still holds the dropped
+        // records until written over, so the spares go too.
         self.flush_pending()?;
+        self.wal.discard_spares()?;
         let _compacting = self.compaction_lock.lock();
         let (levels, _marked) = {
             let manifest = self.manifest.lock();

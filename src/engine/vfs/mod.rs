@@ -117,6 +117,8 @@ pub trait Vfs: Send + Sync + std::fmt::Debug {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
     /// The whole file, mapped (the file must not change afterwards).
     fn map(&self, path: &Path) -> io::Result<Mapped>;
+    /// The file's size in bytes.
+    fn file_len(&self, path: &Path) -> io::Result<u64>;
     /// Creates a file for writing: a new one when `exclusive` (fails if it exists), else
     /// truncates an existing one.
     fn create(&self, path: &Path, exclusive: bool) -> io::Result<Arc<dyn VFile>>;
@@ -288,6 +290,10 @@ impl Vfs for RealVfs {
 
     fn link_count(&self, path: &Path) -> io::Result<u64> {
         Ok(fs::metadata(path)?.nlink())
+    }
+
+    fn file_len(&self, path: &Path) -> io::Result<u64> {
+        Ok(fs::metadata(path)?.len())
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

@@ -87,6 +87,9 @@ impl Vfs for RecordingVfs {
     fn link_count(&self, path: &Path) -> std::io::Result<u64> {
         super::real().link_count(path)
     }
+    fn file_len(&self, path: &Path) -> std::io::Result<u64> {
+        super::real().file_len(path)
+    }
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
         super::real().sync_dir(dir)
     }

@@ -481,6 +481,12 @@ impl Vfs for SimVfs {
         Ok(())
     }
 
+    fn file_len(&self, path: &Path) -> io::Result<u64> {
+        let s = self.state.lock();
+        let inode = s.names.get(path).ok_or_else(|| Self::not_found(path))?;
+        Ok(s.inodes.get(inode).map_or(0, |i| i.current.len() as u64))
+    }
+
     fn link_count(&self, path: &Path) -> io::Result<u64> {
         let s = self.state.lock();
         let inode = s.names.get(path).ok_or_else(|| Self::not_found(path))?;
