@@ -149,6 +149,8 @@ struct Writer {
     sealed: Vec<Segment>,
     /// Released segments waiting to become the next segments.
     spares: Vec<Spare>,
+    /// Whether the active segment is a recycled one (old frames past its own).
+    recycled: bool,
 }
 
 impl Writer {
@@ -156,6 +158,7 @@ impl Writer {
     fn at_new_segment(&mut self) {
         self.file_len = MAGIC.len() as u64;
         self.prepared_to = 0;
+        self.recycled = false;
         self.buf_start = 0;
         self.buf.clear();
         self.buf.extend_from_slice(MAGIC);
@@ -673,10 +676,12 @@ impl CommitLog {
             next_seq,
             sealed,
             spares,
+            recycled: false,
             page,
         };
         writer.at_new_segment();
         writer.prepared_to = prepared_to;
+        writer.recycled = prepared_to > 0;
         let log = CommitLog {
             vfs,
             dir: dir.to_path_buf(),
@@ -840,6 +845,7 @@ impl CommitLog {
         w.file = file;
         w.at_new_segment();
         w.prepared_to = prepared_to;
+        w.recycled = prepared_to > 0;
         w.sealed.push(Segment {
             path: old_path,
             last_seq: last,
@@ -849,16 +855,22 @@ impl CommitLog {
         Ok(())
     }
 
-    /// Seals the active segment and starts the next one, unless it holds no frame yet: once
-    /// what it holds is flushed, [`CommitLog::release_up_to`] deletes it instead of keeping it
-    /// until it fills (a range drop must not leave the dropped records' log on disk).
+    /// Seals the active segment and starts a new file as the next one, unless it holds no
+    /// frame yet and is not a recycled segment, and deletes the spares: once what it holds is
+    /// flushed, [`CommitLog::release_up_to`] deletes it instead of keeping it until it fills,
+    /// and no file of the log keeps a released segment's old frames (a range drop must not
+    /// leave the dropped records' log on disk; it discards the spares its flush makes).
     pub fn rotate_now(&self) -> Result<()> {
         self.check_healthy()?;
-        let mut w = self.writer.lock();
-        if w.end() <= MAGIC.len() as u64 {
-            return Ok(());
-        }
-        self.rotate(&mut w)
+        let spares = {
+            let mut w = self.writer.lock();
+            let spares = std::mem::take(&mut w.spares);
+            if w.end() > MAGIC.len() as u64 || w.recycled {
+                self.rotate(&mut w)?;
+            }
+            spares
+        };
+        self.remove_spares(spares)
     }
 
     /// Makes everything appended so far durable with one fsync.
@@ -979,6 +991,10 @@ impl CommitLog {
     /// over, so a range drop, which promises its records' disk back, removes them.
     pub fn discard_spares(&self) -> Result<()> {
         let spares = std::mem::take(&mut self.writer.lock().spares);
+        self.remove_spares(spares)
+    }
+
+    fn remove_spares(&self, spares: Vec<Spare>) -> Result<()> {
         if spares.is_empty() {
             return Ok(());
         }
