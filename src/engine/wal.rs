@@ -33,8 +33,9 @@
 //!   the release, so the scan stops at the first of them (`sequence N after M`, below) as it
 //!   stops at a torn frame, and they never vouch for a lost frame (that needs a sequence above
 //!   the last valid one). Until the new frames pass the old file's size, zeroing ahead is not
-//!   needed; past it, it works as above. A range drop removes the spares (its records may be
-//!   in them), and so does a snapshot restore.
+//!   needed; past it, it works as above. A range drop rotates to a new file (also out of a
+//!   recycled segment that holds no frame yet) and removes the spares, so no log file keeps
+//!   its records' frames; a snapshot restore removes the spares with the log.
 //! - Whole pages: every write to a segment (after its magic) starts and ends on a page of the
 //!   page cache. The frames of the last, partly filled page are kept in memory and written
 //!   again with the next frames, the page's rest as zeros. A write that covers a page only in
