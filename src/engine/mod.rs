@@ -698,7 +698,7 @@ mod tests {
     }
 
     /// A range drop gives its records' disk back: the log segments that held them are not
-    /// kept as spares for recycling (docs/engine.md, "Commit log").
+    /// kept as spares for recycling (docs/engine.md, "Recycled segments").
     #[test]
     fn a_range_drop_keeps_no_spare_log_segment() {
         let dir = tempfile::tempdir().expect("tempdir");

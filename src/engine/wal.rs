@@ -155,11 +155,12 @@ struct Writer {
 }
 
 impl Writer {
-    /// A writer for a segment that holds only its magic.
-    fn at_new_segment(&mut self) {
+    /// A writer for a segment that holds only its magic, its blocks written up to
+    /// `prepared_to` ([`next_segment`]: more than 0 only for a recycled one).
+    fn at_new_segment(&mut self, prepared_to: u64) {
         self.file_len = MAGIC.len() as u64;
-        self.prepared_to = 0;
-        self.recycled = false;
+        self.prepared_to = prepared_to;
+        self.recycled = prepared_to > 0;
         self.buf_start = 0;
         self.buf.clear();
         self.buf.extend_from_slice(MAGIC);
@@ -680,9 +681,7 @@ impl CommitLog {
             recycled: false,
             page,
         };
-        writer.at_new_segment();
-        writer.prepared_to = prepared_to;
-        writer.recycled = prepared_to > 0;
+        writer.at_new_segment(prepared_to);
         let log = CommitLog {
             vfs,
             dir: dir.to_path_buf(),
@@ -844,9 +843,7 @@ impl CommitLog {
         w.number += 1;
         let old_path = std::mem::replace(&mut w.path, new_path);
         w.file = file;
-        w.at_new_segment();
-        w.prepared_to = prepared_to;
-        w.recycled = prepared_to > 0;
+        w.at_new_segment(prepared_to);
         w.sealed.push(Segment {
             path: old_path,
             last_seq: last,
@@ -1487,11 +1484,17 @@ mod tests {
         last
     }
 
+    /// A log of 1 MiB segments opened on an empty `dir`.
+    fn empty_log(dir: &Path) -> CommitLog {
+        CommitLog::open(dir, test_options(1 << 20), &mut |_, _| {})
+            .expect("open")
+            .0
+    }
+
     #[test]
     fn a_released_segment_is_recycled_without_zeros_and_its_old_frames_never_replay() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (log, _) =
-            CommitLog::open(dir.path(), test_options(1 << 20), &mut |_, _| {}).expect("open");
+        let log = empty_log(dir.path());
         let mut next = 0;
         fill_until_rotation(&log, &mut next, 10_000);
         let released = fill_until_rotation(&log, &mut next, 10_000);
@@ -1543,8 +1546,7 @@ mod tests {
     #[test]
     fn a_spare_outlives_a_restart_and_later_sequences_stay_above_its_frames() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (log, _) =
-            CommitLog::open(dir.path(), test_options(1 << 20), &mut |_, _| {}).expect("open");
+        let log = empty_log(dir.path());
         let mut next = 0;
         let released = fill_until_rotation(&log, &mut next, 10_000);
         assert_eq!(log.release_up_to(released).expect("release"), 1);
